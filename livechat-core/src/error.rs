@@ -1,0 +1,51 @@
+//! The one error type of `livechat-core`.
+//!
+//! Variants name what went wrong in chat terms; adapters (`livechat-poem`)
+//! map each to a status code and a stable snake_case code in one place.
+
+/// Everything a [`ChatService`](crate::ChatService) or a repository can refuse.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ChatError {
+    /// The row does not exist in this tenant. Rows of other tenants and
+    /// malformed ids are reported the same way (DESIGN.md invariant 1: no
+    /// existence oracle).
+    #[error("not found")]
+    NotFound,
+    /// A host-owned id was zero, negative or not a number.
+    #[error("{0}")]
+    InvalidId(&'static str),
+    /// The agent's chosen status is not `online`, so no session may be
+    /// started for them (issue #2).
+    #[error("agent {0} is not online")]
+    AgentOffline(crate::UserId),
+    /// The agent already has an OPEN agent-started session in this tenant
+    /// (DESIGN.md invariant 2). Carries the existing session's id when it
+    /// was still open right after the refusal.
+    #[error("agent already has an open session")]
+    ActiveSessionExists(Option<crate::SessionId>),
+    /// Messages can only be posted to an OPEN session.
+    #[error("session is closed")]
+    SessionClosed,
+    /// The message body is empty or only whitespace.
+    #[error("message must not be empty")]
+    InvalidMessage,
+    /// The message body has more characters (Unicode scalar values) than
+    /// allowed ([`ChatConfig::max_message_chars`](crate::ChatConfig)).
+    #[error("message is longer than {max} characters")]
+    MessageTooLong {
+        /// The configured maximum, in characters.
+        max: usize,
+    },
+    /// A client idempotency key is empty, too long (over 128) or not
+    /// printable ASCII.
+    #[error("client_msg_id must be 1-128 printable ASCII characters")]
+    InvalidClientMsgId,
+    /// A paging parameter is out of range (`limit` outside `1..=max`,
+    /// negative `after_seq`).
+    #[error("{0}")]
+    InvalidPage(String),
+    /// The database failed or is unreachable. The cause is for logs only.
+    #[error("storage error: {0}")]
+    Storage(#[from] sea_orm::DbErr),
+}

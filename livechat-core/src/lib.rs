@@ -1,0 +1,50 @@
+//! # livechat-core
+//!
+//! The chat rules of the livechat module, with no HTTP or framework types:
+//! ids and entities, tenant-scoped repository traits, [`ChatService`] (every
+//! business rule), domain events written to a transactional outbox, and the
+//! SeaORM store with its migrations for SQLite and PostgreSQL.
+//!
+//! ```no_run
+//! use livechat_core::{ChatConfig, ChatService, PresenceStatus, TenantId, UserId};
+//! use livechat_core::store::{self, Migrator, SeaOrmStore};
+//! use sea_orm_migration::MigratorTrait;
+//!
+//! # async fn demo() -> Result<(), Box<dyn std::error::Error>> {
+//! let db = store::connect("sqlite://livechat.db?mode=rwc").await?;
+//! Migrator::up(&db, None).await?;
+//! let chat = ChatService::new(SeaOrmStore::new(db), ChatConfig::default());
+//!
+//! let (tenant, agent) = (TenantId::new(1)?, UserId::new(7)?);
+//! chat.set_agent_status(tenant, agent, PresenceStatus::Online).await?;
+//! let session = chat.start_session(tenant, agent, None).await?;
+//! let sent = chat.post_message(tenant, agent, session.id, "Halo".into(), None).await?;
+//! assert_eq!(sent.message.seq, 1);
+//! # Ok(()) }
+//! ```
+//!
+//! The rules come from `DESIGN.md` (invariants 1–6) and issue #2.
+
+mod config;
+mod error;
+mod events;
+mod ids;
+mod model;
+mod repository;
+mod service;
+pub mod store;
+mod validate;
+
+pub use config::ChatConfig;
+pub use error::ChatError;
+pub use events::{DomainEvent, EventKind};
+pub use ids::{EventId, MessageId, SessionId, TenantId, UserId};
+pub use model::{
+    AgentPresence, ChatMessage, ChatSession, PresenceStatus, SessionOrigin, SessionStatus, now,
+};
+pub use repository::{
+    AppendedMessage, ChatStore, MessageRepository, OutboxRepository, PresenceRepository,
+    SessionRepository,
+};
+pub use service::ChatService;
+pub use validate::{ClientMsgId, MessageBody, PageSize};

@@ -1,0 +1,139 @@
+//! Validating newtypes: once constructed, valid.
+
+use crate::config::ChatConfig;
+use crate::error::ChatError;
+
+/// A message text that is not blank and within the configured length.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct MessageBody(String);
+
+impl MessageBody {
+    /// Accepts `text` as sent (whitespace kept) when it has a non-whitespace
+    /// character and at most `max_chars` characters (issue #2).
+    ///
+    /// # Errors
+    /// [`ChatError::InvalidMessage`] for empty or blank text,
+    /// [`ChatError::MessageTooLong`] above `max_chars`.
+    pub fn parse(text: String, max_chars: usize) -> Result<Self, ChatError> {
+        if text.trim().is_empty() {
+            return Err(ChatError::InvalidMessage);
+        }
+        // Counting stops one past the limit: a huge body costs no more than that.
+        if text.chars().take(max_chars + 1).count() > max_chars {
+            return Err(ChatError::MessageTooLong { max: max_chars });
+        }
+        Ok(Self(text))
+    }
+
+    /// The text.
+    #[must_use]
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+
+    /// The text, owned.
+    #[must_use]
+    pub fn into_inner(self) -> String {
+        self.0
+    }
+}
+
+/// An idempotency key chosen by the client (`client_msg_id` or the
+/// `Idempotency-Key` header): 1–128 visible ASCII characters.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ClientMsgId(String);
+
+impl ClientMsgId {
+    /// Longest accepted key.
+    pub const MAX_LEN: usize = 128;
+
+    /// Accepts 1–128 characters of printable ASCII (no spaces).
+    ///
+    /// # Errors
+    /// [`ChatError::InvalidClientMsgId`] otherwise.
+    pub fn parse(key: String) -> Result<Self, ChatError> {
+        let ok = !key.is_empty()
+            && key.len() <= Self::MAX_LEN
+            && key.bytes().all(|b| b.is_ascii_graphic());
+        if ok {
+            Ok(Self(key))
+        } else {
+            Err(ChatError::InvalidClientMsgId)
+        }
+    }
+
+    /// The key.
+    #[must_use]
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+/// A page size within `1..=max_page_size`; absent means the default.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct PageSize(u64);
+
+impl PageSize {
+    /// # Errors
+    /// [`ChatError::InvalidPage`] when `limit` is outside `1..=max_page_size`.
+    pub fn parse(limit: Option<i64>, config: &ChatConfig) -> Result<Self, ChatError> {
+        match limit {
+            None => Ok(Self(config.default_page_size)),
+            Some(n) if n >= 1 && n.unsigned_abs() <= config.max_page_size => {
+                Ok(Self(n.unsigned_abs()))
+            }
+            Some(_) => Err(ChatError::InvalidPage(format!(
+                "limit must be between 1 and {}",
+                config.max_page_size
+            ))),
+        }
+    }
+
+    /// The number of rows.
+    #[must_use]
+    pub const fn get(self) -> u64 {
+        self.0
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn message_body_rules() {
+        assert!(matches!(
+            MessageBody::parse(" \n\t ".into(), 10),
+            Err(ChatError::InvalidMessage)
+        ));
+        assert!(matches!(
+            MessageBody::parse(String::new(), 10),
+            Err(ChatError::InvalidMessage)
+        ));
+        assert_eq!(MessageBody::parse("  hi ".into(), 10).unwrap().as_str(), "  hi ");
+        // Characters, not bytes: ten 3-byte characters fit a limit of 10.
+        assert!(MessageBody::parse("é".repeat(10), 10).is_ok());
+        assert!(matches!(
+            MessageBody::parse("é".repeat(11), 10),
+            Err(ChatError::MessageTooLong { max: 10 })
+        ));
+    }
+
+    #[test]
+    fn page_size_rules() {
+        let c = ChatConfig::default();
+        assert_eq!(PageSize::parse(None, &c).unwrap().get(), 50);
+        assert_eq!(PageSize::parse(Some(200), &c).unwrap().get(), 200);
+        assert!(PageSize::parse(Some(201), &c).is_err());
+        assert!(PageSize::parse(Some(0), &c).is_err());
+        assert!(PageSize::parse(Some(-5), &c).is_err());
+    }
+
+    #[test]
+    fn client_msg_id_rules() {
+        assert!(ClientMsgId::parse("abc-123".into()).is_ok());
+        assert!(ClientMsgId::parse(String::new()).is_err());
+        assert!(ClientMsgId::parse("has space".into()).is_err());
+        assert!(ClientMsgId::parse("x".repeat(129)).is_err());
+    }
+}

@@ -49,3 +49,15 @@ pub enum ChatError {
     #[error("storage error: {0}")]
     Storage(#[from] sea_orm::DbErr),
 }
+
+impl ChatError {
+    /// Whether the failure is the database being unreachable or out of
+    /// connections (worth a retry; adapters answer "unavailable").
+    #[must_use]
+    pub fn is_unavailable(&self) -> bool {
+        matches!(
+            self,
+            Self::Storage(sea_orm::DbErr::Conn(_) | sea_orm::DbErr::ConnectionAcquire(_))
+        )
+    }
+}

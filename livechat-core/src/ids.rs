@@ -155,14 +155,26 @@ mod tests {
         assert!(TenantId::new(0).is_err());
         assert!(TenantId::new(-3).is_err());
         assert_eq!("42".parse::<UserId>().unwrap().get(), 42);
-        for bad in ["", "0", "-1", "+1", " 1", "1.0", "abc", "99999999999999999999"] {
+        for bad in [
+            "",
+            "0",
+            "-1",
+            "+1",
+            " 1",
+            "1.0",
+            "abc",
+            "99999999999999999999",
+        ] {
             assert!(bad.parse::<TenantId>().is_err(), "{bad:?} must be rejected");
         }
     }
 
     #[test]
     fn malformed_uuid_is_not_found() {
-        assert!(matches!("nope".parse::<SessionId>(), Err(ChatError::NotFound)));
+        assert!(matches!(
+            "nope".parse::<SessionId>(),
+            Err(ChatError::NotFound)
+        ));
         let id = SessionId::generate();
         assert_eq!(id.to_string().parse::<SessionId>().unwrap(), id);
     }

@@ -152,8 +152,12 @@ impl<S: ChatStore> ChatService<S> {
         let limit = PageSize::parse(limit, &self.config)?;
         let after_seq = after_seq.unwrap_or(0);
         if after_seq < 0 {
-            return Err(ChatError::InvalidPage("after_seq must not be negative".into()));
+            return Err(ChatError::InvalidPage(
+                "after_seq must not be negative".into(),
+            ));
         }
-        self.store.list_messages(tenant, session, after_seq, limit).await
+        self.store
+            .list_messages(tenant, session, after_seq, limit)
+            .await
     }
 }

@@ -110,7 +110,10 @@ mod tests {
             MessageBody::parse(String::new(), 10),
             Err(ChatError::InvalidMessage)
         ));
-        assert_eq!(MessageBody::parse("  hi ".into(), 10).unwrap().as_str(), "  hi ");
+        assert_eq!(
+            MessageBody::parse("  hi ".into(), 10).unwrap().as_str(),
+            "  hi "
+        );
         // Characters, not bytes: ten 3-byte characters fit a limit of 10.
         assert!(MessageBody::parse("é".repeat(10), 10).is_ok());
         assert!(matches!(

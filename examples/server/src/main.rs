@@ -1,1 +1,19 @@
-fn main(){}
+//! `livechat-example-server`: the example host. See the crate docs of
+//! `livechat_example_server` for routes and configuration.
+
+use livechat_example_server::{Config, run};
+
+#[tokio::main]
+async fn main() {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| "info,sqlx=warn,sea_orm=warn".into()),
+        )
+        .init();
+    let config = Config::from_env();
+    if let Err(err) = run(config).await {
+        tracing::error!(error = %err, "server stopped with an error");
+        std::process::exit(1);
+    }
+}

@@ -103,11 +103,32 @@ mod m0001_chat {
                 .create_table(
                     Table::create()
                         .table(LivechatSessions::Table)
-                        .col(ColumnDef::new(LivechatSessions::Id).uuid().not_null().primary_key())
-                        .col(ColumnDef::new(LivechatSessions::TenantId).big_integer().not_null())
-                        .col(ColumnDef::new(LivechatSessions::AgentId).big_integer().null())
-                        .col(ColumnDef::new(LivechatSessions::Origin).string_len(16).not_null())
-                        .col(ColumnDef::new(LivechatSessions::Status).string_len(16).not_null())
+                        .col(
+                            ColumnDef::new(LivechatSessions::Id)
+                                .uuid()
+                                .not_null()
+                                .primary_key(),
+                        )
+                        .col(
+                            ColumnDef::new(LivechatSessions::TenantId)
+                                .big_integer()
+                                .not_null(),
+                        )
+                        .col(
+                            ColumnDef::new(LivechatSessions::AgentId)
+                                .big_integer()
+                                .null(),
+                        )
+                        .col(
+                            ColumnDef::new(LivechatSessions::Origin)
+                                .string_len(16)
+                                .not_null(),
+                        )
+                        .col(
+                            ColumnDef::new(LivechatSessions::Status)
+                                .string_len(16)
+                                .not_null(),
+                        )
                         .col(
                             ColumnDef::new(LivechatSessions::LastSeq)
                                 .big_integer()
@@ -147,13 +168,38 @@ mod m0001_chat {
                 .create_table(
                     Table::create()
                         .table(LivechatMessages::Table)
-                        .col(ColumnDef::new(LivechatMessages::Id).uuid().not_null().primary_key())
-                        .col(ColumnDef::new(LivechatMessages::TenantId).big_integer().not_null())
-                        .col(ColumnDef::new(LivechatMessages::SessionId).uuid().not_null())
-                        .col(ColumnDef::new(LivechatMessages::SenderId).big_integer().not_null())
-                        .col(ColumnDef::new(LivechatMessages::Seq).big_integer().not_null())
+                        .col(
+                            ColumnDef::new(LivechatMessages::Id)
+                                .uuid()
+                                .not_null()
+                                .primary_key(),
+                        )
+                        .col(
+                            ColumnDef::new(LivechatMessages::TenantId)
+                                .big_integer()
+                                .not_null(),
+                        )
+                        .col(
+                            ColumnDef::new(LivechatMessages::SessionId)
+                                .uuid()
+                                .not_null(),
+                        )
+                        .col(
+                            ColumnDef::new(LivechatMessages::SenderId)
+                                .big_integer()
+                                .not_null(),
+                        )
+                        .col(
+                            ColumnDef::new(LivechatMessages::Seq)
+                                .big_integer()
+                                .not_null(),
+                        )
                         .col(ColumnDef::new(LivechatMessages::Body).text().not_null())
-                        .col(ColumnDef::new(LivechatMessages::ClientMsgId).string_len(128).null())
+                        .col(
+                            ColumnDef::new(LivechatMessages::ClientMsgId)
+                                .string_len(128)
+                                .null(),
+                        )
                         .col(
                             ColumnDef::new(LivechatMessages::CreatedAt)
                                 .timestamp_with_time_zone()
@@ -219,10 +265,23 @@ mod m0001_chat {
                 .create_table(
                     Table::create()
                         .table(LivechatOutbox::Table)
-                        .col(ColumnDef::new(LivechatOutbox::Id).uuid().not_null().primary_key())
-                        .col(ColumnDef::new(LivechatOutbox::TenantId).big_integer().not_null())
+                        .col(
+                            ColumnDef::new(LivechatOutbox::Id)
+                                .uuid()
+                                .not_null()
+                                .primary_key(),
+                        )
+                        .col(
+                            ColumnDef::new(LivechatOutbox::TenantId)
+                                .big_integer()
+                                .not_null(),
+                        )
                         .col(ColumnDef::new(LivechatOutbox::SessionId).uuid().null())
-                        .col(ColumnDef::new(LivechatOutbox::Kind).string_len(64).not_null())
+                        .col(
+                            ColumnDef::new(LivechatOutbox::Kind)
+                                .string_len(64)
+                                .not_null(),
+                        )
                         .col(ColumnDef::new(LivechatOutbox::Payload).text().not_null())
                         .col(
                             ColumnDef::new(LivechatOutbox::CreatedAt)

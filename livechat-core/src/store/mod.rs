@@ -19,8 +19,8 @@ use std::time::Duration;
 
 use sea_orm::sea_query::{Expr, ExprTrait, OnConflict};
 use sea_orm::{
-    ActiveValue::Set, ColumnTrait, ConnectOptions, DatabaseConnection, DatabaseTransaction,
-    DbErr, EntityTrait, QueryFilter, QueryOrder, QuerySelect, SqlErr, SqliteTransactionMode,
+    ActiveValue::Set, ColumnTrait, ConnectOptions, DatabaseConnection, DatabaseTransaction, DbErr,
+    EntityTrait, QueryFilter, QueryOrder, QuerySelect, SqlErr, SqliteTransactionMode,
     TransactionOptions, TransactionTrait,
 };
 use serde::Serialize;
@@ -108,8 +108,8 @@ async fn record_event<T: Serialize>(
     kind: EventKind,
     payload: &T,
 ) -> Result<(), ChatError> {
-    let payload = serde_json::to_string(payload)
-        .map_err(|e| DbErr::Custom(format!("event payload: {e}")))?;
+    let payload =
+        serde_json::to_string(payload).map_err(|e| DbErr::Custom(format!("event payload: {e}")))?;
     outbox::Entity::insert(outbox::ActiveModel {
         id: Set(EventId::generate().as_uuid()),
         tenant_id: Set(tenant.get()),
@@ -269,7 +269,14 @@ impl SessionRepository for SeaOrmStore {
             }
         };
         let created = ChatSession::try_from(inserted)?;
-        record_event(&tx, tenant, Some(created.id), EventKind::SessionStarted, &created).await?;
+        record_event(
+            &tx,
+            tenant,
+            Some(created.id),
+            EventKind::SessionStarted,
+            &created,
+        )
+        .await?;
         tx.commit().await?;
         Ok(created)
     }
@@ -287,8 +294,7 @@ impl SessionRepository for SeaOrmStore {
         status: Option<SessionStatus>,
         limit: PageSize,
     ) -> Result<Vec<ChatSession>, ChatError> {
-        let mut query =
-            session::Entity::find().filter(session::Column::TenantId.eq(tenant.get()));
+        let mut query = session::Entity::find().filter(session::Column::TenantId.eq(tenant.get()));
         if let Some(status) = status {
             query = query.filter(session::Column::Status.eq(status.as_str()));
         }
@@ -310,7 +316,10 @@ impl SessionRepository for SeaOrmStore {
         let at = now();
         let tx = self.begin_write().await?;
         let closed = session::Entity::update_many()
-            .col_expr(session::Column::Status, Expr::value(SessionStatus::Closed.as_str()))
+            .col_expr(
+                session::Column::Status,
+                Expr::value(SessionStatus::Closed.as_str()),
+            )
             .col_expr(session::Column::ClosedAt, Expr::value(at))
             .col_expr(session::Column::UpdatedAt, Expr::value(at))
             .filter(session::Column::Id.eq(id.as_uuid()))
@@ -330,7 +339,10 @@ impl SessionRepository for SeaOrmStore {
             session: &'a ChatSession,
             closed_by: UserId,
         }
-        let payload = Closed { session: &closed, closed_by };
+        let payload = Closed {
+            session: &closed,
+            closed_by,
+        };
         record_event(&tx, tenant, Some(id), EventKind::SessionClosed, &payload).await?;
         tx.commit().await?;
         Ok(closed)
@@ -350,7 +362,10 @@ impl MessageRepository for SeaOrmStore {
         if let Some(key) = client_msg_id
             && let Some(message) = self.find_by_client_msg_id(tenant, session, key).await?
         {
-            return Ok(AppendedMessage { message, created: false });
+            return Ok(AppendedMessage {
+                message,
+                created: false,
+            });
         }
 
         let at = now();
@@ -358,7 +373,10 @@ impl MessageRepository for SeaOrmStore {
         // Taking the next seq locks the session row: concurrent senders to one
         // session queue here, so seq is gap-free and unique (invariant 4).
         let locked = session::Entity::update_many()
-            .col_expr(session::Column::LastSeq, Expr::col(session::Column::LastSeq).add(1))
+            .col_expr(
+                session::Column::LastSeq,
+                Expr::col(session::Column::LastSeq).add(1),
+            )
             .col_expr(session::Column::UpdatedAt, Expr::value(at))
             .filter(session::Column::Id.eq(session.as_uuid()))
             .filter(session::Column::TenantId.eq(tenant.get()))
@@ -383,7 +401,10 @@ impl MessageRepository for SeaOrmStore {
                 .await?;
             if let Some(existing) = existing {
                 tx.rollback().await?;
-                return Ok(AppendedMessage { message: existing.try_into()?, created: false });
+                return Ok(AppendedMessage {
+                    message: existing.try_into()?,
+                    created: false,
+                });
             }
         }
 
@@ -400,9 +421,19 @@ impl MessageRepository for SeaOrmStore {
         .exec_with_returning(&tx)
         .await?;
         let message = ChatMessage::try_from(stored)?;
-        record_event(&tx, tenant, Some(session), EventKind::MessagePosted, &message).await?;
+        record_event(
+            &tx,
+            tenant,
+            Some(session),
+            EventKind::MessagePosted,
+            &message,
+        )
+        .await?;
         tx.commit().await?;
-        Ok(AppendedMessage { message, created: true })
+        Ok(AppendedMessage {
+            message,
+            created: true,
+        })
     }
 
     async fn list_messages(
@@ -434,7 +465,12 @@ impl PresenceRepository for SeaOrmStore {
         agent: UserId,
         status: PresenceStatus,
     ) -> Result<AgentPresence, ChatError> {
-        let presence = AgentPresence { tenant_id: tenant, agent_id: agent, status, updated_at: now() };
+        let presence = AgentPresence {
+            tenant_id: tenant,
+            agent_id: agent,
+            status,
+            updated_at: now(),
+        };
         let tx = self.begin_write().await?;
         presence::Entity::insert(presence::ActiveModel {
             tenant_id: Set(tenant.get()),

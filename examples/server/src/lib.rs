@@ -1,0 +1,433 @@
+//! The example host: a small SaaS backend with its own users, tenants and
+//! login, that mounts the livechat routes under `/livechat`.
+//!
+//! Routes: `POST /auth/login`, `GET /health`, `GET /openapi.json`, Swagger UI
+//! at `/docs`, and the library under `/livechat`.
+//!
+//! Configuration (environment):
+//!
+//! | variable | default | meaning |
+//! |---|---|---|
+//! | `LIVECHAT_ADDR` | `127.0.0.1:8080` | listen address |
+//! | `DATABASE_URL` | `sqlite://livechat.db?mode=rwc` | SQLite file (created on first run) or `postgres://…` |
+//! | `LIVECHAT_JWT_SECRET` | a development secret (logged as a warning) | HS256 secret shared by login and the library |
+//!
+//! Demo data (seeded idempotently): tenants 1 and 2; `admin@livechat.com`
+//! (user 1, roles `ADMIN` and `SUPPORT_AGENT`, every tenant) and
+//! `agent1@livechat.com` … `agent5@livechat.com` (users 2–6,
+//! `SUPPORT_AGENT`, tenants 1 and 2), all with password `password`.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use argon2::Argon2;
+use argon2::password_hash::{
+    PasswordHash, PasswordHasher, PasswordVerifier, SaltString, rand_core::OsRng,
+};
+use livechat_core::store::{self, Migrator, SeaOrmStore};
+use livechat_core::{ChatConfig, ChatService};
+use livechat_poem::{JwtAuthenticator, Livechat, envelope};
+use poem::http::StatusCode;
+use poem::listener::TcpListener;
+use poem::middleware::Tracing;
+use poem::web::{Data, Json};
+use poem::{Endpoint, EndpointExt, IntoResponse, Response, Route, Server, get, handler, post};
+use sea_orm::{
+    ActiveValue::Set, ColumnTrait, ConnectionTrait, DatabaseConnection, EntityTrait, QueryFilter,
+    Schema,
+};
+use sea_orm_migration::MigratorTrait;
+use serde::{Deserialize, Serialize};
+
+/// The secret used when `LIVECHAT_JWT_SECRET` is unset. Development only.
+pub const DEV_JWT_SECRET: &str = "livechat-development-secret-change-me";
+
+/// How long a login token is valid.
+pub const TOKEN_TTL: Duration = Duration::from_secs(12 * 60 * 60);
+
+/// Settings read from the environment.
+#[derive(Clone, Debug)]
+pub struct Config {
+    /// `LIVECHAT_ADDR`.
+    pub addr: String,
+    /// `DATABASE_URL`.
+    pub database_url: String,
+    /// `LIVECHAT_JWT_SECRET`.
+    pub jwt_secret: String,
+    /// Whether [`DEV_JWT_SECRET`] is in use.
+    pub jwt_secret_is_default: bool,
+}
+
+impl Config {
+    /// Reads the variables of the table in the crate docs.
+    #[must_use]
+    pub fn from_env() -> Self {
+        let var = |name: &str| std::env::var(name).ok().filter(|v| !v.trim().is_empty());
+        let secret = var("LIVECHAT_JWT_SECRET");
+        Self {
+            addr: var("LIVECHAT_ADDR").unwrap_or_else(|| "127.0.0.1:8080".into()),
+            database_url: var("DATABASE_URL")
+                .unwrap_or_else(|| "sqlite://livechat.db?mode=rwc".into()),
+            jwt_secret_is_default: secret.is_none(),
+            jwt_secret: secret.unwrap_or_else(|| DEV_JWT_SECRET.into()),
+        }
+    }
+}
+
+/// The host's own tables (not the library's).
+mod host {
+    pub mod user {
+        use sea_orm::entity::prelude::*;
+
+        #[derive(Clone, Debug, PartialEq, Eq, DeriveEntityModel)]
+        #[sea_orm(table_name = "host_users")]
+        pub struct Model {
+            #[sea_orm(primary_key, auto_increment = false)]
+            pub id: i64,
+            #[sea_orm(unique)]
+            pub email: String,
+            pub password_hash: String,
+            /// Comma-separated role names.
+            pub roles: String,
+            /// Comma-separated tenant ids; empty means every tenant.
+            pub tenant_ids: String,
+        }
+
+        #[derive(Copy, Clone, Debug, EnumIter, DeriveRelation)]
+        pub enum Relation {}
+
+        impl ActiveModelBehavior for ActiveModel {}
+    }
+
+    pub mod tenant {
+        use sea_orm::entity::prelude::*;
+
+        #[derive(Clone, Debug, PartialEq, Eq, DeriveEntityModel)]
+        #[sea_orm(table_name = "host_tenants")]
+        pub struct Model {
+            #[sea_orm(primary_key, auto_increment = false)]
+            pub id: i64,
+            pub name: String,
+        }
+
+        #[derive(Copy, Clone, Debug, EnumIter, DeriveRelation)]
+        pub enum Relation {}
+
+        impl ActiveModelBehavior for ActiveModel {}
+    }
+}
+
+/// Opens the database, runs the library's and the host's migrations, and
+/// seeds the demo data (idempotent).
+///
+/// # Errors
+/// Database errors.
+pub async fn prepare_database(url: &str) -> Result<DatabaseConnection, sea_orm::DbErr> {
+    let db = store::connect(url).await?;
+    Migrator::up(&db, None).await?;
+    let schema = Schema::new(db.get_database_backend());
+    db.execute(
+        schema
+            .create_table_from_entity(host::tenant::Entity)
+            .if_not_exists(),
+    )
+    .await?;
+    db.execute(
+        schema
+            .create_table_from_entity(host::user::Entity)
+            .if_not_exists(),
+    )
+    .await?;
+    seed(&db).await?;
+    Ok(db)
+}
+
+async fn seed(db: &DatabaseConnection) -> Result<(), sea_orm::DbErr> {
+    for (id, name) in [(1, "Tenant One"), (2, "Tenant Two")] {
+        host::tenant::Entity::insert(host::tenant::ActiveModel {
+            id: Set(id),
+            name: Set(name.into()),
+        })
+        .on_conflict_do_nothing()
+        .exec_without_returning(db)
+        .await?;
+    }
+    let mut users = vec![(
+        1,
+        "admin@livechat.com".to_owned(),
+        "ADMIN,SUPPORT_AGENT",
+        "",
+    )];
+    for n in 1..=5 {
+        users.push((
+            n + 1,
+            format!("agent{n}@livechat.com"),
+            "SUPPORT_AGENT",
+            "1,2",
+        ));
+    }
+    for (id, email, roles, tenants) in users {
+        let exists = host::user::Entity::find_by_id(id).one(db).await?.is_some();
+        if exists {
+            continue;
+        }
+        let hash = hash_password("password").map_err(|e| sea_orm::DbErr::Custom(e.to_string()))?;
+        host::user::Entity::insert(host::user::ActiveModel {
+            id: Set(id),
+            email: Set(email),
+            password_hash: Set(hash),
+            roles: Set(roles.into()),
+            tenant_ids: Set(tenants.into()),
+        })
+        .on_conflict_do_nothing()
+        .exec_without_returning(db)
+        .await?;
+    }
+    Ok(())
+}
+
+fn hash_password(password: &str) -> Result<String, argon2::password_hash::Error> {
+    let salt = SaltString::generate(&mut OsRng);
+    Ok(Argon2::default()
+        .hash_password(password.as_bytes(), &salt)?
+        .to_string())
+}
+
+/// Claims of the host's tokens; what [`JwtAuthenticator`] reads.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct Claims {
+    /// User id.
+    pub sub: i64,
+    /// Role names.
+    pub roles: Vec<String>,
+    /// Allowed tenants; absent means every tenant.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tenant_ids: Option<Vec<i64>>,
+    /// Issued at (seconds since the epoch).
+    pub iat: i64,
+    /// Expiry (seconds since the epoch).
+    pub exp: i64,
+}
+
+/// Signs an HS256 token for `claims` with `secret`.
+///
+/// # Errors
+/// Only if serialization fails.
+pub fn issue_token(secret: &str, claims: &Claims) -> Result<String, jsonwebtoken::errors::Error> {
+    jsonwebtoken::encode(
+        &jsonwebtoken::Header::new(jsonwebtoken::Algorithm::HS256),
+        claims,
+        &jsonwebtoken::EncodingKey::from_secret(secret.as_bytes()),
+    )
+}
+
+struct HostState {
+    db: DatabaseConnection,
+    jwt_secret: String,
+}
+
+#[derive(Deserialize)]
+struct LoginRequest {
+    email: String,
+    password: String,
+}
+
+#[derive(Serialize)]
+struct LoginUser {
+    id: i64,
+    email: String,
+    roles: Vec<String>,
+    tenant_ids: Option<Vec<i64>>,
+}
+
+#[derive(Serialize)]
+struct LoginResponse {
+    access_token: String,
+    token_type: &'static str,
+    expires_in: u64,
+    user: LoginUser,
+}
+
+fn error(status: StatusCode, code: &str, message: &str) -> Response {
+    (
+        status,
+        Json(serde_json::json!({"error": {"code": code, "message": message}})),
+    )
+        .into_response()
+}
+
+#[handler]
+async fn login(state: Data<&Arc<HostState>>, body: Json<LoginRequest>) -> Response {
+    let invalid = || {
+        error(
+            StatusCode::UNAUTHORIZED,
+            "invalid_credentials",
+            "wrong e-mail or password",
+        )
+    };
+    let user = match host::user::Entity::find()
+        .filter(host::user::Column::Email.eq(body.email.trim().to_lowercase()))
+        .one(&state.db)
+        .await
+    {
+        Ok(Some(user)) => user,
+        Ok(None) => return invalid(),
+        Err(err) => {
+            tracing::error!(error = %err, "login lookup failed");
+            return error(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "unavailable",
+                "database unavailable",
+            );
+        }
+    };
+    let password = body.password.clone();
+    let hash = user.password_hash.clone();
+    let verified = tokio::task::spawn_blocking(move || {
+        PasswordHash::new(&hash).is_ok_and(|h| {
+            Argon2::default()
+                .verify_password(password.as_bytes(), &h)
+                .is_ok()
+        })
+    })
+    .await
+    .unwrap_or(false);
+    if !verified {
+        return invalid();
+    }
+    let roles: Vec<String> = user
+        .roles
+        .split(',')
+        .filter(|r| !r.is_empty())
+        .map(str::to_owned)
+        .collect();
+    let tenant_ids: Option<Vec<i64>> = (!user.tenant_ids.is_empty()).then(|| {
+        user.tenant_ids
+            .split(',')
+            .filter_map(|t| t.parse().ok())
+            .collect()
+    });
+    let now = chrono::Utc::now().timestamp();
+    let claims = Claims {
+        sub: user.id,
+        roles: roles.clone(),
+        tenant_ids: tenant_ids.clone(),
+        iat: now,
+        exp: now + i64::try_from(TOKEN_TTL.as_secs()).unwrap_or(i64::MAX),
+    };
+    match issue_token(&state.jwt_secret, &claims) {
+        Ok(token) => Json(LoginResponse {
+            access_token: token,
+            token_type: "Bearer",
+            expires_in: TOKEN_TTL.as_secs(),
+            user: LoginUser {
+                id: user.id,
+                email: user.email,
+                roles,
+                tenant_ids,
+            },
+        })
+        .into_response(),
+        Err(err) => {
+            tracing::error!(error = %err, "token signing failed");
+            error(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "internal_error",
+                "internal error",
+            )
+        }
+    }
+}
+
+#[handler]
+async fn health(state: Data<&Arc<HostState>>) -> Response {
+    match state.db.ping().await {
+        Ok(()) => Json(serde_json::json!({"status": "ok", "database": "ok"})).into_response(),
+        Err(err) => {
+            tracing::warn!(error = %err, "health: database unreachable");
+            (
+                StatusCode::SERVICE_UNAVAILABLE,
+                Json(serde_json::json!({"status": "degraded", "database": "unreachable"})),
+            )
+                .into_response()
+        }
+    }
+}
+
+/// The whole host app over an open, migrated database.
+pub fn app(db: DatabaseConnection, jwt_secret: &str) -> impl Endpoint<Output = Response> + use<> {
+    let chat = ChatService::new(SeaOrmStore::new(db.clone()), ChatConfig::default());
+    let livechat = Livechat::new(
+        chat,
+        Arc::new(JwtAuthenticator::hs256(jwt_secret.as_bytes())),
+    );
+    let state = Arc::new(HostState {
+        db,
+        jwt_secret: jwt_secret.to_owned(),
+    });
+    let host_routes = Route::new()
+        .at("/auth/login", post(login))
+        .at("/health", get(health))
+        .data(state)
+        .catch_all_error(envelope);
+    Route::new()
+        .nest("/livechat", livechat.endpoint())
+        .at("/openapi.json", livechat.spec_endpoint("/livechat"))
+        .nest("/docs", livechat.swagger_ui("/livechat"))
+        .nest("/", host_routes)
+        .with(Tracing)
+        .map_to_response()
+}
+
+/// Runs the server until SIGINT or SIGTERM, then drains in-flight requests
+/// (up to 10 s).
+///
+/// # Errors
+/// Database set-up or listener failures.
+pub async fn run(config: Config) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
+    if config.jwt_secret_is_default {
+        tracing::warn!(
+            "LIVECHAT_JWT_SECRET is not set: using the development secret; never do this in production"
+        );
+    }
+    let db = prepare_database(&config.database_url).await?;
+    tracing::info!(addr = %config.addr, database = %redact(&config.database_url), "livechat example server starting");
+    let app = app(db.clone(), &config.jwt_secret);
+    Server::new(TcpListener::bind(config.addr.clone()))
+        .run_with_graceful_shutdown(app, shutdown_signal(), Some(Duration::from_secs(10)))
+        .await?;
+    db.close().await?;
+    tracing::info!("stopped");
+    Ok(())
+}
+
+fn redact(url: &str) -> String {
+    match (url.find("://"), url.rfind('@')) {
+        (Some(scheme), Some(at)) if at > scheme => {
+            format!("{}://***{}", &url[..scheme], &url[at..])
+        }
+        _ => url.to_owned(),
+    }
+}
+
+async fn shutdown_signal() {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    #[cfg(unix)]
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let term = std::future::pending::<()>();
+    tokio::select! {
+        () = ctrl_c => {},
+        () = term => {},
+    }
+    tracing::info!("shutdown signal received; draining");
+}

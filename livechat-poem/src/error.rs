@@ -1,0 +1,215 @@
+//! The error envelope and the one place where errors become HTTP answers.
+//!
+//! Every 4xx/5xx body is `{"error": {"code": "snake_case", "message": "…"}}`
+//! (DESIGN.md "HTTP conventions"), including malformed JSON, wrong types,
+//! unknown routes and oversized bodies. A 500 says nothing internal: the
+//! cause is logged with a reference that the message repeats.
+
+use livechat_core::ChatError;
+use poem::http::StatusCode;
+use poem::{IntoResponse, Response};
+use poem_openapi::payload::Json;
+use poem_openapi::{ApiResponse, Object};
+
+/// Largest accepted request body, in bytes (issue #2): 64 KiB.
+pub const MAX_BODY_BYTES: usize = 64 * 1024;
+
+/// `{"code", "message"}` inside the error envelope.
+#[derive(Clone, Debug, PartialEq, Eq, Object)]
+pub struct ErrorDetail {
+    /// Stable snake_case code, e.g. `not_found`, `agent_offline`.
+    pub code: String,
+    /// Human-readable explanation; not stable.
+    pub message: String,
+}
+
+/// The error envelope: `{"error": {"code", "message"}}`.
+#[derive(Clone, Debug, PartialEq, Eq, Object)]
+pub struct ErrorBody {
+    /// What went wrong.
+    pub error: ErrorDetail,
+}
+
+/// Every error answer of the API, by status.
+#[derive(Debug, ApiResponse)]
+pub enum ApiError {
+    /// Bad input: `invalid_body`, `invalid_query`, `invalid_tenant`,
+    /// `invalid_message`, `message_too_long`, `agent_offline`,
+    /// `active_session_exists`, `session_closed`.
+    #[oai(status = 400)]
+    BadRequest(Json<ErrorBody>),
+    /// `unauthorized`: token missing, malformed, badly signed or expired.
+    #[oai(status = 401)]
+    Unauthorized(Json<ErrorBody>),
+    /// `forbidden`: no `SUPPORT_AGENT` role, or tenant not allowed.
+    #[oai(status = 403)]
+    Forbidden(Json<ErrorBody>),
+    /// `not_found`: no such row in this tenant, or a malformed id.
+    #[oai(status = 404)]
+    NotFound(Json<ErrorBody>),
+    /// `payload_too_large`: body over 64 KiB.
+    #[oai(status = 413)]
+    PayloadTooLarge(Json<ErrorBody>),
+    /// `internal_error`: logged with the reference given in the message.
+    #[oai(status = 500)]
+    Internal(Json<ErrorBody>),
+    /// `unavailable`: the database or identity provider is down.
+    #[oai(status = 503)]
+    Unavailable(Json<ErrorBody>),
+}
+
+fn body(code: &str, message: impl Into<String>) -> Json<ErrorBody> {
+    Json(ErrorBody {
+        error: ErrorDetail {
+            code: code.to_owned(),
+            message: message.into(),
+        },
+    })
+}
+
+impl ApiError {
+    /// 400 with `code`.
+    pub fn bad_request(code: &str, message: impl Into<String>) -> Self {
+        Self::BadRequest(body(code, message))
+    }
+
+    /// 401 `unauthorized`.
+    pub fn unauthorized(message: impl Into<String>) -> Self {
+        Self::Unauthorized(body("unauthorized", message))
+    }
+
+    /// 403 `forbidden`.
+    pub fn forbidden(message: impl Into<String>) -> Self {
+        Self::Forbidden(body("forbidden", message))
+    }
+
+    /// 404 `not_found`.
+    pub fn not_found() -> Self {
+        Self::NotFound(body("not_found", "not found"))
+    }
+
+    /// 413 `payload_too_large`.
+    pub fn payload_too_large() -> Self {
+        Self::PayloadTooLarge(body(
+            "payload_too_large",
+            format!("request body is larger than {MAX_BODY_BYTES} bytes"),
+        ))
+    }
+
+    /// 503 `unavailable`; the cause is logged.
+    pub fn unavailable(cause: &dyn std::fmt::Display) -> Self {
+        tracing::warn!(error = %cause, "dependency unavailable");
+        Self::Unavailable(body(
+            "unavailable",
+            "a dependency is unavailable; retry later",
+        ))
+    }
+
+    /// 500 `internal_error`; the cause is logged under a fresh reference.
+    pub fn internal(cause: &dyn std::fmt::Display) -> Self {
+        let reference = uuid::Uuid::now_v7();
+        tracing::error!(%reference, error = %cause, "internal error");
+        Self::Internal(body(
+            "internal_error",
+            format!("internal error (ref {reference})"),
+        ))
+    }
+}
+
+impl From<ChatError> for ApiError {
+    fn from(err: ChatError) -> Self {
+        match err {
+            ChatError::NotFound => Self::not_found(),
+            ChatError::InvalidId(msg) => Self::bad_request("invalid_body", msg),
+            ChatError::AgentOffline(_) => Self::bad_request("agent_offline", err.to_string()),
+            ChatError::ActiveSessionExists(existing) => Self::bad_request(
+                "active_session_exists",
+                match existing {
+                    Some(id) => format!("agent already has an open session {id}"),
+                    None => err.to_string(),
+                },
+            ),
+            ChatError::SessionClosed => Self::bad_request("session_closed", err.to_string()),
+            ChatError::InvalidMessage => Self::bad_request("invalid_message", err.to_string()),
+            ChatError::MessageTooLong { .. } => {
+                Self::bad_request("message_too_long", err.to_string())
+            }
+            ChatError::InvalidClientMsgId => Self::bad_request("invalid_body", err.to_string()),
+            ChatError::InvalidPage(msg) => Self::bad_request("invalid_query", msg),
+            other if other.is_unavailable() => Self::unavailable(&other),
+            other => Self::internal(&other),
+        }
+    }
+}
+
+/// Turns every error that reaches the top of the API into the envelope.
+///
+/// Errors already rendered by a handler ([`ApiError`]) pass through; errors
+/// from extraction are classified: body → 400 `invalid_body`, query or path
+/// parameter → 400 `invalid_query`, auth scheme → 401 `unauthorized`, unknown
+/// route → 404 `not_found`, wrong method → 405 `method_not_allowed`.
+pub async fn envelope(err: poem::Error) -> Response {
+    use poem::error::{MethodNotAllowedError, NotFoundError};
+    use poem_openapi::error::{
+        AuthorizationError, ContentTypeError, ParseParamError, ParseRequestPayloadError,
+    };
+
+    // `ApiError` values come back as pre-rendered responses (no source).
+    if !err.has_source() {
+        return err.into_response();
+    }
+    let api = if err.is::<ParseRequestPayloadError>() || err.is::<ContentTypeError>() {
+        ApiError::bad_request("invalid_body", err.to_string())
+    } else if err.is::<ParseParamError>() {
+        ApiError::bad_request("invalid_query", err.to_string())
+    } else if err.is::<AuthorizationError>() {
+        ApiError::unauthorized("a bearer token is required")
+    } else if err.is::<NotFoundError>() {
+        ApiError::not_found()
+    } else if err.is::<MethodNotAllowedError>() {
+        return (
+            StatusCode::METHOD_NOT_ALLOWED,
+            body("method_not_allowed", "method not allowed"),
+        )
+            .into_response();
+    } else if err.status() == StatusCode::PAYLOAD_TOO_LARGE {
+        ApiError::payload_too_large()
+    } else if err.status().is_client_error() {
+        let status = err.status();
+        let code = status
+            .canonical_reason()
+            .unwrap_or("bad_request")
+            .to_ascii_lowercase()
+            .replace([' ', '-'], "_");
+        return (status, body(&code, err.to_string())).into_response();
+    } else {
+        ApiError::internal(&err)
+    };
+    api.into_response()
+}
+
+/// Refuses bodies over [`MAX_BODY_BYTES`] with 413 `payload_too_large`,
+/// whether announced by `Content-Length` or streamed.
+pub async fn limit_body<E: poem::Endpoint>(
+    next: E,
+    mut req: poem::Request,
+) -> poem::Result<Response> {
+    let declared = req
+        .headers()
+        .get(poem::http::header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    if declared.is_some_and(|len| len > MAX_BODY_BYTES as u64) {
+        return Err(ApiError::payload_too_large().into());
+    }
+    let bytes = req
+        .take_body()
+        .into_bytes_limit(MAX_BODY_BYTES)
+        .await
+        .map_err(|e| match e {
+            poem::error::ReadBodyError::PayloadTooLarge => ApiError::payload_too_large(),
+            other => ApiError::bad_request("invalid_body", other.to_string()),
+        })?;
+    req.set_body(bytes);
+    next.call(req).await.map(IntoResponse::into_response)
+}

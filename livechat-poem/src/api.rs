@@ -249,7 +249,7 @@ impl AgentApi {
     ) -> Result<MessagePostedResponse, ApiError> {
         let session = session_id(&id.0)?;
         let body = body.0;
-        let key = match (body.client_msg_id, idempotency_key.0) {
+        let key = match (body.client_msg_id.map(|k| k.0), idempotency_key.0) {
             (Some(a), Some(b)) if a != b => {
                 return Err(ApiError::bad_request(
                     "invalid_body",
@@ -260,7 +260,7 @@ impl AgentApi {
         };
         let posted = self
             .chat
-            .post_message(auth.tenant(), auth.user(), session, body.message, key)
+            .post_message(auth.tenant(), auth.user(), session, body.message.0, key)
             .await?;
         let envelope = Json(MessageEnvelope {
             data: posted.message.into(),

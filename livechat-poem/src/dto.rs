@@ -3,6 +3,7 @@
 
 use chrono::{DateTime, Utc};
 use livechat_core::{AgentPresence, ChatMessage, ChatSession, PresenceStatus, SessionStatus};
+use poem_openapi::types::Type as _;
 use poem_openapi::{Enum, Object};
 use uuid::Uuid;
 
@@ -183,11 +184,11 @@ pub struct StartSessionRequest {
 #[derive(Clone, Debug, Object)]
 pub struct PostMessageRequest {
     /// 1–10,000 characters, not blank.
-    pub message: String,
+    pub message: StrictString,
     /// Idempotency key (1–128 printable ASCII): a retry with the same key
     /// stores nothing new and answers 200 with the original message. The
     /// `Idempotency-Key` header is an alternative.
-    pub client_msg_id: Option<String>,
+    pub client_msg_id: Option<StrictString>,
 }
 
 /// `{"data": ChatSession}`.
@@ -226,4 +227,51 @@ pub struct MessageListEnvelope {
 pub struct PresenceEnvelope {
     /// The presence.
     pub data: PresenceDto,
+}
+
+/// A JSON string field that accepts only JSON strings.
+///
+/// poem-openapi's `String` also accepts numbers and booleans (turning `5`
+/// into `"5"`); request bodies use this type so that a wrong type is
+/// 400 `invalid_body` as the contract says.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct StrictString(pub String);
+
+impl poem_openapi::types::Type for StrictString {
+    const IS_REQUIRED: bool = true;
+    type RawValueType = String;
+    type RawElementValueType = String;
+
+    fn name() -> std::borrow::Cow<'static, str> {
+        "string".into()
+    }
+
+    fn schema_ref() -> poem_openapi::registry::MetaSchemaRef {
+        String::schema_ref()
+    }
+
+    fn as_raw_value(&self) -> Option<&String> {
+        Some(&self.0)
+    }
+
+    fn raw_element_iter<'a>(&'a self) -> Box<dyn Iterator<Item = &'a String> + 'a> {
+        Box::new(std::iter::once(&self.0))
+    }
+}
+
+impl poem_openapi::types::ParseFromJSON for StrictString {
+    fn parse_from_json(value: Option<serde_json::Value>) -> poem_openapi::types::ParseResult<Self> {
+        match value {
+            Some(serde_json::Value::String(s)) => Ok(Self(s)),
+            other => Err(poem_openapi::types::ParseError::expected_type(
+                other.unwrap_or_default(),
+            )),
+        }
+    }
+}
+
+impl poem_openapi::types::ToJSON for StrictString {
+    fn to_json(&self) -> Option<serde_json::Value> {
+        Some(serde_json::Value::String(self.0.clone()))
+    }
 }

@@ -1,1 +1,414 @@
-//! x
+//! Test harness for the cross-crate integration tests: one fresh database per
+//! test on SQLite (a temp file) or PostgreSQL (a throwaway server started
+//! from the machine's binaries, or `LIVECHAT_TEST_DATABASE_URL`).
+
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::sync::OnceLock;
+
+use sea_orm::{ConnectionTrait, DatabaseConnection};
+
+/// The database a test runs against.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Backend {
+    /// A WAL SQLite file in a temp dir.
+    Sqlite,
+    /// A fresh database on a PostgreSQL server.
+    Postgres,
+}
+
+/// A fresh, migrated-or-not database, removed (SQLite) when dropped.
+pub struct TestDb {
+    /// Connection URL (for code that connects by itself).
+    pub url: String,
+    _dir: Option<tempfile::TempDir>,
+}
+
+impl TestDb {
+    /// Creates an empty database on `backend`.
+    ///
+    /// # Panics
+    /// When PostgreSQL cannot be started or reached (the message names what
+    /// to install), or SQLite's temp dir cannot be created.
+    pub async fn new(backend: Backend) -> Self {
+        match backend {
+            Backend::Sqlite => {
+                let dir = tempfile::tempdir().expect("temp dir for SQLite");
+                let url = format!("sqlite://{}?mode=rwc", dir.path().join("test.db").display());
+                Self {
+                    url,
+                    _dir: Some(dir),
+                }
+            }
+            Backend::Postgres => {
+                let admin = postgres_admin_url();
+                let name = format!("lc_test_{}", uuid::Uuid::now_v7().simple());
+                let mut opts = sea_orm::ConnectOptions::new(admin.clone());
+                opts.max_connections(1).sqlx_logging(false);
+                let conn = sea_orm::Database::connect(opts)
+                    .await
+                    .unwrap_or_else(|e| panic!("cannot reach PostgreSQL at {admin}: {e}"));
+                conn.execute_unprepared(&format!("CREATE DATABASE {name}"))
+                    .await
+                    .expect("CREATE DATABASE");
+                conn.close().await.ok();
+                Self {
+                    url: replace_db_name(&admin, &name),
+                    _dir: None,
+                }
+            }
+        }
+    }
+
+    /// Opens the database with the library's settings and runs its migrations.
+    ///
+    /// # Panics
+    /// When connecting or migrating fails.
+    pub async fn connect_migrated(&self) -> DatabaseConnection {
+        use sea_orm_migration::MigratorTrait;
+        let db = livechat_core::store::connect(&self.url)
+            .await
+            .expect("connect");
+        livechat_core::store::Migrator::up(&db, None)
+            .await
+            .expect("migrations");
+        db
+    }
+}
+
+fn replace_db_name(url: &str, name: &str) -> String {
+    let (base, query) = url
+        .split_once('?')
+        .map_or((url, None), |(b, q)| (b, Some(q)));
+    let cut = base.rfind('/').expect("database URL has a path");
+    let mut out = format!("{}/{}", &base[..cut], name);
+    if let Some(q) = query {
+        out.push('?');
+        out.push_str(q);
+    }
+    out
+}
+
+/// The admin URL of the PostgreSQL used by tests: `LIVECHAT_TEST_DATABASE_URL`
+/// or a server started once per test process.
+fn postgres_admin_url() -> String {
+    if let Ok(url) = std::env::var("LIVECHAT_TEST_DATABASE_URL")
+        && !url.trim().is_empty()
+    {
+        return url;
+    }
+    static SERVER: OnceLock<Result<String, String>> = OnceLock::new();
+    SERVER
+        .get_or_init(start_postgres)
+        .clone()
+        .unwrap_or_else(|e| panic!("{e}"))
+}
+
+const INSTALL_HINT: &str = "PostgreSQL server binaries (initdb, pg_ctl) not found: install the Debian package `postgresql` (apt-get install -y postgresql) or set LIVECHAT_TEST_DATABASE_URL";
+
+fn find_bindir() -> Option<PathBuf> {
+    let mut candidates: Vec<PathBuf> = std::env::var_os("PATH")
+        .map(|p| std::env::split_paths(&p).collect())
+        .unwrap_or_default();
+    if let Ok(entries) = std::fs::read_dir("/usr/lib/postgresql") {
+        let mut versions: Vec<PathBuf> = entries.flatten().map(|e| e.path().join("bin")).collect();
+        versions.sort();
+        versions.reverse();
+        candidates.extend(versions);
+    }
+    candidates
+        .into_iter()
+        .find(|dir| dir.join("initdb").is_file() && dir.join("pg_ctl").is_file())
+}
+
+fn is_root() -> bool {
+    Command::new("id")
+        .arg("-u")
+        .output()
+        .is_ok_and(|o| String::from_utf8_lossy(&o.stdout).trim() == "0")
+}
+
+/// A command run as the `postgres` user when we are root (initdb refuses root).
+fn as_pg_user(root: bool, program: &Path) -> Command {
+    if root {
+        let mut c = Command::new("runuser");
+        c.args(["-u", "postgres", "--"]).arg(program);
+        c
+    } else {
+        Command::new(program)
+    }
+}
+
+fn run(mut cmd: Command, what: &str) -> Result<(), String> {
+    let out = cmd
+        .stdin(Stdio::null())
+        .output()
+        .map_err(|e| format!("{what}: {e}"))?;
+    if out.status.success() {
+        Ok(())
+    } else {
+        Err(format!(
+            "{what} failed: {}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        ))
+    }
+}
+
+/// initdb + pg_ctl start into a temp dir on a free port, with a watchdog that
+/// stops the server and removes the dir when this test process exits.
+fn start_postgres() -> Result<String, String> {
+    let bindir = find_bindir().ok_or_else(|| INSTALL_HINT.to_owned())?;
+    let root = is_root();
+    let dir = std::env::temp_dir().join(format!(
+        "livechat-pg-{}-{}",
+        std::process::id(),
+        uuid::Uuid::now_v7().simple()
+    ));
+    let data = dir.join("data");
+    std::fs::create_dir_all(&dir).map_err(|e| format!("create {}: {e}", dir.display()))?;
+    if root {
+        run(
+            {
+                let mut c = Command::new("chown");
+                c.args(["-R", "postgres:postgres"]).arg(&dir);
+                c
+            },
+            "chown the PostgreSQL temp dir to user postgres (create that user or run as non-root)",
+        )?;
+    }
+    let mut initdb = as_pg_user(root, &bindir.join("initdb"));
+    initdb.arg("-D").arg(&data).args([
+        "-A",
+        "trust",
+        "-U",
+        "postgres",
+        "-E",
+        "UTF8",
+        "--no-sync",
+        "--no-instructions",
+    ]);
+    run(initdb, "initdb")?;
+
+    let port = TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map_err(|e| format!("free port: {e}"))?
+        .port();
+    let mut start = as_pg_user(root, &bindir.join("pg_ctl"));
+    start.arg("-D").arg(&data).arg("-l").arg(dir.join("server.log")).args([
+        "-w",
+        "-o",
+        &format!(
+            "-p {port} -k {} -c listen_addresses=127.0.0.1 -c fsync=off -c synchronous_commit=off -c full_page_writes=off -c max_connections=400",
+            dir.display()
+        ),
+        "start",
+    ]);
+    run(start, "pg_ctl start")?;
+
+    // Watchdog: when this process is gone, stop the server and remove its files.
+    let stop = format!(
+        "{} {} -D {} -m immediate stop",
+        if root { "runuser -u postgres --" } else { "" },
+        bindir.join("pg_ctl").display(),
+        data.display()
+    );
+    let script = format!(
+        "while kill -0 {pid} 2>/dev/null; do sleep 1; done; {stop} >/dev/null 2>&1; rm -rf {dir}",
+        pid = std::process::id(),
+        dir = dir.display()
+    );
+    Command::new("sh")
+        .args(["-c", &script])
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .map_err(|e| format!("watchdog: {e}"))?;
+
+    Ok(format!("postgres://postgres@127.0.0.1:{port}/postgres"))
+}
+
+/// The HTTP secret tests sign tokens with.
+pub const SECRET: &str = "integration-test-secret";
+
+/// The example host over a fresh migrated database, driven in-process.
+pub struct App {
+    /// In-process HTTP client of the whole host app.
+    pub client: poem::test::TestClient<poem::endpoint::BoxEndpoint<'static, poem::Response>>,
+    /// The service over the same database (for concurrency tests).
+    pub chat: livechat_core::ChatService,
+    /// The open connection.
+    pub db: DatabaseConnection,
+    /// Keeps the database alive.
+    pub test_db: TestDb,
+}
+
+impl App {
+    /// A fresh app on `backend`.
+    ///
+    /// # Panics
+    /// When the database cannot be created or migrated.
+    pub async fn new(backend: Backend) -> Self {
+        use poem::EndpointExt;
+        let test_db = TestDb::new(backend).await;
+        let db = test_db.connect_migrated().await;
+        let chat = livechat_core::ChatService::new(
+            livechat_core::store::SeaOrmStore::new(db.clone()),
+            livechat_core::ChatConfig::default(),
+        );
+        let ep = livechat_example_server::app(db.clone(), SECRET).boxed();
+        Self {
+            client: poem::test::TestClient::new(ep),
+            chat,
+            db,
+            test_db,
+        }
+    }
+
+    /// A token for `user` with `roles`, allowed in `tenants` (`None`: all),
+    /// valid for ten minutes.
+    ///
+    /// # Panics
+    /// Never in practice (signing an in-memory claim set).
+    #[must_use]
+    pub fn token(user: i64, roles: &[&str], tenants: Option<&[i64]>) -> String {
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| i64::try_from(d.as_secs()).unwrap_or(0));
+        livechat_example_server::issue_token(
+            SECRET,
+            &livechat_example_server::Claims {
+                sub: user,
+                roles: roles.iter().map(|r| (*r).to_owned()).collect(),
+                tenant_ids: tenants.map(<[i64]>::to_vec),
+                iat: now,
+                exp: now + 600,
+            },
+        )
+        .expect("sign token")
+    }
+
+    /// A `SUPPORT_AGENT` token for `user`, every tenant.
+    #[must_use]
+    pub fn agent(user: i64) -> String {
+        Self::token(user, &["SUPPORT_AGENT"], None)
+    }
+
+    /// Sends `method path` with optional bearer token, `X-Tenant-ID` and
+    /// JSON body; returns the status and the JSON body (`Null` if empty).
+    pub async fn call(
+        &self,
+        method: poem::http::Method,
+        path: &str,
+        token: Option<&str>,
+        tenant: Option<&str>,
+        body: Option<serde_json::Value>,
+    ) -> (poem::http::StatusCode, serde_json::Value) {
+        let mut req = self.client.request(method, path);
+        if let Some(token) = token {
+            req = req.header("Authorization", format!("Bearer {token}"));
+        }
+        if let Some(tenant) = tenant {
+            req = req.header("X-Tenant-ID", tenant);
+        }
+        if let Some(body) = body {
+            req = req.body_json(&body);
+        }
+        Self::decode(req.send().await).await
+    }
+
+    /// Status and JSON body of a response (`Null` when the body is empty).
+    ///
+    /// # Panics
+    /// When the body is not JSON.
+    pub async fn decode(
+        resp: poem::test::TestResponse,
+    ) -> (poem::http::StatusCode, serde_json::Value) {
+        let status = resp.0.status();
+        let bytes = resp.0.into_body().into_vec().await.expect("read body");
+        let json = if bytes.is_empty() {
+            serde_json::Value::Null
+        } else {
+            serde_json::from_slice(&bytes).unwrap_or_else(|e| {
+                panic!(
+                    "{status}: body is not JSON ({e}): {}",
+                    String::from_utf8_lossy(&bytes)
+                )
+            })
+        };
+        (status, json)
+    }
+
+    /// `call` as agent `user` in `tenant`.
+    pub async fn agent_call(
+        &self,
+        method: poem::http::Method,
+        path: &str,
+        user: i64,
+        tenant: i64,
+        body: Option<serde_json::Value>,
+    ) -> (poem::http::StatusCode, serde_json::Value) {
+        let token = Self::agent(user);
+        self.call(method, path, Some(&token), Some(&tenant.to_string()), body)
+            .await
+    }
+
+    /// Sets agent `user` online in `tenant` over HTTP.
+    ///
+    /// # Panics
+    /// When the route does not answer 200.
+    pub async fn go_online(&self, user: i64, tenant: i64) {
+        let (status, body) = self
+            .agent_call(
+                poem::http::Method::PUT,
+                "/livechat/agents/me/status",
+                user,
+                tenant,
+                Some(serde_json::json!({"status": "online"})),
+            )
+            .await;
+        assert_eq!(status, 200, "{body}");
+    }
+
+    /// Starts a session for agent `user` in `tenant` (going online first);
+    /// returns its id.
+    ///
+    /// # Panics
+    /// When the route does not answer 201.
+    pub async fn open_session(&self, user: i64, tenant: i64) -> String {
+        self.go_online(user, tenant).await;
+        let (status, body) = self
+            .agent_call(
+                poem::http::Method::POST,
+                "/livechat/sessions",
+                user,
+                tenant,
+                Some(serde_json::json!({})),
+            )
+            .await;
+        assert_eq!(status, 201, "{body}");
+        body["data"]["id"].as_str().expect("session id").to_owned()
+    }
+}
+
+/// Declares each listed `async fn name(backend: Backend)` as two tests,
+/// `name::sqlite` and `name::postgres`.
+#[macro_export]
+macro_rules! on_both_databases {
+    ($($name:ident),* $(,)?) => {
+        $(
+            mod $name {
+                #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+                async fn sqlite() {
+                    super::$name($crate::Backend::Sqlite).await;
+                }
+                #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+                async fn postgres() {
+                    super::$name($crate::Backend::Postgres).await;
+                }
+            }
+        )*
+    };
+}

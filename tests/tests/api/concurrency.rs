@@ -1,0 +1,218 @@
+//! The two concurrency rules of issue #2 and the outbox (invariants 2, 4, 5).
+
+use std::collections::HashSet;
+
+use livechat_core::{
+    ChatError, EventKind, OutboxRepository, PageSize, PresenceStatus, SessionStatus, TenantId,
+    UserId,
+};
+use livechat_tests::{App, Backend, on_both_databases};
+
+on_both_databases!(
+    twenty_concurrent_starts_yield_one_session,
+    fifty_concurrent_sends_get_seq_1_to_50,
+    concurrent_retries_of_one_key_store_one_message,
+    every_change_writes_one_outbox_event,
+);
+
+fn ids(tenant: i64, agent: i64) -> (TenantId, UserId) {
+    (TenantId::new(tenant).unwrap(), UserId::new(agent).unwrap())
+}
+
+async fn twenty_concurrent_starts_yield_one_session(backend: Backend) {
+    let app = App::new(backend).await;
+    let (tenant, agent) = ids(1, 7);
+    app.chat
+        .set_agent_status(tenant, agent, PresenceStatus::Online)
+        .await
+        .unwrap();
+    let tasks: Vec<_> = (0..20)
+        .map(|_| {
+            let chat = app.chat.clone();
+            tokio::spawn(async move { chat.start_session(tenant, agent, None).await })
+        })
+        .collect();
+    let results = futures::future::join_all(tasks).await;
+    let mut winners = Vec::new();
+    for r in results {
+        match r.unwrap() {
+            Ok(session) => winners.push(session),
+            Err(ChatError::ActiveSessionExists(_)) => {}
+            Err(other) => panic!("unexpected error: {other:?}"),
+        }
+    }
+    assert_eq!(winners.len(), 1, "exactly one start wins");
+    let open = app
+        .chat
+        .list_sessions(tenant, Some(SessionStatus::Open), Some(200))
+        .await
+        .unwrap();
+    assert_eq!(open.len(), 1);
+    assert_eq!(open[0].id, winners[0].id);
+    let all = app
+        .chat
+        .list_sessions(tenant, None, Some(200))
+        .await
+        .unwrap();
+    assert_eq!(all.len(), 1, "losers left no rows");
+}
+
+async fn fifty_concurrent_sends_get_seq_1_to_50(backend: Backend) {
+    let app = App::new(backend).await;
+    let (tenant, agent) = ids(1, 7);
+    app.chat
+        .set_agent_status(tenant, agent, PresenceStatus::Online)
+        .await
+        .unwrap();
+    let session = app.chat.start_session(tenant, agent, None).await.unwrap();
+    let tasks: Vec<_> = (0..50)
+        .map(|n| {
+            let chat = app.chat.clone();
+            tokio::spawn(async move {
+                chat.post_message(tenant, agent, session.id, format!("message {n}"), None)
+                    .await
+            })
+        })
+        .collect();
+    let mut seqs: Vec<i64> = futures::future::join_all(tasks)
+        .await
+        .into_iter()
+        .map(|r| r.unwrap().unwrap().message.seq)
+        .collect();
+    seqs.sort_unstable();
+    assert_eq!(seqs, (1..=50).collect::<Vec<_>>(), "no gap, no duplicate");
+    let stored = app
+        .chat
+        .list_messages(tenant, session.id, None, Some(200))
+        .await
+        .unwrap();
+    let stored_seqs: Vec<i64> = stored.iter().map(|m| m.seq).collect();
+    assert_eq!(
+        stored_seqs,
+        (1..=50).collect::<Vec<_>>(),
+        "read back ascending"
+    );
+    let texts: HashSet<&str> = stored.iter().map(|m| m.message.as_str()).collect();
+    assert_eq!(texts.len(), 50, "every message stored once");
+}
+
+async fn concurrent_retries_of_one_key_store_one_message(backend: Backend) {
+    let app = App::new(backend).await;
+    let (tenant, agent) = ids(1, 7);
+    app.chat
+        .set_agent_status(tenant, agent, PresenceStatus::Online)
+        .await
+        .unwrap();
+    let session = app.chat.start_session(tenant, agent, None).await.unwrap();
+    let tasks: Vec<_> = (0..10)
+        .map(|_| {
+            let chat = app.chat.clone();
+            tokio::spawn(async move {
+                chat.post_message(
+                    tenant,
+                    agent,
+                    session.id,
+                    "retry".into(),
+                    Some("k-1".into()),
+                )
+                .await
+            })
+        })
+        .collect();
+    let results: Vec<_> = futures::future::join_all(tasks)
+        .await
+        .into_iter()
+        .map(|r| r.unwrap().unwrap())
+        .collect();
+    assert_eq!(results.iter().filter(|r| r.created).count(), 1);
+    assert!(
+        results
+            .iter()
+            .all(|r| r.message.id == results[0].message.id && r.message.seq == 1)
+    );
+    let stored = app
+        .chat
+        .list_messages(tenant, session.id, None, None)
+        .await
+        .unwrap();
+    assert_eq!(stored.len(), 1);
+}
+
+async fn every_change_writes_one_outbox_event(backend: Backend) {
+    let app = App::new(backend).await;
+    let (tenant, agent) = ids(1, 7);
+    app.chat
+        .set_agent_status(tenant, agent, PresenceStatus::Online)
+        .await
+        .unwrap();
+    let session = app.chat.start_session(tenant, agent, None).await.unwrap();
+    let m = app
+        .chat
+        .post_message(tenant, agent, session.id, "hi".into(), Some("k".into()))
+        .await
+        .unwrap();
+    // Refused or repeated requests write nothing.
+    app.chat
+        .post_message(tenant, agent, session.id, "hi".into(), Some("k".into()))
+        .await
+        .unwrap();
+    assert!(
+        app.chat
+            .post_message(tenant, agent, session.id, " ".into(), None)
+            .await
+            .is_err()
+    );
+    assert!(app.chat.start_session(tenant, agent, None).await.is_err());
+    app.chat
+        .close_session(tenant, agent, session.id)
+        .await
+        .unwrap();
+    app.chat
+        .close_session(tenant, agent, session.id)
+        .await
+        .unwrap();
+    assert!(
+        app.chat
+            .post_message(tenant, agent, session.id, "late".into(), None)
+            .await
+            .is_err()
+    );
+
+    let page = PageSize::parse(Some(200), app.chat.config()).unwrap();
+    let events = app
+        .chat
+        .store()
+        .list_events(tenant, None, page)
+        .await
+        .unwrap();
+    let kinds: Vec<EventKind> = events.iter().map(|e| e.kind).collect();
+    assert_eq!(
+        kinds,
+        vec![
+            EventKind::AgentStatusChanged,
+            EventKind::SessionStarted,
+            EventKind::MessagePosted,
+            EventKind::SessionClosed,
+        ]
+    );
+    assert_eq!(events[1].session_id, Some(session.id));
+    assert_eq!(events[2].payload["seq"], 1);
+    assert_eq!(events[2].payload["id"], m.message.id.to_string());
+    assert_eq!(events[3].payload["status"], "CLOSED");
+    assert_eq!(events[3].payload["closed_by"], 7);
+    // Paging after an event id, and other tenants see none of them.
+    let rest = app
+        .chat
+        .store()
+        .list_events(tenant, Some(events[1].id), page)
+        .await
+        .unwrap();
+    assert_eq!(rest.len(), 2);
+    let other = app
+        .chat
+        .store()
+        .list_events(TenantId::new(2).unwrap(), None, page)
+        .await
+        .unwrap();
+    assert!(other.is_empty());
+}

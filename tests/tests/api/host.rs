@@ -1,0 +1,162 @@
+//! The example host: login with seeded users, health, OpenAPI, unknown
+//! routes, and the library on a connection the host opened itself.
+
+use livechat_tests::{App, Backend, TestDb, on_both_databases};
+use poem::http::Method;
+use serde_json::json;
+
+on_both_databases!(
+    seeded_login_drives_the_library,
+    migrations_on_a_host_connection
+);
+
+async fn seeded_login_drives_the_library(backend: Backend) {
+    let test_db = TestDb::new(backend).await;
+    // Seeding twice is idempotent.
+    livechat_example_server::prepare_database(&test_db.url)
+        .await
+        .unwrap();
+    let db = livechat_example_server::prepare_database(&test_db.url)
+        .await
+        .unwrap();
+    let secret = "host-secret";
+    let client = poem::test::TestClient::new(livechat_example_server::app(db, secret));
+
+    let login = |email: &'static str, password: &'static str| {
+        client
+            .post("/auth/login")
+            .body_json(&json!({"email": email, "password": password}))
+            .send()
+    };
+    let (code, body) = App::decode(login("agent1@livechat.com", "password").await).await;
+    assert_eq!(code, 200, "{body}");
+    assert!(body["expires_in"].as_u64().unwrap() > 0);
+    let token = body["access_token"].as_str().unwrap().to_owned();
+    let agent_id = body["user"]["id"].as_i64().unwrap();
+
+    for (email, password) in [
+        ("agent1@livechat.com", "wrong"),
+        ("nobody@livechat.com", "password"),
+    ] {
+        let (code, body) = App::decode(login(email, password).await).await;
+        assert_eq!(
+            (code.as_u16(), body["error"]["code"].as_str()),
+            (401, Some("invalid_credentials"))
+        );
+    }
+    let resp = client
+        .post("/auth/login")
+        .content_type("application/json")
+        .body("{")
+        .send()
+        .await;
+    let (code, body) = App::decode(resp).await;
+    assert_eq!(code, 400, "{body}");
+    assert!(body["error"]["code"].is_string());
+
+    // The login token drives the library.
+    let call = |method: Method, path: &str, body: Option<serde_json::Value>| {
+        let mut req = client
+            .request(method, path)
+            .header("Authorization", format!("Bearer {token}"))
+            .header("X-Tenant-ID", "1");
+        if let Some(b) = body {
+            req = req.body_json(&b);
+        }
+        req.send()
+    };
+    let (code, _) = App::decode(
+        call(
+            Method::PUT,
+            "/livechat/agents/me/status",
+            Some(json!({"status": "online"})),
+        )
+        .await,
+    )
+    .await;
+    assert_eq!(code, 200);
+    let (code, s) =
+        App::decode(call(Method::POST, "/livechat/sessions", Some(json!({}))).await).await;
+    assert_eq!(code, 201, "{s}");
+    assert_eq!(s["data"]["agent_id"], agent_id);
+
+    let (code, health) = App::decode(client.get("/health").send().await).await;
+    assert_eq!(code, 200);
+    assert_eq!(health["status"], "ok");
+
+    // The OpenAPI document lists every route and its error responses.
+    let (code, spec) = App::decode(client.get("/openapi.json").send().await).await;
+    assert_eq!(code, 200);
+    assert_eq!(spec["servers"][0]["url"], "/livechat");
+    for (path, method) in [
+        ("/agents/me/status", "put"),
+        ("/sessions", "post"),
+        ("/sessions", "get"),
+        ("/sessions/{id}", "get"),
+        ("/sessions/{id}/close", "post"),
+        ("/sessions/{id}/messages", "post"),
+        ("/sessions/{id}/messages", "get"),
+    ] {
+        let op = &spec["paths"][path][method];
+        assert!(op.is_object(), "{method} {path} missing from the spec");
+        for status in ["400", "401", "403", "404", "413", "500"] {
+            assert!(
+                op["responses"][status].is_object(),
+                "{method} {path} lacks {status}"
+            );
+        }
+    }
+    let docs = client.get("/docs").send().await;
+    docs.assert_status_is_ok();
+
+    // Unknown routes and methods answer in the envelope too.
+    let (code, body) = App::decode(call(Method::GET, "/livechat/nope", None).await).await;
+    assert_eq!(
+        (code.as_u16(), body["error"]["code"].as_str()),
+        (404, Some("not_found"))
+    );
+    let (code, body) = App::decode(call(Method::DELETE, "/livechat/sessions", None).await).await;
+    assert_eq!(
+        (code.as_u16(), body["error"]["code"].as_str()),
+        (405, Some("method_not_allowed"))
+    );
+}
+
+/// A host runs our migrator on a connection it opened itself and hands the
+/// store that connection.
+async fn migrations_on_a_host_connection(backend: Backend) {
+    use livechat_core::store::{Migrator, SeaOrmStore};
+    use livechat_core::{ChatConfig, ChatService, PresenceStatus, TenantId, UserId};
+    use sea_orm_migration::MigratorTrait;
+
+    let test_db = TestDb::new(backend).await;
+    let db = sea_orm::Database::connect(test_db.url.as_str())
+        .await
+        .unwrap();
+    Migrator::up(&db, None).await.unwrap();
+    Migrator::up(&db, None).await.unwrap(); // already applied: no-op
+    let chat = ChatService::new(
+        SeaOrmStore::new(db),
+        ChatConfig {
+            max_message_chars: 5,
+            ..ChatConfig::default()
+        },
+    );
+    let (t, a) = (TenantId::new(3).unwrap(), UserId::new(4).unwrap());
+    chat.set_agent_status(t, a, PresenceStatus::Online)
+        .await
+        .unwrap();
+    let s = chat.start_session(t, a, None).await.unwrap();
+    assert_eq!(
+        chat.post_message(t, a, s.id, "12345".into(), None)
+            .await
+            .unwrap()
+            .message
+            .seq,
+        1
+    );
+    assert!(matches!(
+        chat.post_message(t, a, s.id, "123456".into(), None).await,
+        Err(livechat_core::ChatError::MessageTooLong { max: 5 })
+    ));
+}

@@ -1,0 +1,356 @@
+//! Presence and session routes: every row of the issue #2 table.
+
+use livechat_tests::{App, Backend, on_both_databases};
+use poem::http::Method;
+use serde_json::{Value, json};
+
+on_both_databases!(
+    status_route_accepts_the_four_statuses,
+    status_route_rejects_bad_bodies,
+    start_requires_an_online_agent,
+    start_for_caller_or_named_agent,
+    one_open_session_per_agent,
+    start_rejects_bad_agent_ids,
+    list_sessions_newest_first_with_filters,
+    get_session_and_not_found,
+    close_is_idempotent,
+);
+
+fn assert_rfc3339(v: &Value) {
+    let s = v.as_str().unwrap_or_else(|| panic!("not a string: {v}"));
+    let t = chrono::DateTime::parse_from_rfc3339(s).unwrap_or_else(|e| panic!("{s}: {e}"));
+    assert_eq!(t.offset().local_minus_utc(), 0, "{s} is not UTC");
+}
+
+async fn status_route_accepts_the_four_statuses(backend: Backend) {
+    let app = App::new(backend).await;
+    for status in ["online", "away", "busy", "offline"] {
+        let (code, body) = app
+            .agent_call(
+                Method::PUT,
+                "/livechat/agents/me/status",
+                7,
+                1,
+                Some(json!({"status": status})),
+            )
+            .await;
+        assert_eq!(code, 200, "{body}");
+        assert_eq!(body["data"]["agent_id"], 7);
+        assert_eq!(body["data"]["status"], status);
+        assert_rfc3339(&body["data"]["updated_at"]);
+    }
+}
+
+async fn status_route_rejects_bad_bodies(backend: Backend) {
+    let app = App::new(backend).await;
+    app.go_online(7, 1).await;
+    for bad in [
+        json!({"status": "sleeping"}),
+        json!({}),
+        json!({"status": 1}),
+        json!([]),
+    ] {
+        let (code, body) = app
+            .agent_call(
+                Method::PUT,
+                "/livechat/agents/me/status",
+                7,
+                1,
+                Some(bad.clone()),
+            )
+            .await;
+        assert_eq!(code, 400, "{bad}: {body}");
+        assert_eq!(body["error"]["code"], "invalid_body", "{bad}");
+    }
+    // Malformed JSON.
+    let resp = app
+        .client
+        .put("/livechat/agents/me/status")
+        .header("Authorization", format!("Bearer {}", App::agent(7)))
+        .header("X-Tenant-ID", "1")
+        .content_type("application/json")
+        .body("{\"status\": ")
+        .send()
+        .await;
+    let (code, body) = App::decode(resp).await;
+    assert_eq!(code, 400);
+    assert_eq!(body["error"]["code"], "invalid_body");
+    // Nothing stored was lost: the agent is still online and can start a chat.
+    let (code, _) = app
+        .agent_call(Method::POST, "/livechat/sessions", 7, 1, Some(json!({})))
+        .await;
+    assert_eq!(code, 201);
+}
+
+async fn start_requires_an_online_agent(backend: Backend) {
+    let app = App::new(backend).await;
+    // Never set a status.
+    let (code, body) = app
+        .agent_call(Method::POST, "/livechat/sessions", 7, 1, Some(json!({})))
+        .await;
+    assert_eq!(code, 400, "{body}");
+    assert_eq!(body["error"]["code"], "agent_offline");
+    // Any status other than online is refused too.
+    for status in ["away", "busy", "offline"] {
+        app.agent_call(
+            Method::PUT,
+            "/livechat/agents/me/status",
+            7,
+            1,
+            Some(json!({"status": status})),
+        )
+        .await;
+        let (code, body) = app
+            .agent_call(Method::POST, "/livechat/sessions", 7, 1, Some(json!({})))
+            .await;
+        assert_eq!(
+            (code.as_u16(), body["error"]["code"].as_str()),
+            (400, Some("agent_offline"))
+        );
+    }
+    let (_, list) = app
+        .agent_call(Method::GET, "/livechat/sessions", 7, 1, None)
+        .await;
+    assert_eq!(list["data"].as_array().unwrap().len(), 0);
+}
+
+async fn start_for_caller_or_named_agent(backend: Backend) {
+    let app = App::new(backend).await;
+    app.go_online(7, 1).await;
+    let (code, body) = app
+        .agent_call(Method::POST, "/livechat/sessions", 7, 1, Some(json!({})))
+        .await;
+    assert_eq!(code, 201, "{body}");
+    let s = &body["data"];
+    assert_eq!(s["tenant_id"], 1);
+    assert_eq!(s["agent_id"], 7);
+    assert_eq!(s["status"], "OPEN");
+    assert_eq!(s["closed_at"], Value::Null);
+    assert_rfc3339(&s["created_at"]);
+    assert_rfc3339(&s["updated_at"]);
+    let id = uuid::Uuid::parse_str(s["id"].as_str().unwrap()).unwrap();
+    assert_eq!(id.get_version_num(), 7, "session ids are UUIDv7");
+
+    // Agent 7 starts a session for agent 8, who is online.
+    app.go_online(8, 1).await;
+    let (code, body) = app
+        .agent_call(
+            Method::POST,
+            "/livechat/sessions",
+            7,
+            1,
+            Some(json!({"agent_id": 8})),
+        )
+        .await;
+    assert_eq!(code, 201, "{body}");
+    assert_eq!(body["data"]["agent_id"], 8);
+    // Agent 9 is offline.
+    let (code, body) = app
+        .agent_call(
+            Method::POST,
+            "/livechat/sessions",
+            7,
+            1,
+            Some(json!({"agent_id": 9})),
+        )
+        .await;
+    assert_eq!(
+        (code.as_u16(), body["error"]["code"].as_str()),
+        (400, Some("agent_offline"))
+    );
+}
+
+async fn one_open_session_per_agent(backend: Backend) {
+    let app = App::new(backend).await;
+    let first = app.open_session(7, 1).await;
+    let (code, body) = app
+        .agent_call(Method::POST, "/livechat/sessions", 7, 1, Some(json!({})))
+        .await;
+    assert_eq!(code, 400);
+    assert_eq!(body["error"]["code"], "active_session_exists");
+    assert!(body["error"]["message"].as_str().unwrap().contains(&first));
+    // After closing, a new one may start.
+    let (code, _) = app
+        .agent_call(
+            Method::POST,
+            &format!("/livechat/sessions/{first}/close"),
+            7,
+            1,
+            None,
+        )
+        .await;
+    assert_eq!(code, 200);
+    let (code, body) = app
+        .agent_call(Method::POST, "/livechat/sessions", 7, 1, Some(json!({})))
+        .await;
+    assert_eq!(code, 201, "{body}");
+    assert_ne!(body["data"]["id"], first.as_str());
+}
+
+async fn start_rejects_bad_agent_ids(backend: Backend) {
+    let app = App::new(backend).await;
+    app.go_online(7, 1).await;
+    for bad in [
+        json!({"agent_id": 0}),
+        json!({"agent_id": -4}),
+        json!({"agent_id": "x"}),
+        json!({"agent_id": 1.5}),
+    ] {
+        let (code, body) = app
+            .agent_call(Method::POST, "/livechat/sessions", 7, 1, Some(bad.clone()))
+            .await;
+        assert_eq!(code, 400, "{bad}: {body}");
+        assert_eq!(body["error"]["code"], "invalid_body", "{bad}");
+    }
+    // No body at all.
+    let resp = app
+        .client
+        .post("/livechat/sessions")
+        .header("Authorization", format!("Bearer {}", App::agent(7)))
+        .header("X-Tenant-ID", "1")
+        .send()
+        .await;
+    let (code, body) = App::decode(resp).await;
+    assert_eq!(
+        (code.as_u16(), body["error"]["code"].as_str()),
+        (400, Some("invalid_body"))
+    );
+}
+
+async fn list_sessions_newest_first_with_filters(backend: Backend) {
+    let app = App::new(backend).await;
+    let mut ids = Vec::new();
+    for agent in 1..=4 {
+        ids.push(app.open_session(agent, 1).await);
+    }
+    app.agent_call(
+        Method::POST,
+        &format!("/livechat/sessions/{}/close", ids[1]),
+        1,
+        1,
+        None,
+    )
+    .await;
+
+    let (code, body) = app
+        .agent_call(Method::GET, "/livechat/sessions", 1, 1, None)
+        .await;
+    assert_eq!(code, 200);
+    let got: Vec<&str> = body["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| s["id"].as_str().unwrap())
+        .collect();
+    let newest_first: Vec<&str> = ids.iter().rev().map(String::as_str).collect();
+    assert_eq!(got, newest_first);
+
+    let (_, open) = app
+        .agent_call(Method::GET, "/livechat/sessions?status=OPEN", 1, 1, None)
+        .await;
+    let open: Vec<&str> = open["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| s["id"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        open,
+        vec![ids[3].as_str(), ids[2].as_str(), ids[0].as_str()]
+    );
+
+    let (_, closed) = app
+        .agent_call(Method::GET, "/livechat/sessions?status=CLOSED", 1, 1, None)
+        .await;
+    assert_eq!(closed["data"].as_array().unwrap().len(), 1);
+    assert_eq!(closed["data"][0]["id"], ids[1].as_str());
+
+    let (_, two) = app
+        .agent_call(Method::GET, "/livechat/sessions?limit=2", 1, 1, None)
+        .await;
+    let two: Vec<&str> = two["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| s["id"].as_str().unwrap())
+        .collect();
+    assert_eq!(two, vec![ids[3].as_str(), ids[2].as_str()]);
+
+    for bad in [
+        "status=open",
+        "status=WAITING_X",
+        "limit=0",
+        "limit=201",
+        "limit=abc",
+        "limit=-1",
+    ] {
+        let (code, body) = app
+            .agent_call(
+                Method::GET,
+                &format!("/livechat/sessions?{bad}"),
+                1,
+                1,
+                None,
+            )
+            .await;
+        assert_eq!(code, 400, "{bad}: {body}");
+        assert_eq!(body["error"]["code"], "invalid_query", "{bad}");
+    }
+    let (code, _) = app
+        .agent_call(Method::GET, "/livechat/sessions?limit=200", 1, 1, None)
+        .await;
+    assert_eq!(code, 200);
+}
+
+async fn get_session_and_not_found(backend: Backend) {
+    let app = App::new(backend).await;
+    let id = app.open_session(7, 1).await;
+    let (code, body) = app
+        .agent_call(Method::GET, &format!("/livechat/sessions/{id}"), 7, 1, None)
+        .await;
+    assert_eq!(code, 200);
+    assert_eq!(body["data"]["id"], id.as_str());
+    assert_eq!(body["data"]["status"], "OPEN");
+
+    let unknown = uuid::Uuid::now_v7();
+    for path in [
+        format!("/livechat/sessions/{unknown}"),
+        "/livechat/sessions/not-a-uuid".to_owned(),
+        "/livechat/sessions/123".to_owned(),
+    ] {
+        let (code, body) = app.agent_call(Method::GET, &path, 7, 1, None).await;
+        assert_eq!(code, 404, "{path}: {body}");
+        assert_eq!(body["error"]["code"], "not_found");
+    }
+}
+
+async fn close_is_idempotent(backend: Backend) {
+    let app = App::new(backend).await;
+    let id = app.open_session(7, 1).await;
+    let path = format!("/livechat/sessions/{id}/close");
+    let (code, first) = app.agent_call(Method::POST, &path, 7, 1, None).await;
+    assert_eq!(code, 200, "{first}");
+    assert_eq!(first["data"]["status"], "CLOSED");
+    assert_rfc3339(&first["data"]["closed_at"]);
+    let (code, second) = app.agent_call(Method::POST, &path, 7, 1, None).await;
+    assert_eq!(code, 200);
+    assert_eq!(second, first, "closing again changes nothing");
+
+    let (code, body) = app
+        .agent_call(
+            Method::POST,
+            &format!("/livechat/sessions/{}/close", uuid::Uuid::now_v7()),
+            7,
+            1,
+            None,
+        )
+        .await;
+    assert_eq!(
+        (code.as_u16(), body["error"]["code"].as_str()),
+        (404, Some("not_found"))
+    );
+    let (code, _) = app
+        .agent_call(Method::POST, "/livechat/sessions/garbage/close", 7, 1, None)
+        .await;
+    assert_eq!(code, 404);
+}

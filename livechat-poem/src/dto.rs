@@ -3,7 +3,6 @@
 
 use chrono::{DateTime, Utc};
 use livechat_core::{AgentPresence, ChatMessage, ChatSession, PresenceStatus, SessionStatus};
-use poem_openapi::types::Type as _;
 use poem_openapi::{Enum, Object};
 use uuid::Uuid;
 

@@ -1,4 +1,6 @@
-//! Tunables of the chat rules, with the defaults of issue #2.
+//! Tunables of the chat rules, with the defaults of issues #2 and #3.
+
+use std::time::Duration;
 
 /// Limits applied by [`ChatService`](crate::ChatService).
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -10,6 +12,8 @@ pub struct ChatConfig {
     pub default_page_size: u64,
     /// Largest accepted `limit`. Default 200.
     pub max_page_size: u64,
+    /// Routing parameters.
+    pub routing: RoutingPolicy,
 }
 
 impl Default for ChatConfig {
@@ -18,6 +22,28 @@ impl Default for ChatConfig {
             max_message_chars: 10_000,
             default_page_size: 50,
             max_page_size: 200,
+            routing: RoutingPolicy::default(),
+        }
+    }
+}
+
+/// Parameters of eligibility and routing (DESIGN.md invariant 3, issue #3).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RoutingPolicy {
+    /// Maximum OPEN sessions per agent when the tenant set none. Default 5.
+    pub default_capacity: i64,
+    /// How long an agent's last heartbeat (status change, heartbeat call or
+    /// live connection) keeps them eligible. `None` (the default) counts the
+    /// chosen status alone, for hosts without a real-time connection that
+    /// refreshes presence.
+    pub presence_ttl: Option<Duration>,
+}
+
+impl Default for RoutingPolicy {
+    fn default() -> Self {
+        Self {
+            default_capacity: 5,
+            presence_ttl: None,
         }
     }
 }

@@ -16,9 +16,29 @@ pub enum ChatError {
     #[error("{0}")]
     InvalidId(&'static str),
     /// The agent's chosen status is not `online`, so no session may be
-    /// started for them (issue #2).
+    /// started for them (issue #2). The request was kept as a ticket
+    /// addressed to the agent (issue #3); its id is carried.
+    #[error("agent {agent} is not online")]
+    AgentOffline {
+        /// The agent asked for.
+        agent: crate::UserId,
+        /// The ticket that keeps the request.
+        ticket_id: crate::TicketId,
+    },
+    /// A claim found the session already assigned (or no longer waiting).
+    #[error("session is already assigned")]
+    AlreadyAssigned,
+    /// The target agent of an assignment is not online.
     #[error("agent {0} is not online")]
-    AgentOffline(crate::UserId),
+    AgentNotOnline(crate::UserId),
+    /// A field of a request is invalid (topic, contact, department,
+    /// capacity…); the message names it.
+    #[error("{0}")]
+    InvalidInput(String),
+    /// A visitor link or customer credential does not fit (e.g. the visitor
+    /// belongs to another tenant).
+    #[error("{0}")]
+    InvalidCustomer(&'static str),
     /// The agent already has an OPEN agent-started session in this tenant
     /// (DESIGN.md invariant 2). Carries the existing session's id when it
     /// was still open right after the refusal.

@@ -9,7 +9,8 @@
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 
-use crate::ids::{EventId, SessionId, TenantId};
+use crate::ids::{CustomerId, EventId, SessionId, TenantId, TicketId, UserId};
+use crate::model::{ChatMessage, Contact, Priority};
 
 /// What happened.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
@@ -18,10 +19,25 @@ pub enum EventKind {
     /// A session was started; payload: the [`ChatSession`](crate::ChatSession).
     #[serde(rename = "session.started")]
     SessionStarted,
+    /// A session got an agent (routing, queue drain, claim or transfer);
+    /// payload: the [`ChatSession`](crate::ChatSession) after the change.
+    #[serde(rename = "session.assigned")]
+    SessionAssigned,
+    /// A customer changed the session's contact details; payload: the session.
+    #[serde(rename = "session.updated")]
+    SessionUpdated,
+    /// No eligible agent could take a request, so a ticket must open;
+    /// payload: [`TicketRequested`].
+    #[serde(rename = "ticket.requested")]
+    TicketRequested,
+    /// A visitor was linked to an identified customer; payload:
+    /// `{"visitor_id", "customer_id"}`.
+    #[serde(rename = "customer.linked")]
+    CustomerLinked,
     /// A session went to CLOSED; payload: the closed session plus `closed_by`.
     #[serde(rename = "session.closed")]
     SessionClosed,
-    /// A message was stored; payload: the [`ChatMessage`](crate::ChatMessage).
+    /// A message was stored; payload: [`MessagePosted`].
     #[serde(rename = "message.posted")]
     MessagePosted,
     /// An agent chose a new status; payload: the
@@ -36,6 +52,10 @@ impl EventKind {
     pub const fn as_str(self) -> &'static str {
         match self {
             Self::SessionStarted => "session.started",
+            Self::SessionAssigned => "session.assigned",
+            Self::SessionUpdated => "session.updated",
+            Self::TicketRequested => "ticket.requested",
+            Self::CustomerLinked => "customer.linked",
             Self::SessionClosed => "session.closed",
             Self::MessagePosted => "message.posted",
             Self::AgentStatusChanged => "agent.status_changed",
@@ -47,6 +67,10 @@ impl EventKind {
     pub fn parse(s: &str) -> Option<Self> {
         [
             Self::SessionStarted,
+            Self::SessionAssigned,
+            Self::SessionUpdated,
+            Self::TicketRequested,
+            Self::CustomerLinked,
             Self::SessionClosed,
             Self::MessagePosted,
             Self::AgentStatusChanged,
@@ -71,4 +95,55 @@ pub struct DomainEvent {
     pub payload: serde_json::Value,
     /// Commit time of the change (UTC, microseconds).
     pub created_at: DateTime<Utc>,
+}
+
+/// Why a ticket was requested.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum TicketReason {
+    /// A customer started a chat while no agent of the tenant was online.
+    NoAgentOnline,
+    /// An agent-started chat named an agent who is not online.
+    AgentOffline,
+}
+
+/// Payload of [`EventKind::TicketRequested`]: everything a ticket system
+/// needs to open the ticket under [`TicketRequested::ticket_id`].
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TicketRequested {
+    /// The id the ticket must get (allocated with the request).
+    pub ticket_id: TicketId,
+    /// Owning tenant.
+    pub tenant_id: TenantId,
+    /// Why.
+    pub reason: TicketReason,
+    /// The waiting session, for customer chats.
+    pub session_id: Option<SessionId>,
+    /// The customer to notify, for customer chats.
+    pub customer_id: Option<CustomerId>,
+    /// The agent the request is addressed to (agent-started chats).
+    pub agent_id: Option<UserId>,
+    /// Who asked (the calling agent for agent-started chats).
+    pub requested_by: Option<UserId>,
+    /// The customer's topic.
+    pub topic: Option<String>,
+    /// Queue priority.
+    pub priority: Priority,
+    /// Contact details given at start.
+    pub contact: Option<Contact>,
+    /// The first message, when given at start.
+    pub first_message: Option<String>,
+}
+
+/// Payload of [`EventKind::MessagePosted`]: the message plus what
+/// consumers need to route a notification without reading the session.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MessagePosted {
+    /// The stored message.
+    #[serde(flatten)]
+    pub message: ChatMessage,
+    /// The session's customer, for customer chats.
+    pub session_customer_id: Option<CustomerId>,
+    /// The session's ticket, if it was ticketed.
+    pub ticket_id: Option<TicketId>,
 }

@@ -144,6 +144,21 @@ uuid_id!(
     /// A domain event in the outbox (UUIDv7); consumers use it as idempotency key.
     EventId
 );
+uuid_id!(
+    /// A customer of a tenant: an identified host user or an anonymous
+    /// visitor (UUIDv7).
+    CustomerId
+);
+uuid_id!(
+    /// A ticket, allocated in the transaction that found no eligible agent
+    /// and materialized by the ticket sink under the same id (UUIDv7).
+    TicketId
+);
+uuid_id!(
+    /// A customer notification (UUIDv7; equal to the id of the event that
+    /// caused it, which makes delivery idempotent).
+    NotificationId
+);
 
 #[cfg(test)]
 mod tests {

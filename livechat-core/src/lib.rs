@@ -29,22 +29,29 @@ mod config;
 mod error;
 mod events;
 mod ids;
+mod inbox;
 mod model;
+mod outbox;
 mod repository;
 mod service;
 pub mod store;
 mod validate;
 
-pub use config::ChatConfig;
+pub use config::{ChatConfig, RoutingPolicy};
 pub use error::ChatError;
-pub use events::{DomainEvent, EventKind};
-pub use ids::{EventId, MessageId, SessionId, TenantId, UserId};
+pub use events::{DomainEvent, EventKind, MessagePosted, TicketReason, TicketRequested};
+pub use ids::{
+    CustomerId, EventId, MessageId, NotificationId, SessionId, TenantId, TicketId, UserId,
+};
+pub use inbox::{Notification, NotificationInbox, Ticket, TicketDirectory, TicketStatus};
 pub use model::{
-    AgentPresence, ChatMessage, ChatSession, PresenceStatus, SessionOrigin, SessionStatus, now,
+    AgentPresence, ChatMessage, ChatSession, Contact, Customer, CustomerIdentity, PresenceStatus,
+    Priority, Sender, SenderType, SessionOrigin, SessionStatus, SessionView, now,
 };
+pub use outbox::{OutboxConsumer, PendingEvent};
 pub use repository::{
-    AppendedMessage, ChatStore, MessageRepository, OutboxRepository, PresenceRepository,
-    SessionRepository,
+    AppendedMessage, AssignMode, ChatStore, CustomerChatStarted, CustomerRepository, EligibleAgent,
+    MessageRepository, NewCustomerChat, OutboxRepository, PresenceRepository, SessionRepository,
 };
-pub use service::ChatService;
-pub use validate::{ClientMsgId, MessageBody, PageSize};
+pub use service::{ChatService, ContactInput, CustomerChatRequest, HistoryPage};
+pub use validate::{ClientMsgId, MessageBody, PageSize, Topic, parse_department};

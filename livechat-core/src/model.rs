@@ -3,8 +3,9 @@
 
 use chrono::{DateTime, SubsecRound, Utc};
 use serde::{Deserialize, Serialize};
+use uuid::Uuid;
 
-use crate::ids::{MessageId, SessionId, TenantId, UserId};
+use crate::ids::{CustomerId, MessageId, SessionId, TenantId, TicketId, UserId};
 
 /// The current time truncated to microseconds: the precision both databases
 /// keep, so a value read back equals the value written.
@@ -13,59 +14,182 @@ pub fn now() -> DateTime<Utc> {
     Utc::now().trunc_subsecs(6)
 }
 
-/// Lifecycle of a chat session.
-///
-/// `OPEN → CLOSED` for agent-started chats (issue #2). Customer-started chats
-/// add a `WAITING` state before `OPEN`; the type is non-exhaustive for it.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
-#[serde(rename_all = "SCREAMING_SNAKE_CASE")]
-#[non_exhaustive]
-pub enum SessionStatus {
-    /// Messages may be posted.
-    Open,
-    /// Ended; read-only.
-    Closed,
+macro_rules! wire_enum {
+    ($(#[$doc:meta])* $name:ident { $($(#[$vdoc:meta])* $variant:ident = $text:literal),* $(,)? }) => {
+        $(#[$doc])*
+        #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+        pub enum $name {
+            $($(#[$vdoc])* #[serde(rename = $text)] $variant),*
+        }
+
+        impl $name {
+            /// Every value, in declaration order.
+            pub const ALL: &'static [Self] = &[$(Self::$variant),*];
+
+            /// The stored and wire form.
+            #[must_use]
+            pub const fn as_str(self) -> &'static str {
+                match self {
+                    $(Self::$variant => $text),*
+                }
+            }
+
+            /// Parses the stored and wire form; `None` for anything else.
+            #[must_use]
+            pub fn parse(s: &str) -> Option<Self> {
+                match s {
+                    $($text => Some(Self::$variant),)*
+                    _ => None,
+                }
+            }
+        }
+    };
 }
 
-impl SessionStatus {
-    /// The stored and wire form: `OPEN`, `CLOSED`.
+wire_enum!(
+    /// Lifecycle of a chat session: `WAITING → OPEN → CLOSED` for
+    /// customer-started chats (issue #3), `OPEN → CLOSED` for agent-started
+    /// ones (issue #2). A WAITING session may also close.
+    SessionStatus {
+        /// Queued for an agent.
+        Waiting = "WAITING",
+        /// Assigned to an agent; messages flow.
+        Open = "OPEN",
+        /// Ended; read-only.
+        Closed = "CLOSED",
+    }
+);
+
+wire_enum!(
+    /// Who started a session; decides which "one active session" rule
+    /// applies (DESIGN.md invariant 2).
+    SessionOrigin {
+        /// Started by a support agent (`POST /livechat/sessions`): one OPEN
+        /// per (tenant, agent).
+        Agent = "agent",
+        /// Started by a customer (`POST /livechat/customer/chats`): one
+        /// WAITING-or-OPEN per (tenant, customer).
+        Customer = "customer",
+    }
+);
+
+wire_enum!(
+    /// Queue priority of a customer chat; the queue drains highest first,
+    /// then oldest (issue #3).
+    Priority {
+        /// Lowest.
+        Low = "low",
+        /// Default.
+        Normal = "normal",
+        /// Before normal.
+        High = "high",
+        /// First.
+        Urgent = "urgent",
+    }
+);
+
+impl Priority {
+    /// Sort key: higher drains first.
     #[must_use]
-    pub const fn as_str(self) -> &'static str {
+    pub const fn rank(self) -> i32 {
         match self {
-            Self::Open => "OPEN",
-            Self::Closed => "CLOSED",
+            Self::Low => 1,
+            Self::Normal => 2,
+            Self::High => 3,
+            Self::Urgent => 4,
         }
     }
 
-    /// Parses the stored and wire form; `None` for anything else.
+    /// The priority of a stored rank.
     #[must_use]
-    pub fn parse(s: &str) -> Option<Self> {
-        match s {
-            "OPEN" => Some(Self::Open),
-            "CLOSED" => Some(Self::Closed),
-            _ => None,
-        }
+    pub fn from_rank(rank: i32) -> Option<Self> {
+        Self::ALL.iter().copied().find(|p| p.rank() == rank)
     }
 }
 
-/// Who started a session. Decides which "one active session" rule applies
-/// (DESIGN.md invariant 2).
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-#[non_exhaustive]
-pub enum SessionOrigin {
-    /// Started by a support agent (`POST /livechat/sessions`).
-    Agent,
+wire_enum!(
+    /// Who wrote a message.
+    SenderType {
+        /// A support agent (`sender_id` is their user id).
+        Agent = "agent",
+        /// The session's customer (`sender_id` is their host user id when
+        /// identified, `null` for a visitor).
+        Customer = "customer",
+        /// The library itself (e.g. a link merged two conversations).
+        System = "system",
+    }
+);
+
+wire_enum!(
+    /// An agent's chosen availability (issue #2). Liveness and capacity are
+    /// combined with it into eligibility (DESIGN.md invariant 3).
+    PresenceStatus {
+        /// Available for chats.
+        Online = "online",
+        /// Away from the desk.
+        Away = "away",
+        /// Working, not taking new chats.
+        Busy = "busy",
+        /// Signed off.
+        Offline = "offline",
+    }
+);
+
+/// The author of a message.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Sender {
+    /// A support agent.
+    Agent(UserId),
+    /// The session's customer.
+    Customer(CustomerId),
+    /// The library.
+    System,
 }
 
-impl SessionOrigin {
-    /// The stored form.
-    #[must_use]
-    pub const fn as_str(self) -> &'static str {
-        match self {
-            Self::Agent => "agent",
-        }
-    }
+/// Per-session contact details given by the customer (seed 001: name and
+/// e-mail required, the rest optional). Validated by
+/// [`Contact::parse`](crate::Contact::parse).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Contact {
+    /// 1–200 characters.
+    pub name: String,
+    /// A syntactically valid address, at most 254 characters.
+    pub email: String,
+    /// Up to 50 characters.
+    pub phone: Option<String>,
+    /// Up to 200 characters.
+    pub position: Option<String>,
+    /// Up to 200 characters.
+    pub company: Option<String>,
+}
+
+/// A customer of a tenant.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Customer {
+    /// UUIDv7.
+    pub id: CustomerId,
+    /// Owning tenant.
+    pub tenant_id: TenantId,
+    /// The host user, for identified customers.
+    pub user_id: Option<UserId>,
+    /// The browser's self-generated id, for anonymous visitors.
+    pub browser_uuid: Option<Uuid>,
+    /// Set on a visitor linked to an identified customer: its sessions moved
+    /// there and its token now acts as that customer.
+    pub linked_to: Option<CustomerId>,
+    /// First seen (UTC).
+    pub created_at: DateTime<Utc>,
+}
+
+/// How a customer is recognized when starting a chat.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum CustomerIdentity {
+    /// An identified host user (Bearer token or identity hash).
+    User(UserId),
+    /// An anonymous visitor by the UUID their browser generated.
+    Visitor(Uuid),
+    /// A customer already known (from a visitor token).
+    Known(CustomerId),
 }
 
 /// A conversation in one tenant.
@@ -75,17 +199,44 @@ pub struct ChatSession {
     pub id: SessionId,
     /// Owning tenant.
     pub tenant_id: TenantId,
-    /// The agent serving the session; `None` only while a customer-started
-    /// session waits for routing (reserved for the queue).
+    /// The serving agent; `None` while WAITING.
     pub agent_id: Option<UserId>,
+    /// The customer, for customer-started chats.
+    pub customer_id: Option<CustomerId>,
+    /// Who started it.
+    pub origin: SessionOrigin,
     /// Lifecycle state.
     pub status: SessionStatus,
+    /// What the customer wants help with (customer chats).
+    pub topic: Option<String>,
+    /// Queue priority.
+    pub priority: Priority,
+    /// Requested department, free text.
+    pub department: Option<String>,
+    /// The ticket opened because no agent was eligible, if any.
+    pub ticket_id: Option<TicketId>,
+    /// Contact details the customer gave for this session.
+    pub contact: Option<Contact>,
+    /// Client IP recorded at start (customer chats).
+    pub client_ip: Option<String>,
+    /// Client User-Agent recorded at start (customer chats).
+    pub user_agent: Option<String>,
     /// When the session was started (UTC, microseconds).
     pub created_at: DateTime<Utc>,
     /// Last change of the session row, including each new message.
     pub updated_at: DateTime<Utc>,
+    /// When an agent was (last) assigned.
+    pub assigned_at: Option<DateTime<Utc>>,
     /// When the session was closed; `None` while not closed.
     pub closed_at: Option<DateTime<Utc>>,
+}
+
+impl ChatSession {
+    /// WAITING or OPEN.
+    #[must_use]
+    pub fn is_active(&self) -> bool {
+        matches!(self.status, SessionStatus::Waiting | SessionStatus::Open)
+    }
 }
 
 /// One message of a session.
@@ -97,8 +248,13 @@ pub struct ChatMessage {
     pub session_id: SessionId,
     /// Owning tenant (always the session's).
     pub tenant_id: TenantId,
-    /// The user who sent it.
-    pub sender_id: UserId,
+    /// Agent, customer or system.
+    pub sender_type: SenderType,
+    /// The agent's user id, or the identified customer's host user id;
+    /// `None` for visitors and system messages.
+    pub sender_id: Option<UserId>,
+    /// The sending customer, for customer messages.
+    pub customer_id: Option<CustomerId>,
     /// Position in the session: 1, 2, 3 … with no gaps (DESIGN.md invariant 4).
     pub seq: i64,
     /// The text as sent.
@@ -107,46 +263,6 @@ pub struct ChatMessage {
     pub client_msg_id: Option<String>,
     /// When it was stored (UTC, microseconds).
     pub created_at: DateTime<Utc>,
-}
-
-/// An agent's chosen availability (issue #2). Liveness (connections and
-/// heartbeats) is tracked apart and combined with this into eligibility.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum PresenceStatus {
-    /// Available for chats.
-    Online,
-    /// Away from the desk.
-    Away,
-    /// Working, not taking new chats.
-    Busy,
-    /// Signed off.
-    Offline,
-}
-
-impl PresenceStatus {
-    /// The stored and wire form: `online`, `away`, `busy`, `offline`.
-    #[must_use]
-    pub const fn as_str(self) -> &'static str {
-        match self {
-            Self::Online => "online",
-            Self::Away => "away",
-            Self::Busy => "busy",
-            Self::Offline => "offline",
-        }
-    }
-
-    /// Parses the stored and wire form; `None` for anything else.
-    #[must_use]
-    pub fn parse(s: &str) -> Option<Self> {
-        match s {
-            "online" => Some(Self::Online),
-            "away" => Some(Self::Away),
-            "busy" => Some(Self::Busy),
-            "offline" => Some(Self::Offline),
-            _ => None,
-        }
-    }
 }
 
 /// An agent's presence in one tenant.
@@ -160,4 +276,13 @@ pub struct AgentPresence {
     pub status: PresenceStatus,
     /// When the status was last set (UTC, microseconds).
     pub updated_at: DateTime<Utc>,
+}
+
+/// A session with its place in the queue (1 = next) while WAITING.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SessionView {
+    /// The session.
+    pub session: ChatSession,
+    /// Position in the tenant's queue while WAITING, else `None`.
+    pub queue_position: Option<i64>,
 }

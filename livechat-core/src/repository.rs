@@ -2,19 +2,77 @@
 //!
 //! The [`TenantId`] is the first parameter of every method and every query is
 //! filtered by it: a row of another tenant is [`ChatError::NotFound`], never
-//! visible. Methods that change state also write their [`DomainEvent`] in the
-//! same transaction (invariant 5).
+//! visible. Methods that change state also write their
+//! [`DomainEvent`](crate::DomainEvent)s in the same transaction (invariant 5).
+//! Methods that route take the [`RoutingPolicy`] from the service: routing
+//! rules are parameters, the store makes them atomic.
 //!
 //! [`SeaOrmStore`](crate::store::SeaOrmStore) implements all of them for
 //! SQLite and PostgreSQL.
 
 use std::future::Future;
 
+use crate::config::RoutingPolicy;
 use crate::error::ChatError;
-use crate::events::DomainEvent;
-use crate::ids::{EventId, SessionId, TenantId, UserId};
-use crate::model::{AgentPresence, ChatMessage, ChatSession, PresenceStatus, SessionStatus};
-use crate::validate::{ClientMsgId, MessageBody, PageSize};
+use crate::events::{DomainEvent, TicketRequested};
+use crate::ids::{CustomerId, EventId, SessionId, TenantId, TicketId, UserId};
+use crate::model::{
+    AgentPresence, ChatMessage, ChatSession, Contact, Customer, CustomerIdentity, PresenceStatus,
+    Priority, Sender, SessionStatus, SessionView,
+};
+use crate::validate::{ClientMsgId, MessageBody, PageSize, Topic};
+
+/// A customer chat to start (issue #3).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct NewCustomerChat {
+    /// The customer starting it.
+    pub customer: CustomerId,
+    /// What they need help with.
+    pub topic: Topic,
+    /// Queue priority.
+    pub priority: Priority,
+    /// Requested department.
+    pub department: Option<String>,
+    /// Contact details given at start.
+    pub contact: Option<Contact>,
+    /// First message, stored as seq 1.
+    pub first_message: Option<MessageBody>,
+    /// Client IP.
+    pub client_ip: Option<String>,
+    /// Client User-Agent.
+    pub user_agent: Option<String>,
+}
+
+/// The result of a customer start.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct CustomerChatStarted {
+    /// The session (new, or the customer's active one) with its queue place.
+    pub view: SessionView,
+    /// `false` when the customer already had a WAITING or OPEN session,
+    /// which is returned instead (one active session per customer).
+    pub created: bool,
+}
+
+/// How an assignment treats a session that is no longer WAITING.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum AssignMode {
+    /// Take a WAITING session; [`ChatError::AlreadyAssigned`] when another
+    /// agent has it. Exactly one of concurrent claims wins.
+    Claim,
+    /// Give a WAITING or OPEN session to the named agent.
+    Transfer,
+}
+
+/// An agent who can take a chat now, with their load.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct EligibleAgent {
+    /// The agent.
+    pub agent_id: UserId,
+    /// OPEN sessions they serve.
+    pub open_sessions: i64,
+    /// Their maximum.
+    pub capacity: i64,
+}
 
 /// Sessions of one tenant.
 pub trait SessionRepository: Send + Sync {
@@ -23,13 +81,32 @@ pub trait SessionRepository: Send + Sync {
     ///
     /// # Errors
     /// [`ChatError::ActiveSessionExists`] when the agent already has an OPEN
-    /// agent-started session in this tenant (enforced by a partial unique
-    /// index, so concurrent calls yield exactly one session).
+    /// agent-started session in this tenant (a partial unique index, so
+    /// concurrent calls yield exactly one session).
     fn create_agent_session(
         &self,
         tenant: TenantId,
         agent: UserId,
     ) -> impl Future<Output = Result<ChatSession, ChatError>> + Send;
+
+    /// Writes a `ticket.requested` event for a request no agent could take
+    /// and returns the allocated ticket id (`request.ticket_id` is ignored).
+    fn request_ticket(
+        &self,
+        tenant: TenantId,
+        request: TicketRequested,
+    ) -> impl Future<Output = Result<TicketId, ChatError>> + Send;
+
+    /// Starts a customer chat and routes it in one transaction: OPEN with the
+    /// least-loaded eligible agent, else WAITING; WAITING with no agent online
+    /// also gets a ticket. Returns the customer's active session instead when
+    /// one exists.
+    fn start_customer_chat(
+        &self,
+        tenant: TenantId,
+        chat: NewCustomerChat,
+        policy: &RoutingPolicy,
+    ) -> impl Future<Output = Result<CustomerChatStarted, ChatError>> + Send;
 
     /// One session.
     ///
@@ -41,24 +118,73 @@ pub trait SessionRepository: Send + Sync {
         id: SessionId,
     ) -> impl Future<Output = Result<ChatSession, ChatError>> + Send;
 
+    /// One session with its queue position.
+    ///
+    /// # Errors
+    /// [`ChatError::NotFound`].
+    fn session_view(
+        &self,
+        tenant: TenantId,
+        id: SessionId,
+    ) -> impl Future<Output = Result<SessionView, ChatError>> + Send;
+
     /// Sessions of the tenant, newest first, optionally with one status.
     fn list_sessions(
         &self,
         tenant: TenantId,
         status: Option<SessionStatus>,
         limit: PageSize,
+    ) -> impl Future<Output = Result<Vec<SessionView>, ChatError>> + Send;
+
+    /// The customer's sessions, newest first, older than `before` (the
+    /// cursor) when given.
+    fn customer_sessions(
+        &self,
+        tenant: TenantId,
+        customer: CustomerId,
+        before: Option<SessionId>,
+        limit: PageSize,
     ) -> impl Future<Output = Result<Vec<ChatSession>, ChatError>> + Send;
 
-    /// Moves the session to CLOSED and writes `session.closed`; a session
-    /// already CLOSED is returned unchanged with no new event (idempotent).
+    /// Moves the session to CLOSED, writes `session.closed` and drains the
+    /// queue (the freed agent takes the next waiting session). A CLOSED
+    /// session is returned unchanged with no new event (idempotent).
     ///
     /// # Errors
-    /// [`ChatError::NotFound`] when it does not exist in this tenant.
+    /// [`ChatError::NotFound`].
     fn close_session(
         &self,
         tenant: TenantId,
         id: SessionId,
-        closed_by: UserId,
+        closed_by: Sender,
+        policy: &RoutingPolicy,
+    ) -> impl Future<Output = Result<ChatSession, ChatError>> + Send;
+
+    /// Assigns the session to `agent` (claim or transfer), writing
+    /// `session.assigned`; a transfer frees capacity and drains the queue.
+    ///
+    /// # Errors
+    /// [`ChatError::NotFound`], [`ChatError::SessionClosed`],
+    /// [`ChatError::AlreadyAssigned`] (claim lost),
+    /// [`ChatError::AgentNotOnline`].
+    fn assign_session(
+        &self,
+        tenant: TenantId,
+        id: SessionId,
+        agent: UserId,
+        mode: AssignMode,
+        policy: &RoutingPolicy,
+    ) -> impl Future<Output = Result<ChatSession, ChatError>> + Send;
+
+    /// Replaces the session's contact details (`session.updated`).
+    ///
+    /// # Errors
+    /// [`ChatError::NotFound`].
+    fn update_contact(
+        &self,
+        tenant: TenantId,
+        id: SessionId,
+        contact: Contact,
     ) -> impl Future<Output = Result<ChatSession, ChatError>> + Send;
 }
 
@@ -74,21 +200,22 @@ pub struct AppendedMessage {
 
 /// Messages of one tenant's sessions.
 pub trait MessageRepository: Send + Sync {
-    /// Stores `body` as the next message of an OPEN session, with the next
-    /// `seq` assigned in the same transaction (DESIGN.md invariant 4), and its
-    /// `message.posted` event. With a `client_msg_id` already used in this
-    /// session, stores nothing and returns the original (invariant 6).
+    /// Stores `body` as the next message of a session whose status is one of
+    /// `allowed`, with the next `seq` assigned in the same transaction
+    /// (DESIGN.md invariant 4), and its `message.posted` event. With a
+    /// `client_msg_id` already used in this session, stores nothing and
+    /// returns the original (invariant 6).
     ///
     /// # Errors
-    /// [`ChatError::NotFound`] (no such session in this tenant),
-    /// [`ChatError::SessionClosed`] (the session is not OPEN).
+    /// [`ChatError::NotFound`], [`ChatError::SessionClosed`] (status not allowed).
     fn append_message(
         &self,
         tenant: TenantId,
         session: SessionId,
-        sender: UserId,
+        sender: Sender,
         body: &MessageBody,
         client_msg_id: Option<&ClientMsgId>,
+        allowed: &[SessionStatus],
     ) -> impl Future<Output = Result<AppendedMessage, ChatError>> + Send;
 
     /// Messages with `seq > after_seq`, ascending by `seq`, at most `limit`.
@@ -104,15 +231,25 @@ pub trait MessageRepository: Send + Sync {
     ) -> impl Future<Output = Result<Vec<ChatMessage>, ChatError>> + Send;
 }
 
-/// Agents' chosen status per tenant.
+/// Agents' presence and capacity per tenant.
 pub trait PresenceRepository: Send + Sync {
-    /// Sets the agent's chosen status (upsert) and writes
-    /// `agent.status_changed`.
+    /// Sets the agent's chosen status (upsert, also a heartbeat), writes
+    /// `agent.status_changed`, and drains the queue when it is `online`.
     fn set_presence(
         &self,
         tenant: TenantId,
         agent: UserId,
         status: PresenceStatus,
+        policy: &RoutingPolicy,
+    ) -> impl Future<Output = Result<AgentPresence, ChatError>> + Send;
+
+    /// Refreshes the agent's liveness; drains the queue if that made them
+    /// eligible again. `NotFound` if they never set a status in the tenant.
+    fn heartbeat(
+        &self,
+        tenant: TenantId,
+        agent: UserId,
+        policy: &RoutingPolicy,
     ) -> impl Future<Output = Result<AgentPresence, ChatError>> + Send;
 
     /// The agent's presence, `None` if they never set one in this tenant.
@@ -121,6 +258,56 @@ pub trait PresenceRepository: Send + Sync {
         tenant: TenantId,
         agent: UserId,
     ) -> impl Future<Output = Result<Option<AgentPresence>, ChatError>> + Send;
+
+    /// DESIGN.md invariant 3, the one computation: agents whose chosen status
+    /// is online, whose liveness is fresh, and who are below capacity, in
+    /// routing order (least loaded, then idle longest).
+    fn eligible_agents(
+        &self,
+        tenant: TenantId,
+        policy: &RoutingPolicy,
+    ) -> impl Future<Output = Result<Vec<EligibleAgent>, ChatError>> + Send;
+
+    /// Sets the tenant's per-agent capacity (maximum OPEN sessions per
+    /// agent) and drains the queue.
+    fn set_agent_capacity(
+        &self,
+        tenant: TenantId,
+        capacity: i64,
+        policy: &RoutingPolicy,
+    ) -> impl Future<Output = Result<i64, ChatError>> + Send;
+
+    /// The tenant's per-agent capacity (the policy default when unset).
+    fn agent_capacity(
+        &self,
+        tenant: TenantId,
+        policy: &RoutingPolicy,
+    ) -> impl Future<Output = Result<i64, ChatError>> + Send;
+}
+
+/// Customers of one tenant.
+pub trait CustomerRepository: Send + Sync {
+    /// Finds the customer for `identity`, creating it on first sight (race
+    /// safe), and follows a visitor's link to the identified customer.
+    ///
+    /// # Errors
+    /// [`ChatError::NotFound`] for an unknown [`CustomerIdentity::Known`] id.
+    fn resolve_customer(
+        &self,
+        tenant: TenantId,
+        identity: CustomerIdentity,
+    ) -> impl Future<Output = Result<Customer, ChatError>> + Send;
+
+    /// Links visitor `visitor` to the identified customer of host user
+    /// `user` (seed 001): the visitor's sessions move there; if both have an
+    /// active session, the visitor's is closed. Idempotent.
+    fn link_visitor(
+        &self,
+        tenant: TenantId,
+        visitor: CustomerId,
+        user: UserId,
+        policy: &RoutingPolicy,
+    ) -> impl Future<Output = Result<Customer, ChatError>> + Send;
 }
 
 /// Read access to the tenant's committed events.
@@ -137,11 +324,15 @@ pub trait OutboxRepository: Send + Sync {
 
 /// Everything [`ChatService`](crate::ChatService) needs from storage.
 pub trait ChatStore:
-    SessionRepository + MessageRepository + PresenceRepository + OutboxRepository
+    SessionRepository + MessageRepository + PresenceRepository + CustomerRepository + OutboxRepository
 {
 }
 
 impl<T> ChatStore for T where
-    T: SessionRepository + MessageRepository + PresenceRepository + OutboxRepository
+    T: SessionRepository
+        + MessageRepository
+        + PresenceRepository
+        + CustomerRepository
+        + OutboxRepository
 {
 }

@@ -2,13 +2,75 @@
 
 use crate::config::ChatConfig;
 use crate::error::ChatError;
-use crate::ids::{SessionId, TenantId, UserId};
-use crate::model::{AgentPresence, ChatMessage, ChatSession, PresenceStatus, SessionStatus};
-use crate::repository::{AppendedMessage, ChatStore};
+use crate::events::{TicketReason, TicketRequested};
+use crate::ids::{CustomerId, SessionId, TenantId, TicketId, UserId};
+use crate::model::{
+    AgentPresence, ChatMessage, ChatSession, Contact, Customer, CustomerIdentity, PresenceStatus,
+    Priority, Sender, SessionStatus, SessionView, now,
+};
+use crate::repository::{
+    AppendedMessage, AssignMode, ChatStore, CustomerChatStarted, NewCustomerChat,
+};
 use crate::store::SeaOrmStore;
-use crate::validate::{ClientMsgId, MessageBody, PageSize};
+use crate::validate::{ClientMsgId, MessageBody, PageSize, Topic, parse_department};
 
-/// The chat rules (issue #2). Adapters call it and never decide themselves.
+/// Contact details as a client sent them; validated by the service.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct ContactInput {
+    /// Required.
+    pub name: String,
+    /// Required, a valid address.
+    pub email: String,
+    /// Optional.
+    pub phone: Option<String>,
+    /// Optional.
+    pub position: Option<String>,
+    /// Optional.
+    pub company: Option<String>,
+}
+
+impl ContactInput {
+    fn parse(self) -> Result<Contact, ChatError> {
+        Contact::parse(
+            &self.name,
+            &self.email,
+            self.phone,
+            self.position,
+            self.company,
+        )
+    }
+}
+
+/// A customer's request to start a chat, as sent (issue #3).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct CustomerChatRequest {
+    /// 1–200 characters.
+    pub topic: String,
+    /// Default `normal`.
+    pub priority: Option<Priority>,
+    /// Up to 100 characters.
+    pub department: Option<String>,
+    /// Contact details.
+    pub contact: Option<ContactInput>,
+    /// First message (same rules as any message).
+    pub message: Option<String>,
+    /// Client IP as seen by the adapter.
+    pub client_ip: Option<String>,
+    /// Client User-Agent.
+    pub user_agent: Option<String>,
+}
+
+/// A page of a customer's history.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct HistoryPage {
+    /// Newest first.
+    pub sessions: Vec<ChatSession>,
+    /// Pass as `cursor` for the next page; `None` on the last page.
+    pub next_cursor: Option<String>,
+}
+
+/// The chat rules (issues #2 and #3). Adapters call it and never decide
+/// themselves.
 ///
 /// Cheap to clone when the store is (the SeaORM store is a pooled handle).
 #[derive(Clone, Debug)]
@@ -33,7 +95,18 @@ impl<S: ChatStore> ChatService<S> {
         &self.config
     }
 
-    /// Sets `agent`'s chosen status in `tenant` (`PUT /agents/me/status`).
+    fn page(&self, limit: Option<i64>) -> Result<PageSize, ChatError> {
+        PageSize::parse(limit, &self.config)
+    }
+
+    fn body(&self, text: String) -> Result<MessageBody, ChatError> {
+        MessageBody::parse(text, self.config.max_message_chars)
+    }
+
+    // ----- agents -------------------------------------------------------
+
+    /// Sets `agent`'s chosen status in `tenant` (`PUT /agents/me/status`);
+    /// it also counts as a heartbeat. Going online drains the queue.
     ///
     /// # Errors
     /// [`ChatError::Storage`] only.
@@ -43,17 +116,87 @@ impl<S: ChatStore> ChatService<S> {
         agent: UserId,
         status: PresenceStatus,
     ) -> Result<AgentPresence, ChatError> {
-        self.store.set_presence(tenant, agent, status).await
+        self.store
+            .set_presence(tenant, agent, status, &self.config.routing)
+            .await
+    }
+
+    /// Refreshes `agent`'s liveness (DESIGN.md invariant 3).
+    ///
+    /// # Errors
+    /// [`ChatError::NotFound`] if the agent never set a status in the tenant.
+    pub async fn heartbeat(
+        &self,
+        tenant: TenantId,
+        agent: UserId,
+    ) -> Result<AgentPresence, ChatError> {
+        self.store
+            .heartbeat(tenant, agent, &self.config.routing)
+            .await
+    }
+
+    /// Whether an agent could take a chat right now: the widget's "agents
+    /// available" flag, from the same computation routing uses.
+    ///
+    /// # Errors
+    /// [`ChatError::Storage`] only.
+    pub async fn agents_available(&self, tenant: TenantId) -> Result<bool, ChatError> {
+        Ok(!self
+            .store
+            .eligible_agents(tenant, &self.config.routing)
+            .await?
+            .is_empty())
+    }
+
+    /// Sets the tenant's per-agent capacity (1–100 OPEN sessions); raising
+    /// it drains the queue.
+    ///
+    /// # Errors
+    /// [`ChatError::InvalidInput`] outside 1–100.
+    pub async fn set_agent_capacity(
+        &self,
+        tenant: TenantId,
+        capacity: i64,
+    ) -> Result<i64, ChatError> {
+        if !(1..=100).contains(&capacity) {
+            return Err(ChatError::InvalidInput(
+                "agent_capacity must be between 1 and 100".into(),
+            ));
+        }
+        self.store
+            .set_agent_capacity(tenant, capacity, &self.config.routing)
+            .await
+    }
+
+    /// The tenant's per-agent capacity.
+    ///
+    /// # Errors
+    /// [`ChatError::Storage`] only.
+    pub async fn agent_capacity(&self, tenant: TenantId) -> Result<i64, ChatError> {
+        self.store
+            .agent_capacity(tenant, &self.config.routing)
+            .await
+    }
+
+    async fn is_online(&self, tenant: TenantId, agent: UserId) -> Result<bool, ChatError> {
+        let Some(p) = self.store.get_presence(tenant, agent).await? else {
+            return Ok(false);
+        };
+        // Liveness, when the policy asks for it, is judged by the store's
+        // eligibility; here the chosen status decides (issue #2).
+        Ok(p.status == PresenceStatus::Online)
     }
 
     /// Starts an agent chat for `agent` (the caller when `None`).
     ///
-    /// Rules (issue #2): the agent's chosen status must be `online`; at most
-    /// one OPEN agent-started session per (tenant, agent), enforced by the
-    /// database so concurrent starts give exactly one session.
+    /// Rules: the agent's chosen status must be `online` (issue #2) — if not,
+    /// the request is kept as a ticket addressed to the agent (issue #3); at
+    /// most one OPEN agent-started session per (tenant, agent), enforced by
+    /// the database so concurrent starts give exactly one session.
     ///
     /// # Errors
-    /// [`ChatError::AgentOffline`], [`ChatError::ActiveSessionExists`].
+    /// [`ChatError::AgentOffline`] (with the ticket id),
+    /// [`ChatError::ActiveSessionExists`].
     pub async fn start_session(
         &self,
         tenant: TenantId,
@@ -61,18 +204,32 @@ impl<S: ChatStore> ChatService<S> {
         agent: Option<UserId>,
     ) -> Result<ChatSession, ChatError> {
         let agent = agent.unwrap_or(caller);
-        let online = self
-            .store
-            .get_presence(tenant, agent)
-            .await?
-            .is_some_and(|p| p.status == PresenceStatus::Online);
-        if !online {
-            return Err(ChatError::AgentOffline(agent));
+        if !self.is_online(tenant, agent).await? {
+            let ticket_id = self
+                .store
+                .request_ticket(
+                    tenant,
+                    TicketRequested {
+                        ticket_id: TicketId::generate(),
+                        tenant_id: tenant,
+                        reason: TicketReason::AgentOffline,
+                        session_id: None,
+                        customer_id: None,
+                        agent_id: Some(agent),
+                        requested_by: Some(caller),
+                        topic: None,
+                        priority: Priority::Normal,
+                        contact: None,
+                        first_message: None,
+                    },
+                )
+                .await?;
+            return Err(ChatError::AgentOffline { agent, ticket_id });
         }
         self.store.create_agent_session(tenant, agent).await
     }
 
-    /// One session of the tenant.
+    /// One session of the tenant, with its queue position while WAITING.
     ///
     /// # Errors
     /// [`ChatError::NotFound`] (also for other tenants' sessions).
@@ -80,8 +237,8 @@ impl<S: ChatStore> ChatService<S> {
         &self,
         tenant: TenantId,
         id: SessionId,
-    ) -> Result<ChatSession, ChatError> {
-        self.store.get_session(tenant, id).await
+    ) -> Result<SessionView, ChatError> {
+        self.store.session_view(tenant, id).await
     }
 
     /// The tenant's sessions, newest first; `limit` defaults to
@@ -94,12 +251,13 @@ impl<S: ChatStore> ChatService<S> {
         tenant: TenantId,
         status: Option<SessionStatus>,
         limit: Option<i64>,
-    ) -> Result<Vec<ChatSession>, ChatError> {
-        let limit = PageSize::parse(limit, &self.config)?;
+    ) -> Result<Vec<SessionView>, ChatError> {
+        let limit = self.page(limit)?;
         self.store.list_sessions(tenant, status, limit).await
     }
 
     /// Closes a session; closing a CLOSED session returns it unchanged.
+    /// The freed agent takes the next waiting session.
     ///
     /// # Errors
     /// [`ChatError::NotFound`].
@@ -109,18 +267,43 @@ impl<S: ChatStore> ChatService<S> {
         caller: UserId,
         id: SessionId,
     ) -> Result<ChatSession, ChatError> {
-        self.store.close_session(tenant, id, caller).await
+        self.store
+            .close_session(tenant, id, Sender::Agent(caller), &self.config.routing)
+            .await
     }
 
-    /// Posts `text` from `sender` to an OPEN session; it gets the next `seq`.
+    /// Claims a WAITING session for the caller (`target` `None`), or gives a
+    /// WAITING or OPEN session to `target` (transfer). The target must be
+    /// online; capacity does not bind a deliberate assignment.
+    ///
+    /// # Errors
+    /// [`ChatError::AlreadyAssigned`] (a concurrent claim won),
+    /// [`ChatError::AgentNotOnline`], [`ChatError::SessionClosed`],
+    /// [`ChatError::NotFound`].
+    pub async fn assign_session(
+        &self,
+        tenant: TenantId,
+        caller: UserId,
+        id: SessionId,
+        target: Option<UserId>,
+    ) -> Result<ChatSession, ChatError> {
+        let (agent, mode) = match target {
+            None => (caller, AssignMode::Claim),
+            Some(t) => (t, AssignMode::Transfer),
+        };
+        self.store
+            .assign_session(tenant, id, agent, mode, &self.config.routing)
+            .await
+    }
+
+    /// Posts `text` from an agent to an OPEN session; it gets the next `seq`.
     /// A `client_msg_id` already used in the session returns the original
     /// message with `created: false` (DESIGN.md invariant 6).
     ///
     /// # Errors
-    /// [`ChatError::InvalidMessage`] (blank), [`ChatError::MessageTooLong`]
-    /// (over [`ChatConfig::max_message_chars`]),
-    /// [`ChatError::InvalidClientMsgId`], [`ChatError::SessionClosed`],
-    /// [`ChatError::NotFound`].
+    /// [`ChatError::InvalidMessage`] (blank), [`ChatError::MessageTooLong`],
+    /// [`ChatError::InvalidClientMsgId`], [`ChatError::SessionClosed`] (not
+    /// OPEN), [`ChatError::NotFound`].
     pub async fn post_message(
         &self,
         tenant: TenantId,
@@ -129,10 +312,17 @@ impl<S: ChatStore> ChatService<S> {
         text: String,
         client_msg_id: Option<String>,
     ) -> Result<AppendedMessage, ChatError> {
-        let body = MessageBody::parse(text, self.config.max_message_chars)?;
+        let body = self.body(text)?;
         let key = client_msg_id.map(ClientMsgId::parse).transpose()?;
         self.store
-            .append_message(tenant, session, sender, &body, key.as_ref())
+            .append_message(
+                tenant,
+                session,
+                Sender::Agent(sender),
+                &body,
+                key.as_ref(),
+                &[SessionStatus::Open],
+            )
             .await
     }
 
@@ -149,7 +339,7 @@ impl<S: ChatStore> ChatService<S> {
         after_seq: Option<i64>,
         limit: Option<i64>,
     ) -> Result<Vec<ChatMessage>, ChatError> {
-        let limit = PageSize::parse(limit, &self.config)?;
+        let limit = self.page(limit)?;
         let after_seq = after_seq.unwrap_or(0);
         if after_seq < 0 {
             return Err(ChatError::InvalidPage(
@@ -159,5 +349,207 @@ impl<S: ChatStore> ChatService<S> {
         self.store
             .list_messages(tenant, session, after_seq, limit)
             .await
+    }
+
+    // ----- customers ----------------------------------------------------
+
+    /// The customer for `identity`, created on first sight; a linked
+    /// visitor resolves to the identified customer.
+    ///
+    /// # Errors
+    /// [`ChatError::NotFound`] for an unknown customer id.
+    pub async fn resolve_customer(
+        &self,
+        tenant: TenantId,
+        identity: CustomerIdentity,
+    ) -> Result<Customer, ChatError> {
+        self.store.resolve_customer(tenant, identity).await
+    }
+
+    /// Starts a customer chat (issue #3): routed to the least-loaded
+    /// eligible agent (OPEN), else queued (WAITING, with a position); with
+    /// no agent online it also becomes a ticket. A customer with a WAITING
+    /// or OPEN session gets that session back (`created: false`).
+    ///
+    /// # Errors
+    /// [`ChatError::InvalidInput`] (topic, department, contact),
+    /// [`ChatError::InvalidMessage`], [`ChatError::MessageTooLong`].
+    pub async fn start_customer_chat(
+        &self,
+        tenant: TenantId,
+        customer: CustomerId,
+        request: CustomerChatRequest,
+    ) -> Result<CustomerChatStarted, ChatError> {
+        let chat = NewCustomerChat {
+            customer,
+            topic: Topic::parse(&request.topic)?,
+            priority: request.priority.unwrap_or(Priority::Normal),
+            department: parse_department(request.department)?,
+            contact: request.contact.map(ContactInput::parse).transpose()?,
+            first_message: request.message.map(|m| self.body(m)).transpose()?,
+            client_ip: request.client_ip.map(|ip| ip.chars().take(64).collect()),
+            user_agent: request.user_agent.map(|ua| ua.chars().take(512).collect()),
+        };
+        self.store
+            .start_customer_chat(tenant, chat, &self.config.routing)
+            .await
+    }
+
+    /// The customer's own session: another customer's (or tenant's) is
+    /// [`ChatError::NotFound`], never forbidden.
+    ///
+    /// # Errors
+    /// [`ChatError::NotFound`].
+    pub async fn customer_session(
+        &self,
+        tenant: TenantId,
+        customer: CustomerId,
+        id: SessionId,
+    ) -> Result<SessionView, ChatError> {
+        let view = self.store.session_view(tenant, id).await?;
+        if view.session.customer_id == Some(customer) {
+            Ok(view)
+        } else {
+            Err(ChatError::NotFound)
+        }
+    }
+
+    /// A customer's message to their WAITING or OPEN session (same rules and
+    /// idempotency as agents').
+    ///
+    /// # Errors
+    /// As [`Self::post_message`].
+    pub async fn post_customer_message(
+        &self,
+        tenant: TenantId,
+        customer: CustomerId,
+        session: SessionId,
+        text: String,
+        client_msg_id: Option<String>,
+    ) -> Result<AppendedMessage, ChatError> {
+        self.customer_session(tenant, customer, session).await?;
+        let body = self.body(text)?;
+        let key = client_msg_id.map(ClientMsgId::parse).transpose()?;
+        self.store
+            .append_message(
+                tenant,
+                session,
+                Sender::Customer(customer),
+                &body,
+                key.as_ref(),
+                &[SessionStatus::Waiting, SessionStatus::Open],
+            )
+            .await
+    }
+
+    /// Messages of the customer's session (as [`Self::list_messages`]).
+    ///
+    /// # Errors
+    /// As [`Self::list_messages`].
+    pub async fn list_customer_messages(
+        &self,
+        tenant: TenantId,
+        customer: CustomerId,
+        session: SessionId,
+        after_seq: Option<i64>,
+        limit: Option<i64>,
+    ) -> Result<Vec<ChatMessage>, ChatError> {
+        self.customer_session(tenant, customer, session).await?;
+        self.list_messages(tenant, session, after_seq, limit).await
+    }
+
+    /// Sets the session's contact details (seed 001: name and e-mail
+    /// required and validated).
+    ///
+    /// # Errors
+    /// [`ChatError::InvalidInput`], [`ChatError::NotFound`].
+    pub async fn set_contact(
+        &self,
+        tenant: TenantId,
+        customer: CustomerId,
+        session: SessionId,
+        contact: ContactInput,
+    ) -> Result<ChatSession, ChatError> {
+        let contact = contact.parse()?;
+        self.customer_session(tenant, customer, session).await?;
+        self.store.update_contact(tenant, session, contact).await
+    }
+
+    /// The customer ends the chat (idempotent).
+    ///
+    /// # Errors
+    /// [`ChatError::NotFound`].
+    pub async fn close_customer_chat(
+        &self,
+        tenant: TenantId,
+        customer: CustomerId,
+        session: SessionId,
+    ) -> Result<ChatSession, ChatError> {
+        self.customer_session(tenant, customer, session).await?;
+        self.store
+            .close_session(
+                tenant,
+                session,
+                Sender::Customer(customer),
+                &self.config.routing,
+            )
+            .await
+    }
+
+    /// The customer's sessions, newest first, `cursor`-paged (the cursor is
+    /// opaque: the last session id of the previous page).
+    ///
+    /// # Errors
+    /// [`ChatError::InvalidPage`] for a bad `limit` or cursor.
+    pub async fn customer_history(
+        &self,
+        tenant: TenantId,
+        customer: CustomerId,
+        limit: Option<i64>,
+        cursor: Option<String>,
+    ) -> Result<HistoryPage, ChatError> {
+        let limit = self.page(limit)?;
+        let before = cursor
+            .map(|c| {
+                c.parse::<SessionId>()
+                    .map_err(|_| ChatError::InvalidPage("cursor is not valid".into()))
+            })
+            .transpose()?;
+        let sessions = self
+            .store
+            .customer_sessions(tenant, customer, before, limit)
+            .await?;
+        let next_cursor = (sessions.len() as u64 == limit.get())
+            .then(|| sessions.last().map(|s| s.id.to_string()))
+            .flatten();
+        Ok(HistoryPage {
+            sessions,
+            next_cursor,
+        })
+    }
+
+    /// Links an anonymous visitor to the identified customer of host user
+    /// `user` (seed 001): the visitor's sessions move to that customer; if
+    /// both have an active session, the visitor's is closed. Never done on
+    /// an e-mail a client merely asserts: both credentials are required.
+    ///
+    /// # Errors
+    /// [`ChatError::NotFound`], [`ChatError::InvalidCustomer`].
+    pub async fn link_visitor(
+        &self,
+        tenant: TenantId,
+        visitor: CustomerId,
+        user: UserId,
+    ) -> Result<Customer, ChatError> {
+        self.store
+            .link_visitor(tenant, visitor, user, &self.config.routing)
+            .await
+    }
+
+    /// When the service last looked at the clock (for adapters that stamp
+    /// responses); the same microsecond precision as stored times.
+    #[must_use]
+    pub fn now(&self) -> chrono::DateTime<chrono::Utc> {
+        now()
     }
 }

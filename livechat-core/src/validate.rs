@@ -140,3 +140,116 @@ mod tests {
         assert!(ClientMsgId::parse("x".repeat(129)).is_err());
     }
 }
+
+fn bounded(field: &'static str, value: &str, max: usize) -> Result<String, ChatError> {
+    let value = value.trim();
+    if value.is_empty() {
+        return Err(ChatError::InvalidInput(format!(
+            "{field} must not be empty"
+        )));
+    }
+    if value.chars().take(max + 1).count() > max {
+        return Err(ChatError::InvalidInput(format!(
+            "{field} must be at most {max} characters"
+        )));
+    }
+    Ok(value.to_owned())
+}
+
+fn optional(
+    field: &'static str,
+    value: Option<String>,
+    max: usize,
+) -> Result<Option<String>, ChatError> {
+    match value.as_deref().map(str::trim) {
+        None | Some("") => Ok(None),
+        Some(v) => bounded(field, v, max).map(Some),
+    }
+}
+
+/// What a customer wants help with: 1–200 characters after trimming (issue #3).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Topic(String);
+
+impl Topic {
+    /// Longest accepted topic, in characters.
+    pub const MAX_CHARS: usize = 200;
+
+    /// # Errors
+    /// [`ChatError::InvalidInput`] when blank or over 200 characters.
+    pub fn parse(topic: &str) -> Result<Self, ChatError> {
+        bounded("topic", topic, Self::MAX_CHARS).map(Self)
+    }
+
+    /// The trimmed topic.
+    #[must_use]
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+/// A requested department: up to 100 characters; blank means none.
+///
+/// # Errors
+/// [`ChatError::InvalidInput`] when over 100 characters.
+pub fn parse_department(department: Option<String>) -> Result<Option<String>, ChatError> {
+    optional("department", department, 100)
+}
+
+impl crate::model::Contact {
+    /// Validates contact details (seed 001): `name` 1–200 characters,
+    /// `email` a valid address of at most 254 characters, `phone` up to 50,
+    /// `position` and `company` up to 200. Values are trimmed; blank
+    /// optional values become `None`.
+    ///
+    /// # Errors
+    /// [`ChatError::InvalidInput`] naming the first bad field.
+    pub fn parse(
+        name: &str,
+        email: &str,
+        phone: Option<String>,
+        position: Option<String>,
+        company: Option<String>,
+    ) -> Result<Self, ChatError> {
+        let name = bounded("name", name, 200)?;
+        let email = bounded("email", email, 254)?;
+        if !email_address::EmailAddress::is_valid(&email) {
+            return Err(ChatError::InvalidInput(
+                "email is not a valid address".into(),
+            ));
+        }
+        Ok(Self {
+            name,
+            email,
+            phone: optional("phone", phone, 50)?,
+            position: optional("position", position, 200)?,
+            company: optional("company", company, 200)?,
+        })
+    }
+}
+
+#[cfg(test)]
+mod customer_input_tests {
+    use super::*;
+    use crate::model::Contact;
+
+    #[test]
+    fn topic_and_contact_rules() {
+        assert_eq!(Topic::parse("  Billing ").unwrap().as_str(), "Billing");
+        assert!(Topic::parse("   ").is_err());
+        assert!(Topic::parse(&"x".repeat(201)).is_err());
+        assert!(Topic::parse(&"x".repeat(200)).is_ok());
+        assert!(Contact::parse("Ana", "ana@example.com", None, None, None).is_ok());
+        assert!(Contact::parse("Ana", "not-an-email", None, None, None).is_err());
+        assert!(Contact::parse("", "ana@example.com", None, None, None).is_err());
+        let c = Contact::parse(
+            "Ana",
+            "ana@example.com",
+            Some(" ".into()),
+            None,
+            Some("ACME".into()),
+        )
+        .unwrap();
+        assert_eq!((c.phone, c.company.as_deref()), (None, Some("ACME")));
+    }
+}

@@ -1,19 +1,20 @@
-//! The agent routes (issue #2). Each handler extracts, calls
+//! The agent routes (issues #2 and #3). Each handler extracts, calls
 //! [`ChatService`], converts; no rule is decided here.
 
 use std::sync::Arc;
 
-use livechat_core::{ChatService, SessionId, TenantId, UserId};
+use livechat_core::{ChatService, PageSize, SessionId, TenantId, TicketDirectory, UserId};
 use poem::Request;
 use poem_openapi::auth::Bearer;
 use poem_openapi::param::{Header, Path, Query};
 use poem_openapi::payload::Json;
-use poem_openapi::{ApiResponse, OpenApi, SecurityScheme, Tags};
+use poem_openapi::{ApiResponse, Object, OpenApi, SecurityScheme, Tags};
 
 use crate::auth::{Authenticator, Principal, SUPPORT_AGENT, TENANT_HEADER, parse_tenant_header};
 use crate::dto::{
     MessageEnvelope, MessageListEnvelope, PostMessageRequest, PresenceEnvelope, SessionEnvelope,
-    SessionListEnvelope, SessionStatusDto, SetStatusRequest, StartSessionRequest,
+    SessionListEnvelope, SessionStatusDto, SetStatusRequest, StartSessionRequest, TicketDto,
+    TicketStatusDto,
 };
 use crate::error::ApiError;
 
@@ -129,9 +130,89 @@ fn session_id(raw: &str) -> Result<SessionId, ApiError> {
     raw.parse().map_err(|_| ApiError::not_found())
 }
 
+/// The idempotency key of a send: the body's `client_msg_id` or the
+/// `Idempotency-Key` header; both given and different is 400.
+pub(crate) fn pick_idempotency_key(
+    body: Option<String>,
+    header: Option<String>,
+) -> Result<Option<String>, ApiError> {
+    match (body, header) {
+        (Some(a), Some(b)) if a != b => Err(ApiError::bad_request(
+            "invalid_body",
+            "client_msg_id and Idempotency-Key differ",
+        )),
+        (a, b) => Ok(a.or(b)),
+    }
+}
+
+/// `POST /sessions/{id}/assign` body.
+#[derive(Clone, Debug, Object)]
+pub struct AssignRequest {
+    /// Transfer to this agent; absent: the caller claims a WAITING session.
+    pub agent_id: Option<i64>,
+}
+
+/// Routing settings of a tenant.
+#[derive(Clone, Debug, Object)]
+pub struct RoutingSettings {
+    /// Maximum OPEN sessions per agent (1–100; default 5).
+    pub agent_capacity: i64,
+}
+
+/// `{"data": RoutingSettings}`.
+#[derive(Clone, Debug, Object)]
+pub struct RoutingSettingsEnvelope {
+    /// The settings.
+    pub data: RoutingSettings,
+}
+
+#[derive(ApiResponse)]
+enum RoutingSettingsResponse {
+    /// The settings in force.
+    #[oai(status = 200)]
+    Ok(Json<RoutingSettingsEnvelope>),
+}
+
+/// `{"data": Ticket}`.
+#[derive(Clone, Debug, Object)]
+pub struct TicketEnvelope {
+    /// The ticket.
+    pub data: TicketDto,
+}
+
+/// `{"data": [Ticket…]}`.
+#[derive(Clone, Debug, Object)]
+pub struct TicketListEnvelope {
+    /// Newest first.
+    pub data: Vec<TicketDto>,
+}
+
+#[derive(ApiResponse)]
+enum TicketResponse {
+    /// The ticket.
+    #[oai(status = 200)]
+    Ok(Json<TicketEnvelope>),
+}
+
+#[derive(ApiResponse)]
+enum TicketListResponse {
+    /// Tickets, newest first.
+    #[oai(status = 200)]
+    Ok(Json<TicketListEnvelope>),
+}
+
 /// The agent API; mounted by [`crate::Livechat`].
 pub(crate) struct AgentApi {
     pub(crate) chat: ChatService,
+    pub(crate) tickets: Option<Arc<dyn TicketDirectory>>,
+}
+
+impl AgentApi {
+    fn tickets(&self) -> Result<&Arc<dyn TicketDirectory>, ApiError> {
+        self.tickets
+            .as_ref()
+            .ok_or_else(|| ApiError::unavailable(&"no ticket directory is configured"))
+    }
 }
 
 #[OpenApi(tag = "ApiTags::Agent")]
@@ -249,15 +330,7 @@ impl AgentApi {
     ) -> Result<MessagePostedResponse, ApiError> {
         let session = session_id(&id.0)?;
         let body = body.0;
-        let key = match (body.client_msg_id.map(|k| k.0), idempotency_key.0) {
-            (Some(a), Some(b)) if a != b => {
-                return Err(ApiError::bad_request(
-                    "invalid_body",
-                    "client_msg_id and Idempotency-Key differ",
-                ));
-            }
-            (a, b) => a.or(b),
-        };
+        let key = pick_idempotency_key(body.client_msg_id.map(|k| k.0), idempotency_key.0)?;
         let posted = self
             .chat
             .post_message(auth.tenant(), auth.user(), session, body.message.0, key)
@@ -292,10 +365,117 @@ impl AgentApi {
             .chat
             .list_messages(auth.tenant(), session_id(&id.0)?, after_seq.0, limit.0)
             .await?;
-        let next_after_seq = messages.last().map_or(after_seq.0.unwrap_or(0), |m| m.seq);
-        Ok(MessageListResponse::Ok(Json(MessageListEnvelope {
-            data: messages.into_iter().map(Into::into).collect(),
-            next_after_seq,
+        Ok(MessageListResponse::Ok(Json(MessageListEnvelope::new(
+            messages,
+            after_seq.0,
+        ))))
+    }
+
+    /// Refresh the calling agent's liveness (keeps them eligible when the
+    /// host configures a presence TTL).
+    #[oai(
+        path = "/agents/me/heartbeat",
+        method = "post",
+        operation_id = "agent_heartbeat"
+    )]
+    async fn heartbeat(&self, auth: AgentAuth) -> Result<PresenceResponse, ApiError> {
+        let presence = self.chat.heartbeat(auth.tenant(), auth.user()).await?;
+        Ok(PresenceResponse::Ok(Json(PresenceEnvelope {
+            data: presence.into(),
+        })))
+    }
+
+    /// Claim a WAITING session (no `agent_id`) or transfer a session to an
+    /// online agent. When two agents claim at once, exactly one wins; the
+    /// other gets 409 `already_assigned`.
+    #[oai(
+        path = "/sessions/:id/assign",
+        method = "post",
+        operation_id = "assign_session"
+    )]
+    async fn assign(
+        &self,
+        auth: AgentAuth,
+        /// Session id (UUID).
+        id: Path<String>,
+        body: Json<AssignRequest>,
+    ) -> Result<SessionResponse, ApiError> {
+        let target = body.0.agent_id.map(UserId::new).transpose()?;
+        let session = self
+            .chat
+            .assign_session(auth.tenant(), auth.user(), session_id(&id.0)?, target)
+            .await?;
+        Ok(SessionResponse::Ok(Json(SessionEnvelope {
+            data: session.into(),
+        })))
+    }
+
+    /// The tenant's routing settings.
+    #[oai(
+        path = "/settings/routing",
+        method = "get",
+        operation_id = "get_routing_settings"
+    )]
+    async fn routing_settings(&self, auth: AgentAuth) -> Result<RoutingSettingsResponse, ApiError> {
+        let agent_capacity = self.chat.agent_capacity(auth.tenant()).await?;
+        Ok(RoutingSettingsResponse::Ok(Json(RoutingSettingsEnvelope {
+            data: RoutingSettings { agent_capacity },
+        })))
+    }
+
+    /// Set the tenant's per-agent capacity; raising it assigns waiting
+    /// sessions at once.
+    #[oai(
+        path = "/settings/routing",
+        method = "put",
+        operation_id = "set_routing_settings"
+    )]
+    async fn set_routing_settings(
+        &self,
+        auth: AgentAuth,
+        body: Json<RoutingSettings>,
+    ) -> Result<RoutingSettingsResponse, ApiError> {
+        let agent_capacity = self
+            .chat
+            .set_agent_capacity(auth.tenant(), body.0.agent_capacity)
+            .await?;
+        Ok(RoutingSettingsResponse::Ok(Json(RoutingSettingsEnvelope {
+            data: RoutingSettings { agent_capacity },
+        })))
+    }
+
+    /// The tenant's tickets, newest first.
+    #[oai(path = "/tickets", method = "get", operation_id = "list_tickets")]
+    async fn list_tickets(
+        &self,
+        auth: AgentAuth,
+        /// Only tickets with this status.
+        status: Query<Option<TicketStatusDto>>,
+        /// 1–200, default 50.
+        limit: Query<Option<i64>>,
+    ) -> Result<TicketListResponse, ApiError> {
+        let limit = PageSize::parse(limit.0, self.chat.config())?;
+        let tickets = self
+            .tickets()?
+            .list_tickets(auth.tenant(), status.0.map(Into::into), limit)
+            .await?;
+        Ok(TicketListResponse::Ok(Json(TicketListEnvelope {
+            data: tickets.into_iter().map(Into::into).collect(),
+        })))
+    }
+
+    /// One ticket.
+    #[oai(path = "/tickets/:id", method = "get", operation_id = "get_ticket")]
+    async fn get_ticket(
+        &self,
+        auth: AgentAuth,
+        /// Ticket id (UUID).
+        id: Path<String>,
+    ) -> Result<TicketResponse, ApiError> {
+        let id = id.0.parse().map_err(|_| ApiError::not_found())?;
+        let ticket = self.tickets()?.get_ticket(auth.tenant(), id).await?;
+        Ok(TicketResponse::Ok(Json(TicketEnvelope {
+            data: ticket.into(),
         })))
     }
 }

@@ -2,7 +2,10 @@
 //! core entities. Field names and formats are the contract of issue #2.
 
 use chrono::{DateTime, Utc};
-use livechat_core::{AgentPresence, ChatMessage, ChatSession, PresenceStatus, SessionStatus};
+use livechat_core::{
+    AgentPresence, ChatMessage, ChatSession, Contact, Notification, PresenceStatus, Priority,
+    SenderType, SessionStatus, SessionView, Ticket, TicketStatus,
+};
 use poem_openapi::{Enum, Object};
 use uuid::Uuid;
 
@@ -10,6 +13,8 @@ use uuid::Uuid;
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Enum)]
 #[oai(rename_all = "SCREAMING_SNAKE_CASE")]
 pub enum SessionStatusDto {
+    /// Queued for an agent.
+    Waiting,
     /// Messages may be posted.
     Open,
     /// Ended; read-only.
@@ -19,18 +24,77 @@ pub enum SessionStatusDto {
 impl From<SessionStatusDto> for SessionStatus {
     fn from(s: SessionStatusDto) -> Self {
         match s {
+            SessionStatusDto::Waiting => Self::Waiting,
             SessionStatusDto::Open => Self::Open,
             SessionStatusDto::Closed => Self::Closed,
         }
     }
 }
 
-impl SessionStatusDto {
-    fn from_core(s: SessionStatus) -> Self {
-        if s == SessionStatus::Open {
-            Self::Open
-        } else {
-            Self::Closed
+impl From<SessionStatus> for SessionStatusDto {
+    fn from(s: SessionStatus) -> Self {
+        match s {
+            SessionStatus::Waiting => Self::Waiting,
+            SessionStatus::Open => Self::Open,
+            SessionStatus::Closed => Self::Closed,
+        }
+    }
+}
+
+/// Queue priority on the wire.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Enum)]
+#[oai(rename_all = "lowercase")]
+pub enum PriorityDto {
+    /// Lowest.
+    Low,
+    /// Default.
+    Normal,
+    /// Before normal.
+    High,
+    /// First.
+    Urgent,
+}
+
+impl From<PriorityDto> for Priority {
+    fn from(p: PriorityDto) -> Self {
+        match p {
+            PriorityDto::Low => Self::Low,
+            PriorityDto::Normal => Self::Normal,
+            PriorityDto::High => Self::High,
+            PriorityDto::Urgent => Self::Urgent,
+        }
+    }
+}
+
+impl From<Priority> for PriorityDto {
+    fn from(p: Priority) -> Self {
+        match p {
+            Priority::Low => Self::Low,
+            Priority::Normal => Self::Normal,
+            Priority::High => Self::High,
+            Priority::Urgent => Self::Urgent,
+        }
+    }
+}
+
+/// Who wrote a message.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Enum)]
+#[oai(rename_all = "lowercase")]
+pub enum SenderTypeDto {
+    /// A support agent.
+    Agent,
+    /// The session's customer.
+    Customer,
+    /// The library.
+    System,
+}
+
+impl From<SenderType> for SenderTypeDto {
+    fn from(s: SenderType) -> Self {
+        match s {
+            SenderType::Agent => Self::Agent,
+            SenderType::Customer => Self::Customer,
+            SenderType::System => Self::System,
         }
     }
 }
@@ -71,6 +135,34 @@ impl From<PresenceStatus> for PresenceStatusDto {
     }
 }
 
+/// Contact details of a session.
+#[derive(Clone, Debug, Object)]
+#[oai(rename = "Contact")]
+pub struct ContactDto {
+    /// 1–200 characters.
+    pub name: String,
+    /// A valid e-mail address.
+    pub email: String,
+    /// Up to 50 characters.
+    pub phone: Option<String>,
+    /// Up to 200 characters.
+    pub position: Option<String>,
+    /// Up to 200 characters.
+    pub company: Option<String>,
+}
+
+impl From<Contact> for ContactDto {
+    fn from(c: Contact) -> Self {
+        Self {
+            name: c.name,
+            email: c.email,
+            phone: c.phone,
+            position: c.position,
+            company: c.company,
+        }
+    }
+}
+
 /// A chat session.
 #[derive(Clone, Debug, Object)]
 #[oai(rename = "ChatSession")]
@@ -79,10 +171,24 @@ pub struct SessionDto {
     pub id: Uuid,
     /// Owning tenant.
     pub tenant_id: i64,
-    /// The serving agent.
+    /// The serving agent; `null` while WAITING.
     pub agent_id: Option<i64>,
-    /// `OPEN` or `CLOSED`.
+    /// The customer, for customer-started chats.
+    pub customer_id: Option<Uuid>,
+    /// `WAITING`, `OPEN` or `CLOSED`.
     pub status: SessionStatusDto,
+    /// What the customer needs help with.
+    pub topic: Option<String>,
+    /// Queue priority.
+    pub priority: PriorityDto,
+    /// Requested department.
+    pub department: Option<String>,
+    /// The ticket opened because no agent was eligible.
+    pub ticket_id: Option<Uuid>,
+    /// 1-based place in the tenant's queue while WAITING, else `null`.
+    pub queue_position: Option<i64>,
+    /// Contact details given by the customer.
+    pub contact: Option<ContactDto>,
     /// RFC 3339, UTC.
     pub created_at: DateTime<Utc>,
     /// RFC 3339, UTC; changes with every message.
@@ -91,17 +197,38 @@ pub struct SessionDto {
     pub closed_at: Option<DateTime<Utc>>,
 }
 
-impl From<ChatSession> for SessionDto {
-    fn from(s: ChatSession) -> Self {
+impl SessionDto {
+    /// The wire form of a session and its queue place.
+    #[must_use]
+    pub fn new(s: ChatSession, queue_position: Option<i64>) -> Self {
         Self {
             id: s.id.as_uuid(),
             tenant_id: s.tenant_id.get(),
             agent_id: s.agent_id.map(livechat_core::UserId::get),
-            status: SessionStatusDto::from_core(s.status),
+            customer_id: s.customer_id.map(|c| c.as_uuid()),
+            status: s.status.into(),
+            topic: s.topic,
+            priority: s.priority.into(),
+            department: s.department,
+            ticket_id: s.ticket_id.map(|t| t.as_uuid()),
+            queue_position,
+            contact: s.contact.map(Into::into),
             created_at: s.created_at,
             updated_at: s.updated_at,
             closed_at: s.closed_at,
         }
+    }
+}
+
+impl From<ChatSession> for SessionDto {
+    fn from(s: ChatSession) -> Self {
+        Self::new(s, None)
+    }
+}
+
+impl From<SessionView> for SessionDto {
+    fn from(v: SessionView) -> Self {
+        Self::new(v.session, v.queue_position)
     }
 }
 
@@ -115,8 +242,14 @@ pub struct MessageDto {
     pub session_id: Uuid,
     /// Owning tenant.
     pub tenant_id: i64,
-    /// The sending user.
-    pub sender_id: i64,
+    /// `agent`, `customer` or `system`.
+    pub sender_type: SenderTypeDto,
+    /// The agent's user id, or an identified customer's host user id;
+    /// `null` for visitors and system messages.
+    pub sender_id: Option<i64>,
+    /// The sending customer, for customer messages.
+    #[oai(skip_serializing_if_is_none)]
+    pub customer_id: Option<Uuid>,
     /// Position in the session: 1, 2, 3 … with no gaps.
     pub seq: i64,
     /// The text as sent.
@@ -134,7 +267,9 @@ impl From<ChatMessage> for MessageDto {
             id: m.id.as_uuid(),
             session_id: m.session_id.as_uuid(),
             tenant_id: m.tenant_id.get(),
-            sender_id: m.sender_id.get(),
+            sender_type: m.sender_type.into(),
+            sender_id: m.sender_id.map(livechat_core::UserId::get),
+            customer_id: m.customer_id.map(|c| c.as_uuid()),
             seq: m.seq,
             message: m.message,
             client_msg_id: m.client_msg_id,
@@ -221,6 +356,19 @@ pub struct MessageListEnvelope {
     pub next_after_seq: i64,
 }
 
+impl MessageListEnvelope {
+    /// A page of messages; `next_after_seq` is the last `seq`, or
+    /// `after_seq` (default 0) for an empty page.
+    #[must_use]
+    pub fn new(messages: Vec<ChatMessage>, after_seq: Option<i64>) -> Self {
+        let next_after_seq = messages.last().map_or(after_seq.unwrap_or(0), |m| m.seq);
+        Self {
+            data: messages.into_iter().map(Into::into).collect(),
+            next_after_seq,
+        }
+    }
+}
+
 /// `{"data": AgentPresence}`.
 #[derive(Clone, Debug, Object)]
 pub struct PresenceEnvelope {
@@ -272,5 +420,119 @@ impl poem_openapi::types::ParseFromJSON for StrictString {
 impl poem_openapi::types::ToJSON for StrictString {
     fn to_json(&self) -> Option<serde_json::Value> {
         Some(serde_json::Value::String(self.0.clone()))
+    }
+}
+
+/// Ticket status on the wire.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Enum)]
+#[oai(rename_all = "SCREAMING_SNAKE_CASE")]
+pub enum TicketStatusDto {
+    /// Awaiting an answer.
+    Open,
+    /// Its session closed.
+    Closed,
+}
+
+impl From<TicketStatus> for TicketStatusDto {
+    fn from(s: TicketStatus) -> Self {
+        match s {
+            TicketStatus::Open => Self::Open,
+            TicketStatus::Closed => Self::Closed,
+        }
+    }
+}
+
+impl From<TicketStatusDto> for TicketStatus {
+    fn from(s: TicketStatusDto) -> Self {
+        match s {
+            TicketStatusDto::Open => Self::Open,
+            TicketStatusDto::Closed => Self::Closed,
+        }
+    }
+}
+
+/// A ticket.
+#[derive(Clone, Debug, Object)]
+#[oai(rename = "Ticket")]
+pub struct TicketDto {
+    /// UUIDv7 (the session's `ticket_id`).
+    pub id: Uuid,
+    /// Owning tenant.
+    pub tenant_id: i64,
+    /// `no_agent_online` or `agent_offline`.
+    pub reason: String,
+    /// The session it keeps.
+    pub session_id: Option<Uuid>,
+    /// The customer.
+    pub customer_id: Option<Uuid>,
+    /// The agent it is addressed to.
+    pub agent_id: Option<i64>,
+    /// Topic or generated subject.
+    pub subject: String,
+    /// Priority.
+    pub priority: PriorityDto,
+    /// `OPEN` or `CLOSED`.
+    pub status: TicketStatusDto,
+    /// RFC 3339, UTC.
+    pub created_at: DateTime<Utc>,
+    /// RFC 3339, UTC.
+    pub closed_at: Option<DateTime<Utc>>,
+}
+
+impl From<Ticket> for TicketDto {
+    fn from(t: Ticket) -> Self {
+        Self {
+            id: t.id.as_uuid(),
+            tenant_id: t.tenant_id.get(),
+            reason: serde_json::to_value(t.reason)
+                .ok()
+                .and_then(|v| v.as_str().map(str::to_owned))
+                .unwrap_or_default(),
+            session_id: t.session_id.map(|s| s.as_uuid()),
+            customer_id: t.customer_id.map(|c| c.as_uuid()),
+            agent_id: t.agent_id.map(livechat_core::UserId::get),
+            subject: t.subject,
+            priority: t.priority.into(),
+            status: t.status.into(),
+            created_at: t.created_at,
+            closed_at: t.closed_at,
+        }
+    }
+}
+
+/// A customer notification.
+#[derive(Clone, Debug, Object)]
+#[oai(rename = "Notification")]
+pub struct NotificationDto {
+    /// UUIDv7.
+    pub id: Uuid,
+    /// `agent_reply`.
+    pub kind: String,
+    /// Short text.
+    pub title: String,
+    /// The reply (up to 500 characters).
+    pub body: String,
+    /// The session.
+    pub session_id: Option<Uuid>,
+    /// The ticket.
+    pub ticket_id: Option<Uuid>,
+    /// RFC 3339, UTC.
+    pub created_at: DateTime<Utc>,
+    /// RFC 3339, UTC; `null` while unread.
+    pub read_at: Option<DateTime<Utc>>,
+}
+
+impl From<Notification> for NotificationDto {
+    fn from(n: Notification) -> Self {
+        Self {
+            id: n.id.as_uuid(),
+            kind: n.kind,
+            title: n.title,
+            body: n.body,
+            session_id: n.session_id.map(|s| s.as_uuid()),
+            ticket_id: n.ticket_id.map(|t| t.as_uuid()),
+            created_at: n.created_at,
+            read_at: n.read_at,
+        }
     }
 }

@@ -21,6 +21,10 @@ pub struct ErrorDetail {
     pub code: String,
     /// Human-readable explanation; not stable.
     pub message: String,
+    /// For `agent_offline` on `POST /sessions`: the ticket that keeps the
+    /// request (issue #3).
+    #[oai(skip_serializing_if_is_none)]
+    pub ticket_id: Option<uuid::Uuid>,
 }
 
 /// The error envelope: `{"error": {"code", "message"}}`.
@@ -35,7 +39,7 @@ pub struct ErrorBody {
 pub enum ApiError {
     /// Bad input: `invalid_body`, `invalid_query`, `invalid_tenant`,
     /// `invalid_message`, `message_too_long`, `agent_offline`,
-    /// `active_session_exists`, `session_closed`.
+    /// `active_session_exists`, `session_closed`, `invalid_customer`.
     #[oai(status = 400)]
     BadRequest(Json<ErrorBody>),
     /// `unauthorized`: token missing, malformed, badly signed or expired.
@@ -47,6 +51,9 @@ pub enum ApiError {
     /// `not_found`: no such row in this tenant, or a malformed id.
     #[oai(status = 404)]
     NotFound(Json<ErrorBody>),
+    /// `already_assigned`: a concurrent claim won.
+    #[oai(status = 409)]
+    Conflict(Json<ErrorBody>),
     /// `payload_too_large`: body over 64 KiB.
     #[oai(status = 413)]
     PayloadTooLarge(Json<ErrorBody>),
@@ -63,6 +70,7 @@ fn body(code: &str, message: impl Into<String>) -> Json<ErrorBody> {
         error: ErrorDetail {
             code: code.to_owned(),
             message: message.into(),
+            ticket_id: None,
         },
     })
 }
@@ -121,7 +129,18 @@ impl From<ChatError> for ApiError {
         match err {
             ChatError::NotFound => Self::not_found(),
             ChatError::InvalidId(msg) => Self::bad_request("invalid_body", msg),
-            ChatError::AgentOffline(_) => Self::bad_request("agent_offline", err.to_string()),
+            ChatError::AgentOffline { ticket_id, .. } => {
+                let mut json = body(
+                    "agent_offline",
+                    format!("{err}; the request was kept as ticket {ticket_id}"),
+                );
+                json.0.error.ticket_id = Some(ticket_id.as_uuid());
+                Self::BadRequest(json)
+            }
+            ChatError::AgentNotOnline(_) => Self::bad_request("agent_offline", err.to_string()),
+            ChatError::AlreadyAssigned => Self::Conflict(body("already_assigned", err.to_string())),
+            ChatError::InvalidInput(msg) => Self::bad_request("invalid_body", msg),
+            ChatError::InvalidCustomer(msg) => Self::bad_request("invalid_customer", msg),
             ChatError::ActiveSessionExists(existing) => Self::bad_request(
                 "active_session_exists",
                 match existing {

@@ -19,7 +19,11 @@
 //! let db = store::connect("sqlite://livechat.db?mode=rwc").await?;
 //! Migrator::up(&db, None).await?;
 //! let chat = ChatService::new(SeaOrmStore::new(db), ChatConfig::default());
-//! let livechat = Livechat::new(chat, Arc::new(JwtAuthenticator::hs256(b"host secret")));
+//! let livechat = Livechat::new(
+//!     chat,
+//!     Arc::new(JwtAuthenticator::hs256(b"host secret")),
+//!     b"visitor token secret",
+//! );
 //!
 //! let app = Route::new()
 //!     .nest("/livechat", livechat.endpoint())
@@ -31,28 +35,36 @@
 
 mod api;
 mod auth;
+mod customer;
 mod dto;
 mod error;
+mod visitor;
 
 use std::sync::Arc;
 
-use livechat_core::ChatService;
+use livechat_core::{ChatService, NotificationInbox, TicketDirectory};
 use poem::{Endpoint, EndpointExt, IntoEndpoint, Response};
 use poem_openapi::OpenApiService;
 
-pub use api::AgentContext;
+pub use api::{AgentContext, AssignRequest, RoutingSettings};
 pub use auth::{
     AuthError, Authenticator, JwtAuthenticator, Principal, SUPPORT_AGENT, TENANT_HEADER,
     parse_tenant_header,
 };
+pub use customer::{ChatStart, ContactRequest, LinkRequest, StartChatRequest};
 pub use dto::*;
 pub use error::{ApiError, ErrorBody, ErrorDetail, MAX_BODY_BYTES, envelope};
+pub use visitor::{IdentitySecrets, VISITOR_TOKEN_TTL, VisitorTokens};
 
 /// The livechat routes, ready to nest into a host's poem app.
 #[derive(Clone)]
 pub struct Livechat {
     chat: ChatService,
     authenticator: Arc<dyn Authenticator>,
+    visitor_tokens: VisitorTokens,
+    identity_secrets: IdentitySecrets,
+    tickets: Option<Arc<dyn TicketDirectory>>,
+    notifications: Option<Arc<dyn NotificationInbox>>,
 }
 
 impl std::fmt::Debug for Livechat {
@@ -64,25 +76,75 @@ impl std::fmt::Debug for Livechat {
 }
 
 impl Livechat {
-    /// Routes over `chat`, authenticating requests with `authenticator`.
-    pub fn new(chat: ChatService, authenticator: Arc<dyn Authenticator>) -> Self {
+    /// Routes over `chat`, authenticating host tokens with `authenticator`
+    /// and signing visitor tokens with `visitor_secret` (shared by all
+    /// nodes, apart from the host's JWT secret).
+    pub fn new(
+        chat: ChatService,
+        authenticator: Arc<dyn Authenticator>,
+        visitor_secret: &[u8],
+    ) -> Self {
         Self {
             chat,
             authenticator,
+            visitor_tokens: VisitorTokens::new(visitor_secret),
+            identity_secrets: IdentitySecrets::new(),
+            tickets: None,
+            notifications: None,
         }
     }
 
-    fn service(&self, server_url: &str) -> OpenApiService<api::AgentApi, ()> {
+    /// Accept identity hashes signed with these per-tenant secrets.
+    #[must_use]
+    pub fn identity_secrets(mut self, secrets: IdentitySecrets) -> Self {
+        self.identity_secrets = secrets;
+        self
+    }
+
+    /// Where `GET /tickets` reads tickets (without it those routes answer
+    /// 503 `unavailable`).
+    #[must_use]
+    pub fn tickets(mut self, tickets: Arc<dyn TicketDirectory>) -> Self {
+        self.tickets = Some(tickets);
+        self
+    }
+
+    /// Where `GET /customer/notifications` reads notifications (without it
+    /// those routes answer 503 `unavailable`).
+    #[must_use]
+    pub fn notifications(mut self, inbox: Arc<dyn NotificationInbox>) -> Self {
+        self.notifications = Some(inbox);
+        self
+    }
+
+    fn service(
+        &self,
+        server_url: &str,
+    ) -> OpenApiService<(api::AgentApi, customer::CustomerApi), ()> {
+        let customer_state = Arc::new(customer::CustomerState {
+            authenticator: self.authenticator.clone(),
+            visitor_tokens: self.visitor_tokens.clone(),
+            identity_secrets: self.identity_secrets.clone(),
+            notifications: self.notifications.clone(),
+        });
         OpenApiService::new(
-            api::AgentApi {
-                chat: self.chat.clone(),
-            },
+            (
+                api::AgentApi {
+                    chat: self.chat.clone(),
+                    tickets: self.tickets.clone(),
+                },
+                customer::CustomerApi {
+                    chat: self.chat.clone(),
+                    state: customer_state,
+                },
+            ),
             "livechat",
             env!("CARGO_PKG_VERSION"),
         )
         .description(
-            "Multi-tenant live chat for support agents. Every route needs \
-             `Authorization: Bearer <token>` and `X-Tenant-ID: <positive integer>`. \
+            "Multi-tenant live chat. Every route needs `X-Tenant-ID: <positive integer>`. \
+             Agent routes need `Authorization: Bearer <token>` with the SUPPORT_AGENT role; \
+             customer routes take a host Bearer token or `Authorization: Visitor <token>`. \
              Errors are `{\"error\": {\"code\", \"message\"}}`.",
         )
         .server(server_url)

@@ -239,6 +239,11 @@ pub struct App {
     pub client: poem::test::TestClient<poem::endpoint::BoxEndpoint<'static, poem::Response>>,
     /// The service over the same database (for concurrency tests).
     pub chat: livechat_core::ChatService,
+    /// The ticket bridge's dispatcher as the example host wires it; tests
+    /// drive it with `dispatch_once`.
+    pub dispatcher: livechat_ticket_bridge::Dispatcher<livechat_core::store::SeaOrmStore>,
+    /// The host configuration the app was built with.
+    pub config: livechat_example_server::Config,
     /// The open connection.
     pub db: DatabaseConnection,
     /// Keeps the database alive.
@@ -251,17 +256,36 @@ impl App {
     /// # Panics
     /// When the database cannot be created or migrated.
     pub async fn new(backend: Backend) -> Self {
+        Self::with_config(backend, |_| {}).await
+    }
+
+    /// A fresh app on `backend` with `adjust` applied to the host config
+    /// (identity secrets, webhook, capacity…).
+    ///
+    /// # Panics
+    /// When the database cannot be created or migrated.
+    pub async fn with_config(
+        backend: Backend,
+        adjust: impl FnOnce(&mut livechat_example_server::Config),
+    ) -> Self {
         use poem::EndpointExt;
         let test_db = TestDb::new(backend).await;
         let db = test_db.connect_migrated().await;
+        let mut config = livechat_example_server::Config::new(&test_db.url, SECRET);
+        adjust(&mut config);
+        let mut chat_config = livechat_core::ChatConfig::default();
+        chat_config.routing.default_capacity = config.agent_capacity;
         let chat = livechat_core::ChatService::new(
             livechat_core::store::SeaOrmStore::new(db.clone()),
-            livechat_core::ChatConfig::default(),
+            chat_config,
         );
-        let ep = livechat_example_server::app(db.clone(), SECRET).boxed();
+        let ep = livechat_example_server::app(db.clone(), &config).boxed();
+        let dispatcher = livechat_example_server::dispatcher(db.clone(), &config);
         Self {
             client: poem::test::TestClient::new(ep),
             chat,
+            dispatcher,
+            config,
             db,
             test_db,
         }

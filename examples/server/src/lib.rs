@@ -11,7 +11,15 @@
 //! | `LIVECHAT_ADDR` | `127.0.0.1:8080` | listen address |
 //! | `DATABASE_URL` | `sqlite://livechat.db?mode=rwc` | SQLite file (created on first run) or `postgres://…` |
 //! | `LIVECHAT_JWT_SECRET` | a development secret (logged as a warning) | HS256 secret shared by login and the library |
+//! | `LIVECHAT_VISITOR_SECRET` | a development secret (logged as a warning) | signs the library's visitor tokens; the same on every node |
+//! | `LIVECHAT_IDENTITY_SECRETS` | none | per-tenant identity-hash secrets, `1:secret,2:other` |
+//! | `LIVECHAT_AGENT_CAPACITY` | `5` | default maximum OPEN sessions per agent |
+//! | `LIVECHAT_WEBHOOK_URL` | none | also deliver tickets and notifications as signed webhooks |
+//! | `LIVECHAT_WEBHOOK_SECRET` | none (required with the URL) | HMAC secret of the webhook signature |
 //!
+//! Tickets and notifications are materialized by the ticket bridge's
+//! dispatcher, which runs next to the HTTP server with the default SeaORM
+//! sinks (and the webhook sink when configured).
 //! Demo data (seeded idempotently): tenants 1 and 2; `admin@livechat.com`
 //! (user 1, roles `ADMIN` and `SUPPORT_AGENT`, every tenant) and
 //! `agent1@livechat.com` … `agent5@livechat.com` (users 2–6,
@@ -26,7 +34,10 @@ use argon2::password_hash::{
 };
 use livechat_core::store::{self, Migrator, SeaOrmStore};
 use livechat_core::{ChatConfig, ChatService};
-use livechat_poem::{JwtAuthenticator, Livechat, envelope};
+use livechat_poem::{IdentitySecrets, JwtAuthenticator, Livechat, envelope};
+use livechat_ticket_bridge::{
+    BridgeMigrator, Dispatcher, DispatcherConfig, SeaOrmSinks, Url, WebhookSink,
+};
 use poem::http::StatusCode;
 use poem::listener::TcpListener;
 use poem::middleware::Tracing;
@@ -42,6 +53,9 @@ use serde::{Deserialize, Serialize};
 /// The secret used when `LIVECHAT_JWT_SECRET` is unset. Development only.
 pub const DEV_JWT_SECRET: &str = "livechat-development-secret-change-me";
 
+/// The secret used when `LIVECHAT_VISITOR_SECRET` is unset. Development only.
+pub const DEV_VISITOR_SECRET: &str = "livechat-development-visitor-secret-change-me";
+
 /// How long a login token is valid.
 pub const TOKEN_TTL: Duration = Duration::from_secs(12 * 60 * 60);
 
@@ -56,21 +70,78 @@ pub struct Config {
     pub jwt_secret: String,
     /// Whether [`DEV_JWT_SECRET`] is in use.
     pub jwt_secret_is_default: bool,
+    /// `LIVECHAT_VISITOR_SECRET`.
+    pub visitor_secret: String,
+    /// `LIVECHAT_IDENTITY_SECRETS`, parsed.
+    pub identity_secrets: IdentitySecrets,
+    /// `LIVECHAT_AGENT_CAPACITY`.
+    pub agent_capacity: i64,
+    /// `LIVECHAT_WEBHOOK_URL` and `LIVECHAT_WEBHOOK_SECRET`.
+    pub webhook: Option<(Url, String)>,
+}
+
+impl Config {
+    /// Settings for an app on `database_url` with the given JWT secret and
+    /// defaults elsewhere (tests, embedding).
+    #[must_use]
+    pub fn new(database_url: &str, jwt_secret: &str) -> Self {
+        Self {
+            addr: "127.0.0.1:0".into(),
+            database_url: database_url.into(),
+            jwt_secret: jwt_secret.into(),
+            jwt_secret_is_default: false,
+            visitor_secret: format!("{jwt_secret}-visitor"),
+            identity_secrets: IdentitySecrets::new(),
+            agent_capacity: 5,
+            webhook: None,
+        }
+    }
 }
 
 impl Config {
     /// Reads the variables of the table in the crate docs.
-    #[must_use]
-    pub fn from_env() -> Self {
+    ///
+    /// # Errors
+    /// A message naming a malformed variable.
+    pub fn from_env() -> Result<Self, String> {
         let var = |name: &str| std::env::var(name).ok().filter(|v| !v.trim().is_empty());
         let secret = var("LIVECHAT_JWT_SECRET");
-        Self {
+        let webhook = match (var("LIVECHAT_WEBHOOK_URL"), var("LIVECHAT_WEBHOOK_SECRET")) {
+            (None, _) => None,
+            (Some(_), None) => {
+                return Err("LIVECHAT_WEBHOOK_URL needs LIVECHAT_WEBHOOK_SECRET".into());
+            }
+            (Some(url), Some(secret)) => Some((
+                Url::parse(&url).map_err(|e| format!("LIVECHAT_WEBHOOK_URL: {e}"))?,
+                secret,
+            )),
+        };
+        Ok(Self {
             addr: var("LIVECHAT_ADDR").unwrap_or_else(|| "127.0.0.1:8080".into()),
             database_url: var("DATABASE_URL")
                 .unwrap_or_else(|| "sqlite://livechat.db?mode=rwc".into()),
             jwt_secret_is_default: secret.is_none(),
             jwt_secret: secret.unwrap_or_else(|| DEV_JWT_SECRET.into()),
-        }
+            visitor_secret: var("LIVECHAT_VISITOR_SECRET")
+                .unwrap_or_else(|| DEV_VISITOR_SECRET.into()),
+            identity_secrets: var("LIVECHAT_IDENTITY_SECRETS")
+                .map(|s| IdentitySecrets::parse(&s))
+                .transpose()
+                .map_err(|e| format!("LIVECHAT_IDENTITY_SECRETS: {e}"))?
+                .unwrap_or_default(),
+            agent_capacity: var("LIVECHAT_AGENT_CAPACITY")
+                .map(|v| v.parse::<i64>().ok().filter(|n| (1..=100).contains(n)))
+                .map(|v| v.ok_or("LIVECHAT_AGENT_CAPACITY must be 1-100"))
+                .transpose()?
+                .unwrap_or(5),
+            webhook,
+        })
+    }
+
+    fn chat_config(&self) -> ChatConfig {
+        let mut config = ChatConfig::default();
+        config.routing.default_capacity = self.agent_capacity;
+        config
     }
 }
 
@@ -125,6 +196,7 @@ mod host {
 pub async fn prepare_database(url: &str) -> Result<DatabaseConnection, sea_orm::DbErr> {
     let db = store::connect(url).await?;
     Migrator::up(&db, None).await?;
+    BridgeMigrator::up(&db, None).await?;
     let schema = Schema::new(db.get_database_backend());
     db.execute(
         schema
@@ -354,16 +426,38 @@ async fn health(state: Data<&Arc<HostState>>) -> Response {
     }
 }
 
+/// The ticket bridge's dispatcher over `db`: the default SeaORM sinks, and
+/// the webhook sink when configured.
+#[must_use]
+pub fn dispatcher(db: DatabaseConnection, config: &Config) -> Dispatcher<SeaOrmStore> {
+    let tables = Arc::new(SeaOrmSinks::new(db.clone()));
+    let mut dispatcher = Dispatcher::new(SeaOrmStore::new(db), DispatcherConfig::default())
+        .ticket_sink(tables.clone())
+        .notification_sink(tables);
+    if let Some((url, secret)) = &config.webhook {
+        let webhook = Arc::new(WebhookSink::new(url.clone(), secret.as_bytes().to_vec()));
+        dispatcher = dispatcher
+            .ticket_sink(webhook.clone())
+            .notification_sink(webhook);
+    }
+    dispatcher
+}
+
 /// The whole host app over an open, migrated database.
-pub fn app(db: DatabaseConnection, jwt_secret: &str) -> impl Endpoint<Output = Response> + use<> {
-    let chat = ChatService::new(SeaOrmStore::new(db.clone()), ChatConfig::default());
+pub fn app(db: DatabaseConnection, config: &Config) -> impl Endpoint<Output = Response> + use<> {
+    let chat = ChatService::new(SeaOrmStore::new(db.clone()), config.chat_config());
+    let tables = Arc::new(SeaOrmSinks::new(db.clone()));
     let livechat = Livechat::new(
         chat,
-        Arc::new(JwtAuthenticator::hs256(jwt_secret.as_bytes())),
-    );
+        Arc::new(JwtAuthenticator::hs256(config.jwt_secret.as_bytes())),
+        config.visitor_secret.as_bytes(),
+    )
+    .identity_secrets(config.identity_secrets.clone())
+    .tickets(tables.clone())
+    .notifications(tables);
     let state = Arc::new(HostState {
         db,
-        jwt_secret: jwt_secret.to_owned(),
+        jwt_secret: config.jwt_secret.clone(),
     });
     let host_routes = Route::new()
         .at("/auth/login", post(login))
@@ -390,12 +484,23 @@ pub async fn run(config: Config) -> Result<(), Box<dyn std::error::Error + Send 
             "LIVECHAT_JWT_SECRET is not set: using the development secret; never do this in production"
         );
     }
+    if config.visitor_secret == DEV_VISITOR_SECRET {
+        tracing::warn!(
+            "LIVECHAT_VISITOR_SECRET is not set: using the development secret; never do this in production"
+        );
+    }
     let db = prepare_database(&config.database_url).await?;
     tracing::info!(addr = %config.addr, database = %redact(&config.database_url), "livechat example server starting");
-    let app = app(db.clone(), &config.jwt_secret);
+    let app = app(db.clone(), &config);
+    let (stop_tx, mut stop_rx) = tokio::sync::watch::channel(false);
+    let dispatcher = tokio::spawn(dispatcher(db.clone(), &config).run(async move {
+        let _ = stop_rx.wait_for(|stop| *stop).await;
+    }));
     Server::new(TcpListener::bind(config.addr.clone()))
         .run_with_graceful_shutdown(app, shutdown_signal(), Some(Duration::from_secs(10)))
         .await?;
+    let _ = stop_tx.send(true);
+    let _ = dispatcher.await;
     db.close().await?;
     tracing::info!("stopped");
     Ok(())

@@ -11,7 +11,13 @@ async fn main() {
                 .unwrap_or_else(|_| "info,sqlx=warn,sea_orm=warn".into()),
         )
         .init();
-    let config = Config::from_env();
+    let config = match Config::from_env() {
+        Ok(config) => config,
+        Err(err) => {
+            tracing::error!(error = %err, "bad configuration");
+            std::process::exit(2);
+        }
+    };
     if let Err(err) = run(config).await {
         tracing::error!(error = %err, "server stopped with an error");
         std::process::exit(1);

@@ -11,11 +11,20 @@ pub(crate) mod session {
         pub id: Uuid,
         pub tenant_id: i64,
         pub agent_id: Option<i64>,
+        pub customer_id: Option<Uuid>,
         pub origin: String,
         pub status: String,
+        pub topic: Option<String>,
+        pub priority_rank: i32,
+        pub department: Option<String>,
+        pub ticket_id: Option<Uuid>,
+        pub contact: Option<String>,
+        pub client_ip: Option<String>,
+        pub user_agent: Option<String>,
         pub last_seq: i64,
         pub created_at: DateTimeUtc,
         pub updated_at: DateTimeUtc,
+        pub assigned_at: Option<DateTimeUtc>,
         pub closed_at: Option<DateTimeUtc>,
     }
 
@@ -35,7 +44,9 @@ pub(crate) mod message {
         pub id: Uuid,
         pub tenant_id: i64,
         pub session_id: Uuid,
-        pub sender_id: i64,
+        pub sender_type: String,
+        pub sender_id: Option<i64>,
+        pub customer_id: Option<Uuid>,
         pub seq: i64,
         pub body: String,
         pub client_msg_id: Option<String>,
@@ -60,6 +71,8 @@ pub(crate) mod presence {
         pub agent_id: i64,
         pub status: String,
         pub updated_at: DateTimeUtc,
+        pub last_seen_at: DateTimeUtc,
+        pub last_assigned_at: Option<DateTimeUtc>,
     }
 
     #[derive(Copy, Clone, Debug, EnumIter, DeriveRelation)]
@@ -81,7 +94,54 @@ pub(crate) mod outbox {
         pub kind: String,
         pub payload: String,
         pub created_at: DateTimeUtc,
+        pub attempts: i32,
+        pub available_at: DateTimeUtc,
+        pub claimed_until: Option<DateTimeUtc>,
+        pub last_error: Option<String>,
         pub dispatched_at: Option<DateTimeUtc>,
+        pub failed_at: Option<DateTimeUtc>,
+    }
+
+    #[derive(Copy, Clone, Debug, EnumIter, DeriveRelation)]
+    pub enum Relation {}
+
+    impl ActiveModelBehavior for ActiveModel {}
+}
+
+pub(crate) mod customer {
+    use sea_orm::entity::prelude::*;
+
+    #[derive(Clone, Debug, PartialEq, Eq, DeriveEntityModel)]
+    #[sea_orm(table_name = "livechat_customers")]
+    pub struct Model {
+        #[sea_orm(primary_key, auto_increment = false)]
+        pub id: Uuid,
+        pub tenant_id: i64,
+        pub user_id: Option<i64>,
+        pub browser_uuid: Option<Uuid>,
+        pub linked_to: Option<Uuid>,
+        pub created_at: DateTimeUtc,
+    }
+
+    #[derive(Copy, Clone, Debug, EnumIter, DeriveRelation)]
+    pub enum Relation {}
+
+    impl ActiveModelBehavior for ActiveModel {}
+}
+
+pub(crate) mod routing {
+    use sea_orm::entity::prelude::*;
+
+    /// One row per tenant: its routing settings, and the row every routing
+    /// transaction locks first so that capacity checks and assignments of a
+    /// tenant happen one at a time.
+    #[derive(Clone, Debug, PartialEq, Eq, DeriveEntityModel)]
+    #[sea_orm(table_name = "livechat_routing")]
+    pub struct Model {
+        #[sea_orm(primary_key, auto_increment = false)]
+        pub tenant_id: i64,
+        pub agent_capacity: Option<i64>,
+        pub lock_version: i64,
     }
 
     #[derive(Copy, Clone, Debug, EnumIter, DeriveRelation)]

@@ -38,11 +38,20 @@ mod m0001_chat {
         Id,
         TenantId,
         AgentId,
+        CustomerId,
         Origin,
         Status,
+        Topic,
+        PriorityRank,
+        Department,
+        TicketId,
+        Contact,
+        ClientIp,
+        UserAgent,
         LastSeq,
         CreatedAt,
         UpdatedAt,
+        AssignedAt,
         ClosedAt,
     }
 
@@ -52,7 +61,9 @@ mod m0001_chat {
         Id,
         TenantId,
         SessionId,
+        SenderType,
         SenderId,
+        CustomerId,
         Seq,
         Body,
         ClientMsgId,
@@ -66,6 +77,8 @@ mod m0001_chat {
         AgentId,
         Status,
         UpdatedAt,
+        LastSeenAt,
+        LastAssignedAt,
     }
 
     #[derive(DeriveIden)]
@@ -77,7 +90,31 @@ mod m0001_chat {
         Kind,
         Payload,
         CreatedAt,
+        Attempts,
+        AvailableAt,
+        ClaimedUntil,
+        LastError,
         DispatchedAt,
+        FailedAt,
+    }
+
+    #[derive(DeriveIden)]
+    enum LivechatCustomers {
+        Table,
+        Id,
+        TenantId,
+        UserId,
+        BrowserUuid,
+        LinkedTo,
+        CreatedAt,
+    }
+
+    #[derive(DeriveIden)]
+    enum LivechatRouting {
+        Table,
+        TenantId,
+        AgentCapacity,
+        LockVersion,
     }
 
     /// Partial indexes: sea-query's index builder has no `WHERE`, and this
@@ -87,69 +124,83 @@ mod m0001_chat {
         "CREATE UNIQUE INDEX livechat_sessions_one_open_per_agent \
          ON livechat_sessions (tenant_id, agent_id) \
          WHERE status = 'OPEN' AND origin = 'agent'",
+        // DESIGN.md invariant 2: one WAITING-or-OPEN session per (tenant, customer).
+        "CREATE UNIQUE INDEX livechat_sessions_one_active_per_customer \
+         ON livechat_sessions (tenant_id, customer_id) \
+         WHERE status IN ('WAITING', 'OPEN') AND customer_id IS NOT NULL",
+        // The queue: waiting sessions by priority, then age.
+        "CREATE INDEX livechat_sessions_queue \
+         ON livechat_sessions (tenant_id, priority_rank, created_at) \
+         WHERE status = 'WAITING'",
+        // Agent load: open sessions per agent.
+        "CREATE INDEX livechat_sessions_agent_load \
+         ON livechat_sessions (tenant_id, agent_id) WHERE status = 'OPEN'",
         // DESIGN.md invariant 6: one message per client idempotency key.
         "CREATE UNIQUE INDEX livechat_messages_client_msg_id \
          ON livechat_messages (session_id, client_msg_id) \
          WHERE client_msg_id IS NOT NULL",
         // Undispatched events, oldest first.
         "CREATE INDEX livechat_outbox_pending \
-         ON livechat_outbox (created_at) WHERE dispatched_at IS NULL",
+         ON livechat_outbox (available_at, id) WHERE dispatched_at IS NULL",
+        "CREATE INDEX livechat_outbox_pending_session \
+         ON livechat_outbox (session_id, id) WHERE dispatched_at IS NULL",
+        // One identified customer per host user, one visitor per browser.
+        "CREATE UNIQUE INDEX livechat_customers_user \
+         ON livechat_customers (tenant_id, user_id) WHERE user_id IS NOT NULL",
+        "CREATE UNIQUE INDEX livechat_customers_browser \
+         ON livechat_customers (tenant_id, browser_uuid) WHERE browser_uuid IS NOT NULL",
     ];
+
+    fn ts(col: impl IntoIden) -> ColumnDef {
+        ColumnDef::new(col)
+            .timestamp_with_time_zone()
+            .not_null()
+            .to_owned()
+    }
+
+    fn ts_null(col: impl IntoIden) -> ColumnDef {
+        ColumnDef::new(col)
+            .timestamp_with_time_zone()
+            .null()
+            .to_owned()
+    }
 
     #[async_trait::async_trait]
     impl MigrationTrait for Migration {
         async fn up(&self, manager: &SchemaManager) -> Result<(), DbErr> {
+            use LivechatSessions as S;
             manager
                 .create_table(
                     Table::create()
-                        .table(LivechatSessions::Table)
+                        .table(S::Table)
+                        .col(ColumnDef::new(S::Id).uuid().not_null().primary_key())
+                        .col(ColumnDef::new(S::TenantId).big_integer().not_null())
+                        .col(ColumnDef::new(S::AgentId).big_integer().null())
+                        .col(ColumnDef::new(S::CustomerId).uuid().null())
+                        .col(ColumnDef::new(S::Origin).string_len(16).not_null())
+                        .col(ColumnDef::new(S::Status).string_len(16).not_null())
+                        .col(ColumnDef::new(S::Topic).string_len(200).null())
                         .col(
-                            ColumnDef::new(LivechatSessions::Id)
-                                .uuid()
+                            ColumnDef::new(S::PriorityRank)
+                                .integer()
                                 .not_null()
-                                .primary_key(),
+                                .default(2),
                         )
+                        .col(ColumnDef::new(S::Department).string_len(100).null())
+                        .col(ColumnDef::new(S::TicketId).uuid().null())
+                        .col(ColumnDef::new(S::Contact).text().null())
+                        .col(ColumnDef::new(S::ClientIp).string_len(64).null())
+                        .col(ColumnDef::new(S::UserAgent).text().null())
                         .col(
-                            ColumnDef::new(LivechatSessions::TenantId)
-                                .big_integer()
-                                .not_null(),
-                        )
-                        .col(
-                            ColumnDef::new(LivechatSessions::AgentId)
-                                .big_integer()
-                                .null(),
-                        )
-                        .col(
-                            ColumnDef::new(LivechatSessions::Origin)
-                                .string_len(16)
-                                .not_null(),
-                        )
-                        .col(
-                            ColumnDef::new(LivechatSessions::Status)
-                                .string_len(16)
-                                .not_null(),
-                        )
-                        .col(
-                            ColumnDef::new(LivechatSessions::LastSeq)
+                            ColumnDef::new(S::LastSeq)
                                 .big_integer()
                                 .not_null()
                                 .default(0),
                         )
-                        .col(
-                            ColumnDef::new(LivechatSessions::CreatedAt)
-                                .timestamp_with_time_zone()
-                                .not_null(),
-                        )
-                        .col(
-                            ColumnDef::new(LivechatSessions::UpdatedAt)
-                                .timestamp_with_time_zone()
-                                .not_null(),
-                        )
-                        .col(
-                            ColumnDef::new(LivechatSessions::ClosedAt)
-                                .timestamp_with_time_zone()
-                                .null(),
-                        )
+                        .col(ts(S::CreatedAt))
+                        .col(ts(S::UpdatedAt))
+                        .col(ts_null(S::AssignedAt))
+                        .col(ts_null(S::ClosedAt))
                         .to_owned(),
                 )
                 .await?;
@@ -157,59 +208,44 @@ mod m0001_chat {
                 .create_index(
                     Index::create()
                         .name("livechat_sessions_tenant_created")
-                        .table(LivechatSessions::Table)
-                        .col(LivechatSessions::TenantId)
-                        .col(LivechatSessions::CreatedAt)
+                        .table(S::Table)
+                        .col(S::TenantId)
+                        .col(S::CreatedAt)
+                        .to_owned(),
+                )
+                .await?;
+            manager
+                .create_index(
+                    Index::create()
+                        .name("livechat_sessions_customer")
+                        .table(S::Table)
+                        .col(S::TenantId)
+                        .col(S::CustomerId)
+                        .col(S::Id)
                         .to_owned(),
                 )
                 .await?;
 
+            use LivechatMessages as M;
             manager
                 .create_table(
                     Table::create()
-                        .table(LivechatMessages::Table)
-                        .col(
-                            ColumnDef::new(LivechatMessages::Id)
-                                .uuid()
-                                .not_null()
-                                .primary_key(),
-                        )
-                        .col(
-                            ColumnDef::new(LivechatMessages::TenantId)
-                                .big_integer()
-                                .not_null(),
-                        )
-                        .col(
-                            ColumnDef::new(LivechatMessages::SessionId)
-                                .uuid()
-                                .not_null(),
-                        )
-                        .col(
-                            ColumnDef::new(LivechatMessages::SenderId)
-                                .big_integer()
-                                .not_null(),
-                        )
-                        .col(
-                            ColumnDef::new(LivechatMessages::Seq)
-                                .big_integer()
-                                .not_null(),
-                        )
-                        .col(ColumnDef::new(LivechatMessages::Body).text().not_null())
-                        .col(
-                            ColumnDef::new(LivechatMessages::ClientMsgId)
-                                .string_len(128)
-                                .null(),
-                        )
-                        .col(
-                            ColumnDef::new(LivechatMessages::CreatedAt)
-                                .timestamp_with_time_zone()
-                                .not_null(),
-                        )
+                        .table(M::Table)
+                        .col(ColumnDef::new(M::Id).uuid().not_null().primary_key())
+                        .col(ColumnDef::new(M::TenantId).big_integer().not_null())
+                        .col(ColumnDef::new(M::SessionId).uuid().not_null())
+                        .col(ColumnDef::new(M::SenderType).string_len(16).not_null())
+                        .col(ColumnDef::new(M::SenderId).big_integer().null())
+                        .col(ColumnDef::new(M::CustomerId).uuid().null())
+                        .col(ColumnDef::new(M::Seq).big_integer().not_null())
+                        .col(ColumnDef::new(M::Body).text().not_null())
+                        .col(ColumnDef::new(M::ClientMsgId).string_len(128).null())
+                        .col(ts(M::CreatedAt))
                         .foreign_key(
                             ForeignKey::create()
                                 .name("livechat_messages_session_fk")
-                                .from(LivechatMessages::Table, LivechatMessages::SessionId)
-                                .to(LivechatSessions::Table, LivechatSessions::Id)
+                                .from(M::Table, M::SessionId)
+                                .to(S::Table, S::Id)
                                 .on_delete(ForeignKeyAction::Cascade),
                         )
                         .to_owned(),
@@ -220,79 +256,47 @@ mod m0001_chat {
                 .create_index(
                     Index::create()
                         .name("livechat_messages_session_seq")
-                        .table(LivechatMessages::Table)
-                        .col(LivechatMessages::SessionId)
-                        .col(LivechatMessages::Seq)
+                        .table(M::Table)
+                        .col(M::SessionId)
+                        .col(M::Seq)
                         .unique()
                         .to_owned(),
                 )
                 .await?;
 
+            use LivechatAgentPresence as P;
             manager
                 .create_table(
                     Table::create()
-                        .table(LivechatAgentPresence::Table)
-                        .col(
-                            ColumnDef::new(LivechatAgentPresence::TenantId)
-                                .big_integer()
-                                .not_null(),
-                        )
-                        .col(
-                            ColumnDef::new(LivechatAgentPresence::AgentId)
-                                .big_integer()
-                                .not_null(),
-                        )
-                        .col(
-                            ColumnDef::new(LivechatAgentPresence::Status)
-                                .string_len(16)
-                                .not_null(),
-                        )
-                        .col(
-                            ColumnDef::new(LivechatAgentPresence::UpdatedAt)
-                                .timestamp_with_time_zone()
-                                .not_null(),
-                        )
-                        .primary_key(
-                            Index::create()
-                                .col(LivechatAgentPresence::TenantId)
-                                .col(LivechatAgentPresence::AgentId),
-                        )
+                        .table(P::Table)
+                        .col(ColumnDef::new(P::TenantId).big_integer().not_null())
+                        .col(ColumnDef::new(P::AgentId).big_integer().not_null())
+                        .col(ColumnDef::new(P::Status).string_len(16).not_null())
+                        .col(ts(P::UpdatedAt))
+                        .col(ts(P::LastSeenAt))
+                        .col(ts_null(P::LastAssignedAt))
+                        .primary_key(Index::create().col(P::TenantId).col(P::AgentId))
                         .to_owned(),
                 )
                 .await?;
 
+            use LivechatOutbox as O;
             manager
                 .create_table(
                     Table::create()
-                        .table(LivechatOutbox::Table)
-                        .col(
-                            ColumnDef::new(LivechatOutbox::Id)
-                                .uuid()
-                                .not_null()
-                                .primary_key(),
-                        )
-                        .col(
-                            ColumnDef::new(LivechatOutbox::TenantId)
-                                .big_integer()
-                                .not_null(),
-                        )
-                        .col(ColumnDef::new(LivechatOutbox::SessionId).uuid().null())
-                        .col(
-                            ColumnDef::new(LivechatOutbox::Kind)
-                                .string_len(64)
-                                .not_null(),
-                        )
-                        .col(ColumnDef::new(LivechatOutbox::Payload).text().not_null())
-                        .col(
-                            ColumnDef::new(LivechatOutbox::CreatedAt)
-                                .timestamp_with_time_zone()
-                                .not_null(),
-                        )
-                        .col(
-                            ColumnDef::new(LivechatOutbox::DispatchedAt)
-                                .timestamp_with_time_zone()
-                                .null(),
-                        )
+                        .table(O::Table)
+                        .col(ColumnDef::new(O::Id).uuid().not_null().primary_key())
+                        .col(ColumnDef::new(O::TenantId).big_integer().not_null())
+                        .col(ColumnDef::new(O::SessionId).uuid().null())
+                        .col(ColumnDef::new(O::Kind).string_len(64).not_null())
+                        .col(ColumnDef::new(O::Payload).text().not_null())
+                        .col(ts(O::CreatedAt))
+                        .col(ColumnDef::new(O::Attempts).integer().not_null().default(0))
+                        .col(ts(O::AvailableAt))
+                        .col(ts_null(O::ClaimedUntil))
+                        .col(ColumnDef::new(O::LastError).text().null())
+                        .col(ts_null(O::DispatchedAt))
+                        .col(ts_null(O::FailedAt))
                         .to_owned(),
                 )
                 .await?;
@@ -300,9 +304,46 @@ mod m0001_chat {
                 .create_index(
                     Index::create()
                         .name("livechat_outbox_tenant_id")
-                        .table(LivechatOutbox::Table)
-                        .col(LivechatOutbox::TenantId)
-                        .col(LivechatOutbox::Id)
+                        .table(O::Table)
+                        .col(O::TenantId)
+                        .col(O::Id)
+                        .to_owned(),
+                )
+                .await?;
+
+            use LivechatCustomers as C;
+            manager
+                .create_table(
+                    Table::create()
+                        .table(C::Table)
+                        .col(ColumnDef::new(C::Id).uuid().not_null().primary_key())
+                        .col(ColumnDef::new(C::TenantId).big_integer().not_null())
+                        .col(ColumnDef::new(C::UserId).big_integer().null())
+                        .col(ColumnDef::new(C::BrowserUuid).uuid().null())
+                        .col(ColumnDef::new(C::LinkedTo).uuid().null())
+                        .col(ts(C::CreatedAt))
+                        .to_owned(),
+                )
+                .await?;
+
+            use LivechatRouting as R;
+            manager
+                .create_table(
+                    Table::create()
+                        .table(R::Table)
+                        .col(
+                            ColumnDef::new(R::TenantId)
+                                .big_integer()
+                                .not_null()
+                                .primary_key(),
+                        )
+                        .col(ColumnDef::new(R::AgentCapacity).big_integer().null())
+                        .col(
+                            ColumnDef::new(R::LockVersion)
+                                .big_integer()
+                                .not_null()
+                                .default(0),
+                        )
                         .to_owned(),
                 )
                 .await?;
@@ -315,18 +356,19 @@ mod m0001_chat {
         }
 
         async fn down(&self, manager: &SchemaManager) -> Result<(), DbErr> {
-            manager
-                .drop_table(Table::drop().table(LivechatOutbox::Table).to_owned())
-                .await?;
-            manager
-                .drop_table(Table::drop().table(LivechatAgentPresence::Table).to_owned())
-                .await?;
-            manager
-                .drop_table(Table::drop().table(LivechatMessages::Table).to_owned())
-                .await?;
-            manager
-                .drop_table(Table::drop().table(LivechatSessions::Table).to_owned())
-                .await
+            for table in [
+                LivechatRouting::Table.into_iden(),
+                LivechatCustomers::Table.into_iden(),
+                LivechatOutbox::Table.into_iden(),
+                LivechatAgentPresence::Table.into_iden(),
+                LivechatMessages::Table.into_iden(),
+                LivechatSessions::Table.into_iden(),
+            ] {
+                manager
+                    .drop_table(Table::drop().table(table).to_owned())
+                    .await?;
+            }
+            Ok(())
         }
     }
 }

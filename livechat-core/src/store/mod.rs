@@ -12,16 +12,20 @@
 //! the per-session `seq` is taken by an `UPDATE … RETURNING` on the session
 //! row, whose row lock orders concurrent senders.
 
+mod customers;
 mod entity;
+mod messages;
 mod migration;
+mod outbox;
+mod presence_repo;
+mod routing;
+mod sessions;
 
 use std::time::Duration;
 
-use sea_orm::sea_query::{Expr, ExprTrait, OnConflict};
 use sea_orm::{
-    ActiveValue::Set, ColumnTrait, ConnectOptions, DatabaseConnection, DatabaseTransaction, DbErr,
-    EntityTrait, QueryFilter, QueryOrder, QuerySelect, SqlErr, SqliteTransactionMode,
-    TransactionOptions, TransactionTrait,
+    ActiveValue::Set, ConnectOptions, ConnectionTrait, DatabaseConnection, DatabaseTransaction,
+    DbErr, EntityTrait, SqliteTransactionMode, TransactionOptions, TransactionTrait,
 };
 use serde::Serialize;
 
@@ -29,15 +33,12 @@ pub use migration::Migrator;
 
 use crate::error::ChatError;
 use crate::events::{DomainEvent, EventKind};
-use crate::ids::{EventId, MessageId, SessionId, TenantId, UserId};
+use crate::ids::{CustomerId, EventId, MessageId, SessionId, TenantId, TicketId};
 use crate::model::{
-    AgentPresence, ChatMessage, ChatSession, PresenceStatus, SessionOrigin, SessionStatus, now,
+    AgentPresence, ChatMessage, ChatSession, Contact, Customer, PresenceStatus, Priority,
+    SenderType, SessionOrigin, SessionStatus, now,
 };
-use crate::repository::{
-    AppendedMessage, MessageRepository, OutboxRepository, PresenceRepository, SessionRepository,
-};
-use crate::validate::{ClientMsgId, MessageBody, PageSize};
-use entity::{message, outbox, presence, session};
+use entity::{customer, message, outbox as outbox_entity, presence, session};
 
 /// How long an SQLite writer waits for the write lock before failing.
 pub const SQLITE_BUSY_TIMEOUT: Duration = Duration::from_secs(30);
@@ -102,7 +103,7 @@ impl SeaOrmStore {
 
 /// Writes one outbox row inside `tx` (DESIGN.md invariant 5).
 async fn record_event<T: Serialize>(
-    tx: &DatabaseTransaction,
+    tx: &impl ConnectionTrait,
     tenant: TenantId,
     session: Option<SessionId>,
     kind: EventKind,
@@ -110,14 +111,20 @@ async fn record_event<T: Serialize>(
 ) -> Result<(), ChatError> {
     let payload =
         serde_json::to_string(payload).map_err(|e| DbErr::Custom(format!("event payload: {e}")))?;
-    outbox::Entity::insert(outbox::ActiveModel {
+    let at = now();
+    outbox_entity::Entity::insert(outbox_entity::ActiveModel {
         id: Set(EventId::generate().as_uuid()),
         tenant_id: Set(tenant.get()),
         session_id: Set(session.map(|s| s.as_uuid())),
         kind: Set(kind.as_str().to_owned()),
         payload: Set(payload),
-        created_at: Set(now()),
+        created_at: Set(at),
+        attempts: Set(0),
+        available_at: Set(at),
+        claimed_until: Set(None),
+        last_error: Set(None),
         dispatched_at: Set(None),
+        failed_at: Set(None),
     })
     .exec_without_returning(tx)
     .await?;
@@ -139,9 +146,23 @@ impl TryFrom<session::Model> for ChatSession {
             id: SessionId::from_uuid(m.id),
             tenant_id: host_id(m.tenant_id)?,
             agent_id: m.agent_id.map(host_id).transpose()?,
+            customer_id: m.customer_id.map(CustomerId::from_uuid),
+            origin: SessionOrigin::parse(&m.origin).ok_or_else(|| corrupt("session origin"))?,
             status: SessionStatus::parse(&m.status).ok_or_else(|| corrupt("session status"))?,
+            topic: m.topic,
+            priority: Priority::from_rank(m.priority_rank).ok_or_else(|| corrupt("priority"))?,
+            department: m.department,
+            ticket_id: m.ticket_id.map(TicketId::from_uuid),
+            contact: m
+                .contact
+                .map(|c| serde_json::from_str::<Contact>(&c))
+                .transpose()
+                .map_err(|_| corrupt("contact"))?,
+            client_ip: m.client_ip,
+            user_agent: m.user_agent,
             created_at: m.created_at,
             updated_at: m.updated_at,
+            assigned_at: m.assigned_at,
             closed_at: m.closed_at,
         })
     }
@@ -154,7 +175,9 @@ impl TryFrom<message::Model> for ChatMessage {
             id: MessageId::from_uuid(m.id),
             session_id: SessionId::from_uuid(m.session_id),
             tenant_id: host_id(m.tenant_id)?,
-            sender_id: host_id(m.sender_id)?,
+            sender_type: SenderType::parse(&m.sender_type).ok_or_else(|| corrupt("sender type"))?,
+            sender_id: m.sender_id.map(host_id).transpose()?,
+            customer_id: m.customer_id.map(CustomerId::from_uuid),
             seq: m.seq,
             message: m.body,
             client_msg_id: m.client_msg_id,
@@ -175,9 +198,23 @@ impl TryFrom<presence::Model> for AgentPresence {
     }
 }
 
-impl TryFrom<outbox::Model> for DomainEvent {
+impl TryFrom<customer::Model> for Customer {
     type Error = ChatError;
-    fn try_from(m: outbox::Model) -> Result<Self, ChatError> {
+    fn try_from(m: customer::Model) -> Result<Self, ChatError> {
+        Ok(Self {
+            id: CustomerId::from_uuid(m.id),
+            tenant_id: host_id(m.tenant_id)?,
+            user_id: m.user_id.map(host_id).transpose()?,
+            browser_uuid: m.browser_uuid,
+            linked_to: m.linked_to.map(CustomerId::from_uuid),
+            created_at: m.created_at,
+        })
+    }
+}
+
+impl TryFrom<outbox_entity::Model> for DomainEvent {
+    type Error = ChatError;
+    fn try_from(m: outbox_entity::Model) -> Result<Self, ChatError> {
         Ok(Self {
             id: EventId::from_uuid(m.id),
             tenant_id: host_id(m.tenant_id)?,
@@ -193,332 +230,8 @@ fn convert_all<M, T: TryFrom<M, Error = ChatError>>(rows: Vec<M>) -> Result<Vec<
     rows.into_iter().map(T::try_from).collect()
 }
 
-impl SeaOrmStore {
-    async fn find_session(
-        &self,
-        tenant: TenantId,
-        id: SessionId,
-    ) -> Result<Option<session::Model>, DbErr> {
-        session::Entity::find_by_id(id.as_uuid())
-            .filter(session::Column::TenantId.eq(tenant.get()))
-            .one(&self.db)
-            .await
-    }
-
-    async fn find_by_client_msg_id(
-        &self,
-        tenant: TenantId,
-        session: SessionId,
-        key: &ClientMsgId,
-    ) -> Result<Option<ChatMessage>, ChatError> {
-        message::Entity::find()
-            .filter(message::Column::TenantId.eq(tenant.get()))
-            .filter(message::Column::SessionId.eq(session.as_uuid()))
-            .filter(message::Column::ClientMsgId.eq(key.as_str()))
-            .one(&self.db)
-            .await?
-            .map(ChatMessage::try_from)
-            .transpose()
-    }
-
-    async fn open_session_of(
-        &self,
-        tenant: TenantId,
-        agent: UserId,
-    ) -> Result<Option<SessionId>, DbErr> {
-        Ok(session::Entity::find()
-            .filter(session::Column::TenantId.eq(tenant.get()))
-            .filter(session::Column::AgentId.eq(agent.get()))
-            .filter(session::Column::Origin.eq(SessionOrigin::Agent.as_str()))
-            .filter(session::Column::Status.eq(SessionStatus::Open.as_str()))
-            .one(&self.db)
-            .await?
-            .map(|m| SessionId::from_uuid(m.id)))
-    }
-}
-
-impl SessionRepository for SeaOrmStore {
-    async fn create_agent_session(
-        &self,
-        tenant: TenantId,
-        agent: UserId,
-    ) -> Result<ChatSession, ChatError> {
-        let at = now();
-        let row = session::ActiveModel {
-            id: Set(SessionId::generate().as_uuid()),
-            tenant_id: Set(tenant.get()),
-            agent_id: Set(Some(agent.get())),
-            origin: Set(SessionOrigin::Agent.as_str().to_owned()),
-            status: Set(SessionStatus::Open.as_str().to_owned()),
-            last_seq: Set(0),
-            created_at: Set(at),
-            updated_at: Set(at),
-            closed_at: Set(None),
-        };
-        let tx = self.begin_write().await?;
-        let inserted = match session::Entity::insert(row).exec_with_returning(&tx).await {
-            Ok(model) => model,
-            Err(err) => {
-                tx.rollback().await?;
-                return Err(match err.sql_err() {
-                    Some(SqlErr::UniqueConstraintViolation(_)) => {
-                        ChatError::ActiveSessionExists(self.open_session_of(tenant, agent).await?)
-                    }
-                    _ => err.into(),
-                });
-            }
-        };
-        let created = ChatSession::try_from(inserted)?;
-        record_event(
-            &tx,
-            tenant,
-            Some(created.id),
-            EventKind::SessionStarted,
-            &created,
-        )
-        .await?;
-        tx.commit().await?;
-        Ok(created)
-    }
-
-    async fn get_session(&self, tenant: TenantId, id: SessionId) -> Result<ChatSession, ChatError> {
-        self.find_session(tenant, id)
-            .await?
-            .ok_or(ChatError::NotFound)?
-            .try_into()
-    }
-
-    async fn list_sessions(
-        &self,
-        tenant: TenantId,
-        status: Option<SessionStatus>,
-        limit: PageSize,
-    ) -> Result<Vec<ChatSession>, ChatError> {
-        let mut query = session::Entity::find().filter(session::Column::TenantId.eq(tenant.get()));
-        if let Some(status) = status {
-            query = query.filter(session::Column::Status.eq(status.as_str()));
-        }
-        let rows = query
-            .order_by_desc(session::Column::CreatedAt)
-            .order_by_desc(session::Column::Id)
-            .limit(limit.get())
-            .all(&self.db)
-            .await?;
-        convert_all(rows)
-    }
-
-    async fn close_session(
-        &self,
-        tenant: TenantId,
-        id: SessionId,
-        closed_by: UserId,
-    ) -> Result<ChatSession, ChatError> {
-        let at = now();
-        let tx = self.begin_write().await?;
-        let closed = session::Entity::update_many()
-            .col_expr(
-                session::Column::Status,
-                Expr::value(SessionStatus::Closed.as_str()),
-            )
-            .col_expr(session::Column::ClosedAt, Expr::value(at))
-            .col_expr(session::Column::UpdatedAt, Expr::value(at))
-            .filter(session::Column::Id.eq(id.as_uuid()))
-            .filter(session::Column::TenantId.eq(tenant.get()))
-            .filter(session::Column::Status.ne(SessionStatus::Closed.as_str()))
-            .exec_with_returning(&tx)
-            .await?;
-        let Some(row) = closed.into_iter().next() else {
-            // Already closed (idempotent) or absent in this tenant.
-            tx.rollback().await?;
-            return self.get_session(tenant, id).await;
-        };
-        let closed = ChatSession::try_from(row)?;
-        #[derive(Serialize)]
-        struct Closed<'a> {
-            #[serde(flatten)]
-            session: &'a ChatSession,
-            closed_by: UserId,
-        }
-        let payload = Closed {
-            session: &closed,
-            closed_by,
-        };
-        record_event(&tx, tenant, Some(id), EventKind::SessionClosed, &payload).await?;
-        tx.commit().await?;
-        Ok(closed)
-    }
-}
-
-impl MessageRepository for SeaOrmStore {
-    async fn append_message(
-        &self,
-        tenant: TenantId,
-        session: SessionId,
-        sender: UserId,
-        body: &MessageBody,
-        client_msg_id: Option<&ClientMsgId>,
-    ) -> Result<AppendedMessage, ChatError> {
-        // A retry whose original is stored needs no lock (and works after close).
-        if let Some(key) = client_msg_id
-            && let Some(message) = self.find_by_client_msg_id(tenant, session, key).await?
-        {
-            return Ok(AppendedMessage {
-                message,
-                created: false,
-            });
-        }
-
-        let at = now();
-        let tx = self.begin_write().await?;
-        // Taking the next seq locks the session row: concurrent senders to one
-        // session queue here, so seq is gap-free and unique (invariant 4).
-        let locked = session::Entity::update_many()
-            .col_expr(
-                session::Column::LastSeq,
-                Expr::col(session::Column::LastSeq).add(1),
-            )
-            .col_expr(session::Column::UpdatedAt, Expr::value(at))
-            .filter(session::Column::Id.eq(session.as_uuid()))
-            .filter(session::Column::TenantId.eq(tenant.get()))
-            .filter(session::Column::Status.eq(SessionStatus::Open.as_str()))
-            .exec_with_returning(&tx)
-            .await?;
-        let Some(row) = locked.into_iter().next() else {
-            tx.rollback().await?;
-            return Err(match self.find_session(tenant, session).await? {
-                Some(_) => ChatError::SessionClosed,
-                None => ChatError::NotFound,
-            });
-        };
-
-        if let Some(key) = client_msg_id {
-            // Under the row lock: a concurrent retry of the same key either
-            // committed before us (found here) or waits behind us.
-            let existing = message::Entity::find()
-                .filter(message::Column::SessionId.eq(session.as_uuid()))
-                .filter(message::Column::ClientMsgId.eq(key.as_str()))
-                .one(&tx)
-                .await?;
-            if let Some(existing) = existing {
-                tx.rollback().await?;
-                return Ok(AppendedMessage {
-                    message: existing.try_into()?,
-                    created: false,
-                });
-            }
-        }
-
-        let stored = message::Entity::insert(message::ActiveModel {
-            id: Set(MessageId::generate().as_uuid()),
-            tenant_id: Set(tenant.get()),
-            session_id: Set(session.as_uuid()),
-            sender_id: Set(sender.get()),
-            seq: Set(row.last_seq),
-            body: Set(body.as_str().to_owned()),
-            client_msg_id: Set(client_msg_id.map(|k| k.as_str().to_owned())),
-            created_at: Set(at),
-        })
-        .exec_with_returning(&tx)
-        .await?;
-        let message = ChatMessage::try_from(stored)?;
-        record_event(
-            &tx,
-            tenant,
-            Some(session),
-            EventKind::MessagePosted,
-            &message,
-        )
-        .await?;
-        tx.commit().await?;
-        Ok(AppendedMessage {
-            message,
-            created: true,
-        })
-    }
-
-    async fn list_messages(
-        &self,
-        tenant: TenantId,
-        session: SessionId,
-        after_seq: i64,
-        limit: PageSize,
-    ) -> Result<Vec<ChatMessage>, ChatError> {
-        if self.find_session(tenant, session).await?.is_none() {
-            return Err(ChatError::NotFound);
-        }
-        let rows = message::Entity::find()
-            .filter(message::Column::TenantId.eq(tenant.get()))
-            .filter(message::Column::SessionId.eq(session.as_uuid()))
-            .filter(message::Column::Seq.gt(after_seq))
-            .order_by_asc(message::Column::Seq)
-            .limit(limit.get())
-            .all(&self.db)
-            .await?;
-        convert_all(rows)
-    }
-}
-
-impl PresenceRepository for SeaOrmStore {
-    async fn set_presence(
-        &self,
-        tenant: TenantId,
-        agent: UserId,
-        status: PresenceStatus,
-    ) -> Result<AgentPresence, ChatError> {
-        let presence = AgentPresence {
-            tenant_id: tenant,
-            agent_id: agent,
-            status,
-            updated_at: now(),
-        };
-        let tx = self.begin_write().await?;
-        presence::Entity::insert(presence::ActiveModel {
-            tenant_id: Set(tenant.get()),
-            agent_id: Set(agent.get()),
-            status: Set(status.as_str().to_owned()),
-            updated_at: Set(presence.updated_at),
-        })
-        .on_conflict(
-            OnConflict::columns([presence::Column::TenantId, presence::Column::AgentId])
-                .update_columns([presence::Column::Status, presence::Column::UpdatedAt])
-                .to_owned(),
-        )
-        .exec_without_returning(&tx)
-        .await?;
-        record_event(&tx, tenant, None, EventKind::AgentStatusChanged, &presence).await?;
-        tx.commit().await?;
-        Ok(presence)
-    }
-
-    async fn get_presence(
-        &self,
-        tenant: TenantId,
-        agent: UserId,
-    ) -> Result<Option<AgentPresence>, ChatError> {
-        presence::Entity::find_by_id((tenant.get(), agent.get()))
-            .one(&self.db)
-            .await?
-            .map(AgentPresence::try_from)
-            .transpose()
-    }
-}
-
-impl OutboxRepository for SeaOrmStore {
-    async fn list_events(
-        &self,
-        tenant: TenantId,
-        after: Option<EventId>,
-        limit: PageSize,
-    ) -> Result<Vec<DomainEvent>, ChatError> {
-        let mut query = outbox::Entity::find().filter(outbox::Column::TenantId.eq(tenant.get()));
-        if let Some(after) = after {
-            query = query.filter(outbox::Column::Id.gt(after.as_uuid()));
-        }
-        let rows = query
-            .order_by_asc(outbox::Column::Id)
-            .limit(limit.get())
-            .all(&self.db)
-            .await?;
-        convert_all(rows)
-    }
+/// Rolls back `tx` and returns `err` (the rollback's own failure wins).
+async fn abort<T>(tx: DatabaseTransaction, err: ChatError) -> Result<T, ChatError> {
+    tx.rollback().await?;
+    Err(err)
 }

@@ -48,7 +48,7 @@ async fn twenty_concurrent_starts_yield_one_session(backend: Backend) {
         .await
         .unwrap();
     assert_eq!(open.len(), 1);
-    assert_eq!(open[0].id, winners[0].id);
+    assert_eq!(open[0].session.id, winners[0].id);
     let all = app
         .chat
         .list_sessions(tenant, None, Some(200))
@@ -199,7 +199,8 @@ async fn every_change_writes_one_outbox_event(backend: Backend) {
     assert_eq!(events[2].payload["seq"], 1);
     assert_eq!(events[2].payload["id"], m.message.id.to_string());
     assert_eq!(events[3].payload["status"], "CLOSED");
-    assert_eq!(events[3].payload["closed_by"], 7);
+    assert_eq!(events[3].payload["closed_by"]["type"], "agent");
+    assert_eq!(events[3].payload["closed_by"]["agent_id"], 7);
     // Paging after an event id, and other tenants see none of them.
     let rest = app
         .chat

@@ -19,8 +19,8 @@ async fn seeded_login_drives_the_library(backend: Backend) {
     let db = livechat_example_server::prepare_database(&test_db.url)
         .await
         .unwrap();
-    let secret = "host-secret";
-    let client = poem::test::TestClient::new(livechat_example_server::app(db, secret));
+    let config = livechat_example_server::Config::new(&test_db.url, "host-secret");
+    let client = poem::test::TestClient::new(livechat_example_server::app(db, &config));
 
     let login = |email: &'static str, password: &'static str| {
         client

@@ -1,0 +1,145 @@
+//! Read models that live outside core: tickets and customer notifications.
+//!
+//! Core decides *when* a ticket or a notification is due (it writes
+//! [`EventKind::TicketRequested`](crate::EventKind) and
+//! [`EventKind::MessagePosted`](crate::EventKind) events); a consumer of the
+//! outbox (the ticket bridge, or the host's own ticket module) materializes
+//! them. These traits are how the HTTP layer reads them back for agents
+//! (`GET /livechat/tickets`) and customers (`GET /livechat/customer/notifications`)
+//! without knowing who stores them. Every method is tenant-scoped
+//! (DESIGN.md invariant 1).
+
+use async_trait::async_trait;
+use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
+
+use crate::error::ChatError;
+use crate::events::TicketReason;
+use crate::ids::{CustomerId, NotificationId, SessionId, TenantId, TicketId, UserId};
+use crate::model::Priority;
+use crate::validate::PageSize;
+
+/// Open until its session closes (issue #3).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "SCREAMING_SNAKE_CASE")]
+pub enum TicketStatus {
+    /// Awaiting an answer.
+    Open,
+    /// Its session closed.
+    Closed,
+}
+
+impl TicketStatus {
+    /// The stored and wire form.
+    #[must_use]
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            Self::Open => "OPEN",
+            Self::Closed => "CLOSED",
+        }
+    }
+
+    /// Parses the stored and wire form.
+    #[must_use]
+    pub fn parse(s: &str) -> Option<Self> {
+        match s {
+            "OPEN" => Some(Self::Open),
+            "CLOSED" => Some(Self::Closed),
+            _ => None,
+        }
+    }
+}
+
+/// A ticket as agents see it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Ticket {
+    /// The id allocated when the request found no eligible agent.
+    pub id: TicketId,
+    /// Owning tenant.
+    pub tenant_id: TenantId,
+    /// Why it was opened.
+    pub reason: TicketReason,
+    /// The session it keeps, for customer chats.
+    pub session_id: Option<SessionId>,
+    /// The customer, for customer chats.
+    pub customer_id: Option<CustomerId>,
+    /// The agent it is addressed to, for agent-started chats.
+    pub agent_id: Option<UserId>,
+    /// The customer's topic (or a generated subject).
+    pub subject: String,
+    /// Priority carried over from the chat.
+    pub priority: Priority,
+    /// Open or closed.
+    pub status: TicketStatus,
+    /// When it was opened (UTC).
+    pub created_at: DateTime<Utc>,
+    /// When it closed (UTC).
+    pub closed_at: Option<DateTime<Utc>>,
+}
+
+/// An in-app notification for a customer.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Notification {
+    /// Equal to the id of the event that caused it.
+    pub id: NotificationId,
+    /// Owning tenant.
+    pub tenant_id: TenantId,
+    /// The customer it is for.
+    pub customer_id: CustomerId,
+    /// The session concerned.
+    pub session_id: Option<SessionId>,
+    /// The ticket concerned.
+    pub ticket_id: Option<TicketId>,
+    /// `agent_reply`.
+    pub kind: String,
+    /// Short text, e.g. "An agent replied".
+    pub title: String,
+    /// The reply (truncated to 500 characters).
+    pub body: String,
+    /// When it was created (UTC).
+    pub created_at: DateTime<Utc>,
+    /// When the customer marked it read.
+    pub read_at: Option<DateTime<Utc>>,
+}
+
+/// Tickets for agents' routes.
+#[async_trait]
+pub trait TicketDirectory: Send + Sync + 'static {
+    /// The tenant's tickets, newest first, optionally with one status.
+    async fn list_tickets(
+        &self,
+        tenant: TenantId,
+        status: Option<TicketStatus>,
+        limit: PageSize,
+    ) -> Result<Vec<Ticket>, ChatError>;
+
+    /// One ticket.
+    ///
+    /// # Errors
+    /// [`ChatError::NotFound`] when it does not exist in this tenant (it may
+    /// not be materialized yet right after the request).
+    async fn get_ticket(&self, tenant: TenantId, id: TicketId) -> Result<Ticket, ChatError>;
+}
+
+/// Customer notifications for customers' routes.
+#[async_trait]
+pub trait NotificationInbox: Send + Sync + 'static {
+    /// The customer's notifications, newest first.
+    async fn list_notifications(
+        &self,
+        tenant: TenantId,
+        customer: CustomerId,
+        limit: PageSize,
+    ) -> Result<Vec<Notification>, ChatError>;
+
+    /// Marks one read (idempotent) and returns it.
+    ///
+    /// # Errors
+    /// [`ChatError::NotFound`] when it is not this customer's in this tenant.
+    async fn mark_read(
+        &self,
+        tenant: TenantId,
+        customer: CustomerId,
+        id: NotificationId,
+    ) -> Result<Notification, ChatError>;
+}

@@ -1,0 +1,59 @@
+//! Consuming the outbox (DESIGN.md invariant 5).
+//!
+//! [`OutboxConsumer`] is the one reader that spans tenants: it exists for
+//! background dispatchers (the ticket bridge, cross-node fan-out) and is
+//! never reachable from a request. Events are handed out in order per
+//! session: an event is not claimable while an earlier event of the same
+//! session is undispatched, so a retry holds back that session's later
+//! events but no other session's.
+
+use std::future::Future;
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+
+use crate::error::ChatError;
+use crate::events::DomainEvent;
+use crate::ids::EventId;
+
+/// An event handed to a dispatcher.
+#[derive(Clone, Debug, PartialEq)]
+pub struct PendingEvent {
+    /// The committed event.
+    pub event: DomainEvent,
+    /// Earlier delivery attempts (0 on the first).
+    pub attempts: i32,
+}
+
+/// Claims and settles committed events.
+pub trait OutboxConsumer: Send + Sync {
+    /// Claims up to `limit` undispatched events whose retry time has come,
+    /// oldest first, at most one per session, each leased for `lease` (a
+    /// crashed dispatcher's claims expire and are handed out again: at least
+    /// once).
+    fn claim_pending(
+        &self,
+        limit: u64,
+        lease: Duration,
+    ) -> impl Future<Output = Result<Vec<PendingEvent>, ChatError>> + Send;
+
+    /// Marks the event delivered.
+    fn mark_dispatched(&self, id: EventId) -> impl Future<Output = Result<(), ChatError>> + Send;
+
+    /// Records a failed attempt and makes the event claimable again at
+    /// `retry_at`.
+    fn retry_later(
+        &self,
+        id: EventId,
+        retry_at: DateTime<Utc>,
+        error: &str,
+    ) -> impl Future<Output = Result<(), ChatError>> + Send;
+
+    /// Gives up on the event (a permanent failure): it is settled with the
+    /// error recorded, and the session's later events proceed.
+    fn mark_failed(
+        &self,
+        id: EventId,
+        error: &str,
+    ) -> impl Future<Output = Result<(), ChatError>> + Send;
+}

@@ -1,0 +1,147 @@
+//! [`OutboxRepository`] and [`OutboxConsumer`] for the SeaORM store.
+
+use std::collections::HashSet;
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+use sea_orm::sea_query::{Expr, ExprTrait};
+use sea_orm::{ColumnTrait, Condition, EntityTrait, QueryFilter, QueryOrder, QuerySelect};
+
+use super::entity::outbox;
+use super::{SeaOrmStore, convert_all};
+use crate::error::ChatError;
+use crate::events::DomainEvent;
+use crate::ids::{EventId, TenantId};
+use crate::model::now;
+use crate::outbox::{OutboxConsumer, PendingEvent};
+use crate::repository::OutboxRepository;
+use crate::validate::PageSize;
+
+impl OutboxRepository for SeaOrmStore {
+    async fn list_events(
+        &self,
+        tenant: TenantId,
+        after: Option<EventId>,
+        limit: PageSize,
+    ) -> Result<Vec<DomainEvent>, ChatError> {
+        let mut query = outbox::Entity::find().filter(outbox::Column::TenantId.eq(tenant.get()));
+        if let Some(after) = after {
+            query = query.filter(outbox::Column::Id.gt(after.as_uuid()));
+        }
+        let rows = query
+            .order_by_asc(outbox::Column::Id)
+            .limit(limit.get())
+            .all(&self.db)
+            .await?;
+        convert_all(rows)
+    }
+}
+
+impl OutboxConsumer for SeaOrmStore {
+    async fn claim_pending(
+        &self,
+        limit: u64,
+        lease: Duration,
+    ) -> Result<Vec<PendingEvent>, ChatError> {
+        let at = now();
+        let lease = chrono::Duration::from_std(lease).unwrap_or(chrono::Duration::seconds(30));
+        // Scan undispatched events from the oldest: the first one seen of a
+        // session is that session's earliest, so later ones wait for it.
+        let rows = outbox::Entity::find()
+            .filter(outbox::Column::DispatchedAt.is_null())
+            .order_by_asc(outbox::Column::Id)
+            .limit(Ord::max(limit.saturating_mul(4), limit))
+            .all(&self.db)
+            .await?;
+        let mut seen_sessions = HashSet::new();
+        let mut claimed = Vec::new();
+        for row in rows {
+            let first_of_session = row.session_id.is_none_or(|s| seen_sessions.insert(s));
+            let ready = row.available_at <= at && row.claimed_until.is_none_or(|c| c < at);
+            if !first_of_session || !ready {
+                continue;
+            }
+            // The lease: only one dispatcher wins an event at a time.
+            let won = outbox::Entity::update_many()
+                .col_expr(outbox::Column::ClaimedUntil, Expr::value(at + lease))
+                .filter(outbox::Column::Id.eq(row.id))
+                .filter(outbox::Column::DispatchedAt.is_null())
+                .filter(
+                    Condition::any()
+                        .add(outbox::Column::ClaimedUntil.is_null())
+                        .add(outbox::Column::ClaimedUntil.lt(at)),
+                )
+                .exec(&self.db)
+                .await?
+                .rows_affected
+                == 1;
+            if won {
+                let attempts = row.attempts;
+                claimed.push(PendingEvent {
+                    event: row.try_into()?,
+                    attempts,
+                });
+                if claimed.len() as u64 >= limit {
+                    break;
+                }
+            }
+        }
+        Ok(claimed)
+    }
+
+    async fn mark_dispatched(&self, id: EventId) -> Result<(), ChatError> {
+        outbox::Entity::update_many()
+            .col_expr(outbox::Column::DispatchedAt, Expr::value(now()))
+            .col_expr(
+                outbox::Column::ClaimedUntil,
+                Expr::value(Option::<DateTime<Utc>>::None),
+            )
+            .filter(outbox::Column::Id.eq(id.as_uuid()))
+            .exec(&self.db)
+            .await?;
+        Ok(())
+    }
+
+    async fn retry_later(
+        &self,
+        id: EventId,
+        retry_at: DateTime<Utc>,
+        error: &str,
+    ) -> Result<(), ChatError> {
+        outbox::Entity::update_many()
+            .col_expr(
+                outbox::Column::Attempts,
+                Expr::col(outbox::Column::Attempts).add(1),
+            )
+            .col_expr(outbox::Column::AvailableAt, Expr::value(retry_at))
+            .col_expr(
+                outbox::Column::ClaimedUntil,
+                Expr::value(Option::<DateTime<Utc>>::None),
+            )
+            .col_expr(outbox::Column::LastError, Expr::value(error))
+            .filter(outbox::Column::Id.eq(id.as_uuid()))
+            .exec(&self.db)
+            .await?;
+        Ok(())
+    }
+
+    async fn mark_failed(&self, id: EventId, error: &str) -> Result<(), ChatError> {
+        let at = now();
+        outbox::Entity::update_many()
+            .col_expr(
+                outbox::Column::Attempts,
+                Expr::col(outbox::Column::Attempts).add(1),
+            )
+            .col_expr(outbox::Column::DispatchedAt, Expr::value(at))
+            .col_expr(outbox::Column::FailedAt, Expr::value(at))
+            .col_expr(
+                outbox::Column::ClaimedUntil,
+                Expr::value(Option::<DateTime<Utc>>::None),
+            )
+            .col_expr(outbox::Column::LastError, Expr::value(error))
+            .filter(outbox::Column::Id.eq(id.as_uuid()))
+            .exec(&self.db)
+            .await?;
+        Ok(())
+    }
+}

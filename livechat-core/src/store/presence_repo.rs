@@ -1,0 +1,134 @@
+//! [`PresenceRepository`] for the SeaORM store.
+
+use sea_orm::sea_query::{Expr, OnConflict};
+use sea_orm::{ActiveValue::Set, ColumnTrait, EntityTrait, QueryFilter};
+
+use super::entity::{presence, routing as routing_entity};
+use super::routing::{drain_queue, eligible_agents, lock_tenant};
+use super::{SeaOrmStore, abort, record_event};
+use crate::config::RoutingPolicy;
+use crate::error::ChatError;
+use crate::events::EventKind;
+use crate::ids::{TenantId, UserId};
+use crate::model::{AgentPresence, PresenceStatus, now};
+use crate::repository::{EligibleAgent, PresenceRepository};
+
+impl PresenceRepository for SeaOrmStore {
+    async fn set_presence(
+        &self,
+        tenant: TenantId,
+        agent: UserId,
+        status: PresenceStatus,
+        policy: &RoutingPolicy,
+    ) -> Result<AgentPresence, ChatError> {
+        let presence = AgentPresence {
+            tenant_id: tenant,
+            agent_id: agent,
+            status,
+            updated_at: now(),
+        };
+        let tx = self.begin_write().await?;
+        let capacity = lock_tenant(&tx, tenant, policy).await?;
+        presence::Entity::insert(presence::ActiveModel {
+            tenant_id: Set(tenant.get()),
+            agent_id: Set(agent.get()),
+            status: Set(status.as_str().to_owned()),
+            updated_at: Set(presence.updated_at),
+            last_seen_at: Set(presence.updated_at),
+            last_assigned_at: Set(None),
+        })
+        .on_conflict(
+            OnConflict::columns([presence::Column::TenantId, presence::Column::AgentId])
+                .update_columns([
+                    presence::Column::Status,
+                    presence::Column::UpdatedAt,
+                    presence::Column::LastSeenAt,
+                ])
+                .to_owned(),
+        )
+        .exec_without_returning(&tx)
+        .await?;
+        record_event(&tx, tenant, None, EventKind::AgentStatusChanged, &presence).await?;
+        if status == PresenceStatus::Online {
+            drain_queue(&tx, tenant, policy, capacity).await?;
+        }
+        tx.commit().await?;
+        Ok(presence)
+    }
+
+    async fn heartbeat(
+        &self,
+        tenant: TenantId,
+        agent: UserId,
+        policy: &RoutingPolicy,
+    ) -> Result<AgentPresence, ChatError> {
+        let tx = self.begin_write().await?;
+        let capacity = lock_tenant(&tx, tenant, policy).await?;
+        let updated = presence::Entity::update_many()
+            .col_expr(presence::Column::LastSeenAt, Expr::value(now()))
+            .filter(presence::Column::TenantId.eq(tenant.get()))
+            .filter(presence::Column::AgentId.eq(agent.get()))
+            .exec_with_returning(&tx)
+            .await?;
+        let Some(row) = updated.into_iter().next() else {
+            return abort(tx, ChatError::NotFound).await;
+        };
+        let presence = AgentPresence::try_from(row)?;
+        if presence.status == PresenceStatus::Online {
+            drain_queue(&tx, tenant, policy, capacity).await?;
+        }
+        tx.commit().await?;
+        Ok(presence)
+    }
+
+    async fn get_presence(
+        &self,
+        tenant: TenantId,
+        agent: UserId,
+    ) -> Result<Option<AgentPresence>, ChatError> {
+        presence::Entity::find_by_id((tenant.get(), agent.get()))
+            .one(&self.db)
+            .await?
+            .map(AgentPresence::try_from)
+            .transpose()
+    }
+
+    async fn eligible_agents(
+        &self,
+        tenant: TenantId,
+        policy: &RoutingPolicy,
+    ) -> Result<Vec<EligibleAgent>, ChatError> {
+        let capacity = self.agent_capacity(tenant, policy).await?;
+        eligible_agents(&self.db, tenant, policy, capacity).await
+    }
+
+    async fn set_agent_capacity(
+        &self,
+        tenant: TenantId,
+        capacity: i64,
+        policy: &RoutingPolicy,
+    ) -> Result<i64, ChatError> {
+        let tx = self.begin_write().await?;
+        lock_tenant(&tx, tenant, policy).await?;
+        routing_entity::Entity::update_many()
+            .col_expr(routing_entity::Column::AgentCapacity, Expr::value(capacity))
+            .filter(routing_entity::Column::TenantId.eq(tenant.get()))
+            .exec(&tx)
+            .await?;
+        drain_queue(&tx, tenant, policy, capacity).await?;
+        tx.commit().await?;
+        Ok(capacity)
+    }
+
+    async fn agent_capacity(
+        &self,
+        tenant: TenantId,
+        policy: &RoutingPolicy,
+    ) -> Result<i64, ChatError> {
+        Ok(routing_entity::Entity::find_by_id(tenant.get())
+            .one(&self.db)
+            .await?
+            .and_then(|r| r.agent_capacity)
+            .unwrap_or(policy.default_capacity))
+    }
+}

@@ -1,0 +1,265 @@
+//! Routing inside a transaction: the tenant lock, eligibility (DESIGN.md
+//! invariant 3), assignment, queue positions and the queue drain (issue #3).
+//!
+//! Every transaction that can change who serves what in a tenant first
+//! locks the tenant's `livechat_routing` row (an upsert that bumps
+//! `lock_version`). On PostgreSQL that row lock orders the tenant's routing
+//! decisions one at a time; on SQLite the write lock of `BEGIN IMMEDIATE`
+//! already does. Lock order is always routing row, then session rows.
+
+use chrono::{DateTime, Utc};
+use sea_orm::sea_query::{Expr, ExprTrait, OnConflict};
+use sea_orm::{
+    ActiveValue::Set, ColumnTrait, Condition, ConnectionTrait, DatabaseTransaction, DbErr,
+    EntityTrait, PaginatorTrait, QueryFilter, QueryOrder, QuerySelect,
+};
+
+use super::entity::{presence, routing, session};
+use super::record_event;
+use crate::config::RoutingPolicy;
+use crate::error::ChatError;
+use crate::events::EventKind;
+use crate::ids::{TenantId, UserId};
+use crate::model::{ChatSession, PresenceStatus, SessionStatus, now};
+use crate::repository::EligibleAgent;
+
+/// Locks the tenant's routing row (creating it) and returns the tenant's
+/// per-agent capacity.
+pub(super) async fn lock_tenant(
+    tx: &DatabaseTransaction,
+    tenant: TenantId,
+    policy: &RoutingPolicy,
+) -> Result<i64, DbErr> {
+    routing::Entity::insert(routing::ActiveModel {
+        tenant_id: Set(tenant.get()),
+        agent_capacity: Set(None),
+        lock_version: Set(1),
+    })
+    .on_conflict(
+        OnConflict::column(routing::Column::TenantId)
+            .value(
+                routing::Column::LockVersion,
+                Expr::col((routing::Entity, routing::Column::LockVersion)).add(1),
+            )
+            .to_owned(),
+    )
+    .exec_without_returning(tx)
+    .await?;
+    let row = routing::Entity::find_by_id(tenant.get()).one(tx).await?;
+    Ok(row
+        .and_then(|r| r.agent_capacity)
+        .unwrap_or(policy.default_capacity))
+}
+
+fn fresh_since(policy: &RoutingPolicy) -> Option<DateTime<Utc>> {
+    policy
+        .presence_ttl
+        .and_then(|ttl| chrono::Duration::from_std(ttl).ok())
+        .map(|ttl| now() - ttl)
+}
+
+/// Agents whose chosen status is online and whose liveness is fresh.
+async fn online_agents(
+    conn: &impl ConnectionTrait,
+    tenant: TenantId,
+    policy: &RoutingPolicy,
+) -> Result<Vec<presence::Model>, DbErr> {
+    let mut query = presence::Entity::find()
+        .filter(presence::Column::TenantId.eq(tenant.get()))
+        .filter(presence::Column::Status.eq(PresenceStatus::Online.as_str()));
+    if let Some(since) = fresh_since(policy) {
+        query = query.filter(presence::Column::LastSeenAt.gte(since));
+    }
+    query.all(conn).await
+}
+
+/// Whether any agent of the tenant is online and fresh (capacity aside):
+/// the difference between "queue" and "queue and open a ticket".
+pub(super) async fn any_agent_online(
+    conn: &impl ConnectionTrait,
+    tenant: TenantId,
+    policy: &RoutingPolicy,
+) -> Result<bool, DbErr> {
+    Ok(!online_agents(conn, tenant, policy).await?.is_empty())
+}
+
+/// Whether `agent` is online and fresh in the tenant.
+pub(super) async fn agent_is_online(
+    conn: &impl ConnectionTrait,
+    tenant: TenantId,
+    agent: UserId,
+    policy: &RoutingPolicy,
+) -> Result<bool, DbErr> {
+    Ok(online_agents(conn, tenant, policy)
+        .await?
+        .iter()
+        .any(|p| p.agent_id == agent.get()))
+}
+
+/// DESIGN.md invariant 3: online, fresh, below capacity; ordered least
+/// loaded first, then idle longest (oldest last assignment, never-assigned
+/// first), then lowest id for determinism.
+pub(super) async fn eligible_agents(
+    conn: &impl ConnectionTrait,
+    tenant: TenantId,
+    policy: &RoutingPolicy,
+    capacity: i64,
+) -> Result<Vec<EligibleAgent>, ChatError> {
+    let online = online_agents(conn, tenant, policy).await?;
+    if online.is_empty() {
+        return Ok(Vec::new());
+    }
+    let loads: Vec<(Option<i64>, i64)> = session::Entity::find()
+        .select_only()
+        .column(session::Column::AgentId)
+        .column_as(Expr::col(session::Column::Id).count(), "open_sessions")
+        .filter(session::Column::TenantId.eq(tenant.get()))
+        .filter(session::Column::Status.eq(SessionStatus::Open.as_str()))
+        .filter(session::Column::AgentId.is_not_null())
+        .group_by(session::Column::AgentId)
+        .into_tuple()
+        .all(conn)
+        .await?;
+    let load_of = |agent: i64| {
+        loads
+            .iter()
+            .find(|(a, _)| *a == Some(agent))
+            .map_or(0, |(_, n)| *n)
+    };
+    let mut ranked: Vec<(EligibleAgent, Option<DateTime<Utc>>)> = Vec::new();
+    for p in online {
+        let open_sessions = load_of(p.agent_id);
+        if open_sessions < capacity {
+            let agent_id = UserId::new(p.agent_id).map_err(|_| super::corrupt("agent id"))?;
+            ranked.push((
+                EligibleAgent {
+                    agent_id,
+                    open_sessions,
+                    capacity,
+                },
+                p.last_assigned_at,
+            ));
+        }
+    }
+    ranked.sort_by(|(a, a_last), (b, b_last)| {
+        a.open_sessions
+            .cmp(&b.open_sessions)
+            .then(a_last.cmp(b_last))
+            .then(a.agent_id.cmp(&b.agent_id))
+    });
+    Ok(ranked.into_iter().map(|(a, _)| a).collect())
+}
+
+/// Gives `session` to `agent` (status OPEN), stamps the agent's last
+/// assignment and writes `session.assigned`.
+pub(super) async fn assign(
+    tx: &DatabaseTransaction,
+    tenant: TenantId,
+    session_row: &session::Model,
+    agent: UserId,
+) -> Result<ChatSession, ChatError> {
+    let at = now();
+    let updated = session::Entity::update_many()
+        .col_expr(
+            session::Column::Status,
+            Expr::value(SessionStatus::Open.as_str()),
+        )
+        .col_expr(session::Column::AgentId, Expr::value(agent.get()))
+        .col_expr(session::Column::AssignedAt, Expr::value(at))
+        .col_expr(session::Column::UpdatedAt, Expr::value(at))
+        .filter(session::Column::Id.eq(session_row.id))
+        .filter(session::Column::TenantId.eq(tenant.get()))
+        .exec_with_returning(tx)
+        .await
+        .map_err(|e| match e.sql_err() {
+            Some(sea_orm::SqlErr::UniqueConstraintViolation(_)) => {
+                ChatError::ActiveSessionExists(None)
+            }
+            _ => e.into(),
+        })?;
+    let row = updated.into_iter().next().ok_or(ChatError::NotFound)?;
+    presence::Entity::update_many()
+        .col_expr(presence::Column::LastAssignedAt, Expr::value(at))
+        .filter(presence::Column::TenantId.eq(tenant.get()))
+        .filter(presence::Column::AgentId.eq(agent.get()))
+        .exec(tx)
+        .await?;
+    let session = ChatSession::try_from(row)?;
+    record_event(
+        tx,
+        tenant,
+        Some(session.id),
+        EventKind::SessionAssigned,
+        &session,
+    )
+    .await?;
+    Ok(session)
+}
+
+/// Assigns waiting sessions, highest priority then oldest, while an
+/// eligible agent exists. Returns how many were assigned.
+pub(super) async fn drain_queue(
+    tx: &DatabaseTransaction,
+    tenant: TenantId,
+    policy: &RoutingPolicy,
+    capacity: i64,
+) -> Result<usize, ChatError> {
+    let mut assigned = 0;
+    loop {
+        let Some(next) = session::Entity::find()
+            .filter(session::Column::TenantId.eq(tenant.get()))
+            .filter(session::Column::Status.eq(SessionStatus::Waiting.as_str()))
+            .order_by_desc(session::Column::PriorityRank)
+            .order_by_asc(session::Column::CreatedAt)
+            .order_by_asc(session::Column::Id)
+            .one(tx)
+            .await?
+        else {
+            break;
+        };
+        let Some(agent) = eligible_agents(tx, tenant, policy, capacity)
+            .await?
+            .first()
+            .copied()
+        else {
+            break;
+        };
+        assign(tx, tenant, &next, agent.agent_id).await?;
+        assigned += 1;
+    }
+    Ok(assigned)
+}
+
+/// 1-based place of a WAITING session in its tenant's queue (higher
+/// priority first, then older); `None` when not waiting.
+pub(super) async fn queue_position(
+    conn: &impl ConnectionTrait,
+    row: &session::Model,
+) -> Result<Option<i64>, DbErr> {
+    if row.status != SessionStatus::Waiting.as_str() {
+        return Ok(None);
+    }
+    let ahead = session::Entity::find()
+        .filter(session::Column::TenantId.eq(row.tenant_id))
+        .filter(session::Column::Status.eq(SessionStatus::Waiting.as_str()))
+        .filter(
+            Condition::any()
+                .add(session::Column::PriorityRank.gt(row.priority_rank))
+                .add(
+                    Condition::all()
+                        .add(session::Column::PriorityRank.eq(row.priority_rank))
+                        .add(
+                            Condition::any()
+                                .add(session::Column::CreatedAt.lt(row.created_at))
+                                .add(
+                                    Condition::all()
+                                        .add(session::Column::CreatedAt.eq(row.created_at))
+                                        .add(session::Column::Id.lt(row.id)),
+                                ),
+                        ),
+                ),
+        )
+        .count(conn)
+        .await?;
+    Ok(Some(i64::try_from(ahead).unwrap_or(i64::MAX) + 1))
+}

@@ -1,0 +1,511 @@
+//! [`SessionRepository`] for the SeaORM store.
+
+use sea_orm::sea_query::Expr;
+use sea_orm::{
+    ActiveValue::Set, ColumnTrait, ConnectionTrait, DbErr, EntityTrait, QueryFilter, QueryOrder,
+    QuerySelect, SqlErr,
+};
+use serde::Serialize;
+
+use super::entity::{message, session};
+use super::routing::{
+    agent_is_online, any_agent_online, assign, drain_queue, lock_tenant, queue_position,
+};
+use super::{SeaOrmStore, abort, convert_all, record_event};
+use crate::config::RoutingPolicy;
+use crate::error::ChatError;
+use crate::events::{EventKind, MessagePosted, TicketReason, TicketRequested};
+use crate::ids::{CustomerId, MessageId, SessionId, TenantId, TicketId, UserId};
+use crate::model::{
+    ChatMessage, ChatSession, Contact, Priority, Sender, SenderType, SessionOrigin, SessionStatus,
+    SessionView, now,
+};
+use crate::repository::{AssignMode, CustomerChatStarted, NewCustomerChat, SessionRepository};
+use crate::validate::PageSize;
+
+/// The wire form of a [`Sender`] in event payloads.
+#[derive(Serialize)]
+struct SenderRef {
+    #[serde(rename = "type")]
+    kind: SenderType,
+    agent_id: Option<UserId>,
+    customer_id: Option<CustomerId>,
+}
+
+impl From<Sender> for SenderRef {
+    fn from(s: Sender) -> Self {
+        match s {
+            Sender::Agent(a) => Self {
+                kind: SenderType::Agent,
+                agent_id: Some(a),
+                customer_id: None,
+            },
+            Sender::Customer(c) => Self {
+                kind: SenderType::Customer,
+                agent_id: None,
+                customer_id: Some(c),
+            },
+            Sender::System => Self {
+                kind: SenderType::System,
+                agent_id: None,
+                customer_id: None,
+            },
+        }
+    }
+}
+
+#[derive(Serialize)]
+struct Closed<'a> {
+    #[serde(flatten)]
+    session: &'a ChatSession,
+    closed_by: SenderRef,
+}
+
+pub(super) async fn find_session(
+    conn: &impl ConnectionTrait,
+    tenant: TenantId,
+    id: SessionId,
+) -> Result<Option<session::Model>, DbErr> {
+    session::Entity::find_by_id(id.as_uuid())
+        .filter(session::Column::TenantId.eq(tenant.get()))
+        .one(conn)
+        .await
+}
+
+pub(super) async fn active_session_of(
+    conn: &impl ConnectionTrait,
+    tenant: TenantId,
+    customer: CustomerId,
+) -> Result<Option<session::Model>, DbErr> {
+    session::Entity::find()
+        .filter(session::Column::TenantId.eq(tenant.get()))
+        .filter(session::Column::CustomerId.eq(customer.as_uuid()))
+        .filter(session::Column::Status.is_in([
+            SessionStatus::Waiting.as_str(),
+            SessionStatus::Open.as_str(),
+        ]))
+        .one(conn)
+        .await
+}
+
+async fn view(conn: &impl ConnectionTrait, row: session::Model) -> Result<SessionView, ChatError> {
+    let queue_position = queue_position(conn, &row).await?;
+    Ok(SessionView {
+        session: row.try_into()?,
+        queue_position,
+    })
+}
+
+/// Closes `row` inside `tx` and writes `session.closed`; `None` if it was
+/// already closed.
+pub(super) async fn close_row(
+    tx: &impl ConnectionTrait,
+    tenant: TenantId,
+    id: SessionId,
+    closed_by: Sender,
+) -> Result<Option<ChatSession>, ChatError> {
+    let at = now();
+    let closed = session::Entity::update_many()
+        .col_expr(
+            session::Column::Status,
+            Expr::value(SessionStatus::Closed.as_str()),
+        )
+        .col_expr(session::Column::ClosedAt, Expr::value(at))
+        .col_expr(session::Column::UpdatedAt, Expr::value(at))
+        .filter(session::Column::Id.eq(id.as_uuid()))
+        .filter(session::Column::TenantId.eq(tenant.get()))
+        .filter(session::Column::Status.ne(SessionStatus::Closed.as_str()))
+        .exec_with_returning(tx)
+        .await?;
+    let Some(row) = closed.into_iter().next() else {
+        return Ok(None);
+    };
+    let session = ChatSession::try_from(row)?;
+    let payload = Closed {
+        session: &session,
+        closed_by: closed_by.into(),
+    };
+    record_event(tx, tenant, Some(id), EventKind::SessionClosed, &payload).await?;
+    Ok(Some(session))
+}
+
+impl SeaOrmStore {
+    async fn open_session_of(
+        &self,
+        tenant: TenantId,
+        agent: UserId,
+    ) -> Result<Option<SessionId>, DbErr> {
+        Ok(session::Entity::find()
+            .filter(session::Column::TenantId.eq(tenant.get()))
+            .filter(session::Column::AgentId.eq(agent.get()))
+            .filter(session::Column::Origin.eq(SessionOrigin::Agent.as_str()))
+            .filter(session::Column::Status.eq(SessionStatus::Open.as_str()))
+            .one(&self.db)
+            .await?
+            .map(|m| SessionId::from_uuid(m.id)))
+    }
+}
+
+fn new_row(tenant: TenantId, origin: SessionOrigin, status: SessionStatus) -> session::ActiveModel {
+    let at = now();
+    session::ActiveModel {
+        id: Set(SessionId::generate().as_uuid()),
+        tenant_id: Set(tenant.get()),
+        agent_id: Set(None),
+        customer_id: Set(None),
+        origin: Set(origin.as_str().to_owned()),
+        status: Set(status.as_str().to_owned()),
+        topic: Set(None),
+        priority_rank: Set(Priority::Normal.rank()),
+        department: Set(None),
+        ticket_id: Set(None),
+        contact: Set(None),
+        client_ip: Set(None),
+        user_agent: Set(None),
+        last_seq: Set(0),
+        created_at: Set(at),
+        updated_at: Set(at),
+        assigned_at: Set(None),
+        closed_at: Set(None),
+    }
+}
+
+fn contact_json(contact: &Contact) -> Result<String, ChatError> {
+    serde_json::to_string(contact).map_err(|e| ChatError::Storage(DbErr::Custom(e.to_string())))
+}
+
+impl SessionRepository for SeaOrmStore {
+    async fn create_agent_session(
+        &self,
+        tenant: TenantId,
+        agent: UserId,
+    ) -> Result<ChatSession, ChatError> {
+        let mut row = new_row(tenant, SessionOrigin::Agent, SessionStatus::Open);
+        row.agent_id = Set(Some(agent.get()));
+        row.assigned_at = Set(Some(now()));
+        let tx = self.begin_write().await?;
+        let inserted = match session::Entity::insert(row).exec_with_returning(&tx).await {
+            Ok(model) => model,
+            Err(err) => {
+                tx.rollback().await?;
+                return Err(match err.sql_err() {
+                    Some(SqlErr::UniqueConstraintViolation(_)) => {
+                        ChatError::ActiveSessionExists(self.open_session_of(tenant, agent).await?)
+                    }
+                    _ => err.into(),
+                });
+            }
+        };
+        let created = ChatSession::try_from(inserted)?;
+        record_event(
+            &tx,
+            tenant,
+            Some(created.id),
+            EventKind::SessionStarted,
+            &created,
+        )
+        .await?;
+        tx.commit().await?;
+        Ok(created)
+    }
+
+    async fn request_ticket(
+        &self,
+        tenant: TenantId,
+        mut request: TicketRequested,
+    ) -> Result<TicketId, ChatError> {
+        request.ticket_id = TicketId::generate();
+        request.tenant_id = tenant;
+        let tx = self.begin_write().await?;
+        record_event(
+            &tx,
+            tenant,
+            request.session_id,
+            EventKind::TicketRequested,
+            &request,
+        )
+        .await?;
+        tx.commit().await?;
+        Ok(request.ticket_id)
+    }
+
+    async fn start_customer_chat(
+        &self,
+        tenant: TenantId,
+        chat: NewCustomerChat,
+        policy: &RoutingPolicy,
+    ) -> Result<CustomerChatStarted, ChatError> {
+        let tx = self.begin_write().await?;
+        let capacity = lock_tenant(&tx, tenant, policy).await?;
+        // One active session per customer: starts of a tenant are serialized
+        // by the routing lock, and the partial unique index backs it up.
+        if let Some(existing) = active_session_of(&tx, tenant, chat.customer).await? {
+            let view = view(&tx, existing).await?;
+            tx.commit().await?;
+            return Ok(CustomerChatStarted {
+                view,
+                created: false,
+            });
+        }
+
+        let mut row = new_row(tenant, SessionOrigin::Customer, SessionStatus::Waiting);
+        row.customer_id = Set(Some(chat.customer.as_uuid()));
+        row.topic = Set(Some(chat.topic.as_str().to_owned()));
+        row.priority_rank = Set(chat.priority.rank());
+        row.department = Set(chat.department.clone());
+        row.contact = Set(chat.contact.as_ref().map(contact_json).transpose()?);
+        row.client_ip = Set(chat.client_ip.clone());
+        row.user_agent = Set(chat.user_agent.clone());
+        if chat.first_message.is_some() {
+            row.last_seq = Set(1);
+        }
+        let inserted = match session::Entity::insert(row).exec_with_returning(&tx).await {
+            Ok(model) => model,
+            Err(err) if matches!(err.sql_err(), Some(SqlErr::UniqueConstraintViolation(_))) => {
+                tx.rollback().await?;
+                let existing = active_session_of(&self.db, tenant, chat.customer)
+                    .await?
+                    .ok_or(ChatError::Storage(err))?;
+                return Ok(CustomerChatStarted {
+                    view: view(&self.db, existing).await?,
+                    created: false,
+                });
+            }
+            Err(err) => return abort(tx, err.into()).await,
+        };
+        let session = ChatSession::try_from(inserted.clone())?;
+        record_event(
+            &tx,
+            tenant,
+            Some(session.id),
+            EventKind::SessionStarted,
+            &session,
+        )
+        .await?;
+
+        if let Some(body) = &chat.first_message {
+            let stored = message::Entity::insert(message::ActiveModel {
+                id: Set(MessageId::generate().as_uuid()),
+                tenant_id: Set(tenant.get()),
+                session_id: Set(session.id.as_uuid()),
+                sender_type: Set(SenderType::Customer.as_str().to_owned()),
+                sender_id: Set(None),
+                customer_id: Set(Some(chat.customer.as_uuid())),
+                seq: Set(1),
+                body: Set(body.as_str().to_owned()),
+                client_msg_id: Set(None),
+                created_at: Set(session.created_at),
+            })
+            .exec_with_returning(&tx)
+            .await?;
+            let mut message = ChatMessage::try_from(stored)?;
+            message.sender_id = super::customers::host_user_of(&tx, tenant, chat.customer).await?;
+            let posted = MessagePosted {
+                message,
+                session_customer_id: Some(chat.customer),
+                ticket_id: None,
+            };
+            record_event(
+                &tx,
+                tenant,
+                Some(session.id),
+                EventKind::MessagePosted,
+                &posted,
+            )
+            .await?;
+        }
+
+        drain_queue(&tx, tenant, policy, capacity).await?;
+        let mut current = super::sessions::find_session(&tx, tenant, session.id)
+            .await?
+            .ok_or(ChatError::NotFound)?;
+        if current.status == SessionStatus::Waiting.as_str()
+            && !any_agent_online(&tx, tenant, policy).await?
+        {
+            // No agent online at all: the chat waits and becomes a ticket.
+            let ticket_id = TicketId::generate();
+            let updated = session::Entity::update_many()
+                .col_expr(session::Column::TicketId, Expr::value(ticket_id.as_uuid()))
+                .filter(session::Column::Id.eq(current.id))
+                .exec_with_returning(&tx)
+                .await?;
+            current = updated.into_iter().next().ok_or(ChatError::NotFound)?;
+            let request = TicketRequested {
+                ticket_id,
+                tenant_id: tenant,
+                reason: TicketReason::NoAgentOnline,
+                session_id: Some(session.id),
+                customer_id: Some(chat.customer),
+                agent_id: None,
+                requested_by: None,
+                topic: Some(chat.topic.as_str().to_owned()),
+                priority: chat.priority,
+                contact: chat.contact,
+                first_message: chat.first_message.map(|m| m.into_inner()),
+            };
+            record_event(
+                &tx,
+                tenant,
+                Some(session.id),
+                EventKind::TicketRequested,
+                &request,
+            )
+            .await?;
+        }
+        let view = view(&tx, current).await?;
+        tx.commit().await?;
+        Ok(CustomerChatStarted {
+            view,
+            created: true,
+        })
+    }
+
+    async fn get_session(&self, tenant: TenantId, id: SessionId) -> Result<ChatSession, ChatError> {
+        find_session(&self.db, tenant, id)
+            .await?
+            .ok_or(ChatError::NotFound)?
+            .try_into()
+    }
+
+    async fn session_view(
+        &self,
+        tenant: TenantId,
+        id: SessionId,
+    ) -> Result<SessionView, ChatError> {
+        let row = find_session(&self.db, tenant, id)
+            .await?
+            .ok_or(ChatError::NotFound)?;
+        view(&self.db, row).await
+    }
+
+    async fn list_sessions(
+        &self,
+        tenant: TenantId,
+        status: Option<SessionStatus>,
+        limit: PageSize,
+    ) -> Result<Vec<SessionView>, ChatError> {
+        let mut query = session::Entity::find().filter(session::Column::TenantId.eq(tenant.get()));
+        if let Some(status) = status {
+            query = query.filter(session::Column::Status.eq(status.as_str()));
+        }
+        let rows = query
+            .order_by_desc(session::Column::CreatedAt)
+            .order_by_desc(session::Column::Id)
+            .limit(limit.get())
+            .all(&self.db)
+            .await?;
+        let mut views = Vec::with_capacity(rows.len());
+        for row in rows {
+            views.push(view(&self.db, row).await?);
+        }
+        Ok(views)
+    }
+
+    async fn customer_sessions(
+        &self,
+        tenant: TenantId,
+        customer: CustomerId,
+        before: Option<SessionId>,
+        limit: PageSize,
+    ) -> Result<Vec<ChatSession>, ChatError> {
+        let mut query = session::Entity::find()
+            .filter(session::Column::TenantId.eq(tenant.get()))
+            .filter(session::Column::CustomerId.eq(customer.as_uuid()));
+        if let Some(before) = before {
+            query = query.filter(session::Column::Id.lt(before.as_uuid()));
+        }
+        let rows = query
+            .order_by_desc(session::Column::Id)
+            .limit(limit.get())
+            .all(&self.db)
+            .await?;
+        convert_all(rows)
+    }
+
+    async fn close_session(
+        &self,
+        tenant: TenantId,
+        id: SessionId,
+        closed_by: Sender,
+        policy: &RoutingPolicy,
+    ) -> Result<ChatSession, ChatError> {
+        let tx = self.begin_write().await?;
+        let capacity = lock_tenant(&tx, tenant, policy).await?;
+        let Some(closed) = close_row(&tx, tenant, id, closed_by).await? else {
+            // Already closed (idempotent) or absent in this tenant.
+            tx.rollback().await?;
+            return self.get_session(tenant, id).await;
+        };
+        if closed.agent_id.is_some() {
+            drain_queue(&tx, tenant, policy, capacity).await?;
+        }
+        tx.commit().await?;
+        Ok(closed)
+    }
+
+    async fn assign_session(
+        &self,
+        tenant: TenantId,
+        id: SessionId,
+        agent: UserId,
+        mode: AssignMode,
+        policy: &RoutingPolicy,
+    ) -> Result<ChatSession, ChatError> {
+        let tx = self.begin_write().await?;
+        let capacity = lock_tenant(&tx, tenant, policy).await?;
+        let Some(row) = find_session(&tx, tenant, id).await? else {
+            return abort(tx, ChatError::NotFound).await;
+        };
+        let current = ChatSession::try_from(row.clone())?;
+        match current.status {
+            SessionStatus::Closed => return abort(tx, ChatError::SessionClosed).await,
+            SessionStatus::Open if current.agent_id == Some(agent) => {
+                tx.rollback().await?;
+                return Ok(current);
+            }
+            SessionStatus::Open if mode == AssignMode::Claim => {
+                return abort(tx, ChatError::AlreadyAssigned).await;
+            }
+            _ => {}
+        }
+        if !agent_is_online(&tx, tenant, agent, policy).await? {
+            return abort(tx, ChatError::AgentNotOnline(agent)).await;
+        }
+        let assigned = match assign(&tx, tenant, &row, agent).await {
+            Ok(s) => s,
+            Err(e) => return abort(tx, e).await,
+        };
+        if current.status == SessionStatus::Open {
+            // A transfer freed the previous agent.
+            drain_queue(&tx, tenant, policy, capacity).await?;
+        }
+        tx.commit().await?;
+        Ok(assigned)
+    }
+
+    async fn update_contact(
+        &self,
+        tenant: TenantId,
+        id: SessionId,
+        contact: Contact,
+    ) -> Result<ChatSession, ChatError> {
+        let tx = self.begin_write().await?;
+        let updated = session::Entity::update_many()
+            .col_expr(
+                session::Column::Contact,
+                Expr::value(contact_json(&contact)?),
+            )
+            .col_expr(session::Column::UpdatedAt, Expr::value(now()))
+            .filter(session::Column::Id.eq(id.as_uuid()))
+            .filter(session::Column::TenantId.eq(tenant.get()))
+            .exec_with_returning(&tx)
+            .await?;
+        let Some(row) = updated.into_iter().next() else {
+            return abort(tx, ChatError::NotFound).await;
+        };
+        let session = ChatSession::try_from(row)?;
+        record_event(&tx, tenant, Some(id), EventKind::SessionUpdated, &session).await?;
+        tx.commit().await?;
+        Ok(session)
+    }
+}

@@ -1,0 +1,214 @@
+//! Customer credentials issued or checked by the library (issue #3):
+//! visitor tokens and host-signed identity hashes.
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use hmac::{Hmac, KeyInit, Mac};
+use jsonwebtoken::{Algorithm, DecodingKey, EncodingKey, Header, Validation};
+use livechat_core::{CustomerId, TenantId, UserId};
+use serde::{Deserialize, Serialize};
+use sha2::Sha256;
+
+/// How long a visitor token is valid by default: 30 days.
+pub const VISITOR_TOKEN_TTL: Duration = Duration::from_secs(30 * 24 * 60 * 60);
+
+const TOKEN_TYPE: &str = "livechat_visitor";
+
+/// Issues and checks `Authorization: Visitor <token>` credentials: HS256
+/// JWTs signed with the library's own secret, bound to a tenant and a
+/// customer, expiring after [`VISITOR_TOKEN_TTL`].
+#[derive(Clone)]
+pub struct VisitorTokens {
+    encoding: EncodingKey,
+    decoding: DecodingKey,
+    validation: Validation,
+    ttl: Duration,
+}
+
+impl std::fmt::Debug for VisitorTokens {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("VisitorTokens")
+            .field("ttl", &self.ttl)
+            .finish_non_exhaustive()
+    }
+}
+
+#[derive(Serialize, Deserialize)]
+struct VisitorClaims {
+    /// The customer id.
+    sub: String,
+    /// The tenant.
+    tid: i64,
+    /// Always `livechat_visitor`, so no other token signed with the same
+    /// secret can pass as one.
+    typ: String,
+    iat: i64,
+    exp: i64,
+}
+
+impl VisitorTokens {
+    /// Tokens signed with `secret` (keep it apart from the host's JWT
+    /// secret; all nodes must share it).
+    #[must_use]
+    pub fn new(secret: &[u8]) -> Self {
+        let mut validation = Validation::new(Algorithm::HS256);
+        validation.set_required_spec_claims(&["exp", "sub"]);
+        Self {
+            encoding: EncodingKey::from_secret(secret),
+            decoding: DecodingKey::from_secret(secret),
+            validation,
+            ttl: VISITOR_TOKEN_TTL,
+        }
+    }
+
+    /// Sets the lifetime of new tokens.
+    #[must_use]
+    pub fn with_ttl(mut self, ttl: Duration) -> Self {
+        self.ttl = ttl;
+        self
+    }
+
+    /// A token for `customer` of `tenant`.
+    ///
+    /// # Errors
+    /// Only if signing fails.
+    pub fn issue(
+        &self,
+        tenant: TenantId,
+        customer: CustomerId,
+    ) -> Result<String, jsonwebtoken::errors::Error> {
+        let now = chrono::Utc::now().timestamp();
+        let claims = VisitorClaims {
+            sub: customer.to_string(),
+            tid: tenant.get(),
+            typ: TOKEN_TYPE.to_owned(),
+            iat: now,
+            exp: now + i64::try_from(self.ttl.as_secs()).unwrap_or(i64::MAX / 2),
+        };
+        jsonwebtoken::encode(&Header::new(Algorithm::HS256), &claims, &self.encoding)
+    }
+
+    /// The tenant and customer a valid token names; `None` when malformed,
+    /// badly signed, expired or not a visitor token.
+    #[must_use]
+    pub fn verify(&self, token: &str) -> Option<(TenantId, CustomerId)> {
+        let data =
+            jsonwebtoken::decode::<VisitorClaims>(token, &self.decoding, &self.validation).ok()?;
+        let claims = data.claims;
+        if claims.typ != TOKEN_TYPE {
+            return None;
+        }
+        Some((TenantId::new(claims.tid).ok()?, claims.sub.parse().ok()?))
+    }
+}
+
+/// Per-tenant secrets for identity hashes: a host whose widget runs on a
+/// tenant's own site signs the user id (`hex(HMAC-SHA256(secret, user_id))`)
+/// so the widget can assert who is logged in (issue #3).
+#[derive(Clone, Default)]
+pub struct IdentitySecrets {
+    secrets: HashMap<TenantId, Vec<u8>>,
+}
+
+impl std::fmt::Debug for IdentitySecrets {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("IdentitySecrets")
+            .field("tenants", &self.secrets.keys().collect::<Vec<_>>())
+            .finish()
+    }
+}
+
+impl IdentitySecrets {
+    /// No tenant accepts identity hashes.
+    #[must_use]
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Sets `tenant`'s secret.
+    #[must_use]
+    pub fn with(mut self, tenant: TenantId, secret: impl Into<Vec<u8>>) -> Self {
+        self.secrets.insert(tenant, secret.into());
+        self
+    }
+
+    /// Parses `tenant:secret` pairs separated by commas (e.g. the
+    /// `LIVECHAT_IDENTITY_SECRETS` variable of the example host).
+    ///
+    /// # Errors
+    /// A message naming the malformed pair.
+    pub fn parse(spec: &str) -> Result<Self, String> {
+        let mut out = Self::new();
+        for pair in spec.split(',').map(str::trim).filter(|p| !p.is_empty()) {
+            let (tenant, secret) = pair
+                .split_once(':')
+                .ok_or_else(|| format!("`{pair}` is not tenant:secret"))?;
+            let tenant: TenantId = tenant
+                .trim()
+                .parse()
+                .map_err(|_| format!("`{tenant}` is not a tenant id"))?;
+            out = out.with(tenant, secret.trim().as_bytes().to_vec());
+        }
+        Ok(out)
+    }
+
+    /// The hash a host computes for `user` in `tenant` (lowercase hex), if
+    /// the tenant has a secret.
+    #[must_use]
+    pub fn sign(&self, tenant: TenantId, user: UserId) -> Option<String> {
+        let mut mac = Hmac::<Sha256>::new_from_slice(self.secrets.get(&tenant)?).ok()?;
+        mac.update(user.to_string().as_bytes());
+        Some(hex::encode(mac.finalize().into_bytes()))
+    }
+
+    /// Whether `hash` (hex) is `user`'s identity hash in `tenant`, compared
+    /// in constant time. `false` when the tenant has no secret.
+    #[must_use]
+    pub fn verify(&self, tenant: TenantId, user: UserId, hash: &str) -> bool {
+        let (Some(secret), Ok(given)) = (self.secrets.get(&tenant), hex::decode(hash.trim()))
+        else {
+            return false;
+        };
+        let Ok(mut mac) = Hmac::<Sha256>::new_from_slice(secret) else {
+            return false;
+        };
+        mac.update(user.to_string().as_bytes());
+        mac.verify_slice(&given).is_ok()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn visitor_tokens_round_trip_and_reject_tampering() {
+        let tokens = VisitorTokens::new(b"visitor-secret");
+        let (t, c) = (TenantId::new(3).unwrap(), CustomerId::generate());
+        let token = tokens.issue(t, c).unwrap();
+        assert_eq!(tokens.verify(&token), Some((t, c)));
+        assert_eq!(VisitorTokens::new(b"other").verify(&token), None);
+        assert_eq!(tokens.verify(&format!("{token}x")), None);
+        let expired = tokens.clone().with_ttl(Duration::ZERO);
+        let old = expired.issue(t, c).unwrap();
+        // Expiry is checked with jsonwebtoken's default 60 s leeway.
+        let mut strict = tokens.clone();
+        strict.validation.leeway = 0;
+        std::thread::sleep(Duration::from_millis(1100));
+        assert_eq!(strict.verify(&old), None);
+    }
+
+    #[test]
+    fn identity_hash_verifies_in_constant_time() {
+        let secrets = IdentitySecrets::parse("1:alpha, 2:beta").unwrap();
+        let (t1, u) = (TenantId::new(1).unwrap(), UserId::new(42).unwrap());
+        let hash = secrets.sign(t1, u).unwrap();
+        assert!(secrets.verify(t1, u, &hash));
+        assert!(!secrets.verify(TenantId::new(2).unwrap(), u, &hash));
+        assert!(!secrets.verify(t1, UserId::new(43).unwrap(), &hash));
+        assert!(!secrets.verify(TenantId::new(9).unwrap(), u, &hash));
+        assert!(!secrets.verify(t1, u, "zz"));
+        assert!(IdentitySecrets::parse("nope").is_err());
+    }
+}

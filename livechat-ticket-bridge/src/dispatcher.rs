@@ -1,0 +1,689 @@
+//! The outbox dispatcher: claims committed events, calls the sinks, settles
+//! each event (issue #3, DESIGN.md invariant 5).
+
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
+
+use chrono::{DateTime, TimeDelta, Utc};
+use livechat_core::{
+    ChatError, DomainEvent, EventKind, MessagePosted, Notification, NotificationId, OutboxConsumer,
+    PendingEvent, SenderType, TicketId, TicketRequested,
+};
+use serde::Deserialize;
+
+use crate::sink::{NotificationSink, SinkError, TicketSink};
+
+/// Longest notification body, in characters (Unicode scalar values).
+pub const NOTIFICATION_BODY_MAX_CHARS: usize = 500;
+
+/// Tuning of a [`Dispatcher`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct DispatcherConfig {
+    /// Most events claimed per [`Dispatcher::dispatch_once`] (default 100).
+    pub batch_size: u64,
+    /// How long a claim is held before the event is handed out again, e.g.
+    /// after a crash (default 30 s). Must exceed the time one batch takes.
+    pub lease: Duration,
+    /// Sleep of [`Dispatcher::run`] after a pass that found nothing to do
+    /// (default 250 ms).
+    pub poll_interval: Duration,
+    /// Delay before the first retry; doubled on each further attempt
+    /// (default 1 s).
+    pub backoff_base: Duration,
+    /// Upper bound of the retry delay (default 5 min).
+    pub backoff_max: Duration,
+}
+
+impl Default for DispatcherConfig {
+    fn default() -> Self {
+        Self {
+            batch_size: 100,
+            lease: Duration::from_secs(30),
+            poll_interval: Duration::from_millis(250),
+            backoff_base: Duration::from_secs(1),
+            backoff_max: Duration::from_secs(300),
+        }
+    }
+}
+
+impl DispatcherConfig {
+    /// The delay before the next attempt of an event that has already failed
+    /// `attempts` times before this one: `min(backoff_base * 2^attempts,
+    /// backoff_max)`.
+    #[must_use]
+    pub fn backoff(&self, attempts: i32) -> Duration {
+        let exponent = u32::try_from(attempts).unwrap_or(0).min(31);
+        self.backoff_base
+            .saturating_mul(1_u32 << exponent)
+            .min(self.backoff_max)
+    }
+}
+
+/// What one [`Dispatcher::dispatch_once`] did, in events.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct DispatchReport {
+    /// Settled as dispatched: every sink accepted, or there was nothing to do.
+    pub delivered: usize,
+    /// Put back for a later attempt (some sink answered retryable).
+    pub retried: usize,
+    /// Given up (a sink answered permanent, or the payload did not decode).
+    pub failed: usize,
+}
+
+impl DispatchReport {
+    /// Events claimed and settled in the pass.
+    #[must_use]
+    pub const fn handled(&self) -> usize {
+        self.delivered + self.retried + self.failed
+    }
+}
+
+/// Delivers committed outbox events to ticket and notification sinks, at
+/// least once, in order per session, with exponential backoff (issue #3).
+///
+/// Rules per event kind:
+/// - `ticket.requested` → [`TicketSink::open_ticket`] on every ticket sink;
+/// - `session.closed` of a session with a `ticket_id` →
+///   [`TicketSink::close_ticket`] on every ticket sink;
+/// - `message.posted` by an agent in a ticketed customer session → a
+///   [`Notification`] (`kind` `agent_reply`, id = event id, body truncated to
+///   [`NOTIFICATION_BODY_MAX_CHARS`]) to every notification sink;
+/// - any other kind: nothing to do.
+///
+/// Then the event is settled: all sinks OK → dispatched; any
+/// [`SinkError::Retryable`] → retried after [`DispatcherConfig::backoff`];
+/// otherwise a [`SinkError::Permanent`] → failed. A payload that does not
+/// decode is failed at once (it would never decode on a retry either).
+pub struct Dispatcher<C> {
+    consumer: C,
+    config: DispatcherConfig,
+    ticket_sinks: Vec<Arc<dyn TicketSink>>,
+    notification_sinks: Vec<Arc<dyn NotificationSink>>,
+}
+
+impl<C: OutboxConsumer> Dispatcher<C> {
+    /// A dispatcher reading `consumer`'s outbox, with no sinks yet.
+    #[must_use]
+    pub fn new(consumer: C, config: DispatcherConfig) -> Self {
+        Self {
+            consumer,
+            config,
+            ticket_sinks: Vec::new(),
+            notification_sinks: Vec::new(),
+        }
+    }
+
+    /// Adds a sink that gets every ticket opening and closing.
+    #[must_use]
+    pub fn ticket_sink(mut self, sink: Arc<dyn TicketSink>) -> Self {
+        self.ticket_sinks.push(sink);
+        self
+    }
+
+    /// Adds a sink that gets every customer notification.
+    #[must_use]
+    pub fn notification_sink(mut self, sink: Arc<dyn NotificationSink>) -> Self {
+        self.notification_sinks.push(sink);
+        self
+    }
+
+    /// The configuration in use.
+    #[must_use]
+    pub const fn config(&self) -> &DispatcherConfig {
+        &self.config
+    }
+
+    /// Claims one batch of due events (at most [`DispatcherConfig::batch_size`],
+    /// at most one per session), handles them one after the other and
+    /// settles each. Deterministic: with nothing due it returns an empty
+    /// report at once.
+    ///
+    /// # Errors
+    /// The consumer's [`ChatError`] when claiming or settling fails (e.g. the
+    /// database is down). Events claimed but not settled are handed out
+    /// again when their lease expires, so nothing is lost.
+    pub async fn dispatch_once(&self) -> Result<DispatchReport, ChatError> {
+        let batch = self
+            .consumer
+            .claim_pending(self.config.batch_size, self.config.lease)
+            .await?;
+        let mut report = DispatchReport::default();
+        for pending in batch {
+            self.handle(pending, &mut report).await?;
+        }
+        Ok(report)
+    }
+
+    /// Runs [`Dispatcher::dispatch_once`] in a loop until `shutdown`
+    /// resolves, sleeping [`DispatcherConfig::poll_interval`] whenever a
+    /// pass found nothing to do or failed. Errors are logged (`tracing`)
+    /// and the loop goes on. Shutdown interrupts a pass in progress; its
+    /// unsettled events are redelivered after their lease, which the
+    /// sinks' idempotency makes harmless.
+    pub async fn run(self, shutdown: impl Future<Output = ()>) {
+        let mut shutdown = std::pin::pin!(shutdown);
+        loop {
+            let idle = tokio::select! {
+                () = &mut shutdown => return,
+                result = self.dispatch_once() => match result {
+                    Ok(report) => {
+                        if report.handled() > 0 {
+                            tracing::debug!(
+                                delivered = report.delivered,
+                                retried = report.retried,
+                                failed = report.failed,
+                                "outbox dispatch pass"
+                            );
+                        }
+                        report.handled() == 0
+                    }
+                    Err(error) => {
+                        tracing::error!(%error, "outbox dispatch failed");
+                        true
+                    }
+                },
+            };
+            if idle {
+                tokio::select! {
+                    () = &mut shutdown => return,
+                    () = tokio::time::sleep(self.config.poll_interval) => {}
+                }
+            }
+        }
+    }
+
+    async fn handle(
+        &self,
+        pending: PendingEvent,
+        report: &mut DispatchReport,
+    ) -> Result<(), ChatError> {
+        let event = &pending.event;
+        let outcome = match self.deliver(event).await {
+            Ok(outcome) => outcome,
+            Err(undecodable) => Outcome::Failed(undecodable),
+        };
+        match outcome {
+            Outcome::Delivered => {
+                self.consumer.mark_dispatched(event.id).await?;
+                report.delivered += 1;
+            }
+            Outcome::Retry(error) => {
+                let delay = self.config.backoff(pending.attempts);
+                let now = livechat_core::now();
+                let retry_at = TimeDelta::from_std(delay)
+                    .ok()
+                    .and_then(|delay| now.checked_add_signed(delay))
+                    .unwrap_or(DateTime::<Utc>::MAX_UTC);
+                tracing::warn!(
+                    event_id = %event.id,
+                    kind = event.kind.as_str(),
+                    attempts = pending.attempts + 1,
+                    %retry_at,
+                    %error,
+                    "sink failed; will retry"
+                );
+                self.consumer
+                    .retry_later(event.id, retry_at, &error)
+                    .await?;
+                report.retried += 1;
+            }
+            Outcome::Failed(error) => {
+                tracing::error!(
+                    event_id = %event.id,
+                    kind = event.kind.as_str(),
+                    %error,
+                    "event cannot be delivered; giving up"
+                );
+                self.consumer.mark_failed(event.id, &error).await?;
+                report.failed += 1;
+            }
+        }
+        Ok(())
+    }
+
+    /// Calls the sinks the event is for; `Err` when the payload does not decode.
+    async fn deliver(&self, event: &DomainEvent) -> Result<Outcome, String> {
+        let key = event.id;
+        let mut results = Vec::new();
+        match event.kind {
+            EventKind::TicketRequested => {
+                let request: TicketRequested = decode(event)?;
+                for sink in &self.ticket_sinks {
+                    results.push(sink.open_ticket(&request, key).await);
+                }
+            }
+            EventKind::SessionClosed => {
+                #[derive(Deserialize)]
+                struct Closed {
+                    ticket_id: Option<TicketId>,
+                }
+                if let Some(ticket) = decode::<Closed>(event)?.ticket_id {
+                    for sink in &self.ticket_sinks {
+                        results.push(sink.close_ticket(event.tenant_id, ticket, key).await);
+                    }
+                }
+            }
+            EventKind::MessagePosted => {
+                let posted: MessagePosted = decode(event)?;
+                if let Some(notification) = agent_reply(event, posted) {
+                    for sink in &self.notification_sinks {
+                        results.push(sink.notify(&notification, key).await);
+                    }
+                }
+            }
+            _ => {}
+        }
+        Ok(Outcome::of(results))
+    }
+}
+
+enum Outcome {
+    Delivered,
+    Retry(String),
+    Failed(String),
+}
+
+impl Outcome {
+    /// Any retryable failure wins over permanent ones: the event comes back,
+    /// and the sinks that accepted it see the same key again.
+    fn of(results: Vec<Result<(), SinkError>>) -> Self {
+        let mut retryable = Vec::new();
+        let mut permanent = Vec::new();
+        for result in results {
+            match result {
+                Ok(()) => {}
+                Err(SinkError::Retryable(e)) => retryable.push(e),
+                Err(SinkError::Permanent(e)) => permanent.push(e),
+            }
+        }
+        if !retryable.is_empty() {
+            Self::Retry(retryable.join("; "))
+        } else if !permanent.is_empty() {
+            Self::Failed(permanent.join("; "))
+        } else {
+            Self::Delivered
+        }
+    }
+}
+
+fn decode<T: for<'de> Deserialize<'de>>(event: &DomainEvent) -> Result<T, String> {
+    T::deserialize(&event.payload)
+        .map_err(|e| format!("undecodable {} payload: {e}", event.kind.as_str()))
+}
+
+/// The notification an agent's reply in a ticketed customer session causes
+/// (issue #3), or `None` for any other message.
+fn agent_reply(event: &DomainEvent, posted: MessagePosted) -> Option<Notification> {
+    if posted.message.sender_type != SenderType::Agent {
+        return None;
+    }
+    let ticket_id = posted.ticket_id?;
+    let customer_id = posted.session_customer_id?;
+    Some(Notification {
+        id: NotificationId::from_uuid(event.id.as_uuid()),
+        tenant_id: event.tenant_id,
+        customer_id,
+        session_id: Some(posted.message.session_id),
+        ticket_id: Some(ticket_id),
+        kind: "agent_reply".to_owned(),
+        title: "An agent replied".to_owned(),
+        body: posted
+            .message
+            .message
+            .chars()
+            .take(NOTIFICATION_BODY_MAX_CHARS)
+            .collect(),
+        created_at: event.created_at,
+        read_at: None,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    //! The dispatcher's decisions, against an in-memory consumer. The
+    //! end-to-end and crash-safety tests against the real store live in the
+    //! workspace's `tests/` crate.
+
+    use std::sync::Mutex;
+
+    use async_trait::async_trait;
+    use livechat_core::{
+        ChatMessage, CustomerId, EventId, MessageId, Priority, SessionId, TenantId, TicketReason,
+        UserId,
+    };
+    use serde_json::json;
+
+    use super::*;
+
+    #[derive(Default)]
+    struct Settled {
+        pending: Vec<PendingEvent>,
+        dispatched: Vec<EventId>,
+        retried: Vec<(EventId, DateTime<Utc>)>,
+        failed: Vec<(EventId, String)>,
+    }
+
+    #[derive(Default)]
+    struct MemoryOutbox(Mutex<Settled>);
+
+    impl OutboxConsumer for MemoryOutbox {
+        async fn claim_pending(
+            &self,
+            limit: u64,
+            _lease: Duration,
+        ) -> Result<Vec<PendingEvent>, ChatError> {
+            let mut s = self.0.lock().unwrap();
+            let n = s.pending.len().min(usize::try_from(limit).unwrap());
+            Ok(s.pending.drain(..n).collect())
+        }
+        async fn mark_dispatched(&self, id: EventId) -> Result<(), ChatError> {
+            self.0.lock().unwrap().dispatched.push(id);
+            Ok(())
+        }
+        async fn retry_later(
+            &self,
+            id: EventId,
+            retry_at: DateTime<Utc>,
+            _error: &str,
+        ) -> Result<(), ChatError> {
+            self.0.lock().unwrap().retried.push((id, retry_at));
+            Ok(())
+        }
+        async fn mark_failed(&self, id: EventId, error: &str) -> Result<(), ChatError> {
+            self.0.lock().unwrap().failed.push((id, error.to_owned()));
+            Ok(())
+        }
+    }
+
+    /// Records calls; answers with `answer` (`None` = OK).
+    #[derive(Default)]
+    struct Recorder {
+        answer: Option<fn(String) -> SinkError>,
+        calls: Mutex<Vec<String>>,
+        notifications: Mutex<Vec<Notification>>,
+    }
+
+    impl Recorder {
+        fn failing(answer: fn(String) -> SinkError) -> Arc<Self> {
+            Arc::new(Self {
+                answer: Some(answer),
+                ..Self::default()
+            })
+        }
+        fn reply(&self, call: String) -> Result<(), SinkError> {
+            self.calls.lock().unwrap().push(call);
+            self.answer.map_or(Ok(()), |f| Err(f("boom".into())))
+        }
+        fn calls(&self) -> Vec<String> {
+            self.calls.lock().unwrap().clone()
+        }
+    }
+
+    #[async_trait]
+    impl TicketSink for Recorder {
+        async fn open_ticket(&self, r: &TicketRequested, key: EventId) -> Result<(), SinkError> {
+            self.reply(format!("open {} {key}", r.ticket_id))
+        }
+        async fn close_ticket(
+            &self,
+            tenant: livechat_core::TenantId,
+            ticket: TicketId,
+            key: EventId,
+        ) -> Result<(), SinkError> {
+            self.reply(format!("close {tenant} {ticket} {key}"))
+        }
+    }
+
+    #[async_trait]
+    impl NotificationSink for Recorder {
+        async fn notify(&self, n: &Notification, key: EventId) -> Result<(), SinkError> {
+            self.notifications.lock().unwrap().push(n.clone());
+            self.reply(format!("notify {} {key}", n.customer_id))
+        }
+    }
+
+    fn tenant() -> TenantId {
+        TenantId::new(1).unwrap()
+    }
+
+    fn event(kind: EventKind, payload: serde_json::Value) -> PendingEvent {
+        PendingEvent {
+            event: DomainEvent {
+                id: EventId::generate(),
+                tenant_id: tenant(),
+                session_id: None,
+                kind,
+                payload,
+                created_at: livechat_core::now(),
+            },
+            attempts: 0,
+        }
+    }
+
+    fn ticket_requested() -> (TicketId, PendingEvent) {
+        let ticket_id = TicketId::generate();
+        let request = TicketRequested {
+            ticket_id,
+            tenant_id: tenant(),
+            reason: TicketReason::NoAgentOnline,
+            session_id: Some(SessionId::generate()),
+            customer_id: Some(CustomerId::generate()),
+            agent_id: None,
+            requested_by: None,
+            topic: Some("Billing".into()),
+            priority: Priority::Normal,
+            contact: None,
+            first_message: None,
+        };
+        let pending = event(
+            EventKind::TicketRequested,
+            serde_json::to_value(&request).unwrap(),
+        );
+        (ticket_id, pending)
+    }
+
+    fn message_posted(
+        sender_type: SenderType,
+        text: &str,
+        ticket_id: Option<TicketId>,
+    ) -> PendingEvent {
+        let session_id = SessionId::generate();
+        let posted = MessagePosted {
+            message: ChatMessage {
+                id: MessageId::generate(),
+                session_id,
+                tenant_id: tenant(),
+                sender_type,
+                sender_id: Some(UserId::new(7).unwrap()),
+                customer_id: None,
+                seq: 2,
+                message: text.to_owned(),
+                client_msg_id: None,
+                created_at: livechat_core::now(),
+            },
+            session_customer_id: Some(CustomerId::generate()),
+            ticket_id,
+        };
+        let mut pending = event(
+            EventKind::MessagePosted,
+            serde_json::to_value(&posted).unwrap(),
+        );
+        pending.event.session_id = Some(session_id);
+        pending
+    }
+
+    fn dispatcher(
+        outbox: MemoryOutbox,
+        sinks: impl IntoIterator<Item = Arc<Recorder>>,
+    ) -> Dispatcher<MemoryOutbox> {
+        sinks.into_iter().fold(
+            Dispatcher::new(outbox, DispatcherConfig::default()),
+            |d, s| d.ticket_sink(s.clone()).notification_sink(s),
+        )
+    }
+
+    fn outbox(events: Vec<PendingEvent>) -> MemoryOutbox {
+        MemoryOutbox(Mutex::new(Settled {
+            pending: events,
+            ..Settled::default()
+        }))
+    }
+
+    #[test]
+    fn backoff_doubles_up_to_the_maximum() {
+        let c = DispatcherConfig::default();
+        assert_eq!(c.backoff(0), Duration::from_secs(1));
+        assert_eq!(c.backoff(1), Duration::from_secs(2));
+        assert_eq!(c.backoff(8), Duration::from_secs(256));
+        assert_eq!(c.backoff(9), Duration::from_secs(300));
+        assert_eq!(c.backoff(i32::MAX), Duration::from_secs(300));
+        assert_eq!(c.backoff(-1), Duration::from_secs(1));
+    }
+
+    #[tokio::test]
+    async fn routes_each_kind_to_its_sinks_and_settles() {
+        let (ticket_id, requested) = ticket_requested();
+        let closed = event(
+            EventKind::SessionClosed,
+            json!({"ticket_id": ticket_id, "status": "CLOSED", "closed_by": 7}),
+        );
+        let closed_untracked = event(
+            EventKind::SessionClosed,
+            json!({"ticket_id": null, "status": "CLOSED"}),
+        );
+        let long = "é".repeat(600);
+        let reply = message_posted(SenderType::Agent, &long, Some(TicketId::generate()));
+        let from_customer = message_posted(SenderType::Customer, "hi", Some(ticket_id));
+        let unticketed = message_posted(SenderType::Agent, "hi", None);
+        let other = event(EventKind::SessionStarted, json!({}));
+        let ids: Vec<EventId> = [
+            &requested,
+            &closed,
+            &closed_untracked,
+            &reply,
+            &from_customer,
+            &unticketed,
+            &other,
+        ]
+        .iter()
+        .map(|p| p.event.id)
+        .collect();
+        let reply_event = reply.event.clone();
+
+        let a = Arc::new(Recorder::default());
+        let b = Arc::new(Recorder::default());
+        let d = dispatcher(
+            outbox(vec![
+                requested,
+                closed,
+                closed_untracked,
+                reply,
+                from_customer,
+                unticketed,
+                other,
+            ]),
+            [a.clone(), b.clone()],
+        );
+
+        let report = d.dispatch_once().await.unwrap();
+        assert_eq!(
+            report,
+            DispatchReport {
+                delivered: 7,
+                retried: 0,
+                failed: 0
+            }
+        );
+        assert_eq!(d.consumer.0.lock().unwrap().dispatched, ids);
+        for sink in [&a, &b] {
+            let calls = sink.calls();
+            assert_eq!(calls.len(), 3, "{calls:?}");
+            assert_eq!(calls[0], format!("open {ticket_id} {}", ids[0]));
+            assert_eq!(calls[1], format!("close 1 {ticket_id} {}", ids[1]));
+            assert!(calls[2].starts_with("notify "));
+        }
+        let n = a.notifications.lock().unwrap()[0].clone();
+        assert_eq!(n.id.as_uuid(), reply_event.id.as_uuid());
+        assert_eq!(n.kind, "agent_reply");
+        assert_eq!(n.title, "An agent replied");
+        assert_eq!(n.body, "é".repeat(NOTIFICATION_BODY_MAX_CHARS));
+        assert_eq!(n.session_id, reply_event.session_id);
+        assert_eq!(n.created_at, reply_event.created_at);
+        assert_eq!(n.read_at, None);
+
+        // Nothing left: an idle pass reports nothing.
+        assert_eq!(d.dispatch_once().await.unwrap(), DispatchReport::default());
+    }
+
+    #[tokio::test]
+    async fn retryable_wins_and_backs_off_by_attempts() {
+        let (_, mut requested) = ticket_requested();
+        requested.attempts = 3;
+        let id = requested.event.id;
+        let ok = Arc::new(Recorder::default());
+        let d = dispatcher(
+            outbox(vec![requested]),
+            [
+                ok.clone(),
+                Recorder::failing(SinkError::Permanent),
+                Recorder::failing(SinkError::Retryable),
+            ],
+        );
+        let before = livechat_core::now();
+        let report = d.dispatch_once().await.unwrap();
+        assert_eq!(report.retried, 1);
+        let s = d.consumer.0.lock().unwrap();
+        assert!(s.dispatched.is_empty() && s.failed.is_empty());
+        let (retried, at) = s.retried[0];
+        assert_eq!(retried, id);
+        // 1 s * 2^3 = 8 s from now.
+        let delay = at - before;
+        assert!(
+            delay >= TimeDelta::seconds(8) && delay < TimeDelta::seconds(9),
+            "{delay}"
+        );
+        assert_eq!(ok.calls().len(), 1);
+    }
+
+    #[tokio::test]
+    async fn permanent_failure_and_bad_payload_are_failed() {
+        let (_, requested) = ticket_requested();
+        let garbage = event(EventKind::TicketRequested, json!({"ticket_id": 5}));
+        let bad_message = event(EventKind::MessagePosted, json!("nope"));
+        let ids = [requested.event.id, garbage.event.id, bad_message.event.id];
+        let permanent = Recorder::failing(SinkError::Permanent);
+        let d = dispatcher(
+            outbox(vec![requested, garbage, bad_message]),
+            [permanent.clone()],
+        );
+        let report = d.dispatch_once().await.unwrap();
+        assert_eq!(report.failed, 3);
+        let s = d.consumer.0.lock().unwrap();
+        let failed: Vec<EventId> = s.failed.iter().map(|(id, _)| *id).collect();
+        assert_eq!(failed, ids);
+        assert!(s.failed[0].1.contains("boom"));
+        assert!(s.failed[1].1.contains("undecodable ticket.requested"));
+        // The sink never saw the undecodable events.
+        assert_eq!(permanent.calls().len(), 1);
+    }
+
+    #[tokio::test]
+    async fn run_stops_on_shutdown() {
+        let (_, requested) = ticket_requested();
+        let sink = Arc::new(Recorder::default());
+        let d = dispatcher(outbox(vec![requested]), [sink.clone()]);
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let running = tokio::spawn(d.run(async {
+            let _ = stopped.await;
+        }));
+        while sink.calls().is_empty() {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        stop.send(()).unwrap();
+        tokio::time::timeout(Duration::from_secs(5), running)
+            .await
+            .expect("run returns after shutdown")
+            .unwrap();
+    }
+}

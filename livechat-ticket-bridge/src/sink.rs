@@ -1,0 +1,65 @@
+//! The traits a host implements to receive tickets and notifications.
+
+use async_trait::async_trait;
+use livechat_core::{EventId, Notification, TenantId, TicketId, TicketRequested};
+
+/// Why a sink could not take an event. The variant decides what the
+/// [`Dispatcher`](crate::Dispatcher) does next (issue #3: retried on
+/// timeouts and 5xx, never on 4xx).
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum SinkError {
+    /// A transient failure (timeout, connection refused, 5xx, 429, database
+    /// error): the event is delivered again after an exponential backoff.
+    #[error("retryable: {0}")]
+    Retryable(String),
+    /// The sink will never accept this event (e.g. a 4xx answer): the event
+    /// is settled as failed with this message and not retried.
+    #[error("permanent: {0}")]
+    Permanent(String),
+}
+
+/// Where tickets go: the host's own ticket system, [`SeaOrmSinks`](crate::SeaOrmSinks)
+/// or [`WebhookSink`](crate::WebhookSink).
+///
+/// Delivery is at least once: the same call may come again (after a crash,
+/// a lease expiry or another sink's retryable failure) with the same `key`,
+/// the id of the outbox event. Implementations must be idempotent on it, so
+/// that every event ends as exactly one ticket (issue #3, crash safety).
+#[async_trait]
+pub trait TicketSink: Send + Sync + 'static {
+    /// Opens the ticket `request.ticket_id` for a request that found no
+    /// eligible agent (event `ticket.requested`).
+    ///
+    /// # Errors
+    /// [`SinkError::Retryable`] to be called again later,
+    /// [`SinkError::Permanent`] to give up on this event.
+    async fn open_ticket(&self, request: &TicketRequested, key: EventId) -> Result<(), SinkError>;
+
+    /// Closes `ticket` of `tenant` because its session closed (event
+    /// `session.closed`). Closing a closed or unknown ticket is not an error.
+    ///
+    /// # Errors
+    /// As for [`TicketSink::open_ticket`].
+    async fn close_ticket(
+        &self,
+        tenant: TenantId,
+        ticket: TicketId,
+        key: EventId,
+    ) -> Result<(), SinkError>;
+}
+
+/// Where customer notifications go (an agent replied in a ticketed session).
+///
+/// At least once, like [`TicketSink`]: `key` is the outbox event id (and
+/// equal to [`Notification::id`]); implementations must store or send one
+/// notification per key.
+#[async_trait]
+pub trait NotificationSink: Send + Sync + 'static {
+    /// Delivers `notification` to its customer.
+    ///
+    /// # Errors
+    /// [`SinkError::Retryable`] to be called again later,
+    /// [`SinkError::Permanent`] to give up on this event.
+    async fn notify(&self, notification: &Notification, key: EventId) -> Result<(), SinkError>;
+}

@@ -1,0 +1,153 @@
+//! Schema of the default SeaORM sinks, for SQLite and PostgreSQL.
+
+use sea_orm_migration::prelude::*;
+
+/// Creates `livechat_tickets` and `livechat_notifications`.
+///
+/// Run it on the host's connection with `BridgeMigrator::up(&db, None)`
+/// (from [`MigratorTrait`]). Its bookkeeping table is
+/// `livechat_bridge_migrations`, so it neither disturbs nor depends on
+/// livechat-core's `Migrator` (table `livechat_migrations`) or the host's
+/// own migrations (`seaql_migrations`).
+pub struct BridgeMigrator;
+
+#[async_trait::async_trait]
+impl MigratorTrait for BridgeMigrator {
+    fn migrations() -> Vec<Box<dyn MigrationTrait>> {
+        vec![Box::new(m0001_tickets::Migration)]
+    }
+
+    fn migration_table_name() -> DynIden {
+        "livechat_bridge_migrations".into_iden()
+    }
+}
+
+mod m0001_tickets {
+    use sea_orm_migration::prelude::*;
+
+    pub(super) struct Migration;
+
+    impl MigrationName for Migration {
+        fn name(&self) -> &str {
+            "m0001_bridge_tickets"
+        }
+    }
+
+    #[derive(DeriveIden)]
+    enum LivechatTickets {
+        Table,
+        Id,
+        TenantId,
+        Reason,
+        SessionId,
+        CustomerId,
+        AgentId,
+        Subject,
+        Priority,
+        Status,
+        CreatedAt,
+        ClosedAt,
+    }
+
+    #[derive(DeriveIden)]
+    enum LivechatNotifications {
+        Table,
+        Id,
+        TenantId,
+        CustomerId,
+        SessionId,
+        TicketId,
+        Kind,
+        Title,
+        Body,
+        CreatedAt,
+        ReadAt,
+    }
+
+    #[async_trait::async_trait]
+    impl MigrationTrait for Migration {
+        async fn up(&self, manager: &SchemaManager) -> Result<(), DbErr> {
+            use LivechatNotifications as N;
+            use LivechatTickets as T;
+
+            manager
+                .create_table(
+                    Table::create()
+                        .table(T::Table)
+                        .col(ColumnDef::new(T::Id).uuid().not_null().primary_key())
+                        .col(ColumnDef::new(T::TenantId).big_integer().not_null())
+                        .col(ColumnDef::new(T::Reason).string_len(32).not_null())
+                        .col(ColumnDef::new(T::SessionId).uuid().null())
+                        .col(ColumnDef::new(T::CustomerId).uuid().null())
+                        .col(ColumnDef::new(T::AgentId).big_integer().null())
+                        .col(ColumnDef::new(T::Subject).text().not_null())
+                        .col(ColumnDef::new(T::Priority).string_len(16).not_null())
+                        .col(ColumnDef::new(T::Status).string_len(16).not_null())
+                        .col(
+                            ColumnDef::new(T::CreatedAt)
+                                .timestamp_with_time_zone()
+                                .not_null(),
+                        )
+                        .col(
+                            ColumnDef::new(T::ClosedAt)
+                                .timestamp_with_time_zone()
+                                .null(),
+                        )
+                        .to_owned(),
+                )
+                .await?;
+            manager
+                .create_index(
+                    Index::create()
+                        .name("livechat_tickets_tenant_created")
+                        .table(T::Table)
+                        .col(T::TenantId)
+                        .col(T::CreatedAt)
+                        .to_owned(),
+                )
+                .await?;
+
+            manager
+                .create_table(
+                    Table::create()
+                        .table(N::Table)
+                        .col(ColumnDef::new(N::Id).uuid().not_null().primary_key())
+                        .col(ColumnDef::new(N::TenantId).big_integer().not_null())
+                        .col(ColumnDef::new(N::CustomerId).uuid().not_null())
+                        .col(ColumnDef::new(N::SessionId).uuid().null())
+                        .col(ColumnDef::new(N::TicketId).uuid().null())
+                        .col(ColumnDef::new(N::Kind).string_len(64).not_null())
+                        .col(ColumnDef::new(N::Title).text().not_null())
+                        .col(ColumnDef::new(N::Body).text().not_null())
+                        .col(
+                            ColumnDef::new(N::CreatedAt)
+                                .timestamp_with_time_zone()
+                                .not_null(),
+                        )
+                        .col(ColumnDef::new(N::ReadAt).timestamp_with_time_zone().null())
+                        .to_owned(),
+                )
+                .await?;
+            manager
+                .create_index(
+                    Index::create()
+                        .name("livechat_notifications_customer_created")
+                        .table(N::Table)
+                        .col(N::TenantId)
+                        .col(N::CustomerId)
+                        .col(N::CreatedAt)
+                        .to_owned(),
+                )
+                .await
+        }
+
+        async fn down(&self, manager: &SchemaManager) -> Result<(), DbErr> {
+            manager
+                .drop_table(Table::drop().table(LivechatNotifications::Table).to_owned())
+                .await?;
+            manager
+                .drop_table(Table::drop().table(LivechatTickets::Table).to_owned())
+                .await
+        }
+    }
+}

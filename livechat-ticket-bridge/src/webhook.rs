@@ -1,0 +1,313 @@
+//! The signed-webhook sink (issue #3): every ticket and notification is
+//! POSTed as JSON to one URL, signed with HMAC-SHA256.
+
+use std::time::Duration;
+
+use async_trait::async_trait;
+use hmac::{Hmac, KeyInit, Mac};
+use livechat_core::{EventId, Notification, TenantId, TicketId, TicketRequested};
+use reqwest::StatusCode;
+use reqwest::header::{CONTENT_TYPE, HeaderValue};
+use serde::Serialize;
+use sha2::Sha256;
+
+pub use reqwest::Url;
+
+use crate::sink::{NotificationSink, SinkError, TicketSink};
+
+type HmacSha256 = Hmac<Sha256>;
+
+/// Header carrying the event id, the receiver's idempotency key.
+pub const EVENT_ID_HEADER: &str = "X-Livechat-Event-Id";
+/// Header carrying the send time in Unix seconds (against replay).
+pub const TIMESTAMP_HEADER: &str = "X-Livechat-Timestamp";
+/// Header carrying `sha256=<hex HMAC-SHA256(secret, "{timestamp}.{body}")>`.
+pub const SIGNATURE_HEADER: &str = "X-Livechat-Signature";
+
+/// Default time limit of one delivery, from connecting to the end of the
+/// answer.
+pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// POSTs tickets and notifications to a URL as signed JSON (issue #3).
+///
+/// Body (`Content-Type: application/json`):
+/// `{"event_id": "<uuid>", "type": "ticket.requested" | "ticket.closed" |
+/// "notification.created", "tenant_id": <int>, "data": …}` where `data` is
+/// the [`TicketRequested`], `{"ticket_id": "<uuid>"}`, or the
+/// [`Notification`].
+///
+/// Headers: [`EVENT_ID_HEADER`] (the idempotency key: the same event may be
+/// sent more than once), [`TIMESTAMP_HEADER`] (Unix seconds) and
+/// [`SIGNATURE_HEADER`]; receivers check them with [`verify_signature`].
+///
+/// Outcome: 2xx is success; a timeout, a connection error, 5xx, 408 or 429
+/// is [`SinkError::Retryable`]; any other status (4xx, an unfollowed 3xx) is
+/// [`SinkError::Permanent`].
+#[derive(Clone, Debug)]
+pub struct WebhookSink {
+    client: reqwest::Client,
+    url: Url,
+    secret: Vec<u8>,
+    timeout: Duration,
+}
+
+#[derive(Serialize)]
+struct Envelope<'a, T> {
+    event_id: EventId,
+    #[serde(rename = "type")]
+    kind: &'a str,
+    tenant_id: TenantId,
+    data: T,
+}
+
+#[derive(Serialize)]
+struct ClosedTicket {
+    ticket_id: TicketId,
+}
+
+impl WebhookSink {
+    /// A sink posting to `url`, signing with `secret` (shared with the
+    /// receiver), with the [`DEFAULT_TIMEOUT`].
+    ///
+    /// # Panics
+    /// When the TLS backend cannot be initialized (as [`reqwest::Client::new`]).
+    #[must_use]
+    pub fn new(url: Url, secret: impl Into<Vec<u8>>) -> Self {
+        Self {
+            client: reqwest::Client::new(),
+            url,
+            secret: secret.into(),
+            timeout: DEFAULT_TIMEOUT,
+        }
+    }
+
+    /// Replaces the time limit of one delivery.
+    #[must_use]
+    pub const fn with_timeout(mut self, timeout: Duration) -> Self {
+        self.timeout = timeout;
+        self
+    }
+
+    async fn post<T: Serialize>(
+        &self,
+        key: EventId,
+        kind: &str,
+        tenant: TenantId,
+        data: T,
+    ) -> Result<(), SinkError> {
+        let body = serde_json::to_vec(&Envelope {
+            event_id: key,
+            kind,
+            tenant_id: tenant,
+            data,
+        })
+        .map_err(|e| SinkError::Permanent(format!("webhook body: {e}")))?;
+        let timestamp = chrono::Utc::now().timestamp().to_string();
+        let signature = sign(&self.secret, &timestamp, &body);
+        let response = self
+            .client
+            .post(self.url.clone())
+            .timeout(self.timeout)
+            .header(CONTENT_TYPE, HeaderValue::from_static("application/json"))
+            .header(EVENT_ID_HEADER, key.to_string())
+            .header(TIMESTAMP_HEADER, timestamp)
+            .header(SIGNATURE_HEADER, signature)
+            .body(body)
+            .send()
+            .await
+            .map_err(|e| {
+                if e.is_builder() {
+                    SinkError::Permanent(format!("webhook request: {e}"))
+                } else {
+                    SinkError::Retryable(format!("webhook request: {e}"))
+                }
+            })?;
+        classify(response.status())
+    }
+}
+
+/// Maps a webhook answer to the sink outcome.
+fn classify(status: StatusCode) -> Result<(), SinkError> {
+    if status.is_success() {
+        Ok(())
+    } else if status.is_server_error()
+        || status == StatusCode::TOO_MANY_REQUESTS
+        || status == StatusCode::REQUEST_TIMEOUT
+    {
+        Err(SinkError::Retryable(format!("webhook answered {status}")))
+    } else {
+        Err(SinkError::Permanent(format!("webhook answered {status}")))
+    }
+}
+
+fn mac(secret: &[u8], timestamp: &str, body: &[u8]) -> HmacSha256 {
+    let mut mac = HmacSha256::new_from_slice(secret).expect("HMAC takes a key of any length");
+    mac.update(timestamp.as_bytes());
+    mac.update(b".");
+    mac.update(body);
+    mac
+}
+
+/// The [`SIGNATURE_HEADER`] value for `body` sent at `timestamp`.
+fn sign(secret: &[u8], timestamp: &str, body: &[u8]) -> String {
+    let tag = mac(secret, timestamp, body).finalize().into_bytes();
+    format!("sha256={}", hex::encode(tag))
+}
+
+/// Checks a webhook request for a receiver: `signature_header` must be
+/// `sha256=<hex HMAC-SHA256(secret, "{timestamp}.{body}")>` (compared in
+/// constant time), and `timestamp` (the [`TIMESTAMP_HEADER`], Unix seconds)
+/// must be within `tolerance_secs` of `now_unix`, so a captured request
+/// cannot be replayed later (issue #3). `body` is the raw request body, as
+/// received.
+///
+/// Returns `false` for a malformed header or timestamp, a stale or future
+/// timestamp, or a wrong signature. A negative tolerance counts as zero.
+#[must_use]
+pub fn verify_signature(
+    secret: &[u8],
+    timestamp: &str,
+    body: &[u8],
+    signature_header: &str,
+    now_unix: i64,
+    tolerance_secs: i64,
+) -> bool {
+    let Ok(sent_at) = timestamp.parse::<i64>() else {
+        return false;
+    };
+    if now_unix.abs_diff(sent_at) > u64::try_from(tolerance_secs).unwrap_or(0) {
+        return false;
+    }
+    let Some(Ok(tag)) = signature_header.strip_prefix("sha256=").map(hex::decode) else {
+        return false;
+    };
+    mac(secret, timestamp, body).verify_slice(&tag).is_ok()
+}
+
+#[async_trait]
+impl TicketSink for WebhookSink {
+    /// Sends `type` `ticket.requested` with the request as `data`.
+    async fn open_ticket(&self, request: &TicketRequested, key: EventId) -> Result<(), SinkError> {
+        self.post(key, "ticket.requested", request.tenant_id, request)
+            .await
+    }
+
+    /// Sends `type` `ticket.closed` with `{"ticket_id"}` as `data`.
+    async fn close_ticket(
+        &self,
+        tenant: TenantId,
+        ticket: TicketId,
+        key: EventId,
+    ) -> Result<(), SinkError> {
+        let data = ClosedTicket { ticket_id: ticket };
+        self.post(key, "ticket.closed", tenant, data).await
+    }
+}
+
+#[async_trait]
+impl NotificationSink for WebhookSink {
+    /// Sends `type` `notification.created` with the notification as `data`.
+    async fn notify(&self, notification: &Notification, key: EventId) -> Result<(), SinkError> {
+        self.post(
+            key,
+            "notification.created",
+            notification.tenant_id,
+            notification,
+        )
+        .await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn signature_round_trip_and_rejections() {
+        let body = br#"{"event_id":"x"}"#;
+        let header = sign(b"s3cret", "1700000000", body);
+        assert!(header.starts_with("sha256=") && header.len() == 7 + 64);
+        assert!(verify_signature(
+            b"s3cret",
+            "1700000000",
+            body,
+            &header,
+            1_700_000_100,
+            300
+        ));
+        // Wrong secret, altered body, altered timestamp.
+        assert!(!verify_signature(
+            b"other",
+            "1700000000",
+            body,
+            &header,
+            1_700_000_000,
+            300
+        ));
+        assert!(!verify_signature(
+            b"s3cret",
+            "1700000000",
+            b"{}",
+            &header,
+            1_700_000_000,
+            300
+        ));
+        assert!(!verify_signature(
+            b"s3cret",
+            "1700000001",
+            body,
+            &header,
+            1_700_000_000,
+            300
+        ));
+        // Stale and far-future timestamps.
+        assert!(!verify_signature(
+            b"s3cret",
+            "1700000000",
+            body,
+            &header,
+            1_700_000_301,
+            300
+        ));
+        assert!(!verify_signature(
+            b"s3cret",
+            "1700000000",
+            body,
+            &header,
+            1_699_999_699,
+            300
+        ));
+        // Malformed header or timestamp.
+        for bad in ["", "sha256=", "sha256=zz", &header[7..], "sha1=00"] {
+            assert!(!verify_signature(
+                b"s3cret",
+                "1700000000",
+                body,
+                bad,
+                1_700_000_000,
+                300
+            ));
+        }
+        assert!(!verify_signature(
+            b"s3cret",
+            "soon",
+            body,
+            &header,
+            1_700_000_000,
+            300
+        ));
+    }
+
+    #[test]
+    fn status_classification() {
+        assert!(classify(StatusCode::NO_CONTENT).is_ok());
+        for retry in [500, 502, 503, 408, 429] {
+            let status = StatusCode::from_u16(retry).unwrap();
+            assert!(matches!(classify(status), Err(SinkError::Retryable(_))));
+        }
+        for permanent in [400, 401, 404, 410, 422, 301] {
+            let status = StatusCode::from_u16(permanent).unwrap();
+            assert!(matches!(classify(status), Err(SinkError::Permanent(_))));
+        }
+    }
+}

@@ -1,0 +1,262 @@
+//! `SeaOrmSinks` on a real SQLite file: idempotent writes, closing, and
+//! tenant-isolated reads.
+
+use livechat_core::store::{self, Migrator};
+use livechat_core::{
+    ChatConfig, ChatError, CustomerId, EventId, NotificationId, NotificationInbox, PageSize,
+    TicketDirectory, TicketId, TicketStatus,
+};
+use livechat_ticket_bridge::{BridgeMigrator, NotificationSink, SeaOrmSinks, TicketSink};
+use sea_orm_migration::MigratorTrait;
+use tempfile::TempDir;
+
+use crate::{agent_reply, agent_request, customer_request, tenant};
+
+/// A fresh database file with core's and the bridge's tables (the two
+/// migrators share it, each with its own bookkeeping table).
+async fn sinks() -> (TempDir, SeaOrmSinks) {
+    let dir = tempfile::tempdir().unwrap();
+    let url = format!(
+        "sqlite://{}?mode=rwc",
+        dir.path().join("bridge.db").display()
+    );
+    let db = store::connect(&url).await.unwrap();
+    Migrator::up(&db, None).await.unwrap();
+    BridgeMigrator::up(&db, None).await.unwrap();
+    BridgeMigrator::up(&db, None).await.unwrap();
+    (dir, SeaOrmSinks::new(db))
+}
+
+fn page(n: i64) -> PageSize {
+    PageSize::parse(Some(n), &ChatConfig::default()).unwrap()
+}
+
+#[tokio::test]
+async fn opening_the_same_ticket_twice_stores_one() {
+    let (_dir, sinks) = sinks().await;
+    let request = customer_request(tenant(1), "Invoice is wrong");
+    let key = EventId::generate();
+    sinks.open_ticket(&request, key).await.unwrap();
+    sinks.open_ticket(&request, key).await.unwrap();
+
+    let tickets = sinks.list_tickets(tenant(1), None, page(50)).await.unwrap();
+    assert_eq!(tickets.len(), 1);
+    let ticket = &tickets[0];
+    assert_eq!(ticket.id, request.ticket_id);
+    assert_eq!(ticket.subject, "Invoice is wrong");
+    assert_eq!(ticket.status, TicketStatus::Open);
+    assert_eq!(ticket.priority, request.priority);
+    assert_eq!(ticket.reason, request.reason);
+    assert_eq!(ticket.session_id, request.session_id);
+    assert_eq!(ticket.customer_id, request.customer_id);
+    assert_eq!(ticket.closed_at, None);
+    // Opened when the ticket id was allocated, not when it was delivered.
+    let allocated = request
+        .ticket_id
+        .as_uuid()
+        .get_timestamp()
+        .unwrap()
+        .to_unix();
+    assert_eq!(
+        ticket.created_at.timestamp(),
+        i64::try_from(allocated.0).unwrap()
+    );
+    assert_eq!(
+        sinks
+            .get_ticket(tenant(1), request.ticket_id)
+            .await
+            .unwrap(),
+        *ticket
+    );
+}
+
+#[tokio::test]
+async fn agent_offline_ticket_names_the_agent() {
+    let (_dir, sinks) = sinks().await;
+    let request = agent_request(tenant(1), 42);
+    sinks
+        .open_ticket(&request, EventId::generate())
+        .await
+        .unwrap();
+    let ticket = sinks
+        .get_ticket(tenant(1), request.ticket_id)
+        .await
+        .unwrap();
+    assert_eq!(ticket.subject, "Chat request for agent 42");
+    assert_eq!(ticket.agent_id, request.agent_id);
+    assert_eq!(ticket.session_id, None);
+}
+
+#[tokio::test]
+async fn tickets_are_isolated_by_tenant_and_listed_newest_first() {
+    let (_dir, sinks) = sinks().await;
+    let first = customer_request(tenant(1), "first");
+    let second = customer_request(tenant(1), "second");
+    let foreign = customer_request(tenant(2), "foreign");
+    for r in [&first, &second, &foreign] {
+        sinks.open_ticket(r, EventId::generate()).await.unwrap();
+    }
+
+    let subjects: Vec<String> = sinks
+        .list_tickets(tenant(1), None, page(50))
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|t| t.subject)
+        .collect();
+    assert_eq!(subjects, ["second", "first"]);
+    assert_eq!(
+        sinks.list_tickets(tenant(1), None, page(1)).await.unwrap()[0].subject,
+        "second"
+    );
+    assert!(matches!(
+        sinks.get_ticket(tenant(1), foreign.ticket_id).await,
+        Err(ChatError::NotFound)
+    ));
+    assert!(matches!(
+        sinks.get_ticket(tenant(2), first.ticket_id).await,
+        Err(ChatError::NotFound)
+    ));
+    assert!(matches!(
+        sinks.get_ticket(tenant(1), TicketId::generate()).await,
+        Err(ChatError::NotFound)
+    ));
+}
+
+#[tokio::test]
+async fn closing_only_touches_the_tenants_open_ticket() {
+    let (_dir, sinks) = sinks().await;
+    let request = customer_request(tenant(1), "help");
+    let other = customer_request(tenant(1), "other");
+    sinks
+        .open_ticket(&request, EventId::generate())
+        .await
+        .unwrap();
+    sinks
+        .open_ticket(&other, EventId::generate())
+        .await
+        .unwrap();
+
+    // Another tenant cannot close it.
+    sinks
+        .close_ticket(tenant(2), request.ticket_id, EventId::generate())
+        .await
+        .unwrap();
+    let still = sinks
+        .get_ticket(tenant(1), request.ticket_id)
+        .await
+        .unwrap();
+    assert_eq!(still.status, TicketStatus::Open);
+
+    let key = EventId::generate();
+    sinks
+        .close_ticket(tenant(1), request.ticket_id, key)
+        .await
+        .unwrap();
+    let closed = sinks
+        .get_ticket(tenant(1), request.ticket_id)
+        .await
+        .unwrap();
+    assert_eq!(closed.status, TicketStatus::Closed);
+    let closed_at = closed.closed_at.expect("closed_at is set");
+
+    // Redelivery keeps the first close time; unknown tickets are ignored.
+    sinks
+        .close_ticket(tenant(1), request.ticket_id, key)
+        .await
+        .unwrap();
+    sinks
+        .close_ticket(tenant(1), TicketId::generate(), EventId::generate())
+        .await
+        .unwrap();
+    let again = sinks
+        .get_ticket(tenant(1), request.ticket_id)
+        .await
+        .unwrap();
+    assert_eq!(again.closed_at, Some(closed_at));
+
+    let open = sinks
+        .list_tickets(tenant(1), Some(TicketStatus::Open), page(50))
+        .await
+        .unwrap();
+    assert_eq!(open.len(), 1);
+    assert_eq!(open[0].id, other.ticket_id);
+    let closed_list = sinks
+        .list_tickets(tenant(1), Some(TicketStatus::Closed), page(50))
+        .await
+        .unwrap();
+    assert_eq!(closed_list.len(), 1);
+    assert_eq!(closed_list[0].id, request.ticket_id);
+}
+
+#[tokio::test]
+async fn notifying_twice_stores_one_for_that_customer_only() {
+    let (_dir, sinks) = sinks().await;
+    let customer = CustomerId::generate();
+    let (key, notification) = agent_reply(tenant(1), customer);
+    sinks.notify(&notification, key).await.unwrap();
+    sinks.notify(&notification, key).await.unwrap();
+    let (later_key, later) = agent_reply(tenant(1), customer);
+    sinks.notify(&later, later_key).await.unwrap();
+
+    let inbox = sinks
+        .list_notifications(tenant(1), customer, page(50))
+        .await
+        .unwrap();
+    assert_eq!(inbox, vec![later.clone(), notification.clone()]);
+
+    // Another customer, or the same customer id in another tenant, sees nothing.
+    assert!(
+        sinks
+            .list_notifications(tenant(1), CustomerId::generate(), page(50))
+            .await
+            .unwrap()
+            .is_empty()
+    );
+    assert!(
+        sinks
+            .list_notifications(tenant(2), customer, page(50))
+            .await
+            .unwrap()
+            .is_empty()
+    );
+}
+
+#[tokio::test]
+async fn mark_read_is_idempotent_and_scoped_to_the_customer() {
+    let (_dir, sinks) = sinks().await;
+    let customer = CustomerId::generate();
+    let (key, notification) = agent_reply(tenant(1), customer);
+    sinks.notify(&notification, key).await.unwrap();
+
+    for (t, c, id) in [
+        (tenant(1), CustomerId::generate(), notification.id),
+        (tenant(2), customer, notification.id),
+        (tenant(1), customer, NotificationId::generate()),
+    ] {
+        assert!(matches!(
+            sinks.mark_read(t, c, id).await,
+            Err(ChatError::NotFound)
+        ));
+    }
+    let unread = sinks
+        .list_notifications(tenant(1), customer, page(50))
+        .await
+        .unwrap();
+    assert_eq!(
+        unread[0].read_at, None,
+        "a refused mark_read changes nothing"
+    );
+
+    let read = sinks
+        .mark_read(tenant(1), customer, notification.id)
+        .await
+        .unwrap();
+    let read_at = read.read_at.expect("read_at is set");
+    assert_eq!(read.body, notification.body);
+    let again = sinks
+        .mark_read(tenant(1), customer, notification.id)
+        .await
+        .unwrap();
+    assert_eq!(again.read_at, Some(read_at));
+}

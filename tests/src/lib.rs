@@ -73,6 +73,9 @@ impl TestDb {
         livechat_core::store::Migrator::up(&db, None)
             .await
             .expect("migrations");
+        livechat_ticket_bridge::BridgeMigrator::up(&db, None)
+            .await
+            .expect("bridge migrations");
         db
     }
 }

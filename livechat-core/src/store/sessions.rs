@@ -284,12 +284,13 @@ impl SessionRepository for SeaOrmStore {
         .await?;
 
         if let Some(body) = &chat.first_message {
+            let sender_id = super::customers::host_user_of(&tx, tenant, chat.customer).await?;
             let stored = message::Entity::insert(message::ActiveModel {
                 id: Set(MessageId::generate().as_uuid()),
                 tenant_id: Set(tenant.get()),
                 session_id: Set(session.id.as_uuid()),
                 sender_type: Set(SenderType::Customer.as_str().to_owned()),
-                sender_id: Set(None),
+                sender_id: Set(sender_id.map(UserId::get)),
                 customer_id: Set(Some(chat.customer.as_uuid())),
                 seq: Set(1),
                 body: Set(body.as_str().to_owned()),
@@ -298,10 +299,8 @@ impl SessionRepository for SeaOrmStore {
             })
             .exec_with_returning(&tx)
             .await?;
-            let mut message = ChatMessage::try_from(stored)?;
-            message.sender_id = super::customers::host_user_of(&tx, tenant, chat.customer).await?;
             let posted = MessagePosted {
-                message,
+                message: ChatMessage::try_from(stored)?,
                 session_customer_id: Some(chat.customer),
                 ticket_id: None,
             };

@@ -2,8 +2,11 @@
 //! against real SQLite and PostgreSQL. Each test runs on both databases.
 
 mod auth;
+mod bridge;
 mod concurrency;
+mod customers;
 mod host;
 mod isolation;
 mod messages;
+mod routing;
 mod sessions;

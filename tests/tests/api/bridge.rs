@@ -1,0 +1,422 @@
+//! The ticket bridge end to end (issue #3): tickets when no agent is
+//! online, notifications on agent replies, retries, crash safety and the
+//! signed webhook, against the real outbox.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use livechat_core::store::SeaOrmStore;
+use livechat_core::{EventId, Notification, OutboxConsumer, TenantId, TicketId, TicketRequested};
+use livechat_tests::{App, Backend, on_both_databases};
+use livechat_ticket_bridge::{
+    Dispatcher, DispatcherConfig, NotificationSink, SeaOrmSinks, SinkError, TicketSink,
+};
+use poem::http::Method;
+use serde_json::{Value, json};
+
+on_both_databases!(
+    ticket_then_notification_on_agent_reply,
+    failing_sink_retries_to_exactly_one,
+    crash_between_commit_and_dispatch,
+    crash_after_delivery_before_settling,
+    webhook_receives_signed_events_with_retries,
+);
+
+fn fast() -> DispatcherConfig {
+    DispatcherConfig {
+        backoff_base: Duration::from_millis(10),
+        backoff_max: Duration::from_millis(50),
+        lease: Duration::from_millis(200),
+        ..DispatcherConfig::default()
+    }
+}
+
+async fn visitor_start(app: &App, topic: &str) -> (String, String) {
+    let resp = app
+        .client
+        .post("/livechat/customer/chats")
+        .header("X-Tenant-ID", "1")
+        .body_json(
+            &json!({"browser_uuid": uuid::Uuid::now_v7(), "topic": topic, "message": "anyone?"}),
+        )
+        .send()
+        .await;
+    let (code, body) = App::decode(resp).await;
+    assert_eq!(code, 201, "{body}");
+    (
+        body["data"]["session"]["id"].as_str().unwrap().to_owned(),
+        format!(
+            "Visitor {}",
+            body["data"]["visitor_token"].as_str().unwrap()
+        ),
+    )
+}
+
+async fn customer_get(app: &App, path: &str, auth: &str) -> (poem::http::StatusCode, Value) {
+    App::decode(
+        app.client
+            .get(path)
+            .header("X-Tenant-ID", "1")
+            .header("Authorization", auth)
+            .send()
+            .await,
+    )
+    .await
+}
+
+/// Undispatched events in the outbox.
+async fn pending(db: &sea_orm::DatabaseConnection) -> i64 {
+    use sea_orm::{ConnectionTrait, Statement};
+    let row = db
+        .query_one_raw(Statement::from_string(
+            db.get_database_backend(),
+            "SELECT COUNT(*) AS n FROM livechat_outbox WHERE dispatched_at IS NULL",
+        ))
+        .await
+        .unwrap()
+        .unwrap();
+    row.try_get::<i64>("", "n").unwrap()
+}
+
+/// Runs `dispatcher` until the outbox has no undispatched event.
+async fn drain(dispatcher: &Dispatcher<SeaOrmStore>, db: &sea_orm::DatabaseConnection) {
+    for _ in 0..500 {
+        dispatcher.dispatch_once().await.unwrap();
+        if pending(db).await == 0 {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    panic!("the outbox did not drain");
+}
+
+async fn ticket_then_notification_on_agent_reply(backend: Backend) {
+    let app = App::new(backend).await;
+    let (session, auth) = visitor_start(&app, "Refund").await;
+    let (_, s) = customer_get(&app, &format!("/livechat/customer/chats/{session}"), &auth).await;
+    assert_eq!(s["data"]["status"], "WAITING");
+    assert_eq!(s["data"]["queue_position"], 1);
+    let ticket_id = s["data"]["ticket_id"]
+        .as_str()
+        .expect("a ticket when no agent is online")
+        .to_owned();
+
+    drain(&app.dispatcher, &app.db).await;
+    let (code, tickets) = app
+        .agent_call(Method::GET, "/livechat/tickets", 7, 1, None)
+        .await;
+    assert_eq!(code, 200, "{tickets}");
+    assert_eq!(
+        tickets["data"].as_array().unwrap().len(),
+        1,
+        "exactly one ticket"
+    );
+    assert_eq!(tickets["data"][0]["id"], ticket_id.as_str());
+    assert_eq!(tickets["data"][0]["session_id"], session.as_str());
+    assert_eq!(tickets["data"][0]["subject"], "Refund");
+    let (_, open) = app
+        .agent_call(Method::GET, "/livechat/tickets?status=OPEN", 7, 1, None)
+        .await;
+    assert_eq!(open["data"].as_array().unwrap().len(), 1);
+
+    // An agent comes online, gets the chat from the queue, and replies.
+    app.go_online(7, 1).await;
+    let (code, reply) = app
+        .agent_call(
+            Method::POST,
+            &format!("/livechat/sessions/{session}/messages"),
+            7,
+            1,
+            Some(json!({"message": "Sorry for the wait! Your refund is on its way."})),
+        )
+        .await;
+    assert_eq!(code, 201, "{reply}");
+    drain(&app.dispatcher, &app.db).await;
+    let (code, notes) = customer_get(&app, "/livechat/customer/notifications", &auth).await;
+    assert_eq!(code, 200, "{notes}");
+    let notes = notes["data"].as_array().unwrap().clone();
+    assert_eq!(notes.len(), 1, "one notification per agent reply");
+    assert_eq!(notes[0]["kind"], "agent_reply");
+    assert_eq!(notes[0]["ticket_id"], ticket_id.as_str());
+    assert!(notes[0]["body"].as_str().unwrap().contains("refund"));
+    assert_eq!(notes[0]["read_at"], Value::Null);
+    let note_id = notes[0]["id"].as_str().unwrap();
+    let read = app
+        .client
+        .post(format!("/livechat/customer/notifications/{note_id}/read"))
+        .header("X-Tenant-ID", "1")
+        .header("Authorization", &auth)
+        .send()
+        .await;
+    let (code, read) = App::decode(read).await;
+    assert_eq!(code, 200);
+    assert!(read["data"]["read_at"].is_string());
+    // Another customer cannot see or read it.
+    let (_, other) = visitor_start(&app, "Other").await;
+    let (_, theirs) = customer_get(&app, "/livechat/customer/notifications", &other).await;
+    assert_eq!(theirs["data"], json!([]));
+    let resp = app
+        .client
+        .post(format!("/livechat/customer/notifications/{note_id}/read"))
+        .header("X-Tenant-ID", "1")
+        .header("Authorization", &other)
+        .send()
+        .await;
+    assert_eq!(App::decode(resp).await.0, 404);
+
+    // The customer's own messages and the agent's in an unticketed chat
+    // notify nobody; closing the session closes the ticket.
+    app.agent_call(
+        Method::POST,
+        &format!("/livechat/sessions/{session}/close"),
+        7,
+        1,
+        None,
+    )
+    .await;
+    drain(&app.dispatcher, &app.db).await;
+    let (_, t) = app
+        .agent_call(
+            Method::GET,
+            &format!("/livechat/tickets/{ticket_id}"),
+            7,
+            1,
+            None,
+        )
+        .await;
+    assert_eq!(t["data"]["status"], "CLOSED");
+    assert!(t["data"]["closed_at"].is_string());
+    let (_, notes) = customer_get(&app, "/livechat/customer/notifications", &auth).await;
+    assert_eq!(notes["data"].as_array().unwrap().len(), 1);
+}
+
+/// Fails the first `fail` calls of each kind, then forwards to the tables.
+struct Flaky {
+    inner: SeaOrmSinks,
+    fail: usize,
+    ticket_calls: AtomicUsize,
+    notify_calls: AtomicUsize,
+}
+
+#[async_trait]
+impl TicketSink for Flaky {
+    async fn open_ticket(&self, request: &TicketRequested, key: EventId) -> Result<(), SinkError> {
+        if self.ticket_calls.fetch_add(1, Ordering::SeqCst) < self.fail {
+            return Err(SinkError::Retryable("help desk down".into()));
+        }
+        self.inner.open_ticket(request, key).await
+    }
+    async fn close_ticket(
+        &self,
+        tenant: TenantId,
+        ticket: TicketId,
+        key: EventId,
+    ) -> Result<(), SinkError> {
+        self.inner.close_ticket(tenant, ticket, key).await
+    }
+}
+
+#[async_trait]
+impl NotificationSink for Flaky {
+    async fn notify(&self, n: &Notification, key: EventId) -> Result<(), SinkError> {
+        if self.notify_calls.fetch_add(1, Ordering::SeqCst) < self.fail {
+            return Err(SinkError::Retryable("mailer down".into()));
+        }
+        self.inner.notify(n, key).await
+    }
+}
+
+async fn ticketed_reply(app: &App) -> (String, String) {
+    let (session, auth) = visitor_start(app, "Flaky").await;
+    app.go_online(7, 1).await;
+    let (code, _) = app
+        .agent_call(
+            Method::POST,
+            &format!("/livechat/sessions/{session}/messages"),
+            7,
+            1,
+            Some(json!({"message": "Here to help"})),
+        )
+        .await;
+    assert_eq!(code, 201);
+    (session, auth)
+}
+
+async fn counts(app: &App, auth: &str) -> (usize, usize) {
+    let (_, tickets) = app
+        .agent_call(Method::GET, "/livechat/tickets", 7, 1, None)
+        .await;
+    let (_, notes) = customer_get(app, "/livechat/customer/notifications", auth).await;
+    (
+        tickets["data"].as_array().unwrap().len(),
+        notes["data"].as_array().unwrap().len(),
+    )
+}
+
+async fn failing_sink_retries_to_exactly_one(backend: Backend) {
+    let app = App::new(backend).await;
+    let (_, auth) = ticketed_reply(&app).await;
+    let flaky = Arc::new(Flaky {
+        inner: SeaOrmSinks::new(app.db.clone()),
+        fail: 3,
+        ticket_calls: AtomicUsize::new(0),
+        notify_calls: AtomicUsize::new(0),
+    });
+    let dispatcher = Dispatcher::new(SeaOrmStore::new(app.db.clone()), fast())
+        .ticket_sink(flaky.clone())
+        .notification_sink(flaky.clone());
+    drain(&dispatcher, &app.db).await;
+    assert_eq!(
+        flaky.ticket_calls.load(Ordering::SeqCst),
+        4,
+        "3 failures, then success"
+    );
+    assert_eq!(flaky.notify_calls.load(Ordering::SeqCst), 4);
+    assert_eq!(counts(&app, &auth).await, (1, 1), "never zero, never two");
+}
+
+async fn crash_between_commit_and_dispatch(backend: Backend) {
+    let app = App::new(backend).await;
+    let (_, auth) = ticketed_reply(&app).await;
+    // The process that committed is gone before dispatching: a new process
+    // (a new connection and dispatcher) finds the committed events.
+    let db = app.test_db.connect_migrated().await;
+    let fresh = livechat_example_server::dispatcher(db, &app.config);
+    drain(&fresh, &app.db).await;
+    assert_eq!(counts(&app, &auth).await, (1, 1));
+    drain(&app.dispatcher, &app.db).await;
+    assert_eq!(counts(&app, &auth).await, (1, 1), "nothing delivered twice");
+}
+
+async fn crash_after_delivery_before_settling(backend: Backend) {
+    let app = App::new(backend).await;
+    let (_, auth) = ticketed_reply(&app).await;
+    // A dispatcher claims the events and delivers them to the sinks, then
+    // dies before marking them dispatched.
+    let store = SeaOrmStore::new(app.db.clone());
+    let sinks = SeaOrmSinks::new(app.db.clone());
+    let mut delivered = 0;
+    loop {
+        let claimed = store
+            .claim_pending(100, Duration::from_millis(100))
+            .await
+            .unwrap();
+        if claimed.is_empty() {
+            break;
+        }
+        for pending in claimed {
+            let e = pending.event;
+            if e.kind == livechat_core::EventKind::TicketRequested {
+                let req: TicketRequested = serde_json::from_value(e.payload.clone()).unwrap();
+                sinks.open_ticket(&req, e.id).await.unwrap();
+                delivered += 1;
+            }
+            // Settle everything but the ticket request (the crash point).
+            if e.kind != livechat_core::EventKind::TicketRequested {
+                store.mark_dispatched(e.id).await.unwrap();
+            }
+        }
+        if delivered > 0 {
+            break;
+        }
+    }
+    assert_eq!(delivered, 1);
+    assert_eq!(counts(&app, &auth).await.0, 1);
+    // After the lease expires, another dispatcher redelivers: still one.
+    tokio::time::sleep(Duration::from_millis(150)).await;
+    drain(&app.dispatcher, &app.db).await;
+    assert_eq!(counts(&app, &auth).await, (1, 1));
+}
+
+/// One webhook call: event id, timestamp, signature, body.
+type Call = (String, String, String, Vec<u8>);
+
+#[derive(Clone, Default)]
+struct Received(Arc<std::sync::Mutex<Vec<Call>>>);
+
+async fn webhook_receives_signed_events_with_retries(backend: Backend) {
+    use poem::{EndpointExt, Request, handler, http::StatusCode, web::Data};
+
+    let received = Received::default();
+    let failures = Arc::new(AtomicUsize::new(2));
+    #[handler]
+    async fn hook(
+        req: &Request,
+        body: poem::Body,
+        rec: Data<&Received>,
+        fail: Data<&Arc<AtomicUsize>>,
+    ) -> StatusCode {
+        let header = |name: &str| {
+            req.headers()
+                .get(name)
+                .and_then(|v| v.to_str().ok())
+                .unwrap_or("")
+                .to_owned()
+        };
+        let bytes = body.into_vec().await.unwrap_or_default();
+        rec.0.0.lock().unwrap().push((
+            header("X-Livechat-Event-Id"),
+            header("X-Livechat-Timestamp"),
+            header("X-Livechat-Signature"),
+            bytes,
+        ));
+        if fail
+            .0
+            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
+            .is_ok()
+        {
+            StatusCode::INTERNAL_SERVER_ERROR
+        } else {
+            StatusCode::NO_CONTENT
+        }
+    }
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    drop(listener);
+    let server = poem::Server::new(poem::listener::TcpListener::bind(addr.to_string()));
+    let ep = poem::Route::new()
+        .at("/hook", poem::post(hook))
+        .data(received.clone())
+        .data(failures.clone());
+    let handle = tokio::spawn(server.run(ep));
+    tokio::time::sleep(Duration::from_millis(100)).await;
+
+    let url: livechat_ticket_bridge::Url = format!("http://{addr}/hook").parse().unwrap();
+    let app = App::with_config(backend, |c| {
+        c.webhook = Some((url.clone(), "hook-secret".into()))
+    })
+    .await;
+    let (_, auth) = ticketed_reply(&app).await;
+    let dispatcher = Dispatcher::new(SeaOrmStore::new(app.db.clone()), fast())
+        .ticket_sink(Arc::new(SeaOrmSinks::new(app.db.clone())))
+        .ticket_sink(Arc::new(livechat_ticket_bridge::WebhookSink::new(
+            url,
+            b"hook-secret".to_vec(),
+        )));
+    drain(&dispatcher, &app.db).await;
+    handle.abort();
+
+    let calls = received.0.lock().unwrap().clone();
+    assert_eq!(calls.len(), 3, "two 500s, then accepted");
+    let ids: std::collections::HashSet<_> = calls.iter().map(|c| c.0.clone()).collect();
+    assert_eq!(ids.len(), 1, "every attempt carries the same event id");
+    let now = chrono::Utc::now().timestamp();
+    for (_, ts, sig, body) in &calls {
+        assert!(livechat_ticket_bridge::verify_signature(
+            b"hook-secret",
+            ts,
+            body,
+            sig,
+            now,
+            300
+        ));
+        assert!(!livechat_ticket_bridge::verify_signature(
+            b"wrong", ts, body, sig, now, 300
+        ));
+        let json: Value = serde_json::from_slice(body).unwrap();
+        assert_eq!(json["type"], "ticket.requested");
+    }
+    assert_eq!(counts(&app, &auth).await.0, 1);
+}

@@ -1,0 +1,846 @@
+//! Customer routes (issue #3): credentials, start, messages, contact,
+//! close, history, linking, identity hashes, validation and isolation.
+
+use livechat_tests::{App, Backend, on_both_databases};
+use poem::http::Method;
+use serde_json::{Value, json};
+
+on_both_databases!(
+    anonymous_visitor_chats_with_an_agent,
+    second_start_returns_the_active_session,
+    identified_user_with_host_token,
+    identity_hash_asserts_a_user,
+    start_validation,
+    contact_history_and_close,
+    linking_moves_visitor_sessions,
+    customers_are_isolated,
+);
+
+/// Sends a customer request with `Authorization: <auth>` (e.g. `Visitor x`).
+async fn customer(
+    app: &App,
+    method: Method,
+    path: &str,
+    auth: Option<&str>,
+    tenant: &str,
+    body: Option<Value>,
+) -> (poem::http::StatusCode, Value) {
+    let mut req = app
+        .client
+        .request(method, path)
+        .header("X-Tenant-ID", tenant);
+    if let Some(auth) = auth {
+        req = req.header("Authorization", auth);
+    }
+    if let Some(body) = body {
+        req = req.body_json(&body);
+    }
+    App::decode(req.send().await).await
+}
+
+/// An anonymous start; returns (session id, "Visitor <token>").
+async fn visitor_start(app: &App, tenant: &str, topic: &str) -> (String, String, Value) {
+    let (code, body) = customer(
+        app,
+        Method::POST,
+        "/livechat/customer/chats",
+        None,
+        tenant,
+        Some(json!({"browser_uuid": uuid::Uuid::now_v7(), "topic": topic})),
+    )
+    .await;
+    assert_eq!(code, 201, "{body}");
+    let id = body["data"]["session"]["id"].as_str().unwrap().to_owned();
+    let token = format!(
+        "Visitor {}",
+        body["data"]["visitor_token"].as_str().unwrap()
+    );
+    (id, token, body)
+}
+
+async fn anonymous_visitor_chats_with_an_agent(backend: Backend) {
+    let app = App::new(backend).await;
+    app.go_online(7, 1).await;
+    let (code, avail) = customer(
+        &app,
+        Method::GET,
+        "/livechat/customer/availability",
+        None,
+        "1",
+        None,
+    )
+    .await;
+    assert_eq!(code, 200);
+    assert_eq!(avail["data"]["agents_available"], true);
+
+    let browser = uuid::Uuid::now_v7();
+    let (code, body) = customer(
+        &app,
+        Method::POST,
+        "/livechat/customer/chats",
+        None,
+        "1",
+        Some(json!({
+            "browser_uuid": browser,
+            "topic": "Cannot log in",
+            "priority": "high",
+            "department": "Support",
+            "contact": {"name": "Ana", "email": "ana@example.com"},
+            "message": "Hello, I need help"
+        })),
+    )
+    .await;
+    assert_eq!(code, 201, "{body}");
+    let data = &body["data"];
+    let session = &data["session"];
+    assert_eq!(session["status"], "OPEN", "routed to the online agent");
+    assert_eq!(session["agent_id"], 7);
+    assert_eq!(session["topic"], "Cannot log in");
+    assert_eq!(session["priority"], "high");
+    assert_eq!(session["department"], "Support");
+    assert_eq!(session["contact"]["email"], "ana@example.com");
+    assert_eq!(session["customer_id"], data["customer_id"]);
+    assert!(data.get("ticket").is_none());
+    let id = session["id"].as_str().unwrap();
+    let auth = format!("Visitor {}", data["visitor_token"].as_str().unwrap());
+
+    // The first message is seq 1 from the customer.
+    let path = format!("/livechat/customer/chats/{id}/messages");
+    let (code, msgs) = customer(&app, Method::GET, &path, Some(&auth), "1", None).await;
+    assert_eq!(code, 200, "{msgs}");
+    assert_eq!(msgs["data"][0]["seq"], 1);
+    assert_eq!(msgs["data"][0]["sender_type"], "customer");
+    assert_eq!(msgs["data"][0]["sender_id"], Value::Null);
+    assert_eq!(msgs["data"][0]["customer_id"], data["customer_id"]);
+
+    // The agent answers over the agent route, the customer replies.
+    let (code, reply) = app
+        .agent_call(
+            Method::POST,
+            &format!("/livechat/sessions/{id}/messages"),
+            7,
+            1,
+            Some(json!({"message": "Hi Ana"})),
+        )
+        .await;
+    assert_eq!(code, 201, "{reply}");
+    assert_eq!(reply["data"]["sender_type"], "agent");
+    let (code, mine) = customer(
+        &app,
+        Method::POST,
+        &path,
+        Some(&auth),
+        "1",
+        Some(json!({"message": "Thanks", "client_msg_id": "w-1"})),
+    )
+    .await;
+    assert_eq!(code, 201, "{mine}");
+    assert_eq!(mine["data"]["seq"], 3);
+    let (code, again) = customer(
+        &app,
+        Method::POST,
+        &path,
+        Some(&auth),
+        "1",
+        Some(json!({"message": "Thanks", "client_msg_id": "w-1"})),
+    )
+    .await;
+    assert_eq!(code, 200);
+    assert_eq!(again, mine);
+    let (_, msgs) = customer(
+        &app,
+        Method::GET,
+        &format!("{path}?after_seq=1"),
+        Some(&auth),
+        "1",
+        None,
+    )
+    .await;
+    let seqs: Vec<i64> = msgs["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| m["seq"].as_i64().unwrap())
+        .collect();
+    assert_eq!(seqs, vec![2, 3]);
+
+    let (code, got) = customer(
+        &app,
+        Method::GET,
+        &format!("/livechat/customer/chats/{id}"),
+        Some(&auth),
+        "1",
+        None,
+    )
+    .await;
+    assert_eq!(code, 200);
+    assert_eq!(got["data"]["status"], "OPEN");
+    assert_eq!(got["data"]["queue_position"], Value::Null);
+
+    // No credential at all on a customer route is 401.
+    let (code, body) = customer(
+        &app,
+        Method::GET,
+        &format!("/livechat/customer/chats/{id}"),
+        None,
+        "1",
+        None,
+    )
+    .await;
+    assert_eq!(
+        (code.as_u16(), body["error"]["code"].as_str()),
+        (401, Some("unauthorized"))
+    );
+    let (code, _) = customer(
+        &app,
+        Method::GET,
+        &format!("/livechat/customer/chats/{id}"),
+        Some("Visitor forged"),
+        "1",
+        None,
+    )
+    .await;
+    assert_eq!(code, 401);
+}
+
+async fn second_start_returns_the_active_session(backend: Backend) {
+    let app = App::new(backend).await;
+    let (id, auth, _) = visitor_start(&app, "1", "First").await;
+    let (code, body) = customer(
+        &app,
+        Method::POST,
+        "/livechat/customer/chats",
+        Some(&auth),
+        "1",
+        Some(json!({"topic": "Second"})),
+    )
+    .await;
+    assert_eq!(code, 200, "{body}");
+    assert_eq!(body["data"]["session"]["id"], id.as_str());
+    assert_eq!(body["data"]["session"]["topic"], "First");
+    assert!(body["data"].get("visitor_token").is_none());
+
+    // Many concurrent starts by one customer: one session.
+    let token = App::token(55, &["USER"], Some(&[1]));
+    let starts: Vec<_> = (0..10)
+        .map(|n| {
+            let req = app
+                .client
+                .post("/livechat/customer/chats")
+                .header("X-Tenant-ID", "1")
+                .header("Authorization", format!("Bearer {token}"))
+                .body_json(&json!({"topic": format!("race {n}")}));
+            async move { App::decode(req.send().await).await }
+        })
+        .collect();
+    let results = futures::future::join_all(starts).await;
+    let ids: std::collections::HashSet<String> = results
+        .iter()
+        .map(|(_, b)| b["data"]["session"]["id"].as_str().unwrap().to_owned())
+        .collect();
+    assert_eq!(ids.len(), 1, "one active session per customer");
+    assert_eq!(results.iter().filter(|(c, _)| *c == 201).count(), 1);
+
+    // After closing, a new start creates a new session.
+    app.client
+        .post(format!("/livechat/customer/chats/{id}/close"))
+        .header("X-Tenant-ID", "1")
+        .header("Authorization", &auth)
+        .send()
+        .await
+        .assert_status_is_ok();
+    let (code, body) = customer(
+        &app,
+        Method::POST,
+        "/livechat/customer/chats",
+        Some(&auth),
+        "1",
+        Some(json!({"topic": "Third"})),
+    )
+    .await;
+    assert_eq!(code, 201, "{body}");
+    assert_ne!(body["data"]["session"]["id"], id.as_str());
+}
+
+async fn identified_user_with_host_token(backend: Backend) {
+    let app = App::new(backend).await;
+    let token = format!("Bearer {}", App::token(42, &["USER"], Some(&[1])));
+    let (code, body) = customer(
+        &app,
+        Method::POST,
+        "/livechat/customer/chats",
+        Some(&token),
+        "1",
+        Some(json!({"topic": "Invoice", "message": "Where is my invoice?"})),
+    )
+    .await;
+    assert_eq!(code, 201, "{body}");
+    assert!(
+        body["data"].get("visitor_token").is_none(),
+        "identified users use their own token"
+    );
+    let id = body["data"]["session"]["id"].as_str().unwrap().to_owned();
+    let (_, msgs) = customer(
+        &app,
+        Method::GET,
+        &format!("/livechat/customer/chats/{id}/messages"),
+        Some(&token),
+        "1",
+        None,
+    )
+    .await;
+    assert_eq!(
+        msgs["data"][0]["sender_id"], 42,
+        "identified customers carry their host user id"
+    );
+    // The token's tenants bind: tenant 2 is forbidden.
+    let (code, body) = customer(
+        &app,
+        Method::POST,
+        "/livechat/customer/chats",
+        Some(&token),
+        "2",
+        Some(json!({"topic": "x"})),
+    )
+    .await;
+    assert_eq!(
+        (code.as_u16(), body["error"]["code"].as_str()),
+        (403, Some("forbidden"))
+    );
+    // Bad tenant header.
+    let (code, body) = customer(
+        &app,
+        Method::POST,
+        "/livechat/customer/chats",
+        Some(&token),
+        "abc",
+        Some(json!({"topic": "x"})),
+    )
+    .await;
+    assert_eq!(
+        (code.as_u16(), body["error"]["code"].as_str()),
+        (400, Some("invalid_tenant"))
+    );
+}
+
+async fn identity_hash_asserts_a_user(backend: Backend) {
+    let secrets = livechat_poem::IdentitySecrets::parse("1:tenant-one-secret").unwrap();
+    let hash = secrets
+        .sign(
+            livechat_core::TenantId::new(1).unwrap(),
+            livechat_core::UserId::new(77).unwrap(),
+        )
+        .unwrap();
+    let app = App::with_config(backend, |c| c.identity_secrets = secrets.clone()).await;
+    let (code, body) = customer(
+        &app,
+        Method::POST,
+        "/livechat/customer/chats",
+        None,
+        "1",
+        Some(json!({"user_id": 77, "identity_hash": hash, "topic": "Hash"})),
+    )
+    .await;
+    assert_eq!(code, 201, "{body}");
+    let auth = format!(
+        "Visitor {}",
+        body["data"]["visitor_token"].as_str().unwrap()
+    );
+    let id = body["data"]["session"]["id"].as_str().unwrap();
+    // The same user via the host token is the same customer.
+    let bearer = format!("Bearer {}", App::token(77, &["USER"], None));
+    let (code, got) = customer(
+        &app,
+        Method::GET,
+        &format!("/livechat/customer/chats/{id}"),
+        Some(&bearer),
+        "1",
+        None,
+    )
+    .await;
+    assert_eq!(code, 200, "{got}");
+    let (code, _) = customer(
+        &app,
+        Method::GET,
+        &format!("/livechat/customer/chats/{id}"),
+        Some(&auth),
+        "1",
+        None,
+    )
+    .await;
+    assert_eq!(code, 200);
+
+    for bad in [
+        json!({"user_id": 78, "identity_hash": hash, "topic": "x"}),
+        json!({"user_id": 77, "identity_hash": "00".repeat(32), "topic": "x"}),
+        json!({"user_id": 77, "identity_hash": "not hex", "topic": "x"}),
+    ] {
+        let (code, body) = customer(
+            &app,
+            Method::POST,
+            "/livechat/customer/chats",
+            None,
+            "1",
+            Some(bad.clone()),
+        )
+        .await;
+        assert_eq!(
+            (code.as_u16(), body["error"]["code"].as_str()),
+            (401, Some("unauthorized")),
+            "{bad}"
+        );
+    }
+    // Tenant 2 has no secret: no hash passes there.
+    let (code, _) = customer(
+        &app,
+        Method::POST,
+        "/livechat/customer/chats",
+        None,
+        "2",
+        Some(json!({"user_id": 77, "identity_hash": hash, "topic": "x"})),
+    )
+    .await;
+    assert_eq!(code, 401);
+    let (code, body) = customer(
+        &app,
+        Method::POST,
+        "/livechat/customer/chats",
+        None,
+        "1",
+        Some(json!({"user_id": 77, "topic": "x"})),
+    )
+    .await;
+    assert_eq!(
+        (code.as_u16(), body["error"]["code"].as_str()),
+        (400, Some("invalid_body"))
+    );
+}
+
+async fn start_validation(backend: Backend) {
+    let app = App::new(backend).await;
+    let b = uuid::Uuid::now_v7();
+    let cases = [
+        json!({"browser_uuid": "not-a-uuid", "topic": "x"}),
+        json!({"browser_uuid": b}),
+        json!({"browser_uuid": b, "topic": ""}),
+        json!({"browser_uuid": b, "topic": "   "}),
+        json!({"browser_uuid": b, "topic": "t".repeat(201)}),
+        json!({"browser_uuid": b, "topic": 5}),
+        json!({"browser_uuid": b, "topic": "x", "priority": "asap"}),
+        json!({"browser_uuid": b, "topic": "x", "department": "d".repeat(101)}),
+        json!({"browser_uuid": b, "topic": "x", "contact": {"name": "Ana", "email": "nope"}}),
+        json!({"browser_uuid": b, "topic": "x", "contact": {"name": "", "email": "a@b.co"}}),
+        json!({"browser_uuid": b, "topic": "x", "contact": {"email": "a@b.co"}}),
+        json!({"browser_uuid": b, "topic": "x", "message": "  "}),
+        json!({"browser_uuid": b, "topic": "x", "message": "m".repeat(10_001)}),
+    ];
+    for bad in cases {
+        let (code, body) = customer(
+            &app,
+            Method::POST,
+            "/livechat/customer/chats",
+            None,
+            "1",
+            Some(bad.clone()),
+        )
+        .await;
+        assert_eq!(
+            code,
+            400,
+            "{}: {body}",
+            bad.to_string().chars().take(90).collect::<String>()
+        );
+        assert!(body["error"]["code"].is_string() && body["error"]["message"].is_string());
+    }
+    // No credential and no browser_uuid.
+    let (code, _) = customer(
+        &app,
+        Method::POST,
+        "/livechat/customer/chats",
+        None,
+        "1",
+        Some(json!({"topic": "x"})),
+    )
+    .await;
+    assert_eq!(code, 401);
+    // Nothing was stored by the refused starts.
+    let (_, list) = app
+        .agent_call(Method::GET, "/livechat/sessions", 7, 1, None)
+        .await;
+    assert_eq!(list["data"], json!([]));
+    // A topic of exactly 200 characters is fine.
+    let (code, _) = customer(
+        &app,
+        Method::POST,
+        "/livechat/customer/chats",
+        None,
+        "1",
+        Some(json!({"browser_uuid": b, "topic": "t".repeat(200)})),
+    )
+    .await;
+    assert_eq!(code, 201);
+}
+
+async fn contact_history_and_close(backend: Backend) {
+    let app = App::new(backend).await;
+    app.go_online(7, 1).await;
+    let (first, auth, _) = visitor_start(&app, "1", "One").await;
+    let contact_path = format!("/livechat/customer/chats/{first}/contact");
+    let (code, body) = customer(&app, Method::PUT, &contact_path, Some(&auth), "1", Some(json!({"name": " Budi ", "email": "budi@example.co.id", "phone": "+62 812", "company": "ACME"}))).await;
+    assert_eq!(code, 200, "{body}");
+    assert_eq!(body["data"]["contact"]["name"], "Budi");
+    assert_eq!(body["data"]["contact"]["company"], "ACME");
+    for bad in [
+        json!({"name": "Budi"}),
+        json!({"name": "Budi", "email": "x@"}),
+        json!({"name": "", "email": "b@e.co"}),
+    ] {
+        let (code, body) = customer(
+            &app,
+            Method::PUT,
+            &contact_path,
+            Some(&auth),
+            "1",
+            Some(bad),
+        )
+        .await;
+        assert_eq!(
+            (code.as_u16(), body["error"]["code"].as_str()),
+            (400, Some("invalid_body"))
+        );
+    }
+    // The agent sees the contact.
+    let (_, s) = app
+        .agent_call(
+            Method::GET,
+            &format!("/livechat/sessions/{first}"),
+            7,
+            1,
+            None,
+        )
+        .await;
+    assert_eq!(s["data"]["contact"]["email"], "budi@example.co.id");
+
+    let close = format!("/livechat/customer/chats/{first}/close");
+    let (code, closed) = customer(&app, Method::POST, &close, Some(&auth), "1", None).await;
+    assert_eq!(code, 200);
+    assert_eq!(closed["data"]["status"], "CLOSED");
+    let (code, again) = customer(&app, Method::POST, &close, Some(&auth), "1", None).await;
+    assert_eq!(code, 200);
+    assert_eq!(again, closed);
+    let (code, body) = customer(
+        &app,
+        Method::POST,
+        &format!("/livechat/customer/chats/{first}/messages"),
+        Some(&auth),
+        "1",
+        Some(json!({"message": "late"})),
+    )
+    .await;
+    assert_eq!(
+        (code.as_u16(), body["error"]["code"].as_str()),
+        (400, Some("session_closed"))
+    );
+
+    // Three more sessions, then page the history two at a time.
+    let mut ids = vec![first.clone()];
+    for n in 0..3 {
+        let (code, body) = customer(
+            &app,
+            Method::POST,
+            "/livechat/customer/chats",
+            Some(&auth),
+            "1",
+            Some(json!({"topic": format!("T{n}")})),
+        )
+        .await;
+        assert_eq!(code, 201, "{body}");
+        let id = body["data"]["session"]["id"].as_str().unwrap().to_owned();
+        customer(
+            &app,
+            Method::POST,
+            &format!("/livechat/customer/chats/{id}/close"),
+            Some(&auth),
+            "1",
+            None,
+        )
+        .await;
+        ids.push(id);
+    }
+    let mut seen = Vec::new();
+    let mut cursor: Option<String> = None;
+    loop {
+        let path = match &cursor {
+            Some(c) => format!("/livechat/customer/history?limit=2&cursor={c}"),
+            None => "/livechat/customer/history?limit=2".to_owned(),
+        };
+        let (code, page) = customer(&app, Method::GET, &path, Some(&auth), "1", None).await;
+        assert_eq!(code, 200, "{page}");
+        seen.extend(
+            page["data"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|s| s["id"].as_str().unwrap().to_owned()),
+        );
+        match page["next_cursor"].as_str() {
+            Some(c) => cursor = Some(c.to_owned()),
+            None => break,
+        }
+    }
+    ids.reverse();
+    assert_eq!(seen, ids, "newest first, each once");
+    let (code, body) = customer(
+        &app,
+        Method::GET,
+        "/livechat/customer/history?cursor=garbage",
+        Some(&auth),
+        "1",
+        None,
+    )
+    .await;
+    assert_eq!(
+        (code.as_u16(), body["error"]["code"].as_str()),
+        (400, Some("invalid_query"))
+    );
+}
+
+async fn linking_moves_visitor_sessions(backend: Backend) {
+    let app = App::new(backend).await;
+    let (visitor_session, visitor_auth, start) = visitor_start(&app, "1", "Before login").await;
+    let visitor_token = start["data"]["visitor_token"].as_str().unwrap().to_owned();
+    let user = App::token(300, &["USER"], Some(&[1]));
+    let bearer = format!("Bearer {user}");
+
+    // Linking needs the host token; an asserted e-mail is not enough.
+    let (code, _) = customer(
+        &app,
+        Method::POST,
+        "/livechat/customer/link",
+        Some(&visitor_auth),
+        "1",
+        Some(json!({"visitor_token": visitor_token})),
+    )
+    .await;
+    assert_eq!(code, 401);
+    let (code, _) = customer(
+        &app,
+        Method::POST,
+        "/livechat/customer/link",
+        Some(&bearer),
+        "1",
+        Some(json!({"visitor_token": "forged"})),
+    )
+    .await;
+    assert_eq!(code, 401);
+
+    let (code, linked) = customer(
+        &app,
+        Method::POST,
+        "/livechat/customer/link",
+        Some(&bearer),
+        "1",
+        Some(json!({"visitor_token": visitor_token})),
+    )
+    .await;
+    assert_eq!(code, 200, "{linked}");
+    let identified = linked["data"]["customer_id"].as_str().unwrap().to_owned();
+    assert_ne!(identified, start["data"]["customer_id"].as_str().unwrap());
+    // Idempotent.
+    let (code, again) = customer(
+        &app,
+        Method::POST,
+        "/livechat/customer/link",
+        Some(&bearer),
+        "1",
+        Some(json!({"visitor_token": visitor_token})),
+    )
+    .await;
+    assert_eq!(code, 200);
+    assert_eq!(again, linked);
+
+    // The logged-in user now owns the visitor's session and history.
+    let (code, s) = customer(
+        &app,
+        Method::GET,
+        &format!("/livechat/customer/chats/{visitor_session}"),
+        Some(&bearer),
+        "1",
+        None,
+    )
+    .await;
+    assert_eq!(code, 200, "{s}");
+    assert_eq!(s["data"]["customer_id"], identified.as_str());
+    let (_, history) = customer(
+        &app,
+        Method::GET,
+        "/livechat/customer/history",
+        Some(&bearer),
+        "1",
+        None,
+    )
+    .await;
+    assert_eq!(history["data"].as_array().unwrap().len(), 1);
+    // The old visitor token acts as the identified customer.
+    let (code, _) = customer(
+        &app,
+        Method::GET,
+        &format!("/livechat/customer/chats/{visitor_session}"),
+        Some(&visitor_auth),
+        "1",
+        None,
+    )
+    .await;
+    assert_eq!(code, 200);
+    // Starting again finds the same active session (one per customer).
+    let (code, body) = customer(
+        &app,
+        Method::POST,
+        "/livechat/customer/chats",
+        Some(&bearer),
+        "1",
+        Some(json!({"topic": "After login"})),
+    )
+    .await;
+    assert_eq!(code, 200, "{body}");
+    assert_eq!(body["data"]["session"]["id"], visitor_session.as_str());
+
+    // A second visitor with an active session linked to the same user: the
+    // user keeps one active session, the visitor's is closed, both are in history.
+    let (second, _, start2) = visitor_start(&app, "1", "Other tab").await;
+    let token2 = start2["data"]["visitor_token"].as_str().unwrap();
+    let (code, _) = customer(
+        &app,
+        Method::POST,
+        "/livechat/customer/link",
+        Some(&bearer),
+        "1",
+        Some(json!({"visitor_token": token2})),
+    )
+    .await;
+    assert_eq!(code, 200);
+    let (_, s2) = customer(
+        &app,
+        Method::GET,
+        &format!("/livechat/customer/chats/{second}"),
+        Some(&bearer),
+        "1",
+        None,
+    )
+    .await;
+    assert_eq!(s2["data"]["status"], "CLOSED");
+    let (_, s1) = customer(
+        &app,
+        Method::GET,
+        &format!("/livechat/customer/chats/{visitor_session}"),
+        Some(&bearer),
+        "1",
+        None,
+    )
+    .await;
+    assert_ne!(s1["data"]["status"], "CLOSED");
+    let (_, history) = customer(
+        &app,
+        Method::GET,
+        "/livechat/customer/history",
+        Some(&bearer),
+        "1",
+        None,
+    )
+    .await;
+    assert_eq!(history["data"].as_array().unwrap().len(), 2);
+}
+
+async fn customers_are_isolated(backend: Backend) {
+    let app = App::new(backend).await;
+    let (s1, auth1, _) = visitor_start(&app, "1", "Tenant one").await;
+    let (s2, auth2, _) = visitor_start(&app, "2", "Tenant two").await;
+    let (other, _, _) = visitor_start(&app, "1", "Another visitor").await;
+
+    // A visitor token of tenant 1 gets 404 on a tenant 2 session and on
+    // another customer's session, on every route.
+    for (session, auth) in [(&s2, &auth1), (&other, &auth1), (&s1, &auth2)] {
+        let tenant = if auth == &auth1 { "1" } else { "2" };
+        for (method, path, body) in [
+            (
+                Method::GET,
+                format!("/livechat/customer/chats/{session}"),
+                None,
+            ),
+            (
+                Method::GET,
+                format!("/livechat/customer/chats/{session}/messages"),
+                None,
+            ),
+            (
+                Method::POST,
+                format!("/livechat/customer/chats/{session}/messages"),
+                Some(json!({"message": "peek"})),
+            ),
+            (
+                Method::PUT,
+                format!("/livechat/customer/chats/{session}/contact"),
+                Some(json!({"name": "X", "email": "x@y.co"})),
+            ),
+            (
+                Method::POST,
+                format!("/livechat/customer/chats/{session}/close"),
+                None,
+            ),
+        ] {
+            let (code, resp) =
+                customer(&app, method.clone(), &path, Some(auth), tenant, body).await;
+            assert_eq!(
+                (code.as_u16(), resp["error"]["code"].as_str()),
+                (404, Some("not_found")),
+                "{method} {path}"
+            );
+        }
+    }
+    // A visitor token used with another tenant's header is refused.
+    let (code, body) = customer(
+        &app,
+        Method::GET,
+        &format!("/livechat/customer/chats/{s2}"),
+        Some(&auth1),
+        "2",
+        None,
+    )
+    .await;
+    assert_eq!(
+        (code.as_u16(), body["error"]["code"].as_str()),
+        (403, Some("forbidden"))
+    );
+    // Malformed ids are 404.
+    let (code, _) = customer(
+        &app,
+        Method::GET,
+        "/livechat/customer/chats/not-a-uuid",
+        Some(&auth1),
+        "1",
+        None,
+    )
+    .await;
+    assert_eq!(code, 404);
+    // Nothing changed: the other customer's session is still waiting, with no messages.
+    let (_, s) = app
+        .agent_call(
+            Method::GET,
+            &format!("/livechat/sessions/{other}"),
+            7,
+            1,
+            None,
+        )
+        .await;
+    assert_eq!(s["data"]["status"], "WAITING");
+    let (_, msgs) = app
+        .agent_call(
+            Method::GET,
+            &format!("/livechat/sessions/{other}/messages"),
+            7,
+            1,
+            None,
+        )
+        .await;
+    assert_eq!(msgs["data"], json!([]));
+}

@@ -1,0 +1,499 @@
+//! Routing, the queue and its drain (issue #3, DESIGN.md invariant 3).
+
+use std::collections::HashSet;
+
+use livechat_core::{
+    ChatError, CustomerChatRequest, CustomerIdentity, PresenceStatus, Priority, SessionStatus,
+    TenantId, UserId,
+};
+use livechat_tests::{App, Backend, on_both_databases};
+use poem::http::Method;
+use serde_json::json;
+
+on_both_databases!(
+    fifty_customers_against_one_agent_of_capacity_five,
+    least_loaded_agent_then_idle_longest,
+    queue_drains_by_priority_then_age,
+    capacity_raise_and_coming_online_drain_the_queue,
+    two_agents_claim_one_waiting_session,
+    transfer_and_waiting_list_for_agents,
+    offline_agent_start_keeps_a_ticket,
+);
+
+fn t(n: i64) -> TenantId {
+    TenantId::new(n).unwrap()
+}
+fn u(n: i64) -> UserId {
+    UserId::new(n).unwrap()
+}
+
+async fn start(
+    app: &App,
+    tenant: i64,
+    user: i64,
+    topic: &str,
+    priority: Priority,
+) -> livechat_core::SessionView {
+    let customer = app
+        .chat
+        .resolve_customer(t(tenant), CustomerIdentity::User(u(user)))
+        .await
+        .unwrap();
+    app.chat
+        .start_customer_chat(
+            t(tenant),
+            customer.id,
+            CustomerChatRequest {
+                topic: topic.into(),
+                priority: Some(priority),
+                ..Default::default()
+            },
+        )
+        .await
+        .unwrap()
+        .view
+}
+
+async fn fifty_customers_against_one_agent_of_capacity_five(backend: Backend) {
+    let app = App::new(backend).await;
+    app.chat
+        .set_agent_status(t(1), u(7), PresenceStatus::Online)
+        .await
+        .unwrap();
+    let tasks: Vec<_> = (0..50)
+        .map(|n| {
+            let chat = app.chat.clone();
+            tokio::spawn(async move {
+                let c = chat
+                    .resolve_customer(t(1), CustomerIdentity::User(u(1000 + n)))
+                    .await
+                    .unwrap();
+                chat.start_customer_chat(
+                    t(1),
+                    c.id,
+                    CustomerChatRequest {
+                        topic: format!("c{n}"),
+                        ..Default::default()
+                    },
+                )
+                .await
+                .unwrap()
+            })
+        })
+        .collect();
+    for r in futures::future::join_all(tasks).await {
+        assert!(r.unwrap().created);
+    }
+    let open = app
+        .chat
+        .list_sessions(t(1), Some(SessionStatus::Open), Some(200))
+        .await
+        .unwrap();
+    let waiting = app
+        .chat
+        .list_sessions(t(1), Some(SessionStatus::Waiting), Some(200))
+        .await
+        .unwrap();
+    assert_eq!(open.len(), 5, "capacity 5");
+    assert!(open.iter().all(|v| v.session.agent_id == Some(u(7))));
+    assert_eq!(waiting.len(), 45);
+    let mut positions: Vec<i64> = waiting.iter().map(|v| v.queue_position.unwrap()).collect();
+    positions.sort_unstable();
+    assert_eq!(
+        positions,
+        (1..=45).collect::<Vec<_>>(),
+        "distinct positions 1-45"
+    );
+    // Agents were online: no tickets.
+    assert!(waiting.iter().all(|v| v.session.ticket_id.is_none()));
+
+    // Every close assigns the next in line (position 1), without polling.
+    let mut queue: Vec<_> = waiting.clone();
+    queue.sort_by_key(|v| v.queue_position);
+    for (i, open_one) in open.iter().enumerate() {
+        app.chat
+            .close_session(t(1), u(7), open_one.session.id)
+            .await
+            .unwrap();
+        let next = app
+            .chat
+            .get_session(t(1), queue[i].session.id)
+            .await
+            .unwrap();
+        assert_eq!(
+            next.session.status,
+            SessionStatus::Open,
+            "close #{i} assigned the head of the queue"
+        );
+        assert_eq!(next.session.agent_id, Some(u(7)));
+    }
+    let still = app
+        .chat
+        .list_sessions(t(1), Some(SessionStatus::Waiting), Some(200))
+        .await
+        .unwrap();
+    assert_eq!(still.len(), 40);
+    let mut positions: Vec<i64> = still.iter().map(|v| v.queue_position.unwrap()).collect();
+    positions.sort_unstable();
+    assert_eq!(positions, (1..=40).collect::<Vec<_>>());
+}
+
+async fn least_loaded_agent_then_idle_longest(backend: Backend) {
+    let app = App::new(backend).await;
+    for a in [7, 8] {
+        app.chat
+            .set_agent_status(t(1), u(a), PresenceStatus::Online)
+            .await
+            .unwrap();
+    }
+    let first = start(&app, 1, 100, "a", Priority::Normal).await;
+    let second = start(&app, 1, 101, "b", Priority::Normal).await;
+    let agents: HashSet<_> = [first.session.agent_id, second.session.agent_id]
+        .into_iter()
+        .collect();
+    assert_eq!(agents.len(), 2, "least loaded: one each");
+    // Both have one: the one idle longest (assigned first) gets the third.
+    let third = start(&app, 1, 102, "c", Priority::Normal).await;
+    assert_eq!(third.session.agent_id, first.session.agent_id);
+    // An agent who is away is not eligible.
+    app.chat
+        .set_agent_status(t(1), first.session.agent_id.unwrap(), PresenceStatus::Away)
+        .await
+        .unwrap();
+    let fourth = start(&app, 1, 103, "d", Priority::Normal).await;
+    assert_eq!(fourth.session.agent_id, second.session.agent_id);
+}
+
+async fn queue_drains_by_priority_then_age(backend: Backend) {
+    let app = App::new(backend).await;
+    app.chat
+        .set_agent_status(t(1), u(7), PresenceStatus::Online)
+        .await
+        .unwrap();
+    app.chat.set_agent_capacity(t(1), 1).await.unwrap();
+    let busy = start(&app, 1, 200, "busy", Priority::Normal).await;
+    assert_eq!(busy.session.status, SessionStatus::Open);
+    let low = start(&app, 1, 201, "low", Priority::Low).await;
+    let normal_old = start(&app, 1, 202, "normal old", Priority::Normal).await;
+    let urgent = start(&app, 1, 203, "urgent", Priority::Urgent).await;
+    let normal_new = start(&app, 1, 204, "normal new", Priority::Normal).await;
+    let position = |id| {
+        let app = &app;
+        async move { app.chat.get_session(t(1), id).await.unwrap().queue_position }
+    };
+    assert_eq!(position(urgent.session.id).await, Some(1));
+    assert_eq!(position(normal_old.session.id).await, Some(2));
+    assert_eq!(position(normal_new.session.id).await, Some(3));
+    assert_eq!(position(low.session.id).await, Some(4));
+    // Drain one at a time by closing the agent's chat.
+    let mut current = busy.session.id;
+    for expected in [
+        urgent.session.id,
+        normal_old.session.id,
+        normal_new.session.id,
+        low.session.id,
+    ] {
+        app.chat.close_session(t(1), u(7), current).await.unwrap();
+        let next = app.chat.get_session(t(1), expected).await.unwrap();
+        assert_eq!(next.session.status, SessionStatus::Open);
+        current = expected;
+    }
+}
+
+async fn capacity_raise_and_coming_online_drain_the_queue(backend: Backend) {
+    let app = App::new(backend).await;
+    // Nobody online: the chats wait, with tickets.
+    let a = start(&app, 1, 300, "a", Priority::Normal).await;
+    let b = start(&app, 1, 301, "b", Priority::Normal).await;
+    let c = start(&app, 1, 302, "c", Priority::Normal).await;
+    assert_eq!(a.session.status, SessionStatus::Waiting);
+    assert!(a.session.ticket_id.is_some(), "no agent online: a ticket");
+    assert!(!app.chat.agents_available(t(1)).await.unwrap());
+    // Capacity 1, then the agent comes online over HTTP: one is assigned.
+    let (code, _) = app
+        .agent_call(
+            Method::PUT,
+            "/livechat/settings/routing",
+            7,
+            1,
+            Some(json!({"agent_capacity": 1})),
+        )
+        .await;
+    assert_eq!(code, 200);
+    app.go_online(7, 1).await;
+    assert_eq!(
+        app.chat
+            .get_session(t(1), a.session.id)
+            .await
+            .unwrap()
+            .session
+            .status,
+        SessionStatus::Open
+    );
+    assert_eq!(
+        app.chat
+            .get_session(t(1), b.session.id)
+            .await
+            .unwrap()
+            .queue_position,
+        Some(1)
+    );
+    assert!(
+        !app.chat.agents_available(t(1)).await.unwrap(),
+        "at capacity"
+    );
+    // Raising capacity assigns the rest at once.
+    let (code, body) = app
+        .agent_call(
+            Method::PUT,
+            "/livechat/settings/routing",
+            7,
+            1,
+            Some(json!({"agent_capacity": 3})),
+        )
+        .await;
+    assert_eq!(code, 200, "{body}");
+    assert_eq!(body["data"]["agent_capacity"], 3);
+    for s in [&b, &c] {
+        assert_eq!(
+            app.chat
+                .get_session(t(1), s.session.id)
+                .await
+                .unwrap()
+                .session
+                .status,
+            SessionStatus::Open
+        );
+    }
+    let (_, settings) = app
+        .agent_call(Method::GET, "/livechat/settings/routing", 7, 1, None)
+        .await;
+    assert_eq!(settings["data"]["agent_capacity"], 3);
+    for bad in [
+        json!({"agent_capacity": 0}),
+        json!({"agent_capacity": 101}),
+        json!({}),
+    ] {
+        let (code, _) = app
+            .agent_call(Method::PUT, "/livechat/settings/routing", 7, 1, Some(bad))
+            .await;
+        assert_eq!(code, 400);
+    }
+}
+
+async fn two_agents_claim_one_waiting_session(backend: Backend) {
+    let app = App::new(backend).await;
+    // Queue a session while nobody is online, then two agents come online
+    // at capacity 0 … use capacity 1 with each already busy instead.
+    app.chat.set_agent_capacity(t(1), 1).await.unwrap();
+    for a in [7, 8] {
+        app.chat
+            .set_agent_status(t(1), u(a), PresenceStatus::Online)
+            .await
+            .unwrap();
+        start(&app, 1, 400 + a, "busy", Priority::Normal).await;
+    }
+    let waiting = start(&app, 1, 499, "contended", Priority::Normal).await;
+    assert_eq!(waiting.session.status, SessionStatus::Waiting);
+    let path = format!("/livechat/sessions/{}/assign", waiting.session.id);
+    let claims = [7, 8].map(|a| {
+        let req = app
+            .client
+            .post(&path)
+            .header("Authorization", format!("Bearer {}", App::agent(a)))
+            .header("X-Tenant-ID", "1")
+            .body_json(&json!({}));
+        async move { App::decode(req.send().await).await }
+    });
+    let results = futures::future::join_all(claims).await;
+    let winners: Vec<_> = results.iter().filter(|(c, _)| *c == 200).collect();
+    let losers: Vec<_> = results.iter().filter(|(c, _)| *c == 409).collect();
+    assert_eq!((winners.len(), losers.len()), (1, 1), "{results:?}");
+    assert_eq!(losers[0].1["error"]["code"], "already_assigned");
+    let winner = winners[0].1["data"]["agent_id"].as_i64().unwrap();
+    let now = app
+        .chat
+        .get_session(t(1), waiting.session.id)
+        .await
+        .unwrap();
+    assert_eq!(now.session.agent_id, Some(u(winner)));
+    assert_eq!(now.session.status, SessionStatus::Open);
+}
+
+async fn transfer_and_waiting_list_for_agents(backend: Backend) {
+    let app = App::new(backend).await;
+    let waiting = start(&app, 1, 500, "help", Priority::High).await;
+    let (_, list) = app
+        .agent_call(Method::GET, "/livechat/sessions?status=WAITING", 7, 1, None)
+        .await;
+    assert_eq!(list["data"][0]["id"], waiting.session.id.to_string());
+    assert_eq!(list["data"][0]["queue_position"], 1);
+    assert_eq!(list["data"][0]["priority"], "high");
+
+    let path = format!("/livechat/sessions/{}/assign", waiting.session.id);
+    // Claiming needs the claimant online.
+    let (code, body) = app
+        .agent_call(Method::POST, &path, 7, 1, Some(json!({})))
+        .await;
+    assert_eq!(
+        (code.as_u16(), body["error"]["code"].as_str()),
+        (400, Some("agent_offline"))
+    );
+    app.go_online(7, 1).await; // drains: agent 7 gets it
+    let s = app
+        .chat
+        .get_session(t(1), waiting.session.id)
+        .await
+        .unwrap();
+    assert_eq!(s.session.agent_id, Some(u(7)));
+    // Transfer to agent 8 (online).
+    app.go_online(8, 1).await;
+    let (code, body) = app
+        .agent_call(Method::POST, &path, 7, 1, Some(json!({"agent_id": 8})))
+        .await;
+    assert_eq!(code, 200, "{body}");
+    assert_eq!(body["data"]["agent_id"], 8);
+    // Agent 9 claims: already assigned.
+    let (code, _) = app
+        .agent_call(Method::POST, &path, 9, 1, Some(json!({})))
+        .await;
+    assert_eq!(code, 409);
+    // Unknown, malformed, other tenant: 404; closed: 400.
+    let (code, _) = app
+        .agent_call(Method::POST, &path, 8, 2, Some(json!({})))
+        .await;
+    assert_eq!(code, 404);
+    let (code, _) = app
+        .agent_call(
+            Method::POST,
+            "/livechat/sessions/nope/assign",
+            8,
+            1,
+            Some(json!({})),
+        )
+        .await;
+    assert_eq!(code, 404);
+    app.chat
+        .close_session(t(1), u(8), waiting.session.id)
+        .await
+        .unwrap();
+    let (code, body) = app
+        .agent_call(Method::POST, &path, 8, 1, Some(json!({"agent_id": 7})))
+        .await;
+    assert_eq!(
+        (code.as_u16(), body["error"]["code"].as_str()),
+        (400, Some("session_closed"))
+    );
+}
+
+async fn offline_agent_start_keeps_a_ticket(backend: Backend) {
+    let app = App::new(backend).await;
+    let (code, body) = app
+        .agent_call(
+            Method::POST,
+            "/livechat/sessions",
+            7,
+            1,
+            Some(json!({"agent_id": 9})),
+        )
+        .await;
+    assert_eq!(
+        (code.as_u16(), body["error"]["code"].as_str()),
+        (400, Some("agent_offline"))
+    );
+    let ticket_id = body["error"]["ticket_id"]
+        .as_str()
+        .expect("ticket id in the error body")
+        .to_owned();
+    // The ticket materializes when the bridge dispatches the event.
+    let report = app.dispatcher.dispatch_once().await.unwrap();
+    assert_eq!(report.delivered, 1, "{report:?}");
+    let (code, ticket) = app
+        .agent_call(
+            Method::GET,
+            &format!("/livechat/tickets/{ticket_id}"),
+            7,
+            1,
+            None,
+        )
+        .await;
+    assert_eq!(code, 200, "{ticket}");
+    assert_eq!(ticket["data"]["agent_id"], 9);
+    assert_eq!(ticket["data"]["reason"], "agent_offline");
+    assert_eq!(ticket["data"]["status"], "OPEN");
+    let (code, _) = app
+        .agent_call(
+            Method::GET,
+            &format!("/livechat/tickets/{ticket_id}"),
+            7,
+            2,
+            None,
+        )
+        .await;
+    assert_eq!(code, 404, "other tenant");
+    // The error for an online agent's second session is unchanged.
+    assert!(matches!(
+        app.chat.start_session(t(1), u(7), Some(u(9))).await,
+        Err(ChatError::AgentOffline { .. })
+    ));
+}
+
+mod liveness {
+    use super::*;
+    use livechat_core::{ChatConfig, ChatService, store::SeaOrmStore};
+
+    on_both_databases!(stale_presence_is_not_eligible_until_a_heartbeat);
+
+    async fn stale_presence_is_not_eligible_until_a_heartbeat(backend: Backend) {
+        let app = App::new(backend).await;
+        let mut config = ChatConfig::default();
+        config.routing.presence_ttl = Some(std::time::Duration::from_millis(300));
+        let chat = ChatService::new(SeaOrmStore::new(app.db.clone()), config);
+        chat.set_agent_status(t(1), u(7), PresenceStatus::Online)
+            .await
+            .unwrap();
+        assert!(chat.agents_available(t(1)).await.unwrap());
+        tokio::time::sleep(std::time::Duration::from_millis(400)).await;
+        assert!(
+            !chat.agents_available(t(1)).await.unwrap(),
+            "no heartbeat within the TTL"
+        );
+        let c = chat
+            .resolve_customer(t(1), CustomerIdentity::User(u(600)))
+            .await
+            .unwrap();
+        let started = chat
+            .start_customer_chat(
+                t(1),
+                c.id,
+                CustomerChatRequest {
+                    topic: "late".into(),
+                    ..Default::default()
+                },
+            )
+            .await
+            .unwrap();
+        assert_eq!(started.view.session.status, SessionStatus::Waiting);
+        assert!(
+            started.view.session.ticket_id.is_some(),
+            "a stale agent counts as offline"
+        );
+        // A heartbeat makes the agent eligible again and drains the queue.
+        chat.heartbeat(t(1), u(7)).await.unwrap();
+        let now = chat
+            .get_session(t(1), started.view.session.id)
+            .await
+            .unwrap();
+        assert_eq!(now.session.status, SessionStatus::Open);
+        // The heartbeat route: 200 for an agent with a status, 404 otherwise.
+        let (code, body) = app
+            .agent_call(Method::POST, "/livechat/agents/me/heartbeat", 7, 1, None)
+            .await;
+        assert_eq!(code, 200, "{body}");
+        assert_eq!(body["data"]["status"], "online");
+        let (code, _) = app
+            .agent_call(Method::POST, "/livechat/agents/me/heartbeat", 8, 1, None)
+            .await;
+        assert_eq!(code, 404);
+    }
+}

@@ -146,4 +146,9 @@ pub struct MessagePosted {
     pub session_customer_id: Option<CustomerId>,
     /// The session's ticket, if it was ticketed.
     pub ticket_id: Option<TicketId>,
+    /// Whether a customer connection (any node) followed the session when
+    /// the message was stored; a reply nobody sees live becomes a
+    /// notification (issue #4).
+    #[serde(default)]
+    pub customer_connected: bool,
 }

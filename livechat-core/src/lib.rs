@@ -25,6 +25,7 @@
 //!
 //! The rules come from `DESIGN.md` (invariants 1–6) and issue #2.
 
+pub mod bus;
 mod config;
 mod error;
 mod events;
@@ -32,6 +33,8 @@ mod ids;
 mod inbox;
 mod model;
 mod outbox;
+#[cfg(feature = "redis")]
+pub mod redis_bus;
 mod repository;
 mod service;
 pub mod store;
@@ -50,8 +53,9 @@ pub use model::{
 };
 pub use outbox::{OutboxConsumer, PendingEvent};
 pub use repository::{
-    AppendedMessage, AssignMode, ChatStore, CustomerChatStarted, CustomerRepository, EligibleAgent,
-    MessageRepository, NewCustomerChat, OutboxRepository, PresenceRepository, SessionRepository,
+    AppendedMessage, AssignMode, ChatStore, ConnectionOwner, ConnectionRepository,
+    CustomerChatStarted, CustomerRepository, EligibleAgent, MessageRepository, NewCustomerChat,
+    OutboxRepository, PresenceRepository, SessionConnections, SessionRepository,
 };
 pub use service::{ChatService, ContactInput, CustomerChatRequest, HistoryPage};
 pub use validate::{ClientMsgId, MessageBody, PageSize, Topic, parse_department};

@@ -221,6 +221,8 @@ pub struct ChatSession {
     pub client_ip: Option<String>,
     /// Client User-Agent recorded at start (customer chats).
     pub user_agent: Option<String>,
+    /// The `seq` of the latest message (0 when none).
+    pub last_seq: i64,
     /// When the session was started (UTC, microseconds).
     pub created_at: DateTime<Utc>,
     /// Last change of the session row, including each new message.

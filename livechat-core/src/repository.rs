@@ -252,6 +252,18 @@ pub trait PresenceRepository: Send + Sync {
         policy: &RoutingPolicy,
     ) -> impl Future<Output = Result<AgentPresence, ChatError>> + Send;
 
+    /// Makes the agent's liveness run out `grace` from now (unless it runs
+    /// out sooner): their last connection closed, and a reconnect within
+    /// `grace` (a heartbeat) keeps them eligible without a flap. No-op
+    /// without a presence TTL.
+    fn expire_liveness(
+        &self,
+        tenant: TenantId,
+        agent: UserId,
+        grace: std::time::Duration,
+        policy: &RoutingPolicy,
+    ) -> impl Future<Output = Result<(), ChatError>> + Send;
+
     /// The agent's presence, `None` if they never set one in this tenant.
     fn get_presence(
         &self,
@@ -310,6 +322,88 @@ pub trait CustomerRepository: Send + Sync {
     ) -> impl Future<Output = Result<Customer, ChatError>> + Send;
 }
 
+/// Who holds a real-time connection.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ConnectionOwner {
+    /// A support agent.
+    Agent(UserId),
+    /// A customer.
+    Customer(CustomerId),
+}
+
+/// Live connections following one session, across all nodes (seed 002).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct SessionConnections {
+    /// Customer connections.
+    pub customers: u64,
+    /// Agent connections.
+    pub agents: u64,
+}
+
+/// Live WebSocket connections of every node, in storage so that any node
+/// can answer for all (issue #4). Rows expire unless touched, so a crashed
+/// node's connections stop counting after their TTL.
+pub trait ConnectionRepository: Send + Sync {
+    /// Records connection `id` of `owner` on `node`, live for `ttl`.
+    fn register_connection(
+        &self,
+        tenant: TenantId,
+        id: uuid::Uuid,
+        owner: ConnectionOwner,
+        node: &str,
+        ttl: std::time::Duration,
+    ) -> impl Future<Output = Result<(), ChatError>> + Send;
+
+    /// Extends the connection's life by `ttl` from now (heartbeat).
+    fn touch_connection(
+        &self,
+        tenant: TenantId,
+        id: uuid::Uuid,
+        ttl: std::time::Duration,
+    ) -> impl Future<Output = Result<(), ChatError>> + Send;
+
+    /// The connection follows `session` (idempotent).
+    fn join_session(
+        &self,
+        tenant: TenantId,
+        id: uuid::Uuid,
+        session: SessionId,
+    ) -> impl Future<Output = Result<(), ChatError>> + Send;
+
+    /// The connection stops following `session`.
+    fn leave_session(
+        &self,
+        tenant: TenantId,
+        id: uuid::Uuid,
+        session: SessionId,
+    ) -> impl Future<Output = Result<(), ChatError>> + Send;
+
+    /// Removes the connection and its joins.
+    fn unregister_connection(
+        &self,
+        tenant: TenantId,
+        id: uuid::Uuid,
+    ) -> impl Future<Output = Result<(), ChatError>> + Send;
+
+    /// Live connections following `session`, by role.
+    fn session_connections(
+        &self,
+        tenant: TenantId,
+        session: SessionId,
+    ) -> impl Future<Output = Result<SessionConnections, ChatError>> + Send;
+
+    /// Whether `agent` has a live connection on any node.
+    fn agent_connected(
+        &self,
+        tenant: TenantId,
+        agent: UserId,
+    ) -> impl Future<Output = Result<bool, ChatError>> + Send;
+
+    /// Deletes expired connections of every tenant (housekeeping; returns
+    /// how many). Cross-tenant by nature, never reachable from a request.
+    fn purge_expired_connections(&self) -> impl Future<Output = Result<u64, ChatError>> + Send;
+}
+
 /// Read access to the tenant's committed events.
 pub trait OutboxRepository: Send + Sync {
     /// Events of the tenant after `after` (exclusive; `None`: from the
@@ -324,7 +418,12 @@ pub trait OutboxRepository: Send + Sync {
 
 /// Everything [`ChatService`](crate::ChatService) needs from storage.
 pub trait ChatStore:
-    SessionRepository + MessageRepository + PresenceRepository + CustomerRepository + OutboxRepository
+    SessionRepository
+    + MessageRepository
+    + PresenceRepository
+    + CustomerRepository
+    + ConnectionRepository
+    + OutboxRepository
 {
 }
 
@@ -333,6 +432,7 @@ impl<T> ChatStore for T where
         + MessageRepository
         + PresenceRepository
         + CustomerRepository
+        + ConnectionRepository
         + OutboxRepository
 {
 }

@@ -9,7 +9,8 @@ use crate::model::{
     Priority, Sender, SessionStatus, SessionView, now,
 };
 use crate::repository::{
-    AppendedMessage, AssignMode, ChatStore, CustomerChatStarted, NewCustomerChat,
+    AppendedMessage, AssignMode, ChatStore, ConnectionOwner, CustomerChatStarted, NewCustomerChat,
+    SessionConnections,
 };
 use crate::store::SeaOrmStore;
 use crate::validate::{ClientMsgId, MessageBody, PageSize, Topic, parse_department};
@@ -544,6 +545,129 @@ impl<S: ChatStore> ChatService<S> {
         self.store
             .link_visitor(tenant, visitor, user, &self.config.routing)
             .await
+    }
+
+    // ----- real-time connections ----------------------------------------
+
+    /// Records a live connection (issue #4); see
+    /// [`ConnectionRepository`](crate::ConnectionRepository).
+    ///
+    /// # Errors
+    /// [`ChatError::Storage`] only.
+    pub async fn register_connection(
+        &self,
+        tenant: TenantId,
+        id: uuid::Uuid,
+        owner: ConnectionOwner,
+        node: &str,
+        ttl: std::time::Duration,
+    ) -> Result<(), ChatError> {
+        self.store
+            .register_connection(tenant, id, owner, node, ttl)
+            .await
+    }
+
+    /// Keeps a connection alive for `ttl` more; for agents also a presence
+    /// heartbeat (DESIGN.md invariant 3).
+    ///
+    /// # Errors
+    /// [`ChatError::Storage`] only.
+    pub async fn touch_connection(
+        &self,
+        tenant: TenantId,
+        id: uuid::Uuid,
+        owner: ConnectionOwner,
+        ttl: std::time::Duration,
+    ) -> Result<(), ChatError> {
+        self.store.touch_connection(tenant, id, ttl).await?;
+        if let ConnectionOwner::Agent(agent) = owner {
+            match self
+                .store
+                .heartbeat(tenant, agent, &self.config.routing)
+                .await
+            {
+                Ok(_) | Err(ChatError::NotFound) => {}
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(())
+    }
+
+    /// The connection follows a session it may see (call after the
+    /// access check of [`Self::get_session`] / [`Self::customer_session`]).
+    ///
+    /// # Errors
+    /// [`ChatError::Storage`] only.
+    pub async fn follow_session(
+        &self,
+        tenant: TenantId,
+        id: uuid::Uuid,
+        session: SessionId,
+    ) -> Result<(), ChatError> {
+        self.store.join_session(tenant, id, session).await
+    }
+
+    /// The connection stops following a session.
+    ///
+    /// # Errors
+    /// [`ChatError::Storage`] only.
+    pub async fn unfollow_session(
+        &self,
+        tenant: TenantId,
+        id: uuid::Uuid,
+        session: SessionId,
+    ) -> Result<(), ChatError> {
+        self.store.leave_session(tenant, id, session).await
+    }
+
+    /// Removes a closed connection; when it was an agent's last one, their
+    /// liveness runs out after `grace` (no flap on a quick reconnect).
+    /// Returns whether an agent has no connection left.
+    ///
+    /// # Errors
+    /// [`ChatError::Storage`] only.
+    pub async fn unregister_connection(
+        &self,
+        tenant: TenantId,
+        id: uuid::Uuid,
+        owner: ConnectionOwner,
+        grace: std::time::Duration,
+    ) -> Result<bool, ChatError> {
+        self.store.unregister_connection(tenant, id).await?;
+        if let ConnectionOwner::Agent(agent) = owner
+            && !self.store.agent_connected(tenant, agent).await?
+        {
+            self.store
+                .expire_liveness(tenant, agent, grace, &self.config.routing)
+                .await?;
+            return Ok(true);
+        }
+        Ok(false)
+    }
+
+    /// Whether `agent` has a live connection on any node.
+    ///
+    /// # Errors
+    /// [`ChatError::Storage`] only.
+    pub async fn agent_connected(
+        &self,
+        tenant: TenantId,
+        agent: UserId,
+    ) -> Result<bool, ChatError> {
+        self.store.agent_connected(tenant, agent).await
+    }
+
+    /// Live connections of a session across all nodes (seed 002).
+    ///
+    /// # Errors
+    /// [`ChatError::NotFound`] when the session is not in this tenant.
+    pub async fn session_connections(
+        &self,
+        tenant: TenantId,
+        session: SessionId,
+    ) -> Result<SessionConnections, ChatError> {
+        self.store.get_session(tenant, session).await?;
+        self.store.session_connections(tenant, session).await
     }
 
     /// When the service last looked at the clock (for adapters that stamp

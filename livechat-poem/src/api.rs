@@ -173,6 +173,33 @@ enum RoutingSettingsResponse {
     Ok(Json<RoutingSettingsEnvelope>),
 }
 
+/// Live connections of a session (all nodes).
+#[derive(Clone, Debug, Object)]
+pub struct Connections {
+    /// Whether any customer connection follows the session.
+    pub customer_connected: bool,
+    /// Whether any agent connection follows the session.
+    pub agent_connected: bool,
+    /// Customer connections.
+    pub total_customer: u64,
+    /// Agent connections.
+    pub total_agent: u64,
+}
+
+/// `{"data": Connections}`.
+#[derive(Clone, Debug, Object)]
+pub struct ConnectionsEnvelope {
+    /// The counts.
+    pub data: Connections,
+}
+
+#[derive(ApiResponse)]
+enum ConnectionsResponse {
+    /// The counts.
+    #[oai(status = 200)]
+    Ok(Json<ConnectionsEnvelope>),
+}
+
 /// `{"data": Ticket}`.
 #[derive(Clone, Debug, Object)]
 pub struct TicketEnvelope {
@@ -369,6 +396,32 @@ impl AgentApi {
             messages,
             after_seq.0,
         ))))
+    }
+
+    /// Live connections of a session across all nodes (seed 002).
+    #[oai(
+        path = "/sessions/:id/connections",
+        method = "get",
+        operation_id = "session_connections"
+    )]
+    async fn connections(
+        &self,
+        auth: AgentAuth,
+        /// Session id (UUID).
+        id: Path<String>,
+    ) -> Result<ConnectionsResponse, ApiError> {
+        let c = self
+            .chat
+            .session_connections(auth.tenant(), session_id(&id.0)?)
+            .await?;
+        Ok(ConnectionsResponse::Ok(Json(ConnectionsEnvelope {
+            data: Connections {
+                customer_connected: c.customers > 0,
+                agent_connected: c.agents > 0,
+                total_customer: c.customers,
+                total_agent: c.agents,
+            },
+        })))
     }
 
     /// Refresh the calling agent's liveness (keeps them eligible when the

@@ -39,9 +39,11 @@ mod customer;
 mod dto;
 mod error;
 mod visitor;
+mod ws;
 
 use std::sync::Arc;
 
+use livechat_core::bus::EventBus;
 use livechat_core::{ChatService, NotificationInbox, TicketDirectory};
 use poem::{Endpoint, EndpointExt, IntoEndpoint, Response};
 use poem_openapi::OpenApiService;
@@ -55,6 +57,7 @@ pub use customer::{ChatStart, ContactRequest, LinkRequest, StartChatRequest};
 pub use dto::*;
 pub use error::{ApiError, ErrorBody, ErrorDetail, MAX_BODY_BYTES, envelope};
 pub use visitor::{IdentitySecrets, VISITOR_TOKEN_TTL, VisitorTokens};
+pub use ws::RealtimeConfig;
 
 /// The livechat routes, ready to nest into a host's poem app.
 #[derive(Clone)]
@@ -65,6 +68,8 @@ pub struct Livechat {
     identity_secrets: IdentitySecrets,
     tickets: Option<Arc<dyn TicketDirectory>>,
     notifications: Option<Arc<dyn NotificationInbox>>,
+    realtime: Option<(Arc<dyn EventBus>, RealtimeConfig)>,
+    shutdown: Arc<tokio::sync::watch::Sender<bool>>,
 }
 
 impl std::fmt::Debug for Livechat {
@@ -91,7 +96,25 @@ impl Livechat {
             identity_secrets: IdentitySecrets::new(),
             tickets: None,
             notifications: None,
+            realtime: None,
+            shutdown: Arc::new(tokio::sync::watch::channel(false).0),
         }
+    }
+
+    /// Serves the WebSocket gateway at `/ws` over `bus` (issue #4). The
+    /// service's store must publish on the same bus
+    /// ([`livechat_core::store::SeaOrmStore::with_bus`]), so committed
+    /// messages reach connections on every node.
+    #[must_use]
+    pub fn realtime(mut self, bus: Arc<dyn EventBus>, config: RealtimeConfig) -> Self {
+        self.realtime = Some((bus, config));
+        self
+    }
+
+    /// Closes every WebSocket of this node with 1001 (going away), for a
+    /// graceful shutdown; call it when the server stops accepting.
+    pub fn shutdown(&self) {
+        let _ = self.shutdown.send(true);
     }
 
     /// Accept identity hashes signed with these per-tenant secrets.
@@ -156,8 +179,20 @@ impl Livechat {
         let state = Arc::new(api::AuthState {
             authenticator: self.authenticator.clone(),
         });
-        self.service("/livechat")
-            .into_endpoint()
+        let mut routes = poem::Route::new();
+        if let Some((bus, config)) = &self.realtime {
+            let gateway = Arc::new(ws::Gateway {
+                chat: self.chat.clone(),
+                bus: bus.clone(),
+                authenticator: self.authenticator.clone(),
+                visitor_tokens: self.visitor_tokens.clone(),
+                config: config.clone(),
+                shutdown: self.shutdown.subscribe(),
+            });
+            routes = routes.at("/ws", poem::get(ws::ws_endpoint).data(gateway));
+        }
+        routes
+            .nest("/", self.service("/livechat").into_endpoint())
             .around(error::limit_body)
             .data(state)
             .catch_all_error(envelope)

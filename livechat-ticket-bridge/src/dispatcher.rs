@@ -86,7 +86,8 @@ impl DispatchReport {
 /// - `ticket.requested` → [`TicketSink::open_ticket`] on every ticket sink;
 /// - `session.closed` of a session with a `ticket_id` →
 ///   [`TicketSink::close_ticket`] on every ticket sink;
-/// - `message.posted` by an agent in a ticketed customer session → a
+/// - `message.posted` by an agent in a customer session that is ticketed or
+///   whose customer had no live connection (issue #4) → a
 ///   [`Notification`] (`kind` `agent_reply`, id = event id, body truncated to
 ///   [`NOTIFICATION_BODY_MAX_CHARS`]) to every notification sink;
 /// - any other kind: nothing to do.
@@ -312,20 +313,24 @@ fn decode<T: for<'de> Deserialize<'de>>(event: &DomainEvent) -> Result<T, String
         .map_err(|e| format!("undecodable {} payload: {e}", event.kind.as_str()))
 }
 
-/// The notification an agent's reply in a ticketed customer session causes
-/// (issue #3), or `None` for any other message.
+/// The notification an agent's reply causes when the customer would
+/// otherwise miss it: the session is ticketed (issue #3) or no customer
+/// connection followed it live (issue #4). `None` for any other message.
 fn agent_reply(event: &DomainEvent, posted: MessagePosted) -> Option<Notification> {
     if posted.message.sender_type != SenderType::Agent {
         return None;
     }
-    let ticket_id = posted.ticket_id?;
+    if posted.ticket_id.is_none() && posted.customer_connected {
+        return None;
+    }
+    let ticket_id = posted.ticket_id;
     let customer_id = posted.session_customer_id?;
     Some(Notification {
         id: NotificationId::from_uuid(event.id.as_uuid()),
         tenant_id: event.tenant_id,
         customer_id,
         session_id: Some(posted.message.session_id),
-        ticket_id: Some(ticket_id),
+        ticket_id,
         kind: "agent_reply".to_owned(),
         title: "An agent replied".to_owned(),
         body: posted
@@ -504,6 +509,7 @@ mod tests {
             },
             session_customer_id: Some(CustomerId::generate()),
             ticket_id,
+            customer_connected: true,
         };
         let mut pending = event(
             EventKind::MessagePosted,

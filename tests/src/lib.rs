@@ -9,6 +9,8 @@ use std::sync::OnceLock;
 
 use sea_orm::{ConnectionTrait, DatabaseConnection};
 
+pub mod redis_server;
+
 /// The database a test runs against.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Backend {
@@ -32,6 +34,7 @@ impl TestDb {
     /// When PostgreSQL cannot be started or reached (the message names what
     /// to install), or SQLite's temp dir cannot be created.
     pub async fn new(backend: Backend) -> Self {
+        init_tracing();
         match backend {
             Backend::Sqlite => {
                 let dir = tempfile::tempdir().expect("temp dir for SQLite");
@@ -438,4 +441,19 @@ macro_rules! on_both_databases {
             }
         )*
     };
+}
+
+/// Logs warnings and errors of the code under test into the test output
+/// (shown for failing tests).
+pub fn init_tracing() {
+    static INIT: OnceLock<()> = OnceLock::new();
+    INIT.get_or_init(|| {
+        let _ = tracing_subscriber::fmt()
+            .with_env_filter(
+                tracing_subscriber::EnvFilter::try_from_default_env()
+                    .unwrap_or_else(|_| "warn,sqlx=error".into()),
+            )
+            .with_test_writer()
+            .try_init();
+    });
 }

@@ -16,6 +16,12 @@
 //! | `LIVECHAT_AGENT_CAPACITY` | `5` | default maximum OPEN sessions per agent |
 //! | `LIVECHAT_WEBHOOK_URL` | none | also deliver tickets and notifications as signed webhooks |
 //! | `LIVECHAT_WEBHOOK_SECRET` | none (required with the URL) | HMAC secret of the webhook signature |
+//! | `LIVECHAT_PRESENCE_TTL_SECS` | `60` | an agent without a heartbeat (WebSocket ping, status change or heartbeat call) for this long is not eligible |
+//! | `LIVECHAT_PING_INTERVAL_SECS` | `20` | WebSocket ping interval |
+//! | `LIVECHAT_PRESENCE_GRACE_SECS` | `10` | how long an agent whose last connection closed stays eligible |
+//! | `LIVECHAT_CORS_ORIGINS` | none | comma list of browser origins allowed for HTTP (CORS) and WebSocket; `*` allows any |
+//! | `LIVECHAT_CORS_CREDENTIALS` | `false` | send `Access-Control-Allow-Credentials: true` |
+//! | `REDIS_URL` | none (single node) | Redis for cross-node fan-out, e.g. `redis://127.0.0.1:6379` |
 //!
 //! Tickets and notifications are materialized by the ticket bridge's
 //! dispatcher, which runs next to the HTTP server with the default SeaORM
@@ -32,17 +38,18 @@ use argon2::Argon2;
 use argon2::password_hash::{
     PasswordHash, PasswordHasher, PasswordVerifier, SaltString, rand_core::OsRng,
 };
+use livechat_core::bus::{EventBus, InProcessBus};
 use livechat_core::store::{self, Migrator, SeaOrmStore};
 use livechat_core::{ChatConfig, ChatService};
-use livechat_poem::{IdentitySecrets, JwtAuthenticator, Livechat, envelope};
+use livechat_poem::{IdentitySecrets, JwtAuthenticator, Livechat, RealtimeConfig, envelope};
 use livechat_ticket_bridge::{
     BridgeMigrator, Dispatcher, DispatcherConfig, SeaOrmSinks, Url, WebhookSink,
 };
 use poem::http::StatusCode;
 use poem::listener::TcpListener;
-use poem::middleware::Tracing;
+use poem::middleware::{Cors, Tracing};
 use poem::web::{Data, Json};
-use poem::{Endpoint, EndpointExt, IntoResponse, Response, Route, Server, get, handler, post};
+use poem::{EndpointExt, IntoResponse, Response, Route, Server, get, handler, post};
 use sea_orm::{
     ActiveValue::Set, ColumnTrait, ConnectionTrait, DatabaseConnection, EntityTrait, QueryFilter,
     Schema,
@@ -78,6 +85,18 @@ pub struct Config {
     pub agent_capacity: i64,
     /// `LIVECHAT_WEBHOOK_URL` and `LIVECHAT_WEBHOOK_SECRET`.
     pub webhook: Option<(Url, String)>,
+    /// `LIVECHAT_PRESENCE_TTL_SECS`.
+    pub presence_ttl: Duration,
+    /// `LIVECHAT_PING_INTERVAL_SECS`.
+    pub ping_interval: Duration,
+    /// `LIVECHAT_PRESENCE_GRACE_SECS`.
+    pub presence_grace: Duration,
+    /// `LIVECHAT_CORS_ORIGINS`.
+    pub cors_origins: Vec<String>,
+    /// `LIVECHAT_CORS_CREDENTIALS`.
+    pub cors_credentials: bool,
+    /// `REDIS_URL`.
+    pub redis_url: Option<String>,
 }
 
 impl Config {
@@ -94,7 +113,38 @@ impl Config {
             identity_secrets: IdentitySecrets::new(),
             agent_capacity: 5,
             webhook: None,
+            presence_ttl: Duration::from_secs(60),
+            ping_interval: Duration::from_secs(20),
+            presence_grace: Duration::from_secs(10),
+            cors_origins: Vec::new(),
+            cors_credentials: false,
+            redis_url: None,
         }
+    }
+
+    /// The gateway settings these values give.
+    #[must_use]
+    pub fn realtime(&self) -> RealtimeConfig {
+        RealtimeConfig {
+            ping_interval: self.ping_interval,
+            connection_ttl: self.presence_ttl,
+            presence_grace: self.presence_grace,
+            allowed_origins: self.cors_origins.clone(),
+            ..RealtimeConfig::default()
+        }
+    }
+}
+
+fn secs(name: &str, value: Option<String>, default: u64) -> Result<Duration, String> {
+    match value {
+        None => Ok(Duration::from_secs(default)),
+        Some(v) => v
+            .trim()
+            .parse::<u64>()
+            .ok()
+            .filter(|n| *n > 0)
+            .map(Duration::from_secs)
+            .ok_or_else(|| format!("{name} must be a positive number of seconds")),
     }
 }
 
@@ -135,12 +185,41 @@ impl Config {
                 .transpose()?
                 .unwrap_or(5),
             webhook,
+            presence_ttl: secs(
+                "LIVECHAT_PRESENCE_TTL_SECS",
+                var("LIVECHAT_PRESENCE_TTL_SECS"),
+                60,
+            )?,
+            ping_interval: secs(
+                "LIVECHAT_PING_INTERVAL_SECS",
+                var("LIVECHAT_PING_INTERVAL_SECS"),
+                20,
+            )?,
+            presence_grace: secs(
+                "LIVECHAT_PRESENCE_GRACE_SECS",
+                var("LIVECHAT_PRESENCE_GRACE_SECS"),
+                10,
+            )?,
+            cors_origins: var("LIVECHAT_CORS_ORIGINS")
+                .map(|v| {
+                    v.split(',')
+                        .map(|o| o.trim().to_owned())
+                        .filter(|o| !o.is_empty())
+                        .collect()
+                })
+                .unwrap_or_default(),
+            cors_credentials: var("LIVECHAT_CORS_CREDENTIALS")
+                .is_some_and(|v| v == "true" || v == "1"),
+            redis_url: var("REDIS_URL"),
         })
     }
 
-    fn chat_config(&self) -> ChatConfig {
+    /// The chat rules' settings these values give.
+    #[must_use]
+    pub fn chat_config(&self) -> ChatConfig {
         let mut config = ChatConfig::default();
         config.routing.default_capacity = self.agent_capacity;
+        config.routing.presence_ttl = Some(self.presence_ttl);
         config
     }
 }
@@ -296,6 +375,7 @@ pub fn issue_token(secret: &str, claims: &Claims) -> Result<String, jsonwebtoken
 struct HostState {
     db: DatabaseConnection,
     jwt_secret: String,
+    bus: Arc<dyn EventBus>,
 }
 
 #[derive(Deserialize)]
@@ -413,13 +493,22 @@ async fn login(state: Data<&Arc<HostState>>, body: Json<LoginRequest>) -> Respon
 
 #[handler]
 async fn health(state: Data<&Arc<HostState>>) -> Response {
+    let bus = if state.bus.is_degraded() {
+        "degraded"
+    } else {
+        "ok"
+    };
     match state.db.ping().await {
-        Ok(()) => Json(serde_json::json!({"status": "ok", "database": "ok"})).into_response(),
+        Ok(()) if bus == "ok" => {
+            Json(serde_json::json!({"status": "ok", "database": "ok", "bus": bus})).into_response()
+        }
+        Ok(()) => Json(serde_json::json!({"status": "degraded", "database": "ok", "bus": bus}))
+            .into_response(),
         Err(err) => {
             tracing::warn!(error = %err, "health: database unreachable");
             (
                 StatusCode::SERVICE_UNAVAILABLE,
-                Json(serde_json::json!({"status": "degraded", "database": "unreachable"})),
+                Json(serde_json::json!({"status": "degraded", "database": "unreachable", "bus": bus})),
             )
                 .into_response()
         }
@@ -443,9 +532,29 @@ pub fn dispatcher(db: DatabaseConnection, config: &Config) -> Dispatcher<SeaOrmS
     dispatcher
 }
 
-/// The whole host app over an open, migrated database.
-pub fn app(db: DatabaseConnection, config: &Config) -> impl Endpoint<Output = Response> + use<> {
-    let chat = ChatService::new(SeaOrmStore::new(db.clone()), config.chat_config());
+/// The host app and the handle of its livechat module.
+pub struct HostApp {
+    /// Every route of the host, livechat under `/livechat`.
+    pub endpoint: poem::endpoint::BoxEndpoint<'static, Response>,
+    /// The livechat module (for [`Livechat::shutdown`]).
+    pub livechat: Livechat,
+    /// The event bus the module publishes on.
+    pub bus: Arc<dyn EventBus>,
+}
+
+/// The whole host app over an open, migrated database, on a fresh
+/// in-process bus (one node).
+pub fn app(
+    db: DatabaseConnection,
+    config: &Config,
+) -> poem::endpoint::BoxEndpoint<'static, Response> {
+    build(db, config, Arc::new(InProcessBus::new())).endpoint
+}
+
+/// The whole host app over an open, migrated database and `bus`.
+pub fn build(db: DatabaseConnection, config: &Config, bus: Arc<dyn EventBus>) -> HostApp {
+    let store = SeaOrmStore::new(db.clone()).with_bus(bus.clone());
+    let chat = ChatService::new(store, config.chat_config());
     let tables = Arc::new(SeaOrmSinks::new(db.clone()));
     let livechat = Livechat::new(
         chat,
@@ -454,23 +563,37 @@ pub fn app(db: DatabaseConnection, config: &Config) -> impl Endpoint<Output = Re
     )
     .identity_secrets(config.identity_secrets.clone())
     .tickets(tables.clone())
-    .notifications(tables);
+    .notifications(tables)
+    .realtime(bus.clone(), config.realtime());
     let state = Arc::new(HostState {
         db,
         jwt_secret: config.jwt_secret.clone(),
+        bus: bus.clone(),
     });
     let host_routes = Route::new()
         .at("/auth/login", post(login))
         .at("/health", get(health))
         .data(state)
         .catch_all_error(envelope);
-    Route::new()
+    let routes = Route::new()
         .nest("/livechat", livechat.endpoint())
         .at("/openapi.json", livechat.spec_endpoint("/livechat"))
         .nest("/docs", livechat.swagger_ui("/livechat"))
-        .nest("/", host_routes)
-        .with(Tracing)
-        .map_to_response()
+        .nest("/", host_routes);
+    let endpoint = if config.cors_origins.is_empty() {
+        routes.with(Tracing).map_to_response().boxed()
+    } else {
+        let mut cors = Cors::new().allow_credentials(config.cors_credentials);
+        if !config.cors_origins.iter().any(|o| o == "*") {
+            cors = cors.allow_origins(config.cors_origins.iter().map(String::as_str));
+        }
+        routes.with(cors).with(Tracing).map_to_response().boxed()
+    };
+    HostApp {
+        endpoint,
+        livechat,
+        bus,
+    }
 }
 
 /// Runs the server until SIGINT or SIGTERM, then drains in-flight requests
@@ -491,13 +614,20 @@ pub async fn run(config: Config) -> Result<(), Box<dyn std::error::Error + Send 
     }
     let db = prepare_database(&config.database_url).await?;
     tracing::info!(addr = %config.addr, database = %redact(&config.database_url), "livechat example server starting");
-    let app = app(db.clone(), &config);
+    let bus: Arc<dyn EventBus> = Arc::new(InProcessBus::new());
+    let host = build(db.clone(), &config, bus);
+    let livechat = host.livechat.clone();
     let (stop_tx, mut stop_rx) = tokio::sync::watch::channel(false);
     let dispatcher = tokio::spawn(dispatcher(db.clone(), &config).run(async move {
         let _ = stop_rx.wait_for(|stop| *stop).await;
     }));
+    let signal = async move {
+        shutdown_signal().await;
+        // Stop accepting (the server) and close every WebSocket with 1001.
+        livechat.shutdown();
+    };
     Server::new(TcpListener::bind(config.addr.clone()))
-        .run_with_graceful_shutdown(app, shutdown_signal(), Some(Duration::from_secs(10)))
+        .run_with_graceful_shutdown(host.endpoint, signal, Some(Duration::from_secs(10)))
         .await?;
     let _ = stop_tx.send(true);
     let _ = dispatcher.await;

@@ -1,6 +1,6 @@
 //! [`CustomerRepository`] for the SeaORM store.
 
-use sea_orm::sea_query::Expr;
+use sea_orm::sea_query::{Expr, OnConflict};
 use sea_orm::{ActiveValue::Set, ColumnTrait, ConnectionTrait, DbErr, EntityTrait, QueryFilter};
 use serde::Serialize;
 
@@ -66,7 +66,9 @@ async fn find_or_create(
         linked_to: Set(None),
         created_at: Set(now()),
     })
-    .on_conflict_do_nothing()
+    // No conflict target: the partial unique index on user or browser is
+    // what a concurrent first sight hits (the primary key never collides).
+    .on_conflict(OnConflict::new().do_nothing().to_owned())
     .exec_without_returning(conn)
     .await?;
     find_by(conn, tenant, filter)
@@ -125,6 +127,7 @@ impl CustomerRepository for SeaOrmStore {
         policy: &RoutingPolicy,
     ) -> Result<Customer, ChatError> {
         let tx = self.begin_write().await?;
+        let mut ev = Vec::new();
         let capacity = lock_tenant(&tx, tenant, policy).await?;
         let Some(visitor_row) =
             find_by(&tx, tenant, customer::Column::Id.eq(visitor.as_uuid())).await?
@@ -167,8 +170,14 @@ impl CustomerRepository for SeaOrmStore {
             .is_some()
             && let Some(active) = active_session_of(&tx, tenant, visitor).await?
         {
-            let closed =
-                close_row(&tx, tenant, SessionId::from_uuid(active.id), Sender::System).await?;
+            let closed = close_row(
+                &tx,
+                &mut ev,
+                tenant,
+                SessionId::from_uuid(active.id),
+                Sender::System,
+            )
+            .await?;
             freed_agent = closed.as_ref().is_some_and(|s| s.agent_id.is_some());
             closed_session = closed.map(|s| s.id);
         }
@@ -194,11 +203,20 @@ impl CustomerRepository for SeaOrmStore {
             customer_id: identified_id,
             closed_session,
         };
-        record_event(&tx, tenant, None, EventKind::CustomerLinked, &linked).await?;
+        record_event(
+            &tx,
+            &mut ev,
+            tenant,
+            None,
+            EventKind::CustomerLinked,
+            &linked,
+        )
+        .await?;
         if freed_agent {
-            drain_queue(&tx, tenant, policy, capacity).await?;
+            drain_queue(&tx, &mut ev, tenant, policy, capacity).await?;
         }
         tx.commit().await?;
+        self.publish(ev);
         identified.try_into()
     }
 }

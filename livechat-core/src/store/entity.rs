@@ -149,3 +149,46 @@ pub(crate) mod routing {
 
     impl ActiveModelBehavior for ActiveModel {}
 }
+
+pub(crate) mod connection {
+    use sea_orm::entity::prelude::*;
+
+    /// One live WebSocket connection on some node; expires unless touched.
+    #[derive(Clone, Debug, PartialEq, Eq, DeriveEntityModel)]
+    #[sea_orm(table_name = "livechat_connections")]
+    pub struct Model {
+        #[sea_orm(primary_key, auto_increment = false)]
+        pub id: Uuid,
+        pub tenant_id: i64,
+        pub role: String,
+        pub agent_id: Option<i64>,
+        pub customer_id: Option<Uuid>,
+        pub node_id: String,
+        pub expires_at: DateTimeUtc,
+    }
+
+    #[derive(Copy, Clone, Debug, EnumIter, DeriveRelation)]
+    pub enum Relation {}
+
+    impl ActiveModelBehavior for ActiveModel {}
+}
+
+pub(crate) mod connection_join {
+    use sea_orm::entity::prelude::*;
+
+    /// A connection following a session.
+    #[derive(Clone, Debug, PartialEq, Eq, DeriveEntityModel)]
+    #[sea_orm(table_name = "livechat_connection_joins")]
+    pub struct Model {
+        #[sea_orm(primary_key, auto_increment = false)]
+        pub connection_id: Uuid,
+        #[sea_orm(primary_key, auto_increment = false)]
+        pub session_id: Uuid,
+        pub tenant_id: i64,
+    }
+
+    #[derive(Copy, Clone, Debug, EnumIter, DeriveRelation)]
+    pub enum Relation {}
+
+    impl ActiveModelBehavior for ActiveModel {}
+}

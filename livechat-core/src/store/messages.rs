@@ -53,6 +53,7 @@ impl MessageRepository for SeaOrmStore {
 
         let at = now();
         let tx = self.begin_write().await?;
+        let mut ev = Vec::new();
         // Taking the next seq locks the session row: concurrent senders to one
         // session queue here, so seq is gap-free and unique (invariant 4).
         let locked = session::Entity::update_many()
@@ -116,13 +117,21 @@ impl MessageRepository for SeaOrmStore {
         .exec_with_returning(&tx)
         .await?;
         let message = ChatMessage::try_from(stored)?;
+        let customer_connected = match (sender, row.customer_id) {
+            (Sender::Agent(_), Some(_)) => {
+                super::connections::customer_connections(&tx, tenant, session).await? > 0
+            }
+            _ => false,
+        };
         let posted = MessagePosted {
             message: message.clone(),
             session_customer_id: row.customer_id.map(CustomerId::from_uuid),
             ticket_id: row.ticket_id.map(TicketId::from_uuid),
+            customer_connected,
         };
         record_event(
             &tx,
+            &mut ev,
             tenant,
             Some(session),
             EventKind::MessagePosted,
@@ -130,6 +139,7 @@ impl MessageRepository for SeaOrmStore {
         )
         .await?;
         tx.commit().await?;
+        self.publish(ev);
         Ok(AppendedMessage {
             message,
             created: true,

@@ -110,6 +110,26 @@ mod m0001_chat {
     }
 
     #[derive(DeriveIden)]
+    enum LivechatConnections {
+        Table,
+        Id,
+        TenantId,
+        Role,
+        AgentId,
+        CustomerId,
+        NodeId,
+        ExpiresAt,
+    }
+
+    #[derive(DeriveIden)]
+    enum LivechatConnectionJoins {
+        Table,
+        ConnectionId,
+        SessionId,
+        TenantId,
+    }
+
+    #[derive(DeriveIden)]
     enum LivechatRouting {
         Table,
         TenantId,
@@ -348,6 +368,53 @@ mod m0001_chat {
                 )
                 .await?;
 
+            use LivechatConnections as W;
+            manager
+                .create_table(
+                    Table::create()
+                        .table(W::Table)
+                        .col(ColumnDef::new(W::Id).uuid().not_null().primary_key())
+                        .col(ColumnDef::new(W::TenantId).big_integer().not_null())
+                        .col(ColumnDef::new(W::Role).string_len(16).not_null())
+                        .col(ColumnDef::new(W::AgentId).big_integer().null())
+                        .col(ColumnDef::new(W::CustomerId).uuid().null())
+                        .col(ColumnDef::new(W::NodeId).string_len(64).not_null())
+                        .col(ts(W::ExpiresAt))
+                        .to_owned(),
+                )
+                .await?;
+            manager
+                .create_index(
+                    Index::create()
+                        .name("livechat_connections_agent")
+                        .table(W::Table)
+                        .col(W::TenantId)
+                        .col(W::AgentId)
+                        .to_owned(),
+                )
+                .await?;
+            use LivechatConnectionJoins as J;
+            manager
+                .create_table(
+                    Table::create()
+                        .table(J::Table)
+                        .col(ColumnDef::new(J::ConnectionId).uuid().not_null())
+                        .col(ColumnDef::new(J::SessionId).uuid().not_null())
+                        .col(ColumnDef::new(J::TenantId).big_integer().not_null())
+                        .primary_key(Index::create().col(J::ConnectionId).col(J::SessionId))
+                        .to_owned(),
+                )
+                .await?;
+            manager
+                .create_index(
+                    Index::create()
+                        .name("livechat_connection_joins_session")
+                        .table(J::Table)
+                        .col(J::SessionId)
+                        .to_owned(),
+                )
+                .await?;
+
             let db = manager.get_connection();
             for sql in PARTIAL_INDEXES {
                 db.execute_unprepared(sql).await?;
@@ -357,6 +424,8 @@ mod m0001_chat {
 
         async fn down(&self, manager: &SchemaManager) -> Result<(), DbErr> {
             for table in [
+                LivechatConnectionJoins::Table.into_iden(),
+                LivechatConnections::Table.into_iden(),
                 LivechatRouting::Table.into_iden(),
                 LivechatCustomers::Table.into_iden(),
                 LivechatOutbox::Table.into_iden(),

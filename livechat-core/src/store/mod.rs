@@ -12,6 +12,7 @@
 //! the per-session `seq` is taken by an `UPDATE … RETURNING` on the session
 //! row, whose row lock orders concurrent senders.
 
+mod connections;
 mod customers;
 mod entity;
 mod messages;
@@ -21,6 +22,7 @@ mod presence_repo;
 mod routing;
 mod sessions;
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use sea_orm::{
@@ -31,6 +33,7 @@ use serde::Serialize;
 
 pub use migration::Migrator;
 
+use crate::bus::{BusEvent, EventBus};
 use crate::error::ChatError;
 use crate::events::{DomainEvent, EventKind};
 use crate::ids::{CustomerId, EventId, MessageId, SessionId, TenantId, TicketId};
@@ -71,9 +74,23 @@ pub async fn connect(url: &str) -> Result<DatabaseConnection, DbErr> {
 }
 
 /// All repositories over one SeaORM connection (SQLite or PostgreSQL).
-#[derive(Clone, Debug)]
+///
+/// With an [`EventBus`] ([`SeaOrmStore::with_bus`]), the domain events of
+/// each committed transaction are also published for real-time delivery,
+/// right after the commit (the outbox stays the durable record).
+#[derive(Clone)]
 pub struct SeaOrmStore {
     db: DatabaseConnection,
+    bus: Option<Arc<dyn EventBus>>,
+}
+
+impl std::fmt::Debug for SeaOrmStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SeaOrmStore")
+            .field("db", &self.db)
+            .field("bus", &self.bus.is_some())
+            .finish()
+    }
 }
 
 impl SeaOrmStore {
@@ -81,7 +98,25 @@ impl SeaOrmStore {
     /// ([`Migrator`]); with SQLite, [`connect`] gives the recommended settings.
     #[must_use]
     pub fn new(db: DatabaseConnection) -> Self {
-        Self { db }
+        Self { db, bus: None }
+    }
+
+    /// Publishes committed domain events on `bus`.
+    #[must_use]
+    pub fn with_bus(mut self, bus: Arc<dyn EventBus>) -> Self {
+        self.bus = Some(bus);
+        self
+    }
+
+    /// Hands the events of a committed transaction to the bus (if any).
+    /// Publishing never fails the operation: the change is committed, and
+    /// clients that miss a real-time event catch up by `seq`.
+    fn publish(&self, events: Vec<DomainEvent>) {
+        if let Some(bus) = &self.bus {
+            for event in events {
+                bus.publish(BusEvent::Domain(Arc::new(event)));
+            }
+        }
     }
 
     /// The underlying connection.
@@ -104,16 +139,19 @@ impl SeaOrmStore {
 /// Writes one outbox row inside `tx` (DESIGN.md invariant 5).
 async fn record_event<T: Serialize>(
     tx: &impl ConnectionTrait,
+    ev: &mut Vec<DomainEvent>,
     tenant: TenantId,
     session: Option<SessionId>,
     kind: EventKind,
     payload: &T,
 ) -> Result<(), ChatError> {
-    let payload =
-        serde_json::to_string(payload).map_err(|e| DbErr::Custom(format!("event payload: {e}")))?;
+    let value =
+        serde_json::to_value(payload).map_err(|e| DbErr::Custom(format!("event payload: {e}")))?;
+    let payload = value.to_string();
     let at = now();
+    let id = EventId::generate();
     outbox_entity::Entity::insert(outbox_entity::ActiveModel {
-        id: Set(EventId::generate().as_uuid()),
+        id: Set(id.as_uuid()),
         tenant_id: Set(tenant.get()),
         session_id: Set(session.map(|s| s.as_uuid())),
         kind: Set(kind.as_str().to_owned()),
@@ -128,6 +166,14 @@ async fn record_event<T: Serialize>(
     })
     .exec_without_returning(tx)
     .await?;
+    ev.push(DomainEvent {
+        id,
+        tenant_id: tenant,
+        session_id: session,
+        kind,
+        payload: value,
+        created_at: at,
+    });
     Ok(())
 }
 
@@ -160,6 +206,7 @@ impl TryFrom<session::Model> for ChatSession {
                 .map_err(|_| corrupt("contact"))?,
             client_ip: m.client_ip,
             user_agent: m.user_agent,
+            last_seq: m.last_seq,
             created_at: m.created_at,
             updated_at: m.updated_at,
             assigned_at: m.assigned_at,

@@ -28,6 +28,7 @@ impl PresenceRepository for SeaOrmStore {
             updated_at: now(),
         };
         let tx = self.begin_write().await?;
+        let mut ev = Vec::new();
         let capacity = lock_tenant(&tx, tenant, policy).await?;
         presence::Entity::insert(presence::ActiveModel {
             tenant_id: Set(tenant.get()),
@@ -48,11 +49,20 @@ impl PresenceRepository for SeaOrmStore {
         )
         .exec_without_returning(&tx)
         .await?;
-        record_event(&tx, tenant, None, EventKind::AgentStatusChanged, &presence).await?;
+        record_event(
+            &tx,
+            &mut ev,
+            tenant,
+            None,
+            EventKind::AgentStatusChanged,
+            &presence,
+        )
+        .await?;
         if status == PresenceStatus::Online {
-            drain_queue(&tx, tenant, policy, capacity).await?;
+            drain_queue(&tx, &mut ev, tenant, policy, capacity).await?;
         }
         tx.commit().await?;
+        self.publish(ev);
         Ok(presence)
     }
 
@@ -63,6 +73,7 @@ impl PresenceRepository for SeaOrmStore {
         policy: &RoutingPolicy,
     ) -> Result<AgentPresence, ChatError> {
         let tx = self.begin_write().await?;
+        let mut ev = Vec::new();
         let capacity = lock_tenant(&tx, tenant, policy).await?;
         let updated = presence::Entity::update_many()
             .col_expr(presence::Column::LastSeenAt, Expr::value(now()))
@@ -75,10 +86,34 @@ impl PresenceRepository for SeaOrmStore {
         };
         let presence = AgentPresence::try_from(row)?;
         if presence.status == PresenceStatus::Online {
-            drain_queue(&tx, tenant, policy, capacity).await?;
+            drain_queue(&tx, &mut ev, tenant, policy, capacity).await?;
         }
         tx.commit().await?;
+        self.publish(ev);
         Ok(presence)
+    }
+
+    async fn expire_liveness(
+        &self,
+        tenant: TenantId,
+        agent: UserId,
+        grace: std::time::Duration,
+        policy: &RoutingPolicy,
+    ) -> Result<(), ChatError> {
+        let Some(ttl) = policy.presence_ttl else {
+            return Ok(());
+        };
+        let ttl = chrono::Duration::from_std(ttl).unwrap_or(chrono::Duration::seconds(60));
+        let grace = chrono::Duration::from_std(grace).unwrap_or(chrono::Duration::zero());
+        let stale_from = now() - ttl + grace;
+        presence::Entity::update_many()
+            .col_expr(presence::Column::LastSeenAt, Expr::value(stale_from))
+            .filter(presence::Column::TenantId.eq(tenant.get()))
+            .filter(presence::Column::AgentId.eq(agent.get()))
+            .filter(presence::Column::LastSeenAt.gt(stale_from))
+            .exec(&self.db)
+            .await?;
+        Ok(())
     }
 
     async fn get_presence(
@@ -109,14 +144,16 @@ impl PresenceRepository for SeaOrmStore {
         policy: &RoutingPolicy,
     ) -> Result<i64, ChatError> {
         let tx = self.begin_write().await?;
+        let mut ev = Vec::new();
         lock_tenant(&tx, tenant, policy).await?;
         routing_entity::Entity::update_many()
             .col_expr(routing_entity::Column::AgentCapacity, Expr::value(capacity))
             .filter(routing_entity::Column::TenantId.eq(tenant.get()))
             .exec(&tx)
             .await?;
-        drain_queue(&tx, tenant, policy, capacity).await?;
+        drain_queue(&tx, &mut ev, tenant, policy, capacity).await?;
         tx.commit().await?;
+        self.publish(ev);
         Ok(capacity)
     }
 

@@ -18,7 +18,7 @@ use super::entity::{presence, routing, session};
 use super::record_event;
 use crate::config::RoutingPolicy;
 use crate::error::ChatError;
-use crate::events::EventKind;
+use crate::events::{DomainEvent, EventKind};
 use crate::ids::{TenantId, UserId};
 use crate::model::{ChatSession, PresenceStatus, SessionStatus, now};
 use crate::repository::EligibleAgent;
@@ -154,6 +154,7 @@ pub(super) async fn eligible_agents(
 /// assignment and writes `session.assigned`.
 pub(super) async fn assign(
     tx: &DatabaseTransaction,
+    ev: &mut Vec<DomainEvent>,
     tenant: TenantId,
     session_row: &session::Model,
     agent: UserId,
@@ -187,6 +188,7 @@ pub(super) async fn assign(
     let session = ChatSession::try_from(row)?;
     record_event(
         tx,
+        ev,
         tenant,
         Some(session.id),
         EventKind::SessionAssigned,
@@ -200,6 +202,7 @@ pub(super) async fn assign(
 /// eligible agent exists. Returns how many were assigned.
 pub(super) async fn drain_queue(
     tx: &DatabaseTransaction,
+    ev: &mut Vec<DomainEvent>,
     tenant: TenantId,
     policy: &RoutingPolicy,
     capacity: i64,
@@ -224,7 +227,7 @@ pub(super) async fn drain_queue(
         else {
             break;
         };
-        assign(tx, tenant, &next, agent.agent_id).await?;
+        assign(tx, ev, tenant, &next, agent.agent_id).await?;
         assigned += 1;
     }
     Ok(assigned)

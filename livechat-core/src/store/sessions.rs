@@ -14,7 +14,7 @@ use super::routing::{
 use super::{SeaOrmStore, abort, convert_all, record_event};
 use crate::config::RoutingPolicy;
 use crate::error::ChatError;
-use crate::events::{EventKind, MessagePosted, TicketReason, TicketRequested};
+use crate::events::{DomainEvent, EventKind, MessagePosted, TicketReason, TicketRequested};
 use crate::ids::{CustomerId, MessageId, SessionId, TenantId, TicketId, UserId};
 use crate::model::{
     ChatMessage, ChatSession, Contact, Priority, Sender, SenderType, SessionOrigin, SessionStatus,
@@ -100,6 +100,7 @@ async fn view(conn: &impl ConnectionTrait, row: session::Model) -> Result<Sessio
 /// already closed.
 pub(super) async fn close_row(
     tx: &impl ConnectionTrait,
+    ev: &mut Vec<DomainEvent>,
     tenant: TenantId,
     id: SessionId,
     closed_by: Sender,
@@ -125,7 +126,7 @@ pub(super) async fn close_row(
         session: &session,
         closed_by: closed_by.into(),
     };
-    record_event(tx, tenant, Some(id), EventKind::SessionClosed, &payload).await?;
+    record_event(tx, ev, tenant, Some(id), EventKind::SessionClosed, &payload).await?;
     Ok(Some(session))
 }
 
@@ -184,6 +185,7 @@ impl SessionRepository for SeaOrmStore {
         row.agent_id = Set(Some(agent.get()));
         row.assigned_at = Set(Some(now()));
         let tx = self.begin_write().await?;
+        let mut ev = Vec::new();
         let inserted = match session::Entity::insert(row).exec_with_returning(&tx).await {
             Ok(model) => model,
             Err(err) => {
@@ -199,6 +201,7 @@ impl SessionRepository for SeaOrmStore {
         let created = ChatSession::try_from(inserted)?;
         record_event(
             &tx,
+            &mut ev,
             tenant,
             Some(created.id),
             EventKind::SessionStarted,
@@ -206,6 +209,7 @@ impl SessionRepository for SeaOrmStore {
         )
         .await?;
         tx.commit().await?;
+        self.publish(ev);
         Ok(created)
     }
 
@@ -217,8 +221,10 @@ impl SessionRepository for SeaOrmStore {
         request.ticket_id = TicketId::generate();
         request.tenant_id = tenant;
         let tx = self.begin_write().await?;
+        let mut ev = Vec::new();
         record_event(
             &tx,
+            &mut ev,
             tenant,
             request.session_id,
             EventKind::TicketRequested,
@@ -226,6 +232,7 @@ impl SessionRepository for SeaOrmStore {
         )
         .await?;
         tx.commit().await?;
+        self.publish(ev);
         Ok(request.ticket_id)
     }
 
@@ -236,12 +243,14 @@ impl SessionRepository for SeaOrmStore {
         policy: &RoutingPolicy,
     ) -> Result<CustomerChatStarted, ChatError> {
         let tx = self.begin_write().await?;
+        let mut ev = Vec::new();
         let capacity = lock_tenant(&tx, tenant, policy).await?;
         // One active session per customer: starts of a tenant are serialized
         // by the routing lock, and the partial unique index backs it up.
         if let Some(existing) = active_session_of(&tx, tenant, chat.customer).await? {
             let view = view(&tx, existing).await?;
             tx.commit().await?;
+            self.publish(ev);
             return Ok(CustomerChatStarted {
                 view,
                 created: false,
@@ -276,6 +285,7 @@ impl SessionRepository for SeaOrmStore {
         let session = ChatSession::try_from(inserted.clone())?;
         record_event(
             &tx,
+            &mut ev,
             tenant,
             Some(session.id),
             EventKind::SessionStarted,
@@ -303,9 +313,11 @@ impl SessionRepository for SeaOrmStore {
                 message: ChatMessage::try_from(stored)?,
                 session_customer_id: Some(chat.customer),
                 ticket_id: None,
+                customer_connected: false,
             };
             record_event(
                 &tx,
+                &mut ev,
                 tenant,
                 Some(session.id),
                 EventKind::MessagePosted,
@@ -314,7 +326,7 @@ impl SessionRepository for SeaOrmStore {
             .await?;
         }
 
-        drain_queue(&tx, tenant, policy, capacity).await?;
+        drain_queue(&tx, &mut ev, tenant, policy, capacity).await?;
         let mut current = super::sessions::find_session(&tx, tenant, session.id)
             .await?
             .ok_or(ChatError::NotFound)?;
@@ -344,6 +356,7 @@ impl SessionRepository for SeaOrmStore {
             };
             record_event(
                 &tx,
+                &mut ev,
                 tenant,
                 Some(session.id),
                 EventKind::TicketRequested,
@@ -353,6 +366,7 @@ impl SessionRepository for SeaOrmStore {
         }
         let view = view(&tx, current).await?;
         tx.commit().await?;
+        self.publish(ev);
         Ok(CustomerChatStarted {
             view,
             created: true,
@@ -429,16 +443,18 @@ impl SessionRepository for SeaOrmStore {
         policy: &RoutingPolicy,
     ) -> Result<ChatSession, ChatError> {
         let tx = self.begin_write().await?;
+        let mut ev = Vec::new();
         let capacity = lock_tenant(&tx, tenant, policy).await?;
-        let Some(closed) = close_row(&tx, tenant, id, closed_by).await? else {
+        let Some(closed) = close_row(&tx, &mut ev, tenant, id, closed_by).await? else {
             // Already closed (idempotent) or absent in this tenant.
             tx.rollback().await?;
             return self.get_session(tenant, id).await;
         };
         if closed.agent_id.is_some() {
-            drain_queue(&tx, tenant, policy, capacity).await?;
+            drain_queue(&tx, &mut ev, tenant, policy, capacity).await?;
         }
         tx.commit().await?;
+        self.publish(ev);
         Ok(closed)
     }
 
@@ -451,6 +467,7 @@ impl SessionRepository for SeaOrmStore {
         policy: &RoutingPolicy,
     ) -> Result<ChatSession, ChatError> {
         let tx = self.begin_write().await?;
+        let mut ev = Vec::new();
         let capacity = lock_tenant(&tx, tenant, policy).await?;
         let Some(row) = find_session(&tx, tenant, id).await? else {
             return abort(tx, ChatError::NotFound).await;
@@ -470,15 +487,16 @@ impl SessionRepository for SeaOrmStore {
         if !agent_is_online(&tx, tenant, agent, policy).await? {
             return abort(tx, ChatError::AgentNotOnline(agent)).await;
         }
-        let assigned = match assign(&tx, tenant, &row, agent).await {
+        let assigned = match assign(&tx, &mut ev, tenant, &row, agent).await {
             Ok(s) => s,
             Err(e) => return abort(tx, e).await,
         };
         if current.status == SessionStatus::Open {
             // A transfer freed the previous agent.
-            drain_queue(&tx, tenant, policy, capacity).await?;
+            drain_queue(&tx, &mut ev, tenant, policy, capacity).await?;
         }
         tx.commit().await?;
+        self.publish(ev);
         Ok(assigned)
     }
 
@@ -489,6 +507,7 @@ impl SessionRepository for SeaOrmStore {
         contact: Contact,
     ) -> Result<ChatSession, ChatError> {
         let tx = self.begin_write().await?;
+        let mut ev = Vec::new();
         let updated = session::Entity::update_many()
             .col_expr(
                 session::Column::Contact,
@@ -503,8 +522,17 @@ impl SessionRepository for SeaOrmStore {
             return abort(tx, ChatError::NotFound).await;
         };
         let session = ChatSession::try_from(row)?;
-        record_event(&tx, tenant, Some(id), EventKind::SessionUpdated, &session).await?;
+        record_event(
+            &tx,
+            &mut ev,
+            tenant,
+            Some(id),
+            EventKind::SessionUpdated,
+            &session,
+        )
+        .await?;
         tx.commit().await?;
+        self.publish(ev);
         Ok(session)
     }
 }

@@ -236,7 +236,12 @@ async fn second_start_returns_the_active_session(backend: Backend) {
     let results = futures::future::join_all(starts).await;
     let ids: std::collections::HashSet<String> = results
         .iter()
-        .map(|(_, b)| b["data"]["session"]["id"].as_str().unwrap().to_owned())
+        .map(|(c, b)| {
+            b["data"]["session"]["id"]
+                .as_str()
+                .unwrap_or_else(|| panic!("{c}: {b}"))
+                .to_owned()
+        })
         .collect();
     assert_eq!(ids.len(), 1, "one active session per customer");
     assert_eq!(results.iter().filter(|(c, _)| *c == 201).count(), 1);

@@ -1,0 +1,674 @@
+//! [`RedisBus`]: the multi-node [`EventBus`] over Redis pub/sub (feature
+//! `redis`; issue #4 "Scale-out", DESIGN.md "Scale").
+//!
+//! Every node publishes the events of its own clients to one Redis channel
+//! and hands what it receives from the other nodes to its local subscribers.
+//! Redis is a fast path, not the record: a node that loses Redis keeps
+//! serving its own clients, reports [`EventBus::is_degraded`], reconnects,
+//! and then tells its connections to re-read from storage
+//! ([`BusEvent::Resync`]), which they do by `seq`. Nothing committed is lost.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use redis::aio::MultiplexedConnection;
+use redis::{
+    AsyncConnectionConfig, Client, IntoConnectionInfo, ProtocolVersion, PushInfo, PushKind,
+    RedisError, Value,
+};
+use serde::{Deserialize, Serialize};
+use tokio::sync::{broadcast, mpsc, watch};
+use uuid::Uuid;
+
+use crate::bus::{BusEvent, EventBus, InProcessBus};
+
+/// The Redis channel nodes share when the host configures none.
+pub const DEFAULT_CHANNEL: &str = "livechat:events";
+
+/// Events waiting to be published; beyond this, publishes are dropped
+/// (and logged) so memory stays bounded while Redis is slow.
+const OUTGOING_CAPACITY: usize = 65_536;
+/// First delay before reconnecting; doubled after each failure.
+const BACKOFF_MIN: Duration = Duration::from_millis(100);
+/// Longest delay between reconnection attempts.
+const BACKOFF_MAX: Duration = Duration::from_secs(2);
+/// Limit on establishing a connection (an unreachable host must not hang).
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
+/// Limit on any command's reply (PUBLISH, SUBSCRIBE, PING).
+const RESPONSE_TIMEOUT: Duration = Duration::from_secs(3);
+/// How often an idle connection is checked with PING, so a silently dead
+/// link (no FIN, e.g. a network partition) is noticed.
+const HEALTH_INTERVAL: Duration = Duration::from_secs(5);
+
+/// What travels on the Redis channel: the publishing node and the event.
+#[derive(Serialize)]
+struct EnvelopeOut<'a> {
+    node: Uuid,
+    event: &'a BusEvent,
+}
+
+/// [`EnvelopeOut`] as received.
+#[derive(Deserialize)]
+struct EnvelopeIn {
+    node: Uuid,
+    event: BusEvent,
+}
+
+/// An [`EventBus`] that connects nodes through Redis pub/sub (issue #4).
+///
+/// - [`EventBus::publish`] never blocks or waits: the event is delivered to
+///   this node's subscribers at once (no Redis round trip, and even while
+///   Redis is down), then queued for a background task that `PUBLISH`es
+///   `{"node": "<this node's uuid>", "event": <BusEvent as JSON>}` on the
+///   channel. [`BusEvent::Resync`] is local only and never published.
+/// - The same task is `SUBSCRIBE`d to the channel and delivers every event
+///   from other nodes to the local subscribers; messages carrying this
+///   node's id (already delivered) are skipped, malformed ones are logged
+///   and skipped.
+/// - When the connection drops or Redis is unreachable, the bus reports
+///   [`EventBus::is_degraded`], keeps serving locally, drops the publishes
+///   it cannot send (logged at debug; clients catch up by `seq`), and
+///   reconnects with backoff (100 ms doubling to 2 s). Once subscribed
+///   again it clears the flag and delivers a local [`BusEvent::Resync`].
+/// - The background task ends when the last clone is dropped, or on
+///   [`RedisBus::shutdown`].
+///
+/// The connection speaks RESP3 (Redis 6 or later, or a compatible server),
+/// which lets one connection both publish and receive.
+#[derive(Clone, Debug)]
+pub struct RedisBus {
+    inner: Arc<Inner>,
+}
+
+#[derive(Debug)]
+struct Inner {
+    node: Uuid,
+    channel: String,
+    local: InProcessBus,
+    outgoing: mpsc::Sender<String>,
+    degraded: Arc<AtomicBool>,
+    stop: watch::Sender<bool>,
+}
+
+impl Drop for Inner {
+    fn drop(&mut self) {
+        self.stop.send_replace(true);
+    }
+}
+
+/// The open link: a RESP3 connection subscribed to the channel, and the
+/// receiver of what the server pushes on it.
+struct Link {
+    conn: MultiplexedConnection,
+    pushes: mpsc::UnboundedReceiver<PushInfo>,
+}
+
+impl RedisBus {
+    /// Connects to the Redis at `url` (`redis://[user:password@]host[:port][/db]`,
+    /// or `rediss://` when the `redis` crate's TLS features are enabled),
+    /// subscribes to `channel` ([`DEFAULT_CHANNEL`] unless the host needs
+    /// several deployments on one server), and starts the background task.
+    /// Must be called within a Tokio runtime.
+    ///
+    /// Once this returns, events published on other nodes reach
+    /// [`EventBus::subscribe`] receivers of this one.
+    ///
+    /// # Errors
+    /// When `url` is invalid, or Redis cannot be reached, authenticated
+    /// against, or subscribed to at start (later outages are handled by
+    /// reconnecting, see [`RedisBus`]).
+    pub async fn connect(url: &str, channel: impl Into<String>) -> Result<Self, RedisError> {
+        Self::connect_with_local(url, channel, InProcessBus::new()).await
+    }
+
+    /// [`RedisBus::connect`] delivering to `local` (for a host that chooses
+    /// the local buffer's capacity, see [`InProcessBus::with_capacity`]).
+    ///
+    /// # Errors
+    /// As [`RedisBus::connect`].
+    pub async fn connect_with_local(
+        url: &str,
+        channel: impl Into<String>,
+        local: InProcessBus,
+    ) -> Result<Self, RedisError> {
+        let channel = channel.into();
+        let info = url.into_connection_info()?;
+        let settings = info
+            .redis_settings()
+            .clone()
+            .set_protocol(ProtocolVersion::RESP3);
+        let client = Client::open(info.set_redis_settings(settings))?;
+        let link = open_link(&client, &channel).await?;
+
+        let node = Uuid::now_v7();
+        let (outgoing, outgoing_rx) = mpsc::channel(OUTGOING_CAPACITY);
+        let degraded = Arc::new(AtomicBool::new(false));
+        let (stop, stop_rx) = watch::channel(false);
+        let worker = Worker {
+            node,
+            client,
+            channel: channel.clone(),
+            local: local.clone(),
+            outgoing: outgoing_rx,
+            degraded: Arc::clone(&degraded),
+            stop: stop_rx,
+        };
+        tokio::spawn(worker.run(link));
+        tracing::info!(%node, channel = %channel, "redis event bus connected");
+        Ok(Self {
+            inner: Arc::new(Inner {
+                node,
+                channel,
+                local,
+                outgoing,
+                degraded,
+                stop,
+            }),
+        })
+    }
+
+    /// This node's id, sent with every published event so the node can
+    /// recognise (and skip) its own events coming back from Redis.
+    #[must_use]
+    pub fn node_id(&self) -> Uuid {
+        self.inner.node
+    }
+
+    /// The Redis channel this bus publishes and listens on.
+    #[must_use]
+    pub fn channel(&self) -> &str {
+        &self.inner.channel
+    }
+
+    /// Stops the background task now (for every clone) and closes the Redis
+    /// connection. Afterwards the bus only delivers locally and reports
+    /// degraded. Dropping the last clone does the same.
+    pub fn shutdown(&self) {
+        self.inner.stop.send_replace(true);
+        self.inner.degraded.store(true, Ordering::Relaxed);
+    }
+}
+
+impl EventBus for RedisBus {
+    fn publish(&self, event: BusEvent) {
+        let event = Arc::new(event);
+        if !matches!(*event, BusEvent::Resync) {
+            let envelope = EnvelopeOut {
+                node: self.inner.node,
+                event: &event,
+            };
+            match serde_json::to_string(&envelope) {
+                Ok(payload) => match self.inner.outgoing.try_send(payload) {
+                    Ok(()) => {}
+                    Err(mpsc::error::TrySendError::Full(_)) => {
+                        tracing::warn!(
+                            "redis event bus: publish queue full, event not sent to other nodes"
+                        );
+                    }
+                    Err(mpsc::error::TrySendError::Closed(_)) => {
+                        tracing::debug!("redis event bus stopped, event delivered locally only");
+                    }
+                },
+                Err(e) => tracing::warn!(error = %e, "redis event bus: cannot serialize event"),
+            }
+        }
+        self.inner.local.deliver(event);
+    }
+
+    fn subscribe(&self) -> broadcast::Receiver<Arc<BusEvent>> {
+        self.inner.local.subscribe()
+    }
+
+    fn is_degraded(&self) -> bool {
+        self.inner.degraded.load(Ordering::Relaxed)
+    }
+}
+
+/// Opens a RESP3 connection whose pushes arrive on a channel, and
+/// subscribes it to `channel`.
+async fn open_link(client: &Client, channel: &str) -> Result<Link, RedisError> {
+    let (push_tx, pushes) = mpsc::unbounded_channel();
+    let config = AsyncConnectionConfig::new()
+        .set_connection_timeout(Some(CONNECT_TIMEOUT))
+        .set_response_timeout(Some(RESPONSE_TIMEOUT))
+        .set_push_sender(push_tx);
+    let mut conn = client
+        .get_multiplexed_async_connection_with_config(&config)
+        .await?;
+    conn.subscribe(channel).await?;
+    Ok(Link { conn, pushes })
+}
+
+/// The background task's state (everything but the handles' [`Inner`], so
+/// dropping the last [`RedisBus`] stops it).
+struct Worker {
+    node: Uuid,
+    client: Client,
+    channel: String,
+    local: InProcessBus,
+    outgoing: mpsc::Receiver<String>,
+    degraded: Arc<AtomicBool>,
+    stop: watch::Receiver<bool>,
+}
+
+/// Why [`Worker::serve`] returned.
+enum Ended {
+    /// Shutdown or every handle dropped: the task ends.
+    Stopped,
+    /// The connection is gone: reconnect.
+    Lost,
+}
+
+impl Worker {
+    async fn run(mut self, first: Link) {
+        let mut link = first;
+        loop {
+            if let Ended::Stopped = self.serve(link).await {
+                break;
+            }
+            self.degraded.store(true, Ordering::Relaxed);
+            tracing::warn!(channel = %self.channel, "redis event bus lost its connection; serving local clients only, reconnecting");
+            match self.reconnect().await {
+                Some(next) => link = next,
+                None => break,
+            }
+            self.degraded.store(false, Ordering::Relaxed);
+            tracing::info!(channel = %self.channel, "redis event bus reconnected; resyncing local connections");
+            self.local.deliver(Arc::new(BusEvent::Resync));
+        }
+        self.degraded.store(true, Ordering::Relaxed);
+        tracing::debug!(channel = %self.channel, "redis event bus stopped");
+    }
+
+    /// Publishes queued events and delivers received ones until the link
+    /// fails or the bus stops.
+    async fn serve(&mut self, mut link: Link) -> Ended {
+        let mut health = tokio::time::interval(HEALTH_INTERVAL);
+        health.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        health.tick().await; // The first tick is immediate.
+        loop {
+            tokio::select! {
+                () = stopped(&mut self.stop) => return Ended::Stopped,
+                payload = self.outgoing.recv() => {
+                    let Some(payload) = payload else { return Ended::Stopped };
+                    let sent = redis::cmd("PUBLISH")
+                        .arg(&self.channel)
+                        .arg(payload)
+                        .query_async::<i64>(&mut link.conn)
+                        .await;
+                    if let Err(e) = sent {
+                        tracing::debug!(error = %e, "redis event bus: publish failed, event delivered locally only");
+                        return Ended::Lost;
+                    }
+                }
+                push = link.pushes.recv() => match push {
+                    None => return Ended::Lost,
+                    Some(push) => match push.kind {
+                        PushKind::Disconnection => return Ended::Lost,
+                        PushKind::Message => receive(self.node, &self.local, &push.data),
+                        _ => {}
+                    },
+                },
+                _ = health.tick() => {
+                    if let Err(e) = redis::cmd("PING").query_async::<Value>(&mut link.conn).await {
+                        tracing::debug!(error = %e, "redis event bus: health check failed");
+                        return Ended::Lost;
+                    }
+                }
+            }
+        }
+    }
+
+    /// Reconnects and resubscribes with backoff, dropping the publishes
+    /// that arrive meanwhile; `None` when the bus stops first.
+    async fn reconnect(&mut self) -> Option<Link> {
+        let mut delay = BACKOFF_MIN;
+        loop {
+            tokio::select! {
+                () = stopped(&mut self.stop) => return None,
+                link = open_link(&self.client, &self.channel) => match link {
+                    Ok(link) => return Some(link),
+                    Err(e) => tracing::debug!(error = %e, retry_in = ?delay, "redis event bus: reconnect failed"),
+                },
+            }
+            let pause = tokio::time::sleep(delay);
+            tokio::pin!(pause);
+            loop {
+                tokio::select! {
+                    () = stopped(&mut self.stop) => return None,
+                    () = &mut pause => break,
+                    payload = self.outgoing.recv() => match payload {
+                        None => return None,
+                        Some(_) => tracing::debug!("redis event bus down: event delivered locally only"),
+                    },
+                }
+            }
+            delay = (delay * 2).min(BACKOFF_MAX);
+        }
+    }
+}
+
+/// Delivers one pushed message (`[channel, payload]`) unless it is
+/// malformed or this node's own.
+fn receive(node: Uuid, local: &InProcessBus, data: &[Value]) {
+    let Some(Value::BulkString(payload)) = data.get(1) else {
+        tracing::warn!(?data, "redis event bus: unexpected message shape, skipped");
+        return;
+    };
+    match serde_json::from_slice::<EnvelopeIn>(payload) {
+        Ok(envelope) if envelope.node == node => {}
+        Ok(EnvelopeIn {
+            event: BusEvent::Resync,
+            node: from,
+        }) => {
+            tracing::warn!(%from, "redis event bus: resync received from another node, skipped");
+        }
+        Ok(envelope) => local.deliver(Arc::new(envelope.event)),
+        Err(e) => tracing::warn!(
+            error = %e,
+            payload = %String::from_utf8_lossy(payload),
+            "redis event bus: malformed message, skipped"
+        ),
+    }
+}
+
+/// Resolves once the bus is asked to stop (or every handle is gone).
+async fn stopped(stop: &mut watch::Receiver<bool>) {
+    // An error means the sender is gone, which also means stop.
+    let _ = stop.wait_for(|stop| *stop).await;
+}
+
+#[cfg(test)]
+mod tests {
+    //! Against a real `redis-server` (Debian package `redis-server`), started
+    //! per test on a free port.
+
+    use std::io::{Read, Write};
+    use std::net::{TcpListener, TcpStream};
+    use std::path::PathBuf;
+    use std::process::{Child, Command, Stdio};
+    use std::time::Instant;
+
+    use super::*;
+    use crate::bus::Ephemeral;
+    use crate::{DomainEvent, EventId, EventKind, PresenceStatus, SessionId, TenantId, UserId};
+
+    /// A throwaway redis-server (minimal twin of the tests crate's harness).
+    struct Server {
+        port: u16,
+        dir: PathBuf,
+        child: Option<Child>,
+    }
+
+    impl Server {
+        fn start() -> Self {
+            let port = TcpListener::bind("127.0.0.1:0")
+                .and_then(|l| l.local_addr())
+                .expect("free port")
+                .port();
+            let dir = std::env::temp_dir().join(format!(
+                "livechat-redis-unit-{}-{}",
+                std::process::id(),
+                Uuid::now_v7().simple()
+            ));
+            std::fs::create_dir_all(&dir).expect("redis temp dir");
+            let mut server = Self {
+                port,
+                dir,
+                child: None,
+            };
+            server.spawn();
+            server
+        }
+
+        fn url(&self) -> String {
+            format!("redis://127.0.0.1:{}/", self.port)
+        }
+
+        fn spawn(&mut self) {
+            let child = Command::new("redis-server")
+                .args(["--port", &self.port.to_string(), "--bind", "127.0.0.1"])
+                .args(["--save", "", "--appendonly", "no", "--dir"])
+                .arg(&self.dir)
+                .stdin(Stdio::null())
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .spawn()
+                .unwrap_or_else(|e| {
+                    panic!(
+                        "cannot run redis-server ({e}): install the Debian package `redis-server`"
+                    )
+                });
+            self.child = Some(child);
+            let deadline = Instant::now() + Duration::from_secs(10);
+            while !self.answers_ping() {
+                assert!(Instant::now() < deadline, "redis-server did not start");
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        }
+
+        fn answers_ping(&self) -> bool {
+            let Ok(mut s) = TcpStream::connect(("127.0.0.1", self.port)) else {
+                return false;
+            };
+            let mut buf = [0_u8; 7];
+            s.set_read_timeout(Some(Duration::from_secs(1))).is_ok()
+                && s.write_all(b"PING\r\n").is_ok()
+                && s.read_exact(&mut buf).is_ok()
+                && &buf == b"+PONG\r\n"
+        }
+
+        fn stop(&mut self) {
+            if let Some(mut child) = self.child.take() {
+                let _ = child.kill();
+                let _ = child.wait();
+            }
+        }
+
+        fn restart(&mut self) {
+            self.stop();
+            self.spawn();
+        }
+    }
+
+    impl Drop for Server {
+        fn drop(&mut self) {
+            self.stop();
+            let _ = std::fs::remove_dir_all(&self.dir);
+        }
+    }
+
+    fn channel() -> String {
+        format!("livechat:test:{}", Uuid::now_v7().simple())
+    }
+
+    fn presence(agent: i64) -> BusEvent {
+        BusEvent::Ephemeral {
+            tenant_id: TenantId::new(1).expect("tenant"),
+            event: Ephemeral::Presence {
+                agent_id: UserId::new(agent).expect("user"),
+                status: PresenceStatus::Online,
+            },
+        }
+    }
+
+    async fn next(rx: &mut broadcast::Receiver<Arc<BusEvent>>) -> BusEvent {
+        let event = tokio::time::timeout(Duration::from_secs(5), rx.recv())
+            .await
+            .expect("no event within 5 s")
+            .expect("receiver open and not lagging");
+        (*event).clone()
+    }
+
+    async fn quiet(rx: &mut broadcast::Receiver<Arc<BusEvent>>) {
+        if let Ok(got) = tokio::time::timeout(Duration::from_millis(400), rx.recv()).await {
+            panic!("unexpected event: {got:?}");
+        }
+    }
+
+    async fn wait_until(what: &str, cond: impl Fn() -> bool) {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !cond() {
+            assert!(Instant::now() < deadline, "timed out waiting until {what}");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn fan_out_between_nodes_exactly_once() {
+        let server = Server::start();
+        let channel = channel();
+        let a = RedisBus::connect(&server.url(), channel.clone())
+            .await
+            .expect("a");
+        let b = RedisBus::connect(&server.url(), channel.clone())
+            .await
+            .expect("b");
+        assert_ne!(a.node_id(), b.node_id());
+        assert_eq!(a.channel(), channel);
+        assert!(!a.is_degraded() && !b.is_degraded());
+        let (mut ra, mut rb) = (a.subscribe(), b.subscribe());
+
+        a.publish(presence(1));
+        assert_eq!(next(&mut ra).await, presence(1));
+        assert_eq!(next(&mut rb).await, presence(1));
+
+        let domain = BusEvent::Domain(Arc::new(DomainEvent {
+            id: EventId::generate(),
+            tenant_id: TenantId::new(2).expect("tenant"),
+            session_id: Some(SessionId::generate()),
+            kind: EventKind::MessagePosted,
+            payload: serde_json::json!({"seq": 7, "message": "Halo"}),
+            created_at: crate::now(),
+        }));
+        b.publish(domain.clone());
+        assert_eq!(next(&mut rb).await, domain);
+        assert_eq!(next(&mut ra).await, domain);
+
+        // Resync is local only.
+        a.publish(BusEvent::Resync);
+        assert_eq!(next(&mut ra).await, BusEvent::Resync);
+
+        // Nothing twice, nothing echoed back.
+        quiet(&mut ra).await;
+        quiet(&mut rb).await;
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn malformed_and_foreign_messages() {
+        let server = Server::start();
+        let channel = channel();
+        let bus = RedisBus::connect(&server.url(), channel.clone())
+            .await
+            .expect("bus");
+        let mut rx = bus.subscribe();
+        let raw = Client::open(server.url()).expect("client");
+        let mut raw = raw
+            .get_multiplexed_async_connection()
+            .await
+            .expect("raw connection");
+        let foreign = serde_json::to_string(&EnvelopeOut {
+            node: Uuid::now_v7(),
+            event: &presence(3),
+        })
+        .expect("json");
+        let own = serde_json::to_string(&EnvelopeOut {
+            node: bus.node_id(),
+            event: &presence(4),
+        })
+        .expect("json");
+        let resync = serde_json::to_string(&EnvelopeOut {
+            node: Uuid::now_v7(),
+            event: &BusEvent::Resync,
+        })
+        .expect("json");
+        for payload in ["not json", "{\"node\": 1}", &own, &resync, &foreign] {
+            let _: i64 = redis::cmd("PUBLISH")
+                .arg(&channel)
+                .arg(payload)
+                .query_async(&mut raw)
+                .await
+                .expect("publish");
+        }
+        assert_eq!(next(&mut rx).await, presence(3));
+        quiet(&mut rx).await;
+        assert!(!bus.is_degraded());
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn outage_degrades_serves_locally_and_resyncs() {
+        let mut server = Server::start();
+        let channel = channel();
+        let a = RedisBus::connect(&server.url(), channel.clone())
+            .await
+            .expect("a");
+        let b = RedisBus::connect(&server.url(), channel.clone())
+            .await
+            .expect("b");
+        let (mut ra, mut rb) = (a.subscribe(), b.subscribe());
+
+        server.stop();
+        wait_until("both nodes are degraded", || {
+            a.is_degraded() && b.is_degraded()
+        })
+        .await;
+        a.publish(presence(5));
+        assert_eq!(
+            next(&mut ra).await,
+            presence(5),
+            "local delivery while down"
+        );
+        quiet(&mut rb).await;
+
+        server.restart();
+        wait_until("both nodes recovered", || {
+            !a.is_degraded() && !b.is_degraded()
+        })
+        .await;
+        assert_eq!(next(&mut rb).await, BusEvent::Resync);
+        assert_eq!(next(&mut ra).await, BusEvent::Resync);
+        quiet(&mut rb).await;
+
+        a.publish(presence(6));
+        assert_eq!(next(&mut rb).await, presence(6));
+        assert_eq!(next(&mut ra).await, presence(6));
+        b.publish(presence(7));
+        assert_eq!(next(&mut ra).await, presence(7));
+        assert_eq!(next(&mut rb).await, presence(7));
+        quiet(&mut ra).await;
+        quiet(&mut rb).await;
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn connect_fails_when_unreachable_and_tasks_end_on_drop() {
+        let mut server = Server::start();
+        let url = server.url();
+        let bus = RedisBus::connect(&url, DEFAULT_CHANNEL).await.expect("bus");
+        let mut rx = bus.subscribe();
+        let clone = bus.clone();
+        drop(bus);
+        clone.publish(presence(8));
+        assert_eq!(next(&mut rx).await, presence(8));
+        drop(clone);
+        // The background task held the last sender: once it ends, receivers close.
+        let closed = tokio::time::timeout(Duration::from_secs(5), rx.recv()).await;
+        assert!(
+            matches!(closed, Ok(Err(broadcast::error::RecvError::Closed))),
+            "{closed:?}"
+        );
+
+        let bus = RedisBus::connect(&url, DEFAULT_CHANNEL).await.expect("bus");
+        bus.shutdown();
+        assert!(bus.is_degraded());
+        bus.publish(presence(9)); // Local only, no panic.
+
+        server.stop();
+        assert!(RedisBus::connect(&url, DEFAULT_CHANNEL).await.is_err());
+        assert!(
+            RedisBus::connect("not a url", DEFAULT_CHANNEL)
+                .await
+                .is_err()
+        );
+    }
+}

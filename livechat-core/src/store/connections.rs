@@ -1,0 +1,192 @@
+//! [`ConnectionRepository`] for the SeaORM store: live WebSocket
+//! connections of every node, with expiry so a crashed node's connections
+//! stop counting (issue #4).
+
+use std::time::Duration;
+
+use sea_orm::sea_query::Expr;
+use sea_orm::{
+    ActiveValue::Set, ColumnTrait, ConnectionTrait, DbErr, EntityTrait, PaginatorTrait,
+    QueryFilter, QuerySelect,
+};
+
+use super::SeaOrmStore;
+use super::entity::{connection, connection_join};
+use crate::error::ChatError;
+use crate::ids::{SessionId, TenantId, UserId};
+use crate::model::now;
+use crate::repository::{ConnectionOwner, ConnectionRepository, SessionConnections};
+
+fn expiry(ttl: Duration) -> chrono::DateTime<chrono::Utc> {
+    now() + chrono::Duration::from_std(ttl).unwrap_or(chrono::Duration::seconds(60))
+}
+
+/// Live customer connections following `session` (any node).
+pub(super) async fn customer_connections(
+    conn: &impl ConnectionTrait,
+    tenant: TenantId,
+    session: SessionId,
+) -> Result<u64, DbErr> {
+    count_role(conn, tenant, session, "customer").await
+}
+
+async fn count_role(
+    conn: &impl ConnectionTrait,
+    tenant: TenantId,
+    session: SessionId,
+    role: &str,
+) -> Result<u64, DbErr> {
+    let joined: Vec<uuid::Uuid> = connection_join::Entity::find()
+        .select_only()
+        .column(connection_join::Column::ConnectionId)
+        .filter(connection_join::Column::TenantId.eq(tenant.get()))
+        .filter(connection_join::Column::SessionId.eq(session.as_uuid()))
+        .into_tuple()
+        .all(conn)
+        .await?;
+    if joined.is_empty() {
+        return Ok(0);
+    }
+    connection::Entity::find()
+        .filter(connection::Column::Id.is_in(joined))
+        .filter(connection::Column::Role.eq(role))
+        .filter(connection::Column::ExpiresAt.gt(now()))
+        .count(conn)
+        .await
+}
+
+impl ConnectionRepository for SeaOrmStore {
+    async fn register_connection(
+        &self,
+        tenant: TenantId,
+        id: uuid::Uuid,
+        owner: ConnectionOwner,
+        node: &str,
+        ttl: Duration,
+    ) -> Result<(), ChatError> {
+        let (role, agent, customer) = match owner {
+            ConnectionOwner::Agent(a) => ("agent", Some(a.get()), None),
+            ConnectionOwner::Customer(c) => ("customer", None, Some(c.as_uuid())),
+        };
+        connection::Entity::insert(connection::ActiveModel {
+            id: Set(id),
+            tenant_id: Set(tenant.get()),
+            role: Set(role.to_owned()),
+            agent_id: Set(agent),
+            customer_id: Set(customer),
+            node_id: Set(node.chars().take(64).collect()),
+            expires_at: Set(expiry(ttl)),
+        })
+        .exec_without_returning(&self.db)
+        .await?;
+        Ok(())
+    }
+
+    async fn touch_connection(
+        &self,
+        tenant: TenantId,
+        id: uuid::Uuid,
+        ttl: Duration,
+    ) -> Result<(), ChatError> {
+        connection::Entity::update_many()
+            .col_expr(connection::Column::ExpiresAt, Expr::value(expiry(ttl)))
+            .filter(connection::Column::Id.eq(id))
+            .filter(connection::Column::TenantId.eq(tenant.get()))
+            .exec(&self.db)
+            .await?;
+        Ok(())
+    }
+
+    async fn join_session(
+        &self,
+        tenant: TenantId,
+        id: uuid::Uuid,
+        session: SessionId,
+    ) -> Result<(), ChatError> {
+        connection_join::Entity::insert(connection_join::ActiveModel {
+            connection_id: Set(id),
+            session_id: Set(session.as_uuid()),
+            tenant_id: Set(tenant.get()),
+        })
+        .on_conflict_do_nothing()
+        .exec_without_returning(&self.db)
+        .await?;
+        Ok(())
+    }
+
+    async fn leave_session(
+        &self,
+        tenant: TenantId,
+        id: uuid::Uuid,
+        session: SessionId,
+    ) -> Result<(), ChatError> {
+        connection_join::Entity::delete_many()
+            .filter(connection_join::Column::ConnectionId.eq(id))
+            .filter(connection_join::Column::SessionId.eq(session.as_uuid()))
+            .filter(connection_join::Column::TenantId.eq(tenant.get()))
+            .exec(&self.db)
+            .await?;
+        Ok(())
+    }
+
+    async fn unregister_connection(
+        &self,
+        tenant: TenantId,
+        id: uuid::Uuid,
+    ) -> Result<(), ChatError> {
+        connection_join::Entity::delete_many()
+            .filter(connection_join::Column::ConnectionId.eq(id))
+            .filter(connection_join::Column::TenantId.eq(tenant.get()))
+            .exec(&self.db)
+            .await?;
+        connection::Entity::delete_many()
+            .filter(connection::Column::Id.eq(id))
+            .filter(connection::Column::TenantId.eq(tenant.get()))
+            .exec(&self.db)
+            .await?;
+        Ok(())
+    }
+
+    async fn session_connections(
+        &self,
+        tenant: TenantId,
+        session: SessionId,
+    ) -> Result<SessionConnections, ChatError> {
+        Ok(SessionConnections {
+            customers: count_role(&self.db, tenant, session, "customer").await?,
+            agents: count_role(&self.db, tenant, session, "agent").await?,
+        })
+    }
+
+    async fn agent_connected(&self, tenant: TenantId, agent: UserId) -> Result<bool, ChatError> {
+        let n = connection::Entity::find()
+            .filter(connection::Column::TenantId.eq(tenant.get()))
+            .filter(connection::Column::AgentId.eq(agent.get()))
+            .filter(connection::Column::ExpiresAt.gt(now()))
+            .count(&self.db)
+            .await?;
+        Ok(n > 0)
+    }
+
+    async fn purge_expired_connections(&self) -> Result<u64, ChatError> {
+        let expired: Vec<uuid::Uuid> = connection::Entity::find()
+            .select_only()
+            .column(connection::Column::Id)
+            .filter(connection::Column::ExpiresAt.lte(now()))
+            .into_tuple()
+            .all(&self.db)
+            .await?;
+        if expired.is_empty() {
+            return Ok(0);
+        }
+        connection_join::Entity::delete_many()
+            .filter(connection_join::Column::ConnectionId.is_in(expired.clone()))
+            .exec(&self.db)
+            .await?;
+        Ok(connection::Entity::delete_many()
+            .filter(connection::Column::Id.is_in(expired))
+            .exec(&self.db)
+            .await?
+            .rows_affected)
+    }
+}

@@ -1,0 +1,1046 @@
+//! The WebSocket gateway (issue #4): `GET /livechat/ws`.
+//!
+//! One task per connection reads client frames, follows the bus and pings;
+//! a writer task owns the socket's sink behind a bounded queue. Delivery of
+//! messages is ordered and gap-free per joined session: the connection
+//! remembers the last `seq` it sent; a live message at or below it is a
+//! duplicate (dropped), one beyond the next is a gap (filled from storage
+//! first). Replays after `after_seq`, lagging bus receivers and bus
+//! reconnects (`Resync`) all go through the same catch-up, so a client never
+//! misses or repeats a message. Rules (who may join, send, what a message
+//! must be) stay in [`ChatService`]; this module only speaks the protocol.
+
+use std::collections::HashMap;
+use std::num::NonZeroU32;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use futures_util::{SinkExt, StreamExt};
+use governor::{DefaultDirectRateLimiter, Quota, RateLimiter};
+use livechat_core::bus::{BusEvent, Ephemeral, EventBus, Participant, TypingState};
+use livechat_core::{
+    ChatError, ChatMessage, ChatService, ConnectionOwner, CustomerId, CustomerIdentity,
+    DomainEvent, EventKind, PresenceStatus, SenderType, SessionId, SessionStatus, TenantId, UserId,
+};
+use poem::web::Data;
+use poem::web::websocket::{CloseCode, Message, WebSocket, WebSocketConfig, WebSocketStream};
+use poem::{IntoResponse, Request, Response, handler};
+use serde::Deserialize;
+use serde_json::{Value, json};
+use tokio::sync::{broadcast, mpsc, watch};
+
+use crate::auth::{Authenticator, SUPPORT_AGENT, parse_tenant_header};
+use crate::error::ApiError;
+use crate::visitor::VisitorTokens;
+
+/// Tunables of the gateway (issue #4 defaults).
+#[derive(Clone, Debug)]
+pub struct RealtimeConfig {
+    /// Server ping interval; each ping also renews the connection's
+    /// registration and an agent's liveness. Default 20 s.
+    pub ping_interval: Duration,
+    /// A connection silent (not even a pong) this long is closed; also the
+    /// life of its registration without renewal. Default 60 s.
+    pub connection_ttl: Duration,
+    /// After an agent's last connection closes, how long they stay
+    /// eligible (a reconnect within it causes no flap). Default 10 s.
+    pub presence_grace: Duration,
+    /// Time allowed for the `auth` frame of browser clients. Default 5 s.
+    pub auth_timeout: Duration,
+    /// Largest accepted client frame, in bytes. Default 64 KiB.
+    pub max_frame_bytes: usize,
+    /// Frames queued for a client before it counts as too slow and is
+    /// closed with 1013. Default 1024.
+    pub outbound_queue: usize,
+    /// `send_message` frames per second per connection (burst twice that).
+    /// Default 10.
+    pub send_rate_per_sec: u32,
+    /// Consecutive bad frames before closing with 1008. Default 10.
+    pub max_bad_frames: u32,
+    /// Browser origins allowed to open a WebSocket (`*` for any). Requests
+    /// without an `Origin` header (non-browser clients) are always allowed.
+    pub allowed_origins: Vec<String>,
+    /// This node's id in the connection registry.
+    pub node_id: String,
+}
+
+impl Default for RealtimeConfig {
+    fn default() -> Self {
+        Self {
+            ping_interval: Duration::from_secs(20),
+            connection_ttl: Duration::from_secs(60),
+            presence_grace: Duration::from_secs(10),
+            auth_timeout: Duration::from_secs(5),
+            max_frame_bytes: 64 * 1024,
+            outbound_queue: 1024,
+            send_rate_per_sec: 10,
+            max_bad_frames: 10,
+            allowed_origins: Vec::new(),
+            node_id: uuid::Uuid::now_v7().to_string(),
+        }
+    }
+}
+
+/// Everything a connection needs; shared by all connections of a node.
+pub(crate) struct Gateway {
+    pub(crate) chat: ChatService,
+    pub(crate) bus: Arc<dyn EventBus>,
+    pub(crate) authenticator: Arc<dyn Authenticator>,
+    pub(crate) visitor_tokens: VisitorTokens,
+    pub(crate) config: RealtimeConfig,
+    pub(crate) shutdown: watch::Receiver<bool>,
+}
+
+/// Who is connected.
+#[derive(Clone, Copy, Debug)]
+enum Role {
+    Agent(UserId),
+    Customer {
+        customer: CustomerId,
+        user: Option<UserId>,
+    },
+}
+
+impl Role {
+    fn owner(self) -> ConnectionOwner {
+        match self {
+            Self::Agent(a) => ConnectionOwner::Agent(a),
+            Self::Customer { customer, .. } => ConnectionOwner::Customer(customer),
+        }
+    }
+
+    fn participant(self) -> Participant {
+        match self {
+            Self::Agent(a) => Participant {
+                sender_type: SenderType::Agent,
+                sender_id: Some(a),
+                customer_id: None,
+            },
+            Self::Customer { customer, user } => Participant {
+                sender_type: SenderType::Customer,
+                sender_id: user,
+                customer_id: Some(customer),
+            },
+        }
+    }
+
+    fn name(self) -> &'static str {
+        match self {
+            Self::Agent(_) => "agent",
+            Self::Customer { .. } => "customer",
+        }
+    }
+}
+
+/// An authenticated connection's identity.
+#[derive(Clone, Copy, Debug)]
+struct Identity {
+    tenant: TenantId,
+    role: Role,
+}
+
+/// Why a credential was refused, as a close reason or HTTP error.
+struct Refusal {
+    code: &'static str,
+    message: String,
+}
+
+impl Refusal {
+    fn new(code: &'static str, message: impl Into<String>) -> Self {
+        Self {
+            code,
+            message: message.into(),
+        }
+    }
+}
+
+impl Gateway {
+    /// Resolves `Bearer <host token>` or `Visitor <token>` in `tenant`.
+    async fn identify(&self, credential: &str, tenant: TenantId) -> Result<Identity, Refusal> {
+        let (scheme, token) = credential
+            .trim()
+            .split_once(' ')
+            .map_or(("bearer", credential.trim()), |(s, t)| (s, t.trim()));
+        if scheme.eq_ignore_ascii_case("visitor") {
+            let (token_tenant, customer) = self
+                .visitor_tokens
+                .verify(token)
+                .ok_or_else(|| Refusal::new("unauthorized", "invalid or expired visitor token"))?;
+            if token_tenant != tenant {
+                return Err(Refusal::new(
+                    "forbidden",
+                    "the visitor token belongs to another tenant",
+                ));
+            }
+            let customer = self
+                .chat
+                .resolve_customer(tenant, CustomerIdentity::Known(customer))
+                .await
+                .map_err(|_| Refusal::new("unauthorized", "unknown customer"))?;
+            return Ok(Identity {
+                tenant,
+                role: Role::Customer {
+                    customer: customer.id,
+                    user: customer.user_id,
+                },
+            });
+        }
+        if !scheme.eq_ignore_ascii_case("bearer") {
+            return Err(Refusal::new(
+                "unauthorized",
+                "use `Bearer <token>` or `Visitor <token>`",
+            ));
+        }
+        let principal = self
+            .authenticator
+            .authenticate(token)
+            .await
+            .map_err(|_| Refusal::new("unauthorized", "invalid or expired token"))?;
+        if !principal.may_act_in(tenant) {
+            return Err(Refusal::new(
+                "forbidden",
+                "not allowed to act in this tenant",
+            ));
+        }
+        if principal.has_role(SUPPORT_AGENT) {
+            return Ok(Identity {
+                tenant,
+                role: Role::Agent(principal.user_id),
+            });
+        }
+        let customer = self
+            .chat
+            .resolve_customer(tenant, CustomerIdentity::User(principal.user_id))
+            .await
+            .map_err(|e| Refusal::new("unavailable", e.to_string()))?;
+        Ok(Identity {
+            tenant,
+            role: Role::Customer {
+                customer: customer.id,
+                user: Some(principal.user_id),
+            },
+        })
+    }
+}
+
+fn origin_allowed(config: &RealtimeConfig, req: &Request) -> bool {
+    let Some(origin) = req.headers().get(poem::http::header::ORIGIN) else {
+        return true;
+    };
+    let origin = origin.to_str().unwrap_or("");
+    config
+        .allowed_origins
+        .iter()
+        .any(|o| o == "*" || o.eq_ignore_ascii_case(origin))
+}
+
+/// `GET /livechat/ws`: checks the origin and, when sent, the
+/// `Authorization` and `X-Tenant-ID` headers, then upgrades.
+#[handler]
+pub(crate) async fn ws_endpoint(
+    req: &Request,
+    ws: WebSocket,
+    gateway: Data<&Arc<Gateway>>,
+) -> Response {
+    let gateway = Arc::clone(gateway.0);
+    if !origin_allowed(&gateway.config, req) {
+        return ApiError::forbidden("origin not allowed").into_response();
+    }
+    let header_credential = req
+        .headers()
+        .get(poem::http::header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_owned);
+    let pre_auth = match header_credential {
+        None => None,
+        Some(credential) => {
+            let tenant = match parse_tenant_header(
+                req.headers()
+                    .get(crate::TENANT_HEADER)
+                    .map(|v| v.to_str().unwrap_or("")),
+            ) {
+                Ok(t) => t,
+                Err(msg) => return ApiError::bad_request("invalid_tenant", msg).into_response(),
+            };
+            match gateway.identify(&credential, tenant).await {
+                Ok(identity) => Some(identity),
+                Err(r) if r.code == "forbidden" => {
+                    return ApiError::forbidden(r.message).into_response();
+                }
+                Err(r) => return ApiError::unauthorized(r.message).into_response(),
+            }
+        }
+    };
+    // tungstenite's own limit is set above ours, so an oversized frame gets
+    // an `error` frame and the connection stays usable.
+    let mut ws_config = WebSocketConfig::default();
+    ws_config.max_message_size = Some(gateway.config.max_frame_bytes.saturating_mul(16));
+    ws_config.max_frame_size = Some(gateway.config.max_frame_bytes.saturating_mul(16));
+    ws.config(ws_config)
+        .on_upgrade(move |socket| async move { serve(gateway, socket, pre_auth).await })
+        .into_response()
+}
+
+/// What the writer task sends.
+enum Out {
+    Frame(Message),
+}
+
+/// Client → server frames.
+#[derive(Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+enum ClientFrame {
+    Auth {
+        token: String,
+        tenant_id: i64,
+    },
+    JoinSession {
+        session_id: String,
+        after_seq: Option<i64>,
+    },
+    LeaveSession {
+        session_id: String,
+    },
+    SendMessage {
+        session_id: String,
+        client_msg_id: String,
+        message: String,
+    },
+    Typing {
+        session_id: String,
+        state: TypingState,
+    },
+    Read {
+        session_id: String,
+        seq: i64,
+    },
+    Ping,
+}
+
+const KNOWN_TYPES: &[&str] = &[
+    "auth",
+    "join_session",
+    "leave_session",
+    "send_message",
+    "typing",
+    "read",
+    "ping",
+];
+
+/// A bad frame's `error` code and message.
+fn parse_frame(text: &str, max: usize) -> Result<ClientFrame, (&'static str, String)> {
+    if text.len() > max {
+        return Err((
+            "frame_too_large",
+            format!("frames are limited to {max} bytes"),
+        ));
+    }
+    let value: Value =
+        serde_json::from_str(text).map_err(|e| ("invalid_json", format!("malformed JSON: {e}")))?;
+    let Some(kind) = value.get("type").and_then(Value::as_str).map(str::to_owned) else {
+        return Err(("invalid_frame", "a frame needs a string `type`".into()));
+    };
+    if !KNOWN_TYPES.contains(&kind.as_str()) {
+        return Err(("unknown_type", format!("unknown frame type `{kind}`")));
+    }
+    serde_json::from_value(value).map_err(|e| ("invalid_frame", format!("bad `{kind}` frame: {e}")))
+}
+
+/// The `error` code and message for a refused operation (the HTTP codes).
+fn error_code(err: &ChatError) -> (&'static str, String) {
+    let code = match err {
+        ChatError::NotFound => "not_found",
+        ChatError::SessionClosed => "session_closed",
+        ChatError::InvalidMessage => "invalid_message",
+        ChatError::MessageTooLong { .. } => "message_too_long",
+        ChatError::InvalidClientMsgId | ChatError::InvalidInput(_) | ChatError::InvalidId(_) => {
+            "invalid_frame"
+        }
+        ChatError::InvalidPage(_) => "invalid_frame",
+        e if e.is_unavailable() => "unavailable",
+        _ => "internal_error",
+    };
+    let message = if code == "internal_error" {
+        let reference = uuid::Uuid::now_v7();
+        tracing::error!(%reference, error = %err, "websocket operation failed");
+        format!("internal error (ref {reference})")
+    } else {
+        err.to_string()
+    };
+    (code, message)
+}
+
+fn frame(value: Value) -> Message {
+    Message::Text(value.to_string())
+}
+
+fn error_frame(code: &str, message: &str, reference: Option<&str>) -> Message {
+    let mut v = json!({"type": "error", "code": code, "message": message});
+    if let Some(r) = reference {
+        v["ref"] = json!(r);
+    }
+    frame(v)
+}
+
+fn message_frame(m: &ChatMessage) -> Message {
+    let mut v = serde_json::to_value(m).unwrap_or_default();
+    v["type"] = json!("new_message");
+    frame(v)
+}
+
+/// A connection's state.
+struct Conn {
+    gateway: Arc<Gateway>,
+    id: uuid::Uuid,
+    identity: Identity,
+    out: mpsc::Sender<Out>,
+    close: watch::Sender<Option<(CloseCode, String)>>,
+    /// Joined sessions → last `seq` sent.
+    joined: HashMap<SessionId, i64>,
+    /// Last queue position sent for joined WAITING sessions (customers).
+    positions: HashMap<SessionId, Option<i64>>,
+    bad_frames: u32,
+    limiter: DefaultDirectRateLimiter,
+    last_heard: Instant,
+}
+
+/// Pages of at most this many messages are read during catch-up.
+const CATCH_UP_PAGE: i64 = 200;
+
+impl Conn {
+    /// Queues a frame; a full queue means the client cannot keep up: it is
+    /// closed with 1013 and resumes with `after_seq` (issue #4).
+    fn send(&self, message: Message) -> bool {
+        match self.out.try_send(Out::Frame(message)) {
+            Ok(()) => true,
+            Err(mpsc::error::TrySendError::Full(_)) => {
+                self.close_with(
+                    CloseCode::Again,
+                    "too slow: reconnect and resume with after_seq",
+                );
+                false
+            }
+            Err(mpsc::error::TrySendError::Closed(_)) => false,
+        }
+    }
+
+    fn close_with(&self, code: CloseCode, reason: &str) {
+        let _ = self.close.send(Some((code, reason.to_owned())));
+    }
+
+    fn is_closing(&self) -> bool {
+        self.close.borrow().is_some()
+    }
+
+    fn chat(&self) -> &ChatService {
+        &self.gateway.chat
+    }
+
+    fn tenant(&self) -> TenantId {
+        self.identity.tenant
+    }
+
+    /// Sends every stored message of `session` after the last one sent.
+    async fn catch_up(&mut self, session: SessionId) -> Result<(), ChatError> {
+        loop {
+            let Some(&after) = self.joined.get(&session) else {
+                return Ok(());
+            };
+            let page = self
+                .chat()
+                .list_messages(self.tenant(), session, Some(after), Some(CATCH_UP_PAGE))
+                .await?;
+            let full = page.len() as i64 == CATCH_UP_PAGE;
+            for m in &page {
+                if !self.send(message_frame(m)) {
+                    return Ok(());
+                }
+                self.joined.insert(session, m.seq);
+            }
+            if !full {
+                return Ok(());
+            }
+        }
+    }
+
+    /// Delivers a live message: duplicate → dropped, gap → filled first.
+    async fn deliver(&mut self, m: &ChatMessage) -> Result<(), ChatError> {
+        let Some(&last) = self.joined.get(&m.session_id) else {
+            return Ok(());
+        };
+        if m.seq <= last {
+            return Ok(());
+        }
+        if m.seq == last + 1 {
+            if self.send(message_frame(m)) {
+                self.joined.insert(m.session_id, m.seq);
+            }
+            return Ok(());
+        }
+        self.catch_up(m.session_id).await
+    }
+
+    async fn resync(&mut self) {
+        let sessions: Vec<SessionId> = self.joined.keys().copied().collect();
+        for s in sessions {
+            if let Err(e) = self.catch_up(s).await {
+                tracing::warn!(error = %e, session = %s, "websocket resync failed");
+            }
+            self.refresh_position(s).await;
+        }
+    }
+
+    /// Re-reads a followed session and sends `session_updated` when its
+    /// status or queue position changed (customers see their place move).
+    async fn refresh_position(&mut self, session: SessionId) {
+        let view = match self.identity.role {
+            Role::Agent(_) => self.chat().get_session(self.tenant(), session).await,
+            Role::Customer { customer, .. } => {
+                self.chat()
+                    .customer_session(self.tenant(), customer, session)
+                    .await
+            }
+        };
+        let Ok(view) = view else { return };
+        let position = view.queue_position;
+        if self.positions.get(&session) != Some(&position) {
+            self.positions.insert(session, position);
+            self.send_session_updated(&view.session, position);
+        }
+    }
+
+    fn send_session_updated(&self, session: &livechat_core::ChatSession, position: Option<i64>) {
+        let dto = crate::dto::SessionDto::new(session.clone(), position);
+        let session_json = poem_openapi::types::ToJSON::to_json(&dto).unwrap_or_default();
+        self.send(frame(
+            json!({"type": "session_updated", "session": session_json}),
+        ));
+    }
+
+    async fn handle_domain(&mut self, event: &DomainEvent) -> Result<(), ChatError> {
+        match event.kind {
+            EventKind::MessagePosted => {
+                if let Ok(m) = serde_json::from_value::<ChatMessage>(event.payload.clone()) {
+                    self.deliver(&m).await?;
+                }
+            }
+            EventKind::SessionStarted
+            | EventKind::SessionAssigned
+            | EventKind::SessionClosed
+            | EventKind::SessionUpdated => {
+                let session: Option<livechat_core::ChatSession> =
+                    serde_json::from_value(event.payload.clone()).ok();
+                if let Role::Agent(_) = self.identity.role
+                    && let Some(s) = &session
+                {
+                    let queue_change = matches!(
+                        event.kind,
+                        EventKind::SessionAssigned | EventKind::SessionClosed
+                    ) || s.status == SessionStatus::Waiting;
+                    if queue_change {
+                        self.send(frame(json!({
+                            "type": "queue_updated",
+                            "session_id": s.id,
+                            "status": s.status,
+                        })));
+                    }
+                }
+                if let Some(s) = session
+                    && self.joined.contains_key(&s.id)
+                {
+                    self.positions.insert(s.id, None);
+                    let position = if s.status == SessionStatus::Waiting {
+                        self.chat()
+                            .get_session(self.tenant(), s.id)
+                            .await
+                            .ok()
+                            .and_then(|v| v.queue_position)
+                    } else {
+                        None
+                    };
+                    self.positions.insert(s.id, position);
+                    self.send_session_updated(&s, position);
+                }
+                // Queue moves shift every waiting customer's place.
+                let waiting: Vec<SessionId> = self
+                    .positions
+                    .iter()
+                    .filter(|(id, p)| p.is_some() && Some(**id) != event.session_id)
+                    .map(|(id, _)| *id)
+                    .collect();
+                for s in waiting {
+                    self.refresh_position(s).await;
+                }
+            }
+            EventKind::AgentStatusChanged => {
+                if let Role::Agent(_) = self.identity.role {
+                    self.send(frame(json!({
+                        "type": "presence_updated",
+                        "agent_id": event.payload.get("agent_id"),
+                        "status": event.payload.get("status"),
+                    })));
+                }
+            }
+            _ => {}
+        }
+        Ok(())
+    }
+
+    async fn handle_bus(&mut self, event: &BusEvent) -> Result<(), ChatError> {
+        match event {
+            BusEvent::Resync => self.resync().await,
+            BusEvent::Domain(e) if e.tenant_id == self.tenant() => self.handle_domain(e).await?,
+            BusEvent::Ephemeral { tenant_id, event } if *tenant_id == self.tenant() => {
+                let me = self.identity.role.participant();
+                match event {
+                    Ephemeral::Typing {
+                        session_id,
+                        by,
+                        state,
+                    } if self.joined.contains_key(session_id) && *by != me => {
+                        self.send(frame(json!({
+                            "type": "typing",
+                            "session_id": session_id,
+                            "sender_type": by.sender_type,
+                            "sender_id": by.sender_id,
+                            "customer_id": by.customer_id,
+                            "state": state,
+                        })));
+                    }
+                    Ephemeral::Read {
+                        session_id,
+                        by,
+                        seq,
+                    } if self.joined.contains_key(session_id) && *by != me => {
+                        self.send(frame(json!({
+                            "type": "read",
+                            "session_id": session_id,
+                            "sender_type": by.sender_type,
+                            "sender_id": by.sender_id,
+                            "customer_id": by.customer_id,
+                            "seq": seq,
+                        })));
+                    }
+                    Ephemeral::Presence { agent_id, status } => {
+                        if let Role::Agent(_) = self.identity.role {
+                            self.send(frame(json!({
+                                "type": "presence_updated",
+                                "agent_id": agent_id,
+                                "status": status,
+                            })));
+                        }
+                    }
+                    _ => {}
+                }
+            }
+            _ => {}
+        }
+        Ok(())
+    }
+
+    /// Checks the caller may see `raw` and returns its id.
+    async fn authorize(&self, raw: &str) -> Result<livechat_core::SessionView, ChatError> {
+        let id: SessionId = raw.parse()?;
+        match self.identity.role {
+            Role::Agent(_) => self.chat().get_session(self.tenant(), id).await,
+            Role::Customer { customer, .. } => {
+                self.chat()
+                    .customer_session(self.tenant(), customer, id)
+                    .await
+            }
+        }
+    }
+
+    fn joined_id(&self, raw: &str) -> Option<SessionId> {
+        raw.parse().ok().filter(|id| self.joined.contains_key(id))
+    }
+
+    async fn handle_frame(&mut self, frame_in: ClientFrame) -> Result<(), ChatError> {
+        match frame_in {
+            ClientFrame::Auth { .. } => {
+                self.send(error_frame(
+                    "already_authenticated",
+                    "this connection is authenticated",
+                    None,
+                ));
+            }
+            ClientFrame::Ping => {
+                self.send(frame(json!({"type": "pong"})));
+            }
+            ClientFrame::JoinSession {
+                session_id,
+                after_seq,
+            } => {
+                let view = match self.authorize(&session_id).await {
+                    Ok(v) => v,
+                    Err(e) => {
+                        let (code, message) = error_code(&e);
+                        self.send(error_frame(code, &message, Some(&session_id)));
+                        return Ok(());
+                    }
+                };
+                let id = view.session.id;
+                self.chat()
+                    .follow_session(self.tenant(), self.id, id)
+                    .await?;
+                let start = after_seq.unwrap_or(view.session.last_seq).max(0);
+                self.joined.insert(id, start);
+                self.positions.insert(id, view.queue_position);
+                self.send(frame(json!({
+                    "type": "joined",
+                    "session_id": id,
+                    "last_seq": view.session.last_seq,
+                    "queue_position": view.queue_position,
+                })));
+                self.catch_up(id).await?;
+            }
+            ClientFrame::LeaveSession { session_id } => {
+                if let Some(id) = self.joined_id(&session_id) {
+                    self.joined.remove(&id);
+                    self.positions.remove(&id);
+                    self.chat()
+                        .unfollow_session(self.tenant(), self.id, id)
+                        .await?;
+                }
+                self.send(frame(json!({"type": "left", "session_id": session_id})));
+            }
+            ClientFrame::SendMessage {
+                session_id,
+                client_msg_id,
+                message,
+            } => {
+                if self.limiter.check().is_err() {
+                    self.send(error_frame(
+                        "rate_limited",
+                        "too many messages; slow down",
+                        Some(&client_msg_id),
+                    ));
+                    return Ok(());
+                }
+                let result = match session_id.parse::<SessionId>() {
+                    Err(e) => Err(e),
+                    Ok(id) => match self.identity.role {
+                        Role::Agent(agent) => {
+                            self.chat()
+                                .post_message(
+                                    self.tenant(),
+                                    agent,
+                                    id,
+                                    message,
+                                    Some(client_msg_id.clone()),
+                                )
+                                .await
+                        }
+                        Role::Customer { customer, .. } => {
+                            self.chat()
+                                .post_customer_message(
+                                    self.tenant(),
+                                    customer,
+                                    id,
+                                    message,
+                                    Some(client_msg_id.clone()),
+                                )
+                                .await
+                        }
+                    },
+                };
+                match result {
+                    Ok(posted) => {
+                        self.send(frame(json!({
+                            "type": "ack",
+                            "client_msg_id": client_msg_id,
+                            "session_id": posted.message.session_id,
+                            "id": posted.message.id,
+                            "seq": posted.message.seq,
+                            "duplicate": !posted.created,
+                        })));
+                    }
+                    Err(e) => {
+                        let (code, message) = error_code(&e);
+                        self.send(error_frame(code, &message, Some(&client_msg_id)));
+                    }
+                }
+            }
+            ClientFrame::Typing { session_id, state } => match self.joined_id(&session_id) {
+                Some(id) => self.gateway.bus.publish(BusEvent::Ephemeral {
+                    tenant_id: self.tenant(),
+                    event: Ephemeral::Typing {
+                        session_id: id,
+                        by: self.identity.role.participant(),
+                        state,
+                    },
+                }),
+                None => {
+                    self.send(error_frame(
+                        "not_found",
+                        "join the session first",
+                        Some(&session_id),
+                    ));
+                }
+            },
+            ClientFrame::Read { session_id, seq } => match self.joined_id(&session_id) {
+                Some(id) if seq >= 0 => self.gateway.bus.publish(BusEvent::Ephemeral {
+                    tenant_id: self.tenant(),
+                    event: Ephemeral::Read {
+                        session_id: id,
+                        by: self.identity.role.participant(),
+                        seq,
+                    },
+                }),
+                Some(_) => {
+                    self.send(error_frame(
+                        "invalid_frame",
+                        "seq must not be negative",
+                        Some(&session_id),
+                    ));
+                }
+                None => {
+                    self.send(error_frame(
+                        "not_found",
+                        "join the session first",
+                        Some(&session_id),
+                    ));
+                }
+            },
+        }
+        Ok(())
+    }
+
+    /// A bad frame: an `error` frame, and 1008 after too many in a row.
+    fn bad_frame(&mut self, code: &str, message: &str) {
+        self.bad_frames += 1;
+        self.send(error_frame(code, message, None));
+        if self.bad_frames >= self.gateway.config.max_bad_frames {
+            self.close_with(CloseCode::Policy, "too many invalid frames");
+        }
+    }
+}
+
+/// Waits for the `auth` frame of a browser client.
+async fn first_frame_auth(
+    gateway: &Gateway,
+    stream: &mut futures_util::stream::SplitStream<WebSocketStream>,
+) -> Result<Identity, Refusal> {
+    let deadline = tokio::time::sleep(gateway.config.auth_timeout);
+    tokio::pin!(deadline);
+    loop {
+        tokio::select! {
+            () = &mut deadline => return Err(Refusal::new("unauthorized", "no auth frame in time")),
+            next = stream.next() => {
+                let Some(Ok(message)) = next else {
+                    return Err(Refusal::new("unauthorized", "closed before auth"));
+                };
+                let text = match message {
+                    Message::Text(t) => t,
+                    Message::Ping(_) | Message::Pong(_) => continue,
+                    _ => return Err(Refusal::new("unauthorized", "the first frame must be auth")),
+                };
+                return match parse_frame(&text, gateway.config.max_frame_bytes) {
+                    Ok(ClientFrame::Auth { token, tenant_id }) => {
+                        let tenant = TenantId::new(tenant_id)
+                            .map_err(|_| Refusal::new("invalid_tenant", "tenant_id must be a positive integer"))?;
+                        gateway.identify(&token, tenant).await
+                    }
+                    _ => Err(Refusal::new("unauthorized", "the first frame must be auth")),
+                };
+            }
+        }
+    }
+}
+
+/// Runs one connection to its end.
+async fn serve(gateway: Arc<Gateway>, socket: WebSocketStream, pre_auth: Option<Identity>) {
+    let (mut sink, mut stream) = socket.split();
+    let identity = match pre_auth {
+        Some(identity) => identity,
+        None => match first_frame_auth(&gateway, &mut stream).await {
+            Ok(identity) => identity,
+            Err(refusal) => {
+                let _ = sink
+                    .send(error_frame(refusal.code, &refusal.message, None))
+                    .await;
+                let _ = sink
+                    .send(Message::Close(Some((CloseCode::Policy, refusal.message))))
+                    .await;
+                return;
+            }
+        },
+    };
+
+    let (out_tx, mut out_rx) = mpsc::channel::<Out>(gateway.config.outbound_queue.max(1));
+    let (close_tx, mut close_rx) = watch::channel::<Option<(CloseCode, String)>>(None);
+    // The writer owns the sink. A close request is served before queued
+    // frames; for anything but a slow consumer (1013) the frames already
+    // queued (e.g. the error that caused a 1008) are flushed first.
+    let writer = tokio::spawn(async move {
+        let mut close_open = true;
+        loop {
+            tokio::select! {
+                biased;
+                changed = close_rx.changed(), if close_open => {
+                    if changed.is_err() {
+                        close_open = false;
+                        continue;
+                    }
+                    let Some((code, text)) = close_rx.borrow().clone() else { continue };
+                    if code != CloseCode::Again {
+                        while let Ok(Out::Frame(m)) = out_rx.try_recv() {
+                            if sink.send(m).await.is_err() {
+                                return;
+                            }
+                        }
+                    }
+                    let _ = sink.send(Message::Close(Some((code, text)))).await;
+                    let _ = sink.close().await;
+                    return;
+                }
+                next = out_rx.recv() => match next {
+                    Some(Out::Frame(m)) => {
+                        if sink.send(m).await.is_err() {
+                            return;
+                        }
+                    }
+                    None => {
+                        let _ = sink.send(Message::Close(Some((CloseCode::Normal, String::new())))).await;
+                        let _ = sink.close().await;
+                        return;
+                    }
+                },
+            }
+        }
+    });
+
+    let rate = NonZeroU32::new(gateway.config.send_rate_per_sec.max(1)).unwrap_or(NonZeroU32::MIN);
+    let burst = rate.saturating_mul(NonZeroU32::new(2).unwrap_or(NonZeroU32::MIN));
+    let mut conn = Conn {
+        gateway: gateway.clone(),
+        id: uuid::Uuid::now_v7(),
+        identity,
+        out: out_tx,
+        close: close_tx,
+        joined: HashMap::new(),
+        positions: HashMap::new(),
+        bad_frames: 0,
+        limiter: RateLimiter::direct(Quota::per_second(rate).allow_burst(burst)),
+        last_heard: Instant::now(),
+    };
+    let owner = identity.role.owner();
+    let cfg = gateway.config.clone();
+    let mut bus = gateway.bus.subscribe();
+    if let Err(e) = gateway
+        .chat
+        .register_connection(
+            identity.tenant,
+            conn.id,
+            owner,
+            &cfg.node_id,
+            cfg.connection_ttl,
+        )
+        .await
+    {
+        tracing::warn!(error = %e, "websocket: could not register the connection");
+    }
+    if let Err(e) = gateway
+        .chat
+        .touch_connection(identity.tenant, conn.id, owner, cfg.connection_ttl)
+        .await
+    {
+        tracing::warn!(error = %e, "websocket: heartbeat failed");
+    }
+    conn.send(frame(json!({
+        "type": "ready",
+        "connection_id": conn.id,
+        "role": identity.role.name(),
+        "tenant_id": identity.tenant,
+    })));
+
+    let mut shutdown = gateway.shutdown.clone();
+    let mut ping = tokio::time::interval(cfg.ping_interval);
+    ping.tick().await;
+    loop {
+        if conn.is_closing() {
+            break;
+        }
+        tokio::select! {
+            changed = shutdown.changed() => {
+                if changed.is_err() || *shutdown.borrow() {
+                    conn.close_with(CloseCode::Away, "server shutting down");
+                    break;
+                }
+            }
+            incoming = stream.next() => {
+                let Some(Ok(message)) = incoming else { break };
+                conn.last_heard = Instant::now();
+                match message {
+                    Message::Text(text) => match parse_frame(&text, cfg.max_frame_bytes) {
+                        Ok(f) => {
+                            conn.bad_frames = 0;
+                            if let Err(e) = conn.handle_frame(f).await {
+                                let (code, message) = error_code(&e);
+                                conn.send(error_frame(code, &message, None));
+                            }
+                        }
+                        Err((code, message)) => conn.bad_frame(code, &message),
+                    },
+                    Message::Binary(_) => conn.bad_frame("invalid_frame", "frames are JSON text"),
+                    Message::Close(_) => break,
+                    Message::Ping(_) | Message::Pong(_) => {}
+                }
+            }
+            event = bus.recv() => match event {
+                Ok(event) => {
+                    if let Err(e) = conn.handle_bus(&event).await {
+                        tracing::warn!(error = %e, "websocket: delivery failed");
+                    }
+                }
+                Err(broadcast::error::RecvError::Lagged(_)) => conn.resync().await,
+                Err(broadcast::error::RecvError::Closed) => break,
+            },
+            _ = ping.tick() => {
+                if conn.last_heard.elapsed() > cfg.connection_ttl {
+                    conn.close_with(CloseCode::Away, "no heartbeat");
+                    break;
+                }
+                conn.send(Message::Ping(Vec::new()));
+                if let Err(e) = gateway.chat.touch_connection(identity.tenant, conn.id, owner, cfg.connection_ttl).await {
+                    tracing::warn!(error = %e, "websocket: heartbeat failed");
+                }
+            }
+        }
+    }
+
+    // Dropping the senders lets the writer flush what is queued and close.
+    let conn_id = conn.id;
+    drop(conn);
+    let _ = writer.await;
+    match gateway
+        .chat
+        .unregister_connection(identity.tenant, conn_id, owner, cfg.presence_grace)
+        .await
+    {
+        Ok(true) => {
+            if let Role::Agent(agent) = identity.role {
+                spawn_presence_check(gateway.clone(), identity.tenant, agent);
+            }
+        }
+        Ok(false) => {}
+        Err(e) => tracing::warn!(error = %e, "websocket: could not unregister the connection"),
+    }
+}
+
+/// After the grace period, tells the tenant's agents that an agent whose
+/// last connection closed is gone, unless they reconnected meanwhile.
+fn spawn_presence_check(gateway: Arc<Gateway>, tenant: TenantId, agent: UserId) {
+    tokio::spawn(async move {
+        tokio::time::sleep(gateway.config.presence_grace).await;
+        if matches!(gateway.chat.agent_connected(tenant, agent).await, Ok(false)) {
+            gateway.bus.publish(BusEvent::Ephemeral {
+                tenant_id: tenant,
+                event: Ephemeral::Presence {
+                    agent_id: agent,
+                    status: PresenceStatus::Offline,
+                },
+            });
+        }
+    });
+}

@@ -404,6 +404,12 @@ struct Conn {
     last_heard: Instant,
 }
 
+/// How long a closing connection waits for the client's close frame.
+const CLOSE_HANDSHAKE: Duration = Duration::from_secs(30);
+
+/// How long a catch-up waits for room in a full outbound queue.
+const REPLAY_STALL: Duration = Duration::from_secs(10);
+
 /// Pages of at most this many messages are read during catch-up.
 const CATCH_UP_PAGE: i64 = 200;
 
@@ -414,6 +420,7 @@ impl Conn {
         match self.out.try_send(Out::Frame(message)) {
             Ok(()) => true,
             Err(mpsc::error::TrySendError::Full(_)) => {
+                tracing::debug!(connection = %self.id, "outbound queue full: closing with 1013");
                 self.close_with(
                     CloseCode::Again,
                     "too slow: reconnect and resume with after_seq",
@@ -421,6 +428,27 @@ impl Conn {
                 false
             }
             Err(mpsc::error::TrySendError::Closed(_)) => false,
+        }
+    }
+
+    /// Queues a catch-up frame, waiting for room (a replay may be much
+    /// longer than the queue); a client that takes no frame for
+    /// [`REPLAY_STALL`] is closed with 1013.
+    async fn send_replay(&self, message: Message) -> bool {
+        match self
+            .out
+            .send_timeout(Out::Frame(message), REPLAY_STALL)
+            .await
+        {
+            Ok(()) => true,
+            Err(mpsc::error::SendTimeoutError::Timeout(_)) => {
+                self.close_with(
+                    CloseCode::Again,
+                    "too slow: reconnect and resume with after_seq",
+                );
+                false
+            }
+            Err(mpsc::error::SendTimeoutError::Closed(_)) => false,
         }
     }
 
@@ -452,7 +480,7 @@ impl Conn {
                 .await?;
             let full = page.len() as i64 == CATCH_UP_PAGE;
             for m in &page {
-                if !self.send(message_frame(m)) {
+                if !self.send_replay(message_frame(m)).await {
                     return Ok(());
                 }
                 self.joined.insert(session, m.seq);
@@ -1001,7 +1029,8 @@ async fn serve(gateway: Arc<Gateway>, socket: WebSocketStream, pre_auth: Option<
                     conn.close_with(CloseCode::Away, "no heartbeat");
                     break;
                 }
-                conn.send(Message::Ping(Vec::new()));
+                // A full queue already proves the socket is busy: skip the ping.
+                let _ = conn.out.try_send(Out::Frame(Message::Ping(Vec::new())));
                 if let Err(e) = gateway.chat.touch_connection(identity.tenant, conn.id, owner, cfg.connection_ttl).await {
                     tracing::warn!(error = %e, "websocket: heartbeat failed");
                 }
@@ -1011,14 +1040,27 @@ async fn serve(gateway: Arc<Gateway>, socket: WebSocketStream, pre_auth: Option<
 
     // Dropping the senders lets the writer flush what is queued and close.
     let conn_id = conn.id;
+    tracing::debug!(connection = %conn_id, role = identity.role.name(), "websocket closing");
     drop(conn);
+    // Finish the closing handshake: keep reading (and discarding) until the
+    // client's close frame, so the socket is not reset while the client is
+    // still reading what was sent before our close frame.
+    let drain = async {
+        while let Some(Ok(message)) = stream.next().await {
+            if matches!(message, Message::Close(_)) {
+                break;
+            }
+        }
+    };
     let _ = writer.await;
+    let _ = tokio::time::timeout(CLOSE_HANDSHAKE, drain).await;
     match gateway
         .chat
         .unregister_connection(identity.tenant, conn_id, owner, cfg.presence_grace)
         .await
     {
         Ok(true) => {
+            tracing::debug!(connection = %conn_id, "last connection of the agent closed");
             if let Role::Agent(agent) = identity.role {
                 spawn_presence_check(gateway.clone(), identity.tenant, agent);
             }

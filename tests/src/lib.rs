@@ -9,6 +9,7 @@ use std::sync::OnceLock;
 
 use sea_orm::{ConnectionTrait, DatabaseConnection};
 
+pub mod node;
 pub mod redis_server;
 
 /// The database a test runs against.
@@ -297,6 +298,14 @@ impl App {
         }
     }
 
+    /// Runs the app's dispatcher until the outbox is empty.
+    ///
+    /// # Panics
+    /// When it does not drain within ten seconds.
+    pub async fn drain_outbox(&self) {
+        drain_outbox(&self.dispatcher, &self.db).await;
+    }
+
     /// A token for `user` with `roles`, allowed in `tenants` (`None`: all),
     /// valid for ten minutes.
     ///
@@ -456,4 +465,39 @@ pub fn init_tracing() {
             .with_test_writer()
             .try_init();
     });
+}
+
+/// Undispatched events in the outbox.
+///
+/// # Panics
+/// When the count cannot be read.
+pub async fn pending_events(db: &DatabaseConnection) -> i64 {
+    use sea_orm::Statement;
+    let row = db
+        .query_one_raw(Statement::from_string(
+            db.get_database_backend(),
+            "SELECT COUNT(*) AS n FROM livechat_outbox WHERE dispatched_at IS NULL",
+        ))
+        .await
+        .expect("count pending events")
+        .expect("one row");
+    row.try_get::<i64>("", "n").expect("count")
+}
+
+/// Runs `dispatcher` until the outbox has no undispatched event.
+///
+/// # Panics
+/// When it does not drain within ten seconds.
+pub async fn drain_outbox(
+    dispatcher: &livechat_ticket_bridge::Dispatcher<livechat_core::store::SeaOrmStore>,
+    db: &DatabaseConnection,
+) {
+    for _ in 0..1000 {
+        dispatcher.dispatch_once().await.expect("dispatch");
+        if pending_events(db).await == 0 {
+            return;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
+    panic!("the outbox did not drain");
 }

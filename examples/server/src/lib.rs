@@ -553,6 +553,16 @@ pub fn app(
 
 /// The whole host app over an open, migrated database and `bus`.
 pub fn build(db: DatabaseConnection, config: &Config, bus: Arc<dyn EventBus>) -> HostApp {
+    build_with(db, config, bus, config.realtime())
+}
+
+/// As [`build`], with explicit WebSocket gateway settings.
+pub fn build_with(
+    db: DatabaseConnection,
+    config: &Config,
+    bus: Arc<dyn EventBus>,
+    realtime: RealtimeConfig,
+) -> HostApp {
     let store = SeaOrmStore::new(db.clone()).with_bus(bus.clone());
     let chat = ChatService::new(store, config.chat_config());
     let tables = Arc::new(SeaOrmSinks::new(db.clone()));
@@ -564,7 +574,7 @@ pub fn build(db: DatabaseConnection, config: &Config, bus: Arc<dyn EventBus>) ->
     .identity_secrets(config.identity_secrets.clone())
     .tickets(tables.clone())
     .notifications(tables)
-    .realtime(bus.clone(), config.realtime());
+    .realtime(bus.clone(), realtime);
     let state = Arc::new(HostState {
         db,
         jwt_secret: config.jwt_secret.clone(),
@@ -613,8 +623,20 @@ pub async fn run(config: Config) -> Result<(), Box<dyn std::error::Error + Send 
         );
     }
     let db = prepare_database(&config.database_url).await?;
+    let housekeeping = tokio::spawn(purge_connections(db.clone()));
     tracing::info!(addr = %config.addr, database = %redact(&config.database_url), "livechat example server starting");
-    let bus: Arc<dyn EventBus> = Arc::new(InProcessBus::new());
+    let bus: Arc<dyn EventBus> = match &config.redis_url {
+        None => Arc::new(InProcessBus::new()),
+        Some(url) => {
+            let bus = livechat_core::redis_bus::RedisBus::connect(
+                url,
+                livechat_core::redis_bus::DEFAULT_CHANNEL,
+            )
+            .await?;
+            tracing::info!(node = %bus.node_id(), "event bus: Redis");
+            Arc::new(bus)
+        }
+    };
     let host = build(db.clone(), &config, bus);
     let livechat = host.livechat.clone();
     let (stop_tx, mut stop_rx) = tokio::sync::watch::channel(false);
@@ -631,9 +653,23 @@ pub async fn run(config: Config) -> Result<(), Box<dyn std::error::Error + Send 
         .await?;
     let _ = stop_tx.send(true);
     let _ = dispatcher.await;
+    housekeeping.abort();
     db.close().await?;
     tracing::info!("stopped");
     Ok(())
+}
+
+/// Deletes expired connection rows (of crashed nodes) every minute.
+async fn purge_connections(db: DatabaseConnection) {
+    use livechat_core::ConnectionRepository;
+    let store = SeaOrmStore::new(db);
+    let mut tick = tokio::time::interval(Duration::from_secs(60));
+    loop {
+        tick.tick().await;
+        if let Err(e) = store.purge_expired_connections().await {
+            tracing::warn!(error = %e, "purging expired connections failed");
+        }
+    }
 }
 
 fn redact(url: &str) -> String {

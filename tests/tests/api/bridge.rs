@@ -66,30 +66,8 @@ async fn customer_get(app: &App, path: &str, auth: &str) -> (poem::http::StatusC
     .await
 }
 
-/// Undispatched events in the outbox.
-async fn pending(db: &sea_orm::DatabaseConnection) -> i64 {
-    use sea_orm::{ConnectionTrait, Statement};
-    let row = db
-        .query_one_raw(Statement::from_string(
-            db.get_database_backend(),
-            "SELECT COUNT(*) AS n FROM livechat_outbox WHERE dispatched_at IS NULL",
-        ))
-        .await
-        .unwrap()
-        .unwrap();
-    row.try_get::<i64>("", "n").unwrap()
-}
-
-/// Runs `dispatcher` until the outbox has no undispatched event.
 async fn drain(dispatcher: &Dispatcher<SeaOrmStore>, db: &sea_orm::DatabaseConnection) {
-    for _ in 0..500 {
-        dispatcher.dispatch_once().await.unwrap();
-        if pending(db).await == 0 {
-            return;
-        }
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
-    panic!("the outbox did not drain");
+    livechat_tests::drain_outbox(dispatcher, db).await;
 }
 
 async fn ticket_then_notification_on_agent_reply(backend: Backend) {

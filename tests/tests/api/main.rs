@@ -8,5 +8,6 @@ mod customers;
 mod host;
 mod isolation;
 mod messages;
+mod realtime;
 mod routing;
 mod sessions;

@@ -1,0 +1,236 @@
+//! A real example-server node on a loopback port, and a WebSocket client
+//! (tokio-tungstenite) for the real-time tests.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures::{SinkExt, StreamExt};
+use livechat_core::bus::EventBus;
+use poem::listener::{Acceptor, Listener, TcpListener};
+use sea_orm::DatabaseConnection;
+use serde_json::Value;
+use tokio_tungstenite::tungstenite::{self, Message, client::IntoClientRequest};
+
+/// One running node.
+pub struct Node {
+    /// Where it listens.
+    pub addr: SocketAddr,
+    /// The module handle (for `shutdown`).
+    pub livechat: livechat_poem::Livechat,
+    /// The service over the node's store and bus.
+    pub chat: livechat_core::ChatService,
+    server: tokio::task::JoinHandle<()>,
+}
+
+impl Node {
+    /// Serves the example host over `db` and `bus` on a free port.
+    ///
+    /// # Panics
+    /// When no port can be bound.
+    pub async fn start(
+        db: DatabaseConnection,
+        config: &livechat_example_server::Config,
+        bus: Arc<dyn EventBus>,
+    ) -> Self {
+        Self::start_with(db, config, bus, config.realtime()).await
+    }
+
+    /// As [`Self::start`] with explicit gateway settings.
+    ///
+    /// # Panics
+    /// When no port can be bound.
+    pub async fn start_with(
+        db: DatabaseConnection,
+        config: &livechat_example_server::Config,
+        bus: Arc<dyn EventBus>,
+        realtime: livechat_poem::RealtimeConfig,
+    ) -> Self {
+        let host = livechat_example_server::build_with(db.clone(), config, bus.clone(), realtime);
+        let acceptor = TcpListener::bind("127.0.0.1:0")
+            .into_acceptor()
+            .await
+            .expect("bind");
+        let addr = *acceptor.local_addr()[0]
+            .as_socket_addr()
+            .expect("tcp address");
+        let endpoint = host.endpoint;
+        let server = tokio::spawn(async move {
+            let _ = poem::Server::new_with_acceptor(acceptor)
+                .run(endpoint)
+                .await;
+        });
+        let chat = livechat_core::ChatService::new(
+            livechat_core::store::SeaOrmStore::new(db).with_bus(bus),
+            config.chat_config(),
+        );
+        Self {
+            addr,
+            livechat: host.livechat,
+            chat,
+            server,
+        }
+    }
+
+    /// `ws://…/livechat/ws`.
+    #[must_use]
+    pub fn ws_url(&self) -> String {
+        format!("ws://{}/livechat/ws", self.addr)
+    }
+
+    /// `http://…` + `path`.
+    #[must_use]
+    pub fn url(&self, path: &str) -> String {
+        format!("http://{}{path}", self.addr)
+    }
+
+    /// Stops serving (the port is released).
+    pub fn stop(&self) {
+        self.server.abort();
+    }
+}
+
+impl Drop for Node {
+    fn drop(&mut self) {
+        self.server.abort();
+    }
+}
+
+type Stream =
+    tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
+
+/// A WebSocket client speaking the livechat protocol.
+pub struct WsClient {
+    stream: Stream,
+}
+
+/// How long a test waits for an expected frame.
+pub const FRAME_WAIT: Duration = Duration::from_secs(20);
+
+impl WsClient {
+    /// Connects with `Authorization: <authorization>` and `X-Tenant-ID`.
+    ///
+    /// # Errors
+    /// The handshake error (e.g. a 401 answer).
+    pub async fn connect_with_header(
+        url: &str,
+        authorization: &str,
+        tenant: i64,
+    ) -> Result<Self, tungstenite::Error> {
+        let mut req = url.into_client_request()?;
+        req.headers_mut()
+            .insert("Authorization", authorization.parse().expect("header"));
+        req.headers_mut()
+            .insert("X-Tenant-ID", tenant.to_string().parse().expect("header"));
+        let (stream, _) = tokio_tungstenite::connect_async(req).await?;
+        Ok(Self { stream })
+    }
+
+    /// Connects without credentials (a browser) and sends nothing yet.
+    ///
+    /// # Panics
+    /// When the handshake fails.
+    pub async fn connect_bare(url: &str) -> Self {
+        let (stream, _) = tokio_tungstenite::connect_async(url)
+            .await
+            .expect("handshake");
+        Self { stream }
+    }
+
+    /// Connects like a browser and authenticates with the first frame;
+    /// returns after `ready`.
+    ///
+    /// # Panics
+    /// When the handshake fails or `ready` does not come.
+    pub async fn connect_with_frame(url: &str, token: &str, tenant: i64) -> Self {
+        let mut c = Self::connect_bare(url).await;
+        c.send(serde_json::json!({"type": "auth", "token": token, "tenant_id": tenant}))
+            .await;
+        c.expect("ready").await;
+        c
+    }
+
+    /// Sends a JSON frame.
+    ///
+    /// # Panics
+    /// When the socket is closed.
+    pub async fn send(&mut self, frame: Value) {
+        self.stream
+            .send(Message::Text(frame.to_string().into()))
+            .await
+            .expect("send");
+    }
+
+    /// Sends raw text.
+    ///
+    /// # Panics
+    /// When the socket is closed.
+    pub async fn send_text(&mut self, text: &str) {
+        self.stream
+            .send(Message::Text(text.to_owned().into()))
+            .await
+            .expect("send");
+    }
+
+    /// The next JSON frame, or `None` on close/timeout.
+    pub async fn next(&mut self, wait: Duration) -> Option<Value> {
+        let deadline = tokio::time::Instant::now() + wait;
+        loop {
+            match tokio::time::timeout_at(deadline, self.stream.next()).await {
+                Ok(Some(Ok(Message::Text(t)))) => {
+                    return Some(serde_json::from_str(&t).expect("JSON frame"));
+                }
+                Ok(Some(Ok(Message::Ping(_) | Message::Pong(_) | Message::Frame(_)))) => {}
+                Ok(Some(Ok(Message::Binary(_)))) => panic!("unexpected binary frame"),
+                Ok(Some(Ok(Message::Close(_)))) | Ok(Some(Err(_))) | Ok(None) | Err(_) => {
+                    return None;
+                }
+            }
+        }
+    }
+
+    /// The next frame of type `ty`, skipping others.
+    ///
+    /// # Panics
+    /// When none comes within [`FRAME_WAIT`].
+    pub async fn expect(&mut self, ty: &str) -> Value {
+        loop {
+            match self.next(FRAME_WAIT).await {
+                Some(f) if f["type"] == ty => return f,
+                Some(_) => {}
+                None => panic!("no `{ty}` frame"),
+            }
+        }
+    }
+
+    /// Reads until the server closes; returns the close code (skipping
+    /// other frames), `None` when the stream ends without a close frame.
+    pub async fn close_code(&mut self, wait: Duration) -> Option<u16> {
+        let deadline = tokio::time::Instant::now() + wait;
+        loop {
+            match tokio::time::timeout_at(deadline, self.stream.next()).await {
+                Ok(Some(Ok(Message::Close(frame)))) => return frame.map(|f| u16::from(f.code)),
+                Ok(Some(Ok(_))) => {}
+                Ok(Some(Err(e))) => {
+                    eprintln!("websocket ended without a close frame: {e}");
+                    return None;
+                }
+                _ => return None,
+            }
+        }
+    }
+
+    /// Collects frames until `wait` passes with nothing new.
+    pub async fn drain(&mut self, wait: Duration) -> Vec<Value> {
+        let mut out = Vec::new();
+        while let Some(f) = self.next(wait).await {
+            out.push(f);
+        }
+        out
+    }
+
+    /// Drops the connection without a close handshake.
+    pub fn drop_now(self) {
+        drop(self);
+    }
+}

@@ -1,0 +1,600 @@
+//! The WebSocket gateway (issue #4) against a real node on loopback.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use livechat_core::bus::InProcessBus;
+use livechat_core::{
+    CustomerChatRequest, CustomerIdentity, PresenceStatus, SessionId, TenantId, UserId,
+};
+use livechat_tests::node::{Node, WsClient};
+use livechat_tests::{App, Backend, on_both_databases};
+use serde_json::{Value, json};
+
+on_both_databases!(
+    agent_and_customer_talk_live,
+    resume_after_a_drop_in_a_thousand_message_stream,
+    idempotent_send_and_typing_relay,
+    bad_input_gets_error_frames,
+    authentication_and_isolation,
+    presence_grace_and_expiry,
+    slow_consumer_is_closed_with_1013,
+    connection_status_and_offline_notifications,
+    shutdown_closes_with_1001,
+);
+
+fn t(n: i64) -> TenantId {
+    TenantId::new(n).unwrap()
+}
+fn u(n: i64) -> UserId {
+    UserId::new(n).unwrap()
+}
+
+/// A node with short timers over a fresh database.
+async fn node(
+    backend: Backend,
+    adjust: impl FnOnce(&mut livechat_poem::RealtimeConfig),
+) -> (App, Node) {
+    let app = App::new(backend).await;
+    let mut config = app.config.clone();
+    config.ping_interval = Duration::from_millis(200);
+    config.presence_ttl = Duration::from_secs(2);
+    config.presence_grace = Duration::from_millis(500);
+    let mut realtime = config.realtime();
+    adjust(&mut realtime);
+    let node = Node::start_with(
+        app.db.clone(),
+        &config,
+        Arc::new(InProcessBus::new()),
+        realtime,
+    )
+    .await;
+    (app, node)
+}
+
+/// A customer (identified host user `user`) with a session served by agent 7.
+async fn open_chat(node: &Node, user: i64) -> (SessionId, String) {
+    node.chat
+        .set_agent_status(t(1), u(7), PresenceStatus::Online)
+        .await
+        .unwrap();
+    let customer = node
+        .chat
+        .resolve_customer(t(1), CustomerIdentity::User(u(user)))
+        .await
+        .unwrap();
+    let started = node
+        .chat
+        .start_customer_chat(
+            t(1),
+            customer.id,
+            CustomerChatRequest {
+                topic: "live".into(),
+                ..Default::default()
+            },
+        )
+        .await
+        .unwrap();
+    assert_eq!(started.view.session.agent_id, Some(u(7)));
+    (
+        started.view.session.id,
+        format!("Bearer {}", App::token(user, &["USER"], Some(&[1]))),
+    )
+}
+
+fn agent_auth(agent: i64) -> String {
+    format!("Bearer {}", App::agent(agent))
+}
+
+async fn join(c: &mut WsClient, session: SessionId, after: Option<i64>) -> Value {
+    let mut frame = json!({"type": "join_session", "session_id": session});
+    if let Some(a) = after {
+        frame["after_seq"] = json!(a);
+    }
+    c.send(frame).await;
+    c.expect("joined").await
+}
+
+async fn agent_and_customer_talk_live(backend: Backend) {
+    let (_app, node) = node(backend, |_| {}).await;
+    let (session, customer_auth) = open_chat(&node, 900).await;
+    let mut agent = WsClient::connect_with_header(&node.ws_url(), &agent_auth(7), 1)
+        .await
+        .unwrap();
+    let ready = agent.expect("ready").await;
+    assert_eq!(ready["role"], "agent");
+    // The browser way: credentials in the first frame.
+    let token = customer_auth.trim_start_matches("Bearer ");
+    let mut customer = WsClient::connect_with_frame(&node.ws_url(), token, 1).await;
+    join(&mut agent, session, None).await;
+    let joined = join(&mut customer, session, None).await;
+    assert_eq!(joined["last_seq"], 0);
+
+    agent.send(json!({"type": "send_message", "session_id": session, "client_msg_id": "a-1", "message": "Hello!"})).await;
+    let ack = agent.expect("ack").await;
+    assert_eq!(
+        (ack["client_msg_id"].as_str(), ack["seq"].as_i64()),
+        (Some("a-1"), Some(1))
+    );
+    let got = customer.expect("new_message").await;
+    assert_eq!(got["message"], "Hello!");
+    assert_eq!(got["seq"], 1);
+    assert_eq!(got["sender_type"], "agent");
+    assert_eq!(got["client_msg_id"], "a-1");
+
+    // The sender's own connection gets the message too (other devices).
+    assert_eq!(agent.expect("new_message").await["seq"], 1);
+    customer.send(json!({"type": "send_message", "session_id": session, "client_msg_id": "c-1", "message": "Hi"})).await;
+    assert_eq!(customer.expect("ack").await["seq"], 2);
+    let got = agent.expect("new_message").await;
+    assert_eq!(
+        (got["seq"].as_i64(), got["sender_type"].as_str()),
+        (Some(2), Some("customer"))
+    );
+
+    // A message sent over HTTP reaches both sockets.
+    let resp = reqwest::Client::new()
+        .post(node.url(&format!("/livechat/sessions/{session}/messages")))
+        .header("Authorization", agent_auth(8))
+        .header("X-Tenant-ID", "1")
+        .header("Content-Type", "application/json")
+        .body(json!({"message": "via HTTP"}).to_string())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 201);
+    for c in [&mut agent, &mut customer] {
+        let mut m = c.expect("new_message").await;
+        while m["seq"].as_i64() < Some(3) {
+            m = c.expect("new_message").await;
+        }
+        assert_eq!(
+            (m["seq"].as_i64(), m["message"].as_str()),
+            (Some(3), Some("via HTTP"))
+        );
+    }
+    // Ping/pong at the protocol level.
+    customer.send(json!({"type": "ping"})).await;
+    customer.expect("pong").await;
+    // Closing over HTTP tells joined clients.
+    node.chat.close_session(t(1), u(7), session).await.unwrap();
+    let updated = customer.expect("session_updated").await;
+    assert_eq!(updated["session"]["status"], "CLOSED");
+}
+
+async fn resume_after_a_drop_in_a_thousand_message_stream(backend: Backend) {
+    let (_app, node) = node(backend, |_| {}).await;
+    let (session, _) = open_chat(&node, 901).await;
+    let mut client = WsClient::connect_with_header(&node.ws_url(), &agent_auth(8), 1)
+        .await
+        .unwrap();
+    join(&mut client, session, Some(0)).await;
+    let chat = node.chat.clone();
+    let writer = tokio::spawn(async move {
+        for n in 1..=1000 {
+            chat.post_message(t(1), u(7), session, format!("m{n}"), None)
+                .await
+                .unwrap();
+        }
+    });
+    // Read part of the stream, then drop the connection mid-stream.
+    let mut seen = Vec::new();
+    while seen.len() < 300 {
+        let f = client.expect("new_message").await;
+        seen.push(f["seq"].as_i64().unwrap());
+    }
+    client.drop_now();
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    let last = *seen.last().unwrap();
+    let mut again = WsClient::connect_with_header(&node.ws_url(), &agent_auth(8), 1)
+        .await
+        .unwrap();
+    join(&mut again, session, Some(last)).await;
+    while seen.len() < 1000 {
+        let Some(f) = again.next(livechat_tests::node::FRAME_WAIT).await else {
+            panic!(
+                "stalled after {} messages (last {:?}); writer finished: {}",
+                seen.len(),
+                seen.last(),
+                writer.is_finished()
+            );
+        };
+        if f["type"] == "new_message" {
+            seen.push(f["seq"].as_i64().unwrap());
+        }
+    }
+    writer.await.unwrap();
+    assert_eq!(
+        seen,
+        (1..=1000).collect::<Vec<_>>(),
+        "gap-free, no duplicates across the switch"
+    );
+    let after: Vec<Value> = again
+        .drain(Duration::from_millis(300))
+        .await
+        .into_iter()
+        .filter(|f| f["type"] == "new_message")
+        .collect();
+    assert!(after.is_empty(), "nothing after the end: {after:?}");
+}
+
+async fn idempotent_send_and_typing_relay(backend: Backend) {
+    let (_app, node) = node(backend, |_| {}).await;
+    let (session, customer_auth) = open_chat(&node, 902).await;
+    let mut agent = WsClient::connect_with_header(&node.ws_url(), &agent_auth(7), 1)
+        .await
+        .unwrap();
+    let mut customer = WsClient::connect_with_header(&node.ws_url(), &customer_auth, 1)
+        .await
+        .unwrap();
+    join(&mut agent, session, None).await;
+    join(&mut customer, session, None).await;
+
+    for _ in 0..2 {
+        customer.send(json!({"type": "send_message", "session_id": session, "client_msg_id": "same", "message": "once"})).await;
+        let ack = customer.expect("ack").await;
+        assert_eq!(ack["seq"], 1, "the retry acks with the original seq");
+    }
+    let frames = agent.drain(Duration::from_millis(400)).await;
+    let messages: Vec<_> = frames
+        .iter()
+        .filter(|f| f["type"] == "new_message")
+        .collect();
+    assert_eq!(messages.len(), 1, "stored and delivered once");
+    assert_eq!(
+        node.chat
+            .list_messages(t(1), session, None, None)
+            .await
+            .unwrap()
+            .len(),
+        1
+    );
+
+    customer
+        .send(json!({"type": "typing", "session_id": session, "state": "start"}))
+        .await;
+    let typing = agent.expect("typing").await;
+    assert_eq!(
+        (typing["state"].as_str(), typing["sender_type"].as_str()),
+        (Some("start"), Some("customer"))
+    );
+    agent
+        .send(json!({"type": "read", "session_id": session, "seq": 1}))
+        .await;
+    let read = customer.expect("read").await;
+    assert_eq!(
+        (read["seq"].as_i64(), read["sender_type"].as_str()),
+        (Some(1), Some("agent"))
+    );
+    // The sender does not get its own typing back.
+    let own = customer.drain(Duration::from_millis(300)).await;
+    assert!(own.iter().all(|f| f["type"] != "typing"), "{own:?}");
+}
+
+async fn bad_input_gets_error_frames(backend: Backend) {
+    let (_app, node) = node(backend, |r| r.send_rate_per_sec = 2).await;
+    let (session, _) = open_chat(&node, 903).await;
+    let mut c = WsClient::connect_with_header(&node.ws_url(), &agent_auth(7), 1)
+        .await
+        .unwrap();
+    c.expect("ready").await;
+    let cases = [
+        ("{not json", "invalid_json"),
+        ("[1,2]", "invalid_frame"),
+        (r#"{"type": 5}"#, "invalid_frame"),
+        (r#"{"type": "fly"}"#, "unknown_type"),
+        (r#"{"type": "join_session"}"#, "invalid_frame"),
+        (
+            r#"{"type": "send_message", "session_id": "x"}"#,
+            "invalid_frame",
+        ),
+        (
+            r#"{"type": "typing", "session_id": "x", "state": "maybe"}"#,
+            "invalid_frame",
+        ),
+    ];
+    for (text, code) in cases {
+        c.send_text(text).await;
+        let e = c.expect("error").await;
+        assert_eq!(e["code"], code, "{text}");
+        c.send(json!({"type": "ping"})).await;
+        c.expect("pong").await;
+    }
+    let big = json!({"type": "send_message", "session_id": session, "client_msg_id": "big", "message": "x".repeat(70 * 1024)});
+    c.send(big).await;
+    assert_eq!(c.expect("error").await["code"], "frame_too_large");
+    // Business errors carry the client's reference.
+    c.send(json!({"type": "send_message", "session_id": session, "client_msg_id": "blank", "message": "   "})).await;
+    let e = c.expect("error").await;
+    assert_eq!(
+        (e["code"].as_str(), e["ref"].as_str()),
+        (Some("invalid_message"), Some("blank"))
+    );
+    c.send(json!({"type": "join_session", "session_id": "not-a-uuid"}))
+        .await;
+    assert_eq!(c.expect("error").await["code"], "not_found");
+    c.send(json!({"type": "typing", "session_id": session, "state": "start"}))
+        .await;
+    assert_eq!(
+        c.expect("error").await["code"],
+        "not_found",
+        "typing needs a join"
+    );
+    // Rate limit on send_message (2/s, burst 4).
+    for n in 0..8 {
+        c.send(json!({"type": "send_message", "session_id": session, "client_msg_id": format!("r{n}"), "message": "spam"})).await;
+    }
+    let frames = c.drain(Duration::from_millis(500)).await;
+    assert!(
+        frames
+            .iter()
+            .any(|f| f["type"] == "error" && f["code"] == "rate_limited"),
+        "{frames:?}"
+    );
+    assert!(frames.iter().any(|f| f["type"] == "ack"));
+    // A client that keeps sending garbage is closed with 1008.
+    for _ in 0..12 {
+        c.send_text("garbage").await;
+    }
+    assert_eq!(c.close_code(Duration::from_secs(5)).await, Some(1008));
+}
+
+async fn authentication_and_isolation(backend: Backend) {
+    let (_app, node) = node(backend, |r| r.auth_timeout = Duration::from_millis(300)).await;
+    let (session, _) = open_chat(&node, 904).await;
+    // Bad header credentials fail the handshake.
+    assert!(
+        WsClient::connect_with_header(&node.ws_url(), "Bearer nope", 1)
+            .await
+            .is_err()
+    );
+    assert!(
+        WsClient::connect_with_header(&node.ws_url(), &agent_auth(7), 0)
+            .await
+            .is_err()
+    );
+    // No auth frame in time → 1008.
+    let mut silent = WsClient::connect_bare(&node.ws_url()).await;
+    assert_eq!(silent.close_code(Duration::from_secs(3)).await, Some(1008));
+    // A bad auth frame → error then 1008.
+    let mut bad = WsClient::connect_bare(&node.ws_url()).await;
+    bad.send(json!({"type": "auth", "token": "forged", "tenant_id": 1}))
+        .await;
+    assert_eq!(bad.expect("error").await["code"], "unauthorized");
+    assert_eq!(bad.close_code(Duration::from_secs(3)).await, Some(1008));
+    // An agent of tenant 2 cannot join a tenant 1 session (not_found).
+    let mut other = WsClient::connect_with_header(&node.ws_url(), &agent_auth(7), 2)
+        .await
+        .unwrap();
+    other.expect("ready").await;
+    other
+        .send(json!({"type": "join_session", "session_id": session}))
+        .await;
+    assert_eq!(other.expect("error").await["code"], "not_found");
+    other.send(json!({"type": "send_message", "session_id": session, "client_msg_id": "x", "message": "leak"})).await;
+    assert_eq!(other.expect("error").await["code"], "not_found");
+    // Another customer cannot join it either.
+    let stranger = format!("Bearer {}", App::token(905, &["USER"], Some(&[1])));
+    let mut s = WsClient::connect_with_header(&node.ws_url(), &stranger, 1)
+        .await
+        .unwrap();
+    s.expect("ready").await;
+    s.send(json!({"type": "join_session", "session_id": session}))
+        .await;
+    assert_eq!(s.expect("error").await["code"], "not_found");
+    // A token limited to tenant 2 is refused for tenant 1.
+    let limited = format!("Bearer {}", App::token(7, &["SUPPORT_AGENT"], Some(&[2])));
+    assert!(
+        WsClient::connect_with_header(&node.ws_url(), &limited, 1)
+            .await
+            .is_err()
+    );
+    assert!(
+        node.chat
+            .list_messages(t(1), session, None, None)
+            .await
+            .unwrap()
+            .is_empty()
+    );
+}
+
+async fn presence_grace_and_expiry(backend: Backend) {
+    let (_app, node) = node(backend, |_| {}).await;
+    node.chat
+        .set_agent_status(t(1), u(7), PresenceStatus::Online)
+        .await
+        .unwrap();
+    let mut watcher = WsClient::connect_with_header(&node.ws_url(), &agent_auth(8), 1)
+        .await
+        .unwrap();
+    watcher.expect("ready").await;
+    let mut agent = WsClient::connect_with_header(&node.ws_url(), &agent_auth(7), 1)
+        .await
+        .unwrap();
+    // Heartbeats keep the agent eligible past the 2 s TTL (clients keep
+    // reading, which answers the server's pings).
+    let wait = Duration::from_millis(2500);
+    tokio::join!(watcher.drain(wait), agent.drain(wait));
+    assert!(
+        node.chat.agents_available(t(1)).await.unwrap(),
+        "pings keep presence fresh"
+    );
+    // Drop and reconnect within the grace period: no flap.
+    agent.drop_now();
+    tokio::time::sleep(Duration::from_millis(150)).await;
+    let mut agent = WsClient::connect_with_header(&node.ws_url(), &agent_auth(7), 1)
+        .await
+        .unwrap();
+    let wait = Duration::from_millis(700);
+    let (seen, _) = tokio::join!(watcher.drain(wait), agent.drain(wait));
+    assert!(
+        node.chat.agents_available(t(1)).await.unwrap(),
+        "a quick reconnect does not flap"
+    );
+    assert!(
+        seen.iter().all(|f| f["type"] != "presence_updated"),
+        "no flap: {seen:?}"
+    );
+    // Drop for good: after the grace period the agent is not eligible and
+    // the other agents hear about it.
+    agent.drop_now();
+    let presence = watcher.expect("presence_updated").await;
+    assert_eq!(
+        (presence["agent_id"].as_i64(), presence["status"].as_str()),
+        (Some(7), Some("offline"))
+    );
+    assert!(!node.chat.agents_available(t(1)).await.unwrap());
+    // A customer who starts now waits, with a ticket (no agent online).
+    let c = node
+        .chat
+        .resolve_customer(t(1), CustomerIdentity::User(u(906)))
+        .await
+        .unwrap();
+    let started = node
+        .chat
+        .start_customer_chat(
+            t(1),
+            c.id,
+            CustomerChatRequest {
+                topic: "late".into(),
+                ..Default::default()
+            },
+        )
+        .await
+        .unwrap();
+    assert!(started.view.session.ticket_id.is_some());
+    // Reconnecting makes the agent eligible again and drains the queue.
+    let _agent = WsClient::connect_with_header(&node.ws_url(), &agent_auth(7), 1)
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let now = node
+        .chat
+        .get_session(t(1), started.view.session.id)
+        .await
+        .unwrap();
+    assert_eq!(now.session.agent_id, Some(u(7)));
+}
+
+async fn slow_consumer_is_closed_with_1013(backend: Backend) {
+    let (_app, node) = node(backend, |r| {
+        r.outbound_queue = 4;
+        r.connection_ttl = Duration::from_secs(60);
+    })
+    .await;
+    let (session, _) = open_chat(&node, 907).await;
+    let mut slow = WsClient::connect_with_header(&node.ws_url(), &agent_auth(8), 1)
+        .await
+        .unwrap();
+    join(&mut slow, session, None).await;
+    // Large messages fill the socket buffers; the client reads nothing.
+    // Enough to overflow any loopback buffer: ~15 MB.
+    let body = "y".repeat(9_500);
+    let total = 1_600;
+    for _ in 0..total {
+        node.chat
+            .post_message(t(1), u(7), session, body.clone(), None)
+            .await
+            .unwrap();
+    }
+    assert_eq!(slow.close_code(Duration::from_secs(20)).await, Some(1013));
+    // It resumes with after_seq and gets everything.
+    let mut again = WsClient::connect_with_header(&node.ws_url(), &agent_auth(8), 1)
+        .await
+        .unwrap();
+    join(&mut again, session, Some(0)).await;
+    let mut n = 0;
+    while n < total {
+        let f = again.expect("new_message").await;
+        n += 1;
+        assert_eq!(f["seq"], n);
+    }
+}
+
+async fn connection_status_and_offline_notifications(backend: Backend) {
+    let (app, node) = node(backend, |_| {}).await;
+    let (session, customer_auth) = open_chat(&node, 908).await;
+    let status = || async {
+        let resp = reqwest::Client::new()
+            .get(node.url(&format!("/livechat/sessions/{session}/connections")))
+            .header("Authorization", agent_auth(7))
+            .header("X-Tenant-ID", "1")
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(resp.status(), 200);
+        serde_json::from_slice::<Value>(&resp.bytes().await.unwrap()).unwrap()["data"].clone()
+    };
+    assert_eq!(
+        status().await,
+        json!({"customer_connected": false, "agent_connected": false, "total_customer": 0, "total_agent": 0})
+    );
+    // The customer is away: an agent reply becomes a notification.
+    node.chat
+        .post_message(t(1), u(7), session, "are you there?".into(), None)
+        .await
+        .unwrap();
+    let mut customer = WsClient::connect_with_header(&node.ws_url(), &customer_auth, 1)
+        .await
+        .unwrap();
+    join(&mut customer, session, None).await;
+    let mut agent_a = WsClient::connect_with_header(&node.ws_url(), &agent_auth(7), 1)
+        .await
+        .unwrap();
+    join(&mut agent_a, session, None).await;
+    let mut agent_b = WsClient::connect_with_header(&node.ws_url(), &agent_auth(8), 1)
+        .await
+        .unwrap();
+    join(&mut agent_b, session, None).await;
+    assert_eq!(
+        status().await,
+        json!({"customer_connected": true, "agent_connected": true, "total_customer": 1, "total_agent": 2})
+    );
+    // Connected: a reply is delivered live, not notified.
+    node.chat
+        .post_message(t(1), u(7), session, "welcome back".into(), None)
+        .await
+        .unwrap();
+    customer.expect("new_message").await;
+    app.drain_outbox().await;
+    let sinks = livechat_ticket_bridge::SeaOrmSinks::new(app.db.clone());
+    let customer_id = node
+        .chat
+        .get_session(t(1), session)
+        .await
+        .unwrap()
+        .session
+        .customer_id
+        .unwrap();
+    let notes = livechat_core::NotificationInbox::list_notifications(
+        &sinks,
+        t(1),
+        customer_id,
+        livechat_core::PageSize::parse(Some(50), node.chat.config()).unwrap(),
+    )
+    .await
+    .unwrap();
+    assert_eq!(notes.len(), 1, "only the reply sent while away: {notes:?}");
+    assert_eq!(notes[0].body, "are you there?");
+    // Leaving counts down.
+    customer
+        .send(json!({"type": "leave_session", "session_id": session}))
+        .await;
+    customer.expect("left").await;
+    drop(agent_b);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(
+        status().await,
+        json!({"customer_connected": false, "agent_connected": true, "total_customer": 0, "total_agent": 1})
+    );
+}
+
+async fn shutdown_closes_with_1001(backend: Backend) {
+    let (_app, node) = node(backend, |_| {}).await;
+    let mut a = WsClient::connect_with_header(&node.ws_url(), &agent_auth(7), 1)
+        .await
+        .unwrap();
+    a.expect("ready").await;
+    node.livechat.shutdown();
+    assert_eq!(a.close_code(Duration::from_secs(5)).await, Some(1001));
+}

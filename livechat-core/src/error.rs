@@ -44,9 +44,13 @@ pub enum ChatError {
     /// was still open right after the refusal.
     #[error("agent already has an open session")]
     ActiveSessionExists(Option<crate::SessionId>),
-    /// Messages can only be posted to an OPEN session.
+    /// The session is CLOSED: no messages, no assignment.
     #[error("session is closed")]
     SessionClosed,
+    /// The session is still WAITING for an agent: agents claim it before
+    /// writing (customers may write while waiting).
+    #[error("session is waiting for an agent; claim it first")]
+    SessionNotOpen,
     /// The message body is empty or only whitespace.
     #[error("message must not be empty")]
     InvalidMessage,

@@ -39,7 +39,8 @@ pub struct ErrorBody {
 pub enum ApiError {
     /// Bad input: `invalid_body`, `invalid_query`, `invalid_tenant`,
     /// `invalid_message`, `message_too_long`, `agent_offline`,
-    /// `active_session_exists`, `session_closed`, `invalid_customer`.
+    /// `active_session_exists`, `session_closed`, `session_not_open`,
+    /// `invalid_customer`.
     #[oai(status = 400)]
     BadRequest(Json<ErrorBody>),
     /// `unauthorized`: token missing, malformed, badly signed or expired.
@@ -149,6 +150,7 @@ impl From<ChatError> for ApiError {
                 },
             ),
             ChatError::SessionClosed => Self::bad_request("session_closed", err.to_string()),
+            ChatError::SessionNotOpen => Self::bad_request("session_not_open", err.to_string()),
             ChatError::InvalidMessage => Self::bad_request("invalid_message", err.to_string()),
             ChatError::MessageTooLong { .. } => {
                 Self::bad_request("message_too_long", err.to_string())

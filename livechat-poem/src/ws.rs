@@ -351,6 +351,7 @@ fn error_code(err: &ChatError) -> (&'static str, String) {
     let code = match err {
         ChatError::NotFound => "not_found",
         ChatError::SessionClosed => "session_closed",
+        ChatError::SessionNotOpen => "session_not_open",
         ChatError::InvalidMessage => "invalid_message",
         ChatError::MessageTooLong { .. } => "message_too_long",
         ChatError::InvalidClientMsgId | ChatError::InvalidInput(_) | ChatError::InvalidId(_) => {

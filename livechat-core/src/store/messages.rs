@@ -69,7 +69,8 @@ impl MessageRepository for SeaOrmStore {
             .await?;
         let Some(row) = locked.into_iter().next() else {
             let err = match find_session(&tx, tenant, session).await? {
-                Some(_) => ChatError::SessionClosed,
+                Some(s) if s.status == SessionStatus::Closed.as_str() => ChatError::SessionClosed,
+                Some(_) => ChatError::SessionNotOpen,
                 None => ChatError::NotFound,
             };
             return abort(tx, err).await;

@@ -186,6 +186,8 @@ impl SessionRepository for SeaOrmStore {
         row.assigned_at = Set(Some(now()));
         let tx = self.begin_write().await?;
         let mut ev = Vec::new();
+        // The agent's load changes: routing decisions of the tenant wait.
+        lock_tenant(&tx, tenant, &RoutingPolicy::default()).await?;
         let inserted = match session::Entity::insert(row).exec_with_returning(&tx).await {
             Ok(model) => model,
             Err(err) => {

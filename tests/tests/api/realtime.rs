@@ -598,3 +598,73 @@ async fn shutdown_closes_with_1001(backend: Backend) {
     node.livechat.shutdown();
     assert_eq!(a.close_code(Duration::from_secs(5)).await, Some(1001));
 }
+
+mod cors {
+    use super::*;
+
+    on_both_databases!(origins_are_checked_for_http_and_websocket);
+
+    async fn origins_are_checked_for_http_and_websocket(backend: Backend) {
+        let app = App::new(backend).await;
+        let mut config = app.config.clone();
+        config.cors_origins = vec!["https://shop.example".into()];
+        config.cors_credentials = true;
+        let node = Node::start(app.db.clone(), &config, Arc::new(InProcessBus::new())).await;
+
+        // WebSocket: a listed origin may connect, another may not; clients
+        // without an Origin header (non-browser) may.
+        let connect = |origin: &'static str| {
+            let url = node.ws_url();
+            async move {
+                use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+                let mut req = url.into_client_request().unwrap();
+                req.headers_mut().insert("Origin", origin.parse().unwrap());
+                req.headers_mut()
+                    .insert("Authorization", agent_auth(7).parse().unwrap());
+                req.headers_mut()
+                    .insert("X-Tenant-ID", "1".parse().unwrap());
+                tokio_tungstenite::connect_async(req).await.map(|_| ())
+            }
+        };
+        assert!(connect("https://shop.example").await.is_ok());
+        assert!(connect("https://evil.example").await.is_err());
+        assert!(
+            WsClient::connect_with_header(&node.ws_url(), &agent_auth(7), 1)
+                .await
+                .is_ok()
+        );
+
+        // HTTP: CORS answers the listed origin only, with credentials.
+        let preflight = |origin: &'static str| {
+            reqwest::Client::new()
+                .request(reqwest::Method::OPTIONS, node.url("/livechat/sessions"))
+                .header("Origin", origin)
+                .header("Access-Control-Request-Method", "GET")
+                .header(
+                    "Access-Control-Request-Headers",
+                    "authorization,x-tenant-id",
+                )
+                .send()
+        };
+        let ok = preflight("https://shop.example").await.unwrap();
+        assert_eq!(
+            ok.headers()
+                .get("access-control-allow-origin")
+                .and_then(|v| v.to_str().ok()),
+            Some("https://shop.example")
+        );
+        assert_eq!(
+            ok.headers()
+                .get("access-control-allow-credentials")
+                .and_then(|v| v.to_str().ok()),
+            Some("true")
+        );
+        let denied = preflight("https://evil.example").await.unwrap();
+        assert!(
+            denied
+                .headers()
+                .get("access-control-allow-origin")
+                .is_none()
+        );
+    }
+}

@@ -330,6 +330,20 @@ async fn transfer_and_waiting_list_for_agents(backend: Backend) {
     assert_eq!(list["data"][0]["queue_position"], 1);
     assert_eq!(list["data"][0]["priority"], "high");
 
+    // Agents claim a waiting chat before writing in it.
+    let (code, body) = app
+        .agent_call(
+            Method::POST,
+            &format!("/livechat/sessions/{}/messages", waiting.session.id),
+            7,
+            1,
+            Some(json!({"message": "hi"})),
+        )
+        .await;
+    assert_eq!(
+        (code.as_u16(), body["error"]["code"].as_str()),
+        (400, Some("session_not_open"))
+    );
     let path = format!("/livechat/sessions/{}/assign", waiting.session.id);
     // Claiming needs the claimant online.
     let (code, body) = app

@@ -188,6 +188,7 @@ impl Livechat {
                 visitor_tokens: self.visitor_tokens.clone(),
                 config: config.clone(),
                 shutdown: self.shutdown.subscribe(),
+                fanout: std::sync::OnceLock::new(),
             });
             routes = routes.at("/ws", poem::get(ws::ws_endpoint).data(gateway));
         }

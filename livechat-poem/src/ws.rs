@@ -89,6 +89,58 @@ pub(crate) struct Gateway {
     pub(crate) visitor_tokens: VisitorTokens,
     pub(crate) config: RealtimeConfig,
     pub(crate) shutdown: watch::Receiver<bool>,
+    /// The node's fan-out channel, started with the first connection.
+    pub(crate) fanout: std::sync::OnceLock<broadcast::Sender<Arc<Prepared>>>,
+}
+
+/// A bus event prepared once per node for all its connections: a
+/// message's frame is serialized once, not once per recipient.
+pub(crate) struct Prepared {
+    event: Arc<BusEvent>,
+    /// For `message.posted`: the message and its `new_message` frame.
+    message: Option<(ChatMessage, String)>,
+}
+
+impl Gateway {
+    /// A receiver of prepared events, starting the node's fan-out task on
+    /// first use.
+    fn subscribe(&self) -> broadcast::Receiver<Arc<Prepared>> {
+        self.fanout
+            .get_or_init(|| {
+                let (tx, _) =
+                    broadcast::channel(livechat_core::bus::InProcessBus::DEFAULT_CAPACITY);
+                tokio::spawn(fan_out(self.bus.subscribe(), tx.clone()));
+                tx
+            })
+            .subscribe()
+    }
+}
+
+/// Reads the bus and prepares each event once for every connection.
+async fn fan_out(
+    mut bus: broadcast::Receiver<Arc<BusEvent>>,
+    tx: broadcast::Sender<Arc<Prepared>>,
+) {
+    loop {
+        let event = match bus.recv().await {
+            Ok(event) => event,
+            Err(broadcast::error::RecvError::Lagged(_)) => Arc::new(BusEvent::Resync),
+            Err(broadcast::error::RecvError::Closed) => return,
+        };
+        let message = match &*event {
+            BusEvent::Domain(e) if e.kind == EventKind::MessagePosted => {
+                serde_json::from_value::<ChatMessage>(e.payload.clone())
+                    .ok()
+                    .map(|m| {
+                        let text = message_text(&m);
+                        (m, text)
+                    })
+            }
+            _ => None,
+        };
+        // No receiver means no connection: nothing to do.
+        let _ = tx.send(Arc::new(Prepared { event, message }));
+    }
 }
 
 /// Who is connected.
@@ -383,10 +435,14 @@ fn error_frame(code: &str, message: &str, reference: Option<&str>) -> Message {
     frame(v)
 }
 
-fn message_frame(m: &ChatMessage) -> Message {
+fn message_text(m: &ChatMessage) -> String {
     let mut v = serde_json::to_value(m).unwrap_or_default();
     v["type"] = json!("new_message");
-    frame(v)
+    v.to_string()
+}
+
+fn message_frame(m: &ChatMessage) -> Message {
+    Message::Text(message_text(m))
 }
 
 /// A connection's state.
@@ -492,8 +548,9 @@ impl Conn {
         }
     }
 
-    /// Delivers a live message: duplicate → dropped, gap → filled first.
-    async fn deliver(&mut self, m: &ChatMessage) -> Result<(), ChatError> {
+    /// Delivers a live message (with its prepared frame): duplicate →
+    /// dropped, gap → filled first.
+    async fn deliver(&mut self, m: &ChatMessage, text: &str) -> Result<(), ChatError> {
         let Some(&last) = self.joined.get(&m.session_id) else {
             return Ok(());
         };
@@ -501,7 +558,7 @@ impl Conn {
             return Ok(());
         }
         if m.seq == last + 1 {
-            if self.send(message_frame(m)) {
+            if self.send(Message::Text(text.to_owned())) {
                 self.joined.insert(m.session_id, m.seq);
             }
             return Ok(());
@@ -548,11 +605,8 @@ impl Conn {
 
     async fn handle_domain(&mut self, event: &DomainEvent) -> Result<(), ChatError> {
         match event.kind {
-            EventKind::MessagePosted => {
-                if let Ok(m) = serde_json::from_value::<ChatMessage>(event.payload.clone()) {
-                    self.deliver(&m).await?;
-                }
-            }
+            // Delivered from the prepared frame in `handle_prepared`.
+            EventKind::MessagePosted => {}
             EventKind::SessionStarted
             | EventKind::SessionAssigned
             | EventKind::SessionClosed
@@ -613,6 +667,16 @@ impl Conn {
             _ => {}
         }
         Ok(())
+    }
+
+    async fn handle_prepared(&mut self, prepared: &Prepared) -> Result<(), ChatError> {
+        if let (BusEvent::Domain(e), Some((m, text))) = (&*prepared.event, &prepared.message) {
+            if e.tenant_id == self.tenant() {
+                self.deliver(m, text).await?;
+            }
+            return Ok(());
+        }
+        self.handle_bus(&prepared.event).await
     }
 
     async fn handle_bus(&mut self, event: &BusEvent) -> Result<(), ChatError> {
@@ -955,7 +1019,7 @@ async fn serve(gateway: Arc<Gateway>, socket: WebSocketStream, pre_auth: Option<
     };
     let owner = identity.role.owner();
     let cfg = gateway.config.clone();
-    let mut bus = gateway.bus.subscribe();
+    let mut bus = gateway.subscribe();
     if let Err(e) = gateway
         .chat
         .register_connection(
@@ -1018,7 +1082,7 @@ async fn serve(gateway: Arc<Gateway>, socket: WebSocketStream, pre_auth: Option<
             }
             event = bus.recv() => match event {
                 Ok(event) => {
-                    if let Err(e) = conn.handle_bus(&event).await {
+                    if let Err(e) = conn.handle_prepared(&event).await {
                         tracing::warn!(error = %e, "websocket: delivery failed");
                     }
                 }

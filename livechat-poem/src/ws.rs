@@ -1048,6 +1048,7 @@ async fn serve(gateway: Arc<Gateway>, socket: WebSocketStream, pre_auth: Option<
     })));
 
     let mut shutdown = gateway.shutdown.clone();
+    let mut shutdown_open = true;
     let mut ping = tokio::time::interval(cfg.ping_interval);
     ping.tick().await;
     loop {
@@ -1055,10 +1056,15 @@ async fn serve(gateway: Arc<Gateway>, socket: WebSocketStream, pre_auth: Option<
             break;
         }
         tokio::select! {
-            changed = shutdown.changed() => {
-                if changed.is_err() || *shutdown.borrow() {
-                    conn.close_with(CloseCode::Away, "server shutting down");
-                    break;
+            changed = shutdown.changed(), if shutdown_open => {
+                match changed {
+                    // The module handle is gone: no shutdown can be asked for.
+                    Err(_) => shutdown_open = false,
+                    Ok(()) if *shutdown.borrow() => {
+                        conn.close_with(CloseCode::Away, "server shutting down");
+                        break;
+                    }
+                    Ok(()) => {}
                 }
             }
             incoming = stream.next() => {

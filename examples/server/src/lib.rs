@@ -22,6 +22,8 @@
 //! | `LIVECHAT_CORS_ORIGINS` | none | comma list of browser origins allowed for HTTP (CORS) and WebSocket; `*` allows any |
 //! | `LIVECHAT_CORS_CREDENTIALS` | `false` | send `Access-Control-Allow-Credentials: true` |
 //! | `REDIS_URL` | none (single node) | Redis for cross-node fan-out, e.g. `redis://127.0.0.1:6379` |
+//! | `LIVECHAT_WS_SEND_RATE` | `10` | `send_message` frames per second per WebSocket (burst twice that) |
+//! | `LIVECHAT_SQLITE_SYNCHRONOUS` | `full` | SQLite commit durability: `full` (a 201 means on disk) or `normal` |
 //!
 //! Tickets and notifications are materialized by the ticket bridge's
 //! dispatcher, which runs next to the HTTP server with the default SeaORM
@@ -97,6 +99,10 @@ pub struct Config {
     pub cors_credentials: bool,
     /// `REDIS_URL`.
     pub redis_url: Option<String>,
+    /// `LIVECHAT_SQLITE_SYNCHRONOUS` (`full` or `normal`).
+    pub sqlite_durability: store::SqliteDurability,
+    /// `LIVECHAT_WS_SEND_RATE`: `send_message` frames per second per connection.
+    pub ws_send_rate: u32,
 }
 
 impl Config {
@@ -119,6 +125,8 @@ impl Config {
             cors_origins: Vec::new(),
             cors_credentials: false,
             redis_url: None,
+            sqlite_durability: store::SqliteDurability::Full,
+            ws_send_rate: 10,
         }
     }
 
@@ -130,6 +138,7 @@ impl Config {
             connection_ttl: self.presence_ttl,
             presence_grace: self.presence_grace,
             allowed_origins: self.cors_origins.clone(),
+            send_rate_per_sec: self.ws_send_rate,
             ..RealtimeConfig::default()
         }
     }
@@ -211,6 +220,19 @@ impl Config {
             cors_credentials: var("LIVECHAT_CORS_CREDENTIALS")
                 .is_some_and(|v| v == "true" || v == "1"),
             redis_url: var("REDIS_URL"),
+            sqlite_durability: match var("LIVECHAT_SQLITE_SYNCHRONOUS").as_deref() {
+                None | Some("full") => store::SqliteDurability::Full,
+                Some("normal") => store::SqliteDurability::Normal,
+                Some(_) => return Err("LIVECHAT_SQLITE_SYNCHRONOUS must be full or normal".into()),
+            },
+            ws_send_rate: match var("LIVECHAT_WS_SEND_RATE") {
+                None => 10,
+                Some(v) => v
+                    .parse::<u32>()
+                    .ok()
+                    .filter(|n| *n > 0)
+                    .ok_or("LIVECHAT_WS_SEND_RATE must be a positive integer")?,
+            },
         })
     }
 
@@ -273,7 +295,18 @@ mod host {
 /// # Errors
 /// Database errors.
 pub async fn prepare_database(url: &str) -> Result<DatabaseConnection, sea_orm::DbErr> {
-    let db = store::connect(url).await?;
+    prepare_database_with(url, store::SqliteDurability::Full).await
+}
+
+/// As [`prepare_database`], with SQLite's commit durability.
+///
+/// # Errors
+/// Database errors.
+pub async fn prepare_database_with(
+    url: &str,
+    durability: store::SqliteDurability,
+) -> Result<DatabaseConnection, sea_orm::DbErr> {
+    let db = store::connect_with(url, durability).await?;
     Migrator::up(&db, None).await?;
     BridgeMigrator::up(&db, None).await?;
     let schema = Schema::new(db.get_database_backend());
@@ -622,7 +655,7 @@ pub async fn run(config: Config) -> Result<(), Box<dyn std::error::Error + Send 
             "LIVECHAT_VISITOR_SECRET is not set: using the development secret; never do this in production"
         );
     }
-    let db = prepare_database(&config.database_url).await?;
+    let db = prepare_database_with(&config.database_url, config.sqlite_durability).await?;
     let housekeeping = tokio::spawn(purge_connections(db.clone()));
     tracing::info!(addr = %config.addr, database = %redact(&config.database_url), "livechat example server starting");
     let bus: Arc<dyn EventBus> = match &config.redis_url {

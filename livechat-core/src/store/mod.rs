@@ -46,6 +46,17 @@ use entity::{customer, message, outbox as outbox_entity, presence, session};
 /// How long an SQLite writer waits for the write lock before failing.
 pub const SQLITE_BUSY_TIMEOUT: Duration = Duration::from_secs(30);
 
+/// SQLite durability of a commit (`PRAGMA synchronous`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum SqliteDurability {
+    /// `FULL`: a commit is on disk before it returns (the default).
+    #[default]
+    Full,
+    /// `NORMAL`: in WAL mode, a power loss may drop the last commits (never
+    /// corrupts); faster.
+    Normal,
+}
+
 /// Opens a connection pool for `url` (`sqlite://path?mode=rwc`,
 /// `postgres://user:pass@host/db`) configured for the chat rules.
 ///
@@ -56,17 +67,32 @@ pub const SQLITE_BUSY_TIMEOUT: Duration = Duration::from_secs(30);
 /// # Errors
 /// [`DbErr`] when the URL is malformed or the database is unreachable.
 pub async fn connect(url: &str) -> Result<DatabaseConnection, DbErr> {
+    connect_with(url, SqliteDurability::Full).await
+}
+
+/// As [`connect`], choosing SQLite's commit durability (ignored for
+/// PostgreSQL).
+///
+/// # Errors
+/// [`DbErr`] when the URL is malformed or the database is unreachable.
+pub async fn connect_with(
+    url: &str,
+    durability: SqliteDurability,
+) -> Result<DatabaseConnection, DbErr> {
     let mut options = ConnectOptions::new(url);
     options
         .sqlx_logging(false)
         .max_connections(if url.starts_with("sqlite:") { 8 } else { 16 })
         .acquire_timeout(Duration::from_secs(30));
     #[cfg(feature = "sqlite")]
-    options.map_sqlx_sqlite_opts(|o| {
+    options.map_sqlx_sqlite_opts(move |o| {
         use sea_orm::sqlx::sqlite::{SqliteJournalMode, SqliteSynchronous};
         o.create_if_missing(true)
             .journal_mode(SqliteJournalMode::Wal)
-            .synchronous(SqliteSynchronous::Full)
+            .synchronous(match durability {
+                SqliteDurability::Full => SqliteSynchronous::Full,
+                SqliteDurability::Normal => SqliteSynchronous::Normal,
+            })
             .busy_timeout(SQLITE_BUSY_TIMEOUT)
             .foreign_keys(true)
     });

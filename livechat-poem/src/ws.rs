@@ -247,7 +247,13 @@ impl Gateway {
             .authenticator
             .authenticate(token)
             .await
-            .map_err(|_| Refusal::new("unauthorized", "invalid or expired token"))?;
+            .map_err(|e| match e {
+                crate::AuthError::Unavailable(cause) => {
+                    tracing::warn!(error = %cause, "authentication unavailable");
+                    Refusal::new("unavailable", "authentication is unavailable; retry later")
+                }
+                _ => Refusal::new("unauthorized", "invalid or expired token"),
+            })?;
         if !principal.may_act_in(tenant) {
             return Err(Refusal::new(
                 "forbidden",
@@ -319,6 +325,9 @@ pub(crate) async fn ws_endpoint(
                 Err(r) if r.code == "forbidden" => {
                     return ApiError::forbidden(r.message).into_response();
                 }
+                Err(r) if r.code == "unavailable" => {
+                    return ApiError::unavailable(&r.message).into_response();
+                }
                 Err(r) => return ApiError::unauthorized(r.message).into_response(),
             }
         }
@@ -328,6 +337,11 @@ pub(crate) async fn ws_endpoint(
     let mut ws_config = WebSocketConfig::default();
     ws_config.max_message_size = Some(gateway.config.max_frame_bytes.saturating_mul(16));
     ws_config.max_frame_size = Some(gateway.config.max_frame_bytes.saturating_mul(16));
+    // tungstenite reserves 128 KiB per buffer by default; idle chat sockets
+    // need little (issue #5: memory per idle connection). Larger frames
+    // still work, the buffers grow on demand.
+    ws_config.read_buffer_size = 4 * 1024;
+    ws_config.write_buffer_size = 0;
     ws.config(ws_config)
         .on_upgrade(move |socket| async move { serve(gateway, socket, pre_auth).await })
         .into_response()

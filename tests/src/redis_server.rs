@@ -5,8 +5,8 @@
 //! package `redis-server`) on a free loopback port, with no persistence, in
 //! a temp dir. A watchdog shell process kills the server and removes the dir
 //! if the test process exits without dropping the [`RedisServer`]. Each call
-//! to [`RedisServer::start`] starts its own server, even when
-//! `LIVECHAT_TEST_REDIS_URL` is set, because tests stop and restart it.
+//! to [`RedisServer::start`] starts its own server, because tests stop and
+//! restart it.
 
 use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream};

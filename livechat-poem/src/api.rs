@@ -89,7 +89,7 @@ enum PresenceResponse {
 }
 
 #[derive(ApiResponse)]
-enum SessionResponse {
+pub(crate) enum SessionResponse {
     /// The session.
     #[oai(status = 200)]
     Ok(Json<SessionEnvelope>),
@@ -110,7 +110,7 @@ enum SessionListResponse {
 }
 
 #[derive(ApiResponse)]
-enum MessagePostedResponse {
+pub(crate) enum MessagePostedResponse {
     /// Stored with the next `seq`.
     #[oai(status = 201)]
     Created(Json<MessageEnvelope>),
@@ -120,13 +120,28 @@ enum MessagePostedResponse {
 }
 
 #[derive(ApiResponse)]
-enum MessageListResponse {
+pub(crate) enum MessageListResponse {
     /// Messages ascending by `seq`.
     #[oai(status = 200)]
     Ok(Json<MessageListEnvelope>),
 }
 
-fn session_id(raw: &str) -> Result<SessionId, ApiError> {
+impl MessagePostedResponse {
+    /// 201 for a new message, 200 for an idempotent replay.
+    pub(crate) fn from_posted(posted: livechat_core::AppendedMessage) -> Self {
+        let envelope = Json(MessageEnvelope {
+            data: posted.message.into(),
+        });
+        if posted.created {
+            Self::Created(envelope)
+        } else {
+            Self::Replayed(envelope)
+        }
+    }
+}
+
+/// A session id from a path; a malformed one names nothing (404).
+pub(crate) fn session_id(raw: &str) -> Result<SessionId, ApiError> {
     raw.parse().map_err(|_| ApiError::not_found())
 }
 
@@ -362,14 +377,7 @@ impl AgentApi {
             .chat
             .post_message(auth.tenant(), auth.user(), session, body.message.0, key)
             .await?;
-        let envelope = Json(MessageEnvelope {
-            data: posted.message.into(),
-        });
-        Ok(if posted.created {
-            MessagePostedResponse::Created(envelope)
-        } else {
-            MessagePostedResponse::Replayed(envelope)
-        })
+        Ok(MessagePostedResponse::from_posted(posted))
     }
 
     /// Messages of a session ascending by `seq`, after `after_seq`.

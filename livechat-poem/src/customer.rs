@@ -6,7 +6,7 @@ use std::sync::Arc;
 
 use livechat_core::{
     ChatError, ChatService, ContactInput, CustomerChatRequest, CustomerId, CustomerIdentity,
-    NotificationInbox, PageSize, SessionId, TenantId, UserId,
+    NotificationInbox, PageSize, TenantId, UserId,
 };
 use poem::Request;
 use poem_openapi::param::{Header, Path, Query};
@@ -14,10 +14,11 @@ use poem_openapi::payload::Json;
 use poem_openapi::{ApiResponse, Object, OpenApi, Tags};
 use uuid::Uuid;
 
+use crate::api::{MessageListResponse, MessagePostedResponse, SessionResponse, session_id};
 use crate::auth::{Authenticator, TENANT_HEADER, parse_tenant_header};
 use crate::dto::{
-    MessageEnvelope, MessageListEnvelope, NotificationDto, PostMessageRequest, PriorityDto,
-    SessionDto, SessionEnvelope, StrictString,
+    MessageListEnvelope, NotificationDto, PostMessageRequest, PriorityDto, SessionDto,
+    SessionEnvelope, StrictString,
 };
 use crate::error::ApiError;
 use crate::visitor::{IdentitySecrets, VisitorTokens};
@@ -157,10 +158,6 @@ impl CustomerApi {
     }
 }
 
-fn session_id(raw: &str) -> Result<SessionId, ApiError> {
-    raw.parse().map_err(|_| ApiError::not_found())
-}
-
 /// Contact details as sent.
 #[derive(Clone, Debug, Object)]
 pub struct ContactRequest {
@@ -250,30 +247,6 @@ enum ChatStartResponse {
     /// The customer's existing WAITING or OPEN session.
     #[oai(status = 200)]
     Existing(Json<ChatStartEnvelope>),
-}
-
-#[derive(ApiResponse)]
-enum SessionResponse {
-    /// The session.
-    #[oai(status = 200)]
-    Ok(Json<SessionEnvelope>),
-}
-
-#[derive(ApiResponse)]
-enum MessagePostedResponse {
-    /// Stored with the next `seq`.
-    #[oai(status = 201)]
-    Created(Json<MessageEnvelope>),
-    /// Idempotent retry: the message stored earlier with this key.
-    #[oai(status = 200)]
-    Replayed(Json<MessageEnvelope>),
-}
-
-#[derive(ApiResponse)]
-enum MessageListResponse {
-    /// Ascending by `seq`.
-    #[oai(status = 200)]
-    Ok(Json<MessageListEnvelope>),
 }
 
 /// `{"data": [ChatSession…], "next_cursor"}`.
@@ -526,14 +499,7 @@ impl CustomerApi {
             .chat
             .post_customer_message(ctx.tenant, ctx.customer, session, body.0.message.0, key)
             .await?;
-        let envelope = Json(MessageEnvelope {
-            data: posted.message.into(),
-        });
-        Ok(if posted.created {
-            MessagePostedResponse::Created(envelope)
-        } else {
-            MessagePostedResponse::Replayed(envelope)
-        })
+        Ok(MessagePostedResponse::from_posted(posted))
     }
 
     /// Messages of the customer's session, ascending by `seq`.

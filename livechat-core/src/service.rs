@@ -6,7 +6,7 @@ use crate::events::{TicketReason, TicketRequested};
 use crate::ids::{CustomerId, SessionId, TenantId, TicketId, UserId};
 use crate::model::{
     AgentPresence, ChatMessage, ChatSession, Contact, Customer, CustomerIdentity, PresenceStatus,
-    Priority, Sender, SessionStatus, SessionView, now,
+    Priority, Sender, SessionStatus, SessionView,
 };
 use crate::repository::{
     AppendedMessage, AssignMode, ChatStore, ConnectionOwner, CustomerChatStarted, NewCustomerChat,
@@ -668,12 +668,5 @@ impl<S: ChatStore> ChatService<S> {
     ) -> Result<SessionConnections, ChatError> {
         self.store.get_session(tenant, session).await?;
         self.store.session_connections(tenant, session).await
-    }
-
-    /// When the service last looked at the clock (for adapters that stamp
-    /// responses); the same microsecond precision as stored times.
-    #[must_use]
-    pub fn now(&self) -> chrono::DateTime<chrono::Utc> {
-        now()
     }
 }

@@ -125,6 +125,23 @@ impl ApiError {
     }
 }
 
+impl ApiError {
+    /// The `{"code", "message"}` this error answers with.
+    #[must_use]
+    pub fn detail(&self) -> &ErrorDetail {
+        match self {
+            Self::BadRequest(b)
+            | Self::Unauthorized(b)
+            | Self::Forbidden(b)
+            | Self::NotFound(b)
+            | Self::Conflict(b)
+            | Self::PayloadTooLarge(b)
+            | Self::Internal(b)
+            | Self::Unavailable(b) => &b.0.error,
+        }
+    }
+}
+
 impl From<ChatError> for ApiError {
     fn from(err: ChatError) -> Self {
         match err {

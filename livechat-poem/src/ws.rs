@@ -347,11 +347,6 @@ pub(crate) async fn ws_endpoint(
         .into_response()
 }
 
-/// What the writer task sends.
-enum Out {
-    Frame(Message),
-}
-
 /// Client → server frames.
 #[derive(Deserialize)]
 #[serde(tag = "type", rename_all = "snake_case")]
@@ -412,29 +407,17 @@ fn parse_frame(text: &str, max: usize) -> Result<ClientFrame, (&'static str, Str
     serde_json::from_value(value).map_err(|e| ("invalid_frame", format!("bad `{kind}` frame: {e}")))
 }
 
-/// The `error` code and message for a refused operation (the HTTP codes).
-fn error_code(err: &ChatError) -> (&'static str, String) {
-    let code = match err {
-        ChatError::NotFound => "not_found",
-        ChatError::SessionClosed => "session_closed",
-        ChatError::SessionNotOpen => "session_not_open",
-        ChatError::InvalidMessage => "invalid_message",
-        ChatError::MessageTooLong { .. } => "message_too_long",
-        ChatError::InvalidClientMsgId | ChatError::InvalidInput(_) | ChatError::InvalidId(_) => {
-            "invalid_frame"
-        }
-        ChatError::InvalidPage(_) => "invalid_frame",
-        e if e.is_unavailable() => "unavailable",
-        _ => "internal_error",
+/// The `error` code and message for a refused operation: the HTTP
+/// mapping of [`ApiError`] (one place decides codes and logs internal
+/// errors), with request-shape codes reported as `invalid_frame`.
+fn error_code(err: ChatError) -> (String, String) {
+    let api = ApiError::from(err);
+    let detail = api.detail();
+    let code = match detail.code.as_str() {
+        "invalid_body" | "invalid_query" => "invalid_frame".to_owned(),
+        other => other.to_owned(),
     };
-    let message = if code == "internal_error" {
-        let reference = uuid::Uuid::now_v7();
-        tracing::error!(%reference, error = %err, "websocket operation failed");
-        format!("internal error (ref {reference})")
-    } else {
-        err.to_string()
-    };
-    (code, message)
+    (code, detail.message.clone())
 }
 
 fn frame(value: Value) -> Message {
@@ -464,7 +447,7 @@ struct Conn {
     gateway: Arc<Gateway>,
     id: uuid::Uuid,
     identity: Identity,
-    out: mpsc::Sender<Out>,
+    out: mpsc::Sender<Message>,
     close: watch::Sender<Option<(CloseCode, String)>>,
     /// Joined sessions → last `seq` sent.
     joined: HashMap<SessionId, i64>,
@@ -488,7 +471,7 @@ impl Conn {
     /// Queues a frame; a full queue means the client cannot keep up: it is
     /// closed with 1013 and resumes with `after_seq` (issue #4).
     fn send(&self, message: Message) -> bool {
-        match self.out.try_send(Out::Frame(message)) {
+        match self.out.try_send(message) {
             Ok(()) => true,
             Err(mpsc::error::TrySendError::Full(_)) => {
                 tracing::debug!(connection = %self.id, "outbound queue full: closing with 1013");
@@ -506,11 +489,7 @@ impl Conn {
     /// longer than the queue); a client that takes no frame for
     /// [`REPLAY_STALL`] is closed with 1013.
     async fn send_replay(&self, message: Message) -> bool {
-        match self
-            .out
-            .send_timeout(Out::Frame(message), REPLAY_STALL)
-            .await
-        {
+        match self.out.send_timeout(message, REPLAY_STALL).await {
             Ok(()) => true,
             Err(mpsc::error::SendTimeoutError::Timeout(_)) => {
                 self.close_with(
@@ -781,8 +760,8 @@ impl Conn {
                 let view = match self.authorize(&session_id).await {
                     Ok(v) => v,
                     Err(e) => {
-                        let (code, message) = error_code(&e);
-                        self.send(error_frame(code, &message, Some(&session_id)));
+                        let (code, message) = error_code(e);
+                        self.send(error_frame(&code, &message, Some(&session_id)));
                         return Ok(());
                     }
                 };
@@ -863,8 +842,8 @@ impl Conn {
                         })));
                     }
                     Err(e) => {
-                        let (code, message) = error_code(&e);
-                        self.send(error_frame(code, &message, Some(&client_msg_id)));
+                        let (code, message) = error_code(e);
+                        self.send(error_frame(&code, &message, Some(&client_msg_id)));
                     }
                 }
             }
@@ -974,7 +953,7 @@ async fn serve(gateway: Arc<Gateway>, socket: WebSocketStream, pre_auth: Option<
         },
     };
 
-    let (out_tx, mut out_rx) = mpsc::channel::<Out>(gateway.config.outbound_queue.max(1));
+    let (out_tx, mut out_rx) = mpsc::channel::<Message>(gateway.config.outbound_queue.max(1));
     let (close_tx, mut close_rx) = watch::channel::<Option<(CloseCode, String)>>(None);
     // The writer owns the sink. A close request is served before queued
     // frames; for anything but a slow consumer (1013) the frames already
@@ -991,7 +970,7 @@ async fn serve(gateway: Arc<Gateway>, socket: WebSocketStream, pre_auth: Option<
                     }
                     let Some((code, text)) = close_rx.borrow().clone() else { continue };
                     if code != CloseCode::Again {
-                        while let Ok(Out::Frame(m)) = out_rx.try_recv() {
+                        while let Ok(m) = out_rx.try_recv() {
                             if sink.send(m).await.is_err() {
                                 return;
                             }
@@ -1002,7 +981,7 @@ async fn serve(gateway: Arc<Gateway>, socket: WebSocketStream, pre_auth: Option<
                     return;
                 }
                 next = out_rx.recv() => match next {
-                    Some(Out::Frame(m)) => {
+                    Some(m) => {
                         if sink.send(m).await.is_err() {
                             return;
                         }
@@ -1089,8 +1068,8 @@ async fn serve(gateway: Arc<Gateway>, socket: WebSocketStream, pre_auth: Option<
                         Ok(f) => {
                             conn.bad_frames = 0;
                             if let Err(e) = conn.handle_frame(f).await {
-                                let (code, message) = error_code(&e);
-                                conn.send(error_frame(code, &message, None));
+                                let (code, message) = error_code(e);
+                                conn.send(error_frame(&code, &message, None));
                             }
                         }
                         Err((code, message)) => conn.bad_frame(code, &message),
@@ -1115,7 +1094,7 @@ async fn serve(gateway: Arc<Gateway>, socket: WebSocketStream, pre_auth: Option<
                     break;
                 }
                 // A full queue already proves the socket is busy: skip the ping.
-                let _ = conn.out.try_send(Out::Frame(Message::Ping(Vec::new())));
+                let _ = conn.out.try_send(Message::Ping(Vec::new()));
                 if let Err(e) = gateway.chat.touch_connection(identity.tenant, conn.id, owner, cfg.connection_ttl).await {
                     tracing::warn!(error = %e, "websocket: heartbeat failed");
                 }

@@ -501,3 +501,21 @@ pub async fn drain_outbox(
     }
     panic!("the outbox did not drain");
 }
+
+/// Tenant `n` (a valid id).
+///
+/// # Panics
+/// For `n <= 0`.
+#[must_use]
+pub fn t(n: i64) -> livechat_core::TenantId {
+    livechat_core::TenantId::new(n).expect("positive tenant id")
+}
+
+/// User `n` (a valid id).
+///
+/// # Panics
+/// For `n <= 0`.
+#[must_use]
+pub fn u(n: i64) -> livechat_core::UserId {
+    livechat_core::UserId::new(n).expect("positive user id")
+}

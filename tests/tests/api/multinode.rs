@@ -6,20 +6,13 @@ use std::time::Duration;
 
 use livechat_core::bus::EventBus;
 use livechat_core::redis_bus::{DEFAULT_CHANNEL, RedisBus};
-use livechat_core::{
-    CustomerChatRequest, CustomerIdentity, PresenceStatus, SessionId, TenantId, UserId,
-};
+use livechat_core::{CustomerChatRequest, CustomerIdentity, PresenceStatus, SessionId};
 use livechat_tests::node::{Node, WsClient};
 use livechat_tests::redis_server::RedisServer;
 use livechat_tests::{App, Backend, TestDb};
 use serde_json::{Value, json};
 
-fn t(n: i64) -> TenantId {
-    TenantId::new(n).unwrap()
-}
-fn u(n: i64) -> UserId {
-    UserId::new(n).unwrap()
-}
+use livechat_tests::{t, u};
 
 async fn node(db: &TestDb, redis: &RedisServer) -> (Node, Arc<RedisBus>) {
     let conn = db.connect_migrated().await;

@@ -4,9 +4,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use livechat_core::bus::InProcessBus;
-use livechat_core::{
-    CustomerChatRequest, CustomerIdentity, PresenceStatus, SessionId, TenantId, UserId,
-};
+use livechat_core::{CustomerChatRequest, CustomerIdentity, PresenceStatus, SessionId};
 use livechat_tests::node::{Node, WsClient};
 use livechat_tests::{App, Backend, on_both_databases};
 use serde_json::{Value, json};
@@ -23,12 +21,7 @@ on_both_databases!(
     shutdown_closes_with_1001,
 );
 
-fn t(n: i64) -> TenantId {
-    TenantId::new(n).unwrap()
-}
-fn u(n: i64) -> UserId {
-    UserId::new(n).unwrap()
-}
+use livechat_tests::{t, u};
 
 /// A node with short timers over a fresh database.
 async fn node(

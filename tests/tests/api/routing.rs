@@ -4,7 +4,6 @@ use std::collections::HashSet;
 
 use livechat_core::{
     ChatError, CustomerChatRequest, CustomerIdentity, PresenceStatus, Priority, SessionStatus,
-    TenantId, UserId,
 };
 use livechat_tests::{App, Backend, on_both_databases};
 use poem::http::Method;
@@ -20,12 +19,7 @@ on_both_databases!(
     offline_agent_start_keeps_a_ticket,
 );
 
-fn t(n: i64) -> TenantId {
-    TenantId::new(n).unwrap()
-}
-fn u(n: i64) -> UserId {
-    UserId::new(n).unwrap()
-}
+use livechat_tests::{t, u};
 
 async fn start(
     app: &App,

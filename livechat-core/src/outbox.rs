@@ -37,8 +37,13 @@ pub trait OutboxConsumer: Send + Sync {
         lease: Duration,
     ) -> impl Future<Output = Result<Vec<PendingEvent>, ChatError>> + Send;
 
-    /// Marks the event delivered.
-    fn mark_dispatched(&self, id: EventId) -> impl Future<Output = Result<(), ChatError>> + Send;
+    /// Marks the events delivered, all in one write (a dispatcher settles a
+    /// whole pass at once: one commit instead of one per event). Ids that
+    /// are unknown or already settled are ignored.
+    fn mark_dispatched(
+        &self,
+        ids: &[EventId],
+    ) -> impl Future<Output = Result<(), ChatError>> + Send;
 
     /// Records a failed attempt and makes the event claimable again at
     /// `retry_at`.

@@ -7,8 +7,8 @@ use std::time::Duration;
 
 use chrono::{DateTime, TimeDelta, Utc};
 use livechat_core::{
-    ChatError, DomainEvent, EventKind, MessagePosted, Notification, NotificationId, OutboxConsumer,
-    PendingEvent, SenderType, TicketId, TicketRequested,
+    ChatError, DomainEvent, EventId, EventKind, MessagePosted, Notification, NotificationId,
+    OutboxConsumer, PendingEvent, SenderType, TicketId, TicketRequested,
 };
 use serde::Deserialize;
 
@@ -137,8 +137,10 @@ impl<C: OutboxConsumer> Dispatcher<C> {
 
     /// Claims one batch of due events (at most [`DispatcherConfig::batch_size`],
     /// at most one per session), handles them one after the other and
-    /// settles each. Deterministic: with nothing due it returns an empty
-    /// report at once.
+    /// settles them: retries and failures one by one, the delivered ones
+    /// together in one write at the end of the pass (so a busy outbox costs
+    /// two commits per pass, not two per event). Deterministic: with nothing
+    /// due it returns an empty report at once.
     ///
     /// # Errors
     /// The consumer's [`ChatError`] when claiming or settling fails (e.g. the
@@ -150,10 +152,19 @@ impl<C: OutboxConsumer> Dispatcher<C> {
             .claim_pending(self.config.batch_size, self.config.lease)
             .await?;
         let mut report = DispatchReport::default();
+        let mut delivered = Vec::with_capacity(batch.len());
+        let mut outcome = Ok(());
         for pending in batch {
-            self.handle(pending, &mut report).await?;
+            outcome = self.handle(pending, &mut report, &mut delivered).await;
+            if outcome.is_err() {
+                break;
+            }
         }
-        Ok(report)
+        // Settle what was delivered even when a later settlement failed; if
+        // this write fails too, the events are handed out again after their
+        // lease (at least once; the sinks are idempotent).
+        self.consumer.mark_dispatched(&delivered).await?;
+        outcome.map(|()| report)
     }
 
     /// Runs [`Dispatcher::dispatch_once`] in a loop until `shutdown`
@@ -198,6 +209,7 @@ impl<C: OutboxConsumer> Dispatcher<C> {
         &self,
         pending: PendingEvent,
         report: &mut DispatchReport,
+        delivered: &mut Vec<EventId>,
     ) -> Result<(), ChatError> {
         let event = &pending.event;
         let outcome = match self.deliver(event).await {
@@ -206,7 +218,7 @@ impl<C: OutboxConsumer> Dispatcher<C> {
         };
         match outcome {
             Outcome::Delivered => {
-                self.consumer.mark_dispatched(event.id).await?;
+                delivered.push(event.id);
                 report.delivered += 1;
             }
             Outcome::Retry(error) => {
@@ -382,8 +394,8 @@ mod tests {
             let n = s.pending.len().min(usize::try_from(limit).unwrap());
             Ok(s.pending.drain(..n).collect())
         }
-        async fn mark_dispatched(&self, id: EventId) -> Result<(), ChatError> {
-            self.0.lock().unwrap().dispatched.push(id);
+        async fn mark_dispatched(&self, ids: &[EventId]) -> Result<(), ChatError> {
+            self.0.lock().unwrap().dispatched.extend_from_slice(ids);
             Ok(())
         }
         async fn retry_later(

@@ -108,6 +108,7 @@ pub async fn connect_with(
 pub struct SeaOrmStore {
     db: DatabaseConnection,
     bus: Option<Arc<dyn EventBus>>,
+    appends: Arc<messages::AppendQueue>,
 }
 
 impl std::fmt::Debug for SeaOrmStore {
@@ -124,7 +125,11 @@ impl SeaOrmStore {
     /// ([`Migrator`]); with SQLite, [`connect`] gives the recommended settings.
     #[must_use]
     pub fn new(db: DatabaseConnection) -> Self {
-        Self { db, bus: None }
+        Self {
+            db,
+            bus: None,
+            appends: Arc::default(),
+        }
     }
 
     /// Publishes committed domain events on `bus`.
@@ -171,17 +176,32 @@ async fn record_event<T: Serialize>(
     kind: EventKind,
     payload: &T,
 ) -> Result<(), ChatError> {
+    let (row, event) = outbox_row(tenant, session, kind, payload)?;
+    outbox_entity::Entity::insert(row)
+        .exec_without_returning(tx)
+        .await?;
+    ev.push(event);
+    Ok(())
+}
+
+/// The outbox row of an event and the event itself, for a caller that
+/// inserts the row in its transaction (several at once in a group commit).
+fn outbox_row<T: Serialize>(
+    tenant: TenantId,
+    session: Option<SessionId>,
+    kind: EventKind,
+    payload: &T,
+) -> Result<(outbox_entity::ActiveModel, DomainEvent), ChatError> {
     let value =
         serde_json::to_value(payload).map_err(|e| DbErr::Custom(format!("event payload: {e}")))?;
-    let payload = value.to_string();
     let at = now();
     let id = EventId::generate();
-    outbox_entity::Entity::insert(outbox_entity::ActiveModel {
+    let row = outbox_entity::ActiveModel {
         id: Set(id.as_uuid()),
         tenant_id: Set(tenant.get()),
         session_id: Set(session.map(|s| s.as_uuid())),
         kind: Set(kind.as_str().to_owned()),
-        payload: Set(payload),
+        payload: Set(value.to_string()),
         created_at: Set(at),
         attempts: Set(0),
         available_at: Set(at),
@@ -189,18 +209,16 @@ async fn record_event<T: Serialize>(
         last_error: Set(None),
         dispatched_at: Set(None),
         failed_at: Set(None),
-    })
-    .exec_without_returning(tx)
-    .await?;
-    ev.push(DomainEvent {
+    };
+    let event = DomainEvent {
         id,
         tenant_id: tenant,
         session_id: session,
         kind,
         payload: value,
         created_at: at,
-    });
-    Ok(())
+    };
+    Ok((row, event))
 }
 
 fn corrupt(what: &str) -> ChatError {

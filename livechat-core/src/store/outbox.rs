@@ -54,49 +54,58 @@ impl OutboxConsumer for SeaOrmStore {
             .all(&self.db)
             .await?;
         let mut seen_sessions = HashSet::new();
-        let mut claimed = Vec::new();
+        let mut picked = Vec::new();
         for row in rows {
             let first_of_session = row.session_id.is_none_or(|s| seen_sessions.insert(s));
             let ready = row.available_at <= at && row.claimed_until.is_none_or(|c| c < at);
-            if !first_of_session || !ready {
-                continue;
-            }
-            // The lease: only one dispatcher wins an event at a time.
-            let won = outbox::Entity::update_many()
-                .col_expr(outbox::Column::ClaimedUntil, Expr::value(at + lease))
-                .filter(outbox::Column::Id.eq(row.id))
-                .filter(outbox::Column::DispatchedAt.is_null())
-                .filter(
-                    Condition::any()
-                        .add(outbox::Column::ClaimedUntil.is_null())
-                        .add(outbox::Column::ClaimedUntil.lt(at)),
-                )
-                .exec(&self.db)
-                .await?
-                .rows_affected
-                == 1;
-            if won {
-                let attempts = row.attempts;
-                claimed.push(PendingEvent {
-                    event: row.try_into()?,
-                    attempts,
-                });
-                if claimed.len() as u64 >= limit {
+            if first_of_session && ready {
+                picked.push(row.id);
+                if picked.len() as u64 >= limit {
                     break;
                 }
             }
         }
-        Ok(claimed)
+        if picked.is_empty() {
+            return Ok(Vec::new());
+        }
+        // The lease, taken for the whole batch in one statement (one commit):
+        // only one dispatcher wins an event at a time; a row another
+        // dispatcher claimed or settled since the scan is not returned.
+        let mut won = outbox::Entity::update_many()
+            .col_expr(outbox::Column::ClaimedUntil, Expr::value(at + lease))
+            .filter(outbox::Column::Id.is_in(picked))
+            .filter(outbox::Column::DispatchedAt.is_null())
+            .filter(
+                Condition::any()
+                    .add(outbox::Column::ClaimedUntil.is_null())
+                    .add(outbox::Column::ClaimedUntil.lt(at)),
+            )
+            .exec_with_returning(&self.db)
+            .await?;
+        won.sort_by_key(|row| row.id);
+        won.into_iter()
+            .map(|row| {
+                let attempts = row.attempts;
+                Ok(PendingEvent {
+                    event: row.try_into()?,
+                    attempts,
+                })
+            })
+            .collect()
     }
 
-    async fn mark_dispatched(&self, id: EventId) -> Result<(), ChatError> {
+    async fn mark_dispatched(&self, ids: &[EventId]) -> Result<(), ChatError> {
+        if ids.is_empty() {
+            return Ok(());
+        }
         outbox::Entity::update_many()
             .col_expr(outbox::Column::DispatchedAt, Expr::value(now()))
             .col_expr(
                 outbox::Column::ClaimedUntil,
                 Expr::value(Option::<DateTime<Utc>>::None),
             )
-            .filter(outbox::Column::Id.eq(id.as_uuid()))
+            .filter(outbox::Column::Id.is_in(ids.iter().map(|id| id.as_uuid())))
+            .filter(outbox::Column::DispatchedAt.is_null())
             .exec(&self.db)
             .await?;
         Ok(())

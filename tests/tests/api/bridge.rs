@@ -293,7 +293,7 @@ async fn crash_after_delivery_before_settling(backend: Backend) {
             }
             // Settle everything but the ticket request (the crash point).
             if e.kind != livechat_core::EventKind::TicketRequested {
-                store.mark_dispatched(e.id).await.unwrap();
+                store.mark_dispatched(&[e.id]).await.unwrap();
             }
         }
         if delivered > 0 {

@@ -1,6 +1,6 @@
 //! The two concurrency rules of issue #2 and the outbox (invariants 2, 4, 5).
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 
 use livechat_core::{
     ChatError, EventKind, OutboxRepository, PageSize, PresenceStatus, SessionStatus, TenantId,
@@ -13,6 +13,7 @@ on_both_databases!(
     fifty_concurrent_sends_get_seq_1_to_50,
     concurrent_retries_of_one_key_store_one_message,
     every_change_writes_one_outbox_event,
+    concurrent_sends_across_sessions_keep_each_sessions_order,
 );
 
 fn ids(tenant: i64, agent: i64) -> (TenantId, UserId) {
@@ -216,4 +217,109 @@ async fn every_change_writes_one_outbox_event(backend: Backend) {
         .await
         .unwrap();
     assert!(other.is_empty());
+}
+
+/// Group commit (issue #5): many concurrent appends over several sessions,
+/// with duplicate keys racing each other and a closed session in the mix,
+/// are committed together without mixing up outcomes: every session gets
+/// a gap-free `seq`, every key one message, the closed session's sends are
+/// refused, and the outbox holds one `message.posted` per stored message in
+/// each session's `seq` order.
+async fn concurrent_sends_across_sessions_keep_each_sessions_order(backend: Backend) {
+    let app = App::new(backend).await;
+    let tenant = TenantId::new(1).unwrap();
+    let mut sessions = Vec::new();
+    for agent in 7..=11 {
+        let agent = UserId::new(agent).unwrap();
+        app.chat
+            .set_agent_status(tenant, agent, PresenceStatus::Online)
+            .await
+            .unwrap();
+        let session = app.chat.start_session(tenant, agent, None).await.unwrap();
+        sessions.push((agent, session.id));
+    }
+    let (closed_agent, closed) = sessions.pop().unwrap();
+    app.chat
+        .close_session(tenant, closed_agent, closed)
+        .await
+        .unwrap();
+
+    let mut tasks = Vec::new();
+    for n in 0..25 {
+        for (agent, session) in &sessions {
+            // Each key is sent twice at once; only one may be stored.
+            for _ in 0..2 {
+                let (chat, agent, session) = (app.chat.clone(), *agent, *session);
+                tasks.push(tokio::spawn(async move {
+                    let key = format!("{session}-{n}");
+                    let sent = chat
+                        .post_message(tenant, agent, session, format!("m{n}"), Some(key.clone()))
+                        .await;
+                    (session, key, sent)
+                }));
+            }
+        }
+        let chat = app.chat.clone();
+        tasks.push(tokio::spawn(async move {
+            let sent = chat
+                .post_message(tenant, closed_agent, closed, "late".into(), None)
+                .await;
+            (closed, String::new(), sent)
+        }));
+    }
+    let mut by_key: HashMap<String, Vec<livechat_core::AppendedMessage>> = HashMap::new();
+    for task in futures::future::join_all(tasks).await {
+        let (session, key, sent) = task.unwrap();
+        if session == closed {
+            assert!(matches!(sent, Err(ChatError::SessionClosed)), "{sent:?}");
+        } else {
+            by_key.entry(key).or_default().push(sent.unwrap());
+        }
+    }
+    assert_eq!(by_key.len(), 100);
+    for (key, answers) in &by_key {
+        assert_eq!(answers.len(), 2);
+        assert_eq!(
+            answers.iter().filter(|a| a.created).count(),
+            1,
+            "one of the two sends of {key} stored it"
+        );
+        assert_eq!(answers[0].message.id, answers[1].message.id, "{key}");
+    }
+    for (_, session) in &sessions {
+        let stored = app
+            .chat
+            .list_messages(tenant, *session, None, Some(200))
+            .await
+            .unwrap();
+        let seqs: Vec<i64> = stored.iter().map(|m| m.seq).collect();
+        assert_eq!(seqs, (1..=25).collect::<Vec<_>>(), "gap-free per session");
+    }
+    let page = PageSize::parse(Some(200), app.chat.config()).unwrap();
+    let mut posted: HashMap<String, Vec<i64>> = HashMap::new();
+    let mut after = None;
+    loop {
+        let events = app
+            .chat
+            .store()
+            .list_events(tenant, after, page)
+            .await
+            .unwrap();
+        let Some(last) = events.last() else { break };
+        after = Some(last.id);
+        for e in events.iter().filter(|e| e.kind == EventKind::MessagePosted) {
+            posted
+                .entry(e.payload["session_id"].as_str().unwrap().to_owned())
+                .or_default()
+                .push(e.payload["seq"].as_i64().unwrap());
+        }
+    }
+    assert_eq!(posted.len(), 4, "no event for the closed session");
+    for seqs in posted.values() {
+        assert_eq!(
+            seqs,
+            &(1..=25).collect::<Vec<_>>(),
+            "one event per message, in seq order"
+        );
+    }
 }

@@ -45,23 +45,10 @@ impl TestDb {
                     _dir: Some(dir),
                 }
             }
-            Backend::Postgres => {
-                let admin = postgres_admin_url();
-                let name = format!("lc_test_{}", uuid::Uuid::now_v7().simple());
-                let mut opts = sea_orm::ConnectOptions::new(admin.clone());
-                opts.max_connections(1).sqlx_logging(false);
-                let conn = sea_orm::Database::connect(opts)
-                    .await
-                    .unwrap_or_else(|e| panic!("cannot reach PostgreSQL at {admin}: {e}"));
-                conn.execute_unprepared(&format!("CREATE DATABASE {name}"))
-                    .await
-                    .expect("CREATE DATABASE");
-                conn.close().await.ok();
-                Self {
-                    url: replace_db_name(&admin, &name),
-                    _dir: None,
-                }
-            }
+            Backend::Postgres => Self {
+                url: create_database(&postgres_admin_url(), "lc_test").await,
+                _dir: None,
+            },
         }
     }
 
@@ -82,6 +69,26 @@ impl TestDb {
             .expect("bridge migrations");
         db
     }
+}
+
+/// Creates a fresh, empty database named `<prefix>_<uuid>` on the
+/// PostgreSQL server of `admin` (a URL with rights to `CREATE DATABASE`)
+/// and returns its URL.
+///
+/// # Panics
+/// When the server cannot be reached or refuses.
+pub async fn create_database(admin: &str, prefix: &str) -> String {
+    let name = format!("{prefix}_{}", uuid::Uuid::now_v7().simple());
+    let mut opts = sea_orm::ConnectOptions::new(admin.to_owned());
+    opts.max_connections(1).sqlx_logging(false);
+    let conn = sea_orm::Database::connect(opts)
+        .await
+        .unwrap_or_else(|e| panic!("cannot reach PostgreSQL at {admin}: {e}"));
+    conn.execute_unprepared(&format!("CREATE DATABASE {name}"))
+        .await
+        .expect("CREATE DATABASE");
+    conn.close().await.ok();
+    replace_db_name(admin, &name)
 }
 
 fn replace_db_name(url: &str, name: &str) -> String {
@@ -107,7 +114,7 @@ fn postgres_admin_url() -> String {
     }
     static SERVER: OnceLock<Result<String, String>> = OnceLock::new();
     SERVER
-        .get_or_init(start_postgres)
+        .get_or_init(|| start_postgres(PgDurability::Fast))
         .clone()
         .unwrap_or_else(|e| panic!("{e}"))
 }
@@ -163,9 +170,25 @@ fn run(mut cmd: Command, what: &str) -> Result<(), String> {
     }
 }
 
-/// initdb + pg_ctl start into a temp dir on a free port, with a watchdog that
-/// stops the server and removes the dir when this test process exits.
-fn start_postgres() -> Result<String, String> {
+/// How a throwaway PostgreSQL server commits.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum PgDurability {
+    /// `fsync=off`, `synchronous_commit=off`: fast tests.
+    Fast,
+    /// The server's defaults (fsync on, synchronous commit): a commit is on
+    /// disk before it returns. For benchmarks.
+    Durable,
+}
+
+/// Starts a throwaway PostgreSQL server from the machine's binaries
+/// (initdb + pg_ctl, as user `postgres` when run as root) into a temp dir
+/// on a free loopback port, and returns its admin URL. A watchdog stops the
+/// server and removes the dir when this process exits.
+///
+/// # Errors
+/// A message naming what is missing (the Debian package `postgresql`) or
+/// which step failed.
+pub fn start_postgres(durability: PgDurability) -> Result<String, String> {
     let bindir = find_bindir().ok_or_else(|| INSTALL_HINT.to_owned())?;
     let root = is_root();
     let dir = std::env::temp_dir().join(format!(
@@ -203,15 +226,25 @@ fn start_postgres() -> Result<String, String> {
         .map_err(|e| format!("free port: {e}"))?
         .port();
     let mut start = as_pg_user(root, &bindir.join("pg_ctl"));
-    start.arg("-D").arg(&data).arg("-l").arg(dir.join("server.log")).args([
-        "-w",
-        "-o",
-        &format!(
-            "-p {port} -k {} -c listen_addresses=127.0.0.1 -c fsync=off -c synchronous_commit=off -c full_page_writes=off -c max_connections=400",
-            dir.display()
-        ),
-        "start",
-    ]);
+    start
+        .arg("-D")
+        .arg(&data)
+        .arg("-l")
+        .arg(dir.join("server.log"))
+        .args([
+            "-w",
+            "-o",
+            &format!(
+                "-p {port} -k {} -c listen_addresses=127.0.0.1 -c max_connections=400{}",
+                dir.display(),
+                match durability {
+                    PgDurability::Fast =>
+                        " -c fsync=off -c synchronous_commit=off -c full_page_writes=off",
+                    PgDurability::Durable => "",
+                }
+            ),
+            "start",
+        ]);
     run(start, "pg_ctl start")?;
 
     // Watchdog: when this process is gone, stop the server and remove its files.

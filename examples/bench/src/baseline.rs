@@ -6,6 +6,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use futures_util::{SinkExt, StreamExt};
+use sea_orm::sqlx::postgres::PgPoolOptions;
 use sea_orm::sqlx::sqlite::{
     SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous,
 };
@@ -15,44 +16,111 @@ use tokio_tungstenite::tungstenite::Message;
 
 use crate::{Latency, measure};
 
-/// Rows per second of raw single-row `INSERT` + commit with `writers`
-/// concurrent writers on the SQLite file `path`, with the library's
-/// settings (WAL, `synchronous=FULL`, busy timeout) for `duration`.
+/// The database a raw-insert baseline runs on: the same kind and durability
+/// as the library's in the same table row.
+#[derive(Clone, Debug)]
+pub enum RawDb {
+    /// An SQLite file (WAL, busy timeout) with `synchronous` = `FULL` when
+    /// `full`, else `NORMAL`.
+    Sqlite {
+        /// File path.
+        path: String,
+        /// `synchronous=FULL` (else `NORMAL`).
+        full: bool,
+    },
+    /// A PostgreSQL database (the server's own durability: fsync on).
+    Postgres {
+        /// Connection URL.
+        url: String,
+    },
+}
+
+/// Rows per second of raw single-row `INSERT` + commit (autocommit) with
+/// `writers` concurrent writers on `db`, for `duration`.
 ///
 /// # Panics
-/// When the file cannot be opened.
-pub async fn raw_insert_rate(path: &str, writers: usize, duration: Duration) -> f64 {
-    let options = SqliteConnectOptions::new()
-        .filename(path)
-        .create_if_missing(true)
-        .journal_mode(SqliteJournalMode::Wal)
-        .synchronous(SqliteSynchronous::Full)
-        .busy_timeout(Duration::from_secs(30));
-    let pool = SqlitePoolOptions::new()
-        .max_connections(8)
-        .connect_with(options)
-        .await
-        .expect("baseline database");
-    sea_orm::sqlx::query(
-        "CREATE TABLE IF NOT EXISTS raw (id INTEGER PRIMARY KEY, body TEXT NOT NULL)",
-    )
-    .execute(&pool)
-    .await
-    .expect("baseline table");
+/// When the database cannot be opened.
+pub async fn raw_insert_rate(db: &RawDb, writers: usize, duration: Duration) -> f64 {
+    match db {
+        RawDb::Sqlite { path, full } => {
+            let options = SqliteConnectOptions::new()
+                .filename(path)
+                .create_if_missing(true)
+                .journal_mode(SqliteJournalMode::Wal)
+                .synchronous(if *full {
+                    SqliteSynchronous::Full
+                } else {
+                    SqliteSynchronous::Normal
+                })
+                .busy_timeout(Duration::from_secs(30));
+            let pool = SqlitePoolOptions::new()
+                .max_connections(8)
+                .connect_with(options)
+                .await
+                .expect("baseline database");
+            sea_orm::sqlx::query(
+                "CREATE TABLE IF NOT EXISTS raw (id INTEGER PRIMARY KEY, body TEXT NOT NULL)",
+            )
+            .execute(&pool)
+            .await
+            .expect("baseline table");
+            insert_loop(writers, duration, move || {
+                let pool = pool.clone();
+                async move {
+                    sea_orm::sqlx::query("INSERT INTO raw (body) VALUES (?)")
+                        .bind(BODY)
+                        .execute(&pool)
+                        .await
+                        .is_ok()
+                }
+            })
+            .await
+        }
+        RawDb::Postgres { url } => {
+            let pool = PgPoolOptions::new()
+                .max_connections(u32::try_from(writers.clamp(1, 16)).unwrap_or(16))
+                .connect(url)
+                .await
+                .expect("baseline database");
+            sea_orm::sqlx::query(
+                "CREATE TABLE IF NOT EXISTS raw (id BIGSERIAL PRIMARY KEY, body TEXT NOT NULL)",
+            )
+            .execute(&pool)
+            .await
+            .expect("baseline table");
+            insert_loop(writers, duration, move || {
+                let pool = pool.clone();
+                async move {
+                    sea_orm::sqlx::query("INSERT INTO raw (body) VALUES ($1)")
+                        .bind(BODY)
+                        .execute(&pool)
+                        .await
+                        .is_ok()
+                }
+            })
+            .await
+        }
+    }
+}
+
+const BODY: &str = "hello there, a short chat line";
+
+/// Runs `insert` from `writers` tasks until `duration` is over; successful
+/// inserts per second.
+async fn insert_loop<F, Fut>(writers: usize, duration: Duration, insert: F) -> f64
+where
+    F: Fn() -> Fut + Clone + Send + 'static,
+    Fut: std::future::Future<Output = bool> + Send,
+{
     let deadline = Instant::now() + duration;
     let started = Instant::now();
     let tasks: Vec<_> = (0..writers)
         .map(|_| {
-            let pool = pool.clone();
+            let insert = insert.clone();
             tokio::spawn(async move {
                 let mut n = 0u64;
                 while Instant::now() < deadline {
-                    if sea_orm::sqlx::query("INSERT INTO raw (body) VALUES (?)")
-                        .bind("hello there, a short chat line")
-                        .execute(&pool)
-                        .await
-                        .is_ok()
-                    {
+                    if insert().await {
                         n += 1;
                     }
                 }
@@ -64,7 +132,6 @@ pub async fn raw_insert_rate(path: &str, writers: usize, duration: Duration) -> 
     for t in tasks {
         total += t.await.unwrap_or(0);
     }
-    pool.close().await;
     total as f64 / started.elapsed().as_secs_f64()
 }
 
@@ -74,54 +141,75 @@ type Rooms = Arc<Mutex<HashMap<String, broadcast::Sender<Arc<str>>>>>;
 /// later frame goes to every member of the room (the sender included).
 pub struct RawHub {
     addr: std::net::SocketAddr,
+    /// The process serving the hub (for memory figures).
+    pub pid: u32,
 }
 
 type Ws = tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<TcpStream>>;
 
+/// Serves the raw hub on `listener` until the process ends.
+pub async fn serve_hub(listener: TcpListener) {
+    let rooms: Rooms = Arc::default();
+    while let Ok((stream, _)) = listener.accept().await {
+        let rooms = rooms.clone();
+        tokio::spawn(async move {
+            let Ok(ws) = tokio_tungstenite::accept_async(stream).await else {
+                return;
+            };
+            let (mut tx, mut rx) = ws.split();
+            let Some(Ok(Message::Text(room))) = rx.next().await else {
+                return;
+            };
+            let room_tx = rooms
+                .lock()
+                .await
+                .entry(room.to_string())
+                .or_insert_with(|| broadcast::channel(4096).0)
+                .clone();
+            let mut sub = room_tx.subscribe();
+            let writer = tokio::spawn(async move {
+                while let Ok(text) = sub.recv().await {
+                    if tx.send(Message::Text(text.as_ref().into())).await.is_err() {
+                        return;
+                    }
+                }
+            });
+            while let Some(Ok(m)) = rx.next().await {
+                if let Message::Text(t) = m {
+                    let _ = room_tx.send(Arc::from(t.as_str()));
+                }
+            }
+            writer.abort();
+        });
+    }
+}
+
 impl RawHub {
-    /// Starts the hub on a free loopback port.
+    /// Starts the hub in this process on a free loopback port.
     ///
     /// # Panics
     /// When no port can be bound.
     pub async fn start() -> Self {
         let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
         let addr = listener.local_addr().expect("addr");
-        let rooms: Rooms = Arc::default();
-        tokio::spawn(async move {
-            while let Ok((stream, _)) = listener.accept().await {
-                let rooms = rooms.clone();
-                tokio::spawn(async move {
-                    let Ok(ws) = tokio_tungstenite::accept_async(stream).await else {
-                        return;
-                    };
-                    let (mut tx, mut rx) = ws.split();
-                    let Some(Ok(Message::Text(room))) = rx.next().await else {
-                        return;
-                    };
-                    let room_tx = rooms
-                        .lock()
-                        .await
-                        .entry(room.to_string())
-                        .or_insert_with(|| broadcast::channel(4096).0)
-                        .clone();
-                    let mut sub = room_tx.subscribe();
-                    let writer = tokio::spawn(async move {
-                        while let Ok(text) = sub.recv().await {
-                            if tx.send(Message::Text(text.as_ref().into())).await.is_err() {
-                                return;
-                            }
-                        }
-                    });
-                    while let Some(Ok(m)) = rx.next().await {
-                        if let Message::Text(t) = m {
-                            let _ = room_tx.send(Arc::from(t.as_str()));
-                        }
-                    }
-                    writer.abort();
-                });
-            }
-        });
-        Self { addr }
+        tokio::spawn(serve_hub(listener));
+        Self {
+            addr,
+            pid: std::process::id(),
+        }
+    }
+
+    /// A hub already listening on `addr`, served by process `pid` (e.g. a
+    /// `livechat-bench --raw-hub` pinned to the server's core).
+    #[must_use]
+    pub const fn at(addr: std::net::SocketAddr, pid: u32) -> Self {
+        Self { addr, pid }
+    }
+
+    /// Where the hub listens.
+    #[must_use]
+    pub const fn addr(&self) -> std::net::SocketAddr {
+        self.addr
     }
 
     async fn client(&self, room: &str) -> Ws {
@@ -162,7 +250,8 @@ impl RawHub {
     }
 
     /// Deliveries per second to `rooms` rooms of 10 clients, one sender per
-    /// room waiting for its own copy before the next (like an ack).
+    /// room keeping up to [`crate::WINDOW`] messages in flight (its own copy
+    /// coming back plays the library's `ack`).
     pub async fn fan_out(&self, rooms: usize, duration: Duration) -> f64 {
         let delivered = Arc::new(std::sync::atomic::AtomicU64::new(0));
         let mut senders = Vec::new();
@@ -172,56 +261,22 @@ impl RawHub {
                 if member == 0 {
                     senders.push(ws);
                 } else {
-                    let d = delivered.clone();
-                    let mut ws = ws;
-                    tokio::spawn(async move {
-                        while let Some(Ok(m)) = ws.next().await {
-                            if m.is_text() {
-                                d.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                            }
-                        }
-                    });
+                    crate::count_deliveries(ws, delivered.clone(), "new_message");
                 }
             }
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
-        let started = Instant::now();
-        let deadline = started + duration;
-        let tasks: Vec<_> = senders
-            .into_iter()
-            .map(|ws| {
-                tokio::spawn(async move {
-                    let (mut tx, mut rx) = ws.split();
-                    let body = format!(
-                        "{{\"type\":\"new_message\",\"message\":\"{}\"}}",
-                        "m".repeat(100)
-                    );
-                    while Instant::now() < deadline {
-                        if tx.send(Message::Text(body.clone().into())).await.is_err() {
-                            return;
-                        }
-                        if !matches!(rx.next().await, Some(Ok(_))) {
-                            return;
-                        }
-                    }
-                })
-            })
-            .collect();
-        for t in tasks {
-            let _ = t.await;
-        }
-        tokio::time::sleep(Duration::from_millis(200)).await;
-        delivered.load(std::sync::atomic::Ordering::Relaxed) as f64
-            / started.elapsed().as_secs_f64()
-    }
-
-    /// Opens `count` idle clients and keeps them until the result is dropped.
-    pub async fn idle(&self, count: usize) -> Vec<Ws> {
-        let mut v = Vec::with_capacity(count);
-        for i in 0..count {
-            v.push(self.client(&format!("idle{i}")).await);
-        }
-        tokio::time::sleep(Duration::from_millis(300)).await;
-        v
+        let body = format!(
+            "{{\"type\":\"new_message\",\"message\":\"{}\"}}",
+            "m".repeat(100)
+        );
+        crate::windowed_senders(
+            senders,
+            duration,
+            &delivered,
+            move |_, _| body.clone(),
+            "new_message",
+        )
+        .await
     }
 }

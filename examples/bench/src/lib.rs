@@ -23,6 +23,7 @@
 //! (the binary starts it pinned to a core with `taskset`).
 
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use futures_util::{SinkExt, StreamExt};
@@ -32,7 +33,7 @@ use tokio_tungstenite::tungstenite::{Message, client::IntoClientRequest};
 
 mod baseline;
 
-pub use baseline::{RawHub, raw_insert_rate};
+pub use baseline::{RawDb, RawHub, raw_insert_rate, serve_hub};
 
 /// The JWT secret the bench signs tokens with (the server must use it).
 pub const SECRET: &str = "livechat-bench-secret";
@@ -53,6 +54,29 @@ impl Target {
     /// # Panics
     /// When the database cannot be prepared or no port can be bound.
     pub async fn in_process(database_url: &str) -> Self {
+        Self::in_process_on(
+            database_url,
+            Arc::new(livechat_core::bus::InProcessBus::new()),
+        )
+        .await
+    }
+
+    /// As [`Target::in_process`], as one node of several sharing the Redis
+    /// server at `redis_url` (cross-node fan-out).
+    ///
+    /// # Panics
+    /// As [`Target::in_process`], or when Redis cannot be reached.
+    pub async fn in_process_with_redis(database_url: &str, redis_url: &str) -> Self {
+        let bus = livechat_core::redis_bus::RedisBus::connect(
+            redis_url,
+            livechat_core::redis_bus::DEFAULT_CHANNEL,
+        )
+        .await
+        .expect("redis");
+        Self::in_process_on(database_url, Arc::new(bus)).await
+    }
+
+    async fn in_process_on(database_url: &str, bus: Arc<dyn livechat_core::bus::EventBus>) -> Self {
         use poem::listener::{Acceptor, Listener, TcpListener};
         let db = livechat_example_server::prepare_database(database_url)
             .await
@@ -62,12 +86,7 @@ impl Target {
         let mut realtime = config.realtime();
         realtime.send_rate_per_sec = 100_000;
         realtime.outbound_queue = 65_536;
-        let host = livechat_example_server::build_with(
-            db,
-            &config,
-            Arc::new(livechat_core::bus::InProcessBus::new()),
-            realtime,
-        );
+        let host = livechat_example_server::build_with(db, &config, bus, realtime);
         let acceptor = TcpListener::bind("127.0.0.1:0")
             .into_acceptor()
             .await
@@ -220,6 +239,29 @@ async fn agent_session(client: &reqwest::Client, target: &Target, user: i64) -> 
         .to_owned()
 }
 
+/// What a write-path run measured.
+#[derive(Clone, Copy, Debug)]
+pub struct PostRate {
+    /// Messages stored (`201`) per second.
+    pub per_sec: f64,
+    /// Server CPU time (user + system) per stored message, in microseconds,
+    /// when the server's pid is known.
+    pub cpu_us: Option<f64>,
+}
+
+/// CPU time (user + system) of `pid` so far, in microseconds (from
+/// `/proc/<pid>/stat`, clock ticks of 10 ms).
+#[must_use]
+pub fn cpu_us(pid: u32) -> Option<u64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // Fields after the command name (which may hold spaces) start at ")".
+    let rest = stat.rsplit_once(')')?.1;
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    let utime: u64 = fields.get(11)?.parse().ok()?;
+    let stime: u64 = fields.get(12)?.parse().ok()?;
+    Some((utime + stime) * 10_000)
+}
+
 /// Scenario 1: messages per second through `POST …/messages` with `senders`
 /// concurrent senders on distinct sessions, for `duration`.
 pub async fn post_rate(
@@ -227,13 +269,14 @@ pub async fn post_rate(
     senders: usize,
     duration: Duration,
     first_agent: i64,
-) -> f64 {
+) -> PostRate {
     let client = reqwest::Client::new();
     let mut sessions = Vec::new();
     for i in 0..senders {
         let agent = first_agent + i as i64;
         sessions.push((agent, agent_session(&client, target, agent).await));
     }
+    let cpu_before = target.pid.and_then(cpu_us);
     let deadline = Instant::now() + duration;
     let started = Instant::now();
     let tasks: Vec<_> = sessions
@@ -266,33 +309,66 @@ pub async fn post_rate(
     for t in tasks {
         total += t.await.unwrap_or(0);
     }
-    total as f64 / started.elapsed().as_secs_f64()
+    let per_sec = total as f64 / started.elapsed().as_secs_f64();
+    let cpu_after = target.pid.and_then(cpu_us);
+    PostRate {
+        per_sec,
+        cpu_us: match (cpu_before, cpu_after) {
+            (Some(b), Some(a)) if total > 0 => Some(a.saturating_sub(b) as f64 / total as f64),
+            _ => None,
+        },
+    }
 }
 
-/// Scenario 1 with its baseline: one row per sender count.
+/// Scenario 1 with its baseline: one row per sender count, then the server
+/// CPU per message at each count. Also returns the peak library rate (for
+/// the latency scenario's send rate).
 pub async fn write_path(
     target: &Target,
-    baseline_db: &str,
+    baseline: &RawDb,
     counts: &[usize],
     duration: Duration,
-) -> Vec<Row> {
+) -> (Vec<Row>, f64) {
     let mut rows = Vec::new();
+    let mut cpu_rows = Vec::new();
     let mut next_agent = 1000;
+    let mut peak: f64 = 0.0;
+    let mut first_rate = None;
     for &n in counts {
         let library = post_rate(target, n, duration, next_agent).await;
         next_agent += n as i64;
-        let baseline = raw_insert_rate(baseline_db, n, duration).await;
+        let raw = raw_insert_rate(baseline, n, duration).await;
+        peak = peak.max(library.per_sec);
+        let first = *first_rate.get_or_insert(library.per_sec);
         rows.push(Row {
             label: format!("{n} sender(s)"),
-            library,
-            baseline,
+            library: library.per_sec,
+            baseline: raw,
             unit: "msg/s",
         });
+        if n != counts[0] {
+            cpu_rows.push(Row {
+                label: format!("{n} senders vs 1 sender (scaling)"),
+                library: library.per_sec / first.max(f64::MIN_POSITIVE),
+                baseline: 10.0,
+                unit: "× (target 10)",
+            });
+        }
+        if let Some(cpu) = library.cpu_us {
+            cpu_rows.push(Row {
+                label: format!("server CPU per message, {n} sender(s)"),
+                library: cpu,
+                baseline: 0.0,
+                unit: "µs",
+            });
+        }
     }
-    rows
+    rows.extend(cpu_rows);
+    (rows, peak)
 }
 
-type Ws =
+/// A WebSocket client connection.
+pub type Ws =
     tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
 
 async fn connect(target: &Target, user: i64) -> Ws {
@@ -411,35 +487,46 @@ fn livechat_texts(
     }))
 }
 
-/// Scenario 2: agent → agent latency over WebSocket at `rate` per second,
-/// with the raw relay as baseline.
-pub async fn latency(target: &Target, rate: f64, count: u64) -> Vec<Row> {
+/// Send-to-receipt latency of one session: agent `sender` connected to
+/// `from` sends at `rate` per second over WebSocket, agent `sender + 1`
+/// connected to `to` receives.
+pub async fn session_latency(
+    from: &Target,
+    to: &Target,
+    sender: i64,
+    rate: f64,
+    count: u64,
+) -> Latency {
     let client = reqwest::Client::new();
-    let session = agent_session(&client, target, 1).await;
-    let mut sender = connect(target, 1).await;
-    let mut receiver = connect(target, 2).await;
-    join(&mut sender, &session).await;
-    join(&mut receiver, &session).await;
-    let (tx, mut sender_rx) = sender.split();
+    let session = agent_session(&client, from, sender).await;
+    let mut tx_ws = connect(from, sender).await;
+    let mut rx_ws = connect(to, sender + 1).await;
+    join(&mut tx_ws, &session).await;
+    join(&mut rx_ws, &session).await;
+    let (tx, mut sender_rx) = tx_ws.split();
     // Acks and echoes are read and dropped so the socket keeps flowing.
     tokio::spawn(async move { while sender_rx.next().await.is_some() {} });
     let tx = Arc::new(tokio::sync::Mutex::new(tx));
-    let (_, rx) = receiver.split();
-    let s = session.clone();
-    let lib = measure(
+    let (_, rx) = rx_ws.split();
+    measure(
         rate,
         count,
         move |i, text| {
             let tx = tx.clone();
-            let frame = json!({"type": "send_message", "session_id": s, "client_msg_id": format!("l{i}"), "message": text}).to_string();
+            let frame = json!({"type": "send_message", "session_id": session, "client_msg_id": format!("l{i}"), "message": text}).to_string();
             Box::pin(async move {
                 let _ = tx.lock().await.send(Message::Text(frame.into())).await;
             })
         },
         livechat_texts(rx),
     )
-    .await;
-    let hub = RawHub::start().await;
+    .await
+}
+
+/// Scenario 2: agent → agent latency over WebSocket at `rate` per second,
+/// with the raw relay `hub` as baseline.
+pub async fn latency(target: &Target, hub: &RawHub, rate: f64, count: u64, agent: i64) -> Vec<Row> {
+    let lib = session_latency(target, target, agent, rate, count).await;
     let base = hub.latency(rate, count).await;
     vec![
         Row {
@@ -463,55 +550,65 @@ pub async fn latency(target: &Target, rate: f64, count: u64) -> Vec<Row> {
     ]
 }
 
-/// Scenario 3: deliveries per second to `rooms` rooms of 10 joined clients
-/// (100-byte messages posted over WebSocket), with the raw hub as baseline.
-pub async fn fan_out(target: &Target, rooms: usize, duration: Duration) -> Vec<Row> {
-    let client = reqwest::Client::new();
-    let delivered = Arc::new(std::sync::atomic::AtomicU64::new(0));
-    let mut senders = Vec::new();
-    for r in 0..rooms {
-        let agent = 2000 + r as i64;
-        let session = agent_session(&client, target, agent).await;
-        for member in 0..10 {
-            let mut ws = connect(target, 3000 + (r * 10 + member) as i64).await;
-            join(&mut ws, &session).await;
-            if member == 0 {
-                senders.push((ws, session.clone()));
-            } else {
-                let d = delivered.clone();
-                tokio::spawn(async move {
-                    while let Some(Ok(m)) = ws.next().await {
-                        if matches!(m, Message::Text(ref t) if t.contains("\"new_message\"")) {
-                            d.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                        }
-                    }
-                });
+/// Messages a fan-out sender keeps in flight (sent, not yet acknowledged).
+pub const WINDOW: usize = 8;
+
+/// Counts the text frames containing `marker` that `ws` receives.
+pub(crate) fn count_deliveries(mut ws: Ws, counter: Arc<AtomicU64>, marker: &'static str) {
+    tokio::spawn(async move {
+        while let Some(Ok(m)) = ws.next().await {
+            if matches!(m, Message::Text(ref t) if t.contains(marker)) {
+                counter.fetch_add(1, Ordering::Relaxed);
             }
         }
-    }
-    let start_count = delivered.load(std::sync::atomic::Ordering::Relaxed);
+    });
+}
+
+/// Runs one sender per socket for `duration`, each keeping up to
+/// [`WINDOW`] frames in flight (a frame is settled by a received text
+/// containing `ack`), and returns the deliveries per second counted in
+/// `delivered` meanwhile (in-flight deliveries are given 200 ms to land).
+pub(crate) async fn windowed_senders<F>(
+    senders: Vec<Ws>,
+    duration: Duration,
+    delivered: &AtomicU64,
+    frame: F,
+    ack: &'static str,
+) -> f64
+where
+    F: Fn(usize, u64) -> String + Clone + Send + 'static,
+{
+    let start_count = delivered.load(Ordering::Relaxed);
     let started = Instant::now();
     let deadline = started + duration;
     let tasks: Vec<_> = senders
         .into_iter()
-        .map(|(ws, session)| {
+        .enumerate()
+        .map(|(room, ws)| {
+            let frame = frame.clone();
             tokio::spawn(async move {
                 let (mut tx, mut rx) = ws.split();
-                let body = "m".repeat(100);
+                let mut in_flight = 0;
                 let mut i = 0u64;
-                // Closed loop on acks: one message in flight per room.
-                while Instant::now() < deadline {
-                    let frame = json!({"type": "send_message", "session_id": session, "client_msg_id": format!("f{i}"), "message": body});
-                    if tx.send(Message::Text(frame.to_string().into())).await.is_err() {
-                        break;
-                    }
-                    i += 1;
-                    loop {
-                        match rx.next().await {
-                            Some(Ok(Message::Text(t))) if t.contains("\"ack\"") || t.contains("\"error\"") => break,
-                            Some(Ok(_)) => {}
-                            _ => return,
+                loop {
+                    while in_flight < WINDOW && Instant::now() < deadline {
+                        if tx.send(Message::Text(frame(room, i).into())).await.is_err() {
+                            return;
                         }
+                        i += 1;
+                        in_flight += 1;
+                    }
+                    if in_flight == 0 {
+                        return;
+                    }
+                    match tokio::time::timeout(Duration::from_secs(10), rx.next()).await {
+                        Ok(Some(Ok(Message::Text(t))))
+                            if t.contains(ack) || t.contains("\"error\"") =>
+                        {
+                            in_flight -= 1;
+                        }
+                        Ok(Some(Ok(_))) => {}
+                        _ => return,
                     }
                 }
             })
@@ -520,11 +617,55 @@ pub async fn fan_out(target: &Target, rooms: usize, duration: Duration) -> Vec<R
     for t in tasks {
         let _ = t.await;
     }
-    // Let in-flight deliveries land.
     tokio::time::sleep(Duration::from_millis(200)).await;
-    let lib = (delivered.load(std::sync::atomic::Ordering::Relaxed) - start_count) as f64
-        / started.elapsed().as_secs_f64();
-    let hub = RawHub::start().await;
+    (delivered.load(Ordering::Relaxed) - start_count) as f64 / started.elapsed().as_secs_f64()
+}
+
+/// Deliveries per second to `rooms` rooms of 10 joined clients: each room's
+/// sender (agent `first_agent + room`) is connected to `from`, its nine
+/// receivers to `to`.
+pub async fn room_fan_out(
+    from: &Target,
+    to: &Target,
+    rooms: usize,
+    duration: Duration,
+    first_agent: i64,
+) -> f64 {
+    let client = reqwest::Client::new();
+    let delivered = Arc::new(AtomicU64::new(0));
+    let mut senders = Vec::new();
+    let mut sessions = Vec::new();
+    for r in 0..rooms {
+        let agent = first_agent + r as i64;
+        let session = agent_session(&client, from, agent).await;
+        let mut ws = connect(from, agent).await;
+        join(&mut ws, &session).await;
+        senders.push(ws);
+        for member in 1..10 {
+            let mut ws = connect(to, first_agent + 100_000 + (r * 10 + member) as i64).await;
+            join(&mut ws, &session).await;
+            count_deliveries(ws, delivered.clone(), "\"new_message\"");
+        }
+        sessions.push(session);
+    }
+    let body = "m".repeat(100);
+    windowed_senders(
+        senders,
+        duration,
+        &delivered,
+        move |room, i| {
+            json!({"type": "send_message", "session_id": sessions[room], "client_msg_id": format!("f{i}"), "message": body}).to_string()
+        },
+        "\"ack\"",
+    )
+    .await
+}
+
+/// Scenario 3: deliveries per second to `rooms` rooms of 10 joined clients
+/// (100-byte messages posted over WebSocket, [`WINDOW`] in flight per
+/// room), with the raw hub as baseline.
+pub async fn fan_out(target: &Target, hub: &RawHub, rooms: usize, duration: Duration) -> Vec<Row> {
+    let lib = room_fan_out(target, target, rooms, duration, 2000).await;
     let base = hub.fan_out(rooms, duration).await;
     vec![Row {
         label: format!("{rooms} room(s) × 10 clients, 100 B"),
@@ -532,6 +673,55 @@ pub async fn fan_out(target: &Target, rooms: usize, duration: Duration) -> Vec<R
         baseline: base,
         unit: "deliveries/s",
     }]
+}
+
+/// Scenario 5: node `a` and node `b` share a database and Redis. The same
+/// measurements with the receivers on `a` (single node) and on `b` (cross
+/// node): latency at `rate` and room fan-out rate.
+pub async fn cross_node(
+    a: &Target,
+    b: &Target,
+    rate: f64,
+    count: u64,
+    rooms: usize,
+    duration: Duration,
+) -> Vec<Row> {
+    let single = session_latency(a, a, 11, rate, count).await;
+    let cross = session_latency(a, b, 13, rate, count).await;
+    let single_rate = room_fan_out(a, a, rooms, duration, 4000).await;
+    let cross_rate = room_fan_out(a, b, rooms, duration, 4100).await;
+    vec![
+        Row {
+            label: format!("p50 at {rate:.0} msg/s (cross vs single)"),
+            library: cross.p50,
+            baseline: single.p50,
+            unit: "ms",
+        },
+        Row {
+            label: format!("p99 at {rate:.0} msg/s (cross vs single)"),
+            library: cross.p99,
+            baseline: single.p99,
+            unit: "ms",
+        },
+        Row {
+            label: "added p50 (target ≤ 1 ms)".into(),
+            library: cross.p50 - single.p50,
+            baseline: 1.0,
+            unit: "ms",
+        },
+        Row {
+            label: format!("{rooms} room(s) × 10 clients (cross vs single)"),
+            library: cross_rate,
+            baseline: single_rate,
+            unit: "deliveries/s",
+        },
+        Row {
+            label: "messages received (cross vs single)".into(),
+            library: cross.count as f64,
+            baseline: single.count as f64,
+            unit: "",
+        },
+    ]
 }
 
 /// Resident memory of `pid` in KiB (from `/proc/<pid>/smaps_rollup`).
@@ -544,24 +734,125 @@ pub fn rss_kib(pid: u32) -> Option<u64> {
         .and_then(|v| v.parse().ok())
 }
 
-/// Scenario 4: `count` idle authenticated connections: RSS growth per
-/// connection of the server process and the ping round trip while they are
-/// connected. The baseline is the raw hub's RSS growth for the same number
-/// of idle sockets (same process when the server runs in-process).
-pub async fn idle(target: &Target, count: usize) -> Vec<Row> {
+/// Kernel TCP buffer memory of the whole machine in KiB (`/proc/net/sockstat`,
+/// `TCP: … mem <pages>`).
+#[must_use]
+pub fn tcp_mem_kib() -> Option<u64> {
+    let text = std::fs::read_to_string("/proc/net/sockstat").ok()?;
+    let line = text.lines().find(|l| l.starts_with("TCP:"))?;
+    let mut it = line.split_whitespace();
+    while let Some(word) = it.next() {
+        if word == "mem" {
+            return it.next()?.parse::<u64>().ok().map(|pages| pages * 4);
+        }
+    }
+    None
+}
+
+/// Where idle connections go.
+#[derive(Clone, Debug)]
+pub enum HoldTarget {
+    /// The library's gateway (authenticated agents, waits for `ready`).
+    Livechat(Target),
+    /// The raw hub at this address (each socket joins its own room).
+    Hub(std::net::SocketAddr),
+}
+
+/// Opens `count` idle connections (users / rooms numbered from `first`),
+/// 64 at a time, and returns them.
+pub async fn hold(target: &HoldTarget, first: i64, count: usize) -> Vec<Ws> {
+    let mut out = Vec::with_capacity(count);
+    let mut pending = futures_util::stream::iter(0..count)
+        .map(|i| {
+            let target = target.clone();
+            async move {
+                let n = first + i as i64;
+                match target {
+                    HoldTarget::Livechat(t) => {
+                        let mut ws = connect(&t, n).await;
+                        expect(&mut ws, "ready").await.expect("ready");
+                        ws
+                    }
+                    HoldTarget::Hub(addr) => {
+                        let (mut ws, _) = tokio_tungstenite::connect_async(format!("ws://{addr}/"))
+                            .await
+                            .expect("hub");
+                        ws.send(Message::Text(format!("idle{n}").into()))
+                            .await
+                            .expect("join");
+                        ws
+                    }
+                }
+            }
+        })
+        .buffer_unordered(64);
+    while let Some(ws) = pending.next().await {
+        out.push(ws);
+    }
+    out
+}
+
+/// Holds idle connections for [`idle`]: in this process, or in child
+/// processes (each process has its own descriptor limit).
+pub trait Holders {
+    /// Opens `count` connections to `target` numbered from `first` and keeps
+    /// them until [`Holders::release`].
+    fn open(
+        &mut self,
+        target: &HoldTarget,
+        first: i64,
+        count: usize,
+    ) -> futures_util::future::BoxFuture<'_, ()>;
+    /// Closes everything opened.
+    fn release(&mut self);
+}
+
+/// [`Holders`] in this process (small counts, the smoke test).
+#[derive(Default)]
+pub struct InProcessHolders(Vec<Ws>);
+
+impl Holders for InProcessHolders {
+    fn open(
+        &mut self,
+        target: &HoldTarget,
+        first: i64,
+        count: usize,
+    ) -> futures_util::future::BoxFuture<'_, ()> {
+        let target = target.clone();
+        Box::pin(async move {
+            let held = hold(&target, first, count).await;
+            self.0.extend(held);
+        })
+    }
+    fn release(&mut self) {
+        self.0.clear();
+    }
+}
+
+/// Scenario 4: `count` idle connections (`count - 200` through `holders`,
+/// 200 in this process for the ping round trip): RSS growth per connection
+/// of the server process, the same for the raw `hub`'s process, kernel TCP
+/// memory per connection (both ends, machine-wide), and the ping round trip
+/// p99 while all are connected.
+pub async fn idle(
+    target: &Target,
+    hub: &RawHub,
+    count: usize,
+    holders: &mut dyn Holders,
+) -> Vec<Row> {
+    let pinged = count.min(200);
     let pid = target.pid.unwrap_or_else(std::process::id);
     let before = rss_kib(pid).unwrap_or(0);
-    let mut conns = Vec::with_capacity(count);
-    for i in 0..count {
-        let mut ws = connect(target, 5000 + i as i64).await;
-        expect(&mut ws, "ready").await;
-        conns.push(ws);
-    }
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    let tcp_before = tcp_mem_kib().unwrap_or(0);
+    let lib_target = HoldTarget::Livechat(target.clone());
+    holders.open(&lib_target, 100_000, count - pinged).await;
+    let mut conns = hold(&lib_target, 100_000 + count as i64, pinged).await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
     let after = rss_kib(pid).unwrap_or(0);
+    let tcp_after = tcp_mem_kib().unwrap_or(0);
     let per_conn = after.saturating_sub(before) as f64 / count.max(1) as f64;
     let mut h = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3).expect("histogram");
-    for ws in conns.iter_mut().take(200) {
+    for ws in &mut conns {
         let t = Instant::now();
         let _ = ws
             .send(Message::Text(json!({"type": "ping"}).to_string().into()))
@@ -575,21 +866,36 @@ pub async fn idle(target: &Target, count: usize) -> Vec<Row> {
         }
     }
     let rtt = percentiles(&h);
-    let hub = RawHub::start().await;
-    let hub_before = rss_kib(std::process::id()).unwrap_or(0);
-    let raw = hub.idle(count).await;
-    let hub_after = rss_kib(std::process::id()).unwrap_or(0);
-    drop(raw);
     drop(conns);
+    holders.release();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+
+    let hub_before = rss_kib(hub.pid).unwrap_or(0);
+    let hub_tcp_before = tcp_mem_kib().unwrap_or(0);
+    let hub_target = HoldTarget::Hub(hub.addr());
+    holders.open(&hub_target, 0, count - pinged).await;
+    let extra = hold(&hub_target, count as i64, pinged).await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let hub_after = rss_kib(hub.pid).unwrap_or(0);
+    let hub_tcp_after = tcp_mem_kib().unwrap_or(0);
+    drop(extra);
+    holders.release();
+    let n = count.max(1) as f64;
     vec![
         Row {
             label: format!("RSS growth per idle connection ({count})"),
             library: per_conn,
-            baseline: hub_after.saturating_sub(hub_before) as f64 / count.max(1) as f64,
+            baseline: hub_after.saturating_sub(hub_before) as f64 / n,
             unit: "KiB",
         },
         Row {
-            label: "ping round trip p99".into(),
+            label: "kernel TCP memory per connection (both ends)".into(),
+            library: tcp_after.saturating_sub(tcp_before) as f64 / n,
+            baseline: hub_tcp_after.saturating_sub(hub_tcp_before) as f64 / n,
+            unit: "KiB",
+        },
+        Row {
+            label: format!("ping round trip p99 ({} pings)", rtt.count),
             library: rtt.p99,
             baseline: 0.0,
             unit: "ms",

@@ -4,7 +4,9 @@
 
 use std::time::Duration;
 
-use livechat_bench::{Target, fan_out, idle, latency, write_path};
+use livechat_bench::{
+    InProcessHolders, RawDb, RawHub, Target, cross_node, fan_out, idle, latency, write_path,
+};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_scenario_reports_numbers() {
@@ -14,29 +16,44 @@ async fn every_scenario_reports_numbers() {
         dir.path().join("smoke.db").display()
     ))
     .await;
-    let rows = write_path(
-        &target,
-        &dir.path().join("raw.db").display().to_string(),
-        &[1, 4],
-        Duration::from_millis(300),
-    )
-    .await;
-    assert_eq!(rows.len(), 2);
+    let hub = RawHub::start().await;
+    let baseline = RawDb::Sqlite {
+        path: dir.path().join("raw.db").display().to_string(),
+        full: true,
+    };
+    let (rows, peak) = write_path(&target, &baseline, &[1, 4], Duration::from_millis(300)).await;
+    assert!(peak > 0.0);
+    let rates: Vec<_> = rows.iter().filter(|r| r.unit == "msg/s").collect();
+    assert_eq!(rates.len(), 2);
     assert!(
-        rows.iter().all(|r| r.library > 0.0 && r.baseline > 0.0),
+        rates.iter().all(|r| r.library > 0.0 && r.baseline > 0.0),
         "{rows:?}"
     );
-    let rows = latency(&target, 50.0, 20).await;
+    let rows = latency(&target, &hub, 50.0, 20, 1).await;
     assert_eq!(
         rows[2].library, 20.0,
         "every stamped message arrived: {rows:?}"
     );
     assert_eq!(rows[2].baseline, 20.0, "{rows:?}");
-    let rows = fan_out(&target, 1, Duration::from_millis(300)).await;
+    let rows = fan_out(&target, &hub, 1, Duration::from_millis(300)).await;
     assert!(rows[0].library > 0.0 && rows[0].baseline > 0.0, "{rows:?}");
-    let rows = idle(&target, 20).await;
+    let rows = idle(&target, &hub, 220, &mut InProcessHolders::default()).await;
     assert!(
-        rows[1].library > 0.0,
+        rows[2].library > 0.0,
         "ping round trips were measured: {rows:?}"
     );
+}
+
+/// Two nodes over PostgreSQL and a real redis-server: the cross-node
+/// scenario delivers every stamped message on both paths.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cross_node_reports_numbers() {
+    let db = livechat_tests::TestDb::new(livechat_tests::Backend::Postgres).await;
+    let redis = livechat_tests::redis_server::RedisServer::start();
+    let a = Target::in_process_with_redis(&db.url, &redis.url).await;
+    let b = Target::in_process_with_redis(&db.url, &redis.url).await;
+    let rows = cross_node(&a, &b, 50.0, 20, 1, Duration::from_millis(300)).await;
+    assert_eq!(rows[4].library, 20.0, "{rows:?}");
+    assert_eq!(rows[4].baseline, 20.0, "{rows:?}");
+    assert!(rows[3].library > 0.0 && rows[3].baseline > 0.0, "{rows:?}");
 }

@@ -55,7 +55,7 @@ pub use outbox::{OutboxConsumer, PendingEvent};
 pub use repository::{
     AppendedMessage, AssignMode, ChatStore, ConnectionOwner, ConnectionRepository,
     CustomerChatStarted, CustomerRepository, EligibleAgent, MessageRepository, NewCustomerChat,
-    OutboxRepository, PresenceRepository, SessionConnections, SessionRepository,
+    OutboxRepository, PendingAppend, PresenceRepository, SessionConnections, SessionRepository,
 };
 pub use service::{ChatService, ContactInput, CustomerChatRequest, HistoryPage};
 pub use validate::{ClientMsgId, MessageBody, PageSize, Topic, parse_department};

@@ -198,25 +198,90 @@ pub struct AppendedMessage {
     pub created: bool,
 }
 
+/// A message append handed to the store, resolving to its outcome once it
+/// is committed (or refused).
+///
+/// The append's place in its session's order is fixed when the
+/// [`PendingAppend`] is created, not when it is awaited: appends submitted
+/// one after the other from one task get increasing `seq`s even if their
+/// outcomes are awaited together (a WebSocket connection pipelines its
+/// sends this way). Dropping it does not cancel the append.
+#[must_use = "the outcome of an append is known only by awaiting it"]
+#[derive(Debug)]
+pub struct PendingAppend(Pending);
+
+#[derive(Debug)]
+enum Pending {
+    Queued(tokio::sync::oneshot::Receiver<Result<AppendedMessage, ChatError>>),
+    Ready(Option<Result<AppendedMessage, ChatError>>),
+}
+
+impl PendingAppend {
+    /// An append whose outcome is already known (e.g. refused by validation).
+    pub fn ready(outcome: Result<AppendedMessage, ChatError>) -> Self {
+        Self(Pending::Ready(Some(outcome)))
+    }
+
+    /// An append queued for a store task that answers on `reply`; a dropped
+    /// sender resolves to [`ChatError::Storage`].
+    pub fn queued(
+        reply: tokio::sync::oneshot::Receiver<Result<AppendedMessage, ChatError>>,
+    ) -> Self {
+        Self(Pending::Queued(reply))
+    }
+}
+
+impl Future for PendingAppend {
+    type Output = Result<AppendedMessage, ChatError>;
+
+    fn poll(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Self::Output> {
+        match &mut self.0 {
+            Pending::Ready(outcome) => {
+                std::task::Poll::Ready(outcome.take().unwrap_or_else(|| {
+                    Err(ChatError::Storage(sea_orm::DbErr::Custom(
+                        "append polled after completion".into(),
+                    )))
+                }))
+            }
+            Pending::Queued(reply) => std::pin::Pin::new(reply).poll(cx).map(|answer| {
+                answer.unwrap_or_else(|_| {
+                    Err(ChatError::Storage(sea_orm::DbErr::Custom(
+                        "the message append was abandoned (shutting down)".into(),
+                    )))
+                })
+            }),
+        }
+    }
+}
+
 /// Messages of one tenant's sessions.
 pub trait MessageRepository: Send + Sync {
-    /// Stores `body` as the next message of a session whose status is one of
-    /// `allowed`, with the next `seq` assigned in the same transaction
-    /// (DESIGN.md invariant 4), and its `message.posted` event. With a
-    /// `client_msg_id` already used in this session, stores nothing and
-    /// returns the original (invariant 6).
+    /// Queues `body` as the next message of a session whose status is one
+    /// of `allowed`, with the next `seq` assigned in the transaction that
+    /// stores it (DESIGN.md invariant 4), and its `message.posted` event.
+    /// With a `client_msg_id` already used in this session, stores nothing
+    /// and resolves to the original (invariant 6), whatever the session's
+    /// status. A [`Sender::Customer`] must be the session's customer.
+    ///
+    /// Submission order is `seq` order within a session (see
+    /// [`PendingAppend`]).
     ///
     /// # Errors
-    /// [`ChatError::NotFound`], [`ChatError::SessionClosed`] (status not allowed).
+    /// [`ChatError::NotFound`] (no such session in the tenant, or not the
+    /// customer's), [`ChatError::SessionClosed`] / [`ChatError::SessionNotOpen`]
+    /// (status not allowed).
     fn append_message(
         &self,
         tenant: TenantId,
         session: SessionId,
         sender: Sender,
-        body: &MessageBody,
-        client_msg_id: Option<&ClientMsgId>,
+        body: MessageBody,
+        client_msg_id: Option<ClientMsgId>,
         allowed: &[SessionStatus],
-    ) -> impl Future<Output = Result<AppendedMessage, ChatError>> + Send;
+    ) -> PendingAppend;
 
     /// Messages with `seq > after_seq`, ascending by `seq`, at most `limit`.
     ///

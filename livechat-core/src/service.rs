@@ -10,7 +10,7 @@ use crate::model::{
 };
 use crate::repository::{
     AppendedMessage, AssignMode, ChatStore, ConnectionOwner, CustomerChatStarted, NewCustomerChat,
-    SessionConnections,
+    PendingAppend, SessionConnections,
 };
 use crate::store::SeaOrmStore;
 use crate::validate::{ClientMsgId, MessageBody, PageSize, Topic, parse_department};
@@ -313,18 +313,52 @@ impl<S: ChatStore> ChatService<S> {
         text: String,
         client_msg_id: Option<String>,
     ) -> Result<AppendedMessage, ChatError> {
-        let body = self.body(text)?;
-        let key = client_msg_id.map(ClientMsgId::parse).transpose()?;
-        self.store
-            .append_message(
-                tenant,
-                session,
-                Sender::Agent(sender),
-                &body,
-                key.as_ref(),
-                &[SessionStatus::Open],
-            )
+        self.submit_message(tenant, sender, session, text, client_msg_id)
             .await
+    }
+
+    /// As [`Self::post_message`], but the message takes its place in the
+    /// session's order now, before the returned [`PendingAppend`] is
+    /// awaited: a connection can submit several messages and await their
+    /// outcomes together, and they get `seq`s in submission order (issue #5:
+    /// pipelined sends over WebSocket).
+    pub fn submit_message(
+        &self,
+        tenant: TenantId,
+        sender: UserId,
+        session: SessionId,
+        text: String,
+        client_msg_id: Option<String>,
+    ) -> PendingAppend {
+        self.submit(
+            tenant,
+            session,
+            Sender::Agent(sender),
+            text,
+            client_msg_id,
+            &[SessionStatus::Open],
+        )
+    }
+
+    fn submit(
+        &self,
+        tenant: TenantId,
+        session: SessionId,
+        sender: Sender,
+        text: String,
+        client_msg_id: Option<String>,
+        allowed: &[SessionStatus],
+    ) -> PendingAppend {
+        let body = match self.body(text) {
+            Ok(body) => body,
+            Err(e) => return PendingAppend::ready(Err(e)),
+        };
+        match client_msg_id.map(ClientMsgId::parse).transpose() {
+            Ok(key) => self
+                .store
+                .append_message(tenant, session, sender, body, key, allowed),
+            Err(e) => PendingAppend::ready(Err(e)),
+        }
     }
 
     /// Messages with `seq > after_seq` (default 0), ascending, at most
@@ -419,7 +453,8 @@ impl<S: ChatStore> ChatService<S> {
     /// idempotency as agents').
     ///
     /// # Errors
-    /// As [`Self::post_message`].
+    /// As [`Self::post_message`]; [`ChatError::NotFound`] also when the
+    /// session is not the customer's.
     pub async fn post_customer_message(
         &self,
         tenant: TenantId,
@@ -428,19 +463,28 @@ impl<S: ChatStore> ChatService<S> {
         text: String,
         client_msg_id: Option<String>,
     ) -> Result<AppendedMessage, ChatError> {
-        self.customer_session(tenant, customer, session).await?;
-        let body = self.body(text)?;
-        let key = client_msg_id.map(ClientMsgId::parse).transpose()?;
-        self.store
-            .append_message(
-                tenant,
-                session,
-                Sender::Customer(customer),
-                &body,
-                key.as_ref(),
-                &[SessionStatus::Waiting, SessionStatus::Open],
-            )
+        self.submit_customer_message(tenant, customer, session, text, client_msg_id)
             .await
+    }
+
+    /// As [`Self::post_customer_message`], taking its place in the
+    /// session's order at once (as [`Self::submit_message`]).
+    pub fn submit_customer_message(
+        &self,
+        tenant: TenantId,
+        customer: CustomerId,
+        session: SessionId,
+        text: String,
+        client_msg_id: Option<String>,
+    ) -> PendingAppend {
+        self.submit(
+            tenant,
+            session,
+            Sender::Customer(customer),
+            text,
+            client_msg_id,
+            &[SessionStatus::Waiting, SessionStatus::Open],
+        )
     }
 
     /// Messages of the customer's session (as [`Self::list_messages`]).

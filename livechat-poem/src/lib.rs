@@ -12,7 +12,7 @@
 //! use std::sync::Arc;
 //! use livechat_core::{ChatConfig, ChatService, store::{self, Migrator, SeaOrmStore}};
 //! use livechat_poem::{JwtAuthenticator, Livechat};
-//! use poem::{Route, Server, listener::TcpListener};
+//! use poem::{Route, Server, listener::{Listener, TcpListener}};
 //! use sea_orm_migration::MigratorTrait;
 //!
 //! # async fn host() -> Result<(), Box<dyn std::error::Error>> {
@@ -29,7 +29,9 @@
 //!     .nest("/livechat", livechat.endpoint())
 //!     .at("/openapi.json", livechat.spec_endpoint("/livechat"))
 //!     .nest("/docs", livechat.swagger_ui("/livechat"));
-//! Server::new(TcpListener::bind("127.0.0.1:8080")).run(app).await?;
+//! // TCP_NODELAY: small WebSocket frames are not held back by Nagle.
+//! let acceptor = TcpListener::bind("127.0.0.1:8080").into_acceptor().await?;
+//! Server::new_with_acceptor(livechat_poem::NoDelay(acceptor)).run(app).await?;
 //! # Ok(()) }
 //! ```
 
@@ -38,6 +40,7 @@ mod auth;
 mod customer;
 mod dto;
 mod error;
+mod net;
 mod visitor;
 mod ws;
 
@@ -56,6 +59,7 @@ pub use auth::{
 pub use customer::{ChatStart, ContactRequest, LinkRequest, StartChatRequest};
 pub use dto::*;
 pub use error::{ApiError, ErrorBody, ErrorDetail, MAX_BODY_BYTES, envelope};
+pub use net::NoDelay;
 pub use visitor::{IdentitySecrets, VISITOR_TOKEN_TTL, VisitorTokens};
 pub use ws::RealtimeConfig;
 

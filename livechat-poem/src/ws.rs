@@ -15,12 +15,14 @@ use std::num::NonZeroU32;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use futures_util::stream::FuturesOrdered;
 use futures_util::{SinkExt, StreamExt};
 use governor::{DefaultDirectRateLimiter, Quota, RateLimiter};
 use livechat_core::bus::{BusEvent, Ephemeral, EventBus, Participant, TypingState};
 use livechat_core::{
     ChatError, ChatMessage, ChatService, ConnectionOwner, CustomerId, CustomerIdentity,
-    DomainEvent, EventKind, PresenceStatus, SenderType, SessionId, SessionStatus, TenantId, UserId,
+    DomainEvent, EventKind, PendingAppend, PresenceStatus, SenderType, SessionId, SessionStatus,
+    TenantId, UserId,
 };
 use poem::web::Data;
 use poem::web::websocket::{CloseCode, Message, WebSocket, WebSocketConfig, WebSocketStream};
@@ -456,6 +458,32 @@ struct Conn {
     bad_frames: u32,
     limiter: DefaultDirectRateLimiter,
     last_heard: Instant,
+    /// Sends submitted and not yet answered, in submission order.
+    sends: FuturesOrdered<InFlight>,
+}
+
+/// Most sends of one connection awaiting their commit; while this many are
+/// in flight the connection's next frames wait.
+const MAX_IN_FLIGHT: usize = 64;
+
+/// A `send_message` awaiting its commit; resolves with its `client_msg_id`.
+struct InFlight {
+    client_msg_id: String,
+    append: PendingAppend,
+}
+
+impl Future for InFlight {
+    type Output = (String, Result<livechat_core::AppendedMessage, ChatError>);
+
+    fn poll(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Self::Output> {
+        let this = self.get_mut();
+        std::pin::Pin::new(&mut this.append)
+            .poll(cx)
+            .map(|outcome| (std::mem::take(&mut this.client_msg_id), outcome))
+    }
 }
 
 /// How long a closing connection waits for the client's close frame.
@@ -499,6 +527,30 @@ impl Conn {
                 false
             }
             Err(mpsc::error::SendTimeoutError::Closed(_)) => false,
+        }
+    }
+
+    /// Answers a committed (or refused) send with `ack` or `error`.
+    fn settle_send(
+        &self,
+        client_msg_id: &str,
+        outcome: Result<livechat_core::AppendedMessage, ChatError>,
+    ) {
+        match outcome {
+            Ok(posted) => {
+                self.send(frame(json!({
+                    "type": "ack",
+                    "client_msg_id": client_msg_id,
+                    "session_id": posted.message.session_id,
+                    "id": posted.message.id,
+                    "seq": posted.message.seq,
+                    "duplicate": !posted.created,
+                })));
+            }
+            Err(e) => {
+                let (code, message) = error_code(e);
+                self.send(error_frame(&code, &message, Some(client_msg_id)));
+            }
         }
     }
 
@@ -803,49 +855,32 @@ impl Conn {
                     ));
                     return Ok(());
                 }
-                let result = match session_id.parse::<SessionId>() {
-                    Err(e) => Err(e),
+                // Submitted now, answered when committed: later frames are
+                // read meanwhile, and this connection's sends keep their
+                // order (seq and acks) because they are submitted in order.
+                let append = match session_id.parse::<SessionId>() {
+                    Err(e) => PendingAppend::ready(Err(e)),
                     Ok(id) => match self.identity.role {
-                        Role::Agent(agent) => {
-                            self.chat()
-                                .post_message(
-                                    self.tenant(),
-                                    agent,
-                                    id,
-                                    message,
-                                    Some(client_msg_id.clone()),
-                                )
-                                .await
-                        }
-                        Role::Customer { customer, .. } => {
-                            self.chat()
-                                .post_customer_message(
-                                    self.tenant(),
-                                    customer,
-                                    id,
-                                    message,
-                                    Some(client_msg_id.clone()),
-                                )
-                                .await
-                        }
+                        Role::Agent(agent) => self.chat().submit_message(
+                            self.tenant(),
+                            agent,
+                            id,
+                            message,
+                            Some(client_msg_id.clone()),
+                        ),
+                        Role::Customer { customer, .. } => self.chat().submit_customer_message(
+                            self.tenant(),
+                            customer,
+                            id,
+                            message,
+                            Some(client_msg_id.clone()),
+                        ),
                     },
                 };
-                match result {
-                    Ok(posted) => {
-                        self.send(frame(json!({
-                            "type": "ack",
-                            "client_msg_id": client_msg_id,
-                            "session_id": posted.message.session_id,
-                            "id": posted.message.id,
-                            "seq": posted.message.seq,
-                            "duplicate": !posted.created,
-                        })));
-                    }
-                    Err(e) => {
-                        let (code, message) = error_code(e);
-                        self.send(error_frame(&code, &message, Some(&client_msg_id)));
-                    }
-                }
+                self.sends.push_back(InFlight {
+                    client_msg_id,
+                    append,
+                });
             }
             ClientFrame::Typing { session_id, state } => match self.joined_id(&session_id) {
                 Some(id) => self.gateway.bus.publish(BusEvent::Ephemeral {
@@ -1009,6 +1044,7 @@ async fn serve(gateway: Arc<Gateway>, socket: WebSocketStream, pre_auth: Option<
         bad_frames: 0,
         limiter: RateLimiter::direct(Quota::per_second(rate).allow_burst(burst)),
         last_heard: Instant::now(),
+        sends: FuturesOrdered::new(),
     };
     let owner = identity.role.owner();
     let cfg = gateway.config.clone();
@@ -1060,7 +1096,10 @@ async fn serve(gateway: Arc<Gateway>, socket: WebSocketStream, pre_auth: Option<
                     Ok(()) => {}
                 }
             }
-            incoming = stream.next() => {
+            Some((client_msg_id, outcome)) = conn.sends.next(), if !conn.sends.is_empty() => {
+                conn.settle_send(&client_msg_id, outcome);
+            }
+            incoming = stream.next(), if conn.sends.len() < MAX_IN_FLIGHT => {
                 let Some(Ok(message)) = incoming else { break };
                 conn.last_heard = Instant::now();
                 match message {
@@ -1102,6 +1141,15 @@ async fn serve(gateway: Arc<Gateway>, socket: WebSocketStream, pre_auth: Option<
         }
     }
 
+    // Sends already submitted are stored whatever happens; answer them if
+    // the socket still takes frames (a client that missed an ack resends
+    // with the same client_msg_id and gets the original).
+    let _ = tokio::time::timeout(CLOSE_HANDSHAKE, async {
+        while let Some((client_msg_id, outcome)) = conn.sends.next().await {
+            conn.settle_send(&client_msg_id, outcome);
+        }
+    })
+    .await;
     // Dropping the senders lets the writer flush what is queued and close.
     let conn_id = conn.id;
     tracing::debug!(connection = %conn_id, role = identity.role.name(), "websocket closing");

@@ -56,7 +56,7 @@ impl Node {
             .expect("tcp address");
         let endpoint = host.endpoint;
         let server = tokio::spawn(async move {
-            let _ = poem::Server::new_with_acceptor(acceptor)
+            let _ = poem::Server::new_with_acceptor(livechat_poem::NoDelay(acceptor))
                 .run(endpoint)
                 .await;
         });

@@ -152,6 +152,7 @@ pub async fn serve_hub(listener: TcpListener) {
     let rooms: Rooms = Arc::default();
     while let Ok((stream, _)) = listener.accept().await {
         let rooms = rooms.clone();
+        let _ = stream.set_nodelay(true);
         tokio::spawn(async move {
             let Ok(ws) = tokio_tungstenite::accept_async(stream).await else {
                 return;
@@ -213,9 +214,13 @@ impl RawHub {
     }
 
     async fn client(&self, room: &str) -> Ws {
-        let (mut ws, _) = tokio_tungstenite::connect_async(format!("ws://{}/", self.addr))
-            .await
-            .expect("hub");
+        let (mut ws, _) = tokio_tungstenite::connect_async_with_config(
+            format!("ws://{}/", self.addr),
+            None,
+            true,
+        )
+        .await
+        .expect("hub");
         ws.send(Message::Text(room.into())).await.expect("join");
         ws
     }

@@ -94,7 +94,7 @@ impl Target {
         let addr = *acceptor.local_addr()[0].as_socket_addr().expect("tcp");
         let endpoint = host.endpoint;
         tokio::spawn(async move {
-            let _ = poem::Server::new_with_acceptor(acceptor)
+            let _ = poem::Server::new_with_acceptor(livechat_poem::NoDelay(acceptor))
                 .run(endpoint)
                 .await;
         });
@@ -381,7 +381,8 @@ async fn connect(target: &Target, user: i64) -> Ws {
     );
     req.headers_mut()
         .insert("X-Tenant-ID", "1".parse().expect("header"));
-    let (ws, _) = tokio_tungstenite::connect_async(req)
+    // TCP_NODELAY (the last argument), as the server sets it.
+    let (ws, _) = tokio_tungstenite::connect_async_with_config(req, None, true)
         .await
         .expect("websocket");
     ws
@@ -774,9 +775,13 @@ pub async fn hold(target: &HoldTarget, first: i64, count: usize) -> Vec<Ws> {
                         ws
                     }
                     HoldTarget::Hub(addr) => {
-                        let (mut ws, _) = tokio_tungstenite::connect_async(format!("ws://{addr}/"))
-                            .await
-                            .expect("hub");
+                        let (mut ws, _) = tokio_tungstenite::connect_async_with_config(
+                            format!("ws://{addr}/"),
+                            None,
+                            true,
+                        )
+                        .await
+                        .expect("hub");
                         ws.send(Message::Text(format!("idle{n}").into()))
                             .await
                             .expect("join");

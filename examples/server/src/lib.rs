@@ -48,7 +48,7 @@ use livechat_ticket_bridge::{
     BridgeMigrator, Dispatcher, DispatcherConfig, SeaOrmSinks, Url, WebhookSink,
 };
 use poem::http::StatusCode;
-use poem::listener::TcpListener;
+use poem::listener::{Listener, TcpListener};
 use poem::middleware::{Cors, Tracing};
 use poem::web::{Data, Json};
 use poem::{EndpointExt, IntoResponse, Response, Route, Server, get, handler, post};
@@ -681,7 +681,10 @@ pub async fn run(config: Config) -> Result<(), Box<dyn std::error::Error + Send 
         // Stop accepting (the server) and close every WebSocket with 1001.
         livechat.shutdown();
     };
-    Server::new(TcpListener::bind(config.addr.clone()))
+    let acceptor = TcpListener::bind(config.addr.clone())
+        .into_acceptor()
+        .await?;
+    Server::new_with_acceptor(livechat_poem::NoDelay(acceptor))
         .run_with_graceful_shutdown(host.endpoint, signal, Some(Duration::from_secs(10)))
         .await?;
     let _ = stop_tx.send(true);

@@ -3,7 +3,7 @@
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
-use sea_orm::sea_query::{Expr, ExprTrait};
+use sea_orm::sea_query::{CaseStatement, Expr, ExprTrait};
 use sea_orm::{
     ActiveValue::Set, ColumnTrait, DatabaseTransaction, DbErr, EntityTrait, QueryFilter,
     QueryOrder, QuerySelect, SqlErr,
@@ -17,7 +17,7 @@ use crate::error::ChatError;
 use crate::events::{DomainEvent, EventKind, MessagePosted};
 use crate::ids::{CustomerId, MessageId, SessionId, TenantId, TicketId};
 use crate::model::{ChatMessage, Sender, SenderType, SessionStatus, now};
-use crate::repository::{AppendedMessage, MessageRepository};
+use crate::repository::{AppendedMessage, MessageRepository, PendingAppend};
 use crate::validate::{ClientMsgId, MessageBody, PageSize};
 
 /// Most appends committed together in one transaction.
@@ -117,22 +117,6 @@ struct NewMessage {
 }
 
 impl SeaOrmStore {
-    async fn find_by_client_msg_id(
-        &self,
-        tenant: TenantId,
-        session: SessionId,
-        key: &ClientMsgId,
-    ) -> Result<Option<ChatMessage>, ChatError> {
-        message::Entity::find()
-            .filter(message::Column::TenantId.eq(tenant.get()))
-            .filter(message::Column::SessionId.eq(session.as_uuid()))
-            .filter(message::Column::ClientMsgId.eq(key.as_str()))
-            .one(&self.db)
-            .await?
-            .map(ChatMessage::try_from)
-            .transpose()
-    }
-
     /// Commits queued appends until the queue is empty.
     async fn run_committer(self) {
         let mut guard = Committer {
@@ -155,7 +139,7 @@ impl SeaOrmStore {
         // and every batch locks session rows in the same order, so batches
         // of two nodes on PostgreSQL cannot deadlock each other.
         batch.sort_by_key(|r| r.session.as_uuid());
-        match self.store_batch(&batch, false).await {
+        match self.store_batch(&batch).await {
             Ok((outcomes, events)) => {
                 self.publish(events);
                 for (request, outcome) in batch.into_iter().zip(outcomes) {
@@ -169,8 +153,7 @@ impl SeaOrmStore {
             }
             Err(_) => {
                 for request in batch {
-                    let outcome = match self.store_batch(std::slice::from_ref(&request), true).await
-                    {
+                    let outcome = match self.store_batch(std::slice::from_ref(&request)).await {
                         Ok((mut outcomes, events)) => {
                             self.publish(events);
                             outcomes.pop().unwrap_or(Err(ChatError::NotFound))
@@ -183,34 +166,90 @@ impl SeaOrmStore {
         }
     }
 
-    /// One transaction for `batch`: per append, the next `seq` (locking the
-    /// session row), then all messages and all outbox rows in one insert
-    /// each. `check_keys` (only for a batch of one) looks up the
-    /// `client_msg_id` under the row lock (the slow, exact path); without it
-    /// a concurrent duplicate is caught by the unique index, failing the
-    /// batch.
+    /// One transaction for `batch`: lock all its sessions with one
+    /// statement (in id order), assign each append the next `seq` of its
+    /// session in arrival order, then insert all messages and all outbox
+    /// rows with one statement each and move every touched session's
+    /// `last_seq` with one more. The `client_msg_id`s of the batch are
+    /// looked up with one statement under the lock, so a repeat is found
+    /// whether its original committed earlier or sits earlier in the batch.
     async fn store_batch(
         &self,
         batch: &[AppendRequest],
-        check_keys: bool,
     ) -> Result<(Vec<Result<AppendedMessage, ChatError>>, Vec<DomainEvent>), DbErr> {
         let tx = self.begin_write().await?;
-        let mut staged = Vec::with_capacity(batch.len());
+        let mut ids: Vec<uuid::Uuid> = batch.iter().map(|r| r.session.as_uuid()).collect();
+        ids.dedup();
+        // Locking the session rows orders concurrent appends to a session
+        // (PostgreSQL: FOR UPDATE; SQLite: the write lock taken by BEGIN
+        // IMMEDIATE), so seq is gap-free and unique (invariant 4).
+        let mut sessions: HashMap<uuid::Uuid, session::Model> = session::Entity::find()
+            .filter(session::Column::Id.is_in(ids.iter().copied()))
+            .order_by_asc(session::Column::Id)
+            .lock_exclusive()
+            .all(&tx)
+            .await?
+            .into_iter()
+            .map(|row| (row.id, row))
+            .collect();
+        let keyed: Vec<&str> = batch
+            .iter()
+            .filter_map(|r| r.key.as_ref().map(ClientMsgId::as_str))
+            .collect();
         let mut keys: HashMap<(SessionId, &str), ChatMessage> = HashMap::new();
+        if !keyed.is_empty() {
+            let stored = message::Entity::find()
+                .filter(message::Column::SessionId.is_in(ids))
+                .filter(message::Column::ClientMsgId.is_in(keyed))
+                .all(&tx)
+                .await?;
+            for row in stored {
+                let session = SessionId::from_uuid(row.session_id);
+                // Keys borrowed from the batch, so lookups need no allocation.
+                let key = batch.iter().find_map(|r| {
+                    r.key
+                        .as_ref()
+                        .filter(|k| {
+                            r.session == session && row.client_msg_id.as_deref() == Some(k.as_str())
+                        })
+                        .map(ClientMsgId::as_str)
+                });
+                if let Some(key) = key {
+                    keys.insert(
+                        (session, key),
+                        ChatMessage::try_from(row).map_err(|e| match e {
+                            ChatError::Storage(e) => e,
+                            other => DbErr::Custom(other.to_string()),
+                        })?,
+                    );
+                }
+            }
+        }
+        let at = now();
+        let mut staged = Vec::with_capacity(batch.len());
+        let mut touched: Vec<uuid::Uuid> = Vec::new();
         for request in batch {
             let duplicate = request
                 .key
                 .as_ref()
                 .and_then(|k| keys.get(&(request.session, k.as_str())));
-            let step = match duplicate {
-                Some(original) => Staged::Done(Ok(AppendedMessage {
-                    message: original.clone(),
-                    created: false,
-                })),
-                None => stage(&tx, request, check_keys).await?,
+            let step = match sessions.get_mut(&request.session.as_uuid()) {
+                Some(row) if is_visible(row, request) => match duplicate {
+                    Some(original) => Staged::Done(Ok(AppendedMessage {
+                        message: original.clone(),
+                        created: false,
+                    })),
+                    None => stage(&tx, request, row, at).await?,
+                },
+                _ => Staged::Done(Err(ChatError::NotFound)),
             };
-            if let (Staged::New(new), Some(key)) = (&step, &request.key) {
-                keys.insert((request.session, key.as_str()), new.message.clone());
+            if let Staged::New(new) = &step {
+                if touched.last() != Some(&request.session.as_uuid()) {
+                    touched.push(request.session.as_uuid());
+                }
+                if let Some(key) = &request.key {
+                    keys.insert((request.session, key.as_str()), new.message.clone());
+                }
             }
             staged.push(step);
         }
@@ -238,77 +277,78 @@ impl SeaOrmStore {
             });
         }
         if rows.is_empty() {
-            // Nothing new (refusals and repeats): roll back, which also
-            // gives back a `seq` taken before a repeat was found.
+            // Nothing new (refusals and repeats): nothing to commit.
             tx.rollback().await?;
-        } else {
-            message::Entity::insert_many(rows)
-                .exec_without_returning(&tx)
-                .await?;
-            outbox::Entity::insert_many(outbox_rows)
-                .exec_without_returning(&tx)
-                .await?;
-            tx.commit().await?;
+            return Ok((outcomes, events));
         }
+        message::Entity::insert_many(rows)
+            .exec_without_returning(&tx)
+            .await?;
+        outbox::Entity::insert_many(outbox_rows)
+            .exec_without_returning(&tx)
+            .await?;
+        let mut last_seq: Option<CaseStatement> = None;
+        for id in &touched {
+            let seq = sessions.get(id).map_or(0, |row| row.last_seq);
+            let when = Expr::col(session::Column::Id).eq(*id);
+            last_seq = Some(match last_seq {
+                None => Expr::case(when, seq),
+                Some(case) => case.case(when, seq),
+            });
+        }
+        if let Some(case) = last_seq {
+            session::Entity::update_many()
+                .col_expr(
+                    session::Column::LastSeq,
+                    case.finally(Expr::col(session::Column::LastSeq)).into(),
+                )
+                .col_expr(session::Column::UpdatedAt, Expr::value(at))
+                .filter(session::Column::Id.is_in(touched))
+                .exec(&tx)
+                .await?;
+        }
+        tx.commit().await?;
         Ok((outcomes, events))
     }
 }
 
-/// A unique-index violation: a duplicate `client_msg_id` that raced in.
+/// Whether the request may see the session: same tenant (invariant 1) and,
+/// for a customer, their own session.
+fn is_visible(row: &session::Model, request: &AppendRequest) -> bool {
+    row.tenant_id == request.tenant.get()
+        && match request.sender {
+            Sender::Customer(customer) => row.customer_id == Some(customer.as_uuid()),
+            Sender::Agent(_) | Sender::System => true,
+        }
+}
+
+/// A unique-index violation: a duplicate `client_msg_id` (cannot happen
+/// under the lock; kept as a safety net).
 fn is_conflict(error: &DbErr) -> bool {
     matches!(error.sql_err(), Some(SqlErr::UniqueConstraintViolation(_)))
 }
 
-/// Takes the next `seq` of the request's session (or finds why not) and
-/// builds its message and outbox rows.
+/// Checks the request against its locked session `row`, gives it the next
+/// `seq` (advancing `row.last_seq`), and builds its message and outbox rows.
 async fn stage(
     tx: &DatabaseTransaction,
     request: &AppendRequest,
-    check_key: bool,
+    row: &mut session::Model,
+    at: chrono::DateTime<chrono::Utc>,
 ) -> Result<Staged, DbErr> {
     let (tenant, session) = (request.tenant, request.session);
-    let at = now();
-    // Taking the next seq locks the session row: concurrent senders to one
-    // session queue here, so seq is gap-free and unique (invariant 4).
-    let locked = session::Entity::update_many()
-        .col_expr(
-            session::Column::LastSeq,
-            Expr::col(session::Column::LastSeq).add(1),
-        )
-        .col_expr(session::Column::UpdatedAt, Expr::value(at))
-        .filter(session::Column::Id.eq(session.as_uuid()))
-        .filter(session::Column::TenantId.eq(tenant.get()))
-        .filter(session::Column::Status.is_in(request.allowed.iter().map(|s| s.as_str())))
-        .exec_with_returning(tx)
-        .await?;
-    let Some(row) = locked.into_iter().next() else {
-        let err = match find_session(tx, tenant, session).await? {
-            Some(s) if s.status == SessionStatus::Closed.as_str() => ChatError::SessionClosed,
-            Some(_) => ChatError::SessionNotOpen,
-            None => ChatError::NotFound,
-        };
-        return Ok(Staged::Done(Err(err)));
-    };
-
-    if check_key && let Some(key) = &request.key {
-        // Under the row lock: a concurrent retry of the same key either
-        // committed before us (found here) or waits behind us. The seq taken
-        // above is given back: a batch that stores nothing is rolled back.
-        let existing = message::Entity::find()
-            .filter(message::Column::TenantId.eq(tenant.get()))
-            .filter(message::Column::SessionId.eq(session.as_uuid()))
-            .filter(message::Column::ClientMsgId.eq(key.as_str()))
-            .one(tx)
-            .await?;
-        if let Some(existing) = existing {
-            return Ok(Staged::Done(ChatMessage::try_from(existing).map(
-                |message| AppendedMessage {
-                    message,
-                    created: false,
-                },
-            )));
-        }
+    let status = SessionStatus::parse(&row.status);
+    if !status.is_some_and(|s| request.allowed.contains(&s)) {
+        return Ok(Staged::Done(Err(
+            if status == Some(SessionStatus::Closed) {
+                ChatError::SessionClosed
+            } else {
+                ChatError::SessionNotOpen
+            },
+        )));
     }
+
+    row.last_seq += 1;
 
     let (sender_type, sender_id, customer_id) = match request.sender {
         Sender::Agent(agent) => (SenderType::Agent, Some(agent), None),
@@ -371,42 +411,34 @@ async fn stage(
 }
 
 impl MessageRepository for SeaOrmStore {
-    async fn append_message(
+    fn append_message(
         &self,
         tenant: TenantId,
         session: SessionId,
         sender: Sender,
-        body: &MessageBody,
-        client_msg_id: Option<&ClientMsgId>,
+        body: MessageBody,
+        client_msg_id: Option<ClientMsgId>,
         allowed: &[SessionStatus],
-    ) -> Result<AppendedMessage, ChatError> {
-        // A retry whose original is stored needs no lock (and works after close).
-        if let Some(key) = client_msg_id
-            && let Some(message) = self.find_by_client_msg_id(tenant, session, key).await?
-        {
-            return Ok(AppendedMessage {
-                message,
-                created: false,
-            });
-        }
+    ) -> PendingAppend {
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+            return PendingAppend::ready(Err(ChatError::Storage(DbErr::Custom(
+                "appending a message needs a Tokio runtime".into(),
+            ))));
+        };
         let (reply, answer) = oneshot::channel();
         let start = self.appends.push(AppendRequest {
             tenant,
             session,
             sender,
-            body: body.clone(),
-            key: client_msg_id.cloned(),
+            body,
+            key: client_msg_id,
             allowed: allowed.to_vec(),
             reply,
         });
         if start {
-            tokio::spawn(self.clone().run_committer());
+            runtime.spawn(self.clone().run_committer());
         }
-        answer.await.unwrap_or_else(|_| {
-            Err(ChatError::Storage(DbErr::Custom(
-                "the message append was abandoned (shutting down)".into(),
-            )))
-        })
+        PendingAppend::queued(answer)
     }
 
     async fn list_messages(

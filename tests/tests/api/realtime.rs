@@ -19,6 +19,7 @@ on_both_databases!(
     slow_consumer_is_closed_with_1013,
     connection_status_and_offline_notifications,
     shutdown_closes_with_1001,
+    pipelined_sends_keep_their_order,
 );
 
 use livechat_tests::{t, u};
@@ -660,4 +661,74 @@ mod cors {
                 .is_none()
         );
     }
+}
+
+/// Issue #5: a connection's sends are submitted without waiting for the
+/// previous commit. Sent back to back, they are stored in the order sent
+/// (gap-free seq), answered in that order (a repeat and a refusal in the
+/// middle included), and delivered to the other side in seq order.
+async fn pipelined_sends_keep_their_order(backend: Backend) {
+    let (_app, node) = node(backend, |c| c.send_rate_per_sec = 10_000).await;
+    let (session, customer_auth) = open_chat(&node, 903).await;
+    let mut agent = WsClient::connect_with_header(&node.ws_url(), &agent_auth(7), 1)
+        .await
+        .unwrap();
+    let mut customer = WsClient::connect_with_header(&node.ws_url(), &customer_auth, 1)
+        .await
+        .unwrap();
+    join(&mut agent, session, None).await;
+    join(&mut customer, session, None).await;
+
+    let mut expected = Vec::new();
+    for i in 0..40 {
+        customer
+            .send(json!({"type": "send_message", "session_id": session, "client_msg_id": format!("p{i}"), "message": format!("m{i}")}))
+            .await;
+        expected.push((format!("p{i}"), Some(i + 1), false));
+        if i == 5 {
+            customer
+                .send(json!({"type": "send_message", "session_id": session, "client_msg_id": "p3", "message": "again"}))
+                .await;
+            expected.push(("p3".into(), Some(4), true));
+            customer
+                .send(json!({"type": "send_message", "session_id": uuid::Uuid::now_v7(), "client_msg_id": "lost", "message": "x"}))
+                .await;
+            expected.push(("lost".into(), None, false));
+        }
+    }
+    let mut answers = Vec::new();
+    while answers.len() < expected.len() {
+        let f = customer
+            .next(Duration::from_secs(10))
+            .await
+            .expect("every send is answered");
+        match f["type"].as_str() {
+            Some("ack") => answers.push((
+                f["client_msg_id"].as_str().unwrap().to_owned(),
+                f["seq"].as_i64(),
+                f["duplicate"].as_bool().unwrap(),
+            )),
+            Some("error") => {
+                assert_eq!(f["code"], "not_found", "{f}");
+                answers.push((
+                    f["ref"].as_str().unwrap_or_default().to_owned(),
+                    None,
+                    false,
+                ));
+            }
+            _ => {}
+        }
+    }
+    assert_eq!(answers, expected, "answers in submission order");
+
+    let mut delivered = Vec::new();
+    while delivered.len() < 40 {
+        let f = agent.expect("new_message").await;
+        delivered.push((
+            f["seq"].as_i64().unwrap(),
+            f["message"].as_str().unwrap().to_owned(),
+        ));
+    }
+    let want: Vec<(i64, String)> = (0..40).map(|i| (i + 1, format!("m{i}"))).collect();
+    assert_eq!(delivered, want, "delivered in seq order, each once");
 }

@@ -3,6 +3,12 @@
 
 use livechat_example_server::{Config, run};
 
+/// mimalloc: the request path allocates a lot of small, short-lived values
+/// (statements, rows, JSON); glibc's allocator was a sixth of the CPU in
+/// the write-path profile (BENCHMARKS.md).
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 #[tokio::main]
 async fn main() {
     tracing_subscriber::fmt()

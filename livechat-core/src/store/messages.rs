@@ -184,7 +184,7 @@ impl SeaOrmStore {
         // (PostgreSQL: FOR UPDATE; SQLite: the write lock taken by BEGIN
         // IMMEDIATE), so seq is gap-free and unique (invariant 4).
         let mut sessions: HashMap<uuid::Uuid, session::Model> = session::Entity::find()
-            .filter(session::Column::Id.is_in(ids.iter().copied()))
+            .filter(session::Column::Id.is_in(padded(ids.clone())))
             .order_by_asc(session::Column::Id)
             .lock_exclusive()
             .all(&tx)
@@ -199,8 +199,8 @@ impl SeaOrmStore {
         let mut keys: HashMap<(SessionId, &str), ChatMessage> = HashMap::new();
         if !keyed.is_empty() {
             let stored = message::Entity::find()
-                .filter(message::Column::SessionId.is_in(ids))
-                .filter(message::Column::ClientMsgId.is_in(keyed))
+                .filter(message::Column::SessionId.is_in(padded(ids)))
+                .filter(message::Column::ClientMsgId.is_in(padded(keyed)))
                 .all(&tx)
                 .await?;
             for row in stored {
@@ -281,12 +281,17 @@ impl SeaOrmStore {
             tx.rollback().await?;
             return Ok((outcomes, events));
         }
-        message::Entity::insert_many(rows)
-            .exec_without_returning(&tx)
-            .await?;
-        outbox::Entity::insert_many(outbox_rows)
-            .exec_without_returning(&tx)
-            .await?;
+        for chunk in power_of_two_chunks(rows) {
+            message::Entity::insert_many(chunk)
+                .exec_without_returning(&tx)
+                .await?;
+        }
+        for chunk in power_of_two_chunks(outbox_rows) {
+            outbox::Entity::insert_many(chunk)
+                .exec_without_returning(&tx)
+                .await?;
+        }
+        let touched = padded(touched);
         let mut last_seq: Option<CaseStatement> = None;
         for id in &touched {
             let seq = sessions.get(id).map_or(0, |row| row.last_seq);
@@ -310,6 +315,31 @@ impl SeaOrmStore {
         tx.commit().await?;
         Ok((outcomes, events))
     }
+}
+
+/// `items` padded to a power-of-two length by repeating the last one, for
+/// `IN (…)` lists: statements of a few distinct shapes stay in the
+/// prepared-statement cache instead of being prepared anew for every batch
+/// size. Repeats do not change what an `IN` or `CASE` matches.
+fn padded<T: Clone>(mut items: Vec<T>) -> Vec<T> {
+    if let Some(last) = items.last().cloned() {
+        items.resize(items.len().next_power_of_two(), last);
+    }
+    items
+}
+
+/// `rows` split into chunks of power-of-two sizes, largest first (45 rows:
+/// 32, 8, 4, 1), so multi-row inserts have a few distinct shapes (see
+/// [`padded`]).
+fn power_of_two_chunks<T>(mut rows: Vec<T>) -> Vec<Vec<T>> {
+    let mut chunks = Vec::new();
+    while !rows.is_empty() {
+        let n = 1 << rows.len().ilog2();
+        let rest = rows.split_off(n);
+        chunks.push(rows);
+        rows = rest;
+    }
+    chunks
 }
 
 /// Whether the request may see the session: same tenant (invariant 1) and,
@@ -460,5 +490,24 @@ impl MessageRepository for SeaOrmStore {
             .all(&self.db)
             .await?;
         convert_all(rows)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{padded, power_of_two_chunks};
+
+    #[test]
+    fn statement_shapes_are_powers_of_two() {
+        assert_eq!(padded(vec![1, 2, 3]), vec![1, 2, 3, 3]);
+        assert_eq!(padded(vec![7]), vec![7]);
+        assert!(padded(Vec::<u8>::new()).is_empty());
+        let sizes: Vec<usize> = power_of_two_chunks((0..45).collect::<Vec<_>>())
+            .iter()
+            .map(Vec::len)
+            .collect();
+        assert_eq!(sizes, vec![32, 8, 4, 1]);
+        let flat: Vec<i32> = power_of_two_chunks((0..45).collect()).concat();
+        assert_eq!(flat, (0..45).collect::<Vec<_>>(), "order kept");
     }
 }

@@ -28,9 +28,12 @@ pub struct PendingEvent {
 /// Claims and settles committed events.
 pub trait OutboxConsumer: Send + Sync {
     /// Claims up to `limit` undispatched events whose retry time has come,
-    /// oldest first, at most one per session, each leased for `lease` (a
-    /// crashed dispatcher's claims expire and are handed out again: at least
-    /// once).
+    /// oldest first, each leased for `lease` (a crashed dispatcher's claims
+    /// expire and are handed out again: at least once). A session's events
+    /// come in order, from its earliest undispatched one up to the first
+    /// that is not ready (claimed elsewhere, or waiting for a retry): an
+    /// event is never handed out while an earlier one of its session is
+    /// pending elsewhere.
     fn claim_pending(
         &self,
         limit: u64,

@@ -142,8 +142,8 @@ impl<C: OutboxConsumer> Dispatcher<C> {
         &self.config
     }
 
-    /// Claims one batch of due events (at most [`DispatcherConfig::batch_size`],
-    /// at most one per session), handles them one after the other and
+    /// Claims one batch of due events (at most [`DispatcherConfig::batch_size`];
+    /// a session's events in order), handles them one after the other and
     /// settles them: retries and failures one by one, the delivered ones
     /// together in one write at the end of the pass (so a busy outbox costs
     /// two commits per pass, not two per event). Deterministic: with nothing
@@ -160,9 +160,25 @@ impl<C: OutboxConsumer> Dispatcher<C> {
             .await?;
         let mut report = DispatchReport::default();
         let mut delivered = Vec::with_capacity(batch.len());
+        let mut held = std::collections::HashSet::new();
         let mut outcome = Ok(());
         for pending in batch {
+            // Behind an event of its session that will be retried, an event
+            // waits: it stays claimed and is handed out again after its
+            // lease, after the retried one (per-session order).
+            if let Some(session) = pending.event.session_id
+                && held.contains(&session)
+            {
+                continue;
+            }
+            let session = pending.event.session_id;
+            let retried = report.retried;
             outcome = self.handle(pending, &mut report, &mut delivered).await;
+            if report.retried > retried
+                && let Some(session) = session
+            {
+                held.insert(session);
+            }
             if outcome.is_err() {
                 break;
             }
@@ -653,6 +669,32 @@ mod tests {
 
         // Nothing left: an idle pass reports nothing.
         assert_eq!(d.dispatch_once().await.unwrap(), DispatchReport::default());
+    }
+
+    #[tokio::test]
+    async fn an_event_waits_behind_a_retried_event_of_its_session() {
+        let (_, mut requested) = ticket_requested();
+        let session = SessionId::generate();
+        requested.event.session_id = Some(session);
+        let mut behind = message_posted(SenderType::Agent, "behind", Some(TicketId::generate()));
+        behind.event.session_id = Some(session);
+        let elsewhere = message_posted(SenderType::Agent, "elsewhere", Some(TicketId::generate()));
+        let (requested_id, elsewhere_id) = (requested.event.id, elsewhere.event.id);
+        let notified = Arc::new(Recorder::default());
+        let d = Dispatcher::new(
+            outbox(vec![requested, behind, elsewhere]),
+            DispatcherConfig::default(),
+        )
+        .ticket_sink(Recorder::failing(SinkError::Retryable))
+        .notification_sink(notified.clone());
+
+        let report = d.dispatch_once().await.unwrap();
+        assert_eq!((report.retried, report.delivered), (1, 1));
+        let s = d.consumer.0.lock().unwrap();
+        assert_eq!(s.retried[0].0, requested_id);
+        assert_eq!(s.dispatched, vec![elsewhere_id], "the later event waits");
+        let calls = notified.calls();
+        assert_eq!(calls.len(), 1, "only the other session's event: {calls:?}");
     }
 
     #[tokio::test]

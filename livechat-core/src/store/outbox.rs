@@ -1,6 +1,6 @@
 //! [`OutboxRepository`] and [`OutboxConsumer`] for the SeaORM store.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
@@ -45,24 +45,32 @@ impl OutboxConsumer for SeaOrmStore {
     ) -> Result<Vec<PendingEvent>, ChatError> {
         let at = now();
         let lease = chrono::Duration::from_std(lease).unwrap_or(chrono::Duration::seconds(30));
-        // Scan undispatched events from the oldest: the first one seen of a
-        // session is that session's earliest, so later ones wait for it.
+        // Scan undispatched events from the oldest. A session's events are
+        // taken from its earliest one on, in order, up to the first that is
+        // not ready (claimed elsewhere or waiting for a retry): later ones
+        // of that session wait for it.
         let rows = outbox::Entity::find()
             .filter(outbox::Column::DispatchedAt.is_null())
             .order_by_asc(outbox::Column::Id)
-            .limit(Ord::max(limit.saturating_mul(4), limit))
+            .limit(Ord::max(limit.saturating_mul(2), limit))
             .all(&self.db)
             .await?;
-        let mut seen_sessions = HashSet::new();
+        let mut blocked = HashSet::new();
         let mut picked = Vec::new();
         for row in rows {
-            let first_of_session = row.session_id.is_none_or(|s| seen_sessions.insert(s));
             let ready = row.available_at <= at && row.claimed_until.is_none_or(|c| c < at);
-            if first_of_session && ready {
-                picked.push(row.id);
-                if picked.len() as u64 >= limit {
-                    break;
+            match row.session_id {
+                Some(s) if blocked.contains(&s) => continue,
+                Some(s) if !ready => {
+                    blocked.insert(s);
+                    continue;
                 }
+                None if !ready => continue,
+                _ => {}
+            }
+            picked.push((row.id, row.session_id));
+            if picked.len() as u64 >= limit {
+                break;
             }
         }
         if picked.is_empty() {
@@ -71,9 +79,9 @@ impl OutboxConsumer for SeaOrmStore {
         // The lease, taken for the whole batch in one statement (one commit):
         // only one dispatcher wins an event at a time; a row another
         // dispatcher claimed or settled since the scan is not returned.
-        let mut won = outbox::Entity::update_many()
+        let won = outbox::Entity::update_many()
             .col_expr(outbox::Column::ClaimedUntil, Expr::value(at + lease))
-            .filter(outbox::Column::Id.is_in(picked))
+            .filter(outbox::Column::Id.is_in(picked.iter().map(|(id, _)| *id)))
             .filter(outbox::Column::DispatchedAt.is_null())
             .filter(
                 Condition::any()
@@ -82,16 +90,31 @@ impl OutboxConsumer for SeaOrmStore {
             )
             .exec_with_returning(&self.db)
             .await?;
-        won.sort_by_key(|row| row.id);
-        won.into_iter()
-            .map(|row| {
-                let attempts = row.attempts;
-                Ok(PendingEvent {
-                    event: row.try_into()?,
-                    attempts,
-                })
-            })
-            .collect()
+        let mut won: HashMap<uuid::Uuid, outbox::Model> =
+            won.into_iter().map(|row| (row.id, row)).collect();
+        // An event another dispatcher won holds back the later events of its
+        // session that this one won (they are handed out again after their
+        // lease, behind it).
+        let mut lost = HashSet::new();
+        let mut claimed = Vec::with_capacity(won.len());
+        for (id, session) in picked {
+            let row = won.remove(&id);
+            match (row, session) {
+                (Some(_), Some(s)) if lost.contains(&s) => {}
+                (Some(row), _) => {
+                    let attempts = row.attempts;
+                    claimed.push(PendingEvent {
+                        event: row.try_into()?,
+                        attempts,
+                    });
+                }
+                (None, Some(s)) => {
+                    lost.insert(s);
+                }
+                (None, None) => {}
+            }
+        }
+        Ok(claimed)
     }
 
     async fn mark_dispatched(&self, ids: &[EventId]) -> Result<(), ChatError> {

@@ -22,6 +22,7 @@ on_both_databases!(
     crash_between_commit_and_dispatch,
     crash_after_delivery_before_settling,
     webhook_receives_signed_events_with_retries,
+    a_sessions_events_are_claimed_in_order_behind_its_earliest,
 );
 
 fn fast() -> DispatcherConfig {
@@ -287,14 +288,15 @@ async fn crash_after_delivery_before_settling(backend: Backend) {
         for pending in claimed {
             let e = pending.event;
             if e.kind == livechat_core::EventKind::TicketRequested {
+                // Delivered, then the crash: nothing after it is settled or
+                // delivered.
                 let req: TicketRequested = serde_json::from_value(e.payload.clone()).unwrap();
                 sinks.open_ticket(&req, e.id).await.unwrap();
                 delivered += 1;
+                break;
             }
-            // Settle everything but the ticket request (the crash point).
-            if e.kind != livechat_core::EventKind::TicketRequested {
-                store.mark_dispatched(&[e.id]).await.unwrap();
-            }
+            // Earlier events have no sink to call: settled.
+            store.mark_dispatched(&[e.id]).await.unwrap();
         }
         if delivered > 0 {
             break;
@@ -397,4 +399,67 @@ async fn webhook_receives_signed_events_with_retries(backend: Backend) {
         assert_eq!(json["type"], "ticket.requested");
     }
     assert_eq!(counts(&app, &auth).await.0, 1);
+}
+
+/// Issue #5: a dispatcher claims several events of a session in one pass,
+/// in order, but none while an earlier event of that session is claimed
+/// by another dispatcher.
+async fn a_sessions_events_are_claimed_in_order_behind_its_earliest(backend: Backend) {
+    use livechat_core::{EventKind, PresenceStatus, UserId};
+    let app = App::new(backend).await;
+    let tenant = TenantId::new(1).unwrap();
+    let mut sessions = Vec::new();
+    for agent in [7, 8] {
+        let agent = UserId::new(agent).unwrap();
+        app.chat
+            .set_agent_status(tenant, agent, PresenceStatus::Online)
+            .await
+            .unwrap();
+        let session = app.chat.start_session(tenant, agent, None).await.unwrap();
+        for n in 0..3 {
+            app.chat
+                .post_message(tenant, agent, session.id, format!("m{n}"), None)
+                .await
+                .unwrap();
+        }
+        sessions.push(session.id);
+    }
+    let store = app.chat.store();
+    let lease = Duration::from_secs(30);
+    // Another dispatcher holds the oldest two: agent 7's status change and
+    // the start of its session.
+    let elsewhere = store.claim_pending(2, lease).await.unwrap();
+    assert_eq!(
+        elsewhere.iter().map(|p| p.event.kind).collect::<Vec<_>>(),
+        vec![EventKind::AgentStatusChanged, EventKind::SessionStarted]
+    );
+    let claimed = store.claim_pending(100, lease).await.unwrap();
+    let of = |s| {
+        claimed
+            .iter()
+            .filter(|p| p.event.session_id == Some(s))
+            .map(|p| (p.event.kind, p.event.payload["seq"].as_i64()))
+            .collect::<Vec<_>>()
+    };
+    assert!(of(sessions[0]).is_empty(), "held behind its session start");
+    assert_eq!(
+        of(sessions[1]),
+        vec![
+            (EventKind::SessionStarted, None),
+            (EventKind::MessagePosted, Some(1)),
+            (EventKind::MessagePosted, Some(2)),
+            (EventKind::MessagePosted, Some(3)),
+        ],
+        "all of the free session's events, in order"
+    );
+    // Once the earlier events are settled, the held session's events follow.
+    let settled: Vec<EventId> = elsewhere.iter().map(|p| p.event.id).collect();
+    store.mark_dispatched(&settled).await.unwrap();
+    let rest = store.claim_pending(100, lease).await.unwrap();
+    let seqs: Vec<Option<i64>> = rest
+        .iter()
+        .filter(|p| p.event.session_id == Some(sessions[0]))
+        .map(|p| p.event.payload["seq"].as_i64())
+        .collect();
+    assert_eq!(seqs, vec![Some(1), Some(2), Some(3)]);
 }

@@ -37,6 +37,15 @@ impl OutboxRepository for SeaOrmStore {
     }
 }
 
+/// What a claim scan reads of an outbox row: id, session, available at,
+/// claimed until.
+type Scanned = (
+    uuid::Uuid,
+    Option<uuid::Uuid>,
+    DateTime<Utc>,
+    Option<DateTime<Utc>>,
+);
+
 impl OutboxConsumer for SeaOrmStore {
     async fn claim_pending(
         &self,
@@ -49,17 +58,27 @@ impl OutboxConsumer for SeaOrmStore {
         // taken from its earliest one on, in order, up to the first that is
         // not ready (claimed elsewhere or waiting for a retry): later ones
         // of that session wait for it.
-        let rows = outbox::Entity::find()
+        // Only the columns the choice needs: payloads are read once, for
+        // the rows won below.
+        let rows: Vec<Scanned> = outbox::Entity::find()
+            .select_only()
+            .columns([
+                outbox::Column::Id,
+                outbox::Column::SessionId,
+                outbox::Column::AvailableAt,
+                outbox::Column::ClaimedUntil,
+            ])
             .filter(outbox::Column::DispatchedAt.is_null())
             .order_by_asc(outbox::Column::Id)
             .limit(Ord::max(limit.saturating_mul(2), limit))
+            .into_tuple()
             .all(&self.db)
             .await?;
         let mut blocked = HashSet::new();
         let mut picked = Vec::new();
-        for row in rows {
-            let ready = row.available_at <= at && row.claimed_until.is_none_or(|c| c < at);
-            match row.session_id {
+        for (id, session_id, available_at, claimed_until) in rows {
+            let ready = available_at <= at && claimed_until.is_none_or(|c| c < at);
+            match session_id {
                 Some(s) if blocked.contains(&s) => continue,
                 Some(s) if !ready => {
                     blocked.insert(s);
@@ -68,7 +87,7 @@ impl OutboxConsumer for SeaOrmStore {
                 None if !ready => continue,
                 _ => {}
             }
-            picked.push((row.id, row.session_id));
+            picked.push((id, session_id));
             if picked.len() as u64 >= limit {
                 break;
             }

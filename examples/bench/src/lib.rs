@@ -135,7 +135,7 @@ pub struct Row {
     pub label: String,
     /// The library's figure.
     pub library: f64,
-    /// The baseline's figure.
+    /// The baseline's figure (`NaN` when the row has none).
     pub baseline: f64,
     /// Unit of both figures.
     pub unit: &'static str,
@@ -159,15 +159,19 @@ pub fn print_table(title: &str, rows: &[Row]) {
     println!("| case | livechat | baseline | ratio |");
     println!("|---|---:|---:|---:|");
     for r in rows {
-        println!(
-            "| {} | {:.1} {} | {:.1} {} | {:.2}× |",
-            r.label,
-            r.library,
-            r.unit,
-            r.baseline,
-            r.unit,
-            r.ratio()
-        );
+        if r.baseline.is_nan() {
+            println!("| {} | {:.1} {} | — | — |", r.label, r.library, r.unit);
+        } else {
+            println!(
+                "| {} | {:.1} {} | {:.1} {} | {:.2}× |",
+                r.label,
+                r.library,
+                r.unit,
+                r.baseline,
+                r.unit,
+                r.ratio()
+            );
+        }
     }
 }
 
@@ -358,7 +362,7 @@ pub async fn write_path(
             cpu_rows.push(Row {
                 label: format!("server CPU per message, {n} sender(s)"),
                 library: cpu,
-                baseline: 0.0,
+                baseline: f64::NAN,
                 unit: "µs",
             });
         }
@@ -902,7 +906,7 @@ pub async fn idle(
         Row {
             label: format!("ping round trip p99 ({} pings)", rtt.count),
             library: rtt.p99,
-            baseline: 0.0,
+            baseline: f64::NAN,
             unit: "ms",
         },
     ]

@@ -1128,7 +1128,9 @@ async fn serve(gateway: Arc<Gateway>, socket: WebSocketStream, pre_auth: Option<
                 Err(broadcast::error::RecvError::Closed) => break,
             },
             _ = ping.tick() => {
-                if conn.last_heard.elapsed() > cfg.connection_ttl {
+                // Frames wait unread while 64 sends are in flight: that is
+                // the server's backlog, not a silent client.
+                if conn.last_heard.elapsed() > cfg.connection_ttl && conn.sends.is_empty() {
                     conn.close_with(CloseCode::Away, "no heartbeat");
                     break;
                 }

@@ -5,8 +5,8 @@ use std::sync::{Arc, Mutex};
 
 use sea_orm::sea_query::{CaseStatement, Expr, ExprTrait};
 use sea_orm::{
-    ActiveValue::Set, ColumnTrait, DatabaseTransaction, DbErr, EntityTrait, QueryFilter,
-    QueryOrder, QuerySelect, SqlErr,
+    ActiveValue::Set, ColumnTrait, ConnectionTrait, DatabaseTransaction, DbBackend, DbErr,
+    EntityTrait, QueryFilter, QueryOrder, QuerySelect,
 };
 use tokio::sync::oneshot;
 
@@ -117,12 +117,10 @@ struct NewMessage {
 }
 
 impl SeaOrmStore {
-    /// Commits queued appends until the queue is empty.
-    async fn run_committer(self) {
-        let mut guard = Committer {
-            queue: self.appends.clone(),
-            finished: false,
-        };
+    /// Commits queued appends until the queue is empty. `guard` is made
+    /// before the task is spawned, so a task dropped unpolled (runtime
+    /// shutting down) still resets the queue.
+    async fn run_committer(self, mut guard: Committer) {
         while let Some(batch) = self.appends.take() {
             self.commit_batch(batch).await;
         }
@@ -130,10 +128,12 @@ impl SeaOrmStore {
     }
 
     /// Stores `batch` in one transaction and answers every caller. When a
-    /// statement or the commit fails (e.g. a concurrent duplicate
-    /// `client_msg_id` hit the unique index), nothing of the batch is
-    /// stored, and each append is retried in a transaction of its own, so
-    /// one request's failure is not another's.
+    /// statement fails before the commit (e.g. a lock timeout on one
+    /// session), nothing of the batch is stored and each append is retried
+    /// in a transaction of its own, so one request's failure is not
+    /// another's. When the database is unreachable, or the commit itself
+    /// fails (its outcome may be unknown), every caller gets the error:
+    /// retrying could store a message twice.
     async fn commit_batch(&self, mut batch: Vec<AppendRequest>) {
         // Stable: one session's appends keep their arrival (= seq) order,
         // and every batch locks session rows in the same order, so batches
@@ -146,9 +146,9 @@ impl SeaOrmStore {
                     let _ = request.reply.send(outcome);
                 }
             }
-            Err(error) if batch.len() == 1 && !is_conflict(&error) => {
+            Err(failure) if batch.len() == 1 || !failure.retryable() => {
                 for request in batch {
-                    let _ = request.reply.send(Err(error.clone().into()));
+                    let _ = request.reply.send(Err(failure.error.clone().into()));
                 }
             }
             Err(_) => {
@@ -158,7 +158,7 @@ impl SeaOrmStore {
                             self.publish(events);
                             outcomes.pop().unwrap_or(Err(ChatError::NotFound))
                         }
-                        Err(error) => Err(error.into()),
+                        Err(failure) => Err(failure.error.into()),
                     };
                     let _ = request.reply.send(outcome);
                 }
@@ -176,8 +176,40 @@ impl SeaOrmStore {
     async fn store_batch(
         &self,
         batch: &[AppendRequest],
-    ) -> Result<(Vec<Result<AppendedMessage, ChatError>>, Vec<DomainEvent>), DbErr> {
-        let tx = self.begin_write().await?;
+    ) -> Result<(Vec<Result<AppendedMessage, ChatError>>, Vec<DomainEvent>), BatchFailure> {
+        let tx = self.begin_write().await.map_err(BatchFailure::before)?;
+        let staged = self
+            .stage_batch(&tx, batch)
+            .await
+            .map_err(BatchFailure::before)?;
+        let Some((rows, outbox_rows, touched, sessions, at)) = staged.insert else {
+            // Nothing new (refusals and repeats): nothing to commit.
+            tx.rollback().await.map_err(BatchFailure::before)?;
+            return Ok((staged.outcomes, staged.events));
+        };
+        write_batch(&tx, rows, outbox_rows, touched, &sessions, at)
+            .await
+            .map_err(BatchFailure::before)?;
+        tx.commit().await.map_err(|error| BatchFailure {
+            error,
+            at_commit: true,
+        })?;
+        Ok((staged.outcomes, staged.events))
+    }
+
+    /// The reads and checks of [`Self::store_batch`], inside `tx`.
+    async fn stage_batch(
+        &self,
+        tx: &DatabaseTransaction,
+        batch: &[AppendRequest],
+    ) -> Result<StagedBatch, DbErr> {
+        if tx.get_database_backend() == DbBackend::Postgres {
+            // A session row locked elsewhere for long must not hold up every
+            // append of the node: the batch fails (and is retried append by
+            // append, so only that session's appends wait and fail).
+            tx.execute_unprepared("SET LOCAL lock_timeout = '5s'")
+                .await?;
+        }
         let mut ids: Vec<uuid::Uuid> = batch.iter().map(|r| r.session.as_uuid()).collect();
         ids.dedup();
         // Locking the session rows orders concurrent appends to a session
@@ -187,7 +219,7 @@ impl SeaOrmStore {
             .filter(session::Column::Id.is_in(padded(ids.clone())))
             .order_by_asc(session::Column::Id)
             .lock_exclusive()
-            .all(&tx)
+            .all(tx)
             .await?
             .into_iter()
             .map(|row| (row.id, row))
@@ -201,7 +233,7 @@ impl SeaOrmStore {
             let stored = message::Entity::find()
                 .filter(message::Column::SessionId.is_in(padded(ids)))
                 .filter(message::Column::ClientMsgId.is_in(padded(keyed)))
-                .all(&tx)
+                .all(tx)
                 .await?;
             for row in stored {
                 let session = SessionId::from_uuid(row.session_id);
@@ -239,7 +271,7 @@ impl SeaOrmStore {
                         message: original.clone(),
                         created: false,
                     })),
-                    None => stage(&tx, request, row, at).await?,
+                    None => stage(tx, request, row, at).await?,
                 },
                 _ => Staged::Done(Err(ChatError::NotFound)),
             };
@@ -277,44 +309,106 @@ impl SeaOrmStore {
             });
         }
         if rows.is_empty() {
-            // Nothing new (refusals and repeats): nothing to commit.
-            tx.rollback().await?;
-            return Ok((outcomes, events));
-        }
-        for chunk in power_of_two_chunks(rows) {
-            message::Entity::insert_many(chunk)
-                .exec_without_returning(&tx)
-                .await?;
-        }
-        for chunk in power_of_two_chunks(outbox_rows) {
-            outbox::Entity::insert_many(chunk)
-                .exec_without_returning(&tx)
-                .await?;
-        }
-        let touched = padded(touched);
-        let mut last_seq: Option<CaseStatement> = None;
-        for id in &touched {
-            let seq = sessions.get(id).map_or(0, |row| row.last_seq);
-            let when = Expr::col(session::Column::Id).eq(*id);
-            last_seq = Some(match last_seq {
-                None => Expr::case(when, seq),
-                Some(case) => case.case(when, seq),
+            return Ok(StagedBatch {
+                outcomes,
+                events,
+                insert: None,
             });
         }
-        if let Some(case) = last_seq {
-            session::Entity::update_many()
-                .col_expr(
-                    session::Column::LastSeq,
-                    case.finally(Expr::col(session::Column::LastSeq)).into(),
-                )
-                .col_expr(session::Column::UpdatedAt, Expr::value(at))
-                .filter(session::Column::Id.is_in(touched))
-                .exec(&tx)
-                .await?;
-        }
-        tx.commit().await?;
-        Ok((outcomes, events))
+        Ok(StagedBatch {
+            outcomes,
+            events,
+            insert: Some((rows, outbox_rows, touched, sessions, at)),
+        })
     }
+}
+
+/// Rows to write for a batch: messages, outbox rows, the touched sessions
+/// (in id order), the locked sessions with their advanced `last_seq`, and
+/// the time.
+type BatchRows = (
+    Vec<message::ActiveModel>,
+    Vec<outbox::ActiveModel>,
+    Vec<uuid::Uuid>,
+    HashMap<uuid::Uuid, session::Model>,
+    chrono::DateTime<chrono::Utc>,
+);
+
+/// What staging a batch decided.
+struct StagedBatch {
+    /// One outcome per request, in batch order.
+    outcomes: Vec<Result<AppendedMessage, ChatError>>,
+    /// The events to publish after the commit.
+    events: Vec<DomainEvent>,
+    /// `None` when nothing new is stored.
+    insert: Option<BatchRows>,
+}
+
+/// Why a batch stored nothing.
+struct BatchFailure {
+    error: DbErr,
+    /// The commit itself failed: its outcome may be unknown.
+    at_commit: bool,
+}
+
+impl BatchFailure {
+    #[allow(clippy::needless_pass_by_value)] // used as `map_err(BatchFailure::before)`
+    fn before(error: DbErr) -> Self {
+        Self {
+            error,
+            at_commit: false,
+        }
+    }
+
+    /// Whether retrying the appends one by one is safe and useful: the
+    /// batch surely stored nothing, and the database is reachable.
+    fn retryable(&self) -> bool {
+        !self.at_commit && !matches!(self.error, DbErr::Conn(_) | DbErr::ConnectionAcquire(_))
+    }
+}
+
+/// The writes of a staged batch: messages and outbox rows in power-of-two
+/// chunks, then every touched session's `last_seq` with one statement.
+async fn write_batch(
+    tx: &DatabaseTransaction,
+    rows: Vec<message::ActiveModel>,
+    outbox_rows: Vec<outbox::ActiveModel>,
+    touched: Vec<uuid::Uuid>,
+    sessions: &HashMap<uuid::Uuid, session::Model>,
+    at: chrono::DateTime<chrono::Utc>,
+) -> Result<(), DbErr> {
+    for chunk in power_of_two_chunks(rows) {
+        message::Entity::insert_many(chunk)
+            .exec_without_returning(tx)
+            .await?;
+    }
+    for chunk in power_of_two_chunks(outbox_rows) {
+        outbox::Entity::insert_many(chunk)
+            .exec_without_returning(tx)
+            .await?;
+    }
+    let touched = padded(touched);
+    let mut last_seq: Option<CaseStatement> = None;
+    for id in &touched {
+        let seq = sessions.get(id).map_or(0, |row| row.last_seq);
+        let when = Expr::col(session::Column::Id).eq(*id);
+        last_seq = Some(match last_seq {
+            None => Expr::case(when, seq),
+            Some(case) => case.case(when, seq),
+        });
+    }
+    if let Some(case) = last_seq {
+        session::Entity::update_many()
+            .col_expr(
+                session::Column::LastSeq,
+                case.finally(Expr::col(session::Column::LastSeq)).into(),
+            )
+            .col_expr(session::Column::UpdatedAt, Expr::value(at))
+            .filter(session::Column::Id.is_in(touched))
+            .exec(tx)
+            .await?;
+    }
+    Ok(())
 }
 
 /// `items` padded to a power-of-two length by repeating the last one, for
@@ -352,12 +446,6 @@ fn is_visible(row: &session::Model, request: &AppendRequest) -> bool {
         }
 }
 
-/// A unique-index violation: a duplicate `client_msg_id` (cannot happen
-/// under the lock; kept as a safety net).
-fn is_conflict(error: &DbErr) -> bool {
-    matches!(error.sql_err(), Some(SqlErr::UniqueConstraintViolation(_)))
-}
-
 /// Checks the request against its locked session `row`, gives it the next
 /// `seq` (advancing `row.last_seq`), and builds its message and outbox rows.
 async fn stage(
@@ -378,8 +466,6 @@ async fn stage(
         )));
     }
 
-    row.last_seq += 1;
-
     let (sender_type, sender_id, customer_id) = match request.sender {
         Sender::Agent(agent) => (SenderType::Agent, Some(agent), None),
         Sender::Customer(customer) => {
@@ -399,7 +485,7 @@ async fn stage(
         sender_type,
         sender_id,
         customer_id,
-        seq: row.last_seq,
+        seq: row.last_seq + 1,
         message: request.body.as_str().to_owned(),
         client_msg_id: request.key.as_ref().map(|k| k.as_str().to_owned()),
         created_at: at,
@@ -421,6 +507,9 @@ async fn stage(
         Err(ChatError::Storage(e)) => return Err(e),
         Err(other) => return Ok(Staged::Done(Err(other))),
     };
+    // Only now, when the message will be stored: a refusal above takes no
+    // seq, so the next message of the session has no gap.
+    row.last_seq = message.seq;
     let row = message::ActiveModel {
         id: Set(message.id.as_uuid()),
         tenant_id: Set(tenant.get()),
@@ -466,7 +555,11 @@ impl MessageRepository for SeaOrmStore {
             reply,
         });
         if start {
-            runtime.spawn(self.clone().run_committer());
+            let guard = Committer {
+                queue: self.appends.clone(),
+                finished: false,
+            };
+            runtime.spawn(self.clone().run_committer(guard));
         }
         PendingAppend::queued(answer)
     }

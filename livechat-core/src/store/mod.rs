@@ -132,10 +132,13 @@ impl SeaOrmStore {
         }
     }
 
-    /// Publishes committed domain events on `bus`.
+    /// Publishes committed domain events on `bus`. The store gets its own
+    /// append queue (clones made before share the old one and publish on
+    /// their own bus, if any).
     #[must_use]
     pub fn with_bus(mut self, bus: Arc<dyn EventBus>) -> Self {
         self.bus = Some(bus);
+        self.appends = Arc::default();
         self
     }
 

@@ -37,6 +37,10 @@ impl OutboxRepository for SeaOrmStore {
     }
 }
 
+/// Most pages of undispatched events one claim reads (each twice the
+/// claim's limit).
+const MAX_SCAN_PAGES: usize = 16;
+
 /// What a claim scan reads of an outbox row: id, session, available at,
 /// claimed until.
 type Scanned = (
@@ -59,36 +63,51 @@ impl OutboxConsumer for SeaOrmStore {
         // not ready (claimed elsewhere or waiting for a retry): later ones
         // of that session wait for it.
         // Only the columns the choice needs: payloads are read once, for
-        // the rows won below.
-        let rows: Vec<Scanned> = outbox::Entity::find()
-            .select_only()
-            .columns([
-                outbox::Column::Id,
-                outbox::Column::SessionId,
-                outbox::Column::AvailableAt,
-                outbox::Column::ClaimedUntil,
-            ])
-            .filter(outbox::Column::DispatchedAt.is_null())
-            .order_by_asc(outbox::Column::Id)
-            .limit(Ord::max(limit.saturating_mul(2), limit))
-            .into_tuple()
-            .all(&self.db)
-            .await?;
+        // the rows won below. Pages follow one another until `limit` events
+        // are picked, so a long run of events held behind one session's
+        // retried event does not hide the other sessions' events.
+        let page = Ord::max(limit.saturating_mul(2), 1);
         let mut blocked = HashSet::new();
         let mut picked = Vec::new();
-        for (id, session_id, available_at, claimed_until) in rows {
-            let ready = available_at <= at && claimed_until.is_none_or(|c| c < at);
-            match session_id {
-                Some(s) if blocked.contains(&s) => continue,
-                Some(s) if !ready => {
-                    blocked.insert(s);
-                    continue;
-                }
-                None if !ready => continue,
-                _ => {}
+        let mut after: Option<uuid::Uuid> = None;
+        for _ in 0..MAX_SCAN_PAGES {
+            let mut query = outbox::Entity::find()
+                .select_only()
+                .columns([
+                    outbox::Column::Id,
+                    outbox::Column::SessionId,
+                    outbox::Column::AvailableAt,
+                    outbox::Column::ClaimedUntil,
+                ])
+                .filter(outbox::Column::DispatchedAt.is_null());
+            if let Some(after) = after {
+                query = query.filter(outbox::Column::Id.gt(after));
             }
-            picked.push((id, session_id));
-            if picked.len() as u64 >= limit {
+            let rows: Vec<Scanned> = query
+                .order_by_asc(outbox::Column::Id)
+                .limit(page)
+                .into_tuple()
+                .all(&self.db)
+                .await?;
+            let full = rows.len() as u64 == page;
+            after = rows.last().map(|row| row.0);
+            for (id, session_id, available_at, claimed_until) in rows {
+                let ready = available_at <= at && claimed_until.is_none_or(|c| c < at);
+                match session_id {
+                    Some(s) if blocked.contains(&s) => continue,
+                    Some(s) if !ready => {
+                        blocked.insert(s);
+                        continue;
+                    }
+                    None if !ready => continue,
+                    _ => {}
+                }
+                picked.push((id, session_id));
+                if picked.len() as u64 >= limit {
+                    break;
+                }
+            }
+            if !full || picked.len() as u64 >= limit {
                 break;
             }
         }

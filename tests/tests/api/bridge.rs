@@ -23,6 +23,7 @@ on_both_databases!(
     crash_after_delivery_before_settling,
     webhook_receives_signed_events_with_retries,
     a_sessions_events_are_claimed_in_order_behind_its_earliest,
+    held_events_do_not_hide_other_sessions_events,
 );
 
 fn fast() -> DispatcherConfig {
@@ -462,4 +463,40 @@ async fn a_sessions_events_are_claimed_in_order_behind_its_earliest(backend: Bac
         .map(|p| p.event.payload["seq"].as_i64())
         .collect();
     assert_eq!(seqs, vec![Some(1), Some(2), Some(3)]);
+}
+
+/// A long run of events held behind their session's earliest (claimed
+/// elsewhere) does not hide later events of other sessions from a claim:
+/// the scan reads on past them.
+async fn held_events_do_not_hide_other_sessions_events(backend: Backend) {
+    use livechat_core::{EventKind, PresenceStatus, UserId};
+    let app = App::new(backend).await;
+    let tenant = TenantId::new(1).unwrap();
+    for (agent, messages) in [(7, 5), (8, 1)] {
+        let agent = UserId::new(agent).unwrap();
+        app.chat
+            .set_agent_status(tenant, agent, PresenceStatus::Online)
+            .await
+            .unwrap();
+        let session = app.chat.start_session(tenant, agent, None).await.unwrap();
+        for n in 0..messages {
+            app.chat
+                .post_message(tenant, agent, session.id, format!("m{n}"), None)
+                .await
+                .unwrap();
+        }
+    }
+    let store = app.chat.store();
+    let lease = Duration::from_secs(30);
+    // Held elsewhere: agent 7's status change and its session's start, so
+    // that session's five messages wait.
+    store.claim_pending(2, lease).await.unwrap();
+    // A claim of 2 scans pages of 4: the first page is all held.
+    let claimed = store.claim_pending(2, lease).await.unwrap();
+    assert_eq!(
+        claimed.iter().map(|p| p.event.kind).collect::<Vec<_>>(),
+        vec![EventKind::AgentStatusChanged, EventKind::SessionStarted],
+        "agent 8's events, found past the held ones"
+    );
+    assert_eq!(claimed[0].event.payload["agent_id"], 8);
 }

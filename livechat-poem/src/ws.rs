@@ -16,7 +16,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use futures_util::stream::FuturesOrdered;
-use futures_util::{SinkExt, StreamExt};
+use futures_util::{FutureExt, SinkExt, StreamExt};
 use governor::{DefaultDirectRateLimiter, Quota, RateLimiter};
 use livechat_core::bus::{BusEvent, Ephemeral, EventBus, Participant, TypingState};
 use livechat_core::{
@@ -467,22 +467,36 @@ struct Conn {
 const MAX_IN_FLIGHT: usize = 64;
 
 /// A `send_message` awaiting its commit; resolves with its `client_msg_id`.
+/// A refused send (rate limit) takes its place in the line too, so every
+/// answer goes out in submission order.
 struct InFlight {
     client_msg_id: String,
-    append: PendingAppend,
+    /// `None`: refused by the rate limit.
+    append: Option<PendingAppend>,
 }
 
 impl Future for InFlight {
-    type Output = (String, Result<livechat_core::AppendedMessage, ChatError>);
+    /// The key, and the append's outcome (`None`: rate limited).
+    type Output = (
+        String,
+        Option<Result<livechat_core::AppendedMessage, ChatError>>,
+    );
 
     fn poll(
         self: std::pin::Pin<&mut Self>,
         cx: &mut std::task::Context<'_>,
     ) -> std::task::Poll<Self::Output> {
         let this = self.get_mut();
-        std::pin::Pin::new(&mut this.append)
-            .poll(cx)
-            .map(|outcome| (std::mem::take(&mut this.client_msg_id), outcome))
+        let key = |this: &mut Self| std::mem::take(&mut this.client_msg_id);
+        match &mut this.append {
+            None => std::task::Poll::Ready((key(this), None)),
+            Some(append) => match std::pin::Pin::new(append).poll(cx) {
+                std::task::Poll::Ready(outcome) => {
+                    std::task::Poll::Ready((key(this), Some(outcome)))
+                }
+                std::task::Poll::Pending => std::task::Poll::Pending,
+            },
+        }
     }
 }
 
@@ -534,8 +548,16 @@ impl Conn {
     fn settle_send(
         &self,
         client_msg_id: &str,
-        outcome: Result<livechat_core::AppendedMessage, ChatError>,
+        outcome: Option<Result<livechat_core::AppendedMessage, ChatError>>,
     ) {
+        let Some(outcome) = outcome else {
+            self.send(error_frame(
+                "rate_limited",
+                "too many messages; slow down",
+                Some(client_msg_id),
+            ));
+            return;
+        };
         match outcome {
             Ok(posted) => {
                 self.send(frame(json!({
@@ -848,11 +870,11 @@ impl Conn {
                 message,
             } => {
                 if self.limiter.check().is_err() {
-                    self.send(error_frame(
-                        "rate_limited",
-                        "too many messages; slow down",
-                        Some(&client_msg_id),
-                    ));
+                    // Answered after the sends before it.
+                    self.sends.push_back(InFlight {
+                        client_msg_id,
+                        append: None,
+                    });
                     return Ok(());
                 }
                 // Submitted now, answered when committed: later frames are
@@ -879,7 +901,7 @@ impl Conn {
                 };
                 self.sends.push_back(InFlight {
                     client_msg_id,
-                    append,
+                    append: Some(append),
                 });
             }
             ClientFrame::Typing { session_id, state } => match self.joined_id(&session_id) {
@@ -1120,6 +1142,12 @@ async fn serve(gateway: Arc<Gateway>, socket: WebSocketStream, pre_auth: Option<
             }
             event = bus.recv() => match event {
                 Ok(event) => {
+                    // Answers first: a committed send's ack goes out before
+                    // its own `new_message` (the store answers before it
+                    // publishes).
+                    while let Some(Some((client_msg_id, outcome))) = conn.sends.next().now_or_never() {
+                        conn.settle_send(&client_msg_id, outcome);
+                    }
                     if let Err(e) = conn.handle_prepared(&event).await {
                         tracing::warn!(error = %e, "websocket: delivery failed");
                     }

@@ -141,10 +141,12 @@ impl SeaOrmStore {
         batch.sort_by_key(|r| r.session.as_uuid());
         match self.store_batch(&batch).await {
             Ok((outcomes, events)) => {
-                self.publish(events);
+                // Answer, then publish: a sender's connection can send its
+                // ack before the message's own `new_message`.
                 for (request, outcome) in batch.into_iter().zip(outcomes) {
                     let _ = request.reply.send(outcome);
                 }
+                self.publish(events);
             }
             Err(failure) if batch.len() == 1 || !failure.retryable() => {
                 for request in batch {
@@ -153,14 +155,16 @@ impl SeaOrmStore {
             }
             Err(_) => {
                 for request in batch {
-                    let outcome = match self.store_batch(std::slice::from_ref(&request)).await {
+                    match self.store_batch(std::slice::from_ref(&request)).await {
                         Ok((mut outcomes, events)) => {
+                            let outcome = outcomes.pop().unwrap_or(Err(ChatError::NotFound));
+                            let _ = request.reply.send(outcome);
                             self.publish(events);
-                            outcomes.pop().unwrap_or(Err(ChatError::NotFound))
                         }
-                        Err(failure) => Err(failure.error.into()),
-                    };
-                    let _ = request.reply.send(outcome);
+                        Err(failure) => {
+                            let _ = request.reply.send(Err(failure.error.into()));
+                        }
+                    }
                 }
             }
         }

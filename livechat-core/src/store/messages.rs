@@ -186,14 +186,12 @@ impl SeaOrmStore {
             .stage_batch(&tx, batch)
             .await
             .map_err(BatchFailure::before)?;
-        let Some((rows, outbox_rows, touched, sessions, at)) = staged.insert else {
+        let Some(writes) = staged.writes else {
             // Nothing new (refusals and repeats): nothing to commit.
             tx.rollback().await.map_err(BatchFailure::before)?;
             return Ok((staged.outcomes, staged.events));
         };
-        write_batch(&tx, rows, outbox_rows, touched, &sessions, at)
-            .await
-            .map_err(BatchFailure::before)?;
+        writes.write(&tx).await.map_err(BatchFailure::before)?;
         tx.commit().await.map_err(|error| BatchFailure {
             error,
             at_commit: true,
@@ -312,31 +310,31 @@ impl SeaOrmStore {
                 Staged::Done(outcome) => outcome,
             });
         }
-        if rows.is_empty() {
-            return Ok(StagedBatch {
-                outcomes,
-                events,
-                insert: None,
-            });
-        }
+        let writes = (!rows.is_empty()).then_some(BatchWrites {
+            messages: rows,
+            outbox: outbox_rows,
+            touched,
+            sessions,
+            at,
+        });
         Ok(StagedBatch {
             outcomes,
             events,
-            insert: Some((rows, outbox_rows, touched, sessions, at)),
+            writes,
         })
     }
 }
 
-/// Rows to write for a batch: messages, outbox rows, the touched sessions
-/// (in id order), the locked sessions with their advanced `last_seq`, and
-/// the time.
-type BatchRows = (
-    Vec<message::ActiveModel>,
-    Vec<outbox::ActiveModel>,
-    Vec<uuid::Uuid>,
-    HashMap<uuid::Uuid, session::Model>,
-    chrono::DateTime<chrono::Utc>,
-);
+/// What a staged batch writes.
+struct BatchWrites {
+    messages: Vec<message::ActiveModel>,
+    outbox: Vec<outbox::ActiveModel>,
+    /// Sessions with new messages, in id order.
+    touched: Vec<uuid::Uuid>,
+    /// The locked sessions, with their advanced `last_seq`.
+    sessions: HashMap<uuid::Uuid, session::Model>,
+    at: chrono::DateTime<chrono::Utc>,
+}
 
 /// What staging a batch decided.
 struct StagedBatch {
@@ -345,7 +343,7 @@ struct StagedBatch {
     /// The events to publish after the commit.
     events: Vec<DomainEvent>,
     /// `None` when nothing new is stored.
-    insert: Option<BatchRows>,
+    writes: Option<BatchWrites>,
 }
 
 /// Why a batch stored nothing.
@@ -371,48 +369,43 @@ impl BatchFailure {
     }
 }
 
-/// The writes of a staged batch: messages and outbox rows in power-of-two
-/// chunks, then every touched session's `last_seq` with one statement.
-async fn write_batch(
-    tx: &DatabaseTransaction,
-    rows: Vec<message::ActiveModel>,
-    outbox_rows: Vec<outbox::ActiveModel>,
-    touched: Vec<uuid::Uuid>,
-    sessions: &HashMap<uuid::Uuid, session::Model>,
-    at: chrono::DateTime<chrono::Utc>,
-) -> Result<(), DbErr> {
-    for chunk in power_of_two_chunks(rows) {
-        message::Entity::insert_many(chunk)
-            .exec_without_returning(tx)
-            .await?;
+impl BatchWrites {
+    /// Messages and outbox rows in power-of-two chunks, then every touched
+    /// session's `last_seq` with one statement.
+    async fn write(self, tx: &DatabaseTransaction) -> Result<(), DbErr> {
+        for chunk in power_of_two_chunks(self.messages) {
+            message::Entity::insert_many(chunk)
+                .exec_without_returning(tx)
+                .await?;
+        }
+        for chunk in power_of_two_chunks(self.outbox) {
+            outbox::Entity::insert_many(chunk)
+                .exec_without_returning(tx)
+                .await?;
+        }
+        let touched = padded(self.touched);
+        let mut last_seq: Option<CaseStatement> = None;
+        for id in &touched {
+            let seq = self.sessions.get(id).map_or(0, |row| row.last_seq);
+            let when = Expr::col(session::Column::Id).eq(*id);
+            last_seq = Some(match last_seq {
+                None => Expr::case(when, seq),
+                Some(case) => case.case(when, seq),
+            });
+        }
+        if let Some(case) = last_seq {
+            session::Entity::update_many()
+                .col_expr(
+                    session::Column::LastSeq,
+                    case.finally(Expr::col(session::Column::LastSeq)).into(),
+                )
+                .col_expr(session::Column::UpdatedAt, Expr::value(self.at))
+                .filter(session::Column::Id.is_in(touched))
+                .exec(tx)
+                .await?;
+        }
+        Ok(())
     }
-    for chunk in power_of_two_chunks(outbox_rows) {
-        outbox::Entity::insert_many(chunk)
-            .exec_without_returning(tx)
-            .await?;
-    }
-    let touched = padded(touched);
-    let mut last_seq: Option<CaseStatement> = None;
-    for id in &touched {
-        let seq = sessions.get(id).map_or(0, |row| row.last_seq);
-        let when = Expr::col(session::Column::Id).eq(*id);
-        last_seq = Some(match last_seq {
-            None => Expr::case(when, seq),
-            Some(case) => case.case(when, seq),
-        });
-    }
-    if let Some(case) = last_seq {
-        session::Entity::update_many()
-            .col_expr(
-                session::Column::LastSeq,
-                case.finally(Expr::col(session::Column::LastSeq)).into(),
-            )
-            .col_expr(session::Column::UpdatedAt, Expr::value(at))
-            .filter(session::Column::Id.is_in(touched))
-            .exec(tx)
-            .await?;
-    }
-    Ok(())
 }
 
 /// `items` padded to a power-of-two length by repeating the last one, for

@@ -280,7 +280,7 @@ pub trait MessageRepository: Send + Sync {
         sender: Sender,
         body: MessageBody,
         client_msg_id: Option<ClientMsgId>,
-        allowed: &[SessionStatus],
+        allowed: &'static [SessionStatus],
     ) -> PendingAppend;
 
     /// Messages with `seq > after_seq`, ascending by `seq`, at most `limit`.

@@ -347,7 +347,7 @@ impl<S: ChatStore> ChatService<S> {
         sender: Sender,
         text: String,
         client_msg_id: Option<String>,
-        allowed: &[SessionStatus],
+        allowed: &'static [SessionStatus],
     ) -> PendingAppend {
         let body = match self.body(text) {
             Ok(body) => body,

@@ -7,8 +7,8 @@ use std::time::Duration;
 
 use chrono::{DateTime, TimeDelta, Utc};
 use livechat_core::{
-    ChatError, DomainEvent, EventId, EventKind, MessagePosted, Notification, NotificationId,
-    OutboxConsumer, PendingEvent, SenderType, TicketId, TicketRequested,
+    ChatError, DomainEvent, EventKind, MessagePosted, Notification, NotificationId, OutboxConsumer,
+    PendingEvent, SenderType, TicketId, TicketRequested,
 };
 use serde::Deserialize;
 
@@ -163,24 +163,27 @@ impl<C: OutboxConsumer> Dispatcher<C> {
         let mut held = std::collections::HashSet::new();
         let mut outcome = Ok(());
         for pending in batch {
+            let (id, session) = (pending.event.id, pending.event.session_id);
             // Behind an event of its session that will be retried, an event
             // waits: it stays claimed and is handed out again after its
             // lease, after the retried one (per-session order).
-            if let Some(session) = pending.event.session_id
-                && held.contains(&session)
-            {
+            if session.is_some_and(|s| held.contains(&s)) {
                 continue;
             }
-            let session = pending.event.session_id;
-            let retried = report.retried;
-            outcome = self.handle(pending, &mut report, &mut delivered).await;
-            if report.retried > retried
-                && let Some(session) = session
-            {
-                held.insert(session);
-            }
-            if outcome.is_err() {
-                break;
+            match self.handle(pending).await {
+                Ok(Settled::Delivered) => {
+                    delivered.push(id);
+                    report.delivered += 1;
+                }
+                Ok(Settled::Retried) => {
+                    held.extend(session);
+                    report.retried += 1;
+                }
+                Ok(Settled::Failed) => report.failed += 1,
+                Err(e) => {
+                    outcome = Err(e);
+                    break;
+                }
             }
         }
         // Settle what was delivered even when a later settlement failed; if
@@ -242,22 +245,16 @@ impl<C: OutboxConsumer> Dispatcher<C> {
         }
     }
 
-    async fn handle(
-        &self,
-        pending: PendingEvent,
-        report: &mut DispatchReport,
-        delivered: &mut Vec<EventId>,
-    ) -> Result<(), ChatError> {
+    /// Delivers one event and settles it, except a delivered one: those
+    /// are settled together at the end of the pass.
+    async fn handle(&self, pending: PendingEvent) -> Result<Settled, ChatError> {
         let event = &pending.event;
         let outcome = match self.deliver(event).await {
             Ok(outcome) => outcome,
             Err(undecodable) => Outcome::Failed(undecodable),
         };
         match outcome {
-            Outcome::Delivered => {
-                delivered.push(event.id);
-                report.delivered += 1;
-            }
+            Outcome::Delivered => Ok(Settled::Delivered),
             Outcome::Retry(error) => {
                 let delay = self.config.backoff(pending.attempts);
                 let now = livechat_core::now();
@@ -276,7 +273,7 @@ impl<C: OutboxConsumer> Dispatcher<C> {
                 self.consumer
                     .retry_later(event.id, retry_at, &error)
                     .await?;
-                report.retried += 1;
+                Ok(Settled::Retried)
             }
             Outcome::Failed(error) => {
                 tracing::error!(
@@ -286,10 +283,9 @@ impl<C: OutboxConsumer> Dispatcher<C> {
                     "event cannot be delivered; giving up"
                 );
                 self.consumer.mark_failed(event.id, &error).await?;
-                report.failed += 1;
+                Ok(Settled::Failed)
             }
         }
-        Ok(())
     }
 
     /// Calls the sinks the event is for; `Err` when the payload does not decode.
@@ -326,6 +322,16 @@ impl<C: OutboxConsumer> Dispatcher<C> {
         }
         Ok(Outcome::of(results))
     }
+}
+
+/// How [`Dispatcher::handle`] left an event.
+enum Settled {
+    /// Delivered; to be marked dispatched with the rest of the pass.
+    Delivered,
+    /// Set to be retried later.
+    Retried,
+    /// Given up on.
+    Failed,
 }
 
 enum Outcome {

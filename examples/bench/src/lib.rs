@@ -838,6 +838,27 @@ impl Holders for InProcessHolders {
     }
 }
 
+/// Opens `count` connections to `target` (`count - kept` through
+/// `holders`, `kept` in this process, returned) and measures the growth of
+/// `pid`'s resident memory and of the kernel's TCP memory, in KiB.
+async fn hold_and_measure(
+    holders: &mut dyn Holders,
+    target: &HoldTarget,
+    first: i64,
+    count: usize,
+    kept: usize,
+    pid: u32,
+) -> (u64, u64, Vec<Ws>) {
+    let rss_before = rss_kib(pid).unwrap_or(0);
+    let tcp_before = tcp_mem_kib().unwrap_or(0);
+    holders.open(target, first, count - kept).await;
+    let held = hold(target, first + (count - kept) as i64, kept).await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let rss = rss_kib(pid).unwrap_or(0).saturating_sub(rss_before);
+    let tcp = tcp_mem_kib().unwrap_or(0).saturating_sub(tcp_before);
+    (rss, tcp, held)
+}
+
 /// Scenario 4: `count` idle connections (`count - 200` through `holders`,
 /// 200 in this process for the ping round trip): RSS growth per connection
 /// of the server process, the same for the raw `hub`'s process, kernel TCP
@@ -851,15 +872,9 @@ pub async fn idle(
 ) -> Vec<Row> {
     let pinged = count.min(200);
     let pid = target.pid.unwrap_or_else(std::process::id);
-    let before = rss_kib(pid).unwrap_or(0);
-    let tcp_before = tcp_mem_kib().unwrap_or(0);
     let lib_target = HoldTarget::Livechat(target.clone());
-    holders.open(&lib_target, 100_000, count - pinged).await;
-    let mut conns = hold(&lib_target, 100_000 + count as i64, pinged).await;
-    tokio::time::sleep(Duration::from_millis(500)).await;
-    let after = rss_kib(pid).unwrap_or(0);
-    let tcp_after = tcp_mem_kib().unwrap_or(0);
-    let per_conn = after.saturating_sub(before) as f64 / count.max(1) as f64;
+    let (rss, tcp, mut conns) =
+        hold_and_measure(holders, &lib_target, 100_000, count, pinged, pid).await;
     let mut h = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3).expect("histogram");
     for ws in &mut conns {
         let t = Instant::now();
@@ -879,28 +894,23 @@ pub async fn idle(
     holders.release();
     tokio::time::sleep(Duration::from_millis(500)).await;
 
-    let hub_before = rss_kib(hub.pid).unwrap_or(0);
-    let hub_tcp_before = tcp_mem_kib().unwrap_or(0);
     let hub_target = HoldTarget::Hub(hub.addr());
-    holders.open(&hub_target, 0, count - pinged).await;
-    let extra = hold(&hub_target, count as i64, pinged).await;
-    tokio::time::sleep(Duration::from_millis(500)).await;
-    let hub_after = rss_kib(hub.pid).unwrap_or(0);
-    let hub_tcp_after = tcp_mem_kib().unwrap_or(0);
+    let (hub_rss, hub_tcp, extra) =
+        hold_and_measure(holders, &hub_target, 0, count, pinged, hub.pid).await;
     drop(extra);
     holders.release();
     let n = count.max(1) as f64;
     vec![
         Row {
             label: format!("RSS growth per idle connection ({count})"),
-            library: per_conn,
-            baseline: hub_after.saturating_sub(hub_before) as f64 / n,
+            library: rss as f64 / n,
+            baseline: hub_rss as f64 / n,
             unit: "KiB",
         },
         Row {
             label: "kernel TCP memory per connection (both ends)".into(),
-            library: tcp_after.saturating_sub(tcp_before) as f64 / n,
-            baseline: hub_tcp_after.saturating_sub(hub_tcp_before) as f64 / n,
+            library: tcp as f64 / n,
+            baseline: hub_tcp as f64 / n,
             unit: "KiB",
         },
         Row {

@@ -52,7 +52,7 @@ struct AppendRequest {
     sender: Sender,
     body: MessageBody,
     key: Option<ClientMsgId>,
-    allowed: Vec<SessionStatus>,
+    allowed: &'static [SessionStatus],
     reply: oneshot::Sender<Result<AppendedMessage, ChatError>>,
 }
 
@@ -534,7 +534,7 @@ impl MessageRepository for SeaOrmStore {
         sender: Sender,
         body: MessageBody,
         client_msg_id: Option<ClientMsgId>,
-        allowed: &[SessionStatus],
+        allowed: &'static [SessionStatus],
     ) -> PendingAppend {
         let Ok(runtime) = tokio::runtime::Handle::try_current() else {
             return PendingAppend::ready(Err(ChatError::Storage(DbErr::Custom(
@@ -548,7 +548,7 @@ impl MessageRepository for SeaOrmStore {
             sender,
             body,
             key: client_msg_id,
-            allowed: allowed.to_vec(),
+            allowed,
             reply,
         });
         if start {

@@ -1,7 +1,10 @@
 //! The WebSocket gateway (issue #4): `GET /livechat/ws`.
 //!
-//! One task per connection reads client frames, follows the bus and pings;
-//! a writer task owns the socket's sink behind a bounded queue. Delivery of
+//! One task per connection reads client frames, follows the bus, pings and
+//! writes the socket from a bounded queue ([`Outbound`]): a delivery costs
+//! one task wake-up, and an idle connection holds one small task (issue #5:
+//! memory per idle connection). Rarely taken, deep paths (database calls,
+//! catch-up) are boxed so the task's own state stays small. Delivery of
 //! messages is ordered and gap-free per joined session: the connection
 //! remembers the last `seq` it sent; a live message at or below it is a
 //! duplicate (dropped), one beyond the next is a gap (filled from storage
@@ -10,12 +13,12 @@
 //! misses or repeats a message. Rules (who may join, send, what a message
 //! must be) stay in [`ChatService`]; this module only speaks the protocol.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::num::NonZeroU32;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use futures_util::stream::FuturesOrdered;
+use futures_util::stream::{FuturesOrdered, SplitSink};
 use futures_util::{FutureExt, SinkExt, StreamExt};
 use governor::{DefaultDirectRateLimiter, Quota, RateLimiter};
 use livechat_core::bus::{BusEvent, Ephemeral, EventBus, Participant, TypingState};
@@ -29,7 +32,7 @@ use poem::web::websocket::{CloseCode, Message, WebSocket, WebSocketConfig, WebSo
 use poem::{IntoResponse, Request, Response, handler};
 use serde::Deserialize;
 use serde_json::{Value, json};
-use tokio::sync::{broadcast, mpsc, watch};
+use tokio::sync::{broadcast, watch};
 
 use crate::auth::{Authenticator, SUPPORT_AGENT, parse_tenant_header};
 use crate::error::ApiError;
@@ -340,9 +343,10 @@ pub(crate) async fn ws_endpoint(
     ws_config.max_message_size = Some(gateway.config.max_frame_bytes.saturating_mul(16));
     ws_config.max_frame_size = Some(gateway.config.max_frame_bytes.saturating_mul(16));
     // tungstenite reserves 128 KiB per buffer by default; idle chat sockets
-    // need little (issue #5: memory per idle connection). Larger frames
-    // still work, the buffers grow on demand.
-    ws_config.read_buffer_size = 4 * 1024;
+    // need little (issue #5: memory per idle connection; chat frames are a
+    // few hundred bytes). Larger frames still work: the buffer grows to the
+    // frame's length on demand.
+    ws_config.read_buffer_size = 1024;
     ws_config.write_buffer_size = 0;
     ws.config(ws_config)
         .on_upgrade(move |socket| async move { serve(gateway, socket, pre_auth).await })
@@ -444,13 +448,74 @@ fn message_frame(m: &ChatMessage) -> Message {
     Message::Text(message_text(m))
 }
 
+/// The socket's sending side and the frames queued for it, written by the
+/// connection's own task (no writer task, no channel).
+struct Outbound {
+    sink: SplitSink<WebSocketStream, Message>,
+    /// Frames not yet handed to the socket, oldest first.
+    queue: VecDeque<Message>,
+    /// Frames were handed to the socket and not yet flushed.
+    unflushed: bool,
+    /// A write failed: the socket is gone.
+    broken: bool,
+}
+
+impl Outbound {
+    fn new(sink: SplitSink<WebSocketStream, Message>) -> Self {
+        Self {
+            sink,
+            queue: VecDeque::new(),
+            unflushed: false,
+            broken: false,
+        }
+    }
+
+    /// Something is left to write or flush.
+    fn pending(&self) -> bool {
+        !self.broken && (!self.queue.is_empty() || self.unflushed)
+    }
+
+    /// Writes the queue out and flushes. Cancel-safe: a frame leaves the
+    /// queue only once the socket has taken it, so a write interrupted by
+    /// another event resumes where it stopped. A failed write marks the
+    /// socket broken.
+    async fn write(&mut self) {
+        let written = std::future::poll_fn(|cx| {
+            while !self.queue.is_empty() {
+                std::task::ready!(self.sink.poll_ready_unpin(cx))?;
+                if let Some(message) = self.queue.pop_front() {
+                    self.sink.start_send_unpin(message)?;
+                    self.unflushed = true;
+                }
+            }
+            if self.unflushed {
+                std::task::ready!(self.sink.poll_flush_unpin(cx))?;
+                self.unflushed = false;
+            }
+            std::task::Poll::Ready(Ok::<(), std::io::Error>(()))
+        })
+        .await;
+        if written.is_err() {
+            self.broken = true;
+            self.queue.clear();
+        } else if self.queue.capacity() > SHRINK_ABOVE {
+            // A burst's queue is not kept by an idle connection.
+            self.queue.shrink_to(SHRINK_ABOVE);
+        }
+    }
+}
+
+/// An emptied outbound queue keeps room for at most this many frames.
+const SHRINK_ABOVE: usize = 16;
+
 /// A connection's state.
 struct Conn {
     gateway: Arc<Gateway>,
     id: uuid::Uuid,
     identity: Identity,
-    out: mpsc::Sender<Message>,
-    close: watch::Sender<Option<(CloseCode, String)>>,
+    out: Outbound,
+    /// Set once the connection is to close, with the close frame to send.
+    closing: Option<(CloseCode, String)>,
     /// Joined sessions → last `seq` sent.
     joined: HashMap<SessionId, i64>,
     /// Last queue position sent for joined WAITING sessions (customers).
@@ -512,41 +577,43 @@ const CATCH_UP_PAGE: i64 = 200;
 impl Conn {
     /// Queues a frame; a full queue means the client cannot keep up: it is
     /// closed with 1013 and resumes with `after_seq` (issue #4).
-    fn send(&self, message: Message) -> bool {
-        match self.out.try_send(message) {
-            Ok(()) => true,
-            Err(mpsc::error::TrySendError::Full(_)) => {
-                tracing::debug!(connection = %self.id, "outbound queue full: closing with 1013");
-                self.close_with(
-                    CloseCode::Again,
-                    "too slow: reconnect and resume with after_seq",
-                );
-                false
-            }
-            Err(mpsc::error::TrySendError::Closed(_)) => false,
+    fn send(&mut self, message: Message) -> bool {
+        if self.out.broken {
+            return false;
         }
+        if self.out.queue.len() >= self.gateway.config.outbound_queue.max(1) {
+            tracing::debug!(connection = %self.id, "outbound queue full: closing with 1013");
+            self.close_with(
+                CloseCode::Again,
+                "too slow: reconnect and resume with after_seq",
+            );
+            return false;
+        }
+        self.out.queue.push_back(message);
+        true
     }
 
-    /// Queues a catch-up frame, waiting for room (a replay may be much
-    /// longer than the queue); a client that takes no frame for
-    /// [`REPLAY_STALL`] is closed with 1013.
-    async fn send_replay(&self, message: Message) -> bool {
-        match self.out.send_timeout(message, REPLAY_STALL).await {
-            Ok(()) => true,
-            Err(mpsc::error::SendTimeoutError::Timeout(_)) => {
-                self.close_with(
-                    CloseCode::Again,
-                    "too slow: reconnect and resume with after_seq",
-                );
-                false
-            }
-            Err(mpsc::error::SendTimeoutError::Closed(_)) => false,
+    /// Queues a catch-up frame, writing the queue out first when it is full
+    /// (a replay may be much longer than the queue); a client that does not
+    /// take the queued frames within [`REPLAY_STALL`] is closed with 1013.
+    async fn send_replay(&mut self, message: Message) -> bool {
+        if self.out.queue.len() >= self.gateway.config.outbound_queue.max(1)
+            && tokio::time::timeout(REPLAY_STALL, self.out.write())
+                .await
+                .is_err()
+        {
+            self.close_with(
+                CloseCode::Again,
+                "too slow: reconnect and resume with after_seq",
+            );
+            return false;
         }
+        self.send(message)
     }
 
     /// Answers a committed (or refused) send with `ack` or `error`.
     fn settle_send(
-        &self,
+        &mut self,
         client_msg_id: &str,
         outcome: Option<Result<livechat_core::AppendedMessage, ChatError>>,
     ) {
@@ -576,12 +643,15 @@ impl Conn {
         }
     }
 
-    fn close_with(&self, code: CloseCode, reason: &str) {
-        let _ = self.close.send(Some((code, reason.to_owned())));
+    /// Asks for the connection to close; the first reason given wins.
+    fn close_with(&mut self, code: CloseCode, reason: &str) {
+        if self.closing.is_none() {
+            self.closing = Some((code, reason.to_owned()));
+        }
     }
 
     fn is_closing(&self) -> bool {
-        self.close.borrow().is_some()
+        self.closing.is_some() || self.out.broken
     }
 
     fn chat(&self) -> &ChatService {
@@ -630,7 +700,8 @@ impl Conn {
             }
             return Ok(());
         }
-        self.catch_up(m.session_id).await
+        // A gap: rare, and deep (database reads), so boxed.
+        Box::pin(self.catch_up(m.session_id)).await
     }
 
     async fn resync(&mut self) {
@@ -662,7 +733,11 @@ impl Conn {
         }
     }
 
-    fn send_session_updated(&self, session: &livechat_core::ChatSession, position: Option<i64>) {
+    fn send_session_updated(
+        &mut self,
+        session: &livechat_core::ChatSession,
+        position: Option<i64>,
+    ) {
         let dto = crate::dto::SessionDto::new(session.clone(), position);
         let session_json = poem_openapi::types::ToJSON::to_json(&dto).unwrap_or_default();
         self.send(frame(
@@ -743,7 +818,8 @@ impl Conn {
             }
             return Ok(());
         }
-        self.handle_bus(&prepared.event).await
+        // Other events may read the database: boxed, off the task's state.
+        Box::pin(self.handle_bus(&prepared.event)).await
     }
 
     async fn handle_bus(&mut self, event: &BusEvent) -> Result<(), ChatError> {
@@ -815,6 +891,64 @@ impl Conn {
         raw.parse().ok().filter(|id| self.joined.contains_key(id))
     }
 
+    /// Submits a `send_message`: it takes its place in the store's order
+    /// now and is answered when committed, so later frames are read
+    /// meanwhile and this connection's sends keep their order (seq and
+    /// acks). A send refused by the rate limit is answered in its turn too.
+    fn submit_send(&mut self, session_id: &str, client_msg_id: String, message: String) {
+        if self.limiter.check().is_err() {
+            self.sends.push_back(InFlight {
+                client_msg_id,
+                append: None,
+            });
+            return;
+        }
+        let append = match session_id.parse::<SessionId>() {
+            Err(e) => PendingAppend::ready(Err(e)),
+            Ok(id) => match self.identity.role {
+                Role::Agent(agent) => self.chat().submit_message(
+                    self.tenant(),
+                    agent,
+                    id,
+                    message,
+                    Some(client_msg_id.clone()),
+                ),
+                Role::Customer { customer, .. } => self.chat().submit_customer_message(
+                    self.tenant(),
+                    customer,
+                    id,
+                    message,
+                    Some(client_msg_id.clone()),
+                ),
+            },
+        };
+        self.sends.push_back(InFlight {
+            client_msg_id,
+            append: Some(append),
+        });
+    }
+
+    /// Handles a well-formed client frame. Sends and pings (the hot
+    /// frames) are handled in place; the rest may read the database and run
+    /// boxed, off the task's state.
+    async fn on_frame(&mut self, frame_in: ClientFrame) -> Result<(), ChatError> {
+        match frame_in {
+            ClientFrame::SendMessage {
+                session_id,
+                client_msg_id,
+                message,
+            } => {
+                self.submit_send(&session_id, client_msg_id, message);
+                Ok(())
+            }
+            ClientFrame::Ping => {
+                self.send(frame(json!({"type": "pong"})));
+                Ok(())
+            }
+            other => Box::pin(self.handle_frame(other)).await,
+        }
+    }
+
     async fn handle_frame(&mut self, frame_in: ClientFrame) -> Result<(), ChatError> {
         match frame_in {
             ClientFrame::Auth { .. } => {
@@ -868,42 +1002,7 @@ impl Conn {
                 session_id,
                 client_msg_id,
                 message,
-            } => {
-                if self.limiter.check().is_err() {
-                    // Answered after the sends before it.
-                    self.sends.push_back(InFlight {
-                        client_msg_id,
-                        append: None,
-                    });
-                    return Ok(());
-                }
-                // Submitted now, answered when committed: later frames are
-                // read meanwhile, and this connection's sends keep their
-                // order (seq and acks) because they are submitted in order.
-                let append = match session_id.parse::<SessionId>() {
-                    Err(e) => PendingAppend::ready(Err(e)),
-                    Ok(id) => match self.identity.role {
-                        Role::Agent(agent) => self.chat().submit_message(
-                            self.tenant(),
-                            agent,
-                            id,
-                            message,
-                            Some(client_msg_id.clone()),
-                        ),
-                        Role::Customer { customer, .. } => self.chat().submit_customer_message(
-                            self.tenant(),
-                            customer,
-                            id,
-                            message,
-                            Some(client_msg_id.clone()),
-                        ),
-                    },
-                };
-                self.sends.push_back(InFlight {
-                    client_msg_id,
-                    append: Some(append),
-                });
-            }
+            } => self.submit_send(&session_id, client_msg_id, message),
             ClientFrame::Typing { session_id, state } => match self.joined_id(&session_id) {
                 Some(id) => self.gateway.bus.publish(BusEvent::Ephemeral {
                     tenant_id: self.tenant(),
@@ -996,7 +1095,7 @@ async fn serve(gateway: Arc<Gateway>, socket: WebSocketStream, pre_auth: Option<
     let (mut sink, mut stream) = socket.split();
     let identity = match pre_auth {
         Some(identity) => identity,
-        None => match first_frame_auth(&gateway, &mut stream).await {
+        None => match Box::pin(first_frame_auth(&gateway, &mut stream)).await {
             Ok(identity) => identity,
             Err(refusal) => {
                 let _ = sink
@@ -1010,57 +1109,14 @@ async fn serve(gateway: Arc<Gateway>, socket: WebSocketStream, pre_auth: Option<
         },
     };
 
-    let (out_tx, mut out_rx) = mpsc::channel::<Message>(gateway.config.outbound_queue.max(1));
-    let (close_tx, mut close_rx) = watch::channel::<Option<(CloseCode, String)>>(None);
-    // The writer owns the sink. A close request is served before queued
-    // frames; for anything but a slow consumer (1013) the frames already
-    // queued (e.g. the error that caused a 1008) are flushed first.
-    let writer = tokio::spawn(async move {
-        let mut close_open = true;
-        loop {
-            tokio::select! {
-                biased;
-                changed = close_rx.changed(), if close_open => {
-                    if changed.is_err() {
-                        close_open = false;
-                        continue;
-                    }
-                    let Some((code, text)) = close_rx.borrow().clone() else { continue };
-                    if code != CloseCode::Again {
-                        while let Ok(m) = out_rx.try_recv() {
-                            if sink.send(m).await.is_err() {
-                                return;
-                            }
-                        }
-                    }
-                    let _ = sink.send(Message::Close(Some((code, text)))).await;
-                    let _ = sink.close().await;
-                    return;
-                }
-                next = out_rx.recv() => match next {
-                    Some(m) => {
-                        if sink.send(m).await.is_err() {
-                            return;
-                        }
-                    }
-                    None => {
-                        let _ = sink.send(Message::Close(Some((CloseCode::Normal, String::new())))).await;
-                        let _ = sink.close().await;
-                        return;
-                    }
-                },
-            }
-        }
-    });
-
     let rate = NonZeroU32::new(gateway.config.send_rate_per_sec.max(1)).unwrap_or(NonZeroU32::MIN);
     let burst = rate.saturating_mul(NonZeroU32::new(2).unwrap_or(NonZeroU32::MIN));
     let mut conn = Conn {
         gateway: gateway.clone(),
         id: uuid::Uuid::now_v7(),
         identity,
-        out: out_tx,
-        close: close_tx,
+        out: Outbound::new(sink),
+        closing: None,
         joined: HashMap::new(),
         positions: HashMap::new(),
         bad_frames: 0,
@@ -1069,28 +1125,8 @@ async fn serve(gateway: Arc<Gateway>, socket: WebSocketStream, pre_auth: Option<
         sends: FuturesOrdered::new(),
     };
     let owner = identity.role.owner();
-    let cfg = gateway.config.clone();
     let mut bus = gateway.subscribe();
-    if let Err(e) = gateway
-        .chat
-        .register_connection(
-            identity.tenant,
-            conn.id,
-            owner,
-            &cfg.node_id,
-            cfg.connection_ttl,
-        )
-        .await
-    {
-        tracing::warn!(error = %e, "websocket: could not register the connection");
-    }
-    if let Err(e) = gateway
-        .chat
-        .touch_connection(identity.tenant, conn.id, owner, cfg.connection_ttl)
-        .await
-    {
-        tracing::warn!(error = %e, "websocket: heartbeat failed");
-    }
+    Box::pin(register(&gateway, identity.tenant, conn.id, owner)).await;
     conn.send(frame(json!({
         "type": "ready",
         "connection_id": conn.id,
@@ -1098,22 +1134,23 @@ async fn serve(gateway: Arc<Gateway>, socket: WebSocketStream, pre_auth: Option<
         "tenant_id": identity.tenant,
     })));
 
+    let config = &gateway.config;
     let mut shutdown = gateway.shutdown.clone();
     let mut shutdown_open = true;
-    let mut ping = tokio::time::interval(cfg.ping_interval);
+    let mut ping = tokio::time::interval(config.ping_interval);
     ping.tick().await;
     loop {
         if conn.is_closing() {
             break;
         }
         tokio::select! {
+            () = conn.out.write(), if conn.out.pending() => {}
             changed = shutdown.changed(), if shutdown_open => {
                 match changed {
                     // The module handle is gone: no shutdown can be asked for.
                     Err(_) => shutdown_open = false,
                     Ok(()) if *shutdown.borrow() => {
                         conn.close_with(CloseCode::Away, "server shutting down");
-                        break;
                     }
                     Ok(()) => {}
                 }
@@ -1125,10 +1162,10 @@ async fn serve(gateway: Arc<Gateway>, socket: WebSocketStream, pre_auth: Option<
                 let Some(Ok(message)) = incoming else { break };
                 conn.last_heard = Instant::now();
                 match message {
-                    Message::Text(text) => match parse_frame(&text, cfg.max_frame_bytes) {
+                    Message::Text(text) => match parse_frame(&text, config.max_frame_bytes) {
                         Ok(f) => {
                             conn.bad_frames = 0;
-                            if let Err(e) = conn.handle_frame(f).await {
+                            if let Err(e) = conn.on_frame(f).await {
                                 let (code, message) = error_code(e);
                                 conn.send(error_frame(&code, &message, None));
                             }
@@ -1152,38 +1189,90 @@ async fn serve(gateway: Arc<Gateway>, socket: WebSocketStream, pre_auth: Option<
                         tracing::warn!(error = %e, "websocket: delivery failed");
                     }
                 }
-                Err(broadcast::error::RecvError::Lagged(_)) => conn.resync().await,
+                Err(broadcast::error::RecvError::Lagged(_)) => Box::pin(conn.resync()).await,
                 Err(broadcast::error::RecvError::Closed) => break,
             },
             _ = ping.tick() => {
                 // Frames wait unread while 64 sends are in flight: that is
                 // the server's backlog, not a silent client.
-                if conn.last_heard.elapsed() > cfg.connection_ttl && conn.sends.is_empty() {
+                if conn.last_heard.elapsed() > config.connection_ttl && conn.sends.is_empty() {
                     conn.close_with(CloseCode::Away, "no heartbeat");
                     break;
                 }
                 // A full queue already proves the socket is busy: skip the ping.
-                let _ = conn.out.try_send(Message::Ping(Vec::new()));
-                if let Err(e) = gateway.chat.touch_connection(identity.tenant, conn.id, owner, cfg.connection_ttl).await {
-                    tracing::warn!(error = %e, "websocket: heartbeat failed");
+                if conn.out.queue.len() < config.outbound_queue {
+                    conn.send(Message::Ping(Vec::new()));
                 }
+                Box::pin(heartbeat(&gateway, identity.tenant, conn.id, owner)).await;
             }
         }
     }
-
-    // Sends already submitted are stored whatever happens; answer them if
-    // the socket still takes frames (a client that missed an ack resends
-    // with the same client_msg_id and gets the original).
-    let _ = tokio::time::timeout(CLOSE_HANDSHAKE, async {
-        while let Some((client_msg_id, outcome)) = conn.sends.next().await {
-            conn.settle_send(&client_msg_id, outcome);
-        }
-    })
-    .await;
-    // Dropping the senders lets the writer flush what is queued and close.
     let conn_id = conn.id;
     tracing::debug!(connection = %conn_id, role = identity.role.name(), "websocket closing");
-    drop(conn);
+    Box::pin(close(conn, &mut stream)).await;
+    Box::pin(unregister(&gateway, identity, conn_id)).await;
+}
+
+/// Registers a new connection in the node's registry and renews its
+/// owner's liveness.
+async fn register(gateway: &Gateway, tenant: TenantId, id: uuid::Uuid, owner: ConnectionOwner) {
+    let config = &gateway.config;
+    if let Err(e) = gateway
+        .chat
+        .register_connection(tenant, id, owner, &config.node_id, config.connection_ttl)
+        .await
+    {
+        tracing::warn!(error = %e, "websocket: could not register the connection");
+    }
+    heartbeat(gateway, tenant, id, owner).await;
+}
+
+/// Renews a connection's registration and its owner's liveness.
+async fn heartbeat(gateway: &Gateway, tenant: TenantId, id: uuid::Uuid, owner: ConnectionOwner) {
+    if let Err(e) = gateway
+        .chat
+        .touch_connection(tenant, id, owner, gateway.config.connection_ttl)
+        .await
+    {
+        tracing::warn!(error = %e, "websocket: heartbeat failed");
+    }
+}
+
+/// Ends a connection: answers the sends already submitted, writes what is
+/// queued (not for a slow consumer, 1013: its queue is dropped) and the
+/// close frame, then waits for the client's close frame.
+async fn close(mut conn: Conn, stream: &mut futures_util::stream::SplitStream<WebSocketStream>) {
+    let close_frame = conn
+        .closing
+        .take()
+        .unwrap_or((CloseCode::Normal, String::new()));
+    if close_frame.0 == CloseCode::Again {
+        conn.out.queue.clear();
+    } else {
+        // Sends already submitted are stored whatever happens; answer them
+        // while the socket takes frames (a client that missed an ack
+        // resends with the same client_msg_id and gets the original).
+        let _ = tokio::time::timeout(CLOSE_HANDSHAKE, async {
+            while let Some((client_msg_id, outcome)) = conn.sends.next().await {
+                conn.settle_send(&client_msg_id, outcome);
+            }
+        })
+        .await;
+    }
+    if conn.out.broken {
+        return;
+    }
+    conn.out.queue.push_back(Message::Close(Some(close_frame)));
+    let out = &mut conn.out;
+    let flushed = tokio::time::timeout(CLOSE_HANDSHAKE, async {
+        out.write().await;
+        let _ = out.sink.close().await;
+        !out.broken
+    })
+    .await;
+    if flushed != Ok(true) {
+        return;
+    }
     // Finish the closing handshake: keep reading (and discarding) until the
     // client's close frame, so the socket is not reset while the client is
     // still reading what was sent before our close frame.
@@ -1194,15 +1283,24 @@ async fn serve(gateway: Arc<Gateway>, socket: WebSocketStream, pre_auth: Option<
             }
         }
     };
-    let _ = writer.await;
     let _ = tokio::time::timeout(CLOSE_HANDSHAKE, drain).await;
+}
+
+/// Removes a closed connection from the registry; an agent's last
+/// connection starts the presence grace period.
+async fn unregister(gateway: &Arc<Gateway>, identity: Identity, id: uuid::Uuid) {
     match gateway
         .chat
-        .unregister_connection(identity.tenant, conn_id, owner, cfg.presence_grace)
+        .unregister_connection(
+            identity.tenant,
+            id,
+            identity.role.owner(),
+            gateway.config.presence_grace,
+        )
         .await
     {
         Ok(true) => {
-            tracing::debug!(connection = %conn_id, "last connection of the agent closed");
+            tracing::debug!(connection = %id, "last connection of the agent closed");
             if let Role::Agent(agent) = identity.role {
                 spawn_presence_check(gateway.clone(), identity.tenant, agent);
             }

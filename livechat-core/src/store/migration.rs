@@ -13,7 +13,10 @@ pub struct Migrator;
 #[async_trait::async_trait]
 impl MigratorTrait for Migrator {
     fn migrations() -> Vec<Box<dyn MigrationTrait>> {
-        vec![Box::new(m0001_chat::Migration)]
+        vec![
+            Box::new(m0001_chat::Migration),
+            Box::new(m0002_outbox_scan::Migration),
+        ]
     }
 
     fn migration_table_name() -> DynIden {
@@ -436,6 +439,55 @@ mod m0001_chat {
                 manager
                     .drop_table(Table::drop().table(table).to_owned())
                     .await?;
+            }
+            Ok(())
+        }
+    }
+}
+
+/// The dispatcher's claim scan reads undispatched events in id order
+/// (`WHERE dispatched_at IS NULL ORDER BY id`). The index on
+/// `(available_at, id)` could not serve that order, so both databases
+/// walked the primary key over every event ever dispatched: each claim cost
+/// grew with the outbox's history (issue #5 profile). This index holds only
+/// undispatched events, in id order; the per-session index no query used
+/// goes, one B-tree less for every event written.
+mod m0002_outbox_scan {
+    use sea_orm_migration::prelude::*;
+
+    pub(super) struct Migration;
+
+    impl MigrationName for Migration {
+        fn name(&self) -> &str {
+            "m0002_outbox_scan"
+        }
+    }
+
+    #[async_trait::async_trait]
+    impl MigrationTrait for Migration {
+        async fn up(&self, manager: &SchemaManager) -> Result<(), DbErr> {
+            let db = manager.get_connection();
+            for sql in [
+                "DROP INDEX IF EXISTS livechat_outbox_pending",
+                "DROP INDEX IF EXISTS livechat_outbox_pending_session",
+                "CREATE INDEX livechat_outbox_undispatched \
+                 ON livechat_outbox (id) WHERE dispatched_at IS NULL",
+            ] {
+                db.execute_unprepared(sql).await?;
+            }
+            Ok(())
+        }
+
+        async fn down(&self, manager: &SchemaManager) -> Result<(), DbErr> {
+            let db = manager.get_connection();
+            for sql in [
+                "DROP INDEX IF EXISTS livechat_outbox_undispatched",
+                "CREATE INDEX livechat_outbox_pending \
+                 ON livechat_outbox (available_at, id) WHERE dispatched_at IS NULL",
+                "CREATE INDEX livechat_outbox_pending_session \
+                 ON livechat_outbox (session_id, id) WHERE dispatched_at IS NULL",
+            ] {
+                db.execute_unprepared(sql).await?;
             }
             Ok(())
         }

@@ -24,6 +24,7 @@ on_both_databases!(
     webhook_receives_signed_events_with_retries,
     a_sessions_events_are_claimed_in_order_behind_its_earliest,
     held_events_do_not_hide_other_sessions_events,
+    the_claim_scan_reads_only_undispatched_events,
 );
 
 fn fast() -> DispatcherConfig {
@@ -499,4 +500,63 @@ async fn held_events_do_not_hide_other_sessions_events(backend: Backend) {
         "agent 8's events, found past the held ones"
     );
     assert_eq!(claimed[0].event.payload["agent_id"], 8);
+}
+
+/// Issue #5: the dispatcher's claim scan (`WHERE dispatched_at IS NULL
+/// ORDER BY id`) goes through the index of undispatched events, so its cost
+/// does not grow with the outbox's history of dispatched events.
+async fn the_claim_scan_reads_only_undispatched_events(backend: Backend) {
+    use sea_orm::{ConnectionTrait, Statement};
+    let app = App::new(backend).await;
+    let scan = "SELECT id, session_id, available_at, claimed_until FROM livechat_outbox \
+                WHERE dispatched_at IS NULL ORDER BY id LIMIT 64";
+    let db_backend = app.db.get_database_backend();
+    let plan: Vec<String> = match backend {
+        Backend::Sqlite => {
+            let rows = app
+                .db
+                .query_all_raw(Statement::from_string(
+                    db_backend,
+                    format!("EXPLAIN QUERY PLAN {scan}"),
+                ))
+                .await
+                .unwrap();
+            rows.iter()
+                .map(|r| r.try_get::<String>("", "detail").unwrap())
+                .collect()
+        }
+        Backend::Postgres => {
+            // A history of dispatched events, with statistics, so the
+            // planner weighs the real choice.
+            app.db
+                .execute_unprepared(
+                    "INSERT INTO livechat_outbox \
+                     (id, tenant_id, kind, payload, created_at, available_at, dispatched_at) \
+                     SELECT gen_random_uuid(), 1, 'message.posted', '{}', now(), now(), now() \
+                     FROM generate_series(1, 20000)",
+                )
+                .await
+                .unwrap();
+            app.db
+                .execute_unprepared("ANALYZE livechat_outbox")
+                .await
+                .unwrap();
+            let rows = app
+                .db
+                .query_all_raw(Statement::from_string(
+                    db_backend,
+                    format!("EXPLAIN {scan}"),
+                ))
+                .await
+                .unwrap();
+            rows.iter()
+                .map(|r| r.try_get::<String>("", "QUERY PLAN").unwrap())
+                .collect()
+        }
+    };
+    assert!(
+        plan.iter()
+            .any(|line| line.contains("livechat_outbox_undispatched")),
+        "the claim scan should use the undispatched-events index: {plan:?}"
+    );
 }

@@ -323,3 +323,44 @@ async fn concurrent_sends_across_sessions_keep_each_sessions_order(backend: Back
         );
     }
 }
+
+/// Issue #5: on SQLite, commits never checkpoint (`wal_autocheckpoint` is
+/// off); the pool's checkpointer copies the WAL back into the database file
+/// beside the writer. About 1.3 MB of messages is below SQLite's own
+/// automatic threshold (1,000 pages, 4 MB), so only the checkpointer can
+/// bring them into the database file.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sqlite_wal_is_checkpointed_beside_the_writer() {
+    let app = App::new(Backend::Sqlite).await;
+    let (tenant, agent) = ids(1, 7);
+    app.chat
+        .set_agent_status(tenant, agent, PresenceStatus::Online)
+        .await
+        .unwrap();
+    let session = app.chat.start_session(tenant, agent, None).await.unwrap();
+    let body = "c".repeat(4_000);
+    for _ in 0..320 {
+        app.chat
+            .post_message(tenant, agent, session.id, body.clone(), None)
+            .await
+            .unwrap();
+    }
+    let path = app
+        .test_db
+        .url
+        .trim_start_matches("sqlite://")
+        .split('?')
+        .next()
+        .unwrap()
+        .to_owned();
+    let size = || std::fs::metadata(&path).map_or(0, |m| m.len());
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(20);
+    while size() < 1_000_000 && tokio::time::Instant::now() < deadline {
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    assert!(
+        size() >= 1_000_000,
+        "the database file holds {} bytes: the WAL was not checkpointed",
+        size()
+    );
+}

@@ -347,7 +347,10 @@ pub(crate) async fn ws_endpoint(
     // few hundred bytes). Larger frames still work: the buffer grows to the
     // frame's length on demand.
     ws_config.read_buffer_size = 1024;
-    ws_config.write_buffer_size = 0;
+    // Frames queued together leave in one write: tungstenite collects them
+    // up to this size, and the connection flushes after each round of
+    // writes, so nothing waits for the buffer to fill.
+    ws_config.write_buffer_size = 16 * 1024;
     ws.config(ws_config)
         .on_upgrade(move |socket| async move { serve(gateway, socket, pre_auth).await })
         .into_response()
@@ -526,6 +529,10 @@ struct Conn {
     /// Sends submitted and not yet answered, in submission order.
     sends: FuturesOrdered<InFlight>,
 }
+
+/// Most bus events a connection handles before it writes its socket and
+/// looks at its other inputs again.
+const BUS_BURST: usize = 32;
 
 /// Most sends of one connection awaiting their commit; while this many are
 /// in flight the connection's next frames wait.
@@ -1137,6 +1144,7 @@ async fn serve(gateway: Arc<Gateway>, socket: WebSocketStream, pre_auth: Option<
     let config = &gateway.config;
     let mut shutdown = gateway.shutdown.clone();
     let mut shutdown_open = true;
+    let mut bus_open = true;
     let mut ping = tokio::time::interval(config.ping_interval);
     ping.tick().await;
     loop {
@@ -1177,21 +1185,47 @@ async fn serve(gateway: Arc<Gateway>, socket: WebSocketStream, pre_auth: Option<
                     Message::Ping(_) | Message::Pong(_) => {}
                 }
             }
-            event = bus.recv() => match event {
-                Ok(event) => {
-                    // Answers first: a committed send's ack goes out before
-                    // its own `new_message` (the store answers before it
-                    // publishes).
-                    while let Some(Some((client_msg_id, outcome))) = conn.sends.next().now_or_never() {
-                        conn.settle_send(&client_msg_id, outcome);
+            event = bus.recv() => {
+                // A burst of events is handled in one go, so its frames
+                // leave in one write (one system call for several frames).
+                let mut next = event;
+                for _ in 0..BUS_BURST {
+                    match next {
+                        Ok(event) => {
+                            // Answers first: a committed send's ack goes out
+                            // before its own `new_message` (the store answers
+                            // before it publishes).
+                            while let Some(Some((client_msg_id, outcome))) = conn.sends.next().now_or_never() {
+                                conn.settle_send(&client_msg_id, outcome);
+                            }
+                            if let Err(e) = conn.handle_prepared(&event).await {
+                                tracing::warn!(error = %e, "websocket: delivery failed");
+                            }
+                        }
+                        Err(broadcast::error::RecvError::Lagged(_)) => Box::pin(conn.resync()).await,
+                        Err(broadcast::error::RecvError::Closed) => {
+                            bus_open = false;
+                            break;
+                        }
                     }
-                    if let Err(e) = conn.handle_prepared(&event).await {
-                        tracing::warn!(error = %e, "websocket: delivery failed");
+                    if conn.is_closing() {
+                        break;
                     }
+                    next = match bus.try_recv() {
+                        Ok(event) => Ok(event),
+                        Err(broadcast::error::TryRecvError::Empty) => break,
+                        Err(broadcast::error::TryRecvError::Lagged(n)) => {
+                            Err(broadcast::error::RecvError::Lagged(n))
+                        }
+                        Err(broadcast::error::TryRecvError::Closed) => {
+                            Err(broadcast::error::RecvError::Closed)
+                        }
+                    };
                 }
-                Err(broadcast::error::RecvError::Lagged(_)) => Box::pin(conn.resync()).await,
-                Err(broadcast::error::RecvError::Closed) => break,
-            },
+                if !bus_open {
+                    break;
+                }
+            }
             _ = ping.tick() => {
                 // Frames wait unread while 64 sends are in flight: that is
                 // the server's backlog, not a silent client.

@@ -49,7 +49,7 @@ pub const SQLITE_BUSY_TIMEOUT: Duration = Duration::from_secs(30);
 /// How often the checkpointer of a pool opened by [`connect`] copies the
 /// SQLite WAL back into the database file (a passive checkpoint: it never
 /// blocks a writer).
-pub const SQLITE_CHECKPOINT_EVERY: Duration = Duration::from_millis(250);
+pub const SQLITE_CHECKPOINT_EVERY: Duration = Duration::from_secs(1);
 
 /// SQLite durability of a commit (`PRAGMA synchronous`).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]

@@ -349,8 +349,9 @@ pub(crate) async fn ws_endpoint(
     ws_config.read_buffer_size = 1024;
     // Frames queued together leave in one write: tungstenite collects them
     // up to this size, and the connection flushes after each round of
-    // writes, so nothing waits for the buffer to fill.
-    ws_config.write_buffer_size = 16 * 1024;
+    // writes, so nothing waits for the buffer to fill. tungstenite keeps
+    // its write buffer's capacity, so it stays small.
+    ws_config.write_buffer_size = 4 * 1024;
     ws.config(ws_config)
         .on_upgrade(move |socket| async move { serve(gateway, socket, pre_auth).await })
         .into_response()
@@ -530,8 +531,8 @@ struct Conn {
     sends: FuturesOrdered<InFlight>,
 }
 
-/// Most bus events a connection handles before it writes its socket and
-/// looks at its other inputs again.
+/// Most bus events a connection handles in one go before it looks at its
+/// other inputs (its socket's writing among them) again.
 const BUS_BURST: usize = 32;
 
 /// Most sends of one connection awaiting their commit; while this many are
@@ -583,12 +584,20 @@ const CATCH_UP_PAGE: i64 = 200;
 
 impl Conn {
     /// Queues a frame; a full queue means the client cannot keep up: it is
-    /// closed with 1013 and resumes with `after_seq` (issue #4).
+    /// closed with 1013 and resumes with `after_seq` (issue #4). The queue
+    /// counts frames the socket has not taken: before it counts as full,
+    /// whatever the socket takes now is written.
     fn send(&mut self, message: Message) -> bool {
         if self.out.broken {
             return false;
         }
-        if self.out.queue.len() >= self.gateway.config.outbound_queue.max(1) {
+        let limit = self.gateway.config.outbound_queue.max(1);
+        if self.out.queue.len() >= limit {
+            // Cancel-safe: what the socket does not take stays queued, and
+            // the task's own write branch waits for the socket again.
+            let _ = self.out.write().now_or_never();
+        }
+        if self.out.queue.len() >= limit {
             tracing::debug!(connection = %self.id, "outbound queue full: closing with 1013");
             self.close_with(
                 CloseCode::Again,
@@ -600,20 +609,24 @@ impl Conn {
         true
     }
 
-    /// Queues a catch-up frame, writing the queue out first when it is full
-    /// (a replay may be much longer than the queue); a client that does not
-    /// take the queued frames within [`REPLAY_STALL`] is closed with 1013.
+    /// Queues a catch-up frame; while the queue is full it is written out
+    /// first (a replay may be much longer than the queue). A client that
+    /// takes no frame for [`REPLAY_STALL`] is closed with 1013.
     async fn send_replay(&mut self, message: Message) -> bool {
-        if self.out.queue.len() >= self.gateway.config.outbound_queue.max(1)
-            && tokio::time::timeout(REPLAY_STALL, self.out.write())
+        let limit = self.gateway.config.outbound_queue.max(1);
+        while self.out.queue.len() >= limit && !self.out.broken {
+            let before = self.out.queue.len();
+            if tokio::time::timeout(REPLAY_STALL, self.out.write())
                 .await
                 .is_err()
-        {
-            self.close_with(
-                CloseCode::Again,
-                "too slow: reconnect and resume with after_seq",
-            );
-            return false;
+                && self.out.queue.len() >= before
+            {
+                self.close_with(
+                    CloseCode::Again,
+                    "too slow: reconnect and resume with after_seq",
+                );
+                return false;
+            }
         }
         self.send(message)
     }
@@ -1272,29 +1285,38 @@ async fn heartbeat(gateway: &Gateway, tenant: TenantId, id: uuid::Uuid, owner: C
     }
 }
 
-/// Ends a connection: answers the sends already submitted, writes what is
-/// queued (not for a slow consumer, 1013: its queue is dropped) and the
-/// close frame, then waits for the client's close frame.
+/// Ends a connection. When the client ended it, the sends already
+/// submitted are answered while the queue is written (they are stored
+/// whatever happens; a client that missed an ack resends with the same
+/// `client_msg_id` and gets the original). A close the server asked for
+/// (1001, 1008, 1013) does not wait for them, as before one task per
+/// connection. Then the queued frames (dropped for a slow consumer, 1013)
+/// and the close frame are written, and the client's close frame is
+/// awaited. Each step is bounded by [`CLOSE_HANDSHAKE`]; a broken socket
+/// skips them.
 async fn close(mut conn: Conn, stream: &mut futures_util::stream::SplitStream<WebSocketStream>) {
-    let close_frame = conn
-        .closing
-        .take()
-        .unwrap_or((CloseCode::Normal, String::new()));
-    if close_frame.0 == CloseCode::Again {
-        conn.out.queue.clear();
-    } else {
-        // Sends already submitted are stored whatever happens; answer them
-        // while the socket takes frames (a client that missed an ack
-        // resends with the same client_msg_id and gets the original).
+    if conn.closing.is_none() && !conn.out.broken {
         let _ = tokio::time::timeout(CLOSE_HANDSHAKE, async {
-            while let Some((client_msg_id, outcome)) = conn.sends.next().await {
-                conn.settle_send(&client_msg_id, outcome);
+            while !conn.sends.is_empty() && !conn.out.broken && conn.closing.is_none() {
+                tokio::select! {
+                    () = conn.out.write(), if conn.out.pending() => {}
+                    Some((client_msg_id, outcome)) = conn.sends.next() => {
+                        conn.settle_send(&client_msg_id, outcome);
+                    }
+                }
             }
         })
         .await;
     }
     if conn.out.broken {
         return;
+    }
+    let close_frame = conn
+        .closing
+        .take()
+        .unwrap_or((CloseCode::Normal, String::new()));
+    if close_frame.0 == CloseCode::Again {
+        conn.out.queue.clear();
     }
     conn.out.queue.push_back(Message::Close(Some(close_frame)));
     let out = &mut conn.out;

@@ -8,9 +8,11 @@
 //!
 //! Concurrency: every write runs in one transaction which, on SQLite, is
 //! started `BEGIN IMMEDIATE` so that it takes the write lock up front and
-//! waits (busy timeout) instead of failing on a lock upgrade. On PostgreSQL
-//! the per-session `seq` is taken by an `UPDATE … RETURNING` on the session
-//! row, whose row lock orders concurrent senders.
+//! waits (busy timeout) instead of failing on a lock upgrade. Message
+//! appends are committed in groups: a batch locks its sessions' rows
+//! (PostgreSQL: `SELECT … FOR UPDATE` in id order; SQLite: the write lock)
+//! and advances each session's `last_seq` with one `UPDATE … CASE`, so
+//! concurrent senders get gap-free, unique `seq` values.
 
 mod connections;
 mod customers;
@@ -51,6 +53,11 @@ pub const SQLITE_BUSY_TIMEOUT: Duration = Duration::from_secs(30);
 /// blocks a writer).
 pub const SQLITE_CHECKPOINT_EVERY: Duration = Duration::from_secs(1);
 
+/// WAL size, in 4 KiB pages (40 MiB), past which an SQLite commit of a pool
+/// opened by [`connect`] checkpoints by itself (`wal_autocheckpoint`); the
+/// checkpointer normally keeps the WAL well below it.
+pub const SQLITE_WAL_AUTOCHECKPOINT_PAGES: u32 = 10_000;
+
 /// SQLite durability of a commit (`PRAGMA synchronous`).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub enum SqliteDurability {
@@ -76,13 +83,18 @@ pub enum SqliteDurability {
 ///   connection queues statements in process, in order, with a warm cache.
 ///   Reads wait behind a write transaction; the group commit keeps those
 ///   short.
-/// - **Checkpoints off the commit path.** `wal_autocheckpoint` is off: a
-///   commit never copies the WAL back into the database file (that made
-///   every thousandth commit, and every append waiting behind it, tens of
-///   milliseconds slower). A checkpointer task on its own connection runs
-///   `PRAGMA wal_checkpoint(PASSIVE)` every [`SQLITE_CHECKPOINT_EVERY`]
-///   beside the writer, until the pool is closed or dropped (it needs a
-///   Tokio runtime).
+/// - **Checkpoints off the commit path.** A checkpointer task on its own
+///   connection runs `PRAGMA wal_checkpoint(PASSIVE)` every
+///   [`SQLITE_CHECKPOINT_EVERY`] beside the writer, until the pool is
+///   closed or dropped (it needs a Tokio runtime; it reconnects after a
+///   failure). Commits checkpoint themselves only past
+///   [`SQLITE_WAL_AUTOCHECKPOINT_PAGES`] (SQLite's default is 1,000): a
+///   checkpoint inside a commit made every append queued behind it tens of
+///   milliseconds slower. That threshold stays as the bound on the WAL:
+///   under writes without pause a passive checkpoint never catches the
+///   WAL's end, and only a checkpoint by the writer itself lets SQLite
+///   start the WAL over. `journal_size_limit` (64 MiB) truncates the WAL
+///   file when it starts over.
 ///
 /// # Errors
 /// [`DbErr`] when the URL is malformed or the database is unreachable.
@@ -115,7 +127,11 @@ pub async fn connect_with(
             })
             .busy_timeout(SQLITE_BUSY_TIMEOUT)
             .foreign_keys(true)
-            .pragma("wal_autocheckpoint", "0")
+            .pragma(
+                "wal_autocheckpoint",
+                SQLITE_WAL_AUTOCHECKPOINT_PAGES.to_string(),
+            )
+            .pragma("journal_size_limit", (64 * 1024 * 1024).to_string())
     });
     let db = sea_orm::Database::connect(options).await?;
     #[cfg(feature = "sqlite")]
@@ -135,7 +151,7 @@ fn start_checkpointer(db: &DatabaseConnection) {
         return;
     }
     let Ok(runtime) = tokio::runtime::Handle::try_current() else {
-        tracing::warn!("no Tokio runtime: the SQLite WAL is not checkpointed");
+        tracing::warn!("no Tokio runtime: only commits checkpoint the SQLite WAL");
         return;
     };
     let pool = db.get_sqlite_connection_pool();
@@ -143,26 +159,31 @@ fn start_checkpointer(db: &DatabaseConnection) {
     let options = pool.connect_options();
     runtime.spawn(async move {
         let checkpoints = async {
-            let own = match SqlitePoolOptions::new()
-                .max_connections(1)
-                .connect_with((*options).clone())
-                .await
-            {
-                Ok(own) => own,
-                Err(e) => {
-                    tracing::error!(error = %e, "SQLite checkpointer could not connect");
-                    return;
-                }
-            };
+            let mut own = None;
             let mut every = tokio::time::interval(SQLITE_CHECKPOINT_EVERY);
             every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
             loop {
                 every.tick().await;
+                if own.is_none() {
+                    match SqlitePoolOptions::new()
+                        .max_connections(1)
+                        .connect_with((*options).clone())
+                        .await
+                    {
+                        Ok(pool) => own = Some(pool),
+                        Err(e) => {
+                            tracing::warn!(error = %e, "SQLite checkpointer could not connect");
+                            continue;
+                        }
+                    }
+                }
+                let Some(pool) = &own else { continue };
                 if let Err(e) = sea_orm::sqlx::query("PRAGMA wal_checkpoint(PASSIVE)")
-                    .execute(&own)
+                    .execute(pool)
                     .await
                 {
                     tracing::warn!(error = %e, "SQLite checkpoint failed");
+                    own = None;
                 }
             }
         };

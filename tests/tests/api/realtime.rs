@@ -20,6 +20,7 @@ on_both_databases!(
     connection_status_and_offline_notifications,
     shutdown_closes_with_1001,
     pipelined_sends_keep_their_order,
+    a_burst_larger_than_the_queue_reaches_a_reading_client,
 );
 
 use livechat_tests::{t, u};
@@ -731,4 +732,38 @@ async fn pipelined_sends_keep_their_order(backend: Backend) {
     }
     let want: Vec<(i64, String)> = (0..40).map(|i| (i + 1, format!("m{i}"))).collect();
     assert_eq!(delivered, want, "delivered in seq order, each once");
+}
+
+/// Issue #5: a connection handles a burst of bus events in one go. The
+/// outbound queue counts frames its socket has not taken, so a burst larger
+/// than the queue reaches a client that reads instead of closing it as a
+/// slow consumer (1013).
+async fn a_burst_larger_than_the_queue_reaches_a_reading_client(backend: Backend) {
+    let (_app, node) = node(backend, |r| r.outbound_queue = 4).await;
+    let (session, _) = open_chat(&node, 911).await;
+    let mut agent = WsClient::connect_with_header(&node.ws_url(), &agent_auth(8), 1)
+        .await
+        .unwrap();
+    join(&mut agent, session, None).await;
+    // Submitted together, committed together: their events are published
+    // back to back.
+    let pending: Vec<_> = (0..40)
+        .map(|n| {
+            node.chat
+                .submit_message(t(1), u(7), session, format!("burst {n}"), None)
+        })
+        .collect();
+    for append in pending {
+        append.await.unwrap();
+    }
+    let mut seqs = Vec::new();
+    while seqs.len() < 40 {
+        let Some(frame) = agent.next(Duration::from_secs(5)).await else {
+            panic!("the connection ended after {} messages", seqs.len());
+        };
+        if frame["type"] == "new_message" {
+            seqs.push(frame["seq"].as_i64().unwrap());
+        }
+    }
+    assert_eq!(seqs, (1..=40).collect::<Vec<i64>>());
 }

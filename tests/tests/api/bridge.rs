@@ -510,21 +510,8 @@ async fn the_claim_scan_reads_only_undispatched_events(backend: Backend) {
     let app = App::new(backend).await;
     let scan = "SELECT id, session_id, available_at, claimed_until FROM livechat_outbox \
                 WHERE dispatched_at IS NULL ORDER BY id LIMIT 64";
-    let db_backend = app.db.get_database_backend();
-    let plan: Vec<String> = match backend {
-        Backend::Sqlite => {
-            let rows = app
-                .db
-                .query_all_raw(Statement::from_string(
-                    db_backend,
-                    format!("EXPLAIN QUERY PLAN {scan}"),
-                ))
-                .await
-                .unwrap();
-            rows.iter()
-                .map(|r| r.try_get::<String>("", "detail").unwrap())
-                .collect()
-        }
+    let (explain, column) = match backend {
+        Backend::Sqlite => ("EXPLAIN QUERY PLAN", "detail"),
         Backend::Postgres => {
             // A history of dispatched events, with statistics, so the
             // planner weighs the real choice.
@@ -541,19 +528,20 @@ async fn the_claim_scan_reads_only_undispatched_events(backend: Backend) {
                 .execute_unprepared("ANALYZE livechat_outbox")
                 .await
                 .unwrap();
-            let rows = app
-                .db
-                .query_all_raw(Statement::from_string(
-                    db_backend,
-                    format!("EXPLAIN {scan}"),
-                ))
-                .await
-                .unwrap();
-            rows.iter()
-                .map(|r| r.try_get::<String>("", "QUERY PLAN").unwrap())
-                .collect()
+            ("EXPLAIN", "QUERY PLAN")
         }
     };
+    let plan: Vec<String> = app
+        .db
+        .query_all_raw(Statement::from_string(
+            app.db.get_database_backend(),
+            format!("{explain} {scan}"),
+        ))
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| r.try_get::<String>("", column).unwrap())
+        .collect();
     assert!(
         plan.iter()
             .any(|line| line.contains("livechat_outbox_undispatched")),

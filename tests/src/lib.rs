@@ -463,6 +463,26 @@ impl App {
         assert_eq!(status, 201, "{body}");
         body["data"]["id"].as_str().expect("session id").to_owned()
     }
+
+    /// As [`App::open_session`] through the service: sets `agent` online in
+    /// `tenant` and starts a session for them.
+    ///
+    /// # Panics
+    /// When the service refuses either.
+    pub async fn open_service_session(
+        &self,
+        tenant: livechat_core::TenantId,
+        agent: livechat_core::UserId,
+    ) -> livechat_core::ChatSession {
+        self.chat
+            .set_agent_status(tenant, agent, livechat_core::PresenceStatus::Online)
+            .await
+            .expect("agent online");
+        self.chat
+            .start_session(tenant, agent, None)
+            .await
+            .expect("session started")
+    }
 }
 
 /// Declares each listed `async fn name(backend: Backend)` as two tests,

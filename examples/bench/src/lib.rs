@@ -433,6 +433,21 @@ pub struct Latency {
     pub count: u64,
 }
 
+impl Latency {
+    /// The p50 and p99 rows (`p50 <what>`, `p99 <what>`), with `base` as
+    /// the baseline.
+    fn percentile_rows(&self, base: &Self, what: &str) -> [Row; 2] {
+        [("p50", self.p50, base.p50), ("p99", self.p99, base.p99)].map(
+            |(name, library, baseline)| Row {
+                label: format!("{name} {what}"),
+                library,
+                baseline,
+                unit: "ms",
+            },
+        )
+    }
+}
+
 fn percentiles(h: &Histogram<u64>) -> Latency {
     Latency {
         p50: h.value_at_quantile(0.5) as f64 / 1000.0,
@@ -533,19 +548,10 @@ pub async fn session_latency(
 pub async fn latency(target: &Target, hub: &RawHub, rate: f64, count: u64, agent: i64) -> Vec<Row> {
     let lib = session_latency(target, target, agent, rate, count).await;
     let base = hub.latency(rate, count).await;
+    let [p50, p99] = lib.percentile_rows(&base, &format!("at {rate:.0} msg/s"));
     vec![
-        Row {
-            label: format!("p50 at {rate:.0} msg/s"),
-            library: lib.p50,
-            baseline: base.p50,
-            unit: "ms",
-        },
-        Row {
-            label: format!("p99 at {rate:.0} msg/s"),
-            library: lib.p99,
-            baseline: base.p99,
-            unit: "ms",
-        },
+        p50,
+        p99,
         Row {
             label: "messages received".into(),
             library: lib.count as f64,
@@ -695,19 +701,11 @@ pub async fn cross_node(
     let cross = session_latency(a, b, 13, rate, count).await;
     let single_rate = room_fan_out(a, a, rooms, duration, 4000).await;
     let cross_rate = room_fan_out(a, b, rooms, duration, 4100).await;
+    let [p50, p99] =
+        cross.percentile_rows(&single, &format!("at {rate:.0} msg/s (cross vs single)"));
     vec![
-        Row {
-            label: format!("p50 at {rate:.0} msg/s (cross vs single)"),
-            library: cross.p50,
-            baseline: single.p50,
-            unit: "ms",
-        },
-        Row {
-            label: format!("p99 at {rate:.0} msg/s (cross vs single)"),
-            library: cross.p99,
-            baseline: single.p99,
-            unit: "ms",
-        },
+        p50,
+        p99,
         Row {
             label: "added p50 (target ≤ 1 ms)".into(),
             library: cross.p50 - single.p50,

@@ -407,17 +407,13 @@ async fn webhook_receives_signed_events_with_retries(backend: Backend) {
 /// in order, but none while an earlier event of that session is claimed
 /// by another dispatcher.
 async fn a_sessions_events_are_claimed_in_order_behind_its_earliest(backend: Backend) {
-    use livechat_core::{EventKind, PresenceStatus, UserId};
+    use livechat_core::{EventKind, UserId};
     let app = App::new(backend).await;
     let tenant = TenantId::new(1).unwrap();
     let mut sessions = Vec::new();
     for agent in [7, 8] {
         let agent = UserId::new(agent).unwrap();
-        app.chat
-            .set_agent_status(tenant, agent, PresenceStatus::Online)
-            .await
-            .unwrap();
-        let session = app.chat.start_session(tenant, agent, None).await.unwrap();
+        let session = app.open_service_session(tenant, agent).await;
         for n in 0..3 {
             app.chat
                 .post_message(tenant, agent, session.id, format!("m{n}"), None)
@@ -470,16 +466,12 @@ async fn a_sessions_events_are_claimed_in_order_behind_its_earliest(backend: Bac
 /// elsewhere) does not hide later events of other sessions from a claim:
 /// the scan reads on past them.
 async fn held_events_do_not_hide_other_sessions_events(backend: Backend) {
-    use livechat_core::{EventKind, PresenceStatus, UserId};
+    use livechat_core::{EventKind, UserId};
     let app = App::new(backend).await;
     let tenant = TenantId::new(1).unwrap();
     for (agent, messages) in [(7, 5), (8, 1)] {
         let agent = UserId::new(agent).unwrap();
-        app.chat
-            .set_agent_status(tenant, agent, PresenceStatus::Online)
-            .await
-            .unwrap();
-        let session = app.chat.start_session(tenant, agent, None).await.unwrap();
+        let session = app.open_service_session(tenant, agent).await;
         for n in 0..messages {
             app.chat
                 .post_message(tenant, agent, session.id, format!("m{n}"), None)

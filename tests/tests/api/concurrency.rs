@@ -61,11 +61,7 @@ async fn twenty_concurrent_starts_yield_one_session(backend: Backend) {
 async fn fifty_concurrent_sends_get_seq_1_to_50(backend: Backend) {
     let app = App::new(backend).await;
     let (tenant, agent) = ids(1, 7);
-    app.chat
-        .set_agent_status(tenant, agent, PresenceStatus::Online)
-        .await
-        .unwrap();
-    let session = app.chat.start_session(tenant, agent, None).await.unwrap();
+    let session = app.open_service_session(tenant, agent).await;
     let tasks: Vec<_> = (0..50)
         .map(|n| {
             let chat = app.chat.clone();
@@ -100,11 +96,7 @@ async fn fifty_concurrent_sends_get_seq_1_to_50(backend: Backend) {
 async fn concurrent_retries_of_one_key_store_one_message(backend: Backend) {
     let app = App::new(backend).await;
     let (tenant, agent) = ids(1, 7);
-    app.chat
-        .set_agent_status(tenant, agent, PresenceStatus::Online)
-        .await
-        .unwrap();
-    let session = app.chat.start_session(tenant, agent, None).await.unwrap();
+    let session = app.open_service_session(tenant, agent).await;
     let tasks: Vec<_> = (0..10)
         .map(|_| {
             let chat = app.chat.clone();
@@ -142,11 +134,7 @@ async fn concurrent_retries_of_one_key_store_one_message(backend: Backend) {
 async fn every_change_writes_one_outbox_event(backend: Backend) {
     let app = App::new(backend).await;
     let (tenant, agent) = ids(1, 7);
-    app.chat
-        .set_agent_status(tenant, agent, PresenceStatus::Online)
-        .await
-        .unwrap();
-    let session = app.chat.start_session(tenant, agent, None).await.unwrap();
+    let session = app.open_service_session(tenant, agent).await;
     let m = app
         .chat
         .post_message(tenant, agent, session.id, "hi".into(), Some("k".into()))
@@ -231,11 +219,7 @@ async fn concurrent_sends_across_sessions_keep_each_sessions_order(backend: Back
     let mut sessions = Vec::new();
     for agent in 7..=11 {
         let agent = UserId::new(agent).unwrap();
-        app.chat
-            .set_agent_status(tenant, agent, PresenceStatus::Online)
-            .await
-            .unwrap();
-        let session = app.chat.start_session(tenant, agent, None).await.unwrap();
+        let session = app.open_service_session(tenant, agent).await;
         sessions.push((agent, session.id));
     }
     let (closed_agent, closed) = sessions.pop().unwrap();
@@ -333,11 +317,7 @@ async fn concurrent_sends_across_sessions_keep_each_sessions_order(backend: Back
 async fn sqlite_wal_is_checkpointed_beside_the_writer() {
     let app = App::new(Backend::Sqlite).await;
     let (tenant, agent) = ids(1, 7);
-    app.chat
-        .set_agent_status(tenant, agent, PresenceStatus::Online)
-        .await
-        .unwrap();
-    let session = app.chat.start_session(tenant, agent, None).await.unwrap();
+    let session = app.open_service_session(tenant, agent).await;
     let body = "c".repeat(4_000);
     for _ in 0..320 {
         app.chat

@@ -90,6 +90,20 @@ async fn join(c: &mut WsClient, session: SessionId, after: Option<i64>) -> Value
     c.expect("joined").await
 }
 
+/// Agent 7 and the customer of `customer_auth`, both connected and joined
+/// to `session` (agent first).
+async fn join_both(node: &Node, session: SessionId, customer_auth: &str) -> (WsClient, WsClient) {
+    let mut agent = WsClient::connect_with_header(&node.ws_url(), &agent_auth(7), 1)
+        .await
+        .unwrap();
+    let mut customer = WsClient::connect_with_header(&node.ws_url(), customer_auth, 1)
+        .await
+        .unwrap();
+    join(&mut agent, session, None).await;
+    join(&mut customer, session, None).await;
+    (agent, customer)
+}
+
 async fn agent_and_customer_talk_live(backend: Backend) {
     let (_app, node) = node(backend, |_| {}).await;
     let (session, customer_auth) = open_chat(&node, 900).await;
@@ -216,14 +230,7 @@ async fn resume_after_a_drop_in_a_thousand_message_stream(backend: Backend) {
 async fn idempotent_send_and_typing_relay(backend: Backend) {
     let (_app, node) = node(backend, |_| {}).await;
     let (session, customer_auth) = open_chat(&node, 902).await;
-    let mut agent = WsClient::connect_with_header(&node.ws_url(), &agent_auth(7), 1)
-        .await
-        .unwrap();
-    let mut customer = WsClient::connect_with_header(&node.ws_url(), &customer_auth, 1)
-        .await
-        .unwrap();
-    join(&mut agent, session, None).await;
-    join(&mut customer, session, None).await;
+    let (mut agent, mut customer) = join_both(&node, session, &customer_auth).await;
 
     for _ in 0..2 {
         customer.send(json!({"type": "send_message", "session_id": session, "client_msg_id": "same", "message": "once"})).await;
@@ -671,14 +678,7 @@ mod cors {
 async fn pipelined_sends_keep_their_order(backend: Backend) {
     let (_app, node) = node(backend, |c| c.send_rate_per_sec = 10_000).await;
     let (session, customer_auth) = open_chat(&node, 903).await;
-    let mut agent = WsClient::connect_with_header(&node.ws_url(), &agent_auth(7), 1)
-        .await
-        .unwrap();
-    let mut customer = WsClient::connect_with_header(&node.ws_url(), &customer_auth, 1)
-        .await
-        .unwrap();
-    join(&mut agent, session, None).await;
-    join(&mut customer, session, None).await;
+    let (mut agent, mut customer) = join_both(&node, session, &customer_auth).await;
 
     let mut expected = Vec::new();
     for i in 0..40 {

@@ -21,15 +21,6 @@ fn expiry(ttl: Duration) -> chrono::DateTime<chrono::Utc> {
     now() + chrono::Duration::from_std(ttl).unwrap_or(chrono::Duration::seconds(60))
 }
 
-/// Live customer connections following `session` (any node).
-pub(super) async fn customer_connections(
-    conn: &impl ConnectionTrait,
-    tenant: TenantId,
-    session: SessionId,
-) -> Result<u64, DbErr> {
-    count_role(conn, tenant, session, "customer").await
-}
-
 async fn count_role(
     conn: &impl ConnectionTrait,
     tenant: TenantId,

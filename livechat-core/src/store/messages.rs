@@ -3,19 +3,22 @@
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
-use sea_orm::sea_query::{CaseStatement, Expr, ExprTrait};
+use sea_orm::sea_query::{
+    Alias, CaseStatement, CommonTableExpression, Expr, ExprTrait, InsertStatement, Query,
+    WithClause,
+};
 use sea_orm::{
     ActiveValue::Set, ColumnTrait, ConnectionTrait, DatabaseTransaction, DbBackend, DbErr,
-    EntityTrait, QueryFilter, QueryOrder, QuerySelect,
+    EntityTrait, FromQueryResult, QueryFilter, QueryOrder, QuerySelect, QueryTrait, Statement,
 };
 use tokio::sync::oneshot;
 
-use super::entity::{message, outbox, session};
+use super::entity::{connection, connection_join, customer, message, outbox, session};
 use super::sessions::find_session;
 use super::{SeaOrmStore, convert_all, outbox_row};
 use crate::error::ChatError;
 use crate::events::{DomainEvent, EventKind, MessagePosted};
-use crate::ids::{CustomerId, MessageId, SessionId, TenantId, TicketId};
+use crate::ids::{CustomerId, MessageId, SessionId, TenantId, TicketId, UserId};
 use crate::model::{ChatMessage, Sender, SenderType, SessionStatus, now};
 use crate::repository::{AppendedMessage, MessageRepository, PendingAppend};
 use crate::validate::{ClientMsgId, MessageBody, PageSize};
@@ -214,18 +217,7 @@ impl SeaOrmStore {
         }
         let mut ids: Vec<uuid::Uuid> = batch.iter().map(|r| r.session.as_uuid()).collect();
         ids.dedup();
-        // Locking the session rows orders concurrent appends to a session
-        // (PostgreSQL: FOR UPDATE; SQLite: the write lock taken by BEGIN
-        // IMMEDIATE), so seq is gap-free and unique (invariant 4).
-        let mut sessions: HashMap<uuid::Uuid, session::Model> = session::Entity::find()
-            .filter(session::Column::Id.is_in(padded(ids.clone())))
-            .order_by_asc(session::Column::Id)
-            .lock_exclusive()
-            .all(tx)
-            .await?
-            .into_iter()
-            .map(|row| (row.id, row))
-            .collect();
+        let mut sessions = lock_sessions(tx, padded(ids.clone())).await?;
         let keyed: Vec<&str> = batch
             .iter()
             .filter_map(|r| r.key.as_ref().map(ClientMsgId::as_str))
@@ -268,12 +260,12 @@ impl SeaOrmStore {
                 .as_ref()
                 .and_then(|k| keys.get(&(request.session, k.as_str())));
             let step = match sessions.get_mut(&request.session.as_uuid()) {
-                Some(row) if is_visible(row, request) => match duplicate {
+                Some(locked) if is_visible(&locked.row, request) => match duplicate {
                     Some(original) => Staged::Done(Ok(AppendedMessage {
                         message: original.clone(),
                         created: false,
                     })),
-                    None => stage(tx, request, row, at).await?,
+                    None => stage(request, locked, at)?,
                 },
                 _ => Staged::Done(Err(ChatError::NotFound)),
             };
@@ -325,6 +317,93 @@ impl SeaOrmStore {
     }
 }
 
+/// A session row locked for a batch, with what its appends need to know
+/// about the session's customer, read by the same statement.
+struct LockedSession {
+    row: session::Model,
+    /// Live customer connections following the session (any node): an
+    /// agent's message to a customer with none is an offline reply (issue #3).
+    customer_connections: i64,
+    /// The host user id of the session's customer (`None` for visitors).
+    customer_user: Option<i64>,
+}
+
+/// Locks the sessions `ids` (in id order) and reads each with its
+/// customer's live connection count and host user id, in one statement:
+/// PostgreSQL `SELECT … FOR UPDATE` with two scalar subqueries; on SQLite
+/// the write lock taken by `BEGIN IMMEDIATE` already orders appends.
+///
+/// Locking orders concurrent appends to a session, so `seq` is gap-free
+/// and unique (DESIGN.md invariant 4). Folding the two customer reads into
+/// the lock saves one or two statements per message (issue #5).
+async fn lock_sessions(
+    tx: &DatabaseTransaction,
+    ids: Vec<uuid::Uuid>,
+) -> Result<HashMap<uuid::Uuid, LockedSession>, DbErr> {
+    let connections = Query::select()
+        .expr(Expr::col((connection::Entity, connection::Column::Id)).count())
+        .from(connection_join::Entity)
+        .inner_join(
+            connection::Entity,
+            Expr::col((connection::Entity, connection::Column::Id)).equals((
+                connection_join::Entity,
+                connection_join::Column::ConnectionId,
+            )),
+        )
+        .and_where(
+            Expr::col((connection_join::Entity, connection_join::Column::TenantId))
+                .equals((session::Entity, session::Column::TenantId)),
+        )
+        .and_where(
+            Expr::col((connection_join::Entity, connection_join::Column::SessionId))
+                .equals((session::Entity, session::Column::Id)),
+        )
+        .and_where(Expr::col((connection::Entity, connection::Column::Role)).eq("customer"))
+        .and_where(Expr::col((connection::Entity, connection::Column::ExpiresAt)).gt(now()))
+        .to_owned();
+    let customer_user = Query::select()
+        .column((customer::Entity, customer::Column::UserId))
+        .from(customer::Entity)
+        .and_where(
+            Expr::col((customer::Entity, customer::Column::Id))
+                .equals((session::Entity, session::Column::CustomerId)),
+        )
+        .and_where(
+            Expr::col((customer::Entity, customer::Column::TenantId))
+                .equals((session::Entity, session::Column::TenantId)),
+        )
+        .to_owned();
+    let statement = session::Entity::find()
+        .expr_as(
+            Expr::SubQuery(None, Box::new(connections.into())),
+            CUSTOMER_CONNECTIONS,
+        )
+        .expr_as(
+            Expr::SubQuery(None, Box::new(customer_user.into())),
+            CUSTOMER_USER,
+        )
+        .filter(session::Column::Id.is_in(ids))
+        .order_by_asc(session::Column::Id)
+        .lock_exclusive()
+        .build(tx.get_database_backend());
+    let mut locked = HashMap::new();
+    for result in tx.query_all_raw(statement).await? {
+        let row = session::Model::from_query_result(&result, "")?;
+        locked.insert(
+            row.id,
+            LockedSession {
+                row,
+                customer_connections: result.try_get("", CUSTOMER_CONNECTIONS)?,
+                customer_user: result.try_get("", CUSTOMER_USER)?,
+            },
+        );
+    }
+    Ok(locked)
+}
+
+const CUSTOMER_CONNECTIONS: &str = "customer_connections";
+const CUSTOMER_USER: &str = "customer_user_id";
+
 /// What a staged batch writes.
 struct BatchWrites {
     messages: Vec<message::ActiveModel>,
@@ -332,7 +411,7 @@ struct BatchWrites {
     /// Sessions with new messages, in id order.
     touched: Vec<uuid::Uuid>,
     /// The locked sessions, with their advanced `last_seq`.
-    sessions: HashMap<uuid::Uuid, session::Model>,
+    sessions: HashMap<uuid::Uuid, LockedSession>,
     at: chrono::DateTime<chrono::Utc>,
 }
 
@@ -370,40 +449,66 @@ impl BatchFailure {
 }
 
 impl BatchWrites {
-    /// Messages and outbox rows in power-of-two chunks, then every touched
-    /// session's `last_seq` with one statement.
+    /// Messages and outbox rows in power-of-two chunks, and every touched
+    /// session's `last_seq`, sent to the database as one statement (issue
+    /// #5: one round trip for a batch's writes): on PostgreSQL the inserts
+    /// are data-modifying `WITH` clauses of the `UPDATE`; SQLite, which has
+    /// none, runs the statements of one string in turn, each bound to its
+    /// share of the values.
     async fn write(self, tx: &DatabaseTransaction) -> Result<(), DbErr> {
+        let mut inserts: Vec<InsertStatement> = Vec::new();
         for chunk in power_of_two_chunks(self.messages) {
-            message::Entity::insert_many(chunk)
-                .exec_without_returning(tx)
-                .await?;
+            inserts.push(message::Entity::insert_many(chunk).into_query());
         }
         for chunk in power_of_two_chunks(self.outbox) {
-            outbox::Entity::insert_many(chunk)
-                .exec_without_returning(tx)
-                .await?;
+            inserts.push(outbox::Entity::insert_many(chunk).into_query());
         }
         let touched = padded(self.touched);
-        let mut last_seq: Option<CaseStatement> = None;
+        let mut last_seq = Expr::col(session::Column::LastSeq);
+        let mut case: Option<CaseStatement> = None;
         for id in &touched {
-            let seq = self.sessions.get(id).map_or(0, |row| row.last_seq);
+            let seq = self.sessions.get(id).map_or(0, |s| s.row.last_seq);
             let when = Expr::col(session::Column::Id).eq(*id);
-            last_seq = Some(match last_seq {
+            case = Some(match case {
                 None => Expr::case(when, seq),
                 Some(case) => case.case(when, seq),
             });
         }
-        if let Some(case) = last_seq {
-            session::Entity::update_many()
-                .col_expr(
-                    session::Column::LastSeq,
-                    case.finally(Expr::col(session::Column::LastSeq)).into(),
-                )
-                .col_expr(session::Column::UpdatedAt, Expr::value(self.at))
-                .filter(session::Column::Id.is_in(touched))
-                .exec(tx)
-                .await?;
+        if let Some(case) = case {
+            last_seq = case.finally(last_seq).into();
         }
+        let update = session::Entity::update_many()
+            .col_expr(session::Column::LastSeq, last_seq)
+            .col_expr(session::Column::UpdatedAt, Expr::value(self.at))
+            .filter(session::Column::Id.is_in(touched))
+            .into_query();
+        let backend = tx.get_database_backend();
+        let statement = if backend == DbBackend::Postgres {
+            let mut with = WithClause::new();
+            for (i, insert) in inserts.into_iter().enumerate() {
+                with.cte(
+                    CommonTableExpression::new()
+                        .query(insert)
+                        .table_name(Alias::new(format!("w{i}")))
+                        .to_owned(),
+                );
+            }
+            backend.build(&update.with(with))
+        } else {
+            let mut sql = String::new();
+            let mut values = Vec::new();
+            for part in inserts
+                .iter()
+                .map(|insert| backend.build(insert))
+                .chain(std::iter::once(backend.build(&update)))
+            {
+                sql.push_str(&part.sql);
+                sql.push_str(";\n");
+                values.extend(part.values.map(|v| v.0).unwrap_or_default());
+            }
+            Statement::from_sql_and_values(backend, sql, values)
+        };
+        tx.execute_raw(statement).await?;
         Ok(())
     }
 }
@@ -445,13 +550,13 @@ fn is_visible(row: &session::Model, request: &AppendRequest) -> bool {
 
 /// Checks the request against its locked session `row`, gives it the next
 /// `seq` (advancing `row.last_seq`), and builds its message and outbox rows.
-async fn stage(
-    tx: &DatabaseTransaction,
+fn stage(
     request: &AppendRequest,
-    row: &mut session::Model,
+    locked: &mut LockedSession,
     at: chrono::DateTime<chrono::Utc>,
 ) -> Result<Staged, DbErr> {
     let (tenant, session) = (request.tenant, request.session);
+    let row = &mut locked.row;
     let status = SessionStatus::parse(&row.status);
     if !status.is_some_and(|s| request.allowed.contains(&s)) {
         return Ok(Staged::Done(Err(
@@ -466,11 +571,15 @@ async fn stage(
     let (sender_type, sender_id, customer_id) = match request.sender {
         Sender::Agent(agent) => (SenderType::Agent, Some(agent), None),
         Sender::Customer(customer) => {
-            let user = match super::customers::host_user_of(tx, tenant, customer).await {
-                Ok(user) => user,
-                Err(ChatError::Storage(e)) => return Err(e),
-                Err(other) => return Ok(Staged::Done(Err(other))),
-            };
+            // `is_visible` checked that the sender is the session's customer.
+            let user = locked
+                .customer_user
+                .map(|u| {
+                    UserId::new(u).map_err(|_| {
+                        DbErr::Custom("unexpected stored value: customer user id".into())
+                    })
+                })
+                .transpose()?;
             (SenderType::Customer, user, Some(customer))
         }
         Sender::System => (SenderType::System, None, None),
@@ -487,12 +596,10 @@ async fn stage(
         client_msg_id: request.key.as_ref().map(|k| k.as_str().to_owned()),
         created_at: at,
     };
-    let customer_connected = match (request.sender, row.customer_id) {
-        (Sender::Agent(_), Some(_)) => {
-            super::connections::customer_connections(tx, tenant, session).await? > 0
-        }
-        _ => false,
-    };
+    let customer_connected = matches!(
+        (request.sender, row.customer_id),
+        (Sender::Agent(_), Some(_))
+    ) && locked.customer_connections > 0;
     let posted = MessagePosted {
         message: message.clone(),
         session_customer_id: row.customer_id.map(CustomerId::from_uuid),
@@ -512,7 +619,7 @@ async fn stage(
         tenant_id: Set(tenant.get()),
         session_id: Set(session.as_uuid()),
         sender_type: Set(sender_type.as_str().to_owned()),
-        sender_id: Set(sender_id.map(crate::UserId::get)),
+        sender_id: Set(sender_id.map(UserId::get)),
         customer_id: Set(customer_id.map(|c: CustomerId| c.as_uuid())),
         seq: Set(message.seq),
         body: Set(message.message.clone()),

@@ -298,6 +298,22 @@ async fn identified_user_with_host_token(backend: Backend) {
         msgs["data"][0]["sender_id"], 42,
         "identified customers carry their host user id"
     );
+    // So do the messages they append later.
+    let (code, sent) = customer(
+        &app,
+        Method::POST,
+        &format!("/livechat/customer/chats/{id}/messages"),
+        Some(&token),
+        "1",
+        Some(json!({"message": "Any news?"})),
+    )
+    .await;
+    assert_eq!(code, 201, "{sent}");
+    assert_eq!(
+        (&sent["data"]["seq"], &sent["data"]["sender_id"]),
+        (&json!(2), &json!(42)),
+        "an appended customer message carries the host user id"
+    );
     // The token's tenants bind: tenant 2 is forbidden.
     let (code, body) = customer(
         &app,

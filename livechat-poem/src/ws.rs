@@ -1201,8 +1201,11 @@ async fn serve(gateway: Arc<Gateway>, socket: WebSocketStream, pre_auth: Option<
             event = bus.recv() => {
                 // A burst of events is handled in one go, so its frames
                 // leave in one write (one system call for several frames).
+                // The next event is taken only while the burst has room, so
+                // none is taken and then dropped.
                 let mut next = event;
-                for _ in 0..BUS_BURST {
+                let mut handled = 0;
+                loop {
                     match next {
                         Ok(event) => {
                             // Answers first: a committed send's ack goes out
@@ -1221,7 +1224,8 @@ async fn serve(gateway: Arc<Gateway>, socket: WebSocketStream, pre_auth: Option<
                             break;
                         }
                     }
-                    if conn.is_closing() {
+                    handled += 1;
+                    if conn.is_closing() || handled == BUS_BURST {
                         break;
                     }
                     next = match bus.try_recv() {

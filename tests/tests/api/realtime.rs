@@ -25,9 +25,80 @@ on_both_databases!(
 
 use livechat_tests::{t, u};
 
+/// Bus events are handled in bursts of up to 32 (issue #5); the event after
+/// a full burst is relayed too. On a current-thread runtime the events are
+/// published while the connection's task cannot run, so it finds them all
+/// queued and the bursts are full.
+mod a_long_burst_of_bus_events_is_relayed_whole {
+    use livechat_tests::Backend;
+
+    #[tokio::test(flavor = "current_thread")]
+    async fn sqlite() {
+        super::a_long_burst_of_bus_events_is_relayed_whole(Backend::Sqlite).await;
+    }
+
+    #[tokio::test(flavor = "current_thread")]
+    async fn postgres() {
+        super::a_long_burst_of_bus_events_is_relayed_whole(Backend::Postgres).await;
+    }
+}
+
+async fn a_long_burst_of_bus_events_is_relayed_whole(backend: Backend) {
+    use livechat_core::SenderType;
+    use livechat_core::bus::{BusEvent, Ephemeral, EventBus, Participant, TypingState};
+
+    let bus = Arc::new(InProcessBus::new());
+    let (_app, node) = node_on(backend, bus.clone(), |_| {}).await;
+    let (session, _) = open_chat(&node, 912).await;
+    let mut agent = WsClient::connect_with_header(&node.ws_url(), &agent_auth(8), 1)
+        .await
+        .unwrap();
+    join(&mut agent, session, None).await;
+    let by = Participant {
+        sender_type: SenderType::Customer,
+        sender_id: None,
+        customer_id: None,
+    };
+    let state = |n: usize| {
+        if n % 2 == 0 {
+            TypingState::Start
+        } else {
+            TypingState::Stop
+        }
+    };
+    // Typing signals are relayed, not stored: one dropped is lost for good.
+    for n in 0..100 {
+        bus.publish(BusEvent::Ephemeral {
+            tenant_id: t(1),
+            event: Ephemeral::Typing {
+                session_id: session,
+                by,
+                state: state(n),
+            },
+        });
+    }
+    for n in 0..100 {
+        let frame = agent.expect("typing").await;
+        assert_eq!(
+            frame["state"],
+            json!(state(n)),
+            "typing signal {n} of 100 relayed in order"
+        );
+    }
+}
+
 /// A node with short timers over a fresh database.
 async fn node(
     backend: Backend,
+    adjust: impl FnOnce(&mut livechat_poem::RealtimeConfig),
+) -> (App, Node) {
+    node_on(backend, Arc::new(InProcessBus::new()), adjust).await
+}
+
+/// As [`node`], over `bus`.
+async fn node_on(
+    backend: Backend,
+    bus: Arc<InProcessBus>,
     adjust: impl FnOnce(&mut livechat_poem::RealtimeConfig),
 ) -> (App, Node) {
     let app = App::new(backend).await;
@@ -37,13 +108,7 @@ async fn node(
     config.presence_grace = Duration::from_millis(500);
     let mut realtime = config.realtime();
     adjust(&mut realtime);
-    let node = Node::start_with(
-        app.db.clone(),
-        &config,
-        Arc::new(InProcessBus::new()),
-        realtime,
-    )
-    .await;
+    let node = Node::start_with(app.db.clone(), &config, bus, realtime).await;
     (app, node)
 }
 

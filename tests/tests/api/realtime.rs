@@ -60,7 +60,7 @@ async fn a_long_burst_of_bus_events_is_relayed_whole(backend: Backend) {
         customer_id: None,
     };
     let state = |n: usize| {
-        if n % 2 == 0 {
+        if n.is_multiple_of(2) {
             TypingState::Start
         } else {
             TypingState::Stop

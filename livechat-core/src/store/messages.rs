@@ -174,10 +174,10 @@ impl SeaOrmStore {
     }
 
     /// One transaction for `batch`: lock all its sessions with one
-    /// statement (in id order), assign each append the next `seq` of its
-    /// session in arrival order, then insert all messages and all outbox
-    /// rows with one statement each and move every touched session's
-    /// `last_seq` with one more. The `client_msg_id`s of the batch are
+    /// statement (in id order; [`lock_sessions`]), assign each append the
+    /// next `seq` of its session in arrival order, then insert all messages
+    /// and all outbox rows and move every touched session's `last_seq` in
+    /// one more round trip ([`BatchWrites::write`]). The `client_msg_id`s of the batch are
     /// looked up with one statement under the lock, so a repeat is found
     /// whether its original committed earlier or sits earlier in the batch.
     async fn store_batch(

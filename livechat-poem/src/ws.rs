@@ -134,12 +134,10 @@ async fn fan_out(
         };
         let message = match &*event {
             BusEvent::Domain(e) if e.kind == EventKind::MessagePosted => {
-                serde_json::from_value::<ChatMessage>(e.payload.clone())
-                    .ok()
-                    .map(|m| {
-                        let text = message_text(&m);
-                        (m, text)
-                    })
+                ChatMessage::deserialize(&e.payload).ok().map(|m| {
+                    let text = message_text(&m);
+                    (m, text)
+                })
             }
             _ => None,
         };
@@ -442,10 +440,21 @@ fn error_frame(code: &str, message: &str, reference: Option<&str>) -> Message {
     frame(v)
 }
 
+/// A `new_message` frame's text: the message's fields and `"type"`,
+/// serialized in one pass (no intermediate `Value`).
 fn message_text(m: &ChatMessage) -> String {
-    let mut v = serde_json::to_value(m).unwrap_or_default();
-    v["type"] = json!("new_message");
-    v.to_string()
+    #[derive(serde::Serialize)]
+    struct NewMessage<'a> {
+        r#type: &'static str,
+        #[serde(flatten)]
+        message: &'a ChatMessage,
+    }
+    serde_json::to_string(&NewMessage {
+        r#type: "new_message",
+        message: m,
+    })
+    // Unreachable (every field serializes); the frame still says what it is.
+    .unwrap_or_else(|_| r#"{"type":"new_message"}"#.to_owned())
 }
 
 fn message_frame(m: &ChatMessage) -> Message {

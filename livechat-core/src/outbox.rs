@@ -40,6 +40,25 @@ pub trait OutboxConsumer: Send + Sync {
         lease: Duration,
     ) -> impl Future<Output = Result<Vec<PendingEvent>, ChatError>> + Send;
 
+    /// Settles, without claiming them, the ready undispatched events among
+    /// the oldest `limit` for which `ignored` is `true`: events the
+    /// consumer has nothing to do for cost it one write instead of a claim
+    /// (a second write) and a settlement (issue #5: most `message.posted`
+    /// events need no ticket or notification). An event claimed elsewhere
+    /// or waiting for a retry is left alone; the rest stay undispatched for
+    /// [`Self::claim_pending`]. Settling an ignored event ahead of an
+    /// earlier event of its session that is still pending keeps the
+    /// per-session order of everything the consumer acts on. Returns how
+    /// many events were settled. The default settles none.
+    fn settle_ignored(
+        &self,
+        limit: u64,
+        ignored: &(dyn Fn(&DomainEvent) -> bool + Sync),
+    ) -> impl Future<Output = Result<usize, ChatError>> + Send {
+        let _ = (limit, ignored);
+        async { Ok(0) }
+    }
+
     /// Marks the events delivered, all in one write (a dispatcher settles a
     /// whole pass at once: one commit instead of one per event). Ids that
     /// are unknown or already settled are ignored.

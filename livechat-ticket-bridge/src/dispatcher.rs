@@ -70,7 +70,8 @@ impl DispatcherConfig {
 /// What one [`Dispatcher::dispatch_once`] did, in events.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct DispatchReport {
-    /// Settled as dispatched: every sink accepted, or there was nothing to do.
+    /// Settled as dispatched: every sink accepted, or there was nothing to
+    /// do (these are settled without a claim).
     pub delivered: usize,
     /// Put back for a later attempt (some sink answered retryable).
     pub retried: usize,
@@ -79,7 +80,7 @@ pub struct DispatchReport {
 }
 
 impl DispatchReport {
-    /// Events claimed and settled in the pass.
+    /// Events settled or put back in the pass.
     #[must_use]
     pub const fn handled(&self) -> usize {
         self.delivered + self.retried + self.failed
@@ -142,7 +143,11 @@ impl<C: OutboxConsumer> Dispatcher<C> {
         &self.config
     }
 
-    /// Claims one batch of due events (at most [`DispatcherConfig::batch_size`];
+    /// First settles, without claiming them, the due events among the
+    /// oldest [`DispatcherConfig::batch_size`] that no sink acts on
+    /// ([`OutboxConsumer::settle_ignored`]: one write for them all; most
+    /// `message.posted` events need no notification). Then claims one
+    /// batch of due events (at most [`DispatcherConfig::batch_size`];
     /// a session's events in order), handles them one after the other and
     /// settles them: retries and failures one by one, the delivered ones
     /// together in one write at the end of the pass (so a busy outbox costs
@@ -154,11 +159,20 @@ impl<C: OutboxConsumer> Dispatcher<C> {
     /// database is down). Events claimed but not settled are handed out
     /// again when their lease expires, so nothing is lost.
     pub async fn dispatch_once(&self) -> Result<DispatchReport, ChatError> {
+        // Events no sink acts on are settled first, without a claim.
+        let ignored = |event: &DomainEvent| matches!(self.work(event), Ok(None));
+        let skipped = self
+            .consumer
+            .settle_ignored(self.config.batch_size, &ignored)
+            .await?;
         let batch = self
             .consumer
             .claim_pending(self.config.batch_size, self.config.lease)
             .await?;
-        let mut report = DispatchReport::default();
+        let mut report = DispatchReport {
+            delivered: skipped,
+            ..DispatchReport::default()
+        };
         let mut delivered = Vec::with_capacity(batch.len());
         let mut held = std::collections::HashSet::new();
         let mut outcome = Ok(());
@@ -288,40 +302,61 @@ impl<C: OutboxConsumer> Dispatcher<C> {
         }
     }
 
-    /// Calls the sinks the event is for; `Err` when the payload does not decode.
-    async fn deliver(&self, event: &DomainEvent) -> Result<Outcome, String> {
-        let key = event.id;
-        let mut results = Vec::new();
-        match event.kind {
-            EventKind::TicketRequested => {
-                let request: TicketRequested = decode(event)?;
-                for sink in &self.ticket_sinks {
-                    results.push(sink.open_ticket(&request, key).await);
-                }
+    /// What the event asks of the sinks: `None` when there is nothing to
+    /// do (no sink of its kind, or an event kind no sink acts on); `Err`
+    /// when the payload does not decode. The one decision both
+    /// [`Self::deliver`] and the ignored-event settlement read.
+    fn work(&self, event: &DomainEvent) -> Result<Option<Work>, String> {
+        let work = match event.kind {
+            EventKind::TicketRequested if !self.ticket_sinks.is_empty() => {
+                Some(Work::OpenTicket(decode(event)?))
             }
-            EventKind::SessionClosed => {
+            EventKind::SessionClosed if !self.ticket_sinks.is_empty() => {
                 #[derive(Deserialize)]
                 struct Closed {
                     ticket_id: Option<TicketId>,
                 }
-                if let Some(ticket) = decode::<Closed>(event)?.ticket_id {
-                    for sink in &self.ticket_sinks {
-                        results.push(sink.close_ticket(event.tenant_id, ticket, key).await);
-                    }
+                decode::<Closed>(event)?.ticket_id.map(Work::CloseTicket)
+            }
+            EventKind::MessagePosted if !self.notification_sinks.is_empty() => {
+                agent_reply(event, decode(event)?).map(Work::Notify)
+            }
+            _ => None,
+        };
+        Ok(work)
+    }
+
+    /// Calls the sinks the event is for; `Err` when the payload does not decode.
+    async fn deliver(&self, event: &DomainEvent) -> Result<Outcome, String> {
+        let key = event.id;
+        let mut results = Vec::new();
+        match self.work(event)? {
+            Some(Work::OpenTicket(request)) => {
+                for sink in &self.ticket_sinks {
+                    results.push(sink.open_ticket(&request, key).await);
                 }
             }
-            EventKind::MessagePosted => {
-                let posted: MessagePosted = decode(event)?;
-                if let Some(notification) = agent_reply(event, posted) {
-                    for sink in &self.notification_sinks {
-                        results.push(sink.notify(&notification, key).await);
-                    }
+            Some(Work::CloseTicket(ticket)) => {
+                for sink in &self.ticket_sinks {
+                    results.push(sink.close_ticket(event.tenant_id, ticket, key).await);
                 }
             }
-            _ => {}
+            Some(Work::Notify(notification)) => {
+                for sink in &self.notification_sinks {
+                    results.push(sink.notify(&notification, key).await);
+                }
+            }
+            None => {}
         }
         Ok(Outcome::of(results))
     }
+}
+
+/// What an event asks of the sinks (see [`Dispatcher::work`]).
+enum Work {
+    OpenTicket(TicketRequested),
+    CloseTicket(TicketId),
+    Notify(Notification),
 }
 
 /// How [`Dispatcher::handle`] left an event.

@@ -155,6 +155,49 @@ impl OutboxConsumer for SeaOrmStore {
         Ok(claimed)
     }
 
+    async fn settle_ignored(
+        &self,
+        limit: u64,
+        ignored: &(dyn Fn(&DomainEvent) -> bool + Sync),
+    ) -> Result<usize, ChatError> {
+        let at = now();
+        let ready = || {
+            Condition::all()
+                .add(outbox::Column::DispatchedAt.is_null())
+                .add(outbox::Column::AvailableAt.lte(at))
+                .add(
+                    Condition::any()
+                        .add(outbox::Column::ClaimedUntil.is_null())
+                        .add(outbox::Column::ClaimedUntil.lt(at)),
+                )
+        };
+        let rows = outbox::Entity::find()
+            .filter(ready())
+            .order_by_asc(outbox::Column::Id)
+            .limit(limit)
+            .all(&self.db)
+            .await?;
+        let mut settle = Vec::new();
+        for row in rows {
+            let id = row.id;
+            // An event that does not decode is the claim path's to fail.
+            if DomainEvent::try_from(row).is_ok_and(|event| ignored(&event)) {
+                settle.push(id);
+            }
+        }
+        if settle.is_empty() {
+            return Ok(0);
+        }
+        // Only rows still ready: one claimed or settled since is left alone.
+        let settled = outbox::Entity::update_many()
+            .col_expr(outbox::Column::DispatchedAt, Expr::value(at))
+            .filter(outbox::Column::Id.is_in(settle))
+            .filter(ready())
+            .exec(&self.db)
+            .await?;
+        Ok(usize::try_from(settled.rows_affected).unwrap_or(usize::MAX))
+    }
+
     async fn mark_dispatched(&self, ids: &[EventId]) -> Result<(), ChatError> {
         if ids.is_empty() {
             return Ok(());

@@ -25,6 +25,7 @@ on_both_databases!(
     a_sessions_events_are_claimed_in_order_behind_its_earliest,
     held_events_do_not_hide_other_sessions_events,
     the_claim_scan_reads_only_undispatched_events,
+    events_no_sink_acts_on_are_settled_without_a_claim,
 );
 
 fn fast() -> DispatcherConfig {
@@ -539,4 +540,126 @@ async fn the_claim_scan_reads_only_undispatched_events(backend: Backend) {
             .any(|line| line.contains("livechat_outbox_undispatched")),
         "the claim scan should use the undispatched-events index: {plan:?}"
     );
+}
+
+/// Delegates to the store and records what `claim_pending` handed out.
+struct RecordingConsumer {
+    store: SeaOrmStore,
+    claimed: Arc<std::sync::Mutex<Vec<livechat_core::EventKind>>>,
+}
+
+impl OutboxConsumer for RecordingConsumer {
+    async fn settle_ignored(
+        &self,
+        limit: u64,
+        ignored: &(dyn Fn(&livechat_core::DomainEvent) -> bool + Sync),
+    ) -> Result<usize, livechat_core::ChatError> {
+        self.store.settle_ignored(limit, ignored).await
+    }
+    async fn claim_pending(
+        &self,
+        limit: u64,
+        lease: Duration,
+    ) -> Result<Vec<livechat_core::PendingEvent>, livechat_core::ChatError> {
+        let claimed = self.store.claim_pending(limit, lease).await?;
+        self.claimed
+            .lock()
+            .unwrap()
+            .extend(claimed.iter().map(|p| p.event.kind));
+        Ok(claimed)
+    }
+    async fn mark_dispatched(&self, ids: &[EventId]) -> Result<(), livechat_core::ChatError> {
+        self.store.mark_dispatched(ids).await
+    }
+    async fn retry_later(
+        &self,
+        id: EventId,
+        retry_at: chrono::DateTime<chrono::Utc>,
+        error: &str,
+    ) -> Result<(), livechat_core::ChatError> {
+        self.store.retry_later(id, retry_at, error).await
+    }
+    async fn mark_failed(&self, id: EventId, error: &str) -> Result<(), livechat_core::ChatError> {
+        self.store.mark_failed(id, error).await
+    }
+}
+
+async fn undispatched(app: &App) -> i64 {
+    use sea_orm::{ConnectionTrait, Statement};
+    app.db
+        .query_one_raw(Statement::from_string(
+            app.db.get_database_backend(),
+            "SELECT COUNT(*) AS n FROM livechat_outbox WHERE dispatched_at IS NULL",
+        ))
+        .await
+        .unwrap()
+        .unwrap()
+        .try_get::<i64>("", "n")
+        .unwrap()
+}
+
+/// Issue #5: events no sink acts on (status changes, session starts, agents'
+/// messages in a service session) are settled without a claim, in one write
+/// each pass; a ticket request still goes through the claim. An ignored
+/// event claimed elsewhere is left to its claimer.
+async fn events_no_sink_acts_on_are_settled_without_a_claim(backend: Backend) {
+    use livechat_core::{EventKind, PresenceStatus, UserId};
+    let app = App::new(backend).await;
+    let tenant = TenantId::new(1).unwrap();
+    let agent = UserId::new(7).unwrap();
+    let session = app.open_service_session(tenant, agent).await;
+    for n in 0..3 {
+        app.chat
+            .post_message(tenant, agent, session.id, format!("m{n}"), None)
+            .await
+            .unwrap();
+    }
+    // With no agent online, a visitor's chat becomes a ticket.
+    app.chat
+        .set_agent_status(tenant, agent, PresenceStatus::Offline)
+        .await
+        .unwrap();
+    visitor_start(&app, "Refund").await;
+    let total = undispatched(&app).await;
+    assert!(total >= 7, "{total} events");
+
+    // Another dispatcher holds the oldest event (the agent going online).
+    let store = app.chat.store().clone();
+    let elsewhere = store
+        .claim_pending(1, Duration::from_secs(30))
+        .await
+        .unwrap();
+    assert_eq!(elsewhere[0].event.kind, EventKind::AgentStatusChanged);
+
+    let sinks = Arc::new(SeaOrmSinks::new(app.db.clone()));
+    let claimed = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let dispatcher = Dispatcher::new(
+        RecordingConsumer {
+            store,
+            claimed: claimed.clone(),
+        },
+        fast(),
+    )
+    .ticket_sink(sinks.clone())
+    .notification_sink(sinks);
+    let mut delivered = 0;
+    for _ in 0..10 {
+        let report = dispatcher.dispatch_once().await.unwrap();
+        if report.handled() == 0 {
+            break;
+        }
+        delivered += report.delivered;
+    }
+    let claimed = claimed.lock().unwrap().clone();
+    assert_eq!(
+        claimed,
+        vec![EventKind::TicketRequested],
+        "only the event a sink acts on is claimed"
+    );
+    assert_eq!(
+        undispatched(&app).await,
+        1,
+        "everything settled but the event claimed elsewhere"
+    );
+    assert_eq!(usize::try_from(total).unwrap() - 1, delivered);
 }

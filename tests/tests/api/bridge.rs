@@ -70,6 +70,23 @@ async fn customer_get(app: &App, path: &str, auth: &str) -> (poem::http::StatusC
     .await
 }
 
+/// An online agent's service session with `messages` messages from them.
+async fn session_with_messages(
+    app: &App,
+    tenant: TenantId,
+    agent: livechat_core::UserId,
+    messages: usize,
+) -> livechat_core::SessionId {
+    let session = app.open_service_session(tenant, agent).await;
+    for n in 0..messages {
+        app.chat
+            .post_message(tenant, agent, session.id, format!("m{n}"), None)
+            .await
+            .unwrap();
+    }
+    session.id
+}
+
 async fn drain(dispatcher: &Dispatcher<SeaOrmStore>, db: &sea_orm::DatabaseConnection) {
     livechat_tests::drain_outbox(dispatcher, db).await;
 }
@@ -414,14 +431,7 @@ async fn a_sessions_events_are_claimed_in_order_behind_its_earliest(backend: Bac
     let mut sessions = Vec::new();
     for agent in [7, 8] {
         let agent = UserId::new(agent).unwrap();
-        let session = app.open_service_session(tenant, agent).await;
-        for n in 0..3 {
-            app.chat
-                .post_message(tenant, agent, session.id, format!("m{n}"), None)
-                .await
-                .unwrap();
-        }
-        sessions.push(session.id);
+        sessions.push(session_with_messages(&app, tenant, agent, 3).await);
     }
     let store = app.chat.store();
     let lease = Duration::from_secs(30);
@@ -471,14 +481,7 @@ async fn held_events_do_not_hide_other_sessions_events(backend: Backend) {
     let app = App::new(backend).await;
     let tenant = TenantId::new(1).unwrap();
     for (agent, messages) in [(7, 5), (8, 1)] {
-        let agent = UserId::new(agent).unwrap();
-        let session = app.open_service_session(tenant, agent).await;
-        for n in 0..messages {
-            app.chat
-                .post_message(tenant, agent, session.id, format!("m{n}"), None)
-                .await
-                .unwrap();
-        }
+        session_with_messages(&app, tenant, UserId::new(agent).unwrap(), messages).await;
     }
     let store = app.chat.store();
     let lease = Duration::from_secs(30);
@@ -607,13 +610,7 @@ async fn events_no_sink_acts_on_are_settled_without_a_claim(backend: Backend) {
     let app = App::new(backend).await;
     let tenant = TenantId::new(1).unwrap();
     let agent = UserId::new(7).unwrap();
-    let session = app.open_service_session(tenant, agent).await;
-    for n in 0..3 {
-        app.chat
-            .post_message(tenant, agent, session.id, format!("m{n}"), None)
-            .await
-            .unwrap();
-    }
+    session_with_messages(&app, tenant, agent, 3).await;
     // With no agent online, a visitor's chat becomes a ticket.
     app.chat
         .set_agent_status(tenant, agent, PresenceStatus::Offline)

@@ -98,7 +98,9 @@ impl DispatchReport {
 ///   whose customer had no live connection (issue #4) → a
 ///   [`Notification`] (`kind` `agent_reply`, id = event id, body truncated to
 ///   [`NOTIFICATION_BODY_MAX_CHARS`]) to every notification sink;
-/// - any other kind: nothing to do.
+/// - any other kind, or a kind without a sink of its type: nothing to do.
+///   Such events are settled as dispatched without being claimed
+///   ([`OutboxConsumer::settle_ignored`], issue #5).
 ///
 /// Then the event is settled: all sinks OK → dispatched; any
 /// [`SinkError::Retryable`] → retried after [`DispatcherConfig::backoff`];
@@ -151,7 +153,7 @@ impl<C: OutboxConsumer> Dispatcher<C> {
     /// a session's events in order), handles them one after the other and
     /// settles them: retries and failures one by one, the delivered ones
     /// together in one write at the end of the pass (so a busy outbox costs
-    /// two commits per pass, not two per event). Deterministic: with nothing
+    /// at most three commits per pass, not two per event). Deterministic: with nothing
     /// due it returns an empty report at once.
     ///
     /// # Errors

@@ -4,7 +4,7 @@
 
 use std::time::Duration;
 
-use sea_orm::sea_query::Expr;
+use sea_orm::sea_query::{Alias, Expr, ExprTrait, Query, SelectStatement};
 use sea_orm::{
     ActiveValue::Set, ColumnTrait, ConnectionTrait, DbErr, EntityTrait, PaginatorTrait,
     QueryFilter, QuerySelect,
@@ -21,29 +21,50 @@ fn expiry(ttl: Duration) -> chrono::DateTime<chrono::Utc> {
     now() + chrono::Duration::from_std(ttl).unwrap_or(chrono::Duration::seconds(60))
 }
 
+/// `SELECT COUNT(*)` of the live (unexpired) connections of `role`
+/// following a session, on any node (column `n`). `tenant` and `session`
+/// are values, or the outer query's columns for a correlated subquery (the
+/// group commit reads a session's customer connections in its lock).
+pub(super) fn live_connections(
+    role: &str,
+    tenant: impl Into<Expr>,
+    session: impl Into<Expr>,
+) -> SelectStatement {
+    Query::select()
+        .expr_as(
+            Expr::col((connection::Entity, connection::Column::Id)).count(),
+            Alias::new("n"),
+        )
+        .from(connection_join::Entity)
+        .inner_join(
+            connection::Entity,
+            Expr::col((connection::Entity, connection::Column::Id)).equals((
+                connection_join::Entity,
+                connection_join::Column::ConnectionId,
+            )),
+        )
+        .and_where(
+            Expr::col((connection_join::Entity, connection_join::Column::TenantId)).eq(tenant),
+        )
+        .and_where(
+            Expr::col((connection_join::Entity, connection_join::Column::SessionId)).eq(session),
+        )
+        .and_where(Expr::col((connection::Entity, connection::Column::Role)).eq(role))
+        .and_where(Expr::col((connection::Entity, connection::Column::ExpiresAt)).gt(now()))
+        .to_owned()
+}
+
 async fn count_role(
     conn: &impl ConnectionTrait,
     tenant: TenantId,
     session: SessionId,
     role: &str,
 ) -> Result<u64, DbErr> {
-    let joined: Vec<uuid::Uuid> = connection_join::Entity::find()
-        .select_only()
-        .column(connection_join::Column::ConnectionId)
-        .filter(connection_join::Column::TenantId.eq(tenant.get()))
-        .filter(connection_join::Column::SessionId.eq(session.as_uuid()))
-        .into_tuple()
-        .all(conn)
-        .await?;
-    if joined.is_empty() {
-        return Ok(0);
-    }
-    connection::Entity::find()
-        .filter(connection::Column::Id.is_in(joined))
-        .filter(connection::Column::Role.eq(role))
-        .filter(connection::Column::ExpiresAt.gt(now()))
-        .count(conn)
-        .await
+    let count: i64 = conn
+        .query_one(&live_connections(role, tenant.get(), session.as_uuid()))
+        .await?
+        .map_or(Ok(0), |row| row.try_get("", "n"))?;
+    Ok(u64::try_from(count).unwrap_or(0))
 }
 
 impl ConnectionRepository for SeaOrmStore {

@@ -13,7 +13,7 @@ use sea_orm::{
 };
 use tokio::sync::oneshot;
 
-use super::entity::{connection, connection_join, customer, message, outbox, session};
+use super::entity::{customer, message, outbox, session};
 use super::sessions::find_session;
 use super::{SeaOrmStore, convert_all, outbox_row};
 use crate::error::ChatError;
@@ -340,27 +340,11 @@ async fn lock_sessions(
     tx: &DatabaseTransaction,
     ids: Vec<uuid::Uuid>,
 ) -> Result<HashMap<uuid::Uuid, LockedSession>, DbErr> {
-    let connections = Query::select()
-        .expr(Expr::col((connection::Entity, connection::Column::Id)).count())
-        .from(connection_join::Entity)
-        .inner_join(
-            connection::Entity,
-            Expr::col((connection::Entity, connection::Column::Id)).equals((
-                connection_join::Entity,
-                connection_join::Column::ConnectionId,
-            )),
-        )
-        .and_where(
-            Expr::col((connection_join::Entity, connection_join::Column::TenantId))
-                .equals((session::Entity, session::Column::TenantId)),
-        )
-        .and_where(
-            Expr::col((connection_join::Entity, connection_join::Column::SessionId))
-                .equals((session::Entity, session::Column::Id)),
-        )
-        .and_where(Expr::col((connection::Entity, connection::Column::Role)).eq("customer"))
-        .and_where(Expr::col((connection::Entity, connection::Column::ExpiresAt)).gt(now()))
-        .to_owned();
+    let connections = super::connections::live_connections(
+        "customer",
+        Expr::col((session::Entity, session::Column::TenantId)),
+        Expr::col((session::Entity, session::Column::Id)),
+    );
     let customer_user = Query::select()
         .column((customer::Entity, customer::Column::UserId))
         .from(customer::Entity)

@@ -37,6 +37,13 @@ impl OutboxRepository for SeaOrmStore {
     }
 }
 
+/// No dispatcher holds the event's lease at `at`.
+fn unleased(at: DateTime<Utc>) -> Condition {
+    Condition::any()
+        .add(outbox::Column::ClaimedUntil.is_null())
+        .add(outbox::Column::ClaimedUntil.lt(at))
+}
+
 /// Most pages of undispatched events one claim reads (each twice the
 /// claim's limit).
 const MAX_SCAN_PAGES: usize = 16;
@@ -121,11 +128,7 @@ impl OutboxConsumer for SeaOrmStore {
             .col_expr(outbox::Column::ClaimedUntil, Expr::value(at + lease))
             .filter(outbox::Column::Id.is_in(picked.iter().map(|(id, _)| *id)))
             .filter(outbox::Column::DispatchedAt.is_null())
-            .filter(
-                Condition::any()
-                    .add(outbox::Column::ClaimedUntil.is_null())
-                    .add(outbox::Column::ClaimedUntil.lt(at)),
-            )
+            .filter(unleased(at))
             .exec_with_returning(&self.db)
             .await?;
         let mut won: HashMap<uuid::Uuid, outbox::Model> =
@@ -165,11 +168,7 @@ impl OutboxConsumer for SeaOrmStore {
             Condition::all()
                 .add(outbox::Column::DispatchedAt.is_null())
                 .add(outbox::Column::AvailableAt.lte(at))
-                .add(
-                    Condition::any()
-                        .add(outbox::Column::ClaimedUntil.is_null())
-                        .add(outbox::Column::ClaimedUntil.lt(at)),
-                )
+                .add(unleased(at))
         };
         let rows = outbox::Entity::find()
             .filter(ready())

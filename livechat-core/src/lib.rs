@@ -51,7 +51,7 @@ pub use model::{
     AgentPresence, ChatMessage, ChatSession, Contact, Customer, CustomerIdentity, PresenceStatus,
     Priority, Sender, SenderType, SessionOrigin, SessionStatus, SessionView, now,
 };
-pub use outbox::{OutboxConsumer, PendingEvent};
+pub use outbox::{OutboxConsumer, OutboxInterest, PendingEvent};
 pub use repository::{
     AppendedMessage, AssignMode, ChatStore, ConnectionOwner, ConnectionRepository,
     CustomerChatStarted, CustomerRepository, EligibleAgent, MessageRepository, NewCustomerChat,

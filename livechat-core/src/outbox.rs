@@ -8,6 +8,7 @@
 //! events but no other session's.
 
 use std::future::Future;
+use std::sync::Arc;
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
@@ -83,4 +84,43 @@ pub trait OutboxConsumer: Send + Sync {
         id: EventId,
         error: &str,
     ) -> impl Future<Output = Result<(), ChatError>> + Send;
+}
+
+/// Which committed events the host's outbox consumers act on (issue #5).
+///
+/// The store still writes every domain event to the outbox in the
+/// transaction of its change (DESIGN.md invariant 5), but an event this
+/// interest rejects is written already settled (`dispatched_at` = its
+/// creation time): no consumer scans, claims or settles it, so it costs
+/// one row write and no entry in the index of pending events. Most
+/// `message.posted` events need no ticket or notification, so with the
+/// ticket bridge's interest (`Dispatcher::outbox_interest`) a message costs
+/// no dispatcher work at all.
+///
+/// The function runs inside the writing transaction, once per event: it
+/// must be cheap, must not block, and must answer from the event alone
+/// (the same event always gets the same answer). Without an interest (the
+/// default) every event is written pending. Configure it only when every
+/// consumer of the outbox is covered: an event it rejects is never handed
+/// out by [`OutboxConsumer::claim_pending`].
+#[derive(Clone)]
+pub struct OutboxInterest(Arc<dyn Fn(&DomainEvent) -> bool + Send + Sync>);
+
+impl OutboxInterest {
+    /// An interest in the events for which `wants` is `true`.
+    pub fn new(wants: impl Fn(&DomainEvent) -> bool + Send + Sync + 'static) -> Self {
+        Self(Arc::new(wants))
+    }
+
+    /// Whether a consumer acts on `event` (its row is written pending).
+    #[must_use]
+    pub fn wants(&self, event: &DomainEvent) -> bool {
+        (self.0)(event)
+    }
+}
+
+impl std::fmt::Debug for OutboxInterest {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("OutboxInterest(..)")
+    }
 }

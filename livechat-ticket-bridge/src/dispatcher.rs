@@ -8,7 +8,7 @@ use std::time::Duration;
 use chrono::{DateTime, TimeDelta, Utc};
 use livechat_core::{
     ChatError, DomainEvent, EventKind, MessagePosted, Notification, NotificationId, OutboxConsumer,
-    PendingEvent, SenderType, TicketId, TicketRequested,
+    OutboxInterest, PendingEvent, SenderType, TicketId, TicketRequested,
 };
 use serde::Deserialize;
 
@@ -162,7 +162,8 @@ impl<C: OutboxConsumer> Dispatcher<C> {
     /// again when their lease expires, so nothing is lost.
     pub async fn dispatch_once(&self) -> Result<DispatchReport, ChatError> {
         // Events no sink acts on are settled first, without a claim.
-        let ignored = |event: &DomainEvent| matches!(self.work(event), Ok(None));
+        let sinks = self.sinks();
+        let ignored = |event: &DomainEvent| sinks.ignore(event);
         let skipped = self
             .consumer
             .settle_ignored(self.config.batch_size, &ignored)
@@ -304,28 +305,30 @@ impl<C: OutboxConsumer> Dispatcher<C> {
         }
     }
 
-    /// What the event asks of the sinks: `None` when there is nothing to
-    /// do (no sink of its kind, or an event kind no sink acts on); `Err`
-    /// when the payload does not decode. The one decision both
-    /// [`Self::deliver`] and the ignored-event settlement read.
+    /// What the event asks of the sinks (see [`Sinks::work`]).
     fn work(&self, event: &DomainEvent) -> Result<Option<Work>, String> {
-        let work = match event.kind {
-            EventKind::TicketRequested if !self.ticket_sinks.is_empty() => {
-                Some(Work::OpenTicket(decode(event)?))
-            }
-            EventKind::SessionClosed if !self.ticket_sinks.is_empty() => {
-                #[derive(Deserialize)]
-                struct Closed {
-                    ticket_id: Option<TicketId>,
-                }
-                decode::<Closed>(event)?.ticket_id.map(Work::CloseTicket)
-            }
-            EventKind::MessagePosted if !self.notification_sinks.is_empty() => {
-                agent_reply(event, decode(event)?).map(Work::Notify)
-            }
-            _ => None,
-        };
-        Ok(work)
+        self.sinks().work(event)
+    }
+
+    /// Which kinds of sink this dispatcher has.
+    fn sinks(&self) -> Sinks {
+        Sinks {
+            tickets: !self.ticket_sinks.is_empty(),
+            notifications: !self.notification_sinks.is_empty(),
+        }
+    }
+
+    /// The events this dispatcher acts on, for the chat store
+    /// (`SeaOrmStore::with_outbox_interest`; issue #5): the store then
+    /// writes every other event already settled, and this dispatcher
+    /// never reads it. The same decision as the ignored-event settlement
+    /// of [`Self::dispatch_once`], taken once from the sinks added so far:
+    /// add every sink before calling this. An event whose payload does not
+    /// decode counts as wanted, so that it is claimed and failed in view.
+    #[must_use]
+    pub fn outbox_interest(&self) -> OutboxInterest {
+        let sinks = self.sinks();
+        OutboxInterest::new(move |event| !sinks.ignore(event))
     }
 
     /// Calls the sinks the event is for; `Err` when the payload does not decode.
@@ -354,7 +357,44 @@ impl<C: OutboxConsumer> Dispatcher<C> {
     }
 }
 
-/// What an event asks of the sinks (see [`Dispatcher::work`]).
+/// Which kinds of sink a dispatcher has: what its decisions depend on.
+#[derive(Clone, Copy)]
+struct Sinks {
+    tickets: bool,
+    notifications: bool,
+}
+
+impl Sinks {
+    /// What the event asks of the sinks: `None` when there is nothing to
+    /// do (no sink of its kind, or an event kind no sink acts on); `Err`
+    /// when the payload does not decode. The one decision that delivery,
+    /// the ignored-event settlement and the outbox interest read.
+    fn work(self, event: &DomainEvent) -> Result<Option<Work>, String> {
+        let work = match event.kind {
+            EventKind::TicketRequested if self.tickets => Some(Work::OpenTicket(decode(event)?)),
+            EventKind::SessionClosed if self.tickets => {
+                #[derive(Deserialize)]
+                struct Closed {
+                    ticket_id: Option<TicketId>,
+                }
+                decode::<Closed>(event)?.ticket_id.map(Work::CloseTicket)
+            }
+            EventKind::MessagePosted if self.notifications => {
+                agent_reply(event, decode(event)?).map(Work::Notify)
+            }
+            _ => None,
+        };
+        Ok(work)
+    }
+
+    /// No sink acts on `event` (a payload that does not decode is not
+    /// ignored: it is claimed and failed).
+    fn ignore(self, event: &DomainEvent) -> bool {
+        matches!(self.work(event), Ok(None))
+    }
+}
+
+/// What an event asks of the sinks (see [`Sinks::work`]).
 enum Work {
     OpenTicket(TicketRequested),
     CloseTicket(TicketId),

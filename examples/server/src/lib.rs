@@ -596,7 +596,11 @@ pub fn build_with(
     bus: Arc<dyn EventBus>,
     realtime: RealtimeConfig,
 ) -> HostApp {
-    let store = SeaOrmStore::new(db.clone()).with_bus(bus.clone());
+    // Events the ticket bridge does not act on are written settled: the
+    // dispatcher started by `run` never reads them.
+    let store = SeaOrmStore::new(db.clone())
+        .with_bus(bus.clone())
+        .with_outbox_interest(dispatcher(db.clone(), config).outbox_interest());
     let chat = ChatService::new(store, config.chat_config());
     let tables = Arc::new(SeaOrmSinks::new(db.clone()));
     let livechat = Livechat::new(

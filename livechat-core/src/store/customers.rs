@@ -127,7 +127,7 @@ impl CustomerRepository for SeaOrmStore {
         policy: &RoutingPolicy,
     ) -> Result<Customer, ChatError> {
         let tx = self.begin_write().await?;
-        let mut ev = Vec::new();
+        let mut ev = self.recorder();
         let capacity = lock_tenant(&tx, tenant, policy).await?;
         let Some(visitor_row) =
             find_by(&tx, tenant, customer::Column::Id.eq(visitor.as_uuid())).await?
@@ -216,7 +216,7 @@ impl CustomerRepository for SeaOrmStore {
             drain_queue(&tx, &mut ev, tenant, policy, capacity).await?;
         }
         tx.commit().await?;
-        self.publish(ev);
+        self.publish(ev.events);
         identified.try_into()
     }
 }

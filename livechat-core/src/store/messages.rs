@@ -20,6 +20,7 @@ use crate::error::ChatError;
 use crate::events::{DomainEvent, EventKind, MessagePosted};
 use crate::ids::{CustomerId, MessageId, SessionId, TenantId, TicketId, UserId};
 use crate::model::{ChatMessage, Sender, SenderType, SessionStatus, now};
+use crate::outbox::OutboxInterest;
 use crate::repository::{AppendedMessage, MessageRepository, PendingAppend};
 use crate::validate::{ClientMsgId, MessageBody, PageSize};
 
@@ -265,7 +266,7 @@ impl SeaOrmStore {
                         message: original.clone(),
                         created: false,
                     })),
-                    None => stage(request, locked, at)?,
+                    None => stage(request, locked, at, self.interest.as_ref())?,
                 },
                 _ => Staged::Done(Err(ChatError::NotFound)),
             };
@@ -533,11 +534,13 @@ fn is_visible(row: &session::Model, request: &AppendRequest) -> bool {
 }
 
 /// Checks the request against its locked session `row`, gives it the next
-/// `seq` (advancing `row.last_seq`), and builds its message and outbox rows.
+/// `seq` (advancing `row.last_seq`), and builds its message and outbox rows
+/// (the outbox row settled if `interest` rejects the event).
 fn stage(
     request: &AppendRequest,
     locked: &mut LockedSession,
     at: chrono::DateTime<chrono::Utc>,
+    interest: Option<&OutboxInterest>,
 ) -> Result<Staged, DbErr> {
     let (tenant, session) = (request.tenant, request.session);
     let row = &mut locked.row;
@@ -590,7 +593,13 @@ fn stage(
         ticket_id: row.ticket_id.map(TicketId::from_uuid),
         customer_connected,
     };
-    let event = match outbox_row(tenant, Some(session), EventKind::MessagePosted, &posted) {
+    let event = match outbox_row(
+        interest,
+        tenant,
+        Some(session),
+        EventKind::MessagePosted,
+        &posted,
+    ) {
         Ok(event) => event,
         Err(ChatError::Storage(e)) => return Err(e),
         Err(other) => return Ok(Staged::Done(Err(other))),

@@ -43,6 +43,7 @@ use crate::model::{
     AgentPresence, ChatMessage, ChatSession, Contact, Customer, PresenceStatus, Priority,
     SenderType, SessionOrigin, SessionStatus, now,
 };
+use crate::outbox::OutboxInterest;
 use entity::{customer, message, outbox as outbox_entity, presence, session};
 
 /// How long an SQLite writer waits for the write lock before failing.
@@ -203,6 +204,7 @@ fn start_checkpointer(db: &DatabaseConnection) {
 pub struct SeaOrmStore {
     db: DatabaseConnection,
     bus: Option<Arc<dyn EventBus>>,
+    interest: Option<OutboxInterest>,
     appends: Arc<messages::AppendQueue>,
 }
 
@@ -211,6 +213,7 @@ impl std::fmt::Debug for SeaOrmStore {
         f.debug_struct("SeaOrmStore")
             .field("db", &self.db)
             .field("bus", &self.bus.is_some())
+            .field("interest", &self.interest.is_some())
             .finish()
     }
 }
@@ -223,6 +226,7 @@ impl SeaOrmStore {
         Self {
             db,
             bus: None,
+            interest: None,
             appends: Arc::default(),
         }
     }
@@ -235,6 +239,26 @@ impl SeaOrmStore {
         self.bus = Some(bus);
         self.appends = Arc::default();
         self
+    }
+
+    /// Writes the outbox rows of events `interest` rejects already settled
+    /// (see [`OutboxInterest`]; issue #5). Gets its own append queue, as
+    /// [`Self::with_bus`] does, so that one group commit never mixes two
+    /// interests.
+    #[must_use]
+    pub fn with_outbox_interest(mut self, interest: OutboxInterest) -> Self {
+        self.interest = Some(interest);
+        self.appends = Arc::default();
+        self
+    }
+
+    /// An empty record of one transaction's events, under this store's
+    /// outbox interest.
+    fn recorder(&self) -> Recorded {
+        Recorded {
+            events: Vec::new(),
+            interest: self.interest.clone(),
+        }
     }
 
     /// Hands the events of a committed transaction to the bus (if any).
@@ -265,26 +289,38 @@ impl SeaOrmStore {
     }
 }
 
-/// Writes one outbox row inside `tx` (DESIGN.md invariant 5).
+/// The domain events of one transaction, in the order their outbox rows
+/// are written, and the store's outbox interest ([`record_event`]).
+struct Recorded {
+    /// The events, to publish after the commit.
+    events: Vec<DomainEvent>,
+    interest: Option<OutboxInterest>,
+}
+
+/// Writes one outbox row inside `tx` (DESIGN.md invariant 5), settled if
+/// `ev`'s interest rejects the event.
 async fn record_event<T: Serialize>(
     tx: &impl ConnectionTrait,
-    ev: &mut Vec<DomainEvent>,
+    ev: &mut Recorded,
     tenant: TenantId,
     session: Option<SessionId>,
     kind: EventKind,
     payload: &T,
 ) -> Result<(), ChatError> {
-    let (row, event) = outbox_row(tenant, session, kind, payload)?;
+    let (row, event) = outbox_row(ev.interest.as_ref(), tenant, session, kind, payload)?;
     outbox_entity::Entity::insert(row)
         .exec_without_returning(tx)
         .await?;
-    ev.push(event);
+    ev.events.push(event);
     Ok(())
 }
 
 /// The outbox row of an event and the event itself, for a caller that
 /// inserts the row in its transaction (several at once in a group commit).
+/// The row is written settled (`dispatched_at` = its creation time) when
+/// `interest` rejects the event.
 fn outbox_row<T: Serialize>(
+    interest: Option<&OutboxInterest>,
     tenant: TenantId,
     session: Option<SessionId>,
     kind: EventKind,
@@ -293,28 +329,28 @@ fn outbox_row<T: Serialize>(
     let value =
         serde_json::to_value(payload).map_err(|e| DbErr::Custom(format!("event payload: {e}")))?;
     let at = now();
-    let id = EventId::generate();
-    let row = outbox_entity::ActiveModel {
-        id: Set(id.as_uuid()),
-        tenant_id: Set(tenant.get()),
-        session_id: Set(session.map(|s| s.as_uuid())),
-        kind: Set(kind.as_str().to_owned()),
-        payload: Set(value.to_string()),
-        created_at: Set(at),
-        attempts: Set(0),
-        available_at: Set(at),
-        claimed_until: Set(None),
-        last_error: Set(None),
-        dispatched_at: Set(None),
-        failed_at: Set(None),
-    };
     let event = DomainEvent {
-        id,
+        id: EventId::generate(),
         tenant_id: tenant,
         session_id: session,
         kind,
         payload: value,
         created_at: at,
+    };
+    let settled = interest.is_some_and(|i| !i.wants(&event));
+    let row = outbox_entity::ActiveModel {
+        id: Set(event.id.as_uuid()),
+        tenant_id: Set(tenant.get()),
+        session_id: Set(session.map(|s| s.as_uuid())),
+        kind: Set(kind.as_str().to_owned()),
+        payload: Set(event.payload.to_string()),
+        created_at: Set(at),
+        attempts: Set(0),
+        available_at: Set(at),
+        claimed_until: Set(None),
+        last_error: Set(None),
+        dispatched_at: Set(settled.then_some(at)),
+        failed_at: Set(None),
     };
     Ok((row, event))
 }

@@ -28,7 +28,7 @@ impl PresenceRepository for SeaOrmStore {
             updated_at: now(),
         };
         let tx = self.begin_write().await?;
-        let mut ev = Vec::new();
+        let mut ev = self.recorder();
         let capacity = lock_tenant(&tx, tenant, policy).await?;
         presence::Entity::insert(presence::ActiveModel {
             tenant_id: Set(tenant.get()),
@@ -62,7 +62,7 @@ impl PresenceRepository for SeaOrmStore {
             drain_queue(&tx, &mut ev, tenant, policy, capacity).await?;
         }
         tx.commit().await?;
-        self.publish(ev);
+        self.publish(ev.events);
         Ok(presence)
     }
 
@@ -73,7 +73,7 @@ impl PresenceRepository for SeaOrmStore {
         policy: &RoutingPolicy,
     ) -> Result<AgentPresence, ChatError> {
         let tx = self.begin_write().await?;
-        let mut ev = Vec::new();
+        let mut ev = self.recorder();
         let capacity = lock_tenant(&tx, tenant, policy).await?;
         let updated = presence::Entity::update_many()
             .col_expr(presence::Column::LastSeenAt, Expr::value(now()))
@@ -89,7 +89,7 @@ impl PresenceRepository for SeaOrmStore {
             drain_queue(&tx, &mut ev, tenant, policy, capacity).await?;
         }
         tx.commit().await?;
-        self.publish(ev);
+        self.publish(ev.events);
         Ok(presence)
     }
 
@@ -144,7 +144,7 @@ impl PresenceRepository for SeaOrmStore {
         policy: &RoutingPolicy,
     ) -> Result<i64, ChatError> {
         let tx = self.begin_write().await?;
-        let mut ev = Vec::new();
+        let mut ev = self.recorder();
         lock_tenant(&tx, tenant, policy).await?;
         routing_entity::Entity::update_many()
             .col_expr(routing_entity::Column::AgentCapacity, Expr::value(capacity))
@@ -153,7 +153,7 @@ impl PresenceRepository for SeaOrmStore {
             .await?;
         drain_queue(&tx, &mut ev, tenant, policy, capacity).await?;
         tx.commit().await?;
-        self.publish(ev);
+        self.publish(ev.events);
         Ok(capacity)
     }
 

@@ -15,10 +15,10 @@ use sea_orm::{
 };
 
 use super::entity::{presence, routing, session};
-use super::record_event;
+use super::{Recorded, record_event};
 use crate::config::RoutingPolicy;
 use crate::error::ChatError;
-use crate::events::{DomainEvent, EventKind};
+use crate::events::EventKind;
 use crate::ids::{TenantId, UserId};
 use crate::model::{ChatSession, PresenceStatus, SessionStatus, now};
 use crate::repository::EligibleAgent;
@@ -154,7 +154,7 @@ pub(super) async fn eligible_agents(
 /// assignment and writes `session.assigned`.
 pub(super) async fn assign(
     tx: &DatabaseTransaction,
-    ev: &mut Vec<DomainEvent>,
+    ev: &mut Recorded,
     tenant: TenantId,
     session_row: &session::Model,
     agent: UserId,
@@ -202,7 +202,7 @@ pub(super) async fn assign(
 /// eligible agent exists. Returns how many were assigned.
 pub(super) async fn drain_queue(
     tx: &DatabaseTransaction,
-    ev: &mut Vec<DomainEvent>,
+    ev: &mut Recorded,
     tenant: TenantId,
     policy: &RoutingPolicy,
     capacity: i64,

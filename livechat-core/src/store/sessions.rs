@@ -11,10 +11,10 @@ use super::entity::{message, session};
 use super::routing::{
     agent_is_online, any_agent_online, assign, drain_queue, lock_tenant, queue_position,
 };
-use super::{SeaOrmStore, abort, convert_all, record_event};
+use super::{Recorded, SeaOrmStore, abort, convert_all, record_event};
 use crate::config::RoutingPolicy;
 use crate::error::ChatError;
-use crate::events::{DomainEvent, EventKind, MessagePosted, TicketReason, TicketRequested};
+use crate::events::{EventKind, MessagePosted, TicketReason, TicketRequested};
 use crate::ids::{CustomerId, MessageId, SessionId, TenantId, TicketId, UserId};
 use crate::model::{
     ChatMessage, ChatSession, Contact, Priority, Sender, SenderType, SessionOrigin, SessionStatus,
@@ -100,7 +100,7 @@ async fn view(conn: &impl ConnectionTrait, row: session::Model) -> Result<Sessio
 /// already closed.
 pub(super) async fn close_row(
     tx: &impl ConnectionTrait,
-    ev: &mut Vec<DomainEvent>,
+    ev: &mut Recorded,
     tenant: TenantId,
     id: SessionId,
     closed_by: Sender,
@@ -185,7 +185,7 @@ impl SessionRepository for SeaOrmStore {
         row.agent_id = Set(Some(agent.get()));
         row.assigned_at = Set(Some(now()));
         let tx = self.begin_write().await?;
-        let mut ev = Vec::new();
+        let mut ev = self.recorder();
         // The agent's load changes: routing decisions of the tenant wait.
         lock_tenant(&tx, tenant, &RoutingPolicy::default()).await?;
         let inserted = match session::Entity::insert(row).exec_with_returning(&tx).await {
@@ -211,7 +211,7 @@ impl SessionRepository for SeaOrmStore {
         )
         .await?;
         tx.commit().await?;
-        self.publish(ev);
+        self.publish(ev.events);
         Ok(created)
     }
 
@@ -223,7 +223,7 @@ impl SessionRepository for SeaOrmStore {
         request.ticket_id = TicketId::generate();
         request.tenant_id = tenant;
         let tx = self.begin_write().await?;
-        let mut ev = Vec::new();
+        let mut ev = self.recorder();
         record_event(
             &tx,
             &mut ev,
@@ -234,7 +234,7 @@ impl SessionRepository for SeaOrmStore {
         )
         .await?;
         tx.commit().await?;
-        self.publish(ev);
+        self.publish(ev.events);
         Ok(request.ticket_id)
     }
 
@@ -245,14 +245,14 @@ impl SessionRepository for SeaOrmStore {
         policy: &RoutingPolicy,
     ) -> Result<CustomerChatStarted, ChatError> {
         let tx = self.begin_write().await?;
-        let mut ev = Vec::new();
+        let mut ev = self.recorder();
         let capacity = lock_tenant(&tx, tenant, policy).await?;
         // One active session per customer: starts of a tenant are serialized
         // by the routing lock, and the partial unique index backs it up.
         if let Some(existing) = active_session_of(&tx, tenant, chat.customer).await? {
             let view = view(&tx, existing).await?;
             tx.commit().await?;
-            self.publish(ev);
+            self.publish(ev.events);
             return Ok(CustomerChatStarted {
                 view,
                 created: false,
@@ -368,7 +368,7 @@ impl SessionRepository for SeaOrmStore {
         }
         let view = view(&tx, current).await?;
         tx.commit().await?;
-        self.publish(ev);
+        self.publish(ev.events);
         Ok(CustomerChatStarted {
             view,
             created: true,
@@ -445,7 +445,7 @@ impl SessionRepository for SeaOrmStore {
         policy: &RoutingPolicy,
     ) -> Result<ChatSession, ChatError> {
         let tx = self.begin_write().await?;
-        let mut ev = Vec::new();
+        let mut ev = self.recorder();
         let capacity = lock_tenant(&tx, tenant, policy).await?;
         let Some(closed) = close_row(&tx, &mut ev, tenant, id, closed_by).await? else {
             // Already closed (idempotent) or absent in this tenant.
@@ -456,7 +456,7 @@ impl SessionRepository for SeaOrmStore {
             drain_queue(&tx, &mut ev, tenant, policy, capacity).await?;
         }
         tx.commit().await?;
-        self.publish(ev);
+        self.publish(ev.events);
         Ok(closed)
     }
 
@@ -469,7 +469,7 @@ impl SessionRepository for SeaOrmStore {
         policy: &RoutingPolicy,
     ) -> Result<ChatSession, ChatError> {
         let tx = self.begin_write().await?;
-        let mut ev = Vec::new();
+        let mut ev = self.recorder();
         let capacity = lock_tenant(&tx, tenant, policy).await?;
         let Some(row) = find_session(&tx, tenant, id).await? else {
             return abort(tx, ChatError::NotFound).await;
@@ -498,7 +498,7 @@ impl SessionRepository for SeaOrmStore {
             drain_queue(&tx, &mut ev, tenant, policy, capacity).await?;
         }
         tx.commit().await?;
-        self.publish(ev);
+        self.publish(ev.events);
         Ok(assigned)
     }
 
@@ -509,7 +509,7 @@ impl SessionRepository for SeaOrmStore {
         contact: Contact,
     ) -> Result<ChatSession, ChatError> {
         let tx = self.begin_write().await?;
-        let mut ev = Vec::new();
+        let mut ev = self.recorder();
         let updated = session::Entity::update_many()
             .col_expr(
                 session::Column::Contact,
@@ -534,7 +534,7 @@ impl SessionRepository for SeaOrmStore {
         )
         .await?;
         tx.commit().await?;
-        self.publish(ev);
+        self.publish(ev.events);
         Ok(session)
     }
 }

@@ -26,6 +26,7 @@ on_both_databases!(
     held_events_do_not_hide_other_sessions_events,
     the_claim_scan_reads_only_undispatched_events,
     events_no_sink_acts_on_are_settled_without_a_claim,
+    events_outside_the_dispatchers_interest_are_written_settled,
 );
 
 fn fast() -> DispatcherConfig {
@@ -659,4 +660,63 @@ async fn events_no_sink_acts_on_are_settled_without_a_claim(backend: Backend) {
         "everything settled but the event claimed elsewhere"
     );
     assert_eq!(usize::try_from(total).unwrap() - 1, delivered);
+}
+
+/// Issue #5: the example host gives its store the dispatcher's outbox
+/// interest, so every event is still in the outbox (invariant 5) but only
+/// those a sink acts on are written pending: the ticket request and the
+/// agent's reply in the ticketed chat. The dispatcher claims exactly those
+/// and has nothing else to settle.
+async fn events_outside_the_dispatchers_interest_are_written_settled(backend: Backend) {
+    use livechat_core::EventKind;
+    let app = App::new(backend).await;
+    let (session, auth) = visitor_start(&app, "Refund").await;
+    app.go_online(7, 1).await;
+    let (code, reply) = app
+        .agent_call(
+            Method::POST,
+            &format!("/livechat/sessions/{session}/messages"),
+            7,
+            1,
+            Some(json!({"message": "On it."})),
+        )
+        .await;
+    assert_eq!(code, 201, "{reply}");
+
+    assert_eq!(undispatched(&app).await, 2, "the ticket request and the reply");
+    let posted = {
+        use sea_orm::{ConnectionTrait, Statement};
+        app.db
+            .query_one_raw(Statement::from_string(
+                app.db.get_database_backend(),
+                "SELECT COUNT(*) AS n FROM livechat_outbox WHERE kind = 'message.posted'",
+            ))
+            .await
+            .unwrap()
+            .unwrap()
+            .try_get::<i64>("", "n")
+            .unwrap()
+    };
+    assert_eq!(posted, 2, "the customer's message is recorded too, settled");
+
+    let claimed = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let sinks = Arc::new(SeaOrmSinks::new(app.db.clone()));
+    let dispatcher = Dispatcher::new(
+        RecordingConsumer {
+            store: app.chat.store().clone(),
+            claimed: claimed.clone(),
+        },
+        fast(),
+    )
+    .ticket_sink(sinks.clone())
+    .notification_sink(sinks);
+    let report = dispatcher.dispatch_once().await.unwrap();
+    assert_eq!(report.delivered, 2, "{report:?}");
+    assert_eq!(
+        claimed.lock().unwrap().clone(),
+        vec![EventKind::TicketRequested, EventKind::MessagePosted]
+    );
+    assert_eq!(undispatched(&app).await, 0);
+    let (_, notes) = customer_get(&app, "/livechat/customer/notifications", &auth).await;
+    assert_eq!(notes["data"].as_array().unwrap().len(), 1, "{notes}");
 }

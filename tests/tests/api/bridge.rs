@@ -683,7 +683,11 @@ async fn events_outside_the_dispatchers_interest_are_written_settled(backend: Ba
         .await;
     assert_eq!(code, 201, "{reply}");
 
-    assert_eq!(undispatched(&app).await, 2, "the ticket request and the reply");
+    assert_eq!(
+        undispatched(&app).await,
+        2,
+        "the ticket request and the reply"
+    );
     let posted = {
         use sea_orm::{ConnectionTrait, Statement};
         app.db

@@ -94,12 +94,14 @@ pub trait OutboxConsumer: Send + Sync {
 /// creation time): no consumer scans, claims or settles it, so it costs
 /// one row write and no entry in the index of pending events. Most
 /// `message.posted` events need no ticket or notification, so with the
-/// ticket bridge's interest (`Dispatcher::outbox_interest`) a message costs
-/// no dispatcher work at all.
+/// ticket bridge's interest (`Dispatcher::outbox_interest`) such a message
+/// costs the dispatcher nothing.
 ///
 /// The function runs inside the writing transaction, once per event: it
 /// must be cheap, must not block, and must answer from the event alone
-/// (the same event always gets the same answer). Without an interest (the
+/// (the same event always gets the same answer). It must not panic: a
+/// panic there abandons the transaction (nothing of it is stored) and, in
+/// a group commit, fails every append of the batch. Without an interest (the
 /// default) every event is written pending. Configure it only when every
 /// consumer of the outbox is covered: an event it rejects is never handed
 /// out by [`OutboxConsumer::claim_pending`].

@@ -100,7 +100,9 @@ impl DispatchReport {
 ///   [`NOTIFICATION_BODY_MAX_CHARS`]) to every notification sink;
 /// - any other kind, or a kind without a sink of its type: nothing to do.
 ///   Such events are settled as dispatched without being claimed
-///   ([`OutboxConsumer::settle_ignored`], issue #5).
+///   ([`OutboxConsumer::settle_ignored`], issue #5), or, with a store
+///   given [`Dispatcher::outbox_interest`], written settled in the first
+///   place.
 ///
 /// Then the event is settled: all sinks OK → dispatched; any
 /// [`SinkError::Retryable`] → retried after [`DispatcherConfig::backoff`];
@@ -808,6 +810,51 @@ mod tests {
             "{delay}"
         );
         assert_eq!(ok.calls().len(), 1);
+    }
+
+    #[test]
+    fn the_outbox_interest_wants_exactly_what_the_sinks_act_on() {
+        let (ticket_id, requested) = ticket_requested();
+        let closed = event(EventKind::SessionClosed, json!({"ticket_id": ticket_id}));
+        let closed_untracked = event(EventKind::SessionClosed, json!({"ticket_id": null}));
+        let reply = message_posted(SenderType::Agent, "hi", Some(ticket_id));
+        let from_customer = message_posted(SenderType::Customer, "hi", Some(ticket_id));
+        let unticketed = message_posted(SenderType::Agent, "hi", None);
+        let other = event(EventKind::SessionStarted, json!({}));
+        let garbage = event(EventKind::TicketRequested, json!({"ticket_id": 5}));
+        let bad_message = event(EventKind::MessagePosted, json!("nope"));
+        let both = dispatcher(outbox(Vec::new()), [Arc::new(Recorder::default())]);
+        let tickets_only = Dispatcher::new(outbox(Vec::new()), DispatcherConfig::default())
+            .ticket_sink(Arc::new(Recorder::default()));
+        let none = Dispatcher::new(outbox(Vec::new()), DispatcherConfig::default());
+        // (event, wanted with both kinds of sink, with only a ticket sink)
+        let cases = [
+            (&requested, true, true),
+            (&closed, true, true),
+            (&closed_untracked, false, false),
+            (&reply, true, false),
+            (&from_customer, false, false),
+            (&unticketed, false, false),
+            (&other, false, false),
+            // Undecodable: wanted, so that it is claimed and failed in view.
+            (&garbage, true, true),
+            (&bad_message, true, false),
+        ];
+        for (n, (pending, with_both, with_tickets)) in cases.into_iter().enumerate() {
+            let e = &pending.event;
+            assert_eq!(both.outbox_interest().wants(e), with_both, "case {n}");
+            assert_eq!(
+                both.outbox_interest().wants(e),
+                !both.sinks().ignore(e),
+                "case {n}: the interest is the settlement's decision"
+            );
+            assert_eq!(
+                tickets_only.outbox_interest().wants(e),
+                with_tickets,
+                "case {n}"
+            );
+            assert!(!none.outbox_interest().wants(e), "case {n}: no sinks");
+        }
     }
 
     #[tokio::test]

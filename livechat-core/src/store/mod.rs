@@ -62,6 +62,11 @@ pub const SQLITE_BUSY_TIMEOUT: Duration = Duration::from_secs(30);
 /// 10–12 ms at most. An idle checkpoint costs a fraction of a millisecond.
 pub const SQLITE_CHECKPOINT_EVERY: Duration = Duration::from_millis(100);
 
+/// How long the SQLite checkpointer waits after a failure (it could not
+/// connect, or a checkpoint failed) before it tries again, so that a
+/// lasting failure is logged once a second, not ten times.
+pub const SQLITE_CHECKPOINTER_RETRY: Duration = Duration::from_secs(1);
+
 /// WAL size, in 4 KiB pages (40 MiB), past which an SQLite commit of a pool
 /// opened by [`connect`] checkpoints by itself (`wal_autocheckpoint`). The
 /// checkpointer keeps what is left to copy small, but under writes without
@@ -184,6 +189,7 @@ fn start_checkpointer(db: &DatabaseConnection) {
                         Ok(pool) => own = Some(pool),
                         Err(e) => {
                             tracing::warn!(error = %e, "SQLite checkpointer could not connect");
+                            tokio::time::sleep(SQLITE_CHECKPOINTER_RETRY).await;
                             continue;
                         }
                     }
@@ -195,6 +201,7 @@ fn start_checkpointer(db: &DatabaseConnection) {
                 {
                     tracing::warn!(error = %e, "SQLite checkpoint failed");
                     own = None;
+                    tokio::time::sleep(SQLITE_CHECKPOINTER_RETRY).await;
                 }
             }
         };
@@ -252,9 +259,10 @@ impl SeaOrmStore {
     }
 
     /// Writes the outbox rows of events `interest` rejects already settled
-    /// (see [`OutboxInterest`]; issue #5). Gets its own append queue, as
-    /// [`Self::with_bus`] does, so that one group commit never mixes two
-    /// interests.
+    /// (see [`OutboxInterest`]; issue #5); a second call replaces the
+    /// interest. Gets its own append queue, as [`Self::with_bus`] does, so
+    /// that one group commit never mixes two interests: clones made before
+    /// keep the old queue and the old interest (or none).
     #[must_use]
     pub fn with_outbox_interest(mut self, interest: OutboxInterest) -> Self {
         self.interest = Some(interest);

@@ -682,11 +682,22 @@ async fn events_outside_the_dispatchers_interest_are_written_settled(backend: Ba
         )
         .await;
     assert_eq!(code, 201, "{reply}");
+    // The customer's reply goes through the group commit like the agent's.
+    let resp = app
+        .client
+        .post(format!("/livechat/customer/chats/{session}/messages"))
+        .header("X-Tenant-ID", "1")
+        .header("Authorization", &auth)
+        .body_json(&json!({"message": "Thanks"}))
+        .send()
+        .await;
+    let (code, thanks) = App::decode(resp).await;
+    assert_eq!(code, 201, "{thanks}");
 
     assert_eq!(
         undispatched(&app).await,
         2,
-        "the ticket request and the reply"
+        "the ticket request and the agent's reply"
     );
     let posted = {
         use sea_orm::{ConnectionTrait, Statement};
@@ -701,7 +712,10 @@ async fn events_outside_the_dispatchers_interest_are_written_settled(backend: Ba
             .try_get::<i64>("", "n")
             .unwrap()
     };
-    assert_eq!(posted, 2, "the customer's message is recorded too, settled");
+    assert_eq!(
+        posted, 3,
+        "the customer's messages are recorded too, settled"
+    );
 
     let claimed = Arc::new(std::sync::Mutex::new(Vec::new()));
     let sinks = Arc::new(SeaOrmSinks::new(app.db.clone()));

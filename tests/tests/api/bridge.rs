@@ -588,18 +588,23 @@ impl OutboxConsumer for RecordingConsumer {
     }
 }
 
-async fn undispatched(app: &App) -> i64 {
+/// Outbox rows matching the SQL condition `filter`.
+async fn outbox_rows(app: &App, filter: &str) -> i64 {
     use sea_orm::{ConnectionTrait, Statement};
     app.db
         .query_one_raw(Statement::from_string(
             app.db.get_database_backend(),
-            "SELECT COUNT(*) AS n FROM livechat_outbox WHERE dispatched_at IS NULL",
+            format!("SELECT COUNT(*) AS n FROM livechat_outbox WHERE {filter}"),
         ))
         .await
         .unwrap()
         .unwrap()
         .try_get::<i64>("", "n")
         .unwrap()
+}
+
+async fn undispatched(app: &App) -> i64 {
+    outbox_rows(app, "dispatched_at IS NULL").await
 }
 
 /// Issue #5: events no sink acts on (status changes, session starts, agents'
@@ -699,19 +704,7 @@ async fn events_outside_the_dispatchers_interest_are_written_settled(backend: Ba
         2,
         "the ticket request and the agent's reply"
     );
-    let posted = {
-        use sea_orm::{ConnectionTrait, Statement};
-        app.db
-            .query_one_raw(Statement::from_string(
-                app.db.get_database_backend(),
-                "SELECT COUNT(*) AS n FROM livechat_outbox WHERE kind = 'message.posted'",
-            ))
-            .await
-            .unwrap()
-            .unwrap()
-            .try_get::<i64>("", "n")
-            .unwrap()
-    };
+    let posted = outbox_rows(&app, "kind = 'message.posted'").await;
     assert_eq!(
         posted, 3,
         "the customer's messages are recorded too, settled"

@@ -634,7 +634,14 @@ pub fn build_with(
         if !config.cors_origins.iter().any(|o| o == "*") {
             cors = cors.allow_origins(config.cors_origins.iter().map(String::as_str));
         }
-        routes.with(cors).with(Tracing).map_to_response().boxed()
+        // The middleware's own refusal (403, origin not allowed) gets the
+        // JSON envelope too (DESIGN.md: every 4xx).
+        routes
+            .with(cors)
+            .catch_all_error(envelope)
+            .with(Tracing)
+            .map_to_response()
+            .boxed()
     };
     HostApp {
         endpoint,

@@ -733,6 +733,11 @@ mod cors {
                 .get("access-control-allow-origin")
                 .is_none()
         );
+        // The refusal is in the JSON envelope, like every 4xx.
+        assert_eq!(denied.status(), 403);
+        let body: serde_json::Value = serde_json::from_str(&denied.text().await.unwrap()).unwrap();
+        assert_eq!(body["error"]["code"], "forbidden", "{body}");
+        assert!(body["error"]["message"].is_string(), "{body}");
     }
 }
 

@@ -573,6 +573,11 @@ pub struct HostApp {
     pub livechat: Livechat,
     /// The event bus the module publishes on.
     pub bus: Arc<dyn EventBus>,
+    /// The ticket bridge's dispatcher over the same database
+    /// ([`dispatcher`]); the store writes the events it ignores already
+    /// settled (its outbox interest), so it must be the one that runs
+    /// ([`Dispatcher::run`]; [`run`] does).
+    pub dispatcher: Dispatcher<SeaOrmStore>,
 }
 
 /// The whole host app over an open, migrated database, on a fresh
@@ -596,11 +601,12 @@ pub fn build_with(
     bus: Arc<dyn EventBus>,
     realtime: RealtimeConfig,
 ) -> HostApp {
-    // Events the ticket bridge does not act on are written settled: the
-    // dispatcher started by `run` never reads them.
+    // Events the ticket bridge does not act on are written settled: this
+    // dispatcher never reads them.
+    let dispatcher = dispatcher(db.clone(), config);
     let store = SeaOrmStore::new(db.clone())
         .with_bus(bus.clone())
-        .with_outbox_interest(dispatcher(db.clone(), config).outbox_interest());
+        .with_outbox_interest(dispatcher.outbox_interest());
     let chat = ChatService::new(store, config.chat_config());
     let tables = Arc::new(SeaOrmSinks::new(db.clone()));
     let livechat = Livechat::new(
@@ -647,6 +653,7 @@ pub fn build_with(
         endpoint,
         livechat,
         bus,
+        dispatcher,
     }
 }
 
@@ -684,7 +691,7 @@ pub async fn run(config: Config) -> Result<(), Box<dyn std::error::Error + Send 
     let host = build(db.clone(), &config, bus);
     let livechat = host.livechat.clone();
     let (stop_tx, mut stop_rx) = tokio::sync::watch::channel(false);
-    let dispatcher = tokio::spawn(dispatcher(db.clone(), &config).run(async move {
+    let dispatcher = tokio::spawn(host.dispatcher.run(async move {
         let _ = stop_rx.wait_for(|stop| *stop).await;
     }));
     let signal = async move {

@@ -307,11 +307,6 @@ impl<C: OutboxConsumer> Dispatcher<C> {
         }
     }
 
-    /// What the event asks of the sinks (see [`Sinks::work`]).
-    fn work(&self, event: &DomainEvent) -> Result<Option<Work>, String> {
-        self.sinks().work(event)
-    }
-
     /// Which kinds of sink this dispatcher has.
     fn sinks(&self) -> Sinks {
         Sinks {
@@ -337,7 +332,7 @@ impl<C: OutboxConsumer> Dispatcher<C> {
     async fn deliver(&self, event: &DomainEvent) -> Result<Outcome, String> {
         let key = event.id;
         let mut results = Vec::new();
-        match self.work(event)? {
+        match self.sinks().work(event)? {
             Some(Work::OpenTicket(request)) => {
                 for sink in &self.ticket_sinks {
                     results.push(sink.open_ticket(&request, key).await);

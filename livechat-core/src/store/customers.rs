@@ -215,8 +215,7 @@ impl CustomerRepository for SeaOrmStore {
         if freed_agent {
             drain_queue(&tx, &mut ev, tenant, policy, capacity).await?;
         }
-        tx.commit().await?;
-        self.publish(ev.events);
+        self.commit(tx, ev).await?;
         identified.try_into()
     }
 }

@@ -279,6 +279,13 @@ impl SeaOrmStore {
         }
     }
 
+    /// Commits `tx`, then publishes the events it recorded.
+    async fn commit(&self, tx: DatabaseTransaction, ev: Recorded) -> Result<(), DbErr> {
+        tx.commit().await?;
+        self.publish(ev.events);
+        Ok(())
+    }
+
     /// Hands the events of a committed transaction to the bus (if any).
     /// Publishing never fails the operation: the change is committed, and
     /// clients that miss a real-time event catch up by `seq`.

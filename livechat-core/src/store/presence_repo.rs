@@ -61,8 +61,7 @@ impl PresenceRepository for SeaOrmStore {
         if status == PresenceStatus::Online {
             drain_queue(&tx, &mut ev, tenant, policy, capacity).await?;
         }
-        tx.commit().await?;
-        self.publish(ev.events);
+        self.commit(tx, ev).await?;
         Ok(presence)
     }
 
@@ -88,8 +87,7 @@ impl PresenceRepository for SeaOrmStore {
         if presence.status == PresenceStatus::Online {
             drain_queue(&tx, &mut ev, tenant, policy, capacity).await?;
         }
-        tx.commit().await?;
-        self.publish(ev.events);
+        self.commit(tx, ev).await?;
         Ok(presence)
     }
 
@@ -152,8 +150,7 @@ impl PresenceRepository for SeaOrmStore {
             .exec(&tx)
             .await?;
         drain_queue(&tx, &mut ev, tenant, policy, capacity).await?;
-        tx.commit().await?;
-        self.publish(ev.events);
+        self.commit(tx, ev).await?;
         Ok(capacity)
     }
 

@@ -210,8 +210,7 @@ impl SessionRepository for SeaOrmStore {
             &created,
         )
         .await?;
-        tx.commit().await?;
-        self.publish(ev.events);
+        self.commit(tx, ev).await?;
         Ok(created)
     }
 
@@ -233,8 +232,7 @@ impl SessionRepository for SeaOrmStore {
             &request,
         )
         .await?;
-        tx.commit().await?;
-        self.publish(ev.events);
+        self.commit(tx, ev).await?;
         Ok(request.ticket_id)
     }
 
@@ -251,8 +249,7 @@ impl SessionRepository for SeaOrmStore {
         // by the routing lock, and the partial unique index backs it up.
         if let Some(existing) = active_session_of(&tx, tenant, chat.customer).await? {
             let view = view(&tx, existing).await?;
-            tx.commit().await?;
-            self.publish(ev.events);
+            self.commit(tx, ev).await?;
             return Ok(CustomerChatStarted {
                 view,
                 created: false,
@@ -367,8 +364,7 @@ impl SessionRepository for SeaOrmStore {
             .await?;
         }
         let view = view(&tx, current).await?;
-        tx.commit().await?;
-        self.publish(ev.events);
+        self.commit(tx, ev).await?;
         Ok(CustomerChatStarted {
             view,
             created: true,
@@ -455,8 +451,7 @@ impl SessionRepository for SeaOrmStore {
         if closed.agent_id.is_some() {
             drain_queue(&tx, &mut ev, tenant, policy, capacity).await?;
         }
-        tx.commit().await?;
-        self.publish(ev.events);
+        self.commit(tx, ev).await?;
         Ok(closed)
     }
 
@@ -497,8 +492,7 @@ impl SessionRepository for SeaOrmStore {
             // A transfer freed the previous agent.
             drain_queue(&tx, &mut ev, tenant, policy, capacity).await?;
         }
-        tx.commit().await?;
-        self.publish(ev.events);
+        self.commit(tx, ev).await?;
         Ok(assigned)
     }
 
@@ -533,8 +527,7 @@ impl SessionRepository for SeaOrmStore {
             &session,
         )
         .await?;
-        tx.commit().await?;
-        self.publish(ev.events);
+        self.commit(tx, ev).await?;
         Ok(session)
     }
 }

@@ -30,6 +30,16 @@ pub(super) fn live_connections(
     tenant: impl Into<Expr>,
     session: impl Into<Expr>,
 ) -> SelectStatement {
+    live_connections_at(role, tenant, session, now())
+}
+
+/// [`live_connections`] as of `at`.
+pub(super) fn live_connections_at(
+    role: &str,
+    tenant: impl Into<Expr>,
+    session: impl Into<Expr>,
+    at: chrono::DateTime<chrono::Utc>,
+) -> SelectStatement {
     Query::select()
         .expr_as(
             Expr::col((connection::Entity, connection::Column::Id)).count(),
@@ -50,7 +60,7 @@ pub(super) fn live_connections(
             Expr::col((connection_join::Entity, connection_join::Column::SessionId)).eq(session),
         )
         .and_where(Expr::col((connection::Entity, connection::Column::Role)).eq(role))
-        .and_where(Expr::col((connection::Entity, connection::Column::ExpiresAt)).gt(now()))
+        .and_where(Expr::col((connection::Entity, connection::Column::ExpiresAt)).gt(at))
         .to_owned()
 }
 

@@ -6,13 +6,13 @@ use std::sync::{Arc, Mutex, OnceLock};
 use chrono::{DateTime, Utc};
 
 use sea_orm::sea_query::{
-    Alias, CaseStatement, CommonTableExpression, Expr, ExprTrait, InsertStatement, Query,
-    WithClause,
+    Alias, CaseStatement, CommonTableExpression, Expr, ExprTrait, InsertStatement, LockBehavior,
+    LockType, Query, WithClause,
 };
 use sea_orm::{
     ActiveModelTrait, ActiveValue::Set, ColumnTrait, ConnectionTrait, DatabaseTransaction,
     DbBackend, DbErr, EntityTrait, FromQueryResult, Iterable, QueryFilter, QueryOrder, QuerySelect,
-    QueryTrait, Statement, Value,
+    QueryTrait, RuntimeErr, Statement, Value,
 };
 use tokio::sync::oneshot;
 
@@ -134,19 +134,27 @@ impl SeaOrmStore {
         guard.finished = true;
     }
 
-    /// Stores `batch` in one transaction and answers every caller. When a
-    /// statement fails before the commit (e.g. a lock timeout on one
-    /// session), nothing of the batch is stored and each append is retried
-    /// in a transaction of its own, so one request's failure is not
-    /// another's. When the database is unreachable, or the commit itself
-    /// fails (its outcome may be unknown), every caller gets the error:
-    /// retrying could store a message twice.
+    /// Stores `batch` in one transaction and answers every caller. On
+    /// PostgreSQL the batch first locks its sessions without waiting
+    /// ([`LockWait::NoWait`]); only if another transaction holds one of
+    /// them is it stored again, waiting at most `lock_timeout`
+    /// ([`LockWait::Bounded`]). When a statement fails before the commit
+    /// (e.g. a lock timeout on one session), nothing of the batch is stored
+    /// and each append is retried in a transaction of its own, so one
+    /// request's failure is not another's. When the database is
+    /// unreachable, or the commit itself fails (its outcome may be
+    /// unknown), every caller gets the error: retrying could store a
+    /// message twice.
     async fn commit_batch(&self, mut batch: Vec<AppendRequest>) {
         // Stable: one session's appends keep their arrival (= seq) order,
         // and every batch locks session rows in the same order, so batches
         // of two nodes on PostgreSQL cannot deadlock each other.
         batch.sort_by_key(|r| r.session.as_uuid());
-        match self.store_batch(&batch).await {
+        let mut stored = self.store_batch(&batch, LockWait::NoWait).await;
+        if matches!(&stored, Err(failure) if failure.lock_busy()) {
+            stored = self.store_batch(&batch, LockWait::Bounded).await;
+        }
+        match stored {
             Ok((outcomes, events)) => {
                 // Answer, then publish: a sender's connection can send its
                 // ack before the message's own `new_message`.
@@ -162,7 +170,10 @@ impl SeaOrmStore {
             }
             Err(_) => {
                 for request in batch {
-                    match self.store_batch(std::slice::from_ref(&request)).await {
+                    match self
+                        .store_batch(std::slice::from_ref(&request), LockWait::Bounded)
+                        .await
+                    {
                         Ok((mut outcomes, events)) => {
                             let outcome = outcomes.pop().unwrap_or(Err(ChatError::NotFound));
                             let _ = request.reply.send(outcome);
@@ -187,10 +198,11 @@ impl SeaOrmStore {
     async fn store_batch(
         &self,
         batch: &[AppendRequest],
+        wait: LockWait,
     ) -> Result<(Vec<Result<AppendedMessage, ChatError>>, Vec<DomainEvent>), BatchFailure> {
         let tx = self.begin_write().await.map_err(BatchFailure::before)?;
         let staged = self
-            .stage_batch(&tx, batch)
+            .stage_batch(&tx, batch, wait)
             .await
             .map_err(BatchFailure::before)?;
         let Some(writes) = staged.writes else {
@@ -211,8 +223,10 @@ impl SeaOrmStore {
         &self,
         tx: &DatabaseTransaction,
         batch: &[AppendRequest],
+        wait: LockWait,
     ) -> Result<StagedBatch, DbErr> {
-        if tx.get_database_backend() == DbBackend::Postgres {
+        let postgres = tx.get_database_backend() == DbBackend::Postgres;
+        if postgres && wait == LockWait::Bounded {
             // A session row locked elsewhere for long must not hold up every
             // append of the node: the batch fails (and is retried append by
             // append, so only that session's appends wait and fail).
@@ -221,7 +235,7 @@ impl SeaOrmStore {
         }
         let mut ids: Vec<uuid::Uuid> = batch.iter().map(|r| r.session.as_uuid()).collect();
         ids.dedup();
-        let mut sessions = lock_sessions(tx, padded(ids.clone())).await?;
+        let mut sessions = lock_sessions(tx, padded(ids.clone()), wait).await?;
         let keyed: Vec<&str> = batch
             .iter()
             .filter_map(|r| r.key.as_ref().map(ClientMsgId::as_str))
@@ -334,6 +348,22 @@ struct LockedSession {
     customer_user: Option<i64>,
 }
 
+/// How a batch's lock statement waits for session rows another
+/// transaction holds (PostgreSQL; SQLite's `BEGIN IMMEDIATE` already holds
+/// the whole database).
+///
+/// Issue #5: `NoWait` saves the `SET LOCAL lock_timeout` round trip in
+/// the common case, where no other transaction holds the rows; a batch
+/// that finds one held fails at once with `lock_not_available` and is
+/// stored again with `Bounded`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+enum LockWait {
+    /// `FOR UPDATE NOWAIT`.
+    NoWait,
+    /// `FOR UPDATE` after `SET LOCAL lock_timeout = '5s'`.
+    Bounded,
+}
+
 /// Locks the sessions `ids` (in id order) and reads each with its
 /// customer's live connection count and host user id, in one statement:
 /// PostgreSQL `SELECT … FOR UPDATE` with two scalar subqueries; on SQLite
@@ -345,8 +375,9 @@ struct LockedSession {
 async fn lock_sessions(
     tx: &DatabaseTransaction,
     ids: Vec<uuid::Uuid>,
+    wait: LockWait,
 ) -> Result<HashMap<uuid::Uuid, LockedSession>, DbErr> {
-    let statement = lock_statement(tx.get_database_backend(), ids, now());
+    let statement = lock_statement(tx.get_database_backend(), ids, now(), wait);
     let mut locked = HashMap::new();
     for result in tx.query_all_raw(statement).await? {
         let row = session::Model::from_query_result(&result, "")?;
@@ -363,16 +394,21 @@ async fn lock_sessions(
 }
 
 /// The statement of [`lock_sessions`] for `ids` as of `at`. Its SQL
-/// depends only on the database and the number of ids, so it is built with
-/// sea-query once per both ([`build_lock_statement`]) and then only bound:
+/// depends only on the database, the number of ids and `wait`, so it is
+/// built with sea-query once per those ([`build_lock_statement`]) and then only bound:
 /// building it for every batch took about a twentieth of a lone message's
 /// CPU (issue #5 profile). The values are bound in the order sea-query
 /// emits them (the customer role, `at`, then the ids); a test compares
 /// both ways.
-fn lock_statement(backend: DbBackend, ids: Vec<uuid::Uuid>, at: DateTime<Utc>) -> Statement {
-    type Key = (bool, usize);
+fn lock_statement(
+    backend: DbBackend,
+    ids: Vec<uuid::Uuid>,
+    at: DateTime<Utc>,
+    wait: LockWait,
+) -> Statement {
+    type Key = (bool, usize, LockWait);
     static SQL: OnceLock<Mutex<HashMap<Key, Arc<str>>>> = OnceLock::new();
-    let key = (backend == DbBackend::Postgres, ids.len());
+    let key = (backend == DbBackend::Postgres, ids.len(), wait);
     let cache = SQL.get_or_init(Mutex::default);
     let cached = cache
         .lock()
@@ -380,7 +416,7 @@ fn lock_statement(backend: DbBackend, ids: Vec<uuid::Uuid>, at: DateTime<Utc>) -
         .get(&key)
         .cloned();
     let Some(sql) = cached else {
-        let built = build_lock_statement(backend, ids, at);
+        let built = build_lock_statement(backend, ids, at, wait);
         cache
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
@@ -398,7 +434,12 @@ fn lock_statement(backend: DbBackend, ids: Vec<uuid::Uuid>, at: DateTime<Utc>) -
 const CUSTOMER_ROLE: &str = "customer";
 
 /// [`lock_statement`] built with sea-query.
-fn build_lock_statement(backend: DbBackend, ids: Vec<uuid::Uuid>, at: DateTime<Utc>) -> Statement {
+fn build_lock_statement(
+    backend: DbBackend,
+    ids: Vec<uuid::Uuid>,
+    at: DateTime<Utc>,
+    wait: LockWait,
+) -> Statement {
     let connections = super::connections::live_connections_at(
         CUSTOMER_ROLE,
         Expr::col((session::Entity, session::Column::TenantId)),
@@ -417,7 +458,7 @@ fn build_lock_statement(backend: DbBackend, ids: Vec<uuid::Uuid>, at: DateTime<U
                 .equals((session::Entity, session::Column::TenantId)),
         )
         .to_owned();
-    session::Entity::find()
+    let select = session::Entity::find()
         .expr_as(
             Expr::SubQuery(None, Box::new(connections.into())),
             CUSTOMER_CONNECTIONS,
@@ -427,9 +468,12 @@ fn build_lock_statement(backend: DbBackend, ids: Vec<uuid::Uuid>, at: DateTime<U
             CUSTOMER_USER,
         )
         .filter(session::Column::Id.is_in(ids))
-        .order_by_asc(session::Column::Id)
-        .lock_exclusive()
-        .build(backend)
+        .order_by_asc(session::Column::Id);
+    match wait {
+        LockWait::NoWait => select.lock_with_behavior(LockType::Update, LockBehavior::Nowait),
+        LockWait::Bounded => select.lock_exclusive(),
+    }
+    .build(backend)
 }
 
 const CUSTOMER_CONNECTIONS: &str = "customer_connections";
@@ -469,6 +513,22 @@ impl BatchFailure {
             error,
             at_commit: false,
         }
+    }
+
+    /// The batch's lock statement found a session row held by another
+    /// transaction and did not wait ([`LockWait::NoWait`]; PostgreSQL
+    /// SQLSTATE 55P03 `lock_not_available`).
+    fn lock_busy(&self) -> bool {
+        let (DbErr::Query(RuntimeErr::SqlxError(error))
+        | DbErr::Exec(RuntimeErr::SqlxError(error))) = &self.error
+        else {
+            return false;
+        };
+        !self.at_commit
+            && error
+                .as_database_error()
+                .and_then(|e| e.code())
+                .is_some_and(|code| code == "55P03")
     }
 
     /// Whether retrying the appends one by one is safe and useful: the
@@ -788,8 +848,8 @@ mod tests {
     use sea_orm::ActiveValue::Set;
 
     use super::{
-        BatchWrites, build_lock_statement, build_write_statement, lock_statement, message, padded,
-        power_of_two_chunks, write_statement,
+        BatchWrites, LockWait, build_lock_statement, build_write_statement, lock_statement,
+        message, padded, power_of_two_chunks, write_statement,
     };
     use crate::events::EventKind;
     use crate::ids::{SessionId, TenantId};
@@ -869,12 +929,23 @@ mod tests {
             for n in [1, 2, 8] {
                 let ids: Vec<uuid::Uuid> = (0..n).map(|_| uuid::Uuid::now_v7()).collect();
                 // The first call may fill the cache; the second binds it.
-                let _ = lock_statement(backend, ids.clone(), at);
-                let cached = lock_statement(backend, ids.clone(), at);
-                let built = build_lock_statement(backend, ids, at);
-                assert_eq!(cached.sql, built.sql, "{backend:?}, {n} ids");
-                assert_eq!(cached.values, built.values, "{backend:?}, {n} ids");
-                assert_eq!(cached.db_backend, built.db_backend);
+                for wait in [LockWait::NoWait, LockWait::Bounded] {
+                    let _ = lock_statement(backend, ids.clone(), at, wait);
+                    let cached = lock_statement(backend, ids.clone(), at, wait);
+                    let built = build_lock_statement(backend, ids.clone(), at, wait);
+                    let case = format!("{backend:?}, {n} ids, {wait:?}");
+                    assert_eq!(cached.sql, built.sql, "{case}");
+                    assert_eq!(cached.values, built.values, "{case}");
+                    assert_eq!(cached.db_backend, built.db_backend);
+                    if backend == DbBackend::Postgres {
+                        assert_eq!(
+                            cached.sql.ends_with("FOR UPDATE NOWAIT"),
+                            wait == LockWait::NoWait,
+                            "{}",
+                            cached.sql
+                        );
+                    }
+                }
             }
         }
     }

@@ -344,3 +344,38 @@ async fn sqlite_wal_is_checkpointed_beside_the_writer() {
         size()
     );
 }
+
+/// Issue #5: a batch first locks its sessions without waiting; when
+/// another transaction holds one, the batch is stored again waiting for it
+/// (at most `lock_timeout`), so the append is delayed, not refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn an_append_waits_for_a_session_row_another_transaction_holds() {
+    use sea_orm::{ConnectionTrait, TransactionTrait};
+    let app = App::new(Backend::Postgres).await;
+    let (tenant, agent) = ids(1, 7);
+    let session = app.open_service_session(tenant, agent).await;
+    let blocker = app.db.begin().await.unwrap();
+    blocker
+        .execute_unprepared(&format!(
+            "SELECT id FROM livechat_sessions WHERE id = '{}' FOR UPDATE",
+            session.id
+        ))
+        .await
+        .unwrap();
+    let chat = app.chat.clone();
+    let post = tokio::spawn(async move {
+        chat.post_message(tenant, agent, session.id, "held".into(), None)
+            .await
+    });
+    tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+    assert!(!post.is_finished(), "the append waits for the row");
+    blocker.commit().await.unwrap();
+    let appended = post.await.unwrap().expect("stored once the row is free");
+    assert_eq!(appended.message.seq, 1);
+    let stored = app
+        .chat
+        .list_messages(tenant, session.id, None, None)
+        .await
+        .unwrap();
+    assert_eq!(stored.len(), 1);
+}

@@ -406,21 +406,11 @@ fn lock_statement(
     at: DateTime<Utc>,
     wait: LockWait,
 ) -> Statement {
-    type Key = (bool, usize, LockWait);
-    static SQL: OnceLock<Mutex<HashMap<Key, Arc<str>>>> = OnceLock::new();
+    static SQL: SqlCache<(bool, usize, LockWait)> = SqlCache::new();
     let key = (backend == DbBackend::Postgres, ids.len(), wait);
-    let cache = SQL.get_or_init(Mutex::default);
-    let cached = cache
-        .lock()
-        .unwrap_or_else(std::sync::PoisonError::into_inner)
-        .get(&key)
-        .cloned();
-    let Some(sql) = cached else {
+    let Some(sql) = SQL.get(&key) else {
         let built = build_lock_statement(backend, ids, at, wait);
-        cache
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .insert(key, built.sql.as_str().into());
+        SQL.put(key, &built.sql);
         return built;
     };
     let mut values = Vec::with_capacity(ids.len() + 2);
@@ -428,6 +418,36 @@ fn lock_statement(
     values.push(Value::from(at));
     values.extend(ids.into_iter().map(Value::from));
     Statement::from_sql_and_values(backend, sql.as_ref(), values)
+}
+
+/// SQL text kept per statement shape (the key), so that a statement whose
+/// SQL depends only on its shape is built with sea-query once and then
+/// only bound ([`lock_statement`], [`write_statement`]). Shapes are few:
+/// id lists are padded and inserts chunked to powers of two.
+struct SqlCache<K>(OnceLock<Mutex<HashMap<K, Arc<str>>>>);
+
+impl<K: Eq + std::hash::Hash> SqlCache<K> {
+    const fn new() -> Self {
+        Self(OnceLock::new())
+    }
+
+    fn map(&self) -> std::sync::MutexGuard<'_, HashMap<K, Arc<str>>> {
+        // Each critical section is one lookup or one insert.
+        self.0
+            .get_or_init(Mutex::default)
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// The SQL kept for `key`.
+    fn get(&self, key: &K) -> Option<Arc<str>> {
+        self.map().get(key).cloned()
+    }
+
+    /// Keeps `sql` for `key`.
+    fn put(&self, key: K, sql: &str) {
+        self.map().insert(key, sql.into());
+    }
 }
 
 /// The role of customer connections (`livechat_connections.role`).
@@ -561,25 +581,15 @@ impl BatchWrites {
 /// entity's order, each outbox row's, then the `CASE` pairs (id, seq),
 /// `updated_at` and the ids of the `IN` list; a test compares both ways.
 fn write_statement(backend: DbBackend, writes: BatchWrites) -> Statement {
-    type Key = (bool, usize, usize);
-    static SQL: OnceLock<Mutex<HashMap<Key, Arc<str>>>> = OnceLock::new();
+    static SQL: SqlCache<(bool, usize, usize)> = SqlCache::new();
     let key = (
         backend == DbBackend::Postgres,
         writes.messages.len(),
         writes.seqs.len(),
     );
-    let cache = SQL.get_or_init(Mutex::default);
-    let cached = cache
-        .lock()
-        .unwrap_or_else(std::sync::PoisonError::into_inner)
-        .get(&key)
-        .cloned();
-    let Some(sql) = cached else {
+    let Some(sql) = SQL.get(&key) else {
         let built = build_write_statement(backend, writes);
-        cache
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .insert(key, built.sql.as_str().into());
+        SQL.put(key, &built.sql);
         return built;
     };
     let columns = message::Column::iter().count() * writes.messages.len()

@@ -235,13 +235,16 @@ impl SeaOrmStore {
         }
         let mut ids: Vec<uuid::Uuid> = batch.iter().map(|r| r.session.as_uuid()).collect();
         ids.dedup();
-        let mut sessions = lock_sessions(tx, padded(ids.clone()), wait).await?;
         let keyed: Vec<&str> = batch
             .iter()
             .filter_map(|r| r.key.as_ref().map(ClientMsgId::as_str))
             .collect();
+        let mut sessions =
+            lock_sessions(tx, padded(ids.clone()), padded(keyed.clone()), wait).await?;
         let mut keys: HashMap<(SessionId, &str), ChatMessage> = HashMap::new();
-        if !keyed.is_empty() {
+        // The originals are read only when the lock counted some: a repeat
+        // is rare, so a batch of new keyed messages needs no lookup.
+        if sessions.values().any(|s| s.stored_keys > 0) {
             let stored = message::Entity::find()
                 .filter(message::Column::SessionId.is_in(padded(ids)))
                 .filter(message::Column::ClientMsgId.is_in(padded(keyed)))
@@ -346,6 +349,9 @@ struct LockedSession {
     customer_connections: i64,
     /// The host user id of the session's customer (`None` for visitors).
     customer_user: Option<i64>,
+    /// The session's stored messages whose `client_msg_id` is among the
+    /// batch's keys (of any of its sessions; 0 when the batch has none).
+    stored_keys: i64,
 }
 
 /// How a batch's lock statement waits for session rows another
@@ -365,19 +371,24 @@ enum LockWait {
 }
 
 /// Locks the sessions `ids` (in id order) and reads each with its
-/// customer's live connection count and host user id, in one statement:
-/// PostgreSQL `SELECT … FOR UPDATE` with two scalar subqueries; on SQLite
-/// the write lock taken by `BEGIN IMMEDIATE` already orders appends.
+/// customer's live connection count and host user id, and with `keys`
+/// (the batch's `client_msg_id`s) the count of its stored messages that
+/// carry one of them, in one statement: PostgreSQL `SELECT … FOR UPDATE`
+/// with scalar subqueries; on SQLite the write lock taken by `BEGIN
+/// IMMEDIATE` already orders appends.
 ///
 /// Locking orders concurrent appends to a session, so `seq` is gap-free
 /// and unique (DESIGN.md invariant 4). Folding the two customer reads into
-/// the lock saves one or two statements per message (issue #5).
+/// the lock saves one or two statements per message, and counting the
+/// keys saves the lookup of originals unless there are some (issue #5).
 async fn lock_sessions(
     tx: &DatabaseTransaction,
     ids: Vec<uuid::Uuid>,
+    keys: Vec<&str>,
     wait: LockWait,
 ) -> Result<HashMap<uuid::Uuid, LockedSession>, DbErr> {
-    let statement = lock_statement(tx.get_database_backend(), ids, now(), wait);
+    let keyed = !keys.is_empty();
+    let statement = lock_statement(tx.get_database_backend(), ids, keys, now(), wait);
     let mut locked = HashMap::new();
     for result in tx.query_all_raw(statement).await? {
         let row = session::Model::from_query_result(&result, "")?;
@@ -387,6 +398,11 @@ async fn lock_sessions(
                 row,
                 customer_connections: result.try_get("", CUSTOMER_CONNECTIONS)?,
                 customer_user: result.try_get("", CUSTOMER_USER)?,
+                stored_keys: if keyed {
+                    result.try_get("", STORED_KEYS)?
+                } else {
+                    0
+                },
             },
         );
     }
@@ -394,28 +410,30 @@ async fn lock_sessions(
 }
 
 /// The statement of [`lock_sessions`] for `ids` as of `at`. Its SQL
-/// depends only on the database, the number of ids and `wait`, so it is
+/// depends only on the database, the numbers of ids and keys and `wait`, so it is
 /// built with sea-query once per those ([`build_lock_statement`]) and then only bound:
 /// building it for every batch took about a twentieth of a lone message's
 /// CPU (issue #5 profile). The values are bound in the order sea-query
-/// emits them (the customer role, `at`, then the ids); a test compares
-/// both ways.
+/// emits them (the customer role, `at`, the keys, then the ids); a test
+/// compares both ways.
 fn lock_statement(
     backend: DbBackend,
     ids: Vec<uuid::Uuid>,
+    keys: Vec<&str>,
     at: DateTime<Utc>,
     wait: LockWait,
 ) -> Statement {
-    static SQL: SqlCache<(bool, usize, LockWait)> = SqlCache::new();
-    let key = (backend == DbBackend::Postgres, ids.len(), wait);
+    static SQL: SqlCache<(bool, usize, usize, LockWait)> = SqlCache::new();
+    let key = (backend == DbBackend::Postgres, ids.len(), keys.len(), wait);
     let Some(sql) = SQL.get(&key) else {
-        let built = build_lock_statement(backend, ids, at, wait);
+        let built = build_lock_statement(backend, ids, keys, at, wait);
         SQL.put(key, &built.sql);
         return built;
     };
-    let mut values = Vec::with_capacity(ids.len() + 2);
+    let mut values = Vec::with_capacity(ids.len() + keys.len() + 2);
     values.push(Value::from(CUSTOMER_ROLE));
     values.push(Value::from(at));
+    values.extend(keys.into_iter().map(Value::from));
     values.extend(ids.into_iter().map(Value::from));
     Statement::from_sql_and_values(backend, sql.as_ref(), values)
 }
@@ -457,6 +475,7 @@ const CUSTOMER_ROLE: &str = "customer";
 fn build_lock_statement(
     backend: DbBackend,
     ids: Vec<uuid::Uuid>,
+    keys: Vec<&str>,
     at: DateTime<Utc>,
     wait: LockWait,
 ) -> Statement {
@@ -487,6 +506,18 @@ fn build_lock_statement(
             Expr::SubQuery(None, Box::new(customer_user.into())),
             CUSTOMER_USER,
         )
+        .apply_if((!keys.is_empty()).then_some(keys), |select, keys| {
+            let stored = Query::select()
+                .expr(Expr::col((message::Entity, message::Column::Id)).count())
+                .from(message::Entity)
+                .and_where(
+                    Expr::col((message::Entity, message::Column::SessionId))
+                        .equals((session::Entity, session::Column::Id)),
+                )
+                .and_where(Expr::col((message::Entity, message::Column::ClientMsgId)).is_in(keys))
+                .to_owned();
+            select.expr_as(Expr::SubQuery(None, Box::new(stored.into())), STORED_KEYS)
+        })
         .filter(session::Column::Id.is_in(ids))
         .order_by_asc(session::Column::Id);
     match wait {
@@ -498,6 +529,7 @@ fn build_lock_statement(
 
 const CUSTOMER_CONNECTIONS: &str = "customer_connections";
 const CUSTOMER_USER: &str = "customer_user_id";
+const STORED_KEYS: &str = "stored_keys";
 
 /// What a staged batch writes.
 struct BatchWrites {
@@ -936,14 +968,16 @@ mod tests {
     fn the_cached_lock_statement_binds_what_sea_query_builds() {
         let at = crate::model::now();
         for backend in [DbBackend::Sqlite, DbBackend::Postgres] {
-            for n in [1, 2, 8] {
+            for (n, k) in [(1, 0), (2, 0), (8, 0), (1, 1), (2, 4), (8, 8)] {
                 let ids: Vec<uuid::Uuid> = (0..n).map(|_| uuid::Uuid::now_v7()).collect();
+                let names: Vec<String> = (0..k).map(|i| format!("key {i}")).collect();
+                let keys: Vec<&str> = names.iter().map(String::as_str).collect();
                 // The first call may fill the cache; the second binds it.
                 for wait in [LockWait::NoWait, LockWait::Bounded] {
-                    let _ = lock_statement(backend, ids.clone(), at, wait);
-                    let cached = lock_statement(backend, ids.clone(), at, wait);
-                    let built = build_lock_statement(backend, ids.clone(), at, wait);
-                    let case = format!("{backend:?}, {n} ids, {wait:?}");
+                    let _ = lock_statement(backend, ids.clone(), keys.clone(), at, wait);
+                    let cached = lock_statement(backend, ids.clone(), keys.clone(), at, wait);
+                    let built = build_lock_statement(backend, ids.clone(), keys.clone(), at, wait);
+                    let case = format!("{backend:?}, {n} ids, {k} keys, {wait:?}");
                     assert_eq!(cached.sql, built.sql, "{case}");
                     assert_eq!(cached.values, built.values, "{case}");
                     assert_eq!(cached.db_backend, built.db_backend);

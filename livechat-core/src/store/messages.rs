@@ -409,11 +409,12 @@ async fn lock_sessions(
     Ok(locked)
 }
 
-/// The statement of [`lock_sessions`] for `ids` as of `at`. Its SQL
-/// depends only on the database, the numbers of ids and keys and `wait`, so it is
-/// built with sea-query once per those ([`build_lock_statement`]) and then only bound:
-/// building it for every batch took about a twentieth of a lone message's
-/// CPU (issue #5 profile). The values are bound in the order sea-query
+/// The statement of [`lock_sessions`] for `ids` and `keys` as of `at`.
+/// Its SQL depends only on the database, the numbers of ids and keys and
+/// `wait`, so it is built with sea-query once per those
+/// ([`build_lock_statement`]) and then only bound: building it for every
+/// batch took about a twentieth of a lone message's CPU (issue #5
+/// profile). The values are bound in the order sea-query
 /// emits them (the customer role, `at`, the keys, then the ids); a test
 /// compares both ways.
 fn lock_statement(

@@ -441,8 +441,11 @@ fn lock_statement(
 
 /// SQL text kept per statement shape (the key), so that a statement whose
 /// SQL depends only on its shape is built with sea-query once and then
-/// only bound ([`lock_statement`], [`write_statement`]). Shapes are few:
-/// id lists are padded and inserts chunked to powers of two.
+/// only bound ([`lock_statement`], [`write_statement`]). The shapes are
+/// bounded by [`MAX_BATCH`]: id and key lists are padded to powers of two
+/// (8 and 9 lengths), write statements exist per message count (1–128)
+/// and padded session count, per database; in practice a load uses a few
+/// dozen of them.
 struct SqlCache<K>(OnceLock<Mutex<HashMap<K, Arc<str>>>>);
 
 impl<K: Eq + std::hash::Hash> SqlCache<K> {

@@ -21,20 +21,18 @@ fn expiry(ttl: Duration) -> chrono::DateTime<chrono::Utc> {
     now() + chrono::Duration::from_std(ttl).unwrap_or(chrono::Duration::seconds(60))
 }
 
-/// `SELECT COUNT(*)` of the live (unexpired) connections of `role`
-/// following a session, on any node (column `n`). `tenant` and `session`
-/// are values, or the outer query's columns for a correlated subquery (the
-/// group commit reads a session's customer connections in its lock).
-pub(super) fn live_connections(
-    role: &str,
-    tenant: impl Into<Expr>,
-    session: impl Into<Expr>,
-) -> SelectStatement {
-    live_connections_at(role, tenant, session, now())
-}
+/// `livechat_connections.role` of an agent's connection.
+pub(super) const AGENT: &str = "agent";
 
-/// [`live_connections`] as of `at`.
-pub(super) fn live_connections_at(
+/// `livechat_connections.role` of a customer's connection.
+pub(super) const CUSTOMER: &str = "customer";
+
+/// `SELECT COUNT(*)` of the connections of `role` following a session that
+/// are live (unexpired) at `at`, on any node (column `n`). `tenant` and
+/// `session` are values, or the outer query's columns for a correlated
+/// subquery (the group commit reads a session's customer connections in
+/// its lock).
+pub(super) fn live_connections(
     role: &str,
     tenant: impl Into<Expr>,
     session: impl Into<Expr>,
@@ -71,7 +69,12 @@ async fn count_role(
     role: &str,
 ) -> Result<u64, DbErr> {
     let count: i64 = conn
-        .query_one(&live_connections(role, tenant.get(), session.as_uuid()))
+        .query_one(&live_connections(
+            role,
+            tenant.get(),
+            session.as_uuid(),
+            now(),
+        ))
         .await?
         .map_or(Ok(0), |row| row.try_get("", "n"))?;
     Ok(u64::try_from(count).unwrap_or(0))
@@ -87,8 +90,8 @@ impl ConnectionRepository for SeaOrmStore {
         ttl: Duration,
     ) -> Result<(), ChatError> {
         let (role, agent, customer) = match owner {
-            ConnectionOwner::Agent(a) => ("agent", Some(a.get()), None),
-            ConnectionOwner::Customer(c) => ("customer", None, Some(c.as_uuid())),
+            ConnectionOwner::Agent(a) => (AGENT, Some(a.get()), None),
+            ConnectionOwner::Customer(c) => (CUSTOMER, None, Some(c.as_uuid())),
         };
         connection::Entity::insert(connection::ActiveModel {
             id: Set(id),
@@ -175,8 +178,8 @@ impl ConnectionRepository for SeaOrmStore {
         session: SessionId,
     ) -> Result<SessionConnections, ChatError> {
         Ok(SessionConnections {
-            customers: count_role(&self.db, tenant, session, "customer").await?,
-            agents: count_role(&self.db, tenant, session, "agent").await?,
+            customers: count_role(&self.db, tenant, session, CUSTOMER).await?,
+            agents: count_role(&self.db, tenant, session, AGENT).await?,
         })
     }
 

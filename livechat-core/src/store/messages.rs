@@ -432,7 +432,7 @@ fn lock_statement(
         return built;
     };
     let mut values = Vec::with_capacity(ids.len() + keys.len() + 2);
-    values.push(Value::from(CUSTOMER_ROLE));
+    values.push(Value::from(super::connections::CUSTOMER));
     values.push(Value::from(at));
     values.extend(keys.into_iter().map(Value::from));
     values.extend(ids.into_iter().map(Value::from));
@@ -472,9 +472,6 @@ impl<K: Eq + std::hash::Hash> SqlCache<K> {
     }
 }
 
-/// The role of customer connections (`livechat_connections.role`).
-const CUSTOMER_ROLE: &str = "customer";
-
 /// [`lock_statement`] built with sea-query.
 fn build_lock_statement(
     backend: DbBackend,
@@ -483,8 +480,8 @@ fn build_lock_statement(
     at: DateTime<Utc>,
     wait: LockWait,
 ) -> Statement {
-    let connections = super::connections::live_connections_at(
-        CUSTOMER_ROLE,
+    let connections = super::connections::live_connections(
+        super::connections::CUSTOMER,
         Expr::col((session::Entity, session::Column::TenantId)),
         Expr::col((session::Entity, session::Column::Id)),
         at,

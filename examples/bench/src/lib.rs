@@ -686,6 +686,35 @@ pub async fn fan_out(target: &Target, hub: &RawHub, rooms: usize, duration: Dura
     }]
 }
 
+/// Scenario 3 beside idle connections: the rooms of [`fan_out`] while
+/// `idle` other authenticated connections of the same tenant (agents who
+/// follow no session, held by `holders`) sit connected; the hub's baseline
+/// holds as many idle sockets, each in a room of its own. A node must not
+/// pay for connections a message is not for.
+pub async fn fan_out_beside_idle(
+    target: &Target,
+    hub: &RawHub,
+    rooms: usize,
+    duration: Duration,
+    idle: usize,
+    holders: &mut dyn Holders,
+) -> Row {
+    holders
+        .open(&HoldTarget::Livechat(target.clone()), 300_000, idle)
+        .await;
+    let lib = room_fan_out(target, target, rooms, duration, 4000).await;
+    holders.release();
+    holders.open(&HoldTarget::Hub(hub.addr()), 300_000, idle).await;
+    let base = hub.fan_out(rooms, duration).await;
+    holders.release();
+    Row {
+        label: format!("{rooms} room(s) × 10 clients, 100 B, beside {idle} idle connections"),
+        library: lib,
+        baseline: base,
+        unit: "deliveries/s",
+    }
+}
+
 /// Scenario 5: node `a` and node `b` share a database and Redis. The same
 /// measurements with the receivers on `a` (single node) and on `b` (cross
 /// node): latency at `rate` and room fan-out rate.

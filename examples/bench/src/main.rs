@@ -12,7 +12,8 @@
 //!   the write path and latency; fan-out and idle run on `sqlite-full`,
 //!   cross-node on PostgreSQL with Redis.
 //! - `--idle N`: idle connections (default 19,500: the server process's
-//!   descriptor limit must exceed N).
+//!   descriptor limit must exceed N); the fan-out beside idle connections
+//!   holds `min(N, 5,000)`.
 //!
 //! Without `--server`, the example server binary next to this one is
 //! started per database, pinned to CPU 0 with `taskset`; the raw hub runs
@@ -26,8 +27,11 @@ use std::time::Duration;
 
 use livechat_bench::{
     HoldTarget, Holders, InProcessHolders, RawDb, RawHub, SECRET, Target, cross_node, fan_out,
-    hold, idle, latency, print_table, write_path,
+    fan_out_beside_idle, hold, idle, latency, print_table, write_path,
 };
+
+/// Idle connections held beside the fan-out rooms (scenario 3's second row).
+const FAN_OUT_IDLE: usize = 5_000;
 
 const SCENARIOS: [&str; 5] = ["write", "latency", "fanout", "idle", "crossnode"];
 const DATABASES: [&str; 3] = ["sqlite-full", "sqlite-normal", "postgres"];
@@ -361,7 +365,19 @@ async fn main() {
             print_table("2. Delivery latency (WebSocket, open loop)", &rows);
         }
         if wants("fanout") {
-            print_table("3. Fan-out", &fan_out(&target, &hub, rooms, secs).await);
+            let mut rows = fan_out(&target, &hub, rooms, secs).await;
+            rows.push(
+                fan_out_beside_idle(
+                    &target,
+                    &hub,
+                    rooms,
+                    secs,
+                    idle_n.min(FAN_OUT_IDLE),
+                    &mut InProcessHolders::default(),
+                )
+                .await,
+            );
+            print_table("3. Fan-out", &rows);
         }
         if wants("idle") {
             let rows = idle(&target, &hub, idle_n, &mut InProcessHolders::default()).await;
@@ -429,10 +445,20 @@ async fn main() {
     if wants("fanout") || wants("idle") {
         let server = spawn_server(&sqlite_url(&dir, "fanout.db"), &[]).await;
         if wants("fanout") {
-            print_table(
-                "3. Fan-out (SQLite FULL)",
-                &fan_out(&server.target, &hub.hub, 10, secs).await,
+            let mut rows = fan_out(&server.target, &hub.hub, 10, secs).await;
+            let beside = args.idle.min(FAN_OUT_IDLE);
+            rows.push(
+                fan_out_beside_idle(
+                    &server.target,
+                    &hub.hub,
+                    10,
+                    secs,
+                    beside,
+                    &mut ChildHolders::default(),
+                )
+                .await,
             );
+            print_table("3. Fan-out (SQLite FULL)", &rows);
         }
         if wants("idle") {
             let rows = idle(

@@ -5,7 +5,7 @@
 use std::time::Duration;
 
 use livechat_bench::{
-    InProcessHolders, RawDb, RawHub, Target, cross_node, fan_out, idle, latency, write_path,
+    InProcessHolders, RawDb, RawHub, Target, cross_node, fan_out, fan_out_beside_idle, idle, latency, write_path,
 };
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -37,6 +37,16 @@ async fn every_scenario_reports_numbers() {
     assert_eq!(rows[2].baseline, 20.0, "{rows:?}");
     let rows = fan_out(&target, &hub, 1, Duration::from_millis(300)).await;
     assert!(rows[0].library > 0.0 && rows[0].baseline > 0.0, "{rows:?}");
+    let row = fan_out_beside_idle(
+        &target,
+        &hub,
+        1,
+        Duration::from_millis(300),
+        40,
+        &mut InProcessHolders::default(),
+    )
+    .await;
+    assert!(row.library > 0.0 && row.baseline > 0.0, "{row:?}");
     let rows = idle(&target, &hub, 220, &mut InProcessHolders::default()).await;
     assert!(
         rows[2].library > 0.0,

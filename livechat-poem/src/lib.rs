@@ -40,6 +40,7 @@ mod auth;
 mod customer;
 mod dto;
 mod error;
+mod fanout;
 mod net;
 mod visitor;
 mod ws;

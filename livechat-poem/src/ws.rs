@@ -32,10 +32,11 @@ use poem::web::websocket::{CloseCode, Message, WebSocket, WebSocketConfig, WebSo
 use poem::{IntoResponse, Request, Response, handler};
 use serde::Deserialize;
 use serde_json::{Value, json};
-use tokio::sync::{broadcast, watch};
+use tokio::sync::{mpsc, watch};
 
 use crate::auth::{Authenticator, SUPPORT_AGENT, parse_tenant_header};
 use crate::error::ApiError;
+use crate::fanout::{FanOut, Membership, Prepared};
 use crate::visitor::VisitorTokens;
 
 /// Tunables of the gateway (issue #4 defaults).
@@ -57,6 +58,12 @@ pub struct RealtimeConfig {
     /// Frames queued for a client before it counts as too slow and is
     /// closed with 1013. Default 1024.
     pub outbound_queue: usize,
+    /// Bus events the node's fan-out queues for one connection (at least 1).
+    /// When the queue is full the next event is dropped for that
+    /// connection, which then re-reads the sessions it follows (catch-up by
+    /// `seq`): messages are never lost, a typing or read signal may be.
+    /// Default 1,024.
+    pub event_queue: usize,
     /// `send_message` frames per second per connection (burst twice that).
     /// Default 10.
     pub send_rate_per_sec: u32,
@@ -78,6 +85,7 @@ impl Default for RealtimeConfig {
             auth_timeout: Duration::from_secs(5),
             max_frame_bytes: 64 * 1024,
             outbound_queue: 1024,
+            event_queue: crate::fanout::EVENT_QUEUE,
             send_rate_per_sec: 10,
             max_bad_frames: 10,
             allowed_origins: Vec::new(),
@@ -94,55 +102,15 @@ pub(crate) struct Gateway {
     pub(crate) visitor_tokens: VisitorTokens,
     pub(crate) config: RealtimeConfig,
     pub(crate) shutdown: watch::Receiver<bool>,
-    /// The node's fan-out channel, started with the first connection.
-    pub(crate) fanout: std::sync::OnceLock<broadcast::Sender<Arc<Prepared>>>,
-}
-
-/// A bus event prepared once per node for all its connections: a
-/// message's frame is serialized once, not once per recipient.
-pub(crate) struct Prepared {
-    event: Arc<BusEvent>,
-    /// For `message.posted`: the message and its `new_message` frame.
-    message: Option<(ChatMessage, String)>,
+    /// The node's fan-out, started with the first connection.
+    pub(crate) fanout: std::sync::OnceLock<Arc<FanOut>>,
 }
 
 impl Gateway {
-    /// A receiver of prepared events, starting the node's fan-out task on
-    /// first use.
-    fn subscribe(&self) -> broadcast::Receiver<Arc<Prepared>> {
+    /// The node's fan-out, started with the first connection.
+    fn fanout(&self) -> &Arc<FanOut> {
         self.fanout
-            .get_or_init(|| {
-                let (tx, _) =
-                    broadcast::channel(livechat_core::bus::InProcessBus::DEFAULT_CAPACITY);
-                tokio::spawn(fan_out(self.bus.subscribe(), tx.clone()));
-                tx
-            })
-            .subscribe()
-    }
-}
-
-/// Reads the bus and prepares each event once for every connection.
-async fn fan_out(
-    mut bus: broadcast::Receiver<Arc<BusEvent>>,
-    tx: broadcast::Sender<Arc<Prepared>>,
-) {
-    loop {
-        let event = match bus.recv().await {
-            Ok(event) => event,
-            Err(broadcast::error::RecvError::Lagged(_)) => Arc::new(BusEvent::Resync),
-            Err(broadcast::error::RecvError::Closed) => return,
-        };
-        let message = match &*event {
-            BusEvent::Domain(e) if e.kind == EventKind::MessagePosted => {
-                ChatMessage::deserialize(&e.payload).ok().map(|m| {
-                    let text = message_text(&m);
-                    (m, text)
-                })
-            }
-            _ => None,
-        };
-        // No receiver means no connection: nothing to do.
-        let _ = tx.send(Arc::new(Prepared { event, message }));
+            .get_or_init(|| FanOut::start(self.bus.subscribe(), self.config.event_queue))
     }
 }
 
@@ -442,7 +410,7 @@ fn error_frame(code: &str, message: &str, reference: Option<&str>) -> Message {
 
 /// A `new_message` frame's text: the message's fields and `"type"`,
 /// serialized in one pass (no intermediate `Value`).
-fn message_text(m: &ChatMessage) -> String {
+pub(crate) fn message_text(m: &ChatMessage) -> String {
     #[derive(serde::Serialize)]
     struct NewMessage<'a> {
         r#type: &'static str,
@@ -526,6 +494,8 @@ struct Conn {
     gateway: Arc<Gateway>,
     id: uuid::Uuid,
     identity: Identity,
+    /// Its place in the node's fan-out: which events reach it.
+    membership: Membership,
     out: Outbound,
     /// Set once the connection is to close, with the close frame to send.
     closing: Option<(CloseCode, String)>,
@@ -1007,6 +977,8 @@ impl Conn {
                     .follow_session(self.tenant(), self.id, id)
                     .await?;
                 let start = after_seq.unwrap_or(view.session.last_seq).max(0);
+                // Before the catch-up's read: what it misses arrives live.
+                self.membership.follow(id);
                 self.joined.insert(id, start);
                 self.positions.insert(id, view.queue_position);
                 self.send(frame(json!({
@@ -1021,6 +993,7 @@ impl Conn {
                 if let Some(id) = self.joined_id(&session_id) {
                     self.joined.remove(&id);
                     self.positions.remove(&id);
+                    self.membership.unfollow(id);
                     self.chat()
                         .unfollow_session(self.tenant(), self.id, id)
                         .await?;
@@ -1140,10 +1113,14 @@ async fn serve(gateway: Arc<Gateway>, socket: WebSocketStream, pre_auth: Option<
 
     let rate = NonZeroU32::new(gateway.config.send_rate_per_sec.max(1)).unwrap_or(NonZeroU32::MIN);
     let burst = rate.saturating_mul(NonZeroU32::new(2).unwrap_or(NonZeroU32::MIN));
+    let id = uuid::Uuid::now_v7();
+    let agent = matches!(identity.role, Role::Agent(_));
+    let (membership, mut events) = gateway.fanout().join(id, identity.tenant, agent);
     let mut conn = Conn {
         gateway: gateway.clone(),
-        id: uuid::Uuid::now_v7(),
+        id,
         identity,
+        membership,
         out: Outbound::new(sink),
         closing: None,
         joined: HashMap::new(),
@@ -1154,7 +1131,6 @@ async fn serve(gateway: Arc<Gateway>, socket: WebSocketStream, pre_auth: Option<
         sends: FuturesOrdered::new(),
     };
     let owner = identity.role.owner();
-    let mut bus = gateway.subscribe();
     Box::pin(register(&gateway, identity.tenant, conn.id, owner)).await;
     conn.send(frame(json!({
         "type": "ready",
@@ -1207,7 +1183,7 @@ async fn serve(gateway: Arc<Gateway>, socket: WebSocketStream, pre_auth: Option<
                     Message::Ping(_) | Message::Pong(_) => {}
                 }
             }
-            event = bus.recv() => {
+            event = events.recv() => {
                 // A burst of events is handled in one go, so its frames
                 // leave in one write (one system call for several frames).
                 // The next event is taken only while the burst has room, so
@@ -1215,38 +1191,32 @@ async fn serve(gateway: Arc<Gateway>, socket: WebSocketStream, pre_auth: Option<
                 let mut next = event;
                 let mut handled = 0;
                 loop {
-                    match next {
-                        Ok(event) => {
-                            // Answers first: a committed send's ack goes out
-                            // before its own `new_message` (the store answers
-                            // before it publishes).
-                            while let Some(Some((client_msg_id, outcome))) = conn.sends.next().now_or_never() {
-                                conn.settle_send(&client_msg_id, outcome);
-                            }
-                            if let Err(e) = conn.handle_prepared(&event).await {
-                                tracing::warn!(error = %e, "websocket: delivery failed");
-                            }
-                        }
-                        Err(broadcast::error::RecvError::Lagged(_)) => Box::pin(conn.resync()).await,
-                        Err(broadcast::error::RecvError::Closed) => {
-                            bus_open = false;
-                            break;
-                        }
+                    let Some(event) = next else {
+                        bus_open = false;
+                        break;
+                    };
+                    // Answers first: a committed send's ack goes out before
+                    // its own `new_message` (the store answers before it
+                    // publishes).
+                    while let Some(Some((client_msg_id, outcome))) = conn.sends.next().now_or_never() {
+                        conn.settle_send(&client_msg_id, outcome);
+                    }
+                    if let Err(e) = conn.handle_prepared(&event).await {
+                        tracing::warn!(error = %e, "websocket: delivery failed");
                     }
                     handled += 1;
                     if conn.is_closing() || handled == BUS_BURST {
                         break;
                     }
-                    next = match bus.try_recv() {
-                        Ok(event) => Ok(event),
-                        Err(broadcast::error::TryRecvError::Empty) => break,
-                        Err(broadcast::error::TryRecvError::Lagged(n)) => {
-                            Err(broadcast::error::RecvError::Lagged(n))
-                        }
-                        Err(broadcast::error::TryRecvError::Closed) => {
-                            Err(broadcast::error::RecvError::Closed)
-                        }
+                    next = match events.try_recv() {
+                        Ok(event) => Some(event),
+                        Err(mpsc::error::TryRecvError::Empty) => break,
+                        Err(mpsc::error::TryRecvError::Disconnected) => None,
                     };
+                }
+                // Events were dropped while the queue was full: re-read.
+                if conn.membership.take_lagged() {
+                    Box::pin(conn.resync()).await;
                 }
                 if !bus_open {
                     break;

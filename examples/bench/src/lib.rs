@@ -704,7 +704,9 @@ pub async fn fan_out_beside_idle(
         .await;
     let lib = room_fan_out(target, target, rooms, duration, 4000).await;
     holders.release();
-    holders.open(&HoldTarget::Hub(hub.addr()), 300_000, idle).await;
+    holders
+        .open(&HoldTarget::Hub(hub.addr()), 300_000, idle)
+        .await;
     let base = hub.fan_out(rooms, duration).await;
     holders.release();
     Row {

@@ -5,7 +5,8 @@
 use std::time::Duration;
 
 use livechat_bench::{
-    InProcessHolders, RawDb, RawHub, Target, cross_node, fan_out, fan_out_beside_idle, idle, latency, write_path,
+    InProcessHolders, RawDb, RawHub, Target, cross_node, fan_out, fan_out_beside_idle, idle,
+    latency, write_path,
 };
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -87,6 +87,53 @@ async fn a_long_burst_of_bus_events_is_relayed_whole(backend: Backend) {
     }
 }
 
+/// Issue #5: the node's fan-out queues at most `event_queue` events per
+/// connection and drops the rest for it, marking it lagged; the connection
+/// then re-reads the sessions it follows, so no message is lost. On a
+/// current-thread runtime the 40 events of one commit are dispatched while
+/// the connection's task cannot run, so 36 of them are dropped for it.
+mod an_overflowing_event_queue_loses_no_message {
+    use livechat_tests::Backend;
+
+    #[tokio::test(flavor = "current_thread")]
+    async fn sqlite() {
+        super::an_overflowing_event_queue_loses_no_message(Backend::Sqlite).await;
+    }
+
+    #[tokio::test(flavor = "current_thread")]
+    async fn postgres() {
+        super::an_overflowing_event_queue_loses_no_message(Backend::Postgres).await;
+    }
+}
+
+async fn an_overflowing_event_queue_loses_no_message(backend: Backend) {
+    let (_app, node) = node(backend, |r| r.event_queue = 4).await;
+    let (session, _) = open_chat(&node, 913).await;
+    let mut agent = WsClient::connect_with_header(&node.ws_url(), &agent_auth(8), 1)
+        .await
+        .unwrap();
+    join(&mut agent, session, None).await;
+    let pending: Vec<_> = (0..40)
+        .map(|n| {
+            node.chat
+                .submit_message(t(1), u(7), session, format!("overflow {n}"), None)
+        })
+        .collect();
+    for append in pending {
+        append.await.unwrap();
+    }
+    let mut seqs = Vec::new();
+    while seqs.len() < 40 {
+        let Some(frame) = agent.next(Duration::from_secs(5)).await else {
+            panic!("only {} of 40 messages arrived", seqs.len());
+        };
+        if frame["type"] == "new_message" {
+            seqs.push(frame["seq"].as_i64().unwrap());
+        }
+    }
+    assert_eq!(seqs, (1..=40).collect::<Vec<i64>>());
+}
+
 /// A node with short timers over a fresh database.
 async fn node(
     backend: Backend,

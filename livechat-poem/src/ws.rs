@@ -1,14 +1,16 @@
 //! The WebSocket gateway (issue #4): `GET /livechat/ws`.
 //!
-//! One task per connection reads client frames, follows the bus, pings and
-//! writes the socket from a bounded queue ([`Outbound`]): a delivery costs
-//! one task wake-up, and an idle connection holds one small task (issue #5:
-//! memory per idle connection). Rarely taken, deep paths (database calls,
-//! catch-up) are boxed so the task's own state stays small. Delivery of
+//! One task per connection reads client frames, takes the events the node's
+//! fan-out routes to it ([`crate::fanout`]: only those of the sessions it
+//! follows and of its tenant's queue), pings and writes the socket from a
+//! bounded queue ([`Outbound`]): a delivery costs one task wake-up, and an
+//! idle connection holds one small task (issue #5: memory per idle
+//! connection). Rarely taken, deep paths (database calls, catch-up) are
+//! boxed so the task's own state stays small. Delivery of
 //! messages is ordered and gap-free per joined session: the connection
 //! remembers the last `seq` it sent; a live message at or below it is a
 //! duplicate (dropped), one beyond the next is a gap (filled from storage
-//! first). Replays after `after_seq`, lagging bus receivers and bus
+//! first). Replays after `after_seq`, an overflowing event queue and bus
 //! reconnects (`Resync`) all go through the same catch-up, so a client never
 //! misses or repeats a message. Rules (who may join, send, what a message
 //! must be) stay in [`ChatService`]; this module only speaks the protocol.

@@ -377,7 +377,16 @@ impl Sinks {
                 decode::<Closed>(event)?.ticket_id.map(Work::CloseTicket)
             }
             EventKind::MessagePosted if self.notifications => {
-                agent_reply(event, decode(event)?).map(Work::Notify)
+                // Most messages need no notification, and the outbox interest
+                // asks this of every message inside its writing transaction:
+                // three fields decide it before the whole message (a
+                // flattened struct, slow to decode) is read (issue #5
+                // profile).
+                if decode::<ReplyHead>(event)?.may_notify() {
+                    agent_reply(event, decode(event)?).map(Work::Notify)
+                } else {
+                    None
+                }
             }
             _ => None,
         };
@@ -388,6 +397,25 @@ impl Sinks {
     /// ignored: it is claimed and failed).
     fn ignore(self, event: &DomainEvent) -> bool {
         matches!(self.work(event), Ok(None))
+    }
+}
+
+/// The fields of a `message.posted` payload that decide whether it may
+/// cause a notification ([`agent_reply`] decides the rest).
+#[derive(Deserialize)]
+struct ReplyHead {
+    sender_type: SenderType,
+    ticket_id: Option<TicketId>,
+    #[serde(default)]
+    customer_connected: bool,
+}
+
+impl ReplyHead {
+    /// An agent's message in a ticketed session or one no customer
+    /// connection followed live: the cases [`agent_reply`] notifies.
+    fn may_notify(&self) -> bool {
+        self.sender_type == SenderType::Agent
+            && (self.ticket_id.is_some() || !self.customer_connected)
     }
 }
 

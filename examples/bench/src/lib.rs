@@ -699,16 +699,21 @@ pub async fn fan_out_beside_idle(
     idle: usize,
     holders: &mut dyn Holders,
 ) -> Row {
+    let pid = target.pid.unwrap_or_else(std::process::id);
+    let fds = open_fds(pid).unwrap_or(0);
     holders
         .open(&HoldTarget::Livechat(target.clone()), 300_000, idle)
         .await;
     let lib = room_fan_out(target, target, rooms, duration, 4000).await;
     holders.release();
+    settle(pid, fds).await;
+    let hub_fds = open_fds(hub.pid).unwrap_or(0);
     holders
         .open(&HoldTarget::Hub(hub.addr()), 300_000, idle)
         .await;
     let base = hub.fan_out(rooms, duration).await;
     holders.release();
+    settle(hub.pid, hub_fds).await;
     Row {
         label: format!("{rooms} room(s) × 10 clients, 100 B, beside {idle} idle connections"),
         library: lib,
@@ -767,6 +772,40 @@ pub fn rss_kib(pid: u32) -> Option<u64> {
         .and_then(|l| l.split_whitespace().nth(1))
         .and_then(|v| v.parse().ok())
 }
+
+/// Open file descriptors of `pid` (`/proc/<pid>/fd`).
+#[must_use]
+pub fn open_fds(pid: u32) -> Option<usize> {
+    Some(std::fs::read_dir(format!("/proc/{pid}/fd")).ok()?.count())
+}
+
+/// Waits until released connections are gone from `pid` before the next
+/// scenario starts beside them: at most 60 s until it holds no more than
+/// `before` + 100 descriptors (the server closes and unregisters them one
+/// by one), then [`PRESENCE_GRACE`] and a little more (each departed
+/// agent's presence check runs then, and is published to the tenant's
+/// agents), then at most 30 s until it uses under a tenth of a core.
+pub async fn settle(pid: u32, before: usize) {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while Instant::now() < deadline && open_fds(pid).is_some_and(|n| n > before + 100) {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    tokio::time::sleep(PRESENCE_GRACE + Duration::from_millis(500)).await;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while Instant::now() < deadline {
+        let Some(start) = cpu_us(pid) else { return };
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        if cpu_us(pid).is_none_or(|end| end.saturating_sub(start) < 50_000) {
+            return;
+        }
+    }
+}
+
+/// The presence grace the harness gives the servers it starts
+/// (`LIVECHAT_PRESENCE_GRACE_SECS`), shorter than the example's 10 s so
+/// that the presence checks of agents who left in one scenario do not run
+/// during the next.
+pub const PRESENCE_GRACE: Duration = Duration::from_secs(1);
 
 /// Kernel TCP buffer memory of the whole machine in KiB (`/proc/net/sockstat`,
 /// `TCP: … mem <pages>`).

@@ -26,8 +26,8 @@ use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
 use livechat_bench::{
-    HoldTarget, Holders, InProcessHolders, RawDb, RawHub, SECRET, Target, cross_node, fan_out,
-    fan_out_beside_idle, hold, idle, latency, print_table, write_path,
+    HoldTarget, Holders, InProcessHolders, PRESENCE_GRACE, RawDb, RawHub, SECRET, Target,
+    cross_node, fan_out, fan_out_beside_idle, hold, idle, latency, print_table, write_path,
 };
 
 /// Idle connections held beside the fan-out rooms (scenario 3's second row).
@@ -142,6 +142,10 @@ async fn spawn_server(database_url: &str, env: &[(&str, &str)]) -> Server {
         .env("LIVECHAT_JWT_SECRET", SECRET)
         .env("LIVECHAT_VISITOR_SECRET", "bench-visitor")
         .env("LIVECHAT_PRESENCE_TTL_SECS", "600")
+        .env(
+            "LIVECHAT_PRESENCE_GRACE_SECS",
+            PRESENCE_GRACE.as_secs().to_string(),
+        )
         .env("LIVECHAT_WS_SEND_RATE", "100000")
         .env("RUST_LOG", "warn")
         .stdout(Stdio::null());

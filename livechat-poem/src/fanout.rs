@@ -3,8 +3,9 @@
 //!
 //! A message, typing or read signal goes to the connections that follow its
 //! session; a session's lifecycle (started, assigned, updated, closed) to
-//! the tenant's agents and to its customers that follow a session (their
-//! queue position may move); an agent's presence to the tenant's agents;
+//! the tenant's agents, to the session's followers and to the tenant's
+//! customers waiting in the queue (their position may move); an agent's
+//! presence to the tenant's agents;
 //! a [`BusEvent::Resync`] to every connection; anything else to nobody
 //! ([`audience`]). So a node holding thousands of idle connections pays
 //! nothing for them per message: before, every connection received every
@@ -54,8 +55,9 @@ pub(crate) enum Audience {
     Session(SessionId),
     /// The tenant's agents.
     Agents(TenantId),
-    /// The tenant's agents and its customers following a session.
-    Tenant(TenantId),
+    /// A session's lifecycle: the tenant's agents, the session's followers
+    /// and the tenant's customers with a session waiting in the queue.
+    Lifecycle(TenantId, Option<SessionId>),
     /// Every connection of the node.
     Everyone,
     /// No connection acts on it.
@@ -71,7 +73,7 @@ pub(crate) fn audience(event: &BusEvent) -> Audience {
             EventKind::SessionStarted
             | EventKind::SessionAssigned
             | EventKind::SessionUpdated
-            | EventKind::SessionClosed => Audience::Tenant(e.tenant_id),
+            | EventKind::SessionClosed => Audience::Lifecycle(e.tenant_id, e.session_id),
             EventKind::AgentStatusChanged => Audience::Agents(e.tenant_id),
             // Tickets, linked visitors: for the outbox's consumers only.
             _ => Audience::Nobody,
@@ -118,8 +120,8 @@ struct Member {
 #[derive(Default)]
 struct TenantRoutes {
     agents: HashMap<uuid::Uuid, Arc<Inbox>>,
-    /// Customers following at least one session.
-    following: HashMap<uuid::Uuid, Arc<Inbox>>,
+    /// Customers following a session that waits in the queue.
+    waiting: HashMap<uuid::Uuid, Arc<Inbox>>,
 }
 
 /// The routing tables, behind one lock.
@@ -144,10 +146,20 @@ impl Routes {
                     out.extend(routes.agents.values().cloned());
                 }
             }
-            Audience::Tenant(t) => {
-                if let Some(routes) = self.tenants.get(&t) {
+            Audience::Lifecycle(t, session) => {
+                let routes = self.tenants.get(&t);
+                if let Some(routes) = routes {
                     out.extend(routes.agents.values().cloned());
-                    out.extend(routes.following.values().cloned());
+                    out.extend(routes.waiting.values().cloned());
+                }
+                // The session's other followers, each once.
+                let followers = session.and_then(|s| self.sessions.get(&s));
+                for (id, inbox) in followers.into_iter().flatten() {
+                    let listed = routes
+                        .is_some_and(|r| r.agents.contains_key(id) || r.waiting.contains_key(id));
+                    if !listed {
+                        out.push(inbox.clone());
+                    }
                 }
             }
             Audience::Everyone => out.extend(self.members.values().map(|m| m.inbox.clone())),
@@ -225,6 +237,7 @@ impl FanOut {
             fanout: self.clone(),
             id,
             lagged,
+            waiting: false,
         };
         (membership, rx)
     }
@@ -278,6 +291,8 @@ pub(crate) struct Membership {
     fanout: Arc<FanOut>,
     id: uuid::Uuid,
     lagged: Arc<AtomicBool>,
+    /// Listed among its tenant's waiting customers.
+    waiting: bool,
 }
 
 impl Membership {
@@ -291,14 +306,6 @@ impl Membership {
         };
         if member.sessions.contains(&session) {
             return;
-        }
-        if !member.agent && member.sessions.is_empty() {
-            routes
-                .tenants
-                .entry(member.tenant)
-                .or_default()
-                .following
-                .insert(self.id, member.inbox.clone());
         }
         member.sessions.push(session);
         routes
@@ -319,13 +326,34 @@ impl Membership {
             return;
         };
         member.sessions.swap_remove(at);
-        if !member.agent
-            && member.sessions.is_empty()
-            && let Some(tenant) = routes.tenants.get_mut(&member.tenant)
-        {
-            tenant.following.remove(&self.id);
-        }
         remove_follower(&mut routes.sessions, session, self.id);
+    }
+
+    /// Whether this customer connection follows a session waiting in the
+    /// queue: then it receives every session lifecycle event of its tenant,
+    /// since any of them may move its position. Agents receive them anyway.
+    pub(crate) fn set_waiting(&mut self, waiting: bool) {
+        if waiting == self.waiting {
+            return;
+        }
+        self.waiting = waiting;
+        let mut guard = self.fanout.routes();
+        let routes = &mut *guard;
+        let Some(member) = routes.members.get(&self.id) else {
+            return;
+        };
+        if member.agent {
+            return;
+        }
+        let tenant = routes.tenants.entry(member.tenant).or_default();
+        if waiting {
+            tenant.waiting.insert(self.id, member.inbox.clone());
+        } else {
+            tenant.waiting.remove(&self.id);
+            if tenant.agents.is_empty() && tenant.waiting.is_empty() {
+                routes.tenants.remove(&member.tenant);
+            }
+        }
     }
 
     /// Whether events were dropped for this connection since the last call
@@ -347,8 +375,8 @@ impl Drop for Membership {
         }
         if let Some(tenant) = routes.tenants.get_mut(&member.tenant) {
             tenant.agents.remove(&self.id);
-            tenant.following.remove(&self.id);
-            if tenant.agents.is_empty() && tenant.following.is_empty() {
+            tenant.waiting.remove(&self.id);
+            if tenant.agents.is_empty() && tenant.waiting.is_empty() {
                 routes.tenants.remove(&member.tenant);
             }
         }
@@ -425,14 +453,21 @@ mod tests {
         let fanout = FanOut::new(EVENT_QUEUE);
         let mut scratch = Vec::new();
         let (t1, t2) = (tenant(1), tenant(2));
-        let (s1, s2) = (SessionId::generate(), SessionId::generate());
-        let ids: Vec<uuid::Uuid> = (0..4).map(|_| uuid::Uuid::now_v7()).collect();
+        let (s1, s2, s3) = (
+            SessionId::generate(),
+            SessionId::generate(),
+            SessionId::generate(),
+        );
+        let ids: Vec<uuid::Uuid> = (0..5).map(|_| uuid::Uuid::now_v7()).collect();
         let (agent, mut agent_rx) = fanout.join(ids[0], t1, true);
         let (customer, mut customer_rx) = fanout.join(ids[1], t1, false);
-        let (_idle, mut idle_rx) = fanout.join(ids[2], t1, false);
-        let (_other, mut other_rx) = fanout.join(ids[3], t2, true);
+        let (mut waiting, mut waiting_rx) = fanout.join(ids[2], t1, false);
+        let (_idle, mut idle_rx) = fanout.join(ids[3], t1, false);
+        let (_other, mut other_rx) = fanout.join(ids[4], t2, true);
         agent.follow(s1);
         customer.follow(s2);
+        waiting.follow(s3);
+        waiting.set_waiting(true);
 
         let message = domain(t1, s1, EventKind::MessagePosted);
         fanout.dispatch(message.clone(), &mut scratch);
@@ -440,19 +475,58 @@ mod tests {
         fanout.dispatch(typed.clone(), &mut scratch);
         let started = domain(t1, s2, EventKind::SessionStarted);
         fanout.dispatch(started.clone(), &mut scratch);
+        let closed = domain(t1, s1, EventKind::SessionClosed);
+        fanout.dispatch(closed.clone(), &mut scratch);
+        let assigned = domain(t1, s3, EventKind::SessionAssigned);
+        fanout.dispatch(assigned.clone(), &mut scratch);
         let online = presence(t1);
         fanout.dispatch(online.clone(), &mut scratch);
         fanout.dispatch(domain(t1, s1, EventKind::TicketRequested), &mut scratch);
 
-        assert_eq!(received(&mut agent_rx), [message, started.clone(), online]);
-        assert_eq!(received(&mut customer_rx), [typed, started]);
+        assert_eq!(
+            received(&mut agent_rx),
+            [
+                message,
+                started.clone(),
+                closed.clone(),
+                assigned.clone(),
+                online
+            ],
+            "every lifecycle event once, though it follows s1"
+        );
+        assert_eq!(
+            received(&mut customer_rx),
+            [typed, started.clone()],
+            "its own session's lifecycle, no other: it does not wait"
+        );
+        assert_eq!(
+            received(&mut waiting_rx),
+            [started, closed, assigned],
+            "every lifecycle event once, its own session's too"
+        );
         assert!(received(&mut idle_rx).is_empty(), "follows nothing");
         assert!(received(&mut other_rx).is_empty(), "another tenant");
+
+        // No longer waiting: only its own session's lifecycle.
+        waiting.set_waiting(false);
+        fanout.dispatch(domain(t1, s1, EventKind::SessionUpdated), &mut scratch);
+        assert!(received(&mut waiting_rx).is_empty());
+        let own = domain(t1, s3, EventKind::SessionClosed);
+        fanout.dispatch(own.clone(), &mut scratch);
+        assert_eq!(received(&mut waiting_rx), [own]);
+        received(&mut agent_rx);
+        received(&mut customer_rx);
 
         // A resync is for everyone.
         let resync = Arc::new(BusEvent::Resync);
         fanout.dispatch(resync.clone(), &mut scratch);
-        for rx in [&mut agent_rx, &mut customer_rx, &mut idle_rx, &mut other_rx] {
+        for rx in [
+            &mut agent_rx,
+            &mut customer_rx,
+            &mut waiting_rx,
+            &mut idle_rx,
+            &mut other_rx,
+        ] {
             assert_eq!(received(rx), std::slice::from_ref(&resync));
         }
     }
@@ -482,7 +556,9 @@ mod tests {
         fanout.dispatch(domain(t1, s2, EventKind::SessionClosed), &mut scratch);
         assert!(received(&mut rx).is_empty(), "follows nothing any more");
 
+        let mut customer = customer;
         customer.follow(s2);
+        customer.set_waiting(true);
         let (agent, _agent_rx) = fanout.join(uuid::Uuid::now_v7(), t1, true);
         agent.follow(s2);
         drop(customer);

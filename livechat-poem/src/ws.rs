@@ -729,9 +729,18 @@ impl Conn {
         let Ok(view) = view else { return };
         let position = view.queue_position;
         if self.positions.get(&session) != Some(&position) {
-            self.positions.insert(session, position);
+            self.note_position(session, position);
             self.send_session_updated(&view.session, position);
         }
+    }
+
+    /// Remembers the queue position last sent for a joined session; a
+    /// connection with any waiting session receives every session
+    /// lifecycle event of its tenant (any may move its place).
+    fn note_position(&mut self, session: SessionId, position: Option<i64>) {
+        self.positions.insert(session, position);
+        self.membership
+            .set_waiting(self.positions.values().any(Option::is_some));
     }
 
     fn send_session_updated(
@@ -774,6 +783,8 @@ impl Conn {
                 if let Some(s) = session
                     && self.joined.contains_key(&s.id)
                 {
+                    // Not yet through `note_position`: the connection keeps
+                    // receiving the tenant's lifecycle events meanwhile.
                     self.positions.insert(s.id, None);
                     let position = if s.status == SessionStatus::Waiting {
                         self.chat()
@@ -784,7 +795,7 @@ impl Conn {
                     } else {
                         None
                     };
-                    self.positions.insert(s.id, position);
+                    self.note_position(s.id, position);
                     self.send_session_updated(&s, position);
                 }
                 // Queue moves shift every waiting customer's place.
@@ -982,7 +993,7 @@ impl Conn {
                 // Before the catch-up's read: what it misses arrives live.
                 self.membership.follow(id);
                 self.joined.insert(id, start);
-                self.positions.insert(id, view.queue_position);
+                self.note_position(id, view.queue_position);
                 self.send(frame(json!({
                     "type": "joined",
                     "session_id": id,
@@ -990,11 +1001,20 @@ impl Conn {
                     "queue_position": view.queue_position,
                 })));
                 self.catch_up(id).await?;
+                // The queue moved between the access check's read and
+                // `note_position` listing this connection among the waiting
+                // ones: read the position again, now that every later move
+                // reaches it.
+                if view.queue_position.is_some() {
+                    self.refresh_position(id).await;
+                }
             }
             ClientFrame::LeaveSession { session_id } => {
                 if let Some(id) = self.joined_id(&session_id) {
                     self.joined.remove(&id);
                     self.positions.remove(&id);
+                    self.membership
+                        .set_waiting(self.positions.values().any(Option::is_some));
                     self.membership.unfollow(id);
                     self.chat()
                         .unfollow_session(self.tenant(), self.id, id)

@@ -4,7 +4,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use livechat_core::bus::InProcessBus;
-use livechat_core::{CustomerChatRequest, CustomerIdentity, PresenceStatus, SessionId};
+use livechat_core::{
+    CustomerChatRequest, CustomerIdentity, PresenceStatus, SessionId, SessionStatus,
+};
 use livechat_tests::node::{Node, WsClient};
 use livechat_tests::{App, Backend, on_both_databases};
 use serde_json::{Value, json};
@@ -21,6 +23,7 @@ on_both_databases!(
     shutdown_closes_with_1001,
     pipelined_sends_keep_their_order,
     a_burst_larger_than_the_queue_reaches_a_reading_client,
+    a_waiting_customer_sees_its_place_move,
 );
 
 use livechat_tests::{t, u};
@@ -132,6 +135,60 @@ async fn an_overflowing_event_queue_loses_no_message(backend: Backend) {
         }
     }
     assert_eq!(seqs, (1..=40).collect::<Vec<i64>>());
+}
+
+/// Issue #5: the fan-out sends a session's lifecycle events to the
+/// tenant's waiting customers, whose place in the queue may move, though
+/// they follow another session.
+async fn a_waiting_customer_sees_its_place_move(backend: Backend) {
+    let app = App::new(backend).await;
+    let mut config = app.config.clone();
+    config.agent_capacity = 1;
+    let bus = Arc::new(InProcessBus::new());
+    let node = Node::start_with(app.db.clone(), &config, bus, config.realtime()).await;
+    node.chat
+        .set_agent_status(t(1), u(7), PresenceStatus::Online)
+        .await
+        .unwrap();
+    let mut views = Vec::new();
+    for user in [930, 931, 932] {
+        let customer = node
+            .chat
+            .resolve_customer(t(1), CustomerIdentity::User(u(user)))
+            .await
+            .unwrap();
+        let started = node
+            .chat
+            .start_customer_chat(
+                t(1),
+                customer.id,
+                CustomerChatRequest {
+                    topic: "queue".into(),
+                    ..Default::default()
+                },
+            )
+            .await
+            .unwrap();
+        views.push(started.view);
+    }
+    assert_eq!(views[0].session.status, SessionStatus::Open, "capacity 1");
+    assert_eq!(views[2].queue_position, Some(2));
+    let auth = format!("Bearer {}", App::token(932, &["USER"], Some(&[1])));
+    let mut last = WsClient::connect_with_header(&node.ws_url(), &auth, 1)
+        .await
+        .unwrap();
+    let joined = join(&mut last, views[2].session.id, None).await;
+    assert_eq!(joined["queue_position"], 2);
+
+    // Closing the open chat assigns the head of the queue: an event of
+    // another session moves the last customer up.
+    node.chat
+        .close_session(t(1), u(7), views[0].session.id)
+        .await
+        .unwrap();
+    let updated = last.expect("session_updated").await;
+    assert_eq!(updated["session"]["id"], json!(views[2].session.id));
+    assert_eq!(updated["session"]["queue_position"], 1, "{updated}");
 }
 
 /// A node with short timers over a fresh database.

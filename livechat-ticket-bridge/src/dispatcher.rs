@@ -7,8 +7,8 @@ use std::time::Duration;
 
 use chrono::{DateTime, TimeDelta, Utc};
 use livechat_core::{
-    ChatError, DomainEvent, EventKind, MessagePosted, Notification, NotificationId, OutboxConsumer,
-    OutboxInterest, PendingEvent, SenderType, TicketId, TicketRequested,
+    ChatError, CustomerId, DomainEvent, EventKind, MessagePosted, Notification, NotificationId,
+    OutboxConsumer, OutboxInterest, PendingEvent, SenderType, TicketId, TicketRequested,
 };
 use serde::Deserialize;
 
@@ -379,7 +379,7 @@ impl Sinks {
             EventKind::MessagePosted if self.notifications => {
                 // Most messages need no notification, and the outbox interest
                 // asks this of every message inside its writing transaction:
-                // three fields decide it before the whole message (a
+                // four fields decide it before the whole message (a
                 // flattened struct, slow to decode) is read (issue #5
                 // profile).
                 if decode::<ReplyHead>(event)?.may_notify() {
@@ -405,16 +405,19 @@ impl Sinks {
 #[derive(Deserialize)]
 struct ReplyHead {
     sender_type: SenderType,
+    session_customer_id: Option<CustomerId>,
     ticket_id: Option<TicketId>,
     #[serde(default)]
     customer_connected: bool,
 }
 
 impl ReplyHead {
-    /// An agent's message in a ticketed session or one no customer
-    /// connection followed live: the cases [`agent_reply`] notifies.
+    /// An agent's message to a customer, in a ticketed session or one no
+    /// customer connection followed live: the cases [`agent_reply`]
+    /// notifies.
     fn may_notify(&self) -> bool {
         self.sender_type == SenderType::Agent
+            && self.session_customer_id.is_some()
             && (self.ticket_id.is_some() || !self.customer_connected)
     }
 }

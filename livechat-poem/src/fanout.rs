@@ -202,7 +202,7 @@ impl FanOut {
 
     /// Adds connection `id` of `tenant`; it receives its events through the
     /// returned receiver until the [`Membership`] is dropped.
-    pub(crate) fn join(
+    pub(crate) fn add(
         self: &Arc<Self>,
         id: uuid::Uuid,
         tenant: TenantId,
@@ -459,11 +459,11 @@ mod tests {
             SessionId::generate(),
         );
         let ids: Vec<uuid::Uuid> = (0..5).map(|_| uuid::Uuid::now_v7()).collect();
-        let (agent, mut agent_rx) = fanout.join(ids[0], t1, true);
-        let (customer, mut customer_rx) = fanout.join(ids[1], t1, false);
-        let (mut waiting, mut waiting_rx) = fanout.join(ids[2], t1, false);
-        let (_idle, mut idle_rx) = fanout.join(ids[3], t1, false);
-        let (_other, mut other_rx) = fanout.join(ids[4], t2, true);
+        let (agent, mut agent_rx) = fanout.add(ids[0], t1, true);
+        let (customer, mut customer_rx) = fanout.add(ids[1], t1, false);
+        let (mut waiting, mut waiting_rx) = fanout.add(ids[2], t1, false);
+        let (_idle, mut idle_rx) = fanout.add(ids[3], t1, false);
+        let (_other, mut other_rx) = fanout.add(ids[4], t2, true);
         agent.follow(s1);
         customer.follow(s2);
         waiting.follow(s3);
@@ -537,7 +537,7 @@ mod tests {
         let mut scratch = Vec::new();
         let t1 = tenant(1);
         let (s1, s2) = (SessionId::generate(), SessionId::generate());
-        let (customer, mut rx) = fanout.join(uuid::Uuid::now_v7(), t1, false);
+        let (customer, mut rx) = fanout.add(uuid::Uuid::now_v7(), t1, false);
         customer.follow(s1);
         customer.follow(s1);
         customer.follow(s2);
@@ -559,7 +559,7 @@ mod tests {
         let mut customer = customer;
         customer.follow(s2);
         customer.set_waiting(true);
-        let (agent, _agent_rx) = fanout.join(uuid::Uuid::now_v7(), t1, true);
+        let (agent, _agent_rx) = fanout.add(uuid::Uuid::now_v7(), t1, true);
         agent.follow(s2);
         drop(customer);
         drop(agent);
@@ -575,7 +575,7 @@ mod tests {
         let mut scratch = Vec::new();
         let t1 = tenant(1);
         let s1 = SessionId::generate();
-        let (agent, mut rx) = fanout.join(uuid::Uuid::now_v7(), t1, true);
+        let (agent, mut rx) = fanout.add(uuid::Uuid::now_v7(), t1, true);
         agent.follow(s1);
         for _ in 0..EVENT_QUEUE {
             fanout.dispatch(typing(t1, s1), &mut scratch);
@@ -594,7 +594,7 @@ mod tests {
     async fn the_task_follows_the_bus_and_ends_connections_when_it_closes() {
         let bus = livechat_core::bus::InProcessBus::new();
         let fanout = FanOut::start(livechat_core::bus::EventBus::subscribe(&bus), EVENT_QUEUE);
-        let (_agent, mut rx) = fanout.join(uuid::Uuid::now_v7(), tenant(1), true);
+        let (_agent, mut rx) = fanout.add(uuid::Uuid::now_v7(), tenant(1), true);
         livechat_core::bus::EventBus::publish(&bus, BusEvent::Resync);
         let event = rx.recv().await.expect("resync");
         assert_eq!(*event.event, BusEvent::Resync);

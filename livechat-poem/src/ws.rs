@@ -743,6 +743,16 @@ impl Conn {
             .set_waiting(self.positions.values().any(Option::is_some));
     }
 
+    /// Stops following a joined session: its messages, its lifecycle and,
+    /// when it was the last waiting one, the tenant's queue moves.
+    fn leave(&mut self, session: SessionId) {
+        self.joined.remove(&session);
+        self.positions.remove(&session);
+        self.membership
+            .set_waiting(self.positions.values().any(Option::is_some));
+        self.membership.unfollow(session);
+    }
+
     fn send_session_updated(
         &mut self,
         session: &livechat_core::ChatSession,
@@ -1011,11 +1021,7 @@ impl Conn {
             }
             ClientFrame::LeaveSession { session_id } => {
                 if let Some(id) = self.joined_id(&session_id) {
-                    self.joined.remove(&id);
-                    self.positions.remove(&id);
-                    self.membership
-                        .set_waiting(self.positions.values().any(Option::is_some));
-                    self.membership.unfollow(id);
+                    self.leave(id);
                     self.chat()
                         .unfollow_session(self.tenant(), self.id, id)
                         .await?;
@@ -1137,7 +1143,7 @@ async fn serve(gateway: Arc<Gateway>, socket: WebSocketStream, pre_auth: Option<
     let burst = rate.saturating_mul(NonZeroU32::new(2).unwrap_or(NonZeroU32::MIN));
     let id = uuid::Uuid::now_v7();
     let agent = matches!(identity.role, Role::Agent(_));
-    let (membership, mut events) = gateway.fanout().join(id, identity.tenant, agent);
+    let (membership, mut events) = gateway.fanout().add(id, identity.tenant, agent);
     let mut conn = Conn {
         gateway: gateway.clone(),
         id,

@@ -110,31 +110,7 @@ mod an_overflowing_event_queue_loses_no_message {
 }
 
 async fn an_overflowing_event_queue_loses_no_message(backend: Backend) {
-    let (_app, node) = node(backend, |r| r.event_queue = 4).await;
-    let (session, _) = open_chat(&node, 913).await;
-    let mut agent = WsClient::connect_with_header(&node.ws_url(), &agent_auth(8), 1)
-        .await
-        .unwrap();
-    join(&mut agent, session, None).await;
-    let pending: Vec<_> = (0..40)
-        .map(|n| {
-            node.chat
-                .submit_message(t(1), u(7), session, format!("overflow {n}"), None)
-        })
-        .collect();
-    for append in pending {
-        append.await.unwrap();
-    }
-    let mut seqs = Vec::new();
-    while seqs.len() < 40 {
-        let Some(frame) = agent.next(Duration::from_secs(5)).await else {
-            panic!("only {} of 40 messages arrived", seqs.len());
-        };
-        if frame["type"] == "new_message" {
-            seqs.push(frame["seq"].as_i64().unwrap());
-        }
-    }
-    assert_eq!(seqs, (1..=40).collect::<Vec<i64>>());
+    forty_sent_together_reach_a_joined_agent(backend, 913, |r| r.event_queue = 4).await;
 }
 
 /// Issue #5: the fan-out sends a session's lifecycle events to the
@@ -913,14 +889,23 @@ async fn pipelined_sends_keep_their_order(backend: Backend) {
 /// than the queue reaches a client that reads instead of closing it as a
 /// slow consumer (1013).
 async fn a_burst_larger_than_the_queue_reaches_a_reading_client(backend: Backend) {
-    let (_app, node) = node(backend, |r| r.outbound_queue = 4).await;
-    let (session, _) = open_chat(&node, 911).await;
+    forty_sent_together_reach_a_joined_agent(backend, 911, |r| r.outbound_queue = 4).await;
+}
+
+/// Agent 8 joins the chat of customer `user` on a node tuned by `adjust`;
+/// 40 messages submitted together (committed together: their events are
+/// published back to back) must all reach it, once each, in `seq` order.
+async fn forty_sent_together_reach_a_joined_agent(
+    backend: Backend,
+    user: i64,
+    adjust: impl FnOnce(&mut livechat_poem::RealtimeConfig),
+) {
+    let (_app, node) = node(backend, adjust).await;
+    let (session, _) = open_chat(&node, user).await;
     let mut agent = WsClient::connect_with_header(&node.ws_url(), &agent_auth(8), 1)
         .await
         .unwrap();
     join(&mut agent, session, None).await;
-    // Submitted together, committed together: their events are published
-    // back to back.
     let pending: Vec<_> = (0..40)
         .map(|n| {
             node.chat
@@ -933,7 +918,7 @@ async fn a_burst_larger_than_the_queue_reaches_a_reading_client(backend: Backend
     let mut seqs = Vec::new();
     while seqs.len() < 40 {
         let Some(frame) = agent.next(Duration::from_secs(5)).await else {
-            panic!("the connection ended after {} messages", seqs.len());
+            panic!("only {} of 40 messages arrived", seqs.len());
         };
         if frame["type"] == "new_message" {
             seqs.push(frame["seq"].as_i64().unwrap());

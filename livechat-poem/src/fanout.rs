@@ -5,20 +5,19 @@
 //! session; a session's lifecycle (started, assigned, updated, closed) to
 //! the tenant's agents, to the session's followers and to the tenant's
 //! customers waiting in the queue (their position may move); an agent's
-//! presence to the tenant's agents;
-//! a [`BusEvent::Resync`] to every connection; anything else to nobody
-//! ([`audience`]). So a node holding thousands of idle connections pays
-//! nothing for them per message: before, every connection received every
-//! event of the node and discarded what was not for it, and 5,000 idle
-//! connections cut room fan-out tenfold (BENCHMARKS.md).
+//! presence to the tenant's agents; a [`BusEvent::Resync`] to every
+//! connection; anything else to nobody ([`audience`]). So a node holding
+//! thousands of idle connections pays nothing for them per message: before,
+//! every connection received every event of the node and discarded what
+//! was not for it, and 5,000 idle connections cut room fan-out tenfold
+//! (BENCHMARKS.md).
 //!
 //! Each connection has a bounded queue (`RealtimeConfig::event_queue`,
-//! default [`EVENT_QUEUE`] events). The
-//! fan-out never waits for a connection: when its queue is full the event
-//! is dropped for that connection and the connection is marked lagged; it
-//! then re-reads what it follows ([`Membership::take_lagged`]), as it did
-//! when a broadcast receiver lagged. Events reach one connection in bus
-//! order.
+//! default [`EVENT_QUEUE`] events). The fan-out never waits for a
+//! connection: when its queue is full the event is dropped for that
+//! connection and the connection is marked lagged; it then re-reads what it
+//! follows ([`Membership::take_lagged`]), as it did when a broadcast
+//! receiver lagged. Events reach one connection in bus order.
 //!
 //! A connection starts following a session ([`Membership::follow`]) before
 //! it reads the session's stored messages, so a message committed after

@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use livechat_core::bus::InProcessBus;
 use livechat_core::{
-    CustomerChatRequest, CustomerIdentity, PresenceStatus, SessionId, SessionStatus,
+    CustomerChatRequest, CustomerIdentity, PresenceStatus, SessionId, SessionStatus, SessionView,
 };
 use livechat_tests::node::{Node, WsClient};
 use livechat_tests::{App, Backend, on_both_databases};
@@ -122,30 +122,9 @@ async fn a_waiting_customer_sees_its_place_move(backend: Backend) {
     config.agent_capacity = 1;
     let bus = Arc::new(InProcessBus::new());
     let node = Node::start_with(app.db.clone(), &config, bus, config.realtime()).await;
-    node.chat
-        .set_agent_status(t(1), u(7), PresenceStatus::Online)
-        .await
-        .unwrap();
     let mut views = Vec::new();
     for user in [930, 931, 932] {
-        let customer = node
-            .chat
-            .resolve_customer(t(1), CustomerIdentity::User(u(user)))
-            .await
-            .unwrap();
-        let started = node
-            .chat
-            .start_customer_chat(
-                t(1),
-                customer.id,
-                CustomerChatRequest {
-                    topic: "queue".into(),
-                    ..Default::default()
-                },
-            )
-            .await
-            .unwrap();
-        views.push(started.view);
+        views.push(start_chat(&node, user).await);
     }
     assert_eq!(views[0].session.status, SessionStatus::Open, "capacity 1");
     assert_eq!(views[2].queue_position, Some(2));
@@ -192,8 +171,9 @@ async fn node_on(
     (app, node)
 }
 
-/// A customer (identified host user `user`) with a session served by agent 7.
-async fn open_chat(node: &Node, user: i64) -> (SessionId, String) {
+/// Customer `user` (an identified host user) starts a chat while agent 7
+/// is online.
+async fn start_chat(node: &Node, user: i64) -> SessionView {
     node.chat
         .set_agent_status(t(1), u(7), PresenceStatus::Online)
         .await
@@ -203,8 +183,7 @@ async fn open_chat(node: &Node, user: i64) -> (SessionId, String) {
         .resolve_customer(t(1), CustomerIdentity::User(u(user)))
         .await
         .unwrap();
-    let started = node
-        .chat
+    node.chat
         .start_customer_chat(
             t(1),
             customer.id,
@@ -214,10 +193,16 @@ async fn open_chat(node: &Node, user: i64) -> (SessionId, String) {
             },
         )
         .await
-        .unwrap();
-    assert_eq!(started.view.session.agent_id, Some(u(7)));
+        .unwrap()
+        .view
+}
+
+/// A customer (identified host user `user`) with a session served by agent 7.
+async fn open_chat(node: &Node, user: i64) -> (SessionId, String) {
+    let view = start_chat(node, user).await;
+    assert_eq!(view.session.agent_id, Some(u(7)));
     (
-        started.view.session.id,
+        view.session.id,
         format!("Bearer {}", App::token(user, &["USER"], Some(&[1]))),
     )
 }

@@ -382,7 +382,7 @@ impl Sinks {
                 // four fields decide it before the whole message (a
                 // flattened struct, slow to decode) is read (issue #5
                 // profile).
-                if decode::<ReplyHead>(event)?.may_notify() {
+                if decode::<ReplyHead>(event)?.notifies() {
                     agent_reply(event, decode(event)?).map(Work::Notify)
                 } else {
                     None
@@ -400,8 +400,8 @@ impl Sinks {
     }
 }
 
-/// The fields of a `message.posted` payload that decide whether it may
-/// cause a notification ([`agent_reply`] decides the rest).
+/// The fields of a `message.posted` payload that decide whether it causes
+/// a notification ([`agent_reply`] then builds it).
 #[derive(Deserialize)]
 struct ReplyHead {
     sender_type: SenderType,
@@ -412,10 +412,10 @@ struct ReplyHead {
 }
 
 impl ReplyHead {
-    /// An agent's message to a customer, in a ticketed session or one no
-    /// customer connection followed live: the cases [`agent_reply`]
-    /// notifies.
-    fn may_notify(&self) -> bool {
+    /// An agent's reply the customer would otherwise miss: the session is
+    /// ticketed (issue #3) or no customer connection followed it live
+    /// (issue #4).
+    fn notifies(&self) -> bool {
         self.sender_type == SenderType::Agent
             && self.session_customer_id.is_some()
             && (self.ticket_id.is_some() || !self.customer_connected)
@@ -473,16 +473,10 @@ fn decode<T: for<'de> Deserialize<'de>>(event: &DomainEvent) -> Result<T, String
         .map_err(|e| format!("undecodable {} payload: {e}", event.kind.as_str()))
 }
 
-/// The notification an agent's reply causes when the customer would
-/// otherwise miss it: the session is ticketed (issue #3) or no customer
-/// connection followed it live (issue #4). `None` for any other message.
+/// The notification of an agent's reply that [`ReplyHead::notifies`]
+/// chose; `None` only when the session has no customer, which that check
+/// already ruled out.
 fn agent_reply(event: &DomainEvent, posted: MessagePosted) -> Option<Notification> {
-    if posted.message.sender_type != SenderType::Agent {
-        return None;
-    }
-    if posted.ticket_id.is_none() && posted.customer_connected {
-        return None;
-    }
     let ticket_id = posted.ticket_id;
     let customer_id = posted.session_customer_id?;
     Some(Notification {

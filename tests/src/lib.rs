@@ -486,9 +486,25 @@ impl App {
 }
 
 /// Declares each listed `async fn name(backend: Backend)` as two tests,
-/// `name::sqlite` and `name::postgres`.
+/// `name::sqlite` and `name::postgres`, on a multi-thread runtime; after
+/// `current_thread:`, on a current-thread runtime (where tasks spawned by
+/// the test run only when it awaits).
 #[macro_export]
 macro_rules! on_both_databases {
+    (current_thread: $($name:ident),* $(,)?) => {
+        $(
+            mod $name {
+                #[tokio::test(flavor = "current_thread")]
+                async fn sqlite() {
+                    super::$name($crate::Backend::Sqlite).await;
+                }
+                #[tokio::test(flavor = "current_thread")]
+                async fn postgres() {
+                    super::$name($crate::Backend::Postgres).await;
+                }
+            }
+        )*
+    };
     ($($name:ident),* $(,)?) => {
         $(
             mod $name {

@@ -25,6 +25,10 @@ on_both_databases!(
     a_burst_larger_than_the_queue_reaches_a_reading_client,
     a_waiting_customer_sees_its_place_move,
 );
+on_both_databases!(
+    current_thread: a_long_burst_of_bus_events_is_relayed_whole,
+    an_overflowing_event_queue_loses_no_message,
+);
 
 use livechat_tests::{t, u};
 
@@ -32,20 +36,6 @@ use livechat_tests::{t, u};
 /// a full burst is relayed too. On a current-thread runtime the events are
 /// published while the connection's task cannot run, so it finds them all
 /// queued and the bursts are full.
-mod a_long_burst_of_bus_events_is_relayed_whole {
-    use livechat_tests::Backend;
-
-    #[tokio::test(flavor = "current_thread")]
-    async fn sqlite() {
-        super::a_long_burst_of_bus_events_is_relayed_whole(Backend::Sqlite).await;
-    }
-
-    #[tokio::test(flavor = "current_thread")]
-    async fn postgres() {
-        super::a_long_burst_of_bus_events_is_relayed_whole(Backend::Postgres).await;
-    }
-}
-
 async fn a_long_burst_of_bus_events_is_relayed_whole(backend: Backend) {
     use livechat_core::SenderType;
     use livechat_core::bus::{BusEvent, Ephemeral, EventBus, Participant, TypingState};
@@ -95,20 +85,6 @@ async fn a_long_burst_of_bus_events_is_relayed_whole(backend: Backend) {
 /// then re-reads the sessions it follows, so no message is lost. On a
 /// current-thread runtime the 40 events of one commit are dispatched while
 /// the connection's task cannot run, so 36 of them are dropped for it.
-mod an_overflowing_event_queue_loses_no_message {
-    use livechat_tests::Backend;
-
-    #[tokio::test(flavor = "current_thread")]
-    async fn sqlite() {
-        super::an_overflowing_event_queue_loses_no_message(Backend::Sqlite).await;
-    }
-
-    #[tokio::test(flavor = "current_thread")]
-    async fn postgres() {
-        super::an_overflowing_event_queue_loses_no_message(Backend::Postgres).await;
-    }
-}
-
 async fn an_overflowing_event_queue_loses_no_message(backend: Backend) {
     forty_sent_together_reach_a_joined_agent(backend, 913, |r| r.event_queue = 4).await;
 }

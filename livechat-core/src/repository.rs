@@ -128,6 +128,14 @@ pub trait SessionRepository: Send + Sync {
         id: SessionId,
     ) -> impl Future<Output = Result<SessionView, ChatError>> + Send;
 
+    /// The tenant's WAITING sessions in queue order: higher priority
+    /// first, then older, then by id (the order of
+    /// [`SessionView::queue_position`], which is the index here plus one).
+    fn waiting_queue(
+        &self,
+        tenant: TenantId,
+    ) -> impl Future<Output = Result<Vec<SessionId>, ChatError>> + Send;
+
     /// Sessions of the tenant, newest first, optionally with one status.
     fn list_sessions(
         &self,

@@ -242,6 +242,17 @@ impl<S: ChatStore> ChatService<S> {
         self.store.session_view(tenant, id).await
     }
 
+    /// The tenant's WAITING sessions in queue order; a session's queue
+    /// position is its index here plus one. One read for every waiting
+    /// customer's place (issue #5: the gateway reads it once per queue
+    /// move, not once per waiting customer).
+    ///
+    /// # Errors
+    /// [`ChatError::Storage`].
+    pub async fn waiting_queue(&self, tenant: TenantId) -> Result<Vec<SessionId>, ChatError> {
+        self.store.waiting_queue(tenant).await
+    }
+
     /// The tenant's sessions, newest first; `limit` defaults to
     /// [`ChatConfig::default_page_size`].
     ///

@@ -29,20 +29,65 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 
 use livechat_core::bus::{BusEvent, Ephemeral};
-use livechat_core::{ChatMessage, EventKind, SessionId, TenantId};
+use livechat_core::{ChatMessage, ChatSession, EventKind, SessionId, TenantId};
 use serde::Deserialize;
-use tokio::sync::{broadcast, mpsc};
+use tokio::sync::{OnceCell, broadcast, mpsc};
 
 /// Default of `RealtimeConfig::event_queue`: events a connection's queue
 /// holds before the fan-out drops the next one for it and marks it lagged.
 pub(crate) const EVENT_QUEUE: usize = 1024;
 
 /// A bus event prepared once per node for all its connections: a
-/// message's frame is serialized once, not once per recipient.
+/// message's frame is serialized once, not once per recipient; a session's
+/// lifecycle event is decoded once, and the tenant's queue is read at most
+/// once for all the waiting customers it reaches.
 pub(crate) struct Prepared {
     pub(crate) event: Arc<BusEvent>,
     /// For `message.posted`: the message and its `new_message` frame.
     pub(crate) message: Option<(ChatMessage, String)>,
+    /// For a session lifecycle event: the session as changed.
+    pub(crate) session: Option<ChatSession>,
+    /// For a session lifecycle event: each WAITING session of the tenant
+    /// → its queue position, read by the first connection that needs it
+    /// after the event was committed, then shared (`ws::Conn::queue`).
+    /// Before, every waiting customer's connection read its own place for
+    /// every lifecycle event of its tenant: a queue of n waiting customers
+    /// cost n reads per move.
+    pub(crate) queue: OnceCell<HashMap<SessionId, i64>>,
+}
+
+impl Prepared {
+    fn new(event: Arc<BusEvent>) -> Self {
+        let (mut message, mut session) = (None, None);
+        if let BusEvent::Domain(e) = &*event {
+            if e.kind == EventKind::MessagePosted {
+                message = ChatMessage::deserialize(&e.payload).ok().map(|m| {
+                    let text = crate::ws::message_text(&m);
+                    (m, text)
+                });
+            } else if is_lifecycle(e.kind) {
+                session = ChatSession::deserialize(&e.payload).ok();
+            }
+        }
+        Self {
+            event,
+            message,
+            session,
+            queue: OnceCell::new(),
+        }
+    }
+}
+
+/// Whether events of `kind` change a session's lifecycle (and may move the
+/// queue).
+fn is_lifecycle(kind: EventKind) -> bool {
+    matches!(
+        kind,
+        EventKind::SessionStarted
+            | EventKind::SessionAssigned
+            | EventKind::SessionUpdated
+            | EventKind::SessionClosed
+    )
 }
 
 /// Who an event is for. Must match what `ws::Conn::handle_bus` and
@@ -69,10 +114,7 @@ pub(crate) fn audience(event: &BusEvent) -> Audience {
         BusEvent::Resync => Audience::Everyone,
         BusEvent::Domain(e) => match e.kind {
             EventKind::MessagePosted => e.session_id.map_or(Audience::Nobody, Audience::Session),
-            EventKind::SessionStarted
-            | EventKind::SessionAssigned
-            | EventKind::SessionUpdated
-            | EventKind::SessionClosed => Audience::Lifecycle(e.tenant_id, e.session_id),
+            kind if is_lifecycle(kind) => Audience::Lifecycle(e.tenant_id, e.session_id),
             EventKind::AgentStatusChanged => Audience::Agents(e.tenant_id),
             // Tickets, linked visitors: for the outbox's consumers only.
             _ => Audience::Nobody,
@@ -249,16 +291,7 @@ impl FanOut {
         if scratch.is_empty() {
             return;
         }
-        let message = match &*event {
-            BusEvent::Domain(e) if e.kind == EventKind::MessagePosted => {
-                ChatMessage::deserialize(&e.payload).ok().map(|m| {
-                    let text = crate::ws::message_text(&m);
-                    (m, text)
-                })
-            }
-            _ => None,
-        };
-        let prepared = Arc::new(Prepared { event, message });
+        let prepared = Arc::new(Prepared::new(event));
         for inbox in scratch.drain(..) {
             inbox.offer(&prepared);
         }

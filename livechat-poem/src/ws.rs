@@ -505,6 +505,9 @@ struct Conn {
     joined: HashMap<SessionId, i64>,
     /// Last queue position sent for joined WAITING sessions (customers).
     positions: HashMap<SessionId, Option<i64>>,
+    /// The joined sessions last sent as waiting, to send again when only
+    /// their place moves.
+    waiting: HashMap<SessionId, livechat_core::ChatSession>,
     bad_frames: u32,
     limiter: DefaultDirectRateLimiter,
     last_heard: Instant,
@@ -729,18 +732,41 @@ impl Conn {
         let Ok(view) = view else { return };
         let position = view.queue_position;
         if self.positions.get(&session) != Some(&position) {
-            self.note_position(session, position);
+            self.note_position(&view.session, position);
             self.send_session_updated(&view.session, position);
         }
     }
 
-    /// Remembers the queue position last sent for a joined session; a
-    /// connection with any waiting session receives every session
-    /// lifecycle event of its tenant (any may move its place).
-    fn note_position(&mut self, session: SessionId, position: Option<i64>) {
-        self.positions.insert(session, position);
+    /// Remembers the queue position last sent for a joined session (and
+    /// the session while it waits); a connection with any waiting session
+    /// receives every session lifecycle event of its tenant (any may move
+    /// its place).
+    fn note_position(&mut self, session: &livechat_core::ChatSession, position: Option<i64>) {
+        self.positions.insert(session.id, position);
+        if position.is_some() {
+            self.waiting.insert(session.id, session.clone());
+        } else {
+            self.waiting.remove(&session.id);
+        }
         self.membership
             .set_waiting(self.positions.values().any(Option::is_some));
+    }
+
+    /// The tenant's queue after `prepared` (each waiting session → its
+    /// place), read once per event and node however many waiting customers
+    /// it reaches; `None` when the read failed.
+    async fn queue<'p>(&self, prepared: &'p Prepared) -> Option<&'p HashMap<SessionId, i64>> {
+        let read = prepared.queue.get_or_try_init(|| async {
+            let queue = self.chat().waiting_queue(self.tenant()).await?;
+            Ok::<_, ChatError>(queue.into_iter().zip(1..).collect())
+        });
+        match read.await {
+            Ok(queue) => Some(queue),
+            Err(e) => {
+                tracing::warn!(error = %e, "reading the queue failed");
+                None
+            }
+        }
     }
 
     /// Stops following a joined session: its messages, its lifecycle and,
@@ -748,6 +774,7 @@ impl Conn {
     fn leave(&mut self, session: SessionId) {
         self.joined.remove(&session);
         self.positions.remove(&session);
+        self.waiting.remove(&session);
         self.membership
             .set_waiting(self.positions.values().any(Option::is_some));
         self.membership.unfollow(session);
@@ -765,7 +792,11 @@ impl Conn {
         ));
     }
 
-    async fn handle_domain(&mut self, event: &DomainEvent) -> Result<(), ChatError> {
+    async fn handle_domain(
+        &mut self,
+        event: &DomainEvent,
+        prepared: &Prepared,
+    ) -> Result<(), ChatError> {
         match event.kind {
             // Delivered from the prepared frame in `handle_prepared`.
             EventKind::MessagePosted => {}
@@ -773,8 +804,7 @@ impl Conn {
             | EventKind::SessionAssigned
             | EventKind::SessionClosed
             | EventKind::SessionUpdated => {
-                let session: Option<livechat_core::ChatSession> =
-                    serde_json::from_value(event.payload.clone()).ok();
+                let session = prepared.session.as_ref();
                 if let Role::Agent(_) = self.identity.role
                     && let Some(s) = &session
                 {
@@ -797,16 +827,14 @@ impl Conn {
                     // receiving the tenant's lifecycle events meanwhile.
                     self.positions.insert(s.id, None);
                     let position = if s.status == SessionStatus::Waiting {
-                        self.chat()
-                            .get_session(self.tenant(), s.id)
+                        self.queue(prepared)
                             .await
-                            .ok()
-                            .and_then(|v| v.queue_position)
+                            .and_then(|queue| queue.get(&s.id).copied())
                     } else {
                         None
                     };
-                    self.note_position(s.id, position);
-                    self.send_session_updated(&s, position);
+                    self.note_position(s, position);
+                    self.send_session_updated(s, position);
                 }
                 // Queue moves shift every waiting customer's place.
                 let waiting: Vec<SessionId> = self
@@ -815,8 +843,27 @@ impl Conn {
                     .filter(|(id, p)| p.is_some() && Some(**id) != event.session_id)
                     .map(|(id, _)| *id)
                     .collect();
-                for s in waiting {
-                    self.refresh_position(s).await;
+                if waiting.is_empty() {
+                    return Ok(());
+                }
+                let Some(queue) = self.queue(prepared).await else {
+                    for s in waiting {
+                        self.refresh_position(s).await;
+                    }
+                    return Ok(());
+                };
+                for id in waiting {
+                    // Not in the queue any more: its own lifecycle event,
+                    // still to come, says what became of it.
+                    let Some(&position) = queue.get(&id) else {
+                        continue;
+                    };
+                    if self.positions.get(&id) != Some(&Some(position))
+                        && let Some(session) = self.waiting.get(&id).cloned()
+                    {
+                        self.note_position(&session, Some(position));
+                        self.send_session_updated(&session, Some(position));
+                    }
                 }
             }
             EventKind::AgentStatusChanged => {
@@ -841,13 +888,15 @@ impl Conn {
             return Ok(());
         }
         // Other events may read the database: boxed, off the task's state.
-        Box::pin(self.handle_bus(&prepared.event)).await
+        Box::pin(self.handle_bus(prepared)).await
     }
 
-    async fn handle_bus(&mut self, event: &BusEvent) -> Result<(), ChatError> {
-        match event {
+    async fn handle_bus(&mut self, prepared: &Prepared) -> Result<(), ChatError> {
+        match &*prepared.event {
             BusEvent::Resync => self.resync().await,
-            BusEvent::Domain(e) if e.tenant_id == self.tenant() => self.handle_domain(e).await?,
+            BusEvent::Domain(e) if e.tenant_id == self.tenant() => {
+                self.handle_domain(e, prepared).await?;
+            }
             BusEvent::Ephemeral { tenant_id, event } if *tenant_id == self.tenant() => {
                 let me = self.identity.role.participant();
                 match event {
@@ -1003,7 +1052,7 @@ impl Conn {
                 // Before the catch-up's read: what it misses arrives live.
                 self.membership.follow(id);
                 self.joined.insert(id, start);
-                self.note_position(id, view.queue_position);
+                self.note_position(&view.session, view.queue_position);
                 self.send(frame(json!({
                     "type": "joined",
                     "session_id": id,
@@ -1153,6 +1202,7 @@ async fn serve(gateway: Arc<Gateway>, socket: WebSocketStream, pre_auth: Option<
         closing: None,
         joined: HashMap::new(),
         positions: HashMap::new(),
+        waiting: HashMap::new(),
         bad_frames: 0,
         limiter: RateLimiter::direct(Quota::per_second(rate).allow_burst(burst)),
         last_heard: Instant::now(),

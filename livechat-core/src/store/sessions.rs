@@ -214,6 +214,22 @@ impl SessionRepository for SeaOrmStore {
         Ok(created)
     }
 
+    async fn waiting_queue(&self, tenant: TenantId) -> Result<Vec<SessionId>, ChatError> {
+        let ids: Vec<uuid::Uuid> = session::Entity::find()
+            .select_only()
+            .column(session::Column::Id)
+            .filter(session::Column::TenantId.eq(tenant.get()))
+            .filter(session::Column::Status.eq(SessionStatus::Waiting.as_str()))
+            // The order `queue_position` counts in.
+            .order_by_desc(session::Column::PriorityRank)
+            .order_by_asc(session::Column::CreatedAt)
+            .order_by_asc(session::Column::Id)
+            .into_tuple()
+            .all(&self.db)
+            .await?;
+        Ok(ids.into_iter().map(SessionId::from_uuid).collect())
+    }
+
     async fn request_ticket(
         &self,
         tenant: TenantId,

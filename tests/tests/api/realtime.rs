@@ -91,35 +91,54 @@ async fn an_overflowing_event_queue_loses_no_message(backend: Backend) {
 
 /// Issue #5: the fan-out sends a session's lifecycle events to the
 /// tenant's waiting customers, whose place in the queue may move, though
-/// they follow another session.
+/// they follow another session. The queue is read once per event and node
+/// for all of them; each sees its own place, and a later move is read
+/// again.
 async fn a_waiting_customer_sees_its_place_move(backend: Backend) {
     let app = App::new(backend).await;
     let mut config = app.config.clone();
     config.agent_capacity = 1;
     let bus = Arc::new(InProcessBus::new());
     let node = Node::start_with(app.db.clone(), &config, bus, config.realtime()).await;
+    let users = [930, 931, 932, 933, 934];
     let mut views = Vec::new();
-    for user in [930, 931, 932] {
+    for user in users {
         views.push(start_chat(&node, user).await);
     }
     assert_eq!(views[0].session.status, SessionStatus::Open, "capacity 1");
-    assert_eq!(views[2].queue_position, Some(2));
-    let auth = format!("Bearer {}", App::token(932, &["USER"], Some(&[1])));
-    let mut last = WsClient::connect_with_header(&node.ws_url(), &auth, 1)
-        .await
-        .unwrap();
-    let joined = join(&mut last, views[2].session.id, None).await;
-    assert_eq!(joined["queue_position"], 2);
+    let mut waiting = Vec::new();
+    for (place, (user, view)) in (1..).zip(users.iter().zip(&views).skip(1)) {
+        assert_eq!(view.queue_position, Some(place));
+        let auth = format!("Bearer {}", App::token(*user, &["USER"], Some(&[1])));
+        let mut customer = WsClient::connect_with_header(&node.ws_url(), &auth, 1)
+            .await
+            .unwrap();
+        let joined = join(&mut customer, view.session.id, None).await;
+        assert_eq!(joined["queue_position"], place);
+        waiting.push(customer);
+    }
 
     // Closing the open chat assigns the head of the queue: an event of
-    // another session moves the last customer up.
-    node.chat
-        .close_session(t(1), u(7), views[0].session.id)
-        .await
-        .unwrap();
-    let updated = last.expect("session_updated").await;
-    assert_eq!(updated["session"]["id"], json!(views[2].session.id));
-    assert_eq!(updated["session"]["queue_position"], 1, "{updated}");
+    // another session moves every customer behind it up.
+    for (round, closed) in [views[0].session.id, views[1].session.id]
+        .into_iter()
+        .enumerate()
+    {
+        node.chat.close_session(t(1), u(7), closed).await.unwrap();
+        let assigned = &mut waiting[round];
+        let updated = assigned.expect("session_updated").await;
+        assert_eq!(updated["session"]["id"], json!(views[round + 1].session.id));
+        assert_eq!(updated["session"]["status"], "OPEN", "{updated}");
+        assert_eq!(updated["session"]["queue_position"], Value::Null);
+        for (place, (customer, view)) in
+            (1..).zip(waiting.iter_mut().zip(&views[1..]).skip(round + 1))
+        {
+            let updated = customer.expect("session_updated").await;
+            assert_eq!(updated["session"]["id"], json!(view.session.id));
+            assert_eq!(updated["session"]["status"], "WAITING", "{updated}");
+            assert_eq!(updated["session"]["queue_position"], place, "{updated}");
+        }
+    }
 }
 
 /// A node with short timers over a fresh database.

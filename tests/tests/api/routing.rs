@@ -179,6 +179,20 @@ async fn queue_drains_by_priority_then_age(backend: Backend) {
     assert_eq!(position(normal_old.session.id).await, Some(2));
     assert_eq!(position(normal_new.session.id).await, Some(3));
     assert_eq!(position(low.session.id).await, Some(4));
+    // The whole queue in one read, in the same order (issue #5).
+    assert_eq!(
+        app.chat.waiting_queue(t(1)).await.unwrap(),
+        [
+            urgent.session.id,
+            normal_old.session.id,
+            normal_new.session.id,
+            low.session.id
+        ]
+    );
+    assert!(
+        app.chat.waiting_queue(t(2)).await.unwrap().is_empty(),
+        "tenant 2's own"
+    );
     // Drain one at a time by closing the agent's chat.
     let mut current = busy.session.id;
     for expected in [

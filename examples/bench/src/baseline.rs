@@ -266,7 +266,11 @@ impl RawHub {
                 if member == 0 {
                     senders.push(ws);
                 } else {
-                    crate::count_deliveries(ws, delivered.clone(), "new_message");
+                    drop(crate::count_deliveries(
+                        ws,
+                        delivered.clone(),
+                        "new_message",
+                    ));
                 }
             }
         }

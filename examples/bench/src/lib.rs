@@ -112,6 +112,16 @@ impl Target {
 /// A signed agent token for `user` (every tenant).
 #[must_use]
 pub fn agent_token(user: i64) -> String {
+    token(user, "SUPPORT_AGENT", None)
+}
+
+/// A signed token of the host's logged-in `user` (a customer) in `tenant`.
+#[must_use]
+pub fn customer_token(user: i64, tenant: i64) -> String {
+    token(user, "USER", Some(vec![tenant]))
+}
+
+fn token(user: i64, role: &str, tenant_ids: Option<Vec<i64>>) -> String {
     let now = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| i64::try_from(d.as_secs()).unwrap_or(0));
@@ -119,8 +129,8 @@ pub fn agent_token(user: i64) -> String {
         SECRET,
         &livechat_example_server::Claims {
             sub: user,
-            roles: vec!["SUPPORT_AGENT".into()],
-            tenant_ids: None,
+            roles: vec![role.into()],
+            tenant_ids,
             iat: now,
             exp: now + 3600,
         },
@@ -183,10 +193,23 @@ async fn http(
     user: i64,
     body: Option<Value>,
 ) -> (u16, Value) {
+    http_as(client, target, method, path, &agent_token(user), 1, body).await
+}
+
+/// [`http`] with any host token, in `tenant`.
+async fn http_as(
+    client: &reqwest::Client,
+    target: &Target,
+    method: reqwest::Method,
+    path: &str,
+    token: &str,
+    tenant: i64,
+    body: Option<Value>,
+) -> (u16, Value) {
     let mut req = client
         .request(method, format!("{}{path}", target.base))
-        .header("Authorization", format!("Bearer {}", agent_token(user)))
-        .header("X-Tenant-ID", "1");
+        .header("Authorization", format!("Bearer {token}"))
+        .header("X-Tenant-ID", tenant.to_string());
     if let Some(b) = body {
         req = req
             .header("Content-Type", "application/json")
@@ -376,15 +399,18 @@ pub type Ws =
     tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
 
 async fn connect(target: &Target, user: i64) -> Ws {
+    connect_as(target, &agent_token(user), 1).await
+}
+
+/// [`connect`] with any host token, in `tenant`.
+async fn connect_as(target: &Target, token: &str, tenant: i64) -> Ws {
     let mut req = target.ws().into_client_request().expect("request");
     req.headers_mut().insert(
         "Authorization",
-        format!("Bearer {}", agent_token(user))
-            .parse()
-            .expect("header"),
+        format!("Bearer {token}").parse().expect("header"),
     );
     req.headers_mut()
-        .insert("X-Tenant-ID", "1".parse().expect("header"));
+        .insert("X-Tenant-ID", tenant.to_string().parse().expect("header"));
     // TCP_NODELAY (the last argument), as the server sets it.
     let (ws, _) = tokio_tungstenite::connect_async_with_config(req, None, true)
         .await
@@ -564,15 +590,21 @@ pub async fn latency(target: &Target, hub: &RawHub, rate: f64, count: u64, agent
 /// Messages a fan-out sender keeps in flight (sent, not yet acknowledged).
 pub const WINDOW: usize = 8;
 
-/// Counts the text frames containing `marker` that `ws` receives.
-pub(crate) fn count_deliveries(mut ws: Ws, counter: Arc<AtomicU64>, marker: &'static str) {
+/// Counts the text frames containing `marker` that `ws` receives, until
+/// it closes or the returned task is aborted (which closes it); dropping
+/// the handle leaves the task running.
+pub(crate) fn count_deliveries(
+    mut ws: Ws,
+    counter: Arc<AtomicU64>,
+    marker: &'static str,
+) -> tokio::task::JoinHandle<()> {
     tokio::spawn(async move {
         while let Some(Ok(m)) = ws.next().await {
             if matches!(m, Message::Text(ref t) if t.contains(marker)) {
                 counter.fetch_add(1, Ordering::Relaxed);
             }
         }
-    });
+    })
 }
 
 /// Runs one sender per socket for `duration`, each keeping up to
@@ -655,7 +687,7 @@ pub async fn room_fan_out(
         for member in 1..10 {
             let mut ws = connect(to, first_agent + 100_000 + (r * 10 + member) as i64).await;
             join(&mut ws, &session).await;
-            count_deliveries(ws, delivered.clone(), "\"new_message\"");
+            drop(count_deliveries(ws, delivered.clone(), "\"new_message\""));
         }
         sessions.push(session);
     }
@@ -670,6 +702,124 @@ pub async fn room_fan_out(
         "\"ack\"",
     )
     .await
+}
+
+/// The tenant of [`queue_moves`], apart from the other scenarios' tenant 1.
+const QUEUE_TENANT: i64 = 3;
+
+/// Scenario 3, queue moves: `waiting` customers (host users of tenant 3)
+/// wait in the queue of one agent of capacity 1, each connected by
+/// WebSocket and joined to its session; the agent then closes its chat
+/// `moves` times, and each close assigns the head of the queue, which moves
+/// every other waiting customer up one place. Reports the median time from
+/// a close's request until every customer concerned has its
+/// `session_updated` and the server's CPU per move. No
+/// baseline: the figures compare builds (BENCHMARKS.md).
+pub async fn queue_moves(target: &Target, waiting: usize, moves: usize) -> Vec<Row> {
+    let moves = moves.min(waiting);
+    let client = reqwest::Client::new();
+    let agent = agent_token(3_000_000);
+    let as_agent = |method, path: String, body| {
+        let (client, agent) = (&client, &agent);
+        async move { http_as(client, target, method, &path, agent, QUEUE_TENANT, body).await }
+    };
+    let (code, _) = as_agent(
+        reqwest::Method::PUT,
+        "/livechat/agents/me/status".into(),
+        Some(json!({"status": "online"})),
+    )
+    .await;
+    assert_eq!(code, 200, "agent online");
+    let (code, _) = as_agent(
+        reqwest::Method::PUT,
+        "/livechat/settings/routing".into(),
+        Some(json!({"agent_capacity": 1})),
+    )
+    .await;
+    assert_eq!(code, 200, "capacity 1");
+    let updates = Arc::new(AtomicU64::new(0));
+    let fds = target.pid.and_then(open_fds);
+    let mut counters = Vec::new();
+    let mut sessions = Vec::new();
+    // The first chat is the agent's; the others wait.
+    for customer in 0..=waiting {
+        let token = customer_token(3_000_000 + customer as i64, QUEUE_TENANT);
+        let (code, body) = http_as(
+            &client,
+            target,
+            reqwest::Method::POST,
+            "/livechat/customer/chats",
+            &token,
+            QUEUE_TENANT,
+            Some(json!({"topic": "queue"})),
+        )
+        .await;
+        assert!(code == 200 || code == 201, "chat start: {code} {body}");
+        let session = body["data"]["session"]["id"]
+            .as_str()
+            .expect("session id")
+            .to_owned();
+        if customer > 0 {
+            assert_eq!(body["data"]["queue_position"], customer, "{body}");
+            let mut ws = connect_as(target, &token, QUEUE_TENANT).await;
+            join(&mut ws, &session).await;
+            counters.push(count_deliveries(ws, updates.clone(), "\"session_updated\""));
+        }
+        sessions.push(session);
+    }
+    let mut times = Histogram::<u64>::new(3).expect("histogram");
+    let cpu_before = target.pid.and_then(cpu_us);
+    for (k, open) in sessions.iter().take(moves).enumerate() {
+        let before = updates.load(Ordering::Relaxed);
+        let started = Instant::now();
+        let (code, body) = as_agent(
+            reqwest::Method::POST,
+            format!("/livechat/sessions/{open}/close"),
+            None,
+        )
+        .await;
+        assert_eq!(code, 200, "close: {body}");
+        // The assigned customer's update, one per customer behind it, and
+        // the closed chat's own (its customer is connected after the first).
+        let updates_due = (waiting - k + usize::from(k > 0)) as u64;
+        let expected = before + updates_due;
+        while updates.load(Ordering::Relaxed) < expected {
+            assert!(
+                started.elapsed() < Duration::from_secs(30),
+                "move {k}: {} of {updates_due} updates",
+                updates.load(Ordering::Relaxed) - before,
+            );
+            tokio::time::sleep(Duration::from_micros(200)).await;
+        }
+        let _ = times.record(started.elapsed().as_micros() as u64);
+    }
+    let cpu = match (cpu_before, target.pid.and_then(cpu_us)) {
+        (Some(b), Some(a)) if moves > 0 => a.saturating_sub(b) as f64 / moves as f64,
+        _ => f64::NAN,
+    };
+    // Closes the customers' sockets before the next scenario.
+    for counter in counters {
+        counter.abort();
+    }
+    if let (Some(pid), Some(fds)) = (target.pid, fds) {
+        settle(pid, fds).await;
+    }
+    vec![
+        Row {
+            label: format!(
+                "queue move seen by {waiting} waiting customers (median, {moves} moves)"
+            ),
+            library: times.value_at_quantile(0.5) as f64 / 1000.0,
+            baseline: f64::NAN,
+            unit: "ms",
+        },
+        Row {
+            label: format!("server CPU per queue move, {waiting} waiting customers"),
+            library: cpu,
+            baseline: f64::NAN,
+            unit: "µs",
+        },
+    ]
 }
 
 /// Scenario 3: deliveries per second to `rooms` rooms of 10 joined clients

@@ -27,11 +27,17 @@ use std::time::Duration;
 
 use livechat_bench::{
     HoldTarget, Holders, InProcessHolders, PRESENCE_GRACE, RawDb, RawHub, SECRET, Target,
-    cross_node, fan_out, fan_out_beside_idle, hold, idle, latency, print_table, write_path,
+    cross_node, fan_out, fan_out_beside_idle, hold, idle, latency, print_table, queue_moves,
+    write_path,
 };
 
 /// Idle connections held beside the fan-out rooms (scenario 3's second row).
 const FAN_OUT_IDLE: usize = 5_000;
+
+/// Customers waiting in the queue of scenario 3's queue moves, and the
+/// moves measured.
+const QUEUE_WAITING: usize = 1_000;
+const QUEUE_MOVES: usize = 20;
 
 const SCENARIOS: [&str; 5] = ["write", "latency", "fanout", "idle", "crossnode"];
 const DATABASES: [&str; 3] = ["sqlite-full", "sqlite-normal", "postgres"];
@@ -381,6 +387,7 @@ async fn main() {
                 )
                 .await,
             );
+            rows.extend(queue_moves(&target, 20, 3).await);
             print_table("3. Fan-out", &rows);
         }
         if wants("idle") {
@@ -462,6 +469,7 @@ async fn main() {
                 )
                 .await,
             );
+            rows.extend(queue_moves(&server.target, QUEUE_WAITING, QUEUE_MOVES).await);
             print_table("3. Fan-out (SQLite FULL)", &rows);
         }
         if wants("idle") {

@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use livechat_bench::{
     InProcessHolders, RawDb, RawHub, Target, cross_node, fan_out, fan_out_beside_idle, idle,
-    latency, write_path,
+    latency, queue_moves, write_path,
 };
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -48,6 +48,9 @@ async fn every_scenario_reports_numbers() {
     )
     .await;
     assert!(row.library > 0.0 && row.baseline > 0.0, "{row:?}");
+    // Every waiting customer saw each move (or the scenario panics).
+    let rows = queue_moves(&target, 12, 3).await;
+    assert!(rows[0].library > 0.0 && rows[1].library > 0.0, "{rows:?}");
     let rows = idle(&target, &hub, 220, &mut InProcessHolders::default()).await;
     assert!(
         rows[2].library > 0.0,

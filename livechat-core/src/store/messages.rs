@@ -10,9 +10,9 @@ use sea_orm::sea_query::{
     LockType, Query, WithClause,
 };
 use sea_orm::{
-    ActiveModelTrait, ActiveValue::Set, ColumnTrait, ConnectionTrait, DatabaseTransaction,
-    DbBackend, DbErr, EntityTrait, FromQueryResult, Iterable, QueryFilter, QueryOrder, QuerySelect,
-    QueryTrait, RuntimeErr, Statement, Value,
+    ActiveModelTrait, ActiveValue::Set, ColumnTrait, Condition, ConnectionTrait,
+    DatabaseTransaction, DbBackend, DbErr, EntityTrait, FromQueryResult, Iterable, QueryFilter,
+    QueryOrder, QuerySelect, QueryTrait, RuntimeErr, Statement, Value,
 };
 use tokio::sync::oneshot;
 
@@ -235,9 +235,9 @@ impl SeaOrmStore {
         }
         let mut ids: Vec<uuid::Uuid> = batch.iter().map(|r| r.session.as_uuid()).collect();
         ids.dedup();
-        let keyed: Vec<&str> = batch
+        let keyed: Vec<(uuid::Uuid, &str)> = batch
             .iter()
-            .filter_map(|r| r.key.as_ref().map(ClientMsgId::as_str))
+            .filter_map(|r| r.key.as_ref().map(|k| (r.session.as_uuid(), k.as_str())))
             .collect();
         let mut sessions =
             lock_sessions(tx, padded(ids.clone()), padded(keyed.clone()), wait).await?;
@@ -247,7 +247,9 @@ impl SeaOrmStore {
         if sessions.values().any(|s| s.stored_keys > 0) {
             let stored = message::Entity::find()
                 .filter(message::Column::SessionId.is_in(padded(ids)))
-                .filter(message::Column::ClientMsgId.is_in(padded(keyed)))
+                .filter(
+                    message::Column::ClientMsgId.is_in(padded(keyed).into_iter().map(|(_, k)| k)),
+                )
                 .all(tx)
                 .await?;
             for row in stored {
@@ -349,8 +351,8 @@ struct LockedSession {
     customer_connections: i64,
     /// The host user id of the session's customer (`None` for visitors).
     customer_user: Option<i64>,
-    /// The session's stored messages whose `client_msg_id` is among the
-    /// batch's keys (of any of its sessions; 0 when the batch has none).
+    /// The batch's (session, `client_msg_id`) pairs already stored: the
+    /// same count on every row of the batch (0 when it has no keys).
     stored_keys: i64,
 }
 
@@ -384,7 +386,7 @@ enum LockWait {
 async fn lock_sessions(
     tx: &DatabaseTransaction,
     ids: Vec<uuid::Uuid>,
-    keys: Vec<&str>,
+    keys: Vec<(uuid::Uuid, &str)>,
     wait: LockWait,
 ) -> Result<HashMap<uuid::Uuid, LockedSession>, DbErr> {
     let keyed = !keys.is_empty();
@@ -415,12 +417,12 @@ async fn lock_sessions(
 /// ([`build_lock_statement`]) and then only bound: building it for every
 /// batch took about a twentieth of a lone message's CPU (issue #5
 /// profile). The values are bound in the order sea-query
-/// emits them (the customer role, `at`, the keys, then the ids); a test
-/// compares both ways.
+/// emits them (the customer role, `at`, each key's session and key, then
+/// the ids); a test compares both ways.
 fn lock_statement(
     backend: DbBackend,
     ids: Vec<uuid::Uuid>,
-    keys: Vec<&str>,
+    keys: Vec<(uuid::Uuid, &str)>,
     at: DateTime<Utc>,
     wait: LockWait,
 ) -> Statement {
@@ -431,10 +433,13 @@ fn lock_statement(
         SQL.put(key, &built.sql);
         return built;
     };
-    let mut values = Vec::with_capacity(ids.len() + keys.len() + 2);
+    let mut values = Vec::with_capacity(ids.len() + 2 * keys.len() + 2);
     values.push(Value::from(super::connections::CUSTOMER));
     values.push(Value::from(at));
-    values.extend(keys.into_iter().map(Value::from));
+    for (session, key) in keys {
+        values.push(Value::from(session));
+        values.push(Value::from(key));
+    }
     values.extend(ids.into_iter().map(Value::from));
     Statement::from_sql_and_values(backend, sql.as_ref(), values)
 }
@@ -476,7 +481,7 @@ impl<K: Eq + std::hash::Hash> SqlCache<K> {
 fn build_lock_statement(
     backend: DbBackend,
     ids: Vec<uuid::Uuid>,
-    keys: Vec<&str>,
+    keys: Vec<(uuid::Uuid, &str)>,
     at: DateTime<Utc>,
     wait: LockWait,
 ) -> Statement {
@@ -508,14 +513,29 @@ fn build_lock_statement(
             CUSTOMER_USER,
         )
         .apply_if((!keys.is_empty()).then_some(keys), |select, keys| {
+            // One index lookup per (session, key) pair, once per
+            // statement: uncorrelated, and not `session_id IN (…) AND
+            // client_msg_id IN (…)`, which looks up every pairing (issue
+            // #5 fan-out profile: ~10 sessions × 32–64 keys per batch),
+            // nor a row-value `IN`, which SQLite answers by a scan.
+            let pairs = keys
+                .into_iter()
+                .fold(Condition::any(), |any, (session, key)| {
+                    any.add(
+                        Condition::all()
+                            .add(
+                                Expr::col((message::Entity, message::Column::SessionId))
+                                    .eq(session),
+                            )
+                            .add(
+                                Expr::col((message::Entity, message::Column::ClientMsgId)).eq(key),
+                            ),
+                    )
+                });
             let stored = Query::select()
                 .expr(Expr::col((message::Entity, message::Column::Id)).count())
                 .from(message::Entity)
-                .and_where(
-                    Expr::col((message::Entity, message::Column::SessionId))
-                        .equals((session::Entity, session::Column::Id)),
-                )
-                .and_where(Expr::col((message::Entity, message::Column::ClientMsgId)).is_in(keys))
+                .cond_where(pairs)
                 .to_owned();
             select.expr_as(Expr::SubQuery(None, Box::new(stored.into())), STORED_KEYS)
         })
@@ -1000,7 +1020,11 @@ mod tests {
             for (n, k) in [(1, 0), (2, 0), (8, 0), (1, 1), (2, 4), (8, 8)] {
                 let ids: Vec<uuid::Uuid> = (0..n).map(|_| uuid::Uuid::now_v7()).collect();
                 let names: Vec<String> = (0..k).map(|i| format!("key {i}")).collect();
-                let keys: Vec<&str> = names.iter().map(String::as_str).collect();
+                let keys: Vec<(uuid::Uuid, &str)> = names
+                    .iter()
+                    .enumerate()
+                    .map(|(i, name)| (ids[i % n], name.as_str()))
+                    .collect();
                 // The first call may fill the cache; the second binds it.
                 for wait in [LockWait::NoWait, LockWait::Bounded] {
                     let _ = lock_statement(backend, ids.clone(), keys.clone(), at, wait);
@@ -1021,6 +1045,52 @@ mod tests {
                 }
             }
         }
+    }
+
+    /// Issue #5: the lock statement finds a batch's stored keys with one
+    /// index lookup per (session, key) pair, once per statement, not once
+    /// per locked session and key (nor by a scan, as a row-value `IN`).
+    #[cfg(feature = "sqlite")]
+    #[tokio::test]
+    async fn the_lock_statement_looks_each_key_up_once_on_sqlite() {
+        use sea_orm::{ConnectionTrait, Statement};
+        use sea_orm_migration::MigratorTrait;
+        // One pooled connection: the in-memory database lives as long.
+        let db = crate::store::connect("sqlite::memory:").await.unwrap();
+        crate::store::Migrator::up(&db, None).await.unwrap();
+        let ids: Vec<uuid::Uuid> = (0..4).map(|_| uuid::Uuid::now_v7()).collect();
+        let names: Vec<String> = (0..8).map(|i| format!("key {i}")).collect();
+        let keys = names
+            .iter()
+            .enumerate()
+            .map(|(i, name)| (ids[i % 4], name.as_str()))
+            .collect();
+        let at = crate::model::now();
+        let lock = build_lock_statement(DbBackend::Sqlite, ids, keys, at, LockWait::NoWait);
+        let explain = Statement::from_sql_and_values(
+            DbBackend::Sqlite,
+            format!("EXPLAIN QUERY PLAN {}", lock.sql),
+            lock.values.unwrap().0,
+        );
+        let plan: Vec<String> = db
+            .query_all_raw(explain)
+            .await
+            .unwrap()
+            .iter()
+            .map(|r| r.try_get::<String>("", "detail").unwrap())
+            .collect();
+        let text = plan.join("\n");
+        assert!(!text.contains("SCAN livechat_messages"), "{text}");
+        assert!(text.contains("MULTI-INDEX OR"), "{text}");
+        let lookups = plan
+            .iter()
+            .filter(|line| line.contains("livechat_messages_client_msg_id"))
+            .count();
+        assert_eq!(lookups, 8, "one per pair: {text}");
+        assert!(
+            plan.iter().any(|line| line.starts_with("SCALAR SUBQUERY")),
+            "the key count is not correlated with each session: {text}"
+        );
     }
 
     #[test]

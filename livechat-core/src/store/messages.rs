@@ -345,7 +345,7 @@ impl SeaOrmStore {
 /// A session row locked for a batch, with what its appends need to know
 /// about the session's customer, read by the same statement.
 struct LockedSession {
-    row: session::Model,
+    row: LockedRow,
     /// Live customer connections following the session (any node): an
     /// agent's message to a customer with none is an offline reply (issue #3).
     customer_connections: i64,
@@ -354,6 +354,19 @@ struct LockedSession {
     /// The batch's (session, `client_msg_id`) pairs already stored: the
     /// same count on every row of the batch (0 when it has no keys).
     stored_keys: i64,
+}
+
+/// The columns of a locked session row that staging reads (issue #5: the
+/// whole row, with its free-text columns, was copied out of SQLite for
+/// every session of every batch).
+#[derive(Debug, FromQueryResult)]
+struct LockedRow {
+    id: uuid::Uuid,
+    tenant_id: i64,
+    status: String,
+    last_seq: i64,
+    customer_id: Option<uuid::Uuid>,
+    ticket_id: Option<uuid::Uuid>,
 }
 
 /// How a batch's lock statement waits for session rows another
@@ -393,7 +406,7 @@ async fn lock_sessions(
     let statement = lock_statement(tx.get_database_backend(), ids, keys, now(), wait);
     let mut locked = HashMap::new();
     for result in tx.query_all_raw(statement).await? {
-        let row = session::Model::from_query_result(&result, "")?;
+        let row = LockedRow::from_query_result(&result, "")?;
         locked.insert(
             row.id,
             LockedSession {
@@ -504,6 +517,15 @@ fn build_lock_statement(
         )
         .to_owned();
     let select = session::Entity::find()
+        .select_only()
+        .columns([
+            session::Column::Id,
+            session::Column::TenantId,
+            session::Column::Status,
+            session::Column::LastSeq,
+            session::Column::CustomerId,
+            session::Column::TicketId,
+        ])
         .expr_as(
             Expr::SubQuery(None, Box::new(connections.into())),
             CUSTOMER_CONNECTIONS,
@@ -774,7 +796,7 @@ fn power_of_two_chunks<T>(mut rows: Vec<T>) -> Vec<Vec<T>> {
 
 /// Whether the request may see the session: same tenant (invariant 1) and,
 /// for a customer, their own session.
-fn is_visible(row: &session::Model, request: &AppendRequest) -> bool {
+fn is_visible(row: &LockedRow, request: &AppendRequest) -> bool {
     row.tenant_id == request.tenant.get()
         && match request.sender {
             Sender::Customer(customer) => row.customer_id == Some(customer.as_uuid()),

@@ -503,16 +503,21 @@ struct Conn {
     closing: Option<(CloseCode, String)>,
     /// Joined sessions → last `seq` sent.
     joined: HashMap<SessionId, i64>,
-    /// Last queue position sent for joined WAITING sessions (customers).
-    positions: HashMap<SessionId, Option<i64>>,
-    /// The joined sessions last sent as waiting, to send again when only
-    /// their place moves.
-    waiting: HashMap<SessionId, livechat_core::ChatSession>,
+    /// Joined sessions → their place in the queue as last sent while
+    /// WAITING (customers see their place move), `None` otherwise.
+    positions: HashMap<SessionId, Option<Place>>,
     bad_frames: u32,
     limiter: DefaultDirectRateLimiter,
     last_heard: Instant,
     /// Sends submitted and not yet answered, in submission order.
     sends: FuturesOrdered<InFlight>,
+}
+
+/// A joined session's place in the queue as last sent, with the session
+/// as sent, to send again when only the place moves.
+struct Place {
+    position: i64,
+    session: livechat_core::ChatSession,
 }
 
 /// Most bus events a connection handles in one go before it looks at its
@@ -731,7 +736,7 @@ impl Conn {
         };
         let Ok(view) = view else { return };
         let position = view.queue_position;
-        if self.positions.get(&session) != Some(&position) {
+        if self.position(session) != Some(position) {
             self.note_position(&view.session, position);
             self.send_session_updated(&view.session, position);
         }
@@ -742,14 +747,20 @@ impl Conn {
     /// receives every session lifecycle event of its tenant (any may move
     /// its place).
     fn note_position(&mut self, session: &livechat_core::ChatSession, position: Option<i64>) {
-        self.positions.insert(session.id, position);
-        if position.is_some() {
-            self.waiting.insert(session.id, session.clone());
-        } else {
-            self.waiting.remove(&session.id);
-        }
+        let place = position.map(|position| Place {
+            position,
+            session: session.clone(),
+        });
+        self.positions.insert(session.id, place);
         self.membership
             .set_waiting(self.positions.values().any(Option::is_some));
+    }
+
+    /// The queue position last sent for a joined session: `Some(None)`
+    /// when it was not waiting, `None` when it is not joined.
+    fn position(&self, session: SessionId) -> Option<Option<i64>> {
+        let place = self.positions.get(&session)?;
+        Some(place.as_ref().map(|p| p.position))
     }
 
     /// The tenant's queue after `prepared` (each waiting session → its
@@ -774,7 +785,6 @@ impl Conn {
     fn leave(&mut self, session: SessionId) {
         self.joined.remove(&session);
         self.positions.remove(&session);
-        self.waiting.remove(&session);
         self.membership
             .set_waiting(self.positions.values().any(Option::is_some));
         self.membership.unfollow(session);
@@ -858,9 +868,10 @@ impl Conn {
                     let Some(&position) = queue.get(&id) else {
                         continue;
                     };
-                    if self.positions.get(&id) != Some(&Some(position))
-                        && let Some(session) = self.waiting.get(&id).cloned()
+                    if let Some(Some(place)) = self.positions.get(&id)
+                        && place.position != position
                     {
+                        let session = place.session.clone();
                         self.note_position(&session, Some(position));
                         self.send_session_updated(&session, Some(position));
                     }
@@ -1202,7 +1213,6 @@ async fn serve(gateway: Arc<Gateway>, socket: WebSocketStream, pre_auth: Option<
         closing: None,
         joined: HashMap::new(),
         positions: HashMap::new(),
-        waiting: HashMap::new(),
         bad_frames: 0,
         limiter: RateLimiter::direct(Quota::per_second(rate).allow_burst(burst)),
         last_heard: Instant::now(),

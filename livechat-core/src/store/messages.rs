@@ -239,17 +239,14 @@ impl SeaOrmStore {
             .iter()
             .filter_map(|r| r.key.as_ref().map(|k| (r.session.as_uuid(), k.as_str())))
             .collect();
-        let mut sessions =
-            lock_sessions(tx, padded(ids.clone()), padded(keyed.clone()), wait).await?;
+        let (mut sessions, stored_keys) =
+            lock_sessions(tx, padded(ids), padded(keyed.clone()), wait).await?;
         let mut keys: HashMap<(SessionId, &str), ChatMessage> = HashMap::new();
         // The originals are read only when the lock counted some: a repeat
         // is rare, so a batch of new keyed messages needs no lookup.
-        if sessions.values().any(|s| s.stored_keys > 0) {
+        if stored_keys > 0 {
             let stored = message::Entity::find()
-                .filter(message::Column::SessionId.is_in(padded(ids)))
-                .filter(
-                    message::Column::ClientMsgId.is_in(padded(keyed).into_iter().map(|(_, k)| k)),
-                )
+                .filter(key_pairs(keyed))
                 .all(tx)
                 .await?;
             for row in stored {
@@ -351,9 +348,6 @@ struct LockedSession {
     customer_connections: i64,
     /// The host user id of the session's customer (`None` for visitors).
     customer_user: Option<i64>,
-    /// The batch's (session, `client_msg_id`) pairs already stored: the
-    /// same count on every row of the batch (0 when it has no keys).
-    stored_keys: i64,
 }
 
 /// The columns of a locked session row that staging reads (issue #5: the
@@ -387,8 +381,9 @@ enum LockWait {
 
 /// Locks the sessions `ids` (in id order) and reads each with its
 /// customer's live connection count and host user id, and with `keys`
-/// (the batch's `client_msg_id`s) the count of its stored messages that
-/// carry one of them, in one statement: PostgreSQL `SELECT … FOR UPDATE`
+/// (the batch's (session, `client_msg_id`) pairs) how many of them are
+/// already stored (the second value; 0 without keys), in one statement:
+/// PostgreSQL `SELECT … FOR UPDATE`
 /// with scalar subqueries; on SQLite the write lock taken by `BEGIN
 /// IMMEDIATE` already orders appends.
 ///
@@ -401,27 +396,43 @@ async fn lock_sessions(
     ids: Vec<uuid::Uuid>,
     keys: Vec<(uuid::Uuid, &str)>,
     wait: LockWait,
-) -> Result<HashMap<uuid::Uuid, LockedSession>, DbErr> {
+) -> Result<(HashMap<uuid::Uuid, LockedSession>, i64), DbErr> {
     let keyed = !keys.is_empty();
     let statement = lock_statement(tx.get_database_backend(), ids, keys, now(), wait);
     let mut locked = HashMap::new();
+    let mut stored_keys = 0;
     for result in tx.query_all_raw(statement).await? {
         let row = LockedRow::from_query_result(&result, "")?;
+        if keyed {
+            // The same count on every row.
+            stored_keys = result.try_get("", STORED_KEYS)?;
+        }
         locked.insert(
             row.id,
             LockedSession {
                 row,
                 customer_connections: result.try_get("", CUSTOMER_CONNECTIONS)?,
                 customer_user: result.try_get("", CUSTOMER_USER)?,
-                stored_keys: if keyed {
-                    result.try_get("", STORED_KEYS)?
-                } else {
-                    0
-                },
             },
         );
     }
-    Ok(locked)
+    Ok((locked, stored_keys))
+}
+
+/// `(session_id = ? AND client_msg_id = ?) OR …` over `keys`: one index
+/// lookup per (session, key) pair, where `session_id IN (…) AND
+/// client_msg_id IN (…)` looks up every pairing (issue #5 fan-out profile:
+/// ~10 sessions × 32–64 keys per batch) and SQLite answers a row-value
+/// `IN` by a scan.
+fn key_pairs<'k>(keys: impl IntoIterator<Item = (uuid::Uuid, &'k str)>) -> Condition {
+    keys.into_iter()
+        .fold(Condition::any(), |any, (session, key)| {
+            any.add(
+                Condition::all()
+                    .add(Expr::col((message::Entity, message::Column::SessionId)).eq(session))
+                    .add(Expr::col((message::Entity, message::Column::ClientMsgId)).eq(key)),
+            )
+        })
 }
 
 /// The statement of [`lock_sessions`] for `ids` and `keys` as of `at`.
@@ -535,29 +546,11 @@ fn build_lock_statement(
             CUSTOMER_USER,
         )
         .apply_if((!keys.is_empty()).then_some(keys), |select, keys| {
-            // One index lookup per (session, key) pair, once per
-            // statement: uncorrelated, and not `session_id IN (…) AND
-            // client_msg_id IN (…)`, which looks up every pairing (issue
-            // #5 fan-out profile: ~10 sessions × 32–64 keys per batch),
-            // nor a row-value `IN`, which SQLite answers by a scan.
-            let pairs = keys
-                .into_iter()
-                .fold(Condition::any(), |any, (session, key)| {
-                    any.add(
-                        Condition::all()
-                            .add(
-                                Expr::col((message::Entity, message::Column::SessionId))
-                                    .eq(session),
-                            )
-                            .add(
-                                Expr::col((message::Entity, message::Column::ClientMsgId)).eq(key),
-                            ),
-                    )
-                });
+            // Uncorrelated: counted once per statement, not per session.
             let stored = Query::select()
                 .expr(Expr::col((message::Entity, message::Column::Id)).count())
                 .from(message::Entity)
-                .cond_where(pairs)
+                .cond_where(key_pairs(keys))
                 .to_owned();
             select.expr_as(Expr::SubQuery(None, Box::new(stored.into())), STORED_KEYS)
         })

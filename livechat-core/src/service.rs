@@ -253,6 +253,20 @@ impl<S: ChatStore> ChatService<S> {
         self.store.waiting_queue(tenant).await
     }
 
+    /// Each WAITING session of the tenant → its queue position (1 =
+    /// next), from one read of [`Self::waiting_queue`]; the same places
+    /// [`Self::get_session`] gives one by one.
+    ///
+    /// # Errors
+    /// [`ChatError::Storage`].
+    pub async fn queue_positions(
+        &self,
+        tenant: TenantId,
+    ) -> Result<std::collections::HashMap<SessionId, i64>, ChatError> {
+        let queue = self.waiting_queue(tenant).await?;
+        Ok(queue.into_iter().zip(1..).collect())
+    }
+
     /// The tenant's sessions, newest first; `limit` defaults to
     /// [`ChatConfig::default_page_size`].
     ///

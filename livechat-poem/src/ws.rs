@@ -767,10 +767,9 @@ impl Conn {
     /// place), read once per event and node however many waiting customers
     /// it reaches; `None` when the read failed.
     async fn queue<'p>(&self, prepared: &'p Prepared) -> Option<&'p HashMap<SessionId, i64>> {
-        let read = prepared.queue.get_or_try_init(|| async {
-            let queue = self.chat().waiting_queue(self.tenant()).await?;
-            Ok::<_, ChatError>(queue.into_iter().zip(1..).collect())
-        });
+        let read = prepared
+            .queue
+            .get_or_try_init(|| self.chat().queue_positions(self.tenant()));
         match read.await {
             Ok(queue) => Some(queue),
             Err(e) => {

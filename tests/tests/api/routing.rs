@@ -193,6 +193,12 @@ async fn queue_drains_by_priority_then_age(backend: Backend) {
         app.chat.waiting_queue(t(2)).await.unwrap().is_empty(),
         "tenant 2's own"
     );
+    let places = app.chat.queue_positions(t(1)).await.unwrap();
+    for view in [&urgent, &normal_old, &normal_new, &low] {
+        let id = view.session.id;
+        assert_eq!(places.get(&id).copied(), position(id).await);
+    }
+    assert_eq!(places.len(), 4);
     // Drain one at a time by closing the agent's chat.
     let mut current = busy.session.id;
     for expected in [

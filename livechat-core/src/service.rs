@@ -243,9 +243,7 @@ impl<S: ChatStore> ChatService<S> {
     }
 
     /// The tenant's WAITING sessions in queue order; a session's queue
-    /// position is its index here plus one. One read for every waiting
-    /// customer's place (issue #5: the gateway reads it once per queue
-    /// move, not once per waiting customer).
+    /// position is its index here plus one ([`Self::queue_positions`]).
     ///
     /// # Errors
     /// [`ChatError::Storage`].
@@ -255,7 +253,8 @@ impl<S: ChatStore> ChatService<S> {
 
     /// Each WAITING session of the tenant → its queue position (1 =
     /// next), from one read of [`Self::waiting_queue`]; the same places
-    /// [`Self::get_session`] gives one by one.
+    /// [`Self::get_session`] gives one by one. Issue #5: the gateway reads
+    /// it once per queue move and node, not once per waiting customer.
     ///
     /// # Errors
     /// [`ChatError::Storage`].

@@ -337,6 +337,25 @@ pub trait PresenceRepository: Send + Sync {
         policy: &RoutingPolicy,
     ) -> impl Future<Output = Result<(), ChatError>> + Send;
 
+    /// Records that the tenant's agents are told `agent` went offline, if
+    /// the agent has a presence, no live connection on any node, and no
+    /// such announcement stands already. Returns whether it was recorded:
+    /// only then is the offline announced, so it is said once.
+    fn announce_offline(
+        &self,
+        tenant: TenantId,
+        agent: UserId,
+    ) -> impl Future<Output = Result<bool, ChatError>> + Send;
+
+    /// Clears a standing offline announcement of `agent` (they are
+    /// connected again) and returns their presence when there was one, so
+    /// that their chosen status is announced again once.
+    fn clear_offline_announcement(
+        &self,
+        tenant: TenantId,
+        agent: UserId,
+    ) -> impl Future<Output = Result<Option<AgentPresence>, ChatError>> + Send;
+
     /// The agent's presence, `None` if they never set one in this tenant.
     fn get_presence(
         &self,

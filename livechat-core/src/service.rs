@@ -638,6 +638,13 @@ impl<S: ChatStore> ChatService<S> {
     /// Keeps a connection alive for `ttl` more; for agents also a presence
     /// heartbeat (DESIGN.md invariant 3).
     ///
+    /// Returns the agent's presence when the tenant's agents were told the
+    /// agent went offline ([`Self::announce_offline`]) and this connection
+    /// is the agent's return: the caller announces the chosen status again
+    /// (once; the announcement is cleared here). `None` otherwise, and for
+    /// an agent whose chosen status is `offline` (nothing changed for the
+    /// others).
+    ///
     /// # Errors
     /// [`ChatError::Storage`] only.
     pub async fn touch_connection(
@@ -646,19 +653,41 @@ impl<S: ChatStore> ChatService<S> {
         id: uuid::Uuid,
         owner: ConnectionOwner,
         ttl: std::time::Duration,
-    ) -> Result<(), ChatError> {
+    ) -> Result<Option<AgentPresence>, ChatError> {
         self.store.touch_connection(tenant, id, ttl).await?;
-        if let ConnectionOwner::Agent(agent) = owner {
-            match self
-                .store
-                .heartbeat(tenant, agent, &self.config.routing)
-                .await
-            {
-                Ok(_) | Err(ChatError::NotFound) => {}
-                Err(e) => return Err(e),
-            }
+        let ConnectionOwner::Agent(agent) = owner else {
+            return Ok(None);
+        };
+        match self
+            .store
+            .heartbeat(tenant, agent, &self.config.routing)
+            .await
+        {
+            Ok(_) => {}
+            Err(ChatError::NotFound) => return Ok(None),
+            Err(e) => return Err(e),
         }
-        Ok(())
+        Ok(self
+            .store
+            .clear_offline_announcement(tenant, agent)
+            .await?
+            .filter(|p| p.status != PresenceStatus::Offline))
+    }
+
+    /// Decides whether to tell `agent`'s tenant that the agent went
+    /// offline, after their last connection closed and the grace period
+    /// passed: `true` (and recorded, so it is said once) when the agent has
+    /// a presence and still no live connection on any node. Their next
+    /// connection clears it and is announced ([`Self::touch_connection`]).
+    ///
+    /// # Errors
+    /// [`ChatError::Storage`] only.
+    pub async fn announce_offline(
+        &self,
+        tenant: TenantId,
+        agent: UserId,
+    ) -> Result<bool, ChatError> {
+        self.store.announce_offline(tenant, agent).await
     }
 
     /// The connection follows a session it may see (call after the

@@ -1346,12 +1346,20 @@ async fn register(gateway: &Gateway, tenant: TenantId, id: uuid::Uuid, owner: Co
 
 /// Renews a connection's registration and its owner's liveness.
 async fn heartbeat(gateway: &Gateway, tenant: TenantId, id: uuid::Uuid, owner: ConnectionOwner) {
-    if let Err(e) = gateway
+    match gateway
         .chat
         .touch_connection(tenant, id, owner, gateway.config.connection_ttl)
         .await
     {
-        tracing::warn!(error = %e, "websocket: heartbeat failed");
+        Ok(Some(back)) => gateway.bus.publish(BusEvent::Ephemeral {
+            tenant_id: tenant,
+            event: Ephemeral::Presence {
+                agent_id: back.agent_id,
+                status: back.status,
+            },
+        }),
+        Ok(None) => {}
+        Err(e) => tracing::warn!(error = %e, "websocket: heartbeat failed"),
     }
 }
 
@@ -1437,11 +1445,12 @@ async fn unregister(gateway: &Arc<Gateway>, identity: Identity, id: uuid::Uuid) 
 }
 
 /// After the grace period, tells the tenant's agents that an agent whose
-/// last connection closed is gone, unless they reconnected meanwhile.
+/// last connection closed is gone, unless they reconnected meanwhile (their
+/// next connection announces them again: [`heartbeat`]).
 fn spawn_presence_check(gateway: Arc<Gateway>, tenant: TenantId, agent: UserId) {
     tokio::spawn(async move {
         tokio::time::sleep(gateway.config.presence_grace).await;
-        if matches!(gateway.chat.agent_connected(tenant, agent).await, Ok(false)) {
+        if matches!(gateway.chat.announce_offline(tenant, agent).await, Ok(true)) {
             gateway.bus.publish(BusEvent::Ephemeral {
                 tenant_id: tenant,
                 event: Ephemeral::Presence {

@@ -73,6 +73,9 @@ pub(crate) mod presence {
         pub updated_at: DateTimeUtc,
         pub last_seen_at: DateTimeUtc,
         pub last_assigned_at: Option<DateTimeUtc>,
+        /// When the agent's tenant was told the agent went offline (last
+        /// connection closed, grace passed); cleared when they are back.
+        pub offline_announced_at: Option<DateTimeUtc>,
     }
 
     #[derive(Copy, Clone, Debug, EnumIter, DeriveRelation)]

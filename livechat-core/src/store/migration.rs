@@ -16,6 +16,7 @@ impl MigratorTrait for Migrator {
         vec![
             Box::new(m0001_chat::Migration),
             Box::new(m0002_outbox_scan::Migration),
+            Box::new(m0003_presence_announced::Migration),
         ]
     }
 
@@ -490,6 +491,58 @@ mod m0002_outbox_scan {
                 db.execute_unprepared(sql).await?;
             }
             Ok(())
+        }
+    }
+}
+
+/// When an agent's last connection closed and the grace period passed, the
+/// tenant's agents are told the agent is offline; this column records that
+/// it was said, so that the agent's next connection can tell them the
+/// agent is back (with the chosen status) exactly once, on whichever node
+/// it opens. `NULL`: no offline announcement stands.
+mod m0003_presence_announced {
+    use sea_orm_migration::prelude::*;
+
+    pub(super) struct Migration;
+
+    impl MigrationName for Migration {
+        fn name(&self) -> &str {
+            "m0003_presence_announced"
+        }
+    }
+
+    #[derive(DeriveIden)]
+    enum LivechatAgentPresence {
+        Table,
+        OfflineAnnouncedAt,
+    }
+
+    #[async_trait::async_trait]
+    impl MigrationTrait for Migration {
+        async fn up(&self, manager: &SchemaManager) -> Result<(), DbErr> {
+            manager
+                .alter_table(
+                    Table::alter()
+                        .table(LivechatAgentPresence::Table)
+                        .add_column(
+                            ColumnDef::new(LivechatAgentPresence::OfflineAnnouncedAt)
+                                .timestamp_with_time_zone()
+                                .null(),
+                        )
+                        .to_owned(),
+                )
+                .await
+        }
+
+        async fn down(&self, manager: &SchemaManager) -> Result<(), DbErr> {
+            manager
+                .alter_table(
+                    Table::alter()
+                        .table(LivechatAgentPresence::Table)
+                        .drop_column(LivechatAgentPresence::OfflineAnnouncedAt)
+                        .to_owned(),
+                )
+                .await
         }
     }
 }

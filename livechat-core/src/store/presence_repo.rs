@@ -1,9 +1,9 @@
 //! [`PresenceRepository`] for the SeaORM store.
 
 use sea_orm::sea_query::{Expr, OnConflict};
-use sea_orm::{ActiveValue::Set, ColumnTrait, EntityTrait, QueryFilter};
+use sea_orm::{ActiveValue::Set, ColumnTrait, EntityTrait, QueryFilter, QuerySelect, QueryTrait};
 
-use super::entity::{presence, routing as routing_entity};
+use super::entity::{connection, presence, routing as routing_entity};
 use super::routing::{drain_queue, eligible_agents, lock_tenant};
 use super::{SeaOrmStore, abort, record_event};
 use crate::config::RoutingPolicy;
@@ -37,13 +37,16 @@ impl PresenceRepository for SeaOrmStore {
             updated_at: Set(presence.updated_at),
             last_seen_at: Set(presence.updated_at),
             last_assigned_at: Set(None),
+            offline_announced_at: Set(None),
         })
         .on_conflict(
+            // The change itself is announced: no offline announcement stands.
             OnConflict::columns([presence::Column::TenantId, presence::Column::AgentId])
                 .update_columns([
                     presence::Column::Status,
                     presence::Column::UpdatedAt,
                     presence::Column::LastSeenAt,
+                    presence::Column::OfflineAnnouncedAt,
                 ])
                 .to_owned(),
         )
@@ -112,6 +115,47 @@ impl PresenceRepository for SeaOrmStore {
             .exec(&self.db)
             .await?;
         Ok(())
+    }
+
+    async fn announce_offline(&self, tenant: TenantId, agent: UserId) -> Result<bool, ChatError> {
+        let now = now();
+        let live = connection::Entity::find()
+            .select_only()
+            .column(connection::Column::Id)
+            .filter(connection::Column::TenantId.eq(tenant.get()))
+            .filter(connection::Column::AgentId.eq(agent.get()))
+            .filter(connection::Column::ExpiresAt.gt(now))
+            .into_query();
+        let announced = presence::Entity::update_many()
+            .col_expr(presence::Column::OfflineAnnouncedAt, Expr::value(now))
+            .filter(presence::Column::TenantId.eq(tenant.get()))
+            .filter(presence::Column::AgentId.eq(agent.get()))
+            .filter(presence::Column::OfflineAnnouncedAt.is_null())
+            .filter(Expr::not_exists(live))
+            .exec(&self.db)
+            .await?;
+        Ok(announced.rows_affected > 0)
+    }
+
+    async fn clear_offline_announcement(
+        &self,
+        tenant: TenantId,
+        agent: UserId,
+    ) -> Result<Option<AgentPresence>, ChatError> {
+        presence::Entity::update_many()
+            .col_expr(
+                presence::Column::OfflineAnnouncedAt,
+                Expr::value(Option::<chrono::DateTime<chrono::Utc>>::None),
+            )
+            .filter(presence::Column::TenantId.eq(tenant.get()))
+            .filter(presence::Column::AgentId.eq(agent.get()))
+            .filter(presence::Column::OfflineAnnouncedAt.is_not_null())
+            .exec_with_returning(&self.db)
+            .await?
+            .into_iter()
+            .next()
+            .map(AgentPresence::try_from)
+            .transpose()
     }
 
     async fn get_presence(

@@ -136,7 +136,7 @@ async fn migrations_on_a_host_connection(backend: Backend) {
     Migrator::up(&db, None).await.unwrap();
     Migrator::up(&db, None).await.unwrap(); // already applied: no-op
     let chat = ChatService::new(
-        SeaOrmStore::new(db),
+        SeaOrmStore::new(db.clone()),
         ChatConfig {
             max_message_chars: 5,
             ..ChatConfig::default()
@@ -159,4 +159,18 @@ async fn migrations_on_a_host_connection(backend: Backend) {
         chat.post_message(t, a, s.id, "123456".into(), None).await,
         Err(livechat_core::ChatError::MessageTooLong { max: 5 })
     ));
+    // The latest migration rolls back and applies again over stored rows.
+    Migrator::down(&db, Some(1)).await.unwrap();
+    Migrator::up(&db, None).await.unwrap();
+    chat.set_agent_status(t, a, PresenceStatus::Away)
+        .await
+        .unwrap();
+    assert_eq!(
+        chat.post_message(t, a, s.id, "ok".into(), None)
+            .await
+            .unwrap()
+            .message
+            .seq,
+        2
+    );
 }

@@ -18,6 +18,7 @@ on_both_databases!(
     bad_input_gets_error_frames,
     authentication_and_isolation,
     presence_grace_and_expiry,
+    an_agent_who_chose_offline_is_not_announced_back,
     slow_consumer_is_closed_with_1013,
     connection_status_and_offline_notifications,
     shutdown_closes_with_1001,
@@ -590,10 +591,16 @@ async fn presence_grace_and_expiry(backend: Backend) {
         .await
         .unwrap();
     assert!(started.view.session.ticket_id.is_some());
-    // Reconnecting makes the agent eligible again and drains the queue.
-    let _agent = WsClient::connect_with_header(&node.ws_url(), &agent_auth(7), 1)
+    // Reconnecting makes the agent eligible again and drains the queue, and
+    // the other agents hear that the agent is back, with the chosen status.
+    let mut agent = WsClient::connect_with_header(&node.ws_url(), &agent_auth(7), 1)
         .await
         .unwrap();
+    let back = watcher.expect("presence_updated").await;
+    assert_eq!(
+        (back["agent_id"].as_i64(), back["status"].as_str()),
+        (Some(7), Some("online"))
+    );
     tokio::time::sleep(Duration::from_millis(300)).await;
     let now = node
         .chat
@@ -601,6 +608,55 @@ async fn presence_grace_and_expiry(backend: Backend) {
         .await
         .unwrap();
     assert_eq!(now.session.agent_id, Some(u(7)));
+    // Said once: the pings that follow, and a second connection, announce
+    // nothing more.
+    let mut second = WsClient::connect_with_header(&node.ws_url(), &agent_auth(7), 1)
+        .await
+        .unwrap();
+    let wait = Duration::from_millis(2500);
+    let (seen, _, _) = tokio::join!(watcher.drain(wait), agent.drain(wait), second.drain(wait));
+    assert!(
+        seen.iter().all(|f| f["type"] != "presence_updated"),
+        "announced once: {seen:?}"
+    );
+}
+
+/// An agent whose chosen status is `offline` is announced offline when the
+/// last connection goes, but connecting again announces nothing: nothing
+/// changed for the other agents.
+async fn an_agent_who_chose_offline_is_not_announced_back(backend: Backend) {
+    let (_app, node) = node(backend, |_| {}).await;
+    node.chat
+        .set_agent_status(t(1), u(7), PresenceStatus::Offline)
+        .await
+        .unwrap();
+    let mut watcher = WsClient::connect_with_header(&node.ws_url(), &agent_auth(8), 1)
+        .await
+        .unwrap();
+    watcher.expect("ready").await;
+    let mut agent = WsClient::connect_with_header(&node.ws_url(), &agent_auth(7), 1)
+        .await
+        .unwrap();
+    agent.expect("ready").await;
+    agent.drop_now();
+    let gone = watcher.expect("presence_updated").await;
+    assert_eq!(gone["status"], "offline");
+    let mut agent = WsClient::connect_with_header(&node.ws_url(), &agent_auth(7), 1)
+        .await
+        .unwrap();
+    let wait = Duration::from_millis(800);
+    let (seen, _) = tokio::join!(watcher.drain(wait), agent.drain(wait));
+    assert!(
+        seen.iter().all(|f| f["type"] != "presence_updated"),
+        "{seen:?}"
+    );
+    // Its choice is announced as ever.
+    node.chat
+        .set_agent_status(t(1), u(7), PresenceStatus::Online)
+        .await
+        .unwrap();
+    let online = watcher.expect("presence_updated").await;
+    assert_eq!(online["status"], "online");
 }
 
 async fn slow_consumer_is_closed_with_1013(backend: Backend) {

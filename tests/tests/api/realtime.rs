@@ -256,6 +256,11 @@ async fn agent_and_customer_talk_live(backend: Backend) {
     assert_eq!(got["seq"], 1);
     assert_eq!(got["sender_type"], "agent");
     assert_eq!(got["client_msg_id"], "a-1");
+    assert_eq!(
+        ack,
+        json!({"type": "ack", "client_msg_id": "a-1", "session_id": session, "id": got["id"], "seq": 1, "duplicate": false}),
+        "the ack names the stored message whole"
+    );
 
     // The sender's own connection gets the message too (other devices).
     assert_eq!(agent.expect("new_message").await["seq"], 1);

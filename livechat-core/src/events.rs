@@ -92,9 +92,82 @@ pub struct DomainEvent {
     /// What happened.
     pub kind: EventKind,
     /// The changed entity as JSON (see [`EventKind`] for each shape).
-    pub payload: serde_json::Value,
+    pub payload: EventPayload,
     /// Commit time of the change (UTC, microseconds).
     pub created_at: DateTime<Utc>,
+}
+
+/// The JSON text of a [`DomainEvent`]'s payload, exactly as stored in the
+/// outbox's `payload` column and as carried on the bus (serialized inline,
+/// not as a string).
+///
+/// Kept as text rather than a `serde_json::Value`: an event is serialized
+/// once, for the outbox row, and each consumer decodes the type it needs
+/// ([`Self::decode`]). Building, decoding and dropping a `Value` for every
+/// stored message was ~5% of the server's CPU in the issue #5 fan-out
+/// profile. Two payloads are equal when their texts are (a payload read
+/// back from another node's bus message has its keys in alphabetical
+/// order; compare decoded values across nodes).
+#[derive(Clone, Debug, Serialize)]
+#[serde(transparent)]
+pub struct EventPayload(Box<serde_json::value::RawValue>);
+
+/// Read through a `serde_json::Value`: an event arrives inside the bus's
+/// internally tagged `BusEvent`, which serde buffers before this runs, and
+/// raw text cannot be taken from that buffer. Only events from other nodes
+/// are read this way; stored ones use [`EventPayload::from_json`].
+impl<'de> Deserialize<'de> for EventPayload {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        let value = serde_json::Value::deserialize(deserializer)?;
+        Self::new(&value).map_err(serde::de::Error::custom)
+    }
+}
+
+impl EventPayload {
+    /// Serializes `payload`.
+    ///
+    /// # Errors
+    /// When `payload` does not serialize to JSON (a map with non-string
+    /// keys, a failing `Serialize` implementation).
+    pub fn new<T: Serialize + ?Sized>(payload: &T) -> serde_json::Result<Self> {
+        serde_json::value::to_raw_value(payload).map(Self)
+    }
+
+    /// Wraps JSON text (a stored payload), after checking it is JSON.
+    ///
+    /// # Errors
+    /// When `json` is not one JSON value.
+    pub fn from_json(json: String) -> serde_json::Result<Self> {
+        serde_json::value::RawValue::from_string(json).map(Self)
+    }
+
+    /// The JSON text.
+    #[must_use]
+    pub fn json(&self) -> &str {
+        self.0.get()
+    }
+
+    /// Decodes the payload as `T` (see [`EventKind`] for each kind's type).
+    ///
+    /// # Errors
+    /// When the payload does not have `T`'s shape.
+    pub fn decode<'a, T: Deserialize<'a>>(&'a self) -> serde_json::Result<T> {
+        serde_json::from_str(self.0.get())
+    }
+
+    /// The payload as a `serde_json::Value`, for reading a field or two
+    /// without a type.
+    #[must_use]
+    pub fn value(&self) -> serde_json::Value {
+        // The text is one JSON value by construction; `Null` is unreachable.
+        self.decode().unwrap_or(serde_json::Value::Null)
+    }
+}
+
+impl PartialEq for EventPayload {
+    fn eq(&self, other: &Self) -> bool {
+        self.json() == other.json()
+    }
 }
 
 /// Why a ticket was requested.
@@ -151,4 +224,43 @@ pub struct MessagePosted {
     /// notification (issue #4).
     #[serde(default)]
     pub customer_connected: bool,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::bus::BusEvent;
+
+    #[test]
+    fn a_payload_is_its_json_text_and_crosses_the_bus_whole() {
+        #[derive(Serialize, Deserialize, PartialEq, Debug)]
+        struct Shape {
+            seq: i64,
+            message: String,
+        }
+        let shape = Shape {
+            seq: 7,
+            message: "Halo \"du\"".into(),
+        };
+        let payload = EventPayload::new(&shape).unwrap();
+        assert_eq!(payload.json(), r#"{"seq":7,"message":"Halo \"du\""}"#);
+        assert_eq!(payload.decode::<Shape>().unwrap(), shape);
+        assert_eq!(payload.value()["seq"], 7);
+        assert!(EventPayload::from_json("{\"seq\":".into()).is_err());
+        // Inside the bus's tagged envelope, as another node reads it.
+        let event = BusEvent::Domain(std::sync::Arc::new(DomainEvent {
+            id: EventId::generate(),
+            tenant_id: TenantId::new(2).unwrap(),
+            session_id: None,
+            kind: EventKind::MessagePosted,
+            payload,
+            created_at: crate::now(),
+        }));
+        let text = serde_json::to_string(&event).unwrap();
+        assert!(text.contains(r#""payload":{"seq":7,"#), "inline: {text}");
+        let BusEvent::Domain(read) = serde_json::from_str::<BusEvent>(&text).unwrap() else {
+            panic!("not a domain event");
+        };
+        assert_eq!(read.payload.decode::<Shape>().unwrap(), shape);
+    }
 }

@@ -42,7 +42,9 @@ mod validate;
 
 pub use config::{ChatConfig, RoutingPolicy};
 pub use error::ChatError;
-pub use events::{DomainEvent, EventKind, MessagePosted, TicketReason, TicketRequested};
+pub use events::{
+    DomainEvent, EventKind, EventPayload, MessagePosted, TicketReason, TicketRequested,
+};
 pub use ids::{
     CustomerId, EventId, MessageId, NotificationId, SessionId, TenantId, TicketId, UserId,
 };

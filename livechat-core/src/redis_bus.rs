@@ -539,7 +539,8 @@ mod tests {
             tenant_id: TenantId::new(2).expect("tenant"),
             session_id: Some(SessionId::generate()),
             kind: EventKind::MessagePosted,
-            payload: serde_json::json!({"seq": 7, "message": "Halo"}),
+            payload: crate::EventPayload::new(&serde_json::json!({"seq": 7, "message": "Halo"}))
+                .unwrap(),
             created_at: crate::now(),
         }));
         b.publish(domain.clone());

@@ -30,7 +30,6 @@ use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 
 use livechat_core::bus::{BusEvent, Ephemeral};
 use livechat_core::{ChatMessage, ChatSession, EventKind, SessionId, TenantId};
-use serde::Deserialize;
 use tokio::sync::{OnceCell, broadcast, mpsc};
 
 /// Default of `RealtimeConfig::event_queue`: events a connection's queue
@@ -61,12 +60,12 @@ impl Prepared {
         let (mut message, mut session) = (None, None);
         if let BusEvent::Domain(e) = &*event {
             if e.kind == EventKind::MessagePosted {
-                message = ChatMessage::deserialize(&e.payload).ok().map(|m| {
+                message = e.payload.decode::<ChatMessage>().ok().map(|m| {
                     let text = crate::ws::message_text(&m);
                     (m, text)
                 });
             } else if is_lifecycle(e.kind) {
-                session = ChatSession::deserialize(&e.payload).ok();
+                session = e.payload.decode::<ChatSession>().ok();
             }
         }
         Self {
@@ -445,7 +444,7 @@ mod tests {
             tenant_id: t,
             session_id: Some(session),
             kind,
-            payload: serde_json::json!({}),
+            payload: livechat_core::EventPayload::new(&serde_json::json!({})).unwrap(),
             created_at: livechat_core::now(),
         })))
     }

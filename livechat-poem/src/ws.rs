@@ -896,10 +896,11 @@ impl Conn {
             }
             EventKind::AgentStatusChanged => {
                 if let Role::Agent(_) = self.identity.role {
+                    let presence = event.payload.value();
                     self.send(frame(json!({
                         "type": "presence_updated",
-                        "agent_id": event.payload.get("agent_id"),
-                        "status": event.payload.get("status"),
+                        "agent_id": presence.get("agent_id"),
+                        "status": presence.get("status"),
                     })));
                 }
             }

@@ -469,7 +469,9 @@ impl Outcome {
 }
 
 fn decode<T: for<'de> Deserialize<'de>>(event: &DomainEvent) -> Result<T, String> {
-    T::deserialize(&event.payload)
+    event
+        .payload
+        .decode()
         .map_err(|e| format!("undecodable {} payload: {e}", event.kind.as_str()))
 }
 
@@ -613,7 +615,7 @@ mod tests {
                 tenant_id: tenant(),
                 session_id: None,
                 kind,
-                payload,
+                payload: livechat_core::EventPayload::new(&payload).unwrap(),
                 created_at: livechat_core::now(),
             },
             attempts: 0,

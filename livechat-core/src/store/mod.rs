@@ -37,7 +37,7 @@ pub use migration::Migrator;
 
 use crate::bus::{BusEvent, EventBus};
 use crate::error::ChatError;
-use crate::events::{DomainEvent, EventKind};
+use crate::events::{DomainEvent, EventKind, EventPayload};
 use crate::ids::{CustomerId, EventId, MessageId, SessionId, TenantId, TicketId};
 use crate::model::{
     AgentPresence, ChatMessage, ChatSession, Contact, Customer, PresenceStatus, Priority,
@@ -351,18 +351,17 @@ fn outbox_row<T: Serialize>(
     kind: EventKind,
     payload: &T,
 ) -> Result<(outbox_entity::ActiveModel, DomainEvent), ChatError> {
-    let invalid = |e: serde_json::Error| DbErr::Custom(format!("event payload: {e}"));
-    let value = serde_json::to_value(payload).map_err(invalid)?;
-    // Written from `payload` itself: printing `value` cost twice as much
-    // (issue #5 fan-out profile).
-    let text = serde_json::to_string(payload).map_err(invalid)?;
+    // Serialized once: the row stores the event's own text (issue #5).
+    let payload =
+        EventPayload::new(payload).map_err(|e| DbErr::Custom(format!("event payload: {e}")))?;
+    let text = payload.json().to_owned();
     let at = now();
     let event = DomainEvent {
         id: EventId::generate(),
         tenant_id: tenant,
         session_id: session,
         kind,
-        payload: value,
+        payload,
         created_at: at,
     };
     let settled = interest.is_some_and(|i| !i.wants(&event));
@@ -473,7 +472,7 @@ impl TryFrom<outbox_entity::Model> for DomainEvent {
             tenant_id: host_id(m.tenant_id)?,
             session_id: m.session_id.map(SessionId::from_uuid),
             kind: EventKind::parse(&m.kind).ok_or_else(|| corrupt("event kind"))?,
-            payload: serde_json::from_str(&m.payload).map_err(|_| corrupt("event payload"))?,
+            payload: EventPayload::from_json(m.payload).map_err(|_| corrupt("event payload"))?,
             created_at: m.created_at,
         })
     }

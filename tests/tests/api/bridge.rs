@@ -311,7 +311,7 @@ async fn crash_after_delivery_before_settling(backend: Backend) {
             if e.kind == livechat_core::EventKind::TicketRequested {
                 // Delivered, then the crash: nothing after it is settled or
                 // delivered.
-                let req: TicketRequested = serde_json::from_value(e.payload.clone()).unwrap();
+                let req: TicketRequested = e.payload.decode().unwrap();
                 sinks.open_ticket(&req, e.id).await.unwrap();
                 delivered += 1;
                 break;
@@ -448,7 +448,7 @@ async fn a_sessions_events_are_claimed_in_order_behind_its_earliest(backend: Bac
         claimed
             .iter()
             .filter(|p| p.event.session_id == Some(s))
-            .map(|p| (p.event.kind, p.event.payload["seq"].as_i64()))
+            .map(|p| (p.event.kind, p.event.payload.value()["seq"].as_i64()))
             .collect::<Vec<_>>()
     };
     assert!(of(sessions[0]).is_empty(), "held behind its session start");
@@ -469,7 +469,7 @@ async fn a_sessions_events_are_claimed_in_order_behind_its_earliest(backend: Bac
     let seqs: Vec<Option<i64>> = rest
         .iter()
         .filter(|p| p.event.session_id == Some(sessions[0]))
-        .map(|p| p.event.payload["seq"].as_i64())
+        .map(|p| p.event.payload.value()["seq"].as_i64())
         .collect();
     assert_eq!(seqs, vec![Some(1), Some(2), Some(3)]);
 }
@@ -496,7 +496,7 @@ async fn held_events_do_not_hide_other_sessions_events(backend: Backend) {
         vec![EventKind::AgentStatusChanged, EventKind::SessionStarted],
         "agent 8's events, found past the held ones"
     );
-    assert_eq!(claimed[0].event.payload["agent_id"], 8);
+    assert_eq!(claimed[0].event.payload.value()["agent_id"], 8);
 }
 
 /// Issue #5: the dispatcher's claim scan (`WHERE dispatched_at IS NULL

@@ -185,11 +185,11 @@ async fn every_change_writes_one_outbox_event(backend: Backend) {
         ]
     );
     assert_eq!(events[1].session_id, Some(session.id));
-    assert_eq!(events[2].payload["seq"], 1);
-    assert_eq!(events[2].payload["id"], m.message.id.to_string());
-    assert_eq!(events[3].payload["status"], "CLOSED");
-    assert_eq!(events[3].payload["closed_by"]["type"], "agent");
-    assert_eq!(events[3].payload["closed_by"]["agent_id"], 7);
+    assert_eq!(events[2].payload.value()["seq"], 1);
+    assert_eq!(events[2].payload.value()["id"], m.message.id.to_string());
+    assert_eq!(events[3].payload.value()["status"], "CLOSED");
+    assert_eq!(events[3].payload.value()["closed_by"]["type"], "agent");
+    assert_eq!(events[3].payload.value()["closed_by"]["agent_id"], 7);
     // Paging after an event id, and other tenants see none of them.
     let rest = app
         .chat
@@ -293,9 +293,9 @@ async fn concurrent_sends_across_sessions_keep_each_sessions_order(backend: Back
         after = Some(last.id);
         for e in events.iter().filter(|e| e.kind == EventKind::MessagePosted) {
             posted
-                .entry(e.payload["session_id"].as_str().unwrap().to_owned())
+                .entry(e.payload.value()["session_id"].as_str().unwrap().to_owned())
                 .or_default()
-                .push(e.payload["seq"].as_i64().unwrap());
+                .push(e.payload.value()["seq"].as_i64().unwrap());
         }
     }
     assert_eq!(posted.len(), 4, "no event for the closed session");

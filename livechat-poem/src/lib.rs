@@ -215,15 +215,51 @@ impl Livechat {
         })
     }
 
-    /// Swagger UI for the routes under `server_url`.
+    /// Swagger UI for the routes under `server_url` (with `GET /ws` when
+    /// the gateway is enabled, as in [`Self::spec_json`]).
     pub fn swagger_ui(&self, server_url: &str) -> impl Endpoint + use<> {
-        let html = self.service(server_url).swagger_ui_html();
+        let service = self.service(server_url);
+        let mut html = service.swagger_ui_html();
+        if self.realtime.is_some() {
+            // The page embeds the document verbatim; swap in the one with /ws.
+            let generated = service.spec();
+            html = html.replacen(&generated, &with_ws_path(&generated), 1);
+        }
         poem::endpoint::make_sync(move |_| poem::web::Html(html.clone()))
     }
 
-    /// The OpenAPI document as JSON text.
+    /// The OpenAPI document as JSON text. With the gateway enabled
+    /// ([`Self::realtime`]) it also lists `GET /ws` (the upgrade, its
+    /// headers and its error answers; the frames are in the README).
     #[must_use]
     pub fn spec_json(&self, server_url: &str) -> String {
-        self.service(server_url).spec()
+        let spec = self.service(server_url).spec();
+        if self.realtime.is_some() {
+            with_ws_path(&spec)
+        } else {
+            spec
+        }
     }
+}
+
+/// `spec` (the generated OpenAPI document) with the path item of `GET /ws`
+/// added; `spec` unchanged if it does not parse (it always does: poem-openapi
+/// printed it).
+fn with_ws_path(spec: &str) -> String {
+    let Ok(mut document) = serde_json::from_str::<serde_json::Value>(spec) else {
+        return spec.to_owned();
+    };
+    // The envelope every route's errors carry.
+    let error_content = document
+        .pointer("/paths/~1sessions/post/responses/401/content")
+        .cloned()
+        .unwrap_or_else(|| serde_json::json!({}));
+    let Some(paths) = document
+        .get_mut("paths")
+        .and_then(serde_json::Value::as_object_mut)
+    else {
+        return spec.to_owned();
+    };
+    paths.insert("/ws".to_owned(), ws::openapi_path_item(&error_content));
+    serde_json::to_string_pretty(&document).unwrap_or_else(|_| spec.to_owned())
 }

@@ -265,6 +265,59 @@ fn origin_allowed(config: &RealtimeConfig, req: &Request) -> bool {
         .any(|o| o == "*" || o.eq_ignore_ascii_case(origin))
 }
 
+/// The OpenAPI path item of `GET /ws` (OpenAPI 3.0), added to the
+/// document of a host that enabled the gateway ([`crate::Livechat::realtime`]).
+/// poem-openapi cannot describe a WebSocket upgrade, so the item is written
+/// here; its error answers have the same content as every other route's
+/// (`error_content`, taken from the generated document: the envelope). The
+/// frames are described in the README's "Real-time (WebSocket)" section.
+pub(crate) fn openapi_path_item(error_content: &Value) -> Value {
+    let error = |description: &str| json!({"description": description, "content": error_content});
+    json!({
+        "get": {
+            "tags": ["Realtime"],
+            "summary": "Open the real-time WebSocket",
+            "description": "Upgrades to a WebSocket carrying JSON text frames, each with a \
+                `type` (client: `auth`, `join_session`, `leave_session`, `send_message`, \
+                `typing`, `read`, `ping`; server: `ready`, `joined`, `new_message`, `ack`, \
+                `typing`, `read`, `session_updated`, `queue_updated`, `presence_updated`, \
+                `error`, ...). Authenticate with the `Authorization` and `X-Tenant-ID` \
+                headers (checked before the upgrade), or, from a browser, without them and \
+                with `{\"type\":\"auth\",\"token\":\"Bearer ...\",\"tenant_id\":1}` as the \
+                first frame within 5 seconds (a refusal is an `error` frame and close code \
+                1008). The server answers authentication with `ready`. The request's \
+                `Origin` must be allowed. Close codes: 1001 server shutdown or no heartbeat, \
+                1008 policy (authentication, bad frames), 1013 the client reads too slowly.",
+            "operationId": "open_websocket",
+            "parameters": [
+                {
+                    "name": "X-Tenant-ID",
+                    "in": "header",
+                    "required": false,
+                    "description": "The tenant (positive integer); required with `Authorization`.",
+                    "schema": {"type": "integer", "format": "int64", "minimum": 1},
+                },
+                {
+                    "name": "Authorization",
+                    "in": "header",
+                    "required": false,
+                    "description": "`Bearer <host token>` (role SUPPORT_AGENT: an agent connection; \
+                        otherwise a customer connection) or `Visitor <visitor token>`. Without it, \
+                        the first frame must be `auth`.",
+                    "schema": {"type": "string"},
+                },
+            ],
+            "responses": {
+                "101": {"description": "Switching Protocols: the WebSocket is open."},
+                "400": error("`invalid_tenant`: `X-Tenant-ID` is missing or not a positive integer."),
+                "401": error("`unauthorized`: the credential is refused."),
+                "403": error("`forbidden`: the origin is not allowed, or the token does not allow the tenant."),
+                "503": error("`unavailable`: visitor tokens are not configured."),
+            },
+        }
+    })
+}
+
 /// `GET /livechat/ws`: checks the origin and, when sent, the
 /// `Authorization` and `X-Tenant-ID` headers, then upgrades.
 #[handler]

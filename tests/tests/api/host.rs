@@ -106,8 +106,34 @@ async fn seeded_login_drives_the_library(backend: Backend) {
             );
         }
     }
+    // The WebSocket route too, with the same error envelope.
+    let envelope = &spec["paths"]["/sessions"]["post"]["responses"]["401"]["content"];
+    assert!(
+        envelope.as_object().is_some_and(|c| !c.is_empty()),
+        "{envelope}"
+    );
+    let ws = &spec["paths"]["/ws"]["get"];
+    assert_eq!(ws["operationId"], "open_websocket", "{ws}");
+    assert!(ws["responses"]["101"].is_object());
+    for status in ["400", "401", "403", "503"] {
+        assert_eq!(
+            &ws["responses"][status]["content"], envelope,
+            "/ws {status}"
+        );
+    }
+    assert!(
+        ws["parameters"]
+            .as_array()
+            .is_some_and(|p| p.iter().any(|p| p["name"] == "X-Tenant-ID")),
+        "{ws}"
+    );
     let docs = client.get("/docs").send().await;
     docs.assert_status_is_ok();
+    let page = docs.0.into_body().into_string().await.unwrap();
+    assert!(
+        page.contains("open_websocket"),
+        "the docs page shows /ws too"
+    );
 
     // Unknown routes and methods answer in the envelope too.
     let (code, body) = App::decode(call(Method::GET, "/livechat/nope", None).await).await;

@@ -312,7 +312,7 @@ pub(crate) fn openapi_path_item(error_content: &Value) -> Value {
                 "400": error("`invalid_tenant`: `X-Tenant-ID` is missing or not a positive integer."),
                 "401": error("`unauthorized`: the credential is refused."),
                 "403": error("`forbidden`: the origin is not allowed, or the token does not allow the tenant."),
-                "503": error("`unavailable`: visitor tokens are not configured."),
+                "503": error("`unavailable`: the host's authentication or the database cannot answer; retry later."),
             },
         }
     })

@@ -531,19 +531,31 @@ async fn authentication_and_isolation(backend: Backend) {
     );
 }
 
-async fn presence_grace_and_expiry(backend: Backend) {
-    let (_app, node) = node(backend, |_| {}).await;
+/// Agent 7 with `status` set, connected, and agent 8 connected (and
+/// ready) to watch the presence broadcasts: `(watcher, agent)`.
+async fn watched_agent(node: &Node, status: PresenceStatus) -> (WsClient, WsClient) {
     node.chat
-        .set_agent_status(t(1), u(7), PresenceStatus::Online)
+        .set_agent_status(t(1), u(7), status)
         .await
         .unwrap();
     let mut watcher = WsClient::connect_with_header(&node.ws_url(), &agent_auth(8), 1)
         .await
         .unwrap();
     watcher.expect("ready").await;
-    let mut agent = WsClient::connect_with_header(&node.ws_url(), &agent_auth(7), 1)
+    let agent = WsClient::connect_with_header(&node.ws_url(), &agent_auth(7), 1)
         .await
         .unwrap();
+    (watcher, agent)
+}
+
+/// No `presence_updated` among `frames`.
+fn no_presence(frames: &[Value]) -> bool {
+    frames.iter().all(|f| f["type"] != "presence_updated")
+}
+
+async fn presence_grace_and_expiry(backend: Backend) {
+    let (_app, node) = node(backend, |_| {}).await;
+    let (mut watcher, mut agent) = watched_agent(&node, PresenceStatus::Online).await;
     // Heartbeats keep the agent eligible past the 2 s TTL (clients keep
     // reading, which answers the server's pings).
     let wait = Duration::from_millis(2500);
@@ -564,10 +576,7 @@ async fn presence_grace_and_expiry(backend: Backend) {
         node.chat.agents_available(t(1)).await.unwrap(),
         "a quick reconnect does not flap"
     );
-    assert!(
-        seen.iter().all(|f| f["type"] != "presence_updated"),
-        "no flap: {seen:?}"
-    );
+    assert!(no_presence(&seen), "no flap: {seen:?}");
     // Drop for good: after the grace period the agent is not eligible and
     // the other agents hear about it.
     agent.drop_now();
@@ -620,10 +629,7 @@ async fn presence_grace_and_expiry(backend: Backend) {
         .unwrap();
     let wait = Duration::from_millis(2500);
     let (seen, _, _) = tokio::join!(watcher.drain(wait), agent.drain(wait), second.drain(wait));
-    assert!(
-        seen.iter().all(|f| f["type"] != "presence_updated"),
-        "announced once: {seen:?}"
-    );
+    assert!(no_presence(&seen), "announced once: {seen:?}");
 }
 
 /// An agent whose chosen status is `offline` is announced offline when the
@@ -631,17 +637,7 @@ async fn presence_grace_and_expiry(backend: Backend) {
 /// changed for the other agents.
 async fn an_agent_who_chose_offline_is_not_announced_back(backend: Backend) {
     let (_app, node) = node(backend, |_| {}).await;
-    node.chat
-        .set_agent_status(t(1), u(7), PresenceStatus::Offline)
-        .await
-        .unwrap();
-    let mut watcher = WsClient::connect_with_header(&node.ws_url(), &agent_auth(8), 1)
-        .await
-        .unwrap();
-    watcher.expect("ready").await;
-    let mut agent = WsClient::connect_with_header(&node.ws_url(), &agent_auth(7), 1)
-        .await
-        .unwrap();
+    let (mut watcher, mut agent) = watched_agent(&node, PresenceStatus::Offline).await;
     agent.expect("ready").await;
     agent.drop_now();
     let gone = watcher.expect("presence_updated").await;
@@ -651,10 +647,7 @@ async fn an_agent_who_chose_offline_is_not_announced_back(backend: Backend) {
         .unwrap();
     let wait = Duration::from_millis(800);
     let (seen, _) = tokio::join!(watcher.drain(wait), agent.drain(wait));
-    assert!(
-        seen.iter().all(|f| f["type"] != "presence_updated"),
-        "{seen:?}"
-    );
+    assert!(no_presence(&seen), "{seen:?}");
     // Its choice is announced as ever.
     node.chat
         .set_agent_status(t(1), u(7), PresenceStatus::Online)

@@ -57,7 +57,8 @@ pub use outbox::{OutboxConsumer, OutboxInterest, PendingEvent};
 pub use repository::{
     AppendedMessage, AssignMode, ChatStore, ConnectionOwner, ConnectionRepository,
     CustomerChatStarted, CustomerRepository, EligibleAgent, MessageRepository, NewCustomerChat,
-    OutboxRepository, PendingAppend, PresenceRepository, SessionConnections, SessionRepository,
+    OutboxRepository, PendingAppend, PresenceRepository, PurgedConnections, SessionConnections,
+    SessionRepository,
 };
 pub use service::{ChatService, ContactInput, CustomerChatRequest, HistoryPage};
 pub use validate::{ClientMsgId, MessageBody, PageSize, Topic, parse_department};

@@ -423,6 +423,16 @@ pub enum ConnectionOwner {
     Customer(CustomerId),
 }
 
+/// What [`ConnectionRepository::purge_expired_connections`] deleted.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct PurgedConnections {
+    /// Connection rows deleted.
+    pub connections: u64,
+    /// The agents whose connections were among them, once each, as
+    /// `(tenant, agent)`.
+    pub agents: Vec<(TenantId, UserId)>,
+}
+
 /// Live connections following one session, across all nodes (seed 002).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct SessionConnections {
@@ -491,9 +501,12 @@ pub trait ConnectionRepository: Send + Sync {
         agent: UserId,
     ) -> impl Future<Output = Result<bool, ChatError>> + Send;
 
-    /// Deletes expired connections of every tenant (housekeeping; returns
-    /// how many). Cross-tenant by nature, never reachable from a request.
-    fn purge_expired_connections(&self) -> impl Future<Output = Result<u64, ChatError>> + Send;
+    /// Deletes expired connections of every tenant (housekeeping: those of
+    /// crashed nodes). Cross-tenant by nature, never reachable from a
+    /// request.
+    fn purge_expired_connections(
+        &self,
+    ) -> impl Future<Output = Result<PurgedConnections, ChatError>> + Send;
 }
 
 /// Read access to the tenant's committed events.

@@ -742,6 +742,38 @@ impl<S: ChatStore> ChatService<S> {
         Ok(false)
     }
 
+    /// Housekeeping for every tenant: deletes the connection rows whose TTL
+    /// ran out (those of crashed nodes; a node renews its own at every
+    /// ping) and returns the agents to announce offline: those among them
+    /// with a presence, no live connection left and no standing
+    /// announcement, each recorded as announced ([`Self::announce_offline`])
+    /// so that only one node says it and their next connection is
+    /// announced back. Without this, an agent of a crashed node would stay
+    /// online in the others' view.
+    ///
+    /// # Errors
+    /// [`ChatError::Storage`] when the rows could not be read or deleted.
+    /// An agent whose announcement could not be recorded is logged and left
+    /// out (not announced; their presence still runs out by its TTL), so
+    /// that every announcement recorded is returned.
+    pub async fn purge_expired_connections(&self) -> Result<Vec<(TenantId, UserId)>, ChatError> {
+        let purged = self.store.purge_expired_connections().await?;
+        let mut offline = Vec::new();
+        for (tenant, agent) in purged.agents {
+            match self.store.announce_offline(tenant, agent).await {
+                Ok(true) => offline.push((tenant, agent)),
+                Ok(false) => {}
+                Err(e) => tracing::warn!(
+                    error = %e,
+                    tenant = tenant.get(),
+                    agent = agent.get(),
+                    "could not record an expired agent's offline announcement"
+                ),
+            }
+        }
+        Ok(offline)
+    }
+
     /// Whether `agent` has a live connection on any node.
     ///
     /// # Errors

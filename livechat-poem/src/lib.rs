@@ -48,7 +48,9 @@ mod ws;
 use std::sync::Arc;
 
 use livechat_core::bus::EventBus;
-use livechat_core::{ChatService, NotificationInbox, TicketDirectory};
+use livechat_core::{
+    ChatService, NotificationInbox, PresenceStatus, TenantId, TicketDirectory, UserId,
+};
 use poem::{Endpoint, EndpointExt, IntoEndpoint, Response};
 use poem_openapi::OpenApiService;
 
@@ -114,6 +116,30 @@ impl Livechat {
     pub fn realtime(mut self, bus: Arc<dyn EventBus>, config: RealtimeConfig) -> Self {
         self.realtime = Some((bus, config));
         self
+    }
+
+    /// Housekeeping, to run periodically on one node or several (the
+    /// example host: every minute): deletes the connection rows of crashed
+    /// nodes (their TTL ran out) and tells each tenant's agents, over the
+    /// event bus, that such an agent is offline when they have no live
+    /// connection left, once ([`ChatService::purge_expired_connections`]).
+    /// Their next connection announces them back. Returns the agents
+    /// announced offline, as `(tenant, agent)`. Without
+    /// [`Self::realtime`] the rows are deleted and nothing is announced.
+    ///
+    /// # Errors
+    /// [`livechat_core::ChatError::Storage`] when the rows could not be
+    /// read or deleted.
+    pub async fn purge_expired_connections(
+        &self,
+    ) -> Result<Vec<(TenantId, UserId)>, livechat_core::ChatError> {
+        let offline = self.chat.purge_expired_connections().await?;
+        if let Some((bus, _)) = &self.realtime {
+            for &(tenant, agent) in &offline {
+                ws::publish_presence(&**bus, tenant, agent, PresenceStatus::Offline);
+            }
+        }
+        Ok(offline)
     }
 
     /// Closes every WebSocket of this node with 1001 (going away), for a

@@ -1423,13 +1423,7 @@ async fn heartbeat(gateway: &Gateway, tenant: TenantId, id: uuid::Uuid, owner: C
         .touch_connection(tenant, id, owner, gateway.config.connection_ttl)
         .await
     {
-        Ok(Some(back)) => gateway.bus.publish(BusEvent::Ephemeral {
-            tenant_id: tenant,
-            event: Ephemeral::Presence {
-                agent_id: back.agent_id,
-                status: back.status,
-            },
-        }),
+        Ok(Some(back)) => publish_presence(&*gateway.bus, tenant, back.agent_id, back.status),
         Ok(None) => {}
         Err(e) => tracing::warn!(error = %e, "websocket: heartbeat failed"),
     }
@@ -1523,13 +1517,24 @@ fn spawn_presence_check(gateway: Arc<Gateway>, tenant: TenantId, agent: UserId) 
     tokio::spawn(async move {
         tokio::time::sleep(gateway.config.presence_grace).await;
         if matches!(gateway.chat.announce_offline(tenant, agent).await, Ok(true)) {
-            gateway.bus.publish(BusEvent::Ephemeral {
-                tenant_id: tenant,
-                event: Ephemeral::Presence {
-                    agent_id: agent,
-                    status: PresenceStatus::Offline,
-                },
-            });
+            publish_presence(&*gateway.bus, tenant, agent, PresenceStatus::Offline);
         }
+    });
+}
+
+/// Tells `tenant`'s agent connections, on every node, that `agent`'s
+/// presence is now `status` (`presence_updated`).
+pub(crate) fn publish_presence(
+    bus: &dyn EventBus,
+    tenant: TenantId,
+    agent: UserId,
+    status: PresenceStatus,
+) {
+    bus.publish(BusEvent::Ephemeral {
+        tenant_id: tenant,
+        event: Ephemeral::Presence {
+            agent_id: agent,
+            status,
+        },
     });
 }

@@ -674,7 +674,6 @@ pub async fn run(config: Config) -> Result<(), Box<dyn std::error::Error + Send 
         );
     }
     let db = prepare_database_with(&config.database_url, config.sqlite_durability).await?;
-    let housekeeping = tokio::spawn(purge_connections(db.clone()));
     tracing::info!(addr = %config.addr, database = %redact(&config.database_url), "livechat example server starting");
     let bus: Arc<dyn EventBus> = match &config.redis_url {
         None => Arc::new(InProcessBus::new()),
@@ -690,6 +689,7 @@ pub async fn run(config: Config) -> Result<(), Box<dyn std::error::Error + Send 
     };
     let host = build(db.clone(), &config, bus);
     let livechat = host.livechat.clone();
+    let housekeeping = tokio::spawn(purge_connections(host.livechat.clone()));
     let (stop_tx, mut stop_rx) = tokio::sync::watch::channel(false);
     let dispatcher = tokio::spawn(host.dispatcher.run(async move {
         let _ = stop_rx.wait_for(|stop| *stop).await;
@@ -713,15 +713,21 @@ pub async fn run(config: Config) -> Result<(), Box<dyn std::error::Error + Send 
     Ok(())
 }
 
-/// Deletes expired connection rows (of crashed nodes) every minute.
-async fn purge_connections(db: DatabaseConnection) {
-    use livechat_core::ConnectionRepository;
-    let store = SeaOrmStore::new(db);
+/// Every minute, deletes the connection rows of crashed nodes and announces
+/// their agents offline (`Livechat::purge_expired_connections`).
+async fn purge_connections(livechat: livechat_poem::Livechat) {
     let mut tick = tokio::time::interval(Duration::from_secs(60));
     loop {
         tick.tick().await;
-        if let Err(e) = store.purge_expired_connections().await {
-            tracing::warn!(error = %e, "purging expired connections failed");
+        match livechat.purge_expired_connections().await {
+            Ok(offline) if !offline.is_empty() => {
+                tracing::info!(
+                    agents = offline.len(),
+                    "agents of crashed nodes announced offline"
+                );
+            }
+            Ok(_) => {}
+            Err(e) => tracing::warn!(error = %e, "purging expired connections failed"),
         }
     }
 }

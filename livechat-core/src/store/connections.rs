@@ -10,12 +10,14 @@ use sea_orm::{
     QueryFilter, QuerySelect,
 };
 
-use super::SeaOrmStore;
 use super::entity::{connection, connection_join};
+use super::{SeaOrmStore, host_id};
 use crate::error::ChatError;
 use crate::ids::{SessionId, TenantId, UserId};
 use crate::model::now;
-use crate::repository::{ConnectionOwner, ConnectionRepository, SessionConnections};
+use crate::repository::{
+    ConnectionOwner, ConnectionRepository, PurgedConnections, SessionConnections,
+};
 
 fn expiry(ttl: Duration) -> chrono::DateTime<chrono::Utc> {
     now() + chrono::Duration::from_std(ttl).unwrap_or(chrono::Duration::seconds(60))
@@ -193,25 +195,41 @@ impl ConnectionRepository for SeaOrmStore {
         Ok(n > 0)
     }
 
-    async fn purge_expired_connections(&self) -> Result<u64, ChatError> {
-        let expired: Vec<uuid::Uuid> = connection::Entity::find()
+    async fn purge_expired_connections(&self) -> Result<PurgedConnections, ChatError> {
+        let rows: Vec<(uuid::Uuid, i64, Option<i64>)> = connection::Entity::find()
             .select_only()
             .column(connection::Column::Id)
+            .column(connection::Column::TenantId)
+            .column(connection::Column::AgentId)
             .filter(connection::Column::ExpiresAt.lte(now()))
             .into_tuple()
             .all(&self.db)
             .await?;
-        if expired.is_empty() {
-            return Ok(0);
+        if rows.is_empty() {
+            return Ok(PurgedConnections::default());
         }
+        let mut agents = Vec::new();
+        for &(_, tenant, agent) in &rows {
+            if let Some(agent) = agent {
+                let pair = (host_id(tenant)?, host_id(agent)?);
+                if !agents.contains(&pair) {
+                    agents.push(pair);
+                }
+            }
+        }
+        let expired: Vec<uuid::Uuid> = rows.into_iter().map(|(id, _, _)| id).collect();
         connection_join::Entity::delete_many()
             .filter(connection_join::Column::ConnectionId.is_in(expired.clone()))
             .exec(&self.db)
             .await?;
-        Ok(connection::Entity::delete_many()
+        let connections = connection::Entity::delete_many()
             .filter(connection::Column::Id.is_in(expired))
             .exec(&self.db)
             .await?
-            .rows_affected)
+            .rows_affected;
+        Ok(PurgedConnections {
+            connections,
+            agents,
+        })
     }
 }

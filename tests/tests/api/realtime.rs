@@ -19,6 +19,7 @@ on_both_databases!(
     authentication_and_isolation,
     presence_grace_and_expiry,
     an_agent_who_chose_offline_is_not_announced_back,
+    an_agent_of_a_crashed_node_is_announced_offline,
     slow_consumer_is_closed_with_1013,
     connection_status_and_offline_notifications,
     shutdown_closes_with_1001,
@@ -630,6 +631,76 @@ async fn presence_grace_and_expiry(backend: Backend) {
     let wait = Duration::from_millis(2500);
     let (seen, _, _) = tokio::join!(watcher.drain(wait), agent.drain(wait), second.drain(wait));
     assert!(no_presence(&seen), "announced once: {seen:?}");
+}
+
+/// An agent whose only connection was on a node that crashed (a row that
+/// is never renewed) is announced offline by the housekeeping purge, once,
+/// and announced back when connecting again.
+async fn an_agent_of_a_crashed_node_is_announced_offline(backend: Backend) {
+    use livechat_core::ConnectionOwner;
+
+    let (_app, node) = node(backend, |_| {}).await;
+    node.chat
+        .set_agent_status(t(1), u(7), PresenceStatus::Online)
+        .await
+        .unwrap();
+    let mut watcher = WsClient::connect_with_header(&node.ws_url(), &agent_auth(8), 1)
+        .await
+        .unwrap();
+    watcher.expect("ready").await;
+    // Agent 9 of another tenant, on the same crashed node.
+    node.chat
+        .set_agent_status(t(2), u(9), PresenceStatus::Online)
+        .await
+        .unwrap();
+    for (tenant, agent) in [(t(1), u(7)), (t(2), u(9))] {
+        node.chat
+            .register_connection(
+                tenant,
+                uuid::Uuid::now_v7(),
+                ConnectionOwner::Agent(agent),
+                "crashed-node",
+                Duration::from_millis(100),
+            )
+            .await
+            .unwrap();
+    }
+    // Not expired yet: nothing to announce.
+    assert!(
+        node.livechat
+            .purge_expired_connections()
+            .await
+            .unwrap()
+            .is_empty()
+    );
+    tokio::time::sleep(Duration::from_millis(250)).await;
+    let mut offline = node.livechat.purge_expired_connections().await.unwrap();
+    offline.sort_by_key(|(tenant, _)| tenant.get());
+    assert_eq!(offline, vec![(t(1), u(7)), (t(2), u(9))]);
+    let gone = watcher.expect("presence_updated").await;
+    assert_eq!(
+        (gone["agent_id"].as_i64(), gone["status"].as_str()),
+        (Some(7), Some("offline"))
+    );
+    // Said once, and tenant 2's agent is not announced to tenant 1.
+    assert!(
+        node.livechat
+            .purge_expired_connections()
+            .await
+            .unwrap()
+            .is_empty()
+    );
+    let seen = watcher.drain(Duration::from_millis(400)).await;
+    assert!(no_presence(&seen), "{seen:?}");
+    // The agent comes back on a live node.
+    let _agent = WsClient::connect_with_header(&node.ws_url(), &agent_auth(7), 1)
+        .await
+        .unwrap();
+    let back = watcher.expect("presence_updated").await;
+    assert_eq!(
+        (back["agent_id"].as_i64(), back["status"].as_str()),
+        (Some(7), Some("online"))
+    );
 }
 
 /// An agent whose chosen status is `offline` is announced offline when the

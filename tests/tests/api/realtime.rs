@@ -539,14 +539,31 @@ async fn watched_agent(node: &Node, status: PresenceStatus) -> (WsClient, WsClie
         .set_agent_status(t(1), u(7), status)
         .await
         .unwrap();
-    let mut watcher = WsClient::connect_with_header(&node.ws_url(), &agent_auth(8), 1)
-        .await
-        .unwrap();
-    watcher.expect("ready").await;
+    let watcher = watcher(node).await;
     let agent = WsClient::connect_with_header(&node.ws_url(), &agent_auth(7), 1)
         .await
         .unwrap();
     (watcher, agent)
+}
+
+/// Agent 8, connected and ready, watching the presence broadcasts.
+async fn watcher(node: &Node) -> WsClient {
+    let mut watcher = WsClient::connect_with_header(&node.ws_url(), &agent_auth(8), 1)
+        .await
+        .unwrap();
+    watcher.expect("ready").await;
+    watcher
+}
+
+/// Waits for the next `presence_updated` and checks it says `agent` is
+/// `status`.
+async fn expect_presence(watcher: &mut WsClient, agent: i64, status: &str) {
+    let presence = watcher.expect("presence_updated").await;
+    assert_eq!(
+        (presence["agent_id"].as_i64(), presence["status"].as_str()),
+        (Some(agent), Some(status)),
+        "{presence}"
+    );
 }
 
 /// No `presence_updated` among `frames`.
@@ -581,11 +598,7 @@ async fn presence_grace_and_expiry(backend: Backend) {
     // Drop for good: after the grace period the agent is not eligible and
     // the other agents hear about it.
     agent.drop_now();
-    let presence = watcher.expect("presence_updated").await;
-    assert_eq!(
-        (presence["agent_id"].as_i64(), presence["status"].as_str()),
-        (Some(7), Some("offline"))
-    );
+    expect_presence(&mut watcher, 7, "offline").await;
     assert!(!node.chat.agents_available(t(1)).await.unwrap());
     // A customer who starts now waits, with a ticket (no agent online).
     let c = node
@@ -611,11 +624,7 @@ async fn presence_grace_and_expiry(backend: Backend) {
     let mut agent = WsClient::connect_with_header(&node.ws_url(), &agent_auth(7), 1)
         .await
         .unwrap();
-    let back = watcher.expect("presence_updated").await;
-    assert_eq!(
-        (back["agent_id"].as_i64(), back["status"].as_str()),
-        (Some(7), Some("online"))
-    );
+    expect_presence(&mut watcher, 7, "online").await;
     tokio::time::sleep(Duration::from_millis(300)).await;
     let now = node
         .chat
@@ -644,10 +653,7 @@ async fn an_agent_of_a_crashed_node_is_announced_offline(backend: Backend) {
         .set_agent_status(t(1), u(7), PresenceStatus::Online)
         .await
         .unwrap();
-    let mut watcher = WsClient::connect_with_header(&node.ws_url(), &agent_auth(8), 1)
-        .await
-        .unwrap();
-    watcher.expect("ready").await;
+    let mut watcher = watcher(&node).await;
     // Agent 9 of another tenant, on the same crashed node.
     node.chat
         .set_agent_status(t(2), u(9), PresenceStatus::Online)
@@ -677,11 +683,7 @@ async fn an_agent_of_a_crashed_node_is_announced_offline(backend: Backend) {
     let mut offline = node.livechat.purge_expired_connections().await.unwrap();
     offline.sort_by_key(|(tenant, _)| tenant.get());
     assert_eq!(offline, vec![(t(1), u(7)), (t(2), u(9))]);
-    let gone = watcher.expect("presence_updated").await;
-    assert_eq!(
-        (gone["agent_id"].as_i64(), gone["status"].as_str()),
-        (Some(7), Some("offline"))
-    );
+    expect_presence(&mut watcher, 7, "offline").await;
     // Said once, and tenant 2's agent is not announced to tenant 1.
     assert!(
         node.livechat
@@ -696,11 +698,7 @@ async fn an_agent_of_a_crashed_node_is_announced_offline(backend: Backend) {
     let _agent = WsClient::connect_with_header(&node.ws_url(), &agent_auth(7), 1)
         .await
         .unwrap();
-    let back = watcher.expect("presence_updated").await;
-    assert_eq!(
-        (back["agent_id"].as_i64(), back["status"].as_str()),
-        (Some(7), Some("online"))
-    );
+    expect_presence(&mut watcher, 7, "online").await;
 }
 
 /// An agent whose chosen status is `offline` is announced offline when the
@@ -711,8 +709,7 @@ async fn an_agent_who_chose_offline_is_not_announced_back(backend: Backend) {
     let (mut watcher, mut agent) = watched_agent(&node, PresenceStatus::Offline).await;
     agent.expect("ready").await;
     agent.drop_now();
-    let gone = watcher.expect("presence_updated").await;
-    assert_eq!(gone["status"], "offline");
+    expect_presence(&mut watcher, 7, "offline").await;
     let mut agent = WsClient::connect_with_header(&node.ws_url(), &agent_auth(7), 1)
         .await
         .unwrap();
@@ -724,8 +721,7 @@ async fn an_agent_who_chose_offline_is_not_announced_back(backend: Backend) {
         .set_agent_status(t(1), u(7), PresenceStatus::Online)
         .await
         .unwrap();
-    let online = watcher.expect("presence_updated").await;
-    assert_eq!(online["status"], "online");
+    expect_presence(&mut watcher, 7, "online").await;
 }
 
 async fn slow_consumer_is_closed_with_1013(backend: Backend) {

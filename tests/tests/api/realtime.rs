@@ -666,7 +666,7 @@ async fn an_agent_of_a_crashed_node_is_announced_offline(backend: Backend) {
                 uuid::Uuid::now_v7(),
                 ConnectionOwner::Agent(agent),
                 "crashed-node",
-                Duration::from_millis(100),
+                Duration::from_secs(2),
             )
             .await
             .unwrap();
@@ -679,7 +679,7 @@ async fn an_agent_of_a_crashed_node_is_announced_offline(backend: Backend) {
             .unwrap()
             .is_empty()
     );
-    tokio::time::sleep(Duration::from_millis(250)).await;
+    tokio::time::sleep(Duration::from_millis(2300)).await;
     let mut offline = node.livechat.purge_expired_connections().await.unwrap();
     offline.sort_by_key(|(tenant, _)| tenant.get());
     assert_eq!(offline, vec![(t(1), u(7)), (t(2), u(9))]);

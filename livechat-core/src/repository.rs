@@ -429,7 +429,7 @@ pub struct PurgedConnections {
     /// Connection rows deleted.
     pub connections: u64,
     /// The agents whose connections were among them, once each, as
-    /// `(tenant, agent)`.
+    /// `(tenant, agent)` in ascending order.
     pub agents: Vec<(TenantId, UserId)>,
 }
 

@@ -208,15 +208,13 @@ impl ConnectionRepository for SeaOrmStore {
         if rows.is_empty() {
             return Ok(PurgedConnections::default());
         }
-        let mut agents = Vec::new();
-        for &(_, tenant, agent) in &rows {
-            if let Some(agent) = agent {
-                let pair = (host_id(tenant)?, host_id(agent)?);
-                if !agents.contains(&pair) {
-                    agents.push(pair);
-                }
-            }
-        }
+        let mut agents = rows
+            .iter()
+            .filter_map(|&(_, tenant, agent)| Some((tenant, agent?)))
+            .map(|(tenant, agent)| Ok((host_id(tenant)?, host_id(agent)?)))
+            .collect::<Result<Vec<(TenantId, UserId)>, ChatError>>()?;
+        agents.sort_unstable();
+        agents.dedup();
         let expired: Vec<uuid::Uuid> = rows.into_iter().map(|(id, _, _)| id).collect();
         connection_join::Entity::delete_many()
             .filter(connection_join::Column::ConnectionId.is_in(expired.clone()))

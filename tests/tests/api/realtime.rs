@@ -671,30 +671,21 @@ async fn an_agent_of_a_crashed_node_is_announced_offline(backend: Backend) {
             .await
             .unwrap();
     }
+    let purge = || async {
+        let mut offline = node.livechat.purge_expired_connections().await.unwrap();
+        offline.sort_by_key(|(tenant, _)| tenant.get());
+        offline
+    };
     // Not expired yet: nothing to announce.
-    assert!(
-        node.livechat
-            .purge_expired_connections()
-            .await
-            .unwrap()
-            .is_empty()
-    );
+    assert!(purge().await.is_empty());
     // The watcher keeps reading (answering pings) while the rows expire;
     // expiry alone announces nothing.
     let seen = watcher.drain(Duration::from_millis(2300)).await;
     assert!(no_presence(&seen), "{seen:?}");
-    let mut offline = node.livechat.purge_expired_connections().await.unwrap();
-    offline.sort_by_key(|(tenant, _)| tenant.get());
-    assert_eq!(offline, vec![(t(1), u(7)), (t(2), u(9))]);
+    assert_eq!(purge().await, vec![(t(1), u(7)), (t(2), u(9))]);
     expect_presence(&mut watcher, 7, "offline").await;
     // Said once, and tenant 2's agent is not announced to tenant 1.
-    assert!(
-        node.livechat
-            .purge_expired_connections()
-            .await
-            .unwrap()
-            .is_empty()
-    );
+    assert!(purge().await.is_empty());
     let seen = watcher.drain(Duration::from_millis(400)).await;
     assert!(no_presence(&seen), "{seen:?}");
     // The agent comes back on a live node.

@@ -137,8 +137,9 @@ impl SeaOrmStore {
     /// Stores `batch` in one transaction and answers every caller. On
     /// PostgreSQL the batch first locks its sessions without waiting
     /// ([`LockWait::NoWait`]); only if another transaction holds one of
-    /// them is it stored again, waiting at most `lock_timeout`
-    /// ([`LockWait::Bounded`]). When a statement fails before the commit
+    /// them is it stored again waiting at most `lock_timeout`
+    /// ([`LockWait::Bounded`]), one session's appends per transaction
+    /// ([`Self::commit_waiting`]). When a statement fails before the commit
     /// (e.g. a lock timeout on one session), nothing of the batch is stored
     /// and each append is retried in a transaction of its own, so one
     /// request's failure is not another's. When the database is
@@ -150,10 +151,40 @@ impl SeaOrmStore {
         // and every batch locks session rows in the same order, so batches
         // of two nodes on PostgreSQL cannot deadlock each other.
         batch.sort_by_key(|r| r.session.as_uuid());
-        let mut stored = self.store_batch(&batch, LockWait::NoWait).await;
+        let stored = self.store_batch(&batch, LockWait::NoWait).await;
         if matches!(&stored, Err(failure) if failure.lock_busy()) {
-            stored = self.store_batch(&batch, LockWait::Bounded).await;
+            self.commit_waiting(batch).await;
+        } else {
+            self.settle(batch, stored).await;
         }
+    }
+
+    /// Stores a batch that found a session row held, waiting for it: each
+    /// session's appends (in `seq` order) in a transaction of their own, in
+    /// session id order. A transaction that waits for one session row
+    /// while holding another could deadlock against a routing transaction,
+    /// which holds its tenant's lock and assigns waiting sessions in queue
+    /// order, not id order; PostgreSQL would then abort one of the two, and
+    /// the routing change's caller would get the error. Holding at most the
+    /// one row it waits for, a batch cannot be part of such a cycle.
+    async fn commit_waiting(&self, mut batch: Vec<AppendRequest>) {
+        while !batch.is_empty() {
+            let session = batch[0].session;
+            let split = batch
+                .iter()
+                .position(|r| r.session != session)
+                .unwrap_or(batch.len());
+            let rest = batch.split_off(split);
+            let stored = self.store_batch(&batch, LockWait::Bounded).await;
+            self.settle(batch, stored).await;
+            batch = rest;
+        }
+    }
+
+    /// Answers the callers of `batch` with the outcome of storing it, and
+    /// publishes what it stored. A failure that surely stored nothing, of a
+    /// batch of several appends, is retried append by append.
+    async fn settle(&self, batch: Vec<AppendRequest>, stored: BatchResult) {
         match stored {
             Ok((outcomes, events)) => {
                 // Answer, then publish: a sender's connection can send its
@@ -195,11 +226,7 @@ impl SeaOrmStore {
     /// one more round trip ([`BatchWrites::write`]). The `client_msg_id`s of the batch are
     /// looked up with one statement under the lock, so a repeat is found
     /// whether its original committed earlier or sits earlier in the batch.
-    async fn store_batch(
-        &self,
-        batch: &[AppendRequest],
-        wait: LockWait,
-    ) -> Result<(Vec<Result<AppendedMessage, ChatError>>, Vec<DomainEvent>), BatchFailure> {
+    async fn store_batch(&self, batch: &[AppendRequest], wait: LockWait) -> BatchResult {
         let tx = self.begin_write().await.map_err(BatchFailure::before)?;
         let staged = self
             .stage_batch(&tx, batch, wait)
@@ -586,6 +613,11 @@ struct StagedBatch {
     /// `None` when nothing new is stored.
     writes: Option<BatchWrites>,
 }
+
+/// What storing a batch gave: each append's outcome (in batch order) and
+/// the events to publish, or why it stored nothing.
+type BatchResult =
+    Result<(Vec<Result<AppendedMessage, ChatError>>, Vec<DomainEvent>), BatchFailure>;
 
 /// Why a batch stored nothing.
 struct BatchFailure {

@@ -379,3 +379,93 @@ async fn an_append_waits_for_a_session_row_another_transaction_holds() {
         .unwrap();
     assert_eq!(stored.len(), 1);
 }
+
+/// Issue #5: a batch that finds a session row held waits for it holding no
+/// other session row. A routing transaction holds its tenant's lock and
+/// assigns waiting sessions in queue order, not id order: had the batch
+/// locked `a` and waited for `b`, a routing transaction holding `b` and
+/// wanting `a` would deadlock against it, and PostgreSQL would abort one of
+/// the two (here the routing one, whose deadlock check comes first).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_batch_waiting_for_a_held_session_holds_no_other() {
+    use sea_orm::{ConnectionTrait, DatabaseTransaction, Statement, TransactionTrait};
+    async fn lock(tx: &DatabaseTransaction, session: livechat_core::SessionId) {
+        tx.execute_unprepared(&format!(
+            "SELECT id FROM livechat_sessions WHERE id = '{session}' FOR UPDATE"
+        ))
+        .await
+        .expect("no deadlock: the waiting batch holds no other session row");
+    }
+    async fn pid(tx: &DatabaseTransaction) -> i32 {
+        tx.query_one_raw(Statement::from_string(
+            tx.get_database_backend(),
+            "SELECT pg_backend_pid() AS pid",
+        ))
+        .await
+        .unwrap()
+        .unwrap()
+        .try_get::<i32>("", "pid")
+        .unwrap()
+    }
+    /// Waits until a statement of another backend waits for `holder`.
+    async fn blocked_by(db: &sea_orm::DatabaseConnection, holder: i32) {
+        for _ in 0..500 {
+            let row = db
+                .query_one_raw(Statement::from_string(
+                    db.get_database_backend(),
+                    format!(
+                        "SELECT count(*) AS n FROM pg_stat_activity \
+                         WHERE {holder} = ANY(pg_blocking_pids(pid))"
+                    ),
+                ))
+                .await
+                .unwrap()
+                .unwrap();
+            if row.try_get::<i64>("", "n").unwrap() > 0 {
+                return;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+        }
+        panic!("no statement waited for backend {holder}");
+    }
+
+    let app = App::new(Backend::Postgres).await;
+    let tenant = TenantId::new(1).unwrap();
+    let agents = [7, 8, 9].map(|n| UserId::new(n).unwrap());
+    // UUIDv7: `a` sorts before `b`.
+    let a = app.open_service_session(tenant, agents[0]).await.id;
+    let b = app.open_service_session(tenant, agents[1]).await.id;
+    let z = app.open_service_session(tenant, agents[2]).await.id;
+    let post = |agent: UserId, session| {
+        let chat = app.chat.clone();
+        tokio::spawn(async move {
+            chat.post_message(tenant, agent, session, "hello".into(), None)
+                .await
+        })
+    };
+
+    // The committer waits for `z` while the appends to `a` and `b` queue,
+    // so that they form one batch.
+    let holder = app.db.begin().await.unwrap();
+    lock(&holder, z).await;
+    let to_z = post(agents[2], z);
+    blocked_by(&app.db, pid(&holder).await).await;
+    let routing = app.db.begin().await.unwrap();
+    routing
+        .execute_unprepared("SET LOCAL deadlock_timeout = '10ms'")
+        .await
+        .unwrap();
+    lock(&routing, b).await;
+    let to_a = post(agents[0], a);
+    let to_b = post(agents[1], b);
+    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    holder.commit().await.unwrap();
+    assert_eq!(to_z.await.unwrap().unwrap().message.seq, 1);
+
+    // The batch of `a` and `b` found `b` held and waits for it.
+    blocked_by(&app.db, pid(&routing).await).await;
+    lock(&routing, a).await;
+    routing.commit().await.unwrap();
+    assert_eq!(to_a.await.unwrap().unwrap().message.seq, 1);
+    assert_eq!(to_b.await.unwrap().unwrap().message.seq, 1);
+}

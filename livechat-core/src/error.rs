@@ -75,13 +75,60 @@ pub enum ChatError {
 }
 
 impl ChatError {
-    /// Whether the failure is the database being unreachable or out of
-    /// connections (worth a retry; adapters answer "unavailable").
+    /// Whether the failure is transient and worth a retry; adapters answer
+    /// "unavailable" (HTTP 503) instead of an internal error:
+    ///
+    /// - the database is unreachable or out of connections;
+    /// - it refused the statement for contention with other transactions:
+    ///   PostgreSQL `deadlock_detected` (40P01), `serialization_failure`
+    ///   (40001) or `lock_not_available` (55P03, a lock wait past
+    ///   `lock_timeout`), SQLite `SQLITE_BUSY` or `SQLITE_LOCKED` (the
+    ///   write lock not taken within the busy timeout). Nothing of the
+    ///   refused transaction was stored.
     #[must_use]
     pub fn is_unavailable(&self) -> bool {
-        matches!(
-            self,
-            Self::Storage(sea_orm::DbErr::Conn(_) | sea_orm::DbErr::ConnectionAcquire(_))
-        )
+        use sea_orm::{DbErr, RuntimeErr};
+        match self {
+            Self::Storage(DbErr::Conn(_) | DbErr::ConnectionAcquire(_)) => true,
+            Self::Storage(
+                DbErr::Query(RuntimeErr::SqlxError(error))
+                | DbErr::Exec(RuntimeErr::SqlxError(error)),
+            ) => error
+                .as_database_error()
+                .and_then(|e| e.code())
+                .is_some_and(|code| is_contention(&code)),
+            _ => false,
+        }
+    }
+}
+
+/// Whether a database error code means contention with other
+/// transactions: a PostgreSQL SQLSTATE (five characters), or SQLite's
+/// extended result code in decimal (at most four digits).
+fn is_contention(code: &str) -> bool {
+    match code {
+        "40P01" | "40001" | "55P03" => true,
+        // SQLITE_BUSY (5) and SQLITE_LOCKED (6), with their extended codes
+        // (e.g. 517 SQLITE_BUSY_SNAPSHOT) in the upper bits.
+        _ if code.len() < 5 => code.parse::<u32>().is_ok_and(|c| matches!(c & 0xff, 5 | 6)),
+        _ => false,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::is_contention;
+
+    #[test]
+    fn contention_codes() {
+        for code in ["40P01", "40001", "55P03", "5", "6", "517", "262"] {
+            assert!(is_contention(code), "{code}");
+        }
+        // Unique violation (PostgreSQL, SQLite 2067), insufficient
+        // privilege (42501, which read as a number would be SQLITE_BUSY),
+        // constraint (19), I/O error (10), full disk (13), syntax error.
+        for code in ["23505", "42501", "2067", "19", "10", "13", "42601", ""] {
+            assert!(!is_contention(code), "{code}");
+        }
     }
 }

@@ -387,3 +387,40 @@ async fn oversized_and_malformed_bodies(backend: Backend) {
     let (_, list) = app.agent_call(Method::GET, &path, 7, 1, None).await;
     assert_eq!(seqs(&list), Vec::<i64>::new());
 }
+
+/// A send refused because another transaction held its session's row past
+/// the batch's `lock_timeout` (PostgreSQL 55P03) is contention, not a
+/// fault: 503 `unavailable` (retry later) in the envelope, nothing stored,
+/// and the retry is stored with the next `seq`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_send_refused_for_contention_is_unavailable() {
+    use sea_orm::{ConnectionTrait, TransactionTrait};
+    let app = App::new(Backend::Postgres).await;
+    let id = app.open_session(7, 1).await;
+    let blocker = app.db.begin().await.unwrap();
+    blocker
+        .execute_unprepared(&format!(
+            "SELECT id FROM livechat_sessions WHERE id = '{id}' FOR UPDATE"
+        ))
+        .await
+        .unwrap();
+    let (code, body) = post(&app, &id, json!({"message": "held"})).await;
+    assert_eq!(code, 503, "{body}");
+    assert_eq!(body["error"]["code"], "unavailable", "{body}");
+    blocker.commit().await.unwrap();
+
+    let (code, body) = post(&app, &id, json!({"message": "again"})).await;
+    assert_eq!(code, 201, "{body}");
+    assert_eq!(body["data"]["seq"], 1, "{body}");
+    let (code, body) = app
+        .agent_call(
+            Method::GET,
+            &format!("/livechat/sessions/{id}/messages"),
+            7,
+            1,
+            None,
+        )
+        .await;
+    assert_eq!(code, 200, "{body}");
+    assert_eq!(seqs(&body), [1]);
+}

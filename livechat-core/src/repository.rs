@@ -347,6 +347,19 @@ pub trait PresenceRepository: Send + Sync {
         agent: UserId,
     ) -> impl Future<Output = Result<bool, ChatError>> + Send;
 
+    /// Records the offline announcement of every agent, of every tenant,
+    /// whose presence ran out: a chosen status other than `offline`, no
+    /// heartbeat since `stale_before`, no live connection on any node, and
+    /// no announcement standing. Returns those agents as `(tenant, agent)`,
+    /// each once across nodes: an agent who used only the HTTP routes and
+    /// stopped sending heartbeats is announced offline like one whose last
+    /// connection closed. Housekeeping, cross-tenant by nature, never
+    /// reachable from a request.
+    fn announce_expired_presence(
+        &self,
+        stale_before: chrono::DateTime<chrono::Utc>,
+    ) -> impl Future<Output = Result<Vec<(TenantId, UserId)>, ChatError>> + Send;
+
     /// Clears a standing offline announcement of `agent` (they are
     /// connected again) and returns their presence when there was one, so
     /// that their chosen status is announced again once.

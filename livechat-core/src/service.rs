@@ -667,11 +667,48 @@ impl<S: ChatStore> ChatService<S> {
             Err(ChatError::NotFound) => return Ok(None),
             Err(e) => return Err(e),
         }
+        self.agent_returned(tenant, agent).await
+    }
+
+    /// After a heartbeat of `agent` (a connection's, or
+    /// [`Self::heartbeat`]): clears a standing offline announcement and
+    /// returns the presence to announce back to the tenant's agents, once,
+    /// when there was one and the chosen status is not `offline`.
+    ///
+    /// # Errors
+    /// [`ChatError::Storage`] only.
+    pub async fn agent_returned(
+        &self,
+        tenant: TenantId,
+        agent: UserId,
+    ) -> Result<Option<AgentPresence>, ChatError> {
         Ok(self
             .store
             .clear_offline_announcement(tenant, agent)
             .await?
             .filter(|p| p.status != PresenceStatus::Offline))
+    }
+
+    /// Housekeeping for every tenant: returns the agents whose presence ran
+    /// out without a live connection (no heartbeat for the routing
+    /// policy's `presence_ttl`: an agent who used only the HTTP routes and
+    /// stopped sending heartbeats) and whose chosen status is not
+    /// `offline`, each recorded as announced so that one node says it once
+    /// and their next heartbeat or connection is announced back
+    /// ([`Self::agent_returned`]). Without a presence TTL nothing runs out
+    /// and nothing is returned.
+    ///
+    /// # Errors
+    /// [`ChatError::Storage`] only.
+    pub async fn announce_expired_presence(&self) -> Result<Vec<(TenantId, UserId)>, ChatError> {
+        let Some(ttl) = self.config.routing.presence_ttl else {
+            return Ok(Vec::new());
+        };
+        let ttl = chrono::Duration::from_std(ttl).unwrap_or(chrono::Duration::MAX);
+        let stale_before = crate::model::now()
+            .checked_sub_signed(ttl)
+            .unwrap_or(chrono::DateTime::<chrono::Utc>::MIN_UTC);
+        self.store.announce_expired_presence(stale_before).await
     }
 
     /// Decides whether to tell `agent`'s tenant that the agent went

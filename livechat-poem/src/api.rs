@@ -3,6 +3,7 @@
 
 use std::sync::Arc;
 
+use livechat_core::bus::EventBus;
 use livechat_core::{ChatService, PageSize, SessionId, TenantId, TicketDirectory, UserId};
 use poem::Request;
 use poem_openapi::auth::Bearer;
@@ -247,6 +248,9 @@ enum TicketListResponse {
 pub(crate) struct AgentApi {
     pub(crate) chat: ChatService,
     pub(crate) tickets: Option<Arc<dyn TicketDirectory>>,
+    /// The gateway's bus, to announce an agent back after a heartbeat
+    /// (none without the gateway: nobody to tell).
+    pub(crate) bus: Option<Arc<dyn EventBus>>,
 }
 
 impl AgentApi {
@@ -433,7 +437,9 @@ impl AgentApi {
     }
 
     /// Refresh the calling agent's liveness (keeps them eligible when the
-    /// host configures a presence TTL).
+    /// host configures a presence TTL). An agent announced offline because
+    /// their presence ran out is announced back to the tenant's agents
+    /// (`presence_updated` with the chosen status, once).
     #[oai(
         path = "/agents/me/heartbeat",
         method = "post",
@@ -441,6 +447,11 @@ impl AgentApi {
     )]
     async fn heartbeat(&self, auth: AgentAuth) -> Result<PresenceResponse, ApiError> {
         let presence = self.chat.heartbeat(auth.tenant(), auth.user()).await?;
+        if let Some(bus) = &self.bus {
+            if let Some(back) = self.chat.agent_returned(auth.tenant(), auth.user()).await? {
+                crate::ws::publish_presence(&**bus, back.tenant_id, back.agent_id, back.status);
+            }
+        }
         Ok(PresenceResponse::Ok(Json(PresenceEnvelope {
             data: presence.into(),
         })))

@@ -142,6 +142,33 @@ impl Livechat {
         Ok(offline)
     }
 
+    /// Housekeeping for every tenant (call it periodically, like
+    /// [`Self::purge_expired_connections`]): tells each tenant's agents,
+    /// over the event bus, that an agent whose presence ran out without a
+    /// live connection is offline, once across nodes
+    /// ([`ChatService::announce_expired_presence`]): an agent who used only
+    /// the HTTP routes and sent no heartbeat for the presence TTL. Their
+    /// next heartbeat, connection or status change announces them back.
+    /// Returns the agents announced offline, as `(tenant, agent)`. Does
+    /// nothing without [`Self::realtime`] (nobody to tell) or without a
+    /// presence TTL.
+    ///
+    /// # Errors
+    /// [`livechat_core::ChatError::Storage`] when the presences could not
+    /// be read or written.
+    pub async fn announce_expired_presence(
+        &self,
+    ) -> Result<Vec<(TenantId, UserId)>, livechat_core::ChatError> {
+        let Some((bus, _)) = &self.realtime else {
+            return Ok(Vec::new());
+        };
+        let offline = self.chat.announce_expired_presence().await?;
+        for &(tenant, agent) in &offline {
+            ws::publish_presence(&**bus, tenant, agent, PresenceStatus::Offline);
+        }
+        Ok(offline)
+    }
+
     /// Closes every WebSocket of this node with 1001 (going away), for a
     /// graceful shutdown; call it when the server stops accepting.
     pub fn shutdown(&self) {
@@ -186,6 +213,7 @@ impl Livechat {
                 api::AgentApi {
                     chat: self.chat.clone(),
                     tickets: self.tickets.clone(),
+                    bus: self.realtime.as_ref().map(|(bus, _)| bus.clone()),
                 },
                 customer::CustomerApi {
                     chat: self.chat.clone(),

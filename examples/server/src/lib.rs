@@ -689,7 +689,7 @@ pub async fn run(config: Config) -> Result<(), Box<dyn std::error::Error + Send 
     };
     let host = build(db.clone(), &config, bus);
     let livechat = host.livechat.clone();
-    let housekeeping = tokio::spawn(purge_connections(host.livechat.clone()));
+    let housekeeper = tokio::spawn(housekeeping(host.livechat.clone()));
     let (stop_tx, mut stop_rx) = tokio::sync::watch::channel(false);
     let dispatcher = tokio::spawn(host.dispatcher.run(async move {
         let _ = stop_rx.wait_for(|stop| *stop).await;
@@ -707,15 +707,18 @@ pub async fn run(config: Config) -> Result<(), Box<dyn std::error::Error + Send 
         .await?;
     let _ = stop_tx.send(true);
     let _ = dispatcher.await;
-    housekeeping.abort();
+    housekeeper.abort();
     db.close().await?;
     tracing::info!("stopped");
     Ok(())
 }
 
 /// Every minute, deletes the connection rows of crashed nodes and announces
-/// their agents offline (`Livechat::purge_expired_connections`).
-async fn purge_connections(livechat: livechat_poem::Livechat) {
+/// their agents offline (`Livechat::purge_expired_connections`), then
+/// announces offline the agents whose presence ran out without a
+/// connection (`Livechat::announce_expired_presence`: agents who used only
+/// the HTTP routes and stopped sending heartbeats).
+async fn housekeeping(livechat: livechat_poem::Livechat) {
     let mut tick = tokio::time::interval(Duration::from_secs(60));
     loop {
         tick.tick().await;
@@ -728,6 +731,16 @@ async fn purge_connections(livechat: livechat_poem::Livechat) {
             }
             Ok(_) => {}
             Err(e) => tracing::warn!(error = %e, "purging expired connections failed"),
+        }
+        match livechat.announce_expired_presence().await {
+            Ok(offline) if !offline.is_empty() => {
+                tracing::info!(
+                    agents = offline.len(),
+                    "agents whose presence ran out announced offline"
+                );
+            }
+            Ok(_) => {}
+            Err(e) => tracing::warn!(error = %e, "announcing expired presence failed"),
         }
     }
 }

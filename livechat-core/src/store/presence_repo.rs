@@ -1,11 +1,11 @@
 //! [`PresenceRepository`] for the SeaORM store.
 
-use sea_orm::sea_query::{Expr, OnConflict};
+use sea_orm::sea_query::{Expr, ExprTrait, OnConflict};
 use sea_orm::{ActiveValue::Set, ColumnTrait, EntityTrait, QueryFilter, QuerySelect, QueryTrait};
 
 use super::entity::{connection, presence, routing as routing_entity};
 use super::routing::{drain_queue, eligible_agents, lock_tenant};
-use super::{SeaOrmStore, abort, record_event};
+use super::{SeaOrmStore, abort, host_id, record_event};
 use crate::config::RoutingPolicy;
 use crate::error::ChatError;
 use crate::events::EventKind;
@@ -135,6 +135,37 @@ impl PresenceRepository for SeaOrmStore {
             .exec(&self.db)
             .await?;
         Ok(announced.rows_affected > 0)
+    }
+
+    async fn announce_expired_presence(
+        &self,
+        stale_before: chrono::DateTime<chrono::Utc>,
+    ) -> Result<Vec<(TenantId, UserId)>, ChatError> {
+        let now = now();
+        let live = connection::Entity::find()
+            .select_only()
+            .column(connection::Column::Id)
+            .filter(
+                Expr::col((connection::Entity, connection::Column::TenantId))
+                    .equals((presence::Entity, presence::Column::TenantId)),
+            )
+            .filter(
+                Expr::col((connection::Entity, connection::Column::AgentId))
+                    .equals((presence::Entity, presence::Column::AgentId)),
+            )
+            .filter(connection::Column::ExpiresAt.gt(now))
+            .into_query();
+        presence::Entity::update_many()
+            .col_expr(presence::Column::OfflineAnnouncedAt, Expr::value(now))
+            .filter(presence::Column::OfflineAnnouncedAt.is_null())
+            .filter(presence::Column::Status.ne(PresenceStatus::Offline.as_str()))
+            .filter(presence::Column::LastSeenAt.lt(stale_before))
+            .filter(Expr::not_exists(live))
+            .exec_with_returning(&self.db)
+            .await?
+            .into_iter()
+            .map(|row| Ok((host_id(row.tenant_id)?, host_id(row.agent_id)?)))
+            .collect()
     }
 
     async fn clear_offline_announcement(

@@ -20,6 +20,7 @@ on_both_databases!(
     presence_grace_and_expiry,
     an_agent_who_chose_offline_is_not_announced_back,
     an_agent_of_a_crashed_node_is_announced_offline,
+    an_agent_whose_presence_ran_out_is_announced_offline,
     slow_consumer_is_closed_with_1013,
     connection_status_and_offline_notifications,
     shutdown_closes_with_1001,
@@ -693,6 +694,65 @@ async fn an_agent_of_a_crashed_node_is_announced_offline(backend: Backend) {
         .await
         .unwrap();
     expect_presence(&mut watcher, 7, "online").await;
+}
+
+/// An agent who uses only the HTTP routes and stops sending heartbeats is
+/// announced offline by the housekeeping once their presence runs out (the
+/// 2 s TTL here), once, to their own tenant; their next heartbeat
+/// announces them back, once. Agents with a live connection or who chose
+/// `offline` are not announced.
+async fn an_agent_whose_presence_ran_out_is_announced_offline(backend: Backend) {
+    let (_app, node) = node(backend, |_| {}).await;
+    for (tenant, agent, status) in [
+        (t(1), u(7), PresenceStatus::Online),
+        (t(1), u(10), PresenceStatus::Offline),
+        (t(2), u(9), PresenceStatus::Away),
+    ] {
+        node.chat
+            .set_agent_status(tenant, agent, status)
+            .await
+            .unwrap();
+    }
+    let mut watcher = watcher(&node).await;
+    node.chat
+        .set_agent_status(t(1), u(8), PresenceStatus::Online)
+        .await
+        .unwrap();
+    expect_presence(&mut watcher, 8, "online").await;
+    let expire = || async {
+        let mut offline = node.livechat.announce_expired_presence().await.unwrap();
+        offline.sort_by_key(|(tenant, agent)| (tenant.get(), agent.get()));
+        offline
+    };
+    let heartbeat = || async {
+        let resp = reqwest::Client::new()
+            .post(node.url("/livechat/agents/me/heartbeat"))
+            .header("Authorization", agent_auth(7))
+            .header("X-Tenant-ID", "1")
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(resp.status(), 200);
+    };
+    assert!(expire().await.is_empty(), "fresh");
+    // The watcher keeps reading (answering pings, which keep its own
+    // presence fresh) while the others' presence runs out.
+    let seen = watcher.drain(Duration::from_millis(2300)).await;
+    assert!(
+        no_presence(&seen),
+        "running out alone announces nothing: {seen:?}"
+    );
+    assert_eq!(expire().await, vec![(t(1), u(7)), (t(2), u(9))]);
+    expect_presence(&mut watcher, 7, "offline").await;
+    // Said once, and tenant 2's agent is not announced to tenant 1.
+    assert!(expire().await.is_empty());
+    let seen = watcher.drain(Duration::from_millis(400)).await;
+    assert!(no_presence(&seen), "{seen:?}");
+    heartbeat().await;
+    expect_presence(&mut watcher, 7, "online").await;
+    heartbeat().await;
+    let seen = watcher.drain(Duration::from_millis(400)).await;
+    assert!(no_presence(&seen), "announced back once: {seen:?}");
 }
 
 /// An agent whose chosen status is `offline` is announced offline when the

@@ -447,10 +447,10 @@ impl AgentApi {
     )]
     async fn heartbeat(&self, auth: AgentAuth) -> Result<PresenceResponse, ApiError> {
         let presence = self.chat.heartbeat(auth.tenant(), auth.user()).await?;
-        if let Some(bus) = &self.bus {
-            if let Some(back) = self.chat.agent_returned(auth.tenant(), auth.user()).await? {
-                crate::ws::publish_presence(&**bus, back.tenant_id, back.agent_id, back.status);
-            }
+        if let Some(bus) = &self.bus
+            && let Some(back) = self.chat.agent_returned(auth.tenant(), auth.user()).await?
+        {
+            crate::ws::publish_presence(&**bus, back.tenant_id, back.agent_id, back.status);
         }
         Ok(PresenceResponse::Ok(Json(PresenceEnvelope {
             data: presence.into(),

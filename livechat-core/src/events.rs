@@ -83,7 +83,9 @@ impl EventKind {
 /// A committed state change, as stored in the outbox.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct DomainEvent {
-    /// UUIDv7; the idempotency key for every consumer.
+    /// UUIDv7; the idempotency key for every consumer. A `message.posted`
+    /// event's id is its message's id (events stored before that rule have
+    /// their own), so a retried send can publish the same event again.
     pub id: EventId,
     /// The tenant the change happened in.
     pub tenant_id: TenantId,

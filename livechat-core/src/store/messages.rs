@@ -18,10 +18,10 @@ use tokio::sync::oneshot;
 
 use super::entity::{customer, message, outbox, session};
 use super::sessions::find_session;
-use super::{SeaOrmStore, convert_all, outbox_row};
+use super::{SeaOrmStore, convert_all, message_event};
 use crate::error::ChatError;
-use crate::events::{DomainEvent, EventKind, MessagePosted};
-use crate::ids::{CustomerId, MessageId, SessionId, TenantId, TicketId, UserId};
+use crate::events::{DomainEvent, EventKind, EventPayload, MessagePosted};
+use crate::ids::{CustomerId, EventId, MessageId, SessionId, TenantId, TicketId, UserId};
 use crate::model::{ChatMessage, Sender, SenderType, SessionStatus, now};
 use crate::outbox::OutboxInterest;
 use crate::repository::{AppendedMessage, MessageRepository, PendingAppend};
@@ -113,6 +113,9 @@ impl Drop for Committer {
 /// A message ready to insert, or the outcome of an append that stores nothing.
 enum Staged {
     New(Box<NewMessage>),
+    /// A retry of a send an earlier commit stored: the original, and its
+    /// event to publish again ([`reannouncement`]).
+    Repeat(Box<(ChatMessage, DomainEvent)>),
     Done(Result<AppendedMessage, ChatError>),
 }
 
@@ -268,7 +271,9 @@ impl SeaOrmStore {
             .collect();
         let (mut sessions, stored_keys) =
             lock_sessions(tx, padded(ids), padded(keyed.clone()), wait).await?;
-        let mut keys: HashMap<(SessionId, &str), ChatMessage> = HashMap::new();
+        // Each key's message, and whether an earlier commit stored it (not
+        // an earlier append of this batch).
+        let mut keys: HashMap<(SessionId, &str), (ChatMessage, bool)> = HashMap::new();
         // The originals are read only when the lock counted some: a repeat
         // is rare, so a batch of new keyed messages needs no lookup.
         if stored_keys > 0 {
@@ -288,13 +293,11 @@ impl SeaOrmStore {
                         .map(ClientMsgId::as_str)
                 });
                 if let Some(key) = key {
-                    keys.insert(
-                        (session, key),
-                        ChatMessage::try_from(row).map_err(|e| match e {
-                            ChatError::Storage(e) => e,
-                            other => DbErr::Custom(other.to_string()),
-                        })?,
-                    );
+                    let original = ChatMessage::try_from(row).map_err(|e| match e {
+                        ChatError::Storage(e) => e,
+                        other => DbErr::Custom(other.to_string()),
+                    })?;
+                    keys.insert((session, key), (original, true));
                 }
             }
         }
@@ -308,7 +311,11 @@ impl SeaOrmStore {
                 .and_then(|k| keys.get(&(request.session, k.as_str())));
             let step = match sessions.get_mut(&request.session.as_uuid()) {
                 Some(locked) if is_visible(&locked.row, request) => match duplicate {
-                    Some(original) => Staged::Done(Ok(AppendedMessage {
+                    Some((original, true)) => Staged::Repeat(Box::new((
+                        original.clone(),
+                        reannouncement(locked, original)?,
+                    ))),
+                    Some((original, false)) => Staged::Done(Ok(AppendedMessage {
                         message: original.clone(),
                         created: false,
                     })),
@@ -321,7 +328,10 @@ impl SeaOrmStore {
                     touched.push(request.session.as_uuid());
                 }
                 if let Some(key) = &request.key {
-                    keys.insert((request.session, key.as_str()), new.message.clone());
+                    keys.insert(
+                        (request.session, key.as_str()),
+                        (new.message.clone(), false),
+                    );
                 }
             }
             staged.push(step);
@@ -344,6 +354,14 @@ impl SeaOrmStore {
                     Ok(AppendedMessage {
                         message,
                         created: true,
+                    })
+                }
+                Staged::Repeat(repeat) => {
+                    let (message, event) = *repeat;
+                    events.push(event);
+                    Ok(AppendedMessage {
+                        message,
+                        created: false,
                     })
                 }
                 Staged::Done(outcome) => outcome,
@@ -832,6 +850,36 @@ fn is_visible(row: &LockedRow, request: &AppendRequest) -> bool {
 /// Checks the request against its locked session `row`, gives it the next
 /// `seq` (advancing `row.last_seq`), and builds its message and outbox rows
 /// (the outbox row settled if `interest` rejects the event).
+/// The `message.posted` event of `original`, a message an earlier commit
+/// stored, to publish again when a retry of its send finds it (DESIGN.md
+/// invariant 5: fan-out at least once). Its first publication may never
+/// have happened: its node stopped between the commit and the publish, or
+/// the bus dropped it (a Redis outage). Receivers skip a `seq` they have
+/// already delivered. The event has the stored event's id (a message's
+/// event id is its message id; events stored before that rule have other
+/// ids) and the message's creation time; `customer_connected` is as of
+/// the retry.
+fn reannouncement(locked: &LockedSession, original: &ChatMessage) -> Result<DomainEvent, DbErr> {
+    let row = &locked.row;
+    let posted = MessagePosted {
+        message: original.clone(),
+        session_customer_id: row.customer_id.map(CustomerId::from_uuid),
+        ticket_id: row.ticket_id.map(TicketId::from_uuid),
+        customer_connected: original.sender_type == SenderType::Agent
+            && row.customer_id.is_some()
+            && locked.customer_connections > 0,
+    };
+    Ok(DomainEvent {
+        id: EventId::from_uuid(original.id.as_uuid()),
+        tenant_id: original.tenant_id,
+        session_id: Some(original.session_id),
+        kind: EventKind::MessagePosted,
+        payload: EventPayload::new(&posted)
+            .map_err(|e| DbErr::Custom(format!("event payload: {e}")))?,
+        created_at: original.created_at,
+    })
+}
+
 fn stage(
     request: &AppendRequest,
     locked: &mut LockedSession,
@@ -889,13 +937,7 @@ fn stage(
         ticket_id: row.ticket_id.map(TicketId::from_uuid),
         customer_connected,
     };
-    let event = match outbox_row(
-        interest,
-        tenant,
-        Some(session),
-        EventKind::MessagePosted,
-        &posted,
-    ) {
+    let event = match message_event(interest, &posted) {
         Ok(event) => event,
         Err(ChatError::Storage(e)) => return Err(e),
         Err(other) => return Ok(Staged::Done(Err(other))),

@@ -37,7 +37,7 @@ pub use migration::Migrator;
 
 use crate::bus::{BusEvent, EventBus};
 use crate::error::ChatError;
-use crate::events::{DomainEvent, EventKind, EventPayload};
+use crate::events::{DomainEvent, EventKind, EventPayload, MessagePosted};
 use crate::ids::{CustomerId, EventId, MessageId, SessionId, TenantId, TicketId};
 use crate::model::{
     AgentPresence, ChatMessage, ChatSession, Contact, Customer, PresenceStatus, Priority,
@@ -332,12 +332,54 @@ async fn record_event<T: Serialize>(
     kind: EventKind,
     payload: &T,
 ) -> Result<(), ChatError> {
-    let (row, event) = outbox_row(ev.interest.as_ref(), tenant, session, kind, payload)?;
+    let recorded = outbox_row(ev.interest.as_ref(), tenant, session, kind, payload)?;
+    record(tx, ev, recorded).await
+}
+
+/// As [`record_event`], for a stored message's `message.posted`
+/// ([`message_event`]).
+async fn record_message_event(
+    tx: &impl ConnectionTrait,
+    ev: &mut Recorded,
+    posted: &MessagePosted,
+) -> Result<(), ChatError> {
+    let recorded = message_event(ev.interest.as_ref(), posted)?;
+    record(tx, ev, recorded).await
+}
+
+/// Inserts an event's outbox row inside `tx` and keeps the event to
+/// publish after the commit.
+async fn record(
+    tx: &impl ConnectionTrait,
+    ev: &mut Recorded,
+    (row, event): (outbox_entity::ActiveModel, DomainEvent),
+) -> Result<(), ChatError> {
     outbox_entity::Entity::insert(row)
         .exec_without_returning(tx)
         .await?;
     ev.events.push(event);
     Ok(())
+}
+
+/// The outbox row and event of a stored message: `message.posted`, whose
+/// event id is the message's id, so that a retry of the send that finds
+/// the message publishes the same event again without reading the outbox
+/// (`messages::reannouncement`).
+fn message_event(
+    interest: Option<&OutboxInterest>,
+    posted: &MessagePosted,
+) -> Result<(outbox_entity::ActiveModel, DomainEvent), ChatError> {
+    let message = &posted.message;
+    let (mut row, mut event) = outbox_row(
+        interest,
+        message.tenant_id,
+        Some(message.session_id),
+        EventKind::MessagePosted,
+        posted,
+    )?;
+    row.id = Set(message.id.as_uuid());
+    event.id = EventId::from_uuid(message.id.as_uuid());
+    Ok((row, event))
 }
 
 /// The outbox row of an event and the event itself, for a caller that

@@ -11,7 +11,7 @@ use super::entity::{message, session};
 use super::routing::{
     agent_is_online, any_agent_online, assign, drain_queue, lock_tenant, queue_position,
 };
-use super::{Recorded, SeaOrmStore, abort, convert_all, record_event};
+use super::{Recorded, SeaOrmStore, abort, convert_all, record_event, record_message_event};
 use crate::config::RoutingPolicy;
 use crate::error::ChatError;
 use crate::events::{EventKind, MessagePosted, TicketReason, TicketRequested};
@@ -330,15 +330,7 @@ impl SessionRepository for SeaOrmStore {
                 ticket_id: None,
                 customer_connected: false,
             };
-            record_event(
-                &tx,
-                &mut ev,
-                tenant,
-                Some(session.id),
-                EventKind::MessagePosted,
-                &posted,
-            )
-            .await?;
+            record_message_event(&tx, &mut ev, &posted).await?;
         }
 
         drain_queue(&tx, &mut ev, tenant, policy, capacity).await?;

@@ -21,6 +21,7 @@ on_both_databases!(
     an_agent_who_chose_offline_is_not_announced_back,
     an_agent_of_a_crashed_node_is_announced_offline,
     an_agent_whose_presence_ran_out_is_announced_offline,
+    a_retried_send_publishes_its_unpublished_original,
     slow_consumer_is_closed_with_1013,
     connection_status_and_offline_notifications,
     shutdown_closes_with_1001,
@@ -358,6 +359,61 @@ async fn resume_after_a_drop_in_a_thousand_message_stream(backend: Backend) {
         .filter(|f| f["type"] == "new_message")
         .collect();
     assert!(after.is_empty(), "nothing after the end: {after:?}");
+}
+
+/// DESIGN.md invariant 5 (fan-out at least once): a send stored by a
+/// node whose publish never happened (it stopped between its commit and
+/// its publish; here a service without a bus) reaches the session's
+/// followers when the sender retries it with the same `client_msg_id`: the
+/// retry finds the original and publishes its event again. A follower that
+/// has it skips it by `seq`.
+async fn a_retried_send_publishes_its_unpublished_original(backend: Backend) {
+    let (app, node) = node(backend, |_| {}).await;
+    let (session, customer_auth) = open_chat(&node, 903).await;
+    let (mut agent, mut customer) = join_both(&node, session, &customer_auth).await;
+    let original = app
+        .chat
+        .post_message(t(1), u(7), session, "lost".into(), Some("a-1".into()))
+        .await
+        .unwrap();
+    assert!(original.created);
+    // A message's event has the message's id: what the retry publishes.
+    let page = livechat_core::PageSize::parse(Some(200), app.chat.config()).unwrap();
+    let events = livechat_core::OutboxRepository::list_events(app.chat.store(), t(1), None, page)
+        .await
+        .unwrap();
+    let posted = events
+        .iter()
+        .find(|e| e.kind == livechat_core::EventKind::MessagePosted)
+        .unwrap();
+    assert_eq!(posted.id.to_string(), original.message.id.to_string());
+    let seen = customer.drain(Duration::from_millis(300)).await;
+    assert!(
+        seen.iter().all(|f| f["type"] != "new_message"),
+        "never published: {seen:?}"
+    );
+    for _ in 0..2 {
+        agent.send(json!({"type": "send_message", "session_id": session, "client_msg_id": "a-1", "message": "lost"})).await;
+        assert_eq!(agent.expect("ack").await["seq"], 1, "the original's seq");
+    }
+    let got = customer.expect("new_message").await;
+    assert_eq!(
+        (
+            got["seq"].as_i64(),
+            got["message"].as_str(),
+            got["id"].as_str()
+        ),
+        (
+            Some(1),
+            Some("lost"),
+            Some(original.message.id.to_string().as_str())
+        )
+    );
+    let seen = customer.drain(Duration::from_millis(300)).await;
+    assert!(
+        seen.iter().all(|f| f["type"] != "new_message"),
+        "delivered once: {seen:?}"
+    );
 }
 
 async fn idempotent_send_and_typing_relay(backend: Backend) {

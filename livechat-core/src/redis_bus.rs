@@ -6,7 +6,9 @@
 //! Redis is a fast path, not the record: a node that loses Redis keeps
 //! serving its own clients, reports [`EventBus::is_degraded`], reconnects,
 //! and then tells its connections to re-read from storage
-//! ([`BusEvent::Resync`]), which they do by `seq`. Nothing committed is lost.
+//! ([`BusEvent::Resync`]), which they do by `seq`; if it could not send
+//! some of its events meanwhile, it asks the other nodes to do the same.
+//! Nothing committed is lost.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -40,6 +42,10 @@ const RESPONSE_TIMEOUT: Duration = Duration::from_secs(3);
 /// How often an idle connection is checked with PING, so a silently dead
 /// link (no FIN, e.g. a network partition) is noticed.
 const HEALTH_INTERVAL: Duration = Duration::from_secs(5);
+/// A link that fails sooner than this after it was opened (e.g. Redis
+/// refuses this node's `PUBLISH`) is reopened only after a backoff, so a
+/// lasting refusal does not spin.
+const SHORT_LINK: Duration = Duration::from_secs(1);
 
 /// What travels on the Redis channel: the publishing node and the event.
 #[derive(Serialize)]
@@ -68,9 +74,17 @@ struct EnvelopeIn {
 ///   and skipped.
 /// - When the connection drops or Redis is unreachable, the bus reports
 ///   [`EventBus::is_degraded`], keeps serving locally, drops the publishes
-///   it cannot send (logged at debug; clients catch up by `seq`), and
-///   reconnects with backoff (100 ms doubling to 2 s). Once subscribed
-///   again it clears the flag and delivers a local [`BusEvent::Resync`].
+///   it cannot send (logged at debug), and reconnects with backoff (100 ms
+///   doubling to 2 s). Once subscribed again it clears the flag and
+///   delivers a local [`BusEvent::Resync`]: this node's connections re-read
+///   what they follow from storage by `seq`.
+/// - When it dropped any event (lost link, or a full publish queue), the
+///   other nodes missed it, though their own links may never have dropped:
+///   once it can publish again, the bus publishes a resync request
+///   (`{"node": …, "event": {"type": "resync"}}`), and every other node
+///   delivers it as a local [`BusEvent::Resync`]. Every connection of the
+///   deployment then re-reads the sessions it follows, one read per
+///   session: the price of an outage, paid once per outage.
 /// - The background task ends when the last clone is dropped, or on
 ///   [`RedisBus::shutdown`].
 ///
@@ -88,6 +102,9 @@ struct Inner {
     local: InProcessBus,
     outgoing: mpsc::Sender<String>,
     degraded: Arc<AtomicBool>,
+    /// An event was not sent to the other nodes since the last resync
+    /// request.
+    dropped: Arc<AtomicBool>,
     stop: watch::Sender<bool>,
 }
 
@@ -144,6 +161,7 @@ impl RedisBus {
         let node = Uuid::now_v7();
         let (outgoing, outgoing_rx) = mpsc::channel(OUTGOING_CAPACITY);
         let degraded = Arc::new(AtomicBool::new(false));
+        let dropped = Arc::new(AtomicBool::new(false));
         let (stop, stop_rx) = watch::channel(false);
         let worker = Worker {
             node,
@@ -152,6 +170,7 @@ impl RedisBus {
             local: local.clone(),
             outgoing: outgoing_rx,
             degraded: Arc::clone(&degraded),
+            dropped: Arc::clone(&dropped),
             stop: stop_rx,
         };
         tokio::spawn(worker.run(link));
@@ -163,6 +182,7 @@ impl RedisBus {
                 local,
                 outgoing,
                 degraded,
+                dropped,
                 stop,
             }),
         })
@@ -202,6 +222,7 @@ impl EventBus for RedisBus {
                 Ok(payload) => match self.inner.outgoing.try_send(payload) {
                     Ok(()) => {}
                     Err(mpsc::error::TrySendError::Full(_)) => {
+                        self.inner.dropped.store(true, Ordering::Relaxed);
                         tracing::warn!(
                             "redis event bus: publish queue full, event not sent to other nodes"
                         );
@@ -249,6 +270,7 @@ struct Worker {
     local: InProcessBus,
     outgoing: mpsc::Receiver<String>,
     degraded: Arc<AtomicBool>,
+    dropped: Arc<AtomicBool>,
     stop: watch::Receiver<bool>,
 }
 
@@ -264,12 +286,18 @@ impl Worker {
     async fn run(mut self, first: Link) {
         let mut link = first;
         loop {
+            let opened = tokio::time::Instant::now();
             if let Ended::Stopped = self.serve(link).await {
                 break;
             }
             self.degraded.store(true, Ordering::Relaxed);
             tracing::warn!(channel = %self.channel, "redis event bus lost its connection; serving local clients only, reconnecting");
-            match self.reconnect().await {
+            let pause = if opened.elapsed() < SHORT_LINK {
+                BACKOFF_MAX
+            } else {
+                Duration::ZERO
+            };
+            match self.reconnect(pause).await {
                 Some(next) => link = next,
                 None => break,
             }
@@ -282,22 +310,37 @@ impl Worker {
     }
 
     /// Publishes queued events and delivers received ones until the link
-    /// fails or the bus stops.
+    /// fails or the bus stops; first, and whenever an event was dropped,
+    /// asks the other nodes to resync.
     async fn serve(&mut self, mut link: Link) -> Ended {
         let mut health = tokio::time::interval(HEALTH_INTERVAL);
         health.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         health.tick().await; // The first tick is immediate.
         loop {
+            if self.dropped.swap(false, Ordering::Relaxed) {
+                let request = match serde_json::to_string(&EnvelopeOut {
+                    node: self.node,
+                    event: &BusEvent::Resync,
+                }) {
+                    Ok(request) => request,
+                    Err(e) => {
+                        tracing::warn!(error = %e, "redis event bus: cannot serialize a resync request");
+                        continue;
+                    }
+                };
+                if let Err(e) = self.send(&mut link, request).await {
+                    self.dropped.store(true, Ordering::Relaxed);
+                    tracing::debug!(error = %e, "redis event bus: resync request failed");
+                    return Ended::Lost;
+                }
+                tracing::info!(channel = %self.channel, "redis event bus: events were dropped; asked the other nodes to resync");
+            }
             tokio::select! {
                 () = stopped(&mut self.stop) => return Ended::Stopped,
                 payload = self.outgoing.recv() => {
                     let Some(payload) = payload else { return Ended::Stopped };
-                    let sent = redis::cmd("PUBLISH")
-                        .arg(&self.channel)
-                        .arg(payload)
-                        .query_async::<i64>(&mut link.conn)
-                        .await;
-                    if let Err(e) = sent {
+                    if let Err(e) = self.send(&mut link, payload).await {
+                        self.dropped.store(true, Ordering::Relaxed);
                         tracing::debug!(error = %e, "redis event bus: publish failed, event delivered locally only");
                         return Ended::Lost;
                     }
@@ -320,9 +363,22 @@ impl Worker {
         }
     }
 
-    /// Reconnects and resubscribes with backoff, dropping the publishes
-    /// that arrive meanwhile; `None` when the bus stops first.
-    async fn reconnect(&mut self) -> Option<Link> {
+    /// `PUBLISH`es `payload` on the channel.
+    async fn send(&self, link: &mut Link, payload: String) -> Result<i64, RedisError> {
+        redis::cmd("PUBLISH")
+            .arg(&self.channel)
+            .arg(payload)
+            .query_async::<i64>(&mut link.conn)
+            .await
+    }
+
+    /// After `first` (zero, or a backoff when the last link failed at
+    /// once), reconnects and resubscribes with backoff, dropping the
+    /// publishes that arrive meanwhile; `None` when the bus stops first.
+    async fn reconnect(&mut self, first: Duration) -> Option<Link> {
+        if !first.is_zero() && !self.pause(first).await {
+            return None;
+        }
         let mut delay = BACKOFF_MIN;
         loop {
             tokio::select! {
@@ -332,19 +388,30 @@ impl Worker {
                     Err(e) => tracing::debug!(error = %e, retry_in = ?delay, "redis event bus: reconnect failed"),
                 },
             }
-            let pause = tokio::time::sleep(delay);
-            tokio::pin!(pause);
-            loop {
-                tokio::select! {
-                    () = stopped(&mut self.stop) => return None,
-                    () = &mut pause => break,
-                    payload = self.outgoing.recv() => match payload {
-                        None => return None,
-                        Some(_) => tracing::debug!("redis event bus down: event delivered locally only"),
-                    },
-                }
+            if !self.pause(delay).await {
+                return None;
             }
             delay = (delay * 2).min(BACKOFF_MAX);
+        }
+    }
+
+    /// Waits `delay`, dropping the publishes that arrive meanwhile;
+    /// `false` when the bus stops first.
+    async fn pause(&mut self, delay: Duration) -> bool {
+        let pause = tokio::time::sleep(delay);
+        tokio::pin!(pause);
+        loop {
+            tokio::select! {
+                () = stopped(&mut self.stop) => return false,
+                () = &mut pause => return true,
+                payload = self.outgoing.recv() => match payload {
+                    None => return false,
+                    Some(_) => {
+                        self.dropped.store(true, Ordering::Relaxed);
+                        tracing::debug!("redis event bus down: event delivered locally only");
+                    }
+                },
+            }
         }
     }
 }
@@ -362,7 +429,8 @@ fn receive(node: Uuid, local: &InProcessBus, data: &[Value]) {
             event: BusEvent::Resync,
             node: from,
         }) => {
-            tracing::warn!(%from, "redis event bus: resync received from another node, skipped");
+            tracing::info!(%from, "redis event bus: another node dropped events; resyncing local connections");
+            local.deliver(Arc::new(BusEvent::Resync));
         }
         Ok(envelope) => local.deliver(Arc::new(envelope.event)),
         Err(e) => tracing::warn!(
@@ -592,6 +660,8 @@ mod tests {
                 .await
                 .expect("publish");
         }
+        // Another node's resync request is delivered as a local resync.
+        assert_eq!(next(&mut rx).await, BusEvent::Resync);
         assert_eq!(next(&mut rx).await, presence(3));
         quiet(&mut rx).await;
         assert!(!bus.is_degraded());
@@ -629,15 +699,69 @@ mod tests {
         .await;
         assert_eq!(next(&mut rb).await, BusEvent::Resync);
         assert_eq!(next(&mut ra).await, BusEvent::Resync);
-        quiet(&mut rb).await;
 
         a.publish(presence(6));
-        assert_eq!(next(&mut rb).await, presence(6));
+        // `a` dropped `presence(5)`: besides its own resync, `b` may get
+        // `a`'s resync request (unless it subscribed again after it).
+        let mut got = next(&mut rb).await;
+        if got == BusEvent::Resync {
+            got = next(&mut rb).await;
+        }
+        assert_eq!(got, presence(6));
         assert_eq!(next(&mut ra).await, presence(6));
         b.publish(presence(7));
         assert_eq!(next(&mut ra).await, presence(7));
         assert_eq!(next(&mut rb).await, presence(7));
         quiet(&mut ra).await;
+        quiet(&mut rb).await;
+    }
+
+    /// Only `a`'s publishes fail (its user may not `PUBLISH` for a while);
+    /// `b`'s link never drops, so only `a`'s resync request tells `b`'s
+    /// connections that they missed events.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_node_that_dropped_events_asks_the_others_to_resync() {
+        let server = Server::start();
+        let channel = channel();
+        let admin = Client::open(server.url()).expect("client");
+        let admin = admin
+            .get_multiplexed_async_connection()
+            .await
+            .expect("admin connection");
+        let acl = |rule: &'static str| {
+            let mut admin = admin.clone();
+            async move {
+                let _: Value = redis::cmd("ACL")
+                    .arg("SETUSER")
+                    .arg("node-a")
+                    .arg(rule)
+                    .query_async(&mut admin)
+                    .await
+                    .expect("ACL SETUSER");
+            }
+        };
+        for rule in ["on", ">secret", "~*", "&*", "+@all"] {
+            acl(rule).await;
+        }
+        let url_a = format!("redis://node-a:secret@127.0.0.1:{}/", server.port);
+        let a = RedisBus::connect(&url_a, channel.clone()).await.expect("a");
+        let b = RedisBus::connect(&server.url(), channel.clone())
+            .await
+            .expect("b");
+        let (mut ra, mut rb) = (a.subscribe(), b.subscribe());
+
+        acl("-publish").await;
+        a.publish(presence(5));
+        assert_eq!(next(&mut ra).await, presence(5), "local delivery");
+        wait_until("a noticed", || a.is_degraded()).await;
+        quiet(&mut rb).await;
+
+        acl("+publish").await;
+        assert_eq!(next(&mut rb).await, BusEvent::Resync, "a's request");
+        assert!(!b.is_degraded(), "b's own link never dropped");
+        wait_until("a recovered", || !a.is_degraded()).await;
+        a.publish(presence(6));
+        assert_eq!(next(&mut rb).await, presence(6));
         quiet(&mut rb).await;
     }
 

@@ -847,9 +847,6 @@ fn is_visible(row: &LockedRow, request: &AppendRequest) -> bool {
         }
 }
 
-/// Checks the request against its locked session `row`, gives it the next
-/// `seq` (advancing `row.last_seq`), and builds its message and outbox rows
-/// (the outbox row settled if `interest` rejects the event).
 /// The `message.posted` event of `original`, a message an earlier commit
 /// stored, to publish again when a retry of its send finds it (DESIGN.md
 /// invariant 5: fan-out at least once). Its first publication may never
@@ -865,9 +862,7 @@ fn reannouncement(locked: &LockedSession, original: &ChatMessage) -> Result<Doma
         message: original.clone(),
         session_customer_id: row.customer_id.map(CustomerId::from_uuid),
         ticket_id: row.ticket_id.map(TicketId::from_uuid),
-        customer_connected: original.sender_type == SenderType::Agent
-            && row.customer_id.is_some()
-            && locked.customer_connections > 0,
+        customer_connected: customer_connected(locked, original.sender_type == SenderType::Agent),
     };
     Ok(DomainEvent {
         id: EventId::from_uuid(original.id.as_uuid()),
@@ -880,6 +875,16 @@ fn reannouncement(locked: &LockedSession, original: &ChatMessage) -> Result<Doma
     })
 }
 
+/// `customer_connected` of an agent's (`by_agent`) `message.posted`: a
+/// customer connection follows the session on some node (issue #3: an
+/// agent's message to a customer with none is an offline reply).
+fn customer_connected(locked: &LockedSession, by_agent: bool) -> bool {
+    by_agent && locked.row.customer_id.is_some() && locked.customer_connections > 0
+}
+
+/// Checks the request against its locked session `row`, gives it the next
+/// `seq` (advancing `row.last_seq`), and builds its message and outbox rows
+/// (the outbox row settled if `interest` rejects the event).
 fn stage(
     request: &AppendRequest,
     locked: &mut LockedSession,
@@ -887,6 +892,7 @@ fn stage(
     interest: Option<&OutboxInterest>,
 ) -> Result<Staged, DbErr> {
     let (tenant, session) = (request.tenant, request.session);
+    let connected = customer_connected(locked, matches!(request.sender, Sender::Agent(_)));
     let row = &mut locked.row;
     let status = SessionStatus::parse(&row.status);
     if !status.is_some_and(|s| request.allowed.contains(&s)) {
@@ -927,15 +933,11 @@ fn stage(
         client_msg_id: request.key.as_ref().map(|k| k.as_str().to_owned()),
         created_at: at,
     };
-    let customer_connected = matches!(
-        (request.sender, row.customer_id),
-        (Sender::Agent(_), Some(_))
-    ) && locked.customer_connections > 0;
     let posted = MessagePosted {
         message: message.clone(),
         session_customer_id: row.customer_id.map(CustomerId::from_uuid),
         ticket_id: row.ticket_id.map(TicketId::from_uuid),
-        customer_connected,
+        customer_connected: connected,
     };
     let event = match message_event(interest, &posted) {
         Ok(event) => event,

@@ -84,6 +84,18 @@ pub trait OutboxConsumer: Send + Sync {
         id: EventId,
         error: &str,
     ) -> impl Future<Output = Result<(), ChatError>> + Send;
+
+    /// Ends the lease of claimed events the consumer did not handle (they
+    /// wait behind an earlier event of their session that it retries), so
+    /// that they are handed out again right after that event is settled,
+    /// not only when their lease runs out. They keep their place: an event
+    /// is never handed out while an earlier one of its session is pending.
+    /// Ids that are unknown or settled are ignored. The default releases
+    /// nothing (the events wait for their lease).
+    fn release(&self, ids: &[EventId]) -> impl Future<Output = Result<(), ChatError>> + Send {
+        let _ = ids;
+        async { Ok(()) }
+    }
 }
 
 /// Which committed events the host's outbox consumers act on (issue #5).

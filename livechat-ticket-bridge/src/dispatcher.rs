@@ -179,14 +179,16 @@ impl<C: OutboxConsumer> Dispatcher<C> {
             ..DispatchReport::default()
         };
         let mut delivered = Vec::with_capacity(batch.len());
+        let mut waiting = Vec::new();
         let mut held = std::collections::HashSet::new();
         let mut outcome = Ok(());
         for pending in batch {
             let (id, session) = (pending.event.id, pending.event.session_id);
             // Behind an event of its session that will be retried, an event
-            // waits: it stays claimed and is handed out again after its
-            // lease, after the retried one (per-session order).
+            // waits: it is released and handed out again after the retried
+            // one (per-session order).
             if session.is_some_and(|s| held.contains(&s)) {
+                waiting.push(id);
                 continue;
             }
             match self.handle(pending).await {
@@ -209,6 +211,11 @@ impl<C: OutboxConsumer> Dispatcher<C> {
         // this write fails too, the events are handed out again after their
         // lease (at least once; the sinks are idempotent).
         self.consumer.mark_dispatched(&delivered).await?;
+        // Events behind a retried one need not wait for their lease; if
+        // this write fails, they do.
+        if let Err(e) = self.consumer.release(&waiting).await {
+            tracing::warn!(error = %e, "releasing waiting outbox events failed; they wait for their lease");
+        }
         outcome.map(|()| report)
     }
 

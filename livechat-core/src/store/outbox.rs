@@ -214,6 +214,22 @@ impl OutboxConsumer for SeaOrmStore {
         Ok(())
     }
 
+    async fn release(&self, ids: &[EventId]) -> Result<(), ChatError> {
+        if ids.is_empty() {
+            return Ok(());
+        }
+        outbox::Entity::update_many()
+            .col_expr(
+                outbox::Column::ClaimedUntil,
+                Expr::value(Option::<DateTime<Utc>>::None),
+            )
+            .filter(outbox::Column::Id.is_in(ids.iter().map(|id| id.as_uuid())))
+            .filter(outbox::Column::DispatchedAt.is_null())
+            .exec(&self.db)
+            .await?;
+        Ok(())
+    }
+
     async fn retry_later(
         &self,
         id: EventId,

@@ -19,6 +19,7 @@ use serde_json::{Value, json};
 on_both_databases!(
     ticket_then_notification_on_agent_reply,
     failing_sink_retries_to_exactly_one,
+    events_behind_a_retried_event_do_not_wait_for_their_lease,
     crash_between_commit_and_dispatch,
     crash_after_delivery_before_settling,
     webhook_receives_signed_events_with_retries,
@@ -275,6 +276,43 @@ async fn failing_sink_retries_to_exactly_one(backend: Backend) {
     );
     assert_eq!(flaky.notify_calls.load(Ordering::SeqCst), 4);
     assert_eq!(counts(&app, &auth).await, (1, 1), "never zero, never two");
+}
+
+/// A session's later events claimed in the pass that retries an earlier
+/// one are released: they follow it as soon as it is delivered, not when
+/// their 30 s lease runs out. Here the ticket's first attempt fails, so the
+/// reply's notification waits behind it, then fails once itself.
+async fn events_behind_a_retried_event_do_not_wait_for_their_lease(backend: Backend) {
+    let app = App::new(backend).await;
+    let (_, auth) = ticketed_reply(&app).await;
+    let flaky = Arc::new(Flaky {
+        inner: SeaOrmSinks::new(app.db.clone()),
+        fail: 1,
+        ticket_calls: AtomicUsize::new(0),
+        notify_calls: AtomicUsize::new(0),
+    });
+    let config = DispatcherConfig {
+        lease: Duration::from_secs(30),
+        ..fast()
+    };
+    let dispatcher = Dispatcher::new(SeaOrmStore::new(app.db.clone()), config)
+        .ticket_sink(flaky.clone())
+        .notification_sink(flaky.clone());
+    let first = dispatcher.dispatch_once().await.unwrap();
+    assert_eq!(first.retried, 1, "{first:?}");
+    assert_eq!(flaky.notify_calls.load(Ordering::SeqCst), 0, "it waited");
+    // Passes after the 10 ms backoff: the ticket, then the notification
+    // (failing once, like the ticket), all well within the lease.
+    for _ in 0..20 {
+        if counts(&app, &auth).await == (1, 1) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        dispatcher.dispatch_once().await.unwrap();
+    }
+    assert_eq!(counts(&app, &auth).await, (1, 1));
+    assert_eq!(flaky.ticket_calls.load(Ordering::SeqCst), 2);
+    assert_eq!(flaky.notify_calls.load(Ordering::SeqCst), 2);
 }
 
 async fn crash_between_commit_and_dispatch(backend: Backend) {
@@ -585,6 +623,9 @@ impl OutboxConsumer for RecordingConsumer {
     }
     async fn mark_failed(&self, id: EventId, error: &str) -> Result<(), livechat_core::ChatError> {
         self.store.mark_failed(id, error).await
+    }
+    async fn release(&self, ids: &[EventId]) -> Result<(), livechat_core::ChatError> {
+        self.store.release(ids).await
     }
 }
 

@@ -201,14 +201,8 @@ impl OutboxConsumer for SeaOrmStore {
         if ids.is_empty() {
             return Ok(());
         }
-        outbox::Entity::update_many()
+        unclaim(ids)
             .col_expr(outbox::Column::DispatchedAt, Expr::value(now()))
-            .col_expr(
-                outbox::Column::ClaimedUntil,
-                Expr::value(Option::<DateTime<Utc>>::None),
-            )
-            .filter(outbox::Column::Id.is_in(ids.iter().map(|id| id.as_uuid())))
-            .filter(outbox::Column::DispatchedAt.is_null())
             .exec(&self.db)
             .await?;
         Ok(())
@@ -218,15 +212,7 @@ impl OutboxConsumer for SeaOrmStore {
         if ids.is_empty() {
             return Ok(());
         }
-        outbox::Entity::update_many()
-            .col_expr(
-                outbox::Column::ClaimedUntil,
-                Expr::value(Option::<DateTime<Utc>>::None),
-            )
-            .filter(outbox::Column::Id.is_in(ids.iter().map(|id| id.as_uuid())))
-            .filter(outbox::Column::DispatchedAt.is_null())
-            .exec(&self.db)
-            .await?;
+        unclaim(ids).exec(&self.db).await?;
         Ok(())
     }
 
@@ -272,4 +258,16 @@ impl OutboxConsumer for SeaOrmStore {
             .await?;
         Ok(())
     }
+}
+
+/// An update of the events `ids` still undispatched that ends their claims
+/// (`mark_dispatched` adds the settlement).
+fn unclaim(ids: &[EventId]) -> sea_orm::UpdateMany<outbox::Entity> {
+    outbox::Entity::update_many()
+        .col_expr(
+            outbox::Column::ClaimedUntil,
+            Expr::value(Option::<DateTime<Utc>>::None),
+        )
+        .filter(outbox::Column::Id.is_in(ids.iter().map(|id| id.as_uuid())))
+        .filter(outbox::Column::DispatchedAt.is_null())
 }

@@ -82,8 +82,10 @@ pub enum BusEvent {
         /// The signal.
         event: Ephemeral,
     },
-    /// Local only: this node may have missed events (a receiver lagged or
-    /// the bus reconnected); connections re-read what they follow.
+    /// This node may have missed events (a receiver lagged, the bus
+    /// reconnected, or another node asked: it could not publish some of
+    /// its events); connections re-read what they follow. Publishing it
+    /// delivers it locally only.
     Resync,
 }
 

@@ -46,6 +46,9 @@ const HEALTH_INTERVAL: Duration = Duration::from_secs(5);
 /// refuses this node's `PUBLISH`) is reopened only after a backoff, so a
 /// lasting refusal does not spin.
 const SHORT_LINK: Duration = Duration::from_secs(1);
+/// Least time between two resync requests of one node: every request
+/// makes every connection of the other nodes re-read what it follows.
+const RESYNC_REQUEST_EVERY: Duration = Duration::from_secs(1);
 
 /// What travels on the Redis channel: the publishing node and the event.
 #[derive(Serialize)]
@@ -67,7 +70,8 @@ struct EnvelopeIn {
 ///   this node's subscribers at once (no Redis round trip, and even while
 ///   Redis is down), then queued for a background task that `PUBLISH`es
 ///   `{"node": "<this node's uuid>", "event": <BusEvent as JSON>}` on the
-///   channel. [`BusEvent::Resync`] is local only and never published.
+///   channel. `publish(BusEvent::Resync)` stays local (see resync
+///   requests below).
 /// - The same task is `SUBSCRIBE`d to the channel and delivers every event
 ///   from other nodes to the local subscribers; messages carrying this
 ///   node's id (already delivered) are skipped, malformed ones are logged
@@ -80,11 +84,13 @@ struct EnvelopeIn {
 ///   what they follow from storage by `seq`.
 /// - When it dropped any event (lost link, or a full publish queue), the
 ///   other nodes missed it, though their own links may never have dropped:
-///   once it can publish again, the bus publishes a resync request
-///   (`{"node": …, "event": {"type": "resync"}}`), and every other node
-///   delivers it as a local [`BusEvent::Resync`]. Every connection of the
-///   deployment then re-reads the sessions it follows, one read per
-///   session: the price of an outage, paid once per outage.
+///   once it can publish again and its publish queue is empty (after the
+///   backlog, so an overflow does not turn into a stream of requests), and
+///   at most once a second ([`RESYNC_REQUEST_EVERY`]), the bus publishes a
+///   resync request (`{"node": …, "event": {"type": "resync"}}`), and
+///   every other node delivers it as a local [`BusEvent::Resync`]. Every
+///   connection of the deployment then re-reads the sessions it follows,
+///   one read per session: the price of an outage or an overflow.
 /// - The background task ends when the last clone is dropped, or on
 ///   [`RedisBus::shutdown`].
 ///
@@ -171,6 +177,7 @@ impl RedisBus {
             outgoing: outgoing_rx,
             degraded: Arc::clone(&degraded),
             dropped: Arc::clone(&dropped),
+            requested_at: None,
             stop: stop_rx,
         };
         tokio::spawn(worker.run(link));
@@ -271,6 +278,8 @@ struct Worker {
     outgoing: mpsc::Receiver<String>,
     degraded: Arc<AtomicBool>,
     dropped: Arc<AtomicBool>,
+    /// When this node last asked the others to resync.
+    requested_at: Option<tokio::time::Instant>,
     stop: watch::Receiver<bool>,
 }
 
@@ -317,7 +326,11 @@ impl Worker {
         health.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         health.tick().await; // The first tick is immediate.
         loop {
-            if self.dropped.swap(false, Ordering::Relaxed) {
+            let may_request = self.outgoing.is_empty()
+                && self
+                    .requested_at
+                    .is_none_or(|at| at.elapsed() >= RESYNC_REQUEST_EVERY);
+            if may_request && self.dropped.swap(false, Ordering::Relaxed) {
                 let request = match serde_json::to_string(&EnvelopeOut {
                     node: self.node,
                     event: &BusEvent::Resync,
@@ -333,6 +346,7 @@ impl Worker {
                     tracing::debug!(error = %e, "redis event bus: resync request failed");
                     return Ended::Lost;
                 }
+                self.requested_at = Some(tokio::time::Instant::now());
                 tracing::info!(channel = %self.channel, "redis event bus: events were dropped; asked the other nodes to resync");
             }
             tokio::select! {
@@ -763,6 +777,46 @@ mod tests {
         a.publish(presence(6));
         assert_eq!(next(&mut rb).await, presence(6));
         quiet(&mut rb).await;
+    }
+
+    /// A full publish queue drops events: `a` asks the other nodes to
+    /// resync once, after its backlog, not once per dropped event.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn an_overflow_asks_for_one_resync() {
+        let server = Server::start();
+        let channel = channel();
+        let a = RedisBus::connect_with_local(
+            &server.url(),
+            channel.clone(),
+            InProcessBus::with_capacity(1),
+        )
+        .await
+        .expect("a");
+        let b = RedisBus::connect_with_local(
+            &server.url(),
+            channel.clone(),
+            InProcessBus::with_capacity(2 * OUTGOING_CAPACITY),
+        )
+        .await
+        .expect("b");
+        let mut rb = b.subscribe();
+        // Faster than one PUBLISH round trip each: the queue overflows.
+        for n in 0..OUTGOING_CAPACITY + 20_000 {
+            a.publish(presence(i64::try_from(n % 1000).expect("small") + 1));
+        }
+        let (mut events, mut resyncs) = (0, 0);
+        while let Ok(got) = tokio::time::timeout(Duration::from_secs(2), rb.recv()).await {
+            match got.as_deref() {
+                Ok(BusEvent::Resync) => resyncs += 1,
+                Ok(_) => events += 1,
+                Err(e) => panic!("{e}"),
+            }
+        }
+        assert!(
+            events < OUTGOING_CAPACITY + 20_000,
+            "the queue overflowed ({events} events arrived)"
+        );
+        assert_eq!(resyncs, 1, "one request after {events} events");
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -852,10 +852,10 @@ fn is_visible(row: &LockedRow, request: &AppendRequest) -> bool {
 /// invariant 5: fan-out at least once). Its first publication may never
 /// have happened: its node stopped between the commit and the publish, or
 /// the bus dropped it (a Redis outage). Receivers skip a `seq` they have
-/// already delivered. The event has the stored event's id (a message's
-/// event id is its message id; events stored before that rule have other
-/// ids) and the message's creation time; `customer_connected` is as of
-/// the retry.
+/// already delivered. The event's id is the message's id, which is the
+/// stored event's id for every message stored since that rule (an older
+/// message's event is published again under a new id); its time is the
+/// message's creation time, and `customer_connected` is as of the retry.
 fn reannouncement(locked: &LockedSession, original: &ChatMessage) -> Result<DomainEvent, DbErr> {
     let row = &locked.row;
     let posted = MessagePosted {

@@ -722,26 +722,32 @@ async fn housekeeping(livechat: livechat_poem::Livechat) {
     let mut tick = tokio::time::interval(Duration::from_secs(60));
     loop {
         tick.tick().await;
-        match livechat.purge_expired_connections().await {
-            Ok(offline) if !offline.is_empty() => {
-                tracing::info!(
-                    agents = offline.len(),
-                    "agents of crashed nodes announced offline"
-                );
-            }
-            Ok(_) => {}
-            Err(e) => tracing::warn!(error = %e, "purging expired connections failed"),
+        log_announced(
+            livechat.purge_expired_connections().await,
+            "agents of crashed nodes announced offline",
+            "purging expired connections failed",
+        );
+        log_announced(
+            livechat.announce_expired_presence().await,
+            "agents whose presence ran out announced offline",
+            "announcing expired presence failed",
+        );
+    }
+}
+
+/// Logs one housekeeping step: how many agents it announced offline (when
+/// any), or its failure.
+fn log_announced<T>(
+    result: Result<Vec<T>, livechat_core::ChatError>,
+    announced: &str,
+    failed: &str,
+) {
+    match result {
+        Ok(offline) if !offline.is_empty() => {
+            tracing::info!(agents = offline.len(), "{announced}");
         }
-        match livechat.announce_expired_presence().await {
-            Ok(offline) if !offline.is_empty() => {
-                tracing::info!(
-                    agents = offline.len(),
-                    "agents whose presence ran out announced offline"
-                );
-            }
-            Ok(_) => {}
-            Err(e) => tracing::warn!(error = %e, "announcing expired presence failed"),
-        }
+        Ok(_) => {}
+        Err(e) => tracing::warn!(error = %e, "{failed}"),
     }
 }
 

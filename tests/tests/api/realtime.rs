@@ -623,6 +623,14 @@ async fn expect_presence(watcher: &mut WsClient, agent: i64, status: &str) {
     );
 }
 
+/// Agents announced offline by a housekeeping step, by tenant then agent.
+fn in_order(
+    mut offline: Vec<(livechat_core::TenantId, livechat_core::UserId)>,
+) -> Vec<(livechat_core::TenantId, livechat_core::UserId)> {
+    offline.sort_by_key(|(tenant, agent)| (tenant.get(), agent.get()));
+    offline
+}
+
 /// No `presence_updated` among `frames`.
 fn no_presence(frames: &[Value]) -> bool {
     frames.iter().all(|f| f["type"] != "presence_updated")
@@ -728,11 +736,7 @@ async fn an_agent_of_a_crashed_node_is_announced_offline(backend: Backend) {
             .await
             .unwrap();
     }
-    let purge = || async {
-        let mut offline = node.livechat.purge_expired_connections().await.unwrap();
-        offline.sort_by_key(|(tenant, _)| tenant.get());
-        offline
-    };
+    let purge = || async { in_order(node.livechat.purge_expired_connections().await.unwrap()) };
     // Not expired yet: nothing to announce.
     assert!(purge().await.is_empty());
     // The watcher keeps reading (answering pings) while the rows expire;
@@ -775,11 +779,7 @@ async fn an_agent_whose_presence_ran_out_is_announced_offline(backend: Backend) 
         .await
         .unwrap();
     expect_presence(&mut watcher, 8, "online").await;
-    let expire = || async {
-        let mut offline = node.livechat.announce_expired_presence().await.unwrap();
-        offline.sort_by_key(|(tenant, agent)| (tenant.get(), agent.get()));
-        offline
-    };
+    let expire = || async { in_order(node.livechat.announce_expired_presence().await.unwrap()) };
     let heartbeat = || async {
         let resp = reqwest::Client::new()
             .post(node.url("/livechat/agents/me/heartbeat"))

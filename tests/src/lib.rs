@@ -106,7 +106,10 @@ fn replace_db_name(url: &str, name: &str) -> String {
 
 /// The admin URL of the PostgreSQL used by tests: `LIVECHAT_TEST_DATABASE_URL`
 /// or a server started once per test process.
-fn postgres_admin_url() -> String {
+///
+/// # Panics
+/// When no server can be started (the message names what to install).
+pub fn postgres_admin_url() -> String {
     if let Ok(url) = std::env::var("LIVECHAT_TEST_DATABASE_URL")
         && !url.trim().is_empty()
     {

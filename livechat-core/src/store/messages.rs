@@ -7,7 +7,7 @@ use chrono::{DateTime, Utc};
 
 use sea_orm::sea_query::{
     Alias, CaseStatement, CommonTableExpression, Expr, ExprTrait, InsertStatement, LockBehavior,
-    LockType, Query, WithClause,
+    LockType, Query, SelectStatement, WithClause,
 };
 use sea_orm::{
     ActiveModelTrait, ActiveValue::Set, ColumnTrait, Condition, ConnectionTrait,
@@ -426,8 +426,9 @@ enum LockWait {
 
 /// Locks the sessions `ids` (in id order) and reads each with its
 /// customer's live connection count and host user id, and with `keys`
-/// (the batch's (session, `client_msg_id`) pairs) how many of them are
-/// already stored (the second value; 0 without keys), in one statement:
+/// (the batch's (session, `client_msg_id`) pairs) a count of those already
+/// stored (the second value: 0 exactly when none is, and without keys), in
+/// one statement:
 /// PostgreSQL `SELECT … FOR UPDATE`
 /// with scalar subqueries; on SQLite the write lock taken by `BEGIN
 /// IMMEDIATE` already orders appends.
@@ -468,7 +469,8 @@ async fn lock_sessions(
 /// lookup per (session, key) pair, where `session_id IN (…) AND
 /// client_msg_id IN (…)` looks up every pairing (issue #5 fan-out profile:
 /// ~10 sessions × 32–64 keys per batch) and SQLite answers a row-value
-/// `IN` by a scan.
+/// `IN` by a scan. The lock statement on PostgreSQL counts keys by
+/// [`count_stored_keys_each`] instead.
 fn key_pairs<'k>(keys: impl IntoIterator<Item = (uuid::Uuid, &'k str)>) -> Condition {
     keys.into_iter()
         .fold(Condition::any(), |any, (session, key)| {
@@ -478,6 +480,45 @@ fn key_pairs<'k>(keys: impl IntoIterator<Item = (uuid::Uuid, &'k str)>) -> Condi
                     .add(Expr::col((message::Entity, message::Column::ClientMsgId)).eq(key)),
             )
         })
+}
+
+/// PostgreSQL's count of stored keys: the batch's (session, key) pairs as
+/// a `VALUES` list, each counted by its own lookup of the unique index on
+/// `(session_id, client_msg_id)`, a correlated scalar subquery the planner
+/// cannot turn into a join or a scan. Zero exactly when none is stored (a
+/// padded pair may be counted twice).
+///
+/// Issue #5: the `OR` of pairs that SQLite answers with one lookup per pair
+/// ([`key_pairs`]) left PostgreSQL free to read the whole index instead.
+/// It did so once the statistics of `livechat_messages` had been taken
+/// while few of its rows had a `client_msg_id` (every HTTP send without an
+/// `Idempotency-Key`): the generic plan of the prepared statement walked
+/// every keyed message for every batch, so that each lock took 20–30 ms
+/// after a few thousand WebSocket sends and the latency scenario's queue
+/// grew to seconds. A test reads that plan.
+fn count_stored_keys_each(keys: Vec<(uuid::Uuid, &str)>) -> SelectStatement {
+    let pairs = Alias::new("stored_pairs");
+    let stored = Query::select()
+        .expr(Expr::col((message::Entity, message::Column::Id)).count())
+        .from(message::Entity)
+        .and_where(
+            Expr::col((message::Entity, message::Column::SessionId))
+                .equals((pairs.clone(), Alias::new("column1"))),
+        )
+        .and_where(
+            Expr::col((message::Entity, message::Column::ClientMsgId))
+                .equals((pairs.clone(), Alias::new("column2"))),
+        )
+        .to_owned();
+    Query::select()
+        .expr(Expr::cust("COUNT(*)"))
+        .from_values(
+            keys.into_iter()
+                .map(|(session, key)| (session, key.to_owned())),
+            pairs,
+        )
+        .and_where(Expr::SubQuery(None, Box::new(stored.into())).gt(Expr::cust("0")))
+        .to_owned()
 }
 
 /// The statement of [`lock_sessions`] for `ids` and `keys` as of `at`.
@@ -592,11 +633,15 @@ fn build_lock_statement(
         )
         .apply_if((!keys.is_empty()).then_some(keys), |select, keys| {
             // Uncorrelated: counted once per statement, not per session.
-            let stored = Query::select()
-                .expr(Expr::col((message::Entity, message::Column::Id)).count())
-                .from(message::Entity)
-                .cond_where(key_pairs(keys))
-                .to_owned();
+            let stored = if backend == DbBackend::Postgres {
+                count_stored_keys_each(keys)
+            } else {
+                Query::select()
+                    .expr(Expr::col((message::Entity, message::Column::Id)).count())
+                    .from(message::Entity)
+                    .cond_where(key_pairs(keys))
+                    .to_owned()
+            };
             select.expr_as(Expr::SubQuery(None, Box::new(stored.into())), STORED_KEYS)
         })
         .filter(session::Column::Id.is_in(ids))
@@ -1182,6 +1227,115 @@ mod tests {
             plan.iter().any(|line| line.starts_with("SCALAR SUBQUERY")),
             "the key count is not correlated with each session: {text}"
         );
+    }
+
+    /// Issue #5: on PostgreSQL the lock statement looks each of a batch's
+    /// keys up in the index of keys, under the generic plan a prepared
+    /// statement comes to, even when the statistics were taken while no
+    /// message had a key (the `OR` of pairs then read every keyed message).
+    #[cfg(feature = "postgres")]
+    #[tokio::test]
+    async fn the_lock_statement_looks_each_key_up_on_postgres_whatever_the_statistics() {
+        use sea_orm::{ConnectionTrait, Statement, TransactionTrait, Value};
+        use sea_orm_migration::MigratorTrait;
+        let admin = livechat_tests::postgres_admin_url();
+        let url = livechat_tests::create_database(&admin, "lc_plan").await;
+        let db = crate::store::connect(&url).await.unwrap();
+        crate::store::Migrator::up(&db, None).await.unwrap();
+        let session = uuid::Uuid::now_v7();
+        let insert = |from: i64, to: i64, key: &str| {
+            format!(
+                "INSERT INTO livechat_messages \
+                 (id, tenant_id, session_id, sender_type, seq, body, client_msg_id, created_at) \
+                 SELECT gen_random_uuid(), 1, '{session}', 'customer', g, 'hello', {key}, now() \
+                 FROM generate_series({from}, {to}) g"
+            )
+        };
+        for sql in [
+            format!(
+                "INSERT INTO livechat_sessions (id, tenant_id, origin, status, created_at, updated_at) \
+                 VALUES ('{session}', 1, 'widget', 'active', now(), now())"
+            ),
+            insert(1, 2000, "NULL"),
+            "ANALYZE livechat_messages".to_owned(),
+            insert(2001, 4000, "'key ' || g"),
+        ] {
+            db.execute_unprepared(&sql).await.unwrap();
+        }
+        let names: Vec<String> = (3001..3005).map(|i| format!("key {i}")).collect();
+        let keys = names.iter().map(|name| (session, name.as_str())).collect();
+        let lock = build_lock_statement(
+            DbBackend::Postgres,
+            vec![session],
+            keys,
+            crate::model::now(),
+            LockWait::NoWait,
+        );
+        let values = lock.values.unwrap().0;
+        let types: Vec<&str> = values
+            .iter()
+            .map(|v| match v {
+                Value::String(_) => "text",
+                Value::ChronoDateTimeUtc(_) => "timestamptz",
+                Value::Uuid(_) => "uuid",
+                other => panic!("unexpected value {other:?}"),
+            })
+            .collect();
+        let literals: Vec<String> = values
+            .iter()
+            .map(|v| match v {
+                Value::String(Some(s)) => format!("'{s}'"),
+                Value::ChronoDateTimeUtc(Some(t)) => format!("'{}'", t.to_rfc3339()),
+                Value::Uuid(Some(u)) => format!("'{u}'"),
+                other => panic!("unexpected value {other:?}"),
+            })
+            .collect();
+        let tx = db.begin().await.unwrap();
+        for sql in [
+            "SET LOCAL plan_cache_mode = force_generic_plan".to_owned(),
+            format!("PREPARE lock_plan({}) AS {}", types.join(", "), lock.sql),
+        ] {
+            tx.execute_unprepared(&sql).await.unwrap();
+        }
+        let explain = format!(
+            "EXPLAIN (ANALYZE, COSTS OFF) EXECUTE lock_plan({})",
+            literals.join(", ")
+        );
+        let plan: Vec<String> = tx
+            .query_all_raw(Statement::from_string(DbBackend::Postgres, explain))
+            .await
+            .unwrap()
+            .iter()
+            .map(|r| r.try_get::<String>("", "QUERY PLAN").unwrap())
+            .collect();
+        let text = plan.join("\n");
+        // Each read of the messages is an index lookup of one pair.
+        let scans: Vec<usize> = plan
+            .iter()
+            .enumerate()
+            .filter(|(_, line)| line.contains(" on livechat_messages"))
+            .map(|(i, _)| i)
+            .collect();
+        assert!(!scans.is_empty(), "{text}");
+        for i in scans {
+            // The node's own lines, up to the next node.
+            let node: Vec<&str> = plan[i + 1..]
+                .iter()
+                .take_while(|line| !line.contains("->"))
+                .map(String::as_str)
+                .collect();
+            assert!(
+                node.iter().any(|line| line.contains("Index Cond:")
+                    && line.contains("session_id")
+                    && line.contains("client_msg_id")),
+                "{text}"
+            );
+            assert!(
+                !node.iter().any(|line| line.contains("Rows Removed")),
+                "{text}"
+            );
+        }
+        tx.rollback().await.unwrap();
     }
 
     #[test]

@@ -277,10 +277,12 @@ impl SeaOrmStore {
         // The originals are read only when the lock counted some: a repeat
         // is rare, so a batch of new keyed messages needs no lookup.
         if stored_keys > 0 {
-            let stored = message::Entity::find()
-                .filter(key_pairs(keyed))
-                .all(tx)
-                .await?;
+            let originals = if postgres {
+                stored_originals_each(keyed)
+            } else {
+                key_pairs(keyed)
+            };
+            let stored = message::Entity::find().filter(originals).all(tx).await?;
             for row in stored {
                 let session = SessionId::from_uuid(row.session_id);
                 // Keys borrowed from the batch, so lookups need no allocation.
@@ -469,8 +471,7 @@ async fn lock_sessions(
 /// lookup per (session, key) pair, where `session_id IN (…) AND
 /// client_msg_id IN (…)` looks up every pairing (issue #5 fan-out profile:
 /// ~10 sessions × 32–64 keys per batch) and SQLite answers a row-value
-/// `IN` by a scan. The lock statement on PostgreSQL counts keys by
-/// [`count_stored_keys_each`] instead.
+/// `IN` by a scan. PostgreSQL uses [`each_pair`] instead.
 fn key_pairs<'k>(keys: impl IntoIterator<Item = (uuid::Uuid, &'k str)>) -> Condition {
     keys.into_iter()
         .fold(Condition::any(), |any, (session, key)| {
@@ -482,24 +483,48 @@ fn key_pairs<'k>(keys: impl IntoIterator<Item = (uuid::Uuid, &'k str)>) -> Condi
         })
 }
 
-/// PostgreSQL's count of stored keys: the batch's (session, key) pairs as
-/// a `VALUES` list, each counted by its own lookup of the unique index on
-/// `(session_id, client_msg_id)`, a correlated scalar subquery the planner
-/// cannot turn into a join or a scan. Zero exactly when none is stored (a
+/// PostgreSQL's count of stored keys: the pairs whose own lookup
+/// ([`each_pair`]) counts a message. Zero exactly when none is stored (a
 /// padded pair may be counted twice).
-///
-/// Issue #5: the `OR` of pairs that SQLite answers with one lookup per pair
-/// ([`key_pairs`]) left PostgreSQL free to read the whole index instead.
-/// It did so once the statistics of `livechat_messages` had been taken
-/// while few of its rows had a `client_msg_id` (every HTTP send without an
-/// `Idempotency-Key`): the generic plan of the prepared statement walked
-/// every keyed message for every batch, so that each lock took 20–30 ms
-/// after a few thousand WebSocket sends and the latency scenario's queue
-/// grew to seconds. A test reads that plan.
 fn count_stored_keys_each(keys: Vec<(uuid::Uuid, &str)>) -> SelectStatement {
+    let count = Expr::col((message::Entity, message::Column::Id)).count();
+    let (mut pairs, lookup) = each_pair(keys, count);
+    pairs
+        .expr(Expr::cust("COUNT(*)"))
+        .and_where(Expr::SubQuery(None, Box::new(lookup.into())).gt(Expr::cust("0")))
+        .to_owned()
+}
+
+/// PostgreSQL's condition for the stored messages of `keys`: the ids that
+/// each pair's own lookup ([`each_pair`]) finds.
+fn stored_originals_each(keys: Vec<(uuid::Uuid, &str)>) -> Condition {
+    let (mut pairs, lookup) = each_pair(keys, Expr::col((message::Entity, message::Column::Id)));
+    let ids = pairs
+        .expr(Expr::SubQuery(None, Box::new(lookup.into())))
+        .to_owned();
+    Condition::all().add(Expr::col((message::Entity, message::Column::Id)).in_subquery(ids))
+}
+
+/// `FROM (VALUES (session, key), …) AS stored_pairs` (no select list yet)
+/// and the lookup of one pair's message, correlated with the pair: `SELECT
+/// <what> FROM livechat_messages WHERE session_id = <the pair's session>
+/// AND client_msg_id = <the pair's key>`, for use as a scalar subquery.
+///
+/// Issue #5: on PostgreSQL the planner answers each such subquery with one
+/// lookup of the unique index on `(session_id, client_msg_id)`, and cannot
+/// turn it into a join or a scan. The `OR` of pairs that SQLite answers
+/// with one lookup per pair ([`key_pairs`]) left PostgreSQL free to read
+/// the whole index instead, and it did so once the statistics of
+/// `livechat_messages` were taken while few of its rows had a
+/// `client_msg_id` (every HTTP send without an `Idempotency-Key`): the
+/// generic plan of the prepared lock statement walked every keyed message
+/// for every batch, so that each lock took 20–30 ms after a few thousand
+/// WebSocket sends and the latency scenario's queue grew to seconds. A
+/// test reads both plans.
+fn each_pair(keys: Vec<(uuid::Uuid, &str)>, what: Expr) -> (SelectStatement, SelectStatement) {
     let pairs = Alias::new("stored_pairs");
-    let stored = Query::select()
-        .expr(Expr::col((message::Entity, message::Column::Id)).count())
+    let lookup = Query::select()
+        .expr(what)
         .from(message::Entity)
         .and_where(
             Expr::col((message::Entity, message::Column::SessionId))
@@ -510,15 +535,14 @@ fn count_stored_keys_each(keys: Vec<(uuid::Uuid, &str)>) -> SelectStatement {
                 .equals((pairs.clone(), Alias::new("column2"))),
         )
         .to_owned();
-    Query::select()
-        .expr(Expr::cust("COUNT(*)"))
+    let from = Query::select()
         .from_values(
             keys.into_iter()
                 .map(|(session, key)| (session, key.to_owned())),
             pairs,
         )
-        .and_where(Expr::SubQuery(None, Box::new(stored.into())).gt(Expr::cust("0")))
-        .to_owned()
+        .to_owned();
+    (from, lookup)
 }
 
 /// The statement of [`lock_sessions`] for `ids` and `keys` as of `at`.
@@ -1078,6 +1102,11 @@ mod tests {
         BatchWrites, LockWait, build_lock_statement, build_write_statement, lock_statement,
         message, padded, power_of_two_chunks, write_statement,
     };
+    #[cfg(feature = "postgres")]
+    use super::{
+        DatabaseTransaction, EntityTrait, QueryFilter, QueryTrait, Statement, Value,
+        stored_originals_each,
+    };
     use crate::events::EventKind;
     use crate::ids::{SessionId, TenantId};
 
@@ -1229,14 +1258,15 @@ mod tests {
         );
     }
 
-    /// Issue #5: on PostgreSQL the lock statement looks each of a batch's
-    /// keys up in the index of keys, under the generic plan a prepared
-    /// statement comes to, even when the statistics were taken while no
-    /// message had a key (the `OR` of pairs then read every keyed message).
+    /// Issue #5: on PostgreSQL the lock statement and the read of
+    /// originals look each of a batch's keys up in the index of keys, under
+    /// the generic plan a prepared statement comes to, even when the
+    /// statistics were taken while no message had a key (the `OR` of pairs
+    /// then read every keyed message).
     #[cfg(feature = "postgres")]
     #[tokio::test]
-    async fn the_lock_statement_looks_each_key_up_on_postgres_whatever_the_statistics() {
-        use sea_orm::{ConnectionTrait, Statement, TransactionTrait, Value};
+    async fn keys_are_looked_up_one_by_one_on_postgres_whatever_the_statistics() {
+        use sea_orm::{ConnectionTrait, TransactionTrait};
         use sea_orm_migration::MigratorTrait;
         let admin = livechat_tests::postgres_admin_url();
         let url = livechat_tests::create_database(&admin, "lc_plan").await;
@@ -1263,79 +1293,90 @@ mod tests {
             db.execute_unprepared(&sql).await.unwrap();
         }
         let names: Vec<String> = (3001..3005).map(|i| format!("key {i}")).collect();
-        let keys = names.iter().map(|name| (session, name.as_str())).collect();
+        let keys: Vec<(uuid::Uuid, &str)> = names.iter().map(|n| (session, n.as_str())).collect();
+        let tx = db.begin().await.unwrap();
+        tx.execute_unprepared("SET LOCAL plan_cache_mode = force_generic_plan")
+            .await
+            .unwrap();
         let lock = build_lock_statement(
             DbBackend::Postgres,
             vec![session],
-            keys,
+            keys.clone(),
             crate::model::now(),
             LockWait::NoWait,
         );
-        let values = lock.values.unwrap().0;
-        let types: Vec<&str> = values
-            .iter()
-            .map(|v| match v {
-                Value::String(_) => "text",
-                Value::ChronoDateTimeUtc(_) => "timestamptz",
-                Value::Uuid(_) => "uuid",
-                other => panic!("unexpected value {other:?}"),
-            })
-            .collect();
-        let literals: Vec<String> = values
-            .iter()
-            .map(|v| match v {
-                Value::String(Some(s)) => format!("'{s}'"),
-                Value::ChronoDateTimeUtc(Some(t)) => format!("'{}'", t.to_rfc3339()),
-                Value::Uuid(Some(u)) => format!("'{u}'"),
-                other => panic!("unexpected value {other:?}"),
-            })
-            .collect();
-        let tx = db.begin().await.unwrap();
-        for sql in [
-            "SET LOCAL plan_cache_mode = force_generic_plan".to_owned(),
-            format!("PREPARE lock_plan({}) AS {}", types.join(", "), lock.sql),
-        ] {
-            tx.execute_unprepared(&sql).await.unwrap();
+        let originals = message::Entity::find()
+            .filter(stored_originals_each(keys))
+            .build(DbBackend::Postgres);
+        for (name, statement, rows) in [("lock_plan", lock, 1), ("originals_plan", originals, 4)] {
+            let plan = generic_plan(&tx, name, statement).await;
+            let text = plan.join("\n");
+            // Every read of the messages is an index lookup, and one of
+            // them looks a pair up.
+            let nodes: Vec<Vec<&str>> = plan
+                .iter()
+                .enumerate()
+                .filter(|(_, line)| line.contains(" on livechat_messages"))
+                .map(|(i, _)| {
+                    plan[i + 1..]
+                        .iter()
+                        .take_while(|line| !line.contains("->"))
+                        .map(String::as_str)
+                        .collect()
+                })
+                .collect();
+            assert!(!nodes.is_empty(), "{text}");
+            for node in &nodes {
+                assert!(node.iter().any(|l| l.contains("Index Cond:")), "{text}");
+                assert!(!node.iter().any(|l| l.contains("Rows Removed")), "{text}");
+            }
+            assert!(
+                nodes.iter().flatten().any(|l| l.contains("Index Cond:")
+                    && l.contains("session_id")
+                    && l.contains("client_msg_id")),
+                "{text}"
+            );
+            assert!(
+                plan[0].contains(&format!("rows={rows} ")),
+                "{name} returns {rows} row(s): {text}"
+            );
         }
+        tx.rollback().await.unwrap();
+    }
+
+    /// `EXPLAIN ANALYZE` of `statement` prepared as `name` on `tx`, whose
+    /// `plan_cache_mode` is `force_generic_plan`, one line per row.
+    #[cfg(feature = "postgres")]
+    async fn generic_plan(
+        tx: &DatabaseTransaction,
+        name: &str,
+        statement: Statement,
+    ) -> Vec<String> {
+        use sea_orm::ConnectionTrait;
+        let values = statement.values.map(|v| v.0).unwrap_or_default();
+        let (types, literals): (Vec<&str>, Vec<String>) = values
+            .iter()
+            .map(|v| match v {
+                Value::String(Some(s)) => ("text", format!("'{s}'")),
+                Value::ChronoDateTimeUtc(Some(t)) => {
+                    ("timestamptz", format!("'{}'", t.to_rfc3339()))
+                }
+                Value::Uuid(Some(u)) => ("uuid", format!("'{u}'")),
+                other => panic!("unexpected value {other:?}"),
+            })
+            .unzip();
+        let prepare = format!("PREPARE {name}({}) AS {}", types.join(", "), statement.sql);
+        tx.execute_unprepared(&prepare).await.unwrap();
         let explain = format!(
-            "EXPLAIN (ANALYZE, COSTS OFF) EXECUTE lock_plan({})",
+            "EXPLAIN (ANALYZE, COSTS OFF) EXECUTE {name}({})",
             literals.join(", ")
         );
-        let plan: Vec<String> = tx
-            .query_all_raw(Statement::from_string(DbBackend::Postgres, explain))
+        tx.query_all_raw(Statement::from_string(DbBackend::Postgres, explain))
             .await
             .unwrap()
             .iter()
             .map(|r| r.try_get::<String>("", "QUERY PLAN").unwrap())
-            .collect();
-        let text = plan.join("\n");
-        // Each read of the messages is an index lookup of one pair.
-        let scans: Vec<usize> = plan
-            .iter()
-            .enumerate()
-            .filter(|(_, line)| line.contains(" on livechat_messages"))
-            .map(|(i, _)| i)
-            .collect();
-        assert!(!scans.is_empty(), "{text}");
-        for i in scans {
-            // The node's own lines, up to the next node.
-            let node: Vec<&str> = plan[i + 1..]
-                .iter()
-                .take_while(|line| !line.contains("->"))
-                .map(String::as_str)
-                .collect();
-            assert!(
-                node.iter().any(|line| line.contains("Index Cond:")
-                    && line.contains("session_id")
-                    && line.contains("client_msg_id")),
-                "{text}"
-            );
-            assert!(
-                !node.iter().any(|line| line.contains("Rows Removed")),
-                "{text}"
-            );
-        }
-        tx.rollback().await.unwrap();
+            .collect()
     }
 
     #[test]

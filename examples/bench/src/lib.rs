@@ -152,6 +152,14 @@ pub struct Row {
 }
 
 impl Row {
+    /// A rate row (`msg/s`, `deliveries/s`) whose library figure is zero:
+    /// the scenario did not work, whatever its baseline did (a cross-node
+    /// room rate of 0.0 once went unnoticed in a table).
+    #[must_use]
+    pub fn delivered_nothing(&self) -> bool {
+        matches!(self.unit, "msg/s" | "deliveries/s") && self.library <= 0.0
+    }
+
     /// library / baseline.
     #[must_use]
     pub fn ratio(&self) -> f64 {
@@ -182,6 +190,12 @@ pub fn print_table(title: &str, rows: &[Row]) {
                 r.ratio()
             );
         }
+    }
+    for r in rows.iter().filter(|r| r.delivered_nothing()) {
+        println!(
+            "\n**{}: the library delivered nothing; the scenario failed.**",
+            r.label
+        );
     }
 }
 

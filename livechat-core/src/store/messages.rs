@@ -7,7 +7,7 @@ use chrono::{DateTime, Utc};
 
 use sea_orm::sea_query::{
     Alias, CaseStatement, CommonTableExpression, Expr, ExprTrait, InsertStatement, LockBehavior,
-    LockType, Query, SelectStatement, WithClause,
+    LockType, Query, WithClause,
 };
 use sea_orm::{
     ActiveModelTrait, ActiveValue::Set, ColumnTrait, Condition, ConnectionTrait,
@@ -277,12 +277,10 @@ impl SeaOrmStore {
         // The originals are read only when the lock counted some: a repeat
         // is rare, so a batch of new keyed messages needs no lookup.
         if stored_keys > 0 {
-            let originals = if postgres {
-                stored_originals_each(keyed)
-            } else {
-                key_pairs(keyed)
-            };
-            let stored = message::Entity::find().filter(originals).all(tx).await?;
+            let stored = message::Entity::find()
+                .filter(stored_with_keys(tx.get_database_backend(), keyed))
+                .all(tx)
+                .await?;
             for row in stored {
                 let session = SessionId::from_uuid(row.session_id);
                 // Keys borrowed from the batch, so lookups need no allocation.
@@ -428,8 +426,8 @@ enum LockWait {
 
 /// Locks the sessions `ids` (in id order) and reads each with its
 /// customer's live connection count and host user id, and with `keys`
-/// (the batch's (session, `client_msg_id`) pairs) a count of those already
-/// stored (the second value: 0 exactly when none is, and without keys), in
+/// (the batch's (session, `client_msg_id`) pairs) how many of them are
+/// already stored (the second value; 0 without keys; [`stored_with_keys`]), in
 /// one statement:
 /// PostgreSQL `SELECT … FOR UPDATE`
 /// with scalar subqueries; on SQLite the write lock taken by `BEGIN
@@ -471,7 +469,7 @@ async fn lock_sessions(
 /// lookup per (session, key) pair, where `session_id IN (…) AND
 /// client_msg_id IN (…)` looks up every pairing (issue #5 fan-out profile:
 /// ~10 sessions × 32–64 keys per batch) and SQLite answers a row-value
-/// `IN` by a scan. PostgreSQL uses [`each_pair`] instead.
+/// `IN` by a scan. PostgreSQL uses another form ([`stored_with_keys`]).
 fn key_pairs<'k>(keys: impl IntoIterator<Item = (uuid::Uuid, &'k str)>) -> Condition {
     keys.into_iter()
         .fold(Condition::any(), |any, (session, key)| {
@@ -483,48 +481,31 @@ fn key_pairs<'k>(keys: impl IntoIterator<Item = (uuid::Uuid, &'k str)>) -> Condi
         })
 }
 
-/// PostgreSQL's count of stored keys: the pairs whose own lookup
-/// ([`each_pair`]) counts a message. Zero exactly when none is stored (a
-/// padded pair may be counted twice).
-fn count_stored_keys_each(keys: Vec<(uuid::Uuid, &str)>) -> SelectStatement {
-    let count = Expr::col((message::Entity, message::Column::Id)).count();
-    let (mut pairs, lookup) = each_pair(keys, count);
-    pairs
-        .expr(Expr::cust("COUNT(*)"))
-        .and_where(Expr::SubQuery(None, Box::new(lookup.into())).gt(Expr::cust("0")))
-        .to_owned()
-}
-
-/// PostgreSQL's condition for the stored messages of `keys`: the ids that
-/// each pair's own lookup ([`each_pair`]) finds.
-fn stored_originals_each(keys: Vec<(uuid::Uuid, &str)>) -> Condition {
-    let (mut pairs, lookup) = each_pair(keys, Expr::col((message::Entity, message::Column::Id)));
-    let ids = pairs
-        .expr(Expr::SubQuery(None, Box::new(lookup.into())))
-        .to_owned();
-    Condition::all().add(Expr::col((message::Entity, message::Column::Id)).in_subquery(ids))
-}
-
-/// `FROM (VALUES (session, key), …) AS stored_pairs` (no select list yet)
-/// and the lookup of one pair's message, correlated with the pair: `SELECT
-/// <what> FROM livechat_messages WHERE session_id = <the pair's session>
-/// AND client_msg_id = <the pair's key>`, for use as a scalar subquery.
+/// The stored messages of `keys` (a batch's (session, `client_msg_id`)
+/// pairs), as a condition on `livechat_messages`: on SQLite the `OR` of
+/// the pairs ([`key_pairs`]); on PostgreSQL the ids found by one lookup per
+/// pair: `id IN (SELECT (SELECT id FROM livechat_messages WHERE session_id
+/// = stored_pairs.column1 AND client_msg_id = stored_pairs.column2) FROM
+/// (VALUES (session, key), …) AS stored_pairs)`. The lock statement counts
+/// them, and the originals are read with it when that count is not zero.
 ///
-/// Issue #5: on PostgreSQL the planner answers each such subquery with one
+/// Issue #5: PostgreSQL answers each pair's scalar subquery with one
 /// lookup of the unique index on `(session_id, client_msg_id)`, and cannot
-/// turn it into a join or a scan. The `OR` of pairs that SQLite answers
-/// with one lookup per pair ([`key_pairs`]) left PostgreSQL free to read
+/// turn it into a join or a scan. The `OR` of pairs left it free to read
 /// the whole index instead, and it did so once the statistics of
 /// `livechat_messages` were taken while few of its rows had a
 /// `client_msg_id` (every HTTP send without an `Idempotency-Key`): the
 /// generic plan of the prepared lock statement walked every keyed message
 /// for every batch, so that each lock took 20–30 ms after a few thousand
 /// WebSocket sends and the latency scenario's queue grew to seconds. A
-/// test reads both plans.
-fn each_pair(keys: Vec<(uuid::Uuid, &str)>, what: Expr) -> (SelectStatement, SelectStatement) {
+/// test reads both statements' plans.
+fn stored_with_keys(backend: DbBackend, keys: Vec<(uuid::Uuid, &str)>) -> Condition {
+    if backend != DbBackend::Postgres {
+        return key_pairs(keys);
+    }
     let pairs = Alias::new("stored_pairs");
     let lookup = Query::select()
-        .expr(what)
+        .column((message::Entity, message::Column::Id))
         .from(message::Entity)
         .and_where(
             Expr::col((message::Entity, message::Column::SessionId))
@@ -535,14 +516,15 @@ fn each_pair(keys: Vec<(uuid::Uuid, &str)>, what: Expr) -> (SelectStatement, Sel
                 .equals((pairs.clone(), Alias::new("column2"))),
         )
         .to_owned();
-    let from = Query::select()
+    let ids = Query::select()
+        .expr(Expr::SubQuery(None, Box::new(lookup.into())))
         .from_values(
             keys.into_iter()
                 .map(|(session, key)| (session, key.to_owned())),
             pairs,
         )
         .to_owned();
-    (from, lookup)
+    Condition::all().add(Expr::col((message::Entity, message::Column::Id)).in_subquery(ids))
 }
 
 /// The statement of [`lock_sessions`] for `ids` and `keys` as of `at`.
@@ -657,15 +639,11 @@ fn build_lock_statement(
         )
         .apply_if((!keys.is_empty()).then_some(keys), |select, keys| {
             // Uncorrelated: counted once per statement, not per session.
-            let stored = if backend == DbBackend::Postgres {
-                count_stored_keys_each(keys)
-            } else {
-                Query::select()
-                    .expr(Expr::col((message::Entity, message::Column::Id)).count())
-                    .from(message::Entity)
-                    .cond_where(key_pairs(keys))
-                    .to_owned()
-            };
+            let stored = Query::select()
+                .expr(Expr::col((message::Entity, message::Column::Id)).count())
+                .from(message::Entity)
+                .cond_where(stored_with_keys(backend, keys))
+                .to_owned();
             select.expr_as(Expr::SubQuery(None, Box::new(stored.into())), STORED_KEYS)
         })
         .filter(session::Column::Id.is_in(ids))
@@ -1105,7 +1083,7 @@ mod tests {
     #[cfg(feature = "postgres")]
     use super::{
         DatabaseTransaction, EntityTrait, QueryFilter, QueryTrait, Statement, Value,
-        stored_originals_each,
+        stored_with_keys,
     };
     use crate::events::EventKind;
     use crate::ids::{SessionId, TenantId};
@@ -1306,7 +1284,7 @@ mod tests {
             LockWait::NoWait,
         );
         let originals = message::Entity::find()
-            .filter(stored_originals_each(keys))
+            .filter(stored_with_keys(DbBackend::Postgres, keys))
             .build(DbBackend::Postgres);
         for (name, statement, rows) in [("lock_plan", lock, 1), ("originals_plan", originals, 4)] {
             let plan = generic_plan(&tx, name, statement).await;

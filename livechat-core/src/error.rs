@@ -78,7 +78,12 @@ impl ChatError {
     /// Whether the failure is transient and worth a retry; adapters answer
     /// "unavailable" (HTTP 503) instead of an internal error:
     ///
-    /// - the database is unreachable or out of connections;
+    /// - the database is unreachable or out of connections, or a
+    ///   connection broke while in use: an I/O error, PostgreSQL SQLSTATE
+    ///   class 08 (connection exception) or 57 (operator intervention,
+    ///   e.g. `admin_shutdown` 57P01 when the server restarts or the
+    ///   connection is terminated). The pool closes such a connection when
+    ///   it is given back, so the retry gets another;
     /// - it refused the statement for contention with other transactions:
     ///   PostgreSQL `deadlock_detected` (40P01), `serialization_failure`
     ///   (40001) or `lock_not_available` (55P03, a lock wait past
@@ -93,13 +98,26 @@ impl ChatError {
             Self::Storage(
                 DbErr::Query(RuntimeErr::SqlxError(error))
                 | DbErr::Exec(RuntimeErr::SqlxError(error)),
-            ) => error
-                .as_database_error()
-                .and_then(|e| e.code())
-                .is_some_and(|code| is_contention(&code)),
+            ) => {
+                use sea_orm::sqlx::Error;
+                matches!(
+                    **error,
+                    Error::Io(_) | Error::PoolTimedOut | Error::PoolClosed | Error::WorkerCrashed
+                ) || error
+                    .as_database_error()
+                    .and_then(|e| e.code())
+                    .is_some_and(|code| is_contention(&code) || is_connection_lost(&code))
+            }
             _ => false,
         }
     }
+}
+
+/// Whether a PostgreSQL SQLSTATE says the connection or the server went
+/// away: class 08 (connection exception) or 57 (operator intervention:
+/// shutdown, restart, terminated backend, cancelled statement).
+fn is_connection_lost(code: &str) -> bool {
+    code.len() == 5 && (code.starts_with("08") || code.starts_with("57"))
 }
 
 /// Whether a database error code means contention with other
@@ -117,7 +135,7 @@ fn is_contention(code: &str) -> bool {
 
 #[cfg(test)]
 mod tests {
-    use super::is_contention;
+    use super::{is_connection_lost, is_contention};
 
     #[test]
     fn contention_codes() {
@@ -129,6 +147,19 @@ mod tests {
         // constraint (19), I/O error (10), full disk (13), syntax error.
         for code in ["23505", "42501", "2067", "19", "10", "13", "42601", ""] {
             assert!(!is_contention(code), "{code}");
+        }
+    }
+
+    #[test]
+    fn connection_lost_codes() {
+        for code in [
+            "57P01", "57P02", "57P03", "57014", "08006", "08003", "08000",
+        ] {
+            assert!(is_connection_lost(code), "{code}");
+        }
+        // Contention, constraint, syntax; SQLite's numeric codes.
+        for code in ["40P01", "23505", "42601", "5", "517", "2067", "0857", ""] {
+            assert!(!is_connection_lost(code), "{code}");
         }
     }
 }

@@ -49,6 +49,18 @@ use entity::{customer, message, outbox as outbox_entity, presence, session};
 /// How long an SQLite writer waits for the write lock before failing.
 pub const SQLITE_BUSY_TIMEOUT: Duration = Duration::from_secs(30);
 
+/// How long a pooled connection must have been idle before the pool
+/// checks it with a ping when handing it out again.
+///
+/// Issue #5: sqlx pings a connection on every checkout by default, one more
+/// round trip to PostgreSQL (or hand-off to SQLite's worker thread) for
+/// each transaction and each read. sqlx also pings every connection when
+/// it is given back, and closes it if that fails, so a connection that
+/// broke while in use is not handed out again; the checkout ping only
+/// matters for a connection that sat idle long enough to be dropped by the
+/// server, a proxy or a firewall.
+pub const POOL_PING_AFTER_IDLE: Duration = Duration::from_secs(30);
+
 /// How often the checkpointer of a pool opened by [`connect`] copies the
 /// SQLite WAL back into the database file (a passive checkpoint: it never
 /// blocks a writer).
@@ -131,7 +143,8 @@ pub async fn connect_with(
     options
         .sqlx_logging(false)
         .max_connections(if url.starts_with("sqlite:") { 1 } else { 16 })
-        .acquire_timeout(Duration::from_secs(30));
+        .acquire_timeout(Duration::from_secs(30))
+        .test_before_acquire_if_idle_for(POOL_PING_AFTER_IDLE);
     #[cfg(feature = "sqlite")]
     options.map_sqlx_sqlite_opts(move |o| {
         use sea_orm::sqlx::sqlite::{SqliteJournalMode, SqliteSynchronous};

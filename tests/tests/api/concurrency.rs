@@ -469,3 +469,73 @@ async fn a_batch_waiting_for_a_held_session_holds_no_other() {
     assert_eq!(to_a.await.unwrap().unwrap().message.seq, 1);
     assert_eq!(to_b.await.unwrap().unwrap().message.seq, 1);
 }
+
+/// The pool pings a connection when handing it out only after it sat idle
+/// for `POOL_PING_AFTER_IDLE` (issue #5: one round trip less per
+/// transaction). Connections PostgreSQL dropped while they sat in the pool
+/// (a restart, a failover, an administrator) fail the requests that use
+/// them with 503 and nothing stored; sqlx closes each when it is given back,
+/// and the node serves again without a restart.
+#[tokio::test]
+async fn connections_postgres_dropped_are_replaced_without_a_restart() {
+    use sea_orm::ConnectionTrait;
+    let app = App::new(Backend::Postgres).await;
+    let id = app.open_session(7, 1).await;
+    let send = |n: usize| {
+        let (app, id) = (&app, &id);
+        async move {
+            app.agent_call(
+                poem::http::Method::POST,
+                &format!("/livechat/sessions/{id}/messages"),
+                7,
+                1,
+                Some(serde_json::json!({"message": format!("m{n}")})),
+            )
+            .await
+        }
+    };
+    // Several connections in the pool.
+    let warm: Vec<_> = (0..8).map(send).collect();
+    for (code, body) in futures::future::join_all(warm).await {
+        assert_eq!(code, 201, "{body}");
+    }
+    let database = app.test_db.url.rsplit('/').next().unwrap().to_owned();
+    let admin = sea_orm::Database::connect(livechat_tests::postgres_admin_url())
+        .await
+        .unwrap();
+    let dropped = admin
+        .execute_unprepared(&format!(
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity \
+             WHERE datname = '{database}' AND pid <> pg_backend_pid()"
+        ))
+        .await
+        .unwrap()
+        .rows_affected();
+    assert!(dropped > 0, "the app had connections open");
+
+    let mut refused = 0;
+    let mut stored = 8;
+    for n in 0..40 {
+        let (code, body) = send(100 + n).await;
+        match code.as_u16() {
+            201 => {
+                stored += 1;
+                assert_eq!(body["data"]["seq"], stored, "{body}");
+                if stored == 8 + 5 {
+                    break;
+                }
+            }
+            503 => {
+                assert_eq!(stored, 8, "only before the first success: {body}");
+                assert_eq!(body["error"]["code"], "unavailable", "{body}");
+                refused += 1;
+            }
+            other => panic!("{other}: {body}"),
+        }
+    }
+    assert_eq!(stored, 8 + 5, "the node serves again");
+    assert!(
+        refused <= dropped,
+        "{refused} refusals for {dropped} connections"
+    );
+}

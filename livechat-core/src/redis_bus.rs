@@ -595,6 +595,18 @@ mod tests {
         format!("livechat:test:{}", Uuid::now_v7().simple())
     }
 
+    /// A node on `server`'s `channel` whose local subscribers buffer
+    /// `capacity` events.
+    async fn node(server: &Server, channel: &str, capacity: usize) -> RedisBus {
+        RedisBus::connect_with_local(
+            &server.url(),
+            channel,
+            InProcessBus::with_capacity(capacity),
+        )
+        .await
+        .expect("node")
+    }
+
     fn presence(agent: i64) -> BusEvent {
         BusEvent::Ephemeral {
             tenant_id: TenantId::new(1).expect("tenant"),
@@ -679,13 +691,7 @@ mod tests {
         let a = RedisBus::connect(&server.url(), channel.clone())
             .await
             .expect("a");
-        let b = RedisBus::connect_with_local(
-            &server.url(),
-            channel.clone(),
-            InProcessBus::with_capacity(4096),
-        )
-        .await
-        .expect("b");
+        let b = node(&server, &channel, 4096).await;
         let mut rb = b.subscribe();
         let events = 2_000;
         for agent in 1..=events {
@@ -852,20 +858,8 @@ mod tests {
     async fn an_overflow_asks_for_one_resync() {
         let server = Server::start();
         let channel = channel();
-        let a = RedisBus::connect_with_local(
-            &server.url(),
-            channel.clone(),
-            InProcessBus::with_capacity(1),
-        )
-        .await
-        .expect("a");
-        let b = RedisBus::connect_with_local(
-            &server.url(),
-            channel.clone(),
-            InProcessBus::with_capacity(2 * OUTGOING_CAPACITY),
-        )
-        .await
-        .expect("b");
+        let a = node(&server, &channel, 1).await;
+        let b = node(&server, &channel, 2 * OUTGOING_CAPACITY).await;
         let mut rb = b.subscribe();
         for n in 0..OUTGOING_CAPACITY + 20_000 {
             a.publish(presence(i64::try_from(n % 1000).expect("small") + 1));

@@ -107,17 +107,20 @@ pub struct DomainEvent {
 /// once, for the outbox row, and each consumer decodes the type it needs
 /// ([`Self::decode`]). Building, decoding and dropping a `Value` for every
 /// stored message was ~5% of the server's CPU in the issue #5 fan-out
-/// profile. Two payloads are equal when their texts are (a payload read
-/// back from another node's bus message has its keys in alphabetical
-/// order; compare decoded values across nodes).
+/// profile. Two payloads are equal when their texts are. The Redis bus
+/// keeps a payload's text as published; a payload read through
+/// `BusEvent`'s derived `Deserialize` (below) has its keys in alphabetical
+/// order, so compare decoded values then.
 #[derive(Clone, Debug, Serialize)]
 #[serde(transparent)]
 pub struct EventPayload(Box<serde_json::value::RawValue>);
 
-/// Read through a `serde_json::Value`: an event arrives inside the bus's
-/// internally tagged `BusEvent`, which serde buffers before this runs, and
-/// raw text cannot be taken from that buffer. Only events from other nodes
-/// are read this way; stored ones use [`EventPayload::from_json`].
+/// Read through a `serde_json::Value`: inside the internally tagged
+/// `BusEvent`, serde buffers the event before this runs, and raw text
+/// cannot be taken from that buffer. Neither storage nor the Redis bus
+/// reads payloads this way: stored ones use [`EventPayload::from_json`],
+/// and the Redis bus reads each message in one pass, keeping the payload's
+/// text (issue #5 cross-node profile).
 impl<'de> Deserialize<'de> for EventPayload {
     fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
         let value = serde_json::Value::deserialize(deserializer)?;
@@ -141,6 +144,12 @@ impl EventPayload {
     /// When `json` is not one JSON value.
     pub fn from_json(json: String) -> serde_json::Result<Self> {
         serde_json::value::RawValue::from_string(json).map(Self)
+    }
+
+    /// Wraps JSON text serde_json has already checked (a payload read
+    /// whole from the Redis bus).
+    pub(crate) fn from_raw(raw: Box<serde_json::value::RawValue>) -> Self {
+        Self(raw)
     }
 
     /// The JSON text.

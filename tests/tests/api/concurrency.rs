@@ -472,13 +472,13 @@ async fn a_batch_waiting_for_a_held_session_holds_no_other() {
 
 /// The pool pings a connection when handing it out only after it sat idle
 /// for `POOL_PING_AFTER_IDLE` (issue #5: one round trip less per
-/// transaction). Connections PostgreSQL dropped while they sat in the pool
-/// (a restart, a failover, an administrator) fail the requests that use
-/// them with 503 and nothing stored; sqlx closes each when it is given back,
-/// and the node serves again without a restart.
+/// transaction under load). Connections PostgreSQL dropped while they sat
+/// in the pool less than that (a restart, a failover, an administrator)
+/// fail the requests that use them with 503 and nothing stored; sqlx
+/// closes each when it is given back, and the node serves again without a
+/// restart.
 #[tokio::test]
 async fn connections_postgres_dropped_are_replaced_without_a_restart() {
-    use sea_orm::ConnectionTrait;
     let app = App::new(Backend::Postgres).await;
     let id = app.open_session(7, 1).await;
     let send = |n: usize| {
@@ -499,19 +499,7 @@ async fn connections_postgres_dropped_are_replaced_without_a_restart() {
     for (code, body) in futures::future::join_all(warm).await {
         assert_eq!(code, 201, "{body}");
     }
-    let database = app.test_db.url.rsplit('/').next().unwrap().to_owned();
-    let admin = sea_orm::Database::connect(livechat_tests::postgres_admin_url())
-        .await
-        .unwrap();
-    let dropped = admin
-        .execute_unprepared(&format!(
-            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity \
-             WHERE datname = '{database}' AND pid <> pg_backend_pid()"
-        ))
-        .await
-        .unwrap()
-        .rows_affected();
-    assert!(dropped > 0, "the app had connections open");
+    let dropped = drop_connections(&app).await;
 
     let mut refused = 0;
     let mut stored = 8;
@@ -538,4 +526,59 @@ async fn connections_postgres_dropped_are_replaced_without_a_restart() {
         refused <= dropped,
         "{refused} refusals for {dropped} connections"
     );
+}
+
+/// Terminates every PostgreSQL backend of `app`'s database (as a restart
+/// or failover would); how many there were.
+async fn drop_connections(app: &App) -> u64 {
+    use sea_orm::ConnectionTrait;
+    let database = app.test_db.url.rsplit('/').next().unwrap().to_owned();
+    let admin = sea_orm::Database::connect(livechat_tests::postgres_admin_url())
+        .await
+        .unwrap();
+    let dropped = admin
+        .execute_unprepared(&format!(
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity \
+             WHERE datname = '{database}' AND pid <> pg_backend_pid()"
+        ))
+        .await
+        .unwrap()
+        .rows_affected();
+    assert!(dropped > 0, "the app had connections open");
+    dropped
+}
+
+/// Connections that sat in the pool longer than `POOL_PING_AFTER_IDLE`
+/// are pinged when handed out: after PostgreSQL dropped them (a restart
+/// or failover, which takes longer than that), the dead ones are replaced
+/// and no request fails.
+#[tokio::test]
+async fn after_a_database_restart_no_request_fails() {
+    let app = App::new(Backend::Postgres).await;
+    let id = app.open_session(7, 1).await;
+    let send = |n: usize| {
+        let (app, id) = (&app, &id);
+        async move {
+            app.agent_call(
+                poem::http::Method::POST,
+                &format!("/livechat/sessions/{id}/messages"),
+                7,
+                1,
+                Some(serde_json::json!({"message": format!("m{n}")})),
+            )
+            .await
+        }
+    };
+    let warm: Vec<_> = (0..8).map(send).collect();
+    for (code, body) in futures::future::join_all(warm).await {
+        assert_eq!(code, 201, "{body}");
+    }
+    drop_connections(&app).await;
+    // The restart's downtime: longer than the pool's idle threshold.
+    tokio::time::sleep(livechat_core::store::POOL_PING_AFTER_IDLE * 2).await;
+    for n in 0..8 {
+        let (code, body) = send(100 + n).await;
+        assert_eq!(code, 201, "{body}");
+        assert_eq!(body["data"]["seq"], 9 + n, "{body}");
+    }
 }

@@ -481,19 +481,7 @@ async fn a_batch_waiting_for_a_held_session_holds_no_other() {
 async fn connections_postgres_dropped_are_replaced_without_a_restart() {
     let app = App::new(Backend::Postgres).await;
     let id = app.open_session(7, 1).await;
-    let send = |n: usize| {
-        let (app, id) = (&app, &id);
-        async move {
-            app.agent_call(
-                poem::http::Method::POST,
-                &format!("/livechat/sessions/{id}/messages"),
-                7,
-                1,
-                Some(serde_json::json!({"message": format!("m{n}")})),
-            )
-            .await
-        }
-    };
+    let send = |n: usize| post_as_agent_7(&app, &id, n);
     // Several connections in the pool.
     let warm: Vec<_> = (0..8).map(send).collect();
     for (code, body) in futures::future::join_all(warm).await {
@@ -528,6 +516,23 @@ async fn connections_postgres_dropped_are_replaced_without_a_restart() {
     );
 }
 
+/// `POST`s message `m{n}` to session `id` over HTTP as agent 7 of tenant
+/// 1: the status and the body.
+async fn post_as_agent_7(
+    app: &App,
+    id: &str,
+    n: usize,
+) -> (poem::http::StatusCode, serde_json::Value) {
+    app.agent_call(
+        poem::http::Method::POST,
+        &format!("/livechat/sessions/{id}/messages"),
+        7,
+        1,
+        Some(serde_json::json!({"message": format!("m{n}")})),
+    )
+    .await
+}
+
 /// Terminates every PostgreSQL backend of `app`'s database (as a restart
 /// or failover would); how many there were.
 async fn drop_connections(app: &App) -> u64 {
@@ -556,19 +561,7 @@ async fn drop_connections(app: &App) -> u64 {
 async fn after_a_database_restart_no_request_fails() {
     let app = App::new(Backend::Postgres).await;
     let id = app.open_session(7, 1).await;
-    let send = |n: usize| {
-        let (app, id) = (&app, &id);
-        async move {
-            app.agent_call(
-                poem::http::Method::POST,
-                &format!("/livechat/sessions/{id}/messages"),
-                7,
-                1,
-                Some(serde_json::json!({"message": format!("m{n}")})),
-            )
-            .await
-        }
-    };
+    let send = |n: usize| post_as_agent_7(&app, &id, n);
     let warm: Vec<_> = (0..8).map(send).collect();
     for (code, body) in futures::future::join_all(warm).await {
         assert_eq!(code, 201, "{body}");

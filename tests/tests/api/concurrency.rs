@@ -479,15 +479,8 @@ async fn a_batch_waiting_for_a_held_session_holds_no_other() {
 /// restart.
 #[tokio::test]
 async fn connections_postgres_dropped_are_replaced_without_a_restart() {
-    let app = App::new(Backend::Postgres).await;
-    let id = app.open_session(7, 1).await;
+    let (app, id, dropped) = eight_sent_then_connections_dropped().await;
     let send = |n: usize| post_as_agent_7(&app, &id, n);
-    // Several connections in the pool.
-    let warm: Vec<_> = (0..8).map(send).collect();
-    for (code, body) in futures::future::join_all(warm).await {
-        assert_eq!(code, 201, "{body}");
-    }
-    let dropped = drop_connections(&app).await;
 
     let mut refused = 0;
     let mut stored = 8;
@@ -533,10 +526,18 @@ async fn post_as_agent_7(
     .await
 }
 
-/// Terminates every PostgreSQL backend of `app`'s database (as a restart
-/// or failover would); how many there were.
-async fn drop_connections(app: &App) -> u64 {
+/// A PostgreSQL app whose agent 7 sent messages 1–8 to a session, eight at
+/// once so that the pool holds several connections, after which every
+/// backend of its database was terminated (as a restart or failover
+/// would): the app, the session and how many backends there were.
+async fn eight_sent_then_connections_dropped() -> (App, String, u64) {
     use sea_orm::ConnectionTrait;
+    let app = App::new(Backend::Postgres).await;
+    let id = app.open_session(7, 1).await;
+    let warm: Vec<_> = (0..8).map(|n| post_as_agent_7(&app, &id, n)).collect();
+    for (code, body) in futures::future::join_all(warm).await {
+        assert_eq!(code, 201, "{body}");
+    }
     let database = app.test_db.url.rsplit('/').next().unwrap().to_owned();
     let admin = sea_orm::Database::connect(livechat_tests::postgres_admin_url())
         .await
@@ -550,7 +551,7 @@ async fn drop_connections(app: &App) -> u64 {
         .unwrap()
         .rows_affected();
     assert!(dropped > 0, "the app had connections open");
-    dropped
+    (app, id, dropped)
 }
 
 /// Connections that sat in the pool longer than `POOL_PING_AFTER_IDLE`
@@ -559,14 +560,8 @@ async fn drop_connections(app: &App) -> u64 {
 /// and no request fails.
 #[tokio::test]
 async fn after_a_database_restart_no_request_fails() {
-    let app = App::new(Backend::Postgres).await;
-    let id = app.open_session(7, 1).await;
+    let (app, id, _) = eight_sent_then_connections_dropped().await;
     let send = |n: usize| post_as_agent_7(&app, &id, n);
-    let warm: Vec<_> = (0..8).map(send).collect();
-    for (code, body) in futures::future::join_all(warm).await {
-        assert_eq!(code, 201, "{body}");
-    }
-    drop_connections(&app).await;
     // The restart's downtime: longer than the pool's idle threshold.
     tokio::time::sleep(livechat_core::store::POOL_PING_AFTER_IDLE * 2).await;
     for n in 0..8 {

@@ -1322,6 +1322,79 @@ mod tests {
         tx.rollback().await.unwrap();
     }
 
+    /// Issue #5: on PostgreSQL the lock statement counts a session's live
+    /// customer connections through the index of joins and the connections'
+    /// primary key, under the generic plan a prepared statement comes to,
+    /// even when the statistics were taken while the tables were empty and
+    /// 20,000 connections arrived since (a deploy: every client reconnects
+    /// at once).
+    #[cfg(feature = "postgres")]
+    #[tokio::test]
+    async fn customer_connections_are_looked_up_by_index_on_postgres_whatever_the_statistics() {
+        use sea_orm::{ConnectionTrait, TransactionTrait};
+        use sea_orm_migration::MigratorTrait;
+        let admin = livechat_tests::postgres_admin_url();
+        let url = livechat_tests::create_database(&admin, "lc_plan").await;
+        let db = crate::store::connect(&url).await.unwrap();
+        crate::store::Migrator::up(&db, None).await.unwrap();
+        let session = uuid::Uuid::now_v7();
+        // `n` connections from `from` on, each joined to one of `sessions`
+        // sessions (the first being `session`).
+        let connections = |from: i64, n: i64, sessions: i64| {
+            [
+                format!(
+                    "INSERT INTO livechat_connections \
+                     (id, tenant_id, role, customer_id, node_id, expires_at) \
+                     SELECT ('00000000-0000-7000-8000-' || lpad(g::text, 12, '0'))::uuid, 1, \
+                     'customer', gen_random_uuid(), 'node', now() + interval '1 hour' \
+                     FROM generate_series({from}, {from} + {n} - 1) g"
+                ),
+                format!(
+                    "INSERT INTO livechat_connection_joins (connection_id, session_id, tenant_id) \
+                     SELECT ('00000000-0000-7000-8000-' || lpad(g::text, 12, '0'))::uuid, \
+                     CASE WHEN g % {sessions} = 0 THEN '{session}'::uuid \
+                     ELSE ('00000000-0000-7000-9000-' || lpad((g % {sessions})::text, 12, '0'))::uuid END, 1 \
+                     FROM generate_series({from}, {from} + {n} - 1) g"
+                ),
+            ]
+        };
+        db.execute_unprepared(&format!(
+            "INSERT INTO livechat_sessions (id, tenant_id, origin, status, created_at, updated_at) \
+             VALUES ('{session}', 1, 'widget', 'OPEN', now(), now())"
+        ))
+        .await
+        .unwrap();
+        for sql in connections(1, 0, 2) {
+            db.execute_unprepared(&sql).await.unwrap();
+        }
+        db.execute_unprepared("ANALYZE livechat_connections, livechat_connection_joins")
+            .await
+            .unwrap();
+        for sql in connections(5, 20_000, 5_000) {
+            db.execute_unprepared(&sql).await.unwrap();
+        }
+        let tx = db.begin().await.unwrap();
+        tx.execute_unprepared("SET LOCAL plan_cache_mode = force_generic_plan")
+            .await
+            .unwrap();
+        let lock = build_lock_statement(
+            DbBackend::Postgres,
+            vec![session],
+            Vec::new(),
+            crate::model::now(),
+            LockWait::NoWait,
+        );
+        let plan = generic_plan(&tx, "lock_plan", lock).await;
+        let text = plan.join("\n");
+        assert!(!text.contains("Seq Scan on livechat_connection"), "{text}");
+        assert!(
+            text.contains("Index Scan using livechat_connections_pkey"),
+            "{text}"
+        );
+        assert!(!text.contains("Rows Removed"), "{text}");
+        tx.rollback().await.unwrap();
+    }
+
     /// `EXPLAIN ANALYZE` of `statement` prepared as `name` on `tx`, whose
     /// `plan_cache_mode` is `force_generic_plan`, one line per row.
     #[cfg(feature = "postgres")]

@@ -148,6 +148,7 @@ impl EventPayload {
 
     /// Wraps JSON text serde_json has already checked (a payload read
     /// whole from the Redis bus).
+    #[cfg(feature = "redis")]
     pub(crate) fn from_raw(raw: Box<serde_json::value::RawValue>) -> Self {
         Self(raw)
     }

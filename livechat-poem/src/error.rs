@@ -226,19 +226,17 @@ pub async fn envelope(err: poem::Error) -> Response {
     api.into_response()
 }
 
-/// Refuses bodies over [`MAX_BODY_BYTES`] with 413 `payload_too_large`,
-/// whether announced by `Content-Length` or streamed.
-pub async fn limit_body<E: poem::Endpoint>(
-    next: E,
-    mut req: poem::Request,
-) -> poem::Result<Response> {
+/// Reads `req`'s body into memory, refusing bodies over [`MAX_BODY_BYTES`]
+/// with 413 `payload_too_large`, whether announced by `Content-Length` or
+/// streamed; a body that cannot be read is 400 `invalid_body`.
+pub(crate) async fn read_body(req: &mut poem::Request) -> Result<(), ApiError> {
     let declared = req
         .headers()
         .get(poem::http::header::CONTENT_LENGTH)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.parse::<u64>().ok());
     if declared.is_some_and(|len| len > MAX_BODY_BYTES as u64) {
-        return Err(ApiError::payload_too_large().into());
+        return Err(ApiError::payload_too_large());
     }
     let bytes = req
         .take_body()
@@ -249,5 +247,5 @@ pub async fn limit_body<E: poem::Endpoint>(
             other => ApiError::bad_request("invalid_body", other.to_string()),
         })?;
     req.set_body(bytes);
-    next.call(req).await.map(IntoResponse::into_response)
+    Ok(())
 }

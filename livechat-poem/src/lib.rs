@@ -251,11 +251,10 @@ impl Livechat {
             });
             routes = routes.at("/ws", poem::get(ws::ws_endpoint).data(gateway));
         }
-        routes
-            .nest("/", self.service("/livechat").into_endpoint())
-            .around(error::limit_body)
-            .data(state)
-            .catch_all_error(envelope)
+        Outer {
+            routes: routes.nest("/", self.service("/livechat").into_endpoint()),
+            state,
+        }
     }
 
     /// `GET` endpoint serving the OpenAPI document (JSON), with the routes
@@ -316,4 +315,31 @@ fn with_ws_path(spec: &str) -> String {
     };
     paths.insert("/ws".to_owned(), ws::openapi_path_item(&error_content));
     serde_json::to_string_pretty(&document).unwrap_or_else(|_| spec.to_owned())
+}
+
+/// The outer layer of [`Livechat::endpoint`]: puts the authentication
+/// state in the request, reads the body within [`MAX_BODY_BYTES`], calls
+/// the routes and renders every error in the JSON envelope ([`envelope`]).
+/// One layer rather than poem's three (`data`, `around`,
+/// `catch_all_error`): each layer moves the request and the future of the
+/// layers inside it, and those moves were 6–7% of the server's CPU at 64
+/// senders (issue #5 profile; with this layer 5.4–6%).
+struct Outer<E> {
+    routes: E,
+    state: Arc<api::AuthState>,
+}
+
+impl<E: Endpoint> Endpoint for Outer<E> {
+    type Output = Response;
+
+    async fn call(&self, mut req: poem::Request) -> poem::Result<Response> {
+        req.extensions_mut().insert(self.state.clone());
+        if let Err(refused) = error::read_body(&mut req).await {
+            return Ok(poem::IntoResponse::into_response(refused));
+        }
+        Ok(match self.routes.call(req).await {
+            Ok(response) => poem::IntoResponse::into_response(response),
+            Err(err) => envelope(err).await,
+        })
+    }
 }

@@ -1245,11 +1245,7 @@ mod tests {
     #[tokio::test]
     async fn keys_are_looked_up_one_by_one_on_postgres_whatever_the_statistics() {
         use sea_orm::{ConnectionTrait, TransactionTrait};
-        use sea_orm_migration::MigratorTrait;
-        let admin = livechat_tests::postgres_admin_url();
-        let url = livechat_tests::create_database(&admin, "lc_plan").await;
-        let db = crate::store::connect(&url).await.unwrap();
-        crate::store::Migrator::up(&db, None).await.unwrap();
+        let db = migrated_postgres().await;
         let session = uuid::Uuid::now_v7();
         let insert = |from: i64, to: i64, key: &str| {
             format!(
@@ -1273,9 +1269,6 @@ mod tests {
         let names: Vec<String> = (3001..3005).map(|i| format!("key {i}")).collect();
         let keys: Vec<(uuid::Uuid, &str)> = names.iter().map(|n| (session, n.as_str())).collect();
         let tx = db.begin().await.unwrap();
-        tx.execute_unprepared("SET LOCAL plan_cache_mode = force_generic_plan")
-            .await
-            .unwrap();
         let lock = build_lock_statement(
             DbBackend::Postgres,
             vec![session],
@@ -1332,11 +1325,7 @@ mod tests {
     #[tokio::test]
     async fn customer_connections_are_looked_up_by_index_on_postgres_whatever_the_statistics() {
         use sea_orm::{ConnectionTrait, TransactionTrait};
-        use sea_orm_migration::MigratorTrait;
-        let admin = livechat_tests::postgres_admin_url();
-        let url = livechat_tests::create_database(&admin, "lc_plan").await;
-        let db = crate::store::connect(&url).await.unwrap();
-        crate::store::Migrator::up(&db, None).await.unwrap();
+        let db = migrated_postgres().await;
         let session = uuid::Uuid::now_v7();
         // `n` connections from `from` on, each joined to one of `sessions`
         // sessions (the first being `session`).
@@ -1374,9 +1363,6 @@ mod tests {
             db.execute_unprepared(&sql).await.unwrap();
         }
         let tx = db.begin().await.unwrap();
-        tx.execute_unprepared("SET LOCAL plan_cache_mode = force_generic_plan")
-            .await
-            .unwrap();
         let lock = build_lock_statement(
             DbBackend::Postgres,
             vec![session],
@@ -1395,8 +1381,20 @@ mod tests {
         tx.rollback().await.unwrap();
     }
 
-    /// `EXPLAIN ANALYZE` of `statement` prepared as `name` on `tx`, whose
-    /// `plan_cache_mode` is `force_generic_plan`, one line per row.
+    /// A fresh PostgreSQL database with the store's tables.
+    #[cfg(feature = "postgres")]
+    async fn migrated_postgres() -> sea_orm::DatabaseConnection {
+        use sea_orm_migration::MigratorTrait;
+        let admin = livechat_tests::postgres_admin_url();
+        let url = livechat_tests::create_database(&admin, "lc_plan").await;
+        let db = crate::store::connect(&url).await.unwrap();
+        crate::store::Migrator::up(&db, None).await.unwrap();
+        db
+    }
+
+    /// `EXPLAIN ANALYZE` of `statement` prepared as `name` on `tx`, under
+    /// the generic plan (`tx`'s `plan_cache_mode` becomes
+    /// `force_generic_plan`), one line per row.
     #[cfg(feature = "postgres")]
     async fn generic_plan(
         tx: &DatabaseTransaction,
@@ -1404,6 +1402,9 @@ mod tests {
         statement: Statement,
     ) -> Vec<String> {
         use sea_orm::ConnectionTrait;
+        tx.execute_unprepared("SET LOCAL plan_cache_mode = force_generic_plan")
+            .await
+            .unwrap();
         let values = statement.values.map(|v| v.0).unwrap_or_default();
         let (types, literals): (Vec<&str>, Vec<String>) = values
             .iter()

@@ -656,6 +656,13 @@ mod tests {
         format!("livechat:test:{}", Uuid::now_v7().simple())
     }
 
+    /// A node on `server`'s `channel`, as a host connects one.
+    async fn connected(server: &Server, channel: &str) -> RedisBus {
+        RedisBus::connect(&server.url(), channel)
+            .await
+            .expect("node")
+    }
+
     /// A node on `server`'s `channel` whose local subscribers buffer
     /// `capacity` events.
     async fn node(server: &Server, channel: &str, capacity: usize) -> RedisBus {
@@ -666,6 +673,21 @@ mod tests {
         )
         .await
         .expect("node")
+    }
+
+    /// A `message.posted` event of tenant 2. Its payload's keys are out of
+    /// alphabetical order: read through a `Value`, the text would come
+    /// back reordered.
+    fn message_posted(session: Option<SessionId>) -> BusEvent {
+        BusEvent::Domain(Arc::new(DomainEvent {
+            id: EventId::generate(),
+            tenant_id: TenantId::new(2).expect("tenant"),
+            session_id: session,
+            kind: EventKind::MessagePosted,
+            payload: EventPayload::from_json(r#"{"seq":7,"message":"Halo \"du\""}"#.into())
+                .expect("json"),
+            created_at: crate::now(),
+        }))
     }
 
     fn presence(agent: i64) -> BusEvent {
@@ -704,12 +726,8 @@ mod tests {
     async fn fan_out_between_nodes_exactly_once() {
         let server = Server::start();
         let channel = channel();
-        let a = RedisBus::connect(&server.url(), channel.clone())
-            .await
-            .expect("a");
-        let b = RedisBus::connect(&server.url(), channel.clone())
-            .await
-            .expect("b");
+        let a = connected(&server, &channel).await;
+        let b = connected(&server, &channel).await;
         assert_ne!(a.node_id(), b.node_id());
         assert_eq!(a.channel(), channel);
         assert!(!a.is_degraded() && !b.is_degraded());
@@ -719,15 +737,7 @@ mod tests {
         assert_eq!(next(&mut ra).await, presence(1));
         assert_eq!(next(&mut rb).await, presence(1));
 
-        let domain = BusEvent::Domain(Arc::new(DomainEvent {
-            id: EventId::generate(),
-            tenant_id: TenantId::new(2).expect("tenant"),
-            session_id: Some(SessionId::generate()),
-            kind: EventKind::MessagePosted,
-            payload: crate::EventPayload::new(&serde_json::json!({"seq": 7, "message": "Halo"}))
-                .unwrap(),
-            created_at: crate::now(),
-        }));
+        let domain = message_posted(Some(SessionId::generate()));
         b.publish(domain.clone());
         assert_eq!(next(&mut rb).await, domain);
         assert_eq!(next(&mut ra).await, domain);
@@ -749,9 +759,7 @@ mod tests {
     async fn queued_events_are_published_together_in_order() {
         let server = Server::start();
         let channel = channel();
-        let a = RedisBus::connect(&server.url(), channel.clone())
-            .await
-            .expect("a");
+        let a = connected(&server, &channel).await;
         let b = node(&server, &channel, 4096).await;
         let mut rb = b.subscribe();
         let events = 2_000;
@@ -773,22 +781,9 @@ mod tests {
     #[test]
     fn events_are_read_as_published_in_one_pass() {
         let node = Uuid::now_v7();
-        let domain = |session: Option<SessionId>| {
-            BusEvent::Domain(Arc::new(DomainEvent {
-                id: EventId::generate(),
-                tenant_id: TenantId::new(2).expect("tenant"),
-                session_id: session,
-                kind: EventKind::MessagePosted,
-                // Keys out of alphabetical order: read through a `Value`,
-                // the text would come back reordered.
-                payload: EventPayload::from_json(r#"{"seq":7,"message":"Halo \"du\""}"#.into())
-                    .expect("json"),
-                created_at: crate::now(),
-            }))
-        };
         for event in [
-            domain(Some(SessionId::generate())),
-            domain(None),
+            message_posted(Some(SessionId::generate())),
+            message_posted(None),
             presence(3),
             BusEvent::Resync,
         ] {
@@ -824,9 +819,7 @@ mod tests {
     async fn malformed_and_foreign_messages() {
         let server = Server::start();
         let channel = channel();
-        let bus = RedisBus::connect(&server.url(), channel.clone())
-            .await
-            .expect("bus");
+        let bus = connected(&server, &channel).await;
         let mut rx = bus.subscribe();
         let raw = Client::open(server.url()).expect("client");
         let mut raw = raw
@@ -867,12 +860,8 @@ mod tests {
     async fn outage_degrades_serves_locally_and_resyncs() {
         let mut server = Server::start();
         let channel = channel();
-        let a = RedisBus::connect(&server.url(), channel.clone())
-            .await
-            .expect("a");
-        let b = RedisBus::connect(&server.url(), channel.clone())
-            .await
-            .expect("b");
+        let a = connected(&server, &channel).await;
+        let b = connected(&server, &channel).await;
         let (mut ra, mut rb) = (a.subscribe(), b.subscribe());
 
         server.stop();
@@ -941,9 +930,7 @@ mod tests {
         }
         let url_a = format!("redis://node-a:secret@127.0.0.1:{}/", server.port);
         let a = RedisBus::connect(&url_a, channel.clone()).await.expect("a");
-        let b = RedisBus::connect(&server.url(), channel.clone())
-            .await
-            .expect("b");
+        let b = connected(&server, &channel).await;
         let (mut ra, mut rb) = (a.subscribe(), b.subscribe());
 
         acl("-publish").await;

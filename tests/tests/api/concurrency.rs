@@ -470,6 +470,78 @@ async fn a_batch_waiting_for_a_held_session_holds_no_other() {
     assert_eq!(to_b.await.unwrap().unwrap().message.seq, 1);
 }
 
+/// Issue #5: each node stores a batch without holding its sessions
+/// between statements, and its one write checks them; two nodes sending
+/// to the same sessions at once therefore collide, and the loser stores
+/// its batch again under row locks. Every send is stored once, each
+/// session's `seq` runs 1..=n without a gap, and every caller gets its
+/// message, whichever node took it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn two_nodes_sending_to_the_same_sessions_store_every_message_once() {
+    let app = App::new(Backend::Postgres).await;
+    let (tenant, agent) = ids(1, 7);
+    let sessions = [
+        app.open_service_session(tenant, agent).await.id,
+        app.open_service_session(tenant, UserId::new(8).unwrap())
+            .await
+            .id,
+    ];
+    // A second node: a store of its own (its own queue and committer) on
+    // the same database.
+    let other = livechat_core::ChatService::new(
+        livechat_core::store::SeaOrmStore::new(app.db.clone()),
+        livechat_core::ChatConfig::default(),
+    );
+    let agents = [agent, UserId::new(8).unwrap()];
+    let mut seqs: HashMap<livechat_core::SessionId, Vec<i64>> = HashMap::new();
+    // In rounds of one send per node and session, so that most batches
+    // hold one append and collide with the other node's.
+    for round in 0..50 {
+        let tasks: Vec<_> = (0..4)
+            .map(|n| {
+                let chat = if n % 2 == 0 {
+                    app.chat.clone()
+                } else {
+                    other.clone()
+                };
+                let (session, agent) = (sessions[n / 2], agents[n / 2]);
+                tokio::spawn(async move {
+                    let sent = chat
+                        .post_message(tenant, agent, session, format!("message {round}.{n}"), None)
+                        .await;
+                    (session, sent)
+                })
+            })
+            .collect();
+        for task in futures::future::join_all(tasks).await {
+            let (session, sent) = task.unwrap();
+            seqs.entry(session)
+                .or_default()
+                .push(sent.expect("every send is stored").message.seq);
+        }
+    }
+    for session in sessions {
+        let mut answered = seqs.remove(&session).unwrap();
+        answered.sort_unstable();
+        assert_eq!(
+            answered,
+            (1..=100).collect::<Vec<_>>(),
+            "no gap, no duplicate"
+        );
+        let stored = app
+            .chat
+            .list_messages(tenant, session, None, Some(200))
+            .await
+            .unwrap();
+        assert_eq!(
+            stored.iter().map(|m| m.seq).collect::<Vec<_>>(),
+            (1..=100).collect::<Vec<_>>()
+        );
+        let texts: HashSet<&str> = stored.iter().map(|m| m.message.as_str()).collect();
+        assert_eq!(texts.len(), 100, "every message stored once");
+    }
+}
+
 /// The pool pings a connection when handing it out only after it sat idle
 /// for `POOL_PING_AFTER_IDLE` (issue #5: one round trip less per
 /// transaction under load). Connections PostgreSQL dropped while they sat

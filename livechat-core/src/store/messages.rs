@@ -403,12 +403,15 @@ impl SeaOrmStore {
                 Staged::Done(outcome) => outcome,
             });
         }
-        // Read without a lock: the write checks what staging read.
+        let count = touched.len() as i64;
+        let touched = padded(touched);
+        // Read without a lock: the write checks what staging read (a
+        // touched session is always among those read).
         let guard = (postgres && wait == LockWait::Optimistic).then(|| Guard {
-            count: touched.len() as i64,
-            sessions: padded(touched.clone())
-                .into_iter()
-                .filter_map(|(id, last_seq)| {
+            count,
+            sessions: touched
+                .iter()
+                .filter_map(|&(id, last_seq)| {
                     let row = &sessions.get(&id)?.row;
                     Some(SessionGuard {
                         id,
@@ -423,7 +426,7 @@ impl SeaOrmStore {
         let writes = (!rows.is_empty()).then_some(BatchWrites {
             messages: rows,
             outbox: outbox_rows,
-            seqs: padded(touched)
+            seqs: touched
                 .into_iter()
                 .map(|(id, _)| (id, sessions.get(&id).map_or(0, |s| s.row.last_seq)))
                 .collect(),
@@ -714,14 +717,14 @@ fn build_lock_statement(
 }
 
 const CUSTOMER_CONNECTIONS: &str = "customer_connections";
+const CUSTOMER_USER: &str = "customer_user_id";
+const STORED_KEYS: &str = "stored_keys";
 /// The guarded write's sessions, locked and checked ([`build_write_statement`]).
 const CHECKED: &str = "checked";
 /// The guarded write's sessions as staging read them.
 const EXPECTED: &str = "expected";
 /// The guarded write's sessions, updated.
 const UPDATED: &str = "updated";
-const CUSTOMER_USER: &str = "customer_user_id";
-const STORED_KEYS: &str = "stored_keys";
 
 /// What a staged batch writes.
 struct BatchWrites {

@@ -44,7 +44,16 @@ const MAX_BATCH: usize = 128;
 #[derive(Debug, Default)]
 pub(super) struct AppendQueue {
     state: Mutex<QueueState>,
+    /// On PostgreSQL, each session this queue's batches read or wrote as
+    /// it was after them: a batch of known sessions skips its read, since
+    /// its write checks every column staging uses anyway
+    /// ([`SeaOrmStore::store_unlocked`]). Only the committer uses it.
+    known: Mutex<HashMap<uuid::Uuid, LockedSession>>,
 }
+
+/// Most sessions an [`AppendQueue`] remembers; past this it forgets them
+/// all (about 150 bytes each).
+const MAX_KNOWN: usize = 16_384;
 
 #[derive(Debug, Default)]
 struct QueueState {
@@ -64,6 +73,13 @@ struct AppendRequest {
 }
 
 impl AppendQueue {
+    fn known(&self) -> std::sync::MutexGuard<'_, HashMap<uuid::Uuid, LockedSession>> {
+        // Every critical section is a lookup, an insert or a removal.
+        self.known
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
     fn lock(&self) -> std::sync::MutexGuard<'_, QueueState> {
         // The state stays consistent even if a holder panicked (every
         // critical section is a push or a take).
@@ -239,7 +255,7 @@ impl SeaOrmStore {
         }
         let tx = self.begin_write().await.map_err(BatchFailure::before)?;
         let staged = self
-            .stage_batch(&tx, batch, wait)
+            .stage_batch(&tx, batch, wait, None)
             .await
             .map_err(BatchFailure::before)?;
         let Some(writes) = staged.writes else {
@@ -267,28 +283,82 @@ impl SeaOrmStore {
     /// ([`BatchFailure::conflict`]), and the batch is stored again under
     /// locks. What is stored, and in what order, is what the locked path
     /// would store: staging depends only on the columns the guard checks.
+    ///
+    /// When this queue knows every session of the batch from its earlier
+    /// batches ([`AppendQueue::known`]), even the read is skipped: one
+    /// round trip. If the write then finds one changed (another node
+    /// wrote to it, or it was closed, assigned or linked meanwhile), the
+    /// batch is read and written once more before it goes to the locked
+    /// path.
     async fn store_unlocked(&self, batch: &[AppendRequest]) -> BatchResult {
-        let staged = self
-            .stage_batch(&self.db, batch, LockWait::Optimistic)
+        let known = {
+            let known = self.appends.known();
+            batch
+                .iter()
+                .map(|r| {
+                    let id = r.session.as_uuid();
+                    Some((id, known.get(&id)?.clone()))
+                })
+                .collect::<Option<HashMap<_, _>>>()
+        };
+        let from_memory = known.is_some();
+        match self.store_unlocked_from(batch, known).await {
+            Err(failure) if from_memory && failure.conflict() => {
+                self.store_unlocked_from(batch, None).await
+            }
+            stored => stored,
+        }
+    }
+
+    /// [`Self::store_unlocked`] from the sessions `known` (`None`: read
+    /// them), remembering them as the batch leaves them, or forgetting
+    /// them when it fails.
+    async fn store_unlocked_from(
+        &self,
+        batch: &[AppendRequest],
+        known: Option<HashMap<uuid::Uuid, LockedSession>>,
+    ) -> BatchResult {
+        let forget = || {
+            let mut known = self.appends.known();
+            for request in batch {
+                known.remove(&request.session.as_uuid());
+            }
+        };
+        let staged = match self
+            .stage_batch(&self.db, batch, LockWait::Optimistic, known)
             .await
-            .map_err(BatchFailure::before)?;
+        {
+            Ok(staged) => staged,
+            Err(error) => {
+                forget();
+                return Err(BatchFailure::before(error));
+            }
+        };
         if let Some(writes) = staged.writes {
             let statement = write_statement(DbBackend::Postgres, writes);
-            self.db
-                .execute_raw(statement)
-                .await
-                .map_err(BatchFailure::autocommit)?;
+            if let Err(error) = self.db.execute_raw(statement).await {
+                forget();
+                return Err(BatchFailure::autocommit(error));
+            }
         }
+        let mut known = self.appends.known();
+        if known.len() + staged.sessions.len() > MAX_KNOWN {
+            known.clear();
+        }
+        known.extend(staged.sessions);
         Ok((staged.outcomes, staged.events))
     }
 
     /// The reads and checks of [`Self::store_batch`], on `db` (a
-    /// transaction, or the pool for [`Self::store_unlocked`]).
+    /// transaction, or the pool for [`Self::store_unlocked`]), from the
+    /// sessions `known` instead of reading them when given (then no
+    /// stored key is looked for: the write's unique index finds a repeat).
     async fn stage_batch(
         &self,
         db: &impl ConnectionTrait,
         batch: &[AppendRequest],
         wait: LockWait,
+        known: Option<HashMap<uuid::Uuid, LockedSession>>,
     ) -> Result<StagedBatch, DbErr> {
         let postgres = db.get_database_backend() == DbBackend::Postgres;
         if postgres && wait == LockWait::Bounded {
@@ -304,8 +374,10 @@ impl SeaOrmStore {
             .iter()
             .filter_map(|r| r.key.as_ref().map(|k| (r.session.as_uuid(), k.as_str())))
             .collect();
-        let (mut sessions, stored_keys) =
-            lock_sessions(db, padded(ids), padded(keyed.clone()), wait).await?;
+        let (mut sessions, stored_keys) = match known {
+            Some(known) => (known, 0),
+            None => lock_sessions(db, padded(ids), padded(keyed.clone()), wait).await?,
+        };
         // Each key's message, and whether an earlier commit stored it (not
         // an earlier append of this batch).
         let mut keys: HashMap<(SessionId, &str), (ChatMessage, bool)> = HashMap::new();
@@ -412,13 +484,15 @@ impl SeaOrmStore {
             sessions: touched
                 .iter()
                 .filter_map(|&(id, last_seq)| {
-                    let row = &sessions.get(&id)?.row;
+                    let session = sessions.get(&id)?;
                     Some(SessionGuard {
                         id,
                         last_seq,
-                        status: row.status.clone(),
-                        customer_id: row.customer_id,
-                        ticket_id: row.ticket_id,
+                        status: session.row.status.clone(),
+                        customer_id: session.row.customer_id,
+                        ticket_id: session.row.ticket_id,
+                        customer_user: session.customer_user,
+                        customer_connected: session.customer_connections > 0,
                     })
                 })
                 .collect(),
@@ -437,12 +511,14 @@ impl SeaOrmStore {
             outcomes,
             events,
             writes,
+            sessions,
         })
     }
 }
 
 /// A session row locked for a batch, with what its appends need to know
 /// about the session's customer, read by the same statement.
+#[derive(Clone, Debug)]
 struct LockedSession {
     row: LockedRow,
     /// Live customer connections following the session (any node): an
@@ -455,7 +531,7 @@ struct LockedSession {
 /// The columns of a locked session row that staging reads (issue #5: the
 /// whole row, with its free-text columns, was copied out of SQLite for
 /// every session of every batch).
-#[derive(Debug, FromQueryResult)]
+#[derive(Clone, Debug, FromQueryResult)]
 struct LockedRow {
     id: uuid::Uuid,
     tenant_id: i64,
@@ -668,18 +744,7 @@ fn build_lock_statement(
         Expr::col((session::Entity, session::Column::Id)),
         at,
     );
-    let customer_user = Query::select()
-        .column((customer::Entity, customer::Column::UserId))
-        .from(customer::Entity)
-        .and_where(
-            Expr::col((customer::Entity, customer::Column::Id))
-                .equals((session::Entity, session::Column::CustomerId)),
-        )
-        .and_where(
-            Expr::col((customer::Entity, customer::Column::TenantId))
-                .equals((session::Entity, session::Column::TenantId)),
-        )
-        .to_owned();
+    let customer_user = customer_user_of_session();
     let select = session::Entity::find()
         .select_only()
         .columns([
@@ -716,6 +781,23 @@ fn build_lock_statement(
     .build(backend)
 }
 
+/// The host user id of the customer of the `livechat_sessions` row in
+/// scope, as a subquery.
+fn customer_user_of_session() -> sea_orm::sea_query::SelectStatement {
+    Query::select()
+        .column((customer::Entity, customer::Column::UserId))
+        .from(customer::Entity)
+        .and_where(
+            Expr::col((customer::Entity, customer::Column::Id))
+                .equals((session::Entity, session::Column::CustomerId)),
+        )
+        .and_where(
+            Expr::col((customer::Entity, customer::Column::TenantId))
+                .equals((session::Entity, session::Column::TenantId)),
+        )
+        .to_owned()
+}
+
 const CUSTOMER_CONNECTIONS: &str = "customer_connections";
 const CUSTOMER_USER: &str = "customer_user_id";
 const STORED_KEYS: &str = "stored_keys";
@@ -741,8 +823,8 @@ struct BatchWrites {
 
 /// What a batch read without a lock checks in its write
 /// ([`SeaOrmStore::store_unlocked`]): each session with new messages
-/// still has what staging read, so staging's outcome (each `seq`, each
-/// refusal, each event) stands.
+/// still has what staging read (or knew), so staging's outcome (each
+/// `seq`, each refusal, each event) stands.
 #[derive(Clone)]
 struct Guard {
     /// Each session with new messages, in id order; padded (see
@@ -752,8 +834,8 @@ struct Guard {
     count: i64,
 }
 
-/// A session's columns that staging depends on, as read ([`stage`],
-/// [`is_visible`]; `tenant_id` never changes).
+/// What staging depends on of a session, as read or known ([`stage`],
+/// [`is_visible`], [`customer_connected`]; `tenant_id` never changes).
 #[derive(Clone)]
 struct SessionGuard {
     id: uuid::Uuid,
@@ -762,6 +844,10 @@ struct SessionGuard {
     status: String,
     customer_id: Option<uuid::Uuid>,
     ticket_id: Option<uuid::Uuid>,
+    /// The host user id of the session's customer.
+    customer_user: Option<i64>,
+    /// Whether a live customer connection follows the session.
+    customer_connected: bool,
 }
 
 /// What staging a batch decided.
@@ -772,6 +858,8 @@ struct StagedBatch {
     events: Vec<DomainEvent>,
     /// `None` when nothing new is stored.
     writes: Option<BatchWrites>,
+    /// The batch's sessions as they are once `writes` is stored.
+    sessions: HashMap<uuid::Uuid, LockedSession>,
 }
 
 /// What storing a batch gave: each append's outcome (in batch order) and
@@ -862,7 +950,9 @@ impl BatchWrites {
 /// (issue #5 profile). The values are bound in the order sea-query emits
 /// them: each message row's columns in the entity's order, each outbox
 /// row's, then with a guard each guarded session's id, `last_seq`,
-/// status, customer and ticket, then the `CASE` pairs (id, seq),
+/// status, customer, ticket, customer's user and whether a customer is
+/// connected, the customer role, `at` and 0 (the connections' count,
+/// `> 0`), then the `CASE` pairs (id, seq),
 /// `updated_at`, and last the ids of the `IN` list, or with a guard its
 /// count; a test compares both ways.
 fn write_statement(backend: DbBackend, mut writes: BatchWrites) -> Statement {
@@ -900,7 +990,12 @@ fn write_statement(backend: DbBackend, mut writes: BatchWrites) -> Statement {
             values.push(Value::from(session.status.clone()));
             values.push(Value::from(session.customer_id));
             values.push(Value::from(session.ticket_id));
+            values.push(Value::from(session.customer_user));
+            values.push(Value::from(session.customer_connected));
         }
+        values.push(Value::from(super::connections::CUSTOMER));
+        values.push(Value::from(writes.at));
+        values.push(Value::from(0_i32));
     }
     for (id, seq) in &seqs {
         values.push(Value::from(*id));
@@ -1009,30 +1104,44 @@ fn build_write_statement(backend: DbBackend, writes: BatchWrites) -> Statement {
         // A join with the expected rows, not an `OR` of them: PostgreSQL
         // planned an `OR` of 32 sessions' conditions for milliseconds.
         let expected = Alias::new(EXPECTED);
-        let same = |column: session::Column, i: usize, null_safe: bool| {
-            let left = Expr::col((session::Entity, column));
-            let right = Expr::col((expected.clone(), Alias::new(format!("column{i}"))));
-            if null_safe {
-                left.binary(BinOper::Custom("IS NOT DISTINCT FROM"), right)
-            } else {
-                left.eq(right)
-            }
-        };
+        let column = |i: usize| Expr::col((expected.clone(), Alias::new(format!("column{i}"))));
+        let same = |left: Expr, i: usize| left.eq(column(i));
+        let null_safe =
+            |left: Expr, i: usize| left.binary(BinOper::Custom("IS NOT DISTINCT FROM"), column(i));
+        let session_column = |c: session::Column| Expr::col((session::Entity, c));
+        let connections = super::connections::live_connections(
+            super::connections::CUSTOMER,
+            session_column(session::Column::TenantId),
+            session_column(session::Column::Id),
+            writes.at,
+        );
         let checked = Query::select()
             .column((session::Entity, session::Column::Id))
             .from(session::Entity)
             .from_values(
-                guard
-                    .sessions
-                    .into_iter()
-                    .map(|s| (s.id, s.last_seq, s.status, s.customer_id, s.ticket_id)),
+                guard.sessions.into_iter().map(|s| {
+                    (
+                        s.id,
+                        s.last_seq,
+                        s.status,
+                        s.customer_id,
+                        s.ticket_id,
+                        s.customer_user,
+                        s.customer_connected,
+                    )
+                }),
                 expected.clone(),
             )
-            .and_where(same(session::Column::Id, 1, false))
-            .and_where(same(session::Column::LastSeq, 2, false))
-            .and_where(same(session::Column::Status, 3, false))
-            .and_where(same(session::Column::CustomerId, 4, true))
-            .and_where(same(session::Column::TicketId, 5, true))
+            .and_where(same(session_column(session::Column::Id), 1))
+            .and_where(same(session_column(session::Column::LastSeq), 2))
+            .and_where(same(session_column(session::Column::Status), 3))
+            .and_where(null_safe(session_column(session::Column::CustomerId), 4))
+            .and_where(null_safe(session_column(session::Column::TicketId), 5))
+            .and_where(null_safe(
+                Expr::SubQuery(None, Box::new(customer_user_of_session().into())),
+                6,
+            ))
+            .and_where(column(7).eq(Expr::SubQuery(None, Box::new(connections.into())).gt(0)))
             .lock_with_tables_behavior(LockType::Update, [session::Entity], LockBehavior::Nowait)
             .to_owned();
         cte(CHECKED.into(), checked.into());
@@ -1359,6 +1468,8 @@ mod tests {
                     status: "active".into(),
                     customer_id: (!nulls).then(uuid::Uuid::now_v7),
                     ticket_id: None,
+                    customer_user: (!nulls).then_some(950),
+                    customer_connected: !nulls,
                 })
                 .collect(),
         });
@@ -1638,7 +1749,7 @@ mod tests {
     /// Issue #5: a batch read without a lock ([`LockWait::Optimistic`])
     /// writes in one statement of its own that stores everything only if
     /// each session is free and still as read (`last_seq`, status,
-    /// customer, ticket); otherwise it fails at once as a conflict and
+    /// customer, ticket, customer connected); otherwise it fails at once as a conflict and
     /// stores nothing, so the batch can be stored again under locks.
     #[cfg(feature = "postgres")]
     #[tokio::test]
@@ -1655,8 +1766,9 @@ mod tests {
             .await
             .unwrap();
         }
-        // One message to each session, as staged from `last_seq` and `status`.
-        let batch = |last_seq: [i64; 2], status: &str| {
+        // One message to each session, as staged from `last_seq`, `status`
+        // and whether a customer is connected.
+        let batch = |last_seq: [i64; 2], status: &str, connected: bool| {
             let at = crate::model::now();
             let mut writes = BatchWrites {
                 messages: Vec::new(),
@@ -1698,6 +1810,8 @@ mod tests {
                         status: status.into(),
                         customer_id: None,
                         ticket_id: None,
+                        customer_user: None,
+                        customer_connected: connected,
                     });
                 }
             }
@@ -1723,13 +1837,17 @@ mod tests {
             (messages, outbox, seqs)
         };
 
-        db.execute_raw(batch([0, 0], "active")).await.unwrap();
+        db.execute_raw(batch([0, 0], "active", false))
+            .await
+            .unwrap();
         assert_eq!(stored().await, (2, 2, "1,1".to_owned()));
 
         // Stale: staged from `last_seq` 0 while `b` is at 1 now.
-        conflict(db.execute_raw(batch([1, 0], "active")).await);
+        conflict(db.execute_raw(batch([1, 0], "active", false)).await);
         // Changed: staged from another status.
-        conflict(db.execute_raw(batch([1, 1], "waiting")).await);
+        conflict(db.execute_raw(batch([1, 1], "waiting", false)).await);
+        // Changed: staged for a connected customer; none is.
+        conflict(db.execute_raw(batch([1, 1], "active", true)).await);
         assert_eq!(stored().await, (2, 2, "1,1".to_owned()));
 
         // Held by another transaction: refused at once, not waited for.
@@ -1742,7 +1860,7 @@ mod tests {
             .unwrap();
         let held = tokio::time::timeout(
             std::time::Duration::from_secs(2),
-            db.execute_raw(batch([1, 1], "active")),
+            db.execute_raw(batch([1, 1], "active", false)),
         )
         .await
         .expect("no wait for the held row");
@@ -1750,8 +1868,101 @@ mod tests {
         holder.rollback().await.unwrap();
         assert_eq!(stored().await, (2, 2, "1,1".to_owned()));
 
-        db.execute_raw(batch([1, 1], "active")).await.unwrap();
+        db.execute_raw(batch([1, 1], "active", false))
+            .await
+            .unwrap();
         assert_eq!(stored().await, (4, 4, "2,2".to_owned()));
+    }
+
+    /// Issue #5: a node that knows a session from its earlier batches
+    /// writes without reading it, and its write checks what it knew: a
+    /// customer who connected or left since, or a status changed by
+    /// another path, is seen by the next append as by a fresh read (the
+    /// `customer_connected` of each agent message's event, and the
+    /// refusal once the session is closed).
+    #[cfg(feature = "postgres")]
+    #[tokio::test]
+    async fn a_remembered_session_is_checked_by_the_write() {
+        use crate::model::{Sender, SessionStatus};
+        use crate::repository::MessageRepository;
+        use crate::validate::MessageBody;
+        use sea_orm::{ConnectionTrait, QueryOrder};
+        let db = migrated_postgres().await;
+        let (session, customer) = (uuid::Uuid::now_v7(), uuid::Uuid::now_v7());
+        for sql in [
+            format!(
+                "INSERT INTO livechat_customers (id, tenant_id, user_id, created_at) \
+                 VALUES ('{customer}', 1, 950, now())"
+            ),
+            format!(
+                "INSERT INTO livechat_sessions \
+                 (id, tenant_id, origin, status, customer_id, created_at, updated_at) \
+                 VALUES ('{session}', 1, 'widget', 'OPEN', '{customer}', now(), now())"
+            ),
+        ] {
+            db.execute_unprepared(&sql).await.unwrap();
+        }
+        let store = crate::store::SeaOrmStore::new(db.clone());
+        let tenant = TenantId::new(1).unwrap();
+        let agent = crate::ids::UserId::new(7).unwrap();
+        let send = || {
+            store.append_message(
+                tenant,
+                SessionId::from_uuid(session),
+                Sender::Agent(agent),
+                MessageBody::parse("hello".to_owned(), 100).unwrap(),
+                None,
+                &[SessionStatus::Open],
+            )
+        };
+        let connection = uuid::Uuid::now_v7();
+        let steps = [
+            String::new(),
+            format!(
+                "INSERT INTO livechat_connections \
+                 (id, tenant_id, role, customer_id, node_id, expires_at) \
+                 VALUES ('{connection}', 1, 'customer', '{customer}', 'node', \
+                 now() + interval '1 hour'); \
+                 INSERT INTO livechat_connection_joins (connection_id, session_id, tenant_id) \
+                 VALUES ('{connection}', '{session}', 1)"
+            ),
+            String::new(),
+            format!("DELETE FROM livechat_connections WHERE id = '{connection}'"),
+        ];
+        for step in steps {
+            if !step.is_empty() {
+                db.execute_unprepared(&step).await.unwrap();
+            }
+            send().await.unwrap();
+        }
+        let connected: Vec<bool> = super::outbox::Entity::find()
+            .order_by_asc(super::outbox::Column::Id)
+            .all(&db)
+            .await
+            .unwrap()
+            .into_iter()
+            .map(|row| {
+                let payload: serde_json::Value = serde_json::from_str(&row.payload).unwrap();
+                payload["customer_connected"].as_bool().unwrap()
+            })
+            .collect();
+        assert_eq!(connected, [false, true, true, false]);
+
+        db.execute_unprepared(&format!(
+            "UPDATE livechat_sessions SET status = 'CLOSED' WHERE id = '{session}'"
+        ))
+        .await
+        .unwrap();
+        assert!(matches!(send().await, Err(crate::ChatError::SessionClosed)));
+        let seqs: Vec<i64> = message::Entity::find()
+            .order_by_asc(message::Column::Seq)
+            .all(&db)
+            .await
+            .unwrap()
+            .into_iter()
+            .map(|m| m.seq)
+            .collect();
+        assert_eq!(seqs, [1, 2, 3, 4]);
     }
 
     #[cfg(feature = "postgres")]

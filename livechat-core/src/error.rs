@@ -113,10 +113,23 @@ impl ChatError {
     }
 }
 
+/// The SQLSTATE (PostgreSQL) or extended result code in decimal (SQLite)
+/// with which the database refused a statement; `None` for any other
+/// failure (no connection, I/O, a decoding error).
+pub(crate) fn sql_state(error: &sea_orm::DbErr) -> Option<String> {
+    use sea_orm::{DbErr, RuntimeErr};
+    let (DbErr::Query(RuntimeErr::SqlxError(error)) | DbErr::Exec(RuntimeErr::SqlxError(error))) =
+        error
+    else {
+        return None;
+    };
+    Some(error.as_database_error()?.code()?.into_owned())
+}
+
 /// Whether a PostgreSQL SQLSTATE says the connection or the server went
 /// away: class 08 (connection exception) or 57 (operator intervention:
 /// shutdown, restart, terminated backend, cancelled statement).
-fn is_connection_lost(code: &str) -> bool {
+pub(crate) fn is_connection_lost(code: &str) -> bool {
     code.len() == 5 && (code.starts_with("08") || code.starts_with("57"))
 }
 

@@ -12,14 +12,14 @@ use sea_orm::sea_query::{
 use sea_orm::{
     ActiveModelTrait, ActiveValue::Set, ColumnTrait, Condition, ConnectionTrait,
     DatabaseTransaction, DbBackend, DbErr, EntityTrait, FromQueryResult, Iterable, QueryFilter,
-    QueryOrder, QuerySelect, QueryTrait, RuntimeErr, Statement, Value,
+    QueryOrder, QuerySelect, QueryTrait, Statement, Value,
 };
 use tokio::sync::oneshot;
 
 use super::entity::{customer, message, outbox, session};
 use super::sessions::find_session;
 use super::{SeaOrmStore, convert_all, message_event};
-use crate::error::ChatError;
+use crate::error::{ChatError, is_connection_lost, sql_state};
 use crate::events::{DomainEvent, EventKind, EventPayload, MessagePosted};
 use crate::ids::{CustomerId, EventId, MessageId, SessionId, TenantId, TicketId, UserId};
 use crate::model::{ChatMessage, Sender, SenderType, SessionStatus, now};
@@ -894,8 +894,7 @@ impl BatchFailure {
     /// (class 08 or 57), which may have happened after the commit.
     fn autocommit(error: DbErr) -> Self {
         let refused = matches!(error, DbErr::ConnectionAcquire(_))
-            || sql_state(&error)
-                .is_some_and(|code| !code.starts_with("08") && !code.starts_with("57"));
+            || sql_state(&error).is_some_and(|code| !is_connection_lost(&code));
         Self {
             error,
             at_commit: !refused,
@@ -919,17 +918,6 @@ impl BatchFailure {
     fn retryable(&self) -> bool {
         !self.at_commit && !matches!(self.error, DbErr::Conn(_) | DbErr::ConnectionAcquire(_))
     }
-}
-
-/// The SQLSTATE (PostgreSQL) or extended result code (SQLite) of a
-/// database's refusal of a statement.
-fn sql_state(error: &DbErr) -> Option<String> {
-    let (DbErr::Query(RuntimeErr::SqlxError(error)) | DbErr::Exec(RuntimeErr::SqlxError(error))) =
-        error
-    else {
-        return None;
-    };
-    Some(error.as_database_error()?.code()?.into_owned())
 }
 
 impl BatchWrites {
@@ -1017,6 +1005,90 @@ fn write_statement(backend: DbBackend, mut writes: BatchWrites) -> Statement {
     Statement::from_sql_and_values(backend, sql.as_ref(), values)
 }
 
+/// `a IS NOT DISTINCT FROM b`: equal, or both NULL.
+fn same_or_both_null(a: Expr, b: Expr) -> Expr {
+    a.binary(BinOper::Custom("IS NOT DISTINCT FROM"), b)
+}
+
+/// The guarded write's `checked` ([`build_write_statement`]): the
+/// sessions of `guard` whose row is as staging saw it, locked without
+/// waiting, with the customer values staging saw beside them.
+fn checked_sessions(guard: Guard) -> sea_orm::sea_query::SelectStatement {
+    // A join with the expected rows, not an `OR` of them: PostgreSQL
+    // planned an `OR` of 32 sessions' conditions for milliseconds.
+    let expected = Alias::new(EXPECTED);
+    let column = |i: usize| Expr::col((expected.clone(), Alias::new(format!("column{i}"))));
+    let session_column = |c: session::Column| Expr::col((session::Entity, c));
+    let ids: Vec<uuid::Uuid> = guard.sessions.iter().map(|s| s.id).collect();
+    Query::select()
+        .columns([
+            (session::Entity, session::Column::Id),
+            (session::Entity, session::Column::TenantId),
+            (session::Entity, session::Column::CustomerId),
+        ])
+        .expr_as(column(6), Alias::new(CUSTOMER_USER))
+        .expr_as(column(7), Alias::new(CUSTOMER_CONNECTED))
+        .from(session::Entity)
+        .from_values(
+            guard.sessions.into_iter().map(|s| {
+                (
+                    s.id,
+                    s.last_seq,
+                    s.status,
+                    s.customer_id,
+                    s.ticket_id,
+                    s.customer_user,
+                    s.customer_connected,
+                )
+            }),
+            expected.clone(),
+        )
+        .and_where(session_column(session::Column::Id).eq(column(1)))
+        .and_where(session_column(session::Column::LastSeq).eq(column(2)))
+        .and_where(session_column(session::Column::Status).eq(column(3)))
+        .and_where(same_or_both_null(
+            session_column(session::Column::CustomerId),
+            column(4),
+        ))
+        .and_where(same_or_both_null(
+            session_column(session::Column::TicketId),
+            column(5),
+        ))
+        // Looked up by the primary key whatever the statistics say of the
+        // table's size (the join alone was planned as a scan).
+        .and_where(session_column(session::Column::Id).is_in(ids))
+        .lock_with_tables_behavior(LockType::Update, [session::Entity], LockBehavior::Nowait)
+        .to_owned()
+}
+
+/// The ids of the guarded write's `checked` sessions whose customer is as
+/// staging saw it as of `at`: the same host user id, and a live customer
+/// connection following the session exactly when staging saw one.
+fn unchanged_customers(at: DateTime<Utc>) -> sea_orm::sea_query::SelectStatement {
+    let checked = Alias::new(CHECKED);
+    let connections = super::connections::live_connections(
+        super::connections::CUSTOMER,
+        Expr::col((checked.clone(), session::Column::TenantId)),
+        Expr::col((checked.clone(), session::Column::Id)),
+        at,
+    );
+    Query::select()
+        .column((checked.clone(), session::Column::Id))
+        .from(checked.clone())
+        .and_where(same_or_both_null(
+            Expr::SubQuery(None, Box::new(customer_user_of(checked.clone()).into())),
+            Expr::col((checked.clone(), Alias::new(CUSTOMER_USER))),
+        ))
+        .and_where(
+            Expr::col((checked, Alias::new(CUSTOMER_CONNECTED))).eq(Expr::SubQuery(
+                None,
+                Box::new(connections.into()),
+            )
+            .gt(0)),
+        )
+        .to_owned()
+}
+
 /// [`write_statement`] built with sea-query.
 ///
 /// On PostgreSQL with a [`Guard`] it is one statement of its own
@@ -1093,39 +1165,11 @@ fn build_write_statement(backend: DbBackend, writes: BatchWrites) -> Statement {
         None => update
             .filter(session::Column::Id.is_in(seqs.into_iter().map(|(id, _)| id)))
             .into_query(),
-        Some(_) => {
-            // The customer's checks, on the locked rows only.
-            let checked = Alias::new(CHECKED);
-            let connections = super::connections::live_connections(
-                super::connections::CUSTOMER,
-                Expr::col((checked.clone(), session::Column::TenantId)),
-                Expr::col((checked.clone(), session::Column::Id)),
-                writes.at,
-            );
-            let unchanged = Query::select()
-                .column((checked.clone(), session::Column::Id))
-                .from(checked.clone())
-                .and_where(
-                    Expr::SubQuery(None, Box::new(customer_user_of(checked.clone()).into()))
-                        .binary(
-                            BinOper::Custom("IS NOT DISTINCT FROM"),
-                            Expr::col((checked.clone(), Alias::new(CUSTOMER_USER))),
-                        ),
-                )
-                .and_where(
-                    Expr::col((checked, Alias::new(CUSTOMER_CONNECTED))).eq(Expr::SubQuery(
-                        None,
-                        Box::new(connections.into()),
-                    )
-                    .gt(0)),
-                )
-                .to_owned();
-            update
-                .filter(session::Column::Id.in_subquery(unchanged))
-                .into_query()
-                .returning_col(session::Column::Id)
-                .to_owned()
-        }
+        Some(_) => update
+            .filter(session::Column::Id.in_subquery(unchanged_customers(writes.at)))
+            .into_query()
+            .returning_col(session::Column::Id)
+            .to_owned(),
     };
     if postgres {
         let mut with = WithClause::new();
@@ -1143,56 +1187,15 @@ fn build_write_statement(backend: DbBackend, writes: BatchWrites) -> Statement {
         let Some(guard) = guard else {
             return backend.build(&update.with(with));
         };
-        // A join with the expected rows, not an `OR` of them: PostgreSQL
-        // planned an `OR` of 32 sessions' conditions for milliseconds.
-        let expected = Alias::new(EXPECTED);
-        let column = |i: usize| Expr::col((expected.clone(), Alias::new(format!("column{i}"))));
-        let same = |left: Expr, i: usize| left.eq(column(i));
-        let null_safe =
-            |left: Expr, i: usize| left.binary(BinOper::Custom("IS NOT DISTINCT FROM"), column(i));
-        let session_column = |c: session::Column| Expr::col((session::Entity, c));
-        let ids: Vec<uuid::Uuid> = guard.sessions.iter().map(|s| s.id).collect();
-        let checked = Query::select()
-            .columns([
-                (session::Entity, session::Column::Id),
-                (session::Entity, session::Column::TenantId),
-                (session::Entity, session::Column::CustomerId),
-            ])
-            .expr_as(column(6), Alias::new(CUSTOMER_USER))
-            .expr_as(column(7), Alias::new(CUSTOMER_CONNECTED))
-            .from(session::Entity)
-            .from_values(
-                guard.sessions.into_iter().map(|s| {
-                    (
-                        s.id,
-                        s.last_seq,
-                        s.status,
-                        s.customer_id,
-                        s.ticket_id,
-                        s.customer_user,
-                        s.customer_connected,
-                    )
-                }),
-                expected.clone(),
-            )
-            .and_where(same(session_column(session::Column::Id), 1))
-            .and_where(same(session_column(session::Column::LastSeq), 2))
-            .and_where(same(session_column(session::Column::Status), 3))
-            .and_where(null_safe(session_column(session::Column::CustomerId), 4))
-            .and_where(null_safe(session_column(session::Column::TicketId), 5))
-            // Looked up by the primary key whatever the statistics say of
-            // the table's size (the join alone was planned as a scan).
-            .and_where(session_column(session::Column::Id).is_in(ids))
-            .lock_with_tables_behavior(LockType::Update, [session::Entity], LockBehavior::Nowait)
-            .to_owned();
-        cte(CHECKED.into(), checked.into());
+        let count = guard.count;
+        cte(CHECKED.into(), checked_sessions(guard).into());
         cte(UPDATED.into(), update.into());
         let check = Query::select()
             .expr(Expr::cust_with_values(
                 format!(
                     r#"1 / CASE WHEN (SELECT count(*) FROM "{UPDATED}") = $1 THEN 1 ELSE 0 END"#
                 ),
-                [guard.count],
+                [count],
             ))
             .to_owned();
         backend.build(&check.with(with))
@@ -1463,40 +1466,46 @@ mod tests {
     use crate::events::EventKind;
     use crate::ids::{SessionId, TenantId};
 
+    /// An agent's message of tenant 1 with `seq` in `session`, and its
+    /// outbox row; `nulls` leaves the optional columns empty.
+    fn message_rows(
+        session: uuid::Uuid,
+        seq: i64,
+        at: chrono::DateTime<chrono::Utc>,
+        nulls: bool,
+    ) -> (message::ActiveModel, super::outbox::ActiveModel) {
+        let message = message::ActiveModel {
+            id: Set(uuid::Uuid::now_v7()),
+            tenant_id: Set(1),
+            session_id: Set(session),
+            sender_type: Set("agent".into()),
+            sender_id: Set((!nulls).then_some(7)),
+            customer_id: Set((!nulls).then(uuid::Uuid::now_v7)),
+            seq: Set(seq),
+            body: Set(format!("message {seq}")),
+            client_msg_id: Set((!nulls).then(|| format!("k{seq}"))),
+            created_at: Set(at),
+        };
+        let (event, _) = crate::store::outbox_row(
+            None,
+            TenantId::new(1).unwrap(),
+            (!nulls).then_some(SessionId::from_uuid(session)),
+            EventKind::MessagePosted,
+            &serde_json::json!({"seq": seq}),
+        )
+        .unwrap();
+        (message, event)
+    }
+
     /// `n` messages over `sessions` sessions; `nulls` leaves the optional
     /// columns empty (sea-query must bind a null as a value too, or cached
     /// SQL would not fit); `guarded` adds a [`Guard`] of those sessions.
     fn writes(n: usize, sessions: usize, nulls: bool, guarded: bool) -> BatchWrites {
         let at = crate::model::now();
-        let tenant = TenantId::new(1).unwrap();
         let ids: Vec<uuid::Uuid> = (0..sessions).map(|_| uuid::Uuid::now_v7()).collect();
-        let mut messages = Vec::new();
-        let mut outbox = Vec::new();
-        for i in 0..n {
-            let session = ids[i % sessions];
-            messages.push(message::ActiveModel {
-                id: Set(uuid::Uuid::now_v7()),
-                tenant_id: Set(1),
-                session_id: Set(session),
-                sender_type: Set("agent".into()),
-                sender_id: Set((!nulls).then_some(7)),
-                customer_id: Set((!nulls).then(uuid::Uuid::now_v7)),
-                seq: Set(i as i64 + 1),
-                body: Set(format!("message {i}")),
-                client_msg_id: Set((!nulls).then(|| format!("k{i}"))),
-                created_at: Set(at),
-            });
-            let session = SessionId::from_uuid(session);
-            let (row, _) = crate::store::outbox_row(
-                None,
-                tenant,
-                (!nulls).then_some(session),
-                EventKind::MessagePosted,
-                &serde_json::json!({"i": i}),
-            )
-            .unwrap();
-            outbox.push(row);
-        }
+        let (messages, outbox) = (0..n)
+            .map(|i| message_rows(ids[i % sessions], i as i64 + 1, at, nulls))
+            .unzip();
         let mut seqs: Vec<(uuid::Uuid, i64)> = ids.into_iter().zip(1..).collect();
         seqs.sort_unstable();
         let guard = guarded.then(|| Guard {
@@ -1822,27 +1831,9 @@ mod tests {
                 at,
             };
             for (id, last_seq) in [a, b].into_iter().zip(last_seq) {
-                writes.messages.push(message::ActiveModel {
-                    id: Set(uuid::Uuid::now_v7()),
-                    tenant_id: Set(1),
-                    session_id: Set(id),
-                    sender_type: Set("agent".into()),
-                    sender_id: Set(Some(7)),
-                    customer_id: Set(None),
-                    seq: Set(last_seq + 1),
-                    body: Set("hello".into()),
-                    client_msg_id: Set(None),
-                    created_at: Set(at),
-                });
-                let (row, _) = crate::store::outbox_row(
-                    None,
-                    TenantId::new(1).unwrap(),
-                    Some(SessionId::from_uuid(id)),
-                    EventKind::MessagePosted,
-                    &serde_json::json!({}),
-                )
-                .unwrap();
-                writes.outbox.push(row);
+                let (message, event) = message_rows(id, last_seq + 1, at, true);
+                writes.messages.push(message);
+                writes.outbox.push(event);
                 writes.seqs.push((id, last_seq + 1));
                 if let Some(guard) = &mut writes.guard {
                     guard.sessions.push(SessionGuard {

@@ -2,6 +2,7 @@
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, OnceLock};
+use std::time::Instant;
 
 use chrono::{DateTime, Utc};
 
@@ -18,7 +19,8 @@ use tokio::sync::oneshot;
 
 use super::entity::{customer, message, outbox, session};
 use super::sessions::find_session;
-use super::{SeaOrmStore, convert_all, message_event};
+use super::writer::{Conn, Writer};
+use super::{POOL_PING_AFTER_IDLE, SeaOrmStore, convert_all, message_event};
 use crate::error::{ChatError, is_connection_lost, sql_state};
 use crate::events::{DomainEvent, EventKind, EventPayload, MessagePosted};
 use crate::ids::{CustomerId, EventId, MessageId, SessionId, TenantId, TicketId, UserId};
@@ -49,6 +51,12 @@ pub(super) struct AppendQueue {
     /// its write checks every column staging uses anyway
     /// ([`SeaOrmStore::store_unlocked`]). Only the committer uses it.
     known: Mutex<HashMap<uuid::Uuid, LockedSession>>,
+    /// On PostgreSQL, the connection the committer wrote its last batch
+    /// on, taken out of the pool, and when. Given back to the pool after
+    /// each batch, sqlx would ping it: one round trip more per batch
+    /// (issue #5). One idle for longer than [`POOL_PING_AFTER_IDLE`] is
+    /// pinged before its next batch, as the pool does with its own.
+    held: Mutex<Option<(Conn, Instant)>>,
 }
 
 /// Most sessions an [`AppendQueue`] remembers; past this it forgets them
@@ -78,6 +86,31 @@ impl AppendQueue {
         self.known
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// The held connection, pinged first if idle for longer than
+    /// [`POOL_PING_AFTER_IDLE`] (and closed if it does not answer), or a
+    /// new one from `db`'s pool.
+    async fn writer_conn(&self, db: &sea_orm::DatabaseConnection) -> Result<Conn, DbErr> {
+        let held = self
+            .held
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .take();
+        if let Some((mut conn, used)) = held
+            && (used.elapsed() <= POOL_PING_AFTER_IDLE || conn.ping().await)
+        {
+            return Ok(conn);
+        }
+        Conn::acquire(db).await
+    }
+
+    /// Keeps `conn` for the next batch.
+    fn hold(&self, conn: Conn) {
+        *self
+            .held
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = Some((conn, Instant::now()));
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, QueueState> {
@@ -324,8 +357,14 @@ impl SeaOrmStore {
                 known.remove(&request.session.as_uuid());
             }
         };
+        let conn = self
+            .appends
+            .writer_conn(&self.db)
+            .await
+            .map_err(BatchFailure::before)?;
+        let writer = Writer::new(conn);
         let staged = match self
-            .stage_batch(&self.db, batch, LockWait::Optimistic, known)
+            .stage_batch(&writer, batch, LockWait::Optimistic, known)
             .await
         {
             Ok(staged) => staged,
@@ -336,11 +375,17 @@ impl SeaOrmStore {
         };
         if let Some(writes) = staged.writes {
             let statement = write_statement(DbBackend::Postgres, writes);
-            if let Err(error) = self.db.execute_raw(statement).await {
+            if let Err(error) = writer.execute_raw(statement).await {
                 forget();
-                return Err(BatchFailure::autocommit(error));
+                let failure = BatchFailure::autocommit(error);
+                if failure.conflict() {
+                    // Refused: the connection is as good as before.
+                    self.appends.hold(writer.into_conn());
+                }
+                return Err(failure);
             }
         }
+        self.appends.hold(writer.into_conn());
         let mut known = self.appends.known();
         if known.len() + staged.sessions.len() > MAX_KNOWN {
             known.clear();
@@ -1998,6 +2043,89 @@ mod tests {
     }
 
     #[cfg(feature = "postgres")]
+    /// The committer writes consecutive batches on one connection, kept
+    /// out of the pool (issue #5: given back, sqlx pinged it once per
+    /// batch); one idle for over [`POOL_PING_AFTER_IDLE`] whose backend
+    /// died is replaced before the next batch, which stores; and the
+    /// pool's `close` does not wait for it.
+    #[cfg(feature = "postgres")]
+    #[tokio::test]
+    async fn the_committer_keeps_its_connection_and_replaces_a_dead_one() {
+        use crate::model::{Sender, SessionStatus};
+        use crate::repository::MessageRepository;
+        use crate::store::POOL_PING_AFTER_IDLE;
+        use crate::store::writer::Writer;
+        use crate::validate::MessageBody;
+        use sea_orm::ConnectionTrait;
+        use std::time::Instant;
+        let db = migrated_postgres().await;
+        let session = uuid::Uuid::now_v7();
+        db.execute_unprepared(&format!(
+            "INSERT INTO livechat_sessions \
+             (id, tenant_id, origin, status, created_at, updated_at) \
+             VALUES ('{session}', 1, 'agent', 'OPEN', now(), now())"
+        ))
+        .await
+        .unwrap();
+        let store = crate::store::SeaOrmStore::new(db.clone());
+        let send = || {
+            store.append_message(
+                TenantId::new(1).unwrap(),
+                SessionId::from_uuid(session),
+                Sender::Agent(crate::ids::UserId::new(7).unwrap()),
+                MessageBody::parse("hello".to_owned(), 100).unwrap(),
+                None,
+                &[SessionStatus::Open],
+            )
+        };
+        // The held connection's backend, left as it was.
+        let held_pid = || async {
+            let (conn, used) = store.appends.held.lock().unwrap().take().unwrap();
+            let writer = Writer::new(conn);
+            let row = writer
+                .query_one_raw(Statement::from_string(
+                    DbBackend::Postgres,
+                    "SELECT pg_backend_pid() AS pid",
+                ))
+                .await
+                .unwrap()
+                .unwrap();
+            let pid: i32 = row.try_get("", "pid").unwrap();
+            *store.appends.held.lock().unwrap() = Some((writer.into_conn(), used));
+            pid
+        };
+
+        assert_eq!(send().await.unwrap().message.seq, 1);
+        let first = held_pid().await;
+        assert_eq!(send().await.unwrap().message.seq, 2);
+        assert_eq!(held_pid().await, first);
+
+        db.execute_unprepared(&format!("SELECT pg_terminate_backend({first})"))
+            .await
+            .unwrap();
+        let gone = format!("SELECT 1 FROM pg_stat_activity WHERE pid = {first}");
+        while db
+            .query_one_raw(Statement::from_string(DbBackend::Postgres, gone.clone()))
+            .await
+            .unwrap()
+            .is_some()
+        {
+            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+        }
+        if let Some((_, used)) = store.appends.held.lock().unwrap().as_mut() {
+            *used = Instant::now()
+                .checked_sub(POOL_PING_AFTER_IDLE * 2)
+                .unwrap();
+        }
+        assert_eq!(send().await.unwrap().message.seq, 3);
+        assert_ne!(held_pid().await, first);
+
+        tokio::time::timeout(std::time::Duration::from_secs(10), db.close())
+            .await
+            .expect("the pool closes while the committer holds its connection")
+            .unwrap();
+    }
+
     async fn migrated_postgres() -> sea_orm::DatabaseConnection {
         use sea_orm_migration::MigratorTrait;
         let admin = livechat_tests::postgres_admin_url();

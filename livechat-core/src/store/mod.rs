@@ -23,6 +23,7 @@ mod outbox;
 mod presence_repo;
 mod routing;
 mod sessions;
+mod writer;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -144,6 +145,8 @@ pub async fn connect_with(
     url: &str,
     durability: SqliteDurability,
 ) -> Result<DatabaseConnection, DbErr> {
+    #[cfg(not(feature = "sqlite"))]
+    let _ = durability;
     let mut options = ConnectOptions::new(url);
     options
         .sqlx_logging(false)

@@ -1511,6 +1511,23 @@ mod tests {
     use crate::events::EventKind;
     use crate::ids::{SessionId, TenantId};
 
+    /// Agent 7's "hello" to `session` of tenant 1, through `store`'s
+    /// append queue.
+    fn hello(
+        store: &crate::store::SeaOrmStore,
+        session: uuid::Uuid,
+    ) -> crate::repository::PendingAppend {
+        use crate::repository::MessageRepository;
+        store.append_message(
+            TenantId::new(1).unwrap(),
+            SessionId::from_uuid(session),
+            crate::model::Sender::Agent(crate::ids::UserId::new(7).unwrap()),
+            crate::validate::MessageBody::parse("hello".to_owned(), 100).unwrap(),
+            None,
+            &[crate::model::SessionStatus::Open],
+        )
+    }
+
     /// An agent's message of tenant 1 with `seq` in `session`, and its
     /// outbox row; `nulls` leaves the optional columns empty.
     fn message_rows(
@@ -1960,9 +1977,6 @@ mod tests {
     #[cfg(feature = "postgres")]
     #[tokio::test]
     async fn a_remembered_session_is_checked_by_the_write() {
-        use crate::model::{Sender, SessionStatus};
-        use crate::repository::MessageRepository;
-        use crate::validate::MessageBody;
         use sea_orm::{ConnectionTrait, QueryOrder};
         let db = migrated_postgres().await;
         let (session, customer) = (uuid::Uuid::now_v7(), uuid::Uuid::now_v7());
@@ -1980,18 +1994,7 @@ mod tests {
             db.execute_unprepared(&sql).await.unwrap();
         }
         let store = crate::store::SeaOrmStore::new(db.clone());
-        let tenant = TenantId::new(1).unwrap();
-        let agent = crate::ids::UserId::new(7).unwrap();
-        let send = || {
-            store.append_message(
-                tenant,
-                SessionId::from_uuid(session),
-                Sender::Agent(agent),
-                MessageBody::parse("hello".to_owned(), 100).unwrap(),
-                None,
-                &[SessionStatus::Open],
-            )
-        };
+        let send = || hello(&store, session);
         let connection = uuid::Uuid::now_v7();
         let steps = [
             String::new(),
@@ -2051,11 +2054,8 @@ mod tests {
     #[cfg(feature = "postgres")]
     #[tokio::test]
     async fn the_committer_keeps_its_connection_and_replaces_a_dead_one() {
-        use crate::model::{Sender, SessionStatus};
-        use crate::repository::MessageRepository;
         use crate::store::POOL_PING_AFTER_IDLE;
         use crate::store::writer::Writer;
-        use crate::validate::MessageBody;
         use sea_orm::ConnectionTrait;
         use std::time::Instant;
         let db = migrated_postgres().await;
@@ -2068,16 +2068,7 @@ mod tests {
         .await
         .unwrap();
         let store = crate::store::SeaOrmStore::new(db.clone());
-        let send = || {
-            store.append_message(
-                TenantId::new(1).unwrap(),
-                SessionId::from_uuid(session),
-                Sender::Agent(crate::ids::UserId::new(7).unwrap()),
-                MessageBody::parse("hello".to_owned(), 100).unwrap(),
-                None,
-                &[SessionStatus::Open],
-            )
-        };
+        let send = || hello(&store, session);
         // The held connection's backend, left as it was.
         let held_pid = || async {
             let (conn, used) = store.appends.held.lock().unwrap().take().unwrap();

@@ -18,14 +18,18 @@
 //! worker thread hands each statement's result over on its own, and a lone
 //! send then took four more context switches and 15–25 µs more CPU.
 
+// Without the `postgres` feature `Conn` has no variant: nothing here runs.
+#![cfg_attr(
+    not(feature = "postgres"),
+    allow(unused_imports, unused_variables, dead_code)
+)]
+
 use std::sync::Arc;
 
 use sea_orm::sea_query::Values;
 use sea_orm::sqlx::Connection as _;
 #[cfg(feature = "postgres")]
 use sea_orm::sqlx::PgConnection;
-#[cfg(feature = "sqlite")]
-use sea_orm::sqlx::SqliteConnection;
 use sea_orm::sqlx::{AssertSqlSafe, query_with};
 use sea_orm::{
     ConnectionTrait, DatabaseConnection, DatabaseConnectionType, DbBackend, DbErr, ExecResult,
@@ -33,17 +37,14 @@ use sea_orm::{
 };
 use sea_query_sqlx::SqlxValues;
 
-/// One connection opened by the store's pool and taken out of it
+/// A PostgreSQL connection opened by the store's pool and taken out of it
 /// (`PoolConnection::detach`: the pool may open another in its place).
-/// Dropped, it is closed.
+/// Dropped, it is closed. (Without the `postgres` feature there is none.)
 #[derive(Debug)]
 pub(super) enum Conn {
     /// A PostgreSQL connection.
     #[cfg(feature = "postgres")]
     Postgres(PgConnection),
-    /// An SQLite connection.
-    #[cfg(feature = "sqlite")]
-    Sqlite(SqliteConnection),
 }
 
 impl Conn {
@@ -52,7 +53,8 @@ impl Conn {
     ///
     /// # Errors
     /// [`DbErr::ConnectionAcquire`] when the pool timed out or is closed,
-    /// [`DbErr::Conn`] when a new connection could not be opened.
+    /// [`DbErr::Conn`] when a new connection could not be opened,
+    /// [`DbErr::Custom`] when `db` is not a PostgreSQL pool.
     pub(super) async fn acquire(db: &DatabaseConnection) -> Result<Self, DbErr> {
         match &db.inner {
             #[cfg(feature = "postgres")]
@@ -62,71 +64,43 @@ impl Conn {
                 .await
                 .map(|conn| Self::Postgres(conn.detach()))
                 .map_err(acquire_error),
-            #[cfg(feature = "sqlite")]
-            DatabaseConnectionType::SqlxSqlitePoolConnection(_) => db
-                .get_sqlite_connection_pool()
-                .acquire()
-                .await
-                .map(|conn| Self::Sqlite(conn.detach()))
-                .map_err(acquire_error),
             _ => Err(DbErr::Custom(
-                "the append queue needs an SQLite or PostgreSQL pool".into(),
+                "the append committer's own connection is a PostgreSQL one".into(),
             )),
-        }
-    }
-
-    fn backend(&self) -> DbBackend {
-        match self {
-            #[cfg(feature = "postgres")]
-            Self::Postgres(_) => DbBackend::Postgres,
-            #[cfg(feature = "sqlite")]
-            Self::Sqlite(_) => DbBackend::Sqlite,
         }
     }
 
     /// Whether the connection still answers (one round trip), for one
     /// idle for a while, as the pool tests its own before handing them out.
     pub(super) async fn ping(&mut self) -> bool {
-        match self {
+        match *self {
             #[cfg(feature = "postgres")]
-            Self::Postgres(conn) => conn.ping().await.is_ok(),
-            #[cfg(feature = "sqlite")]
-            Self::Sqlite(conn) => conn.ping().await.is_ok(),
+            Self::Postgres(ref mut conn) => conn.ping().await.is_ok(),
         }
     }
 
     async fn execute(&mut self, sql: &str, values: Values) -> Result<ExecResult, DbErr> {
         let args = SqlxValues(values);
-        match self {
+        match *self {
             #[cfg(feature = "postgres")]
-            Self::Postgres(conn) => query_with(AssertSqlSafe(sql), args)
-                .execute(&mut *conn)
+            Self::Postgres(ref mut conn) => query_with(AssertSqlSafe(sql), args)
+                .execute(conn)
                 .await
-                .map(Into::into),
-            #[cfg(feature = "sqlite")]
-            Self::Sqlite(conn) => query_with(AssertSqlSafe(sql), args)
-                .execute(&mut *conn)
-                .await
-                .map(Into::into),
+                .map(Into::into)
+                .map_err(|e| DbErr::Exec(RuntimeErr::SqlxError(Arc::new(e)))),
         }
-        .map_err(|e| DbErr::Exec(RuntimeErr::SqlxError(Arc::new(e))))
     }
 
     async fn query_all(&mut self, sql: &str, values: Values) -> Result<Vec<QueryResult>, DbErr> {
         let args = SqlxValues(values);
-        match self {
+        match *self {
             #[cfg(feature = "postgres")]
-            Self::Postgres(conn) => query_with(AssertSqlSafe(sql), args)
-                .fetch_all(&mut *conn)
+            Self::Postgres(ref mut conn) => query_with(AssertSqlSafe(sql), args)
+                .fetch_all(conn)
                 .await
-                .map(|rows| rows.into_iter().map(Into::into).collect()),
-            #[cfg(feature = "sqlite")]
-            Self::Sqlite(conn) => query_with(AssertSqlSafe(sql), args)
-                .fetch_all(&mut *conn)
-                .await
-                .map(|rows| rows.into_iter().map(Into::into).collect()),
+                .map(|rows| rows.into_iter().map(Into::into).collect())
+                .map_err(|e| DbErr::Query(RuntimeErr::SqlxError(Arc::new(e)))),
         }
-        .map_err(|e| DbErr::Query(RuntimeErr::SqlxError(Arc::new(e))))
     }
 }
 
@@ -147,14 +121,12 @@ fn acquire_error(error: sea_orm::sqlx::Error) -> DbErr {
 #[derive(Debug)]
 pub(super) struct Writer {
     conn: tokio::sync::Mutex<Conn>,
-    backend: DbBackend,
 }
 
 impl Writer {
     /// Statements on `conn`.
     pub(super) fn new(conn: Conn) -> Self {
         Self {
-            backend: conn.backend(),
             conn: tokio::sync::Mutex::new(conn),
         }
     }
@@ -168,7 +140,7 @@ impl Writer {
 #[async_trait::async_trait]
 impl ConnectionTrait for Writer {
     fn get_database_backend(&self) -> DbBackend {
-        self.backend
+        DbBackend::Postgres
     }
 
     async fn execute_raw(&self, stmt: Statement) -> Result<ExecResult, DbErr> {
@@ -177,7 +149,7 @@ impl ConnectionTrait for Writer {
     }
 
     async fn execute_unprepared(&self, sql: &str) -> Result<ExecResult, DbErr> {
-        self.execute_raw(Statement::from_string(self.backend, sql))
+        self.execute_raw(Statement::from_string(DbBackend::Postgres, sql))
             .await
     }
 

@@ -136,7 +136,6 @@ impl Drop for Server {
     }
 }
 
-/// Starts the example server on `database_url`, pinned to CPU 0.
 /// Waits until the system has written every dirty page to disk (`sync`),
 /// so that the write path's pages, written back by the kernel some
 /// seconds later (its `dirty_expire_centisecs`), do not compete with the
@@ -146,6 +145,7 @@ async fn flush_writes() {
     let _ = tokio::task::spawn_blocking(|| Command::new("sync").status()).await;
 }
 
+/// Starts the example server on `database_url`, pinned to CPU 0.
 async fn spawn_server(database_url: &str, env: &[(&str, &str)]) -> Server {
     let exe = std::env::current_exe().expect("own path");
     let server = exe.with_file_name("livechat-example-server");

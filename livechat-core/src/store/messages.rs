@@ -80,23 +80,25 @@ struct AppendRequest {
     reply: oneshot::Sender<Result<AppendedMessage, ChatError>>,
 }
 
+/// `mutex`, locked even if a holder panicked: every critical section of
+/// this module's mutexes is a single lookup, insert, removal, push or
+/// take, which leaves the data consistent.
+fn unpoisoned<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    mutex
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
 impl AppendQueue {
     fn known(&self) -> std::sync::MutexGuard<'_, HashMap<uuid::Uuid, LockedSession>> {
-        // Every critical section is a lookup, an insert or a removal.
-        self.known
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
+        unpoisoned(&self.known)
     }
 
     /// The held connection, pinged first if idle for longer than
     /// [`POOL_PING_AFTER_IDLE`] (and closed if it does not answer), or a
     /// new one from `db`'s pool.
     async fn writer_conn(&self, db: &sea_orm::DatabaseConnection) -> Result<Conn, DbErr> {
-        let held = self
-            .held
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .take();
+        let held = unpoisoned(&self.held).take();
         if let Some((mut conn, used)) = held
             && (used.elapsed() <= POOL_PING_AFTER_IDLE || conn.ping().await)
         {
@@ -107,18 +109,11 @@ impl AppendQueue {
 
     /// Keeps `conn` for the next batch.
     fn hold(&self, conn: Conn) {
-        *self
-            .held
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner) = Some((conn, Instant::now()));
+        *unpoisoned(&self.held) = Some((conn, Instant::now()));
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, QueueState> {
-        // The state stays consistent even if a holder panicked (every
-        // critical section is a push or a take).
-        self.state
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
+        unpoisoned(&self.state)
     }
 
     /// Queues `request`; `true` when the caller must start the committer.
@@ -373,19 +368,26 @@ impl SeaOrmStore {
                 return Err(BatchFailure::before(error));
             }
         };
-        if let Some(writes) = staged.writes {
-            let statement = write_statement(DbBackend::Postgres, writes);
-            if let Err(error) = writer.execute_raw(statement).await {
-                forget();
-                let failure = BatchFailure::autocommit(error);
-                if failure.conflict() {
-                    // Refused: the connection is as good as before.
-                    self.appends.hold(writer.into_conn());
-                }
-                return Err(failure);
-            }
+        let written = match staged.writes {
+            Some(writes) => writer
+                .execute_raw(write_statement(DbBackend::Postgres, writes))
+                .await
+                .map(drop)
+                .map_err(BatchFailure::autocommit),
+            None => Ok(()),
+        };
+        // Stored, or refused by a conflict: the connection is as good as
+        // before. After any other failure it is closed.
+        if written
+            .as_ref()
+            .map_or_else(BatchFailure::conflict, |()| true)
+        {
+            self.appends.hold(writer.into_conn());
         }
-        self.appends.hold(writer.into_conn());
+        if let Err(failure) = written {
+            forget();
+            return Err(failure);
+        }
         let mut known = self.appends.known();
         if known.len() + staged.sessions.len() > MAX_KNOWN {
             known.clear();
@@ -757,11 +759,7 @@ impl<K: Eq + std::hash::Hash> SqlCache<K> {
     }
 
     fn map(&self) -> std::sync::MutexGuard<'_, HashMap<K, Arc<str>>> {
-        // Each critical section is one lookup or one insert.
-        self.0
-            .get_or_init(Mutex::default)
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
+        unpoisoned(self.0.get_or_init(Mutex::default))
     }
 
     /// The SQL kept for `key`.

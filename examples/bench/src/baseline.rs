@@ -6,10 +6,11 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use futures_util::{SinkExt, StreamExt};
-use sea_orm::sqlx::postgres::PgPoolOptions;
+use sea_orm::sqlx::postgres::{PgConnectOptions, PgConnection};
 use sea_orm::sqlx::sqlite::{
-    SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous,
+    SqliteConnectOptions, SqliteConnection, SqliteJournalMode, SqliteSynchronous,
 };
+use sea_orm::sqlx::{ConnectOptions, Connection};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{Mutex, broadcast};
 use tokio_tungstenite::tungstenite::Message;
@@ -38,6 +39,14 @@ pub enum RawDb {
 /// Rows per second of raw single-row `INSERT` + commit (autocommit) with
 /// `writers` concurrent writers on `db`, for `duration`.
 ///
+/// The writers use connections of their own, outside any pool: `sqlx`'s
+/// pool pings each connection given back to it, which cost the raw
+/// PostgreSQL insert a second round trip (BENCHMARKS.md, "The harness's
+/// own cost"). On PostgreSQL each writer has its own connection; on SQLite
+/// the writers share at most [`SQLITE_CONNECTIONS`], each taken for one
+/// insert and handed back (more connections to one file would mostly
+/// wait on its write lock).
+///
 /// # Panics
 /// When the database cannot be opened.
 pub async fn raw_insert_rate(db: &RawDb, writers: usize, duration: Duration) -> f64 {
@@ -53,74 +62,90 @@ pub async fn raw_insert_rate(db: &RawDb, writers: usize, duration: Duration) -> 
                     SqliteSynchronous::Normal
                 })
                 .busy_timeout(Duration::from_secs(30));
-            let pool = SqlitePoolOptions::new()
-                .max_connections(8)
-                .connect_with(options)
-                .await
-                .expect("baseline database");
+            let mut conns = Vec::new();
+            for _ in 0..writers.clamp(1, SQLITE_CONNECTIONS) {
+                conns.push(options.connect().await.expect("baseline database"));
+            }
             sea_orm::sqlx::query(
                 "CREATE TABLE IF NOT EXISTS raw (id INTEGER PRIMARY KEY, body TEXT NOT NULL)",
             )
-            .execute(&pool)
+            .execute(&mut conns[0])
             .await
             .expect("baseline table");
-            insert_loop(writers, duration, move || {
-                let pool = pool.clone();
-                async move {
-                    sea_orm::sqlx::query("INSERT INTO raw (body) VALUES (?)")
+            insert_loop(
+                conns,
+                writers,
+                duration,
+                |mut conn: SqliteConnection| async {
+                    let stored = sea_orm::sqlx::query("INSERT INTO raw (body) VALUES (?)")
                         .bind(BODY)
-                        .execute(&pool)
+                        .execute(&mut conn)
                         .await
-                        .is_ok()
-                }
-            })
+                        .is_ok();
+                    (conn, stored)
+                },
+            )
             .await
         }
         RawDb::Postgres { url } => {
-            let pool = PgPoolOptions::new()
-                .max_connections(u32::try_from(writers.clamp(1, 16)).unwrap_or(16))
-                .connect(url)
-                .await
-                .expect("baseline database");
+            let options: PgConnectOptions = url.parse().expect("baseline database url");
+            let mut conns = Vec::new();
+            for _ in 0..writers.max(1) {
+                conns.push(options.connect().await.expect("baseline database"));
+            }
             sea_orm::sqlx::query(
                 "CREATE TABLE IF NOT EXISTS raw (id BIGSERIAL PRIMARY KEY, body TEXT NOT NULL)",
             )
-            .execute(&pool)
+            .execute(&mut conns[0])
             .await
             .expect("baseline table");
-            insert_loop(writers, duration, move || {
-                let pool = pool.clone();
-                async move {
-                    sea_orm::sqlx::query("INSERT INTO raw (body) VALUES ($1)")
-                        .bind(BODY)
-                        .execute(&pool)
-                        .await
-                        .is_ok()
-                }
+            insert_loop(conns, writers, duration, |mut conn: PgConnection| async {
+                let stored = sea_orm::sqlx::query("INSERT INTO raw (body) VALUES ($1)")
+                    .bind(BODY)
+                    .execute(&mut conn)
+                    .await
+                    .is_ok();
+                (conn, stored)
             })
             .await
         }
     }
 }
 
+/// At most this many SQLite connections serve the raw writers.
+pub const SQLITE_CONNECTIONS: usize = 8;
+
 const BODY: &str = "hello there, a short chat line";
 
-/// Runs `insert` from `writers` tasks until `duration` is over; successful
-/// inserts per second.
-async fn insert_loop<F, Fut>(writers: usize, duration: Duration, insert: F) -> f64
+/// Runs `insert` from `writers` tasks until `duration` is over, each
+/// insert on a connection of `conns` taken for it and handed back;
+/// successful inserts per second. The connections are closed at the end.
+async fn insert_loop<C, F, Fut>(conns: Vec<C>, writers: usize, duration: Duration, insert: F) -> f64
 where
-    F: Fn() -> Fut + Clone + Send + 'static,
-    Fut: std::future::Future<Output = bool> + Send,
+    C: Connection + Send + 'static,
+    F: Fn(C) -> Fut + Clone + Send + 'static,
+    Fut: std::future::Future<Output = (C, bool)> + Send,
 {
+    let (give_back, idle) = tokio::sync::mpsc::unbounded_channel();
+    for conn in conns {
+        let _ = give_back.send(conn);
+    }
+    let idle = Arc::new(Mutex::new(idle));
     let deadline = Instant::now() + duration;
     let started = Instant::now();
     let tasks: Vec<_> = (0..writers)
         .map(|_| {
             let insert = insert.clone();
+            let (give_back, idle) = (give_back.clone(), idle.clone());
             tokio::spawn(async move {
                 let mut n = 0u64;
                 while Instant::now() < deadline {
-                    if insert().await {
+                    let Some(conn) = idle.lock().await.recv().await else {
+                        break;
+                    };
+                    let (conn, stored) = insert(conn).await;
+                    let _ = give_back.send(conn);
+                    if stored {
                         n += 1;
                     }
                 }
@@ -132,7 +157,13 @@ where
     for t in tasks {
         total += t.await.unwrap_or(0);
     }
-    total as f64 / started.elapsed().as_secs_f64()
+    let rate = total as f64 / started.elapsed().as_secs_f64();
+    drop(give_back);
+    let mut idle = idle.lock().await;
+    while let Ok(conn) = idle.try_recv() {
+        let _ = conn.close().await;
+    }
+    rate
 }
 
 type Rooms = Arc<Mutex<HashMap<String, broadcast::Sender<Arc<str>>>>>;

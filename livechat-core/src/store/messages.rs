@@ -523,27 +523,29 @@ impl SeaOrmStore {
             });
         }
         let count = touched.len() as i64;
-        let touched = padded(touched);
         // Read without a lock: the write checks what staging read (a
         // touched session is always among those read).
         let guard = (postgres && wait == LockWait::Optimistic).then(|| Guard {
             count,
-            sessions: touched
-                .iter()
-                .filter_map(|&(id, last_seq)| {
-                    let session = sessions.get(&id)?;
-                    Some(SessionGuard {
-                        id,
-                        last_seq,
-                        status: session.row.status.clone(),
-                        customer_id: session.row.customer_id,
-                        ticket_id: session.row.ticket_id,
-                        customer_user: session.customer_user,
-                        customer_connected: session.customer_connections > 0,
+            sessions: SessionGuard::padded(
+                touched
+                    .iter()
+                    .filter_map(|&(id, last_seq)| {
+                        let session = sessions.get(&id)?;
+                        Some(SessionGuard {
+                            id,
+                            last_seq,
+                            status: session.row.status.clone(),
+                            customer_id: session.row.customer_id,
+                            ticket_id: session.row.ticket_id,
+                            customer_user: session.customer_user,
+                            customer_connected: session.customer_connections > 0,
+                        })
                     })
-                })
-                .collect(),
+                    .collect(),
+            ),
         });
+        let touched = padded(touched);
         let writes = (!rows.is_empty()).then_some(BatchWrites {
             messages: rows,
             outbox: outbox_rows,
@@ -875,8 +877,8 @@ struct BatchWrites {
 /// `seq`, each refusal, each event) stands.
 #[derive(Clone)]
 struct Guard {
-    /// Each session with new messages, in id order; padded (see
-    /// [`padded`]).
+    /// Each session with new messages, in id order, then fillers up to a
+    /// power of two ([`SessionGuard::padded`]).
     sessions: Vec<SessionGuard>,
     /// How many distinct sessions `sessions` lists.
     count: i64,
@@ -896,6 +898,32 @@ struct SessionGuard {
     customer_user: Option<i64>,
     /// Whether a live customer connection follows the session.
     customer_connected: bool,
+}
+
+impl SessionGuard {
+    /// `sessions` followed by rows that match no session, up to a power of
+    /// two: the statement has few shapes ([`padded`]), and the fillers
+    /// drop out of the guard's join before its lock and the customer's
+    /// checks. Repeating the last session instead, as [`padded`] does,
+    /// made PostgreSQL lock that row and run both checks once per copy
+    /// (`auto_explain` at 64 senders: 64 rows for a batch of 33 sessions).
+    /// A filler's status is empty and its `last_seq` negative, which no
+    /// session has, whatever its id.
+    fn padded(mut sessions: Vec<Self>) -> Vec<Self> {
+        let filler = Self {
+            id: uuid::Uuid::nil(),
+            last_seq: -1,
+            status: String::new(),
+            customer_id: None,
+            ticket_id: None,
+            customer_user: None,
+            customer_connected: false,
+        };
+        if !sessions.is_empty() {
+            sessions.resize(sessions.len().next_power_of_two(), filler);
+        }
+        sessions
+    }
 }
 
 /// What staging a batch decided.
@@ -1570,18 +1598,19 @@ mod tests {
         seqs.sort_unstable();
         let guard = guarded.then(|| Guard {
             count: seqs.len() as i64,
-            sessions: padded(seqs.clone())
-                .into_iter()
-                .map(|(id, seq)| SessionGuard {
-                    id,
-                    last_seq: seq - 1,
-                    status: "active".into(),
-                    customer_id: (!nulls).then(uuid::Uuid::now_v7),
-                    ticket_id: None,
-                    customer_user: (!nulls).then_some(950),
-                    customer_connected: !nulls,
-                })
-                .collect(),
+            sessions: SessionGuard::padded(
+                seqs.iter()
+                    .map(|&(id, seq)| SessionGuard {
+                        id,
+                        last_seq: seq - 1,
+                        status: "active".into(),
+                        customer_id: (!nulls).then(uuid::Uuid::now_v7),
+                        ticket_id: None,
+                        customer_user: (!nulls).then_some(950),
+                        customer_connected: !nulls,
+                    })
+                    .collect(),
+            ),
         });
         BatchWrites {
             messages,
@@ -1964,6 +1993,75 @@ mod tests {
             .await
             .unwrap();
         assert_eq!(stored().await, (4, 4, "2,2".to_owned()));
+    }
+
+    /// Issue #5: the guard's rows are padded to a power of two with rows
+    /// that match no session, so PostgreSQL locks and checks each session
+    /// of the batch once: the plan's lock sees 3 rows for 3 sessions (with
+    /// the last session repeated, it saw 4), and a session whose id is the
+    /// fillers' (nil) is neither locked nor written.
+    #[cfg(feature = "postgres")]
+    #[tokio::test]
+    async fn the_guard_is_padded_with_rows_that_match_no_session() {
+        use sea_orm::{ConnectionTrait, TransactionTrait};
+        let db = migrated_postgres().await;
+        let writes = writes(3, 3, true, true);
+        let sessions = writes.guard.as_ref().map(|g| g.sessions.len());
+        assert_eq!(sessions, Some(4));
+        // Each session at the `last_seq` the guard expects (seq - 1).
+        let mut sessions = writes.seqs.clone();
+        sessions.dedup();
+        let expected: Vec<String> = sessions.iter().map(|(_, seq)| seq.to_string()).collect();
+        sessions.push((uuid::Uuid::nil(), 1));
+        for (id, seq) in sessions {
+            db.execute_unprepared(&format!(
+                "INSERT INTO livechat_sessions (id, tenant_id, origin, status, last_seq, created_at, updated_at) \
+                 VALUES ('{id}', 1, 'widget', 'active', {}, now(), now())",
+                seq - 1
+            ))
+            .await
+            .unwrap();
+        }
+        let statement = write_statement(DbBackend::Postgres, writes);
+
+        // EXPLAIN ANALYZE runs the write: in a transaction rolled back.
+        let tx = db.begin().await.unwrap();
+        let plan: serde_json::Value = tx
+            .query_one_raw(Statement {
+                sql: format!("EXPLAIN (ANALYZE, FORMAT JSON) {}", statement.sql),
+                ..statement.clone()
+            })
+            .await
+            .unwrap()
+            .unwrap()
+            .try_get("", "QUERY PLAN")
+            .unwrap();
+        tx.rollback().await.unwrap();
+        fn locked_rows(node: &serde_json::Value) -> Option<u64> {
+            if node["Node Type"] == "LockRows" {
+                return node["Actual Rows"].as_u64();
+            }
+            node.get("Plans")?.as_array()?.iter().find_map(locked_rows)
+        }
+        let root = &plan[0]["Plan"];
+        assert_eq!(locked_rows(root), Some(3), "{plan:#}");
+
+        db.execute_raw(statement).await.unwrap();
+        let seqs = db
+            .query_one_raw(Statement::from_string(
+                DbBackend::Postgres,
+                format!(
+                    "SELECT string_agg(last_seq::text, ',' ORDER BY id = '{}', id) AS seqs \
+                     FROM livechat_sessions",
+                    uuid::Uuid::nil()
+                ),
+            ))
+            .await
+            .unwrap()
+            .unwrap()
+            .try_get::<String>("", "seqs")
+            .unwrap();
+        assert_eq!(seqs, format!("{},0", expected.join(",")));
     }
 
     /// Issue #5: a node that knows a session from its earlier batches

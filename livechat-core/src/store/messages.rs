@@ -1884,7 +1884,6 @@ mod tests {
         tx.rollback().await.unwrap();
     }
 
-    /// A fresh PostgreSQL database with the store's tables.
     /// Issue #5: a batch read without a lock ([`LockWait::Optimistic`])
     /// writes in one statement of its own that stores everything only if
     /// each session is free and still as read (`last_seq`, status,
@@ -1945,16 +1944,11 @@ mod tests {
         let stored = || async {
             let messages = message::Entity::find().count(&db).await.unwrap();
             let outbox = super::outbox::Entity::find().count(&db).await.unwrap();
-            let seqs = db
-                .query_one_raw(Statement::from_string(
-                    DbBackend::Postgres,
-                    "SELECT string_agg(last_seq::text, ',' ORDER BY id) AS seqs FROM livechat_sessions",
-                ))
-                .await
-                .unwrap()
-                .unwrap()
-                .try_get::<String>("", "seqs")
-                .unwrap();
+            let seqs: String = value(
+                &db,
+                "SELECT string_agg(last_seq::text, ',' ORDER BY id) AS v FROM livechat_sessions",
+            )
+            .await;
             (messages, outbox, seqs)
         };
 
@@ -2047,20 +2041,15 @@ mod tests {
         assert_eq!(locked_rows(root), Some(3), "{plan:#}");
 
         db.execute_raw(statement).await.unwrap();
-        let seqs = db
-            .query_one_raw(Statement::from_string(
-                DbBackend::Postgres,
-                format!(
-                    "SELECT string_agg(last_seq::text, ',' ORDER BY id = '{}', id) AS seqs \
-                     FROM livechat_sessions",
-                    uuid::Uuid::nil()
-                ),
-            ))
-            .await
-            .unwrap()
-            .unwrap()
-            .try_get::<String>("", "seqs")
-            .unwrap();
+        let seqs: String = value(
+            &db,
+            &format!(
+                "SELECT string_agg(last_seq::text, ',' ORDER BY id = '{}', id) AS v \
+                 FROM livechat_sessions",
+                uuid::Uuid::nil()
+            ),
+        )
+        .await;
         assert_eq!(seqs, format!("{},0", expected.join(",")));
     }
 
@@ -2169,15 +2158,7 @@ mod tests {
         let held_pid = || async {
             let (conn, used) = store.appends.held.lock().unwrap().take().unwrap();
             let writer = Writer::new(conn);
-            let row = writer
-                .query_one_raw(Statement::from_string(
-                    DbBackend::Postgres,
-                    "SELECT pg_backend_pid() AS pid",
-                ))
-                .await
-                .unwrap()
-                .unwrap();
-            let pid: i32 = row.try_get("", "pid").unwrap();
+            let pid: i32 = value(&writer, "SELECT pg_backend_pid() AS v").await;
             *store.appends.held.lock().unwrap() = Some((writer.into_conn(), used));
             pid
         };
@@ -2213,6 +2194,18 @@ mod tests {
             .unwrap();
     }
 
+    /// Column `v` of the one row `sql` returns on PostgreSQL.
+    #[cfg(feature = "postgres")]
+    async fn value<T: sea_orm::TryGetable>(db: &impl sea_orm::ConnectionTrait, sql: &str) -> T {
+        db.query_one_raw(Statement::from_string(DbBackend::Postgres, sql))
+            .await
+            .unwrap()
+            .expect("one row")
+            .try_get("", "v")
+            .unwrap()
+    }
+
+    /// A fresh PostgreSQL database with the store's tables.
     async fn migrated_postgres() -> sea_orm::DatabaseConnection {
         use sea_orm_migration::MigratorTrait;
         let admin = livechat_tests::postgres_admin_url();

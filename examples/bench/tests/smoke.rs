@@ -50,7 +50,11 @@ async fn every_scenario_reports_numbers() {
     assert!(row.library > 0.0 && row.baseline > 0.0, "{row:?}");
     // Every waiting customer saw each move (or the scenario panics).
     let rows = queue_moves(&target, 12, 3).await;
-    assert!(rows[0].library > 0.0 && rows[1].library > 0.0, "{rows:?}");
+    // CPU time comes in clock ticks (10 ms): three small moves may take none.
+    assert!(
+        rows[0].library > 0.0 && rows[1].library.is_finite() && rows[1].library >= 0.0,
+        "{rows:?}"
+    );
     let rows = idle(&target, &hub, 220, &mut InProcessHolders::default()).await;
     assert!(
         rows[2].library > 0.0,

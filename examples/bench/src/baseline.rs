@@ -43,7 +43,7 @@ pub enum RawDb {
 /// pool pings each connection given back to it, which cost the raw
 /// PostgreSQL insert a second round trip (BENCHMARKS.md, "The harness's
 /// own cost"). On PostgreSQL each writer has its own connection; on SQLite
-/// the writers share at most [`SQLITE_CONNECTIONS`], each taken for one
+/// the writers share at most 8 (`SQLITE_CONNECTIONS`), each taken for one
 /// insert and handed back (more connections to one file would mostly
 /// wait on its write lock).
 ///
@@ -113,7 +113,7 @@ pub async fn raw_insert_rate(db: &RawDb, writers: usize, duration: Duration) -> 
 }
 
 /// At most this many SQLite connections serve the raw writers.
-pub const SQLITE_CONNECTIONS: usize = 8;
+const SQLITE_CONNECTIONS: usize = 8;
 
 const BODY: &str = "hello there, a short chat line";
 

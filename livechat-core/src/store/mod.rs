@@ -23,6 +23,8 @@ mod outbox;
 mod presence_repo;
 mod routing;
 mod sessions;
+#[cfg(all(test, feature = "postgres"))]
+mod test_postgres;
 mod writer;
 
 use std::sync::Arc;

@@ -1,7 +1,10 @@
 //! [`PresenceRepository`] for the SeaORM store.
 
 use sea_orm::sea_query::{Expr, ExprTrait, OnConflict};
-use sea_orm::{ActiveValue::Set, ColumnTrait, EntityTrait, QueryFilter, QuerySelect, QueryTrait};
+use sea_orm::{
+    ActiveValue::Set, ColumnTrait, DatabaseTransaction, EntityTrait, QueryFilter, QueryOrder,
+    QuerySelect, QueryTrait,
+};
 
 use super::entity::{connection, presence, routing as routing_entity};
 use super::routing::{drain_queue, eligible_agents, lock_tenant};
@@ -118,6 +121,14 @@ impl PresenceRepository for SeaOrmStore {
     }
 
     async fn announce_offline(&self, tenant: TenantId, agent: UserId) -> Result<bool, ChatError> {
+        let tx = self.begin_write().await?;
+        lock_presence(
+            &tx,
+            presence::Column::TenantId
+                .eq(tenant.get())
+                .and(presence::Column::AgentId.eq(agent.get())),
+        )
+        .await?;
         let now = now();
         let live = connection::Entity::find()
             .select_only()
@@ -132,8 +143,9 @@ impl PresenceRepository for SeaOrmStore {
             .filter(presence::Column::AgentId.eq(agent.get()))
             .filter(presence::Column::OfflineAnnouncedAt.is_null())
             .filter(Expr::not_exists(live))
-            .exec(&self.db)
+            .exec(&tx)
             .await?;
+        tx.commit().await?;
         Ok(announced.rows_affected > 0)
     }
 
@@ -141,6 +153,14 @@ impl PresenceRepository for SeaOrmStore {
         &self,
         stale_before: chrono::DateTime<chrono::Utc>,
     ) -> Result<Vec<(TenantId, UserId)>, ChatError> {
+        let unannounced = || {
+            presence::Column::OfflineAnnouncedAt
+                .is_null()
+                .and(presence::Column::Status.ne(PresenceStatus::Offline.as_str()))
+                .and(presence::Column::LastSeenAt.lt(stale_before))
+        };
+        let tx = self.begin_write().await?;
+        lock_presence(&tx, unannounced()).await?;
         let now = now();
         let live = connection::Entity::find()
             .select_only()
@@ -155,14 +175,14 @@ impl PresenceRepository for SeaOrmStore {
             )
             .filter(connection::Column::ExpiresAt.gt(now))
             .into_query();
-        presence::Entity::update_many()
+        let announced = presence::Entity::update_many()
             .col_expr(presence::Column::OfflineAnnouncedAt, Expr::value(now))
-            .filter(presence::Column::OfflineAnnouncedAt.is_null())
-            .filter(presence::Column::Status.ne(PresenceStatus::Offline.as_str()))
-            .filter(presence::Column::LastSeenAt.lt(stale_before))
+            .filter(unannounced())
             .filter(Expr::not_exists(live))
-            .exec_with_returning(&self.db)
-            .await?
+            .exec_with_returning(&tx)
+            .await?;
+        tx.commit().await?;
+        announced
             .into_iter()
             .map(|row| Ok((host_id(row.tenant_id)?, host_id(row.agent_id)?)))
             .collect()
@@ -239,5 +259,166 @@ impl PresenceRepository for SeaOrmStore {
             .await?
             .and_then(|r| r.agent_capacity)
             .unwrap_or(policy.default_capacity))
+    }
+}
+
+/// Locks the presence rows matching `filter` (in key order, so that two
+/// sweeps never wait on each other in a cycle) for the rest of `tx`.
+///
+/// An offline announcement checks that the agent has no live connection.
+/// On PostgreSQL a statement reads as of its start, so a single
+/// conditional `UPDATE` could miss a connection registered while it waited
+/// for the presence row, after the reconnect's
+/// `clear_offline_announcement` had found nothing to clear: the agent
+/// would stay announced offline while connected. Taking the row first and
+/// checking the connections in a later statement, which reads as of its
+/// own start, closes that: either the check sees the new connection, or
+/// the reconnect's clear waits for this transaction and clears what it
+/// wrote. SQLite has one writer at a time (the transaction is `IMMEDIATE`)
+/// and no row locks; the statement is then a plain read.
+async fn lock_presence(
+    tx: &DatabaseTransaction,
+    filter: impl sea_orm::sea_query::IntoCondition,
+) -> Result<(), ChatError> {
+    presence::Entity::find()
+        .select_only()
+        .column(presence::Column::AgentId)
+        .filter(filter)
+        .order_by_asc(presence::Column::TenantId)
+        .order_by_asc(presence::Column::AgentId)
+        .lock_exclusive()
+        .into_tuple::<i64>()
+        .all(tx)
+        .await?;
+    Ok(())
+}
+
+#[cfg(all(test, feature = "postgres"))]
+mod tests {
+    use std::future::Future;
+    use std::time::Duration;
+
+    use sea_orm::{ConnectionTrait, TransactionTrait};
+
+    use super::super::test_postgres::{migrated_postgres, value};
+    use crate::config::RoutingPolicy;
+    use crate::error::ChatError;
+    use crate::ids::{TenantId, UserId};
+    use crate::model::PresenceStatus;
+    use crate::repository::{ConnectionOwner, ConnectionRepository, PresenceRepository};
+    use crate::store::SeaOrmStore;
+
+    fn tenant() -> TenantId {
+        TenantId::new(1).unwrap()
+    }
+
+    fn agent() -> UserId {
+        UserId::new(7).unwrap()
+    }
+
+    /// Runs `announce` for agent 7 of tenant 1 (online, no connection)
+    /// while another transaction holds the agent's presence row, and
+    /// registers a connection of the agent before releasing it: the
+    /// announcement's statements wait for the row, and the reconnect's own
+    /// `clear_offline_announcement` would have found nothing to clear.
+    /// Returns what `announce` returned.
+    async fn announced_during_a_reconnect<T, F>(announce: impl FnOnce(SeaOrmStore) -> F) -> T
+    where
+        T: Send + 'static,
+        F: Future<Output = Result<T, ChatError>> + Send + 'static,
+    {
+        let db = migrated_postgres().await;
+        let store = SeaOrmStore::new(db.clone());
+        store
+            .set_presence(
+                tenant(),
+                agent(),
+                PresenceStatus::Online,
+                &RoutingPolicy::default(),
+            )
+            .await
+            .unwrap();
+        let holder = db.begin().await.unwrap();
+        holder
+            .execute_unprepared("SELECT 1 FROM livechat_agent_presence FOR UPDATE")
+            .await
+            .unwrap();
+        let announcing = tokio::spawn(announce(store.clone()));
+        let mut polls = 0;
+        while value::<i64>(
+            &db,
+            "SELECT count(*) AS v FROM pg_stat_activity \
+             WHERE wait_event_type = 'Lock' AND datname = current_database()",
+        )
+        .await
+            == 0
+        {
+            polls += 1;
+            assert!(polls < 1_000, "the announcement never waited for the row");
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        store
+            .register_connection(
+                tenant(),
+                uuid::Uuid::now_v7(),
+                ConnectionOwner::Agent(agent()),
+                "node-b",
+                Duration::from_secs(60),
+            )
+            .await
+            .unwrap();
+        holder.commit().await.unwrap();
+        announcing.await.unwrap().unwrap()
+    }
+
+    /// An agent whose last connection ended reconnects while the grace
+    /// period's announcement waits for their presence row: the
+    /// announcement sees the new connection and announces nothing. (A
+    /// single conditional `UPDATE` read the connections as of its start
+    /// and announced the connected agent offline.)
+    #[tokio::test]
+    async fn an_announcement_sees_a_connection_made_while_it_waited() {
+        let announced = announced_during_a_reconnect(|store| async move {
+            store.announce_offline(tenant(), agent()).await
+        })
+        .await;
+        assert!(!announced);
+    }
+
+    /// The same for the housekeeping's sweep of agents whose presence ran
+    /// out.
+    #[tokio::test]
+    async fn the_expiry_sweep_sees_a_connection_made_while_it_waited() {
+        let announced = announced_during_a_reconnect(|store| async move {
+            let stale_before = chrono::Utc::now() + chrono::Duration::hours(1);
+            store.announce_expired_presence(stale_before).await
+        })
+        .await;
+        assert_eq!(announced, vec![]);
+    }
+
+    /// Without a connection both announce, once.
+    #[tokio::test]
+    async fn an_agent_without_a_connection_is_announced_once() {
+        let db = migrated_postgres().await;
+        let store = SeaOrmStore::new(db);
+        let policy = RoutingPolicy::default();
+        for agent in [agent(), UserId::new(8).unwrap()] {
+            store
+                .set_presence(tenant(), agent, PresenceStatus::Online, &policy)
+                .await
+                .unwrap();
+        }
+        assert!(store.announce_offline(tenant(), agent()).await.unwrap());
+        assert!(!store.announce_offline(tenant(), agent()).await.unwrap());
+        let stale_before = chrono::Utc::now() + chrono::Duration::hours(1);
+        assert_eq!(
+            store.announce_expired_presence(stale_before).await.unwrap(),
+            vec![(tenant(), UserId::new(8).unwrap())]
+        );
+        assert_eq!(
+            store.announce_expired_presence(stale_before).await.unwrap(),
+            vec![]
+        );
     }
 }

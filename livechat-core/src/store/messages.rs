@@ -1205,13 +1205,7 @@ fn build_write_statement(backend: DbBackend, writes: BatchWrites) -> Statement {
     let postgres = backend == DbBackend::Postgres;
     let guard = writes.guard.filter(|_| postgres);
     let mut inserts: Vec<InsertStatement> = Vec::new();
-    // On SQLite one message per statement: see `sqlite_statement`.
-    let messages = if postgres {
-        power_of_two_chunks(writes.messages)
-    } else {
-        writes.messages.into_iter().map(|m| vec![m]).collect()
-    };
-    for chunk in messages {
+    for chunk in power_of_two_chunks(writes.messages) {
         inserts.push(message::Entity::insert_many(chunk).into_query());
     }
     for chunk in power_of_two_chunks(writes.outbox) {
@@ -1294,10 +1288,14 @@ fn build_write_statement(backend: DbBackend, writes: BatchWrites) -> Statement {
 /// failed statement fails the whole transaction, which is rolled back
 /// ([`BatchFailure::before`]). So every statement says `OR FAIL` (a
 /// constraint error stops the statement and keeps its earlier rows, which
-/// the rollback then drops), and messages are inserted one row per
-/// statement, because their foreign key to the session is checked
-/// immediately and so may abort a multi-row insert whatever its conflict
-/// clause; a single-row insert checks every constraint before it writes.
+/// the rollback then drops), and the messages' foreign key to their
+/// session is checked at commit (`DEFERRABLE INITIALLY DEFERRED`,
+/// migration `m0004_messages_deferred_fk`): an immediate one may abort a
+/// multi-row insert whatever its conflict clause. With it the messages go
+/// in as multi-row inserts, as on PostgreSQL: one statement per chunk
+/// instead of one per message, and so one hand-off from sqlx's worker
+/// thread per chunk (each statement's result is handed to the runtime on
+/// its own, about one context switch each).
 fn sqlite_statement(sql: String) -> String {
     for verb in ["INSERT ", "UPDATE "] {
         if let Some(rest) = sql.strip_prefix(verb) {
@@ -2237,6 +2235,61 @@ mod tests {
             .collect()
     }
 
+    /// Issue #5: on a migrated SQLite database every foreign key a batch's
+    /// write checks is deferred (`FkCounter` with P1 = 1 counts deferred
+    /// violations; 0 would be an immediate check, which may abort a
+    /// multi-row insert and so needs a statement journal), and a message
+    /// whose session does not exist still fails: at commit, storing
+    /// nothing.
+    #[cfg(feature = "sqlite")]
+    #[tokio::test]
+    async fn sqlite_checks_the_messages_session_at_commit() {
+        use sea_orm::{ConnectionTrait, TransactionTrait};
+        use sea_orm_migration::MigratorTrait;
+        let db = crate::store::connect("sqlite::memory:").await.unwrap();
+        crate::store::Migrator::up(&db, None).await.unwrap();
+        let write = build_write_statement(DbBackend::Sqlite, writes(5, 2, false, false));
+        let mut fk_counters = Vec::new();
+        for part in write.sql.split(";\n").filter(|p| !p.is_empty()) {
+            let program = db
+                .query_all_raw(Statement::from_string(
+                    DbBackend::Sqlite,
+                    format!("EXPLAIN {part}"),
+                ))
+                .await
+                .unwrap();
+            for op in program {
+                if op.try_get::<String>("", "opcode").unwrap() == "FkCounter" {
+                    fk_counters.push(op.try_get::<i64>("", "p1").unwrap());
+                }
+            }
+        }
+        assert!(!fk_counters.is_empty(), "{}", write.sql);
+        assert!(fk_counters.iter().all(|&p1| p1 == 1), "{fk_counters:?}");
+
+        let tx = db.begin().await.unwrap();
+        tx.execute_unprepared(&format!(
+            "INSERT INTO livechat_messages (id, tenant_id, session_id, sender_type, seq, body, \
+             created_at) VALUES ('{}', 1, '{}', 'agent', 1, 'hello', '2026-01-01 00:00:00')",
+            uuid::Uuid::now_v7(),
+            uuid::Uuid::now_v7(),
+        ))
+        .await
+        .expect("checked at commit, not here");
+        assert!(tx.commit().await.is_err(), "no such session");
+        let stored = db
+            .query_one_raw(Statement::from_string(
+                DbBackend::Sqlite,
+                "SELECT count(*) AS n FROM livechat_messages",
+            ))
+            .await
+            .unwrap()
+            .unwrap()
+            .try_get::<i64>("", "n")
+            .unwrap();
+        assert_eq!(stored, 0);
+    }
+
     #[test]
     fn sqlite_write_statements_run_without_a_statement_journal() {
         let statement = build_write_statement(DbBackend::Sqlite, writes(5, 2, false, false));
@@ -2245,16 +2298,13 @@ mod tests {
             .split(";\n")
             .filter(|p| !p.is_empty())
             .collect();
-        // Five messages one by one, five outbox rows as 4 + 1, one update.
-        assert_eq!(parts.len(), 5 + 2 + 1, "{}", statement.sql);
+        // Five messages and five outbox rows as 4 + 1 each, one update.
+        assert_eq!(parts.len(), 2 + 2 + 1, "{}", statement.sql);
         for part in &parts {
             assert!(
                 part.starts_with("INSERT OR FAIL ") || part.starts_with("UPDATE OR FAIL "),
                 "{part}"
             );
-            if part.contains("\"livechat_messages\"") {
-                assert!(!part.contains("), ("), "one message per statement: {part}");
-            }
         }
     }
 

@@ -17,6 +17,7 @@ impl MigratorTrait for Migrator {
             Box::new(m0001_chat::Migration),
             Box::new(m0002_outbox_scan::Migration),
             Box::new(m0003_presence_announced::Migration),
+            Box::new(m0004_messages_deferred_fk::Migration),
         ]
     }
 
@@ -543,6 +544,96 @@ mod m0003_presence_announced {
                         .to_owned(),
                 )
                 .await
+        }
+    }
+}
+
+/// On SQLite, `livechat_messages`' foreign key to its session is checked
+/// at commit (`DEFERRABLE INITIALLY DEFERRED`) instead of after each
+/// statement, so that a batch's messages go in as multi-row inserts
+/// without a statement journal (issue #5; `sqlite_statement` in
+/// `store/messages.rs`): a statement that writes several rows and may
+/// abort half-way makes SQLite copy every page it touches into that
+/// journal, and SQLite decides that from the constraint's declaration.
+/// An insert with no session still fails: its transaction's commit does,
+/// and nothing of it is stored. SQLite cannot alter a constraint, so the
+/// table is rebuilt in one transaction (its rows copied, its indexes made
+/// again): on a large table this migration takes as long as that copy.
+/// Nothing references `livechat_messages`. PostgreSQL is left as it is:
+/// there a multi-row insert needs no such journal.
+mod m0004_messages_deferred_fk {
+    use sea_orm_migration::prelude::*;
+    use sea_orm_migration::sea_orm::{ConnectionTrait, DbBackend};
+
+    pub(super) struct Migration;
+
+    impl MigrationName for Migration {
+        fn name(&self) -> &str {
+            "m0004_messages_deferred_fk"
+        }
+    }
+
+    /// `livechat_messages` as m0001 makes it on SQLite, with `deferral`
+    /// after its foreign key.
+    fn rebuild(deferral: &str) -> [String; 6] {
+        [
+            format!(
+                "CREATE TABLE livechat_messages_rebuilt ( \
+                 id uuid_text NOT NULL PRIMARY KEY, \
+                 tenant_id integer NOT NULL, \
+                 session_id uuid_text NOT NULL, \
+                 sender_type varchar(16) NOT NULL, \
+                 sender_id integer NULL, \
+                 customer_id uuid_text NULL, \
+                 seq integer NOT NULL, \
+                 body text NOT NULL, \
+                 client_msg_id varchar(128) NULL, \
+                 created_at timestamp_with_timezone_text NOT NULL, \
+                 CONSTRAINT livechat_messages_session_fk FOREIGN KEY (session_id) \
+                 REFERENCES livechat_sessions (id) ON DELETE CASCADE {deferral})"
+            ),
+            "INSERT INTO livechat_messages_rebuilt \
+             (id, tenant_id, session_id, sender_type, sender_id, customer_id, seq, body, \
+             client_msg_id, created_at) \
+             SELECT id, tenant_id, session_id, sender_type, sender_id, customer_id, seq, body, \
+             client_msg_id, created_at FROM livechat_messages"
+                .to_owned(),
+            "DROP TABLE livechat_messages".to_owned(),
+            "ALTER TABLE livechat_messages_rebuilt RENAME TO livechat_messages".to_owned(),
+            "CREATE UNIQUE INDEX livechat_messages_session_seq \
+             ON livechat_messages (session_id, seq)"
+                .to_owned(),
+            "CREATE UNIQUE INDEX livechat_messages_client_msg_id \
+             ON livechat_messages (session_id, client_msg_id) \
+             WHERE client_msg_id IS NOT NULL"
+                .to_owned(),
+        ]
+    }
+
+    async fn run(manager: &SchemaManager<'_>, deferral: &str) -> Result<(), DbErr> {
+        let db = manager.get_connection();
+        if db.get_database_backend() != DbBackend::Sqlite {
+            return Ok(());
+        }
+        for sql in rebuild(deferral) {
+            db.execute_unprepared(&sql).await?;
+        }
+        Ok(())
+    }
+
+    #[async_trait::async_trait]
+    impl MigrationTrait for Migration {
+        async fn up(&self, manager: &SchemaManager) -> Result<(), DbErr> {
+            run(manager, "DEFERRABLE INITIALLY DEFERRED").await
+        }
+
+        async fn down(&self, manager: &SchemaManager) -> Result<(), DbErr> {
+            run(manager, "").await
+        }
+
+        /// The rebuild and its record commit together, on SQLite too.
+        fn use_transaction(&self) -> Option<bool> {
+            Some(true)
         }
     }
 }

@@ -637,3 +637,110 @@ mod m0004_messages_deferred_fk {
         }
     }
 }
+
+#[cfg(all(test, feature = "sqlite"))]
+mod tests {
+    use sea_orm::{ConnectionTrait, DatabaseConnection, DbBackend, Statement};
+    use sea_orm_migration::MigratorTrait;
+
+    use super::Migrator;
+
+    async fn strings(db: &DatabaseConnection, sql: &str) -> Vec<String> {
+        db.query_all_raw(Statement::from_string(DbBackend::Sqlite, sql))
+            .await
+            .unwrap()
+            .iter()
+            .map(|row| row.try_get_by_index::<String>(0).unwrap())
+            .collect()
+    }
+
+    /// The messages table as it stands: its `CREATE TABLE`, its indexes'
+    /// names and its rows (id, seq, body).
+    async fn messages_table(db: &DatabaseConnection) -> (String, Vec<String>, Vec<String>) {
+        let table = strings(
+            db,
+            "SELECT sql FROM sqlite_master WHERE type = 'table' AND name = 'livechat_messages'",
+        )
+        .await
+        .concat();
+        let indexes = strings(
+            db,
+            "SELECT name FROM sqlite_master WHERE type = 'index' \
+             AND tbl_name = 'livechat_messages' AND sql IS NOT NULL ORDER BY name",
+        )
+        .await;
+        let rows = strings(
+            db,
+            "SELECT id || ' ' || seq || ' ' || body FROM livechat_messages ORDER BY seq",
+        )
+        .await;
+        (table, indexes, rows)
+    }
+
+    /// m0004 rebuilds `livechat_messages` on SQLite with a deferred foreign
+    /// key and keeps its rows, its indexes and its cascade; its down
+    /// migration restores the immediate key, rows kept too.
+    #[tokio::test]
+    async fn the_messages_rebuild_keeps_rows_and_indexes() {
+        let db = crate::store::connect("sqlite::memory:").await.unwrap();
+        Migrator::up(&db, Some(3)).await.unwrap();
+        let session = uuid::Uuid::now_v7();
+        db.execute_unprepared(&format!(
+            "INSERT INTO livechat_sessions (id, tenant_id, origin, status, created_at, updated_at) \
+             VALUES ('{session}', 1, 'customer', 'OPEN', '2026-01-01 00:00:00', '2026-01-01 00:00:00')"
+        ))
+        .await
+        .unwrap();
+        for (seq, key) in [(1, "'k1'"), (2, "NULL")] {
+            db.execute_unprepared(&format!(
+                "INSERT INTO livechat_messages (id, tenant_id, session_id, sender_type, seq, body, \
+                 client_msg_id, created_at) VALUES ('{}', 1, '{session}', 'agent', {seq}, \
+                 'hello {seq}', {key}, '2026-01-01 00:00:00')",
+                uuid::Uuid::now_v7()
+            ))
+            .await
+            .unwrap();
+        }
+        let (before, indexes, rows) = messages_table(&db).await;
+        assert!(!before.contains("DEFERRABLE"), "{before}");
+        assert_eq!(
+            indexes,
+            [
+                "livechat_messages_client_msg_id",
+                "livechat_messages_session_seq"
+            ]
+        );
+        assert_eq!(rows.len(), 2);
+
+        Migrator::up(&db, None).await.unwrap();
+        let (after, after_indexes, after_rows) = messages_table(&db).await;
+        assert!(after.contains("DEFERRABLE INITIALLY DEFERRED"), "{after}");
+        assert_eq!((&after_indexes, &after_rows), (&indexes, &rows));
+        // The unique indexes hold.
+        for (seq, key) in [(2, "NULL"), (3, "'k1'")] {
+            let duplicate = db
+                .execute_unprepared(&format!(
+                    "INSERT INTO livechat_messages (id, tenant_id, session_id, sender_type, seq, \
+                     body, client_msg_id, created_at) VALUES ('{}', 1, '{session}', 'agent', \
+                     {seq}, 'again', {key}, '2026-01-01 00:00:00')",
+                    uuid::Uuid::now_v7()
+                ))
+                .await;
+            assert!(duplicate.is_err(), "seq {seq}, key {key}");
+        }
+
+        Migrator::down(&db, Some(1)).await.unwrap();
+        let (down, down_indexes, down_rows) = messages_table(&db).await;
+        assert!(!down.contains("DEFERRABLE"), "{down}");
+        assert_eq!((&down_indexes, &down_rows), (&indexes, &rows));
+
+        // The cascade from the session stays.
+        Migrator::up(&db, None).await.unwrap();
+        db.execute_unprepared(&format!(
+            "DELETE FROM livechat_sessions WHERE id = '{session}'"
+        ))
+        .await
+        .unwrap();
+        assert_eq!(messages_table(&db).await.2, Vec::<String>::new());
+    }
+}

@@ -292,10 +292,7 @@ impl SeaOrmStore {
             return Ok((staged.outcomes, staged.events));
         };
         writes.write(&tx).await.map_err(BatchFailure::before)?;
-        tx.commit().await.map_err(|error| BatchFailure {
-            error,
-            at_commit: true,
-        })?;
+        tx.commit().await.map_err(BatchFailure::commit)?;
         Ok((staged.outcomes, staged.events))
     }
 
@@ -956,6 +953,23 @@ impl BatchFailure {
         Self {
             error,
             at_commit: false,
+        }
+    }
+
+    /// A failure of a batch transaction's commit: its outcome may be
+    /// unknown (the connection may have gone after the commit), unless
+    /// SQLite refused it for the messages' deferred foreign key (extended
+    /// result code 787, `SQLITE_CONSTRAINT_FOREIGNKEY`; migration
+    /// `m0004_messages_deferred_fk`): that check runs before anything is
+    /// committed, so the batch stored nothing and its appends are retried
+    /// one by one, as after a failed statement, and only the one whose
+    /// session is gone fails.
+    #[allow(clippy::needless_pass_by_value)] // used as `map_err(BatchFailure::commit)`
+    fn commit(error: DbErr) -> Self {
+        let refused = sql_state(&error).is_some_and(|code| code == "787");
+        Self {
+            error,
+            at_commit: !refused,
         }
     }
 
@@ -2276,7 +2290,11 @@ mod tests {
         ))
         .await
         .expect("checked at commit, not here");
-        assert!(tx.commit().await.is_err(), "no such session");
+        let refused = tx.commit().await.expect_err("no such session");
+        assert!(
+            super::BatchFailure::commit(refused).retryable(),
+            "a refused commit stored nothing: its appends are retried alone"
+        );
         let stored = db
             .query_one_raw(Statement::from_string(
                 DbBackend::Sqlite,

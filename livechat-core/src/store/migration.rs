@@ -563,7 +563,7 @@ mod m0003_presence_announced {
 /// there a multi-row insert needs no such journal.
 mod m0004_messages_deferred_fk {
     use sea_orm_migration::prelude::*;
-    use sea_orm_migration::sea_orm::{ConnectionTrait, DbBackend};
+    use sea_orm_migration::sea_orm::{ConnectionTrait, DbBackend, Statement};
 
     pub(super) struct Migration;
 
@@ -615,6 +615,23 @@ mod m0004_messages_deferred_fk {
         if db.get_database_backend() != DbBackend::Sqlite {
             return Ok(());
         }
+        // Rows whose session is gone (only possible if something wrote
+        // with foreign keys off) would fail the copy at commit.
+        let orphans: i64 = db
+            .query_one_raw(Statement::from_string(
+                DbBackend::Sqlite,
+                "SELECT count(*) AS n FROM livechat_messages \
+                 WHERE session_id NOT IN (SELECT id FROM livechat_sessions)",
+            ))
+            .await?
+            .map_or(Ok(0), |row| row.try_get("", "n"))?;
+        if orphans > 0 {
+            return Err(DbErr::Migration(format!(
+                "{orphans} rows of livechat_messages reference no session in livechat_sessions \
+                 (written with foreign keys off); delete them or restore their sessions, \
+                 then migrate again"
+            )));
+        }
         for sql in rebuild(deferral) {
             db.execute_unprepared(&sql).await?;
         }
@@ -654,27 +671,28 @@ mod tests {
             .collect()
     }
 
-    /// The messages table as it stands: its `CREATE TABLE`, its indexes'
-    /// names and its rows (id, seq, body).
-    async fn messages_table(db: &DatabaseConnection) -> (String, Vec<String>, Vec<String>) {
+    /// The messages table as it stands: its `CREATE TABLE`, and its
+    /// columns, foreign keys, indexes and rows (id, seq, body).
+    async fn messages_table(db: &DatabaseConnection) -> (String, Vec<String>) {
         let table = strings(
             db,
             "SELECT sql FROM sqlite_master WHERE type = 'table' AND name = 'livechat_messages'",
         )
         .await
         .concat();
-        let indexes = strings(
-            db,
-            "SELECT name FROM sqlite_master WHERE type = 'index' \
-             AND tbl_name = 'livechat_messages' AND sql IS NOT NULL ORDER BY name",
-        )
-        .await;
-        let rows = strings(
-            db,
+        let mut shape = Vec::new();
+        for sql in [
+            "SELECT name || ' ' || type || ' ' || \"notnull\" || ' ' || pk \
+             FROM pragma_table_info('livechat_messages') ORDER BY cid",
+            "SELECT \"table\" || ' ' || \"from\" || ' ' || \"to\" || ' ' || on_delete \
+             FROM pragma_foreign_key_list('livechat_messages')",
+            "SELECT name || ' ' || \"unique\" || ' ' || partial \
+             FROM pragma_index_list('livechat_messages') ORDER BY name",
             "SELECT id || ' ' || seq || ' ' || body FROM livechat_messages ORDER BY seq",
-        )
-        .await;
-        (table, indexes, rows)
+        ] {
+            shape.extend(strings(db, sql).await);
+        }
+        (table, shape)
     }
 
     /// m0004 rebuilds `livechat_messages` on SQLite with a deferred foreign
@@ -701,21 +719,21 @@ mod tests {
             .await
             .unwrap();
         }
-        let (before, indexes, rows) = messages_table(&db).await;
+        let (before, shape) = messages_table(&db).await;
         assert!(!before.contains("DEFERRABLE"), "{before}");
-        assert_eq!(
-            indexes,
-            [
-                "livechat_messages_client_msg_id",
-                "livechat_messages_session_seq"
-            ]
-        );
-        assert_eq!(rows.len(), 2);
+        for part in [
+            "livechat_messages_client_msg_id 1 1",
+            "livechat_messages_session_seq 1 0",
+            "livechat_sessions session_id id CASCADE",
+        ] {
+            assert!(shape.iter().any(|s| s == part), "{part}: {shape:?}");
+        }
+        assert_eq!(shape.iter().filter(|s| s.contains("hello")).count(), 2);
 
         Migrator::up(&db, None).await.unwrap();
-        let (after, after_indexes, after_rows) = messages_table(&db).await;
+        let (after, after_shape) = messages_table(&db).await;
         assert!(after.contains("DEFERRABLE INITIALLY DEFERRED"), "{after}");
-        assert_eq!((&after_indexes, &after_rows), (&indexes, &rows));
+        assert_eq!(after_shape, shape);
         // The unique indexes hold.
         for (seq, key) in [(2, "NULL"), (3, "'k1'")] {
             let duplicate = db
@@ -730,9 +748,9 @@ mod tests {
         }
 
         Migrator::down(&db, Some(1)).await.unwrap();
-        let (down, down_indexes, down_rows) = messages_table(&db).await;
+        let (down, down_shape) = messages_table(&db).await;
         assert!(!down.contains("DEFERRABLE"), "{down}");
-        assert_eq!((&down_indexes, &down_rows), (&indexes, &rows));
+        assert_eq!(down_shape, shape);
 
         // The cascade from the session stays.
         Migrator::up(&db, None).await.unwrap();
@@ -741,6 +759,38 @@ mod tests {
         ))
         .await
         .unwrap();
-        assert_eq!(messages_table(&db).await.2, Vec::<String>::new());
+        let (_, emptied) = messages_table(&db).await;
+        assert!(!emptied.iter().any(|s| s.contains("hello")), "{emptied:?}");
+    }
+
+    /// Messages whose session is gone (written with foreign keys off) stop
+    /// the rebuild with an error that says so, and leave the table as it
+    /// was.
+    #[tokio::test]
+    async fn orphaned_messages_stop_the_rebuild_with_a_clear_error() {
+        let db = crate::store::connect("sqlite::memory:").await.unwrap();
+        Migrator::up(&db, Some(3)).await.unwrap();
+        db.execute_unprepared("PRAGMA foreign_keys = OFF")
+            .await
+            .unwrap();
+        db.execute_unprepared(&format!(
+            "INSERT INTO livechat_messages (id, tenant_id, session_id, sender_type, seq, body, \
+             created_at) VALUES ('{}', 1, '{}', 'agent', 1, 'hello', '2026-01-01 00:00:00')",
+            uuid::Uuid::now_v7(),
+            uuid::Uuid::now_v7()
+        ))
+        .await
+        .unwrap();
+        db.execute_unprepared("PRAGMA foreign_keys = ON")
+            .await
+            .unwrap();
+        let error = Migrator::up(&db, None).await.unwrap_err().to_string();
+        assert!(
+            error.contains("1 rows of livechat_messages reference no session"),
+            "{error}"
+        );
+        let (table, shape) = messages_table(&db).await;
+        assert!(!table.contains("DEFERRABLE"), "{table}");
+        assert!(shape.iter().any(|s| s.contains("hello")), "{shape:?}");
     }
 }

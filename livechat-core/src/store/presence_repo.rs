@@ -1,9 +1,9 @@
 //! [`PresenceRepository`] for the SeaORM store.
 
-use sea_orm::sea_query::{Expr, ExprTrait, OnConflict};
+use sea_orm::sea_query::{Expr, ExprTrait, LockBehavior, LockType, OnConflict};
 use sea_orm::{
-    ActiveValue::Set, ColumnTrait, DatabaseTransaction, EntityTrait, QueryFilter, QueryOrder,
-    QuerySelect, QueryTrait,
+    ActiveValue::Set, ColumnTrait, DatabaseTransaction, EntityTrait, QueryFilter, QuerySelect,
+    QueryTrait,
 };
 
 use super::entity::{connection, presence, routing as routing_entity};
@@ -122,13 +122,7 @@ impl PresenceRepository for SeaOrmStore {
 
     async fn announce_offline(&self, tenant: TenantId, agent: UserId) -> Result<bool, ChatError> {
         let tx = self.begin_write().await?;
-        lock_presence(
-            &tx,
-            presence::Column::TenantId
-                .eq(tenant.get())
-                .and(presence::Column::AgentId.eq(agent.get())),
-        )
-        .await?;
+        lock_presence(&tx, tenant, agent).await?;
         let now = now();
         let live = connection::Entity::find()
             .select_only()
@@ -160,7 +154,24 @@ impl PresenceRepository for SeaOrmStore {
                 .and(presence::Column::LastSeenAt.lt(stale_before))
         };
         let tx = self.begin_write().await?;
-        lock_presence(&tx, unannounced()).await?;
+        // The rows first (see `lock_presence`), skipping any another
+        // transaction holds: usually a heartbeat or a routing change, after
+        // which the agent may not be stale; a later sweep sees it again.
+        // Waiting for them instead could deadlock with routing, which locks
+        // several agents' rows in its own order.
+        let stale: Vec<(i64, i64)> = presence::Entity::find()
+            .select_only()
+            .column(presence::Column::TenantId)
+            .column(presence::Column::AgentId)
+            .filter(unannounced())
+            .lock_with_behavior(LockType::Update, LockBehavior::SkipLocked)
+            .into_tuple()
+            .all(&tx)
+            .await?;
+        if stale.is_empty() {
+            tx.commit().await?;
+            return Ok(Vec::new());
+        }
         let now = now();
         let live = connection::Entity::find()
             .select_only()
@@ -177,6 +188,13 @@ impl PresenceRepository for SeaOrmStore {
             .into_query();
         let announced = presence::Entity::update_many()
             .col_expr(presence::Column::OfflineAnnouncedAt, Expr::value(now))
+            .filter(
+                Expr::tuple([
+                    Expr::col(presence::Column::TenantId),
+                    Expr::col(presence::Column::AgentId),
+                ])
+                .in_tuples(stale),
+            )
             .filter(unannounced())
             .filter(Expr::not_exists(live))
             .exec_with_returning(&tx)
@@ -193,7 +211,9 @@ impl PresenceRepository for SeaOrmStore {
         tenant: TenantId,
         agent: UserId,
     ) -> Result<Option<AgentPresence>, ChatError> {
-        presence::Entity::update_many()
+        let tx = self.begin_write().await?;
+        lock_presence(&tx, tenant, agent).await?;
+        let cleared = presence::Entity::update_many()
             .col_expr(
                 presence::Column::OfflineAnnouncedAt,
                 Expr::value(Option::<chrono::DateTime<chrono::Utc>>::None),
@@ -201,8 +221,10 @@ impl PresenceRepository for SeaOrmStore {
             .filter(presence::Column::TenantId.eq(tenant.get()))
             .filter(presence::Column::AgentId.eq(agent.get()))
             .filter(presence::Column::OfflineAnnouncedAt.is_not_null())
-            .exec_with_returning(&self.db)
-            .await?
+            .exec_with_returning(&tx)
+            .await?;
+        tx.commit().await?;
+        cleared
             .into_iter()
             .next()
             .map(AgentPresence::try_from)
@@ -262,30 +284,34 @@ impl PresenceRepository for SeaOrmStore {
     }
 }
 
-/// Locks the presence rows matching `filter` (in key order, so that two
-/// sweeps never wait on each other in a cycle) for the rest of `tx`.
+/// Locks `agent`'s presence row for the rest of `tx`, waiting for any
+/// transaction that holds it.
 ///
-/// An offline announcement checks that the agent has no live connection.
-/// On PostgreSQL a statement reads as of its start, so a single
-/// conditional `UPDATE` could miss a connection registered while it waited
-/// for the presence row, after the reconnect's
-/// `clear_offline_announcement` had found nothing to clear: the agent
-/// would stay announced offline while connected. Taking the row first and
-/// checking the connections in a later statement, which reads as of its
-/// own start, closes that: either the check sees the new connection, or
-/// the reconnect's clear waits for this transaction and clears what it
-/// wrote. SQLite has one writer at a time (the transaction is `IMMEDIATE`)
-/// and no row locks; the statement is then a plain read.
+/// An offline announcement checks that the agent has no live connection,
+/// and an agent's return clears the announcement. On PostgreSQL a
+/// statement reads as of its start and skips, without waiting, a row whose
+/// committed version does not match its `WHERE`. So single conditional
+/// `UPDATE`s could miss each other: an announcement that waited for the
+/// row missed a connection registered meanwhile (it is checked against the
+/// statement's start), and a return whose clear ran while an announcement
+/// was uncommitted found nothing to clear; the agent stayed announced
+/// offline while connected. With the row taken first and the condition
+/// checked in a later statement, which reads as of its own start, the
+/// announcement and the clear are serialized: either the announcement sees
+/// the connection (registered before the clear), or the clear comes after
+/// it and undoes it, and the agent is announced back. SQLite has one
+/// writer at a time (the transaction is `IMMEDIATE`) and no row locks; the
+/// statement is then a plain read.
 async fn lock_presence(
     tx: &DatabaseTransaction,
-    filter: impl sea_orm::sea_query::IntoCondition,
+    tenant: TenantId,
+    agent: UserId,
 ) -> Result<(), ChatError> {
     presence::Entity::find()
         .select_only()
         .column(presence::Column::AgentId)
-        .filter(filter)
-        .order_by_asc(presence::Column::TenantId)
-        .order_by_asc(presence::Column::AgentId)
+        .filter(presence::Column::TenantId.eq(tenant.get()))
+        .filter(presence::Column::AgentId.eq(agent.get()))
         .lock_exclusive()
         .into_tuple::<i64>()
         .all(tx)
@@ -316,17 +342,9 @@ mod tests {
         UserId::new(7).unwrap()
     }
 
-    /// Runs `announce` for agent 7 of tenant 1 (online, no connection)
-    /// while another transaction holds the agent's presence row, and
-    /// registers a connection of the agent before releasing it: the
-    /// announcement's statements wait for the row, and the reconnect's own
-    /// `clear_offline_announcement` would have found nothing to clear.
-    /// Returns what `announce` returned.
-    async fn announced_during_a_reconnect<T, F>(announce: impl FnOnce(SeaOrmStore) -> F) -> T
-    where
-        T: Send + 'static,
-        F: Future<Output = Result<T, ChatError>> + Send + 'static,
-    {
+    /// A store on a fresh database where agent 7 of tenant 1 is online and
+    /// has no connection.
+    async fn agent_online() -> (sea_orm::DatabaseConnection, SeaOrmStore) {
         let db = migrated_postgres().await;
         let store = SeaOrmStore::new(db.clone());
         store
@@ -338,25 +356,11 @@ mod tests {
             )
             .await
             .unwrap();
-        let holder = db.begin().await.unwrap();
-        holder
-            .execute_unprepared("SELECT 1 FROM livechat_agent_presence FOR UPDATE")
-            .await
-            .unwrap();
-        let announcing = tokio::spawn(announce(store.clone()));
-        let mut polls = 0;
-        while value::<i64>(
-            &db,
-            "SELECT count(*) AS v FROM pg_stat_activity \
-             WHERE wait_event_type = 'Lock' AND datname = current_database()",
-        )
-        .await
-            == 0
-        {
-            polls += 1;
-            assert!(polls < 1_000, "the announcement never waited for the row");
-            tokio::time::sleep(Duration::from_millis(5)).await;
-        }
+        (db, store)
+    }
+
+    /// Connects agent 7 on another node.
+    async fn connect(store: &SeaOrmStore) {
         store
             .register_connection(
                 tenant(),
@@ -367,8 +371,41 @@ mod tests {
             )
             .await
             .unwrap();
+    }
+
+    /// Runs `op` while another transaction, having run `holder_sql`, holds
+    /// the agent's presence row; once `op` waits for the row, runs
+    /// `meanwhile`, then commits the holder. Returns what `op` returned.
+    async fn while_the_row_is_held<T, F, M>(
+        holder_sql: &str,
+        op: impl FnOnce(SeaOrmStore) -> F,
+        meanwhile: impl FnOnce(SeaOrmStore) -> M,
+    ) -> T
+    where
+        T: Send + 'static,
+        F: Future<Output = Result<T, ChatError>> + Send + 'static,
+        M: Future<Output = ()>,
+    {
+        let (db, store) = agent_online().await;
+        let holder = db.begin().await.unwrap();
+        holder.execute_unprepared(holder_sql).await.unwrap();
+        let running = tokio::spawn(op(store.clone()));
+        let mut polls = 0;
+        while value::<i64>(
+            &db,
+            "SELECT count(*) AS v FROM pg_stat_activity \
+             WHERE wait_event_type = 'Lock' AND datname = current_database()",
+        )
+        .await
+            == 0
+        {
+            polls += 1;
+            assert!(polls < 1_000, "it never waited for the row");
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        meanwhile(store).await;
         holder.commit().await.unwrap();
-        announcing.await.unwrap().unwrap()
+        running.await.unwrap().unwrap()
     }
 
     /// An agent whose last connection ended reconnects while the grace
@@ -378,23 +415,65 @@ mod tests {
     /// and announced the connected agent offline.)
     #[tokio::test]
     async fn an_announcement_sees_a_connection_made_while_it_waited() {
-        let announced = announced_during_a_reconnect(|store| async move {
-            store.announce_offline(tenant(), agent()).await
-        })
+        let announced = while_the_row_is_held(
+            "SELECT 1 FROM livechat_agent_presence FOR UPDATE",
+            |store| async move { store.announce_offline(tenant(), agent()).await },
+            |store| async move { connect(&store).await },
+        )
         .await;
         assert!(!announced);
     }
 
-    /// The same for the housekeeping's sweep of agents whose presence ran
-    /// out.
+    /// An agent's return, while an offline announcement is being written,
+    /// waits for it and clears it: the agent is announced back. (A single
+    /// conditional `UPDATE` skipped the row, whose committed version had
+    /// no announcement, and the agent stayed announced offline.)
     #[tokio::test]
-    async fn the_expiry_sweep_sees_a_connection_made_while_it_waited() {
-        let announced = announced_during_a_reconnect(|store| async move {
-            let stale_before = chrono::Utc::now() + chrono::Duration::hours(1);
-            store.announce_expired_presence(stale_before).await
-        })
+    async fn a_return_clears_an_announcement_being_written() {
+        let cleared = while_the_row_is_held(
+            "UPDATE livechat_agent_presence SET offline_announced_at = now()",
+            |store| async move { store.clear_offline_announcement(tenant(), agent()).await },
+            |_| async {},
+        )
         .await;
-        assert_eq!(announced, vec![]);
+        assert_eq!(cleared.map(|p| p.agent_id), Some(agent()));
+    }
+
+    /// The housekeeping's sweep skips an agent whose row another
+    /// transaction holds (a heartbeat, say) instead of waiting for it,
+    /// and announces them on a later sweep if they are still stale.
+    #[tokio::test]
+    async fn the_expiry_sweep_skips_a_held_row() {
+        let (db, store) = agent_online().await;
+        let stale_before = chrono::Utc::now() + chrono::Duration::hours(1);
+        let holder = db.begin().await.unwrap();
+        holder
+            .execute_unprepared("SELECT 1 FROM livechat_agent_presence FOR UPDATE")
+            .await
+            .unwrap();
+        let swept = tokio::time::timeout(
+            Duration::from_secs(20),
+            store.announce_expired_presence(stale_before),
+        )
+        .await
+        .expect("no wait for the held row")
+        .unwrap();
+        assert_eq!(swept, vec![]);
+        holder.commit().await.unwrap();
+        assert_eq!(
+            store.announce_expired_presence(stale_before).await.unwrap(),
+            vec![(tenant(), agent())]
+        );
+        // With a connection, nothing.
+        store
+            .clear_offline_announcement(tenant(), agent())
+            .await
+            .unwrap();
+        connect(&store).await;
+        assert_eq!(
+            store.announce_expired_presence(stale_before).await.unwrap(),
+            vec![]
+        );
     }
 
     /// Without a connection both announce, once.

@@ -29,22 +29,36 @@ pub(super) const AGENT: &str = "agent";
 /// `livechat_connections.role` of a customer's connection.
 pub(super) const CUSTOMER: &str = "customer";
 
-/// `SELECT COUNT(*)` of the connections of `role` following a session that
-/// are live (unexpired) at `at`, on any node (column `n`). `tenant` and
-/// `session` are values, or the outer query's columns for a correlated
-/// subquery (the group commit reads a session's customer connections in
-/// its lock).
+/// `SELECT COUNT(*)` of the connections of `role` following a session
+/// that are live (unexpired) at `at`, on any node (column `n`). `tenant`
+/// and `session` are values, or the outer query's columns for a
+/// correlated subquery (the group commit reads a session's customer
+/// connections in its lock).
 pub(super) fn live_connections(
     role: &str,
     tenant: impl Into<Expr>,
     session: impl Into<Expr>,
     at: chrono::DateTime<chrono::Utc>,
 ) -> SelectStatement {
-    Query::select()
+    live_joins(role, at)
         .expr_as(
             Expr::col((connection::Entity, connection::Column::Id)).count(),
             Alias::new("n"),
         )
+        .and_where(
+            Expr::col((connection_join::Entity, connection_join::Column::TenantId)).eq(tenant),
+        )
+        .and_where(
+            Expr::col((connection_join::Entity, connection_join::Column::SessionId)).eq(session),
+        )
+        .to_owned()
+}
+
+/// A query, without columns yet, over the joins of the connections of
+/// `role` that are live at `at`, on any node: `livechat_connection_joins`
+/// joined with `livechat_connections`.
+pub(super) fn live_joins(role: &str, at: chrono::DateTime<chrono::Utc>) -> SelectStatement {
+    Query::select()
         .from(connection_join::Entity)
         .inner_join(
             connection::Entity,
@@ -52,12 +66,6 @@ pub(super) fn live_connections(
                 connection_join::Entity,
                 connection_join::Column::ConnectionId,
             )),
-        )
-        .and_where(
-            Expr::col((connection_join::Entity, connection_join::Column::TenantId)).eq(tenant),
-        )
-        .and_where(
-            Expr::col((connection_join::Entity, connection_join::Column::SessionId)).eq(session),
         )
         .and_where(Expr::col((connection::Entity, connection::Column::Role)).eq(role))
         .and_where(Expr::col((connection::Entity, connection::Column::ExpiresAt)).gt(at))

@@ -17,7 +17,7 @@ use sea_orm::{
 };
 use tokio::sync::oneshot;
 
-use super::entity::{connection, connection_join, customer, message, outbox, session};
+use super::entity::{connection_join, customer, message, outbox, session};
 use super::sessions::find_session;
 use super::writer::{Conn, Writer};
 use super::{POOL_PING_AFTER_IDLE, SeaOrmStore, convert_all, message_event};
@@ -1156,19 +1156,11 @@ fn unchanged_customers(at: DateTime<Utc>) -> sea_orm::sea_query::SelectStatement
     // tables PostgreSQL planned the per-session count as a nested loop
     // that scanned `livechat_connections` once per joined connection
     // (issue #5, BENCHMARKS.md: the cross-node scenario in full runs).
-    let connected = Query::select()
+    let connected = super::connections::live_joins(super::connections::CUSTOMER, at)
         .columns([
             (connection_join::Entity, connection_join::Column::TenantId),
             (connection_join::Entity, connection_join::Column::SessionId),
         ])
-        .from(connection_join::Entity)
-        .inner_join(
-            connection::Entity,
-            Expr::col((connection::Entity, connection::Column::Id)).equals((
-                connection_join::Entity,
-                connection_join::Column::ConnectionId,
-            )),
-        )
         .and_where(
             Expr::col((connection_join::Entity, connection_join::Column::SessionId)).in_subquery(
                 Query::select()
@@ -1177,11 +1169,6 @@ fn unchanged_customers(at: DateTime<Utc>) -> sea_orm::sea_query::SelectStatement
                     .to_owned(),
             ),
         )
-        .and_where(
-            Expr::col((connection::Entity, connection::Column::Role))
-                .eq(super::connections::CUSTOMER),
-        )
-        .and_where(Expr::col((connection::Entity, connection::Column::ExpiresAt)).gt(at))
         .to_owned();
     Query::select()
         .column((checked.clone(), session::Column::Id))
@@ -2042,19 +2029,13 @@ mod tests {
     #[cfg(feature = "postgres")]
     #[tokio::test]
     async fn the_guard_reads_the_connections_once_whatever_the_statistics() {
-        use sea_orm::{ConnectionTrait, TransactionTrait};
+        use sea_orm::ConnectionTrait;
         let db = migrated_postgres().await;
         let writes = writes(4, 4, true, true);
         let mut sessions = writes.seqs.clone();
         sessions.dedup();
         for (i, (id, seq)) in sessions.iter().enumerate() {
-            db.execute_unprepared(&format!(
-                "INSERT INTO livechat_sessions (id, tenant_id, origin, status, last_seq, created_at, updated_at) \
-                 VALUES ('{id}', 1, 'widget', 'active', {}, now(), now())",
-                seq - 1
-            ))
-            .await
-            .unwrap();
+            insert_session(&db, *id, seq - 1).await;
             for j in 0..10 {
                 let connection = uuid::Uuid::now_v7();
                 db.execute_unprepared(&format!(
@@ -2078,18 +2059,7 @@ mod tests {
         .await
         .unwrap();
         let statement = write_statement(DbBackend::Postgres, writes);
-        let tx = db.begin().await.unwrap();
-        let plan: serde_json::Value = tx
-            .query_one_raw(Statement {
-                sql: format!("EXPLAIN (ANALYZE, FORMAT JSON) {}", statement.sql),
-                ..statement.clone()
-            })
-            .await
-            .unwrap()
-            .unwrap()
-            .try_get("", "QUERY PLAN")
-            .unwrap();
-        tx.rollback().await.unwrap();
+        let plan = analyzed_plan(&db, &statement).await;
         /// Rows the plan read from `livechat_connections`: returned and
         /// filtered out, times loops.
         fn connection_rows(node: &serde_json::Value) -> u64 {
@@ -2117,7 +2087,7 @@ mod tests {
     #[cfg(feature = "postgres")]
     #[tokio::test]
     async fn the_guard_is_padded_with_rows_that_match_no_session() {
-        use sea_orm::{ConnectionTrait, TransactionTrait};
+        use sea_orm::ConnectionTrait;
         let db = migrated_postgres().await;
         let writes = writes(3, 3, true, true);
         let sessions = writes.guard.as_ref().map(|g| g.sessions.len());
@@ -2128,29 +2098,11 @@ mod tests {
         let expected: Vec<String> = sessions.iter().map(|(_, seq)| seq.to_string()).collect();
         sessions.push((uuid::Uuid::nil(), 1));
         for (id, seq) in sessions {
-            db.execute_unprepared(&format!(
-                "INSERT INTO livechat_sessions (id, tenant_id, origin, status, last_seq, created_at, updated_at) \
-                 VALUES ('{id}', 1, 'widget', 'active', {}, now(), now())",
-                seq - 1
-            ))
-            .await
-            .unwrap();
+            insert_session(&db, id, seq - 1).await;
         }
         let statement = write_statement(DbBackend::Postgres, writes);
 
-        // EXPLAIN ANALYZE runs the write: in a transaction rolled back.
-        let tx = db.begin().await.unwrap();
-        let plan: serde_json::Value = tx
-            .query_one_raw(Statement {
-                sql: format!("EXPLAIN (ANALYZE, FORMAT JSON) {}", statement.sql),
-                ..statement.clone()
-            })
-            .await
-            .unwrap()
-            .unwrap()
-            .try_get("", "QUERY PLAN")
-            .unwrap();
-        tx.rollback().await.unwrap();
+        let plan = analyzed_plan(&db, &statement).await;
         fn locked_rows(node: &serde_json::Value) -> Option<u64> {
             if node["Node Type"] == "LockRows" {
                 return node["Actual Rows"].as_u64();
@@ -2312,6 +2264,42 @@ mod tests {
             .await
             .expect("the pool closes while the committer holds its connection")
             .unwrap();
+    }
+
+    /// An `active` session `id` of tenant 1 at `last_seq`, on PostgreSQL.
+    #[cfg(feature = "postgres")]
+    async fn insert_session(db: &sea_orm::DatabaseConnection, id: uuid::Uuid, last_seq: i64) {
+        use sea_orm::ConnectionTrait;
+        db.execute_unprepared(&format!(
+            "INSERT INTO livechat_sessions \
+             (id, tenant_id, origin, status, last_seq, created_at, updated_at) \
+             VALUES ('{id}', 1, 'widget', 'active', {last_seq}, now(), now())"
+        ))
+        .await
+        .unwrap();
+    }
+
+    /// `EXPLAIN (ANALYZE, FORMAT JSON)` of `statement` on PostgreSQL, run
+    /// in a transaction that is rolled back (it executes the statement).
+    #[cfg(feature = "postgres")]
+    async fn analyzed_plan(
+        db: &sea_orm::DatabaseConnection,
+        statement: &Statement,
+    ) -> serde_json::Value {
+        use sea_orm::{ConnectionTrait, TransactionTrait};
+        let tx = db.begin().await.unwrap();
+        let plan = tx
+            .query_one_raw(Statement {
+                sql: format!("EXPLAIN (ANALYZE, FORMAT JSON) {}", statement.sql),
+                ..statement.clone()
+            })
+            .await
+            .unwrap()
+            .unwrap()
+            .try_get("", "QUERY PLAN")
+            .unwrap();
+        tx.rollback().await.unwrap();
+        plan
     }
 
     /// `EXPLAIN ANALYZE` of `statement` prepared as `name` on `tx`, under

@@ -573,6 +573,10 @@ mod m0004_messages_deferred_fk {
         }
     }
 
+    /// The columns of `livechat_messages`, copied by name.
+    const COLUMNS: &str = "id, tenant_id, session_id, sender_type, sender_id, customer_id, \
+                           seq, body, client_msg_id, created_at";
+
     /// `livechat_messages` as m0001 makes it on SQLite, with `deferral`
     /// after its foreign key.
     fn rebuild(deferral: &str) -> [String; 6] {
@@ -592,12 +596,10 @@ mod m0004_messages_deferred_fk {
                  CONSTRAINT livechat_messages_session_fk FOREIGN KEY (session_id) \
                  REFERENCES livechat_sessions (id) ON DELETE CASCADE {deferral})"
             ),
-            "INSERT INTO livechat_messages_rebuilt \
-             (id, tenant_id, session_id, sender_type, sender_id, customer_id, seq, body, \
-             client_msg_id, created_at) \
-             SELECT id, tenant_id, session_id, sender_type, sender_id, customer_id, seq, body, \
-             client_msg_id, created_at FROM livechat_messages"
-                .to_owned(),
+            format!(
+                "INSERT INTO livechat_messages_rebuilt ({COLUMNS}) \
+                 SELECT {COLUMNS} FROM livechat_messages"
+            ),
             "DROP TABLE livechat_messages".to_owned(),
             "ALTER TABLE livechat_messages_rebuilt RENAME TO livechat_messages".to_owned(),
             "CREATE UNIQUE INDEX livechat_messages_session_seq \

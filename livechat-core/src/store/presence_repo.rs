@@ -82,8 +82,7 @@ impl PresenceRepository for SeaOrmStore {
         let capacity = lock_tenant(&tx, tenant, policy).await?;
         let updated = presence::Entity::update_many()
             .col_expr(presence::Column::LastSeenAt, Expr::value(now()))
-            .filter(presence::Column::TenantId.eq(tenant.get()))
-            .filter(presence::Column::AgentId.eq(agent.get()))
+            .filter(agent_row(tenant, agent))
             .exec_with_returning(&tx)
             .await?;
         let Some(row) = updated.into_iter().next() else {
@@ -112,8 +111,7 @@ impl PresenceRepository for SeaOrmStore {
         let stale_from = now() - ttl + grace;
         presence::Entity::update_many()
             .col_expr(presence::Column::LastSeenAt, Expr::value(stale_from))
-            .filter(presence::Column::TenantId.eq(tenant.get()))
-            .filter(presence::Column::AgentId.eq(agent.get()))
+            .filter(agent_row(tenant, agent))
             .filter(presence::Column::LastSeenAt.gt(stale_from))
             .exec(&self.db)
             .await?;
@@ -133,8 +131,7 @@ impl PresenceRepository for SeaOrmStore {
             .into_query();
         let announced = presence::Entity::update_many()
             .col_expr(presence::Column::OfflineAnnouncedAt, Expr::value(now))
-            .filter(presence::Column::TenantId.eq(tenant.get()))
-            .filter(presence::Column::AgentId.eq(agent.get()))
+            .filter(agent_row(tenant, agent))
             .filter(presence::Column::OfflineAnnouncedAt.is_null())
             .filter(Expr::not_exists(live))
             .exec(&tx)
@@ -147,23 +144,20 @@ impl PresenceRepository for SeaOrmStore {
         &self,
         stale_before: chrono::DateTime<chrono::Utc>,
     ) -> Result<Vec<(TenantId, UserId)>, ChatError> {
-        let unannounced = || {
-            presence::Column::OfflineAnnouncedAt
-                .is_null()
-                .and(presence::Column::Status.ne(PresenceStatus::Offline.as_str()))
-                .and(presence::Column::LastSeenAt.lt(stale_before))
-        };
         let tx = self.begin_write().await?;
         // The rows first (see `lock_presence`), skipping any another
         // transaction holds: usually a heartbeat or a routing change, after
         // which the agent may not be stale; a later sweep sees it again.
         // Waiting for them instead could deadlock with routing, which locks
-        // several agents' rows in its own order.
+        // several agents' rows in its own order. The rows it locked stay as
+        // read until the commit, so the update only checks connections.
         let stale: Vec<(i64, i64)> = presence::Entity::find()
             .select_only()
             .column(presence::Column::TenantId)
             .column(presence::Column::AgentId)
-            .filter(unannounced())
+            .filter(presence::Column::OfflineAnnouncedAt.is_null())
+            .filter(presence::Column::Status.ne(PresenceStatus::Offline.as_str()))
+            .filter(presence::Column::LastSeenAt.lt(stale_before))
             .lock_with_behavior(LockType::Update, LockBehavior::SkipLocked)
             .into_tuple()
             .all(&tx)
@@ -195,7 +189,6 @@ impl PresenceRepository for SeaOrmStore {
                 ])
                 .in_tuples(stale),
             )
-            .filter(unannounced())
             .filter(Expr::not_exists(live))
             .exec_with_returning(&tx)
             .await?;
@@ -218,8 +211,7 @@ impl PresenceRepository for SeaOrmStore {
                 presence::Column::OfflineAnnouncedAt,
                 Expr::value(Option::<chrono::DateTime<chrono::Utc>>::None),
             )
-            .filter(presence::Column::TenantId.eq(tenant.get()))
-            .filter(presence::Column::AgentId.eq(agent.get()))
+            .filter(agent_row(tenant, agent))
             .filter(presence::Column::OfflineAnnouncedAt.is_not_null())
             .exec_with_returning(&tx)
             .await?;
@@ -284,6 +276,13 @@ impl PresenceRepository for SeaOrmStore {
     }
 }
 
+/// `agent`'s presence row of `tenant` (the table's key).
+fn agent_row(tenant: TenantId, agent: UserId) -> sea_orm::Condition {
+    sea_orm::Condition::all()
+        .add(presence::Column::TenantId.eq(tenant.get()))
+        .add(presence::Column::AgentId.eq(agent.get()))
+}
+
 /// Locks `agent`'s presence row for the rest of `tx`, waiting for any
 /// transaction that holds it.
 ///
@@ -310,8 +309,7 @@ async fn lock_presence(
     presence::Entity::find()
         .select_only()
         .column(presence::Column::AgentId)
-        .filter(presence::Column::TenantId.eq(tenant.get()))
-        .filter(presence::Column::AgentId.eq(agent.get()))
+        .filter(agent_row(tenant, agent))
         .lock_exclusive()
         .into_tuple::<i64>()
         .all(tx)

@@ -44,7 +44,8 @@ pub(super) const CUSTOMER: &str = "customer";
 /// sessions, messages and outbox of the benchmark's cross-node scenario),
 /// a nested loop scanned `livechat_connections` once per joined
 /// connection; with them analyzed while empty and 20,000 connections
-/// since, a batch-wide form scanned them all once per statement. Bound in
+/// since, a batch-wide form (the batch's sessions `(tenant_id, id) IN` an
+/// uncorrelated subquery) scanned them all once per statement. Bound in
 /// this order: the values of `tenant` and `session`, `role`, `at`.
 pub(super) fn live_connections(
     role: &str,

@@ -12,8 +12,8 @@ use sea_orm::sea_query::{
 };
 use sea_orm::{
     ActiveModelTrait, ActiveValue::Set, ColumnTrait, Condition, ConnectionTrait,
-    DatabaseTransaction, DbBackend, DbErr, EntityTrait, FromQueryResult, Iterable, QueryFilter,
-    QueryOrder, QuerySelect, QueryTrait, Statement, Value,
+    DatabaseTransaction, DbBackend, DbErr, EntityTrait, FromQueryResult, Iterable, PaginatorTrait,
+    QueryFilter, QueryOrder, QuerySelect, QueryTrait, Statement, Value,
 };
 use tokio::sync::oneshot;
 
@@ -194,7 +194,8 @@ impl SeaOrmStore {
     /// request's failure is not another's. When the database is
     /// unreachable, or the commit itself fails (its outcome may be
     /// unknown), every caller gets the error: retrying could store a
-    /// message twice.
+    /// message twice. PostgreSQL's unlocked write first settles an
+    /// outcome lost with its connection ([`Self::resolve_lost_write`]).
     async fn commit_batch(&self, mut batch: Vec<AppendRequest>) {
         // Stable: one session's appends keep their arrival (= seq) order,
         // and every batch locks session rows in the same order, so batches
@@ -331,6 +332,12 @@ impl SeaOrmStore {
             Err(failure) if from_memory && failure.conflict() => {
                 self.store_unlocked_from(batch, None).await
             }
+            // The read found the committer's connection gone (it may die
+            // within `POOL_PING_AFTER_IDLE` of its last batch, unpinged):
+            // nothing was written, and a new connection is taken.
+            Err(failure) if failure.connection_lost() => {
+                self.store_unlocked_from(batch, None).await
+            }
             stored => stored,
         }
     }
@@ -365,12 +372,16 @@ impl SeaOrmStore {
                 return Err(BatchFailure::before(error));
             }
         };
+        let mut written_ids = Vec::new();
         let written = match staged.writes {
-            Some(writes) => writer
-                .execute_raw(write_statement(DbBackend::Postgres, writes))
-                .await
-                .map(drop)
-                .map_err(BatchFailure::autocommit),
+            Some(writes) => {
+                written_ids = writes.message_ids();
+                writer
+                    .execute_raw(write_statement(DbBackend::Postgres, writes))
+                    .await
+                    .map(drop)
+                    .map_err(BatchFailure::autocommit)
+            }
             None => Ok(()),
         };
         // Stored, or refused by a conflict: the connection is as good as
@@ -383,6 +394,12 @@ impl SeaOrmStore {
         }
         if let Err(failure) = written {
             forget();
+            if failure.at_commit {
+                return self
+                    .resolve_lost_write(batch, (staged.outcomes, staged.events), &written_ids)
+                    .await
+                    .map_err(|_| failure);
+            }
             return Err(failure);
         }
         let mut known = self.appends.known();
@@ -390,6 +407,64 @@ impl SeaOrmStore {
             known.clear();
         }
         known.extend(staged.sessions);
+        Ok((staged.outcomes, staged.events))
+    }
+
+    /// Settles a write of [`Self::store_unlocked_from`] whose outcome is
+    /// unknown (the connection was lost while it ran: the committer's
+    /// connection can die within `POOL_PING_AFTER_IDLE` of its last batch
+    /// without being pinged, or the server went away), in a transaction on
+    /// another connection: it locks the batch's sessions, waiting as the
+    /// locked path does, and looks for the write's messages (`ids`, made
+    /// by staging). All there: the write committed, and `lost` (its
+    /// outcomes and events) stands. None: nothing was stored, and the
+    /// batch is staged again and written in this transaction. The lock
+    /// makes the answer final: a lost statement still running holds the
+    /// sessions from its `checked` lock until it ends, and one that runs
+    /// later finds a session held or changed and stores nothing (its
+    /// guard). So a message is stored once and its sender told so, where
+    /// the sender got `503` and a retry without an `Idempotency-Key`
+    /// could store it twice.
+    ///
+    /// # Errors
+    /// When the database cannot answer, or refuses (a lock wait past
+    /// `lock_timeout`, a deadlock with a routing transaction, which may
+    /// hold several sessions in queue order): the caller keeps the lost
+    /// write's failure.
+    async fn resolve_lost_write(
+        &self,
+        batch: &[AppendRequest],
+        lost: (Vec<Result<AppendedMessage, ChatError>>, Vec<DomainEvent>),
+        ids: &[uuid::Uuid],
+    ) -> BatchResult {
+        let tx = self.begin_write().await.map_err(BatchFailure::before)?;
+        let staged = self
+            .stage_batch(&tx, batch, LockWait::Bounded, None)
+            .await
+            .map_err(BatchFailure::before)?;
+        let found = message::Entity::find()
+            .filter(message::Column::Id.is_in(ids.iter().copied()))
+            .count(&tx)
+            .await
+            .map_err(BatchFailure::before)?;
+        if found > 0 {
+            tx.rollback().await.map_err(BatchFailure::before)?;
+            return if usize::try_from(found).is_ok_and(|n| n == ids.len()) {
+                Ok(lost)
+            } else {
+                // One statement stores all its rows or none.
+                Err(BatchFailure::before(DbErr::Custom(format!(
+                    "{found} of a lost write's {} messages are stored",
+                    ids.len()
+                ))))
+            };
+        }
+        if let Some(writes) = staged.writes {
+            writes.write(&tx).await.map_err(BatchFailure::before)?;
+            tx.commit().await.map_err(BatchFailure::commit)?;
+        } else {
+            tx.rollback().await.map_err(BatchFailure::before)?;
+        }
         Ok((staged.outcomes, staged.events))
     }
 
@@ -1001,6 +1076,22 @@ impl BatchFailure {
                 .is_some_and(|code| matches!(code.as_str(), "55P03" | "22012" | "23505"))
     }
 
+    /// The batch surely stored nothing because the connection was lost
+    /// before its write was sent (PostgreSQL class 08 or 57, an I/O
+    /// error, no connection): another connection may store it.
+    fn connection_lost(&self) -> bool {
+        use sea_orm::RuntimeErr;
+        !self.at_commit
+            && (matches!(self.error, DbErr::Conn(_))
+                || matches!(
+                    &self.error,
+                    DbErr::Query(RuntimeErr::SqlxError(error))
+                        | DbErr::Exec(RuntimeErr::SqlxError(error))
+                        if matches!(**error, sea_orm::sqlx::Error::Io(_))
+                )
+                || sql_state(&self.error).is_some_and(|code| is_connection_lost(&code)))
+    }
+
     /// Whether retrying the appends one by one is safe and useful: the
     /// batch surely stored nothing, and the database is reachable.
     fn retryable(&self) -> bool {
@@ -1009,6 +1100,14 @@ impl BatchFailure {
 }
 
 impl BatchWrites {
+    /// The ids of the messages written.
+    fn message_ids(&self) -> Vec<uuid::Uuid> {
+        self.messages
+            .iter()
+            .filter_map(|row| row.id.try_as_ref().copied())
+            .collect()
+    }
+
     /// Messages and outbox rows in power-of-two chunks, and every touched
     /// session's `last_seq`, sent to the database as one statement (issue
     /// #5: one round trip for a batch's writes): on PostgreSQL the inserts
@@ -2362,6 +2461,132 @@ mod tests {
             .await
             .expect("the pool closes while the committer holds its connection")
             .unwrap();
+    }
+
+    /// The committer's connection, dead within [`POOL_PING_AFTER_IDLE`]
+    /// of its last batch (so not pinged), fails the next batch's first
+    /// statement. A read (a session the queue does not know) stored
+    /// nothing: the batch is stored on a new connection. A write (every
+    /// session known) has an unknown outcome: the batch is settled on
+    /// another connection ([`SeaOrmStore::resolve_lost_write`]), which
+    /// finds nothing stored and stores it, once. Either way the sender
+    /// gets its message, not `503`.
+    #[cfg(feature = "postgres")]
+    #[tokio::test]
+    async fn a_batch_lost_with_its_connection_is_stored_on_another() {
+        use sea_orm::{ColumnTrait, ConnectionTrait, PaginatorTrait, QueryFilter};
+        let db = migrated_postgres().await;
+        let (known, new) = (uuid::Uuid::now_v7(), uuid::Uuid::now_v7());
+        for session in [known, new] {
+            insert_session(&db, session, 0).await;
+        }
+        db.execute_unprepared("UPDATE livechat_sessions SET status = 'OPEN'")
+            .await
+            .unwrap();
+        let store = crate::store::SeaOrmStore::new(db.clone());
+        // The committer's backend: the last to run a batch's write, or the
+        // read of its sessions.
+        let kill_committer = || async {
+            let pid: i32 = value(
+                &db,
+                "SELECT pid AS v FROM pg_stat_activity \
+                 WHERE datname = current_database() AND pid <> pg_backend_pid() \
+                 AND (query LIKE 'WITH%' OR query LIKE '%FROM \"livechat_sessions\"%') \
+                 ORDER BY state_change DESC LIMIT 1",
+            )
+            .await;
+            db.execute_unprepared(&format!("SELECT pg_terminate_backend({pid}, 10000)"))
+                .await
+                .unwrap();
+        };
+        assert_eq!(hello(&store, known).await.unwrap().message.seq, 1);
+        assert_eq!(hello(&store, known).await.unwrap().message.seq, 2);
+        // Within a second of the last batch: the connection is not pinged.
+        kill_committer().await;
+        assert_eq!(hello(&store, new).await.unwrap().message.seq, 1);
+        kill_committer().await;
+        assert_eq!(hello(&store, known).await.unwrap().message.seq, 3);
+        assert_eq!(hello(&store, known).await.unwrap().message.seq, 4);
+        for (session, count) in [(known, 4), (new, 1)] {
+            let stored = message::Entity::find()
+                .filter(message::Column::SessionId.eq(session))
+                .count(&db)
+                .await
+                .unwrap();
+            assert_eq!(stored, count);
+        }
+    }
+
+    /// A lost write that did commit keeps its outcome: settling it finds
+    /// its messages under the sessions' lock and stores nothing more; one
+    /// that did not is stored in the settling transaction, with the next
+    /// `seq`.
+    #[cfg(feature = "postgres")]
+    #[tokio::test]
+    async fn settling_a_lost_write_stores_its_messages_once() {
+        use super::{AppendRequest, BatchResult};
+        use crate::store::writer::{Conn, Writer};
+        use sea_orm::{ColumnTrait, ConnectionTrait, PaginatorTrait, QueryFilter};
+        use tokio::sync::oneshot;
+        let db = migrated_postgres().await;
+        let session = uuid::Uuid::now_v7();
+        insert_session(&db, session, 0).await;
+        db.execute_unprepared(&format!(
+            "UPDATE livechat_sessions SET status = 'OPEN' WHERE id = '{session}'"
+        ))
+        .await
+        .unwrap();
+        let store = crate::store::SeaOrmStore::new(db.clone());
+        let batch = [AppendRequest {
+            tenant: TenantId::new(1).unwrap(),
+            session: SessionId::from_uuid(session),
+            sender: crate::model::Sender::Agent(crate::ids::UserId::new(7).unwrap()),
+            body: crate::validate::MessageBody::parse("hello".to_owned(), 100).unwrap(),
+            key: None,
+            allowed: &[crate::model::SessionStatus::Open],
+            reply: oneshot::channel().0,
+        }];
+        let writer = Writer::new(Conn::acquire(&db).await.unwrap());
+        let stored = || {
+            message::Entity::find()
+                .filter(message::Column::SessionId.eq(session))
+                .count(&db)
+        };
+        let seq = |result: &BatchResult| {
+            result
+                .as_ref()
+                .ok()
+                .map(|(o, _)| o[0].as_ref().unwrap().message.seq)
+        };
+
+        // Committed, its answer lost.
+        let staged = store
+            .stage_batch(&writer, &batch, LockWait::Optimistic, None)
+            .await
+            .unwrap();
+        let writes = staged.writes.unwrap();
+        let ids = writes.message_ids();
+        writer
+            .execute_raw(write_statement(DbBackend::Postgres, writes))
+            .await
+            .unwrap();
+        let settled = store
+            .resolve_lost_write(&batch, (staged.outcomes, staged.events), &ids)
+            .await;
+        assert_eq!(seq(&settled), Some(1));
+        assert_eq!(stored().await.unwrap(), 1);
+
+        // Never run.
+        let staged = store
+            .stage_batch(&writer, &batch, LockWait::Optimistic, None)
+            .await
+            .unwrap();
+        let ids = staged.writes.unwrap().message_ids();
+        let settled = store
+            .resolve_lost_write(&batch, (staged.outcomes, staged.events), &ids)
+            .await;
+        assert_eq!(seq(&settled), Some(2));
+        assert_eq!(stored().await.unwrap(), 2);
     }
 
     /// An `active` session `id` of tenant 1 at `last_seq`, on PostgreSQL.

@@ -1131,10 +1131,10 @@ impl BatchWrites {
 /// them: each message row's columns in the entity's order, each outbox
 /// row's, then with a guard each guarded session's id, `last_seq`,
 /// status, customer, ticket, customer's user and whether a customer is
-/// connected, and their ids again, then the `CASE` pairs (id, seq),
-/// `updated_at`, and last the ids of the `IN` list, or with a guard the
-/// customer role and `at` (the live customer connections) and its count;
-/// a test compares both ways.
+/// connected, their ids again, and the customer role and `at` (the live
+/// customer connections, [`unchanged_customers`]), then the `CASE` pairs
+/// (id, seq), `updated_at`, and last the ids of the `IN` list, or with a
+/// guard its count; a test compares both ways.
 fn write_statement(backend: DbBackend, mut writes: BatchWrites) -> Statement {
     static SQL: SqlCache<(bool, usize, usize, bool)> = SqlCache::new();
     let postgres = backend == DbBackend::Postgres;

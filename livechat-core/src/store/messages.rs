@@ -414,8 +414,9 @@ impl SeaOrmStore {
     /// unknown (the connection was lost while it ran: the committer's
     /// connection can die within `POOL_PING_AFTER_IDLE` of its last batch
     /// without being pinged, or the server went away), in a transaction on
-    /// another connection: it locks the batch's sessions, waiting as the
-    /// locked path does, and looks for the write's messages (`ids`, made
+    /// another connection: it takes the routing locks of the batch's
+    /// tenants, locks the batch's sessions, waiting as the locked path
+    /// does, and looks for the write's messages (`ids`, made
     /// by staging). All there: the write committed, and `lost` (its
     /// outcomes and events) stands. None: nothing was stored, and the
     /// batch is staged again and written in this transaction. The lock
@@ -428,9 +429,7 @@ impl SeaOrmStore {
     ///
     /// # Errors
     /// When the database cannot answer, or refuses (a lock wait past
-    /// `lock_timeout`, a deadlock with a routing transaction, which may
-    /// hold several sessions in queue order): the caller keeps the lost
-    /// write's failure.
+    /// `lock_timeout`): the caller keeps the lost write's failure.
     async fn resolve_lost_write(
         &self,
         batch: &[AppendRequest],
@@ -438,6 +437,18 @@ impl SeaOrmStore {
         ids: &[uuid::Uuid],
     ) -> BatchResult {
         let tx = self.begin_write().await.map_err(BatchFailure::before)?;
+        // It waits for several session rows, in id order: it takes their
+        // tenants' routing locks first, in tenant order, as every such
+        // transaction does (routing, closes, linking), so that it queues
+        // behind them instead of deadlocking against one.
+        let mut tenants: Vec<TenantId> = batch.iter().map(|r| r.tenant).collect();
+        tenants.sort_unstable();
+        tenants.dedup();
+        for tenant in tenants {
+            super::routing::lock_tenant(&tx, tenant, &crate::config::RoutingPolicy::default())
+                .await
+                .map_err(BatchFailure::before)?;
+        }
         let staged = self
             .stage_batch(&tx, batch, LockWait::Bounded, None)
             .await
@@ -2520,13 +2531,16 @@ mod tests {
     /// A lost write that did commit keeps its outcome: settling it finds
     /// its messages under the sessions' lock and stores nothing more; one
     /// that did not is stored in the settling transaction, with the next
-    /// `seq`.
+    /// `seq`; one still running on the server is waited for (it holds its
+    /// sessions) and then found.
     #[cfg(feature = "postgres")]
     #[tokio::test]
     async fn settling_a_lost_write_stores_its_messages_once() {
         use super::{AppendRequest, BatchResult};
         use crate::store::writer::{Conn, Writer};
-        use sea_orm::{ColumnTrait, ConnectionTrait, PaginatorTrait, QueryFilter};
+        use sea_orm::{
+            ColumnTrait, ConnectionTrait, PaginatorTrait, QueryFilter, TransactionTrait,
+        };
         use tokio::sync::oneshot;
         let db = migrated_postgres().await;
         let session = uuid::Uuid::now_v7();
@@ -2587,6 +2601,48 @@ mod tests {
             .await;
         assert_eq!(seq(&settled), Some(2));
         assert_eq!(stored().await.unwrap(), 2);
+
+        // Still running on the server, its client gone: settling waits
+        // for the session it holds, then finds its messages.
+        let staged = store
+            .stage_batch(&writer, &batch, LockWait::Optimistic, None)
+            .await
+            .unwrap();
+        let writes = staged.writes.unwrap();
+        let ids = writes.message_ids();
+        let lost = db.begin().await.unwrap();
+        lost.execute_unprepared(&format!(
+            "SELECT 1 FROM livechat_sessions WHERE id = '{session}' FOR UPDATE"
+        ))
+        .await
+        .unwrap();
+        let settling = tokio::spawn({
+            let store = store.clone();
+            let lost = (staged.outcomes, staged.events);
+            async move {
+                let settled = store.resolve_lost_write(&batch, lost, &ids).await;
+                seq(&settled)
+            }
+        });
+        let mut polls = 0;
+        while value::<i64>(
+            &db,
+            "SELECT count(*) AS v FROM pg_stat_activity \
+             WHERE wait_event_type = 'Lock' AND datname = current_database()",
+        )
+        .await
+            == 0
+        {
+            polls += 1;
+            assert!(polls < 1_000, "settling never waited for the session");
+            tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+        }
+        lost.execute_raw(write_statement(DbBackend::Postgres, writes))
+            .await
+            .unwrap();
+        lost.commit().await.unwrap();
+        assert_eq!(settling.await.unwrap(), Some(3));
+        assert_eq!(stored().await.unwrap(), 3);
     }
 
     /// An `active` session `id` of tenant 1 at `last_seq`, on PostgreSQL.

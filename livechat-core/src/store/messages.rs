@@ -1689,7 +1689,7 @@ mod tests {
     use crate::events::EventKind;
     use crate::ids::{SessionId, TenantId};
     #[cfg(feature = "postgres")]
-    use crate::store::test_postgres::{migrated_postgres, value};
+    use crate::store::test_postgres::{migrated_postgres, until_a_lock_is_awaited, value};
 
     /// Agent 7's "hello" to `session` of tenant 1, through `store`'s
     /// append queue.
@@ -2572,75 +2572,57 @@ mod tests {
                 .ok()
                 .map(|(o, _)| o[0].as_ref().unwrap().message.seq)
         };
+        // The batch staged as the unlocked path does: its write, the
+        // write's message ids, and its outcomes and events.
+        let stage = || async {
+            let staged = store
+                .stage_batch(&writer, &batch, LockWait::Optimistic, None)
+                .await
+                .unwrap();
+            let writes = staged.writes.unwrap();
+            let ids = writes.message_ids();
+            (writes, ids, (staged.outcomes, staged.events))
+        };
 
         // Committed, its answer lost.
-        let staged = store
-            .stage_batch(&writer, &batch, LockWait::Optimistic, None)
-            .await
-            .unwrap();
-        let writes = staged.writes.unwrap();
-        let ids = writes.message_ids();
+        let (writes, ids, lost) = stage().await;
         writer
             .execute_raw(write_statement(DbBackend::Postgres, writes))
             .await
             .unwrap();
-        let settled = store
-            .resolve_lost_write(&batch, (staged.outcomes, staged.events), &ids)
-            .await;
+        let settled = store.resolve_lost_write(&batch, lost, &ids).await;
         assert_eq!(seq(&settled), Some(1));
         assert_eq!(stored().await.unwrap(), 1);
 
         // Never run.
-        let staged = store
-            .stage_batch(&writer, &batch, LockWait::Optimistic, None)
-            .await
-            .unwrap();
-        let ids = staged.writes.unwrap().message_ids();
-        let settled = store
-            .resolve_lost_write(&batch, (staged.outcomes, staged.events), &ids)
-            .await;
+        let (_, ids, lost) = stage().await;
+        let settled = store.resolve_lost_write(&batch, lost, &ids).await;
         assert_eq!(seq(&settled), Some(2));
         assert_eq!(stored().await.unwrap(), 2);
 
         // Still running on the server, its client gone: settling waits
         // for the session it holds, then finds its messages.
-        let staged = store
-            .stage_batch(&writer, &batch, LockWait::Optimistic, None)
+        let (writes, ids, lost) = stage().await;
+        let running = db.begin().await.unwrap();
+        running
+            .execute_unprepared(&format!(
+                "SELECT 1 FROM livechat_sessions WHERE id = '{session}' FOR UPDATE"
+            ))
             .await
             .unwrap();
-        let writes = staged.writes.unwrap();
-        let ids = writes.message_ids();
-        let lost = db.begin().await.unwrap();
-        lost.execute_unprepared(&format!(
-            "SELECT 1 FROM livechat_sessions WHERE id = '{session}' FOR UPDATE"
-        ))
-        .await
-        .unwrap();
         let settling = tokio::spawn({
             let store = store.clone();
-            let lost = (staged.outcomes, staged.events);
             async move {
                 let settled = store.resolve_lost_write(&batch, lost, &ids).await;
                 seq(&settled)
             }
         });
-        let mut polls = 0;
-        while value::<i64>(
-            &db,
-            "SELECT count(*) AS v FROM pg_stat_activity \
-             WHERE wait_event_type = 'Lock' AND datname = current_database()",
-        )
-        .await
-            == 0
-        {
-            polls += 1;
-            assert!(polls < 1_000, "settling never waited for the session");
-            tokio::time::sleep(std::time::Duration::from_millis(5)).await;
-        }
-        lost.execute_raw(write_statement(DbBackend::Postgres, writes))
+        until_a_lock_is_awaited(&db, "settling never waited for the session").await;
+        running
+            .execute_raw(write_statement(DbBackend::Postgres, writes))
             .await
             .unwrap();
-        lost.commit().await.unwrap();
+        running.commit().await.unwrap();
         assert_eq!(settling.await.unwrap(), Some(3));
         assert_eq!(stored().await.unwrap(), 3);
     }

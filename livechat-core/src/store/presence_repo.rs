@@ -324,7 +324,7 @@ mod tests {
 
     use sea_orm::{ConnectionTrait, TransactionTrait};
 
-    use super::super::test_postgres::{migrated_postgres, value};
+    use super::super::test_postgres::{migrated_postgres, until_a_lock_is_awaited};
     use crate::config::RoutingPolicy;
     use crate::error::ChatError;
     use crate::ids::{TenantId, UserId};
@@ -388,19 +388,7 @@ mod tests {
         let holder = db.begin().await.unwrap();
         holder.execute_unprepared(holder_sql).await.unwrap();
         let running = tokio::spawn(op(store.clone()));
-        let mut polls = 0;
-        while value::<i64>(
-            &db,
-            "SELECT count(*) AS v FROM pg_stat_activity \
-             WHERE wait_event_type = 'Lock' AND datname = current_database()",
-        )
-        .await
-            == 0
-        {
-            polls += 1;
-            assert!(polls < 1_000, "it never waited for the row");
-            tokio::time::sleep(Duration::from_millis(5)).await;
-        }
+        until_a_lock_is_awaited(&db, "it never waited for the row").await;
         meanwhile(store).await;
         holder.commit().await.unwrap();
         running.await.unwrap().unwrap()

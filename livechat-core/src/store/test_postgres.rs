@@ -22,3 +22,21 @@ pub(super) async fn value<T: TryGetable>(db: &impl ConnectionTrait, sql: &str) -
         .try_get("", "v")
         .unwrap()
 }
+
+/// Returns once a backend of `db`'s database waits for a lock (polled
+/// every 5 ms); panics with `what` after 5 s.
+pub(super) async fn until_a_lock_is_awaited(db: &impl ConnectionTrait, what: &str) {
+    let mut polls = 0;
+    while value::<i64>(
+        db,
+        "SELECT count(*) AS v FROM pg_stat_activity \
+         WHERE wait_event_type = 'Lock' AND datname = current_database()",
+    )
+    .await
+        == 0
+    {
+        polls += 1;
+        assert!(polls < 1_000, "{what}");
+        tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+    }
+}

@@ -35,8 +35,8 @@ pub(super) const CUSTOMER: &str = "customer";
 /// correlated subquery (the group commit reads a session's customer
 /// connections in its lock and checks them again in its guarded write).
 ///
-/// The session's joins are read by their `(tenant_id, session_id)`
-/// index and each joined connection is checked by its primary key, in a
+/// The session's joins are read by their session index
+/// (`livechat_connection_joins_session`) and each joined connection is checked by its primary key, in a
 /// scalar subquery that PostgreSQL neither joins nor hashes: as a join,
 /// the plan depended on the statistics, and two kinds seen in practice
 /// each made one plan read every connection row (issue #5): with the

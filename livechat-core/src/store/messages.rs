@@ -385,12 +385,16 @@ impl SeaOrmStore {
             None => Ok(()),
         };
         // Stored, or refused by a conflict: the connection is as good as
-        // before. After any other failure it is closed.
+        // before. After any other failure it is closed, before the write
+        // is settled: a server still waiting on it mid-statement would
+        // hold the sessions the settling waits for.
         if written
             .as_ref()
             .map_or_else(BatchFailure::conflict, |()| true)
         {
             self.appends.hold(writer.into_conn());
+        } else {
+            drop(writer);
         }
         if let Err(failure) = written {
             forget();
@@ -398,7 +402,14 @@ impl SeaOrmStore {
                 return self
                     .resolve_lost_write(batch, (staged.outcomes, staged.events), &written_ids)
                     .await
-                    .map_err(|_| failure);
+                    .map_err(|settling| {
+                        tracing::warn!(
+                            error = %settling.error,
+                            lost = %failure.error,
+                            "a message write lost with its connection could not be settled"
+                        );
+                        failure
+                    });
             }
             return Err(failure);
         }
@@ -437,6 +448,11 @@ impl SeaOrmStore {
         ids: &[uuid::Uuid],
     ) -> BatchResult {
         let tx = self.begin_write().await.map_err(BatchFailure::before)?;
+        // Every lock below, the routing rows' too, is waited for at most
+        // this long (`stage_batch` sets it again for the sessions).
+        tx.execute_unprepared("SET LOCAL lock_timeout = '5s'")
+            .await
+            .map_err(BatchFailure::before)?;
         // It waits for several session rows, in id order: it takes their
         // tenants' routing locks first, in tenant order, as every such
         // transaction does (routing, closes, linking), so that it queues
@@ -459,7 +475,9 @@ impl SeaOrmStore {
             .await
             .map_err(BatchFailure::before)?;
         if found > 0 {
-            tx.rollback().await.map_err(BatchFailure::before)?;
+            // Known now: a failed rollback (dropped, it rolls back anyway)
+            // must not turn it back into an unknown outcome.
+            let _ = tx.rollback().await;
             return if usize::try_from(found).is_ok_and(|n| n == ids.len()) {
                 Ok(lost)
             } else {
@@ -474,7 +492,7 @@ impl SeaOrmStore {
             writes.write(&tx).await.map_err(BatchFailure::before)?;
             tx.commit().await.map_err(BatchFailure::commit)?;
         } else {
-            tx.rollback().await.map_err(BatchFailure::before)?;
+            let _ = tx.rollback().await;
         }
         Ok((staged.outcomes, staged.events))
     }
@@ -1089,18 +1107,17 @@ impl BatchFailure {
 
     /// The batch surely stored nothing because the connection was lost
     /// before its write was sent (PostgreSQL class 08 or 57, an I/O
-    /// error, no connection): another connection may store it.
+    /// error): another connection may store it. (A connection that could
+    /// not be opened, `DbErr::Conn`, is not retried.)
     fn connection_lost(&self) -> bool {
         use sea_orm::RuntimeErr;
         !self.at_commit
-            && (matches!(self.error, DbErr::Conn(_))
-                || matches!(
-                    &self.error,
-                    DbErr::Query(RuntimeErr::SqlxError(error))
-                        | DbErr::Exec(RuntimeErr::SqlxError(error))
-                        if matches!(**error, sea_orm::sqlx::Error::Io(_))
-                )
-                || sql_state(&self.error).is_some_and(|code| is_connection_lost(&code)))
+            && (matches!(
+                &self.error,
+                DbErr::Query(RuntimeErr::SqlxError(error))
+                    | DbErr::Exec(RuntimeErr::SqlxError(error))
+                    if matches!(**error, sea_orm::sqlx::Error::Io(_))
+            ) || sql_state(&self.error).is_some_and(|code| is_connection_lost(&code)))
     }
 
     /// Whether retrying the appends one by one is safe and useful: the

@@ -2058,7 +2058,7 @@ mod tests {
         // The guarded write of a message to a session no connection
         // follows reads no connection at all.
         let writes = writes(1, 1, true, true);
-        insert_session(&db, writes.seqs[0].0, 0).await;
+        insert_session(&db, writes.seqs[0].0, 0, "active").await;
         let plan = analyzed_plan(&db, &write_statement(DbBackend::Postgres, writes)).await;
         assert_eq!(connection_rows(&plan[0]["Plan"]), 0, "{plan:#}");
     }
@@ -2264,7 +2264,7 @@ mod tests {
     ) {
         use sea_orm::ConnectionTrait;
         for (i, &(id, last_seq)) in sessions.iter().enumerate() {
-            insert_session(db, id, last_seq).await;
+            insert_session(db, id, last_seq, "active").await;
             for j in 0..10 {
                 let connection = uuid::Uuid::now_v7();
                 db.execute_unprepared(&format!(
@@ -2323,7 +2323,7 @@ mod tests {
         let expected: Vec<String> = sessions.iter().map(|(_, seq)| seq.to_string()).collect();
         sessions.push((uuid::Uuid::nil(), 1));
         for (id, seq) in sessions {
-            insert_session(&db, id, seq - 1).await;
+            insert_session(&db, id, seq - 1, "active").await;
         }
         let statement = write_statement(DbBackend::Postgres, writes);
 
@@ -2502,15 +2502,12 @@ mod tests {
     #[cfg(feature = "postgres")]
     #[tokio::test]
     async fn a_batch_lost_with_its_connection_is_stored_on_another() {
-        use sea_orm::{ColumnTrait, ConnectionTrait, PaginatorTrait, QueryFilter};
+        use sea_orm::ConnectionTrait;
         let db = migrated_postgres().await;
         let (known, new) = (uuid::Uuid::now_v7(), uuid::Uuid::now_v7());
         for session in [known, new] {
-            insert_session(&db, session, 0).await;
+            insert_session(&db, session, 0, "OPEN").await;
         }
-        db.execute_unprepared("UPDATE livechat_sessions SET status = 'OPEN'")
-            .await
-            .unwrap();
         let store = crate::store::SeaOrmStore::new(db.clone());
         // The committer's backend: the last to run a batch's write, or the
         // read of its sessions.
@@ -2536,12 +2533,7 @@ mod tests {
         assert_eq!(hello(&store, known).await.unwrap().message.seq, 3);
         assert_eq!(hello(&store, known).await.unwrap().message.seq, 4);
         for (session, count) in [(known, 4), (new, 1)] {
-            let stored = message::Entity::find()
-                .filter(message::Column::SessionId.eq(session))
-                .count(&db)
-                .await
-                .unwrap();
-            assert_eq!(stored, count);
+            assert_eq!(stored_in(&db, session).await, count);
         }
     }
 
@@ -2555,18 +2547,11 @@ mod tests {
     async fn settling_a_lost_write_stores_its_messages_once() {
         use super::{AppendRequest, BatchResult};
         use crate::store::writer::{Conn, Writer};
-        use sea_orm::{
-            ColumnTrait, ConnectionTrait, PaginatorTrait, QueryFilter, TransactionTrait,
-        };
+        use sea_orm::{ConnectionTrait, TransactionTrait};
         use tokio::sync::oneshot;
         let db = migrated_postgres().await;
         let session = uuid::Uuid::now_v7();
-        insert_session(&db, session, 0).await;
-        db.execute_unprepared(&format!(
-            "UPDATE livechat_sessions SET status = 'OPEN' WHERE id = '{session}'"
-        ))
-        .await
-        .unwrap();
+        insert_session(&db, session, 0, "OPEN").await;
         let store = crate::store::SeaOrmStore::new(db.clone());
         let batch = [AppendRequest {
             tenant: TenantId::new(1).unwrap(),
@@ -2578,11 +2563,6 @@ mod tests {
             reply: oneshot::channel().0,
         }];
         let writer = Writer::new(Conn::acquire(&db).await.unwrap());
-        let stored = || {
-            message::Entity::find()
-                .filter(message::Column::SessionId.eq(session))
-                .count(&db)
-        };
         let seq = |result: &BatchResult| {
             result
                 .as_ref()
@@ -2609,13 +2589,13 @@ mod tests {
             .unwrap();
         let settled = store.resolve_lost_write(&batch, lost, &ids).await;
         assert_eq!(seq(&settled), Some(1));
-        assert_eq!(stored().await.unwrap(), 1);
+        assert_eq!(stored_in(&db, session).await, 1);
 
         // Never run.
         let (_, ids, lost) = stage().await;
         let settled = store.resolve_lost_write(&batch, lost, &ids).await;
         assert_eq!(seq(&settled), Some(2));
-        assert_eq!(stored().await.unwrap(), 2);
+        assert_eq!(stored_in(&db, session).await, 2);
 
         // Still running on the server, its client gone: settling waits
         // for the session it holds, then finds its messages.
@@ -2641,20 +2621,37 @@ mod tests {
             .unwrap();
         running.commit().await.unwrap();
         assert_eq!(settling.await.unwrap(), Some(3));
-        assert_eq!(stored().await.unwrap(), 3);
+        assert_eq!(stored_in(&db, session).await, 3);
     }
 
-    /// An `active` session `id` of tenant 1 at `last_seq`, on PostgreSQL.
+    /// A session `id` of tenant 1 in `status` at `last_seq`, on
+    /// PostgreSQL.
     #[cfg(feature = "postgres")]
-    async fn insert_session(db: &sea_orm::DatabaseConnection, id: uuid::Uuid, last_seq: i64) {
+    async fn insert_session(
+        db: &sea_orm::DatabaseConnection,
+        id: uuid::Uuid,
+        last_seq: i64,
+        status: &str,
+    ) {
         use sea_orm::ConnectionTrait;
         db.execute_unprepared(&format!(
             "INSERT INTO livechat_sessions \
              (id, tenant_id, origin, status, last_seq, created_at, updated_at) \
-             VALUES ('{id}', 1, 'widget', 'active', {last_seq}, now(), now())"
+             VALUES ('{id}', 1, 'widget', '{status}', {last_seq}, now(), now())"
         ))
         .await
         .unwrap();
+    }
+
+    /// How many messages `session` holds.
+    #[cfg(feature = "postgres")]
+    async fn stored_in(db: &sea_orm::DatabaseConnection, session: uuid::Uuid) -> u64 {
+        use sea_orm::{ColumnTrait, PaginatorTrait, QueryFilter};
+        message::Entity::find()
+            .filter(message::Column::SessionId.eq(session))
+            .count(db)
+            .await
+            .unwrap()
     }
 
     /// `EXPLAIN (ANALYZE, FORMAT JSON)` of `statement` on PostgreSQL, run

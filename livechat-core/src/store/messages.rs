@@ -48,8 +48,10 @@ pub(super) struct AppendQueue {
     state: Mutex<QueueState>,
     /// On PostgreSQL, each session this queue's batches read or wrote as
     /// it was after them: a batch of known sessions skips its read, since
-    /// its write checks every column staging uses anyway
-    /// ([`SeaOrmStore::store_unlocked`]). Only the committer uses it.
+    /// its write checks every column staging uses anyway; a refusal
+    /// staged from it is decided again from a fresh read, since nothing
+    /// is written to check it ([`SeaOrmStore::store_unlocked`]). Only the
+    /// committer uses it.
     known: Mutex<HashMap<uuid::Uuid, LockedSession>>,
     /// On PostgreSQL, the connection the committer wrote its last batch
     /// on, taken out of the pool, and when. Given back to the pool after
@@ -315,7 +317,12 @@ impl SeaOrmStore {
     /// round trip. If the write then finds one changed (another node
     /// wrote to it, or it was closed, assigned or linked meanwhile), the
     /// batch is read and written once more before it goes to the locked
-    /// path.
+    /// path. A batch that staging from memory refuses in part (the
+    /// session not visible to the sender, or not in an allowed status) is
+    /// staged again from a fresh read before anything is written: the
+    /// write's guard checks only the sessions it writes to, so a refusal
+    /// from a remembered row that routing or linking has since changed
+    /// would otherwise stand.
     async fn store_unlocked(&self, batch: &[AppendRequest]) -> BatchResult {
         let known = {
             let known = self.appends.known();
@@ -362,7 +369,8 @@ impl SeaOrmStore {
             .await
             .map_err(BatchFailure::before)?;
         let writer = Writer::new(conn);
-        let staged = match self
+        let from_memory = known.is_some();
+        let mut staged = match self
             .stage_batch(&writer, batch, LockWait::Optimistic, known)
             .await
         {
@@ -372,6 +380,24 @@ impl SeaOrmStore {
                 return Err(BatchFailure::before(error));
             }
         };
+        // The write's guard checks only the sessions it writes to. A
+        // refusal decided from memory (a session remembered as WAITING
+        // that routing has since assigned, a visitor's session since
+        // linked to a signed-in customer, a `client_msg_id` retry to a
+        // session remembered as CLOSED) would never be checked: each
+        // refusal is decided again from a fresh read.
+        if from_memory && staged.outcomes.iter().any(Result::is_err) {
+            staged = match self
+                .stage_batch(&writer, batch, LockWait::Optimistic, None)
+                .await
+            {
+                Ok(staged) => staged,
+                Err(error) => {
+                    forget();
+                    return Err(BatchFailure::before(error));
+                }
+            };
+        }
         let mut written_ids = Vec::new();
         let written = match staged.writes {
             Some(writes) => {
@@ -2425,6 +2451,74 @@ mod tests {
             .map(|m| m.seq)
             .collect();
         assert_eq!(seqs, [1, 2, 3, 4]);
+    }
+
+    /// A session the committer remembers as WAITING (its customer wrote
+    /// while waiting) and that routing then assigned, without the
+    /// committer: the agent's message is stored, not refused as
+    /// `session_not_open` from memory; and a visitor's session linked to
+    /// another customer meanwhile refuses the visitor from a fresh read.
+    #[cfg(feature = "postgres")]
+    #[tokio::test]
+    async fn a_refusal_from_memory_is_decided_again_from_a_fresh_read() {
+        use crate::ids::CustomerId;
+        use crate::model::{Sender, SessionStatus};
+        use crate::repository::MessageRepository;
+        use sea_orm::ConnectionTrait;
+        let db = migrated_postgres().await;
+        let (session, customer) = (uuid::Uuid::now_v7(), uuid::Uuid::now_v7());
+        for sql in [
+            format!(
+                "INSERT INTO livechat_customers (id, tenant_id, created_at) \
+                 VALUES ('{customer}', 1, now())"
+            ),
+            format!(
+                "INSERT INTO livechat_sessions \
+                 (id, tenant_id, origin, status, customer_id, created_at, updated_at) \
+                 VALUES ('{session}', 1, 'widget', 'WAITING', '{customer}', now(), now())"
+            ),
+        ] {
+            db.execute_unprepared(&sql).await.unwrap();
+        }
+        let store = crate::store::SeaOrmStore::new(db.clone());
+        let from_customer = |who: uuid::Uuid| {
+            store.append_message(
+                TenantId::new(1).unwrap(),
+                SessionId::from_uuid(session),
+                Sender::Customer(CustomerId::from_uuid(who)),
+                crate::validate::MessageBody::parse("waiting".to_owned(), 100).unwrap(),
+                None,
+                &[SessionStatus::Waiting, SessionStatus::Open],
+            )
+        };
+        assert_eq!(from_customer(customer).await.unwrap().message.seq, 1);
+        // An agent's message while it waits is refused (from memory).
+        assert!(matches!(
+            hello(&store, session).await,
+            Err(crate::ChatError::SessionNotOpen)
+        ));
+        db.execute_unprepared(&format!(
+            "UPDATE livechat_sessions SET status = 'OPEN', agent_id = 7, \
+             assigned_at = now() WHERE id = '{session}'"
+        ))
+        .await
+        .unwrap();
+        assert_eq!(hello(&store, session).await.unwrap().message.seq, 2);
+
+        let other = uuid::Uuid::now_v7();
+        db.execute_unprepared(&format!(
+            "INSERT INTO livechat_customers (id, tenant_id, created_at) \
+             VALUES ('{other}', 1, now()); \
+             UPDATE livechat_sessions SET customer_id = '{other}' WHERE id = '{session}'"
+        ))
+        .await
+        .unwrap();
+        assert_eq!(from_customer(other).await.unwrap().message.seq, 3);
+        assert!(matches!(
+            from_customer(customer).await,
+            Err(crate::ChatError::NotFound)
+        ));
+        assert_eq!(stored_in(&db, session).await, 3);
     }
 
     #[cfg(feature = "postgres")]

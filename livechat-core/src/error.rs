@@ -54,6 +54,11 @@ pub enum ChatError {
     /// The message body is empty or only whitespace.
     #[error("message must not be empty")]
     InvalidMessage,
+    /// The message body contains the NUL character (U+0000), which
+    /// PostgreSQL's text columns cannot store; refused on every database
+    /// alike.
+    #[error("message must not contain the NUL character (U+0000)")]
+    MessageContainsNul,
     /// The message body has more characters (Unicode scalar values) than
     /// allowed ([`ChatConfig::max_message_chars`](crate::ChatConfig)).
     #[error("message is longer than {max} characters")]

@@ -13,10 +13,15 @@ impl MessageBody {
     ///
     /// # Errors
     /// [`ChatError::InvalidMessage`] for empty or blank text,
+    /// [`ChatError::MessageContainsNul`] for text with U+0000 (PostgreSQL
+    /// cannot store it: it would fail as a storage error),
     /// [`ChatError::MessageTooLong`] above `max_chars`.
     pub fn parse(text: String, max_chars: usize) -> Result<Self, ChatError> {
         if text.trim().is_empty() {
             return Err(ChatError::InvalidMessage);
+        }
+        if text.contains('\0') {
+            return Err(ChatError::MessageContainsNul);
         }
         // Counting stops one past the limit: a huge body costs no more than that.
         if text.chars().take(max_chars + 1).count() > max_chars {
@@ -114,6 +119,10 @@ mod tests {
             MessageBody::parse("  hi ".into(), 10).unwrap().as_str(),
             "  hi "
         );
+        assert!(matches!(
+            MessageBody::parse("hi\0there".into(), 10),
+            Err(ChatError::MessageContainsNul)
+        ));
         // Characters, not bytes: ten 3-byte characters fit a limit of 10.
         assert!(MessageBody::parse("é".repeat(10), 10).is_ok());
         assert!(matches!(
@@ -141,11 +150,19 @@ mod tests {
     }
 }
 
+/// `value` trimmed, when not blank, without U+0000 (which PostgreSQL's
+/// text columns cannot store) and at most `max` characters; otherwise
+/// [`ChatError::InvalidInput`] naming `field`.
 fn bounded(field: &'static str, value: &str, max: usize) -> Result<String, ChatError> {
     let value = value.trim();
     if value.is_empty() {
         return Err(ChatError::InvalidInput(format!(
             "{field} must not be empty"
+        )));
+    }
+    if value.contains('\0') {
+        return Err(ChatError::InvalidInput(format!(
+            "{field} must not contain the NUL character (U+0000)"
         )));
     }
     if value.chars().take(max + 1).count() > max {
@@ -239,6 +256,10 @@ mod customer_input_tests {
         assert!(Topic::parse("   ").is_err());
         assert!(Topic::parse(&"x".repeat(201)).is_err());
         assert!(Topic::parse(&"x".repeat(200)).is_ok());
+        assert!(Topic::parse("Bil\0ling").is_err());
+        assert!(parse_department(Some("Sales\0".into())).is_err());
+        assert!(Contact::parse("A\0na", "ana@example.com", None, None, None).is_err());
+        assert!(Contact::parse("Ana", "ana@example.com", None, Some("C\0O".into()), None).is_err());
         assert!(Contact::parse("Ana", "ana@example.com", None, None, None).is_ok());
         assert!(Contact::parse("Ana", "not-an-email", None, None, None).is_err());
         assert!(Contact::parse("", "ana@example.com", None, None, None).is_err());

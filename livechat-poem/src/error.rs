@@ -168,7 +168,9 @@ impl From<ChatError> for ApiError {
             ),
             ChatError::SessionClosed => Self::bad_request("session_closed", err.to_string()),
             ChatError::SessionNotOpen => Self::bad_request("session_not_open", err.to_string()),
-            ChatError::InvalidMessage => Self::bad_request("invalid_message", err.to_string()),
+            ChatError::InvalidMessage | ChatError::MessageContainsNul => {
+                Self::bad_request("invalid_message", err.to_string())
+            }
             ChatError::MessageTooLong { .. } => {
                 Self::bad_request("message_too_long", err.to_string())
             }

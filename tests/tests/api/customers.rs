@@ -454,6 +454,11 @@ async fn start_validation(backend: Backend) {
         json!({"browser_uuid": b, "topic": "x", "contact": {"email": "a@b.co"}}),
         json!({"browser_uuid": b, "topic": "x", "message": "  "}),
         json!({"browser_uuid": b, "topic": "x", "message": "m".repeat(10_001)}),
+        // U+0000, which PostgreSQL's text cannot hold, in any text field.
+        json!({"browser_uuid": b, "topic": "Bil\u{0}ling"}),
+        json!({"browser_uuid": b, "topic": "x", "department": "Sales\u{0}"}),
+        json!({"browser_uuid": b, "topic": "x", "message": "hi\u{0}"}),
+        json!({"browser_uuid": b, "topic": "x", "contact": {"name": "A\u{0}na", "email": "a@b.co"}}),
     ];
     for bad in cases {
         let (code, body) = customer(

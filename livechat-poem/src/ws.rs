@@ -177,6 +177,26 @@ impl Refusal {
             message: message.into(),
         }
     }
+
+    /// Why a credential's customer could not be resolved: `unauthorized`
+    /// when it no longer exists, else what the HTTP routes answer
+    /// (`unavailable` when the database cannot answer, `internal_error`
+    /// otherwise), with the cause logged and never sent: the message goes
+    /// to the client in an `error` frame and a close frame's reason (at
+    /// most 123 bytes; these are shorter).
+    fn customer(error: ChatError) -> Self {
+        if matches!(error, ChatError::NotFound) {
+            return Self::new("unauthorized", "unknown customer");
+        }
+        let api = ApiError::from(error);
+        let detail = api.detail();
+        let code = if detail.code == "unavailable" {
+            "unavailable"
+        } else {
+            "internal_error"
+        };
+        Self::new(code, detail.message.clone())
+    }
 }
 
 impl Gateway {
@@ -201,7 +221,7 @@ impl Gateway {
                 .chat
                 .resolve_customer(tenant, CustomerIdentity::Known(customer))
                 .await
-                .map_err(|_| Refusal::new("unauthorized", "unknown customer"))?;
+                .map_err(Refusal::customer)?;
             return Ok(Identity {
                 tenant,
                 role: Role::Customer {
@@ -243,7 +263,7 @@ impl Gateway {
             .chat
             .resolve_customer(tenant, CustomerIdentity::User(principal.user_id))
             .await
-            .map_err(|e| Refusal::new("unavailable", e.to_string()))?;
+            .map_err(Refusal::customer)?;
         Ok(Identity {
             tenant,
             role: Role::Customer {
@@ -309,9 +329,13 @@ pub(crate) fn openapi_path_item(error_content: &Value) -> Value {
             ],
             "responses": {
                 "101": {"description": "Switching Protocols: the WebSocket is open."},
-                "400": error("`invalid_tenant`: `X-Tenant-ID` is missing or not a positive integer."),
-                "401": error("`unauthorized`: the credential is refused."),
+                "400": error("`invalid_tenant`: `X-Tenant-ID` is missing or not a positive integer; \
+                    `bad_request`: not a WebSocket upgrade (a `GET` over HTTP/1.1 with `Connection: Upgrade`, \
+                    `Upgrade: websocket`, `Sec-WebSocket-Version: 13` and a `Sec-WebSocket-Key`)."),
+                "401": error("`unauthorized`: the credential is refused (also an `Authorization` header that is not ASCII, \
+                    or a token whose customer no longer exists)."),
                 "403": error("`forbidden`: the origin is not allowed, or the token does not allow the tenant."),
+                "500": error("`internal_error`: the customer could not be read; the message names a logged reference."),
                 "503": error("`unavailable`: the host's authentication or the database cannot answer; retry later."),
             },
         }
@@ -323,18 +347,36 @@ pub(crate) fn openapi_path_item(error_content: &Value) -> Value {
 #[handler]
 pub(crate) async fn ws_endpoint(
     req: &Request,
-    ws: WebSocket,
+    ws: poem::Result<WebSocket>,
     gateway: Data<&Arc<Gateway>>,
 ) -> Response {
+    let ws = match ws {
+        Ok(ws) => ws,
+        // Not an upgrade request, or one hyper cannot upgrade (HTTP/1.0:
+        // poem's extractor then fails with a server error, 500).
+        Err(e) => {
+            let message = if e.status().is_client_error() {
+                e.to_string()
+            } else {
+                "a WebSocket upgrade needs HTTP/1.1".to_owned()
+            };
+            return ApiError::bad_request("bad_request", message).into_response();
+        }
+    };
     let gateway = Arc::clone(gateway.0);
     if !origin_allowed(&gateway.config, req) {
         return ApiError::forbidden("origin not allowed").into_response();
     }
-    let header_credential = req
-        .headers()
-        .get(poem::http::header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok())
-        .map(str::to_owned);
+    let header_credential = match req.headers().get(poem::http::header::AUTHORIZATION) {
+        None => None,
+        Some(value) => match value.to_str() {
+            Ok(credential) => Some(credential.to_owned()),
+            Err(_) => {
+                return ApiError::unauthorized("the Authorization header is not ASCII")
+                    .into_response();
+            }
+        },
+    };
     let pre_auth = match header_credential {
         None => None,
         Some(credential) => {
@@ -353,6 +395,10 @@ pub(crate) async fn ws_endpoint(
                 }
                 Err(r) if r.code == "unavailable" => {
                     return ApiError::unavailable(&r.message).into_response();
+                }
+                // Logged, with its reference, by `Refusal::customer`.
+                Err(r) if r.code == "internal_error" => {
+                    return ApiError::internal_logged(r.message).into_response();
                 }
                 Err(r) => return ApiError::unauthorized(r.message).into_response(),
             }

@@ -17,6 +17,7 @@ on_both_databases!(
     idempotent_send_and_typing_relay,
     bad_input_gets_error_frames,
     authentication_and_isolation,
+    handshakes_that_cannot_be_served,
     presence_grace_and_expiry,
     an_agent_who_chose_offline_is_not_announced_back,
     an_agent_of_a_crashed_node_is_announced_offline,
@@ -204,6 +205,91 @@ async fn open_chat(node: &Node, user: i64) -> (SessionId, String) {
         view.session.id,
         format!("Bearer {}", App::token(user, &["USER"], Some(&[1]))),
     )
+}
+
+/// The status line and body of a raw HTTP `request` sent to `node`.
+async fn raw_http(node: &Node, request: &[u8]) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut stream = tokio::net::TcpStream::connect(node.addr).await.unwrap();
+    stream.write_all(request).await.unwrap();
+    let mut answer = Vec::new();
+    // The server closes an HTTP/1.0 exchange (and `Connection: close`).
+    tokio::time::timeout(Duration::from_secs(10), stream.read_to_end(&mut answer))
+        .await
+        .expect("the server answers and closes")
+        .unwrap();
+    String::from_utf8_lossy(&answer).into_owned()
+}
+
+/// Handshakes the gateway cannot serve get the envelope with a 4xx, or
+/// 503 when the database cannot answer, never a 500 or a refusal that
+/// blames the credential; a refusal in the first frame's answer names no
+/// internals.
+async fn handshakes_that_cannot_be_served(backend: Backend) {
+    let (app, node) = node(backend, |r| r.auth_timeout = Duration::from_secs(5)).await;
+    let upgrade = "Upgrade: websocket\r\nConnection: Upgrade\r\n\
+         Sec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n";
+    // HTTP/1.0 cannot be upgraded (hyper only upgrades HTTP/1.1).
+    let answer = raw_http(
+        &node,
+        format!("GET /livechat/ws HTTP/1.0\r\nHost: x\r\n{upgrade}\r\n").as_bytes(),
+    )
+    .await;
+    assert!(answer.starts_with("HTTP/1.0 400"), "{answer}");
+    assert!(answer.contains(r#""code":"bad_request""#), "{answer}");
+    // An `Authorization` header that is not ASCII is refused, not ignored.
+    let mut request = b"GET /livechat/ws HTTP/1.1\r\nHost: x\r\nX-Tenant-ID: 1\r\n\
+         Authorization: Bearer "
+        .to_vec();
+    request.extend_from_slice(b"\xff\xfe\r\n");
+    request.extend_from_slice(
+        upgrade
+            .replace("Connection: Upgrade", "Connection: Upgrade, close")
+            .as_bytes(),
+    );
+    request.extend_from_slice(b"\r\n");
+    let answer = raw_http(&node, &request).await;
+    assert!(answer.starts_with("HTTP/1.1 401"), "{answer}");
+    assert!(answer.contains(r#""code":"unauthorized""#), "{answer}");
+
+    // A visitor's token, then the database goes away.
+    let resp = reqwest::Client::new()
+        .post(node.url("/livechat/customer/chats"))
+        .header("X-Tenant-ID", "1")
+        .header("Content-Type", "application/json")
+        .body(json!({"browser_uuid": uuid::Uuid::now_v7(), "topic": "x"}).to_string())
+        .send()
+        .await
+        .unwrap();
+    let started: Value = serde_json::from_str(&resp.text().await.unwrap()).unwrap();
+    let visitor = format!(
+        "Visitor {}",
+        started["data"]["visitor_token"].as_str().unwrap()
+    );
+    let (_, customer) = open_chat(&node, 905).await;
+    app.db.clone().close().await.unwrap();
+    // The visitor keeps its token: 503, not 401.
+    match WsClient::connect_with_header(&node.ws_url(), &visitor, 1).await {
+        Err(tokio_tungstenite::tungstenite::Error::Http(response)) => {
+            assert_eq!(response.status(), 503);
+        }
+        Err(other) => panic!("{other}"),
+        Ok(_) => panic!("upgraded without a database"),
+    }
+    // In the first frame: `unavailable`, and no database error text.
+    let mut first = WsClient::connect_bare(&node.ws_url()).await;
+    let token = customer.trim_start_matches("Bearer ");
+    first
+        .send(json!({"type": "auth", "token": token, "tenant_id": 1}))
+        .await;
+    let refused = first.expect("error").await;
+    assert_eq!(refused["code"], "unavailable", "{refused}");
+    let message = refused["message"].as_str().unwrap();
+    assert!(message.len() <= 123, "{message}");
+    for internal in ["storage", "sqlx", "pool", "SQL"] {
+        assert!(!message.contains(internal), "{message}");
+    }
+    assert_eq!(first.close_code(Duration::from_secs(3)).await, Some(1008));
 }
 
 fn agent_auth(agent: i64) -> String {

@@ -144,10 +144,20 @@ impl OutboxConsumer for SeaOrmStore {
                 (Some(_), Some(s)) if lost.contains(&s) => {}
                 (Some(row), _) => {
                     let attempts = row.attempts;
-                    claimed.push(PendingEvent {
-                        event: row.try_into()?,
-                        attempts,
-                    });
+                    match DomainEvent::try_from(row) {
+                        Ok(event) => claimed.push(PendingEvent { event, attempts }),
+                        // A row no dispatcher of this version can read (a
+                        // kind or payload it does not know, or a damaged
+                        // row) is failed, so that it holds up neither the
+                        // claim nor, as the first pending event of its
+                        // session, that session's later events; it stays
+                        // in the outbox with its error for an operator.
+                        Err(error) => {
+                            let reason = format!("cannot be decoded: {error}");
+                            tracing::warn!(event = %id, error = %error, "outbox event failed: it cannot be decoded");
+                            self.mark_failed(EventId::from_uuid(id), &reason).await?;
+                        }
+                    }
                 }
                 (None, Some(s)) => {
                     lost.insert(s);

@@ -25,6 +25,7 @@ on_both_databases!(
     webhook_receives_signed_events_with_retries,
     a_sessions_events_are_claimed_in_order_behind_its_earliest,
     held_events_do_not_hide_other_sessions_events,
+    an_event_no_dispatcher_can_read_is_failed_not_in_the_way,
     the_claim_scan_reads_only_undispatched_events,
     events_no_sink_acts_on_are_settled_without_a_claim,
     events_outside_the_dispatchers_interest_are_written_settled,
@@ -535,6 +536,68 @@ async fn held_events_do_not_hide_other_sessions_events(backend: Backend) {
         "agent 8's events, found past the held ones"
     );
     assert_eq!(claimed[0].event.payload.value()["agent_id"], 8);
+}
+
+/// An outbox row this version cannot decode (here a kind it does not
+/// know, as a newer version may write) is failed with its reason: the
+/// claim hands out every other event, its session's later ones included,
+/// where it failed whole and stalled dispatch for good.
+async fn an_event_no_dispatcher_can_read_is_failed_not_in_the_way(backend: Backend) {
+    use livechat_core::{EventKind, UserId};
+    use sea_orm::{ConnectionTrait, Statement};
+    let app = App::new(backend).await;
+    let tenant = TenantId::new(1).unwrap();
+    let session = session_with_messages(&app, tenant, UserId::new(7).unwrap(), 2).await;
+    let backend = app.db.get_database_backend();
+    app.db
+        .execute_raw(Statement::from_sql_and_values(
+            backend,
+            match backend {
+                sea_orm::DbBackend::Postgres => {
+                    "UPDATE livechat_outbox SET kind = 'session.future_kind' \
+                     WHERE session_id = $1 AND kind = 'session.started'"
+                }
+                _ => {
+                    "UPDATE livechat_outbox SET kind = 'session.future_kind' \
+                     WHERE session_id = ? AND kind = 'session.started'"
+                }
+            },
+            [session.as_uuid().into()],
+        ))
+        .await
+        .unwrap();
+    let store = app.chat.store();
+    let claimed = store
+        .claim_pending(100, Duration::from_secs(30))
+        .await
+        .expect("the claim hands out the rest");
+    assert_eq!(
+        claimed
+            .iter()
+            .map(|p| (p.event.kind, p.event.payload.value()["seq"].as_i64()))
+            .collect::<Vec<_>>(),
+        vec![
+            (EventKind::AgentStatusChanged, None),
+            (EventKind::MessagePosted, Some(1)),
+            (EventKind::MessagePosted, Some(2)),
+        ]
+    );
+    let failed = app
+        .db
+        .query_one_raw(Statement::from_string(
+            backend,
+            "SELECT last_error FROM livechat_outbox \
+             WHERE kind = 'session.future_kind' AND failed_at IS NOT NULL \
+             AND dispatched_at IS NOT NULL",
+        ))
+        .await
+        .unwrap()
+        .expect("the unreadable event is failed");
+    let reason: String = failed.try_get("", "last_error").unwrap();
+    assert!(reason.contains("cannot be decoded"), "{reason}");
+    // Nothing is left to claim.
+    let again = store.claim_pending(100, Duration::from_secs(30)).await;
+    assert!(again.unwrap().is_empty());
 }
 
 /// Issue #5: the dispatcher's claim scan (`WHERE dispatched_at IS NULL

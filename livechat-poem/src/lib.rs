@@ -273,49 +273,114 @@ impl Livechat {
     pub fn swagger_ui(&self, server_url: &str) -> impl Endpoint + use<> {
         let service = self.service(server_url);
         let mut html = service.swagger_ui_html();
-        if self.realtime.is_some() {
-            // The page embeds the document verbatim; swap in the one with /ws.
-            let generated = service.spec();
-            html = html.replacen(&generated, &with_ws_path(&generated), 1);
-        }
+        // The page embeds the document verbatim; swap in the completed one.
+        let generated = service.spec();
+        html = html.replacen(
+            &generated,
+            &completed(&generated, self.realtime.is_some()),
+            1,
+        );
         poem::endpoint::make_sync(move |_| poem::web::Html(html.clone()))
     }
 
-    /// The OpenAPI document as JSON text. With the gateway enabled
-    /// ([`Self::realtime`]) it also lists `GET /ws` (the upgrade, its
-    /// headers and its error answers; the frames are in the README).
+    /// The OpenAPI document as JSON text: every operation lists the
+    /// `X-Tenant-ID` header, and the customer routes their `Authorization`
+    /// (the `CustomerAuth` scheme: `Bearer` or `Visitor`, optional when a
+    /// chat is started with a `browser_uuid`), which the routes read
+    /// themselves. With the gateway enabled ([`Self::realtime`]) it also
+    /// lists `GET /ws` (the upgrade, its headers and its error answers;
+    /// the frames are in the README).
     #[must_use]
     pub fn spec_json(&self, server_url: &str) -> String {
-        let spec = self.service(server_url).spec();
-        if self.realtime.is_some() {
-            with_ws_path(&spec)
-        } else {
-            spec
-        }
+        completed(&self.service(server_url).spec(), self.realtime.is_some())
     }
 }
 
-/// `spec` (the generated OpenAPI document) with the path item of `GET /ws`
-/// added; `spec` unchanged if it does not parse (it always does: poem-openapi
-/// printed it).
-fn with_ws_path(spec: &str) -> String {
-    let Ok(mut document) = serde_json::from_str::<serde_json::Value>(spec) else {
+/// The `X-Tenant-ID` header parameter, as every route reads it.
+fn tenant_parameter() -> serde_json::Value {
+    serde_json::json!({
+        "name": TENANT_HEADER,
+        "in": "header",
+        "required": true,
+        "description": "The tenant the request acts in: a positive integer the credential allows \
+            (400 `invalid_tenant` when missing or malformed).",
+        "schema": {"type": "integer", "format": "int64", "minimum": 1},
+    })
+}
+
+/// `spec` (the generated OpenAPI document) completed with what the
+/// routes read from the request themselves, which poem-openapi cannot
+/// see: the `X-Tenant-ID` header on every operation and the customer
+/// routes' credential (`CustomerAuth`); with `ws`, the path item of
+/// `GET /ws` too. `spec` unchanged if it does not parse (it always does:
+/// poem-openapi printed it).
+fn completed(spec: &str, ws: bool) -> String {
+    use serde_json::{Value, json};
+    let Ok(mut document) = serde_json::from_str::<Value>(spec) else {
         return spec.to_owned();
     };
     // The envelope every route's errors carry.
     let error_content = document
         .pointer("/paths/~1sessions/post/responses/401/content")
         .cloned()
-        .unwrap_or_else(|| serde_json::json!({}));
-    let Some(paths) = document
-        .get_mut("paths")
-        .and_then(serde_json::Value::as_object_mut)
-    else {
+        .unwrap_or_else(|| json!({}));
+    if let Some(schemes) = document
+        .as_object_mut()
+        .map(|d| d.entry("components").or_insert_with(|| json!({})))
+        .and_then(Value::as_object_mut)
+        .map(|c| c.entry("securitySchemes").or_insert_with(|| json!({})))
+        .and_then(Value::as_object_mut)
+    {
+        schemes.insert(
+            CUSTOMER_AUTH.to_owned(),
+            json!({
+                "type": "apiKey",
+                "in": "header",
+                "name": "Authorization",
+                "description": "`Bearer <host token>` (an identified host user) or \
+                    `Visitor <visitor token>` (from the chat start of an anonymous visitor).",
+            }),
+        );
+    }
+    let Some(paths) = document.get_mut("paths").and_then(Value::as_object_mut) else {
         return spec.to_owned();
     };
-    paths.insert("/ws".to_owned(), ws::openapi_path_item(&error_content));
+    for (path, item) in paths.iter_mut() {
+        let Some(operations) = item.as_object_mut() else {
+            continue;
+        };
+        for (method, operation) in operations.iter_mut() {
+            let Some(operation) = operation.as_object_mut() else {
+                continue;
+            };
+            if let Some(parameters) = operation
+                .entry("parameters")
+                .or_insert_with(|| json!([]))
+                .as_array_mut()
+                && !parameters.iter().any(|p| p["name"] == TENANT_HEADER)
+            {
+                parameters.insert(0, tenant_parameter());
+            }
+            if path.starts_with("/customer/") && path != "/customer/availability" {
+                // Starting a chat may identify the visitor by its
+                // `browser_uuid` alone: the credential is optional there.
+                let security = if path == "/customer/chats" && method == "post" {
+                    json!([{CUSTOMER_AUTH: []}, {}])
+                } else {
+                    json!([{CUSTOMER_AUTH: []}])
+                };
+                operation.insert("security".to_owned(), security);
+            }
+        }
+    }
+    if ws {
+        paths.insert("/ws".to_owned(), ws::openapi_path_item(&error_content));
+    }
     serde_json::to_string_pretty(&document).unwrap_or_else(|_| spec.to_owned())
 }
+
+/// The OpenAPI security scheme of the customer routes' `Authorization`.
+const CUSTOMER_AUTH: &str = "CustomerAuth";
 
 /// The outer layer of [`Livechat::endpoint`]: puts the authentication
 /// state in the request, reads the body within [`MAX_BODY_BYTES`], calls

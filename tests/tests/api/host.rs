@@ -106,6 +106,44 @@ async fn seeded_login_drives_the_library(backend: Backend) {
             );
         }
     }
+    // Every operation lists the tenant header; the customer routes their
+    // credential, optional only where a chat starts by `browser_uuid`.
+    let mut operations = 0;
+    // (`/ws` takes the header only with header credentials: below.)
+    for (path, item) in spec["paths"].as_object().unwrap() {
+        if path == "/ws" {
+            continue;
+        }
+        for (method, op) in item.as_object().unwrap() {
+            operations += 1;
+            assert!(
+                op["parameters"].as_array().is_some_and(|p| p
+                    .iter()
+                    .any(|p| p["name"] == "X-Tenant-ID"
+                        && p["in"] == "header"
+                        && p["required"] == true)),
+                "{method} {path} lacks X-Tenant-ID"
+            );
+            let security = &op["security"];
+            if path.starts_with("/customer/") && path != "/customer/availability" {
+                assert_eq!(security[0]["CustomerAuth"], json!([]), "{method} {path}");
+                assert_eq!(
+                    security.as_array().unwrap().len(),
+                    if (path.as_str(), method.as_str()) == ("/customer/chats", "post") {
+                        2
+                    } else {
+                        1
+                    },
+                    "{method} {path}: {security}"
+                );
+            }
+        }
+    }
+    assert!(operations > 20, "{operations} operations");
+    assert_eq!(
+        spec["components"]["securitySchemes"]["CustomerAuth"]["name"],
+        "Authorization"
+    );
     // The WebSocket route too, with the same error envelope.
     let envelope = &spec["paths"]["/sessions"]["post"]["responses"]["401"]["content"];
     assert!(

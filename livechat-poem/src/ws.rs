@@ -1164,6 +1164,15 @@ impl Conn {
                 session_id,
                 after_seq,
             } => {
+                // As the HTTP route's `after_seq` (400 `invalid_query`).
+                if after_seq.is_some_and(|seq| seq < 0) {
+                    self.send(error_frame(
+                        "invalid_frame",
+                        "after_seq must not be negative",
+                        Some(&session_id),
+                    ));
+                    return Ok(());
+                }
                 let view = match self.authorize(&session_id).await {
                     Ok(v) => v,
                     Err(e) => {
@@ -1176,7 +1185,7 @@ impl Conn {
                 self.chat()
                     .follow_session(self.tenant(), self.id, id)
                     .await?;
-                let start = after_seq.unwrap_or(view.session.last_seq).max(0);
+                let start = after_seq.unwrap_or(view.session.last_seq);
                 // Before the catch-up's read: what it misses arrives live.
                 self.membership.follow(id);
                 self.joined.insert(id, start);

@@ -590,6 +590,15 @@ async fn bad_input_gets_error_frames(backend: Backend) {
     c.send(json!({"type": "join_session", "session_id": "not-a-uuid"}))
         .await;
     assert_eq!(c.expect("error").await["code"], "not_found");
+    // A negative `after_seq` is refused, as over HTTP; nothing is joined.
+    c.send(json!({"type": "join_session", "session_id": session, "after_seq": -5}))
+        .await;
+    let e = c.expect("error").await;
+    assert_eq!(
+        (e["code"].as_str(), e["ref"].as_str()),
+        (Some("invalid_frame"), Some(session.to_string().as_str())),
+        "{e}"
+    );
     c.send(json!({"type": "typing", "session_id": session, "state": "start"}))
         .await;
     assert_eq!(

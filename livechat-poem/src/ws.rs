@@ -497,6 +497,31 @@ fn error_code(err: ChatError) -> (String, String) {
     (code, detail.message.clone())
 }
 
+/// The close code for a frame the WebSocket layer refused as it read it
+/// (RFC 6455 §7.4.1): 1009 for one over its size limit (16 times
+/// `max_frame_bytes`; frames between the two limits get a
+/// `frame_too_large` error frame instead), 1007 for a text frame that is
+/// not UTF-8, 1002 for a frame that breaks the protocol; `None` for
+/// anything else (an I/O error or a closed connection: nothing can be
+/// sent). poem hands tungstenite's errors over as `std::io::Error`s of
+/// kind `Other` carrying tungstenite's text, so the kind is told by it
+/// (a test sends an oversized frame).
+fn protocol_close(error: &std::io::Error) -> Option<(CloseCode, &'static str)> {
+    if error.kind() != std::io::ErrorKind::Other {
+        return None;
+    }
+    let text = error.to_string();
+    if text.starts_with("Space limit exceeded") {
+        Some((CloseCode::Size, "frame too large"))
+    } else if text.starts_with("UTF-8 encoding error") {
+        Some((CloseCode::Invalid, "text frame is not UTF-8"))
+    } else if text.starts_with("WebSocket protocol error") {
+        Some((CloseCode::Protocol, "WebSocket protocol error"))
+    } else {
+        None
+    }
+}
+
 fn frame(value: Value) -> Message {
     Message::Text(value.to_string())
 }
@@ -1379,7 +1404,16 @@ async fn serve(gateway: Arc<Gateway>, socket: WebSocketStream, pre_auth: Option<
                 conn.settle_send(&client_msg_id, outcome);
             }
             incoming = stream.next(), if conn.sends.len() < MAX_IN_FLIGHT => {
-                let Some(Ok(message)) = incoming else { break };
+                let message = match incoming {
+                    Some(Ok(message)) => message,
+                    Some(Err(error)) => {
+                        if let Some((code, reason)) = protocol_close(&error) {
+                            conn.close_with(code, reason);
+                        }
+                        break;
+                    }
+                    None => break,
+                };
                 conn.last_heard = Instant::now();
                 match message {
                     Message::Text(text) => match parse_frame(&text, config.max_frame_bytes) {

@@ -623,6 +623,14 @@ async fn bad_input_gets_error_frames(backend: Backend) {
         c.send_text("garbage").await;
     }
     assert_eq!(c.close_code(Duration::from_secs(5)).await, Some(1008));
+    // A frame over the WebSocket layer's own limit (16 × 64 KiB) ends the
+    // connection with 1009, not as a normal close.
+    let mut huge = WsClient::connect_with_header(&node.ws_url(), &agent_auth(7), 1)
+        .await
+        .unwrap();
+    huge.expect("ready").await;
+    huge.send_text(&"x".repeat(16 * 64 * 1024 + 1)).await;
+    assert_eq!(huge.close_code(Duration::from_secs(5)).await, Some(1009));
 }
 
 async fn authentication_and_isolation(backend: Backend) {

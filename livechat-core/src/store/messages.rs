@@ -2387,20 +2387,7 @@ mod tests {
     async fn a_remembered_session_is_checked_by_the_write() {
         use sea_orm::{ConnectionTrait, QueryOrder};
         let db = migrated_postgres().await;
-        let (session, customer) = (uuid::Uuid::now_v7(), uuid::Uuid::now_v7());
-        for sql in [
-            format!(
-                "INSERT INTO livechat_customers (id, tenant_id, user_id, created_at) \
-                 VALUES ('{customer}', 1, 950, now())"
-            ),
-            format!(
-                "INSERT INTO livechat_sessions \
-                 (id, tenant_id, origin, status, customer_id, created_at, updated_at) \
-                 VALUES ('{session}', 1, 'widget', 'OPEN', '{customer}', now(), now())"
-            ),
-        ] {
-            db.execute_unprepared(&sql).await.unwrap();
-        }
+        let (session, customer) = customer_session(&db, Some(950), "OPEN").await;
         let store = crate::store::SeaOrmStore::new(db.clone());
         let send = || hello(&store, session);
         let connection = uuid::Uuid::now_v7();
@@ -2466,20 +2453,7 @@ mod tests {
         use crate::repository::MessageRepository;
         use sea_orm::ConnectionTrait;
         let db = migrated_postgres().await;
-        let (session, customer) = (uuid::Uuid::now_v7(), uuid::Uuid::now_v7());
-        for sql in [
-            format!(
-                "INSERT INTO livechat_customers (id, tenant_id, created_at) \
-                 VALUES ('{customer}', 1, now())"
-            ),
-            format!(
-                "INSERT INTO livechat_sessions \
-                 (id, tenant_id, origin, status, customer_id, created_at, updated_at) \
-                 VALUES ('{session}', 1, 'widget', 'WAITING', '{customer}', now(), now())"
-            ),
-        ] {
-            db.execute_unprepared(&sql).await.unwrap();
-        }
+        let (session, customer) = customer_session(&db, None, "WAITING").await;
         let store = crate::store::SeaOrmStore::new(db.clone());
         let from_customer = |who: uuid::Uuid| {
             store.append_message(
@@ -2735,6 +2709,29 @@ mod tests {
         ))
         .await
         .unwrap();
+    }
+
+    /// A customer of tenant 1 (host user `user`, or a visitor) and a
+    /// widget session of theirs in `status`: (session, customer).
+    #[cfg(feature = "postgres")]
+    async fn customer_session(
+        db: &sea_orm::DatabaseConnection,
+        user: Option<i64>,
+        status: &str,
+    ) -> (uuid::Uuid, uuid::Uuid) {
+        use sea_orm::ConnectionTrait;
+        let (session, customer) = (uuid::Uuid::now_v7(), uuid::Uuid::now_v7());
+        let user = user.map_or_else(|| "NULL".to_owned(), |u| u.to_string());
+        db.execute_unprepared(&format!(
+            "INSERT INTO livechat_customers (id, tenant_id, user_id, created_at) \
+             VALUES ('{customer}', 1, {user}, now()); \
+             INSERT INTO livechat_sessions \
+             (id, tenant_id, origin, status, customer_id, created_at, updated_at) \
+             VALUES ('{session}', 1, 'widget', '{status}', '{customer}', now(), now())"
+        ))
+        .await
+        .unwrap();
+        (session, customer)
     }
 
     /// How many messages `session` holds.

@@ -369,26 +369,11 @@ impl SeaOrmStore {
             .await
             .map_err(BatchFailure::before)?;
         let writer = Writer::new(conn);
-        let from_memory = known.is_some();
-        let mut staged = match self
-            .stage_batch(&writer, batch, LockWait::Optimistic, known)
-            .await
-        {
-            Ok(staged) => staged,
-            Err(error) => {
-                forget();
-                return Err(BatchFailure::before(error));
-            }
-        };
-        // The write's guard checks only the sessions it writes to. A
-        // refusal decided from memory (a session remembered as WAITING
-        // that routing has since assigned, a visitor's session since
-        // linked to a signed-in customer, a `client_msg_id` retry to a
-        // session remembered as CLOSED) would never be checked: each
-        // refusal is decided again from a fresh read.
-        if from_memory && staged.outcomes.iter().any(Result::is_err) {
-            staged = match self
-                .stage_batch(&writer, batch, LockWait::Optimistic, None)
+        let mut known = known;
+        let staged = loop {
+            let from_memory = known.is_some();
+            let staged = match self
+                .stage_batch(&writer, batch, LockWait::Optimistic, known.take())
                 .await
             {
                 Ok(staged) => staged,
@@ -397,7 +382,17 @@ impl SeaOrmStore {
                     return Err(BatchFailure::before(error));
                 }
             };
-        }
+            // The write's guard checks only the sessions it writes to. A
+            // refusal decided from memory (a session remembered as WAITING
+            // that routing has since assigned, a visitor's session since
+            // linked to a signed-in customer, a `client_msg_id` retry to a
+            // session remembered as CLOSED) would never be checked: each
+            // refusal is decided again from a fresh read (the loop's
+            // second and last turn).
+            if !from_memory || staged.outcomes.iter().all(Result::is_ok) {
+                break staged;
+            }
+        };
         let mut written_ids = Vec::new();
         let written = match staged.writes {
             Some(writes) => {

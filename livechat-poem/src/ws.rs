@@ -69,6 +69,12 @@ pub struct RealtimeConfig {
     /// `send_message` frames per second per connection (burst twice that).
     /// Default 10.
     pub send_rate_per_sec: u32,
+    /// `join_session`, `typing` and `read` frames per second per
+    /// connection (burst twice that); over it they get `rate_limited` and
+    /// do nothing. Each is a database read or a bus publication (to every
+    /// node, with Redis), which a client must not be able to flood.
+    /// Default 20.
+    pub signal_rate_per_sec: u32,
     /// Consecutive bad frames before closing with 1008. Default 10.
     pub max_bad_frames: u32,
     /// Browser origins allowed to open a WebSocket (`*` for any). Requests
@@ -89,6 +95,7 @@ impl Default for RealtimeConfig {
             outbound_queue: 1024,
             event_queue: crate::fanout::EVENT_QUEUE,
             send_rate_per_sec: 10,
+            signal_rate_per_sec: 20,
             max_bad_frames: 10,
             allowed_origins: Vec::new(),
             node_id: uuid::Uuid::now_v7().to_string(),
@@ -657,6 +664,8 @@ struct Conn {
     positions: HashMap<SessionId, Option<Place>>,
     bad_frames: u32,
     limiter: DefaultDirectRateLimiter,
+    /// For `join_session`, `typing` and `read` (`signal_rate_per_sec`).
+    signals: DefaultDirectRateLimiter,
     last_heard: Instant,
     /// Sends submitted and not yet answered, in submission order.
     sends: FuturesOrdered<InFlight>,
@@ -1174,6 +1183,18 @@ impl Conn {
     }
 
     async fn handle_frame(&mut self, frame_in: ClientFrame) -> Result<(), ChatError> {
+        if let ClientFrame::JoinSession { session_id, .. }
+        | ClientFrame::Typing { session_id, .. }
+        | ClientFrame::Read { session_id, .. } = &frame_in
+            && self.signals.check().is_err()
+        {
+            self.send(error_frame(
+                "rate_limited",
+                "too many join_session, typing and read frames; slow down",
+                Some(session_id),
+            ));
+            return Ok(());
+        }
         match frame_in {
             ClientFrame::Auth { .. } => {
                 self.send(error_frame(
@@ -1350,8 +1371,11 @@ async fn serve(gateway: Arc<Gateway>, socket: WebSocketStream, pre_auth: Option<
         },
     };
 
-    let rate = NonZeroU32::new(gateway.config.send_rate_per_sec.max(1)).unwrap_or(NonZeroU32::MIN);
-    let burst = rate.saturating_mul(NonZeroU32::new(2).unwrap_or(NonZeroU32::MIN));
+    let quota = |per_sec: u32| {
+        let rate = NonZeroU32::new(per_sec.max(1)).unwrap_or(NonZeroU32::MIN);
+        let burst = rate.saturating_mul(NonZeroU32::new(2).unwrap_or(NonZeroU32::MIN));
+        Quota::per_second(rate).allow_burst(burst)
+    };
     let id = uuid::Uuid::now_v7();
     let agent = matches!(identity.role, Role::Agent(_));
     let (membership, mut events) = gateway.fanout().add(id, identity.tenant, agent);
@@ -1365,7 +1389,8 @@ async fn serve(gateway: Arc<Gateway>, socket: WebSocketStream, pre_auth: Option<
         joined: HashMap::new(),
         positions: HashMap::new(),
         bad_frames: 0,
-        limiter: RateLimiter::direct(Quota::per_second(rate).allow_burst(burst)),
+        limiter: RateLimiter::direct(quota(gateway.config.send_rate_per_sec)),
+        signals: RateLimiter::direct(quota(gateway.config.signal_rate_per_sec)),
         last_heard: Instant::now(),
         sends: FuturesOrdered::new(),
     };

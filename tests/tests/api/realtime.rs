@@ -549,7 +549,11 @@ async fn idempotent_send_and_typing_relay(backend: Backend) {
 }
 
 async fn bad_input_gets_error_frames(backend: Backend) {
-    let (_app, node) = node(backend, |r| r.send_rate_per_sec = 2).await;
+    let (_app, node) = node(backend, |r| {
+        r.send_rate_per_sec = 2;
+        r.signal_rate_per_sec = 2;
+    })
+    .await;
     let (session, _) = open_chat(&node, 903).await;
     let mut c = WsClient::connect_with_header(&node.ws_url(), &agent_auth(7), 1)
         .await
@@ -618,6 +622,17 @@ async fn bad_input_gets_error_frames(backend: Backend) {
         "{frames:?}"
     );
     assert!(frames.iter().any(|f| f["type"] == "ack"));
+    // Rate limit on join_session, typing and read (2/s, burst 4).
+    for _ in 0..8 {
+        c.send(json!({"type": "typing", "session_id": session, "state": "start"}))
+            .await;
+    }
+    let frames = c.drain(Duration::from_millis(300)).await;
+    let limited = frames
+        .iter()
+        .filter(|f| f["code"] == "rate_limited" && f["ref"] == json!(session))
+        .count();
+    assert!(limited >= 3, "{frames:?}");
     // A client that keeps sending garbage is closed with 1008.
     for _ in 0..12 {
         c.send_text("garbage").await;

@@ -17,7 +17,10 @@ use crate::sink::{NotificationSink, SinkError, TicketSink};
 
 type HmacSha256 = Hmac<Sha256>;
 
-/// Header carrying the event id, the receiver's idempotency key.
+/// Header carrying the event id, the same as the body's `event_id`. The
+/// signature covers the body, not this header: a receiver deduplicates on
+/// the body's `event_id` (or refuses a request whose header differs from
+/// it), so that a replayed request with another header is still a repeat.
 pub const EVENT_ID_HEADER: &str = "X-Livechat-Event-Id";
 /// Header carrying the send time in Unix seconds (against replay).
 pub const TIMESTAMP_HEADER: &str = "X-Livechat-Timestamp";
@@ -36,13 +39,18 @@ pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(10);
 /// the [`TicketRequested`], `{"ticket_id": "<uuid>"}`, or the
 /// [`Notification`].
 ///
-/// Headers: [`EVENT_ID_HEADER`] (the idempotency key: the same event may be
-/// sent more than once), [`TIMESTAMP_HEADER`] (Unix seconds) and
+/// Headers: [`EVENT_ID_HEADER`] (the event id: the same event may be sent
+/// more than once; deduplicate on the signed body's `event_id`),
+/// [`TIMESTAMP_HEADER`] (Unix seconds) and
 /// [`SIGNATURE_HEADER`]; receivers check them with [`verify_signature`].
 ///
 /// Outcome: 2xx is success; a timeout, a connection error, 5xx, 408 or 429
-/// is [`SinkError::Retryable`]; any other status (4xx, an unfollowed 3xx) is
-/// [`SinkError::Permanent`].
+/// is [`SinkError::Retryable`]; any other status (4xx, 3xx) is
+/// [`SinkError::Permanent`]. Redirects are not followed: a client following
+/// a 301, 302 or 303 sends a `GET` without the body, and its 2xx would
+/// count as delivered; it would also send the signature to the host the
+/// redirect names. Errors never carry the URL (its query or credentials
+/// may hold a secret): they are stored in the outbox and logged.
 #[derive(Clone, Debug)]
 pub struct WebhookSink {
     client: reqwest::Client,
@@ -73,8 +81,13 @@ impl WebhookSink {
     /// When the TLS backend cannot be initialized (as [`reqwest::Client::new`]).
     #[must_use]
     pub fn new(url: Url, secret: impl Into<Vec<u8>>) -> Self {
+        let client = reqwest::Client::builder()
+            .redirect(reqwest::redirect::Policy::none())
+            .build()
+            // When `reqwest::Client::new` would panic too.
+            .expect("the HTTP client cannot be built");
         Self {
-            client: reqwest::Client::new(),
+            client,
             url,
             secret: secret.into(),
             timeout: DEFAULT_TIMEOUT,
@@ -116,6 +129,7 @@ impl WebhookSink {
             .send()
             .await
             .map_err(|e| {
+                let e = e.without_url();
                 if e.is_builder() {
                     SinkError::Permanent(format!("webhook request: {e}"))
                 } else {

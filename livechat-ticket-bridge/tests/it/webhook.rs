@@ -199,6 +199,70 @@ async fn client_errors_are_permanent() {
     }
 }
 
+/// A receiver answering 302 to a path that accepts anything: the sink
+/// does not follow it (a followed 302 turns the POST into a body-less
+/// GET, whose 200 would settle the event undelivered), so the event
+/// fails as permanent and only the POST reached the receiver.
+#[tokio::test]
+async fn redirects_are_not_followed() {
+    use poem::{IntoResponse, Response};
+    let hits = Arc::new(Mutex::new(Vec::new()));
+    let seen = hits.clone();
+    let app = make(move |req: Request| {
+        let seen = seen.clone();
+        async move {
+            seen.lock()
+                .unwrap()
+                .push((req.method().to_string(), req.uri().path().to_owned()));
+            if req.uri().path() == "/hooks/livechat" {
+                Response::builder()
+                    .status(StatusCode::FOUND)
+                    .header("Location", "/elsewhere")
+                    .finish()
+            } else {
+                StatusCode::OK.into_response()
+            }
+        }
+    });
+    let acceptor = TcpListener::bind("127.0.0.1:0")
+        .into_acceptor()
+        .await
+        .unwrap();
+    let addr: SocketAddr = *acceptor.local_addr()[0].as_socket_addr().unwrap();
+    tokio::spawn(Server::new_with_acceptor(acceptor).run(app));
+    let url: Url = format!("http://{addr}/hooks/livechat").parse().unwrap();
+    let result = WebhookSink::new(url, SECRET)
+        .open_ticket(&customer_request(tenant(1), "x"), EventId::generate())
+        .await;
+    assert!(matches!(result, Err(SinkError::Permanent(_))), "{result:?}");
+    assert_eq!(
+        *hits.lock().unwrap(),
+        [("POST".to_owned(), "/hooks/livechat".to_owned())]
+    );
+}
+
+/// A delivery error names no part of the URL, whose query may carry a
+/// secret: the error is stored in the outbox and logged.
+#[tokio::test]
+async fn errors_do_not_carry_the_url() {
+    let addr = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap();
+    let url: Url = format!("http://user:pa55word@{addr}/hook?token=s3cr3t")
+        .parse()
+        .unwrap();
+    let result = WebhookSink::new(url, SECRET)
+        .open_ticket(&customer_request(tenant(1), "x"), EventId::generate())
+        .await;
+    let Err(SinkError::Retryable(message)) = result else {
+        panic!("{result:?}");
+    };
+    for secret in ["s3cr3t", "pa55word", "/hook"] {
+        assert!(!message.contains(secret), "{message}");
+    }
+}
+
 #[tokio::test]
 async fn unreachable_receiver_is_retryable() {
     // A port that was just free: nothing listens there.

@@ -14,6 +14,21 @@ pub fn now() -> DateTime<Utc> {
     Utc::now().trunc_subsecs(6)
 }
 
+/// The longest span the store adds to or takes from the current time
+/// (presence TTLs and grace periods, connection TTLs, outbox leases): 100
+/// years. A longer setting means the same in practice ("never"), and the
+/// result stays within both databases' time range, where chrono's own
+/// `now() - ttl` panics past its range.
+pub(crate) const MAX_SPAN: std::time::Duration =
+    std::time::Duration::from_secs(100 * 365 * 24 * 60 * 60);
+
+/// `d` as a chrono span, at most [`MAX_SPAN`].
+#[must_use]
+pub(crate) fn span(d: std::time::Duration) -> chrono::TimeDelta {
+    // Within chrono's range: `from_std` cannot fail.
+    chrono::TimeDelta::from_std(d.min(MAX_SPAN)).unwrap_or(chrono::TimeDelta::zero())
+}
+
 macro_rules! wire_enum {
     ($(#[$doc:meta])* $name:ident { $($(#[$vdoc:meta])* $variant:ident = $text:literal),* $(,)? }) => {
         $(#[$doc])*

@@ -704,10 +704,7 @@ impl<S: ChatStore> ChatService<S> {
         let Some(ttl) = self.config.routing.presence_ttl else {
             return Ok(Vec::new());
         };
-        let ttl = chrono::Duration::from_std(ttl).unwrap_or(chrono::Duration::MAX);
-        let stale_before = crate::model::now()
-            .checked_sub_signed(ttl)
-            .unwrap_or(chrono::DateTime::<chrono::Utc>::MIN_UTC);
+        let stale_before = crate::model::now() - crate::model::span(ttl);
         self.store.announce_expired_presence(stale_before).await
     }
 

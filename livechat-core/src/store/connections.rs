@@ -20,7 +20,7 @@ use crate::repository::{
 };
 
 fn expiry(ttl: Duration) -> chrono::DateTime<chrono::Utc> {
-    now() + chrono::Duration::from_std(ttl).unwrap_or(chrono::Duration::seconds(60))
+    now() + crate::model::span(ttl)
 }
 
 /// `livechat_connections.role` of an agent's connection.

@@ -64,7 +64,7 @@ impl OutboxConsumer for SeaOrmStore {
         lease: Duration,
     ) -> Result<Vec<PendingEvent>, ChatError> {
         let at = now();
-        let lease = chrono::Duration::from_std(lease).unwrap_or(chrono::Duration::seconds(30));
+        let lease = crate::model::span(lease);
         // Scan undispatched events from the oldest. A session's events are
         // taken from its earliest one on, in order, up to the first that is
         // not ready (claimed elsewhere or waiting for a retry): later ones

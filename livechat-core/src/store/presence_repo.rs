@@ -106,9 +106,7 @@ impl PresenceRepository for SeaOrmStore {
         let Some(ttl) = policy.presence_ttl else {
             return Ok(());
         };
-        let ttl = chrono::Duration::from_std(ttl).unwrap_or(chrono::Duration::seconds(60));
-        let grace = chrono::Duration::from_std(grace).unwrap_or(chrono::Duration::zero());
-        let stale_from = now() - ttl + grace;
+        let stale_from = now() - crate::model::span(ttl) + crate::model::span(grace);
         presence::Entity::update_many()
             .col_expr(presence::Column::LastSeenAt, Expr::value(stale_from))
             .filter(agent_row(tenant, agent))

@@ -54,8 +54,7 @@ pub(super) async fn lock_tenant(
 fn fresh_since(policy: &RoutingPolicy) -> Option<DateTime<Utc>> {
     policy
         .presence_ttl
-        .and_then(|ttl| chrono::Duration::from_std(ttl).ok())
-        .map(|ttl| now() - ttl)
+        .map(|ttl| now() - crate::model::span(ttl))
 }
 
 /// Agents whose chosen status is online and whose liveness is fresh.

@@ -470,7 +470,44 @@ mod liveness {
     use super::*;
     use livechat_core::{ChatConfig, ChatService, store::SeaOrmStore};
 
-    on_both_databases!(stale_presence_is_not_eligible_until_a_heartbeat);
+    on_both_databases!(
+        stale_presence_is_not_eligible_until_a_heartbeat,
+        durations_past_any_calendar_mean_never,
+    );
+
+    /// A presence TTL, connection TTL or grace longer than chrono's time
+    /// range (a host's configuration, e.g. `u64::MAX` seconds) means
+    /// "never": routing, presence, connections and the expiry sweep work,
+    /// where `now() - ttl` panicked (or, past chrono's range, the
+    /// freshness check was skipped and connections expired after 60 s).
+    async fn durations_past_any_calendar_mean_never(backend: Backend) {
+        use livechat_core::ConnectionOwner;
+        let app = App::new(backend).await;
+        // Past chrono's range, then within it but past the databases'.
+        for (tenant, secs) in [(1, u64::MAX / 4), (2, 10_000_000_000_000)] {
+            let endless = std::time::Duration::from_secs(secs);
+            let mut config = ChatConfig::default();
+            config.routing.presence_ttl = Some(endless);
+            let chat = ChatService::new(SeaOrmStore::new(app.db.clone()), config);
+            let (tenant, agent) = (t(tenant), u(7));
+            chat.set_agent_status(tenant, agent, PresenceStatus::Online)
+                .await
+                .unwrap();
+            assert!(chat.agents_available(tenant).await.unwrap(), "{secs}");
+            assert!(chat.announce_expired_presence().await.unwrap().is_empty());
+            let connection = uuid::Uuid::now_v7();
+            let owner = ConnectionOwner::Agent(agent);
+            chat.register_connection(tenant, connection, owner, "n", endless)
+                .await
+                .unwrap();
+            assert!(
+                chat.unregister_connection(tenant, connection, owner, endless)
+                    .await
+                    .unwrap()
+            );
+            assert!(chat.agents_available(tenant).await.unwrap(), "{secs}");
+        }
+    }
 
     async fn stale_presence_is_not_eligible_until_a_heartbeat(backend: Backend) {
         let app = App::new(backend).await;

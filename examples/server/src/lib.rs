@@ -14,9 +14,9 @@
 //! | `LIVECHAT_VISITOR_SECRET` | a development secret (logged as a warning) | signs the library's visitor tokens; the same on every node |
 //! | `LIVECHAT_IDENTITY_SECRETS` | none | per-tenant identity-hash secrets, `1:secret,2:other` |
 //! | `LIVECHAT_AGENT_CAPACITY` | `5` | default maximum OPEN sessions per agent |
-//! | `LIVECHAT_WEBHOOK_URL` | none | also deliver tickets and notifications as signed webhooks |
+//! | `LIVECHAT_WEBHOOK_URL` | none | also deliver tickets and notifications as signed webhooks (an `http://` or `https://` URL) |
 //! | `LIVECHAT_WEBHOOK_SECRET` | none (required with the URL) | HMAC secret of the webhook signature |
-//! | `LIVECHAT_PRESENCE_TTL_SECS` | `60` | an agent without a heartbeat (WebSocket ping, status change or heartbeat call) for this long is not eligible |
+//! | `LIVECHAT_PRESENCE_TTL_SECS` | `60` | an agent without a heartbeat (WebSocket ping, status change or heartbeat call) for this long is not eligible; this and the two below are 1–86,400 seconds |
 //! | `LIVECHAT_PING_INTERVAL_SECS` | `20` | WebSocket ping interval |
 //! | `LIVECHAT_PRESENCE_GRACE_SECS` | `10` | how long an agent whose last connection closed stays eligible |
 //! | `LIVECHAT_CORS_ORIGINS` | none | comma list of browser origins allowed for HTTP (CORS) and WebSocket; `*` allows any |
@@ -144,6 +144,10 @@ impl Config {
     }
 }
 
+/// Longest presence TTL, grace or ping interval accepted, in seconds (a
+/// day): longer ones are configuration mistakes.
+const MAX_SECS: u64 = 86_400;
+
 fn secs(name: &str, value: Option<String>, default: u64) -> Result<Duration, String> {
     match value {
         None => Ok(Duration::from_secs(default)),
@@ -151,9 +155,9 @@ fn secs(name: &str, value: Option<String>, default: u64) -> Result<Duration, Str
             .trim()
             .parse::<u64>()
             .ok()
-            .filter(|n| *n > 0)
+            .filter(|n| (1..=MAX_SECS).contains(n))
             .map(Duration::from_secs)
-            .ok_or_else(|| format!("{name} must be a positive number of seconds")),
+            .ok_or_else(|| format!("{name} must be 1-{MAX_SECS} seconds")),
     }
 }
 
@@ -163,17 +167,29 @@ impl Config {
     /// # Errors
     /// A message naming a malformed variable.
     pub fn from_env() -> Result<Self, String> {
-        let var = |name: &str| std::env::var(name).ok().filter(|v| !v.trim().is_empty());
+        Self::from_vars(|name| std::env::var(name).ok())
+    }
+
+    /// As [`Self::from_env`], reading each variable with `lookup`.
+    ///
+    /// # Errors
+    /// A message naming a malformed variable.
+    pub fn from_vars(lookup: impl Fn(&str) -> Option<String>) -> Result<Self, String> {
+        let var = |name: &str| lookup(name).filter(|v| !v.trim().is_empty());
         let secret = var("LIVECHAT_JWT_SECRET");
         let webhook = match (var("LIVECHAT_WEBHOOK_URL"), var("LIVECHAT_WEBHOOK_SECRET")) {
             (None, _) => None,
             (Some(_), None) => {
                 return Err("LIVECHAT_WEBHOOK_URL needs LIVECHAT_WEBHOOK_SECRET".into());
             }
-            (Some(url), Some(secret)) => Some((
-                Url::parse(&url).map_err(|e| format!("LIVECHAT_WEBHOOK_URL: {e}"))?,
-                secret,
-            )),
+            (Some(url), Some(secret)) => {
+                let url = Url::parse(&url).map_err(|e| format!("LIVECHAT_WEBHOOK_URL: {e}"))?;
+                // `localhost:9000/hook` parses, with the scheme `localhost`.
+                if !matches!(url.scheme(), "http" | "https") {
+                    return Err("LIVECHAT_WEBHOOK_URL must be an http:// or https:// URL".into());
+                }
+                Some((url, secret))
+            }
         };
         Ok(Self {
             addr: var("LIVECHAT_ADDR").unwrap_or_else(|| "127.0.0.1:8080".into()),
@@ -214,8 +230,20 @@ impl Config {
                     v.split(',')
                         .map(|o| o.trim().to_owned())
                         .filter(|o| !o.is_empty())
-                        .collect()
+                        .map(|o| {
+                            // poem's `Cors` panics on an origin that is not
+                            // a header value.
+                            if o.parse::<poem::http::HeaderValue>().is_ok() {
+                                Ok(o)
+                            } else {
+                                Err(format!(
+                                    "LIVECHAT_CORS_ORIGINS: {o:?} is not a valid origin"
+                                ))
+                            }
+                        })
+                        .collect::<Result<Vec<_>, _>>()
                 })
+                .transpose()?
                 .unwrap_or_default(),
             cors_credentials: var("LIVECHAT_CORS_CREDENTIALS")
                 .is_some_and(|v| v == "true" || v == "1"),
@@ -780,4 +808,74 @@ async fn shutdown_signal() {
         () = term => {},
     }
     tracing::info!("shutdown signal received; draining");
+}
+
+#[cfg(test)]
+mod config_tests {
+    use super::Config;
+
+    fn config(vars: &[(&str, &str)]) -> Result<Config, String> {
+        let vars: Vec<(String, String)> = vars
+            .iter()
+            .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+            .collect();
+        Config::from_vars(|name| vars.iter().find(|(k, _)| k == name).map(|(_, v)| v.clone()))
+    }
+
+    /// Values the server could not use are refused at startup with a
+    /// message naming the variable, not met later as a panic or as every
+    /// delivery failing.
+    #[test]
+    fn unusable_values_are_refused_by_name() {
+        assert!(config(&[]).is_ok());
+        for (vars, named) in [
+            (
+                &[
+                    ("LIVECHAT_WEBHOOK_URL", "localhost:9000/hook"),
+                    ("LIVECHAT_WEBHOOK_SECRET", "s"),
+                ][..],
+                "LIVECHAT_WEBHOOK_URL",
+            ),
+            (
+                &[
+                    ("LIVECHAT_WEBHOOK_URL", "ftp://example.com/hook"),
+                    ("LIVECHAT_WEBHOOK_SECRET", "s"),
+                ][..],
+                "LIVECHAT_WEBHOOK_URL",
+            ),
+            (
+                &[("LIVECHAT_PRESENCE_TTL_SECS", "10000000000000")][..],
+                "LIVECHAT_PRESENCE_TTL_SECS",
+            ),
+            (
+                &[("LIVECHAT_PRESENCE_GRACE_SECS", "86401")][..],
+                "LIVECHAT_PRESENCE_GRACE_SECS",
+            ),
+            (
+                &[("LIVECHAT_PING_INTERVAL_SECS", "0")][..],
+                "LIVECHAT_PING_INTERVAL_SECS",
+            ),
+            (
+                &[(
+                    "LIVECHAT_CORS_ORIGINS",
+                    "https://a.example,https://b\u{7f}.example",
+                )][..],
+                "LIVECHAT_CORS_ORIGINS",
+            ),
+        ] {
+            let refused = config(vars).err().unwrap_or_default();
+            assert!(refused.contains(named), "{vars:?}: {refused}");
+        }
+        let ok = config(&[
+            ("LIVECHAT_WEBHOOK_URL", "https://example.com/hook?token=t"),
+            ("LIVECHAT_WEBHOOK_SECRET", "s"),
+            ("LIVECHAT_PRESENCE_TTL_SECS", "86400"),
+            (
+                "LIVECHAT_CORS_ORIGINS",
+                "https://a.example, https://b.example",
+            ),
+        ])
+        .unwrap();
+        assert_eq!(ok.cors_origins.len(), 2);
+    }
 }

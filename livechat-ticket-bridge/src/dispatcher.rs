@@ -23,7 +23,11 @@ pub struct DispatcherConfig {
     /// Most events claimed per [`Dispatcher::dispatch_once`] (default 100).
     pub batch_size: u64,
     /// How long a claim is held before the event is handed out again, e.g.
-    /// after a crash (default 30 s). Must exceed the time one batch takes.
+    /// after a crash (default 30 s). Must exceed the time one batch takes:
+    /// the sessions of a batch are delivered at the same time, and a
+    /// session's delivery stops at its first retryable failure, so a pass
+    /// takes about its slowest session's successful deliveries plus at most
+    /// one sink's time limit (the webhook's is 10 s).
     pub lease: Duration,
     /// Sleep of [`Dispatcher::run`] after a pass that found nothing to do
     /// (default 250 ms).
@@ -152,8 +156,11 @@ impl<C: OutboxConsumer> Dispatcher<C> {
     /// ([`OutboxConsumer::settle_ignored`]: one write for them all; most
     /// `message.posted` events need no notification). Then claims one
     /// batch of due events (at most [`DispatcherConfig::batch_size`];
-    /// a session's events in order), handles them one after the other and
-    /// settles them: retries and failures one by one, the delivered ones
+    /// a session's events in order), delivers each session's events in
+    /// order and the sessions at the same time (each event to all its
+    /// sinks at once, so a receiver that hangs until its time limit holds
+    /// up only its own session), and settles them: retries and failures
+    /// one by one, the delivered ones
     /// together in one write at the end of the pass (so a busy outbox costs
     /// at most three commits per pass, not two per event). Deterministic: with nothing
     /// due it returns an empty report at once.
@@ -178,33 +185,38 @@ impl<C: OutboxConsumer> Dispatcher<C> {
             delivered: skipped,
             ..DispatchReport::default()
         };
-        let mut delivered = Vec::with_capacity(batch.len());
-        let mut waiting = Vec::new();
-        let mut held = std::collections::HashSet::new();
-        let mut outcome = Ok(());
+        // Each session's events in claim (= outbox) order; an event of no
+        // session on its own. The sessions are delivered at the same time:
+        // a receiver that hangs until its time limit holds up only the
+        // session it hangs on, not every tenant's events behind it.
+        let mut sessions: Vec<Vec<PendingEvent>> = Vec::new();
+        let mut of_session: std::collections::HashMap<_, usize> = std::collections::HashMap::new();
         for pending in batch {
-            let (id, session) = (pending.event.id, pending.event.session_id);
-            // Behind an event of its session that will be retried, an event
-            // waits: it is released and handed out again after the retried
-            // one (per-session order).
-            if session.is_some_and(|s| held.contains(&s)) {
-                waiting.push(id);
-                continue;
+            match pending.event.session_id {
+                Some(s) => match of_session.get(&s) {
+                    Some(&i) => sessions[i].push(pending),
+                    None => {
+                        of_session.insert(s, sessions.len());
+                        sessions.push(vec![pending]);
+                    }
+                },
+                None => sessions.push(vec![pending]),
             }
-            match self.handle(pending).await {
-                Ok(Settled::Delivered) => {
-                    delivered.push(id);
-                    report.delivered += 1;
-                }
-                Ok(Settled::Retried) => {
-                    held.extend(session);
-                    report.retried += 1;
-                }
-                Ok(Settled::Failed) => report.failed += 1,
-                Err(e) => {
-                    outcome = Err(e);
-                    break;
-                }
+        }
+        let passes =
+            futures_util::future::join_all(sessions.into_iter().map(|s| self.handle_session(s)))
+                .await;
+        let mut delivered = Vec::new();
+        let mut waiting = Vec::new();
+        let mut outcome = Ok(());
+        for pass in passes {
+            report.delivered += pass.delivered.len();
+            report.retried += pass.retried;
+            report.failed += pass.failed;
+            delivered.extend(pass.delivered);
+            waiting.extend(pass.waiting);
+            if let Some(e) = pass.error {
+                outcome = Err(e);
             }
         }
         // Settle what was delivered even when a later settlement failed; if
@@ -273,6 +285,32 @@ impl<C: OutboxConsumer> Dispatcher<C> {
 
     /// Delivers one event and settles it, except a delivered one: those
     /// are settled together at the end of the pass.
+    /// Delivers one session's claimed events in order ([`Self::handle`]).
+    /// Behind an event that will be retried, the rest wait: they are
+    /// released and handed out again after it (per-session order). A
+    /// settlement the store refused ends the session's pass; its unsettled
+    /// events are handed out again after their lease.
+    async fn handle_session(&self, events: Vec<PendingEvent>) -> SessionPass {
+        let mut pass = SessionPass::default();
+        let mut events = events.into_iter();
+        while let Some(pending) = events.next() {
+            let id = pending.event.id;
+            match self.handle(pending).await {
+                Ok(Settled::Delivered) => pass.delivered.push(id),
+                Ok(Settled::Retried) => {
+                    pass.retried += 1;
+                    pass.waiting.extend(events.by_ref().map(|p| p.event.id));
+                }
+                Ok(Settled::Failed) => pass.failed += 1,
+                Err(e) => {
+                    pass.error = Some(e);
+                    break;
+                }
+            }
+        }
+        pass
+    }
+
     async fn handle(&self, pending: PendingEvent) -> Result<Settled, ChatError> {
         let event = &pending.event;
         let outcome = match self.deliver(event).await {
@@ -335,30 +373,53 @@ impl<C: OutboxConsumer> Dispatcher<C> {
         OutboxInterest::new(move |event| !sinks.ignore(event))
     }
 
-    /// Calls the sinks the event is for; `Err` when the payload does not decode.
+    /// Calls the sinks the event is for, all at once (a webhook that hangs
+    /// does not hold up the in-app ticket or notification); `Err` when the
+    /// payload does not decode.
     async fn deliver(&self, event: &DomainEvent) -> Result<Outcome, String> {
+        use futures_util::future::join_all;
         let key = event.id;
-        let mut results = Vec::new();
-        match self.sinks().work(event)? {
+        let results = match self.sinks().work(event)? {
             Some(Work::OpenTicket(request)) => {
-                for sink in &self.ticket_sinks {
-                    results.push(sink.open_ticket(&request, key).await);
-                }
+                join_all(
+                    self.ticket_sinks
+                        .iter()
+                        .map(|s| s.open_ticket(&request, key)),
+                )
+                .await
             }
             Some(Work::CloseTicket(ticket)) => {
-                for sink in &self.ticket_sinks {
-                    results.push(sink.close_ticket(event.tenant_id, ticket, key).await);
-                }
+                join_all(
+                    self.ticket_sinks
+                        .iter()
+                        .map(|s| s.close_ticket(event.tenant_id, ticket, key)),
+                )
+                .await
             }
             Some(Work::Notify(notification)) => {
-                for sink in &self.notification_sinks {
-                    results.push(sink.notify(&notification, key).await);
-                }
+                join_all(
+                    self.notification_sinks
+                        .iter()
+                        .map(|s| s.notify(&notification, key)),
+                )
+                .await
             }
-            None => {}
-        }
+            None => Vec::new(),
+        };
         Ok(Outcome::of(results))
     }
+}
+
+/// What [`Dispatcher::handle_session`] did with one session's events.
+#[derive(Default)]
+struct SessionPass {
+    delivered: Vec<livechat_core::EventId>,
+    /// Behind a retried event: released, to be handed out after it.
+    waiting: Vec<livechat_core::EventId>,
+    retried: usize,
+    failed: usize,
+    /// A settlement the store refused.
+    error: Option<ChatError>,
 }
 
 /// Which kinds of sink a dispatcher has: what its decisions depend on.
@@ -783,6 +844,79 @@ mod tests {
 
         // Nothing left: an idle pass reports nothing.
         assert_eq!(d.dispatch_once().await.unwrap(), DispatchReport::default());
+    }
+
+    /// A ticket sink that holds the first ticket it is asked to open until
+    /// released (a webhook receiver that hangs), and answers every other
+    /// call at once.
+    struct Hanging {
+        first: Mutex<Option<TicketId>>,
+        release: tokio::sync::Notify,
+    }
+
+    #[async_trait]
+    impl TicketSink for Hanging {
+        async fn open_ticket(&self, r: &TicketRequested, _key: EventId) -> Result<(), SinkError> {
+            let held = *self.first.lock().unwrap().get_or_insert(r.ticket_id) == r.ticket_id;
+            if held {
+                self.release.notified().await;
+            }
+            Ok(())
+        }
+        async fn close_ticket(
+            &self,
+            _tenant: livechat_core::TenantId,
+            _ticket: TicketId,
+            _key: EventId,
+        ) -> Result<(), SinkError> {
+            Ok(())
+        }
+    }
+
+    /// A sink that hangs on one session's event holds up neither the other
+    /// sinks of that event (the in-app ticket) nor the other sessions'
+    /// events of the pass, where they all waited behind it.
+    #[tokio::test]
+    async fn a_hanging_sink_holds_up_only_its_own_delivery() {
+        let (first, mut a) = ticket_requested();
+        let (second, mut b) = ticket_requested();
+        a.event.session_id = Some(SessionId::generate());
+        b.event.session_id = Some(SessionId::generate());
+        let hanging = Arc::new(Hanging {
+            first: Mutex::new(None),
+            release: tokio::sync::Notify::new(),
+        });
+        let recorder = Arc::new(Recorder::default());
+        let dispatcher = Dispatcher::new(outbox(vec![a, b]), DispatcherConfig::default())
+            .ticket_sink(hanging.clone())
+            .ticket_sink(recorder.clone());
+        let pass = dispatcher.dispatch_once();
+        tokio::pin!(pass);
+        let both_recorded = async {
+            while recorder.calls().len() < 2 {
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+        };
+        tokio::select! {
+            _ = &mut pass => panic!("the pass ended while a delivery hangs"),
+            () = both_recorded => {}
+            () = tokio::time::sleep(Duration::from_secs(10)) => {
+                panic!("held up behind the hanging sink: {:?}", recorder.calls());
+            }
+        }
+        let calls = recorder.calls();
+        assert!(
+            calls.iter().any(|c| c.contains(&first.to_string())),
+            "{calls:?}"
+        );
+        assert!(
+            calls.iter().any(|c| c.contains(&second.to_string())),
+            "{calls:?}"
+        );
+        hanging.release.notify_one();
+        let report = pass.await.unwrap();
+        assert_eq!(report.delivered, 2);
+        assert_eq!(dispatcher.consumer.0.lock().unwrap().dispatched.len(), 2);
     }
 
     #[tokio::test]

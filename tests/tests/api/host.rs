@@ -52,7 +52,27 @@ async fn seeded_login_drives_the_library(backend: Backend) {
         .await;
     let (code, body) = App::decode(resp).await;
     assert_eq!(code, 400, "{body}");
-    assert!(body["error"]["code"].is_string());
+    assert_eq!(body["error"]["code"], "invalid_body", "{body}");
+    // Without a content type, or with the wrong fields: 400 too (not 415).
+    for raw in [r#"{"email": "a@b.co", "password": "x"}"#, r#"{"mail": 5}"#] {
+        let resp = client.post("/auth/login").body(raw).send().await;
+        let (code, body) = App::decode(resp).await;
+        let expected = if raw.contains("password") { 401 } else { 400 };
+        assert_eq!(code, expected, "{raw}: {body}");
+    }
+    // A body past the login's limit is refused unread: 413.
+    let resp = client
+        .post("/auth/login")
+        .content_type("application/json")
+        .body(format!(
+            r#"{{"email": "a@b.co", "password": "{}"}}"#,
+            "x".repeat(64 * 1024)
+        ))
+        .send()
+        .await;
+    let (code, body) = App::decode(resp).await;
+    assert_eq!(code, 413, "{body}");
+    assert_eq!(body["error"]["code"], "payload_too_large", "{body}");
 
     // The login token drives the library.
     let call = |method: Method, path: &str, body: Option<serde_json::Value>| {

@@ -61,4 +61,4 @@ pub use repository::{
     SessionRepository,
 };
 pub use service::{ChatService, ContactInput, CustomerChatRequest, HistoryPage};
-pub use validate::{ClientMsgId, MessageBody, PageSize, Topic, parse_department};
+pub use validate::{ClientMsgId, MessageBody, PageSize, Topic, after_seq, parse_department};

@@ -399,12 +399,7 @@ impl<S: ChatStore> ChatService<S> {
         limit: Option<i64>,
     ) -> Result<Vec<ChatMessage>, ChatError> {
         let limit = self.page(limit)?;
-        let after_seq = after_seq.unwrap_or(0);
-        if after_seq < 0 {
-            return Err(ChatError::InvalidPage(
-                "after_seq must not be negative".into(),
-            ));
-        }
+        let after_seq = crate::validate::after_seq(after_seq)?;
         self.store
             .list_messages(tenant, session, after_seq, limit)
             .await

@@ -153,6 +153,22 @@ mod tests {
 /// `value` trimmed, when not blank, without U+0000 (which PostgreSQL's
 /// text columns cannot store) and at most `max` characters; otherwise
 /// [`ChatError::InvalidInput`] naming `field`.
+/// Where a read or a replay of a session's messages starts: after
+/// `after_seq` (0 when absent: from the first message), never negative
+/// (DESIGN.md invariant 4: clients resume with `after_seq`). The one rule
+/// for the HTTP routes' `after_seq` and the WebSocket `join_session`'s.
+///
+/// # Errors
+/// [`ChatError::InvalidPage`] when negative.
+pub fn after_seq(after_seq: Option<i64>) -> Result<i64, ChatError> {
+    match after_seq.unwrap_or(0) {
+        seq if seq < 0 => Err(ChatError::InvalidPage(
+            "after_seq must not be negative".into(),
+        )),
+        seq => Ok(seq),
+    }
+}
+
 fn bounded(field: &'static str, value: &str, max: usize) -> Result<String, ChatError> {
     let value = value.trim();
     if value.is_empty() {

@@ -1210,13 +1210,10 @@ impl Conn {
                 session_id,
                 after_seq,
             } => {
-                // As the HTTP route's `after_seq` (400 `invalid_query`).
-                if after_seq.is_some_and(|seq| seq < 0) {
-                    self.send(error_frame(
-                        "invalid_frame",
-                        "after_seq must not be negative",
-                        Some(&session_id),
-                    ));
+                // The HTTP route's rule (there 400 `invalid_query`).
+                if let Err(e) = livechat_core::after_seq(after_seq) {
+                    let (code, message) = error_code(e);
+                    self.send(error_frame(&code, &message, Some(&session_id)));
                     return Ok(());
                 }
                 let view = match self.authorize(&session_id).await {

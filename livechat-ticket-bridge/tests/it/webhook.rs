@@ -61,16 +61,18 @@ async fn receiver(status: StatusCode, delay: Duration) -> (Url, Arc<Mutex<Vec<Re
             status
         }
     });
+    (serve(app).await, log)
+}
+
+/// Serves `app` on 127.0.0.1: the URL of its `/hooks/livechat`.
+async fn serve(app: impl poem::Endpoint + 'static) -> Url {
     let acceptor = TcpListener::bind("127.0.0.1:0")
         .into_acceptor()
         .await
         .unwrap();
     let addr: SocketAddr = *acceptor.local_addr()[0].as_socket_addr().unwrap();
     tokio::spawn(Server::new_with_acceptor(acceptor).run(app));
-    (
-        format!("http://{addr}/hooks/livechat").parse().unwrap(),
-        log,
-    )
+    format!("http://{addr}/hooks/livechat").parse().unwrap()
 }
 
 fn now_unix() -> i64 {
@@ -224,14 +226,7 @@ async fn redirects_are_not_followed() {
             }
         }
     });
-    let acceptor = TcpListener::bind("127.0.0.1:0")
-        .into_acceptor()
-        .await
-        .unwrap();
-    let addr: SocketAddr = *acceptor.local_addr()[0].as_socket_addr().unwrap();
-    tokio::spawn(Server::new_with_acceptor(acceptor).run(app));
-    let url: Url = format!("http://{addr}/hooks/livechat").parse().unwrap();
-    let result = WebhookSink::new(url, SECRET)
+    let result = WebhookSink::new(serve(app).await, SECRET)
         .open_ticket(&customer_request(tenant(1), "x"), EventId::generate())
         .await;
     assert!(matches!(result, Err(SinkError::Permanent(_))), "{result:?}");

@@ -150,9 +150,6 @@ mod tests {
     }
 }
 
-/// `value` trimmed, when not blank, without U+0000 (which PostgreSQL's
-/// text columns cannot store) and at most `max` characters; otherwise
-/// [`ChatError::InvalidInput`] naming `field`.
 /// Where a read or a replay of a session's messages starts: after
 /// `after_seq` (0 when absent: from the first message), never negative
 /// (DESIGN.md invariant 4: clients resume with `after_seq`). The one rule
@@ -169,6 +166,9 @@ pub fn after_seq(after_seq: Option<i64>) -> Result<i64, ChatError> {
     }
 }
 
+/// `value` trimmed, when not blank, without U+0000 (which PostgreSQL's
+/// text columns cannot store) and at most `max` characters; otherwise
+/// [`ChatError::InvalidInput`] naming `field`.
 fn bounded(field: &'static str, value: &str, max: usize) -> Result<String, ChatError> {
     let value = value.trim();
     if value.is_empty() {

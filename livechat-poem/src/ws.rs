@@ -529,6 +529,17 @@ fn protocol_close(error: &std::io::Error) -> Option<(CloseCode, &'static str)> {
     }
 }
 
+/// `message` cut to the 123 bytes a close frame's reason may hold (RFC
+/// 6455 §5.5: a control frame's payload is at most 125 bytes, two of them
+/// the code), at a character boundary.
+fn close_reason(message: &str) -> String {
+    let mut end = message.len().min(123);
+    while !message.is_char_boundary(end) {
+        end -= 1;
+    }
+    message[..end].to_owned()
+}
+
 fn frame(value: Value) -> Message {
     Message::Text(value.to_string())
 }
@@ -1342,7 +1353,10 @@ async fn first_frame_auth(
                             .map_err(|_| Refusal::new("invalid_tenant", "tenant_id must be a positive integer"))?;
                         gateway.identify(&token, tenant).await
                     }
-                    _ => Err(Refusal::new("unauthorized", "the first frame must be auth")),
+                    Ok(_) => Err(Refusal::new("unauthorized", "the first frame must be auth")),
+                    // What a later frame would get (`invalid_json`,
+                    // `invalid_frame`, `frame_too_large`), then the close.
+                    Err((code, message)) => Err(Refusal::new(code, message)),
                 };
             }
         }
@@ -1361,7 +1375,10 @@ async fn serve(gateway: Arc<Gateway>, socket: WebSocketStream, pre_auth: Option<
                     .send(error_frame(refusal.code, &refusal.message, None))
                     .await;
                 let _ = sink
-                    .send(Message::Close(Some((CloseCode::Policy, refusal.message))))
+                    .send(Message::Close(Some((
+                        CloseCode::Policy,
+                        close_reason(&refusal.message),
+                    ))))
                     .await;
                 return;
             }
@@ -1648,4 +1665,21 @@ pub(crate) fn publish_presence(
             status,
         },
     });
+}
+
+#[cfg(test)]
+mod tests {
+    use super::close_reason;
+
+    #[test]
+    fn a_close_reason_fits_its_frame_whole_characters_only() {
+        assert_eq!(
+            close_reason("no auth frame in time"),
+            "no auth frame in time"
+        );
+        let long = format!("{}é", "x".repeat(122));
+        // 124 bytes; the `é` would straddle byte 123.
+        assert_eq!(close_reason(&long), "x".repeat(122));
+        assert_eq!(close_reason(&"y".repeat(300)).len(), 123);
+    }
 }

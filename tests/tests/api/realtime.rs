@@ -671,6 +671,16 @@ async fn authentication_and_isolation(backend: Backend) {
         .await;
     assert_eq!(bad.expect("error").await["code"], "unauthorized");
     assert_eq!(bad.close_code(Duration::from_secs(3)).await, Some(1008));
+    // A malformed auth frame is told what is wrong with it, then closed.
+    let mut malformed = WsClient::connect_bare(&node.ws_url()).await;
+    malformed
+        .send(json!({"type": "auth", "token": "x", "tenant_id": "1".repeat(200)}))
+        .await;
+    assert_eq!(malformed.expect("error").await["code"], "invalid_frame");
+    assert_eq!(
+        malformed.close_code(Duration::from_secs(3)).await,
+        Some(1008)
+    );
     // An agent of tenant 2 cannot join a tenant 1 session (not_found).
     let mut other = WsClient::connect_with_header(&node.ws_url(), &agent_auth(7), 2)
         .await

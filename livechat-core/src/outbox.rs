@@ -34,11 +34,14 @@ pub trait OutboxConsumer: Send + Sync {
     /// come in order, from its earliest undispatched one up to the first
     /// that is not ready (claimed elsewhere, or waiting for a retry): an
     /// event is never handed out while an earlier one of its session is
-    /// pending elsewhere. An event this version cannot decode (an unknown
-    /// kind, as a newer version may write, or a damaged row) is not handed
-    /// out: it is failed with the reason ([`Self::mark_failed`]) and stays
-    /// in the outbox for an operator, so that it holds up neither the
-    /// claim nor its session's later events.
+    /// pending elsewhere. An event of a kind this version does not know
+    /// (a newer version's, during a rolling upgrade) is not handed out: it
+    /// is given back at once for a dispatcher that knows it, and its
+    /// session's later events wait behind it. A damaged event of a known
+    /// kind (its tenant or payload does not decode) is failed with the
+    /// reason ([`Self::mark_failed`]) and stays in the outbox for an
+    /// operator, so that it holds up neither the claim nor its session's
+    /// later events.
     fn claim_pending(
         &self,
         limit: u64,

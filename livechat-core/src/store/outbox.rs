@@ -10,7 +10,7 @@ use sea_orm::{ColumnTrait, Condition, EntityTrait, QueryFilter, QueryOrder, Quer
 use super::entity::outbox;
 use super::{SeaOrmStore, convert_all};
 use crate::error::ChatError;
-use crate::events::DomainEvent;
+use crate::events::{DomainEvent, EventKind};
 use crate::ids::{EventId, TenantId};
 use crate::model::now;
 use crate::outbox::{OutboxConsumer, PendingEvent};
@@ -138,24 +138,40 @@ impl OutboxConsumer for SeaOrmStore {
         // lease, behind it).
         let mut lost = HashSet::new();
         let mut claimed = Vec::with_capacity(won.len());
+        // Won rows of a kind this version does not know, given back below.
+        let mut unknown = Vec::new();
         for (id, session) in picked {
             let row = won.remove(&id);
             match (row, session) {
                 (Some(_), Some(s)) if lost.contains(&s) => {}
-                (Some(row), _) => {
+                // A kind a newer version writes (a rolling upgrade): left,
+                // unleased at once, for a dispatcher that knows it; its
+                // session's later events wait behind it, as behind an event
+                // claimed elsewhere.
+                (Some(row), session) if EventKind::parse(&row.kind).is_none() => {
+                    unknown.push(EventId::from_uuid(id));
+                    lost.extend(session);
+                }
+                (Some(row), session) => {
                     let attempts = row.attempts;
                     match DomainEvent::try_from(row) {
                         Ok(event) => claimed.push(PendingEvent { event, attempts }),
-                        // A row no dispatcher of this version can read (a
-                        // kind or payload it does not know, or a damaged
-                        // row) is failed, so that it holds up neither the
-                        // claim nor, as the first pending event of its
-                        // session, that session's later events; it stays
-                        // in the outbox with its error for an operator.
+                        // A damaged row of a known kind (its tenant or
+                        // payload does not decode) is failed, so that it
+                        // holds up neither the claim nor, as the first
+                        // pending event of its session, that session's
+                        // later events; it stays in the outbox with its
+                        // error for an operator.
                         Err(error) => {
                             let reason = format!("cannot be decoded: {error}");
-                            tracing::warn!(event = %id, error = %error, "outbox event failed: it cannot be decoded");
-                            self.mark_failed(EventId::from_uuid(id), &reason).await?;
+                            tracing::warn!(event = %id, %error, "outbox event failed: it cannot be decoded");
+                            if let Err(e) = self.mark_failed(EventId::from_uuid(id), &reason).await
+                            {
+                                // Still pending (after its lease): what
+                                // follows it in its session waits.
+                                tracing::warn!(event = %id, error = %e, "failing an undecodable outbox event failed");
+                                lost.extend(session);
+                            }
                         }
                     }
                 }
@@ -163,6 +179,15 @@ impl OutboxConsumer for SeaOrmStore {
                     lost.insert(s);
                 }
                 (None, None) => {}
+            }
+        }
+        if !unknown.is_empty() {
+            tracing::debug!(
+                events = unknown.len(),
+                "outbox events of kinds this version does not know left for another dispatcher"
+            );
+            if let Err(e) = self.release(&unknown).await {
+                tracing::warn!(error = %e, "releasing outbox events of unknown kinds failed; they wait for their lease");
             }
         }
         Ok(claimed)

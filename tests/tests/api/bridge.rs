@@ -25,7 +25,7 @@ on_both_databases!(
     webhook_receives_signed_events_with_retries,
     a_sessions_events_are_claimed_in_order_behind_its_earliest,
     held_events_do_not_hide_other_sessions_events,
-    an_event_no_dispatcher_can_read_is_failed_not_in_the_way,
+    undecodable_outbox_events_do_not_stall_dispatch,
     the_claim_scan_reads_only_undispatched_events,
     events_no_sink_acts_on_are_settled_without_a_claim,
     events_outside_the_dispatchers_interest_are_written_settled,
@@ -538,66 +538,106 @@ async fn held_events_do_not_hide_other_sessions_events(backend: Backend) {
     assert_eq!(claimed[0].event.payload.value()["agent_id"], 8);
 }
 
-/// An outbox row this version cannot decode (here a kind it does not
-/// know, as a newer version may write) is failed with its reason: the
-/// claim hands out every other event, its session's later ones included,
-/// where it failed whole and stalled dispatch for good.
-async fn an_event_no_dispatcher_can_read_is_failed_not_in_the_way(backend: Backend) {
+/// Outbox rows this version cannot decode. A kind it does not know (as
+/// a newer version writes during a rolling upgrade) is left pending for a
+/// dispatcher that knows it, unleased, and its session's later events
+/// wait behind it; a damaged row of a known kind is failed with its
+/// reason, and its session's later events go on. Either way the claim
+/// hands out every other event, where it failed whole and stalled
+/// dispatch for good.
+async fn undecodable_outbox_events_do_not_stall_dispatch(backend: Backend) {
     use livechat_core::{EventKind, UserId};
     use sea_orm::{ConnectionTrait, Statement};
     let app = App::new(backend).await;
     let tenant = TenantId::new(1).unwrap();
-    let session = session_with_messages(&app, tenant, UserId::new(7).unwrap(), 2).await;
+    let newer = session_with_messages(&app, tenant, UserId::new(7).unwrap(), 2).await;
+    let damaged = session_with_messages(&app, tenant, UserId::new(8).unwrap(), 1).await;
     let backend = app.db.get_database_backend();
-    app.db
-        .execute_raw(Statement::from_sql_and_values(
-            backend,
-            match backend {
-                sea_orm::DbBackend::Postgres => {
-                    "UPDATE livechat_outbox SET kind = 'session.future_kind' \
-                     WHERE session_id = $1 AND kind = 'session.started'"
-                }
-                _ => {
-                    "UPDATE livechat_outbox SET kind = 'session.future_kind' \
-                     WHERE session_id = ? AND kind = 'session.started'"
-                }
-            },
-            [session.as_uuid().into()],
-        ))
-        .await
-        .unwrap();
+    let param = |n: usize| match backend {
+        sea_orm::DbBackend::Postgres => format!("${n}"),
+        _ => "?".to_owned(),
+    };
+    for (session, set) in [
+        (newer, "kind = 'session.future_kind'"),
+        (damaged, "payload = '{not json'"),
+    ] {
+        app.db
+            .execute_raw(Statement::from_sql_and_values(
+                backend,
+                format!(
+                    "UPDATE livechat_outbox SET {set} \
+                     WHERE session_id = {} AND kind = 'session.started'",
+                    param(1)
+                ),
+                [session.as_uuid().into()],
+            ))
+            .await
+            .unwrap();
+    }
     let store = app.chat.store();
     let claimed = store
         .claim_pending(100, Duration::from_secs(30))
         .await
         .expect("the claim hands out the rest");
-    assert_eq!(
+    let summary = |claimed: &[livechat_core::PendingEvent]| {
         claimed
             .iter()
-            .map(|p| (p.event.kind, p.event.payload.value()["seq"].as_i64()))
-            .collect::<Vec<_>>(),
+            .map(|p| {
+                (
+                    p.event.kind,
+                    p.event.session_id,
+                    p.event.payload.value()["seq"].as_i64(),
+                )
+            })
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(
+        summary(&claimed),
         vec![
-            (EventKind::AgentStatusChanged, None),
-            (EventKind::MessagePosted, Some(1)),
-            (EventKind::MessagePosted, Some(2)),
+            (EventKind::AgentStatusChanged, None, None),
+            (EventKind::AgentStatusChanged, None, None),
+            (EventKind::MessagePosted, Some(damaged), Some(1)),
         ]
     );
-    let failed = app
-        .db
-        .query_one_raw(Statement::from_string(
-            backend,
-            "SELECT last_error FROM livechat_outbox \
-             WHERE kind = 'session.future_kind' AND failed_at IS NOT NULL \
-             AND dispatched_at IS NOT NULL",
-        ))
-        .await
-        .unwrap()
-        .expect("the unreadable event is failed");
-    let reason: String = failed.try_get("", "last_error").unwrap();
-    assert!(reason.contains("cannot be decoded"), "{reason}");
-    // Nothing is left to claim.
-    let again = store.claim_pending(100, Duration::from_secs(30)).await;
-    assert!(again.unwrap().is_empty());
+    let row = |kind: &'static str| {
+        let sql = format!(
+            "SELECT last_error, failed_at IS NOT NULL AS failed, \
+             claimed_until IS NULL AS unleased FROM livechat_outbox \
+             WHERE session_id = {} AND kind = '{kind}'",
+            param(1)
+        );
+        let db = app.db.clone();
+        async move {
+            let row = db
+                .query_one_raw(Statement::from_sql_and_values(
+                    backend,
+                    sql,
+                    [if kind == "session.future_kind" {
+                        newer
+                    } else {
+                        damaged
+                    }
+                    .as_uuid()
+                    .into()],
+                ))
+                .await
+                .unwrap()
+                .unwrap();
+            (
+                row.try_get::<Option<String>>("", "last_error").unwrap(),
+                row.try_get::<bool>("", "failed").unwrap(),
+                row.try_get::<bool>("", "unleased").unwrap(),
+            )
+        }
+    };
+    let (reason, failed, _) = row("session.started").await;
+    assert!(failed);
+    assert!(reason.unwrap_or_default().contains("cannot be decoded"));
+    assert_eq!(
+        row("session.future_kind").await,
+        (None, false, true),
+        "left pending and unleased for a newer dispatcher"
+    );
 }
 
 /// Issue #5: the dispatcher's claim scan (`WHERE dispatched_at IS NULL

@@ -14,6 +14,12 @@ use serde::Deserialize;
 
 use crate::sink::{NotificationSink, SinkError, TicketSink};
 
+/// Most sessions a [`Dispatcher::dispatch_once`] pass delivers at the same
+/// time: enough that a receiver hanging until its time limit holds up
+/// little, few enough that a pass does not flood the store's pool (one
+/// connection on SQLite, shared with the chat) or one webhook receiver.
+pub const SESSIONS_AT_ONCE: usize = 16;
+
 /// Longest notification body, in characters (Unicode scalar values).
 pub const NOTIFICATION_BODY_MAX_CHARS: usize = 500;
 
@@ -24,10 +30,11 @@ pub struct DispatcherConfig {
     pub batch_size: u64,
     /// How long a claim is held before the event is handed out again, e.g.
     /// after a crash (default 30 s). Must exceed the time one batch takes:
-    /// the sessions of a batch are delivered at the same time, and a
-    /// session's delivery stops at its first retryable failure, so a pass
-    /// takes about its slowest session's successful deliveries plus at most
-    /// one sink's time limit (the webhook's is 10 s).
+    /// [`SESSIONS_AT_ONCE`] sessions of a batch are delivered at the same
+    /// time, and a session's delivery stops at its first retryable
+    /// failure, so a pass takes at most one sink time limit (the webhook's
+    /// is 10 s) per [`SESSIONS_AT_ONCE`] sessions whose receiver hangs,
+    /// besides the successful deliveries.
     pub lease: Duration,
     /// Sleep of [`Dispatcher::run`] after a pass that found nothing to do
     /// (default 250 ms).
@@ -157,9 +164,10 @@ impl<C: OutboxConsumer> Dispatcher<C> {
     /// `message.posted` events need no notification). Then claims one
     /// batch of due events (at most [`DispatcherConfig::batch_size`];
     /// a session's events in order), delivers each session's events in
-    /// order and the sessions at the same time (each event to all its
-    /// sinks at once, so a receiver that hangs until its time limit holds
-    /// up only its own session), and settles them: retries and failures
+    /// order and up to [`SESSIONS_AT_ONCE`] sessions at the same time (each
+    /// event to all its sinks at once, so a receiver that hangs until its
+    /// time limit holds up only its own session), and settles them: retries
+    /// and failures
     /// one by one, the delivered ones
     /// together in one write at the end of the pass (so a busy outbox costs
     /// at most three commits per pass, not two per event). Deterministic: with nothing
@@ -203,9 +211,13 @@ impl<C: OutboxConsumer> Dispatcher<C> {
                 None => sessions.push(vec![pending]),
             }
         }
-        let passes =
-            futures_util::future::join_all(sessions.into_iter().map(|s| self.handle_session(s)))
-                .await;
+        let passes: Vec<SessionPass> = {
+            use futures_util::StreamExt;
+            futures_util::stream::iter(sessions.into_iter().map(|s| self.handle_session(s)))
+                .buffer_unordered(SESSIONS_AT_ONCE)
+                .collect()
+                .await
+        };
         let mut delivered = Vec::new();
         let mut waiting = Vec::new();
         let mut outcome = Ok(());
@@ -216,7 +228,11 @@ impl<C: OutboxConsumer> Dispatcher<C> {
             delivered.extend(pass.delivered);
             waiting.extend(pass.waiting);
             if let Some(e) = pass.error {
-                outcome = Err(e);
+                if outcome.is_ok() {
+                    outcome = Err(e);
+                } else {
+                    tracing::warn!(error = %e, "settling an outbox event failed too");
+                }
             }
         }
         // Settle what was delivered even when a later settlement failed; if
@@ -283,8 +299,6 @@ impl<C: OutboxConsumer> Dispatcher<C> {
         }
     }
 
-    /// Delivers one event and settles it, except a delivered one: those
-    /// are settled together at the end of the pass.
     /// Delivers one session's claimed events in order ([`Self::handle`]).
     /// Behind an event that will be retried, the rest wait: they are
     /// released and handed out again after it (per-session order). A
@@ -311,6 +325,8 @@ impl<C: OutboxConsumer> Dispatcher<C> {
         pass
     }
 
+    /// Delivers one event and settles it, except a delivered one: those
+    /// are settled together at the end of the pass.
     async fn handle(&self, pending: PendingEvent) -> Result<Settled, ChatError> {
         let event = &pending.event;
         let outcome = match self.deliver(event).await {

@@ -91,7 +91,9 @@ mod sink;
 mod store;
 mod webhook;
 
-pub use dispatcher::{DispatchReport, Dispatcher, DispatcherConfig, NOTIFICATION_BODY_MAX_CHARS};
+pub use dispatcher::{
+    DispatchReport, Dispatcher, DispatcherConfig, NOTIFICATION_BODY_MAX_CHARS, SESSIONS_AT_ONCE,
+};
 pub use sink::{NotificationSink, SinkError, TicketSink};
 pub use store::{BridgeMigrator, SeaOrmSinks};
 pub use webhook::{

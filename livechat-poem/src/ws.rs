@@ -1374,11 +1374,16 @@ async fn serve(gateway: Arc<Gateway>, socket: WebSocketStream, pre_auth: Option<
                 let _ = sink
                     .send(error_frame(refusal.code, &refusal.message, None))
                     .await;
+                // A refusal for the client's own doing is a policy close;
+                // one because the server cannot answer now says so, so
+                // that a client reading only the close code retries.
+                let code = match refusal.code {
+                    "unavailable" => CloseCode::Again,
+                    "internal_error" => CloseCode::Error,
+                    _ => CloseCode::Policy,
+                };
                 let _ = sink
-                    .send(Message::Close(Some((
-                        CloseCode::Policy,
-                        close_reason(&refusal.message),
-                    ))))
+                    .send(Message::Close(Some((code, close_reason(&refusal.message)))))
                     .await;
                 return;
             }

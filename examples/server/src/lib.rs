@@ -17,7 +17,7 @@
 //! | `LIVECHAT_WEBHOOK_URL` | none | also deliver tickets and notifications as signed webhooks (an `http://` or `https://` URL) |
 //! | `LIVECHAT_WEBHOOK_SECRET` | none (required with the URL) | HMAC secret of the webhook signature |
 //! | `LIVECHAT_PRESENCE_TTL_SECS` | `60` | an agent without a heartbeat (WebSocket ping, status change or heartbeat call) for this long is not eligible; this and the two below are 1–86,400 seconds |
-//! | `LIVECHAT_PING_INTERVAL_SECS` | `20` | WebSocket ping interval |
+//! | `LIVECHAT_PING_INTERVAL_SECS` | `20` | WebSocket ping interval; below the presence TTL |
 //! | `LIVECHAT_PRESENCE_GRACE_SECS` | `10` | how long an agent whose last connection closed stays eligible |
 //! | `LIVECHAT_CORS_ORIGINS` | none | comma list of browser origins allowed for HTTP (CORS) and WebSocket; `*` allows any |
 //! | `LIVECHAT_CORS_CREDENTIALS` | `false` | send `Access-Control-Allow-Credentials: true` |
@@ -191,7 +191,7 @@ impl Config {
                 Some((url, secret))
             }
         };
-        Ok(Self {
+        let config = Self {
             addr: var("LIVECHAT_ADDR").unwrap_or_else(|| "127.0.0.1:8080".into()),
             database_url: var("DATABASE_URL")
                 .unwrap_or_else(|| "sqlite://livechat.db?mode=rwc".into()),
@@ -261,7 +261,16 @@ impl Config {
                     .filter(|n| *n > 0)
                     .ok_or("LIVECHAT_WS_SEND_RATE must be a positive integer")?,
             },
-        })
+        };
+        // Each ping renews a connection and its agent's presence for the
+        // TTL: a ping interval as long leaves agents dropping out between
+        // pings.
+        if config.ping_interval >= config.presence_ttl {
+            return Err(
+                "LIVECHAT_PING_INTERVAL_SECS must be below LIVECHAT_PRESENCE_TTL_SECS".into(),
+            );
+        }
+        Ok(config)
     }
 
     /// The chat rules' settings these values give.
@@ -694,6 +703,9 @@ pub fn build_with(
         jwt_secret: config.jwt_secret.clone(),
         bus: bus.clone(),
     });
+    // Made now, not at the first unknown e-mail, whose answer would take
+    // longer than the others' (`login`).
+    std::sync::LazyLock::force(&UNKNOWN_USER_HASH);
     let host_routes = Route::new()
         .at("/auth/login", post(login))
         .at("/health", get(health))
@@ -896,6 +908,13 @@ mod config_tests {
             ),
             (
                 &[("LIVECHAT_PING_INTERVAL_SECS", "0")][..],
+                "LIVECHAT_PING_INTERVAL_SECS",
+            ),
+            (
+                &[
+                    ("LIVECHAT_PING_INTERVAL_SECS", "120"),
+                    ("LIVECHAT_PRESENCE_TTL_SECS", "60"),
+                ][..],
                 "LIVECHAT_PING_INTERVAL_SECS",
             ),
             (

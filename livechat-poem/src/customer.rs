@@ -51,6 +51,17 @@ fn tenant_of(req: &Request) -> Result<TenantId, ApiError> {
     parse_tenant_header(header).map_err(|msg| ApiError::bad_request("invalid_tenant", msg))
 }
 
+/// Why a credential's customer could not be resolved, for the customer
+/// routes and the WebSocket handshake alike: 401 when the credential
+/// names a customer that no longer exists, else the error's own answer
+/// (503 when the database cannot answer).
+pub(crate) fn unresolved_customer(error: ChatError) -> ApiError {
+    match error {
+        ChatError::NotFound => ApiError::unauthorized("unknown customer"),
+        other => other.into(),
+    }
+}
+
 enum Credential<'a> {
     Bearer(&'a str),
     Visitor(&'a str),
@@ -139,11 +150,7 @@ impl CustomerApi {
             .chat
             .resolve_customer(tenant, identity)
             .await
-            .map_err(|e| match e {
-                // A token naming a customer that no longer exists.
-                ChatError::NotFound => ApiError::unauthorized("unknown customer"),
-                other => other.into(),
-            })?;
+            .map_err(unresolved_customer)?;
         Ok(CustomerCtx {
             tenant,
             customer: customer.id,

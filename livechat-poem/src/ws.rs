@@ -192,15 +192,12 @@ impl Refusal {
     /// to the client in an `error` frame and a close frame's reason (at
     /// most 123 bytes; these are shorter).
     fn customer(error: ChatError) -> Self {
-        if matches!(error, ChatError::NotFound) {
-            return Self::new("unauthorized", "unknown customer");
-        }
-        let api = ApiError::from(error);
+        let api = crate::customer::unresolved_customer(error);
         let detail = api.detail();
-        let code = if detail.code == "unavailable" {
-            "unavailable"
-        } else {
-            "internal_error"
+        let code = match detail.code.as_str() {
+            "unauthorized" => "unauthorized",
+            "unavailable" => "unavailable",
+            _ => "internal_error",
         };
         Self::new(code, detail.message.clone())
     }

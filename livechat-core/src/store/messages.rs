@@ -2092,7 +2092,7 @@ mod tests {
     #[cfg(feature = "postgres")]
     #[tokio::test]
     async fn a_guarded_write_stores_nothing_if_a_session_is_held_or_changed() {
-        use sea_orm::{ConnectionTrait, TransactionTrait};
+        use sea_orm::ConnectionTrait;
         use sea_orm::{DbErr, PaginatorTrait};
         let db = migrated_postgres().await;
         let (a, b) = (uuid::Uuid::now_v7(), uuid::Uuid::now_v7());
@@ -2168,13 +2168,7 @@ mod tests {
         // Held by another transaction: refused at once, not waited for (a
         // wait would last until the holder's rollback below; the bound is
         // generous for a loaded machine).
-        let holder = db.begin().await.unwrap();
-        holder
-            .execute_unprepared(&format!(
-                "SELECT id FROM livechat_sessions WHERE id = '{b}' FOR UPDATE"
-            ))
-            .await
-            .unwrap();
+        let holder = holding(&db, b).await;
         let held = tokio::time::timeout(
             std::time::Duration::from_secs(20),
             db.execute_raw(batch([1, 1], "active", false)),
@@ -2610,7 +2604,7 @@ mod tests {
     async fn settling_a_lost_write_stores_its_messages_once() {
         use super::{AppendRequest, BatchResult};
         use crate::store::writer::{Conn, Writer};
-        use sea_orm::{ConnectionTrait, TransactionTrait};
+        use sea_orm::ConnectionTrait;
         use tokio::sync::oneshot;
         let db = migrated_postgres().await;
         let session = uuid::Uuid::now_v7();
@@ -2663,13 +2657,7 @@ mod tests {
         // Still running on the server, its client gone: settling waits
         // for the session it holds, then finds its messages.
         let (writes, ids, lost) = stage().await;
-        let running = db.begin().await.unwrap();
-        running
-            .execute_unprepared(&format!(
-                "SELECT 1 FROM livechat_sessions WHERE id = '{session}' FOR UPDATE"
-            ))
-            .await
-            .unwrap();
+        let running = holding(&db, session).await;
         let settling = tokio::spawn({
             let store = store.clone();
             async move {
@@ -2727,6 +2715,23 @@ mod tests {
         .await
         .unwrap();
         (session, customer)
+    }
+
+    /// A transaction of another connection holding `session`'s row, as a
+    /// writer of another node does until it ends.
+    #[cfg(feature = "postgres")]
+    async fn holding(
+        db: &sea_orm::DatabaseConnection,
+        session: uuid::Uuid,
+    ) -> sea_orm::DatabaseTransaction {
+        use sea_orm::{ConnectionTrait, TransactionTrait};
+        let tx = db.begin().await.unwrap();
+        tx.execute_unprepared(&format!(
+            "SELECT 1 FROM livechat_sessions WHERE id = '{session}' FOR UPDATE"
+        ))
+        .await
+        .unwrap();
+        tx
     }
 
     /// How many messages `session` holds.

@@ -11,9 +11,9 @@ use sea_orm::sea_query::{
     LockBehavior, LockType, Query, WithClause,
 };
 use sea_orm::{
-    ActiveModelTrait, ActiveValue::Set, ColumnTrait, Condition, ConnectionTrait,
-    DatabaseTransaction, DbBackend, DbErr, EntityTrait, FromQueryResult, Iterable, PaginatorTrait,
-    QueryFilter, QueryOrder, QuerySelect, QueryTrait, Statement, Value,
+    ActiveModelTrait, ActiveValue::Set, ColumnTrait, Condition, ConnectionTrait, DbBackend, DbErr,
+    EntityTrait, FromQueryResult, Iterable, PaginatorTrait, QueryFilter, QueryOrder, QuerySelect,
+    QueryTrait, Statement, Value,
 };
 use tokio::sync::oneshot;
 
@@ -28,6 +28,8 @@ use crate::model::{ChatMessage, Sender, SenderType, SessionStatus, now};
 use crate::outbox::OutboxInterest;
 use crate::repository::{AppendedMessage, MessageRepository, PendingAppend};
 use crate::validate::{ClientMsgId, MessageBody, PageSize};
+
+mod pipeline;
 
 /// Most appends committed together in one transaction.
 const MAX_BATCH: usize = 128;
@@ -59,6 +61,14 @@ pub(super) struct AppendQueue {
     /// (issue #5). One idle for longer than [`POOL_PING_AFTER_IDLE`] is
     /// pinged before its next batch, as the pool does with its own.
     held: Mutex<Option<(Conn, Instant)>>,
+    /// On SQLite, the database's WAL file if runs apply to it (`None`
+    /// until a run has looked; [`pipeline`]).
+    wal: Mutex<Option<Option<pipeline::WalFile>>>,
+    /// Woken by each append queued, for a run waiting for its next batch.
+    arrived: tokio::sync::Notify,
+    /// Tests hold a write lock to keep runs' syncs of the WAL waiting.
+    #[cfg(test)]
+    syncs: tokio::sync::RwLock<()>,
 }
 
 /// Most sessions an [`AppendQueue`] remembers; past this it forgets them
@@ -122,6 +132,7 @@ impl AppendQueue {
     fn push(&self, request: AppendRequest) -> bool {
         let mut state = self.lock();
         state.pending.push(request);
+        self.arrived.notify_one();
         !std::mem::replace(&mut state.committing, true)
     }
 
@@ -129,8 +140,20 @@ impl AppendQueue {
     /// queued.
     fn take(&self) -> Option<Vec<AppendRequest>> {
         let mut state = self.lock();
+        let batch = Self::drain(&mut state);
+        state.committing = batch.is_some();
+        batch
+    }
+
+    /// The next batch, or `None` when nothing is queued; the committer
+    /// goes on either way (a run, [`pipeline`], takes its batches so).
+    fn take_queued(&self) -> Option<Vec<AppendRequest>> {
+        Self::drain(&mut self.lock())
+    }
+
+    /// Up to [`MAX_BATCH`] of the queued appends, oldest first.
+    fn drain(state: &mut QueueState) -> Option<Vec<AppendRequest>> {
         if state.pending.is_empty() {
-            state.committing = false;
             return None;
         }
         let n = state.pending.len().min(MAX_BATCH);
@@ -178,7 +201,11 @@ impl SeaOrmStore {
     /// shutting down) still resets the queue.
     async fn run_committer(self, mut guard: Committer) {
         while let Some(batch) = self.appends.take() {
-            self.commit_batch(batch).await;
+            if self.runs_apply(&batch) {
+                self.commit_run(batch).await;
+            } else {
+                self.commit_batch(batch).await;
+            }
         }
         guard.finished = true;
     }
@@ -1163,7 +1190,7 @@ impl BatchWrites {
     /// are data-modifying `WITH` clauses of the `UPDATE`; SQLite, which has
     /// none, runs the statements of one string in turn, each bound to its
     /// share of the values.
-    async fn write(self, tx: &DatabaseTransaction) -> Result<(), DbErr> {
+    async fn write(self, tx: &impl ConnectionTrait) -> Result<(), DbErr> {
         let statement = write_statement(tx.get_database_backend(), self);
         tx.execute_raw(statement).await?;
         Ok(())
@@ -1720,14 +1747,13 @@ mod tests {
         write_statement,
     };
     #[cfg(feature = "postgres")]
-    use super::{
-        DatabaseTransaction, EntityTrait, QueryFilter, QueryTrait, Statement, Value,
-        stored_with_keys,
-    };
+    use super::{EntityTrait, QueryFilter, QueryTrait, Statement, Value, stored_with_keys};
     use crate::events::EventKind;
     use crate::ids::{SessionId, TenantId};
     #[cfg(feature = "postgres")]
     use crate::store::test_postgres::{migrated_postgres, until_a_lock_is_awaited, value};
+    #[cfg(feature = "postgres")]
+    use sea_orm::DatabaseTransaction;
 
     /// Agent 7's "hello" to `session` of tenant 1, through `store`'s
     /// append queue.

@@ -11,16 +11,19 @@
 //! pool's `close` (which waits for every checked-out connection); it is
 //! closed when its queue is dropped, or replaced when it fails.
 //!
-//! SQLite's committer does not use it: its pool has one connection, which
-//! every other read and write also needs, so it goes back after each
-//! batch. Sending `BEGIN IMMEDIATE` with a batch's first statement and
-//! `COMMIT` with its last, through such a connection, was tried: sqlx's
-//! worker thread hands each statement's result over on its own, and a lone
-//! send then took four more context switches and 15–25 µs more CPU.
+//! SQLite's committer takes its pool's one connection, which every other
+//! read and write also needs, only for a run of batches it stores back to
+//! back with their syncs overlapped ([`Conn::Sqlite`], kept in the pool's
+//! count: `super::messages`' `Pipeline`); a lone append goes through a
+//! pool transaction as before. Sending `BEGIN IMMEDIATE` with a batch's
+//! first statement and `COMMIT` with its last, through such a connection,
+//! was tried: sqlx's worker thread hands each statement's result over on
+//! its own, and a lone send then took four more context switches and
+//! 15–25 µs more CPU.
 
-// Without the `postgres` feature `Conn` has no variant: nothing here runs.
+// Without a database feature `Conn` has no variant: nothing here runs.
 #![cfg_attr(
-    not(feature = "postgres"),
+    not(any(feature = "postgres", feature = "sqlite")),
     allow(unused_imports, unused_variables, dead_code)
 )]
 
@@ -37,14 +40,18 @@ use sea_orm::{
 };
 use sea_query_sqlx::SqlxValues;
 
-/// A PostgreSQL connection opened by the store's pool and taken out of it
-/// (`PoolConnection::detach`: the pool may open another in its place).
-/// Dropped, it is closed. (Without the `postgres` feature there is none.)
+/// A connection the append committer runs its statements on.
 #[derive(Debug)]
 pub(super) enum Conn {
-    /// A PostgreSQL connection.
+    /// A PostgreSQL connection opened by the store's pool and taken out of
+    /// it (`PoolConnection::detach`: the pool may open another in its
+    /// place). Dropped, it is closed.
     #[cfg(feature = "postgres")]
     Postgres(PgConnection),
+    /// The SQLite pool's connection, checked out: dropped, it goes back to
+    /// the pool (or is closed, if marked so).
+    #[cfg(feature = "sqlite")]
+    Sqlite(sea_orm::sqlx::pool::PoolConnection<sea_orm::sqlx::Sqlite>),
 }
 
 impl Conn {
@@ -70,36 +77,92 @@ impl Conn {
         }
     }
 
+    /// `db`'s SQLite connection, checked out of its pool (waiting as the
+    /// pool's `acquire_timeout` allows) and counted in it as any other.
+    ///
+    /// # Errors
+    /// As [`Self::acquire`], and [`DbErr::Custom`] when `db` is not an
+    /// SQLite pool.
+    pub(super) async fn checkout_sqlite(db: &DatabaseConnection) -> Result<Self, DbErr> {
+        match &db.inner {
+            #[cfg(feature = "sqlite")]
+            DatabaseConnectionType::SqlxSqlitePoolConnection(_) => db
+                .get_sqlite_connection_pool()
+                .acquire()
+                .await
+                .map(Self::Sqlite)
+                .map_err(acquire_error),
+            _ => Err(DbErr::Custom("not an SQLite pool".into())),
+        }
+    }
+
+    /// Closes the connection when it is dropped instead of giving it back
+    /// to its pool (which opens a new one when needed); a PostgreSQL
+    /// connection, outside any pool, is closed when dropped anyway.
+    pub(super) fn close_on_drop(&mut self) {
+        match *self {
+            #[cfg(feature = "postgres")]
+            Self::Postgres(_) => {}
+            #[cfg(feature = "sqlite")]
+            Self::Sqlite(ref mut conn) => conn.close_on_drop(),
+        }
+    }
+
     /// Whether the connection still answers (one round trip), for one
     /// idle for a while, as the pool tests its own before handing them out.
     pub(super) async fn ping(&mut self) -> bool {
         match *self {
             #[cfg(feature = "postgres")]
             Self::Postgres(ref mut conn) => conn.ping().await.is_ok(),
+            #[cfg(feature = "sqlite")]
+            Self::Sqlite(ref mut conn) => conn.ping().await.is_ok(),
+        }
+    }
+
+    fn backend(&self) -> DbBackend {
+        match *self {
+            #[cfg(feature = "postgres")]
+            Self::Postgres(_) => DbBackend::Postgres,
+            #[cfg(feature = "sqlite")]
+            Self::Sqlite(_) => DbBackend::Sqlite,
         }
     }
 
     async fn execute(&mut self, sql: &str, values: Values) -> Result<ExecResult, DbErr> {
         let args = SqlxValues(values);
+        let exec_error = |e| DbErr::Exec(RuntimeErr::SqlxError(Arc::new(e)));
         match *self {
             #[cfg(feature = "postgres")]
             Self::Postgres(ref mut conn) => query_with(AssertSqlSafe(sql), args)
                 .execute(conn)
                 .await
                 .map(Into::into)
-                .map_err(|e| DbErr::Exec(RuntimeErr::SqlxError(Arc::new(e)))),
+                .map_err(exec_error),
+            #[cfg(feature = "sqlite")]
+            Self::Sqlite(ref mut conn) => query_with(AssertSqlSafe(sql), args)
+                .execute(&mut **conn)
+                .await
+                .map(Into::into)
+                .map_err(exec_error),
         }
     }
 
     async fn query_all(&mut self, sql: &str, values: Values) -> Result<Vec<QueryResult>, DbErr> {
         let args = SqlxValues(values);
+        let query_error = |e| DbErr::Query(RuntimeErr::SqlxError(Arc::new(e)));
         match *self {
             #[cfg(feature = "postgres")]
             Self::Postgres(ref mut conn) => query_with(AssertSqlSafe(sql), args)
                 .fetch_all(conn)
                 .await
                 .map(|rows| rows.into_iter().map(Into::into).collect())
-                .map_err(|e| DbErr::Query(RuntimeErr::SqlxError(Arc::new(e)))),
+                .map_err(query_error),
+            #[cfg(feature = "sqlite")]
+            Self::Sqlite(ref mut conn) => query_with(AssertSqlSafe(sql), args)
+                .fetch_all(&mut **conn)
+                .await
+                .map(|rows| rows.into_iter().map(Into::into).collect())
+                .map_err(query_error),
         }
     }
 }
@@ -121,12 +184,14 @@ fn acquire_error(error: sea_orm::sqlx::Error) -> DbErr {
 #[derive(Debug)]
 pub(super) struct Writer {
     conn: tokio::sync::Mutex<Conn>,
+    backend: DbBackend,
 }
 
 impl Writer {
     /// Statements on `conn`.
     pub(super) fn new(conn: Conn) -> Self {
         Self {
+            backend: conn.backend(),
             conn: tokio::sync::Mutex::new(conn),
         }
     }
@@ -140,7 +205,7 @@ impl Writer {
 #[async_trait::async_trait]
 impl ConnectionTrait for Writer {
     fn get_database_backend(&self) -> DbBackend {
-        DbBackend::Postgres
+        self.backend
     }
 
     async fn execute_raw(&self, stmt: Statement) -> Result<ExecResult, DbErr> {
@@ -149,7 +214,7 @@ impl ConnectionTrait for Writer {
     }
 
     async fn execute_unprepared(&self, sql: &str) -> Result<ExecResult, DbErr> {
-        self.execute_raw(Statement::from_string(DbBackend::Postgres, sql))
+        self.execute_raw(Statement::from_string(self.backend, sql))
             .await
     }
 

@@ -1,0 +1,563 @@
+//! SQLite's group commit with each batch's sync overlapped with the next
+//! batch (issue #5, BENCHMARKS.md "What bounds the two write-path
+//! targets").
+//!
+//! With `synchronous=FULL` a commit returns only after SQLite's `fsync` of
+//! the WAL, and the server's core waits meanwhile: at 64 concurrent
+//! senders it was 19% idle. So, when a batch holds more than one append
+//! (the appends queue concurrently), the committer checks the pool's one
+//! connection out for a run of up to [`MAX_RUN`] batches and sets it to
+//! `synchronous=NORMAL`: a batch's `COMMIT` then writes the WAL without
+//! syncing it, a blocking thread syncs the WAL file (`fdatasync`), and the
+//! committer goes on with the next batch meanwhile. The rules that keep a
+//! `201` meaning "on disk" and DESIGN.md invariant 4 (a client never sees
+//! a `seq` that a power loss could take back):
+//!
+//! - A batch's callers are answered, and its events published, only once
+//!   the WAL is synced after its commit, and after every earlier batch of
+//!   the run is settled (in order: a later sync covers the earlier
+//!   commits, and events are published in `seq` order).
+//! - Nothing but the committer reads a commit before its sync: the run
+//!   holds the pool's only connection, which goes back to the pool only
+//!   after every sync of the run has ended, set to its own `synchronous`
+//!   level again. Other requests wait for it (at most one run, as they
+//!   wait behind a write transaction anyway). The committer's own reads
+//!   of earlier batches (a `seq`, a repeated `client_msg_id`) decide
+//!   answers that are given only after a later sync, which covers them.
+//!   The passive checkpointer's connection syncs the WAL before it copies
+//!   any of it into the database file.
+//! - A failure gives the connection up closed, never back to the pool
+//!   unsynced: a failed statement or commit (the batch is then settled as
+//!   [`SeaOrmStore::commit_batch`] would, through the pool), a failed sync
+//!   (that batch's callers and every later one's in the run get the
+//!   error, as for a commit whose outcome is unknown: a retry with the
+//!   same `client_msg_id` finds a message that was stored after all), or
+//!   the committer's task dropped.
+//!
+//! This holds for the connections of the store's own pool and
+//! checkpointer. Another connection opened on the same file (another
+//! process, or a second pool of the host's) could read a run's commit
+//! before its sync; [`crate::store::connect`]'s one-connection pool is
+//! meant to be the file's only user.
+//!
+//! A lone append (a batch of one) commits with its own sync as before:
+//! the run's two extra statements and the hand-off of the sync to another
+//! thread would make it slower, and there is nothing to overlap.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+
+#[cfg(feature = "sqlite")]
+use sea_orm::DatabaseConnectionType;
+use sea_orm::{ConnectionTrait, DbErr, RuntimeErr};
+use tokio::task::JoinHandle;
+
+use super::super::writer::{Conn, Writer};
+use super::{AppendRequest, BatchFailure, LockWait, SeaOrmStore, unpoisoned};
+
+/// Most batches one run stores before it gives the connection back, so
+/// that other requests waiting for it get a turn (one batch is at most
+/// `MAX_BATCH` appends, about 1.3 ms for 32 on the benchmark machine).
+pub(super) const MAX_RUN: usize = 8;
+
+/// The WAL file of the store's SQLite database, when runs apply: a file
+/// in WAL mode whose connection syncs each commit (`synchronous` `FULL`
+/// or `EXTRA`).
+#[derive(Debug, Clone)]
+pub(super) struct WalFile {
+    /// The WAL's path (`<database>-wal`).
+    path: PathBuf,
+    /// The connection's own `synchronous` level (2 or 3), restored after
+    /// a run.
+    level: i64,
+}
+
+impl WalFile {
+    /// What `conn`'s database is: `None` when runs do not apply (memory
+    /// database, another journal mode, `synchronous` below `FULL`).
+    async fn of(writer: &Writer) -> Result<Option<Self>, DbErr> {
+        let row = writer
+            .query_one_raw(sea_orm::Statement::from_string(
+                sea_orm::DbBackend::Sqlite,
+                "SELECT (SELECT file FROM pragma_database_list WHERE name = 'main') AS file, \
+                 (SELECT journal_mode FROM pragma_journal_mode) AS journal, \
+                 (SELECT synchronous FROM pragma_synchronous) AS level",
+            ))
+            .await?
+            .ok_or_else(|| DbErr::Custom("no row from SQLite's pragmas".into()))?;
+        let file: String = row.try_get("", "file")?;
+        let journal: String = row.try_get("", "journal")?;
+        let level: i64 = row.try_get("", "level")?;
+        Ok(
+            (!file.is_empty() && journal.eq_ignore_ascii_case("wal") && level >= 2).then(|| Self {
+                path: PathBuf::from(format!("{file}-wal")),
+                level,
+            }),
+        )
+    }
+
+    /// Syncs the WAL file's data to disk (on a blocking thread).
+    async fn sync(&self) -> Result<(), DbErr> {
+        let path = self.path.clone();
+        let synced =
+            tokio::task::spawn_blocking(move || std::fs::File::open(path)?.sync_data()).await;
+        match synced {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(error)) => Err(DbErr::Exec(RuntimeErr::SqlxError(Arc::new(
+                sea_orm::sqlx::Error::Io(error),
+            )))),
+            Err(join) => Err(DbErr::Custom(format!("syncing the SQLite WAL: {join}"))),
+        }
+    }
+}
+
+/// The pool's connection during a run: closed when dropped unless the run
+/// set its `synchronous` level back ([`Held::give_back`]).
+struct Held {
+    writer: Option<Writer>,
+}
+
+impl Held {
+    fn writer(&self) -> &Writer {
+        self.writer.as_ref().expect("present until given back")
+    }
+
+    /// Sets the connection's `synchronous` level back to `level` and
+    /// returns it to the pool; closes it if that fails.
+    async fn give_back(mut self, level: i64) {
+        let writer = self.writer.take().expect("present until given back");
+        let restored = writer
+            .execute_unprepared(&format!("PRAGMA synchronous = {level}"))
+            .await;
+        let mut conn = writer.into_conn();
+        if let Err(error) = restored {
+            tracing::warn!(%error, "SQLite connection closed: its synchronous level not restored");
+            conn.close_on_drop();
+        }
+    }
+}
+
+impl Held {
+    /// Returns the connection to the pool as it was (nothing was changed).
+    fn give_back_unchanged(mut self) {
+        drop(self.writer.take());
+    }
+}
+
+impl Drop for Held {
+    fn drop(&mut self) {
+        if let Some(writer) = self.writer.take() {
+            writer.into_conn().close_on_drop();
+        }
+    }
+}
+
+impl SeaOrmStore {
+    /// Whether `batch` is stored in a run: several appends, on an SQLite
+    /// database not known to be one runs do not apply to.
+    pub(super) fn runs_apply(&self, batch: &[AppendRequest]) -> bool {
+        #[cfg(feature = "sqlite")]
+        let sqlite = matches!(
+            self.db.inner,
+            DatabaseConnectionType::SqlxSqlitePoolConnection(_)
+        );
+        #[cfg(not(feature = "sqlite"))]
+        let sqlite = false;
+        // Once found not to apply (`Some(None)`), never checked again.
+        batch.len() > 1 && sqlite && !matches!(*unpoisoned(&self.appends.wal), Some(None))
+    }
+
+    /// Stores `first` and the batches queued after it in one run (module
+    /// docs), or `first` alone as [`Self::commit_batch`] does when runs
+    /// do not apply to the database or its connection cannot be had.
+    pub(super) async fn commit_run(&self, first: Vec<AppendRequest>) {
+        let Ok(conn) = Conn::checkout_sqlite(&self.db).await else {
+            return self.commit_batch(first).await;
+        };
+        let held = Held {
+            writer: Some(Writer::new(conn)),
+        };
+        let wal = match self.wal_file(held.writer()).await {
+            Ok(Some(wal)) => wal,
+            Ok(None) => {
+                held.give_back_unchanged();
+                return self.commit_batch(first).await;
+            }
+            Err(error) => {
+                tracing::warn!(%error, "SQLite pragmas unreadable: batch committed alone");
+                drop(held);
+                return self.commit_batch(first).await;
+            }
+        };
+        if let Err(error) = held
+            .writer()
+            .execute_unprepared("PRAGMA synchronous = NORMAL")
+            .await
+        {
+            tracing::warn!(%error, "SQLite synchronous level not set: batch committed alone");
+            drop(held);
+            return self.commit_batch(first).await;
+        }
+        let mut settled: Option<JoinHandle<bool>> = None;
+        let mut batch = first;
+        for _ in 0..MAX_RUN {
+            // As in `commit_batch`: stable, so a session's appends keep
+            // their arrival (= seq) order.
+            batch.sort_by_key(|r| r.session.as_uuid());
+            match self.store_held(held.writer(), &batch).await {
+                Ok((outcomes, events, wrote)) => {
+                    let earlier = settled.take();
+                    let store = self.clone();
+                    let wal = wal.clone();
+                    settled = Some(tokio::spawn(async move {
+                        let synced = if wrote {
+                            store.synced(&wal).await
+                        } else {
+                            Ok(())
+                        };
+                        let in_order = match earlier {
+                            Some(earlier) => earlier.await.unwrap_or(false),
+                            None => true,
+                        };
+                        let stored = match synced {
+                            Ok(()) if in_order => Ok((outcomes, events)),
+                            Ok(()) => Err(DbErr::Custom(
+                                "an earlier batch's sync of the SQLite WAL failed".into(),
+                            )),
+                            Err(error) => Err(error),
+                        };
+                        let ok = stored.is_ok();
+                        store
+                            .settle(
+                                batch,
+                                stored.map_err(|error| BatchFailure {
+                                    error,
+                                    at_commit: true,
+                                }),
+                            )
+                            .await;
+                        ok
+                    }));
+                }
+                Err(failure) => {
+                    // Earlier batches first (their order, and the
+                    // connection not given up before their syncs), then
+                    // this one through the pool, as `commit_batch` does.
+                    if let Some(earlier) = settled.take() {
+                        let _ = earlier.await;
+                    }
+                    // A commit that failed may have been written even so:
+                    // synced before anyone else may read it.
+                    if failure.at_commit {
+                        let _ = wal.sync().await;
+                    }
+                    drop(held);
+                    return self.settle(batch, Err(failure)).await;
+                }
+            }
+            match self.next_in_run(&mut settled).await {
+                Some(next) => batch = next,
+                None => break,
+            }
+        }
+        let all_synced = match settled {
+            Some(last) => last.await.unwrap_or(false),
+            None => true,
+        };
+        if all_synced {
+            held.give_back(wal.level).await;
+        }
+    }
+
+    /// The run's next batch: the appends queued, or while the last batch
+    /// waits for its sync, the first to arrive (its callers, answered,
+    /// send their next appends then; giving the connection back and
+    /// taking it again for them would cost two statements and leave the
+    /// core idle during the last sync). `None` once the last batch is
+    /// settled with nothing queued, or if its sync failed (`settled`
+    /// then says so).
+    async fn next_in_run(
+        &self,
+        settled: &mut Option<JoinHandle<bool>>,
+    ) -> Option<Vec<AppendRequest>> {
+        loop {
+            if let Some(next) = self.appends.take_queued() {
+                return Some(next);
+            }
+            let last = settled.as_mut()?;
+            tokio::select! {
+                () = self.appends.arrived.notified() => {}
+                ok = last => {
+                    // Settled: `commit_run` finds the outcome here.
+                    let ok = ok.unwrap_or(false);
+                    *settled = Some(tokio::spawn(async move { ok }));
+                    return if ok { self.appends.take_queued() } else { None };
+                }
+            }
+        }
+    }
+
+    /// The WAL file of this store's database, learnt on the run's
+    /// connection the first time.
+    async fn wal_file(&self, writer: &Writer) -> Result<Option<WalFile>, DbErr> {
+        if let Some(wal) = unpoisoned(&self.appends.wal).clone() {
+            return Ok(wal);
+        }
+        let wal = WalFile::of(writer).await?;
+        *unpoisoned(&self.appends.wal) = Some(wal.clone());
+        Ok(wal)
+    }
+
+    /// Syncs `wal` (tests may hold syncs back: [`super::AppendQueue`]).
+    async fn synced(&self, wal: &WalFile) -> Result<(), DbErr> {
+        #[cfg(test)]
+        let _held_back = self.appends.syncs.read().await;
+        wal.sync().await
+    }
+
+    /// One batch of a run on its connection: as [`Self::store_batch`]'s
+    /// transaction, whose commit does not sync. `true` with the outcomes
+    /// when something was written.
+    async fn store_held(
+        &self,
+        writer: &Writer,
+        batch: &[AppendRequest],
+    ) -> Result<(RunOutcomes, Vec<crate::events::DomainEvent>, bool), BatchFailure> {
+        writer
+            .execute_unprepared("BEGIN IMMEDIATE")
+            .await
+            .map_err(BatchFailure::before)?;
+        let staged = self
+            .stage_batch(writer, batch, LockWait::Optimistic, None)
+            .await
+            .map_err(BatchFailure::before)?;
+        let Some(writes) = staged.writes else {
+            writer
+                .execute_unprepared("ROLLBACK")
+                .await
+                .map_err(BatchFailure::before)?;
+            return Ok((staged.outcomes, staged.events, false));
+        };
+        writes.write(writer).await.map_err(BatchFailure::before)?;
+        writer
+            .execute_unprepared("COMMIT")
+            .await
+            .map_err(BatchFailure::commit)?;
+        Ok((staged.outcomes, staged.events, true))
+    }
+}
+
+/// Each append's outcome, in batch order.
+type RunOutcomes = Vec<Result<crate::repository::AppendedMessage, crate::error::ChatError>>;
+
+#[cfg(all(test, feature = "sqlite"))]
+mod tests {
+    use std::time::Duration;
+
+    use sea_orm::{ActiveModelTrait, ConnectionTrait, Set};
+    use sea_orm_migration::MigratorTrait;
+
+    use crate::error::ChatError;
+    use crate::ids::{SessionId, TenantId};
+    use crate::model::{Sender, SessionOrigin, SessionStatus, now};
+    use crate::repository::MessageRepository;
+    use crate::store::entity::session;
+    use crate::store::{Migrator, SeaOrmStore, connect};
+    use crate::validate::MessageBody;
+
+    /// A migrated store on a new SQLite file (WAL, `synchronous=FULL`)
+    /// and an open session of tenant 1 in it.
+    async fn store_with_session() -> (SeaOrmStore, SessionId, std::path::PathBuf) {
+        let path = std::env::temp_dir().join(format!("livechat-run-{}.db", uuid::Uuid::now_v7()));
+        let db = connect(&format!("sqlite://{}?mode=rwc", path.display()))
+            .await
+            .unwrap();
+        Migrator::up(&db, None).await.unwrap();
+        let id = uuid::Uuid::now_v7();
+        session::ActiveModel {
+            id: Set(id),
+            tenant_id: Set(1),
+            agent_id: Set(None),
+            customer_id: Set(None),
+            origin: Set(SessionOrigin::Agent.as_str().into()),
+            status: Set(SessionStatus::Open.as_str().into()),
+            topic: Set(None),
+            priority_rank: Set(0),
+            department: Set(None),
+            ticket_id: Set(None),
+            contact: Set(None),
+            client_ip: Set(None),
+            user_agent: Set(None),
+            last_seq: Set(0),
+            created_at: Set(now()),
+            updated_at: Set(now()),
+            assigned_at: Set(None),
+            closed_at: Set(None),
+        }
+        .insert(&db)
+        .await
+        .unwrap();
+        (SeaOrmStore::new(db), SessionId::from_uuid(id), path)
+    }
+
+    fn send(
+        store: &SeaOrmStore,
+        tenant: i64,
+        session: SessionId,
+        text: &str,
+    ) -> crate::repository::PendingAppend {
+        store.append_message(
+            TenantId::new(tenant).unwrap(),
+            session,
+            Sender::System,
+            MessageBody::parse(text.into(), 100).unwrap(),
+            None,
+            SessionStatus::ALL,
+        )
+    }
+
+    /// Awaits each of `appends` in turn, on a task of its own.
+    fn answers(
+        appends: Vec<crate::repository::PendingAppend>,
+    ) -> tokio::task::JoinHandle<Vec<Result<crate::repository::AppendedMessage, ChatError>>> {
+        tokio::spawn(async move {
+            let mut answers = Vec::new();
+            for append in appends {
+                answers.push(append.await);
+            }
+            answers
+        })
+    }
+
+    /// How many messages the file at `path` holds, read on a connection
+    /// of its own (which sees commits whether synced or not).
+    async fn committed(path: &std::path::Path) -> i64 {
+        let other = sea_orm::Database::connect(format!("sqlite://{}", path.display()))
+            .await
+            .unwrap();
+        let n = other
+            .query_one_raw(sea_orm::Statement::from_string(
+                sea_orm::DbBackend::Sqlite,
+                "SELECT count(*) FROM livechat_messages",
+            ))
+            .await
+            .unwrap()
+            .unwrap()
+            .try_get_by_index::<i64>(0)
+            .unwrap();
+        other.close().await.unwrap();
+        n
+    }
+
+    /// Issue #5: appends queued while a run's batch waits for its sync are
+    /// committed in the same run meanwhile (the overlap the run is for),
+    /// and the batches are answered and published in `seq` order once
+    /// synced.
+    #[tokio::test]
+    async fn a_run_commits_the_next_batch_while_the_last_one_syncs() {
+        use crate::bus::{BusEvent, EventBus, InProcessBus};
+        let (store, session, path) = store_with_session().await;
+        let bus = std::sync::Arc::new(InProcessBus::new());
+        let store = store.with_bus(bus.clone());
+        let mut events = bus.subscribe();
+        let held_back = store.appends.syncs.write().await;
+        let first = answers(vec![
+            send(&store, 1, session, "1"),
+            send(&store, 1, session, "2"),
+        ]);
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        let second = answers(vec![
+            send(&store, 1, session, "3"),
+            send(&store, 1, session, "4"),
+        ]);
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        assert_eq!(
+            committed(&path).await,
+            4,
+            "the second batch waited for the first's sync"
+        );
+        assert!(!first.is_finished() && !second.is_finished());
+
+        drop(held_back);
+        let mut stored = first.await.unwrap();
+        stored.extend(second.await.unwrap());
+        let stored: Vec<_> = stored.into_iter().map(|a| a.unwrap().message).collect();
+        assert_eq!(
+            stored.iter().map(|m| m.seq).collect::<Vec<_>>(),
+            [1, 2, 3, 4]
+        );
+        for message in &stored {
+            let event = events.recv().await.unwrap();
+            let BusEvent::Domain(event) = &*event else {
+                panic!("{event:?}")
+            };
+            assert_eq!(
+                event.id.as_uuid(),
+                message.id.as_uuid(),
+                "published out of order"
+            );
+        }
+        let _ = std::fs::remove_file(&path);
+    }
+
+    /// Issue #5 and DESIGN.md invariant 4: the appends of a run are
+    /// answered only once the WAL is synced after their commit, and until
+    /// then no other request sees them (the run holds the pool's one
+    /// connection); the connection goes back to the pool at its own
+    /// `synchronous` level. A batch's refusal stays its own.
+    #[tokio::test]
+    async fn a_run_is_answered_and_seen_only_once_synced() {
+        let (store, session, path) = store_with_session().await;
+        let held_back = store.appends.syncs.write().await;
+        // Queued together before the committer runs: one batch of three.
+        let appends = vec![
+            send(&store, 1, session, "one"),
+            send(&store, 1, session, "two"),
+            send(&store, 2, session, "another tenant's"),
+        ];
+        let answers = answers(appends);
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        if answers.is_finished() {
+            panic!("answered before the WAL was synced: {:?}", answers.await);
+        }
+        let tenant = TenantId::new(1).unwrap();
+        let limit = crate::validate::PageSize::parse(None, &crate::ChatConfig::default()).unwrap();
+        let read = tokio::time::timeout(
+            Duration::from_millis(300),
+            store.list_messages(tenant, session, 0, limit),
+        )
+        .await;
+        assert!(read.is_err(), "an unsynced commit was readable: {read:?}");
+
+        drop(held_back);
+        let answers = answers.await.unwrap();
+        let seqs: Vec<i64> = answers[..2]
+            .iter()
+            .map(|a| a.as_ref().unwrap().message.seq)
+            .collect();
+        assert_eq!(seqs, [1, 2]);
+        assert!(
+            matches!(answers[2], Err(ChatError::NotFound)),
+            "{:?}",
+            answers[2]
+        );
+        let listed = store
+            .list_messages(tenant, session, 0, limit)
+            .await
+            .unwrap();
+        assert_eq!(listed.len(), 2);
+        let level = store
+            .connection()
+            .query_one_raw(sea_orm::Statement::from_string(
+                sea_orm::DbBackend::Sqlite,
+                "PRAGMA synchronous",
+            ))
+            .await
+            .unwrap()
+            .unwrap()
+            .try_get_by_index::<i64>(0)
+            .unwrap();
+        assert_eq!(level, 2, "the pool's connection syncs its commits again");
+        let _ = std::fs::remove_file(&path);
+    }
+}

@@ -66,9 +66,9 @@ pub(super) struct AppendQueue {
     wal: Mutex<Option<Option<pipeline::WalFile>>>,
     /// Woken by each append queued, for a run waiting for its next batch.
     arrived: tokio::sync::Notify,
-    /// Tests hold a write lock to keep runs' syncs of the WAL waiting.
+    /// Gates tests queue, one for each next sync of a run, in order.
     #[cfg(test)]
-    syncs: tokio::sync::RwLock<()>,
+    sync_gates: Mutex<std::collections::VecDeque<Arc<tokio::sync::Semaphore>>>,
 }
 
 /// Most sessions an [`AppendQueue`] remembers; past this it forgets them

@@ -4,8 +4,8 @@
 //! sqlx pings every pooled connection when it is given back to its pool
 //! (`PoolConnection::return_to_pool`): on PostgreSQL one more round trip,
 //! and a wake-up of the server's backend, per batch. A [`Writer`] runs
-//! sea-orm statements on a connection taken out of the pool for good
-//! ([`Conn`]), which the PostgreSQL committer keeps between batches
+//! sea-orm statements on one connection ([`Conn`]); on PostgreSQL one
+//! taken out of the pool for good, which the committer keeps between batches
 //! ([`super::messages`]' `AppendQueue`): a batch of known sessions is one
 //! round trip and nothing else. Outside the pool, it does not hold up the
 //! pool's `close` (which waits for every checked-out connection); it is
@@ -14,8 +14,8 @@
 //! SQLite's committer takes its pool's one connection, which every other
 //! read and write also needs, only for a run of batches it stores back to
 //! back with their syncs overlapped ([`Conn::Sqlite`], kept in the pool's
-//! count: `super::messages`' `Pipeline`); a lone append goes through a
-//! pool transaction as before. Sending `BEGIN IMMEDIATE` with a batch's
+//! count: `super::messages`' `pipeline` module); a lone append goes
+//! through a pool transaction as before. Sending `BEGIN IMMEDIATE` with a batch's
 //! first statement and `COMMIT` with its last, through such a connection,
 //! was tried: sqlx's worker thread hands each statement's result over on
 //! its own, and a lone send then took four more context switches and
@@ -180,7 +180,8 @@ fn acquire_error(error: sea_orm::sqlx::Error) -> DbErr {
 }
 
 /// A [`Conn`] as a sea-orm connection: each statement is sent on it as
-/// is, committed on its own.
+/// is, committed on its own unless the caller sent `BEGIN` (an SQLite
+/// run does, and its `COMMIT` or `ROLLBACK`).
 #[derive(Debug)]
 pub(super) struct Writer {
     conn: tokio::sync::Mutex<Conn>,

@@ -27,12 +27,15 @@
 //!   The passive checkpointer's connection syncs the WAL before it copies
 //!   any of it into the database file.
 //! - A failure gives the connection up closed, never back to the pool
-//!   unsynced: a failed statement or commit (the batch is then settled as
-//!   [`SeaOrmStore::commit_batch`] would, through the pool), a failed sync
-//!   (that batch's callers and every later one's in the run get the
-//!   error, as for a commit whose outcome is unknown: a retry with the
-//!   same `client_msg_id` finds a message that was stored after all), or
-//!   the committer's task dropped.
+//!   unsynced: a failed statement or commit (after the earlier batches'
+//!   syncs, and a sync for a failed commit, which may have been written;
+//!   the batch is then settled as [`SeaOrmStore::commit_batch`] would,
+//!   through the pool), or the committer's task dropped.
+//! - A failed sync fails that batch's callers and every later one's in
+//!   the run with an error of a lost database (503; the outcome is
+//!   unknown, as for a failed commit), and closes the store's pool, so
+//!   that nothing reads a commit the disk may not hold: later requests
+//!   get 503 until the process restarts (`SeaOrmStore::give_up`).
 //!
 //! This holds for the connections of the store's own pool and
 //! checkpointer. Another connection opened on the same file (another
@@ -96,19 +99,40 @@ impl WalFile {
         )
     }
 
-    /// Syncs the WAL file's data to disk (on a blocking thread).
+    /// Syncs the WAL file's data to disk (on a blocking thread; opened
+    /// for writing, as some systems need to flush a file, never created
+    /// or truncated).
     async fn sync(&self) -> Result<(), DbErr> {
         let path = self.path.clone();
-        let synced =
-            tokio::task::spawn_blocking(move || std::fs::File::open(path)?.sync_data()).await;
+        let synced = tokio::task::spawn_blocking(move || {
+            std::fs::OpenOptions::new()
+                .write(true)
+                .open(path)?
+                .sync_data()
+        })
+        .await;
         match synced {
-            Ok(Ok(())) => Ok(()),
-            Ok(Err(error)) => Err(DbErr::Exec(RuntimeErr::SqlxError(Arc::new(
-                sea_orm::sqlx::Error::Io(error),
-            )))),
-            Err(join) => Err(DbErr::Custom(format!("syncing the SQLite WAL: {join}"))),
+            Ok(result) => result.map_err(unsynced),
+            Err(join) => Err(unsynced(std::io::Error::other(join))),
         }
     }
+}
+
+/// A test's hold on one sync of a run (a semaphore without permits until
+/// the test adds one, or closes it to fail the sync); nothing outside
+/// tests.
+#[cfg(test)]
+pub(super) type SyncGate = Option<Arc<tokio::sync::Semaphore>>;
+#[cfg(not(test))]
+#[derive(Debug)]
+pub(super) struct SyncGate;
+
+/// The error of a batch whose sync failed or could not be run: an I/O
+/// error, as a lost database is (503), and its outcome unknown.
+fn unsynced(error: std::io::Error) -> DbErr {
+    DbErr::Exec(RuntimeErr::SqlxError(Arc::new(sea_orm::sqlx::Error::Io(
+        error,
+    ))))
 }
 
 /// The pool's connection during a run: closed when dropped unless the run
@@ -154,13 +178,20 @@ impl Drop for Held {
 
 impl SeaOrmStore {
     /// Whether `batch` is stored in a run: several appends, on an SQLite
-    /// database not known to be one runs do not apply to.
+    /// pool of one connection (with more, the others could read a commit
+    /// before its sync), of a database not known to be one runs do not
+    /// apply to.
     pub(super) fn runs_apply(&self, batch: &[AppendRequest]) -> bool {
         #[cfg(feature = "sqlite")]
         let sqlite = matches!(
             self.db.inner,
             DatabaseConnectionType::SqlxSqlitePoolConnection(_)
-        );
+        ) && self
+            .db
+            .get_sqlite_connection_pool()
+            .options()
+            .get_max_connections()
+            == 1;
         #[cfg(not(feature = "sqlite"))]
         let sqlite = false;
         // Once found not to apply (`Some(None)`), never checked again.
@@ -200,7 +231,8 @@ impl SeaOrmStore {
         }
         let mut settled: Option<JoinHandle<bool>> = None;
         let mut batch = first;
-        for _ in 0..MAX_RUN {
+        let mut stored = 0;
+        loop {
             // As in `commit_batch`: stable, so a session's appends keep
             // their arrival (= seq) order.
             batch.sort_by_key(|r| r.session.as_uuid());
@@ -209,9 +241,10 @@ impl SeaOrmStore {
                     let earlier = settled.take();
                     let store = self.clone();
                     let wal = wal.clone();
+                    let gate = self.sync_gate();
                     settled = Some(tokio::spawn(async move {
                         let synced = if wrote {
-                            store.synced(&wal).await
+                            store.synced(&wal, gate).await
                         } else {
                             Ok(())
                         };
@@ -221,9 +254,9 @@ impl SeaOrmStore {
                         };
                         let stored = match synced {
                             Ok(()) if in_order => Ok((outcomes, events)),
-                            Ok(()) => Err(DbErr::Custom(
-                                "an earlier batch's sync of the SQLite WAL failed".into(),
-                            )),
+                            Ok(()) => Err(unsynced(std::io::Error::other(
+                                "an earlier batch's sync of the SQLite WAL failed",
+                            ))),
                             Err(error) => Err(error),
                         };
                         let ok = stored.is_ok();
@@ -243,17 +276,22 @@ impl SeaOrmStore {
                     // Earlier batches first (their order, and the
                     // connection not given up before their syncs), then
                     // this one through the pool, as `commit_batch` does.
-                    if let Some(earlier) = settled.take() {
-                        let _ = earlier.await;
-                    }
+                    let mut synced = match settled.take() {
+                        Some(earlier) => earlier.await.unwrap_or(false),
+                        None => true,
+                    };
                     // A commit that failed may have been written even so:
                     // synced before anyone else may read it.
                     if failure.at_commit {
-                        let _ = wal.sync().await;
+                        synced &= wal.sync().await.is_ok();
                     }
-                    drop(held);
+                    self.give_up(held, synced).await;
                     return self.settle(batch, Err(failure)).await;
                 }
+            }
+            stored += 1;
+            if stored == MAX_RUN {
+                break;
             }
             match self.next_in_run(&mut settled).await {
                 Some(next) => batch = next,
@@ -266,7 +304,36 @@ impl SeaOrmStore {
         };
         if all_synced {
             held.give_back(wal.level).await;
+        } else {
+            self.give_up(held, false).await;
         }
+    }
+
+    /// Gives a run's connection up closed. When a commit of the run may be
+    /// readable but not on disk (`synced` false: a sync failed), the
+    /// store's pool is closed first, so that no connection of it reads
+    /// the database again: every later request gets 503 (`PoolClosed`)
+    /// until the process restarts and SQLite recovers the WAL from what
+    /// the disk holds. Retrying the sync is no remedy: after a failed
+    /// `fsync` Linux may report the next one clean with the pages lost.
+    /// (SQLite with `synchronous=FULL` fails such a commit before it is
+    /// visible; PostgreSQL stops on a failed `fsync` for the same reason.)
+    async fn give_up(&self, held: Held, synced: bool) {
+        #[cfg(feature = "sqlite")]
+        if !synced {
+            tracing::error!(
+                "a sync of the SQLite WAL failed: the store's database is closed until restart"
+            );
+            let pool = self.db.get_sqlite_connection_pool();
+            // Marked closed at once: no acquire succeeds from here on.
+            let closing = pool.close();
+            drop(held);
+            closing.await;
+            return;
+        }
+        #[cfg(not(feature = "sqlite"))]
+        let _ = synced;
+        drop(held);
     }
 
     /// The run's next batch: the appends queued, or while the last batch
@@ -308,10 +375,26 @@ impl SeaOrmStore {
         Ok(wal)
     }
 
-    /// Syncs `wal` (tests may hold syncs back: [`super::AppendQueue`]).
-    async fn synced(&self, wal: &WalFile) -> Result<(), DbErr> {
+    /// What holds the next sync of a run back: in tests, the gate queued
+    /// for it, if any ([`super::AppendQueue`]); nothing otherwise.
+    fn sync_gate(&self) -> SyncGate {
         #[cfg(test)]
-        let _held_back = self.appends.syncs.read().await;
+        return unpoisoned(&self.appends.sync_gates).pop_front();
+        #[cfg(not(test))]
+        SyncGate
+    }
+
+    /// Syncs `wal`, once `gate` opens (tests only).
+    async fn synced(&self, wal: &WalFile, gate: SyncGate) -> Result<(), DbErr> {
+        #[cfg(test)]
+        if let Some(gate) = gate
+            && gate.acquire().await.is_err()
+        {
+            // A closed gate stands for a failed sync.
+            return Err(unsynced(std::io::Error::other("the test failed this sync")));
+        }
+        #[cfg(not(test))]
+        let SyncGate = gate;
         wal.sync().await
     }
 
@@ -352,27 +435,32 @@ type RunOutcomes = Vec<Result<crate::repository::AppendedMessage, crate::error::
 
 #[cfg(all(test, feature = "sqlite"))]
 mod tests {
+    use std::sync::Arc;
     use std::time::Duration;
 
     use sea_orm::{ActiveModelTrait, ConnectionTrait, Set};
     use sea_orm_migration::MigratorTrait;
+    use tokio::sync::Semaphore;
 
+    use super::super::unpoisoned;
+    use super::MAX_RUN;
     use crate::error::ChatError;
     use crate::ids::{SessionId, TenantId};
     use crate::model::{Sender, SessionOrigin, SessionStatus, now};
-    use crate::repository::MessageRepository;
+    use crate::repository::{AppendedMessage, MessageRepository, PendingAppend};
     use crate::store::entity::session;
     use crate::store::{Migrator, SeaOrmStore, connect};
-    use crate::validate::MessageBody;
+    use crate::validate::{MessageBody, PageSize};
 
-    /// A migrated store on a new SQLite file (WAL, `synchronous=FULL`)
-    /// and an open session of tenant 1 in it.
-    async fn store_with_session() -> (SeaOrmStore, SessionId, std::path::PathBuf) {
+    /// A new SQLite file's URL.
+    fn new_file() -> (String, std::path::PathBuf) {
         let path = std::env::temp_dir().join(format!("livechat-run-{}.db", uuid::Uuid::now_v7()));
-        let db = connect(&format!("sqlite://{}?mode=rwc", path.display()))
-            .await
-            .unwrap();
-        Migrator::up(&db, None).await.unwrap();
+        (format!("sqlite://{}?mode=rwc", path.display()), path)
+    }
+
+    /// An open session of tenant 1 in the migrated database `db`.
+    async fn open_session(db: &sea_orm::DatabaseConnection) -> SessionId {
+        Migrator::up(db, None).await.unwrap();
         let id = uuid::Uuid::now_v7();
         session::ActiveModel {
             id: Set(id),
@@ -394,18 +482,22 @@ mod tests {
             assigned_at: Set(None),
             closed_at: Set(None),
         }
-        .insert(&db)
+        .insert(db)
         .await
         .unwrap();
-        (SeaOrmStore::new(db), SessionId::from_uuid(id), path)
+        SessionId::from_uuid(id)
     }
 
-    fn send(
-        store: &SeaOrmStore,
-        tenant: i64,
-        session: SessionId,
-        text: &str,
-    ) -> crate::repository::PendingAppend {
+    /// A store on a new SQLite file as [`connect`] opens it (WAL,
+    /// `synchronous=FULL`, one connection) and an open session in it.
+    async fn store_with_session() -> (SeaOrmStore, SessionId, std::path::PathBuf) {
+        let (url, path) = new_file();
+        let db = connect(&url).await.unwrap();
+        let session = open_session(&db).await;
+        (SeaOrmStore::new(db), session, path)
+    }
+
+    fn send(store: &SeaOrmStore, tenant: i64, session: SessionId, text: &str) -> PendingAppend {
         store.append_message(
             TenantId::new(tenant).unwrap(),
             session,
@@ -416,10 +508,18 @@ mod tests {
         )
     }
 
+    /// Holds the next sync of a run not yet started until a permit is
+    /// added to the gate returned.
+    fn hold_next_sync(store: &SeaOrmStore) -> Arc<Semaphore> {
+        let gate = Arc::new(Semaphore::new(0));
+        unpoisoned(&store.appends.sync_gates).push_back(gate.clone());
+        gate
+    }
+
     /// Awaits each of `appends` in turn, on a task of its own.
     fn answers(
-        appends: Vec<crate::repository::PendingAppend>,
-    ) -> tokio::task::JoinHandle<Vec<Result<crate::repository::AppendedMessage, ChatError>>> {
+        appends: Vec<PendingAppend>,
+    ) -> tokio::task::JoinHandle<Vec<Result<AppendedMessage, ChatError>>> {
         tokio::spawn(async move {
             let mut answers = Vec::new();
             for append in appends {
@@ -449,18 +549,88 @@ mod tests {
         n
     }
 
+    fn page() -> PageSize {
+        PageSize::parse(None, &crate::ChatConfig::default()).unwrap()
+    }
+
+    /// Issue #5 and DESIGN.md invariant 4: the appends of a run are
+    /// answered only once the WAL is synced after their commit, and until
+    /// then no other request sees them (the run holds the pool's one
+    /// connection); the connection goes back to the pool, not closed, at
+    /// its own `synchronous` level. A batch's refusal stays its own.
+    #[tokio::test]
+    async fn a_run_is_answered_and_seen_only_once_synced() {
+        let (store, session, path) = store_with_session().await;
+        let gate = hold_next_sync(&store);
+        // Queued together before the committer runs: one batch of three.
+        let appends = answers(vec![
+            send(&store, 1, session, "one"),
+            send(&store, 1, session, "two"),
+            send(&store, 2, session, "another tenant's"),
+        ]);
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        assert_eq!(committed(&path).await, 2, "the batch was not committed");
+        assert!(!appends.is_finished(), "answered before the WAL was synced");
+        let tenant = TenantId::new(1).unwrap();
+        let read = tokio::time::timeout(
+            Duration::from_millis(300),
+            store.list_messages(tenant, session, 0, page()),
+        )
+        .await;
+        assert!(read.is_err(), "an unsynced commit was readable: {read:?}");
+
+        gate.add_permits(1);
+        let answers = appends.await.unwrap();
+        let seqs: Vec<i64> = answers[..2]
+            .iter()
+            .map(|a| a.as_ref().unwrap().message.seq)
+            .collect();
+        assert_eq!(seqs, [1, 2]);
+        assert!(
+            matches!(answers[2], Err(ChatError::NotFound)),
+            "{:?}",
+            answers[2]
+        );
+        let pool = store.connection().get_sqlite_connection_pool();
+        tokio::time::timeout(Duration::from_secs(5), async {
+            while pool.num_idle() != 1 {
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        })
+        .await
+        .expect("the run's connection is back in the pool");
+        let level = store
+            .connection()
+            .query_one_raw(sea_orm::Statement::from_string(
+                sea_orm::DbBackend::Sqlite,
+                "PRAGMA synchronous",
+            ))
+            .await
+            .unwrap()
+            .unwrap()
+            .try_get_by_index::<i64>(0)
+            .unwrap();
+        assert_eq!(level, 2, "the pool's connection syncs its commits again");
+        let listed = store
+            .list_messages(tenant, session, 0, page())
+            .await
+            .unwrap();
+        assert_eq!(listed.len(), 2);
+        let _ = std::fs::remove_file(&path);
+    }
+
     /// Issue #5: appends queued while a run's batch waits for its sync are
-    /// committed in the same run meanwhile (the overlap the run is for),
-    /// and the batches are answered and published in `seq` order once
-    /// synced.
+    /// committed in the same run meanwhile (the overlap the run is for);
+    /// a later batch whose sync ends first still waits for the earlier
+    /// one, and the batches are answered and published in `seq` order.
     #[tokio::test]
     async fn a_run_commits_the_next_batch_while_the_last_one_syncs() {
         use crate::bus::{BusEvent, EventBus, InProcessBus};
         let (store, session, path) = store_with_session().await;
-        let bus = std::sync::Arc::new(InProcessBus::new());
+        let bus = Arc::new(InProcessBus::new());
         let store = store.with_bus(bus.clone());
         let mut events = bus.subscribe();
-        let held_back = store.appends.syncs.write().await;
+        let (gate_1, gate_2) = (hold_next_sync(&store), hold_next_sync(&store));
         let first = answers(vec![
             send(&store, 1, session, "1"),
             send(&store, 1, session, "2"),
@@ -476,9 +646,19 @@ mod tests {
             4,
             "the second batch waited for the first's sync"
         );
-        assert!(!first.is_finished() && !second.is_finished());
 
-        drop(held_back);
+        gate_2.add_permits(1);
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        assert!(
+            !first.is_finished() && !second.is_finished(),
+            "answered before the first batch's sync"
+        );
+        assert!(
+            events.try_recv().is_err(),
+            "published before the first batch's sync"
+        );
+
+        gate_1.add_permits(1);
         let mut stored = first.await.unwrap();
         stored.extend(second.await.unwrap());
         let stored: Vec<_> = stored.into_iter().map(|a| a.unwrap().message).collect();
@@ -500,64 +680,95 @@ mod tests {
         let _ = std::fs::remove_file(&path);
     }
 
-    /// Issue #5 and DESIGN.md invariant 4: the appends of a run are
-    /// answered only once the WAL is synced after their commit, and until
-    /// then no other request sees them (the run holds the pool's one
-    /// connection); the connection goes back to the pool at its own
-    /// `synchronous` level. A batch's refusal stays its own.
+    /// Issue #5: a run stores at most [`MAX_RUN`] batches, and the batch
+    /// that arrives after its last one is stored by the next run, not
+    /// lost.
     #[tokio::test]
-    async fn a_run_is_answered_and_seen_only_once_synced() {
+    async fn appends_past_a_full_run_are_stored_by_the_next() {
         let (store, session, path) = store_with_session().await;
-        let held_back = store.appends.syncs.write().await;
-        // Queued together before the committer runs: one batch of three.
-        let appends = vec![
+        let gate = hold_next_sync(&store);
+        let mut pending = Vec::new();
+        for batch in 0..MAX_RUN + 2 {
+            pending.push(answers(vec![
+                send(&store, 1, session, &format!("{batch}a")),
+                send(&store, 1, session, &format!("{batch}b")),
+            ]));
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        assert_eq!(
+            committed(&path).await,
+            2 * MAX_RUN as i64,
+            "a run stores MAX_RUN batches"
+        );
+        gate.add_permits(1);
+        let mut seqs = Vec::new();
+        for batch in pending {
+            for answer in batch.await.unwrap() {
+                seqs.push(answer.expect("stored").message.seq);
+            }
+        }
+        let expected: Vec<i64> = (1..=2 * (MAX_RUN as i64 + 2)).collect();
+        assert_eq!(seqs, expected);
+        let _ = std::fs::remove_file(&path);
+    }
+
+    /// Issue #5: when a run's sync fails, its callers get an error of a
+    /// lost database (503) and the store's pool is closed, so that no
+    /// request reads the commit the disk may not hold: later ones get
+    /// 503 too, until a restart.
+    #[tokio::test]
+    async fn a_failed_sync_fails_its_batch_and_closes_the_store() {
+        let (store, session, path) = store_with_session().await;
+        let gate = hold_next_sync(&store);
+        let appends = answers(vec![
             send(&store, 1, session, "one"),
             send(&store, 1, session, "two"),
-            send(&store, 2, session, "another tenant's"),
-        ];
-        let answers = answers(appends);
-        tokio::time::sleep(Duration::from_millis(300)).await;
-        if answers.is_finished() {
-            panic!("answered before the WAL was synced: {:?}", answers.await);
+        ]);
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        gate.close();
+        for answer in appends.await.unwrap() {
+            let error = answer.expect_err("the sync failed");
+            assert!(error.is_unavailable(), "{error:?}");
         }
-        let tenant = TenantId::new(1).unwrap();
-        let limit = crate::validate::PageSize::parse(None, &crate::ChatConfig::default()).unwrap();
-        let read = tokio::time::timeout(
-            Duration::from_millis(300),
-            store.list_messages(tenant, session, 0, limit),
-        )
-        .await;
-        assert!(read.is_err(), "an unsynced commit was readable: {read:?}");
+        let later = store
+            .list_messages(TenantId::new(1).unwrap(), session, 0, page())
+            .await
+            .expect_err("the store is closed");
+        assert!(later.is_unavailable(), "{later:?}");
+        assert!(store.connection().get_sqlite_connection_pool().is_closed());
+        let _ = std::fs::remove_file(&path);
+    }
 
-        drop(held_back);
-        let answers = answers.await.unwrap();
-        let seqs: Vec<i64> = answers[..2]
-            .iter()
-            .map(|a| a.as_ref().unwrap().message.seq)
-            .collect();
-        assert_eq!(seqs, [1, 2]);
-        assert!(
-            matches!(answers[2], Err(ChatError::NotFound)),
-            "{:?}",
-            answers[2]
+    /// Issue #5: over a pool of several connections (a host's own), which
+    /// could read a commit before its sync, batches commit with their own
+    /// sync: no run, so no sync is ever held back.
+    #[tokio::test]
+    async fn a_pool_of_several_connections_runs_nothing() {
+        let (url, path) = new_file();
+        let mut options = sea_orm::ConnectOptions::new(url);
+        options.max_connections(4).map_sqlx_sqlite_opts(|o| {
+            o.journal_mode(sea_orm::sqlx::sqlite::SqliteJournalMode::Wal)
+                .synchronous(sea_orm::sqlx::sqlite::SqliteSynchronous::Full)
+        });
+        let db = sea_orm::Database::connect(options).await.unwrap();
+        let session = open_session(&db).await;
+        let store = SeaOrmStore::new(db);
+        let gate = hold_next_sync(&store);
+        let appends = answers(vec![
+            send(&store, 1, session, "one"),
+            send(&store, 1, session, "two"),
+        ]);
+        let answers = tokio::time::timeout(Duration::from_secs(10), appends)
+            .await
+            .expect("no sync held back")
+            .unwrap();
+        assert!(answers.iter().all(Result::is_ok), "{answers:?}");
+        assert_eq!(gate.available_permits(), 0);
+        assert_eq!(
+            unpoisoned(&store.appends.sync_gates).len(),
+            1,
+            "a run synced"
         );
-        let listed = store
-            .list_messages(tenant, session, 0, limit)
-            .await
-            .unwrap();
-        assert_eq!(listed.len(), 2);
-        let level = store
-            .connection()
-            .query_one_raw(sea_orm::Statement::from_string(
-                sea_orm::DbBackend::Sqlite,
-                "PRAGMA synchronous",
-            ))
-            .await
-            .unwrap()
-            .unwrap()
-            .try_get_by_index::<i64>(0)
-            .unwrap();
-        assert_eq!(level, 2, "the pool's connection syncs its commits again");
         let _ = std::fs::remove_file(&path);
     }
 }

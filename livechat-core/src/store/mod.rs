@@ -118,7 +118,10 @@ pub enum SqliteDurability {
 ///   page cache after every write (pages re-read with `pread`). One
 ///   connection queues statements in process, in order, with a warm cache.
 ///   Reads wait behind a write transaction; the group commit keeps those
-///   short.
+///   short. Only over a pool of one connection are concurrent appends
+///   committed in runs whose WAL syncs overlap the next batch (the
+///   `messages::pipeline` module): no other connection of the pool could
+///   read a commit before its sync.
 /// - **Checkpoints off the commit path.** A checkpointer task on its own
 ///   connection runs `PRAGMA wal_checkpoint(PASSIVE)` every
 ///   [`SQLITE_CHECKPOINT_EVERY`] beside the writer, until the pool is

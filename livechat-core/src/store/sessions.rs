@@ -147,7 +147,13 @@ impl SeaOrmStore {
     }
 }
 
-fn new_row(tenant: TenantId, origin: SessionOrigin, status: SessionStatus) -> session::ActiveModel {
+/// A new session row of `tenant` (a fresh id, no agent, customer or
+/// contact, normal priority, `last_seq` 0, made now), not yet inserted.
+pub(super) fn new_row(
+    tenant: TenantId,
+    origin: SessionOrigin,
+    status: SessionStatus,
+) -> session::ActiveModel {
     let at = now();
     session::ActiveModel {
         id: Set(SessionId::generate().as_uuid()),

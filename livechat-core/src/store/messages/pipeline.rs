@@ -438,7 +438,7 @@ mod tests {
     use std::sync::Arc;
     use std::time::Duration;
 
-    use sea_orm::{ActiveModelTrait, ConnectionTrait, Set};
+    use sea_orm::{ActiveModelTrait, ConnectionTrait};
     use sea_orm_migration::MigratorTrait;
     use tokio::sync::Semaphore;
 
@@ -446,9 +446,9 @@ mod tests {
     use super::MAX_RUN;
     use crate::error::ChatError;
     use crate::ids::{SessionId, TenantId};
-    use crate::model::{Sender, SessionOrigin, SessionStatus, now};
+    use crate::model::{Sender, SessionOrigin, SessionStatus};
     use crate::repository::{AppendedMessage, MessageRepository, PendingAppend};
-    use crate::store::entity::session;
+    use crate::store::sessions::new_row;
     use crate::store::{Migrator, SeaOrmStore, connect};
     use crate::validate::{MessageBody, PageSize};
 
@@ -461,31 +461,12 @@ mod tests {
     /// An open session of tenant 1 in the migrated database `db`.
     async fn open_session(db: &sea_orm::DatabaseConnection) -> SessionId {
         Migrator::up(db, None).await.unwrap();
-        let id = uuid::Uuid::now_v7();
-        session::ActiveModel {
-            id: Set(id),
-            tenant_id: Set(1),
-            agent_id: Set(None),
-            customer_id: Set(None),
-            origin: Set(SessionOrigin::Agent.as_str().into()),
-            status: Set(SessionStatus::Open.as_str().into()),
-            topic: Set(None),
-            priority_rank: Set(0),
-            department: Set(None),
-            ticket_id: Set(None),
-            contact: Set(None),
-            client_ip: Set(None),
-            user_agent: Set(None),
-            last_seq: Set(0),
-            created_at: Set(now()),
-            updated_at: Set(now()),
-            assigned_at: Set(None),
-            closed_at: Set(None),
-        }
-        .insert(db)
-        .await
-        .unwrap();
-        SessionId::from_uuid(id)
+        let row = new_row(
+            TenantId::new(1).unwrap(),
+            SessionOrigin::Agent,
+            SessionStatus::Open,
+        );
+        SessionId::from_uuid(row.insert(db).await.unwrap().id)
     }
 
     /// A store on a new SQLite file as [`connect`] opens it (WAL,
@@ -535,18 +516,22 @@ mod tests {
         let other = sea_orm::Database::connect(format!("sqlite://{}", path.display()))
             .await
             .unwrap();
-        let n = other
-            .query_one_raw(sea_orm::Statement::from_string(
-                sea_orm::DbBackend::Sqlite,
-                "SELECT count(*) FROM livechat_messages",
-            ))
-            .await
-            .unwrap()
-            .unwrap()
-            .try_get_by_index::<i64>(0)
-            .unwrap();
+        let n = scalar(&other, "SELECT count(*) FROM livechat_messages").await;
         other.close().await.unwrap();
         n
+    }
+
+    /// The one number `sql` answers on `db`.
+    async fn scalar(db: &sea_orm::DatabaseConnection, sql: &str) -> i64 {
+        db.query_one_raw(sea_orm::Statement::from_string(
+            sea_orm::DbBackend::Sqlite,
+            sql,
+        ))
+        .await
+        .unwrap()
+        .unwrap()
+        .try_get_by_index::<i64>(0)
+        .unwrap()
     }
 
     fn page() -> PageSize {
@@ -599,17 +584,7 @@ mod tests {
         })
         .await
         .expect("the run's connection is back in the pool");
-        let level = store
-            .connection()
-            .query_one_raw(sea_orm::Statement::from_string(
-                sea_orm::DbBackend::Sqlite,
-                "PRAGMA synchronous",
-            ))
-            .await
-            .unwrap()
-            .unwrap()
-            .try_get_by_index::<i64>(0)
-            .unwrap();
+        let level = scalar(store.connection(), "PRAGMA synchronous").await;
         assert_eq!(level, 2, "the pool's connection syncs its commits again");
         let listed = store
             .list_messages(tenant, session, 0, page())

@@ -521,6 +521,21 @@ mod tests {
         n
     }
 
+    /// Waits until the file at `path` holds `n` messages (at most 10 s).
+    async fn until_committed(path: &std::path::Path, n: i64, why: &str) {
+        let waited = tokio::time::timeout(Duration::from_secs(10), async {
+            while committed(path).await != n {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        })
+        .await;
+        assert!(
+            waited.is_ok(),
+            "{why}: {} committed, not {n}",
+            committed(path).await
+        );
+    }
+
     /// The one number `sql` answers on `db`.
     async fn scalar(db: &sea_orm::DatabaseConnection, sql: &str) -> i64 {
         db.query_one_raw(sea_orm::Statement::from_string(
@@ -553,8 +568,7 @@ mod tests {
             send(&store, 1, session, "two"),
             send(&store, 2, session, "another tenant's"),
         ]);
-        tokio::time::sleep(Duration::from_millis(300)).await;
-        assert_eq!(committed(&path).await, 2, "the batch was not committed");
+        until_committed(&path, 2, "the batch was not committed").await;
         assert!(!appends.is_finished(), "answered before the WAL was synced");
         let tenant = TenantId::new(1).unwrap();
         let read = tokio::time::timeout(
@@ -610,17 +624,12 @@ mod tests {
             send(&store, 1, session, "1"),
             send(&store, 1, session, "2"),
         ]);
-        tokio::time::sleep(Duration::from_millis(200)).await;
+        until_committed(&path, 2, "the first batch was not committed").await;
         let second = answers(vec![
             send(&store, 1, session, "3"),
             send(&store, 1, session, "4"),
         ]);
-        tokio::time::sleep(Duration::from_millis(200)).await;
-        assert_eq!(
-            committed(&path).await,
-            4,
-            "the second batch waited for the first's sync"
-        );
+        until_committed(&path, 4, "the second batch waited for the first's sync").await;
 
         gate_2.add_permits(1);
         tokio::time::sleep(Duration::from_millis(200)).await;
@@ -668,8 +677,13 @@ mod tests {
                 send(&store, 1, session, &format!("{batch}a")),
                 send(&store, 1, session, &format!("{batch}b")),
             ]));
-            tokio::time::sleep(Duration::from_millis(50)).await;
+            if batch < MAX_RUN {
+                // Each a batch of its own in the run.
+                let n = 2 * (batch as i64 + 1);
+                until_committed(&path, n, "a batch was not committed in the run").await;
+            }
         }
+        tokio::time::sleep(Duration::from_millis(200)).await;
         assert_eq!(
             committed(&path).await,
             2 * MAX_RUN as i64,
@@ -699,7 +713,7 @@ mod tests {
             send(&store, 1, session, "one"),
             send(&store, 1, session, "two"),
         ]);
-        tokio::time::sleep(Duration::from_millis(200)).await;
+        until_committed(&path, 2, "the batch was not committed").await;
         gate.close();
         for answer in appends.await.unwrap() {
             let error = answer.expect_err("the sync failed");

@@ -29,6 +29,7 @@ use crate::outbox::OutboxInterest;
 use crate::repository::{AppendedMessage, MessageRepository, PendingAppend};
 use crate::validate::{ClientMsgId, MessageBody, PageSize};
 
+#[cfg(feature = "sqlite")]
 mod pipeline;
 
 /// Most appends committed together in one transaction.
@@ -63,11 +64,12 @@ pub(super) struct AppendQueue {
     held: Mutex<Option<(Conn, Instant)>>,
     /// On SQLite, the database's WAL file if runs apply to it (`None`
     /// until a run has looked; [`pipeline`]).
+    #[cfg(feature = "sqlite")]
     wal: Mutex<Option<Option<pipeline::WalFile>>>,
     /// Woken by each append queued, for a run waiting for its next batch.
     arrived: tokio::sync::Notify,
     /// Gates tests queue, one for each next sync of a run, in order.
-    #[cfg(test)]
+    #[cfg(all(test, feature = "sqlite"))]
     sync_gates: Mutex<std::collections::VecDeque<Arc<tokio::sync::Semaphore>>>,
 }
 
@@ -201,11 +203,12 @@ impl SeaOrmStore {
     /// shutting down) still resets the queue.
     async fn run_committer(self, mut guard: Committer) {
         while let Some(batch) = self.appends.take() {
+            #[cfg(feature = "sqlite")]
             if self.runs_apply(&batch) {
                 self.commit_run(batch).await;
-            } else {
-                self.commit_batch(batch).await;
+                continue;
             }
+            self.commit_batch(batch).await;
         }
         guard.finished = true;
     }

@@ -30,12 +30,15 @@
 //!   unsynced: a failed statement or commit (after the earlier batches'
 //!   syncs, and a sync for a failed commit, which may have been written;
 //!   the batch is then settled as [`SeaOrmStore::commit_batch`] would,
-//!   through the pool), or the committer's task dropped.
+//!   through the pool).
 //! - A failed sync fails that batch's callers and every later one's in
 //!   the run with an error of a lost database (503; the outcome is
-//!   unknown, as for a failed commit), and closes the store's pool, so
-//!   that nothing reads a commit the disk may not hold: later requests
-//!   get 503 until the process restarts (`SeaOrmStore::give_up`).
+//!   unknown, as for a failed commit), stops the run, and closes the
+//!   store's pool at once, so that nothing reads a commit the disk may
+//!   not hold: later requests get 503 until the process restarts
+//!   ([`close_after_failed_sync`]). The committer's task dropped midway
+//!   (a panic, a cancelled task) closes the pool the same way, since its
+//!   batches' syncs may still be running (`Held`'s `Drop`).
 //!
 //! This holds for the connections of the store's own pool and
 //! checkpointer. Another connection opened on the same file (another
@@ -50,8 +53,8 @@
 use std::path::PathBuf;
 use std::sync::Arc;
 
-#[cfg(feature = "sqlite")]
 use sea_orm::DatabaseConnectionType;
+use sea_orm::sqlx::SqlitePool;
 use sea_orm::{ConnectionTrait, DbErr, RuntimeErr};
 use tokio::task::JoinHandle;
 
@@ -139,6 +142,8 @@ fn unsynced(error: std::io::Error) -> DbErr {
 /// set its `synchronous` level back ([`Held::give_back`]).
 struct Held {
     writer: Option<Writer>,
+    /// The pool it came from, closed if the run is dropped midway.
+    pool: SqlitePool,
 }
 
 impl Held {
@@ -166,14 +171,46 @@ impl Held {
     fn give_back_unchanged(mut self) {
         drop(self.writer.take());
     }
-}
 
-impl Drop for Held {
-    fn drop(&mut self) {
+    /// Closes the connection, with nothing of the run left unsynced (or
+    /// the pool closed already).
+    fn close(mut self) {
         if let Some(writer) = self.writer.take() {
             writer.into_conn().close_on_drop();
         }
     }
+}
+
+/// Dropped without [`Held::give_back`], [`Held::give_back_unchanged`] or
+/// [`Held::close`]: the committer's task panicked or was cancelled
+/// midway through a run, and its settling tasks may still be syncing.
+/// A new connection could read their commits first, so the pool is
+/// closed ([`close_after_failed_sync`]'s fail-stop).
+impl Drop for Held {
+    fn drop(&mut self) {
+        if let Some(writer) = self.writer.take() {
+            writer.into_conn().close_on_drop();
+            tracing::error!("an SQLite run ended midway: the store's database is closed");
+            drop(self.pool.close());
+        }
+    }
+}
+
+/// Closes `pool` after a failed sync of its WAL, so that no connection
+/// of it reads the database again: every later request gets 503
+/// (`PoolClosed`) until the process restarts. sqlx marks the pool closed
+/// at once (the checkpointer stops too); its connections close as they
+/// come back. Retrying the sync is no remedy: after a failed `fsync`
+/// Linux may report the next one clean with the pages lost. What the
+/// restarted process finds is what the disk holds: SQLite's WAL recovery
+/// stops at the first frame that is not intact. (SQLite with
+/// `synchronous=FULL` fails such a commit before it is visible;
+/// PostgreSQL stops on a failed `fsync` for the same reason.)
+fn close_after_failed_sync(pool: &SqlitePool) {
+    tracing::error!(
+        "a sync of the SQLite WAL failed: the store's database is closed until restart"
+    );
+    drop(pool.close());
 }
 
 impl SeaOrmStore {
@@ -182,18 +219,10 @@ impl SeaOrmStore {
     /// before its sync), of a database not known to be one runs do not
     /// apply to.
     pub(super) fn runs_apply(&self, batch: &[AppendRequest]) -> bool {
-        #[cfg(feature = "sqlite")]
         let sqlite = matches!(
             self.db.inner,
             DatabaseConnectionType::SqlxSqlitePoolConnection(_)
-        ) && self
-            .db
-            .get_sqlite_connection_pool()
-            .options()
-            .get_max_connections()
-            == 1;
-        #[cfg(not(feature = "sqlite"))]
-        let sqlite = false;
+        ) && self.pool().options().get_max_connections() == 1;
         // Once found not to apply (`Some(None)`), never checked again.
         batch.len() > 1 && sqlite && !matches!(*unpoisoned(&self.appends.wal), Some(None))
     }
@@ -207,6 +236,7 @@ impl SeaOrmStore {
         };
         let held = Held {
             writer: Some(Writer::new(conn)),
+            pool: self.pool().clone(),
         };
         let wal = match self.wal_file(held.writer()).await {
             Ok(Some(wal)) => wal,
@@ -216,7 +246,7 @@ impl SeaOrmStore {
             }
             Err(error) => {
                 tracing::warn!(%error, "SQLite pragmas unreadable: batch committed alone");
-                drop(held);
+                held.close();
                 return self.commit_batch(first).await;
             }
         };
@@ -226,7 +256,7 @@ impl SeaOrmStore {
             .await
         {
             tracing::warn!(%error, "SQLite synchronous level not set: batch committed alone");
-            drop(held);
+            held.close();
             return self.commit_batch(first).await;
         }
         let mut settled: Option<JoinHandle<bool>> = None;
@@ -252,6 +282,9 @@ impl SeaOrmStore {
                             Some(earlier) => earlier.await.unwrap_or(false),
                             None => true,
                         };
+                        if synced.is_err() {
+                            close_after_failed_sync(store.pool());
+                        }
                         let stored = match synced {
                             Ok(()) if in_order => Ok((outcomes, events)),
                             Ok(()) => Err(unsynced(std::io::Error::other(
@@ -290,7 +323,8 @@ impl SeaOrmStore {
                 }
             }
             stored += 1;
-            if stored == MAX_RUN {
+            // A closed pool: a sync failed; nothing more is committed.
+            if stored == MAX_RUN || self.pool().is_closed() {
                 break;
             }
             match self.next_in_run(&mut settled).await {
@@ -309,31 +343,22 @@ impl SeaOrmStore {
         }
     }
 
-    /// Gives a run's connection up closed. When a commit of the run may be
-    /// readable but not on disk (`synced` false: a sync failed), the
-    /// store's pool is closed first, so that no connection of it reads
-    /// the database again: every later request gets 503 (`PoolClosed`)
-    /// until the process restarts and SQLite recovers the WAL from what
-    /// the disk holds. Retrying the sync is no remedy: after a failed
-    /// `fsync` Linux may report the next one clean with the pages lost.
-    /// (SQLite with `synchronous=FULL` fails such a commit before it is
-    /// visible; PostgreSQL stops on a failed `fsync` for the same reason.)
+    /// Gives a run's connection up closed; when a commit of the run may be
+    /// readable but not on disk (`synced` false: a sync failed), closes
+    /// the store's pool too ([`close_after_failed_sync`]).
     async fn give_up(&self, held: Held, synced: bool) {
-        #[cfg(feature = "sqlite")]
-        if !synced {
-            tracing::error!(
-                "a sync of the SQLite WAL failed: the store's database is closed until restart"
-            );
-            let pool = self.db.get_sqlite_connection_pool();
-            // Marked closed at once: no acquire succeeds from here on.
-            let closing = pool.close();
-            drop(held);
+        if synced {
+            held.close();
+        } else {
+            let closing = self.pool().close();
+            held.close();
             closing.await;
-            return;
         }
-        #[cfg(not(feature = "sqlite"))]
-        let _ = synced;
-        drop(held);
+    }
+
+    /// The store's SQLite pool (runs apply to no other).
+    fn pool(&self) -> &SqlitePool {
+        self.db.get_sqlite_connection_pool()
     }
 
     /// The run's next batch: the appends queued, or while the last batch
@@ -348,6 +373,9 @@ impl SeaOrmStore {
         settled: &mut Option<JoinHandle<bool>>,
     ) -> Option<Vec<AppendRequest>> {
         loop {
+            if self.pool().is_closed() {
+                return None;
+            }
             if let Some(next) = self.appends.take_queued() {
                 return Some(next);
             }
@@ -433,7 +461,7 @@ impl SeaOrmStore {
 /// Each append's outcome, in batch order.
 type RunOutcomes = Vec<Result<crate::repository::AppendedMessage, crate::error::ChatError>>;
 
-#[cfg(all(test, feature = "sqlite"))]
+#[cfg(test)]
 mod tests {
     use std::sync::Arc;
     use std::time::Duration;
@@ -536,6 +564,14 @@ mod tests {
         );
     }
 
+    /// Removes the database file at `path` and its WAL and shared-memory
+    /// files.
+    fn remove(path: &std::path::Path) {
+        for suffix in ["", "-wal", "-shm"] {
+            let _ = std::fs::remove_file(format!("{}{suffix}", path.display()));
+        }
+    }
+
     /// The one number `sql` answers on `db`.
     async fn scalar(db: &sea_orm::DatabaseConnection, sql: &str) -> i64 {
         db.query_one_raw(sea_orm::Statement::from_string(
@@ -605,7 +641,7 @@ mod tests {
             .await
             .unwrap();
         assert_eq!(listed.len(), 2);
-        let _ = std::fs::remove_file(&path);
+        remove(&path);
     }
 
     /// Issue #5: appends queued while a run's batch waits for its sync are
@@ -661,7 +697,7 @@ mod tests {
                 "published out of order"
             );
         }
-        let _ = std::fs::remove_file(&path);
+        remove(&path);
     }
 
     /// Issue #5: a run stores at most [`MAX_RUN`] batches, and the batch
@@ -698,7 +734,7 @@ mod tests {
         }
         let expected: Vec<i64> = (1..=2 * (MAX_RUN as i64 + 2)).collect();
         assert_eq!(seqs, expected);
-        let _ = std::fs::remove_file(&path);
+        remove(&path);
     }
 
     /// Issue #5: when a run's sync fails, its callers get an error of a
@@ -725,7 +761,88 @@ mod tests {
             .expect_err("the store is closed");
         assert!(later.is_unavailable(), "{later:?}");
         assert!(store.connection().get_sqlite_connection_pool().is_closed());
-        let _ = std::fs::remove_file(&path);
+        remove(&path);
+    }
+
+    /// Issue #5: when an earlier batch's sync fails, a later batch of the
+    /// run whose own sync succeeded fails too (its commit follows one the
+    /// disk may not hold), and the run commits nothing after the failure.
+    #[tokio::test]
+    async fn a_batch_after_a_failed_sync_fails_too() {
+        let (store, session, path) = store_with_session().await;
+        let (gate_1, gate_2) = (hold_next_sync(&store), hold_next_sync(&store));
+        let first = answers(vec![
+            send(&store, 1, session, "1"),
+            send(&store, 1, session, "2"),
+        ]);
+        until_committed(&path, 2, "the first batch was not committed").await;
+        let second = answers(vec![
+            send(&store, 1, session, "3"),
+            send(&store, 1, session, "4"),
+        ]);
+        until_committed(&path, 4, "the second batch was not committed").await;
+        gate_2.add_permits(1);
+        gate_1.close();
+        for answer in first
+            .await
+            .unwrap()
+            .into_iter()
+            .chain(second.await.unwrap())
+        {
+            let error = answer.expect_err("after a failed sync");
+            assert!(error.is_unavailable(), "{error:?}");
+        }
+        let third = send(&store, 1, session, "5")
+            .await
+            .expect_err("store closed");
+        assert!(third.is_unavailable(), "{third:?}");
+        assert_eq!(committed(&path).await, 4);
+        remove(&path);
+    }
+
+    /// Issue #5: a statement that fails in a run gives the connection up
+    /// closed after the earlier batches' syncs, and that batch's appends
+    /// are retried one by one through the pool (no deadlock on its one
+    /// connection): only the failing one fails, and the pool's new
+    /// connection syncs its commits.
+    #[tokio::test]
+    async fn a_failed_statement_in_a_run_is_retried_append_by_append() {
+        let (store, session, path) = store_with_session().await;
+        store
+            .connection()
+            .execute_unprepared(
+                "CREATE TRIGGER refuse_boom BEFORE INSERT ON livechat_messages                  WHEN NEW.body = 'boom' BEGIN SELECT RAISE(ABORT, 'boom'); END",
+            )
+            .await
+            .unwrap();
+        let gate = hold_next_sync(&store);
+        let first = answers(vec![
+            send(&store, 1, session, "1"),
+            send(&store, 1, session, "2"),
+        ]);
+        until_committed(&path, 2, "the first batch was not committed").await;
+        let second = answers(vec![
+            send(&store, 1, session, "ok"),
+            send(&store, 1, session, "boom"),
+        ]);
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        gate.add_permits(1);
+        let (first, second) = tokio::time::timeout(Duration::from_secs(10), async {
+            (first.await.unwrap(), second.await.unwrap())
+        })
+        .await
+        .expect("no deadlock");
+        let seqs: Vec<i64> = first
+            .iter()
+            .map(|a| a.as_ref().unwrap().message.seq)
+            .collect();
+        assert_eq!(seqs, [1, 2]);
+        assert_eq!(second[0].as_ref().expect("retried alone").message.seq, 3);
+        assert!(second[1].is_err(), "{:?}", second[1]);
+        let level = scalar(store.connection(), "PRAGMA synchronous").await;
+        assert_eq!(level, 2);
+        assert!(!store.connection().get_sqlite_connection_pool().is_closed());
+        remove(&path);
     }
 
     /// Issue #5: over a pool of several connections (a host's own), which
@@ -758,6 +875,6 @@ mod tests {
             1,
             "a run synced"
         );
-        let _ = std::fs::remove_file(&path);
+        remove(&path);
     }
 }

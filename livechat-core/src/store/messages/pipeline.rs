@@ -564,6 +564,31 @@ mod tests {
         );
     }
 
+    /// Two batches of two appends to `session` committed in one run,
+    /// each sync held back: the second queued while the first waits for
+    /// its sync. Each batch's gate and answers.
+    async fn two_batches_in_a_run(
+        store: &SeaOrmStore,
+        session: SessionId,
+        path: &std::path::Path,
+    ) -> [(
+        Arc<Semaphore>,
+        tokio::task::JoinHandle<Vec<Result<AppendedMessage, ChatError>>>,
+    ); 2] {
+        let (gate_1, gate_2) = (hold_next_sync(store), hold_next_sync(store));
+        let first = answers(vec![
+            send(store, 1, session, "1"),
+            send(store, 1, session, "2"),
+        ]);
+        until_committed(path, 2, "the first batch was not committed").await;
+        let second = answers(vec![
+            send(store, 1, session, "3"),
+            send(store, 1, session, "4"),
+        ]);
+        until_committed(path, 4, "the second batch waited for the first's sync").await;
+        [(gate_1, first), (gate_2, second)]
+    }
+
     /// Removes the database file at `path` and its WAL and shared-memory
     /// files.
     fn remove(path: &std::path::Path) {
@@ -655,17 +680,8 @@ mod tests {
         let bus = Arc::new(InProcessBus::new());
         let store = store.with_bus(bus.clone());
         let mut events = bus.subscribe();
-        let (gate_1, gate_2) = (hold_next_sync(&store), hold_next_sync(&store));
-        let first = answers(vec![
-            send(&store, 1, session, "1"),
-            send(&store, 1, session, "2"),
-        ]);
-        until_committed(&path, 2, "the first batch was not committed").await;
-        let second = answers(vec![
-            send(&store, 1, session, "3"),
-            send(&store, 1, session, "4"),
-        ]);
-        until_committed(&path, 4, "the second batch waited for the first's sync").await;
+        let [(gate_1, first), (gate_2, second)] =
+            two_batches_in_a_run(&store, session, &path).await;
 
         gate_2.add_permits(1);
         tokio::time::sleep(Duration::from_millis(200)).await;
@@ -770,17 +786,8 @@ mod tests {
     #[tokio::test]
     async fn a_batch_after_a_failed_sync_fails_too() {
         let (store, session, path) = store_with_session().await;
-        let (gate_1, gate_2) = (hold_next_sync(&store), hold_next_sync(&store));
-        let first = answers(vec![
-            send(&store, 1, session, "1"),
-            send(&store, 1, session, "2"),
-        ]);
-        until_committed(&path, 2, "the first batch was not committed").await;
-        let second = answers(vec![
-            send(&store, 1, session, "3"),
-            send(&store, 1, session, "4"),
-        ]);
-        until_committed(&path, 4, "the second batch was not committed").await;
+        let [(gate_1, first), (gate_2, second)] =
+            two_batches_in_a_run(&store, session, &path).await;
         gate_2.add_permits(1);
         gate_1.close();
         for answer in first

@@ -62,10 +62,10 @@ pub(super) struct AppendQueue {
     /// (issue #5). One idle for longer than [`POOL_PING_AFTER_IDLE`] is
     /// pinged before its next batch, as the pool does with its own.
     held: Mutex<Option<(Conn, Instant)>>,
-    /// On SQLite, the database's WAL file if runs apply to it (`None`
+    /// On SQLite, the database's WAL file if runs apply to it (unset
     /// until a run has looked; [`pipeline`]).
     #[cfg(feature = "sqlite")]
-    wal: Mutex<Option<Option<pipeline::WalFile>>>,
+    wal: std::sync::OnceLock<Option<pipeline::WalFile>>,
     /// Woken by each append queued, for a run waiting for its next batch.
     arrived: tokio::sync::Notify,
     /// Gates tests queue, one for each next sync of a run, in order.
@@ -315,18 +315,39 @@ impl SeaOrmStore {
             return self.store_unlocked(batch).await;
         }
         let tx = self.begin_write().await.map_err(BatchFailure::before)?;
-        let staged = self
-            .stage_batch(&tx, batch, wait, None)
+        let (outcomes, events, wrote) = self
+            .stage_and_write(&tx, batch, wait)
             .await
             .map_err(BatchFailure::before)?;
-        let Some(writes) = staged.writes else {
+        if wrote {
+            tx.commit().await.map_err(BatchFailure::commit)?;
+        } else {
             // Nothing new (refusals and repeats): nothing to commit.
             tx.rollback().await.map_err(BatchFailure::before)?;
-            return Ok((staged.outcomes, staged.events));
+        }
+        Ok((outcomes, events))
+    }
+
+    /// Stages `batch` in the write transaction `tx` and writes what is
+    /// new: each append's outcome, the events to publish after the
+    /// commit, and whether anything was written (if not, there is nothing
+    /// to commit). [`Self::store_batch`] and an SQLite run
+    /// ([`pipeline`]) begin and end the transaction, each its own way.
+    async fn stage_and_write(
+        &self,
+        tx: &impl ConnectionTrait,
+        batch: &[AppendRequest],
+        wait: LockWait,
+    ) -> Result<(Outcomes, Vec<DomainEvent>, bool), DbErr> {
+        let staged = self.stage_batch(tx, batch, wait, None).await?;
+        let wrote = match staged.writes {
+            Some(writes) => {
+                writes.write(tx).await?;
+                true
+            }
+            None => false,
         };
-        writes.write(&tx).await.map_err(BatchFailure::before)?;
-        tx.commit().await.map_err(BatchFailure::commit)?;
-        Ok((staged.outcomes, staged.events))
+        Ok((staged.outcomes, staged.events, wrote))
     }
 
     /// PostgreSQL's common case of [`Self::store_batch`] in two round trips
@@ -1095,8 +1116,10 @@ struct StagedBatch {
 
 /// What storing a batch gave: each append's outcome (in batch order) and
 /// the events to publish, or why it stored nothing.
-type BatchResult =
-    Result<(Vec<Result<AppendedMessage, ChatError>>, Vec<DomainEvent>), BatchFailure>;
+type BatchResult = Result<(Outcomes, Vec<DomainEvent>), BatchFailure>;
+
+/// Each append's outcome, in batch order.
+type Outcomes = Vec<Result<AppendedMessage, ChatError>>;
 
 /// Why a batch stored nothing.
 struct BatchFailure {

@@ -55,13 +55,15 @@ pub(super) enum Conn {
 }
 
 impl Conn {
-    /// A connection from `db`'s pool, taken out of it, waiting as the
-    /// pool's `acquire_timeout` allows.
+    /// A connection from `db`'s pool, waiting as the pool's
+    /// `acquire_timeout` allows: on PostgreSQL taken out of the pool
+    /// ([`Conn::Postgres`]), on SQLite checked out and counted in it as
+    /// any other ([`Conn::Sqlite`]).
     ///
     /// # Errors
     /// [`DbErr::ConnectionAcquire`] when the pool timed out or is closed,
     /// [`DbErr::Conn`] when a new connection could not be opened,
-    /// [`DbErr::Custom`] when `db` is not a PostgreSQL pool.
+    /// [`DbErr::Custom`] for a database of another kind.
     pub(super) async fn acquire(db: &DatabaseConnection) -> Result<Self, DbErr> {
         match &db.inner {
             #[cfg(feature = "postgres")]
@@ -71,20 +73,6 @@ impl Conn {
                 .await
                 .map(|conn| Self::Postgres(conn.detach()))
                 .map_err(acquire_error),
-            _ => Err(DbErr::Custom(
-                "the append committer's own connection is a PostgreSQL one".into(),
-            )),
-        }
-    }
-
-    /// `db`'s SQLite connection, checked out of its pool (waiting as the
-    /// pool's `acquire_timeout` allows) and counted in it as any other.
-    ///
-    /// # Errors
-    /// As [`Self::acquire`], and [`DbErr::Custom`] when `db` is not an
-    /// SQLite pool.
-    pub(super) async fn checkout_sqlite(db: &DatabaseConnection) -> Result<Self, DbErr> {
-        match &db.inner {
             #[cfg(feature = "sqlite")]
             DatabaseConnectionType::SqlxSqlitePoolConnection(_) => db
                 .get_sqlite_connection_pool()
@@ -92,7 +80,9 @@ impl Conn {
                 .await
                 .map(Self::Sqlite)
                 .map_err(acquire_error),
-            _ => Err(DbErr::Custom("not an SQLite pool".into())),
+            _ => Err(DbErr::Custom(
+                "the append committer's own connection is a PostgreSQL or SQLite one".into(),
+            )),
         }
     }
 

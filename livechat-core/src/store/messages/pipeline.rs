@@ -59,7 +59,8 @@ use sea_orm::{ConnectionTrait, DbErr, RuntimeErr};
 use tokio::task::JoinHandle;
 
 use super::super::writer::{Conn, Writer};
-use super::{AppendRequest, BatchFailure, LockWait, SeaOrmStore, unpoisoned};
+use super::{AppendRequest, BatchFailure, LockWait, Outcomes, SeaOrmStore};
+use crate::events::DomainEvent;
 
 /// Most batches one run stores before it gives the connection back, so
 /// that other requests waiting for it get a turn (one batch is at most
@@ -224,14 +225,14 @@ impl SeaOrmStore {
             DatabaseConnectionType::SqlxSqlitePoolConnection(_)
         ) && self.pool().options().get_max_connections() == 1;
         // Once found not to apply (`Some(None)`), never checked again.
-        batch.len() > 1 && sqlite && !matches!(*unpoisoned(&self.appends.wal), Some(None))
+        batch.len() > 1 && sqlite && !matches!(self.appends.wal.get(), Some(None))
     }
 
     /// Stores `first` and the batches queued after it in one run (module
     /// docs), or `first` alone as [`Self::commit_batch`] does when runs
     /// do not apply to the database or its connection cannot be had.
     pub(super) async fn commit_run(&self, first: Vec<AppendRequest>) {
-        let Ok(conn) = Conn::checkout_sqlite(&self.db).await else {
+        let Ok(conn) = Conn::acquire(&self.db).await else {
             return self.commit_batch(first).await;
         };
         let held = Held {
@@ -395,19 +396,19 @@ impl SeaOrmStore {
     /// The WAL file of this store's database, learnt on the run's
     /// connection the first time.
     async fn wal_file(&self, writer: &Writer) -> Result<Option<WalFile>, DbErr> {
-        if let Some(wal) = unpoisoned(&self.appends.wal).clone() {
-            return Ok(wal);
+        if let Some(wal) = self.appends.wal.get() {
+            return Ok(wal.clone());
         }
         let wal = WalFile::of(writer).await?;
-        *unpoisoned(&self.appends.wal) = Some(wal.clone());
-        Ok(wal)
+        // Only the committer sets it: this run's answer is the one kept.
+        Ok(self.appends.wal.get_or_init(|| wal).clone())
     }
 
     /// What holds the next sync of a run back: in tests, the gate queued
     /// for it, if any ([`super::AppendQueue`]); nothing otherwise.
     fn sync_gate(&self) -> SyncGate {
         #[cfg(test)]
-        return unpoisoned(&self.appends.sync_gates).pop_front();
+        return super::unpoisoned(&self.appends.sync_gates).pop_front();
         #[cfg(not(test))]
         SyncGate
     }
@@ -433,33 +434,29 @@ impl SeaOrmStore {
         &self,
         writer: &Writer,
         batch: &[AppendRequest],
-    ) -> Result<(RunOutcomes, Vec<crate::events::DomainEvent>, bool), BatchFailure> {
+    ) -> Result<(Outcomes, Vec<DomainEvent>, bool), BatchFailure> {
         writer
             .execute_unprepared("BEGIN IMMEDIATE")
             .await
             .map_err(BatchFailure::before)?;
-        let staged = self
-            .stage_batch(writer, batch, LockWait::Optimistic, None)
+        let (outcomes, events, wrote) = self
+            .stage_and_write(writer, batch, LockWait::Optimistic)
             .await
             .map_err(BatchFailure::before)?;
-        let Some(writes) = staged.writes else {
+        if wrote {
+            writer
+                .execute_unprepared("COMMIT")
+                .await
+                .map_err(BatchFailure::commit)?;
+        } else {
             writer
                 .execute_unprepared("ROLLBACK")
                 .await
                 .map_err(BatchFailure::before)?;
-            return Ok((staged.outcomes, staged.events, false));
-        };
-        writes.write(writer).await.map_err(BatchFailure::before)?;
-        writer
-            .execute_unprepared("COMMIT")
-            .await
-            .map_err(BatchFailure::commit)?;
-        Ok((staged.outcomes, staged.events, true))
+        }
+        Ok((outcomes, events, wrote))
     }
 }
-
-/// Each append's outcome, in batch order.
-type RunOutcomes = Vec<Result<crate::repository::AppendedMessage, crate::error::ChatError>>;
 
 #[cfg(test)]
 mod tests {
@@ -525,10 +522,11 @@ mod tests {
         gate
     }
 
+    /// The answers of appends awaited in turn on a task of their own.
+    type Answers = tokio::task::JoinHandle<Vec<Result<AppendedMessage, ChatError>>>;
+
     /// Awaits each of `appends` in turn, on a task of its own.
-    fn answers(
-        appends: Vec<PendingAppend>,
-    ) -> tokio::task::JoinHandle<Vec<Result<AppendedMessage, ChatError>>> {
+    fn answers(appends: Vec<PendingAppend>) -> Answers {
         tokio::spawn(async move {
             let mut answers = Vec::new();
             for append in appends {
@@ -564,6 +562,22 @@ mod tests {
         );
     }
 
+    /// A batch of two appends ("1", "2") to `session`, committed with
+    /// its sync held back: its gate and answers.
+    async fn held_batch(
+        store: &SeaOrmStore,
+        session: SessionId,
+        path: &std::path::Path,
+    ) -> (Arc<Semaphore>, Answers) {
+        let gate = hold_next_sync(store);
+        let appends = answers(vec![
+            send(store, 1, session, "1"),
+            send(store, 1, session, "2"),
+        ]);
+        until_committed(path, 2, "the batch was not committed").await;
+        (gate, appends)
+    }
+
     /// Two batches of two appends to `session` committed in one run,
     /// each sync held back: the second queued while the first waits for
     /// its sync. Each batch's gate and answers.
@@ -571,16 +585,9 @@ mod tests {
         store: &SeaOrmStore,
         session: SessionId,
         path: &std::path::Path,
-    ) -> [(
-        Arc<Semaphore>,
-        tokio::task::JoinHandle<Vec<Result<AppendedMessage, ChatError>>>,
-    ); 2] {
-        let (gate_1, gate_2) = (hold_next_sync(store), hold_next_sync(store));
-        let first = answers(vec![
-            send(store, 1, session, "1"),
-            send(store, 1, session, "2"),
-        ]);
-        until_committed(path, 2, "the first batch was not committed").await;
+    ) -> [(Arc<Semaphore>, Answers); 2] {
+        let (gate_1, first) = held_batch(store, session, path).await;
+        let gate_2 = hold_next_sync(store);
         let second = answers(vec![
             send(store, 1, session, "3"),
             send(store, 1, session, "4"),
@@ -760,12 +767,7 @@ mod tests {
     #[tokio::test]
     async fn a_failed_sync_fails_its_batch_and_closes_the_store() {
         let (store, session, path) = store_with_session().await;
-        let gate = hold_next_sync(&store);
-        let appends = answers(vec![
-            send(&store, 1, session, "one"),
-            send(&store, 1, session, "two"),
-        ]);
-        until_committed(&path, 2, "the batch was not committed").await;
+        let (gate, appends) = held_batch(&store, session, &path).await;
         gate.close();
         for answer in appends.await.unwrap() {
             let error = answer.expect_err("the sync failed");
@@ -822,12 +824,7 @@ mod tests {
             )
             .await
             .unwrap();
-        let gate = hold_next_sync(&store);
-        let first = answers(vec![
-            send(&store, 1, session, "1"),
-            send(&store, 1, session, "2"),
-        ]);
-        until_committed(&path, 2, "the first batch was not committed").await;
+        let (gate, first) = held_batch(&store, session, &path).await;
         let second = answers(vec![
             send(&store, 1, session, "ok"),
             send(&store, 1, session, "boom"),

@@ -114,12 +114,6 @@ impl ApiError {
         ))
     }
 
-    /// 500 `internal_error` with `message` as [`Self::internal`] made it:
-    /// its cause is already logged under the reference it names.
-    pub(crate) fn internal_logged(message: impl Into<String>) -> Self {
-        Self::Internal(body("internal_error", message))
-    }
-
     /// 500 `internal_error`; the cause is logged under a fresh reference.
     pub fn internal(cause: &dyn std::fmt::Display) -> Self {
         let reference = uuid::Uuid::now_v7();

@@ -297,7 +297,7 @@ impl Livechat {
 }
 
 /// The `X-Tenant-ID` header parameter, as every route reads it.
-fn tenant_parameter() -> serde_json::Value {
+pub(crate) fn tenant_parameter() -> serde_json::Value {
     serde_json::json!({
         "name": TENANT_HEADER,
         "in": "header",

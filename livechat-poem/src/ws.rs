@@ -84,6 +84,23 @@ pub struct RealtimeConfig {
     pub node_id: String,
 }
 
+impl RealtimeConfig {
+    /// Checks that the settings work together: each ping renews a
+    /// connection (and its agent's presence) for `connection_ttl`, so a
+    /// `ping_interval` as long or longer leaves connections expiring, and
+    /// agents dropping out, between pings (issue #4).
+    ///
+    /// # Errors
+    /// A sentence naming the settings when `ping_interval` is not below
+    /// `connection_ttl`.
+    pub fn check(&self) -> Result<(), &'static str> {
+        if self.ping_interval >= self.connection_ttl {
+            return Err("ping_interval must be below connection_ttl");
+        }
+        Ok(())
+    }
+}
+
 impl Default for RealtimeConfig {
     fn default() -> Self {
         Self {
@@ -175,6 +192,8 @@ struct Identity {
 struct Refusal {
     code: &'static str,
     message: String,
+    /// The HTTP answer when it is already made (its cause logged).
+    http: Option<ApiError>,
 }
 
 impl Refusal {
@@ -182,6 +201,7 @@ impl Refusal {
         Self {
             code,
             message: message.into(),
+            http: None,
         }
     }
 
@@ -199,7 +219,12 @@ impl Refusal {
             "unavailable" => "unavailable",
             _ => "internal_error",
         };
-        Self::new(code, detail.message.clone())
+        let message = detail.message.clone();
+        Self {
+            code,
+            message,
+            http: Some(api),
+        }
     }
 }
 
@@ -297,6 +322,10 @@ fn origin_allowed(config: &RealtimeConfig, req: &Request) -> bool {
 /// frames are described in the README's "Real-time (WebSocket)" section.
 pub(crate) fn openapi_path_item(error_content: &Value) -> Value {
     let error = |description: &str| json!({"description": description, "content": error_content});
+    let mut tenant_parameter = crate::tenant_parameter();
+    tenant_parameter["required"] = json!(false);
+    tenant_parameter["description"] =
+        json!("The tenant (positive integer); required with `Authorization`.");
     json!({
         "get": {
             "tags": ["Realtime"],
@@ -314,13 +343,7 @@ pub(crate) fn openapi_path_item(error_content: &Value) -> Value {
                 1008 policy (authentication, bad frames), 1013 the client reads too slowly.",
             "operationId": "open_websocket",
             "parameters": [
-                {
-                    "name": "X-Tenant-ID",
-                    "in": "header",
-                    "required": false,
-                    "description": "The tenant (positive integer); required with `Authorization`.",
-                    "schema": {"type": "integer", "format": "int64", "minimum": 1},
-                },
+                tenant_parameter,
                 {
                     "name": "Authorization",
                     "in": "header",
@@ -394,15 +417,15 @@ pub(crate) async fn ws_endpoint(
             };
             match gateway.identify(&credential, tenant).await {
                 Ok(identity) => Some(identity),
+                // Made, and its cause logged, by `Refusal::customer`.
+                Err(Refusal {
+                    http: Some(http), ..
+                }) => return http.into_response(),
                 Err(r) if r.code == "forbidden" => {
                     return ApiError::forbidden(r.message).into_response();
                 }
                 Err(r) if r.code == "unavailable" => {
                     return ApiError::unavailable(&r.message).into_response();
-                }
-                // Logged, with its reference, by `Refusal::customer`.
-                Err(r) if r.code == "internal_error" => {
-                    return ApiError::internal_logged(r.message).into_response();
                 }
                 Err(r) => return ApiError::unauthorized(r.message).into_response(),
             }

@@ -262,10 +262,8 @@ impl Config {
                     .ok_or("LIVECHAT_WS_SEND_RATE must be a positive integer")?,
             },
         };
-        // Each ping renews a connection and its agent's presence for the
-        // TTL: a ping interval as long leaves agents dropping out between
-        // pings.
-        if config.ping_interval >= config.presence_ttl {
+        // The gateway's connection TTL is the presence TTL.
+        if config.realtime().check().is_err() {
             return Err(
                 "LIVECHAT_PING_INTERVAL_SECS must be below LIVECHAT_PRESENCE_TTL_SECS".into(),
             );
@@ -524,19 +522,7 @@ async fn login(state: Data<&Arc<HostState>>, body: poem::Body) -> Response {
         .one(&state.db)
         .await
     {
-        Ok(Some(user)) => user,
-        Ok(None) => {
-            let password = body.password;
-            let _ = tokio::task::spawn_blocking(move || {
-                PasswordHash::new(&UNKNOWN_USER_HASH).is_ok_and(|h| {
-                    Argon2::default()
-                        .verify_password(password.as_bytes(), &h)
-                        .is_ok()
-                })
-            })
-            .await;
-            return invalid();
-        }
+        Ok(user) => user,
         Err(err) => {
             tracing::error!(error = %err, "login lookup failed");
             return error(
@@ -546,8 +532,12 @@ async fn login(state: Data<&Arc<HostState>>, body: poem::Body) -> Response {
             );
         }
     };
+    // An unknown e-mail is checked against a hash no password matches,
+    // so that it takes as long as a wrong password.
     let password = body.password.clone();
-    let hash = user.password_hash.clone();
+    let hash = user
+        .as_ref()
+        .map_or_else(|| UNKNOWN_USER_HASH.clone(), |u| u.password_hash.clone());
     let verified = tokio::task::spawn_blocking(move || {
         PasswordHash::new(&hash).is_ok_and(|h| {
             Argon2::default()
@@ -557,9 +547,9 @@ async fn login(state: Data<&Arc<HostState>>, body: poem::Body) -> Response {
     })
     .await
     .unwrap_or(false);
-    if !verified {
+    let Some(user) = user.filter(|_| verified) else {
         return invalid();
-    }
+    };
     let roles: Vec<String> = user
         .roles
         .split(',')

@@ -444,7 +444,10 @@ pub async fn write_path(
         });
         if n != counts[0] {
             cpu_rows.push(Row {
-                label: format!("{n} senders vs 1 sender (scaling)"),
+                label: match counts[0] {
+                    1 => format!("{n} senders vs 1 sender (scaling)"),
+                    first => format!("{n} senders vs {first} senders (scaling)"),
+                },
                 library: library.per_sec / first.max(f64::MIN_POSITIVE),
                 baseline: 10.0,
                 unit: "× (target 10)",

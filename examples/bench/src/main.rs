@@ -3,7 +3,8 @@
 //!
 //! ```text
 //! livechat-bench [--smoke] [--only LIST] [--databases LIST] [--idle N] [--seconds S]
-//! livechat-bench --server http://host:port [--server-pid PID] [--only LIST]
+//!                [--senders LIST]
+//! livechat-bench --server http://host:port [--server-pid PID] [--only LIST] [--senders LIST]
 //! ```
 //!
 //! - `--only`: scenarios among `write,latency,fanout,idle,crossnode`
@@ -14,6 +15,8 @@
 //! - `--idle N`: idle connections (default 19,500: the server process's
 //!   descriptor limit must exceed N); the fan-out beside idle connections
 //!   holds `min(N, 5,000)`.
+//! - `--senders`: the write path's sender counts (default `1,8,64`); the
+//!   scaling rows compare each with the first. Not for `--smoke`.
 //!
 //! Without `--server`, the example server binary next to this one is
 //! started per database, pinned to CPU 0 with `taskset`; the raw hub runs
@@ -43,7 +46,7 @@ const SCENARIOS: [&str; 5] = ["write", "latency", "fanout", "idle", "crossnode"]
 const DATABASES: [&str; 3] = ["sqlite-full", "sqlite-normal", "postgres"];
 const USAGE: &str = "usage: livechat-bench [--smoke] [--server URL [--server-pid PID]] \
 [--only write,latency,fanout,idle,crossnode] [--databases sqlite-full,sqlite-normal,postgres] \
-[--idle N] [--seconds S]";
+[--idle N] [--seconds S] [--senders 1,8,64]";
 
 struct Args {
     smoke: bool,
@@ -53,6 +56,9 @@ struct Args {
     databases: Vec<String>,
     idle: usize,
     seconds: u64,
+    /// The write scenario's sender counts (the first is the scaling
+    /// reference).
+    senders: Vec<usize>,
 }
 
 fn list(value: Option<String>, allowed: &[&str]) -> Vec<String> {
@@ -82,6 +88,7 @@ fn args() -> Args {
         databases: DATABASES.iter().map(|s| (*s).to_owned()).collect(),
         idle: 19_500,
         seconds: 5,
+        senders: vec![1, 8, 64],
     };
     let mut it = std::env::args().skip(1);
     while let Some(a) = it.next() {
@@ -102,6 +109,16 @@ fn args() -> Args {
                     .next()
                     .and_then(|n| n.parse().ok())
                     .unwrap_or_else(|| fail("--seconds needs a number"));
+            }
+            "--senders" => {
+                out.senders = it
+                    .next()
+                    .unwrap_or_default()
+                    .split(',')
+                    .map(|n| n.trim().parse().ok().filter(|&n: &usize| n > 0))
+                    .collect::<Option<Vec<_>>>()
+                    .filter(|counts| !counts.is_empty())
+                    .unwrap_or_else(|| fail("--senders needs positive numbers, e.g. 1,8,64"));
             }
             other => fail(&format!("unknown argument {other}")),
         }
@@ -368,7 +385,7 @@ async fn main() {
         let (secs, counts, rate, count, rooms, idle_n) = if args.smoke {
             (Duration::from_millis(500), vec![1, 8], 50.0, 50, 1, 250)
         } else {
-            (secs, vec![1, 8, 64], 200.0, 2000, 10, 2000)
+            (secs, args.senders.clone(), 200.0, 2000, 10, 2000)
         };
         let hub = RawHub::start().await;
         let baseline = RawDb::Sqlite {
@@ -447,7 +464,7 @@ async fn main() {
             let server = spawn_server(&url, &env).await;
             let mut peak = 1000.0;
             if wants("write") {
-                let (rows, p) = write_path(&server.target, &baseline, &[1, 8, 64], secs).await;
+                let (rows, p) = write_path(&server.target, &baseline, &args.senders, secs).await;
                 peak = p;
                 print_table(&format!("1. Durable write path ({title})"), &rows);
             }

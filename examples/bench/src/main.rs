@@ -74,6 +74,16 @@ fn list(value: Option<String>, allowed: &[&str]) -> Vec<String> {
     items
 }
 
+/// The sender counts of `--senders` (`1,8,64`); `None` when the value is
+/// missing, empty, or holds anything but positive whole numbers.
+fn senders(value: Option<String>) -> Option<Vec<usize>> {
+    value?
+        .split(',')
+        .map(|n| n.trim().parse().ok().filter(|&n: &usize| n > 0))
+        .collect::<Option<Vec<_>>>()
+        .filter(|counts| !counts.is_empty())
+}
+
 fn fail(message: &str) -> ! {
     eprintln!("{message}\n{USAGE}");
     std::process::exit(2);
@@ -111,13 +121,7 @@ fn args() -> Args {
                     .unwrap_or_else(|| fail("--seconds needs a number"));
             }
             "--senders" => {
-                out.senders = it
-                    .next()
-                    .unwrap_or_default()
-                    .split(',')
-                    .map(|n| n.trim().parse().ok().filter(|&n: &usize| n > 0))
-                    .collect::<Option<Vec<_>>>()
-                    .filter(|counts| !counts.is_empty())
+                out.senders = senders(it.next())
                     .unwrap_or_else(|| fail("--senders needs positive numbers, e.g. 1,8,64"));
             }
             other => fail(&format!("unknown argument {other}")),
@@ -525,4 +529,21 @@ async fn main() {
     }
     drop(hub);
     let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::senders;
+
+    #[test]
+    fn senders_takes_positive_counts_in_order() {
+        let parse = |v: &str| senders(Some(v.to_owned()));
+        assert_eq!(parse("1,8,64"), Some(vec![1, 8, 64]));
+        assert_eq!(parse(" 64 "), Some(vec![64]));
+        assert_eq!(parse("8, 2"), Some(vec![8, 2]));
+        for bad in ["", "0", "1,0", "a", "1,,8", "-1", "1.5"] {
+            assert_eq!(parse(bad), None, "{bad:?}");
+        }
+        assert_eq!(senders(None), None);
+    }
 }

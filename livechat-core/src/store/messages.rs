@@ -67,6 +67,7 @@ pub(super) struct AppendQueue {
     #[cfg(feature = "sqlite")]
     wal: std::sync::OnceLock<Option<pipeline::WalFile>>,
     /// Woken by each append queued, for a run waiting for its next batch.
+    #[cfg(feature = "sqlite")]
     arrived: tokio::sync::Notify,
     /// Gates tests queue, one for each next sync of a run, in order.
     #[cfg(all(test, feature = "sqlite"))]
@@ -134,6 +135,7 @@ impl AppendQueue {
     fn push(&self, request: AppendRequest) -> bool {
         let mut state = self.lock();
         state.pending.push(request);
+        #[cfg(feature = "sqlite")]
         self.arrived.notify_one();
         !std::mem::replace(&mut state.committing, true)
     }
@@ -149,6 +151,7 @@ impl AppendQueue {
 
     /// The next batch, or `None` when nothing is queued; the committer
     /// goes on either way (a run, [`pipeline`], takes its batches so).
+    #[cfg(feature = "sqlite")]
     fn take_queued(&self) -> Option<Vec<AppendRequest>> {
         Self::drain(&mut self.lock())
     }

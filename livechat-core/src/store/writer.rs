@@ -88,7 +88,9 @@ impl Conn {
 
     /// Closes the connection when it is dropped instead of giving it back
     /// to its pool (which opens a new one when needed); a PostgreSQL
-    /// connection, outside any pool, is closed when dropped anyway.
+    /// connection, outside any pool, is closed when dropped anyway. (Only
+    /// SQLite's runs give a connection up so.)
+    #[cfg(feature = "sqlite")]
     pub(super) fn close_on_drop(&mut self) {
         match *self {
             #[cfg(feature = "postgres")]

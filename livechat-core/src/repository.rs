@@ -37,6 +37,8 @@ pub struct NewCustomerChat {
     pub contact: Option<Contact>,
     /// First message, stored as seq 1.
     pub first_message: Option<MessageBody>,
+    /// Idempotency key of the first message (its `client_msg_id`).
+    pub first_message_key: Option<ClientMsgId>,
     /// Client IP.
     pub client_ip: Option<String>,
     /// Client User-Agent.

@@ -53,8 +53,14 @@ pub struct CustomerChatRequest {
     pub department: Option<String>,
     /// Contact details.
     pub contact: Option<ContactInput>,
-    /// First message (same rules as any message).
+    /// First message (same rules as any message). When the customer
+    /// already has a WAITING or OPEN chat, it is added to that chat as
+    /// their next message instead (see
+    /// [`ChatService::start_customer_chat`]).
     pub message: Option<String>,
+    /// Idempotency key of `message` (1–128 printable ASCII, as a message's
+    /// `client_msg_id`): a retried start with the same key adds nothing.
+    pub client_msg_id: Option<String>,
     /// Client IP as seen by the adapter.
     pub client_ip: Option<String>,
     /// Client User-Agent.
@@ -422,31 +428,68 @@ impl<S: ChatStore> ChatService<S> {
 
     /// Starts a customer chat (issue #3): routed to the least-loaded
     /// eligible agent (OPEN), else queued (WAITING, with a position); with
-    /// no agent online it also becomes a ticket. A customer with a WAITING
-    /// or OPEN session gets that session back (`created: false`).
+    /// no agent online it also becomes a ticket. The first message, if
+    /// any, is `seq` 1, stored with `client_msg_id` as its idempotency key.
+    ///
+    /// A customer with a WAITING or OPEN session gets that session back
+    /// (`created: false`, one active chat per customer). The request's
+    /// message is then added to that session as the customer's next
+    /// message, under the same rules and idempotency as
+    /// [`Self::post_customer_message`], and the session is returned as it
+    /// stands after it: what the customer typed is never dropped, and a
+    /// retried start with the same `client_msg_id` (the first message's
+    /// key, or a follow-up's) adds nothing. Without a key, each start
+    /// with a message adds one, as each send without a key does.
     ///
     /// # Errors
     /// [`ChatError::InvalidInput`] (topic, department, contact),
-    /// [`ChatError::InvalidMessage`], [`ChatError::MessageTooLong`].
+    /// [`ChatError::InvalidMessage`], [`ChatError::MessageTooLong`],
+    /// [`ChatError::InvalidClientMsgId`]; when the message goes to the
+    /// existing session, also [`Self::post_customer_message`]'s (e.g.
+    /// [`ChatError::SessionClosed`] if it closed in between: a new start
+    /// then opens a new chat).
     pub async fn start_customer_chat(
         &self,
         tenant: TenantId,
         customer: CustomerId,
         request: CustomerChatRequest,
     ) -> Result<CustomerChatStarted, ChatError> {
+        let first_message = request.message.map(|m| self.body(m)).transpose()?;
+        let first_message_key = request.client_msg_id.map(ClientMsgId::parse).transpose()?;
+        let follow_up = first_message.clone().zip(Some(first_message_key.clone()));
         let chat = NewCustomerChat {
             customer,
             topic: Topic::parse(&request.topic)?,
             priority: request.priority.unwrap_or(Priority::Normal),
             department: parse_department(request.department)?,
             contact: request.contact.map(ContactInput::parse).transpose()?,
-            first_message: request.message.map(|m| self.body(m)).transpose()?,
+            first_message,
+            first_message_key,
             client_ip: request.client_ip.map(|ip| ip.chars().take(64).collect()),
             user_agent: request.user_agent.map(|ua| ua.chars().take(512).collect()),
         };
-        self.store
+        let started = self
+            .store
             .start_customer_chat(tenant, chat, &self.config.routing)
-            .await
+            .await?;
+        let (false, Some((body, key))) = (started.created, follow_up) else {
+            return Ok(started);
+        };
+        let session = started.view.session.id;
+        self.store
+            .append_message(
+                tenant,
+                session,
+                Sender::Customer(customer),
+                body,
+                key,
+                &[SessionStatus::Waiting, SessionStatus::Open],
+            )
+            .await?;
+        Ok(CustomerChatStarted {
+            view: self.store.session_view(tenant, session).await?,
+            created: false,
+        })
     }
 
     /// The customer's own session: another customer's (or tenant's) is

@@ -146,12 +146,44 @@ pub(crate) fn session_id(raw: &str) -> Result<SessionId, ApiError> {
     raw.parse().map_err(|_| ApiError::not_found())
 }
 
+/// Name of the header that carries a send's idempotency key.
+pub(crate) const IDEMPOTENCY_KEY_HEADER: &str = "Idempotency-Key";
+
 /// The idempotency key of a send: the body's `client_msg_id` or the
-/// `Idempotency-Key` header; both given and different is 400.
+/// `Idempotency-Key` header of `req`; both given and different is 400
+/// `invalid_body`.
+///
+/// The header is read from the request itself: poem-openapi's header
+/// parameter takes a value that is not visible ASCII (e.g. `café` in
+/// Latin-1) for no header at all, and a retry carrying it would be stored
+/// twice (DESIGN.md invariant 6). Such a value, or the header given more
+/// than once, is 400 `invalid_body`; the key's own rules (length,
+/// characters) are the core's, as for `client_msg_id`.
 pub(crate) fn pick_idempotency_key(
     body: Option<String>,
-    header: Option<String>,
+    req: &Request,
 ) -> Result<Option<String>, ApiError> {
+    let mut values = req.headers().get_all(IDEMPOTENCY_KEY_HEADER).iter();
+    let header = match (values.next(), values.next()) {
+        (None, _) => None,
+        (Some(_), Some(_)) => {
+            return Err(ApiError::bad_request(
+                "invalid_body",
+                "Idempotency-Key given more than once",
+            ));
+        }
+        (Some(value), None) => Some(
+            value
+                .to_str()
+                .map_err(|_| {
+                    ApiError::bad_request(
+                        "invalid_body",
+                        "Idempotency-Key must be visible ASCII characters",
+                    )
+                })?
+                .to_owned(),
+        ),
+    };
     match (body, header) {
         (Some(a), Some(b)) if a != b => Err(ApiError::bad_request(
             "invalid_body",
@@ -369,14 +401,16 @@ impl AgentApi {
         auth: AgentAuth,
         /// Session id (UUID).
         id: Path<String>,
-        /// Idempotency key, used when the body has no `client_msg_id`.
+        req: &Request,
+        /// Idempotency key, used when the body has no `client_msg_id`
+        /// (visible ASCII, once; read from the request itself).
         #[oai(name = "Idempotency-Key")]
-        idempotency_key: Header<Option<String>>,
+        _idempotency_key: Header<Option<String>>,
         body: Json<PostMessageRequest>,
     ) -> Result<MessagePostedResponse, ApiError> {
         let session = session_id(&id.0)?;
         let body = body.0;
-        let key = pick_idempotency_key(body.client_msg_id.map(|k| k.0), idempotency_key.0)?;
+        let key = pick_idempotency_key(body.client_msg_id.map(|k| k.0), req)?;
         let posted = self
             .chat
             .post_message(auth.tenant(), auth.user(), session, body.message.0, key)

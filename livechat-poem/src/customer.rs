@@ -209,8 +209,14 @@ pub struct StartChatRequest {
     pub department: Option<StrictString>,
     /// Contact details.
     pub contact: Option<ContactRequest>,
-    /// First message (1–10,000 characters).
+    /// First message (1–10,000 characters). If the customer already has a
+    /// WAITING or OPEN chat, that chat is returned (200) and the message is
+    /// added to it as their next one.
     pub message: Option<StrictString>,
+    /// Idempotency key of `message` (1–128 printable ASCII): a retried
+    /// start with the same key adds no message. The `Idempotency-Key`
+    /// header is an alternative.
+    pub client_msg_id: Option<StrictString>,
 }
 
 /// A ticket reference.
@@ -376,11 +382,17 @@ impl CustomerApi {
     /// Start a chat. Credentials: a host Bearer token (identified user),
     /// `Authorization: Visitor <token>`, `user_id` + `identity_hash`, or
     /// none with a `browser_uuid` (anonymous; a visitor token is issued).
-    /// A customer with a WAITING or OPEN session gets it back with 200.
+    /// A customer with a WAITING or OPEN session gets it back with 200,
+    /// and the body's `message`, if any, is added to it as their next
+    /// message (idempotent with `client_msg_id` or `Idempotency-Key`).
     #[oai(path = "/chats", method = "post", operation_id = "customer_start_chat")]
     async fn start(
         &self,
         req: &Request,
+        /// Idempotency key of the body's `message`, used when the body has
+        /// no `client_msg_id` (visible ASCII, once).
+        #[oai(name = "Idempotency-Key")]
+        _idempotency_key: Header<Option<String>>,
         body: Json<StartChatRequest>,
     ) -> Result<ChatStartResponse, ApiError> {
         let tenant = tenant_of(req)?;
@@ -418,8 +430,10 @@ impl CustomerApi {
                 }
             },
         };
+        let client_msg_id = crate::api::pick_idempotency_key(body.client_msg_id.map(|k| k.0), req)?;
         let customer = self.chat.resolve_customer(tenant, identity).await?;
         let request = CustomerChatRequest {
+            client_msg_id,
             topic: body.topic.0,
             priority: body.priority.map(Into::into),
             department: body.department.map(|d| d.0),
@@ -493,15 +507,15 @@ impl CustomerApi {
         &self,
         req: &Request,
         id: Path<String>,
-        /// Idempotency key, used when the body has no `client_msg_id`.
+        /// Idempotency key, used when the body has no `client_msg_id`
+        /// (visible ASCII, once; read from the request itself).
         #[oai(name = "Idempotency-Key")]
-        idempotency_key: Header<Option<String>>,
+        _idempotency_key: Header<Option<String>>,
         body: Json<PostMessageRequest>,
     ) -> Result<MessagePostedResponse, ApiError> {
         let ctx = self.customer(req).await?;
         let session = session_id(&id.0)?;
-        let key =
-            crate::api::pick_idempotency_key(body.0.client_msg_id.map(|k| k.0), idempotency_key.0)?;
+        let key = crate::api::pick_idempotency_key(body.0.client_msg_id.map(|k| k.0), req)?;
         let posted = self
             .chat
             .post_customer_message(ctx.tenant, ctx.customer, session, body.0.message.0, key)

@@ -1365,7 +1365,9 @@ async fn first_frame_auth(
                 let text = match message {
                     Message::Text(t) => t,
                     Message::Ping(_) | Message::Pong(_) => continue,
-                    _ => return Err(Refusal::new("unauthorized", "the first frame must be auth")),
+                    // As a later binary frame would be (README, Errors).
+                    Message::Binary(_) => return Err(Refusal::new("invalid_frame", "frames are JSON text")),
+                    _ => return Err(Refusal::new("unauthorized", "closed before auth")),
                 };
                 return match parse_frame(&text, gateway.config.max_frame_bytes) {
                     Ok(ClientFrame::Auth { token, tenant_id }) => {

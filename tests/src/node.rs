@@ -172,6 +172,17 @@ impl WsClient {
             .expect("send");
     }
 
+    /// Sends a binary frame.
+    ///
+    /// # Panics
+    /// When the socket is closed.
+    pub async fn send_binary(&mut self, bytes: &[u8]) {
+        self.stream
+            .send(Message::Binary(bytes.to_vec().into()))
+            .await
+            .expect("send");
+    }
+
     /// The next JSON frame, or `None` on close/timeout.
     pub async fn next(&mut self, wait: Duration) -> Option<Value> {
         let deadline = tokio::time::Instant::now() + wait;

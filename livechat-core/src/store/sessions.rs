@@ -325,7 +325,10 @@ impl SessionRepository for SeaOrmStore {
                 customer_id: Set(Some(chat.customer.as_uuid())),
                 seq: Set(1),
                 body: Set(body.as_str().to_owned()),
-                client_msg_id: Set(None),
+                client_msg_id: Set(chat
+                    .first_message_key
+                    .as_ref()
+                    .map(|k| k.as_str().to_owned())),
                 created_at: Set(session.created_at),
             })
             .exec_with_returning(&tx)

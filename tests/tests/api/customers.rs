@@ -220,7 +220,72 @@ async fn second_start_returns_the_active_session(backend: Backend) {
     assert_eq!(body["data"]["session"]["topic"], "First");
     assert!(body["data"].get("visitor_token").is_none());
 
-    // Many concurrent starts by one customer: one session.
+    // A repeated start's message is added to the active chat, once per
+    // idempotency key (body or header); without a key, once per start.
+    let texts = |body: &Value| -> Vec<String> {
+        body["data"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|m| {
+                assert_eq!(m["sender_type"], "customer", "{m}");
+                m["message"].as_str().unwrap().to_owned()
+            })
+            .collect()
+    };
+    let messages = format!("/livechat/customer/chats/{id}/messages");
+    for (start, expected) in [
+        (json!({"topic": "Again", "message": "B"}), vec!["B"]),
+        (
+            json!({"topic": "Again", "message": "C", "client_msg_id": "c-1"}),
+            vec!["B", "C"],
+        ),
+        (
+            json!({"topic": "Again", "message": "C", "client_msg_id": "c-1"}),
+            vec!["B", "C"],
+        ),
+    ] {
+        let (code, body) = customer(
+            &app,
+            Method::POST,
+            "/livechat/customer/chats",
+            Some(&auth),
+            "1",
+            Some(start),
+        )
+        .await;
+        assert_eq!(code, 200, "{body}");
+        assert_eq!(body["data"]["session"]["id"], id.as_str());
+        let (code, list) = customer(&app, Method::GET, &messages, Some(&auth), "1", None).await;
+        assert_eq!(code, 200, "{list}");
+        assert_eq!(texts(&list), expected);
+    }
+    let repeat = |key: poem::http::HeaderValue| {
+        app.client
+            .post("/livechat/customer/chats")
+            .header("X-Tenant-ID", "1")
+            .header("Authorization", &auth)
+            .header("Idempotency-Key", key)
+            .body_json(&json!({"topic": "Again", "message": "D"}))
+            .send()
+    };
+    let (code, body) = App::decode(repeat("d-1".try_into().unwrap()).await).await;
+    assert_eq!(code, 200, "{body}");
+    let (code, body) = App::decode(repeat("d-1".try_into().unwrap()).await).await;
+    assert_eq!(code, 200, "{body}");
+    // A key poem-openapi would skip as no header is refused, not ignored.
+    let latin1 = poem::http::HeaderValue::from_bytes(b"caf\xe9").unwrap();
+    let (code, body) = App::decode(repeat(latin1).await).await;
+    assert_eq!(
+        (code.as_u16(), body["error"]["code"].as_str()),
+        (400, Some("invalid_body")),
+        "{body}"
+    );
+    let (_, list) = customer(&app, Method::GET, &messages, Some(&auth), "1", None).await;
+    assert_eq!(texts(&list), ["B", "C", "D"]);
+
+    // Many concurrent starts by one customer: one session, and every
+    // start's message in it.
     let token = App::token(55, &["USER"], Some(&[1]));
     let starts: Vec<_> = (0..10)
         .map(|n| {
@@ -229,7 +294,7 @@ async fn second_start_returns_the_active_session(backend: Backend) {
                 .post("/livechat/customer/chats")
                 .header("X-Tenant-ID", "1")
                 .header("Authorization", format!("Bearer {token}"))
-                .body_json(&json!({"topic": format!("race {n}")}));
+                .body_json(&json!({"topic": format!("race {n}"), "message": format!("m{n}")}));
             async move { App::decode(req.send().await).await }
         })
         .collect();
@@ -245,6 +310,22 @@ async fn second_start_returns_the_active_session(backend: Backend) {
         .collect();
     assert_eq!(ids.len(), 1, "one active session per customer");
     assert_eq!(results.iter().filter(|(c, _)| *c == 201).count(), 1);
+    let raced = ids.into_iter().next().unwrap();
+    let (code, list) = customer(
+        &app,
+        Method::GET,
+        &format!("/livechat/customer/chats/{raced}/messages"),
+        Some(&format!("Bearer {token}")),
+        "1",
+        None,
+    )
+    .await;
+    assert_eq!(code, 200, "{list}");
+    let mut stored = texts(&list);
+    stored.sort();
+    let mut sent: Vec<String> = (0..10).map(|n| format!("m{n}")).collect();
+    sent.sort();
+    assert_eq!(stored, sent, "no start's message is dropped");
 
     // After closing, a new start creates a new session.
     app.client

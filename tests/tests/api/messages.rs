@@ -323,6 +323,35 @@ async fn idempotent_retries_store_one_message(backend: Backend) {
         (400, Some("invalid_body"))
     );
 
+    // A key that is not visible ASCII, or the header twice, is refused,
+    // not taken for no key: a retry would otherwise be stored twice.
+    let latin1 = poem::http::HeaderValue::from_bytes(b"caf\xe9").unwrap();
+    for keys in [
+        vec![latin1],
+        vec![
+            poem::http::HeaderValue::from_static("k-1"),
+            poem::http::HeaderValue::from_static("k-2"),
+        ],
+    ] {
+        let mut request = app
+            .client
+            .post(format!("/livechat/sessions/{id}/messages"))
+            .header("Authorization", format!("Bearer {}", App::agent(7)))
+            .header("X-Tenant-ID", "1");
+        for key in keys {
+            request = request.header("Idempotency-Key", key);
+        }
+        let resp = request
+            .body_json(&json!({"message": "must not be stored"}))
+            .send()
+            .await;
+        let (code, body) = App::decode(resp).await;
+        assert_eq!(
+            (code.as_u16(), body["error"]["code"].as_str()),
+            (400, Some("invalid_body")),
+            "{body}"
+        );
+    }
     // Same key in another session is a different message.
     let other = app.open_session(8, 1).await;
     let (code, body) = app

@@ -682,6 +682,11 @@ async fn authentication_and_isolation(backend: Backend) {
         malformed.close_code(Duration::from_secs(3)).await,
         Some(1008)
     );
+    // A binary first frame gets what a later one would, then 1008.
+    let mut binary = WsClient::connect_bare(&node.ws_url()).await;
+    binary.send_binary(b"{\"type\": \"auth\"}").await;
+    assert_eq!(binary.expect("error").await["code"], "invalid_frame");
+    assert_eq!(binary.close_code(Duration::from_secs(3)).await, Some(1008));
     // An agent of tenant 2 cannot join a tenant 1 session (not_found).
     let mut other = WsClient::connect_with_header(&node.ws_url(), &agent_auth(7), 2)
         .await

@@ -53,6 +53,12 @@ pub struct CustomerChatStarted {
     /// `false` when the customer already had a WAITING or OPEN session,
     /// which is returned instead (one active session per customer).
     pub created: bool,
+    /// What became of the start's message: stored (`created: true`), as
+    /// `seq` 1 of a new chat or as the next message of the returned one,
+    /// or, when its `client_msg_id` was already used in that chat, the
+    /// original message (`created: false`, nothing stored). `None` when
+    /// the start carried no message.
+    pub message: Option<AppendedMessage>,
 }
 
 /// How an assignment treats a session that is no longer WAITING.

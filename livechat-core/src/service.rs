@@ -438,16 +438,20 @@ impl<S: ChatStore> ChatService<S> {
     /// [`Self::post_customer_message`], and the session is returned as it
     /// stands after it: what the customer typed is never dropped, and a
     /// retried start with the same `client_msg_id` (the first message's
-    /// key, or a follow-up's) adds nothing. Without a key, each start
-    /// with a message adds one, as each send without a key does.
+    /// key, or a follow-up's) adds nothing while that chat is WAITING or
+    /// OPEN; once it is closed, a start opens a new chat. Without a key,
+    /// each start with a message adds one, as each send without a key
+    /// does. [`CustomerChatStarted::message`] says what became of the
+    /// message. If the returned chat closes (or a link moves it) before
+    /// the message reaches it, the start is made once more. A
+    /// `client_msg_id` without a message is ignored.
     ///
     /// # Errors
     /// [`ChatError::InvalidInput`] (topic, department, contact),
     /// [`ChatError::InvalidMessage`], [`ChatError::MessageTooLong`],
-    /// [`ChatError::InvalidClientMsgId`]; when the message goes to the
-    /// existing session, also [`Self::post_customer_message`]'s (e.g.
-    /// [`ChatError::SessionClosed`] if it closed in between: a new start
-    /// then opens a new chat).
+    /// [`ChatError::InvalidClientMsgId`]; [`ChatError::SessionClosed`] or
+    /// [`ChatError::NotFound`] only if the chat changed that way twice in
+    /// a row.
     pub async fn start_customer_chat(
         &self,
         tenant: TenantId,
@@ -456,7 +460,6 @@ impl<S: ChatStore> ChatService<S> {
     ) -> Result<CustomerChatStarted, ChatError> {
         let first_message = request.message.map(|m| self.body(m)).transpose()?;
         let first_message_key = request.client_msg_id.map(ClientMsgId::parse).transpose()?;
-        let follow_up = first_message.clone().zip(Some(first_message_key.clone()));
         let chat = NewCustomerChat {
             customer,
             topic: Topic::parse(&request.topic)?,
@@ -468,28 +471,43 @@ impl<S: ChatStore> ChatService<S> {
             client_ip: request.client_ip.map(|ip| ip.chars().take(64).collect()),
             user_agent: request.user_agent.map(|ua| ua.chars().take(512).collect()),
         };
-        let started = self
-            .store
-            .start_customer_chat(tenant, chat, &self.config.routing)
-            .await?;
-        let (false, Some((body, key))) = (started.created, follow_up) else {
-            return Ok(started);
-        };
-        let session = started.view.session.id;
-        self.store
-            .append_message(
-                tenant,
-                session,
-                Sender::Customer(customer),
-                body,
-                key,
-                &[SessionStatus::Waiting, SessionStatus::Open],
-            )
-            .await?;
-        Ok(CustomerChatStarted {
-            view: self.store.session_view(tenant, session).await?,
-            created: false,
-        })
+        // A chat returned as active may close (or be moved by a link)
+        // before the message reaches it; the start is then made once more,
+        // and creates a chat that carries the message.
+        let mut attempts_left = 2;
+        loop {
+            attempts_left -= 1;
+            let started = self
+                .store
+                .start_customer_chat(tenant, chat.clone(), &self.config.routing)
+                .await?;
+            let (false, Some(body)) = (started.created, chat.first_message.clone()) else {
+                return Ok(started);
+            };
+            let session = started.view.session.id;
+            let appended = self
+                .store
+                .append_message(
+                    tenant,
+                    session,
+                    Sender::Customer(customer),
+                    body,
+                    chat.first_message_key.clone(),
+                    &[SessionStatus::Waiting, SessionStatus::Open],
+                )
+                .await;
+            match appended {
+                Ok(appended) => {
+                    return Ok(CustomerChatStarted {
+                        view: self.store.session_view(tenant, session).await?,
+                        created: false,
+                        message: Some(appended),
+                    });
+                }
+                Err(ChatError::SessionClosed | ChatError::NotFound) if attempts_left > 0 => {}
+                Err(e) => return Err(e),
+            }
+        }
     }
 
     /// The customer's own session: another customer's (or tenant's) is

@@ -17,7 +17,7 @@ use uuid::Uuid;
 use crate::api::{MessageListResponse, MessagePostedResponse, SessionResponse, session_id};
 use crate::auth::{Authenticator, TENANT_HEADER, parse_tenant_header};
 use crate::dto::{
-    MessageListEnvelope, NotificationDto, PostMessageRequest, PriorityDto, SessionDto,
+    MessageDto, MessageListEnvelope, NotificationDto, PostMessageRequest, PriorityDto, SessionDto,
     SessionEnvelope, StrictString,
 };
 use crate::error::ApiError;
@@ -243,6 +243,16 @@ pub struct ChatStart {
     /// The ticket, when no agent was online.
     #[oai(skip_serializing_if_is_none)]
     pub ticket: Option<TicketRef>,
+    /// The start's `message` as stored: `seq` 1 of a new chat, or the next
+    /// message of the customer's existing one; when its `client_msg_id`
+    /// was already used in that chat, the original message (and
+    /// `start_message_duplicate` is `true`). Absent without a `message`.
+    #[oai(skip_serializing_if_is_none)]
+    pub start_message: Option<MessageDto>,
+    /// With `start_message`: `true` when nothing new was stored (a repeat
+    /// of its key), as a WebSocket `ack`'s `duplicate`.
+    #[oai(skip_serializing_if_is_none)]
+    pub start_message_duplicate: Option<bool>,
 }
 
 /// `{"data": ChatStart}`.
@@ -460,6 +470,10 @@ impl CustomerApi {
         } else {
             None
         };
+        let (start_message, start_message_duplicate) = match started.message {
+            Some(m) => (Some(m.message.into()), Some(!m.created)),
+            None => (None, None),
+        };
         let view = started.view;
         let ticket = view
             .session
@@ -471,6 +485,8 @@ impl CustomerApi {
             visitor_token,
             ticket,
             session: view.into(),
+            start_message,
+            start_message_duplicate,
         };
         let envelope = Json(ChatStartEnvelope { data });
         Ok(if started.created {

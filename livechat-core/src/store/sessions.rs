@@ -20,7 +20,9 @@ use crate::model::{
     ChatMessage, ChatSession, Contact, Priority, Sender, SenderType, SessionOrigin, SessionStatus,
     SessionView, now,
 };
-use crate::repository::{AssignMode, CustomerChatStarted, NewCustomerChat, SessionRepository};
+use crate::repository::{
+    AppendedMessage, AssignMode, CustomerChatStarted, NewCustomerChat, SessionRepository,
+};
 use crate::validate::PageSize;
 
 /// The wire form of a [`Sender`] in event payloads.
@@ -275,6 +277,7 @@ impl SessionRepository for SeaOrmStore {
             return Ok(CustomerChatStarted {
                 view,
                 created: false,
+                message: None,
             });
         }
 
@@ -299,6 +302,7 @@ impl SessionRepository for SeaOrmStore {
                 return Ok(CustomerChatStarted {
                     view: view(&self.db, existing).await?,
                     created: false,
+                    message: None,
                 });
             }
             Err(err) => return abort(tx, err.into()).await,
@@ -314,6 +318,7 @@ impl SessionRepository for SeaOrmStore {
         )
         .await?;
 
+        let mut first_message = None;
         if let Some(body) = &chat.first_message {
             let sender_id = super::customers::host_user_of(&tx, tenant, chat.customer).await?;
             let stored = message::Entity::insert(message::ActiveModel {
@@ -340,6 +345,10 @@ impl SessionRepository for SeaOrmStore {
                 customer_connected: false,
             };
             record_message_event(&tx, &mut ev, &posted).await?;
+            first_message = Some(AppendedMessage {
+                message: posted.message,
+                created: true,
+            });
         }
 
         drain_queue(&tx, &mut ev, tenant, policy, capacity).await?;
@@ -385,6 +394,7 @@ impl SessionRepository for SeaOrmStore {
         Ok(CustomerChatStarted {
             view,
             created: true,
+            message: first_message,
         })
     }
 

@@ -234,15 +234,31 @@ async fn second_start_returns_the_active_session(backend: Backend) {
             .collect()
     };
     let messages = format!("/livechat/customer/chats/{id}/messages");
-    for (start, expected) in [
-        (json!({"topic": "Again", "message": "B"}), vec!["B"]),
+    for (start, expected, seq, duplicate) in [
         (
-            json!({"topic": "Again", "message": "C", "client_msg_id": "c-1"}),
-            vec!["B", "C"],
+            json!({"topic": "Again", "message": "B"}),
+            vec!["B"],
+            1,
+            false,
         ),
         (
             json!({"topic": "Again", "message": "C", "client_msg_id": "c-1"}),
             vec!["B", "C"],
+            2,
+            false,
+        ),
+        (
+            json!({"topic": "Again", "message": "C", "client_msg_id": "c-1"}),
+            vec!["B", "C"],
+            2,
+            true,
+        ),
+        // A key already used answers the original, whatever the text.
+        (
+            json!({"topic": "Again", "message": "other", "client_msg_id": "c-1"}),
+            vec!["B", "C"],
+            2,
+            true,
         ),
     ] {
         let (code, body) = customer(
@@ -256,6 +272,9 @@ async fn second_start_returns_the_active_session(backend: Backend) {
         .await;
         assert_eq!(code, 200, "{body}");
         assert_eq!(body["data"]["session"]["id"], id.as_str());
+        assert_eq!(body["data"]["start_message"]["seq"], seq, "{body}");
+        assert_eq!(body["data"]["start_message"]["session_id"], id.as_str());
+        assert_eq!(body["data"]["start_message_duplicate"], duplicate, "{body}");
         let (code, list) = customer(&app, Method::GET, &messages, Some(&auth), "1", None).await;
         assert_eq!(code, 200, "{list}");
         assert_eq!(texts(&list), expected);
@@ -281,8 +300,92 @@ async fn second_start_returns_the_active_session(backend: Backend) {
         (400, Some("invalid_body")),
         "{body}"
     );
+    // Body and header keys that differ are refused.
+    let (code, body) = App::decode(
+        app.client
+            .post("/livechat/customer/chats")
+            .header("X-Tenant-ID", "1")
+            .header("Authorization", &auth)
+            .header("Idempotency-Key", "x-1")
+            .body_json(&json!({"topic": "Again", "message": "E", "client_msg_id": "x-2"}))
+            .send()
+            .await,
+    )
+    .await;
+    assert_eq!(
+        (code.as_u16(), body["error"]["code"].as_str()),
+        (400, Some("invalid_body")),
+        "{body}"
+    );
+    // A start without a message adds none, and says nothing of one.
+    let (code, body) = customer(
+        &app,
+        Method::POST,
+        "/livechat/customer/chats",
+        Some(&auth),
+        "1",
+        Some(json!({"topic": "Again", "client_msg_id": "y-1"})),
+    )
+    .await;
+    assert_eq!(code, 200, "{body}");
+    assert!(body["data"].get("start_message").is_none(), "{body}");
     let (_, list) = customer(&app, Method::GET, &messages, Some(&auth), "1", None).await;
     assert_eq!(texts(&list), ["B", "C", "D"]);
+
+    // A start whose answer was lost, retried with its key: one chat, one
+    // first message.
+    let browser = uuid::Uuid::now_v7();
+    let first =
+        json!({"browser_uuid": browser, "topic": "Retry", "message": "A", "client_msg_id": "k"});
+    let (code, created) = customer(
+        &app,
+        Method::POST,
+        "/livechat/customer/chats",
+        None,
+        "1",
+        Some(first.clone()),
+    )
+    .await;
+    assert_eq!(code, 201, "{created}");
+    assert_eq!(created["data"]["start_message"]["seq"], 1);
+    assert_eq!(created["data"]["start_message"]["client_msg_id"], "k");
+    assert_eq!(created["data"]["start_message_duplicate"], false);
+    let (code, retried) = customer(
+        &app,
+        Method::POST,
+        "/livechat/customer/chats",
+        None,
+        "1",
+        Some(first),
+    )
+    .await;
+    assert_eq!(code, 200, "{retried}");
+    assert_eq!(
+        retried["data"]["session"]["id"],
+        created["data"]["session"]["id"]
+    );
+    assert_eq!(
+        retried["data"]["start_message"],
+        created["data"]["start_message"]
+    );
+    assert_eq!(retried["data"]["start_message_duplicate"], true);
+    let retry_auth = format!(
+        "Visitor {}",
+        created["data"]["visitor_token"].as_str().unwrap()
+    );
+    let (_, list) = customer(
+        &app,
+        Method::GET,
+        &format!(
+            "/livechat/customer/chats/{}/messages",
+            created["data"]["session"]["id"].as_str().unwrap()
+        ),
+        Some(&retry_auth),
+        "1",
+        None,
+    )
+    .await;
+    assert_eq!(texts(&list), ["A"]);
 
     // Many concurrent starts by one customer: one session, and every
     // start's message in it.

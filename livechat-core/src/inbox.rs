@@ -122,24 +122,32 @@ pub trait TicketDirectory: Send + Sync + 'static {
 }
 
 /// Customer notifications for customers' routes.
+///
+/// A customer's notifications are those addressed to any of `customers`:
+/// the customer's own id and the ids of the visitors linked to it
+/// ([`crate::ChatService::notification_recipients`]). A notification names
+/// the session's customer at the time of the reply, and a visitor who logs
+/// in afterwards is linked to the identified customer, whose routes must
+/// still find it (issue #4: the customer is told when an agent answers).
 #[async_trait]
 pub trait NotificationInbox: Send + Sync + 'static {
-    /// The customer's notifications, newest first.
+    /// The notifications addressed to any of `customers`, newest first.
     async fn list_notifications(
         &self,
         tenant: TenantId,
-        customer: CustomerId,
+        customers: &[CustomerId],
         limit: PageSize,
     ) -> Result<Vec<Notification>, ChatError>;
 
     /// Marks one read (idempotent) and returns it.
     ///
     /// # Errors
-    /// [`ChatError::NotFound`] when it is not this customer's in this tenant.
+    /// [`ChatError::NotFound`] when it is not addressed to one of
+    /// `customers` in this tenant.
     async fn mark_read(
         &self,
         tenant: TenantId,
-        customer: CustomerId,
+        customers: &[CustomerId],
         id: NotificationId,
     ) -> Result<Notification, ChatError>;
 }

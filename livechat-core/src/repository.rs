@@ -423,6 +423,14 @@ pub trait CustomerRepository: Send + Sync {
         identity: CustomerIdentity,
     ) -> impl Future<Output = Result<Customer, ChatError>> + Send;
 
+    /// The visitors linked to `customer` (an identified customer), in id
+    /// order; empty for a customer no visitor was linked to.
+    fn linked_visitors(
+        &self,
+        tenant: TenantId,
+        customer: CustomerId,
+    ) -> impl Future<Output = Result<Vec<CustomerId>, ChatError>> + Send;
+
     /// Links visitor `visitor` to the identified customer of host user
     /// `user` (seed 001): the visitor's sessions move there; if both have an
     /// active session, the visitor's is closed. Idempotent.

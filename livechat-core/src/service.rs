@@ -510,6 +510,25 @@ impl<S: ChatStore> ChatService<S> {
         }
     }
 
+    /// The customer ids a customer's notifications may be addressed to:
+    /// `customer` itself, then the visitors linked to it in id order. A
+    /// reply's notification names the session's customer at the time of
+    /// the reply; when that was a visitor who has since logged in (and was
+    /// linked), the identified customer's routes still find it
+    /// ([`crate::NotificationInbox`]).
+    ///
+    /// # Errors
+    /// [`ChatError::Storage`].
+    pub async fn notification_recipients(
+        &self,
+        tenant: TenantId,
+        customer: CustomerId,
+    ) -> Result<Vec<CustomerId>, ChatError> {
+        let mut ids = vec![customer];
+        ids.extend(self.store.linked_visitors(tenant, customer).await?);
+        Ok(ids)
+    }
+
     /// The customer's own session: another customer's (or tenant's) is
     /// [`ChatError::NotFound`], never forbidden.
     ///

@@ -645,9 +645,13 @@ impl CustomerApi {
     ) -> Result<NotificationListResponse, ApiError> {
         let ctx = self.customer(req).await?;
         let limit = PageSize::parse(limit.0, self.chat.config())?;
-        let list = self
-            .inbox()?
-            .list_notifications(ctx.tenant, ctx.customer, limit)
+        let inbox = self.inbox()?;
+        let recipients = self
+            .chat
+            .notification_recipients(ctx.tenant, ctx.customer)
+            .await?;
+        let list = inbox
+            .list_notifications(ctx.tenant, &recipients, limit)
             .await?;
         Ok(NotificationListResponse::Ok(Json(
             NotificationListEnvelope {
@@ -669,10 +673,12 @@ impl CustomerApi {
     ) -> Result<NotificationResponse, ApiError> {
         let ctx = self.customer(req).await?;
         let id = id.0.parse().map_err(|_| ApiError::not_found())?;
-        let n = self
-            .inbox()?
-            .mark_read(ctx.tenant, ctx.customer, id)
+        let inbox = self.inbox()?;
+        let recipients = self
+            .chat
+            .notification_recipients(ctx.tenant, ctx.customer)
             .await?;
+        let n = inbox.mark_read(ctx.tenant, &recipients, id).await?;
         Ok(NotificationResponse::Ok(Json(NotificationEnvelope {
             data: n.into(),
         })))

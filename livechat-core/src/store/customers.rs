@@ -1,7 +1,10 @@
 //! [`CustomerRepository`] for the SeaORM store.
 
 use sea_orm::sea_query::{Expr, OnConflict};
-use sea_orm::{ActiveValue::Set, ColumnTrait, ConnectionTrait, DbErr, EntityTrait, QueryFilter};
+use sea_orm::{
+    ActiveValue::Set, ColumnTrait, ConnectionTrait, DbErr, EntityTrait, QueryFilter, QueryOrder,
+    QuerySelect,
+};
 use serde::Serialize;
 
 use super::entity::{customer, session};
@@ -117,6 +120,23 @@ impl CustomerRepository for SeaOrmStore {
             }
         };
         follow_link(&self.db, tenant, row).await?.try_into()
+    }
+
+    async fn linked_visitors(
+        &self,
+        tenant: TenantId,
+        customer: CustomerId,
+    ) -> Result<Vec<CustomerId>, ChatError> {
+        let ids: Vec<uuid::Uuid> = customer::Entity::find()
+            .select_only()
+            .column(customer::Column::Id)
+            .filter(customer::Column::TenantId.eq(tenant.get()))
+            .filter(customer::Column::LinkedTo.eq(customer.as_uuid()))
+            .order_by_asc(customer::Column::Id)
+            .into_tuple()
+            .all(&self.db)
+            .await?;
+        Ok(ids.into_iter().map(CustomerId::from_uuid).collect())
     }
 
     async fn link_visitor(

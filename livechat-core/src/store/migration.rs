@@ -18,6 +18,7 @@ impl MigratorTrait for Migrator {
             Box::new(m0002_outbox_scan::Migration),
             Box::new(m0003_presence_announced::Migration),
             Box::new(m0004_messages_deferred_fk::Migration),
+            Box::new(m0005_customers_linked::Migration),
         ]
     }
 
@@ -794,5 +795,44 @@ mod tests {
         let (table, shape) = messages_table(&db).await;
         assert!(!table.contains("DEFERRABLE"), "{table}");
         assert!(shape.iter().any(|s| s.contains("hello")), "{shape:?}");
+    }
+}
+
+/// The visitors linked to an identified customer, looked up each time the
+/// customer lists or marks its notifications
+/// (`ChatService::notification_recipients`): few customers are linked, so
+/// the index holds only those rows.
+mod m0005_customers_linked {
+    use sea_orm_migration::prelude::*;
+
+    pub(super) struct Migration;
+
+    impl MigrationName for Migration {
+        fn name(&self) -> &str {
+            "m0005_customers_linked"
+        }
+    }
+
+    #[async_trait::async_trait]
+    impl MigrationTrait for Migration {
+        async fn up(&self, manager: &SchemaManager) -> Result<(), DbErr> {
+            manager
+                .get_connection()
+                .execute_unprepared(
+                    "CREATE INDEX livechat_customers_linked \
+                     ON livechat_customers (tenant_id, linked_to) \
+                     WHERE linked_to IS NOT NULL",
+                )
+                .await?;
+            Ok(())
+        }
+
+        async fn down(&self, manager: &SchemaManager) -> Result<(), DbErr> {
+            manager
+                .get_connection()
+                .execute_unprepared("DROP INDEX IF EXISTS livechat_customers_linked")
+                .await?;
+            Ok(())
+        }
     }
 }

@@ -246,16 +246,21 @@ impl TicketDirectory for SeaOrmSinks {
     }
 }
 
+/// Notifications addressed to one of `customers` (none when it is empty).
+fn addressed_to(customers: &[CustomerId]) -> sea_orm::sea_query::SimpleExpr {
+    notification::Column::CustomerId.is_in(customers.iter().map(|c| c.as_uuid()))
+}
+
 impl SeaOrmSinks {
     async fn find_notification(
         &self,
         tenant: TenantId,
-        customer: CustomerId,
+        customers: &[CustomerId],
         id: NotificationId,
     ) -> Result<Notification, ChatError> {
         notification::Entity::find_by_id(id.as_uuid())
             .filter(notification::Column::TenantId.eq(tenant.get()))
-            .filter(notification::Column::CustomerId.eq(customer.as_uuid()))
+            .filter(addressed_to(customers))
             .one(&self.db)
             .await?
             .ok_or(ChatError::NotFound)?
@@ -268,12 +273,12 @@ impl NotificationInbox for SeaOrmSinks {
     async fn list_notifications(
         &self,
         tenant: TenantId,
-        customer: CustomerId,
+        customers: &[CustomerId],
         limit: PageSize,
     ) -> Result<Vec<Notification>, ChatError> {
         notification::Entity::find()
             .filter(notification::Column::TenantId.eq(tenant.get()))
-            .filter(notification::Column::CustomerId.eq(customer.as_uuid()))
+            .filter(addressed_to(customers))
             .order_by_desc(notification::Column::CreatedAt)
             .order_by_desc(notification::Column::Id)
             .limit(limit.get())
@@ -289,7 +294,7 @@ impl NotificationInbox for SeaOrmSinks {
     async fn mark_read(
         &self,
         tenant: TenantId,
-        customer: CustomerId,
+        customers: &[CustomerId],
         id: NotificationId,
     ) -> Result<Notification, ChatError> {
         notification::Entity::update_many()
@@ -299,10 +304,10 @@ impl NotificationInbox for SeaOrmSinks {
             )
             .filter(notification::Column::Id.eq(id.as_uuid()))
             .filter(notification::Column::TenantId.eq(tenant.get()))
-            .filter(notification::Column::CustomerId.eq(customer.as_uuid()))
+            .filter(addressed_to(customers))
             .filter(notification::Column::ReadAt.is_null())
             .exec(&self.db)
             .await?;
-        self.find_notification(tenant, customer, id).await
+        self.find_notification(tenant, customers, id).await
     }
 }

@@ -200,22 +200,51 @@ async fn notifying_twice_stores_one_for_that_customer_only() {
     sinks.notify(&later, later_key).await.unwrap();
 
     let inbox = sinks
-        .list_notifications(tenant(1), customer, page(50))
+        .list_notifications(tenant(1), &[customer], page(50))
         .await
         .unwrap();
     assert_eq!(inbox, vec![later.clone(), notification.clone()]);
 
+    // A list of recipients (a customer and its linked visitors) sees what
+    // is addressed to any of them, newest first; none sees nothing.
+    let visitor = CustomerId::generate();
+    let (visitor_key, to_visitor) = agent_reply(tenant(1), visitor);
+    sinks.notify(&to_visitor, visitor_key).await.unwrap();
+    let both = sinks
+        .list_notifications(tenant(1), &[customer, visitor], page(50))
+        .await
+        .unwrap();
+    assert_eq!(
+        both,
+        vec![to_visitor.clone(), later.clone(), notification.clone()]
+    );
+    assert!(
+        sinks
+            .list_notifications(tenant(1), &[], page(50))
+            .await
+            .unwrap()
+            .is_empty()
+    );
+    assert_eq!(
+        sinks
+            .mark_read(tenant(1), &[customer, visitor], to_visitor.id)
+            .await
+            .unwrap()
+            .id,
+        to_visitor.id
+    );
+
     // Another customer, or the same customer id in another tenant, sees nothing.
     assert!(
         sinks
-            .list_notifications(tenant(1), CustomerId::generate(), page(50))
+            .list_notifications(tenant(1), &[CustomerId::generate()], page(50))
             .await
             .unwrap()
             .is_empty()
     );
     assert!(
         sinks
-            .list_notifications(tenant(2), customer, page(50))
+            .list_notifications(tenant(2), &[customer], page(50))
             .await
             .unwrap()
             .is_empty()
@@ -235,12 +264,12 @@ async fn mark_read_is_idempotent_and_scoped_to_the_customer() {
         (tenant(1), customer, NotificationId::generate()),
     ] {
         assert!(matches!(
-            sinks.mark_read(t, c, id).await,
+            sinks.mark_read(t, &[c], id).await,
             Err(ChatError::NotFound)
         ));
     }
     let unread = sinks
-        .list_notifications(tenant(1), customer, page(50))
+        .list_notifications(tenant(1), &[customer], page(50))
         .await
         .unwrap();
     assert_eq!(
@@ -249,13 +278,13 @@ async fn mark_read_is_idempotent_and_scoped_to_the_customer() {
     );
 
     let read = sinks
-        .mark_read(tenant(1), customer, notification.id)
+        .mark_read(tenant(1), &[customer], notification.id)
         .await
         .unwrap();
     let read_at = read.read_at.expect("read_at is set");
     assert_eq!(read.body, notification.body);
     let again = sinks
-        .mark_read(tenant(1), customer, notification.id)
+        .mark_read(tenant(1), &[customer], notification.id)
         .await
         .unwrap();
     assert_eq!(again.read_at, Some(read_at));

@@ -18,6 +18,7 @@ use serde_json::{Value, json};
 
 on_both_databases!(
     ticket_then_notification_on_agent_reply,
+    a_visitors_notifications_follow_it_when_it_logs_in,
     failing_sink_retries_to_exactly_one,
     events_behind_a_retried_event_do_not_wait_for_their_lease,
     crash_between_commit_and_dispatch,
@@ -192,6 +193,81 @@ async fn ticket_then_notification_on_agent_reply(backend: Backend) {
     assert!(t["data"]["closed_at"].is_string());
     let (_, notes) = customer_get(&app, "/livechat/customer/notifications", &auth).await;
     assert_eq!(notes["data"].as_array().unwrap().len(), 1);
+}
+
+/// A visitor notified of a reply, then linked to a logged-in user (also
+/// with a reply whose notification is delivered after the link), finds
+/// every notification through either credential, and can mark them read.
+async fn a_visitors_notifications_follow_it_when_it_logs_in(backend: Backend) {
+    let app = App::new(backend).await;
+    let (session, visitor) = visitor_start(&app, "Refund").await;
+    app.go_online(7, 1).await;
+    let reply = |text: &'static str| {
+        let app = &app;
+        let session = session.clone();
+        async move {
+            let (code, body) = app
+                .agent_call(
+                    Method::POST,
+                    &format!("/livechat/sessions/{session}/messages"),
+                    7,
+                    1,
+                    Some(json!({"message": text})),
+                )
+                .await;
+            assert_eq!(code, 201, "{body}");
+        }
+    };
+    reply("before the link").await;
+    drain(&app.dispatcher, &app.db).await;
+    let (_, notes) = customer_get(&app, "/livechat/customer/notifications", &visitor).await;
+    assert_eq!(notes["data"].as_array().unwrap().len(), 1, "{notes}");
+    // A second reply whose notification is not delivered yet.
+    reply("during the link").await;
+
+    let user = format!("Bearer {}", App::token(55, &["USER"], Some(&[1])));
+    let token = visitor.trim_start_matches("Visitor ");
+    let (code, linked) = App::decode(
+        app.client
+            .post("/livechat/customer/link")
+            .header("X-Tenant-ID", "1")
+            .header("Authorization", &user)
+            .body_json(&json!({"visitor_token": token}))
+            .send()
+            .await,
+    )
+    .await;
+    assert_eq!(code, 200, "{linked}");
+    drain(&app.dispatcher, &app.db).await;
+
+    for auth in [&user, &visitor] {
+        let (code, notes) = customer_get(&app, "/livechat/customer/notifications", auth).await;
+        assert_eq!(code, 200, "{notes}");
+        let bodies: Vec<&str> = notes["data"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|n| n["body"].as_str().unwrap())
+            .collect();
+        assert_eq!(bodies, ["during the link", "before the link"], "{auth}");
+    }
+    let (_, notes) = customer_get(&app, "/livechat/customer/notifications", &user).await;
+    let note_id = notes["data"][1]["id"].as_str().unwrap();
+    let (code, read) = App::decode(
+        app.client
+            .post(format!("/livechat/customer/notifications/{note_id}/read"))
+            .header("X-Tenant-ID", "1")
+            .header("Authorization", &user)
+            .send()
+            .await,
+    )
+    .await;
+    assert_eq!(code, 200, "{read}");
+    assert!(read["data"]["read_at"].is_string());
+    // Another user still sees none of them.
+    let stranger = format!("Bearer {}", App::token(56, &["USER"], Some(&[1])));
+    let (_, theirs) = customer_get(&app, "/livechat/customer/notifications", &stranger).await;
+    assert_eq!(theirs["data"], json!([]));
 }
 
 /// Fails the first `fail` calls of each kind, then forwards to the tables.

@@ -1061,7 +1061,7 @@ async fn connection_status_and_offline_notifications(backend: Backend) {
     let notes = livechat_core::NotificationInbox::list_notifications(
         &sinks,
         t(1),
-        customer_id,
+        &[customer_id],
         livechat_core::PageSize::parse(Some(50), node.chat.config()).unwrap(),
     )
     .await

@@ -82,12 +82,12 @@ fn subject(request: &TicketRequested) -> String {
     }
 }
 
-/// When the request found no eligible agent: the UUIDv7 timestamp of the
-/// ticket id allocated then (millisecond precision), so a late or retried
-/// delivery does not move the ticket in time. Now, for a non-v7 id.
-fn requested_at(id: TicketId) -> DateTime<Utc> {
-    id.as_uuid()
-        .get_timestamp()
+/// When `id` was allocated: its UUIDv7 timestamp (millisecond precision),
+/// so that a late or retried delivery does not move what it dates. Now,
+/// for a non-v7 id. A ticket's id dates its request (when no eligible
+/// agent was found); a `session.closed` event's id dates the close.
+fn allocated_at(id: uuid::Uuid) -> DateTime<Utc> {
+    id.get_timestamp()
         .and_then(|ts| {
             let (secs, nanos) = ts.to_unix();
             DateTime::from_timestamp(i64::try_from(secs).ok()?, nanos)
@@ -155,7 +155,7 @@ impl TicketSink for SeaOrmSinks {
             subject: Set(subject(request)),
             priority: Set(request.priority.as_str().to_owned()),
             status: Set(TicketStatus::Open.as_str().to_owned()),
-            created_at: Set(requested_at(request.ticket_id)),
+            created_at: Set(allocated_at(request.ticket_id.as_uuid())),
             closed_at: Set(None),
         })
         .on_conflict_do_nothing()
@@ -165,20 +165,26 @@ impl TicketSink for SeaOrmSinks {
         Ok(())
     }
 
-    /// Sets an `OPEN` ticket of `tenant` to `CLOSED` with `closed_at` = now;
-    /// a closed, unknown or other tenant's ticket is left alone.
+    /// Sets an `OPEN` ticket of `tenant` to `CLOSED` with `closed_at` = the
+    /// time of the close, taken from `key` (the `session.closed` event's
+    /// UUIDv7 id, allocated when the close was committed), not from the
+    /// delivery, which a retried sink may hold up for minutes; a closed,
+    /// unknown or other tenant's ticket is left alone.
     async fn close_ticket(
         &self,
         tenant: TenantId,
         id: TicketId,
-        _key: EventId,
+        key: EventId,
     ) -> Result<(), SinkError> {
         ticket::Entity::update_many()
             .col_expr(
                 ticket::Column::Status,
                 Expr::value(TicketStatus::Closed.as_str()),
             )
-            .col_expr(ticket::Column::ClosedAt, Expr::value(livechat_core::now()))
+            .col_expr(
+                ticket::Column::ClosedAt,
+                Expr::value(allocated_at(key.as_uuid())),
+            )
             .filter(ticket::Column::Id.eq(id.as_uuid()))
             .filter(ticket::Column::TenantId.eq(tenant.get()))
             .filter(ticket::Column::Status.eq(TicketStatus::Open.as_str()))

@@ -148,7 +148,16 @@ async fn closing_only_touches_the_tenants_open_ticket() {
         .unwrap();
     assert_eq!(still.status, TicketStatus::Open);
 
-    let key = EventId::generate();
+    // The close is dated by its event's id (a close committed at
+    // 2026-11-30 12:00:00 UTC, delivered late), not by the delivery.
+    let at = chrono::DateTime::parse_from_rfc3339("2026-11-30T12:00:00Z")
+        .unwrap()
+        .to_utc();
+    let key = EventId::from_uuid(uuid::Uuid::new_v7(uuid::Timestamp::from_unix(
+        uuid::NoContext,
+        at.timestamp().try_into().unwrap(),
+        0,
+    )));
     sinks
         .close_ticket(tenant(1), request.ticket_id, key)
         .await
@@ -159,6 +168,7 @@ async fn closing_only_touches_the_tenants_open_ticket() {
         .unwrap();
     assert_eq!(closed.status, TicketStatus::Closed);
     let closed_at = closed.closed_at.expect("closed_at is set");
+    assert_eq!(closed_at, at);
 
     // Redelivery keeps the first close time; unknown tickets are ignored.
     sinks

@@ -11,7 +11,7 @@ use poem_openapi::param::{Header, Path, Query};
 use poem_openapi::payload::Json;
 use poem_openapi::{ApiResponse, Object, OpenApi, SecurityScheme, Tags};
 
-use crate::auth::{Authenticator, Principal, SUPPORT_AGENT, TENANT_HEADER, parse_tenant_header};
+use crate::auth::{Authenticator, Principal, SUPPORT_AGENT, tenant_from_headers};
 use crate::dto::{
     MessageEnvelope, MessageListEnvelope, PostMessageRequest, PresenceEnvelope, SessionEnvelope,
     SessionListEnvelope, SessionStatusDto, SetStatusRequest, StartSessionRequest, TicketDto,
@@ -58,11 +58,7 @@ async fn check_agent(req: &Request, bearer: Bearer) -> poem::Result<AgentContext
             crate::AuthError::Unavailable(cause) => ApiError::unavailable(&cause),
             _ => ApiError::unauthorized("invalid or expired token"),
         })?;
-    let tenant_header = req
-        .headers()
-        .get(TENANT_HEADER)
-        .map(|v| v.to_str().unwrap_or(""));
-    let tenant = parse_tenant_header(tenant_header)
+    let tenant = tenant_from_headers(req.headers())
         .map_err(|msg| ApiError::bad_request("invalid_tenant", msg))?;
     if !principal.has_role(SUPPORT_AGENT) {
         return Err(ApiError::forbidden("the SUPPORT_AGENT role is required").into());

@@ -222,6 +222,23 @@ impl Authenticator for JwtAuthenticator {
     }
 }
 
+/// The tenant named by the `X-Tenant-ID` header of `headers`: exactly one
+/// such header, whose value [`parse_tenant_header`] accepts. The header
+/// given twice is refused even when both values agree: which tenant a
+/// request acts in must not depend on which copy a proxy or a reader
+/// takes.
+///
+/// # Errors
+/// A message for the 400 `invalid_tenant` answer.
+pub fn tenant_from_headers(headers: &poem::http::HeaderMap) -> Result<TenantId, &'static str> {
+    let mut values = headers.get_all(TENANT_HEADER).iter();
+    let value = values.next();
+    if values.next().is_some() {
+        return Err("X-Tenant-ID must be given once");
+    }
+    parse_tenant_header(value.map(|v| v.to_str().unwrap_or("")))
+}
+
 /// Parses the `X-Tenant-ID` value: a positive decimal integer.
 ///
 /// # Errors

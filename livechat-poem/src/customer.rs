@@ -15,7 +15,7 @@ use poem_openapi::{ApiResponse, Object, OpenApi, Tags};
 use uuid::Uuid;
 
 use crate::api::{MessageListResponse, MessagePostedResponse, SessionResponse, session_id};
-use crate::auth::{Authenticator, TENANT_HEADER, parse_tenant_header};
+use crate::auth::{Authenticator, tenant_from_headers};
 use crate::dto::{
     MessageDto, MessageListEnvelope, NotificationDto, PostMessageRequest, PriorityDto, SessionDto,
     SessionEnvelope, StrictString,
@@ -44,11 +44,7 @@ struct CustomerCtx {
 }
 
 fn tenant_of(req: &Request) -> Result<TenantId, ApiError> {
-    let header = req
-        .headers()
-        .get(TENANT_HEADER)
-        .map(|v| v.to_str().unwrap_or(""));
-    parse_tenant_header(header).map_err(|msg| ApiError::bad_request("invalid_tenant", msg))
+    tenant_from_headers(req.headers()).map_err(|msg| ApiError::bad_request("invalid_tenant", msg))
 }
 
 /// Why a credential's customer could not be resolved, for the customer

@@ -57,7 +57,7 @@ use poem_openapi::OpenApiService;
 pub use api::{AgentContext, AssignRequest, RoutingSettings};
 pub use auth::{
     AuthError, Authenticator, JwtAuthenticator, Principal, SUPPORT_AGENT, TENANT_HEADER,
-    VERIFIED_TOKENS, parse_tenant_header,
+    VERIFIED_TOKENS, parse_tenant_header, tenant_from_headers,
 };
 pub use customer::{ChatStart, ContactRequest, LinkRequest, StartChatRequest};
 pub use dto::*;

@@ -36,7 +36,7 @@ use serde::Deserialize;
 use serde_json::{Value, json};
 use tokio::sync::{mpsc, watch};
 
-use crate::auth::{Authenticator, SUPPORT_AGENT, parse_tenant_header};
+use crate::auth::{Authenticator, SUPPORT_AGENT, tenant_from_headers};
 use crate::error::ApiError;
 use crate::fanout::{FanOut, Membership, Prepared};
 use crate::visitor::VisitorTokens;
@@ -407,11 +407,7 @@ pub(crate) async fn ws_endpoint(
     let pre_auth = match header_credential {
         None => None,
         Some(credential) => {
-            let tenant = match parse_tenant_header(
-                req.headers()
-                    .get(crate::TENANT_HEADER)
-                    .map(|v| v.to_str().unwrap_or("")),
-            ) {
+            let tenant = match tenant_from_headers(req.headers()) {
                 Ok(t) => t,
                 Err(msg) => return ApiError::bad_request("invalid_tenant", msg).into_response(),
             };

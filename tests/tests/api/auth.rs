@@ -128,6 +128,24 @@ async fn credentials_and_tenant_rules_on_every_route(backend: Backend) {
                 "{method} {path} {tenant:?}"
             );
         }
+        // X-Tenant-ID given twice, even with the same value.
+        for second in ["1", "2"] {
+            let mut twice = app
+                .client
+                .request(method.clone(), &path)
+                .header("Authorization", format!("Bearer {agent}"))
+                .header("X-Tenant-ID", "1")
+                .header("X-Tenant-ID", second);
+            if let Some(body) = body.clone() {
+                twice = twice.body_json(&body);
+            }
+            let (code, resp) = App::decode(twice.send().await).await;
+            assert_eq!(
+                (code.as_u16(), resp["error"]["code"].as_str()),
+                (400, Some("invalid_tenant")),
+                "{method} {path} twice ({second})"
+            );
+        }
         // Authenticated but not allowed.
         for token in [&customer, &tenant_two_only] {
             let (code, resp) = app

@@ -526,6 +526,23 @@ async fn identified_user_with_host_token(backend: Backend) {
         (code.as_u16(), body["error"]["code"].as_str()),
         (400, Some("invalid_tenant"))
     );
+    // The tenant header twice.
+    let (code, body) = App::decode(
+        app.client
+            .post("/livechat/customer/chats")
+            .header("X-Tenant-ID", "1")
+            .header("X-Tenant-ID", "1")
+            .header("Authorization", &token)
+            .body_json(&json!({"topic": "x"}))
+            .send()
+            .await,
+    )
+    .await;
+    assert_eq!(
+        (code.as_u16(), body["error"]["code"].as_str()),
+        (400, Some("invalid_tenant")),
+        "{body}"
+    );
 }
 
 async fn identity_hash_asserts_a_user(backend: Backend) {

@@ -251,6 +251,16 @@ async fn handshakes_that_cannot_be_served(backend: Backend) {
     let answer = raw_http(&node, &request).await;
     assert!(answer.starts_with("HTTP/1.1 401"), "{answer}");
     assert!(answer.contains(r#""code":"unauthorized""#), "{answer}");
+    // The tenant header twice is refused before the upgrade.
+    let twice = format!(
+        "GET /livechat/ws HTTP/1.1\r\nHost: x\r\nX-Tenant-ID: 1\r\nX-Tenant-ID: 1\r\n\
+         Authorization: {}\r\n{}\r\n",
+        agent_auth(7),
+        upgrade.replace("Connection: Upgrade", "Connection: Upgrade, close")
+    );
+    let answer = raw_http(&node, twice.as_bytes()).await;
+    assert!(answer.starts_with("HTTP/1.1 400"), "{answer}");
+    assert!(answer.contains(r#""code":"invalid_tenant""#), "{answer}");
 
     // A visitor's token, then the database goes away.
     let resp = reqwest::Client::new()

@@ -131,7 +131,8 @@ pub trait TicketDirectory: Send + Sync + 'static {
 /// still find it (issue #4: the customer is told when an agent answers).
 #[async_trait]
 pub trait NotificationInbox: Send + Sync + 'static {
-    /// The notifications addressed to any of `customers`, newest first.
+    /// The notifications addressed to any of `customers`, newest first
+    /// (none for an empty slice).
     async fn list_notifications(
         &self,
         tenant: TenantId,

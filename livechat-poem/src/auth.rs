@@ -3,7 +3,7 @@
 //!
 //! Rules (issue #2): every route needs `Authorization: Bearer <token>`
 //! (401 `unauthorized` when missing, malformed, badly signed or expired),
-//! `X-Tenant-ID: <positive integer>` (400 `invalid_tenant`), the role
+//! `X-Tenant-ID: <positive integer>`, exactly once (400 `invalid_tenant`), the role
 //! `SUPPORT_AGENT` and the tenant among the token's `tenant_ids`
 //! (403 `forbidden`).
 

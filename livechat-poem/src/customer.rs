@@ -627,7 +627,8 @@ impl CustomerApi {
         })))
     }
 
-    /// The customer's in-app notifications, newest first.
+    /// The customer's in-app notifications, newest first, including those
+    /// addressed to visitors since linked to this customer.
     #[oai(
         path = "/notifications",
         method = "get",

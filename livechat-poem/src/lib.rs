@@ -303,7 +303,7 @@ pub(crate) fn tenant_parameter() -> serde_json::Value {
         "in": "header",
         "required": true,
         "description": "The tenant the request acts in: a positive integer the credential allows \
-            (400 `invalid_tenant` when missing or malformed).",
+            (400 `invalid_tenant` when missing, malformed or given more than once).",
         "schema": {"type": "integer", "format": "int64", "minimum": 1},
     })
 }

@@ -356,7 +356,7 @@ pub(crate) fn openapi_path_item(error_content: &Value) -> Value {
             ],
             "responses": {
                 "101": {"description": "Switching Protocols: the WebSocket is open."},
-                "400": error("`invalid_tenant`: `X-Tenant-ID` is missing or not a positive integer; \
+                "400": error("`invalid_tenant`: `X-Tenant-ID` is missing, not a positive integer or given more than once; \
                     `bad_request`: not a WebSocket upgrade (a `GET` over HTTP/1.1 with `Connection: Upgrade`, \
                     `Upgrade: websocket`, `Sec-WebSocket-Version: 13` and a `Sec-WebSocket-Key`)."),
                 "401": error("`unauthorized`: the credential is refused (also an `Authorization` header that is not ASCII, \

@@ -11,7 +11,9 @@ use poem_openapi::param::{Header, Path, Query};
 use poem_openapi::payload::Json;
 use poem_openapi::{ApiResponse, Object, OpenApi, SecurityScheme, Tags};
 
-use crate::auth::{Authenticator, Principal, SUPPORT_AGENT, tenant_from_headers};
+use crate::auth::{
+    Authenticator, HeaderFault, Principal, SUPPORT_AGENT, single_header, tenant_from_headers,
+};
 use crate::dto::{
     MessageEnvelope, MessageListEnvelope, PostMessageRequest, PresenceEnvelope, SessionEnvelope,
     SessionListEnvelope, SessionStatusDto, SetStatusRequest, StartSessionRequest, TicketDto,
@@ -159,27 +161,19 @@ pub(crate) fn pick_idempotency_key(
     body: Option<String>,
     req: &Request,
 ) -> Result<Option<String>, ApiError> {
-    let mut values = req.headers().get_all(IDEMPOTENCY_KEY_HEADER).iter();
-    let header = match (values.next(), values.next()) {
-        (None, _) => None,
-        (Some(_), Some(_)) => {
-            return Err(ApiError::bad_request(
+    let header = single_header(req.headers(), IDEMPOTENCY_KEY_HEADER)
+        .map_err(|fault| {
+            ApiError::bad_request(
                 "invalid_body",
-                "Idempotency-Key given more than once",
-            ));
-        }
-        (Some(value), None) => Some(
-            value
-                .to_str()
-                .map_err(|_| {
-                    ApiError::bad_request(
-                        "invalid_body",
-                        "Idempotency-Key must be visible ASCII characters",
-                    )
-                })?
-                .to_owned(),
-        ),
-    };
+                match fault {
+                    HeaderFault::Repeated => "Idempotency-Key given more than once",
+                    HeaderFault::NotVisibleAscii => {
+                        "Idempotency-Key must be visible ASCII characters"
+                    }
+                },
+            )
+        })?
+        .map(str::to_owned);
     match (body, header) {
         (Some(a), Some(b)) if a != b => Err(ApiError::bad_request(
             "invalid_body",

@@ -222,6 +222,34 @@ impl Authenticator for JwtAuthenticator {
     }
 }
 
+/// Why [`single_header`] refused a header.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum HeaderFault {
+    /// The header was given more than once.
+    Repeated,
+    /// Its value is not visible ASCII (which poem-openapi's header
+    /// parameters would take for no header at all).
+    NotVisibleAscii,
+}
+
+/// The value of header `name` in `headers`: `None` when absent, refused
+/// when given more than once (which copy a proxy or a reader takes must not
+/// decide what a request means) or when not visible ASCII.
+pub(crate) fn single_header<'h>(
+    headers: &'h poem::http::HeaderMap,
+    name: &str,
+) -> Result<Option<&'h str>, HeaderFault> {
+    let mut values = headers.get_all(name).iter();
+    match (values.next(), values.next()) {
+        (None, _) => Ok(None),
+        (Some(_), Some(_)) => Err(HeaderFault::Repeated),
+        (Some(value), None) => value
+            .to_str()
+            .map(Some)
+            .map_err(|_| HeaderFault::NotVisibleAscii),
+    }
+}
+
 /// The tenant named by the `X-Tenant-ID` header of `headers`: exactly one
 /// such header, whose value [`parse_tenant_header`] accepts. The header
 /// given twice is refused even when both values agree: which tenant a
@@ -231,12 +259,11 @@ impl Authenticator for JwtAuthenticator {
 /// # Errors
 /// A message for the 400 `invalid_tenant` answer.
 pub fn tenant_from_headers(headers: &poem::http::HeaderMap) -> Result<TenantId, &'static str> {
-    let mut values = headers.get_all(TENANT_HEADER).iter();
-    let value = values.next();
-    if values.next().is_some() {
-        return Err("X-Tenant-ID must be given once");
+    match single_header(headers, TENANT_HEADER) {
+        Ok(value) => parse_tenant_header(value),
+        Err(HeaderFault::Repeated) => Err("X-Tenant-ID must be given once"),
+        Err(HeaderFault::NotVisibleAscii) => parse_tenant_header(Some("")),
     }
-    parse_tenant_header(value.map(|v| v.to_str().unwrap_or("")))
 }
 
 /// Parses the `X-Tenant-ID` value: a positive decimal integer.

@@ -153,11 +153,22 @@ impl CustomerApi {
         })
     }
 
-    fn inbox(&self) -> Result<&Arc<dyn NotificationInbox>, ApiError> {
-        self.state
+    /// The host's inbox and the ids the customer's notifications may be
+    /// addressed to (`ChatService::notification_recipients`).
+    async fn inbox_of(
+        &self,
+        ctx: &CustomerCtx,
+    ) -> Result<(&Arc<dyn NotificationInbox>, Vec<CustomerId>), ApiError> {
+        let inbox = self
+            .state
             .notifications
             .as_ref()
-            .ok_or_else(|| ApiError::unavailable(&"no notification inbox is configured"))
+            .ok_or_else(|| ApiError::unavailable(&"no notification inbox is configured"))?;
+        let recipients = self
+            .chat
+            .notification_recipients(ctx.tenant, ctx.customer)
+            .await?;
+        Ok((inbox, recipients))
     }
 }
 
@@ -642,11 +653,7 @@ impl CustomerApi {
     ) -> Result<NotificationListResponse, ApiError> {
         let ctx = self.customer(req).await?;
         let limit = PageSize::parse(limit.0, self.chat.config())?;
-        let inbox = self.inbox()?;
-        let recipients = self
-            .chat
-            .notification_recipients(ctx.tenant, ctx.customer)
-            .await?;
+        let (inbox, recipients) = self.inbox_of(&ctx).await?;
         let list = inbox
             .list_notifications(ctx.tenant, &recipients, limit)
             .await?;
@@ -670,11 +677,7 @@ impl CustomerApi {
     ) -> Result<NotificationResponse, ApiError> {
         let ctx = self.customer(req).await?;
         let id = id.0.parse().map_err(|_| ApiError::not_found())?;
-        let inbox = self.inbox()?;
-        let recipients = self
-            .chat
-            .notification_recipients(ctx.tenant, ctx.customer)
-            .await?;
+        let (inbox, recipients) = self.inbox_of(&ctx).await?;
         let n = inbox.mark_read(ctx.tenant, &recipients, id).await?;
         Ok(NotificationResponse::Ok(Json(NotificationEnvelope {
             data: n.into(),

@@ -12,7 +12,8 @@ use poem_openapi::payload::Json;
 use poem_openapi::{ApiResponse, Object, OpenApi, SecurityScheme, Tags};
 
 use crate::auth::{
-    Authenticator, HeaderFault, Principal, SUPPORT_AGENT, single_header, tenant_from_headers,
+    Authenticator, HeaderFault, Principal, SUPPORT_AGENT, authorization_from_headers,
+    single_header, tenant_from_headers,
 };
 use crate::dto::{
     MessageEnvelope, MessageListEnvelope, PostMessageRequest, PresenceEnvelope, SessionEnvelope,
@@ -49,6 +50,8 @@ pub(crate) struct AuthState {
 pub(crate) struct AgentAuth(AgentContext);
 
 async fn check_agent(req: &Request, bearer: Bearer) -> poem::Result<AgentContext> {
+    // poem-openapi took the token from the header's first copy.
+    authorization_from_headers(req.headers()).map_err(ApiError::unauthorized)?;
     let state = req
         .data::<Arc<AuthState>>()
         .ok_or_else(|| ApiError::internal(&"authenticator missing from request data"))?;

@@ -250,6 +250,25 @@ pub(crate) fn single_header<'h>(
     }
 }
 
+/// The `Authorization` header of `headers`: `None` when absent. Given
+/// more than once it is refused even when the copies agree, by the rule
+/// of `X-Tenant-ID` ([`tenant_from_headers`]): whose credential a request
+/// carries must not depend on which copy a proxy or a reader takes.
+///
+/// # Errors
+/// A message for the 401 `unauthorized` answer: the header repeated, or
+/// its value not visible ASCII.
+pub(crate) fn authorization_from_headers(
+    headers: &poem::http::HeaderMap,
+) -> Result<Option<&str>, &'static str> {
+    single_header(headers, poem::http::header::AUTHORIZATION.as_str()).map_err(
+        |fault| match fault {
+            HeaderFault::Repeated => "Authorization must be given once",
+            HeaderFault::NotVisibleAscii => "the Authorization header is not visible ASCII",
+        },
+    )
+}
+
 /// The tenant named by the `X-Tenant-ID` header of `headers`: exactly one
 /// such header, whose value [`parse_tenant_header`] accepts. The header
 /// given twice is refused even when both values agree: which tenant a

@@ -15,7 +15,7 @@ use poem_openapi::{ApiResponse, Object, OpenApi, Tags};
 use uuid::Uuid;
 
 use crate::api::{MessageListResponse, MessagePostedResponse, SessionResponse, session_id};
-use crate::auth::{Authenticator, tenant_from_headers};
+use crate::auth::{Authenticator, authorization_from_headers, tenant_from_headers};
 use crate::dto::{
     MessageDto, MessageListEnvelope, NotificationDto, PostMessageRequest, PriorityDto, SessionDto,
     SessionEnvelope, StrictString,
@@ -64,12 +64,10 @@ enum Credential<'a> {
 }
 
 fn credential(req: &Request) -> Result<Option<Credential<'_>>, ApiError> {
-    let Some(value) = req.headers().get(poem::http::header::AUTHORIZATION) else {
+    let Some(value) = authorization_from_headers(req.headers()).map_err(ApiError::unauthorized)?
+    else {
         return Ok(None);
     };
-    let value = value
-        .to_str()
-        .map_err(|_| ApiError::unauthorized("malformed Authorization header"))?;
     let (scheme, token) = value
         .split_once(' ')
         .ok_or_else(|| ApiError::unauthorized("malformed Authorization header"))?;

@@ -36,7 +36,7 @@ use serde::Deserialize;
 use serde_json::{Value, json};
 use tokio::sync::{mpsc, watch};
 
-use crate::auth::{Authenticator, SUPPORT_AGENT, tenant_from_headers};
+use crate::auth::{Authenticator, SUPPORT_AGENT, authorization_from_headers, tenant_from_headers};
 use crate::error::ApiError;
 use crate::fanout::{FanOut, Membership, Prepared};
 use crate::visitor::VisitorTokens;
@@ -394,15 +394,9 @@ pub(crate) async fn ws_endpoint(
     if !origin_allowed(&gateway.config, req) {
         return ApiError::forbidden("origin not allowed").into_response();
     }
-    let header_credential = match req.headers().get(poem::http::header::AUTHORIZATION) {
-        None => None,
-        Some(value) => match value.to_str() {
-            Ok(credential) => Some(credential.to_owned()),
-            Err(_) => {
-                return ApiError::unauthorized("the Authorization header is not ASCII")
-                    .into_response();
-            }
-        },
+    let header_credential = match authorization_from_headers(req.headers()) {
+        Ok(credential) => credential.map(str::to_owned),
+        Err(msg) => return ApiError::unauthorized(msg).into_response(),
     };
     let pre_auth = match header_credential {
         None => None,

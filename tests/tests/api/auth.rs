@@ -146,6 +146,24 @@ async fn credentials_and_tenant_rules_on_every_route(backend: Backend) {
                 "{method} {path} twice ({second})"
             );
         }
+        // Authorization given twice, even with the same valid token.
+        for second in [agent.clone(), customer.clone()] {
+            let mut twice = app
+                .client
+                .request(method.clone(), &path)
+                .header("Authorization", format!("Bearer {agent}"))
+                .header("Authorization", format!("Bearer {second}"))
+                .header("X-Tenant-ID", "1");
+            if let Some(body) = body.clone() {
+                twice = twice.body_json(&body);
+            }
+            let (code, resp) = App::decode(twice.send().await).await;
+            assert_eq!(
+                (code.as_u16(), resp["error"]["code"].as_str()),
+                (401, Some("unauthorized")),
+                "{method} {path} Authorization twice"
+            );
+        }
         // Authenticated but not allowed.
         for token in [&customer, &tenant_two_only] {
             let (code, resp) = app

@@ -543,6 +543,29 @@ async fn identified_user_with_host_token(backend: Backend) {
         (400, Some("invalid_tenant")),
         "{body}"
     );
+    // The credential twice, even the same one.
+    let (code, body) = App::decode(
+        app.client
+            .post("/livechat/customer/chats")
+            .header("X-Tenant-ID", "1")
+            .header("Authorization", &token)
+            .header("Authorization", &token)
+            .body_json(&json!({"topic": "x"}))
+            .send()
+            .await,
+    )
+    .await;
+    assert_eq!(
+        (code.as_u16(), body["error"]["code"].as_str()),
+        (401, Some("unauthorized")),
+        "{body}"
+    );
+    assert!(
+        body["error"]["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("once")),
+        "{body}"
+    );
 }
 
 async fn identity_hash_asserts_a_user(backend: Backend) {

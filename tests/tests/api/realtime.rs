@@ -261,6 +261,16 @@ async fn handshakes_that_cannot_be_served(backend: Backend) {
     let answer = raw_http(&node, twice.as_bytes()).await;
     assert!(answer.starts_with("HTTP/1.1 400"), "{answer}");
     assert!(answer.contains(r#""code":"invalid_tenant""#), "{answer}");
+    // So is the credential twice.
+    let twice = format!(
+        "GET /livechat/ws HTTP/1.1\r\nHost: x\r\nX-Tenant-ID: 1\r\n\
+         Authorization: {auth}\r\nAuthorization: {auth}\r\n{}\r\n",
+        upgrade.replace("Connection: Upgrade", "Connection: Upgrade, close"),
+        auth = agent_auth(7),
+    );
+    let answer = raw_http(&node, twice.as_bytes()).await;
+    assert!(answer.starts_with("HTTP/1.1 401"), "{answer}");
+    assert!(answer.contains(r#""code":"unauthorized""#), "{answer}");
 
     // A visitor's token, then the database goes away.
     let resp = reqwest::Client::new()

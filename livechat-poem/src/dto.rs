@@ -11,7 +11,7 @@ use uuid::Uuid;
 
 /// Session status on the wire.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Enum)]
-#[oai(rename_all = "SCREAMING_SNAKE_CASE")]
+#[oai(rename = "SessionStatus", rename_all = "SCREAMING_SNAKE_CASE")]
 pub enum SessionStatusDto {
     /// Queued for an agent.
     Waiting,
@@ -43,7 +43,7 @@ impl From<SessionStatus> for SessionStatusDto {
 
 /// Queue priority on the wire.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Enum)]
-#[oai(rename_all = "lowercase")]
+#[oai(rename = "Priority", rename_all = "lowercase")]
 pub enum PriorityDto {
     /// Lowest.
     Low,
@@ -79,7 +79,7 @@ impl From<Priority> for PriorityDto {
 
 /// Who wrote a message.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Enum)]
-#[oai(rename_all = "lowercase")]
+#[oai(rename = "SenderType", rename_all = "lowercase")]
 pub enum SenderTypeDto {
     /// A support agent.
     Agent,
@@ -101,7 +101,7 @@ impl From<SenderType> for SenderTypeDto {
 
 /// An agent's chosen status on the wire.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Enum)]
-#[oai(rename_all = "lowercase")]
+#[oai(rename = "PresenceStatus", rename_all = "lowercase")]
 pub enum PresenceStatusDto {
     /// Available for chats.
     Online,
@@ -425,7 +425,7 @@ impl poem_openapi::types::ToJSON for StrictString {
 
 /// Ticket status on the wire.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Enum)]
-#[oai(rename_all = "SCREAMING_SNAKE_CASE")]
+#[oai(rename = "TicketStatus", rename_all = "SCREAMING_SNAKE_CASE")]
 pub enum TicketStatusDto {
     /// Awaiting an answer.
     Open,

@@ -164,6 +164,16 @@ async fn seeded_login_drives_the_library(backend: Backend) {
         spec["components"]["securitySchemes"]["CustomerAuth"]["name"],
         "Authorization"
     );
+    // Schemas carry the wire names, not the Rust types' `Dto` names.
+    let schemas = spec["components"]["schemas"].as_object().unwrap();
+    for name in ["PresenceStatus", "SessionStatus", "Priority", "ChatMessage"] {
+        assert!(schemas.contains_key(name), "{name}: {:?}", schemas.keys());
+    }
+    assert!(
+        !schemas.keys().any(|k| k.contains("Dto")),
+        "{:?}",
+        schemas.keys()
+    );
     // The WebSocket route too, with the same error envelope.
     let envelope = &spec["paths"]["/sessions"]["post"]["responses"]["401"]["content"];
     assert!(

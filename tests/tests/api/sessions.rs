@@ -61,7 +61,22 @@ async fn status_route_rejects_bad_bodies(backend: Backend) {
             .await;
         assert_eq!(code, 400, "{bad}: {body}");
         assert_eq!(body["error"]["code"], "invalid_body", "{bad}");
+        // The message names the wire type, as the OpenAPI document does,
+        // not the Rust one.
+        let message = body["error"]["message"].as_str().unwrap_or_default();
+        assert!(!message.contains("Dto"), "{bad}: {message}");
     }
+    let (_, body) = app
+        .agent_call(
+            Method::PUT,
+            "/livechat/agents/me/status",
+            7,
+            1,
+            Some(json!({"status": "sleeping"})),
+        )
+        .await;
+    let message = body["error"]["message"].as_str().unwrap_or_default();
+    assert!(message.contains("PresenceStatus"), "{message}");
     // Malformed JSON.
     let resp = app
         .client

@@ -192,10 +192,11 @@ pub trait SessionRepository: Send + Sync {
         policy: &RoutingPolicy,
     ) -> impl Future<Output = Result<ChatSession, ChatError>> + Send;
 
-    /// Replaces the session's contact details (`session.updated`).
+    /// Replaces the session's contact details (`session.updated`). A
+    /// CLOSED session is read-only: its contact stays as it was.
     ///
     /// # Errors
-    /// [`ChatError::NotFound`].
+    /// [`ChatError::NotFound`], [`ChatError::SessionClosed`].
     fn update_contact(
         &self,
         tenant: TenantId,

@@ -603,10 +603,12 @@ impl<S: ChatStore> ChatService<S> {
     }
 
     /// Sets the session's contact details (seed 001: name and e-mail
-    /// required and validated).
+    /// required and validated), while the session is not CLOSED (a closed
+    /// chat is read-only, as its messages are).
     ///
     /// # Errors
-    /// [`ChatError::InvalidInput`], [`ChatError::NotFound`].
+    /// [`ChatError::InvalidInput`], [`ChatError::NotFound`],
+    /// [`ChatError::SessionClosed`].
     pub async fn set_contact(
         &self,
         tenant: TenantId,

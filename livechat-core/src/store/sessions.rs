@@ -539,10 +539,16 @@ impl SessionRepository for SeaOrmStore {
             .col_expr(session::Column::UpdatedAt, Expr::value(now()))
             .filter(session::Column::Id.eq(id.as_uuid()))
             .filter(session::Column::TenantId.eq(tenant.get()))
+            .filter(session::Column::Status.ne(SessionStatus::Closed.as_str()))
             .exec_with_returning(&tx)
             .await?;
         let Some(row) = updated.into_iter().next() else {
-            return abort(tx, ChatError::NotFound).await;
+            // Not updated: no such session, or a closed one (read-only).
+            let error = match find_session(&tx, tenant, id).await? {
+                Some(_) => ChatError::SessionClosed,
+                None => ChatError::NotFound,
+            };
+            return abort(tx, error).await;
         };
         let session = ChatSession::try_from(row)?;
         record_event(

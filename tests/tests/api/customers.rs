@@ -791,6 +791,32 @@ async fn contact_history_and_close(backend: Backend) {
         (code.as_u16(), body["error"]["code"].as_str()),
         (400, Some("session_closed"))
     );
+    // A closed chat's contact is read-only too, and stays as it was.
+    let (code, body) = customer(
+        &app,
+        Method::PUT,
+        &contact_path,
+        Some(&auth),
+        "1",
+        Some(json!({"name": "Other", "email": "other@example.com"})),
+    )
+    .await;
+    assert_eq!(
+        (code.as_u16(), body["error"]["code"].as_str()),
+        (400, Some("session_closed")),
+        "{body}"
+    );
+    let (_, s) = app
+        .agent_call(
+            Method::GET,
+            &format!("/livechat/sessions/{first}"),
+            7,
+            1,
+            None,
+        )
+        .await;
+    assert_eq!(s["data"]["contact"]["email"], "budi@example.co.id");
+    assert_eq!(s["data"]["updated_at"], closed["data"]["updated_at"]);
 
     // Three more sessions, then page the history two at a time.
     let mut ids = vec![first.clone()];

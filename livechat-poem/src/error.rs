@@ -228,6 +228,29 @@ pub async fn envelope(err: poem::Error) -> Response {
     api.into_response()
 }
 
+/// Refuses a query string that gives a parameter more than once (after
+/// percent-decoding: `limit` and `li%6Dit` are one name) with 400
+/// `invalid_query`, by the rule of the `X-Tenant-ID` and `Authorization`
+/// headers: which copy a proxy or a reader takes must not decide what a
+/// request means (`?limit=5&limit=0` was read as `limit=5`). No route
+/// takes a list in its query.
+pub(crate) fn refuse_repeated_query(req: &poem::Request) -> Result<(), ApiError> {
+    let Some(query) = req.uri().query() else {
+        return Ok(());
+    };
+    let mut names: Vec<std::borrow::Cow<'_, str>> = Vec::new();
+    for (name, _) in form_urlencoded::parse(query.as_bytes()) {
+        if names.contains(&name) {
+            return Err(ApiError::bad_request(
+                "invalid_query",
+                format!("query parameter `{name}` given more than once"),
+            ));
+        }
+        names.push(name);
+    }
+    Ok(())
+}
+
 /// Reads `req`'s body into memory, refusing bodies over [`MAX_BODY_BYTES`]
 /// with 413 `payload_too_large`, whether announced by `Content-Length` or
 /// streamed; a body that cannot be read is 400 `invalid_body`.

@@ -383,7 +383,8 @@ fn completed(spec: &str, ws: bool) -> String {
 const CUSTOMER_AUTH: &str = "CustomerAuth";
 
 /// The outer layer of [`Livechat::endpoint`]: puts the authentication
-/// state in the request, reads the body within [`MAX_BODY_BYTES`], calls
+/// state in the request, reads the body within [`MAX_BODY_BYTES`],
+/// refuses a query parameter given twice ([`error::refuse_repeated_query`]), calls
 /// the routes and renders every error in the JSON envelope ([`envelope`]).
 /// One layer rather than poem's three (`data`, `around`,
 /// `catch_all_error`): each layer moves the request and the future of the
@@ -400,6 +401,9 @@ impl<E: Endpoint> Endpoint for Outer<E> {
     async fn call(&self, mut req: poem::Request) -> poem::Result<Response> {
         req.extensions_mut().insert(self.state.clone());
         if let Err(refused) = error::read_body(&mut req).await {
+            return Ok(poem::IntoResponse::into_response(refused));
+        }
+        if let Err(refused) = error::refuse_repeated_query(&req) {
             return Ok(poem::IntoResponse::into_response(refused));
         }
         Ok(match self.routes.call(req).await {

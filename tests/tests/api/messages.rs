@@ -262,6 +262,12 @@ async fn paging_by_after_seq_and_limit(backend: Backend) {
         "after_seq=-1",
         "after_seq=x",
         "limit=1.5",
+        // A parameter given twice, whichever copy is valid, also once
+        // percent-encoded.
+        "limit=5&limit=0",
+        "limit=0&limit=5",
+        "limit=5&limit=5",
+        "after_seq=1&li%6Dit=2&limit=3",
     ] {
         let (code, body) = app
             .agent_call(Method::GET, &format!("{path}?{bad}"), 7, 1, None)

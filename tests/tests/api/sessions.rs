@@ -298,6 +298,8 @@ async fn list_sessions_newest_first_with_filters(backend: Backend) {
         "limit=201",
         "limit=abc",
         "limit=-1",
+        "status=OPEN&status=bogus",
+        "status=OPEN&status=OPEN",
     ] {
         let (code, body) = app
             .agent_call(

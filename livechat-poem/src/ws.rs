@@ -1249,7 +1249,12 @@ impl Conn {
                 self.chat()
                     .follow_session(self.tenant(), self.id, id)
                     .await?;
-                let start = after_seq.unwrap_or(view.session.last_seq);
+                // An `after_seq` past the last message would hide the
+                // messages up to it from this connection: it starts at the
+                // last one, as without `after_seq` (`joined` says which).
+                let start = after_seq.map_or(view.session.last_seq, |after| {
+                    after.min(view.session.last_seq)
+                });
                 // Before the catch-up's read: what it misses arrives live.
                 self.membership.follow(id);
                 self.joined.insert(id, start);

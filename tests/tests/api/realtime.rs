@@ -466,6 +466,22 @@ async fn resume_after_a_drop_in_a_thousand_message_stream(backend: Backend) {
         .filter(|f| f["type"] == "new_message")
         .collect();
     assert!(after.is_empty(), "nothing after the end: {after:?}");
+    // A join past the last message starts at the last one: nothing is
+    // replayed, and the next messages still arrive.
+    let mut ahead = WsClient::connect_with_header(&node.ws_url(), &agent_auth(8), 1)
+        .await
+        .unwrap();
+    let joined = join(&mut ahead, session, Some(5000)).await;
+    assert_eq!(joined["last_seq"], 1000, "{joined}");
+    node.chat
+        .post_message(t(1), u(7), session, "after the join".into(), None)
+        .await
+        .unwrap();
+    let next = ahead.expect("new_message").await;
+    assert_eq!(
+        (next["seq"].as_i64(), next["message"].as_str()),
+        (Some(1001), Some("after the join"))
+    );
 }
 
 /// DESIGN.md invariant 5 (fan-out at least once): a send stored by a

@@ -23,7 +23,9 @@ pub enum EventKind {
     /// payload: the [`ChatSession`](crate::ChatSession) after the change.
     #[serde(rename = "session.assigned")]
     SessionAssigned,
-    /// A customer changed the session's contact details; payload: the session.
+    /// A customer changed the session's contact details, or the session
+    /// moved to another customer (its visitor was linked to an identified
+    /// customer); payload: the session.
     #[serde(rename = "session.updated")]
     SessionUpdated,
     /// No eligible agent could take a request, so a ticket must open;

@@ -1004,6 +1004,13 @@ impl Conn {
                 if let Some(s) = session
                     && self.joined.contains_key(&s.id)
                 {
+                    // A joined session moved to another customer: this
+                    // visitor was linked to it.
+                    if let Role::Customer { customer, .. } = self.identity.role
+                        && s.customer_id.is_some_and(|owner| owner != customer)
+                    {
+                        self.follow_link().await;
+                    }
                     // Not yet through `note_position`: the connection keeps
                     // receiving the tenant's lifecycle events meanwhile.
                     self.positions.insert(s.id, None);
@@ -1128,16 +1135,58 @@ impl Conn {
         Ok(())
     }
 
-    /// Checks the caller may see `raw` and returns its id.
-    async fn authorize(&self, raw: &str) -> Result<livechat_core::SessionView, ChatError> {
+    /// Checks the caller may see `raw` and returns its id. A customer's
+    /// session not found is looked for once more as the identified
+    /// customer its visitor was linked to since ([`Self::follow_link`]).
+    async fn authorize(&mut self, raw: &str) -> Result<livechat_core::SessionView, ChatError> {
         let id: SessionId = raw.parse()?;
         match self.identity.role {
             Role::Agent(_) => self.chat().get_session(self.tenant(), id).await,
             Role::Customer { customer, .. } => {
-                self.chat()
+                match self
+                    .chat()
                     .customer_session(self.tenant(), customer, id)
                     .await
+                {
+                    Err(ChatError::NotFound) if self.follow_link().await => {
+                        let Role::Customer { customer, .. } = self.identity.role else {
+                            return Err(ChatError::NotFound);
+                        };
+                        self.chat()
+                            .customer_session(self.tenant(), customer, id)
+                            .await
+                    }
+                    other => other,
+                }
             }
+        }
+    }
+
+    /// A visitor's connection whose visitor was linked to an identified
+    /// customer since it authenticated goes on as that customer, as the
+    /// visitor token does over HTTP (README "Linking"): its sends, joins,
+    /// typing and read receipts are the identified customer's. `true` when
+    /// the connection's customer changed. Called when one of its sessions
+    /// is found to belong to another customer, which is rare: a link moves
+    /// the visitor's sessions (and announces an active one with
+    /// `session.updated`).
+    async fn follow_link(&mut self) -> bool {
+        let Role::Customer { customer, .. } = self.identity.role else {
+            return false;
+        };
+        match self
+            .chat()
+            .resolve_customer(self.tenant(), CustomerIdentity::Known(customer))
+            .await
+        {
+            Ok(linked) if linked.id != customer => {
+                self.identity.role = Role::Customer {
+                    customer: linked.id,
+                    user: linked.user_id,
+                };
+                true
+            }
+            _ => false,
         }
     }
 

@@ -9,13 +9,13 @@ use serde::Serialize;
 
 use super::entity::{customer, session};
 use super::routing::{drain_queue, lock_tenant};
-use super::sessions::{active_session_of, close_row};
+use super::sessions::{active_session_of, close_row, find_session};
 use super::{SeaOrmStore, abort, record_event};
 use crate::config::RoutingPolicy;
 use crate::error::ChatError;
 use crate::events::EventKind;
 use crate::ids::{CustomerId, SessionId, TenantId, UserId};
-use crate::model::{Customer, CustomerIdentity, Sender, now};
+use crate::model::{ChatSession, Customer, CustomerIdentity, Sender, now};
 use crate::repository::CustomerRepository;
 
 /// The host user id of an identified customer (`None` for visitors).
@@ -201,6 +201,14 @@ impl CustomerRepository for SeaOrmStore {
             freed_agent = closed.as_ref().is_some_and(|s| s.agent_id.is_some());
             closed_session = closed.map(|s| s.id);
         }
+        // The visitor's active chat, if it stays open, moves below: the
+        // connections following it learn its new customer from a
+        // `session.updated` (a visitor's open WebSocket then acts as the
+        // identified customer, as its token does over HTTP).
+        let moved = match closed_session {
+            Some(_) => None,
+            None => active_session_of(&tx, tenant, visitor).await?,
+        };
         session::Entity::update_many()
             .col_expr(session::Column::CustomerId, Expr::value(identified.id))
             .filter(session::Column::TenantId.eq(tenant.get()))
@@ -232,6 +240,21 @@ impl CustomerRepository for SeaOrmStore {
             &linked,
         )
         .await?;
+        if let Some(moved) = moved {
+            let id = SessionId::from_uuid(moved.id);
+            if let Some(row) = find_session(&tx, tenant, id).await? {
+                let session = ChatSession::try_from(row)?;
+                record_event(
+                    &tx,
+                    &mut ev,
+                    tenant,
+                    Some(id),
+                    EventKind::SessionUpdated,
+                    &session,
+                )
+                .await?;
+            }
+        }
         if freed_agent {
             drain_queue(&tx, &mut ev, tenant, policy, capacity).await?;
         }

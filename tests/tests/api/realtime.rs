@@ -29,6 +29,7 @@ on_both_databases!(
     pipelined_sends_keep_their_order,
     a_burst_larger_than_the_queue_reaches_a_reading_client,
     a_waiting_customer_sees_its_place_move,
+    a_visitor_socket_goes_on_as_the_linked_customer,
 );
 on_both_databases!(
     current_thread: a_long_burst_of_bus_events_is_relayed_whole,
@@ -1306,4 +1307,85 @@ async fn forty_sent_together_reach_a_joined_agent(
         }
     }
     assert_eq!(seqs, (1..=40).collect::<Vec<i64>>());
+}
+
+/// README "Linking": the visitor token keeps working as the identified
+/// customer, on a WebSocket opened before the link too. Its sends were
+/// refused with `not_found` (the chat had moved to the identified
+/// customer), and so was a join.
+async fn a_visitor_socket_goes_on_as_the_linked_customer(backend: Backend) {
+    let (_app, node) = node(backend, |_| {}).await;
+    node.chat
+        .set_agent_status(t(1), u(7), PresenceStatus::Online)
+        .await
+        .unwrap();
+    let http = reqwest::Client::new();
+    let resp = http
+        .post(node.url("/livechat/customer/chats"))
+        .header("X-Tenant-ID", "1")
+        .header("Content-Type", "application/json")
+        .body(json!({"browser_uuid": uuid::Uuid::now_v7(), "topic": "x"}).to_string())
+        .send()
+        .await
+        .unwrap();
+    let started: Value = serde_json::from_str(&resp.text().await.unwrap()).unwrap();
+    let token = started["data"]["visitor_token"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let session = started["data"]["session"]["id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let visitor = format!("Visitor {token}");
+    // One socket joined to the chat, one not yet.
+    let mut joined = WsClient::connect_with_header(&node.ws_url(), &visitor, 1)
+        .await
+        .unwrap();
+    joined
+        .send(json!({"type": "join_session", "session_id": session}))
+        .await;
+    joined.expect("joined").await;
+    let mut other = WsClient::connect_with_header(&node.ws_url(), &visitor, 1)
+        .await
+        .unwrap();
+
+    // The host links the visitor to its logged-in user.
+    let resp = http
+        .post(node.url("/livechat/customer/link"))
+        .header("X-Tenant-ID", "1")
+        .header(
+            "Authorization",
+            format!("Bearer {}", App::token(950, &["USER"], Some(&[1]))),
+        )
+        .header("Content-Type", "application/json")
+        .body(json!({"visitor_token": token}).to_string())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    let linked: Value = serde_json::from_str(&resp.text().await.unwrap()).unwrap();
+    let customer = linked["data"]["customer_id"].as_str().unwrap().to_owned();
+
+    // The joined socket learns the chat's new customer, and goes on as it.
+    let updated = joined.expect("session_updated").await;
+    assert_eq!(updated["session"]["customer_id"], customer.as_str());
+    joined
+        .send(json!({"type": "send_message", "session_id": session, "client_msg_id": "after-link", "message": "still here"}))
+        .await;
+    let ack = joined.expect("ack").await;
+    assert_eq!(ack["client_msg_id"], "after-link", "{ack}");
+    let posted = joined.expect("new_message").await;
+    assert_eq!(posted["customer_id"], customer.as_str(), "{posted}");
+    // The other socket can join it.
+    other
+        .send(json!({"type": "join_session", "session_id": session}))
+        .await;
+    let answer = loop {
+        let frame = other.next(livechat_tests::node::FRAME_WAIT).await.unwrap();
+        if frame["type"] != "ready" {
+            break frame;
+        }
+    };
+    assert_eq!(answer["type"], "joined", "{answer}");
 }

@@ -77,6 +77,9 @@ pub struct Livechat {
     notifications: Option<Arc<dyn NotificationInbox>>,
     realtime: Option<(Arc<dyn EventBus>, RealtimeConfig)>,
     shutdown: Arc<tokio::sync::watch::Sender<bool>>,
+    /// This node's WebSockets, each until it has unregistered its
+    /// connection ([`Self::closed`]).
+    sockets: tokio_util::task::TaskTracker,
 }
 
 impl std::fmt::Debug for Livechat {
@@ -105,6 +108,7 @@ impl Livechat {
             notifications: None,
             realtime: None,
             shutdown: Arc::new(tokio::sync::watch::channel(false).0),
+            sockets: tokio_util::task::TaskTracker::new(),
         }
     }
 
@@ -170,9 +174,23 @@ impl Livechat {
     }
 
     /// Closes every WebSocket of this node with 1001 (going away), for a
-    /// graceful shutdown; call it when the server stops accepting.
+    /// graceful shutdown; call it when the server stops accepting, then
+    /// wait for [`Self::closed`] before closing the database.
     pub fn shutdown(&self) {
         let _ = self.shutdown.send(true);
+        self.sockets.close();
+    }
+
+    /// Waits, after [`Self::shutdown`], until every WebSocket of this node
+    /// has ended and removed its connection's row. Until then a socket may
+    /// still need the database: closed before, the rows stay and count as
+    /// live until their TTL (the customer "connected", so an agent's reply
+    /// makes no notification; an agent still eligible past the grace
+    /// period). poem's graceful shutdown does not wait for upgraded
+    /// connections. Resolves at once without WebSockets; never before
+    /// `shutdown`.
+    pub async fn closed(&self) {
+        self.sockets.wait().await;
     }
 
     /// Accept identity hashes signed with these per-tenant secrets.
@@ -247,6 +265,7 @@ impl Livechat {
                 visitor_tokens: self.visitor_tokens.clone(),
                 config: config.clone(),
                 shutdown: self.shutdown.subscribe(),
+                sockets: self.sockets.clone(),
                 fanout: std::sync::OnceLock::new(),
             });
             routes = routes.at("/ws", poem::get(ws::ws_endpoint).data(gateway));

@@ -128,6 +128,9 @@ pub(crate) struct Gateway {
     pub(crate) visitor_tokens: VisitorTokens,
     pub(crate) config: RealtimeConfig,
     pub(crate) shutdown: watch::Receiver<bool>,
+    /// Each socket holds a token of it until it has unregistered
+    /// (`Livechat::closed`).
+    pub(crate) sockets: tokio_util::task::TaskTracker,
     /// The node's fan-out, started with the first connection.
     pub(crate) fanout: std::sync::OnceLock<Arc<FanOut>>,
 }
@@ -436,8 +439,12 @@ pub(crate) async fn ws_endpoint(
     // writes, so nothing waits for the buffer to fill. tungstenite keeps
     // its write buffer's capacity, so it stays small.
     ws_config.write_buffer_size = 4 * 1024;
+    let tracked = gateway.sockets.token();
     ws.config(ws_config)
-        .on_upgrade(move |socket| async move { serve(gateway, socket, pre_auth).await })
+        .on_upgrade(move |socket| async move {
+            serve(gateway, socket, pre_auth).await;
+            drop(tracked);
+        })
         .into_response()
 }
 

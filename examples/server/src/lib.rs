@@ -762,6 +762,7 @@ pub async fn run(config: Config) -> Result<(), Box<dyn std::error::Error + Send 
     };
     let host = build(db.clone(), &config, bus);
     let livechat = host.livechat.clone();
+    let sockets = host.livechat.clone();
     let housekeeper = tokio::spawn(housekeeping(host.livechat.clone()));
     let (stop_tx, mut stop_rx) = tokio::sync::watch::channel(false);
     let dispatcher = tokio::spawn(host.dispatcher.run(async move {
@@ -778,6 +779,13 @@ pub async fn run(config: Config) -> Result<(), Box<dyn std::error::Error + Send 
     Server::new_with_acceptor(livechat_poem::NoDelay(acceptor))
         .run_with_graceful_shutdown(host.endpoint, signal, Some(Duration::from_secs(10)))
         .await?;
+    // The WebSockets remove their connections' rows as they close.
+    if tokio::time::timeout(Duration::from_secs(10), sockets.closed())
+        .await
+        .is_err()
+    {
+        tracing::warn!("WebSockets still open after 10 s: their connections expire by TTL");
+    }
     let _ = stop_tx.send(true);
     let _ = dispatcher.await;
     housekeeper.abort();

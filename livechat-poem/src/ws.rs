@@ -1155,14 +1155,14 @@ impl Conn {
                     .customer_session(self.tenant(), customer, id)
                     .await
                 {
-                    Err(ChatError::NotFound) if self.follow_link().await => {
-                        let Role::Customer { customer, .. } = self.identity.role else {
-                            return Err(ChatError::NotFound);
-                        };
-                        self.chat()
-                            .customer_session(self.tenant(), customer, id)
-                            .await
-                    }
+                    Err(ChatError::NotFound) => match self.follow_link().await {
+                        Some(linked) => {
+                            self.chat()
+                                .customer_session(self.tenant(), linked, id)
+                                .await
+                        }
+                        None => Err(ChatError::NotFound),
+                    },
                     other => other,
                 }
             }
@@ -1172,14 +1172,14 @@ impl Conn {
     /// A visitor's connection whose visitor was linked to an identified
     /// customer since it authenticated goes on as that customer, as the
     /// visitor token does over HTTP (README "Linking"): its sends, joins,
-    /// typing and read receipts are the identified customer's. `true` when
-    /// the connection's customer changed. Called when one of its sessions
+    /// typing and read receipts are the identified customer's. The new
+    /// customer when the connection's changed. Called when one of its sessions
     /// is found to belong to another customer, which is rare: a link moves
     /// the visitor's sessions (and announces an active one with
     /// `session.updated`).
-    async fn follow_link(&mut self) -> bool {
+    async fn follow_link(&mut self) -> Option<CustomerId> {
         let Role::Customer { customer, .. } = self.identity.role else {
-            return false;
+            return None;
         };
         match self
             .chat()
@@ -1191,9 +1191,9 @@ impl Conn {
                     customer: linked.id,
                     user: linked.user_id,
                 };
-                true
+                Some(linked.id)
             }
-            _ => false,
+            _ => None,
         }
     }
 

@@ -188,7 +188,8 @@ impl PartialEq for EventPayload {
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum TicketReason {
-    /// A customer started a chat while no agent of the tenant was online.
+    /// A customer's chat found no agent of the tenant online: it started
+    /// while none was, or it was waiting when the last one left.
     NoAgentOnline,
     /// An agent-started chat named an agent who is not online.
     AgentOffline,
@@ -218,7 +219,8 @@ pub struct TicketRequested {
     pub priority: Priority,
     /// Contact details given at start.
     pub contact: Option<Contact>,
-    /// The first message, when given at start.
+    /// The first message: the one given at start, or, for a chat ticketed
+    /// while it waited, its first customer message (if any).
     pub first_message: Option<String>,
 }
 

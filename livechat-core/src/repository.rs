@@ -97,6 +97,16 @@ pub trait SessionRepository: Send + Sync {
         agent: UserId,
     ) -> impl Future<Output = Result<ChatSession, ChatError>> + Send;
 
+    /// Tickets the WAITING sessions without a ticket of `tenant` (`None`:
+    /// of every tenant that has any) while no agent of their tenant is
+    /// online, each in its tenant's routing transaction: `ticket.requested`
+    /// and `session.updated` for each. Returns the sessions ticketed.
+    fn ticket_unattended(
+        &self,
+        tenant: Option<TenantId>,
+        policy: &RoutingPolicy,
+    ) -> impl Future<Output = Result<Vec<ChatSession>, ChatError>> + Send;
+
     /// Writes a `ticket.requested` event for a request no agent could take
     /// and returns the allocated ticket id (`request.ticket_id` is ignored).
     fn request_ticket(

@@ -766,6 +766,33 @@ impl<S: ChatStore> ChatService<S> {
             .filter(|p| p.status != PresenceStatus::Offline))
     }
 
+    /// Tickets the WAITING chats without a ticket of `tenant` (`None`: of
+    /// every tenant) whose tenant has no agent online: chats that queued
+    /// behind busy agents before the last of them left. A chat started
+    /// with no agent online gets its ticket at once; this gives one to
+    /// those that began waiting while agents were online (README "Tickets
+    /// when no agent can take a chat"). Each gets `ticket.requested`
+    /// (reason `no_agent_online`, its first customer message as
+    /// `first_message`) and `session.updated` with its `ticket_id`, and
+    /// keeps waiting in the queue. An agent's status change away from
+    /// `online` does this for its tenant in the same transaction; call it
+    /// after an agent's liveness runs out (the WebSocket gateway does, once
+    /// the presence grace of a last connection has passed) and in
+    /// housekeeping, which catches agents whose liveness ran out unseen (a
+    /// crashed node, heartbeats that stopped). Returns the chats ticketed.
+    ///
+    /// # Errors
+    /// [`ChatError::Storage`] only; the tenants before the failing one keep
+    /// their tickets, and a later call tickets the rest.
+    pub async fn ticket_unattended_chats(
+        &self,
+        tenant: Option<TenantId>,
+    ) -> Result<Vec<ChatSession>, ChatError> {
+        self.store
+            .ticket_unattended(tenant, &self.config.routing)
+            .await
+    }
+
     /// Housekeeping for every tenant: returns the agents whose presence ran
     /// out without a live connection (no heartbeat for the routing
     /// policy's `presence_ttl`: an agent who used only the HTTP routes and

@@ -147,6 +147,24 @@ impl Livechat {
     }
 
     /// Housekeeping for every tenant (call it periodically, like
+    /// [`Self::purge_expired_connections`], after it): tickets the WAITING
+    /// chats without a ticket of every tenant that has no agent online
+    /// ([`ChatService::ticket_unattended_chats`]). An agent's status change
+    /// and the presence grace after an agent's last WebSocket closes do this
+    /// at once for their tenant; housekeeping catches agents whose liveness
+    /// ran out unseen (a crashed node, an HTTP-only agent whose heartbeats
+    /// stopped). Returns the chats ticketed.
+    ///
+    /// # Errors
+    /// [`livechat_core::ChatError::Storage`] when the sessions could not be
+    /// read or written.
+    pub async fn ticket_unattended_chats(
+        &self,
+    ) -> Result<Vec<livechat_core::ChatSession>, livechat_core::ChatError> {
+        self.chat.ticket_unattended_chats(None).await
+    }
+
+    /// Housekeeping for every tenant (call it periodically, like
     /// [`Self::purge_expired_connections`]): tells each tenant's agents,
     /// over the event bus, that an agent whose presence ran out without a
     /// live connection is offline, once across nodes

@@ -1718,12 +1718,19 @@ async fn unregister(gateway: &Arc<Gateway>, identity: Identity, id: uuid::Uuid) 
 
 /// After the grace period, tells the tenant's agents that an agent whose
 /// last connection closed is gone, unless they reconnected meanwhile (their
-/// next connection announces them again: [`heartbeat`]).
+/// next connection announces them again: [`heartbeat`]), and tickets the
+/// tenant's waiting chats if no agent is online any more
+/// ([`ChatService::ticket_unattended_chats`]).
 fn spawn_presence_check(gateway: Arc<Gateway>, tenant: TenantId, agent: UserId) {
     tokio::spawn(async move {
         tokio::time::sleep(gateway.config.presence_grace).await;
         if matches!(gateway.chat.announce_offline(tenant, agent).await, Ok(true)) {
             publish_presence(&*gateway.bus, tenant, agent, PresenceStatus::Offline);
+        }
+        // The agent's liveness has run out: if they were the tenant's last
+        // agent online, the chats left waiting become tickets.
+        if let Err(e) = gateway.chat.ticket_unattended_chats(Some(tenant)).await {
+            tracing::warn!(error = %e, tenant = tenant.get(), "could not ticket waiting chats");
         }
     });
 }

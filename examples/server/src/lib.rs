@@ -798,7 +798,9 @@ pub async fn run(config: Config) -> Result<(), Box<dyn std::error::Error + Send 
 /// their agents offline (`Livechat::purge_expired_connections`), then
 /// announces offline the agents whose presence ran out without a
 /// connection (`Livechat::announce_expired_presence`: agents who used only
-/// the HTTP routes and stopped sending heartbeats).
+/// the HTTP routes and stopped sending heartbeats), then tickets the chats
+/// left waiting in tenants with no agent online
+/// (`Livechat::ticket_unattended_chats`).
 async fn housekeeping(livechat: livechat_poem::Livechat) {
     let mut tick = tokio::time::interval(Duration::from_secs(60));
     loop {
@@ -813,6 +815,16 @@ async fn housekeeping(livechat: livechat_poem::Livechat) {
             "agents whose presence ran out announced offline",
             "announcing expired presence failed",
         );
+        match livechat.ticket_unattended_chats().await {
+            Ok(chats) if !chats.is_empty() => {
+                tracing::info!(
+                    chats = chats.len(),
+                    "waiting chats ticketed: no agent online"
+                );
+            }
+            Ok(_) => {}
+            Err(e) => tracing::warn!(error = %e, "ticketing waiting chats failed"),
+        }
     }
 }
 

@@ -8,6 +8,7 @@ use sea_orm::{
 
 use super::entity::{connection, presence, routing as routing_entity};
 use super::routing::{drain_queue, eligible_agents, lock_tenant};
+use super::sessions::ticket_unattended;
 use super::{SeaOrmStore, abort, host_id, record_event};
 use crate::config::RoutingPolicy;
 use crate::error::ChatError;
@@ -66,6 +67,10 @@ impl PresenceRepository for SeaOrmStore {
         .await?;
         if status == PresenceStatus::Online {
             drain_queue(&tx, &mut ev, tenant, policy, capacity).await?;
+        } else {
+            // The tenant's last agent online may have left: no request
+            // waits unseen while nobody can take it.
+            ticket_unattended(&tx, &mut ev, tenant, policy).await?;
         }
         self.commit(tx, ev).await?;
         Ok(presence)

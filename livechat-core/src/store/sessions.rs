@@ -11,7 +11,9 @@ use super::entity::{message, session};
 use super::routing::{
     agent_is_online, any_agent_online, assign, drain_queue, lock_tenant, queue_position,
 };
-use super::{Recorded, SeaOrmStore, abort, convert_all, record_event, record_message_event};
+use super::{
+    Recorded, SeaOrmStore, abort, convert_all, host_id, record_event, record_message_event,
+};
 use crate::config::RoutingPolicy;
 use crate::error::ChatError;
 use crate::events::{EventKind, MessagePosted, TicketReason, TicketRequested};
@@ -96,6 +98,130 @@ async fn view(conn: &impl ConnectionTrait, row: session::Model) -> Result<Sessio
         session: row.try_into()?,
         queue_position,
     })
+}
+
+/// Opens the ticket of the WAITING session `row` when it has none (issue
+/// #3: exactly one ticket per session that found no eligible agent): sets
+/// its `ticket_id` (and `updated_at` to `updated_at`) and records
+/// `ticket.requested` ([`TicketReason::NoAgentOnline`]) with the session's
+/// customer, topic, priority and contact and `first_message`. Returns the
+/// updated row, or `None` when the session already has a ticket or is no
+/// longer WAITING (nothing is written then).
+async fn open_session_ticket(
+    tx: &impl ConnectionTrait,
+    ev: &mut Recorded,
+    row: &session::Model,
+    first_message: Option<String>,
+    updated_at: chrono::DateTime<chrono::Utc>,
+) -> Result<Option<session::Model>, ChatError> {
+    let ticket_id = TicketId::generate();
+    let updated = session::Entity::update_many()
+        .col_expr(session::Column::TicketId, Expr::value(ticket_id.as_uuid()))
+        .col_expr(session::Column::UpdatedAt, Expr::value(updated_at))
+        .filter(session::Column::Id.eq(row.id))
+        .filter(session::Column::Status.eq(SessionStatus::Waiting.as_str()))
+        .filter(session::Column::TicketId.is_null())
+        .exec_with_returning(tx)
+        .await?;
+    let Some(updated) = updated.into_iter().next() else {
+        return Ok(None);
+    };
+    let session = ChatSession::try_from(updated.clone())?;
+    let request = TicketRequested {
+        ticket_id,
+        tenant_id: session.tenant_id,
+        reason: TicketReason::NoAgentOnline,
+        session_id: Some(session.id),
+        customer_id: session.customer_id,
+        agent_id: None,
+        requested_by: None,
+        topic: session.topic,
+        priority: session.priority,
+        contact: session.contact,
+        first_message,
+    };
+    record_event(
+        tx,
+        ev,
+        request.tenant_id,
+        Some(session.id),
+        EventKind::TicketRequested,
+        &request,
+    )
+    .await?;
+    Ok(Some(updated))
+}
+
+/// `tenant`'s WAITING sessions without a ticket (`limit` of them at
+/// most), highest priority then oldest first: the queue's
+/// order.
+async fn unticketed_waiting(
+    conn: &impl ConnectionTrait,
+    tenant: TenantId,
+    limit: Option<u64>,
+) -> Result<Vec<session::Model>, DbErr> {
+    session::Entity::find()
+        .filter(session::Column::TenantId.eq(tenant.get()))
+        .filter(session::Column::Status.eq(SessionStatus::Waiting.as_str()))
+        .filter(session::Column::TicketId.is_null())
+        .order_by_desc(session::Column::PriorityRank)
+        .order_by_asc(session::Column::CreatedAt)
+        .order_by_asc(session::Column::Id)
+        .limit(limit)
+        .all(conn)
+        .await
+}
+
+/// Tickets `tenant`'s WAITING sessions that have no ticket when no agent
+/// of the tenant is online (capacity aside): chats that waited behind
+/// busy agents when the last of them went offline, away, or ran out of
+/// liveness, so that no request waits unseen while nobody can take it
+/// (README "Tickets when no agent can take a chat"). Each gets its ticket
+/// as a chat started with no agent online does ([`open_session_ticket`]:
+/// `ticket.requested` with the session's first customer message as
+/// `first_message`), and a `session.updated` with its `ticket_id`, which
+/// its followers receive. The sessions keep waiting and are routed as
+/// before. Returns the ticketed sessions in the queue's order; none when
+/// an agent is online. Call it under the tenant's routing lock
+/// ([`lock_tenant`]), so that no agent comes online in between.
+pub(super) async fn ticket_unattended(
+    tx: &impl ConnectionTrait,
+    ev: &mut Recorded,
+    tenant: TenantId,
+    policy: &RoutingPolicy,
+) -> Result<Vec<ChatSession>, ChatError> {
+    let waiting = unticketed_waiting(tx, tenant, None).await?;
+    if waiting.is_empty() || any_agent_online(tx, tenant, policy).await? {
+        return Ok(Vec::new());
+    }
+    let at = now();
+    let mut ticketed = Vec::with_capacity(waiting.len());
+    for row in waiting {
+        let first_message = message::Entity::find()
+            .select_only()
+            .column(message::Column::Body)
+            .filter(message::Column::SessionId.eq(row.id))
+            .filter(message::Column::SenderType.eq(SenderType::Customer.as_str()))
+            .order_by_asc(message::Column::Seq)
+            .into_tuple::<String>()
+            .one(tx)
+            .await?;
+        let Some(updated) = open_session_ticket(tx, ev, &row, first_message, at).await? else {
+            continue;
+        };
+        let session = ChatSession::try_from(updated)?;
+        record_event(
+            tx,
+            ev,
+            tenant,
+            Some(session.id),
+            EventKind::SessionUpdated,
+            &session,
+        )
+        .await?;
+        ticketed.push(session);
+    }
+    Ok(ticketed)
 }
 
 /// Closes `row` inside `tx` and writes `session.closed`; `None` if it was
@@ -238,6 +364,47 @@ impl SessionRepository for SeaOrmStore {
         Ok(ids.into_iter().map(SessionId::from_uuid).collect())
     }
 
+    async fn ticket_unattended(
+        &self,
+        tenant: Option<TenantId>,
+        policy: &RoutingPolicy,
+    ) -> Result<Vec<ChatSession>, ChatError> {
+        let tenants = match tenant {
+            Some(tenant) => vec![tenant],
+            None => {
+                let ids: Vec<i64> = session::Entity::find()
+                    .select_only()
+                    .column(session::Column::TenantId)
+                    .distinct()
+                    .filter(session::Column::Status.eq(SessionStatus::Waiting.as_str()))
+                    .filter(session::Column::TicketId.is_null())
+                    .into_tuple()
+                    .all(&self.db)
+                    .await?;
+                ids.into_iter().map(host_id).collect::<Result<_, _>>()?
+            }
+        };
+        let mut ticketed = Vec::new();
+        for tenant in tenants {
+            // Read first, without the routing lock, which is a write: most
+            // calls find an agent online or nothing waiting unticketed.
+            if unticketed_waiting(&self.db, tenant, Some(1))
+                .await?
+                .is_empty()
+                || any_agent_online(&self.db, tenant, policy).await?
+            {
+                continue;
+            }
+            let tx = self.begin_write().await?;
+            let mut ev = self.recorder();
+            lock_tenant(&tx, tenant, policy).await?;
+            let sessions = ticket_unattended(&tx, &mut ev, tenant, policy).await?;
+            self.commit(tx, ev).await?;
+            ticketed.extend(sessions);
+        }
+        Ok(ticketed)
+    }
+
     async fn request_ticket(
         &self,
         tenant: TenantId,
@@ -359,35 +526,13 @@ impl SessionRepository for SeaOrmStore {
             && !any_agent_online(&tx, tenant, policy).await?
         {
             // No agent online at all: the chat waits and becomes a ticket.
-            let ticket_id = TicketId::generate();
-            let updated = session::Entity::update_many()
-                .col_expr(session::Column::TicketId, Expr::value(ticket_id.as_uuid()))
-                .filter(session::Column::Id.eq(current.id))
-                .exec_with_returning(&tx)
-                .await?;
-            current = updated.into_iter().next().ok_or(ChatError::NotFound)?;
-            let request = TicketRequested {
-                ticket_id,
-                tenant_id: tenant,
-                reason: TicketReason::NoAgentOnline,
-                session_id: Some(session.id),
-                customer_id: Some(chat.customer),
-                agent_id: None,
-                requested_by: None,
-                topic: Some(chat.topic.as_str().to_owned()),
-                priority: chat.priority,
-                contact: chat.contact,
-                first_message: chat.first_message.map(|m| m.into_inner()),
-            };
-            record_event(
-                &tx,
-                &mut ev,
-                tenant,
-                Some(session.id),
-                EventKind::TicketRequested,
-                &request,
-            )
-            .await?;
+            let updated_at = current.updated_at;
+            let first_message = chat.first_message.map(|m| m.into_inner());
+            if let Some(ticketed) =
+                open_session_ticket(&tx, &mut ev, &current, first_message, updated_at).await?
+            {
+                current = ticketed;
+            }
         }
         let view = view(&tx, current).await?;
         self.commit(tx, ev).await?;

@@ -18,6 +18,7 @@ use serde_json::{Value, json};
 
 on_both_databases!(
     ticket_then_notification_on_agent_reply,
+    a_chat_left_waiting_by_the_last_agent_becomes_a_ticket,
     a_visitors_notifications_follow_it_when_it_logs_in,
     failing_sink_retries_to_exactly_one,
     events_behind_a_retried_event_do_not_wait_for_their_lease,
@@ -93,6 +94,167 @@ async fn session_with_messages(
 
 async fn drain(dispatcher: &Dispatcher<SeaOrmStore>, db: &sea_orm::DatabaseConnection) {
     livechat_tests::drain_outbox(dispatcher, db).await;
+}
+
+/// A chat that queued behind a busy agent gets its ticket when that agent,
+/// the tenant's last one online, goes offline: once, with its first
+/// message, and only in that tenant; the chat keeps waiting.
+async fn a_chat_left_waiting_by_the_last_agent_becomes_a_ticket(backend: Backend) {
+    let app = App::new(backend).await;
+    for tenant in [1, 2] {
+        app.chat
+            .set_agent_capacity(TenantId::new(tenant).unwrap(), 1)
+            .await
+            .unwrap();
+    }
+    app.go_online(7, 1).await;
+    app.go_online(9, 2).await;
+    let status = |agent: i64, status: &'static str| {
+        let app = &app;
+        async move {
+            let (code, body) = app
+                .agent_call(
+                    Method::PUT,
+                    "/livechat/agents/me/status",
+                    agent,
+                    1,
+                    Some(json!({ "status": status })),
+                )
+                .await;
+            assert_eq!(code, 200, "{body}");
+        }
+    };
+    // Agent 8 is away: not online, so agent 7 is the last one online.
+    status(8, "away").await;
+    let (served, _) = visitor_start(&app, "First").await;
+    let (waiting, auth) = visitor_start(&app, "Second").await;
+    let elsewhere = {
+        let tenant = TenantId::new(2).unwrap();
+        let app = &app;
+        let start = |user: i64| async move {
+            let customer = app
+                .chat
+                .resolve_customer(
+                    tenant,
+                    livechat_core::CustomerIdentity::User(livechat_tests::u(user)),
+                )
+                .await
+                .unwrap();
+            app.chat
+                .start_customer_chat(
+                    tenant,
+                    customer.id,
+                    livechat_core::CustomerChatRequest {
+                        topic: "Elsewhere".into(),
+                        ..Default::default()
+                    },
+                )
+                .await
+                .unwrap()
+                .view
+                .session
+        };
+        start(300).await;
+        start(301).await
+    };
+    assert_eq!(elsewhere.status, livechat_core::SessionStatus::Waiting);
+    let chat = |id: String| {
+        let auth = auth.clone();
+        let app = &app;
+        async move {
+            let (code, body) =
+                customer_get(app, &format!("/livechat/customer/chats/{id}"), &auth).await;
+            assert_eq!(code, 200, "{body}");
+            body["data"].clone()
+        }
+    };
+    let before = chat(waiting.clone()).await;
+    assert_eq!(before["status"], "WAITING");
+    assert!(
+        before["ticket_id"].is_null(),
+        "an agent is online: {before}"
+    );
+
+    status(7, "offline").await;
+    let after = chat(waiting.clone()).await;
+    assert_eq!(after["status"], "WAITING", "it keeps waiting: {after}");
+    assert_eq!(after["queue_position"], 1);
+    let ticket_id = after["ticket_id"]
+        .as_str()
+        .expect("a ticket once no agent is online")
+        .to_owned();
+    let (_, open) = app
+        .agent_call(
+            Method::GET,
+            &format!("/livechat/sessions/{served}"),
+            7,
+            1,
+            None,
+        )
+        .await;
+    assert_eq!(open["data"]["status"], "OPEN");
+    assert!(open["data"]["ticket_id"].is_null(), "a served chat: {open}");
+    let other = app
+        .chat
+        .get_session(TenantId::new(2).unwrap(), elsewhere.id)
+        .await
+        .unwrap();
+    assert_eq!(other.session.ticket_id, None, "tenant 2 has agent 9 online");
+
+    // The request carries what a ticket system needs, the first message too.
+    let page = livechat_core::PageSize::parse(Some(200), app.chat.config()).unwrap();
+    let events = livechat_core::OutboxRepository::list_events(
+        app.chat.store(),
+        TenantId::new(1).unwrap(),
+        None,
+        page,
+    )
+    .await
+    .unwrap();
+    let requested: Vec<TicketRequested> = events
+        .iter()
+        .filter(|e| e.kind == livechat_core::EventKind::TicketRequested)
+        .map(|e| e.payload.decode().unwrap())
+        .collect();
+    assert_eq!(requested.len(), 1, "{requested:?}");
+    assert_eq!(requested[0].ticket_id.to_string(), ticket_id);
+    assert_eq!(
+        requested[0].session_id.map(|s| s.to_string()),
+        Some(waiting.clone())
+    );
+    assert_eq!(requested[0].topic.as_deref(), Some("Second"));
+    assert_eq!(requested[0].first_message.as_deref(), Some("anyone?"));
+    assert!(
+        events
+            .iter()
+            .any(|e| e.kind == livechat_core::EventKind::SessionUpdated
+                && e.session_id.map(|s| s.to_string()) == Some(waiting.clone())),
+        "followers are told of the ticket"
+    );
+
+    // Online and offline again, and housekeeping: still one ticket.
+    status(7, "online").await;
+    status(7, "offline").await;
+    assert!(
+        app.chat
+            .ticket_unattended_chats(None)
+            .await
+            .unwrap()
+            .is_empty()
+    );
+    drain(&app.dispatcher, &app.db).await;
+    let (code, tickets) = app
+        .agent_call(Method::GET, "/livechat/tickets", 7, 1, None)
+        .await;
+    assert_eq!(code, 200, "{tickets}");
+    let tickets = tickets["data"].as_array().unwrap();
+    assert_eq!(tickets.len(), 1, "exactly one ticket: {tickets:?}");
+    assert_eq!(tickets[0]["id"], ticket_id.as_str());
+    assert_eq!(tickets[0]["session_id"], waiting.as_str());
+    assert_eq!(tickets[0]["reason"], "no_agent_online");
+    assert_eq!(tickets[0]["subject"], "Second");
+    assert_eq!(tickets[0]["status"], "OPEN");
+    assert_eq!(chat(waiting).await["ticket_id"], ticket_id.as_str());
 }
 
 async fn ticket_then_notification_on_agent_reply(backend: Backend) {

@@ -22,6 +22,8 @@ on_both_databases!(
     an_agent_who_chose_offline_is_not_announced_back,
     an_agent_of_a_crashed_node_is_announced_offline,
     an_agent_whose_presence_ran_out_is_announced_offline,
+    a_chat_left_waiting_when_the_last_agent_disconnects_becomes_a_ticket,
+    housekeeping_tickets_a_chat_whose_last_agent_ran_out,
     a_retried_send_publishes_its_unpublished_original,
     slow_consumer_is_closed_with_1013,
     connection_status_and_offline_notifications,
@@ -179,6 +181,11 @@ async fn start_chat(node: &Node, user: i64) -> SessionView {
         .set_agent_status(t(1), u(7), PresenceStatus::Online)
         .await
         .unwrap();
+    start_chat_as(node, user).await
+}
+
+/// Customer `user` (an identified host user) starts a chat in tenant 1.
+async fn start_chat_as(node: &Node, user: i64) -> SessionView {
     let customer = node
         .chat
         .resolve_customer(t(1), CustomerIdentity::User(u(user)))
@@ -985,6 +992,74 @@ async fn an_agent_whose_presence_ran_out_is_announced_offline(backend: Backend) 
     heartbeat().await;
     let seen = watcher.drain(Duration::from_millis(400)).await;
     assert!(no_presence(&seen), "announced back once: {seen:?}");
+}
+
+/// A chat that queued behind agent 7, busy and the tenant's last agent
+/// online, becomes a ticket once 7's last WebSocket has closed and the
+/// presence grace has passed; the tenant's agents see the queue change.
+async fn a_chat_left_waiting_when_the_last_agent_disconnects_becomes_a_ticket(backend: Backend) {
+    let (_app, node) = node(backend, |_| {}).await;
+    node.chat.set_agent_capacity(t(1), 1).await.unwrap();
+    let served = start_chat(&node, 300).await.session;
+    assert_eq!(served.status, SessionStatus::Open);
+    let waiting = start_chat_as(&node, 301).await.session;
+    assert_eq!(waiting.status, SessionStatus::Waiting);
+    assert_eq!(waiting.ticket_id, None, "agent 7 is online");
+    let mut watcher = watcher(&node).await;
+    let mut agent = WsClient::connect_with_header(&node.ws_url(), &agent_auth(7), 1)
+        .await
+        .unwrap();
+    agent.expect("ready").await;
+    agent.drop_now();
+    expect_presence(&mut watcher, 7, "offline").await;
+    let queue = watcher.expect("queue_updated").await;
+    assert_eq!(
+        (queue["session_id"].as_str(), queue["status"].as_str()),
+        (Some(waiting.id.to_string().as_str()), Some("WAITING")),
+        "{queue}"
+    );
+    let ticketed = node.chat.get_session(t(1), waiting.id).await.unwrap();
+    assert_eq!(ticketed.session.status, SessionStatus::Waiting);
+    assert!(ticketed.session.ticket_id.is_some(), "{ticketed:?}");
+    let open = node.chat.get_session(t(1), served.id).await.unwrap();
+    assert_eq!(open.session.ticket_id, None, "a served chat");
+    assert!(
+        node.livechat
+            .ticket_unattended_chats()
+            .await
+            .unwrap()
+            .is_empty(),
+        "ticketed once"
+    );
+}
+
+/// An agent who used only the HTTP routes stops sending heartbeats: once
+/// their presence has run out, housekeeping tickets the chat left waiting
+/// behind them, once.
+async fn housekeeping_tickets_a_chat_whose_last_agent_ran_out(backend: Backend) {
+    let (_app, node) = node(backend, |_| {}).await;
+    node.chat.set_agent_capacity(t(1), 1).await.unwrap();
+    let served = start_chat(&node, 300).await.session;
+    assert_eq!(served.status, SessionStatus::Open);
+    let waiting = start_chat_as(&node, 301).await.session;
+    assert_eq!(waiting.ticket_id, None, "agent 7 is online");
+    let sweep = || async {
+        node.livechat
+            .ticket_unattended_chats()
+            .await
+            .unwrap()
+            .into_iter()
+            .map(|s| (s.id, s.ticket_id.is_some()))
+            .collect::<Vec<_>>()
+    };
+    assert!(sweep().await.is_empty(), "agent 7 is fresh");
+    // The node's presence TTL is 2 s.
+    tokio::time::sleep(Duration::from_millis(2300)).await;
+    assert_eq!(sweep().await, vec![(waiting.id, true)]);
+    assert!(sweep().await.is_empty(), "ticketed once");
+    let ticketed = node.chat.get_session(t(1), waiting.id).await.unwrap();
+    assert_eq!(ticketed.session.status, SessionStatus::Waiting);
+    assert!(ticketed.session.ticket_id.is_some());
 }
 
 /// An agent whose chosen status is `offline` is announced offline when the

@@ -172,6 +172,17 @@ async fn unticketed_waiting(
         .await
 }
 
+/// Whether `tenant` has a WAITING session without a ticket and no agent
+/// online: what [`ticket_unattended`] acts on.
+async fn awaits_tickets(
+    conn: &impl ConnectionTrait,
+    tenant: TenantId,
+    policy: &RoutingPolicy,
+) -> Result<bool, DbErr> {
+    Ok(!unticketed_waiting(conn, tenant, Some(1)).await?.is_empty()
+        && !any_agent_online(conn, tenant, policy).await?)
+}
+
 /// Tickets `tenant`'s WAITING sessions that have no ticket when no agent
 /// of the tenant is online (capacity aside): chats that waited behind
 /// busy agents when the last of them went offline, away, or ran out of
@@ -190,10 +201,10 @@ pub(super) async fn ticket_unattended(
     tenant: TenantId,
     policy: &RoutingPolicy,
 ) -> Result<Vec<ChatSession>, ChatError> {
-    let waiting = unticketed_waiting(tx, tenant, None).await?;
-    if waiting.is_empty() || any_agent_online(tx, tenant, policy).await? {
+    if !awaits_tickets(tx, tenant, policy).await? {
         return Ok(Vec::new());
     }
+    let waiting = unticketed_waiting(tx, tenant, None).await?;
     let at = now();
     let mut ticketed = Vec::with_capacity(waiting.len());
     for row in waiting {
@@ -386,13 +397,9 @@ impl SessionRepository for SeaOrmStore {
         };
         let mut ticketed = Vec::new();
         for tenant in tenants {
-            // Read first, without the routing lock, which is a write: most
-            // calls find an agent online or nothing waiting unticketed.
-            if unticketed_waiting(&self.db, tenant, Some(1))
-                .await?
-                .is_empty()
-                || any_agent_online(&self.db, tenant, policy).await?
-            {
+            // Read first without the routing lock, which is a write: most
+            // calls find nothing to ticket.
+            if !awaits_tickets(&self.db, tenant, policy).await? {
                 continue;
             }
             let tx = self.begin_write().await?;

@@ -5,7 +5,8 @@ use std::time::Duration;
 
 use livechat_core::bus::InProcessBus;
 use livechat_core::{
-    CustomerChatRequest, CustomerIdentity, PresenceStatus, SessionId, SessionStatus, SessionView,
+    ChatSession, CustomerChatRequest, CustomerIdentity, PresenceStatus, SessionId, SessionStatus,
+    SessionView,
 };
 use livechat_tests::node::{Node, WsClient};
 use livechat_tests::{App, Backend, on_both_databases};
@@ -994,17 +995,24 @@ async fn an_agent_whose_presence_ran_out_is_announced_offline(backend: Backend) 
     assert!(no_presence(&seen), "announced back once: {seen:?}");
 }
 
+/// With a capacity of 1, a chat served by agent 7 (online, the tenant's
+/// only agent) and one waiting behind it, without a ticket.
+async fn waiting_behind_agent_7(node: &Node) -> (ChatSession, ChatSession) {
+    node.chat.set_agent_capacity(t(1), 1).await.unwrap();
+    let served = start_chat(node, 300).await.session;
+    assert_eq!(served.status, SessionStatus::Open);
+    let waiting = start_chat_as(node, 301).await.session;
+    assert_eq!(waiting.status, SessionStatus::Waiting);
+    assert_eq!(waiting.ticket_id, None, "agent 7 is online");
+    (served, waiting)
+}
+
 /// A chat that queued behind agent 7, busy and the tenant's last agent
 /// online, becomes a ticket once 7's last WebSocket has closed and the
 /// presence grace has passed; the tenant's agents see the queue change.
 async fn a_chat_left_waiting_when_the_last_agent_disconnects_becomes_a_ticket(backend: Backend) {
     let (_app, node) = node(backend, |_| {}).await;
-    node.chat.set_agent_capacity(t(1), 1).await.unwrap();
-    let served = start_chat(&node, 300).await.session;
-    assert_eq!(served.status, SessionStatus::Open);
-    let waiting = start_chat_as(&node, 301).await.session;
-    assert_eq!(waiting.status, SessionStatus::Waiting);
-    assert_eq!(waiting.ticket_id, None, "agent 7 is online");
+    let (served, waiting) = waiting_behind_agent_7(&node).await;
     let mut watcher = watcher(&node).await;
     let mut agent = WsClient::connect_with_header(&node.ws_url(), &agent_auth(7), 1)
         .await
@@ -1038,11 +1046,7 @@ async fn a_chat_left_waiting_when_the_last_agent_disconnects_becomes_a_ticket(ba
 /// behind them, once.
 async fn housekeeping_tickets_a_chat_whose_last_agent_ran_out(backend: Backend) {
     let (_app, node) = node(backend, |_| {}).await;
-    node.chat.set_agent_capacity(t(1), 1).await.unwrap();
-    let served = start_chat(&node, 300).await.session;
-    assert_eq!(served.status, SessionStatus::Open);
-    let waiting = start_chat_as(&node, 301).await.session;
-    assert_eq!(waiting.ticket_id, None, "agent 7 is online");
+    let (_, waiting) = waiting_behind_agent_7(&node).await;
     let sweep = || async {
         node.livechat
             .ticket_unattended_chats()

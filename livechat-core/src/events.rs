@@ -32,6 +32,11 @@ pub enum EventKind {
     /// payload: [`TicketRequested`].
     #[serde(rename = "ticket.requested")]
     TicketRequested,
+    /// An agent closed a ticket (one opened for a request no agent could
+    /// take); payload: [`TicketClosed`]. A ticket of a session also closes
+    /// with its session (`session.closed` carries its `ticket_id`).
+    #[serde(rename = "ticket.closed")]
+    TicketClosed,
     /// A visitor was linked to an identified customer; payload:
     /// `{"visitor_id", "customer_id"}`.
     #[serde(rename = "customer.linked")]
@@ -57,6 +62,7 @@ impl EventKind {
             Self::SessionAssigned => "session.assigned",
             Self::SessionUpdated => "session.updated",
             Self::TicketRequested => "ticket.requested",
+            Self::TicketClosed => "ticket.closed",
             Self::CustomerLinked => "customer.linked",
             Self::SessionClosed => "session.closed",
             Self::MessagePosted => "message.posted",
@@ -72,6 +78,7 @@ impl EventKind {
             Self::SessionAssigned,
             Self::SessionUpdated,
             Self::TicketRequested,
+            Self::TicketClosed,
             Self::CustomerLinked,
             Self::SessionClosed,
             Self::MessagePosted,
@@ -222,6 +229,17 @@ pub struct TicketRequested {
     /// The first message: the one given at start, or, for a chat ticketed
     /// while it waited, its first customer message (if any).
     pub first_message: Option<String>,
+}
+
+/// Payload of [`EventKind::TicketClosed`]: the ticket an agent closed.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TicketClosed {
+    /// The ticket.
+    pub ticket_id: TicketId,
+    /// Owning tenant.
+    pub tenant_id: TenantId,
+    /// The agent who closed it.
+    pub closed_by: UserId,
 }
 
 /// Payload of [`EventKind::MessagePosted`]: the message plus what

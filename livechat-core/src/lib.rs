@@ -43,7 +43,8 @@ mod validate;
 pub use config::{ChatConfig, RoutingPolicy};
 pub use error::ChatError;
 pub use events::{
-    DomainEvent, EventKind, EventPayload, MessagePosted, TicketReason, TicketRequested,
+    DomainEvent, EventKind, EventPayload, MessagePosted, TicketClosed, TicketReason,
+    TicketRequested,
 };
 pub use ids::{
     CustomerId, EventId, MessageId, NotificationId, SessionId, TenantId, TicketId, UserId,

@@ -14,7 +14,7 @@ use std::future::Future;
 
 use crate::config::RoutingPolicy;
 use crate::error::ChatError;
-use crate::events::{DomainEvent, TicketRequested};
+use crate::events::{DomainEvent, TicketClosed, TicketRequested};
 use crate::ids::{CustomerId, EventId, SessionId, TenantId, TicketId, UserId};
 use crate::model::{
     AgentPresence, ChatMessage, ChatSession, Contact, Customer, CustomerIdentity, PresenceStatus,
@@ -106,6 +106,16 @@ pub trait SessionRepository: Send + Sync {
         tenant: Option<TenantId>,
         policy: &RoutingPolicy,
     ) -> impl Future<Output = Result<Vec<ChatSession>, ChatError>> + Send;
+
+    /// Writes a `ticket.closed` event (under `session`, the ticket's session
+    /// if it has one, so that it is consumed in order with the session's
+    /// events); the ticket sinks close the ticket when they handle it.
+    fn close_ticket(
+        &self,
+        tenant: TenantId,
+        session: Option<SessionId>,
+        closed: TicketClosed,
+    ) -> impl Future<Output = Result<(), ChatError>> + Send;
 
     /// Writes a `ticket.requested` event for a request no agent could take
     /// and returns the allocated ticket id (`request.ticket_id` is ignored).

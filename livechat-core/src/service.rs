@@ -2,7 +2,7 @@
 
 use crate::config::ChatConfig;
 use crate::error::ChatError;
-use crate::events::{TicketReason, TicketRequested};
+use crate::events::{TicketClosed, TicketReason, TicketRequested};
 use crate::ids::{CustomerId, SessionId, TenantId, TicketId, UserId};
 use crate::model::{
     AgentPresence, ChatMessage, ChatSession, Contact, Customer, CustomerIdentity, PresenceStatus,
@@ -764,6 +764,38 @@ impl<S: ChatStore> ChatService<S> {
             .clear_offline_announcement(tenant, agent)
             .await?
             .filter(|p| p.status != PresenceStatus::Offline))
+    }
+
+    /// `agent` closes the OPEN ticket `ticket` of `tenant` (whose session,
+    /// if any, is `session`): records `ticket.closed`, and the ticket sinks
+    /// close the ticket when the dispatcher handles it (the default tables
+    /// then show it CLOSED, with the event's time as `closed_at`). Tickets
+    /// live outside core, so the caller reads the ticket first (through its
+    /// [`crate::TicketDirectory`]) to know that it exists in the tenant and
+    /// is still open; a ticket closed twice is closed once, since closing
+    /// a closed ticket changes nothing. Tickets addressed to an agent
+    /// (`agent_offline`) have no session, and nothing else closes them.
+    ///
+    /// # Errors
+    /// [`ChatError::Storage`] only.
+    pub async fn close_ticket(
+        &self,
+        tenant: TenantId,
+        agent: UserId,
+        ticket: TicketId,
+        session: Option<SessionId>,
+    ) -> Result<(), ChatError> {
+        self.store
+            .close_ticket(
+                tenant,
+                session,
+                TicketClosed {
+                    ticket_id: ticket,
+                    tenant_id: tenant,
+                    closed_by: agent,
+                },
+            )
+            .await
     }
 
     /// Tickets the WAITING chats without a ticket of `tenant` (`None`: of

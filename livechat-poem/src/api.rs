@@ -4,7 +4,9 @@
 use std::sync::Arc;
 
 use livechat_core::bus::EventBus;
-use livechat_core::{ChatService, PageSize, SessionId, TenantId, TicketDirectory, UserId};
+use livechat_core::{
+    ChatService, PageSize, SessionId, TenantId, TicketDirectory, TicketStatus, UserId,
+};
 use poem::Request;
 use poem_openapi::auth::Bearer;
 use poem_openapi::param::{Header, Path, Query};
@@ -260,6 +262,17 @@ enum TicketResponse {
     /// The ticket.
     #[oai(status = 200)]
     Ok(Json<TicketEnvelope>),
+}
+
+#[derive(ApiResponse)]
+enum TicketCloseResponse {
+    /// The ticket was closed already; nothing changed.
+    #[oai(status = 200)]
+    Closed(Json<TicketEnvelope>),
+    /// The close is recorded; the ticket, shown as it was, reads CLOSED once
+    /// the ticket bridge's dispatcher has handled it.
+    #[oai(status = 202)]
+    Accepted(Json<TicketEnvelope>),
 }
 
 #[derive(ApiResponse)]
@@ -574,6 +587,39 @@ impl AgentApi {
         let id = id.0.parse().map_err(|_| ApiError::not_found())?;
         let ticket = self.tickets()?.get_ticket(auth.tenant(), id).await?;
         Ok(TicketResponse::Ok(Json(TicketEnvelope {
+            data: ticket.into(),
+        })))
+    }
+
+    /// Close an OPEN ticket: a ticket addressed to an agent
+    /// (`agent_offline`, which has no session to close it), or one of a
+    /// session whose request is handled. Answers 202 with the ticket as it
+    /// was; the ticket bridge's dispatcher then closes it in every ticket
+    /// sink (the default tables, a webhook's `ticket.closed`). A ticket
+    /// closed already answers 200 and changes nothing. The session, if
+    /// any, stays as it is.
+    #[oai(
+        path = "/tickets/:id/close",
+        method = "post",
+        operation_id = "close_ticket"
+    )]
+    async fn close_ticket(
+        &self,
+        auth: AgentAuth,
+        /// Ticket id (UUID).
+        id: Path<String>,
+    ) -> Result<TicketCloseResponse, ApiError> {
+        let id = id.0.parse().map_err(|_| ApiError::not_found())?;
+        let ticket = self.tickets()?.get_ticket(auth.tenant(), id).await?;
+        if ticket.status == TicketStatus::Closed {
+            return Ok(TicketCloseResponse::Closed(Json(TicketEnvelope {
+                data: ticket.into(),
+            })));
+        }
+        self.chat
+            .close_ticket(auth.tenant(), auth.user(), ticket.id, ticket.session_id)
+            .await?;
+        Ok(TicketCloseResponse::Accepted(Json(TicketEnvelope {
             data: ticket.into(),
         })))
     }

@@ -453,7 +453,9 @@ impl Sinks {
     fn work(self, event: &DomainEvent) -> Result<Option<Work>, String> {
         let work = match event.kind {
             EventKind::TicketRequested if self.tickets => Some(Work::OpenTicket(decode(event)?)),
-            EventKind::SessionClosed if self.tickets => {
+            EventKind::SessionClosed | EventKind::TicketClosed if self.tickets => {
+                // A closed session's ticket, if it has one; a closed
+                // ticket's own id.
                 #[derive(Deserialize)]
                 struct Closed {
                     ticket_id: Option<TicketId>,
@@ -996,6 +998,10 @@ mod tests {
         let (ticket_id, requested) = ticket_requested();
         let closed = event(EventKind::SessionClosed, json!({"ticket_id": ticket_id}));
         let closed_untracked = event(EventKind::SessionClosed, json!({"ticket_id": null}));
+        let ticket_closed = event(
+            EventKind::TicketClosed,
+            json!({"ticket_id": ticket_id, "tenant_id": 1, "closed_by": 7}),
+        );
         let reply = message_posted(SenderType::Agent, "hi", Some(ticket_id));
         let from_customer = message_posted(SenderType::Customer, "hi", Some(ticket_id));
         let unticketed = message_posted(SenderType::Agent, "hi", None);
@@ -1011,6 +1017,7 @@ mod tests {
             (&requested, true, true),
             (&closed, true, true),
             (&closed_untracked, false, false),
+            (&ticket_closed, true, true),
             (&reply, true, false),
             (&from_customer, false, false),
             (&unticketed, false, false),

@@ -37,7 +37,8 @@ pub trait TicketSink: Send + Sync + 'static {
     async fn open_ticket(&self, request: &TicketRequested, key: EventId) -> Result<(), SinkError>;
 
     /// Closes `ticket` of `tenant` because its session closed (event
-    /// `session.closed`). Closing a closed or unknown ticket is not an error.
+    /// `session.closed`) or an agent closed it (event `ticket.closed`).
+    /// Closing a closed or unknown ticket is not an error.
     ///
     /// # Errors
     /// As for [`TicketSink::open_ticket`].

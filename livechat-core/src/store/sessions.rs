@@ -16,7 +16,7 @@ use super::{
 };
 use crate::config::RoutingPolicy;
 use crate::error::ChatError;
-use crate::events::{EventKind, MessagePosted, TicketReason, TicketRequested};
+use crate::events::{EventKind, MessagePosted, TicketClosed, TicketReason, TicketRequested};
 use crate::ids::{CustomerId, MessageId, SessionId, TenantId, TicketId, UserId};
 use crate::model::{
     ChatMessage, ChatSession, Contact, Priority, Sender, SenderType, SessionOrigin, SessionStatus,
@@ -410,6 +410,27 @@ impl SessionRepository for SeaOrmStore {
             ticketed.extend(sessions);
         }
         Ok(ticketed)
+    }
+
+    async fn close_ticket(
+        &self,
+        tenant: TenantId,
+        session: Option<SessionId>,
+        closed: TicketClosed,
+    ) -> Result<(), ChatError> {
+        let tx = self.begin_write().await?;
+        let mut ev = self.recorder();
+        record_event(
+            &tx,
+            &mut ev,
+            tenant,
+            session,
+            EventKind::TicketClosed,
+            &closed,
+        )
+        .await?;
+        self.commit(tx, ev).await?;
+        Ok(())
     }
 
     async fn request_ticket(

@@ -166,7 +166,7 @@ impl TicketSink for SeaOrmSinks {
     }
 
     /// Sets an `OPEN` ticket of `tenant` to `CLOSED` with `closed_at` = the
-    /// time of the close, taken from `key` (the `session.closed` event's
+    /// time of the close, taken from `key` (the `session.closed` or `ticket.closed` event's
     /// UUIDv7 id, allocated when the close was committed), not from the
     /// delivery, which a retried sink may hold up for minutes; a closed,
     /// unknown or other tenant's ticket is left alone.

@@ -19,6 +19,7 @@ use serde_json::{Value, json};
 on_both_databases!(
     ticket_then_notification_on_agent_reply,
     a_chat_left_waiting_by_the_last_agent_becomes_a_ticket,
+    agents_close_tickets,
     a_visitors_notifications_follow_it_when_it_logs_in,
     failing_sink_retries_to_exactly_one,
     events_behind_a_retried_event_do_not_wait_for_their_lease,
@@ -255,6 +256,118 @@ async fn a_chat_left_waiting_by_the_last_agent_becomes_a_ticket(backend: Backend
     assert_eq!(tickets[0]["subject"], "Second");
     assert_eq!(tickets[0]["status"], "OPEN");
     assert_eq!(chat(waiting).await["ticket_id"], ticket_id.as_str());
+}
+
+/// An agent closes a ticket addressed to an offline agent, which has no
+/// session to close it, and one of a waiting chat: 202, then CLOSED once
+/// the dispatcher has run. Closing again changes nothing, the session's
+/// own close later leaves the ticket as it is, and other tenants,
+/// customers and unknown ids cannot close one.
+async fn agents_close_tickets(backend: Backend) {
+    let app = App::new(backend).await;
+    // Nobody online: a visitor's chat waits with a ticket.
+    let (chat, visitor) = visitor_start(&app, "Refund").await;
+    let (_, s) = customer_get(&app, &format!("/livechat/customer/chats/{chat}"), &visitor).await;
+    let chat_ticket = s["data"]["ticket_id"].as_str().unwrap().to_owned();
+    // Agent 7 asks for a chat with agent 4, who is not online.
+    app.go_online(7, 1).await;
+    let (code, body) = app
+        .agent_call(
+            Method::POST,
+            "/livechat/sessions",
+            7,
+            1,
+            Some(json!({"agent_id": 4})),
+        )
+        .await;
+    assert_eq!(
+        (code.as_u16(), body["error"]["code"].as_str()),
+        (400, Some("agent_offline")),
+        "{body}"
+    );
+    let agent_ticket = body["error"]["ticket_id"].as_str().unwrap().to_owned();
+    let close = |ticket: &str, agent: i64, tenant: i64| {
+        let path = format!("/livechat/tickets/{ticket}/close");
+        let app = &app;
+        async move {
+            app.agent_call(Method::POST, &path, agent, tenant, None)
+                .await
+        }
+    };
+    let get = |ticket: &str| {
+        let path = format!("/livechat/tickets/{ticket}");
+        let app = &app;
+        async move {
+            let (code, body) = app.agent_call(Method::GET, &path, 7, 1, None).await;
+            assert_eq!(code, 200, "{body}");
+            body["data"].clone()
+        }
+    };
+    // Not written by the dispatcher yet: not found, as for reading it.
+    assert_eq!(close(&agent_ticket, 7, 1).await.0, 404);
+    drain(&app.dispatcher, &app.db).await;
+
+    for (ticket, bad) in [
+        (agent_ticket.as_str(), (9, 2)),
+        (&*uuid::Uuid::now_v7().to_string(), (7, 1)),
+        ("not-a-ticket", (7, 1)),
+    ] {
+        let (code, body) = close(ticket, bad.0, bad.1).await;
+        assert_eq!(code, 404, "{ticket} by {bad:?}: {body}");
+        assert_eq!(body["error"]["code"], "not_found");
+    }
+    let (code, body) = App::decode(
+        app.client
+            .post(format!("/livechat/tickets/{agent_ticket}/close"))
+            .header("X-Tenant-ID", "1")
+            .header("Authorization", visitor.as_str())
+            .send()
+            .await,
+    )
+    .await;
+    assert_eq!(code, 401, "a customer: {body}");
+    assert_eq!(get(&agent_ticket).await["status"], "OPEN");
+
+    for ticket in [&agent_ticket, &chat_ticket] {
+        let (code, body) = close(ticket, 7, 1).await;
+        assert_eq!(code, 202, "{body}");
+        assert_eq!(body["data"]["id"], ticket.as_str());
+        assert_eq!(body["data"]["status"], "OPEN", "as it was");
+    }
+    drain(&app.dispatcher, &app.db).await;
+    let closed = get(&agent_ticket).await;
+    assert_eq!(closed["status"], "CLOSED", "{closed}");
+    assert!(closed["closed_at"].is_string(), "{closed}");
+    let chat_closed = get(&chat_ticket).await;
+    assert_eq!(chat_closed["status"], "CLOSED");
+    let (_, open) = app
+        .agent_call(Method::GET, "/livechat/tickets?status=OPEN", 7, 1, None)
+        .await;
+    assert_eq!(open["data"], json!([]));
+    // The chat itself is untouched: still with agent 7 (who took it from
+    // the queue on coming online), still ticketed.
+    let (_, s) = customer_get(&app, &format!("/livechat/customer/chats/{chat}"), &visitor).await;
+    assert_eq!(s["data"]["status"], "OPEN");
+    assert_eq!(s["data"]["ticket_id"], chat_ticket.as_str());
+
+    // Again: 200, nothing new to dispatch.
+    let (code, body) = close(&agent_ticket, 7, 1).await;
+    assert_eq!(code, 200, "{body}");
+    assert_eq!(body["data"]["status"], "CLOSED");
+    assert_eq!(livechat_tests::pending_events(&app.db).await, 0);
+    // The chat's own close later leaves its ticket as it was.
+    let (code, _) = App::decode(
+        app.client
+            .post(format!("/livechat/customer/chats/{chat}/close"))
+            .header("X-Tenant-ID", "1")
+            .header("Authorization", visitor.as_str())
+            .send()
+            .await,
+    )
+    .await;
+    assert_eq!(code, 200);
+    drain(&app.dispatcher, &app.db).await;
+    assert_eq!(get(&chat_ticket).await, chat_closed);
 }
 
 async fn ticket_then_notification_on_agent_reply(backend: Backend) {

@@ -61,5 +61,5 @@ pub use repository::{
     OutboxRepository, PendingAppend, PresenceRepository, PurgedConnections, SessionConnections,
     SessionRepository,
 };
-pub use service::{ChatService, ContactInput, CustomerChatRequest, HistoryPage};
+pub use service::{ChatService, ContactInput, CustomerChatRequest, HistoryPage, TicketClose};
 pub use validate::{ClientMsgId, MessageBody, PageSize, Topic, after_seq, parse_department};

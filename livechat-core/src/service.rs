@@ -4,6 +4,7 @@ use crate::config::ChatConfig;
 use crate::error::ChatError;
 use crate::events::{TicketClosed, TicketReason, TicketRequested};
 use crate::ids::{CustomerId, SessionId, TenantId, TicketId, UserId};
+use crate::inbox::{Ticket, TicketDirectory, TicketStatus};
 use crate::model::{
     AgentPresence, ChatMessage, ChatSession, Contact, Customer, CustomerIdentity, PresenceStatus,
     Priority, Sender, SessionStatus, SessionView,
@@ -65,6 +66,17 @@ pub struct CustomerChatRequest {
     pub client_ip: Option<String>,
     /// Client User-Agent.
     pub user_agent: Option<String>,
+}
+
+/// What [`ChatService::close_ticket`] did.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum TicketClose {
+    /// The ticket was OPEN: its close is recorded (`ticket.closed`), and it
+    /// reads CLOSED once the dispatcher has handled it. Holds the ticket as
+    /// it was.
+    Recorded(Ticket),
+    /// The ticket was CLOSED already; nothing changed.
+    AlreadyClosed(Ticket),
 }
 
 /// A page of a customer's history.
@@ -766,36 +778,47 @@ impl<S: ChatStore> ChatService<S> {
             .filter(|p| p.status != PresenceStatus::Offline))
     }
 
-    /// `agent` closes the OPEN ticket `ticket` of `tenant` (whose session,
-    /// if any, is `session`): records `ticket.closed`, and the ticket sinks
-    /// close the ticket when the dispatcher handles it (the default tables
-    /// then show it CLOSED, with the event's time as `closed_at`). Tickets
-    /// live outside core, so the caller reads the ticket first (through its
-    /// [`crate::TicketDirectory`]) to know that it exists in the tenant and
-    /// is still open; a ticket closed twice is closed once, since closing
-    /// a closed ticket changes nothing. Tickets addressed to an agent
-    /// (`agent_offline`) have no session, and nothing else closes them.
+    /// `agent` closes the ticket `id` of `tenant`, read through `tickets`
+    /// (tickets live outside core: [`crate::TicketDirectory`]). An OPEN
+    /// ticket gets a `ticket.closed` event (under its session, if it has
+    /// one, so that it is consumed in order with the session's events), and
+    /// the ticket sinks close it when the dispatcher handles it (the
+    /// default tables then show it CLOSED, with the event's time as
+    /// `closed_at`): [`TicketClose::Recorded`] with the ticket as it was. A
+    /// CLOSED ticket is left as it is: [`TicketClose::AlreadyClosed`]. Two
+    /// closes at once may both be recorded; the sinks close the ticket
+    /// once. Tickets addressed to an agent (`agent_offline`) have no
+    /// session, and nothing else closes them; a session's ticket also
+    /// closes with its session, and closing the ticket leaves the session
+    /// as it is.
     ///
     /// # Errors
-    /// [`ChatError::Storage`] only.
+    /// [`ChatError::NotFound`] when `tickets` has no such ticket in the
+    /// tenant (also before the dispatcher has written it); what `tickets`
+    /// answers otherwise; [`ChatError::Storage`].
     pub async fn close_ticket(
         &self,
+        tickets: &dyn TicketDirectory,
         tenant: TenantId,
         agent: UserId,
-        ticket: TicketId,
-        session: Option<SessionId>,
-    ) -> Result<(), ChatError> {
+        id: TicketId,
+    ) -> Result<TicketClose, ChatError> {
+        let ticket = tickets.get_ticket(tenant, id).await?;
+        if ticket.status == TicketStatus::Closed {
+            return Ok(TicketClose::AlreadyClosed(ticket));
+        }
         self.store
             .close_ticket(
                 tenant,
-                session,
+                ticket.session_id,
                 TicketClosed {
-                    ticket_id: ticket,
+                    ticket_id: ticket.id,
                     tenant_id: tenant,
                     closed_by: agent,
                 },
             )
-            .await
+            .await?;
+        Ok(TicketClose::Recorded(ticket))
     }
 
     /// Tickets the WAITING chats without a ticket of `tenant` (`None`: of

@@ -5,7 +5,7 @@ use std::sync::Arc;
 
 use livechat_core::bus::EventBus;
 use livechat_core::{
-    ChatService, PageSize, SessionId, TenantId, TicketDirectory, TicketStatus, UserId,
+    ChatService, PageSize, SessionId, TenantId, TicketClose, TicketDirectory, UserId,
 };
 use poem::Request;
 use poem_openapi::auth::Bearer;
@@ -610,17 +610,19 @@ impl AgentApi {
         id: Path<String>,
     ) -> Result<TicketCloseResponse, ApiError> {
         let id = id.0.parse().map_err(|_| ApiError::not_found())?;
-        let ticket = self.tickets()?.get_ticket(auth.tenant(), id).await?;
-        if ticket.status == TicketStatus::Closed {
-            return Ok(TicketCloseResponse::Closed(Json(TicketEnvelope {
-                data: ticket.into(),
-            })));
-        }
-        self.chat
-            .close_ticket(auth.tenant(), auth.user(), ticket.id, ticket.session_id)
+        let closed = self
+            .chat
+            .close_ticket(&**self.tickets()?, auth.tenant(), auth.user(), id)
             .await?;
-        Ok(TicketCloseResponse::Accepted(Json(TicketEnvelope {
-            data: ticket.into(),
-        })))
+        Ok(match closed {
+            TicketClose::Recorded(ticket) => TicketCloseResponse::Accepted(Json(TicketEnvelope {
+                data: ticket.into(),
+            })),
+            TicketClose::AlreadyClosed(ticket) => {
+                TicketCloseResponse::Closed(Json(TicketEnvelope {
+                    data: ticket.into(),
+                }))
+            }
+        })
     }
 }

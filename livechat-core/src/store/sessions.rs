@@ -153,8 +153,7 @@ async fn open_session_ticket(
 }
 
 /// `tenant`'s WAITING sessions without a ticket (`limit` of them at
-/// most), highest priority then oldest first: the queue's
-/// order.
+/// most), highest priority then oldest first: the queue's order.
 async fn unticketed_waiting(
     conn: &impl ConnectionTrait,
     tenant: TenantId,
@@ -320,6 +319,25 @@ fn contact_json(contact: &Contact) -> Result<String, ChatError> {
     serde_json::to_string(contact).map_err(|e| ChatError::Storage(DbErr::Custom(e.to_string())))
 }
 
+impl SeaOrmStore {
+    /// Records one event in a transaction of its own: a request or a
+    /// decision that changes no row of core's (a ticket's request or close,
+    /// whose ticket the sinks keep).
+    async fn record_alone<T: Serialize>(
+        &self,
+        tenant: TenantId,
+        session: Option<SessionId>,
+        kind: EventKind,
+        payload: &T,
+    ) -> Result<(), ChatError> {
+        let tx = self.begin_write().await?;
+        let mut ev = self.recorder();
+        record_event(&tx, &mut ev, tenant, session, kind, payload).await?;
+        self.commit(tx, ev).await?;
+        Ok(())
+    }
+}
+
 impl SessionRepository for SeaOrmStore {
     async fn create_agent_session(
         &self,
@@ -418,19 +436,8 @@ impl SessionRepository for SeaOrmStore {
         session: Option<SessionId>,
         closed: TicketClosed,
     ) -> Result<(), ChatError> {
-        let tx = self.begin_write().await?;
-        let mut ev = self.recorder();
-        record_event(
-            &tx,
-            &mut ev,
-            tenant,
-            session,
-            EventKind::TicketClosed,
-            &closed,
-        )
-        .await?;
-        self.commit(tx, ev).await?;
-        Ok(())
+        self.record_alone(tenant, session, EventKind::TicketClosed, &closed)
+            .await
     }
 
     async fn request_ticket(
@@ -440,18 +447,13 @@ impl SessionRepository for SeaOrmStore {
     ) -> Result<TicketId, ChatError> {
         request.ticket_id = TicketId::generate();
         request.tenant_id = tenant;
-        let tx = self.begin_write().await?;
-        let mut ev = self.recorder();
-        record_event(
-            &tx,
-            &mut ev,
+        self.record_alone(
             tenant,
             request.session_id,
             EventKind::TicketRequested,
             &request,
         )
         .await?;
-        self.commit(tx, ev).await?;
         Ok(request.ticket_id)
     }
 

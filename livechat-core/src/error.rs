@@ -74,6 +74,14 @@ pub enum ChatError {
     /// negative `after_seq`).
     #[error("{0}")]
     InvalidPage(String),
+    /// A ticket without a session cannot be closed yet: its opening
+    /// (`ticket.requested`) is still being delivered to the ticket sinks
+    /// (one of them failing, e.g. a webhook that is down), and nothing
+    /// would order the close after it.
+    #[error(
+        "the ticket's opening is still being delivered to the ticket sinks; close it once it is"
+    )]
+    TicketPending,
     /// The database failed or is unreachable. The cause is for logs only.
     #[error("storage error: {0}")]
     Storage(#[from] sea_orm::DbErr),

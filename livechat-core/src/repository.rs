@@ -110,12 +110,20 @@ pub trait SessionRepository: Send + Sync {
     /// Writes a `ticket.closed` event (under `session`, the ticket's session
     /// if it has one, so that it is consumed in order with the session's
     /// events); the ticket sinks close the ticket when they handle it.
+    /// Returns `false`, writing nothing, when a `ticket.closed` of the
+    /// ticket is still undispatched (the ticket is closing already).
+    ///
+    /// # Errors
+    /// [`ChatError::TicketPending`] for a ticket without a session whose
+    /// `ticket.requested` is still undispatched: without a session nothing
+    /// orders the two events, and a sink could be asked to close the ticket
+    /// before it opens it.
     fn close_ticket(
         &self,
         tenant: TenantId,
         session: Option<SessionId>,
         closed: TicketClosed,
-    ) -> impl Future<Output = Result<(), ChatError>> + Send;
+    ) -> impl Future<Output = Result<bool, ChatError>> + Send;
 
     /// Writes a `ticket.requested` event for a request no agent could take
     /// and returns the allocated ticket id (`request.ticket_id` is ignored).

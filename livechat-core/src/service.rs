@@ -71,9 +71,9 @@ pub struct CustomerChatRequest {
 /// What [`ChatService::close_ticket`] did.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum TicketClose {
-    /// The ticket was OPEN: its close is recorded (`ticket.closed`), and it
-    /// reads CLOSED once the dispatcher has handled it. Holds the ticket as
-    /// it was.
+    /// The ticket was OPEN: its close is recorded (`ticket.closed`, by this
+    /// call or an earlier one not handled yet), and it reads CLOSED once the
+    /// dispatcher has handled it. Holds the ticket as it was.
     Recorded(Ticket),
     /// The ticket was CLOSED already; nothing changed.
     AlreadyClosed(Ticket),
@@ -784,18 +784,23 @@ impl<S: ChatStore> ChatService<S> {
     /// one, so that it is consumed in order with the session's events), and
     /// the ticket sinks close it when the dispatcher handles it (the
     /// default tables then show it CLOSED, with the event's time as
-    /// `closed_at`): [`TicketClose::Recorded`] with the ticket as it was. A
-    /// CLOSED ticket is left as it is: [`TicketClose::AlreadyClosed`]. Two
-    /// closes at once may both be recorded; the sinks close the ticket
-    /// once. Tickets addressed to an agent (`agent_offline`) have no
-    /// session, and nothing else closes them; a session's ticket also
-    /// closes with its session, and closing the ticket leaves the session
-    /// as it is.
+    /// `closed_at`): [`TicketClose::Recorded`] with the ticket as it was.
+    /// While an earlier close is still undispatched (a sink failing meanwhile)
+    /// no second event is written, and the answer is the same. A CLOSED
+    /// ticket is left as it is: [`TicketClose::AlreadyClosed`]. (Two closes
+    /// at the same moment on PostgreSQL may both be recorded; the sinks close
+    /// the ticket once.) Tickets addressed to an agent (`agent_offline`)
+    /// have no session, and nothing else closes them; a session's ticket
+    /// also closes with its session, and closing the ticket leaves the
+    /// session as it is.
     ///
     /// # Errors
     /// [`ChatError::NotFound`] when `tickets` has no such ticket in the
-    /// tenant (also before the dispatcher has written it); what `tickets`
-    /// answers otherwise; [`ChatError::Storage`].
+    /// tenant (also before the dispatcher has written it);
+    /// [`ChatError::TicketPending`] for a ticket without a session whose
+    /// opening is still being delivered to the sinks (nothing would order
+    /// the close after it); what `tickets` answers otherwise;
+    /// [`ChatError::Storage`].
     pub async fn close_ticket(
         &self,
         tickets: &dyn TicketDirectory,
@@ -807,6 +812,7 @@ impl<S: ChatStore> ChatService<S> {
         if ticket.status == TicketStatus::Closed {
             return Ok(TicketClose::AlreadyClosed(ticket));
         }
+        // `false`: an earlier close is still undispatched; nothing new.
         self.store
             .close_ticket(
                 tenant,

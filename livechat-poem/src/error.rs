@@ -157,6 +157,7 @@ impl From<ChatError> for ApiError {
             }
             ChatError::AgentNotOnline(_) => Self::bad_request("agent_offline", err.to_string()),
             ChatError::AlreadyAssigned => Self::Conflict(body("already_assigned", err.to_string())),
+            ChatError::TicketPending => Self::Conflict(body("ticket_pending", err.to_string())),
             ChatError::InvalidInput(msg) => Self::bad_request("invalid_body", msg),
             ChatError::InvalidCustomer(msg) => Self::bad_request("invalid_customer", msg),
             ChatError::ActiveSessionExists(existing) => Self::bad_request(

@@ -7,7 +7,7 @@ use sea_orm::{
 };
 use serde::Serialize;
 
-use super::entity::{message, session};
+use super::entity::{message, outbox, session};
 use super::routing::{
     agent_is_online, any_agent_online, assign, drain_queue, lock_tenant, queue_position,
 };
@@ -234,6 +234,46 @@ pub(super) async fn ticket_unattended(
     Ok(ticketed)
 }
 
+/// The kinds of `ticket`'s ticket events (`ticket.requested`,
+/// `ticket.closed`) that the dispatcher has not settled yet, among the
+/// events of `session` (`None`: events without a session) in `tenant`.
+async fn pending_ticket_events(
+    conn: &impl ConnectionTrait,
+    tenant: TenantId,
+    session: Option<SessionId>,
+    ticket: TicketId,
+) -> Result<Vec<EventKind>, ChatError> {
+    #[derive(serde::Deserialize)]
+    struct Of {
+        ticket_id: Option<TicketId>,
+    }
+    let session = match session {
+        Some(id) => outbox::Column::SessionId.eq(id.as_uuid()),
+        None => outbox::Column::SessionId.is_null(),
+    };
+    let rows: Vec<(String, String)> = outbox::Entity::find()
+        .select_only()
+        .column(outbox::Column::Kind)
+        .column(outbox::Column::Payload)
+        .filter(outbox::Column::TenantId.eq(tenant.get()))
+        .filter(session)
+        .filter(outbox::Column::DispatchedAt.is_null())
+        .filter(outbox::Column::Kind.is_in([
+            EventKind::TicketRequested.as_str(),
+            EventKind::TicketClosed.as_str(),
+        ]))
+        .into_tuple()
+        .all(conn)
+        .await?;
+    Ok(rows
+        .into_iter()
+        .filter(|(_, payload)| {
+            serde_json::from_str::<Of>(payload).is_ok_and(|of| of.ticket_id == Some(ticket))
+        })
+        .filter_map(|(kind, _)| EventKind::parse(&kind))
+        .collect())
+}
+
 /// Closes `row` inside `tx` and writes `session.closed`; `None` if it was
 /// already closed.
 pub(super) async fn close_row(
@@ -435,9 +475,31 @@ impl SessionRepository for SeaOrmStore {
         tenant: TenantId,
         session: Option<SessionId>,
         closed: TicketClosed,
-    ) -> Result<(), ChatError> {
-        self.record_alone(tenant, session, EventKind::TicketClosed, &closed)
-            .await
+    ) -> Result<bool, ChatError> {
+        let tx = self.begin_write().await?;
+        let pending = pending_ticket_events(&tx, tenant, session, closed.ticket_id).await?;
+        if pending.contains(&EventKind::TicketClosed) {
+            // Closed already, once the dispatcher gets to it: one event.
+            tx.rollback().await?;
+            return Ok(false);
+        }
+        if session.is_none() && pending.contains(&EventKind::TicketRequested) {
+            // Only a session orders its events: a close of a ticket without
+            // one could reach a sink before the ticket's opening.
+            return abort(tx, ChatError::TicketPending).await;
+        }
+        let mut ev = self.recorder();
+        record_event(
+            &tx,
+            &mut ev,
+            tenant,
+            session,
+            EventKind::TicketClosed,
+            &closed,
+        )
+        .await?;
+        self.commit(tx, ev).await?;
+        Ok(true)
     }
 
     async fn request_ticket(

@@ -20,6 +20,7 @@ on_both_databases!(
     ticket_then_notification_on_agent_reply,
     a_chat_left_waiting_by_the_last_agent_becomes_a_ticket,
     agents_close_tickets,
+    a_ticket_closes_only_after_its_opening_and_once,
     a_visitors_notifications_follow_it_when_it_logs_in,
     failing_sink_retries_to_exactly_one,
     events_behind_a_retried_event_do_not_wait_for_their_lease,
@@ -368,6 +369,72 @@ async fn agents_close_tickets(backend: Backend) {
     assert_eq!(code, 200);
     drain(&app.dispatcher, &app.db).await;
     assert_eq!(get(&chat_ticket).await, chat_closed);
+}
+
+/// A ticket without a session (addressed to an offline agent) that the
+/// in-app table holds while its opening is still undelivered elsewhere (a
+/// webhook failing) cannot be closed yet: nothing would order the close
+/// after the opening. Once delivered it closes, and a second close while
+/// the first is undispatched writes no second event.
+async fn a_ticket_closes_only_after_its_opening_and_once(backend: Backend) {
+    let app = App::new(backend).await;
+    let (code, body) = app
+        .agent_call(
+            Method::POST,
+            "/livechat/sessions",
+            7,
+            1,
+            Some(json!({"agent_id": 4})),
+        )
+        .await;
+    assert_eq!(code, 400, "{body}");
+    let ticket = body["error"]["ticket_id"].as_str().unwrap().to_owned();
+    // The in-app sink has it; the event stays undispatched, as while
+    // another sink keeps failing.
+    let tenant = TenantId::new(1).unwrap();
+    let page = livechat_core::PageSize::parse(Some(200), app.chat.config()).unwrap();
+    let events = livechat_core::OutboxRepository::list_events(app.chat.store(), tenant, None, page)
+        .await
+        .unwrap();
+    let opening = events
+        .iter()
+        .find(|e| e.kind == livechat_core::EventKind::TicketRequested)
+        .unwrap();
+    SeaOrmSinks::new(app.db.clone())
+        .open_ticket(&opening.payload.decode().unwrap(), opening.id)
+        .await
+        .unwrap();
+    let path = format!("/livechat/tickets/{ticket}/close");
+    let (code, body) = app.agent_call(Method::POST, &path, 7, 1, None).await;
+    assert_eq!(code, 409, "{body}");
+    assert_eq!(body["error"]["code"], "ticket_pending");
+    assert_eq!(
+        livechat_tests::pending_events(&app.db).await,
+        1,
+        "nothing new"
+    );
+
+    drain(&app.dispatcher, &app.db).await;
+    for _ in 0..2 {
+        let (code, body) = app.agent_call(Method::POST, &path, 7, 1, None).await;
+        assert_eq!(code, 202, "{body}");
+    }
+    assert_eq!(
+        livechat_tests::pending_events(&app.db).await,
+        1,
+        "one close, however often asked while it is undispatched"
+    );
+    drain(&app.dispatcher, &app.db).await;
+    let (_, closed) = app
+        .agent_call(
+            Method::GET,
+            &format!("/livechat/tickets/{ticket}"),
+            7,
+            1,
+            None,
+        )
+        .await;
+    assert_eq!(closed["data"]["status"], "CLOSED", "{closed}");
 }
 
 async fn ticket_then_notification_on_agent_reply(backend: Backend) {

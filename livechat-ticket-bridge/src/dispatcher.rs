@@ -20,6 +20,11 @@ use crate::sink::{NotificationSink, SinkError, TicketSink};
 /// connection on SQLite, shared with the chat) or one webhook receiver.
 pub const SESSIONS_AT_ONCE: usize = 16;
 
+/// Most passes [`Dispatcher::run`] keeps going at once: a pass held up by
+/// a receiver that hangs until its time limit does not stop the next ones,
+/// which claim the events it has not (as several nodes' dispatchers do).
+pub const PASSES_AT_ONCE: usize = 4;
+
 /// Longest notification body, in characters (Unicode scalar values).
 pub const NOTIFICATION_BODY_MAX_CHARS: usize = 500;
 
@@ -248,40 +253,52 @@ impl<C: OutboxConsumer> Dispatcher<C> {
     }
 
     /// Runs [`Dispatcher::dispatch_once`] in a loop until `shutdown`
-    /// resolves. After a pass it sleeps [`DispatcherConfig::poll_interval`]
-    /// when the pass found nothing to do or failed,
-    /// [`DispatcherConfig::batch_window`] when it handled less than a full
-    /// batch, and not at all after a full batch. Errors are logged
-    /// (`tracing`) and the loop goes on. Shutdown interrupts a pass in
-    /// progress; its unsettled events are redelivered after their lease,
-    /// which the sinks' idempotency makes harmless.
+    /// resolves. After a pass the next one starts
+    /// [`DispatcherConfig::poll_interval`] later when the pass found nothing
+    /// to do or failed, [`DispatcherConfig::batch_window`] later when it
+    /// handled less than a full batch, and at once after a full batch.
+    /// A pass still running after [`DispatcherConfig::poll_interval`] (a
+    /// receiver that hangs until its time limit) does not hold up the
+    /// others: the next pass starts beside it and claims what it has not
+    /// (its sessions' later events wait for it, in order), up to
+    /// [`PASSES_AT_ONCE`] passes at a time. Errors are logged (`tracing`)
+    /// and the loop goes on. Shutdown interrupts the passes in progress;
+    /// their unsettled events are redelivered after their lease, which the
+    /// sinks' idempotency makes harmless.
     pub async fn run(self, shutdown: impl Future<Output = ()>) {
+        use futures_util::StreamExt;
         let mut shutdown = std::pin::pin!(shutdown);
+        let mut passes = futures_util::stream::FuturesUnordered::new();
+        let mut next = tokio::time::Instant::now();
         loop {
-            let pause = tokio::select! {
+            tokio::select! {
                 () = &mut shutdown => return,
-                result = self.dispatch_once() => match result {
-                    Ok(report) => {
-                        if report.handled() > 0 {
-                            tracing::debug!(
-                                delivered = report.delivered,
-                                retried = report.retried,
-                                failed = report.failed,
-                                "outbox dispatch pass"
-                            );
+                Some(result) = passes.next() => {
+                    let result: Result<DispatchReport, ChatError> = result;
+                    let pause = match result {
+                        Ok(report) => {
+                            if report.handled() > 0 {
+                                tracing::debug!(
+                                    delivered = report.delivered,
+                                    retried = report.retried,
+                                    failed = report.failed,
+                                    "outbox dispatch pass"
+                                );
+                            }
+                            self.pause_after(report.handled())
                         }
-                        self.pause_after(report.handled())
-                    }
-                    Err(error) => {
-                        tracing::error!(%error, "outbox dispatch failed");
-                        self.config.poll_interval
-                    }
-                },
-            };
-            if !pause.is_zero() {
-                tokio::select! {
-                    () = &mut shutdown => return,
-                    () = tokio::time::sleep(pause) => {}
+                        Err(error) => {
+                            tracing::error!(%error, "outbox dispatch failed");
+                            self.config.poll_interval
+                        }
+                    };
+                    next = next.min(tokio::time::Instant::now() + pause);
+                }
+                () = tokio::time::sleep_until(next), if passes.len() < PASSES_AT_ONCE => {
+                    passes.push(self.dispatch_once());
+                    // Another pass beside this one if it is still running
+                    // then; sooner when it ends.
+                    next = tokio::time::Instant::now() + self.config.poll_interval;
                 }
             }
         }
@@ -612,7 +629,7 @@ mod tests {
     }
 
     #[derive(Default)]
-    struct MemoryOutbox(Mutex<Settled>);
+    struct MemoryOutbox(Arc<Mutex<Settled>>);
 
     impl OutboxConsumer for MemoryOutbox {
         async fn claim_pending(
@@ -772,10 +789,10 @@ mod tests {
     }
 
     fn outbox(events: Vec<PendingEvent>) -> MemoryOutbox {
-        MemoryOutbox(Mutex::new(Settled {
+        MemoryOutbox(Arc::new(Mutex::new(Settled {
             pending: events,
             ..Settled::default()
-        }))
+        })))
     }
 
     #[test]
@@ -1075,6 +1092,61 @@ mod tests {
         assert_eq!(d.pause_after(0), config.poll_interval);
         assert_eq!(d.pause_after(3), config.batch_window);
         assert_eq!(d.pause_after(10), Duration::ZERO);
+    }
+
+    /// While one pass waits for a receiver that hangs, `run` starts the
+    /// next: an event written meanwhile, of another session, is delivered
+    /// without waiting for the hanging one.
+    #[tokio::test]
+    async fn a_hanging_receiver_does_not_hold_up_later_passes() {
+        let (held, mut first) = ticket_requested();
+        first.event.session_id = Some(SessionId::generate());
+        let hanging = Arc::new(Hanging {
+            first: Mutex::new(None),
+            release: tokio::sync::Notify::new(),
+        });
+        let recorder = Arc::new(Recorder::default());
+        let outbox = outbox(vec![first]);
+        let shared = outbox.0.clone();
+        let d = Dispatcher::new(outbox, DispatcherConfig::default())
+            .ticket_sink(hanging.clone())
+            .ticket_sink(recorder.clone());
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let running = tokio::spawn(d.run(async {
+            let _ = stopped.await;
+        }));
+        while hanging.first.lock().unwrap().is_none() {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        let (later, mut second) = ticket_requested();
+        second.event.session_id = Some(SessionId::generate());
+        shared.lock().unwrap().pending.push(second);
+        let delivered = async {
+            while !recorder
+                .calls()
+                .iter()
+                .any(|c| c.contains(&later.to_string()))
+            {
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+        };
+        tokio::time::timeout(Duration::from_secs(5), delivered)
+            .await
+            .expect("the later event waited for the hanging receiver");
+        assert_eq!(*hanging.first.lock().unwrap(), Some(held), "still held");
+        assert!(
+            shared.lock().unwrap().dispatched.len() == 1,
+            "only the later one is settled while the first hangs"
+        );
+        hanging.release.notify_one();
+        while shared.lock().unwrap().dispatched.len() < 2 {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        stop.send(()).unwrap();
+        tokio::time::timeout(Duration::from_secs(5), running)
+            .await
+            .expect("run returns after shutdown")
+            .unwrap();
     }
 
     #[tokio::test]

@@ -359,25 +359,6 @@ fn contact_json(contact: &Contact) -> Result<String, ChatError> {
     serde_json::to_string(contact).map_err(|e| ChatError::Storage(DbErr::Custom(e.to_string())))
 }
 
-impl SeaOrmStore {
-    /// Records one event in a transaction of its own: a request or a
-    /// decision that changes no row of core's (a ticket's request or close,
-    /// whose ticket the sinks keep).
-    async fn record_alone<T: Serialize>(
-        &self,
-        tenant: TenantId,
-        session: Option<SessionId>,
-        kind: EventKind,
-        payload: &T,
-    ) -> Result<(), ChatError> {
-        let tx = self.begin_write().await?;
-        let mut ev = self.recorder();
-        record_event(&tx, &mut ev, tenant, session, kind, payload).await?;
-        self.commit(tx, ev).await?;
-        Ok(())
-    }
-}
-
 impl SessionRepository for SeaOrmStore {
     async fn create_agent_session(
         &self,
@@ -509,13 +490,18 @@ impl SessionRepository for SeaOrmStore {
     ) -> Result<TicketId, ChatError> {
         request.ticket_id = TicketId::generate();
         request.tenant_id = tenant;
-        self.record_alone(
+        let tx = self.begin_write().await?;
+        let mut ev = self.recorder();
+        record_event(
+            &tx,
+            &mut ev,
             tenant,
             request.session_id,
             EventKind::TicketRequested,
             &request,
         )
         .await?;
+        self.commit(tx, ev).await?;
         Ok(request.ticket_id)
     }
 

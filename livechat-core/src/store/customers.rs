@@ -9,13 +9,13 @@ use serde::Serialize;
 
 use super::entity::{customer, session};
 use super::routing::{drain_queue, lock_tenant};
-use super::sessions::{active_session_of, close_row, find_session};
+use super::sessions::{active_session_of, close_row, find_session, record_session_updated};
 use super::{SeaOrmStore, abort, record_event};
 use crate::config::RoutingPolicy;
 use crate::error::ChatError;
 use crate::events::EventKind;
 use crate::ids::{CustomerId, SessionId, TenantId, UserId};
-use crate::model::{ChatSession, Customer, CustomerIdentity, Sender, now};
+use crate::model::{Customer, CustomerIdentity, Sender, now};
 use crate::repository::CustomerRepository;
 
 /// The host user id of an identified customer (`None` for visitors).
@@ -243,16 +243,7 @@ impl CustomerRepository for SeaOrmStore {
         if let Some(moved) = moved {
             let id = SessionId::from_uuid(moved.id);
             if let Some(row) = find_session(&tx, tenant, id).await? {
-                let session = ChatSession::try_from(row)?;
-                record_event(
-                    &tx,
-                    &mut ev,
-                    tenant,
-                    Some(id),
-                    EventKind::SessionUpdated,
-                    &session,
-                )
-                .await?;
+                record_session_updated(&tx, &mut ev, row).await?;
             }
         }
         if freed_agent {

@@ -219,17 +219,7 @@ pub(super) async fn ticket_unattended(
         let Some(updated) = open_session_ticket(tx, ev, &row, first_message, at).await? else {
             continue;
         };
-        let session = ChatSession::try_from(updated)?;
-        record_event(
-            tx,
-            ev,
-            tenant,
-            Some(session.id),
-            EventKind::SessionUpdated,
-            &session,
-        )
-        .await?;
-        ticketed.push(session);
+        ticketed.push(record_session_updated(tx, ev, updated).await?);
     }
     Ok(ticketed)
 }
@@ -272,6 +262,27 @@ async fn pending_ticket_events(
         })
         .filter_map(|(kind, _)| EventKind::parse(&kind))
         .collect())
+}
+
+/// Writes `session.updated` for `row`, a session as a change inside `tx`
+/// left it (its contact, its customer after a link, its ticket), and
+/// returns the session.
+pub(super) async fn record_session_updated(
+    tx: &impl ConnectionTrait,
+    ev: &mut Recorded,
+    row: session::Model,
+) -> Result<ChatSession, ChatError> {
+    let session = ChatSession::try_from(row)?;
+    record_event(
+        tx,
+        ev,
+        session.tenant_id,
+        Some(session.id),
+        EventKind::SessionUpdated,
+        &session,
+    )
+    .await?;
+    Ok(session)
 }
 
 /// Closes `row` inside `tx` and writes `session.closed`; `None` if it was
@@ -773,16 +784,7 @@ impl SessionRepository for SeaOrmStore {
             };
             return abort(tx, error).await;
         };
-        let session = ChatSession::try_from(row)?;
-        record_event(
-            &tx,
-            &mut ev,
-            tenant,
-            Some(id),
-            EventKind::SessionUpdated,
-            &session,
-        )
-        .await?;
+        let session = record_session_updated(&tx, &mut ev, row).await?;
         self.commit(tx, ev).await?;
         Ok(session)
     }

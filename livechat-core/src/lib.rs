@@ -54,7 +54,7 @@ pub use model::{
     AgentPresence, ChatMessage, ChatSession, Contact, Customer, CustomerIdentity, PresenceStatus,
     Priority, Sender, SenderType, SessionOrigin, SessionStatus, SessionView, now,
 };
-pub use outbox::{OutboxConsumer, OutboxInterest, PendingEvent};
+pub use outbox::{Behind, OutboxConsumer, OutboxInterest, PendingEvent};
 pub use repository::{
     AppendedMessage, AssignMode, ChatStore, ConnectionOwner, ConnectionRepository,
     CustomerChatStarted, CustomerRepository, EligibleAgent, MessageRepository, NewCustomerChat,

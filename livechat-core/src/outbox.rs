@@ -3,9 +3,12 @@
 //! [`OutboxConsumer`] is the one reader that spans tenants: it exists for
 //! background dispatchers (the ticket bridge, cross-node fan-out) and is
 //! never reachable from a request. Events are handed out in order per
-//! session: an event is not claimable while an earlier event of the same
-//! session is undispatched, so a retry holds back that session's later
-//! events but no other session's.
+//! session and per receiver: an event does not reach a receiver while an
+//! earlier event of the same session is undispatched and has not reached
+//! that receiver, so a retry holds back that session's later events for
+//! the receivers still missing it, but not for those that have it, and no
+//! other session's. (A consumer's receivers are its sinks, by name: a
+//! failing webhook does not hold up the in-app tickets and notifications.)
 
 use std::future::Future;
 use std::sync::Arc;
@@ -22,8 +25,62 @@ use crate::ids::EventId;
 pub struct PendingEvent {
     /// The committed event.
     pub event: DomainEvent,
-    /// Earlier delivery attempts (0 on the first).
+    /// Earlier delivery attempts that failed (0 on the first; an attempt
+    /// held back by an earlier event, [`OutboxConsumer::hold`], does not
+    /// count).
     pub attempts: i32,
+    /// The receivers (by name) the event is still owed to after earlier
+    /// attempts: the others have it. `None` before the first attempt (all
+    /// of them).
+    pub pending_for: Option<Vec<String>>,
+    /// Earlier events of the same session that wait for a retry, still
+    /// owed to some receivers: this one must not reach those before them.
+    /// `None` when nothing of its session waits ahead of it.
+    pub behind: Option<Behind>,
+}
+
+impl PendingEvent {
+    /// A first attempt: owed to every receiver, nothing ahead.
+    #[must_use]
+    pub const fn new(event: DomainEvent) -> Self {
+        Self {
+            event,
+            attempts: 0,
+            pending_for: None,
+            behind: None,
+        }
+    }
+
+    /// Whether the event is still owed to the receiver `name` (it did not
+    /// accept it on an earlier attempt).
+    #[must_use]
+    pub fn owed_to(&self, name: &str) -> bool {
+        self.pending_for
+            .as_ref()
+            .is_none_or(|names| names.iter().any(|n| n == name))
+    }
+
+    /// Whether an earlier event of the session waits for the receiver
+    /// `name`: this one may not reach it now ([`Behind::until`]).
+    #[must_use]
+    pub fn held_from(&self, name: &str) -> bool {
+        self.behind
+            .as_ref()
+            .is_some_and(|b| b.waiting_for.iter().any(|n| n == name))
+    }
+}
+
+/// Earlier events of a [`PendingEvent`]'s session that wait for a retry,
+/// still owed to some receivers.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Behind {
+    /// The receivers those events are still owed to (never empty: an
+    /// earlier event owed to all of them, or claimed elsewhere, holds its
+    /// session's later events back altogether).
+    pub waiting_for: Vec<String>,
+    /// When the first of those events is due again: until then the event
+    /// waits for those receivers ([`OutboxConsumer::hold`]).
+    pub until: DateTime<Utc>,
 }
 
 /// Claims and settles committed events.
@@ -32,9 +89,13 @@ pub trait OutboxConsumer: Send + Sync {
     /// oldest first, each leased for `lease` (a crashed dispatcher's claims
     /// expire and are handed out again: at least once). A session's events
     /// come in order, from its earliest undispatched one up to the first
-    /// that is not ready (claimed elsewhere, or waiting for a retry): an
-    /// event is never handed out while an earlier one of its session is
-    /// pending elsewhere. An event of a kind this version does not know
+    /// that is claimed elsewhere or waits for a retry owed to every
+    /// receiver: an event is never handed out while an earlier one of its
+    /// session is pending elsewhere. Past earlier events that wait for a
+    /// retry owed to some receivers only ([`Self::retry_later`],
+    /// [`Self::hold`]), later events are handed out with
+    /// [`PendingEvent::behind`] naming those receivers, which the later
+    /// event must not reach before them. An event of a kind this version does not know
     /// (a newer version's, during a rolling upgrade) is not handed out: it
     /// is given back at once for a dispatcher that knows it, and its
     /// session's later events wait behind it. A damaged event of a known
@@ -76,12 +137,29 @@ pub trait OutboxConsumer: Send + Sync {
     ) -> impl Future<Output = Result<(), ChatError>> + Send;
 
     /// Records a failed attempt and makes the event claimable again at
-    /// `retry_at`.
+    /// `retry_at`, owed to the receivers `pending_for` only (those that
+    /// failed, and those it was held from; the others have it). The
+    /// session's later events are held from those receivers until it is
+    /// through, and go on to the others. `pending_for` empty means every
+    /// receiver, as on the first attempt.
     fn retry_later(
         &self,
         id: EventId,
         retry_at: DateTime<Utc>,
         error: &str,
+        pending_for: &[String],
+    ) -> impl Future<Output = Result<(), ChatError>> + Send;
+
+    /// Puts back an event that reached every receiver it could but is
+    /// still owed to `pending_for`, from which an earlier event of its
+    /// session held it ([`PendingEvent::behind`]): it is claimable again
+    /// at `until`, its attempts unchanged (nothing failed). `pending_for`
+    /// empty means every receiver.
+    fn hold(
+        &self,
+        id: EventId,
+        until: DateTime<Utc>,
+        pending_for: &[String],
     ) -> impl Future<Output = Result<(), ChatError>> + Send;
 
     /// Gives up on the event (a permanent failure): it is settled with the

@@ -1,6 +1,7 @@
 //! The outbox dispatcher: claims committed events, calls the sinks, settles
 //! each event (issue #3, DESIGN.md invariant 5).
 
+use std::collections::HashMap;
 use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
@@ -8,7 +9,7 @@ use std::time::Duration;
 use chrono::{DateTime, TimeDelta, Utc};
 use livechat_core::{
     ChatError, CustomerId, DomainEvent, EventKind, MessagePosted, Notification, NotificationId,
-    OutboxConsumer, OutboxInterest, PendingEvent, SenderType, TicketId, TicketRequested,
+    OutboxConsumer, OutboxInterest, PendingEvent, SenderType, TenantId, TicketId, TicketRequested,
 };
 use serde::Deserialize;
 
@@ -91,6 +92,9 @@ pub struct DispatchReport {
     pub delivered: usize,
     /// Put back for a later attempt (some sink answered retryable).
     pub retried: usize,
+    /// Delivered to every sink it could reach, and put back for the sinks
+    /// an earlier event of its session still waits for (a retry).
+    pub held: usize,
     /// Given up (a sink answered permanent, or the payload did not decode).
     pub failed: usize,
 }
@@ -99,7 +103,7 @@ impl DispatchReport {
     /// Events settled or put back in the pass.
     #[must_use]
     pub const fn handled(&self) -> usize {
-        self.delivered + self.retried + self.failed
+        self.delivered + self.retried + self.held + self.failed
     }
 }
 
@@ -121,14 +125,24 @@ impl DispatchReport {
 ///   place.
 ///
 /// Then the event is settled: all sinks OK → dispatched; any
-/// [`SinkError::Retryable`] → retried after [`DispatcherConfig::backoff`];
+/// [`SinkError::Retryable`] → retried after [`DispatcherConfig::backoff`]
+/// for the sinks that failed only ([`OutboxConsumer::retry_later`]);
 /// otherwise a [`SinkError::Permanent`] → failed. A payload that does not
 /// decode is failed at once (it would never decode on a retry either).
+///
+/// Order is per session and per sink (each sink by its name): an event
+/// does not reach a sink that an earlier pending event of its session is
+/// still owed to; it reaches the other sinks and is held from that one
+/// until the earlier event is due again ([`OutboxConsumer::hold`]). So a
+/// webhook that is down holds up only its own deliveries, not the in-app
+/// tickets and notifications.
 pub struct Dispatcher<C> {
     consumer: C,
     config: DispatcherConfig,
-    ticket_sinks: Vec<Arc<dyn TicketSink>>,
-    notification_sinks: Vec<Arc<dyn NotificationSink>>,
+    /// Each with its [`TicketSink::name`].
+    ticket_sinks: Vec<(String, Arc<dyn TicketSink>)>,
+    /// Each with its [`NotificationSink::name`].
+    notification_sinks: Vec<(String, Arc<dyn NotificationSink>)>,
 }
 
 impl<C: OutboxConsumer> Dispatcher<C> {
@@ -143,17 +157,36 @@ impl<C: OutboxConsumer> Dispatcher<C> {
         }
     }
 
-    /// Adds a sink that gets every ticket opening and closing.
+    /// Adds a sink that gets every ticket opening and closing, under its
+    /// [`TicketSink::name`].
+    ///
+    /// # Panics
+    /// When a ticket sink of the same name was added before: an event
+    /// retried for one of them would skip the other.
     #[must_use]
     pub fn ticket_sink(mut self, sink: Arc<dyn TicketSink>) -> Self {
-        self.ticket_sinks.push(sink);
+        let name = sink.name();
+        assert!(
+            self.ticket_sinks.iter().all(|(n, _)| *n != name),
+            "two ticket sinks named {name:?}: give each its own TicketSink::name"
+        );
+        self.ticket_sinks.push((name, sink));
         self
     }
 
-    /// Adds a sink that gets every customer notification.
+    /// Adds a sink that gets every customer notification, under its
+    /// [`NotificationSink::name`].
+    ///
+    /// # Panics
+    /// When a notification sink of the same name was added before.
     #[must_use]
     pub fn notification_sink(mut self, sink: Arc<dyn NotificationSink>) -> Self {
-        self.notification_sinks.push(sink);
+        let name = sink.name();
+        assert!(
+            self.notification_sinks.iter().all(|(n, _)| *n != name),
+            "two notification sinks named {name:?}: give each its own NotificationSink::name"
+        );
+        self.notification_sinks.push((name, sink));
         self
     }
 
@@ -224,14 +257,13 @@ impl<C: OutboxConsumer> Dispatcher<C> {
                 .await
         };
         let mut delivered = Vec::new();
-        let mut waiting = Vec::new();
         let mut outcome = Ok(());
         for pass in passes {
             report.delivered += pass.delivered.len();
             report.retried += pass.retried;
+            report.held += pass.held;
             report.failed += pass.failed;
             delivered.extend(pass.delivered);
-            waiting.extend(pass.waiting);
             if let Some(e) = pass.error {
                 if outcome.is_ok() {
                     outcome = Err(e);
@@ -244,11 +276,6 @@ impl<C: OutboxConsumer> Dispatcher<C> {
         // this write fails too, the events are handed out again after their
         // lease (at least once; the sinks are idempotent).
         self.consumer.mark_dispatched(&delivered).await?;
-        // Events behind a retried one need not wait for their lease; if
-        // this write fails, they do.
-        if let Err(e) = self.consumer.release(&waiting).await {
-            tracing::warn!(error = %e, "releasing waiting outbox events failed; they wait for their lease");
-        }
         outcome.map(|()| report)
     }
 
@@ -281,6 +308,7 @@ impl<C: OutboxConsumer> Dispatcher<C> {
                                 tracing::debug!(
                                     delivered = report.delivered,
                                     retried = report.retried,
+                                    held = report.held,
                                     failed = report.failed,
                                     "outbox dispatch pass"
                                 );
@@ -317,21 +345,20 @@ impl<C: OutboxConsumer> Dispatcher<C> {
     }
 
     /// Delivers one session's claimed events in order ([`Self::handle`]).
-    /// Behind an event that will be retried, the rest wait: they are
-    /// released and handed out again after it (per-session order). A
+    /// Behind an event still owed to some sinks (retried, or held from
+    /// them), the later events wait for those sinks only: they reach the
+    /// others and are held from those ([`OutboxConsumer::hold`]). A
     /// settlement the store refused ends the session's pass; its unsettled
     /// events are handed out again after their lease.
     async fn handle_session(&self, events: Vec<PendingEvent>) -> SessionPass {
         let mut pass = SessionPass::default();
-        let mut events = events.into_iter();
-        while let Some(pending) = events.next() {
+        let mut waiting = Waiting::new();
+        for pending in events {
             let id = pending.event.id;
-            match self.handle(pending).await {
+            match self.handle(pending, &mut waiting).await {
                 Ok(Settled::Delivered) => pass.delivered.push(id),
-                Ok(Settled::Retried) => {
-                    pass.retried += 1;
-                    pass.waiting.extend(events.by_ref().map(|p| p.event.id));
-                }
+                Ok(Settled::Retried) => pass.retried += 1,
+                Ok(Settled::Held) => pass.held += 1,
                 Ok(Settled::Failed) => pass.failed += 1,
                 Err(e) => {
                     pass.error = Some(e);
@@ -342,46 +369,141 @@ impl<C: OutboxConsumer> Dispatcher<C> {
         pass
     }
 
-    /// Delivers one event and settles it, except a delivered one: those
-    /// are settled together at the end of the pass.
-    async fn handle(&self, pending: PendingEvent) -> Result<Settled, ChatError> {
+    /// Delivers one event to the sinks it is owed to and may reach now,
+    /// and settles it, except a delivered one: those are settled together
+    /// at the end of the pass. Sinks that an earlier event of the session
+    /// waits for (`waiting`, or [`PendingEvent::behind`]) are not called:
+    /// the event is held from them until that event is due again. A sink
+    /// still owed the event afterwards is added to `waiting`.
+    async fn handle(
+        &self,
+        pending: PendingEvent,
+        waiting: &mut Waiting,
+    ) -> Result<Settled, ChatError> {
         let event = &pending.event;
-        let outcome = match self.deliver(event).await {
-            Ok(outcome) => outcome,
-            Err(undecodable) => Outcome::Failed(undecodable),
+        let work = match self.sinks().work(event) {
+            Ok(Some(work)) => work,
+            Ok(None) => return Ok(Settled::Delivered),
+            Err(undecodable) => return self.fail(event, &undecodable).await,
         };
-        match outcome {
-            Outcome::Delivered => Ok(Settled::Delivered),
-            Outcome::Retry(error) => {
-                let delay = self.config.backoff(pending.attempts);
-                let now = livechat_core::now();
-                let retry_at = TimeDelta::from_std(delay)
-                    .ok()
-                    .and_then(|delay| now.checked_add_signed(delay))
-                    .unwrap_or(DateTime::<Utc>::MAX_UTC);
-                tracing::warn!(
-                    event_id = %event.id,
-                    kind = event.kind.as_str(),
-                    attempts = pending.attempts + 1,
-                    %retry_at,
-                    %error,
-                    "sink failed; will retry"
-                );
-                self.consumer
-                    .retry_later(event.id, retry_at, &error)
-                    .await?;
-                Ok(Settled::Retried)
+        // The sinks still owed the event: those to call now, and those it
+        // waits for behind an earlier event, until that one is due again.
+        let mut calls = Vec::new();
+        let mut held: Vec<(String, DateTime<Utc>)> = Vec::new();
+        for name in self.names(&work) {
+            if !pending.owed_to(name) {
+                continue;
             }
-            Outcome::Failed(error) => {
-                tracing::error!(
-                    event_id = %event.id,
-                    kind = event.kind.as_str(),
-                    %error,
-                    "event cannot be delivered; giving up"
-                );
-                self.consumer.mark_failed(event.id, &error).await?;
-                Ok(Settled::Failed)
+            let behind = pending
+                .behind
+                .as_ref()
+                .filter(|_| pending.held_from(name))
+                .map(|b| b.until);
+            match [waiting.get(name).copied(), behind]
+                .into_iter()
+                .flatten()
+                .min()
+            {
+                Some(until) => held.push((name.to_owned(), until)),
+                None => calls.push(name),
             }
+        }
+        let results = self.deliver(&work, event.id, &calls).await;
+        let mut retryable = Vec::new();
+        let mut permanent = Vec::new();
+        for (name, result) in calls.into_iter().zip(results) {
+            match result {
+                Ok(()) => {}
+                Err(SinkError::Retryable(e)) => retryable.push((name, e)),
+                Err(SinkError::Permanent(e)) => permanent.push(format!("{name}: {e}")),
+            }
+        }
+        let mut owed: Vec<String> = held.iter().map(|(name, _)| name.clone()).collect();
+        // Any retryable failure wins over permanent ones: the event comes
+        // back for the sinks that asked for a retry (and those it was held
+        // from); a sink that answered permanent is given up for.
+        if !retryable.is_empty() {
+            let delay = self.config.backoff(pending.attempts);
+            let now = livechat_core::now();
+            let retry_at = TimeDelta::from_std(delay)
+                .ok()
+                .and_then(|delay| now.checked_add_signed(delay))
+                .unwrap_or(DateTime::<Utc>::MAX_UTC);
+            // Recorded with the sinks given up for (permanent), which the
+            // retry no longer calls.
+            let error = retryable
+                .iter()
+                .map(|(name, e)| format!("{name}: {e}"))
+                .chain(permanent)
+                .collect::<Vec<_>>()
+                .join("; ");
+            tracing::warn!(
+                event_id = %event.id,
+                kind = event.kind.as_str(),
+                attempts = pending.attempts + 1,
+                %retry_at,
+                %error,
+                "sink failed; will retry"
+            );
+            for (name, _) in &retryable {
+                owed.push((*name).to_owned());
+                waiting.wait(name, retry_at);
+            }
+            for (name, until) in &held {
+                waiting.wait(name, *until);
+            }
+            self.consumer
+                .retry_later(event.id, retry_at, &error, &owed)
+                .await?;
+            return Ok(Settled::Retried);
+        }
+        if !permanent.is_empty() {
+            let error = permanent.join("; ");
+            if held.is_empty() {
+                return self.fail(event, &error).await;
+            }
+            // Given up for those sinks; still owed to the others.
+            tracing::error!(
+                event_id = %event.id,
+                kind = event.kind.as_str(),
+                %error,
+                "sink refused the event; giving up for that sink"
+            );
+        }
+        let Some(until) = held.iter().map(|(_, until)| *until).min() else {
+            return Ok(Settled::Delivered);
+        };
+        for (name, until) in &held {
+            waiting.wait(name, *until);
+        }
+        self.consumer.hold(event.id, until, &owed).await?;
+        Ok(Settled::Held)
+    }
+
+    /// Gives up on `event` (a permanent failure, or a payload that does
+    /// not decode).
+    async fn fail(&self, event: &DomainEvent, error: &str) -> Result<Settled, ChatError> {
+        tracing::error!(
+            event_id = %event.id,
+            kind = event.kind.as_str(),
+            %error,
+            "event cannot be delivered; giving up"
+        );
+        self.consumer.mark_failed(event.id, error).await?;
+        Ok(Settled::Failed)
+    }
+
+    /// The names of the sinks `work` goes to.
+    fn names(&self, work: &Work) -> Vec<&str> {
+        match work {
+            Work::OpenTicket(_) | Work::CloseTicket(..) => {
+                self.ticket_sinks.iter().map(|(n, _)| n.as_str()).collect()
+            }
+            Work::Notify(_) => self
+                .notification_sinks
+                .iter()
+                .map(|(n, _)| n.as_str())
+                .collect(),
         }
     }
 
@@ -406,40 +528,41 @@ impl<C: OutboxConsumer> Dispatcher<C> {
         OutboxInterest::new(move |event| !sinks.ignore(event))
     }
 
-    /// Calls the sinks the event is for, all at once (a webhook that hangs
-    /// does not hold up the in-app ticket or notification); `Err` when the
-    /// payload does not decode.
-    async fn deliver(&self, event: &DomainEvent) -> Result<Outcome, String> {
+    /// Calls the sinks named `names` with `work`, all at once (a webhook
+    /// that hangs does not hold up the in-app ticket or notification); one
+    /// result per name, in order.
+    async fn deliver(
+        &self,
+        work: &Work,
+        key: livechat_core::EventId,
+        names: &[&str],
+    ) -> Vec<Result<(), SinkError>> {
         use futures_util::future::join_all;
-        let key = event.id;
-        let results = match self.sinks().work(event)? {
-            Some(Work::OpenTicket(request)) => {
-                join_all(
-                    self.ticket_sinks
-                        .iter()
-                        .map(|s| s.open_ticket(&request, key)),
-                )
-                .await
-            }
-            Some(Work::CloseTicket(ticket)) => {
-                join_all(
-                    self.ticket_sinks
-                        .iter()
-                        .map(|s| s.close_ticket(event.tenant_id, ticket, key)),
-                )
-                .await
-            }
-            Some(Work::Notify(notification)) => {
-                join_all(
-                    self.notification_sinks
-                        .iter()
-                        .map(|s| s.notify(&notification, key)),
-                )
-                .await
-            }
-            None => Vec::new(),
+        // Each name is one of this dispatcher's sinks of the work's kind
+        // (`Self::names`).
+        let tickets = || {
+            names
+                .iter()
+                .filter_map(|name| self.ticket_sinks.iter().find(|(n, _)| n == name))
+                .map(|(_, sink)| sink)
         };
-        Ok(Outcome::of(results))
+        match work {
+            Work::OpenTicket(request) => {
+                join_all(tickets().map(|sink| sink.open_ticket(request, key))).await
+            }
+            Work::CloseTicket(tenant, ticket) => {
+                join_all(tickets().map(|sink| sink.close_ticket(*tenant, *ticket, key))).await
+            }
+            Work::Notify(notification) => {
+                join_all(
+                    names
+                        .iter()
+                        .filter_map(|name| self.notification_sinks.iter().find(|(n, _)| n == name))
+                        .map(|(_, sink)| sink.notify(notification, key)),
+                )
+                .await
+            }
+        }
     }
 }
 
@@ -447,9 +570,8 @@ impl<C: OutboxConsumer> Dispatcher<C> {
 #[derive(Default)]
 struct SessionPass {
     delivered: Vec<livechat_core::EventId>,
-    /// Behind a retried event: released, to be handed out after it.
-    waiting: Vec<livechat_core::EventId>,
     retried: usize,
+    held: usize,
     failed: usize,
     /// A settlement the store refused.
     error: Option<ChatError>,
@@ -477,7 +599,9 @@ impl Sinks {
                 struct Closed {
                     ticket_id: Option<TicketId>,
                 }
-                decode::<Closed>(event)?.ticket_id.map(Work::CloseTicket)
+                decode::<Closed>(event)?
+                    .ticket_id
+                    .map(|ticket| Work::CloseTicket(event.tenant_id, ticket))
             }
             EventKind::MessagePosted if self.notifications => {
                 // Most messages need no notification, and the outbox interest
@@ -528,7 +652,7 @@ impl ReplyHead {
 /// What an event asks of the sinks (see [`Sinks::work`]).
 enum Work {
     OpenTicket(TicketRequested),
-    CloseTicket(TicketId),
+    CloseTicket(TenantId, TicketId),
     Notify(Notification),
 }
 
@@ -538,36 +662,34 @@ enum Settled {
     Delivered,
     /// Set to be retried later.
     Retried,
+    /// Delivered where it could be; held from the sinks an earlier event
+    /// of its session waits for.
+    Held,
     /// Given up on.
     Failed,
 }
 
-enum Outcome {
-    Delivered,
-    Retry(String),
-    Failed(String),
-}
+/// The sinks an earlier event of the session being delivered is still
+/// owed to, each with the time that event is due again: the session's
+/// later events wait for those sinks until then.
+struct Waiting(HashMap<String, DateTime<Utc>>);
 
-impl Outcome {
-    /// Any retryable failure wins over permanent ones: the event comes back,
-    /// and the sinks that accepted it see the same key again.
-    fn of(results: Vec<Result<(), SinkError>>) -> Self {
-        let mut retryable = Vec::new();
-        let mut permanent = Vec::new();
-        for result in results {
-            match result {
-                Ok(()) => {}
-                Err(SinkError::Retryable(e)) => retryable.push(e),
-                Err(SinkError::Permanent(e)) => permanent.push(e),
-            }
-        }
-        if !retryable.is_empty() {
-            Self::Retry(retryable.join("; "))
-        } else if !permanent.is_empty() {
-            Self::Failed(permanent.join("; "))
-        } else {
-            Self::Delivered
-        }
+impl Waiting {
+    fn new() -> Self {
+        Self(HashMap::new())
+    }
+
+    fn get(&self, name: &str) -> Option<&DateTime<Utc>> {
+        self.0.get(name)
+    }
+
+    /// An earlier event is owed to `name` until `until` (the earliest such
+    /// time is kept: the later events are looked at again then).
+    fn wait(&mut self, name: &str, until: DateTime<Utc>) {
+        self.0
+            .entry(name.to_owned())
+            .and_modify(|t| *t = Ord::min(*t, until))
+            .or_insert(until);
     }
 }
 
@@ -624,7 +746,10 @@ mod tests {
     struct Settled {
         pending: Vec<PendingEvent>,
         dispatched: Vec<EventId>,
-        retried: Vec<(EventId, DateTime<Utc>)>,
+        /// (event, retry at, still owed to)
+        retried: Vec<(EventId, DateTime<Utc>, Vec<String>)>,
+        /// (event, until, still owed to)
+        held: Vec<(EventId, DateTime<Utc>, Vec<String>)>,
         failed: Vec<(EventId, String)>,
     }
 
@@ -650,8 +775,20 @@ mod tests {
             id: EventId,
             retry_at: DateTime<Utc>,
             _error: &str,
+            pending_for: &[String],
         ) -> Result<(), ChatError> {
-            self.0.lock().unwrap().retried.push((id, retry_at));
+            let owed = pending_for.to_vec();
+            self.0.lock().unwrap().retried.push((id, retry_at, owed));
+            Ok(())
+        }
+        async fn hold(
+            &self,
+            id: EventId,
+            until: DateTime<Utc>,
+            pending_for: &[String],
+        ) -> Result<(), ChatError> {
+            let owed = pending_for.to_vec();
+            self.0.lock().unwrap().held.push((id, until, owed));
             Ok(())
         }
         async fn mark_failed(&self, id: EventId, error: &str) -> Result<(), ChatError> {
@@ -660,12 +797,26 @@ mod tests {
         }
     }
 
-    /// Records calls; answers with `answer` (`None` = OK).
-    #[derive(Default)]
+    /// Records calls; answers with `answer` (`None` = OK). Each has a
+    /// name of its own.
     struct Recorder {
+        name: String,
         answer: Option<fn(String) -> SinkError>,
         calls: Mutex<Vec<String>>,
         notifications: Mutex<Vec<Notification>>,
+    }
+
+    impl Default for Recorder {
+        fn default() -> Self {
+            static NEXT: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+            let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            Self {
+                name: format!("recorder {n}"),
+                answer: None,
+                calls: Mutex::default(),
+                notifications: Mutex::default(),
+            }
+        }
     }
 
     impl Recorder {
@@ -686,6 +837,9 @@ mod tests {
 
     #[async_trait]
     impl TicketSink for Recorder {
+        fn name(&self) -> String {
+            self.name.clone()
+        }
         async fn open_ticket(&self, r: &TicketRequested, key: EventId) -> Result<(), SinkError> {
             self.reply(format!("open {} {key}", r.ticket_id))
         }
@@ -701,6 +855,9 @@ mod tests {
 
     #[async_trait]
     impl NotificationSink for Recorder {
+        fn name(&self) -> String {
+            self.name.clone()
+        }
         async fn notify(&self, n: &Notification, key: EventId) -> Result<(), SinkError> {
             self.notifications.lock().unwrap().push(n.clone());
             self.reply(format!("notify {} {key}", n.customer_id))
@@ -712,17 +869,14 @@ mod tests {
     }
 
     fn event(kind: EventKind, payload: serde_json::Value) -> PendingEvent {
-        PendingEvent {
-            event: DomainEvent {
-                id: EventId::generate(),
-                tenant_id: tenant(),
-                session_id: None,
-                kind,
-                payload: livechat_core::EventPayload::new(&payload).unwrap(),
-                created_at: livechat_core::now(),
-            },
-            attempts: 0,
-        }
+        PendingEvent::new(DomainEvent {
+            id: EventId::generate(),
+            tenant_id: tenant(),
+            session_id: None,
+            kind,
+            payload: livechat_core::EventPayload::new(&payload).unwrap(),
+            created_at: livechat_core::now(),
+        })
     }
 
     fn ticket_requested() -> (TicketId, PendingEvent) {
@@ -857,6 +1011,7 @@ mod tests {
             DispatchReport {
                 delivered: 7,
                 retried: 0,
+                held: 0,
                 failed: 0
             }
         );
@@ -955,29 +1110,84 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn an_event_waits_behind_a_retried_event_of_its_session() {
+    async fn a_retried_event_holds_its_sessions_later_events_from_the_failing_sink_only() {
         let (_, mut requested) = ticket_requested();
         let session = SessionId::generate();
         requested.event.session_id = Some(session);
         let mut behind = message_posted(SenderType::Agent, "behind", Some(TicketId::generate()));
         behind.event.session_id = Some(session);
-        let elsewhere = message_posted(SenderType::Agent, "elsewhere", Some(TicketId::generate()));
-        let (requested_id, elsewhere_id) = (requested.event.id, elsewhere.event.id);
-        let notified = Arc::new(Recorder::default());
-        let d = Dispatcher::new(
-            outbox(vec![requested, behind, elsewhere]),
-            DispatcherConfig::default(),
-        )
-        .ticket_sink(Recorder::failing(SinkError::Retryable))
-        .notification_sink(notified.clone());
+        let (requested_id, behind_id) = (requested.event.id, behind.event.id);
+        // The in-app tables take everything; the webhook is down.
+        let tables = Arc::new(Recorder::default());
+        let webhook = Recorder::failing(SinkError::Retryable);
+        let d = dispatcher(
+            outbox(vec![requested, behind]),
+            [tables.clone(), webhook.clone()],
+        );
 
         let report = d.dispatch_once().await.unwrap();
-        assert_eq!((report.retried, report.delivered), (1, 1));
+        assert_eq!((report.retried, report.held, report.delivered), (1, 1, 0));
         let s = d.consumer.0.lock().unwrap();
-        assert_eq!(s.retried[0].0, requested_id);
-        assert_eq!(s.dispatched, vec![elsewhere_id], "the later event waits");
-        let calls = notified.calls();
-        assert_eq!(calls.len(), 1, "only the other session's event: {calls:?}");
+        let (retried, retry_at, owed) = s.retried[0].clone();
+        assert_eq!((retried, owed), (requested_id, vec![webhook.name.clone()]));
+        // The notification reached the tables, not the webhook, and waits
+        // for the webhook until the ticket request is due again.
+        assert_eq!(tables.calls().len(), 2, "{:?}", tables.calls());
+        assert_eq!(webhook.calls().len(), 1, "{:?}", webhook.calls());
+        assert!(webhook.calls()[0].starts_with("open "));
+        assert_eq!(
+            s.held,
+            vec![(behind_id, retry_at, vec![webhook.name.clone()])]
+        );
+        assert!(s.dispatched.is_empty());
+    }
+
+    #[tokio::test]
+    async fn a_retry_calls_only_the_sinks_still_owed_the_event() {
+        let (_, mut requested) = ticket_requested();
+        let tables = Arc::new(Recorder::default());
+        let webhook = Arc::new(Recorder::default());
+        requested.attempts = 2;
+        requested.pending_for = Some(vec![webhook.name.clone()]);
+        let id = requested.event.id;
+        let d = dispatcher(outbox(vec![requested]), [tables.clone(), webhook.clone()]);
+
+        let report = d.dispatch_once().await.unwrap();
+        assert_eq!(report.delivered, 1);
+        assert!(tables.calls().is_empty(), "{:?}", tables.calls());
+        assert_eq!(webhook.calls().len(), 1);
+        assert_eq!(d.consumer.0.lock().unwrap().dispatched, vec![id]);
+    }
+
+    #[tokio::test]
+    async fn an_event_behind_a_waiting_one_is_held_from_the_sinks_it_waits_for() {
+        let mut reply = message_posted(SenderType::Agent, "later", Some(TicketId::generate()));
+        let tables = Arc::new(Recorder::default());
+        let webhook = Arc::new(Recorder::default());
+        let until = livechat_core::now() + TimeDelta::seconds(30);
+        reply.behind = Some(livechat_core::Behind {
+            waiting_for: vec![webhook.name.clone()],
+            until,
+        });
+        let id = reply.event.id;
+        let d = dispatcher(outbox(vec![reply]), [tables.clone(), webhook.clone()]);
+
+        let report = d.dispatch_once().await.unwrap();
+        assert_eq!((report.held, report.delivered), (1, 0));
+        assert_eq!(tables.calls().len(), 1);
+        assert!(webhook.calls().is_empty(), "{:?}", webhook.calls());
+        let s = d.consumer.0.lock().unwrap();
+        assert_eq!(s.held, vec![(id, until, vec![webhook.name.clone()])]);
+        assert!(s.retried.is_empty() && s.dispatched.is_empty());
+    }
+
+    #[test]
+    #[should_panic(expected = "two ticket sinks named")]
+    fn two_sinks_of_one_name_are_refused() {
+        let sink = Arc::new(Recorder::default());
+        let _ = Dispatcher::new(outbox(Vec::new()), DispatcherConfig::default())
+            .ticket_sink(sink.clone())
+            .ticket_sink(sink);
     }
 
     #[tokio::test]
@@ -986,12 +1196,13 @@ mod tests {
         requested.attempts = 3;
         let id = requested.event.id;
         let ok = Arc::new(Recorder::default());
+        let retryable = Recorder::failing(SinkError::Retryable);
         let d = dispatcher(
             outbox(vec![requested]),
             [
                 ok.clone(),
                 Recorder::failing(SinkError::Permanent),
-                Recorder::failing(SinkError::Retryable),
+                retryable.clone(),
             ],
         );
         let before = livechat_core::now();
@@ -999,8 +1210,11 @@ mod tests {
         assert_eq!(report.retried, 1);
         let s = d.consumer.0.lock().unwrap();
         assert!(s.dispatched.is_empty() && s.failed.is_empty());
-        let (retried, at) = s.retried[0];
+        let (retried, at, ref owed) = s.retried[0];
         assert_eq!(retried, id);
+        // Retried for the sink that asked for it only: the permanent one is
+        // given up for, the one that took it has it.
+        assert_eq!(owed, &vec![retryable.name.clone()]);
         // 1 s * 2^3 = 8 s from now.
         let delay = at - before;
         assert!(

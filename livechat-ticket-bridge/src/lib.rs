@@ -12,8 +12,9 @@
 //! - [`NotificationSink::notify`] when an agent replies in a ticketed
 //!   session.
 //!
-//! Delivery is at least once, in order per session, retried with
-//! exponential backoff on [`SinkError::Retryable`]. Every call carries the
+//! Delivery is at least once, in order per session and sink, retried with
+//! exponential backoff on [`SinkError::Retryable`] (for the sinks that
+//! failed only: the others go on with the session's later events). Every call carries the
 //! event id as its idempotency key, so a sink that honours it ends with
 //! exactly one ticket or notification per event, even across crashes.
 //!

@@ -22,12 +22,27 @@ pub enum SinkError {
 /// Where tickets go: the host's own ticket system, [`SeaOrmSinks`](crate::SeaOrmSinks)
 /// or [`WebhookSink`](crate::WebhookSink).
 ///
-/// Delivery is at least once: the same call may come again (after a crash,
-/// a lease expiry or another sink's retryable failure) with the same `key`,
+/// Delivery is at least once: the same call may come again (after a crash
+/// or a lease expiry, before the event was settled) with the same `key`,
 /// the id of the outbox event. Implementations must be idempotent on it, so
 /// that every event ends as exactly one ticket (issue #3, crash safety).
 #[async_trait]
 pub trait TicketSink: Send + Sync + 'static {
+    /// The sink's name, stored with an event that is retried for some
+    /// sinks only: a retry calls the sinks that have not accepted it, and
+    /// the session's later events wait for those sinks only, going on to
+    /// the others at once (a failing webhook does not hold up the in-app
+    /// tickets and notifications). Unique among a dispatcher's sinks of one
+    /// kind ([`Dispatcher::ticket_sink`](crate::Dispatcher::ticket_sink)
+    /// panics on a second one); a type that is both kinds of sink gives
+    /// both the same name, so that its own events stay in order whatever
+    /// their kind. Keep it stable across restarts and releases: an event
+    /// waiting for a retry is owed to the names it failed on. Default: the
+    /// type's name ([`std::any::type_name`]).
+    fn name(&self) -> String {
+        std::any::type_name::<Self>().to_owned()
+    }
+
     /// Opens the ticket `request.ticket_id` for a request that found no
     /// eligible agent (event `ticket.requested`).
     ///
@@ -57,6 +72,21 @@ pub trait TicketSink: Send + Sync + 'static {
 /// notification per key.
 #[async_trait]
 pub trait NotificationSink: Send + Sync + 'static {
+    /// The sink's name, stored with an event that is retried for some
+    /// sinks only: a retry calls the sinks that have not accepted it, and
+    /// the session's later events wait for those sinks only, going on to
+    /// the others at once (a failing webhook does not hold up the in-app
+    /// tickets and notifications). Unique among a dispatcher's sinks of one
+    /// kind ([`Dispatcher::notification_sink`](crate::Dispatcher::notification_sink)
+    /// panics on a second one); a type that is both kinds of sink gives
+    /// both the same name, so that its own events stay in order whatever
+    /// their kind. Keep it stable across restarts and releases: an event
+    /// waiting for a retry is owed to the names it failed on. Default: the
+    /// type's name ([`std::any::type_name`]).
+    fn name(&self) -> String {
+        std::any::type_name::<Self>().to_owned()
+    }
+
     /// Delivers `notification` to its customer.
     ///
     /// # Errors

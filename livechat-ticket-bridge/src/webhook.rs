@@ -198,8 +198,25 @@ pub fn verify_signature(
     mac(secret, timestamp, body).verify_slice(&tag).is_ok()
 }
 
+impl WebhookSink {
+    /// The sink's name for both kinds ([`TicketSink::name`]): `webhook`
+    /// and the URL's origin and path (its credentials and query left out,
+    /// since the name is stored with events waiting for a retry).
+    fn sink_name(&self) -> String {
+        format!(
+            "webhook {}{}",
+            self.url.origin().ascii_serialization(),
+            self.url.path()
+        )
+    }
+}
+
 #[async_trait]
 impl TicketSink for WebhookSink {
+    fn name(&self) -> String {
+        self.sink_name()
+    }
+
     /// Sends `type` `ticket.requested` with the request as `data`.
     async fn open_ticket(&self, request: &TicketRequested, key: EventId) -> Result<(), SinkError> {
         self.post(key, "ticket.requested", request.tenant_id, request)
@@ -220,6 +237,10 @@ impl TicketSink for WebhookSink {
 
 #[async_trait]
 impl NotificationSink for WebhookSink {
+    fn name(&self) -> String {
+        self.sink_name()
+    }
+
     /// Sends `type` `notification.created` with the notification as `data`.
     async fn notify(&self, notification: &Notification, key: EventId) -> Result<(), SinkError> {
         self.post(

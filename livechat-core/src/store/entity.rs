@@ -103,6 +103,10 @@ pub(crate) mod outbox {
         pub last_error: Option<String>,
         pub dispatched_at: Option<DateTimeUtc>,
         pub failed_at: Option<DateTimeUtc>,
+        /// A JSON array of the names of the receivers the event is still
+        /// owed to after an attempt (`NULL` before the first: all of them;
+        /// migration m0006).
+        pub pending_for: Option<String>,
     }
 
     #[derive(Copy, Clone, Debug, EnumIter, DeriveRelation)]

@@ -19,6 +19,7 @@ impl MigratorTrait for Migrator {
             Box::new(m0003_presence_announced::Migration),
             Box::new(m0004_messages_deferred_fk::Migration),
             Box::new(m0005_customers_linked::Migration),
+            Box::new(m0006_outbox_pending_for::Migration),
         ]
     }
 
@@ -750,8 +751,8 @@ mod tests {
             assert!(duplicate.is_err(), "seq {seq}, key {key}");
         }
 
-        // Back past m0004 (and m0005, applied after it).
-        Migrator::down(&db, Some(2)).await.unwrap();
+        // Back past m0004 (and m0005 and m0006, applied after it).
+        Migrator::down(&db, Some(3)).await.unwrap();
         let (down, down_shape) = messages_table(&db).await;
         assert!(!down.contains("DEFERRABLE"), "{down}");
         assert_eq!(down_shape, shape);
@@ -832,6 +833,44 @@ mod m0005_customers_linked {
             manager
                 .get_connection()
                 .execute_unprepared("DROP INDEX IF EXISTS livechat_customers_linked")
+                .await?;
+            Ok(())
+        }
+    }
+}
+
+/// The receivers an outbox event is still owed to after an attempt
+/// (`livechat_outbox.pending_for`, a JSON array of receiver names; `NULL`
+/// on the first attempt: all of them): a retry calls only those, and the
+/// session's later events go on to the other receivers while these wait
+/// (the ticket bridge's sinks; `OutboxConsumer::claim_pending`). A
+/// nullable column, so that nodes of the version before keep writing
+/// events during an upgrade.
+mod m0006_outbox_pending_for {
+    use sea_orm_migration::prelude::*;
+
+    pub(super) struct Migration;
+
+    impl MigrationName for Migration {
+        fn name(&self) -> &str {
+            "m0006_outbox_pending_for"
+        }
+    }
+
+    #[async_trait::async_trait]
+    impl MigrationTrait for Migration {
+        async fn up(&self, manager: &SchemaManager) -> Result<(), DbErr> {
+            manager
+                .get_connection()
+                .execute_unprepared("ALTER TABLE livechat_outbox ADD COLUMN pending_for TEXT NULL")
+                .await?;
+            Ok(())
+        }
+
+        async fn down(&self, manager: &SchemaManager) -> Result<(), DbErr> {
+            manager
+                .get_connection()
+                .execute_unprepared("ALTER TABLE livechat_outbox DROP COLUMN pending_for")
                 .await?;
             Ok(())
         }

@@ -446,6 +446,7 @@ fn outbox_row<T: Serialize>(
         last_error: Set(None),
         dispatched_at: Set(settled.then_some(at)),
         failed_at: Set(None),
+        pending_for: Set(None),
     };
     Ok((row, event))
 }

@@ -13,7 +13,7 @@ use crate::error::ChatError;
 use crate::events::{DomainEvent, EventKind};
 use crate::ids::{EventId, TenantId};
 use crate::model::now;
-use crate::outbox::{OutboxConsumer, PendingEvent};
+use crate::outbox::{Behind, OutboxConsumer, PendingEvent};
 use crate::repository::OutboxRepository;
 use crate::validate::PageSize;
 
@@ -49,13 +49,72 @@ fn unleased(at: DateTime<Utc>) -> Condition {
 const MAX_SCAN_PAGES: usize = 16;
 
 /// What a claim scan reads of an outbox row: id, session, available at,
-/// claimed until.
+/// claimed until, pending for.
 type Scanned = (
     uuid::Uuid,
     Option<uuid::Uuid>,
     DateTime<Utc>,
     Option<DateTime<Utc>>,
+    Option<String>,
 );
+
+/// The receivers named by a stored `pending_for` (a JSON array): `None`
+/// for `NULL` (all of them), and for an empty or damaged value, read the
+/// same way (the event reaches its receivers again, which their
+/// idempotency makes harmless).
+fn receivers(stored: Option<&str>) -> Option<Vec<String>> {
+    stored
+        .and_then(|text| serde_json::from_str::<Vec<String>>(text).ok())
+        .filter(|names| !names.is_empty())
+}
+
+/// `receivers` as stored: `NULL` for none (all of them).
+fn stored_receivers(receivers: &[String]) -> Option<String> {
+    if receivers.is_empty() {
+        None
+    } else {
+        serde_json::to_string(receivers).ok()
+    }
+}
+
+/// What holds back a session's later events during a claim scan.
+enum Ahead {
+    /// Earlier events wait for a retry, owed to these receivers only.
+    Partly(Behind),
+    /// An earlier event is claimed elsewhere or owed to every receiver.
+    Wholly,
+}
+
+impl Ahead {
+    /// `ahead` after one more earlier event that is not ready: claimed
+    /// elsewhere (`owed` = `None`), or waiting until `until`, still owed
+    /// to `owed` (`Some(None)`: to every receiver).
+    fn and_then(
+        ahead: Option<&Self>,
+        owed: Option<Option<Vec<String>>>,
+        until: DateTime<Utc>,
+    ) -> Self {
+        let Some(Some(mut owed)) = owed else {
+            return Self::Wholly;
+        };
+        let until = match ahead {
+            Some(Self::Wholly) => return Self::Wholly,
+            Some(Self::Partly(behind)) => {
+                for name in &behind.waiting_for {
+                    if !owed.contains(name) {
+                        owed.push(name.clone());
+                    }
+                }
+                Ord::min(behind.until, until)
+            }
+            None => until,
+        };
+        Self::Partly(Behind {
+            waiting_for: owed,
+            until,
+        })
+    }
+}
 
 impl OutboxConsumer for SeaOrmStore {
     async fn claim_pending(
@@ -67,14 +126,16 @@ impl OutboxConsumer for SeaOrmStore {
         let lease = crate::model::span(lease);
         // Scan undispatched events from the oldest. A session's events are
         // taken from its earliest one on, in order, up to the first that is
-        // not ready (claimed elsewhere or waiting for a retry): later ones
-        // of that session wait for it.
+        // claimed elsewhere or waits for a retry having reached no
+        // receiver: later ones of that session wait for it. Past one that
+        // waits having reached some receivers, later ones are taken for
+        // those receivers only (`PendingEvent::behind`).
         // Only the columns the choice needs: payloads are read once, for
         // the rows won below. Pages follow one another until `limit` events
         // are picked, so a long run of events held behind one session's
         // retried event does not hide the other sessions' events.
         let page = Ord::max(limit.saturating_mul(2), 1);
-        let mut blocked = HashSet::new();
+        let mut ahead: HashMap<uuid::Uuid, Ahead> = HashMap::new();
         let mut picked = Vec::new();
         let mut after: Option<uuid::Uuid> = None;
         for _ in 0..MAX_SCAN_PAGES {
@@ -85,6 +146,7 @@ impl OutboxConsumer for SeaOrmStore {
                     outbox::Column::SessionId,
                     outbox::Column::AvailableAt,
                     outbox::Column::ClaimedUntil,
+                    outbox::Column::PendingFor,
                 ])
                 .filter(outbox::Column::DispatchedAt.is_null());
             if let Some(after) = after {
@@ -98,18 +160,25 @@ impl OutboxConsumer for SeaOrmStore {
                 .await?;
             let full = rows.len() as u64 == page;
             after = rows.last().map(|row| row.0);
-            for (id, session_id, available_at, claimed_until) in rows {
-                let ready = available_at <= at && claimed_until.is_none_or(|c| c < at);
-                match session_id {
-                    Some(s) if blocked.contains(&s) => continue,
-                    Some(s) if !ready => {
-                        blocked.insert(s);
-                        continue;
-                    }
+            for (id, session_id, available_at, claimed_until, pending_for) in rows {
+                let elsewhere = claimed_until.is_some_and(|c| c >= at);
+                let ready = available_at <= at && !elsewhere;
+                let behind = match session_id {
+                    Some(s) => match ahead.get(&s) {
+                        Some(Ahead::Wholly) => continue,
+                        held if !ready => {
+                            let owed = (!elsewhere).then(|| receivers(pending_for.as_deref()));
+                            let next = Ahead::and_then(held, owed, available_at);
+                            ahead.insert(s, next);
+                            continue;
+                        }
+                        Some(Ahead::Partly(behind)) => Some(behind.clone()),
+                        None => None,
+                    },
                     None if !ready => continue,
-                    _ => {}
-                }
-                picked.push((id, session_id));
+                    None => None,
+                };
+                picked.push((id, session_id, behind));
                 if picked.len() as u64 >= limit {
                     break;
                 }
@@ -126,7 +195,7 @@ impl OutboxConsumer for SeaOrmStore {
         // dispatcher claimed or settled since the scan is not returned.
         let won = outbox::Entity::update_many()
             .col_expr(outbox::Column::ClaimedUntil, Expr::value(at + lease))
-            .filter(outbox::Column::Id.is_in(picked.iter().map(|(id, _)| *id)))
+            .filter(outbox::Column::Id.is_in(picked.iter().map(|(id, _, _)| *id)))
             .filter(outbox::Column::DispatchedAt.is_null())
             .filter(unleased(at))
             .exec_with_returning(&self.db)
@@ -140,7 +209,7 @@ impl OutboxConsumer for SeaOrmStore {
         let mut claimed = Vec::with_capacity(won.len());
         // Won rows of a kind this version does not know, given back below.
         let mut unknown = Vec::new();
-        for (id, session) in picked {
+        for (id, session, behind) in picked {
             let row = won.remove(&id);
             match (row, session) {
                 (Some(_), Some(s)) if lost.contains(&s) => {}
@@ -154,8 +223,14 @@ impl OutboxConsumer for SeaOrmStore {
                 }
                 (Some(row), session) => {
                     let attempts = row.attempts;
+                    let pending_for = receivers(row.pending_for.as_deref());
                     match DomainEvent::try_from(row) {
-                        Ok(event) => claimed.push(PendingEvent { event, attempts }),
+                        Ok(event) => claimed.push(PendingEvent {
+                            event,
+                            attempts,
+                            pending_for,
+                            behind,
+                        }),
                         // A damaged row of a known kind (its tenant or
                         // payload does not decode) is failed, so that it
                         // holds up neither the claim nor, as the first
@@ -256,19 +331,42 @@ impl OutboxConsumer for SeaOrmStore {
         id: EventId,
         retry_at: DateTime<Utc>,
         error: &str,
+        pending_for: &[String],
     ) -> Result<(), ChatError> {
         outbox::Entity::update_many()
             .col_expr(
                 outbox::Column::Attempts,
                 Expr::col(outbox::Column::Attempts).add(1),
             )
+            .col_expr(outbox::Column::LastError, Expr::value(error))
+            .col_expr(
+                outbox::Column::PendingFor,
+                Expr::value(stored_receivers(pending_for)),
+            )
             .col_expr(outbox::Column::AvailableAt, Expr::value(retry_at))
             .col_expr(
                 outbox::Column::ClaimedUntil,
                 Expr::value(Option::<DateTime<Utc>>::None),
             )
-            .col_expr(outbox::Column::LastError, Expr::value(error))
             .filter(outbox::Column::Id.eq(id.as_uuid()))
+            .filter(outbox::Column::DispatchedAt.is_null())
+            .exec(&self.db)
+            .await?;
+        Ok(())
+    }
+
+    async fn hold(
+        &self,
+        id: EventId,
+        until: DateTime<Utc>,
+        pending_for: &[String],
+    ) -> Result<(), ChatError> {
+        unclaim(&[id])
+            .col_expr(
+                outbox::Column::PendingFor,
+                Expr::value(stored_receivers(pending_for)),
+            )
+            .col_expr(outbox::Column::AvailableAt, Expr::value(until))
             .exec(&self.db)
             .await?;
         Ok(())

@@ -140,8 +140,16 @@ impl TryFrom<notification::Model> for Notification {
     }
 }
 
+/// The name of [`SeaOrmSinks`] as a sink of either kind.
+const TABLES: &str = "livechat tables";
+
 #[async_trait]
 impl TicketSink for SeaOrmSinks {
+    /// `livechat tables`, for both kinds.
+    fn name(&self) -> String {
+        TABLES.to_owned()
+    }
+
     /// Inserts the ticket `OPEN` under `request.ticket_id`; a second delivery
     /// of the same request changes nothing.
     async fn open_ticket(&self, request: &TicketRequested, _key: EventId) -> Result<(), SinkError> {
@@ -197,6 +205,11 @@ impl TicketSink for SeaOrmSinks {
 
 #[async_trait]
 impl NotificationSink for SeaOrmSinks {
+    /// `livechat tables`, for both kinds.
+    fn name(&self) -> String {
+        TABLES.to_owned()
+    }
+
     /// Inserts the notification under its id; a second delivery changes nothing.
     async fn notify(&self, n: &Notification, _key: EventId) -> Result<(), SinkError> {
         notification::Entity::insert(notification::ActiveModel {

@@ -24,10 +24,12 @@ on_both_databases!(
     a_visitors_notifications_follow_it_when_it_logs_in,
     failing_sink_retries_to_exactly_one,
     events_behind_a_retried_event_do_not_wait_for_their_lease,
+    a_help_desk_that_is_down_holds_up_only_its_own_deliveries,
     crash_between_commit_and_dispatch,
     crash_after_delivery_before_settling,
     webhook_receives_signed_events_with_retries,
     a_sessions_events_are_claimed_in_order_behind_its_earliest,
+    a_retried_event_holds_later_ones_only_from_the_receivers_it_is_owed,
     held_events_do_not_hide_other_sessions_events,
     undecodable_outbox_events_do_not_stall_dispatch,
     the_claim_scan_reads_only_undispatched_events,
@@ -698,8 +700,9 @@ async fn failing_sink_retries_to_exactly_one(backend: Backend) {
 }
 
 /// A session's later events claimed in the pass that retries an earlier
-/// one are released: they follow it as soon as it is delivered, not when
-/// their 30 s lease runs out. Here the ticket's first attempt fails, so the
+/// one are held until its retry (the sink that failed is the one they
+/// wait for): they follow it as soon as it is delivered, not when their
+/// 30 s lease runs out. Here the ticket's first attempt fails, so the
 /// reply's notification waits behind it, then fails once itself.
 async fn events_behind_a_retried_event_do_not_wait_for_their_lease(backend: Backend) {
     let app = App::new(backend).await;
@@ -732,6 +735,130 @@ async fn events_behind_a_retried_event_do_not_wait_for_their_lease(backend: Back
     assert_eq!(counts(&app, &auth).await, (1, 1));
     assert_eq!(flaky.ticket_calls.load(Ordering::SeqCst), 2);
     assert_eq!(flaky.notify_calls.load(Ordering::SeqCst), 2);
+}
+
+/// A help desk that is down until `up` is set (every call answers
+/// retryable); records what it accepted, in order.
+#[derive(Default)]
+struct HelpDesk {
+    up: std::sync::atomic::AtomicBool,
+    calls: AtomicUsize,
+    accepted: std::sync::Mutex<Vec<String>>,
+}
+
+impl HelpDesk {
+    fn answer(&self, what: String) -> Result<(), SinkError> {
+        self.calls.fetch_add(1, Ordering::SeqCst);
+        if !self.up.load(Ordering::SeqCst) {
+            return Err(SinkError::Retryable("help desk down".into()));
+        }
+        self.accepted.lock().unwrap().push(what);
+        Ok(())
+    }
+}
+
+#[async_trait]
+impl TicketSink for HelpDesk {
+    async fn open_ticket(&self, request: &TicketRequested, _key: EventId) -> Result<(), SinkError> {
+        self.answer(format!("open {}", request.ticket_id))
+    }
+    async fn close_ticket(
+        &self,
+        _tenant: TenantId,
+        ticket: TicketId,
+        _key: EventId,
+    ) -> Result<(), SinkError> {
+        self.answer(format!("close {ticket}"))
+    }
+}
+
+#[async_trait]
+impl NotificationSink for HelpDesk {
+    async fn notify(&self, n: &Notification, _key: EventId) -> Result<(), SinkError> {
+        self.answer(format!("notify {}", n.id))
+    }
+}
+
+/// A help desk (or webhook) that is down does not hold up the in-app
+/// ticket and notification: each event reaches the tables at once and is
+/// then owed to the help desk alone, which gets them in order, once, when
+/// it is back.
+async fn a_help_desk_that_is_down_holds_up_only_its_own_deliveries(backend: Backend) {
+    let app = App::new(backend).await;
+    let (session, auth) = ticketed_reply(&app).await;
+    let desk = Arc::new(HelpDesk::default());
+    let tables = Arc::new(SeaOrmSinks::new(app.db.clone()));
+    // Retries a minute apart: nothing below waits for one, until the
+    // retry time is moved (the time passing).
+    let config = DispatcherConfig {
+        backoff_base: Duration::from_secs(60),
+        backoff_max: Duration::from_secs(60),
+        ..fast()
+    };
+    let dispatcher = Dispatcher::new(SeaOrmStore::new(app.db.clone()), config)
+        .ticket_sink(tables.clone())
+        .ticket_sink(desk.clone())
+        .notification_sink(tables)
+        .notification_sink(desk.clone());
+    dispatcher.dispatch_once().await.unwrap();
+    assert_eq!(
+        desk.calls.load(Ordering::SeqCst),
+        1,
+        "the request; the reply waits"
+    );
+    assert_eq!(
+        counts(&app, &auth).await,
+        (1, 1),
+        "in app while the desk is down"
+    );
+    assert!(desk.accepted.lock().unwrap().is_empty());
+    // The ticket request and the reply wait for the help desk only.
+    assert_eq!(undispatched(&app).await, 2);
+    assert_eq!(
+        outbox_rows(
+            &app,
+            "dispatched_at IS NULL AND pending_for LIKE '%HelpDesk%'"
+        )
+        .await,
+        2
+    );
+    assert_eq!(
+        outbox_rows(
+            &app,
+            "dispatched_at IS NULL AND pending_for LIKE '%livechat tables%'"
+        )
+        .await,
+        0
+    );
+
+    // A reply written while they wait reaches the customer too.
+    let (code, _) = app
+        .agent_call(
+            Method::POST,
+            &format!("/livechat/sessions/{session}/messages"),
+            7,
+            1,
+            Some(json!({"message": "Still here"})),
+        )
+        .await;
+    assert_eq!(code, 201);
+    let report = dispatcher.dispatch_once().await.unwrap();
+    assert_eq!(report.held, 1, "{report:?}");
+    assert_eq!(counts(&app, &auth).await, (1, 2), "the later reply too");
+    assert_eq!(desk.calls.load(Ordering::SeqCst), 1);
+
+    // The help desk is back and the retry is due: it gets all three.
+    desk.up.store(true, Ordering::SeqCst);
+    outbox_due_now(&app).await;
+    drain(&dispatcher, &app.db).await;
+    let accepted = desk.accepted.lock().unwrap().clone();
+    assert_eq!(accepted.len(), 3, "{accepted:?}");
+    assert!(accepted[0].starts_with("open "), "{accepted:?}");
+    assert!(
+        accepted[1..].iter().all(|a| a.starts_with("notify ")),
+        "{accepted:?}"
+    );
+    assert_eq!(counts(&app, &auth).await, (1, 2), "nothing twice in app");
 }
 
 async fn crash_between_commit_and_dispatch(backend: Backend) {
@@ -929,6 +1056,106 @@ async fn a_sessions_events_are_claimed_in_order_behind_its_earliest(backend: Bac
         .map(|p| p.event.payload.value()["seq"].as_i64())
         .collect();
     assert_eq!(seqs, vec![Some(1), Some(2), Some(3)]);
+}
+
+/// An event waiting for a retry owed to some receivers only (the others
+/// have it) holds its session's later events from those receivers only:
+/// they are claimed with `behind` naming them (all such receivers of the
+/// events ahead, until the first is due). Owed to every receiver, it holds
+/// them back altogether. A retried event comes back owed to its receivers.
+async fn a_retried_event_holds_later_ones_only_from_the_receivers_it_is_owed(backend: Backend) {
+    use livechat_core::{EventKind, UserId};
+    let app = App::new(backend).await;
+    let tenant = TenantId::new(1).unwrap();
+    let session = session_with_messages(&app, tenant, UserId::new(7).unwrap(), 3).await;
+    let store = app.chat.store();
+    let lease = Duration::from_secs(30);
+    let names = |names: &[&str]| names.iter().map(|n| (*n).to_owned()).collect::<Vec<_>>();
+    let of_session = |claimed: Vec<livechat_core::PendingEvent>| {
+        claimed
+            .into_iter()
+            .filter(|p| p.event.session_id == Some(session))
+            .collect::<Vec<_>>()
+    };
+    let claimed = of_session(store.claim_pending(100, lease).await.unwrap());
+    let kinds: Vec<EventKind> = claimed.iter().map(|p| p.event.kind).collect();
+    assert_eq!(
+        kinds,
+        [
+            EventKind::SessionStarted,
+            EventKind::MessagePosted,
+            EventKind::MessagePosted,
+            EventKind::MessagePosted
+        ]
+    );
+    let ids: Vec<EventId> = claimed.iter().map(|p| p.event.id).collect();
+    let later = livechat_core::now() + chrono::TimeDelta::seconds(60);
+    let sooner = livechat_core::now() + chrono::TimeDelta::seconds(30);
+    let behind = |p: &livechat_core::PendingEvent| {
+        let b = p.behind.clone().expect("behind");
+        let mut waiting = b.waiting_for;
+        waiting.sort();
+        (waiting, b.until > livechat_core::now())
+    };
+
+    // The start failed at the desk (the tables have it); the messages are
+    // handed out again for every receiver but the desk.
+    store
+        .retry_later(ids[0], later, "desk down", &names(&["desk"]))
+        .await
+        .unwrap();
+    store.release(&ids[1..]).await.unwrap();
+    let claimed = of_session(store.claim_pending(100, lease).await.unwrap());
+    assert_eq!(
+        claimed.iter().map(|p| p.event.id).collect::<Vec<_>>(),
+        ids[1..]
+    );
+    for p in &claimed {
+        assert_eq!(behind(p), (names(&["desk"]), true));
+        assert_eq!((p.attempts, &p.pending_for), (0, &None));
+    }
+
+    // The first message is held from the mailer too: the rest wait for both.
+    store
+        .hold(ids[1], sooner, &names(&["mailer"]))
+        .await
+        .unwrap();
+    store.release(&ids[2..]).await.unwrap();
+    let claimed = of_session(store.claim_pending(100, lease).await.unwrap());
+    assert_eq!(
+        claimed.iter().map(|p| p.event.id).collect::<Vec<_>>(),
+        ids[2..]
+    );
+    assert_eq!(behind(&claimed[0]), (names(&["desk", "mailer"]), true));
+    assert!(
+        claimed[0].behind.as_ref().unwrap().until < later,
+        "until the first of them is due"
+    );
+
+    // The start retried for every receiver holds the rest back altogether.
+    store
+        .retry_later(ids[0], later, "all down", &[])
+        .await
+        .unwrap();
+    store.release(&ids[2..]).await.unwrap();
+    assert!(of_session(store.claim_pending(100, lease).await.unwrap()).is_empty());
+
+    // Due again, the start comes back owed to the desk, with its attempts;
+    // the messages behind the held one wait for the mailer only.
+    let past = livechat_core::now() - chrono::TimeDelta::seconds(1);
+    store
+        .retry_later(ids[0], past, "desk down", &names(&["desk"]))
+        .await
+        .unwrap();
+    let claimed = of_session(store.claim_pending(100, lease).await.unwrap());
+    let got: Vec<EventId> = claimed.iter().map(|p| p.event.id).collect();
+    assert_eq!(got, [ids[0], ids[2], ids[3]]);
+    assert_eq!(
+        (claimed[0].attempts, claimed[0].pending_for.clone()),
+        (3, Some(names(&["desk"])))
+    );
+    assert_eq!(claimed[0].behind, None);
+    assert_eq!(behind(&claimed[1]), (names(&["mailer"]), true));
 }
 
 /// A long run of events held behind their session's earliest (claimed
@@ -1139,8 +1366,19 @@ impl OutboxConsumer for RecordingConsumer {
         id: EventId,
         retry_at: chrono::DateTime<chrono::Utc>,
         error: &str,
+        pending_for: &[String],
     ) -> Result<(), livechat_core::ChatError> {
-        self.store.retry_later(id, retry_at, error).await
+        self.store
+            .retry_later(id, retry_at, error, pending_for)
+            .await
+    }
+    async fn hold(
+        &self,
+        id: EventId,
+        until: chrono::DateTime<chrono::Utc>,
+        pending_for: &[String],
+    ) -> Result<(), livechat_core::ChatError> {
+        self.store.hold(id, until, pending_for).await
     }
     async fn mark_failed(&self, id: EventId, error: &str) -> Result<(), livechat_core::ChatError> {
         self.store.mark_failed(id, error).await
@@ -1163,6 +1401,18 @@ async fn outbox_rows(app: &App, filter: &str) -> i64 {
         .unwrap()
         .try_get::<i64>("", "n")
         .unwrap()
+}
+
+/// Makes every undispatched event due now (as if its retry time had
+/// passed).
+async fn outbox_due_now(app: &App) {
+    use sea_orm::ConnectionTrait;
+    app.db
+        .execute_unprepared(
+            "UPDATE livechat_outbox SET available_at = created_at WHERE dispatched_at IS NULL",
+        )
+        .await
+        .unwrap();
 }
 
 async fn undispatched(app: &App) -> i64 {

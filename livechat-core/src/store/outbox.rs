@@ -333,7 +333,7 @@ impl OutboxConsumer for SeaOrmStore {
         error: &str,
         pending_for: &[String],
     ) -> Result<(), ChatError> {
-        outbox::Entity::update_many()
+        unclaim(&[id])
             .col_expr(
                 outbox::Column::Attempts,
                 Expr::col(outbox::Column::Attempts).add(1),
@@ -344,12 +344,6 @@ impl OutboxConsumer for SeaOrmStore {
                 Expr::value(stored_receivers(pending_for)),
             )
             .col_expr(outbox::Column::AvailableAt, Expr::value(retry_at))
-            .col_expr(
-                outbox::Column::ClaimedUntil,
-                Expr::value(Option::<DateTime<Utc>>::None),
-            )
-            .filter(outbox::Column::Id.eq(id.as_uuid()))
-            .filter(outbox::Column::DispatchedAt.is_null())
             .exec(&self.db)
             .await?;
         Ok(())
@@ -394,7 +388,8 @@ impl OutboxConsumer for SeaOrmStore {
 }
 
 /// An update of the events `ids` still undispatched that ends their claims
-/// (`mark_dispatched` adds the settlement).
+/// (`mark_dispatched` adds the settlement, `retry_later` and `hold` the
+/// next attempt).
 fn unclaim(ids: &[EventId]) -> sea_orm::UpdateMany<outbox::Entity> {
     outbox::Entity::update_many()
         .col_expr(

@@ -199,14 +199,21 @@ pub fn verify_signature(
 }
 
 impl WebhookSink {
-    /// The sink's name for both kinds ([`TicketSink::name`]): `webhook`
-    /// and the URL's origin and path (its credentials and query left out,
-    /// since the name is stored with events waiting for a retry).
+    /// The sink's name for both kinds ([`TicketSink::name`]): `webhook`,
+    /// the URL's origin (scheme, host and port) and the first 12 hex digits
+    /// of the SHA-256 of the whole URL, e.g. `webhook
+    /// https://desk.example.com 3f9a0c5e21b7`. The name is stored with
+    /// events waiting for a retry and appears in `last_error` and the
+    /// logs, so it leaves out the URL's path, query and credentials, any
+    /// of which may be a secret (a path like `/hooks/T00/B00/XXXX`); the
+    /// digest keeps two webhooks on one host apart.
     fn sink_name(&self) -> String {
+        use sha2::Digest;
+        let digest = Sha256::digest(self.url.as_str().as_bytes());
         format!(
-            "webhook {}{}",
+            "webhook {} {}",
             self.url.origin().ascii_serialization(),
-            self.url.path()
+            hex::encode(&digest[..6])
         )
     }
 }
@@ -256,6 +263,28 @@ impl NotificationSink for WebhookSink {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_name_keeps_the_urls_secrets_out() {
+        let sink = |url: &str| WebhookSink::new(Url::parse(url).unwrap(), "s");
+        let name = TicketSink::name(&sink(
+            "https://user:pw@desk.example.com:8443/hooks/T00/XXXX?key=k",
+        ));
+        assert!(
+            name.starts_with("webhook https://desk.example.com:8443 "),
+            "{name}"
+        );
+        for secret in ["user", "pw", "hooks", "XXXX", "key"] {
+            assert!(!name.contains(secret), "{name}");
+        }
+        // The same for both kinds; another path on the same host differs.
+        let a = sink("https://desk.example.com/a");
+        assert_eq!(TicketSink::name(&a), NotificationSink::name(&a));
+        assert_ne!(
+            TicketSink::name(&a),
+            TicketSink::name(&sink("https://desk.example.com/b"))
+        );
+    }
 
     #[test]
     fn signature_round_trip_and_rejections() {

@@ -108,7 +108,7 @@ impl DispatchReport {
 }
 
 /// Delivers committed outbox events to ticket and notification sinks, at
-/// least once, in order per session, with exponential backoff (issue #3).
+/// least once, in order per session and sink, with exponential backoff (issue #3).
 ///
 /// Rules per event kind:
 /// - `ticket.requested` → [`TicketSink::open_ticket`] on every ticket sink;

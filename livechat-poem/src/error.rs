@@ -188,9 +188,16 @@ impl From<ChatError> for ApiError {
 /// Errors already rendered by a handler ([`ApiError`]) pass through; errors
 /// from extraction are classified: body → 400 `invalid_body`, query or path
 /// parameter → 400 `invalid_query`, auth scheme → 401 `unauthorized`, unknown
-/// route → 404 `not_found`, wrong method → 405 `method_not_allowed`.
+/// route → 404 `not_found`, a path that does not percent-decode to UTF-8
+/// (`/sessions/%ff`: no id or route has such a name) → 404 `not_found`,
+/// wrong method → 405 `method_not_allowed`.
+///
+/// A host that nests [`Livechat::endpoint`](crate::Livechat::endpoint) in
+/// its own `Route` gives that route `.catch_all_error(envelope)` too: poem's
+/// `Route` decodes the whole path before it calls the nested endpoint, so
+/// a path that does not decode never reaches the library.
 pub async fn envelope(err: poem::Error) -> Response {
-    use poem::error::{MethodNotAllowedError, NotFoundError};
+    use poem::error::{MethodNotAllowedError, NotFoundError, ParsePathError};
     use poem_openapi::error::{
         AuthorizationError, ContentTypeError, ParseParamError, ParseRequestPayloadError,
     };
@@ -205,7 +212,7 @@ pub async fn envelope(err: poem::Error) -> Response {
         ApiError::bad_request("invalid_query", err.to_string())
     } else if err.is::<AuthorizationError>() {
         ApiError::unauthorized("a bearer token is required")
-    } else if err.is::<NotFoundError>() {
+    } else if err.is::<NotFoundError>() || err.is::<ParsePathError>() {
         ApiError::not_found()
     } else if err.is::<MethodNotAllowedError>() {
         return (

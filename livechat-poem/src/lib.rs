@@ -11,8 +11,8 @@
 //! ```no_run
 //! use std::sync::Arc;
 //! use livechat_core::{ChatConfig, ChatService, store::{self, Migrator, SeaOrmStore}};
-//! use livechat_poem::{JwtAuthenticator, Livechat};
-//! use poem::{Route, Server, listener::{Listener, TcpListener}};
+//! use livechat_poem::{JwtAuthenticator, Livechat, envelope};
+//! use poem::{EndpointExt, Route, Server, listener::{Listener, TcpListener}};
 //! use sea_orm_migration::MigratorTrait;
 //!
 //! # async fn host() -> Result<(), Box<dyn std::error::Error>> {
@@ -28,7 +28,10 @@
 //! let app = Route::new()
 //!     .nest("/livechat", livechat.endpoint())
 //!     .at("/openapi.json", livechat.spec_endpoint("/livechat"))
-//!     .nest("/docs", livechat.swagger_ui("/livechat"));
+//!     .nest("/docs", livechat.swagger_ui("/livechat"))
+//!     // This route decodes every path first: one that does not decode
+//!     // (`/livechat/sessions/%ff`) gets the JSON envelope too.
+//!     .catch_all_error(envelope);
 //! // TCP_NODELAY: small WebSocket frames are not held back by Nagle.
 //! let acceptor = TcpListener::bind("127.0.0.1:8080").into_acceptor().await?;
 //! Server::new_with_acceptor(livechat_poem::NoDelay(acceptor)).run(app).await?;

@@ -707,7 +707,14 @@ pub fn build_with(
         .nest("/docs", livechat.swagger_ui("/livechat"))
         .nest("/", host_routes);
     let endpoint = if config.cors_origins.is_empty() {
-        routes.with(Tracing).map_to_response().boxed()
+        // This route decodes the path before it reaches `livechat` or the
+        // host's routes: a path that does not decode (`%ff`) is refused
+        // here, in the envelope too.
+        routes
+            .catch_all_error(envelope)
+            .with(Tracing)
+            .map_to_response()
+            .boxed()
     } else {
         let mut cors = Cors::new().allow_credentials(config.cors_credentials);
         if !config.cors_origins.iter().any(|o| o == "*") {

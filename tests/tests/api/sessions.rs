@@ -334,10 +334,16 @@ async fn get_session_and_not_found(backend: Backend) {
         format!("/livechat/sessions/{unknown}"),
         "/livechat/sessions/not-a-uuid".to_owned(),
         "/livechat/sessions/123".to_owned(),
+        // Escapes that do not decode to UTF-8: refused by the host's route
+        // before the library sees them, in the envelope all the same.
+        "/livechat/sessions/%ff".to_owned(),
+        "/livechat/sessions/%C3%28/messages".to_owned(),
+        "/livechat/%80".to_owned(),
+        "/health/%ff".to_owned(),
     ] {
         let (code, body) = app.agent_call(Method::GET, &path, 7, 1, None).await;
         assert_eq!(code, 404, "{path}: {body}");
-        assert_eq!(body["error"]["code"], "not_found");
+        assert_eq!(body["error"]["code"], "not_found", "{path}");
     }
 }
 

@@ -470,19 +470,64 @@ impl<S: ChatStore> ChatService<S> {
         customer: CustomerId,
         request: CustomerChatRequest,
     ) -> Result<CustomerChatStarted, ChatError> {
+        let chat = self.customer_chat(request)?(customer);
+        self.start_checked_chat(tenant, chat).await
+    }
+
+    /// [`Self::start_customer_chat`] for the customer of `identity`, who is
+    /// resolved ([`Self::resolve_customer`]: a visitor or host user is
+    /// created on first sight) only once the request is found valid, so
+    /// a refused start leaves no customer behind. Returns that customer
+    /// with what the start did.
+    ///
+    /// # Errors
+    /// Those of [`Self::start_customer_chat`], then of
+    /// [`Self::resolve_customer`].
+    pub async fn start_chat_as(
+        &self,
+        tenant: TenantId,
+        identity: CustomerIdentity,
+        request: CustomerChatRequest,
+    ) -> Result<(Customer, CustomerChatStarted), ChatError> {
+        let chat = self.customer_chat(request)?;
+        let customer = self.resolve_customer(tenant, identity).await?;
+        let started = self.start_checked_chat(tenant, chat(customer.id)).await?;
+        Ok((customer, started))
+    }
+
+    /// Checks a customer chat request; the chat, given its customer.
+    fn customer_chat(
+        &self,
+        request: CustomerChatRequest,
+    ) -> Result<impl FnOnce(CustomerId) -> NewCustomerChat + use<S>, ChatError> {
         let first_message = request.message.map(|m| self.body(m)).transpose()?;
         let first_message_key = request.client_msg_id.map(ClientMsgId::parse).transpose()?;
-        let chat = NewCustomerChat {
+        let topic = Topic::parse(&request.topic)?;
+        let department = parse_department(request.department)?;
+        let contact = request.contact.map(ContactInput::parse).transpose()?;
+        let priority = request.priority.unwrap_or(Priority::Normal);
+        let client_ip = request.client_ip.map(|ip| ip.chars().take(64).collect());
+        let user_agent = request.user_agent.map(|ua| ua.chars().take(512).collect());
+        Ok(move |customer| NewCustomerChat {
             customer,
-            topic: Topic::parse(&request.topic)?,
-            priority: request.priority.unwrap_or(Priority::Normal),
-            department: parse_department(request.department)?,
-            contact: request.contact.map(ContactInput::parse).transpose()?,
+            topic,
+            priority,
+            department,
+            contact,
             first_message,
             first_message_key,
-            client_ip: request.client_ip.map(|ip| ip.chars().take(64).collect()),
-            user_agent: request.user_agent.map(|ua| ua.chars().take(512).collect()),
-        };
+            client_ip,
+            user_agent,
+        })
+    }
+
+    /// [`Self::start_customer_chat`] of a checked request.
+    async fn start_checked_chat(
+        &self,
+        tenant: TenantId,
+        chat: NewCustomerChat,
+    ) -> Result<CustomerChatStarted, ChatError> {
+        let customer = chat.customer;
         // A chat returned as active may close (or be moved by a link)
         // before the message reaches it; the start is then made once more,
         // and creates a chat that carries the message.

@@ -446,7 +446,6 @@ impl CustomerApi {
             },
         };
         let client_msg_id = crate::api::pick_idempotency_key(body.client_msg_id.map(|k| k.0), req)?;
-        let customer = self.chat.resolve_customer(tenant, identity).await?;
         let request = CustomerChatRequest {
             client_msg_id,
             topic: body.topic.0,
@@ -461,10 +460,8 @@ impl CustomerApi {
                 .and_then(|v| v.to_str().ok())
                 .map(str::to_owned),
         };
-        let started = self
-            .chat
-            .start_customer_chat(tenant, customer.id, request)
-            .await?;
+        // The customer is created only for a valid request.
+        let (customer, started) = self.chat.start_chat_as(tenant, identity, request).await?;
         let visitor_token = if issue_token {
             Some(
                 self.state

@@ -661,6 +661,21 @@ async fn identity_hash_asserts_a_user(backend: Backend) {
     );
 }
 
+/// Rows of `livechat_customers`.
+async fn customer_rows(app: &App) -> i64 {
+    use sea_orm::{ConnectionTrait, Statement};
+    app.db
+        .query_one_raw(Statement::from_string(
+            app.db.get_database_backend(),
+            "SELECT COUNT(*) AS n FROM livechat_customers",
+        ))
+        .await
+        .unwrap()
+        .unwrap()
+        .try_get::<i64>("", "n")
+        .unwrap()
+}
+
 async fn start_validation(backend: Backend) {
     let app = App::new(backend).await;
     let b = uuid::Uuid::now_v7();
@@ -713,11 +728,25 @@ async fn start_validation(backend: Backend) {
     )
     .await;
     assert_eq!(code, 401);
-    // Nothing was stored by the refused starts.
+    // A host user refused the same way (a Bearer token, and an identity
+    // hash's user) is not created either.
+    let user = format!("Bearer {}", App::token(77, &["USER"], Some(&[1])));
+    let (code, _) = customer(
+        &app,
+        Method::POST,
+        "/livechat/customer/chats",
+        Some(&user),
+        "1",
+        Some(json!({"topic": ""})),
+    )
+    .await;
+    assert_eq!(code, 400);
+    // Nothing was stored by the refused starts: no session, no customer.
     let (_, list) = app
         .agent_call(Method::GET, "/livechat/sessions", 7, 1, None)
         .await;
     assert_eq!(list["data"], json!([]));
+    assert_eq!(customer_rows(&app).await, 0);
     // A topic of exactly 200 characters is fine.
     let (code, _) = customer(
         &app,

@@ -70,6 +70,12 @@ pub enum ChatError {
     /// printable ASCII.
     #[error("client_msg_id must be 1-128 printable ASCII characters")]
     InvalidClientMsgId,
+    /// A client idempotency key (`client_msg_id`) already names another
+    /// sender's message in this session: keys are the session's, and a
+    /// key one participant used does not make another's message vanish
+    /// as its "retry". Send with a key of your own.
+    #[error("client_msg_id is already used in this session by another sender")]
+    ClientMsgIdTaken,
     /// A paging parameter is out of range (`limit` outside `1..=max`,
     /// negative `after_seq`).
     #[error("{0}")]

@@ -340,12 +340,14 @@ impl<S: ChatStore> ChatService<S> {
     }
 
     /// Posts `text` from an agent to an OPEN session; it gets the next `seq`.
-    /// A `client_msg_id` already used in the session returns the original
-    /// message with `created: false` (DESIGN.md invariant 6).
+    /// A `client_msg_id` this agent already used in the session returns
+    /// the original message with `created: false` (DESIGN.md invariant 6);
+    /// one another participant used is refused.
     ///
     /// # Errors
     /// [`ChatError::InvalidMessage`] (blank), [`ChatError::MessageTooLong`],
-    /// [`ChatError::InvalidClientMsgId`], [`ChatError::SessionClosed`] (not
+    /// [`ChatError::InvalidClientMsgId`], [`ChatError::ClientMsgIdTaken`]
+    /// (the key names another sender's message), [`ChatError::SessionClosed`] (not
     /// OPEN), [`ChatError::NotFound`].
     pub async fn post_message(
         &self,
@@ -461,7 +463,8 @@ impl<S: ChatStore> ChatService<S> {
     /// # Errors
     /// [`ChatError::InvalidInput`] (topic, department, contact),
     /// [`ChatError::InvalidMessage`], [`ChatError::MessageTooLong`],
-    /// [`ChatError::InvalidClientMsgId`]; [`ChatError::SessionClosed`] or
+    /// [`ChatError::InvalidClientMsgId`], [`ChatError::ClientMsgIdTaken`];
+    /// [`ChatError::SessionClosed`] or
     /// [`ChatError::NotFound`] only if the chat changed that way twice in
     /// a row.
     pub async fn start_customer_chat(

@@ -176,6 +176,9 @@ impl From<ChatError> for ApiError {
                 Self::bad_request("message_too_long", err.to_string())
             }
             ChatError::InvalidClientMsgId => Self::bad_request("invalid_body", err.to_string()),
+            ChatError::ClientMsgIdTaken => {
+                Self::Conflict(body("client_msg_id_taken", err.to_string()))
+            }
             ChatError::InvalidPage(msg) => Self::bad_request("invalid_query", msg),
             other if other.is_unavailable() => Self::unavailable(&other),
             other => Self::internal(&other),

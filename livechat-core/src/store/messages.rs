@@ -642,6 +642,10 @@ impl SeaOrmStore {
                 .and_then(|k| keys.get(&(request.session, k.as_str())));
             let step = match sessions.get_mut(&request.session.as_uuid()) {
                 Some(locked) if is_visible(&locked.row, request) => match duplicate {
+                    // Another participant's key is not this sender's retry.
+                    Some((original, _)) if !sent_by(original, request.sender) => {
+                        Staged::Done(Err(ChatError::ClientMsgIdTaken))
+                    }
                     Some((original, true)) => Staged::Repeat(Box::new((
                         original.clone(),
                         reannouncement(locked, original)?,
@@ -825,6 +829,19 @@ async fn lock_sessions(
         );
     }
     Ok((locked, stored_keys))
+}
+
+/// Whether `message` is `sender`'s, for an idempotency key's retry: the
+/// same agent; the session's customer, whichever customer id it had then
+/// (a visitor's message stays the customer's after a link); the library.
+fn sent_by(message: &ChatMessage, sender: Sender) -> bool {
+    match sender {
+        Sender::Agent(agent) => {
+            message.sender_type == SenderType::Agent && message.sender_id == Some(agent)
+        }
+        Sender::Customer(_) => message.sender_type == SenderType::Customer,
+        Sender::System => message.sender_type == SenderType::System,
+    }
 }
 
 /// `(session_id = ? AND client_msg_id = ?) OR …` over `keys`: one index

@@ -14,6 +14,7 @@ on_both_databases!(
     contact_history_and_close,
     linking_moves_visitor_sessions,
     customers_are_isolated,
+    a_key_is_its_senders_own,
 );
 
 /// Sends a customer request with `Authorization: <auth>` (e.g. `Visitor x`).
@@ -1148,4 +1149,96 @@ async fn customers_are_isolated(backend: Backend) {
         )
         .await;
     assert_eq!(msgs["data"], json!([]));
+}
+
+/// An idempotency key names one sender's message: another participant of
+/// the session sending with the same key gets 409 `client_msg_id_taken`
+/// (their text is not swallowed as a "retry" of someone else's message),
+/// in both directions and through a customer's start; the key's owner
+/// still gets the original back.
+async fn a_key_is_its_senders_own(backend: Backend) {
+    let app = App::new(backend).await;
+    app.go_online(7, 1).await;
+    let (session, visitor, _) = visitor_start(&app, "1", "Keys").await;
+    let agent_send = |key: &'static str, text: &'static str| {
+        let (app, session) = (&app, &session);
+        async move {
+            app.agent_call(
+                Method::POST,
+                &format!("/livechat/sessions/{session}/messages"),
+                7,
+                1,
+                Some(json!({"message": text, "client_msg_id": key})),
+            )
+            .await
+        }
+    };
+    let customer_send = |key: &'static str, text: &'static str| {
+        let (app, session, visitor) = (&app, &session, &visitor);
+        async move {
+            customer(
+                app,
+                Method::POST,
+                &format!("/livechat/customer/chats/{session}/messages"),
+                Some(visitor),
+                "1",
+                Some(json!({"message": text, "client_msg_id": key})),
+            )
+            .await
+        }
+    };
+    let (code, original) = agent_send("shared-1", "agent says hi").await;
+    assert_eq!(code, 201, "{original}");
+    let (code, body) = customer_send("shared-1", "customer text").await;
+    assert_eq!(
+        (code.as_u16(), body["error"]["code"].as_str()),
+        (409, Some("client_msg_id_taken")),
+        "{body}"
+    );
+    // Through a start, which adds its message to the active chat.
+    let (code, body) = customer(
+        &app,
+        Method::POST,
+        "/livechat/customer/chats",
+        Some(&visitor),
+        "1",
+        Some(json!({"topic": "Keys", "message": "again", "client_msg_id": "shared-1"})),
+    )
+    .await;
+    assert_eq!(
+        (code.as_u16(), body["error"]["code"].as_str()),
+        (409, Some("client_msg_id_taken")),
+        "{body}"
+    );
+    // The other way round.
+    let (code, mine) = customer_send("mine-1", "customer text").await;
+    assert_eq!(code, 201, "{mine}");
+    let (code, body) = agent_send("mine-1", "agent text").await;
+    assert_eq!(
+        (code.as_u16(), body["error"]["code"].as_str()),
+        (409, Some("client_msg_id_taken")),
+        "{body}"
+    );
+    // Each owner's retry still answers 200 with its original.
+    let (code, again) = agent_send("shared-1", "agent says hi").await;
+    assert_eq!((code.as_u16(), &again), (200, &original));
+    let (code, again) = customer_send("mine-1", "customer text").await;
+    assert_eq!((code.as_u16(), &again), (200, &mine));
+    // Stored: the two originals only.
+    let (_, list) = app
+        .agent_call(
+            Method::GET,
+            &format!("/livechat/sessions/{session}/messages"),
+            7,
+            1,
+            None,
+        )
+        .await;
+    let texts: Vec<&str> = list["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| m["message"].as_str().unwrap())
+        .collect();
+    assert_eq!(texts, ["agent says hi", "customer text"]);
 }

@@ -95,7 +95,10 @@ pub trait OutboxConsumer: Send + Sync {
     /// retry owed to some receivers only ([`Self::retry_later`],
     /// [`Self::hold`]), later events are handed out with
     /// [`PendingEvent::behind`] naming those receivers, which the later
-    /// event must not reach before them. An event of a kind this version does not know
+    /// event must not reach before them; a later event owed only to such
+    /// receivers (one held before, [`Self::hold`]) is not handed out until
+    /// they are through, and a long run of such events does not hide newer
+    /// events of other sessions from the claim. An event of a kind this version does not know
     /// (a newer version's, during a rolling upgrade) is not handed out: it
     /// is given back at once for a dispatcher that knows it, and its
     /// session's later events wait behind it. A damaged event of a known

@@ -45,8 +45,16 @@ fn unleased(at: DateTime<Utc>) -> Condition {
 }
 
 /// Most pages of undispatched events one claim reads (each twice the
-/// claim's limit).
+/// claim's limit) that hold an event it could take.
 const MAX_SCAN_PAGES: usize = 16;
+
+/// Most pages one claim reads in all, pages of events held back behind
+/// their sessions' earlier ones included: a backlog held behind a sink
+/// that is down (a webhook) does not hide newer events of other sessions
+/// until it is this long (256 pages of 200 rows for the dispatcher's
+/// batch of 100: 51,200 events, a few megabytes read per claim while it
+/// lasts).
+const MAX_HELD_PAGES: usize = 256;
 
 /// What a claim scan reads of an outbox row: id, session, available at,
 /// claimed until, pending for.
@@ -130,15 +138,20 @@ impl OutboxConsumer for SeaOrmStore {
         // receiver: later ones of that session wait for it. Past one that
         // waits having reached some receivers, later ones are taken for
         // those receivers only (`PendingEvent::behind`).
+        // An event that is due but owed only to receivers its session's
+        // earlier events wait for has nothing to do yet: it is left, not
+        // claimed (it was held before; it goes on once they are through).
         // Only the columns the choice needs: payloads are read once, for
         // the rows won below. Pages follow one another until `limit` events
         // are picked, so a long run of events held behind one session's
-        // retried event does not hide the other sessions' events.
+        // retried event does not hide the other sessions' events: pages
+        // with nothing to take do not count towards `MAX_SCAN_PAGES`.
         let page = Ord::max(limit.saturating_mul(2), 1);
         let mut ahead: HashMap<uuid::Uuid, Ahead> = HashMap::new();
         let mut picked = Vec::new();
         let mut after: Option<uuid::Uuid> = None;
-        for _ in 0..MAX_SCAN_PAGES {
+        let mut useful_pages = 0;
+        for _ in 0..MAX_HELD_PAGES {
             let mut query = outbox::Entity::find()
                 .select_only()
                 .columns([
@@ -160,6 +173,7 @@ impl OutboxConsumer for SeaOrmStore {
                 .await?;
             let full = rows.len() as u64 == page;
             after = rows.last().map(|row| row.0);
+            let picked_before = picked.len();
             for (id, session_id, available_at, claimed_until, pending_for) in rows {
                 let elsewhere = claimed_until.is_some_and(|c| c >= at);
                 let ready = available_at <= at && !elsewhere;
@@ -172,7 +186,15 @@ impl OutboxConsumer for SeaOrmStore {
                             ahead.insert(s, next);
                             continue;
                         }
-                        Some(Ahead::Partly(behind)) => Some(behind.clone()),
+                        Some(Ahead::Partly(behind)) => {
+                            let owed = receivers(pending_for.as_deref());
+                            if owed.is_some_and(|owed| {
+                                owed.iter().all(|name| behind.waiting_for.contains(name))
+                            }) {
+                                continue;
+                            }
+                            Some(behind.clone())
+                        }
                         None => None,
                     },
                     None if !ready => continue,
@@ -183,7 +205,10 @@ impl OutboxConsumer for SeaOrmStore {
                     break;
                 }
             }
-            if !full || picked.len() as u64 >= limit {
+            if picked.len() > picked_before {
+                useful_pages += 1;
+            }
+            if !full || picked.len() as u64 >= limit || useful_pages >= MAX_SCAN_PAGES {
                 break;
             }
         }

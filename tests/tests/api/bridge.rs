@@ -30,6 +30,7 @@ on_both_databases!(
     webhook_receives_signed_events_with_retries,
     a_sessions_events_are_claimed_in_order_behind_its_earliest,
     a_retried_event_holds_later_ones_only_from_the_receivers_it_is_owed,
+    a_backlog_held_behind_a_sink_hides_no_newer_events,
     held_events_do_not_hide_other_sessions_events,
     undecodable_outbox_events_do_not_stall_dispatch,
     the_claim_scan_reads_only_undispatched_events,
@@ -1156,6 +1157,61 @@ async fn a_retried_event_holds_later_ones_only_from_the_receivers_it_is_owed(bac
     );
     assert_eq!(claimed[0].behind, None);
     assert_eq!(behind(&claimed[1]), (names(&["mailer"]), true));
+}
+
+/// A backlog of events that wait only for a sink their session's earlier
+/// event waits for (a webhook that is down) is not claimed again while
+/// that event waits, and does not hide newer events of other sessions
+/// from a claim, however long it is: the scan reads on past it.
+async fn a_backlog_held_behind_a_sink_hides_no_newer_events(backend: Backend) {
+    use livechat_core::UserId;
+    let app = App::new(backend).await;
+    let tenant = TenantId::new(1).unwrap();
+    let held = session_with_messages(&app, tenant, UserId::new(7).unwrap(), 80).await;
+    let store = app.chat.store();
+    let lease = Duration::from_secs(30);
+    let everything = store.claim_pending(1000, lease).await.unwrap();
+    let of = |s| {
+        everything
+            .iter()
+            .filter(|p| p.event.session_id == Some(s))
+            .map(|p| p.event.id)
+            .collect::<Vec<_>>()
+    };
+    let backlog = of(held);
+    assert_eq!(backlog.len(), 81, "the start and 80 messages");
+    let others: Vec<EventId> = everything
+        .iter()
+        .filter(|p| p.event.session_id != Some(held))
+        .map(|p| p.event.id)
+        .collect();
+    store.mark_dispatched(&others).await.unwrap();
+    // The start waits a minute for the desk; each message reached the
+    // other receivers and is owed to the desk alone, due again now.
+    let desk = vec!["desk".to_owned()];
+    let later = livechat_core::now() + chrono::TimeDelta::seconds(60);
+    store
+        .retry_later(backlog[0], later, "desk down", &desk)
+        .await
+        .unwrap();
+    let past = livechat_core::now() - chrono::TimeDelta::seconds(1);
+    for id in &backlog[1..] {
+        store.hold(*id, past, &desk).await.unwrap();
+    }
+    // Newer events of another session, past more than 16 pages of the
+    // backlog (a claim of 2 reads pages of 4).
+    let fresh = session_with_messages(&app, tenant, UserId::new(8).unwrap(), 1).await;
+    // (agent 8's status change, then its session's start).
+    let claimed = store.claim_pending(2, lease).await.unwrap();
+    let sessions: Vec<_> = claimed.iter().map(|p| p.event.session_id).collect();
+    assert_eq!(sessions, [None, Some(fresh)], "{claimed:?}");
+    // The backlog is not handed out while the start waits.
+    let rest = store.claim_pending(1000, lease).await.unwrap();
+    assert!(
+        rest.iter().all(|p| p.event.session_id != Some(held)),
+        "{} of the backlog handed out",
+        rest.len()
+    );
 }
 
 /// A long run of events held behind their session's earliest (claimed

@@ -4,9 +4,7 @@
 use std::sync::Arc;
 
 use livechat_core::bus::EventBus;
-use livechat_core::{
-    ChatService, PageSize, SessionId, TenantId, TicketClose, TicketDirectory, UserId,
-};
+use livechat_core::{ChatService, PageSize, TenantId, TicketClose, TicketDirectory, UserId};
 use poem::Request;
 use poem_openapi::auth::Bearer;
 use poem_openapi::param::{Header, Path, Query};
@@ -144,8 +142,8 @@ impl MessagePostedResponse {
     }
 }
 
-/// A session id from a path; a malformed one names nothing (404).
-pub(crate) fn session_id(raw: &str) -> Result<SessionId, ApiError> {
+/// An id from the path; a malformed one names nothing: 404 `not_found`.
+pub(crate) fn path_id<T: std::str::FromStr>(raw: &str) -> Result<T, ApiError> {
     raw.parse().map_err(|_| ApiError::not_found())
 }
 
@@ -368,7 +366,7 @@ impl AgentApi {
     ) -> Result<SessionResponse, ApiError> {
         let session = self
             .chat
-            .get_session(auth.tenant(), session_id(&id.0)?)
+            .get_session(auth.tenant(), path_id(&id.0)?)
             .await?;
         Ok(SessionResponse::Ok(Json(SessionEnvelope {
             data: session.into(),
@@ -389,7 +387,7 @@ impl AgentApi {
     ) -> Result<SessionResponse, ApiError> {
         let session = self
             .chat
-            .close_session(auth.tenant(), auth.user(), session_id(&id.0)?)
+            .close_session(auth.tenant(), auth.user(), path_id(&id.0)?)
             .await?;
         Ok(SessionResponse::Ok(Json(SessionEnvelope {
             data: session.into(),
@@ -414,7 +412,7 @@ impl AgentApi {
         _idempotency_key: Header<Option<String>>,
         body: Json<PostMessageRequest>,
     ) -> Result<MessagePostedResponse, ApiError> {
-        let session = session_id(&id.0)?;
+        let session = path_id(&id.0)?;
         let body = body.0;
         let key = pick_idempotency_key(body.client_msg_id.map(|k| k.0), req)?;
         let posted = self
@@ -442,7 +440,7 @@ impl AgentApi {
     ) -> Result<MessageListResponse, ApiError> {
         let messages = self
             .chat
-            .list_messages(auth.tenant(), session_id(&id.0)?, after_seq.0, limit.0)
+            .list_messages(auth.tenant(), path_id(&id.0)?, after_seq.0, limit.0)
             .await?;
         Ok(MessageListResponse::Ok(Json(MessageListEnvelope::new(
             messages,
@@ -464,7 +462,7 @@ impl AgentApi {
     ) -> Result<ConnectionsResponse, ApiError> {
         let c = self
             .chat
-            .session_connections(auth.tenant(), session_id(&id.0)?)
+            .session_connections(auth.tenant(), path_id(&id.0)?)
             .await?;
         Ok(ConnectionsResponse::Ok(Json(ConnectionsEnvelope {
             data: Connections {
@@ -515,7 +513,7 @@ impl AgentApi {
         let target = body.0.agent_id.map(UserId::new).transpose()?;
         let session = self
             .chat
-            .assign_session(auth.tenant(), auth.user(), session_id(&id.0)?, target)
+            .assign_session(auth.tenant(), auth.user(), path_id(&id.0)?, target)
             .await?;
         Ok(SessionResponse::Ok(Json(SessionEnvelope {
             data: session.into(),
@@ -584,7 +582,7 @@ impl AgentApi {
         /// Ticket id (UUID).
         id: Path<String>,
     ) -> Result<TicketResponse, ApiError> {
-        let id = id.0.parse().map_err(|_| ApiError::not_found())?;
+        let id = path_id(&id.0)?;
         let ticket = self.tickets()?.get_ticket(auth.tenant(), id).await?;
         Ok(TicketResponse::Ok(Json(TicketEnvelope {
             data: ticket.into(),
@@ -609,7 +607,7 @@ impl AgentApi {
         /// Ticket id (UUID).
         id: Path<String>,
     ) -> Result<TicketCloseResponse, ApiError> {
-        let id = id.0.parse().map_err(|_| ApiError::not_found())?;
+        let id = path_id(&id.0)?;
         let closed = self
             .chat
             .close_ticket(&**self.tickets()?, auth.tenant(), auth.user(), id)

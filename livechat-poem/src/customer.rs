@@ -14,7 +14,7 @@ use poem_openapi::payload::Json;
 use poem_openapi::{ApiResponse, Object, OpenApi, Tags};
 use uuid::Uuid;
 
-use crate::api::{MessageListResponse, MessagePostedResponse, SessionResponse, session_id};
+use crate::api::{MessageListResponse, MessagePostedResponse, SessionResponse, path_id};
 use crate::auth::{Authenticator, authorization_from_headers, tenant_from_headers};
 use crate::dto::{
     MessageDto, MessageListEnvelope, NotificationDto, PostMessageRequest, PriorityDto, SessionDto,
@@ -508,7 +508,7 @@ impl CustomerApi {
         let ctx = self.customer(req).await?;
         let view = self
             .chat
-            .customer_session(ctx.tenant, ctx.customer, session_id(&id.0)?)
+            .customer_session(ctx.tenant, ctx.customer, path_id(&id.0)?)
             .await?;
         Ok(SessionResponse::Ok(Json(SessionEnvelope {
             data: view.into(),
@@ -532,7 +532,7 @@ impl CustomerApi {
         body: Json<PostMessageRequest>,
     ) -> Result<MessagePostedResponse, ApiError> {
         let ctx = self.customer(req).await?;
-        let session = session_id(&id.0)?;
+        let session = path_id(&id.0)?;
         let key = crate::api::pick_idempotency_key(body.0.client_msg_id.map(|k| k.0), req)?;
         let posted = self
             .chat
@@ -562,7 +562,7 @@ impl CustomerApi {
             .list_customer_messages(
                 ctx.tenant,
                 ctx.customer,
-                session_id(&id.0)?,
+                path_id(&id.0)?,
                 after_seq.0,
                 limit.0,
             )
@@ -588,7 +588,7 @@ impl CustomerApi {
         let ctx = self.customer(req).await?;
         let session = self
             .chat
-            .set_contact(ctx.tenant, ctx.customer, session_id(&id.0)?, body.0.into())
+            .set_contact(ctx.tenant, ctx.customer, path_id(&id.0)?, body.0.into())
             .await?;
         Ok(SessionResponse::Ok(Json(SessionEnvelope {
             data: session.into(),
@@ -605,7 +605,7 @@ impl CustomerApi {
         let ctx = self.customer(req).await?;
         let session = self
             .chat
-            .close_customer_chat(ctx.tenant, ctx.customer, session_id(&id.0)?)
+            .close_customer_chat(ctx.tenant, ctx.customer, path_id(&id.0)?)
             .await?;
         Ok(SessionResponse::Ok(Json(SessionEnvelope {
             data: session.into(),
@@ -671,7 +671,7 @@ impl CustomerApi {
         id: Path<String>,
     ) -> Result<NotificationResponse, ApiError> {
         let ctx = self.customer(req).await?;
-        let id = id.0.parse().map_err(|_| ApiError::not_found())?;
+        let id = path_id(&id.0)?;
         let (inbox, recipients) = self.inbox_of(&ctx).await?;
         let n = inbox.mark_read(ctx.tenant, &recipients, id).await?;
         Ok(NotificationResponse::Ok(Json(NotificationEnvelope {

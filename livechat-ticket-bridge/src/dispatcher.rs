@@ -408,6 +408,10 @@ impl<C: OutboxConsumer> Dispatcher<C> {
                 None => calls.push(name),
             }
         }
+        // Later events of the session wait for these sinks too.
+        for (name, until) in &held {
+            waiting.wait(name, *until);
+        }
         let results = self.deliver(&work, event.id, &calls).await;
         let mut retryable = Vec::new();
         let mut permanent = Vec::new();
@@ -449,9 +453,6 @@ impl<C: OutboxConsumer> Dispatcher<C> {
                 owed.push((*name).to_owned());
                 waiting.wait(name, retry_at);
             }
-            for (name, until) in &held {
-                waiting.wait(name, *until);
-            }
             self.consumer
                 .retry_later(event.id, retry_at, &error, &owed)
                 .await?;
@@ -473,9 +474,6 @@ impl<C: OutboxConsumer> Dispatcher<C> {
         let Some(until) = held.iter().map(|(_, until)| *until).min() else {
             return Ok(Settled::Delivered);
         };
-        for (name, until) in &held {
-            waiting.wait(name, *until);
-        }
         self.consumer.hold(event.id, until, &owed).await?;
         Ok(Settled::Held)
     }

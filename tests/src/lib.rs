@@ -544,14 +544,23 @@ pub fn init_tracing() {
 /// # Panics
 /// When the count cannot be read.
 pub async fn pending_events(db: &DatabaseConnection) -> i64 {
+    count_rows(db, "livechat_outbox WHERE dispatched_at IS NULL").await
+}
+
+/// `SELECT COUNT(*) FROM {from}`: `from` is a table, optionally followed
+/// by its `WHERE` condition.
+///
+/// # Panics
+/// When the query fails.
+pub async fn count_rows(db: &DatabaseConnection, from: &str) -> i64 {
     use sea_orm::Statement;
     let row = db
         .query_one_raw(Statement::from_string(
             db.get_database_backend(),
-            "SELECT COUNT(*) AS n FROM livechat_outbox WHERE dispatched_at IS NULL",
+            format!("SELECT COUNT(*) AS n FROM {from}"),
         ))
         .await
-        .expect("count pending events")
+        .expect("count rows")
         .expect("one row");
     row.try_get::<i64>("", "n").expect("count")
 }

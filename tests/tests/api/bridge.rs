@@ -1446,17 +1446,7 @@ impl OutboxConsumer for RecordingConsumer {
 
 /// Outbox rows matching the SQL condition `filter`.
 async fn outbox_rows(app: &App, filter: &str) -> i64 {
-    use sea_orm::{ConnectionTrait, Statement};
-    app.db
-        .query_one_raw(Statement::from_string(
-            app.db.get_database_backend(),
-            format!("SELECT COUNT(*) AS n FROM livechat_outbox WHERE {filter}"),
-        ))
-        .await
-        .unwrap()
-        .unwrap()
-        .try_get::<i64>("", "n")
-        .unwrap()
+    livechat_tests::count_rows(&app.db, &format!("livechat_outbox WHERE {filter}")).await
 }
 
 /// Makes every undispatched event due now (as if its retry time had

@@ -664,17 +664,7 @@ async fn identity_hash_asserts_a_user(backend: Backend) {
 
 /// Rows of `livechat_customers`.
 async fn customer_rows(app: &App) -> i64 {
-    use sea_orm::{ConnectionTrait, Statement};
-    app.db
-        .query_one_raw(Statement::from_string(
-            app.db.get_database_backend(),
-            "SELECT COUNT(*) AS n FROM livechat_customers",
-        ))
-        .await
-        .unwrap()
-        .unwrap()
-        .try_get::<i64>("", "n")
-        .unwrap()
+    livechat_tests::count_rows(&app.db, "livechat_customers").await
 }
 
 async fn start_validation(backend: Backend) {

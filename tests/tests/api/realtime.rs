@@ -1203,24 +1203,12 @@ async fn connection_status_and_offline_notifications(backend: Backend) {
 }
 
 async fn shutdown_closes_with_1001(backend: Backend) {
-    use sea_orm::ConnectionTrait;
     let (app, node) = node(backend, |_| {}).await;
     let mut a = WsClient::connect_with_header(&node.ws_url(), &agent_auth(7), 1)
         .await
         .unwrap();
     a.expect("ready").await;
-    let rows = || async {
-        let row = app
-            .db
-            .query_one_raw(sea_orm::Statement::from_string(
-                app.db.get_database_backend(),
-                "SELECT COUNT(*) AS n FROM livechat_connections",
-            ))
-            .await
-            .unwrap()
-            .unwrap();
-        row.try_get::<i64>("", "n").unwrap()
-    };
+    let rows = || livechat_tests::count_rows(&app.db, "livechat_connections");
     assert_eq!(rows().await, 1);
     node.livechat.shutdown();
     assert_eq!(a.close_code(Duration::from_secs(5)).await, Some(1001));

@@ -156,7 +156,7 @@ fn decode(payload: &[u8]) -> Result<(Uuid, BusEvent), String> {
 ///   other nodes missed it, though their own links may never have dropped:
 ///   once it can publish again and its publish queue is empty (after the
 ///   backlog, so an overflow does not turn into a stream of requests), and
-///   at most once a second ([`RESYNC_REQUEST_EVERY`]), the bus publishes a
+///   at most once a second (`RESYNC_REQUEST_EVERY`), the bus publishes a
 ///   resync request (`{"node": …, "event": {"type": "resync"}}`), and
 ///   every other node delivers it as a local [`BusEvent::Resync`]. Every
 ///   connection of the deployment then re-reads the sessions it follows,

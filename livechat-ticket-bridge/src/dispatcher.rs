@@ -288,7 +288,7 @@ impl<C: OutboxConsumer> Dispatcher<C> {
     /// receiver that hangs until its time limit) does not hold up the
     /// others: the next pass starts beside it and claims what it has not
     /// (its sessions' later events wait for it, in order), up to
-    /// [`PASSES_AT_ONCE`] passes at a time. Errors are logged (`tracing`)
+    /// four passes at a time (`PASSES_AT_ONCE`). Errors are logged (`tracing`)
     /// and the loop goes on. Shutdown interrupts the passes in progress;
     /// their unsettled events are redelivered after their lease, which the
     /// sinks' idempotency makes harmless.

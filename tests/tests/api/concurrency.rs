@@ -380,6 +380,123 @@ async fn an_append_waits_for_a_session_row_another_transaction_holds() {
     assert_eq!(stored.len(), 1);
 }
 
+/// The PostgreSQL backend of transaction `tx`.
+async fn pid(tx: &sea_orm::DatabaseTransaction) -> i32 {
+    use sea_orm::{ConnectionTrait, Statement};
+    tx.query_one_raw(Statement::from_string(
+        tx.get_database_backend(),
+        "SELECT pg_backend_pid() AS pid",
+    ))
+    .await
+    .unwrap()
+    .unwrap()
+    .try_get::<i32>("", "pid")
+    .unwrap()
+}
+
+/// Waits until a statement of another backend waits for `holder`.
+async fn blocked_by(db: &sea_orm::DatabaseConnection, holder: i32) {
+    use sea_orm::{ConnectionTrait, Statement};
+    for _ in 0..500 {
+        let row = db
+            .query_one_raw(Statement::from_string(
+                db.get_database_backend(),
+                format!(
+                    "SELECT count(*) AS n FROM pg_stat_activity \
+                     WHERE {holder} = ANY(pg_blocking_pids(pid))"
+                ),
+            ))
+            .await
+            .unwrap()
+            .unwrap();
+        if row.try_get::<i64>("", "n").unwrap() > 0 {
+            return;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
+    panic!("no statement waited for backend {holder}");
+}
+
+/// Issue #3: a customer's second start returns the active chat and adds
+/// its message there; when that chat closes after the start found it and
+/// before the message reached it, the start is made once more and opens a
+/// new chat carrying the message (`ChatService::start_customer_chat`):
+/// what the customer typed is not dropped, and the closed chat gets
+/// nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_start_whose_chat_closes_before_its_message_opens_a_new_chat() {
+    use livechat_core::{CustomerChatRequest, CustomerIdentity};
+    use sea_orm::{ConnectionTrait, TransactionTrait};
+    let app = App::new(Backend::Postgres).await;
+    let (tenant, user) = ids(1, 60);
+    let customer = app
+        .chat
+        .resolve_customer(tenant, CustomerIdentity::User(user))
+        .await
+        .unwrap();
+    let request = |message: Option<&str>| CustomerChatRequest {
+        topic: "Billing".into(),
+        message: message.map(Into::into),
+        client_msg_id: message.map(|_| "k-1".into()),
+        ..Default::default()
+    };
+    let first = app
+        .chat
+        .start_customer_chat(tenant, customer.id, request(None))
+        .await
+        .unwrap();
+    assert!(first.created);
+    let old = first.view.session.id;
+
+    // The chat's row is held, so the second start finds the chat and then
+    // waits to add its message; the chat closes meanwhile.
+    let holder = app.db.begin().await.unwrap();
+    holder
+        .execute_unprepared(&format!(
+            "SELECT id FROM livechat_sessions WHERE id = '{old}' FOR UPDATE"
+        ))
+        .await
+        .unwrap();
+    let chat = app.chat.clone();
+    let start = tokio::spawn(async move {
+        chat.start_customer_chat(tenant, customer.id, request(Some("Still there?")))
+            .await
+    });
+    blocked_by(&app.db, pid(&holder).await).await;
+    holder
+        .execute_unprepared(&format!(
+            "UPDATE livechat_sessions SET status = '{}', closed_at = now() WHERE id = '{old}'",
+            SessionStatus::Closed.as_str()
+        ))
+        .await
+        .unwrap();
+    holder.commit().await.unwrap();
+
+    let started = start
+        .await
+        .unwrap()
+        .expect("the start is made again on the closed chat");
+    assert!(started.created, "a new chat");
+    let new = started.view.session.id;
+    assert_ne!(new, old);
+    let message = started.message.expect("the message is the new chat's");
+    assert!(message.created);
+    assert_eq!((message.message.session_id, message.message.seq), (new, 1));
+    let texts = |session| {
+        let chat = app.chat.clone();
+        async move {
+            chat.list_messages(tenant, session, None, None)
+                .await
+                .unwrap()
+                .into_iter()
+                .map(|m| m.message)
+                .collect::<Vec<_>>()
+        }
+    };
+    assert_eq!(texts(new).await, ["Still there?"]);
+    assert!(texts(old).await.is_empty(), "the closed chat gets nothing");
+}
+
 /// Issue #5: a batch that finds a session row held waits for it holding no
 /// other session row. A routing transaction holds its tenant's lock and
 /// assigns waiting sessions in queue order, not id order: had the batch
@@ -388,7 +505,7 @@ async fn an_append_waits_for_a_session_row_another_transaction_holds() {
 /// the two (here the routing one, whose deadlock check comes first).
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_batch_waiting_for_a_held_session_holds_no_other() {
-    use sea_orm::{ConnectionTrait, DatabaseTransaction, Statement, TransactionTrait};
+    use sea_orm::{ConnectionTrait, DatabaseTransaction, TransactionTrait};
     async fn lock(tx: &DatabaseTransaction, session: livechat_core::SessionId) {
         tx.execute_unprepared(&format!(
             "SELECT id FROM livechat_sessions WHERE id = '{session}' FOR UPDATE"
@@ -396,39 +513,6 @@ async fn a_batch_waiting_for_a_held_session_holds_no_other() {
         .await
         .expect("no deadlock: the waiting batch holds no other session row");
     }
-    async fn pid(tx: &DatabaseTransaction) -> i32 {
-        tx.query_one_raw(Statement::from_string(
-            tx.get_database_backend(),
-            "SELECT pg_backend_pid() AS pid",
-        ))
-        .await
-        .unwrap()
-        .unwrap()
-        .try_get::<i32>("", "pid")
-        .unwrap()
-    }
-    /// Waits until a statement of another backend waits for `holder`.
-    async fn blocked_by(db: &sea_orm::DatabaseConnection, holder: i32) {
-        for _ in 0..500 {
-            let row = db
-                .query_one_raw(Statement::from_string(
-                    db.get_database_backend(),
-                    format!(
-                        "SELECT count(*) AS n FROM pg_stat_activity \
-                         WHERE {holder} = ANY(pg_blocking_pids(pid))"
-                    ),
-                ))
-                .await
-                .unwrap()
-                .unwrap();
-            if row.try_get::<i64>("", "n").unwrap() > 0 {
-                return;
-            }
-            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
-        }
-        panic!("no statement waited for backend {holder}");
-    }
-
     let app = App::new(Backend::Postgres).await;
     let tenant = TenantId::new(1).unwrap();
     let agents = [7, 8, 9].map(|n| UserId::new(n).unwrap());

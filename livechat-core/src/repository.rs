@@ -364,8 +364,10 @@ pub trait PresenceRepository: Send + Sync {
 
     /// Makes the agent's liveness run out `grace` from now (unless it runs
     /// out sooner): their last connection closed, and a reconnect within
-    /// `grace` (a heartbeat) keeps them eligible without a flap. No-op
-    /// without a presence TTL.
+    /// `grace` (a heartbeat) keeps them eligible without a flap. Without a
+    /// presence TTL, liveness is not checked for eligibility, and the
+    /// agent's last sign of life is set to now, which
+    /// [`Self::announce_offline`] compares with `grace`.
     fn expire_liveness(
         &self,
         tenant: TenantId,
@@ -375,13 +377,21 @@ pub trait PresenceRepository: Send + Sync {
     ) -> impl Future<Output = Result<(), ChatError>> + Send;
 
     /// Records that the tenant's agents are told `agent` went offline, if
-    /// the agent has a presence, no live connection on any node, and no
-    /// such announcement stands already. Returns whether it was recorded:
+    /// the agent has a presence with a chosen status other than `offline`
+    /// (which was announced when chosen), no live connection on any node,
+    /// no heartbeat after `stale_before` when that is given, and no such
+    /// announcement standing already. Returns whether it was recorded:
     /// only then is the offline announced, so it is said once.
+    ///
+    /// `stale_before` is what makes the grace after an agent's last
+    /// connection count from the *latest* close: an agent who reconnected
+    /// and left again within the grace is not announced by the first
+    /// close's check ([`Self::expire_liveness`] moved their liveness).
     fn announce_offline(
         &self,
         tenant: TenantId,
         agent: UserId,
+        stale_before: Option<chrono::DateTime<chrono::Utc>>,
     ) -> impl Future<Output = Result<bool, ChatError>> + Send;
 
     /// Records the offline announcement of every agent, of every tenant,

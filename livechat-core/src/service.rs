@@ -922,10 +922,17 @@ impl<S: ChatStore> ChatService<S> {
     }
 
     /// Decides whether to tell `agent`'s tenant that the agent went
-    /// offline, after their last connection closed and the grace period
-    /// passed: `true` (and recorded, so it is said once) when the agent has
-    /// a presence and still no live connection on any node. Their next
-    /// connection clears it and is announced ([`Self::touch_connection`]).
+    /// offline, `grace` after their last connection closed
+    /// ([`Self::unregister_connection`] with the same `grace`): `true` (and
+    /// recorded, so it is said once) when the agent has a presence with a
+    /// chosen status other than `offline`, still no live connection on any
+    /// node, and no sign of life since: their liveness ran out (with a
+    /// presence TTL), or nothing was heard from them for `grace` (without
+    /// one). So the grace counts from the agent's latest close: an agent
+    /// who reconnected and left again is not announced by the first
+    /// close's check, and the latest close's check announces them. Their
+    /// next connection clears the announcement and is announced
+    /// ([`Self::touch_connection`]).
     ///
     /// # Errors
     /// [`ChatError::Storage`] only.
@@ -933,8 +940,13 @@ impl<S: ChatStore> ChatService<S> {
         &self,
         tenant: TenantId,
         agent: UserId,
+        grace: std::time::Duration,
     ) -> Result<bool, ChatError> {
-        self.store.announce_offline(tenant, agent).await
+        let quiet_for = self.config.routing.presence_ttl.unwrap_or(grace);
+        let stale_before = crate::model::now() - crate::model::span(quiet_for);
+        self.store
+            .announce_offline(tenant, agent, Some(stale_before))
+            .await
     }
 
     /// The connection follows a session it may see (call after the
@@ -1007,7 +1019,7 @@ impl<S: ChatStore> ChatService<S> {
         let purged = self.store.purge_expired_connections().await?;
         let mut offline = Vec::new();
         for (tenant, agent) in purged.agents {
-            match self.store.announce_offline(tenant, agent).await {
+            match self.store.announce_offline(tenant, agent, None).await {
                 Ok(true) => offline.push((tenant, agent)),
                 Ok(false) => {}
                 Err(e) => tracing::warn!(

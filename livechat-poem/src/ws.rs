@@ -1724,7 +1724,11 @@ async fn unregister(gateway: &Arc<Gateway>, identity: Identity, id: uuid::Uuid) 
 fn spawn_presence_check(gateway: Arc<Gateway>, tenant: TenantId, agent: UserId) {
     tokio::spawn(async move {
         tokio::time::sleep(gateway.config.presence_grace).await;
-        if matches!(gateway.chat.announce_offline(tenant, agent).await, Ok(true)) {
+        let grace = gateway.config.presence_grace;
+        if matches!(
+            gateway.chat.announce_offline(tenant, agent, grace).await,
+            Ok(true)
+        ) {
             publish_presence(&*gateway.bus, tenant, agent, PresenceStatus::Offline);
         }
         // The agent's liveness has run out: if they were the tenant's last

@@ -109,6 +109,13 @@ impl PresenceRepository for SeaOrmStore {
         policy: &RoutingPolicy,
     ) -> Result<(), ChatError> {
         let Some(ttl) = policy.presence_ttl else {
+            // Liveness is not checked; the close is the agent's last sign
+            // of life, from which `announce_offline` counts the grace.
+            presence::Entity::update_many()
+                .col_expr(presence::Column::LastSeenAt, Expr::value(now()))
+                .filter(agent_row(tenant, agent))
+                .exec(&self.db)
+                .await?;
             return Ok(());
         };
         let stale_from = now() - crate::model::span(ttl) + crate::model::span(grace);
@@ -121,7 +128,12 @@ impl PresenceRepository for SeaOrmStore {
         Ok(())
     }
 
-    async fn announce_offline(&self, tenant: TenantId, agent: UserId) -> Result<bool, ChatError> {
+    async fn announce_offline(
+        &self,
+        tenant: TenantId,
+        agent: UserId,
+        stale_before: Option<chrono::DateTime<chrono::Utc>>,
+    ) -> Result<bool, ChatError> {
         let tx = self.begin_write().await?;
         lock_presence(&tx, tenant, agent).await?;
         let now = now();
@@ -136,6 +148,10 @@ impl PresenceRepository for SeaOrmStore {
             .col_expr(presence::Column::OfflineAnnouncedAt, Expr::value(now))
             .filter(agent_row(tenant, agent))
             .filter(presence::Column::OfflineAnnouncedAt.is_null())
+            .filter(presence::Column::Status.ne(PresenceStatus::Offline.as_str()))
+            .apply_if(stale_before, |update, before| {
+                update.filter(presence::Column::LastSeenAt.lte(before))
+            })
             .filter(Expr::not_exists(live))
             .exec(&tx)
             .await?;
@@ -406,7 +422,7 @@ mod tests {
     async fn an_announcement_sees_a_connection_made_while_it_waited() {
         let announced = while_the_row_is_held(
             "SELECT 1 FROM livechat_agent_presence FOR UPDATE",
-            |store| async move { store.announce_offline(tenant(), agent()).await },
+            |store| async move { store.announce_offline(tenant(), agent(), None).await },
             |store| async move { connect(&store).await },
         )
         .await;
@@ -465,6 +481,66 @@ mod tests {
         );
     }
 
+    /// The grace counts from the agent's latest close: with a presence TTL
+    /// the close moves their liveness, without one it records the close
+    /// itself; either way an announcement asked for with a `stale_before`
+    /// earlier than that close records nothing, and a later one does. An
+    /// agent whose chosen status is `offline` is never announced (that
+    /// status was announced when chosen).
+    #[tokio::test]
+    async fn the_latest_close_starts_the_grace() {
+        let db = migrated_postgres().await;
+        let store = SeaOrmStore::new(db);
+        let with_ttl = RoutingPolicy {
+            presence_ttl: Some(Duration::from_secs(60)),
+            ..RoutingPolicy::default()
+        };
+        let grace = Duration::from_secs(10);
+        for policy in [RoutingPolicy::default(), with_ttl] {
+            store
+                .set_presence(tenant(), agent(), PresenceStatus::Online, &policy)
+                .await
+                .unwrap();
+            let quiet_for = crate::model::span(policy.presence_ttl.unwrap_or(grace));
+            // As the check at the end of a grace counted from `since` asks.
+            let grace_from = |since| since + crate::model::span(grace) - quiet_for;
+            let before_close = crate::model::now();
+            store
+                .expire_liveness(tenant(), agent(), grace, &policy)
+                .await
+                .unwrap();
+            assert!(
+                !store
+                    .announce_offline(tenant(), agent(), Some(grace_from(before_close)))
+                    .await
+                    .unwrap(),
+                "the close is later"
+            );
+            let after_close = crate::model::now();
+            assert!(
+                store
+                    .announce_offline(tenant(), agent(), Some(grace_from(after_close)))
+                    .await
+                    .unwrap()
+            );
+        }
+        store
+            .set_presence(
+                tenant(),
+                agent(),
+                PresenceStatus::Offline,
+                &RoutingPolicy::default(),
+            )
+            .await
+            .unwrap();
+        assert!(
+            !store
+                .announce_offline(tenant(), agent(), None)
+                .await
+                .unwrap()
+        );
+    }
+
     /// Without a connection both announce, once.
     #[tokio::test]
     async fn an_agent_without_a_connection_is_announced_once() {
@@ -477,8 +553,18 @@ mod tests {
                 .await
                 .unwrap();
         }
-        assert!(store.announce_offline(tenant(), agent()).await.unwrap());
-        assert!(!store.announce_offline(tenant(), agent()).await.unwrap());
+        assert!(
+            store
+                .announce_offline(tenant(), agent(), None)
+                .await
+                .unwrap()
+        );
+        assert!(
+            !store
+                .announce_offline(tenant(), agent(), None)
+                .await
+                .unwrap()
+        );
         let stale_before = chrono::Utc::now() + chrono::Duration::hours(1);
         assert_eq!(
             store.announce_expired_presence(stale_before).await.unwrap(),

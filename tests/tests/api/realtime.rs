@@ -20,7 +20,8 @@ on_both_databases!(
     authentication_and_isolation,
     handshakes_that_cannot_be_served,
     presence_grace_and_expiry,
-    an_agent_who_chose_offline_is_not_announced_back,
+    an_agent_who_chose_offline_is_announced_neither_gone_nor_back,
+    a_reconnect_within_the_grace_restarts_it,
     an_agent_of_a_crashed_node_is_announced_offline,
     an_agent_whose_presence_ran_out_is_announced_offline,
     a_chat_left_waiting_when_the_last_agent_disconnects_becomes_a_ticket,
@@ -1066,15 +1067,53 @@ async fn housekeeping_tickets_a_chat_whose_last_agent_ran_out(backend: Backend) 
     assert!(ticketed.session.ticket_id.is_some());
 }
 
-/// An agent whose chosen status is `offline` is announced offline when the
-/// last connection goes, but connecting again announces nothing: nothing
-/// changed for the other agents.
-async fn an_agent_who_chose_offline_is_not_announced_back(backend: Backend) {
+/// The grace after an agent's last connection counts from the latest
+/// close: an agent who came back within the grace and left again is not
+/// announced offline when the first close's grace ends, only once the
+/// second's has (the first close's check used to announce them, with
+/// the agent still eligible).
+async fn a_reconnect_within_the_grace_restarts_it(backend: Backend) {
+    let (_app, node) = node(backend, |r| {
+        r.presence_grace = Duration::from_millis(1500);
+    })
+    .await;
+    let (mut watcher, mut agent) = watched_agent(&node, PresenceStatus::Online).await;
+    agent.expect("ready").await;
+    agent.drop_now();
+    let first_close = tokio::time::Instant::now();
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    let mut agent = WsClient::connect_with_header(&node.ws_url(), &agent_auth(7), 1)
+        .await
+        .unwrap();
+    agent.expect("ready").await;
+    agent.drop_now();
+    // The first close's grace ends at 1.5 s, the second's at 2.2 s at the
+    // earliest.
+    let early = tokio::time::timeout_at(
+        first_close + Duration::from_millis(2100),
+        watcher.expect("presence_updated"),
+    )
+    .await;
+    assert!(early.is_err(), "announced within the grace: {early:?}");
+    assert!(
+        node.chat.agents_available(t(1)).await.unwrap(),
+        "eligible within the grace"
+    );
+    expect_presence(&mut watcher, 7, "offline").await;
+    assert!(!node.chat.agents_available(t(1)).await.unwrap());
+}
+
+/// An agent whose chosen status is `offline` is announced neither when the
+/// last connection goes (that status was announced when chosen) nor when
+/// connecting again: nothing changed for the other agents.
+async fn an_agent_who_chose_offline_is_announced_neither_gone_nor_back(backend: Backend) {
     let (_app, node) = node(backend, |_| {}).await;
     let (mut watcher, mut agent) = watched_agent(&node, PresenceStatus::Offline).await;
     agent.expect("ready").await;
     agent.drop_now();
-    expect_presence(&mut watcher, 7, "offline").await;
+    // Past the 500 ms grace.
+    let seen = watcher.drain(Duration::from_millis(1200)).await;
+    assert!(no_presence(&seen), "{seen:?}");
     let mut agent = WsClient::connect_with_header(&node.ws_url(), &agent_auth(7), 1)
         .await
         .unwrap();

@@ -126,7 +126,8 @@ impl IdentitySecrets {
         Self::default()
     }
 
-    /// Sets `tenant`'s secret.
+    /// Sets `tenant`'s secret. An empty secret is no secret: anyone could
+    /// compute its hashes, so such a tenant accepts none.
     #[must_use]
     pub fn with(mut self, tenant: TenantId, secret: impl Into<Vec<u8>>) -> Self {
         self.secrets.insert(tenant, secret.into());
@@ -137,7 +138,9 @@ impl IdentitySecrets {
     /// `LIVECHAT_IDENTITY_SECRETS` variable of the example host).
     ///
     /// # Errors
-    /// A message naming the malformed pair.
+    /// A message naming the malformed pair: no `:`, a tenant that is not a
+    /// positive id, or an empty secret (`1:`, often an unset variable in a
+    /// template, would let anyone assert any user of the tenant).
     pub fn parse(spec: &str) -> Result<Self, String> {
         let mut out = Self::new();
         for pair in spec.split(',').map(str::trim).filter(|p| !p.is_empty()) {
@@ -148,26 +151,29 @@ impl IdentitySecrets {
                 .trim()
                 .parse()
                 .map_err(|_| format!("`{tenant}` is not a tenant id"))?;
-            out = out.with(tenant, secret.trim().as_bytes().to_vec());
+            let secret = secret.trim();
+            if secret.is_empty() {
+                return Err(format!("`{pair}` has an empty secret"));
+            }
+            out = out.with(tenant, secret.as_bytes().to_vec());
         }
         Ok(out)
     }
 
     /// The hash a host computes for `user` in `tenant` (lowercase hex), if
-    /// the tenant has a secret.
+    /// the tenant has a (non-empty) secret.
     #[must_use]
     pub fn sign(&self, tenant: TenantId, user: UserId) -> Option<String> {
-        let mut mac = Hmac::<Sha256>::new_from_slice(self.secrets.get(&tenant)?).ok()?;
+        let mut mac = Hmac::<Sha256>::new_from_slice(self.secret(tenant)?).ok()?;
         mac.update(user.to_string().as_bytes());
         Some(hex::encode(mac.finalize().into_bytes()))
     }
 
     /// Whether `hash` (hex) is `user`'s identity hash in `tenant`, compared
-    /// in constant time. `false` when the tenant has no secret.
+    /// in constant time. `false` when the tenant has no (non-empty) secret.
     #[must_use]
     pub fn verify(&self, tenant: TenantId, user: UserId, hash: &str) -> bool {
-        let (Some(secret), Ok(given)) = (self.secrets.get(&tenant), hex::decode(hash.trim()))
-        else {
+        let (Some(secret), Ok(given)) = (self.secret(tenant), hex::decode(hash.trim())) else {
             return false;
         };
         let Ok(mut mac) = Hmac::<Sha256>::new_from_slice(secret) else {
@@ -175,6 +181,14 @@ impl IdentitySecrets {
         };
         mac.update(user.to_string().as_bytes());
         mac.verify_slice(&given).is_ok()
+    }
+
+    /// `tenant`'s secret, unless it has none or an empty one.
+    fn secret(&self, tenant: TenantId) -> Option<&[u8]> {
+        self.secrets
+            .get(&tenant)
+            .map(Vec::as_slice)
+            .filter(|secret| !secret.is_empty())
     }
 }
 
@@ -210,5 +224,21 @@ mod tests {
         assert!(!secrets.verify(TenantId::new(9).unwrap(), u, &hash));
         assert!(!secrets.verify(t1, u, "zz"));
         assert!(IdentitySecrets::parse("nope").is_err());
+    }
+
+    /// Anyone can compute an HMAC with an empty key: an empty secret is
+    /// refused when parsed, and one set through the API accepts no hash.
+    #[test]
+    fn an_empty_identity_secret_accepts_no_hash() {
+        let err = IdentitySecrets::parse("1:alpha,2:").unwrap_err();
+        assert!(err.contains("`2:` has an empty secret"), "{err}");
+        assert!(IdentitySecrets::parse("2: ").is_err());
+        let (t2, u) = (TenantId::new(2).unwrap(), UserId::new(1001).unwrap());
+        let empty = IdentitySecrets::new().with(t2, "");
+        assert_eq!(empty.sign(t2, u), None);
+        let mut mac = Hmac::<Sha256>::new_from_slice(b"").unwrap();
+        mac.update(b"1001");
+        let forged = hex::encode(mac.finalize().into_bytes());
+        assert!(!empty.verify(t2, u, &forged));
     }
 }

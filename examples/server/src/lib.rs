@@ -12,7 +12,7 @@
 //! | `DATABASE_URL` | `sqlite://livechat.db?mode=rwc` | SQLite file (created on first run) or `postgres://…` |
 //! | `LIVECHAT_JWT_SECRET` | a development secret (logged as a warning) | HS256 secret shared by login and the library |
 //! | `LIVECHAT_VISITOR_SECRET` | a development secret (logged as a warning) | signs the library's visitor tokens; the same on every node |
-//! | `LIVECHAT_IDENTITY_SECRETS` | none | per-tenant identity-hash secrets, `1:secret,2:other` |
+//! | `LIVECHAT_IDENTITY_SECRETS` | none | per-tenant identity-hash secrets, `1:secret,2:other` (an empty secret is refused) |
 //! | `LIVECHAT_AGENT_CAPACITY` | `5` | default maximum OPEN sessions per agent |
 //! | `LIVECHAT_WEBHOOK_URL` | none | also deliver tickets and notifications as signed webhooks (an `http://` or `https://` URL) |
 //! | `LIVECHAT_WEBHOOK_SECRET` | none (required with the URL) | HMAC secret of the webhook signature |
@@ -940,6 +940,18 @@ mod config_tests {
                     "https://a.example,https://b\u{7f}.example",
                 )][..],
                 "LIVECHAT_CORS_ORIGINS",
+            ),
+            (
+                &[("LIVECHAT_IDENTITY_SECRETS", "1:alpha,2:")][..],
+                "LIVECHAT_IDENTITY_SECRETS",
+            ),
+            (
+                &[("LIVECHAT_WS_SEND_RATE", "0")][..],
+                "LIVECHAT_WS_SEND_RATE",
+            ),
+            (
+                &[("LIVECHAT_SQLITE_SYNCHRONOUS", "off")][..],
+                "LIVECHAT_SQLITE_SYNCHRONOUS",
             ),
         ] {
             let refused = config(vars).err().unwrap_or_default();

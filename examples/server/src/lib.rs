@@ -718,7 +718,14 @@ pub fn build_with(
     } else {
         let mut cors = Cors::new().allow_credentials(config.cors_credentials);
         if !config.cors_origins.iter().any(|o| o == "*") {
-            cors = cors.allow_origins(config.cors_origins.iter().map(String::as_str));
+            // Compared without regard to case, as the WebSocket route does;
+            // a predicate also makes poem add `Vary: Origin`, which its
+            // exact list leaves out (a cache must not serve one origin's
+            // answer to another).
+            let allowed = config.cors_origins.clone();
+            cors = cors.allow_origins_fn(move |origin| {
+                allowed.iter().any(|o| o.eq_ignore_ascii_case(origin))
+            });
         }
         // The middleware's own refusal (403, origin not allowed) gets the
         // JSON envelope too (DESIGN.md: every 4xx).

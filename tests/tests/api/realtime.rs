@@ -1288,6 +1288,7 @@ mod cors {
             }
         };
         assert!(connect("https://shop.example").await.is_ok());
+        assert!(connect("HTTPS://Shop.Example").await.is_ok(), "any case");
         assert!(connect("https://evil.example").await.is_err());
         assert!(
             WsClient::connect_with_header(&node.ws_url(), &agent_auth(7), 1)
@@ -1319,6 +1320,19 @@ mod cors {
                 .get("access-control-allow-credentials")
                 .and_then(|v| v.to_str().ok()),
             Some("true")
+        );
+        // The answer depends on the origin: caches must keep it apart.
+        let simple = reqwest::Client::new()
+            .get(node.url("/livechat/customer/availability"))
+            .header("Origin", "https://SHOP.example")
+            .header("X-Tenant-ID", "1")
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(simple.status(), 200, "any case");
+        assert_eq!(
+            simple.headers().get("vary").and_then(|v| v.to_str().ok()),
+            Some("Origin")
         );
         let denied = preflight("https://evil.example").await.unwrap();
         assert!(

@@ -594,6 +594,10 @@ async fn login(state: Data<&Arc<HostState>>, body: poem::Body) -> Response {
     }
 }
 
+/// How long `/health` waits for the database's answer before it reports it
+/// unreachable.
+const HEALTH_PING_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(2);
+
 #[handler]
 async fn health(state: Data<&Arc<HostState>>) -> Response {
     let bus = if state.bus.is_degraded() {
@@ -601,7 +605,13 @@ async fn health(state: Data<&Arc<HostState>>) -> Response {
     } else {
         "ok"
     };
-    match state.db.ping().await {
+    // A load balancer's check has a short deadline of its own: while the
+    // database is down the pool keeps trying to connect, so the ping is
+    // bounded here rather than by the pool's acquire timeout.
+    let ping = tokio::time::timeout(HEALTH_PING_TIMEOUT, state.db.ping())
+        .await
+        .unwrap_or_else(|_| Err(sea_orm::DbErr::Custom("no answer within 2 s".into())));
+    match ping {
         Ok(()) if bus == "ok" => {
             Json(serde_json::json!({"status": "ok", "database": "ok", "bus": bus})).into_response()
         }

@@ -69,6 +69,17 @@ pub const SQLITE_BUSY_TIMEOUT: Duration = Duration::from_secs(30);
 /// failed one request with 503.)
 pub const POOL_PING_AFTER_IDLE: Duration = Duration::from_secs(1);
 
+/// How long a request waits for a connection of a pool opened by
+/// [`connect`] before it fails with [`DbErr::ConnectionAcquire`] (503
+/// `unavailable` on the routes, an `unavailable` frame on the
+/// WebSocket). While the database is down, sqlx keeps trying to open a
+/// connection until then, so this is how long a request hangs in an
+/// outage: five seconds rides out a quick restart (the request then
+/// succeeds) and answers within a client's patience otherwise. (It was
+/// 30 s: every request of an outage hung that long.) A busy pool hands
+/// its connections on within milliseconds, far below it.
+pub const POOL_ACQUIRE_TIMEOUT: Duration = Duration::from_secs(5);
+
 /// How often the checkpointer of a pool opened by [`connect`] copies the
 /// SQLite WAL back into the database file (a passive checkpoint: it never
 /// blocks a writer).
@@ -107,6 +118,11 @@ pub enum SqliteDurability {
 
 /// Opens a connection pool for `url` (`sqlite://path?mode=rwc`,
 /// `postgres://user:pass@host/db`) configured for the chat rules.
+///
+/// Both: a request waits at most [`POOL_ACQUIRE_TIMEOUT`] for a
+/// connection (an outage answers 503 within it), and a connection idle
+/// for [`POOL_PING_AFTER_IDLE`] is pinged before use. PostgreSQL: 16
+/// connections.
 ///
 /// SQLite: the file is created if missing; WAL journal, busy timeout
 /// [`SQLITE_BUSY_TIMEOUT`], `synchronous=FULL` (a stored message survives
@@ -156,7 +172,7 @@ pub async fn connect_with(
     options
         .sqlx_logging(false)
         .max_connections(if url.starts_with("sqlite:") { 1 } else { 16 })
-        .acquire_timeout(Duration::from_secs(30))
+        .acquire_timeout(POOL_ACQUIRE_TIMEOUT)
         .test_before_acquire_if_idle_for(POOL_PING_AFTER_IDLE);
     #[cfg(feature = "sqlite")]
     options.map_sqlx_sqlite_opts(move |o| {

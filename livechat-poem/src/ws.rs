@@ -1501,6 +1501,13 @@ async fn serve(gateway: Arc<Gateway>, socket: WebSocketStream, pre_auth: Option<
     let mut bus_open = true;
     let mut ping = tokio::time::interval(config.ping_interval);
     ping.tick().await;
+    // The renewal of the registration, at most one at a time, runs beside
+    // the loop: while the database is slow or down the loop still reads
+    // (so the client's pongs count and its pings are answered) instead of
+    // waiting for the store, and a healthy client is not closed for a
+    // silence that was the server's.
+    let mut renewal: FuturesOrdered<futures_util::future::BoxFuture<'static, ()>> =
+        FuturesOrdered::new();
     loop {
         if conn.is_closing() {
             break;
@@ -1598,10 +1605,19 @@ async fn serve(gateway: Arc<Gateway>, socket: WebSocketStream, pre_auth: Option<
                 if conn.out.queue.len() < config.outbound_queue {
                     conn.send(Message::Ping(Vec::new()));
                 }
-                Box::pin(heartbeat(&gateway, identity.tenant, conn.id, owner)).await;
+                if renewal.is_empty() {
+                    let (gateway, tenant, id) = (gateway.clone(), identity.tenant, conn.id);
+                    renewal.push_back(
+                        async move { heartbeat(&gateway, tenant, id, owner).await }.boxed(),
+                    );
+                }
             }
+            Some(()) = renewal.next(), if !renewal.is_empty() => {}
         }
     }
+    // A renewal still running ends before the connection is removed, so it
+    // cannot renew the owner's liveness after the removal started the grace.
+    while renewal.next().await.is_some() {}
     let conn_id = conn.id;
     tracing::debug!(connection = %conn_id, role = identity.role.name(), "websocket closing");
     Box::pin(close(conn, &mut stream)).await;

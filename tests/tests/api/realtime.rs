@@ -1349,6 +1349,43 @@ mod cors {
     }
 }
 
+/// A connection whose registration cannot be renewed (the database is
+/// slow or down; here its row is held) keeps serving its client: the
+/// renewal runs beside the connection's loop, which goes on reading and
+/// answering. (It used to wait for the renewal, leaving the client's
+/// pings unanswered and its pongs unread, and then closed it for a
+/// silence that was the server's.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_connection_keeps_serving_while_its_renewal_waits() {
+    use sea_orm::{ConnectionTrait, TransactionTrait};
+    let (app, node) = node(Backend::Postgres, |_| {}).await;
+    let mut agent = WsClient::connect_with_header(&node.ws_url(), &agent_auth(7), 1)
+        .await
+        .unwrap();
+    let ready = agent.expect("ready").await;
+    let id = ready["connection_id"].as_str().unwrap().to_owned();
+    let holder = app.db.begin().await.unwrap();
+    holder
+        .execute_unprepared(&format!(
+            "SELECT id FROM livechat_connections WHERE id = '{id}' FOR UPDATE"
+        ))
+        .await
+        .unwrap();
+    // Pings every 200 ms: a renewal is now waiting for the row.
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    for _ in 0..3 {
+        agent.send(json!({"type": "no_such_frame"})).await;
+        let answer = agent.next(Duration::from_secs(2)).await;
+        assert_eq!(
+            answer.as_ref().map(|f| &f["code"]),
+            Some(&json!("unknown_type")),
+            "answered while the renewal waits: {answer:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+    holder.commit().await.unwrap();
+}
+
 /// Issue #5: a connection's sends are submitted without waiting for the
 /// previous commit. Sent back to back, they are stored in the order sent
 /// (gap-free seq), answered in that order (a repeat and a refusal in the

@@ -315,6 +315,13 @@ impl<C: OutboxConsumer> Dispatcher<C> {
                             }
                             self.pause_after(report.handled())
                         }
+                        // The database being down or busy is expected to
+                        // pass (the pass is made again): a warning, not an
+                        // error line every poll of an outage.
+                        Err(error) if error.is_unavailable() => {
+                            tracing::warn!(%error, "outbox dispatch: database unavailable; trying again");
+                            self.config.poll_interval
+                        }
                         Err(error) => {
                             tracing::error!(%error, "outbox dispatch failed");
                             self.config.poll_interval

@@ -358,17 +358,12 @@ impl OutboxConsumer for SeaOrmStore {
         error: &str,
         pending_for: &[String],
     ) -> Result<(), ChatError> {
-        unclaim(&[id])
+        rescheduled(id, retry_at, pending_for)
             .col_expr(
                 outbox::Column::Attempts,
                 Expr::col(outbox::Column::Attempts).add(1),
             )
             .col_expr(outbox::Column::LastError, Expr::value(error))
-            .col_expr(
-                outbox::Column::PendingFor,
-                Expr::value(stored_receivers(pending_for)),
-            )
-            .col_expr(outbox::Column::AvailableAt, Expr::value(retry_at))
             .exec(&self.db)
             .await?;
         Ok(())
@@ -380,14 +375,7 @@ impl OutboxConsumer for SeaOrmStore {
         until: DateTime<Utc>,
         pending_for: &[String],
     ) -> Result<(), ChatError> {
-        unclaim(&[id])
-            .col_expr(
-                outbox::Column::PendingFor,
-                Expr::value(stored_receivers(pending_for)),
-            )
-            .col_expr(outbox::Column::AvailableAt, Expr::value(until))
-            .exec(&self.db)
-            .await?;
+        rescheduled(id, until, pending_for).exec(&self.db).await?;
         Ok(())
     }
 
@@ -412,9 +400,24 @@ impl OutboxConsumer for SeaOrmStore {
     }
 }
 
+/// [`unclaim`] for event `id`, handed out again from `at` to the
+/// receivers `pending_for` (`retry_later` adds the attempt, `hold` nothing).
+fn rescheduled(
+    id: EventId,
+    at: DateTime<Utc>,
+    pending_for: &[String],
+) -> sea_orm::UpdateMany<outbox::Entity> {
+    unclaim(&[id])
+        .col_expr(
+            outbox::Column::PendingFor,
+            Expr::value(stored_receivers(pending_for)),
+        )
+        .col_expr(outbox::Column::AvailableAt, Expr::value(at))
+}
+
 /// An update of the events `ids` still undispatched that ends their claims
-/// (`mark_dispatched` adds the settlement, `retry_later` and `hold` the
-/// next attempt).
+/// (`mark_dispatched` adds the settlement, [`rescheduled`] the next
+/// attempt).
 fn unclaim(ids: &[EventId]) -> sea_orm::UpdateMany<outbox::Entity> {
     outbox::Entity::update_many()
         .col_expr(

@@ -108,21 +108,23 @@ impl PresenceRepository for SeaOrmStore {
         grace: std::time::Duration,
         policy: &RoutingPolicy,
     ) -> Result<(), ChatError> {
-        let Some(ttl) = policy.presence_ttl else {
-            // Liveness is not checked; the close is the agent's last sign
-            // of life, from which `announce_offline` counts the grace.
-            presence::Entity::update_many()
-                .col_expr(presence::Column::LastSeenAt, Expr::value(now()))
-                .filter(agent_row(tenant, agent))
-                .exec(&self.db)
-                .await?;
-            return Ok(());
+        // With a TTL, liveness runs out `grace` from now (never later than
+        // it would have). Without one it is not checked; the close is the
+        // agent's last sign of life, from which `announce_offline` counts
+        // the grace.
+        let (last_seen, only_lowered) = match policy.presence_ttl {
+            Some(ttl) => (
+                now() - crate::model::span(ttl) + crate::model::span(grace),
+                true,
+            ),
+            None => (now(), false),
         };
-        let stale_from = now() - crate::model::span(ttl) + crate::model::span(grace);
         presence::Entity::update_many()
-            .col_expr(presence::Column::LastSeenAt, Expr::value(stale_from))
+            .col_expr(presence::Column::LastSeenAt, Expr::value(last_seen))
             .filter(agent_row(tenant, agent))
-            .filter(presence::Column::LastSeenAt.gt(stale_from))
+            .apply_if(only_lowered.then_some(last_seen), |update, at| {
+                update.filter(presence::Column::LastSeenAt.gt(at))
+            })
             .exec(&self.db)
             .await?;
         Ok(())

@@ -47,6 +47,17 @@ pub enum EventKind {
     /// A message was stored; payload: [`MessagePosted`].
     #[serde(rename = "message.posted")]
     MessagePosted,
+    /// An agent's reply that a customer may not have seen although a
+    /// customer connection followed the session when it was stored: that
+    /// connection's node stopped renewing it (it crashed) and its TTL ran
+    /// out with no other customer connection following the session. Written
+    /// by the housekeeping purge of expired connections, one per reply
+    /// stored since the connection's last renewal; payload: the reply's
+    /// [`MessagePosted`] as of the purge (`customer_connected` false), so
+    /// that the reply still becomes a notification (issue #4, offline
+    /// notifications).
+    #[serde(rename = "message.missed")]
+    MessageMissed,
     /// An agent chose a new status; payload: the
     /// [`AgentPresence`](crate::AgentPresence).
     #[serde(rename = "agent.status_changed")]
@@ -66,6 +77,7 @@ impl EventKind {
             Self::CustomerLinked => "customer.linked",
             Self::SessionClosed => "session.closed",
             Self::MessagePosted => "message.posted",
+            Self::MessageMissed => "message.missed",
             Self::AgentStatusChanged => "agent.status_changed",
         }
     }
@@ -82,6 +94,7 @@ impl EventKind {
             Self::CustomerLinked,
             Self::SessionClosed,
             Self::MessagePosted,
+            Self::MessageMissed,
             Self::AgentStatusChanged,
         ]
         .into_iter()

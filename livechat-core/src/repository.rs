@@ -499,6 +499,11 @@ pub struct PurgedConnections {
     /// The agents whose connections were among them, once each, as
     /// `(tenant, agent)` in ascending order.
     pub agents: Vec<(TenantId, UserId)>,
+    /// `message.missed` events written: agents' replies stored while an
+    /// expired customer connection still counted as following their
+    /// session, which nothing else now follows
+    /// ([`EventKind::MessageMissed`](crate::EventKind::MessageMissed)).
+    pub missed_replies: u64,
 }
 
 /// Live connections following one session, across all nodes (seed 002).
@@ -572,8 +577,19 @@ pub trait ConnectionRepository: Send + Sync {
     /// Deletes expired connections of every tenant (housekeeping: those of
     /// crashed nodes). Cross-tenant by nature, never reachable from a
     /// request.
+    ///
+    /// In the same transaction, for each session that an expired customer
+    /// connection had joined and that no live customer connection follows
+    /// any more (and that has no ticket, whose replies are always
+    /// notified), writes a `message.missed` event for every agent message
+    /// stored from that connection's last renewal (its expiry minus
+    /// `connection_ttl`, the TTL its node renewed it by) until its expiry:
+    /// replies stored as seen live (`customer_connected`) that the crashed
+    /// node may never have delivered. Two nodes purging at once write them
+    /// once: only the purge that deletes a connection's joins reads them.
     fn purge_expired_connections(
         &self,
+        connection_ttl: std::time::Duration,
     ) -> impl Future<Output = Result<PurgedConnections, ChatError>> + Send;
 }
 

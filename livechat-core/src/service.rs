@@ -1010,13 +1010,31 @@ impl<S: ChatStore> ChatService<S> {
     /// announced back. Without this, an agent of a crashed node would stay
     /// online in the others' view.
     ///
+    /// `connection_ttl` is the TTL nodes register and renew connections
+    /// with (`RealtimeConfig::connection_ttl` of `livechat-poem`): agents'
+    /// replies stored since an expired customer connection's last renewal,
+    /// in a session no live customer connection follows, get a
+    /// `message.missed` event, which the ticket bridge turns into the
+    /// notification the customer would have had without that connection
+    /// ([`ConnectionRepository::purge_expired_connections`](crate::ConnectionRepository::purge_expired_connections)).
+    ///
     /// # Errors
-    /// [`ChatError::Storage`] when the rows could not be read or deleted.
-    /// An agent whose announcement could not be recorded is logged and left
-    /// out (not announced; their presence still runs out by its TTL), so
-    /// that every announcement recorded is returned.
-    pub async fn purge_expired_connections(&self) -> Result<Vec<(TenantId, UserId)>, ChatError> {
-        let purged = self.store.purge_expired_connections().await?;
+    /// [`ChatError::Storage`] when the rows could not be read or deleted
+    /// (then nothing is deleted). An agent whose announcement could not be
+    /// recorded is logged and left out (not announced; their presence still
+    /// runs out by its TTL), so that every announcement recorded is
+    /// returned.
+    pub async fn purge_expired_connections(
+        &self,
+        connection_ttl: std::time::Duration,
+    ) -> Result<Vec<(TenantId, UserId)>, ChatError> {
+        let purged = self.store.purge_expired_connections(connection_ttl).await?;
+        if purged.missed_replies > 0 {
+            tracing::info!(
+                replies = purged.missed_replies,
+                "replies followed only by expired customer connections are to be notified"
+            );
+        }
         let mut offline = Vec::new();
         for (tenant, agent) in purged.agents {
             match self.store.announce_offline(tenant, agent, None).await {

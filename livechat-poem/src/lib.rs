@@ -130,9 +130,14 @@ impl Livechat {
     /// nodes (their TTL ran out) and tells each tenant's agents, over the
     /// event bus, that such an agent is offline when they have no live
     /// connection left, once ([`ChatService::purge_expired_connections`]).
-    /// Their next connection announces them back. Returns the agents
-    /// announced offline, as `(tenant, agent)`. Without
-    /// [`Self::realtime`] the rows are deleted and nothing is announced.
+    /// Their next connection announces them back. Agents' replies that only
+    /// such a dead customer connection followed (stored since its last
+    /// renewal, in a session no live customer connection follows) get a
+    /// `message.missed` event, which the ticket bridge turns into the
+    /// customer's notification. Returns the agents announced offline, as
+    /// `(tenant, agent)`. Without [`Self::realtime`] the rows are deleted
+    /// and nothing is announced, and the replies' window is taken with
+    /// [`RealtimeConfig`]'s default connection TTL.
     ///
     /// # Errors
     /// [`livechat_core::ChatError::Storage`] when the rows could not be
@@ -140,7 +145,13 @@ impl Livechat {
     pub async fn purge_expired_connections(
         &self,
     ) -> Result<Vec<(TenantId, UserId)>, livechat_core::ChatError> {
-        let offline = self.chat.purge_expired_connections().await?;
+        // A node without the gateway purges other nodes' rows: the default
+        // TTL is theirs unless the host changed it.
+        let ttl = self.realtime.as_ref().map_or_else(
+            || RealtimeConfig::default().connection_ttl,
+            |(_, config)| config.connection_ttl,
+        );
+        let offline = self.chat.purge_expired_connections(ttl).await?;
         if let Some((bus, _)) = &self.realtime {
             for &(tenant, agent) in &offline {
                 ws::publish_presence(&**bus, tenant, agent, PresenceStatus::Offline);

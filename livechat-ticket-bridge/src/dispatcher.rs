@@ -620,6 +620,13 @@ impl Sinks {
                     None
                 }
             }
+            EventKind::MessageMissed if self.notifications => {
+                // A reply whose customer connection died before it could
+                // be seen: the notification it would have had, under the
+                // same id (the message's), so one already written for it
+                // is not written twice.
+                agent_reply(event, decode(event)?).map(Work::Notify)
+            }
             _ => None,
         };
         Ok(work)
@@ -706,13 +713,20 @@ fn decode<T: for<'de> Deserialize<'de>>(event: &DomainEvent) -> Result<T, String
 }
 
 /// The notification of an agent's reply that [`ReplyHead::notifies`]
-/// chose; `None` only when the session has no customer, which that check
-/// already ruled out.
+/// chose, or of a `message.missed` reply; `None` only when the session has
+/// no customer, which both rule out.
 fn agent_reply(event: &DomainEvent, posted: MessagePosted) -> Option<Notification> {
     let ticket_id = posted.ticket_id;
     let customer_id = posted.session_customer_id?;
+    // A `message.posted` event's id is its message's (older events have
+    // their own); a `message.missed` one has its own and is written later,
+    // and its notification takes the message's id and time.
+    let (id, created_at) = match event.kind {
+        EventKind::MessageMissed => (posted.message.id.as_uuid(), posted.message.created_at),
+        _ => (event.id.as_uuid(), event.created_at),
+    };
     Some(Notification {
-        id: NotificationId::from_uuid(event.id.as_uuid()),
+        id: NotificationId::from_uuid(id),
         tenant_id: event.tenant_id,
         customer_id,
         session_id: Some(posted.message.session_id),
@@ -725,7 +739,7 @@ fn agent_reply(event: &DomainEvent, posted: MessagePosted) -> Option<Notificatio
             .chars()
             .take(NOTIFICATION_BODY_MAX_CHARS)
             .collect(),
-        created_at: event.created_at,
+        created_at,
         read_at: None,
     })
 }

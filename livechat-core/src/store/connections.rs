@@ -2,19 +2,22 @@
 //! connections of every node, with expiry so a crashed node's connections
 //! stop counting (issue #4).
 
+use std::collections::{BTreeMap, HashMap};
 use std::time::Duration;
 
 use sea_orm::sea_query::{Alias, Asterisk, Expr, ExprTrait, Query, SelectStatement};
 use sea_orm::{
     ActiveValue::Set, ColumnTrait, ConnectionTrait, DbErr, EntityTrait, PaginatorTrait,
-    QueryFilter, QuerySelect,
+    QueryFilter, QueryOrder, QuerySelect, prelude::DateTimeUtc,
 };
 
-use super::entity::{connection, connection_join};
-use super::{SeaOrmStore, host_id};
+use super::entity::{connection, connection_join, message};
+use super::sessions::find_session;
+use super::{Recorded, SeaOrmStore, host_id, record_event};
 use crate::error::ChatError;
-use crate::ids::{SessionId, TenantId, UserId};
-use crate::model::now;
+use crate::events::{EventKind, MessagePosted};
+use crate::ids::{CustomerId, SessionId, TenantId, UserId};
+use crate::model::{ChatMessage, SenderType, now};
 use crate::repository::{
     ConnectionOwner, ConnectionRepository, PurgedConnections, SessionConnections,
 };
@@ -211,39 +214,131 @@ impl ConnectionRepository for SeaOrmStore {
         Ok(n > 0)
     }
 
-    async fn purge_expired_connections(&self) -> Result<PurgedConnections, ChatError> {
-        let rows: Vec<(uuid::Uuid, i64, Option<i64>)> = connection::Entity::find()
-            .select_only()
-            .column(connection::Column::Id)
-            .column(connection::Column::TenantId)
-            .column(connection::Column::AgentId)
-            .filter(connection::Column::ExpiresAt.lte(now()))
-            .into_tuple()
-            .all(&self.db)
-            .await?;
+    async fn purge_expired_connections(
+        &self,
+        connection_ttl: Duration,
+    ) -> Result<PurgedConnections, ChatError> {
+        let at = now();
+        let tx = self.begin_write().await?;
+        let rows: Vec<(uuid::Uuid, i64, String, Option<i64>, DateTimeUtc)> =
+            connection::Entity::find()
+                .select_only()
+                .column(connection::Column::Id)
+                .column(connection::Column::TenantId)
+                .column(connection::Column::Role)
+                .column(connection::Column::AgentId)
+                .column(connection::Column::ExpiresAt)
+                .filter(connection::Column::ExpiresAt.lte(at))
+                .into_tuple()
+                .all(&tx)
+                .await?;
         if rows.is_empty() {
             return Ok(PurgedConnections::default());
         }
         let mut agents = rows
             .iter()
-            .filter_map(|&(_, tenant, agent)| Some((tenant, agent?)))
+            .filter_map(|&(_, tenant, _, agent, _)| Some((tenant, agent?)))
             .map(|(tenant, agent)| Ok((host_id(tenant)?, host_id(agent)?)))
             .collect::<Result<Vec<(TenantId, UserId)>, ChatError>>()?;
         agents.sort_unstable();
         agents.dedup();
-        let expired: Vec<uuid::Uuid> = rows.into_iter().map(|(id, _, _)| id).collect();
-        connection_join::Entity::delete_many()
+        // Each expired customer connection's window of replies it counted
+        // as seen: from its last renewal to its expiry.
+        let windows: HashMap<uuid::Uuid, (DateTimeUtc, DateTimeUtc)> = rows
+            .iter()
+            .filter(|(_, _, role, _, _)| role == CUSTOMER)
+            .map(|&(id, _, _, _, expires_at)| {
+                (
+                    id,
+                    (expires_at - crate::model::span(connection_ttl), expires_at),
+                )
+            })
+            .collect();
+        let expired: Vec<uuid::Uuid> = rows.into_iter().map(|(id, ..)| id).collect();
+        // Deleted with RETURNING: a purge running at the same time on
+        // another node deletes (and so reads) none of these joins.
+        let joins = connection_join::Entity::delete_many()
             .filter(connection_join::Column::ConnectionId.is_in(expired.clone()))
-            .exec(&self.db)
+            .exec_with_returning(&tx)
             .await?;
         let connections = connection::Entity::delete_many()
             .filter(connection::Column::Id.is_in(expired))
-            .exec(&self.db)
+            .exec(&tx)
             .await?
             .rows_affected;
+        let mut sessions: BTreeMap<(i64, uuid::Uuid), (DateTimeUtc, DateTimeUtc)> = BTreeMap::new();
+        for join in joins {
+            if let Some(&(from, until)) = windows.get(&join.connection_id) {
+                sessions
+                    .entry((join.tenant_id, join.session_id))
+                    .and_modify(|w| *w = (Ord::min(w.0, from), Ord::max(w.1, until)))
+                    .or_insert((from, until));
+            }
+        }
+        let mut ev = self.recorder();
+        let mut missed_replies = 0;
+        for ((tenant, session), window) in sessions {
+            missed_replies +=
+                record_missed_replies(&tx, &mut ev, host_id(tenant)?, session, window, at).await?;
+        }
+        self.commit(tx, ev).await?;
         Ok(PurgedConnections {
             connections,
             agents,
+            missed_replies,
         })
     }
+}
+
+/// Writes a `message.missed` event for each agent reply of `session`
+/// stored within `(from, until)` (`from` inclusive), unless a live customer
+/// connection follows the session at `at` or the session has a ticket (or
+/// no customer): see [`ConnectionRepository::purge_expired_connections`].
+/// Returns the events written.
+async fn record_missed_replies(
+    tx: &impl ConnectionTrait,
+    ev: &mut Recorded,
+    tenant: TenantId,
+    session: uuid::Uuid,
+    (from, until): (DateTimeUtc, DateTimeUtc),
+    at: DateTimeUtc,
+) -> Result<u64, ChatError> {
+    let id = SessionId::from_uuid(session);
+    let Some(row) = find_session(tx, tenant, id).await? else {
+        return Ok(0);
+    };
+    let Some(customer) = row.customer_id else {
+        return Ok(0);
+    };
+    if row.ticket_id.is_some() {
+        return Ok(0);
+    }
+    let live: i64 = tx
+        .query_one(&live_connections(CUSTOMER, tenant.get(), session, at))
+        .await?
+        .map_or(Ok(0), |r| r.try_get("", "n"))?;
+    if live > 0 {
+        return Ok(0);
+    }
+    let replies = message::Entity::find()
+        .filter(message::Column::TenantId.eq(tenant.get()))
+        .filter(message::Column::SessionId.eq(session))
+        .filter(message::Column::SenderType.eq(SenderType::Agent.as_str()))
+        .filter(message::Column::CreatedAt.gte(from))
+        .filter(message::Column::CreatedAt.lt(until))
+        .order_by_asc(message::Column::Seq)
+        .all(tx)
+        .await?;
+    let mut written = 0;
+    for reply in replies {
+        let missed = MessagePosted {
+            message: ChatMessage::try_from(reply)?,
+            session_customer_id: Some(CustomerId::from_uuid(customer)),
+            ticket_id: None,
+            customer_connected: false,
+        };
+        record_event(tx, ev, tenant, Some(id), EventKind::MessageMissed, &missed).await?;
+        written += 1;
+    }
+    Ok(written)
 }

@@ -29,6 +29,7 @@ on_both_databases!(
     a_retried_send_publishes_its_unpublished_original,
     slow_consumer_is_closed_with_1013,
     connection_status_and_offline_notifications,
+    a_reply_only_a_crashed_customer_connection_followed_is_notified,
     shutdown_closes_with_1001,
     pipelined_sends_keep_their_order,
     a_burst_larger_than_the_queue_reaches_a_reading_client,
@@ -1239,6 +1240,129 @@ async fn connection_status_and_offline_notifications(backend: Backend) {
         status().await,
         json!({"customer_connected": false, "agent_connected": true, "total_customer": 0, "total_agent": 1})
     );
+}
+
+/// A customer whose node crashed (its connection row is neither renewed
+/// nor removed) still counts as following the chat until the row's TTL runs
+/// out, so a reply stored meanwhile was not notified when stored. The
+/// housekeeping purge writes `message.missed` for the agent replies stored
+/// since that connection's last renewal, and the bridge notifies them, once,
+/// under the message's id. A reply before the renewal (delivered while the
+/// node still renewed), the customer's own message, a chat that a live
+/// customer connection still follows, and a reply stored after the expiry
+/// (notified when stored) get no such event.
+async fn a_reply_only_a_crashed_customer_connection_followed_is_notified(backend: Backend) {
+    use livechat_core::{ConnectionOwner, CustomerId, NotificationInbox, PageSize};
+
+    let (app, node) = node(backend, |_| {}).await;
+    let ttl = Duration::from_secs(2);
+    let (session, _) = open_chat(&node, 920).await;
+    let (followed, followed_auth) = open_chat(&node, 921).await;
+    let mut crashed = Vec::new();
+    for s in [session, followed] {
+        let customer = customer_of(&node, s).await;
+        let id = uuid::Uuid::now_v7();
+        node.chat
+            .register_connection(
+                t(1),
+                id,
+                ConnectionOwner::Customer(customer),
+                "crashed-node",
+                ttl,
+            )
+            .await
+            .unwrap();
+        node.chat.follow_session(t(1), id, s).await.unwrap();
+        crashed.push((id, customer));
+    }
+    // The second customer also follows their chat from a live node.
+    let mut live = WsClient::connect_with_header(&node.ws_url(), &followed_auth, 1)
+        .await
+        .unwrap();
+    join(&mut live, followed, None).await;
+    let reply = |s: SessionId, text: &str| {
+        let chat = node.chat.clone();
+        let text = text.to_owned();
+        async move {
+            chat.post_message(t(1), u(7), s, text, None)
+                .await
+                .unwrap()
+                .message
+        }
+    };
+    reply(session, "before the renewal").await;
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    // The crashed node's last renewal.
+    for &(id, customer) in &crashed {
+        node.chat
+            .touch_connection(t(1), id, ConnectionOwner::Customer(customer), ttl)
+            .await
+            .unwrap();
+    }
+    let first = reply(session, "after the renewal 1").await;
+    node.chat
+        .post_customer_message(
+            t(1),
+            crashed[0].1,
+            session,
+            "from the customer".into(),
+            None,
+        )
+        .await
+        .unwrap();
+    let second = reply(session, "after the renewal 2").await;
+    reply(followed, "seen live").await;
+    live.expect("new_message").await;
+    let missed =
+        || livechat_tests::count_rows(&app.db, "livechat_outbox WHERE kind = 'message.missed'");
+    // Not expired yet.
+    node.chat.purge_expired_connections(ttl).await.unwrap();
+    assert_eq!(missed().await, 0);
+    tokio::time::sleep(ttl + Duration::from_millis(300)).await;
+    let after = reply(session, "after the expiry").await;
+    node.chat.purge_expired_connections(ttl).await.unwrap();
+    assert_eq!(missed().await, 2);
+    // The connections are gone: a second purge writes nothing.
+    node.chat.purge_expired_connections(ttl).await.unwrap();
+    assert_eq!(missed().await, 2);
+
+    app.drain_outbox().await;
+    let sinks = livechat_ticket_bridge::SeaOrmSinks::new(app.db.clone());
+    let notes = |customer: CustomerId| {
+        let sinks = sinks.clone();
+        let page = PageSize::parse(Some(50), node.chat.config()).unwrap();
+        async move {
+            let mut notes = sinks
+                .list_notifications(t(1), &[customer], page)
+                .await
+                .unwrap();
+            notes.sort_by_key(|n| n.created_at);
+            notes
+                .into_iter()
+                .map(|n| (n.id.as_uuid(), n.body))
+                .collect::<Vec<_>>()
+        }
+    };
+    assert_eq!(
+        notes(crashed[0].1).await,
+        vec![
+            (first.id.as_uuid(), first.message),
+            (second.id.as_uuid(), second.message),
+            (after.id.as_uuid(), after.message),
+        ]
+    );
+    assert_eq!(notes(crashed[1].1).await, vec![]);
+}
+
+/// The customer of session `s`.
+async fn customer_of(node: &Node, s: SessionId) -> livechat_core::CustomerId {
+    node.chat
+        .get_session(t(1), s)
+        .await
+        .unwrap()
+        .session
+        .customer_id
+        .unwrap()
 }
 
 async fn shutdown_closes_with_1001(backend: Backend) {

@@ -1,8 +1,9 @@
 //! Read models that live outside core: tickets and customer notifications.
 //!
 //! Core decides *when* a ticket or a notification is due (it writes
-//! [`EventKind::TicketRequested`](crate::EventKind) and
-//! [`EventKind::MessagePosted`](crate::EventKind) events); a consumer of the
+//! [`EventKind::TicketRequested`](crate::EventKind),
+//! [`EventKind::MessagePosted`](crate::EventKind) and
+//! [`EventKind::MessageMissed`](crate::EventKind) events); a consumer of the
 //! outbox (the ticket bridge, or the host's own ticket module) materializes
 //! them. These traits are how the HTTP layer reads them back for agents
 //! (`GET /livechat/tickets`) and customers (`GET /livechat/customer/notifications`)

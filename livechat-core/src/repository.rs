@@ -578,15 +578,20 @@ pub trait ConnectionRepository: Send + Sync {
     /// crashed nodes). Cross-tenant by nature, never reachable from a
     /// request.
     ///
-    /// In the same transaction, for each session that an expired customer
-    /// connection had joined and that no live customer connection follows
-    /// any more (and that has no ticket, whose replies are always
-    /// notified), writes a `message.missed` event for every agent message
-    /// stored from that connection's last renewal (its expiry minus
-    /// `connection_ttl`, the TTL its node renewed it by) until its expiry:
-    /// replies stored as seen live (`customer_connected`) that the crashed
-    /// node may never have delivered. Two nodes purging at once write them
-    /// once: only the purge that deletes a connection's joins reads them.
+    /// Connections are deleted (with their joins) in transactions of up
+    /// to 100, each deleting only rows still expired, so a connection
+    /// renewed since it was read stays. In the same transaction, for each
+    /// session that an expired customer connection had joined and that no
+    /// live customer connection follows any more, a `message.missed` event
+    /// is written for every agent reply that was not notified when stored
+    /// (its `message.posted` said a customer connection followed the
+    /// session and no ticket) and was stored from that connection's last
+    /// renewal (its expiry minus `connection_ttl`, the TTL its node renewed
+    /// it by) until 10 s after its expiry (an append checks the connections
+    /// before it takes its time): a reply the crashed node may never have
+    /// delivered. Two nodes purging at once write them once: only the purge
+    /// that deletes a connection reads it. These events are for the
+    /// outbox's consumers and are not published on the bus.
     fn purge_expired_connections(
         &self,
         connection_ttl: std::time::Duration,

@@ -112,12 +112,15 @@ impl DispatchReport {
 ///
 /// Rules per event kind:
 /// - `ticket.requested` → [`TicketSink::open_ticket`] on every ticket sink;
-/// - `session.closed` of a session with a `ticket_id` →
+/// - `session.closed` of a session with a `ticket_id`, or `ticket.closed` →
 ///   [`TicketSink::close_ticket`] on every ticket sink;
 /// - `message.posted` by an agent in a customer session that is ticketed or
 ///   whose customer had no live connection (issue #4) → a
 ///   [`Notification`] (`kind` `agent_reply`, id = event id, body truncated to
 ///   [`NOTIFICATION_BODY_MAX_CHARS`]) to every notification sink;
+/// - `message.missed` (a reply only a crashed node's customer connection
+///   followed, written by the purge of expired connections) → the same
+///   notification, with the message's id and creation time;
 /// - any other kind, or a kind without a sink of its type: nothing to do.
 ///   Such events are settled as dispatched without being claimed
 ///   ([`OutboxConsumer::settle_ignored`], issue #5), or, with a store

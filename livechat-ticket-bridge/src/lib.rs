@@ -3,14 +3,18 @@
 //! Turns the committed domain events of livechat-core's outbox into tickets
 //! and customer notifications (issue #3, DESIGN.md invariant 5). Core does
 //! not know this crate exists: it writes `ticket.requested`,
-//! `session.closed` and `message.posted` events in the same transaction as
-//! each change, and the [`Dispatcher`] reads them back through
+//! `ticket.closed`, `session.closed`, `message.posted` and `message.missed`
+//! events in the same transaction as each change, and the [`Dispatcher`]
+//! reads them back through
 //! [`OutboxConsumer`](livechat_core::OutboxConsumer) and calls the sinks:
 //!
 //! - [`TicketSink::open_ticket`] when a request found no eligible agent,
-//!   [`TicketSink::close_ticket`] when a ticketed session closes;
+//!   [`TicketSink::close_ticket`] when a ticketed session closes or an
+//!   agent closes a ticket;
 //! - [`NotificationSink::notify`] when an agent replies in a ticketed
-//!   session.
+//!   session or to a customer with no live connection following the
+//!   session, and for a reply that only a crashed node's customer
+//!   connection followed (`message.missed`).
 //!
 //! Delivery is at least once, in order per session and sink, retried with
 //! exponential backoff on [`SinkError::Retryable`] (for the sinks that

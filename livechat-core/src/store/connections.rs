@@ -2,21 +2,20 @@
 //! connections of every node, with expiry so a crashed node's connections
 //! stop counting (issue #4).
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::time::Duration;
 
 use sea_orm::sea_query::{Alias, Asterisk, Expr, ExprTrait, Query, SelectStatement};
 use sea_orm::{
-    ActiveValue::Set, ColumnTrait, ConnectionTrait, DbErr, EntityTrait, PaginatorTrait,
+    ActiveValue::Set, ColumnTrait, Condition, ConnectionTrait, DbErr, EntityTrait, PaginatorTrait,
     QueryFilter, QueryOrder, QuerySelect, prelude::DateTimeUtc,
 };
 
-use super::entity::{connection, connection_join, message};
-use super::sessions::find_session;
+use super::entity::{connection, connection_join, message, outbox, session};
 use super::{Recorded, SeaOrmStore, host_id, record_event};
 use crate::error::ChatError;
 use crate::events::{EventKind, MessagePosted};
-use crate::ids::{CustomerId, SessionId, TenantId, UserId};
+use crate::ids::{CustomerId, SessionId, TenantId, TicketId, UserId};
 use crate::model::{ChatMessage, SenderType, now};
 use crate::repository::{
     ConnectionOwner, ConnectionRepository, PurgedConnections, SessionConnections,
@@ -218,101 +217,153 @@ impl ConnectionRepository for SeaOrmStore {
         &self,
         connection_ttl: Duration,
     ) -> Result<PurgedConnections, ChatError> {
-        let at = now();
-        let tx = self.begin_write().await?;
-        let rows: Vec<(uuid::Uuid, i64, String, Option<i64>, DateTimeUtc)> =
-            connection::Entity::find()
+        let mut purged = PurgedConnections::default();
+        loop {
+            let at = now();
+            // Read outside a write transaction: most runs find nothing.
+            let ids: Vec<uuid::Uuid> = connection::Entity::find()
                 .select_only()
                 .column(connection::Column::Id)
-                .column(connection::Column::TenantId)
-                .column(connection::Column::Role)
-                .column(connection::Column::AgentId)
-                .column(connection::Column::ExpiresAt)
                 .filter(connection::Column::ExpiresAt.lte(at))
+                .limit(PURGE_CHUNK)
                 .into_tuple()
-                .all(&tx)
+                .all(&self.db)
                 .await?;
-        if rows.is_empty() {
-            return Ok(PurgedConnections::default());
+            let full = ids.len() as u64 == PURGE_CHUNK;
+            if ids.is_empty() {
+                break;
+            }
+            let chunk = self.purge_chunk(ids, at, connection_ttl).await?;
+            purged.connections += chunk.connections;
+            purged.agents.extend(chunk.agents);
+            purged.missed_replies += chunk.missed_replies;
+            // A chunk another node purged first deleted nothing here.
+            if !full || chunk.connections == 0 {
+                break;
+            }
         }
-        let mut agents = rows
-            .iter()
-            .filter_map(|&(_, tenant, _, agent, _)| Some((tenant, agent?)))
-            .map(|(tenant, agent)| Ok((host_id(tenant)?, host_id(agent)?)))
-            .collect::<Result<Vec<(TenantId, UserId)>, ChatError>>()?;
-        agents.sort_unstable();
-        agents.dedup();
-        // Each expired customer connection's window of replies it counted
-        // as seen: from its last renewal to its expiry.
-        let windows: HashMap<uuid::Uuid, (DateTimeUtc, DateTimeUtc)> = rows
-            .iter()
-            .filter(|(_, _, role, _, _)| role == CUSTOMER)
-            .map(|&(id, _, _, _, expires_at)| {
-                (
-                    id,
-                    (expires_at - crate::model::span(connection_ttl), expires_at),
-                )
-            })
-            .collect();
-        let expired: Vec<uuid::Uuid> = rows.into_iter().map(|(id, ..)| id).collect();
-        // Deleted with RETURNING: a purge running at the same time on
-        // another node deletes (and so reads) none of these joins.
-        let joins = connection_join::Entity::delete_many()
-            .filter(connection_join::Column::ConnectionId.is_in(expired.clone()))
+        purged.agents.sort_unstable();
+        purged.agents.dedup();
+        Ok(purged)
+    }
+}
+
+/// Expired connections purged per write transaction, so that a crashed
+/// node with many customers does not hold SQLite's write lock for long.
+const PURGE_CHUNK: u64 = 100;
+
+/// How long after a connection's expiry a reply may still have counted it:
+/// an append checks the session's connections before it takes the time it
+/// stores (at most a lock wait of 5 s apart on PostgreSQL).
+const MISSED_REPLY_SLACK: Duration = Duration::from_secs(10);
+
+impl SeaOrmStore {
+    /// One transaction of [`ConnectionRepository::purge_expired_connections`]:
+    /// deletes those of `ids` still expired at `at` and their joins, both
+    /// with `RETURNING` (a connection renewed since it was read is kept,
+    /// and of two purges at once only the one that deletes a row reads it,
+    /// the other waiting for its lock on PostgreSQL), then writes the
+    /// `message.missed` events of the customer connections among them.
+    /// Those events are for the outbox's consumers only, so they are not
+    /// published on the bus.
+    async fn purge_chunk(
+        &self,
+        ids: Vec<uuid::Uuid>,
+        at: DateTimeUtc,
+        connection_ttl: Duration,
+    ) -> Result<PurgedConnections, ChatError> {
+        let tx = self.begin_write().await?;
+        let deleted = connection::Entity::delete_many()
+            .filter(connection::Column::Id.is_in(ids))
+            .filter(connection::Column::ExpiresAt.lte(at))
             .exec_with_returning(&tx)
             .await?;
-        let connections = connection::Entity::delete_many()
-            .filter(connection::Column::Id.is_in(expired))
-            .exec(&tx)
-            .await?
-            .rows_affected;
-        let mut sessions: BTreeMap<(i64, uuid::Uuid), (DateTimeUtc, DateTimeUtc)> = BTreeMap::new();
+        if deleted.is_empty() {
+            tx.commit().await?;
+            return Ok(PurgedConnections::default());
+        }
+        let agents = deleted
+            .iter()
+            .filter_map(|c| Some((c.tenant_id, c.agent_id?)))
+            .map(|(tenant, agent)| Ok((host_id(tenant)?, host_id(agent)?)))
+            .collect::<Result<Vec<(TenantId, UserId)>, ChatError>>()?;
+        // Each expired customer connection's window of replies it may have
+        // counted as seen: from its last renewal to (shortly after) its
+        // expiry.
+        let windows: HashMap<uuid::Uuid, Window> = deleted
+            .iter()
+            .filter(|c| c.role == CUSTOMER)
+            .map(|c| {
+                let from = c.expires_at - crate::model::span(connection_ttl);
+                let until = c.expires_at + crate::model::span(MISSED_REPLY_SLACK);
+                (c.id, (from, until))
+            })
+            .collect();
+        let joins = connection_join::Entity::delete_many()
+            .filter(
+                connection_join::Column::ConnectionId
+                    .is_in(deleted.iter().map(|c| c.id).collect::<Vec<_>>()),
+            )
+            .exec_with_returning(&tx)
+            .await?;
+        // By session id, the order appends lock sessions in.
+        let mut sessions: BTreeMap<(uuid::Uuid, i64), Vec<Window>> = BTreeMap::new();
         for join in joins {
-            if let Some(&(from, until)) = windows.get(&join.connection_id) {
+            if let Some(&window) = windows.get(&join.connection_id) {
                 sessions
-                    .entry((join.tenant_id, join.session_id))
-                    .and_modify(|w| *w = (Ord::min(w.0, from), Ord::max(w.1, until)))
-                    .or_insert((from, until));
+                    .entry((join.session_id, join.tenant_id))
+                    .or_default()
+                    .push(window);
             }
         }
         let mut ev = self.recorder();
         let mut missed_replies = 0;
-        for ((tenant, session), window) in sessions {
+        for ((session, tenant), windows) in sessions {
             missed_replies +=
-                record_missed_replies(&tx, &mut ev, host_id(tenant)?, session, window, at).await?;
+                record_missed_replies(&tx, &mut ev, host_id(tenant)?, session, &windows, at)
+                    .await?;
         }
-        self.commit(tx, ev).await?;
+        tx.commit().await?;
         Ok(PurgedConnections {
-            connections,
+            connections: deleted.len() as u64,
             agents,
             missed_replies,
         })
     }
 }
 
+/// A dead customer connection's window of replies, `[from, until)`.
+type Window = (DateTimeUtc, DateTimeUtc);
+
 /// Writes a `message.missed` event for each agent reply of `session`
-/// stored within `(from, until)` (`from` inclusive), unless a live customer
-/// connection follows the session at `at` or the session has a ticket (or
-/// no customer): see [`ConnectionRepository::purge_expired_connections`].
-/// Returns the events written.
+/// stored within one of `windows` whose `message.posted` said a customer
+/// connection followed the session and no ticket (a reply that was not
+/// notified), unless a live customer connection follows the session at
+/// `at` or it has no customer: see
+/// [`ConnectionRepository::purge_expired_connections`]. The session's row
+/// is locked first (PostgreSQL), so an append that counted the dead
+/// connection and is still being stored is waited for and read. Returns
+/// the events written.
 async fn record_missed_replies(
     tx: &impl ConnectionTrait,
     ev: &mut Recorded,
     tenant: TenantId,
     session: uuid::Uuid,
-    (from, until): (DateTimeUtc, DateTimeUtc),
+    windows: &[Window],
     at: DateTimeUtc,
 ) -> Result<u64, ChatError> {
     let id = SessionId::from_uuid(session);
-    let Some(row) = find_session(tx, tenant, id).await? else {
+    let Some(row) = session::Entity::find_by_id(session)
+        .filter(session::Column::TenantId.eq(tenant.get()))
+        .lock_exclusive()
+        .one(tx)
+        .await?
+    else {
         return Ok(0);
     };
     let Some(customer) = row.customer_id else {
         return Ok(0);
     };
-    if row.ticket_id.is_some() {
-        return Ok(0);
-    }
     let live: i64 = tx
         .query_one(&live_connections(CUSTOMER, tenant.get(), session, at))
         .await?
@@ -320,25 +371,67 @@ async fn record_missed_replies(
     if live > 0 {
         return Ok(0);
     }
+    let within = windows
+        .iter()
+        .fold(Condition::any(), |any, &(from, until)| {
+            any.add(
+                Condition::all()
+                    .add(message::Column::CreatedAt.gte(from))
+                    .add(message::Column::CreatedAt.lt(until)),
+            )
+        });
     let replies = message::Entity::find()
         .filter(message::Column::TenantId.eq(tenant.get()))
         .filter(message::Column::SessionId.eq(session))
         .filter(message::Column::SenderType.eq(SenderType::Agent.as_str()))
-        .filter(message::Column::CreatedAt.gte(from))
-        .filter(message::Column::CreatedAt.lt(until))
+        .filter(within)
         .order_by_asc(message::Column::Seq)
         .all(tx)
         .await?;
+    if replies.is_empty() {
+        return Ok(0);
+    }
+    // A `message.posted` event's id is its message's.
+    let events: Vec<(uuid::Uuid, String)> = outbox::Entity::find()
+        .select_only()
+        .column(outbox::Column::Id)
+        .column(outbox::Column::Payload)
+        .filter(outbox::Column::Id.is_in(replies.iter().map(|r| r.id).collect::<Vec<_>>()))
+        .filter(outbox::Column::Kind.eq(EventKind::MessagePosted.as_str()))
+        .into_tuple()
+        .all(tx)
+        .await?;
+    let unnotified: HashSet<uuid::Uuid> = events
+        .into_iter()
+        .filter(|(_, payload)| {
+            serde_json::from_str::<SeenLive>(payload)
+                .is_ok_and(|e| e.customer_connected && e.ticket_id.is_none())
+        })
+        .map(|(id, _)| id)
+        .collect();
     let mut written = 0;
     for reply in replies {
+        if !unnotified.contains(&reply.id) {
+            continue;
+        }
         let missed = MessagePosted {
             message: ChatMessage::try_from(reply)?,
             session_customer_id: Some(CustomerId::from_uuid(customer)),
-            ticket_id: None,
+            ticket_id: row.ticket_id.map(TicketId::from_uuid),
             customer_connected: false,
         };
         record_event(tx, ev, tenant, Some(id), EventKind::MessageMissed, &missed).await?;
         written += 1;
     }
     Ok(written)
+}
+
+/// The fields of a stored `message.posted` payload that tell whether its
+/// reply was notified when stored (the ticket bridge notifies a reply with
+/// a ticket or without a customer connection).
+#[derive(serde::Deserialize)]
+struct SeenLive {
+    #[serde(default)]
+    customer_connected: bool,
+    ticket_id: Option<uuid::Uuid>,
 }

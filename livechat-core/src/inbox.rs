@@ -106,11 +106,18 @@ pub struct Notification {
 /// Tickets for agents' routes.
 #[async_trait]
 pub trait TicketDirectory: Send + Sync + 'static {
-    /// The tenant's tickets, newest first, optionally with one status.
+    /// The tenant's tickets, newest first (by `created_at`, then id),
+    /// optionally with one status, and only those after `before` in that
+    /// order (the cursor: the last ticket of the previous page).
+    ///
+    /// # Errors
+    /// [`ChatError::InvalidPage`] ([`crate::INVALID_CURSOR`]) when `before`
+    /// is not a ticket of the tenant.
     async fn list_tickets(
         &self,
         tenant: TenantId,
         status: Option<TicketStatus>,
+        before: Option<TicketId>,
         limit: PageSize,
     ) -> Result<Vec<Ticket>, ChatError>;
 
@@ -132,12 +139,19 @@ pub trait TicketDirectory: Send + Sync + 'static {
 /// still find it (issue #4: the customer is told when an agent answers).
 #[async_trait]
 pub trait NotificationInbox: Send + Sync + 'static {
-    /// The notifications addressed to any of `customers`, newest first
-    /// (none for an empty slice).
+    /// The notifications addressed to any of `customers`, newest first (by
+    /// `created_at`, then id; none for an empty slice), and only those
+    /// after `before` in that order (the cursor: the last notification of
+    /// the previous page).
+    ///
+    /// # Errors
+    /// [`ChatError::InvalidPage`] ([`crate::INVALID_CURSOR`]) when `before`
+    /// is not one of these notifications.
     async fn list_notifications(
         &self,
         tenant: TenantId,
         customers: &[CustomerId],
+        before: Option<NotificationId>,
         limit: PageSize,
     ) -> Result<Vec<Notification>, ChatError>;
 

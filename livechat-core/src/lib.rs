@@ -62,4 +62,7 @@ pub use repository::{
     SessionRepository,
 };
 pub use service::{ChatService, ContactInput, CustomerChatRequest, HistoryPage, TicketClose};
-pub use validate::{ClientMsgId, MessageBody, PageSize, Topic, after_seq, parse_department};
+pub use validate::{
+    ClientMsgId, INVALID_CURSOR, MessageBody, PageSize, Topic, after_seq, parse_cursor,
+    parse_department,
+};

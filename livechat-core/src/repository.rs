@@ -172,11 +172,18 @@ pub trait SessionRepository: Send + Sync {
         tenant: TenantId,
     ) -> impl Future<Output = Result<Vec<SessionId>, ChatError>> + Send;
 
-    /// Sessions of the tenant, newest first, optionally with one status.
+    /// Sessions of the tenant, newest first (by `created_at`, then id),
+    /// optionally with one status, and only those after `before` in that
+    /// order (the cursor: the last session of the previous page).
+    ///
+    /// # Errors
+    /// [`ChatError::InvalidPage`] when `before` is not a session of the
+    /// tenant.
     fn list_sessions(
         &self,
         tenant: TenantId,
         status: Option<SessionStatus>,
+        before: Option<SessionId>,
         limit: PageSize,
     ) -> impl Future<Output = Result<Vec<SessionView>, ChatError>> + Send;
 

@@ -284,19 +284,24 @@ impl<S: ChatStore> ChatService<S> {
         Ok(queue.into_iter().zip(1..).collect())
     }
 
-    /// The tenant's sessions, newest first; `limit` defaults to
+    /// The tenant's sessions, newest first, after `before` (the last
+    /// session of the previous page) when given; `limit` defaults to
     /// [`ChatConfig::default_page_size`].
     ///
     /// # Errors
-    /// [`ChatError::InvalidPage`] for a `limit` outside `1..=max_page_size`.
+    /// [`ChatError::InvalidPage`] for a `limit` outside `1..=max_page_size`,
+    /// or a `before` that is not a session of the tenant.
     pub async fn list_sessions(
         &self,
         tenant: TenantId,
         status: Option<SessionStatus>,
+        before: Option<SessionId>,
         limit: Option<i64>,
     ) -> Result<Vec<SessionView>, ChatError> {
         let limit = self.page(limit)?;
-        self.store.list_sessions(tenant, status, limit).await
+        self.store
+            .list_sessions(tenant, status, before, limit)
+            .await
     }
 
     /// Closes a session; closing a CLOSED session returns it unchanged.
@@ -718,7 +723,7 @@ impl<S: ChatStore> ChatService<S> {
         let before = cursor
             .map(|c| {
                 c.parse::<SessionId>()
-                    .map_err(|_| ChatError::InvalidPage("cursor is not valid".into()))
+                    .map_err(|_| ChatError::InvalidPage(crate::INVALID_CURSOR.into()))
             })
             .transpose()?;
         let sessions = self

@@ -166,6 +166,25 @@ pub fn after_seq(after_seq: Option<i64>) -> Result<i64, ChatError> {
     }
 }
 
+/// The [`ChatError::InvalidPage`] message for a list's `cursor` that is
+/// malformed or not an item of the list being paged (the tenant's, or the
+/// customer's, so another tenant's id reads the same as an unknown one).
+pub const INVALID_CURSOR: &str = "cursor is not valid";
+
+/// A list's `cursor` (the `next_cursor` of the previous page: the id of
+/// its last item; lists are newest first), parsed: `None` when absent.
+///
+/// # Errors
+/// [`ChatError::InvalidPage`] ([`INVALID_CURSOR`]) when `raw` is not an
+/// id.
+pub fn parse_cursor<T: std::str::FromStr>(raw: Option<&str>) -> Result<Option<T>, ChatError> {
+    raw.map(|raw| {
+        raw.parse()
+            .map_err(|_| ChatError::InvalidPage(INVALID_CURSOR.into()))
+    })
+    .transpose()
+}
+
 /// `value` trimmed, when not blank, without U+0000 (which PostgreSQL's
 /// text columns cannot store) and at most `max` characters; otherwise
 /// [`ChatError::InvalidInput`] naming `field`.

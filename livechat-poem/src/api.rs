@@ -4,7 +4,9 @@
 use std::sync::Arc;
 
 use livechat_core::bus::EventBus;
-use livechat_core::{ChatService, PageSize, TenantId, TicketClose, TicketDirectory, UserId};
+use livechat_core::{
+    ChatService, PageSize, TenantId, TicketClose, TicketDirectory, UserId, parse_cursor,
+};
 use poem::Request;
 use poem_openapi::auth::Bearer;
 use poem_openapi::param::{Header, Path, Query};
@@ -248,11 +250,14 @@ pub struct TicketEnvelope {
     pub data: TicketDto,
 }
 
-/// `{"data": [Ticket…]}`.
+/// `{"data": [Ticket…], "next_cursor": …}`.
 #[derive(Clone, Debug, Object)]
 pub struct TicketListEnvelope {
     /// Newest first.
     pub data: Vec<TicketDto>,
+    /// Pass as `cursor` for the next (older) page; `null` on the last page
+    /// (one shorter than `limit`).
+    pub next_cursor: Option<String>,
 }
 
 #[derive(ApiResponse)]
@@ -344,15 +349,27 @@ impl AgentApi {
         auth: AgentAuth,
         /// Only sessions with this status.
         status: Query<Option<SessionStatusDto>>,
+        /// The `next_cursor` of the previous page: only the items after
+        /// it, newest first, are listed.
+        cursor: Query<Option<String>>,
         /// 1–200, default 50.
         limit: Query<Option<i64>>,
     ) -> Result<SessionListResponse, ApiError> {
+        let page = PageSize::parse(limit.0, self.chat.config())?;
         let sessions = self
             .chat
-            .list_sessions(auth.tenant(), status.0.map(Into::into), limit.0)
+            .list_sessions(
+                auth.tenant(),
+                status.0.map(Into::into),
+                parse_cursor(cursor.0.as_deref())?,
+                limit.0,
+            )
             .await?;
+        let data: Vec<crate::dto::SessionDto> = sessions.into_iter().map(Into::into).collect();
+        let next_cursor = crate::dto::next_cursor(&data, page, |s| s.id);
         Ok(SessionListResponse::Ok(Json(SessionListEnvelope {
-            data: sessions.into_iter().map(Into::into).collect(),
+            data,
+            next_cursor,
         })))
     }
 
@@ -561,16 +578,23 @@ impl AgentApi {
         auth: AgentAuth,
         /// Only tickets with this status.
         status: Query<Option<TicketStatusDto>>,
+        /// The `next_cursor` of the previous page: only the items after
+        /// it, newest first, are listed.
+        cursor: Query<Option<String>>,
         /// 1–200, default 50.
         limit: Query<Option<i64>>,
     ) -> Result<TicketListResponse, ApiError> {
         let limit = PageSize::parse(limit.0, self.chat.config())?;
+        let before = parse_cursor(cursor.0.as_deref())?;
         let tickets = self
             .tickets()?
-            .list_tickets(auth.tenant(), status.0.map(Into::into), limit)
+            .list_tickets(auth.tenant(), status.0.map(Into::into), before, limit)
             .await?;
+        let data: Vec<TicketDto> = tickets.into_iter().map(Into::into).collect();
+        let next_cursor = crate::dto::next_cursor(&data, limit, |t| t.id);
         Ok(TicketListResponse::Ok(Json(TicketListEnvelope {
-            data: tickets.into_iter().map(Into::into).collect(),
+            data,
+            next_cursor,
         })))
     }
 

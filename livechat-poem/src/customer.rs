@@ -6,7 +6,7 @@ use std::sync::Arc;
 
 use livechat_core::{
     ChatError, ChatService, ContactInput, CustomerChatRequest, CustomerId, CustomerIdentity,
-    NotificationInbox, PageSize, TenantId, UserId,
+    NotificationInbox, PageSize, TenantId, UserId, parse_cursor,
 };
 use poem::Request;
 use poem_openapi::param::{Header, Path, Query};
@@ -293,11 +293,14 @@ enum HistoryResponse {
     Ok(Json<HistoryEnvelope>),
 }
 
-/// `{"data": [Notification…]}`.
+/// `{"data": [Notification…], "next_cursor": …}`.
 #[derive(Clone, Debug, Object)]
 pub struct NotificationListEnvelope {
     /// Newest first.
     pub data: Vec<NotificationDto>,
+    /// Pass as `cursor` for the next (older) page; `null` on the last page
+    /// (one shorter than `limit`).
+    pub next_cursor: Option<String>,
 }
 
 /// `{"data": Notification}`.
@@ -643,19 +646,23 @@ impl CustomerApi {
     async fn notifications(
         &self,
         req: &Request,
+        /// The `next_cursor` of the previous page: only the items after
+        /// it, newest first, are listed.
+        cursor: Query<Option<String>>,
         /// 1–200, default 50.
         limit: Query<Option<i64>>,
     ) -> Result<NotificationListResponse, ApiError> {
         let ctx = self.customer(req).await?;
         let limit = PageSize::parse(limit.0, self.chat.config())?;
+        let before = parse_cursor(cursor.0.as_deref())?;
         let (inbox, recipients) = self.inbox_of(&ctx).await?;
         let list = inbox
-            .list_notifications(ctx.tenant, &recipients, limit)
+            .list_notifications(ctx.tenant, &recipients, before, limit)
             .await?;
+        let data: Vec<NotificationDto> = list.into_iter().map(Into::into).collect();
+        let next_cursor = crate::dto::next_cursor(&data, limit, |n| n.id);
         Ok(NotificationListResponse::Ok(Json(
-            NotificationListEnvelope {
-                data: list.into_iter().map(Into::into).collect(),
-            },
+            NotificationListEnvelope { data, next_cursor },
         )))
     }
 

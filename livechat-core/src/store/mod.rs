@@ -49,6 +49,25 @@ use crate::model::{
 use crate::outbox::OutboxInterest;
 use entity::{customer, message, outbox as outbox_entity, presence, session};
 
+/// The rows after a cursor row in a newest-first list ordered by
+/// `created` then `id`, both descending: those created before `at`, and
+/// those created at `at` with an id below `id` (the cursor row's
+/// `created_at` and id). For the `before` cursors of the agents' and
+/// customers' lists; a store of another crate (the ticket bridge's) uses
+/// it for its own.
+pub fn older_than<C: sea_orm::ColumnTrait>(
+    created: C,
+    id: C,
+    at: chrono::DateTime<chrono::Utc>,
+    cursor: uuid::Uuid,
+) -> sea_orm::Condition {
+    sea_orm::Condition::any().add(created.lt(at)).add(
+        sea_orm::Condition::all()
+            .add(created.eq(at))
+            .add(id.lt(cursor)),
+    )
+}
+
 /// How long an SQLite writer waits for the write lock before failing.
 pub const SQLITE_BUSY_TIMEOUT: Duration = Duration::from_secs(30);
 

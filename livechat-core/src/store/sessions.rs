@@ -654,11 +654,23 @@ impl SessionRepository for SeaOrmStore {
         &self,
         tenant: TenantId,
         status: Option<SessionStatus>,
+        before: Option<SessionId>,
         limit: PageSize,
     ) -> Result<Vec<SessionView>, ChatError> {
         let mut query = session::Entity::find().filter(session::Column::TenantId.eq(tenant.get()));
         if let Some(status) = status {
             query = query.filter(session::Column::Status.eq(status.as_str()));
+        }
+        if let Some(before) = before {
+            let cursor = find_session(&self.db, tenant, before)
+                .await?
+                .ok_or_else(|| ChatError::InvalidPage(crate::INVALID_CURSOR.into()))?;
+            query = query.filter(crate::store::older_than(
+                session::Column::CreatedAt,
+                session::Column::Id,
+                cursor.created_at,
+                before.as_uuid(),
+            ));
         }
         let rows = query
             .order_by_desc(session::Column::CreatedAt)

@@ -7,6 +7,7 @@ mod migration;
 
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
+use livechat_core::store::older_than;
 use livechat_core::{
     ChatError, CustomerId, EventId, Notification, NotificationId, NotificationInbox, PageSize,
     Priority, SessionId, TenantId, Ticket, TicketDirectory, TicketId, TicketReason,
@@ -238,11 +239,25 @@ impl TicketDirectory for SeaOrmSinks {
         &self,
         tenant: TenantId,
         status: Option<TicketStatus>,
+        before: Option<TicketId>,
         limit: PageSize,
     ) -> Result<Vec<Ticket>, ChatError> {
         let mut query = ticket::Entity::find().filter(ticket::Column::TenantId.eq(tenant.get()));
         if let Some(status) = status {
             query = query.filter(ticket::Column::Status.eq(status.as_str()));
+        }
+        if let Some(before) = before {
+            let cursor = ticket::Entity::find_by_id(before.as_uuid())
+                .filter(ticket::Column::TenantId.eq(tenant.get()))
+                .one(&self.db)
+                .await?
+                .ok_or_else(|| ChatError::InvalidPage(livechat_core::INVALID_CURSOR.into()))?;
+            query = query.filter(older_than(
+                ticket::Column::CreatedAt,
+                ticket::Column::Id,
+                cursor.created_at,
+                before.as_uuid(),
+            ));
         }
         query
             .order_by_desc(ticket::Column::CreatedAt)
@@ -293,11 +308,27 @@ impl NotificationInbox for SeaOrmSinks {
         &self,
         tenant: TenantId,
         customers: &[CustomerId],
+        before: Option<NotificationId>,
         limit: PageSize,
     ) -> Result<Vec<Notification>, ChatError> {
-        notification::Entity::find()
+        let mut query = notification::Entity::find()
             .filter(notification::Column::TenantId.eq(tenant.get()))
-            .filter(addressed_to(customers))
+            .filter(addressed_to(customers));
+        if let Some(before) = before {
+            let cursor = notification::Entity::find_by_id(before.as_uuid())
+                .filter(notification::Column::TenantId.eq(tenant.get()))
+                .filter(addressed_to(customers))
+                .one(&self.db)
+                .await?
+                .ok_or_else(|| ChatError::InvalidPage(livechat_core::INVALID_CURSOR.into()))?;
+            query = query.filter(older_than(
+                notification::Column::CreatedAt,
+                notification::Column::Id,
+                cursor.created_at,
+                before.as_uuid(),
+            ));
+        }
+        query
             .order_by_desc(notification::Column::CreatedAt)
             .order_by_desc(notification::Column::Id)
             .limit(limit.get())

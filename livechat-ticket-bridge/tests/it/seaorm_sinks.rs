@@ -39,7 +39,10 @@ async fn opening_the_same_ticket_twice_stores_one() {
     sinks.open_ticket(&request, key).await.unwrap();
     sinks.open_ticket(&request, key).await.unwrap();
 
-    let tickets = sinks.list_tickets(tenant(1), None, page(50)).await.unwrap();
+    let tickets = sinks
+        .list_tickets(tenant(1), None, None, page(50))
+        .await
+        .unwrap();
     assert_eq!(tickets.len(), 1);
     let ticket = &tickets[0];
     assert_eq!(ticket.id, request.ticket_id);
@@ -98,7 +101,7 @@ async fn tickets_are_isolated_by_tenant_and_listed_newest_first() {
     }
 
     let subjects: Vec<String> = sinks
-        .list_tickets(tenant(1), None, page(50))
+        .list_tickets(tenant(1), None, None, page(50))
         .await
         .unwrap()
         .into_iter()
@@ -106,7 +109,11 @@ async fn tickets_are_isolated_by_tenant_and_listed_newest_first() {
         .collect();
     assert_eq!(subjects, ["second", "first"]);
     assert_eq!(
-        sinks.list_tickets(tenant(1), None, page(1)).await.unwrap()[0].subject,
+        sinks
+            .list_tickets(tenant(1), None, None, page(1))
+            .await
+            .unwrap()[0]
+            .subject,
         "second"
     );
     assert!(matches!(
@@ -186,13 +193,13 @@ async fn closing_only_touches_the_tenants_open_ticket() {
     assert_eq!(again.closed_at, Some(closed_at));
 
     let open = sinks
-        .list_tickets(tenant(1), Some(TicketStatus::Open), page(50))
+        .list_tickets(tenant(1), Some(TicketStatus::Open), None, page(50))
         .await
         .unwrap();
     assert_eq!(open.len(), 1);
     assert_eq!(open[0].id, other.ticket_id);
     let closed_list = sinks
-        .list_tickets(tenant(1), Some(TicketStatus::Closed), page(50))
+        .list_tickets(tenant(1), Some(TicketStatus::Closed), None, page(50))
         .await
         .unwrap();
     assert_eq!(closed_list.len(), 1);
@@ -210,7 +217,7 @@ async fn notifying_twice_stores_one_for_that_customer_only() {
     sinks.notify(&later, later_key).await.unwrap();
 
     let inbox = sinks
-        .list_notifications(tenant(1), &[customer], page(50))
+        .list_notifications(tenant(1), &[customer], None, page(50))
         .await
         .unwrap();
     assert_eq!(inbox, vec![later.clone(), notification.clone()]);
@@ -221,7 +228,7 @@ async fn notifying_twice_stores_one_for_that_customer_only() {
     let (visitor_key, to_visitor) = agent_reply(tenant(1), visitor);
     sinks.notify(&to_visitor, visitor_key).await.unwrap();
     let both = sinks
-        .list_notifications(tenant(1), &[customer, visitor], page(50))
+        .list_notifications(tenant(1), &[customer, visitor], None, page(50))
         .await
         .unwrap();
     assert_eq!(
@@ -230,7 +237,7 @@ async fn notifying_twice_stores_one_for_that_customer_only() {
     );
     assert!(
         sinks
-            .list_notifications(tenant(1), &[], page(50))
+            .list_notifications(tenant(1), &[], None, page(50))
             .await
             .unwrap()
             .is_empty()
@@ -247,14 +254,14 @@ async fn notifying_twice_stores_one_for_that_customer_only() {
     // Another customer, or the same customer id in another tenant, sees nothing.
     assert!(
         sinks
-            .list_notifications(tenant(1), &[CustomerId::generate()], page(50))
+            .list_notifications(tenant(1), &[CustomerId::generate()], None, page(50))
             .await
             .unwrap()
             .is_empty()
     );
     assert!(
         sinks
-            .list_notifications(tenant(2), &[customer], page(50))
+            .list_notifications(tenant(2), &[customer], None, page(50))
             .await
             .unwrap()
             .is_empty()
@@ -279,7 +286,7 @@ async fn mark_read_is_idempotent_and_scoped_to_the_customer() {
         ));
     }
     let unread = sinks
-        .list_notifications(tenant(1), &[customer], page(50))
+        .list_notifications(tenant(1), &[customer], None, page(50))
         .await
         .unwrap();
     assert_eq!(

@@ -18,6 +18,7 @@ use serde_json::{Value, json};
 
 on_both_databases!(
     ticket_then_notification_on_agent_reply,
+    tickets_and_notifications_page_with_a_cursor,
     a_chat_left_waiting_by_the_last_agent_becomes_a_ticket,
     agents_close_tickets,
     a_ticket_closes_only_after_its_opening_and_once,
@@ -538,6 +539,93 @@ async fn ticket_then_notification_on_agent_reply(backend: Backend) {
     assert!(t["data"]["closed_at"].is_string());
     let (_, notes) = customer_get(&app, "/livechat/customer/notifications", &auth).await;
     assert_eq!(notes["data"].as_array().unwrap().len(), 1);
+}
+
+/// `GET /tickets` and `GET /customer/notifications` page with `cursor`
+/// (the `next_cursor` of the page before), newest first, with nothing twice
+/// or left out; a `cursor` that is malformed, of another list, or another
+/// customer's notification is 400 `invalid_query`.
+async fn tickets_and_notifications_page_with_a_cursor(backend: Backend) {
+    use crate::sessions::page_through;
+
+    let app = App::new(backend).await;
+    let mut chats = Vec::new();
+    for topic in ["one", "two", "three"] {
+        chats.push(visitor_start(&app, topic).await);
+    }
+    drain(&app.dispatcher, &app.db).await;
+    let agent = |url: String| {
+        let app = &app;
+        async move { app.agent_call(Method::GET, &url, 7, 1, None).await }
+    };
+    let (_, all) = agent("/livechat/tickets".into()).await;
+    let newest_first: Vec<String> = all["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|t| t["id"].as_str().unwrap().to_owned())
+        .collect();
+    assert_eq!(newest_first.len(), 3);
+    let (tickets, pages) = page_through("/livechat/tickets", 2, agent).await;
+    assert_eq!(tickets, newest_first);
+    assert_eq!(pages, 2, "2 + 1");
+
+    // Ticketed chats: every agent reply is notified.
+    app.go_online(7, 1).await;
+    for (n, (session, _)) in chats.iter().enumerate() {
+        let replies = if n == 0 { 3 } else { 1 };
+        for i in 0..replies {
+            let (code, body) = app
+                .agent_call(
+                    Method::POST,
+                    &format!("/livechat/sessions/{session}/messages"),
+                    7,
+                    1,
+                    Some(json!({"message": format!("reply {i}")})),
+                )
+                .await;
+            assert_eq!(code, 201, "{body}");
+        }
+    }
+    drain(&app.dispatcher, &app.db).await;
+    let (_, first) = &chats[0];
+    let customer = |url: String| {
+        let app = &app;
+        async move { customer_get(app, &url, first).await }
+    };
+    let (notes, pages) = page_through("/livechat/customer/notifications", 1, customer).await;
+    assert_eq!(notes.len(), 3);
+    assert_eq!(pages, 4, "1 + 1 + 1, then an empty page");
+    let (_, all) = customer("/livechat/customer/notifications".into()).await;
+    let ids: Vec<String> = all["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|n| n["id"].as_str().unwrap().to_owned())
+        .collect();
+    assert_eq!(notes, ids);
+
+    let (_, theirs) = customer_get(&app, "/livechat/customer/notifications", &chats[1].1).await;
+    let theirs = theirs["data"][0]["id"].as_str().unwrap().to_owned();
+    for (url, bad) in [
+        ("/livechat/tickets", "nope"),
+        ("/livechat/tickets", chats[0].0.as_str()),
+        ("/livechat/customer/notifications", "nope"),
+        ("/livechat/customer/notifications", theirs.as_str()),
+        ("/livechat/customer/notifications", newest_first[0].as_str()),
+    ] {
+        let url = format!("{url}?cursor={bad}");
+        let (code, body) = if url.contains("customer") {
+            customer(url).await
+        } else {
+            agent(url).await
+        };
+        assert_eq!(
+            (code.as_u16(), body["error"]["code"].as_str()),
+            (400, Some("invalid_query")),
+            "{bad}: {body}"
+        );
+    }
 }
 
 /// A visitor notified of a reply, then linked to a logged-in user (also

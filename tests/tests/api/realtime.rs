@@ -1223,6 +1223,7 @@ async fn connection_status_and_offline_notifications(backend: Backend) {
         &sinks,
         t(1),
         &[customer_id],
+        None,
         livechat_core::PageSize::parse(Some(50), node.chat.config()).unwrap(),
     )
     .await
@@ -1335,7 +1336,7 @@ async fn a_reply_only_a_crashed_customer_connection_followed_is_notified(backend
         let page = PageSize::parse(Some(50), node.chat.config()).unwrap();
         async move {
             let mut notes = sinks
-                .list_notifications(t(1), &[customer], page)
+                .list_notifications(t(1), &[customer], None, page)
                 .await
                 .unwrap();
             notes.sort_by_key(|n| n.created_at);

@@ -80,12 +80,12 @@ async fn fifty_customers_against_one_agent_of_capacity_five(backend: Backend) {
     }
     let open = app
         .chat
-        .list_sessions(t(1), Some(SessionStatus::Open), Some(200))
+        .list_sessions(t(1), Some(SessionStatus::Open), None, Some(200))
         .await
         .unwrap();
     let waiting = app
         .chat
-        .list_sessions(t(1), Some(SessionStatus::Waiting), Some(200))
+        .list_sessions(t(1), Some(SessionStatus::Waiting), None, Some(200))
         .await
         .unwrap();
     assert_eq!(open.len(), 5, "capacity 5");
@@ -123,7 +123,7 @@ async fn fifty_customers_against_one_agent_of_capacity_five(backend: Backend) {
     }
     let still = app
         .chat
-        .list_sessions(t(1), Some(SessionStatus::Waiting), Some(200))
+        .list_sessions(t(1), Some(SessionStatus::Waiting), None, Some(200))
         .await
         .unwrap();
     assert_eq!(still.len(), 40);

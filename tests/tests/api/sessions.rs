@@ -12,6 +12,7 @@ on_both_databases!(
     one_open_session_per_agent,
     start_rejects_bad_agent_ids,
     list_sessions_newest_first_with_filters,
+    sessions_page_with_a_cursor,
     get_session_and_not_found,
     close_is_idempotent,
 );
@@ -376,4 +377,105 @@ async fn close_is_idempotent(backend: Backend) {
         .agent_call(Method::POST, "/livechat/sessions/garbage/close", 7, 1, None)
         .await;
     assert_eq!(code, 404);
+}
+
+/// Every page of `path` with `limit` (a list route taking `cursor`) for
+/// `call`, following `next_cursor` to the end: the ids in order, and the
+/// number of pages read. A full page's `next_cursor` is its last id, a
+/// shorter page's (the last) is `null`.
+pub(crate) async fn page_through<F, Fut>(path: &str, limit: usize, call: F) -> (Vec<String>, usize)
+where
+    F: Fn(String) -> Fut,
+    Fut: std::future::Future<Output = (poem::http::StatusCode, Value)>,
+{
+    let mut ids = Vec::new();
+    let mut cursor: Option<String> = None;
+    for pages in 1.. {
+        let sep = if path.contains('?') { '&' } else { '?' };
+        let url = match &cursor {
+            Some(c) => format!("{path}{sep}limit={limit}&cursor={c}"),
+            None => format!("{path}{sep}limit={limit}"),
+        };
+        let (code, body) = call(url).await;
+        assert_eq!(code, 200, "{body}");
+        let page: Vec<String> = body["data"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|item| item["id"].as_str().unwrap().to_owned())
+            .collect();
+        let full = page.len() == limit;
+        assert_eq!(
+            body["next_cursor"].as_str(),
+            page.last().map(String::as_str).filter(|_| full),
+            "{body}"
+        );
+        ids.extend(page);
+        match body["next_cursor"].as_str() {
+            Some(next) => cursor = Some(next.to_owned()),
+            None => return (ids, pages),
+        }
+    }
+    unreachable!()
+}
+
+/// `GET /sessions` pages with `cursor` (the `next_cursor` of the page before):
+/// newest first, no session twice or left out, also under a status filter
+/// and from a cursor the filter leaves out; a `cursor` that is malformed,
+/// unknown or another tenant's session is 400 `invalid_query`.
+async fn sessions_page_with_a_cursor(backend: Backend) {
+    let app = App::new(backend).await;
+    let mut ids = Vec::new();
+    for agent in 1..=5 {
+        ids.push(app.open_session(agent, 1).await);
+    }
+    let other_tenants = app.open_session(1, 2).await;
+    let call = |url: String| {
+        let app = &app;
+        async move { app.agent_call(Method::GET, &url, 1, 1, None).await }
+    };
+    let (seen, pages) = page_through("/livechat/sessions", 2, call).await;
+    let newest_first: Vec<String> = ids.iter().rev().cloned().collect();
+    assert_eq!(seen, newest_first);
+    assert_eq!(pages, 3, "2 + 2 + 1");
+    let (seen, pages) = page_through("/livechat/sessions", 5, call).await;
+    assert_eq!(seen, newest_first);
+    assert_eq!(pages, 2, "a full page, then an empty one");
+
+    app.agent_call(
+        Method::POST,
+        &format!("/livechat/sessions/{}/close", ids[1]),
+        2,
+        1,
+        None,
+    )
+    .await;
+    let page = |before: &str| {
+        let url = format!("/livechat/sessions?status=OPEN&cursor={before}");
+        async move {
+            let (code, body) = call(url).await;
+            assert_eq!(code, 200, "{body}");
+            body["data"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|s| s["id"].as_str().unwrap().to_owned())
+                .collect::<Vec<_>>()
+        }
+    };
+    assert_eq!(page(&ids[3]).await, vec![ids[2].clone(), ids[0].clone()]);
+    assert_eq!(page(&ids[1]).await, vec![ids[0].clone()], "a CLOSED cursor");
+
+    for bad in [
+        "nope".to_owned(),
+        uuid::Uuid::now_v7().to_string(),
+        other_tenants,
+    ] {
+        let (code, body) = call(format!("/livechat/sessions?cursor={bad}")).await;
+        assert_eq!(
+            (code.as_u16(), body["error"]["code"].as_str()),
+            (400, Some("invalid_query")),
+            "{bad}: {body}"
+        );
+    }
 }

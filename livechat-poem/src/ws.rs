@@ -15,7 +15,7 @@
 //! misses or repeats a message. Rules (who may join, send, what a message
 //! must be) stay in [`ChatService`]; this module only speaks the protocol.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::num::NonZeroU32;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -690,6 +690,8 @@ struct Conn {
     /// Joined sessions → their place in the queue as last sent while
     /// WAITING (customers see their place move), `None` otherwise.
     positions: HashMap<SessionId, Option<Place>>,
+    /// Joined sessions last seen CLOSED: `typing` in them is refused.
+    closed: HashSet<SessionId>,
     bad_frames: u32,
     limiter: DefaultDirectRateLimiter,
     /// For `join_session`, `typing` and `read` (`signal_rate_per_sec`).
@@ -933,6 +935,11 @@ impl Conn {
         self.positions.insert(session.id, place);
         self.membership
             .set_waiting(self.positions.values().any(Option::is_some));
+        if session.status == SessionStatus::Closed {
+            self.closed.insert(session.id);
+        } else {
+            self.closed.remove(&session.id);
+        }
     }
 
     /// The queue position last sent for a joined session: `Some(None)`
@@ -963,6 +970,7 @@ impl Conn {
     fn leave(&mut self, session: SessionId) {
         self.joined.remove(&session);
         self.positions.remove(&session);
+        self.closed.remove(&session);
         self.membership
             .set_waiting(self.positions.values().any(Option::is_some));
         self.membership.unfollow(session);
@@ -1318,6 +1326,7 @@ impl Conn {
                 self.send(frame(json!({
                     "type": "joined",
                     "session_id": id,
+                    "status": view.session.status,
                     "last_seq": view.session.last_seq,
                     "queue_position": view.queue_position,
                 })));
@@ -1345,6 +1354,10 @@ impl Conn {
                 message,
             } => self.submit_send(&session_id, client_msg_id, message),
             ClientFrame::Typing { session_id, state } => match self.joined_id(&session_id) {
+                Some(id) if self.closed.contains(&id) => {
+                    let (code, message) = error_code(ChatError::SessionClosed);
+                    self.send(error_frame(&code, &message, Some(&session_id)));
+                }
                 Some(id) => self.gateway.bus.publish(BusEvent::Ephemeral {
                     tenant_id: self.tenant(),
                     event: Ephemeral::Typing {
@@ -1479,6 +1492,7 @@ async fn serve(gateway: Arc<Gateway>, socket: WebSocketStream, pre_auth: Option<
         out: Outbound::new(sink),
         closing: None,
         joined: HashMap::new(),
+        closed: HashSet::new(),
         positions: HashMap::new(),
         bad_frames: 0,
         limiter: RateLimiter::direct(quota(gateway.config.send_rate_per_sec)),

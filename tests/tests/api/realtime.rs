@@ -16,6 +16,7 @@ on_both_databases!(
     agent_and_customer_talk_live,
     resume_after_a_drop_in_a_thousand_message_stream,
     idempotent_send_and_typing_relay,
+    joined_says_the_status_and_a_closed_chat_refuses_typing,
     bad_input_gets_error_frames,
     authentication_and_isolation,
     handshakes_that_cannot_be_served,
@@ -552,6 +553,49 @@ async fn a_retried_send_publishes_its_unpublished_original(backend: Backend) {
     assert!(
         seen.iter().all(|f| f["type"] != "new_message"),
         "delivered once: {seen:?}"
+    );
+}
+
+/// `joined` says the session's status, so a client rejoining a chat that
+/// closed meanwhile knows at once; `typing` in a closed chat (closed before
+/// the join or while joined) is refused with `session_closed` and relayed
+/// to nobody, while `read` still is.
+async fn joined_says_the_status_and_a_closed_chat_refuses_typing(backend: Backend) {
+    let (_app, node) = node(backend, |_| {}).await;
+    let (session, customer_auth) = open_chat(&node, 930).await;
+    let mut customer = WsClient::connect_with_header(&node.ws_url(), &customer_auth, 1)
+        .await
+        .unwrap();
+    assert_eq!(join(&mut customer, session, None).await["status"], "OPEN");
+    let mut agent = WsClient::connect_with_header(&node.ws_url(), &agent_auth(7), 1)
+        .await
+        .unwrap();
+    join(&mut agent, session, None).await;
+    let typing = json!({"type": "typing", "session_id": session, "state": "start"});
+    customer.send(typing.clone()).await;
+    agent.expect("typing").await;
+
+    node.chat.close_session(t(1), u(7), session).await.unwrap();
+    customer.expect("session_updated").await;
+    customer.send(typing.clone()).await;
+    let refused = customer.expect("error").await;
+    assert_eq!(refused["code"], "session_closed", "{refused}");
+    customer
+        .send(json!({"type": "read", "session_id": session, "seq": 0}))
+        .await;
+    agent.expect("read").await;
+
+    // A client that rejoins learns the chat closed from `joined` itself.
+    let mut again = WsClient::connect_with_header(&node.ws_url(), &customer_auth, 1)
+        .await
+        .unwrap();
+    assert_eq!(join(&mut again, session, None).await["status"], "CLOSED");
+    again.send(typing).await;
+    assert_eq!(again.expect("error").await["code"], "session_closed");
+    let seen = agent.drain(Duration::from_millis(300)).await;
+    assert!(
+        seen.iter().all(|f| f["type"] != "typing"),
+        "no typing relayed from a closed chat: {seen:?}"
     );
 }
 

@@ -2,19 +2,19 @@
 
 use sea_orm::sea_query::{Expr, ExprTrait, LockBehavior, LockType, OnConflict};
 use sea_orm::{
-    ActiveValue::Set, ColumnTrait, DatabaseTransaction, EntityTrait, QueryFilter, QuerySelect,
-    QueryTrait,
+    ActiveValue::Set, ColumnTrait, DatabaseTransaction, EntityTrait, QueryFilter, QueryOrder,
+    QuerySelect, QueryTrait,
 };
 
-use super::entity::{connection, presence, routing as routing_entity};
+use super::entity::{connection, presence, routing as routing_entity, session};
 use super::routing::{drain_queue, eligible_agents, lock_tenant};
-use super::sessions::ticket_unattended;
+use super::sessions::{record_session_updated, ticket_unattended};
 use super::{SeaOrmStore, abort, host_id, record_event};
 use crate::config::RoutingPolicy;
 use crate::error::ChatError;
 use crate::events::EventKind;
 use crate::ids::{TenantId, UserId};
-use crate::model::{AgentPresence, PresenceStatus, now};
+use crate::model::{AgentPresence, PresenceStatus, SessionOrigin, SessionStatus, now};
 use crate::repository::{EligibleAgent, PresenceRepository};
 
 impl PresenceRepository for SeaOrmStore {
@@ -68,6 +68,12 @@ impl PresenceRepository for SeaOrmStore {
         if status == PresenceStatus::Online {
             drain_queue(&tx, &mut ev, tenant, policy, capacity).await?;
         } else {
+            if status == PresenceStatus::Offline
+                && requeue_chats_of(&tx, &mut ev, tenant, agent).await? > 0
+            {
+                // Another agent online takes them, in queue order.
+                drain_queue(&tx, &mut ev, tenant, policy, capacity).await?;
+            }
             // The tenant's last agent online may have left: no request
             // waits unseen while nobody can take it.
             ticket_unattended(&tx, &mut ev, tenant, policy).await?;
@@ -298,6 +304,63 @@ impl PresenceRepository for SeaOrmStore {
 }
 
 /// `agent`'s presence row of `tenant` (the table's key).
+/// Puts `agent`'s OPEN customer chats back in the queue (WAITING, no
+/// agent), each with a `session.updated`, when the agent chooses `offline`:
+/// a chat is not left with an agent who has gone (away and busy agents
+/// keep theirs). The caller then drains the queue and, with no agent
+/// online, tickets what still waits. A requeued chat keeps its place by
+/// age and priority, so it is usually next. The rows are locked in id
+/// order first, the order appends lock sessions in (PostgreSQL), so the
+/// two cannot deadlock. Agent-started sessions stay with their agent.
+/// Returns how many were requeued.
+async fn requeue_chats_of(
+    tx: &DatabaseTransaction,
+    ev: &mut super::Recorded,
+    tenant: TenantId,
+    agent: UserId,
+) -> Result<usize, ChatError> {
+    let open = || {
+        session::Entity::find()
+            .filter(session::Column::TenantId.eq(tenant.get()))
+            .filter(session::Column::AgentId.eq(agent.get()))
+            .filter(session::Column::Status.eq(SessionStatus::Open.as_str()))
+            .filter(session::Column::Origin.eq(SessionOrigin::Customer.as_str()))
+    };
+    let ids: Vec<uuid::Uuid> = open()
+        .select_only()
+        .column(session::Column::Id)
+        .order_by_asc(session::Column::Id)
+        .lock_exclusive()
+        .into_tuple()
+        .all(tx)
+        .await?;
+    if ids.is_empty() {
+        return Ok(0);
+    }
+    let at = now();
+    let mut rows = session::Entity::update_many()
+        .col_expr(
+            session::Column::Status,
+            Expr::value(SessionStatus::Waiting.as_str()),
+        )
+        .col_expr(session::Column::AgentId, Expr::value(Option::<i64>::None))
+        .col_expr(
+            session::Column::AssignedAt,
+            Expr::value(Option::<chrono::DateTime<chrono::Utc>>::None),
+        )
+        .col_expr(session::Column::UpdatedAt, Expr::value(at))
+        .filter(session::Column::Id.is_in(ids))
+        .filter(session::Column::TenantId.eq(tenant.get()))
+        .exec_with_returning(tx)
+        .await?;
+    rows.sort_by_key(|row| row.id);
+    let requeued = rows.len();
+    for row in rows {
+        record_session_updated(tx, ev, row).await?;
+    }
+    Ok(requeued)
+}
+
 fn agent_row(tenant: TenantId, agent: UserId) -> sea_orm::Condition {
     sea_orm::Condition::all()
         .add(presence::Column::TenantId.eq(tenant.get()))

@@ -103,8 +103,10 @@ async fn drain(dispatcher: &Dispatcher<SeaOrmStore>, db: &sea_orm::DatabaseConne
 }
 
 /// A chat that queued behind a busy agent gets its ticket when that agent,
-/// the tenant's last one online, goes offline: once, with its first
-/// message, and only in that tenant; the chat keeps waiting.
+/// the tenant's last one online, goes away: once, with its first message,
+/// and only in that tenant; the chat keeps waiting, and the agent keeps the
+/// chat it serves (one who goes `offline` hands theirs back: routing's
+/// `an_agent_going_offline_hands_their_chats_back`).
 async fn a_chat_left_waiting_by_the_last_agent_becomes_a_ticket(backend: Backend) {
     let app = App::new(backend).await;
     for tenant in [1, 2] {
@@ -181,7 +183,7 @@ async fn a_chat_left_waiting_by_the_last_agent_becomes_a_ticket(backend: Backend
         "an agent is online: {before}"
     );
 
-    status(7, "offline").await;
+    status(7, "away").await;
     let after = chat(waiting.clone()).await;
     assert_eq!(after["status"], "WAITING", "it keeps waiting: {after}");
     assert_eq!(after["queue_position"], 1);
@@ -238,9 +240,9 @@ async fn a_chat_left_waiting_by_the_last_agent_becomes_a_ticket(backend: Backend
         "followers are told of the ticket"
     );
 
-    // Online and offline again, and housekeeping: still one ticket.
+    // Online and away again, and housekeeping: still one ticket.
     status(7, "online").await;
-    status(7, "offline").await;
+    status(7, "away").await;
     assert!(
         app.chat
             .ticket_unattended_chats(None)

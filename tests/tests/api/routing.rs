@@ -17,6 +17,7 @@ on_both_databases!(
     two_agents_claim_one_waiting_session,
     transfer_and_waiting_list_for_agents,
     offline_agent_start_keeps_a_ticket,
+    an_agent_going_offline_hands_their_chats_back,
 );
 
 use livechat_tests::{t, u};
@@ -561,4 +562,88 @@ mod liveness {
             .await;
         assert_eq!(code, 404);
     }
+}
+
+/// An agent who chooses `offline` does not keep their customer chats: they
+/// go back to the queue and to another agent online, oldest first, each
+/// with a `session.updated` and a `session.assigned`; with nobody online
+/// they wait and become tickets. An agent who is `away` keeps theirs, and
+/// agent-started sessions stay with their agent.
+async fn an_agent_going_offline_hands_their_chats_back(backend: Backend) {
+    let app = App::new(backend).await;
+    app.chat
+        .set_agent_status(t(1), u(7), PresenceStatus::Online)
+        .await
+        .unwrap();
+    let first = start(&app, 1, 501, "first", Priority::Normal).await;
+    let second = start(&app, 1, 502, "second", Priority::Normal).await;
+    let own = app.chat.start_session(t(1), u(7), None).await.unwrap();
+    let session = |id| {
+        let chat = app.chat.clone();
+        async move { chat.get_session(t(1), id).await.unwrap() }
+    };
+    for s in [first.session.id, second.session.id, own.id] {
+        assert_eq!(session(s).await.session.agent_id, Some(u(7)));
+    }
+    app.chat
+        .set_agent_status(t(1), u(8), PresenceStatus::Online)
+        .await
+        .unwrap();
+    // Away: agent 8 keeps what it gets.
+    app.chat
+        .set_agent_status(t(1), u(7), PresenceStatus::Away)
+        .await
+        .unwrap();
+    assert_eq!(session(first.session.id).await.session.agent_id, Some(u(7)));
+
+    app.chat
+        .set_agent_status(t(1), u(7), PresenceStatus::Offline)
+        .await
+        .unwrap();
+    for s in [first.session.id, second.session.id] {
+        let view = session(s).await;
+        assert_eq!(
+            (view.session.status, view.session.agent_id),
+            (SessionStatus::Open, Some(u(8)))
+        );
+    }
+    let own_now = session(own.id).await.session;
+    assert_eq!(
+        (own_now.status, own_now.agent_id),
+        (SessionStatus::Open, Some(u(7)))
+    );
+    let page = livechat_core::PageSize::parse(Some(200), app.chat.config()).unwrap();
+    let events = livechat_core::OutboxRepository::list_events(app.chat.store(), t(1), None, page)
+        .await
+        .unwrap();
+    let kinds: Vec<&str> = events
+        .iter()
+        .filter(|e| e.session_id == Some(first.session.id))
+        .map(|e| e.kind.as_str())
+        .collect();
+    assert_eq!(
+        kinds,
+        vec![
+            "session.started",
+            "session.assigned",
+            "session.updated",
+            "session.assigned"
+        ]
+    );
+
+    // The last agent online leaves: the chats wait, ticketed.
+    app.chat
+        .set_agent_status(t(1), u(8), PresenceStatus::Offline)
+        .await
+        .unwrap();
+    for s in [first.session.id, second.session.id] {
+        let view = session(s).await;
+        assert_eq!(
+            (view.session.status, view.session.agent_id),
+            (SessionStatus::Waiting, None)
+        );
+        assert!(view.session.ticket_id.is_some(), "{view:?}");
+    }
+    assert_eq!(session(first.session.id).await.queue_position, Some(1));
+    assert_eq!(session(second.session.id).await.queue_position, Some(2));
 }

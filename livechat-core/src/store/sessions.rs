@@ -622,6 +622,10 @@ impl SessionRepository for SeaOrmStore {
             {
                 current = ticketed;
             }
+            // Chats that began waiting while an agent was online, and whose
+            // last agent's liveness has since run out unseen, would wait for
+            // housekeeping: this start already knows nobody is online.
+            ticket_unattended(&tx, &mut ev, tenant, policy).await?;
         }
         let view = view(&tx, current).await?;
         self.commit(tx, ev).await?;

@@ -27,6 +27,7 @@ on_both_databases!(
     an_agent_whose_presence_ran_out_is_announced_offline,
     a_chat_left_waiting_when_the_last_agent_disconnects_becomes_a_ticket,
     housekeeping_tickets_a_chat_whose_last_agent_ran_out,
+    a_start_with_nobody_online_tickets_the_chats_waiting_before_it,
     a_retried_send_publishes_its_unpublished_original,
     slow_consumer_is_closed_with_1013,
     connection_status_and_offline_notifications,
@@ -1110,6 +1111,31 @@ async fn housekeeping_tickets_a_chat_whose_last_agent_ran_out(backend: Backend) 
     let ticketed = node.chat.get_session(t(1), waiting.id).await.unwrap();
     assert_eq!(ticketed.session.status, SessionStatus::Waiting);
     assert!(ticketed.session.ticket_id.is_some());
+}
+
+/// A chat that began waiting while an agent was online, whose liveness then
+/// ran out unseen, is ticketed by the next customer start, which finds
+/// nobody online and tickets itself too, without waiting for housekeeping.
+async fn a_start_with_nobody_online_tickets_the_chats_waiting_before_it(backend: Backend) {
+    let (_app, node) = node(backend, |_| {}).await;
+    let (_, waiting) = waiting_behind_agent_7(&node).await;
+    assert_eq!(waiting.ticket_id, None, "agent 7 is fresh");
+    // The node's presence TTL is 2 s.
+    tokio::time::sleep(Duration::from_millis(2300)).await;
+    let later = start_chat_as(&node, 931).await;
+    assert!(later.session.ticket_id.is_some(), "{later:?}");
+    let earlier = node.chat.get_session(t(1), waiting.id).await.unwrap();
+    assert_eq!(earlier.session.status, SessionStatus::Waiting);
+    assert!(earlier.session.ticket_id.is_some(), "{earlier:?}");
+    assert_eq!(earlier.queue_position, Some(1));
+    assert!(
+        node.livechat
+            .ticket_unattended_chats()
+            .await
+            .unwrap()
+            .is_empty(),
+        "nothing left for housekeeping"
+    );
 }
 
 /// The grace after an agent's last connection counts from the latest

@@ -187,6 +187,10 @@ pub struct SessionDto {
     pub ticket_id: Option<Uuid>,
     /// 1-based place in the tenant's queue while WAITING, else `null`.
     pub queue_position: Option<i64>,
+    /// The `seq` of the session's latest message (0 when it has none). To
+    /// read the latest `n` messages, ask for them after
+    /// `max(0, last_seq - n)`.
+    pub last_seq: i64,
     /// Contact details given by the customer.
     pub contact: Option<ContactDto>,
     /// RFC 3339, UTC.
@@ -212,6 +216,7 @@ impl SessionDto {
             department: s.department,
             ticket_id: s.ticket_id.map(|t| t.as_uuid()),
             queue_position,
+            last_seq: s.last_seq,
             contact: s.contact.map(Into::into),
             created_at: s.created_at,
             updated_at: s.updated_at,

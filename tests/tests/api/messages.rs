@@ -255,6 +255,22 @@ async fn paging_by_after_seq_and_limit(backend: Backend) {
         after = page["next_after_seq"].as_i64().unwrap();
     }
     assert_eq!(seen, (1..=205).collect::<Vec<_>>());
+    // The latest ten, from the session's `last_seq`.
+    let (_, session) = app
+        .agent_call(Method::GET, &format!("/livechat/sessions/{id}"), 7, 1, None)
+        .await;
+    let last_seq = session["data"]["last_seq"].as_i64().unwrap();
+    assert_eq!(last_seq, 205);
+    let (_, page) = app
+        .agent_call(
+            Method::GET,
+            &format!("{path}?after_seq={}&limit=10", last_seq - 10),
+            7,
+            1,
+            None,
+        )
+        .await;
+    assert_eq!(seqs(&page), (196..=205).collect::<Vec<_>>());
 
     for bad in [
         "limit=0",

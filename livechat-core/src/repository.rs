@@ -479,7 +479,9 @@ pub trait CustomerRepository: Send + Sync {
 
     /// Links visitor `visitor` to the identified customer of host user
     /// `user` (seed 001): the visitor's sessions move there; if both have an
-    /// active session, the visitor's is closed. Idempotent.
+    /// active session, one is closed: the customer's when it is WAITING and
+    /// the visitor's is OPEN (an agent is serving it), else the visitor's.
+    /// Idempotent.
     fn link_visitor(
         &self,
         tenant: TenantId,

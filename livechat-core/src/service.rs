@@ -741,7 +741,9 @@ impl<S: ChatStore> ChatService<S> {
 
     /// Links an anonymous visitor to the identified customer of host user
     /// `user` (seed 001): the visitor's sessions move to that customer; if
-    /// both have an active session, the visitor's is closed. Never done on
+    /// both have an active session, one is closed: the customer's when it
+    /// is WAITING and the visitor's is OPEN (the conversation an agent is
+    /// serving stays), else the visitor's. Never done on
     /// an e-mail a client merely asserts: both credentials are required.
     ///
     /// # Errors

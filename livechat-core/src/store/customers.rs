@@ -182,19 +182,25 @@ impl CustomerRepository for SeaOrmStore {
         }
         let identified_id = CustomerId::from_uuid(identified.id);
 
-        // One active session per customer: if both have one, the visitor's ends.
+        // One active session per customer: if both have one, one ends. The
+        // conversation an agent is serving stays: a WAITING chat gives way
+        // to an OPEN one; otherwise the visitor's ends.
         let mut closed_session = None;
         let mut freed_agent = false;
-        if active_session_of(&tx, tenant, identified_id)
-            .await?
-            .is_some()
-            && let Some(active) = active_session_of(&tx, tenant, visitor).await?
+        if let Some(theirs) = active_session_of(&tx, tenant, identified_id).await?
+            && let Some(visitors) = active_session_of(&tx, tenant, visitor).await?
         {
+            let open = crate::model::SessionStatus::Open.as_str();
+            let ending = if visitors.status == open && theirs.status != open {
+                theirs
+            } else {
+                visitors
+            };
             let closed = close_row(
                 &tx,
                 &mut ev,
                 tenant,
-                SessionId::from_uuid(active.id),
+                SessionId::from_uuid(ending.id),
                 Sender::System,
             )
             .await?;
@@ -205,10 +211,7 @@ impl CustomerRepository for SeaOrmStore {
         // connections following it learn its new customer from a
         // `session.updated` (a visitor's open WebSocket then acts as the
         // identified customer, as its token does over HTTP).
-        let moved = match closed_session {
-            Some(_) => None,
-            None => active_session_of(&tx, tenant, visitor).await?,
-        };
+        let moved = active_session_of(&tx, tenant, visitor).await?;
         session::Entity::update_many()
             .col_expr(session::Column::CustomerId, Expr::value(identified.id))
             .filter(session::Column::TenantId.eq(tenant.get()))

@@ -13,6 +13,7 @@ on_both_databases!(
     start_validation,
     contact_history_and_close,
     linking_moves_visitor_sessions,
+    linking_keeps_the_chat_an_agent_serves,
     customers_are_isolated,
     a_key_is_its_senders_own,
 );
@@ -1231,4 +1232,77 @@ async fn a_key_is_its_senders_own(backend: Backend) {
         .map(|m| m["message"].as_str().unwrap())
         .collect();
     assert_eq!(texts, ["agent says hi", "customer text"]);
+}
+
+/// When both the visitor and the user it logs in as have an active chat,
+/// the one an agent is serving stays: the user's chat still WAITING
+/// closes (by the system), the visitor's OPEN chat moves to the user and
+/// the agent goes on replying in it.
+async fn linking_keeps_the_chat_an_agent_serves(backend: Backend) {
+    let app = App::new(backend).await;
+    app.chat
+        .set_agent_capacity(livechat_tests::t(1), 1)
+        .await
+        .unwrap();
+    app.go_online(7, 1).await;
+    let (served, _, start) = visitor_start(&app, "1", "Live conversation").await;
+    assert_eq!(start["data"]["session"]["status"], "OPEN", "{start}");
+    let visitor_token = start["data"]["visitor_token"].as_str().unwrap().to_owned();
+    let bearer = format!("Bearer {}", App::token(400, &["USER"], Some(&[1])));
+    let (code, stale) = customer(
+        &app,
+        Method::POST,
+        "/livechat/customer/chats",
+        Some(&bearer),
+        "1",
+        Some(json!({"topic": "Old question"})),
+    )
+    .await;
+    assert_eq!(code, 201, "{stale}");
+    assert_eq!(
+        stale["data"]["session"]["status"], "WAITING",
+        "agent 7 is full"
+    );
+    let stale = stale["data"]["session"]["id"].as_str().unwrap().to_owned();
+
+    let (code, linked) = customer(
+        &app,
+        Method::POST,
+        "/livechat/customer/link",
+        Some(&bearer),
+        "1",
+        Some(json!({"visitor_token": visitor_token})),
+    )
+    .await;
+    assert_eq!(code, 200, "{linked}");
+    let chat = |id: String| {
+        let (app, bearer) = (&app, bearer.clone());
+        async move {
+            let (code, body) = customer(
+                app,
+                Method::GET,
+                &format!("/livechat/customer/chats/{id}"),
+                Some(&bearer),
+                "1",
+                None,
+            )
+            .await;
+            assert_eq!(code, 200, "{body}");
+            body["data"].clone()
+        }
+    };
+    let kept = chat(served.clone()).await;
+    assert_eq!(kept["status"], "OPEN");
+    assert_eq!(kept["customer_id"], linked["data"]["customer_id"]);
+    assert_eq!(chat(stale).await["status"], "CLOSED");
+    let (code, reply) = app
+        .agent_call(
+            Method::POST,
+            &format!("/livechat/sessions/{served}/messages"),
+            7,
+            1,
+            Some(json!({"message": "still here"})),
+        )
+        .await;
+    assert_eq!(code, 201, "{reply}");
 }

@@ -439,6 +439,15 @@ pub trait PresenceRepository: Send + Sync {
         policy: &RoutingPolicy,
     ) -> impl Future<Output = Result<Vec<EligibleAgent>, ChatError>> + Send;
 
+    /// Whether any agent of the tenant is online with fresh liveness,
+    /// capacity aside: the difference between a chat that waits in the
+    /// queue and one that also becomes a ticket (issue #3).
+    fn any_agent_online(
+        &self,
+        tenant: TenantId,
+        policy: &RoutingPolicy,
+    ) -> impl Future<Output = Result<bool, ChatError>> + Send;
+
     /// Sets the tenant's per-agent capacity (maximum OPEN sessions per
     /// agent) and drains the queue.
     fn set_agent_capacity(

@@ -167,6 +167,19 @@ impl<S: ChatStore> ChatService<S> {
             .is_empty())
     }
 
+    /// Whether any agent of the tenant is online with fresh liveness,
+    /// capacity aside: when none is, a chat started now also becomes a
+    /// ticket; when one is but none is [available](Self::agents_available),
+    /// it waits in the queue for the busy agents (issue #3).
+    ///
+    /// # Errors
+    /// [`ChatError::Storage`] only.
+    pub async fn agents_online(&self, tenant: TenantId) -> Result<bool, ChatError> {
+        self.store
+            .any_agent_online(tenant, &self.config.routing)
+            .await
+    }
+
     /// Sets the tenant's per-agent capacity (1–100 OPEN sessions); raising
     /// it drains the queue.
     ///

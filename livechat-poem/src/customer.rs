@@ -359,6 +359,11 @@ enum LinkResponse {
 pub struct Availability {
     /// Whether an agent could take a chat now (online, fresh, below capacity).
     pub agents_available: bool,
+    /// Whether an agent is online at all (fresh, capacity aside). With
+    /// `agents_available` false, a chat started now waits in the queue for
+    /// the busy agents; with this false too, it also becomes a ticket and
+    /// the customer is notified of the reply ("leave a message").
+    pub agents_online: bool,
 }
 
 /// `{"data": Availability}`.
@@ -383,7 +388,8 @@ fn client_ip(req: &Request) -> Option<String> {
 
 #[OpenApi(prefix_path = "/customer", tag = "CustomerTags::Customer")]
 impl CustomerApi {
-    /// Whether an agent could take a chat now (the widget's flag).
+    /// Whether an agent could take a chat now (the widget's flag), and
+    /// whether one is online at all (busy agents: the chat will wait).
     #[oai(
         path = "/availability",
         method = "get",
@@ -392,8 +398,12 @@ impl CustomerApi {
     async fn availability(&self, req: &Request) -> Result<AvailabilityResponse, ApiError> {
         let tenant = tenant_of(req)?;
         let agents_available = self.chat.agents_available(tenant).await?;
+        let agents_online = agents_available || self.chat.agents_online(tenant).await?;
         Ok(AvailabilityResponse::Ok(Json(AvailabilityEnvelope {
-            data: Availability { agents_available },
+            data: Availability {
+                agents_available,
+                agents_online,
+            },
         })))
     }
 

@@ -271,6 +271,14 @@ impl PresenceRepository for SeaOrmStore {
         eligible_agents(&self.db, tenant, policy, capacity).await
     }
 
+    async fn any_agent_online(
+        &self,
+        tenant: TenantId,
+        policy: &RoutingPolicy,
+    ) -> Result<bool, ChatError> {
+        Ok(super::routing::any_agent_online(&self.db, tenant, policy).await?)
+    }
+
     async fn set_agent_capacity(
         &self,
         tenant: TenantId,

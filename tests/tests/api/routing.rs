@@ -215,6 +215,22 @@ async fn queue_drains_by_priority_then_age(backend: Backend) {
     }
 }
 
+/// The customer route's two flags: `(agents_available, agents_online)`.
+async fn availability(app: &App) -> (bool, bool) {
+    let resp = app
+        .client
+        .get("/livechat/customer/availability")
+        .header("X-Tenant-ID", "1")
+        .send()
+        .await;
+    let (code, body) = App::decode(resp).await;
+    assert_eq!(code, 200, "{body}");
+    (
+        body["data"]["agents_available"].as_bool().unwrap(),
+        body["data"]["agents_online"].as_bool().unwrap(),
+    )
+}
+
 async fn capacity_raise_and_coming_online_drain_the_queue(backend: Backend) {
     let app = App::new(backend).await;
     // Nobody online: the chats wait, with tickets.
@@ -223,7 +239,7 @@ async fn capacity_raise_and_coming_online_drain_the_queue(backend: Backend) {
     let c = start(&app, 1, 302, "c", Priority::Normal).await;
     assert_eq!(a.session.status, SessionStatus::Waiting);
     assert!(a.session.ticket_id.is_some(), "no agent online: a ticket");
-    assert!(!app.chat.agents_available(t(1)).await.unwrap());
+    assert_eq!(availability(&app).await, (false, false));
     // Capacity 1, then the agent comes online over HTTP: one is assigned.
     let (code, _) = app
         .agent_call(
@@ -253,9 +269,10 @@ async fn capacity_raise_and_coming_online_drain_the_queue(backend: Backend) {
             .queue_position,
         Some(1)
     );
-    assert!(
-        !app.chat.agents_available(t(1)).await.unwrap(),
-        "at capacity"
+    assert_eq!(
+        availability(&app).await,
+        (false, true),
+        "online, at capacity: a chat would wait without a ticket"
     );
     // Raising capacity assigns the rest at once.
     let (code, body) = app
@@ -269,6 +286,7 @@ async fn capacity_raise_and_coming_online_drain_the_queue(backend: Backend) {
         .await;
     assert_eq!(code, 200, "{body}");
     assert_eq!(body["data"]["agent_capacity"], 3);
+    assert_eq!(availability(&app).await, (false, true), "3 of 3 open");
     for s in [&b, &c] {
         assert_eq!(
             app.chat

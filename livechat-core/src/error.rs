@@ -28,8 +28,12 @@ pub enum ChatError {
     /// A claim found the session already assigned (or no longer waiting).
     #[error("session is already assigned")]
     AlreadyAssigned,
-    /// The target agent of an assignment is not online.
-    #[error("agent {0} is not online")]
+    /// The target agent of an assignment is not online: their chosen
+    /// status is not `online`, or (with a presence TTL) no heartbeat,
+    /// WebSocket ping or status change came within the TTL.
+    #[error(
+        "agent {0} is not online (their status is not online, or their presence ran out: send a heartbeat)"
+    )]
     AgentNotOnline(crate::UserId),
     /// A field of a request is invalid (topic, contact, department,
     /// capacity…); the message names it.

@@ -210,6 +210,23 @@ impl<S: ChatStore> ChatService<S> {
             .await
     }
 
+    /// An agent's presence in the tenant (their chosen status and when it
+    /// was set).
+    ///
+    /// # Errors
+    /// [`ChatError::NotFound`] when the agent never set a status in this
+    /// tenant.
+    pub async fn agent_presence(
+        &self,
+        tenant: TenantId,
+        agent: UserId,
+    ) -> Result<AgentPresence, ChatError> {
+        self.store
+            .get_presence(tenant, agent)
+            .await?
+            .ok_or(ChatError::NotFound)
+    }
+
     async fn is_online(&self, tenant: TenantId, agent: UserId) -> Result<bool, ChatError> {
         let Some(p) = self.store.get_presence(tenant, agent).await? else {
             return Ok(false);

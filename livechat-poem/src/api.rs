@@ -324,6 +324,21 @@ impl AgentApi {
         })))
     }
 
+    /// The calling agent's presence in the tenant: the chosen status and
+    /// when it was set; 404 before any status was set. A read: it renews
+    /// nothing (`POST /agents/me/heartbeat` does).
+    #[oai(
+        path = "/agents/me/status",
+        method = "get",
+        operation_id = "get_agent_status"
+    )]
+    async fn get_status(&self, auth: AgentAuth) -> Result<PresenceResponse, ApiError> {
+        let presence = self.chat.agent_presence(auth.tenant(), auth.user()).await?;
+        Ok(PresenceResponse::Ok(Json(PresenceEnvelope {
+            data: presence.into(),
+        })))
+    }
+
     /// Start a chat session for an online agent (the caller when `agent_id`
     /// is absent). At most one OPEN session per agent.
     #[oai(path = "/sessions", method = "post", operation_id = "start_session")]

@@ -25,6 +25,19 @@ fn assert_rfc3339(v: &Value) {
 
 async fn status_route_accepts_the_four_statuses(backend: Backend) {
     let app = App::new(backend).await;
+    let read = |tenant: i64| {
+        let app = &app;
+        async move {
+            app.agent_call(Method::GET, "/livechat/agents/me/status", 7, tenant, None)
+                .await
+        }
+    };
+    let (code, body) = read(1).await;
+    assert_eq!(
+        (code.as_u16(), body["error"]["code"].as_str()),
+        (404, Some("not_found")),
+        "no status set yet: {body}"
+    );
     for status in ["online", "away", "busy", "offline"] {
         let (code, body) = app
             .agent_call(
@@ -39,7 +52,12 @@ async fn status_route_accepts_the_four_statuses(backend: Backend) {
         assert_eq!(body["data"]["agent_id"], 7);
         assert_eq!(body["data"]["status"], status);
         assert_rfc3339(&body["data"]["updated_at"]);
+        let (code, read_back) = read(1).await;
+        assert_eq!(code, 200, "{read_back}");
+        assert_eq!(read_back, body, "GET answers what PUT stored");
     }
+    // Another tenant's presence is its own.
+    assert_eq!(read(2).await.0, 404);
 }
 
 async fn status_route_rejects_bad_bodies(backend: Backend) {

@@ -354,7 +354,7 @@ enum LinkResponse {
     Ok(Json<LinkedEnvelope>),
 }
 
-/// `{"data": {"agents_available"}}`.
+/// `{"data": {"agents_available", "agents_online"}}`.
 #[derive(Clone, Debug, Object)]
 pub struct Availability {
     /// Whether an agent could take a chat now (online, fresh, below capacity).

@@ -527,7 +527,21 @@ impl SessionRepository for SeaOrmStore {
         let capacity = lock_tenant(&tx, tenant, policy).await?;
         // One active session per customer: starts of a tenant are serialized
         // by the routing lock, and the partial unique index backs it up.
-        if let Some(existing) = active_session_of(&tx, tenant, chat.customer).await? {
+        if let Some(mut existing) = active_session_of(&tx, tenant, chat.customer).await? {
+            // A customer back at a chat still waiting while nobody is
+            // online: it (and every chat waiting before it) gets its ticket
+            // now, as a new start's would, not at the next housekeeping.
+            if existing.status == SessionStatus::Waiting.as_str()
+                && existing.ticket_id.is_none()
+                && !ticket_unattended(&tx, &mut ev, tenant, policy)
+                    .await?
+                    .is_empty()
+            {
+                let id = SessionId::from_uuid(existing.id);
+                existing = find_session(&tx, tenant, id)
+                    .await?
+                    .ok_or(ChatError::NotFound)?;
+            }
             let view = view(&tx, existing).await?;
             self.commit(tx, ev).await?;
             return Ok(CustomerChatStarted {

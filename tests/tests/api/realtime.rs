@@ -28,6 +28,7 @@ on_both_databases!(
     a_chat_left_waiting_when_the_last_agent_disconnects_becomes_a_ticket,
     housekeeping_tickets_a_chat_whose_last_agent_ran_out,
     a_start_with_nobody_online_tickets_the_chats_waiting_before_it,
+    a_customer_back_at_a_waiting_chat_with_nobody_online_gets_its_ticket,
     a_retried_send_publishes_its_unpublished_original,
     slow_consumer_is_closed_with_1013,
     connection_status_and_offline_notifications,
@@ -1128,6 +1129,31 @@ async fn a_start_with_nobody_online_tickets_the_chats_waiting_before_it(backend:
     assert_eq!(earlier.session.status, SessionStatus::Waiting);
     assert!(earlier.session.ticket_id.is_some(), "{earlier:?}");
     assert_eq!(earlier.queue_position, Some(1));
+    assert!(
+        node.livechat
+            .ticket_unattended_chats()
+            .await
+            .unwrap()
+            .is_empty(),
+        "nothing left for housekeeping"
+    );
+}
+
+/// A customer who starts again while their chat still waits gets that chat
+/// back (200); when nobody is online any more it gets its ticket in that
+/// start, as a new chat would, not at the next housekeeping.
+async fn a_customer_back_at_a_waiting_chat_with_nobody_online_gets_its_ticket(backend: Backend) {
+    let (_app, node) = node(backend, |_| {}).await;
+    let (_, waiting) = waiting_behind_agent_7(&node).await;
+    let again = start_chat_as(&node, 301).await;
+    assert_eq!(again.session.id, waiting.id);
+    assert_eq!(again.session.ticket_id, None, "agent 7 is still fresh");
+    // The node's presence TTL is 2 s.
+    tokio::time::sleep(Duration::from_millis(2300)).await;
+    let back = start_chat_as(&node, 301).await;
+    assert_eq!(back.session.id, waiting.id);
+    assert_eq!(back.session.status, SessionStatus::Waiting);
+    assert!(back.session.ticket_id.is_some(), "{back:?}");
     assert!(
         node.livechat
             .ticket_unattended_chats()

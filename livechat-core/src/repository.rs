@@ -189,6 +189,10 @@ pub trait SessionRepository: Send + Sync {
 
     /// The customer's sessions, newest first, older than `before` (the
     /// cursor) when given.
+    ///
+    /// # Errors
+    /// [`ChatError::InvalidPage`] ([`crate::INVALID_CURSOR`]) when `before`
+    /// is not one of the customer's sessions.
     fn customer_sessions(
         &self,
         tenant: TenantId,

@@ -714,6 +714,16 @@ impl SessionRepository for SeaOrmStore {
             .filter(session::Column::TenantId.eq(tenant.get()))
             .filter(session::Column::CustomerId.eq(customer.as_uuid()));
         if let Some(before) = before {
+            // A cursor is one of the customer's own sessions, as for the
+            // other lists' cursors.
+            let own = query
+                .clone()
+                .filter(session::Column::Id.eq(before.as_uuid()))
+                .one(&self.db)
+                .await?;
+            if own.is_none() {
+                return Err(ChatError::InvalidPage(crate::INVALID_CURSOR.into()));
+            }
             query = query.filter(session::Column::Id.lt(before.as_uuid()));
         }
         let rows = query

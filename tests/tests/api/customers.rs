@@ -890,19 +890,28 @@ async fn contact_history_and_close(backend: Backend) {
     }
     ids.reverse();
     assert_eq!(seen, ids, "newest first, each once");
-    let (code, body) = customer(
-        &app,
-        Method::GET,
-        "/livechat/customer/history?cursor=garbage",
-        Some(&auth),
-        "1",
-        None,
-    )
-    .await;
-    assert_eq!(
-        (code.as_u16(), body["error"]["code"].as_str()),
-        (400, Some("invalid_query"))
-    );
+    // A cursor is one of the customer's own sessions.
+    let (someone_elses, _, _) = visitor_start(&app, "1", "Someone else").await;
+    for bad in [
+        "garbage".to_owned(),
+        uuid::Uuid::now_v7().to_string(),
+        someone_elses,
+    ] {
+        let (code, body) = customer(
+            &app,
+            Method::GET,
+            &format!("/livechat/customer/history?cursor={bad}"),
+            Some(&auth),
+            "1",
+            None,
+        )
+        .await;
+        assert_eq!(
+            (code.as_u16(), body["error"]["code"].as_str()),
+            (400, Some("invalid_query")),
+            "{bad}: {body}"
+        );
+    }
 }
 
 async fn linking_moves_visitor_sessions(backend: Backend) {

@@ -67,7 +67,7 @@ pub use dto::*;
 pub use error::{ApiError, ErrorBody, ErrorDetail, MAX_BODY_BYTES, envelope};
 pub use net::NoDelay;
 pub use visitor::{IdentitySecrets, VISITOR_TOKEN_TTL, VisitorTokens};
-pub use ws::RealtimeConfig;
+pub use ws::{RealtimeConfig, same_origin};
 
 /// The livechat routes, ready to nest into a host's poem app.
 #[derive(Clone)]

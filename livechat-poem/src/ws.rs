@@ -77,8 +77,9 @@ pub struct RealtimeConfig {
     pub signal_rate_per_sec: u32,
     /// Consecutive bad frames before closing with 1008. Default 10.
     pub max_bad_frames: u32,
-    /// Browser origins allowed to open a WebSocket (`*` for any). Requests
-    /// without an `Origin` header (non-browser clients) are always allowed.
+    /// Browser origins allowed to open a WebSocket (`*` for any), compared
+    /// by [`same_origin`] (case and default ports aside). Requests without
+    /// an `Origin` header (non-browser clients) are always allowed.
     pub allowed_origins: Vec<String>,
     /// This node's id in the connection registry.
     pub node_id: String,
@@ -314,7 +315,37 @@ fn origin_allowed(config: &RealtimeConfig, req: &Request) -> bool {
     config
         .allowed_origins
         .iter()
-        .any(|o| o == "*" || o.eq_ignore_ascii_case(origin))
+        .any(|o| o == "*" || same_origin(o, origin))
+}
+
+/// Whether two serialized origins (`scheme://host[:port]`, RFC 6454) name
+/// the same origin: scheme and host compared without regard to ASCII case,
+/// and a port equal to the scheme's default (80 for `http`, 443 for
+/// `https`) the same as none, so `https://Shop.example:443` is
+/// `https://shop.example`. Values that do not parse as such are compared
+/// as text, ignoring ASCII case. The rule of
+/// [`RealtimeConfig::allowed_origins`]; a host's CORS check can share it.
+#[must_use]
+pub fn same_origin(a: &str, b: &str) -> bool {
+    fn parts(origin: &str) -> Option<(String, String, Option<u16>)> {
+        let uri: poem::http::Uri = origin.parse().ok()?;
+        let scheme = uri.scheme_str()?.to_ascii_lowercase();
+        let host = uri.host()?.to_ascii_lowercase();
+        let default = match scheme.as_str() {
+            "http" => Some(80),
+            "https" => Some(443),
+            _ => None,
+        };
+        let port = uri.port_u16().filter(|p| Some(*p) != default);
+        // An origin has no path (a bare `/` aside), query or user info.
+        let bare = uri.path_and_query().is_none_or(|p| p.as_str() == "/")
+            && !uri.authority()?.as_str().contains('@');
+        bare.then_some((scheme, host, port))
+    }
+    match (parts(a), parts(b)) {
+        (Some(a), Some(b)) => a == b,
+        _ => a.eq_ignore_ascii_case(b),
+    }
 }
 
 /// The OpenAPI path item of `GET /ws` (OpenAPI 3.0), added to the
@@ -1788,7 +1819,36 @@ pub(crate) fn publish_presence(
 
 #[cfg(test)]
 mod tests {
-    use super::close_reason;
+    use super::{close_reason, same_origin};
+
+    #[test]
+    fn origins_compare_without_case_or_default_ports() {
+        for (a, b) in [
+            ("https://shop.example", "https://shop.example"),
+            ("https://shop.example", "HTTPS://Shop.Example"),
+            ("https://shop.example", "https://shop.example:443"),
+            ("http://shop.example:80", "http://shop.example"),
+            ("http://localhost:3000", "http://LOCALHOST:3000"),
+            ("https://shop.example/", "https://shop.example"),
+        ] {
+            assert!(same_origin(a, b), "{a} = {b}");
+            assert!(same_origin(b, a), "{b} = {a}");
+        }
+        for (a, b) in [
+            ("https://shop.example", "http://shop.example"),
+            ("https://shop.example", "https://shop.example:8443"),
+            ("http://shop.example", "http://shop.example:443"),
+            ("https://shop.example", "https://evil.example"),
+            ("https://shop.example", "https://shop.example.evil.example"),
+            ("https://shop.example", "https://shop.example/path"),
+            ("https://shop.example", "https://user@shop.example"),
+            ("https://shop.example", "null"),
+            ("https://shop.example", ""),
+        ] {
+            assert!(!same_origin(a, b), "{a} != {b}");
+            assert!(!same_origin(b, a), "{b} != {a}");
+        }
+    }
 
     #[test]
     fn a_close_reason_fits_its_frame_whole_characters_only() {

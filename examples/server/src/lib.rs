@@ -734,7 +734,9 @@ pub fn build_with(
             // answer to another).
             let allowed = config.cors_origins.clone();
             cors = cors.allow_origins_fn(move |origin| {
-                allowed.iter().any(|o| o.eq_ignore_ascii_case(origin))
+                allowed
+                    .iter()
+                    .any(|o| livechat_poem::same_origin(o, origin))
             });
         }
         // The middleware's own refusal (403, origin not allowed) gets the

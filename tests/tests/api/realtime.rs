@@ -1512,6 +1512,10 @@ mod cors {
         };
         assert!(connect("https://shop.example").await.is_ok());
         assert!(connect("HTTPS://Shop.Example").await.is_ok(), "any case");
+        assert!(
+            connect("https://shop.example:443").await.is_ok(),
+            "the default port"
+        );
         assert!(connect("https://evil.example").await.is_err());
         assert!(
             WsClient::connect_with_header(&node.ws_url(), &agent_auth(7), 1)
@@ -1547,12 +1551,12 @@ mod cors {
         // The answer depends on the origin: caches must keep it apart.
         let simple = reqwest::Client::new()
             .get(node.url("/livechat/customer/availability"))
-            .header("Origin", "https://SHOP.example")
+            .header("Origin", "https://SHOP.example:443")
             .header("X-Tenant-ID", "1")
             .send()
             .await
             .unwrap();
-        assert_eq!(simple.status(), 200, "any case");
+        assert_eq!(simple.status(), 200, "any case, the default port");
         assert_eq!(
             simple.headers().get("vary").and_then(|v| v.to_str().ok()),
             Some("Origin")

@@ -356,6 +356,9 @@ pub trait MessageRepository: Send + Sync {
 pub trait PresenceRepository: Send + Sync {
     /// Sets the agent's chosen status (upsert, also a heartbeat), writes
     /// `agent.status_changed`, and drains the queue when it is `online`.
+    /// Any other status tickets the waiting chats when no agent is online
+    /// any more; `offline` first hands the agent's OPEN customer chats back
+    /// to the queue (to another agent online, or to tickets).
     fn set_presence(
         &self,
         tenant: TenantId,

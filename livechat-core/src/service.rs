@@ -125,7 +125,11 @@ impl<S: ChatStore> ChatService<S> {
     // ----- agents -------------------------------------------------------
 
     /// Sets `agent`'s chosen status in `tenant` (`PUT /agents/me/status`);
-    /// it also counts as a heartbeat. Going online drains the queue.
+    /// it also counts as a heartbeat. Going online drains the queue; going
+    /// `offline` hands the agent's OPEN customer chats back to the queue,
+    /// where another agent online takes them; with nobody online, waiting
+    /// chats become tickets (README "Tickets when no agent can take a
+    /// chat").
     ///
     /// # Errors
     /// [`ChatError::Storage`] only.

@@ -304,7 +304,10 @@ impl AgentApi {
 
 #[OpenApi(tag = "ApiTags::Agent")]
 impl AgentApi {
-    /// Set the calling agent's status in the tenant.
+    /// Set the calling agent's status in the tenant. `online` takes chats
+    /// from the queue; `offline` hands the agent's open customer chats back
+    /// to it (to another agent online, or tickets); `away` and `busy` keep
+    /// them and take no new ones.
     #[oai(
         path = "/agents/me/status",
         method = "put",

@@ -948,7 +948,8 @@ impl Conn {
         };
         let Ok(view) = view else { return };
         let position = view.queue_position;
-        if self.position(session) != Some(position) {
+        let closed = view.session.status == SessionStatus::Closed;
+        if self.position(session) != Some(position) || self.closed.contains(&session) != closed {
             self.note_position(&view.session, position);
             self.send_session_updated(&view.session, position);
         }
@@ -1362,11 +1363,11 @@ impl Conn {
                     "queue_position": view.queue_position,
                 })));
                 self.catch_up(id).await?;
-                // The queue moved between the access check's read and
-                // `note_position` listing this connection among the waiting
-                // ones: read the position again, now that every later move
-                // reaches it.
-                if view.queue_position.is_some() {
+                // The session changed (the queue moved, it was assigned or
+                // closed) between the access check's read and following it:
+                // read it again, now that every later change reaches this
+                // connection. A CLOSED session cannot change any more.
+                if view.session.status != SessionStatus::Closed {
                     self.refresh_position(id).await;
                 }
             }

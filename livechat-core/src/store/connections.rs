@@ -12,7 +12,9 @@ use sea_orm::{
 };
 
 use super::entity::{connection, connection_join, message, outbox, session};
+use super::routing::lock_tenant;
 use super::{Recorded, SeaOrmStore, host_id, record_event};
+use crate::config::RoutingPolicy;
 use crate::error::ChatError;
 use crate::events::{EventKind, MessagePosted};
 use crate::ids::{CustomerId, SessionId, TenantId, TicketId, UserId};
@@ -262,8 +264,9 @@ impl SeaOrmStore {
     /// deletes those of `ids` still expired at `at` and their joins, both
     /// with `RETURNING` (a connection renewed since it was read is kept,
     /// and of two purges at once only the one that deletes a row reads it,
-    /// the other waiting for its lock on PostgreSQL), then writes the
-    /// `message.missed` events of the customer connections among them.
+    /// the other waiting for its lock on PostgreSQL), then, under the
+    /// routing locks of the tenants concerned, writes the `message.missed`
+    /// events of the customer connections among them.
     /// Those events are for the outbox's consumers only, so they are not
     /// published on the bus.
     async fn purge_chunk(
@@ -315,6 +318,16 @@ impl SeaOrmStore {
                     .or_default()
                     .push(window);
             }
+        }
+        // The tenants' routing rows before their sessions' rows, in tenant
+        // order: the lock order of every transaction that writes several
+        // sessions (routing drains the queue, a status change hands chats
+        // back), so this one cannot deadlock with them on PostgreSQL.
+        let mut tenants: Vec<i64> = sessions.keys().map(|&(_, tenant)| tenant).collect();
+        tenants.sort_unstable();
+        tenants.dedup();
+        for tenant in tenants {
+            lock_tenant(&tx, host_id(tenant)?, &RoutingPolicy::default()).await?;
         }
         let mut ev = self.recorder();
         let mut missed_replies = 0;

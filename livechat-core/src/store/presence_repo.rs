@@ -8,12 +8,12 @@ use sea_orm::{
 
 use super::entity::{connection, presence, routing as routing_entity, session};
 use super::routing::{drain_queue, eligible_agents, lock_tenant};
-use super::sessions::{record_session_updated, ticket_unattended};
+use super::sessions::{record_session_updated, ticket_unattended, ticket_was_closed};
 use super::{SeaOrmStore, abort, host_id, record_event};
 use crate::config::RoutingPolicy;
 use crate::error::ChatError;
 use crate::events::EventKind;
-use crate::ids::{TenantId, UserId};
+use crate::ids::{SessionId, TenantId, TicketId, UserId};
 use crate::model::{AgentPresence, PresenceStatus, SessionOrigin, SessionStatus, now};
 use crate::repository::{EligibleAgent, PresenceRepository};
 
@@ -311,16 +311,17 @@ impl PresenceRepository for SeaOrmStore {
     }
 }
 
-/// `agent`'s presence row of `tenant` (the table's key).
 /// Puts `agent`'s OPEN customer chats back in the queue (WAITING, no
 /// agent), each with a `session.updated`, when the agent chooses `offline`:
 /// a chat is not left with an agent who has gone (away and busy agents
-/// keep theirs). The caller then drains the queue and, with no agent
-/// online, tickets what still waits. A requeued chat keeps its place by
-/// age and priority, so it is usually next. The rows are locked in id
-/// order first, the order appends lock sessions in (PostgreSQL), so the
-/// two cannot deadlock. Agent-started sessions stay with their agent.
-/// Returns how many were requeued.
+/// keep theirs). The caller, which holds the tenant's routing lock (taken
+/// first by every transaction that writes several sessions), then drains
+/// the queue and, with no agent online, tickets what still waits. A
+/// requeued chat keeps its place by priority and age, so it is usually
+/// next. A chat whose ticket an agent closed loses that ticket's id, so
+/// that it gets a ticket of its own again if nobody can take it.
+/// Agent-started sessions stay with their agent. Returns how many were
+/// requeued.
 async fn requeue_chats_of(
     tx: &DatabaseTransaction,
     ev: &mut super::Recorded,
@@ -363,12 +364,34 @@ async fn requeue_chats_of(
         .await?;
     rows.sort_by_key(|row| row.id);
     let requeued = rows.len();
-    for row in rows {
+    for mut row in rows {
+        if let Some(ticket) = row.ticket_id
+            && ticket_was_closed(
+                tx,
+                tenant,
+                SessionId::from_uuid(row.id),
+                TicketId::from_uuid(ticket),
+            )
+            .await?
+        {
+            row = session::Entity::update_many()
+                .col_expr(
+                    session::Column::TicketId,
+                    Expr::value(Option::<uuid::Uuid>::None),
+                )
+                .filter(session::Column::Id.eq(row.id))
+                .exec_with_returning(tx)
+                .await?
+                .into_iter()
+                .next()
+                .ok_or(ChatError::NotFound)?;
+        }
         record_session_updated(tx, ev, row).await?;
     }
     Ok(requeued)
 }
 
+/// `agent`'s presence row of `tenant` (the table's key).
 fn agent_row(tenant: TenantId, agent: UserId) -> sea_orm::Condition {
     sea_orm::Condition::all()
         .add(presence::Column::TenantId.eq(tenant.get()))

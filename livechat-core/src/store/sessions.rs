@@ -264,6 +264,34 @@ async fn pending_ticket_events(
         .collect())
 }
 
+/// Whether an agent closed `ticket` of `session` (a `ticket.closed` event
+/// of it is in the outbox, delivered or not): the session keeps the id of
+/// a ticket that is closed, and such a session, back in the queue, needs
+/// a ticket of its own again.
+pub(super) async fn ticket_was_closed(
+    conn: &impl ConnectionTrait,
+    tenant: TenantId,
+    session: SessionId,
+    ticket: TicketId,
+) -> Result<bool, ChatError> {
+    #[derive(serde::Deserialize)]
+    struct Of {
+        ticket_id: Option<TicketId>,
+    }
+    let payloads: Vec<String> = outbox::Entity::find()
+        .select_only()
+        .column(outbox::Column::Payload)
+        .filter(outbox::Column::TenantId.eq(tenant.get()))
+        .filter(outbox::Column::SessionId.eq(session.as_uuid()))
+        .filter(outbox::Column::Kind.eq(EventKind::TicketClosed.as_str()))
+        .into_tuple()
+        .all(conn)
+        .await?;
+    Ok(payloads.iter().any(|payload| {
+        serde_json::from_str::<Of>(payload).is_ok_and(|of| of.ticket_id == Some(ticket))
+    }))
+}
+
 /// Writes `session.updated` for `row`, a session as a change inside `tx`
 /// left it (its contact, its customer after a link, its ticket), and
 /// returns the session.
@@ -529,10 +557,9 @@ impl SessionRepository for SeaOrmStore {
         // by the routing lock, and the partial unique index backs it up.
         if let Some(mut existing) = active_session_of(&tx, tenant, chat.customer).await? {
             // A customer back at a chat still waiting while nobody is
-            // online: it (and every chat waiting before it) gets its ticket
-            // now, as a new start's would, not at the next housekeeping.
+            // online: the waiting chats without a ticket (theirs too) get
+            // one now, as at a new start, not at the next housekeeping.
             if existing.status == SessionStatus::Waiting.as_str()
-                && existing.ticket_id.is_none()
                 && !ticket_unattended(&tx, &mut ev, tenant, policy)
                     .await?
                     .is_empty()

@@ -306,3 +306,38 @@ async fn mark_read_is_idempotent_and_scoped_to_the_customer() {
         .unwrap();
     assert_eq!(again.read_at, Some(read_at));
 }
+
+/// Tickets opened with ids of the same millisecond have the same
+/// `created_at`: a cursor among them goes on by id, so paging one at a
+/// time still lists each once, newest (highest id) first.
+#[tokio::test]
+async fn tickets_of_one_millisecond_page_by_id() {
+    let (_dir, sinks) = sinks().await;
+    let millis = 1_790_000_000_000;
+    let mut ids = Vec::new();
+    for n in 0..4u8 {
+        let id = uuid::Builder::from_unix_timestamp_millis(millis, &[n; 10]).into_uuid();
+        let mut request = customer_request(tenant(1), &format!("same ms {n}"));
+        request.ticket_id = TicketId::from_uuid(id);
+        sinks.open_ticket(&request, EventId::generate()).await.unwrap();
+        ids.push(request.ticket_id);
+    }
+    let all = sinks
+        .list_tickets(tenant(1), None, None, page(50))
+        .await
+        .unwrap();
+    assert!(all.iter().all(|t| t.created_at == all[0].created_at));
+    let mut seen = Vec::new();
+    let mut cursor = None;
+    loop {
+        let one = sinks
+            .list_tickets(tenant(1), None, cursor, page(1))
+            .await
+            .unwrap();
+        let Some(ticket) = one.first() else { break };
+        seen.push(ticket.id);
+        cursor = Some(ticket.id);
+    }
+    ids.reverse();
+    assert_eq!(seen, ids);
+}

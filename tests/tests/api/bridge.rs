@@ -19,6 +19,7 @@ use serde_json::{Value, json};
 on_both_databases!(
     ticket_then_notification_on_agent_reply,
     tickets_and_notifications_page_with_a_cursor,
+    a_handed_back_chat_whose_ticket_was_closed_gets_a_new_one,
     a_chat_left_waiting_by_the_last_agent_becomes_a_ticket,
     agents_close_tickets,
     a_ticket_closes_only_after_its_opening_and_once,
@@ -628,6 +629,67 @@ async fn tickets_and_notifications_page_with_a_cursor(backend: Backend) {
             "{bad}: {body}"
         );
     }
+}
+
+/// A chat ticketed while nobody was online, then served and its ticket
+/// closed by the agent, goes back to the queue when that agent, the last
+/// one online, sets `offline`: with nobody to take it, it gets a new ticket
+/// (the closed one no longer stands for it).
+async fn a_handed_back_chat_whose_ticket_was_closed_gets_a_new_one(backend: Backend) {
+    let app = App::new(backend).await;
+    let (session, auth) = visitor_start(&app, "Refund").await;
+    let chat = |id: String| {
+        let (app, auth) = (&app, auth.clone());
+        async move {
+            let (code, body) =
+                customer_get(app, &format!("/livechat/customer/chats/{id}"), &auth).await;
+            assert_eq!(code, 200, "{body}");
+            body["data"].clone()
+        }
+    };
+    let first = chat(session.clone()).await["ticket_id"]
+        .as_str()
+        .expect("nobody online: a ticket")
+        .to_owned();
+    drain(&app.dispatcher, &app.db).await;
+    app.go_online(7, 1).await;
+    assert_eq!(chat(session.clone()).await["status"], "OPEN");
+    let (code, body) = app
+        .agent_call(
+            Method::POST,
+            &format!("/livechat/tickets/{first}/close"),
+            7,
+            1,
+            None,
+        )
+        .await;
+    assert_eq!(code, 202, "{body}");
+
+    let (code, body) = app
+        .agent_call(
+            Method::PUT,
+            "/livechat/agents/me/status",
+            7,
+            1,
+            Some(json!({"status": "offline"})),
+        )
+        .await;
+    assert_eq!(code, 200, "{body}");
+    let back = chat(session.clone()).await;
+    assert_eq!(back["status"], "WAITING", "{back}");
+    let second = back["ticket_id"].as_str().expect("a ticket again");
+    assert_ne!(second, first, "a new ticket, not the closed one");
+    drain(&app.dispatcher, &app.db).await;
+    let (_, open) = app
+        .agent_call(Method::GET, "/livechat/tickets?status=OPEN", 7, 1, None)
+        .await;
+    let open: Vec<&str> = open["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|t| t["id"].as_str().unwrap())
+        .collect();
+    assert_eq!(open, vec![second]);
 }
 
 /// A visitor notified of a reply, then linked to a logged-in user (also

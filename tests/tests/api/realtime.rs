@@ -17,6 +17,7 @@ on_both_databases!(
     resume_after_a_drop_in_a_thousand_message_stream,
     idempotent_send_and_typing_relay,
     joined_says_the_status_and_a_closed_chat_refuses_typing,
+    a_connected_customer_follows_their_chat_handed_back,
     bad_input_gets_error_frames,
     authentication_and_isolation,
     handshakes_that_cannot_be_served,
@@ -598,6 +599,50 @@ async fn joined_says_the_status_and_a_closed_chat_refuses_typing(backend: Backen
     assert!(
         seen.iter().all(|f| f["type"] != "typing"),
         "no typing relayed from a closed chat: {seen:?}"
+    );
+}
+
+/// A connected customer whose agent sets `offline` sees the chat go back to
+/// the queue and on to the other agent online, as `session_updated` frames;
+/// the agents see the queue change.
+async fn a_connected_customer_follows_their_chat_handed_back(backend: Backend) {
+    let (_app, node) = node(backend, |_| {}).await;
+    let (session, customer_auth) = open_chat(&node, 932).await;
+    let mut customer = WsClient::connect_with_header(&node.ws_url(), &customer_auth, 1)
+        .await
+        .unwrap();
+    join(&mut customer, session, None).await;
+    node.chat
+        .set_agent_status(t(1), u(8), PresenceStatus::Online)
+        .await
+        .unwrap();
+    let mut watcher = watcher(&node).await;
+    node.chat
+        .set_agent_status(t(1), u(7), PresenceStatus::Offline)
+        .await
+        .unwrap();
+    let back = customer.expect("session_updated").await;
+    assert_eq!(
+        (
+            back["session"]["status"].as_str(),
+            &back["session"]["agent_id"]
+        ),
+        (Some("WAITING"), &Value::Null),
+        "{back}"
+    );
+    let taken = customer.expect("session_updated").await;
+    assert_eq!(
+        (
+            taken["session"]["status"].as_str(),
+            taken["session"]["agent_id"].as_i64()
+        ),
+        (Some("OPEN"), Some(8)),
+        "{taken}"
+    );
+    let queue = watcher.expect("queue_updated").await;
+    assert_eq!(
+        queue["session_id"].as_str(),
+        Some(session.to_string().as_str())
     );
 }
 

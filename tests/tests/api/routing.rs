@@ -607,7 +607,7 @@ async fn an_agent_going_offline_hands_their_chats_back(backend: Backend) {
         .set_agent_status(t(1), u(8), PresenceStatus::Online)
         .await
         .unwrap();
-    // Away: agent 8 keeps what it gets.
+    // Away: agent 7 keeps its chats.
     app.chat
         .set_agent_status(t(1), u(7), PresenceStatus::Away)
         .await

@@ -10,6 +10,7 @@ use chrono::{DateTime, TimeDelta, Utc};
 use livechat_core::{
     ChatError, CustomerId, DomainEvent, EventKind, MessagePosted, Notification, NotificationId,
     OutboxConsumer, OutboxInterest, PendingEvent, SenderType, TenantId, TicketId, TicketRequested,
+    UserId,
 };
 use serde::Deserialize;
 
@@ -114,6 +115,8 @@ impl DispatchReport {
 /// - `ticket.requested` → [`TicketSink::open_ticket`] on every ticket sink;
 /// - `session.closed` of a session with a `ticket_id`, or `ticket.closed` →
 ///   [`TicketSink::close_ticket`] on every ticket sink;
+/// - `session.assigned` of a session with a `ticket_id` →
+///   [`TicketSink::assign_ticket`] on every ticket sink;
 /// - `message.posted` by an agent in a customer session that is ticketed or
 ///   whose customer had no live connection (issue #4) → a
 ///   [`Notification`] (`kind` `agent_reply`, id = event id, body truncated to
@@ -504,7 +507,7 @@ impl<C: OutboxConsumer> Dispatcher<C> {
     /// The names of the sinks `work` goes to.
     fn names(&self, work: &Work) -> Vec<&str> {
         match work {
-            Work::OpenTicket(_) | Work::CloseTicket(..) => {
+            Work::OpenTicket(_) | Work::CloseTicket(..) | Work::AssignTicket(..) => {
                 self.ticket_sinks.iter().map(|(n, _)| n.as_str()).collect()
             }
             Work::Notify(_) => self
@@ -561,6 +564,10 @@ impl<C: OutboxConsumer> Dispatcher<C> {
             Work::CloseTicket(tenant, ticket) => {
                 join_all(tickets().map(|sink| sink.close_ticket(*tenant, *ticket, key))).await
             }
+            Work::AssignTicket(tenant, ticket, agent) => {
+                join_all(tickets().map(|sink| sink.assign_ticket(*tenant, *ticket, *agent, key)))
+                    .await
+            }
             Work::Notify(notification) => {
                 join_all(
                     names
@@ -610,6 +617,19 @@ impl Sinks {
                 decode::<Closed>(event)?
                     .ticket_id
                     .map(|ticket| Work::CloseTicket(event.tenant_id, ticket))
+            }
+            EventKind::SessionAssigned if self.tickets => {
+                // Only a ticketed session's assignment concerns the sinks.
+                #[derive(Deserialize)]
+                struct Assigned {
+                    ticket_id: Option<TicketId>,
+                    agent_id: Option<UserId>,
+                }
+                let assigned = decode::<Assigned>(event)?;
+                assigned
+                    .ticket_id
+                    .zip(assigned.agent_id)
+                    .map(|(ticket, agent)| Work::AssignTicket(event.tenant_id, ticket, agent))
             }
             EventKind::MessagePosted if self.notifications => {
                 // Most messages need no notification, and the outbox interest
@@ -668,6 +688,7 @@ impl ReplyHead {
 enum Work {
     OpenTicket(TicketRequested),
     CloseTicket(TenantId, TicketId),
+    AssignTicket(TenantId, TicketId, UserId),
     Notify(Notification),
 }
 

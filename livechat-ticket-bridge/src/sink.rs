@@ -1,7 +1,7 @@
 //! The traits a host implements to receive tickets and notifications.
 
 use async_trait::async_trait;
-use livechat_core::{EventId, Notification, TenantId, TicketId, TicketRequested};
+use livechat_core::{EventId, Notification, TenantId, TicketId, TicketRequested, UserId};
 
 /// Why a sink could not take an event. The variant decides what the
 /// [`Dispatcher`](crate::Dispatcher) does next (issue #3: retried on
@@ -63,6 +63,25 @@ pub trait TicketSink: Send + Sync + 'static {
         ticket: TicketId,
         key: EventId,
     ) -> Result<(), SinkError>;
+
+    /// The session of `ticket` got an agent: `agent` now serves it, by
+    /// routing, a claim or a transfer (event `session.assigned` of a
+    /// ticketed session), so a help desk can show who owns the ticket.
+    /// Called in the session's order, after the ticket's opening. Default:
+    /// nothing, for a ticket system that does not track owners.
+    ///
+    /// # Errors
+    /// As for [`TicketSink::open_ticket`].
+    async fn assign_ticket(
+        &self,
+        tenant: TenantId,
+        ticket: TicketId,
+        agent: UserId,
+        key: EventId,
+    ) -> Result<(), SinkError> {
+        let _ = (tenant, ticket, agent, key);
+        Ok(())
+    }
 }
 
 /// Where customer notifications go (an agent replied in a ticketed session).

@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use hmac::{Hmac, KeyInit, Mac};
-use livechat_core::{EventId, Notification, TenantId, TicketId, TicketRequested};
+use livechat_core::{EventId, Notification, TenantId, TicketId, TicketRequested, UserId};
 use reqwest::StatusCode;
 use reqwest::header::{CONTENT_TYPE, HeaderValue};
 use serde::Serialize;
@@ -71,6 +71,12 @@ struct Envelope<'a, T> {
 #[derive(Serialize)]
 struct ClosedTicket {
     ticket_id: TicketId,
+}
+
+#[derive(Serialize)]
+struct AssignedTicket {
+    ticket_id: TicketId,
+    agent_id: UserId,
 }
 
 impl WebhookSink {
@@ -239,6 +245,22 @@ impl TicketSink for WebhookSink {
     ) -> Result<(), SinkError> {
         let data = ClosedTicket { ticket_id: ticket };
         self.post(key, "ticket.closed", tenant, data).await
+    }
+
+    /// Sends `type` `ticket.assigned` with `{"ticket_id", "agent_id"}` as
+    /// `data`.
+    async fn assign_ticket(
+        &self,
+        tenant: TenantId,
+        ticket: TicketId,
+        agent: UserId,
+        key: EventId,
+    ) -> Result<(), SinkError> {
+        let data = AssignedTicket {
+            ticket_id: ticket,
+            agent_id: agent,
+        };
+        self.post(key, "ticket.assigned", tenant, data).await
     }
 }
 

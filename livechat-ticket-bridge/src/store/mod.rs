@@ -202,6 +202,27 @@ impl TicketSink for SeaOrmSinks {
             .map_err(retryable)?;
         Ok(())
     }
+
+    /// Sets an `OPEN` ticket's `agent_id` to the agent now serving its
+    /// session (a closed, unknown or other tenant's ticket is left alone);
+    /// a second delivery writes the same.
+    async fn assign_ticket(
+        &self,
+        tenant: TenantId,
+        id: TicketId,
+        agent: UserId,
+        _key: EventId,
+    ) -> Result<(), SinkError> {
+        ticket::Entity::update_many()
+            .col_expr(ticket::Column::AgentId, Expr::value(agent.get()))
+            .filter(ticket::Column::Id.eq(id.as_uuid()))
+            .filter(ticket::Column::TenantId.eq(tenant.get()))
+            .filter(ticket::Column::Status.eq(TicketStatus::Open.as_str()))
+            .exec(&self.db)
+            .await
+            .map_err(retryable)?;
+        Ok(())
+    }
 }
 
 #[async_trait]

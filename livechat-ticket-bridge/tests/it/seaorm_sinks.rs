@@ -319,7 +319,10 @@ async fn tickets_of_one_millisecond_page_by_id() {
         let id = uuid::Builder::from_unix_timestamp_millis(millis, &[n; 10]).into_uuid();
         let mut request = customer_request(tenant(1), &format!("same ms {n}"));
         request.ticket_id = TicketId::from_uuid(id);
-        sinks.open_ticket(&request, EventId::generate()).await.unwrap();
+        sinks
+            .open_ticket(&request, EventId::generate())
+            .await
+            .unwrap();
         ids.push(request.ticket_id);
     }
     let all = sinks

@@ -486,6 +486,17 @@ async fn ticket_then_notification_on_agent_reply(backend: Backend) {
         .await;
     assert_eq!(code, 201, "{reply}");
     drain(&app.dispatcher, &app.db).await;
+    // The ticket follows the chat: its owner is the agent serving it.
+    let (_, ticket) = app
+        .agent_call(
+            Method::GET,
+            &format!("/livechat/tickets/{ticket_id}"),
+            7,
+            1,
+            None,
+        )
+        .await;
+    assert_eq!(ticket["data"]["agent_id"], 7, "{ticket}");
     let (code, notes) = customer_get(&app, "/livechat/customer/notifications", &auth).await;
     assert_eq!(code, 200, "{notes}");
     let notes = notes["data"].as_array().unwrap().clone();
@@ -965,15 +976,16 @@ async fn a_help_desk_that_is_down_holds_up_only_its_own_deliveries(backend: Back
         "in app while the desk is down"
     );
     assert!(desk.accepted.lock().unwrap().is_empty());
-    // The ticket request and the reply wait for the help desk only.
-    assert_eq!(undispatched(&app).await, 2);
+    // The ticket request, the chat's assignment (the ticket's owner) and
+    // the reply wait for the help desk only.
+    assert_eq!(undispatched(&app).await, 3);
     assert_eq!(
         outbox_rows(
             &app,
             "dispatched_at IS NULL AND pending_for LIKE '%HelpDesk%'"
         )
         .await,
-        2
+        3
     );
     assert_eq!(
         outbox_rows(
@@ -1137,11 +1149,19 @@ async fn webhook_receives_signed_events_with_retries(backend: Backend) {
     handle.abort();
 
     let calls = received.0.lock().unwrap().clone();
-    assert_eq!(calls.len(), 3, "two 500s, then accepted");
-    let ids: std::collections::HashSet<_> = calls.iter().map(|c| c.0.clone()).collect();
+    assert_eq!(
+        calls.len(),
+        4,
+        "two 500s, then accepted; then the chat's assignment"
+    );
+    let ids: std::collections::HashSet<_> = calls[..3].iter().map(|c| c.0.clone()).collect();
     assert_eq!(ids.len(), 1, "every attempt carries the same event id");
+    let assigned: Value = serde_json::from_slice(&calls[3].3).unwrap();
+    assert_eq!(assigned["type"], "ticket.assigned", "{assigned}");
+    assert_eq!(assigned["data"]["agent_id"], 7, "{assigned}");
+    assert!(assigned["data"]["ticket_id"].is_string(), "{assigned}");
     let now = chrono::Utc::now().timestamp();
-    for (_, ts, sig, body) in &calls {
+    for (_, ts, sig, body) in &calls[..3] {
         assert!(livechat_ticket_bridge::verify_signature(
             b"hook-secret",
             ts,
@@ -1679,9 +1699,10 @@ async fn events_no_sink_acts_on_are_settled_without_a_claim(backend: Backend) {
 
 /// Issue #5: the example host gives its store the dispatcher's outbox
 /// interest, so every event is still in the outbox (invariant 5) but only
-/// those a sink acts on are written pending: the ticket request and the
-/// agent's reply in the ticketed chat. The dispatcher claims exactly those
-/// and has nothing else to settle.
+/// those a sink acts on are written pending: the ticket request, the
+/// ticketed chat's assignment (the ticket's owner) and the agent's reply
+/// in it. The dispatcher claims exactly those and has nothing else to
+/// settle.
 async fn events_outside_the_dispatchers_interest_are_written_settled(backend: Backend) {
     use livechat_core::EventKind;
     let app = App::new(backend).await;
@@ -1711,8 +1732,8 @@ async fn events_outside_the_dispatchers_interest_are_written_settled(backend: Ba
 
     assert_eq!(
         undispatched(&app).await,
-        2,
-        "the ticket request and the agent's reply"
+        3,
+        "the ticket request, the assignment and the agent's reply"
     );
     let posted = outbox_rows(&app, "kind = 'message.posted'").await;
     assert_eq!(
@@ -1732,10 +1753,14 @@ async fn events_outside_the_dispatchers_interest_are_written_settled(backend: Ba
     .ticket_sink(sinks.clone())
     .notification_sink(sinks);
     let report = dispatcher.dispatch_once().await.unwrap();
-    assert_eq!(report.delivered, 2, "{report:?}");
+    assert_eq!(report.delivered, 3, "{report:?}");
     assert_eq!(
         claimed.lock().unwrap().clone(),
-        vec![EventKind::TicketRequested, EventKind::MessagePosted]
+        vec![
+            EventKind::TicketRequested,
+            EventKind::SessionAssigned,
+            EventKind::MessagePosted
+        ]
     );
     assert_eq!(undispatched(&app).await, 0);
     let (_, notes) = customer_get(&app, "/livechat/customer/notifications", &auth).await;

@@ -3,12 +3,13 @@
 //! Turns the committed domain events of livechat-core's outbox into tickets
 //! and customer notifications (issue #3, DESIGN.md invariant 5). Core does
 //! not know this crate exists: it writes `ticket.requested`,
-//! `ticket.closed`, `session.closed`, `message.posted` and `message.missed`
-//! events in the same transaction as each change, and the [`Dispatcher`]
+//! `ticket.closed`, `session.assigned`, `session.closed`, `message.posted`
+//! and `message.missed` events in the same transaction as each change, and the [`Dispatcher`]
 //! reads them back through
 //! [`OutboxConsumer`](livechat_core::OutboxConsumer) and calls the sinks:
 //!
 //! - [`TicketSink::open_ticket`] when a request found no eligible agent,
+//!   [`TicketSink::assign_ticket`] when a ticketed chat gets an agent,
 //!   [`TicketSink::close_ticket`] when a ticketed session closes or an
 //!   agent closes a ticket;
 //! - [`NotificationSink::notify`] when an agent replies in a ticketed

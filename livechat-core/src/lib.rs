@@ -63,6 +63,6 @@ pub use repository::{
 };
 pub use service::{ChatService, ContactInput, CustomerChatRequest, HistoryPage, TicketClose};
 pub use validate::{
-    ClientMsgId, INVALID_CURSOR, MessageBody, PageSize, Topic, after_seq, parse_cursor,
-    parse_department,
+    ClientMsgId, INVALID_CURSOR, MessageBody, PageSize, Topic, after_seq, next_cursor,
+    parse_cursor, parse_department,
 };

@@ -754,19 +754,12 @@ impl<S: ChatStore> ChatService<S> {
         cursor: Option<String>,
     ) -> Result<HistoryPage, ChatError> {
         let limit = self.page(limit)?;
-        let before = cursor
-            .map(|c| {
-                c.parse::<SessionId>()
-                    .map_err(|_| ChatError::InvalidPage(crate::INVALID_CURSOR.into()))
-            })
-            .transpose()?;
+        let before = crate::parse_cursor::<SessionId>(cursor.as_deref())?;
         let sessions = self
             .store
             .customer_sessions(tenant, customer, before, limit)
             .await?;
-        let next_cursor = (sessions.len() as u64 == limit.get())
-            .then(|| sessions.last().map(|s| s.id.to_string()))
-            .flatten();
+        let next_cursor = crate::next_cursor(&sessions, limit, |s| s.id);
         Ok(HistoryPage {
             sessions,
             next_cursor,

@@ -185,6 +185,19 @@ pub fn parse_cursor<T: std::str::FromStr>(raw: Option<&str>) -> Result<Option<T>
     .transpose()
 }
 
+/// The `next_cursor` of a newest-first page asked with `limit`: the id of
+/// its last item (by `id`) when the page is full, `None` (the last page)
+/// otherwise. The one rule of every cursor-paged list.
+pub fn next_cursor<T, I: std::fmt::Display>(
+    items: &[T],
+    limit: PageSize,
+    id: impl Fn(&T) -> I,
+) -> Option<String> {
+    (items.len() as u64 == limit.get())
+        .then(|| items.last().map(|item| id(item).to_string()))
+        .flatten()
+}
+
 /// `value` trimmed, when not blank, without U+0000 (which PostgreSQL's
 /// text columns cannot store) and at most `max` characters; otherwise
 /// [`ChatError::InvalidInput`] naming `field`.

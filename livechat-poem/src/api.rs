@@ -384,7 +384,7 @@ impl AgentApi {
             )
             .await?;
         let data: Vec<crate::dto::SessionDto> = sessions.into_iter().map(Into::into).collect();
-        let next_cursor = crate::dto::next_cursor(&data, page, |s| s.id);
+        let next_cursor = livechat_core::next_cursor(&data, page, |s| s.id);
         Ok(SessionListResponse::Ok(Json(SessionListEnvelope {
             data,
             next_cursor,
@@ -609,7 +609,7 @@ impl AgentApi {
             .list_tickets(auth.tenant(), status.0.map(Into::into), before, limit)
             .await?;
         let data: Vec<TicketDto> = tickets.into_iter().map(Into::into).collect();
-        let next_cursor = crate::dto::next_cursor(&data, limit, |t| t.id);
+        let next_cursor = livechat_core::next_cursor(&data, limit, |t| t.id);
         Ok(TicketListResponse::Ok(Json(TicketListEnvelope {
             data,
             next_cursor,

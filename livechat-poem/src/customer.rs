@@ -670,7 +670,7 @@ impl CustomerApi {
             .list_notifications(ctx.tenant, &recipients, before, limit)
             .await?;
         let data: Vec<NotificationDto> = list.into_iter().map(Into::into).collect();
-        let next_cursor = crate::dto::next_cursor(&data, limit, |n| n.id);
+        let next_cursor = livechat_core::next_cursor(&data, limit, |n| n.id);
         Ok(NotificationListResponse::Ok(Json(
             NotificationListEnvelope { data, next_cursor },
         )))

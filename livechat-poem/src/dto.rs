@@ -347,18 +347,6 @@ pub struct SessionListEnvelope {
     pub next_cursor: Option<String>,
 }
 
-/// The `next_cursor` of a newest-first page asked with `limit`: the id of
-/// its last item when the page is full, `None` (the last page) otherwise.
-pub(crate) fn next_cursor<T>(
-    data: &[T],
-    limit: livechat_core::PageSize,
-    id: impl Fn(&T) -> Uuid,
-) -> Option<String> {
-    (data.len() as u64 == limit.get())
-        .then(|| data.last().map(|item| id(item).to_string()))
-        .flatten()
-}
-
 /// `{"data": ChatMessage}`.
 #[derive(Clone, Debug, Object)]
 pub struct MessageEnvelope {

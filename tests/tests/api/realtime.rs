@@ -1124,14 +1124,16 @@ async fn a_chat_left_waiting_when_the_last_agent_disconnects_becomes_a_ticket(ba
     assert!(ticketed.session.ticket_id.is_some(), "{ticketed:?}");
     let open = node.chat.get_session(t(1), served.id).await.unwrap();
     assert_eq!(open.session.ticket_id, None, "a served chat");
-    assert!(
-        node.livechat
-            .ticket_unattended_chats()
-            .await
-            .unwrap()
-            .is_empty(),
-        "ticketed once"
-    );
+    assert!(nothing_left_to_ticket(&node).await, "ticketed once");
+}
+
+/// Whether housekeeping finds no chat left to ticket.
+async fn nothing_left_to_ticket(node: &Node) -> bool {
+    node.livechat
+        .ticket_unattended_chats()
+        .await
+        .unwrap()
+        .is_empty()
 }
 
 /// An agent who used only the HTTP routes stops sending heartbeats: once
@@ -1175,11 +1177,7 @@ async fn a_start_with_nobody_online_tickets_the_chats_waiting_before_it(backend:
     assert!(earlier.session.ticket_id.is_some(), "{earlier:?}");
     assert_eq!(earlier.queue_position, Some(1));
     assert!(
-        node.livechat
-            .ticket_unattended_chats()
-            .await
-            .unwrap()
-            .is_empty(),
+        nothing_left_to_ticket(&node).await,
         "nothing left for housekeeping"
     );
 }
@@ -1200,11 +1198,7 @@ async fn a_customer_back_at_a_waiting_chat_with_nobody_online_gets_its_ticket(ba
     assert_eq!(back.session.status, SessionStatus::Waiting);
     assert!(back.session.ticket_id.is_some(), "{back:?}");
     assert!(
-        node.livechat
-            .ticket_unattended_chats()
-            .await
-            .unwrap()
-            .is_empty(),
+        nothing_left_to_ticket(&node).await,
         "nothing left for housekeeping"
     );
 }

@@ -282,7 +282,8 @@ enum ChatStartResponse {
 pub struct HistoryEnvelope {
     /// Newest first.
     pub data: Vec<SessionDto>,
-    /// Pass as `cursor` for the next page; absent on the last page.
+    /// Pass as `cursor` for the next (older) page; `null` on the last page
+    /// (one shorter than `limit`).
     pub next_cursor: Option<String>,
 }
 

@@ -61,7 +61,10 @@ pub use repository::{
     OutboxRepository, PendingAppend, PresenceRepository, PurgedConnections, SessionConnections,
     SessionRepository,
 };
-pub use service::{ChatService, ContactInput, CustomerChatRequest, HistoryPage, TicketClose};
+pub use service::{
+    AgentAvailability, ChatService, ContactInput, CustomerChatRequest, HistoryPage, SessionPage,
+    TicketClose,
+};
 pub use validate::{
     ClientMsgId, INVALID_CURSOR, MessageBody, PageSize, Topic, after_seq, next_cursor,
     parse_cursor, parse_department,

@@ -79,6 +79,26 @@ pub enum TicketClose {
     AlreadyClosed(Ticket),
 }
 
+/// A page of the tenant's sessions for agents ([`ChatService::list_sessions`]).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SessionPage {
+    /// Newest first, each with its queue place.
+    pub sessions: Vec<SessionView>,
+    /// Pass as `cursor` for the next page; `None` on the last page.
+    pub next_cursor: Option<String>,
+}
+
+/// Whether a chat started now would be taken, wait, or also become a
+/// ticket: the widget's flags ([`ChatService::availability`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct AgentAvailability {
+    /// An agent could take a chat now (online, fresh, below capacity).
+    pub agents_available: bool,
+    /// An agent is online at all (fresh, capacity aside): without one a
+    /// chat also becomes a ticket.
+    pub agents_online: bool,
+}
+
 /// A page of a customer's history.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct HistoryPage {
@@ -182,6 +202,20 @@ impl<S: ChatStore> ChatService<S> {
         self.store
             .any_agent_online(tenant, &self.config.routing)
             .await
+    }
+
+    /// Both of the widget's flags: an agent available implies one online,
+    /// so the second read happens only when none is available.
+    ///
+    /// # Errors
+    /// [`ChatError::Storage`] only.
+    pub async fn availability(&self, tenant: TenantId) -> Result<AgentAvailability, ChatError> {
+        let agents_available = self.agents_available(tenant).await?;
+        let agents_online = agents_available || self.agents_online(tenant).await?;
+        Ok(AgentAvailability {
+            agents_available,
+            agents_online,
+        })
     }
 
     /// Sets the tenant's per-agent capacity (1–100 OPEN sessions); raising
@@ -318,24 +352,31 @@ impl<S: ChatStore> ChatService<S> {
         Ok(queue.into_iter().zip(1..).collect())
     }
 
-    /// The tenant's sessions, newest first, after `before` (the last
-    /// session of the previous page) when given; `limit` defaults to
-    /// [`ChatConfig::default_page_size`].
+    /// The tenant's sessions, newest first, after `cursor` (the previous
+    /// page's `next_cursor`: its last session) when given; `limit`
+    /// defaults to [`ChatConfig::default_page_size`].
     ///
     /// # Errors
     /// [`ChatError::InvalidPage`] for a `limit` outside `1..=max_page_size`,
-    /// or a `before` that is not a session of the tenant.
+    /// or a `cursor` that is not a session of the tenant.
     pub async fn list_sessions(
         &self,
         tenant: TenantId,
         status: Option<SessionStatus>,
-        before: Option<SessionId>,
+        cursor: Option<&str>,
         limit: Option<i64>,
-    ) -> Result<Vec<SessionView>, ChatError> {
+    ) -> Result<SessionPage, ChatError> {
         let limit = self.page(limit)?;
-        self.store
+        let before = crate::parse_cursor::<SessionId>(cursor)?;
+        let sessions = self
+            .store
             .list_sessions(tenant, status, before, limit)
-            .await
+            .await?;
+        let next_cursor = crate::next_cursor(&sessions, limit, |v| v.session.id);
+        Ok(SessionPage {
+            sessions,
+            next_cursor,
+        })
     }
 
     /// Closes a session; closing a CLOSED session returns it unchanged.

@@ -373,21 +373,18 @@ impl AgentApi {
         /// 1–200, default 50.
         limit: Query<Option<i64>>,
     ) -> Result<SessionListResponse, ApiError> {
-        let page = PageSize::parse(limit.0, self.chat.config())?;
-        let sessions = self
+        let page = self
             .chat
             .list_sessions(
                 auth.tenant(),
                 status.0.map(Into::into),
-                parse_cursor(cursor.0.as_deref())?,
+                cursor.0.as_deref(),
                 limit.0,
             )
             .await?;
-        let data: Vec<crate::dto::SessionDto> = sessions.into_iter().map(Into::into).collect();
-        let next_cursor = livechat_core::next_cursor(&data, page, |s| s.id);
         Ok(SessionListResponse::Ok(Json(SessionListEnvelope {
-            data,
-            next_cursor,
+            data: page.sessions.into_iter().map(Into::into).collect(),
+            next_cursor: page.next_cursor,
         })))
     }
 

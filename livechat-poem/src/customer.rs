@@ -398,12 +398,11 @@ impl CustomerApi {
     )]
     async fn availability(&self, req: &Request) -> Result<AvailabilityResponse, ApiError> {
         let tenant = tenant_of(req)?;
-        let agents_available = self.chat.agents_available(tenant).await?;
-        let agents_online = agents_available || self.chat.agents_online(tenant).await?;
+        let flags = self.chat.availability(tenant).await?;
         Ok(AvailabilityResponse::Ok(Json(AvailabilityEnvelope {
             data: Availability {
-                agents_available,
-                agents_online,
+                agents_available: flags.agents_available,
+                agents_online: flags.agents_online,
             },
         })))
     }

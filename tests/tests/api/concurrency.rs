@@ -47,14 +47,16 @@ async fn twenty_concurrent_starts_yield_one_session(backend: Backend) {
         .chat
         .list_sessions(tenant, Some(SessionStatus::Open), None, Some(200))
         .await
-        .unwrap();
+        .unwrap()
+        .sessions;
     assert_eq!(open.len(), 1);
     assert_eq!(open[0].session.id, winners[0].id);
     let all = app
         .chat
         .list_sessions(tenant, None, None, Some(200))
         .await
-        .unwrap();
+        .unwrap()
+        .sessions;
     assert_eq!(all.len(), 1, "losers left no rows");
 }
 

@@ -83,12 +83,14 @@ async fn fifty_customers_against_one_agent_of_capacity_five(backend: Backend) {
         .chat
         .list_sessions(t(1), Some(SessionStatus::Open), None, Some(200))
         .await
-        .unwrap();
+        .unwrap()
+        .sessions;
     let waiting = app
         .chat
         .list_sessions(t(1), Some(SessionStatus::Waiting), None, Some(200))
         .await
-        .unwrap();
+        .unwrap()
+        .sessions;
     assert_eq!(open.len(), 5, "capacity 5");
     assert!(open.iter().all(|v| v.session.agent_id == Some(u(7))));
     assert_eq!(waiting.len(), 45);
@@ -126,7 +128,8 @@ async fn fifty_customers_against_one_agent_of_capacity_five(backend: Backend) {
         .chat
         .list_sessions(t(1), Some(SessionStatus::Waiting), None, Some(200))
         .await
-        .unwrap();
+        .unwrap()
+        .sessions;
     assert_eq!(still.len(), 40);
     let mut positions: Vec<i64> = still.iter().map(|v| v.queue_position.unwrap()).collect();
     positions.sort_unstable();

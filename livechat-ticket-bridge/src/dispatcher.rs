@@ -8,9 +8,9 @@ use std::time::Duration;
 
 use chrono::{DateTime, TimeDelta, Utc};
 use livechat_core::{
-    ChatError, CustomerId, DomainEvent, EventKind, MessagePosted, Notification, NotificationId,
-    OutboxConsumer, OutboxInterest, PendingEvent, SenderType, TenantId, TicketId, TicketRequested,
-    UserId,
+    ChatError, ChatMessage, CustomerId, DomainEvent, EventKind, MessagePosted, Notification,
+    NotificationId, OutboxConsumer, OutboxInterest, PendingEvent, SenderType, TenantId, TicketId,
+    TicketRequested, UserId,
 };
 use serde::Deserialize;
 
@@ -117,6 +117,8 @@ impl DispatchReport {
 ///   [`TicketSink::close_ticket`] on every ticket sink;
 /// - `session.assigned` of a session with a `ticket_id` →
 ///   [`TicketSink::assign_ticket`] on every ticket sink;
+/// - `message.posted` by the customer in a session with a `ticket_id` →
+///   [`TicketSink::ticket_message`] on every ticket sink;
 /// - `message.posted` by an agent in a customer session that is ticketed or
 ///   whose customer had no live connection (issue #4) → a
 ///   [`Notification`] (`kind` `agent_reply`, id = event id, body truncated to
@@ -507,7 +509,10 @@ impl<C: OutboxConsumer> Dispatcher<C> {
     /// The names of the sinks `work` goes to.
     fn names(&self, work: &Work) -> Vec<&str> {
         match work {
-            Work::OpenTicket(_) | Work::CloseTicket(..) | Work::AssignTicket(..) => {
+            Work::OpenTicket(_)
+            | Work::CloseTicket(..)
+            | Work::AssignTicket(..)
+            | Work::TicketMessage(..) => {
                 self.ticket_sinks.iter().map(|(n, _)| n.as_str()).collect()
             }
             Work::Notify(_) => self
@@ -566,6 +571,10 @@ impl<C: OutboxConsumer> Dispatcher<C> {
             }
             Work::AssignTicket(tenant, ticket, agent) => {
                 join_all(tickets().map(|sink| sink.assign_ticket(*tenant, *ticket, *agent, key)))
+                    .await
+            }
+            Work::TicketMessage(tenant, ticket, message) => {
+                join_all(tickets().map(|sink| sink.ticket_message(*tenant, *ticket, message, key)))
                     .await
             }
             Work::Notify(notification) => {
@@ -631,16 +640,23 @@ impl Sinks {
                     .zip(assigned.agent_id)
                     .map(|(ticket, agent)| Work::AssignTicket(event.tenant_id, ticket, agent))
             }
-            EventKind::MessagePosted if self.notifications => {
-                // Most messages need no notification, and the outbox interest
-                // asks this of every message inside its writing transaction:
+            EventKind::MessagePosted if self.notifications || self.tickets => {
+                // Most messages need no sink, and the outbox interest asks
+                // this of every message inside its writing transaction:
                 // four fields decide it before the whole message (a
                 // flattened struct, slow to decode) is read (issue #5
                 // profile).
-                if decode::<ReplyHead>(event)?.notifies() {
-                    agent_reply(event, decode(event)?).map(Work::Notify)
-                } else {
-                    None
+                let head = decode::<PostedHead>(event)?;
+                match head.ticket_message() {
+                    Some(ticket) if self.tickets => Some(Work::TicketMessage(
+                        event.tenant_id,
+                        ticket,
+                        decode::<MessagePosted>(event)?.message,
+                    )),
+                    _ if self.notifications && head.notifies() => {
+                        agent_reply(event, decode(event)?).map(Work::Notify)
+                    }
+                    _ => None,
                 }
             }
             EventKind::MessageMissed if self.notifications => {
@@ -662,10 +678,11 @@ impl Sinks {
     }
 }
 
-/// The fields of a `message.posted` payload that decide whether it causes
-/// a notification ([`agent_reply`] then builds it).
+/// The fields of a `message.posted` payload that decide what it asks of
+/// the sinks: a notification ([`agent_reply`] then builds it) or a
+/// ticket's later message.
 #[derive(Deserialize)]
-struct ReplyHead {
+struct PostedHead {
     sender_type: SenderType,
     session_customer_id: Option<CustomerId>,
     ticket_id: Option<TicketId>,
@@ -673,7 +690,7 @@ struct ReplyHead {
     customer_connected: bool,
 }
 
-impl ReplyHead {
+impl PostedHead {
     /// An agent's reply the customer would otherwise miss: the session is
     /// ticketed (issue #3) or no customer connection followed it live
     /// (issue #4).
@@ -682,6 +699,13 @@ impl ReplyHead {
             && self.session_customer_id.is_some()
             && (self.ticket_id.is_some() || !self.customer_connected)
     }
+
+    /// The ticket a customer's message adds to: the session's, when it
+    /// has one ([`TicketSink::ticket_message`]).
+    fn ticket_message(&self) -> Option<TicketId> {
+        self.ticket_id
+            .filter(|_| self.sender_type == SenderType::Customer)
+    }
 }
 
 /// What an event asks of the sinks (see [`Sinks::work`]).
@@ -689,6 +713,7 @@ enum Work {
     OpenTicket(TicketRequested),
     CloseTicket(TenantId, TicketId),
     AssignTicket(TenantId, TicketId, UserId),
+    TicketMessage(TenantId, TicketId, ChatMessage),
     Notify(Notification),
 }
 
@@ -736,7 +761,7 @@ fn decode<T: for<'de> Deserialize<'de>>(event: &DomainEvent) -> Result<T, String
         .map_err(|e| format!("undecodable {} payload: {e}", event.kind.as_str()))
 }
 
-/// The notification of an agent's reply that [`ReplyHead::notifies`]
+/// The notification of an agent's reply that [`PostedHead::notifies`]
 /// chose, or of a `message.missed` reply; `None` only when the session has
 /// no customer, which both rule out.
 fn agent_reply(event: &DomainEvent, posted: MessagePosted) -> Option<Notification> {
@@ -894,6 +919,16 @@ mod tests {
         ) -> Result<(), SinkError> {
             self.reply(format!("close {tenant} {ticket} {key}"))
         }
+        async fn ticket_message(
+            &self,
+            tenant: livechat_core::TenantId,
+            ticket: TicketId,
+            message: &ChatMessage,
+            key: EventId,
+        ) -> Result<(), SinkError> {
+            let (seq, text) = (message.seq, &message.message);
+            self.reply(format!("message {tenant} {ticket} {seq} {text} {key}"))
+        }
     }
 
     #[async_trait]
@@ -1018,6 +1053,7 @@ mod tests {
         let reply = message_posted(SenderType::Agent, &long, Some(TicketId::generate()));
         let from_customer = message_posted(SenderType::Customer, "hi", Some(ticket_id));
         let unticketed = message_posted(SenderType::Agent, "hi", None);
+        let customer_unticketed = message_posted(SenderType::Customer, "hi", None);
         let other = event(EventKind::SessionStarted, json!({}));
         let ids: Vec<EventId> = [
             &requested,
@@ -1026,6 +1062,7 @@ mod tests {
             &reply,
             &from_customer,
             &unticketed,
+            &customer_unticketed,
             &other,
         ]
         .iter()
@@ -1043,6 +1080,7 @@ mod tests {
                 reply,
                 from_customer,
                 unticketed,
+                customer_unticketed,
                 other,
             ]),
             [a.clone(), b.clone()],
@@ -1052,7 +1090,7 @@ mod tests {
         assert_eq!(
             report,
             DispatchReport {
-                delivered: 7,
+                delivered: 8,
                 retried: 0,
                 held: 0,
                 failed: 0
@@ -1061,10 +1099,13 @@ mod tests {
         assert_eq!(d.consumer.0.lock().unwrap().dispatched, ids);
         for sink in [&a, &b] {
             let calls = sink.calls();
-            assert_eq!(calls.len(), 3, "{calls:?}");
+            assert_eq!(calls.len(), 4, "{calls:?}");
             assert_eq!(calls[0], format!("open {ticket_id} {}", ids[0]));
             assert_eq!(calls[1], format!("close 1 {ticket_id} {}", ids[1]));
             assert!(calls[2].starts_with("notify "));
+            // The customer's later message goes to the ticket (closed by
+            // an agent here: the sink decides), not to the notifications.
+            assert_eq!(calls[3], format!("message 1 {ticket_id} 2 hi {}", ids[4]));
         }
         let n = a.notifications.lock().unwrap()[0].clone();
         assert_eq!(n.id.as_uuid(), reply_event.id.as_uuid());
@@ -1278,6 +1319,7 @@ mod tests {
         );
         let reply = message_posted(SenderType::Agent, "hi", Some(ticket_id));
         let from_customer = message_posted(SenderType::Customer, "hi", Some(ticket_id));
+        let customer_unticketed = message_posted(SenderType::Customer, "hi", None);
         let unticketed = message_posted(SenderType::Agent, "hi", None);
         let other = event(EventKind::SessionStarted, json!({}));
         let garbage = event(EventKind::TicketRequested, json!({"ticket_id": 5}));
@@ -1293,12 +1335,13 @@ mod tests {
             (&closed_untracked, false, false),
             (&ticket_closed, true, true),
             (&reply, true, false),
-            (&from_customer, false, false),
+            (&from_customer, true, true),
+            (&customer_unticketed, false, false),
             (&unticketed, false, false),
             (&other, false, false),
             // Undecodable: wanted, so that it is claimed and failed in view.
             (&garbage, true, true),
-            (&bad_message, true, false),
+            (&bad_message, true, true),
         ];
         for (n, (pending, with_both, with_tickets)) in cases.into_iter().enumerate() {
             let e = &pending.event;

@@ -10,6 +10,8 @@
 //!
 //! - [`TicketSink::open_ticket`] when a request found no eligible agent,
 //!   [`TicketSink::assign_ticket`] when a ticketed chat gets an agent,
+//!   [`TicketSink::ticket_message`] when the customer writes in a
+//!   ticketed chat,
 //!   [`TicketSink::close_ticket`] when a ticketed session closes or an
 //!   agent closes a ticket;
 //! - [`NotificationSink::notify`] when an agent replies in a ticketed

@@ -1,7 +1,9 @@
 //! The traits a host implements to receive tickets and notifications.
 
 use async_trait::async_trait;
-use livechat_core::{EventId, Notification, TenantId, TicketId, TicketRequested, UserId};
+use livechat_core::{
+    ChatMessage, EventId, Notification, TenantId, TicketId, TicketRequested, UserId,
+};
 
 /// Why a sink could not take an event. The variant decides what the
 /// [`Dispatcher`](crate::Dispatcher) does next (issue #3: retried on
@@ -80,6 +82,36 @@ pub trait TicketSink: Send + Sync + 'static {
         key: EventId,
     ) -> Result<(), SinkError> {
         let _ = (tenant, ticket, agent, key);
+        Ok(())
+    }
+
+    /// The customer wrote `message` in the chat of `ticket` after the
+    /// ticket opened (event `message.posted` by the customer of a ticketed
+    /// session), so that a help desk holds the whole request and not only
+    /// its first message: a customer who adds an order number while
+    /// nobody is online is not lost to it (README "Tickets when no agent
+    /// can take a chat"). `message` is the stored message, with its `seq`,
+    /// text and time. The message the ticket opened with came as
+    /// [`TicketRequested::first_message`] and is not sent again; a chat
+    /// ticketed while it waited sends the messages written after its
+    /// ticket opened, and those between its first and the ticket stay in
+    /// the chat's history. Sent too when an agent had closed the ticket
+    /// while the chat went on (a help desk may reopen it). Called in the
+    /// session's order, after the ticket's opening. Agents' replies are not
+    /// sent here: they reach the notification sinks. Default: nothing, for
+    /// a ticket system that reads the chat's history itself (the tables of
+    /// [`SeaOrmSinks`](crate::SeaOrmSinks) keep the session's id).
+    ///
+    /// # Errors
+    /// As for [`TicketSink::open_ticket`].
+    async fn ticket_message(
+        &self,
+        tenant: TenantId,
+        ticket: TicketId,
+        message: &ChatMessage,
+        key: EventId,
+    ) -> Result<(), SinkError> {
+        let _ = (tenant, ticket, message, key);
         Ok(())
     }
 }

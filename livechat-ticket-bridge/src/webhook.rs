@@ -5,7 +5,9 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use hmac::{Hmac, KeyInit, Mac};
-use livechat_core::{EventId, Notification, TenantId, TicketId, TicketRequested, UserId};
+use livechat_core::{
+    ChatMessage, EventId, Notification, TenantId, TicketId, TicketRequested, UserId,
+};
 use reqwest::StatusCode;
 use reqwest::header::{CONTENT_TYPE, HeaderValue};
 use serde::Serialize;
@@ -34,10 +36,17 @@ pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(10);
 /// POSTs tickets and notifications to a URL as signed JSON (issue #3).
 ///
 /// Body (`Content-Type: application/json`):
-/// `{"event_id": "<uuid>", "type": "ticket.requested" | "ticket.closed" |
-/// "notification.created", "tenant_id": <int>, "data": …}` where `data` is
-/// the [`TicketRequested`], `{"ticket_id": "<uuid>"}`, or the
-/// [`Notification`].
+/// `{"event_id": "<uuid>", "type": …, "tenant_id": <int>, "data": …}`,
+/// where `type` and `data` are one of:
+///
+/// - `ticket.requested`: the [`TicketRequested`];
+/// - `ticket.closed`: `{"ticket_id": "<uuid>"}`;
+/// - `ticket.assigned`: `{"ticket_id": "<uuid>", "agent_id": <int>}`;
+/// - `ticket.message`: `{"ticket_id": "<uuid>", "message": …}`, the
+///   customer's later message as a [`ChatMessage`] (`id`, `session_id`,
+///   `tenant_id`, `sender_type`, `sender_id`, `customer_id`, `seq`,
+///   `message`, `client_msg_id`, `created_at`);
+/// - `notification.created`: the [`Notification`].
 ///
 /// Headers: [`EVENT_ID_HEADER`] (the event id: the same event may be sent
 /// more than once; deduplicate on the signed body's `event_id`),
@@ -77,6 +86,12 @@ struct ClosedTicket {
 struct AssignedTicket {
     ticket_id: TicketId,
     agent_id: UserId,
+}
+
+#[derive(Serialize)]
+struct TicketMessage<'a> {
+    ticket_id: TicketId,
+    message: &'a ChatMessage,
 }
 
 impl WebhookSink {
@@ -261,6 +276,22 @@ impl TicketSink for WebhookSink {
             agent_id: agent,
         };
         self.post(key, "ticket.assigned", tenant, data).await
+    }
+
+    /// Sends `type` `ticket.message` with `{"ticket_id", "message"}` as
+    /// `data`.
+    async fn ticket_message(
+        &self,
+        tenant: TenantId,
+        ticket: TicketId,
+        message: &ChatMessage,
+        key: EventId,
+    ) -> Result<(), SinkError> {
+        let data = TicketMessage {
+            ticket_id: ticket,
+            message,
+        };
+        self.post(key, "ticket.message", tenant, data).await
     }
 }
 

@@ -1138,7 +1138,29 @@ async fn webhook_receives_signed_events_with_retries(backend: Backend) {
         c.webhook = Some((url.clone(), "hook-secret".into()))
     })
     .await;
-    let (_, auth) = ticketed_reply(&app).await;
+    // The customer adds to the request while nobody is online.
+    let (session, auth) = visitor_start(&app, "Flaky").await;
+    let resp = app
+        .client
+        .post(format!("/livechat/customer/chats/{session}/messages"))
+        .header("X-Tenant-ID", "1")
+        .header("Authorization", &auth)
+        .body_json(&json!({"message": "Order 1234, if it helps"}))
+        .send()
+        .await;
+    let (code, added) = App::decode(resp).await;
+    assert_eq!(code, 201, "{added}");
+    app.go_online(7, 1).await;
+    let (code, reply) = app
+        .agent_call(
+            Method::POST,
+            &format!("/livechat/sessions/{session}/messages"),
+            7,
+            1,
+            Some(json!({"message": "Here to help"})),
+        )
+        .await;
+    assert_eq!(code, 201, "{reply}");
     let dispatcher = Dispatcher::new(SeaOrmStore::new(app.db.clone()), fast())
         .ticket_sink(Arc::new(SeaOrmSinks::new(app.db.clone())))
         .ticket_sink(Arc::new(livechat_ticket_bridge::WebhookSink::new(
@@ -1151,15 +1173,32 @@ async fn webhook_receives_signed_events_with_retries(backend: Backend) {
     let calls = received.0.lock().unwrap().clone();
     assert_eq!(
         calls.len(),
-        4,
-        "two 500s, then accepted; then the chat's assignment"
+        5,
+        "two 500s, then accepted; then the customer's addition and the chat's assignment"
     );
     let ids: std::collections::HashSet<_> = calls[..3].iter().map(|c| c.0.clone()).collect();
     assert_eq!(ids.len(), 1, "every attempt carries the same event id");
-    let assigned: Value = serde_json::from_slice(&calls[3].3).unwrap();
+    let ticket_id =
+        serde_json::from_slice::<Value>(&calls[0].3).unwrap()["data"]["ticket_id"].clone();
+    assert_eq!(
+        serde_json::from_slice::<Value>(&calls[0].3).unwrap()["data"]["first_message"],
+        "anyone?"
+    );
+    let message: Value = serde_json::from_slice(&calls[3].3).unwrap();
+    assert_eq!(message["type"], "ticket.message", "{message}");
+    assert_eq!(message["data"]["ticket_id"], ticket_id, "{message}");
+    assert_eq!(
+        message["data"]["message"]["message"],
+        "Order 1234, if it helps"
+    );
+    assert_eq!(message["data"]["message"]["seq"], 2, "{message}");
+    assert_eq!(message["data"]["message"]["sender_type"], "customer");
+    assert_eq!(message["data"]["message"]["id"], added["data"]["id"]);
+    assert_eq!(message["event_id"], calls[3].0, "{message}");
+    let assigned: Value = serde_json::from_slice(&calls[4].3).unwrap();
     assert_eq!(assigned["type"], "ticket.assigned", "{assigned}");
     assert_eq!(assigned["data"]["agent_id"], 7, "{assigned}");
-    assert!(assigned["data"]["ticket_id"].is_string(), "{assigned}");
+    assert_eq!(assigned["data"]["ticket_id"], ticket_id, "{assigned}");
     let now = chrono::Utc::now().timestamp();
     for (_, ts, sig, body) in &calls[..3] {
         assert!(livechat_ticket_bridge::verify_signature(
@@ -1700,9 +1739,10 @@ async fn events_no_sink_acts_on_are_settled_without_a_claim(backend: Backend) {
 /// Issue #5: the example host gives its store the dispatcher's outbox
 /// interest, so every event is still in the outbox (invariant 5) but only
 /// those a sink acts on are written pending: the ticket request, the
-/// ticketed chat's assignment (the ticket's owner) and the agent's reply
-/// in it. The dispatcher claims exactly those and has nothing else to
-/// settle.
+/// ticketed chat's assignment (the ticket's owner), the agent's reply in
+/// it and the customer's answer (added to the ticket). The customer's
+/// first message, which the ticket opened with, is written settled. The
+/// dispatcher claims exactly those and has nothing else to settle.
 async fn events_outside_the_dispatchers_interest_are_written_settled(backend: Backend) {
     use livechat_core::EventKind;
     let app = App::new(backend).await;
@@ -1732,13 +1772,19 @@ async fn events_outside_the_dispatchers_interest_are_written_settled(backend: Ba
 
     assert_eq!(
         undispatched(&app).await,
-        3,
-        "the ticket request, the assignment and the agent's reply"
+        4,
+        "the ticket request, the assignment, the agent's reply and the customer's answer"
     );
     let posted = outbox_rows(&app, "kind = 'message.posted'").await;
+    assert_eq!(posted, 3, "every message is recorded");
     assert_eq!(
-        posted, 3,
-        "the customer's messages are recorded too, settled"
+        outbox_rows(
+            &app,
+            "kind = 'message.posted' AND dispatched_at IS NOT NULL"
+        )
+        .await,
+        1,
+        "the first message, before the ticket, is recorded settled"
     );
 
     let claimed = Arc::new(std::sync::Mutex::new(Vec::new()));
@@ -1753,12 +1799,13 @@ async fn events_outside_the_dispatchers_interest_are_written_settled(backend: Ba
     .ticket_sink(sinks.clone())
     .notification_sink(sinks);
     let report = dispatcher.dispatch_once().await.unwrap();
-    assert_eq!(report.delivered, 3, "{report:?}");
+    assert_eq!(report.delivered, 4, "{report:?}");
     assert_eq!(
         claimed.lock().unwrap().clone(),
         vec![
             EventKind::TicketRequested,
             EventKind::SessionAssigned,
+            EventKind::MessagePosted,
             EventKind::MessagePosted
         ]
     );

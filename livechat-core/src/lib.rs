@@ -59,7 +59,7 @@ pub use repository::{
     AppendedMessage, AssignMode, ChatStore, ConnectionOwner, ConnectionRepository,
     CustomerChatStarted, CustomerRepository, EligibleAgent, MessageRepository, NewCustomerChat,
     OutboxRepository, PendingAppend, PresenceRepository, PurgedConnections, SessionConnections,
-    SessionRepository,
+    SessionFilter, SessionRepository,
 };
 pub use service::{
     AgentAvailability, ChatService, ContactInput, CustomerChatRequest, HistoryPage, SessionPage,

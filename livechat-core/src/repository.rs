@@ -22,6 +22,19 @@ use crate::model::{
 };
 use crate::validate::{ClientMsgId, MessageBody, PageSize, Topic};
 
+/// Which of a tenant's sessions [`SessionRepository::list_sessions`]
+/// lists: the query of `GET /sessions` (an agent's "all", "waiting" and
+/// "mine" views). Every field left `None` lists all of them.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct SessionFilter {
+    /// Only sessions with this status.
+    pub status: Option<SessionStatus>,
+    /// Only sessions of this agent: the one serving an OPEN chat, who
+    /// served a CLOSED one, or to whom an agent-started chat is addressed.
+    /// A chat handed back to the queue (WAITING) has no agent.
+    pub agent: Option<UserId>,
+}
+
 /// A customer chat to start (issue #3).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct NewCustomerChat {
@@ -172,9 +185,10 @@ pub trait SessionRepository: Send + Sync {
         tenant: TenantId,
     ) -> impl Future<Output = Result<Vec<SessionId>, ChatError>> + Send;
 
-    /// Sessions of the tenant, newest first (by `created_at`, then id),
-    /// optionally with one status, and only those after `before` in that
-    /// order (the cursor: the last session of the previous page).
+    /// Sessions of the tenant that `filter` selects, newest first (by
+    /// `created_at`, then id), and only those after `before` in that order
+    /// (the cursor: the last session of the previous page, which need not
+    /// match `filter`).
     ///
     /// # Errors
     /// [`ChatError::InvalidPage`] when `before` is not a session of the
@@ -182,7 +196,7 @@ pub trait SessionRepository: Send + Sync {
     fn list_sessions(
         &self,
         tenant: TenantId,
-        status: Option<SessionStatus>,
+        filter: SessionFilter,
         before: Option<SessionId>,
         limit: PageSize,
     ) -> impl Future<Output = Result<Vec<SessionView>, ChatError>> + Send;

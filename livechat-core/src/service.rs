@@ -11,7 +11,7 @@ use crate::model::{
 };
 use crate::repository::{
     AppendedMessage, AssignMode, ChatStore, ConnectionOwner, CustomerChatStarted, NewCustomerChat,
-    PendingAppend, SessionConnections,
+    PendingAppend, SessionConnections, SessionFilter,
 };
 use crate::store::SeaOrmStore;
 use crate::validate::{ClientMsgId, MessageBody, PageSize, Topic, parse_department};
@@ -352,9 +352,10 @@ impl<S: ChatStore> ChatService<S> {
         Ok(queue.into_iter().zip(1..).collect())
     }
 
-    /// The tenant's sessions, newest first, after `cursor` (the previous
-    /// page's `next_cursor`: its last session) when given; `limit`
-    /// defaults to [`ChatConfig::default_page_size`].
+    /// The tenant's sessions that `filter` selects (a status, an agent's
+    /// own), newest first, after `cursor` (the previous page's
+    /// `next_cursor`: its last session) when given; `limit` defaults to
+    /// [`ChatConfig::default_page_size`].
     ///
     /// # Errors
     /// [`ChatError::InvalidPage`] for a `limit` outside `1..=max_page_size`,
@@ -362,7 +363,7 @@ impl<S: ChatStore> ChatService<S> {
     pub async fn list_sessions(
         &self,
         tenant: TenantId,
-        status: Option<SessionStatus>,
+        filter: SessionFilter,
         cursor: Option<&str>,
         limit: Option<i64>,
     ) -> Result<SessionPage, ChatError> {
@@ -370,7 +371,7 @@ impl<S: ChatStore> ChatService<S> {
         let before = crate::parse_cursor::<SessionId>(cursor)?;
         let sessions = self
             .store
-            .list_sessions(tenant, status, before, limit)
+            .list_sessions(tenant, filter, before, limit)
             .await?;
         let next_cursor = crate::next_cursor(&sessions, limit, |v| v.session.id);
         Ok(SessionPage {

@@ -5,7 +5,8 @@ use std::sync::Arc;
 
 use livechat_core::bus::EventBus;
 use livechat_core::{
-    ChatService, PageSize, TenantId, TicketClose, TicketDirectory, UserId, parse_cursor,
+    ChatService, PageSize, SessionFilter, TenantId, TicketClose, TicketDirectory, UserId,
+    parse_cursor,
 };
 use poem::Request;
 use poem_openapi::auth::Bearer;
@@ -367,20 +368,38 @@ impl AgentApi {
         auth: AgentAuth,
         /// Only sessions with this status.
         status: Query<Option<SessionStatusDto>>,
+        /// Only sessions of this agent (serving an OPEN chat, having
+        /// served a CLOSED one): `me` for the calling agent, or an agent's
+        /// user id (a positive integer).
+        agent_id: Query<Option<String>>,
         /// The `next_cursor` of the previous page: only the items after
         /// it, newest first, are listed.
         cursor: Query<Option<String>>,
         /// 1–200, default 50.
         limit: Query<Option<i64>>,
     ) -> Result<SessionListResponse, ApiError> {
+        let agent = match agent_id.0.as_deref() {
+            None => None,
+            Some("me") => Some(auth.user()),
+            Some(id) => Some(
+                id.parse::<i64>()
+                    .ok()
+                    .and_then(|id| UserId::new(id).ok())
+                    .ok_or_else(|| {
+                        ApiError::bad_request(
+                            "invalid_query",
+                            "agent_id must be `me` or a positive integer",
+                        )
+                    })?,
+            ),
+        };
+        let filter = SessionFilter {
+            status: status.0.map(Into::into),
+            agent,
+        };
         let page = self
             .chat
-            .list_sessions(
-                auth.tenant(),
-                status.0.map(Into::into),
-                cursor.0.as_deref(),
-                limit.0,
-            )
+            .list_sessions(auth.tenant(), filter, cursor.0.as_deref(), limit.0)
             .await?;
         Ok(SessionListResponse::Ok(Json(SessionListEnvelope {
             data: page.sessions.into_iter().map(Into::into).collect(),

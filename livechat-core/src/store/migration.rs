@@ -20,6 +20,7 @@ impl MigratorTrait for Migrator {
             Box::new(m0004_messages_deferred_fk::Migration),
             Box::new(m0005_customers_linked::Migration),
             Box::new(m0006_outbox_pending_for::Migration),
+            Box::new(m0007_sessions_agent::Migration),
         ]
     }
 
@@ -751,8 +752,8 @@ mod tests {
             assert!(duplicate.is_err(), "seq {seq}, key {key}");
         }
 
-        // Back past m0004 (and m0005 and m0006, applied after it).
-        Migrator::down(&db, Some(3)).await.unwrap();
+        // Back past m0004 (and m0005 to m0007, applied after it).
+        Migrator::down(&db, Some(4)).await.unwrap();
         let (down, down_shape) = messages_table(&db).await;
         assert!(!down.contains("DEFERRABLE"), "{down}");
         assert_eq!(down_shape, shape);
@@ -871,6 +872,45 @@ mod m0006_outbox_pending_for {
             manager
                 .get_connection()
                 .execute_unprepared("ALTER TABLE livechat_outbox DROP COLUMN pending_for")
+                .await?;
+            Ok(())
+        }
+    }
+}
+
+/// An agent's own sessions, newest first (`GET /sessions?agent_id=`, an
+/// agent's "mine" view): the agent load index holds only OPEN sessions,
+/// and an agent's CLOSED ones grow without bound. Customer chats still
+/// waiting have no agent, so the index leaves them out.
+mod m0007_sessions_agent {
+    use sea_orm_migration::prelude::*;
+
+    pub(super) struct Migration;
+
+    impl MigrationName for Migration {
+        fn name(&self) -> &str {
+            "m0007_sessions_agent"
+        }
+    }
+
+    #[async_trait::async_trait]
+    impl MigrationTrait for Migration {
+        async fn up(&self, manager: &SchemaManager) -> Result<(), DbErr> {
+            manager
+                .get_connection()
+                .execute_unprepared(
+                    "CREATE INDEX livechat_sessions_agent \
+                     ON livechat_sessions (tenant_id, agent_id, created_at, id) \
+                     WHERE agent_id IS NOT NULL",
+                )
+                .await?;
+            Ok(())
+        }
+
+        async fn down(&self, manager: &SchemaManager) -> Result<(), DbErr> {
+            manager
+                .get_connection()
+                .execute_unprepared("DROP INDEX IF EXISTS livechat_sessions_agent")
                 .await?;
             Ok(())
         }

@@ -23,7 +23,8 @@ use crate::model::{
     SessionView, now,
 };
 use crate::repository::{
-    AppendedMessage, AssignMode, CustomerChatStarted, NewCustomerChat, SessionRepository,
+    AppendedMessage, AssignMode, CustomerChatStarted, NewCustomerChat, SessionFilter,
+    SessionRepository,
 };
 use crate::validate::PageSize;
 
@@ -698,13 +699,16 @@ impl SessionRepository for SeaOrmStore {
     async fn list_sessions(
         &self,
         tenant: TenantId,
-        status: Option<SessionStatus>,
+        filter: SessionFilter,
         before: Option<SessionId>,
         limit: PageSize,
     ) -> Result<Vec<SessionView>, ChatError> {
         let mut query = session::Entity::find().filter(session::Column::TenantId.eq(tenant.get()));
-        if let Some(status) = status {
+        if let Some(status) = filter.status {
             query = query.filter(session::Column::Status.eq(status.as_str()));
+        }
+        if let Some(agent) = filter.agent {
+            query = query.filter(session::Column::AgentId.eq(agent.get()));
         }
         if let Some(before) = before {
             let cursor = find_session(&self.db, tenant, before)

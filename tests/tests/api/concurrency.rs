@@ -3,8 +3,8 @@
 use std::collections::{HashMap, HashSet};
 
 use livechat_core::{
-    ChatError, EventKind, OutboxRepository, PageSize, PresenceStatus, SessionStatus, TenantId,
-    UserId,
+    ChatError, EventKind, OutboxRepository, PageSize, PresenceStatus, SessionFilter, SessionStatus,
+    TenantId, UserId,
 };
 use livechat_tests::{App, Backend, on_both_databases};
 
@@ -45,7 +45,15 @@ async fn twenty_concurrent_starts_yield_one_session(backend: Backend) {
     assert_eq!(winners.len(), 1, "exactly one start wins");
     let open = app
         .chat
-        .list_sessions(tenant, Some(SessionStatus::Open), None, Some(200))
+        .list_sessions(
+            tenant,
+            SessionFilter {
+                status: Some(SessionStatus::Open),
+                ..SessionFilter::default()
+            },
+            None,
+            Some(200),
+        )
         .await
         .unwrap()
         .sessions;
@@ -53,7 +61,7 @@ async fn twenty_concurrent_starts_yield_one_session(backend: Backend) {
     assert_eq!(open[0].session.id, winners[0].id);
     let all = app
         .chat
-        .list_sessions(tenant, None, None, Some(200))
+        .list_sessions(tenant, SessionFilter::default(), None, Some(200))
         .await
         .unwrap()
         .sessions;

@@ -253,9 +253,9 @@ async fn migrations_on_a_host_connection(backend: Backend) {
         chat.post_message(t, a, s.id, "123456".into(), None).await,
         Err(livechat_core::ChatError::MessageTooLong { max: 5 })
     ));
-    // The latest migrations (with m0004's rebuild of the messages table)
-    // roll back and apply again over stored rows.
-    Migrator::down(&db, Some(2)).await.unwrap();
+    // The latest migrations (m0004's rebuild of the messages table and
+    // the three after it) roll back and apply again over stored rows.
+    Migrator::down(&db, Some(4)).await.unwrap();
     Migrator::up(&db, None).await.unwrap();
     chat.set_agent_status(t, a, PresenceStatus::Away)
         .await

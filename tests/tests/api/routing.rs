@@ -3,7 +3,8 @@
 use std::collections::HashSet;
 
 use livechat_core::{
-    ChatError, CustomerChatRequest, CustomerIdentity, PresenceStatus, Priority, SessionStatus,
+    ChatError, CustomerChatRequest, CustomerIdentity, PresenceStatus, Priority, SessionFilter,
+    SessionStatus,
 };
 use livechat_tests::{App, Backend, on_both_databases};
 use poem::http::Method;
@@ -81,13 +82,29 @@ async fn fifty_customers_against_one_agent_of_capacity_five(backend: Backend) {
     }
     let open = app
         .chat
-        .list_sessions(t(1), Some(SessionStatus::Open), None, Some(200))
+        .list_sessions(
+            t(1),
+            SessionFilter {
+                status: Some(SessionStatus::Open),
+                ..SessionFilter::default()
+            },
+            None,
+            Some(200),
+        )
         .await
         .unwrap()
         .sessions;
     let waiting = app
         .chat
-        .list_sessions(t(1), Some(SessionStatus::Waiting), None, Some(200))
+        .list_sessions(
+            t(1),
+            SessionFilter {
+                status: Some(SessionStatus::Waiting),
+                ..SessionFilter::default()
+            },
+            None,
+            Some(200),
+        )
         .await
         .unwrap()
         .sessions;
@@ -126,7 +143,15 @@ async fn fifty_customers_against_one_agent_of_capacity_five(backend: Backend) {
     }
     let still = app
         .chat
-        .list_sessions(t(1), Some(SessionStatus::Waiting), None, Some(200))
+        .list_sessions(
+            t(1),
+            SessionFilter {
+                status: Some(SessionStatus::Waiting),
+                ..SessionFilter::default()
+            },
+            None,
+            Some(200),
+        )
         .await
         .unwrap()
         .sessions;

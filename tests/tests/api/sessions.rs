@@ -13,6 +13,7 @@ on_both_databases!(
     start_rejects_bad_agent_ids,
     list_sessions_newest_first_with_filters,
     sessions_page_with_a_cursor,
+    sessions_of_one_agent,
     get_session_and_not_found,
     close_is_idempotent,
 );
@@ -336,6 +337,119 @@ async fn list_sessions_newest_first_with_filters(backend: Backend) {
         .agent_call(Method::GET, "/livechat/sessions?limit=200", 1, 1, None)
         .await;
     assert_eq!(code, 200);
+}
+
+/// `agent_id` narrows the list to one agent's sessions (an agent's "mine"
+/// view): `me` for the caller, or an id; with `status` and the cursor as
+/// for the whole list; of the caller's tenant only.
+async fn sessions_of_one_agent(backend: Backend) {
+    let app = App::new(backend).await;
+    let mine = app.open_session(1, 1).await;
+    let served = app.open_session(2, 1).await;
+    let (code, _) = app
+        .agent_call(
+            Method::POST,
+            &format!("/livechat/sessions/{served}/close"),
+            2,
+            1,
+            None,
+        )
+        .await;
+    assert_eq!(code, 200);
+    let serving = app.open_session(2, 1).await;
+    let other_tenant = app.open_session(1, 2).await;
+    let _someone_else = app.open_session(3, 1).await;
+    // A customer chat routed to one of the three online agents.
+    let resp = app
+        .client
+        .post("/livechat/customer/chats")
+        .header("X-Tenant-ID", "1")
+        .body_json(&json!({"browser_uuid": uuid::Uuid::now_v7(), "topic": "Help"}))
+        .send()
+        .await;
+    let (code, chat) = App::decode(resp).await;
+    assert_eq!(code, 201, "{chat}");
+    let chat_id = chat["data"]["session"]["id"].as_str().unwrap().to_owned();
+    let chat_agent = chat["data"]["session"]["agent_id"].as_i64().unwrap();
+
+    let ids = |body: &Value| -> Vec<String> {
+        body["data"]
+            .as_array()
+            .unwrap_or_else(|| panic!("{body}"))
+            .iter()
+            .map(|s| s["id"].as_str().unwrap().to_owned())
+            .collect()
+    };
+    let list = |query: &str, agent: i64, tenant: i64| {
+        let path = format!("/livechat/sessions?{query}");
+        let app = &app;
+        async move {
+            let (code, body) = app
+                .agent_call(Method::GET, &path, agent, tenant, None)
+                .await;
+            assert_eq!(code, 200, "{path}: {body}");
+            body
+        }
+    };
+    let with_chat = |agent: i64, mut expected: Vec<String>| {
+        if agent == chat_agent {
+            expected.insert(0, chat_id.clone());
+        }
+        expected
+    };
+    assert_eq!(
+        ids(&list("agent_id=me", 1, 1).await),
+        with_chat(1, vec![mine.clone()])
+    );
+    assert_eq!(
+        ids(&list("agent_id=2", 1, 1).await),
+        with_chat(2, vec![serving.clone(), served.clone()]),
+        "another agent's, by id"
+    );
+    assert_eq!(
+        ids(&list("agent_id=2&status=CLOSED", 3, 1).await),
+        vec![served.clone()]
+    );
+    assert_eq!(
+        ids(&list(&format!("agent_id={chat_agent}&status=OPEN"), 3, 1).await)[0],
+        chat_id,
+        "the customer chat is its agent's"
+    );
+    assert!(ids(&list("agent_id=9", 1, 1).await).is_empty());
+    assert_eq!(
+        ids(&list("agent_id=me", 1, 2).await),
+        vec![other_tenant],
+        "the caller's tenant only"
+    );
+    // Paged like the whole list.
+    let (paged, _) = page_through("/livechat/sessions?agent_id=2", 1, |url| {
+        let app = &app;
+        async move { app.agent_call(Method::GET, &url, 1, 1, None).await }
+    })
+    .await;
+    assert_eq!(paged, with_chat(2, vec![serving, served]));
+
+    for bad in [
+        "agent_id=0",
+        "agent_id=-2",
+        "agent_id=abc",
+        "agent_id=ME",
+        "agent_id=",
+        "agent_id=1.5",
+        "agent_id=me&agent_id=1",
+    ] {
+        let (code, body) = app
+            .agent_call(
+                Method::GET,
+                &format!("/livechat/sessions?{bad}"),
+                1,
+                1,
+                None,
+            )
+            .await;
+        assert_eq!(code, 400, "{bad}: {body}");
+        assert_eq!(body["error"]["code"], "invalid_query", "{bad}");
+    }
 }
 
 async fn get_session_and_not_found(backend: Backend) {

@@ -235,6 +235,11 @@ pub struct TicketRequested {
     pub requested_by: Option<UserId>,
     /// The customer's topic.
     pub topic: Option<String>,
+    /// The department the customer asked for at start, if any: a help
+    /// desk's group or team. Absent from events written before it existed
+    /// (read as `None`).
+    #[serde(default)]
+    pub department: Option<String>,
     /// Queue priority.
     pub priority: Priority,
     /// Contact details given at start.

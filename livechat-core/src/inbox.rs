@@ -68,6 +68,9 @@ pub struct Ticket {
     pub agent_id: Option<UserId>,
     /// The customer's topic (or a generated subject).
     pub subject: String,
+    /// The department the customer asked for, if any
+    /// ([`TicketRequested::department`](crate::TicketRequested::department)).
+    pub department: Option<String>,
     /// Priority carried over from the chat.
     pub priority: Priority,
     /// Open or closed.
@@ -103,12 +106,24 @@ pub struct Notification {
     pub read_at: Option<DateTime<Utc>>,
 }
 
+/// Which of a tenant's tickets [`TicketDirectory::list_tickets`] lists
+/// (the query of `GET /tickets`). Every field left `None` lists all.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct TicketFilter {
+    /// Only tickets with this status.
+    pub status: Option<TicketStatus>,
+    /// Only tickets whose customer asked for this department (compared
+    /// exactly with [`Ticket::department`]): one team's tickets.
+    pub department: Option<String>,
+}
+
 /// Tickets for agents' routes.
 #[async_trait]
 pub trait TicketDirectory: Send + Sync + 'static {
-    /// The tenant's tickets, newest first (by `created_at`, then id),
-    /// optionally with one status, and only those after `before` in that
-    /// order (the cursor: the last ticket of the previous page).
+    /// The tenant's tickets that `filter` selects, newest first (by
+    /// `created_at`, then id), and only those after `before` in that
+    /// order (the cursor: the last ticket of the previous page, which need
+    /// not match `filter`).
     ///
     /// # Errors
     /// [`ChatError::InvalidPage`] ([`crate::INVALID_CURSOR`]) when `before`
@@ -116,7 +131,7 @@ pub trait TicketDirectory: Send + Sync + 'static {
     async fn list_tickets(
         &self,
         tenant: TenantId,
-        status: Option<TicketStatus>,
+        filter: TicketFilter,
         before: Option<TicketId>,
         limit: PageSize,
     ) -> Result<Vec<Ticket>, ChatError>;

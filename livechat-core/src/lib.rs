@@ -49,7 +49,9 @@ pub use events::{
 pub use ids::{
     CustomerId, EventId, MessageId, NotificationId, SessionId, TenantId, TicketId, UserId,
 };
-pub use inbox::{Notification, NotificationInbox, Ticket, TicketDirectory, TicketStatus};
+pub use inbox::{
+    Notification, NotificationInbox, Ticket, TicketDirectory, TicketFilter, TicketStatus,
+};
 pub use model::{
     AgentPresence, ChatMessage, ChatSession, Contact, Customer, CustomerIdentity, PresenceStatus,
     Priority, Sender, SenderType, SessionOrigin, SessionStatus, SessionView, now,

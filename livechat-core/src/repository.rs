@@ -25,7 +25,7 @@ use crate::validate::{ClientMsgId, MessageBody, PageSize, Topic};
 /// Which of a tenant's sessions [`SessionRepository::list_sessions`]
 /// lists: the query of `GET /sessions` (an agent's "all", "waiting" and
 /// "mine" views). Every field left `None` lists all of them.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct SessionFilter {
     /// Only sessions with this status.
     pub status: Option<SessionStatus>,
@@ -33,6 +33,9 @@ pub struct SessionFilter {
     /// served a CLOSED one, or to whom an agent-started chat is addressed.
     /// A chat handed back to the queue (WAITING) has no agent.
     pub agent: Option<UserId>,
+    /// Only customer chats started with this department (as stored:
+    /// trimmed; compared exactly).
+    pub department: Option<String>,
 }
 
 /// A customer chat to start (issue #3).

@@ -305,6 +305,7 @@ impl<S: ChatStore> ChatService<S> {
                         agent_id: Some(agent),
                         requested_by: Some(caller),
                         topic: None,
+                        department: None,
                         priority: Priority::Normal,
                         contact: None,
                         first_message: None,

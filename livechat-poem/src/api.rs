@@ -5,8 +5,8 @@ use std::sync::Arc;
 
 use livechat_core::bus::EventBus;
 use livechat_core::{
-    ChatService, PageSize, SessionFilter, TenantId, TicketClose, TicketDirectory, UserId,
-    parse_cursor,
+    ChatService, PageSize, SessionFilter, TenantId, TicketClose, TicketDirectory, TicketFilter,
+    UserId, parse_cursor,
 };
 use poem::Request;
 use poem_openapi::auth::Bearer;
@@ -372,6 +372,9 @@ impl AgentApi {
         /// served a CLOSED one): `me` for the calling agent, or an agent's
         /// user id (a positive integer).
         agent_id: Query<Option<String>>,
+        /// Only customer chats started with this department (1–100
+        /// characters, compared as a start stores it: trimmed).
+        department: Query<Option<String>>,
         /// The `next_cursor` of the previous page: only the items after
         /// it, newest first, are listed.
         cursor: Query<Option<String>>,
@@ -396,6 +399,7 @@ impl AgentApi {
         let filter = SessionFilter {
             status: status.0.map(Into::into),
             agent,
+            department: department_query(department.0)?,
         };
         let page = self
             .chat
@@ -612,6 +616,9 @@ impl AgentApi {
         auth: AgentAuth,
         /// Only tickets with this status.
         status: Query<Option<TicketStatusDto>>,
+        /// Only tickets whose customer asked for this department (1–100
+        /// characters, compared as a start stores it: trimmed).
+        department: Query<Option<String>>,
         /// The `next_cursor` of the previous page: only the items after
         /// it, newest first, are listed.
         cursor: Query<Option<String>>,
@@ -620,9 +627,13 @@ impl AgentApi {
     ) -> Result<TicketListResponse, ApiError> {
         let limit = PageSize::parse(limit.0, self.chat.config())?;
         let before = parse_cursor(cursor.0.as_deref())?;
+        let filter = TicketFilter {
+            status: status.0.map(Into::into),
+            department: department_query(department.0)?,
+        };
         let tickets = self
             .tickets()?
-            .list_tickets(auth.tenant(), status.0.map(Into::into), before, limit)
+            .list_tickets(auth.tenant(), filter, before, limit)
             .await?;
         let data: Vec<TicketDto> = tickets.into_iter().map(Into::into).collect();
         let next_cursor = livechat_core::next_cursor(&data, limit, |t| t.id);
@@ -680,5 +691,21 @@ impl AgentApi {
                 }))
             }
         })
+    }
+}
+
+/// The `department` query parameter of the session and ticket lists:
+/// trimmed, as a start stores a department, and 1–100 characters (400
+/// `invalid_query` otherwise, a blank one too: it would match nothing).
+fn department_query(department: Option<String>) -> Result<Option<String>, ApiError> {
+    let Some(department) = department else {
+        return Ok(None);
+    };
+    match livechat_core::parse_department(Some(department)) {
+        Ok(Some(department)) => Ok(Some(department)),
+        _ => Err(ApiError::bad_request(
+            "invalid_query",
+            "department must be 1–100 characters, not blank",
+        )),
     }
 }

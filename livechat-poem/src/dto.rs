@@ -477,6 +477,8 @@ pub struct TicketDto {
     pub agent_id: Option<i64>,
     /// Topic or generated subject.
     pub subject: String,
+    /// The department the customer asked for at start.
+    pub department: Option<String>,
     /// Priority.
     pub priority: PriorityDto,
     /// `OPEN` or `CLOSED`.
@@ -500,6 +502,7 @@ impl From<Ticket> for TicketDto {
             customer_id: t.customer_id.map(|c| c.as_uuid()),
             agent_id: t.agent_id.map(livechat_core::UserId::get),
             subject: t.subject,
+            department: t.department,
             priority: t.priority.into(),
             status: t.status.into(),
             created_at: t.created_at,

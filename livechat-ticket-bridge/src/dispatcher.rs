@@ -968,6 +968,7 @@ mod tests {
             agent_id: None,
             requested_by: None,
             topic: Some("Billing".into()),
+            department: None,
             priority: Priority::Normal,
             contact: None,
             first_message: None,

@@ -137,6 +137,7 @@ async fn open_session_ticket(
         agent_id: None,
         requested_by: None,
         topic: session.topic,
+        department: session.department,
         priority: session.priority,
         contact: session.contact,
         first_message,
@@ -709,6 +710,9 @@ impl SessionRepository for SeaOrmStore {
         }
         if let Some(agent) = filter.agent {
             query = query.filter(session::Column::AgentId.eq(agent.get()));
+        }
+        if let Some(department) = filter.department {
+            query = query.filter(session::Column::Department.eq(department));
         }
         if let Some(before) = before {
             let cursor = find_session(&self.db, tenant, before)

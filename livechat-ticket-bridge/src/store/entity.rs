@@ -16,6 +16,7 @@ pub(crate) mod ticket {
         pub customer_id: Option<Uuid>,
         pub agent_id: Option<i64>,
         pub subject: String,
+        pub department: Option<String>,
         pub priority: String,
         pub status: String,
         pub created_at: DateTimeUtc,

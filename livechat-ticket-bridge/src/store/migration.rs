@@ -14,7 +14,10 @@ pub struct BridgeMigrator;
 #[async_trait::async_trait]
 impl MigratorTrait for BridgeMigrator {
     fn migrations() -> Vec<Box<dyn MigrationTrait>> {
-        vec![Box::new(m0001_tickets::Migration)]
+        vec![
+            Box::new(m0001_tickets::Migration),
+            Box::new(m0002_tickets_department::Migration),
+        ]
     }
 
     fn migration_table_name() -> DynIden {
@@ -148,6 +151,48 @@ mod m0001_tickets {
             manager
                 .drop_table(Table::drop().table(LivechatTickets::Table).to_owned())
                 .await
+        }
+    }
+}
+
+/// The department a ticket's customer asked for
+/// (`TicketRequested::department`), so that agents list one team's
+/// tickets (`GET /tickets?department=`). Nullable: tickets opened before
+/// have none, and nodes of the version before keep inserting tickets
+/// during an upgrade.
+mod m0002_tickets_department {
+    use sea_orm_migration::prelude::*;
+
+    pub(super) struct Migration;
+
+    impl MigrationName for Migration {
+        fn name(&self) -> &str {
+            "m0002_tickets_department"
+        }
+    }
+
+    #[async_trait::async_trait]
+    impl MigrationTrait for Migration {
+        async fn up(&self, manager: &SchemaManager) -> Result<(), DbErr> {
+            let db = manager.get_connection();
+            db.execute_unprepared("ALTER TABLE livechat_tickets ADD COLUMN department TEXT NULL")
+                .await?;
+            db.execute_unprepared(
+                "CREATE INDEX livechat_tickets_department \
+                 ON livechat_tickets (tenant_id, department, created_at, id) \
+                 WHERE department IS NOT NULL",
+            )
+            .await?;
+            Ok(())
+        }
+
+        async fn down(&self, manager: &SchemaManager) -> Result<(), DbErr> {
+            let db = manager.get_connection();
+            db.execute_unprepared("DROP INDEX IF EXISTS livechat_tickets_department")
+                .await?;
+            db.execute_unprepared("ALTER TABLE livechat_tickets DROP COLUMN department")
+                .await?;
+            Ok(())
         }
     }
 }

@@ -10,7 +10,7 @@ use chrono::{DateTime, Utc};
 use livechat_core::store::older_than;
 use livechat_core::{
     ChatError, CustomerId, EventId, Notification, NotificationId, NotificationInbox, PageSize,
-    Priority, SessionId, TenantId, Ticket, TicketDirectory, TicketId, TicketReason,
+    Priority, SessionId, TenantId, Ticket, TicketDirectory, TicketFilter, TicketId, TicketReason,
     TicketRequested, TicketStatus, UserId,
 };
 use sea_orm::sea_query::Expr;
@@ -115,6 +115,7 @@ impl TryFrom<ticket::Model> for Ticket {
             customer_id: m.customer_id.map(CustomerId::from_uuid),
             agent_id: m.agent_id.map(host_id::<UserId>).transpose()?,
             subject: m.subject,
+            department: m.department,
             priority: Priority::parse(&m.priority).ok_or_else(|| corrupt("ticket priority"))?,
             status: TicketStatus::parse(&m.status).ok_or_else(|| corrupt("ticket status"))?,
             created_at: m.created_at,
@@ -162,6 +163,7 @@ impl TicketSink for SeaOrmSinks {
             customer_id: Set(request.customer_id.map(|c| c.as_uuid())),
             agent_id: Set(request.agent_id.map(UserId::get)),
             subject: Set(subject(request)),
+            department: Set(request.department.clone()),
             priority: Set(request.priority.as_str().to_owned()),
             status: Set(TicketStatus::Open.as_str().to_owned()),
             created_at: Set(allocated_at(request.ticket_id.as_uuid())),
@@ -259,13 +261,16 @@ impl TicketDirectory for SeaOrmSinks {
     async fn list_tickets(
         &self,
         tenant: TenantId,
-        status: Option<TicketStatus>,
+        filter: TicketFilter,
         before: Option<TicketId>,
         limit: PageSize,
     ) -> Result<Vec<Ticket>, ChatError> {
         let mut query = ticket::Entity::find().filter(ticket::Column::TenantId.eq(tenant.get()));
-        if let Some(status) = status {
+        if let Some(status) = filter.status {
             query = query.filter(ticket::Column::Status.eq(status.as_str()));
+        }
+        if let Some(department) = filter.department {
+            query = query.filter(ticket::Column::Department.eq(department));
         }
         if let Some(before) = before {
             let cursor = ticket::Entity::find_by_id(before.as_uuid())

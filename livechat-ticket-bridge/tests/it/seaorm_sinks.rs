@@ -4,7 +4,7 @@
 use livechat_core::store::{self, Migrator};
 use livechat_core::{
     ChatConfig, ChatError, CustomerId, EventId, NotificationId, NotificationInbox, PageSize,
-    TicketDirectory, TicketId, TicketStatus,
+    TicketDirectory, TicketFilter, TicketId, TicketStatus,
 };
 use livechat_ticket_bridge::{BridgeMigrator, NotificationSink, SeaOrmSinks, TicketSink};
 use sea_orm_migration::MigratorTrait;
@@ -40,7 +40,7 @@ async fn opening_the_same_ticket_twice_stores_one() {
     sinks.open_ticket(&request, key).await.unwrap();
 
     let tickets = sinks
-        .list_tickets(tenant(1), None, None, page(50))
+        .list_tickets(tenant(1), TicketFilter::default(), None, page(50))
         .await
         .unwrap();
     assert_eq!(tickets.len(), 1);
@@ -52,6 +52,7 @@ async fn opening_the_same_ticket_twice_stores_one() {
     assert_eq!(ticket.reason, request.reason);
     assert_eq!(ticket.session_id, request.session_id);
     assert_eq!(ticket.customer_id, request.customer_id);
+    assert_eq!(ticket.department.as_deref(), Some("Billing"));
     assert_eq!(ticket.closed_at, None);
     // Opened when the ticket id was allocated, not when it was delivered.
     let allocated = request
@@ -101,7 +102,7 @@ async fn tickets_are_isolated_by_tenant_and_listed_newest_first() {
     }
 
     let subjects: Vec<String> = sinks
-        .list_tickets(tenant(1), None, None, page(50))
+        .list_tickets(tenant(1), TicketFilter::default(), None, page(50))
         .await
         .unwrap()
         .into_iter()
@@ -110,7 +111,7 @@ async fn tickets_are_isolated_by_tenant_and_listed_newest_first() {
     assert_eq!(subjects, ["second", "first"]);
     assert_eq!(
         sinks
-            .list_tickets(tenant(1), None, None, page(1))
+            .list_tickets(tenant(1), TicketFilter::default(), None, page(1))
             .await
             .unwrap()[0]
             .subject,
@@ -193,13 +194,29 @@ async fn closing_only_touches_the_tenants_open_ticket() {
     assert_eq!(again.closed_at, Some(closed_at));
 
     let open = sinks
-        .list_tickets(tenant(1), Some(TicketStatus::Open), None, page(50))
+        .list_tickets(
+            tenant(1),
+            TicketFilter {
+                status: Some(TicketStatus::Open),
+                ..TicketFilter::default()
+            },
+            None,
+            page(50),
+        )
         .await
         .unwrap();
     assert_eq!(open.len(), 1);
     assert_eq!(open[0].id, other.ticket_id);
     let closed_list = sinks
-        .list_tickets(tenant(1), Some(TicketStatus::Closed), None, page(50))
+        .list_tickets(
+            tenant(1),
+            TicketFilter {
+                status: Some(TicketStatus::Closed),
+                ..TicketFilter::default()
+            },
+            None,
+            page(50),
+        )
         .await
         .unwrap();
     assert_eq!(closed_list.len(), 1);
@@ -326,7 +343,7 @@ async fn tickets_of_one_millisecond_page_by_id() {
         ids.push(request.ticket_id);
     }
     let all = sinks
-        .list_tickets(tenant(1), None, None, page(50))
+        .list_tickets(tenant(1), TicketFilter::default(), None, page(50))
         .await
         .unwrap();
     assert!(all.iter().all(|t| t.created_at == all[0].created_at));
@@ -334,7 +351,7 @@ async fn tickets_of_one_millisecond_page_by_id() {
     let mut cursor = None;
     loop {
         let one = sinks
-            .list_tickets(tenant(1), None, cursor, page(1))
+            .list_tickets(tenant(1), TicketFilter::default(), cursor, page(1))
             .await
             .unwrap();
         let Some(ticket) = one.first() else { break };
@@ -343,4 +360,48 @@ async fn tickets_of_one_millisecond_page_by_id() {
     }
     ids.reverse();
     assert_eq!(seen, ids);
+}
+
+/// A ticket keeps its customer's department, and the list narrows to one
+/// department (with a status too), of the tenant asked for only.
+#[tokio::test]
+async fn tickets_list_by_department() {
+    let (_dir, sinks) = sinks().await;
+    let billing = customer_request(tenant(1), "Invoice");
+    let mut sales = customer_request(tenant(1), "Quote");
+    sales.department = Some("Sales".into());
+    let none = agent_request(tenant(1), 4);
+    let elsewhere = customer_request(tenant(2), "Invoice");
+    for request in [&billing, &sales, &none, &elsewhere] {
+        sinks
+            .open_ticket(request, EventId::generate())
+            .await
+            .unwrap();
+    }
+    sinks
+        .close_ticket(tenant(1), sales.ticket_id, EventId::generate())
+        .await
+        .unwrap();
+    let list = |department: &str, status: Option<TicketStatus>| {
+        let filter = TicketFilter {
+            status,
+            department: Some(department.to_owned()),
+        };
+        let sinks = &sinks;
+        async move {
+            sinks
+                .list_tickets(tenant(1), filter, None, page(50))
+                .await
+                .unwrap()
+                .into_iter()
+                .map(|t| t.id)
+                .collect::<Vec<_>>()
+        }
+    };
+    assert_eq!(list("Billing", None).await, vec![billing.ticket_id]);
+    assert_eq!(list("Sales", None).await, vec![sales.ticket_id]);
+    assert!(list("Sales", Some(TicketStatus::Open)).await.is_empty());
+    assert!(list("billing", None).await.is_empty(), "compared exactly");
+    let agent_ticket = sinks.get_ticket(tenant(1), none.ticket_id).await.unwrap();
+    assert_eq!(agent_ticket.department, None);
 }

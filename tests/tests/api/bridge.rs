@@ -18,6 +18,7 @@ use serde_json::{Value, json};
 
 on_both_databases!(
     ticket_then_notification_on_agent_reply,
+    tickets_and_chats_by_department,
     tickets_and_notifications_page_with_a_cursor,
     a_handed_back_chat_whose_ticket_was_closed_gets_a_new_one,
     a_chat_left_waiting_by_the_last_agent_becomes_a_ticket,
@@ -442,6 +443,86 @@ async fn a_ticket_closes_only_after_its_opening_and_once(backend: Backend) {
         )
         .await;
     assert_eq!(closed["data"]["status"], "CLOSED", "{closed}");
+}
+
+/// A chat's department goes with its ticket (the tables, the webhook's
+/// `ticket.requested`), and agents list one department's tickets and
+/// chats.
+async fn tickets_and_chats_by_department(backend: Backend) {
+    let app = App::new(backend).await;
+    let mut sessions = Vec::new();
+    for (topic, department) in [
+        ("Refund", Some(" Billing ")),
+        ("Quote", Some("Sales")),
+        ("Hi", None),
+    ] {
+        let resp = app
+            .client
+            .post("/livechat/customer/chats")
+            .header("X-Tenant-ID", "1")
+            .body_json(&json!({
+                "browser_uuid": uuid::Uuid::now_v7(),
+                "topic": topic,
+                "department": department,
+            }))
+            .send()
+            .await;
+        let (code, body) = App::decode(resp).await;
+        assert_eq!(code, 201, "{body}");
+        sessions.push(body["data"]["session"]["id"].as_str().unwrap().to_owned());
+    }
+    drain(&app.dispatcher, &app.db).await;
+    let list = |path: &str| {
+        let path = path.to_owned();
+        let app = &app;
+        async move {
+            let (code, body) = app.agent_call(Method::GET, &path, 7, 1, None).await;
+            assert_eq!(code, 200, "{path}: {body}");
+            body["data"].as_array().unwrap().clone()
+        }
+    };
+    let all = list("/livechat/tickets").await;
+    assert_eq!(all.len(), 3);
+    let billing = list("/livechat/tickets?department=Billing").await;
+    assert_eq!(billing.len(), 1, "{billing:?}");
+    assert_eq!(billing[0]["department"], "Billing", "stored trimmed");
+    assert_eq!(billing[0]["session_id"], sessions[0].as_str());
+    assert_eq!(billing[0]["subject"], "Refund");
+    let sales = list("/livechat/tickets?department=%20Sales&status=OPEN").await;
+    assert_eq!(sales.len(), 1, "{sales:?}");
+    assert_eq!(sales[0]["session_id"], sessions[1].as_str());
+    assert!(
+        list("/livechat/tickets?department=Sales&status=CLOSED")
+            .await
+            .is_empty()
+    );
+    assert!(
+        list("/livechat/tickets?department=Support")
+            .await
+            .is_empty()
+    );
+    let hi = all.iter().find(|t| t["subject"] == "Hi").unwrap();
+    assert!(hi["department"].is_null(), "{hi}");
+    // The chats themselves, by department.
+    let chats = list("/livechat/sessions?department=Billing&status=WAITING").await;
+    assert_eq!(chats.len(), 1, "{chats:?}");
+    assert_eq!(chats[0]["id"], sessions[0].as_str());
+    assert_eq!(list("/livechat/sessions?department=Sales").await.len(), 1);
+
+    let long = "x".repeat(101);
+    for path in ["/livechat/tickets", "/livechat/sessions"] {
+        for bad in [
+            "department=",
+            "department=%20",
+            &format!("department={long}"),
+        ] {
+            let (code, body) = app
+                .agent_call(Method::GET, &format!("{path}?{bad}"), 7, 1, None)
+                .await;
+            assert_eq!(code, 400, "{path}?{bad}: {body}");
+            assert_eq!(body["error"]["code"], "invalid_query", "{path}?{bad}");
+        }
+    }
 }
 
 async fn ticket_then_notification_on_agent_reply(backend: Backend) {
@@ -1180,9 +1261,14 @@ async fn webhook_receives_signed_events_with_retries(backend: Backend) {
     assert_eq!(ids.len(), 1, "every attempt carries the same event id");
     let ticket_id =
         serde_json::from_slice::<Value>(&calls[0].3).unwrap()["data"]["ticket_id"].clone();
-    assert_eq!(
-        serde_json::from_slice::<Value>(&calls[0].3).unwrap()["data"]["first_message"],
-        "anyone?"
+    let requested = serde_json::from_slice::<Value>(&calls[0].3).unwrap();
+    assert_eq!(requested["data"]["first_message"], "anyone?");
+    assert!(
+        requested["data"]
+            .as_object()
+            .unwrap()
+            .contains_key("department"),
+        "{requested}"
     );
     let message: Value = serde_json::from_slice(&calls[3].3).unwrap();
     assert_eq!(message["type"], "ticket.message", "{message}");

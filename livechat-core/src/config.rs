@@ -37,6 +37,18 @@ pub struct RoutingPolicy {
     /// chosen status alone, for hosts without a real-time connection that
     /// refreshes presence.
     pub presence_ttl: Option<Duration>,
+    /// How long an agent may stay gone, without having chosen `offline`,
+    /// before their OPEN customer chats are handed back as if they had
+    /// (routed to another agent online, or left waiting and ticketed):
+    /// counted from their offline announcement, which comes once their
+    /// last connection closed and the presence grace passed, or once
+    /// their liveness ran out unseen. Housekeeping applies it
+    /// ([`ChatService::hand_back_chats_of_absent_agents`](crate::ChatService::hand_back_chats_of_absent_agents)),
+    /// so a chat moves up to one housekeeping period later. `None` (the
+    /// default) leaves the chats with the agent until they return or
+    /// choose `offline`. Needs [`Self::presence_ttl`]: without it liveness
+    /// never runs out, and nothing is handed back.
+    pub hand_back_after: Option<Duration>,
 }
 
 impl Default for RoutingPolicy {
@@ -44,6 +56,7 @@ impl Default for RoutingPolicy {
         Self {
             default_capacity: 5,
             presence_ttl: None,
+            hand_back_after: None,
         }
     }
 }

@@ -438,6 +438,24 @@ pub trait PresenceRepository: Send + Sync {
         stale_before: chrono::DateTime<chrono::Utc>,
     ) -> impl Future<Output = Result<Vec<(TenantId, UserId)>, ChatError>> + Send;
 
+    /// Hands back the OPEN customer chats of every agent, of every tenant,
+    /// who is still gone since an offline announcement made at or before
+    /// `announced_before`: a chosen status other than `offline`, liveness
+    /// run out by `policy.presence_ttl`, no live connection on any node. As
+    /// when an agent chooses `offline`, each chat goes back to the queue
+    /// (`session.updated`), is routed to another agent online in queue
+    /// order, and with nobody online waits and is ticketed; each agent's
+    /// chats in one transaction under the tenant's routing lock, where the
+    /// absence is checked again. Agent-started sessions stay. Returns the
+    /// agents whose chats were handed back, as `(tenant, agent)`. Without
+    /// a presence TTL nothing is handed back. Housekeeping, cross-tenant by
+    /// nature, never reachable from a request.
+    fn hand_back_chats_of_absent_agents(
+        &self,
+        announced_before: chrono::DateTime<chrono::Utc>,
+        policy: &RoutingPolicy,
+    ) -> impl Future<Output = Result<Vec<(TenantId, UserId)>, ChatError>> + Send;
+
     /// Clears a standing offline announcement of `agent` (they are
     /// connected again) and returns their presence when there was one, so
     /// that their chosen status is announced again once.

@@ -998,6 +998,34 @@ impl<S: ChatStore> ChatService<S> {
         self.store.announce_expired_presence(stale_before).await
     }
 
+    /// Housekeeping for every tenant (call it periodically, after
+    /// [`Self::announce_expired_presence`]): hands back the OPEN customer
+    /// chats of agents gone for the routing policy's `hand_back_after`
+    /// since their offline announcement, as if they had chosen `offline`:
+    /// each chat is routed to another agent online in queue order or, with
+    /// nobody online, waits and is ticketed, and the customer's
+    /// connections get `session_updated`. An agent who returned (a
+    /// heartbeat, a connection) or chose a status since is left alone, and
+    /// agent-started sessions stay (README "Agents who are gone"). Returns
+    /// the agents whose chats were handed back, as `(tenant, agent)`.
+    /// Without `hand_back_after` or `presence_ttl`, nothing.
+    ///
+    /// # Errors
+    /// [`ChatError::Storage`] only; the agents before the failing one keep
+    /// their hand-back, and a later call does the rest.
+    pub async fn hand_back_chats_of_absent_agents(
+        &self,
+    ) -> Result<Vec<(TenantId, UserId)>, ChatError> {
+        let policy = &self.config.routing;
+        let (Some(after), Some(_)) = (policy.hand_back_after, policy.presence_ttl) else {
+            return Ok(Vec::new());
+        };
+        let announced_before = crate::model::now() - crate::model::span(after);
+        self.store
+            .hand_back_chats_of_absent_agents(announced_before, policy)
+            .await
+    }
+
     /// Decides whether to tell `agent`'s tenant that the agent went
     /// offline, `grace` after their last connection closed
     /// ([`Self::unregister_connection`] with the same `grace`): `true` (and

@@ -205,6 +205,24 @@ impl Livechat {
         Ok(offline)
     }
 
+    /// Housekeeping for every tenant (call it periodically, after
+    /// [`Self::announce_expired_presence`]): hands back the OPEN customer
+    /// chats of agents gone for the routing policy's `hand_back_after`
+    /// (`RoutingPolicy::hand_back_after`) since they were announced
+    /// offline ([`ChatService::hand_back_chats_of_absent_agents`]); their
+    /// customers' connections get `session_updated`, and the agent who
+    /// takes a chat `session_assigned`. Returns the agents whose chats were
+    /// handed back.
+    ///
+    /// # Errors
+    /// [`livechat_core::ChatError::Storage`] when the presences or sessions
+    /// could not be read or written.
+    pub async fn hand_back_chats_of_absent_agents(
+        &self,
+    ) -> Result<Vec<(TenantId, UserId)>, livechat_core::ChatError> {
+        self.chat.hand_back_chats_of_absent_agents().await
+    }
+
     /// Closes every WebSocket of this node with 1001 (going away), for a
     /// graceful shutdown; call it when the server stops accepting, then
     /// wait for [`Self::closed`] before closing the database.

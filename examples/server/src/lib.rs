@@ -19,6 +19,7 @@
 //! | `LIVECHAT_PRESENCE_TTL_SECS` | `60` | an agent without a heartbeat (WebSocket ping, status change or heartbeat call) for this long is not eligible; this and the two below are 1–86,400 seconds |
 //! | `LIVECHAT_PING_INTERVAL_SECS` | `20` | WebSocket ping interval; below the presence TTL |
 //! | `LIVECHAT_PRESENCE_GRACE_SECS` | `10` | how long an agent whose last connection closed stays eligible |
+//! | `LIVECHAT_HAND_BACK_AFTER_SECS` | `120` | how long an agent may be gone (announced offline without choosing `offline`) before housekeeping hands their customer chats to other agents; 1–86,400 seconds, or `off` to leave the chats with them |
 //! | `LIVECHAT_CORS_ORIGINS` | none | comma list of browser origins allowed for HTTP (CORS) and WebSocket; `*` allows any |
 //! | `LIVECHAT_CORS_CREDENTIALS` | `false` | send `Access-Control-Allow-Credentials: true` |
 //! | `REDIS_URL` | none (single node) | Redis for cross-node fan-out, e.g. `redis://127.0.0.1:6379` |
@@ -93,6 +94,8 @@ pub struct Config {
     pub ping_interval: Duration,
     /// `LIVECHAT_PRESENCE_GRACE_SECS`.
     pub presence_grace: Duration,
+    /// `LIVECHAT_HAND_BACK_AFTER_SECS` (`off`: `None`).
+    pub hand_back_after: Option<Duration>,
     /// `LIVECHAT_CORS_ORIGINS`.
     pub cors_origins: Vec<String>,
     /// `LIVECHAT_CORS_CREDENTIALS`.
@@ -122,6 +125,7 @@ impl Config {
             presence_ttl: Duration::from_secs(60),
             ping_interval: Duration::from_secs(20),
             presence_grace: Duration::from_secs(10),
+            hand_back_after: Some(Duration::from_secs(120)),
             cors_origins: Vec::new(),
             cors_credentials: false,
             redis_url: None,
@@ -225,6 +229,10 @@ impl Config {
                 var("LIVECHAT_PRESENCE_GRACE_SECS"),
                 10,
             )?,
+            hand_back_after: match var("LIVECHAT_HAND_BACK_AFTER_SECS") {
+                Some(v) if v.trim().eq_ignore_ascii_case("off") => None,
+                v => Some(secs("LIVECHAT_HAND_BACK_AFTER_SECS", v, 120)?),
+            },
             cors_origins: var("LIVECHAT_CORS_ORIGINS")
                 .map(|v| {
                     v.split(',')
@@ -277,6 +285,7 @@ impl Config {
         let mut config = ChatConfig::default();
         config.routing.default_capacity = self.agent_capacity;
         config.routing.presence_ttl = Some(self.presence_ttl);
+        config.routing.hand_back_after = self.hand_back_after;
         config
     }
 }
@@ -824,7 +833,9 @@ pub async fn run(config: Config) -> Result<(), Box<dyn std::error::Error + Send 
 /// their agents offline (`Livechat::purge_expired_connections`), then
 /// announces offline the agents whose presence ran out without a
 /// connection (`Livechat::announce_expired_presence`: agents who used only
-/// the HTTP routes and stopped sending heartbeats), then tickets the chats
+/// the HTTP routes and stopped sending heartbeats), then hands back the
+/// chats of agents gone for `LIVECHAT_HAND_BACK_AFTER_SECS`
+/// (`Livechat::hand_back_chats_of_absent_agents`), then tickets the chats
 /// left waiting in tenants with no agent online
 /// (`Livechat::ticket_unattended_chats`).
 async fn housekeeping(livechat: livechat_poem::Livechat) {
@@ -840,6 +851,11 @@ async fn housekeeping(livechat: livechat_poem::Livechat) {
             livechat.announce_expired_presence().await,
             "agents whose presence ran out announced offline",
             "announcing expired presence failed",
+        );
+        log_announced(
+            livechat.hand_back_chats_of_absent_agents().await,
+            "chats of agents gone past LIVECHAT_HAND_BACK_AFTER_SECS handed back",
+            "handing back the chats of absent agents failed",
         );
         match livechat.ticket_unattended_chats().await {
             Ok(chats) if !chats.is_empty() => {
@@ -903,7 +919,7 @@ async fn shutdown_signal() {
 
 #[cfg(test)]
 mod config_tests {
-    use super::Config;
+    use super::{Config, Duration};
 
     fn config(vars: &[(&str, &str)]) -> Result<Config, String> {
         let vars: Vec<(String, String)> = vars
@@ -947,6 +963,14 @@ mod config_tests {
                 "LIVECHAT_PING_INTERVAL_SECS",
             ),
             (
+                &[("LIVECHAT_HAND_BACK_AFTER_SECS", "0")][..],
+                "LIVECHAT_HAND_BACK_AFTER_SECS",
+            ),
+            (
+                &[("LIVECHAT_HAND_BACK_AFTER_SECS", "never")][..],
+                "LIVECHAT_HAND_BACK_AFTER_SECS",
+            ),
+            (
                 &[
                     ("LIVECHAT_PING_INTERVAL_SECS", "120"),
                     ("LIVECHAT_PRESENCE_TTL_SECS", "60"),
@@ -987,5 +1011,14 @@ mod config_tests {
         ])
         .unwrap();
         assert_eq!(ok.cors_origins.len(), 2);
+        assert_eq!(ok.hand_back_after, Some(Duration::from_secs(120)));
+        assert_eq!(
+            ok.chat_config().routing.hand_back_after,
+            Some(Duration::from_secs(120))
+        );
+        let off = config(&[("LIVECHAT_HAND_BACK_AFTER_SECS", " OFF ")]).unwrap();
+        assert_eq!(off.chat_config().routing.hand_back_after, None);
+        let soon = config(&[("LIVECHAT_HAND_BACK_AFTER_SECS", "30")]).unwrap();
+        assert_eq!(soon.hand_back_after, Some(Duration::from_secs(30)));
     }
 }

@@ -226,6 +226,81 @@ impl PresenceRepository for SeaOrmStore {
             .collect()
     }
 
+    async fn hand_back_chats_of_absent_agents(
+        &self,
+        announced_before: chrono::DateTime<chrono::Utc>,
+        policy: &RoutingPolicy,
+    ) -> Result<Vec<(TenantId, UserId)>, ChatError> {
+        let Some(ttl) = policy.presence_ttl else {
+            return Ok(Vec::new());
+        };
+        // Agents announced gone who still serve a customer chat; read
+        // without locks, and each checked again under them.
+        let serving = session::Entity::find()
+            .select_only()
+            .column(session::Column::Id)
+            .filter(
+                Expr::col((session::Entity, session::Column::TenantId))
+                    .equals((presence::Entity, presence::Column::TenantId)),
+            )
+            .filter(
+                Expr::col((session::Entity, session::Column::AgentId))
+                    .equals((presence::Entity, presence::Column::AgentId)),
+            )
+            .filter(session::Column::Status.eq(SessionStatus::Open.as_str()))
+            .filter(session::Column::Origin.eq(SessionOrigin::Customer.as_str()))
+            .into_query();
+        let candidates: Vec<(i64, i64)> = presence::Entity::find()
+            .select_only()
+            .column(presence::Column::TenantId)
+            .column(presence::Column::AgentId)
+            .filter(presence::Column::OfflineAnnouncedAt.lte(announced_before))
+            .filter(presence::Column::Status.ne(PresenceStatus::Offline.as_str()))
+            .filter(Expr::exists(serving))
+            .order_by_asc(presence::Column::TenantId)
+            .order_by_asc(presence::Column::AgentId)
+            .into_tuple()
+            .all(&self.db)
+            .await?;
+        let mut handed_back = Vec::new();
+        for (tenant, agent) in candidates {
+            let (tenant, agent): (TenantId, UserId) = (host_id(tenant)?, host_id(agent)?);
+            let tx = self.begin_write().await?;
+            let mut ev = self.recorder();
+            // The routing lock first, as every change of several sessions
+            // takes it, then the agent's row, as a return clears the
+            // announcement under it.
+            let capacity = lock_tenant(&tx, tenant, policy).await?;
+            lock_presence(&tx, tenant, agent).await?;
+            let now = now();
+            let live = connection::Entity::find()
+                .select_only()
+                .column(connection::Column::Id)
+                .filter(connection::Column::TenantId.eq(tenant.get()))
+                .filter(connection::Column::AgentId.eq(agent.get()))
+                .filter(connection::Column::ExpiresAt.gt(now))
+                .into_query();
+            let gone = presence::Entity::find()
+                .filter(agent_row(tenant, agent))
+                .filter(presence::Column::OfflineAnnouncedAt.lte(announced_before))
+                .filter(presence::Column::Status.ne(PresenceStatus::Offline.as_str()))
+                .filter(presence::Column::LastSeenAt.lt(now - crate::model::span(ttl)))
+                .filter(Expr::not_exists(live))
+                .one(&tx)
+                .await?
+                .is_some();
+            if !gone || requeue_chats_of(&tx, &mut ev, tenant, agent).await? == 0 {
+                tx.rollback().await?;
+                continue;
+            }
+            drain_queue(&tx, &mut ev, tenant, policy, capacity).await?;
+            ticket_unattended(&tx, &mut ev, tenant, policy).await?;
+            self.commit(tx, ev).await?;
+            handed_back.push((tenant, agent));
+        }
+        Ok(handed_back)
+    }
+
     async fn clear_offline_announcement(
         &self,
         tenant: TenantId,
@@ -312,9 +387,9 @@ impl PresenceRepository for SeaOrmStore {
 }
 
 /// Puts `agent`'s OPEN customer chats back in the queue (WAITING, no
-/// agent), each with a `session.updated`, when the agent chooses `offline`:
-/// a chat is not left with an agent who has gone (away and busy agents
-/// keep theirs). The caller, which holds the tenant's routing lock (taken
+/// agent), each with a `session.updated`, when the agent chooses `offline`
+/// or has been gone for the routing policy's `hand_back_after`: a chat is
+/// not left with an agent who has gone (away and busy agents keep theirs). The caller, which holds the tenant's routing lock (taken
 /// first by every transaction that writes several sessions), then drains
 /// the queue and, with no agent online, tickets what still waits. A
 /// requeued chat keeps its place by priority and age, so it is usually

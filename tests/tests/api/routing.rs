@@ -19,6 +19,7 @@ on_both_databases!(
     transfer_and_waiting_list_for_agents,
     offline_agent_start_keeps_a_ticket,
     an_agent_going_offline_hands_their_chats_back,
+    an_agent_gone_too_long_hands_their_chats_back,
 );
 
 use livechat_tests::{t, u};
@@ -692,4 +693,98 @@ async fn an_agent_going_offline_hands_their_chats_back(backend: Backend) {
     }
     assert_eq!(session(first.session.id).await.queue_position, Some(1));
     assert_eq!(session(second.session.id).await.queue_position, Some(2));
+}
+
+/// An agent whose liveness ran out without choosing `offline` is
+/// announced offline and keeps their chats until `hand_back_after` has
+/// passed since; then housekeeping hands the customer chats back as an
+/// `offline` would: to another agent online, or waiting and ticketed where
+/// nobody is online. A heartbeat in between keeps them; agent-started
+/// sessions stay.
+async fn an_agent_gone_too_long_hands_their_chats_back(backend: Backend) {
+    use std::time::Duration;
+    let app = App::new(backend).await;
+    let mut config = livechat_core::ChatConfig::default();
+    config.routing.presence_ttl = Some(Duration::from_secs(1));
+    config.routing.hand_back_after = Some(Duration::ZERO);
+    let chat = livechat_core::ChatService::new(
+        livechat_core::store::SeaOrmStore::new(app.db.clone()),
+        config,
+    );
+    for tenant in [1, 2] {
+        chat.set_agent_status(t(tenant), u(7), PresenceStatus::Online)
+            .await
+            .unwrap();
+    }
+    let first = start(&app, 1, 501, "first", Priority::Normal).await;
+    let second = start(&app, 1, 502, "second", Priority::High).await;
+    let elsewhere = start(&app, 2, 503, "elsewhere", Priority::Normal).await;
+    let own = chat.start_session(t(1), u(7), None).await.unwrap();
+    let session = |tenant, id| {
+        let chat = chat.clone();
+        async move { chat.get_session(t(tenant), id).await.unwrap().session }
+    };
+    for (tenant, id) in [
+        (1, first.session.id),
+        (1, second.session.id),
+        (2, elsewhere.session.id),
+    ] {
+        assert_eq!(session(tenant, id).await.agent_id, Some(u(7)));
+    }
+    let stale = Duration::from_millis(1100);
+
+    // Not announced gone yet: nothing moves.
+    assert!(
+        chat.hand_back_chats_of_absent_agents()
+            .await
+            .unwrap()
+            .is_empty()
+    );
+    tokio::time::sleep(stale).await;
+    let announced = chat.announce_expired_presence().await.unwrap();
+    assert!(announced.contains(&(t(1), u(7))), "{announced:?}");
+    assert!(announced.contains(&(t(2), u(7))), "{announced:?}");
+    // A sign of life since: still theirs.
+    chat.heartbeat(t(1), u(7)).await.unwrap();
+    chat.heartbeat(t(2), u(7)).await.unwrap();
+    assert!(
+        chat.hand_back_chats_of_absent_agents()
+            .await
+            .unwrap()
+            .is_empty()
+    );
+    assert_eq!(session(1, first.session.id).await.agent_id, Some(u(7)));
+
+    // Gone again, past the hand-back time: agent 8, online in tenant 1,
+    // takes that tenant's chats; tenant 2 has nobody, so its chat waits
+    // with a ticket.
+    tokio::time::sleep(stale).await;
+    chat.set_agent_status(t(1), u(8), PresenceStatus::Online)
+        .await
+        .unwrap();
+    let mut handed = chat.hand_back_chats_of_absent_agents().await.unwrap();
+    handed.sort_by_key(|(tenant, agent)| (tenant.get(), agent.get()));
+    assert_eq!(handed, vec![(t(1), u(7)), (t(2), u(7))]);
+    for id in [first.session.id, second.session.id] {
+        let s = session(1, id).await;
+        assert_eq!((s.status, s.agent_id), (SessionStatus::Open, Some(u(8))));
+    }
+    let waiting = session(2, elsewhere.session.id).await;
+    assert_eq!(
+        (waiting.status, waiting.agent_id),
+        (SessionStatus::Waiting, None)
+    );
+    assert!(waiting.ticket_id.is_some(), "{waiting:?}");
+    let own_now = session(1, own.id).await;
+    assert_eq!(
+        (own_now.status, own_now.agent_id),
+        (SessionStatus::Open, Some(u(7)))
+    );
+    // Handed back once: nothing left to move.
+    assert!(
+        chat.hand_back_chats_of_absent_agents()
+            .await
+            .unwrap()
+            .is_empty()
+    );
 }

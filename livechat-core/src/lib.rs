@@ -68,6 +68,6 @@ pub use service::{
     TicketClose,
 };
 pub use validate::{
-    ClientMsgId, INVALID_CURSOR, MessageBody, PageSize, Topic, after_seq, next_cursor,
-    parse_cursor, parse_department,
+    ClientMsgId, INVALID_CURSOR, MAX_AGENT_DEPARTMENTS, MessageBody, PageSize, Topic, after_seq,
+    next_cursor, parse_agent_departments, parse_cursor, parse_department,
 };

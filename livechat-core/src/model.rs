@@ -293,6 +293,12 @@ pub struct AgentPresence {
     pub status: PresenceStatus,
     /// When the status was last set (UTC, microseconds).
     pub updated_at: DateTime<Utc>,
+    /// The departments whose chats routing gives the agent, besides chats
+    /// without a department; empty: every chat (README "Departments").
+    /// Absent from events written before departments existed (read as
+    /// empty).
+    #[serde(default)]
+    pub departments: Vec<String>,
 }
 
 /// A session with its place in the queue (1 = next) while WAITING.

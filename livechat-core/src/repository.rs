@@ -371,9 +371,11 @@ pub trait MessageRepository: Send + Sync {
 
 /// Agents' presence and capacity per tenant.
 pub trait PresenceRepository: Send + Sync {
-    /// Sets the agent's chosen status (upsert, also a heartbeat), writes
+    /// Sets the agent's chosen status (upsert, also a heartbeat) and, when
+    /// `departments` is given, the departments they serve (empty: every
+    /// one; `None` keeps those set before, none for a new agent), writes
     /// `agent.status_changed`, and drains the queue when it is `online`.
-    /// Any other status tickets the waiting chats when no agent is online
+    /// Any other status tickets the waiting chats no agent online serves
     /// any more; `offline` first hands the agent's OPEN customer chats back
     /// to the queue (to another agent online, or to tickets).
     fn set_presence(
@@ -381,6 +383,7 @@ pub trait PresenceRepository: Send + Sync {
         tenant: TenantId,
         agent: UserId,
         status: PresenceStatus,
+        departments: Option<&[String]>,
         policy: &RoutingPolicy,
     ) -> impl Future<Output = Result<AgentPresence, ChatError>> + Send;
 
@@ -473,20 +476,24 @@ pub trait PresenceRepository: Send + Sync {
     ) -> impl Future<Output = Result<Option<AgentPresence>, ChatError>> + Send;
 
     /// DESIGN.md invariant 3, the one computation: agents whose chosen status
-    /// is online, whose liveness is fresh, and who are below capacity, in
-    /// routing order (least loaded, then idle longest).
+    /// is online, whose liveness is fresh, who are below capacity and who
+    /// take chats of `department` (`None`: a chat without one, which every
+    /// agent takes), in routing order (least loaded, then idle longest).
     fn eligible_agents(
         &self,
         tenant: TenantId,
+        department: Option<&str>,
         policy: &RoutingPolicy,
     ) -> impl Future<Output = Result<Vec<EligibleAgent>, ChatError>> + Send;
 
-    /// Whether any agent of the tenant is online with fresh liveness,
-    /// capacity aside: the difference between a chat that waits in the
-    /// queue and one that also becomes a ticket (issue #3).
+    /// Whether any agent of the tenant who takes chats of `department` is
+    /// online with fresh liveness, capacity aside: the difference between
+    /// a chat that waits in the queue and one that also becomes a ticket
+    /// (issue #3).
     fn any_agent_online(
         &self,
         tenant: TenantId,
+        department: Option<&str>,
         policy: &RoutingPolicy,
     ) -> impl Future<Output = Result<bool, ChatError>> + Send;
 

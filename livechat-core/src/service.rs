@@ -160,7 +160,39 @@ impl<S: ChatStore> ChatService<S> {
         status: PresenceStatus,
     ) -> Result<AgentPresence, ChatError> {
         self.store
-            .set_presence(tenant, agent, status, &self.config.routing)
+            .set_presence(tenant, agent, status, None, &self.config.routing)
+            .await
+    }
+
+    /// As [`Self::set_agent_status`], also setting the departments whose
+    /// chats routing gives the agent when `departments` is given (README
+    /// "Departments"): besides chats without a department, only those of
+    /// these departments; an empty list, every chat. `None` keeps the
+    /// departments set before. Each is trimmed, 1–100 characters, at most
+    /// [`crate::MAX_AGENT_DEPARTMENTS`], duplicates dropped; the queue is
+    /// drained for the agent's new departments at once.
+    ///
+    /// # Errors
+    /// [`ChatError::InvalidInput`] for a bad department list (nothing is
+    /// changed), [`ChatError::Storage`].
+    pub async fn set_agent_presence(
+        &self,
+        tenant: TenantId,
+        agent: UserId,
+        status: PresenceStatus,
+        departments: Option<Vec<String>>,
+    ) -> Result<AgentPresence, ChatError> {
+        let departments = departments
+            .map(crate::validate::parse_agent_departments)
+            .transpose()?;
+        self.store
+            .set_presence(
+                tenant,
+                agent,
+                status,
+                departments.as_deref(),
+                &self.config.routing,
+            )
             .await
     }
 
@@ -178,40 +210,56 @@ impl<S: ChatStore> ChatService<S> {
             .await
     }
 
-    /// Whether an agent could take a chat right now: the widget's "agents
-    /// available" flag, from the same computation routing uses.
+    /// Whether an agent could take a chat of `department` (`None`: a chat
+    /// without one) right now: the widget's "agents available" flag, from
+    /// the same computation routing uses.
     ///
     /// # Errors
     /// [`ChatError::Storage`] only.
-    pub async fn agents_available(&self, tenant: TenantId) -> Result<bool, ChatError> {
+    pub async fn agents_available(
+        &self,
+        tenant: TenantId,
+        department: Option<&str>,
+    ) -> Result<bool, ChatError> {
         Ok(!self
             .store
-            .eligible_agents(tenant, &self.config.routing)
+            .eligible_agents(tenant, department, &self.config.routing)
             .await?
             .is_empty())
     }
 
-    /// Whether any agent of the tenant is online with fresh liveness,
-    /// capacity aside: when none is, a chat started now also becomes a
-    /// ticket; when one is but none is [available](Self::agents_available),
-    /// it waits in the queue for the busy agents (issue #3).
+    /// Whether any agent of the tenant who takes chats of `department`
+    /// (`None`: a chat without one, which every agent takes) is online
+    /// with fresh liveness, capacity aside: when none is, a chat started
+    /// now also becomes a ticket; when one is but none is
+    /// [available](Self::agents_available), it waits in the queue for the
+    /// busy agents (issue #3).
     ///
     /// # Errors
     /// [`ChatError::Storage`] only.
-    pub async fn agents_online(&self, tenant: TenantId) -> Result<bool, ChatError> {
+    pub async fn agents_online(
+        &self,
+        tenant: TenantId,
+        department: Option<&str>,
+    ) -> Result<bool, ChatError> {
         self.store
-            .any_agent_online(tenant, &self.config.routing)
+            .any_agent_online(tenant, department, &self.config.routing)
             .await
     }
 
-    /// Both of the widget's flags: an agent available implies one online,
-    /// so the second read happens only when none is available.
+    /// Both of the widget's flags for a chat of `department` (`None`: a
+    /// chat without one): an agent available implies one online, so the
+    /// second read happens only when none is available.
     ///
     /// # Errors
     /// [`ChatError::Storage`] only.
-    pub async fn availability(&self, tenant: TenantId) -> Result<AgentAvailability, ChatError> {
-        let agents_available = self.agents_available(tenant).await?;
-        let agents_online = agents_available || self.agents_online(tenant).await?;
+    pub async fn availability(
+        &self,
+        tenant: TenantId,
+        department: Option<&str>,
+    ) -> Result<AgentAvailability, ChatError> {
+        let agents_available = self.agents_available(tenant, department).await?;
+        let agents_online = agents_available || self.agents_online(tenant, department).await?;
         Ok(AgentAvailability {
             agents_available,
             agents_online,

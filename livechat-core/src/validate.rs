@@ -261,6 +261,32 @@ pub fn parse_department(department: Option<String>) -> Result<Option<String>, Ch
     optional("department", department, 100)
 }
 
+/// Most departments one agent may serve.
+pub const MAX_AGENT_DEPARTMENTS: usize = 20;
+
+/// The departments an agent serves: each 1–100 characters after trimming,
+/// at most [`MAX_AGENT_DEPARTMENTS`]; duplicates are dropped, the order
+/// is kept. An empty list means every department.
+///
+/// # Errors
+/// [`ChatError::InvalidInput`] for a blank or over-long department, or
+/// more than [`MAX_AGENT_DEPARTMENTS`].
+pub fn parse_agent_departments(departments: Vec<String>) -> Result<Vec<String>, ChatError> {
+    let mut parsed: Vec<String> = Vec::with_capacity(departments.len());
+    for department in departments {
+        let department = bounded("department", department.trim(), 100)?;
+        if !parsed.contains(&department) {
+            parsed.push(department);
+        }
+    }
+    if parsed.len() > MAX_AGENT_DEPARTMENTS {
+        return Err(ChatError::InvalidInput(format!(
+            "departments: at most {MAX_AGENT_DEPARTMENTS}"
+        )));
+    }
+    Ok(parsed)
+}
+
 impl crate::model::Contact {
     /// Validates contact details (seed 001): `name` 1–200 characters,
     /// `email` a valid address of at most 254 characters, `phone` up to 50,

@@ -305,10 +305,11 @@ impl AgentApi {
 
 #[OpenApi(tag = "ApiTags::Agent")]
 impl AgentApi {
-    /// Set the calling agent's status in the tenant. `online` takes chats
-    /// from the queue; `offline` hands the agent's open customer chats back
-    /// to it (to another agent online, or tickets); `away` and `busy` keep
-    /// them and take no new ones.
+    /// Set the calling agent's status in the tenant, and optionally the
+    /// departments they take chats of. `online` takes chats from the
+    /// queue; `offline` hands the agent's open customer chats back to it
+    /// (to another agent online, or tickets); `away` and `busy` keep them
+    /// and take no new ones.
     #[oai(
         path = "/agents/me/status",
         method = "put",
@@ -319,9 +320,13 @@ impl AgentApi {
         auth: AgentAuth,
         body: Json<SetStatusRequest>,
     ) -> Result<PresenceResponse, ApiError> {
+        let body = body.0;
+        let departments = body
+            .departments
+            .map(|list| list.into_iter().map(|d| d.0).collect());
         let presence = self
             .chat
-            .set_agent_status(auth.tenant(), auth.user(), body.0.status.into())
+            .set_agent_presence(auth.tenant(), auth.user(), body.status.into(), departments)
             .await?;
         Ok(PresenceResponse::Ok(Json(PresenceEnvelope {
             data: presence.into(),
@@ -694,10 +699,11 @@ impl AgentApi {
     }
 }
 
-/// The `department` query parameter of the session and ticket lists:
+/// The `department` query parameter of the session and ticket lists and
+/// of the customers' availability:
 /// trimmed, as a start stores a department, and 1–100 characters (400
 /// `invalid_query` otherwise, a blank one too: it would match nothing).
-fn department_query(department: Option<String>) -> Result<Option<String>, ApiError> {
+pub(crate) fn department_query(department: Option<String>) -> Result<Option<String>, ApiError> {
     let Some(department) = department else {
         return Ok(None);
     };

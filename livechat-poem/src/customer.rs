@@ -390,15 +390,26 @@ fn client_ip(req: &Request) -> Option<String> {
 #[OpenApi(prefix_path = "/customer", tag = "CustomerTags::Customer")]
 impl CustomerApi {
     /// Whether an agent could take a chat now (the widget's flag), and
-    /// whether one is online at all (busy agents: the chat will wait).
+    /// whether one is online at all (busy agents: the chat will wait), for
+    /// a chat of the given department or, without one, for any chat.
     #[oai(
         path = "/availability",
         method = "get",
         operation_id = "customer_availability"
     )]
-    async fn availability(&self, req: &Request) -> Result<AvailabilityResponse, ApiError> {
+    async fn availability(
+        &self,
+        req: &Request,
+        /// The department the chat would be started with (1–100
+        /// characters, trimmed): only agents who take its chats count.
+        department: Query<Option<String>>,
+    ) -> Result<AvailabilityResponse, ApiError> {
         let tenant = tenant_of(req)?;
-        let flags = self.chat.availability(tenant).await?;
+        let department = crate::api::department_query(department.0)?;
+        let flags = self
+            .chat
+            .availability(tenant, department.as_deref())
+            .await?;
         Ok(AvailabilityResponse::Ok(Json(AvailabilityEnvelope {
             data: Availability {
                 agents_available: flags.agents_available,

@@ -293,6 +293,9 @@ pub struct PresenceDto {
     pub status: PresenceStatusDto,
     /// RFC 3339, UTC.
     pub updated_at: DateTime<Utc>,
+    /// The departments whose chats routing gives the agent, besides chats
+    /// without a department; empty: every chat.
+    pub departments: Vec<String>,
 }
 
 impl From<AgentPresence> for PresenceDto {
@@ -301,6 +304,7 @@ impl From<AgentPresence> for PresenceDto {
             agent_id: p.agent_id.get(),
             status: p.status.into(),
             updated_at: p.updated_at,
+            departments: p.departments,
         }
     }
 }
@@ -310,6 +314,11 @@ impl From<AgentPresence> for PresenceDto {
 pub struct SetStatusRequest {
     /// `online`, `away`, `busy` or `offline`.
     pub status: PresenceStatusDto,
+    /// The departments whose chats routing gives the agent, besides chats
+    /// without a department (each 1–100 characters, trimmed; at most 20);
+    /// `[]`: every chat. Left out: the departments set before (none at
+    /// first: every chat).
+    pub departments: Option<Vec<StrictString>>,
 }
 
 /// `POST /sessions` body: `{}` starts a session for the caller.

@@ -76,6 +76,9 @@ pub(crate) mod presence {
         /// When the agent's tenant was told the agent went offline (last
         /// connection closed, grace passed); cleared when they are back.
         pub offline_announced_at: Option<DateTimeUtc>,
+        /// The departments the agent serves, a JSON array of strings;
+        /// `NULL` or `[]`: every department (migration m0008).
+        pub departments: Option<String>,
     }
 
     #[derive(Copy, Clone, Debug, EnumIter, DeriveRelation)]

@@ -21,6 +21,7 @@ impl MigratorTrait for Migrator {
             Box::new(m0005_customers_linked::Migration),
             Box::new(m0006_outbox_pending_for::Migration),
             Box::new(m0007_sessions_agent::Migration),
+            Box::new(m0008_presence_departments::Migration),
         ]
     }
 
@@ -752,8 +753,8 @@ mod tests {
             assert!(duplicate.is_err(), "seq {seq}, key {key}");
         }
 
-        // Back past m0004 (and m0005 to m0007, applied after it).
-        Migrator::down(&db, Some(4)).await.unwrap();
+        // Back past m0004 (and m0005 to m0008, applied after it).
+        Migrator::down(&db, Some(5)).await.unwrap();
         let (down, down_shape) = messages_table(&db).await;
         assert!(!down.contains("DEFERRABLE"), "{down}");
         assert_eq!(down_shape, shape);
@@ -911,6 +912,43 @@ mod m0007_sessions_agent {
             manager
                 .get_connection()
                 .execute_unprepared("DROP INDEX IF EXISTS livechat_sessions_agent")
+                .await?;
+            Ok(())
+        }
+    }
+}
+
+/// The departments each agent serves (`livechat_agent_presence.departments`,
+/// a JSON array; `NULL`: every department), which routing matches with a
+/// chat's department. Nullable, so that nodes of the version before keep
+/// writing presence during an upgrade.
+mod m0008_presence_departments {
+    use sea_orm_migration::prelude::*;
+
+    pub(super) struct Migration;
+
+    impl MigrationName for Migration {
+        fn name(&self) -> &str {
+            "m0008_presence_departments"
+        }
+    }
+
+    #[async_trait::async_trait]
+    impl MigrationTrait for Migration {
+        async fn up(&self, manager: &SchemaManager) -> Result<(), DbErr> {
+            manager
+                .get_connection()
+                .execute_unprepared(
+                    "ALTER TABLE livechat_agent_presence ADD COLUMN departments TEXT NULL",
+                )
+                .await?;
+            Ok(())
+        }
+
+        async fn down(&self, manager: &SchemaManager) -> Result<(), DbErr> {
+            manager
+                .get_connection()
+                .execute_unprepared("ALTER TABLE livechat_agent_presence DROP COLUMN departments")
                 .await?;
             Ok(())
         }

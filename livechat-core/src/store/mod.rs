@@ -542,6 +542,16 @@ impl TryFrom<message::Model> for ChatMessage {
     }
 }
 
+/// The departments a presence row's agent serves (empty: every one).
+pub(super) fn departments_of(m: &presence::Model) -> Result<Vec<String>, ChatError> {
+    m.departments
+        .as_deref()
+        .map(serde_json::from_str::<Vec<String>>)
+        .transpose()
+        .map_err(|_| corrupt("presence departments"))
+        .map(Option::unwrap_or_default)
+}
+
 impl TryFrom<presence::Model> for AgentPresence {
     type Error = ChatError;
     fn try_from(m: presence::Model) -> Result<Self, ChatError> {
@@ -550,6 +560,7 @@ impl TryFrom<presence::Model> for AgentPresence {
             agent_id: host_id(m.agent_id)?,
             status: PresenceStatus::parse(&m.status).ok_or_else(|| corrupt("presence status"))?,
             updated_at: m.updated_at,
+            departments: departments_of(&m)?,
         })
     }
 }

@@ -23,39 +23,46 @@ impl PresenceRepository for SeaOrmStore {
         tenant: TenantId,
         agent: UserId,
         status: PresenceStatus,
+        departments: Option<&[String]>,
         policy: &RoutingPolicy,
     ) -> Result<AgentPresence, ChatError> {
-        let presence = AgentPresence {
-            tenant_id: tenant,
-            agent_id: agent,
-            status,
-            updated_at: now(),
-        };
+        let updated_at = now();
         let tx = self.begin_write().await?;
         let mut ev = self.recorder();
         let capacity = lock_tenant(&tx, tenant, policy).await?;
-        presence::Entity::insert(presence::ActiveModel {
+        // The change itself is announced: no offline announcement stands.
+        let mut columns = vec![
+            presence::Column::Status,
+            presence::Column::UpdatedAt,
+            presence::Column::LastSeenAt,
+            presence::Column::OfflineAnnouncedAt,
+        ];
+        if departments.is_some() {
+            columns.push(presence::Column::Departments);
+        }
+        let departments = departments
+            .filter(|d| !d.is_empty())
+            .map(serde_json::to_string)
+            .transpose()
+            .map_err(|e| ChatError::Storage(sea_orm::DbErr::Custom(e.to_string())))?;
+        let row = presence::Entity::insert(presence::ActiveModel {
             tenant_id: Set(tenant.get()),
             agent_id: Set(agent.get()),
             status: Set(status.as_str().to_owned()),
-            updated_at: Set(presence.updated_at),
-            last_seen_at: Set(presence.updated_at),
+            updated_at: Set(updated_at),
+            last_seen_at: Set(updated_at),
             last_assigned_at: Set(None),
             offline_announced_at: Set(None),
+            departments: Set(departments),
         })
         .on_conflict(
-            // The change itself is announced: no offline announcement stands.
             OnConflict::columns([presence::Column::TenantId, presence::Column::AgentId])
-                .update_columns([
-                    presence::Column::Status,
-                    presence::Column::UpdatedAt,
-                    presence::Column::LastSeenAt,
-                    presence::Column::OfflineAnnouncedAt,
-                ])
+                .update_columns(columns)
                 .to_owned(),
         )
-        .exec_without_returning(&tx)
+        .exec_with_returning(&tx)
         .await?;
+        let presence = AgentPresence::try_from(row)?;
         record_event(
             &tx,
             &mut ev,
@@ -340,18 +347,20 @@ impl PresenceRepository for SeaOrmStore {
     async fn eligible_agents(
         &self,
         tenant: TenantId,
+        department: Option<&str>,
         policy: &RoutingPolicy,
     ) -> Result<Vec<EligibleAgent>, ChatError> {
         let capacity = self.agent_capacity(tenant, policy).await?;
-        eligible_agents(&self.db, tenant, policy, capacity).await
+        eligible_agents(&self.db, tenant, policy, capacity, department).await
     }
 
     async fn any_agent_online(
         &self,
         tenant: TenantId,
+        department: Option<&str>,
         policy: &RoutingPolicy,
     ) -> Result<bool, ChatError> {
-        Ok(super::routing::any_agent_online(&self.db, tenant, policy).await?)
+        Ok(super::routing::any_agent_online(&self.db, tenant, policy, department).await?)
     }
 
     async fn set_agent_capacity(
@@ -540,6 +549,7 @@ mod tests {
                 tenant(),
                 agent(),
                 PresenceStatus::Online,
+                None,
                 &RoutingPolicy::default(),
             )
             .await
@@ -669,7 +679,7 @@ mod tests {
         let grace = Duration::from_secs(10);
         for policy in [RoutingPolicy::default(), with_ttl] {
             store
-                .set_presence(tenant(), agent(), PresenceStatus::Online, &policy)
+                .set_presence(tenant(), agent(), PresenceStatus::Online, None, &policy)
                 .await
                 .unwrap();
             let quiet_for = crate::model::span(policy.presence_ttl.unwrap_or(grace));
@@ -700,6 +710,7 @@ mod tests {
                 tenant(),
                 agent(),
                 PresenceStatus::Offline,
+                None,
                 &RoutingPolicy::default(),
             )
             .await
@@ -720,7 +731,7 @@ mod tests {
         let policy = RoutingPolicy::default();
         for agent in [agent(), UserId::new(8).unwrap()] {
             store
-                .set_presence(tenant(), agent, PresenceStatus::Online, &policy)
+                .set_presence(tenant(), agent, PresenceStatus::Online, None, &policy)
                 .await
                 .unwrap();
         }

@@ -58,7 +58,7 @@ fn fresh_since(policy: &RoutingPolicy) -> Option<DateTime<Utc>> {
 }
 
 /// Agents whose chosen status is online and whose liveness is fresh.
-async fn online_agents(
+pub(super) async fn online_agents(
     conn: &impl ConnectionTrait,
     tenant: TenantId,
     policy: &RoutingPolicy,
@@ -72,14 +72,57 @@ async fn online_agents(
     query.all(conn).await
 }
 
-/// Whether any agent of the tenant is online and fresh (capacity aside):
-/// the difference between "queue" and "queue and open a ticket".
+/// The departments an agent's presence row lists; empty: every one. A
+/// list that does not decode counts as empty, so that a damaged row
+/// leaves the agent taking every chat rather than none.
+fn departments(p: &presence::Model) -> Vec<String> {
+    super::departments_of(p).unwrap_or_default()
+}
+
+/// Whether an agent serving `agent_departments` (empty: every one) takes
+/// a chat of `department`: every agent takes a chat without one (README
+/// "Departments").
+pub(super) fn serves(agent_departments: &[String], department: Option<&str>) -> bool {
+    match department {
+        None => true,
+        Some(department) => {
+            agent_departments.is_empty() || agent_departments.iter().any(|d| d == department)
+        }
+    }
+}
+
+/// What the agents online (`online`, as [`online_agents`] reads them)
+/// cover: `None` when one of them takes every department (or nobody is
+/// online: see the caller), else the union of their departments.
+pub(super) fn covered_departments(online: &[presence::Model]) -> Option<Vec<String>> {
+    let mut union = Vec::new();
+    for p in online {
+        let list = departments(p);
+        if list.is_empty() {
+            return None;
+        }
+        for d in list {
+            if !union.contains(&d) {
+                union.push(d);
+            }
+        }
+    }
+    Some(union)
+}
+
+/// Whether an agent of the tenant online and fresh (capacity aside) takes
+/// chats of `department` (`None`: a chat without one, which every agent
+/// takes): the difference between "queue" and "queue and open a ticket".
 pub(super) async fn any_agent_online(
     conn: &impl ConnectionTrait,
     tenant: TenantId,
     policy: &RoutingPolicy,
+    department: Option<&str>,
 ) -> Result<bool, DbErr> {
-    Ok(!online_agents(conn, tenant, policy).await?.is_empty())
+    Ok(online_agents(conn, tenant, policy)
+        .await?
+        .iter()
+        .any(|p| serves(&departments(p), department)))
 }
 
 /// Whether `agent` is online and fresh in the tenant.
@@ -95,15 +138,33 @@ pub(super) async fn agent_is_online(
         .any(|p| p.agent_id == agent.get()))
 }
 
-/// DESIGN.md invariant 3: online, fresh, below capacity; ordered least
-/// loaded first, then idle longest (oldest last assignment, never-assigned
-/// first), then lowest id for determinism.
+/// DESIGN.md invariant 3: online, fresh, below capacity, and taking chats
+/// of `department` (`None`: a chat without one, which every agent takes);
+/// ordered least loaded first, then idle longest (oldest last assignment,
+/// never-assigned first), then lowest id for determinism.
 pub(super) async fn eligible_agents(
     conn: &impl ConnectionTrait,
     tenant: TenantId,
     policy: &RoutingPolicy,
     capacity: i64,
+    department: Option<&str>,
 ) -> Result<Vec<EligibleAgent>, ChatError> {
+    Ok(ranked_agents(conn, tenant, policy, capacity)
+        .await?
+        .into_iter()
+        .filter(|(_, served)| serves(served, department))
+        .map(|(agent, _)| agent)
+        .collect())
+}
+
+/// Every eligible agent (online, fresh, below capacity) in routing order,
+/// each with the departments they serve (empty: every one).
+async fn ranked_agents(
+    conn: &impl ConnectionTrait,
+    tenant: TenantId,
+    policy: &RoutingPolicy,
+    capacity: i64,
+) -> Result<Vec<(EligibleAgent, Vec<String>)>, ChatError> {
     let online = online_agents(conn, tenant, policy).await?;
     if online.is_empty() {
         return Ok(Vec::new());
@@ -125,7 +186,7 @@ pub(super) async fn eligible_agents(
             .find(|(a, _)| *a == Some(agent))
             .map_or(0, |(_, n)| *n)
     };
-    let mut ranked: Vec<(EligibleAgent, Option<DateTime<Utc>>)> = Vec::new();
+    let mut ranked: Vec<(EligibleAgent, Option<DateTime<Utc>>, Vec<String>)> = Vec::new();
     for p in online {
         let open_sessions = load_of(p.agent_id);
         if open_sessions < capacity {
@@ -137,16 +198,20 @@ pub(super) async fn eligible_agents(
                     capacity,
                 },
                 p.last_assigned_at,
+                departments(&p),
             ));
         }
     }
-    ranked.sort_by(|(a, a_last), (b, b_last)| {
+    ranked.sort_by(|(a, a_last, _), (b, b_last, _)| {
         a.open_sessions
             .cmp(&b.open_sessions)
             .then(a_last.cmp(b_last))
             .then(a.agent_id.cmp(&b.agent_id))
     });
-    Ok(ranked.into_iter().map(|(a, _)| a).collect())
+    Ok(ranked
+        .into_iter()
+        .map(|(agent, _, served)| (agent, served))
+        .collect())
 }
 
 /// Gives `session` to `agent` (status OPEN), stamps the agent's last
@@ -198,7 +263,10 @@ pub(super) async fn assign(
 }
 
 /// Assigns waiting sessions, highest priority then oldest, while an
-/// eligible agent exists. Returns how many were assigned.
+/// eligible agent exists: each to the first eligible agent, in routing
+/// order, who takes its department. A chat whose department no eligible
+/// agent takes keeps its place and does not hold up the chats behind it
+/// (README "Departments"). Returns how many were assigned.
 pub(super) async fn drain_queue(
     tx: &DatabaseTransaction,
     ev: &mut Recorded,
@@ -208,9 +276,24 @@ pub(super) async fn drain_queue(
 ) -> Result<usize, ChatError> {
     let mut assigned = 0;
     loop {
-        let Some(next) = session::Entity::find()
+        let ranked = ranked_agents(tx, tenant, policy, capacity).await?;
+        if ranked.is_empty() {
+            break;
+        }
+        let mut next = session::Entity::find()
             .filter(session::Column::TenantId.eq(tenant.get()))
-            .filter(session::Column::Status.eq(SessionStatus::Waiting.as_str()))
+            .filter(session::Column::Status.eq(SessionStatus::Waiting.as_str()));
+        if ranked.iter().all(|(_, served)| !served.is_empty()) {
+            // Only department agents can take a chat now: the first chat
+            // without a department or of one of theirs.
+            let union: Vec<&String> = ranked.iter().flat_map(|(_, served)| served).collect();
+            next = next.filter(
+                Condition::any()
+                    .add(session::Column::Department.is_null())
+                    .add(session::Column::Department.is_in(union)),
+            );
+        }
+        let Some(next) = next
             .order_by_desc(session::Column::PriorityRank)
             .order_by_asc(session::Column::CreatedAt)
             .order_by_asc(session::Column::Id)
@@ -219,10 +302,9 @@ pub(super) async fn drain_queue(
         else {
             break;
         };
-        let Some(agent) = eligible_agents(tx, tenant, policy, capacity)
-            .await?
-            .first()
-            .copied()
+        let Some((agent, _)) = ranked
+            .iter()
+            .find(|(_, served)| serves(served, next.department.as_deref()))
         else {
             break;
         };

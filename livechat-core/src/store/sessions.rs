@@ -9,7 +9,8 @@ use serde::Serialize;
 
 use super::entity::{message, outbox, session};
 use super::routing::{
-    agent_is_online, any_agent_online, assign, drain_queue, lock_tenant, queue_position,
+    agent_is_online, any_agent_online, assign, covered_departments, drain_queue, lock_tenant,
+    online_agents, queue_position,
 };
 use super::{
     Recorded, SeaOrmStore, abort, convert_all, host_id, record_event, record_message_event,
@@ -154,17 +155,32 @@ async fn open_session_ticket(
     Ok(Some(updated))
 }
 
-/// `tenant`'s WAITING sessions without a ticket (`limit` of them at
-/// most), highest priority then oldest first: the queue's order.
-async fn unticketed_waiting(
+/// `tenant`'s WAITING sessions without a ticket that no agent online
+/// takes (`limit` of them at most), highest priority then oldest first:
+/// the queue's order. With nobody online that is every such session;
+/// with an agent online who takes every department, none; with only
+/// department agents online, those of other departments (a chat without
+/// a department every agent takes; README "Departments").
+async fn unattended_waiting(
     conn: &impl ConnectionTrait,
     tenant: TenantId,
+    policy: &RoutingPolicy,
     limit: Option<u64>,
 ) -> Result<Vec<session::Model>, DbErr> {
-    session::Entity::find()
+    let online = online_agents(conn, tenant, policy).await?;
+    let mut query = session::Entity::find()
         .filter(session::Column::TenantId.eq(tenant.get()))
         .filter(session::Column::Status.eq(SessionStatus::Waiting.as_str()))
-        .filter(session::Column::TicketId.is_null())
+        .filter(session::Column::TicketId.is_null());
+    if !online.is_empty() {
+        let Some(covered) = covered_departments(&online) else {
+            return Ok(Vec::new());
+        };
+        query = query
+            .filter(session::Column::Department.is_not_null())
+            .filter(session::Column::Department.is_not_in(covered));
+    }
+    query
         .order_by_desc(session::Column::PriorityRank)
         .order_by_asc(session::Column::CreatedAt)
         .order_by_asc(session::Column::Id)
@@ -173,28 +189,30 @@ async fn unticketed_waiting(
         .await
 }
 
-/// Whether `tenant` has a WAITING session without a ticket and no agent
-/// online: what [`ticket_unattended`] acts on.
+/// Whether `tenant` has a WAITING session without a ticket that no agent
+/// online takes: what [`ticket_unattended`] acts on.
 async fn awaits_tickets(
     conn: &impl ConnectionTrait,
     tenant: TenantId,
     policy: &RoutingPolicy,
 ) -> Result<bool, DbErr> {
-    Ok(!unticketed_waiting(conn, tenant, Some(1)).await?.is_empty()
-        && !any_agent_online(conn, tenant, policy).await?)
+    Ok(!unattended_waiting(conn, tenant, policy, Some(1))
+        .await?
+        .is_empty())
 }
 
 /// Tickets `tenant`'s WAITING sessions that have no ticket when no agent
-/// of the tenant is online (capacity aside): chats that waited behind
-/// busy agents when the last of them went offline, away, or ran out of
-/// liveness, so that no request waits unseen while nobody can take it
-/// (README "Tickets when no agent can take a chat"). Each gets its ticket
+/// online (capacity aside) takes them ([`unattended_waiting`]): chats
+/// that waited behind busy agents when the last of them (of their
+/// department) went offline, away, or ran out of liveness, so that no
+/// request waits unseen while nobody can take it (README "Tickets when
+/// no agent can take a chat"). Each gets its ticket
 /// as a chat started with no agent online does ([`open_session_ticket`]:
 /// `ticket.requested` with the session's first customer message as
 /// `first_message`), and a `session.updated` with its `ticket_id`, which
 /// its followers receive. The sessions keep waiting and are routed as
 /// before. Returns the ticketed sessions in the queue's order; none when
-/// an agent is online. Call it under the tenant's routing lock
+/// the agents online take them all. Call it under the tenant's routing lock
 /// ([`lock_tenant`]), so that no agent comes online in between.
 pub(super) async fn ticket_unattended(
     tx: &impl ConnectionTrait,
@@ -202,10 +220,7 @@ pub(super) async fn ticket_unattended(
     tenant: TenantId,
     policy: &RoutingPolicy,
 ) -> Result<Vec<ChatSession>, ChatError> {
-    if !awaits_tickets(tx, tenant, policy).await? {
-        return Ok(Vec::new());
-    }
-    let waiting = unticketed_waiting(tx, tenant, None).await?;
+    let waiting = unattended_waiting(tx, tenant, policy, None).await?;
     let at = now();
     let mut ticketed = Vec::with_capacity(waiting.len());
     for row in waiting {
@@ -655,7 +670,7 @@ impl SessionRepository for SeaOrmStore {
             .await?
             .ok_or(ChatError::NotFound)?;
         if current.status == SessionStatus::Waiting.as_str()
-            && !any_agent_online(&tx, tenant, policy).await?
+            && !any_agent_online(&tx, tenant, policy, current.department.as_deref()).await?
         {
             // No agent online at all: the chat waits and becomes a ticket.
             let updated_at = current.updated_at;

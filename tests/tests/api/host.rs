@@ -254,8 +254,8 @@ async fn migrations_on_a_host_connection(backend: Backend) {
         Err(livechat_core::ChatError::MessageTooLong { max: 5 })
     ));
     // The latest migrations (m0004's rebuild of the messages table and
-    // the three after it) roll back and apply again over stored rows.
-    Migrator::down(&db, Some(4)).await.unwrap();
+    // the four after it) roll back and apply again over stored rows.
+    Migrator::down(&db, Some(5)).await.unwrap();
     Migrator::up(&db, None).await.unwrap();
     chat.set_agent_status(t, a, PresenceStatus::Away)
         .await

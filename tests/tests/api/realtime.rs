@@ -921,7 +921,7 @@ async fn presence_grace_and_expiry(backend: Backend) {
     let wait = Duration::from_millis(2500);
     tokio::join!(watcher.drain(wait), agent.drain(wait));
     assert!(
-        node.chat.agents_available(t(1)).await.unwrap(),
+        node.chat.agents_available(t(1), None).await.unwrap(),
         "pings keep presence fresh"
     );
     // Drop and reconnect within the grace period: no flap.
@@ -933,7 +933,7 @@ async fn presence_grace_and_expiry(backend: Backend) {
     let wait = Duration::from_millis(700);
     let (seen, _) = tokio::join!(watcher.drain(wait), agent.drain(wait));
     assert!(
-        node.chat.agents_available(t(1)).await.unwrap(),
+        node.chat.agents_available(t(1), None).await.unwrap(),
         "a quick reconnect does not flap"
     );
     assert!(no_presence(&seen), "no flap: {seen:?}");
@@ -941,7 +941,7 @@ async fn presence_grace_and_expiry(backend: Backend) {
     // the other agents hear about it.
     agent.drop_now();
     expect_presence(&mut watcher, 7, "offline").await;
-    assert!(!node.chat.agents_available(t(1)).await.unwrap());
+    assert!(!node.chat.agents_available(t(1), None).await.unwrap());
     // A customer who starts now waits, with a ticket (no agent online).
     let c = node
         .chat
@@ -1232,11 +1232,11 @@ async fn a_reconnect_within_the_grace_restarts_it(backend: Backend) {
     .await;
     assert!(early.is_err(), "announced within the grace: {early:?}");
     assert!(
-        node.chat.agents_available(t(1)).await.unwrap(),
+        node.chat.agents_available(t(1), None).await.unwrap(),
         "eligible within the grace"
     );
     expect_presence(&mut watcher, 7, "offline").await;
-    assert!(!node.chat.agents_available(t(1)).await.unwrap());
+    assert!(!node.chat.agents_available(t(1), None).await.unwrap());
 }
 
 /// An agent whose chosen status is `offline` is announced neither when the

@@ -20,6 +20,8 @@ on_both_databases!(
     offline_agent_start_keeps_a_ticket,
     an_agent_going_offline_hands_their_chats_back,
     an_agent_gone_too_long_hands_their_chats_back,
+    departments_route_chats_to_their_agents,
+    agents_set_their_departments_with_their_status,
 );
 
 use livechat_tests::{t, u};
@@ -541,7 +543,7 @@ mod liveness {
             chat.set_agent_status(tenant, agent, PresenceStatus::Online)
                 .await
                 .unwrap();
-            assert!(chat.agents_available(tenant).await.unwrap(), "{secs}");
+            assert!(chat.agents_available(tenant, None).await.unwrap(), "{secs}");
             assert!(chat.announce_expired_presence().await.unwrap().is_empty());
             let connection = uuid::Uuid::now_v7();
             let owner = ConnectionOwner::Agent(agent);
@@ -553,7 +555,7 @@ mod liveness {
                     .await
                     .unwrap()
             );
-            assert!(chat.agents_available(tenant).await.unwrap(), "{secs}");
+            assert!(chat.agents_available(tenant, None).await.unwrap(), "{secs}");
         }
     }
 
@@ -565,10 +567,10 @@ mod liveness {
         chat.set_agent_status(t(1), u(7), PresenceStatus::Online)
             .await
             .unwrap();
-        assert!(chat.agents_available(t(1)).await.unwrap());
+        assert!(chat.agents_available(t(1), None).await.unwrap());
         tokio::time::sleep(std::time::Duration::from_millis(400)).await;
         assert!(
-            !chat.agents_available(t(1)).await.unwrap(),
+            !chat.agents_available(t(1), None).await.unwrap(),
             "no heartbeat within the TTL"
         );
         let c = chat
@@ -787,4 +789,219 @@ async fn an_agent_gone_too_long_hands_their_chats_back(backend: Backend) {
             .unwrap()
             .is_empty()
     );
+}
+
+/// Starts customer `user`'s chat with `department` in tenant 1.
+async fn start_in(app: &App, user: i64, department: Option<&str>) -> livechat_core::SessionView {
+    let customer = app
+        .chat
+        .resolve_customer(t(1), CustomerIdentity::User(u(user)))
+        .await
+        .unwrap();
+    app.chat
+        .start_customer_chat(
+            t(1),
+            customer.id,
+            CustomerChatRequest {
+                topic: format!("from {user}"),
+                department: department.map(str::to_owned),
+                ..Default::default()
+            },
+        )
+        .await
+        .unwrap()
+        .view
+}
+
+/// Routing gives a chat with a department only to agents who take that
+/// department (or every one); a chat no agent online takes is ticketed at
+/// once and does not hold up the chats behind it; the widget's flags are
+/// per department.
+async fn departments_route_chats_to_their_agents(backend: Backend) {
+    let app = App::new(backend).await;
+    app.chat.set_agent_capacity(t(1), 1).await.unwrap();
+    let online = |agent: i64, departments: &[&str]| {
+        let chat = app.chat.clone();
+        let departments: Vec<String> = departments.iter().map(|d| (*d).to_owned()).collect();
+        async move {
+            chat.set_agent_presence(t(1), u(agent), PresenceStatus::Online, Some(departments))
+                .await
+                .unwrap()
+        }
+    };
+    let session = |id| {
+        let chat = app.chat.clone();
+        async move { chat.get_session(t(1), id).await.unwrap() }
+    };
+    online(7, &["Billing"]).await;
+    online(8, &["Sales"]).await;
+    let sales = start_in(&app, 501, Some("Sales")).await;
+    let billing = start_in(&app, 502, Some("Billing")).await;
+    assert_eq!(sales.session.agent_id, Some(u(8)));
+    assert_eq!(billing.session.agent_id, Some(u(7)));
+    assert_eq!(
+        app.chat.availability(t(1), Some("Sales")).await.unwrap(),
+        livechat_core::AgentAvailability {
+            agents_available: false,
+            agents_online: true
+        },
+        "its agent is busy"
+    );
+    // Nobody online takes Legal: the chat waits with a ticket at once.
+    let legal = start_in(&app, 503, Some("Legal")).await;
+    assert_eq!(legal.session.status, SessionStatus::Waiting);
+    assert!(legal.session.ticket_id.is_some(), "{legal:?}");
+    assert!(!app.chat.agents_online(t(1), Some("Legal")).await.unwrap());
+    // Both busy: a Billing chat, then a Sales chat, wait behind it.
+    let second_billing = start_in(&app, 504, Some("Billing")).await;
+    let second_sales = start_in(&app, 505, Some("Sales")).await;
+    assert_eq!(second_billing.queue_position, Some(2));
+    assert_eq!(second_sales.queue_position, Some(3));
+    assert!(second_sales.session.ticket_id.is_none());
+    // Agent 8 frees up: it takes the Sales chat, past the Billing and
+    // Legal ones it does not serve.
+    app.chat
+        .close_session(t(1), u(8), sales.session.id)
+        .await
+        .unwrap();
+    let taken = session(second_sales.session.id).await;
+    assert_eq!(
+        (taken.session.status, taken.session.agent_id),
+        (SessionStatus::Open, Some(u(8)))
+    );
+    assert_eq!(
+        session(second_billing.session.id).await.queue_position,
+        Some(2)
+    );
+    // Agent 7 goes away: nobody online takes Billing any more, so the
+    // waiting Billing chat gets its ticket.
+    app.chat
+        .set_agent_status(t(1), u(7), PresenceStatus::Away)
+        .await
+        .unwrap();
+    assert!(
+        session(second_billing.session.id)
+            .await
+            .session
+            .ticket_id
+            .is_some()
+    );
+    // An agent of every department comes online: the oldest chat first.
+    online(9, &[]).await;
+    let legal_now = session(legal.session.id).await;
+    assert_eq!(
+        (legal_now.session.status, legal_now.session.agent_id),
+        (SessionStatus::Open, Some(u(9)))
+    );
+    assert_eq!(
+        session(second_billing.session.id).await.session.status,
+        SessionStatus::Waiting
+    );
+    // Agent 7, its first chat closed, is back online with Billing only:
+    // it takes the waiting Billing chat.
+    app.chat
+        .close_session(t(1), u(7), billing.session.id)
+        .await
+        .unwrap();
+    online(7, &["Billing"]).await;
+    let billing_taken = session(second_billing.session.id).await;
+    assert_eq!(billing_taken.session.agent_id, Some(u(7)));
+    // A chat without a department goes to any agent: 8 and 9 are full,
+    // and 7, a Billing agent, takes it.
+    app.chat
+        .close_session(t(1), u(7), second_billing.session.id)
+        .await
+        .unwrap();
+    let general = start_in(&app, 506, None).await;
+    assert_eq!(general.session.agent_id, Some(u(7)));
+    // The customer route's flags for a department.
+    let flags = |query: &'static str| {
+        let app = &app;
+        async move {
+            let (code, body) = App::decode(
+                app.client
+                    .get(format!("/livechat/customer/availability{query}"))
+                    .header("X-Tenant-ID", "1")
+                    .send()
+                    .await,
+            )
+            .await;
+            assert_eq!(code, 200, "{body}");
+            (
+                body["data"]["agents_available"].as_bool().unwrap(),
+                body["data"]["agents_online"].as_bool().unwrap(),
+            )
+        }
+    };
+    assert_eq!(flags("?department=Sales").await, (false, true));
+    assert_eq!(
+        flags("?department=Legal").await,
+        (false, true),
+        "agent 9 takes every one"
+    );
+    app.chat
+        .set_agent_status(t(1), u(9), PresenceStatus::Offline)
+        .await
+        .unwrap();
+    assert_eq!(flags("?department=Legal").await, (false, false));
+    assert_eq!(flags("?department=%20Legal%20").await, (false, false));
+    for bad in ["?department=", "?department=%20"] {
+        let (code, body) = App::decode(
+            app.client
+                .get(format!("/livechat/customer/availability{bad}"))
+                .header("X-Tenant-ID", "1")
+                .send()
+                .await,
+        )
+        .await;
+        assert_eq!(code, 400, "{bad}: {body}");
+        assert_eq!(body["error"]["code"], "invalid_query");
+    }
+}
+
+/// `PUT /agents/me/status` sets the departments with the status (trimmed,
+/// duplicates dropped), keeps them when left out, clears them with `[]`,
+/// and refuses a bad list without changing anything.
+async fn agents_set_their_departments_with_their_status(backend: Backend) {
+    let app = App::new(backend).await;
+    let put = |body: serde_json::Value| {
+        let app = &app;
+        async move {
+            app.agent_call(Method::PUT, "/livechat/agents/me/status", 7, 1, Some(body))
+                .await
+        }
+    };
+    let (code, body) =
+        put(json!({"status": "online", "departments": [" Billing", "Sales", "Billing "]})).await;
+    assert_eq!(code, 200, "{body}");
+    assert_eq!(body["data"]["departments"], json!(["Billing", "Sales"]));
+    let (code, body) = put(json!({"status": "away"})).await;
+    assert_eq!(code, 200, "{body}");
+    assert_eq!(
+        body["data"]["departments"],
+        json!(["Billing", "Sales"]),
+        "kept"
+    );
+    let too_many: Vec<String> = (0..21).map(|n| format!("d{n}")).collect();
+    for bad in [
+        json!({"status": "online", "departments": [""]}),
+        json!({"status": "online", "departments": ["   "]}),
+        json!({"status": "online", "departments": ["x".repeat(101)]}),
+        json!({"status": "online", "departments": too_many}),
+        json!({"status": "online", "departments": [5]}),
+        json!({"status": "online", "departments": "Billing"}),
+    ] {
+        let (code, body) = put(bad.clone()).await;
+        assert_eq!(code, 400, "{bad}: {body}");
+        assert_eq!(body["error"]["code"], "invalid_body", "{bad}");
+    }
+    let (code, body) = app
+        .agent_call(Method::GET, "/livechat/agents/me/status", 7, 1, None)
+        .await;
+    assert_eq!(code, 200, "{body}");
+    assert_eq!(body["data"]["status"], "away", "nothing changed: {body}");
+    assert_eq!(body["data"]["departments"], json!(["Billing", "Sales"]));
+    let (code, body) = put(json!({"status": "online", "departments": []})).await;
+    assert_eq!(code, 200, "{body}");
+    assert_eq!(body["data"]["departments"], json!([]));
 }

@@ -47,7 +47,9 @@ pub struct RoutingPolicy {
     /// so a chat moves up to one housekeeping period later. `None` (the
     /// default) leaves the chats with the agent until they return or
     /// choose `offline`. Needs [`Self::presence_ttl`]: without it liveness
-    /// never runs out, and nothing is handed back.
+    /// never runs out, and nothing is handed back; and the announcements,
+    /// which `livechat-poem`'s WebSocket gateway makes (a host without it
+    /// calls `ChatService::announce_expired_presence`).
     pub hand_back_after: Option<Duration>,
 }
 

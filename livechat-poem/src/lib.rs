@@ -212,7 +212,8 @@ impl Livechat {
     /// offline ([`ChatService::hand_back_chats_of_absent_agents`]); their
     /// customers' connections get `session_updated`, and the agent who
     /// takes a chat `session_assigned`. Returns the agents whose chats were
-    /// handed back.
+    /// handed back. Without [`Self::realtime`] nobody is announced offline,
+    /// so nothing is handed back.
     ///
     /// # Errors
     /// [`livechat_core::ChatError::Storage`] when the presences or sessions

@@ -672,8 +672,16 @@ impl Sinks {
     }
 
     /// No sink acts on `event` (a payload that does not decode is not
-    /// ignored: it is claimed and failed).
+    /// ignored: it is claimed and failed). The same decision as
+    /// [`Self::work`]; for a `message.posted`, which the outbox interest
+    /// asks of inside the writing transaction, taken from its head alone.
     fn ignore(self, event: &DomainEvent) -> bool {
+        if event.kind == EventKind::MessagePosted && (self.tickets || self.notifications) {
+            return decode::<PostedHead>(event).is_ok_and(|head| {
+                !(self.tickets && head.ticket_message().is_some()
+                    || self.notifications && head.notifies())
+            });
+        }
         matches!(self.work(event), Ok(None))
     }
 }

@@ -287,11 +287,19 @@ impl PresenceRepository for SeaOrmStore {
                 .filter(connection::Column::AgentId.eq(agent.get()))
                 .filter(connection::Column::ExpiresAt.gt(now))
                 .into_query();
+            // No sign of life since the announcement either: a heartbeat
+            // whose return was not announced back (a host calling only
+            // `heartbeat`) leaves the announcement standing, and the
+            // absence then starts again, uncounted.
             let gone = presence::Entity::find()
                 .filter(agent_row(tenant, agent))
                 .filter(presence::Column::OfflineAnnouncedAt.lte(announced_before))
                 .filter(presence::Column::Status.ne(PresenceStatus::Offline.as_str()))
                 .filter(presence::Column::LastSeenAt.lt(now - crate::model::span(ttl)))
+                .filter(
+                    Expr::col(presence::Column::LastSeenAt)
+                        .lt(Expr::col(presence::Column::OfflineAnnouncedAt)),
+                )
                 .filter(Expr::not_exists(live))
                 .one(&tx)
                 .await?
@@ -397,8 +405,9 @@ impl PresenceRepository for SeaOrmStore {
 
 /// Puts `agent`'s OPEN customer chats back in the queue (WAITING, no
 /// agent), each with a `session.updated`, when the agent chooses `offline`
-/// or has been gone for the routing policy's `hand_back_after`: a chat is
-/// not left with an agent who has gone (away and busy agents keep theirs). The caller, which holds the tenant's routing lock (taken
+/// or has been gone for the routing policy's `hand_back_after` (whatever
+/// status they chose): a chat is not left with an agent who has gone. An
+/// agent who is there but chooses `away` or `busy` keeps theirs. The caller, which holds the tenant's routing lock (taken
 /// first by every transaction that writes several sessions), then drains
 /// the queue and, with no agent online, tickets what still waits. A
 /// requeued chat keeps its place by priority and age, so it is usually

@@ -224,6 +224,13 @@ pub(super) async fn ticket_unattended(
     let at = now();
     let mut ticketed = Vec::with_capacity(waiting.len());
     for row in waiting {
+        // The session's row first, as an append takes it: a customer
+        // message being written now is either read below (committed
+        // before) or written after the ticket, carrying its id.
+        session::Entity::find_by_id(row.id)
+            .lock_exclusive()
+            .one(tx)
+            .await?;
         let first_message = message::Entity::find()
             .select_only()
             .column(message::Column::Body)

@@ -706,13 +706,17 @@ async fn an_agent_going_offline_hands_their_chats_back(backend: Backend) {
 async fn an_agent_gone_too_long_hands_their_chats_back(backend: Backend) {
     use std::time::Duration;
     let app = App::new(backend).await;
-    let mut config = livechat_core::ChatConfig::default();
-    config.routing.presence_ttl = Some(Duration::from_secs(1));
-    config.routing.hand_back_after = Some(Duration::ZERO);
-    let chat = livechat_core::ChatService::new(
-        livechat_core::store::SeaOrmStore::new(app.db.clone()),
-        config,
-    );
+    let service = |hand_back_after| {
+        let mut config = livechat_core::ChatConfig::default();
+        config.routing.presence_ttl = Some(Duration::from_secs(3));
+        config.routing.hand_back_after = Some(hand_back_after);
+        livechat_core::ChatService::new(
+            livechat_core::store::SeaOrmStore::new(app.db.clone()),
+            config,
+        )
+    };
+    let chat = service(Duration::ZERO);
+    let patient = service(Duration::from_secs(3600));
     for tenant in [1, 2] {
         chat.set_agent_status(t(tenant), u(7), PresenceStatus::Online)
             .await
@@ -733,7 +737,13 @@ async fn an_agent_gone_too_long_hands_their_chats_back(backend: Backend) {
     ] {
         assert_eq!(session(tenant, id).await.agent_id, Some(u(7)));
     }
-    let stale = Duration::from_millis(1100);
+    let stale = Duration::from_millis(3200);
+    let gone = || async {
+        tokio::time::sleep(stale).await;
+        let announced = chat.announce_expired_presence().await.unwrap();
+        assert!(announced.contains(&(t(1), u(7))), "{announced:?}");
+        assert!(announced.contains(&(t(2), u(7))), "{announced:?}");
+    };
 
     // Not announced gone yet: nothing moves.
     assert!(
@@ -742,13 +752,25 @@ async fn an_agent_gone_too_long_hands_their_chats_back(backend: Backend) {
             .unwrap()
             .is_empty()
     );
-    tokio::time::sleep(stale).await;
-    let announced = chat.announce_expired_presence().await.unwrap();
-    assert!(announced.contains(&(t(1), u(7))), "{announced:?}");
-    assert!(announced.contains(&(t(2), u(7))), "{announced:?}");
-    // A sign of life since: still theirs.
-    chat.heartbeat(t(1), u(7)).await.unwrap();
-    chat.heartbeat(t(2), u(7)).await.unwrap();
+    gone().await;
+    // Gone for less than an hour: still theirs with `hand_back_after` 1 h.
+    assert!(
+        patient
+            .hand_back_chats_of_absent_agents()
+            .await
+            .unwrap()
+            .is_empty()
+    );
+    // Back (a heartbeat, announced back): still theirs.
+    for tenant in [1, 2] {
+        chat.heartbeat(t(tenant), u(7)).await.unwrap();
+        assert!(
+            chat.agent_returned(t(tenant), u(7))
+                .await
+                .unwrap()
+                .is_some()
+        );
+    }
     assert!(
         chat.hand_back_chats_of_absent_agents()
             .await
@@ -760,7 +782,7 @@ async fn an_agent_gone_too_long_hands_their_chats_back(backend: Backend) {
     // Gone again, past the hand-back time: agent 8, online in tenant 1,
     // takes that tenant's chats; tenant 2 has nobody, so its chat waits
     // with a ticket.
-    tokio::time::sleep(stale).await;
+    gone().await;
     chat.set_agent_status(t(1), u(8), PresenceStatus::Online)
         .await
         .unwrap();

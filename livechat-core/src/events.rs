@@ -247,7 +247,19 @@ pub struct TicketRequested {
     /// The first message: the one given at start, or, for a chat ticketed
     /// while it waited, its first customer message (if any).
     pub first_message: Option<String>,
+    /// Every customer message written before the ticket opened, oldest
+    /// first, at most [`TICKET_MESSAGES_MAX`](crate::TICKET_MESSAGES_MAX)
+    /// (the first is `first_message`): a chat ticketed while it waited may
+    /// hold several, which would otherwise reach a help desk only through
+    /// the chat's history. Later ones reach the ticket sinks one by one.
+    /// Absent from events written before it existed (read as empty).
+    #[serde(default)]
+    pub messages: Vec<String>,
 }
+
+/// Most customer messages a [`TicketRequested`] carries
+/// ([`TicketRequested::messages`]); the chat's history holds the rest.
+pub const TICKET_MESSAGES_MAX: u64 = 20;
 
 /// Payload of [`EventKind::TicketClosed`]: the ticket an agent closed.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]

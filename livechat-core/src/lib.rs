@@ -43,8 +43,8 @@ mod validate;
 pub use config::{ChatConfig, RoutingPolicy};
 pub use error::ChatError;
 pub use events::{
-    DomainEvent, EventKind, EventPayload, MessagePosted, TicketClosed, TicketReason,
-    TicketRequested,
+    DomainEvent, EventKind, EventPayload, MessagePosted, TICKET_MESSAGES_MAX, TicketClosed,
+    TicketReason, TicketRequested,
 };
 pub use ids::{
     CustomerId, EventId, MessageId, NotificationId, SessionId, TenantId, TicketId, UserId,

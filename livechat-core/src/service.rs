@@ -357,6 +357,7 @@ impl<S: ChatStore> ChatService<S> {
                         priority: Priority::Normal,
                         contact: None,
                         first_message: None,
+                        messages: Vec::new(),
                     },
                 )
                 .await?;
@@ -571,8 +572,9 @@ impl<S: ChatStore> ChatService<S> {
     }
 
     /// Starts a customer chat (issue #3): routed to the least-loaded
-    /// eligible agent (OPEN), else queued (WAITING, with a position); with
-    /// no agent online it also becomes a ticket. The first message, if
+    /// eligible agent who takes its department (OPEN), else queued
+    /// (WAITING, with a position); with no agent online who takes it, it
+    /// also becomes a ticket. The first message, if
     /// any, is `seq` 1, stored with `client_msg_id` as its idempotency key.
     ///
     /// A customer with a WAITING or OPEN session gets that session back
@@ -1001,13 +1003,15 @@ impl<S: ChatStore> ChatService<S> {
     }
 
     /// Tickets the WAITING chats without a ticket of `tenant` (`None`: of
-    /// every tenant) whose tenant has no agent online: chats that queued
-    /// behind busy agents before the last of them left. A chat started
-    /// with no agent online gets its ticket at once; this gives one to
-    /// those that began waiting while agents were online (README "Tickets
-    /// when no agent can take a chat"). Each gets `ticket.requested`
-    /// (reason `no_agent_online`, its first customer message as
-    /// `first_message`) and `session.updated` with its `ticket_id`, and
+    /// every tenant) that no agent online takes (none online, or none who
+    /// takes their department): chats that queued behind busy agents
+    /// before the last of them left. A chat started with no agent online
+    /// gets its ticket at once; this gives one to those that began waiting
+    /// while agents were online (README "Tickets when no agent can take a
+    /// chat"). Each gets `ticket.requested` (reason `no_agent_online`, its
+    /// first customer message as `first_message` and up to
+    /// [`crate::TICKET_MESSAGES_MAX`] as `messages`) and `session.updated`
+    /// with its `ticket_id`, and
     /// keeps waiting in the queue. An agent's status change away from
     /// `online` does this for its tenant in the same transaction; call it
     /// after an agent's liveness runs out (the WebSocket gateway does, once

@@ -265,24 +265,29 @@ pub fn parse_department(department: Option<String>) -> Result<Option<String>, Ch
 pub const MAX_AGENT_DEPARTMENTS: usize = 20;
 
 /// The departments an agent serves: each 1–100 characters after trimming,
-/// at most [`MAX_AGENT_DEPARTMENTS`]; duplicates are dropped, the order
-/// is kept. An empty list means every department.
+/// at most [`MAX_AGENT_DEPARTMENTS`] once duplicates are dropped (the
+/// order is kept), and a list of more than four times that is refused
+/// whole. An empty list means every department.
 ///
 /// # Errors
 /// [`ChatError::InvalidInput`] for a blank or over-long department, or
 /// more than [`MAX_AGENT_DEPARTMENTS`].
 pub fn parse_agent_departments(departments: Vec<String>) -> Result<Vec<String>, ChatError> {
-    let mut parsed: Vec<String> = Vec::with_capacity(departments.len());
+    let too_many =
+        || ChatError::InvalidInput(format!("departments: at most {MAX_AGENT_DEPARTMENTS}"));
+    // Duplicates aside, a longer list is refused before it is compared.
+    if departments.len() > 4 * MAX_AGENT_DEPARTMENTS {
+        return Err(too_many());
+    }
+    let mut parsed: Vec<String> = Vec::with_capacity(MAX_AGENT_DEPARTMENTS);
     for department in departments {
         let department = bounded("department", department.trim(), 100)?;
         if !parsed.contains(&department) {
+            if parsed.len() == MAX_AGENT_DEPARTMENTS {
+                return Err(too_many());
+            }
             parsed.push(department);
         }
-    }
-    if parsed.len() > MAX_AGENT_DEPARTMENTS {
-        return Err(ChatError::InvalidInput(format!(
-            "departments: at most {MAX_AGENT_DEPARTMENTS}"
-        )));
     }
     Ok(parsed)
 }
@@ -332,6 +337,23 @@ mod customer_input_tests {
         assert!(Topic::parse(&"x".repeat(200)).is_ok());
         assert!(Topic::parse("Bil\0ling").is_err());
         assert!(parse_department(Some("Sales\0".into())).is_err());
+        // An agent's departments: trimmed, duplicates dropped, bounded.
+        let list = |items: &[&str]| items.iter().map(|s| (*s).to_owned()).collect::<Vec<_>>();
+        assert_eq!(
+            parse_agent_departments(list(&[" Sales", "Billing", "Sales "])).unwrap(),
+            list(&["Sales", "Billing"])
+        );
+        assert!(parse_agent_departments(list(&["a"; 80])).is_ok());
+        assert!(
+            parse_agent_departments(list(&["a"; 81])).is_err(),
+            "refused unread"
+        );
+        let twenty: Vec<String> = (0..20).map(|n| format!("d{n}")).collect();
+        assert!(parse_agent_departments(twenty.clone()).is_ok());
+        let mut twenty_one = twenty;
+        twenty_one.push("d20".into());
+        assert!(parse_agent_departments(twenty_one).is_err());
+        assert!(parse_agent_departments(list(&["Sales", " "])).is_err());
         assert!(Contact::parse("A\0na", "ana@example.com", None, None, None).is_err());
         assert!(Contact::parse("Ana", "ana@example.com", None, Some("C\0O".into()), None).is_err());
         assert!(Contact::parse("Ana", "ana@example.com", None, None, None).is_ok());

@@ -980,6 +980,7 @@ mod tests {
             priority: Priority::Normal,
             contact: None,
             first_message: None,
+            messages: Vec::new(),
         };
         let pending = event(
             EventKind::TicketRequested,

@@ -91,11 +91,9 @@ pub trait TicketSink: Send + Sync + 'static {
     /// its first message: a customer who adds an order number while
     /// nobody is online is not lost to it (README "Tickets when no agent
     /// can take a chat"). `message` is the stored message, with its `seq`,
-    /// text and time. The message the ticket opened with came as
-    /// [`TicketRequested::first_message`] and is not sent again; a chat
-    /// ticketed while it waited sends the messages written after its
-    /// ticket opened, and those between its first and the ticket stay in
-    /// the chat's history. Sent too when an agent had closed the ticket
+    /// text and time. The messages the ticket opened with came as
+    /// [`TicketRequested::first_message`] and [`TicketRequested::messages`]
+    /// and are not sent again. Sent too when an agent had closed the ticket
     /// while the chat went on (a help desk may reopen it). Called in the
     /// session's order, after the ticket's opening. Agents' replies are not
     /// sent here: they reach the notification sinks. Default: nothing, for

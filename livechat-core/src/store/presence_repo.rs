@@ -74,17 +74,16 @@ impl PresenceRepository for SeaOrmStore {
         .await?;
         if status == PresenceStatus::Online {
             drain_queue(&tx, &mut ev, tenant, policy, capacity).await?;
-        } else {
-            if status == PresenceStatus::Offline
-                && requeue_chats_of(&tx, &mut ev, tenant, agent).await? > 0
-            {
-                // Another agent online takes them, in queue order.
-                drain_queue(&tx, &mut ev, tenant, policy, capacity).await?;
-            }
-            // The tenant's last agent online may have left: no request
-            // waits unseen while nobody can take it.
-            ticket_unattended(&tx, &mut ev, tenant, policy).await?;
+        } else if status == PresenceStatus::Offline
+            && requeue_chats_of(&tx, &mut ev, tenant, agent).await? > 0
+        {
+            // Another agent online takes them, in queue order.
+            drain_queue(&tx, &mut ev, tenant, policy, capacity).await?;
         }
+        // The tenant's last agent online (of a department) may have left,
+        // or an agent online may have narrowed their departments: no
+        // request waits unseen while nobody online can take it.
+        ticket_unattended(&tx, &mut ev, tenant, policy).await?;
         self.commit(tx, ev).await?;
         Ok(presence)
     }

@@ -106,14 +106,15 @@ async fn view(conn: &impl ConnectionTrait, row: session::Model) -> Result<Sessio
 /// #3: exactly one ticket per session that found no eligible agent): sets
 /// its `ticket_id` (and `updated_at` to `updated_at`) and records
 /// `ticket.requested` ([`TicketReason::NoAgentOnline`]) with the session's
-/// customer, topic, priority and contact and `first_message`. Returns the
+/// customer, topic, department, priority and contact and its customer
+/// `messages` so far (the first is `first_message`). Returns the
 /// updated row, or `None` when the session already has a ticket or is no
 /// longer WAITING (nothing is written then).
 async fn open_session_ticket(
     tx: &impl ConnectionTrait,
     ev: &mut Recorded,
     row: &session::Model,
-    first_message: Option<String>,
+    messages: Vec<String>,
     updated_at: chrono::DateTime<chrono::Utc>,
 ) -> Result<Option<session::Model>, ChatError> {
     let ticket_id = TicketId::generate();
@@ -141,7 +142,8 @@ async fn open_session_ticket(
         department: session.department,
         priority: session.priority,
         contact: session.contact,
-        first_message,
+        first_message: messages.first().cloned(),
+        messages,
     };
     record_event(
         tx,
@@ -231,16 +233,17 @@ pub(super) async fn ticket_unattended(
             .lock_exclusive()
             .one(tx)
             .await?;
-        let first_message = message::Entity::find()
+        let messages = message::Entity::find()
             .select_only()
             .column(message::Column::Body)
             .filter(message::Column::SessionId.eq(row.id))
             .filter(message::Column::SenderType.eq(SenderType::Customer.as_str()))
             .order_by_asc(message::Column::Seq)
+            .limit(crate::events::TICKET_MESSAGES_MAX)
             .into_tuple::<String>()
-            .one(tx)
+            .all(tx)
             .await?;
-        let Some(updated) = open_session_ticket(tx, ev, &row, first_message, at).await? else {
+        let Some(updated) = open_session_ticket(tx, ev, &row, messages, at).await? else {
             continue;
         };
         ticketed.push(record_session_updated(tx, ev, updated).await?);
@@ -679,19 +682,27 @@ impl SessionRepository for SeaOrmStore {
         if current.status == SessionStatus::Waiting.as_str()
             && !any_agent_online(&tx, tenant, policy, current.department.as_deref()).await?
         {
-            // No agent online at all: the chat waits and becomes a ticket.
+            // No agent online takes its department (or none is online at
+            // all): the chat waits and becomes a ticket.
             let updated_at = current.updated_at;
-            let first_message = chat.first_message.map(|m| m.into_inner());
-            if let Some(ticketed) =
-                open_session_ticket(&tx, &mut ev, &current, first_message, updated_at).await?
+            let messages = chat.first_message.map(|m| m.into_inner());
+            if let Some(ticketed) = open_session_ticket(
+                &tx,
+                &mut ev,
+                &current,
+                messages.into_iter().collect(),
+                updated_at,
+            )
+            .await?
             {
                 current = ticketed;
             }
-            // Chats that began waiting while an agent was online, and whose
-            // last agent's liveness has since run out unseen, would wait for
-            // housekeeping: this start already knows nobody is online.
-            ticket_unattended(&tx, &mut ev, tenant, policy).await?;
         }
+        // Chats that began waiting while an agent who could take them was
+        // online, and whose last such agent's liveness has since run out
+        // unseen, would wait for housekeeping: this start, under the
+        // tenant's lock, tickets them now.
+        ticket_unattended(&tx, &mut ev, tenant, policy).await?;
         let view = view(&tx, current).await?;
         self.commit(tx, ev).await?;
         Ok(CustomerChatStarted {

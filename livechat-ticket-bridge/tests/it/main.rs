@@ -28,6 +28,7 @@ pub(crate) fn customer_request(tenant_id: TenantId, topic: &str) -> TicketReques
         priority: Priority::High,
         contact: None,
         first_message: Some("Hello?".into()),
+        messages: vec!["Hello?".into()],
     }
 }
 
@@ -46,6 +47,7 @@ pub(crate) fn agent_request(tenant_id: TenantId, agent: i64) -> TicketRequested 
         priority: Priority::Normal,
         contact: None,
         first_message: None,
+        messages: Vec::new(),
     }
 }
 

@@ -105,7 +105,8 @@ async fn drain(dispatcher: &Dispatcher<SeaOrmStore>, db: &sea_orm::DatabaseConne
 }
 
 /// A chat that queued behind a busy agent gets its ticket when that agent,
-/// the tenant's last one online, goes away: once, with its first message,
+/// the tenant's last one online, goes away: once, with its customer's
+/// messages so far,
 /// and only in that tenant; the chat keeps waiting, and the agent keeps the
 /// chat it serves (one who goes `offline` hands theirs back: routing's
 /// `an_agent_going_offline_hands_their_chats_back`).
@@ -184,6 +185,17 @@ async fn a_chat_left_waiting_by_the_last_agent_becomes_a_ticket(backend: Backend
         before["ticket_id"].is_null(),
         "an agent is online: {before}"
     );
+    // The customer adds to the request while waiting.
+    let resp = app
+        .client
+        .post(format!("/livechat/customer/chats/{waiting}/messages"))
+        .header("X-Tenant-ID", "1")
+        .header("Authorization", &auth)
+        .body_json(&json!({"message": "Order 1234"}))
+        .send()
+        .await;
+    let (code, added) = App::decode(resp).await;
+    assert_eq!(code, 201, "{added}");
 
     status(7, "away").await;
     let after = chat(waiting.clone()).await;
@@ -234,6 +246,11 @@ async fn a_chat_left_waiting_by_the_last_agent_becomes_a_ticket(backend: Backend
     );
     assert_eq!(requested[0].topic.as_deref(), Some("Second"));
     assert_eq!(requested[0].first_message.as_deref(), Some("anyone?"));
+    assert_eq!(
+        requested[0].messages,
+        vec!["anyone?".to_owned(), "Order 1234".to_owned()],
+        "every customer message so far"
+    );
     assert!(
         events
             .iter()
@@ -1263,6 +1280,7 @@ async fn webhook_receives_signed_events_with_retries(backend: Backend) {
         serde_json::from_slice::<Value>(&calls[0].3).unwrap()["data"]["ticket_id"].clone();
     let requested = serde_json::from_slice::<Value>(&calls[0].3).unwrap();
     assert_eq!(requested["data"]["first_message"], "anyone?");
+    assert_eq!(requested["data"]["messages"], json!(["anyone?"]));
     assert!(
         requested["data"]
             .as_object()

@@ -1026,4 +1026,27 @@ async fn agents_set_their_departments_with_their_status(backend: Backend) {
     let (code, body) = put(json!({"status": "online", "departments": []})).await;
     assert_eq!(code, 200, "{body}");
     assert_eq!(body["data"]["departments"], json!([]));
+
+    // Agent 7, online for every department but full, narrows its
+    // departments: the waiting Billing chat nobody online takes any more
+    // gets its ticket at once.
+    app.chat.set_agent_capacity(t(1), 1).await.unwrap();
+    let served = start_in(&app, 601, None).await;
+    assert_eq!(served.session.agent_id, Some(u(7)));
+    let billing = start_in(&app, 602, Some("Billing")).await;
+    assert_eq!(billing.session.status, SessionStatus::Waiting);
+    assert!(billing.session.ticket_id.is_none(), "agent 7 takes Billing");
+    let (code, body) = put(json!({"status": "online", "departments": ["Sales"]})).await;
+    assert_eq!(code, 200, "{body}");
+    let billing = app
+        .chat
+        .get_session(t(1), billing.session.id)
+        .await
+        .unwrap()
+        .session;
+    assert!(billing.ticket_id.is_some(), "{billing:?}");
+    // `null` keeps them too.
+    let (code, body) = put(json!({"status": "online", "departments": null})).await;
+    assert_eq!(code, 200, "{body}");
+    assert_eq!(body["data"]["departments"], json!(["Sales"]));
 }

@@ -58,7 +58,7 @@ pub use model::{
 };
 pub use outbox::{Behind, OutboxConsumer, OutboxInterest, PendingEvent};
 pub use repository::{
-    AppendedMessage, AssignMode, ChatStore, ConnectionOwner, ConnectionRepository,
+    AgentOverview, AppendedMessage, AssignMode, ChatStore, ConnectionOwner, ConnectionRepository,
     CustomerChatStarted, CustomerRepository, EligibleAgent, MessageRepository, NewCustomerChat,
     OutboxRepository, PendingAppend, PresenceRepository, PurgedConnections, SessionConnections,
     SessionFilter, SessionRepository,

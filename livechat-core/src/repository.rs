@@ -98,6 +98,30 @@ pub struct EligibleAgent {
     pub capacity: i64,
 }
 
+/// One agent of a tenant as their colleagues see them (`GET /agents`):
+/// their presence, whether routing counts them online, and their load.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct AgentOverview {
+    /// Chosen status, departments and when the status was set.
+    pub presence: AgentPresence,
+    /// Chosen status `online` and liveness fresh (within the presence TTL,
+    /// when one is set): what claims and transfers ask of their target.
+    pub online: bool,
+    /// OPEN sessions they serve (customer chats and their own).
+    pub open_sessions: i64,
+    /// The tenant's per-agent capacity.
+    pub capacity: i64,
+}
+
+impl AgentOverview {
+    /// Routing could give them a chat now: online and below capacity
+    /// (DESIGN.md invariant 3), their departments aside.
+    #[must_use]
+    pub const fn available(&self) -> bool {
+        self.online && self.open_sessions < self.capacity
+    }
+}
+
 /// Sessions of one tenant.
 pub trait SessionRepository: Send + Sync {
     /// Stores a new OPEN agent-started session for `agent` and its
@@ -467,6 +491,17 @@ pub trait PresenceRepository: Send + Sync {
         tenant: TenantId,
         agent: UserId,
     ) -> impl Future<Output = Result<Option<AgentPresence>, ChatError>> + Send;
+
+    /// Every agent who set a status in the tenant, by agent id, with
+    /// whether they count as online (status and freshness, as routing
+    /// reads them), their OPEN sessions and the tenant's capacity; `status`
+    /// keeps only those whose chosen status it is.
+    fn list_agents(
+        &self,
+        tenant: TenantId,
+        status: Option<PresenceStatus>,
+        policy: &RoutingPolicy,
+    ) -> impl Future<Output = Result<Vec<AgentOverview>, ChatError>> + Send;
 
     /// The agent's presence, `None` if they never set one in this tenant.
     fn get_presence(

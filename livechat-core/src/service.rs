@@ -296,6 +296,24 @@ impl<S: ChatStore> ChatService<S> {
             .await
     }
 
+    /// The tenant's agents (`GET /agents`): everyone who set a status in
+    /// it, by agent id, each with their presence, whether routing counts
+    /// them online, their OPEN sessions and the capacity; only those whose
+    /// chosen status is `status` when given. What an agent needs to pick a
+    /// colleague for a transfer, and a team's dashboard.
+    ///
+    /// # Errors
+    /// [`ChatError::Storage`] only.
+    pub async fn list_agents(
+        &self,
+        tenant: TenantId,
+        status: Option<PresenceStatus>,
+    ) -> Result<Vec<crate::AgentOverview>, ChatError> {
+        self.store
+            .list_agents(tenant, status, &self.config.routing)
+            .await
+    }
+
     /// An agent's presence in the tenant (their chosen status and when it
     /// was set).
     ///

@@ -19,9 +19,9 @@ use crate::auth::{
     single_header, tenant_from_headers,
 };
 use crate::dto::{
-    MessageEnvelope, MessageListEnvelope, PostMessageRequest, PresenceEnvelope, SessionEnvelope,
-    SessionListEnvelope, SessionStatusDto, SetStatusRequest, StartSessionRequest, TicketDto,
-    TicketStatusDto,
+    AgentListEnvelope, MessageEnvelope, MessageListEnvelope, PostMessageRequest, PresenceEnvelope,
+    PresenceStatusDto, SessionEnvelope, SessionListEnvelope, SessionStatusDto, SetStatusRequest,
+    StartSessionRequest, TicketDto, TicketStatusDto,
 };
 use crate::error::ApiError;
 
@@ -91,6 +91,13 @@ enum PresenceResponse {
     /// The stored presence.
     #[oai(status = 200)]
     Ok(Json<PresenceEnvelope>),
+}
+
+#[derive(ApiResponse)]
+enum AgentListResponse {
+    /// The tenant's agents, by agent id.
+    #[oai(status = 200)]
+    Ok(Json<AgentListEnvelope>),
 }
 
 #[derive(ApiResponse)]
@@ -330,6 +337,26 @@ impl AgentApi {
             .await?;
         Ok(PresenceResponse::Ok(Json(PresenceEnvelope {
             data: presence.into(),
+        })))
+    }
+
+    /// The tenant's agents: everyone who set a status in it, by agent id,
+    /// with their status, departments, whether they are online and
+    /// available, and their load (for picking a colleague to transfer a
+    /// chat to, or a team's dashboard).
+    #[oai(path = "/agents", method = "get", operation_id = "list_agents")]
+    async fn list_agents(
+        &self,
+        auth: AgentAuth,
+        /// Only agents with this chosen status.
+        status: Query<Option<PresenceStatusDto>>,
+    ) -> Result<AgentListResponse, ApiError> {
+        let agents = self
+            .chat
+            .list_agents(auth.tenant(), status.0.map(Into::into))
+            .await?;
+        Ok(AgentListResponse::Ok(Json(AgentListEnvelope {
+            data: agents.into_iter().map(Into::into).collect(),
         })))
     }
 

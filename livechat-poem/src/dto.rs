@@ -393,6 +393,52 @@ pub struct PresenceEnvelope {
     pub data: PresenceDto,
 }
 
+/// One agent of the tenant (`GET /agents`).
+#[derive(Clone, Debug, Object)]
+#[oai(rename = "Agent")]
+pub struct AgentOverviewDto {
+    /// The agent.
+    pub agent_id: i64,
+    /// Chosen status.
+    pub status: PresenceStatusDto,
+    /// The departments whose chats routing gives them; empty: every chat.
+    pub departments: Vec<String>,
+    /// When the status was last set (RFC 3339, UTC).
+    pub updated_at: DateTime<Utc>,
+    /// Status `online` and liveness fresh: a claim or transfer may name
+    /// them.
+    pub online: bool,
+    /// Online and below capacity: routing could give them a chat now.
+    pub available: bool,
+    /// OPEN sessions they serve.
+    pub open_sessions: i64,
+    /// The tenant's per-agent capacity.
+    pub capacity: i64,
+}
+
+impl From<livechat_core::AgentOverview> for AgentOverviewDto {
+    fn from(a: livechat_core::AgentOverview) -> Self {
+        let available = a.available();
+        Self {
+            agent_id: a.presence.agent_id.get(),
+            status: a.presence.status.into(),
+            departments: a.presence.departments,
+            updated_at: a.presence.updated_at,
+            online: a.online,
+            available,
+            open_sessions: a.open_sessions,
+            capacity: a.capacity,
+        }
+    }
+}
+
+/// `{"data": [Agent…]}`, by agent id.
+#[derive(Clone, Debug, Object)]
+pub struct AgentListEnvelope {
+    /// The agents.
+    pub data: Vec<AgentOverviewDto>,
+}
+
 /// A JSON string field that accepts only JSON strings.
 ///
 /// poem-openapi's `String` also accepts numbers and booleans (turning `5`

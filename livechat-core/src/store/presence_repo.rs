@@ -7,7 +7,7 @@ use sea_orm::{
 };
 
 use super::entity::{connection, presence, routing as routing_entity, session};
-use super::routing::{drain_queue, eligible_agents, lock_tenant};
+use super::routing::{drain_queue, eligible_agents, lock_tenant, open_sessions_by_agent};
 use super::sessions::{record_session_updated, ticket_unattended, ticket_was_closed};
 use super::{SeaOrmStore, abort, host_id, record_event};
 use crate::config::RoutingPolicy;
@@ -15,7 +15,7 @@ use crate::error::ChatError;
 use crate::events::EventKind;
 use crate::ids::{SessionId, TenantId, TicketId, UserId};
 use crate::model::{AgentPresence, PresenceStatus, SessionOrigin, SessionStatus, now};
-use crate::repository::{EligibleAgent, PresenceRepository};
+use crate::repository::{AgentOverview, EligibleAgent, PresenceRepository};
 
 impl PresenceRepository for SeaOrmStore {
     async fn set_presence(
@@ -349,6 +349,43 @@ impl PresenceRepository for SeaOrmStore {
             .await?
             .map(AgentPresence::try_from)
             .transpose()
+    }
+
+    async fn list_agents(
+        &self,
+        tenant: TenantId,
+        status: Option<PresenceStatus>,
+        policy: &RoutingPolicy,
+    ) -> Result<Vec<AgentOverview>, ChatError> {
+        let capacity = self.agent_capacity(tenant, policy).await?;
+        let rows = presence::Entity::find()
+            .filter(presence::Column::TenantId.eq(tenant.get()))
+            .apply_if(status, |query, status| {
+                query.filter(presence::Column::Status.eq(status.as_str()))
+            })
+            .order_by_asc(presence::Column::AgentId)
+            .all(&self.db)
+            .await?;
+        let loads = open_sessions_by_agent(&self.db, tenant).await?;
+        let fresh_since = policy
+            .presence_ttl
+            .map(|ttl| now() - crate::model::span(ttl));
+        rows.into_iter()
+            .map(|row| {
+                let online = row.status == PresenceStatus::Online.as_str()
+                    && fresh_since.is_none_or(|since| row.last_seen_at >= since);
+                let open_sessions = loads
+                    .iter()
+                    .find(|(agent, _)| *agent == Some(row.agent_id))
+                    .map_or(0, |(_, n)| *n);
+                Ok(AgentOverview {
+                    presence: AgentPresence::try_from(row)?,
+                    online,
+                    open_sessions,
+                    capacity,
+                })
+            })
+            .collect()
     }
 
     async fn eligible_agents(

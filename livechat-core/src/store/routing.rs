@@ -157,6 +157,25 @@ pub(super) async fn eligible_agents(
         .collect())
 }
 
+/// The count of OPEN sessions of each agent of the tenant who serves any,
+/// as `(agent id, count)`: an agent's load.
+pub(super) async fn open_sessions_by_agent(
+    conn: &impl ConnectionTrait,
+    tenant: TenantId,
+) -> Result<Vec<(Option<i64>, i64)>, DbErr> {
+    session::Entity::find()
+        .select_only()
+        .column(session::Column::AgentId)
+        .column_as(Expr::col(session::Column::Id).count(), "open_sessions")
+        .filter(session::Column::TenantId.eq(tenant.get()))
+        .filter(session::Column::Status.eq(SessionStatus::Open.as_str()))
+        .filter(session::Column::AgentId.is_not_null())
+        .group_by(session::Column::AgentId)
+        .into_tuple()
+        .all(conn)
+        .await
+}
+
 /// Every eligible agent (online, fresh, below capacity) in routing order,
 /// each with the departments they serve (empty: every one).
 async fn ranked_agents(
@@ -169,17 +188,7 @@ async fn ranked_agents(
     if online.is_empty() {
         return Ok(Vec::new());
     }
-    let loads: Vec<(Option<i64>, i64)> = session::Entity::find()
-        .select_only()
-        .column(session::Column::AgentId)
-        .column_as(Expr::col(session::Column::Id).count(), "open_sessions")
-        .filter(session::Column::TenantId.eq(tenant.get()))
-        .filter(session::Column::Status.eq(SessionStatus::Open.as_str()))
-        .filter(session::Column::AgentId.is_not_null())
-        .group_by(session::Column::AgentId)
-        .into_tuple()
-        .all(conn)
-        .await?;
+    let loads = open_sessions_by_agent(conn, tenant).await?;
     let load_of = |agent: i64| {
         loads
             .iter()

@@ -7,6 +7,7 @@ use serde_json::{Value, json};
 on_both_databases!(
     status_route_accepts_the_four_statuses,
     status_route_rejects_bad_bodies,
+    agents_list_their_team,
     start_requires_an_online_agent,
     start_for_caller_or_named_agent,
     one_open_session_per_agent,
@@ -115,6 +116,104 @@ async fn status_route_rejects_bad_bodies(backend: Backend) {
         .agent_call(Method::POST, "/livechat/sessions", 7, 1, Some(json!({})))
         .await;
     assert_eq!(code, 201);
+}
+
+/// `GET /agents`: the tenant's agents with their status, departments,
+/// whether they are online and available, and their load; of the
+/// caller's tenant only.
+async fn agents_list_their_team(backend: Backend) {
+    let app = App::new(backend).await;
+    let put = |agent: i64, tenant: i64, body: Value| {
+        let app = &app;
+        async move {
+            let (code, body) = app
+                .agent_call(
+                    Method::PUT,
+                    "/livechat/agents/me/status",
+                    agent,
+                    tenant,
+                    Some(body),
+                )
+                .await;
+            assert_eq!(code, 200, "{body}");
+        }
+    };
+    put(8, 1, json!({"status": "away"})).await;
+    put(
+        7,
+        1,
+        json!({"status": "online", "departments": ["Billing"]}),
+    )
+    .await;
+    put(9, 2, json!({"status": "online"})).await;
+    let own = app.open_session(7, 1).await;
+    let list = |query: &'static str, tenant: i64| {
+        let app = &app;
+        async move {
+            let (code, body) = app
+                .agent_call(
+                    Method::GET,
+                    &format!("/livechat/agents{query}"),
+                    7,
+                    tenant,
+                    None,
+                )
+                .await;
+            assert_eq!(code, 200, "{body}");
+            body["data"].as_array().unwrap().clone()
+        }
+    };
+    let team = list("", 1).await;
+    let ids: Vec<i64> = team
+        .iter()
+        .map(|a| a["agent_id"].as_i64().unwrap())
+        .collect();
+    assert_eq!(ids, vec![7, 8]);
+    assert_eq!(team[0]["status"], "online");
+    assert_eq!(team[0]["departments"], json!(["Billing"]));
+    assert_eq!(team[0]["online"], true);
+    assert_eq!(team[0]["available"], true);
+    assert_eq!(team[0]["open_sessions"], 1, "its own session: {own}");
+    assert_eq!(team[0]["capacity"], 5);
+    assert_rfc3339(&team[0]["updated_at"]);
+    assert_eq!(team[1]["status"], "away");
+    assert_eq!(team[1]["online"], false);
+    assert_eq!(team[1]["available"], false);
+    assert_eq!(team[1]["open_sessions"], 0);
+
+    let away = list("?status=away", 1).await;
+    assert_eq!(away.len(), 1);
+    assert_eq!(away[0]["agent_id"], 8);
+    let other = list("", 2).await;
+    assert_eq!(other.len(), 1, "{other:?}");
+    assert_eq!(other[0]["agent_id"], 9);
+
+    // At capacity: online, not available.
+    app.chat
+        .set_agent_capacity(livechat_tests::t(1), 1)
+        .await
+        .unwrap();
+    let team = list("?status=online", 1).await;
+    assert_eq!(
+        (
+            team[0]["online"].as_bool(),
+            team[0]["available"].as_bool(),
+            team[0]["capacity"].as_i64()
+        ),
+        (Some(true), Some(false), Some(1))
+    );
+
+    for bad in [
+        "?status=ONLINE",
+        "?status=gone",
+        "?status=online&status=away",
+    ] {
+        let (code, body) = app
+            .agent_call(Method::GET, &format!("/livechat/agents{bad}"), 7, 1, None)
+            .await;
+        assert_eq!(code, 400, "{bad}: {body}");
+        assert_eq!(body["error"]["code"], "invalid_query", "{bad}");
+    }
 }
 
 async fn start_requires_an_online_agent(backend: Backend) {

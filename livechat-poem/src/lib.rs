@@ -366,6 +366,46 @@ impl Livechat {
     }
 }
 
+/// Marks the optional properties of an object `schema` `nullable`
+/// (OpenAPI 3.0): each is an `Option` in Rust, which the API writes as
+/// `null` (`"agent_id": null` while a chat waits) and accepts as `null` in
+/// a body, while poem-openapi only leaves it out of `required`, so a
+/// client generated from the document would refuse the `null`s it
+/// receives. A property that is a bare `$ref` is wrapped in `allOf`,
+/// since OpenAPI 3.0 ignores the siblings of a `$ref`.
+fn mark_nullable(schema: &mut serde_json::Value) {
+    let required: Vec<String> = schema["required"]
+        .as_array()
+        .map(|names| {
+            names
+                .iter()
+                .filter_map(|n| n.as_str().map(str::to_owned))
+                .collect()
+        })
+        .unwrap_or_default();
+    let Some(properties) = schema
+        .get_mut("properties")
+        .and_then(serde_json::Value::as_object_mut)
+    else {
+        return;
+    };
+    for (name, property) in properties.iter_mut() {
+        if required.contains(name) {
+            continue;
+        }
+        let Some(object) = property.as_object_mut() else {
+            continue;
+        };
+        if let Some(reference) = object.remove("$ref") {
+            object.insert(
+                "allOf".to_owned(),
+                serde_json::json!([{ "$ref": reference }]),
+            );
+        }
+        object.insert("nullable".to_owned(), serde_json::Value::Bool(true));
+    }
+}
+
 /// The `X-Tenant-ID` header parameter, as every route reads it.
 pub(crate) fn tenant_parameter() -> serde_json::Value {
     serde_json::json!({
@@ -382,13 +422,20 @@ pub(crate) fn tenant_parameter() -> serde_json::Value {
 /// routes read from the request themselves, which poem-openapi cannot
 /// see: the `X-Tenant-ID` header on every operation and the customer
 /// routes' credential (`CustomerAuth`); with `ws`, the path item of
-/// `GET /ws` too. `spec` unchanged if it does not parse (it always does:
-/// poem-openapi printed it).
+/// `GET /ws` too. Every optional property of a schema is marked
+/// `nullable` ([`mark_nullable`]). `spec` unchanged if it does not parse
+/// (it always does: poem-openapi printed it).
 fn completed(spec: &str, ws: bool) -> String {
     use serde_json::{Value, json};
     let Ok(mut document) = serde_json::from_str::<Value>(spec) else {
         return spec.to_owned();
     };
+    if let Some(schemas) = document
+        .pointer_mut("/components/schemas")
+        .and_then(Value::as_object_mut)
+    {
+        schemas.values_mut().for_each(mark_nullable);
+    }
     // The envelope every route's errors carry.
     let error_content = document
         .pointer("/paths/~1sessions/post/responses/401/content")

@@ -174,6 +174,28 @@ async fn seeded_login_drives_the_library(backend: Backend) {
         "{:?}",
         schemas.keys()
     );
+    // Optional properties may be `null`, as the API writes them; required
+    // ones not.
+    let session = &schemas["ChatSession"]["properties"];
+    for name in [
+        "agent_id",
+        "closed_at",
+        "contact",
+        "ticket_id",
+        "queue_position",
+    ] {
+        assert_eq!(session[name]["nullable"], true, "ChatSession.{name}");
+    }
+    for name in ["id", "status", "created_at"] {
+        assert!(
+            session[name].get("nullable").is_none(),
+            "ChatSession.{name}"
+        );
+    }
+    assert_eq!(
+        schemas["ChatStart"]["properties"]["ticket"]["nullable"],
+        true
+    );
     // The WebSocket route too, with the same error envelope.
     let envelope = &spec["paths"]["/sessions"]["post"]["responses"]["401"]["content"];
     assert!(

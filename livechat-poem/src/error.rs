@@ -46,13 +46,17 @@ pub enum ApiError {
     /// `unauthorized`: token missing, malformed, badly signed or expired.
     #[oai(status = 401)]
     Unauthorized(Json<ErrorBody>),
-    /// `forbidden`: no `SUPPORT_AGENT` role, or tenant not allowed.
+    /// `forbidden`: an agent route without the `SUPPORT_AGENT` role, or a
+    /// tenant the credential does not allow.
     #[oai(status = 403)]
     Forbidden(Json<ErrorBody>),
     /// `not_found`: no such row in this tenant, or a malformed id.
     #[oai(status = 404)]
     NotFound(Json<ErrorBody>),
-    /// `already_assigned`: a concurrent claim won.
+    /// A conflict with what is stored: `already_assigned` (a concurrent
+    /// claim won), `client_msg_id_taken` (the key names another sender's
+    /// message), `ticket_pending` (the ticket's opening is not delivered
+    /// yet).
     #[oai(status = 409)]
     Conflict(Json<ErrorBody>),
     /// `payload_too_large`: body over 64 KiB.

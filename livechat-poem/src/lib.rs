@@ -478,6 +478,23 @@ fn completed(spec: &str, ws: bool) -> String {
             {
                 parameters.insert(0, tenant_parameter());
             }
+            // Every operation shares the error responses of `ApiError`;
+            // those a read never answers are left out: no body to be too
+            // large, nothing to conflict with, and the availability flag
+            // needs no credential and reads no row.
+            if let Some(responses) = operation
+                .get_mut("responses")
+                .and_then(Value::as_object_mut)
+            {
+                let never: &[&str] = match (path.as_str(), method.as_str()) {
+                    ("/customer/availability", _) => &["401", "403", "404", "409", "413"],
+                    (_, "get") => &["409", "413"],
+                    _ => &[],
+                };
+                for status in never {
+                    responses.remove(*status);
+                }
+            }
             if path.starts_with("/customer/") && path != "/customer/availability" {
                 // Starting a chat may identify the visitor by its
                 // `browser_uuid` alone: the credential is optional there.

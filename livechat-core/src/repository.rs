@@ -205,12 +205,13 @@ pub trait SessionRepository: Send + Sync {
     ) -> impl Future<Output = Result<SessionView, ChatError>> + Send;
 
     /// The tenant's WAITING sessions in queue order: higher priority
-    /// first, then older, then by id (the order of
-    /// [`SessionView::queue_position`], which is the index here plus one).
+    /// first, then older, then by id (the order
+    /// [`SessionView::queue_position`] counts in), each with its
+    /// department.
     fn waiting_queue(
         &self,
         tenant: TenantId,
-    ) -> impl Future<Output = Result<Vec<SessionId>, ChatError>> + Send;
+    ) -> impl Future<Output = Result<Vec<(SessionId, Option<String>)>, ChatError>> + Send;
 
     /// Sessions of the tenant that `filter` selects, newest first (by
     /// `created_at`, then id), and only those after `before` in that order

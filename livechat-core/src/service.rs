@@ -396,19 +396,30 @@ impl<S: ChatStore> ChatService<S> {
         self.store.session_view(tenant, id).await
     }
 
-    /// The tenant's WAITING sessions in queue order; a session's queue
-    /// position is its index here plus one ([`Self::queue_positions`]).
+    /// The tenant's WAITING sessions in queue order (higher priority
+    /// first, then older, then by id); a session's queue position counts
+    /// those ahead of it here that its agents would take first
+    /// ([`Self::queue_positions`]).
     ///
     /// # Errors
     /// [`ChatError::Storage`].
     pub async fn waiting_queue(&self, tenant: TenantId) -> Result<Vec<SessionId>, ChatError> {
-        self.store.waiting_queue(tenant).await
+        Ok(self
+            .store
+            .waiting_queue(tenant)
+            .await?
+            .into_iter()
+            .map(|(id, _)| id)
+            .collect())
     }
 
     /// Each WAITING session of the tenant → its queue position (1 =
-    /// next), from one read of [`Self::waiting_queue`]; the same places
-    /// [`Self::get_session`] gives one by one. Issue #5: the gateway reads
-    /// it once per queue move and node, not once per waiting customer.
+    /// next), from one read of the queue; the same places
+    /// [`Self::get_session`] gives one by one: a chat with a department
+    /// counts the chats ahead of it of its department or without one, a
+    /// chat without one every chat ahead (README "Departments"). Issue #5:
+    /// the gateway reads it once per queue move and node, not once per
+    /// waiting customer.
     ///
     /// # Errors
     /// [`ChatError::Storage`].
@@ -416,8 +427,26 @@ impl<S: ChatStore> ChatService<S> {
         &self,
         tenant: TenantId,
     ) -> Result<std::collections::HashMap<SessionId, i64>, ChatError> {
-        let queue = self.waiting_queue(tenant).await?;
-        Ok(queue.into_iter().zip(1..).collect())
+        let queue = self.store.waiting_queue(tenant).await?;
+        let mut without_department = 0;
+        let mut of_department: std::collections::HashMap<String, i64> =
+            std::collections::HashMap::new();
+        let mut positions = std::collections::HashMap::with_capacity(queue.len());
+        for (ahead, (id, department)) in (0..).zip(queue) {
+            let position = match department {
+                None => {
+                    without_department += 1;
+                    ahead + 1
+                }
+                Some(department) => {
+                    let same = of_department.entry(department).or_insert(0);
+                    *same += 1;
+                    without_department + *same
+                }
+            };
+            positions.insert(id, position);
+        }
+        Ok(positions)
     }
 
     /// The tenant's sessions that `filter` selects (a status, an agent's

@@ -324,7 +324,10 @@ pub(super) async fn drain_queue(
 }
 
 /// 1-based place of a WAITING session in its tenant's queue (higher
-/// priority first, then older); `None` when not waiting.
+/// priority first, then older), among the chats the agents who take it
+/// would take before it: for a chat with a department, those of its
+/// department and those without one (README "Departments"); for a chat
+/// without one, every chat. `None` when not waiting.
 pub(super) async fn queue_position(
     conn: &impl ConnectionTrait,
     row: &session::Model,
@@ -332,9 +335,17 @@ pub(super) async fn queue_position(
     if row.status != SessionStatus::Waiting.as_str() {
         return Ok(None);
     }
-    let ahead = session::Entity::find()
+    let mut ahead = session::Entity::find()
         .filter(session::Column::TenantId.eq(row.tenant_id))
-        .filter(session::Column::Status.eq(SessionStatus::Waiting.as_str()))
+        .filter(session::Column::Status.eq(SessionStatus::Waiting.as_str()));
+    if let Some(department) = &row.department {
+        ahead = ahead.filter(
+            Condition::any()
+                .add(session::Column::Department.is_null())
+                .add(session::Column::Department.eq(department.as_str())),
+        );
+    }
+    let ahead = ahead
         .filter(
             Condition::any()
                 .add(session::Column::PriorityRank.gt(row.priority_rank))

@@ -464,10 +464,14 @@ impl SessionRepository for SeaOrmStore {
         Ok(created)
     }
 
-    async fn waiting_queue(&self, tenant: TenantId) -> Result<Vec<SessionId>, ChatError> {
-        let ids: Vec<uuid::Uuid> = session::Entity::find()
+    async fn waiting_queue(
+        &self,
+        tenant: TenantId,
+    ) -> Result<Vec<(SessionId, Option<String>)>, ChatError> {
+        let rows: Vec<(uuid::Uuid, Option<String>)> = session::Entity::find()
             .select_only()
             .column(session::Column::Id)
+            .column(session::Column::Department)
             .filter(session::Column::TenantId.eq(tenant.get()))
             .filter(session::Column::Status.eq(SessionStatus::Waiting.as_str()))
             // The order `queue_position` counts in.
@@ -477,7 +481,10 @@ impl SessionRepository for SeaOrmStore {
             .into_tuple()
             .all(&self.db)
             .await?;
-        Ok(ids.into_iter().map(SessionId::from_uuid).collect())
+        Ok(rows
+            .into_iter()
+            .map(|(id, department)| (SessionId::from_uuid(id), department))
+            .collect())
     }
 
     async fn ticket_unattended(

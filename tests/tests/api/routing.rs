@@ -877,8 +877,31 @@ async fn departments_route_chats_to_their_agents(backend: Backend) {
     // Both busy: a Billing chat, then a Sales chat, wait behind it.
     let second_billing = start_in(&app, 504, Some("Billing")).await;
     let second_sales = start_in(&app, 505, Some("Sales")).await;
-    assert_eq!(second_billing.queue_position, Some(2));
-    assert_eq!(second_sales.queue_position, Some(3));
+    // Places among the chats their agents would take first: the Legal
+    // chat ahead is not in the Billing or Sales agents' way.
+    assert_eq!(second_billing.queue_position, Some(1));
+    assert_eq!(second_sales.queue_position, Some(1));
+    // A chat without a department counts every chat ahead; the queue's
+    // one read gives the same places.
+    let general = start_in(&app, 507, None).await;
+    assert_eq!(general.queue_position, Some(4));
+    let places = app.chat.queue_positions(t(1)).await.unwrap();
+    for view in [&legal, &second_billing, &second_sales, &general] {
+        let id = view.session.id;
+        assert_eq!(
+            places.get(&id).copied(),
+            session(id).await.queue_position,
+            "{view:?}"
+        );
+    }
+    // Behind a chat without a department, a Billing chat counts it.
+    let third_billing = start_in(&app, 508, Some("Billing")).await;
+    assert_eq!(third_billing.queue_position, Some(3));
+    assert_eq!(places.len(), 4);
+    assert_eq!(
+        app.chat.queue_positions(t(1)).await.unwrap()[&third_billing.session.id],
+        3
+    );
     assert!(second_sales.session.ticket_id.is_none());
     // Agent 8 frees up: it takes the Sales chat, past the Billing and
     // Legal ones it does not serve.
@@ -893,7 +916,7 @@ async fn departments_route_chats_to_their_agents(backend: Backend) {
     );
     assert_eq!(
         session(second_billing.session.id).await.queue_position,
-        Some(2)
+        Some(1)
     );
     // Agent 7 goes away: nobody online takes Billing any more, so the
     // waiting Billing chat gets its ticket.
@@ -929,13 +952,19 @@ async fn departments_route_chats_to_their_agents(backend: Backend) {
     let billing_taken = session(second_billing.session.id).await;
     assert_eq!(billing_taken.session.agent_id, Some(u(7)));
     // A chat without a department goes to any agent: 8 and 9 are full,
-    // and 7, a Billing agent, takes it.
+    // and 7, a Billing agent, takes it before the younger Billing chat.
     app.chat
         .close_session(t(1), u(7), second_billing.session.id)
         .await
         .unwrap();
-    let general = start_in(&app, 506, None).await;
-    assert_eq!(general.session.agent_id, Some(u(7)));
+    assert_eq!(
+        session(general.session.id).await.session.agent_id,
+        Some(u(7))
+    );
+    assert_eq!(
+        session(third_billing.session.id).await.session.status,
+        SessionStatus::Waiting
+    );
     // The customer route's flags for a department.
     let flags = |query: &'static str| {
         let app = &app;

@@ -479,16 +479,16 @@ fn completed(spec: &str, ws: bool) -> String {
                 parameters.insert(0, tenant_parameter());
             }
             // Every operation shares the error responses of `ApiError`;
-            // those a read never answers are left out: no body to be too
-            // large, nothing to conflict with, and the availability flag
-            // needs no credential and reads no row.
+            // those a read never answers are left out: nothing to conflict
+            // with, and the availability flag needs no credential and
+            // reads no row. (413 stays: any request's body is checked.)
             if let Some(responses) = operation
                 .get_mut("responses")
                 .and_then(Value::as_object_mut)
             {
                 let never: &[&str] = match (path.as_str(), method.as_str()) {
-                    ("/customer/availability", _) => &["401", "403", "404", "409", "413"],
-                    (_, "get") => &["409", "413"],
+                    ("/customer/availability", _) => &["401", "403", "404", "409"],
+                    (_, "get") => &["409"],
                     _ => &[],
                 };
                 for status in never {

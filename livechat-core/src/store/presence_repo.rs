@@ -370,22 +370,33 @@ impl PresenceRepository for SeaOrmStore {
         let fresh_since = policy
             .presence_ttl
             .map(|ttl| now() - crate::model::span(ttl));
-        rows.into_iter()
-            .map(|row| {
-                let online = row.status == PresenceStatus::Online.as_str()
-                    && fresh_since.is_none_or(|since| row.last_seen_at >= since);
-                let open_sessions = loads
-                    .iter()
-                    .find(|(agent, _)| *agent == Some(row.agent_id))
-                    .map_or(0, |(_, n)| *n);
-                Ok(AgentOverview {
-                    presence: AgentPresence::try_from(row)?,
+        let mut agents = Vec::with_capacity(rows.len());
+        for row in rows {
+            let online = row.status == PresenceStatus::Online.as_str()
+                && fresh_since.is_none_or(|since| row.last_seen_at >= since);
+            let open_sessions = loads
+                .iter()
+                .find(|(agent, _)| *agent == Some(row.agent_id))
+                .map_or(0, |(_, n)| *n);
+            let agent = row.agent_id;
+            match AgentPresence::try_from(row) {
+                Ok(presence) => agents.push(AgentOverview {
+                    presence,
                     online,
                     open_sessions,
                     capacity,
-                })
-            })
-            .collect()
+                }),
+                // One damaged row (written outside the library) does not
+                // hide the rest of the team.
+                Err(e) => tracing::warn!(
+                    tenant = tenant.get(),
+                    agent,
+                    error = %e,
+                    "presence row left out of the agent list"
+                ),
+            }
+        }
+        Ok(agents)
     }
 
     async fn eligible_agents(

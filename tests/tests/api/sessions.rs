@@ -203,6 +203,20 @@ async fn agents_list_their_team(backend: Backend) {
         (Some(true), Some(false), Some(1))
     );
 
+    // A presence row damaged outside the library hides only itself.
+    {
+        use sea_orm::ConnectionTrait;
+        app.db
+            .execute_unprepared(
+                "UPDATE livechat_agent_presence SET departments = 'not json' WHERE agent_id = 8",
+            )
+            .await
+            .unwrap();
+    }
+    let team = list("", 1).await;
+    assert_eq!(team.len(), 1, "{team:?}");
+    assert_eq!(team[0]["agent_id"], 7);
+
     for bad in [
         "?status=ONLINE",
         "?status=gone",

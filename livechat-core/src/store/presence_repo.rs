@@ -151,13 +151,7 @@ impl PresenceRepository for SeaOrmStore {
         let tx = self.begin_write().await?;
         lock_presence(&tx, tenant, agent).await?;
         let now = now();
-        let live = connection::Entity::find()
-            .select_only()
-            .column(connection::Column::Id)
-            .filter(connection::Column::TenantId.eq(tenant.get()))
-            .filter(connection::Column::AgentId.eq(agent.get()))
-            .filter(connection::Column::ExpiresAt.gt(now))
-            .into_query();
+        let live = live_connection_of(tenant, agent, now);
         let announced = presence::Entity::update_many()
             .col_expr(presence::Column::OfflineAnnouncedAt, Expr::value(now))
             .filter(agent_row(tenant, agent))
@@ -279,13 +273,7 @@ impl PresenceRepository for SeaOrmStore {
             let capacity = lock_tenant(&tx, tenant, policy).await?;
             lock_presence(&tx, tenant, agent).await?;
             let now = now();
-            let live = connection::Entity::find()
-                .select_only()
-                .column(connection::Column::Id)
-                .filter(connection::Column::TenantId.eq(tenant.get()))
-                .filter(connection::Column::AgentId.eq(agent.get()))
-                .filter(connection::Column::ExpiresAt.gt(now))
-                .into_query();
+            let live = live_connection_of(tenant, agent, now);
             // No sign of life since the announcement either: a heartbeat
             // whose return was not announced back (a host calling only
             // `heartbeat`) leaves the announcement standing, and the
@@ -529,6 +517,22 @@ async fn requeue_chats_of(
         record_session_updated(tx, ev, row).await?;
     }
     Ok(requeued)
+}
+
+/// The query of `agent`'s connections of `tenant` still live at `now`
+/// (any node), for an `EXISTS`: whether the agent is connected.
+fn live_connection_of(
+    tenant: TenantId,
+    agent: UserId,
+    now: chrono::DateTime<chrono::Utc>,
+) -> sea_orm::sea_query::SelectStatement {
+    connection::Entity::find()
+        .select_only()
+        .column(connection::Column::Id)
+        .filter(connection::Column::TenantId.eq(tenant.get()))
+        .filter(connection::Column::AgentId.eq(agent.get()))
+        .filter(connection::Column::ExpiresAt.gt(now))
+        .into_query()
 }
 
 /// `agent`'s presence row of `tenant` (the table's key).

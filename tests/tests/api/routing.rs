@@ -33,21 +33,28 @@ async fn start(
     topic: &str,
     priority: Priority,
 ) -> livechat_core::SessionView {
+    let request = CustomerChatRequest {
+        topic: topic.into(),
+        priority: Some(priority),
+        ..Default::default()
+    };
+    start_with(app, tenant, user, request).await
+}
+
+/// Starts customer `user`'s chat in `tenant` with `request`.
+async fn start_with(
+    app: &App,
+    tenant: i64,
+    user: i64,
+    request: CustomerChatRequest,
+) -> livechat_core::SessionView {
     let customer = app
         .chat
         .resolve_customer(t(tenant), CustomerIdentity::User(u(user)))
         .await
         .unwrap();
     app.chat
-        .start_customer_chat(
-            t(tenant),
-            customer.id,
-            CustomerChatRequest {
-                topic: topic.into(),
-                priority: Some(priority),
-                ..Default::default()
-            },
-        )
+        .start_customer_chat(t(tenant), customer.id, request)
         .await
         .unwrap()
         .view
@@ -815,24 +822,12 @@ async fn an_agent_gone_too_long_hands_their_chats_back(backend: Backend) {
 
 /// Starts customer `user`'s chat with `department` in tenant 1.
 async fn start_in(app: &App, user: i64, department: Option<&str>) -> livechat_core::SessionView {
-    let customer = app
-        .chat
-        .resolve_customer(t(1), CustomerIdentity::User(u(user)))
-        .await
-        .unwrap();
-    app.chat
-        .start_customer_chat(
-            t(1),
-            customer.id,
-            CustomerChatRequest {
-                topic: format!("from {user}"),
-                department: department.map(str::to_owned),
-                ..Default::default()
-            },
-        )
-        .await
-        .unwrap()
-        .view
+    let request = CustomerChatRequest {
+        topic: format!("from {user}"),
+        department: department.map(str::to_owned),
+        ..Default::default()
+    };
+    start_with(app, 1, user, request).await
 }
 
 /// Routing gives a chat with a department only to agents who take that

@@ -80,8 +80,9 @@ pub enum ChatError {
     /// as its "retry". Send with a key of your own.
     #[error("client_msg_id is already used in this session by another sender")]
     ClientMsgIdTaken,
-    /// A paging parameter is out of range (`limit` outside `1..=max`,
-    /// negative `after_seq`).
+    /// A list's query parameter is out of range: paging (`limit` outside
+    /// `1..=max`, negative `after_seq`, a bad `cursor`) or a filter (a
+    /// blank `department`, an `agent_id` that is not one).
     #[error("{0}")]
     InvalidPage(String),
     /// A ticket without a session cannot be closed yet: its opening

@@ -10,7 +10,7 @@ use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 
 use crate::ids::{CustomerId, EventId, SessionId, TenantId, TicketId, UserId};
-use crate::model::{ChatMessage, Contact, Priority};
+use crate::model::{ChatMessage, Contact, Priority, SenderType};
 
 /// What happened.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
@@ -288,6 +288,47 @@ pub struct MessagePosted {
     /// notification (issue #4).
     #[serde(default)]
     pub customer_connected: bool,
+}
+
+/// The fields of a [`MessagePosted`] payload that decide what it asks of
+/// its consumers, read without the message itself (a flattened struct,
+/// slow to decode; the ticket bridge's outbox interest asks it of every
+/// message inside its writing transaction, issue #5 profile).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize)]
+pub struct MessagePostedHead {
+    /// Who wrote the message.
+    pub sender_type: SenderType,
+    /// The session's customer, for customer chats.
+    pub session_customer_id: Option<CustomerId>,
+    /// The session's ticket, if it was ticketed.
+    pub ticket_id: Option<TicketId>,
+    /// Whether a customer connection followed the session when the
+    /// message was stored.
+    #[serde(default)]
+    pub customer_connected: bool,
+}
+
+impl MessagePostedHead {
+    /// An agent's reply the customer would otherwise miss, and so is
+    /// notified: the session is ticketed (issue #3) or no customer
+    /// connection followed it live (issue #4). The one rule: the ticket
+    /// bridge notifies by it, and the purge of a crashed node's
+    /// connections (`message.missed`) finds the replies it did not
+    /// notify by it.
+    #[must_use]
+    pub fn notifies(&self) -> bool {
+        self.sender_type == SenderType::Agent
+            && self.session_customer_id.is_some()
+            && (self.ticket_id.is_some() || !self.customer_connected)
+    }
+
+    /// The ticket a customer's message adds to: the session's, when it
+    /// has one (the ticket bridge's `TicketSink::ticket_message`).
+    #[must_use]
+    pub fn ticket_message(&self) -> Option<TicketId> {
+        self.ticket_id
+            .filter(|_| self.sender_type == SenderType::Customer)
+    }
 }
 
 #[cfg(test)]

@@ -43,8 +43,8 @@ mod validate;
 pub use config::{ChatConfig, RoutingPolicy};
 pub use error::ChatError;
 pub use events::{
-    DomainEvent, EventKind, EventPayload, MessagePosted, TICKET_MESSAGES_MAX, TicketClosed,
-    TicketReason, TicketRequested,
+    DomainEvent, EventKind, EventPayload, MessagePosted, MessagePostedHead, TICKET_MESSAGES_MAX,
+    TicketClosed, TicketReason, TicketRequested,
 };
 pub use ids::{
     CustomerId, EventId, MessageId, NotificationId, SessionId, TenantId, TicketId, UserId,
@@ -69,5 +69,6 @@ pub use service::{
 };
 pub use validate::{
     ClientMsgId, INVALID_CURSOR, MAX_AGENT_DEPARTMENTS, MessageBody, PageSize, Topic, after_seq,
-    next_cursor, parse_agent_departments, parse_cursor, parse_department,
+    next_cursor, parse_agent_departments, parse_agent_filter, parse_cursor, parse_department,
+    parse_department_filter,
 };

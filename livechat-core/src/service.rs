@@ -159,9 +159,7 @@ impl<S: ChatStore> ChatService<S> {
         agent: UserId,
         status: PresenceStatus,
     ) -> Result<AgentPresence, ChatError> {
-        self.store
-            .set_presence(tenant, agent, status, None, &self.config.routing)
-            .await
+        self.set_agent_presence(tenant, agent, status, None).await
     }
 
     /// As [`Self::set_agent_status`], also setting the departments whose

@@ -2,6 +2,7 @@
 
 use crate::config::ChatConfig;
 use crate::error::ChatError;
+use crate::ids::UserId;
 
 /// A message text that is not blank and within the configured length.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -183,6 +184,45 @@ pub fn parse_cursor<T: std::str::FromStr>(raw: Option<&str>) -> Result<Option<T>
             .map_err(|_| ChatError::InvalidPage(INVALID_CURSOR.into()))
     })
     .transpose()
+}
+
+/// A list's `department` filter (the session and ticket lists, the
+/// customers' availability), as a start stores a department: trimmed,
+/// 1–100 characters; `None` when absent.
+///
+/// # Errors
+/// [`ChatError::InvalidPage`] for a blank one (it would match nothing) or
+/// one over 100 characters.
+pub fn parse_department_filter(raw: Option<String>) -> Result<Option<String>, ChatError> {
+    let Some(raw) = raw else {
+        return Ok(None);
+    };
+    match parse_department(Some(raw)) {
+        Ok(Some(department)) => Ok(Some(department)),
+        _ => Err(ChatError::InvalidPage(
+            "department must be 1–100 characters, not blank".into(),
+        )),
+    }
+}
+
+/// A list's `agent_id` filter: `me` (the `caller`) or an agent's user id
+/// (a positive integer); `None` when absent.
+///
+/// # Errors
+/// [`ChatError::InvalidPage`] for anything else.
+pub fn parse_agent_filter(raw: Option<&str>, caller: UserId) -> Result<Option<UserId>, ChatError> {
+    match raw {
+        None => Ok(None),
+        Some("me") => Ok(Some(caller)),
+        Some(id) => id
+            .parse::<i64>()
+            .ok()
+            .and_then(|id| UserId::new(id).ok())
+            .map(Some)
+            .ok_or_else(|| {
+                ChatError::InvalidPage("agent_id must be `me` or a positive integer".into())
+            }),
+    }
 }
 
 /// The `next_cursor` of a newest-first page asked with `limit`: the id of

@@ -6,7 +6,7 @@ use std::sync::Arc;
 use livechat_core::bus::EventBus;
 use livechat_core::{
     ChatService, PageSize, SessionFilter, TenantId, TicketClose, TicketDirectory, TicketFilter,
-    UserId, parse_cursor,
+    UserId, parse_agent_filter, parse_cursor, parse_department_filter,
 };
 use poem::Request;
 use poem_openapi::auth::Bearer;
@@ -413,25 +413,10 @@ impl AgentApi {
         /// 1–200, default 50.
         limit: Query<Option<i64>>,
     ) -> Result<SessionListResponse, ApiError> {
-        let agent = match agent_id.0.as_deref() {
-            None => None,
-            Some("me") => Some(auth.user()),
-            Some(id) => Some(
-                id.parse::<i64>()
-                    .ok()
-                    .and_then(|id| UserId::new(id).ok())
-                    .ok_or_else(|| {
-                        ApiError::bad_request(
-                            "invalid_query",
-                            "agent_id must be `me` or a positive integer",
-                        )
-                    })?,
-            ),
-        };
         let filter = SessionFilter {
             status: status.0.map(Into::into),
-            agent,
-            department: department_query(department.0)?,
+            agent: parse_agent_filter(agent_id.0.as_deref(), auth.user())?,
+            department: parse_department_filter(department.0)?,
         };
         let page = self
             .chat
@@ -661,7 +646,7 @@ impl AgentApi {
         let before = parse_cursor(cursor.0.as_deref())?;
         let filter = TicketFilter {
             status: status.0.map(Into::into),
-            department: department_query(department.0)?,
+            department: parse_department_filter(department.0)?,
         };
         let tickets = self
             .tickets()?
@@ -723,22 +708,5 @@ impl AgentApi {
                 }))
             }
         })
-    }
-}
-
-/// The `department` query parameter of the session and ticket lists and
-/// of the customers' availability:
-/// trimmed, as a start stores a department, and 1–100 characters (400
-/// `invalid_query` otherwise, a blank one too: it would match nothing).
-pub(crate) fn department_query(department: Option<String>) -> Result<Option<String>, ApiError> {
-    let Some(department) = department else {
-        return Ok(None);
-    };
-    match livechat_core::parse_department(Some(department)) {
-        Ok(Some(department)) => Ok(Some(department)),
-        _ => Err(ApiError::bad_request(
-            "invalid_query",
-            "department must be 1–100 characters, not blank",
-        )),
     }
 }

@@ -405,7 +405,7 @@ impl CustomerApi {
         department: Query<Option<String>>,
     ) -> Result<AvailabilityResponse, ApiError> {
         let tenant = tenant_of(req)?;
-        let department = crate::api::department_query(department.0)?;
+        let department = livechat_core::parse_department_filter(department.0)?;
         let flags = self
             .chat
             .availability(tenant, department.as_deref())

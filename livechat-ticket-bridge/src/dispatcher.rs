@@ -8,8 +8,8 @@ use std::time::Duration;
 
 use chrono::{DateTime, TimeDelta, Utc};
 use livechat_core::{
-    ChatError, ChatMessage, CustomerId, DomainEvent, EventKind, MessagePosted, Notification,
-    NotificationId, OutboxConsumer, OutboxInterest, PendingEvent, SenderType, TenantId, TicketId,
+    ChatError, ChatMessage, DomainEvent, EventKind, MessagePosted, MessagePostedHead, Notification,
+    NotificationId, OutboxConsumer, OutboxInterest, PendingEvent, TenantId, TicketId,
     TicketRequested, UserId,
 };
 use serde::Deserialize;
@@ -646,17 +646,14 @@ impl Sinks {
                 // four fields decide it before the whole message (a
                 // flattened struct, slow to decode) is read (issue #5
                 // profile).
-                let head = decode::<PostedHead>(event)?;
-                match head.ticket_message() {
-                    Some(ticket) if self.tickets => Some(Work::TicketMessage(
+                match self.posted(&decode(event)?) {
+                    Some(Posted::TicketMessage(ticket)) => Some(Work::TicketMessage(
                         event.tenant_id,
                         ticket,
                         decode::<MessagePosted>(event)?.message,
                     )),
-                    _ if self.notifications && head.notifies() => {
-                        agent_reply(event, decode(event)?).map(Work::Notify)
-                    }
-                    _ => None,
+                    Some(Posted::Notify) => agent_reply(event, decode(event)?).map(Work::Notify),
+                    None => None,
                 }
             }
             EventKind::MessageMissed if self.notifications => {
@@ -677,43 +674,30 @@ impl Sinks {
     /// asks of inside the writing transaction, taken from its head alone.
     fn ignore(self, event: &DomainEvent) -> bool {
         if event.kind == EventKind::MessagePosted && (self.tickets || self.notifications) {
-            return decode::<PostedHead>(event).is_ok_and(|head| {
-                !(self.tickets && head.ticket_message().is_some()
-                    || self.notifications && head.notifies())
-            });
+            return decode::<MessagePostedHead>(event)
+                .is_ok_and(|head| self.posted(&head).is_none());
         }
         matches!(self.work(event), Ok(None))
     }
+
+    /// What a `message.posted` with `head` asks of these sinks: a
+    /// customer's message in a ticketed chat goes to the ticket sinks, an
+    /// agent's reply the customer would miss to the notification sinks.
+    fn posted(self, head: &MessagePostedHead) -> Option<Posted> {
+        match head.ticket_message() {
+            Some(ticket) if self.tickets => Some(Posted::TicketMessage(ticket)),
+            _ if self.notifications && head.notifies() => Some(Posted::Notify),
+            _ => None,
+        }
+    }
 }
 
-/// The fields of a `message.posted` payload that decide what it asks of
-/// the sinks: a notification ([`agent_reply`] then builds it) or a
-/// ticket's later message.
-#[derive(Deserialize)]
-struct PostedHead {
-    sender_type: SenderType,
-    session_customer_id: Option<CustomerId>,
-    ticket_id: Option<TicketId>,
-    #[serde(default)]
-    customer_connected: bool,
-}
-
-impl PostedHead {
-    /// An agent's reply the customer would otherwise miss: the session is
-    /// ticketed (issue #3) or no customer connection followed it live
-    /// (issue #4).
-    fn notifies(&self) -> bool {
-        self.sender_type == SenderType::Agent
-            && self.session_customer_id.is_some()
-            && (self.ticket_id.is_some() || !self.customer_connected)
-    }
-
-    /// The ticket a customer's message adds to: the session's, when it
-    /// has one ([`TicketSink::ticket_message`]).
-    fn ticket_message(&self) -> Option<TicketId> {
-        self.ticket_id
-            .filter(|_| self.sender_type == SenderType::Customer)
-    }
+/// What a `message.posted` asks of the sinks ([`Sinks::posted`]).
+enum Posted {
+    /// [`TicketSink::ticket_message`] for this ticket.
+    TicketMessage(TicketId),
+    /// A notification of the reply ([`agent_reply`]).
+    Notify,
 }
 
 /// What an event asks of the sinks (see [`Sinks::work`]).
@@ -769,7 +753,7 @@ fn decode<T: for<'de> Deserialize<'de>>(event: &DomainEvent) -> Result<T, String
         .map_err(|e| format!("undecodable {} payload: {e}", event.kind.as_str()))
 }
 
-/// The notification of an agent's reply that [`PostedHead::notifies`]
+/// The notification of an agent's reply that [`MessagePostedHead::notifies`]
 /// chose, or of a `message.missed` reply; `None` only when the session has
 /// no customer, which both rule out.
 fn agent_reply(event: &DomainEvent, posted: MessagePosted) -> Option<Notification> {
@@ -811,8 +795,8 @@ mod tests {
 
     use async_trait::async_trait;
     use livechat_core::{
-        ChatMessage, CustomerId, EventId, MessageId, Priority, SessionId, TenantId, TicketReason,
-        UserId,
+        ChatMessage, CustomerId, EventId, MessageId, Priority, SenderType, SessionId, TenantId,
+        TicketReason, UserId,
     };
     use serde_json::json;
 

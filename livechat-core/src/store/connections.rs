@@ -16,7 +16,7 @@ use super::routing::lock_tenant;
 use super::{Recorded, SeaOrmStore, host_id, record_event};
 use crate::config::RoutingPolicy;
 use crate::error::ChatError;
-use crate::events::{EventKind, MessagePosted};
+use crate::events::{EventKind, MessagePosted, MessagePostedHead};
 use crate::ids::{CustomerId, SessionId, TenantId, TicketId, UserId};
 use crate::model::{ChatMessage, SenderType, now};
 use crate::repository::{
@@ -417,8 +417,7 @@ async fn record_missed_replies(
     let unnotified: HashSet<uuid::Uuid> = events
         .into_iter()
         .filter(|(_, payload)| {
-            serde_json::from_str::<SeenLive>(payload)
-                .is_ok_and(|e| e.customer_connected && e.ticket_id.is_none())
+            serde_json::from_str::<MessagePostedHead>(payload).is_ok_and(|e| !e.notifies())
         })
         .map(|(id, _)| id)
         .collect();
@@ -437,14 +436,4 @@ async fn record_missed_replies(
         written += 1;
     }
     Ok(written)
-}
-
-/// The fields of a stored `message.posted` payload that tell whether its
-/// reply was notified when stored (the ticket bridge notifies a reply with
-/// a ticket or without a customer connection).
-#[derive(serde::Deserialize)]
-struct SeenLive {
-    #[serde(default)]
-    customer_connected: bool,
-    ticket_id: Option<uuid::Uuid>,
 }

@@ -7,7 +7,9 @@ use sea_orm::{
 };
 
 use super::entity::{connection, presence, routing as routing_entity, session};
-use super::routing::{drain_queue, eligible_agents, lock_tenant, open_sessions_by_agent};
+use super::routing::{
+    drain_queue, eligible_agents, fresh_since, is_online, lock_tenant, open_sessions_by_agent,
+};
 use super::sessions::{record_session_updated, ticket_unattended, ticket_was_closed};
 use super::{SeaOrmStore, abort, host_id, record_event};
 use crate::config::RoutingPolicy;
@@ -231,8 +233,14 @@ impl PresenceRepository for SeaOrmStore {
         announced_before: chrono::DateTime<chrono::Utc>,
         policy: &RoutingPolicy,
     ) -> Result<Vec<(TenantId, UserId)>, ChatError> {
-        let Some(ttl) = policy.presence_ttl else {
+        if policy.presence_ttl.is_none() {
             return Ok(Vec::new());
+        }
+        // Announced gone by `announced_before`, and not offline by choice.
+        let announced_gone = || {
+            sea_orm::Condition::all()
+                .add(presence::Column::OfflineAnnouncedAt.lte(announced_before))
+                .add(presence::Column::Status.ne(PresenceStatus::Offline.as_str()))
         };
         // Agents announced gone who still serve a customer chat; read
         // without locks, and each checked again under them.
@@ -254,8 +262,7 @@ impl PresenceRepository for SeaOrmStore {
             .select_only()
             .column(presence::Column::TenantId)
             .column(presence::Column::AgentId)
-            .filter(presence::Column::OfflineAnnouncedAt.lte(announced_before))
-            .filter(presence::Column::Status.ne(PresenceStatus::Offline.as_str()))
+            .filter(announced_gone())
             .filter(Expr::exists(serving))
             .order_by_asc(presence::Column::TenantId)
             .order_by_asc(presence::Column::AgentId)
@@ -272,17 +279,17 @@ impl PresenceRepository for SeaOrmStore {
             // announcement under it.
             let capacity = lock_tenant(&tx, tenant, policy).await?;
             lock_presence(&tx, tenant, agent).await?;
-            let now = now();
-            let live = live_connection_of(tenant, agent, now);
-            // No sign of life since the announcement either: a heartbeat
-            // whose return was not announced back (a host calling only
-            // `heartbeat`) leaves the announcement standing, and the
-            // absence then starts again, uncounted.
+            let live = live_connection_of(tenant, agent, now());
+            // Liveness run out, and no sign of life since the announcement
+            // either: a heartbeat whose return was not announced back (a
+            // host calling only `heartbeat`) leaves the announcement
+            // standing, and the absence then starts again, uncounted.
             let gone = presence::Entity::find()
                 .filter(agent_row(tenant, agent))
-                .filter(presence::Column::OfflineAnnouncedAt.lte(announced_before))
-                .filter(presence::Column::Status.ne(PresenceStatus::Offline.as_str()))
-                .filter(presence::Column::LastSeenAt.lt(now - crate::model::span(ttl)))
+                .filter(announced_gone())
+                .apply_if(fresh_since(policy), |query, since| {
+                    query.filter(presence::Column::LastSeenAt.lt(since))
+                })
                 .filter(
                     Expr::col(presence::Column::LastSeenAt)
                         .lt(Expr::col(presence::Column::OfflineAnnouncedAt)),
@@ -355,13 +362,10 @@ impl PresenceRepository for SeaOrmStore {
             .all(&self.db)
             .await?;
         let loads = open_sessions_by_agent(&self.db, tenant).await?;
-        let fresh_since = policy
-            .presence_ttl
-            .map(|ttl| now() - crate::model::span(ttl));
+        let fresh_since = fresh_since(policy);
         let mut agents = Vec::with_capacity(rows.len());
         for row in rows {
-            let online = row.status == PresenceStatus::Online.as_str()
-                && fresh_since.is_none_or(|since| row.last_seen_at >= since);
+            let online = is_online(&row, fresh_since);
             let open_sessions = loads
                 .iter()
                 .find(|(agent, _)| *agent == Some(row.agent_id))

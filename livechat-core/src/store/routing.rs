@@ -51,10 +51,19 @@ pub(super) async fn lock_tenant(
         .unwrap_or(policy.default_capacity))
 }
 
-fn fresh_since(policy: &RoutingPolicy) -> Option<DateTime<Utc>> {
+/// The oldest sign of life that keeps an agent fresh now: `None` without
+/// a presence TTL (liveness is not checked).
+pub(super) fn fresh_since(policy: &RoutingPolicy) -> Option<DateTime<Utc>> {
     policy
         .presence_ttl
         .map(|ttl| now() - crate::model::span(ttl))
+}
+
+/// Whether presence row `p` counts as online, with liveness fresh since
+/// `fresh_since` ([`fresh_since`]): the rule [`online_agents`] queries.
+pub(super) fn is_online(p: &presence::Model, fresh_since: Option<DateTime<Utc>>) -> bool {
+    p.status == PresenceStatus::Online.as_str()
+        && fresh_since.is_none_or(|since| p.last_seen_at >= since)
 }
 
 /// Agents whose chosen status is online and whose liveness is fresh.
@@ -75,7 +84,7 @@ pub(super) async fn online_agents(
 /// The departments an agent's presence row lists; empty: every one. A
 /// list that does not decode counts as empty, so that a damaged row
 /// leaves the agent taking every chat rather than none.
-fn departments(p: &presence::Model) -> Vec<String> {
+pub(super) fn departments(p: &presence::Model) -> Vec<String> {
     super::departments_of(p).unwrap_or_default()
 }
 
@@ -91,19 +100,21 @@ pub(super) fn serves(agent_departments: &[String], department: Option<&str>) -> 
     }
 }
 
-/// What the agents online (`online`, as [`online_agents`] reads them)
-/// cover: `None` when one of them takes every department (or nobody is
-/// online: see the caller), else the union of their departments.
-pub(super) fn covered_departments(online: &[presence::Model]) -> Option<Vec<String>> {
-    let mut union = Vec::new();
-    for p in online {
-        let list = departments(p);
+/// What agents serving `lists` (each agent's departments) cover: `None`
+/// when one of them takes every department (or there is none: see the
+/// callers), else the union of their departments.
+pub(super) fn covered_departments(
+    lists: impl IntoIterator<Item = impl AsRef<[String]>>,
+) -> Option<Vec<String>> {
+    let mut union: Vec<String> = Vec::new();
+    for list in lists {
+        let list = list.as_ref();
         if list.is_empty() {
             return None;
         }
         for d in list {
-            if !union.contains(&d) {
-                union.push(d);
+            if !union.contains(d) {
+                union.push(d.clone());
             }
         }
     }
@@ -292,10 +303,9 @@ pub(super) async fn drain_queue(
         let mut next = session::Entity::find()
             .filter(session::Column::TenantId.eq(tenant.get()))
             .filter(session::Column::Status.eq(SessionStatus::Waiting.as_str()));
-        if ranked.iter().all(|(_, served)| !served.is_empty()) {
+        if let Some(union) = covered_departments(ranked.iter().map(|(_, served)| served)) {
             // Only department agents can take a chat now: the first chat
             // without a department or of one of theirs.
-            let union: Vec<&String> = ranked.iter().flat_map(|(_, served)| served).collect();
             next = next.filter(
                 Condition::any()
                     .add(session::Column::Department.is_null())

@@ -9,8 +9,8 @@ use serde::Serialize;
 
 use super::entity::{message, outbox, session};
 use super::routing::{
-    agent_is_online, any_agent_online, assign, covered_departments, drain_queue, lock_tenant,
-    online_agents, queue_position,
+    agent_is_online, any_agent_online, assign, covered_departments, departments, drain_queue,
+    lock_tenant, online_agents, queue_position,
 };
 use super::{
     Recorded, SeaOrmStore, abort, convert_all, host_id, record_event, record_message_event,
@@ -175,7 +175,7 @@ async fn unattended_waiting(
         .filter(session::Column::Status.eq(SessionStatus::Waiting.as_str()))
         .filter(session::Column::TicketId.is_null());
     if !online.is_empty() {
-        let Some(covered) = covered_departments(&online) else {
+        let Some(covered) = covered_departments(online.iter().map(departments)) else {
             return Ok(Vec::new());
         };
         query = query

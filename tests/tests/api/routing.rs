@@ -255,13 +255,27 @@ async fn queue_drains_by_priority_then_age(backend: Backend) {
 
 /// The customer route's two flags: `(agents_available, agents_online)`.
 async fn availability(app: &App) -> (bool, bool) {
+    availability_for(app, "").await
+}
+
+/// The customer route's answer for `query` (`""` or `?department=…`) in
+/// tenant 1.
+async fn availability_answer(
+    app: &App,
+    query: &str,
+) -> (poem::http::StatusCode, serde_json::Value) {
     let resp = app
         .client
-        .get("/livechat/customer/availability")
+        .get(format!("/livechat/customer/availability{query}"))
         .header("X-Tenant-ID", "1")
         .send()
         .await;
-    let (code, body) = App::decode(resp).await;
+    App::decode(resp).await
+}
+
+/// The customer route's two flags for `query`.
+async fn availability_for(app: &App, query: &str) -> (bool, bool) {
+    let (code, body) = availability_answer(app, query).await;
     assert_eq!(code, 200, "{body}");
     (
         body["data"]["agents_available"].as_bool().unwrap(),
@@ -961,24 +975,7 @@ async fn departments_route_chats_to_their_agents(backend: Backend) {
         SessionStatus::Waiting
     );
     // The customer route's flags for a department.
-    let flags = |query: &'static str| {
-        let app = &app;
-        async move {
-            let (code, body) = App::decode(
-                app.client
-                    .get(format!("/livechat/customer/availability{query}"))
-                    .header("X-Tenant-ID", "1")
-                    .send()
-                    .await,
-            )
-            .await;
-            assert_eq!(code, 200, "{body}");
-            (
-                body["data"]["agents_available"].as_bool().unwrap(),
-                body["data"]["agents_online"].as_bool().unwrap(),
-            )
-        }
-    };
+    let flags = |query: &'static str| availability_for(&app, query);
     assert_eq!(flags("?department=Sales").await, (false, true));
     assert_eq!(
         flags("?department=Legal").await,
@@ -992,14 +989,7 @@ async fn departments_route_chats_to_their_agents(backend: Backend) {
     assert_eq!(flags("?department=Legal").await, (false, false));
     assert_eq!(flags("?department=%20Legal%20").await, (false, false));
     for bad in ["?department=", "?department=%20"] {
-        let (code, body) = App::decode(
-            app.client
-                .get(format!("/livechat/customer/availability{bad}"))
-                .header("X-Tenant-ID", "1")
-                .send()
-                .await,
-        )
-        .await;
+        let (code, body) = availability_answer(&app, bad).await;
         assert_eq!(code, 400, "{bad}: {body}");
         assert_eq!(body["error"]["code"], "invalid_query");
     }

@@ -8,6 +8,7 @@ mod customers;
 mod host;
 mod isolation;
 mod messages;
+mod model;
 mod multinode;
 mod realtime;
 mod routing;

@@ -1,0 +1,971 @@
+//! Model-based tests: random sequences of chat operations through
+//! `ChatService` on a real database (proptest), checked after every step
+//! against a model of what was stored and against DESIGN.md's invariants:
+//! tenant isolation (1), one active session (2), eligibility in routing and
+//! the ticket fallback (3, README "Departments", "Tickets when no agent can
+//! take a chat"), ordered gap-free messages (4), an outbox event for every
+//! message (5) and idempotent sends (6).
+//!
+//! Two tenants share agent ids, customer browser ids and keys, so a leak
+//! between them shows. A failing case is shrunk to a short sequence and
+//! printed with the step that broke a rule.
+
+use std::collections::HashMap;
+
+use livechat_core::{
+    AppendedMessage, AssignMode, ChatError, ChatMessage, ChatService, CustomerChatRequest,
+    CustomerId, CustomerIdentity, PresenceStatus, Priority, SenderType, SessionFilter, SessionId,
+    SessionOrigin, SessionStatus, SessionView, store::SeaOrmStore,
+};
+use livechat_tests::{App, Backend, t, u};
+use proptest::prelude::*;
+use proptest::test_runner::{Config, TestCaseError, TestRunner};
+use sea_orm::{ConnectionTrait, Statement};
+
+const TENANTS: usize = 2;
+const AGENTS: i64 = 3;
+const CUSTOMERS: usize = 4;
+const DEPARTMENTS: [&str; 2] = ["Sales", "Billing"];
+
+/// One step a test sequence takes. Indices pick among the tenant's
+/// sessions (modulo their count), customers and departments.
+#[derive(Clone, Debug)]
+enum Op {
+    Status {
+        tenant: usize,
+        agent: i64,
+        status: PresenceStatus,
+        departments: Option<Vec<usize>>,
+    },
+    Capacity {
+        tenant: usize,
+        capacity: i64,
+    },
+    CustomerStart {
+        tenant: usize,
+        customer: usize,
+        department: Option<usize>,
+        priority: Priority,
+        message: bool,
+        key: Option<u8>,
+    },
+    CustomerSend {
+        tenant: usize,
+        customer: usize,
+        key: Option<u8>,
+    },
+    CustomerClose {
+        tenant: usize,
+        customer: usize,
+    },
+    AgentStart {
+        tenant: usize,
+        agent: i64,
+    },
+    AgentSend {
+        tenant: usize,
+        agent: i64,
+        session: usize,
+        key: Option<u8>,
+    },
+    Assign {
+        tenant: usize,
+        agent: i64,
+        session: usize,
+        mode: AssignMode,
+    },
+    AgentClose {
+        tenant: usize,
+        agent: i64,
+        session: usize,
+    },
+}
+
+fn op() -> impl Strategy<Value = Op> {
+    // Most steps in the first tenant, so its chats queue and move; the
+    // second keeps its own, which must never show in the first.
+    let tenant = prop_oneof![3 => Just(0usize), 1 => Just(1usize)];
+    let agent = 1..=AGENTS;
+    let key = proptest::option::of(0u8..3);
+    let status = prop_oneof![
+        4 => Just(PresenceStatus::Online),
+        1 => Just(PresenceStatus::Away),
+        1 => Just(PresenceStatus::Busy),
+        2 => Just(PresenceStatus::Offline),
+    ];
+    let departments = proptest::option::of(proptest::collection::vec(0..DEPARTMENTS.len(), 0..=2));
+    let priority = prop_oneof![
+        Just(Priority::Low),
+        Just(Priority::Normal),
+        Just(Priority::High),
+        Just(Priority::Urgent),
+    ];
+    let mode = prop_oneof![Just(AssignMode::Claim), Just(AssignMode::Transfer)];
+    prop_oneof![
+        3 => (tenant.clone(), agent.clone(), status, departments).prop_map(
+            |(tenant, agent, status, departments)| Op::Status { tenant, agent, status, departments }
+        ),
+        1 => (tenant.clone(), 1i64..=3).prop_map(|(tenant, capacity)| Op::Capacity { tenant, capacity }),
+        4 => (
+            tenant.clone(),
+            0..CUSTOMERS,
+            proptest::option::of(0..DEPARTMENTS.len()),
+            priority,
+            any::<bool>(),
+            key.clone(),
+        )
+            .prop_map(|(tenant, customer, department, priority, message, key)| {
+                Op::CustomerStart { tenant, customer, department, priority, message, key }
+            }),
+        3 => (tenant.clone(), 0..CUSTOMERS, key.clone())
+            .prop_map(|(tenant, customer, key)| Op::CustomerSend { tenant, customer, key }),
+        1 => (tenant.clone(), 0..CUSTOMERS)
+            .prop_map(|(tenant, customer)| Op::CustomerClose { tenant, customer }),
+        1 => (tenant.clone(), agent.clone()).prop_map(|(tenant, agent)| Op::AgentStart { tenant, agent }),
+        3 => (tenant.clone(), agent.clone(), any::<usize>(), key)
+            .prop_map(|(tenant, agent, session, key)| Op::AgentSend { tenant, agent, session, key }),
+        2 => (tenant.clone(), agent.clone(), any::<usize>(), mode)
+            .prop_map(|(tenant, agent, session, mode)| Op::Assign { tenant, agent, session, mode }),
+        1 => (tenant, agent, any::<usize>())
+            .prop_map(|(tenant, agent, session)| Op::AgentClose { tenant, agent, session }),
+    ]
+}
+
+/// Who sent a message, as the idempotency rule compares senders.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Who {
+    Agent(i64),
+    Customer(CustomerId),
+}
+
+/// A message the model expects stored.
+#[derive(Clone, Debug)]
+struct Expected {
+    id: livechat_core::MessageId,
+    text: String,
+    key: Option<String>,
+    who: Who,
+}
+
+/// What the model knows of one tenant.
+#[derive(Debug, Default)]
+struct TenantModel {
+    /// Each agent's chosen status and departments, as last set.
+    status: HashMap<i64, PresenceStatus>,
+    departments: HashMap<i64, Vec<String>>,
+    /// The per-agent capacity as last set (`None`: the default).
+    capacity: Option<i64>,
+    customers: Vec<CustomerId>,
+    /// Every session of the tenant, in creation order.
+    sessions: Vec<SessionId>,
+    /// Each session's messages, in `seq` order.
+    messages: HashMap<SessionId, Vec<Expected>>,
+    /// Each customer's latest session.
+    latest: HashMap<CustomerId, SessionId>,
+}
+
+struct Run {
+    app: App,
+    tenants: Vec<TenantModel>,
+    /// Message texts are unique, so a misplaced message is named.
+    counter: u64,
+}
+
+/// The error's variant, for comparing outcomes.
+fn kind(e: &ChatError) -> String {
+    let debug = format!("{e:?}");
+    debug
+        .split(|c: char| !c.is_alphanumeric())
+        .next()
+        .unwrap_or_default()
+        .to_owned()
+}
+
+fn fail(step: usize, op: &Op, what: impl std::fmt::Display) -> TestCaseError {
+    TestCaseError::fail(format!("after step {step} ({op:?}): {what}"))
+}
+
+impl Run {
+    fn chat(&self) -> &ChatService<SeaOrmStore> {
+        &self.app.chat
+    }
+
+    fn key(k: Option<u8>) -> Option<String> {
+        k.map(|k| format!("key-{k}"))
+    }
+
+    fn text(&mut self) -> String {
+        self.counter += 1;
+        format!("message {}", self.counter)
+    }
+
+    /// A session of the tenant: mostly one still WAITING or OPEN, where
+    /// the rules have the most to decide, sometimes any.
+    async fn pick(&self, tenant: usize, index: usize) -> Option<SessionId> {
+        let sessions = &self.tenants[tenant].sessions;
+        if sessions.is_empty() {
+            return None;
+        }
+        let mut active: Vec<SessionId> = self
+            .sessions(tenant)
+            .await
+            .iter()
+            .filter(|v| v.session.is_active())
+            .map(|v| v.session.id)
+            .collect();
+        active.sort();
+        if !index.is_multiple_of(4) && !active.is_empty() {
+            Some(active[(index / 4) % active.len()])
+        } else {
+            Some(sessions[index % sessions.len()])
+        }
+    }
+
+    async fn session(&self, tenant: usize, id: SessionId) -> SessionView {
+        self.chat()
+            .get_session(tid(tenant), id)
+            .await
+            .expect("a session of the model reads back")
+    }
+
+    /// What the model expects of a send with `key` by `who` before its
+    /// status is considered: the original (a retry) or a refusal (another
+    /// participant's key), `None` when the key is new or absent.
+    fn keyed(
+        &self,
+        tenant: usize,
+        session: SessionId,
+        key: Option<&String>,
+        who: Who,
+    ) -> Option<Result<livechat_core::MessageId, String>> {
+        let key = key?;
+        let log = self.tenants[tenant].messages.get(&session)?;
+        let original = log.iter().find(|m| m.key.as_ref() == Some(key))?;
+        Some(if original.who == who {
+            Ok(original.id)
+        } else {
+            Err("ClientMsgIdTaken".to_owned())
+        })
+    }
+
+    /// Checks a send's outcome against the model and records a stored
+    /// message. `open_only`: an agent's send (WAITING is refused).
+    #[allow(clippy::too_many_arguments)]
+    fn settle_send(
+        &mut self,
+        tenant: usize,
+        session: SessionId,
+        status: SessionStatus,
+        open_only: bool,
+        who: Who,
+        text: String,
+        key: Option<String>,
+        got: Result<AppendedMessage, ChatError>,
+    ) -> Result<(), String> {
+        let expected = match self.keyed(tenant, session, key.as_ref(), who) {
+            Some(Ok(original)) => Ok(Some(original)),
+            Some(Err(e)) => Err(e),
+            None => match status {
+                SessionStatus::Closed => Err("SessionClosed".to_owned()),
+                SessionStatus::Waiting if open_only => Err("SessionNotOpen".to_owned()),
+                _ => Ok(None),
+            },
+        };
+        match (expected, got) {
+            (Ok(Some(original)), Ok(appended)) => {
+                if appended.created || appended.message.id != original {
+                    return Err(format!(
+                        "a retry with its key stored anew or returned another message: {appended:?}"
+                    ));
+                }
+            }
+            (Ok(None), Ok(appended)) => {
+                let log = self.tenants[tenant].messages.entry(session).or_default();
+                let want_seq = i64::try_from(log.len()).unwrap() + 1;
+                if !appended.created
+                    || appended.message.seq != want_seq
+                    || appended.message.message != text
+                {
+                    return Err(format!(
+                        "expected a new message with seq {want_seq}, got {appended:?}"
+                    ));
+                }
+                log.push(Expected {
+                    id: appended.message.id,
+                    text,
+                    key,
+                    who,
+                });
+            }
+            (Err(want), Err(e)) if kind(&e) == want => {}
+            (want, got) => return Err(format!("expected {want:?}, got {got:?}")),
+        }
+        Ok(())
+    }
+
+    async fn apply(&mut self, op: &Op) -> Result<(), String> {
+        match *op {
+            Op::Status {
+                tenant,
+                agent,
+                status,
+                ref departments,
+            } => {
+                let departments = departments
+                    .as_ref()
+                    .map(|ds| ds.iter().map(|&d| DEPARTMENTS[d].to_owned()).collect());
+                let presence = self
+                    .chat()
+                    .set_agent_presence(tid(tenant), u(agent), status, departments.clone())
+                    .await
+                    .map_err(|e| format!("status refused: {e:?}"))?;
+                let model = &mut self.tenants[tenant];
+                model.status.insert(agent, status);
+                if let Some(mut ds) = departments {
+                    ds.dedup();
+                    model.departments.insert(agent, ds);
+                }
+                let want = model.departments.get(&agent).cloned().unwrap_or_default();
+                let mut got = presence.departments.clone();
+                let mut want_sorted = want;
+                got.sort();
+                want_sorted.sort();
+                want_sorted.dedup();
+                if presence.status != status || got != want_sorted {
+                    return Err(format!("presence reads back as {presence:?}"));
+                }
+            }
+            Op::Capacity { tenant, capacity } => {
+                let got = self
+                    .chat()
+                    .set_agent_capacity(tid(tenant), capacity)
+                    .await
+                    .map_err(|e| format!("capacity refused: {e:?}"))?;
+                if got != capacity {
+                    return Err(format!("capacity reads back as {got}"));
+                }
+                self.tenants[tenant].capacity = Some(capacity);
+            }
+            Op::CustomerStart {
+                tenant,
+                customer,
+                department,
+                priority,
+                message,
+                key,
+            } => {
+                self.customer_start(tenant, customer, department, priority, message, key)
+                    .await?
+            }
+            Op::CustomerSend {
+                tenant,
+                customer,
+                key,
+            } => {
+                let customer = self.tenants[tenant].customers[customer];
+                let Some(&session) = self.tenants[tenant].latest.get(&customer) else {
+                    return Ok(());
+                };
+                let status = self.session(tenant, session).await.session.status;
+                let text = self.text();
+                let key = Self::key(key);
+                let got = self
+                    .chat()
+                    .post_customer_message(
+                        tid(tenant),
+                        customer,
+                        session,
+                        text.clone(),
+                        key.clone(),
+                    )
+                    .await;
+                self.settle_send(
+                    tenant,
+                    session,
+                    status,
+                    false,
+                    Who::Customer(customer),
+                    text,
+                    key,
+                    got,
+                )?;
+            }
+            Op::CustomerClose { tenant, customer } => {
+                let customer = self.tenants[tenant].customers[customer];
+                let Some(&session) = self.tenants[tenant].latest.get(&customer) else {
+                    return Ok(());
+                };
+                let closed = self
+                    .chat()
+                    .close_customer_chat(tid(tenant), customer, session)
+                    .await
+                    .map_err(|e| format!("customer close refused: {e:?}"))?;
+                if closed.status != SessionStatus::Closed {
+                    return Err(format!("closed chat reads {closed:?}"));
+                }
+            }
+            Op::AgentStart { tenant, agent } => {
+                let online =
+                    self.tenants[tenant].status.get(&agent) == Some(&PresenceStatus::Online);
+                let has_open = self.has_open_agent_session(tenant, agent).await;
+                let got = self.chat().start_session(tid(tenant), u(agent), None).await;
+                match got {
+                    Ok(session) if online && !has_open => {
+                        if session.status != SessionStatus::Open
+                            || session.agent_id != Some(u(agent))
+                            || session.origin != SessionOrigin::Agent
+                        {
+                            return Err(format!("agent start gave {session:?}"));
+                        }
+                        self.tenants[tenant].sessions.push(session.id);
+                    }
+                    Err(ChatError::AgentOffline { .. }) if !online => {}
+                    Err(ChatError::ActiveSessionExists(_)) if online && has_open => {}
+                    other => {
+                        return Err(format!(
+                            "agent start (online {online}, open already {has_open}): {other:?}"
+                        ));
+                    }
+                }
+            }
+            Op::AgentSend {
+                tenant,
+                agent,
+                session,
+                key,
+            } => {
+                let Some(session) = self.pick(tenant, session).await else {
+                    return Ok(());
+                };
+                let status = self.session(tenant, session).await.session.status;
+                let text = self.text();
+                let key = Self::key(key);
+                let got = self
+                    .chat()
+                    .post_message(tid(tenant), u(agent), session, text.clone(), key.clone())
+                    .await;
+                self.settle_send(
+                    tenant,
+                    session,
+                    status,
+                    true,
+                    Who::Agent(agent),
+                    text,
+                    key,
+                    got,
+                )?;
+            }
+            Op::Assign {
+                tenant,
+                agent,
+                session,
+                mode,
+            } => self.assign(tenant, agent, session, mode).await?,
+            Op::AgentClose {
+                tenant,
+                agent,
+                session,
+            } => {
+                let Some(session) = self.pick(tenant, session).await else {
+                    return Ok(());
+                };
+                let closed = self
+                    .chat()
+                    .close_session(tid(tenant), u(agent), session)
+                    .await
+                    .map_err(|e| format!("close refused: {e:?}"))?;
+                if closed.status != SessionStatus::Closed || closed.closed_at.is_none() {
+                    return Err(format!("closed session reads {closed:?}"));
+                }
+            }
+        }
+        Ok(())
+    }
+
+    async fn customer_start(
+        &mut self,
+        tenant: usize,
+        customer: usize,
+        department: Option<usize>,
+        priority: Priority,
+        message: bool,
+        key: Option<u8>,
+    ) -> Result<(), String> {
+        let customer = self.tenants[tenant].customers[customer];
+        let active = match self.tenants[tenant].latest.get(&customer) {
+            Some(&s) => {
+                let view = self.session(tenant, s).await;
+                view.session.is_active().then_some(view.session)
+            }
+            None => None,
+        };
+        let text = message.then(|| self.text());
+        let key = Self::key(key);
+        let request = CustomerChatRequest {
+            topic: "Order".into(),
+            priority: Some(priority),
+            department: department.map(|d| DEPARTMENTS[d].to_owned()),
+            message: text.clone(),
+            client_msg_id: key.clone(),
+            ..Default::default()
+        };
+        let got = self
+            .chat()
+            .start_customer_chat(tid(tenant), customer, request)
+            .await;
+        match active {
+            Some(active) => {
+                // One active chat per customer: that chat comes back, and
+                // the message joins it under the send rules.
+                let outcome = match got {
+                    Ok(started) => {
+                        if started.created || started.view.session.id != active.id {
+                            return Err(format!(
+                                "a second active chat for one customer: {started:?}"
+                            ));
+                        }
+                        started.message.ok_or(None)
+                    }
+                    Err(e) => Err(Some(e)),
+                };
+                if let Some(text) = text {
+                    let got = match outcome {
+                        Ok(appended) => Ok(appended),
+                        Err(Some(e)) => Err(e),
+                        Err(None) => return Err("the start's message was dropped".into()),
+                    };
+                    self.settle_send(
+                        tenant,
+                        active.id,
+                        active.status,
+                        false,
+                        Who::Customer(customer),
+                        text,
+                        key,
+                        got,
+                    )?;
+                } else if let Err(Some(e)) = outcome {
+                    return Err(format!("a start without a message: {e:?}"));
+                }
+            }
+            None => {
+                let started = got.map_err(|e| format!("start refused: {e:?}"))?;
+                let session = started.view.session.clone();
+                if !started.created
+                    || session.customer_id != Some(customer)
+                    || session.origin != SessionOrigin::Customer
+                    || session.department.as_deref() != department.map(|d| DEPARTMENTS[d])
+                {
+                    return Err(format!("a new chat reads {started:?}"));
+                }
+                let model = &mut self.tenants[tenant];
+                model.sessions.push(session.id);
+                model.latest.insert(customer, session.id);
+                if let Some(text) = text {
+                    let appended = started.message.ok_or("the start's message was dropped")?;
+                    self.settle_send(
+                        tenant,
+                        session.id,
+                        SessionStatus::Waiting,
+                        false,
+                        Who::Customer(customer),
+                        text,
+                        key,
+                        Ok(appended),
+                    )?;
+                }
+                // Routed only to an agent who could take it at the start.
+                if let Some(agent) = session.agent_id {
+                    let agent = agent.get();
+                    let load = self.load(tenant).await;
+                    let model = &self.tenants[tenant];
+                    if !self.serves(tenant, agent, session.department.as_deref())
+                        || model.status.get(&agent) != Some(&PresenceStatus::Online)
+                        || load.get(&agent).copied().unwrap_or(0) > self.capacity(tenant)
+                    {
+                        return Err(format!(
+                            "routed to agent {agent}, who could not take it: {session:?}, load {load:?}"
+                        ));
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
+    async fn assign(
+        &mut self,
+        tenant: usize,
+        agent: i64,
+        session: usize,
+        mode: AssignMode,
+    ) -> Result<(), String> {
+        let Some(session) = self.pick(tenant, session).await else {
+            return Ok(());
+        };
+        let before = self.session(tenant, session).await.session;
+        let online = self.tenants[tenant].status.get(&agent) == Some(&PresenceStatus::Online);
+        let taken = before.origin == SessionOrigin::Agent
+            && before.agent_id != Some(u(agent))
+            && self.has_open_agent_session(tenant, agent).await;
+        let got = match mode {
+            AssignMode::Claim => {
+                self.chat()
+                    .assign_session(tid(tenant), u(agent), session, None)
+                    .await
+            }
+            AssignMode::Transfer => {
+                // A colleague hands the chat over.
+                let caller = u(agent % AGENTS + 1);
+                self.chat()
+                    .assign_session(tid(tenant), caller, session, Some(u(agent)))
+                    .await
+            }
+        };
+        let want = match before.status {
+            SessionStatus::Closed => Err("SessionClosed"),
+            SessionStatus::Open if before.agent_id == Some(u(agent)) => Ok(()),
+            SessionStatus::Open if mode == AssignMode::Claim => Err("AlreadyAssigned"),
+            _ if !online => Err("AgentNotOnline"),
+            _ if taken => Err("ActiveSessionExists"),
+            _ => Ok(()),
+        };
+        match (want, got) {
+            (Ok(()), Ok(s)) if s.status == SessionStatus::Open && s.agent_id == Some(u(agent)) => {
+                Ok(())
+            }
+            (Err(want), Err(e)) if kind(&e) == want => Ok(()),
+            (want, got) => Err(format!(
+                "assign of {before:?}: expected {want:?}, got {got:?}"
+            )),
+        }
+    }
+
+    fn capacity(&self, tenant: usize) -> i64 {
+        self.tenants[tenant]
+            .capacity
+            .unwrap_or(self.chat().config().routing.default_capacity)
+    }
+
+    fn serves(&self, tenant: usize, agent: i64, department: Option<&str>) -> bool {
+        let Some(department) = department else {
+            return true;
+        };
+        self.tenants[tenant]
+            .departments
+            .get(&agent)
+            .is_none_or(|ds| ds.is_empty() || ds.iter().any(|d| d == department))
+    }
+
+    async fn sessions(&self, tenant: usize) -> Vec<SessionView> {
+        self.chat()
+            .list_sessions(tid(tenant), SessionFilter::default(), None, Some(200))
+            .await
+            .expect("sessions list")
+            .sessions
+    }
+
+    /// Each agent's OPEN sessions (of either origin).
+    async fn load(&self, tenant: usize) -> HashMap<i64, i64> {
+        let mut load = HashMap::new();
+        for view in self.sessions(tenant).await {
+            if let (SessionStatus::Open, Some(agent)) = (view.session.status, view.session.agent_id)
+            {
+                *load.entry(agent.get()).or_default() += 1;
+            }
+        }
+        load
+    }
+
+    async fn has_open_agent_session(&self, tenant: usize, agent: i64) -> bool {
+        self.sessions(tenant).await.iter().any(|v| {
+            v.session.origin == SessionOrigin::Agent
+                && v.session.status == SessionStatus::Open
+                && v.session.agent_id == Some(u(agent))
+        })
+    }
+
+    /// Every rule that holds between steps.
+    async fn check(&self) -> Result<(), String> {
+        for tenant in 0..TENANTS {
+            let views = self.sessions(tenant).await;
+            let model = &self.tenants[tenant];
+            // Isolation: a tenant lists exactly its own sessions, and the
+            // other tenant cannot read them.
+            let mut listed: Vec<SessionId> = views.iter().map(|v| v.session.id).collect();
+            let mut known = model.sessions.clone();
+            listed.sort();
+            known.sort();
+            if listed != known {
+                return Err(format!(
+                    "tenant {} lists {listed:?}, the model has {known:?}",
+                    tid(tenant).get()
+                ));
+            }
+            for view in &views {
+                let id = view.session.id;
+                if view.session.tenant_id != tid(tenant) {
+                    return Err(format!("a session of another tenant listed: {view:?}"));
+                }
+                match self.chat().get_session(tid(1 - tenant), id).await {
+                    Err(ChatError::NotFound) => {}
+                    other => {
+                        return Err(format!(
+                            "session {id} read from the other tenant: {other:?}"
+                        ));
+                    }
+                }
+                self.check_messages(tenant, &view.session).await?;
+            }
+            self.check_routing(tenant, &views).await?;
+            self.check_outbox(tenant).await?;
+        }
+        Ok(())
+    }
+
+    /// Invariants 4 and 6: the stored messages are the model's, `seq`
+    /// 1, 2, 3… in order, and `last_seq` is the last of them.
+    async fn check_messages(
+        &self,
+        tenant: usize,
+        session: &livechat_core::ChatSession,
+    ) -> Result<(), String> {
+        let stored: Vec<ChatMessage> = self
+            .chat()
+            .list_messages(tid(tenant), session.id, Some(0), Some(200))
+            .await
+            .map_err(|e| format!("messages of {}: {e:?}", session.id))?;
+        let want = self.tenants[tenant]
+            .messages
+            .get(&session.id)
+            .map_or(&[][..], Vec::as_slice);
+        let matches = stored.len() == want.len()
+            && stored.iter().zip(want).enumerate().all(|(i, (got, want))| {
+                got.seq == i64::try_from(i).unwrap() + 1
+                    && got.id == want.id
+                    && got.message == want.text
+                    && got.client_msg_id == want.key
+                    && match want.who {
+                        Who::Agent(a) => {
+                            got.sender_type == SenderType::Agent && got.sender_id == Some(u(a))
+                        }
+                        Who::Customer(c) => {
+                            got.sender_type == SenderType::Customer && got.customer_id == Some(c)
+                        }
+                    }
+            });
+        if !matches || session.last_seq != i64::try_from(want.len()).unwrap() {
+            return Err(format!(
+                "session {} (last_seq {}) stores {:?}, the model {:?}",
+                session.id,
+                session.last_seq,
+                stored
+                    .iter()
+                    .map(|m| (m.seq, &m.message))
+                    .collect::<Vec<_>>(),
+                want.iter().map(|m| &m.text).collect::<Vec<_>>(),
+            ));
+        }
+        Ok(())
+    }
+
+    /// Invariants 2 and 3, and the ticket fallback.
+    async fn check_routing(&self, tenant: usize, views: &[SessionView]) -> Result<(), String> {
+        let model = &self.tenants[tenant];
+        let capacity = self.capacity(tenant);
+        let mut active_by_customer: HashMap<CustomerId, usize> = HashMap::new();
+        let mut open_by_agent: HashMap<i64, usize> = HashMap::new();
+        let mut load: HashMap<i64, i64> = HashMap::new();
+        for v in views {
+            let s = &v.session;
+            if let (Some(c), true) = (s.customer_id, s.is_active()) {
+                *active_by_customer.entry(c).or_default() += 1;
+            }
+            if let (SessionStatus::Open, Some(a)) = (s.status, s.agent_id) {
+                *load.entry(a.get()).or_default() += 1;
+                if s.origin == SessionOrigin::Agent {
+                    *open_by_agent.entry(a.get()).or_default() += 1;
+                }
+            }
+        }
+        if let Some((c, n)) = active_by_customer.iter().find(|(_, n)| **n > 1) {
+            return Err(format!("customer {c} has {n} active chats"));
+        }
+        if let Some((a, n)) = open_by_agent.iter().find(|(_, n)| **n > 1) {
+            return Err(format!("agent {a} has {n} OPEN agent-started sessions"));
+        }
+        let online = |agent: i64| model.status.get(&agent) == Some(&PresenceStatus::Online);
+        let mut waiting = Vec::new();
+        for v in views {
+            let s = &v.session;
+            if s.origin != SessionOrigin::Customer {
+                continue;
+            }
+            match s.status {
+                SessionStatus::Open => {
+                    let agent = s.agent_id.map(|a| a.get());
+                    if agent.is_none_or(|a| model.status.get(&a) == Some(&PresenceStatus::Offline))
+                    {
+                        return Err(format!("an OPEN chat without an agent on duty: {s:?}"));
+                    }
+                }
+                SessionStatus::Waiting => {
+                    waiting.push(s.id);
+                    let department = s.department.as_deref();
+                    if s.agent_id.is_some() {
+                        return Err(format!("a WAITING chat with an agent: {s:?}"));
+                    }
+                    // Work-conserving: a chat waits only while no agent
+                    // online below capacity takes its department.
+                    if let Some(agent) = (1..=AGENTS).find(|&a| {
+                        online(a)
+                            && load.get(&a).copied().unwrap_or(0) < capacity
+                            && self.serves(tenant, a, department)
+                    }) {
+                        return Err(format!(
+                            "chat waits while agent {agent} could take it: {s:?}, load {load:?}"
+                        ));
+                    }
+                    // Nobody online takes it: it is also a ticket.
+                    if s.ticket_id.is_none()
+                        && !(1..=AGENTS).any(|a| online(a) && self.serves(tenant, a, department))
+                    {
+                        return Err(format!(
+                            "a chat nobody online takes waits without a ticket: {s:?}"
+                        ));
+                    }
+                }
+                SessionStatus::Closed => {}
+            }
+        }
+        // Queue places: one read of the queue agrees with each chat's own.
+        let positions = self
+            .chat()
+            .queue_positions(tid(tenant))
+            .await
+            .map_err(|e| format!("queue positions: {e:?}"))?;
+        if positions.len() != waiting.len() {
+            return Err(format!(
+                "{} queue places for {} waiting chats",
+                positions.len(),
+                waiting.len()
+            ));
+        }
+        for v in views
+            .iter()
+            .filter(|v| v.session.status == SessionStatus::Waiting)
+        {
+            let own = self.session(tenant, v.session.id).await.queue_position;
+            let place = positions.get(&v.session.id).copied();
+            if own.is_none() || own != place || own < Some(1) {
+                return Err(format!(
+                    "chat {} is at {own:?} alone and at {place:?} in the queue",
+                    v.session.id
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    /// Invariant 5: every stored message has its `message.posted` event.
+    async fn check_outbox(&self, tenant: usize) -> Result<(), String> {
+        let db = &self.app.db;
+        let row = db
+            .query_one_raw(Statement::from_string(
+                db.get_database_backend(),
+                format!(
+                    "SELECT COUNT(*) AS n FROM livechat_outbox \
+                     WHERE kind = 'message.posted' AND tenant_id = {}",
+                    tid(tenant).get()
+                ),
+            ))
+            .await
+            .map_err(|e| e.to_string())?
+            .ok_or("no count")?;
+        let events: i64 = row.try_get("", "n").map_err(|e| e.to_string())?;
+        let messages: usize = self.tenants[tenant].messages.values().map(Vec::len).sum();
+        if usize::try_from(events).ok() != Some(messages) {
+            return Err(format!(
+                "{events} message.posted events for {messages} messages"
+            ));
+        }
+        Ok(())
+    }
+}
+
+fn tid(tenant: usize) -> livechat_core::TenantId {
+    t(i64::try_from(tenant).unwrap() + 1)
+}
+
+/// One case: a fresh database, the ops one by one, every rule checked
+/// after each.
+async fn run_case(backend: Backend, ops: Vec<Op>) -> Result<(), TestCaseError> {
+    let app = App::new(backend).await;
+    let mut tenants = Vec::new();
+    for tenant in 0..TENANTS {
+        // One chat per agent to begin with, so that chats queue.
+        app.chat
+            .set_agent_capacity(tid(tenant), 1)
+            .await
+            .map_err(|e| TestCaseError::fail(format!("capacity: {e:?}")))?;
+        let mut model = TenantModel {
+            capacity: Some(1),
+            ..TenantModel::default()
+        };
+        for c in 0..CUSTOMERS {
+            // The same browser ids in both tenants: distinct customers.
+            let browser = uuid::Uuid::from_u128(0xb0 + c as u128);
+            let customer = app
+                .chat
+                .resolve_customer(tid(tenant), CustomerIdentity::Visitor(browser))
+                .await
+                .map_err(|e| TestCaseError::fail(format!("customer: {e:?}")))?;
+            model.customers.push(customer.id);
+        }
+        tenants.push(model);
+    }
+    let mut run = Run {
+        app,
+        tenants,
+        counter: 0,
+    };
+    for (step, op) in ops.iter().enumerate() {
+        run.apply(op).await.map_err(|e| fail(step, op, e))?;
+        run.check().await.map_err(|e| fail(step, op, e))?;
+    }
+    Ok(())
+}
+
+fn run_model(backend: Backend, cases: u32) {
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .expect("runtime");
+    // PROPTEST_CASES runs more (or fewer) cases.
+    let cases = std::env::var("PROPTEST_CASES")
+        .ok()
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(cases);
+    let mut runner = TestRunner::new(Config {
+        cases,
+        // A shrunk failure is printed; nothing is written to the tree.
+        failure_persistence: None,
+        max_shrink_iters: 200,
+        ..Config::default()
+    });
+    let strategy = proptest::collection::vec(op(), 1..80);
+    if let Err(e) = runner.run(&strategy, |ops| runtime.block_on(run_case(backend, ops))) {
+        panic!("{e}");
+    }
+}
+
+#[test]
+fn random_chat_operations_keep_every_rule_on_sqlite() {
+    run_model(Backend::Sqlite, 24);
+}
+
+#[test]
+fn random_chat_operations_keep_every_rule_on_postgres() {
+    run_model(Backend::Postgres, 8);
+}

@@ -142,6 +142,7 @@ enum Who {
 #[derive(Clone, Debug)]
 struct Expected {
     id: livechat_core::MessageId,
+    seq: i64,
     text: String,
     key: Option<String>,
     who: Who,
@@ -292,6 +293,7 @@ impl Run {
                 }
                 log.push(Expected {
                     id: appended.message.id,
+                    seq: appended.message.seq,
                     text,
                     key,
                     who,
@@ -897,9 +899,358 @@ fn tid(tenant: usize) -> livechat_core::TenantId {
     t(i64::try_from(tenant).unwrap() + 1)
 }
 
-/// One case: a fresh database, the ops one by one, every rule checked
-/// after each.
-async fn run_case(backend: Backend, ops: Vec<Op>) -> Result<(), TestCaseError> {
+/// What one step of a concurrent group did, for the model to take in
+/// once the group has ended.
+enum Done {
+    Nothing,
+    Status {
+        tenant: usize,
+        agent: i64,
+        status: PresenceStatus,
+        departments: Option<Vec<String>>,
+    },
+    Capacity {
+        tenant: usize,
+        capacity: i64,
+    },
+    Started {
+        tenant: usize,
+        customer: Option<CustomerId>,
+        session: SessionId,
+    },
+    Sent {
+        tenant: usize,
+        session: SessionId,
+        who: Who,
+        text: String,
+        key: Option<String>,
+        appended: Box<AppendedMessage>,
+    },
+}
+
+/// `got`'s error when it is one of `allowed` (the outcomes a step may
+/// have while others run beside it), else what went wrong.
+fn allowed<T: std::fmt::Debug>(
+    got: Result<T, ChatError>,
+    allowed: &[&str],
+) -> Result<Option<T>, String> {
+    match got {
+        Ok(value) => Ok(Some(value)),
+        Err(e) if allowed.contains(&kind(&e).as_str()) => Ok(None),
+        Err(e) => Err(format!("refused with {e:?}")),
+    }
+}
+
+impl Run {
+    /// Runs `op` beside others: its outcome may be any the rules allow
+    /// for some order of the group's steps, so it is only classified
+    /// here, and what it stored is checked once the group has ended.
+    async fn perform(&self, op: &Op, text: String) -> Result<Done, String> {
+        let done = match *op {
+            Op::Status {
+                tenant,
+                agent,
+                status,
+                ref departments,
+            } => {
+                let departments: Option<Vec<String>> = departments
+                    .as_ref()
+                    .map(|ds| ds.iter().map(|&d| DEPARTMENTS[d].to_owned()).collect());
+                self.chat()
+                    .set_agent_presence(tid(tenant), u(agent), status, departments.clone())
+                    .await
+                    .map_err(|e| format!("status refused: {e:?}"))?;
+                Done::Status {
+                    tenant,
+                    agent,
+                    status,
+                    departments,
+                }
+            }
+            Op::Capacity { tenant, capacity } => {
+                self.chat()
+                    .set_agent_capacity(tid(tenant), capacity)
+                    .await
+                    .map_err(|e| format!("capacity refused: {e:?}"))?;
+                Done::Capacity { tenant, capacity }
+            }
+            Op::CustomerStart {
+                tenant,
+                customer,
+                department,
+                priority,
+                message,
+                key,
+            } => {
+                let customer = self.tenants[tenant].customers[customer];
+                let key = Self::key(key);
+                let request = CustomerChatRequest {
+                    topic: "Order".into(),
+                    priority: Some(priority),
+                    department: department.map(|d| DEPARTMENTS[d].to_owned()),
+                    message: message.then(|| text.clone()),
+                    client_msg_id: key.clone(),
+                    ..Default::default()
+                };
+                let got = self
+                    .chat()
+                    .start_customer_chat(tid(tenant), customer, request)
+                    .await;
+                let Some(started) = allowed(got, &["ClientMsgIdTaken", "SessionClosed"])? else {
+                    return Ok(Done::Nothing);
+                };
+                let session = started.view.session.id;
+                match started.message {
+                    Some(appended) => Done::Sent {
+                        tenant,
+                        session,
+                        who: Who::Customer(customer),
+                        text,
+                        key,
+                        appended: Box::new(appended),
+                    },
+                    None if message => return Err("the start's message was dropped".into()),
+                    None => Done::Started {
+                        tenant,
+                        customer: Some(customer),
+                        session,
+                    },
+                }
+            }
+            Op::CustomerSend {
+                tenant,
+                customer,
+                key,
+            } => {
+                let customer = self.tenants[tenant].customers[customer];
+                let Some(&session) = self.tenants[tenant].latest.get(&customer) else {
+                    return Ok(Done::Nothing);
+                };
+                let key = Self::key(key);
+                let got = self
+                    .chat()
+                    .post_customer_message(
+                        tid(tenant),
+                        customer,
+                        session,
+                        text.clone(),
+                        key.clone(),
+                    )
+                    .await;
+                match allowed(got, &["SessionClosed", "ClientMsgIdTaken"])? {
+                    Some(appended) => Done::Sent {
+                        tenant,
+                        session,
+                        who: Who::Customer(customer),
+                        text,
+                        key,
+                        appended: Box::new(appended),
+                    },
+                    None => Done::Nothing,
+                }
+            }
+            Op::CustomerClose { tenant, customer } => {
+                let customer = self.tenants[tenant].customers[customer];
+                if let Some(&session) = self.tenants[tenant].latest.get(&customer) {
+                    self.chat()
+                        .close_customer_chat(tid(tenant), customer, session)
+                        .await
+                        .map_err(|e| format!("customer close refused: {e:?}"))?;
+                }
+                Done::Nothing
+            }
+            Op::AgentStart { tenant, agent } => {
+                let got = self.chat().start_session(tid(tenant), u(agent), None).await;
+                match allowed(got, &["AgentOffline", "ActiveSessionExists"])? {
+                    Some(session) => Done::Started {
+                        tenant,
+                        customer: None,
+                        session: session.id,
+                    },
+                    None => Done::Nothing,
+                }
+            }
+            Op::AgentSend {
+                tenant,
+                agent,
+                session,
+                key,
+            } => {
+                let Some(session) = self.pick(tenant, session).await else {
+                    return Ok(Done::Nothing);
+                };
+                let key = Self::key(key);
+                let got = self
+                    .chat()
+                    .post_message(tid(tenant), u(agent), session, text.clone(), key.clone())
+                    .await;
+                match allowed(
+                    got,
+                    &["SessionClosed", "SessionNotOpen", "ClientMsgIdTaken"],
+                )? {
+                    Some(appended) => Done::Sent {
+                        tenant,
+                        session,
+                        who: Who::Agent(agent),
+                        text,
+                        key,
+                        appended: Box::new(appended),
+                    },
+                    None => Done::Nothing,
+                }
+            }
+            Op::Assign {
+                tenant,
+                agent,
+                session,
+                mode,
+            } => {
+                let Some(session) = self.pick(tenant, session).await else {
+                    return Ok(Done::Nothing);
+                };
+                let target = (mode == AssignMode::Transfer).then(|| u(agent));
+                let caller = match mode {
+                    AssignMode::Claim => u(agent),
+                    AssignMode::Transfer => u(agent % AGENTS + 1),
+                };
+                let got = self
+                    .chat()
+                    .assign_session(tid(tenant), caller, session, target)
+                    .await;
+                let assigned = allowed(
+                    got,
+                    &[
+                        "SessionClosed",
+                        "AlreadyAssigned",
+                        "AgentNotOnline",
+                        "ActiveSessionExists",
+                    ],
+                )?;
+                if let Some(s) = assigned
+                    && (s.status != SessionStatus::Open || s.agent_id != Some(u(agent)))
+                {
+                    return Err(format!("an assignment to agent {agent} reads {s:?}"));
+                }
+                Done::Nothing
+            }
+            Op::AgentClose {
+                tenant,
+                agent,
+                session,
+            } => {
+                if let Some(session) = self.pick(tenant, session).await {
+                    self.chat()
+                        .close_session(tid(tenant), u(agent), session)
+                        .await
+                        .map_err(|e| format!("close refused: {e:?}"))?;
+                }
+                Done::Nothing
+            }
+        };
+        Ok(done)
+    }
+
+    /// Takes in what a concurrent group did: its statuses, new sessions
+    /// and messages (each session's log in `seq` order). A send that
+    /// returned an earlier message must name one stored with its key.
+    fn take_in(&mut self, done: Vec<Done>) -> Result<(), String> {
+        let mut repeats = Vec::new();
+        for d in done {
+            match d {
+                Done::Nothing => {}
+                Done::Status {
+                    tenant,
+                    agent,
+                    status,
+                    departments,
+                } => {
+                    let model = &mut self.tenants[tenant];
+                    model.status.insert(agent, status);
+                    if let Some(ds) = departments {
+                        model.departments.insert(agent, ds);
+                    }
+                }
+                Done::Capacity { tenant, capacity } => {
+                    self.tenants[tenant].capacity = Some(capacity);
+                }
+                Done::Started {
+                    tenant,
+                    customer,
+                    session,
+                } => self.started(tenant, customer, session),
+                Done::Sent {
+                    tenant,
+                    session,
+                    who,
+                    text,
+                    key,
+                    appended,
+                } => {
+                    if let Who::Customer(c) = who {
+                        self.started(tenant, Some(c), session);
+                    }
+                    if appended.created {
+                        if appended.message.session_id != session
+                            || appended.message.message != text
+                        {
+                            return Err(format!("a send stored {appended:?}"));
+                        }
+                        self.tenants[tenant]
+                            .messages
+                            .entry(session)
+                            .or_default()
+                            .push(Expected {
+                                id: appended.message.id,
+                                seq: appended.message.seq,
+                                text,
+                                key,
+                                who,
+                            });
+                    } else {
+                        repeats.push((tenant, session, key, *appended));
+                    }
+                }
+            }
+        }
+        for model in &mut self.tenants {
+            for log in model.messages.values_mut() {
+                log.sort_by_key(|m| m.seq);
+            }
+        }
+        for (tenant, session, key, appended) in repeats {
+            let known = self.tenants[tenant]
+                .messages
+                .get(&session)
+                .is_some_and(|log| {
+                    log.iter()
+                        .any(|m| m.id == appended.message.id && key.is_some() && m.key == key)
+                });
+            if !known {
+                return Err(format!(
+                    "a send with key {key:?} returned a message stored under none: {appended:?}"
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    /// Records a session a step started or was answered with.
+    fn started(&mut self, tenant: usize, customer: Option<CustomerId>, session: SessionId) {
+        let model = &mut self.tenants[tenant];
+        if !model.sessions.contains(&session) {
+            model.sessions.push(session);
+        }
+        if let Some(customer) = customer {
+            // The newest (UUIDv7 ids sort by time) is the customer's latest.
+            let latest = model.latest.entry(customer).or_insert(session);
+            *latest = (*latest).max(session);
+        }
+    }
+}
+
+/// A fresh database with the model's starting point: two tenants, each
+/// with one chat per agent and its customers known.
+async fn start_run(backend: Backend) -> Result<Run, TestCaseError> {
     let app = App::new(backend).await;
     let mut tenants = Vec::new();
     for tenant in 0..TENANTS {
@@ -924,14 +1275,58 @@ async fn run_case(backend: Backend, ops: Vec<Op>) -> Result<(), TestCaseError> {
         }
         tenants.push(model);
     }
-    let mut run = Run {
+    Ok(Run {
         app,
         tenants,
         counter: 0,
-    };
+    })
+}
+
+/// One case: a fresh database, the ops one by one, every rule checked
+/// after each.
+async fn run_case(backend: Backend, ops: Vec<Op>) -> Result<(), TestCaseError> {
+    let mut run = start_run(backend).await?;
     for (step, op) in ops.iter().enumerate() {
         run.apply(op).await.map_err(|e| fail(step, op, e))?;
         run.check().await.map_err(|e| fail(step, op, e))?;
+    }
+    Ok(())
+}
+
+/// One case of concurrent groups: each group's ops run at once, and
+/// every rule is checked once the group has ended. Two status changes of
+/// one agent in a group would leave the model not knowing which came
+/// last, so a group keeps only the first.
+async fn run_concurrent_case(backend: Backend, groups: Vec<Vec<Op>>) -> Result<(), TestCaseError> {
+    let mut run = start_run(backend).await?;
+    for (step, group) in groups.iter().enumerate() {
+        let mut statuses = Vec::new();
+        let mut ops = Vec::new();
+        for op in group {
+            if let Op::Status { tenant, agent, .. } = *op {
+                if statuses.contains(&(tenant, agent)) {
+                    continue;
+                }
+                statuses.push((tenant, agent));
+            }
+            let text = run.text();
+            ops.push((op, text));
+        }
+        let failed =
+            |e: String| TestCaseError::fail(format!("after group {step} ({group:?}): {e}"));
+        let shared = &run;
+        let done = futures::future::join_all(ops.into_iter().map(|(op, text)| async move {
+            shared
+                .perform(op, text)
+                .await
+                .map_err(|e| format!("{op:?}: {e}"))
+        }))
+        .await
+        .into_iter()
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(failed)?;
+        run.take_in(done).map_err(failed)?;
+        run.check().await.map_err(failed)?;
     }
     Ok(())
 }
@@ -960,6 +1355,30 @@ fn run_model(backend: Backend, cases: u32) {
     }
 }
 
+fn run_concurrent_model(backend: Backend, cases: u32) {
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(4)
+        .enable_all()
+        .build()
+        .expect("runtime");
+    let cases = std::env::var("PROPTEST_CASES")
+        .ok()
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(cases);
+    let mut runner = TestRunner::new(Config {
+        cases,
+        failure_persistence: None,
+        max_shrink_iters: 200,
+        ..Config::default()
+    });
+    let strategy = proptest::collection::vec(proptest::collection::vec(op(), 1..8), 1..16);
+    if let Err(e) = runner.run(&strategy, |groups| {
+        runtime.block_on(run_concurrent_case(backend, groups))
+    }) {
+        panic!("{e}");
+    }
+}
+
 #[test]
 fn random_chat_operations_keep_every_rule_on_sqlite() {
     run_model(Backend::Sqlite, 24);
@@ -968,4 +1387,14 @@ fn random_chat_operations_keep_every_rule_on_sqlite() {
 #[test]
 fn random_chat_operations_keep_every_rule_on_postgres() {
     run_model(Backend::Postgres, 8);
+}
+
+#[test]
+fn concurrent_chat_operations_keep_every_rule_on_sqlite() {
+    run_concurrent_model(Backend::Sqlite, 16);
+}
+
+#[test]
+fn concurrent_chat_operations_keep_every_rule_on_postgres() {
+    run_concurrent_model(Backend::Postgres, 16);
 }

@@ -9,8 +9,9 @@ use crate::ids::UserId;
 pub struct MessageBody(String);
 
 impl MessageBody {
-    /// Accepts `text` as sent (whitespace kept) when it has a non-whitespace
-    /// character and at most `max_chars` characters (issue #2).
+    /// Accepts `text` as sent (whitespace kept) when it has a visible
+    /// character and at most `max_chars` characters (issue #2); text of
+    /// only whitespace and invisible characters ([`is_blank`]) is blank.
     ///
     /// # Errors
     /// [`ChatError::InvalidMessage`] for empty or blank text,
@@ -18,7 +19,7 @@ impl MessageBody {
     /// cannot store it: it would fail as a storage error),
     /// [`ChatError::MessageTooLong`] above `max_chars`.
     pub fn parse(text: String, max_chars: usize) -> Result<Self, ChatError> {
-        if text.trim().is_empty() {
+        if is_blank(&text) {
             return Err(ChatError::InvalidMessage);
         }
         if text.contains('\0') {
@@ -133,6 +134,39 @@ mod tests {
     }
 
     #[test]
+    fn text_of_only_invisible_characters_is_blank() {
+        for blank in [
+            "\u{200B}\u{200B}",
+            " \u{200D} \u{FEFF}",
+            "\u{3164}",
+            "\u{00A0}\u{2028}",
+            "\u{E0041}\u{FE0F}",
+        ] {
+            assert!(
+                matches!(
+                    MessageBody::parse(blank.into(), 10),
+                    Err(ChatError::InvalidMessage)
+                ),
+                "{blank:?}"
+            );
+            assert!(Topic::parse(blank).is_err(), "{blank:?}");
+            assert_eq!(parse_department(Some(blank.into())).unwrap(), None);
+        }
+        // Visible text keeps its invisible characters: an emoji sequence
+        // joined by U+200D, a word after a zero-width space.
+        for visible in [
+            "\u{1F469}\u{200D}\u{1F4BB}",
+            "\u{200B}hi",
+            "\u{2764}\u{FE0F}",
+        ] {
+            assert_eq!(
+                MessageBody::parse(visible.into(), 10).unwrap().as_str(),
+                visible
+            );
+        }
+    }
+
+    #[test]
     fn page_size_rules() {
         let c = ChatConfig::default();
         assert_eq!(PageSize::parse(None, &c).unwrap().get(), 50);
@@ -243,7 +277,7 @@ pub fn next_cursor<T, I: std::fmt::Display>(
 /// [`ChatError::InvalidInput`] naming `field`.
 fn bounded(field: &'static str, value: &str, max: usize) -> Result<String, ChatError> {
     let value = value.trim();
-    if value.is_empty() {
+    if is_blank(value) {
         return Err(ChatError::InvalidInput(format!(
             "{field} must not be empty"
         )));
@@ -266,10 +300,47 @@ fn optional(
     value: Option<String>,
     max: usize,
 ) -> Result<Option<String>, ChatError> {
-    match value.as_deref().map(str::trim) {
-        None | Some("") => Ok(None),
+    match value.as_deref() {
+        None => Ok(None),
+        Some(v) if is_blank(v) => Ok(None),
         Some(v) => bounded(field, v, max).map(Some),
     }
+}
+
+/// Whether `text` shows nothing: empty, or made only of whitespace
+/// (`char::is_whitespace`) and characters that render as nothing by
+/// themselves (Unicode's `Default_Ignorable_Code_Point`: zero-width
+/// spaces and joiners, bidirectional marks, variation selectors, the
+/// Hangul fillers, tags). Such a message, topic or name is blank, as an
+/// empty one: a widget would show an empty bubble.
+#[must_use]
+pub(crate) fn is_blank(text: &str) -> bool {
+    text.chars()
+        .all(|c| c.is_whitespace() || is_default_ignorable(c))
+}
+
+/// Unicode 16's `Default_Ignorable_Code_Point` (DerivedCoreProperties.txt).
+fn is_default_ignorable(c: char) -> bool {
+    matches!(
+        c,
+        '\u{00AD}'
+            | '\u{034F}'
+            | '\u{061C}'
+            | '\u{115F}'..='\u{1160}'
+            | '\u{17B4}'..='\u{17B5}'
+            | '\u{180B}'..='\u{180F}'
+            | '\u{200B}'..='\u{200F}'
+            | '\u{202A}'..='\u{202E}'
+            | '\u{2060}'..='\u{206F}'
+            | '\u{3164}'
+            | '\u{FE00}'..='\u{FE0F}'
+            | '\u{FEFF}'
+            | '\u{FFA0}'
+            | '\u{FFF0}'..='\u{FFF8}'
+            | '\u{1BCA0}'..='\u{1BCA3}'
+            | '\u{1D173}'..='\u{1D17A}'
+            | '\u{E0000}'..='\u{E0FFF}'
+    )
 }
 
 /// What a customer wants help with: 1–200 characters after trimming (issue #3).

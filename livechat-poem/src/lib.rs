@@ -519,7 +519,10 @@ const CUSTOMER_AUTH: &str = "CustomerAuth";
 /// The outer layer of [`Livechat::endpoint`]: puts the authentication
 /// state in the request, reads the body within [`MAX_BODY_BYTES`],
 /// refuses a query parameter given twice ([`error::refuse_repeated_query`]), calls
-/// the routes and renders every error in the JSON envelope ([`envelope`]).
+/// the routes, renders every error in the JSON envelope ([`envelope`])
+/// and marks every answer `Cache-Control: no-store`: chats, tickets and
+/// presence are private and change by the second, so no browser or proxy
+/// cache may keep or replay them (README "Routes").
 /// One layer rather than poem's three (`data`, `around`,
 /// `catch_all_error`): each layer moves the request and the future of the
 /// layers inside it, and those moves were 6–7% of the server's CPU at 64
@@ -534,15 +537,20 @@ impl<E: Endpoint> Endpoint for Outer<E> {
 
     async fn call(&self, mut req: poem::Request) -> poem::Result<Response> {
         req.extensions_mut().insert(self.state.clone());
-        if let Err(refused) = error::read_body(&mut req).await {
-            return Ok(poem::IntoResponse::into_response(refused));
-        }
-        if let Err(refused) = error::refuse_repeated_query(&req) {
-            return Ok(poem::IntoResponse::into_response(refused));
-        }
-        Ok(match self.routes.call(req).await {
-            Ok(response) => poem::IntoResponse::into_response(response),
-            Err(err) => envelope(err).await,
-        })
+        let mut response = if let Err(refused) = error::read_body(&mut req).await {
+            poem::IntoResponse::into_response(refused)
+        } else if let Err(refused) = error::refuse_repeated_query(&req) {
+            poem::IntoResponse::into_response(refused)
+        } else {
+            match self.routes.call(req).await {
+                Ok(response) => poem::IntoResponse::into_response(response),
+                Err(err) => envelope(err).await,
+            }
+        };
+        response.headers_mut().insert(
+            poem::http::header::CACHE_CONTROL,
+            poem::http::HeaderValue::from_static("no-store"),
+        );
+        Ok(response)
     }
 }

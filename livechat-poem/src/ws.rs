@@ -1104,11 +1104,15 @@ impl Conn {
             }
             EventKind::AgentStatusChanged => {
                 if let Role::Agent(_) = self.identity.role {
+                    // A status set over HTTP also names the departments
+                    // the agent takes (README "Frames"), so a team view
+                    // stays current without GET /agents.
                     let presence = event.payload.value();
                     self.send(frame(json!({
                         "type": "presence_updated",
                         "agent_id": presence.get("agent_id"),
                         "status": presence.get("status"),
+                        "departments": presence.get("departments").cloned().unwrap_or_else(|| json!([])),
                     })));
                 }
             }

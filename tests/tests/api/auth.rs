@@ -93,12 +93,34 @@ async fn credentials_and_tenant_rules_on_every_route(backend: Backend) {
             .header("X-Tenant-ID", "1")
             .send()
             .await;
+        // Refusals, as answers, are never cached (README "Routes").
+        assert_eq!(
+            raw.0.headers().get("cache-control").map(|v| v.as_bytes()),
+            Some(&b"no-store"[..]),
+            "{method} {path} basic"
+        );
         let (code, resp) = App::decode(raw).await;
         assert_eq!(
             (code.as_u16(), resp["error"]["code"].as_str()),
             (401, Some("unauthorized")),
             "{method} {path} basic"
         );
+        // Nor are the reads' answers (this loop changes nothing with them).
+        if method == Method::GET {
+            let read = app
+                .client
+                .request(method.clone(), &path)
+                .header("Authorization", format!("Bearer {}", App::agent(7)))
+                .header("X-Tenant-ID", "1")
+                .send()
+                .await;
+            assert_eq!(read.0.status(), 200, "{method} {path}");
+            assert_eq!(
+                read.0.headers().get("cache-control").map(|v| v.as_bytes()),
+                Some(&b"no-store"[..]),
+                "{method} {path}"
+            );
+        }
         for token in &bad_tokens {
             let (code, resp) = app
                 .call(method.clone(), &path, Some(token), Some("1"), body.clone())

@@ -26,6 +26,7 @@ on_both_databases!(
     a_reconnect_within_the_grace_restarts_it,
     an_agent_of_a_crashed_node_is_announced_offline,
     an_agent_whose_presence_ran_out_is_announced_offline,
+    a_status_set_tells_the_team_the_departments_taken,
     a_chat_left_waiting_when_the_last_agent_disconnects_becomes_a_ticket,
     housekeeping_tickets_a_chat_whose_last_agent_ran_out,
     a_start_with_nobody_online_tickets_the_chats_waiting_before_it,
@@ -1031,6 +1032,48 @@ async fn an_agent_of_a_crashed_node_is_announced_offline(backend: Backend) {
         .await
         .unwrap();
     expect_presence(&mut watcher, 7, "online").await;
+}
+
+/// A status set over HTTP reaches the tenant's agent connections with the
+/// departments the agent takes (README "Frames"): set with the status,
+/// kept when a later status leaves them out, `[]` for every chat.
+async fn a_status_set_tells_the_team_the_departments_taken(backend: Backend) {
+    let (_app, node) = node(backend, |_| {}).await;
+    let mut watcher = watcher(&node).await;
+    let set = |status: &'static str, departments: Option<Value>| {
+        let url = node.url("/livechat/agents/me/status");
+        async move {
+            let mut body = json!({ "status": status });
+            if let Some(departments) = departments {
+                body["departments"] = departments;
+            }
+            let resp = reqwest::Client::new()
+                .put(url)
+                .header("Authorization", agent_auth(7))
+                .header("X-Tenant-ID", "1")
+                .header("Content-Type", "application/json")
+                .body(body.to_string())
+                .send()
+                .await
+                .unwrap();
+            assert_eq!(resp.status(), 200);
+        }
+    };
+    let mut announced = async |status: &str| {
+        let frame = watcher.expect("presence_updated").await;
+        assert_eq!(
+            (frame["agent_id"].as_i64(), frame["status"].as_str()),
+            (Some(7), Some(status)),
+            "{frame}"
+        );
+        frame["departments"].clone()
+    };
+    set("online", Some(json!(["Billing", " Refunds "]))).await;
+    assert_eq!(announced("online").await, json!(["Billing", "Refunds"]));
+    set("away", None).await;
+    assert_eq!(announced("away").await, json!(["Billing", "Refunds"]));
+    set("online", Some(json!([]))).await;
+    assert_eq!(announced("online").await, json!([]));
 }
 
 /// An agent who uses only the HTTP routes and stops sending heartbeats is

@@ -167,6 +167,10 @@ struct TenantModel {
 
 struct Run {
     app: App,
+    /// A second node on the same PostgreSQL database (its own pool and
+    /// append queue), for the concurrent cases; `None` on SQLite, which
+    /// one process serves.
+    second: Option<ChatService<SeaOrmStore>>,
     tenants: Vec<TenantModel>,
     /// Message texts are unique, so a misplaced message is named.
     counter: u64,
@@ -942,10 +946,15 @@ fn allowed<T: std::fmt::Debug>(
 }
 
 impl Run {
-    /// Runs `op` beside others: its outcome may be any the rules allow
+    /// Runs `op` on `chat` (a node) beside others: its outcome may be any the rules allow
     /// for some order of the group's steps, so it is only classified
     /// here, and what it stored is checked once the group has ended.
-    async fn perform(&self, op: &Op, text: String) -> Result<Done, String> {
+    async fn perform(
+        &self,
+        chat: &ChatService<SeaOrmStore>,
+        op: &Op,
+        text: String,
+    ) -> Result<Done, String> {
         let done = match *op {
             Op::Status {
                 tenant,
@@ -956,8 +965,7 @@ impl Run {
                 let departments: Option<Vec<String>> = departments
                     .as_ref()
                     .map(|ds| ds.iter().map(|&d| DEPARTMENTS[d].to_owned()).collect());
-                self.chat()
-                    .set_agent_presence(tid(tenant), u(agent), status, departments.clone())
+                chat.set_agent_presence(tid(tenant), u(agent), status, departments.clone())
                     .await
                     .map_err(|e| format!("status refused: {e:?}"))?;
                 Done::Status {
@@ -968,8 +976,7 @@ impl Run {
                 }
             }
             Op::Capacity { tenant, capacity } => {
-                self.chat()
-                    .set_agent_capacity(tid(tenant), capacity)
+                chat.set_agent_capacity(tid(tenant), capacity)
                     .await
                     .map_err(|e| format!("capacity refused: {e:?}"))?;
                 Done::Capacity { tenant, capacity }
@@ -1052,15 +1059,14 @@ impl Run {
             Op::CustomerClose { tenant, customer } => {
                 let customer = self.tenants[tenant].customers[customer];
                 if let Some(&session) = self.tenants[tenant].latest.get(&customer) {
-                    self.chat()
-                        .close_customer_chat(tid(tenant), customer, session)
+                    chat.close_customer_chat(tid(tenant), customer, session)
                         .await
                         .map_err(|e| format!("customer close refused: {e:?}"))?;
                 }
                 Done::Nothing
             }
             Op::AgentStart { tenant, agent } => {
-                let got = self.chat().start_session(tid(tenant), u(agent), None).await;
+                let got = chat.start_session(tid(tenant), u(agent), None).await;
                 match allowed(got, &["AgentOffline", "ActiveSessionExists"])? {
                     Some(session) => Done::Started {
                         tenant,
@@ -1139,8 +1145,7 @@ impl Run {
                 session,
             } => {
                 if let Some(session) = self.pick(tenant, session).await {
-                    self.chat()
-                        .close_session(tid(tenant), u(agent), session)
+                    chat.close_session(tid(tenant), u(agent), session)
                         .await
                         .map_err(|e| format!("close refused: {e:?}"))?;
                 }
@@ -1275,8 +1280,21 @@ async fn start_run(backend: Backend) -> Result<Run, TestCaseError> {
         }
         tenants.push(model);
     }
+    let second = match backend {
+        Backend::Sqlite => None,
+        Backend::Postgres => {
+            let db = livechat_core::store::connect(&app.test_db.url)
+                .await
+                .map_err(|e| TestCaseError::fail(format!("second node: {e}")))?;
+            Some(ChatService::new(
+                SeaOrmStore::new(db),
+                app.chat.config().clone(),
+            ))
+        }
+    };
     Ok(Run {
         app,
+        second,
         tenants,
         counter: 0,
     })
@@ -1293,8 +1311,9 @@ async fn run_case(backend: Backend, ops: Vec<Op>) -> Result<(), TestCaseError> {
     Ok(())
 }
 
-/// One case of concurrent groups: each group's ops run at once, and
-/// every rule is checked once the group has ended. Two status changes of
+/// One case of concurrent groups: each group's ops run at once (on
+/// PostgreSQL on two nodes), and every rule is checked once the group has
+/// ended. Two status changes of
 /// one agent in a group would leave the model not knowing which came
 /// last, so a group keeps only the first.
 async fn run_concurrent_case(backend: Backend, groups: Vec<Vec<Op>>) -> Result<(), TestCaseError> {
@@ -1315,12 +1334,19 @@ async fn run_concurrent_case(backend: Backend, groups: Vec<Vec<Op>>) -> Result<(
         let failed =
             |e: String| TestCaseError::fail(format!("after group {step} ({group:?}): {e}"));
         let shared = &run;
-        let done = futures::future::join_all(ops.into_iter().map(|(op, text)| async move {
-            shared
-                .perform(op, text)
-                .await
-                .map_err(|e| format!("{op:?}: {e}"))
-        }))
+        // On PostgreSQL every other step runs on the second node.
+        let done = futures::future::join_all(ops.into_iter().enumerate().map(
+            |(i, (op, text))| async move {
+                let node = match &shared.second {
+                    Some(second) if i % 2 == 1 => second,
+                    _ => shared.chat(),
+                };
+                shared
+                    .perform(node, op, text)
+                    .await
+                    .map_err(|e| format!("{op:?}: {e}"))
+            },
+        ))
         .await
         .into_iter()
         .collect::<Result<Vec<_>, _>>()

@@ -176,7 +176,9 @@ pub trait SessionRepository: Send + Sync {
     /// Starts a customer chat and routes it in one transaction: OPEN with the
     /// least-loaded eligible agent, else WAITING; WAITING with no agent online
     /// also gets a ticket. Returns the customer's active session instead when
-    /// one exists.
+    /// one exists. A visitor linked to an identified customer (a link that
+    /// committed after the caller resolved the visitor) starts as that
+    /// customer.
     fn start_customer_chat(
         &self,
         tenant: TenantId,

@@ -722,12 +722,15 @@ impl<S: ChatStore> ChatService<S> {
                 return Ok(started);
             };
             let session = started.view.session.id;
+            // The chat's customer: the identified one when a link of this
+            // visitor landed just before the start.
+            let owner = started.view.session.customer_id.unwrap_or(customer);
             let appended = self
                 .store
                 .append_message(
                     tenant,
                     session,
-                    Sender::Customer(customer),
+                    Sender::Customer(owner),
                     body,
                     chat.first_message_key.clone(),
                     &[SessionStatus::Waiting, SessionStatus::Open],

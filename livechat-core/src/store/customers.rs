@@ -93,6 +93,23 @@ async fn follow_link(
     }
 }
 
+/// The customer `customer` is now: the identified customer a visitor was
+/// linked to, else itself (also when no such row exists, for the caller's
+/// own lookup to refuse). Read inside a transaction holding the tenant's
+/// routing lock, which `link_visitor` takes too, it cannot be overtaken by
+/// a link.
+pub(super) async fn current_customer(
+    conn: &impl ConnectionTrait,
+    tenant: TenantId,
+    customer: CustomerId,
+) -> Result<CustomerId, ChatError> {
+    let row = find_by(conn, tenant, customer::Column::Id.eq(customer.as_uuid())).await?;
+    Ok(match row.and_then(|r| r.linked_to) {
+        Some(target) => CustomerId::from_uuid(target),
+        None => customer,
+    })
+}
+
 #[derive(Serialize)]
 struct Linked {
     visitor_id: CustomerId,

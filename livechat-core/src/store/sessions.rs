@@ -581,12 +581,17 @@ impl SessionRepository for SeaOrmStore {
     async fn start_customer_chat(
         &self,
         tenant: TenantId,
-        chat: NewCustomerChat,
+        mut chat: NewCustomerChat,
         policy: &RoutingPolicy,
     ) -> Result<CustomerChatStarted, ChatError> {
         let tx = self.begin_write().await?;
         let mut ev = self.recorder();
         let capacity = lock_tenant(&tx, tenant, policy).await?;
+        // A visitor resolved just before a link of theirs committed: the
+        // chat is the identified customer's, as the visitor's token now
+        // resolves (README "Linking"), not one left under the visitor's
+        // own id, where neither would find it.
+        chat.customer = super::customers::current_customer(&tx, tenant, chat.customer).await?;
         // One active session per customer: starts of a tenant are serialized
         // by the routing lock, and the partial unique index backs it up.
         if let Some(mut existing) = active_session_of(&tx, tenant, chat.customer).await? {

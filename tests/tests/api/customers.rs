@@ -14,6 +14,7 @@ on_both_databases!(
     contact_history_and_close,
     linking_moves_visitor_sessions,
     linking_keeps_the_chat_an_agent_serves,
+    a_start_that_resolved_the_visitor_before_a_link_is_the_users,
     customers_are_isolated,
     a_key_is_its_senders_own,
 );
@@ -1250,6 +1251,61 @@ async fn a_key_is_its_senders_own(backend: Backend) {
 /// the one an agent is serving stays: the user's chat still WAITING
 /// closes (by the system), the visitor's OPEN chat moves to the user and
 /// the agent goes on replying in it.
+/// A start that resolved a visitor just before a link of theirs committed
+/// (the visitor's id is then stale) opens the chat for the identified
+/// customer, with its message: not a chat under the linked visitor's own
+/// id, which neither the visitor's token (now the user's) nor the user
+/// would find. The model test's concurrent cases found the race.
+async fn a_start_that_resolved_the_visitor_before_a_link_is_the_users(backend: Backend) {
+    use livechat_core::{CustomerChatRequest, CustomerIdentity};
+    use livechat_tests::{t, u};
+
+    let app = App::new(backend).await;
+    let visitor = app
+        .chat
+        .resolve_customer(t(1), CustomerIdentity::Visitor(uuid::Uuid::now_v7()))
+        .await
+        .unwrap();
+    let user = app
+        .chat
+        .link_visitor(t(1), visitor.id, u(400))
+        .await
+        .unwrap();
+    assert_ne!(user.id, visitor.id);
+    let started = app
+        .chat
+        .start_customer_chat(
+            t(1),
+            visitor.id,
+            CustomerChatRequest {
+                topic: "Late start".into(),
+                message: Some("Hello".into()),
+                ..Default::default()
+            },
+        )
+        .await
+        .unwrap();
+    assert!(started.created);
+    assert_eq!(started.view.session.customer_id, Some(user.id));
+    let message = started.message.expect("the message is stored").message;
+    assert_eq!((message.seq, message.customer_id), (1, Some(user.id)));
+    // The user's own start finds that chat.
+    let again = app
+        .chat
+        .start_customer_chat(
+            t(1),
+            user.id,
+            CustomerChatRequest {
+                topic: "Again".into(),
+                ..Default::default()
+            },
+        )
+        .await
+        .unwrap();
+    assert!(!again.created);
+    assert_eq!(again.view.session.id, started.view.session.id);
+}
+
 async fn linking_keeps_the_chat_an_agent_serves(backend: Backend) {
     let app = App::new(backend).await;
     app.chat

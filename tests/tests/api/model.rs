@@ -24,7 +24,11 @@ use sea_orm::{ConnectionTrait, Statement};
 
 const TENANTS: usize = 2;
 const AGENTS: i64 = 3;
-const CUSTOMERS: usize = 4;
+/// Anonymous visitors, then identified host users: the customers of
+/// each tenant, by slot.
+const VISITORS: usize = 4;
+const USERS: usize = 2;
+const CUSTOMERS: usize = VISITORS + USERS;
 const DEPARTMENTS: [&str; 2] = ["Sales", "Billing"];
 
 /// One step a test sequence takes. Indices pick among the tenant's
@@ -79,6 +83,12 @@ enum Op {
         agent: i64,
         session: usize,
     },
+    /// A visitor logs in as a host user (README "Linking").
+    Link {
+        tenant: usize,
+        visitor: usize,
+        user: usize,
+    },
 }
 
 fn op() -> impl Strategy<Value = Op> {
@@ -126,8 +136,10 @@ fn op() -> impl Strategy<Value = Op> {
             .prop_map(|(tenant, agent, session, key)| Op::AgentSend { tenant, agent, session, key }),
         2 => (tenant.clone(), agent.clone(), any::<usize>(), mode)
             .prop_map(|(tenant, agent, session, mode)| Op::Assign { tenant, agent, session, mode }),
-        1 => (tenant, agent, any::<usize>())
+        1 => (tenant.clone(), agent, any::<usize>())
             .prop_map(|(tenant, agent, session)| Op::AgentClose { tenant, agent, session }),
+        1 => (tenant, 0..VISITORS, 0..USERS)
+            .prop_map(|(tenant, visitor, user)| Op::Link { tenant, visitor, user }),
     ]
 }
 
@@ -156,13 +168,13 @@ struct TenantModel {
     departments: HashMap<i64, Vec<String>>,
     /// The per-agent capacity as last set (`None`: the default).
     capacity: Option<i64>,
+    /// Each slot's customer as first resolved: a visitor's own id stays
+    /// theirs after a link, and resolves to the user's.
     customers: Vec<CustomerId>,
     /// Every session of the tenant, in creation order.
     sessions: Vec<SessionId>,
     /// Each session's messages, in `seq` order.
     messages: HashMap<SessionId, Vec<Expected>>,
-    /// Each customer's latest session.
-    latest: HashMap<CustomerId, SessionId>,
 }
 
 struct Run {
@@ -246,7 +258,13 @@ impl Run {
         let key = key?;
         let log = self.tenants[tenant].messages.get(&session)?;
         let original = log.iter().find(|m| m.key.as_ref() == Some(key))?;
-        Some(if original.who == who {
+        // A customer's retry finds any customer message of the session
+        // (a visitor's message stays the customer's after a link).
+        let same = match (original.who, who) {
+            (Who::Customer(_), Who::Customer(_)) => true,
+            (a, b) => a == b,
+        };
+        Some(if same {
             Ok(original.id)
         } else {
             Err("ClientMsgIdTaken".to_owned())
@@ -368,8 +386,8 @@ impl Run {
                 customer,
                 key,
             } => {
-                let customer = self.tenants[tenant].customers[customer];
-                let Some(&session) = self.tenants[tenant].latest.get(&customer) else {
+                let customer = self.current(tenant, customer).await?;
+                let Some(session) = self.latest_of(tenant, customer).await else {
                     return Ok(());
                 };
                 let status = self.session(tenant, session).await.session.status;
@@ -397,8 +415,8 @@ impl Run {
                 )?;
             }
             Op::CustomerClose { tenant, customer } => {
-                let customer = self.tenants[tenant].customers[customer];
-                let Some(&session) = self.tenants[tenant].latest.get(&customer) else {
+                let customer = self.current(tenant, customer).await?;
+                let Some(session) = self.latest_of(tenant, customer).await else {
                     return Ok(());
                 };
                 let closed = self
@@ -467,6 +485,11 @@ impl Run {
                 session,
                 mode,
             } => self.assign(tenant, agent, session, mode).await?,
+            Op::Link {
+                tenant,
+                visitor,
+                user,
+            } => self.link(tenant, visitor, user).await?,
             Op::AgentClose {
                 tenant,
                 agent,
@@ -497,14 +520,8 @@ impl Run {
         message: bool,
         key: Option<u8>,
     ) -> Result<(), String> {
-        let customer = self.tenants[tenant].customers[customer];
-        let active = match self.tenants[tenant].latest.get(&customer) {
-            Some(&s) => {
-                let view = self.session(tenant, s).await;
-                view.session.is_active().then_some(view.session)
-            }
-            None => None,
-        };
+        let customer = self.current(tenant, customer).await?;
+        let active = self.active_of(tenant, customer).await;
         let text = message.then(|| self.text());
         let key = Self::key(key);
         let request = CustomerChatRequest {
@@ -566,7 +583,6 @@ impl Run {
                 }
                 let model = &mut self.tenants[tenant];
                 model.sessions.push(session.id);
-                model.latest.insert(customer, session.id);
                 if let Some(text) = text {
                     let appended = started.message.ok_or("the start's message was dropped")?;
                     self.settle_send(
@@ -647,6 +663,87 @@ impl Run {
         }
     }
 
+    /// The customer slot `slot` acts as now: a linked visitor is the
+    /// user's customer.
+    async fn current(&self, tenant: usize, slot: usize) -> Result<CustomerId, String> {
+        let id = self.tenants[tenant].customers[slot];
+        self.chat()
+            .resolve_customer(tid(tenant), CustomerIdentity::Known(id))
+            .await
+            .map(|c| c.id)
+            .map_err(|e| format!("customer {id} does not resolve: {e:?}"))
+    }
+
+    /// The customer's newest session (UUIDv7 ids sort by time).
+    async fn latest_of(&self, tenant: usize, customer: CustomerId) -> Option<SessionId> {
+        self.sessions(tenant)
+            .await
+            .iter()
+            .filter(|v| v.session.customer_id == Some(customer))
+            .map(|v| v.session.id)
+            .max()
+    }
+
+    /// The customer's WAITING or OPEN chat.
+    async fn active_of(
+        &self,
+        tenant: usize,
+        customer: CustomerId,
+    ) -> Option<livechat_core::ChatSession> {
+        self.sessions(tenant)
+            .await
+            .into_iter()
+            .map(|v| v.session)
+            .find(|s| s.customer_id == Some(customer) && s.is_active())
+    }
+
+    async fn link(&mut self, tenant: usize, visitor: usize, user: usize) -> Result<(), String> {
+        let visitor_id = self.tenants[tenant].customers[visitor];
+        let user_id = self.tenants[tenant].customers[VISITORS + user];
+        let before = self.current(tenant, visitor).await?;
+        let visitors = self.active_of(tenant, before).await;
+        let theirs = self.active_of(tenant, user_id).await;
+        let got = self
+            .chat()
+            .link_visitor(tid(tenant), visitor_id, user_host_id(user))
+            .await;
+        match got {
+            Ok(customer)
+                if customer.id == user_id && (before == visitor_id || before == user_id) => {}
+            Err(ChatError::InvalidCustomer(_)) if before != visitor_id && before != user_id => {
+                return Ok(());
+            }
+            other => {
+                return Err(format!(
+                    "link of a visitor now {before} to {user_id}: {other:?}"
+                ));
+            }
+        }
+        if self.current(tenant, visitor).await? != user_id {
+            return Err("the linked visitor does not resolve to the user".into());
+        }
+        // The sessions moved; if both had an active chat, the one an
+        // agent serves stays (the visitor's OPEN one over the user's
+        // WAITING one), else the visitor's ends.
+        if let (Some(visitors), Some(theirs)) = (visitors, theirs)
+            && visitors.id != theirs.id
+        {
+            let stays =
+                if visitors.status == SessionStatus::Open && theirs.status != SessionStatus::Open {
+                    visitors.id
+                } else {
+                    theirs.id
+                };
+            let active = self.active_of(tenant, user_id).await.map(|s| s.id);
+            if active != Some(stays) {
+                return Err(format!(
+                    "after the link the user's active chat is {active:?}, not {stays}"
+                ));
+            }
+        }
+        Ok(())
+    }
+
     fn capacity(&self, tenant: usize) -> i64 {
         self.tenants[tenant]
             .capacity
@@ -722,6 +819,22 @@ impl Run {
                     }
                 }
                 self.check_messages(tenant, &view.session).await?;
+            }
+            // A linked visitor's chats are the user's: none is left active
+            // under the visitor's own id, where neither the visitor's token
+            // (now the user's) nor the user would find it.
+            for slot in 0..VISITORS {
+                let own = model.customers[slot];
+                if self.current(tenant, slot).await? != own
+                    && let Some(orphan) = views
+                        .iter()
+                        .find(|v| v.session.customer_id == Some(own) && v.session.is_active())
+                {
+                    return Err(format!(
+                        "an active chat left with a linked visitor: {:?}",
+                        orphan.session
+                    ));
+                }
             }
             self.check_routing(tenant, &views).await?;
             self.check_outbox(tenant).await?;
@@ -899,6 +1012,27 @@ impl Run {
     }
 }
 
+/// The tenant slot `op` acts in.
+fn op_tenant(op: &Op) -> usize {
+    match *op {
+        Op::Status { tenant, .. }
+        | Op::Capacity { tenant, .. }
+        | Op::CustomerStart { tenant, .. }
+        | Op::CustomerSend { tenant, .. }
+        | Op::CustomerClose { tenant, .. }
+        | Op::AgentStart { tenant, .. }
+        | Op::AgentSend { tenant, .. }
+        | Op::Assign { tenant, .. }
+        | Op::AgentClose { tenant, .. }
+        | Op::Link { tenant, .. } => tenant,
+    }
+}
+
+/// The host user id of user slot `user`.
+fn user_host_id(user: usize) -> livechat_core::UserId {
+    u(900 + i64::try_from(user).unwrap())
+}
+
 fn tid(tenant: usize) -> livechat_core::TenantId {
     t(i64::try_from(tenant).unwrap() + 1)
 }
@@ -919,7 +1053,6 @@ enum Done {
     },
     Started {
         tenant: usize,
-        customer: Option<CustomerId>,
         session: SessionId,
     },
     Sent {
@@ -954,7 +1087,12 @@ impl Run {
         chat: &ChatService<SeaOrmStore>,
         op: &Op,
         text: String,
+        linking: bool,
     ) -> Result<Done, String> {
+        // A customer step that resolved the visitor just before a link of
+        // the same group moved their chats finds that chat gone (404, as
+        // over HTTP; the client's retry resolves to the user).
+        let moved: &[&str] = if linking { &["NotFound"] } else { &[] };
         let done = match *op {
             Op::Status {
                 tenant,
@@ -989,7 +1127,7 @@ impl Run {
                 message,
                 key,
             } => {
-                let customer = self.tenants[tenant].customers[customer];
+                let customer = self.current(tenant, customer).await?;
                 let key = Self::key(key);
                 let request = CustomerChatRequest {
                     topic: "Order".into(),
@@ -1003,25 +1141,33 @@ impl Run {
                     .chat()
                     .start_customer_chat(tid(tenant), customer, request)
                     .await;
-                let Some(started) = allowed(got, &["ClientMsgIdTaken", "SessionClosed"])? else {
+                let Some(started) = allowed(
+                    got,
+                    &[&["ClientMsgIdTaken", "SessionClosed"], moved].concat(),
+                )?
+                else {
                     return Ok(Done::Nothing);
                 };
                 let session = started.view.session.id;
+                // The chat is the customer's, or, when a link of this
+                // visitor landed first, the user's (and so is the message).
+                let owner = started.view.session.customer_id.unwrap_or(customer);
+                if owner != customer && !linking {
+                    return Err(format!(
+                        "a start answered another customer's chat: {started:?}"
+                    ));
+                }
                 match started.message {
                     Some(appended) => Done::Sent {
                         tenant,
                         session,
-                        who: Who::Customer(customer),
+                        who: Who::Customer(owner),
                         text,
                         key,
                         appended: Box::new(appended),
                     },
                     None if message => return Err("the start's message was dropped".into()),
-                    None => Done::Started {
-                        tenant,
-                        customer: Some(customer),
-                        session,
-                    },
+                    None => Done::Started { tenant, session },
                 }
             }
             Op::CustomerSend {
@@ -1029,8 +1175,8 @@ impl Run {
                 customer,
                 key,
             } => {
-                let customer = self.tenants[tenant].customers[customer];
-                let Some(&session) = self.tenants[tenant].latest.get(&customer) else {
+                let customer = self.current(tenant, customer).await?;
+                let Some(session) = self.latest_of(tenant, customer).await else {
                     return Ok(Done::Nothing);
                 };
                 let key = Self::key(key);
@@ -1044,7 +1190,10 @@ impl Run {
                         key.clone(),
                     )
                     .await;
-                match allowed(got, &["SessionClosed", "ClientMsgIdTaken"])? {
+                match allowed(
+                    got,
+                    &[&["SessionClosed", "ClientMsgIdTaken"], moved].concat(),
+                )? {
                     Some(appended) => Done::Sent {
                         tenant,
                         session,
@@ -1057,11 +1206,12 @@ impl Run {
                 }
             }
             Op::CustomerClose { tenant, customer } => {
-                let customer = self.tenants[tenant].customers[customer];
-                if let Some(&session) = self.tenants[tenant].latest.get(&customer) {
-                    chat.close_customer_chat(tid(tenant), customer, session)
-                        .await
-                        .map_err(|e| format!("customer close refused: {e:?}"))?;
+                let customer = self.current(tenant, customer).await?;
+                if let Some(session) = self.latest_of(tenant, customer).await {
+                    let got = chat
+                        .close_customer_chat(tid(tenant), customer, session)
+                        .await;
+                    allowed(got, moved)?;
                 }
                 Done::Nothing
             }
@@ -1070,7 +1220,6 @@ impl Run {
                 match allowed(got, &["AgentOffline", "ActiveSessionExists"])? {
                     Some(session) => Done::Started {
                         tenant,
-                        customer: None,
                         session: session.id,
                     },
                     None => Done::Nothing,
@@ -1139,6 +1288,18 @@ impl Run {
                 }
                 Done::Nothing
             }
+            Op::Link {
+                tenant,
+                visitor,
+                user,
+            } => {
+                let visitor = self.tenants[tenant].customers[visitor];
+                let got = chat
+                    .link_visitor(tid(tenant), visitor, user_host_id(user))
+                    .await;
+                allowed(got, &["InvalidCustomer"])?;
+                Done::Nothing
+            }
             Op::AgentClose {
                 tenant,
                 agent,
@@ -1178,11 +1339,7 @@ impl Run {
                 Done::Capacity { tenant, capacity } => {
                     self.tenants[tenant].capacity = Some(capacity);
                 }
-                Done::Started {
-                    tenant,
-                    customer,
-                    session,
-                } => self.started(tenant, customer, session),
+                Done::Started { tenant, session } => self.started(tenant, session),
                 Done::Sent {
                     tenant,
                     session,
@@ -1191,8 +1348,8 @@ impl Run {
                     key,
                     appended,
                 } => {
-                    if let Who::Customer(c) = who {
-                        self.started(tenant, Some(c), session);
+                    if let Who::Customer(_) = who {
+                        self.started(tenant, session);
                     }
                     if appended.created {
                         if appended.message.session_id != session
@@ -1240,15 +1397,10 @@ impl Run {
     }
 
     /// Records a session a step started or was answered with.
-    fn started(&mut self, tenant: usize, customer: Option<CustomerId>, session: SessionId) {
+    fn started(&mut self, tenant: usize, session: SessionId) {
         let model = &mut self.tenants[tenant];
         if !model.sessions.contains(&session) {
             model.sessions.push(session);
-        }
-        if let Some(customer) = customer {
-            // The newest (UUIDv7 ids sort by time) is the customer's latest.
-            let latest = model.latest.entry(customer).or_insert(session);
-            *latest = (*latest).max(session);
         }
     }
 }
@@ -1269,11 +1421,16 @@ async fn start_run(backend: Backend) -> Result<Run, TestCaseError> {
             ..TenantModel::default()
         };
         for c in 0..CUSTOMERS {
-            // The same browser ids in both tenants: distinct customers.
-            let browser = uuid::Uuid::from_u128(0xb0 + c as u128);
+            // The same browser and user ids in both tenants: distinct
+            // customers.
+            let identity = if c < VISITORS {
+                CustomerIdentity::Visitor(uuid::Uuid::from_u128(0xb0 + c as u128))
+            } else {
+                CustomerIdentity::User(user_host_id(c - VISITORS))
+            };
             let customer = app
                 .chat
-                .resolve_customer(tid(tenant), CustomerIdentity::Visitor(browser))
+                .resolve_customer(tid(tenant), identity)
                 .await
                 .map_err(|e| TestCaseError::fail(format!("customer: {e:?}")))?;
             model.customers.push(customer.id);
@@ -1334,6 +1491,11 @@ async fn run_concurrent_case(backend: Backend, groups: Vec<Vec<Op>>) -> Result<(
         let failed =
             |e: String| TestCaseError::fail(format!("after group {step} ({group:?}): {e}"));
         let shared = &run;
+        let linking = |tenant: usize| {
+            group
+                .iter()
+                .any(|op| matches!(*op, Op::Link { tenant: t, .. } if t == tenant))
+        };
         // On PostgreSQL every other step runs on the second node.
         let done = futures::future::join_all(ops.into_iter().enumerate().map(
             |(i, (op, text))| async move {
@@ -1342,7 +1504,7 @@ async fn run_concurrent_case(backend: Backend, groups: Vec<Vec<Op>>) -> Result<(
                     _ => shared.chat(),
                 };
                 shared
-                    .perform(node, op, text)
+                    .perform(node, op, text, linking(op_tenant(op)))
                     .await
                     .map_err(|e| format!("{op:?}: {e}"))
             },

@@ -175,6 +175,9 @@ struct TenantModel {
     sessions: Vec<SessionId>,
     /// Each session's messages, in `seq` order.
     messages: HashMap<SessionId, Vec<Expected>>,
+    /// The tickets of agent starts refused as the agent was not online:
+    /// the ticket and the agent it is addressed to.
+    addressed: Vec<(livechat_core::TicketId, i64)>,
 }
 
 struct Run {
@@ -443,7 +446,9 @@ impl Run {
                         }
                         self.tenants[tenant].sessions.push(session.id);
                     }
-                    Err(ChatError::AgentOffline { .. }) if !online => {}
+                    Err(ChatError::AgentOffline { ticket_id, .. }) if !online => {
+                        self.tenants[tenant].addressed.push((ticket_id, agent));
+                    }
                     Err(ChatError::ActiveSessionExists(_)) if online && has_open => {}
                     other => {
                         return Err(format!(
@@ -888,6 +893,95 @@ impl Run {
         Ok(())
     }
 
+    /// Once the ticket bridge's dispatcher has handled every event
+    /// (DESIGN.md invariant 5; issue #4): each ticketed chat's ticket
+    /// exists, of that chat and its department, CLOSED with it and OPEN
+    /// while it is not; each refused agent start's ticket exists,
+    /// addressed to that agent; a tenant lists only its own tickets; and
+    /// every agent reply in a customer chat (no customer connection
+    /// follows any here) is exactly one notification, under the
+    /// message's id.
+    async fn check_delivery(&self) -> Result<(), String> {
+        use livechat_core::{NotificationInbox, PageSize, TicketDirectory, TicketStatus};
+
+        self.app.drain_outbox().await;
+        let sinks = livechat_ticket_bridge::SeaOrmSinks::new(self.app.db.clone());
+        let page = PageSize::parse(Some(200), self.chat().config()).map_err(|e| e.to_string())?;
+        for tenant in 0..TENANTS {
+            let model = &self.tenants[tenant];
+            let views = self.sessions(tenant).await;
+            let tickets = sinks
+                .list_tickets(
+                    tid(tenant),
+                    livechat_core::TicketFilter::default(),
+                    None,
+                    page,
+                )
+                .await
+                .map_err(|e| format!("tickets: {e:?}"))?;
+            let mut expected = 0;
+            for v in &views {
+                let s = &v.session;
+                let Some(ticket_id) = s.ticket_id else {
+                    continue;
+                };
+                expected += 1;
+                let ticket = sinks
+                    .get_ticket(tid(tenant), ticket_id)
+                    .await
+                    .map_err(|e| format!("ticket of {s:?}: {e:?}"))?;
+                let status = if s.status == SessionStatus::Closed {
+                    TicketStatus::Closed
+                } else {
+                    TicketStatus::Open
+                };
+                if ticket.session_id != Some(s.id)
+                    || ticket.department != s.department
+                    || ticket.status != status
+                {
+                    return Err(format!("chat {s:?} has ticket {ticket:?}"));
+                }
+            }
+            for &(ticket_id, agent) in &model.addressed {
+                let ticket = sinks
+                    .get_ticket(tid(tenant), ticket_id)
+                    .await
+                    .map_err(|e| format!("addressed ticket {ticket_id}: {e:?}"))?;
+                if ticket.agent_id != Some(u(agent)) || ticket.session_id.is_some() {
+                    return Err(format!("agent {agent}'s ticket reads {ticket:?}"));
+                }
+            }
+            expected += model.addressed.len();
+            if tickets.len() != expected || tickets.iter().any(|t| t.tenant_id != tid(tenant)) {
+                return Err(format!(
+                    "tenant {} lists {} tickets for {expected}: {tickets:?}",
+                    tid(tenant).get(),
+                    tickets.len()
+                ));
+            }
+            let notified = sinks
+                .list_notifications(tid(tenant), &model.customers, None, page)
+                .await
+                .map_err(|e| format!("notifications: {e:?}"))?;
+            let mut got: Vec<uuid::Uuid> = notified.iter().map(|n| n.id.as_uuid()).collect();
+            let mut want: Vec<uuid::Uuid> = views
+                .iter()
+                .filter(|v| v.session.origin == SessionOrigin::Customer)
+                .flat_map(|v| model.messages.get(&v.session.id).into_iter().flatten())
+                .filter(|m| matches!(m.who, Who::Agent(_)))
+                .map(|m| m.id.as_uuid())
+                .collect();
+            got.sort();
+            want.sort();
+            if got != want {
+                return Err(format!(
+                    "notifications {got:?} for the agent replies {want:?}"
+                ));
+            }
+        }
+        Ok(())
+    }
+
     /// Invariants 2 and 3, and the ticket fallback.
     async fn check_routing(&self, tenant: usize, views: &[SessionView]) -> Result<(), String> {
         let model = &self.tenants[tenant];
@@ -1055,6 +1149,11 @@ enum Done {
         tenant: usize,
         session: SessionId,
     },
+    Addressed {
+        tenant: usize,
+        agent: i64,
+        ticket: livechat_core::TicketId,
+    },
     Sent {
         tenant: usize,
         session: SessionId,
@@ -1137,8 +1236,7 @@ impl Run {
                     client_msg_id: key.clone(),
                     ..Default::default()
                 };
-                let got = self
-                    .chat()
+                let got = chat
                     .start_customer_chat(tid(tenant), customer, request)
                     .await;
                 let Some(started) = allowed(
@@ -1180,8 +1278,7 @@ impl Run {
                     return Ok(Done::Nothing);
                 };
                 let key = Self::key(key);
-                let got = self
-                    .chat()
+                let got = chat
                     .post_customer_message(
                         tid(tenant),
                         customer,
@@ -1216,13 +1313,19 @@ impl Run {
                 Done::Nothing
             }
             Op::AgentStart { tenant, agent } => {
-                let got = chat.start_session(tid(tenant), u(agent), None).await;
-                match allowed(got, &["AgentOffline", "ActiveSessionExists"])? {
-                    Some(session) => Done::Started {
+                match chat.start_session(tid(tenant), u(agent), None).await {
+                    Err(ChatError::AgentOffline { ticket_id, .. }) => Done::Addressed {
                         tenant,
-                        session: session.id,
+                        agent,
+                        ticket: ticket_id,
                     },
-                    None => Done::Nothing,
+                    got => match allowed(got, &["ActiveSessionExists"])? {
+                        Some(session) => Done::Started {
+                            tenant,
+                            session: session.id,
+                        },
+                        None => Done::Nothing,
+                    },
                 }
             }
             Op::AgentSend {
@@ -1235,8 +1338,7 @@ impl Run {
                     return Ok(Done::Nothing);
                 };
                 let key = Self::key(key);
-                let got = self
-                    .chat()
+                let got = chat
                     .post_message(tid(tenant), u(agent), session, text.clone(), key.clone())
                     .await;
                 match allowed(
@@ -1268,8 +1370,7 @@ impl Run {
                     AssignMode::Claim => u(agent),
                     AssignMode::Transfer => u(agent % AGENTS + 1),
                 };
-                let got = self
-                    .chat()
+                let got = chat
                     .assign_session(tid(tenant), caller, session, target)
                     .await;
                 let assigned = allowed(
@@ -1340,6 +1441,11 @@ impl Run {
                     self.tenants[tenant].capacity = Some(capacity);
                 }
                 Done::Started { tenant, session } => self.started(tenant, session),
+                Done::Addressed {
+                    tenant,
+                    agent,
+                    ticket,
+                } => self.tenants[tenant].addressed.push((ticket, agent)),
                 Done::Sent {
                     tenant,
                     session,
@@ -1465,7 +1571,9 @@ async fn run_case(backend: Backend, ops: Vec<Op>) -> Result<(), TestCaseError> {
         run.apply(op).await.map_err(|e| fail(step, op, e))?;
         run.check().await.map_err(|e| fail(step, op, e))?;
     }
-    Ok(())
+    run.check_delivery()
+        .await
+        .map_err(|e| TestCaseError::fail(format!("after {} steps: {e}", ops.len())))
 }
 
 /// One case of concurrent groups: each group's ops run at once (on
@@ -1516,7 +1624,9 @@ async fn run_concurrent_case(backend: Backend, groups: Vec<Vec<Op>>) -> Result<(
         run.take_in(done).map_err(failed)?;
         run.check().await.map_err(failed)?;
     }
-    Ok(())
+    run.check_delivery()
+        .await
+        .map_err(|e| TestCaseError::fail(format!("after {} groups: {e}", groups.len())))
 }
 
 fn run_model(backend: Backend, cases: u32) {

@@ -89,6 +89,19 @@ enum Op {
         visitor: usize,
         user: usize,
     },
+    /// A customer leaves contact details on their latest chat.
+    Contact {
+        tenant: usize,
+        customer: usize,
+    },
+    /// An agent closes one of the tenant's tickets.
+    CloseTicket {
+        tenant: usize,
+        agent: i64,
+        ticket: usize,
+    },
+    /// The ticket bridge's dispatcher handles what the outbox holds.
+    Dispatch,
 }
 
 fn op() -> impl Strategy<Value = Op> {
@@ -138,8 +151,13 @@ fn op() -> impl Strategy<Value = Op> {
             .prop_map(|(tenant, agent, session, mode)| Op::Assign { tenant, agent, session, mode }),
         1 => (tenant.clone(), agent, any::<usize>())
             .prop_map(|(tenant, agent, session)| Op::AgentClose { tenant, agent, session }),
-        1 => (tenant, 0..VISITORS, 0..USERS)
+        1 => (tenant.clone(), 0..VISITORS, 0..USERS)
             .prop_map(|(tenant, visitor, user)| Op::Link { tenant, visitor, user }),
+        1 => (tenant.clone(), 0..CUSTOMERS)
+            .prop_map(|(tenant, customer)| Op::Contact { tenant, customer }),
+        1 => (tenant, 1..=AGENTS, any::<usize>())
+            .prop_map(|(tenant, agent, ticket)| Op::CloseTicket { tenant, agent, ticket }),
+        1 => Just(Op::Dispatch),
     ]
 }
 
@@ -178,6 +196,8 @@ struct TenantModel {
     /// The tickets of agent starts refused as the agent was not online:
     /// the ticket and the agent it is addressed to.
     addressed: Vec<(livechat_core::TicketId, i64)>,
+    /// Tickets whose close an agent had recorded.
+    closed_tickets: Vec<livechat_core::TicketId>,
 }
 
 struct Run {
@@ -495,6 +515,38 @@ impl Run {
                 visitor,
                 user,
             } => self.link(tenant, visitor, user).await?,
+            Op::Contact { tenant, customer } => {
+                let customer = self.current(tenant, customer).await?;
+                let Some(session) = self.latest_of(tenant, customer).await else {
+                    return Ok(());
+                };
+                let status = self.session(tenant, session).await.session.status;
+                let got = self
+                    .chat()
+                    .set_contact(tid(tenant), customer, session, Self::contact(customer))
+                    .await;
+                match got {
+                    Ok(s)
+                        if status != SessionStatus::Closed
+                            && s.contact.as_ref().map(|c| c.name.clone())
+                                == Some(format!("Customer {customer}")) => {}
+                    Err(ChatError::SessionClosed) if status == SessionStatus::Closed => {}
+                    other => return Err(format!("contact on a {status:?} chat: {other:?}")),
+                }
+            }
+            Op::CloseTicket {
+                tenant,
+                agent,
+                ticket,
+            } => {
+                if let Some(id) = self
+                    .close_ticket(self.chat(), tenant, agent, ticket)
+                    .await?
+                {
+                    self.tenants[tenant].closed_tickets.push(id);
+                }
+            }
+            Op::Dispatch => self.app.drain_outbox().await,
             Op::AgentClose {
                 tenant,
                 agent,
@@ -700,6 +752,72 @@ impl Run {
             .into_iter()
             .map(|v| v.session)
             .find(|s| s.customer_id == Some(customer) && s.is_active())
+    }
+
+    /// The tenant's tickets the model knows of: those of its chats, then
+    /// those of refused agent starts.
+    async fn tickets(&self, tenant: usize) -> Vec<livechat_core::TicketId> {
+        let mut tickets: Vec<livechat_core::TicketId> = self
+            .sessions(tenant)
+            .await
+            .iter()
+            .filter_map(|v| v.session.ticket_id)
+            .collect();
+        tickets.sort();
+        tickets.extend(self.tenants[tenant].addressed.iter().map(|(t, _)| *t));
+        tickets
+    }
+
+    fn sinks(&self) -> livechat_ticket_bridge::SeaOrmSinks {
+        livechat_ticket_bridge::SeaOrmSinks::new(self.app.db.clone())
+    }
+
+    /// Records an agent's close of ticket slot `ticket` on `chat`; the
+    /// ticket, when the close was recorded.
+    async fn close_ticket(
+        &self,
+        chat: &ChatService<SeaOrmStore>,
+        tenant: usize,
+        agent: i64,
+        ticket: usize,
+    ) -> Result<Option<livechat_core::TicketId>, String> {
+        use livechat_core::{TicketClose, TicketDirectory, TicketStatus};
+
+        let tickets = self.tickets(tenant).await;
+        if tickets.is_empty() {
+            return Ok(None);
+        }
+        let id = tickets[ticket % tickets.len()];
+        let sinks = self.sinks();
+        let before = sinks.get_ticket(tid(tenant), id).await;
+        let session = match before.as_ref().ok().and_then(|t| t.session_id) {
+            Some(s) => Some(self.session(tenant, s).await.session),
+            None => None,
+        };
+        let got = chat.close_ticket(&sinks, tid(tenant), u(agent), id).await;
+        // A close leaves the ticket's chat as it is.
+        if let Some(session) = session
+            && session != self.session(tenant, session.id).await.session
+        {
+            return Err(format!("closing ticket {id} changed its chat {session:?}"));
+        }
+        match (before, got) {
+            // Not written by the dispatcher yet.
+            (Err(ChatError::NotFound), Err(ChatError::NotFound)) => Ok(None),
+            (Ok(t), Ok(TicketClose::AlreadyClosed(_))) if t.status == TicketStatus::Closed => {
+                Ok(None)
+            }
+            (Ok(_), Ok(TicketClose::Recorded(t))) if t.id == id => Ok(Some(id)),
+            (before, got) => Err(format!("closing ticket {id} (before: {before:?}): {got:?}")),
+        }
+    }
+
+    fn contact(customer: CustomerId) -> livechat_core::ContactInput {
+        livechat_core::ContactInput {
+            name: format!("Customer {customer}"),
+            email: "ana@example.com".into(),
+            ..Default::default()
+        }
     }
 
     async fn link(&mut self, tenant: usize, visitor: usize, user: usize) -> Result<(), String> {
@@ -919,18 +1037,23 @@ impl Run {
                 )
                 .await
                 .map_err(|e| format!("tickets: {e:?}"))?;
-            let mut expected = 0;
+            // Every ticket the model knows: each chat's current one, those
+            // of refused agent starts, and those agents closed (a chat
+            // handed back after its ticket closed gets a new one).
+            let mut want_tickets: Vec<livechat_core::TicketId> = Vec::new();
             for v in &views {
                 let s = &v.session;
                 let Some(ticket_id) = s.ticket_id else {
                     continue;
                 };
-                expected += 1;
+                want_tickets.push(ticket_id);
                 let ticket = sinks
                     .get_ticket(tid(tenant), ticket_id)
                     .await
                     .map_err(|e| format!("ticket of {s:?}: {e:?}"))?;
-                let status = if s.status == SessionStatus::Closed {
+                let status = if s.status == SessionStatus::Closed
+                    || model.closed_tickets.contains(&ticket_id)
+                {
                     TicketStatus::Closed
                 } else {
                     TicketStatus::Open
@@ -943,21 +1066,41 @@ impl Run {
                 }
             }
             for &(ticket_id, agent) in &model.addressed {
+                want_tickets.push(ticket_id);
                 let ticket = sinks
                     .get_ticket(tid(tenant), ticket_id)
                     .await
                     .map_err(|e| format!("addressed ticket {ticket_id}: {e:?}"))?;
-                if ticket.agent_id != Some(u(agent)) || ticket.session_id.is_some() {
+                let status = if model.closed_tickets.contains(&ticket_id) {
+                    TicketStatus::Closed
+                } else {
+                    TicketStatus::Open
+                };
+                if ticket.agent_id != Some(u(agent))
+                    || ticket.session_id.is_some()
+                    || ticket.status != status
+                {
                     return Err(format!("agent {agent}'s ticket reads {ticket:?}"));
                 }
             }
-            expected += model.addressed.len();
-            if tickets.len() != expected || tickets.iter().any(|t| t.tenant_id != tid(tenant)) {
+            want_tickets.extend(model.closed_tickets.iter().copied());
+            want_tickets.sort();
+            want_tickets.dedup();
+            let mut listed: Vec<livechat_core::TicketId> = tickets.iter().map(|t| t.id).collect();
+            listed.sort();
+            if listed != want_tickets || tickets.iter().any(|t| t.tenant_id != tid(tenant)) {
                 return Err(format!(
-                    "tenant {} lists {} tickets for {expected}: {tickets:?}",
-                    tid(tenant).get(),
-                    tickets.len()
+                    "tenant {} lists tickets {listed:?}, the model knows {want_tickets:?}",
+                    tid(tenant).get()
                 ));
+            }
+            for ticket in tickets
+                .iter()
+                .filter(|t| model.closed_tickets.contains(&t.id))
+            {
+                if ticket.status != TicketStatus::Closed {
+                    return Err(format!("a ticket an agent closed reads {ticket:?}"));
+                }
             }
             let notified = sinks
                 .list_notifications(tid(tenant), &model.customers, None, page)
@@ -1118,7 +1261,10 @@ fn op_tenant(op: &Op) -> usize {
         | Op::AgentSend { tenant, .. }
         | Op::Assign { tenant, .. }
         | Op::AgentClose { tenant, .. }
-        | Op::Link { tenant, .. } => tenant,
+        | Op::Link { tenant, .. }
+        | Op::Contact { tenant, .. }
+        | Op::CloseTicket { tenant, .. } => tenant,
+        Op::Dispatch => 0,
     }
 }
 
@@ -1152,6 +1298,10 @@ enum Done {
     Addressed {
         tenant: usize,
         agent: i64,
+        ticket: livechat_core::TicketId,
+    },
+    TicketClosed {
+        tenant: usize,
         ticket: livechat_core::TicketId,
     },
     Sent {
@@ -1401,6 +1551,44 @@ impl Run {
                 allowed(got, &["InvalidCustomer"])?;
                 Done::Nothing
             }
+            Op::Contact { tenant, customer } => {
+                let customer = self.current(tenant, customer).await?;
+                if let Some(session) = self.latest_of(tenant, customer).await {
+                    let got = chat
+                        .set_contact(tid(tenant), customer, session, Self::contact(customer))
+                        .await;
+                    allowed(got, &[&["SessionClosed"], moved].concat())?;
+                }
+                Done::Nothing
+            }
+            Op::CloseTicket {
+                tenant,
+                agent,
+                ticket,
+            } => {
+                use livechat_core::TicketClose;
+
+                let tickets = self.tickets(tenant).await;
+                if tickets.is_empty() {
+                    return Ok(Done::Nothing);
+                }
+                let id = tickets[ticket % tickets.len()];
+                let got = chat
+                    .close_ticket(&self.sinks(), tid(tenant), u(agent), id)
+                    .await;
+                match allowed(got, &["NotFound", "TicketPending"])? {
+                    Some(TicketClose::Recorded(_)) => Done::TicketClosed { tenant, ticket: id },
+                    Some(TicketClose::AlreadyClosed(_)) | None => Done::Nothing,
+                }
+            }
+            Op::Dispatch => {
+                self.app
+                    .dispatcher
+                    .dispatch_once()
+                    .await
+                    .map_err(|e| format!("dispatch: {e:?}"))?;
+                Done::Nothing
+            }
             Op::AgentClose {
                 tenant,
                 agent,
@@ -1446,6 +1634,9 @@ impl Run {
                     agent,
                     ticket,
                 } => self.tenants[tenant].addressed.push((ticket, agent)),
+                Done::TicketClosed { tenant, ticket } => {
+                    self.tenants[tenant].closed_tickets.push(ticket);
+                }
                 Done::Sent {
                     tenant,
                     session,
@@ -1644,7 +1835,7 @@ fn run_model(backend: Backend, cases: u32) {
         cases,
         // A shrunk failure is printed; nothing is written to the tree.
         failure_persistence: None,
-        max_shrink_iters: 200,
+        max_shrink_iters: 64,
         ..Config::default()
     });
     let strategy = proptest::collection::vec(op(), 1..80);
@@ -1666,7 +1857,7 @@ fn run_concurrent_model(backend: Backend, cases: u32) {
     let mut runner = TestRunner::new(Config {
         cases,
         failure_persistence: None,
-        max_shrink_iters: 200,
+        max_shrink_iters: 64,
         ..Config::default()
     });
     let strategy = proptest::collection::vec(proptest::collection::vec(op(), 1..8), 1..16);

@@ -5,6 +5,7 @@ mod auth;
 mod bridge;
 mod concurrency;
 mod customers;
+mod fuzz;
 mod host;
 mod isolation;
 mod messages;

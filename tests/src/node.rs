@@ -99,6 +99,19 @@ impl Drop for Node {
 type Stream =
     tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
 
+/// What a [`WsClient`] receives next ([`WsClient::next_incoming`]).
+#[derive(Debug)]
+pub enum Incoming {
+    /// A text frame, as sent.
+    Text(String),
+    /// A binary frame.
+    Binary(Vec<u8>),
+    /// The server closed: the close frame's code, `None` without one.
+    Closed(Option<u16>),
+    /// Nothing within the wait.
+    Nothing,
+}
+
 /// A WebSocket client speaking the livechat protocol.
 pub struct WsClient {
     stream: Stream,
@@ -181,6 +194,41 @@ impl WsClient {
             .send(Message::Binary(bytes.to_vec().into()))
             .await
             .expect("send");
+    }
+
+    /// Sends raw text; `false` when the socket is closed (for clients that
+    /// may be closed by what they sent).
+    pub async fn try_send_text(&mut self, text: &str) -> bool {
+        self.stream
+            .send(Message::Text(text.to_owned().into()))
+            .await
+            .is_ok()
+    }
+
+    /// Sends a binary frame; `false` when the socket is closed.
+    pub async fn try_send_binary(&mut self, bytes: &[u8]) -> bool {
+        self.stream
+            .send(Message::Binary(bytes.to_vec().into()))
+            .await
+            .is_ok()
+    }
+
+    /// What arrives next within `wait`, as it is: a text frame (not
+    /// parsed), a binary one, the close (with its code), or nothing.
+    pub async fn next_incoming(&mut self, wait: Duration) -> Incoming {
+        let deadline = tokio::time::Instant::now() + wait;
+        loop {
+            match tokio::time::timeout_at(deadline, self.stream.next()).await {
+                Ok(Some(Ok(Message::Text(t)))) => return Incoming::Text(t.to_string()),
+                Ok(Some(Ok(Message::Binary(b)))) => return Incoming::Binary(b.to_vec()),
+                Ok(Some(Ok(Message::Ping(_) | Message::Pong(_) | Message::Frame(_)))) => {}
+                Ok(Some(Ok(Message::Close(frame)))) => {
+                    return Incoming::Closed(frame.map(|f| u16::from(f.code)));
+                }
+                Ok(Some(Err(_)) | None) => return Incoming::Closed(None),
+                Err(_) => return Incoming::Nothing,
+            }
+        }
     }
 
     /// The next JSON frame, or `None` on close/timeout.

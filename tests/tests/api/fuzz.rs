@@ -2,7 +2,10 @@
 //! whatever the body, query, path id, credential and tenant header, the
 //! answer is never a 5xx and always the documented JSON shape, `{"data":
 //! …}` or `{"error": {"code", "message"}}` (DESIGN.md "HTTP conventions":
-//! bad input gets a clear error, never a panic or a 500).
+//! bad input gets a clear error, never a panic or a 500). Random
+//! WebSocket frames from an agent and a customer likewise get only JSON
+//! frames of the documented types (README "Frames"), or a documented
+//! close, and the node keeps serving.
 
 use livechat_tests::{App, Backend};
 use poem::http::Method;
@@ -428,4 +431,295 @@ fn random_requests_get_documented_answers_on_sqlite() {
 #[test]
 fn random_requests_get_documented_answers_on_postgres() {
     fuzz(Backend::Postgres, 96);
+}
+
+/// The server's frame types (README "Frames").
+const SERVER_FRAMES: [&str; 12] = [
+    "ready",
+    "joined",
+    "new_message",
+    "ack",
+    "typing",
+    "read",
+    "session_updated",
+    "presence_updated",
+    "queue_updated",
+    "left",
+    "pong",
+    "error",
+];
+
+/// One random WebSocket frame from a client.
+#[derive(Clone, Debug)]
+enum Frame {
+    /// A JSON object of a client type (or another), with random fields,
+    /// `session_id` mostly the chat's.
+    Json {
+        customer: bool,
+        ty: String,
+        own_session: bool,
+        /// Changes to the type's valid frame ([`frame_template`]): a
+        /// field replaced (`Some`) or removed (`None`).
+        fields: Vec<(String, Option<Value>)>,
+    },
+    /// Any text.
+    Text { customer: bool, text: String },
+    /// A binary frame.
+    Binary { customer: bool, bytes: Vec<u8> },
+}
+
+fn frame() -> impl Strategy<Value = Frame> {
+    let ty = prop_oneof![
+        Just("auth"),
+        Just("ping"),
+        Just("join_session"),
+        Just("leave_session"),
+        Just("send_message"),
+        Just("typing"),
+        Just("read"),
+        Just("JOIN_SESSION"),
+    ]
+    .prop_map(str::to_owned);
+    let ty = prop_oneof![8 => ty, 1 => string()];
+    let name = prop_oneof![
+        Just("session_id"),
+        Just("client_msg_id"),
+        Just("message"),
+        Just("state"),
+        Just("seq"),
+        Just("after_seq"),
+        Just("token"),
+        Just("tenant_id"),
+        Just("type"),
+    ]
+    .prop_map(str::to_owned);
+    let value = prop_oneof![
+        Just(json!("start")),
+        Just(json!("stop")),
+        Just(json!(0)),
+        Just(json!(3)),
+        json_value(),
+    ];
+    prop_oneof![
+        8 => (
+            any::<bool>(),
+            ty,
+            proptest::bool::weighted(0.8),
+            proptest::collection::vec((name, proptest::option::of(value)), 0..3)
+        )
+            .prop_map(|(customer, ty, own_session, fields)| Frame::Json {
+                customer,
+                ty,
+                own_session,
+                fields,
+            }),
+        1 => (any::<bool>(), string()).prop_map(|(customer, text)| Frame::Text { customer, text }),
+        1 => (any::<bool>(), proptest::collection::vec(any::<u8>(), 0..32))
+            .prop_map(|(customer, bytes)| Frame::Binary { customer, bytes }),
+    ]
+}
+
+/// A valid frame of type `ty` about `session`.
+fn frame_template(ty: &str, session: livechat_core::SessionId) -> serde_json::Map<String, Value> {
+    let frame = match ty {
+        "join_session" => json!({"session_id": session, "after_seq": 0}),
+        "leave_session" => json!({"session_id": session}),
+        "send_message" => json!({"session_id": session, "client_msg_id": "k-1", "message": "hi"}),
+        "typing" => json!({"session_id": session, "state": "start"}),
+        "read" => json!({"session_id": session, "seq": 1}),
+        "auth" => json!({"token": App::agent(7), "tenant_id": 1}),
+        _ => json!({}),
+    };
+    let mut frame = frame.as_object().cloned().unwrap_or_default();
+    frame.insert("type".into(), json!(ty));
+    frame
+}
+
+/// Reads what `client` receives up to the `pong` for the ping sent after
+/// `sent`: every frame JSON of a known type, an error with a code; or
+/// the close, with a code the README names (`None` returned).
+async fn answered(
+    client: &mut livechat_tests::node::WsClient,
+    sent: &Frame,
+) -> Result<Option<()>, TestCaseError> {
+    use livechat_tests::node::Incoming;
+
+    if !client.try_send_text(r#"{"type":"ping"}"#).await {
+        return Ok(None);
+    }
+    loop {
+        match client
+            .next_incoming(std::time::Duration::from_secs(10))
+            .await
+        {
+            Incoming::Text(text) => {
+                let frame: Value = serde_json::from_str(&text).map_err(|e| {
+                    TestCaseError::fail(format!("not JSON ({e}): {text} after {sent:?}"))
+                })?;
+                let ty = frame["type"].as_str().unwrap_or_default();
+                prop_assert!(SERVER_FRAMES.contains(&ty), "{frame} after {sent:?}");
+                if ty == "error" {
+                    prop_assert!(
+                        frame["code"].is_string() && frame["message"].is_string(),
+                        "{frame} after {sent:?}"
+                    );
+                }
+                if ty == "pong" {
+                    return Ok(Some(()));
+                }
+            }
+            Incoming::Closed(code) => {
+                // Policy (too many bad frames), too big, too slow.
+                prop_assert!(
+                    matches!(code, Some(1008 | 1009 | 1013)),
+                    "closed with {code:?} after {sent:?}"
+                );
+                return Ok(None);
+            }
+            Incoming::Binary(bytes) => {
+                return Err(TestCaseError::fail(format!(
+                    "a binary frame ({} bytes) after {sent:?}",
+                    bytes.len()
+                )));
+            }
+            Incoming::Nothing => {
+                return Err(TestCaseError::fail(format!("no pong after {sent:?}")));
+            }
+        }
+    }
+}
+
+fn fuzz_websocket(backend: Backend, cases: u32) {
+    use livechat_core::{CustomerChatRequest, CustomerIdentity, PresenceStatus};
+    use livechat_tests::node::{Node, WsClient};
+    use livechat_tests::{t, u};
+
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .expect("runtime");
+    let (node, session, _app) = runtime.block_on(async {
+        let app = App::new(backend).await;
+        let node = Node::start(
+            app.db.clone(),
+            &app.config,
+            std::sync::Arc::new(livechat_core::bus::InProcessBus::new()),
+        )
+        .await;
+        node.chat
+            .set_agent_status(t(1), u(7), PresenceStatus::Online)
+            .await
+            .unwrap();
+        let customer = node
+            .chat
+            .resolve_customer(t(1), CustomerIdentity::User(u(900)))
+            .await
+            .unwrap();
+        let started = node
+            .chat
+            .start_customer_chat(
+                t(1),
+                customer.id,
+                CustomerChatRequest {
+                    topic: "Fuzz".into(),
+                    ..Default::default()
+                },
+            )
+            .await
+            .unwrap();
+        (node, started.view.session.id, app)
+    });
+    let cases = std::env::var("PROPTEST_CASES")
+        .ok()
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(cases);
+    let mut runner = TestRunner::new(Config {
+        cases,
+        failure_persistence: None,
+        ..Config::default()
+    });
+    let agent = format!("Bearer {}", App::agent(7));
+    let customer = format!("Bearer {}", App::token(900, &["USER"], Some(&[1])));
+    let result = runner.run(&proptest::collection::vec(frame(), 1..12), |frames| {
+        runtime.block_on(async {
+            let connect = |auth: String| {
+                let url = node.ws_url();
+                async move {
+                    let mut c = WsClient::connect_with_header(&url, &auth, 1)
+                        .await
+                        .expect("handshake");
+                    c.expect("ready").await;
+                    c
+                }
+            };
+            let mut clients = [
+                Some(connect(agent.clone()).await),
+                Some(connect(customer.clone()).await),
+            ];
+            for sent in &frames {
+                let (customer, sent_ok) = match sent {
+                    Frame::Json {
+                        customer,
+                        ty,
+                        own_session,
+                        fields,
+                    } => {
+                        let mut object = frame_template(ty, session);
+                        if !*own_session && object.contains_key("session_id") {
+                            object.insert("session_id".into(), json!(uuid::Uuid::now_v7()));
+                        }
+                        for (name, value) in fields {
+                            match value {
+                                Some(v) => object.insert(name.clone(), v.clone()),
+                                None => object.remove(name),
+                            };
+                        }
+                        let text = Value::Object(object).to_string();
+                        match clients[usize::from(*customer)].as_mut() {
+                            Some(c) => (*customer, c.try_send_text(&text).await),
+                            None => continue,
+                        }
+                    }
+                    Frame::Text { customer, text } => {
+                        match clients[usize::from(*customer)].as_mut() {
+                            Some(c) => (*customer, c.try_send_text(text).await),
+                            None => continue,
+                        }
+                    }
+                    Frame::Binary { customer, bytes } => {
+                        match clients[usize::from(*customer)].as_mut() {
+                            Some(c) => (*customer, c.try_send_binary(bytes).await),
+                            None => continue,
+                        }
+                    }
+                };
+                let slot = &mut clients[usize::from(customer)];
+                let open = match (sent_ok, slot.as_mut()) {
+                    (true, Some(c)) => answered(c, sent).await?.is_some(),
+                    _ => false,
+                };
+                if !open {
+                    *slot = None;
+                }
+            }
+            // The node still serves: a new connection is ready and pongs.
+            let mut fresh = connect(agent.clone()).await;
+            prop_assert!(answered(&mut fresh, &frames[0]).await?.is_some());
+            Ok(())
+        })
+    });
+    if let Err(e) = result {
+        panic!("{e}");
+    }
+}
+
+#[test]
+fn random_websocket_frames_get_documented_answers_on_sqlite() {
+    fuzz_websocket(Backend::Sqlite, 64);
+}
+
+#[test]
+fn random_websocket_frames_get_documented_answers_on_postgres() {
+    fuzz_websocket(Backend::Postgres, 32);
 }

@@ -1778,11 +1778,17 @@ async fn run_concurrent_case(backend: Backend, groups: Vec<Vec<Op>>) -> Result<(
         let mut statuses = Vec::new();
         let mut ops = Vec::new();
         for op in group {
-            if let Op::Status { tenant, agent, .. } = *op {
-                if statuses.contains(&(tenant, agent)) {
+            // Which of two settings of one thing landed last is unknown.
+            let setting = match *op {
+                Op::Status { tenant, agent, .. } => Some((tenant, agent)),
+                Op::Capacity { tenant, .. } => Some((tenant, 0)),
+                _ => None,
+            };
+            if let Some(setting) = setting {
+                if statuses.contains(&setting) {
                     continue;
                 }
-                statuses.push((tenant, agent));
+                statuses.push(setting);
             }
             let text = run.text();
             ops.push((op, text));

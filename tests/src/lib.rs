@@ -524,6 +524,67 @@ macro_rules! on_both_databases {
     };
 }
 
+/// Starts a chat (about `topic`) for host user `user` as a customer of
+/// `tenant` through `chat`, resolving the customer first; the chat as
+/// started (routed or waiting).
+///
+/// # Panics
+/// When the service refuses either step.
+pub async fn start_user_chat(
+    chat: &livechat_core::ChatService,
+    tenant: i64,
+    user: i64,
+    topic: &str,
+) -> livechat_core::SessionView {
+    let customer = chat
+        .resolve_customer(t(tenant), livechat_core::CustomerIdentity::User(u(user)))
+        .await
+        .expect("customer resolved");
+    chat.start_customer_chat(
+        t(tenant),
+        customer.id,
+        livechat_core::CustomerChatRequest {
+            topic: topic.into(),
+            ..Default::default()
+        },
+    )
+    .await
+    .expect("chat started")
+    .view
+}
+
+/// A multi-thread runtime of `workers` threads for a test that is not
+/// async itself (a property test runs each case on it).
+///
+/// # Panics
+/// When the runtime cannot be built.
+#[must_use]
+pub fn test_runtime(workers: usize) -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(workers)
+        .enable_all()
+        .build()
+        .expect("runtime")
+}
+
+/// A proptest runner of `cases` cases (`PROPTEST_CASES` runs more or
+/// fewer): a failing case is shrunk (up to 64 steps, each a fresh
+/// database in the model tests) and printed, and nothing is written to
+/// the tree.
+#[must_use]
+pub fn property_runner(cases: u32) -> proptest::test_runner::TestRunner {
+    let cases = std::env::var("PROPTEST_CASES")
+        .ok()
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(cases);
+    proptest::test_runner::TestRunner::new(proptest::test_runner::Config {
+        cases,
+        failure_persistence: None,
+        max_shrink_iters: 64,
+        ..proptest::test_runner::Config::default()
+    })
+}
+
 /// Logs warnings and errors of the code under test into the test output
 /// (shown for failing tests).
 pub fn init_tracing() {

@@ -7,10 +7,10 @@
 //! frames of the documented types (README "Frames"), or a documented
 //! close, and the node keeps serving.
 
-use livechat_tests::{App, Backend};
+use livechat_tests::{App, Backend, property_runner, test_runtime};
 use poem::http::Method;
 use proptest::prelude::*;
-use proptest::test_runner::{Config, TestCaseError, TestRunner};
+use proptest::test_runner::TestCaseError;
 use serde_json::{Value, json};
 
 /// A JSON value of the kinds that break parsers and databases: huge and
@@ -391,21 +391,9 @@ impl Fixture {
 }
 
 fn fuzz(backend: Backend, cases: u32) {
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .expect("runtime");
+    let runtime = test_runtime(2);
     let fixture = runtime.block_on(fixture(backend));
-    let cases = std::env::var("PROPTEST_CASES")
-        .ok()
-        .and_then(|n| n.parse().ok())
-        .unwrap_or(cases);
-    let mut runner = TestRunner::new(Config {
-        cases,
-        failure_persistence: None,
-        ..Config::default()
-    });
+    let mut runner = property_runner(cases);
     // Each case has its own tenant, with its agent, session and chat.
     let next_tenant = std::sync::atomic::AtomicI64::new(1);
     let result = runner.run(&proptest::collection::vec(request(), 1..8), |requests| {
@@ -590,15 +578,11 @@ async fn answered(
 }
 
 fn fuzz_websocket(backend: Backend, cases: u32) {
-    use livechat_core::{CustomerChatRequest, CustomerIdentity, PresenceStatus};
+    use livechat_core::PresenceStatus;
     use livechat_tests::node::{Node, WsClient};
     use livechat_tests::{t, u};
 
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .expect("runtime");
+    let runtime = test_runtime(2);
     let (node, session, _app) = runtime.block_on(async {
         let app = App::new(backend).await;
         let node = Node::start(
@@ -611,34 +595,10 @@ fn fuzz_websocket(backend: Backend, cases: u32) {
             .set_agent_status(t(1), u(7), PresenceStatus::Online)
             .await
             .unwrap();
-        let customer = node
-            .chat
-            .resolve_customer(t(1), CustomerIdentity::User(u(900)))
-            .await
-            .unwrap();
-        let started = node
-            .chat
-            .start_customer_chat(
-                t(1),
-                customer.id,
-                CustomerChatRequest {
-                    topic: "Fuzz".into(),
-                    ..Default::default()
-                },
-            )
-            .await
-            .unwrap();
-        (node, started.view.session.id, app)
+        let started = livechat_tests::start_user_chat(&node.chat, 1, 900, "Fuzz").await;
+        (node, started.session.id, app)
     });
-    let cases = std::env::var("PROPTEST_CASES")
-        .ok()
-        .and_then(|n| n.parse().ok())
-        .unwrap_or(cases);
-    let mut runner = TestRunner::new(Config {
-        cases,
-        failure_persistence: None,
-        ..Config::default()
-    });
+    let mut runner = property_runner(cases);
     let agent = format!("Bearer {}", App::agent(7));
     let customer = format!("Bearer {}", App::token(900, &["USER"], Some(&[1])));
     let result = runner.run(&proptest::collection::vec(frame(), 1..12), |frames| {

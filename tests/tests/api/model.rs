@@ -17,9 +17,9 @@ use livechat_core::{
     CustomerId, CustomerIdentity, PresenceStatus, Priority, SenderType, SessionFilter, SessionId,
     SessionOrigin, SessionStatus, SessionView, store::SeaOrmStore,
 };
-use livechat_tests::{App, Backend, t, u};
+use livechat_tests::{App, Backend, property_runner, t, test_runtime, u};
 use proptest::prelude::*;
-use proptest::test_runner::{Config, TestCaseError, TestRunner};
+use proptest::test_runner::TestCaseError;
 use sea_orm::{ConnectionTrait, Statement};
 
 const TENANTS: usize = 2;
@@ -1827,23 +1827,8 @@ async fn run_concurrent_case(backend: Backend, groups: Vec<Vec<Op>>) -> Result<(
 }
 
 fn run_model(backend: Backend, cases: u32) {
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .expect("runtime");
-    // PROPTEST_CASES runs more (or fewer) cases.
-    let cases = std::env::var("PROPTEST_CASES")
-        .ok()
-        .and_then(|n| n.parse().ok())
-        .unwrap_or(cases);
-    let mut runner = TestRunner::new(Config {
-        cases,
-        // A shrunk failure is printed; nothing is written to the tree.
-        failure_persistence: None,
-        max_shrink_iters: 64,
-        ..Config::default()
-    });
+    let runtime = test_runtime(2);
+    let mut runner = property_runner(cases);
     let strategy = proptest::collection::vec(op(), 1..80);
     if let Err(e) = runner.run(&strategy, |ops| runtime.block_on(run_case(backend, ops))) {
         panic!("{e}");
@@ -1851,21 +1836,8 @@ fn run_model(backend: Backend, cases: u32) {
 }
 
 fn run_concurrent_model(backend: Backend, cases: u32) {
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(4)
-        .enable_all()
-        .build()
-        .expect("runtime");
-    let cases = std::env::var("PROPTEST_CASES")
-        .ok()
-        .and_then(|n| n.parse().ok())
-        .unwrap_or(cases);
-    let mut runner = TestRunner::new(Config {
-        cases,
-        failure_persistence: None,
-        max_shrink_iters: 64,
-        ..Config::default()
-    });
+    let runtime = test_runtime(4);
+    let mut runner = property_runner(cases);
     let strategy = proptest::collection::vec(proptest::collection::vec(op(), 1..8), 1..16);
     if let Err(e) = runner.run(&strategy, |groups| {
         runtime.block_on(run_concurrent_case(backend, groups))

@@ -4,10 +4,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use livechat_core::bus::InProcessBus;
-use livechat_core::{
-    ChatSession, CustomerChatRequest, CustomerIdentity, PresenceStatus, SessionId, SessionStatus,
-    SessionView,
-};
+use livechat_core::{ChatSession, PresenceStatus, SessionId, SessionStatus, SessionView};
 use livechat_tests::node::{Node, WsClient};
 use livechat_tests::{App, Backend, on_both_databases};
 use serde_json::{Value, json};
@@ -194,23 +191,7 @@ async fn start_chat(node: &Node, user: i64) -> SessionView {
 
 /// Customer `user` (an identified host user) starts a chat in tenant 1.
 async fn start_chat_as(node: &Node, user: i64) -> SessionView {
-    let customer = node
-        .chat
-        .resolve_customer(t(1), CustomerIdentity::User(u(user)))
-        .await
-        .unwrap();
-    node.chat
-        .start_customer_chat(
-            t(1),
-            customer.id,
-            CustomerChatRequest {
-                topic: "live".into(),
-                ..Default::default()
-            },
-        )
-        .await
-        .unwrap()
-        .view
+    livechat_tests::start_user_chat(&node.chat, 1, user, "live").await
 }
 
 /// A customer (identified host user `user`) with a session served by agent 7.
@@ -944,24 +925,8 @@ async fn presence_grace_and_expiry(backend: Backend) {
     expect_presence(&mut watcher, 7, "offline").await;
     assert!(!node.chat.agents_available(t(1), None).await.unwrap());
     // A customer who starts now waits, with a ticket (no agent online).
-    let c = node
-        .chat
-        .resolve_customer(t(1), CustomerIdentity::User(u(906)))
-        .await
-        .unwrap();
-    let started = node
-        .chat
-        .start_customer_chat(
-            t(1),
-            c.id,
-            CustomerChatRequest {
-                topic: "late".into(),
-                ..Default::default()
-            },
-        )
-        .await
-        .unwrap();
-    assert!(started.view.session.ticket_id.is_some());
+    let started = livechat_tests::start_user_chat(&node.chat, 1, 906, "late").await;
+    assert!(started.session.ticket_id.is_some());
     // Reconnecting makes the agent eligible again and drains the queue, and
     // the other agents hear that the agent is back, with the chosen status.
     let mut agent = WsClient::connect_with_header(&node.ws_url(), &agent_auth(7), 1)
@@ -971,7 +936,7 @@ async fn presence_grace_and_expiry(backend: Backend) {
     tokio::time::sleep(Duration::from_millis(300)).await;
     let now = node
         .chat
-        .get_session(t(1), started.view.session.id)
+        .get_session(t(1), started.session.id)
         .await
         .unwrap();
     assert_eq!(now.session.agent_id, Some(u(7)));

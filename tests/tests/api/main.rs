@@ -12,5 +12,6 @@ mod messages;
 mod model;
 mod multinode;
 mod realtime;
+mod resume;
 mod routing;
 mod sessions;

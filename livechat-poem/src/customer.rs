@@ -505,9 +505,13 @@ impl CustomerApi {
             .session
             .ticket_id
             .map(|t| TicketRef { id: t.as_uuid() });
+        // The chat's customer: the identified one when a link of this
+        // visitor landed just before the start (the visitor token issued
+        // above acts as that customer too).
+        let customer_id = view.session.customer_id.unwrap_or(customer.id);
         let data = ChatStart {
             queue_position: view.queue_position,
-            customer_id: customer.id.as_uuid(),
+            customer_id: customer_id.as_uuid(),
             visitor_token,
             ticket,
             session: view.into(),

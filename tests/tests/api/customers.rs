@@ -1247,10 +1247,6 @@ async fn a_key_is_its_senders_own(backend: Backend) {
     assert_eq!(texts, ["agent says hi", "customer text"]);
 }
 
-/// When both the visitor and the user it logs in as have an active chat,
-/// the one an agent is serving stays: the user's chat still WAITING
-/// closes (by the system), the visitor's OPEN chat moves to the user and
-/// the agent goes on replying in it.
 /// A start that resolved a visitor just before a link of theirs committed
 /// (the visitor's id is then stale) opens the chat for the identified
 /// customer, with its message: not a chat under the linked visitor's own
@@ -1306,6 +1302,10 @@ async fn a_start_that_resolved_the_visitor_before_a_link_is_the_users(backend: B
     assert_eq!(again.view.session.id, started.view.session.id);
 }
 
+/// When both the visitor and the user it logs in as have an active chat,
+/// the one an agent is serving stays: the user's chat still WAITING
+/// closes (by the system), the visitor's OPEN chat moves to the user and
+/// the agent goes on replying in it.
 async fn linking_keeps_the_chat_an_agent_serves(backend: Backend) {
     let app = App::new(backend).await;
     app.chat

@@ -1397,23 +1397,27 @@ impl Run {
                     return Ok(Done::Nothing);
                 };
                 let session = started.view.session.id;
-                // The chat is the customer's, or, when a link of this
-                // visitor landed first, the user's (and so is the message).
-                let owner = started.view.session.customer_id.unwrap_or(customer);
-                if owner != customer && !linking {
-                    return Err(format!(
-                        "a start answered another customer's chat: {started:?}"
-                    ));
-                }
                 match started.message {
-                    Some(appended) => Done::Sent {
-                        tenant,
-                        session,
-                        who: Who::Customer(owner),
-                        text,
-                        key,
-                        appended: Box::new(appended),
-                    },
+                    Some(appended) => {
+                        // The message is the customer's, or, when a link of
+                        // this visitor landed first, the user's. (The view
+                        // is read after the message: a link landing in
+                        // between moves the chat, not the message.)
+                        let sender = appended.message.customer_id.unwrap_or(customer);
+                        if sender != customer && !linking {
+                            return Err(format!(
+                                "a start stored another customer's message: {appended:?}"
+                            ));
+                        }
+                        Done::Sent {
+                            tenant,
+                            session,
+                            who: Who::Customer(sender),
+                            text,
+                            key,
+                            appended: Box::new(appended),
+                        }
+                    }
                     None if message => return Err("the start's message was dropped".into()),
                     None => Done::Started { tenant, session },
                 }

@@ -199,9 +199,10 @@ fn resume(backend: Backend, cases: u32) {
         let started = livechat_tests::start_user_chat(&node.chat, 1, 900, "Resume").await;
         (node, started.session.id, app)
     });
-    let auth = format!("Bearer {}", App::token(900, &["USER"], Some(&[1])));
     let mut runner = property_runner(cases);
     let result = runner.run(&proptest::collection::vec(action(), 1..24), |actions| {
+        // A token of each case's own (they expire after ten minutes).
+        let auth = format!("Bearer {}", App::token(900, &["USER"], Some(&[1])));
         runtime.block_on(run_case(&node, session, &auth, actions))
     });
     if let Err(e) = result {

@@ -202,6 +202,9 @@ struct TenantModel {
 
 struct Run {
     app: App,
+    /// The dispatcher the model's `Dispatch` steps and its end run: the
+    /// app's (the tables) unless a case brings its own sinks.
+    dispatcher: Option<livechat_ticket_bridge::Dispatcher<SeaOrmStore>>,
     /// A second node on the same PostgreSQL database (its own pool and
     /// append queue), for the concurrent cases; `None` on SQLite, which
     /// one process serves.
@@ -228,6 +231,15 @@ fn fail(step: usize, op: &Op, what: impl std::fmt::Display) -> TestCaseError {
 impl Run {
     fn chat(&self) -> &ChatService<SeaOrmStore> {
         &self.app.chat
+    }
+
+    fn dispatcher(&self) -> &livechat_ticket_bridge::Dispatcher<SeaOrmStore> {
+        self.dispatcher.as_ref().unwrap_or(&self.app.dispatcher)
+    }
+
+    /// Runs the dispatcher until the outbox is empty.
+    async fn drain(&self) {
+        livechat_tests::drain_outbox(self.dispatcher(), &self.app.db).await;
     }
 
     fn key(k: Option<u8>) -> Option<String> {
@@ -546,7 +558,7 @@ impl Run {
                     self.tenants[tenant].closed_tickets.push(id);
                 }
             }
-            Op::Dispatch => self.app.drain_outbox().await,
+            Op::Dispatch => self.drain().await,
             Op::AgentClose {
                 tenant,
                 agent,
@@ -1022,7 +1034,7 @@ impl Run {
     async fn check_delivery(&self) -> Result<(), String> {
         use livechat_core::{NotificationInbox, PageSize, TicketDirectory, TicketStatus};
 
-        self.app.drain_outbox().await;
+        self.drain().await;
         let sinks = livechat_ticket_bridge::SeaOrmSinks::new(self.app.db.clone());
         let page = PageSize::parse(Some(200), self.chat().config()).map_err(|e| e.to_string())?;
         for tenant in 0..TENANTS {
@@ -1586,8 +1598,7 @@ impl Run {
                 }
             }
             Op::Dispatch => {
-                self.app
-                    .dispatcher
+                self.dispatcher()
                     .dispatch_once()
                     .await
                     .map_err(|e| format!("dispatch: {e:?}"))?;
@@ -1752,10 +1763,262 @@ async fn start_run(backend: Backend) -> Result<Run, TestCaseError> {
     };
     Ok(Run {
         app,
+        dispatcher: None,
         second,
         tenants,
         counter: 0,
     })
+}
+
+/// A ticket and notification sink that records each delivery it took,
+/// in order, with the event's session: the tables behind it (`inner`),
+/// or nothing, failing (retryably) the calls `failures` picks, in turn.
+struct Recording {
+    name: &'static str,
+    inner: Option<livechat_ticket_bridge::SeaOrmSinks>,
+    failures: Vec<bool>,
+    calls: std::sync::atomic::AtomicUsize,
+    delivered: std::sync::Mutex<Vec<(Option<SessionId>, livechat_core::EventId)>>,
+    /// Each ticket's session, from its opening (called before any close
+    /// or assignment of it, whether or not that opening was taken).
+    ticket_sessions: std::sync::Mutex<HashMap<livechat_core::TicketId, SessionId>>,
+}
+
+type SinkResult = Result<(), livechat_ticket_bridge::SinkError>;
+
+impl Recording {
+    fn new(
+        name: &'static str,
+        inner: Option<livechat_ticket_bridge::SeaOrmSinks>,
+        failures: Vec<bool>,
+    ) -> std::sync::Arc<Self> {
+        std::sync::Arc::new(Self {
+            name,
+            inner,
+            failures,
+            calls: std::sync::atomic::AtomicUsize::new(0),
+            delivered: std::sync::Mutex::default(),
+            ticket_sessions: std::sync::Mutex::default(),
+        })
+    }
+
+    /// Fails this call when the pattern says so; else runs `forward` (the
+    /// tables, when there are some) and records the delivery it took.
+    async fn answer(
+        &self,
+        session: Option<SessionId>,
+        key: livechat_core::EventId,
+        forward: impl std::future::Future<Output = SinkResult>,
+    ) -> SinkResult {
+        let call = self.calls.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        if self
+            .failures
+            .get(call % self.failures.len().max(1))
+            .copied()
+            .unwrap_or(false)
+        {
+            return Err(livechat_ticket_bridge::SinkError::Retryable(
+                "down for now".into(),
+            ));
+        }
+        if self.inner.is_some() {
+            forward.await?;
+        }
+        self.delivered
+            .lock()
+            .expect("deliveries")
+            .push((session, key));
+        Ok(())
+    }
+
+    fn session_of(&self, ticket: livechat_core::TicketId) -> Option<SessionId> {
+        self.ticket_sessions
+            .lock()
+            .expect("tickets")
+            .get(&ticket)
+            .copied()
+    }
+
+    /// Each event's first delivery, in the order they were taken.
+    fn first_deliveries(&self) -> Vec<(Option<SessionId>, livechat_core::EventId)> {
+        let mut seen = std::collections::HashSet::new();
+        self.delivered
+            .lock()
+            .expect("deliveries")
+            .iter()
+            .filter(|(_, key)| seen.insert(*key))
+            .copied()
+            .collect()
+    }
+}
+
+#[async_trait::async_trait]
+impl livechat_ticket_bridge::TicketSink for Recording {
+    fn name(&self) -> String {
+        self.name.to_owned()
+    }
+
+    async fn open_ticket(
+        &self,
+        request: &livechat_core::TicketRequested,
+        key: livechat_core::EventId,
+    ) -> SinkResult {
+        if let Some(session) = request.session_id {
+            self.ticket_sessions
+                .lock()
+                .expect("tickets")
+                .insert(request.ticket_id, session);
+        }
+        self.answer(request.session_id, key, async {
+            match &self.inner {
+                Some(inner) => inner.open_ticket(request, key).await,
+                None => Ok(()),
+            }
+        })
+        .await
+    }
+
+    async fn close_ticket(
+        &self,
+        tenant: livechat_core::TenantId,
+        ticket: livechat_core::TicketId,
+        key: livechat_core::EventId,
+    ) -> SinkResult {
+        self.answer(self.session_of(ticket), key, async {
+            match &self.inner {
+                Some(inner) => inner.close_ticket(tenant, ticket, key).await,
+                None => Ok(()),
+            }
+        })
+        .await
+    }
+
+    async fn assign_ticket(
+        &self,
+        tenant: livechat_core::TenantId,
+        ticket: livechat_core::TicketId,
+        agent: livechat_core::UserId,
+        key: livechat_core::EventId,
+    ) -> SinkResult {
+        self.answer(self.session_of(ticket), key, async {
+            match &self.inner {
+                Some(inner) => inner.assign_ticket(tenant, ticket, agent, key).await,
+                None => Ok(()),
+            }
+        })
+        .await
+    }
+
+    async fn ticket_message(
+        &self,
+        tenant: livechat_core::TenantId,
+        ticket: livechat_core::TicketId,
+        message: &ChatMessage,
+        key: livechat_core::EventId,
+    ) -> SinkResult {
+        self.answer(Some(message.session_id), key, async {
+            match &self.inner {
+                Some(inner) => inner.ticket_message(tenant, ticket, message, key).await,
+                None => Ok(()),
+            }
+        })
+        .await
+    }
+}
+
+#[async_trait::async_trait]
+impl livechat_ticket_bridge::NotificationSink for Recording {
+    fn name(&self) -> String {
+        self.name.to_owned()
+    }
+
+    async fn notify(
+        &self,
+        n: &livechat_core::Notification,
+        key: livechat_core::EventId,
+    ) -> SinkResult {
+        self.answer(n.session_id, key, async {
+            match &self.inner {
+                Some(inner) => inner.notify(n, key).await,
+                None => Ok(()),
+            }
+        })
+        .await
+    }
+}
+
+/// One case with a second sink that fails the calls `failures` picks:
+/// the ops one by one as in [`run_case`], the dispatcher (both sinks)
+/// running at the model's `Dispatch` steps and at the end. Then the
+/// tables hold what [`Run::check_delivery`] expects, the failing sink
+/// took every event the tables took (retried for it alone), and each
+/// sink took a session's events in the order they were written (an
+/// event waits for the earlier ones of its session that the sink has
+/// not taken yet).
+async fn run_failing_sink_case(
+    backend: Backend,
+    ops: Vec<Op>,
+    mut failures: Vec<bool>,
+) -> Result<(), TestCaseError> {
+    let mut run = start_run(backend).await?;
+    // Every pattern lets a call through now and then.
+    failures.push(false);
+    let tables = Recording::new(
+        "tables",
+        Some(livechat_ticket_bridge::SeaOrmSinks::new(run.app.db.clone())),
+        Vec::new(),
+    );
+    let failing = Recording::new("failing", None, failures);
+    run.dispatcher = Some(
+        livechat_ticket_bridge::Dispatcher::new(
+            SeaOrmStore::new(run.app.db.clone()),
+            livechat_ticket_bridge::DispatcherConfig {
+                backoff_base: std::time::Duration::from_millis(5),
+                backoff_max: std::time::Duration::from_millis(20),
+                ..livechat_ticket_bridge::DispatcherConfig::default()
+            },
+        )
+        .ticket_sink(tables.clone())
+        .notification_sink(tables.clone())
+        .ticket_sink(failing.clone())
+        .notification_sink(failing.clone()),
+    );
+    for (step, op) in ops.iter().enumerate() {
+        run.apply(op).await.map_err(|e| fail(step, op, e))?;
+        run.check().await.map_err(|e| fail(step, op, e))?;
+    }
+    let end = |e: String| TestCaseError::fail(format!("after {} steps: {e}", ops.len()));
+    run.check_delivery().await.map_err(end)?;
+    let taken = |sink: &Recording| {
+        let mut keys: Vec<livechat_core::EventId> =
+            sink.first_deliveries().iter().map(|(_, k)| *k).collect();
+        keys.sort();
+        keys
+    };
+    prop_assert_eq!(
+        taken(&failing),
+        taken(&tables),
+        "the failing sink did not take what the tables took"
+    );
+    for sink in [&tables, &failing] {
+        let mut last: HashMap<SessionId, livechat_core::EventId> = HashMap::new();
+        for (session, key) in sink.first_deliveries() {
+            let Some(session) = session else {
+                continue;
+            };
+            if let Some(before) = last.insert(session, key) {
+                prop_assert!(
+                    before < key,
+                    "{} took event {} of session {} after the later {}",
+                    sink.name,
+                    key,
+                    session,
+                    before
+                );
+            }
+        }
+    }
+    Ok(())
 }
 
 /// One case: a fresh database, the ops one by one, every rule checked
@@ -1839,6 +2102,20 @@ fn run_model(backend: Backend, cases: u32) {
     }
 }
 
+fn run_failing_sink_model(backend: Backend, cases: u32) {
+    let runtime = test_runtime(2);
+    let mut runner = property_runner(cases);
+    let strategy = (
+        proptest::collection::vec(op(), 1..60),
+        proptest::collection::vec(proptest::bool::weighted(0.4), 0..6),
+    );
+    if let Err(e) = runner.run(&strategy, |(ops, failures)| {
+        runtime.block_on(run_failing_sink_case(backend, ops, failures))
+    }) {
+        panic!("{e}");
+    }
+}
+
 fn run_concurrent_model(backend: Backend, cases: u32) {
     let runtime = test_runtime(4);
     let mut runner = property_runner(cases);
@@ -1868,4 +2145,14 @@ fn concurrent_chat_operations_keep_every_rule_on_sqlite() {
 #[test]
 fn concurrent_chat_operations_keep_every_rule_on_postgres() {
     run_concurrent_model(Backend::Postgres, 16);
+}
+
+#[test]
+fn a_failing_sink_gets_every_event_in_order_on_sqlite() {
+    run_failing_sink_model(Backend::Sqlite, 16);
+}
+
+#[test]
+fn a_failing_sink_gets_every_event_in_order_on_postgres() {
+    run_failing_sink_model(Backend::Postgres, 8);
 }

@@ -1770,15 +1770,27 @@ async fn start_run(backend: Backend) -> Result<Run, TestCaseError> {
     })
 }
 
+/// How a [`Recording`] sink answers a call.
+#[derive(Clone, Copy, Debug)]
+enum Answer {
+    Take,
+    /// Down for now: the event is retried for this sink.
+    Retry,
+    /// Refused for good: the event is given up for this sink only.
+    Refuse,
+}
+
 /// A ticket and notification sink that records each delivery it took,
 /// in order, with the event's session: the tables behind it (`inner`),
-/// or nothing, failing (retryably) the calls `failures` picks, in turn.
+/// or nothing, answering the calls as `answers` says, in turn.
 struct Recording {
     name: &'static str,
     inner: Option<livechat_ticket_bridge::SeaOrmSinks>,
-    failures: Vec<bool>,
+    answers: Vec<Answer>,
     calls: std::sync::atomic::AtomicUsize,
     delivered: std::sync::Mutex<Vec<(Option<SessionId>, livechat_core::EventId)>>,
+    /// The events it refused for good.
+    refused: std::sync::Mutex<Vec<livechat_core::EventId>>,
     /// Each ticket's session, from its opening (called before any close
     /// or assignment of it, whether or not that opening was taken).
     ticket_sessions: std::sync::Mutex<HashMap<livechat_core::TicketId, SessionId>>,
@@ -1790,20 +1802,22 @@ impl Recording {
     fn new(
         name: &'static str,
         inner: Option<livechat_ticket_bridge::SeaOrmSinks>,
-        failures: Vec<bool>,
+        answers: Vec<Answer>,
     ) -> std::sync::Arc<Self> {
         std::sync::Arc::new(Self {
             name,
             inner,
-            failures,
+            answers,
             calls: std::sync::atomic::AtomicUsize::new(0),
             delivered: std::sync::Mutex::default(),
+            refused: std::sync::Mutex::default(),
             ticket_sessions: std::sync::Mutex::default(),
         })
     }
 
-    /// Fails this call when the pattern says so; else runs `forward` (the
-    /// tables, when there are some) and records the delivery it took.
+    /// Answers this call as the pattern says; when it takes the event,
+    /// runs `forward` (the tables, when there are some) and records the
+    /// delivery.
     async fn answer(
         &self,
         session: Option<SessionId>,
@@ -1811,15 +1825,24 @@ impl Recording {
         forward: impl std::future::Future<Output = SinkResult>,
     ) -> SinkResult {
         let call = self.calls.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
-        if self
-            .failures
-            .get(call % self.failures.len().max(1))
+        let answer = self
+            .answers
+            .get(call % self.answers.len().max(1))
             .copied()
-            .unwrap_or(false)
-        {
-            return Err(livechat_ticket_bridge::SinkError::Retryable(
-                "down for now".into(),
-            ));
+            .unwrap_or(Answer::Take);
+        match answer {
+            Answer::Take => {}
+            Answer::Retry => {
+                return Err(livechat_ticket_bridge::SinkError::Retryable(
+                    "down for now".into(),
+                ));
+            }
+            Answer::Refuse => {
+                self.refused.lock().expect("refusals").push(key);
+                return Err(livechat_ticket_bridge::SinkError::Permanent(
+                    "refused".into(),
+                ));
+            }
         }
         if self.inner.is_some() {
             forward.await?;
@@ -1947,28 +1970,28 @@ impl livechat_ticket_bridge::NotificationSink for Recording {
     }
 }
 
-/// One case with a second sink that fails the calls `failures` picks:
+/// One case with a second sink that answers as `answers` says, in turn:
 /// the ops one by one as in [`run_case`], the dispatcher (both sinks)
 /// running at the model's `Dispatch` steps and at the end. Then the
 /// tables hold what [`Run::check_delivery`] expects, the failing sink
-/// took every event the tables took (retried for it alone), and each
-/// sink took a session's events in the order they were written (an
-/// event waits for the earlier ones of its session that the sink has
-/// not taken yet).
+/// took every event the tables took but those it refused for good
+/// (retried for it alone, given up for it alone), and each sink took a
+/// session's events in the order they were written (an event waits for
+/// the earlier ones of its session that the sink has not taken yet).
 async fn run_failing_sink_case(
     backend: Backend,
     ops: Vec<Op>,
-    mut failures: Vec<bool>,
+    mut answers: Vec<Answer>,
 ) -> Result<(), TestCaseError> {
     let mut run = start_run(backend).await?;
-    // Every pattern lets a call through now and then.
-    failures.push(false);
+    // Every pattern takes a call now and then.
+    answers.push(Answer::Take);
     let tables = Recording::new(
         "tables",
         Some(livechat_ticket_bridge::SeaOrmSinks::new(run.app.db.clone())),
         Vec::new(),
     );
-    let failing = Recording::new("failing", None, failures);
+    let failing = Recording::new("failing", None, answers);
     run.dispatcher = Some(
         livechat_ticket_bridge::Dispatcher::new(
             SeaOrmStore::new(run.app.db.clone()),
@@ -1995,10 +2018,14 @@ async fn run_failing_sink_case(
         keys.sort();
         keys
     };
+    let mut owed = taken(&failing);
+    owed.extend(failing.refused.lock().expect("refusals").iter().copied());
+    owed.sort();
+    owed.dedup();
     prop_assert_eq!(
-        taken(&failing),
+        owed,
         taken(&tables),
-        "the failing sink did not take what the tables took"
+        "the failing sink did not take (or refuse) what the tables took"
     );
     for sink in [&tables, &failing] {
         let mut last: HashMap<SessionId, livechat_core::EventId> = HashMap::new();
@@ -2107,10 +2134,17 @@ fn run_failing_sink_model(backend: Backend, cases: u32) {
     let mut runner = property_runner(cases);
     let strategy = (
         proptest::collection::vec(op(), 1..60),
-        proptest::collection::vec(proptest::bool::weighted(0.4), 0..6),
+        proptest::collection::vec(
+            prop_oneof![
+                6 => Just(Answer::Take),
+                4 => Just(Answer::Retry),
+                1 => Just(Answer::Refuse),
+            ],
+            0..6,
+        ),
     );
-    if let Err(e) = runner.run(&strategy, |(ops, failures)| {
-        runtime.block_on(run_failing_sink_case(backend, ops, failures))
+    if let Err(e) = runner.run(&strategy, |(ops, answers)| {
+        runtime.block_on(run_failing_sink_case(backend, ops, answers))
     }) {
         panic!("{e}");
     }

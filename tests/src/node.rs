@@ -72,6 +72,36 @@ impl Node {
         }
     }
 
+    /// A node over a fresh database on `backend` (in-process bus) with
+    /// agent 7 online in tenant 1, serving the chat (about `topic`) of host
+    /// user 900: the app (which keeps the database), the node and that
+    /// chat's id.
+    ///
+    /// # Panics
+    /// When the database, the node or the chat cannot be set up.
+    pub async fn with_served_chat(
+        backend: crate::Backend,
+        topic: &str,
+    ) -> (crate::App, Self, livechat_core::SessionId) {
+        let app = crate::App::new(backend).await;
+        let node = Self::start(
+            app.db.clone(),
+            &app.config,
+            Arc::new(livechat_core::bus::InProcessBus::new()),
+        )
+        .await;
+        node.chat
+            .set_agent_status(
+                crate::t(1),
+                crate::u(7),
+                livechat_core::PresenceStatus::Online,
+            )
+            .await
+            .expect("agent 7 online");
+        let started = crate::start_user_chat(&node.chat, 1, 900, topic).await;
+        (app, node, started.session.id)
+    }
+
     /// `ws://…/livechat/ws`.
     #[must_use]
     pub fn ws_url(&self) -> String {

@@ -583,26 +583,10 @@ async fn answered(
 }
 
 fn fuzz_websocket(backend: Backend, cases: u32) {
-    use livechat_core::PresenceStatus;
     use livechat_tests::node::{Node, WsClient};
-    use livechat_tests::{t, u};
 
     let runtime = test_runtime(2);
-    let (node, session, _app) = runtime.block_on(async {
-        let app = App::new(backend).await;
-        let node = Node::start(
-            app.db.clone(),
-            &app.config,
-            std::sync::Arc::new(livechat_core::bus::InProcessBus::new()),
-        )
-        .await;
-        node.chat
-            .set_agent_status(t(1), u(7), PresenceStatus::Online)
-            .await
-            .unwrap();
-        let started = livechat_tests::start_user_chat(&node.chat, 1, 900, "Fuzz").await;
-        (node, started.session.id, app)
-    });
+    let (_app, node, session) = runtime.block_on(Node::with_served_chat(backend, "Fuzz"));
     let mut runner = property_runner(cases);
     let result = runner.run(&proptest::collection::vec(frame(), 1..12), |frames| {
         // Tokens of each case's own (they expire after ten minutes).

@@ -9,7 +9,7 @@
 
 use std::time::Duration;
 
-use livechat_core::{PresenceStatus, SessionId};
+use livechat_core::SessionId;
 use livechat_tests::node::{Node, WsClient};
 use livechat_tests::{App, Backend, property_runner, t, test_runtime, u};
 use proptest::prelude::*;
@@ -184,21 +184,7 @@ async fn run_case(
 
 fn resume(backend: Backend, cases: u32) {
     let runtime = test_runtime(2);
-    let (node, session, _app) = runtime.block_on(async {
-        let app = App::new(backend).await;
-        let node = Node::start(
-            app.db.clone(),
-            &app.config,
-            std::sync::Arc::new(livechat_core::bus::InProcessBus::new()),
-        )
-        .await;
-        node.chat
-            .set_agent_status(t(1), u(7), PresenceStatus::Online)
-            .await
-            .unwrap();
-        let started = livechat_tests::start_user_chat(&node.chat, 1, 900, "Resume").await;
-        (node, started.session.id, app)
-    });
+    let (_app, node, session) = runtime.block_on(Node::with_served_chat(backend, "Resume"));
     let mut runner = property_runner(cases);
     let result = runner.run(&proptest::collection::vec(action(), 1..24), |actions| {
         // A token of each case's own (they expire after ten minutes).

@@ -467,6 +467,44 @@ impl App {
         body["data"]["id"].as_str().expect("session id").to_owned()
     }
 
+    /// Checks that agent `user` in `tenant` gets 400
+    /// `invalid_query` for `GET path_and_query`.
+    ///
+    /// # Panics
+    /// When the answer is anything else.
+    pub async fn assert_invalid_query(&self, path_and_query: &str, user: i64, tenant: i64) {
+        let (code, body) = self
+            .agent_call(poem::http::Method::GET, path_and_query, user, tenant, None)
+            .await;
+        assert_eq!(code, 400, "{path_and_query}: {body}");
+        assert_eq!(body["error"]["code"], "invalid_query", "{path_and_query}");
+    }
+
+    /// The sessions of `tenant` with `status` (at most 200), newest first,
+    /// through the service.
+    ///
+    /// # Panics
+    /// When the service refuses.
+    pub async fn sessions_with_status(
+        &self,
+        tenant: livechat_core::TenantId,
+        status: livechat_core::SessionStatus,
+    ) -> Vec<livechat_core::SessionView> {
+        self.chat
+            .list_sessions(
+                tenant,
+                livechat_core::SessionFilter {
+                    status: Some(status),
+                    ..livechat_core::SessionFilter::default()
+                },
+                None,
+                Some(200),
+            )
+            .await
+            .expect("sessions listed")
+            .sessions
+    }
+
     /// As [`App::open_session`] through the service: sets `agent` online in
     /// `tenant` and starts a session for them.
     ///

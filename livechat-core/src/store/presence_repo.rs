@@ -366,10 +366,7 @@ impl PresenceRepository for SeaOrmStore {
         let mut agents = Vec::with_capacity(rows.len());
         for row in rows {
             let online = is_online(&row, fresh_since);
-            let open_sessions = loads
-                .iter()
-                .find(|(agent, _)| *agent == Some(row.agent_id))
-                .map_or(0, |(_, n)| *n);
+            let open_sessions = loads.get(&row.agent_id).copied().unwrap_or(0);
             let agent = row.agent_id;
             match AgentPresence::try_from(row) {
                 Ok(presence) => agents.push(AgentOverview {

@@ -169,12 +169,12 @@ pub(super) async fn eligible_agents(
 }
 
 /// The count of OPEN sessions of each agent of the tenant who serves any,
-/// as `(agent id, count)`: an agent's load.
+/// by agent id: an agent's load (none listed: 0).
 pub(super) async fn open_sessions_by_agent(
     conn: &impl ConnectionTrait,
     tenant: TenantId,
-) -> Result<Vec<(Option<i64>, i64)>, DbErr> {
-    session::Entity::find()
+) -> Result<std::collections::HashMap<i64, i64>, DbErr> {
+    let counts: Vec<(Option<i64>, i64)> = session::Entity::find()
         .select_only()
         .column(session::Column::AgentId)
         .column_as(Expr::col(session::Column::Id).count(), "open_sessions")
@@ -184,7 +184,11 @@ pub(super) async fn open_sessions_by_agent(
         .group_by(session::Column::AgentId)
         .into_tuple()
         .all(conn)
-        .await
+        .await?;
+    Ok(counts
+        .into_iter()
+        .filter_map(|(agent, n)| agent.map(|a| (a, n)))
+        .collect())
 }
 
 /// Every eligible agent (online, fresh, below capacity) in routing order,
@@ -200,12 +204,7 @@ async fn ranked_agents(
         return Ok(Vec::new());
     }
     let loads = open_sessions_by_agent(conn, tenant).await?;
-    let load_of = |agent: i64| {
-        loads
-            .iter()
-            .find(|(a, _)| *a == Some(agent))
-            .map_or(0, |(_, n)| *n)
-    };
+    let load_of = |agent: i64| loads.get(&agent).copied().unwrap_or(0);
     let mut ranked: Vec<(EligibleAgent, Option<DateTime<Utc>>, Vec<String>)> = Vec::new();
     for p in online {
         let open_sessions = load_of(p.agent_id);

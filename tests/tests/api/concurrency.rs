@@ -43,20 +43,7 @@ async fn twenty_concurrent_starts_yield_one_session(backend: Backend) {
         }
     }
     assert_eq!(winners.len(), 1, "exactly one start wins");
-    let open = app
-        .chat
-        .list_sessions(
-            tenant,
-            SessionFilter {
-                status: Some(SessionStatus::Open),
-                ..SessionFilter::default()
-            },
-            None,
-            Some(200),
-        )
-        .await
-        .unwrap()
-        .sessions;
+    let open = app.sessions_with_status(tenant, SessionStatus::Open).await;
     assert_eq!(open.len(), 1);
     assert_eq!(open[0].session.id, winners[0].id);
     let all = app

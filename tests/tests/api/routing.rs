@@ -3,8 +3,7 @@
 use std::collections::HashSet;
 
 use livechat_core::{
-    ChatError, CustomerChatRequest, CustomerIdentity, PresenceStatus, Priority, SessionFilter,
-    SessionStatus,
+    ChatError, CustomerChatRequest, CustomerIdentity, PresenceStatus, Priority, SessionStatus,
 };
 use livechat_tests::{App, Backend, on_both_databases};
 use poem::http::Method;
@@ -90,34 +89,8 @@ async fn fifty_customers_against_one_agent_of_capacity_five(backend: Backend) {
     for r in futures::future::join_all(tasks).await {
         assert!(r.unwrap().created);
     }
-    let open = app
-        .chat
-        .list_sessions(
-            t(1),
-            SessionFilter {
-                status: Some(SessionStatus::Open),
-                ..SessionFilter::default()
-            },
-            None,
-            Some(200),
-        )
-        .await
-        .unwrap()
-        .sessions;
-    let waiting = app
-        .chat
-        .list_sessions(
-            t(1),
-            SessionFilter {
-                status: Some(SessionStatus::Waiting),
-                ..SessionFilter::default()
-            },
-            None,
-            Some(200),
-        )
-        .await
-        .unwrap()
-        .sessions;
+    let open = app.sessions_with_status(t(1), SessionStatus::Open).await;
+    let waiting = app.sessions_with_status(t(1), SessionStatus::Waiting).await;
     assert_eq!(open.len(), 5, "capacity 5");
     assert!(open.iter().all(|v| v.session.agent_id == Some(u(7))));
     assert_eq!(waiting.len(), 45);
@@ -151,20 +124,7 @@ async fn fifty_customers_against_one_agent_of_capacity_five(backend: Backend) {
         );
         assert_eq!(next.session.agent_id, Some(u(7)));
     }
-    let still = app
-        .chat
-        .list_sessions(
-            t(1),
-            SessionFilter {
-                status: Some(SessionStatus::Waiting),
-                ..SessionFilter::default()
-            },
-            None,
-            Some(200),
-        )
-        .await
-        .unwrap()
-        .sessions;
+    let still = app.sessions_with_status(t(1), SessionStatus::Waiting).await;
     assert_eq!(still.len(), 40);
     let mut positions: Vec<i64> = still.iter().map(|v| v.queue_position.unwrap()).collect();
     positions.sort_unstable();

@@ -526,7 +526,11 @@ const CUSTOMER_AUTH: &str = "CustomerAuth";
 /// One layer rather than poem's three (`data`, `around`,
 /// `catch_all_error`): each layer moves the request and the future of the
 /// layers inside it, and those moves were 6–7% of the server's CPU at 64
-/// senders (issue #5 profile; with this layer 5.4–6%).
+/// senders (issue #5 profile; with this layer 5.4–6%). The body's read
+/// is boxed: its future (about 4 KiB, mostly poem's body collector)
+/// would otherwise be part of this layer's and be copied by every layer
+/// of the host's above it, on every request (6.3% → 4.7% of the CPU in
+/// moves, BENCHMARKS.md "A profile on the machine of 2026-12-05").
 struct Outer<E> {
     routes: E,
     state: Arc<api::AuthState>,
@@ -537,7 +541,7 @@ impl<E: Endpoint> Endpoint for Outer<E> {
 
     async fn call(&self, mut req: poem::Request) -> poem::Result<Response> {
         req.extensions_mut().insert(self.state.clone());
-        let mut response = if let Err(refused) = error::read_body(&mut req).await {
+        let mut response = if let Err(refused) = Box::pin(error::read_body(&mut req)).await {
             poem::IntoResponse::into_response(refused)
         } else if let Err(refused) = error::refuse_repeated_query(&req) {
             poem::IntoResponse::into_response(refused)

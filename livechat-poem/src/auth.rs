@@ -77,8 +77,9 @@ pub trait Authenticator: Send + Sync + 'static {
 /// Claims: `sub` (user id: a JSON number or a numeric string), `roles`
 /// (array of strings; absent means none), `tenant_ids` (array of positive
 /// integers; absent means every tenant), `exp` (required; seconds since the
-/// epoch, 60 s leeway for clock skew). Other algorithms and `alg: none` are
-/// refused.
+/// epoch, 60 s leeway for clock skew), `nbf` (optional; seconds since the
+/// epoch: a token is refused before it, with the same leeway, and when it
+/// is not a whole number). Other algorithms and `alg: none` are refused.
 ///
 /// Verified tokens are remembered (at most [`VERIFIED_TOKENS`] of them,
 /// shared by clones) until they expire: a client sends the same token with
@@ -120,6 +121,7 @@ impl JwtAuthenticator {
         let mut validation = Validation::new(Algorithm::HS256);
         validation.set_required_spec_claims(&["exp"]);
         validation.validate_exp = true;
+        validation.validate_nbf = true;
         Self {
             key: DecodingKey::from_secret(secret),
             validation,

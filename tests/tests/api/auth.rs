@@ -72,6 +72,17 @@ async fn credentials_and_tenant_rules_on_every_route(backend: Backend) {
             &json!({"sub": 7, "roles": ["SUPPORT_AGENT"]}),
         ),
         alg_none,
+        // Not valid yet (`nbf` beyond the 60 s leeway), or `nbf` not a time.
+        sign(
+            jsonwebtoken::Algorithm::HS256,
+            SECRET,
+            &json!({"sub": 7, "roles": ["SUPPORT_AGENT"], "exp": now + 7200, "nbf": now + 3600}),
+        ),
+        sign(
+            jsonwebtoken::Algorithm::HS256,
+            SECRET,
+            &json!({"sub": 7, "roles": ["SUPPORT_AGENT"], "exp": now + 600, "nbf": "soon"}),
+        ),
     ];
     let customer = App::token(7, &["USER"], None);
     let tenant_two_only = App::token(7, &["SUPPORT_AGENT"], Some(&[2]));
@@ -214,6 +225,25 @@ async fn credentials_and_tenant_rules_on_every_route(backend: Backend) {
         )
         .await;
     assert_eq!(msgs["data"].as_array().unwrap().len(), 0);
+    // A token valid from a past `nbf`, or from one within the leeway, is
+    // accepted.
+    for nbf in [now - 10, now + 30] {
+        let token = sign(
+            jsonwebtoken::Algorithm::HS256,
+            SECRET,
+            &json!({"sub": 7, "roles": ["SUPPORT_AGENT"], "exp": now + 600, "nbf": nbf}),
+        );
+        let (code, _) = app
+            .call(
+                Method::GET,
+                "/livechat/sessions",
+                Some(&token),
+                Some("1"),
+                None,
+            )
+            .await;
+        assert_eq!(code, 200, "nbf {nbf} against {now}");
+    }
     // A string `sub` is accepted as well as a number.
     let string_sub = sign(
         jsonwebtoken::Algorithm::HS256,

@@ -79,7 +79,9 @@ pub trait Authenticator: Send + Sync + 'static {
 /// integers; absent means every tenant), `exp` (required; seconds since the
 /// epoch, 60 s leeway for clock skew), `nbf` (optional; seconds since the
 /// epoch: a token is refused before it, with the same leeway, and when it
-/// is not a whole number). Other algorithms and `alg: none` are refused.
+/// is not a whole number). Other algorithms and `alg: none` are refused,
+/// and so is a token whose header has `crit` (RFC 7515 §4.1.11: no
+/// extension is understood here).
 ///
 /// Verified tokens are remembered (at most [`VERIFIED_TOKENS`] of them,
 /// shared by clones) until they expire: a client sends the same token with
@@ -200,6 +202,14 @@ impl Authenticator for JwtAuthenticator {
         }
         let data = jsonwebtoken::decode::<Claims>(token, &self.key, &self.validation)
             .map_err(|e| AuthError::InvalidToken(e.to_string()))?;
+        // RFC 7515 §4.1.11: a token is invalid when its `crit` names an
+        // extension the recipient does not understand, and this one
+        // understands none (`jsonwebtoken` reads the list but leaves it).
+        if data.header.crit.is_some() {
+            return Err(AuthError::InvalidToken(
+                "crit header parameters are not supported".into(),
+            ));
+        }
         let claims = data.claims;
         let user_id = parse_sub(&claims.sub)
             .ok_or_else(|| AuthError::InvalidToken("sub is not a positive integer".into()))?;

@@ -72,6 +72,16 @@ async fn credentials_and_tenant_rules_on_every_route(backend: Backend) {
             &json!({"sub": 7, "roles": ["SUPPORT_AGENT"]}),
         ),
         alg_none,
+        // A critical header extension nobody here understands.
+        jsonwebtoken::encode(
+            &jsonwebtoken::Header {
+                crit: Some(vec!["exp".into()]),
+                ..jsonwebtoken::Header::new(jsonwebtoken::Algorithm::HS256)
+            },
+            &claims(now + 600),
+            &jsonwebtoken::EncodingKey::from_secret(SECRET.as_bytes()),
+        )
+        .unwrap(),
         // Not valid yet (`nbf` beyond the 60 s leeway), or `nbf` not a time.
         sign(
             jsonwebtoken::Algorithm::HS256,

@@ -76,7 +76,7 @@ pub trait Authenticator: Send + Sync + 'static {
 ///
 /// Claims: `sub` (user id: a JSON number or a numeric string), `roles`
 /// (array of strings; absent means none), `tenant_ids` (array of positive
-/// integers; absent means every tenant), `exp` (required; seconds since the
+/// integers; absent or `null` means every tenant, `[]` none), `exp` (required; seconds since the
 /// epoch, 60 s leeway for clock skew), `nbf` (optional; seconds since the
 /// epoch: a token is refused before it, with the same leeway, and when it
 /// is not a whole number). Other algorithms and `alg: none` are refused,

@@ -254,6 +254,25 @@ async fn credentials_and_tenant_rules_on_every_route(backend: Backend) {
             .await;
         assert_eq!(code, 200, "nbf {nbf} against {now}");
     }
+    // `tenant_ids: null` allows every tenant, as an absent list does;
+    // `[]` allows none.
+    for (tenant_ids, expected) in [(json!(null), 200), (json!([]), 403)] {
+        let token = sign(
+            jsonwebtoken::Algorithm::HS256,
+            SECRET,
+            &json!({"sub": 7, "roles": ["SUPPORT_AGENT"], "exp": now + 600, "tenant_ids": tenant_ids}),
+        );
+        let (code, _) = app
+            .call(
+                Method::GET,
+                "/livechat/sessions",
+                Some(&token),
+                Some("1"),
+                None,
+            )
+            .await;
+        assert_eq!(code, expected, "tenant_ids {tenant_ids}");
+    }
     // A string `sub` is accepted as well as a number.
     let string_sub = sign(
         jsonwebtoken::Algorithm::HS256,

@@ -770,7 +770,10 @@ impl<S: ChatStore> ChatService<S> {
     }
 
     /// The customer's own session: another customer's (or tenant's) is
-    /// [`ChatError::NotFound`], never forbidden.
+    /// [`ChatError::NotFound`], never forbidden. A visitor linked to an
+    /// identified customer acts as that customer (README "Linking"), also
+    /// when the link moved the session after the caller resolved the
+    /// visitor: the visitor's id finds the chats it now owns.
     ///
     /// # Errors
     /// [`ChatError::NotFound`].
@@ -781,15 +784,36 @@ impl<S: ChatStore> ChatService<S> {
         id: SessionId,
     ) -> Result<SessionView, ChatError> {
         let view = self.store.session_view(tenant, id).await?;
-        if view.session.customer_id == Some(customer) {
+        let owner = view.session.customer_id;
+        if owner == Some(customer)
+            || (owner.is_some() && self.linked_to(tenant, customer).await == owner)
+        {
             Ok(view)
         } else {
             Err(ChatError::NotFound)
         }
     }
 
+    /// The identified customer `customer` was linked to, if it is a
+    /// visitor who was (read when a step as `customer` found its chat
+    /// gone: a link in between moves the visitor's chats to that
+    /// customer); `None` otherwise, or when the read fails.
+    async fn linked_to(&self, tenant: TenantId, customer: CustomerId) -> Option<CustomerId> {
+        match self
+            .store
+            .resolve_customer(tenant, CustomerIdentity::Known(customer))
+            .await
+        {
+            Ok(linked) if linked.id != customer => Some(linked.id),
+            _ => None,
+        }
+    }
+
     /// A customer's message to their WAITING or OPEN session (same rules and
-    /// idempotency as agents').
+    /// idempotency as agents'). A visitor linked to an identified customer
+    /// acts as that customer: when a link moved the chat after the caller
+    /// resolved the visitor, the message is stored as the identified
+    /// customer's ([`Self::customer_session`]).
     ///
     /// # Errors
     /// As [`Self::post_message`]; [`ChatError::NotFound`] also when the
@@ -802,8 +826,26 @@ impl<S: ChatStore> ChatService<S> {
         text: String,
         client_msg_id: Option<String>,
     ) -> Result<AppendedMessage, ChatError> {
-        self.submit_customer_message(tenant, customer, session, text, client_msg_id)
-            .await
+        let posted = self
+            .submit_customer_message(
+                tenant,
+                customer,
+                session,
+                text.clone(),
+                client_msg_id.clone(),
+            )
+            .await;
+        // A link of this visitor since the caller resolved them moved the
+        // chat to the identified customer: the message is theirs (nothing
+        // was stored for the refused attempt).
+        if matches!(posted, Err(ChatError::NotFound))
+            && let Some(linked) = self.linked_to(tenant, customer).await
+        {
+            return self
+                .submit_customer_message(tenant, linked, session, text, client_msg_id)
+                .await;
+        }
+        posted
     }
 
     /// As [`Self::post_customer_message`], taking its place in the
@@ -871,12 +913,14 @@ impl<S: ChatStore> ChatService<S> {
         customer: CustomerId,
         session: SessionId,
     ) -> Result<ChatSession, ChatError> {
-        self.customer_session(tenant, customer, session).await?;
+        let view = self.customer_session(tenant, customer, session).await?;
+        // Closed by the chat's customer: a linked visitor acts as them.
+        let closer = view.session.customer_id.unwrap_or(customer);
         self.store
             .close_session(
                 tenant,
                 session,
-                Sender::Customer(customer),
+                Sender::Customer(closer),
                 &self.config.routing,
             )
             .await

@@ -1187,28 +1187,28 @@ impl Conn {
     }
 
     /// Checks the caller may see `raw` and returns its id. A customer's
-    /// session not found is looked for once more as the identified
-    /// customer its visitor was linked to since ([`Self::follow_link`]).
+    /// session found as the identified customer its visitor was linked to
+    /// since (`ChatService::customer_session`) makes the connection that
+    /// customer's ([`Self::follow_link`]).
     async fn authorize(&mut self, raw: &str) -> Result<livechat_core::SessionView, ChatError> {
         let id: SessionId = raw.parse()?;
         match self.identity.role {
             Role::Agent(_) => self.chat().get_session(self.tenant(), id).await,
             Role::Customer { customer, .. } => {
-                match self
+                let view = self
                     .chat()
                     .customer_session(self.tenant(), customer, id)
-                    .await
+                    .await?;
+                // Found as the identified customer this visitor was linked
+                // to since: the connection goes on as them.
+                if view
+                    .session
+                    .customer_id
+                    .is_some_and(|owner| owner != customer)
                 {
-                    Err(ChatError::NotFound) => match self.follow_link().await {
-                        Some(linked) => {
-                            self.chat()
-                                .customer_session(self.tenant(), linked, id)
-                                .await
-                        }
-                        None => Err(ChatError::NotFound),
-                    },
-                    other => other,
+                    self.follow_link().await;
                 }
+                Ok(view)
             }
         }
     }

@@ -15,6 +15,7 @@ on_both_databases!(
     linking_moves_visitor_sessions,
     linking_keeps_the_chat_an_agent_serves,
     a_start_that_resolved_the_visitor_before_a_link_is_the_users,
+    steps_that_resolved_the_visitor_before_a_link_act_as_the_user,
     customers_are_isolated,
     a_key_is_its_senders_own,
 );
@@ -1300,6 +1301,122 @@ async fn a_start_that_resolved_the_visitor_before_a_link_is_the_users(backend: B
         .unwrap();
     assert!(!again.created);
     assert_eq!(again.view.session.id, started.view.session.id);
+}
+
+/// A message, contact details, a read or a close by a caller that
+/// resolved a visitor just before a link of theirs moved the chat (the
+/// visitor's id is then stale) act on the chat as the identified customer
+/// instead of answering 404; another customer still gets 404. The model
+/// test's concurrent cases allowed these 404s before.
+async fn steps_that_resolved_the_visitor_before_a_link_act_as_the_user(backend: Backend) {
+    use livechat_core::{ChatError, ContactInput, CustomerChatRequest, CustomerIdentity};
+    use livechat_tests::{t, u};
+
+    let app = App::new(backend).await;
+    let visitor = app
+        .chat
+        .resolve_customer(t(1), CustomerIdentity::Visitor(uuid::Uuid::now_v7()))
+        .await
+        .unwrap();
+    let started = app
+        .chat
+        .start_customer_chat(
+            t(1),
+            visitor.id,
+            CustomerChatRequest {
+                topic: "Before the login".into(),
+                ..Default::default()
+            },
+        )
+        .await
+        .unwrap();
+    let session = started.view.session.id;
+    let user = app
+        .chat
+        .link_visitor(t(1), visitor.id, u(401))
+        .await
+        .unwrap();
+    assert_ne!(user.id, visitor.id);
+    let posted = app
+        .chat
+        .post_customer_message(t(1), visitor.id, session, "Hello".into(), Some("k1".into()))
+        .await
+        .expect("the chat moved to the user: the message is theirs");
+    assert_eq!(
+        (posted.message.seq, posted.message.customer_id),
+        (1, Some(user.id))
+    );
+    // The same key again is the same message, as the user's own send is.
+    let again = app
+        .chat
+        .post_customer_message(t(1), user.id, session, "Hello".into(), Some("k1".into()))
+        .await
+        .unwrap();
+    assert_eq!(again.message.id, posted.message.id);
+    let view = app
+        .chat
+        .customer_session(t(1), visitor.id, session)
+        .await
+        .unwrap();
+    assert_eq!(view.session.customer_id, Some(user.id));
+    let listed = app
+        .chat
+        .list_customer_messages(t(1), visitor.id, session, None, None)
+        .await
+        .unwrap();
+    assert_eq!(listed.len(), 1);
+    app.chat
+        .set_contact(
+            t(1),
+            visitor.id,
+            session,
+            ContactInput {
+                name: "Ada".into(),
+                email: "ada@example.com".into(),
+                ..Default::default()
+            },
+        )
+        .await
+        .unwrap();
+    // Another customer of the tenant still finds nothing there.
+    let stranger = app
+        .chat
+        .resolve_customer(t(1), CustomerIdentity::Visitor(uuid::Uuid::now_v7()))
+        .await
+        .unwrap();
+    assert!(matches!(
+        app.chat
+            .post_customer_message(t(1), stranger.id, session, "Hi".into(), None)
+            .await,
+        Err(ChatError::NotFound)
+    ));
+    assert!(matches!(
+        app.chat
+            .close_customer_chat(t(1), stranger.id, session)
+            .await,
+        Err(ChatError::NotFound)
+    ));
+    let closed = app
+        .chat
+        .close_customer_chat(t(1), visitor.id, session)
+        .await
+        .unwrap();
+    assert_eq!(closed.status, livechat_core::SessionStatus::Closed);
+    // Closed by the chat's customer, the user.
+    let page = livechat_core::PageSize::parse(Some(200), app.chat.config()).unwrap();
+    let events = livechat_core::OutboxRepository::list_events(app.chat.store(), t(1), None, page)
+        .await
+        .unwrap();
+    let closing = events
+        .iter()
+        .find(|e| e.kind == livechat_core::EventKind::SessionClosed)
+        .expect("the close's event");
+    let payload: Value = serde_json::from_str(closing.payload.json()).unwrap();
+    assert_eq!(
+        payload["closed_by"]["customer_id"],
+        json!(user.id),
+        "{payload}"
+    );
 }
 
 /// When both the visitor and the user it logs in as have an active chat,

@@ -1350,9 +1350,11 @@ impl Run {
         text: String,
         linking: bool,
     ) -> Result<Done, String> {
-        // A customer step that resolved the visitor just before a link of
-        // the same group moved their chats finds that chat gone (404, as
-        // over HTTP; the client's retry resolves to the user).
+        // A customer start that resolved the visitor just before a link
+        // of the same group moved their chats may find that chat gone (404,
+        // as over HTTP; the client's retry resolves to the user). Sends,
+        // closes and contact details follow the link instead
+        // (`ChatService::customer_session`).
         let moved: &[&str] = if linking { &["NotFound"] } else { &[] };
         let done = match *op {
             Op::Status {
@@ -1453,14 +1455,13 @@ impl Run {
                         key.clone(),
                     )
                     .await;
-                match allowed(
-                    got,
-                    &[&["SessionClosed", "ClientMsgIdTaken"], moved].concat(),
-                )? {
+                // A link of this visitor landing after `current` moved the
+                // chat: the message is the identified customer's then.
+                match allowed(got, &["SessionClosed", "ClientMsgIdTaken"])? {
                     Some(appended) => Done::Sent {
                         tenant,
                         session,
-                        who: Who::Customer(customer),
+                        who: Who::Customer(appended.message.customer_id.unwrap_or(customer)),
                         text,
                         key,
                         appended: Box::new(appended),
@@ -1474,7 +1475,7 @@ impl Run {
                     let got = chat
                         .close_customer_chat(tid(tenant), customer, session)
                         .await;
-                    allowed(got, moved)?;
+                    allowed(got, &[])?;
                 }
                 Done::Nothing
             }
@@ -1573,7 +1574,7 @@ impl Run {
                     let got = chat
                         .set_contact(tid(tenant), customer, session, Self::contact(customer))
                         .await;
-                    allowed(got, &[&["SessionClosed"], moved].concat())?;
+                    allowed(got, &["SessionClosed"])?;
                 }
                 Done::Nothing
             }

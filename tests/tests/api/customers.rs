@@ -1248,21 +1248,47 @@ async fn a_key_is_its_senders_own(backend: Backend) {
     assert_eq!(texts, ["agent says hi", "customer text"]);
 }
 
+/// A new anonymous visitor of tenant 1, through the service.
+async fn new_visitor(app: &App) -> livechat_core::Customer {
+    app.chat
+        .resolve_customer(
+            livechat_tests::t(1),
+            livechat_core::CustomerIdentity::Visitor(uuid::Uuid::now_v7()),
+        )
+        .await
+        .unwrap()
+}
+
+/// `customer`'s start in tenant 1 with only a topic, through the service.
+async fn start_with_topic(
+    app: &App,
+    customer: livechat_core::CustomerId,
+    topic: &str,
+) -> livechat_core::CustomerChatStarted {
+    app.chat
+        .start_customer_chat(
+            livechat_tests::t(1),
+            customer,
+            livechat_core::CustomerChatRequest {
+                topic: topic.into(),
+                ..Default::default()
+            },
+        )
+        .await
+        .unwrap()
+}
+
 /// A start that resolved a visitor just before a link of theirs committed
 /// (the visitor's id is then stale) opens the chat for the identified
 /// customer, with its message: not a chat under the linked visitor's own
 /// id, which neither the visitor's token (now the user's) nor the user
 /// would find. The model test's concurrent cases found the race.
 async fn a_start_that_resolved_the_visitor_before_a_link_is_the_users(backend: Backend) {
-    use livechat_core::{CustomerChatRequest, CustomerIdentity};
+    use livechat_core::CustomerChatRequest;
     use livechat_tests::{t, u};
 
     let app = App::new(backend).await;
-    let visitor = app
-        .chat
-        .resolve_customer(t(1), CustomerIdentity::Visitor(uuid::Uuid::now_v7()))
-        .await
-        .unwrap();
+    let visitor = new_visitor(&app).await;
     let user = app
         .chat
         .link_visitor(t(1), visitor.id, u(400))
@@ -1287,18 +1313,7 @@ async fn a_start_that_resolved_the_visitor_before_a_link_is_the_users(backend: B
     let message = started.message.expect("the message is stored").message;
     assert_eq!((message.seq, message.customer_id), (1, Some(user.id)));
     // The user's own start finds that chat.
-    let again = app
-        .chat
-        .start_customer_chat(
-            t(1),
-            user.id,
-            CustomerChatRequest {
-                topic: "Again".into(),
-                ..Default::default()
-            },
-        )
-        .await
-        .unwrap();
+    let again = start_with_topic(&app, user.id, "Again").await;
     assert!(!again.created);
     assert_eq!(again.view.session.id, started.view.session.id);
 }
@@ -1309,27 +1324,12 @@ async fn a_start_that_resolved_the_visitor_before_a_link_is_the_users(backend: B
 /// instead of answering 404; another customer still gets 404. The model
 /// test's concurrent cases allowed these 404s before.
 async fn steps_that_resolved_the_visitor_before_a_link_act_as_the_user(backend: Backend) {
-    use livechat_core::{ChatError, ContactInput, CustomerChatRequest, CustomerIdentity};
+    use livechat_core::{ChatError, ContactInput};
     use livechat_tests::{t, u};
 
     let app = App::new(backend).await;
-    let visitor = app
-        .chat
-        .resolve_customer(t(1), CustomerIdentity::Visitor(uuid::Uuid::now_v7()))
-        .await
-        .unwrap();
-    let started = app
-        .chat
-        .start_customer_chat(
-            t(1),
-            visitor.id,
-            CustomerChatRequest {
-                topic: "Before the login".into(),
-                ..Default::default()
-            },
-        )
-        .await
-        .unwrap();
+    let visitor = new_visitor(&app).await;
+    let started = start_with_topic(&app, visitor.id, "Before the login").await;
     let session = started.view.session.id;
     let user = app
         .chat
@@ -1379,11 +1379,7 @@ async fn steps_that_resolved_the_visitor_before_a_link_act_as_the_user(backend: 
         .await
         .unwrap();
     // Another customer of the tenant still finds nothing there.
-    let stranger = app
-        .chat
-        .resolve_customer(t(1), CustomerIdentity::Visitor(uuid::Uuid::now_v7()))
-        .await
-        .unwrap();
+    let stranger = new_visitor(&app).await;
     assert!(matches!(
         app.chat
             .post_customer_message(t(1), stranger.id, session, "Hi".into(), None)

@@ -419,44 +419,79 @@ impl Sender {
 /// Scenario 1 with its baseline: one row per sender count, then the server
 /// CPU per message at each count. Also returns the peak library rate (for
 /// the latency scenario's send rate).
+///
+/// With `rounds` above 1 every count is measured that many times, the
+/// counts taken in turn in each round (1, 64, 1, 64, …), so that a change
+/// in the machine's speed falls on every count alike; each row gives the
+/// median of the rounds (the scaling rows the median of each round's own
+/// ratio) and its label the library's range. On a machine whose speed
+/// moves by the minute, this is what a target is read from.
 pub async fn write_path(
     target: &Target,
     baseline: &RawDb,
     counts: &[usize],
     duration: Duration,
+    rounds: usize,
 ) -> (Vec<Row>, f64) {
+    let rounds = rounds.max(1);
+    // Per count: the library's rates, the baseline's, the CPU figures.
+    let mut library = vec![Vec::new(); counts.len()];
+    let mut raw = vec![Vec::new(); counts.len()];
+    let mut cpu = vec![Vec::new(); counts.len()];
+    let mut next_agent = 1000;
+    for _ in 0..rounds {
+        for (i, &n) in counts.iter().enumerate() {
+            let rate = post_rate(target, n, duration, next_agent).await;
+            next_agent += n as i64;
+            library[i].push(rate.per_sec);
+            cpu[i].extend(rate.cpu_us);
+            raw[i].push(raw_insert_rate(baseline, n, duration).await);
+        }
+    }
+    let range = |values: &[f64]| {
+        if rounds == 1 {
+            String::new()
+        } else {
+            let (lo, hi) = values
+                .iter()
+                .fold((f64::INFINITY, f64::NEG_INFINITY), |(lo, hi), &v| {
+                    (lo.min(v), hi.max(v))
+                });
+            format!(", median of {rounds} (livechat {lo:.1}–{hi:.1})")
+        }
+    };
     let mut rows = Vec::new();
     let mut cpu_rows = Vec::new();
-    let mut next_agent = 1000;
     let mut peak: f64 = 0.0;
-    let mut first_rate = None;
-    for &n in counts {
-        let library = post_rate(target, n, duration, next_agent).await;
-        next_agent += n as i64;
-        let raw = raw_insert_rate(baseline, n, duration).await;
-        peak = peak.max(library.per_sec);
-        let first = *first_rate.get_or_insert(library.per_sec);
+    for (i, &n) in counts.iter().enumerate() {
+        let rate = median(&library[i]);
+        peak = peak.max(rate);
         rows.push(Row {
-            label: format!("{n} sender(s)"),
-            library: library.per_sec,
-            baseline: raw,
+            label: format!("{n} sender(s){}", range(&library[i])),
+            library: rate,
+            baseline: median(&raw[i]),
             unit: "msg/s",
         });
-        if n != counts[0] {
+        if i > 0 {
+            let ratios: Vec<f64> = library[i]
+                .iter()
+                .zip(&library[0])
+                .map(|(rate, first)| rate / first.max(f64::MIN_POSITIVE))
+                .collect();
             cpu_rows.push(Row {
                 label: match counts[0] {
-                    1 => format!("{n} senders vs 1 sender (scaling)"),
-                    first => format!("{n} senders vs {first} senders (scaling)"),
+                    1 => format!("{n} senders vs 1 sender (scaling){}", range(&ratios)),
+                    first => format!("{n} senders vs {first} senders (scaling){}", range(&ratios)),
                 },
-                library: library.per_sec / first.max(f64::MIN_POSITIVE),
+                library: median(&ratios),
                 baseline: 10.0,
                 unit: "× (target 10)",
             });
         }
-        if let Some(cpu) = library.cpu_us {
+        if !cpu[i].is_empty() {
             cpu_rows.push(Row {
-                label: format!("server CPU per message, {n} sender(s)"),
-                library: cpu,
+                label: format!("server CPU per message, {n} sender(s){}", range(&cpu[i])),
+                library: median(&cpu[i]),
                 baseline: f64::NAN,
                 unit: "µs",
             });
@@ -464,6 +499,19 @@ pub async fn write_path(
     }
     rows.extend(cpu_rows);
     (rows, peak)
+}
+
+/// The median of `values` (the mean of the middle two for an even count;
+/// `NaN` for none).
+#[must_use]
+pub fn median(values: &[f64]) -> f64 {
+    let mut sorted = values.to_vec();
+    sorted.sort_by(f64::total_cmp);
+    match sorted.len() {
+        0 => f64::NAN,
+        n if n % 2 == 1 => sorted[n / 2],
+        n => f64::midpoint(sorted[n / 2 - 1], sorted[n / 2]),
+    }
 }
 
 /// A WebSocket client connection.
@@ -1221,4 +1269,17 @@ pub async fn idle(
             unit: "ms",
         },
     ]
+}
+
+#[cfg(test)]
+mod tests {
+    use super::median;
+
+    #[test]
+    fn median_of_odd_even_and_no_values() {
+        assert_eq!(median(&[3.0, 1.0, 2.0]), 2.0);
+        assert_eq!(median(&[4.0, 1.0, 3.0, 2.0]), 2.5);
+        assert_eq!(median(&[7.5]), 7.5);
+        assert!(median(&[]).is_nan());
+    }
 }

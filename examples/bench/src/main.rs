@@ -3,8 +3,9 @@
 //!
 //! ```text
 //! livechat-bench [--smoke] [--only LIST] [--databases LIST] [--idle N] [--seconds S]
-//!                [--senders LIST]
+//!                [--senders LIST] [--rounds N]
 //! livechat-bench --server http://host:port [--server-pid PID] [--only LIST] [--senders LIST]
+//!                [--rounds N]
 //! ```
 //!
 //! - `--only`: scenarios among `write,latency,fanout,idle,crossnode`
@@ -17,6 +18,8 @@
 //!   holds `min(N, 5,000)`.
 //! - `--senders`: the write path's sender counts (default `1,8,64`); the
 //!   scaling rows compare each with the first. Not for `--smoke`.
+//! - `--rounds N`: measure the write path's counts N times, in turn
+//!   (default 1), and report each row's median with the library's range.
 //!
 //! Without `--server`, the example server binary next to this one is
 //! started per database, pinned to CPU 0 with `taskset`; the raw hub runs
@@ -46,7 +49,7 @@ const SCENARIOS: [&str; 5] = ["write", "latency", "fanout", "idle", "crossnode"]
 const DATABASES: [&str; 3] = ["sqlite-full", "sqlite-normal", "postgres"];
 const USAGE: &str = "usage: livechat-bench [--smoke] [--server URL [--server-pid PID]] \
 [--only write,latency,fanout,idle,crossnode] [--databases sqlite-full,sqlite-normal,postgres] \
-[--idle N] [--seconds S] [--senders 1,8,64]";
+[--idle N] [--seconds S] [--senders 1,8,64] [--rounds N]";
 
 struct Args {
     smoke: bool,
@@ -59,6 +62,8 @@ struct Args {
     /// The write scenario's sender counts (the first is the scaling
     /// reference).
     senders: Vec<usize>,
+    /// How many times the write scenario measures each count, in turn.
+    rounds: usize,
 }
 
 fn list(value: Option<String>, allowed: &[&str]) -> Vec<String> {
@@ -99,6 +104,7 @@ fn args() -> Args {
         idle: 19_500,
         seconds: 5,
         senders: vec![1, 8, 64],
+        rounds: 1,
     };
     let mut it = std::env::args().skip(1);
     while let Some(a) = it.next() {
@@ -123,6 +129,13 @@ fn args() -> Args {
             "--senders" => {
                 out.senders = senders(it.next())
                     .unwrap_or_else(|| fail("--senders needs positive numbers, e.g. 1,8,64"));
+            }
+            "--rounds" => {
+                out.rounds = it
+                    .next()
+                    .and_then(|n| n.parse().ok())
+                    .filter(|&n: &usize| n > 0)
+                    .unwrap_or_else(|| fail("--rounds needs a positive number"));
             }
             other => fail(&format!("unknown argument {other}")),
         }
@@ -397,7 +410,7 @@ async fn main() {
             full: true,
         };
         if wants("write") {
-            let (rows, _) = write_path(&target, &baseline, &counts, secs).await;
+            let (rows, _) = write_path(&target, &baseline, &counts, secs, args.rounds).await;
             print_table("1. Durable write path (baseline: SQLite FULL)", &rows);
         }
         if wants("latency") {
@@ -468,7 +481,8 @@ async fn main() {
             let server = spawn_server(&url, &env).await;
             let mut peak = 1000.0;
             if wants("write") {
-                let (rows, p) = write_path(&server.target, &baseline, &args.senders, secs).await;
+                let (rows, p) =
+                    write_path(&server.target, &baseline, &args.senders, secs, args.rounds).await;
                 peak = p;
                 print_table(&format!("1. Durable write path ({title})"), &rows);
             }

@@ -22,12 +22,19 @@ async fn every_scenario_reports_numbers() {
         path: dir.path().join("raw.db").display().to_string(),
         full: true,
     };
-    let (rows, peak) = write_path(&target, &baseline, &[1, 4], Duration::from_millis(300)).await;
+    // Two rounds: each row is a median, its label says of how many.
+    let (rows, peak) = write_path(&target, &baseline, &[1, 4], Duration::from_millis(200), 2).await;
     assert!(peak > 0.0);
     let rates: Vec<_> = rows.iter().filter(|r| r.unit == "msg/s").collect();
     assert_eq!(rates.len(), 2);
     assert!(
         rates.iter().all(|r| r.library > 0.0 && r.baseline > 0.0),
+        "{rows:?}"
+    );
+    assert!(
+        rows.iter()
+            .filter(|r| r.unit != "µs")
+            .all(|r| r.label.contains("median of 2")),
         "{rows:?}"
     );
     let rows = latency(&target, &hub, 50.0, 20, 1).await;

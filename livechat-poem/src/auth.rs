@@ -76,12 +76,12 @@ pub trait Authenticator: Send + Sync + 'static {
 ///
 /// Claims: `sub` (user id: a JSON number or a numeric string), `roles`
 /// (array of strings; absent means none), `tenant_ids` (array of positive
-/// integers; absent or `null` means every tenant, `[]` none), `exp` (required; seconds since the
-/// epoch, 60 s leeway for clock skew), `nbf` (optional; seconds since the
-/// epoch: a token is refused before it, with the same leeway, and when it
-/// is not a whole number). Other algorithms and `alg: none` are refused,
-/// and so is a token whose header has `crit` (RFC 7515 §4.1.11: no
-/// extension is understood here).
+/// integers; absent or `null` means every tenant, `[]` none), `exp`
+/// (required; seconds since the epoch, 60 s leeway for clock skew), `nbf`
+/// (optional; seconds since the epoch: a token is refused before it, with
+/// the same leeway, and when it is not a whole number). Other algorithms
+/// and `alg: none` are refused, and so is a token whose header has `crit`
+/// (RFC 7515 §4.1.11: no extension is understood here).
 ///
 /// Verified tokens are remembered (at most [`VERIFIED_TOKENS`] of them,
 /// shared by clones) until they expire: a client sends the same token with

@@ -1416,9 +1416,17 @@ impl Run {
                         // The message is the customer's, or, when a link of
                         // this visitor landed first, the user's. (The view
                         // is read after the message: a link landing in
-                        // between moves the chat, not the message.)
+                        // between moves the chat, not the message.) A
+                        // replay of its key is the message as first stored,
+                        // maybe by a visitor since linked to this customer.
                         let sender = appended.message.customer_id.unwrap_or(customer);
-                        if sender != customer && !linking {
+                        let linked_sender = !appended.created
+                            && self
+                                .chat()
+                                .resolve_customer(tid(tenant), CustomerIdentity::Known(sender))
+                                .await
+                                .is_ok_and(|now| now.id == customer);
+                        if sender != customer && !linking && !linked_sender {
                             return Err(format!(
                                 "a start stored another customer's message: {appended:?}"
                             ));
@@ -2180,6 +2188,36 @@ fn concurrent_chat_operations_keep_every_rule_on_sqlite() {
 #[test]
 fn concurrent_chat_operations_keep_every_rule_on_postgres() {
     run_concurrent_model(Backend::Postgres, 16);
+}
+
+/// A case the concurrent property found (with 120 cases): a visitor's
+/// start with a message and key, a link of that visitor, then the same
+/// start again as the user. The replay is the visitor's first message,
+/// which the user, the same person now, may be answered with.
+#[test]
+fn a_start_replayed_after_a_link_answers_the_visitors_message() {
+    let start = Op::CustomerStart {
+        tenant: 0,
+        customer: 3,
+        department: None,
+        priority: Priority::Low,
+        message: true,
+        key: Some(0),
+    };
+    let groups = vec![
+        vec![start.clone()],
+        vec![Op::Link {
+            tenant: 0,
+            visitor: 3,
+            user: 0,
+        }],
+        vec![start],
+    ];
+    for backend in [Backend::Sqlite, Backend::Postgres] {
+        test_runtime(4)
+            .block_on(run_concurrent_case(backend, groups.clone()))
+            .unwrap_or_else(|e| panic!("{backend:?}: {e}"));
+    }
 }
 
 #[test]

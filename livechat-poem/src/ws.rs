@@ -1575,7 +1575,17 @@ async fn serve(gateway: Arc<Gateway>, socket: WebSocketStream, pre_auth: Option<
                 }
             }
             Some((client_msg_id, outcome)) = conn.sends.next(), if !conn.sends.is_empty() => {
+                // A customer's chat not found: a link of this visitor may
+                // have moved it (a connection joined to it learns of that
+                // from the chat's update; this one may not be). The
+                // connection goes on as the identified customer, so the
+                // client's retry is theirs.
+                let gone = matches!(outcome, Some(Err(ChatError::NotFound)))
+                    && matches!(conn.identity.role, Role::Customer { .. });
                 conn.settle_send(&client_msg_id, outcome);
+                if gone {
+                    conn.follow_link().await;
+                }
             }
             incoming = stream.next(), if conn.sends.len() < MAX_IN_FLIGHT => {
                 let message = match incoming {

@@ -1769,7 +1769,8 @@ async fn forty_sent_together_reach_a_joined_agent(
 /// README "Linking": the visitor token keeps working as the identified
 /// customer, on a WebSocket opened before the link too. Its sends were
 /// refused with `not_found` (the chat had moved to the identified
-/// customer), and so was a join.
+/// customer), and so was a join; a socket not joined to the chat has its
+/// first send refused, and its retry goes through.
 async fn a_visitor_socket_goes_on_as_the_linked_customer(backend: Backend) {
     let (_app, node) = node(backend, |_| {}).await;
     node.chat
@@ -1826,7 +1827,20 @@ async fn a_visitor_socket_goes_on_as_the_linked_customer(backend: Backend) {
     assert_eq!(ack["client_msg_id"], "after-link", "{ack}");
     let posted = joined.expect("new_message").await;
     assert_eq!(posted["customer_id"], customer.as_str(), "{posted}");
-    // The other socket can join it.
+    // The other socket, not joined, still sends as the visitor: refused,
+    // the chat is the identified customer's now; its retry is theirs.
+    let send = json!({"type": "send_message", "session_id": session, "client_msg_id": "unjoined", "message": "me again"});
+    other.send(send.clone()).await;
+    let refused = other.expect("error").await;
+    assert_eq!(
+        (refused["code"].as_str(), refused["ref"].as_str()),
+        (Some("not_found"), Some("unjoined")),
+        "{refused}"
+    );
+    other.send(send).await;
+    let ack = other.expect("ack").await;
+    assert_eq!(ack["client_msg_id"], "unjoined", "{ack}");
+    // And it can join the chat.
     other
         .send(json!({"type": "join_session", "session_id": session}))
         .await;

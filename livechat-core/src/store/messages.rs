@@ -605,8 +605,15 @@ impl SeaOrmStore {
         // an earlier append of this batch).
         let mut keys: HashMap<(SessionId, &str), (ChatMessage, bool)> = HashMap::new();
         // The originals are read only when the lock counted some: a repeat
-        // is rare, so a batch of new keyed messages needs no lookup.
-        if stored_keys > 0 {
+        // is rare, so a batch of new keyed messages needs no lookup. But a
+        // PostgreSQL `FOR UPDATE` that waited (read committed) returns the
+        // locked rows as the transaction it waited for left them, and
+        // everything else, the count of stored keys too, as of when the
+        // statement began: a key that transaction stored is not counted
+        // (another node's send of the same key; stored again, it would
+        // fail the unique index). Under a waiting lock the keys are looked
+        // up by a statement of their own, which sees that commit.
+        if stored_keys > 0 || (postgres && wait == LockWait::Bounded && !keyed.is_empty()) {
             let stored = message::Entity::find()
                 .filter(stored_with_keys(db.get_database_backend(), keyed))
                 .all(db)

@@ -551,6 +551,75 @@ async fn a_batch_waiting_for_a_held_session_holds_no_other() {
     assert_eq!(to_b.await.unwrap().unwrap().message.seq, 1);
 }
 
+/// A send retried on a second node while the first is still waiting for
+/// its session row (a client's retry through a load balancer): both wait,
+/// under row locks, for a transaction that holds the row, and the one
+/// locked second must find the key the first stored meanwhile, though its
+/// statement began before that commit: a replay of the same message, not
+/// a unique violation answered as a storage error. The concurrent model
+/// found it with 300 cases.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_retry_on_another_node_waiting_for_the_same_row_is_a_replay() {
+    use sea_orm::{ConnectionTrait, TransactionTrait};
+    let app = App::new(Backend::Postgres).await;
+    let (tenant, agent) = ids(1, 7);
+    let session = app.open_service_session(tenant, agent).await.id;
+    let other = livechat_core::ChatService::new(
+        livechat_core::store::SeaOrmStore::new(app.db.clone()),
+        livechat_core::ChatConfig::default(),
+    );
+    let holder = app.db.begin().await.unwrap();
+    holder
+        .execute_unprepared(&format!(
+            "SELECT id FROM livechat_sessions WHERE id = '{session}' FOR UPDATE"
+        ))
+        .await
+        .unwrap();
+    let send = |chat: livechat_core::ChatService| {
+        tokio::spawn(async move {
+            chat.post_message(tenant, agent, session, "once".into(), Some("k".into()))
+                .await
+        })
+    };
+    let first = send(app.chat.clone());
+    let retry = send(other);
+    // Both nodes' locked reads wait for the holder.
+    for _ in 0..500 {
+        if waiting_for_locks(&app.db).await >= 2 {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
+    assert_eq!(waiting_for_locks(&app.db).await, 2);
+    holder.commit().await.unwrap();
+    let first = first.await.unwrap().expect("the first send is stored");
+    let retry = retry.await.unwrap().expect("the retry is answered");
+    assert_eq!(first.message.id, retry.message.id, "one message");
+    assert!(first.created != retry.created, "one stored, one replayed");
+    let stored = app
+        .chat
+        .list_messages(tenant, session, None, None)
+        .await
+        .unwrap();
+    assert_eq!(stored.len(), 1);
+}
+
+/// How many statements of this database wait for a lock (behind the
+/// holder, or behind another waiter for the same row).
+async fn waiting_for_locks(db: &sea_orm::DatabaseConnection) -> i64 {
+    use sea_orm::{ConnectionTrait, Statement};
+    db.query_one_raw(Statement::from_string(
+        db.get_database_backend(),
+        "SELECT count(*) AS n FROM pg_stat_activity \
+         WHERE wait_event_type = 'Lock' AND datname = current_database()",
+    ))
+    .await
+    .unwrap()
+    .unwrap()
+    .try_get::<i64>("", "n")
+    .unwrap()
+}
+
 /// Issue #5: each node stores a batch without holding its sessions
 /// between statements, and its one write checks them; two nodes sending
 /// to the same sessions at once therefore collide, and the loser stores

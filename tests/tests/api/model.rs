@@ -1350,12 +1350,6 @@ impl Run {
         text: String,
         linking: bool,
     ) -> Result<Done, String> {
-        // A customer start that resolved the visitor just before a link
-        // of the same group moved their chats may find that chat gone (404,
-        // as over HTTP; the client's retry resolves to the user). Sends,
-        // closes and contact details follow the link instead
-        // (`ChatService::customer_session`).
-        let moved: &[&str] = if linking { &["NotFound"] } else { &[] };
         let done = match *op {
             Op::Status {
                 tenant,
@@ -1403,11 +1397,7 @@ impl Run {
                 let got = chat
                     .start_customer_chat(tid(tenant), customer, request)
                     .await;
-                let Some(started) = allowed(
-                    got,
-                    &[&["ClientMsgIdTaken", "SessionClosed"], moved].concat(),
-                )?
-                else {
+                let Some(started) = allowed(got, &["ClientMsgIdTaken", "SessionClosed"])? else {
                     return Ok(Done::Nothing);
                 };
                 let session = started.view.session.id;

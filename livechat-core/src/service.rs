@@ -786,7 +786,8 @@ impl<S: ChatStore> ChatService<S> {
         let view = self.store.session_view(tenant, id).await?;
         let owner = view.session.customer_id;
         if owner == Some(customer)
-            || (owner.is_some() && self.linked_to(tenant, customer).await == owner)
+            || (owner.is_some()
+                && self.linked_customer(tenant, customer).await.map(|c| c.id) == owner)
         {
             Ok(view)
         } else {
@@ -795,16 +796,22 @@ impl<S: ChatStore> ChatService<S> {
     }
 
     /// The identified customer `customer` was linked to, if it is a
-    /// visitor who was (read when a step as `customer` found its chat
-    /// gone: a link in between moves the visitor's chats to that
-    /// customer); `None` otherwise, or when the read fails.
-    async fn linked_to(&self, tenant: TenantId, customer: CustomerId) -> Option<CustomerId> {
+    /// visitor who was (README "Linking"): read when a step as `customer`
+    /// found its chat gone, since a link moves the visitor's chats to that
+    /// customer, and by a connection that goes on as them. `None` when
+    /// `customer` is not a linked visitor, or when the read fails (the
+    /// caller then goes on as `customer`).
+    pub async fn linked_customer(
+        &self,
+        tenant: TenantId,
+        customer: CustomerId,
+    ) -> Option<Customer> {
         match self
             .store
             .resolve_customer(tenant, CustomerIdentity::Known(customer))
             .await
         {
-            Ok(linked) if linked.id != customer => Some(linked.id),
+            Ok(linked) if linked.id != customer => Some(linked),
             _ => None,
         }
     }
@@ -839,10 +846,10 @@ impl<S: ChatStore> ChatService<S> {
         // chat to the identified customer: the message is theirs (nothing
         // was stored for the refused attempt).
         if matches!(posted, Err(ChatError::NotFound))
-            && let Some(linked) = self.linked_to(tenant, customer).await
+            && let Some(linked) = self.linked_customer(tenant, customer).await
         {
             return self
-                .submit_customer_message(tenant, linked, session, text, client_msg_id)
+                .submit_customer_message(tenant, linked.id, session, text, client_msg_id)
                 .await;
         }
         posted

@@ -1225,20 +1225,12 @@ impl Conn {
         let Role::Customer { customer, .. } = self.identity.role else {
             return None;
         };
-        match self
-            .chat()
-            .resolve_customer(self.tenant(), CustomerIdentity::Known(customer))
-            .await
-        {
-            Ok(linked) if linked.id != customer => {
-                self.identity.role = Role::Customer {
-                    customer: linked.id,
-                    user: linked.user_id,
-                };
-                Some(linked.id)
-            }
-            _ => None,
-        }
+        let linked = self.chat().linked_customer(self.tenant(), customer).await?;
+        self.identity.role = Role::Customer {
+            customer: linked.id,
+            user: linked.user_id,
+        };
+        Some(linked.id)
     }
 
     fn joined_id(&self, raw: &str) -> Option<SessionId> {

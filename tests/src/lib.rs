@@ -605,22 +605,53 @@ pub fn test_runtime(workers: usize) -> tokio::runtime::Runtime {
         .expect("runtime")
 }
 
-/// A proptest runner of `cases` cases (`PROPTEST_CASES` runs more or
-/// fewer): a failing case is shrunk (up to 64 steps, each a fresh
-/// database in the model tests) and printed, and nothing is written to
-/// the tree.
-#[must_use]
-pub fn property_runner(cases: u32) -> proptest::test_runner::TestRunner {
+/// Runs the property `test` on `cases` random values of `strategy`
+/// (`PROPTEST_CASES` runs more or fewer); a failing case is shrunk (up to
+/// 64 steps, each a fresh database in the model tests) and the test
+/// panics with it. Nothing is written to the tree.
+///
+/// # Panics
+/// When a case fails.
+pub fn check_property<S: proptest::strategy::Strategy>(
+    cases: u32,
+    strategy: S,
+    test: impl Fn(S::Value) -> Result<(), proptest::test_runner::TestCaseError>,
+) {
     let cases = std::env::var("PROPTEST_CASES")
         .ok()
         .and_then(|n| n.parse().ok())
         .unwrap_or(cases);
-    proptest::test_runner::TestRunner::new(proptest::test_runner::Config {
+    let mut runner = proptest::test_runner::TestRunner::new(proptest::test_runner::Config {
         cases,
         failure_persistence: None,
         max_shrink_iters: 64,
         ..proptest::test_runner::Config::default()
-    })
+    });
+    if let Err(e) = runner.run(&strategy, test) {
+        panic!("{e}");
+    }
+}
+
+/// Declares each listed property, `name => run(sqlite_cases,
+/// postgres_cases)` with `fn run(backend: Backend, cases: u32)`, as two
+/// tests, `name::sqlite` and `name::postgres` (as [`on_both_databases`]
+/// does for async tests), each with its own number of cases.
+#[macro_export]
+macro_rules! property_on_both_databases {
+    ($($name:ident => $run:ident($sqlite:expr, $postgres:expr)),* $(,)?) => {
+        $(
+            mod $name {
+                #[test]
+                fn sqlite() {
+                    super::$run($crate::Backend::Sqlite, $sqlite);
+                }
+                #[test]
+                fn postgres() {
+                    super::$run($crate::Backend::Postgres, $postgres);
+                }
+            }
+        )*
+    };
 }
 
 /// Logs warnings and errors of the code under test into the test output

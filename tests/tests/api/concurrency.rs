@@ -20,6 +20,27 @@ fn ids(tenant: i64, agent: i64) -> (TenantId, UserId) {
     (TenantId::new(tenant).unwrap(), UserId::new(agent).unwrap())
 }
 
+/// A second node over `app`'s database: a store of its own (its own
+/// append queue and committer).
+fn second_node(app: &App) -> livechat_core::ChatService {
+    livechat_core::ChatService::new(
+        livechat_core::store::SeaOrmStore::new(app.db.clone()),
+        livechat_core::ChatConfig::default(),
+    )
+}
+
+/// The messages stored in `session` (up to 200), in `seq` order.
+async fn stored(
+    app: &App,
+    tenant: TenantId,
+    session: livechat_core::SessionId,
+) -> Vec<livechat_core::ChatMessage> {
+    app.chat
+        .list_messages(tenant, session, None, Some(200))
+        .await
+        .unwrap()
+}
+
 async fn twenty_concurrent_starts_yield_one_session(backend: Backend) {
     let app = App::new(backend).await;
     let (tenant, agent) = ids(1, 7);
@@ -75,11 +96,7 @@ async fn fifty_concurrent_sends_get_seq_1_to_50(backend: Backend) {
         .collect();
     seqs.sort_unstable();
     assert_eq!(seqs, (1..=50).collect::<Vec<_>>(), "no gap, no duplicate");
-    let stored = app
-        .chat
-        .list_messages(tenant, session.id, None, Some(200))
-        .await
-        .unwrap();
+    let stored = stored(&app, tenant, session.id).await;
     let stored_seqs: Vec<i64> = stored.iter().map(|m| m.seq).collect();
     assert_eq!(
         stored_seqs,
@@ -120,11 +137,7 @@ async fn concurrent_retries_of_one_key_store_one_message(backend: Backend) {
             .iter()
             .all(|r| r.message.id == results[0].message.id && r.message.seq == 1)
     );
-    let stored = app
-        .chat
-        .list_messages(tenant, session.id, None, None)
-        .await
-        .unwrap();
+    let stored = stored(&app, tenant, session.id).await;
     assert_eq!(stored.len(), 1);
 }
 
@@ -268,11 +281,7 @@ async fn concurrent_sends_across_sessions_keep_each_sessions_order(backend: Back
         assert_eq!(answers[0].message.id, answers[1].message.id, "{key}");
     }
     for (_, session) in &sessions {
-        let stored = app
-            .chat
-            .list_messages(tenant, *session, None, Some(200))
-            .await
-            .unwrap();
+        let stored = stored(&app, tenant, *session).await;
         let seqs: Vec<i64> = stored.iter().map(|m| m.seq).collect();
         assert_eq!(seqs, (1..=25).collect::<Vec<_>>(), "gap-free per session");
     }
@@ -369,11 +378,7 @@ async fn an_append_waits_for_a_session_row_another_transaction_holds() {
     blocker.commit().await.unwrap();
     let appended = post.await.unwrap().expect("stored once the row is free");
     assert_eq!(appended.message.seq, 1);
-    let stored = app
-        .chat
-        .list_messages(tenant, session.id, None, None)
-        .await
-        .unwrap();
+    let stored = stored(&app, tenant, session.id).await;
     assert_eq!(stored.len(), 1);
 }
 
@@ -564,10 +569,7 @@ async fn a_retry_on_another_node_waiting_for_the_same_row_is_a_replay() {
     let app = App::new(Backend::Postgres).await;
     let (tenant, agent) = ids(1, 7);
     let session = app.open_service_session(tenant, agent).await.id;
-    let other = livechat_core::ChatService::new(
-        livechat_core::store::SeaOrmStore::new(app.db.clone()),
-        livechat_core::ChatConfig::default(),
-    );
+    let other = second_node(&app);
     let holder = app.db.begin().await.unwrap();
     holder
         .execute_unprepared(&format!(
@@ -596,11 +598,7 @@ async fn a_retry_on_another_node_waiting_for_the_same_row_is_a_replay() {
     let retry = retry.await.unwrap().expect("the retry is answered");
     assert_eq!(first.message.id, retry.message.id, "one message");
     assert!(first.created != retry.created, "one stored, one replayed");
-    let stored = app
-        .chat
-        .list_messages(tenant, session, None, None)
-        .await
-        .unwrap();
+    let stored = stored(&app, tenant, session).await;
     assert_eq!(stored.len(), 1);
 }
 
@@ -636,12 +634,7 @@ async fn two_nodes_sending_to_the_same_sessions_store_every_message_once() {
             .await
             .id,
     ];
-    // A second node: a store of its own (its own queue and committer) on
-    // the same database.
-    let other = livechat_core::ChatService::new(
-        livechat_core::store::SeaOrmStore::new(app.db.clone()),
-        livechat_core::ChatConfig::default(),
-    );
+    let other = second_node(&app);
     let agents = [agent, UserId::new(8).unwrap()];
     let mut seqs: HashMap<livechat_core::SessionId, Vec<i64>> = HashMap::new();
     // In rounds of one send per node and session, so that most batches
@@ -678,11 +671,7 @@ async fn two_nodes_sending_to_the_same_sessions_store_every_message_once() {
             (1..=100).collect::<Vec<_>>(),
             "no gap, no duplicate"
         );
-        let stored = app
-            .chat
-            .list_messages(tenant, session, None, Some(200))
-            .await
-            .unwrap();
+        let stored = stored(&app, tenant, session).await;
         assert_eq!(
             stored.iter().map(|m| m.seq).collect::<Vec<_>>(),
             (1..=100).collect::<Vec<_>>()

@@ -7,7 +7,7 @@
 //! frames of the documented types (README "Frames"), or a documented
 //! close, and the node keeps serving.
 
-use livechat_tests::{App, Backend, property_runner, test_runtime};
+use livechat_tests::{App, Backend, check_property, test_runtime};
 use poem::http::Method;
 use proptest::prelude::*;
 use proptest::test_runner::TestCaseError;
@@ -390,35 +390,30 @@ impl Fixture {
     }
 }
 
+livechat_tests::property_on_both_databases!(
+    random_requests_get_documented_answers => fuzz(256, 96),
+    random_websocket_frames_get_documented_answers => fuzz_websocket(64, 32),
+);
+
 fn fuzz(backend: Backend, cases: u32) {
     let runtime = test_runtime(2);
     let fixture = runtime.block_on(fixture(backend));
-    let mut runner = property_runner(cases);
     // Each case has its own tenant, with its agent, session and chat.
     let next_tenant = std::sync::atomic::AtomicI64::new(1);
-    let result = runner.run(&proptest::collection::vec(request(), 1..8), |requests| {
-        runtime.block_on(async {
-            let tenant = next_tenant.fetch_add(2, std::sync::atomic::Ordering::Relaxed);
-            let actors = actors(&fixture.app, tenant).await;
-            for r in &requests {
-                fixture.send(&actors, r).await?;
-            }
-            Ok(())
-        })
-    });
-    if let Err(e) = result {
-        panic!("{e}");
-    }
-}
-
-#[test]
-fn random_requests_get_documented_answers_on_sqlite() {
-    fuzz(Backend::Sqlite, 256);
-}
-
-#[test]
-fn random_requests_get_documented_answers_on_postgres() {
-    fuzz(Backend::Postgres, 96);
+    check_property(
+        cases,
+        proptest::collection::vec(request(), 1..8),
+        |requests| {
+            runtime.block_on(async {
+                let tenant = next_tenant.fetch_add(2, std::sync::atomic::Ordering::Relaxed);
+                let actors = actors(&fixture.app, tenant).await;
+                for r in &requests {
+                    fixture.send(&actors, r).await?;
+                }
+                Ok(())
+            })
+        },
+    );
 }
 
 /// The server's frame types (README "Frames").
@@ -587,8 +582,7 @@ fn fuzz_websocket(backend: Backend, cases: u32) {
 
     let runtime = test_runtime(2);
     let (_app, node, session) = runtime.block_on(Node::with_served_chat(backend, "Fuzz"));
-    let mut runner = property_runner(cases);
-    let result = runner.run(&proptest::collection::vec(frame(), 1..12), |frames| {
+    check_property(cases, proptest::collection::vec(frame(), 1..12), |frames| {
         // Tokens of each case's own (they expire after ten minutes).
         let agent = format!("Bearer {}", App::agent(7));
         let customer = format!("Bearer {}", App::token(900, &["USER"], Some(&[1])));
@@ -659,17 +653,4 @@ fn fuzz_websocket(backend: Backend, cases: u32) {
             Ok(())
         })
     });
-    if let Err(e) = result {
-        panic!("{e}");
-    }
-}
-
-#[test]
-fn random_websocket_frames_get_documented_answers_on_sqlite() {
-    fuzz_websocket(Backend::Sqlite, 64);
-}
-
-#[test]
-fn random_websocket_frames_get_documented_answers_on_postgres() {
-    fuzz_websocket(Backend::Postgres, 32);
 }

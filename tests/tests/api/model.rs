@@ -17,7 +17,7 @@ use livechat_core::{
     CustomerId, CustomerIdentity, PresenceStatus, Priority, SenderType, SessionFilter, SessionId,
     SessionOrigin, SessionStatus, SessionView, store::SeaOrmStore,
 };
-use livechat_tests::{App, Backend, property_runner, t, test_runtime, u};
+use livechat_tests::{App, Backend, check_property, t, test_runtime, u};
 use proptest::prelude::*;
 use proptest::test_runner::TestCaseError;
 use sea_orm::{ConnectionTrait, Statement};
@@ -1815,13 +1815,13 @@ impl Recording {
     }
 
     /// Answers this call as the pattern says; when it takes the event,
-    /// runs `forward` (the tables, when there are some) and records the
+    /// runs `forward` on the tables (when there are some) and records the
     /// delivery.
-    async fn answer(
-        &self,
+    async fn answer<'a, F: std::future::Future<Output = SinkResult>>(
+        &'a self,
         session: Option<SessionId>,
         key: livechat_core::EventId,
-        forward: impl std::future::Future<Output = SinkResult>,
+        forward: impl FnOnce(&'a livechat_ticket_bridge::SeaOrmSinks) -> F,
     ) -> SinkResult {
         let call = self.calls.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
         let answer = self
@@ -1843,8 +1843,8 @@ impl Recording {
                 ));
             }
         }
-        if self.inner.is_some() {
-            forward.await?;
+        if let Some(inner) = &self.inner {
+            forward(inner).await?;
         }
         self.delivered
             .lock()
@@ -1891,11 +1891,8 @@ impl livechat_ticket_bridge::TicketSink for Recording {
                 .expect("tickets")
                 .insert(request.ticket_id, session);
         }
-        self.answer(request.session_id, key, async {
-            match &self.inner {
-                Some(inner) => inner.open_ticket(request, key).await,
-                None => Ok(()),
-            }
+        self.answer(request.session_id, key, |inner| {
+            inner.open_ticket(request, key)
         })
         .await
     }
@@ -1906,11 +1903,8 @@ impl livechat_ticket_bridge::TicketSink for Recording {
         ticket: livechat_core::TicketId,
         key: livechat_core::EventId,
     ) -> SinkResult {
-        self.answer(self.session_of(ticket), key, async {
-            match &self.inner {
-                Some(inner) => inner.close_ticket(tenant, ticket, key).await,
-                None => Ok(()),
-            }
+        self.answer(self.session_of(ticket), key, |inner| {
+            inner.close_ticket(tenant, ticket, key)
         })
         .await
     }
@@ -1922,11 +1916,8 @@ impl livechat_ticket_bridge::TicketSink for Recording {
         agent: livechat_core::UserId,
         key: livechat_core::EventId,
     ) -> SinkResult {
-        self.answer(self.session_of(ticket), key, async {
-            match &self.inner {
-                Some(inner) => inner.assign_ticket(tenant, ticket, agent, key).await,
-                None => Ok(()),
-            }
+        self.answer(self.session_of(ticket), key, |inner| {
+            inner.assign_ticket(tenant, ticket, agent, key)
         })
         .await
     }
@@ -1938,11 +1929,8 @@ impl livechat_ticket_bridge::TicketSink for Recording {
         message: &ChatMessage,
         key: livechat_core::EventId,
     ) -> SinkResult {
-        self.answer(Some(message.session_id), key, async {
-            match &self.inner {
-                Some(inner) => inner.ticket_message(tenant, ticket, message, key).await,
-                None => Ok(()),
-            }
+        self.answer(Some(message.session_id), key, |inner| {
+            inner.ticket_message(tenant, ticket, message, key)
         })
         .await
     }
@@ -1959,13 +1947,8 @@ impl livechat_ticket_bridge::NotificationSink for Recording {
         n: &livechat_core::Notification,
         key: livechat_core::EventId,
     ) -> SinkResult {
-        self.answer(n.session_id, key, async {
-            match &self.inner {
-                Some(inner) => inner.notify(n, key).await,
-                None => Ok(()),
-            }
-        })
-        .await
+        self.answer(n.session_id, key, |inner| inner.notify(n, key))
+            .await
     }
 }
 
@@ -2119,18 +2102,21 @@ async fn run_concurrent_case(backend: Backend, groups: Vec<Vec<Op>>) -> Result<(
         .map_err(|e| TestCaseError::fail(format!("after {} groups: {e}", groups.len())))
 }
 
+livechat_tests::property_on_both_databases!(
+    random_chat_operations_keep_every_rule => run_model(24, 8),
+    concurrent_chat_operations_keep_every_rule => run_concurrent_model(16, 16),
+    a_failing_sink_gets_every_event_in_order => run_failing_sink_model(16, 8),
+);
+
 fn run_model(backend: Backend, cases: u32) {
     let runtime = test_runtime(2);
-    let mut runner = property_runner(cases);
-    let strategy = proptest::collection::vec(op(), 1..80);
-    if let Err(e) = runner.run(&strategy, |ops| runtime.block_on(run_case(backend, ops))) {
-        panic!("{e}");
-    }
+    check_property(cases, proptest::collection::vec(op(), 1..80), |ops| {
+        runtime.block_on(run_case(backend, ops))
+    });
 }
 
 fn run_failing_sink_model(backend: Backend, cases: u32) {
     let runtime = test_runtime(2);
-    let mut runner = property_runner(cases);
     let strategy = (
         proptest::collection::vec(op(), 1..60),
         proptest::collection::vec(
@@ -2142,42 +2128,17 @@ fn run_failing_sink_model(backend: Backend, cases: u32) {
             0..6,
         ),
     );
-    if let Err(e) = runner.run(&strategy, |(ops, answers)| {
+    check_property(cases, strategy, |(ops, answers)| {
         runtime.block_on(run_failing_sink_case(backend, ops, answers))
-    }) {
-        panic!("{e}");
-    }
+    });
 }
 
 fn run_concurrent_model(backend: Backend, cases: u32) {
     let runtime = test_runtime(4);
-    let mut runner = property_runner(cases);
     let strategy = proptest::collection::vec(proptest::collection::vec(op(), 1..8), 1..16);
-    if let Err(e) = runner.run(&strategy, |groups| {
+    check_property(cases, strategy, |groups| {
         runtime.block_on(run_concurrent_case(backend, groups))
-    }) {
-        panic!("{e}");
-    }
-}
-
-#[test]
-fn random_chat_operations_keep_every_rule_on_sqlite() {
-    run_model(Backend::Sqlite, 24);
-}
-
-#[test]
-fn random_chat_operations_keep_every_rule_on_postgres() {
-    run_model(Backend::Postgres, 8);
-}
-
-#[test]
-fn concurrent_chat_operations_keep_every_rule_on_sqlite() {
-    run_concurrent_model(Backend::Sqlite, 16);
-}
-
-#[test]
-fn concurrent_chat_operations_keep_every_rule_on_postgres() {
-    run_concurrent_model(Backend::Postgres, 16);
+    });
 }
 
 /// A case the concurrent property found (with 120 cases): a visitor's
@@ -2208,14 +2169,4 @@ fn a_start_replayed_after_a_link_answers_the_visitors_message() {
             .block_on(run_concurrent_case(backend, groups.clone()))
             .unwrap_or_else(|e| panic!("{backend:?}: {e}"));
     }
-}
-
-#[test]
-fn a_failing_sink_gets_every_event_in_order_on_sqlite() {
-    run_failing_sink_model(Backend::Sqlite, 16);
-}
-
-#[test]
-fn a_failing_sink_gets_every_event_in_order_on_postgres() {
-    run_failing_sink_model(Backend::Postgres, 8);
 }

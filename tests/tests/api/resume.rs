@@ -11,7 +11,7 @@ use std::time::Duration;
 
 use livechat_core::SessionId;
 use livechat_tests::node::{Node, WsClient};
-use livechat_tests::{App, Backend, property_runner, t, test_runtime, u};
+use livechat_tests::{App, Backend, check_property, t, test_runtime, u};
 use proptest::prelude::*;
 use proptest::test_runner::TestCaseError;
 use serde_json::{Value, json};
@@ -182,26 +182,20 @@ async fn run_case(
     Ok(())
 }
 
+livechat_tests::property_on_both_databases!(
+    a_client_resuming_at_random_points_gets_every_message_once => resume(24, 16),
+);
+
 fn resume(backend: Backend, cases: u32) {
     let runtime = test_runtime(2);
     let (_app, node, session) = runtime.block_on(Node::with_served_chat(backend, "Resume"));
-    let mut runner = property_runner(cases);
-    let result = runner.run(&proptest::collection::vec(action(), 1..24), |actions| {
-        // A token of each case's own (they expire after ten minutes).
-        let auth = format!("Bearer {}", App::token(900, &["USER"], Some(&[1])));
-        runtime.block_on(run_case(&node, session, &auth, actions))
-    });
-    if let Err(e) = result {
-        panic!("{e}");
-    }
-}
-
-#[test]
-fn a_client_resuming_at_random_points_gets_every_message_once_on_sqlite() {
-    resume(Backend::Sqlite, 24);
-}
-
-#[test]
-fn a_client_resuming_at_random_points_gets_every_message_once_on_postgres() {
-    resume(Backend::Postgres, 16);
+    check_property(
+        cases,
+        proptest::collection::vec(action(), 1..24),
+        |actions| {
+            // A token of each case's own (they expire after ten minutes).
+            let auth = format!("Bearer {}", App::token(900, &["USER"], Some(&[1])));
+            runtime.block_on(run_case(&node, session, &auth, actions))
+        },
+    );
 }

@@ -165,6 +165,16 @@ pub trait SessionRepository: Send + Sync {
         closed: TicketClosed,
     ) -> impl Future<Output = Result<bool, ChatError>> + Send;
 
+    /// Whether the `ticket.requested` event that opens `ticket` in `tenant`
+    /// is still undispatched: the ticket exists, but not every ticket sink
+    /// has been given it yet (so a [`crate::TicketDirectory`] may not know
+    /// it). Reads only the outbox's undispatched events.
+    fn ticket_opening_pending(
+        &self,
+        tenant: TenantId,
+        ticket: TicketId,
+    ) -> impl Future<Output = Result<bool, ChatError>> + Send;
+
     /// Writes a `ticket.requested` event for a request no agent could take
     /// and returns the allocated ticket id (`request.ticket_id` is ignored).
     fn request_ticket(

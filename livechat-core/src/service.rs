@@ -1069,12 +1069,13 @@ impl<S: ChatStore> ChatService<S> {
     /// session as it is.
     ///
     /// # Errors
-    /// [`ChatError::NotFound`] when `tickets` has no such ticket in the
-    /// tenant (also before the dispatcher has written it);
-    /// [`ChatError::TicketPending`] for a ticket without a session whose
-    /// opening is still being delivered to the sinks (nothing would order
-    /// the close after it); what `tickets` answers otherwise;
-    /// [`ChatError::Storage`].
+    /// [`ChatError::NotFound`] when the tenant has no such ticket;
+    /// [`ChatError::TicketPending`] for a ticket whose opening the
+    /// dispatcher has not yet delivered to every sink: one `tickets` does
+    /// not know yet (its `ticket.requested` is still in the outbox; it was
+    /// 404 before, which read as a wrong id), or one without a session
+    /// (nothing would order the close after its opening); what `tickets`
+    /// answers otherwise; [`ChatError::Storage`].
     pub async fn close_ticket(
         &self,
         tickets: &dyn TicketDirectory,
@@ -1082,7 +1083,12 @@ impl<S: ChatStore> ChatService<S> {
         agent: UserId,
         id: TicketId,
     ) -> Result<TicketClose, ChatError> {
-        let ticket = tickets.get_ticket(tenant, id).await?;
+        let ticket = match tickets.get_ticket(tenant, id).await {
+            Err(ChatError::NotFound) if self.store.ticket_opening_pending(tenant, id).await? => {
+                return Err(ChatError::TicketPending);
+            }
+            found => found?,
+        };
         if ticket.status == TicketStatus::Closed {
             return Ok(TicketClose::AlreadyClosed(ticket));
         }

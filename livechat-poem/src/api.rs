@@ -681,7 +681,9 @@ impl AgentApi {
     /// was; the ticket bridge's dispatcher then closes it in every ticket
     /// sink (the default tables, a webhook's `ticket.closed`). A ticket
     /// closed already answers 200 and changes nothing. The session, if
-    /// any, stays as it is.
+    /// any, stays as it is. A ticket whose opening the dispatcher has not
+    /// yet written (or, without a session, not yet delivered to every
+    /// sink) answers 409 `ticket_pending`: retry a moment later.
     #[oai(
         path = "/tickets/:id/close",
         method = "post",

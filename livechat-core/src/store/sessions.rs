@@ -3,7 +3,7 @@
 use sea_orm::sea_query::Expr;
 use sea_orm::{
     ActiveValue::Set, ColumnTrait, ConnectionTrait, DbErr, EntityTrait, QueryFilter, QueryOrder,
-    QuerySelect, SqlErr,
+    QuerySelect, QueryTrait, SqlErr,
 };
 use serde::Serialize;
 
@@ -251,29 +251,39 @@ pub(super) async fn ticket_unattended(
     Ok(ticketed)
 }
 
+/// Whose events [`pending_ticket_events`] reads.
+#[derive(Clone, Copy, Debug)]
+enum EventsOf {
+    /// The events of one session (`None`: the events without a session).
+    Session(Option<SessionId>),
+    /// Every event of the tenant, with or without a session.
+    Tenant,
+}
+
 /// The kinds of `ticket`'s ticket events (`ticket.requested`,
 /// `ticket.closed`) that the dispatcher has not settled yet, among the
-/// events of `session` (`None`: events without a session) in `tenant`.
+/// events of `of` in `tenant`.
 async fn pending_ticket_events(
     conn: &impl ConnectionTrait,
     tenant: TenantId,
-    session: Option<SessionId>,
+    of: EventsOf,
     ticket: TicketId,
 ) -> Result<Vec<EventKind>, ChatError> {
     #[derive(serde::Deserialize)]
     struct Of {
         ticket_id: Option<TicketId>,
     }
-    let session = match session {
-        Some(id) => outbox::Column::SessionId.eq(id.as_uuid()),
-        None => outbox::Column::SessionId.is_null(),
+    let session = match of {
+        EventsOf::Session(Some(id)) => Some(outbox::Column::SessionId.eq(id.as_uuid())),
+        EventsOf::Session(None) => Some(outbox::Column::SessionId.is_null()),
+        EventsOf::Tenant => None,
     };
     let rows: Vec<(String, String)> = outbox::Entity::find()
         .select_only()
         .column(outbox::Column::Kind)
         .column(outbox::Column::Payload)
         .filter(outbox::Column::TenantId.eq(tenant.get()))
-        .filter(session)
+        .apply_if(session, QueryFilter::filter)
         .filter(outbox::Column::DispatchedAt.is_null())
         .filter(outbox::Column::Kind.is_in([
             EventKind::TicketRequested.as_str(),
@@ -531,7 +541,9 @@ impl SessionRepository for SeaOrmStore {
         closed: TicketClosed,
     ) -> Result<bool, ChatError> {
         let tx = self.begin_write().await?;
-        let pending = pending_ticket_events(&tx, tenant, session, closed.ticket_id).await?;
+        let pending =
+            pending_ticket_events(&tx, tenant, EventsOf::Session(session), closed.ticket_id)
+                .await?;
         if pending.contains(&EventKind::TicketClosed) {
             // Closed already, once the dispatcher gets to it: one event.
             tx.rollback().await?;
@@ -554,6 +566,15 @@ impl SessionRepository for SeaOrmStore {
         .await?;
         self.commit(tx, ev).await?;
         Ok(true)
+    }
+
+    async fn ticket_opening_pending(
+        &self,
+        tenant: TenantId,
+        ticket: TicketId,
+    ) -> Result<bool, ChatError> {
+        let pending = pending_ticket_events(&self.db, tenant, EventsOf::Tenant, ticket).await?;
+        Ok(pending.contains(&EventKind::TicketRequested))
     }
 
     async fn request_ticket(

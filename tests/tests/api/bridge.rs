@@ -400,9 +400,59 @@ async fn agents_close_tickets(backend: Backend) {
 /// in-app table holds while its opening is still undelivered elsewhere (a
 /// webhook failing) cannot be closed yet: nothing would order the close
 /// after the opening. Once delivered it closes, and a second close while
-/// the first is undispatched writes no second event.
+/// the first is undispatched writes no second event. Before the dispatcher
+/// has run at all the close answers the same 409 (not 404, which read as a
+/// wrong id), a session's ticket too, and only in the ticket's tenant.
 async fn a_ticket_closes_only_after_its_opening_and_once(backend: Backend) {
     let app = App::new(backend).await;
+    let (code, body) = app
+        .agent_call(
+            Method::POST,
+            "/livechat/sessions",
+            7,
+            1,
+            Some(json!({"agent_id": 4})),
+        )
+        .await;
+    assert_eq!(code, 400, "{body}");
+    let ticket = body["error"]["ticket_id"].as_str().unwrap().to_owned();
+    // Nobody online: a visitor's chat gets a ticket at once.
+    let resp = app
+        .client
+        .post("/livechat/customer/chats")
+        .header("X-Tenant-ID", "1")
+        .body_json(&json!({"browser_uuid": uuid::Uuid::now_v7(), "topic": "Before the dispatcher"}))
+        .send()
+        .await;
+    let (code, body) = App::decode(resp).await;
+    assert_eq!(code, 201, "{body}");
+    let chat_ticket = body["data"]["session"]["ticket_id"]
+        .as_str()
+        .unwrap_or_else(|| panic!("a ticket: {body}"))
+        .to_owned();
+    for id in [&ticket, &chat_ticket] {
+        let path = format!("/livechat/tickets/{id}/close");
+        let (code, body) = app.agent_call(Method::POST, &path, 7, 1, None).await;
+        assert_eq!(code, 409, "{body}");
+        assert_eq!(body["error"]["code"], "ticket_pending", "{body}");
+        let (code, body) = app.agent_call(Method::POST, &path, 7, 2, None).await;
+        assert_eq!(code, 404, "another tenant's ticket: {body}");
+        let (code, body) = app
+            .agent_call(Method::GET, &format!("/livechat/tickets/{id}"), 7, 1, None)
+            .await;
+        assert_eq!(code, 404, "not in the tables yet: {body}");
+    }
+    assert_eq!(
+        livechat_tests::pending_events(&app.db).await,
+        2,
+        "the two openings: nothing new"
+    );
+    drain(&app.dispatcher, &app.db).await;
+    let path = format!("/livechat/tickets/{chat_ticket}/close");
+    let (code, body) = app.agent_call(Method::POST, &path, 7, 1, None).await;
+    assert_eq!(code, 202, "a session's ticket once delivered: {body}");
+    drain(&app.dispatcher, &app.db).await;
+    // Agent 4's ticket again, its opening undelivered.
     let (code, body) = app
         .agent_call(
             Method::POST,

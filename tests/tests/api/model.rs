@@ -814,8 +814,9 @@ impl Run {
             return Err(format!("closing ticket {id} changed its chat {session:?}"));
         }
         match (before, got) {
-            // Not written by the dispatcher yet.
-            (Err(ChatError::NotFound), Err(ChatError::NotFound)) => Ok(None),
+            // Not written by the dispatcher yet: the ticket exists, its
+            // opening is still in the outbox.
+            (Err(ChatError::NotFound), Err(ChatError::TicketPending)) => Ok(None),
             (Ok(t), Ok(TicketClose::AlreadyClosed(_))) if t.status == TicketStatus::Closed => {
                 Ok(None)
             }
@@ -1591,7 +1592,9 @@ impl Run {
                 let got = chat
                     .close_ticket(&self.sinks(), tid(tenant), u(agent), id)
                     .await;
-                match allowed(got, &["NotFound", "TicketPending"])? {
+                // Every ticket id here exists: one not yet in the tables has
+                // its opening still in the outbox.
+                match allowed(got, &["TicketPending"])? {
                     Some(TicketClose::Recorded(_)) => Done::TicketClosed { tenant, ticket: id },
                     Some(TicketClose::AlreadyClosed(_)) | None => Done::Nothing,
                 }

@@ -243,16 +243,28 @@ pub async fn envelope(err: poem::Error) -> Response {
     api.into_response()
 }
 
-/// Refuses a query string that gives a parameter more than once (after
-/// percent-decoding: `limit` and `li%6Dit` are one name) with 400
-/// `invalid_query`, by the rule of the `X-Tenant-ID` and `Authorization`
-/// headers: which copy a proxy or a reader takes must not decide what a
-/// request means (`?limit=5&limit=0` was read as `limit=5`). No route
-/// takes a list in its query.
-pub(crate) fn refuse_repeated_query(req: &poem::Request) -> Result<(), ApiError> {
+/// Refuses with 400 `invalid_query` a query string that gives a parameter
+/// more than once (after percent-decoding: `limit` and `li%6Dit` are one
+/// name), by the rule of the `X-Tenant-ID` and `Authorization` headers:
+/// which copy a proxy or a reader takes must not decide what a request
+/// means (`?limit=5&limit=0` was read as `limit=5`; no route takes a list
+/// in its query); and one whose names or values do not percent-decode to
+/// UTF-8 (`?department=%ff`: the parsers put U+FFFD in place of each bad
+/// byte, and the request was answered for a department nobody named).
+pub(crate) fn check_query(req: &poem::Request) -> Result<(), ApiError> {
     let Some(query) = req.uri().query() else {
         return Ok(());
     };
+    if query.split('&').any(|pair| {
+        percent_encoding::percent_decode_str(pair)
+            .decode_utf8()
+            .is_err()
+    }) {
+        return Err(ApiError::bad_request(
+            "invalid_query",
+            "the query string does not percent-decode to UTF-8",
+        ));
+    }
     let mut names: Vec<std::borrow::Cow<'_, str>> = Vec::new();
     for (name, _) in form_urlencoded::parse(query.as_bytes()) {
         if names.contains(&name) {

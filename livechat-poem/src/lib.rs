@@ -324,6 +324,7 @@ impl Livechat {
         Outer {
             routes: routes.nest("/", self.service("/livechat").into_endpoint()),
             state,
+            allowed: Arc::new(AllowedMethods::new(&self.spec_json(""))),
         }
     }
 
@@ -518,7 +519,8 @@ const CUSTOMER_AUTH: &str = "CustomerAuth";
 
 /// The outer layer of [`Livechat::endpoint`]: puts the authentication
 /// state in the request, reads the body within [`MAX_BODY_BYTES`],
-/// refuses a query parameter given twice ([`error::refuse_repeated_query`]), calls
+/// refuses a query parameter given twice or not UTF-8
+/// ([`error::check_query`]), calls
 /// the routes, renders every error in the JSON envelope ([`envelope`])
 /// and marks every answer `Cache-Control: no-store`: chats, tickets and
 /// presence are private and change by the second, so no browser or proxy
@@ -534,6 +536,7 @@ const CUSTOMER_AUTH: &str = "CustomerAuth";
 struct Outer<E> {
     routes: E,
     state: Arc<api::AuthState>,
+    allowed: Arc<AllowedMethods>,
 }
 
 impl<E: Endpoint> Endpoint for Outer<E> {
@@ -543,12 +546,23 @@ impl<E: Endpoint> Endpoint for Outer<E> {
         req.extensions_mut().insert(self.state.clone());
         let mut response = if let Err(refused) = Box::pin(error::read_body(&mut req)).await {
             poem::IntoResponse::into_response(refused)
-        } else if let Err(refused) = error::refuse_repeated_query(&req) {
+        } else if let Err(refused) = error::check_query(&req) {
             poem::IntoResponse::into_response(refused)
         } else {
+            // Kept for a 405's `Allow` (a reference count, not a copy).
+            let uri = req.uri().clone();
             match self.routes.call(req).await {
                 Ok(response) => poem::IntoResponse::into_response(response),
-                Err(err) => envelope(err).await,
+                Err(err) => {
+                    let wrong_method = err.is::<poem::error::MethodNotAllowedError>();
+                    let mut response = envelope(err).await;
+                    if wrong_method && let Some(allow) = self.allowed.of(uri).await {
+                        response
+                            .headers_mut()
+                            .insert(poem::http::header::ALLOW, allow);
+                    }
+                    response
+                }
             }
         };
         response.headers_mut().insert(
@@ -556,5 +570,57 @@ impl<E: Endpoint> Endpoint for Outer<E> {
             poem::http::HeaderValue::from_static("no-store"),
         );
         Ok(response)
+    }
+}
+
+/// The methods each route of [`Livechat::endpoint`] answers, read from
+/// the OpenAPI document, for the `Allow` header that a 405 must carry (RFC
+/// 9110 §15.5.6: `DELETE /livechat/sessions` answered 405 without it).
+/// `HEAD` is listed beside `GET`, which poem answers for it. The paths are
+/// matched by a `poem::Route` of their own, so a path matches here exactly
+/// when it matches a route.
+struct AllowedMethods(poem::Route);
+
+impl AllowedMethods {
+    /// From `spec`, the document of [`Livechat::spec_json`] (paths relative
+    /// to the routes' root, `{id}` for a path parameter).
+    fn new(spec: &str) -> Self {
+        let document: serde_json::Value = serde_json::from_str(spec).unwrap_or_default();
+        let mut route = poem::Route::new();
+        for (path, item) in document["paths"].as_object().into_iter().flatten() {
+            let mut methods: Vec<String> = item
+                .as_object()
+                .into_iter()
+                .flatten()
+                .map(|(method, _)| method.to_ascii_uppercase())
+                .filter(|method| poem::http::Method::from_bytes(method.as_bytes()).is_ok())
+                .collect();
+            if methods.iter().any(|m| m == "GET") {
+                methods.push("HEAD".to_owned());
+            }
+            let Ok(allow) = poem::http::HeaderValue::from_str(&methods.join(", ")) else {
+                continue;
+            };
+            // `{id}` in the document, `:id` in poem's routes.
+            let pattern = path.replace('{', ":").replace('}', "");
+            route = route.at(
+                pattern,
+                poem::endpoint::make_sync(move |_| {
+                    let mut response = Response::default();
+                    response
+                        .headers_mut()
+                        .insert(poem::http::header::ALLOW, allow.clone());
+                    response
+                }),
+            );
+        }
+        Self(route)
+    }
+
+    /// The `Allow` value of the route `uri`'s path matches, if any.
+    async fn of(&self, uri: poem::http::Uri) -> Option<poem::http::HeaderValue> {
+        let request = poem::Request::builder().uri(uri).finish();
+        let response = self.0.call(request).await.ok()?;
+        response.headers().get(poem::http::header::ALLOW).cloned()
     }
 }

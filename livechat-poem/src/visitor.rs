@@ -54,6 +54,9 @@ impl VisitorTokens {
     pub fn new(secret: &[u8]) -> Self {
         let mut validation = Validation::new(Algorithm::HS256);
         validation.set_required_spec_claims(&["exp", "sub"]);
+        // Tokens issued here have no `nbf`; one that has it is held to it,
+        // as host tokens are (`JwtAuthenticator`).
+        validation.validate_nbf = true;
         Self {
             encoding: EncodingKey::from_secret(secret),
             decoding: DecodingKey::from_secret(secret),
@@ -90,7 +93,8 @@ impl VisitorTokens {
     }
 
     /// The tenant and customer a valid token names; `None` when malformed,
-    /// badly signed, expired or not a visitor token.
+    /// badly signed, expired, before its `nbf` (if it has one; 60 s
+    /// leeway) or not a visitor token.
     #[must_use]
     pub fn verify(&self, token: &str) -> Option<(TenantId, CustomerId)> {
         let data =
@@ -211,6 +215,25 @@ mod tests {
         strict.validation.leeway = 0;
         std::thread::sleep(Duration::from_millis(1100));
         assert_eq!(strict.verify(&old), None);
+    }
+
+    #[test]
+    fn a_visitor_token_is_refused_before_its_nbf() {
+        let tokens = VisitorTokens::new(b"visitor-secret");
+        let customer = CustomerId::generate();
+        let now = chrono::Utc::now().timestamp();
+        let signed = |nbf: i64| {
+            let claims = serde_json::json!({
+                "sub": customer.to_string(), "tid": 3, "typ": TOKEN_TYPE,
+                "iat": now, "exp": now + 3600, "nbf": nbf,
+            });
+            jsonwebtoken::encode(&Header::new(Algorithm::HS256), &claims, &tokens.encoding).unwrap()
+        };
+        assert_eq!(tokens.verify(&signed(now + 3600)), None, "an hour early");
+        assert_eq!(
+            tokens.verify(&signed(now)),
+            Some((TenantId::new(3).unwrap(), customer))
+        );
     }
 
     #[test]

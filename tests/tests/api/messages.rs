@@ -271,6 +271,18 @@ async fn paging_by_after_seq_and_limit(backend: Backend) {
         )
         .await;
     assert_eq!(seqs(&page), (196..=205).collect::<Vec<_>>());
+    // Percent-encoded names and values that decode to UTF-8 are read.
+    let (code, page) = app
+        .agent_call(
+            Method::GET,
+            &format!("{path}?after_%73eq=%31&limit=%32&x=%C3%A9"),
+            7,
+            1,
+            None,
+        )
+        .await;
+    assert_eq!(code, 200, "{page}");
+    assert_eq!(seqs(&page), vec![2, 3]);
 
     for bad in [
         "limit=0",
@@ -284,6 +296,11 @@ async fn paging_by_after_seq_and_limit(backend: Backend) {
         "limit=0&limit=5",
         "limit=5&limit=5",
         "after_seq=1&li%6Dit=2&limit=3",
+        // Names or values that do not percent-decode to UTF-8 (they were
+        // read with U+FFFD in place of each bad byte).
+        "limit=%ff",
+        "x%C3=1&limit=2",
+        "limit=2&x=%C3%28",
     ] {
         app.assert_invalid_query(&format!("{path}?{bad}"), 7, 1)
             .await;

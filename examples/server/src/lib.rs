@@ -495,21 +495,67 @@ static UNKNOWN_USER_HASH: std::sync::LazyLock<String> = std::sync::LazyLock::new
     hash_password(SaltString::generate(&mut OsRng).as_str()).unwrap_or_default()
 });
 
+/// `POST /auth/login`: every answer, the token's above all, is marked
+/// `Cache-Control: no-store` (RFC 6749 §5.1), as the library's are.
 #[handler]
-async fn login(state: Data<&Arc<HostState>>, body: poem::Body) -> Response {
-    // Read within a limit (poem's `Json` reads any size) and refused in
-    // the envelope, as the library's routes are.
+async fn login(
+    state: Data<&Arc<HostState>>,
+    headers: &poem::http::HeaderMap,
+    body: poem::Body,
+) -> Response {
+    let mut response = login_answer(&state, headers, body).await;
+    response.headers_mut().insert(
+        poem::http::header::CACHE_CONTROL,
+        poem::http::HeaderValue::from_static("no-store"),
+    );
+    response
+}
+
+/// Whether `headers` give the body as JSON (`application/json`, with or
+/// without parameters such as `charset`).
+fn is_json(headers: &poem::http::HeaderMap) -> bool {
+    headers
+        .get(poem::http::header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.split(';').next())
+        .is_some_and(|essence| essence.trim().eq_ignore_ascii_case("application/json"))
+}
+
+async fn login_answer(
+    state: &HostState,
+    headers: &poem::http::HeaderMap,
+    body: poem::Body,
+) -> Response {
+    // As the library's routes: a body that is not declared JSON is refused
+    // (so no HTML form, whose types a page may send to any site, can log
+    // in), it is read within a limit (poem's `Json` reads any size), and
+    // refusals are in the envelope.
+    if !is_json(headers) {
+        return error(
+            StatusCode::BAD_REQUEST,
+            "invalid_body",
+            "expected Content-Type: application/json",
+        );
+    }
     let body: LoginRequest = match body.into_bytes_limit(LOGIN_BODY_MAX).await {
-        Ok(bytes) => match serde_json::from_slice(&bytes) {
-            Ok(body) => body,
-            Err(e) => {
-                return error(
-                    StatusCode::BAD_REQUEST,
-                    "invalid_body",
-                    &format!("expected {{\"email\", \"password\"}}: {e}"),
-                );
+        // An object only: serde would also read the fields from an array.
+        Ok(bytes) => {
+            match serde_json::from_slice::<serde_json::Value>(&bytes).and_then(
+                |value| match value {
+                    serde_json::Value::Object(_) => serde_json::from_value(value),
+                    _ => Err(serde::de::Error::custom("not an object")),
+                },
+            ) {
+                Ok(body) => body,
+                Err(e) => {
+                    return error(
+                        StatusCode::BAD_REQUEST,
+                        "invalid_body",
+                        &format!("expected {{\"email\", \"password\"}}: {e}"),
+                    );
+                }
             }
-        },
+        }
         Err(poem::error::ReadBodyError::PayloadTooLarge) => {
             return error(
                 StatusCode::PAYLOAD_TOO_LARGE,
@@ -755,6 +801,7 @@ pub fn build_with(
             .catch_all_error(envelope)
             .with(Tracing)
             .map_to_response()
+            .after(|response| async move { response.map(vary_on_origin) })
             .boxed()
     };
     HostApp {
@@ -763,6 +810,41 @@ pub fn build_with(
         bus,
         dispatcher,
     }
+}
+
+/// Marks `response` as depending on the request's `Origin` (`Vary`), and a
+/// preflight's also on the method and headers it asked for, which it
+/// echoes. With CORS on, every answer depends on them: with `Origin` it
+/// carries `Access-Control-Allow-Origin` or is refused, without it carries
+/// neither, so no cache may give one origin's answer to another. poem's
+/// middleware marks only the answers to listed origins, and neither its
+/// preflights nor the answers to requests without `Origin`.
+fn vary_on_origin(mut response: Response) -> Response {
+    use poem::http::header::{ACCESS_CONTROL_ALLOW_METHODS, VARY};
+    let preflight = response
+        .headers()
+        .contains_key(ACCESS_CONTROL_ALLOW_METHODS);
+    let varies = |name: &str| {
+        response.headers().get_all(VARY).iter().any(|v| {
+            v.to_str()
+                .is_ok_and(|v| v.split(',').any(|n| n.trim().eq_ignore_ascii_case(name)))
+        })
+    };
+    let missing: Vec<&'static str> = [
+        ("Origin", true),
+        ("Access-Control-Request-Method", preflight),
+        ("Access-Control-Request-Headers", preflight),
+    ]
+    .into_iter()
+    .filter(|&(name, wanted)| wanted && !varies(name))
+    .map(|(name, _)| name)
+    .collect();
+    if let Ok(value) = poem::http::HeaderValue::from_str(&missing.join(", "))
+        && !missing.is_empty()
+    {
+        response.headers_mut().append(VARY, value);
+    }
+    response
 }
 
 /// Runs the server until SIGINT or SIGTERM, then drains in-flight requests

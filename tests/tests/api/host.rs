@@ -53,12 +53,40 @@ async fn seeded_login_drives_the_library(backend: Backend) {
     let (code, body) = App::decode(resp).await;
     assert_eq!(code, 400, "{body}");
     assert_eq!(body["error"]["code"], "invalid_body", "{body}");
-    // Without a content type, or with the wrong fields: 400 too (not 415).
-    for raw in [r#"{"email": "a@b.co", "password": "x"}"#, r#"{"mail": 5}"#] {
-        let resp = client.post("/auth/login").body(raw).send().await;
+    // Without a JSON content type (a form's, or none), with the wrong
+    // fields, or not an object (serde reads a struct from an array too):
+    // 400 too (not 415). The JSON type with a charset is JSON.
+    let good = r#"{"email": "agent1@livechat.com", "password": "password"}"#;
+    for (content_type, raw, expected) in [
+        (None, good, 400),
+        (Some("text/plain"), good, 400),
+        (Some("application/x-www-form-urlencoded"), good, 400),
+        (Some("application/json"), r#"{"mail": 5}"#, 400),
+        (
+            Some("application/json"),
+            r#"["agent1@livechat.com", "password"]"#,
+            400,
+        ),
+        (Some("Application/JSON; charset=utf-8"), good, 200),
+    ] {
+        let mut req = client.post("/auth/login").body(raw);
+        if let Some(content_type) = content_type {
+            req = req.content_type(content_type);
+        }
+        let resp = req.send().await;
+        assert_eq!(
+            resp.0
+                .headers()
+                .get("cache-control")
+                .and_then(|v| v.to_str().ok()),
+            Some("no-store"),
+            "every login answer, the token's above all"
+        );
         let (code, body) = App::decode(resp).await;
-        let expected = if raw.contains("password") { 401 } else { 400 };
-        assert_eq!(code, expected, "{raw}: {body}");
+        assert_eq!(code, expected, "{content_type:?} {raw}: {body}");
+        if expected == 400 {
+            assert_eq!(body["error"]["code"], "invalid_body", "{body}");
+        }
     }
     // A body past the login's limit is refused unread: 413.
     let resp = client
@@ -254,11 +282,45 @@ async fn seeded_login_drives_the_library(backend: Backend) {
         (code.as_u16(), body["error"]["code"].as_str()),
         (404, Some("not_found"))
     );
-    let (code, body) = App::decode(call(Method::DELETE, "/livechat/sessions", None).await).await;
-    assert_eq!(
-        (code.as_u16(), body["error"]["code"].as_str()),
-        (405, Some("method_not_allowed"))
-    );
+    // A 405 names the methods the route answers (RFC 9110 §15.5.6).
+    let session = s["data"]["id"].as_str().unwrap();
+    for (method, path, allowed) in [
+        (
+            Method::DELETE,
+            "/livechat/sessions".to_owned(),
+            "GET, HEAD, POST",
+        ),
+        (
+            Method::PUT,
+            format!("/livechat/sessions/{session}/messages"),
+            "GET, HEAD, POST",
+        ),
+        (
+            Method::GET,
+            format!("/livechat/sessions/{session}/close"),
+            "POST",
+        ),
+        (Method::POST, "/livechat/ws".to_owned(), "GET, HEAD"),
+    ] {
+        let resp = call(method.clone(), &path, None).await;
+        let mut allow: Vec<String> = resp
+            .0
+            .headers()
+            .get("allow")
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or_else(|| panic!("{method} {path}: no Allow"))
+            .split(", ")
+            .map(str::to_owned)
+            .collect();
+        allow.sort();
+        assert_eq!(allow.join(", "), allowed, "{method} {path}");
+        let (code, body) = App::decode(resp).await;
+        assert_eq!(
+            (code.as_u16(), body["error"]["code"].as_str()),
+            (405, Some("method_not_allowed")),
+            "{method} {path}"
+        );
+    }
 }
 
 /// A host runs our migrator on a connection it opened itself and hands the

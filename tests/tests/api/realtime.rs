@@ -1589,6 +1589,11 @@ mod cors {
                 .and_then(|v| v.to_str().ok()),
             Some("https://shop.example")
         );
+        // A preflight's answer depends on the origin and on what it asked.
+        assert_eq!(
+            ok.headers().get("vary").and_then(|v| v.to_str().ok()),
+            Some("Origin, Access-Control-Request-Method, Access-Control-Request-Headers")
+        );
         assert_eq!(
             ok.headers()
                 .get("access-control-allow-credentials")
@@ -1606,6 +1611,19 @@ mod cors {
         assert_eq!(simple.status(), 200, "any case, the default port");
         assert_eq!(
             simple.headers().get("vary").and_then(|v| v.to_str().ok()),
+            Some("Origin")
+        );
+        // So does one without `Origin`, which gets no CORS headers.
+        let plain = reqwest::Client::new()
+            .get(node.url("/livechat/customer/availability"))
+            .header("X-Tenant-ID", "1")
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(plain.status(), 200);
+        assert!(plain.headers().get("access-control-allow-origin").is_none());
+        assert_eq!(
+            plain.headers().get("vary").and_then(|v| v.to_str().ok()),
             Some("Origin")
         );
         let denied = preflight("https://evil.example").await.unwrap();

@@ -35,6 +35,7 @@ pub(crate) struct CustomerState {
     pub(crate) visitor_tokens: VisitorTokens,
     pub(crate) identity_secrets: IdentitySecrets,
     pub(crate) notifications: Option<Arc<dyn NotificationInbox>>,
+    pub(crate) limits: Arc<crate::limits::Limiters>,
 }
 
 /// An authenticated customer in a tenant.
@@ -381,12 +382,6 @@ enum AvailabilityResponse {
     Ok(Json<AvailabilityEnvelope>),
 }
 
-fn client_ip(req: &Request) -> Option<String> {
-    req.remote_addr()
-        .as_socket_addr()
-        .map(|a| a.ip().to_string())
-}
-
 #[OpenApi(prefix_path = "/customer", tag = "CustomerTags::Customer")]
 impl CustomerApi {
     /// Whether an agent could take a chat now (the widget's flag), and
@@ -435,6 +430,7 @@ impl CustomerApi {
         body: Json<StartChatRequest>,
     ) -> Result<ChatStartResponse, ApiError> {
         let tenant = tenant_of(req)?;
+        self.state.limits.chat_start(tenant, req)?;
         let body = body.0;
         let (identity, issue_token) = match (credential(req)?, body.user_id, &body.identity_hash) {
             (Some(Credential::Bearer(token)), _, _) => (
@@ -477,7 +473,7 @@ impl CustomerApi {
             department: body.department.map(|d| d.0),
             contact: body.contact.map(Into::into),
             message: body.message.map(|m| m.0),
-            client_ip: client_ip(req),
+            client_ip: self.state.limits.client_ip(req).map(|ip| ip.to_string()),
             user_agent: req
                 .headers()
                 .get(poem::http::header::USER_AGENT)
@@ -560,6 +556,9 @@ impl CustomerApi {
         body: Json<PostMessageRequest>,
     ) -> Result<MessagePostedResponse, ApiError> {
         let ctx = self.customer(req).await?;
+        self.state
+            .limits
+            .customer_message(ctx.tenant, ctx.customer)?;
         let session = path_id(&id.0)?;
         let key = crate::api::pick_idempotency_key(body.0.client_msg_id.map(|k| k.0), req)?;
         let posted = self

@@ -62,6 +62,16 @@ pub enum ApiError {
     /// `payload_too_large`: body over 64 KiB.
     #[oai(status = 413)]
     PayloadTooLarge(Json<ErrorBody>),
+    /// `rate_limited`: a customer's chat starts or messages over the
+    /// host's limits (`RateLimits`); nothing was done. `Retry-After`: whole
+    /// seconds until one more is allowed.
+    #[oai(status = 429)]
+    TooManyRequests(
+        Json<ErrorBody>,
+        /// Seconds until the request may be made again.
+        #[oai(header = "Retry-After")]
+        u64,
+    ),
     /// `internal_error`: logged with the reference given in the message.
     #[oai(status = 500)]
     Internal(Json<ErrorBody>),
@@ -109,6 +119,15 @@ impl ApiError {
         ))
     }
 
+    /// 429 `rate_limited`, to be retried after `wait` (announced in whole
+    /// seconds, at least 1).
+    pub fn rate_limited(message: impl Into<String>, wait: std::time::Duration) -> Self {
+        Self::TooManyRequests(
+            body("rate_limited", message),
+            crate::limits::retry_after_secs(wait),
+        )
+    }
+
     /// 503 `unavailable`; the cause is logged.
     pub fn unavailable(cause: &dyn std::fmt::Display) -> Self {
         tracing::warn!(error = %cause, "dependency unavailable");
@@ -140,6 +159,7 @@ impl ApiError {
             | Self::NotFound(b)
             | Self::Conflict(b)
             | Self::PayloadTooLarge(b)
+            | Self::TooManyRequests(b, _)
             | Self::Internal(b)
             | Self::Unavailable(b) => &b.0.error,
         }

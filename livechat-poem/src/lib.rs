@@ -44,6 +44,7 @@ mod customer;
 mod dto;
 mod error;
 mod fanout;
+mod limits;
 mod net;
 mod visitor;
 mod ws;
@@ -65,6 +66,7 @@ pub use auth::{
 pub use customer::{ChatStart, ContactRequest, LinkRequest, StartChatRequest};
 pub use dto::*;
 pub use error::{ApiError, ErrorBody, ErrorDetail, MAX_BODY_BYTES, envelope};
+pub use limits::RateLimits;
 pub use net::NoDelay;
 pub use visitor::{IdentitySecrets, VISITOR_TOKEN_TTL, VisitorTokens};
 pub use ws::{RealtimeConfig, same_origin};
@@ -83,6 +85,8 @@ pub struct Livechat {
     /// This node's WebSockets, each until it has unregistered its
     /// connection ([`Self::closed`]).
     sockets: tokio_util::task::TaskTracker,
+    /// The customer routes' rate limits ([`Self::rate_limits`]).
+    limits: Arc<limits::Limiters>,
 }
 
 impl std::fmt::Debug for Livechat {
@@ -112,7 +116,22 @@ impl Livechat {
             realtime: None,
             shutdown: Arc::new(tokio::sync::watch::channel(false).0),
             sockets: tokio_util::task::TaskTracker::new(),
+            limits: Arc::new(limits::Limiters::new(&RateLimits::default())),
         }
+    }
+
+    /// Limits what one client may do over the customer routes (default:
+    /// [`RateLimits::default`], 10 chat starts a minute per client address
+    /// and tenant, 10 messages a second per customer, bursts of twice
+    /// that); over a limit a request answers 429 `rate_limited` with
+    /// `Retry-After`. Behind a reverse proxy, name the header that carries
+    /// the client's address ([`RateLimits::client_ip_header`]). The limits
+    /// are this node's: with `n` nodes behind a balancer a client may get
+    /// up to `n` times as much.
+    #[must_use]
+    pub fn rate_limits(mut self, limits: RateLimits) -> Self {
+        self.limits = Arc::new(limits::Limiters::new(&limits));
+        self
     }
 
     /// Serves the WebSocket gateway at `/ws` over `bus` (issue #4). The
@@ -276,6 +295,7 @@ impl Livechat {
             visitor_tokens: self.visitor_tokens.clone(),
             identity_secrets: self.identity_secrets.clone(),
             notifications: self.notifications.clone(),
+            limits: self.limits.clone(),
         });
         OpenApiService::new(
             (

@@ -315,6 +315,9 @@ impl App {
         let test_db = TestDb::new(backend).await;
         let db = test_db.connect_migrated().await;
         let mut config = livechat_example_server::Config::new(&test_db.url, SECRET);
+        // Tests start chats and send from one address as fast as they can;
+        // the limits have tests of their own.
+        config.rate_limits = livechat_poem::RateLimits::unlimited();
         adjust(&mut config);
         let mut chat_config = livechat_core::ChatConfig::default();
         chat_config.routing.default_capacity = config.agent_capacity;

@@ -83,6 +83,7 @@ impl Target {
             .expect("database");
         let mut config = livechat_example_server::Config::new(database_url, SECRET);
         config.presence_ttl = Duration::from_secs(600);
+        config.rate_limits = livechat_poem::RateLimits::unlimited();
         let mut realtime = config.realtime();
         realtime.send_rate_per_sec = 100_000;
         realtime.outbound_queue = 65_536;

@@ -24,6 +24,9 @@
 //! | `LIVECHAT_CORS_CREDENTIALS` | `false` | send `Access-Control-Allow-Credentials: true` |
 //! | `REDIS_URL` | none (single node) | Redis for cross-node fan-out, e.g. `redis://127.0.0.1:6379` |
 //! | `LIVECHAT_WS_SEND_RATE` | `10` | `send_message` frames per second per WebSocket (burst twice that) |
+//! | `LIVECHAT_CHAT_START_RATE` | `10` | customer chat starts per minute per client address and tenant (burst twice that); `0`: unlimited |
+//! | `LIVECHAT_CUSTOMER_SEND_RATE` | `10` | customer messages over HTTP per second per customer (burst twice that); `0`: unlimited |
+//! | `LIVECHAT_CLIENT_IP_HEADER` | none: the peer address | the header your reverse proxy sets to the client's address (`X-Real-IP`, or `X-Forwarded-For`: its last address) |
 //! | `LIVECHAT_SQLITE_SYNCHRONOUS` | `full` | SQLite commit durability: `full` (a 201 means on disk) or `normal` |
 //!
 //! Tickets and notifications are materialized by the ticket bridge's
@@ -44,7 +47,9 @@ use argon2::password_hash::{
 use livechat_core::bus::{EventBus, InProcessBus};
 use livechat_core::store::{self, Migrator, SeaOrmStore};
 use livechat_core::{ChatConfig, ChatService};
-use livechat_poem::{IdentitySecrets, JwtAuthenticator, Livechat, RealtimeConfig, envelope};
+use livechat_poem::{
+    IdentitySecrets, JwtAuthenticator, Livechat, RateLimits, RealtimeConfig, envelope,
+};
 use livechat_ticket_bridge::{
     BridgeMigrator, Dispatcher, DispatcherConfig, SeaOrmSinks, Url, WebhookSink,
 };
@@ -106,6 +111,9 @@ pub struct Config {
     pub sqlite_durability: store::SqliteDurability,
     /// `LIVECHAT_WS_SEND_RATE`: `send_message` frames per second per connection.
     pub ws_send_rate: u32,
+    /// `LIVECHAT_CHAT_START_RATE`, `LIVECHAT_CUSTOMER_SEND_RATE` and
+    /// `LIVECHAT_CLIENT_IP_HEADER`: the customer routes' limits.
+    pub rate_limits: RateLimits,
 }
 
 impl Config {
@@ -131,6 +139,7 @@ impl Config {
             redis_url: None,
             sqlite_durability: store::SqliteDurability::Full,
             ws_send_rate: 10,
+            rate_limits: RateLimits::default(),
         }
     }
 
@@ -151,6 +160,16 @@ impl Config {
 /// Longest presence TTL, grace or ping interval accepted, in seconds (a
 /// day): longer ones are configuration mistakes.
 const MAX_SECS: u64 = 86_400;
+
+/// A rate from `value` (`name`'s): a whole number, `0` for unlimited;
+/// `default` when unset.
+fn rate(name: &str, value: Option<String>, default: u32) -> Result<u32, String> {
+    value.map_or(Ok(default), |v| {
+        v.trim()
+            .parse()
+            .map_err(|_| format!("{name} must be a whole number (0: unlimited)"))
+    })
+}
 
 fn secs(name: &str, value: Option<String>, default: u64) -> Result<Duration, String> {
     match value {
@@ -268,6 +287,25 @@ impl Config {
                     .ok()
                     .filter(|n| *n > 0)
                     .ok_or("LIVECHAT_WS_SEND_RATE must be a positive integer")?,
+            },
+            rate_limits: RateLimits {
+                chat_starts_per_minute: rate(
+                    "LIVECHAT_CHAT_START_RATE",
+                    var("LIVECHAT_CHAT_START_RATE"),
+                    RateLimits::default().chat_starts_per_minute,
+                )?,
+                customer_messages_per_sec: rate(
+                    "LIVECHAT_CUSTOMER_SEND_RATE",
+                    var("LIVECHAT_CUSTOMER_SEND_RATE"),
+                    RateLimits::default().customer_messages_per_sec,
+                )?,
+                client_ip_header: var("LIVECHAT_CLIENT_IP_HEADER")
+                    .map(|v| {
+                        poem::http::HeaderName::from_bytes(v.trim().as_bytes()).map_err(|_| {
+                            format!("LIVECHAT_CLIENT_IP_HEADER: {v:?} is not a header name")
+                        })
+                    })
+                    .transpose()?,
             },
         };
         // The gateway's connection TTL is the presence TTL.
@@ -750,6 +788,7 @@ pub fn build_with(
         config.visitor_secret.as_bytes(),
     )
     .identity_secrets(config.identity_secrets.clone())
+    .rate_limits(config.rate_limits.clone())
     .tickets(tables.clone())
     .notifications(tables)
     .realtime(bus.clone(), realtime);

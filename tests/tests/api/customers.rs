@@ -1487,3 +1487,149 @@ async fn linking_keeps_the_chat_an_agent_serves(backend: Backend) {
         .await;
     assert_eq!(code, 201, "{reply}");
 }
+
+/// The customer routes' rate limits (README "Rate limits"), over a real
+/// socket so that requests have a peer address.
+mod rate_limits {
+    use std::sync::Arc;
+
+    use livechat_core::bus::InProcessBus;
+    use livechat_tests::node::Node;
+    use sea_orm::{ConnectionTrait, Statement};
+
+    use super::*;
+
+    on_both_databases!(starts_and_messages_over_the_limits_answer_429_and_store_nothing);
+
+    async fn starts_and_messages_over_the_limits_answer_429_and_store_nothing(backend: Backend) {
+        let app = App::new(backend).await;
+        let mut config = app.config.clone();
+        // One a minute and one a second: bursts of two.
+        config.rate_limits = livechat_poem::RateLimits {
+            chat_starts_per_minute: 1,
+            customer_messages_per_sec: 1,
+            client_ip_header: Some(poem::http::HeaderName::from_static("x-forwarded-for")),
+        };
+        let node = Node::start(app.db.clone(), &config, Arc::new(InProcessBus::new())).await;
+        let http = reqwest::Client::new();
+        let start = |tenant: &'static str, forwarded: Option<&'static str>| {
+            let mut req = http
+                .post(node.url("/livechat/customer/chats"))
+                .header("X-Tenant-ID", tenant)
+                .header("Content-Type", "application/json")
+                .body(json!({"browser_uuid": uuid::Uuid::now_v7(), "topic": "Hello"}).to_string());
+            if let Some(forwarded) = forwarded {
+                req = req.header("X-Forwarded-For", forwarded);
+            }
+            async move {
+                let resp = req.send().await.unwrap();
+                let status = resp.status().as_u16();
+                let retry_after = resp
+                    .headers()
+                    .get("retry-after")
+                    .and_then(|v| v.to_str().ok())
+                    .and_then(|v| v.parse::<u64>().ok());
+                let body: Value = serde_json::from_str(&resp.text().await.unwrap()).unwrap();
+                (status, retry_after, body)
+            }
+        };
+        let sessions = || async {
+            let rows = app
+                .db
+                .query_all_raw(Statement::from_string(
+                    app.db.get_database_backend(),
+                    "SELECT client_ip FROM livechat_sessions ORDER BY created_at",
+                ))
+                .await
+                .unwrap();
+            rows.iter()
+                .map(|r| r.try_get::<Option<String>>("", "client_ip").unwrap())
+                .collect::<Vec<_>>()
+        };
+
+        // The peer's address (no header): two, then refused.
+        let (code, _, first) = start("1", None).await;
+        assert_eq!(code, 201, "{first}");
+        assert_eq!(start("1", None).await.0, 201);
+        let (code, retry_after, body) = start("1", None).await;
+        assert_eq!(code, 429, "{body}");
+        assert_eq!(body["error"]["code"], "rate_limited", "{body}");
+        assert!(
+            retry_after.is_some_and(|s| (1..=60).contains(&s)),
+            "Retry-After in whole seconds: {retry_after:?}"
+        );
+        assert_eq!(
+            sessions().await.len(),
+            2,
+            "the refused start stored nothing"
+        );
+        // Another tenant counts apart.
+        assert_eq!(start("2", None).await.0, 201);
+        // Behind a proxy: the last address of X-Forwarded-For, the one the
+        // proxy appended; what a client put before it does not count.
+        assert_eq!(start("1", Some("10.0.0.1, 203.0.113.9")).await.0, 201);
+        assert_eq!(start("1", Some("10.0.0.2, 203.0.113.9")).await.0, 201);
+        assert_eq!(start("1", Some("10.0.0.3,203.0.113.9")).await.0, 429);
+        assert_eq!(start("1", Some("203.0.113.10")).await.0, 201);
+        let ips = sessions().await;
+        assert_eq!(
+            ips,
+            [
+                "127.0.0.1",
+                "127.0.0.1",
+                "127.0.0.1",
+                "203.0.113.9",
+                "203.0.113.9",
+                "203.0.113.10"
+            ]
+            .map(|ip| Some(ip.to_owned())),
+            "each session records the client's address"
+        );
+
+        // A customer's messages: two, then refused; another customer's pass.
+        let send = |token: String, session: String| {
+            let req = http
+                .post(node.url(&format!("/livechat/customer/chats/{session}/messages")))
+                .header("X-Tenant-ID", "1")
+                .header("Authorization", format!("Visitor {token}"))
+                .header("Content-Type", "application/json")
+                .body(json!({"message": "hi"}).to_string());
+            async move {
+                let resp = req.send().await.unwrap();
+                let status = resp.status().as_u16();
+                let body: Value = serde_json::from_str(&resp.text().await.unwrap()).unwrap();
+                (status, body)
+            }
+        };
+        let token = first["data"]["visitor_token"].as_str().unwrap().to_owned();
+        let session = first["data"]["session"]["id"].as_str().unwrap().to_owned();
+        for _ in 0..2 {
+            let (code, body) = send(token.clone(), session.clone()).await;
+            assert_eq!(code, 201, "{body}");
+        }
+        let (code, body) = send(token.clone(), session.clone()).await;
+        assert_eq!(code, 429, "{body}");
+        assert_eq!(body["error"]["code"], "rate_limited", "{body}");
+        let (_, _, other) = start("1", Some("203.0.113.11")).await;
+        let (code, body) = send(
+            other["data"]["visitor_token"].as_str().unwrap().to_owned(),
+            other["data"]["session"]["id"].as_str().unwrap().to_owned(),
+        )
+        .await;
+        assert_eq!(code, 201, "another customer: {body}");
+        let (_, history) = customer(
+            &app,
+            Method::GET,
+            &format!("/livechat/customer/chats/{session}/messages"),
+            Some(&format!("Visitor {token}")),
+            "1",
+            None,
+        )
+        .await;
+        assert_eq!(
+            history["data"].as_array().map(Vec::len),
+            Some(2),
+            "the refused message was not stored: {history}"
+        );
+    }
+}

@@ -18,6 +18,7 @@ async fn node(db: &TestDb, redis: &RedisServer) -> (Node, Arc<RedisBus>) {
     let conn = db.connect_migrated().await;
     let mut config = livechat_example_server::Config::new(&db.url, livechat_tests::SECRET);
     config.ping_interval = Duration::from_millis(200);
+    config.rate_limits = livechat_poem::RateLimits::unlimited();
     let bus = Arc::new(
         RedisBus::connect(&redis.url, DEFAULT_CHANNEL)
             .await

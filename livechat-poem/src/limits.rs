@@ -1,0 +1,237 @@
+//! Rate limits of the customer routes over HTTP, the public side of the
+//! API: anyone may start a chat with a `browser_uuid`, and every start
+//! stores a customer, a session and, with nobody online, a ticket. Without
+//! a limit one script filled a tenant's queue and help desk (README "Rate
+//! limits"). The WebSocket has its own, per connection
+//! ([`crate::RealtimeConfig`]).
+
+use std::net::IpAddr;
+use std::num::NonZeroU32;
+use std::time::Duration;
+
+use governor::clock::{Clock, DefaultClock};
+use governor::{DefaultKeyedRateLimiter, Quota, RateLimiter};
+use livechat_core::{CustomerId, TenantId};
+use poem::Request;
+use poem::http::HeaderName;
+
+use crate::error::ApiError;
+
+/// How much one client may do over the customer routes. Over a limit the
+/// request answers 429 `rate_limited` with `Retry-After` (whole seconds)
+/// and does nothing. Each limit allows bursts of twice its rate; `0` turns
+/// it off.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RateLimits {
+    /// `POST /customer/chats` per minute from one client address in one
+    /// tenant (default 10, bursts of 20), every attempt counted, refused
+    /// ones too (a wrong identity hash tried again and again). The address
+    /// is the peer's, or the one a proxy names ([`Self::client_ip_header`]);
+    /// IPv6 addresses count by their /64, which one client usually has
+    /// whole. A request with no IP address (a Unix socket, poem's test
+    /// client) is not limited.
+    pub chat_starts_per_minute: u32,
+    /// `POST /customer/chats/{id}/messages` per second from one customer
+    /// (default 10, bursts of 20, as a WebSocket's `send_message`:
+    /// `RealtimeConfig::send_rate_per_sec`).
+    pub customer_messages_per_sec: u32,
+    /// The request header that holds the client's address when the host's
+    /// reverse proxy sets it (`X-Real-IP`, or `X-Forwarded-For`, whose last
+    /// address is taken: the one the proxy appended, which a client cannot
+    /// forge). `None` (default): the peer address, which behind a proxy is
+    /// the proxy's, so every client would share one limit. A request
+    /// without the header, or with no address in it, counts by its peer
+    /// address. The address is also what a customer's `client_ip` records.
+    pub client_ip_header: Option<HeaderName>,
+}
+
+impl Default for RateLimits {
+    fn default() -> Self {
+        Self {
+            chat_starts_per_minute: 10,
+            customer_messages_per_sec: 10,
+            client_ip_header: None,
+        }
+    }
+}
+
+impl RateLimits {
+    /// No limit at all (a host that limits in front of the library, or
+    /// load tests).
+    #[must_use]
+    pub fn unlimited() -> Self {
+        Self {
+            chat_starts_per_minute: 0,
+            customer_messages_per_sec: 0,
+            client_ip_header: None,
+        }
+    }
+}
+
+/// How many keys a limiter holds before those it no longer needs (whose
+/// state is back to a full burst) are dropped.
+const KEYS_KEPT: usize = 10_000;
+
+/// A client address as a limit counts it: IPv4 whole, IPv6 by its /64.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+enum ClientKey {
+    V4([u8; 4]),
+    V6([u8; 8]),
+}
+
+impl From<IpAddr> for ClientKey {
+    fn from(ip: IpAddr) -> Self {
+        match ip {
+            IpAddr::V4(ip) => Self::V4(ip.octets()),
+            IpAddr::V6(ip) => match ip.to_ipv4_mapped() {
+                Some(v4) => Self::V4(v4.octets()),
+                None => {
+                    let octets = ip.octets();
+                    let mut prefix = [0; 8];
+                    prefix.copy_from_slice(&octets[..8]);
+                    Self::V6(prefix)
+                }
+            },
+        }
+    }
+}
+
+/// The limiters of one [`crate::Livechat`], shared by its routes.
+pub(crate) struct Limiters {
+    starts: Option<DefaultKeyedRateLimiter<(TenantId, ClientKey)>>,
+    messages: Option<DefaultKeyedRateLimiter<(TenantId, CustomerId)>>,
+    client_ip_header: Option<HeaderName>,
+}
+
+impl std::fmt::Debug for Limiters {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Limiters").finish_non_exhaustive()
+    }
+}
+
+/// A limiter of `rate` cells per `period`, bursts of twice that; `None`
+/// for 0.
+fn keyed<K: Clone + Eq + std::hash::Hash>(
+    rate: u32,
+    per: fn(NonZeroU32) -> Quota,
+) -> Option<DefaultKeyedRateLimiter<K>> {
+    let rate = NonZeroU32::new(rate)?;
+    let burst = rate.saturating_mul(NonZeroU32::MIN.saturating_add(1));
+    Some(RateLimiter::keyed(per(rate).allow_burst(burst)))
+}
+
+/// Counts one request under `key`: a 429 when over the limit.
+fn check<K: Clone + Eq + std::hash::Hash>(
+    limiter: Option<&DefaultKeyedRateLimiter<K>>,
+    key: &K,
+    what: &str,
+) -> Result<(), ApiError> {
+    let Some(limiter) = limiter else {
+        return Ok(());
+    };
+    let outcome = limiter.check_key(key);
+    if limiter.len() > KEYS_KEPT {
+        limiter.retain_recent();
+        limiter.shrink_to_fit();
+    }
+    outcome.map_err(|not_until| {
+        let wait = not_until.wait_time_from(DefaultClock::default().now());
+        ApiError::rate_limited(what, wait)
+    })
+}
+
+impl Limiters {
+    pub(crate) fn new(limits: &RateLimits) -> Self {
+        Self {
+            starts: keyed(limits.chat_starts_per_minute, Quota::per_minute),
+            messages: keyed(limits.customer_messages_per_sec, Quota::per_second),
+            client_ip_header: limits.client_ip_header.clone(),
+        }
+    }
+
+    /// The client's address: from [`RateLimits::client_ip_header`] when
+    /// set and present, else the peer's.
+    pub(crate) fn client_ip(&self, req: &Request) -> Option<IpAddr> {
+        let named = self.client_ip_header.as_ref().and_then(|name| {
+            let value = req.headers().get_all(name).iter().next_back()?;
+            value.to_str().ok()?.rsplit(',').next()?.trim().parse().ok()
+        });
+        named.or_else(|| req.remote_addr().as_socket_addr().map(|a| a.ip()))
+    }
+
+    /// Counts a chat start of `req`'s client in `tenant`.
+    pub(crate) fn chat_start(&self, tenant: TenantId, req: &Request) -> Result<(), ApiError> {
+        let Some(ip) = self.client_ip(req) else {
+            return Ok(());
+        };
+        check(
+            self.starts.as_ref(),
+            &(tenant, ClientKey::from(ip)),
+            "too many chats started from this address",
+        )
+    }
+
+    /// Counts a message of `customer` in `tenant`.
+    pub(crate) fn customer_message(
+        &self,
+        tenant: TenantId,
+        customer: CustomerId,
+    ) -> Result<(), ApiError> {
+        check(
+            self.messages.as_ref(),
+            &(tenant, customer),
+            "too many messages; slow down",
+        )
+    }
+}
+
+/// Whole seconds to announce in `Retry-After` for `wait` (at least 1).
+pub(crate) fn retry_after_secs(wait: Duration) -> u64 {
+    (wait.as_secs() + u64::from(wait.subsec_nanos() > 0)).max(1)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn retry_after_rounds_up_to_whole_seconds() {
+        assert_eq!(retry_after_secs(Duration::ZERO), 1);
+        assert_eq!(retry_after_secs(Duration::from_millis(1)), 1);
+        assert_eq!(retry_after_secs(Duration::from_secs(6)), 6);
+        assert_eq!(retry_after_secs(Duration::from_millis(6_001)), 7);
+    }
+
+    #[test]
+    fn ipv6_clients_count_by_their_64_and_mapped_ipv4_as_ipv4() {
+        let a: IpAddr = "2001:db8:1:2::1".parse().unwrap();
+        let b: IpAddr = "2001:db8:1:2:ffff::9".parse().unwrap();
+        let c: IpAddr = "2001:db8:1:3::1".parse().unwrap();
+        assert_eq!(ClientKey::from(a), ClientKey::from(b));
+        assert_ne!(ClientKey::from(a), ClientKey::from(c));
+        let mapped: IpAddr = "::ffff:192.0.2.7".parse().unwrap();
+        let v4: IpAddr = "192.0.2.7".parse().unwrap();
+        assert_eq!(ClientKey::from(mapped), ClientKey::from(v4));
+    }
+
+    #[test]
+    fn a_limit_refuses_past_its_burst_per_key_and_zero_is_none() {
+        let limits = Limiters::new(&RateLimits {
+            chat_starts_per_minute: 2,
+            ..RateLimits::default()
+        });
+        let tenant = TenantId::new(1).unwrap();
+        let other = TenantId::new(2).unwrap();
+        let key = ClientKey::from("192.0.2.1".parse::<IpAddr>().unwrap());
+        for _ in 0..4 {
+            check(limits.starts.as_ref(), &(tenant, key), "x").unwrap();
+        }
+        let refused = check(limits.starts.as_ref(), &(tenant, key), "x").unwrap_err();
+        assert_eq!(refused.detail().code, "rate_limited");
+        check(limits.starts.as_ref(), &(other, key), "x").expect("another tenant");
+        let none = Limiters::new(&RateLimits::unlimited());
+        for _ in 0..100 {
+            check(none.starts.as_ref(), &(tenant, key), "x").unwrap();
+        }
+    }
+}

@@ -503,14 +503,16 @@ fn completed(spec: &str, ws: bool) -> String {
             // those a read never answers are left out: nothing to conflict
             // with, and the availability flag needs no credential and
             // reads no row. (413 stays: any request's body is checked.)
+            // Only a customer's start and message are rate limited (429).
             if let Some(responses) = operation
                 .get_mut("responses")
                 .and_then(Value::as_object_mut)
             {
                 let never: &[&str] = match (path.as_str(), method.as_str()) {
-                    ("/customer/availability", _) => &["401", "403", "404", "409"],
-                    (_, "get") => &["409"],
-                    _ => &[],
+                    ("/customer/availability", _) => &["401", "403", "404", "409", "429"],
+                    ("/customer/chats" | "/customer/chats/{id}/messages", "post") => &[],
+                    (_, "get") => &["409", "429"],
+                    _ => &["429"],
                 };
                 for status in never {
                     responses.remove(*status);

@@ -329,8 +329,8 @@ async fn agents_close_tickets(backend: Backend) {
             body["data"].clone()
         }
     };
-    // Not written by the dispatcher yet: not found, as for reading it.
-    assert_eq!(close(&agent_ticket, 7, 1).await.0, 404);
+    // Not written by the dispatcher yet: pending (reading it: not found).
+    assert_eq!(close(&agent_ticket, 7, 1).await.0, 409);
     drain(&app.dispatcher, &app.db).await;
 
     for (ticket, bad) in [

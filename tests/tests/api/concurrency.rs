@@ -781,3 +781,172 @@ async fn after_a_database_restart_no_request_fails() {
         assert_eq!(body["data"]["seq"], 9 + n, "{body}");
     }
 }
+
+/// The same `client_msg_id` sent at once through two nodes, three times
+/// each (a client retrying through a load balancer), for 100 keys each by
+/// the agent, by the customer, and by both (the agent's and the
+/// customer's sends alternating): one message per key; every other send
+/// of its sender answered with it, the other participant's refused with
+/// `ClientMsgIdTaken`; never a storage error.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn one_key_sent_at_once_through_two_nodes_is_stored_once() {
+    use livechat_core::{CustomerChatRequest, CustomerIdentity};
+    let app = App::new(Backend::Postgres).await;
+    let (tenant, agent) = ids(1, 7);
+    app.go_online(7, 1).await;
+    let customer = app
+        .chat
+        .resolve_customer(tenant, CustomerIdentity::User(UserId::new(60).unwrap()))
+        .await
+        .unwrap()
+        .id;
+    let started = app
+        .chat
+        .start_customer_chat(
+            tenant,
+            customer,
+            CustomerChatRequest {
+                topic: "Billing".into(),
+                ..Default::default()
+            },
+        )
+        .await
+        .unwrap();
+    let session = started.view.session.id;
+    assert_eq!(started.view.session.agent_id, Some(agent));
+    let other = second_node(&app);
+    for (mode, senders) in [("agent", [true; 6]), ("customer", [false; 6])]
+        .into_iter()
+        .chain(std::iter::once((
+            "both",
+            [true, false, true, false, true, false],
+        )))
+    {
+        for round in 0..100 {
+            let key = format!("{mode}-{round}");
+            let tasks: Vec<_> = senders
+                .iter()
+                .enumerate()
+                .map(|(n, &by_agent)| {
+                    let chat = if n % 2 == 0 {
+                        app.chat.clone()
+                    } else {
+                        other.clone()
+                    };
+                    let key = key.clone();
+                    tokio::spawn(async move {
+                        let sent = if by_agent {
+                            chat.post_message(tenant, agent, session, "once".into(), Some(key))
+                                .await
+                        } else {
+                            chat.post_customer_message(
+                                tenant,
+                                customer,
+                                session,
+                                "once".into(),
+                                Some(key),
+                            )
+                            .await
+                        };
+                        (by_agent, sent)
+                    })
+                })
+                .collect();
+            let mut created = Vec::new();
+            let mut ids = HashSet::new();
+            let mut outcomes = Vec::new();
+            for task in futures::future::join_all(tasks).await {
+                let (by_agent, sent) = task.unwrap();
+                match sent {
+                    Ok(sent) => {
+                        if sent.created {
+                            created.push(by_agent);
+                        }
+                        ids.insert(sent.message.id);
+                        outcomes.push((by_agent, true));
+                    }
+                    Err(ChatError::ClientMsgIdTaken) => outcomes.push((by_agent, false)),
+                    Err(e) => panic!("{mode} round {round}: {e:?}"),
+                }
+            }
+            assert_eq!((created.len(), ids.len()), (1, 1), "{mode} round {round}");
+            // The creator's sends are answered with the message, the
+            // other participant's refused.
+            for (by_agent, ok) in outcomes {
+                assert_eq!(ok, by_agent == created[0], "{mode} round {round}");
+            }
+        }
+    }
+    let session = app.chat.get_session(tenant, session).await.unwrap().session;
+    assert_eq!(session.last_seq, 300, "one message per key");
+}
+
+/// As [`one_key_sent_at_once_through_two_nodes_is_stored_once`], over HTTP
+/// to two example hosts with pools of their own, a visitor's sends.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn one_key_posted_at_once_to_two_hosts_is_stored_once() {
+    use std::sync::Arc;
+
+    use livechat_core::bus::InProcessBus;
+    use livechat_tests::node::Node;
+    use serde_json::{Value, json};
+    let app = App::new(Backend::Postgres).await;
+    app.go_online(7, 1).await;
+    let nodes = [
+        Node::start(
+            app.test_db.connect_migrated().await,
+            &app.config,
+            Arc::new(InProcessBus::new()),
+        )
+        .await,
+        Node::start(
+            app.test_db.connect_migrated().await,
+            &app.config,
+            Arc::new(InProcessBus::new()),
+        )
+        .await,
+    ];
+    let http = reqwest::Client::new();
+    let resp = http
+        .post(nodes[0].url("/livechat/customer/chats"))
+        .header("X-Tenant-ID", "1")
+        .header("Content-Type", "application/json")
+        .body(json!({"browser_uuid": uuid::Uuid::now_v7(), "topic": "Hi"}).to_string())
+        .send()
+        .await
+        .unwrap();
+    let started: Value = serde_json::from_str(&resp.text().await.unwrap()).unwrap();
+    assert_eq!(started["data"]["session"]["status"], "OPEN", "{started}");
+    let session = started["data"]["session"]["id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let token = started["data"]["visitor_token"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let mut failures = Vec::new();
+    for round in 0..100 {
+        let sends: Vec<_> = (0..6)
+            .map(|n| {
+                http.post(nodes[n % 2].url(&format!("/livechat/customer/chats/{session}/messages")))
+                    .header("X-Tenant-ID", "1")
+                    .header("Authorization", format!("Visitor {token}"))
+                    .header("Content-Type", "application/json")
+                    .body(
+                        json!({"message": "x", "client_msg_id": format!("dup-{round}")})
+                            .to_string(),
+                    )
+                    .send()
+            })
+            .collect();
+        for resp in futures::future::join_all(sends).await {
+            let resp = resp.unwrap();
+            let status = resp.status().as_u16();
+            if status != 200 && status != 201 {
+                failures.push((round, status, resp.text().await.unwrap()));
+            }
+        }
+    }
+    assert!(failures.is_empty(), "{failures:?}");
+}

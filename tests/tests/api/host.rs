@@ -247,6 +247,19 @@ async fn seeded_login_drives_the_library(backend: Backend) {
         assign.contains(&"409".to_owned()) && assign.contains(&"413".to_owned()),
         "{assign:?}"
     );
+    // Only a customer's start and message are rate limited.
+    for (path, method, limited) in [
+        ("/customer/chats", "post", true),
+        ("/customer/chats/{id}/messages", "post", true),
+        ("/sessions/{id}/messages", "post", false),
+        ("/customer/chats/{id}/messages", "get", false),
+    ] {
+        assert_eq!(
+            statuses(path, method).contains(&"429".to_owned()),
+            limited,
+            "{method} {path}"
+        );
+    }
     // The WebSocket route too, with the same error envelope.
     let envelope = &spec["paths"]["/sessions"]["post"]["responses"]["401"]["content"];
     assert!(

@@ -29,7 +29,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 
 use livechat_core::bus::{BusEvent, Ephemeral};
-use livechat_core::{ChatMessage, ChatSession, EventKind, SessionId, TenantId};
+use livechat_core::{AgentPresence, ChatMessage, ChatSession, EventKind, SessionId, TenantId};
 use tokio::sync::{OnceCell, broadcast, mpsc};
 
 /// Default of `RealtimeConfig::event_queue`: events a connection's queue
@@ -53,6 +53,16 @@ pub(crate) struct Prepared {
     /// every lifecycle event of its tenant: a queue of n waiting customers
     /// cost n reads per move.
     pub(crate) queue: OnceCell<HashMap<SessionId, i64>>,
+    /// For a session lifecycle event: the session as stored when the first
+    /// connection that relays it reads it (`None`: the read failed), then
+    /// shared (`ws::Conn::current_session`). Events committed on different
+    /// nodes can arrive out of order (a close made on one node before an
+    /// assignment made earlier on another); relaying each event's own copy
+    /// left a client with the older state.
+    pub(crate) current: OnceCell<Option<ChatSession>>,
+    /// For `agent.status_changed`: the agent's presence as stored when
+    /// first relayed, for the same reason (`ws::Conn::current_presence`).
+    pub(crate) presence: OnceCell<Option<AgentPresence>>,
 }
 
 impl Prepared {
@@ -73,6 +83,8 @@ impl Prepared {
             message,
             session,
             queue: OnceCell::new(),
+            current: OnceCell::new(),
+            presence: OnceCell::new(),
         }
     }
 }

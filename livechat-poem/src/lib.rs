@@ -229,8 +229,8 @@ impl Livechat {
     /// chats of agents gone for the routing policy's `hand_back_after`
     /// (`RoutingPolicy::hand_back_after`) since they were announced
     /// offline ([`ChatService::hand_back_chats_of_absent_agents`]); their
-    /// customers' connections get `session_updated`, and the agent who
-    /// takes a chat `session_assigned`. Returns the agents whose chats were
+    /// customers' connections get `session_updated`, and the tenant's
+    /// agent connections `queue_updated`. Returns the agents whose chats were
     /// handed back. Without [`Self::realtime`] nobody is announced offline,
     /// so nothing is handed back.
     ///

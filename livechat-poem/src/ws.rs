@@ -997,6 +997,52 @@ impl Conn {
         }
     }
 
+    /// The session of the lifecycle event `prepared` as stored now, read
+    /// by the first connection of the node that relays the event and then
+    /// shared ([`Prepared::current`]), or the event's own copy when the
+    /// read fails. Relayed instead of the copy, so that whatever order the
+    /// bus brings two nodes' events in, the last frame a client gets shows
+    /// the session as it is (issue #4: any node can serve any client).
+    async fn current_session<'p>(
+        &self,
+        prepared: &'p Prepared,
+    ) -> Option<&'p livechat_core::ChatSession> {
+        let copy = prepared.session.as_ref()?;
+        let read = prepared.current.get_or_init(|| async {
+            match self.chat().get_session(self.tenant(), copy.id).await {
+                Ok(view) => Some(view.session),
+                Err(e) => {
+                    tracing::warn!(error = %e, "reading an event's session failed");
+                    None
+                }
+            }
+        });
+        read.await.as_ref().or(Some(copy))
+    }
+
+    /// As [`Self::current_session`], the presence of an
+    /// `agent.status_changed` event's agent ([`Prepared::presence`]); the
+    /// event's own copy when it cannot be read (`None` when that does not
+    /// decode either).
+    async fn current_presence(
+        &self,
+        event: &DomainEvent,
+        prepared: &Prepared,
+    ) -> Option<livechat_core::AgentPresence> {
+        let copy: Option<livechat_core::AgentPresence> = event.payload.decode().ok();
+        let read = prepared.presence.get_or_init(|| async {
+            let agent = copy.as_ref()?.agent_id;
+            match self.chat().agent_presence(self.tenant(), agent).await {
+                Ok(presence) => Some(presence),
+                Err(e) => {
+                    tracing::warn!(error = %e, "reading an event's agent presence failed");
+                    None
+                }
+            }
+        });
+        read.await.clone().or(copy)
+    }
+
     /// Stops following a joined session: its messages, its lifecycle and,
     /// when it was the last waiting one, the tenant's queue moves.
     fn leave(&mut self, session: SessionId) {
@@ -1032,7 +1078,7 @@ impl Conn {
             | EventKind::SessionAssigned
             | EventKind::SessionClosed
             | EventKind::SessionUpdated => {
-                let session = prepared.session.as_ref();
+                let session = self.current_session(prepared).await;
                 if let Role::Agent(_) = self.identity.role
                     && let Some(s) = &session
                 {
@@ -1107,13 +1153,26 @@ impl Conn {
                     // A status set over HTTP also names the departments
                     // the agent takes (README "Frames"), so a team view
                     // stays current without GET /agents.
-                    let presence = event.payload.value();
-                    self.send(frame(json!({
-                        "type": "presence_updated",
-                        "agent_id": presence.get("agent_id"),
-                        "status": presence.get("status"),
-                        "departments": presence.get("departments").cloned().unwrap_or_else(|| json!([])),
-                    })));
+                    // As stored now (`current_presence`): two nodes' changes
+                    // can arrive in either order.
+                    let update = match self.current_presence(event, prepared).await {
+                        Some(p) => json!({
+                            "type": "presence_updated",
+                            "agent_id": p.agent_id,
+                            "status": p.status,
+                            "departments": p.departments,
+                        }),
+                        None => {
+                            let presence = event.payload.value();
+                            json!({
+                                "type": "presence_updated",
+                                "agent_id": presence.get("agent_id"),
+                                "status": presence.get("status"),
+                                "departments": presence.get("departments").cloned().unwrap_or_else(|| json!([])),
+                            })
+                        }
+                    };
+                    self.send(frame(update));
                 }
             }
             _ => {}

@@ -37,6 +37,7 @@ on_both_databases!(
     a_burst_larger_than_the_queue_reaches_a_reading_client,
     a_waiting_customer_sees_its_place_move,
     a_visitor_socket_goes_on_as_the_linked_customer,
+    a_late_event_from_another_node_relays_the_state_as_stored,
 );
 on_both_databases!(
     current_thread: a_long_burst_of_bus_events_is_relayed_whole,
@@ -91,6 +92,85 @@ async fn a_long_burst_of_bus_events_is_relayed_whole(backend: Backend) {
             "typing signal {n} of 100 relayed in order"
         );
     }
+}
+
+/// Events committed on two nodes can reach a third in either order (each
+/// node publishes its own after its commit): an assignment made on one
+/// node can arrive after a close made later on another. Each lifecycle
+/// and status event is relayed with the session or presence as stored
+/// when it arrives, so the last frame shows what is (it showed the late
+/// event's copy: the client kept an OPEN chat that was CLOSED, an agent
+/// `away` who was `online`).
+async fn a_late_event_from_another_node_relays_the_state_as_stored(backend: Backend) {
+    use livechat_core::bus::{BusEvent, EventBus};
+    use livechat_core::{DomainEvent, EventId, EventKind, EventPayload};
+
+    let bus = Arc::new(InProcessBus::new());
+    let (_app, node) = node_on(backend, bus.clone(), |_| {}).await;
+    let (session, auth) = open_chat(&node, 940).await;
+    let (mut agent, mut customer) = join_both(&node, session, &auth).await;
+    let mut colleague = WsClient::connect_with_header(&node.ws_url(), &agent_auth(8), 1)
+        .await
+        .unwrap();
+    colleague.expect("ready").await;
+    let late = |kind: EventKind, payload: EventPayload| {
+        BusEvent::Domain(Arc::new(DomainEvent {
+            id: EventId::generate(),
+            tenant_id: t(1),
+            session_id: (kind != EventKind::AgentStatusChanged).then_some(session),
+            kind,
+            payload,
+            created_at: chrono::Utc::now(),
+        }))
+    };
+
+    // The assignment's copy of the chat, then the close.
+    let open = node.chat.get_session(t(1), session).await.unwrap().session;
+    assert_eq!(open.status, SessionStatus::Open);
+    node.chat.close_session(t(1), u(7), session).await.unwrap();
+    let closed = customer.expect("session_updated").await;
+    assert_eq!(closed["session"]["status"], "CLOSED", "{closed}");
+    bus.publish(late(
+        EventKind::SessionAssigned,
+        EventPayload::new(&open).unwrap(),
+    ));
+    let relayed = customer.expect("session_updated").await;
+    assert_eq!(
+        relayed["session"]["status"], "CLOSED",
+        "as stored: {relayed}"
+    );
+    let queue = loop {
+        let frame = agent.expect("queue_updated").await;
+        if frame["status"] != "CLOSED" || frame["session_id"] != json!(session) {
+            continue;
+        }
+        break agent.expect("queue_updated").await;
+    };
+    assert_eq!(queue["status"], "CLOSED", "as stored: {queue}");
+
+    // Agent 7 away, then online; the late `away` shows `online`.
+    let away = node
+        .chat
+        .set_agent_status(t(1), u(7), PresenceStatus::Away)
+        .await
+        .unwrap();
+    node.chat
+        .set_agent_status(t(1), u(7), PresenceStatus::Online)
+        .await
+        .unwrap();
+    // Each change is relayed as stored when it arrives: the `away` one
+    // may already show `online`.
+    while colleague.expect("presence_updated").await["status"] != "online" {}
+    bus.publish(late(
+        EventKind::AgentStatusChanged,
+        EventPayload::new(&away).unwrap(),
+    ));
+    let relayed = colleague.expect("presence_updated").await;
+    assert_eq!(
+        (relayed["agent_id"].as_i64(), relayed["status"].as_str()),
+        (Some(7), Some("online")),
+        "as stored: {relayed}"
+    );
 }
 
 /// Issue #5: the node's fan-out queues at most `event_queue` events per
@@ -584,9 +664,11 @@ async fn joined_says_the_status_and_a_closed_chat_refuses_typing(backend: Backen
     );
 }
 
-/// A connected customer whose agent sets `offline` sees the chat go back to
-/// the queue and on to the other agent online, as `session_updated` frames;
-/// the agents see the queue change.
+/// A connected customer whose agent sets `offline` sees the chat go on to
+/// the other agent online, as `session_updated` frames; the agents see the
+/// queue change. The hand-back and the new assignment are one commit, so
+/// the frames of both events show the chat as that commit left it (they
+/// carry the session as stored when relayed).
 async fn a_connected_customer_follows_their_chat_handed_back(backend: Backend) {
     let (_app, node) = node(backend, |_| {}).await;
     let (session, customer_auth) = open_chat(&node, 932).await;
@@ -603,24 +685,17 @@ async fn a_connected_customer_follows_their_chat_handed_back(backend: Backend) {
         .set_agent_status(t(1), u(7), PresenceStatus::Offline)
         .await
         .unwrap();
-    let back = customer.expect("session_updated").await;
-    assert_eq!(
-        (
-            back["session"]["status"].as_str(),
-            &back["session"]["agent_id"]
-        ),
-        (Some("WAITING"), &Value::Null),
-        "{back}"
-    );
-    let taken = customer.expect("session_updated").await;
-    assert_eq!(
-        (
-            taken["session"]["status"].as_str(),
-            taken["session"]["agent_id"].as_i64()
-        ),
-        (Some("OPEN"), Some(8)),
-        "{taken}"
-    );
+    for _ in 0..2 {
+        let taken = customer.expect("session_updated").await;
+        assert_eq!(
+            (
+                taken["session"]["status"].as_str(),
+                taken["session"]["agent_id"].as_i64()
+            ),
+            (Some("OPEN"), Some(8)),
+            "{taken}"
+        );
+    }
     let queue = watcher.expect("queue_updated").await;
     assert_eq!(
         queue["session_id"].as_str(),

@@ -1084,8 +1084,14 @@ impl<S: ChatStore> ChatService<S> {
         id: TicketId,
     ) -> Result<TicketClose, ChatError> {
         let ticket = match tickets.get_ticket(tenant, id).await {
-            Err(ChatError::NotFound) if self.store.ticket_opening_pending(tenant, id).await? => {
-                return Err(ChatError::TicketPending);
+            Err(ChatError::NotFound) => {
+                if self.store.ticket_opening_pending(tenant, id).await? {
+                    return Err(ChatError::TicketPending);
+                }
+                // Delivered between the two reads (the dispatcher writes
+                // the ticket before it marks its opening dispatched), or
+                // no such ticket.
+                tickets.get_ticket(tenant, id).await?
             }
             found => found?,
         };

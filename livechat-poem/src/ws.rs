@@ -656,6 +656,9 @@ struct Outbound {
     unflushed: bool,
     /// A write failed: the socket is gone.
     broken: bool,
+    /// Frames the socket has taken so far: while it takes them, the
+    /// client is reading (the kernel's buffers stay full otherwise).
+    taken: u64,
 }
 
 impl Outbound {
@@ -665,6 +668,7 @@ impl Outbound {
             queue: VecDeque::new(),
             unflushed: false,
             broken: false,
+            taken: 0,
         }
     }
 
@@ -684,6 +688,7 @@ impl Outbound {
                 if let Some(message) = self.queue.pop_front() {
                     self.sink.start_send_unpin(message)?;
                     self.unflushed = true;
+                    self.taken += 1;
                 }
             }
             if self.unflushed {
@@ -1602,6 +1607,9 @@ async fn serve(gateway: Arc<Gateway>, socket: WebSocketStream, pre_auth: Option<
     let mut bus_open = true;
     let mut ping = tokio::time::interval(config.ping_interval);
     ping.tick().await;
+    // What the socket had taken at the last ping tick, and whether frames
+    // were waiting for it then.
+    let (mut taken_at_tick, mut backlogged) = (0, false);
     // The renewal of the registration, at most one at a time, runs beside
     // the loop: while the database is slow or down the loop still reads
     // (so the client's pongs count and its pings are answered) instead of
@@ -1706,15 +1714,30 @@ async fn serve(gateway: Arc<Gateway>, socket: WebSocketStream, pre_auth: Option<
                 }
             }
             _ = ping.tick() => {
+                // Frames were waiting at the last tick (the socket's buffers
+                // were full) and the socket has taken some since: the
+                // client's side acknowledged them, so it is there and
+                // reading, however slowly. On a slow link its pong can wait
+                // behind that backlog for longer than the TTL (it was closed
+                // for "no heartbeat" while reading). A socket whose buffers
+                // have room proves nothing: frames written to a dead peer
+                // are taken too, until they fill.
+                if backlogged && conn.out.taken != taken_at_tick {
+                    conn.last_heard = Instant::now();
+                }
+                taken_at_tick = conn.out.taken;
+                backlogged = !conn.out.queue.is_empty();
                 // Frames wait unread while 64 sends are in flight: that is
                 // the server's backlog, not a silent client.
                 if conn.last_heard.elapsed() > config.connection_ttl && conn.sends.is_empty() {
                     conn.close_with(CloseCode::Away, "no heartbeat");
                     break;
                 }
-                // A full queue already proves the socket is busy: skip the ping.
+                // Ahead of the frames not yet written (a control frame may
+                // go between messages), so that a backlog does not hold it
+                // up; a full queue already proves the socket is busy.
                 if conn.out.queue.len() < config.outbound_queue {
-                    conn.send(Message::Ping(Vec::new()));
+                    conn.out.queue.push_front(Message::Ping(Vec::new()));
                 }
                 if renewal.is_empty() {
                     let (gateway, tenant, id) = (gateway.clone(), identity.tenant, conn.id);

@@ -38,6 +38,7 @@ on_both_databases!(
     a_waiting_customer_sees_its_place_move,
     a_visitor_socket_goes_on_as_the_linked_customer,
     a_late_event_from_another_node_relays_the_state_as_stored,
+    a_slow_reader_is_kept_while_it_reads,
 );
 on_both_databases!(
     current_thread: a_long_burst_of_bus_events_is_relayed_whole,
@@ -171,6 +172,102 @@ async fn a_late_event_from_another_node_relays_the_state_as_stored(backend: Back
         (Some(7), Some("online")),
         "as stored: {relayed}"
     );
+}
+
+/// A client on a slow link reads a backlog for longer than the
+/// connection TTL (4 s here). Its pongs used to wait behind the backlog,
+/// since pings were queued after it, and it was closed for "no heartbeat"
+/// while reading. Pings now go ahead of the frames not yet written, and a
+/// socket that takes frames while others wait counts as a client that is
+/// there. Its receive buffer is made small before it connects, so part of
+/// the backlog stays in the server's queue.
+async fn a_slow_reader_is_kept_while_it_reads(backend: Backend) {
+    use futures::{SinkExt, StreamExt};
+    use tokio_tungstenite::tungstenite::Message;
+    use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+
+    // The backlog is made within one ping interval, so that a ping queued
+    // after it waits for all of it.
+    let (_app, node) = node_on(backend, Arc::new(InProcessBus::new()), |r| {
+        r.ping_interval = Duration::from_secs(1);
+        r.connection_ttl = Duration::from_secs(4);
+    })
+    .await;
+    let (session, _) = open_chat(&node, 941).await;
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.set_recv_buffer_size(4096).unwrap();
+    let tcp = socket.connect(node.addr).await.unwrap();
+    let mut req = node.ws_url().into_client_request().unwrap();
+    req.headers_mut()
+        .insert("Authorization", agent_auth(7).parse().unwrap());
+    req.headers_mut()
+        .insert("X-Tenant-ID", "1".parse().unwrap());
+    let (mut ws, _) = tokio_tungstenite::client_async(req, tcp).await.unwrap();
+    ws.send(Message::text(
+        json!({"type": "join_session", "session_id": session}).to_string(),
+    ))
+    .await
+    .unwrap();
+    loop {
+        if let Some(Ok(Message::Text(text))) = ws.next().await
+            && text.contains("\"joined\"")
+        {
+            break;
+        }
+    }
+    // 9 MB: more than the kernel's buffers hold, so that frames wait in
+    // the server's queue, which the socket takes from as the client reads.
+    const SENT: i64 = 1000;
+    let sends: Vec<_> = (0..SENT)
+        .map(|n| {
+            let chat = node.chat.clone();
+            tokio::spawn(async move {
+                chat.post_message(t(1), u(7), session, format!("{n:09000}"), None)
+                    .await
+                    .unwrap();
+            })
+        })
+        .collect();
+    // About 150 frames a second: 6–7 s for the backlog, past the TTL; the
+    // tail the kernel holds (4 MB at most) is read within it.
+    let mut last_seq = 0;
+    while last_seq < SENT {
+        let frame = tokio::time::timeout(Duration::from_secs(10), ws.next())
+            .await
+            .expect("a frame within 10 s");
+        match frame {
+            Some(Ok(Message::Text(text))) => {
+                let frame: Value = serde_json::from_str(&text).unwrap();
+                if frame["type"] == "new_message" {
+                    assert_eq!(frame["seq"], last_seq + 1, "in order");
+                    last_seq += 1;
+                    tokio::time::sleep(Duration::from_millis(6)).await;
+                }
+            }
+            Some(Ok(
+                Message::Ping(_) | Message::Pong(_) | Message::Frame(_) | Message::Binary(_),
+            )) => {}
+            other => panic!("closed after {last_seq} of {SENT} messages: {other:?}"),
+        }
+    }
+    for send in sends {
+        send.await.unwrap();
+    }
+    // Still open: the server answers (a close for "no heartbeat" would
+    // have come after the backlog).
+    ws.send(Message::text(json!({"type": "ping"}).to_string()))
+        .await
+        .unwrap();
+    loop {
+        match tokio::time::timeout(Duration::from_secs(10), ws.next())
+            .await
+            .expect("an answer within 10 s")
+        {
+            Some(Ok(Message::Text(text))) if text.contains("\"pong\"") => break,
+            Some(Ok(Message::Text(_) | Message::Ping(_) | Message::Pong(_))) => {}
+            other => panic!("the connection did not stay open: {other:?}"),
+        }
+    }
 }
 
 /// Issue #5: the node's fan-out queues at most `event_queue` events per

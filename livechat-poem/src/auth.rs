@@ -30,6 +30,11 @@ pub struct Principal {
     pub roles: Vec<String>,
     /// Tenants the user may act in; `None` means every tenant.
     pub tenant_ids: Option<Vec<TenantId>>,
+    /// When the credential stops being accepted (for a JWT, its `exp` plus
+    /// the leeway); `None`: not known to expire. A WebSocket opened with it
+    /// is closed then (1008), so that a connection does not outlive its
+    /// credential (README "Errors and close codes").
+    pub expires_at: Option<chrono::DateTime<chrono::Utc>>,
 }
 
 impl Principal {
@@ -222,12 +227,16 @@ impl Authenticator for JwtAuthenticator {
             })
             .transpose()
             .map_err(|_| AuthError::InvalidToken("tenant_ids must be positive integers".into()))?;
+        let exp = claims.exp.as_ref().and_then(serde_json::Value::as_u64);
         let principal = Principal {
             user_id,
             roles: claims.roles,
             tenant_ids,
+            expires_at: exp
+                .and_then(|exp| i64::try_from(exp.saturating_add(self.validation.leeway)).ok())
+                .and_then(|at| chrono::DateTime::from_timestamp(at, 0)),
         };
-        if let Some(exp) = claims.exp.as_ref().and_then(serde_json::Value::as_u64) {
+        if let Some(exp) = exp {
             self.remember(token, &principal, exp, now);
         }
         Ok(principal)
@@ -399,6 +408,7 @@ mod tests {
             user_id: UserId::new(user).unwrap(),
             roles: vec![SUPPORT_AGENT.to_owned()],
             tenant_ids: None,
+            expires_at: None,
         }
     }
 

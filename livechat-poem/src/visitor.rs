@@ -97,13 +97,33 @@ impl VisitorTokens {
     /// leeway) or not a visitor token.
     #[must_use]
     pub fn verify(&self, token: &str) -> Option<(TenantId, CustomerId)> {
+        self.verify_until(token)
+            .map(|(tenant, customer, _)| (tenant, customer))
+    }
+
+    /// As [`Self::verify`], with when the token stops being accepted (its
+    /// `exp` plus the 60 s leeway): a WebSocket opened with it is closed
+    /// then.
+    #[must_use]
+    pub fn verify_until(
+        &self,
+        token: &str,
+    ) -> Option<(TenantId, CustomerId, chrono::DateTime<chrono::Utc>)> {
         let data =
             jsonwebtoken::decode::<VisitorClaims>(token, &self.decoding, &self.validation).ok()?;
         let claims = data.claims;
         if claims.typ != TOKEN_TYPE {
             return None;
         }
-        Some((TenantId::new(claims.tid).ok()?, claims.sub.parse().ok()?))
+        let until = claims
+            .exp
+            .checked_add(i64::try_from(self.validation.leeway).ok()?)
+            .and_then(|at| chrono::DateTime::from_timestamp(at, 0))?;
+        Some((
+            TenantId::new(claims.tid).ok()?,
+            claims.sub.parse().ok()?,
+            until,
+        ))
     }
 }
 

@@ -190,6 +190,9 @@ impl Role {
 struct Identity {
     tenant: TenantId,
     role: Role,
+    /// When the credential stops being accepted: the connection is closed
+    /// then (`None`: it does not expire).
+    expires_at: Option<chrono::DateTime<chrono::Utc>>,
 }
 
 /// Why a credential was refused, as a close reason or HTTP error.
@@ -240,9 +243,9 @@ impl Gateway {
             .split_once(' ')
             .map_or(("bearer", credential.trim()), |(s, t)| (s, t.trim()));
         if scheme.eq_ignore_ascii_case("visitor") {
-            let (token_tenant, customer) = self
+            let (token_tenant, customer, expires_at) = self
                 .visitor_tokens
-                .verify(token)
+                .verify_until(token)
                 .ok_or_else(|| Refusal::new("unauthorized", "invalid or expired visitor token"))?;
             if token_tenant != tenant {
                 return Err(Refusal::new(
@@ -261,6 +264,7 @@ impl Gateway {
                     customer: customer.id,
                     user: customer.user_id,
                 },
+                expires_at: Some(expires_at),
             });
         }
         if !scheme.eq_ignore_ascii_case("bearer") {
@@ -290,6 +294,7 @@ impl Gateway {
             return Ok(Identity {
                 tenant,
                 role: Role::Agent(principal.user_id),
+                expires_at: principal.expires_at,
             });
         }
         let customer = self
@@ -303,6 +308,7 @@ impl Gateway {
                 customer: customer.id,
                 user: Some(principal.user_id),
             },
+            expires_at: principal.expires_at,
         })
     }
 }
@@ -1610,6 +1616,16 @@ async fn serve(gateway: Arc<Gateway>, socket: WebSocketStream, pre_auth: Option<
     // What the socket had taken at the last ping tick, and whether frames
     // were waiting for it then.
     let (mut taken_at_tick, mut backlogged) = (0, false);
+    // The end of the credential the connection was opened with: a socket
+    // used to go on for as long as it stayed open, its token long expired
+    // (a 12-hour login, a revoked agent's last token).
+    let expiry = tokio::time::sleep(
+        identity
+            .expires_at
+            .and_then(|at| (at - chrono::Utc::now()).to_std().ok())
+            .unwrap_or_default(),
+    );
+    tokio::pin!(expiry);
     // The renewal of the registration, at most one at a time, runs beside
     // the loop: while the database is slow or down the loop still reads
     // (so the client's pongs count and its pings are answered) instead of
@@ -1747,6 +1763,15 @@ async fn serve(gateway: Arc<Gateway>, socket: WebSocketStream, pre_auth: Option<
                 }
             }
             Some(()) = renewal.next(), if !renewal.is_empty() => {}
+            () = &mut expiry, if identity.expires_at.is_some() => {
+                conn.send(error_frame(
+                    "unauthorized",
+                    "the credential expired: reconnect with a new one and resume with after_seq",
+                    None,
+                ));
+                conn.close_with(CloseCode::Policy, "credential expired");
+                break;
+            }
         }
     }
     // A renewal still running ends before the connection is removed, so it

@@ -39,6 +39,7 @@ on_both_databases!(
     a_visitor_socket_goes_on_as_the_linked_customer,
     a_late_event_from_another_node_relays_the_state_as_stored,
     a_slow_reader_is_kept_while_it_reads,
+    a_socket_ends_with_its_credential,
 );
 on_both_databases!(
     current_thread: a_long_burst_of_bus_events_is_relayed_whole,
@@ -268,6 +269,49 @@ async fn a_slow_reader_is_kept_while_it_reads(backend: Backend) {
             other => panic!("the connection did not stay open: {other:?}"),
         }
     }
+}
+
+/// A WebSocket does not outlive the credential it was opened with: when
+/// the token expires (its `exp` plus the 60 s leeway) the server sends
+/// `error` `unauthorized` and closes with 1008. It used to go on serving,
+/// joining and storing messages as the agent, for as long as it stayed
+/// open. A token with a later `exp` keeps its socket.
+async fn a_socket_ends_with_its_credential(backend: Backend) {
+    let (_app, node) = node(backend, |_| {}).await;
+    let (session, _) = open_chat(&node, 942).await;
+    let now = chrono::Utc::now().timestamp();
+    // Accepted for about two more seconds.
+    let token = |exp: i64| {
+        livechat_example_server::issue_token(
+            livechat_tests::SECRET,
+            &livechat_example_server::Claims {
+                sub: 7,
+                roles: vec!["SUPPORT_AGENT".into()],
+                tenant_ids: None,
+                iat: now - 120,
+                exp,
+            },
+        )
+        .unwrap()
+    };
+    let mut expiring =
+        WsClient::connect_with_header(&node.ws_url(), &format!("Bearer {}", token(now - 58)), 1)
+            .await
+            .unwrap();
+    let mut lasting =
+        WsClient::connect_with_header(&node.ws_url(), &format!("Bearer {}", token(now + 600)), 1)
+            .await
+            .unwrap();
+    join(&mut expiring, session, None).await;
+    join(&mut lasting, session, None).await;
+    let refusal = expiring.expect("error").await;
+    assert_eq!(refusal["code"], "unauthorized", "{refusal}");
+    assert_eq!(
+        expiring.close_code(Duration::from_secs(10)).await,
+        Some(1008)
+    );
+    lasting.send(json!({"type": "ping"})).await;
+    lasting.expect("pong").await;
 }
 
 /// Issue #5: the node's fan-out queues at most `event_queue` events per

@@ -114,6 +114,26 @@ impl Node {
         format!("http://{}{path}", self.addr)
     }
 
+    /// A new anonymous visitor's chat in tenant 1 started over HTTP, with
+    /// `topic`: the answer's JSON body (`201`, or an error).
+    ///
+    /// # Panics
+    /// When the request cannot be sent or its body is not JSON.
+    pub async fn start_visitor_chat(&self, topic: &str) -> Value {
+        let resp = reqwest::Client::new()
+            .post(self.url("/livechat/customer/chats"))
+            .header("X-Tenant-ID", "1")
+            .header("Content-Type", "application/json")
+            .body(
+                serde_json::json!({"browser_uuid": uuid::Uuid::now_v7(), "topic": topic})
+                    .to_string(),
+            )
+            .send()
+            .await
+            .expect("request sent");
+        serde_json::from_str(&resp.text().await.expect("body")).expect("JSON body")
+    }
+
     /// Stops serving (the port is released).
     pub fn stop(&self) {
         self.server.abort();

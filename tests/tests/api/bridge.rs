@@ -405,17 +405,21 @@ async fn agents_close_tickets(backend: Backend) {
 /// wrong id), a session's ticket too, and only in the ticket's tenant.
 async fn a_ticket_closes_only_after_its_opening_and_once(backend: Backend) {
     let app = App::new(backend).await;
-    let (code, body) = app
-        .agent_call(
-            Method::POST,
-            "/livechat/sessions",
-            7,
-            1,
-            Some(json!({"agent_id": 4})),
-        )
-        .await;
-    assert_eq!(code, 400, "{body}");
-    let ticket = body["error"]["ticket_id"].as_str().unwrap().to_owned();
+    // A chat request for agent 4, who is offline: kept as a ticket.
+    let agent_offline_ticket = || async {
+        let (code, body) = app
+            .agent_call(
+                Method::POST,
+                "/livechat/sessions",
+                7,
+                1,
+                Some(json!({"agent_id": 4})),
+            )
+            .await;
+        assert_eq!(code, 400, "{body}");
+        body["error"]["ticket_id"].as_str().unwrap().to_owned()
+    };
+    let ticket = agent_offline_ticket().await;
     // Nobody online: a visitor's chat gets a ticket at once.
     let resp = app
         .client
@@ -453,17 +457,7 @@ async fn a_ticket_closes_only_after_its_opening_and_once(backend: Backend) {
     assert_eq!(code, 202, "a session's ticket once delivered: {body}");
     drain(&app.dispatcher, &app.db).await;
     // Agent 4's ticket again, its opening undelivered.
-    let (code, body) = app
-        .agent_call(
-            Method::POST,
-            "/livechat/sessions",
-            7,
-            1,
-            Some(json!({"agent_id": 4})),
-        )
-        .await;
-    assert_eq!(code, 400, "{body}");
-    let ticket = body["error"]["ticket_id"].as_str().unwrap().to_owned();
+    let ticket = agent_offline_ticket().await;
     // The in-app sink has it; the event stays undispatched, as while
     // another sink keeps failing.
     let tenant = TenantId::new(1).unwrap();

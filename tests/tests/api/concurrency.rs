@@ -889,7 +889,7 @@ async fn one_key_posted_at_once_to_two_hosts_is_stored_once() {
 
     use livechat_core::bus::InProcessBus;
     use livechat_tests::node::Node;
-    use serde_json::{Value, json};
+    use serde_json::json;
     let app = App::new(Backend::Postgres).await;
     app.go_online(7, 1).await;
     let nodes = [
@@ -907,15 +907,7 @@ async fn one_key_posted_at_once_to_two_hosts_is_stored_once() {
         .await,
     ];
     let http = reqwest::Client::new();
-    let resp = http
-        .post(nodes[0].url("/livechat/customer/chats"))
-        .header("X-Tenant-ID", "1")
-        .header("Content-Type", "application/json")
-        .body(json!({"browser_uuid": uuid::Uuid::now_v7(), "topic": "Hi"}).to_string())
-        .send()
-        .await
-        .unwrap();
-    let started: Value = serde_json::from_str(&resp.text().await.unwrap()).unwrap();
+    let started = nodes[0].start_visitor_chat("Hi").await;
     assert_eq!(started["data"]["session"]["status"], "OPEN", "{started}");
     let session = started["data"]["session"]["id"]
         .as_str()

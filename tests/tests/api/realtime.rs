@@ -425,19 +425,6 @@ async fn open_chat(node: &Node, user: i64) -> (SessionId, String) {
     )
 }
 
-/// A new anonymous visitor's chat started over HTTP: the `201` body.
-async fn start_visitor_chat(node: &Node) -> Value {
-    let resp = reqwest::Client::new()
-        .post(node.url("/livechat/customer/chats"))
-        .header("X-Tenant-ID", "1")
-        .header("Content-Type", "application/json")
-        .body(json!({"browser_uuid": uuid::Uuid::now_v7(), "topic": "x"}).to_string())
-        .send()
-        .await
-        .unwrap();
-    serde_json::from_str(&resp.text().await.unwrap()).unwrap()
-}
-
 /// The status line and body of a raw HTTP `request` sent to `node`.
 async fn raw_http(node: &Node, request: &[u8]) -> String {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -504,7 +491,7 @@ async fn handshakes_that_cannot_be_served(backend: Backend) {
     assert!(answer.contains(r#""code":"unauthorized""#), "{answer}");
 
     // A visitor's token, then the database goes away.
-    let started = start_visitor_chat(&node).await;
+    let started = node.start_visitor_chat("x").await;
     let visitor = format!(
         "Visitor {}",
         started["data"]["visitor_token"].as_str().unwrap()
@@ -2012,7 +1999,7 @@ async fn a_visitor_socket_goes_on_as_the_linked_customer(backend: Backend) {
         .await
         .unwrap();
     let http = reqwest::Client::new();
-    let started = start_visitor_chat(&node).await;
+    let started = node.start_visitor_chat("x").await;
     let token = started["data"]["visitor_token"]
         .as_str()
         .unwrap()

@@ -71,6 +71,26 @@ async fn visitor_start(app: &App, topic: &str) -> (String, String) {
     )
 }
 
+/// Agent 7 asks tenant 1 for a chat with agent 4, who is not online: the
+/// ticket that keeps the request (`agent_offline`).
+async fn agent_offline_ticket(app: &App) -> String {
+    let (code, body) = app
+        .agent_call(
+            Method::POST,
+            "/livechat/sessions",
+            7,
+            1,
+            Some(json!({"agent_id": 4})),
+        )
+        .await;
+    assert_eq!(
+        (code.as_u16(), body["error"]["code"].as_str()),
+        (400, Some("agent_offline")),
+        "{body}"
+    );
+    body["error"]["ticket_id"].as_str().unwrap().to_owned()
+}
+
 async fn customer_get(app: &App, path: &str, auth: &str) -> (poem::http::StatusCode, Value) {
     App::decode(
         app.client
@@ -295,23 +315,8 @@ async fn agents_close_tickets(backend: Backend) {
     let (chat, visitor) = visitor_start(&app, "Refund").await;
     let (_, s) = customer_get(&app, &format!("/livechat/customer/chats/{chat}"), &visitor).await;
     let chat_ticket = s["data"]["ticket_id"].as_str().unwrap().to_owned();
-    // Agent 7 asks for a chat with agent 4, who is not online.
     app.go_online(7, 1).await;
-    let (code, body) = app
-        .agent_call(
-            Method::POST,
-            "/livechat/sessions",
-            7,
-            1,
-            Some(json!({"agent_id": 4})),
-        )
-        .await;
-    assert_eq!(
-        (code.as_u16(), body["error"]["code"].as_str()),
-        (400, Some("agent_offline")),
-        "{body}"
-    );
-    let agent_ticket = body["error"]["ticket_id"].as_str().unwrap().to_owned();
+    let agent_ticket = agent_offline_ticket(&app).await;
     let close = |ticket: &str, agent: i64, tenant: i64| {
         let path = format!("/livechat/tickets/{ticket}/close");
         let app = &app;
@@ -405,35 +410,11 @@ async fn agents_close_tickets(backend: Backend) {
 /// wrong id), a session's ticket too, and only in the ticket's tenant.
 async fn a_ticket_closes_only_after_its_opening_and_once(backend: Backend) {
     let app = App::new(backend).await;
-    // A chat request for agent 4, who is offline: kept as a ticket.
-    let agent_offline_ticket = || async {
-        let (code, body) = app
-            .agent_call(
-                Method::POST,
-                "/livechat/sessions",
-                7,
-                1,
-                Some(json!({"agent_id": 4})),
-            )
-            .await;
-        assert_eq!(code, 400, "{body}");
-        body["error"]["ticket_id"].as_str().unwrap().to_owned()
-    };
-    let ticket = agent_offline_ticket().await;
+    let ticket = agent_offline_ticket(&app).await;
     // Nobody online: a visitor's chat gets a ticket at once.
-    let resp = app
-        .client
-        .post("/livechat/customer/chats")
-        .header("X-Tenant-ID", "1")
-        .body_json(&json!({"browser_uuid": uuid::Uuid::now_v7(), "topic": "Before the dispatcher"}))
-        .send()
-        .await;
-    let (code, body) = App::decode(resp).await;
-    assert_eq!(code, 201, "{body}");
-    let chat_ticket = body["data"]["session"]["ticket_id"]
-        .as_str()
-        .unwrap_or_else(|| panic!("a ticket: {body}"))
-        .to_owned();
+    let (chat, visitor) = visitor_start(&app, "Before the dispatcher").await;
+    let (_, s) = customer_get(&app, &format!("/livechat/customer/chats/{chat}"), &visitor).await;
+    let chat_ticket = s["data"]["ticket_id"].as_str().unwrap().to_owned();
     for id in [&ticket, &chat_ticket] {
         let path = format!("/livechat/tickets/{id}/close");
         let (code, body) = app.agent_call(Method::POST, &path, 7, 1, None).await;
@@ -457,7 +438,7 @@ async fn a_ticket_closes_only_after_its_opening_and_once(backend: Backend) {
     assert_eq!(code, 202, "a session's ticket once delivered: {body}");
     drain(&app.dispatcher, &app.db).await;
     // Agent 4's ticket again, its opening undelivered.
-    let ticket = agent_offline_ticket().await;
+    let ticket = agent_offline_ticket(&app).await;
     // The in-app sink has it; the event stays undispatched, as while
     // another sink keeps failing.
     let tenant = TenantId::new(1).unwrap();

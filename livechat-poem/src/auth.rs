@@ -21,8 +21,10 @@ pub const SUPPORT_AGENT: &str = "SUPPORT_AGENT";
 /// The header that selects the tenant of a request.
 pub const TENANT_HEADER: &str = "X-Tenant-ID";
 
-/// Who is calling, as the host's [`Authenticator`] vouches.
+/// Who is calling, as the host's [`Authenticator`] vouches. Made with
+/// [`Principal::new`] (fields may be added: it is `non_exhaustive`).
 #[derive(Clone, Debug, PartialEq, Eq)]
+#[non_exhaustive]
 pub struct Principal {
     /// The host's user id.
     pub user_id: UserId,
@@ -38,6 +40,26 @@ pub struct Principal {
 }
 
 impl Principal {
+    /// `user_id` with `roles`, allowed in `tenant_ids` (`None`: every
+    /// tenant), whose credential does not expire (see
+    /// [`Self::expiring_at`]).
+    #[must_use]
+    pub fn new(user_id: UserId, roles: Vec<String>, tenant_ids: Option<Vec<TenantId>>) -> Self {
+        Self {
+            user_id,
+            roles,
+            tenant_ids,
+            expires_at: None,
+        }
+    }
+
+    /// The same principal, its credential accepted until `at`.
+    #[must_use]
+    pub fn expiring_at(mut self, at: chrono::DateTime<chrono::Utc>) -> Self {
+        self.expires_at = Some(at);
+        self
+    }
+
     /// Whether the user holds `role` (exact, case-sensitive match).
     #[must_use]
     pub fn has_role(&self, role: &str) -> bool {

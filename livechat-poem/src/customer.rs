@@ -430,7 +430,8 @@ impl CustomerApi {
         body: Json<StartChatRequest>,
     ) -> Result<ChatStartResponse, ApiError> {
         let tenant = tenant_of(req)?;
-        self.state.limits.chat_start(tenant, req)?;
+        let client_ip = self.state.limits.client_ip(req);
+        self.state.limits.chat_start(tenant, client_ip)?;
         let body = body.0;
         let (identity, issue_token) = match (credential(req)?, body.user_id, &body.identity_hash) {
             (Some(Credential::Bearer(token)), _, _) => (
@@ -473,7 +474,7 @@ impl CustomerApi {
             department: body.department.map(|d| d.0),
             contact: body.contact.map(Into::into),
             message: body.message.map(|m| m.0),
-            client_ip: self.state.limits.client_ip(req).map(|ip| ip.to_string()),
+            client_ip: client_ip.map(|ip| ip.to_string()),
             user_agent: req
                 .headers()
                 .get(poem::http::header::USER_AGENT)

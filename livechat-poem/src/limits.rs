@@ -24,8 +24,10 @@ use crate::error::ApiError;
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct RateLimits {
     /// `POST /customer/chats` per minute from one client address in one
-    /// tenant (default 10, bursts of 20), every attempt counted, refused
-    /// ones too (a wrong identity hash tried again and again). The address
+    /// tenant (default 10, bursts of 20), every attempt whose body reads
+    /// as a start counted, refused ones too (a wrong identity hash tried
+    /// again and again; a body that is not a start is refused before,
+    /// with 400). The address
     /// is the peer's, or the one a proxy names ([`Self::client_ip_header`]);
     /// IPv6 addresses count by their /64, which one client usually has
     /// whole. A request with no IP address (a Unix socket, poem's test
@@ -38,10 +40,12 @@ pub struct RateLimits {
     /// The request header that holds the client's address when the host's
     /// reverse proxy sets it (`X-Real-IP`, or `X-Forwarded-For`, whose last
     /// address is taken: the one the proxy appended, which a client cannot
-    /// forge). `None` (default): the peer address, which behind a proxy is
-    /// the proxy's, so every client would share one limit. A request
-    /// without the header, or with no address in it, counts by its peer
-    /// address. The address is also what a customer's `client_ip` records.
+    /// forge; with a port, `203.0.113.5:41234` or `[2001:db8::1]:443`,
+    /// too). `None` (default): the peer address, which behind a proxy is
+    /// the proxy's, so every client would share one limit: a host behind
+    /// a proxy must name the header. A request without the header, or with
+    /// no address in it, counts by its peer address. The address is also
+    /// what a session's `client_ip` records.
     pub client_ip_header: Option<HeaderName>,
 }
 
@@ -69,8 +73,18 @@ impl RateLimits {
 }
 
 /// How many keys a limiter holds before those it no longer needs (whose
-/// state is back to a full burst) are dropped.
+/// state is back to a full burst) are dropped, at most once per
+/// [`SWEEP_EVERY`].
 const KEYS_KEPT: usize = 10_000;
+
+/// How often a limiter with more than [`KEYS_KEPT`] keys drops those it
+/// no longer needs: a sweep scans every key.
+const SWEEP_EVERY: Duration = Duration::from_secs(10);
+
+/// Keys a limiter may hold after a sweep: past it (a flood of distinct
+/// addresses or tenant ids) every key is dropped, so memory stays bounded
+/// (about 100 bytes a key) at the price of fresh limits for all.
+const KEYS_MAX: usize = 200_000;
 
 /// A client address as a limit counts it: IPv4 whole, IPv6 by its /64.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -96,10 +110,18 @@ impl From<IpAddr> for ClientKey {
     }
 }
 
+/// A keyed limiter (replaced by a fresh one past [`KEYS_MAX`]), its
+/// quota, and when it was last swept.
+struct Keyed<K: Clone + Eq + std::hash::Hash> {
+    limiter: std::sync::RwLock<DefaultKeyedRateLimiter<K>>,
+    quota: Quota,
+    swept: std::sync::Mutex<std::time::Instant>,
+}
+
 /// The limiters of one [`crate::Livechat`], shared by its routes.
 pub(crate) struct Limiters {
-    starts: Option<DefaultKeyedRateLimiter<(TenantId, ClientKey)>>,
-    messages: Option<DefaultKeyedRateLimiter<(TenantId, CustomerId)>>,
+    starts: Option<Keyed<(TenantId, ClientKey)>>,
+    messages: Option<Keyed<(TenantId, CustomerId)>>,
     client_ip_header: Option<HeaderName>,
 }
 
@@ -109,29 +131,55 @@ impl std::fmt::Debug for Limiters {
     }
 }
 
-/// A limiter of `rate` cells per `period`, bursts of twice that; `None`
+/// `rate` cells per `per`'s period with bursts of twice that, the rule of
+/// every limit of the library (these and the WebSocket's).
+pub(crate) fn burst_quota(rate: NonZeroU32, per: fn(NonZeroU32) -> Quota) -> Quota {
+    per(rate).allow_burst(rate.saturating_mul(NonZeroU32::new(2).unwrap_or(NonZeroU32::MIN)))
+}
+
+/// A keyed limiter of `rate` per `per`'s period ([`burst_quota`]); `None`
 /// for 0.
 fn keyed<K: Clone + Eq + std::hash::Hash>(
     rate: u32,
     per: fn(NonZeroU32) -> Quota,
-) -> Option<DefaultKeyedRateLimiter<K>> {
-    let rate = NonZeroU32::new(rate)?;
-    let burst = rate.saturating_mul(NonZeroU32::MIN.saturating_add(1));
-    Some(RateLimiter::keyed(per(rate).allow_burst(burst)))
+) -> Option<Keyed<K>> {
+    let quota = burst_quota(NonZeroU32::new(rate)?, per);
+    Some(Keyed {
+        limiter: std::sync::RwLock::new(RateLimiter::keyed(quota)),
+        quota,
+        swept: std::sync::Mutex::new(std::time::Instant::now()),
+    })
 }
 
 /// Counts one request under `key`: a 429 when over the limit.
 fn check<K: Clone + Eq + std::hash::Hash>(
-    limiter: Option<&DefaultKeyedRateLimiter<K>>,
+    keyed: Option<&Keyed<K>>,
     key: &K,
     what: &str,
 ) -> Result<(), ApiError> {
-    let Some(limiter) = limiter else {
+    let Some(keyed) = keyed else {
         return Ok(());
     };
-    let outcome = limiter.check_key(key);
-    if limiter.len() > KEYS_KEPT {
+    let (outcome, keys) = {
+        let limiter = keyed
+            .limiter
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        (limiter.check_key(key), limiter.len())
+    };
+    if keys > KEYS_KEPT
+        && let Ok(mut swept) = keyed.swept.try_lock()
+        && swept.elapsed() >= SWEEP_EVERY
+    {
+        *swept = std::time::Instant::now();
+        let mut limiter = keyed
+            .limiter
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
         limiter.retain_recent();
+        if limiter.len() > KEYS_MAX {
+            *limiter = RateLimiter::keyed(keyed.quota);
+        }
         limiter.shrink_to_fit();
     }
     outcome.map_err(|not_until| {
@@ -150,18 +198,23 @@ impl Limiters {
     }
 
     /// The client's address: from [`RateLimits::client_ip_header`] when
-    /// set and present, else the peer's.
+    /// set and present (its last address, with or without a port), else
+    /// the peer's.
     pub(crate) fn client_ip(&self, req: &Request) -> Option<IpAddr> {
         let named = self.client_ip_header.as_ref().and_then(|name| {
             let value = req.headers().get_all(name).iter().next_back()?;
-            value.to_str().ok()?.rsplit(',').next()?.trim().parse().ok()
+            let last = value.to_str().ok()?.rsplit(',').next()?.trim();
+            last.parse::<IpAddr>()
+                .or_else(|_| last.parse::<std::net::SocketAddr>().map(|a| a.ip()))
+                .ok()
         });
         named.or_else(|| req.remote_addr().as_socket_addr().map(|a| a.ip()))
     }
 
-    /// Counts a chat start of `req`'s client in `tenant`.
-    pub(crate) fn chat_start(&self, tenant: TenantId, req: &Request) -> Result<(), ApiError> {
-        let Some(ip) = self.client_ip(req) else {
+    /// Counts a chat start from `ip` (the client's address,
+    /// [`Self::client_ip`]; none: not limited) in `tenant`.
+    pub(crate) fn chat_start(&self, tenant: TenantId, ip: Option<IpAddr>) -> Result<(), ApiError> {
+        let Some(ip) = ip else {
             return Ok(());
         };
         check(
@@ -212,6 +265,27 @@ mod tests {
         let mapped: IpAddr = "::ffff:192.0.2.7".parse().unwrap();
         let v4: IpAddr = "192.0.2.7".parse().unwrap();
         assert_eq!(ClientKey::from(mapped), ClientKey::from(v4));
+    }
+
+    #[test]
+    fn the_client_address_is_the_headers_last_with_or_without_a_port() {
+        let limits = Limiters::new(&RateLimits {
+            client_ip_header: Some(HeaderName::from_static("x-forwarded-for")),
+            ..RateLimits::default()
+        });
+        let of = |value: &str| {
+            let req = Request::builder().header("X-Forwarded-For", value).finish();
+            limits.client_ip(&req).map(|ip| ip.to_string())
+        };
+        assert_eq!(of("10.0.0.1, 203.0.113.5").as_deref(), Some("203.0.113.5"));
+        assert_eq!(
+            of("10.0.0.1, 203.0.113.5:41234").as_deref(),
+            Some("203.0.113.5")
+        );
+        assert_eq!(of("[2001:db8::1]:443").as_deref(), Some("2001:db8::1"));
+        assert_eq!(of("2001:db8::1").as_deref(), Some("2001:db8::1"));
+        // No address in it: the peer's (none for a request built here).
+        assert_eq!(of("unknown"), None);
     }
 
     #[test]

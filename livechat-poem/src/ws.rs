@@ -662,9 +662,12 @@ struct Outbound {
     unflushed: bool,
     /// A write failed: the socket is gone.
     broken: bool,
-    /// Frames the socket has taken so far: while it takes them, the
-    /// client is reading (the kernel's buffers stay full otherwise).
+    /// Frames the socket has taken so far.
     taken: u64,
+    /// The last write found the socket full (it could take no more until
+    /// the client's side acknowledged some): frames it takes after that
+    /// prove the client is there.
+    stalled: bool,
 }
 
 impl Outbound {
@@ -675,6 +678,7 @@ impl Outbound {
             unflushed: false,
             broken: false,
             taken: 0,
+            stalled: false,
         }
     }
 
@@ -688,9 +692,16 @@ impl Outbound {
     /// another event resumes where it stopped. A failed write marks the
     /// socket broken.
     async fn write(&mut self) {
+        use std::task::Poll;
         let written = std::future::poll_fn(|cx| {
             while !self.queue.is_empty() {
-                std::task::ready!(self.sink.poll_ready_unpin(cx))?;
+                match self.sink.poll_ready_unpin(cx) {
+                    Poll::Pending => {
+                        self.stalled = true;
+                        return Poll::Pending;
+                    }
+                    Poll::Ready(ready) => ready?,
+                }
                 if let Some(message) = self.queue.pop_front() {
                     self.sink.start_send_unpin(message)?;
                     self.unflushed = true;
@@ -698,10 +709,17 @@ impl Outbound {
                 }
             }
             if self.unflushed {
-                std::task::ready!(self.sink.poll_flush_unpin(cx))?;
+                match self.sink.poll_flush_unpin(cx) {
+                    Poll::Pending => {
+                        self.stalled = true;
+                        return Poll::Pending;
+                    }
+                    Poll::Ready(flushed) => flushed?,
+                }
                 self.unflushed = false;
             }
-            std::task::Poll::Ready(Ok::<(), std::io::Error>(()))
+            self.stalled = false;
+            Poll::Ready(Ok::<(), std::io::Error>(()))
         })
         .await;
         if written.is_err() {
@@ -1020,8 +1038,11 @@ impl Conn {
     ) -> Option<&'p livechat_core::ChatSession> {
         let copy = prepared.session.as_ref()?;
         let read = prepared.current.get_or_init(|| async {
-            match self.chat().get_session(self.tenant(), copy.id).await {
-                Ok(view) => Some(view.session),
+            // The row alone (`get_session` would count its queue place too).
+            let store = self.chat().store();
+            match livechat_core::SessionRepository::get_session(store, self.tenant(), copy.id).await
+            {
+                Ok(session) => Some(session),
                 Err(e) => {
                     tracing::warn!(error = %e, "reading an event's session failed");
                     None
@@ -1032,26 +1053,29 @@ impl Conn {
     }
 
     /// As [`Self::current_session`], the presence of an
-    /// `agent.status_changed` event's agent ([`Prepared::presence`]); the
-    /// event's own copy when it cannot be read (`None` when that does not
-    /// decode either).
-    async fn current_presence(
+    /// `agent.status_changed` event's agent ([`Prepared::presence`]), read
+    /// once per node; the event's own copy when it cannot be read (`None`
+    /// when that does not decode either).
+    async fn current_presence<'p>(
         &self,
         event: &DomainEvent,
-        prepared: &Prepared,
-    ) -> Option<livechat_core::AgentPresence> {
-        let copy: Option<livechat_core::AgentPresence> = event.payload.decode().ok();
+        prepared: &'p Prepared,
+    ) -> Option<&'p livechat_core::AgentPresence> {
         let read = prepared.presence.get_or_init(|| async {
-            let agent = copy.as_ref()?.agent_id;
-            match self.chat().agent_presence(self.tenant(), agent).await {
+            let copy: livechat_core::AgentPresence = event.payload.decode().ok()?;
+            match self
+                .chat()
+                .agent_presence(self.tenant(), copy.agent_id)
+                .await
+            {
                 Ok(presence) => Some(presence),
                 Err(e) => {
                     tracing::warn!(error = %e, "reading an event's agent presence failed");
-                    None
+                    Some(copy)
                 }
             }
         });
-        read.await.clone().or(copy)
+        read.await.as_ref()
     }
 
     /// Stops following a joined session: its messages, its lifecycle and,
@@ -1166,24 +1190,15 @@ impl Conn {
                     // stays current without GET /agents.
                     // As stored now (`current_presence`): two nodes' changes
                     // can arrive in either order.
-                    let update = match self.current_presence(event, prepared).await {
-                        Some(p) => json!({
+                    if let Some(p) = self.current_presence(event, prepared).await {
+                        let update = json!({
                             "type": "presence_updated",
                             "agent_id": p.agent_id,
                             "status": p.status,
                             "departments": p.departments,
-                        }),
-                        None => {
-                            let presence = event.payload.value();
-                            json!({
-                                "type": "presence_updated",
-                                "agent_id": presence.get("agent_id"),
-                                "status": presence.get("status"),
-                                "departments": presence.get("departments").cloned().unwrap_or_else(|| json!([])),
-                            })
-                        }
-                    };
-                    self.send(frame(update));
+                        });
+                        self.send(frame(update));
+                    }
                 }
             }
             _ => {}
@@ -1576,8 +1591,7 @@ async fn serve(gateway: Arc<Gateway>, socket: WebSocketStream, pre_auth: Option<
 
     let quota = |per_sec: u32| {
         let rate = NonZeroU32::new(per_sec.max(1)).unwrap_or(NonZeroU32::MIN);
-        let burst = rate.saturating_mul(NonZeroU32::new(2).unwrap_or(NonZeroU32::MIN));
-        Quota::per_second(rate).allow_burst(burst)
+        crate::limits::burst_quota(rate, Quota::per_second)
     };
     let id = uuid::Uuid::now_v7();
     let agent = matches!(identity.role, Role::Agent(_));
@@ -1613,9 +1627,9 @@ async fn serve(gateway: Arc<Gateway>, socket: WebSocketStream, pre_auth: Option<
     let mut bus_open = true;
     let mut ping = tokio::time::interval(config.ping_interval);
     ping.tick().await;
-    // What the socket had taken at the last ping tick, and whether frames
-    // were waiting for it then.
-    let (mut taken_at_tick, mut backlogged) = (0, false);
+    // What the socket had taken at the last ping tick, and whether it was
+    // full then.
+    let (mut taken_at_tick, mut stalled) = (0, false);
     // The end of the credential the connection was opened with: a socket
     // used to go on for as long as it stayed open, its token long expired
     // (a 12-hour login, a revoked agent's last token).
@@ -1730,19 +1744,19 @@ async fn serve(gateway: Arc<Gateway>, socket: WebSocketStream, pre_auth: Option<
                 }
             }
             _ = ping.tick() => {
-                // Frames were waiting at the last tick (the socket's buffers
-                // were full) and the socket has taken some since: the
-                // client's side acknowledged them, so it is there and
-                // reading, however slowly. On a slow link its pong can wait
-                // behind that backlog for longer than the TTL (it was closed
-                // for "no heartbeat" while reading). A socket whose buffers
-                // have room proves nothing: frames written to a dead peer
-                // are taken too, until they fill.
-                if backlogged && conn.out.taken != taken_at_tick {
+                // The socket was full at the last tick (a write found it
+                // so) and has taken frames since: the client's side
+                // acknowledged some, so it is there and reading, however
+                // slowly. On a slow link its pong can wait behind that
+                // backlog for longer than the TTL (it was closed for "no
+                // heartbeat" while reading). A socket with room proves
+                // nothing: frames written to a dead peer are taken too,
+                // until its buffers fill.
+                if stalled && conn.out.taken != taken_at_tick {
                     conn.last_heard = Instant::now();
                 }
                 taken_at_tick = conn.out.taken;
-                backlogged = !conn.out.queue.is_empty();
+                stalled = conn.out.stalled;
                 // Frames wait unread while 64 sends are in flight: that is
                 // the server's backlog, not a silent client.
                 if conn.last_heard.elapsed() > config.connection_ttl && conn.sends.is_empty() {
@@ -1751,8 +1765,11 @@ async fn serve(gateway: Arc<Gateway>, socket: WebSocketStream, pre_auth: Option<
                 }
                 // Ahead of the frames not yet written (a control frame may
                 // go between messages), so that a backlog does not hold it
-                // up; a full queue already proves the socket is busy.
-                if conn.out.queue.len() < config.outbound_queue {
+                // up; one waiting is enough, and a full queue already
+                // proves the socket is busy.
+                if conn.out.queue.len() < config.outbound_queue
+                    && !matches!(conn.out.queue.front(), Some(Message::Ping(_)))
+                {
                     conn.out.queue.push_front(Message::Ping(Vec::new()));
                 }
                 if renewal.is_empty() {

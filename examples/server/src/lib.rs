@@ -549,14 +549,19 @@ async fn login(
     response
 }
 
-/// Whether `headers` give the body as JSON (`application/json`, with or
-/// without parameters such as `charset`).
+/// Whether `headers` give the body as JSON (`application/json` or
+/// `application/…+json`, with or without parameters such as `charset`),
+/// as the library's routes take it.
 fn is_json(headers: &poem::http::HeaderMap) -> bool {
     headers
         .get(poem::http::header::CONTENT_TYPE)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.split(';').next())
-        .is_some_and(|essence| essence.trim().eq_ignore_ascii_case("application/json"))
+        .map(|essence| essence.trim().to_ascii_lowercase())
+        .is_some_and(|essence| {
+            essence == "application/json"
+                || (essence.starts_with("application/") && essence.ends_with("+json"))
+        })
 }
 
 async fn login_answer(
@@ -859,29 +864,28 @@ pub fn build_with(
 /// middleware marks only the answers to listed origins, and neither its
 /// preflights nor the answers to requests without `Origin`.
 fn vary_on_origin(mut response: Response) -> Response {
+    use poem::http::HeaderValue;
     use poem::http::header::{ACCESS_CONTROL_ALLOW_METHODS, VARY};
-    let preflight = response
-        .headers()
-        .contains_key(ACCESS_CONTROL_ALLOW_METHODS);
-    let varies = |name: &str| {
-        response.headers().get_all(VARY).iter().any(|v| {
-            v.to_str()
-                .is_ok_and(|v| v.split(',').any(|n| n.trim().eq_ignore_ascii_case(name)))
+    // poem's middleware sets `Vary: Origin` on the answers it marks, and
+    // no `Vary` on preflights.
+    let varies = response.headers().get_all(VARY).iter().any(|v| {
+        v.to_str().is_ok_and(|v| {
+            v.split(',')
+                .any(|n| n.trim().eq_ignore_ascii_case("origin"))
         })
-    };
-    let missing: Vec<&'static str> = [
-        ("Origin", true),
-        ("Access-Control-Request-Method", preflight),
-        ("Access-Control-Request-Headers", preflight),
-    ]
-    .into_iter()
-    .filter(|&(name, wanted)| wanted && !varies(name))
-    .map(|(name, _)| name)
-    .collect();
-    if let Ok(value) = poem::http::HeaderValue::from_str(&missing.join(", "))
-        && !missing.is_empty()
-    {
-        response.headers_mut().append(VARY, value);
+    });
+    if !varies {
+        let value = if response
+            .headers()
+            .contains_key(ACCESS_CONTROL_ALLOW_METHODS)
+        {
+            "Origin, Access-Control-Request-Method, Access-Control-Request-Headers"
+        } else {
+            "Origin"
+        };
+        response
+            .headers_mut()
+            .append(VARY, HeaderValue::from_static(value));
     }
     response
 }

@@ -260,7 +260,7 @@ enum EventsOf {
     Tenant,
 }
 
-/// The kinds of `ticket`'s ticket events (`ticket.requested`,
+/// The kinds of `ticket`'s events among `kinds` (`ticket.requested`,
 /// `ticket.closed`) that the dispatcher has not settled yet, among the
 /// events of `of` in `tenant`.
 async fn pending_ticket_events(
@@ -268,6 +268,7 @@ async fn pending_ticket_events(
     tenant: TenantId,
     of: EventsOf,
     ticket: TicketId,
+    kinds: &[EventKind],
 ) -> Result<Vec<EventKind>, ChatError> {
     #[derive(serde::Deserialize)]
     struct Of {
@@ -285,10 +286,7 @@ async fn pending_ticket_events(
         .filter(outbox::Column::TenantId.eq(tenant.get()))
         .apply_if(session, QueryFilter::filter)
         .filter(outbox::Column::DispatchedAt.is_null())
-        .filter(outbox::Column::Kind.is_in([
-            EventKind::TicketRequested.as_str(),
-            EventKind::TicketClosed.as_str(),
-        ]))
+        .filter(outbox::Column::Kind.is_in(kinds.iter().map(|k| k.as_str())))
         .into_tuple()
         .all(conn)
         .await?;
@@ -541,9 +539,14 @@ impl SessionRepository for SeaOrmStore {
         closed: TicketClosed,
     ) -> Result<bool, ChatError> {
         let tx = self.begin_write().await?;
-        let pending =
-            pending_ticket_events(&tx, tenant, EventsOf::Session(session), closed.ticket_id)
-                .await?;
+        let pending = pending_ticket_events(
+            &tx,
+            tenant,
+            EventsOf::Session(session),
+            closed.ticket_id,
+            &[EventKind::TicketRequested, EventKind::TicketClosed],
+        )
+        .await?;
         if pending.contains(&EventKind::TicketClosed) {
             // Closed already, once the dispatcher gets to it: one event.
             tx.rollback().await?;
@@ -573,8 +576,15 @@ impl SessionRepository for SeaOrmStore {
         tenant: TenantId,
         ticket: TicketId,
     ) -> Result<bool, ChatError> {
-        let pending = pending_ticket_events(&self.db, tenant, EventsOf::Tenant, ticket).await?;
-        Ok(pending.contains(&EventKind::TicketRequested))
+        let pending = pending_ticket_events(
+            &self.db,
+            tenant,
+            EventsOf::Tenant,
+            ticket,
+            &[EventKind::TicketRequested],
+        )
+        .await?;
+        Ok(!pending.is_empty())
     }
 
     async fn request_ticket(

@@ -816,6 +816,11 @@ const CLOSE_HANDSHAKE: Duration = Duration::from_secs(30);
 /// How long a catch-up waits for room in a full outbound queue.
 const REPLAY_STALL: Duration = Duration::from_secs(10);
 
+/// How long a node waits to read the session or presence it relays with a
+/// lifecycle or status event ([`Conn::current_session`]) before it relays
+/// the event's own copy.
+const RELAYED_READ: Duration = Duration::from_secs(1);
+
 /// Pages of at most this many messages are read during catch-up.
 const CATCH_UP_PAGE: i64 = 200;
 
@@ -1039,12 +1044,18 @@ impl Conn {
         let copy = prepared.session.as_ref()?;
         let read = prepared.current.get_or_init(|| async {
             // The row alone (`get_session` would count its queue place too).
+            // Bounded: the node's connections wait for this one read, and a
+            // slow database must not hold their loops (pongs unread).
             let store = self.chat().store();
-            match livechat_core::SessionRepository::get_session(store, self.tenant(), copy.id).await
-            {
-                Ok(session) => Some(session),
-                Err(e) => {
+            let read = livechat_core::SessionRepository::get_session(store, self.tenant(), copy.id);
+            match tokio::time::timeout(RELAYED_READ, read).await {
+                Ok(Ok(session)) => Some(session),
+                Ok(Err(e)) => {
                     tracing::warn!(error = %e, "reading an event's session failed");
+                    None
+                }
+                Err(_) => {
+                    tracing::warn!("reading an event's session timed out");
                     None
                 }
             }
@@ -1063,14 +1074,15 @@ impl Conn {
     ) -> Option<&'p livechat_core::AgentPresence> {
         let read = prepared.presence.get_or_init(|| async {
             let copy: livechat_core::AgentPresence = event.payload.decode().ok()?;
-            match self
-                .chat()
-                .agent_presence(self.tenant(), copy.agent_id)
-                .await
-            {
-                Ok(presence) => Some(presence),
-                Err(e) => {
+            let read = self.chat().agent_presence(self.tenant(), copy.agent_id);
+            match tokio::time::timeout(RELAYED_READ, read).await {
+                Ok(Ok(presence)) => Some(presence),
+                Ok(Err(e)) => {
                     tracing::warn!(error = %e, "reading an event's agent presence failed");
+                    Some(copy)
+                }
+                Err(_) => {
+                    tracing::warn!("reading an event's agent presence timed out");
                     Some(copy)
                 }
             }

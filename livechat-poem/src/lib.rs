@@ -338,6 +338,7 @@ impl Livechat {
                 shutdown: self.shutdown.subscribe(),
                 sockets: self.sockets.clone(),
                 fanout: std::sync::OnceLock::new(),
+                limits: self.limits.clone(),
             });
             routes = routes.at("/ws", poem::get(ws::ws_endpoint).data(gateway));
         }

@@ -33,9 +33,10 @@ pub struct RateLimits {
     /// whole. A request with no IP address (a Unix socket, poem's test
     /// client) is not limited.
     pub chat_starts_per_minute: u32,
-    /// `POST /customer/chats/{id}/messages` per second from one customer
-    /// (default 10, bursts of 20, as a WebSocket's `send_message`:
-    /// `RealtimeConfig::send_rate_per_sec`).
+    /// A customer's messages per second (default 10, bursts of 20), over
+    /// `POST /customer/chats/{id}/messages` and the `send_message` frames
+    /// of all their WebSockets together (each socket also has its own
+    /// limit, `RealtimeConfig::send_rate_per_sec`).
     pub customer_messages_per_sec: u32,
     /// The request header that holds the client's address when the host's
     /// reverse proxy sets it (`X-Real-IP`, or `X-Forwarded-For`, whose last

@@ -134,6 +134,9 @@ pub(crate) struct Gateway {
     pub(crate) sockets: tokio_util::task::TaskTracker,
     /// The node's fan-out, started with the first connection.
     pub(crate) fanout: std::sync::OnceLock<Arc<FanOut>>,
+    /// The customer routes' limits: a customer's messages count against
+    /// one limit over HTTP and every socket (`RateLimits`).
+    pub(crate) limits: Arc<crate::limits::Limiters>,
 }
 
 impl Gateway {
@@ -1339,7 +1342,17 @@ impl Conn {
     /// meanwhile and this connection's sends keep their order (seq and
     /// acks). A send refused by the rate limit is answered in its turn too.
     fn submit_send(&mut self, session_id: &str, client_msg_id: String, message: String) {
-        if self.limiter.check().is_err() {
+        // The connection's own limit, then the customer's, which their
+        // HTTP messages and other sockets share.
+        let over_customer = |conn: &Self| match conn.identity.role {
+            Role::Customer { customer, .. } => conn
+                .gateway
+                .limits
+                .customer_message(conn.tenant(), customer)
+                .is_err(),
+            Role::Agent(_) => false,
+        };
+        if self.limiter.check().is_err() || over_customer(self) {
             self.sends.push_back(InFlight {
                 client_msg_id,
                 append: None,

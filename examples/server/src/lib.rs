@@ -25,7 +25,7 @@
 //! | `REDIS_URL` | none (single node) | Redis for cross-node fan-out, e.g. `redis://127.0.0.1:6379` |
 //! | `LIVECHAT_WS_SEND_RATE` | `10` | `send_message` frames per second per WebSocket (burst twice that) |
 //! | `LIVECHAT_CHAT_START_RATE` | `10` | customer chat starts per minute per client address and tenant (burst twice that); `0`: unlimited |
-//! | `LIVECHAT_CUSTOMER_SEND_RATE` | `10` | customer messages over HTTP per second per customer (burst twice that); `0`: unlimited |
+//! | `LIVECHAT_CUSTOMER_SEND_RATE` | `10` | a customer's messages per second, over HTTP and their WebSockets together (burst twice that); `0`: unlimited |
 //! | `LIVECHAT_CLIENT_IP_HEADER` | none: the peer address | the header your reverse proxy sets to the client's address (`X-Real-IP`, or `X-Forwarded-For`: its last address) |
 //! | `LIVECHAT_SQLITE_SYNCHRONOUS` | `full` | SQLite commit durability: `full` (a 201 means on disk) or `normal` |
 //!

@@ -1494,7 +1494,7 @@ mod rate_limits {
     use std::sync::Arc;
 
     use livechat_core::bus::InProcessBus;
-    use livechat_tests::node::Node;
+    use livechat_tests::node::{Node, WsClient};
     use sea_orm::{ConnectionTrait, Statement};
 
     use super::*;
@@ -1610,6 +1610,24 @@ mod rate_limits {
         let (code, body) = send(token.clone(), session.clone()).await;
         assert_eq!(code, 429, "{body}");
         assert_eq!(body["error"]["code"], "rate_limited", "{body}");
+        // The limit is the customer's, over HTTP and their sockets alike.
+        let mut socket =
+            WsClient::connect_with_header(&node.ws_url(), &format!("Visitor {token}"), 1)
+                .await
+                .unwrap();
+        socket
+            .send(json!({"type": "join_session", "session_id": session}))
+            .await;
+        socket.expect("joined").await;
+        socket
+            .send(json!({"type": "send_message", "session_id": session, "client_msg_id": "ws-1", "message": "hi"}))
+            .await;
+        let refused = socket.expect("error").await;
+        assert_eq!(
+            (refused["code"].as_str(), refused["ref"].as_str()),
+            (Some("rate_limited"), Some("ws-1")),
+            "{refused}"
+        );
         let (_, _, other) = start("1", Some("203.0.113.11")).await;
         let (code, body) = send(
             other["data"]["visitor_token"].as_str().unwrap().to_owned(),

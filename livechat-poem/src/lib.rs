@@ -572,7 +572,8 @@ impl<E: Endpoint> Endpoint for Outer<E> {
         } else if let Err(refused) = error::check_query(&req) {
             poem::IntoResponse::into_response(refused)
         } else {
-            // Kept for a 405's `Allow` (a reference count, not a copy).
+            // Kept for a 405's `Allow`: its bytes are shared, not copied
+            // (after poem's nesting, sharing them allocates a small header).
             let uri = req.uri().clone();
             match self.routes.call(req).await {
                 Ok(response) => poem::IntoResponse::into_response(response),

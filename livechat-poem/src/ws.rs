@@ -824,6 +824,27 @@ const REPLAY_STALL: Duration = Duration::from_secs(10);
 /// the event's own copy.
 const RELAYED_READ: Duration = Duration::from_secs(1);
 
+/// `read` of the state a lifecycle or status event is relayed with (`what`
+/// names it in the log), waited for at most [`RELAYED_READ`]: the node's
+/// connections wait for this one read, and a slow database must not hold
+/// their loops (pongs unread). `None` when it fails or takes longer.
+async fn relayed_read<T>(
+    what: &str,
+    read: impl std::future::Future<Output = Result<T, ChatError>>,
+) -> Option<T> {
+    match tokio::time::timeout(RELAYED_READ, read).await {
+        Ok(Ok(value)) => Some(value),
+        Ok(Err(e)) => {
+            tracing::warn!(error = %e, what, "reading a relayed event's state failed");
+            None
+        }
+        Err(_) => {
+            tracing::warn!(what, "reading a relayed event's state timed out");
+            None
+        }
+    }
+}
+
 /// Pages of at most this many messages are read during catch-up.
 const CATCH_UP_PAGE: i64 = 200;
 
@@ -1045,23 +1066,13 @@ impl Conn {
         prepared: &'p Prepared,
     ) -> Option<&'p livechat_core::ChatSession> {
         let copy = prepared.session.as_ref()?;
-        let read = prepared.current.get_or_init(|| async {
-            // The row alone (`get_session` would count its queue place too).
-            // Bounded: the node's connections wait for this one read, and a
-            // slow database must not hold their loops (pongs unread).
-            let store = self.chat().store();
-            let read = livechat_core::SessionRepository::get_session(store, self.tenant(), copy.id);
-            match tokio::time::timeout(RELAYED_READ, read).await {
-                Ok(Ok(session)) => Some(session),
-                Ok(Err(e)) => {
-                    tracing::warn!(error = %e, "reading an event's session failed");
-                    None
-                }
-                Err(_) => {
-                    tracing::warn!("reading an event's session timed out");
-                    None
-                }
-            }
+        // The row alone (`get_session` would count its queue place too).
+        let store = self.chat().store();
+        let read = prepared.current.get_or_init(|| {
+            relayed_read(
+                "session",
+                livechat_core::SessionRepository::get_session(store, self.tenant(), copy.id),
+            )
         });
         read.await.as_ref().or(Some(copy))
     }
@@ -1078,17 +1089,7 @@ impl Conn {
         let read = prepared.presence.get_or_init(|| async {
             let copy: livechat_core::AgentPresence = event.payload.decode().ok()?;
             let read = self.chat().agent_presence(self.tenant(), copy.agent_id);
-            match tokio::time::timeout(RELAYED_READ, read).await {
-                Ok(Ok(presence)) => Some(presence),
-                Ok(Err(e)) => {
-                    tracing::warn!(error = %e, "reading an event's agent presence failed");
-                    Some(copy)
-                }
-                Err(_) => {
-                    tracing::warn!("reading an event's agent presence timed out");
-                    Some(copy)
-                }
-            }
+            relayed_read("agent presence", read).await.or(Some(copy))
         });
         read.await.as_ref()
     }
@@ -1337,6 +1338,20 @@ impl Conn {
         raw.parse().ok().filter(|id| self.joined.contains_key(id))
     }
 
+    /// Whether a customer connection's sender is over their message limit
+    /// (`RateLimits::customer_messages_per_sec`; counts one message when
+    /// not). Agents have none beyond the connection's.
+    fn over_customer_limit(&self) -> bool {
+        match self.identity.role {
+            Role::Customer { customer, .. } => self
+                .gateway
+                .limits
+                .customer_message(self.tenant(), customer)
+                .is_err(),
+            Role::Agent(_) => false,
+        }
+    }
+
     /// Submits a `send_message`: it takes its place in the store's order
     /// now and is answered when committed, so later frames are read
     /// meanwhile and this connection's sends keep their order (seq and
@@ -1344,15 +1359,7 @@ impl Conn {
     fn submit_send(&mut self, session_id: &str, client_msg_id: String, message: String) {
         // The connection's own limit, then the customer's, which their
         // HTTP messages and other sockets share.
-        let over_customer = |conn: &Self| match conn.identity.role {
-            Role::Customer { customer, .. } => conn
-                .gateway
-                .limits
-                .customer_message(conn.tenant(), customer)
-                .is_err(),
-            Role::Agent(_) => false,
-        };
-        if self.limiter.check().is_err() || over_customer(self) {
+        if self.limiter.check().is_err() || self.over_customer_limit() {
             self.sends.push_back(InFlight {
                 client_msg_id,
                 append: None,

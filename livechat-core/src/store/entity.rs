@@ -26,6 +26,8 @@ pub(crate) mod session {
         pub updated_at: DateTimeUtc,
         pub assigned_at: Option<DateTimeUtc>,
         pub closed_at: Option<DateTimeUtc>,
+        /// When an agent closed the ticket `ticket_id` (migration m0009).
+        pub ticket_closed_at: Option<DateTimeUtc>,
     }
 
     #[derive(Copy, Clone, Debug, EnumIter, DeriveRelation)]

@@ -1800,13 +1800,13 @@ mod tests {
         write_statement,
     };
     #[cfg(feature = "postgres")]
-    use super::{EntityTrait, QueryFilter, QueryTrait, Statement, Value, stored_with_keys};
+    use super::{EntityTrait, QueryFilter, QueryTrait, Statement, stored_with_keys};
     use crate::events::EventKind;
     use crate::ids::{SessionId, TenantId};
     #[cfg(feature = "postgres")]
-    use crate::store::test_postgres::{migrated_postgres, until_a_lock_is_awaited, value};
-    #[cfg(feature = "postgres")]
-    use sea_orm::DatabaseTransaction;
+    use crate::store::test_postgres::{
+        generic_plan, migrated_postgres, until_a_lock_is_awaited, value,
+    };
 
     /// Agent 7's "hello" to `session` of tenant 1, through `store`'s
     /// append queue.
@@ -2845,45 +2845,6 @@ mod tests {
             .unwrap();
         tx.rollback().await.unwrap();
         plan
-    }
-
-    /// `EXPLAIN ANALYZE` of `statement` prepared as `name` on `tx`, under
-    /// the generic plan (`tx`'s `plan_cache_mode` becomes
-    /// `force_generic_plan`), one line per row.
-    #[cfg(feature = "postgres")]
-    async fn generic_plan(
-        tx: &DatabaseTransaction,
-        name: &str,
-        statement: Statement,
-    ) -> Vec<String> {
-        use sea_orm::ConnectionTrait;
-        tx.execute_unprepared("SET LOCAL plan_cache_mode = force_generic_plan")
-            .await
-            .unwrap();
-        let values = statement.values.map(|v| v.0).unwrap_or_default();
-        let (types, literals): (Vec<&str>, Vec<String>) = values
-            .iter()
-            .map(|v| match v {
-                Value::String(Some(s)) => ("text", format!("'{s}'")),
-                Value::ChronoDateTimeUtc(Some(t)) => {
-                    ("timestamptz", format!("'{}'", t.to_rfc3339()))
-                }
-                Value::Uuid(Some(u)) => ("uuid", format!("'{u}'")),
-                other => panic!("unexpected value {other:?}"),
-            })
-            .unzip();
-        let prepare = format!("PREPARE {name}({}) AS {}", types.join(", "), statement.sql);
-        tx.execute_unprepared(&prepare).await.unwrap();
-        let explain = format!(
-            "EXPLAIN (ANALYZE, COSTS OFF) EXECUTE {name}({})",
-            literals.join(", ")
-        );
-        tx.query_all_raw(Statement::from_string(DbBackend::Postgres, explain))
-            .await
-            .unwrap()
-            .iter()
-            .map(|r| r.try_get::<String>("", "QUERY PLAN").unwrap())
-            .collect()
     }
 
     /// Issue #5: on a migrated SQLite database every foreign key a batch's

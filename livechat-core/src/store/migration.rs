@@ -22,6 +22,7 @@ impl MigratorTrait for Migrator {
             Box::new(m0006_outbox_pending_for::Migration),
             Box::new(m0007_sessions_agent::Migration),
             Box::new(m0008_presence_departments::Migration),
+            Box::new(m0009_sessions_ticket_closed::Migration),
         ]
     }
 
@@ -661,6 +662,78 @@ mod m0004_messages_deferred_fk {
     }
 }
 
+/// m0009 fills `ticket_closed_at` in from the `ticket.closed` events
+/// already stored, on both databases: `db` is migrated up to m0008.
+#[cfg(test)]
+async fn check_the_ticket_closures_filled_in(db: &sea_orm::DatabaseConnection) {
+    use sea_orm::{ConnectionTrait, Statement};
+    use sea_orm_migration::MigratorTrait;
+    let (closed, reopened, open) = (
+        uuid::Uuid::now_v7(),
+        uuid::Uuid::now_v7(),
+        uuid::Uuid::now_v7(),
+    );
+    let (t1, t2, t3) = (
+        uuid::Uuid::now_v7(),
+        uuid::Uuid::now_v7(),
+        uuid::Uuid::now_v7(),
+    );
+    // `reopened`'s close is of an earlier ticket than the one it has.
+    for (session, ticket) in [(closed, t1), (reopened, t2), (open, t3)] {
+        db.execute_unprepared(&format!(
+            "INSERT INTO livechat_sessions \
+             (id, tenant_id, origin, status, ticket_id, created_at, updated_at) \
+             VALUES ('{session}', 1, 'customer', 'OPEN', '{ticket}', \
+             '2026-01-01 00:00:00+00:00', '2026-01-01 00:00:00+00:00')"
+        ))
+        .await
+        .unwrap();
+    }
+    for (session, ticket) in [(closed, t1), (reopened, uuid::Uuid::now_v7())] {
+        db.execute_unprepared(&format!(
+            "INSERT INTO livechat_outbox \
+             (id, tenant_id, session_id, kind, payload, created_at, available_at, dispatched_at) \
+             VALUES ('{}', 1, '{session}', 'ticket.closed', \
+             '{{\"ticket_id\":\"{ticket}\",\"tenant_id\":1,\"closed_by\":7}}', \
+             '2026-01-02 00:00:00+00:00', '2026-01-02 00:00:00+00:00', \
+             '2026-01-02 00:00:00+00:00')",
+            uuid::Uuid::now_v7()
+        ))
+        .await
+        .unwrap();
+    }
+    Migrator::up(db, None).await.unwrap();
+    let backend = db.get_database_backend();
+    let marked: Vec<String> = db
+        .query_all_raw(Statement::from_string(
+            backend,
+            "SELECT CAST(id AS TEXT) AS id FROM livechat_sessions \
+             WHERE ticket_closed_at IS NOT NULL",
+        ))
+        .await
+        .unwrap()
+        .iter()
+        .map(|row| row.try_get::<String>("", "id").unwrap())
+        .collect();
+    assert_eq!(marked, vec![closed.to_string()], "{backend:?}");
+}
+
+#[cfg(all(test, feature = "postgres"))]
+mod postgres_tests {
+    use sea_orm_migration::MigratorTrait;
+
+    use super::Migrator;
+
+    #[tokio::test]
+    async fn the_ticket_closures_are_filled_in_on_postgres() {
+        let admin = livechat_tests::postgres_admin_url();
+        let url = livechat_tests::create_database(&admin, "lc_migration").await;
+        let db = crate::store::connect(&url).await.unwrap();
+        Migrator::up(&db, Some(8)).await.unwrap();
+        super::check_the_ticket_closures_filled_in(&db).await;
+    }
+}
+
 #[cfg(all(test, feature = "sqlite"))]
 mod tests {
     use sea_orm::{ConnectionTrait, DatabaseConnection, DbBackend, Statement};
@@ -753,8 +826,8 @@ mod tests {
             assert!(duplicate.is_err(), "seq {seq}, key {key}");
         }
 
-        // Back past m0004 (and m0005 to m0008, applied after it).
-        Migrator::down(&db, Some(5)).await.unwrap();
+        // Back past m0004 (and m0005 to m0009, applied after it).
+        Migrator::down(&db, Some(6)).await.unwrap();
         let (down, down_shape) = messages_table(&db).await;
         assert!(!down.contains("DEFERRABLE"), "{down}");
         assert_eq!(down_shape, shape);
@@ -768,6 +841,13 @@ mod tests {
         .unwrap();
         let (_, emptied) = messages_table(&db).await;
         assert!(!emptied.iter().any(|s| s.contains("hello")), "{emptied:?}");
+    }
+
+    #[tokio::test]
+    async fn the_ticket_closures_are_filled_in_on_sqlite() {
+        let db = crate::store::connect("sqlite::memory:").await.unwrap();
+        Migrator::up(&db, Some(8)).await.unwrap();
+        super::check_the_ticket_closures_filled_in(&db).await;
     }
 
     /// Messages whose session is gone (written with foreign keys off) stop
@@ -949,6 +1029,79 @@ mod m0008_presence_departments {
             manager
                 .get_connection()
                 .execute_unprepared("ALTER TABLE livechat_agent_presence DROP COLUMN departments")
+                .await?;
+            Ok(())
+        }
+    }
+}
+
+/// When a session's ticket was closed (`livechat_sessions.ticket_closed_at`,
+/// set with the `ticket.closed` event; `NULL` while the session has no
+/// ticket or its ticket is open): a chat handed back to the queue with a
+/// closed ticket gets a new one. The answer was found by reading every
+/// event of the tenant in the outbox (the tenant index was the only one
+/// the read's terms matched), inside a write transaction, and it would
+/// not survive the outbox's pruning. Filled in from the `ticket.closed`
+/// events already stored. Nullable, so that nodes of the version before
+/// keep writing sessions during an upgrade (a ticket such a node closes
+/// is not marked: its chat, if handed back, keeps the closed ticket).
+mod m0009_sessions_ticket_closed {
+    use sea_orm_migration::prelude::*;
+
+    pub(super) struct Migration;
+
+    impl MigrationName for Migration {
+        fn name(&self) -> &str {
+            "m0009_sessions_ticket_closed"
+        }
+    }
+
+    #[derive(DeriveIden)]
+    enum LivechatSessions {
+        Table,
+        TicketClosedAt,
+    }
+
+    #[async_trait::async_trait]
+    impl MigrationTrait for Migration {
+        async fn up(&self, manager: &SchemaManager) -> Result<(), DbErr> {
+            manager
+                .alter_table(
+                    Table::alter()
+                        .table(LivechatSessions::Table)
+                        .add_column(
+                            ColumnDef::new(LivechatSessions::TicketClosedAt)
+                                .timestamp_with_time_zone()
+                                .null(),
+                        )
+                        .to_owned(),
+                )
+                .await?;
+            // One pass over the outbox: the ticket each close names, if
+            // it is still its session's.
+            let ticket = match manager.get_database_backend() {
+                sea_orm::DbBackend::Postgres => "(payload::jsonb ->> 'ticket_id')::uuid",
+                _ => "json_extract(payload, '$.ticket_id')",
+            };
+            manager
+                .get_connection()
+                .execute_unprepared(&format!(
+                    "UPDATE livechat_sessions SET ticket_closed_at = closed.at \
+                     FROM (SELECT session_id, {ticket} AS ticket_id, max(created_at) AS at \
+                     FROM livechat_outbox \
+                     WHERE kind = 'ticket.closed' AND session_id IS NOT NULL \
+                     GROUP BY session_id, {ticket}) AS closed \
+                     WHERE livechat_sessions.id = closed.session_id \
+                     AND livechat_sessions.ticket_id = closed.ticket_id"
+                ))
+                .await?;
+            Ok(())
+        }
+
+        async fn down(&self, manager: &SchemaManager) -> Result<(), DbErr> {
+            manager
+                .get_connection()
+                .execute_unprepared("ALTER TABLE livechat_sessions DROP COLUMN ticket_closed_at")
                 .await?;
             Ok(())
         }

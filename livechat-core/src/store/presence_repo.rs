@@ -10,12 +10,12 @@ use super::entity::{connection, presence, routing as routing_entity, session};
 use super::routing::{
     drain_queue, eligible_agents, fresh_since, is_online, lock_tenant, open_sessions_by_agent,
 };
-use super::sessions::{record_session_updated, ticket_unattended, ticket_was_closed};
+use super::sessions::{record_session_updated, ticket_unattended};
 use super::{SeaOrmStore, abort, host_id, record_event};
 use crate::config::RoutingPolicy;
 use crate::error::ChatError;
 use crate::events::EventKind;
-use crate::ids::{SessionId, TenantId, TicketId, UserId};
+use crate::ids::{TenantId, UserId};
 use crate::model::{AgentPresence, PresenceStatus, SessionOrigin, SessionStatus, now};
 use crate::repository::{AgentOverview, EligibleAgent, PresenceRepository};
 
@@ -494,19 +494,17 @@ async fn requeue_chats_of(
     rows.sort_by_key(|row| row.id);
     let requeued = rows.len();
     for mut row in rows {
-        if let Some(ticket) = row.ticket_id
-            && ticket_was_closed(
-                tx,
-                tenant,
-                SessionId::from_uuid(row.id),
-                TicketId::from_uuid(ticket),
-            )
-            .await?
-        {
+        // A closed ticket is let go: the chat, back in the queue, gets a
+        // ticket of its own again if no agent takes it.
+        if row.ticket_id.is_some() && row.ticket_closed_at.is_some() {
             row = session::Entity::update_many()
                 .col_expr(
                     session::Column::TicketId,
                     Expr::value(Option::<uuid::Uuid>::None),
+                )
+                .col_expr(
+                    session::Column::TicketClosedAt,
+                    Expr::value(Option::<chrono::DateTime<chrono::Utc>>::None),
                 )
                 .filter(session::Column::Id.eq(row.id))
                 .exec_with_returning(tx)

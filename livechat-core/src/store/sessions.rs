@@ -251,6 +251,16 @@ pub(super) async fn ticket_unattended(
     Ok(ticketed)
 }
 
+/// `tenant_id = tenant` for a read of the outbox, written so that no index
+/// on `tenant_id` serves it (a unary `+`, the same value on both
+/// databases): the tenant index holds every event of the tenant's history,
+/// and the reads that use this have a partial index of far fewer rows.
+/// SQLite, without statistics, took the tenant index for its equality.
+fn outbox_tenant_unindexed(tenant: TenantId) -> sea_orm::sea_query::SimpleExpr {
+    use sea_orm::sea_query::ExprTrait as _;
+    Expr::cust(r#"+"livechat_outbox"."tenant_id""#).eq(tenant.get())
+}
+
 /// Whose events [`pending_ticket_events`] reads.
 #[derive(Clone, Copy, Debug)]
 enum EventsOf {
@@ -274,19 +284,7 @@ async fn pending_ticket_events(
     struct Of {
         ticket_id: Option<TicketId>,
     }
-    let session = match of {
-        EventsOf::Session(Some(id)) => Some(outbox::Column::SessionId.eq(id.as_uuid())),
-        EventsOf::Session(None) => Some(outbox::Column::SessionId.is_null()),
-        EventsOf::Tenant => None,
-    };
-    let rows: Vec<(String, String)> = outbox::Entity::find()
-        .select_only()
-        .column(outbox::Column::Kind)
-        .column(outbox::Column::Payload)
-        .filter(outbox::Column::TenantId.eq(tenant.get()))
-        .apply_if(session, QueryFilter::filter)
-        .filter(outbox::Column::DispatchedAt.is_null())
-        .filter(outbox::Column::Kind.is_in(kinds.iter().map(|k| k.as_str())))
+    let rows: Vec<(String, String)> = pending_events_query(tenant, of, kinds)
         .into_tuple()
         .all(conn)
         .await?;
@@ -299,32 +297,27 @@ async fn pending_ticket_events(
         .collect())
 }
 
-/// Whether an agent closed `ticket` of `session` (a `ticket.closed` event
-/// of it is in the outbox, delivered or not): the session keeps the id of
-/// a ticket that is closed, and such a session, back in the queue, needs
-/// a ticket of its own again.
-pub(super) async fn ticket_was_closed(
-    conn: &impl ConnectionTrait,
+/// The read of [`pending_ticket_events`]: kind and payload of the
+/// undispatched events of `kinds` of `of` in `tenant`, through the index
+/// of undispatched events (a few, however long the tenant's history).
+fn pending_events_query(
     tenant: TenantId,
-    session: SessionId,
-    ticket: TicketId,
-) -> Result<bool, ChatError> {
-    #[derive(serde::Deserialize)]
-    struct Of {
-        ticket_id: Option<TicketId>,
-    }
-    let payloads: Vec<String> = outbox::Entity::find()
+    of: EventsOf,
+    kinds: &[EventKind],
+) -> sea_orm::Select<outbox::Entity> {
+    let session = match of {
+        EventsOf::Session(Some(id)) => Some(outbox::Column::SessionId.eq(id.as_uuid())),
+        EventsOf::Session(None) => Some(outbox::Column::SessionId.is_null()),
+        EventsOf::Tenant => None,
+    };
+    outbox::Entity::find()
         .select_only()
+        .column(outbox::Column::Kind)
         .column(outbox::Column::Payload)
-        .filter(outbox::Column::TenantId.eq(tenant.get()))
-        .filter(outbox::Column::SessionId.eq(session.as_uuid()))
-        .filter(outbox::Column::Kind.eq(EventKind::TicketClosed.as_str()))
-        .into_tuple()
-        .all(conn)
-        .await?;
-    Ok(payloads.iter().any(|payload| {
-        serde_json::from_str::<Of>(payload).is_ok_and(|of| of.ticket_id == Some(ticket))
-    }))
+        .filter(outbox_tenant_unindexed(tenant))
+        .apply_if(session, QueryFilter::filter)
+        .filter(outbox::Column::DispatchedAt.is_null())
+        .filter(outbox::Column::Kind.is_in(kinds.iter().map(|k| k.as_str())))
 }
 
 /// Writes `session.updated` for `row`, a session as a change inside `tx`
@@ -426,6 +419,7 @@ pub(super) fn new_row(
         updated_at: Set(at),
         assigned_at: Set(None),
         closed_at: Set(None),
+        ticket_closed_at: Set(None),
     }
 }
 
@@ -556,6 +550,17 @@ impl SessionRepository for SeaOrmStore {
             // Only a session orders its events: a close of a ticket without
             // one could reach a sink before the ticket's opening.
             return abort(tx, ChatError::TicketPending).await;
+        }
+        if let Some(session) = session {
+            // Its chat, handed back to the queue later, gets a new ticket
+            // (`presence_repo`'s hand-back), if this is still its ticket.
+            session::Entity::update_many()
+                .col_expr(session::Column::TicketClosedAt, Expr::value(now()))
+                .filter(session::Column::Id.eq(session.as_uuid()))
+                .filter(session::Column::TenantId.eq(tenant.get()))
+                .filter(session::Column::TicketId.eq(closed.ticket_id.as_uuid()))
+                .exec(&tx)
+                .await?;
         }
         let mut ev = self.recorder();
         record_event(
@@ -938,5 +943,104 @@ impl SessionRepository for SeaOrmStore {
         let session = record_session_updated(&tx, &mut ev, row).await?;
         self.commit(tx, ev).await?;
         Ok(session)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use sea_orm::{DbBackend, QueryTrait, Statement};
+
+    use super::{EventsOf, pending_events_query};
+    use crate::events::EventKind;
+    use crate::ids::{SessionId, TenantId};
+
+    /// The outbox reads of a ticket's close (and of a ticket's lookup
+    /// while its opening is undelivered), for a test of their plans.
+    fn ticket_reads(backend: DbBackend) -> Vec<(&'static str, Statement)> {
+        let tenant = TenantId::new(1).unwrap();
+        let session = SessionId::from_uuid(uuid::Uuid::now_v7());
+        let kinds = [EventKind::TicketRequested, EventKind::TicketClosed];
+        let pending = |of| pending_events_query(tenant, of, &kinds).build(backend);
+        vec![
+            ("pending_session", pending(EventsOf::Session(Some(session)))),
+            ("pending_sessionless", pending(EventsOf::Session(None))),
+            ("pending_tenant", pending(EventsOf::Tenant)),
+        ]
+    }
+
+    /// Issue #5: the reads of a ticket's close go through the partial
+    /// index of undispatched events, not the tenant index, which holds
+    /// every event of the tenant's history (SQLite took it for its
+    /// equality, and read the whole history inside a write transaction).
+    #[cfg(feature = "sqlite")]
+    #[tokio::test]
+    async fn the_ticket_reads_skip_the_tenants_history_on_sqlite() {
+        use sea_orm::ConnectionTrait;
+        use sea_orm_migration::MigratorTrait;
+        let db = crate::store::connect("sqlite::memory:").await.unwrap();
+        crate::store::Migrator::up(&db, None).await.unwrap();
+        for (name, statement) in ticket_reads(DbBackend::Sqlite) {
+            let explain = Statement::from_sql_and_values(
+                DbBackend::Sqlite,
+                format!("EXPLAIN QUERY PLAN {}", statement.sql),
+                statement.values.unwrap().0,
+            );
+            let plan: Vec<String> = db
+                .query_all_raw(explain)
+                .await
+                .unwrap()
+                .iter()
+                .map(|r| r.try_get::<String>("", "detail").unwrap())
+                .collect();
+            let text = plan.join("\n");
+            assert!(
+                text.contains("livechat_outbox_undispatched"),
+                "{name}: {text}"
+            );
+            assert!(
+                !text.contains("livechat_outbox_tenant_id"),
+                "{name}: {text}"
+            );
+        }
+    }
+
+    /// Issue #5: the same on PostgreSQL under the generic plan a prepared
+    /// statement comes to, with statistics of a tenant history of 20,000
+    /// dispatched events.
+    #[cfg(feature = "postgres")]
+    #[tokio::test]
+    async fn the_ticket_reads_skip_the_tenants_history_on_postgres() {
+        use sea_orm::{ConnectionTrait, TransactionTrait};
+
+        use crate::store::test_postgres::{generic_plan, migrated_postgres};
+        let db = migrated_postgres().await;
+        for sql in [
+            "INSERT INTO livechat_outbox \
+             (id, tenant_id, session_id, kind, payload, created_at, available_at, dispatched_at) \
+             SELECT gen_random_uuid(), 1, gen_random_uuid(), 'message.posted', '{}', \
+             now(), now(), now() FROM generate_series(1, 20000) g",
+            "INSERT INTO livechat_outbox \
+             (id, tenant_id, session_id, kind, payload, created_at, available_at) \
+             SELECT gen_random_uuid(), 1, gen_random_uuid(), 'message.posted', '{}', now(), now() \
+             FROM generate_series(1, 5) g",
+            "ANALYZE livechat_outbox",
+        ] {
+            db.execute_unprepared(sql).await.unwrap();
+        }
+        for (name, statement) in ticket_reads(DbBackend::Postgres) {
+            let tx = db.begin().await.unwrap();
+            let plan = generic_plan(&tx, name, statement).await;
+            let text = plan.join("\n");
+            assert!(
+                text.contains("livechat_outbox_undispatched"),
+                "{name}: {text}"
+            );
+            assert!(!text.contains("Seq Scan"), "{name}: {text}");
+            assert!(
+                !text.contains("livechat_outbox_tenant_id"),
+                "{name}: {text}"
+            );
+            tx.rollback().await.unwrap();
+        }
     }
 }

@@ -64,8 +64,8 @@ pub use repository::{
     SessionFilter, SessionRepository,
 };
 pub use service::{
-    AgentAvailability, ChatService, ContactInput, CustomerChatRequest, HistoryPage, SessionPage,
-    TicketClose,
+    AgentAvailability, ChatService, ContactInput, CustomerChatRequest, HistoryPage,
+    MIN_OUTBOX_RETENTION, OUTBOX_PRUNE_BATCH, SessionPage, TicketClose,
 };
 pub use validate::{
     ClientMsgId, INVALID_CURSOR, MAX_AGENT_DEPARTMENTS, MessageBody, PageSize, Topic, after_seq,

@@ -713,7 +713,7 @@ pub trait ConnectionRepository: Send + Sync {
     ) -> impl Future<Output = Result<PurgedConnections, ChatError>> + Send;
 }
 
-/// Read access to the tenant's committed events.
+/// Read access to the tenant's committed events, and their pruning.
 pub trait OutboxRepository: Send + Sync {
     /// Events of the tenant after `after` (exclusive; `None`: from the
     /// start), oldest first, at most `limit`.
@@ -723,6 +723,23 @@ pub trait OutboxRepository: Send + Sync {
         after: Option<EventId>,
         limit: PageSize,
     ) -> impl Future<Output = Result<Vec<DomainEvent>, ChatError>> + Send;
+
+    /// Deletes at most `limit` settled events (dispatched to every
+    /// consumer, or failed for good) written before `before`, oldest
+    /// first, in one statement, and returns how many it deleted. An event
+    /// not yet settled stays whatever its age. What a pruned event told
+    /// stays in the tables it was about (sessions, messages; tickets and
+    /// notifications in the ticket bridge's sinks); [`Self::list_events`]
+    /// no longer returns it, and the purge of a crashed node's
+    /// connections reads the `message.posted` events of the connection
+    /// TTL before it (`message.missed`), so `before` is to be older than
+    /// that ([`ChatService::prune_outbox`](crate::ChatService::prune_outbox)
+    /// keeps a day at least).
+    fn prune_events(
+        &self,
+        before: chrono::DateTime<chrono::Utc>,
+        limit: u64,
+    ) -> impl Future<Output = Result<u64, ChatError>> + Send;
 }
 
 /// Everything [`ChatService`](crate::ChatService) needs from storage.

@@ -108,6 +108,16 @@ pub struct HistoryPage {
     pub next_cursor: Option<String>,
 }
 
+/// The shortest retention [`ChatService::prune_outbox`] accepts (a day):
+/// the purge of a crashed node's connections reads the events of the
+/// connection TTL before it, and a consumer's view of recent events
+/// (`OutboxRepository::list_events`) should not end at minutes.
+pub const MIN_OUTBOX_RETENTION: std::time::Duration = std::time::Duration::from_secs(86_400);
+
+/// How many events [`ChatService::prune_outbox`] deletes in one statement
+/// (one short write transaction: other writes wait behind it on SQLite).
+pub const OUTBOX_PRUNE_BATCH: u64 = 1_000;
+
 /// The chat rules (issues #2 and #3). Adapters call it and never decide
 /// themselves.
 ///
@@ -1267,6 +1277,43 @@ impl<S: ChatStore> ChatService<S> {
             return Ok(true);
         }
         Ok(false)
+    }
+
+    /// Housekeeping for every tenant: deletes the outbox's settled events
+    /// (dispatched to every consumer, or failed for good) older than
+    /// `retention`, [`OUTBOX_PRUNE_BATCH`] events a statement until none
+    /// is left, and returns how many it deleted. The outbox otherwise
+    /// keeps every event ever written (each message's among them, with its
+    /// text), growing without bound. What the events told stays in the
+    /// sessions, messages, tickets and notifications; an event not yet
+    /// settled (a webhook down for days) stays whatever its age.
+    /// [`OutboxRepository::list_events`](crate::OutboxRepository::list_events)
+    /// reads back as far as the retention; the purge of a crashed node's
+    /// connections needs the events of one connection TTL
+    /// ([`Self::purge_expired_connections`]).
+    ///
+    /// # Errors
+    /// [`ChatError::InvalidInput`] for a retention under
+    /// [`MIN_OUTBOX_RETENTION`] (a day); [`ChatError::Storage`] when a
+    /// statement failed (the batches before it stay deleted).
+    pub async fn prune_outbox(&self, retention: std::time::Duration) -> Result<u64, ChatError> {
+        if retention < MIN_OUTBOX_RETENTION {
+            return Err(ChatError::InvalidInput(
+                "the outbox retention is a day at least".into(),
+            ));
+        }
+        let before = chrono::Duration::from_std(retention)
+            .ok()
+            .and_then(|retention| crate::model::now().checked_sub_signed(retention))
+            .unwrap_or(chrono::DateTime::<chrono::Utc>::MIN_UTC);
+        let mut pruned = 0;
+        loop {
+            let deleted = self.store.prune_events(before, OUTBOX_PRUNE_BATCH).await?;
+            pruned += deleted;
+            if deleted < OUTBOX_PRUNE_BATCH {
+                return Ok(pruned);
+            }
+        }
     }
 
     /// Housekeeping for every tenant: deletes the connection rows whose TTL

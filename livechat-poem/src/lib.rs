@@ -243,6 +243,22 @@ impl Livechat {
         self.chat.hand_back_chats_of_absent_agents().await
     }
 
+    /// Housekeeping for every tenant (call it periodically, on any one node
+    /// or on every node): deletes the outbox's settled events older than
+    /// `retention` ([`ChatService::prune_outbox`]), once they are
+    /// dispatched to every consumer. Returns how many it deleted.
+    ///
+    /// # Errors
+    /// [`livechat_core::ChatError::InvalidInput`] for a retention under
+    /// [`livechat_core::MIN_OUTBOX_RETENTION`] (a day);
+    /// [`livechat_core::ChatError::Storage`] when a statement failed.
+    pub async fn prune_outbox(
+        &self,
+        retention: std::time::Duration,
+    ) -> Result<u64, livechat_core::ChatError> {
+        self.chat.prune_outbox(retention).await
+    }
+
     /// Closes every WebSocket of this node with 1001 (going away), for a
     /// graceful shutdown; call it when the server stops accepting, then
     /// wait for [`Self::closed`] before closing the database.

@@ -28,6 +28,7 @@
 //! | `LIVECHAT_CUSTOMER_SEND_RATE` | `10` | a customer's messages per second, over HTTP and their WebSockets together (burst twice that); `0`: unlimited |
 //! | `LIVECHAT_CLIENT_IP_HEADER` | none: the peer address | the header your reverse proxy sets to the client's address (`X-Real-IP`, or `X-Forwarded-For`: its last address) |
 //! | `LIVECHAT_SQLITE_SYNCHRONOUS` | `full` | SQLite commit durability: `full` (a 201 means on disk) or `normal` |
+//! | `LIVECHAT_OUTBOX_RETENTION_DAYS` | `7` | housekeeping deletes outbox events dispatched to every sink once they are this old; 1–3,650 days, or `off` to keep them all |
 //!
 //! Tickets and notifications are materialized by the ticket bridge's
 //! dispatcher, which runs next to the HTTP server with the default SeaORM
@@ -101,6 +102,8 @@ pub struct Config {
     pub presence_grace: Duration,
     /// `LIVECHAT_HAND_BACK_AFTER_SECS` (`off`: `None`).
     pub hand_back_after: Option<Duration>,
+    /// `LIVECHAT_OUTBOX_RETENTION_DAYS` (`off`: `None`).
+    pub outbox_retention: Option<Duration>,
     /// `LIVECHAT_CORS_ORIGINS`.
     pub cors_origins: Vec<String>,
     /// `LIVECHAT_CORS_CREDENTIALS`.
@@ -134,6 +137,7 @@ impl Config {
             ping_interval: Duration::from_secs(20),
             presence_grace: Duration::from_secs(10),
             hand_back_after: Some(Duration::from_secs(120)),
+            outbox_retention: Some(Duration::from_secs(7 * 86_400)),
             cors_origins: Vec::new(),
             cors_credentials: false,
             redis_url: None,
@@ -251,6 +255,18 @@ impl Config {
             hand_back_after: match var("LIVECHAT_HAND_BACK_AFTER_SECS") {
                 Some(v) if v.trim().eq_ignore_ascii_case("off") => None,
                 v => Some(secs("LIVECHAT_HAND_BACK_AFTER_SECS", v, 120)?),
+            },
+            outbox_retention: match var("LIVECHAT_OUTBOX_RETENTION_DAYS") {
+                Some(v) if v.trim().eq_ignore_ascii_case("off") => None,
+                None => Some(Duration::from_secs(7 * 86_400)),
+                Some(v) => Some(
+                    v.trim()
+                        .parse::<u64>()
+                        .ok()
+                        .filter(|days| (1..=3_650).contains(days))
+                        .map(|days| Duration::from_secs(days * 86_400))
+                        .ok_or("LIVECHAT_OUTBOX_RETENTION_DAYS must be 1-3650 days, or off")?,
+                ),
             },
             cors_origins: var("LIVECHAT_CORS_ORIGINS")
                 .map(|v| {
@@ -923,7 +939,7 @@ pub async fn run(config: Config) -> Result<(), Box<dyn std::error::Error + Send 
     let host = build(db.clone(), &config, bus);
     let livechat = host.livechat.clone();
     let sockets = host.livechat.clone();
-    let housekeeper = tokio::spawn(housekeeping(host.livechat.clone()));
+    let housekeeper = tokio::spawn(housekeeping(host.livechat.clone(), config.outbox_retention));
     let (stop_tx, mut stop_rx) = tokio::sync::watch::channel(false);
     let dispatcher = tokio::spawn(host.dispatcher.run(async move {
         let _ = stop_rx.wait_for(|stop| *stop).await;
@@ -962,8 +978,10 @@ pub async fn run(config: Config) -> Result<(), Box<dyn std::error::Error + Send 
 /// chats of agents gone for `LIVECHAT_HAND_BACK_AFTER_SECS`
 /// (`Livechat::hand_back_chats_of_absent_agents`), then tickets the chats
 /// left waiting in tenants with no agent online
-/// (`Livechat::ticket_unattended_chats`).
-async fn housekeeping(livechat: livechat_poem::Livechat) {
+/// (`Livechat::ticket_unattended_chats`), then deletes the outbox events
+/// dispatched to every sink older than `outbox_retention`
+/// (`Livechat::prune_outbox`; `None`: none).
+async fn housekeeping(livechat: livechat_poem::Livechat, outbox_retention: Option<Duration>) {
     let mut tick = tokio::time::interval(Duration::from_secs(60));
     loop {
         tick.tick().await;
@@ -991,6 +1009,13 @@ async fn housekeeping(livechat: livechat_poem::Livechat) {
             }
             Ok(_) => {}
             Err(e) => tracing::warn!(error = %e, "ticketing waiting chats failed"),
+        }
+        if let Some(retention) = outbox_retention {
+            match livechat.prune_outbox(retention).await {
+                Ok(0) => {}
+                Ok(events) => tracing::info!(events, "dispatched outbox events pruned"),
+                Err(e) => tracing::warn!(error = %e, "pruning the outbox failed"),
+            }
         }
     }
 }
@@ -1096,6 +1121,14 @@ mod config_tests {
                 "LIVECHAT_HAND_BACK_AFTER_SECS",
             ),
             (
+                &[("LIVECHAT_OUTBOX_RETENTION_DAYS", "0")][..],
+                "LIVECHAT_OUTBOX_RETENTION_DAYS",
+            ),
+            (
+                &[("LIVECHAT_OUTBOX_RETENTION_DAYS", "3651")][..],
+                "LIVECHAT_OUTBOX_RETENTION_DAYS",
+            ),
+            (
                 &[
                     ("LIVECHAT_PING_INTERVAL_SECS", "120"),
                     ("LIVECHAT_PRESENCE_TTL_SECS", "60"),
@@ -1145,5 +1178,13 @@ mod config_tests {
         assert_eq!(off.chat_config().routing.hand_back_after, None);
         let soon = config(&[("LIVECHAT_HAND_BACK_AFTER_SECS", "30")]).unwrap();
         assert_eq!(soon.hand_back_after, Some(Duration::from_secs(30)));
+        assert_eq!(ok.outbox_retention, Some(Duration::from_secs(7 * 86_400)));
+        let kept = config(&[("LIVECHAT_OUTBOX_RETENTION_DAYS", "off")]).unwrap();
+        assert_eq!(kept.outbox_retention, None);
+        let month = config(&[("LIVECHAT_OUTBOX_RETENTION_DAYS", "30")]).unwrap();
+        assert_eq!(
+            month.outbox_retention,
+            Some(Duration::from_secs(30 * 86_400))
+        );
     }
 }

@@ -5,7 +5,9 @@ use std::time::Duration;
 
 use chrono::{DateTime, Utc};
 use sea_orm::sea_query::{Expr, ExprTrait};
-use sea_orm::{ColumnTrait, Condition, EntityTrait, QueryFilter, QueryOrder, QuerySelect};
+use sea_orm::{
+    ColumnTrait, Condition, EntityTrait, QueryFilter, QueryOrder, QuerySelect, QueryTrait,
+};
 
 use super::entity::outbox;
 use super::{SeaOrmStore, convert_all};
@@ -34,6 +36,28 @@ impl OutboxRepository for SeaOrmStore {
             .all(&self.db)
             .await?;
         convert_all(rows)
+    }
+
+    async fn prune_events(&self, before: DateTime<Utc>, limit: u64) -> Result<u64, ChatError> {
+        // Event ids are UUIDv7s taken when the event is written (a
+        // `message.posted` event's is its message's): ordered by their
+        // time, to the millisecond. This is the least id of `before`'s
+        // millisecond, so the primary key finds the older events.
+        let millis = u64::try_from(before.timestamp_millis()).unwrap_or(0);
+        let bound = uuid::Builder::from_unix_timestamp_millis(millis, &[0; 10]).into_uuid();
+        let oldest = outbox::Entity::find()
+            .select_only()
+            .column(outbox::Column::Id)
+            .filter(outbox::Column::Id.lt(bound))
+            .filter(outbox::Column::DispatchedAt.is_not_null())
+            .order_by_asc(outbox::Column::Id)
+            .limit(limit)
+            .into_query();
+        let deleted = outbox::Entity::delete_many()
+            .filter(outbox::Column::Id.in_subquery(oldest))
+            .exec(&self.db)
+            .await?;
+        Ok(deleted.rows_affected)
     }
 }
 

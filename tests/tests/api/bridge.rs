@@ -21,6 +21,7 @@ on_both_databases!(
     tickets_and_chats_by_department,
     tickets_and_notifications_page_with_a_cursor,
     a_handed_back_chat_whose_ticket_was_closed_gets_a_new_one,
+    pruning_the_outbox_deletes_only_old_settled_events,
     a_chat_left_waiting_by_the_last_agent_becomes_a_ticket,
     agents_close_tickets,
     a_ticket_closes_only_after_its_opening_and_once,
@@ -768,7 +769,8 @@ async fn tickets_and_notifications_page_with_a_cursor(backend: Backend) {
 /// A chat ticketed while nobody was online, then served and its ticket
 /// closed by the agent, goes back to the queue when that agent, the last
 /// one online, sets `offline`: with nobody to take it, it gets a new ticket
-/// (the closed one no longer stands for it).
+/// (the closed one no longer stands for it), also when the outbox's
+/// events, the close among them, were pruned before.
 async fn a_handed_back_chat_whose_ticket_was_closed_gets_a_new_one(backend: Backend) {
     let app = App::new(backend).await;
     let (session, auth) = visitor_start(&app, "Refund").await;
@@ -798,6 +800,12 @@ async fn a_handed_back_chat_whose_ticket_was_closed_gets_a_new_one(backend: Back
         )
         .await;
     assert_eq!(code, 202, "{body}");
+    drain(&app.dispatcher, &app.db).await;
+    let pruned = prune_all(&app).await;
+    assert!(
+        pruned >= 3,
+        "the ticket's opening and close and more: {pruned}"
+    );
 
     let (code, body) = app
         .agent_call(
@@ -824,6 +832,103 @@ async fn a_handed_back_chat_whose_ticket_was_closed_gets_a_new_one(backend: Back
         .map(|t| t["id"].as_str().unwrap())
         .collect();
     assert_eq!(open, vec![second]);
+}
+
+/// Prunes every settled event of `app`'s outbox (a cut-off a second
+/// ahead), returning how many.
+async fn prune_all(app: &App) -> u64 {
+    let ahead = chrono::Utc::now() + chrono::Duration::seconds(1);
+    livechat_core::OutboxRepository::prune_events(app.chat.store(), ahead, 10_000)
+        .await
+        .unwrap()
+}
+
+/// Housekeeping's pruning of the outbox deletes settled events only: past
+/// the retention, dispatched ones go (in batches: `limit` at a time,
+/// oldest first), an undispatched one stays whatever its age, and what the
+/// events told stays readable. `ChatService::prune_outbox` refuses a
+/// retention under a day and deletes nothing of the last day.
+async fn pruning_the_outbox_deletes_only_old_settled_events(backend: Backend) {
+    let app = App::new(backend).await;
+    let tenant = TenantId::new(1).unwrap();
+    let (session, auth) = visitor_start(&app, "Refund").await;
+    app.go_online(7, 1).await;
+    for text in ["one", "two", "three"] {
+        let (code, body) = app
+            .agent_call(
+                Method::POST,
+                &format!("/livechat/sessions/{session}/messages"),
+                7,
+                1,
+                Some(json!({"message": text})),
+            )
+            .await;
+        assert_eq!(code, 201, "{body}");
+    }
+    drain(&app.dispatcher, &app.db).await;
+    let (code, body) = app
+        .agent_call(
+            Method::POST,
+            &format!("/livechat/sessions/{session}/messages"),
+            7,
+            1,
+            Some(json!({"message": "undispatched"})),
+        )
+        .await;
+    assert_eq!(code, 201, "{body}");
+    let page = livechat_core::PageSize::parse(Some(100), app.chat.config()).unwrap();
+    let all = livechat_core::OutboxRepository::list_events(app.chat.store(), tenant, None, page)
+        .await
+        .unwrap();
+    let settled = all.len() - 1;
+    assert!(settled >= 5, "{all:?}");
+
+    // Nothing is a day old; a shorter retention is refused.
+    let day = std::time::Duration::from_secs(86_400);
+    assert_eq!(app.chat.prune_outbox(day).await.unwrap(), 0);
+    assert!(matches!(
+        app.chat.prune_outbox(day / 2).await,
+        Err(livechat_core::ChatError::InvalidInput(_))
+    ));
+
+    let ahead = chrono::Utc::now() + chrono::Duration::seconds(1);
+    let store = app.chat.store();
+    let first = livechat_core::OutboxRepository::prune_events(store, ahead, 2)
+        .await
+        .unwrap();
+    assert_eq!(first, 2, "a batch at most");
+    let left = livechat_core::OutboxRepository::list_events(store, tenant, None, page)
+        .await
+        .unwrap();
+    assert_eq!(left[..], all[2..], "the oldest first");
+    assert_eq!(prune_all(&app).await, u64::try_from(settled - 2).unwrap());
+    let left = livechat_core::OutboxRepository::list_events(store, tenant, None, page)
+        .await
+        .unwrap();
+    assert_eq!(left[..], all[settled..], "the undispatched event stays");
+
+    // What the events told stays: the messages, and the undispatched one
+    // is still delivered.
+    let (code, body) = customer_get(
+        &app,
+        &format!("/livechat/customer/chats/{session}/messages"),
+        &auth,
+    )
+    .await;
+    assert_eq!(code, 200, "{body}");
+    let texts: Vec<&str> = body["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| m["message"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        texts,
+        ["anyone?", "one", "two", "three", "undispatched"],
+        "{body}"
+    );
+    drain(&app.dispatcher, &app.db).await;
+    assert_eq!(prune_all(&app).await, 1);
 }
 
 /// A visitor notified of a reply, then linked to a logged-in user (also

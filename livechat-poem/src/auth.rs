@@ -145,8 +145,16 @@ impl std::fmt::Debug for JwtAuthenticator {
 
 impl JwtAuthenticator {
     /// Verifies HS256 tokens with `secret`.
+    ///
+    /// # Panics
+    /// When `secret` is empty: anyone could sign a token for any user (a
+    /// configuration mistake, refused at start).
     #[must_use]
     pub fn hs256(secret: &[u8]) -> Self {
+        assert!(
+            !secret.is_empty(),
+            "the JWT secret is empty: anyone could sign host tokens"
+        );
         let mut validation = Validation::new(Algorithm::HS256);
         validation.set_required_spec_claims(&["exp"]);
         validation.validate_exp = true;
@@ -344,6 +352,12 @@ pub fn parse_tenant_header(value: Option<&str>) -> Result<TenantId, &'static str
 mod tests {
     use super::*;
     use jsonwebtoken::{EncodingKey, Header};
+
+    #[test]
+    #[should_panic(expected = "the JWT secret is empty")]
+    fn an_empty_jwt_secret_is_refused() {
+        let _ = JwtAuthenticator::hs256(b"");
+    }
 
     fn token(alg: Algorithm, claims: serde_json::Value) -> String {
         jsonwebtoken::encode(

@@ -100,7 +100,11 @@ impl std::fmt::Debug for Livechat {
 impl Livechat {
     /// Routes over `chat`, authenticating host tokens with `authenticator`
     /// and signing visitor tokens with `visitor_secret` (shared by all
-    /// nodes, apart from the host's JWT secret).
+    /// nodes, apart from the host's JWT secret), valid for
+    /// [`VISITOR_TOKEN_TTL`] ([`Self::visitor_token_ttl`]).
+    ///
+    /// # Panics
+    /// When `visitor_secret` is empty ([`VisitorTokens::new`]).
     pub fn new(
         chat: ChatService,
         authenticator: Arc<dyn Authenticator>,
@@ -118,6 +122,16 @@ impl Livechat {
             sockets: tokio_util::task::TaskTracker::new(),
             limits: Arc::new(limits::Limiters::new(&RateLimits::default())),
         }
+    }
+
+    /// Sets how long the visitor tokens this node issues are valid
+    /// (default [`VISITOR_TOKEN_TTL`], 30 days): a visitor whose
+    /// token expired starts over as a new visitor. Tokens issued before
+    /// keep their own expiry.
+    #[must_use]
+    pub fn visitor_token_ttl(mut self, ttl: std::time::Duration) -> Self {
+        self.visitor_tokens = self.visitor_tokens.with_ttl(ttl);
+        self
     }
 
     /// Limits what one client may do over the customer routes (default:
@@ -138,8 +152,17 @@ impl Livechat {
     /// service's store must publish on the same bus
     /// ([`livechat_core::store::SeaOrmStore::with_bus`]), so committed
     /// messages reach connections on every node.
+    ///
+    /// # Panics
+    /// When `config` is not coherent ([`RealtimeConfig::check`]: a ping
+    /// interval not below the connection TTL would let connections expire,
+    /// and agents drop out, between pings), a configuration mistake
+    /// refused at start.
     #[must_use]
     pub fn realtime(mut self, bus: Arc<dyn EventBus>, config: RealtimeConfig) -> Self {
+        if let Err(problem) = config.check() {
+            panic!("RealtimeConfig: {problem}");
+        }
         self.realtime = Some((bus, config));
         self
     }

@@ -50,8 +50,17 @@ struct VisitorClaims {
 impl VisitorTokens {
     /// Tokens signed with `secret` (keep it apart from the host's JWT
     /// secret; all nodes must share it).
+    ///
+    /// # Panics
+    /// When `secret` is empty: anyone could sign a visitor token for any
+    /// tenant and customer (a configuration mistake, refused at start as
+    /// [`IdentitySecrets`] refuses an empty secret).
     #[must_use]
     pub fn new(secret: &[u8]) -> Self {
+        assert!(
+            !secret.is_empty(),
+            "the visitor token secret is empty: anyone could sign visitor tokens"
+        );
         let mut validation = Validation::new(Algorithm::HS256);
         validation.set_required_spec_claims(&["exp", "sub"]);
         // Tokens issued here have no `nbf`; one that has it is held to it,
@@ -219,6 +228,12 @@ impl IdentitySecrets {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    #[should_panic(expected = "the visitor token secret is empty")]
+    fn an_empty_visitor_secret_is_refused() {
+        let _ = VisitorTokens::new(b"");
+    }
 
     #[test]
     fn visitor_tokens_round_trip_and_reject_tampering() {

@@ -374,8 +374,8 @@ async fn migrations_on_a_host_connection(backend: Backend) {
         Err(livechat_core::ChatError::MessageTooLong { max: 5 })
     ));
     // The latest migrations (m0004's rebuild of the messages table and
-    // the four after it) roll back and apply again over stored rows.
-    Migrator::down(&db, Some(5)).await.unwrap();
+    // the five after it) roll back and apply again over stored rows.
+    Migrator::down(&db, Some(6)).await.unwrap();
     Migrator::up(&db, None).await.unwrap();
     chat.set_agent_status(t, a, PresenceStatus::Away)
         .await
@@ -388,4 +388,51 @@ async fn migrations_on_a_host_connection(backend: Backend) {
             .seq,
         2
     );
+
+    // The library's routes on that connection, with visitor tokens of an
+    // hour.
+    let livechat = livechat_poem::Livechat::new(
+        chat,
+        std::sync::Arc::new(livechat_poem::JwtAuthenticator::hs256(b"host secret")),
+        b"visitor secret",
+    )
+    .visitor_token_ttl(std::time::Duration::from_secs(3600));
+    let client =
+        poem::test::TestClient::new(poem::Route::new().nest("/livechat", livechat.endpoint()));
+    let resp = client
+        .post("/livechat/customer/chats")
+        .header("X-Tenant-ID", "3")
+        .body_json(&json!({"browser_uuid": uuid::Uuid::now_v7(), "topic": "Hours"}))
+        .send()
+        .await;
+    let (code, body) = App::decode(resp).await;
+    assert_eq!(code, 201, "{body}");
+    let token = body["data"]["visitor_token"].as_str().unwrap();
+    let payload = token.split('.').nth(1).unwrap();
+    let claims: serde_json::Value = {
+        use base64::Engine as _;
+        let raw = base64::engine::general_purpose::URL_SAFE_NO_PAD
+            .decode(payload)
+            .unwrap();
+        serde_json::from_slice(&raw).unwrap()
+    };
+    assert_eq!(
+        claims["exp"].as_i64().unwrap() - claims["iat"].as_i64().unwrap(),
+        3600,
+        "{claims}"
+    );
+
+    // A gateway whose pings would come after its connections expired is
+    // refused when it is set up.
+    let bus: std::sync::Arc<dyn livechat_core::bus::EventBus> =
+        std::sync::Arc::new(livechat_core::bus::InProcessBus::new());
+    let late_pings = livechat_poem::RealtimeConfig {
+        ping_interval: std::time::Duration::from_secs(60),
+        connection_ttl: std::time::Duration::from_secs(60),
+        ..livechat_poem::RealtimeConfig::default()
+    };
+    let refused = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        livechat.clone().realtime(bus, late_pings)
+    }));
+    assert!(refused.is_err());
 }

@@ -20,13 +20,14 @@ use crate::ids::{CustomerId, NotificationId, SessionId, TenantId, TicketId, User
 use crate::model::Priority;
 use crate::validate::PageSize;
 
-/// Open until its session closes (issue #3).
+/// Open until its session closes or an agent closes it (issue #3,
+/// `POST /tickets/{id}/close`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "SCREAMING_SNAKE_CASE")]
 pub enum TicketStatus {
     /// Awaiting an answer.
     Open,
-    /// Its session closed.
+    /// Its session closed, or an agent closed it.
     Closed,
 }
 
@@ -54,7 +55,9 @@ impl TicketStatus {
 /// A ticket as agents see it.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Ticket {
-    /// The id allocated when the request found no eligible agent.
+    /// The id allocated when the request was ticketed: no agent online
+    /// (who takes its department) at its start or while it waited, or an
+    /// agent-started chat named an agent who is not online.
     pub id: TicketId,
     /// Owning tenant.
     pub tenant_id: TenantId,
@@ -84,7 +87,9 @@ pub struct Ticket {
 /// An in-app notification for a customer.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Notification {
-    /// Equal to the id of the event that caused it.
+    /// The id of the agent reply it is about (also the id of its
+    /// `message.posted` event; a `message.missed` event has its own id).
+    /// Unique: the sinks store or send one notification per id.
     pub id: NotificationId,
     /// Owning tenant.
     pub tenant_id: TenantId,

@@ -23,7 +23,9 @@
 //! # Ok(()) }
 //! ```
 //!
-//! The rules come from `DESIGN.md` (invariants 1–6) and issue #2.
+//! The rules come from the project's design brief, `DESIGN.md` (not in
+//! this repository: its invariants 1–6, which the docs cite by number, are
+//! restated in ARCHITECTURE.md, "Architecture invariants"), and issue #2.
 
 pub mod bus;
 mod config;

@@ -66,14 +66,14 @@ pub struct RealtimeConfig {
     /// `seq`): messages are never lost, a typing or read signal may be.
     /// Default 1,024.
     pub event_queue: usize,
-    /// `send_message` frames per second per connection (burst twice that).
-    /// Default 10.
+    /// `send_message` frames per second per connection (burst twice that;
+    /// 0 counts as 1: a socket's sends cannot be unlimited). Default 10.
     pub send_rate_per_sec: u32,
     /// `join_session`, `typing` and `read` frames per second per
     /// connection (burst twice that); over it they get `rate_limited` and
     /// do nothing. Each is a database read or a bus publication (to every
-    /// node, with Redis), which a client must not be able to flood.
-    /// Default 20.
+    /// node, with Redis), which a client must not be able to flood
+    /// (0 counts as 1). Default 20.
     pub signal_rate_per_sec: u32,
     /// Consecutive bad frames before closing with 1008. Default 10.
     pub max_bad_frames: u32,

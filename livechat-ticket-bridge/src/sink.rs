@@ -45,8 +45,10 @@ pub trait TicketSink: Send + Sync + 'static {
         std::any::type_name::<Self>().to_owned()
     }
 
-    /// Opens the ticket `request.ticket_id` for a request that found no
-    /// eligible agent (event `ticket.requested`).
+    /// Opens the ticket `request.ticket_id` for a request ticketed with no
+    /// agent online (who takes its department), at its start or while it
+    /// waited, or an agent-started chat that named an agent who is not
+    /// online (event `ticket.requested`).
     ///
     /// # Errors
     /// [`SinkError::Retryable`] to be called again later,
@@ -114,11 +116,16 @@ pub trait TicketSink: Send + Sync + 'static {
     }
 }
 
-/// Where customer notifications go (an agent replied in a ticketed session).
+/// Where customer notifications go: an agent replied in a ticketed
+/// session, or to a customer no live connection followed (`message.posted`,
+/// or `message.missed` from the purge of a crashed node's connections).
 ///
-/// At least once, like [`TicketSink`]: `key` is the outbox event id (and
-/// equal to [`Notification::id`]); implementations must store or send one
-/// notification per key.
+/// At least once, like [`TicketSink`]: `key` is the outbox event id. The
+/// notification's [`Notification::id`] is the reply's message id, which
+/// for `message.posted` is also the event id, and for `message.missed`
+/// is not: a reply notified through both events has one notification id
+/// and two keys. Implementations must store or send one notification per
+/// [`Notification::id`] (the default tables insert by it).
 #[async_trait]
 pub trait NotificationSink: Send + Sync + 'static {
     /// The sink's name, stored with an event that is retried for some

@@ -4,7 +4,7 @@ use std::collections::{HashMap, HashSet};
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
-use sea_orm::sea_query::{Expr, ExprTrait};
+use sea_orm::sea_query::{Expr, ExprTrait, LockBehavior, LockType};
 use sea_orm::{
     ColumnTrait, Condition, EntityTrait, QueryFilter, QueryOrder, QuerySelect, QueryTrait,
 };
@@ -52,6 +52,10 @@ impl OutboxRepository for SeaOrmStore {
             .filter(outbox::Column::DispatchedAt.is_not_null())
             .order_by_asc(outbox::Column::Id)
             .limit(limit)
+            // Nodes pruning at once take apart batches on PostgreSQL
+            // (waiting, their deletes could deadlock); SQLite has one
+            // writer and no row locks.
+            .lock_with_behavior(LockType::Update, LockBehavior::SkipLocked)
             .into_query();
         let deleted = outbox::Entity::delete_many()
             .filter(outbox::Column::Id.in_subquery(oldest))

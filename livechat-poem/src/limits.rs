@@ -31,7 +31,10 @@ pub struct RateLimits {
     /// is the peer's, or the one a proxy names ([`Self::client_ip_header`]);
     /// IPv6 addresses count by their /64, which one client usually has
     /// whole. A request with no IP address (a Unix socket, poem's test
-    /// client) is not limited.
+    /// client) is not limited. One address's starts in all tenants
+    /// together are limited too, to [`ANY_TENANT_FACTOR`] times this
+    /// rate: `X-Tenant-ID` is the client's to choose, and a script naming
+    /// a new tenant at every start otherwise met no limit.
     pub chat_starts_per_minute: u32,
     /// A customer's messages per second (default 10, bursts of 20), over
     /// `POST /customer/chats/{id}/messages` and the `send_message` frames
@@ -72,6 +75,13 @@ impl RateLimits {
         }
     }
 }
+
+/// One client address's chat starts in all tenants together may be this
+/// many times [`RateLimits::chat_starts_per_minute`] (bursts of twice
+/// that): enough for a shared address (an office behind one NAT) whose
+/// people chat with several of the host's tenants, not for a script that
+/// names a new tenant at every start.
+pub const ANY_TENANT_FACTOR: u32 = 5;
 
 /// How many keys a limiter holds before those it no longer needs (whose
 /// state is back to a full burst) are dropped, at most once per
@@ -122,6 +132,8 @@ struct Keyed<K: Clone + Eq + std::hash::Hash> {
 /// The limiters of one [`crate::Livechat`], shared by its routes.
 pub(crate) struct Limiters {
     starts: Option<Keyed<(TenantId, ClientKey)>>,
+    /// One address's starts in every tenant ([`ANY_TENANT_FACTOR`]).
+    starts_any_tenant: Option<Keyed<ClientKey>>,
     messages: Option<Keyed<(TenantId, CustomerId)>>,
     client_ip_header: Option<HeaderName>,
 }
@@ -193,6 +205,12 @@ impl Limiters {
     pub(crate) fn new(limits: &RateLimits) -> Self {
         Self {
             starts: keyed(limits.chat_starts_per_minute, Quota::per_minute),
+            starts_any_tenant: keyed(
+                limits
+                    .chat_starts_per_minute
+                    .saturating_mul(ANY_TENANT_FACTOR),
+                Quota::per_minute,
+            ),
             messages: keyed(limits.customer_messages_per_sec, Quota::per_second),
             client_ip_header: limits.client_ip_header.clone(),
         }
@@ -218,11 +236,10 @@ impl Limiters {
         let Some(ip) = ip else {
             return Ok(());
         };
-        check(
-            self.starts.as_ref(),
-            &(tenant, ClientKey::from(ip)),
-            "too many chats started from this address",
-        )
+        let client = ClientKey::from(ip);
+        let refused = "too many chats started from this address";
+        check(self.starts.as_ref(), &(tenant, client), refused)?;
+        check(self.starts_any_tenant.as_ref(), &client, refused)
     }
 
     /// Counts a message of `customer` in `tenant`.
@@ -305,8 +322,31 @@ mod tests {
         assert_eq!(refused.detail().code, "rate_limited");
         check(limits.starts.as_ref(), &(other, key), "x").expect("another tenant");
         let none = Limiters::new(&RateLimits::unlimited());
+        assert!(none.starts_any_tenant.is_none());
         for _ in 0..100 {
             check(none.starts.as_ref(), &(tenant, key), "x").unwrap();
         }
+    }
+
+    #[test]
+    fn one_address_naming_tenant_after_tenant_meets_a_limit_of_all_tenants() {
+        let limits = Limiters::new(&RateLimits {
+            chat_starts_per_minute: 1,
+            ..RateLimits::default()
+        });
+        let ip: IpAddr = "192.0.2.1".parse().unwrap();
+        let other: IpAddr = "192.0.2.2".parse().unwrap();
+        let tenant = |n| TenantId::new(n).unwrap();
+        // Bursts of two a tenant, of ten in all tenants together.
+        for n in 1..=5 {
+            for _ in 0..2 {
+                limits.chat_start(tenant(n), Some(ip)).unwrap();
+            }
+        }
+        let refused = limits.chat_start(tenant(6), Some(ip)).unwrap_err();
+        assert_eq!(refused.detail().code, "rate_limited");
+        limits
+            .chat_start(tenant(6), Some(other))
+            .expect("another address");
     }
 }

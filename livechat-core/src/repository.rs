@@ -668,12 +668,21 @@ pub trait ConnectionRepository: Send + Sync {
         session: SessionId,
     ) -> impl Future<Output = Result<(), ChatError>> + Send;
 
-    /// Removes the connection and its joins.
+    /// Removes the connection and its joins. With `silent_since`, the
+    /// connection's client had gone silent since then and its node closed
+    /// it: in the same transaction, each agent reply stored since in a
+    /// session it followed, not notified because a customer connection
+    /// followed the session, gets a `message.missed` event (its client may
+    /// never have received it), unless another live customer connection
+    /// follows the session; as
+    /// [`Self::purge_expired_connections`] writes them for a crashed
+    /// node's connections. Returns the `message.missed` events written.
     fn unregister_connection(
         &self,
         tenant: TenantId,
         id: uuid::Uuid,
-    ) -> impl Future<Output = Result<(), ChatError>> + Send;
+        silent_since: Option<chrono::DateTime<chrono::Utc>>,
+    ) -> impl Future<Output = Result<u64, ChatError>> + Send;
 
     /// Live connections following `session`, by role.
     fn session_connections(

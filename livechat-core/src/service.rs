@@ -1256,6 +1256,12 @@ impl<S: ChatStore> ChatService<S> {
 
     /// Removes a closed connection; when it was an agent's last one, their
     /// liveness runs out after `grace` (no flap on a quick reconnect).
+    /// `silent_since`: the client had not been heard from since then and
+    /// the node closed the connection for it (no heartbeat): a customer's
+    /// replies stored since, which the client may never have received,
+    /// become notifications (`message.missed`) unless another of their
+    /// connections follows the chat
+    /// ([`ConnectionRepository::unregister_connection`](crate::ConnectionRepository::unregister_connection)).
     /// Returns whether an agent has no connection left.
     ///
     /// # Errors
@@ -1266,8 +1272,18 @@ impl<S: ChatStore> ChatService<S> {
         id: uuid::Uuid,
         owner: ConnectionOwner,
         grace: std::time::Duration,
+        silent_since: Option<chrono::DateTime<chrono::Utc>>,
     ) -> Result<bool, ChatError> {
-        self.store.unregister_connection(tenant, id).await?;
+        let missed = self
+            .store
+            .unregister_connection(tenant, id, silent_since)
+            .await?;
+        if missed > 0 {
+            tracing::info!(
+                replies = missed,
+                "replies sent to a connection that went silent are to be notified"
+            );
+        }
         if let ConnectionOwner::Agent(agent) = owner
             && !self.store.agent_connected(tenant, agent).await?
         {

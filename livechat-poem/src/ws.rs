@@ -1660,8 +1660,12 @@ async fn serve(gateway: Arc<Gateway>, socket: WebSocketStream, pre_auth: Option<
     let mut ping = tokio::time::interval(config.ping_interval);
     ping.tick().await;
     // What the socket had taken at the last ping tick, and whether it was
-    // full then.
+    // full then; when that tick was.
     let (mut taken_at_tick, mut stalled) = (0, false);
+    let mut last_tick = Instant::now();
+    // When the client was last heard, once the connection is closed for
+    // not having been heard from since.
+    let mut silent_since: Option<chrono::DateTime<chrono::Utc>> = None;
     // The end of the credential the connection was opened with: a socket
     // used to go on for as long as it stayed open, its token long expired
     // (a 12-hour login, a revoked agent's last token).
@@ -1792,9 +1796,20 @@ async fn serve(gateway: Arc<Gateway>, socket: WebSocketStream, pre_auth: Option<
                 // Frames wait unread while 64 sends are in flight: that is
                 // the server's backlog, not a silent client.
                 if conn.last_heard.elapsed() > config.connection_ttl && conn.sends.is_empty() {
+                    let silence = chrono::Duration::from_std(conn.last_heard.elapsed())
+                        .unwrap_or_default();
+                    silent_since = Some(chrono::Utc::now() - silence);
                     conn.close_with(CloseCode::Away, "no heartbeat");
                     break;
                 }
+                // Renewed only for a client heard since the last tick (its
+                // pong to that tick's ping, at least): the server's own
+                // ping proves nothing, and renewing on it kept a frozen
+                // client's connection, and its agent's eligibility, alive
+                // until the close for no heartbeat (routing gave chats to
+                // an agent whose machine had gone to sleep).
+                let heard = conn.last_heard >= last_tick;
+                last_tick = Instant::now();
                 // Ahead of the frames not yet written (a control frame may
                 // go between messages), so that a backlog does not hold it
                 // up; one waiting is enough, and a full queue already
@@ -1804,7 +1819,7 @@ async fn serve(gateway: Arc<Gateway>, socket: WebSocketStream, pre_auth: Option<
                 {
                     conn.out.queue.push_front(Message::Ping(Vec::new()));
                 }
-                if renewal.is_empty() {
+                if renewal.is_empty() && heard {
                     let (gateway, tenant, id) = (gateway.clone(), identity.tenant, conn.id);
                     renewal.push_back(
                         async move { heartbeat(&gateway, tenant, id, owner).await }.boxed(),
@@ -1828,8 +1843,15 @@ async fn serve(gateway: Arc<Gateway>, socket: WebSocketStream, pre_auth: Option<
     while renewal.next().await.is_some() {}
     let conn_id = conn.id;
     tracing::debug!(connection = %conn_id, role = identity.role.name(), "websocket closing");
-    Box::pin(close(conn, &mut stream)).await;
-    Box::pin(unregister(&gateway, identity, conn_id)).await;
+    if silent_since.is_some() {
+        // A silent client is gone: it stops counting at once, not after
+        // the close handshake it will not answer (up to 30 s a step).
+        Box::pin(unregister(&gateway, identity, conn_id, silent_since)).await;
+        Box::pin(close(conn, &mut stream)).await;
+    } else {
+        Box::pin(close(conn, &mut stream)).await;
+        Box::pin(unregister(&gateway, identity, conn_id, None)).await;
+    }
 }
 
 /// Registers a new connection in the node's registry and renews its
@@ -1917,8 +1939,15 @@ async fn close(mut conn: Conn, stream: &mut futures_util::stream::SplitStream<We
 }
 
 /// Removes a closed connection from the registry; an agent's last
-/// connection starts the presence grace period.
-async fn unregister(gateway: &Arc<Gateway>, identity: Identity, id: uuid::Uuid) {
+/// connection starts the presence grace period. `silent_since`: the
+/// client was last heard then, and the connection closed for it (a
+/// customer's replies stored since become notifications).
+async fn unregister(
+    gateway: &Arc<Gateway>,
+    identity: Identity,
+    id: uuid::Uuid,
+    silent_since: Option<chrono::DateTime<chrono::Utc>>,
+) {
     match gateway
         .chat
         .unregister_connection(
@@ -1926,6 +1955,7 @@ async fn unregister(gateway: &Arc<Gateway>, identity: Identity, id: uuid::Uuid) 
             id,
             identity.role.owner(),
             gateway.config.presence_grace,
+            silent_since,
         )
         .await
     {

@@ -180,7 +180,11 @@ impl ConnectionRepository for SeaOrmStore {
         &self,
         tenant: TenantId,
         id: uuid::Uuid,
-    ) -> Result<(), ChatError> {
+        silent_since: Option<DateTimeUtc>,
+    ) -> Result<u64, ChatError> {
+        if let Some(heard_at) = silent_since {
+            return self.unregister_silent(tenant, id, heard_at).await;
+        }
         connection_join::Entity::delete_many()
             .filter(connection_join::Column::ConnectionId.eq(id))
             .filter(connection_join::Column::TenantId.eq(tenant.get()))
@@ -191,7 +195,7 @@ impl ConnectionRepository for SeaOrmStore {
             .filter(connection::Column::TenantId.eq(tenant.get()))
             .exec(&self.db)
             .await?;
-        Ok(())
+        Ok(0)
     }
 
     async fn session_connections(
@@ -302,40 +306,9 @@ impl SeaOrmStore {
                 (c.id, (from, until))
             })
             .collect();
-        let joins = connection_join::Entity::delete_many()
-            .filter(
-                connection_join::Column::ConnectionId
-                    .is_in(deleted.iter().map(|c| c.id).collect::<Vec<_>>()),
-            )
-            .exec_with_returning(&tx)
-            .await?;
-        // By session id, the order appends lock sessions in.
-        let mut sessions: BTreeMap<(uuid::Uuid, i64), Vec<Window>> = BTreeMap::new();
-        for join in joins {
-            if let Some(&window) = windows.get(&join.connection_id) {
-                sessions
-                    .entry((join.session_id, join.tenant_id))
-                    .or_default()
-                    .push(window);
-            }
-        }
-        // The tenants' routing rows before their sessions' rows, in tenant
-        // order: the lock order of every transaction that writes several
-        // sessions (routing drains the queue, a status change hands chats
-        // back), so this one cannot deadlock with them on PostgreSQL.
-        let mut tenants: Vec<i64> = sessions.keys().map(|&(_, tenant)| tenant).collect();
-        tenants.sort_unstable();
-        tenants.dedup();
-        for tenant in tenants {
-            lock_tenant(&tx, host_id(tenant)?, &RoutingPolicy::default()).await?;
-        }
+        let ids = deleted.iter().map(|c| c.id).collect();
         let mut ev = self.recorder();
-        let mut missed_replies = 0;
-        for ((session, tenant), windows) in sessions {
-            missed_replies +=
-                record_missed_replies(&tx, &mut ev, host_id(tenant)?, session, &windows, at)
-                    .await?;
-        }
+        let missed_replies = drop_joins_and_record_missed(&tx, &mut ev, ids, &windows, at).await?;
         tx.commit().await?;
         Ok(PurgedConnections {
             connections: deleted.len() as u64,
@@ -343,6 +316,115 @@ impl SeaOrmStore {
             missed_replies,
         })
     }
+
+    /// [`ConnectionRepository::unregister_connection`] of a connection
+    /// that went silent at `heard_at`: deleted with its joins, and the
+    /// `message.missed` events of the replies stored since, in one
+    /// transaction.
+    async fn unregister_silent(
+        &self,
+        tenant: TenantId,
+        id: uuid::Uuid,
+        heard_at: DateTimeUtc,
+    ) -> Result<u64, ChatError> {
+        let at = now();
+        let tx = self.begin_write().await?;
+        let deleted = connection::Entity::delete_many()
+            .filter(connection::Column::Id.eq(id))
+            .filter(connection::Column::TenantId.eq(tenant.get()))
+            .exec_with_returning(&tx)
+            .await?;
+        let windows: HashMap<uuid::Uuid, Window> = deleted
+            .iter()
+            .filter(|c| c.role == CUSTOMER)
+            .map(|c| {
+                let until = at + crate::model::span(MISSED_REPLY_SLACK);
+                (c.id, (heard_at, until))
+            })
+            .collect();
+        let mut ev = self.recorder();
+        let missed = drop_joins_and_record_missed(&tx, &mut ev, vec![id], &windows, at).await?;
+        tx.commit().await?;
+        Ok(missed)
+    }
+}
+
+/// Deletes the joins of the connections `ids` (deleted in `tx`) and,
+/// under the routing locks of the tenants concerned, writes the
+/// `message.missed` events of the sessions they followed for the replies
+/// stored within each customer connection's window in `windows`
+/// ([`record_missed_replies`]). Returns the events written.
+async fn drop_joins_and_record_missed(
+    tx: &sea_orm::DatabaseTransaction,
+    ev: &mut Recorded,
+    ids: Vec<uuid::Uuid>,
+    windows: &HashMap<uuid::Uuid, Window>,
+    at: DateTimeUtc,
+) -> Result<u64, ChatError> {
+    let joins = connection_join::Entity::delete_many()
+        .filter(connection_join::Column::ConnectionId.is_in(ids))
+        .exec_with_returning(tx)
+        .await?;
+    // By session id, the order appends lock sessions in.
+    let mut sessions: BTreeMap<(uuid::Uuid, i64), Vec<Window>> = BTreeMap::new();
+    for join in joins {
+        if let Some(&window) = windows.get(&join.connection_id) {
+            sessions
+                .entry((join.session_id, join.tenant_id))
+                .or_default()
+                .push(window);
+        }
+    }
+    // The tenants' routing rows before their sessions' rows, in tenant
+    // order: the lock order of every transaction that writes several
+    // sessions (routing drains the queue, a status change hands chats
+    // back), so this one cannot deadlock with them on PostgreSQL.
+    let mut tenants: Vec<i64> = sessions.keys().map(|&(_, tenant)| tenant).collect();
+    tenants.sort_unstable();
+    tenants.dedup();
+    for tenant in tenants {
+        lock_tenant(tx, host_id(tenant)?, &RoutingPolicy::default()).await?;
+    }
+    let mut missed_replies = 0;
+    for ((session, tenant), windows) in sessions {
+        missed_replies +=
+            record_missed_replies(tx, ev, host_id(tenant)?, session, &windows, at).await?;
+    }
+    Ok(missed_replies)
+}
+
+/// The condition of the partial index `livechat_outbox_missed` (migration
+/// m0010), which [`missed_replies_of`] repeats word for word: neither
+/// database matches a bound value with a partial index's condition.
+const MISSED_ONLY: &str = "kind = 'message.missed'";
+
+/// The replies of `session` that have a `message.missed` event already
+/// (their message ids), through the index of those events by session.
+async fn missed_replies_of(
+    tx: &impl ConnectionTrait,
+    tenant: TenantId,
+    session: uuid::Uuid,
+) -> Result<HashSet<uuid::Uuid>, ChatError> {
+    #[derive(serde::Deserialize)]
+    struct Of {
+        id: uuid::Uuid,
+    }
+    let payloads: Vec<String> = missed_query(tenant, session).into_tuple().all(tx).await?;
+    Ok(payloads
+        .iter()
+        .filter_map(|payload| serde_json::from_str::<Of>(payload).ok())
+        .map(|of| of.id)
+        .collect())
+}
+
+/// The read of [`missed_replies_of`].
+fn missed_query(tenant: TenantId, session: uuid::Uuid) -> sea_orm::Select<outbox::Entity> {
+    outbox::Entity::find()
+        .select_only()
+        .column(outbox::Column::Payload)
+        .filter(super::outbox_tenant_unindexed(tenant))
+        .filter(outbox::Column::SessionId.eq(session))
+        .filter(Expr::cust(MISSED_ONLY))
 }
 
 /// A dead customer connection's window of replies, `[from, until)`.
@@ -421,9 +503,15 @@ async fn record_missed_replies(
         })
         .map(|(id, _)| id)
         .collect();
+    if unnotified.is_empty() {
+        return Ok(0);
+    }
+    let missed_already = missed_replies_of(tx, tenant, session).await?;
     let mut written = 0;
     for reply in replies {
-        if !unnotified.contains(&reply.id) {
+        // Written once, though several of the customer's connections
+        // (tabs) counted it: each one's close or purge comes here.
+        if !unnotified.contains(&reply.id) || missed_already.contains(&reply.id) {
             continue;
         }
         let missed = MessagePosted {
@@ -436,4 +524,71 @@ async fn record_missed_replies(
         written += 1;
     }
     Ok(written)
+}
+
+#[cfg(test)]
+mod tests {
+    use sea_orm::{DbBackend, QueryTrait, Statement};
+
+    use super::missed_query;
+    use crate::ids::TenantId;
+
+    /// The read of a session's `message.missed` events.
+    fn missed(backend: DbBackend) -> Statement {
+        missed_query(TenantId::new(1).unwrap(), uuid::Uuid::now_v7()).build(backend)
+    }
+
+    /// Issue #5: the read of a session's `message.missed` events, inside
+    /// the write transaction of a connection's close or purge, goes
+    /// through their partial index, not the tenant index of every event.
+    #[cfg(feature = "sqlite")]
+    #[tokio::test]
+    async fn the_missed_replies_are_read_by_their_index_on_sqlite() {
+        use sea_orm::ConnectionTrait;
+        use sea_orm_migration::MigratorTrait;
+        let db = crate::store::connect("sqlite::memory:").await.unwrap();
+        crate::store::Migrator::up(&db, None).await.unwrap();
+        let statement = missed(DbBackend::Sqlite);
+        let explain = Statement::from_sql_and_values(
+            DbBackend::Sqlite,
+            format!("EXPLAIN QUERY PLAN {}", statement.sql),
+            statement.values.unwrap().0,
+        );
+        let plan: Vec<String> = db
+            .query_all_raw(explain)
+            .await
+            .unwrap()
+            .iter()
+            .map(|r| r.try_get::<String>("", "detail").unwrap())
+            .collect();
+        let text = plan.join("\n");
+        assert!(text.contains("livechat_outbox_missed"), "{text}");
+    }
+
+    /// The same on PostgreSQL under the generic plan, with statistics of
+    /// 20,000 events of the tenant.
+    #[cfg(feature = "postgres")]
+    #[tokio::test]
+    async fn the_missed_replies_are_read_by_their_index_on_postgres() {
+        use sea_orm::{ConnectionTrait, TransactionTrait};
+
+        use crate::store::test_postgres::{generic_plan, migrated_postgres};
+        let db = migrated_postgres().await;
+        for sql in [
+            "INSERT INTO livechat_outbox \
+             (id, tenant_id, session_id, kind, payload, created_at, available_at, dispatched_at) \
+             SELECT gen_random_uuid(), 1, gen_random_uuid(), \
+             CASE WHEN g % 1000 = 0 THEN 'message.missed' ELSE 'message.posted' END, '{}', \
+             now(), now(), now() FROM generate_series(1, 20000) g",
+            "ANALYZE livechat_outbox",
+        ] {
+            db.execute_unprepared(sql).await.unwrap();
+        }
+        let tx = db.begin().await.unwrap();
+        let plan = generic_plan(&tx, "missed", missed(DbBackend::Postgres)).await;
+        let text = plan.join("\n");
+        assert!(text.contains("livechat_outbox_missed"), "{text}");
+        assert!(!text.contains("Seq Scan"), "{text}");
+        tx.rollback().await.unwrap();
+    }
 }

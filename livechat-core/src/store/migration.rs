@@ -23,6 +23,7 @@ impl MigratorTrait for Migrator {
             Box::new(m0007_sessions_agent::Migration),
             Box::new(m0008_presence_departments::Migration),
             Box::new(m0009_sessions_ticket_closed::Migration),
+            Box::new(m0010_outbox_missed::Migration),
         ]
     }
 
@@ -664,6 +665,45 @@ mod m0004_messages_deferred_fk {
 
 /// m0009 fills `ticket_closed_at` in from the `ticket.closed` events
 /// already stored, on both databases: `db` is migrated up to m0008.
+/// The `message.missed` events of a session: a reply that several of a
+/// customer's connections counted (tabs closed or purged one after the
+/// other) is written missed once, and the writer looks for one already
+/// written. The index holds only those events (rare), so it costs nothing
+/// on a message's write.
+mod m0010_outbox_missed {
+    use sea_orm_migration::prelude::*;
+
+    pub(super) struct Migration;
+
+    impl MigrationName for Migration {
+        fn name(&self) -> &str {
+            "m0010_outbox_missed"
+        }
+    }
+
+    #[async_trait::async_trait]
+    impl MigrationTrait for Migration {
+        async fn up(&self, manager: &SchemaManager) -> Result<(), DbErr> {
+            manager
+                .get_connection()
+                .execute_unprepared(
+                    "CREATE INDEX livechat_outbox_missed \
+                     ON livechat_outbox (session_id) WHERE kind = 'message.missed'",
+                )
+                .await?;
+            Ok(())
+        }
+
+        async fn down(&self, manager: &SchemaManager) -> Result<(), DbErr> {
+            manager
+                .get_connection()
+                .execute_unprepared("DROP INDEX IF EXISTS livechat_outbox_missed")
+                .await?;
+            Ok(())
+        }
+    }
+}
+
 #[cfg(test)]
 async fn check_the_ticket_closures_filled_in(db: &sea_orm::DatabaseConnection) {
     use sea_orm::{ConnectionTrait, Statement};
@@ -826,8 +866,8 @@ mod tests {
             assert!(duplicate.is_err(), "seq {seq}, key {key}");
         }
 
-        // Back past m0004 (and m0005 to m0009, applied after it).
-        Migrator::down(&db, Some(6)).await.unwrap();
+        // Back past m0004 (and m0005 to m0010, applied after it).
+        Migrator::down(&db, Some(7)).await.unwrap();
         let (down, down_shape) = messages_table(&db).await;
         assert!(!down.contains("DEFERRABLE"), "{down}");
         assert_eq!(down_shape, shape);

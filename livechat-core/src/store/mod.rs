@@ -602,3 +602,13 @@ async fn abort<T>(tx: DatabaseTransaction, err: ChatError) -> Result<T, ChatErro
     tx.rollback().await?;
     Err(err)
 }
+
+/// `tenant_id = tenant` for a read of the outbox, written so that no index
+/// on `tenant_id` serves it (a unary `+`, the same value on both
+/// databases): the tenant index holds every event of the tenant's history,
+/// and the reads that use this have a partial index of far fewer rows.
+/// SQLite, without statistics, took the tenant index for its equality.
+pub(super) fn outbox_tenant_unindexed(tenant: TenantId) -> sea_orm::sea_query::SimpleExpr {
+    use sea_orm::sea_query::ExprTrait as _;
+    sea_orm::sea_query::Expr::cust(r#"+"livechat_outbox"."tenant_id""#).eq(tenant.get())
+}

@@ -13,7 +13,8 @@ use super::routing::{
     lock_tenant, online_agents, queue_position,
 };
 use super::{
-    Recorded, SeaOrmStore, abort, convert_all, host_id, record_event, record_message_event,
+    Recorded, SeaOrmStore, abort, convert_all, host_id, outbox_tenant_unindexed, record_event,
+    record_message_event,
 };
 use crate::config::RoutingPolicy;
 use crate::error::ChatError;
@@ -249,16 +250,6 @@ pub(super) async fn ticket_unattended(
         ticketed.push(record_session_updated(tx, ev, updated).await?);
     }
     Ok(ticketed)
-}
-
-/// `tenant_id = tenant` for a read of the outbox, written so that no index
-/// on `tenant_id` serves it (a unary `+`, the same value on both
-/// databases): the tenant index holds every event of the tenant's history,
-/// and the reads that use this have a partial index of far fewer rows.
-/// SQLite, without statistics, took the tenant index for its equality.
-fn outbox_tenant_unindexed(tenant: TenantId) -> sea_orm::sea_query::SimpleExpr {
-    use sea_orm::sea_query::ExprTrait as _;
-    Expr::cust(r#"+"livechat_outbox"."tenant_id""#).eq(tenant.get())
 }
 
 /// Whose events [`pending_ticket_events`] reads.

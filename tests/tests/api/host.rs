@@ -374,8 +374,8 @@ async fn migrations_on_a_host_connection(backend: Backend) {
         Err(livechat_core::ChatError::MessageTooLong { max: 5 })
     ));
     // The latest migrations (m0004's rebuild of the messages table and
-    // the five after it) roll back and apply again over stored rows.
-    Migrator::down(&db, Some(6)).await.unwrap();
+    // the six after it) roll back and apply again over stored rows.
+    Migrator::down(&db, Some(7)).await.unwrap();
     Migrator::up(&db, None).await.unwrap();
     chat.set_agent_status(t, a, PresenceStatus::Away)
         .await

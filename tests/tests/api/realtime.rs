@@ -32,6 +32,9 @@ on_both_databases!(
     slow_consumer_is_closed_with_1013,
     connection_status_and_offline_notifications,
     a_reply_only_a_crashed_customer_connection_followed_is_notified,
+    a_reply_sent_to_a_customer_gone_silent_is_notified,
+    a_reply_two_dead_connections_followed_is_notified_once,
+    an_agent_gone_silent_stops_counting_within_the_ttl,
     shutdown_closes_with_1001,
     pipelined_sends_keep_their_order,
     a_burst_larger_than_the_queue_reaches_a_reading_client,
@@ -1701,6 +1704,125 @@ async fn a_reply_only_a_crashed_customer_connection_followed_is_notified(backend
         ]
     );
     assert_eq!(notes(crashed[1].1).await, vec![]);
+}
+
+/// A customer whose client stops answering (a laptop lid closed, a
+/// frozen tab) is closed for no heartbeat after the TTL; an agent's reply
+/// stored meanwhile, which counted the connection and so was not notified,
+/// becomes a notification then (`message.missed`), once.
+async fn a_reply_sent_to_a_customer_gone_silent_is_notified(backend: Backend) {
+    use livechat_core::NotificationInbox;
+
+    let (app, node) = node(backend, |_| {}).await;
+    let (session, customer_auth) = open_chat(&node, 930).await;
+    let mut customer = WsClient::connect_with_header(&node.ws_url(), &customer_auth, 1)
+        .await
+        .unwrap();
+    join(&mut customer, session, None).await;
+    // From here on the client reads nothing, so answers no ping.
+    let reply = node
+        .chat
+        .post_message(t(1), u(7), session, "still there?".into(), None)
+        .await
+        .unwrap()
+        .message;
+    let missed =
+        || livechat_tests::count_rows(&app.db, "livechat_outbox WHERE kind = 'message.missed'");
+    assert_eq!(missed().await, 0, "the connection counted");
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while missed().await == 0 {
+        assert!(tokio::time::Instant::now() < deadline, "no make-up");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(missed().await, 1);
+    app.drain_outbox().await;
+    let customer_id = customer_of(&node, session).await;
+    let page = livechat_core::PageSize::parse(Some(50), node.chat.config()).unwrap();
+    let notes = livechat_ticket_bridge::SeaOrmSinks::new(app.db.clone())
+        .list_notifications(t(1), &[customer_id], None, page)
+        .await
+        .unwrap();
+    let notes: Vec<_> = notes
+        .into_iter()
+        .map(|n| (n.id.as_uuid(), n.body))
+        .collect();
+    assert_eq!(notes, vec![(reply.id.as_uuid(), reply.message)]);
+    drop(customer);
+}
+
+/// A reply that two of a customer's connections followed, both dead and
+/// removed one after the other (one closed for silence, the other purged
+/// later as expired), becomes one notification: the second removal finds
+/// the first one's `message.missed` (a webhook got two).
+async fn a_reply_two_dead_connections_followed_is_notified_once(backend: Backend) {
+    use livechat_core::ConnectionOwner;
+
+    let (app, node) = node(backend, |_| {}).await;
+    let (session, _) = open_chat(&node, 931).await;
+    let customer = customer_of(&node, session).await;
+    let owner = ConnectionOwner::Customer(customer);
+    let (lasting, short) = (uuid::Uuid::now_v7(), uuid::Uuid::now_v7());
+    for (id, ttl) in [(lasting, 60), (short, 1)] {
+        node.chat
+            .register_connection(t(1), id, owner, "other-node", Duration::from_secs(ttl))
+            .await
+            .unwrap();
+        node.chat.follow_session(t(1), id, session).await.unwrap();
+    }
+    let silent_since = chrono::Utc::now();
+    node.chat
+        .post_message(t(1), u(7), session, "one reply".into(), None)
+        .await
+        .unwrap();
+    let missed =
+        || livechat_tests::count_rows(&app.db, "livechat_outbox WHERE kind = 'message.missed'");
+    tokio::time::sleep(Duration::from_millis(1200)).await;
+    // The short one has expired: the lasting one was the last live one.
+    node.chat
+        .unregister_connection(t(1), lasting, owner, Duration::ZERO, Some(silent_since))
+        .await
+        .unwrap();
+    assert_eq!(missed().await, 1);
+    node.chat
+        .purge_expired_connections(Duration::from_secs(1))
+        .await
+        .unwrap();
+    assert_eq!(missed().await, 1, "the purge finds it written");
+}
+
+/// An agent whose client stops answering stops counting as online within
+/// the presence TTL of the last time it was heard: the node renews a
+/// connection, and its agent's liveness, only for a client heard since
+/// its last ping (it renewed on its own pings, and routing gave chats to
+/// a frozen agent until the close for no heartbeat and a TTL after it).
+async fn an_agent_gone_silent_stops_counting_within_the_ttl(backend: Backend) {
+    // The connection is closed for silence after 4 s; the presence TTL is
+    // 2 s.
+    let (_app, node) = node(backend, |realtime| {
+        realtime.connection_ttl = Duration::from_secs(4);
+    })
+    .await;
+    node.chat
+        .set_agent_status(t(1), u(7), PresenceStatus::Online)
+        .await
+        .unwrap();
+    let mut agent = WsClient::connect_with_header(&node.ws_url(), &agent_auth(7), 1)
+        .await
+        .unwrap();
+    agent.expect("ready").await;
+    // Silent from here on.
+    let online = || async {
+        node.chat
+            .availability(t(1), None)
+            .await
+            .unwrap()
+            .agents_online
+    };
+    assert!(online().await);
+    tokio::time::sleep(Duration::from_millis(3100)).await;
+    assert!(!online().await, "eligible past the TTL");
+    drop(agent);
 }
 
 /// The customer of session `s`.

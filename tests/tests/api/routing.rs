@@ -532,7 +532,7 @@ mod liveness {
                 .await
                 .unwrap();
             assert!(
-                chat.unregister_connection(tenant, connection, owner, endless)
+                chat.unregister_connection(tenant, connection, owner, endless, None)
                     .await
                     .unwrap()
             );

@@ -19,8 +19,11 @@ pub enum EventKind {
     /// A session was started; payload: the [`ChatSession`](crate::ChatSession).
     #[serde(rename = "session.started")]
     SessionStarted,
-    /// A session got an agent (routing, queue drain, claim or transfer);
-    /// payload: the [`ChatSession`](crate::ChatSession) after the change.
+    /// A session's agent changed: it got one (routing, queue drain, claim
+    /// or transfer), or, handed back to the queue (its agent went offline
+    /// or was gone too long), it has none (`agent_id` null, status
+    /// WAITING); payload: the [`ChatSession`](crate::ChatSession) after the
+    /// change.
     #[serde(rename = "session.assigned")]
     SessionAssigned,
     /// A customer changed the session's contact details, or the session

@@ -512,6 +512,7 @@ impl<C: OutboxConsumer> Dispatcher<C> {
             Work::OpenTicket(_)
             | Work::CloseTicket(..)
             | Work::AssignTicket(..)
+            | Work::UnassignTicket(..)
             | Work::TicketMessage(..) => {
                 self.ticket_sinks.iter().map(|(n, _)| n.as_str()).collect()
             }
@@ -573,6 +574,9 @@ impl<C: OutboxConsumer> Dispatcher<C> {
                 join_all(tickets().map(|sink| sink.assign_ticket(*tenant, *ticket, *agent, key)))
                     .await
             }
+            Work::UnassignTicket(tenant, ticket) => {
+                join_all(tickets().map(|sink| sink.unassign_ticket(*tenant, *ticket, key))).await
+            }
             Work::TicketMessage(tenant, ticket, message) => {
                 join_all(tickets().map(|sink| sink.ticket_message(*tenant, *ticket, message, key)))
                     .await
@@ -628,17 +632,18 @@ impl Sinks {
                     .map(|ticket| Work::CloseTicket(event.tenant_id, ticket))
             }
             EventKind::SessionAssigned if self.tickets => {
-                // Only a ticketed session's assignment concerns the sinks.
+                // Only a ticketed session's assignment concerns the sinks;
+                // one without an agent is a hand-back to the queue.
                 #[derive(Deserialize)]
                 struct Assigned {
                     ticket_id: Option<TicketId>,
                     agent_id: Option<UserId>,
                 }
                 let assigned = decode::<Assigned>(event)?;
-                assigned
-                    .ticket_id
-                    .zip(assigned.agent_id)
-                    .map(|(ticket, agent)| Work::AssignTicket(event.tenant_id, ticket, agent))
+                assigned.ticket_id.map(|ticket| match assigned.agent_id {
+                    Some(agent) => Work::AssignTicket(event.tenant_id, ticket, agent),
+                    None => Work::UnassignTicket(event.tenant_id, ticket),
+                })
             }
             EventKind::MessagePosted if self.notifications || self.tickets => {
                 // Most messages need no sink, and the outbox interest asks
@@ -705,6 +710,7 @@ enum Work {
     OpenTicket(TicketRequested),
     CloseTicket(TenantId, TicketId),
     AssignTicket(TenantId, TicketId, UserId),
+    UnassignTicket(TenantId, TicketId),
     TicketMessage(TenantId, TicketId, ChatMessage),
     Notify(Notification),
 }

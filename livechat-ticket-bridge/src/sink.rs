@@ -87,6 +87,25 @@ pub trait TicketSink: Send + Sync + 'static {
         Ok(())
     }
 
+    /// The session of `ticket` went back to the queue without an agent:
+    /// the agent serving it went offline, or was gone too long (event
+    /// `session.assigned` of a ticketed session with no agent), so the
+    /// ticket has no owner until the next [`TicketSink::assign_ticket`].
+    /// Called in the session's order. Default: nothing, as for
+    /// [`TicketSink::assign_ticket`].
+    ///
+    /// # Errors
+    /// As for [`TicketSink::open_ticket`].
+    async fn unassign_ticket(
+        &self,
+        tenant: TenantId,
+        ticket: TicketId,
+        key: EventId,
+    ) -> Result<(), SinkError> {
+        let _ = (tenant, ticket, key);
+        Ok(())
+    }
+
     /// The customer wrote `message` in the chat of `ticket` after the
     /// ticket opened (event `message.posted` by the customer of a ticketed
     /// session), so that a help desk holds the whole request and not only

@@ -77,8 +77,10 @@ struct Envelope<'a, T> {
     data: T,
 }
 
+/// The `data` of a webhook event about a ticket alone (`ticket.closed`,
+/// `ticket.unassigned`).
 #[derive(Serialize)]
-struct ClosedTicket {
+struct TicketOnly {
     ticket_id: TicketId,
 }
 
@@ -258,7 +260,7 @@ impl TicketSink for WebhookSink {
         ticket: TicketId,
         key: EventId,
     ) -> Result<(), SinkError> {
-        let data = ClosedTicket { ticket_id: ticket };
+        let data = TicketOnly { ticket_id: ticket };
         self.post(key, "ticket.closed", tenant, data).await
     }
 
@@ -276,6 +278,17 @@ impl TicketSink for WebhookSink {
             agent_id: agent,
         };
         self.post(key, "ticket.assigned", tenant, data).await
+    }
+
+    /// Sends `type` `ticket.unassigned` with `{"ticket_id"}` as `data`.
+    async fn unassign_ticket(
+        &self,
+        tenant: TenantId,
+        ticket: TicketId,
+        key: EventId,
+    ) -> Result<(), SinkError> {
+        let data = TicketOnly { ticket_id: ticket };
+        self.post(key, "ticket.unassigned", tenant, data).await
     }
 
     /// Sends `type` `ticket.message` with `{"ticket_id", "message"}` as

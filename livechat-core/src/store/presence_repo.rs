@@ -10,7 +10,7 @@ use super::entity::{connection, presence, routing as routing_entity, session};
 use super::routing::{
     drain_queue, eligible_agents, fresh_since, is_online, lock_tenant, open_sessions_by_agent,
 };
-use super::sessions::{record_session_updated, ticket_unattended};
+use super::sessions::ticket_unattended;
 use super::{SeaOrmStore, abort, host_id, record_event};
 use crate::config::RoutingPolicy;
 use crate::error::ChatError;
@@ -513,7 +513,19 @@ async fn requeue_chats_of(
                 .next()
                 .ok_or(ChatError::NotFound)?;
         }
-        record_session_updated(tx, ev, row).await?;
+        // Its assignment changed, to nobody: `session.assigned` without
+        // an agent, which the ticket bridge turns into the unassignment of
+        // its open ticket (a help desk showed the agent who left).
+        let session = crate::model::ChatSession::try_from(row)?;
+        record_event(
+            tx,
+            ev,
+            session.tenant_id,
+            Some(session.id),
+            EventKind::SessionAssigned,
+            &session,
+        )
+        .await?;
     }
     Ok(requeued)
 }

@@ -225,6 +225,25 @@ impl TicketSink for SeaOrmSinks {
             .map_err(retryable)?;
         Ok(())
     }
+
+    /// Clears an `OPEN` ticket's `agent_id` (its chat went back to the
+    /// queue); a closed, unknown or other tenant's ticket is left alone.
+    async fn unassign_ticket(
+        &self,
+        tenant: TenantId,
+        id: TicketId,
+        _key: EventId,
+    ) -> Result<(), SinkError> {
+        ticket::Entity::update_many()
+            .col_expr(ticket::Column::AgentId, Expr::value(Option::<i64>::None))
+            .filter(ticket::Column::Id.eq(id.as_uuid()))
+            .filter(ticket::Column::TenantId.eq(tenant.get()))
+            .filter(ticket::Column::Status.eq(TicketStatus::Open.as_str()))
+            .exec(&self.db)
+            .await
+            .map_err(retryable)?;
+        Ok(())
+    }
 }
 
 #[async_trait]

@@ -22,6 +22,7 @@ on_both_databases!(
     tickets_and_notifications_page_with_a_cursor,
     a_handed_back_chat_whose_ticket_was_closed_gets_a_new_one,
     pruning_the_outbox_deletes_only_old_settled_events,
+    a_ticketed_chat_handed_back_leaves_its_ticket_without_an_agent,
     a_chat_left_waiting_by_the_last_agent_becomes_a_ticket,
     agents_close_tickets,
     a_ticket_closes_only_after_its_opening_and_once,
@@ -832,6 +833,53 @@ async fn a_handed_back_chat_whose_ticket_was_closed_gets_a_new_one(backend: Back
         .map(|t| t["id"].as_str().unwrap())
         .collect();
     assert_eq!(open, vec![second]);
+}
+
+/// A chat ticketed while nobody was online, then served by agent 7, shows
+/// agent 7 on its ticket; when agent 7 sets `offline` the chat goes back
+/// to the queue with the same ticket, which then has no agent (it showed
+/// the agent who had left), and the next agent to take the chat is on it.
+async fn a_ticketed_chat_handed_back_leaves_its_ticket_without_an_agent(backend: Backend) {
+    let app = App::new(backend).await;
+    let (session, auth) = visitor_start(&app, "Refund").await;
+    let (code, body) =
+        customer_get(&app, &format!("/livechat/customer/chats/{session}"), &auth).await;
+    assert_eq!(code, 200, "{body}");
+    let ticket = body["data"]["ticket_id"].as_str().unwrap().to_owned();
+    let ticket_agent = || {
+        let (app, ticket) = (&app, ticket.clone());
+        async move {
+            drain(&app.dispatcher, &app.db).await;
+            let (code, body) = app
+                .agent_call(
+                    Method::GET,
+                    &format!("/livechat/tickets/{ticket}"),
+                    8,
+                    1,
+                    None,
+                )
+                .await;
+            assert_eq!(code, 200, "{body}");
+            assert_eq!(body["data"]["status"], "OPEN", "{body}");
+            body["data"]["agent_id"].clone()
+        }
+    };
+    assert_eq!(ticket_agent().await, Value::Null);
+    app.go_online(7, 1).await;
+    assert_eq!(ticket_agent().await, json!(7));
+    let (code, body) = app
+        .agent_call(
+            Method::PUT,
+            "/livechat/agents/me/status",
+            7,
+            1,
+            Some(json!({"status": "offline"})),
+        )
+        .await;
+    assert_eq!(code, 200, "{body}");
+    assert_eq!(ticket_agent().await, Value::Null, "the agent left");
+    app.go_online(8, 1).await;
+    assert_eq!(ticket_agent().await, json!(8));
 }
 
 /// Prunes every settled event of `app`'s outbox (a cut-off a second

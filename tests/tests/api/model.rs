@@ -1071,9 +1071,12 @@ impl Run {
                 } else {
                     TicketStatus::Open
                 };
+                // An open ticket shows the agent serving its chat, none
+                // while the chat waits (handed back included).
                 if ticket.session_id != Some(s.id)
                     || ticket.department != s.department
                     || ticket.status != status
+                    || (status == TicketStatus::Open && ticket.agent_id != s.agent_id)
                 {
                     return Err(format!("chat {s:?} has ticket {ticket:?}"));
                 }
@@ -1921,6 +1924,18 @@ impl livechat_ticket_bridge::TicketSink for Recording {
     ) -> SinkResult {
         self.answer(self.session_of(ticket), key, |inner| {
             inner.assign_ticket(tenant, ticket, agent, key)
+        })
+        .await
+    }
+
+    async fn unassign_ticket(
+        &self,
+        tenant: livechat_core::TenantId,
+        ticket: livechat_core::TicketId,
+        key: livechat_core::EventId,
+    ) -> SinkResult {
+        self.answer(self.session_of(ticket), key, |inner| {
+            inner.unassign_ticket(tenant, ticket, key)
         })
         .await
     }

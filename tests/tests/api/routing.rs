@@ -646,18 +646,22 @@ async fn an_agent_going_offline_hands_their_chats_back(backend: Backend) {
     let events = livechat_core::OutboxRepository::list_events(app.chat.store(), t(1), None, page)
         .await
         .unwrap();
-    let kinds: Vec<&str> = events
+    // Assigned to 7, handed back (assigned to nobody), assigned to 8.
+    let kinds: Vec<(&str, Option<i64>)> = events
         .iter()
         .filter(|e| e.session_id == Some(first.session.id))
-        .map(|e| e.kind.as_str())
+        .map(|e| {
+            let agent = e.payload.value()["agent_id"].as_i64();
+            (e.kind.as_str(), agent)
+        })
         .collect();
     assert_eq!(
         kinds,
         vec![
-            "session.started",
-            "session.assigned",
-            "session.updated",
-            "session.assigned"
+            ("session.started", None),
+            ("session.assigned", Some(7)),
+            ("session.assigned", None),
+            ("session.assigned", Some(8))
         ]
     );
 

@@ -1970,7 +1970,6 @@ mod tests {
     #[cfg(feature = "sqlite")]
     #[tokio::test]
     async fn the_lock_statement_looks_each_key_up_once_on_sqlite() {
-        use sea_orm::{ConnectionTrait, Statement};
         use sea_orm_migration::MigratorTrait;
         // One pooled connection: the in-memory database lives as long.
         let db = crate::store::connect("sqlite::memory:").await.unwrap();
@@ -1984,18 +1983,7 @@ mod tests {
             .collect();
         let at = crate::model::now();
         let lock = build_lock_statement(DbBackend::Sqlite, ids, keys, at, LockWait::Optimistic);
-        let explain = Statement::from_sql_and_values(
-            DbBackend::Sqlite,
-            format!("EXPLAIN QUERY PLAN {}", lock.sql),
-            lock.values.unwrap().0,
-        );
-        let plan: Vec<String> = db
-            .query_all_raw(explain)
-            .await
-            .unwrap()
-            .iter()
-            .map(|r| r.try_get::<String>("", "detail").unwrap())
-            .collect();
+        let plan = crate::store::test_sqlite::sqlite_plan(&db, lock).await;
         let text = plan.join("\n");
         assert!(!text.contains("SCAN livechat_messages"), "{text}");
         assert!(text.contains("MULTI-INDEX OR"), "{text}");

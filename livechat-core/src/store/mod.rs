@@ -25,6 +25,8 @@ mod routing;
 mod sessions;
 #[cfg(all(test, feature = "postgres"))]
 mod test_postgres;
+#[cfg(all(test, feature = "sqlite"))]
+mod test_sqlite;
 mod writer;
 
 use std::sync::Arc;

@@ -966,23 +966,11 @@ mod tests {
     #[cfg(feature = "sqlite")]
     #[tokio::test]
     async fn the_ticket_reads_skip_the_tenants_history_on_sqlite() {
-        use sea_orm::ConnectionTrait;
         use sea_orm_migration::MigratorTrait;
         let db = crate::store::connect("sqlite::memory:").await.unwrap();
         crate::store::Migrator::up(&db, None).await.unwrap();
         for (name, statement) in ticket_reads(DbBackend::Sqlite) {
-            let explain = Statement::from_sql_and_values(
-                DbBackend::Sqlite,
-                format!("EXPLAIN QUERY PLAN {}", statement.sql),
-                statement.values.unwrap().0,
-            );
-            let plan: Vec<String> = db
-                .query_all_raw(explain)
-                .await
-                .unwrap()
-                .iter()
-                .map(|r| r.try_get::<String>("", "detail").unwrap())
-                .collect();
+            let plan = crate::store::test_sqlite::sqlite_plan(&db, statement).await;
             let text = plan.join("\n");
             assert!(
                 text.contains("livechat_outbox_undispatched"),

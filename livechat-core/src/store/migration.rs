@@ -663,8 +663,6 @@ mod m0004_messages_deferred_fk {
     }
 }
 
-/// m0009 fills `ticket_closed_at` in from the `ticket.closed` events
-/// already stored, on both databases: `db` is migrated up to m0008.
 /// The `message.missed` events of a session: a reply that several of a
 /// customer's connections counted (tabs closed or purged one after the
 /// other) is written missed once, and the writer looks for one already
@@ -704,10 +702,15 @@ mod m0010_outbox_missed {
     }
 }
 
+/// m0009 fills `ticket_closed_at` in from the `ticket.closed` events
+/// already stored, on both databases: `db` is migrated up to m0008. The
+/// rows are written with bound values, as the store writes them (a UUID
+/// is a blob on SQLite).
 #[cfg(test)]
 async fn check_the_ticket_closures_filled_in(db: &sea_orm::DatabaseConnection) {
-    use sea_orm::{ConnectionTrait, Statement};
+    use sea_orm::ConnectionTrait;
     use sea_orm_migration::MigratorTrait;
+    use sea_orm_migration::prelude::{Alias, Expr, Query};
     let (closed, reopened, open) = (
         uuid::Uuid::now_v7(),
         uuid::Uuid::now_v7(),
@@ -718,44 +721,80 @@ async fn check_the_ticket_closures_filled_in(db: &sea_orm::DatabaseConnection) {
         uuid::Uuid::now_v7(),
         uuid::Uuid::now_v7(),
     );
+    let at = chrono::Utc::now();
     // `reopened`'s close is of an earlier ticket than the one it has.
     for (session, ticket) in [(closed, t1), (reopened, t2), (open, t3)] {
-        db.execute_unprepared(&format!(
-            "INSERT INTO livechat_sessions \
-             (id, tenant_id, origin, status, ticket_id, created_at, updated_at) \
-             VALUES ('{session}', 1, 'customer', 'OPEN', '{ticket}', \
-             '2026-01-01 00:00:00+00:00', '2026-01-01 00:00:00+00:00')"
-        ))
-        .await
-        .unwrap();
+        let insert = Query::insert()
+            .into_table(Alias::new("livechat_sessions"))
+            .columns(
+                [
+                    "id",
+                    "tenant_id",
+                    "origin",
+                    "status",
+                    "ticket_id",
+                    "created_at",
+                    "updated_at",
+                ]
+                .map(Alias::new),
+            )
+            .values_panic([
+                session.into(),
+                1i64.into(),
+                "customer".into(),
+                "OPEN".into(),
+                ticket.into(),
+                at.into(),
+                at.into(),
+            ])
+            .to_owned();
+        db.execute(&insert).await.unwrap();
     }
     for (session, ticket) in [(closed, t1), (reopened, uuid::Uuid::now_v7())] {
-        db.execute_unprepared(&format!(
-            "INSERT INTO livechat_outbox \
-             (id, tenant_id, session_id, kind, payload, created_at, available_at, dispatched_at) \
-             VALUES ('{}', 1, '{session}', 'ticket.closed', \
-             '{{\"ticket_id\":\"{ticket}\",\"tenant_id\":1,\"closed_by\":7}}', \
-             '2026-01-02 00:00:00+00:00', '2026-01-02 00:00:00+00:00', \
-             '2026-01-02 00:00:00+00:00')",
-            uuid::Uuid::now_v7()
-        ))
-        .await
-        .unwrap();
+        let payload = serde_json::json!({"ticket_id": ticket, "tenant_id": 1, "closed_by": 7});
+        let insert = Query::insert()
+            .into_table(Alias::new("livechat_outbox"))
+            .columns(
+                [
+                    "id",
+                    "tenant_id",
+                    "session_id",
+                    "kind",
+                    "payload",
+                    "created_at",
+                    "available_at",
+                    "dispatched_at",
+                ]
+                .map(Alias::new),
+            )
+            .values_panic([
+                uuid::Uuid::now_v7().into(),
+                1i64.into(),
+                session.into(),
+                "ticket.closed".into(),
+                payload.to_string().into(),
+                at.into(),
+                at.into(),
+                at.into(),
+            ])
+            .to_owned();
+        db.execute(&insert).await.unwrap();
     }
     Migrator::up(db, None).await.unwrap();
-    let backend = db.get_database_backend();
-    let marked: Vec<String> = db
-        .query_all_raw(Statement::from_string(
-            backend,
-            "SELECT CAST(id AS TEXT) AS id FROM livechat_sessions \
-             WHERE ticket_closed_at IS NOT NULL",
-        ))
+    let marked = db
+        .query_all(
+            &Query::select()
+                .column(Alias::new("id"))
+                .from(Alias::new("livechat_sessions"))
+                .and_where(Expr::col(Alias::new("ticket_closed_at")).is_not_null())
+                .to_owned(),
+        )
         .await
         .unwrap()
         .iter()
-        .map(|row| row.try_get::<String>("", "id").unwrap())
-        .collect();
-    assert_eq!(marked, vec![closed.to_string()], "{backend:?}");
+        .map(|row| row.try_get::<uuid::Uuid>("", "id").unwrap())
+        .collect::<Vec<_>>();
+    assert_eq!(marked, vec![closed]);
 }
 
 #[cfg(all(test, feature = "postgres"))]
@@ -1099,7 +1138,18 @@ mod m0009_sessions_ticket_closed {
     #[derive(DeriveIden)]
     enum LivechatSessions {
         Table,
+        Id,
+        TicketId,
         TicketClosedAt,
+    }
+
+    #[derive(DeriveIden)]
+    enum LivechatOutbox {
+        Table,
+        SessionId,
+        Kind,
+        Payload,
+        CreatedAt,
     }
 
     #[async_trait::async_trait]
@@ -1117,24 +1167,46 @@ mod m0009_sessions_ticket_closed {
                         .to_owned(),
                 )
                 .await?;
-            // One pass over the outbox: the ticket each close names, if
-            // it is still its session's.
-            let ticket = match manager.get_database_backend() {
-                sea_orm::DbBackend::Postgres => "(payload::jsonb ->> 'ticket_id')::uuid",
-                _ => "json_extract(payload, '$.ticket_id')",
-            };
-            manager
-                .get_connection()
-                .execute_unprepared(&format!(
-                    "UPDATE livechat_sessions SET ticket_closed_at = closed.at \
-                     FROM (SELECT session_id, {ticket} AS ticket_id, max(created_at) AS at \
-                     FROM livechat_outbox \
-                     WHERE kind = 'ticket.closed' AND session_id IS NOT NULL \
-                     GROUP BY session_id, {ticket}) AS closed \
-                     WHERE livechat_sessions.id = closed.session_id \
-                     AND livechat_sessions.ticket_id = closed.ticket_id"
-                ))
+            // The ticket each close names, marked on its session if it is
+            // still the session's; with bound values, as the store writes
+            // ids (SQLite keeps a UUID as a 16-byte blob, which no text
+            // from the JSON payload equals).
+            #[derive(serde::Deserialize)]
+            struct Closed {
+                ticket_id: uuid::Uuid,
+            }
+            let db = manager.get_connection();
+            let closes = db
+                .query_all(
+                    &Query::select()
+                        .columns([
+                            LivechatOutbox::SessionId,
+                            LivechatOutbox::Payload,
+                            LivechatOutbox::CreatedAt,
+                        ])
+                        .from(LivechatOutbox::Table)
+                        .and_where(Expr::col(LivechatOutbox::Kind).eq("ticket.closed"))
+                        .and_where(Expr::col(LivechatOutbox::SessionId).is_not_null())
+                        .to_owned(),
+                )
                 .await?;
+            for row in closes {
+                let session: uuid::Uuid = row.try_get("", "session_id")?;
+                let payload: String = row.try_get("", "payload")?;
+                let at: sea_orm::prelude::DateTimeUtc = row.try_get("", "created_at")?;
+                let Ok(closed) = serde_json::from_str::<Closed>(&payload) else {
+                    continue;
+                };
+                db.execute(
+                    &Query::update()
+                        .table(LivechatSessions::Table)
+                        .value(LivechatSessions::TicketClosedAt, at)
+                        .and_where(Expr::col(LivechatSessions::Id).eq(session))
+                        .and_where(Expr::col(LivechatSessions::TicketId).eq(closed.ticket_id))
+                        .to_owned(),
+                )
+                .await?;
+            }
             Ok(())
         }
 

@@ -1660,9 +1660,10 @@ async fn serve(gateway: Arc<Gateway>, socket: WebSocketStream, pre_auth: Option<
     let mut ping = tokio::time::interval(config.ping_interval);
     ping.tick().await;
     // What the socket had taken at the last ping tick, and whether it was
-    // full then; when that tick was.
+    // full then; when the tick before it was (at first the connection's
+    // start, so that the first tick renews: no ping has gone out yet).
     let (mut taken_at_tick, mut stalled) = (0, false);
-    let mut last_tick = Instant::now();
+    let (mut tick_before, mut last_tick) = (conn.last_heard, conn.last_heard);
     // When the client was last heard, once the connection is closed for
     // not having been heard from since.
     let mut silent_since: Option<chrono::DateTime<chrono::Utc>> = None;
@@ -1802,14 +1803,15 @@ async fn serve(gateway: Arc<Gateway>, socket: WebSocketStream, pre_auth: Option<
                     conn.close_with(CloseCode::Away, "no heartbeat");
                     break;
                 }
-                // Renewed only for a client heard since the last tick (its
-                // pong to that tick's ping, at least): the server's own
-                // ping proves nothing, and renewing on it kept a frozen
-                // client's connection, and its agent's eligibility, alive
-                // until the close for no heartbeat (routing gave chats to
-                // an agent whose machine had gone to sleep).
-                let heard = conn.last_heard >= last_tick;
-                last_tick = Instant::now();
+                // Renewed only for a client heard since the tick before
+                // the last one (its pong to a recent ping, one late pong
+                // or a stall's first tick forgiven): the server's own ping
+                // proves nothing, and renewing on it kept a frozen client's
+                // connection, and its agent's eligibility, alive until the
+                // close for no heartbeat (routing gave chats to an agent
+                // whose machine had gone to sleep).
+                let heard = conn.last_heard >= tick_before;
+                (tick_before, last_tick) = (last_tick, Instant::now());
                 // Ahead of the frames not yet written (a control frame may
                 // go between messages), so that a backlog does not hold it
                 // up; one waiting is enough, and a full queue already

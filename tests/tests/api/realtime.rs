@@ -35,6 +35,7 @@ on_both_databases!(
     a_reply_sent_to_a_customer_gone_silent_is_notified,
     a_reply_two_dead_connections_followed_is_notified_once,
     an_agent_gone_silent_stops_counting_within_the_ttl,
+    a_listening_agent_stays_online_between_pings,
     shutdown_closes_with_1001,
     pipelined_sends_keep_their_order,
     a_burst_larger_than_the_queue_reaches_a_reading_client,
@@ -1823,6 +1824,37 @@ async fn an_agent_gone_silent_stops_counting_within_the_ttl(backend: Backend) {
     tokio::time::sleep(Duration::from_millis(3100)).await;
     assert!(!online().await, "eligible past the TTL");
     drop(agent);
+}
+
+/// An agent whose client only listens (answers pings, sends nothing)
+/// stays online throughout, with a ping interval of 0.6 s and a TTL of
+/// 1 s: the first tick renews (no ping has gone out before it), and a pong
+/// arriving just after a tick still counts at the next one.
+async fn a_listening_agent_stays_online_between_pings(backend: Backend) {
+    let (_app, node) = node(backend, |realtime| {
+        realtime.ping_interval = Duration::from_millis(600);
+        realtime.connection_ttl = Duration::from_secs(1);
+    })
+    .await;
+    node.chat
+        .set_agent_status(t(1), u(7), PresenceStatus::Online)
+        .await
+        .unwrap();
+    let mut agent = WsClient::connect_with_header(&node.ws_url(), &agent_auth(7), 1)
+        .await
+        .unwrap();
+    agent.expect("ready").await;
+    let listening = tokio::spawn(async move {
+        agent.drain(Duration::from_millis(3500)).await;
+        agent
+    });
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(3);
+    while tokio::time::Instant::now() < deadline {
+        let connected = node.chat.agent_connected(t(1), u(7)).await.unwrap();
+        assert!(connected, "the listening agent's connection expired");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    drop(listening.await.unwrap());
 }
 
 /// The customer of session `s`.

@@ -51,14 +51,16 @@ pub enum EventKind {
     #[serde(rename = "message.posted")]
     MessagePosted,
     /// An agent's reply that a customer may not have seen although a
-    /// customer connection followed the session when it was stored: that
+    /// customer connection followed the session when it was stored, with
+    /// no other customer connection following the session now: that
     /// connection's node stopped renewing it (it crashed) and its TTL ran
-    /// out with no other customer connection following the session. Written
-    /// by the housekeeping purge of expired connections, one per reply
-    /// stored since the connection's last renewal; payload: the reply's
-    /// [`MessagePosted`] as of the purge (`customer_connected` false), so
-    /// that the reply still becomes a notification (issue #4, offline
-    /// notifications).
+    /// out, written by the housekeeping purge of expired connections for
+    /// each reply stored since the connection's last renewal; or its client
+    /// went silent and its node closed it for no heartbeat, written by that
+    /// close for each reply stored since the client was last heard. Once
+    /// per reply. Payload: the reply's [`MessagePosted`] as of then
+    /// (`customer_connected` false), so that the reply still becomes a
+    /// notification (issue #4, offline notifications).
     #[serde(rename = "message.missed")]
     MessageMissed,
     /// An agent chose a new status; payload: the

@@ -123,8 +123,9 @@ impl DispatchReport {
 ///   whose customer had no live connection (issue #4) → a
 ///   [`Notification`] (`kind` `agent_reply`, id = event id, body truncated to
 ///   [`NOTIFICATION_BODY_MAX_CHARS`]) to every notification sink;
-/// - `message.missed` (a reply only a crashed node's customer connection
-///   followed, written by the purge of expired connections) → the same
+/// - `message.missed` (a reply only a dead customer connection followed: a
+///   crashed node's, written by the purge of expired connections, or a
+///   silent client's, written when its node closed it) → the same
 ///   notification, with the message's id and creation time;
 /// - any other kind, or a kind without a sink of its type: nothing to do.
 ///   Such events are settled as dispatched without being claimed

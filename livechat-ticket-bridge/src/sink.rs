@@ -137,7 +137,8 @@ pub trait TicketSink: Send + Sync + 'static {
 
 /// Where customer notifications go: an agent replied in a ticketed
 /// session, or to a customer no live connection followed (`message.posted`,
-/// or `message.missed` from the purge of a crashed node's connections).
+/// or `message.missed` when a customer connection that counted died: its
+/// node crashed, or its client went silent).
 ///
 /// At least once, like [`TicketSink`]: `key` is the outbox event id. The
 /// notification's [`Notification::id`] is the reply's message id, which

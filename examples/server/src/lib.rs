@@ -28,7 +28,7 @@
 //! | `LIVECHAT_CUSTOMER_SEND_RATE` | `10` | a customer's messages per second, over HTTP and their WebSockets together (burst twice that); `0`: unlimited |
 //! | `LIVECHAT_CLIENT_IP_HEADER` | none: the peer address | the header your reverse proxy sets to the client's address (`X-Real-IP`, or `X-Forwarded-For`: its last address) |
 //! | `LIVECHAT_SQLITE_SYNCHRONOUS` | `full` | SQLite commit durability: `full` (a 201 means on disk) or `normal` |
-//! | `LIVECHAT_OUTBOX_RETENTION_DAYS` | `7` | housekeeping deletes outbox events dispatched to every sink once they are this old; 1–3,650 days, or `off` to keep them all |
+//! | `LIVECHAT_OUTBOX_RETENTION_DAYS` | `7` | housekeeping deletes outbox events settled for every sink (delivered, or failed for good) once they are this old; 1–3,650 days, or `off` to keep them all |
 //!
 //! Tickets and notifications are materialized by the ticket bridge's
 //! dispatcher, which runs next to the HTTP server with the default SeaORM

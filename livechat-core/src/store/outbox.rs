@@ -289,7 +289,8 @@ impl OutboxConsumer for SeaOrmStore {
                         // holds up neither the claim nor, as the first
                         // pending event of its session, that session's
                         // later events; it stays in the outbox with its
-                        // error for an operator.
+                        // error for an operator, until pruned with the
+                        // other settled events.
                         Err(error) => {
                             let reason = format!("cannot be decoded: {error}");
                             tracing::warn!(event = %id, %error, "outbox event failed: it cannot be decoded");

@@ -440,7 +440,7 @@ impl PresenceRepository for SeaOrmStore {
 }
 
 /// Puts `agent`'s OPEN customer chats back in the queue (WAITING, no
-/// agent), each with a `session.updated`, when the agent chooses `offline`
+/// agent), each with a `session.assigned` without an agent, when the agent chooses `offline`
 /// or has been gone for the routing policy's `hand_back_after` (whatever
 /// status they chose): a chat is not left with an agent who has gone. An
 /// agent who is there but chooses `away` or `busy` keeps theirs. The caller, which holds the tenant's routing lock (taken

@@ -596,7 +596,8 @@ mod liveness {
 
 /// An agent who chooses `offline` does not keep their customer chats: they
 /// go back to the queue and to another agent online, oldest first, each
-/// with a `session.updated` and a `session.assigned`; with nobody online
+/// with a `session.assigned` without an agent and one with the new agent;
+/// with nobody online
 /// they wait and become tickets. An agent who is `away` keeps theirs, and
 /// agent-started sessions stay with their agent.
 async fn an_agent_going_offline_hands_their_chats_back(backend: Backend) {

@@ -30,6 +30,11 @@ pub const PASSES_AT_ONCE: usize = 4;
 /// Longest notification body, in characters (Unicode scalar values).
 pub const NOTIFICATION_BODY_MAX_CHARS: usize = 500;
 
+/// How long [`Dispatcher::run`], stopping, waits for the release of the
+/// claims of its interrupted passes (one statement) before it leaves them
+/// to run out by their lease.
+pub const RELEASE_WAIT: Duration = Duration::from_secs(5);
+
 /// Tuning of a [`Dispatcher`].
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct DispatcherConfig {
@@ -152,6 +157,28 @@ pub struct Dispatcher<C> {
     ticket_sinks: Vec<(String, Arc<dyn TicketSink>)>,
     /// Each with its [`NotificationSink::name`].
     notification_sinks: Vec<(String, Arc<dyn NotificationSink>)>,
+    /// The events the passes in progress hold claims on, released when
+    /// [`Dispatcher::run`] stops.
+    in_flight: Arc<std::sync::Mutex<std::collections::HashSet<livechat_core::EventId>>>,
+}
+
+/// A pass's hold on its claimed events in [`Dispatcher`]'s `in_flight`:
+/// given up when the pass ends, settled or dropped.
+struct Claims {
+    in_flight: Arc<std::sync::Mutex<std::collections::HashSet<livechat_core::EventId>>>,
+    ids: Vec<livechat_core::EventId>,
+}
+
+impl Drop for Claims {
+    fn drop(&mut self) {
+        let mut in_flight = self
+            .in_flight
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        for id in &self.ids {
+            in_flight.remove(id);
+        }
+    }
 }
 
 impl<C: OutboxConsumer> Dispatcher<C> {
@@ -163,6 +190,7 @@ impl<C: OutboxConsumer> Dispatcher<C> {
             config,
             ticket_sinks: Vec::new(),
             notification_sinks: Vec::new(),
+            in_flight: Arc::default(),
         }
     }
 
@@ -236,6 +264,14 @@ impl<C: OutboxConsumer> Dispatcher<C> {
             .consumer
             .claim_pending(self.config.batch_size, self.config.lease)
             .await?;
+        let claims = Claims {
+            in_flight: self.in_flight.clone(),
+            ids: batch.iter().map(|pending| pending.event.id).collect(),
+        };
+        self.in_flight
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .extend(claims.ids.iter().copied());
         let mut report = DispatchReport {
             delivered: skipped,
             ..DispatchReport::default()
@@ -285,6 +321,7 @@ impl<C: OutboxConsumer> Dispatcher<C> {
         // this write fails too, the events are handed out again after their
         // lease (at least once; the sinks are idempotent).
         self.consumer.mark_dispatched(&delivered).await?;
+        drop(claims);
         outcome.map(|()| report)
     }
 
@@ -298,9 +335,12 @@ impl<C: OutboxConsumer> Dispatcher<C> {
     /// others: the next pass starts beside it and claims what it has not
     /// (its sessions' later events wait for it, in order), up to
     /// four passes at a time (`PASSES_AT_ONCE`). Errors are logged (`tracing`)
-    /// and the loop goes on. Shutdown interrupts the passes in progress;
-    /// their unsettled events are redelivered after their lease, which the
-    /// sinks' idempotency makes harmless.
+    /// and the loop goes on. Shutdown interrupts the passes in progress and
+    /// releases their claims (waiting at most [`RELEASE_WAIT`]), so that
+    /// their unsettled events are handed out again at once (another node's
+    /// dispatcher, or this one restarted) instead of after their lease; a
+    /// sink may get an event again that it took just before, which its
+    /// idempotency makes harmless.
     pub async fn run(self, shutdown: impl Future<Output = ()>) {
         use futures_util::StreamExt;
         let mut shutdown = std::pin::pin!(shutdown);
@@ -308,7 +348,24 @@ impl<C: OutboxConsumer> Dispatcher<C> {
         let mut next = tokio::time::Instant::now();
         loop {
             tokio::select! {
-                () = &mut shutdown => return,
+                () = &mut shutdown => {
+                    let held: Vec<livechat_core::EventId> = self
+                        .in_flight
+                        .lock()
+                        .unwrap_or_else(std::sync::PoisonError::into_inner)
+                        .iter()
+                        .copied()
+                        .collect();
+                    drop(passes);
+                    if !held.is_empty() {
+                        match tokio::time::timeout(RELEASE_WAIT, self.consumer.release(&held)).await {
+                            Ok(Ok(())) => {}
+                            Ok(Err(error)) => tracing::warn!(%error, "outbox claims not released at shutdown: their lease runs out"),
+                            Err(_) => tracing::warn!("outbox claims not released at shutdown in time: their lease runs out"),
+                        }
+                    }
+                    return;
+                }
                 Some(result) = passes.next() => {
                     let result: Result<DispatchReport, ChatError> = result;
                     let pause = match result {

@@ -32,6 +32,7 @@ on_both_databases!(
     a_help_desk_that_is_down_holds_up_only_its_own_deliveries,
     crash_between_commit_and_dispatch,
     crash_after_delivery_before_settling,
+    a_dispatcher_stopping_releases_its_claims,
     webhook_receives_signed_events_with_retries,
     a_sessions_events_are_claimed_in_order_behind_its_earliest,
     a_retried_event_holds_later_ones_only_from_the_receivers_it_is_owed,
@@ -1354,6 +1355,53 @@ async fn crash_after_delivery_before_settling(backend: Backend) {
     tokio::time::sleep(Duration::from_millis(150)).await;
     drain(&app.dispatcher, &app.db).await;
     assert_eq!(counts(&app, &auth).await, (1, 1));
+}
+
+/// A ticket sink whose every call hangs, telling when the first begins.
+struct Hanging(Arc<tokio::sync::Notify>);
+
+#[async_trait]
+impl TicketSink for Hanging {
+    async fn open_ticket(&self, _: &TicketRequested, _: EventId) -> Result<(), SinkError> {
+        self.0.notify_one();
+        std::future::pending().await
+    }
+    async fn close_ticket(&self, _: TenantId, _: TicketId, _: EventId) -> Result<(), SinkError> {
+        std::future::pending().await
+    }
+}
+
+/// A dispatcher stopped while a sink hangs on an event releases its claim
+/// (a graceful restart): the event is handed out again at once, not after
+/// its lease (a minute here).
+async fn a_dispatcher_stopping_releases_its_claims(backend: Backend) {
+    let app = App::new(backend).await;
+    let (_, auth) = visitor_start(&app, "Refund").await;
+    let entered = Arc::new(tokio::sync::Notify::new());
+    let config = DispatcherConfig {
+        lease: Duration::from_secs(60),
+        ..DispatcherConfig::default()
+    };
+    let dispatcher = Dispatcher::new(SeaOrmStore::new(app.db.clone()), config)
+        .ticket_sink(Arc::new(Hanging(entered.clone())));
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let running = tokio::spawn(dispatcher.run(async move {
+        let _ = stopped.await;
+    }));
+    tokio::time::timeout(Duration::from_secs(10), entered.notified())
+        .await
+        .expect("the sink is called");
+    let claimed = "livechat_outbox WHERE claimed_until IS NOT NULL AND dispatched_at IS NULL";
+    assert_eq!(livechat_tests::count_rows(&app.db, claimed).await, 1);
+    stop.send(()).unwrap();
+    tokio::time::timeout(Duration::from_secs(10), running)
+        .await
+        .expect("stops")
+        .unwrap();
+    assert_eq!(livechat_tests::count_rows(&app.db, claimed).await, 0);
+    // Another dispatcher delivers it now.
+    app.dispatcher.dispatch_once().await.unwrap();
+    assert_eq!(counts(&app, &auth).await.0, 1);
 }
 
 /// One webhook call: event id, timestamp, signature, body.

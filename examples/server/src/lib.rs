@@ -203,6 +203,14 @@ impl Config {
     /// A message naming a malformed variable.
     pub fn from_vars(lookup: impl Fn(&str) -> Option<String>) -> Result<Self, String> {
         let var = |name: &str| lookup(name).filter(|v| !v.trim().is_empty());
+        // A secret set but blank is a template's unfilled variable, not a
+        // request for the public development secret (one node of several
+        // would accept tokens anyone can sign).
+        for name in ["LIVECHAT_JWT_SECRET", "LIVECHAT_VISITOR_SECRET"] {
+            if lookup(name).is_some_and(|v| v.trim().is_empty()) {
+                return Err(format!("{name} is set but empty"));
+            }
+        }
         let secret = var("LIVECHAT_JWT_SECRET");
         let webhook = match (var("LIVECHAT_WEBHOOK_URL"), var("LIVECHAT_WEBHOOK_SECRET")) {
             (None, _) => None,
@@ -1119,6 +1127,11 @@ mod config_tests {
             (
                 &[("LIVECHAT_HAND_BACK_AFTER_SECS", "never")][..],
                 "LIVECHAT_HAND_BACK_AFTER_SECS",
+            ),
+            (&[("LIVECHAT_JWT_SECRET", " ")][..], "LIVECHAT_JWT_SECRET"),
+            (
+                &[("LIVECHAT_VISITOR_SECRET", "")][..],
+                "LIVECHAT_VISITOR_SECRET",
             ),
             (
                 &[("LIVECHAT_OUTBOX_RETENTION_DAYS", "0")][..],

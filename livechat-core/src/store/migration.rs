@@ -1138,18 +1138,7 @@ mod m0009_sessions_ticket_closed {
     #[derive(DeriveIden)]
     enum LivechatSessions {
         Table,
-        Id,
-        TicketId,
         TicketClosedAt,
-    }
-
-    #[derive(DeriveIden)]
-    enum LivechatOutbox {
-        Table,
-        SessionId,
-        Kind,
-        Payload,
-        CreatedAt,
     }
 
     #[async_trait::async_trait]
@@ -1167,47 +1156,40 @@ mod m0009_sessions_ticket_closed {
                         .to_owned(),
                 )
                 .await?;
-            // The ticket each close names, marked on its session if it is
-            // still the session's; with bound values, as the store writes
-            // ids (SQLite keeps a UUID as a 16-byte blob, which no text
-            // from the JSON payload equals).
-            #[derive(serde::Deserialize)]
-            struct Closed {
-                ticket_id: uuid::Uuid,
-            }
-            let db = manager.get_connection();
-            let closes = db
-                .query_all(
-                    &Query::select()
-                        .columns([
-                            LivechatOutbox::SessionId,
-                            LivechatOutbox::Payload,
-                            LivechatOutbox::CreatedAt,
-                        ])
-                        .from(LivechatOutbox::Table)
-                        .and_where(Expr::col(LivechatOutbox::Kind).eq("ticket.closed"))
-                        .and_where(Expr::col(LivechatOutbox::SessionId).is_not_null())
-                        .to_owned(),
-                )
+            // One statement over the outbox: the ticket each close names,
+            // if it is still its session's. SQLite keeps a UUID as a
+            // 16-byte blob, which the text from the JSON payload is
+            // compared with as hex digits.
+            let (ticket, session_ticket) = match manager.get_database_backend() {
+                sea_orm::DbBackend::Postgres => (
+                    "(payload::jsonb ->> 'ticket_id')::uuid",
+                    "livechat_sessions.ticket_id",
+                ),
+                _ => (
+                    "upper(replace(json_extract(payload, '$.ticket_id'), '-', ''))",
+                    "hex(livechat_sessions.ticket_id)",
+                ),
+            };
+            manager
+                .get_connection()
+                .execute_unprepared(&format!(
+                    "UPDATE livechat_sessions SET ticket_closed_at = closed.at \
+                     FROM (SELECT session_id, {ticket} AS ticket_id, max(created_at) AS at \
+                     FROM livechat_outbox \
+                     WHERE kind = 'ticket.closed' AND session_id IS NOT NULL \
+                     GROUP BY session_id, {ticket}) AS closed \
+                     WHERE livechat_sessions.id = closed.session_id \
+                     AND {session_ticket} = closed.ticket_id"
+                ))
                 .await?;
-            for row in closes {
-                let session: uuid::Uuid = row.try_get("", "session_id")?;
-                let payload: String = row.try_get("", "payload")?;
-                let at: sea_orm::prelude::DateTimeUtc = row.try_get("", "created_at")?;
-                let Ok(closed) = serde_json::from_str::<Closed>(&payload) else {
-                    continue;
-                };
-                db.execute(
-                    &Query::update()
-                        .table(LivechatSessions::Table)
-                        .value(LivechatSessions::TicketClosedAt, at)
-                        .and_where(Expr::col(LivechatSessions::Id).eq(session))
-                        .and_where(Expr::col(LivechatSessions::TicketId).eq(closed.ticket_id))
-                        .to_owned(),
-                )
-                .await?;
-            }
             Ok(())
+        }
+
+        /// The column and its backfill commit together, on SQLite too: a
+        /// failure in between would leave the column without the
+        /// migration's record, and every later start failing.
+        fn use_transaction(&self) -> Option<bool> {
+            Some(true)
         }
 
         async fn down(&self, manager: &SchemaManager) -> Result<(), DbErr> {

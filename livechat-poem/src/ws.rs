@@ -1658,6 +1658,10 @@ async fn serve(gateway: Arc<Gateway>, socket: WebSocketStream, pre_auth: Option<
     let mut shutdown_open = true;
     let mut bus_open = true;
     let mut ping = tokio::time::interval(config.ping_interval);
+    // Ticks missed while the loop was held up (a resync) come one interval
+    // apart, not in a burst that would shrink the window a client has to
+    // be heard in.
+    ping.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     ping.tick().await;
     // What the socket had taken at the last ping tick, and whether it was
     // full then; when the tick before it was (at first the connection's

@@ -8,8 +8,8 @@ use std::time::Duration;
 
 use chrono::{DateTime, TimeDelta, Utc};
 use livechat_core::{
-    ChatError, ChatMessage, DomainEvent, EventKind, MessagePosted, MessagePostedHead, Notification,
-    NotificationId, OutboxConsumer, OutboxInterest, PendingEvent, TenantId, TicketId,
+    ChatError, ChatMessage, DomainEvent, EventId, EventKind, MessagePosted, MessagePostedHead,
+    Notification, NotificationId, OutboxConsumer, OutboxInterest, PendingEvent, TenantId, TicketId,
     TicketRequested, UserId,
 };
 use serde::Deserialize;
@@ -159,26 +159,45 @@ pub struct Dispatcher<C> {
     notification_sinks: Vec<(String, Arc<dyn NotificationSink>)>,
     /// The events the passes in progress hold claims on, released when
     /// [`Dispatcher::run`] stops.
-    in_flight: Arc<std::sync::Mutex<std::collections::HashSet<livechat_core::EventId>>>,
+    in_flight: InFlight,
 }
+
+/// The events a dispatcher's passes hold claims on, each with the end of
+/// its lease.
+type InFlight = Arc<std::sync::Mutex<HashMap<EventId, tokio::time::Instant>>>;
 
 /// A pass's hold on its claimed events in [`Dispatcher`]'s `in_flight`:
 /// given up when the pass ends, settled or dropped.
 struct Claims {
-    in_flight: Arc<std::sync::Mutex<std::collections::HashSet<livechat_core::EventId>>>,
-    ids: Vec<livechat_core::EventId>,
+    in_flight: InFlight,
+    ids: Vec<EventId>,
+}
+
+impl Claims {
+    /// Records `ids`, claimed just now for `lease`, in `in_flight`.
+    fn hold(in_flight: &InFlight, ids: Vec<EventId>, lease: Duration) -> Self {
+        let until = tokio::time::Instant::now() + lease;
+        lock(in_flight).extend(ids.iter().map(|&id| (id, until)));
+        Self {
+            in_flight: in_flight.clone(),
+            ids,
+        }
+    }
 }
 
 impl Drop for Claims {
     fn drop(&mut self) {
-        let mut in_flight = self
-            .in_flight
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let mut in_flight = lock(&self.in_flight);
         for id in &self.ids {
             in_flight.remove(id);
         }
     }
+}
+
+fn lock(in_flight: &InFlight) -> std::sync::MutexGuard<'_, HashMap<EventId, tokio::time::Instant>> {
+    in_flight
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
 impl<C: OutboxConsumer> Dispatcher<C> {
@@ -264,14 +283,11 @@ impl<C: OutboxConsumer> Dispatcher<C> {
             .consumer
             .claim_pending(self.config.batch_size, self.config.lease)
             .await?;
-        let claims = Claims {
-            in_flight: self.in_flight.clone(),
-            ids: batch.iter().map(|pending| pending.event.id).collect(),
-        };
-        self.in_flight
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .extend(claims.ids.iter().copied());
+        let claims = Claims::hold(
+            &self.in_flight,
+            batch.iter().map(|pending| pending.event.id).collect(),
+            self.config.lease,
+        );
         let mut report = DispatchReport {
             delivered: skipped,
             ..DispatchReport::default()
@@ -349,12 +365,13 @@ impl<C: OutboxConsumer> Dispatcher<C> {
         loop {
             tokio::select! {
                 () = &mut shutdown => {
-                    let held: Vec<livechat_core::EventId> = self
-                        .in_flight
-                        .lock()
-                        .unwrap_or_else(std::sync::PoisonError::into_inner)
+                    // Claims whose lease ran out may be another node's by
+                    // now: left alone.
+                    let now = tokio::time::Instant::now();
+                    let held: Vec<EventId> = lock(&self.in_flight)
                         .iter()
-                        .copied()
+                        .filter(|&(_, &until)| until > now)
+                        .map(|(&id, _)| id)
                         .collect();
                     drop(passes);
                     if !held.is_empty() {

@@ -10,8 +10,8 @@
 //! |---|---|---|
 //! | `LIVECHAT_ADDR` | `127.0.0.1:8080` | listen address |
 //! | `DATABASE_URL` | `sqlite://livechat.db?mode=rwc` | SQLite file (created on first run) or `postgres://…` |
-//! | `LIVECHAT_JWT_SECRET` | a development secret (logged as a warning) | HS256 secret shared by login and the library |
-//! | `LIVECHAT_VISITOR_SECRET` | a development secret (logged as a warning) | signs the library's visitor tokens; the same on every node |
+//! | `LIVECHAT_JWT_SECRET` | a development secret (logged as a warning) | HS256 secret shared by login and the library; set but blank: refused |
+//! | `LIVECHAT_VISITOR_SECRET` | a development secret (logged as a warning) | signs the library's visitor tokens; the same on every node; set but blank: refused |
 //! | `LIVECHAT_IDENTITY_SECRETS` | none | per-tenant identity-hash secrets, `1:secret,2:other` (an empty secret is refused) |
 //! | `LIVECHAT_AGENT_CAPACITY` | `5` | default maximum OPEN sessions per agent |
 //! | `LIVECHAT_WEBHOOK_URL` | none | also deliver tickets and notifications as signed webhooks (an `http://` or `https://` URL) |

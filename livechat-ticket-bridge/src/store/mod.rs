@@ -187,7 +187,7 @@ impl TicketSink for SeaOrmSinks {
         id: TicketId,
         key: EventId,
     ) -> Result<(), SinkError> {
-        of_ticket(tenant, id)
+        while_open(tenant, id)
             .col_expr(
                 ticket::Column::Status,
                 Expr::value(TicketStatus::Closed.as_str()),
@@ -196,7 +196,6 @@ impl TicketSink for SeaOrmSinks {
                 ticket::Column::ClosedAt,
                 Expr::value(allocated_at(key.as_uuid())),
             )
-            .filter(ticket::Column::Status.eq(TicketStatus::Open.as_str()))
             .exec(&self.db)
             .await
             .map_err(retryable)?;
@@ -213,9 +212,8 @@ impl TicketSink for SeaOrmSinks {
         agent: UserId,
         _key: EventId,
     ) -> Result<(), SinkError> {
-        of_ticket(tenant, id)
+        while_open(tenant, id)
             .col_expr(ticket::Column::AgentId, Expr::value(agent.get()))
-            .filter(ticket::Column::Status.eq(TicketStatus::Open.as_str()))
             .exec(&self.db)
             .await
             .map_err(retryable)?;
@@ -230,9 +228,8 @@ impl TicketSink for SeaOrmSinks {
         id: TicketId,
         _key: EventId,
     ) -> Result<(), SinkError> {
-        of_ticket(tenant, id)
+        while_open(tenant, id)
             .col_expr(ticket::Column::AgentId, Expr::value(Option::<i64>::None))
-            .filter(ticket::Column::Status.eq(TicketStatus::Open.as_str()))
             .exec(&self.db)
             .await
             .map_err(retryable)?;
@@ -240,12 +237,14 @@ impl TicketSink for SeaOrmSinks {
     }
 }
 
-/// An update of ticket `id` of `tenant` (the sink calls' changes add
-/// their columns, and whether it is still OPEN).
-fn of_ticket(tenant: TenantId, id: TicketId) -> sea_orm::UpdateMany<ticket::Entity> {
+/// An update of ticket `id` of `tenant` while it is OPEN (the sink calls
+/// add their columns; a closed, unknown or other tenant's ticket is left
+/// alone).
+fn while_open(tenant: TenantId, id: TicketId) -> sea_orm::UpdateMany<ticket::Entity> {
     ticket::Entity::update_many()
         .filter(ticket::Column::Id.eq(id.as_uuid()))
         .filter(ticket::Column::TenantId.eq(tenant.get()))
+        .filter(ticket::Column::Status.eq(TicketStatus::Open.as_str()))
 }
 
 #[async_trait]

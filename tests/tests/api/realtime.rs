@@ -1793,9 +1793,9 @@ async fn a_reply_two_dead_connections_followed_is_notified_once(backend: Backend
 }
 
 /// An agent whose client stops answering stops counting as online within
-/// the presence TTL of the last time it was heard: the node renews a
-/// connection, and its agent's liveness, only for a client heard since
-/// its last ping (it renewed on its own pings, and routing gave chats to
+/// the presence TTL (plus two ping intervals) of the last time it was
+/// heard: the node renews a connection, and its agent's liveness, only for
+/// a client heard within the last two ping intervals (it renewed on its own pings, and routing gave chats to
 /// a frozen agent until the close for no heartbeat and a TTL after it).
 async fn an_agent_gone_silent_stops_counting_within_the_ttl(backend: Backend) {
     // The connection is closed for silence after 4 s; the presence TTL is

@@ -1062,6 +1062,35 @@ impl<S: ChatStore> ChatService<S> {
             .filter(|p| p.status != PresenceStatus::Offline))
     }
 
+    /// The ticket `id` of `tenant`, read through `tickets` (tickets live
+    /// outside core: [`crate::TicketDirectory`]).
+    ///
+    /// # Errors
+    /// [`ChatError::TicketPending`] for a ticket whose opening is still in
+    /// the outbox (`tickets` does not know it yet: it answered 404, which
+    /// read as a wrong id, for the moment after a start ticketed a chat);
+    /// [`ChatError::NotFound`] when the tenant has no such ticket; what
+    /// `tickets` answers otherwise; [`ChatError::Storage`].
+    pub async fn get_ticket(
+        &self,
+        tickets: &dyn TicketDirectory,
+        tenant: TenantId,
+        id: TicketId,
+    ) -> Result<Ticket, ChatError> {
+        match tickets.get_ticket(tenant, id).await {
+            Err(ChatError::NotFound) => {
+                if self.store.ticket_opening_pending(tenant, id).await? {
+                    return Err(ChatError::TicketPending);
+                }
+                // Delivered between the two reads (the dispatcher writes
+                // the ticket before it marks its opening dispatched), or
+                // no such ticket.
+                tickets.get_ticket(tenant, id).await
+            }
+            found => found,
+        }
+    }
+
     /// `agent` closes the ticket `id` of `tenant`, read through `tickets`
     /// (tickets live outside core: [`crate::TicketDirectory`]). An OPEN
     /// ticket gets a `ticket.closed` event (under its session, if it has
@@ -1093,18 +1122,7 @@ impl<S: ChatStore> ChatService<S> {
         agent: UserId,
         id: TicketId,
     ) -> Result<TicketClose, ChatError> {
-        let ticket = match tickets.get_ticket(tenant, id).await {
-            Err(ChatError::NotFound) => {
-                if self.store.ticket_opening_pending(tenant, id).await? {
-                    return Err(ChatError::TicketPending);
-                }
-                // Delivered between the two reads (the dispatcher writes
-                // the ticket before it marks its opening dispatched), or
-                // no such ticket.
-                tickets.get_ticket(tenant, id).await?
-            }
-            found => found?,
-        };
+        let ticket = self.get_ticket(tickets, tenant, id).await?;
         if ticket.status == TicketStatus::Closed {
             return Ok(TicketClose::AlreadyClosed(ticket));
         }

@@ -660,7 +660,9 @@ impl AgentApi {
         })))
     }
 
-    /// One ticket.
+    /// One ticket. A ticket whose opening the dispatcher has not yet
+    /// written (the moment after a start ticketed a chat) answers 409
+    /// `ticket_pending`: retry a moment later.
     #[oai(path = "/tickets/:id", method = "get", operation_id = "get_ticket")]
     async fn get_ticket(
         &self,
@@ -669,7 +671,10 @@ impl AgentApi {
         id: Path<String>,
     ) -> Result<TicketResponse, ApiError> {
         let id = path_id(&id.0)?;
-        let ticket = self.tickets()?.get_ticket(auth.tenant(), id).await?;
+        let ticket = self
+            .chat
+            .get_ticket(&**self.tickets()?, auth.tenant(), id)
+            .await?;
         Ok(TicketResponse::Ok(Json(TicketEnvelope {
             data: ticket.into(),
         })))

@@ -409,8 +409,9 @@ async fn agents_close_tickets(backend: Backend) {
 /// webhook failing) cannot be closed yet: nothing would order the close
 /// after the opening. Once delivered it closes, and a second close while
 /// the first is undispatched writes no second event. Before the dispatcher
-/// has run at all the close answers the same 409 (not 404, which read as a
-/// wrong id), a session's ticket too, and only in the ticket's tenant.
+/// has run at all the close and a read answer the same 409 (not 404, which
+/// read as a wrong id), a session's ticket too, and only in the ticket's
+/// tenant.
 async fn a_ticket_closes_only_after_its_opening_and_once(backend: Backend) {
     let app = App::new(backend).await;
     let ticket = agent_offline_ticket(&app).await;
@@ -425,10 +426,16 @@ async fn a_ticket_closes_only_after_its_opening_and_once(backend: Backend) {
         assert_eq!(body["error"]["code"], "ticket_pending", "{body}");
         let (code, body) = app.agent_call(Method::POST, &path, 7, 2, None).await;
         assert_eq!(code, 404, "another tenant's ticket: {body}");
+        // Reading it answers the same until the tables have it.
         let (code, body) = app
             .agent_call(Method::GET, &format!("/livechat/tickets/{id}"), 7, 1, None)
             .await;
-        assert_eq!(code, 404, "not in the tables yet: {body}");
+        assert_eq!(code, 409, "not in the tables yet: {body}");
+        assert_eq!(body["error"]["code"], "ticket_pending", "{body}");
+        let (code, body) = app
+            .agent_call(Method::GET, &format!("/livechat/tickets/{id}"), 7, 2, None)
+            .await;
+        assert_eq!(code, 404, "another tenant's ticket: {body}");
     }
     assert_eq!(
         livechat_tests::pending_events(&app.db).await,

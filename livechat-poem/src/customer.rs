@@ -36,6 +36,7 @@ pub(crate) struct CustomerState {
     pub(crate) identity_secrets: IdentitySecrets,
     pub(crate) notifications: Option<Arc<dyn NotificationInbox>>,
     pub(crate) limits: Arc<crate::limits::Limiters>,
+    pub(crate) tenants: Option<Arc<dyn crate::TenantDirectory>>,
 }
 
 /// An authenticated customer in a tenant.
@@ -400,6 +401,7 @@ impl CustomerApi {
         department: Query<Option<String>>,
     ) -> Result<AvailabilityResponse, ApiError> {
         let tenant = tenant_of(req)?;
+        crate::tenants::check_tenant(self.state.tenants.as_ref(), tenant).await?;
         let department = livechat_core::parse_department_filter(department.0)?;
         let flags = self
             .chat
@@ -432,6 +434,7 @@ impl CustomerApi {
         let tenant = tenant_of(req)?;
         let client_ip = self.state.limits.client_ip(req);
         self.state.limits.chat_start(tenant, client_ip)?;
+        crate::tenants::check_tenant(self.state.tenants.as_ref(), tenant).await?;
         let body = body.0;
         let (identity, issue_token) = match (credential(req)?, body.user_id, &body.identity_hash) {
             (Some(Credential::Bearer(token)), _, _) => (

@@ -46,6 +46,7 @@ mod error;
 mod fanout;
 mod limits;
 mod net;
+mod tenants;
 mod visitor;
 mod ws;
 
@@ -68,6 +69,7 @@ pub use dto::*;
 pub use error::{ApiError, ErrorBody, ErrorDetail, MAX_BODY_BYTES, envelope};
 pub use limits::{ANY_TENANT_FACTOR, RateLimits};
 pub use net::NoDelay;
+pub use tenants::TenantDirectory;
 pub use visitor::{IdentitySecrets, VISITOR_TOKEN_TTL, VisitorTokens};
 pub use ws::{RealtimeConfig, same_origin};
 
@@ -87,6 +89,8 @@ pub struct Livechat {
     sockets: tokio_util::task::TaskTracker,
     /// The customer routes' rate limits ([`Self::rate_limits`]).
     limits: Arc<limits::Limiters>,
+    /// Which tenants offer chat ([`Self::tenants`]).
+    tenants: Option<Arc<dyn TenantDirectory>>,
 }
 
 impl std::fmt::Debug for Livechat {
@@ -121,7 +125,20 @@ impl Livechat {
             shutdown: Arc::new(tokio::sync::watch::channel(false).0),
             sockets: tokio_util::task::TaskTracker::new(),
             limits: Arc::new(limits::Limiters::new(&RateLimits::default())),
+            tenants: None,
         }
+    }
+
+    /// Asks `tenants` whether a tenant offers live chat before a customer
+    /// starts a chat in it or reads its availability (400
+    /// `invalid_tenant` when it does not; 503 when the host cannot tell).
+    /// Without it (default) any tenant id is served: `X-Tenant-ID` is the
+    /// client's to choose, so an anonymous start may then name a tenant
+    /// the host does not have.
+    #[must_use]
+    pub fn tenants(mut self, tenants: Arc<dyn TenantDirectory>) -> Self {
+        self.tenants = Some(tenants);
+        self
     }
 
     /// Sets how long the visitor tokens this node issues are valid
@@ -335,6 +352,7 @@ impl Livechat {
             identity_secrets: self.identity_secrets.clone(),
             notifications: self.notifications.clone(),
             limits: self.limits.clone(),
+            tenants: self.tenants.clone(),
         });
         OpenApiService::new(
             (

@@ -390,13 +390,14 @@ async fn migrations_on_a_host_connection(backend: Backend) {
     );
 
     // The library's routes on that connection, with visitor tokens of an
-    // hour.
+    // hour, for the host's tenant 3 alone (its tenant 5 cannot be read).
     let livechat = livechat_poem::Livechat::new(
         chat,
         std::sync::Arc::new(livechat_poem::JwtAuthenticator::hs256(b"host secret")),
         b"visitor secret",
     )
-    .visitor_token_ttl(std::time::Duration::from_secs(3600));
+    .visitor_token_ttl(std::time::Duration::from_secs(3600))
+    .tenants(std::sync::Arc::new(HostTenants));
     let client =
         poem::test::TestClient::new(poem::Route::new().nest("/livechat", livechat.endpoint()));
     let resp = client
@@ -421,6 +422,31 @@ async fn migrations_on_a_host_connection(backend: Backend) {
         3600,
         "{claims}"
     );
+    // A tenant the host does not have gets no chat, and nothing is stored.
+    let sessions = || livechat_tests::count_rows(&db, "livechat_sessions");
+    let before = sessions().await;
+    for (tenant, status, code) in [("4", 400, "invalid_tenant"), ("5", 503, "unavailable")] {
+        let resp = client
+            .post("/livechat/customer/chats")
+            .header("X-Tenant-ID", tenant)
+            .body_json(&json!({"browser_uuid": uuid::Uuid::now_v7(), "topic": "Hours"}))
+            .send()
+            .await;
+        let (got, body) = App::decode(resp).await;
+        assert_eq!(
+            (got.as_u16(), body["error"]["code"].as_str()),
+            (status, Some(code)),
+            "{body}"
+        );
+        let resp = client
+            .get("/livechat/customer/availability")
+            .header("X-Tenant-ID", tenant)
+            .send()
+            .await;
+        let (got, body) = App::decode(resp).await;
+        assert_eq!(got.as_u16(), status, "{body}");
+    }
+    assert_eq!(sessions().await, before);
 
     // A gateway whose pings would come after its connections expired is
     // refused when it is set up.
@@ -435,4 +461,18 @@ async fn migrations_on_a_host_connection(backend: Backend) {
         livechat.clone().realtime(bus, late_pings)
     }));
     assert!(refused.is_err());
+}
+
+/// The host's tenants in [`migrations_on_a_host_connection`]: 3 offers
+/// chat, 5 cannot be read (its database is down), no other exists.
+struct HostTenants;
+
+#[async_trait::async_trait]
+impl livechat_poem::TenantDirectory for HostTenants {
+    async fn offers_chat(&self, tenant: livechat_core::TenantId) -> Result<bool, String> {
+        match tenant.get() {
+            5 => Err("the host's database is down".into()),
+            n => Ok(n == 3),
+        }
+    }
 }

@@ -9,7 +9,7 @@ use serde::Serialize;
 
 use super::entity::{customer, session};
 use super::routing::{drain_queue, lock_tenant};
-use super::sessions::{active_session_of, close_row, find_session, record_session_updated};
+use super::sessions::{active_session_of, close_row, find_session, record_session_event};
 use super::{SeaOrmStore, abort, record_event};
 use crate::config::RoutingPolicy;
 use crate::error::ChatError;
@@ -263,7 +263,7 @@ impl CustomerRepository for SeaOrmStore {
         if let Some(moved) = moved {
             let id = SessionId::from_uuid(moved.id);
             if let Some(row) = find_session(&tx, tenant, id).await? {
-                record_session_updated(&tx, &mut ev, row).await?;
+                record_session_event(&tx, &mut ev, EventKind::SessionUpdated, row).await?;
             }
         }
         if freed_agent {

@@ -10,7 +10,7 @@ use super::entity::{connection, presence, routing as routing_entity, session};
 use super::routing::{
     drain_queue, eligible_agents, fresh_since, is_online, lock_tenant, open_sessions_by_agent,
 };
-use super::sessions::ticket_unattended;
+use super::sessions::{record_session_event, ticket_unattended};
 use super::{SeaOrmStore, abort, host_id, record_event};
 use crate::config::RoutingPolicy;
 use crate::error::ChatError;
@@ -486,6 +486,22 @@ async fn requeue_chats_of(
             session::Column::AssignedAt,
             Expr::value(Option::<chrono::DateTime<chrono::Utc>>::None),
         )
+        // A closed ticket is let go: the chat, back in the queue, gets a
+        // ticket of its own again if no agent takes it (an open one stays,
+        // and its closure time is null already).
+        .col_expr(
+            session::Column::TicketId,
+            Expr::case(
+                Expr::col(session::Column::TicketClosedAt).is_null(),
+                Expr::col(session::Column::TicketId),
+            )
+            .finally(Expr::value(Option::<uuid::Uuid>::None))
+            .into(),
+        )
+        .col_expr(
+            session::Column::TicketClosedAt,
+            Expr::value(Option::<chrono::DateTime<chrono::Utc>>::None),
+        )
         .col_expr(session::Column::UpdatedAt, Expr::value(at))
         .filter(session::Column::Id.is_in(ids))
         .filter(session::Column::TenantId.eq(tenant.get()))
@@ -493,39 +509,11 @@ async fn requeue_chats_of(
         .await?;
     rows.sort_by_key(|row| row.id);
     let requeued = rows.len();
-    for mut row in rows {
-        // A closed ticket is let go: the chat, back in the queue, gets a
-        // ticket of its own again if no agent takes it.
-        if row.ticket_id.is_some() && row.ticket_closed_at.is_some() {
-            row = session::Entity::update_many()
-                .col_expr(
-                    session::Column::TicketId,
-                    Expr::value(Option::<uuid::Uuid>::None),
-                )
-                .col_expr(
-                    session::Column::TicketClosedAt,
-                    Expr::value(Option::<chrono::DateTime<chrono::Utc>>::None),
-                )
-                .filter(session::Column::Id.eq(row.id))
-                .exec_with_returning(tx)
-                .await?
-                .into_iter()
-                .next()
-                .ok_or(ChatError::NotFound)?;
-        }
+    for row in rows {
         // Its assignment changed, to nobody: `session.assigned` without
         // an agent, which the ticket bridge turns into the unassignment of
         // its open ticket (a help desk showed the agent who left).
-        let session = crate::model::ChatSession::try_from(row)?;
-        record_event(
-            tx,
-            ev,
-            session.tenant_id,
-            Some(session.id),
-            EventKind::SessionAssigned,
-            &session,
-        )
-        .await?;
+        record_session_event(tx, ev, EventKind::SessionAssigned, row).await?;
     }
     Ok(requeued)
 }

@@ -14,8 +14,8 @@ use sea_orm::{
     EntityTrait, PaginatorTrait, QueryFilter, QueryOrder, QuerySelect,
 };
 
+use super::Recorded;
 use super::entity::{presence, routing, session};
-use super::{Recorded, record_event};
 use crate::config::RoutingPolicy;
 use crate::error::ChatError;
 use crate::events::EventKind;
@@ -268,17 +268,7 @@ pub(super) async fn assign(
         .filter(presence::Column::AgentId.eq(agent.get()))
         .exec(tx)
         .await?;
-    let session = ChatSession::try_from(row)?;
-    record_event(
-        tx,
-        ev,
-        tenant,
-        Some(session.id),
-        EventKind::SessionAssigned,
-        &session,
-    )
-    .await?;
-    Ok(session)
+    super::sessions::record_session_event(tx, ev, EventKind::SessionAssigned, row).await
 }
 
 /// Assigns waiting sessions, highest priority then oldest, while an

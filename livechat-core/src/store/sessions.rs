@@ -247,7 +247,7 @@ pub(super) async fn ticket_unattended(
         let Some(updated) = open_session_ticket(tx, ev, &row, messages, at).await? else {
             continue;
         };
-        ticketed.push(record_session_updated(tx, ev, updated).await?);
+        ticketed.push(record_session_event(tx, ev, EventKind::SessionUpdated, updated).await?);
     }
     Ok(ticketed)
 }
@@ -311,24 +311,17 @@ fn pending_events_query(
         .filter(outbox::Column::Kind.is_in(kinds.iter().map(|k| k.as_str())))
 }
 
-/// Writes `session.updated` for `row`, a session as a change inside `tx`
-/// left it (its contact, its customer after a link, its ticket), and
-/// returns the session.
-pub(super) async fn record_session_updated(
+/// Writes the event `kind` (`session.updated`: its contact, its customer
+/// after a link, its ticket; `session.assigned`: its agent) for `row`, a
+/// session as a change inside `tx` left it, and returns the session.
+pub(super) async fn record_session_event(
     tx: &impl ConnectionTrait,
     ev: &mut Recorded,
+    kind: EventKind,
     row: session::Model,
 ) -> Result<ChatSession, ChatError> {
     let session = ChatSession::try_from(row)?;
-    record_event(
-        tx,
-        ev,
-        session.tenant_id,
-        Some(session.id),
-        EventKind::SessionUpdated,
-        &session,
-    )
-    .await?;
+    record_event(tx, ev, session.tenant_id, Some(session.id), kind, &session).await?;
     Ok(session)
 }
 
@@ -931,7 +924,7 @@ impl SessionRepository for SeaOrmStore {
             };
             return abort(tx, error).await;
         };
-        let session = record_session_updated(&tx, &mut ev, row).await?;
+        let session = record_session_event(&tx, &mut ev, EventKind::SessionUpdated, row).await?;
         self.commit(tx, ev).await?;
         Ok(session)
     }

@@ -37,6 +37,13 @@ pub struct PendingEvent {
     /// owed to some receivers: this one must not reach those before them.
     /// `None` when nothing of its session waits ahead of it.
     pub behind: Option<Behind>,
+    /// The end of the lease of the claim that handed the event out, as
+    /// stored (the claim's token): settling or releasing the event with it
+    /// changes the event only while that claim still holds it, so a
+    /// dispatcher pass that outlived its lease cannot undo what the claim
+    /// after it did. `None` for an event no claim handed out
+    /// ([`Self::new`]).
+    pub lease: Option<DateTime<Utc>>,
 }
 
 impl PendingEvent {
@@ -48,6 +55,7 @@ impl PendingEvent {
             attempts: 0,
             pending_for: None,
             behind: None,
+            lease: None,
         }
     }
 
@@ -84,10 +92,19 @@ pub struct Behind {
 }
 
 /// Claims and settles committed events.
+///
+/// Every settlement and release takes the `lease` of the claim that handed
+/// the events out ([`PendingEvent::lease`]): with `Some`, an event is
+/// changed only while that claim still holds it (its lease not taken over
+/// by a later claim, nor the event settled meanwhile); with `None`, any
+/// undispatched event is. A claim whose lease ran out while its dispatcher
+/// was still delivering may have been taken over by another claim, whose
+/// settlement must stand.
 pub trait OutboxConsumer: Send + Sync {
     /// Claims up to `limit` undispatched events whose retry time has come,
     /// oldest first, each leased for `lease` (a crashed dispatcher's claims
-    /// expire and are handed out again: at least once). A session's events
+    /// expire and are handed out again: at least once); the events of one
+    /// claim share one [`PendingEvent::lease`]. A session's events
     /// come in order, from its earliest undispatched one up to the first
     /// that is claimed elsewhere or waits for a retry owed to every
     /// receiver: an event is never handed out while an earlier one of its
@@ -133,10 +150,12 @@ pub trait OutboxConsumer: Send + Sync {
 
     /// Marks the events delivered, all in one write (a dispatcher settles a
     /// whole pass at once: one commit instead of one per event). Ids that
-    /// are unknown or already settled are ignored.
+    /// are unknown, already settled or, with a `lease`, no longer held by
+    /// that claim are ignored.
     fn mark_dispatched(
         &self,
         ids: &[EventId],
+        lease: Option<DateTime<Utc>>,
     ) -> impl Future<Output = Result<(), ChatError>> + Send;
 
     /// Records a failed attempt and makes the event claimable again at
@@ -148,6 +167,7 @@ pub trait OutboxConsumer: Send + Sync {
     fn retry_later(
         &self,
         id: EventId,
+        lease: Option<DateTime<Utc>>,
         retry_at: DateTime<Utc>,
         error: &str,
         pending_for: &[String],
@@ -161,6 +181,7 @@ pub trait OutboxConsumer: Send + Sync {
     fn hold(
         &self,
         id: EventId,
+        lease: Option<DateTime<Utc>>,
         until: DateTime<Utc>,
         pending_for: &[String],
     ) -> impl Future<Output = Result<(), ChatError>> + Send;
@@ -170,18 +191,24 @@ pub trait OutboxConsumer: Send + Sync {
     fn mark_failed(
         &self,
         id: EventId,
+        lease: Option<DateTime<Utc>>,
         error: &str,
     ) -> impl Future<Output = Result<(), ChatError>> + Send;
 
     /// Ends the lease of claimed events the consumer did not handle (they
-    /// wait behind an earlier event of their session that it retries), so
-    /// that they are handed out again right after that event is settled,
-    /// not only when their lease runs out. They keep their place: an event
-    /// is never handed out while an earlier one of its session is pending.
-    /// Ids that are unknown or settled are ignored. The default releases
-    /// nothing (the events wait for their lease).
-    fn release(&self, ids: &[EventId]) -> impl Future<Output = Result<(), ChatError>> + Send {
-        let _ = ids;
+    /// wait behind an earlier event of their session that it retries, or
+    /// their dispatcher is stopping), so that they are handed out again
+    /// at once, not only when their lease runs out. They keep their place:
+    /// an event is never handed out while an earlier one of its session is
+    /// pending. Ids that are unknown, settled or, with a `lease`, no
+    /// longer held by that claim are ignored. The default releases nothing
+    /// (the events wait for their lease).
+    fn release(
+        &self,
+        ids: &[EventId],
+        lease: Option<DateTime<Utc>>,
+    ) -> impl Future<Output = Result<(), ChatError>> + Send {
+        let _ = (ids, lease);
         async { Ok(()) }
     }
 }

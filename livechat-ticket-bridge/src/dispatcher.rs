@@ -41,13 +41,20 @@ pub struct DispatcherConfig {
     /// Most events claimed per [`Dispatcher::dispatch_once`] (default 100).
     pub batch_size: u64,
     /// How long a claim is held before the event is handed out again, e.g.
-    /// after a crash (default 30 s). Must exceed the time one batch takes:
-    /// [`SESSIONS_AT_ONCE`] sessions of a batch are delivered at the same
-    /// time, and a session's delivery stops at its first retryable
-    /// failure, so a pass takes at most one sink time limit (the webhook's
-    /// is 10 s) per [`SESSIONS_AT_ONCE`] sessions whose receiver hangs,
-    /// besides the successful deliveries.
+    /// after a crash (default 30 s). A pass starts delivering an event
+    /// only while at least [`Self::sink_timeout`] of its lease remains (at
+    /// least half the lease, when the lease is shorter than twice the sink
+    /// timeout), so no delivery of a pass outlives its lease: the events
+    /// it has not started by then are given back for the next pass
+    /// ([`DispatchReport::released`]). A pass held up by receivers that
+    /// hang ([`SESSIONS_AT_ONCE`] sessions at a time, one sink time limit
+    /// each) thus never delivers an event another pass has claimed since.
     pub lease: Duration,
+    /// Longest one sink call may take (default 15 s, above the webhook
+    /// sink's own 10 s): a call still running then is dropped and counts
+    /// as a retryable failure (the sink may have taken the event; it gets
+    /// it again, under the same key).
+    pub sink_timeout: Duration,
     /// Sleep of [`Dispatcher::run`] after a pass that found nothing to do
     /// (default 250 ms).
     pub poll_interval: Duration,
@@ -69,6 +76,7 @@ impl Default for DispatcherConfig {
         Self {
             batch_size: 100,
             lease: Duration::from_secs(30),
+            sink_timeout: Duration::from_secs(15),
             poll_interval: Duration::from_millis(250),
             batch_window: Duration::from_millis(20),
             backoff_base: Duration::from_secs(1),
@@ -103,13 +111,17 @@ pub struct DispatchReport {
     pub held: usize,
     /// Given up (a sink answered permanent, or the payload did not decode).
     pub failed: usize,
+    /// Claimed but not started before the pass's lease ran short
+    /// ([`DispatcherConfig::lease`]): given back, in their place, for the
+    /// next pass.
+    pub released: usize,
 }
 
 impl DispatchReport {
     /// Events settled or put back in the pass.
     #[must_use]
     pub const fn handled(&self) -> usize {
-        self.delivered + self.retried + self.held + self.failed
+        self.delivered + self.retried + self.held + self.failed + self.released
     }
 }
 
@@ -162,42 +174,79 @@ pub struct Dispatcher<C> {
     in_flight: InFlight,
 }
 
-/// The events a dispatcher's passes hold claims on, each with the end of
-/// its lease.
-type InFlight = Arc<std::sync::Mutex<HashMap<EventId, tokio::time::Instant>>>;
+/// The claims of a dispatcher's passes in progress, by pass.
+type InFlight = Arc<std::sync::Mutex<InFlightClaims>>;
 
-/// A pass's hold on its claimed events in [`Dispatcher`]'s `in_flight`:
-/// given up when the pass ends, settled or dropped.
-struct Claims {
-    in_flight: InFlight,
+/// What [`InFlight`] holds.
+#[derive(Default)]
+struct InFlightClaims {
+    /// The key of the next pass's claim.
+    next: u64,
+    /// Each pass's claimed events, with its claim's token
+    /// ([`PendingEvent::lease`]) and when that lease runs out here.
+    passes: HashMap<u64, PassClaim>,
+}
+
+/// One pass's claim in [`InFlightClaims`].
+struct PassClaim {
+    lease: Option<DateTime<Utc>>,
+    until: tokio::time::Instant,
     ids: Vec<EventId>,
 }
 
+/// A pass's hold on its claim in [`Dispatcher`]'s `in_flight`: given up
+/// when the pass ends, settled or dropped. Each pass has its own entry,
+/// so a pass that claims an event again after another pass of this
+/// dispatcher settled it (a retry) is not forgotten when the first ends.
+struct Claims {
+    in_flight: InFlight,
+    key: u64,
+}
+
 impl Claims {
-    /// Records `ids`, claimed just now for `lease`, in `in_flight`.
-    fn hold(in_flight: &InFlight, ids: Vec<EventId>, lease: Duration) -> Self {
-        let until = tokio::time::Instant::now() + lease;
-        lock(in_flight).extend(ids.iter().map(|&id| (id, until)));
+    /// Records `ids`, claimed with the token `lease` for a lease that runs
+    /// out at `until`, in `in_flight`.
+    fn hold(
+        in_flight: &InFlight,
+        ids: Vec<EventId>,
+        lease: Option<DateTime<Utc>>,
+        until: tokio::time::Instant,
+    ) -> Self {
+        let mut claims = lock(in_flight);
+        let key = claims.next;
+        claims.next += 1;
+        claims.passes.insert(key, PassClaim { lease, until, ids });
         Self {
             in_flight: in_flight.clone(),
-            ids,
+            key,
         }
     }
 }
 
 impl Drop for Claims {
     fn drop(&mut self) {
-        let mut in_flight = lock(&self.in_flight);
-        for id in &self.ids {
-            in_flight.remove(id);
-        }
+        lock(&self.in_flight).passes.remove(&self.key);
     }
 }
 
-fn lock(in_flight: &InFlight) -> std::sync::MutexGuard<'_, HashMap<EventId, tokio::time::Instant>> {
+fn lock(in_flight: &InFlight) -> std::sync::MutexGuard<'_, InFlightClaims> {
     in_flight
         .lock()
         .unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+/// Gives `call` at most `limit` ([`DispatcherConfig::sink_timeout`]): past
+/// it, a retryable failure.
+async fn timed(
+    limit: Duration,
+    call: impl Future<Output = Result<(), SinkError>>,
+) -> Result<(), SinkError> {
+    tokio::time::timeout(limit, call).await.unwrap_or_else(|_| {
+        Err(SinkError::Retryable(format!(
+            "no answer within {} ms",
+            limit.as_millis()
+        )))
+    })
 }
 
 impl<C: OutboxConsumer> Dispatcher<C> {
@@ -279,14 +328,23 @@ impl<C: OutboxConsumer> Dispatcher<C> {
             .consumer
             .settle_ignored(self.config.batch_size, &ignored)
             .await?;
+        // Taken before the claim, so that it is no later than the lease the
+        // store records.
+        let claimed_at = tokio::time::Instant::now();
         let batch = self
             .consumer
             .claim_pending(self.config.batch_size, self.config.lease)
             .await?;
+        // One claim: one token for its events.
+        let lease = batch.first().and_then(|pending| pending.lease);
+        let lease_ends = claimed_at + self.config.lease;
+        let margin = Ord::min(self.config.sink_timeout, self.config.lease / 2);
+        let start_by = lease_ends - margin;
         let claims = Claims::hold(
             &self.in_flight,
             batch.iter().map(|pending| pending.event.id).collect(),
-            self.config.lease,
+            lease,
+            lease_ends,
         );
         let mut report = DispatchReport {
             delivered: skipped,
@@ -312,12 +370,17 @@ impl<C: OutboxConsumer> Dispatcher<C> {
         }
         let passes: Vec<SessionPass> = {
             use futures_util::StreamExt;
-            futures_util::stream::iter(sessions.into_iter().map(|s| self.handle_session(s)))
-                .buffer_unordered(SESSIONS_AT_ONCE)
-                .collect()
-                .await
+            futures_util::stream::iter(
+                sessions
+                    .into_iter()
+                    .map(|s| self.handle_session(s, lease, start_by)),
+            )
+            .buffer_unordered(SESSIONS_AT_ONCE)
+            .collect()
+            .await
         };
         let mut delivered = Vec::new();
+        let mut unstarted = Vec::new();
         let mut outcome = Ok(());
         for pass in passes {
             report.delivered += pass.delivered.len();
@@ -325,6 +388,7 @@ impl<C: OutboxConsumer> Dispatcher<C> {
             report.held += pass.held;
             report.failed += pass.failed;
             delivered.extend(pass.delivered);
+            unstarted.extend(pass.unstarted);
             if let Some(e) = pass.error {
                 if outcome.is_ok() {
                     outcome = Err(e);
@@ -336,7 +400,15 @@ impl<C: OutboxConsumer> Dispatcher<C> {
         // Settle what was delivered even when a later settlement failed; if
         // this write fails too, the events are handed out again after their
         // lease (at least once; the sinks are idempotent).
-        self.consumer.mark_dispatched(&delivered).await?;
+        self.consumer.mark_dispatched(&delivered, lease).await?;
+        if !unstarted.is_empty() {
+            report.released = unstarted.len();
+            tracing::debug!(
+                events = unstarted.len(),
+                "outbox events not started within the pass's lease given back"
+            );
+            self.consumer.release(&unstarted, lease).await?;
+        }
         drop(claims);
         outcome.map(|()| report)
     }
@@ -365,21 +437,28 @@ impl<C: OutboxConsumer> Dispatcher<C> {
         loop {
             tokio::select! {
                 () = &mut shutdown => {
-                    // Claims whose lease ran out may be another node's by
-                    // now: left alone.
+                    // Each pass's events with its claim's token, so that an
+                    // event settled since and claimed by another pass or
+                    // node is left alone; a claim whose lease ran out may
+                    // be taken over at any moment: left alone too.
                     let now = tokio::time::Instant::now();
-                    let held: Vec<EventId> = lock(&self.in_flight)
-                        .iter()
-                        .filter(|&(_, &until)| until > now)
-                        .map(|(&id, _)| id)
+                    let held: Vec<(Option<DateTime<Utc>>, Vec<EventId>)> = lock(&self.in_flight)
+                        .passes
+                        .values()
+                        .filter(|claim| claim.until > now)
+                        .map(|claim| (claim.lease, claim.ids.clone()))
                         .collect();
                     drop(passes);
-                    if !held.is_empty() {
-                        match tokio::time::timeout(RELEASE_WAIT, self.consumer.release(&held)).await {
-                            Ok(Ok(())) => {}
-                            Ok(Err(error)) => tracing::warn!(%error, "outbox claims not released at shutdown: their lease runs out"),
-                            Err(_) => tracing::warn!("outbox claims not released at shutdown in time: their lease runs out"),
+                    let release = async {
+                        for (lease, ids) in &held {
+                            self.consumer.release(ids, *lease).await?;
                         }
+                        Ok::<(), ChatError>(())
+                    };
+                    match tokio::time::timeout(RELEASE_WAIT, release).await {
+                        Ok(Ok(())) => {}
+                        Ok(Err(error)) => tracing::warn!(%error, "outbox claims not released at shutdown: their lease runs out"),
+                        Err(_) => tracing::warn!("outbox claims not released at shutdown in time: their lease runs out"),
                     }
                     return;
                 }
@@ -434,18 +513,33 @@ impl<C: OutboxConsumer> Dispatcher<C> {
         }
     }
 
-    /// Delivers one session's claimed events in order ([`Self::handle`]).
-    /// Behind an event still owed to some sinks (retried, or held from
-    /// them), the later events wait for those sinks only: they reach the
-    /// others and are held from those ([`OutboxConsumer::hold`]). A
-    /// settlement the store refused ends the session's pass; its unsettled
-    /// events are handed out again after their lease.
-    async fn handle_session(&self, events: Vec<PendingEvent>) -> SessionPass {
+    /// Delivers one session's claimed events in order ([`Self::handle`]),
+    /// settling them with the claim's token `lease`. Behind an event still
+    /// owed to some sinks (retried, or held from them), the later events
+    /// wait for those sinks only: they reach the others and are held from
+    /// those ([`OutboxConsumer::hold`]). An event not started by
+    /// `start_by` is not started, nor are those after it: they are given
+    /// back ([`SessionPass::unstarted`]). A settlement the store refused
+    /// ends the session's pass; its unsettled events are handed out again
+    /// after their lease.
+    async fn handle_session(
+        &self,
+        events: Vec<PendingEvent>,
+        lease: Option<DateTime<Utc>>,
+        start_by: tokio::time::Instant,
+    ) -> SessionPass {
         let mut pass = SessionPass::default();
         let mut waiting = Waiting::new();
-        for pending in events {
+        let mut events = events.into_iter();
+        while let Some(pending) = events.next() {
             let id = pending.event.id;
-            match self.handle(pending, &mut waiting).await {
+            if tokio::time::Instant::now() >= start_by {
+                pass.unstarted.push(id);
+                pass.unstarted
+                    .extend(events.map(|pending| pending.event.id));
+                break;
+            }
+            match self.handle(pending, lease, &mut waiting).await {
                 Ok(Settled::Delivered) => pass.delivered.push(id),
                 Ok(Settled::Retried) => pass.retried += 1,
                 Ok(Settled::Held) => pass.held += 1,
@@ -468,13 +562,14 @@ impl<C: OutboxConsumer> Dispatcher<C> {
     async fn handle(
         &self,
         pending: PendingEvent,
+        lease: Option<DateTime<Utc>>,
         waiting: &mut Waiting,
     ) -> Result<Settled, ChatError> {
         let event = &pending.event;
         let work = match self.sinks().work(event) {
             Ok(Some(work)) => work,
             Ok(None) => return Ok(Settled::Delivered),
-            Err(undecodable) => return self.fail(event, &undecodable).await,
+            Err(undecodable) => return self.fail(event, lease, &undecodable).await,
         };
         // The sinks still owed the event: those to call now, and those it
         // waits for behind an earlier event, until that one is due again.
@@ -544,14 +639,14 @@ impl<C: OutboxConsumer> Dispatcher<C> {
                 waiting.wait(name, retry_at);
             }
             self.consumer
-                .retry_later(event.id, retry_at, &error, &owed)
+                .retry_later(event.id, lease, retry_at, &error, &owed)
                 .await?;
             return Ok(Settled::Retried);
         }
         if !permanent.is_empty() {
             let error = permanent.join("; ");
             if held.is_empty() {
-                return self.fail(event, &error).await;
+                return self.fail(event, lease, &error).await;
             }
             // Given up for those sinks; still owed to the others.
             tracing::error!(
@@ -564,20 +659,25 @@ impl<C: OutboxConsumer> Dispatcher<C> {
         let Some(until) = held.iter().map(|(_, until)| *until).min() else {
             return Ok(Settled::Delivered);
         };
-        self.consumer.hold(event.id, until, &owed).await?;
+        self.consumer.hold(event.id, lease, until, &owed).await?;
         Ok(Settled::Held)
     }
 
     /// Gives up on `event` (a permanent failure, or a payload that does
     /// not decode).
-    async fn fail(&self, event: &DomainEvent, error: &str) -> Result<Settled, ChatError> {
+    async fn fail(
+        &self,
+        event: &DomainEvent,
+        lease: Option<DateTime<Utc>>,
+        error: &str,
+    ) -> Result<Settled, ChatError> {
         tracing::error!(
             event_id = %event.id,
             kind = event.kind.as_str(),
             %error,
             "event cannot be delivered; giving up"
         );
-        self.consumer.mark_failed(event.id, error).await?;
+        self.consumer.mark_failed(event.id, lease, error).await?;
         Ok(Settled::Failed)
     }
 
@@ -621,8 +721,9 @@ impl<C: OutboxConsumer> Dispatcher<C> {
     }
 
     /// Calls the sinks named `names` with `work`, all at once (a webhook
-    /// that hangs does not hold up the in-app ticket or notification); one
-    /// result per name, in order.
+    /// that hangs does not hold up the in-app ticket or notification), each
+    /// for at most [`DispatcherConfig::sink_timeout`]; one result per name,
+    /// in order.
     async fn deliver(
         &self,
         work: &Work,
@@ -630,6 +731,7 @@ impl<C: OutboxConsumer> Dispatcher<C> {
         names: &[&str],
     ) -> Vec<Result<(), SinkError>> {
         use futures_util::future::join_all;
+        let limit = self.config.sink_timeout;
         // Each name is one of this dispatcher's sinks of the work's kind
         // (`Self::names`).
         let tickets = || {
@@ -640,28 +742,42 @@ impl<C: OutboxConsumer> Dispatcher<C> {
         };
         match work {
             Work::OpenTicket(request) => {
-                join_all(tickets().map(|sink| sink.open_ticket(request, key))).await
+                join_all(tickets().map(|sink| timed(limit, sink.open_ticket(request, key)))).await
             }
             Work::CloseTicket(tenant, ticket) => {
-                join_all(tickets().map(|sink| sink.close_ticket(*tenant, *ticket, key))).await
+                join_all(
+                    tickets().map(|sink| timed(limit, sink.close_ticket(*tenant, *ticket, key))),
+                )
+                .await
             }
             Work::AssignTicket(tenant, ticket, agent) => {
-                join_all(tickets().map(|sink| sink.assign_ticket(*tenant, *ticket, *agent, key)))
-                    .await
+                join_all(
+                    tickets().map(|sink| {
+                        timed(limit, sink.assign_ticket(*tenant, *ticket, *agent, key))
+                    }),
+                )
+                .await
             }
             Work::UnassignTicket(tenant, ticket) => {
-                join_all(tickets().map(|sink| sink.unassign_ticket(*tenant, *ticket, key))).await
+                join_all(
+                    tickets().map(|sink| timed(limit, sink.unassign_ticket(*tenant, *ticket, key))),
+                )
+                .await
             }
             Work::TicketMessage(tenant, ticket, message) => {
-                join_all(tickets().map(|sink| sink.ticket_message(*tenant, *ticket, message, key)))
-                    .await
+                join_all(
+                    tickets().map(|sink| {
+                        timed(limit, sink.ticket_message(*tenant, *ticket, message, key))
+                    }),
+                )
+                .await
             }
             Work::Notify(notification) => {
                 join_all(
                     names
                         .iter()
                         .filter_map(|name| self.notification_sinks.iter().find(|(n, _)| n == name))
-                        .map(|(_, sink)| sink.notify(notification, key)),
+                        .map(|(_, sink)| timed(limit, sink.notify(notification, key))),
                 )
                 .await
             }
@@ -676,6 +792,8 @@ struct SessionPass {
     retried: usize,
     held: usize,
     failed: usize,
+    /// Not started before the pass's lease ran short: given back.
+    unstarted: Vec<livechat_core::EventId>,
     /// A settlement the store refused.
     error: Option<ChatError>,
 }
@@ -873,6 +991,7 @@ mod tests {
     //! workspace's `tests/` crate.
 
     use std::sync::Mutex;
+    use std::sync::atomic::{AtomicUsize, Ordering};
 
     use async_trait::async_trait;
     use livechat_core::{
@@ -892,6 +1011,7 @@ mod tests {
         /// (event, until, still owed to)
         held: Vec<(EventId, DateTime<Utc>, Vec<String>)>,
         failed: Vec<(EventId, String)>,
+        released: Vec<EventId>,
     }
 
     #[derive(Default)]
@@ -907,13 +1027,18 @@ mod tests {
             let n = s.pending.len().min(usize::try_from(limit).unwrap());
             Ok(s.pending.drain(..n).collect())
         }
-        async fn mark_dispatched(&self, ids: &[EventId]) -> Result<(), ChatError> {
+        async fn mark_dispatched(
+            &self,
+            ids: &[EventId],
+            _lease: Option<DateTime<Utc>>,
+        ) -> Result<(), ChatError> {
             self.0.lock().unwrap().dispatched.extend_from_slice(ids);
             Ok(())
         }
         async fn retry_later(
             &self,
             id: EventId,
+            _lease: Option<DateTime<Utc>>,
             retry_at: DateTime<Utc>,
             _error: &str,
             pending_for: &[String],
@@ -925,6 +1050,7 @@ mod tests {
         async fn hold(
             &self,
             id: EventId,
+            _lease: Option<DateTime<Utc>>,
             until: DateTime<Utc>,
             pending_for: &[String],
         ) -> Result<(), ChatError> {
@@ -932,8 +1058,21 @@ mod tests {
             self.0.lock().unwrap().held.push((id, until, owed));
             Ok(())
         }
-        async fn mark_failed(&self, id: EventId, error: &str) -> Result<(), ChatError> {
+        async fn mark_failed(
+            &self,
+            id: EventId,
+            _lease: Option<DateTime<Utc>>,
+            error: &str,
+        ) -> Result<(), ChatError> {
             self.0.lock().unwrap().failed.push((id, error.to_owned()));
+            Ok(())
+        }
+        async fn release(
+            &self,
+            ids: &[EventId],
+            _lease: Option<DateTime<Utc>>,
+        ) -> Result<(), ChatError> {
+            self.0.lock().unwrap().released.extend_from_slice(ids);
             Ok(())
         }
     }
@@ -1168,7 +1307,8 @@ mod tests {
                 delivered: 8,
                 retried: 0,
                 held: 0,
-                failed: 0
+                failed: 0,
+                released: 0
             }
         );
         assert_eq!(d.consumer.0.lock().unwrap().dispatched, ids);
@@ -1220,6 +1360,129 @@ mod tests {
         ) -> Result<(), SinkError> {
             Ok(())
         }
+    }
+
+    /// A ticket sink that takes `delay` for every call, or never answers
+    /// (`None`).
+    struct Slow {
+        delay: Option<Duration>,
+        calls: AtomicUsize,
+    }
+
+    impl Slow {
+        async fn answer(&self) -> Result<(), SinkError> {
+            self.calls.fetch_add(1, Ordering::SeqCst);
+            match self.delay {
+                Some(delay) => tokio::time::sleep(delay).await,
+                None => std::future::pending().await,
+            }
+            Ok(())
+        }
+    }
+
+    #[async_trait]
+    impl TicketSink for Slow {
+        async fn open_ticket(&self, _r: &TicketRequested, _key: EventId) -> Result<(), SinkError> {
+            self.answer().await
+        }
+        async fn close_ticket(
+            &self,
+            _tenant: livechat_core::TenantId,
+            _ticket: TicketId,
+            _key: EventId,
+        ) -> Result<(), SinkError> {
+            self.answer().await
+        }
+        async fn ticket_message(
+            &self,
+            _tenant: livechat_core::TenantId,
+            _ticket: TicketId,
+            _message: &ChatMessage,
+            _key: EventId,
+        ) -> Result<(), SinkError> {
+            self.answer().await
+        }
+    }
+
+    /// A pass starts an event only while a sink time limit of its lease
+    /// remains: the session's events it has not started by then are given
+    /// back, not delivered after another pass may have claimed them.
+    /// Here (lease 7 s, time limit 3 s: nothing starts after 4 s) each
+    /// call takes 2.5 s: the ticket and the first message start at 0 s and
+    /// 2.5 s, the second message would start at 5 s.
+    #[tokio::test(start_paused = true)]
+    async fn a_pass_gives_back_what_it_cannot_start_within_its_lease() {
+        let (ticket, mut requested) = ticket_requested();
+        let session = SessionId::generate();
+        requested.event.session_id = Some(session);
+        let mut events = vec![requested];
+        for text in ["first", "second"] {
+            let mut message = message_posted(SenderType::Customer, text, Some(ticket));
+            message.event.session_id = Some(session);
+            events.push(message);
+        }
+        let last = events[2].event.id;
+        let slow = Arc::new(Slow {
+            delay: Some(Duration::from_millis(2500)),
+            calls: AtomicUsize::new(0),
+        });
+        let config = DispatcherConfig {
+            lease: Duration::from_secs(7),
+            sink_timeout: Duration::from_secs(3),
+            ..DispatcherConfig::default()
+        };
+        let d = Dispatcher::new(outbox(events), config).ticket_sink(slow.clone());
+        let report = d.dispatch_once().await.unwrap();
+        assert_eq!((report.delivered, report.released), (2, 1), "{report:?}");
+        assert_eq!(slow.calls.load(Ordering::SeqCst), 2);
+        let s = d.consumer.0.lock().unwrap();
+        assert_eq!(s.released, vec![last]);
+        assert_eq!(s.dispatched.len(), 2);
+    }
+
+    /// A sink call that outlasts the sink time limit is a retryable
+    /// failure: the pass ends and the event comes back later.
+    #[tokio::test(start_paused = true)]
+    async fn a_sink_call_past_the_time_limit_is_retried() {
+        let (_, requested) = ticket_requested();
+        let id = requested.event.id;
+        let silent = Arc::new(Slow {
+            delay: None,
+            calls: AtomicUsize::new(0),
+        });
+        let config = DispatcherConfig {
+            sink_timeout: Duration::from_secs(2),
+            ..DispatcherConfig::default()
+        };
+        let d = Dispatcher::new(outbox(vec![requested]), config).ticket_sink(silent);
+        let report = tokio::time::timeout(Duration::from_secs(60), d.dispatch_once())
+            .await
+            .expect("the call is given up")
+            .unwrap();
+        assert_eq!(report.retried, 1, "{report:?}");
+        assert_eq!(d.consumer.0.lock().unwrap().retried[0].0, id);
+    }
+
+    /// Each pass holds its own claim: a pass that claims an event again
+    /// (another pass of the dispatcher retried it meanwhile) keeps it when
+    /// the first pass ends, for the release at shutdown.
+    #[test]
+    fn each_pass_holds_its_own_claim() {
+        let in_flight = InFlight::default();
+        let id = EventId::generate();
+        let until = tokio::time::Instant::now() + Duration::from_secs(30);
+        let first = Claims::hold(&in_flight, vec![id], Some(livechat_core::now()), until);
+        let later = livechat_core::now() + chrono::TimeDelta::seconds(1);
+        let second = Claims::hold(&in_flight, vec![id], Some(later), until);
+        drop(first);
+        let held: Vec<_> = lock(&in_flight)
+            .passes
+            .values()
+            .map(|claim| (claim.lease, claim.ids.clone()))
+            .collect();
+        assert_eq!(held, vec![(Some(later), vec![id])]);
+        drop(second);
+        assert!(lock(&in_flight).passes.is_empty());
     }
 
     /// A sink that hangs on one session's event holds up neither the other

@@ -3,7 +3,7 @@
 use std::collections::{HashMap, HashSet};
 use std::time::Duration;
 
-use chrono::{DateTime, Utc};
+use chrono::{DateTime, SubsecRound, Utc};
 use sea_orm::sea_query::{Expr, ExprTrait, LockBehavior, LockType};
 use sea_orm::{
     ColumnTrait, Condition, EntityTrait, QueryFilter, QueryOrder, QuerySelect, QueryTrait,
@@ -245,9 +245,13 @@ impl OutboxConsumer for SeaOrmStore {
         }
         // The lease, taken for the whole batch in one statement (one commit):
         // only one dispatcher wins an event at a time; a row another
-        // dispatcher claimed or settled since the scan is not returned.
+        // dispatcher claimed or settled since the scan is not returned. Its
+        // end is the claim's token (`PendingEvent::lease`), to the
+        // microsecond both databases store: a later claim of the same event
+        // can only start after it, so two claims never share one.
+        let until = (at + lease).trunc_subsecs(6);
         let won = outbox::Entity::update_many()
-            .col_expr(outbox::Column::ClaimedUntil, Expr::value(at + lease))
+            .col_expr(outbox::Column::ClaimedUntil, Expr::value(until))
             .filter(outbox::Column::Id.is_in(picked.iter().map(|(id, _, _)| *id)))
             .filter(outbox::Column::DispatchedAt.is_null())
             .filter(unleased(at))
@@ -262,10 +266,14 @@ impl OutboxConsumer for SeaOrmStore {
         let mut claimed = Vec::with_capacity(won.len());
         // Won rows of a kind this version does not know, given back below.
         let mut unknown = Vec::new();
+        // Won rows behind an event of their session that this claim did not
+        // get: given back below too, so that they follow it as soon as it
+        // is through, not after this claim's lease.
+        let mut held_back = Vec::new();
         for (id, session, behind) in picked {
             let row = won.remove(&id);
             match (row, session) {
-                (Some(_), Some(s)) if lost.contains(&s) => {}
+                (Some(_), Some(s)) if lost.contains(&s) => held_back.push(EventId::from_uuid(id)),
                 // A kind a newer version writes (a rolling upgrade): left,
                 // unleased at once, for a dispatcher that knows it; its
                 // session's later events wait behind it, as behind an event
@@ -283,6 +291,7 @@ impl OutboxConsumer for SeaOrmStore {
                             attempts,
                             pending_for,
                             behind,
+                            lease: Some(until),
                         }),
                         // A damaged row of a known kind (its tenant or
                         // payload does not decode) is failed, so that it
@@ -294,7 +303,9 @@ impl OutboxConsumer for SeaOrmStore {
                         Err(error) => {
                             let reason = format!("cannot be decoded: {error}");
                             tracing::warn!(event = %id, %error, "outbox event failed: it cannot be decoded");
-                            if let Err(e) = self.mark_failed(EventId::from_uuid(id), &reason).await
+                            if let Err(e) = self
+                                .mark_failed(EventId::from_uuid(id), Some(until), &reason)
+                                .await
                             {
                                 // Still pending (after its lease): what
                                 // follows it in its session waits.
@@ -315,9 +326,12 @@ impl OutboxConsumer for SeaOrmStore {
                 events = unknown.len(),
                 "outbox events of kinds this version does not know left for another dispatcher"
             );
-            if let Err(e) = self.release(&unknown).await {
-                tracing::warn!(error = %e, "releasing outbox events of unknown kinds failed; they wait for their lease");
-            }
+        }
+        unknown.append(&mut held_back);
+        if !unknown.is_empty()
+            && let Err(e) = self.release(&unknown, Some(until)).await
+        {
+            tracing::warn!(error = %e, "giving back claimed outbox events failed; they wait for their lease");
         }
         Ok(claimed)
     }
@@ -361,33 +375,42 @@ impl OutboxConsumer for SeaOrmStore {
         Ok(usize::try_from(settled.rows_affected).unwrap_or(usize::MAX))
     }
 
-    async fn mark_dispatched(&self, ids: &[EventId]) -> Result<(), ChatError> {
+    async fn mark_dispatched(
+        &self,
+        ids: &[EventId],
+        lease: Option<DateTime<Utc>>,
+    ) -> Result<(), ChatError> {
         if ids.is_empty() {
             return Ok(());
         }
-        unclaim(ids)
+        unclaim(ids, lease)
             .col_expr(outbox::Column::DispatchedAt, Expr::value(now()))
             .exec(&self.db)
             .await?;
         Ok(())
     }
 
-    async fn release(&self, ids: &[EventId]) -> Result<(), ChatError> {
+    async fn release(
+        &self,
+        ids: &[EventId],
+        lease: Option<DateTime<Utc>>,
+    ) -> Result<(), ChatError> {
         if ids.is_empty() {
             return Ok(());
         }
-        unclaim(ids).exec(&self.db).await?;
+        unclaim(ids, lease).exec(&self.db).await?;
         Ok(())
     }
 
     async fn retry_later(
         &self,
         id: EventId,
+        lease: Option<DateTime<Utc>>,
         retry_at: DateTime<Utc>,
         error: &str,
         pending_for: &[String],
     ) -> Result<(), ChatError> {
-        rescheduled(id, retry_at, pending_for)
+        rescheduled(id, lease, retry_at, pending_for)
             .col_expr(
                 outbox::Column::Attempts,
                 Expr::col(outbox::Column::Attempts).add(1),
@@ -401,28 +424,31 @@ impl OutboxConsumer for SeaOrmStore {
     async fn hold(
         &self,
         id: EventId,
+        lease: Option<DateTime<Utc>>,
         until: DateTime<Utc>,
         pending_for: &[String],
     ) -> Result<(), ChatError> {
-        rescheduled(id, until, pending_for).exec(&self.db).await?;
+        rescheduled(id, lease, until, pending_for)
+            .exec(&self.db)
+            .await?;
         Ok(())
     }
 
-    async fn mark_failed(&self, id: EventId, error: &str) -> Result<(), ChatError> {
+    async fn mark_failed(
+        &self,
+        id: EventId,
+        lease: Option<DateTime<Utc>>,
+        error: &str,
+    ) -> Result<(), ChatError> {
         let at = now();
-        outbox::Entity::update_many()
+        unclaim(&[id], lease)
             .col_expr(
                 outbox::Column::Attempts,
                 Expr::col(outbox::Column::Attempts).add(1),
             )
             .col_expr(outbox::Column::DispatchedAt, Expr::value(at))
             .col_expr(outbox::Column::FailedAt, Expr::value(at))
-            .col_expr(
-                outbox::Column::ClaimedUntil,
-                Expr::value(Option::<DateTime<Utc>>::None),
-            )
             .col_expr(outbox::Column::LastError, Expr::value(error))
-            .filter(outbox::Column::Id.eq(id.as_uuid()))
             .exec(&self.db)
             .await?;
         Ok(())
@@ -433,10 +459,11 @@ impl OutboxConsumer for SeaOrmStore {
 /// receivers `pending_for` (`retry_later` adds the attempt, `hold` nothing).
 fn rescheduled(
     id: EventId,
+    lease: Option<DateTime<Utc>>,
     at: DateTime<Utc>,
     pending_for: &[String],
 ) -> sea_orm::UpdateMany<outbox::Entity> {
-    unclaim(&[id])
+    unclaim(&[id], lease)
         .col_expr(
             outbox::Column::PendingFor,
             Expr::value(stored_receivers(pending_for)),
@@ -444,15 +471,20 @@ fn rescheduled(
         .col_expr(outbox::Column::AvailableAt, Expr::value(at))
 }
 
-/// An update of the events `ids` still undispatched that ends their claims
-/// (`mark_dispatched` adds the settlement, [`rescheduled`] the next
-/// attempt).
-fn unclaim(ids: &[EventId]) -> sea_orm::UpdateMany<outbox::Entity> {
-    outbox::Entity::update_many()
+/// An update of the events `ids` still undispatched and, with a `lease`,
+/// still held by that claim, that ends their claims (`mark_dispatched`
+/// adds the settlement, `mark_failed` the failure, [`rescheduled`] the
+/// next attempt).
+fn unclaim(ids: &[EventId], lease: Option<DateTime<Utc>>) -> sea_orm::UpdateMany<outbox::Entity> {
+    let update = outbox::Entity::update_many()
         .col_expr(
             outbox::Column::ClaimedUntil,
             Expr::value(Option::<DateTime<Utc>>::None),
         )
         .filter(outbox::Column::Id.is_in(ids.iter().map(|id| id.as_uuid())))
-        .filter(outbox::Column::DispatchedAt.is_null())
+        .filter(outbox::Column::DispatchedAt.is_null());
+    match lease {
+        Some(lease) => update.filter(outbox::Column::ClaimedUntil.eq(lease)),
+        None => update,
+    }
 }

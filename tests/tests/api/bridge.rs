@@ -36,6 +36,7 @@ on_both_databases!(
     webhook_receives_signed_events_with_retries,
     a_sessions_events_are_claimed_in_order_behind_its_earliest,
     a_retried_event_holds_later_ones_only_from_the_receivers_it_is_owed,
+    a_claim_whose_lease_ran_out_leaves_the_next_claims_events_alone,
     a_backlog_held_behind_a_sink_hides_no_newer_events,
     held_events_do_not_hide_other_sessions_events,
     undecodable_outbox_events_do_not_stall_dispatch,
@@ -1350,7 +1351,7 @@ async fn crash_after_delivery_before_settling(backend: Backend) {
                 break;
             }
             // Earlier events have no sink to call: settled.
-            store.mark_dispatched(&[e.id]).await.unwrap();
+            store.mark_dispatched(&[e.id], None).await.unwrap();
         }
         if delivered > 0 {
             break;
@@ -1597,7 +1598,7 @@ async fn a_sessions_events_are_claimed_in_order_behind_its_earliest(backend: Bac
     );
     // Once the earlier events are settled, the held session's events follow.
     let settled: Vec<EventId> = elsewhere.iter().map(|p| p.event.id).collect();
-    store.mark_dispatched(&settled).await.unwrap();
+    store.mark_dispatched(&settled, None).await.unwrap();
     let rest = store.claim_pending(100, lease).await.unwrap();
     let seqs: Vec<Option<i64>> = rest
         .iter()
@@ -1650,10 +1651,10 @@ async fn a_retried_event_holds_later_ones_only_from_the_receivers_it_is_owed(bac
     // The start failed at the desk (the tables have it); the messages are
     // handed out again for every receiver but the desk.
     store
-        .retry_later(ids[0], later, "desk down", &names(&["desk"]))
+        .retry_later(ids[0], None, later, "desk down", &names(&["desk"]))
         .await
         .unwrap();
-    store.release(&ids[1..]).await.unwrap();
+    store.release(&ids[1..], None).await.unwrap();
     let claimed = of_session(store.claim_pending(100, lease).await.unwrap());
     assert_eq!(
         claimed.iter().map(|p| p.event.id).collect::<Vec<_>>(),
@@ -1666,10 +1667,10 @@ async fn a_retried_event_holds_later_ones_only_from_the_receivers_it_is_owed(bac
 
     // The first message is held from the mailer too: the rest wait for both.
     store
-        .hold(ids[1], sooner, &names(&["mailer"]))
+        .hold(ids[1], None, sooner, &names(&["mailer"]))
         .await
         .unwrap();
-    store.release(&ids[2..]).await.unwrap();
+    store.release(&ids[2..], None).await.unwrap();
     let claimed = of_session(store.claim_pending(100, lease).await.unwrap());
     assert_eq!(
         claimed.iter().map(|p| p.event.id).collect::<Vec<_>>(),
@@ -1683,17 +1684,17 @@ async fn a_retried_event_holds_later_ones_only_from_the_receivers_it_is_owed(bac
 
     // The start retried for every receiver holds the rest back altogether.
     store
-        .retry_later(ids[0], later, "all down", &[])
+        .retry_later(ids[0], None, later, "all down", &[])
         .await
         .unwrap();
-    store.release(&ids[2..]).await.unwrap();
+    store.release(&ids[2..], None).await.unwrap();
     assert!(of_session(store.claim_pending(100, lease).await.unwrap()).is_empty());
 
     // Due again, the start comes back owed to the desk, with its attempts;
     // the messages behind the held one wait for the mailer only.
     let past = livechat_core::now() - chrono::TimeDelta::seconds(1);
     store
-        .retry_later(ids[0], past, "desk down", &names(&["desk"]))
+        .retry_later(ids[0], None, past, "desk down", &names(&["desk"]))
         .await
         .unwrap();
     let claimed = of_session(store.claim_pending(100, lease).await.unwrap());
@@ -1705,6 +1706,75 @@ async fn a_retried_event_holds_later_ones_only_from_the_receivers_it_is_owed(bac
     );
     assert_eq!(claimed[0].behind, None);
     assert_eq!(behind(&claimed[1]), (names(&["mailer"]), true));
+}
+
+/// Settling or releasing with the token of a claim whose lease ran out,
+/// after a later claim took its events over, changes nothing: the later
+/// claim's delivery and settlement stand (a dispatcher pass that outlived
+/// its lease can no longer settle, fail, put back or release the events
+/// another pass delivers). With the later claim's token they settle.
+async fn a_claim_whose_lease_ran_out_leaves_the_next_claims_events_alone(backend: Backend) {
+    use livechat_core::UserId;
+    let app = App::new(backend).await;
+    let tenant = TenantId::new(1).unwrap();
+    let session = session_with_messages(&app, tenant, UserId::new(7).unwrap(), 2).await;
+    let store = app.chat.store();
+    let of_session = |claimed: Vec<livechat_core::PendingEvent>| {
+        claimed
+            .into_iter()
+            .filter(|p| p.event.session_id == Some(session))
+            .collect::<Vec<_>>()
+    };
+    let first = of_session(
+        store
+            .claim_pending(100, Duration::from_millis(1))
+            .await
+            .unwrap(),
+    );
+    let ids: Vec<EventId> = first.iter().map(|p| p.event.id).collect();
+    assert_eq!(ids.len(), 3, "the start and two messages");
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    let second = of_session(
+        store
+            .claim_pending(100, Duration::from_secs(30))
+            .await
+            .unwrap(),
+    );
+    assert_eq!(
+        second.iter().map(|p| p.event.id).collect::<Vec<_>>(),
+        ids,
+        "taken over once the first lease ran out"
+    );
+    let (stale, current) = (first[0].lease, second[0].lease);
+    assert!(stale.is_some() && current.is_some() && stale != current);
+    assert!(first.iter().all(|p| p.lease == stale));
+    assert!(second.iter().all(|p| p.lease == current));
+    let later = livechat_core::now() + chrono::TimeDelta::seconds(60);
+    store.mark_dispatched(&ids[..1], stale).await.unwrap();
+    store
+        .retry_later(ids[1], stale, later, "stale", &[])
+        .await
+        .unwrap();
+    store.hold(ids[2], stale, later, &[]).await.unwrap();
+    store.mark_failed(ids[2], stale, "stale").await.unwrap();
+    store.release(&ids, stale).await.unwrap();
+    let untouched = "session_id IS NOT NULL AND dispatched_at IS NULL \
+                     AND claimed_until IS NOT NULL AND attempts = 0 AND last_error IS NULL";
+    assert_eq!(
+        outbox_rows(&app, untouched).await,
+        3,
+        "still the second claim's"
+    );
+    store.mark_dispatched(&ids, current).await.unwrap();
+    assert_eq!(
+        outbox_rows(
+            &app,
+            "session_id IS NOT NULL AND dispatched_at IS NOT NULL AND failed_at IS NULL"
+        )
+        .await,
+        3,
+        "settled with the second claim's token"
+    );
 }
 
 /// A backlog of events that wait only for a sink their session's earlier
@@ -1733,18 +1803,18 @@ async fn a_backlog_held_behind_a_sink_hides_no_newer_events(backend: Backend) {
         .filter(|p| p.event.session_id != Some(held))
         .map(|p| p.event.id)
         .collect();
-    store.mark_dispatched(&others).await.unwrap();
+    store.mark_dispatched(&others, None).await.unwrap();
     // The start waits a minute for the desk; each message reached the
     // other receivers and is owed to the desk alone, due again now.
     let desk = vec!["desk".to_owned()];
     let later = livechat_core::now() + chrono::TimeDelta::seconds(60);
     store
-        .retry_later(backlog[0], later, "desk down", &desk)
+        .retry_later(backlog[0], None, later, "desk down", &desk)
         .await
         .unwrap();
     let past = livechat_core::now() - chrono::TimeDelta::seconds(1);
     for id in &backlog[1..] {
-        store.hold(*id, past, &desk).await.unwrap();
+        store.hold(*id, None, past, &desk).await.unwrap();
     }
     // Newer events of another session, past more than 16 pages of the
     // backlog (a claim of 2 reads pages of 4).
@@ -1887,6 +1957,25 @@ async fn undecodable_outbox_events_do_not_stall_dispatch(backend: Backend) {
         (None, false, true),
         "left pending and unleased for a newer dispatcher"
     );
+    // The messages behind it were won by the claim too: given back at
+    // once, not leased for 30 s while it waits.
+    let leased = app
+        .db
+        .query_one_raw(Statement::from_sql_and_values(
+            backend,
+            format!(
+                "SELECT COUNT(*) AS n FROM livechat_outbox \
+                 WHERE session_id = {} AND claimed_until IS NOT NULL",
+                param(1)
+            ),
+            [newer.as_uuid().into()],
+        ))
+        .await
+        .unwrap()
+        .unwrap()
+        .try_get::<i64>("", "n")
+        .unwrap();
+    assert_eq!(leased, 0, "the later events of its session are unleased");
 }
 
 /// Issue #5: the dispatcher's claim scan (`WHERE dispatched_at IS NULL
@@ -1962,33 +2051,48 @@ impl OutboxConsumer for RecordingConsumer {
             .extend(claimed.iter().map(|p| p.event.kind));
         Ok(claimed)
     }
-    async fn mark_dispatched(&self, ids: &[EventId]) -> Result<(), livechat_core::ChatError> {
-        self.store.mark_dispatched(ids).await
+    async fn mark_dispatched(
+        &self,
+        ids: &[EventId],
+        lease: Option<chrono::DateTime<chrono::Utc>>,
+    ) -> Result<(), livechat_core::ChatError> {
+        self.store.mark_dispatched(ids, lease).await
     }
     async fn retry_later(
         &self,
         id: EventId,
+        lease: Option<chrono::DateTime<chrono::Utc>>,
         retry_at: chrono::DateTime<chrono::Utc>,
         error: &str,
         pending_for: &[String],
     ) -> Result<(), livechat_core::ChatError> {
         self.store
-            .retry_later(id, retry_at, error, pending_for)
+            .retry_later(id, lease, retry_at, error, pending_for)
             .await
     }
     async fn hold(
         &self,
         id: EventId,
+        lease: Option<chrono::DateTime<chrono::Utc>>,
         until: chrono::DateTime<chrono::Utc>,
         pending_for: &[String],
     ) -> Result<(), livechat_core::ChatError> {
-        self.store.hold(id, until, pending_for).await
+        self.store.hold(id, lease, until, pending_for).await
     }
-    async fn mark_failed(&self, id: EventId, error: &str) -> Result<(), livechat_core::ChatError> {
-        self.store.mark_failed(id, error).await
+    async fn mark_failed(
+        &self,
+        id: EventId,
+        lease: Option<chrono::DateTime<chrono::Utc>>,
+        error: &str,
+    ) -> Result<(), livechat_core::ChatError> {
+        self.store.mark_failed(id, lease, error).await
     }
-    async fn release(&self, ids: &[EventId]) -> Result<(), livechat_core::ChatError> {
-        self.store.release(ids).await
+    async fn release(
+        &self,
+        ids: &[EventId],
+        lease: Option<chrono::DateTime<chrono::Utc>>,
+    ) -> Result<(), livechat_core::ChatError> {
+        self.store.release(ids, lease).await
     }
 }
 

@@ -1100,9 +1100,9 @@ impl<S: ChatStore> ChatService<S> {
     /// `closed_at`): [`TicketClose::Recorded`] with the ticket as it was.
     /// While an earlier close is still undispatched (a sink failing meanwhile)
     /// no second event is written, and the answer is the same. A CLOSED
-    /// ticket is left as it is: [`TicketClose::AlreadyClosed`]. (Two closes
-    /// at the same moment on PostgreSQL may both be recorded; the sinks close
-    /// the ticket once.) Tickets addressed to an agent (`agent_offline`)
+    /// ticket is left as it is: [`TicketClose::AlreadyClosed`]. Closes of a
+    /// tenant's tickets take its routing lock, so of two at the same moment
+    /// one records the event and the other finds it. Tickets addressed to an agent (`agent_offline`)
     /// have no session, and nothing else closes them; a session's ticket
     /// also closes with its session, and closing the ticket leaves the
     /// session as it is.

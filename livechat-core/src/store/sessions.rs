@@ -517,6 +517,10 @@ impl SessionRepository for SeaOrmStore {
         closed: TicketClosed,
     ) -> Result<bool, ChatError> {
         let tx = self.begin_write().await?;
+        // Closes of one tenant's tickets wait for each other, so that of
+        // two at once on PostgreSQL the second sees the first's event
+        // (SQLite's write transactions are serialized anyway).
+        lock_tenant(&tx, tenant, &RoutingPolicy::default()).await?;
         let pending = pending_ticket_events(
             &tx,
             tenant,

@@ -25,6 +25,7 @@ on_both_databases!(
     a_ticketed_chat_handed_back_leaves_its_ticket_without_an_agent,
     a_chat_left_waiting_by_the_last_agent_becomes_a_ticket,
     agents_close_tickets,
+    closes_of_a_ticket_at_once_record_one_close,
     a_ticket_closes_only_after_its_opening_and_once,
     a_visitors_notifications_follow_it_when_it_logs_in,
     failing_sink_retries_to_exactly_one,
@@ -313,6 +314,27 @@ async fn a_chat_left_waiting_by_the_last_agent_becomes_a_ticket(backend: Backend
 /// the dispatcher has run. Closing again changes nothing, the session's
 /// own close later leaves the ticket as it is, and other tenants,
 /// customers and unknown ids cannot close one.
+/// Twenty closes of one ticket at the same moment record one
+/// `ticket.closed` (a webhook got the close under several event ids on
+/// PostgreSQL): for a ticket without a session and for a chat's.
+async fn closes_of_a_ticket_at_once_record_one_close(backend: Backend) {
+    let app = App::new(backend).await;
+    let (chat, visitor) = visitor_start(&app, "Refund").await;
+    let (_, s) = customer_get(&app, &format!("/livechat/customer/chats/{chat}"), &visitor).await;
+    let chat_ticket = s["data"]["ticket_id"].as_str().unwrap().to_owned();
+    app.go_online(7, 1).await;
+    let agent_ticket = agent_offline_ticket(&app).await;
+    drain(&app.dispatcher, &app.db).await;
+    for ticket in [&agent_ticket, &chat_ticket] {
+        let path = format!("/livechat/tickets/{ticket}/close");
+        let closes = (0..20).map(|_| app.agent_call(Method::POST, &path, 7, 1, None));
+        for (code, body) in futures::future::join_all(closes).await {
+            assert_eq!(code, 202, "{body}");
+        }
+    }
+    assert_eq!(outbox_rows(&app, "kind = 'ticket.closed'").await, 2);
+}
+
 async fn agents_close_tickets(backend: Backend) {
     let app = App::new(backend).await;
     // Nobody online: a visitor's chat waits with a ticket.

@@ -85,13 +85,14 @@ pub enum ChatError {
     /// blank `department`, an `agent_id` that is not one).
     #[error("{0}")]
     InvalidPage(String),
-    /// A ticket cannot be closed yet: its opening (`ticket.requested`) is
-    /// still being delivered to the ticket sinks (the dispatcher has not
-    /// run yet, or one sink is failing, e.g. a webhook that is down), and
-    /// either the ticket directory does not know it yet or, for a ticket
-    /// without a session, nothing would order the close after it.
+    /// A ticket cannot be read or closed yet: its opening
+    /// (`ticket.requested`) is still being delivered to the ticket sinks
+    /// (the dispatcher has not run yet, or one sink is failing, e.g. a
+    /// webhook that is down), and either the ticket directory does not
+    /// know it yet or, for a close of a ticket without a session, nothing
+    /// would order the close after it.
     #[error(
-        "the ticket's opening is still being delivered to the ticket sinks; close it once it is"
+        "the ticket's opening is still being delivered to the ticket sinks; try again in a moment"
     )]
     TicketPending,
     /// The database failed or is unreachable. The cause is for logs only.

@@ -478,11 +478,12 @@ impl CustomerApi {
             contact: body.contact.map(Into::into),
             message: body.message.map(|m| m.0),
             client_ip: client_ip.map(|ip| ip.to_string()),
+            // Bytes past ASCII (UTF-8, or Latin-1 from old clients) are
+            // kept as far as they decode, not dropped with the whole value.
             user_agent: req
                 .headers()
                 .get(poem::http::header::USER_AGENT)
-                .and_then(|v| v.to_str().ok())
-                .map(str::to_owned),
+                .map(|v| String::from_utf8_lossy(v.as_bytes()).into_owned()),
         };
         // The customer is created only for a valid request.
         let (customer, started) = self.chat.start_chat_as(tenant, identity, request).await?;

@@ -217,13 +217,26 @@ impl From<ChatError> for ApiError {
 /// parameter → 400 `invalid_query`, auth scheme → 401 `unauthorized`, unknown
 /// route → 404 `not_found`, a path that does not percent-decode to UTF-8
 /// (`/sessions/%ff`: no id or route has such a name) → 404 `not_found`,
-/// wrong method → 405 `method_not_allowed`.
+/// wrong method → 405 `method_not_allowed`. Every answer is marked
+/// `Cache-Control: no-store`, as the library's routes mark theirs (README
+/// "Routes").
 ///
 /// A host that nests [`Livechat::endpoint`](crate::Livechat::endpoint) in
 /// its own `Route` gives that route `.catch_all_error(envelope)` too: poem's
 /// `Route` decodes the whole path before it calls the nested endpoint, so
-/// a path that does not decode never reaches the library.
+/// a path that does not decode never reaches the library; so are the
+/// refusals of the host's middleware (a CORS origin not allowed).
 pub async fn envelope(err: poem::Error) -> Response {
+    let mut response = render(err);
+    response.headers_mut().insert(
+        poem::http::header::CACHE_CONTROL,
+        poem::http::HeaderValue::from_static("no-store"),
+    );
+    response
+}
+
+/// The envelope of [`envelope`], before its `Cache-Control`.
+fn render(err: poem::Error) -> Response {
     use poem::error::{MethodNotAllowedError, NotFoundError, ParsePathError};
     use poem_openapi::error::{
         AuthorizationError, ContentTypeError, ParseParamError, ParseRequestPayloadError,

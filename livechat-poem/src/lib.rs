@@ -559,9 +559,11 @@ fn completed(spec: &str, ws: bool) -> String {
             }
             // Every operation shares the error responses of `ApiError`;
             // those a read never answers are left out: nothing to conflict
-            // with, and the availability flag needs no credential and
-            // reads no row. (413 stays: any request's body is checked.)
-            // Only a customer's start and message are rate limited (429).
+            // with (but a ticket whose opening is still in the outbox:
+            // 409 `ticket_pending`), and the availability flag needs no
+            // credential and reads no row. (413 stays: any request's body
+            // is checked.) Only a customer's start and message are rate
+            // limited (429).
             if let Some(responses) = operation
                 .get_mut("responses")
                 .and_then(Value::as_object_mut)
@@ -569,6 +571,7 @@ fn completed(spec: &str, ws: bool) -> String {
                 let never: &[&str] = match (path.as_str(), method.as_str()) {
                     ("/customer/availability", _) => &["401", "403", "404", "409", "429"],
                     ("/customer/chats" | "/customer/chats/{id}/messages", "post") => &[],
+                    ("/tickets/{id}", "get") => &["429"],
                     (_, "get") => &["409", "429"],
                     _ => &["429"],
                 };

@@ -18,6 +18,7 @@ on_both_databases!(
     steps_that_resolved_the_visitor_before_a_link_act_as_the_user,
     customers_are_isolated,
     a_key_is_its_senders_own,
+    a_user_agent_past_ascii_is_kept,
 );
 
 /// Sends a customer request with `Authorization: <auth>` (e.g. `Visitor x`).
@@ -1249,6 +1250,41 @@ async fn a_key_is_its_senders_own(backend: Backend) {
 }
 
 /// A new anonymous visitor of tenant 1, through the service.
+/// A `User-Agent` with bytes past ASCII (UTF-8, or Latin-1 from an old
+/// client) is recorded as far as it decodes, cut to 512 characters; it
+/// was dropped whole.
+async fn a_user_agent_past_ascii_is_kept(backend: Backend) {
+    use sea_orm::{ConnectionTrait, Statement};
+    let app = App::new(backend).await;
+    let mut agent = "Navigateur é ".as_bytes().to_vec();
+    agent.push(0xE9); // Latin-1 é: not UTF-8
+    agent.extend(std::iter::repeat_n(b'x', 600));
+    let value = poem::http::HeaderValue::from_bytes(&agent).unwrap();
+    let resp = app
+        .client
+        .post("/livechat/customer/chats")
+        .header("X-Tenant-ID", "1")
+        .header("User-Agent", value)
+        .body_json(&json!({"browser_uuid": uuid::Uuid::now_v7(), "topic": "ua"}))
+        .send()
+        .await;
+    let (code, body) = App::decode(resp).await;
+    assert_eq!(code, 201, "{body}");
+    let row = app
+        .db
+        .query_one_raw(Statement::from_string(
+            app.db.get_database_backend(),
+            "SELECT user_agent FROM livechat_sessions",
+        ))
+        .await
+        .unwrap()
+        .unwrap();
+    let stored: Option<String> = row.try_get("", "user_agent").unwrap();
+    let stored = stored.expect("recorded");
+    assert!(stored.starts_with("Navigateur é \u{FFFD}xxx"), "{stored}");
+    assert_eq!(stored.chars().count(), 512);
+}
+
 async fn new_visitor(app: &App) -> livechat_core::Customer {
     app.chat
         .resolve_customer(

@@ -242,6 +242,9 @@ async fn seeded_login_drives_the_library(backend: Backend) {
         !list.contains(&"409".to_owned()) && list.contains(&"401".to_owned()),
         "{list:?}"
     );
+    // A ticket read answers 409 while its opening is in the outbox.
+    let ticket = statuses("/tickets/{id}", "get");
+    assert!(ticket.contains(&"409".to_owned()), "{ticket:?}");
     let assign = statuses("/sessions/{id}/assign", "post");
     assert!(
         assign.contains(&"409".to_owned()) && assign.contains(&"413".to_owned()),

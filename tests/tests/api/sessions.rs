@@ -570,6 +570,18 @@ async fn get_session_and_not_found(backend: Backend) {
         assert_eq!(code, 404, "{path}: {body}");
         assert_eq!(body["error"]["code"], "not_found", "{path}");
     }
+    // The host's refusal is not cached either, as the library's answers.
+    for path in ["/livechat/sessions/%ff", "/livechat/sessions/123"] {
+        let resp = app.client.get(path).header("X-Tenant-ID", "1").send().await;
+        assert_eq!(
+            resp.0
+                .headers()
+                .get("cache-control")
+                .and_then(|v| v.to_str().ok()),
+            Some("no-store"),
+            "{path}"
+        );
+    }
 }
 
 async fn close_is_idempotent(backend: Backend) {

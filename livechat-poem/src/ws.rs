@@ -956,7 +956,7 @@ impl Conn {
                 if !self.send_replay(message_frame(m)).await {
                     return Ok(());
                 }
-                self.joined.insert(session, m.seq);
+                self.note_relayed(m);
             }
             if !full {
                 return Ok(());
@@ -975,12 +975,27 @@ impl Conn {
         }
         if m.seq == last + 1 {
             if self.send(Message::Text(text.to_owned())) {
-                self.joined.insert(m.session_id, m.seq);
+                self.note_relayed(m);
             }
             return Ok(());
         }
         // A gap: rare, and deep (database reads), so boxed.
         Box::pin(self.catch_up(m.session_id)).await
+    }
+
+    /// Records `m` as the last message relayed of its session. A waiting
+    /// session's remembered copy, sent again when only its place in the
+    /// queue moves, takes the message's `seq` as `last_seq` and its time
+    /// as `updated_at` (the message's commit wrote both), so that such a
+    /// frame does not show the session older than messages already sent.
+    fn note_relayed(&mut self, m: &ChatMessage) {
+        self.joined.insert(m.session_id, m.seq);
+        if let Some(Some(place)) = self.positions.get_mut(&m.session_id)
+            && place.session.last_seq < m.seq
+        {
+            place.session.last_seq = m.seq;
+            place.session.updated_at = place.session.updated_at.max(m.created_at);
+        }
     }
 
     async fn resync(&mut self) {
@@ -1685,7 +1700,13 @@ async fn serve(gateway: Arc<Gateway>, socket: WebSocketStream, pre_auth: Option<
     // the loop: while the database is slow or down the loop still reads
     // (so the client's pongs count and its pings are answered) instead of
     // waiting for the store, and a healthy client is not closed for a
-    // silence that was the server's.
+    // silence that was the server's. It runs as a task of its own, not as
+    // a future of this loop: one holding a pooled connection (SQLite's
+    // only one) while the loop awaited something else (a relayed event's
+    // read, a join) went unpolled, and every request of the node waited
+    // for that connection until their time limits (24 s for an agent's 24
+    // chats handed back, one relayed read after another). The loop keeps
+    // its handle, to wait for it before the connection is removed.
     let mut renewal: FuturesOrdered<futures_util::future::BoxFuture<'static, ()>> =
         FuturesOrdered::new();
     loop {
@@ -1827,8 +1848,15 @@ async fn serve(gateway: Arc<Gateway>, socket: WebSocketStream, pre_auth: Option<
                 }
                 if renewal.is_empty() && heard {
                     let (gateway, tenant, id) = (gateway.clone(), identity.tenant, conn.id);
+                    let task =
+                        tokio::spawn(async move { heartbeat(&gateway, tenant, id, owner).await });
                     renewal.push_back(
-                        async move { heartbeat(&gateway, tenant, id, owner).await }.boxed(),
+                        async move {
+                            if let Err(e) = task.await {
+                                tracing::warn!(error = %e, "websocket: heartbeat task failed");
+                            }
+                        }
+                        .boxed(),
                     );
                 }
             }

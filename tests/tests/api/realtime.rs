@@ -356,6 +356,18 @@ async fn a_waiting_customer_sees_its_place_move(backend: Backend) {
         waiting.push(customer);
     }
 
+    // The last customer writes while waiting: the frames that move its
+    // place show the session with that message (they showed it as joined).
+    let last = waiting.last_mut().unwrap();
+    last.send(
+        json!({"type": "send_message", "session_id": views[4].session.id,
+        "client_msg_id": "still-there", "message": "still there?"}),
+    )
+    .await;
+    let written = last.expect("new_message").await;
+    let written_seq = written["seq"].as_i64().unwrap();
+    assert!(written_seq > views[4].session.last_seq);
+
     // Closing the open chat assigns the head of the queue: an event of
     // another session moves every customer behind it up.
     for (round, closed) in [views[0].session.id, views[1].session.id]
@@ -375,6 +387,16 @@ async fn a_waiting_customer_sees_its_place_move(backend: Backend) {
             assert_eq!(updated["session"]["id"], json!(view.session.id));
             assert_eq!(updated["session"]["status"], "WAITING", "{updated}");
             assert_eq!(updated["session"]["queue_position"], place, "{updated}");
+            if view.session.id == views[4].session.id {
+                assert_eq!(updated["session"]["last_seq"], written_seq, "{updated}");
+                let time =
+                    |v: &Value| chrono::DateTime::parse_from_rfc3339(v.as_str().unwrap()).unwrap();
+                assert_eq!(
+                    time(&updated["session"]["updated_at"]),
+                    time(&written["created_at"]),
+                    "{updated}"
+                );
+            }
         }
     }
 }
@@ -2033,6 +2055,54 @@ async fn a_connection_keeps_serving_while_its_renewal_waits() {
         tokio::time::sleep(Duration::from_millis(300)).await;
     }
     holder.commit().await.unwrap();
+}
+
+/// A connection's renewal of its registration takes a pooled connection
+/// (on SQLite the node's only one). It ran as a future of the
+/// connection's loop, polled only between the loop's steps: while the loop
+/// relayed a burst of lifecycle events, each waiting up to 1 s for its
+/// read of the session, a renewal that had started held that connection
+/// unpolled, every read timed out, and every other request of the node
+/// waited for the connection until its own limit (5 s: 503). Here agent
+/// 7's twelve chats are handed back and taken again, five times, while
+/// agent 8's socket renews every 20 ms; the node's reads in the meantime
+/// must all be answered.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_renewal_beside_a_burst_of_relayed_events_holds_up_no_request() {
+    let (_app, node) = node(Backend::Sqlite, |r| {
+        r.ping_interval = Duration::from_millis(20);
+    })
+    .await;
+    node.chat.set_agent_capacity(t(1), 20).await.unwrap();
+    start_chat(&node, 3100).await;
+    for user in 3101..3112 {
+        start_chat_as(&node, user).await;
+    }
+    let mut watcher = watcher(&node).await;
+    // Read all along, so that its pongs keep it heard and renewed.
+    let reading = tokio::spawn(async move {
+        let mut frames = 0_usize;
+        while watcher.next(Duration::from_secs(30)).await.is_some() {
+            frames += 1;
+        }
+        frames
+    });
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    for status in [PresenceStatus::Offline, PresenceStatus::Online].repeat(5) {
+        node.chat
+            .set_agent_status(t(1), u(7), status)
+            .await
+            .unwrap();
+        for _ in 0..5 {
+            let read =
+                tokio::time::timeout(Duration::from_secs(30), node.chat.availability(t(1), None))
+                    .await
+                    .expect("answered");
+            assert!(read.is_ok(), "after {status:?}: {read:?}");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+    reading.abort();
 }
 
 /// Issue #5: a connection's sends are submitted without waiting for the

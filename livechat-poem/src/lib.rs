@@ -308,13 +308,19 @@ impl Livechat {
     }
 
     /// Waits, after [`Self::shutdown`], until every WebSocket of this node
-    /// has ended and removed its connection's row. Until then a socket may
+    /// has ended and removed its connection's row, and the presence check
+    /// of each agent whose last connection closed has run (after
+    /// [`RealtimeConfig::presence_grace`]: announced offline unless they
+    /// reconnected on another node, and their tenant's waiting chats
+    /// ticketed if nobody is online any more). Until then a socket may
     /// still need the database: closed before, the rows stay and count as
     /// live until their TTL (the customer "connected", so an agent's reply
     /// makes no notification; an agent still eligible past the grace
-    /// period). poem's graceful shutdown does not wait for upgraded
-    /// connections. Resolves at once without WebSockets; never before
-    /// `shutdown`.
+    /// period), and an agent gone with this node stays announced online
+    /// until another node's housekeeping. poem's graceful shutdown does not
+    /// wait for upgraded connections. Resolves at once without WebSockets;
+    /// never before `shutdown`; with agents connected, no sooner than the
+    /// presence grace.
     pub async fn closed(&self) {
         self.sockets.wait().await;
     }

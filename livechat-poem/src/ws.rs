@@ -2008,9 +2008,13 @@ async fn unregister(
 /// last connection closed is gone, unless they reconnected meanwhile (their
 /// next connection announces them again: [`heartbeat`]), and tickets the
 /// tenant's waiting chats if no agent is online any more
-/// ([`ChatService::ticket_unattended_chats`]).
+/// ([`ChatService::ticket_unattended_chats`]). Tracked with the node's
+/// sockets, so that a graceful stop ([`crate::Livechat::closed`]) waits
+/// for it: the check died with the process, and the agent went on showing
+/// online, and the chats waiting on them went without a ticket, until
+/// another node's housekeeping (up to a minute).
 fn spawn_presence_check(gateway: Arc<Gateway>, tenant: TenantId, agent: UserId) {
-    tokio::spawn(async move {
+    gateway.sockets.clone().spawn(async move {
         tokio::time::sleep(gateway.config.presence_grace).await;
         let grace = gateway.config.presence_grace;
         if matches!(

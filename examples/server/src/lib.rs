@@ -963,12 +963,17 @@ pub async fn run(config: Config) -> Result<(), Box<dyn std::error::Error + Send 
     Server::new_with_acceptor(livechat_poem::NoDelay(acceptor))
         .run_with_graceful_shutdown(host.endpoint, signal, Some(Duration::from_secs(10)))
         .await?;
-    // The WebSockets remove their connections' rows as they close.
-    if tokio::time::timeout(Duration::from_secs(10), sockets.closed())
-        .await
-        .is_err()
-    {
-        tracing::warn!("WebSockets still open after 10 s: their connections expire by TTL");
+    // The WebSockets remove their connections' rows as they close; the
+    // agents whose last connection was here are announced offline (their
+    // tenant's waiting chats ticketed) once the presence grace has passed,
+    // unless they reconnected to another node meanwhile.
+    let wait = config.presence_grace + Duration::from_secs(10);
+    if tokio::time::timeout(wait, sockets.closed()).await.is_err() {
+        tracing::warn!(
+            "WebSockets still open, or presence checks still running, {} s after the stop: \
+             their connections expire by TTL",
+            wait.as_secs()
+        );
     }
     let _ = stop_tx.send(true);
     let _ = dispatcher.await;

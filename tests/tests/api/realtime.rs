@@ -1892,6 +1892,12 @@ async fn customer_of(node: &Node, s: SessionId) -> livechat_core::CustomerId {
 
 async fn shutdown_closes_with_1001(backend: Backend) {
     let (app, node) = node(backend, |_| {}).await;
+    // Agent 7, the tenant's only agent, takes one chat; the next waits.
+    node.chat.set_agent_capacity(t(1), 1).await.unwrap();
+    start_chat(&node, 3200).await;
+    let waiting = start_chat_as(&node, 3201).await;
+    assert_eq!(waiting.session.status, SessionStatus::Waiting);
+    assert!(waiting.session.ticket_id.is_none());
     let mut a = WsClient::connect_with_header(&node.ws_url(), &agent_auth(7), 1)
         .await
         .unwrap();
@@ -1902,11 +1908,19 @@ async fn shutdown_closes_with_1001(backend: Backend) {
     assert_eq!(a.close_code(Duration::from_secs(5)).await, Some(1001));
     drop(a);
     // Once `closed` resolves the socket has removed its row, so a host
-    // may close the database then.
+    // may close the database then; and the agent's presence check has run
+    // after the grace (it died with the process): nobody is online, so
+    // the chat left waiting has its ticket.
     tokio::time::timeout(Duration::from_secs(10), node.livechat.closed())
         .await
         .expect("the sockets end");
     assert_eq!(rows().await, 0, "the connection's row is gone");
+    let after = node
+        .chat
+        .get_session(t(1), waiting.session.id)
+        .await
+        .unwrap();
+    assert!(after.session.ticket_id.is_some(), "{after:?}");
 }
 
 mod cors {

@@ -309,21 +309,25 @@ async fn a_chat_left_waiting_by_the_last_agent_becomes_a_ticket(backend: Backend
     assert_eq!(chat(waiting).await["ticket_id"], ticket_id.as_str());
 }
 
-/// An agent closes a ticket addressed to an offline agent, which has no
-/// session to close it, and one of a waiting chat: 202, then CLOSED once
-/// the dispatcher has run. Closing again changes nothing, the session's
-/// own close later leaves the ticket as it is, and other tenants,
-/// customers and unknown ids cannot close one.
+/// Two tickets of tenant 1: a visitor's waiting chat's, made while nobody
+/// was online, and one addressed to agent 4, who is offline, by agent 7
+/// (then online). Returns the chat, its ticket, the agent's ticket and
+/// the visitor's `Authorization`.
+async fn two_tickets(app: &App) -> (String, String, String, String) {
+    let (chat, visitor) = visitor_start(app, "Refund").await;
+    let (_, s) = customer_get(app, &format!("/livechat/customer/chats/{chat}"), &visitor).await;
+    let chat_ticket = s["data"]["ticket_id"].as_str().unwrap().to_owned();
+    app.go_online(7, 1).await;
+    let agent_ticket = agent_offline_ticket(app).await;
+    (chat, chat_ticket, agent_ticket, visitor)
+}
+
 /// Twenty closes of one ticket at the same moment record one
 /// `ticket.closed` (a webhook got the close under several event ids on
 /// PostgreSQL): for a ticket without a session and for a chat's.
 async fn closes_of_a_ticket_at_once_record_one_close(backend: Backend) {
     let app = App::new(backend).await;
-    let (chat, visitor) = visitor_start(&app, "Refund").await;
-    let (_, s) = customer_get(&app, &format!("/livechat/customer/chats/{chat}"), &visitor).await;
-    let chat_ticket = s["data"]["ticket_id"].as_str().unwrap().to_owned();
-    app.go_online(7, 1).await;
-    let agent_ticket = agent_offline_ticket(&app).await;
+    let (_, chat_ticket, agent_ticket, _) = two_tickets(&app).await;
     drain(&app.dispatcher, &app.db).await;
     for ticket in [&agent_ticket, &chat_ticket] {
         let path = format!("/livechat/tickets/{ticket}/close");
@@ -335,14 +339,14 @@ async fn closes_of_a_ticket_at_once_record_one_close(backend: Backend) {
     assert_eq!(outbox_rows(&app, "kind = 'ticket.closed'").await, 2);
 }
 
+/// An agent closes a ticket addressed to an offline agent, which has no
+/// session to close it, and one of a waiting chat: 202, then CLOSED once
+/// the dispatcher has run. Closing again changes nothing, the session's
+/// own close later leaves the ticket as it is, and other tenants,
+/// customers and unknown ids cannot close one.
 async fn agents_close_tickets(backend: Backend) {
     let app = App::new(backend).await;
-    // Nobody online: a visitor's chat waits with a ticket.
-    let (chat, visitor) = visitor_start(&app, "Refund").await;
-    let (_, s) = customer_get(&app, &format!("/livechat/customer/chats/{chat}"), &visitor).await;
-    let chat_ticket = s["data"]["ticket_id"].as_str().unwrap().to_owned();
-    app.go_online(7, 1).await;
-    let agent_ticket = agent_offline_ticket(&app).await;
+    let (chat, chat_ticket, agent_ticket, visitor) = two_tickets(&app).await;
     let close = |ticket: &str, agent: i64, tenant: i64| {
         let path = format!("/livechat/tickets/{ticket}/close");
         let app = &app;

@@ -66,7 +66,7 @@ pub use auth::{
 };
 pub use customer::{ChatStart, ContactRequest, LinkRequest, StartChatRequest};
 pub use dto::*;
-pub use error::{ApiError, ErrorBody, ErrorDetail, MAX_BODY_BYTES, envelope};
+pub use error::{ApiError, ErrorBody, ErrorDetail, MAX_BODY_BYTES, MAX_QUERY_PARAMETERS, envelope};
 pub use limits::{ANY_TENANT_FACTOR, RateLimits};
 pub use net::NoDelay;
 pub use tenants::TenantDirectory;

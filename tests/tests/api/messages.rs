@@ -305,6 +305,20 @@ async fn paging_by_after_seq_and_limit(backend: Backend) {
         app.assert_invalid_query(&format!("{path}?{bad}"), 7, 1)
             .await;
     }
+    // More than 32 parameters, all different.
+    let many: Vec<String> = (0..33).map(|n| format!("p{n}=1")).collect();
+    app.assert_invalid_query(&format!("{path}?{}", many.join("&")), 7, 1)
+        .await;
+    let (code, body) = app
+        .agent_call(
+            Method::GET,
+            &format!("{path}?{}", many[..32].join("&")),
+            7,
+            1,
+            None,
+        )
+        .await;
+    assert_eq!(code, 200, "32 are taken: {body}");
 }
 
 async fn idempotent_retries_store_one_message(backend: Backend) {

@@ -59,8 +59,10 @@ pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(10);
 /// a 301, 302 or 303 sends a `GET` without the body, and its 2xx would
 /// count as delivered; it would also send the signature to the host the
 /// redirect names. Errors never carry the URL (its query or credentials
-/// may hold a secret): they are stored in the outbox and logged.
-#[derive(Clone, Debug)]
+/// may hold a secret): they are stored in the outbox and logged; nor does
+/// its `Debug`, which shows the sink's name (the URL's origin and a digest
+/// of the whole) and not its secret.
+#[derive(Clone)]
 pub struct WebhookSink {
     client: reqwest::Client,
     url: Url,
@@ -230,6 +232,8 @@ impl WebhookSink {
     /// logs, so it leaves out the URL's path, query and credentials, any
     /// of which may be a secret (a path like `/hooks/T00/B00/XXXX`); the
     /// digest keeps two webhooks on one host apart.
+    /// The URL's origin and a digest of the whole (its path, query or user
+    /// part may hold a secret): [`TicketSink::name`] and `Debug`.
     fn sink_name(&self) -> String {
         use sha2::Digest;
         let digest = Sha256::digest(self.url.as_str().as_bytes());
@@ -238,6 +242,16 @@ impl WebhookSink {
             self.url.origin().ascii_serialization(),
             hex::encode(&digest[..6])
         )
+    }
+}
+
+impl std::fmt::Debug for WebhookSink {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("WebhookSink")
+            .field("name", &self.sink_name())
+            .field("secret", &"***")
+            .field("timeout", &self.timeout)
+            .finish_non_exhaustive()
     }
 }
 
@@ -342,6 +356,17 @@ mod tests {
         );
         for secret in ["user", "pw", "hooks", "XXXX", "key"] {
             assert!(!name.contains(secret), "{name}");
+        }
+        // Nor does its `Debug`, which leaves the signing secret out too.
+        let debug = format!(
+            "{:?}",
+            WebhookSink::new(
+                Url::parse("https://user:pw@desk.example.com/hooks/XXXX?key=k").unwrap(),
+                "s3cret-value"
+            )
+        );
+        for secret in ["user", "pw", "hooks", "XXXX", "key", "s3cret-value"] {
+            assert!(!debug.contains(secret), "{debug}");
         }
         // The same for both kinds; another path on the same host differs.
         let a = sink("https://desk.example.com/a");

@@ -75,8 +75,10 @@ pub const DEV_VISITOR_SECRET: &str = "livechat-development-visitor-secret-change
 /// How long a login token is valid.
 pub const TOKEN_TTL: Duration = Duration::from_secs(12 * 60 * 60);
 
-/// Settings read from the environment.
-#[derive(Clone, Debug)]
+/// Settings read from the environment. Its `Debug` leaves the secrets
+/// out (the two signing secrets, the webhook's, and the passwords of the
+/// database and Redis URLs).
+#[derive(Clone)]
 pub struct Config {
     /// `LIVECHAT_ADDR`.
     pub addr: String,
@@ -117,6 +119,38 @@ pub struct Config {
     /// `LIVECHAT_CHAT_START_RATE`, `LIVECHAT_CUSTOMER_SEND_RATE` and
     /// `LIVECHAT_CLIENT_IP_HEADER`: the customer routes' limits.
     pub rate_limits: RateLimits,
+}
+
+impl std::fmt::Debug for Config {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Config")
+            .field("addr", &self.addr)
+            .field("database_url", &redact(&self.database_url))
+            .field("jwt_secret", &"***")
+            .field("jwt_secret_is_default", &self.jwt_secret_is_default)
+            .field("visitor_secret", &"***")
+            .field("identity_secrets", &self.identity_secrets)
+            .field("agent_capacity", &self.agent_capacity)
+            .field(
+                "webhook",
+                &self
+                    .webhook
+                    .as_ref()
+                    .map(|(url, _)| url.origin().ascii_serialization()),
+            )
+            .field("presence_ttl", &self.presence_ttl)
+            .field("ping_interval", &self.ping_interval)
+            .field("presence_grace", &self.presence_grace)
+            .field("hand_back_after", &self.hand_back_after)
+            .field("outbox_retention", &self.outbox_retention)
+            .field("cors_origins", &self.cors_origins)
+            .field("cors_credentials", &self.cors_credentials)
+            .field("redis_url", &self.redis_url.as_deref().map(redact))
+            .field("sqlite_durability", &self.sqlite_durability)
+            .field("ws_send_rate", &self.ws_send_rate)
+            .field("rate_limits", &self.rate_limits)
+            .finish()
+    }
 }
 
 impl Config {
@@ -1090,6 +1124,38 @@ mod config_tests {
             .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
             .collect();
         Config::from_vars(|name| vars.iter().find(|(k, _)| k == name).map(|(_, v)| v.clone()))
+    }
+
+    /// A configuration printed with `{:?}` (a host's log line) shows no
+    /// secret.
+    #[test]
+    fn the_configurations_debug_leaves_secrets_out() {
+        let config = config(&[
+            ("DATABASE_URL", "postgres://app:db-pass@db.internal/lc"),
+            ("LIVECHAT_JWT_SECRET", "jwt-secret-value"),
+            ("LIVECHAT_VISITOR_SECRET", "visitor-secret-value"),
+            (
+                "LIVECHAT_WEBHOOK_URL",
+                "https://desk.example.com/hooks/T0K3N",
+            ),
+            ("LIVECHAT_WEBHOOK_SECRET", "webhook-secret-value"),
+            ("LIVECHAT_IDENTITY_SECRETS", "1:identity-secret-value"),
+            ("REDIS_URL", "redis://:redis-pass@cache.internal:6379"),
+        ])
+        .unwrap();
+        let debug = format!("{config:?}");
+        for secret in [
+            "db-pass",
+            "jwt-secret-value",
+            "visitor-secret-value",
+            "T0K3N",
+            "webhook-secret-value",
+            "identity-secret-value",
+            "redis-pass",
+        ] {
+            assert!(!debug.contains(secret), "{secret} in {debug}");
+        }
+        assert!(debug.contains("db.internal"), "{debug}");
     }
 
     /// Values the server could not use are refused at startup with a

@@ -584,6 +584,14 @@ fn error(status: StatusCode, code: &str, message: &str) -> Response {
 /// Largest login body read, in bytes: an e-mail and a password.
 const LOGIN_BODY_MAX: usize = 4 * 1024;
 
+/// Most password checks running at once (Argon2, 19 MiB each); further
+/// logins wait for one to end.
+const CONCURRENT_PASSWORD_CHECKS: usize = 4;
+
+/// The permits of [`CONCURRENT_PASSWORD_CHECKS`].
+static PASSWORD_CHECKS: tokio::sync::Semaphore =
+    tokio::sync::Semaphore::const_new(CONCURRENT_PASSWORD_CHECKS);
+
 /// A hash no password matches in practice, verified when the e-mail is
 /// unknown so that the answer takes as long as for a wrong password (no
 /// oracle of which accounts exist).
@@ -694,6 +702,16 @@ async fn login_answer(
     let hash = user
         .as_ref()
         .map_or_else(|| UNKNOWN_USER_HASH.clone(), |u| u.password_hash.clone());
+    // Each check holds Argon2's 19 MiB: a flood of logins waits here
+    // instead of taking a blocking thread (and its memory) each, up to
+    // tokio's 512 (~9.5 GiB).
+    let Ok(_permit) = PASSWORD_CHECKS.acquire().await else {
+        return error(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "unavailable",
+            "server stopping",
+        );
+    };
     let verified = tokio::task::spawn_blocking(move || {
         PasswordHash::new(&hash).is_ok_and(|h| {
             Argon2::default()

@@ -60,6 +60,11 @@ pub struct RealtimeConfig {
     /// Frames queued for a client before it counts as too slow and is
     /// closed with 1013. Default 1024.
     pub outbound_queue: usize,
+    /// Bytes of frames queued for a client before it counts as too slow,
+    /// as [`Self::outbound_queue`] counts frames: the frame count alone let
+    /// one connection that reads nothing hold 1,024 frames of up to 60 KB
+    /// each (a replay of long messages), ~60 MB. Default 4 MiB.
+    pub outbound_queue_bytes: usize,
     /// Bus events the node's fan-out queues for one connection (at least 1).
     /// When the queue is full the next event is dropped for that
     /// connection, which then re-reads the sessions it follows (catch-up by
@@ -111,6 +116,7 @@ impl Default for RealtimeConfig {
             auth_timeout: Duration::from_secs(5),
             max_frame_bytes: 64 * 1024,
             outbound_queue: 1024,
+            outbound_queue_bytes: 4 * 1024 * 1024,
             event_queue: crate::fanout::EVENT_QUEUE,
             send_rate_per_sec: 10,
             signal_rate_per_sec: 20,
@@ -661,6 +667,8 @@ struct Outbound {
     sink: SplitSink<WebSocketStream, Message>,
     /// Frames not yet handed to the socket, oldest first.
     queue: VecDeque<Message>,
+    /// The payload bytes of `queue`.
+    queued_bytes: usize,
     /// Frames were handed to the socket and not yet flushed.
     unflushed: bool,
     /// A write failed: the socket is gone.
@@ -678,11 +686,35 @@ impl Outbound {
         Self {
             sink,
             queue: VecDeque::new(),
+            queued_bytes: 0,
             unflushed: false,
             broken: false,
             taken: 0,
             stalled: false,
         }
+    }
+
+    /// Whether the queue holds `frames` frames or `bytes` bytes.
+    fn full(&self, frames: usize, bytes: usize) -> bool {
+        self.queue.len() >= frames || self.queued_bytes >= bytes
+    }
+
+    /// Queues `message` after the others.
+    fn push_back(&mut self, message: Message) {
+        self.queued_bytes += frame_len(&message);
+        self.queue.push_back(message);
+    }
+
+    /// Queues `message` ahead of the others (a ping).
+    fn push_front(&mut self, message: Message) {
+        self.queued_bytes += frame_len(&message);
+        self.queue.push_front(message);
+    }
+
+    /// Drops every queued frame.
+    fn clear(&mut self) {
+        self.queue.clear();
+        self.queued_bytes = 0;
     }
 
     /// Something is left to write or flush.
@@ -706,6 +738,7 @@ impl Outbound {
                     Poll::Ready(ready) => ready?,
                 }
                 if let Some(message) = self.queue.pop_front() {
+                    self.queued_bytes = self.queued_bytes.saturating_sub(frame_len(&message));
                     self.sink.start_send_unpin(message)?;
                     self.unflushed = true;
                     self.taken += 1;
@@ -727,11 +760,20 @@ impl Outbound {
         .await;
         if written.is_err() {
             self.broken = true;
-            self.queue.clear();
+            self.clear();
         } else if self.queue.capacity() > SHRINK_ABOVE {
             // A burst's queue is not kept by an idle connection.
             self.queue.shrink_to(SHRINK_ABOVE);
         }
+    }
+}
+
+/// The payload bytes of `message`, as [`Outbound`] counts them.
+fn frame_len(message: &Message) -> usize {
+    match message {
+        Message::Text(text) => text.len(),
+        Message::Binary(bytes) | Message::Ping(bytes) | Message::Pong(bytes) => bytes.len(),
+        Message::Close(frame) => frame.as_ref().map_or(0, |(_, reason)| reason.len()),
     }
 }
 
@@ -857,13 +899,13 @@ impl Conn {
         if self.out.broken {
             return false;
         }
-        let limit = self.gateway.config.outbound_queue.max(1);
-        if self.out.queue.len() >= limit {
+        let (frames, bytes) = self.queue_limits();
+        if self.out.full(frames, bytes) {
             // Cancel-safe: what the socket does not take stays queued, and
             // the task's own write branch waits for the socket again.
             let _ = self.out.write().now_or_never();
         }
-        if self.out.queue.len() >= limit {
+        if self.out.full(frames, bytes) {
             tracing::debug!(connection = %self.id, "outbound queue full: closing with 1013");
             self.close_with(
                 CloseCode::Again,
@@ -871,16 +913,26 @@ impl Conn {
             );
             return false;
         }
-        self.out.queue.push_back(message);
+        self.out.push_back(message);
         true
+    }
+
+    /// The outbound queue's limits: frames and bytes
+    /// ([`RealtimeConfig::outbound_queue`], [`RealtimeConfig::outbound_queue_bytes`]).
+    fn queue_limits(&self) -> (usize, usize) {
+        let config = &self.gateway.config;
+        (
+            config.outbound_queue.max(1),
+            config.outbound_queue_bytes.max(1),
+        )
     }
 
     /// Queues a catch-up frame; while the queue is full it is written out
     /// first (a replay may be much longer than the queue). A client that
     /// takes no frame for [`REPLAY_STALL`] is closed with 1013.
     async fn send_replay(&mut self, message: Message) -> bool {
-        let limit = self.gateway.config.outbound_queue.max(1);
-        while self.out.queue.len() >= limit && !self.out.broken {
+        let (frames, bytes) = self.queue_limits();
+        while self.out.full(frames, bytes) && !self.out.broken {
             let before = self.out.queue.len();
             if tokio::time::timeout(REPLAY_STALL, self.out.write())
                 .await
@@ -1841,10 +1893,11 @@ async fn serve(gateway: Arc<Gateway>, socket: WebSocketStream, pre_auth: Option<
                 // go between messages), so that a backlog does not hold it
                 // up; one waiting is enough, and a full queue already
                 // proves the socket is busy.
-                if conn.out.queue.len() < config.outbound_queue
+                let (frames, bytes) = conn.queue_limits();
+                if !conn.out.full(frames, bytes)
                     && !matches!(conn.out.queue.front(), Some(Message::Ping(_)))
                 {
-                    conn.out.queue.push_front(Message::Ping(Vec::new()));
+                    conn.out.push_front(Message::Ping(Vec::new()));
                 }
                 if renewal.is_empty() && heard {
                     let (gateway, tenant, id) = (gateway.clone(), identity.tenant, conn.id);
@@ -1946,9 +1999,9 @@ async fn close(mut conn: Conn, stream: &mut futures_util::stream::SplitStream<We
         .take()
         .unwrap_or((CloseCode::Normal, String::new()));
     if close_frame.0 == CloseCode::Again {
-        conn.out.queue.clear();
+        conn.out.clear();
     }
-    conn.out.queue.push_back(Message::Close(Some(close_frame)));
+    conn.out.push_back(Message::Close(Some(close_frame)));
     let out = &mut conn.out;
     let flushed = tokio::time::timeout(CLOSE_HANDSHAKE, async {
         out.write().await;

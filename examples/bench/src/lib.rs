@@ -87,6 +87,7 @@ impl Target {
         let mut realtime = config.realtime();
         realtime.send_rate_per_sec = 100_000;
         realtime.outbound_queue = 65_536;
+        realtime.outbound_queue_bytes = 256 * 1024 * 1024;
         let host = livechat_example_server::build_with(db, &config, bus, realtime);
         let acceptor = TcpListener::bind("127.0.0.1:0")
             .into_acceptor()

@@ -30,6 +30,7 @@ on_both_databases!(
     a_customer_back_at_a_waiting_chat_with_nobody_online_gets_its_ticket,
     a_retried_send_publishes_its_unpublished_original,
     slow_consumer_is_closed_with_1013,
+    a_slow_consumer_of_long_messages_is_closed_by_bytes,
     connection_status_and_offline_notifications,
     a_reply_only_a_crashed_customer_connection_followed_is_notified,
     a_reply_sent_to_a_customer_gone_silent_is_notified,
@@ -1534,6 +1535,69 @@ async fn slow_consumer_is_closed_with_1013(backend: Backend) {
         n += 1;
         assert_eq!(f["seq"], n);
     }
+}
+
+/// The outbound queue is limited in bytes too: a client that reads
+/// nothing while 800 messages of 9.5 KB (7.6 MB) reach it is closed with
+/// 1013 once the kernel's buffers and 64 KiB of queue are full, though
+/// 800 frames are within the 1,024 the queue takes (counted in frames
+/// alone, it held them all).
+async fn a_slow_consumer_of_long_messages_is_closed_by_bytes(backend: Backend) {
+    use tokio_tungstenite::tungstenite::Message;
+    use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+    let (_app, node) = node(backend, |r| {
+        r.outbound_queue_bytes = 64 * 1024;
+        r.connection_ttl = Duration::from_secs(60);
+    })
+    .await;
+    let (session, _) = open_chat(&node, 908).await;
+    // A small receive buffer, so that the kernel holds little of it.
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.set_recv_buffer_size(4096).unwrap();
+    let tcp = socket.connect(node.addr).await.unwrap();
+    let mut req = node.ws_url().into_client_request().unwrap();
+    req.headers_mut()
+        .insert("Authorization", agent_auth(8).parse().unwrap());
+    req.headers_mut()
+        .insert("X-Tenant-ID", "1".parse().unwrap());
+    let (mut ws, _) = tokio_tungstenite::client_async(req, tcp).await.unwrap();
+    {
+        use futures::{SinkExt, StreamExt};
+        ws.send(Message::text(
+            json!({"type": "join_session", "session_id": session}).to_string(),
+        ))
+        .await
+        .unwrap();
+        while let Some(Ok(frame)) = ws.next().await {
+            if let Message::Text(text) = frame
+                && text.contains("\"joined\"")
+            {
+                break;
+            }
+        }
+    }
+    let body = "y".repeat(9_500);
+    for _ in 0..800 {
+        node.chat
+            .post_message(t(1), u(7), session, body.clone(), None)
+            .await
+            .unwrap();
+    }
+    // Now read: the frames the kernel held, then the close.
+    let closed = tokio::time::timeout(Duration::from_secs(20), async {
+        use futures::StreamExt;
+        while let Some(frame) = ws.next().await {
+            match frame {
+                Ok(Message::Close(close)) => return close.map(|c| u16::from(c.code)),
+                Ok(_) => {}
+                Err(_) => return None,
+            }
+        }
+        None
+    })
+    .await
+    .expect("the stream ends");
+    assert_eq!(closed, Some(1013));
 }
 
 async fn connection_status_and_offline_notifications(backend: Backend) {

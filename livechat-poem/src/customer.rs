@@ -561,9 +561,10 @@ impl CustomerApi {
         body: Json<PostMessageRequest>,
     ) -> Result<MessagePostedResponse, ApiError> {
         let ctx = self.customer(req).await?;
+        let client_ip = self.state.limits.client_ip(req);
         self.state
             .limits
-            .customer_message(ctx.tenant, ctx.customer)?;
+            .customer_message(ctx.tenant, ctx.customer, client_ip)?;
         let session = path_id(&id.0)?;
         let key = crate::api::pick_idempotency_key(body.0.client_msg_id.map(|k| k.0), req)?;
         let posted = self

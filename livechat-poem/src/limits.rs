@@ -39,7 +39,11 @@ pub struct RateLimits {
     /// A customer's messages per second (default 10, bursts of 20), over
     /// `POST /customer/chats/{id}/messages` and the `send_message` frames
     /// of all their WebSockets together (each socket also has its own
-    /// limit, `RealtimeConfig::send_rate_per_sec`).
+    /// limit, `RealtimeConfig::send_rate_per_sec`). One client address's
+    /// customer messages, all customers together, are limited too, to
+    /// [`ANY_CUSTOMER_FACTOR`] times this rate: anyone may become a new
+    /// visitor (a new `browser_uuid`) at every start, and a script
+    /// gathering visitors otherwise met no limit.
     pub customer_messages_per_sec: u32,
     /// The request header that holds the client's address when the host's
     /// reverse proxy sets it (`X-Real-IP`, or `X-Forwarded-For`, whose last
@@ -82,6 +86,13 @@ impl RateLimits {
 /// people chat with several of the host's tenants, not for a script that
 /// names a new tenant at every start.
 pub const ANY_TENANT_FACTOR: u32 = 5;
+
+/// One client address's customer messages, all its customers together,
+/// may be this many times [`RateLimits::customer_messages_per_sec`]
+/// (bursts of twice that): enough for an office of people behind one NAT
+/// chatting at once, not for a script that started one visitor after
+/// another and sends as all of them.
+pub const ANY_CUSTOMER_FACTOR: u32 = 5;
 
 /// How many keys a limiter holds before those it no longer needs (whose
 /// state is back to a full burst) are dropped, at most once per
@@ -135,6 +146,8 @@ pub(crate) struct Limiters {
     /// One address's starts in every tenant ([`ANY_TENANT_FACTOR`]).
     starts_any_tenant: Option<Keyed<ClientKey>>,
     messages: Option<Keyed<(TenantId, CustomerId)>>,
+    /// One address's messages as any customer ([`ANY_CUSTOMER_FACTOR`]).
+    messages_any_customer: Option<Keyed<ClientKey>>,
     client_ip_header: Option<HeaderName>,
 }
 
@@ -212,6 +225,12 @@ impl Limiters {
                 Quota::per_minute,
             ),
             messages: keyed(limits.customer_messages_per_sec, Quota::per_second),
+            messages_any_customer: keyed(
+                limits
+                    .customer_messages_per_sec
+                    .saturating_mul(ANY_CUSTOMER_FACTOR),
+                Quota::per_second,
+            ),
             client_ip_header: limits.client_ip_header.clone(),
         }
     }
@@ -242,17 +261,24 @@ impl Limiters {
         check(self.starts_any_tenant.as_ref(), &client, refused)
     }
 
-    /// Counts a message of `customer` in `tenant`.
+    /// Counts a message of `customer` in `tenant`, sent from `ip` (the
+    /// client's address; none: only the customer's limit applies).
     pub(crate) fn customer_message(
         &self,
         tenant: TenantId,
         customer: CustomerId,
+        ip: Option<IpAddr>,
     ) -> Result<(), ApiError> {
-        check(
-            self.messages.as_ref(),
-            &(tenant, customer),
-            "too many messages; slow down",
-        )
+        let refused = "too many messages; slow down";
+        check(self.messages.as_ref(), &(tenant, customer), refused)?;
+        match ip {
+            Some(ip) => check(
+                self.messages_any_customer.as_ref(),
+                &ClientKey::from(ip),
+                refused,
+            ),
+            None => Ok(()),
+        }
     }
 }
 
@@ -326,6 +352,35 @@ mod tests {
         for _ in 0..100 {
             check(none.starts.as_ref(), &(tenant, key), "x").unwrap();
         }
+    }
+
+    #[test]
+    fn one_address_sending_as_customer_after_customer_meets_a_limit_of_all_customers() {
+        let limits = Limiters::new(&RateLimits {
+            customer_messages_per_sec: 1,
+            ..RateLimits::default()
+        });
+        let ip: IpAddr = "192.0.2.1".parse().unwrap();
+        let other: IpAddr = "192.0.2.2".parse().unwrap();
+        let tenant = TenantId::new(1).unwrap();
+        // Bursts of two a customer, of ten from one address in all.
+        for _ in 0..5 {
+            let customer = CustomerId::generate();
+            for _ in 0..2 {
+                limits.customer_message(tenant, customer, Some(ip)).unwrap();
+            }
+        }
+        let fresh = CustomerId::generate();
+        let refused = limits
+            .customer_message(tenant, fresh, Some(ip))
+            .unwrap_err();
+        assert_eq!(refused.detail().code, "rate_limited");
+        limits
+            .customer_message(tenant, CustomerId::generate(), Some(other))
+            .expect("another address");
+        limits
+            .customer_message(tenant, CustomerId::generate(), None)
+            .expect("no address: the customer's limit alone");
     }
 
     #[test]

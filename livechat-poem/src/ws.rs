@@ -486,9 +486,11 @@ pub(crate) async fn ws_endpoint(
     // its write buffer's capacity, so it stays small.
     ws_config.write_buffer_size = 4 * 1024;
     let tracked = gateway.sockets.token();
+    // For the limit of a customer's messages from one address.
+    let client_ip = gateway.limits.client_ip(req);
     ws.config(ws_config)
         .on_upgrade(move |socket| async move {
-            serve(gateway, socket, pre_auth).await;
+            serve(gateway, socket, pre_auth, client_ip).await;
             drop(tracked);
         })
         .into_response()
@@ -785,6 +787,8 @@ struct Conn {
     gateway: Arc<Gateway>,
     id: uuid::Uuid,
     identity: Identity,
+    /// The client's address, as the customer routes' limits take it.
+    client_ip: Option<std::net::IpAddr>,
     /// Its place in the node's fan-out: which events reach it.
     membership: Membership,
     out: Outbound,
@@ -1413,7 +1417,7 @@ impl Conn {
             Role::Customer { customer, .. } => self
                 .gateway
                 .limits
-                .customer_message(self.tenant(), customer)
+                .customer_message(self.tenant(), customer, self.client_ip)
                 .is_err(),
             Role::Agent(_) => false,
         }
@@ -1662,7 +1666,12 @@ async fn first_frame_auth(
 }
 
 /// Runs one connection to its end.
-async fn serve(gateway: Arc<Gateway>, socket: WebSocketStream, pre_auth: Option<Identity>) {
+async fn serve(
+    gateway: Arc<Gateway>,
+    socket: WebSocketStream,
+    pre_auth: Option<Identity>,
+    client_ip: Option<std::net::IpAddr>,
+) {
     let (mut sink, mut stream) = socket.split();
     let identity = match pre_auth {
         Some(identity) => identity,
@@ -1699,6 +1708,7 @@ async fn serve(gateway: Arc<Gateway>, socket: WebSocketStream, pre_auth: Option<
         gateway: gateway.clone(),
         id,
         identity,
+        client_ip,
         membership,
         out: Outbound::new(sink),
         closing: None,

@@ -1548,7 +1548,7 @@ mod rate_limits {
         };
         let node = Node::start(app.db.clone(), &config, Arc::new(InProcessBus::new())).await;
         let http = reqwest::Client::new();
-        let start = |tenant: &'static str, forwarded: Option<&'static str>| {
+        let start = |tenant: &'static str, forwarded: Option<&str>| {
             let mut req = http
                 .post(node.url("/livechat/customer/chats"))
                 .header("X-Tenant-ID", tenant)
@@ -1685,5 +1685,99 @@ mod rate_limits {
             Some(2),
             "the refused message was not stored: {history}"
         );
+
+        // One address sending as visitor after visitor: ten messages in
+        // all (five times a customer's burst of two), however many
+        // customers; over a WebSocket from it too.
+        let mut visitors = Vec::new();
+        for n in 0..6 {
+            let forwarded = format!("198.51.100.{n}");
+            let (code, _, started) = start("1", Some(&forwarded)).await;
+            assert_eq!(code, 201, "{started}");
+            visitors.push((
+                started["data"]["visitor_token"]
+                    .as_str()
+                    .unwrap()
+                    .to_owned(),
+                started["data"]["session"]["id"]
+                    .as_str()
+                    .unwrap()
+                    .to_owned(),
+            ));
+        }
+        let send_from = |token: &str, session: &str| {
+            let req = http
+                .post(node.url(&format!("/livechat/customer/chats/{session}/messages")))
+                .header("X-Tenant-ID", "1")
+                .header("Authorization", format!("Visitor {token}"))
+                .header("X-Forwarded-For", "198.51.100.200")
+                .header("Content-Type", "application/json")
+                .body(json!({"message": "hi"}).to_string());
+            async move { req.send().await.unwrap().status().as_u16() }
+        };
+        for (token, session) in &visitors[..5] {
+            for _ in 0..2 {
+                assert_eq!(send_from(token, session).await, 201);
+            }
+        }
+        let (token, session) = &visitors[5];
+        assert_eq!(
+            send_from(token, session).await,
+            429,
+            "a sixth customer from the same address"
+        );
+        // Sockets count by the address they connected from (here the
+        // peer's): six new visitors, each within their own burst of two,
+        // send twelve messages at once; the address's ten are exceeded.
+        let mut sockets = Vec::new();
+        for n in 10..16 {
+            let forwarded = format!("198.51.100.{n}");
+            let (code, _, started) = start("1", Some(&forwarded)).await;
+            assert_eq!(code, 201, "{started}");
+            let token = started["data"]["visitor_token"]
+                .as_str()
+                .unwrap()
+                .to_owned();
+            let session = started["data"]["session"]["id"]
+                .as_str()
+                .unwrap()
+                .to_owned();
+            let mut socket =
+                WsClient::connect_with_header(&node.ws_url(), &format!("Visitor {token}"), 1)
+                    .await
+                    .unwrap();
+            socket
+                .send(json!({"type": "join_session", "session_id": session}))
+                .await;
+            socket.expect("joined").await;
+            sockets.push((socket, session));
+        }
+        for (socket, session) in &mut sockets {
+            for key in ["a", "b"] {
+                socket
+                    .send(json!({"type": "send_message", "session_id": session, "client_msg_id": key, "message": "hi"}))
+                    .await;
+            }
+        }
+        let mut refused = 0;
+        for (socket, _) in &mut sockets {
+            for _ in 0..2 {
+                loop {
+                    let frame = socket
+                        .next(std::time::Duration::from_secs(5))
+                        .await
+                        .expect("an answer");
+                    if frame["type"] == "ack" {
+                        break;
+                    }
+                    if frame["type"] == "error" {
+                        assert_eq!(frame["code"], "rate_limited", "{frame}");
+                        refused += 1;
+                        break;
+                    }
+                }
+            }
+        }
+        assert!(refused >= 1, "twelve sent from one address: none refused");
     }
 }

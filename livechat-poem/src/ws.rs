@@ -921,6 +921,14 @@ impl Conn {
         true
     }
 
+    /// For a customer's connection that ended without a close frame, when
+    /// the client was last heard: the replies stored since are made up as
+    /// notifications ([`unregister`]). `None` for an agent's, whose
+    /// messages need no make-up.
+    fn unknown_reading(&self) -> Option<chrono::DateTime<chrono::Utc>> {
+        matches!(self.identity.role, Role::Customer { .. }).then(|| heard_at(self.last_heard))
+    }
+
     /// The outbound queue's limits: frames and bytes
     /// ([`RealtimeConfig::outbound_queue`], [`RealtimeConfig::outbound_queue_bytes`]).
     fn queue_limits(&self) -> (usize, usize) {
@@ -1745,8 +1753,11 @@ async fn serve(
     // start, so that the first tick renews: no ping has gone out yet).
     let (mut taken_at_tick, mut stalled) = (0, false);
     let (mut tick_before, mut last_tick) = (conn.last_heard, conn.last_heard);
-    // When the client was last heard, once the connection is closed for
-    // not having been heard from since.
+    // When the client was last heard, once the connection ends with the
+    // client's reading unknown: closed for not having been heard from
+    // since, or its socket broken (no close frame: a frozen tab's process
+    // killed, a mobile browser discarding it). The replies stored since
+    // are made up as notifications (`unregister`).
     let mut silent_since: Option<chrono::DateTime<chrono::Utc>> = None;
     // The end of the credential the connection was opened with: a socket
     // used to go on for as long as it stayed open, its token long expired
@@ -1806,10 +1817,19 @@ async fn serve(
                     Some(Err(error)) => {
                         if let Some((code, reason)) = protocol_close(&error) {
                             conn.close_with(code, reason);
+                        } else {
+                            // The socket broke (a reset, a tab discarded
+                            // with its process): what a customer's client
+                            // last read is not known.
+                            silent_since = conn.unknown_reading();
                         }
                         break;
                     }
-                    None => break,
+                    // Ended without a close frame: as a broken socket.
+                    None => {
+                        silent_since = conn.unknown_reading();
+                        break;
+                    }
                 };
                 conn.last_heard = Instant::now();
                 match message {
@@ -1884,9 +1904,7 @@ async fn serve(
                 // Frames wait unread while 64 sends are in flight: that is
                 // the server's backlog, not a silent client.
                 if conn.last_heard.elapsed() > config.connection_ttl && conn.sends.is_empty() {
-                    let silence = chrono::Duration::from_std(conn.last_heard.elapsed())
-                        .unwrap_or_default();
-                    silent_since = Some(chrono::Utc::now() - silence);
+                    silent_since = Some(heard_at(conn.last_heard));
                     conn.close_with(CloseCode::Away, "no heartbeat");
                     break;
                 }
@@ -2033,6 +2051,11 @@ async fn close(mut conn: Conn, stream: &mut futures_util::stream::SplitStream<We
         }
     };
     let _ = tokio::time::timeout(CLOSE_HANDSHAKE, drain).await;
+}
+
+/// The wall-clock time of `heard`, an instant of this process.
+fn heard_at(heard: Instant) -> chrono::DateTime<chrono::Utc> {
+    chrono::Utc::now() - chrono::Duration::from_std(heard.elapsed()).unwrap_or_default()
 }
 
 /// Removes a closed connection from the registry; an agent's last

@@ -34,6 +34,7 @@ on_both_databases!(
     connection_status_and_offline_notifications,
     a_reply_only_a_crashed_customer_connection_followed_is_notified,
     a_reply_sent_to_a_customer_gone_silent_is_notified,
+    a_reply_sent_before_a_customers_socket_broke_is_notified,
     a_reply_two_dead_connections_followed_is_notified_once,
     an_agent_gone_silent_stops_counting_within_the_ttl,
     a_listening_agent_stays_online_between_pings,
@@ -193,10 +194,11 @@ async fn a_slow_reader_is_kept_while_it_reads(backend: Backend) {
     use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 
     // The backlog is made within one ping interval, so that a ping queued
-    // after it waits for all of it.
+    // after it waits for all of it; the queue takes all of it (9 MB).
     let (_app, node) = node_on(backend, Arc::new(InProcessBus::new()), |r| {
         r.ping_interval = Duration::from_secs(1);
         r.connection_ttl = Duration::from_secs(4);
+        r.outbound_queue_bytes = 16 * 1024 * 1024;
     })
     .await;
     let (session, _) = open_chat(&node, 941).await;
@@ -1836,6 +1838,47 @@ async fn a_reply_sent_to_a_customer_gone_silent_is_notified(backend: Backend) {
         .collect();
     assert_eq!(notes, vec![(reply.id.as_uuid(), reply.message)]);
     drop(customer);
+}
+
+/// A customer's socket that ends without a close frame (a frozen tab's
+/// process killed, a mobile browser discarding it) makes up at once, as a
+/// close for silence does: the reply stored since the client was last
+/// heard, which it may never have read, becomes a notification. (It was
+/// made up only when the node closed a silent client, one TTL later; a
+/// socket the client's system closed first left the reply unnotified.)
+async fn a_reply_sent_before_a_customers_socket_broke_is_notified(backend: Backend) {
+    let (app, node) = node(backend, |r| r.connection_ttl = Duration::from_secs(60)).await;
+    let (session, customer_auth) = open_chat(&node, 931).await;
+    let mut customer = WsClient::connect_with_header(&node.ws_url(), &customer_auth, 1)
+        .await
+        .unwrap();
+    join(&mut customer, session, None).await;
+    // The client reads nothing from here on (frozen).
+    let reply = node
+        .chat
+        .post_message(t(1), u(7), session, "are you there?".into(), None)
+        .await
+        .unwrap()
+        .message;
+    let missed =
+        || livechat_tests::count_rows(&app.db, "livechat_outbox WHERE kind = 'message.missed'");
+    assert_eq!(missed().await, 0, "the connection counted");
+    customer.drop_now();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while missed().await == 0 {
+        assert!(tokio::time::Instant::now() < deadline, "no make-up");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(missed().await, 1);
+    let row = livechat_tests::count_rows(
+        &app.db,
+        &format!(
+            "livechat_outbox WHERE kind = 'message.missed' AND payload LIKE '%{}%'",
+            reply.id
+        ),
+    )
+    .await;
+    assert_eq!(row, 1, "the reply's");
 }
 
 /// A reply that two of a customer's connections followed, both dead and

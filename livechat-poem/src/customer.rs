@@ -437,6 +437,16 @@ impl CustomerApi {
         crate::tenants::check_tenant(self.state.tenants.as_ref(), tenant).await?;
         let body = body.0;
         let (identity, issue_token) = match (credential(req)?, body.user_id, &body.identity_hash) {
+            // Two ways to identify: which one counts must not be a guess
+            // (a widget adding a logged-in user's hash to the visitor
+            // token it kept got 200 as the visitor, and believed the
+            // user identified).
+            (Some(_), Some(_), _) | (Some(_), _, Some(_)) => {
+                return Err(ApiError::bad_request(
+                    "invalid_body",
+                    "give either a credential or user_id + identity_hash, not both",
+                ));
+            }
             (Some(Credential::Bearer(token)), _, _) => (
                 CustomerIdentity::User(host_user(&self.state, token, tenant).await?),
                 false,

@@ -667,6 +667,36 @@ async fn identity_hash_asserts_a_user(backend: Backend) {
         (code.as_u16(), body["error"]["code"].as_str()),
         (400, Some("invalid_body"))
     );
+    // A credential and identity fields together: refused, whichever would
+    // have counted (the visitor's token answered 200 as the visitor, the
+    // hash unread, even a wrong one).
+    for (credential, fields) in [
+        (
+            &auth,
+            json!({"user_id": 77, "identity_hash": hash, "topic": "x"}),
+        ),
+        (
+            &auth,
+            json!({"user_id": 78, "identity_hash": "00".repeat(32), "topic": "x"}),
+        ),
+        (&auth, json!({"user_id": 78, "topic": "x"})),
+        (&bearer, json!({"identity_hash": hash, "topic": "x"})),
+    ] {
+        let (code, body) = customer(
+            &app,
+            Method::POST,
+            "/livechat/customer/chats",
+            Some(credential),
+            "1",
+            Some(fields.clone()),
+        )
+        .await;
+        assert_eq!(
+            (code.as_u16(), body["error"]["code"].as_str()),
+            (400, Some("invalid_body")),
+            "{fields}: {body}"
+        );
+    }
 }
 
 /// Rows of `livechat_customers`.

@@ -68,7 +68,8 @@ pub struct RealtimeConfig {
     /// Bus events the node's fan-out queues for one connection (at least 1).
     /// When the queue is full the next event is dropped for that
     /// connection, which then re-reads the sessions it follows (catch-up by
-    /// `seq`): messages are never lost, a typing or read signal may be.
+    /// `seq`) and gets a `resync` frame: messages are never lost; a typing
+    /// or read signal, a queue or a presence frame may be.
     /// Default 1,024.
     pub event_queue: usize,
     /// `send_message` frames per second per connection (burst twice that;
@@ -1062,6 +1063,12 @@ impl Conn {
         }
     }
 
+    /// After events were dropped for this connection (its event queue
+    /// overflowed, or the bus asked every node to resync after an outage):
+    /// catches up the joined sessions, then tells the client with a
+    /// `resync` frame that anything else it shows from frames (an agent's
+    /// queue and team presence) may have missed changes and is to be read
+    /// again over HTTP (the frames dropped are not replayed).
     async fn resync(&mut self) {
         let sessions: Vec<SessionId> = self.joined.keys().copied().collect();
         for s in sessions {
@@ -1070,6 +1077,7 @@ impl Conn {
             }
             self.refresh_position(s).await;
         }
+        self.send(frame(json!({"type": "resync"})));
     }
 
     /// Re-reads a followed session and sends `session_updated` when its
@@ -1212,9 +1220,13 @@ impl Conn {
                 if let Role::Agent(_) = self.identity.role
                     && let Some(s) = &session
                 {
+                    // Any start: an agent-started chat opens OPEN with its
+                    // agent, and only its `session.started` says so.
                     let queue_change = matches!(
                         event.kind,
-                        EventKind::SessionAssigned | EventKind::SessionClosed
+                        EventKind::SessionStarted
+                            | EventKind::SessionAssigned
+                            | EventKind::SessionClosed
                     ) || s.status == SessionStatus::Waiting;
                     if queue_change {
                         self.send(frame(json!({

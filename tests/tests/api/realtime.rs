@@ -35,6 +35,7 @@ on_both_databases!(
     a_reply_only_a_crashed_customer_connection_followed_is_notified,
     a_reply_sent_to_a_customer_gone_silent_is_notified,
     a_reply_sent_before_a_customers_socket_broke_is_notified,
+    an_agent_started_chat_reaches_the_teams_queue_view,
     a_reply_two_dead_connections_followed_is_notified_once,
     an_agent_gone_silent_stops_counting_within_the_ttl,
     a_listening_agent_stays_online_between_pings,
@@ -327,7 +328,10 @@ async fn a_socket_ends_with_its_credential(backend: Backend) {
 /// current-thread runtime the 40 events of one commit are dispatched while
 /// the connection's task cannot run, so 36 of them are dropped for it.
 async fn an_overflowing_event_queue_loses_no_message(backend: Backend) {
-    forty_sent_together_reach_a_joined_agent(backend, 913, |r| r.event_queue = 4).await;
+    let (_node, mut agent) =
+        forty_sent_together_reach_a_joined_agent(backend, 913, |r| r.event_queue = 4).await;
+    // Told that frames were dropped, so that its lists are read again.
+    agent.expect("resync").await;
 }
 
 /// Issue #5: the fan-out sends a session's lifecycle events to the
@@ -1881,6 +1885,30 @@ async fn a_reply_sent_before_a_customers_socket_broke_is_notified(backend: Backe
     assert_eq!(row, 1, "the reply's");
 }
 
+/// An agent-started chat opens OPEN with its agent: the tenant's agent
+/// connections get `queue_updated` for it, as for any start (only its
+/// assignment or close sent one; the agent it was opened for learnt of it
+/// by polling).
+async fn an_agent_started_chat_reaches_the_teams_queue_view(backend: Backend) {
+    let (_app, node) = node(backend, |_| {}).await;
+    node.chat
+        .set_agent_status(t(1), u(9), PresenceStatus::Online)
+        .await
+        .unwrap();
+    let mut watcher = watcher(&node).await;
+    let started = node
+        .chat
+        .start_session(t(1), u(7), Some(u(9)))
+        .await
+        .unwrap();
+    let frame = watcher.expect("queue_updated").await;
+    assert_eq!(
+        (frame["session_id"].as_str(), frame["status"].as_str()),
+        (Some(started.id.to_string().as_str()), Some("OPEN")),
+        "{frame}"
+    );
+}
+
 /// A reply that two of a customer's connections followed, both dead and
 /// removed one after the other (one closed for silence, the other purged
 /// later as expired), becomes one notification: the second removal finds
@@ -2294,7 +2322,7 @@ async fn pipelined_sends_keep_their_order(backend: Backend) {
 /// than the queue reaches a client that reads instead of closing it as a
 /// slow consumer (1013).
 async fn a_burst_larger_than_the_queue_reaches_a_reading_client(backend: Backend) {
-    forty_sent_together_reach_a_joined_agent(backend, 911, |r| r.outbound_queue = 4).await;
+    let _ = forty_sent_together_reach_a_joined_agent(backend, 911, |r| r.outbound_queue = 4).await;
 }
 
 /// Agent 8 joins the chat of customer `user` on a node tuned by `adjust`;
@@ -2304,8 +2332,8 @@ async fn forty_sent_together_reach_a_joined_agent(
     backend: Backend,
     user: i64,
     adjust: impl FnOnce(&mut livechat_poem::RealtimeConfig),
-) {
-    let (_app, node) = node(backend, adjust).await;
+) -> ((App, Node), WsClient) {
+    let (app, node) = node(backend, adjust).await;
     let (session, _) = open_chat(&node, user).await;
     let mut agent = WsClient::connect_with_header(&node.ws_url(), &agent_auth(8), 1)
         .await
@@ -2330,6 +2358,7 @@ async fn forty_sent_together_reach_a_joined_agent(
         }
     }
     assert_eq!(seqs, (1..=40).collect::<Vec<i64>>());
+    ((app, node), agent)
 }
 
 /// README "Linking": the visitor token keeps working as the identified

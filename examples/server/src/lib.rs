@@ -901,7 +901,11 @@ pub fn build_with(
             .map_to_response()
             .boxed()
     } else {
-        let mut cors = Cors::new().allow_credentials(config.cors_credentials);
+        // A 429's `Retry-After` is not a header page script may read
+        // unless the answer exposes it.
+        let mut cors = Cors::new()
+            .allow_credentials(config.cors_credentials)
+            .expose_header("Retry-After");
         if !config.cors_origins.iter().any(|o| o == "*") {
             // Compared without regard to case, as the WebSocket route does;
             // a predicate also makes poem add `Vary: Origin`, which its

@@ -2141,6 +2141,15 @@ mod cors {
             simple.headers().get("vary").and_then(|v| v.to_str().ok()),
             Some("Origin")
         );
+        // Page script may read a 429's `Retry-After`.
+        assert_eq!(
+            simple
+                .headers()
+                .get("access-control-expose-headers")
+                .and_then(|v| v.to_str().ok())
+                .map(str::to_ascii_lowercase),
+            Some("retry-after".to_owned())
+        );
         // So does one without `Origin`, which gets no CORS headers.
         let plain = reqwest::Client::new()
             .get(node.url("/livechat/customer/availability"))

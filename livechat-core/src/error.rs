@@ -72,7 +72,7 @@ pub enum ChatError {
     },
     /// A client idempotency key is empty, too long (over 128) or not
     /// printable ASCII.
-    #[error("client_msg_id must be 1-128 printable ASCII characters")]
+    #[error("client_msg_id must be 1-128 visible ASCII characters (no spaces)")]
     InvalidClientMsgId,
     /// A client idempotency key (`client_msg_id`) already names another
     /// sender's message in this session: keys are the session's, and a

@@ -643,8 +643,8 @@ async fn identity_hash_asserts_a_user(backend: Backend) {
             "{bad}"
         );
     }
-    // Tenant 2 has no secret: no hash passes there.
-    let (code, _) = customer(
+    // Tenant 2 has no secret: no hash passes there, and the answer says so.
+    let (code, body) = customer(
         &app,
         Method::POST,
         "/livechat/customer/chats",
@@ -654,6 +654,10 @@ async fn identity_hash_asserts_a_user(backend: Backend) {
     )
     .await;
     assert_eq!(code, 401);
+    assert_eq!(
+        body["error"]["message"], "this tenant accepts no identity hashes",
+        "{body}"
+    );
     let (code, body) = customer(
         &app,
         Method::POST,
@@ -709,6 +713,8 @@ async fn start_validation(backend: Backend) {
     let b = uuid::Uuid::now_v7();
     let cases = [
         json!({"browser_uuid": "not-a-uuid", "topic": "x"}),
+        // The nil UUID: every browser a widget bug gave it would be one.
+        json!({"browser_uuid": uuid::Uuid::nil(), "topic": "x"}),
         json!({"browser_uuid": b}),
         json!({"browser_uuid": b, "topic": ""}),
         json!({"browser_uuid": b, "topic": "   "}),

@@ -71,7 +71,7 @@ pub enum ChatError {
         max: usize,
     },
     /// A client idempotency key is empty, too long (over 128) or not
-    /// printable ASCII.
+    /// visible ASCII (no spaces).
     #[error("client_msg_id must be 1-128 visible ASCII characters (no spaces)")]
     InvalidClientMsgId,
     /// A client idempotency key (`client_msg_id`) already names another

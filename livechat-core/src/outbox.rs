@@ -42,7 +42,9 @@ pub struct PendingEvent {
     /// changes the event only while that claim still holds it, so a
     /// dispatcher pass that outlived its lease cannot undo what the claim
     /// after it did. `None` for an event no claim handed out
-    /// ([`Self::new`]).
+    /// ([`Self::new`]); a consumer of its own that leaves it `None` gets
+    /// settlements that change the event whoever holds it, as before the
+    /// token.
     pub lease: Option<DateTime<Utc>>,
 }
 

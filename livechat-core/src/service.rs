@@ -59,7 +59,7 @@ pub struct CustomerChatRequest {
     /// their next message instead (see
     /// [`ChatService::start_customer_chat`]).
     pub message: Option<String>,
-    /// Idempotency key of `message` (1–128 printable ASCII, as a message's
+    /// Idempotency key of `message` (1–128 visible ASCII, no spaces, as a message's
     /// `client_msg_id`): a retried start with the same key adds nothing.
     pub client_msg_id: Option<String>,
     /// Client IP as seen by the adapter.

@@ -11,7 +11,7 @@ pub struct MessageBody(String);
 impl MessageBody {
     /// Accepts `text` as sent (whitespace kept) when it has a visible
     /// character and at most `max_chars` characters (issue #2); text of
-    /// only whitespace and invisible characters ([`is_blank`]) is blank.
+    /// only whitespace and invisible characters is blank.
     ///
     /// # Errors
     /// [`ChatError::InvalidMessage`] for empty or blank text,
@@ -54,7 +54,7 @@ impl ClientMsgId {
     /// Longest accepted key.
     pub const MAX_LEN: usize = 128;
 
-    /// Accepts 1–128 characters of printable ASCII (no spaces).
+    /// Accepts 1–128 characters of visible ASCII (no spaces).
     ///
     /// # Errors
     /// [`ChatError::InvalidClientMsgId`] otherwise.

@@ -220,7 +220,7 @@ pub struct StartChatRequest {
     /// WAITING or OPEN chat, that chat is returned (200) and the message is
     /// added to it as their next one.
     pub message: Option<StrictString>,
-    /// Idempotency key of `message` (1–128 printable ASCII): a retried
+    /// Idempotency key of `message` (1–128 visible ASCII, no spaces): a retried
     /// start with the same key adds no message. The `Idempotency-Key`
     /// header is an alternative.
     pub client_msg_id: Option<StrictString>,

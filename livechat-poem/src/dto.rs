@@ -333,7 +333,7 @@ pub struct StartSessionRequest {
 pub struct PostMessageRequest {
     /// 1–10,000 characters, not blank.
     pub message: StrictString,
-    /// Idempotency key (1–128 printable ASCII): a retry with the same key
+    /// Idempotency key (1–128 visible ASCII, no spaces): a retry with the same key
     /// stores nothing new and answers 200 with the original message. The
     /// `Idempotency-Key` header is an alternative.
     pub client_msg_id: Option<StrictString>,

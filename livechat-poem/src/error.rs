@@ -321,7 +321,9 @@ pub(crate) fn check_query(req: &poem::Request) -> Result<(), ApiError> {
     Ok(())
 }
 
-/// Most parameters a query string may have ([`check_query`]).
+/// Most parameters a query string of the library's routes may have: a
+/// request with more answers 400 `invalid_query`, before its credential
+/// is looked at (no route takes more than five).
 pub const MAX_QUERY_PARAMETERS: usize = 32;
 
 /// Reads `req`'s body into memory, refusing bodies over [`MAX_BODY_BYTES`]

@@ -67,7 +67,7 @@ pub use auth::{
 pub use customer::{ChatStart, ContactRequest, LinkRequest, StartChatRequest};
 pub use dto::*;
 pub use error::{ApiError, ErrorBody, ErrorDetail, MAX_BODY_BYTES, MAX_QUERY_PARAMETERS, envelope};
-pub use limits::{ANY_TENANT_FACTOR, RateLimits};
+pub use limits::{ANY_CUSTOMER_FACTOR, ANY_TENANT_FACTOR, RateLimits};
 pub use net::NoDelay;
 pub use tenants::TenantDirectory;
 pub use visitor::{IdentitySecrets, VISITOR_TOKEN_TTL, VisitorTokens};
@@ -318,9 +318,9 @@ impl Livechat {
     /// makes no notification; an agent still eligible past the grace
     /// period), and an agent gone with this node stays announced online
     /// until another node's housekeeping. poem's graceful shutdown does not
-    /// wait for upgraded connections. Resolves at once without WebSockets;
-    /// never before `shutdown`; with agents connected, no sooner than the
-    /// presence grace.
+    /// wait for upgraded connections. Resolves at once without WebSockets
+    /// or presence checks pending; never before `shutdown`; with agents
+    /// connected, no sooner than the presence grace.
     pub async fn closed(&self) {
         self.sockets.wait().await;
     }

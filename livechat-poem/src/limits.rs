@@ -270,15 +270,16 @@ impl Limiters {
         ip: Option<IpAddr>,
     ) -> Result<(), ApiError> {
         let refused = "too many messages; slow down";
-        check(self.messages.as_ref(), &(tenant, customer), refused)?;
-        match ip {
-            Some(ip) => check(
+        // The address first: refused there, the customer's own allowance
+        // is left whole (a customer behind a busy shared address).
+        if let Some(ip) = ip {
+            check(
                 self.messages_any_customer.as_ref(),
                 &ClientKey::from(ip),
                 refused,
-            ),
-            None => Ok(()),
+            )?;
         }
+        check(self.messages.as_ref(), &(tenant, customer), refused)
     }
 }
 

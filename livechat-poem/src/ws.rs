@@ -584,6 +584,12 @@ fn protocol_close(error: &std::io::Error) -> Option<(CloseCode, &'static str)> {
         return None;
     }
     let text = error.to_string();
+    if text.contains("without closing handshake") {
+        // The peer's TCP connection ended without a close frame (poem
+        // reports tungstenite's `ResetWithoutClosingHandshake` as a
+        // protocol error): a broken socket, not a client's fault.
+        return None;
+    }
     if text.starts_with("Space limit exceeded") {
         Some((CloseCode::Size, "frame too large"))
     } else if text.starts_with("UTF-8 encoding error") {
@@ -1220,14 +1226,17 @@ impl Conn {
                 if let Role::Agent(_) = self.identity.role
                     && let Some(s) = &session
                 {
-                    // Any start: an agent-started chat opens OPEN with its
-                    // agent, and only its `session.started` says so.
-                    let queue_change = matches!(
-                        event.kind,
-                        EventKind::SessionStarted
-                            | EventKind::SessionAssigned
-                            | EventKind::SessionClosed
-                    ) || s.status == SessionStatus::Waiting;
+                    // An agent-started chat opens OPEN with its agent, and
+                    // only its `session.started` says so (a customer's
+                    // chat routed at once has its `session.assigned`).
+                    let agent_started = event.kind == EventKind::SessionStarted
+                        && s.origin == livechat_core::SessionOrigin::Agent;
+                    let queue_change = agent_started
+                        || matches!(
+                            event.kind,
+                            EventKind::SessionAssigned | EventKind::SessionClosed
+                        )
+                        || s.status == SessionStatus::Waiting;
                     if queue_change {
                         self.send(frame(json!({
                             "type": "queue_updated",
@@ -1964,6 +1973,11 @@ async fn serve(
                 break;
             }
         }
+    }
+    // A write that failed broke the socket: as a socket that ended without
+    // a close frame, what a customer's client last read is not known.
+    if conn.out.broken && silent_since.is_none() {
+        silent_since = conn.unknown_reading();
     }
     // A renewal still running ends before the connection is removed, so it
     // cannot renew the owner's liveness after the removal started the grace.

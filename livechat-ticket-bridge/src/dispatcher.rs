@@ -53,7 +53,9 @@ pub struct DispatcherConfig {
     /// Longest one sink call may take (default 15 s, above the webhook
     /// sink's own 10 s): a call still running then is dropped and counts
     /// as a retryable failure (the sink may have taken the event; it gets
-    /// it again, under the same key).
+    /// it again, under the same key). A call is also cut when its pass's
+    /// lease runs out, which a lease shorter than twice this limit can
+    /// make sooner.
     pub sink_timeout: Duration,
     /// Sleep of [`Dispatcher::run`] after a pass that found nothing to do
     /// (default 250 ms).
@@ -373,7 +375,7 @@ impl<C: OutboxConsumer> Dispatcher<C> {
             futures_util::stream::iter(
                 sessions
                     .into_iter()
-                    .map(|s| self.handle_session(s, lease, start_by)),
+                    .map(|s| self.handle_session(s, lease, start_by, lease_ends)),
             )
             .buffer_unordered(SESSIONS_AT_ONCE)
             .collect()
@@ -400,7 +402,7 @@ impl<C: OutboxConsumer> Dispatcher<C> {
         // Settle what was delivered even when a later settlement failed; if
         // this write fails too, the events are handed out again after their
         // lease (at least once; the sinks are idempotent).
-        self.consumer.mark_dispatched(&delivered, lease).await?;
+        let settled = self.consumer.mark_dispatched(&delivered, lease).await;
         if !unstarted.is_empty() {
             report.released = unstarted.len();
             tracing::debug!(
@@ -409,6 +411,7 @@ impl<C: OutboxConsumer> Dispatcher<C> {
             );
             self.consumer.release(&unstarted, lease).await?;
         }
+        settled?;
         drop(claims);
         outcome.map(|()| report)
     }
@@ -519,14 +522,16 @@ impl<C: OutboxConsumer> Dispatcher<C> {
     /// wait for those sinks only: they reach the others and are held from
     /// those ([`OutboxConsumer::hold`]). An event not started by
     /// `start_by` is not started, nor are those after it: they are given
-    /// back ([`SessionPass::unstarted`]). A settlement the store refused
-    /// ends the session's pass; its unsettled events are handed out again
-    /// after their lease.
+    /// back ([`SessionPass::unstarted`]); a sink call is cut when the lease
+    /// runs out at `lease_ends`, if the sink time limit does not cut it
+    /// first. A settlement the store refused ends the session's pass; its
+    /// unsettled events are handed out again after their lease.
     async fn handle_session(
         &self,
         events: Vec<PendingEvent>,
         lease: Option<DateTime<Utc>>,
         start_by: tokio::time::Instant,
+        lease_ends: tokio::time::Instant,
     ) -> SessionPass {
         let mut pass = SessionPass::default();
         let mut waiting = Waiting::new();
@@ -539,7 +544,11 @@ impl<C: OutboxConsumer> Dispatcher<C> {
                     .extend(events.map(|pending| pending.event.id));
                 break;
             }
-            match self.handle(pending, lease, &mut waiting).await {
+            let limit = Ord::min(
+                self.config.sink_timeout,
+                lease_ends.saturating_duration_since(tokio::time::Instant::now()),
+            );
+            match self.handle(pending, lease, limit, &mut waiting).await {
                 Ok(Settled::Delivered) => pass.delivered.push(id),
                 Ok(Settled::Retried) => pass.retried += 1,
                 Ok(Settled::Held) => pass.held += 1,
@@ -563,6 +572,7 @@ impl<C: OutboxConsumer> Dispatcher<C> {
         &self,
         pending: PendingEvent,
         lease: Option<DateTime<Utc>>,
+        limit: Duration,
         waiting: &mut Waiting,
     ) -> Result<Settled, ChatError> {
         let event = &pending.event;
@@ -597,7 +607,7 @@ impl<C: OutboxConsumer> Dispatcher<C> {
         for (name, until) in &held {
             waiting.wait(name, *until);
         }
-        let results = self.deliver(&work, event.id, &calls).await;
+        let results = self.deliver(&work, event.id, &calls, limit).await;
         let mut retryable = Vec::new();
         let mut permanent = Vec::new();
         for (name, result) in calls.into_iter().zip(results) {
@@ -722,16 +732,16 @@ impl<C: OutboxConsumer> Dispatcher<C> {
 
     /// Calls the sinks named `names` with `work`, all at once (a webhook
     /// that hangs does not hold up the in-app ticket or notification), each
-    /// for at most [`DispatcherConfig::sink_timeout`]; one result per name,
-    /// in order.
+    /// for at most `limit` ([`DispatcherConfig::sink_timeout`], or what is
+    /// left of the pass's lease); one result per name, in order.
     async fn deliver(
         &self,
         work: &Work,
         key: livechat_core::EventId,
         names: &[&str],
+        limit: Duration,
     ) -> Vec<Result<(), SinkError>> {
         use futures_util::future::join_all;
-        let limit = self.config.sink_timeout;
         // Each name is one of this dispatcher's sinks of the work's kind
         // (`Self::names`).
         let tickets = || {
@@ -1461,6 +1471,29 @@ mod tests {
             .unwrap();
         assert_eq!(report.retried, 1, "{report:?}");
         assert_eq!(d.consumer.0.lock().unwrap().retried[0].0, id);
+    }
+
+    /// A call is cut when the pass's lease runs out, when that comes
+    /// before the sink time limit (a lease shorter than twice the limit):
+    /// no delivery outlives its claim. In virtual time: lease 4 s, limit
+    /// 10 s, the call cut at 4 s.
+    #[tokio::test(start_paused = true)]
+    async fn a_sink_call_is_cut_when_the_lease_runs_out() {
+        let (_, requested) = ticket_requested();
+        let silent = Arc::new(Slow {
+            delay: None,
+            calls: AtomicUsize::new(0),
+        });
+        let config = DispatcherConfig {
+            lease: Duration::from_secs(4),
+            sink_timeout: Duration::from_secs(10),
+            ..DispatcherConfig::default()
+        };
+        let d = Dispatcher::new(outbox(vec![requested]), config).ticket_sink(silent);
+        let started = tokio::time::Instant::now();
+        let report = d.dispatch_once().await.unwrap();
+        assert_eq!(report.retried, 1, "{report:?}");
+        assert_eq!(started.elapsed(), Duration::from_secs(4));
     }
 
     /// Each pass holds its own claim: a pass that claims an event again

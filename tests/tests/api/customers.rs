@@ -1285,7 +1285,6 @@ async fn a_key_is_its_senders_own(backend: Backend) {
     assert_eq!(texts, ["agent says hi", "customer text"]);
 }
 
-/// A new anonymous visitor of tenant 1, through the service.
 /// A `User-Agent` with bytes past ASCII (UTF-8, or Latin-1 from an old
 /// client) is recorded as far as it decodes, cut to 512 characters; it
 /// was dropped whole.
@@ -1321,6 +1320,7 @@ async fn a_user_agent_past_ascii_is_kept(backend: Backend) {
     assert_eq!(stored.chars().count(), 512);
 }
 
+/// A new anonymous visitor of tenant 1, through the service.
 async fn new_visitor(app: &App) -> livechat_core::Customer {
     app.chat
         .resolve_customer(
@@ -1722,11 +1722,13 @@ mod rate_limits {
             "the refused message was not stored: {history}"
         );
 
-        // One address sending as visitor after visitor: ten messages in
-        // all (five times a customer's burst of two), however many
-        // customers; over a WebSocket from it too.
+        // One address sending as visitor after visitor: a burst of ten
+        // messages in all (five times a customer's two), refilled at five
+        // a second, however many customers; over a WebSocket from it too.
+        // Twenty-four sends, each customer within its own burst, meet a
+        // refusal unless they take over 2.8 s.
         let mut visitors = Vec::new();
-        for n in 0..6 {
+        for n in 0..12 {
             let forwarded = format!("198.51.100.{n}");
             let (code, _, started) = start("1", Some(&forwarded)).await;
             assert_eq!(code, 201, "{started}");
@@ -1751,22 +1753,27 @@ mod rate_limits {
                 .body(json!({"message": "hi"}).to_string());
             async move { req.send().await.unwrap().status().as_u16() }
         };
-        for (token, session) in &visitors[..5] {
+        let mut answers = Vec::new();
+        for (token, session) in &visitors {
             for _ in 0..2 {
-                assert_eq!(send_from(token, session).await, 201);
+                answers.push(send_from(token, session).await);
             }
         }
-        let (token, session) = &visitors[5];
-        assert_eq!(
-            send_from(token, session).await,
-            429,
-            "a sixth customer from the same address"
+        assert!(
+            answers.iter().all(|code| [201, 429].contains(code)),
+            "{answers:?}"
         );
+        assert!(
+            answers[..10].iter().all(|code| *code == 201),
+            "the burst: {answers:?}"
+        );
+        assert!(answers.contains(&429), "no refusal: {answers:?}");
         // Sockets count by the address they connected from (here the
-        // peer's): six new visitors, each within their own burst of two,
-        // send twelve messages at once; the address's ten are exceeded.
+        // peer's): ten new visitors, each within their own burst of two,
+        // send twenty messages at once; the address's burst of ten, with
+        // what refills while they are handled, is exceeded.
         let mut sockets = Vec::new();
-        for n in 10..16 {
+        for n in 20..30 {
             let forwarded = format!("198.51.100.{n}");
             let (code, _, started) = start("1", Some(&forwarded)).await;
             assert_eq!(code, 201, "{started}");
@@ -1814,6 +1821,6 @@ mod rate_limits {
                 }
             }
         }
-        assert!(refused >= 1, "twelve sent from one address: none refused");
+        assert!(refused >= 1, "twenty sent from one address: none refused");
     }
 }

@@ -417,7 +417,7 @@ fn fuzz(backend: Backend, cases: u32) {
 }
 
 /// The server's frame types (README "Frames").
-const SERVER_FRAMES: [&str; 12] = [
+const SERVER_FRAMES: [&str; 13] = [
     "ready",
     "joined",
     "new_message",
@@ -427,6 +427,7 @@ const SERVER_FRAMES: [&str; 12] = [
     "session_updated",
     "presence_updated",
     "queue_updated",
+    "resync",
     "left",
     "pong",
     "error",

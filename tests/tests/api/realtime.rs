@@ -35,6 +35,7 @@ on_both_databases!(
     a_reply_only_a_crashed_customer_connection_followed_is_notified,
     a_reply_sent_to_a_customer_gone_silent_is_notified,
     a_reply_sent_before_a_customers_socket_broke_is_notified,
+    a_reply_read_before_a_customers_socket_ended_unclosed_is_notified,
     an_agent_started_chat_reaches_the_teams_queue_view,
     a_reply_two_dead_connections_followed_is_notified_once,
     an_agent_gone_silent_stops_counting_within_the_ttl,
@@ -1851,8 +1852,28 @@ async fn a_reply_sent_to_a_customer_gone_silent_is_notified(backend: Backend) {
 /// made up only when the node closed a silent client, one TTL later; a
 /// socket the client's system closed first left the reply unnotified.)
 async fn a_reply_sent_before_a_customers_socket_broke_is_notified(backend: Backend) {
+    a_reply_before_a_customers_socket_ended_is_notified(backend, 931, false).await;
+}
+
+/// As [`a_reply_sent_before_a_customers_socket_broke_is_notified`], the
+/// client having read the reply before its TCP connection ended, cleanly,
+/// without a close frame (the server sees no reset, but tungstenite's
+/// "reset without closing handshake", which counted as a protocol error
+/// and made up nothing): the reply is notified, a notification too many
+/// rather than one too few (README "Offline notifications").
+async fn a_reply_read_before_a_customers_socket_ended_unclosed_is_notified(backend: Backend) {
+    a_reply_before_a_customers_socket_ended_is_notified(backend, 932, true).await;
+}
+
+/// A reply to customer `user`, then the customer's socket dropped without
+/// a close frame (`read`: after the client read the reply).
+async fn a_reply_before_a_customers_socket_ended_is_notified(
+    backend: Backend,
+    user: i64,
+    read: bool,
+) {
     let (app, node) = node(backend, |r| r.connection_ttl = Duration::from_secs(60)).await;
-    let (session, customer_auth) = open_chat(&node, 931).await;
+    let (session, customer_auth) = open_chat(&node, user).await;
     let mut customer = WsClient::connect_with_header(&node.ws_url(), &customer_auth, 1)
         .await
         .unwrap();
@@ -1867,6 +1888,9 @@ async fn a_reply_sent_before_a_customers_socket_broke_is_notified(backend: Backe
     let missed =
         || livechat_tests::count_rows(&app.db, "livechat_outbox WHERE kind = 'message.missed'");
     assert_eq!(missed().await, 0, "the connection counted");
+    if read {
+        customer.expect("new_message").await;
+    }
     customer.drop_now();
     let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
     while missed().await == 0 {

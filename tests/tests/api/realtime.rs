@@ -193,7 +193,6 @@ async fn a_late_event_from_another_node_relays_the_state_as_stored(backend: Back
 async fn a_slow_reader_is_kept_while_it_reads(backend: Backend) {
     use futures::{SinkExt, StreamExt};
     use tokio_tungstenite::tungstenite::Message;
-    use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 
     // The backlog is made within one ping interval, so that a ping queued
     // after it waits for all of it; the queue takes all of it (9 MB).
@@ -204,27 +203,7 @@ async fn a_slow_reader_is_kept_while_it_reads(backend: Backend) {
     })
     .await;
     let (session, _) = open_chat(&node, 941).await;
-    let socket = tokio::net::TcpSocket::new_v4().unwrap();
-    socket.set_recv_buffer_size(4096).unwrap();
-    let tcp = socket.connect(node.addr).await.unwrap();
-    let mut req = node.ws_url().into_client_request().unwrap();
-    req.headers_mut()
-        .insert("Authorization", agent_auth(7).parse().unwrap());
-    req.headers_mut()
-        .insert("X-Tenant-ID", "1".parse().unwrap());
-    let (mut ws, _) = tokio_tungstenite::client_async(req, tcp).await.unwrap();
-    ws.send(Message::text(
-        json!({"type": "join_session", "session_id": session}).to_string(),
-    ))
-    .await
-    .unwrap();
-    loop {
-        if let Some(Ok(Message::Text(text))) = ws.next().await
-            && text.contains("\"joined\"")
-        {
-            break;
-        }
-    }
+    let mut ws = joined_with_a_small_buffer(&node, 7, session).await;
     // 9 MB: more than the kernel's buffers hold, so that frames wait in
     // the server's queue, which the socket takes from as the client reads.
     const SENT: i64 = 1000;
@@ -407,6 +386,41 @@ async fn a_waiting_customer_sees_its_place_move(backend: Backend) {
             }
         }
     }
+}
+
+/// Agent `agent`'s WebSocket in tenant 1 over a socket with a 4 KiB
+/// receive buffer (the kernel then holds little of what the server
+/// sends), joined to `session`.
+async fn joined_with_a_small_buffer(
+    node: &Node,
+    agent: i64,
+    session: SessionId,
+) -> tokio_tungstenite::WebSocketStream<tokio::net::TcpStream> {
+    use futures::{SinkExt, StreamExt};
+    use tokio_tungstenite::tungstenite::Message;
+    use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.set_recv_buffer_size(4096).unwrap();
+    let tcp = socket.connect(node.addr).await.unwrap();
+    let mut req = node.ws_url().into_client_request().unwrap();
+    req.headers_mut()
+        .insert("Authorization", agent_auth(agent).parse().unwrap());
+    req.headers_mut()
+        .insert("X-Tenant-ID", "1".parse().unwrap());
+    let (mut ws, _) = tokio_tungstenite::client_async(req, tcp).await.unwrap();
+    ws.send(Message::text(
+        json!({"type": "join_session", "session_id": session}).to_string(),
+    ))
+    .await
+    .unwrap();
+    while let Some(Ok(frame)) = ws.next().await {
+        if let Message::Text(text) = frame
+            && text.contains("\"joined\"")
+        {
+            break;
+        }
+    }
+    ws
 }
 
 /// A node with short timers over a fresh database.
@@ -1551,38 +1565,13 @@ async fn slow_consumer_is_closed_with_1013(backend: Backend) {
 /// alone, it held them all).
 async fn a_slow_consumer_of_long_messages_is_closed_by_bytes(backend: Backend) {
     use tokio_tungstenite::tungstenite::Message;
-    use tokio_tungstenite::tungstenite::client::IntoClientRequest;
     let (_app, node) = node(backend, |r| {
         r.outbound_queue_bytes = 64 * 1024;
         r.connection_ttl = Duration::from_secs(60);
     })
     .await;
     let (session, _) = open_chat(&node, 908).await;
-    // A small receive buffer, so that the kernel holds little of it.
-    let socket = tokio::net::TcpSocket::new_v4().unwrap();
-    socket.set_recv_buffer_size(4096).unwrap();
-    let tcp = socket.connect(node.addr).await.unwrap();
-    let mut req = node.ws_url().into_client_request().unwrap();
-    req.headers_mut()
-        .insert("Authorization", agent_auth(8).parse().unwrap());
-    req.headers_mut()
-        .insert("X-Tenant-ID", "1".parse().unwrap());
-    let (mut ws, _) = tokio_tungstenite::client_async(req, tcp).await.unwrap();
-    {
-        use futures::{SinkExt, StreamExt};
-        ws.send(Message::text(
-            json!({"type": "join_session", "session_id": session}).to_string(),
-        ))
-        .await
-        .unwrap();
-        while let Some(Ok(frame)) = ws.next().await {
-            if let Message::Text(text) = frame
-                && text.contains("\"joined\"")
-            {
-                break;
-            }
-        }
-    }
+    let mut ws = joined_with_a_small_buffer(&node, 8, session).await;
     let body = "y".repeat(9_500);
     for _ in 0..800 {
         node.chat

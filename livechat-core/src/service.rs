@@ -617,12 +617,20 @@ impl<S: ChatStore> ChatService<S> {
     /// visitor resolves to the identified customer.
     ///
     /// # Errors
-    /// [`ChatError::NotFound`] for an unknown customer id.
+    /// [`ChatError::NotFound`] for an unknown customer id;
+    /// [`ChatError::InvalidInput`] for a visitor with the nil UUID as
+    /// browser id (a widget bug sending it would make one visitor of every
+    /// browser that has it).
     pub async fn resolve_customer(
         &self,
         tenant: TenantId,
         identity: CustomerIdentity,
     ) -> Result<Customer, ChatError> {
+        if matches!(identity, CustomerIdentity::Visitor(browser) if browser.is_nil()) {
+            return Err(ChatError::InvalidInput(
+                "browser_uuid must not be the nil UUID".into(),
+            ));
+        }
         self.store.resolve_customer(tenant, identity).await
     }
 

@@ -458,13 +458,13 @@ impl CustomerApi {
             (None, Some(user), Some(hash)) => {
                 let user = UserId::new(user)?;
                 if !self.state.identity_secrets.verify(tenant, user, &hash.0) {
-                    // `sign` has nothing to sign with: the tenant has no
-                    // secret, so no hash passes (a widget set up for
-                    // another tenant, or a host that forgot it).
-                    let why = if self.state.identity_secrets.sign(tenant, user).is_none() {
-                        "this tenant accepts no identity hashes"
-                    } else {
+                    // A tenant without a secret takes no hash at all (a
+                    // widget set up for another tenant, or a host that
+                    // forgot it).
+                    let why = if self.state.identity_secrets.accepts(tenant) {
                         "identity_hash does not match user_id"
+                    } else {
+                        "this tenant accepts no identity hashes"
                     };
                     return Err(ApiError::unauthorized(why));
                 }
@@ -477,14 +477,6 @@ impl CustomerApi {
                 ));
             }
             (None, None, None) => match body.browser_uuid {
-                // A widget bug sending the nil UUID would make one visitor
-                // of every browser that has it.
-                Some(browser) if browser.is_nil() => {
-                    return Err(ApiError::bad_request(
-                        "invalid_body",
-                        "browser_uuid must not be the nil UUID",
-                    ));
-                }
                 Some(browser) => (CustomerIdentity::Visitor(browser), true),
                 None => {
                     return Err(ApiError::unauthorized(

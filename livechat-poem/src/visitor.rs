@@ -216,6 +216,12 @@ impl IdentitySecrets {
         mac.verify_slice(&given).is_ok()
     }
 
+    /// Whether `tenant` has a (non-empty) secret: without one no hash
+    /// passes there.
+    pub(crate) fn accepts(&self, tenant: TenantId) -> bool {
+        self.secret(tenant).is_some()
+    }
+
     /// `tenant`'s secret, unless it has none or an empty one.
     fn secret(&self, tenant: TenantId) -> Option<&[u8]> {
         self.secrets

@@ -1747,19 +1747,17 @@ async fn a_reply_only_a_crashed_customer_connection_followed_is_notified(backend
     let second = reply(session, "after the renewal 2").await;
     reply(followed, "seen live").await;
     live.expect("new_message").await;
-    let missed =
-        || livechat_tests::count_rows(&app.db, "livechat_outbox WHERE kind = 'message.missed'");
     // Not expired yet.
     node.chat.purge_expired_connections(ttl).await.unwrap();
-    assert_eq!(missed().await, 0);
+    assert_eq!(missed(&app).await, 0);
     // The live connection keeps answering its node's pings meanwhile.
     live.drain(ttl + Duration::from_millis(300)).await;
     let after = reply(session, "after the expiry").await;
     node.chat.purge_expired_connections(ttl).await.unwrap();
-    assert_eq!(missed().await, 2);
+    assert_eq!(missed(&app).await, 2);
     // The connections are gone: a second purge writes nothing.
     node.chat.purge_expired_connections(ttl).await.unwrap();
-    assert_eq!(missed().await, 2);
+    assert_eq!(missed(&app).await, 2);
 
     app.drain_outbox().await;
     let sinks = livechat_ticket_bridge::SeaOrmSinks::new(app.db.clone());
@@ -1797,28 +1795,12 @@ async fn a_reply_sent_to_a_customer_gone_silent_is_notified(backend: Backend) {
     use livechat_core::NotificationInbox;
 
     let (app, node) = node(backend, |_| {}).await;
-    let (session, customer_auth) = open_chat(&node, 930).await;
-    let mut customer = WsClient::connect_with_header(&node.ws_url(), &customer_auth, 1)
-        .await
-        .unwrap();
-    join(&mut customer, session, None).await;
     // From here on the client reads nothing, so answers no ping.
-    let reply = node
-        .chat
-        .post_message(t(1), u(7), session, "still there?".into(), None)
-        .await
-        .unwrap()
-        .message;
-    let missed =
-        || livechat_tests::count_rows(&app.db, "livechat_outbox WHERE kind = 'message.missed'");
-    assert_eq!(missed().await, 0, "the connection counted");
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
-    while missed().await == 0 {
-        assert!(tokio::time::Instant::now() < deadline, "no make-up");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    let (session, customer, reply) = replied_to_a_joined_customer(&node, 930, "still there?").await;
+    assert_eq!(missed(&app).await, 0, "the connection counted");
+    until_missed(&app).await;
     tokio::time::sleep(Duration::from_millis(500)).await;
-    assert_eq!(missed().await, 1);
+    assert_eq!(missed(&app).await, 1);
     app.drain_outbox().await;
     let customer_id = customer_of(&node, session).await;
     let page = livechat_core::PageSize::parse(Some(50), node.chat.config()).unwrap();
@@ -1832,6 +1814,41 @@ async fn a_reply_sent_to_a_customer_gone_silent_is_notified(backend: Backend) {
         .collect();
     assert_eq!(notes, vec![(reply.id.as_uuid(), reply.message)]);
     drop(customer);
+}
+
+/// Customer `user`'s chat with agent 7, the customer's socket joined to
+/// it, and the agent's reply `text` stored after the join.
+async fn replied_to_a_joined_customer(
+    node: &Node,
+    user: i64,
+    text: &str,
+) -> (SessionId, WsClient, livechat_core::ChatMessage) {
+    let (session, customer_auth) = open_chat(node, user).await;
+    let mut customer = WsClient::connect_with_header(&node.ws_url(), &customer_auth, 1)
+        .await
+        .unwrap();
+    join(&mut customer, session, None).await;
+    let reply = node
+        .chat
+        .post_message(t(1), u(7), session, text.into(), None)
+        .await
+        .unwrap()
+        .message;
+    (session, customer, reply)
+}
+
+/// `message.missed` events in the outbox.
+async fn missed(app: &App) -> i64 {
+    livechat_tests::count_rows(&app.db, "livechat_outbox WHERE kind = 'message.missed'").await
+}
+
+/// Waits (10 s at most) for a first `message.missed` event.
+async fn until_missed(app: &App) {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while missed(app).await == 0 {
+        assert!(tokio::time::Instant::now() < deadline, "no make-up");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
 }
 
 /// A customer's socket that ends without a close frame (a frozen tab's
@@ -1862,31 +1879,16 @@ async fn a_reply_before_a_customers_socket_ended_is_notified(
     read: bool,
 ) {
     let (app, node) = node(backend, |r| r.connection_ttl = Duration::from_secs(60)).await;
-    let (session, customer_auth) = open_chat(&node, user).await;
-    let mut customer = WsClient::connect_with_header(&node.ws_url(), &customer_auth, 1)
-        .await
-        .unwrap();
-    join(&mut customer, session, None).await;
     // The client reads nothing from here on (frozen).
-    let reply = node
-        .chat
-        .post_message(t(1), u(7), session, "are you there?".into(), None)
-        .await
-        .unwrap()
-        .message;
-    let missed =
-        || livechat_tests::count_rows(&app.db, "livechat_outbox WHERE kind = 'message.missed'");
-    assert_eq!(missed().await, 0, "the connection counted");
+    let (_, mut customer, reply) =
+        replied_to_a_joined_customer(&node, user, "are you there?").await;
+    assert_eq!(missed(&app).await, 0, "the connection counted");
     if read {
         customer.expect("new_message").await;
     }
     customer.drop_now();
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
-    while missed().await == 0 {
-        assert!(tokio::time::Instant::now() < deadline, "no make-up");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    assert_eq!(missed().await, 1);
+    until_missed(&app).await;
+    assert_eq!(missed(&app).await, 1);
     let row = livechat_tests::count_rows(
         &app.db,
         &format!(
@@ -1946,20 +1948,18 @@ async fn a_reply_two_dead_connections_followed_is_notified_once(backend: Backend
         .post_message(t(1), u(7), session, "one reply".into(), None)
         .await
         .unwrap();
-    let missed =
-        || livechat_tests::count_rows(&app.db, "livechat_outbox WHERE kind = 'message.missed'");
     tokio::time::sleep(Duration::from_millis(1200)).await;
     // The short one has expired: the lasting one was the last live one.
     node.chat
         .unregister_connection(t(1), lasting, owner, Duration::ZERO, Some(silent_since))
         .await
         .unwrap();
-    assert_eq!(missed().await, 1);
+    assert_eq!(missed(&app).await, 1);
     node.chat
         .purge_expired_connections(Duration::from_secs(1))
         .await
         .unwrap();
-    assert_eq!(missed().await, 1, "the purge finds it written");
+    assert_eq!(missed(&app).await, 1, "the purge finds it written");
 }
 
 /// An agent whose client stops answering stops counting as online within

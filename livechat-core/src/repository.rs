@@ -496,6 +496,23 @@ pub trait PresenceRepository: Send + Sync {
         policy: &RoutingPolicy,
     ) -> impl Future<Output = Result<Vec<(TenantId, UserId)>, ChatError>> + Send;
 
+    /// [`Self::heartbeat`] and [`Self::clear_offline_announcement`] for
+    /// several agents of `tenant` at once, in one transaction: refreshes
+    /// their liveness, clears their standing offline announcements, and
+    /// drains the queue once when one of them is `online` (issue #5: a
+    /// node renews its agents' connections together). Returns the
+    /// presences whose announcement was cleared, as
+    /// [`Self::clear_offline_announcement`] does; agents who never set a
+    /// status in the tenant are skipped. The tenant's routing lock is
+    /// taken first, then the agents' rows in id order, as routing takes
+    /// them.
+    fn heartbeat_agents(
+        &self,
+        tenant: TenantId,
+        agents: &[UserId],
+        policy: &RoutingPolicy,
+    ) -> impl Future<Output = Result<Vec<AgentPresence>, ChatError>> + Send;
+
     /// Clears a standing offline announcement of `agent` (they are
     /// connected again) and returns their presence when there was one, so
     /// that their chosen status is announced again once.
@@ -644,11 +661,15 @@ pub trait ConnectionRepository: Send + Sync {
         ttl: std::time::Duration,
     ) -> impl Future<Output = Result<(), ChatError>> + Send;
 
-    /// Extends the connection's life by `ttl` from now (heartbeat).
-    fn touch_connection(
+    /// Extends the life of each connection of `connections` (as
+    /// `(tenant, id)`) by `ttl` from now (their heartbeat): a node renews
+    /// its connections together, one statement per 500 connections
+    /// instead of a commit each (issue #5: a node holding 18,000 idle
+    /// connections spent 14% of its core and 1.6 MB/s of disk writes on
+    /// their renewals). Connections gone since are skipped.
+    fn touch_connections(
         &self,
-        tenant: TenantId,
-        id: uuid::Uuid,
+        connections: &[(TenantId, uuid::Uuid)],
         ttl: std::time::Duration,
     ) -> impl Future<Output = Result<(), ChatError>> + Send;
 

@@ -1035,20 +1035,54 @@ impl<S: ChatStore> ChatService<S> {
         owner: ConnectionOwner,
         ttl: std::time::Duration,
     ) -> Result<Option<AgentPresence>, ChatError> {
-        self.store.touch_connection(tenant, id, ttl).await?;
-        let ConnectionOwner::Agent(agent) = owner else {
-            return Ok(None);
-        };
-        match self
-            .store
-            .heartbeat(tenant, agent, &self.config.routing)
-            .await
-        {
-            Ok(_) => {}
-            Err(ChatError::NotFound) => return Ok(None),
-            Err(e) => return Err(e),
+        let mut back = self.touch_connections(&[(tenant, id, owner)], ttl).await?;
+        Ok(back.pop())
+    }
+
+    /// [`Self::touch_connection`] for many connections at once, of any
+    /// tenants (a node's renewals taken together, issue #5): the
+    /// connections are renewed a statement per 500, and their agents'
+    /// heartbeats a transaction per tenant and 500 agents
+    /// ([`PresenceRepository::heartbeat_agents`](crate::PresenceRepository::heartbeat_agents))
+    /// instead of three transactions per agent's connection. Returns the
+    /// presences to announce back, one per returning agent (not `offline`).
+    ///
+    /// # Errors
+    /// [`ChatError::Storage`] only; what was committed before the failure
+    /// stays (renewals are repeated at the next ping).
+    pub async fn touch_connections(
+        &self,
+        connections: &[(TenantId, uuid::Uuid, ConnectionOwner)],
+        ttl: std::time::Duration,
+    ) -> Result<Vec<AgentPresence>, ChatError> {
+        let ids: Vec<(TenantId, uuid::Uuid)> = connections
+            .iter()
+            .map(|&(tenant, id, _)| (tenant, id))
+            .collect();
+        self.store.touch_connections(&ids, ttl).await?;
+        let mut agents: std::collections::BTreeMap<TenantId, std::collections::BTreeSet<UserId>> =
+            std::collections::BTreeMap::new();
+        for &(tenant, _, owner) in connections {
+            if let ConnectionOwner::Agent(agent) = owner {
+                agents.entry(tenant).or_default().insert(agent);
+            }
         }
-        self.agent_returned(tenant, agent).await
+        let mut back = Vec::new();
+        for (tenant, agents) in agents {
+            let agents: Vec<UserId> = agents.into_iter().collect();
+            for chunk in agents.chunks(500) {
+                let cleared = self
+                    .store
+                    .heartbeat_agents(tenant, chunk, &self.config.routing)
+                    .await?;
+                back.extend(
+                    cleared
+                        .into_iter()
+                        .filter(|p| p.status != PresenceStatus::Offline),
+                );
+            }
+        }
+        Ok(back)
     }
 
     /// After a heartbeat of `agent` (a connection's, or

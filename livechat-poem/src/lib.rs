@@ -46,6 +46,7 @@ mod error;
 mod fanout;
 mod limits;
 mod net;
+mod renewals;
 mod tenants;
 mod visitor;
 mod ws;
@@ -402,6 +403,7 @@ impl Livechat {
                 sockets: self.sockets.clone(),
                 fanout: std::sync::OnceLock::new(),
                 limits: self.limits.clone(),
+                renewals: renewals::Renewals::default(),
             });
             routes = routes.at("/ws", poem::get(ws::ws_endpoint).data(gateway));
         }

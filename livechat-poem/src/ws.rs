@@ -144,6 +144,9 @@ pub(crate) struct Gateway {
     /// The customer routes' limits: a customer's messages count against
     /// one limit over HTTP and every socket (`RateLimits`).
     pub(crate) limits: Arc<crate::limits::Limiters>,
+    /// The node's renewals of its connections, stored together
+    /// (`renewals`).
+    pub(crate) renewals: crate::renewals::Renewals,
 }
 
 impl Gateway {
@@ -1794,13 +1797,14 @@ async fn serve(
     // the loop: while the database is slow or down the loop still reads
     // (so the client's pongs count and its pings are answered) instead of
     // waiting for the store, and a healthy client is not closed for a
-    // silence that was the server's. It runs as a task of its own, not as
+    // silence that was the server's. The node's renewal task stores it,
+    // with the renewals of the node's other connections (`renewals`), not
     // a future of this loop: one holding a pooled connection (SQLite's
     // only one) while the loop awaited something else (a relayed event's
     // read, a join) went unpolled, and every request of the node waited
     // for that connection until their time limits (24 s for an agent's 24
     // chats handed back, one relayed read after another). The loop keeps
-    // its handle, to wait for it before the connection is removed.
+    // its receiver, to wait for it before the connection is removed.
     let mut renewal: FuturesOrdered<futures_util::future::BoxFuture<'static, ()>> =
         FuturesOrdered::new();
     loop {
@@ -1951,14 +1955,10 @@ async fn serve(
                     conn.out.push_front(Message::Ping(Vec::new()));
                 }
                 if renewal.is_empty() && heard {
-                    let (gateway, tenant, id) = (gateway.clone(), identity.tenant, conn.id);
-                    let task =
-                        tokio::spawn(async move { heartbeat(&gateway, tenant, id, owner).await });
+                    let stored = crate::renewals::renew(&gateway, identity.tenant, conn.id, owner);
                     renewal.push_back(
                         async move {
-                            if let Err(e) = task.await {
-                                tracing::warn!(error = %e, "websocket: heartbeat task failed");
-                            }
+                            let _ = stored.await;
                         }
                         .boxed(),
                     );

@@ -129,18 +129,24 @@ impl ConnectionRepository for SeaOrmStore {
         Ok(())
     }
 
-    async fn touch_connection(
+    async fn touch_connections(
         &self,
-        tenant: TenantId,
-        id: uuid::Uuid,
+        connections: &[(TenantId, uuid::Uuid)],
         ttl: Duration,
     ) -> Result<(), ChatError> {
-        connection::Entity::update_many()
-            .col_expr(connection::Column::ExpiresAt, Expr::value(expiry(ttl)))
-            .filter(connection::Column::Id.eq(id))
-            .filter(connection::Column::TenantId.eq(tenant.get()))
-            .exec(&self.db)
-            .await?;
+        for chunk in connections.chunks(RENEWAL_CHUNK) {
+            connection::Entity::update_many()
+                .col_expr(connection::Column::ExpiresAt, Expr::value(expiry(ttl)))
+                .filter(
+                    Expr::tuple([
+                        Expr::col(connection::Column::TenantId),
+                        Expr::col(connection::Column::Id),
+                    ])
+                    .in_tuples(chunk.iter().map(|&(tenant, id)| (tenant.get(), id))),
+                )
+                .exec(&self.db)
+                .await?;
+        }
         Ok(())
     }
 
@@ -253,6 +259,10 @@ impl ConnectionRepository for SeaOrmStore {
         Ok(purged)
     }
 }
+
+/// Connections renewed per statement by `touch_connections` (two bound
+/// values each, far below either database's limit on bound values).
+const RENEWAL_CHUNK: usize = 500;
 
 /// Expired connections purged per write transaction, so that a crashed
 /// node with many customers does not hold SQLite's write lock for long.

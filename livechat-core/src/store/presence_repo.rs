@@ -310,6 +310,65 @@ impl PresenceRepository for SeaOrmStore {
         Ok(handed_back)
     }
 
+    async fn heartbeat_agents(
+        &self,
+        tenant: TenantId,
+        agents: &[UserId],
+        policy: &RoutingPolicy,
+    ) -> Result<Vec<AgentPresence>, ChatError> {
+        let ids: Vec<i64> = agents.iter().map(|a| a.get()).collect();
+        let of_agents = || {
+            sea_orm::Condition::all()
+                .add(presence::Column::TenantId.eq(tenant.get()))
+                .add(presence::Column::AgentId.is_in(ids.iter().copied()))
+        };
+        let tx = self.begin_write().await?;
+        let mut ev = self.recorder();
+        let capacity = lock_tenant(&tx, tenant, policy).await?;
+        // The rows first, in id order (see `lock_presence`): the
+        // announcements are read under the lock, and cleared by a later
+        // statement.
+        let announced: Vec<(i64, Option<chrono::DateTime<chrono::Utc>>)> = presence::Entity::find()
+            .select_only()
+            .column(presence::Column::AgentId)
+            .column(presence::Column::OfflineAnnouncedAt)
+            .filter(of_agents())
+            .order_by_asc(presence::Column::AgentId)
+            .lock_exclusive()
+            .into_tuple()
+            .all(&tx)
+            .await?;
+        if announced.is_empty() {
+            tx.rollback().await?;
+            return Ok(Vec::new());
+        }
+        let updated = presence::Entity::update_many()
+            .col_expr(presence::Column::LastSeenAt, Expr::value(now()))
+            .col_expr(
+                presence::Column::OfflineAnnouncedAt,
+                Expr::value(Option::<chrono::DateTime<chrono::Utc>>::None),
+            )
+            .filter(of_agents())
+            .exec_with_returning(&tx)
+            .await?;
+        let presences = updated
+            .into_iter()
+            .map(AgentPresence::try_from)
+            .collect::<Result<Vec<_>, _>>()?;
+        if presences.iter().any(|p| p.status == PresenceStatus::Online) {
+            drain_queue(&tx, &mut ev, tenant, policy, capacity).await?;
+        }
+        self.commit(tx, ev).await?;
+        let was_announced: std::collections::HashSet<i64> = announced
+            .into_iter()
+            .filter_map(|(agent, at)| at.map(|_| agent))
+            .collect();
+        Ok(presences
+            .into_iter()
+            .filter(|p| was_announced.contains(&p.agent_id.get()))
+            .collect())
+    }
+
     async fn clear_offline_announcement(
         &self,
         tenant: TenantId,

@@ -21,6 +21,7 @@ on_both_databases!(
     an_agent_gone_too_long_hands_their_chats_back,
     departments_route_chats_to_their_agents,
     agents_set_their_departments_with_their_status,
+    a_node_renews_its_connections_together,
 );
 
 use livechat_tests::{t, u};
@@ -1028,4 +1029,136 @@ async fn agents_set_their_departments_with_their_status(backend: Backend) {
     let (code, body) = put(json!({"status": "online", "departments": null})).await;
     assert_eq!(code, 200, "{body}");
     assert_eq!(body["data"]["departments"], json!(["Sales"]));
+}
+
+/// A node's renewals stored together (`ChatService::touch_connections`,
+/// issue #5) do what one renewal per connection did: every connection
+/// named with its own tenant lives on, and no other; each agent announced
+/// gone is announced back once (not one offline by choice); an agent
+/// fresh again takes the waiting chat.
+async fn a_node_renews_its_connections_together(backend: Backend) {
+    use livechat_core::store::SeaOrmStore;
+    use livechat_core::{ChatConfig, ChatService, ConnectionOwner};
+    use std::time::Duration;
+
+    let app = App::new(backend).await;
+    let mut config = ChatConfig::default();
+    config.routing.presence_ttl = Some(Duration::from_millis(300));
+    let chat = ChatService::new(SeaOrmStore::new(app.db.clone()), config);
+    let agents = [(1, 7, PresenceStatus::Online), (1, 8, PresenceStatus::Away)];
+    let agents = agents.into_iter().chain([
+        (1, 10, PresenceStatus::Offline),
+        (1, 11, PresenceStatus::Online),
+        (2, 9, PresenceStatus::Online),
+    ]);
+    let short = Duration::from_millis(200);
+    let mut connections = Vec::new();
+    for (tenant, agent, status) in agents {
+        chat.set_agent_status(t(tenant), u(agent), status)
+            .await
+            .unwrap();
+        let id = uuid::Uuid::now_v7();
+        let owner = ConnectionOwner::Agent(u(agent));
+        chat.register_connection(t(tenant), id, owner, "node-a", short)
+            .await
+            .unwrap();
+        connections.push((t(tenant), id, owner));
+    }
+    let customer = app
+        .chat
+        .resolve_customer(t(1), CustomerIdentity::User(u(600)))
+        .await
+        .unwrap();
+    let customer_connection = uuid::Uuid::now_v7();
+    chat.register_connection(
+        t(1),
+        customer_connection,
+        ConnectionOwner::Customer(customer.id),
+        "node-a",
+        short,
+    )
+    .await
+    .unwrap();
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    let mut announced = chat.announce_expired_presence().await.unwrap();
+    announced.sort_by_key(|(tenant, agent)| (tenant.get(), agent.get()));
+    assert_eq!(
+        announced,
+        vec![(t(1), u(7)), (t(1), u(8)), (t(1), u(11)), (t(2), u(9))]
+    );
+    let waiting = chat
+        .start_customer_chat(
+            t(1),
+            customer.id,
+            CustomerChatRequest {
+                topic: "while they were away".into(),
+                ..Default::default()
+            },
+        )
+        .await
+        .unwrap()
+        .view;
+    assert_eq!(waiting.session.status, SessionStatus::Waiting);
+
+    // Agent 11's connection named under tenant 2: not renewed, not back.
+    let (tenant, elsewhere, owner) = connections.remove(3);
+    assert_eq!(tenant, t(1));
+    let mut renewals = connections.clone();
+    renewals.push((t(2), elsewhere, owner));
+    renewals.push((
+        t(1),
+        customer_connection,
+        ConnectionOwner::Customer(customer.id),
+    ));
+    let long = Duration::from_secs(60);
+    let mut back: Vec<_> = chat
+        .touch_connections(&renewals, long)
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|p| (p.tenant_id, p.agent_id, p.status))
+        .collect();
+    back.sort_by_key(|(tenant, agent, _)| (tenant.get(), agent.get()));
+    assert_eq!(
+        back,
+        vec![
+            (t(1), u(7), PresenceStatus::Online),
+            (t(1), u(8), PresenceStatus::Away),
+            (t(2), u(9), PresenceStatus::Online),
+        ]
+    );
+    for (tenant, agent, live) in [(1, 7, true), (1, 8, true), (1, 10, true), (2, 9, true)]
+        .into_iter()
+        .chain([(1, 11, false)])
+    {
+        assert_eq!(
+            chat.agent_connected(t(tenant), u(agent)).await.unwrap(),
+            live,
+            "agent {agent} of tenant {tenant}"
+        );
+    }
+    // The customer's connection lives on too: it still follows nothing,
+    // and a purge of expired connections leaves it.
+    chat.follow_session(t(1), customer_connection, waiting.session.id)
+        .await
+        .unwrap();
+    chat.purge_expired_connections(short).await.unwrap();
+    let following = chat
+        .session_connections(t(1), waiting.session.id)
+        .await
+        .unwrap();
+    assert_eq!(following.customers, 1);
+    // Agent 7, fresh again and online, took the waiting chat.
+    let now = chat.get_session(t(1), waiting.session.id).await.unwrap();
+    assert_eq!(
+        (now.session.status, now.session.agent_id),
+        (SessionStatus::Open, Some(u(7)))
+    );
+    // Announced back once: the next renewals announce nothing.
+    assert!(
+        chat.touch_connections(&renewals, long)
+            .await
+            .unwrap()
+            .is_empty()
+    );
 }

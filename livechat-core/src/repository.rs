@@ -503,9 +503,11 @@ pub trait PresenceRepository: Send + Sync {
     /// node renews its agents' connections together). Returns the
     /// presences whose announcement was cleared, as
     /// [`Self::clear_offline_announcement`] does; agents who never set a
-    /// status in the tenant are skipped. The tenant's routing lock is
-    /// taken first, then the agents' rows in id order, as routing takes
-    /// them.
+    /// status in the tenant are skipped, and a row that cannot be read
+    /// (written outside the library) is renewed but not returned. The
+    /// tenant's routing lock is taken first, then the agents' rows (in id
+    /// order), as every change of several agents' rows holds the routing
+    /// lock before them.
     fn heartbeat_agents(
         &self,
         tenant: TenantId,

@@ -1047,9 +1047,16 @@ impl<S: ChatStore> ChatService<S> {
     /// instead of three transactions per agent's connection. Returns the
     /// presences to announce back, one per returning agent (not `offline`).
     ///
+    /// A failure of one step does not stop the others: the agents'
+    /// heartbeats run if the connection rows could not be renewed, and
+    /// every tenant's if one tenant's failed (a node's renewals of all its
+    /// tenants are one call). Each failure is logged.
+    ///
     /// # Errors
-    /// [`ChatError::Storage`] only; what was committed before the failure
-    /// stays (renewals are repeated at the next ping).
+    /// The first [`ChatError::Storage`] met, after every step was tried;
+    /// the presences to announce back are then lost with it (the agents
+    /// are announced when their status next changes). What was committed
+    /// stays; renewals are repeated at the next ping.
     pub async fn touch_connections(
         &self,
         connections: &[(TenantId, uuid::Uuid, ConnectionOwner)],
@@ -1059,7 +1066,14 @@ impl<S: ChatStore> ChatService<S> {
             .iter()
             .map(|&(tenant, id, _)| (tenant, id))
             .collect();
-        self.store.touch_connections(&ids, ttl).await?;
+        let mut failure = self
+            .store
+            .touch_connections(&ids, ttl)
+            .await
+            .inspect_err(|e| {
+                tracing::warn!(error = %e, connections = ids.len(), "renewal of connections failed");
+            })
+            .err();
         let mut agents: std::collections::BTreeMap<TenantId, std::collections::BTreeSet<UserId>> =
             std::collections::BTreeMap::new();
         for &(tenant, _, owner) in connections {
@@ -1071,18 +1085,27 @@ impl<S: ChatStore> ChatService<S> {
         for (tenant, agents) in agents {
             let agents: Vec<UserId> = agents.into_iter().collect();
             for chunk in agents.chunks(500) {
-                let cleared = self
+                match self
                     .store
                     .heartbeat_agents(tenant, chunk, &self.config.routing)
-                    .await?;
-                back.extend(
-                    cleared
-                        .into_iter()
-                        .filter(|p| p.status != PresenceStatus::Offline),
-                );
+                    .await
+                {
+                    Ok(cleared) => back.extend(
+                        cleared
+                            .into_iter()
+                            .filter(|p| p.status != PresenceStatus::Offline),
+                    ),
+                    Err(e) => {
+                        tracing::warn!(error = %e, tenant = tenant.get(), agents = chunk.len(), "agents' heartbeats failed");
+                        failure.get_or_insert(e);
+                    }
+                }
             }
         }
-        Ok(back)
+        match failure {
+            Some(e) => Err(e),
+            None => Ok(back),
+        }
     }
 
     /// After a heartbeat of `agent` (a connection's, or

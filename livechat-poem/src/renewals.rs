@@ -71,39 +71,50 @@ pub(crate) fn renew(
         !std::mem::replace(&mut state.running, true)
     };
     if start {
-        tokio::spawn(store_renewals(gateway.clone()));
+        // The guard is made before the task is spawned: a task dropped
+        // unpolled (the runtime stopping) still lets another start.
+        let running = Running {
+            gateway: gateway.clone(),
+            armed: true,
+        };
+        tokio::spawn(store_renewals(running));
     }
     stored
 }
 
-/// Lets another task start when this one ends, however it ends (a panic,
-/// the runtime shutting down): renewals queued after it are not left
-/// waiting for a task that is gone.
-struct Running<'a> {
-    renewals: &'a Renewals,
+/// The running task's hold on its node's renewals. However the task ends
+/// without finding the queue empty (a panic, the runtime stopping, dropped
+/// before its first poll), the guard lets another task start and answers
+/// the renewals still queued, unstored: their connections queue again at
+/// their next ping, which starts a task. None is left waiting for a task
+/// that is gone (a connection waits for its renewal before it is removed).
+struct Running {
+    gateway: Arc<Gateway>,
     /// Cleared when the task ends by finding nothing queued, under the
     /// same lock as the queue was found empty.
     armed: bool,
 }
 
-impl Drop for Running<'_> {
+impl Drop for Running {
     fn drop(&mut self) {
         if self.armed {
-            self.renewals.state().running = false;
+            let queued = {
+                let mut state = self.gateway.renewals.state();
+                state.running = false;
+                std::mem::take(&mut state.queued)
+            };
+            drop(queued);
         }
     }
 }
 
 /// Stores the queued renewals, batch after batch, until none is queued;
 /// announces agents whose return it recorded.
-async fn store_renewals(gateway: Arc<Gateway>) {
-    let mut running = Running {
-        renewals: &gateway.renewals,
-        armed: true,
-    };
+async fn store_renewals(mut running: Running) {
+    let gateway = running.gateway.clone();
     loop {
         let batch = {
-            let mut state = running.renewals.state();
+            let mut state = gateway.renewals.state();
             if state.queued.is_empty() {
                 state.running = false;
                 running.armed = false;
@@ -115,26 +126,20 @@ async fn store_renewals(gateway: Arc<Gateway>) {
             .iter()
             .map(|queued| (queued.tenant, queued.id, queued.owner))
             .collect();
-        match gateway
+        // Each failure is logged by the service.
+        if let Ok(back) = gateway
             .chat
             .touch_connections(&connections, gateway.config.connection_ttl)
             .await
         {
-            Ok(back) => {
-                for presence in back {
-                    publish_presence(
-                        &*gateway.bus,
-                        presence.tenant_id,
-                        presence.agent_id,
-                        presence.status,
-                    );
-                }
+            for presence in back {
+                publish_presence(
+                    &*gateway.bus,
+                    presence.tenant_id,
+                    presence.agent_id,
+                    presence.status,
+                );
             }
-            Err(e) => tracing::warn!(
-                error = %e,
-                connections = connections.len(),
-                "websocket: renewal failed"
-            ),
         }
         drop(batch);
     }

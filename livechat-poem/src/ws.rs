@@ -2176,11 +2176,12 @@ mod tests {
     /// (issue #5: at most 10 KiB a connection). A rare path awaited inline
     /// (the follow of a visitor's link, ~4 KiB) took the idle connection
     /// from ~5 to ~9 KiB; rare paths are boxed. The loop's own state
-    /// (the connection, its timers, the `select!`'s branches) is ~2.2 KiB.
+    /// (the connection, its timers, the `select!`'s branches) is ~2.2 KiB,
+    /// bounded here at 3 KiB for room between compiler versions.
     #[test]
     fn a_connection_loop_awaits_no_large_future_inline() {
         let size = returned_size(serve);
-        assert!(size <= 2560, "the connection's future is {size} bytes");
+        assert!(size <= 3072, "the connection's future is {size} bytes");
     }
 
     #[test]

@@ -351,10 +351,19 @@ impl PresenceRepository for SeaOrmStore {
             .filter(of_agents())
             .exec_with_returning(&tx)
             .await?;
-        let presences = updated
+        // One damaged row (written outside the library) costs only its
+        // agent's announcement, not the other agents' renewals.
+        let presences: Vec<AgentPresence> = updated
             .into_iter()
-            .map(AgentPresence::try_from)
-            .collect::<Result<Vec<_>, _>>()?;
+            .filter_map(|row| {
+                let agent = row.agent_id;
+                AgentPresence::try_from(row)
+                    .inspect_err(|e| {
+                        tracing::warn!(error = %e, agent, "presence row unreadable: renewed, not announced");
+                    })
+                    .ok()
+            })
+            .collect();
         if presences.iter().any(|p| p.status == PresenceStatus::Online) {
             drain_queue(&tx, &mut ev, tenant, policy, capacity).await?;
         }

@@ -285,6 +285,16 @@ pub(super) async fn drain_queue(
 ) -> Result<usize, ChatError> {
     let mut assigned = 0;
     loop {
+        // Most drains find the queue empty (a batch of heartbeats of
+        // agents online drains once): one read of the queue's index then,
+        // not the ranking of every agent online in the tenant.
+        let waiting = any_waiting(tenant)
+            .into_tuple::<uuid::Uuid>()
+            .one(tx)
+            .await?;
+        if waiting.is_none() {
+            break;
+        }
         let ranked = ranked_agents(tx, tenant, policy, capacity).await?;
         if ranked.is_empty() {
             break;
@@ -320,6 +330,17 @@ pub(super) async fn drain_queue(
         assigned += 1;
     }
     Ok(assigned)
+}
+
+/// A waiting chat of `tenant`, if any: one entry of the queue's partial
+/// index (`livechat_sessions_queue`).
+fn any_waiting(tenant: TenantId) -> sea_orm::Select<session::Entity> {
+    session::Entity::find()
+        .select_only()
+        .column(session::Column::Id)
+        .filter(session::Column::TenantId.eq(tenant.get()))
+        .filter(session::Column::Status.eq(SessionStatus::Waiting.as_str()))
+        .limit(1)
 }
 
 /// 1-based place of a WAITING session in its tenant's queue (higher
@@ -365,4 +386,27 @@ pub(super) async fn queue_position(
         .count(conn)
         .await?;
     Ok(Some(i64::try_from(ahead).unwrap_or(i64::MAX) + 1))
+}
+
+#[cfg(all(test, feature = "sqlite"))]
+mod tests {
+    use sea_orm::{DbBackend, QueryTrait};
+
+    use crate::ids::TenantId;
+
+    /// Issue #5: every batch of heartbeats of agents online drains the
+    /// queue, which is usually empty: the check reads the queue's partial
+    /// index, not the tenant's active chats.
+    #[tokio::test]
+    async fn the_queue_check_reads_the_queues_index_on_sqlite() {
+        use sea_orm_migration::MigratorTrait;
+        let db = crate::store::connect("sqlite::memory:").await.unwrap();
+        crate::store::Migrator::up(&db, None).await.unwrap();
+        let tenant = TenantId::new(1).unwrap();
+        let statement = super::any_waiting(tenant).build(DbBackend::Sqlite);
+        let plan = crate::store::test_sqlite::sqlite_plan(&db, statement)
+            .await
+            .join("\n");
+        assert!(plan.contains("livechat_sessions_queue"), "{plan}");
+    }
 }

@@ -1034,8 +1034,9 @@ async fn agents_set_their_departments_with_their_status(backend: Backend) {
 /// A node's renewals stored together (`ChatService::touch_connections`,
 /// issue #5) do what one renewal per connection did: every connection
 /// named with its own tenant lives on, and no other; each agent announced
-/// gone is announced back once (not one offline by choice); an agent
-/// fresh again takes the waiting chat.
+/// gone is announced back once, with their chosen status (an agent
+/// offline by choice was never announced gone); an agent fresh again
+/// takes the waiting chat.
 async fn a_node_renews_its_connections_together(backend: Backend) {
     use livechat_core::store::SeaOrmStore;
     use livechat_core::{ChatConfig, ChatService, ConnectionOwner};

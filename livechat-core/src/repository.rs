@@ -667,7 +667,7 @@ pub trait ConnectionRepository: Send + Sync {
     /// `(tenant, id)`) by `ttl` from now (their heartbeat): a node renews
     /// its connections together, one statement per 500 connections
     /// instead of a commit each (issue #5: a node holding 18,000 idle
-    /// connections spent 14% of its core and 1.6 MB/s of disk writes on
+    /// connections spent 8% of its core and 1.6 MB/s of disk writes on
     /// their renewals). Connections gone since are skipped.
     fn touch_connections(
         &self,

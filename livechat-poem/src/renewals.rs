@@ -5,7 +5,7 @@
 //! their liveness (`RealtimeConfig::ping_interval`). Renewed one by one,
 //! that was three transactions per agent's connection and one per
 //! customer's, each a commit: a node holding 18,000 idle agent
-//! connections spent 14% of its core and 1.6 MB/s of disk writes on them,
+//! connections spent 8% of its core and 1.6 MB/s of disk writes on them,
 //! their ticks falling together after a burst of connects (a restart, a
 //! deploy). Renewals are therefore queued per node and stored by one task
 //! at a time, as appends are (group commit): the task takes every renewal

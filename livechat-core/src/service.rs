@@ -1012,8 +1012,37 @@ impl<S: ChatStore> ChatService<S> {
         ttl: std::time::Duration,
     ) -> Result<(), ChatError> {
         self.store
-            .register_connection(tenant, id, owner, node, ttl)
+            .register_connections(&[(tenant, id, owner)], node, ttl)
             .await
+    }
+
+    /// Records many live connections on `node` at once, and is their
+    /// first heartbeat: [`Self::register_connection`] and then
+    /// [`Self::touch_connections`]' heartbeats of their agents, for the
+    /// connections a node opened together (a reconnect storm after a
+    /// restart or a deploy, issue #5): the rows a statement per 100, the
+    /// agents a transaction per tenant and 500. Returns the presences to
+    /// announce back, as [`Self::touch_connections`] does.
+    ///
+    /// # Errors
+    /// As [`Self::touch_connections`]: the first [`ChatError::Storage`]
+    /// met, after every step was tried (the agents' heartbeats run if the
+    /// rows could not be inserted).
+    pub async fn register_connections(
+        &self,
+        connections: &[(TenantId, uuid::Uuid, ConnectionOwner)],
+        node: &str,
+        ttl: std::time::Duration,
+    ) -> Result<Vec<AgentPresence>, ChatError> {
+        let failure = self
+            .store
+            .register_connections(connections, node, ttl)
+            .await
+            .inspect_err(|e| {
+                tracing::warn!(error = %e, connections = connections.len(), "registration of connections failed");
+            })
+            .err();
+        self.heartbeat_owners(connections, failure).await
     }
 
     /// Keeps a connection alive for `ttl` more; for agents also a presence
@@ -1066,7 +1095,7 @@ impl<S: ChatStore> ChatService<S> {
             .iter()
             .map(|&(tenant, id, _)| (tenant, id))
             .collect();
-        let mut failure = self
+        let failure = self
             .store
             .touch_connections(&ids, ttl)
             .await
@@ -1074,6 +1103,18 @@ impl<S: ChatStore> ChatService<S> {
                 tracing::warn!(error = %e, connections = ids.len(), "renewal of connections failed");
             })
             .err();
+        self.heartbeat_owners(connections, failure).await
+    }
+
+    /// The heartbeats of the agents owning `connections`, a transaction
+    /// per tenant and 500 agents, each tried whatever failed before
+    /// (`failure`, the connection rows' step); returns the presences to
+    /// announce back, or the first failure.
+    async fn heartbeat_owners(
+        &self,
+        connections: &[(TenantId, uuid::Uuid, ConnectionOwner)],
+        mut failure: Option<ChatError>,
+    ) -> Result<Vec<AgentPresence>, ChatError> {
         let mut agents: std::collections::BTreeMap<TenantId, std::collections::BTreeSet<UserId>> =
             std::collections::BTreeMap::new();
         for &(tenant, _, owner) in connections {

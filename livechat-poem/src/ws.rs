@@ -1998,30 +1998,15 @@ async fn serve(
 }
 
 /// Registers a new connection in the node's registry and renews its
-/// owner's liveness.
-async fn register(gateway: &Gateway, tenant: TenantId, id: uuid::Uuid, owner: ConnectionOwner) {
-    let config = &gateway.config;
-    if let Err(e) = gateway
-        .chat
-        .register_connection(tenant, id, owner, &config.node_id, config.connection_ttl)
-        .await
-    {
-        tracing::warn!(error = %e, "websocket: could not register the connection");
-    }
-    heartbeat(gateway, tenant, id, owner).await;
-}
-
-/// Renews a connection's registration and its owner's liveness.
-async fn heartbeat(gateway: &Gateway, tenant: TenantId, id: uuid::Uuid, owner: ConnectionOwner) {
-    match gateway
-        .chat
-        .touch_connection(tenant, id, owner, gateway.config.connection_ttl)
-        .await
-    {
-        Ok(Some(back)) => publish_presence(&*gateway.bus, tenant, back.agent_id, back.status),
-        Ok(None) => {}
-        Err(e) => tracing::warn!(error = %e, "websocket: heartbeat failed"),
-    }
+/// owner's liveness, with the node's other new connections
+/// (`renewals::register`); returns once stored (or failed, logged).
+async fn register(
+    gateway: &Arc<Gateway>,
+    tenant: TenantId,
+    id: uuid::Uuid,
+    owner: ConnectionOwner,
+) {
+    let _ = crate::renewals::register(gateway, tenant, id, owner).await;
 }
 
 /// Ends a connection. When the client ended it, the sends already
@@ -2120,7 +2105,7 @@ async fn unregister(
 
 /// After the grace period, tells the tenant's agents that an agent whose
 /// last connection closed is gone, unless they reconnected meanwhile (their
-/// next connection announces them again: [`heartbeat`]), and tickets the
+/// next connection announces them again: `renewals::register`), and tickets the
 /// tenant's waiting chats if no agent is online any more
 /// ([`ChatService::ticket_unattended_chats`]). Tracked with the node's
 /// sockets, so that a graceful stop ([`crate::Livechat::closed`]) waits

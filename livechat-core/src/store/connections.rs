@@ -103,29 +103,34 @@ async fn count_role(
 }
 
 impl ConnectionRepository for SeaOrmStore {
-    async fn register_connection(
+    async fn register_connections(
         &self,
-        tenant: TenantId,
-        id: uuid::Uuid,
-        owner: ConnectionOwner,
+        connections: &[(TenantId, uuid::Uuid, ConnectionOwner)],
         node: &str,
         ttl: Duration,
     ) -> Result<(), ChatError> {
-        let (role, agent, customer) = match owner {
-            ConnectionOwner::Agent(a) => (AGENT, Some(a.get()), None),
-            ConnectionOwner::Customer(c) => (CUSTOMER, None, Some(c.as_uuid())),
-        };
-        connection::Entity::insert(connection::ActiveModel {
-            id: Set(id),
-            tenant_id: Set(tenant.get()),
-            role: Set(role.to_owned()),
-            agent_id: Set(agent),
-            customer_id: Set(customer),
-            node_id: Set(node.chars().take(64).collect()),
-            expires_at: Set(expiry(ttl)),
-        })
-        .exec_without_returning(&self.db)
-        .await?;
+        let node: String = node.chars().take(64).collect();
+        let expires_at = expiry(ttl);
+        for chunk in connections.chunks(REGISTRATION_CHUNK) {
+            let rows = chunk.iter().map(|&(tenant, id, owner)| {
+                let (role, agent, customer) = match owner {
+                    ConnectionOwner::Agent(a) => (AGENT, Some(a.get()), None),
+                    ConnectionOwner::Customer(c) => (CUSTOMER, None, Some(c.as_uuid())),
+                };
+                connection::ActiveModel {
+                    id: Set(id),
+                    tenant_id: Set(tenant.get()),
+                    role: Set(role.to_owned()),
+                    agent_id: Set(agent),
+                    customer_id: Set(customer),
+                    node_id: Set(node.clone()),
+                    expires_at: Set(expires_at),
+                }
+            });
+            connection::Entity::insert_many(rows)
+                .exec_without_returning(&self.db)
+                .await?;
+        }
         Ok(())
     }
 
@@ -259,6 +264,10 @@ impl ConnectionRepository for SeaOrmStore {
         Ok(purged)
     }
 }
+
+/// Connections inserted per statement by `register_connections` (seven
+/// bound values each).
+const REGISTRATION_CHUNK: usize = 100;
 
 /// Connections renewed per statement by `touch_connections` (two bound
 /// values each, far below either database's limit on bound values).

@@ -687,10 +687,12 @@ mod tests {
     /// Connects agent 7 on another node.
     async fn connect(store: &SeaOrmStore) {
         store
-            .register_connection(
-                tenant(),
-                uuid::Uuid::now_v7(),
-                ConnectionOwner::Agent(agent()),
+            .register_connections(
+                &[(
+                    tenant(),
+                    uuid::Uuid::now_v7(),
+                    ConnectionOwner::Agent(agent()),
+                )],
                 "node-b",
                 Duration::from_secs(60),
             )

@@ -1031,8 +1031,9 @@ async fn agents_set_their_departments_with_their_status(backend: Backend) {
     assert_eq!(body["data"]["departments"], json!(["Sales"]));
 }
 
-/// A node's renewals stored together (`ChatService::touch_connections`,
-/// issue #5) do what one renewal per connection did: every connection
+/// A node's registrations and renewals stored together
+/// (`ChatService::register_connections`, `touch_connections`, issue #5)
+/// do what one per connection did: every connection
 /// named with its own tenant lives on, and no other; each agent announced
 /// gone is announced back once, with their chosen status (an agent
 /// offline by choice was never announced gone); an agent fresh again
@@ -1058,12 +1059,24 @@ async fn a_node_renews_its_connections_together(backend: Backend) {
         chat.set_agent_status(t(tenant), u(agent), status)
             .await
             .unwrap();
-        let id = uuid::Uuid::now_v7();
-        let owner = ConnectionOwner::Agent(u(agent));
-        chat.register_connection(t(tenant), id, owner, "node-a", short)
+        connections.push((
+            t(tenant),
+            uuid::Uuid::now_v7(),
+            ConnectionOwner::Agent(u(agent)),
+        ));
+    }
+    // Registered together: nobody was announced gone, nobody comes back.
+    assert!(
+        chat.register_connections(&connections, "node-a", short)
             .await
-            .unwrap();
-        connections.push((t(tenant), id, owner));
+            .unwrap()
+            .is_empty()
+    );
+    for &(tenant, _, owner) in &connections {
+        let ConnectionOwner::Agent(agent) = owner else {
+            unreachable!()
+        };
+        assert!(chat.agent_connected(tenant, agent).await.unwrap());
     }
     let customer = app
         .chat

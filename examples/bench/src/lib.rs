@@ -1189,9 +1189,25 @@ impl Holders for InProcessHolders {
     }
 }
 
+/// What [`hold_and_measure`] measured.
+struct Held {
+    /// Growth of the server's resident memory, KiB.
+    rss_kib: u64,
+    /// Growth of the kernel's TCP memory, KiB.
+    tcp_kib: u64,
+    /// The connections kept in this process.
+    conns: Vec<Ws>,
+    /// Time until every connection was open (the livechat server's
+    /// `ready` frame received), seconds.
+    open_secs: f64,
+    /// The server's CPU time while they opened, µs.
+    open_cpu_us: u64,
+}
+
 /// Opens `count` connections to `target` (`count - kept` through
 /// `holders`, `kept` in this process, returned) and measures the growth of
-/// `pid`'s resident memory and of the kernel's TCP memory, in KiB.
+/// `pid`'s resident memory and of the kernel's TCP memory, and the time
+/// and `pid`'s CPU the opening took.
 async fn hold_and_measure(
     holders: &mut dyn Holders,
     target: &HoldTarget,
@@ -1199,22 +1215,32 @@ async fn hold_and_measure(
     count: usize,
     kept: usize,
     pid: u32,
-) -> (u64, u64, Vec<Ws>) {
+) -> Held {
     let rss_before = rss_kib(pid).unwrap_or(0);
     let tcp_before = tcp_mem_kib().unwrap_or(0);
+    let cpu_before = cpu_us(pid).unwrap_or(0);
+    let started = Instant::now();
     holders.open(target, first, count - kept).await;
-    let held = hold(target, first + (count - kept) as i64, kept).await;
+    let conns = hold(target, first + (count - kept) as i64, kept).await;
+    let open_secs = started.elapsed().as_secs_f64();
+    let open_cpu_us = cpu_us(pid).unwrap_or(0).saturating_sub(cpu_before);
     tokio::time::sleep(Duration::from_millis(500)).await;
-    let rss = rss_kib(pid).unwrap_or(0).saturating_sub(rss_before);
-    let tcp = tcp_mem_kib().unwrap_or(0).saturating_sub(tcp_before);
-    (rss, tcp, held)
+    Held {
+        rss_kib: rss_kib(pid).unwrap_or(0).saturating_sub(rss_before),
+        tcp_kib: tcp_mem_kib().unwrap_or(0).saturating_sub(tcp_before),
+        conns,
+        open_secs,
+        open_cpu_us,
+    }
 }
 
 /// Scenario 4: `count` idle connections (`count - 200` through `holders`,
 /// 200 in this process for the ping round trip): RSS growth per connection
 /// of the server process, the same for the raw `hub`'s process, kernel TCP
-/// memory per connection (both ends, machine-wide), and the ping round trip
-/// p99 while all are connected.
+/// memory per connection (both ends, machine-wide), the ping round trip
+/// p99 while all are connected, and how fast they opened (all at once, 64
+/// at a time per holder, as clients reconnecting after a restart) with
+/// the server's CPU per connection opened.
 pub async fn idle(
     target: &Target,
     hub: &RawHub,
@@ -1224,8 +1250,8 @@ pub async fn idle(
     let pinged = count.min(200);
     let pid = target.pid.unwrap_or_else(std::process::id);
     let lib_target = HoldTarget::Livechat(target.clone());
-    let (rss, tcp, mut conns) =
-        hold_and_measure(holders, &lib_target, 100_000, count, pinged, pid).await;
+    let lib = hold_and_measure(holders, &lib_target, 100_000, count, pinged, pid).await;
+    let mut conns = lib.conns;
     let mut h = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3).expect("histogram");
     for ws in &mut conns {
         let t = Instant::now();
@@ -1246,22 +1272,21 @@ pub async fn idle(
     tokio::time::sleep(Duration::from_millis(500)).await;
 
     let hub_target = HoldTarget::Hub(hub.addr());
-    let (hub_rss, hub_tcp, extra) =
-        hold_and_measure(holders, &hub_target, 0, count, pinged, hub.pid).await;
-    drop(extra);
+    let hub_held = hold_and_measure(holders, &hub_target, 0, count, pinged, hub.pid).await;
+    drop(hub_held.conns);
     holders.release();
     let n = count.max(1) as f64;
     vec![
         Row {
             label: format!("RSS growth per idle connection ({count})"),
-            library: rss as f64 / n,
-            baseline: hub_rss as f64 / n,
+            library: lib.rss_kib as f64 / n,
+            baseline: hub_held.rss_kib as f64 / n,
             unit: "KiB",
         },
         Row {
             label: "kernel TCP memory per connection (both ends)".into(),
-            library: tcp as f64 / n,
-            baseline: hub_tcp as f64 / n,
+            library: lib.tcp_kib as f64 / n,
+            baseline: hub_held.tcp_kib as f64 / n,
             unit: "KiB",
         },
         Row {
@@ -1269,6 +1294,18 @@ pub async fn idle(
             library: rtt.p99,
             baseline: f64::NAN,
             unit: "ms",
+        },
+        Row {
+            label: format!("connections opened per second ({count} at once, 64 per holder)"),
+            library: n / lib.open_secs.max(1e-9),
+            baseline: n / hub_held.open_secs.max(1e-9),
+            unit: "conn/s",
+        },
+        Row {
+            label: "server CPU per connection opened".into(),
+            library: lib.open_cpu_us as f64 / n,
+            baseline: hub_held.open_cpu_us as f64 / n,
+            unit: "µs",
         },
     ]
 }

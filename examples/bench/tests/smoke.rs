@@ -67,6 +67,10 @@ async fn every_scenario_reports_numbers() {
         rows[2].library > 0.0,
         "ping round trips were measured: {rows:?}"
     );
+    assert!(
+        rows[3].library > 0.0 && rows[3].baseline > 0.0,
+        "opening rates were measured: {rows:?}"
+    );
 }
 
 /// Two nodes over PostgreSQL and a real redis-server: the cross-node

@@ -657,6 +657,8 @@ pub trait ConnectionRepository: Send + Sync {
     /// owner)`) on `node`, live for `ttl`: a node registers the
     /// connections opened together (a reconnect storm after a restart or
     /// a deploy) a statement per 100 instead of a commit each (issue #5).
+    /// A statement that fails is tried again a row at a time, and the
+    /// others are tried whatever failed; the first failure is returned.
     fn register_connections(
         &self,
         connections: &[(TenantId, uuid::Uuid, ConnectionOwner)],

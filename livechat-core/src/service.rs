@@ -68,6 +68,21 @@ pub struct CustomerChatRequest {
     pub user_agent: Option<String>,
 }
 
+/// What [`ChatService::register_connections`] and
+/// [`ChatService::touch_connections`] did: a node's connections of every
+/// tenant are one call, so one step's failure does not hide what the
+/// others stored (issue #5).
+#[derive(Debug, Default)]
+pub struct Renewed {
+    /// The presences to announce back to their tenants' agents, one per
+    /// agent whose standing offline announcement was cleared (not
+    /// `offline`): cleared and committed, so announced whatever failed.
+    pub announce: Vec<AgentPresence>,
+    /// The first failure met ([`ChatError::Storage`]), after every step
+    /// was tried; each is logged. `None` when everything was stored.
+    pub failure: Option<ChatError>,
+}
+
 /// What [`ChatService::close_ticket`] did.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum TicketClose {
@@ -1022,18 +1037,14 @@ impl<S: ChatStore> ChatService<S> {
     /// connections a node opened together (a reconnect storm after a
     /// restart or a deploy, issue #5): the rows a statement per 100, the
     /// agents a transaction per tenant and 500. Returns the presences to
-    /// announce back, as [`Self::touch_connections`] does.
-    ///
-    /// # Errors
-    /// As [`Self::touch_connections`]: the first [`ChatError::Storage`]
-    /// met, after every step was tried (the agents' heartbeats run if the
-    /// rows could not be inserted).
+    /// announce back and the first failure, as [`Self::touch_connections`]
+    /// does (the agents' heartbeats run if rows could not be inserted).
     pub async fn register_connections(
         &self,
         connections: &[(TenantId, uuid::Uuid, ConnectionOwner)],
         node: &str,
         ttl: std::time::Duration,
-    ) -> Result<Vec<AgentPresence>, ChatError> {
+    ) -> Renewed {
         let failure = self
             .store
             .register_connections(connections, node, ttl)
@@ -1064,8 +1075,14 @@ impl<S: ChatStore> ChatService<S> {
         owner: ConnectionOwner,
         ttl: std::time::Duration,
     ) -> Result<Option<AgentPresence>, ChatError> {
-        let mut back = self.touch_connections(&[(tenant, id, owner)], ttl).await?;
-        Ok(back.pop())
+        let Renewed {
+            mut announce,
+            failure,
+        } = self.touch_connections(&[(tenant, id, owner)], ttl).await;
+        match failure {
+            Some(e) => Err(e),
+            None => Ok(announce.pop()),
+        }
     }
 
     /// [`Self::touch_connection`] for many connections at once, of any
@@ -1079,18 +1096,16 @@ impl<S: ChatStore> ChatService<S> {
     /// A failure of one step does not stop the others: the agents'
     /// heartbeats run if the connection rows could not be renewed, and
     /// every tenant's if one tenant's failed (a node's renewals of all its
-    /// tenants are one call). Each failure is logged.
-    ///
-    /// # Errors
-    /// The first [`ChatError::Storage`] met, after every step was tried;
-    /// the presences to announce back are then lost with it (the agents
-    /// are announced when their status next changes). What was committed
-    /// stays; renewals are repeated at the next ping.
+    /// tenants are one call). Each failure is logged, and the first is
+    /// returned in [`Renewed::failure`] beside the presences of the steps
+    /// that were stored (their announcements are cleared: the caller
+    /// announces them whatever failed). Renewals are repeated at the next
+    /// ping.
     pub async fn touch_connections(
         &self,
         connections: &[(TenantId, uuid::Uuid, ConnectionOwner)],
         ttl: std::time::Duration,
-    ) -> Result<Vec<AgentPresence>, ChatError> {
+    ) -> Renewed {
         let ids: Vec<(TenantId, uuid::Uuid)> = connections
             .iter()
             .map(|&(tenant, id, _)| (tenant, id))
@@ -1109,12 +1124,12 @@ impl<S: ChatStore> ChatService<S> {
     /// The heartbeats of the agents owning `connections`, a transaction
     /// per tenant and 500 agents, each tried whatever failed before
     /// (`failure`, the connection rows' step); returns the presences to
-    /// announce back, or the first failure.
+    /// announce back with the first failure.
     async fn heartbeat_owners(
         &self,
         connections: &[(TenantId, uuid::Uuid, ConnectionOwner)],
         mut failure: Option<ChatError>,
-    ) -> Result<Vec<AgentPresence>, ChatError> {
+    ) -> Renewed {
         let mut agents: std::collections::BTreeMap<TenantId, std::collections::BTreeSet<UserId>> =
             std::collections::BTreeMap::new();
         for &(tenant, _, owner) in connections {
@@ -1143,9 +1158,9 @@ impl<S: ChatStore> ChatService<S> {
                 }
             }
         }
-        match failure {
-            Some(e) => Err(e),
-            None => Ok(back),
+        Renewed {
+            announce: back,
+            failure,
         }
     }
 

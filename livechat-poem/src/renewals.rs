@@ -20,7 +20,7 @@
 
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 
-use livechat_core::{ConnectionOwner, TenantId};
+use livechat_core::{ConnectionOwner, Renewed, TenantId};
 use tokio::sync::oneshot;
 
 use crate::ws::{Gateway, publish_presence};
@@ -73,8 +73,9 @@ pub(crate) fn renew(
 /// on this node, and its agent's first heartbeat), as [`renew`] queues a
 /// renewal: the connections a node opens together (clients reconnecting
 /// after a restart or a deploy) are inserted a statement per 100. A
-/// failure is logged; the connection is served without its row until its
-/// first renewal finds none (it counts as not connected meanwhile).
+/// failure is logged (after the failed statement's rows were tried one by
+/// one); a connection whose row could not be inserted is served without
+/// one, counting as not connected for as long as it is open.
 pub(crate) fn register(
     gateway: &Arc<Gateway>,
     tenant: TenantId,
@@ -155,41 +156,46 @@ async fn store_renewals(mut running: Running) {
             }
             std::mem::take(&mut state.queued)
         };
-        let of = |register: bool| -> Vec<(TenantId, uuid::Uuid, ConnectionOwner)> {
-            batch
+        // Registrations first, answered as soon as stored: a new
+        // connection's `ready` frame does not wait for the renewals.
+        let (new, renewed): (Vec<Queued>, Vec<Queued>) =
+            batch.into_iter().partition(|queued| queued.register);
+        let config = &gateway.config;
+        let of = |queued: &[Queued]| -> Vec<(TenantId, uuid::Uuid, ConnectionOwner)> {
+            queued
                 .iter()
-                .filter(|queued| queued.register == register)
                 .map(|queued| (queued.tenant, queued.id, queued.owner))
                 .collect()
         };
-        let (new, renewed) = (of(true), of(false));
-        let config = &gateway.config;
-        // Each failure is logged by the service.
-        let mut back = Vec::new();
-        if !new.is_empty()
-            && let Ok(presences) = gateway
+        if !new.is_empty() {
+            let stored = gateway
                 .chat
-                .register_connections(&new, &config.node_id, config.connection_ttl)
-                .await
-        {
-            back.extend(presences);
+                .register_connections(&of(&new), &config.node_id, config.connection_ttl)
+                .await;
+            announce(&gateway, stored);
         }
-        if !renewed.is_empty()
-            && let Ok(presences) = gateway
+        drop(new);
+        if !renewed.is_empty() {
+            let stored = gateway
                 .chat
-                .touch_connections(&renewed, config.connection_ttl)
-                .await
-        {
-            back.extend(presences);
+                .touch_connections(&of(&renewed), config.connection_ttl)
+                .await;
+            announce(&gateway, stored);
         }
-        for presence in back {
-            publish_presence(
-                &*gateway.bus,
-                presence.tenant_id,
-                presence.agent_id,
-                presence.status,
-            );
-        }
-        drop(batch);
+        drop(renewed);
+    }
+}
+
+/// Announces the agents whose return `stored` recorded (their standing
+/// offline announcements are cleared and committed, whatever else
+/// failed); the failures are logged by the service.
+fn announce(gateway: &Gateway, stored: Renewed) {
+    for presence in stored.announce {
+        publish_presence(
+            &*gateway.bus,
+            presence.tenant_id,
+            presence.agent_id,
+            presence.status,
+        );
     }
 }

@@ -111,27 +111,44 @@ impl ConnectionRepository for SeaOrmStore {
     ) -> Result<(), ChatError> {
         let node: String = node.chars().take(64).collect();
         let expires_at = expiry(ttl);
+        let row = |&(tenant, id, owner): &(TenantId, uuid::Uuid, ConnectionOwner)| {
+            let (role, agent, customer) = match owner {
+                ConnectionOwner::Agent(a) => (AGENT, Some(a.get()), None),
+                ConnectionOwner::Customer(c) => (CUSTOMER, None, Some(c.as_uuid())),
+            };
+            connection::ActiveModel {
+                id: Set(id),
+                tenant_id: Set(tenant.get()),
+                role: Set(role.to_owned()),
+                agent_id: Set(agent),
+                customer_id: Set(customer),
+                node_id: Set(node.clone()),
+                expires_at: Set(expires_at),
+            }
+        };
+        // A chunk that fails is tried again row by row, and the chunks
+        // after it are tried too: one failure (a pooled connection timing
+        // out in a reconnect storm) leaves out as few connections as it
+        // can, since a connection left without its row counts as not
+        // connected for as long as it is open (renewals only update).
+        let mut failure = None;
         for chunk in connections.chunks(REGISTRATION_CHUNK) {
-            let rows = chunk.iter().map(|&(tenant, id, owner)| {
-                let (role, agent, customer) = match owner {
-                    ConnectionOwner::Agent(a) => (AGENT, Some(a.get()), None),
-                    ConnectionOwner::Customer(c) => (CUSTOMER, None, Some(c.as_uuid())),
-                };
-                connection::ActiveModel {
-                    id: Set(id),
-                    tenant_id: Set(tenant.get()),
-                    role: Set(role.to_owned()),
-                    agent_id: Set(agent),
-                    customer_id: Set(customer),
-                    node_id: Set(node.clone()),
-                    expires_at: Set(expires_at),
-                }
-            });
-            connection::Entity::insert_many(rows)
+            let inserted = connection::Entity::insert_many(chunk.iter().map(row))
                 .exec_without_returning(&self.db)
-                .await?;
+                .await;
+            if inserted.is_ok() {
+                continue;
+            }
+            for one in chunk {
+                if let Err(e) = connection::Entity::insert(row(one))
+                    .exec_without_returning(&self.db)
+                    .await
+                {
+                    failure.get_or_insert(e);
+                }
+            }
         }
-        Ok(())
+        failure.map_or(Ok(()), |e| Err(e.into()))
     }
 
     async fn touch_connections(

@@ -1043,6 +1043,11 @@ async fn a_node_renews_its_connections_together(backend: Backend) {
     use livechat_core::{ChatConfig, ChatService, ConnectionOwner};
     use std::time::Duration;
 
+    // Everything stored: the presences to announce back.
+    fn stored(renewed: livechat_core::Renewed) -> Vec<livechat_core::AgentPresence> {
+        assert!(renewed.failure.is_none(), "{:?}", renewed.failure);
+        renewed.announce
+    }
     let app = App::new(backend).await;
     let mut config = ChatConfig::default();
     config.routing.presence_ttl = Some(Duration::from_millis(300));
@@ -1067,10 +1072,11 @@ async fn a_node_renews_its_connections_together(backend: Backend) {
     }
     // Registered together: nobody was announced gone, nobody comes back.
     assert!(
-        chat.register_connections(&connections, "node-a", short)
-            .await
-            .unwrap()
-            .is_empty()
+        stored(
+            chat.register_connections(&connections, "node-a", short)
+                .await
+        )
+        .is_empty()
     );
     for &(tenant, _, owner) in &connections {
         let ConnectionOwner::Agent(agent) = owner else {
@@ -1125,10 +1131,7 @@ async fn a_node_renews_its_connections_together(backend: Backend) {
         ConnectionOwner::Customer(customer.id),
     ));
     let long = Duration::from_secs(60);
-    let mut back: Vec<_> = chat
-        .touch_connections(&renewals, long)
-        .await
-        .unwrap()
+    let mut back: Vec<_> = stored(chat.touch_connections(&renewals, long).await)
         .into_iter()
         .map(|p| (p.tenant_id, p.agent_id, p.status))
         .collect();
@@ -1169,10 +1172,5 @@ async fn a_node_renews_its_connections_together(backend: Backend) {
         (SessionStatus::Open, Some(u(7)))
     );
     // Announced back once: the next renewals announce nothing.
-    assert!(
-        chat.touch_connections(&renewals, long)
-            .await
-            .unwrap()
-            .is_empty()
-    );
+    assert!(stored(chat.touch_connections(&renewals, long).await).is_empty());
 }

@@ -67,7 +67,7 @@ pub use repository::{
 };
 pub use service::{
     AgentAvailability, ChatService, ContactInput, CustomerChatRequest, HistoryPage,
-    MIN_OUTBOX_RETENTION, OUTBOX_PRUNE_BATCH, Renewed, SessionPage, TicketClose,
+    MIN_OUTBOX_RETENTION, OUTBOX_PRUNE_BATCH, Renewed, SessionPage, TicketClose, Unregistered,
 };
 pub use validate::{
     ClientMsgId, INVALID_CURSOR, MAX_AGENT_DEPARTMENTS, MessageBody, PageSize, Topic, after_seq,

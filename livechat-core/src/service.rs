@@ -83,6 +83,18 @@ pub struct Renewed {
     pub failure: Option<ChatError>,
 }
 
+/// What [`ChatService::unregister_connections`] did.
+#[derive(Debug, Default)]
+pub struct Unregistered {
+    /// The agents, as `(tenant, agent)`, whose last connection closed:
+    /// their liveness runs out after the grace period, and the caller
+    /// announces them gone then unless they came back.
+    pub gone: Vec<(TenantId, UserId)>,
+    /// The first failure met ([`ChatError::Storage`]), after every step
+    /// was tried; each is logged. `None` when everything was stored.
+    pub failure: Option<ChatError>,
+}
+
 /// What [`ChatService::close_ticket`] did.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum TicketClose {
@@ -1423,15 +1435,77 @@ impl<S: ChatStore> ChatService<S> {
                 "replies sent to a connection that went silent are to be notified"
             );
         }
-        if let ConnectionOwner::Agent(agent) = owner
-            && !self.store.agent_connected(tenant, agent).await?
-        {
-            self.store
-                .expire_liveness(tenant, agent, grace, &self.config.routing)
-                .await?;
-            return Ok(true);
+        match owner {
+            ConnectionOwner::Agent(agent) => self.agent_left(tenant, agent, grace).await,
+            ConnectionOwner::Customer(_) => Ok(false),
         }
-        Ok(false)
+    }
+
+    /// [`Self::unregister_connection`] without `silent_since`, for many
+    /// connections at once (a node's clients closing together: a deploy,
+    /// a network blip, issue #5): the rows and their joins are removed a
+    /// transaction per 500
+    /// ([`ConnectionRepository::unregister_connections`](crate::ConnectionRepository::unregister_connections)),
+    /// then each agent owning one is checked as one connection's close
+    /// checks them. Returns the agents whose last connection closed
+    /// (their grace period started; the caller announces them gone after
+    /// it), and the first failure, each step tried whatever failed before
+    /// (a failure to remove the rows leaves them to expire, and their
+    /// agents connected until then).
+    pub async fn unregister_connections(
+        &self,
+        connections: &[(TenantId, uuid::Uuid, ConnectionOwner)],
+        grace: std::time::Duration,
+    ) -> Unregistered {
+        let ids: Vec<(TenantId, uuid::Uuid)> = connections
+            .iter()
+            .map(|&(tenant, id, _)| (tenant, id))
+            .collect();
+        let mut failure = self
+            .store
+            .unregister_connections(&ids)
+            .await
+            .inspect_err(|e| {
+                tracing::warn!(error = %e, connections = ids.len(), "removal of connections failed");
+            })
+            .err();
+        let agents: std::collections::BTreeSet<(TenantId, UserId)> = connections
+            .iter()
+            .filter_map(|&(tenant, _, owner)| match owner {
+                ConnectionOwner::Agent(agent) => Some((tenant, agent)),
+                ConnectionOwner::Customer(_) => None,
+            })
+            .collect();
+        let mut gone = Vec::new();
+        for (tenant, agent) in agents {
+            match self.agent_left(tenant, agent, grace).await {
+                Ok(true) => gone.push((tenant, agent)),
+                Ok(false) => {}
+                Err(e) => {
+                    tracing::warn!(error = %e, tenant = tenant.get(), agent = agent.get(), "agent's liveness not expired");
+                    failure.get_or_insert(e);
+                }
+            }
+        }
+        Unregistered { gone, failure }
+    }
+
+    /// After a connection of `agent` closed: when they have no live
+    /// connection left on any node, their liveness runs out `grace` from
+    /// now and `true` is returned.
+    async fn agent_left(
+        &self,
+        tenant: TenantId,
+        agent: UserId,
+        grace: std::time::Duration,
+    ) -> Result<bool, ChatError> {
+        if self.store.agent_connected(tenant, agent).await? {
+            return Ok(false);
+        }
+        self.store
+            .expire_liveness(tenant, agent, grace, &self.config.routing)
+            .await?;
+        Ok(true)
     }
 
     /// Housekeeping for every tenant: deletes the outbox's settled events

@@ -1993,7 +1993,10 @@ async fn serve(
         Box::pin(close(conn, &mut stream)).await;
     } else {
         Box::pin(close(conn, &mut stream)).await;
-        Box::pin(unregister(&gateway, identity, conn_id, None)).await;
+        // With the node's other closed connections (`renewals`).
+        let _ =
+            crate::renewals::unregister(&gateway, identity.tenant, conn_id, identity.role.owner())
+                .await;
     }
 }
 
@@ -2071,10 +2074,12 @@ fn heard_at(heard: Instant) -> chrono::DateTime<chrono::Utc> {
     chrono::Utc::now() - chrono::Duration::from_std(heard.elapsed()).unwrap_or_default()
 }
 
-/// Removes a closed connection from the registry; an agent's last
-/// connection starts the presence grace period. `silent_since`: the
-/// client was last heard then, and the connection closed for it (a
-/// customer's replies stored since become notifications).
+/// Removes a closed connection from the registry on its own; an agent's
+/// last connection starts the presence grace period. Used for a client
+/// gone silent or whose socket broke (`silent_since`: last heard then; a
+/// customer's replies stored since become notifications); a connection
+/// closed with a close frame is removed with the node's others
+/// (`renewals::unregister`).
 async fn unregister(
     gateway: &Arc<Gateway>,
     identity: Identity,
@@ -2112,7 +2117,7 @@ async fn unregister(
 /// for it: the check died with the process, and the agent went on showing
 /// online, and the chats waiting on them went without a ticket, until
 /// another node's housekeeping (up to a minute).
-fn spawn_presence_check(gateway: Arc<Gateway>, tenant: TenantId, agent: UserId) {
+pub(crate) fn spawn_presence_check(gateway: Arc<Gateway>, tenant: TenantId, agent: UserId) {
     gateway.sockets.clone().spawn(async move {
         tokio::time::sleep(gateway.config.presence_grace).await;
         let grace = gateway.config.presence_grace;

@@ -213,17 +213,40 @@ impl ConnectionRepository for SeaOrmStore {
         if let Some(heard_at) = silent_since {
             return self.unregister_silent(tenant, id, heard_at).await;
         }
-        connection_join::Entity::delete_many()
-            .filter(connection_join::Column::ConnectionId.eq(id))
-            .filter(connection_join::Column::TenantId.eq(tenant.get()))
-            .exec(&self.db)
-            .await?;
-        connection::Entity::delete_many()
-            .filter(connection::Column::Id.eq(id))
-            .filter(connection::Column::TenantId.eq(tenant.get()))
-            .exec(&self.db)
-            .await?;
+        self.unregister_connections(&[(tenant, id)]).await?;
         Ok(0)
+    }
+
+    async fn unregister_connections(
+        &self,
+        connections: &[(TenantId, uuid::Uuid)],
+    ) -> Result<(), ChatError> {
+        for chunk in connections.chunks(RENEWAL_CHUNK) {
+            let pairs = || chunk.iter().map(|&(tenant, id)| (tenant.get(), id));
+            let tx = self.begin_write().await?;
+            connection_join::Entity::delete_many()
+                .filter(
+                    Expr::tuple([
+                        Expr::col(connection_join::Column::TenantId),
+                        Expr::col(connection_join::Column::ConnectionId),
+                    ])
+                    .in_tuples(pairs()),
+                )
+                .exec(&tx)
+                .await?;
+            connection::Entity::delete_many()
+                .filter(
+                    Expr::tuple([
+                        Expr::col(connection::Column::TenantId),
+                        Expr::col(connection::Column::Id),
+                    ])
+                    .in_tuples(pairs()),
+                )
+                .exec(&tx)
+                .await?;
+            tx.commit().await?;
+        }
+        Ok(())
     }
 
     async fn session_connections(
@@ -286,8 +309,9 @@ impl ConnectionRepository for SeaOrmStore {
 /// bound values each).
 const REGISTRATION_CHUNK: usize = 100;
 
-/// Connections renewed per statement by `touch_connections` (two bound
-/// values each, far below either database's limit on bound values).
+/// Connections renewed per statement by `touch_connections`, and removed
+/// per transaction by `unregister_connections` (two bound values each,
+/// far below either database's limit on bound values).
 const RENEWAL_CHUNK: usize = 500;
 
 /// Expired connections purged per write transaction, so that a crashed

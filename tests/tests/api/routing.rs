@@ -1173,4 +1173,36 @@ async fn a_node_renews_its_connections_together(backend: Backend) {
     );
     // Announced back once: the next renewals announce nothing.
     assert!(stored(chat.touch_connections(&renewals, long).await).is_empty());
+
+    // Closed together: agent 9 keeps a second connection; agent 7's
+    // connection named under tenant 2 is not removed.
+    let second = (t(2), uuid::Uuid::now_v7(), ConnectionOwner::Agent(u(9)));
+    stored(chat.register_connections(&[second], "node-a", long).await);
+    let agent_7 = connections[0];
+    let mut closed: Vec<_> = connections[1..].to_vec();
+    closed.push((t(2), agent_7.1, agent_7.2));
+    closed.push((
+        t(1),
+        customer_connection,
+        ConnectionOwner::Customer(customer.id),
+    ));
+    let removed = chat.unregister_connections(&closed, Duration::ZERO).await;
+    assert!(removed.failure.is_none(), "{:?}", removed.failure);
+    let mut gone = removed.gone;
+    gone.sort_by_key(|(tenant, agent)| (tenant.get(), agent.get()));
+    // Agent 7 of tenant 2 has no connection there either (the pair is
+    // checked as named; their presence check finds nothing to announce).
+    assert_eq!(gone, vec![(t(1), u(8)), (t(1), u(10)), (t(2), u(7))]);
+    for (tenant, agent, live) in [(1, 7, true), (1, 8, false), (1, 10, false), (2, 9, true)] {
+        assert_eq!(
+            chat.agent_connected(t(tenant), u(agent)).await.unwrap(),
+            live,
+            "agent {agent} of tenant {tenant} after the closes"
+        );
+    }
+    let following = chat
+        .session_connections(t(1), waiting.session.id)
+        .await
+        .unwrap();
+    assert_eq!(following.customers, 0, "the customer's join went with it");
 }

@@ -149,9 +149,11 @@ fn queue(
 /// The running task's hold on its node's renewals. However the task ends
 /// without finding the queue empty (a panic, the runtime stopping, dropped
 /// before its first poll), the guard lets another task start and answers
-/// the renewals still queued, unstored: their connections queue again at
-/// their next ping, which starts a task. None is left waiting for a task
-/// that is gone (a connection waits for its renewal before it is removed).
+/// what is still queued, unstored: renewals are queued again at their
+/// connections' next ping, which starts a task; a registration or a
+/// removal is not (its connection goes on without its row, or its row
+/// expires with its TTL). None is left waiting for a task that is gone
+/// (a connection waits for its renewal and its removal).
 struct Running {
     gateway: Arc<Gateway>,
     /// Cleared when the task ends by finding nothing queued, under the

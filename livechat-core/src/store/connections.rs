@@ -221,32 +221,15 @@ impl ConnectionRepository for SeaOrmStore {
         &self,
         connections: &[(TenantId, uuid::Uuid)],
     ) -> Result<(), ChatError> {
+        // Every chunk is tried whatever failed before: a chunk left
+        // behind counts as connected until its rows expire.
+        let mut failure = None;
         for chunk in connections.chunks(RENEWAL_CHUNK) {
-            let pairs = || chunk.iter().map(|&(tenant, id)| (tenant.get(), id));
-            let tx = self.begin_write().await?;
-            connection_join::Entity::delete_many()
-                .filter(
-                    Expr::tuple([
-                        Expr::col(connection_join::Column::TenantId),
-                        Expr::col(connection_join::Column::ConnectionId),
-                    ])
-                    .in_tuples(pairs()),
-                )
-                .exec(&tx)
-                .await?;
-            connection::Entity::delete_many()
-                .filter(
-                    Expr::tuple([
-                        Expr::col(connection::Column::TenantId),
-                        Expr::col(connection::Column::Id),
-                    ])
-                    .in_tuples(pairs()),
-                )
-                .exec(&tx)
-                .await?;
-            tx.commit().await?;
+            if let Err(e) = self.unregister_chunk(chunk).await {
+                failure.get_or_insert(e);
+            }
         }
-        Ok(())
+        failure.map_or(Ok(()), |e| Err(e.into()))
     }
 
     async fn session_connections(
@@ -302,6 +285,39 @@ impl ConnectionRepository for SeaOrmStore {
         purged.agents.sort_unstable();
         purged.agents.dedup();
         Ok(purged)
+    }
+}
+
+impl SeaOrmStore {
+    /// Removes up to [`RENEWAL_CHUNK`] connections and their joins in one
+    /// transaction: the connection rows first, then the joins, the order
+    /// in which the purge (`purge_chunk`) and a silent connection's
+    /// removal take them, so that they cannot deadlock each other on
+    /// PostgreSQL.
+    async fn unregister_chunk(&self, chunk: &[(TenantId, uuid::Uuid)]) -> Result<(), DbErr> {
+        let pairs = || chunk.iter().map(|&(tenant, id)| (tenant.get(), id));
+        let tx = self.begin_write().await?;
+        connection::Entity::delete_many()
+            .filter(
+                Expr::tuple([
+                    Expr::col(connection::Column::TenantId),
+                    Expr::col(connection::Column::Id),
+                ])
+                .in_tuples(pairs()),
+            )
+            .exec(&tx)
+            .await?;
+        connection_join::Entity::delete_many()
+            .filter(
+                Expr::tuple([
+                    Expr::col(connection_join::Column::TenantId),
+                    Expr::col(connection_join::Column::ConnectionId),
+                ])
+                .in_tuples(pairs()),
+            )
+            .exec(&tx)
+            .await?;
+        tx.commit().await
     }
 }
 

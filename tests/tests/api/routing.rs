@@ -1200,9 +1200,15 @@ async fn a_node_renews_its_connections_together(backend: Backend) {
             "agent {agent} of tenant {tenant} after the closes"
         );
     }
-    let following = chat
-        .session_connections(t(1), waiting.session.id)
-        .await
-        .unwrap();
-    assert_eq!(following.customers, 0, "the customer's join went with it");
+    assert_eq!(
+        livechat_tests::count_rows(&app.db, "livechat_connection_joins").await,
+        0,
+        "the customer's join went with it"
+    );
+    // Left: agent 7's and agent 9's second connection (agent 11's expired
+    // row went with the purge above).
+    assert_eq!(
+        livechat_tests::count_rows(&app.db, "livechat_connections").await,
+        2
+    );
 }

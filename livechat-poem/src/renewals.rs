@@ -226,8 +226,8 @@ async fn store_renewals(mut running: Running) {
                 .chat
                 .unregister_connections(&of(&closed), config.presence_grace)
                 .await;
-            for (tenant, agent) in removed.gone {
-                spawn_presence_check(gateway.clone(), tenant, agent);
+            if !removed.gone.is_empty() {
+                spawn_presence_check(gateway.clone(), removed.gone);
             }
         }
         drop(closed);

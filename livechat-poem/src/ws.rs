@@ -2100,7 +2100,7 @@ async fn unregister(
         Ok(true) => {
             tracing::debug!(connection = %id, "last connection of the agent closed");
             if let Role::Agent(agent) = identity.role {
-                spawn_presence_check(gateway.clone(), identity.tenant, agent);
+                spawn_presence_check(gateway.clone(), vec![(identity.tenant, agent)]);
             }
         }
         Ok(false) => {}
@@ -2117,20 +2117,30 @@ async fn unregister(
 /// for it: the check died with the process, and the agent went on showing
 /// online, and the chats waiting on them went without a ticket, until
 /// another node's housekeeping (up to a minute).
-pub(crate) fn spawn_presence_check(gateway: Arc<Gateway>, tenant: TenantId, agent: UserId) {
+///
+/// Several agents gone at once (connections removed together,
+/// `renewals::unregister`) share one check: each is announced, and each
+/// tenant's waiting chats are looked at once.
+pub(crate) fn spawn_presence_check(gateway: Arc<Gateway>, agents: Vec<(TenantId, UserId)>) {
     gateway.sockets.clone().spawn(async move {
         tokio::time::sleep(gateway.config.presence_grace).await;
         let grace = gateway.config.presence_grace;
-        if matches!(
-            gateway.chat.announce_offline(tenant, agent, grace).await,
-            Ok(true)
-        ) {
-            publish_presence(&*gateway.bus, tenant, agent, PresenceStatus::Offline);
+        for &(tenant, agent) in &agents {
+            if matches!(
+                gateway.chat.announce_offline(tenant, agent, grace).await,
+                Ok(true)
+            ) {
+                publish_presence(&*gateway.bus, tenant, agent, PresenceStatus::Offline);
+            }
         }
-        // The agent's liveness has run out: if they were the tenant's last
-        // agent online, the chats left waiting become tickets.
-        if let Err(e) = gateway.chat.ticket_unattended_chats(Some(tenant)).await {
-            tracing::warn!(error = %e, tenant = tenant.get(), "could not ticket waiting chats");
+        // The agents' liveness has run out: if they were a tenant's last
+        // agents online, the chats left waiting become tickets.
+        let tenants: std::collections::BTreeSet<TenantId> =
+            agents.iter().map(|&(tenant, _)| tenant).collect();
+        for tenant in tenants {
+            if let Err(e) = gateway.chat.ticket_unattended_chats(Some(tenant)).await {
+                tracing::warn!(error = %e, tenant = tenant.get(), "could not ticket waiting chats");
+            }
         }
     });
 }

@@ -433,16 +433,17 @@ pub trait PresenceRepository: Send + Sync {
         policy: &RoutingPolicy,
     ) -> impl Future<Output = Result<AgentPresence, ChatError>> + Send;
 
-    /// Makes the agent's liveness run out `grace` from now (unless it runs
-    /// out sooner): their last connection closed, and a reconnect within
-    /// `grace` (a heartbeat) keeps them eligible without a flap. Without a
-    /// presence TTL, liveness is not checked for eligibility, and the
-    /// agent's last sign of life is set to now, which
-    /// [`Self::announce_offline`] compares with `grace`.
+    /// Makes the liveness of `agents` of `tenant` run out `grace` from now
+    /// (unless it runs out sooner): their last connection closed, and a
+    /// reconnect within `grace` (a heartbeat) keeps them eligible without a
+    /// flap. Without a presence TTL, liveness is not checked for
+    /// eligibility, and the agents' last sign of life is set to now, which
+    /// [`Self::announce_offline`] compares with `grace`. One statement for
+    /// all of them (a node's connections closed together, issue #5).
     fn expire_liveness(
         &self,
         tenant: TenantId,
-        agent: UserId,
+        agents: &[UserId],
         grace: std::time::Duration,
         policy: &RoutingPolicy,
     ) -> impl Future<Output = Result<(), ChatError>> + Send;
@@ -726,6 +727,15 @@ pub trait ConnectionRepository: Send + Sync {
         tenant: TenantId,
         session: SessionId,
     ) -> impl Future<Output = Result<SessionConnections, ChatError>> + Send;
+
+    /// The agents among `agents` of `tenant` with a live connection on
+    /// any node (one read for a node's connections closed together,
+    /// issue #5).
+    fn connected_agents(
+        &self,
+        tenant: TenantId,
+        agents: &[UserId],
+    ) -> impl Future<Output = Result<Vec<UserId>, ChatError>> + Send;
 
     /// Whether `agent` has a live connection on any node.
     fn agent_connected(

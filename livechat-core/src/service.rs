@@ -1436,7 +1436,9 @@ impl<S: ChatStore> ChatService<S> {
             );
         }
         match owner {
-            ConnectionOwner::Agent(agent) => self.agent_left(tenant, agent, grace).await,
+            ConnectionOwner::Agent(agent) => {
+                Ok(!self.agents_left(tenant, &[agent], grace).await?.is_empty())
+            }
             ConnectionOwner::Customer(_) => Ok(false),
         }
     }
@@ -1469,43 +1471,56 @@ impl<S: ChatStore> ChatService<S> {
                 tracing::warn!(error = %e, connections = ids.len(), "removal of connections failed");
             })
             .err();
-        let agents: std::collections::BTreeSet<(TenantId, UserId)> = connections
-            .iter()
-            .filter_map(|&(tenant, _, owner)| match owner {
-                ConnectionOwner::Agent(agent) => Some((tenant, agent)),
-                ConnectionOwner::Customer(_) => None,
-            })
-            .collect();
+        let mut agents: std::collections::BTreeMap<TenantId, std::collections::BTreeSet<UserId>> =
+            std::collections::BTreeMap::new();
+        for &(tenant, _, owner) in connections {
+            if let ConnectionOwner::Agent(agent) = owner {
+                agents.entry(tenant).or_default().insert(agent);
+            }
+        }
         let mut gone = Vec::new();
-        for (tenant, agent) in agents {
-            match self.agent_left(tenant, agent, grace).await {
-                Ok(true) => gone.push((tenant, agent)),
-                Ok(false) => {}
-                Err(e) => {
-                    tracing::warn!(error = %e, tenant = tenant.get(), agent = agent.get(), "agent's liveness not expired");
-                    failure.get_or_insert(e);
+        for (tenant, agents) in agents {
+            let agents: Vec<UserId> = agents.into_iter().collect();
+            for chunk in agents.chunks(500) {
+                match self.agents_left(tenant, chunk, grace).await {
+                    Ok(left) => gone.extend(left.into_iter().map(|agent| (tenant, agent))),
+                    Err(e) => {
+                        tracing::warn!(error = %e, tenant = tenant.get(), agents = chunk.len(), "agents' liveness not expired");
+                        failure.get_or_insert(e);
+                    }
                 }
             }
         }
         Unregistered { gone, failure }
     }
 
-    /// After a connection of `agent` closed: when they have no live
-    /// connection left on any node, their liveness runs out `grace` from
-    /// now and `true` is returned.
-    async fn agent_left(
+    /// After connections of `agents` of `tenant` closed: those with no
+    /// live connection left on any node have their liveness run out
+    /// `grace` from now (one read and one statement for all), and are
+    /// returned.
+    async fn agents_left(
         &self,
         tenant: TenantId,
-        agent: UserId,
+        agents: &[UserId],
         grace: std::time::Duration,
-    ) -> Result<bool, ChatError> {
-        if self.store.agent_connected(tenant, agent).await? {
-            return Ok(false);
+    ) -> Result<Vec<UserId>, ChatError> {
+        let connected: std::collections::HashSet<UserId> = self
+            .store
+            .connected_agents(tenant, agents)
+            .await?
+            .into_iter()
+            .collect();
+        let left: Vec<UserId> = agents
+            .iter()
+            .copied()
+            .filter(|agent| !connected.contains(agent))
+            .collect();
+        if !left.is_empty() {
+            self.store
+                .expire_liveness(tenant, &left, grace, &self.config.routing)
+                .await?;
         }
-        self.store
-            .expire_liveness(tenant, agent, grace, &self.config.routing)
-            .await?;
-        Ok(true)
+        Ok(left)
     }
 
     /// Housekeeping for every tenant: deletes the outbox's settled events

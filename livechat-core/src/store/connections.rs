@@ -243,6 +243,24 @@ impl ConnectionRepository for SeaOrmStore {
         })
     }
 
+    async fn connected_agents(
+        &self,
+        tenant: TenantId,
+        agents: &[UserId],
+    ) -> Result<Vec<UserId>, ChatError> {
+        let ids: Vec<i64> = connection::Entity::find()
+            .select_only()
+            .column(connection::Column::AgentId)
+            .distinct()
+            .filter(connection::Column::TenantId.eq(tenant.get()))
+            .filter(connection::Column::AgentId.is_in(agents.iter().map(|a| a.get())))
+            .filter(connection::Column::ExpiresAt.gt(now()))
+            .into_tuple()
+            .all(&self.db)
+            .await?;
+        ids.into_iter().map(host_id).collect()
+    }
+
     async fn agent_connected(&self, tenant: TenantId, agent: UserId) -> Result<bool, ChatError> {
         let n = connection::Entity::find()
             .filter(connection::Column::TenantId.eq(tenant.get()))

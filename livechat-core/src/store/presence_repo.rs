@@ -118,7 +118,7 @@ impl PresenceRepository for SeaOrmStore {
     async fn expire_liveness(
         &self,
         tenant: TenantId,
-        agent: UserId,
+        agents: &[UserId],
         grace: std::time::Duration,
         policy: &RoutingPolicy,
     ) -> Result<(), ChatError> {
@@ -135,7 +135,8 @@ impl PresenceRepository for SeaOrmStore {
         };
         presence::Entity::update_many()
             .col_expr(presence::Column::LastSeenAt, Expr::value(last_seen))
-            .filter(agent_row(tenant, agent))
+            .filter(presence::Column::TenantId.eq(tenant.get()))
+            .filter(presence::Column::AgentId.is_in(agents.iter().map(|a| a.get())))
             .apply_if(only_lowered.then_some(last_seen), |update, at| {
                 update.filter(presence::Column::LastSeenAt.gt(at))
             })
@@ -816,7 +817,7 @@ mod tests {
             let grace_from = |since| since + crate::model::span(grace) - quiet_for;
             let before_close = crate::model::now();
             store
-                .expire_liveness(tenant(), agent(), grace, &policy)
+                .expire_liveness(tenant(), &[agent()], grace, &policy)
                 .await
                 .unwrap();
             assert!(

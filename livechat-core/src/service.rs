@@ -68,6 +68,27 @@ pub struct CustomerChatRequest {
     pub user_agent: Option<String>,
 }
 
+/// Agents a node's batch of connections handles per transaction (their
+/// heartbeats) or per statement (their checks after a close).
+const AGENTS_PER_TRANSACTION: usize = 500;
+
+/// The agents owning `connections`, each once, by tenant, in id order.
+fn agents_by_tenant(
+    connections: &[(TenantId, uuid::Uuid, ConnectionOwner)],
+) -> std::collections::BTreeMap<TenantId, Vec<UserId>> {
+    let mut agents: std::collections::BTreeMap<TenantId, std::collections::BTreeSet<UserId>> =
+        std::collections::BTreeMap::new();
+    for &(tenant, _, owner) in connections {
+        if let ConnectionOwner::Agent(agent) = owner {
+            agents.entry(tenant).or_default().insert(agent);
+        }
+    }
+    agents
+        .into_iter()
+        .map(|(tenant, agents)| (tenant, agents.into_iter().collect()))
+        .collect()
+}
+
 /// What [`ChatService::register_connections`] and
 /// [`ChatService::touch_connections`] did: a node's connections of every
 /// tenant are one call, so one step's failure does not hide what the
@@ -1142,17 +1163,9 @@ impl<S: ChatStore> ChatService<S> {
         connections: &[(TenantId, uuid::Uuid, ConnectionOwner)],
         mut failure: Option<ChatError>,
     ) -> Renewed {
-        let mut agents: std::collections::BTreeMap<TenantId, std::collections::BTreeSet<UserId>> =
-            std::collections::BTreeMap::new();
-        for &(tenant, _, owner) in connections {
-            if let ConnectionOwner::Agent(agent) = owner {
-                agents.entry(tenant).or_default().insert(agent);
-            }
-        }
         let mut back = Vec::new();
-        for (tenant, agents) in agents {
-            let agents: Vec<UserId> = agents.into_iter().collect();
-            for chunk in agents.chunks(500) {
+        for (tenant, agents) in agents_by_tenant(connections) {
+            for chunk in agents.chunks(AGENTS_PER_TRANSACTION) {
                 match self
                     .store
                     .heartbeat_agents(tenant, chunk, &self.config.routing)
@@ -1471,17 +1484,9 @@ impl<S: ChatStore> ChatService<S> {
                 tracing::warn!(error = %e, connections = ids.len(), "removal of connections failed");
             })
             .err();
-        let mut agents: std::collections::BTreeMap<TenantId, std::collections::BTreeSet<UserId>> =
-            std::collections::BTreeMap::new();
-        for &(tenant, _, owner) in connections {
-            if let ConnectionOwner::Agent(agent) = owner {
-                agents.entry(tenant).or_default().insert(agent);
-            }
-        }
         let mut gone = Vec::new();
-        for (tenant, agents) in agents {
-            let agents: Vec<UserId> = agents.into_iter().collect();
-            for chunk in agents.chunks(500) {
+        for (tenant, agents) in agents_by_tenant(connections) {
+            for chunk in agents.chunks(AGENTS_PER_TRANSACTION) {
                 match self.agents_left(tenant, chunk, grace).await {
                     Ok(left) => gone.extend(left.into_iter().map(|agent| (tenant, agent))),
                     Err(e) => {

@@ -737,13 +737,6 @@ pub trait ConnectionRepository: Send + Sync {
         agents: &[UserId],
     ) -> impl Future<Output = Result<Vec<UserId>, ChatError>> + Send;
 
-    /// Whether `agent` has a live connection on any node.
-    fn agent_connected(
-        &self,
-        tenant: TenantId,
-        agent: UserId,
-    ) -> impl Future<Output = Result<bool, ChatError>> + Send;
-
     /// Deletes expired connections of every tenant (housekeeping: those of
     /// crashed nodes). Cross-tenant by nature, never reachable from a
     /// request.

@@ -72,6 +72,24 @@ pub struct CustomerChatRequest {
 /// heartbeats) or per statement (their checks after a close).
 const AGENTS_PER_TRANSACTION: usize = 500;
 
+/// `(tenant, id)` of each of `connections`.
+fn connection_ids(
+    connections: &[(TenantId, uuid::Uuid, ConnectionOwner)],
+) -> Vec<(TenantId, uuid::Uuid)> {
+    connections
+        .iter()
+        .map(|&(tenant, id, _)| (tenant, id))
+        .collect()
+}
+
+/// The failure of a batch's `step` over `connections` connections,
+/// logged: the batch's other steps still run.
+fn logged(step: &str, connections: usize, result: Result<(), ChatError>) -> Option<ChatError> {
+    result
+        .inspect_err(|e| tracing::warn!(error = %e, step, connections, "connections' step failed"))
+        .err()
+}
+
 /// The agents owning `connections`, each once, by tenant, in id order.
 fn agents_by_tenant(
     connections: &[(TenantId, uuid::Uuid, ConnectionOwner)],
@@ -1078,14 +1096,11 @@ impl<S: ChatStore> ChatService<S> {
         node: &str,
         ttl: std::time::Duration,
     ) -> Renewed {
-        let failure = self
+        let stored = self
             .store
             .register_connections(connections, node, ttl)
-            .await
-            .inspect_err(|e| {
-                tracing::warn!(error = %e, connections = connections.len(), "registration of connections failed");
-            })
-            .err();
+            .await;
+        let failure = logged("registration", connections.len(), stored);
         self.heartbeat_owners(connections, failure).await
     }
 
@@ -1139,18 +1154,11 @@ impl<S: ChatStore> ChatService<S> {
         connections: &[(TenantId, uuid::Uuid, ConnectionOwner)],
         ttl: std::time::Duration,
     ) -> Renewed {
-        let ids: Vec<(TenantId, uuid::Uuid)> = connections
-            .iter()
-            .map(|&(tenant, id, _)| (tenant, id))
-            .collect();
-        let failure = self
+        let stored = self
             .store
-            .touch_connections(&ids, ttl)
-            .await
-            .inspect_err(|e| {
-                tracing::warn!(error = %e, connections = ids.len(), "renewal of connections failed");
-            })
-            .err();
+            .touch_connections(&connection_ids(connections), ttl)
+            .await;
+        let failure = logged("renewal", connections.len(), stored);
         self.heartbeat_owners(connections, failure).await
     }
 
@@ -1472,18 +1480,11 @@ impl<S: ChatStore> ChatService<S> {
         connections: &[(TenantId, uuid::Uuid, ConnectionOwner)],
         grace: std::time::Duration,
     ) -> Unregistered {
-        let ids: Vec<(TenantId, uuid::Uuid)> = connections
-            .iter()
-            .map(|&(tenant, id, _)| (tenant, id))
-            .collect();
-        let mut failure = self
+        let removed = self
             .store
-            .unregister_connections(&ids)
-            .await
-            .inspect_err(|e| {
-                tracing::warn!(error = %e, connections = ids.len(), "removal of connections failed");
-            })
-            .err();
+            .unregister_connections(&connection_ids(connections))
+            .await;
+        let mut failure = logged("removal", connections.len(), removed);
         let mut gone = Vec::new();
         for (tenant, agents) in agents_by_tenant(connections) {
             for chunk in agents.chunks(AGENTS_PER_TRANSACTION) {
@@ -1624,7 +1625,11 @@ impl<S: ChatStore> ChatService<S> {
         tenant: TenantId,
         agent: UserId,
     ) -> Result<bool, ChatError> {
-        self.store.agent_connected(tenant, agent).await
+        Ok(!self
+            .store
+            .connected_agents(tenant, &[agent])
+            .await?
+            .is_empty())
     }
 
     /// Live connections of a session across all nodes (seed 002).

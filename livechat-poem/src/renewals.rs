@@ -42,15 +42,28 @@ struct State {
     running: bool,
 }
 
-/// What is queued for a connection.
+/// What is queued for a connection ([`queue`]).
 #[derive(Clone, Copy, PartialEq, Eq)]
-enum Kind {
-    /// A new connection's registration (its row inserted).
+pub(crate) enum Kind {
+    /// A new connection's registration: its row on this node and its
+    /// agent's first heartbeat. The connections a node opens together
+    /// (clients reconnecting after a restart or a deploy) are inserted a
+    /// statement per 100. A failure is logged (after the failed
+    /// statement's rows were tried one by one); a connection whose row
+    /// could not be inserted is served without one, counting as not
+    /// connected for as long as it is open.
     Register,
-    /// A ping's renewal.
+    /// A ping's renewal of the row and of its agent's liveness. A failure
+    /// is logged; the next ping renews again (the registration lives for
+    /// `connection_ttl`, three pings by default).
     Renew,
-    /// A closed connection's removal (closed with a close frame: a silent
-    /// client's, which makes up missed replies, is removed on its own).
+    /// A closed connection's removal with its joins (closed with a close
+    /// frame: a silent client's, which makes up missed replies, is removed
+    /// on its own). The connections a node closes together (a deploy, a
+    /// network blip) are removed a transaction per 500; agents whose last
+    /// connection it was get their presence check after the grace period,
+    /// as one connection's removal gives them. A failure is logged; the
+    /// rows then expire with their TTL.
     Unregister,
 }
 
@@ -70,52 +83,10 @@ impl Renewals {
     }
 }
 
-/// Queues the renewal of connection `id` of `owner` on `gateway`'s node
-/// and starts the task that stores renewals if none runs. The receiver
-/// ends (with an error: nothing is sent) once the renewal is stored, or
-/// failed (logged; the next ping renews again: the registration lives for
-/// `connection_ttl`, three pings by default).
-pub(crate) fn renew(
-    gateway: &Arc<Gateway>,
-    tenant: TenantId,
-    id: uuid::Uuid,
-    owner: ConnectionOwner,
-) -> oneshot::Receiver<()> {
-    queue(gateway, tenant, id, owner, Kind::Renew)
-}
-
-/// Queues the registration of the new connection `id` of `owner` (its row
-/// on this node, and its agent's first heartbeat), as [`renew`] queues a
-/// renewal: the connections a node opens together (clients reconnecting
-/// after a restart or a deploy) are inserted a statement per 100. A
-/// failure is logged (after the failed statement's rows were tried one by
-/// one); a connection whose row could not be inserted is served without
-/// one, counting as not connected for as long as it is open.
-pub(crate) fn register(
-    gateway: &Arc<Gateway>,
-    tenant: TenantId,
-    id: uuid::Uuid,
-    owner: ConnectionOwner,
-) -> oneshot::Receiver<()> {
-    queue(gateway, tenant, id, owner, Kind::Register)
-}
-
-/// Queues the removal of the closed connection `id` of `owner` and its
-/// joins, as [`renew`] queues a renewal: the connections a node closes
-/// together (a deploy, a network blip) are removed a transaction per 500.
-/// Agents whose last connection it was get their presence check after
-/// the grace period, as one connection's removal gives them. A failure is
-/// logged; the rows then expire with their TTL.
-pub(crate) fn unregister(
-    gateway: &Arc<Gateway>,
-    tenant: TenantId,
-    id: uuid::Uuid,
-    owner: ConnectionOwner,
-) -> oneshot::Receiver<()> {
-    queue(gateway, tenant, id, owner, Kind::Unregister)
-}
-
-fn queue(
+/// Queues `kind` for connection `id` of `owner` on `gateway`'s node and
+/// starts the task that stores what is queued if none runs. The receiver
+/// ends (with an error: nothing is sent) once it is stored, or failed.
+pub(crate) fn queue(
     gateway: &Arc<Gateway>,
     tenant: TenantId,
     id: uuid::Uuid,

@@ -39,6 +39,7 @@ use tokio::sync::{mpsc, watch};
 use crate::auth::{Authenticator, SUPPORT_AGENT, authorization_from_headers, tenant_from_headers};
 use crate::error::ApiError;
 use crate::fanout::{FanOut, Membership, Prepared};
+use crate::renewals::Kind;
 use crate::visitor::VisitorTokens;
 
 /// Tunables of the gateway (issue #4 defaults).
@@ -1754,7 +1755,9 @@ async fn serve(
         sends: FuturesOrdered::new(),
     };
     let owner = identity.role.owner();
-    Box::pin(register(&gateway, identity.tenant, conn.id, owner)).await;
+    // Registered, and its agent's liveness renewed, with the node's other
+    // new connections; `ready` once stored (or failed, logged).
+    let _ = crate::renewals::queue(&gateway, identity.tenant, conn.id, owner, Kind::Register).await;
     conn.send(frame(json!({
         "type": "ready",
         "connection_id": conn.id,
@@ -1955,7 +1958,7 @@ async fn serve(
                     conn.out.push_front(Message::Ping(Vec::new()));
                 }
                 if renewal.is_empty() && heard {
-                    let stored = crate::renewals::renew(&gateway, identity.tenant, conn.id, owner);
+                    let stored = crate::renewals::queue(&gateway, identity.tenant, conn.id, owner, Kind::Renew);
                     renewal.push_back(
                         async move {
                             let _ = stored.await;
@@ -1994,22 +1997,15 @@ async fn serve(
     } else {
         Box::pin(close(conn, &mut stream)).await;
         // With the node's other closed connections (`renewals`).
-        let _ =
-            crate::renewals::unregister(&gateway, identity.tenant, conn_id, identity.role.owner())
-                .await;
+        let _ = crate::renewals::queue(
+            &gateway,
+            identity.tenant,
+            conn_id,
+            identity.role.owner(),
+            Kind::Unregister,
+        )
+        .await;
     }
-}
-
-/// Registers a new connection in the node's registry and renews its
-/// owner's liveness, with the node's other new connections
-/// (`renewals::register`); returns once stored (or failed, logged).
-async fn register(
-    gateway: &Arc<Gateway>,
-    tenant: TenantId,
-    id: uuid::Uuid,
-    owner: ConnectionOwner,
-) {
-    let _ = crate::renewals::register(gateway, tenant, id, owner).await;
 }
 
 /// Ends a connection. When the client ended it, the sends already
@@ -2079,7 +2075,7 @@ fn heard_at(heard: Instant) -> chrono::DateTime<chrono::Utc> {
 /// gone silent or whose socket broke (`silent_since`: last heard then; a
 /// customer's replies stored since become notifications); a connection
 /// closed with a close frame is removed with the node's others
-/// (`renewals::unregister`).
+/// (`renewals::Kind::Unregister`).
 async fn unregister(
     gateway: &Arc<Gateway>,
     identity: Identity,
@@ -2110,7 +2106,7 @@ async fn unregister(
 
 /// After the grace period, tells the tenant's agents that an agent whose
 /// last connection closed is gone, unless they reconnected meanwhile (their
-/// next connection announces them again: `renewals::register`), and tickets the
+/// next connection announces them again: `renewals::Kind::Register`), and tickets the
 /// tenant's waiting chats if no agent is online any more
 /// ([`ChatService::ticket_unattended_chats`]). Tracked with the node's
 /// sockets, so that a graceful stop ([`crate::Livechat::closed`]) waits
@@ -2119,7 +2115,7 @@ async fn unregister(
 /// another node's housekeeping (up to a minute).
 ///
 /// Several agents gone at once (connections removed together,
-/// `renewals::unregister`) share one check: each is announced, and each
+/// `renewals::Kind::Unregister`) share one check: each is announced, and each
 /// tenant's waiting chats are looked at once.
 pub(crate) fn spawn_presence_check(gateway: Arc<Gateway>, agents: Vec<(TenantId, UserId)>) {
     gateway.sockets.clone().spawn(async move {

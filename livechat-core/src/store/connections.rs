@@ -7,8 +7,8 @@ use std::time::Duration;
 
 use sea_orm::sea_query::{Alias, Asterisk, Expr, ExprTrait, Query, SelectStatement};
 use sea_orm::{
-    ActiveValue::Set, ColumnTrait, Condition, ConnectionTrait, DbErr, EntityTrait, PaginatorTrait,
-    QueryFilter, QueryOrder, QuerySelect, prelude::DateTimeUtc,
+    ActiveValue::Set, ColumnTrait, Condition, ConnectionTrait, DbErr, EntityTrait, QueryFilter,
+    QueryOrder, QuerySelect, prelude::DateTimeUtc,
 };
 
 use super::entity::{connection, connection_join, message, outbox, session};
@@ -159,13 +159,11 @@ impl ConnectionRepository for SeaOrmStore {
         for chunk in connections.chunks(RENEWAL_CHUNK) {
             connection::Entity::update_many()
                 .col_expr(connection::Column::ExpiresAt, Expr::value(expiry(ttl)))
-                .filter(
-                    Expr::tuple([
-                        Expr::col(connection::Column::TenantId),
-                        Expr::col(connection::Column::Id),
-                    ])
-                    .in_tuples(chunk.iter().map(|&(tenant, id)| (tenant.get(), id))),
-                )
+                .filter(named(
+                    connection::Column::TenantId,
+                    connection::Column::Id,
+                    chunk,
+                ))
                 .exec(&self.db)
                 .await?;
         }
@@ -261,16 +259,6 @@ impl ConnectionRepository for SeaOrmStore {
         ids.into_iter().map(host_id).collect()
     }
 
-    async fn agent_connected(&self, tenant: TenantId, agent: UserId) -> Result<bool, ChatError> {
-        let n = connection::Entity::find()
-            .filter(connection::Column::TenantId.eq(tenant.get()))
-            .filter(connection::Column::AgentId.eq(agent.get()))
-            .filter(connection::Column::ExpiresAt.gt(now()))
-            .count(&self.db)
-            .await?;
-        Ok(n > 0)
-    }
-
     async fn purge_expired_connections(
         &self,
         connection_ttl: Duration,
@@ -313,30 +301,37 @@ impl SeaOrmStore {
     /// removal take them, so that they cannot deadlock each other on
     /// PostgreSQL.
     async fn unregister_chunk(&self, chunk: &[(TenantId, uuid::Uuid)]) -> Result<(), DbErr> {
-        let pairs = || chunk.iter().map(|&(tenant, id)| (tenant.get(), id));
         let tx = self.begin_write().await?;
         connection::Entity::delete_many()
-            .filter(
-                Expr::tuple([
-                    Expr::col(connection::Column::TenantId),
-                    Expr::col(connection::Column::Id),
-                ])
-                .in_tuples(pairs()),
-            )
+            .filter(named(
+                connection::Column::TenantId,
+                connection::Column::Id,
+                chunk,
+            ))
             .exec(&tx)
             .await?;
         connection_join::Entity::delete_many()
-            .filter(
-                Expr::tuple([
-                    Expr::col(connection_join::Column::TenantId),
-                    Expr::col(connection_join::Column::ConnectionId),
-                ])
-                .in_tuples(pairs()),
-            )
+            .filter(named(
+                connection_join::Column::TenantId,
+                connection_join::Column::ConnectionId,
+                chunk,
+            ))
             .exec(&tx)
             .await?;
         tx.commit().await
     }
+}
+
+/// Rows whose `(tenant, connection)` columns are one of `connections`,
+/// matched as pairs: a connection named with another tenant matches
+/// nothing.
+fn named(
+    tenant: impl sea_orm::sea_query::IntoColumnRef,
+    connection: impl sea_orm::sea_query::IntoColumnRef,
+    connections: &[(TenantId, uuid::Uuid)],
+) -> sea_orm::sea_query::SimpleExpr {
+    Expr::tuple([Expr::col(tenant), Expr::col(connection)])
+        .in_tuples(connections.iter().map(|&(tenant, id)| (tenant.get(), id)))
 }
 
 /// Connections inserted per statement by `register_connections` (seven

@@ -765,3 +765,22 @@ pub fn t(n: i64) -> livechat_core::TenantId {
 pub fn u(n: i64) -> livechat_core::UserId {
     livechat_core::UserId::new(n).expect("positive user id")
 }
+
+/// The visitor token and session id of a customer start's answer (`201`
+/// of `POST /livechat/customer/chats` for a new visitor).
+///
+/// # Panics
+/// When the answer has no visitor token or session id.
+#[must_use]
+pub fn visitor_chat(started: &serde_json::Value) -> (String, String) {
+    let field = |value: &serde_json::Value, name: &str| {
+        value
+            .as_str()
+            .unwrap_or_else(|| panic!("a {name} in {started}"))
+            .to_owned()
+    };
+    (
+        field(&started["data"]["visitor_token"], "visitor token"),
+        field(&started["data"]["session"]["id"], "session id"),
+    )
+}

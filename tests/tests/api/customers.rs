@@ -1673,8 +1673,7 @@ mod rate_limits {
                 (status, body)
             }
         };
-        let token = first["data"]["visitor_token"].as_str().unwrap().to_owned();
-        let session = first["data"]["session"]["id"].as_str().unwrap().to_owned();
+        let (token, session) = livechat_tests::visitor_chat(&first);
         for _ in 0..2 {
             let (code, body) = send(token.clone(), session.clone()).await;
             assert_eq!(code, 201, "{body}");
@@ -1777,14 +1776,7 @@ mod rate_limits {
             let forwarded = format!("198.51.100.{n}");
             let (code, _, started) = start("1", Some(&forwarded)).await;
             assert_eq!(code, 201, "{started}");
-            let token = started["data"]["visitor_token"]
-                .as_str()
-                .unwrap()
-                .to_owned();
-            let session = started["data"]["session"]["id"]
-                .as_str()
-                .unwrap()
-                .to_owned();
+            let (token, session) = livechat_tests::visitor_chat(&started);
             let mut socket =
                 WsClient::connect_with_header(&node.ws_url(), &format!("Visitor {token}"), 1)
                     .await

@@ -2396,14 +2396,7 @@ async fn a_visitor_socket_goes_on_as_the_linked_customer(backend: Backend) {
         .unwrap();
     let http = reqwest::Client::new();
     let started = node.start_visitor_chat("x").await;
-    let token = started["data"]["visitor_token"]
-        .as_str()
-        .unwrap()
-        .to_owned();
-    let session = started["data"]["session"]["id"]
-        .as_str()
-        .unwrap()
-        .to_owned();
+    let (token, session) = livechat_tests::visitor_chat(&started);
     let visitor = format!("Visitor {token}");
     // One socket joined to the chat, one not yet.
     let mut joined = WsClient::connect_with_header(&node.ws_url(), &visitor, 1)

@@ -55,8 +55,8 @@ pub use inbox::{
     Notification, NotificationInbox, Ticket, TicketDirectory, TicketFilter, TicketStatus,
 };
 pub use model::{
-    AgentPresence, ChatMessage, ChatSession, Contact, Customer, CustomerIdentity, PresenceStatus,
-    Priority, Sender, SenderType, SessionOrigin, SessionStatus, SessionView, now,
+    AgentPresence, ChatMessage, ChatSession, Contact, Customer, CustomerIdentity, Heartbeat,
+    PresenceStatus, Priority, Sender, SenderType, SessionOrigin, SessionStatus, SessionView, now,
 };
 pub use outbox::{Behind, OutboxConsumer, OutboxInterest, PendingEvent};
 pub use repository::{

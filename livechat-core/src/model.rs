@@ -301,6 +301,19 @@ pub struct AgentPresence {
     pub departments: Vec<String>,
 }
 
+/// What an agent's heartbeat did ([`crate::ChatService::heartbeat`]).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Heartbeat {
+    /// The agent's presence after the heartbeat.
+    pub presence: AgentPresence,
+    /// Whether the agent had been announced offline (their presence ran
+    /// out) and is back: the heartbeat cleared that announcement in its
+    /// own transaction, and the caller announces `presence` to the
+    /// tenant's agents, once. Never true for a chosen status of `offline`
+    /// (announced when chosen).
+    pub returned: bool,
+}
+
 /// A session with its place in the queue (1 = next) while WAITING.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct SessionView {

@@ -17,8 +17,8 @@ use crate::error::ChatError;
 use crate::events::{DomainEvent, TicketClosed, TicketRequested};
 use crate::ids::{CustomerId, EventId, SessionId, TenantId, TicketId, UserId};
 use crate::model::{
-    AgentPresence, ChatMessage, ChatSession, Contact, Customer, CustomerIdentity, PresenceStatus,
-    Priority, Sender, SessionStatus, SessionView,
+    AgentPresence, ChatMessage, ChatSession, Contact, Customer, CustomerIdentity, Heartbeat,
+    PresenceStatus, Priority, Sender, SessionStatus, SessionView,
 };
 use crate::validate::{ClientMsgId, MessageBody, PageSize, Topic};
 
@@ -424,14 +424,17 @@ pub trait PresenceRepository: Send + Sync {
         policy: &RoutingPolicy,
     ) -> impl Future<Output = Result<AgentPresence, ChatError>> + Send;
 
-    /// Refreshes the agent's liveness; drains the queue if that made them
-    /// eligible again. `NotFound` if they never set a status in the tenant.
+    /// Refreshes the agent's liveness and clears a standing offline
+    /// announcement of theirs (they are back: [`Heartbeat::returned`]), in
+    /// one transaction under the tenant's routing lock, then the agent's
+    /// row; drains the queue if the agent is `online`. `NotFound` if they
+    /// never set a status in the tenant.
     fn heartbeat(
         &self,
         tenant: TenantId,
         agent: UserId,
         policy: &RoutingPolicy,
-    ) -> impl Future<Output = Result<AgentPresence, ChatError>> + Send;
+    ) -> impl Future<Output = Result<Heartbeat, ChatError>> + Send;
 
     /// Makes the liveness of `agents` of `tenant` run out `grace` from now
     /// (unless it runs out sooner): their last connection closed, and a
@@ -497,13 +500,12 @@ pub trait PresenceRepository: Send + Sync {
         policy: &RoutingPolicy,
     ) -> impl Future<Output = Result<Vec<(TenantId, UserId)>, ChatError>> + Send;
 
-    /// [`Self::heartbeat`] and [`Self::clear_offline_announcement`] for
-    /// several agents of `tenant` at once, in one transaction: refreshes
-    /// their liveness, clears their standing offline announcements, and
-    /// drains the queue once when one of them is `online` (issue #5: a
-    /// node renews its agents' connections together). Returns the
-    /// presences whose announcement was cleared, as
-    /// [`Self::clear_offline_announcement`] does; agents who never set a
+    /// [`Self::heartbeat`] for several agents of `tenant` at once, in one
+    /// transaction: refreshes their liveness, clears their standing
+    /// offline announcements, and drains the queue once when one of them
+    /// is `online` (issue #5: a node renews its agents' connections
+    /// together). Returns the presences whose announcement was cleared
+    /// (whatever their chosen status); agents who never set a
     /// status in the tenant are skipped, and a row that cannot be read
     /// (written outside the library) is renewed but not returned. The
     /// tenant's routing lock is taken first, then the agents' rows (in id
@@ -515,15 +517,6 @@ pub trait PresenceRepository: Send + Sync {
         agents: &[UserId],
         policy: &RoutingPolicy,
     ) -> impl Future<Output = Result<Vec<AgentPresence>, ChatError>> + Send;
-
-    /// Clears a standing offline announcement of `agent` (they are
-    /// connected again) and returns their presence when there was one, so
-    /// that their chosen status is announced again once.
-    fn clear_offline_announcement(
-        &self,
-        tenant: TenantId,
-        agent: UserId,
-    ) -> impl Future<Output = Result<Option<AgentPresence>, ChatError>> + Send;
 
     /// Every agent who set a status in the tenant, by agent id, with
     /// whether they count as online (status and freshness, as routing

@@ -6,8 +6,8 @@ use crate::events::{TicketClosed, TicketReason, TicketRequested};
 use crate::ids::{CustomerId, SessionId, TenantId, TicketId, UserId};
 use crate::inbox::{Ticket, TicketDirectory, TicketStatus};
 use crate::model::{
-    AgentPresence, ChatMessage, ChatSession, Contact, Customer, CustomerIdentity, PresenceStatus,
-    Priority, Sender, SessionStatus, SessionView,
+    AgentPresence, ChatMessage, ChatSession, Contact, Customer, CustomerIdentity, Heartbeat,
+    PresenceStatus, Priority, Sender, SessionStatus, SessionView,
 };
 use crate::repository::{
     AppendedMessage, AssignMode, ChatStore, ConnectionOwner, CustomerChatStarted, NewCustomerChat,
@@ -270,15 +270,17 @@ impl<S: ChatStore> ChatService<S> {
             .await
     }
 
-    /// Refreshes `agent`'s liveness (DESIGN.md invariant 3).
+    /// Refreshes `agent`'s liveness (DESIGN.md invariant 3) and, in the
+    /// same transaction, clears a standing offline announcement of theirs
+    /// (their presence had run out: [`Self::announce_expired_presence`]):
+    /// [`Heartbeat::returned`] then tells the caller to announce the
+    /// agent's chosen status to the tenant's agents, once. A connection's
+    /// heartbeats do the same for a node's agents together
+    /// ([`Self::touch_connections`]).
     ///
     /// # Errors
     /// [`ChatError::NotFound`] if the agent never set a status in the tenant.
-    pub async fn heartbeat(
-        &self,
-        tenant: TenantId,
-        agent: UserId,
-    ) -> Result<AgentPresence, ChatError> {
+    pub async fn heartbeat(&self, tenant: TenantId, agent: UserId) -> Result<Heartbeat, ChatError> {
         self.store
             .heartbeat(tenant, agent, &self.config.routing)
             .await
@@ -1197,25 +1199,6 @@ impl<S: ChatStore> ChatService<S> {
         }
     }
 
-    /// After a heartbeat of `agent` (a connection's, or
-    /// [`Self::heartbeat`]): clears a standing offline announcement and
-    /// returns the presence to announce back to the tenant's agents, once,
-    /// when there was one and the chosen status is not `offline`.
-    ///
-    /// # Errors
-    /// [`ChatError::Storage`] only.
-    pub async fn agent_returned(
-        &self,
-        tenant: TenantId,
-        agent: UserId,
-    ) -> Result<Option<AgentPresence>, ChatError> {
-        Ok(self
-            .store
-            .clear_offline_announcement(tenant, agent)
-            .await?
-            .filter(|p| p.status != PresenceStatus::Offline))
-    }
-
     /// The ticket `id` of `tenant`, read through `tickets` (tickets live
     /// outside core: [`crate::TicketDirectory`]).
     ///
@@ -1330,7 +1313,7 @@ impl<S: ChatStore> ChatService<S> {
     /// stopped sending heartbeats) and whose chosen status is not
     /// `offline`, each recorded as announced so that one node says it once
     /// and their next heartbeat or connection is announced back
-    /// ([`Self::agent_returned`]). Without a presence TTL nothing runs out
+    /// ([`Heartbeat::returned`], [`Renewed::announce`]). Without a presence TTL nothing runs out
     /// and nothing is returned.
     ///
     /// # Errors

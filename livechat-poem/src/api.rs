@@ -556,14 +556,15 @@ impl AgentApi {
         operation_id = "agent_heartbeat"
     )]
     async fn heartbeat(&self, auth: AgentAuth) -> Result<PresenceResponse, ApiError> {
-        let presence = self.chat.heartbeat(auth.tenant(), auth.user()).await?;
+        let beat = self.chat.heartbeat(auth.tenant(), auth.user()).await?;
         if let Some(bus) = &self.bus
-            && let Some(back) = self.chat.agent_returned(auth.tenant(), auth.user()).await?
+            && beat.returned
         {
+            let back = &beat.presence;
             crate::ws::publish_presence(&**bus, back.tenant_id, back.agent_id, back.status);
         }
         Ok(PresenceResponse::Ok(Json(PresenceEnvelope {
-            data: presence.into(),
+            data: beat.presence.into(),
         })))
     }
 

@@ -16,7 +16,7 @@ use crate::config::RoutingPolicy;
 use crate::error::ChatError;
 use crate::events::EventKind;
 use crate::ids::{TenantId, UserId};
-use crate::model::{AgentPresence, PresenceStatus, SessionOrigin, SessionStatus, now};
+use crate::model::{AgentPresence, Heartbeat, PresenceStatus, SessionOrigin, SessionStatus, now};
 use crate::repository::{AgentOverview, EligibleAgent, PresenceRepository};
 
 impl PresenceRepository for SeaOrmStore {
@@ -95,12 +95,30 @@ impl PresenceRepository for SeaOrmStore {
         tenant: TenantId,
         agent: UserId,
         policy: &RoutingPolicy,
-    ) -> Result<AgentPresence, ChatError> {
+    ) -> Result<Heartbeat, ChatError> {
         let tx = self.begin_write().await?;
         let mut ev = self.recorder();
         let capacity = lock_tenant(&tx, tenant, policy).await?;
+        // The row first (see `lock_presence`): its announcement is read
+        // under the lock (an announcement being written is waited for and
+        // then cleared, not skipped), and cleared by the update.
+        let announced: Option<Option<chrono::DateTime<chrono::Utc>>> = presence::Entity::find()
+            .select_only()
+            .column(presence::Column::OfflineAnnouncedAt)
+            .filter(agent_row(tenant, agent))
+            .lock_exclusive()
+            .into_tuple()
+            .one(&tx)
+            .await?;
+        let Some(announced) = announced else {
+            return abort(tx, ChatError::NotFound).await;
+        };
         let updated = presence::Entity::update_many()
             .col_expr(presence::Column::LastSeenAt, Expr::value(now()))
+            .col_expr(
+                presence::Column::OfflineAnnouncedAt,
+                Expr::value(Option::<chrono::DateTime<chrono::Utc>>::None),
+            )
             .filter(agent_row(tenant, agent))
             .exec_with_returning(&tx)
             .await?;
@@ -112,7 +130,10 @@ impl PresenceRepository for SeaOrmStore {
             drain_queue(&tx, &mut ev, tenant, policy, capacity).await?;
         }
         self.commit(tx, ev).await?;
-        Ok(presence)
+        Ok(Heartbeat {
+            returned: announced.is_some() && presence.status != PresenceStatus::Offline,
+            presence,
+        })
     }
 
     async fn expire_liveness(
@@ -377,30 +398,6 @@ impl PresenceRepository for SeaOrmStore {
             .into_iter()
             .filter(|p| was_announced.contains(&p.agent_id.get()))
             .collect())
-    }
-
-    async fn clear_offline_announcement(
-        &self,
-        tenant: TenantId,
-        agent: UserId,
-    ) -> Result<Option<AgentPresence>, ChatError> {
-        let tx = self.begin_write().await?;
-        lock_presence(&tx, tenant, agent).await?;
-        let cleared = presence::Entity::update_many()
-            .col_expr(
-                presence::Column::OfflineAnnouncedAt,
-                Expr::value(Option::<chrono::DateTime<chrono::Utc>>::None),
-            )
-            .filter(agent_row(tenant, agent))
-            .filter(presence::Column::OfflineAnnouncedAt.is_not_null())
-            .exec_with_returning(&tx)
-            .await?;
-        tx.commit().await?;
-        cleared
-            .into_iter()
-            .next()
-            .map(AgentPresence::try_from)
-            .transpose()
     }
 
     async fn get_presence(
@@ -746,13 +743,23 @@ mod tests {
     /// no announcement, and the agent stayed announced offline.)
     #[tokio::test]
     async fn a_return_clears_an_announcement_being_written() {
-        let cleared = while_the_row_is_held(
+        let policy = RoutingPolicy::default();
+        let (beat, store) = while_the_row_is_held(
             "UPDATE livechat_agent_presence SET offline_announced_at = now()",
-            |store| async move { store.clear_offline_announcement(tenant(), agent()).await },
+            |store| async move {
+                let beat = store
+                    .heartbeat(tenant(), agent(), &RoutingPolicy::default())
+                    .await?;
+                Ok((beat, store))
+            },
             |_| async {},
         )
         .await;
-        assert_eq!(cleared.map(|p| p.agent_id), Some(agent()));
+        assert!(beat.returned);
+        assert_eq!(beat.presence.agent_id, agent());
+        // Cleared: the next heartbeat announces nothing.
+        let again = store.heartbeat(tenant(), agent(), &policy).await.unwrap();
+        assert!(!again.returned);
     }
 
     /// The housekeeping's sweep skips an agent whose row another
@@ -781,10 +788,13 @@ mod tests {
             vec![(tenant(), agent())]
         );
         // With a connection, nothing.
-        store
-            .clear_offline_announcement(tenant(), agent())
-            .await
-            .unwrap();
+        assert!(
+            store
+                .heartbeat(tenant(), agent(), &RoutingPolicy::default())
+                .await
+                .unwrap()
+                .returned
+        );
         connect(&store).await;
         assert_eq!(
             store.announce_expired_presence(stale_before).await.unwrap(),

@@ -177,12 +177,42 @@ fn keyed<K: Clone + Eq + std::hash::Hash>(
     })
 }
 
-/// Counts one request under `key`: a 429 when over the limit.
+/// A request over a limit: what was refused and how long until the limit
+/// lets one through again. Over HTTP a 429 `rate_limited` with
+/// `Retry-After` (`From<Refused> for ApiError`); over a WebSocket an
+/// `error` frame with `retry_after_ms`.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct Refused {
+    /// The error's message.
+    pub(crate) what: &'static str,
+    /// Until the next request under the same key is allowed.
+    pub(crate) wait: Duration,
+}
+
+impl From<Refused> for ApiError {
+    fn from(refused: Refused) -> Self {
+        ApiError::rate_limited(refused.what, refused.wait)
+    }
+}
+
+/// Counts one request on `limiter` (a connection's own limit):
+/// [`Refused`], saying `what`, when over it.
+pub(crate) fn direct(
+    limiter: &governor::DefaultDirectRateLimiter,
+    what: &'static str,
+) -> Result<(), Refused> {
+    limiter.check().map_err(|not_until| Refused {
+        what,
+        wait: not_until.wait_time_from(DefaultClock::default().now()),
+    })
+}
+
+/// Counts one request under `key`: [`Refused`] when over the limit.
 fn check<K: Clone + Eq + std::hash::Hash>(
     keyed: Option<&Keyed<K>>,
     key: &K,
-    what: &str,
-) -> Result<(), ApiError> {
+    what: &'static str,
+) -> Result<(), Refused> {
     let Some(keyed) = keyed else {
         return Ok(());
     };
@@ -208,9 +238,9 @@ fn check<K: Clone + Eq + std::hash::Hash>(
         }
         limiter.shrink_to_fit();
     }
-    outcome.map_err(|not_until| {
-        let wait = not_until.wait_time_from(DefaultClock::default().now());
-        ApiError::rate_limited(what, wait)
+    outcome.map_err(|not_until| Refused {
+        what,
+        wait: not_until.wait_time_from(DefaultClock::default().now()),
     })
 }
 
@@ -251,7 +281,7 @@ impl Limiters {
 
     /// Counts a chat start from `ip` (the client's address,
     /// [`Self::client_ip`]; none: not limited) in `tenant`.
-    pub(crate) fn chat_start(&self, tenant: TenantId, ip: Option<IpAddr>) -> Result<(), ApiError> {
+    pub(crate) fn chat_start(&self, tenant: TenantId, ip: Option<IpAddr>) -> Result<(), Refused> {
         let Some(ip) = ip else {
             return Ok(());
         };
@@ -268,7 +298,7 @@ impl Limiters {
         tenant: TenantId,
         customer: CustomerId,
         ip: Option<IpAddr>,
-    ) -> Result<(), ApiError> {
+    ) -> Result<(), Refused> {
         let refused = "too many messages; slow down";
         // The address first: refused there, the customer's own allowance
         // is left whole (a customer behind a busy shared address).
@@ -346,7 +376,14 @@ mod tests {
             check(limits.starts.as_ref(), &(tenant, key), "x").unwrap();
         }
         let refused = check(limits.starts.as_ref(), &(tenant, key), "x").unwrap_err();
-        assert_eq!(refused.detail().code, "rate_limited");
+        // A burst of four at two a minute: the next one in about 30 s.
+        assert!(
+            refused.wait > Duration::from_secs(25) && refused.wait <= Duration::from_secs(30),
+            "{refused:?}"
+        );
+        let answer = ApiError::from(refused);
+        assert_eq!(answer.detail().code, "rate_limited");
+        assert_eq!(answer.detail().message, "x");
         check(limits.starts.as_ref(), &(other, key), "x").expect("another tenant");
         let none = Limiters::new(&RateLimits::unlimited());
         assert!(none.starts_any_tenant.is_none());
@@ -375,7 +412,7 @@ mod tests {
         let refused = limits
             .customer_message(tenant, fresh, Some(ip))
             .unwrap_err();
-        assert_eq!(refused.detail().code, "rate_limited");
+        assert_eq!(ApiError::from(refused).detail().code, "rate_limited");
         limits
             .customer_message(tenant, CustomerId::generate(), Some(other))
             .expect("another address");
@@ -400,7 +437,7 @@ mod tests {
             }
         }
         let refused = limits.chat_start(tenant(6), Some(ip)).unwrap_err();
-        assert_eq!(refused.detail().code, "rate_limited");
+        assert_eq!(ApiError::from(refused).detail().code, "rate_limited");
         limits
             .chat_start(tenant(6), Some(other))
             .expect("another address");

@@ -39,6 +39,7 @@ use tokio::sync::{mpsc, watch};
 use crate::auth::{Authenticator, SUPPORT_AGENT, authorization_from_headers, tenant_from_headers};
 use crate::error::ApiError;
 use crate::fanout::{FanOut, Membership, Prepared};
+use crate::limits::{self, Refused};
 use crate::renewals::Kind;
 use crate::visitor::VisitorTokens;
 
@@ -628,6 +629,20 @@ fn error_frame(code: &str, message: &str, reference: Option<&str>) -> Message {
     frame(v)
 }
 
+/// A `rate_limited` error frame for the frame `reference` names, with
+/// `retry_after_ms`: whole milliseconds (at least 1) until the limit that
+/// refused it lets one through again.
+fn rate_limited_frame(refused: &Refused, reference: &str) -> Message {
+    let wait_ms = refused.wait.as_micros().div_ceil(1000).max(1);
+    frame(json!({
+        "type": "error",
+        "code": "rate_limited",
+        "message": refused.what,
+        "ref": reference,
+        "retry_after_ms": u64::try_from(wait_ms).unwrap_or(u64::MAX),
+    }))
+}
+
 /// A `new_message` frame's text: the message's fields and `"type"`,
 /// serialized in one pass (no intermediate `Value`).
 pub(crate) fn message_text(m: &ChatMessage) -> String {
@@ -841,16 +856,16 @@ const MAX_IN_FLIGHT: usize = 64;
 /// answer goes out in submission order.
 struct InFlight {
     client_msg_id: String,
-    /// `None`: refused by the rate limit.
-    append: Option<PendingAppend>,
+    /// `Err`: refused by a rate limit.
+    append: Result<PendingAppend, Refused>,
 }
 
+/// A send's answer: the append's outcome, or the rate limit's refusal.
+type Settled = Result<Result<livechat_core::AppendedMessage, ChatError>, Refused>;
+
 impl Future for InFlight {
-    /// The key, and the append's outcome (`None`: rate limited).
-    type Output = (
-        String,
-        Option<Result<livechat_core::AppendedMessage, ChatError>>,
-    );
+    /// The key, and the append's outcome.
+    type Output = (String, Settled);
 
     fn poll(
         self: std::pin::Pin<&mut Self>,
@@ -859,11 +874,12 @@ impl Future for InFlight {
         let this = self.get_mut();
         let key = |this: &mut Self| std::mem::take(&mut this.client_msg_id);
         match &mut this.append {
-            None => std::task::Poll::Ready((key(this), None)),
-            Some(append) => match std::pin::Pin::new(append).poll(cx) {
-                std::task::Poll::Ready(outcome) => {
-                    std::task::Poll::Ready((key(this), Some(outcome)))
-                }
+            Err(refused) => {
+                let refused = *refused;
+                std::task::Poll::Ready((key(this), Err(refused)))
+            }
+            Ok(append) => match std::pin::Pin::new(append).poll(cx) {
+                std::task::Poll::Ready(outcome) => std::task::Poll::Ready((key(this), Ok(outcome))),
                 std::task::Poll::Pending => std::task::Poll::Pending,
             },
         }
@@ -973,18 +989,13 @@ impl Conn {
     }
 
     /// Answers a committed (or refused) send with `ack` or `error`.
-    fn settle_send(
-        &mut self,
-        client_msg_id: &str,
-        outcome: Option<Result<livechat_core::AppendedMessage, ChatError>>,
-    ) {
-        let Some(outcome) = outcome else {
-            self.send(error_frame(
-                "rate_limited",
-                "too many messages; slow down",
-                Some(client_msg_id),
-            ));
-            return;
+    fn settle_send(&mut self, client_msg_id: &str, outcome: Settled) {
+        let outcome = match outcome {
+            Ok(outcome) => outcome,
+            Err(refused) => {
+                self.send(rate_limited_frame(&refused, client_msg_id));
+                return;
+            }
         };
         match outcome {
             Ok(posted) => {
@@ -1445,14 +1456,14 @@ impl Conn {
     /// Whether a customer connection's sender is over their message limit
     /// (`RateLimits::customer_messages_per_sec`; counts one message when
     /// not). Agents have none beyond the connection's.
-    fn over_customer_limit(&self) -> bool {
+    fn customer_limit(&self) -> Result<(), Refused> {
         match self.identity.role {
-            Role::Customer { customer, .. } => self
-                .gateway
-                .limits
-                .customer_message(self.tenant(), customer, self.client_ip)
-                .is_err(),
-            Role::Agent(_) => false,
+            Role::Customer { customer, .. } => {
+                self.gateway
+                    .limits
+                    .customer_message(self.tenant(), customer, self.client_ip)
+            }
+            Role::Agent(_) => Ok(()),
         }
     }
 
@@ -1463,10 +1474,12 @@ impl Conn {
     fn submit_send(&mut self, session_id: &str, client_msg_id: String, message: String) {
         // The connection's own limit, then the customer's, which their
         // HTTP messages and other sockets share.
-        if self.limiter.check().is_err() || self.over_customer_limit() {
+        if let Err(refused) = limits::direct(&self.limiter, "too many messages; slow down")
+            .and_then(|()| self.customer_limit())
+        {
             self.sends.push_back(InFlight {
                 client_msg_id,
-                append: None,
+                append: Err(refused),
             });
             return;
         }
@@ -1491,7 +1504,7 @@ impl Conn {
         };
         self.sends.push_back(InFlight {
             client_msg_id,
-            append: Some(append),
+            append: Ok(append),
         });
     }
 
@@ -1520,13 +1533,12 @@ impl Conn {
         if let ClientFrame::JoinSession { session_id, .. }
         | ClientFrame::Typing { session_id, .. }
         | ClientFrame::Read { session_id, .. } = &frame_in
-            && self.signals.check().is_err()
-        {
-            self.send(error_frame(
-                "rate_limited",
+            && let Err(refused) = limits::direct(
+                &self.signals,
                 "too many join_session, typing and read frames; slow down",
-                Some(session_id),
-            ));
+            )
+        {
+            self.send(rate_limited_frame(&refused, session_id));
             return Ok(());
         }
         match frame_in {
@@ -1832,7 +1844,7 @@ async fn serve(
                 // from the chat's update; this one may not be). The
                 // connection goes on as the identified customer, so the
                 // client's retry is theirs.
-                let gone = matches!(outcome, Some(Err(ChatError::NotFound)))
+                let gone = matches!(outcome, Ok(Err(ChatError::NotFound)))
                     && matches!(conn.identity.role, Role::Customer { .. });
                 conn.settle_send(&client_msg_id, outcome);
                 if gone {

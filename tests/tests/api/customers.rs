@@ -1699,6 +1699,9 @@ mod rate_limits {
             (Some("rate_limited"), Some("ws-1")),
             "{refused}"
         );
+        // When the customer's limit (one a second) lets the next through.
+        let wait = refused["retry_after_ms"].as_u64().expect("a wait hint");
+        assert!((1..=1000).contains(&wait), "{refused}");
         let (_, _, other) = start("1", Some("203.0.113.11")).await;
         let (code, body) = send(
             other["data"]["visitor_token"].as_str().unwrap().to_owned(),

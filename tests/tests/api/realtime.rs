@@ -992,12 +992,18 @@ async fn bad_input_gets_error_frames(backend: Backend) {
         c.send(json!({"type": "send_message", "session_id": session, "client_msg_id": format!("r{n}"), "message": "spam"})).await;
     }
     let frames = c.drain(Duration::from_millis(500)).await;
-    assert!(
-        frames
-            .iter()
-            .any(|f| f["type"] == "error" && f["code"] == "rate_limited"),
-        "{frames:?}"
-    );
+    let refused: Vec<&Value> = frames
+        .iter()
+        .filter(|f| f["type"] == "error" && f["code"] == "rate_limited")
+        .collect();
+    assert!(!refused.is_empty(), "{frames:?}");
+    // Each says when the limit lets the next through: within a cell of
+    // the two a second.
+    for f in &refused {
+        let wait = f["retry_after_ms"].as_u64().expect("a wait hint");
+        assert!((1..=500).contains(&wait), "{f}");
+        assert_eq!(f["message"], "too many messages; slow down", "{f}");
+    }
     assert!(frames.iter().any(|f| f["type"] == "ack"));
     // Rate limit on join_session, typing and read (2/s, burst 4).
     for _ in 0..8 {
@@ -1005,11 +1011,17 @@ async fn bad_input_gets_error_frames(backend: Backend) {
             .await;
     }
     let frames = c.drain(Duration::from_millis(300)).await;
-    let limited = frames
+    let limited: Vec<&Value> = frames
         .iter()
         .filter(|f| f["code"] == "rate_limited" && f["ref"] == json!(session))
-        .count();
-    assert!(limited >= 3, "{frames:?}");
+        .collect();
+    assert!(limited.len() >= 3, "{frames:?}");
+    assert!(
+        limited
+            .iter()
+            .all(|f| (1..=500).contains(&f["retry_after_ms"].as_u64().unwrap_or(0))),
+        "{limited:?}"
+    );
     // A client that keeps sending garbage is closed with 1008.
     for _ in 0..12 {
         c.send_text("garbage").await;

@@ -396,13 +396,18 @@ impl CustomerApi {
     async fn availability(
         &self,
         req: &Request,
-        /// The department the chat would be started with (1–100
+        /// The department the chat would be started with (up to 100
         /// characters, trimmed): only agents who take its chats count.
+        /// Blank, as in a start: a chat without a department.
         department: Query<Option<String>>,
     ) -> Result<AvailabilityResponse, ApiError> {
         let tenant = tenant_of(req)?;
         crate::tenants::check_tenant(self.state.tenants.as_ref(), tenant).await?;
-        let department = livechat_core::parse_department_filter(department.0)?;
+        // Read as a start reads it, so that a widget asks with what it
+        // would start with; over-long is a bad query here, not a bad body.
+        let department = livechat_core::parse_department(department.0).map_err(|_| {
+            ChatError::InvalidPage("department must be at most 100 characters".into())
+        })?;
         let flags = self
             .chat
             .availability(tenant, department.as_deref())

@@ -948,11 +948,15 @@ async fn departments_route_chats_to_their_agents(backend: Backend) {
         .unwrap();
     assert_eq!(flags("?department=Legal").await, (false, false));
     assert_eq!(flags("?department=%20Legal%20").await, (false, false));
-    for bad in ["?department=", "?department=%20"] {
-        let (code, body) = availability_answer(&app, bad).await;
-        assert_eq!(code, 400, "{bad}: {body}");
-        assert_eq!(body["error"]["code"], "invalid_query");
+    // Blank, as in a start: a chat without a department, which agent 7
+    // (online, every seat taken) takes.
+    assert_eq!(flags("").await, (false, true));
+    for blank in ["?department=", "?department=%20", "?department=%E2%80%8B"] {
+        assert_eq!(flags(blank).await, flags("").await, "{blank}");
     }
+    let (code, body) = availability_answer(&app, &format!("?department={}", "x".repeat(101))).await;
+    assert_eq!(code, 400, "{body}");
+    assert_eq!(body["error"]["code"], "invalid_query");
 }
 
 /// `PUT /agents/me/status` sets the departments with the status (trimmed,

@@ -218,3 +218,154 @@ fn announce(gateway: &Gateway, stored: Renewed) {
         );
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use livechat_core::store::{Migrator, SeaOrmStore};
+    use livechat_core::{ChatConfig, ChatService, ConnectionOwner, CustomerId, TenantId};
+    use sea_orm_migration::MigratorTrait;
+    use sea_orm_migration::sea_orm::{ConnectionTrait, DatabaseConnection, DbBackend, Statement};
+
+    use super::{Kind, queue};
+    use crate::ws::{Gateway, RealtimeConfig};
+
+    /// A gateway on a fresh SQLite file, with the database to check (and
+    /// its directory, removed when dropped).
+    async fn gateway() -> (Arc<Gateway>, DatabaseConnection, tempfile::TempDir) {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("renewals.db");
+        let db = livechat_core::store::connect(&format!("sqlite://{}?mode=rwc", path.display()))
+            .await
+            .unwrap();
+        Migrator::up(&db, None).await.unwrap();
+        let gateway = Gateway {
+            chat: ChatService::new(SeaOrmStore::new(db.clone()), ChatConfig::default()),
+            bus: Arc::new(livechat_core::bus::InProcessBus::new()),
+            authenticator: Arc::new(crate::JwtAuthenticator::hs256(b"renewals")),
+            visitor_tokens: crate::VisitorTokens::new(b"renewals"),
+            config: RealtimeConfig::default(),
+            shutdown: tokio::sync::watch::channel(false).1,
+            sockets: tokio_util::task::TaskTracker::new(),
+            fanout: std::sync::OnceLock::new(),
+            limits: Arc::new(crate::limits::Limiters::new(&crate::RateLimits::default())),
+            renewals: super::Renewals::default(),
+        };
+        (Arc::new(gateway), db, dir)
+    }
+
+    /// `answer`'s end: the entry was stored or failed (the sender dropped,
+    /// nothing sent). Panics after 10 s: no task took the entry.
+    async fn answered(answer: tokio::sync::oneshot::Receiver<()>) {
+        tokio::time::timeout(std::time::Duration::from_secs(10), answer)
+            .await
+            .expect("no task took the entry")
+            .unwrap_err();
+    }
+
+    fn tenant() -> TenantId {
+        TenantId::new(1).unwrap()
+    }
+
+    async fn rows(db: &DatabaseConnection) -> i64 {
+        db.query_one_raw(Statement::from_string(
+            DbBackend::Sqlite,
+            "SELECT count(*) AS n FROM livechat_connections",
+        ))
+        .await
+        .unwrap()
+        .unwrap()
+        .try_get("", "n")
+        .unwrap()
+    }
+
+    fn running(gateway: &Gateway) -> bool {
+        gateway.renewals.state().running
+    }
+
+    /// What is queued while a task runs is stored by it, in the batch's
+    /// order (registrations, renewals, removals), and every queued entry
+    /// is answered; with nothing left the task ends, and the next entry
+    /// starts another.
+    #[tokio::test]
+    async fn one_task_stores_what_is_queued_and_the_next_entry_starts_another() {
+        let (gateway, db, _dir) = gateway().await;
+        let connections: Vec<(uuid::Uuid, ConnectionOwner)> = (0..250)
+            .map(|_| {
+                (
+                    uuid::Uuid::now_v7(),
+                    ConnectionOwner::Customer(CustomerId::generate()),
+                )
+            })
+            .collect();
+        // Queued without a yield: the task started by the first has not
+        // run yet, and takes them all. The first connection's removal is
+        // queued before its registration and still applies after it.
+        let (gone, gone_owner) = connections[0];
+        let mut answers = vec![queue(
+            &gateway,
+            tenant(),
+            gone,
+            gone_owner,
+            Kind::Unregister,
+        )];
+        answers.extend(
+            connections
+                .iter()
+                .map(|&(id, owner)| queue(&gateway, tenant(), id, owner, Kind::Register)),
+        );
+        assert!(running(&gateway));
+        for answer in answers {
+            answered(answer).await;
+        }
+        assert_eq!(rows(&db).await, 249);
+        tokio::task::yield_now().await;
+        assert!(!running(&gateway), "the task ended with the queue empty");
+        // A removal alone starts a task of its own.
+        let (id, owner) = connections[1];
+        answered(queue(&gateway, tenant(), id, owner, Kind::Unregister)).await;
+        assert_eq!(rows(&db).await, 248);
+    }
+
+    /// A task dropped before it ran (its runtime stopping) answers what
+    /// was queued, unstored, and lets the next entry start a task.
+    #[test]
+    fn a_task_dropped_unpolled_answers_its_queue_and_lets_another_start() {
+        let node = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        let (gateway, db, _dir) = node.block_on(gateway());
+        let owner = ConnectionOwner::Customer(CustomerId::generate());
+        let stopping = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        let lost = stopping.block_on(async {
+            queue(
+                &gateway,
+                tenant(),
+                uuid::Uuid::now_v7(),
+                owner,
+                Kind::Register,
+            )
+        });
+        assert!(running(&gateway));
+        drop(stopping);
+        assert!(!running(&gateway), "the guard let go");
+        node.block_on(async {
+            answered(lost).await;
+            assert_eq!(rows(&db).await, 0, "not stored");
+            let again = queue(
+                &gateway,
+                tenant(),
+                uuid::Uuid::now_v7(),
+                owner,
+                Kind::Register,
+            );
+            answered(again).await;
+            assert_eq!(rows(&db).await, 1, "a new task stored it");
+        });
+    }
+}

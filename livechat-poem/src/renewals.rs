@@ -342,7 +342,9 @@ mod tests {
             .enable_all()
             .build()
             .unwrap();
-        let lost = stopping.block_on(async {
+        // Spawned on `stopping`, which never runs it.
+        let lost = {
+            let _context = stopping.enter();
             queue(
                 &gateway,
                 tenant(),
@@ -350,7 +352,7 @@ mod tests {
                 owner,
                 Kind::Register,
             )
-        });
+        };
         assert!(running(&gateway));
         drop(stopping);
         assert!(!running(&gateway), "the guard let go");

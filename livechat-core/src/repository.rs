@@ -451,23 +451,31 @@ pub trait PresenceRepository: Send + Sync {
         policy: &RoutingPolicy,
     ) -> impl Future<Output = Result<(), ChatError>> + Send;
 
-    /// Records that the tenant's agents are told `agent` went offline, if
-    /// the agent has a presence with a chosen status other than `offline`
-    /// (which was announced when chosen), no live connection on any node,
-    /// no heartbeat after `stale_before` when that is given, and no such
-    /// announcement standing already. Returns whether it was recorded:
-    /// only then is the offline announced, so it is said once.
+    /// Records that the tenant's agents are told each of `agents` went
+    /// offline, if the agent has a presence with a chosen status other
+    /// than `offline` (which was announced when chosen), no live connection
+    /// on any node, no heartbeat after `stale_before` when that is given,
+    /// and no such announcement standing already. Returns the agents for
+    /// whom it was recorded, in id order: only they are announced, so each
+    /// is said once.
     ///
     /// `stale_before` is what makes the grace after an agent's last
     /// connection count from the *latest* close: an agent who reconnected
     /// and left again within the grace is not announced by the first
     /// close's check ([`Self::expire_liveness`] moved their liveness).
+    ///
+    /// One transaction for all of them (the agents of a node's
+    /// connections closed together, issue #5): the tenant's routing lock,
+    /// then the agents' rows in id order, as every change of several
+    /// agents' rows takes them; the connections are checked by a later
+    /// statement, so one registered while this waited for a row is seen.
     fn announce_offline(
         &self,
         tenant: TenantId,
-        agent: UserId,
+        agents: &[UserId],
         stale_before: Option<chrono::DateTime<chrono::Utc>>,
-    ) -> impl Future<Output = Result<bool, ChatError>> + Send;
+        policy: &RoutingPolicy,
+    ) -> impl Future<Output = Result<Vec<UserId>, ChatError>> + Send;
 
     /// Records the offline announcement of every agent, of every tenant,
     /// whose presence ran out: a chosen status other than `offline`, no

@@ -94,14 +94,26 @@ fn logged(step: &str, connections: usize, result: Result<(), ChatError>) -> Opti
 fn agents_by_tenant(
     connections: &[(TenantId, uuid::Uuid, ConnectionOwner)],
 ) -> std::collections::BTreeMap<TenantId, Vec<UserId>> {
-    let mut agents: std::collections::BTreeMap<TenantId, std::collections::BTreeSet<UserId>> =
+    by_tenant(
+        connections
+            .iter()
+            .filter_map(|&(tenant, _, owner)| match owner {
+                ConnectionOwner::Agent(agent) => Some((tenant, agent)),
+                ConnectionOwner::Customer(_) => None,
+            }),
+    )
+}
+
+/// `agents` (as `(tenant, agent)`), each once, by tenant, in id order.
+fn by_tenant(
+    agents: impl IntoIterator<Item = (TenantId, UserId)>,
+) -> std::collections::BTreeMap<TenantId, Vec<UserId>> {
+    let mut by_tenant: std::collections::BTreeMap<TenantId, std::collections::BTreeSet<UserId>> =
         std::collections::BTreeMap::new();
-    for &(tenant, _, owner) in connections {
-        if let ConnectionOwner::Agent(agent) = owner {
-            agents.entry(tenant).or_default().insert(agent);
-        }
+    for (tenant, agent) in agents {
+        by_tenant.entry(tenant).or_default().insert(agent);
     }
-    agents
+    by_tenant
         .into_iter()
         .map(|(tenant, agents)| (tenant, agents.into_iter().collect()))
         .collect()
@@ -1375,11 +1387,68 @@ impl<S: ChatStore> ChatService<S> {
         agent: UserId,
         grace: std::time::Duration,
     ) -> Result<bool, ChatError> {
-        let quiet_for = self.config.routing.presence_ttl.unwrap_or(grace);
-        let stale_before = crate::model::now() - crate::model::span(quiet_for);
-        self.store
-            .announce_offline(tenant, agent, Some(stale_before))
+        let recorded = self
+            .store
+            .announce_offline(
+                tenant,
+                &[agent],
+                Some(self.quiet_since(grace)),
+                &self.config.routing,
+            )
+            .await?;
+        Ok(!recorded.is_empty())
+    }
+
+    /// [`Self::announce_offline`] for several agents, as `(tenant, agent)`,
+    /// with the same `grace`: the agents gone from a node's connections
+    /// closed together (issue #5), a transaction per tenant and 500 agents
+    /// instead of one each. Returns those for whom the announcement was
+    /// recorded (to be announced, once), by tenant and id. A failure is
+    /// logged and its agents are left out: not announced, though their
+    /// presence still runs out by its TTL, and the others' announcements
+    /// are recorded and returned.
+    pub async fn announce_offline_agents(
+        &self,
+        agents: &[(TenantId, UserId)],
+        grace: std::time::Duration,
+    ) -> Vec<(TenantId, UserId)> {
+        self.record_offline(agents.iter().copied(), Some(self.quiet_since(grace)))
             .await
+    }
+
+    /// The time before which nothing may have been heard from an agent
+    /// announced offline `grace` after their last connection closed: their
+    /// liveness ran out (with a presence TTL, which their close lowered to
+    /// `grace` from then), or `grace` ago (without one).
+    fn quiet_since(&self, grace: std::time::Duration) -> chrono::DateTime<chrono::Utc> {
+        let quiet_for = self.config.routing.presence_ttl.unwrap_or(grace);
+        crate::model::now() - crate::model::span(quiet_for)
+    }
+
+    /// Records the offline announcements of `agents` (see
+    /// [`crate::PresenceRepository::announce_offline`]) a transaction per tenant
+    /// and 500 agents; returns the agents recorded, failures logged.
+    async fn record_offline(
+        &self,
+        agents: impl IntoIterator<Item = (TenantId, UserId)>,
+        stale_before: Option<chrono::DateTime<chrono::Utc>>,
+    ) -> Vec<(TenantId, UserId)> {
+        let mut recorded = Vec::new();
+        for (tenant, agents) in by_tenant(agents) {
+            for chunk in agents.chunks(AGENTS_PER_TRANSACTION) {
+                match self
+                    .store
+                    .announce_offline(tenant, chunk, stale_before, &self.config.routing)
+                    .await
+                {
+                    Ok(done) => recorded.extend(done.into_iter().map(|agent| (tenant, agent))),
+                    Err(e) => {
+                        tracing::warn!(error = %e, tenant = tenant.get(), agents = chunk.len(), "agents' offline announcements not recorded");
+                    }
+                }
+            }
+        }
+        recorded
     }
 
     /// The connection follows a session it may see (call after the
@@ -1583,20 +1652,7 @@ impl<S: ChatStore> ChatService<S> {
                 "replies followed only by expired customer connections are to be notified"
             );
         }
-        let mut offline = Vec::new();
-        for (tenant, agent) in purged.agents {
-            match self.store.announce_offline(tenant, agent, None).await {
-                Ok(true) => offline.push((tenant, agent)),
-                Ok(false) => {}
-                Err(e) => tracing::warn!(
-                    error = %e,
-                    tenant = tenant.get(),
-                    agent = agent.get(),
-                    "could not record an expired agent's offline announcement"
-                ),
-            }
-        }
-        Ok(offline)
+        Ok(self.record_offline(purged.agents, None).await)
     }
 
     /// Whether `agent` has a live connection on any node.

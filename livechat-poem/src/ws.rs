@@ -2127,19 +2127,16 @@ async fn unregister(
 /// another node's housekeeping (up to a minute).
 ///
 /// Several agents gone at once (connections removed together,
-/// `renewals::Kind::Unregister`) share one check: each is announced, and each
-/// tenant's waiting chats are looked at once.
+/// `renewals::Kind::Unregister`) share one check: their announcements are
+/// recorded a transaction per tenant
+/// ([`ChatService::announce_offline_agents`]), and each tenant's waiting
+/// chats are looked at once.
 pub(crate) fn spawn_presence_check(gateway: Arc<Gateway>, agents: Vec<(TenantId, UserId)>) {
     gateway.sockets.clone().spawn(async move {
         tokio::time::sleep(gateway.config.presence_grace).await;
         let grace = gateway.config.presence_grace;
-        for &(tenant, agent) in &agents {
-            if matches!(
-                gateway.chat.announce_offline(tenant, agent, grace).await,
-                Ok(true)
-            ) {
-                publish_presence(&*gateway.bus, tenant, agent, PresenceStatus::Offline);
-            }
+        for (tenant, agent) in gateway.chat.announce_offline_agents(&agents, grace).await {
+            publish_presence(&*gateway.bus, tenant, agent, PresenceStatus::Offline);
         }
         // The agents' liveness has run out: if they were a tenant's last
         // agents online, the chats left waiting become tickets.

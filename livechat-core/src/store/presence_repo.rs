@@ -169,26 +169,61 @@ impl PresenceRepository for SeaOrmStore {
     async fn announce_offline(
         &self,
         tenant: TenantId,
-        agent: UserId,
+        agents: &[UserId],
         stale_before: Option<chrono::DateTime<chrono::Utc>>,
-    ) -> Result<bool, ChatError> {
+        policy: &RoutingPolicy,
+    ) -> Result<Vec<UserId>, ChatError> {
+        if agents.is_empty() {
+            return Ok(Vec::new());
+        }
+        let ids: Vec<i64> = agents.iter().map(|a| a.get()).collect();
+        let of_agents = || {
+            sea_orm::Condition::all()
+                .add(presence::Column::TenantId.eq(tenant.get()))
+                .add(presence::Column::AgentId.is_in(ids.iter().copied()))
+        };
         let tx = self.begin_write().await?;
-        lock_presence(&tx, tenant, agent).await?;
+        lock_tenant(&tx, tenant, policy).await?;
+        // The rows first, in id order (see `lock_presence`): the
+        // connections are checked by the update, a later statement.
+        let rows: Vec<i64> = presence::Entity::find()
+            .select_only()
+            .column(presence::Column::AgentId)
+            .filter(of_agents())
+            .order_by_asc(presence::Column::AgentId)
+            .lock_exclusive()
+            .into_tuple()
+            .all(&tx)
+            .await?;
+        if rows.is_empty() {
+            tx.rollback().await?;
+            return Ok(Vec::new());
+        }
         let now = now();
-        let live = live_connection_of(tenant, agent, now);
         let announced = presence::Entity::update_many()
             .col_expr(presence::Column::OfflineAnnouncedAt, Expr::value(now))
-            .filter(agent_row(tenant, agent))
+            .filter(of_agents())
             .filter(presence::Column::OfflineAnnouncedAt.is_null())
             .filter(presence::Column::Status.ne(PresenceStatus::Offline.as_str()))
             .apply_if(stale_before, |update, before| {
                 update.filter(presence::Column::LastSeenAt.lte(before))
             })
-            .filter(Expr::not_exists(live))
-            .exec(&tx)
+            .filter(Expr::not_exists(live_connection_of_row(now)))
+            .exec_with_returning(&tx)
             .await?;
         tx.commit().await?;
-        Ok(announced.rows_affected > 0)
+        // Recorded, so returned: an id that is not a host id (a row
+        // written outside the library) is logged and left out.
+        let mut recorded: Vec<UserId> = announced
+            .into_iter()
+            .filter_map(|row| {
+                host_id(row.agent_id)
+                    .inspect_err(|e| tracing::warn!(error = %e, agent = row.agent_id, "presence row unreadable: not announced"))
+                    .ok()
+            })
+            .collect();
+        recorded.sort_unstable();
+        Ok(recorded)
     }
 
     async fn announce_expired_presence(
@@ -218,19 +253,7 @@ impl PresenceRepository for SeaOrmStore {
             return Ok(Vec::new());
         }
         let now = now();
-        let live = connection::Entity::find()
-            .select_only()
-            .column(connection::Column::Id)
-            .filter(
-                Expr::col((connection::Entity, connection::Column::TenantId))
-                    .equals((presence::Entity, presence::Column::TenantId)),
-            )
-            .filter(
-                Expr::col((connection::Entity, connection::Column::AgentId))
-                    .equals((presence::Entity, presence::Column::AgentId)),
-            )
-            .filter(connection::Column::ExpiresAt.gt(now))
-            .into_query();
+        let live = live_connection_of_row(now);
         let announced = presence::Entity::update_many()
             .col_expr(presence::Column::OfflineAnnouncedAt, Expr::value(now))
             .filter(
@@ -600,6 +623,26 @@ fn live_connection_of(
         .into_query()
 }
 
+/// The query of the live connections (at `now`, any node) of the agent of
+/// the presence row an update is at, for a correlated `EXISTS`.
+fn live_connection_of_row(
+    now: chrono::DateTime<chrono::Utc>,
+) -> sea_orm::sea_query::SelectStatement {
+    connection::Entity::find()
+        .select_only()
+        .column(connection::Column::Id)
+        .filter(
+            Expr::col((connection::Entity, connection::Column::TenantId))
+                .equals((presence::Entity, presence::Column::TenantId)),
+        )
+        .filter(
+            Expr::col((connection::Entity, connection::Column::AgentId))
+                .equals((presence::Entity, presence::Column::AgentId)),
+        )
+        .filter(connection::Column::ExpiresAt.gt(now))
+        .into_query()
+}
+
 /// `agent`'s presence row of `tenant` (the table's key).
 fn agent_row(tenant: TenantId, agent: UserId) -> sea_orm::Condition {
     sea_orm::Condition::all()
@@ -682,6 +725,23 @@ mod tests {
         (db, store)
     }
 
+    /// Whether `store` records agent 7's offline announcement (with
+    /// `stale_before`, see `announce_offline`).
+    async fn announces(
+        store: &SeaOrmStore,
+        stale_before: Option<chrono::DateTime<chrono::Utc>>,
+    ) -> Result<bool, ChatError> {
+        let recorded = store
+            .announce_offline(
+                tenant(),
+                &[agent()],
+                stale_before,
+                &RoutingPolicy::default(),
+            )
+            .await?;
+        Ok(!recorded.is_empty())
+    }
+
     /// Connects agent 7 on another node.
     async fn connect(store: &SeaOrmStore) {
         store
@@ -730,7 +790,7 @@ mod tests {
     async fn an_announcement_sees_a_connection_made_while_it_waited() {
         let announced = while_the_row_is_held(
             "SELECT 1 FROM livechat_agent_presence FOR UPDATE",
-            |store| async move { store.announce_offline(tenant(), agent(), None).await },
+            |store| async move { announces(&store, None).await },
             |store| async move { connect(&store).await },
         )
         .await;
@@ -831,16 +891,14 @@ mod tests {
                 .await
                 .unwrap();
             assert!(
-                !store
-                    .announce_offline(tenant(), agent(), Some(grace_from(before_close)))
+                !announces(&store, Some(grace_from(before_close)))
                     .await
                     .unwrap(),
                 "the close is later"
             );
             let after_close = crate::model::now();
             assert!(
-                store
-                    .announce_offline(tenant(), agent(), Some(grace_from(after_close)))
+                announces(&store, Some(grace_from(after_close)))
                     .await
                     .unwrap()
             );
@@ -855,12 +913,7 @@ mod tests {
             )
             .await
             .unwrap();
-        assert!(
-            !store
-                .announce_offline(tenant(), agent(), None)
-                .await
-                .unwrap()
-        );
+        assert!(!announces(&store, None).await.unwrap());
     }
 
     /// Without a connection both announce, once.
@@ -875,18 +928,8 @@ mod tests {
                 .await
                 .unwrap();
         }
-        assert!(
-            store
-                .announce_offline(tenant(), agent(), None)
-                .await
-                .unwrap()
-        );
-        assert!(
-            !store
-                .announce_offline(tenant(), agent(), None)
-                .await
-                .unwrap()
-        );
+        assert!(announces(&store, None).await.unwrap());
+        assert!(!announces(&store, None).await.unwrap());
         let stale_before = chrono::Utc::now() + chrono::Duration::hours(1);
         assert_eq!(
             store.announce_expired_presence(stale_before).await.unwrap(),

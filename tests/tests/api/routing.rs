@@ -1209,4 +1209,21 @@ async fn a_node_renews_its_connections_together(backend: Backend) {
         livechat_tests::count_rows(&app.db, "livechat_connections").await,
         2
     );
+
+    // Their presence check, together, with agents who must not be
+    // announced: agent 8 (away, nothing live) is; agent 10 chose offline,
+    // agent 7 has no presence in tenant 2, agent 9 is still connected and
+    // agent 11 stands announced already (the expiry above).
+    let mut checked = gone.clone();
+    checked.extend([(t(2), u(9)), (t(1), u(11)), (t(1), u(7))]);
+    assert_eq!(
+        chat.announce_offline_agents(&checked, Duration::ZERO).await,
+        vec![(t(1), u(8))]
+    );
+    assert!(
+        chat.announce_offline_agents(&checked, Duration::ZERO)
+            .await
+            .is_empty(),
+        "said once"
+    );
 }

@@ -441,8 +441,9 @@ pub trait PresenceRepository: Send + Sync {
     /// reconnect within `grace` (a heartbeat) keeps them eligible without a
     /// flap. Without a presence TTL, liveness is not checked for
     /// eligibility, and the agents' last sign of life is set to now, which
-    /// [`Self::announce_offline`] compares with `grace`. One statement for
-    /// all of them (a node's connections closed together, issue #5).
+    /// [`Self::announce_offline`] compares with `grace`. One transaction
+    /// for all of them (a node's connections closed together, issue #5):
+    /// the tenant's routing lock, then their rows in id order.
     fn expire_liveness(
         &self,
         tenant: TenantId,
@@ -474,7 +475,6 @@ pub trait PresenceRepository: Send + Sync {
         tenant: TenantId,
         agents: &[UserId],
         stale_before: Option<chrono::DateTime<chrono::Utc>>,
-        policy: &RoutingPolicy,
     ) -> impl Future<Output = Result<Vec<UserId>, ChatError>> + Send;
 
     /// Records the offline announcement of every agent, of every tenant,

@@ -69,7 +69,8 @@ pub struct CustomerChatRequest {
 }
 
 /// Agents a node's batch of connections handles per transaction (their
-/// heartbeats) or per statement (their checks after a close).
+/// heartbeats, their liveness after a close, their offline
+/// announcements) or per statement (their checks after a close).
 const AGENTS_PER_TRANSACTION: usize = 500;
 
 /// `(tenant, id)` of each of `connections`.
@@ -1389,12 +1390,7 @@ impl<S: ChatStore> ChatService<S> {
     ) -> Result<bool, ChatError> {
         let recorded = self
             .store
-            .announce_offline(
-                tenant,
-                &[agent],
-                Some(self.quiet_since(grace)),
-                &self.config.routing,
-            )
+            .announce_offline(tenant, &[agent], Some(self.quiet_since(grace)))
             .await?;
         Ok(!recorded.is_empty())
     }
@@ -1402,18 +1398,24 @@ impl<S: ChatStore> ChatService<S> {
     /// [`Self::announce_offline`] for several agents, as `(tenant, agent)`,
     /// with the same `grace`: the agents gone from a node's connections
     /// closed together (issue #5), a transaction per tenant and 500 agents
-    /// instead of one each. Returns those for whom the announcement was
-    /// recorded (to be announced, once), by tenant and id. A failure is
-    /// logged and its agents are left out: not announced, though their
-    /// presence still runs out by its TTL, and the others' announcements
-    /// are recorded and returned.
+    /// instead of one each. `recorded` is called with each transaction's
+    /// agents as soon as it committed (by tenant and id), to announce them
+    /// then, once. A transaction that fails is tried again an agent at a
+    /// time; an agent whose announcement still fails is logged and left
+    /// out (not announced; with a presence TTL the housekeeping's
+    /// [`Self::announce_expired_presence`] announces them later).
     pub async fn announce_offline_agents(
         &self,
         agents: &[(TenantId, UserId)],
         grace: std::time::Duration,
-    ) -> Vec<(TenantId, UserId)> {
-        self.record_offline(agents.iter().copied(), Some(self.quiet_since(grace)))
-            .await
+        recorded: impl FnMut(TenantId, &[UserId]),
+    ) {
+        self.record_offline(
+            agents.iter().copied(),
+            Some(self.quiet_since(grace)),
+            recorded,
+        )
+        .await;
     }
 
     /// The time before which nothing may have been heard from an agent
@@ -1426,29 +1428,47 @@ impl<S: ChatStore> ChatService<S> {
     }
 
     /// Records the offline announcements of `agents` (see
-    /// [`crate::PresenceRepository::announce_offline`]) a transaction per tenant
-    /// and 500 agents; returns the agents recorded, failures logged.
+    /// [`crate::PresenceRepository::announce_offline`]) a transaction per
+    /// tenant and 500 agents, each passed to `recorded` once committed; a
+    /// failed transaction's agents are tried again one by one, and the
+    /// failures logged.
     async fn record_offline(
         &self,
         agents: impl IntoIterator<Item = (TenantId, UserId)>,
         stale_before: Option<chrono::DateTime<chrono::Utc>>,
-    ) -> Vec<(TenantId, UserId)> {
-        let mut recorded = Vec::new();
+        mut recorded: impl FnMut(TenantId, &[UserId]),
+    ) {
         for (tenant, agents) in by_tenant(agents) {
             for chunk in agents.chunks(AGENTS_PER_TRANSACTION) {
-                match self
+                let e = match self
                     .store
-                    .announce_offline(tenant, chunk, stale_before, &self.config.routing)
+                    .announce_offline(tenant, chunk, stale_before)
                     .await
                 {
-                    Ok(done) => recorded.extend(done.into_iter().map(|agent| (tenant, agent))),
-                    Err(e) => {
-                        tracing::warn!(error = %e, tenant = tenant.get(), agents = chunk.len(), "agents' offline announcements not recorded");
+                    Ok(done) => {
+                        recorded(tenant, &done);
+                        continue;
+                    }
+                    Err(e) => e,
+                };
+                tracing::warn!(error = %e, tenant = tenant.get(), agents = chunk.len(), "agents' offline announcements failed together: trying each");
+                for &agent in chunk {
+                    match self
+                        .store
+                        .announce_offline(tenant, &[agent], stale_before)
+                        .await
+                    {
+                        Ok(done) => recorded(tenant, &done),
+                        Err(e) => tracing::warn!(
+                            error = %e,
+                            tenant = tenant.get(),
+                            agent = agent.get(),
+                            "agent's offline announcement not recorded"
+                        ),
                     }
                 }
             }
         }
-        recorded
     }
 
     /// The connection follows a session it may see (call after the
@@ -1652,7 +1672,12 @@ impl<S: ChatStore> ChatService<S> {
                 "replies followed only by expired customer connections are to be notified"
             );
         }
-        Ok(self.record_offline(purged.agents, None).await)
+        let mut offline = Vec::new();
+        self.record_offline(purged.agents, None, |tenant, agents| {
+            offline.extend(agents.iter().map(|&agent| (tenant, agent)));
+        })
+        .await;
+        Ok(offline)
     }
 
     /// Whether `agent` has a live connection on any node.

@@ -220,8 +220,8 @@ pub fn parse_cursor<T: std::str::FromStr>(raw: Option<&str>) -> Result<Option<T>
     .transpose()
 }
 
-/// A list's `department` filter (the session and ticket lists, the
-/// customers' availability), as a start stores a department: trimmed,
+/// A list's `department` filter (the session and ticket lists), as a
+/// start stores a department: trimmed,
 /// 1–100 characters; `None` when absent.
 ///
 /// # Errors

@@ -404,9 +404,10 @@ impl CustomerApi {
         let tenant = tenant_of(req)?;
         crate::tenants::check_tenant(self.state.tenants.as_ref(), tenant).await?;
         // Read as a start reads it, so that a widget asks with what it
-        // would start with; over-long is a bad query here, not a bad body.
-        let department = livechat_core::parse_department(department.0).map_err(|_| {
-            ChatError::InvalidPage("department must be at most 100 characters".into())
+        // would start with; a bad one is a bad query here, not a bad body.
+        let department = livechat_core::parse_department(department.0).map_err(|e| match e {
+            ChatError::InvalidInput(message) => ChatError::InvalidPage(message),
+            other => other,
         })?;
         let flags = self
             .chat

@@ -189,6 +189,19 @@ pub(crate) struct Refused {
     pub(crate) wait: Duration,
 }
 
+impl Refused {
+    /// Refused, saying `what`, until `not_until`.
+    fn until(
+        what: &'static str,
+        not_until: &governor::NotUntil<governor::clock::QuantaInstant>,
+    ) -> Self {
+        Self {
+            what,
+            wait: not_until.wait_time_from(DefaultClock::default().now()),
+        }
+    }
+}
+
 impl From<Refused> for ApiError {
     fn from(refused: Refused) -> Self {
         ApiError::rate_limited(refused.what, refused.wait)
@@ -201,10 +214,9 @@ pub(crate) fn direct(
     limiter: &governor::DefaultDirectRateLimiter,
     what: &'static str,
 ) -> Result<(), Refused> {
-    limiter.check().map_err(|not_until| Refused {
-        what,
-        wait: not_until.wait_time_from(DefaultClock::default().now()),
-    })
+    limiter
+        .check()
+        .map_err(|not_until| Refused::until(what, &not_until))
 }
 
 /// Counts one request under `key`: [`Refused`] when over the limit.
@@ -238,10 +250,7 @@ fn check<K: Clone + Eq + std::hash::Hash>(
         }
         limiter.shrink_to_fit();
     }
-    outcome.map_err(|not_until| Refused {
-        what,
-        wait: not_until.wait_time_from(DefaultClock::default().now()),
-    })
+    outcome.map_err(|not_until| Refused::until(what, &not_until))
 }
 
 impl Limiters {
@@ -390,6 +399,26 @@ mod tests {
         for _ in 0..100 {
             check(none.starts.as_ref(), &(tenant, key), "x").unwrap();
         }
+    }
+
+    /// A connection's own limit refuses past its burst and says how long
+    /// until the next cell: at two a second, at most 500 ms.
+    #[test]
+    fn a_direct_limit_says_when_the_next_frame_passes() {
+        let limiter = governor::RateLimiter::direct(burst_quota(
+            NonZeroU32::new(2).unwrap(),
+            Quota::per_second,
+        ));
+        let passed = (0..10)
+            .take_while(|_| direct(&limiter, "slow down").is_ok())
+            .count();
+        assert_eq!(passed, 4, "a burst of twice the rate");
+        let refused = direct(&limiter, "slow down").unwrap_err();
+        assert_eq!(refused.what, "slow down");
+        assert!(
+            refused.wait > Duration::from_millis(250) && refused.wait <= Duration::from_millis(500),
+            "{refused:?}"
+        );
     }
 
     #[test]

@@ -622,11 +622,16 @@ fn frame(value: Value) -> Message {
 }
 
 fn error_frame(code: &str, message: &str, reference: Option<&str>) -> Message {
+    frame(error_value(code, message, reference))
+}
+
+/// An `error` frame's fields.
+fn error_value(code: &str, message: &str, reference: Option<&str>) -> Value {
     let mut v = json!({"type": "error", "code": code, "message": message});
     if let Some(r) = reference {
         v["ref"] = json!(r);
     }
-    frame(v)
+    v
 }
 
 /// A `rate_limited` error frame for the frame `reference` names, with
@@ -634,13 +639,9 @@ fn error_frame(code: &str, message: &str, reference: Option<&str>) -> Message {
 /// refused it lets one through again.
 fn rate_limited_frame(refused: &Refused, reference: &str) -> Message {
     let wait_ms = refused.wait.as_micros().div_ceil(1000).max(1);
-    frame(json!({
-        "type": "error",
-        "code": "rate_limited",
-        "message": refused.what,
-        "ref": reference,
-        "retry_after_ms": u64::try_from(wait_ms).unwrap_or(u64::MAX),
-    }))
+    let mut v = error_value("rate_limited", refused.what, Some(reference));
+    v["retry_after_ms"] = json!(u64::try_from(wait_ms).unwrap_or(u64::MAX));
+    frame(v)
 }
 
 /// A `new_message` frame's text: the message's fields and `"type"`,
@@ -2135,9 +2136,14 @@ pub(crate) fn spawn_presence_check(gateway: Arc<Gateway>, agents: Vec<(TenantId,
     gateway.sockets.clone().spawn(async move {
         tokio::time::sleep(gateway.config.presence_grace).await;
         let grace = gateway.config.presence_grace;
-        for (tenant, agent) in gateway.chat.announce_offline_agents(&agents, grace).await {
-            publish_presence(&*gateway.bus, tenant, agent, PresenceStatus::Offline);
-        }
+        gateway
+            .chat
+            .announce_offline_agents(&agents, grace, |tenant, recorded| {
+                for &agent in recorded {
+                    publish_presence(&*gateway.bus, tenant, agent, PresenceStatus::Offline);
+                }
+            })
+            .await;
         // The agents' liveness has run out: if they were a tenant's last
         // agents online, the chats left waiting become tickets.
         let tenants: std::collections::BTreeSet<TenantId> =
@@ -2169,7 +2175,36 @@ pub(crate) fn publish_presence(
 
 #[cfg(test)]
 mod tests {
-    use super::{close_reason, same_origin, serve};
+    use super::{close_reason, rate_limited_frame, same_origin, serve};
+    use crate::limits::Refused;
+
+    /// `retry_after_ms` rounds the wait up to whole milliseconds, at least
+    /// one: a client that waits that long is let through.
+    #[test]
+    fn a_rate_limited_frame_says_the_wait_in_whole_milliseconds_rounded_up() {
+        for (wait_us, expected) in [(0, 1), (1, 1), (1_000, 1), (1_001, 2), (499_900, 500)] {
+            let refused = Refused {
+                what: "slow down",
+                wait: std::time::Duration::from_micros(wait_us),
+            };
+            let poem::web::websocket::Message::Text(text) = rate_limited_frame(&refused, "r1")
+            else {
+                panic!("a text frame");
+            };
+            let v: serde_json::Value = serde_json::from_str(&text).unwrap();
+            assert_eq!(
+                v,
+                serde_json::json!({
+                    "type": "error",
+                    "code": "rate_limited",
+                    "message": "slow down",
+                    "ref": "r1",
+                    "retry_after_ms": expected,
+                }),
+                "{wait_us} µs"
+            );
+        }
+    }
 
     /// The size of the future `f` returns, without calling it.
     fn returned_size<A, B, C, D, F>(_: impl FnOnce(A, B, C, D) -> F) -> usize {

@@ -98,40 +98,19 @@ impl PresenceRepository for SeaOrmStore {
     ) -> Result<Heartbeat, ChatError> {
         let tx = self.begin_write().await?;
         let mut ev = self.recorder();
-        let capacity = lock_tenant(&tx, tenant, policy).await?;
-        // The row first (see `lock_presence`): its announcement is read
-        // under the lock (an announcement being written is waited for and
-        // then cleared, not skipped), and cleared by the update.
-        let announced: Option<Option<chrono::DateTime<chrono::Utc>>> = presence::Entity::find()
-            .select_only()
-            .column(presence::Column::OfflineAnnouncedAt)
-            .filter(agent_row(tenant, agent))
-            .lock_exclusive()
-            .into_tuple()
-            .one(&tx)
-            .await?;
-        let Some(announced) = announced else {
+        let Some((rows, announced)) =
+            renew_presences(&tx, &mut ev, tenant, &[agent], policy).await?
+        else {
             return abort(tx, ChatError::NotFound).await;
         };
-        let updated = presence::Entity::update_many()
-            .col_expr(presence::Column::LastSeenAt, Expr::value(now()))
-            .col_expr(
-                presence::Column::OfflineAnnouncedAt,
-                Expr::value(Option::<chrono::DateTime<chrono::Utc>>::None),
-            )
-            .filter(agent_row(tenant, agent))
-            .exec_with_returning(&tx)
-            .await?;
-        let Some(row) = updated.into_iter().next() else {
+        let Some(row) = rows.into_iter().next() else {
             return abort(tx, ChatError::NotFound).await;
         };
+        let was_announced = announced.contains(&row.agent_id);
         let presence = AgentPresence::try_from(row)?;
-        if presence.status == PresenceStatus::Online {
-            drain_queue(&tx, &mut ev, tenant, policy, capacity).await?;
-        }
         self.commit(tx, ev).await?;
         Ok(Heartbeat {
-            returned: announced.is_some() && presence.status != PresenceStatus::Offline,
+            returned: was_announced && presence.status != PresenceStatus::Offline,
             presence,
         })
     }
@@ -154,15 +133,28 @@ impl PresenceRepository for SeaOrmStore {
             ),
             None => (now(), false),
         };
+        if agents.is_empty() {
+            return Ok(());
+        }
+        // Several agents' rows: the routing lock, then the rows in id
+        // order, as every change of several agents' rows takes them (an
+        // update alone locks them in its plan's order, and could deadlock
+        // with a renewal or an announcement on PostgreSQL).
+        let tx = self.begin_write().await?;
+        lock_tenant(&tx, tenant, policy).await?;
+        if !lock_presences(&tx, tenant, agents).await? {
+            tx.rollback().await?;
+            return Ok(());
+        }
         presence::Entity::update_many()
             .col_expr(presence::Column::LastSeenAt, Expr::value(last_seen))
-            .filter(presence::Column::TenantId.eq(tenant.get()))
-            .filter(presence::Column::AgentId.is_in(agents.iter().map(|a| a.get())))
+            .filter(of_agents(tenant, agents))
             .apply_if(only_lowered.then_some(last_seen), |update, at| {
                 update.filter(presence::Column::LastSeenAt.gt(at))
             })
-            .exec(&self.db)
+            .exec(&tx)
             .await?;
+        tx.commit().await?;
         Ok(())
     }
 
@@ -171,38 +163,23 @@ impl PresenceRepository for SeaOrmStore {
         tenant: TenantId,
         agents: &[UserId],
         stale_before: Option<chrono::DateTime<chrono::Utc>>,
-        policy: &RoutingPolicy,
     ) -> Result<Vec<UserId>, ChatError> {
         if agents.is_empty() {
             return Ok(Vec::new());
         }
-        let ids: Vec<i64> = agents.iter().map(|a| a.get()).collect();
-        let of_agents = || {
-            sea_orm::Condition::all()
-                .add(presence::Column::TenantId.eq(tenant.get()))
-                .add(presence::Column::AgentId.is_in(ids.iter().copied()))
-        };
         let tx = self.begin_write().await?;
-        lock_tenant(&tx, tenant, policy).await?;
-        // The rows first, in id order (see `lock_presence`): the
-        // connections are checked by the update, a later statement.
-        let rows: Vec<i64> = presence::Entity::find()
-            .select_only()
-            .column(presence::Column::AgentId)
-            .filter(of_agents())
-            .order_by_asc(presence::Column::AgentId)
-            .lock_exclusive()
-            .into_tuple()
-            .all(&tx)
-            .await?;
-        if rows.is_empty() {
+        // The routing lock only orders this transaction before the rows
+        // (its capacity is not used).
+        lock_tenant(&tx, tenant, &RoutingPolicy::default()).await?;
+        if !lock_presences(&tx, tenant, agents).await? {
             tx.rollback().await?;
             return Ok(Vec::new());
         }
+        // The connections are checked by a later statement than the lock.
         let now = now();
         let announced = presence::Entity::update_many()
             .col_expr(presence::Column::OfflineAnnouncedAt, Expr::value(now))
-            .filter(of_agents())
+            .filter(of_agents(tenant, agents))
             .filter(presence::Column::OfflineAnnouncedAt.is_null())
             .filter(presence::Column::Status.ne(PresenceStatus::Offline.as_str()))
             .apply_if(stale_before, |update, before| {
@@ -212,17 +189,15 @@ impl PresenceRepository for SeaOrmStore {
             .exec_with_returning(&tx)
             .await?;
         tx.commit().await?;
-        // Recorded, so returned: an id that is not a host id (a row
-        // written outside the library) is logged and left out.
-        let mut recorded: Vec<UserId> = announced
-            .into_iter()
-            .filter_map(|row| {
-                host_id(row.agent_id)
-                    .inspect_err(|e| tracing::warn!(error = %e, agent = row.agent_id, "presence row unreadable: not announced"))
-                    .ok()
-            })
+        let recorded: std::collections::HashSet<i64> =
+            announced.into_iter().map(|row| row.agent_id).collect();
+        let mut recorded: Vec<UserId> = agents
+            .iter()
+            .copied()
+            .filter(|agent| recorded.contains(&agent.get()))
             .collect();
         recorded.sort_unstable();
+        recorded.dedup();
         Ok(recorded)
     }
 
@@ -326,9 +301,8 @@ impl PresenceRepository for SeaOrmStore {
             lock_presence(&tx, tenant, agent).await?;
             let live = live_connection_of(tenant, agent, now());
             // Liveness run out, and no sign of life since the announcement
-            // either: a heartbeat whose return was not announced back (a
-            // host calling only `heartbeat`) leaves the announcement
-            // standing, and the absence then starts again, uncounted.
+            // either (every heartbeat clears the announcement; this also
+            // holds against a row written outside the library).
             let gone = presence::Entity::find()
                 .filter(agent_row(tenant, agent))
                 .filter(announced_gone())
@@ -361,45 +335,19 @@ impl PresenceRepository for SeaOrmStore {
         agents: &[UserId],
         policy: &RoutingPolicy,
     ) -> Result<Vec<AgentPresence>, ChatError> {
-        let ids: Vec<i64> = agents.iter().map(|a| a.get()).collect();
-        let of_agents = || {
-            sea_orm::Condition::all()
-                .add(presence::Column::TenantId.eq(tenant.get()))
-                .add(presence::Column::AgentId.is_in(ids.iter().copied()))
-        };
         let tx = self.begin_write().await?;
         let mut ev = self.recorder();
-        let capacity = lock_tenant(&tx, tenant, policy).await?;
-        // The rows first, in id order (see `lock_presence`): the
-        // announcements are read under the lock, and cleared by a later
-        // statement.
-        let announced: Vec<(i64, Option<chrono::DateTime<chrono::Utc>>)> = presence::Entity::find()
-            .select_only()
-            .column(presence::Column::AgentId)
-            .column(presence::Column::OfflineAnnouncedAt)
-            .filter(of_agents())
-            .order_by_asc(presence::Column::AgentId)
-            .lock_exclusive()
-            .into_tuple()
-            .all(&tx)
-            .await?;
-        if announced.is_empty() {
+        let Some((rows, announced)) = renew_presences(&tx, &mut ev, tenant, agents, policy).await?
+        else {
             tx.rollback().await?;
             return Ok(Vec::new());
-        }
-        let updated = presence::Entity::update_many()
-            .col_expr(presence::Column::LastSeenAt, Expr::value(now()))
-            .col_expr(
-                presence::Column::OfflineAnnouncedAt,
-                Expr::value(Option::<chrono::DateTime<chrono::Utc>>::None),
-            )
-            .filter(of_agents())
-            .exec_with_returning(&tx)
-            .await?;
+        };
+        self.commit(tx, ev).await?;
         // One damaged row (written outside the library) costs only its
         // agent's announcement, not the other agents' renewals.
-        let presences: Vec<AgentPresence> = updated
+        Ok(rows
             .into_iter()
+            .filter(|row| announced.contains(&row.agent_id))
             .filter_map(|row| {
                 let agent = row.agent_id;
                 AgentPresence::try_from(row)
@@ -408,18 +356,6 @@ impl PresenceRepository for SeaOrmStore {
                     })
                     .ok()
             })
-            .collect();
-        if presences.iter().any(|p| p.status == PresenceStatus::Online) {
-            drain_queue(&tx, &mut ev, tenant, policy, capacity).await?;
-        }
-        self.commit(tx, ev).await?;
-        let was_announced: std::collections::HashSet<i64> = announced
-            .into_iter()
-            .filter_map(|(agent, at)| at.map(|_| agent))
-            .collect();
-        Ok(presences
-            .into_iter()
-            .filter(|p| was_announced.contains(&p.agent_id.get()))
             .collect())
     }
 
@@ -623,6 +559,85 @@ fn live_connection_of(
         .into_query()
 }
 
+/// Renews the liveness of `agents` of `tenant` and clears their standing
+/// offline announcements: the tenant's routing lock, then their rows in id
+/// order (see `lock_presence`), whose announcements are read under the
+/// lock (one being written is waited for, then cleared) and cleared by a
+/// later statement; drains the queue when one of them is `online`. Returns
+/// their rows as updated, with the ids of those whose announcement was
+/// cleared; `None` when none of them has a presence (nothing written).
+async fn renew_presences(
+    tx: &DatabaseTransaction,
+    ev: &mut super::Recorded,
+    tenant: TenantId,
+    agents: &[UserId],
+    policy: &RoutingPolicy,
+) -> Result<Option<(Vec<presence::Model>, std::collections::HashSet<i64>)>, ChatError> {
+    let capacity = lock_tenant(tx, tenant, policy).await?;
+    // Read under the lock: an announcement being written is waited for,
+    // then cleared.
+    let locked: Vec<(i64, Option<chrono::DateTime<chrono::Utc>>)> = presence::Entity::find()
+        .select_only()
+        .column(presence::Column::AgentId)
+        .column(presence::Column::OfflineAnnouncedAt)
+        .filter(of_agents(tenant, agents))
+        .order_by_asc(presence::Column::AgentId)
+        .lock_exclusive()
+        .into_tuple()
+        .all(tx)
+        .await?;
+    if locked.is_empty() {
+        return Ok(None);
+    }
+    let rows = presence::Entity::update_many()
+        .col_expr(presence::Column::LastSeenAt, Expr::value(now()))
+        .col_expr(
+            presence::Column::OfflineAnnouncedAt,
+            Expr::value(Option::<chrono::DateTime<chrono::Utc>>::None),
+        )
+        .filter(of_agents(tenant, agents))
+        .exec_with_returning(tx)
+        .await?;
+    if rows
+        .iter()
+        .any(|row| row.status == PresenceStatus::Online.as_str())
+    {
+        drain_queue(tx, ev, tenant, policy, capacity).await?;
+    }
+    let announced = locked
+        .into_iter()
+        .filter_map(|(agent, at)| at.map(|_| agent))
+        .collect();
+    Ok(Some((rows, announced)))
+}
+
+/// Locks the presence rows of `agents` of `tenant` in id order for the
+/// rest of `tx` (after the tenant's routing lock: see `lock_presence`);
+/// whether any exists.
+async fn lock_presences(
+    tx: &DatabaseTransaction,
+    tenant: TenantId,
+    agents: &[UserId],
+) -> Result<bool, ChatError> {
+    let locked: Vec<i64> = presence::Entity::find()
+        .select_only()
+        .column(presence::Column::AgentId)
+        .filter(of_agents(tenant, agents))
+        .order_by_asc(presence::Column::AgentId)
+        .lock_exclusive()
+        .into_tuple()
+        .all(tx)
+        .await?;
+    Ok(!locked.is_empty())
+}
+
+/// The presence rows of `agents` of `tenant`.
+fn of_agents(tenant: TenantId, agents: &[UserId]) -> sea_orm::Condition {
+    sea_orm::Condition::all()
+        .add(presence::Column::TenantId.eq(tenant.get()))
+        .add(presence::Column::AgentId.is_in(agents.iter().map(|a| a.get())))
+}
+
 /// The query of the live connections (at `now`, any node) of the agent of
 /// the presence row an update is at, for a correlated `EXISTS`.
 fn live_connection_of_row(
@@ -732,12 +747,7 @@ mod tests {
         stale_before: Option<chrono::DateTime<chrono::Utc>>,
     ) -> Result<bool, ChatError> {
         let recorded = store
-            .announce_offline(
-                tenant(),
-                &[agent()],
-                stale_before,
-                &RoutingPolicy::default(),
-            )
+            .announce_offline(tenant(), &[agent()], stale_before)
             .await?;
         Ok(!recorded.is_empty())
     }
@@ -795,6 +805,43 @@ mod tests {
         )
         .await;
         assert!(!announced);
+    }
+
+    /// Several agents' announcement waits for their rows as one agent's
+    /// does: of two agents, the one who connected meanwhile is not
+    /// announced, the other is (returned in id order, whatever the order
+    /// asked in).
+    #[tokio::test]
+    async fn an_announcement_of_several_sees_a_connection_made_while_it_waited() {
+        let (db, store) = agent_online().await;
+        let other = UserId::new(8).unwrap();
+        store
+            .set_presence(
+                tenant(),
+                other,
+                PresenceStatus::Online,
+                None,
+                &RoutingPolicy::default(),
+            )
+            .await
+            .unwrap();
+        let holder = db.begin().await.unwrap();
+        holder
+            .execute_unprepared("SELECT 1 FROM livechat_agent_presence FOR UPDATE")
+            .await
+            .unwrap();
+        let running = tokio::spawn({
+            let store = store.clone();
+            async move {
+                store
+                    .announce_offline(tenant(), &[other, agent(), other], None)
+                    .await
+            }
+        });
+        until_a_lock_is_awaited(&db, "it never waited for the rows").await;
+        connect(&store).await;
+        holder.commit().await.unwrap();
+        assert_eq!(running.await.unwrap().unwrap(), vec![other]);
     }
 
     /// An agent's return, while an offline announcement is being written,

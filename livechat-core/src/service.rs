@@ -105,6 +105,19 @@ fn agents_by_tenant(
     )
 }
 
+/// The chunks of `agents` (by tenant) that a batch's step handles a
+/// transaction or statement each: [`AGENTS_PER_TRANSACTION`] agents of one
+/// tenant at a time, in tenant then id order.
+fn agent_chunks(
+    agents: &std::collections::BTreeMap<TenantId, Vec<UserId>>,
+) -> impl Iterator<Item = (TenantId, &[UserId])> {
+    agents.iter().flat_map(|(&tenant, agents)| {
+        agents
+            .chunks(AGENTS_PER_TRANSACTION)
+            .map(move |chunk| (tenant, chunk))
+    })
+}
+
 /// `agents` (as `(tenant, agent)`), each once, by tenant, in id order.
 fn by_tenant(
     agents: impl IntoIterator<Item = (TenantId, UserId)>,
@@ -1187,22 +1200,21 @@ impl<S: ChatStore> ChatService<S> {
         mut failure: Option<ChatError>,
     ) -> Renewed {
         let mut back = Vec::new();
-        for (tenant, agents) in agents_by_tenant(connections) {
-            for chunk in agents.chunks(AGENTS_PER_TRANSACTION) {
-                match self
-                    .store
-                    .heartbeat_agents(tenant, chunk, &self.config.routing)
-                    .await
-                {
-                    Ok(cleared) => back.extend(
-                        cleared
-                            .into_iter()
-                            .filter(|p| p.status != PresenceStatus::Offline),
-                    ),
-                    Err(e) => {
-                        tracing::warn!(error = %e, tenant = tenant.get(), agents = chunk.len(), "agents' heartbeats failed");
-                        failure.get_or_insert(e);
-                    }
+        let agents = agents_by_tenant(connections);
+        for (tenant, chunk) in agent_chunks(&agents) {
+            match self
+                .store
+                .heartbeat_agents(tenant, chunk, &self.config.routing)
+                .await
+            {
+                Ok(cleared) => back.extend(
+                    cleared
+                        .into_iter()
+                        .filter(|p| p.status != PresenceStatus::Offline),
+                ),
+                Err(e) => {
+                    tracing::warn!(error = %e, tenant = tenant.get(), agents = chunk.len(), "agents' heartbeats failed");
+                    failure.get_or_insert(e);
                 }
             }
         }
@@ -1438,34 +1450,33 @@ impl<S: ChatStore> ChatService<S> {
         stale_before: Option<chrono::DateTime<chrono::Utc>>,
         mut recorded: impl FnMut(TenantId, &[UserId]),
     ) {
-        for (tenant, agents) in by_tenant(agents) {
-            for chunk in agents.chunks(AGENTS_PER_TRANSACTION) {
-                let e = match self
+        let agents = by_tenant(agents);
+        for (tenant, chunk) in agent_chunks(&agents) {
+            let e = match self
+                .store
+                .announce_offline(tenant, chunk, stale_before)
+                .await
+            {
+                Ok(done) => {
+                    recorded(tenant, &done);
+                    continue;
+                }
+                Err(e) => e,
+            };
+            tracing::warn!(error = %e, tenant = tenant.get(), agents = chunk.len(), "agents' offline announcements failed together: trying each");
+            for &agent in chunk {
+                match self
                     .store
-                    .announce_offline(tenant, chunk, stale_before)
+                    .announce_offline(tenant, &[agent], stale_before)
                     .await
                 {
-                    Ok(done) => {
-                        recorded(tenant, &done);
-                        continue;
-                    }
-                    Err(e) => e,
-                };
-                tracing::warn!(error = %e, tenant = tenant.get(), agents = chunk.len(), "agents' offline announcements failed together: trying each");
-                for &agent in chunk {
-                    match self
-                        .store
-                        .announce_offline(tenant, &[agent], stale_before)
-                        .await
-                    {
-                        Ok(done) => recorded(tenant, &done),
-                        Err(e) => tracing::warn!(
-                            error = %e,
-                            tenant = tenant.get(),
-                            agent = agent.get(),
-                            "agent's offline announcement not recorded"
-                        ),
-                    }
+                    Ok(done) => recorded(tenant, &done),
+                    Err(e) => tracing::warn!(
+                        error = %e,
+                        tenant = tenant.get(),
+                        agent = agent.get(),
+                        "agent's offline announcement not recorded"
+                    ),
                 }
             }
         }
@@ -1558,14 +1569,13 @@ impl<S: ChatStore> ChatService<S> {
             .await;
         let mut failure = logged("removal", connections.len(), removed);
         let mut gone = Vec::new();
-        for (tenant, agents) in agents_by_tenant(connections) {
-            for chunk in agents.chunks(AGENTS_PER_TRANSACTION) {
-                match self.agents_left(tenant, chunk, grace).await {
-                    Ok(left) => gone.extend(left.into_iter().map(|agent| (tenant, agent))),
-                    Err(e) => {
-                        tracing::warn!(error = %e, tenant = tenant.get(), agents = chunk.len(), "agents' liveness not expired");
-                        failure.get_or_insert(e);
-                    }
+        let agents = agents_by_tenant(connections);
+        for (tenant, chunk) in agent_chunks(&agents) {
+            match self.agents_left(tenant, chunk, grace).await {
+                Ok(left) => gone.extend(left.into_iter().map(|agent| (tenant, agent))),
+                Err(e) => {
+                    tracing::warn!(error = %e, tenant = tenant.get(), agents = chunk.len(), "agents' liveness not expired");
+                    failure.get_or_insert(e);
                 }
             }
         }

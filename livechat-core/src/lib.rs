@@ -72,5 +72,5 @@ pub use service::{
 pub use validate::{
     ClientMsgId, INVALID_CURSOR, MAX_AGENT_DEPARTMENTS, MessageBody, PageSize, Topic, after_seq,
     next_cursor, parse_agent_departments, parse_agent_filter, parse_cursor, parse_department,
-    parse_department_filter,
+    parse_department_filter, parse_department_query,
 };

@@ -1407,16 +1407,23 @@ impl<S: ChatStore> ChatService<S> {
         Ok(!recorded.is_empty())
     }
 
-    /// [`Self::announce_offline`] for several agents, as `(tenant, agent)`,
-    /// with the same `grace`: the agents gone from a node's connections
-    /// closed together (issue #5), a transaction per tenant and 500 agents
-    /// instead of one each. `recorded` is called with each transaction's
-    /// agents as soon as it committed (by tenant and id), to announce them
-    /// then, once. A transaction that fails is tried again an agent at a
-    /// time; an agent whose announcement still fails is logged and left
-    /// out (not announced; with a presence TTL the housekeeping's
-    /// [`Self::announce_expired_presence`] announces them later).
-    pub async fn announce_offline_agents(
+    /// What follows `grace` after the last connections of `agents` (as
+    /// `(tenant, agent)`) closed: [`Self::announce_offline`] for each, and
+    /// then, their liveness having run out, [`Self::ticket_unattended_chats`]
+    /// for each of their tenants (the chats left waiting become tickets if
+    /// they were its last agents online). The agents gone from a node's
+    /// connections closed together (issue #5) share it: their
+    /// announcements are recorded a transaction per tenant and 500 agents
+    /// instead of one each, and each tenant's waiting chats are looked at
+    /// once. `recorded` is called with each transaction's agents as soon as
+    /// it committed (by tenant and id), to announce them then, once. A
+    /// transaction that fails is tried again an agent at a time; an agent
+    /// whose announcement still fails is logged and left out (not
+    /// announced; with a presence TTL the housekeeping's
+    /// [`Self::announce_expired_presence`] announces them later), and so is
+    /// a tenant whose chats could not be ticketed (the housekeeping's
+    /// [`Self::ticket_unattended_chats`] tickets them later).
+    pub async fn agents_gone(
         &self,
         agents: &[(TenantId, UserId)],
         grace: std::time::Duration,
@@ -1428,6 +1435,13 @@ impl<S: ChatStore> ChatService<S> {
             recorded,
         )
         .await;
+        let tenants: std::collections::BTreeSet<TenantId> =
+            agents.iter().map(|&(tenant, _)| tenant).collect();
+        for tenant in tenants {
+            if let Err(e) = self.ticket_unattended_chats(Some(tenant)).await {
+                tracing::warn!(error = %e, tenant = tenant.get(), "could not ticket waiting chats");
+            }
+        }
     }
 
     /// The time before which nothing may have been heard from an agent
@@ -1584,7 +1598,7 @@ impl<S: ChatStore> ChatService<S> {
 
     /// After connections of `agents` of `tenant` closed: those with no
     /// live connection left on any node have their liveness run out
-    /// `grace` from now (one read and one statement for all), and are
+    /// `grace` from now (one read and one transaction for all), and are
     /// returned.
     async fn agents_left(
         &self,

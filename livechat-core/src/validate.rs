@@ -220,6 +220,21 @@ pub fn parse_cursor<T: std::str::FromStr>(raw: Option<&str>) -> Result<Option<T>
     .transpose()
 }
 
+/// A `department` query parameter naming the department a chat would be
+/// started with (the customers' availability flag): read as a start reads
+/// it ([`parse_department`]: trimmed, blank is none), so that a widget
+/// asks with what it would start with.
+///
+/// # Errors
+/// [`ChatError::InvalidPage`] (a bad query, not a bad body) with
+/// [`parse_department`]'s message: over 100 characters, or a NUL.
+pub fn parse_department_query(raw: Option<String>) -> Result<Option<String>, ChatError> {
+    parse_department(raw).map_err(|e| match e {
+        ChatError::InvalidInput(message) => ChatError::InvalidPage(message),
+        other => other,
+    })
+}
+
 /// A list's `department` filter (the session and ticket lists), as a
 /// start stores a department: trimmed,
 /// 1–100 characters; `None` when absent.

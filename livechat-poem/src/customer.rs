@@ -403,12 +403,7 @@ impl CustomerApi {
     ) -> Result<AvailabilityResponse, ApiError> {
         let tenant = tenant_of(req)?;
         crate::tenants::check_tenant(self.state.tenants.as_ref(), tenant).await?;
-        // Read as a start reads it, so that a widget asks with what it
-        // would start with; a bad one is a bad query here, not a bad body.
-        let department = livechat_core::parse_department(department.0).map_err(|e| match e {
-            ChatError::InvalidInput(message) => ChatError::InvalidPage(message),
-            other => other,
-        })?;
+        let department = livechat_core::parse_department_query(department.0)?;
         let flags = self
             .chat
             .availability(tenant, department.as_deref())

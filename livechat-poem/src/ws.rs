@@ -2128,31 +2128,22 @@ async fn unregister(
 /// another node's housekeeping (up to a minute).
 ///
 /// Several agents gone at once (connections removed together,
-/// `renewals::Kind::Unregister`) share one check: their announcements are
-/// recorded a transaction per tenant
-/// ([`ChatService::announce_offline_agents`]), and each tenant's waiting
-/// chats are looked at once.
+/// `renewals::Kind::Unregister`) share one check
+/// ([`ChatService::agents_gone`], which decides both steps): their
+/// announcements are recorded a transaction per tenant, and each tenant's
+/// waiting chats are looked at once.
 pub(crate) fn spawn_presence_check(gateway: Arc<Gateway>, agents: Vec<(TenantId, UserId)>) {
     gateway.sockets.clone().spawn(async move {
         tokio::time::sleep(gateway.config.presence_grace).await;
         let grace = gateway.config.presence_grace;
         gateway
             .chat
-            .announce_offline_agents(&agents, grace, |tenant, recorded| {
+            .agents_gone(&agents, grace, |tenant, recorded| {
                 for &agent in recorded {
                     publish_presence(&*gateway.bus, tenant, agent, PresenceStatus::Offline);
                 }
             })
             .await;
-        // The agents' liveness has run out: if they were a tenant's last
-        // agents online, the chats left waiting become tickets.
-        let tenants: std::collections::BTreeSet<TenantId> =
-            agents.iter().map(|&(tenant, _)| tenant).collect();
-        for tenant in tenants {
-            if let Err(e) = gateway.chat.ticket_unattended_chats(Some(tenant)).await {
-                tracing::warn!(error = %e, tenant = tenant.get(), "could not ticket waiting chats");
-            }
-        }
     });
 }
 

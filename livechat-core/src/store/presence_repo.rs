@@ -206,7 +206,7 @@ impl PresenceRepository for SeaOrmStore {
         stale_before: chrono::DateTime<chrono::Utc>,
     ) -> Result<Vec<(TenantId, UserId)>, ChatError> {
         let tx = self.begin_write().await?;
-        // The rows first (see `lock_presence`), skipping any another
+        // The rows first (see `lock_presences`), skipping any another
         // transaction holds: usually a heartbeat or a routing change, after
         // which the agent may not be stale; a later sweep sees it again.
         // Waiting for them instead could deadlock with routing, which locks
@@ -298,7 +298,7 @@ impl PresenceRepository for SeaOrmStore {
             // takes it, then the agent's row, as a return clears the
             // announcement under it.
             let capacity = lock_tenant(&tx, tenant, policy).await?;
-            lock_presence(&tx, tenant, agent).await?;
+            lock_presences(&tx, tenant, &[agent]).await?;
             let live = live_connection_of(tenant, agent, now());
             // Liveness run out, and no sign of life since the announcement
             // either (every heartbeat clears the announcement; this also
@@ -561,7 +561,7 @@ fn live_connection_of(
 
 /// Renews the liveness of `agents` of `tenant` and clears their standing
 /// offline announcements: the tenant's routing lock, then their rows in id
-/// order (see `lock_presence`), whose announcements are read under the
+/// order (see `lock_presences`), whose announcements are read under the
 /// lock (one being written is waited for, then cleared) and cleared by a
 /// later statement; drains the queue when one of them is `online`. Returns
 /// their rows as updated, with the ids of those whose announcement was
@@ -612,8 +612,25 @@ async fn renew_presences(
 }
 
 /// Locks the presence rows of `agents` of `tenant` in id order for the
-/// rest of `tx` (after the tenant's routing lock: see `lock_presence`);
+/// rest of `tx`, waiting for any transaction that holds one (after the
+/// tenant's routing lock, as every change of several agents' rows);
 /// whether any exists.
+///
+/// An offline announcement checks that the agent has no live connection,
+/// and an agent's return clears the announcement. On PostgreSQL a
+/// statement reads as of its start and skips, without waiting, a row whose
+/// committed version does not match its `WHERE`. So single conditional
+/// `UPDATE`s could miss each other: an announcement that waited for the
+/// row missed a connection registered meanwhile (it is checked against the
+/// statement's start), and a return whose clear ran while an announcement
+/// was uncommitted found nothing to clear; the agent stayed announced
+/// offline while connected. With the row taken first and the condition
+/// checked in a later statement, which reads as of its own start, the
+/// announcement and the clear are serialized: either the announcement sees
+/// the connection (registered before the clear), or the clear comes after
+/// it and undoes it, and the agent is announced back. SQLite has one
+/// writer at a time (the transaction is `IMMEDIATE`) and no row locks; the
+/// statement is then a plain read.
 async fn lock_presences(
     tx: &DatabaseTransaction,
     tenant: TenantId,
@@ -663,40 +680,6 @@ fn agent_row(tenant: TenantId, agent: UserId) -> sea_orm::Condition {
     sea_orm::Condition::all()
         .add(presence::Column::TenantId.eq(tenant.get()))
         .add(presence::Column::AgentId.eq(agent.get()))
-}
-
-/// Locks `agent`'s presence row for the rest of `tx`, waiting for any
-/// transaction that holds it.
-///
-/// An offline announcement checks that the agent has no live connection,
-/// and an agent's return clears the announcement. On PostgreSQL a
-/// statement reads as of its start and skips, without waiting, a row whose
-/// committed version does not match its `WHERE`. So single conditional
-/// `UPDATE`s could miss each other: an announcement that waited for the
-/// row missed a connection registered meanwhile (it is checked against the
-/// statement's start), and a return whose clear ran while an announcement
-/// was uncommitted found nothing to clear; the agent stayed announced
-/// offline while connected. With the row taken first and the condition
-/// checked in a later statement, which reads as of its own start, the
-/// announcement and the clear are serialized: either the announcement sees
-/// the connection (registered before the clear), or the clear comes after
-/// it and undoes it, and the agent is announced back. SQLite has one
-/// writer at a time (the transaction is `IMMEDIATE`) and no row locks; the
-/// statement is then a plain read.
-async fn lock_presence(
-    tx: &DatabaseTransaction,
-    tenant: TenantId,
-    agent: UserId,
-) -> Result<(), ChatError> {
-    presence::Entity::find()
-        .select_only()
-        .column(presence::Column::AgentId)
-        .filter(agent_row(tenant, agent))
-        .lock_exclusive()
-        .into_tuple::<i64>()
-        .all(tx)
-        .await?;
-    Ok(())
 }
 
 #[cfg(all(test, feature = "postgres"))]

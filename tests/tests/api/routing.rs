@@ -1218,7 +1218,7 @@ async fn a_node_renews_its_connections_together(backend: Backend) {
     checked.extend([(t(2), u(9)), (t(1), u(11)), (t(1), u(7))]);
     let announce = async || {
         let mut recorded = Vec::new();
-        chat.announce_offline_agents(&checked, Duration::ZERO, |tenant, agents| {
+        chat.agents_gone(&checked, Duration::ZERO, |tenant, agents| {
             recorded.push((tenant, agents.to_vec()));
         })
         .await;

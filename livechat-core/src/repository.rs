@@ -619,7 +619,7 @@ pub trait CustomerRepository: Send + Sync {
 }
 
 /// Who holds a real-time connection.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum ConnectionOwner {
     /// A support agent.
     Agent(UserId),

@@ -128,6 +128,17 @@ impl ApiError {
         )
     }
 
+    /// 429 `too_many_connections`: the user already holds
+    /// `RealtimeConfig::max_connections_per_user` WebSockets on this node.
+    /// `Retry-After` is `wait` (the connection TTL: by then a connection
+    /// of theirs that vanished without a close has been closed).
+    pub fn too_many_connections(message: impl Into<String>, wait: std::time::Duration) -> Self {
+        Self::TooManyRequests(
+            body("too_many_connections", message),
+            crate::limits::retry_after_secs(wait),
+        )
+    }
+
     /// 503 `unavailable`; the cause is logged.
     pub fn unavailable(cause: &dyn std::fmt::Display) -> Self {
         tracing::warn!(error = %cause, "dependency unavailable");

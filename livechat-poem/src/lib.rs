@@ -47,6 +47,7 @@ mod fanout;
 mod limits;
 mod net;
 mod renewals;
+mod slots;
 mod tenants;
 mod visitor;
 mod ws;
@@ -404,6 +405,7 @@ impl Livechat {
                 fanout: std::sync::OnceLock::new(),
                 limits: self.limits.clone(),
                 renewals: renewals::Renewals::default(),
+                slots: slots::ConnectionSlots::new(config.max_connections_per_user),
             });
             routes = routes.at("/ws", poem::get(ws::ws_endpoint).data(gateway));
         }

@@ -251,6 +251,7 @@ mod tests {
             fanout: std::sync::OnceLock::new(),
             limits: Arc::new(crate::limits::Limiters::new(&crate::RateLimits::default())),
             renewals: super::Renewals::default(),
+            slots: crate::slots::ConnectionSlots::new(0),
         };
         (Arc::new(gateway), db, dir)
     }

@@ -41,6 +41,7 @@ use crate::error::ApiError;
 use crate::fanout::{FanOut, Membership, Prepared};
 use crate::limits::{self, Refused};
 use crate::renewals::Kind;
+use crate::slots::Slot;
 use crate::visitor::VisitorTokens;
 
 /// Tunables of the gateway (issue #4 defaults).
@@ -85,6 +86,18 @@ pub struct RealtimeConfig {
     pub signal_rate_per_sec: u32,
     /// Consecutive bad frames before closing with 1008. Default 10.
     pub max_bad_frames: u32,
+    /// Live WebSocket connections one agent or one customer may hold on
+    /// this node at once, in one tenant (every tab and device of theirs
+    /// together; `0`: no cap). One more is refused: `429
+    /// too_many_connections` at the upgrade when authenticated by header,
+    /// else an `error` frame `too_many_connections` and close 1008 after
+    /// its `auth` frame. A connection that vanished without a close counts
+    /// until the node closes it for silence (`connection_ttl`), so the cap
+    /// leaves room for clients reconnecting over a flapping network.
+    /// Without a cap, one visitor token (anyone's for the price of a chat
+    /// start) could hold sockets until the node ran out of descriptors or
+    /// memory. Default 50.
+    pub max_connections_per_user: usize,
     /// Browser origins allowed to open a WebSocket (`*` for any), compared
     /// by [`same_origin`] (case and default ports aside). Requests without
     /// an `Origin` header (non-browser clients) are always allowed.
@@ -124,6 +137,7 @@ impl Default for RealtimeConfig {
             send_rate_per_sec: 10,
             signal_rate_per_sec: 20,
             max_bad_frames: 10,
+            max_connections_per_user: 50,
             allowed_origins: Vec::new(),
             node_id: uuid::Uuid::now_v7().to_string(),
         }
@@ -149,6 +163,9 @@ pub(crate) struct Gateway {
     /// The node's renewals of its connections, stored together
     /// (`renewals`).
     pub(crate) renewals: crate::renewals::Renewals,
+    /// The node's connections per agent and customer
+    /// (`RealtimeConfig::max_connections_per_user`).
+    pub(crate) slots: Arc<crate::slots::ConnectionSlots>,
 }
 
 impl Gateway {
@@ -381,6 +398,18 @@ pub(crate) fn openapi_path_item(error_content: &Value) -> Value {
     tenant_parameter["required"] = json!(false);
     tenant_parameter["description"] =
         json!("The tenant (positive integer); required with `Authorization`.");
+    let mut too_many = error(
+        "`too_many_connections`: the user already holds the most WebSockets one agent or customer may hold \
+         on this node (`max_connections_per_user`, 50 by default).",
+    );
+    // Named and shaped as poem-openapi writes the rate-limited routes' own.
+    too_many["headers"] = json!({"RETRY-AFTER": {
+        "deprecated": false,
+        "required": true,
+        "description": "Seconds until a connection of theirs that vanished without a close has been closed \
+            (the connection TTL).",
+        "schema": {"type": "integer", "format": "uint64"},
+    }});
     json!({
         "get": {
             "tags": ["Realtime"],
@@ -395,7 +424,7 @@ pub(crate) fn openapi_path_item(error_content: &Value) -> Value {
                 first frame within 5 seconds (a refusal is an `error` frame and close code \
                 1008). The server answers authentication with `ready`. The request's \
                 `Origin` must be allowed. Close codes: 1001 server shutdown or no heartbeat, \
-                1008 policy (authentication, bad frames), 1013 the client reads too slowly.",
+                1008 policy (authentication, too many connections, bad frames), 1013 the client reads too slowly.",
             "operationId": "open_websocket",
             "parameters": [
                 tenant_parameter,
@@ -417,11 +446,30 @@ pub(crate) fn openapi_path_item(error_content: &Value) -> Value {
                 "401": error("`unauthorized`: the credential is refused (also an `Authorization` header that is not ASCII, \
                     or a token whose customer no longer exists)."),
                 "403": error("`forbidden`: the origin is not allowed, or the token does not allow the tenant."),
+                "429": too_many,
                 "500": error("`internal_error`: the customer could not be read; the message names a logged reference."),
                 "503": error("`unavailable`: the host's authentication or the database cannot answer; retry later."),
             },
         }
     })
+}
+
+impl Gateway {
+    /// `identity`'s place among the node's connections: refused with
+    /// `too_many_connections` when they already hold
+    /// [`RealtimeConfig::max_connections_per_user`] here.
+    fn admit(&self, identity: Identity) -> Result<(Identity, Slot), Refusal> {
+        match self.slots.take(identity.tenant, identity.role.owner()) {
+            Some(slot) => Ok((identity, slot)),
+            None => Err(Refusal::new(
+                "too_many_connections",
+                format!(
+                    "at most {} connections per user at once; close one first",
+                    self.slots.max()
+                ),
+            )),
+        }
+    }
 }
 
 /// `GET /livechat/ws`: checks the origin and, when sent, the
@@ -460,8 +508,12 @@ pub(crate) async fn ws_endpoint(
                 Ok(t) => t,
                 Err(msg) => return ApiError::bad_request("invalid_tenant", msg).into_response(),
             };
-            match gateway.identify(&credential, tenant).await {
-                Ok(identity) => Some(identity),
+            let admitted = gateway
+                .identify(&credential, tenant)
+                .await
+                .and_then(|identity| gateway.admit(identity));
+            match admitted {
+                Ok(admitted) => Some(admitted),
                 // Made, and its cause logged, by `Refusal::customer`.
                 Err(Refusal {
                     http: Some(http), ..
@@ -471,6 +523,13 @@ pub(crate) async fn ws_endpoint(
                 }
                 Err(r) if r.code == "unavailable" => {
                     return ApiError::unavailable(&r.message).into_response();
+                }
+                Err(r) if r.code == "too_many_connections" => {
+                    return ApiError::too_many_connections(
+                        r.message,
+                        gateway.config.connection_ttl,
+                    )
+                    .into_response();
                 }
                 Err(r) => return ApiError::unauthorized(r.message).into_response(),
             }
@@ -1715,14 +1774,18 @@ async fn first_frame_auth(
 async fn serve(
     gateway: Arc<Gateway>,
     socket: WebSocketStream,
-    pre_auth: Option<Identity>,
+    pre_auth: Option<(Identity, Slot)>,
     client_ip: Option<std::net::IpAddr>,
 ) {
     let (mut sink, mut stream) = socket.split();
-    let identity = match pre_auth {
-        Some(identity) => identity,
-        None => match Box::pin(first_frame_auth(&gateway, &mut stream)).await {
-            Ok(identity) => identity,
+    // The slot is held until the connection has ended and unregistered.
+    let (identity, _slot) = match pre_auth {
+        Some(admitted) => admitted,
+        None => match Box::pin(first_frame_auth(&gateway, &mut stream))
+            .await
+            .and_then(|identity| gateway.admit(identity))
+        {
+            Ok(admitted) => admitted,
             Err(refusal) => {
                 let _ = sink
                     .send(error_frame(refusal.code, &refusal.message, None))

@@ -272,12 +272,25 @@ async fn seeded_login_drives_the_library(backend: Backend) {
     let ws = &spec["paths"]["/ws"]["get"];
     assert_eq!(ws["operationId"], "open_websocket", "{ws}");
     assert!(ws["responses"]["101"].is_object());
-    for status in ["400", "401", "403", "503"] {
+    for status in ["400", "401", "403", "429", "503"] {
         assert_eq!(
             &ws["responses"][status]["content"], envelope,
             "/ws {status}"
         );
     }
+    // Its 429 (too many connections) announces `Retry-After` as the
+    // rate-limited routes' do.
+    let retry_after = |responses: &serde_json::Value| {
+        let header = &responses["429"]["headers"]["RETRY-AFTER"];
+        (header["schema"].clone(), header["required"].clone())
+    };
+    assert_eq!(
+        retry_after(&ws["responses"]),
+        retry_after(&spec["paths"]["/customer/chats"]["post"]["responses"]),
+        "{}",
+        spec["paths"]["/customer/chats"]["post"]["responses"]["429"]
+    );
+    assert!(retry_after(&ws["responses"]).0.is_object(), "{ws}");
     assert!(
         ws["parameters"]
             .as_array()

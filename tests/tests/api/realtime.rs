@@ -48,6 +48,7 @@ on_both_databases!(
     a_late_event_from_another_node_relays_the_state_as_stored,
     a_slow_reader_is_kept_while_it_reads,
     a_socket_ends_with_its_credential,
+    a_user_holds_at_most_the_connection_cap,
 );
 on_both_databases!(
     current_thread: a_long_burst_of_bus_events_is_relayed_whole,
@@ -2473,4 +2474,69 @@ async fn a_visitor_socket_goes_on_as_the_linked_customer(backend: Backend) {
         }
     };
     assert_eq!(answer["type"], "joined", "{answer}");
+}
+
+/// One agent or customer holds at most `max_connections_per_user` sockets
+/// in a tenant on a node: one more is refused (429 `too_many_connections`
+/// with `Retry-After` at a header upgrade; an `error` frame and 1008 after
+/// an `auth` frame), other users and tenants are counted apart, and a
+/// socket that ends frees its place.
+async fn a_user_holds_at_most_the_connection_cap(backend: Backend) {
+    let (_app, node) = node(backend, |c| c.max_connections_per_user = 2).await;
+    let url = node.ws_url();
+    let first = WsClient::connect_with_frame(&url, &App::agent(7), 1).await;
+    let mut second = WsClient::connect_with_header(&url, &agent_auth(7), 1)
+        .await
+        .unwrap();
+    second.expect("ready").await;
+    let refused_upgrade = || async {
+        match WsClient::connect_with_header(&url, &agent_auth(7), 1).await {
+            Err(tokio_tungstenite::tungstenite::Error::Http(response)) => {
+                assert_eq!(response.status(), 429);
+                assert_eq!(response.headers()["retry-after"], "2", "the connection TTL");
+                let body: Value =
+                    serde_json::from_slice(response.body().as_deref().unwrap_or_default()).unwrap();
+                assert_eq!(body["error"]["code"], "too_many_connections", "{body}");
+                true
+            }
+            Err(other) => panic!("{other}"),
+            Ok(_) => false,
+        }
+    };
+    assert!(refused_upgrade().await, "a third socket upgraded");
+    let mut third = WsClient::connect_bare(&url).await;
+    third
+        .send(json!({"type": "auth", "token": App::agent(7), "tenant_id": 1}))
+        .await;
+    let refusal = third.expect("error").await;
+    assert_eq!(refusal["code"], "too_many_connections", "{refusal}");
+    assert_eq!(third.close_code(Duration::from_secs(5)).await, Some(1008));
+    // Others are not held back by agent 7's count.
+    let _colleague = WsClient::connect_with_frame(&url, &App::agent(8), 1).await;
+    let _elsewhere = WsClient::connect_with_frame(&url, &App::agent(7), 2).await;
+    let (_, customer) = open_chat(&node, 943).await;
+    let mut customers = Vec::new();
+    for _ in 0..2 {
+        let mut c = WsClient::connect_with_header(&url, &customer, 1)
+            .await
+            .unwrap();
+        c.expect("ready").await;
+        customers.push(c);
+    }
+    assert!(
+        WsClient::connect_with_header(&url, &customer, 1)
+            .await
+            .is_err(),
+        "a customer's third socket"
+    );
+    // A socket that ends gives its place back once the node has seen it.
+    first.drop_now();
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while refused_upgrade().await {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the place stayed taken"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
 }

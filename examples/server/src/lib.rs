@@ -24,6 +24,7 @@
 //! | `LIVECHAT_CORS_CREDENTIALS` | `false` | send `Access-Control-Allow-Credentials: true` |
 //! | `REDIS_URL` | none (single node) | Redis for cross-node fan-out, e.g. `redis://127.0.0.1:6379` |
 //! | `LIVECHAT_WS_SEND_RATE` | `10` | `send_message` frames per second per WebSocket (burst twice that) |
+//! | `LIVECHAT_WS_MAX_PER_USER` | `50` | live WebSockets one agent or customer may hold in a tenant on this node; `0`: no cap |
 //! | `LIVECHAT_CHAT_START_RATE` | `10` | customer chat starts per minute per client address and tenant (burst twice that); `0`: unlimited |
 //! | `LIVECHAT_CUSTOMER_SEND_RATE` | `10` | a customer's messages per second, over HTTP and their WebSockets together (burst twice that); `0`: unlimited |
 //! | `LIVECHAT_CLIENT_IP_HEADER` | none: the peer address | the header your reverse proxy sets to the client's address (`X-Real-IP`, or `X-Forwarded-For`: its last address) |
@@ -116,6 +117,9 @@ pub struct Config {
     pub sqlite_durability: store::SqliteDurability,
     /// `LIVECHAT_WS_SEND_RATE`: `send_message` frames per second per connection.
     pub ws_send_rate: u32,
+    /// `LIVECHAT_WS_MAX_PER_USER`: live WebSockets per agent or customer
+    /// on this node (`0`: no cap).
+    pub ws_max_per_user: usize,
     /// `LIVECHAT_CHAT_START_RATE`, `LIVECHAT_CUSTOMER_SEND_RATE` and
     /// `LIVECHAT_CLIENT_IP_HEADER`: the customer routes' limits.
     pub rate_limits: RateLimits,
@@ -148,6 +152,7 @@ impl std::fmt::Debug for Config {
             .field("redis_url", &self.redis_url.as_deref().map(redact))
             .field("sqlite_durability", &self.sqlite_durability)
             .field("ws_send_rate", &self.ws_send_rate)
+            .field("ws_max_per_user", &self.ws_max_per_user)
             .field("rate_limits", &self.rate_limits)
             .finish()
     }
@@ -177,6 +182,7 @@ impl Config {
             redis_url: None,
             sqlite_durability: store::SqliteDurability::Full,
             ws_send_rate: 10,
+            ws_max_per_user: RealtimeConfig::default().max_connections_per_user,
             rate_limits: RateLimits::default(),
         }
     }
@@ -190,6 +196,7 @@ impl Config {
             presence_grace: self.presence_grace,
             allowed_origins: self.cors_origins.clone(),
             send_rate_per_sec: self.ws_send_rate,
+            max_connections_per_user: self.ws_max_per_user,
             ..RealtimeConfig::default()
         }
     }
@@ -345,6 +352,13 @@ impl Config {
                     .ok()
                     .filter(|n| *n > 0)
                     .ok_or("LIVECHAT_WS_SEND_RATE must be a positive integer")?,
+            },
+            ws_max_per_user: match var("LIVECHAT_WS_MAX_PER_USER") {
+                None => RealtimeConfig::default().max_connections_per_user,
+                Some(v) => v
+                    .trim()
+                    .parse::<usize>()
+                    .map_err(|_| "LIVECHAT_WS_MAX_PER_USER must be a whole number (0: no cap)")?,
             },
             rate_limits: RateLimits {
                 chat_starts_per_minute: rate(
@@ -1257,6 +1271,10 @@ mod config_tests {
                 "LIVECHAT_WS_SEND_RATE",
             ),
             (
+                &[("LIVECHAT_WS_MAX_PER_USER", "-1")][..],
+                "LIVECHAT_WS_MAX_PER_USER",
+            ),
+            (
                 &[("LIVECHAT_SQLITE_SYNCHRONOUS", "off")][..],
                 "LIVECHAT_SQLITE_SYNCHRONOUS",
             ),
@@ -1280,6 +1298,9 @@ mod config_tests {
             ok.chat_config().routing.hand_back_after,
             Some(Duration::from_secs(120))
         );
+        assert_eq!(ok.realtime().max_connections_per_user, 50);
+        let uncapped = config(&[("LIVECHAT_WS_MAX_PER_USER", "0")]).unwrap();
+        assert_eq!(uncapped.realtime().max_connections_per_user, 0);
         let off = config(&[("LIVECHAT_HAND_BACK_AFTER_SECS", " OFF ")]).unwrap();
         assert_eq!(off.chat_config().routing.hand_back_after, None);
         let soon = config(&[("LIVECHAT_HAND_BACK_AFTER_SECS", "30")]).unwrap();

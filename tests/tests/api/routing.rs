@@ -1232,3 +1232,69 @@ async fn a_node_renews_its_connections_together(backend: Backend) {
         "said once"
     );
 }
+
+/// `ChatService::agents_gone` records a tenant's offline announcements in
+/// one transaction; when that transaction fails, each agent's is tried on
+/// its own and passed on as it commits, so one failure loses none of the
+/// others. Forced on PostgreSQL by a statement trigger that refuses any
+/// update of several presence rows at once.
+#[tokio::test]
+async fn a_failed_announcement_batch_is_recorded_agent_by_agent() {
+    use livechat_core::store::SeaOrmStore;
+    use livechat_core::{ChatConfig, ChatService};
+    use sea_orm::ConnectionTrait;
+    use std::time::Duration;
+
+    let app = App::new(Backend::Postgres).await;
+    let mut config = ChatConfig::default();
+    config.routing.presence_ttl = Some(Duration::from_millis(300));
+    let chat = ChatService::new(SeaOrmStore::new(app.db.clone()), config);
+    for agent in [7, 8, 9] {
+        chat.set_agent_status(t(1), u(agent), PresenceStatus::Online)
+            .await
+            .unwrap();
+    }
+    app.db
+        .execute_unprepared(
+            "CREATE FUNCTION one_presence_at_a_time() RETURNS trigger LANGUAGE plpgsql AS $$ \
+             BEGIN \
+               IF (SELECT count(*) FROM changed) > 1 THEN \
+                 RAISE EXCEPTION 'several presence rows in one statement'; \
+               END IF; \
+               RETURN NULL; \
+             END $$; \
+             CREATE TRIGGER one_presence_at_a_time AFTER UPDATE ON livechat_agent_presence \
+             REFERENCING NEW TABLE AS changed \
+             FOR EACH STATEMENT EXECUTE FUNCTION one_presence_at_a_time()",
+        )
+        .await
+        .unwrap();
+    // Their liveness runs out: all three are due.
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    let announce = async || {
+        let mut recorded = Vec::new();
+        chat.agents_gone(
+            &[(t(1), u(9)), (t(1), u(7)), (t(1), u(8))],
+            Duration::ZERO,
+            |tenant, agents| recorded.push((tenant, agents.to_vec())),
+        )
+        .await;
+        recorded
+    };
+    assert_eq!(
+        announce().await,
+        vec![(t(1), vec![u(7)]), (t(1), vec![u(8)]), (t(1), vec![u(9)])],
+        "each recorded on its own"
+    );
+    for agent in [7, 8, 9] {
+        let presence = chat.agent_presence(t(1), u(agent)).await.unwrap();
+        assert_eq!(
+            presence.status,
+            PresenceStatus::Online,
+            "the chosen status stays"
+        );
+    }
+    // Recorded: the next check finds nothing due (its one statement
+    // changes no row, which the trigger lets through).
+    assert_eq!(announce().await, vec![(t(1), vec![])], "said once");
+}

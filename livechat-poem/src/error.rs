@@ -64,7 +64,9 @@ pub enum ApiError {
     PayloadTooLarge(Json<ErrorBody>),
     /// `rate_limited`: a customer's chat starts or messages over the
     /// host's limits (`RateLimits`); nothing was done. `Retry-After`: whole
-    /// seconds until one more is allowed.
+    /// seconds until one more is allowed. (`GET /ws` answers
+    /// `too_many_connections` with this variant too, described in its
+    /// hand-written path item: `ws::openapi_path_item`.)
     #[oai(status = 429)]
     TooManyRequests(
         Json<ErrorBody>,
@@ -130,8 +132,9 @@ impl ApiError {
 
     /// 429 `too_many_connections`: the user already holds
     /// `RealtimeConfig::max_connections_per_user` WebSockets on this node.
-    /// `Retry-After` is `wait` (the connection TTL: by then a connection
-    /// of theirs that vanished without a close has been closed).
+    /// `Retry-After` is `wait` in whole seconds (the connection TTL plus
+    /// the ping interval: by then a connection of theirs that vanished
+    /// without a close has been closed).
     pub fn too_many_connections(message: impl Into<String>, wait: std::time::Duration) -> Self {
         Self::TooManyRequests(
             body("too_many_connections", message),

@@ -91,12 +91,15 @@ pub struct RealtimeConfig {
     /// together; `0`: no cap). One more is refused: `429
     /// too_many_connections` at the upgrade when authenticated by header,
     /// else an `error` frame `too_many_connections` and close 1008 after
-    /// its `auth` frame. A connection that vanished without a close counts
-    /// until the node closes it for silence (`connection_ttl`), so the cap
-    /// leaves room for clients reconnecting over a flapping network.
-    /// Without a cap, one visitor token (anyone's for the price of a chat
-    /// start) could hold sockets until the node ran out of descriptors or
-    /// memory. Default 50.
+    /// its `auth` frame; both say how long to wait: `connection_ttl` plus
+    /// `ping_interval`, the longest a connection that vanished without a
+    /// close keeps its place (the node closes it for silence at the first
+    /// ping tick past the TTL), so the cap leaves room for clients
+    /// reconnecting over a flapping network. Without a cap, one visitor
+    /// token (anyone's for the price of a chat start) could hold sockets
+    /// until the node ran out of descriptors or memory. A credential valid
+    /// in every tenant (a host token without a tenant list) holds the cap
+    /// in each tenant it names. Default 50.
     pub max_connections_per_user: usize,
     /// Browser origins allowed to open a WebSocket (`*` for any), compared
     /// by [`same_origin`] (case and default ports aside). Requests without
@@ -231,8 +234,12 @@ struct Identity {
 struct Refusal {
     code: &'static str,
     message: String,
-    /// The HTTP answer when it is already made (its cause logged).
-    http: Option<ApiError>,
+    /// The HTTP answer when it is already made (its cause logged; boxed,
+    /// as the refusal is returned through every step of authentication).
+    http: Option<Box<ApiError>>,
+    /// How long the client should wait before trying again, when known
+    /// (`too_many_connections`).
+    retry_after: Option<Duration>,
 }
 
 impl Refusal {
@@ -241,6 +248,7 @@ impl Refusal {
             code,
             message: message.into(),
             http: None,
+            retry_after: None,
         }
     }
 
@@ -262,12 +270,33 @@ impl Refusal {
         Self {
             code,
             message,
-            http: Some(api),
+            http: Some(Box::new(api)),
+            retry_after: None,
         }
     }
 }
 
 impl Gateway {
+    /// `identity`'s place among the node's connections: refused with
+    /// `too_many_connections` when they already hold
+    /// [`RealtimeConfig::max_connections_per_user`] here, with the wait
+    /// that field describes.
+    fn admit(&self, identity: Identity) -> Result<(Identity, Slot), Refusal> {
+        match self.slots.take(identity.tenant, identity.role.owner()) {
+            Some(slot) => Ok((identity, slot)),
+            None => Err(Refusal {
+                retry_after: Some(self.config.connection_ttl + self.config.ping_interval),
+                ..Refusal::new(
+                    "too_many_connections",
+                    format!(
+                        "at most {} connections per user at once; close one first",
+                        self.slots.max()
+                    ),
+                )
+            }),
+        }
+    }
+
     /// Resolves `Bearer <host token>` or `Visitor <token>` in `tenant`.
     async fn identify(&self, credential: &str, tenant: TenantId) -> Result<Identity, Refusal> {
         let (scheme, token) = credential
@@ -406,8 +435,8 @@ pub(crate) fn openapi_path_item(error_content: &Value) -> Value {
     too_many["headers"] = json!({"RETRY-AFTER": {
         "deprecated": false,
         "required": true,
-        "description": "Seconds until a connection of theirs that vanished without a close has been closed \
-            (the connection TTL).",
+        "description": "Seconds until a connection of theirs that vanished without a close has surely \
+            been closed (the connection TTL plus the ping interval).",
         "schema": {"type": "integer", "format": "uint64"},
     }});
     json!({
@@ -452,24 +481,6 @@ pub(crate) fn openapi_path_item(error_content: &Value) -> Value {
             },
         }
     })
-}
-
-impl Gateway {
-    /// `identity`'s place among the node's connections: refused with
-    /// `too_many_connections` when they already hold
-    /// [`RealtimeConfig::max_connections_per_user`] here.
-    fn admit(&self, identity: Identity) -> Result<(Identity, Slot), Refusal> {
-        match self.slots.take(identity.tenant, identity.role.owner()) {
-            Some(slot) => Ok((identity, slot)),
-            None => Err(Refusal::new(
-                "too_many_connections",
-                format!(
-                    "at most {} connections per user at once; close one first",
-                    self.slots.max()
-                ),
-            )),
-        }
-    }
 }
 
 /// `GET /livechat/ws`: checks the origin and, when sent, the
@@ -517,7 +528,7 @@ pub(crate) async fn ws_endpoint(
                 // Made, and its cause logged, by `Refusal::customer`.
                 Err(Refusal {
                     http: Some(http), ..
-                }) => return http.into_response(),
+                }) => return (*http).into_response(),
                 Err(r) if r.code == "forbidden" => {
                     return ApiError::forbidden(r.message).into_response();
                 }
@@ -525,11 +536,8 @@ pub(crate) async fn ws_endpoint(
                     return ApiError::unavailable(&r.message).into_response();
                 }
                 Err(r) if r.code == "too_many_connections" => {
-                    return ApiError::too_many_connections(
-                        r.message,
-                        gateway.config.connection_ttl,
-                    )
-                    .into_response();
+                    let wait = r.retry_after.unwrap_or(gateway.config.connection_ttl);
+                    return ApiError::too_many_connections(r.message, wait).into_response();
                 }
                 Err(r) => return ApiError::unauthorized(r.message).into_response(),
             }
@@ -697,10 +705,15 @@ fn error_value(code: &str, message: &str, reference: Option<&str>) -> Value {
 /// `retry_after_ms`: whole milliseconds (at least 1) until the limit that
 /// refused it lets one through again.
 fn rate_limited_frame(refused: &Refused, reference: &str) -> Message {
-    let wait_ms = refused.wait.as_micros().div_ceil(1000).max(1);
     let mut v = error_value("rate_limited", refused.what, Some(reference));
-    v["retry_after_ms"] = json!(u64::try_from(wait_ms).unwrap_or(u64::MAX));
+    v["retry_after_ms"] = json!(whole_ms(refused.wait));
     frame(v)
+}
+
+/// `wait` in whole milliseconds, rounded up, at least 1 (an `error`
+/// frame's `retry_after_ms`).
+fn whole_ms(wait: Duration) -> u64 {
+    u64::try_from(wait.as_micros().div_ceil(1000).max(1)).unwrap_or(u64::MAX)
 }
 
 /// A `new_message` frame's text: the message's fields and `"type"`,
@@ -1778,8 +1791,9 @@ async fn serve(
     client_ip: Option<std::net::IpAddr>,
 ) {
     let (mut sink, mut stream) = socket.split();
-    // The slot is held until the connection has ended and unregistered.
-    let (identity, _slot) = match pre_auth {
+    // The slot is held until the connection has unregistered (a silent
+    // client's, before the close handshake it will not answer).
+    let (identity, slot) = match pre_auth {
         Some(admitted) => admitted,
         None => match Box::pin(first_frame_auth(&gateway, &mut stream))
             .await
@@ -1787,9 +1801,11 @@ async fn serve(
         {
             Ok(admitted) => admitted,
             Err(refusal) => {
-                let _ = sink
-                    .send(error_frame(refusal.code, &refusal.message, None))
-                    .await;
+                let mut value = error_value(refusal.code, &refusal.message, None);
+                if let Some(wait) = refusal.retry_after {
+                    value["retry_after_ms"] = json!(whole_ms(wait));
+                }
+                let _ = sink.send(frame(value)).await;
                 // A refusal for the client's own doing is a policy close;
                 // one because the server cannot answer now says so, so
                 // that a client reading only the close code retries.
@@ -2069,6 +2085,7 @@ async fn serve(
         // A silent client is gone: it stops counting at once, not after
         // the close handshake it will not answer (up to 30 s a step).
         Box::pin(unregister(&gateway, identity, conn_id, silent_since)).await;
+        drop(slot);
         Box::pin(close(conn, &mut stream)).await;
     } else {
         Box::pin(close(conn, &mut stream)).await;

@@ -118,7 +118,7 @@ pub struct Config {
     /// `LIVECHAT_WS_SEND_RATE`: `send_message` frames per second per connection.
     pub ws_send_rate: u32,
     /// `LIVECHAT_WS_MAX_PER_USER`: live WebSockets per agent or customer
-    /// on this node (`0`: no cap).
+    /// in a tenant on this node (`0`: no cap).
     pub ws_max_per_user: usize,
     /// `LIVECHAT_CHAT_START_RATE`, `LIVECHAT_CUSTOMER_SEND_RATE` and
     /// `LIVECHAT_CLIENT_IP_HEADER`: the customer routes' limits.

@@ -2478,22 +2478,30 @@ async fn a_visitor_socket_goes_on_as_the_linked_customer(backend: Backend) {
 
 /// One agent or customer holds at most `max_connections_per_user` sockets
 /// in a tenant on a node: one more is refused (429 `too_many_connections`
-/// with `Retry-After` at a header upgrade; an `error` frame and 1008 after
-/// an `auth` frame), other users and tenants are counted apart, and a
-/// socket that ends frees its place.
+/// with `Retry-After` at a header upgrade; an `error` frame with
+/// `retry_after_ms` and 1008 after an `auth` frame), other users and
+/// tenants are counted apart, and a socket that ends frees its place.
 async fn a_user_holds_at_most_the_connection_cap(backend: Backend) {
-    let (_app, node) = node(backend, |c| c.max_connections_per_user = 2).await;
+    let (_app, node) = node(backend, |c| {
+        c.max_connections_per_user = 2;
+        c.connection_ttl = Duration::from_secs(3);
+        c.ping_interval = Duration::from_millis(500);
+    })
+    .await;
     let url = node.ws_url();
     let first = WsClient::connect_with_frame(&url, &App::agent(7), 1).await;
     let mut second = WsClient::connect_with_header(&url, &agent_auth(7), 1)
         .await
         .unwrap();
     second.expect("ready").await;
-    let refused_upgrade = || async {
-        match WsClient::connect_with_header(&url, &agent_auth(7), 1).await {
+    // Whether a socket with `auth` (an agent's or a customer's
+    // `Authorization`) is refused at the upgrade.
+    let refused_upgrade =
+        async |auth: &str| match WsClient::connect_with_header(&url, auth, 1).await {
             Err(tokio_tungstenite::tungstenite::Error::Http(response)) => {
                 assert_eq!(response.status(), 429);
-                assert_eq!(response.headers()["retry-after"], "2", "the connection TTL");
+                // The connection TTL plus the ping interval, in whole seconds.
+                assert_eq!(response.headers()["retry-after"], "4");
                 let body: Value =
                     serde_json::from_slice(response.body().as_deref().unwrap_or_default()).unwrap();
                 assert_eq!(body["error"]["code"], "too_many_connections", "{body}");
@@ -2501,15 +2509,18 @@ async fn a_user_holds_at_most_the_connection_cap(backend: Backend) {
             }
             Err(other) => panic!("{other}"),
             Ok(_) => false,
-        }
-    };
-    assert!(refused_upgrade().await, "a third socket upgraded");
+        };
+    assert!(
+        refused_upgrade(&agent_auth(7)).await,
+        "a third socket upgraded"
+    );
     let mut third = WsClient::connect_bare(&url).await;
     third
         .send(json!({"type": "auth", "token": App::agent(7), "tenant_id": 1}))
         .await;
     let refusal = third.expect("error").await;
     assert_eq!(refusal["code"], "too_many_connections", "{refusal}");
+    assert_eq!(refusal["retry_after_ms"], 3_500, "{refusal}");
     assert_eq!(third.close_code(Duration::from_secs(5)).await, Some(1008));
     // Others are not held back by agent 7's count.
     let _colleague = WsClient::connect_with_frame(&url, &App::agent(8), 1).await;
@@ -2524,19 +2535,23 @@ async fn a_user_holds_at_most_the_connection_cap(backend: Backend) {
         customers.push(c);
     }
     assert!(
-        WsClient::connect_with_header(&url, &customer, 1)
-            .await
-            .is_err(),
-        "a customer's third socket"
+        refused_upgrade(&customer).await,
+        "a customer's third socket upgraded"
     );
-    // A socket that ends gives its place back once the node has seen it.
+    // A socket that ends gives its place back once the node has seen it:
+    // one authenticated by its first frame, then one by its headers.
+    let freed = async |auth: &str| {
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while refused_upgrade(auth).await {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the place stayed taken"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    };
     first.drop_now();
-    let deadline = std::time::Instant::now() + Duration::from_secs(10);
-    while refused_upgrade().await {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "the place stayed taken"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    freed(&agent_auth(7)).await;
+    customers.pop().unwrap().drop_now();
+    freed(&customer).await;
 }

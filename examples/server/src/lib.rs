@@ -59,7 +59,7 @@ use poem::http::StatusCode;
 use poem::listener::{Listener, TcpListener};
 use poem::middleware::{Cors, Tracing};
 use poem::web::{Data, Json};
-use poem::{EndpointExt, IntoResponse, Response, Route, Server, get, handler, post};
+use poem::{Endpoint, EndpointExt, IntoResponse, Response, Route, Server, get, handler, post};
 use sea_orm::{
     ActiveValue::Set, ColumnTrait, ConnectionTrait, DatabaseConnection, EntityTrait, QueryFilter,
     Schema,
@@ -862,6 +862,20 @@ pub fn build(db: DatabaseConnection, config: &Config, bus: Arc<dyn EventBus>) ->
     build_with(db, config, bus, config.realtime())
 }
 
+/// `endpoint`, whose 405 for a method it does not take names the methods
+/// it does in `Allow` (RFC 9110 §15.5.6), in the JSON envelope, as the
+/// library's routes answer.
+fn allowing(endpoint: impl Endpoint + 'static, allow: &'static str) -> impl Endpoint {
+    endpoint.catch_error(move |err: poem::error::MethodNotAllowedError| async move {
+        let mut response = envelope(err.into()).await;
+        response.headers_mut().insert(
+            poem::http::header::ALLOW,
+            poem::http::HeaderValue::from_static(allow),
+        );
+        response
+    })
+}
+
 /// As [`build`], with explicit WebSocket gateway settings.
 pub fn build_with(
     db: DatabaseConnection,
@@ -896,8 +910,8 @@ pub fn build_with(
     // longer than the others' (`login`).
     std::sync::LazyLock::force(&UNKNOWN_USER_HASH);
     let host_routes = Route::new()
-        .at("/auth/login", post(login))
-        .at("/health", get(health))
+        .at("/auth/login", allowing(post(login), "POST"))
+        .at("/health", allowing(get(health), "GET, HEAD"))
         .data(state)
         .catch_all_error(envelope);
     let routes = Route::new()

@@ -289,7 +289,7 @@ impl Gateway {
                 ..Refusal::new(
                     "too_many_connections",
                     format!(
-                        "at most {} connections per user at once; close one first",
+                        "this user already holds the most connections allowed at once ({}); close one first",
                         self.slots.max()
                     ),
                 )

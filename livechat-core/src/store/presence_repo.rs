@@ -142,7 +142,7 @@ impl PresenceRepository for SeaOrmStore {
         // with a renewal or an announcement on PostgreSQL).
         let tx = self.begin_write().await?;
         lock_tenant(&tx, tenant, policy).await?;
-        if !lock_presences(&tx, tenant, agents).await? {
+        if lock_presences(&tx, tenant, agents).await?.is_empty() {
             tx.rollback().await?;
             return Ok(());
         }
@@ -171,7 +171,7 @@ impl PresenceRepository for SeaOrmStore {
         // The routing lock only orders this transaction before the rows
         // (its capacity is not used).
         lock_tenant(&tx, tenant, &RoutingPolicy::default()).await?;
-        if !lock_presences(&tx, tenant, agents).await? {
+        if lock_presences(&tx, tenant, agents).await?.is_empty() {
             tx.rollback().await?;
             return Ok(Vec::new());
         }
@@ -267,14 +267,11 @@ impl PresenceRepository for SeaOrmStore {
         let serving = session::Entity::find()
             .select_only()
             .column(session::Column::Id)
-            .filter(
-                Expr::col((session::Entity, session::Column::TenantId))
-                    .equals((presence::Entity, presence::Column::TenantId)),
-            )
-            .filter(
-                Expr::col((session::Entity, session::Column::AgentId))
-                    .equals((presence::Entity, presence::Column::AgentId)),
-            )
+            .filter(of_the_rows_agent(
+                session::Entity,
+                session::Column::TenantId,
+                session::Column::AgentId,
+            ))
             .filter(session::Column::Status.eq(SessionStatus::Open.as_str()))
             .filter(session::Column::Origin.eq(SessionOrigin::Customer.as_str()))
             .into_query();
@@ -299,7 +296,7 @@ impl PresenceRepository for SeaOrmStore {
             // announcement under it.
             let capacity = lock_tenant(&tx, tenant, policy).await?;
             lock_presences(&tx, tenant, &[agent]).await?;
-            let live = live_connection_of(tenant, agent, now());
+            let live = live_connection_of_row(now());
             // Liveness run out, and no sign of life since the announcement
             // either (every heartbeat clears the announcement; this also
             // holds against a row written outside the library).
@@ -543,22 +540,6 @@ async fn requeue_chats_of(
     Ok(requeued)
 }
 
-/// The query of `agent`'s connections of `tenant` still live at `now`
-/// (any node), for an `EXISTS`: whether the agent is connected.
-fn live_connection_of(
-    tenant: TenantId,
-    agent: UserId,
-    now: chrono::DateTime<chrono::Utc>,
-) -> sea_orm::sea_query::SelectStatement {
-    connection::Entity::find()
-        .select_only()
-        .column(connection::Column::Id)
-        .filter(connection::Column::TenantId.eq(tenant.get()))
-        .filter(connection::Column::AgentId.eq(agent.get()))
-        .filter(connection::Column::ExpiresAt.gt(now))
-        .into_query()
-}
-
 /// Renews the liveness of `agents` of `tenant` and clears their standing
 /// offline announcements: the tenant's routing lock, then their rows in id
 /// order (see `lock_presences`), whose announcements are read under the
@@ -576,16 +557,7 @@ async fn renew_presences(
     let capacity = lock_tenant(tx, tenant, policy).await?;
     // Read under the lock: an announcement being written is waited for,
     // then cleared.
-    let locked: Vec<(i64, Option<chrono::DateTime<chrono::Utc>>)> = presence::Entity::find()
-        .select_only()
-        .column(presence::Column::AgentId)
-        .column(presence::Column::OfflineAnnouncedAt)
-        .filter(of_agents(tenant, agents))
-        .order_by_asc(presence::Column::AgentId)
-        .lock_exclusive()
-        .into_tuple()
-        .all(tx)
-        .await?;
+    let locked = lock_presences(tx, tenant, agents).await?;
     if locked.is_empty() {
         return Ok(None);
     }
@@ -614,7 +586,8 @@ async fn renew_presences(
 /// Locks the presence rows of `agents` of `tenant` in id order for the
 /// rest of `tx`, waiting for any transaction that holds one (after the
 /// tenant's routing lock, as every change of several agents' rows);
-/// whether any exists.
+/// returns each locked row's agent id and standing offline announcement,
+/// read under the lock (empty: none of them has a presence).
 ///
 /// An offline announcement checks that the agent has no live connection,
 /// and an agent's return clears the announcement. On PostgreSQL a
@@ -635,17 +608,17 @@ async fn lock_presences(
     tx: &DatabaseTransaction,
     tenant: TenantId,
     agents: &[UserId],
-) -> Result<bool, ChatError> {
-    let locked: Vec<i64> = presence::Entity::find()
+) -> Result<Vec<(i64, Option<chrono::DateTime<chrono::Utc>>)>, ChatError> {
+    Ok(presence::Entity::find()
         .select_only()
         .column(presence::Column::AgentId)
+        .column(presence::Column::OfflineAnnouncedAt)
         .filter(of_agents(tenant, agents))
         .order_by_asc(presence::Column::AgentId)
         .lock_exclusive()
         .into_tuple()
         .all(tx)
-        .await?;
-    Ok(!locked.is_empty())
+        .await?)
 }
 
 /// The presence rows of `agents` of `tenant`.
@@ -656,23 +629,32 @@ fn of_agents(tenant: TenantId, agents: &[UserId]) -> sea_orm::Condition {
 }
 
 /// The query of the live connections (at `now`, any node) of the agent of
-/// the presence row an update is at, for a correlated `EXISTS`.
+/// the presence row a statement is at, for a correlated `EXISTS`.
 fn live_connection_of_row(
     now: chrono::DateTime<chrono::Utc>,
 ) -> sea_orm::sea_query::SelectStatement {
     connection::Entity::find()
         .select_only()
         .column(connection::Column::Id)
-        .filter(
-            Expr::col((connection::Entity, connection::Column::TenantId))
-                .equals((presence::Entity, presence::Column::TenantId)),
-        )
-        .filter(
-            Expr::col((connection::Entity, connection::Column::AgentId))
-                .equals((presence::Entity, presence::Column::AgentId)),
-        )
+        .filter(of_the_rows_agent(
+            connection::Entity,
+            connection::Column::TenantId,
+            connection::Column::AgentId,
+        ))
         .filter(connection::Column::ExpiresAt.gt(now))
         .into_query()
+}
+
+/// The rows of `table` whose `tenant` and `agent` columns are those of
+/// the presence row a statement is at: a correlated subquery's condition.
+fn of_the_rows_agent<E: sea_orm::EntityTrait>(
+    table: E,
+    tenant: E::Column,
+    agent: E::Column,
+) -> sea_orm::Condition {
+    sea_orm::Condition::all()
+        .add(Expr::col((table, tenant)).equals((presence::Entity, presence::Column::TenantId)))
+        .add(Expr::col((table, agent)).equals((presence::Entity, presence::Column::AgentId)))
 }
 
 /// `agent`'s presence row of `tenant` (the table's key).

@@ -610,6 +610,25 @@ const KNOWN_TYPES: &[&str] = &[
     "ping",
 ];
 
+/// Why a `read` of a joined session up to `seq` is refused, if it is:
+/// a negative `seq`, or one past `last`, the last message this
+/// connection has received of the session (or knew of at the join:
+/// the lesser of its `after_seq` and the session's last `seq`). A
+/// receipt for a message the reader has not been sent would show the
+/// other side's later messages read before they exist.
+fn read_refusal(seq: i64, last: Option<i64>) -> Option<String> {
+    let last = last.unwrap_or(0);
+    if seq < 0 {
+        Some("seq must not be negative".to_owned())
+    } else if seq > last {
+        Some(format!(
+            "seq {seq} is past the last message this connection has received of the session ({last})"
+        ))
+    } else {
+        None
+    }
+}
+
 /// A bad frame's `error` code and message.
 fn parse_frame(text: &str, max: usize) -> Result<ClientFrame, (&'static str, String)> {
     if text.len() > max {
@@ -1709,21 +1728,19 @@ impl Conn {
                 }
             },
             ClientFrame::Read { session_id, seq } => match self.joined_id(&session_id) {
-                Some(id) if seq >= 0 => self.gateway.bus.publish(BusEvent::Ephemeral {
-                    tenant_id: self.tenant(),
-                    event: Ephemeral::Read {
-                        session_id: id,
-                        by: self.identity.role.participant(),
-                        seq,
-                    },
-                }),
-                Some(_) => {
-                    self.send(error_frame(
-                        "invalid_frame",
-                        "seq must not be negative",
-                        Some(&session_id),
-                    ));
-                }
+                Some(id) => match read_refusal(seq, self.joined.get(&id).copied()) {
+                    None => self.gateway.bus.publish(BusEvent::Ephemeral {
+                        tenant_id: self.tenant(),
+                        event: Ephemeral::Read {
+                            session_id: id,
+                            by: self.identity.role.participant(),
+                            seq,
+                        },
+                    }),
+                    Some(message) => {
+                        self.send(error_frame("invalid_frame", &message, Some(&session_id)));
+                    }
+                },
                 None => {
                     self.send(error_frame(
                         "not_found",

@@ -13,6 +13,7 @@ on_both_databases!(
     agent_and_customer_talk_live,
     resume_after_a_drop_in_a_thousand_message_stream,
     idempotent_send_and_typing_relay,
+    a_read_receipt_names_only_messages_received,
     joined_says_the_status_and_a_closed_chat_refuses_typing,
     a_connected_customer_follows_their_chat_handed_back,
     bad_input_gets_error_frames,
@@ -924,6 +925,60 @@ async fn idempotent_send_and_typing_relay(backend: Backend) {
     // The sender does not get its own typing back.
     let own = customer.drain(Duration::from_millis(300)).await;
     assert!(own.iter().all(|f| f["type"] != "typing"), "{own:?}");
+}
+
+/// A `read` names a message its connection has received (or knew of at
+/// the join, up to its `after_seq`): a receipt past it, or a negative
+/// one, is refused with `invalid_frame` and relayed to nobody, so the
+/// other side never sees messages read before they are sent.
+async fn a_read_receipt_names_only_messages_received(backend: Backend) {
+    let (_app, node) = node(backend, |_| {}).await;
+    let (session, customer_auth) = open_chat(&node, 904).await;
+    let (mut agent, mut customer) = join_both(&node, session, &customer_auth).await;
+    let refused = |e: &Value, past: &str| {
+        assert_eq!(
+            (e["code"].as_str(), e["ref"].as_str()),
+            (Some("invalid_frame"), Some(session.to_string().as_str())),
+            "{e}"
+        );
+        assert!(e["message"].as_str().unwrap().contains(past), "{e}");
+    };
+
+    // Nothing sent yet: only 0 may be read.
+    for (seq, why) in [(-1, "negative"), (1, "past the last message")] {
+        customer
+            .send(json!({"type": "read", "session_id": session, "seq": seq}))
+            .await;
+        refused(&customer.expect("error").await, why);
+    }
+    let relayed = agent.drain(Duration::from_millis(300)).await;
+    assert!(relayed.iter().all(|f| f["type"] != "read"), "{relayed:?}");
+
+    agent
+        .send(json!({"type": "send_message", "session_id": session, "client_msg_id": "r1", "message": "hello"}))
+        .await;
+    assert_eq!(customer.expect("new_message").await["seq"], 1);
+    customer
+        .send(json!({"type": "read", "session_id": session, "seq": 2}))
+        .await;
+    refused(&customer.expect("error").await, "(1)");
+    customer
+        .send(json!({"type": "read", "session_id": session, "seq": 1}))
+        .await;
+    assert_eq!(agent.expect("read").await["seq"], 1);
+
+    // A join with `after_seq` past the end knows the messages up to the
+    // last one, not up to its `after_seq`.
+    let mut late = WsClient::connect_with_header(&node.ws_url(), &customer_auth, 1)
+        .await
+        .unwrap();
+    join(&mut late, session, Some(50)).await;
+    late.send(json!({"type": "read", "session_id": session, "seq": 50}))
+        .await;
+    refused(&late.expect("error").await, "(1)");
+    late.send(json!({"type": "read", "session_id": session, "seq": 1}))
+        .await;
+    assert_eq!(agent.expect("read").await["seq"], 1);
 }
 
 async fn bad_input_gets_error_frames(backend: Backend) {

@@ -318,6 +318,10 @@ impl App {
         // Tests start chats and send from one address as fast as they can;
         // the limits have tests of their own.
         config.rate_limits = livechat_poem::RateLimits::unlimited();
+        // Tests name tenants of their own, and this database has the
+        // library's tables only, not the example host's: every tenant
+        // offers chat (the host's directory is tested in `host.rs`).
+        config.chat_tenants = livechat_example_server::ChatTenants::Any;
         adjust(&mut config);
         let mut chat_config = livechat_core::ChatConfig::default();
         chat_config.routing.default_capacity = config.agent_capacity;

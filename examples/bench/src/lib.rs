@@ -837,10 +837,12 @@ pub async fn room_fan_out(
     .await
 }
 
-/// The tenant of [`queue_moves`], apart from the other scenarios' tenant 1.
-const QUEUE_TENANT: i64 = 3;
+/// The tenant of [`queue_moves`], apart from the other scenarios' tenant 1
+/// (one of the example host's two, which alone offer chat to customers
+/// by default: `LIVECHAT_CHAT_TENANTS`).
+const QUEUE_TENANT: i64 = 2;
 
-/// Scenario 3, queue moves: `waiting` customers (host users of tenant 3)
+/// Scenario 3, queue moves: `waiting` customers (host users of tenant 2)
 /// wait in the queue of one agent of capacity 1, each connected by
 /// WebSocket and joined to its session; the agent then closes its chat
 /// `moves` times, and each close assigns the head of the queue, which moves

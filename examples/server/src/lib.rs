@@ -30,6 +30,7 @@
 //! | `LIVECHAT_CLIENT_IP_HEADER` | none: the peer address | the header your reverse proxy sets to the client's address (`X-Real-IP`, or `X-Forwarded-For`: its last address) |
 //! | `LIVECHAT_SQLITE_SYNCHRONOUS` | `full` | SQLite commit durability: `full` (a 201 means on disk) or `normal` |
 //! | `LIVECHAT_OUTBOX_RETENTION_DAYS` | `7` | housekeeping deletes outbox events settled for every sink (delivered, or failed for good) once they are this old; 1–3,650 days, or `off` to keep them all |
+//! | `LIVECHAT_CHAT_TENANTS` | `host` | which tenants customers may start chats in and read availability of: `host`, those of the host's `host_tenants` table (others: 400 `invalid_tenant`); `any`, every tenant id a client names |
 //!
 //! Tickets and notifications are materialized by the ticket bridge's
 //! dispatcher, which runs next to the HTTP server with the default SeaORM
@@ -123,6 +124,40 @@ pub struct Config {
     /// `LIVECHAT_CHAT_START_RATE`, `LIVECHAT_CUSTOMER_SEND_RATE` and
     /// `LIVECHAT_CLIENT_IP_HEADER`: the customer routes' limits.
     pub rate_limits: RateLimits,
+    /// `LIVECHAT_CHAT_TENANTS` (`host` or `any`).
+    pub chat_tenants: ChatTenants,
+}
+
+/// Which tenants offer live chat to customers (`LIVECHAT_CHAT_TENANTS`):
+/// what the example answers [`livechat_poem::Livechat::tenants`] with.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum ChatTenants {
+    /// The tenants of the host's own `host_tenants` table (default): a
+    /// customer naming another in `X-Tenant-ID` gets 400
+    /// `invalid_tenant` at a chat start or an availability read, before
+    /// anything is stored. Each such request reads the table once (a
+    /// primary-key lookup); when it cannot be read, 503 `unavailable`.
+    #[default]
+    Host,
+    /// Every tenant id a client names (the library without a directory).
+    Any,
+}
+
+/// [`ChatTenants::Host`]: a tenant offers chat when the host's
+/// `host_tenants` table has it.
+struct HostTenants {
+    db: DatabaseConnection,
+}
+
+#[async_trait::async_trait]
+impl livechat_poem::TenantDirectory for HostTenants {
+    async fn offers_chat(&self, tenant: livechat_core::TenantId) -> Result<bool, String> {
+        host::tenant::Entity::find_by_id(tenant.get())
+            .one(&self.db)
+            .await
+            .map(|found| found.is_some())
+            .map_err(|e| format!("reading the host's tenants failed: {e}"))
+    }
 }
 
 impl std::fmt::Debug for Config {
@@ -154,6 +189,7 @@ impl std::fmt::Debug for Config {
             .field("ws_send_rate", &self.ws_send_rate)
             .field("ws_max_per_user", &self.ws_max_per_user)
             .field("rate_limits", &self.rate_limits)
+            .field("chat_tenants", &self.chat_tenants)
             .finish()
     }
 }
@@ -184,6 +220,7 @@ impl Config {
             ws_send_rate: 10,
             ws_max_per_user: RealtimeConfig::default().max_connections_per_user,
             rate_limits: RateLimits::default(),
+            chat_tenants: ChatTenants::Host,
         }
     }
 
@@ -378,6 +415,14 @@ impl Config {
                         })
                     })
                     .transpose()?,
+            },
+            chat_tenants: match var("LIVECHAT_CHAT_TENANTS")
+                .map(|v| v.trim().to_ascii_lowercase())
+                .as_deref()
+            {
+                None | Some("host") => ChatTenants::Host,
+                Some("any") => ChatTenants::Any,
+                Some(_) => return Err("LIVECHAT_CHAT_TENANTS must be host or any".into()),
             },
         };
         // The gateway's connection TTL is the presence TTL.
@@ -901,6 +946,10 @@ pub fn build_with(
     .tickets(tables.clone())
     .notifications(tables)
     .realtime(bus.clone(), realtime);
+    let livechat = match config.chat_tenants {
+        ChatTenants::Host => livechat.tenants(Arc::new(HostTenants { db: db.clone() })),
+        ChatTenants::Any => livechat,
+    };
     let state = Arc::new(HostState {
         db,
         jwt_secret: config.jwt_secret.clone(),
@@ -1292,6 +1341,10 @@ mod config_tests {
                 &[("LIVECHAT_SQLITE_SYNCHRONOUS", "off")][..],
                 "LIVECHAT_SQLITE_SYNCHRONOUS",
             ),
+            (
+                &[("LIVECHAT_CHAT_TENANTS", "1,2")][..],
+                "LIVECHAT_CHAT_TENANTS",
+            ),
         ] {
             let refused = config(vars).err().unwrap_or_default();
             assert!(refused.contains(named), "{vars:?}: {refused}");
@@ -1322,6 +1375,9 @@ mod config_tests {
         assert_eq!(ok.outbox_retention, Some(Duration::from_secs(7 * 86_400)));
         let kept = config(&[("LIVECHAT_OUTBOX_RETENTION_DAYS", "off")]).unwrap();
         assert_eq!(kept.outbox_retention, None);
+        assert_eq!(ok.chat_tenants, super::ChatTenants::Host);
+        let any = config(&[("LIVECHAT_CHAT_TENANTS", " Any ")]).unwrap();
+        assert_eq!(any.chat_tenants, super::ChatTenants::Any);
         let month = config(&[("LIVECHAT_OUTBOX_RETENTION_DAYS", "30")]).unwrap();
         assert_eq!(
             month.outbox_retention,

@@ -20,7 +20,7 @@ async fn seeded_login_drives_the_library(backend: Backend) {
         .await
         .unwrap();
     let config = livechat_example_server::Config::new(&test_db.url, "host-secret");
-    let client = poem::test::TestClient::new(livechat_example_server::app(db, &config));
+    let client = poem::test::TestClient::new(livechat_example_server::app(db.clone(), &config));
 
     let login = |email: &'static str, password: &'static str| {
         client
@@ -127,6 +127,41 @@ async fn seeded_login_drives_the_library(backend: Backend) {
         App::decode(call(Method::POST, "/livechat/sessions", Some(json!({}))).await).await;
     assert_eq!(code, 201, "{s}");
     assert_eq!(s["data"]["agent_id"], agent_id);
+
+    // Customers chat in the host's own tenants only (its `host_tenants`
+    // table: 1 and 2); another is refused before anything is stored.
+    let start = |tenant: &'static str| {
+        client
+            .post("/livechat/customer/chats")
+            .header("X-Tenant-ID", tenant)
+            .body_json(&json!({"browser_uuid": uuid::Uuid::now_v7(), "topic": "Hours"}))
+            .send()
+    };
+    let sessions = || livechat_tests::count_rows(&db, "livechat_sessions");
+    let before = sessions().await;
+    for tenant in ["3", "999"] {
+        let (code, body) = App::decode(start(tenant).await).await;
+        assert_eq!(
+            (code.as_u16(), body["error"]["code"].as_str()),
+            (400, Some("invalid_tenant")),
+            "{tenant}: {body}"
+        );
+        let resp = client
+            .get("/livechat/customer/availability")
+            .header("X-Tenant-ID", tenant)
+            .send()
+            .await;
+        let (code, body) = App::decode(resp).await;
+        assert_eq!(
+            (code.as_u16(), body["error"]["code"].as_str()),
+            (400, Some("invalid_tenant")),
+            "{tenant}: {body}"
+        );
+    }
+    assert_eq!(sessions().await, before, "nothing stored");
+    let (code, body) = App::decode(start("2").await).await;
+    assert_eq!(code, 201, "{body}");
+    assert_eq!(sessions().await, before + 1);
 
     let (code, health) = App::decode(client.get("/health").send().await).await;
     assert_eq!(code, 200);

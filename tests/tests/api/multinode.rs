@@ -19,6 +19,7 @@ async fn node(db: &TestDb, redis: &RedisServer) -> (Node, Arc<RedisBus>) {
     let mut config = livechat_example_server::Config::new(&db.url, livechat_tests::SECRET);
     config.ping_interval = Duration::from_millis(200);
     config.rate_limits = livechat_poem::RateLimits::unlimited();
+    config.chat_tenants = livechat_example_server::ChatTenants::Any;
     let bus = Arc::new(
         RedisBus::connect(&redis.url, DEFAULT_CHANNEL)
             .await

@@ -610,6 +610,18 @@ const KNOWN_TYPES: &[&str] = &[
     "ping",
 ];
 
+/// The last `seq` a `join_session` counts its connection as having: the
+/// session's `last_seq` without `after_seq` (the client reads the
+/// history over HTTP), else `after_seq`, never past `last_seq` (that
+/// would hide the messages up to it from this connection). A join again
+/// on a connection already joined never moves it forward (`sent`, the
+/// last `seq` it was sent): a message committed but not yet relayed to
+/// it would be dropped as already sent.
+fn join_start(after_seq: Option<i64>, last_seq: i64, sent: Option<i64>) -> i64 {
+    let start = after_seq.map_or(last_seq, |after| after.min(last_seq));
+    sent.map_or(start, |sent| sent.min(start))
+}
+
 /// Why a `read` of a joined session up to `seq` is refused, if it is:
 /// a negative `seq`, or one past `last`, the last message this
 /// connection has received of the session (or knew of at the join:
@@ -919,6 +931,11 @@ struct Conn {
     positions: HashMap<SessionId, Option<Place>>,
     /// Joined sessions last seen CLOSED: `typing` in them is refused.
     closed: HashSet<SessionId>,
+    /// Joined sessions whose last catch-up failed (a database read):
+    /// caught up again at the next ping, so a message that showed a gap,
+    /// or a join's replay, is not held back until the session's next
+    /// message.
+    behind: HashSet<SessionId>,
     bad_frames: u32,
     limiter: DefaultDirectRateLimiter,
     /// For `join_session`, `typing` and `read` (`signal_rate_per_sec`).
@@ -1010,7 +1027,8 @@ async fn relayed_read<T>(
     }
 }
 
-/// Pages of at most this many messages are read during catch-up.
+/// Pages of at most this many messages are read during catch-up (fewer
+/// when the host's `ChatConfig::max_page_size` is lower).
 const CATCH_UP_PAGE: i64 = 200;
 
 impl Conn {
@@ -1120,16 +1138,29 @@ impl Conn {
     }
 
     /// Sends every stored message of `session` after the last one sent.
+    /// When a read fails, the session is `behind`: [`Self::catch_up_behind`]
+    /// tries again at the next ping.
     async fn catch_up(&mut self, session: SessionId) -> Result<(), ChatError> {
+        // Pages within the host's `max_page_size`, which the read checks.
+        let size = i64::try_from(self.chat().config().max_page_size)
+            .unwrap_or(i64::MAX)
+            .clamp(1, CATCH_UP_PAGE);
         loop {
             let Some(&after) = self.joined.get(&session) else {
                 return Ok(());
             };
-            let page = self
+            let page = match self
                 .chat()
-                .list_messages(self.tenant(), session, Some(after), Some(CATCH_UP_PAGE))
-                .await?;
-            let full = page.len() as i64 == CATCH_UP_PAGE;
+                .list_messages(self.tenant(), session, Some(after), Some(size))
+                .await
+            {
+                Ok(page) => page,
+                Err(e) => {
+                    self.behind.insert(session);
+                    return Err(e);
+                }
+            };
+            let full = page.len() as i64 == size;
             for m in &page {
                 if !self.send_replay(message_frame(m)).await {
                     return Ok(());
@@ -1137,7 +1168,20 @@ impl Conn {
                 self.note_relayed(m);
             }
             if !full {
+                self.behind.remove(&session);
                 return Ok(());
+            }
+        }
+    }
+
+    /// Catches up the sessions whose last catch-up failed, until one fails
+    /// again (the database is still unreachable: the next ping retries).
+    async fn catch_up_behind(&mut self) {
+        let behind: Vec<SessionId> = self.behind.iter().copied().collect();
+        for s in behind {
+            if let Err(e) = self.catch_up(s).await {
+                tracing::warn!(error = %e, session = %s, "websocket catch-up failed again");
+                return;
             }
         }
     }
@@ -1300,6 +1344,7 @@ impl Conn {
         self.joined.remove(&session);
         self.positions.remove(&session);
         self.closed.remove(&session);
+        self.behind.remove(&session);
         self.membership
             .set_waiting(self.positions.values().any(Option::is_some));
         self.membership.unfollow(session);
@@ -1365,15 +1410,21 @@ impl Conn {
                     // Not yet through `note_position`: the connection keeps
                     // receiving the tenant's lifecycle events meanwhile.
                     self.positions.insert(s.id, None);
-                    let position = if s.status == SessionStatus::Waiting {
-                        self.queue(prepared)
-                            .await
-                            .and_then(|queue| queue.get(&s.id).copied())
+                    let (position, unread) = if s.status == SessionStatus::Waiting {
+                        match self.queue(prepared).await {
+                            Some(queue) => (queue.get(&s.id).copied(), false),
+                            None => (None, true),
+                        }
                     } else {
-                        None
+                        (None, false)
                     };
                     self.note_position(s, position);
                     self.send_session_updated(s, position);
+                    // The queue could not be read: the place from a read
+                    // of the session itself, so that it keeps moving.
+                    if unread {
+                        self.refresh_position(s.id).await;
+                    }
                 }
                 // Queue moves shift every waiting customer's place.
                 let waiting: Vec<SessionId> = self
@@ -1663,15 +1714,16 @@ impl Conn {
                     }
                 };
                 let id = view.session.id;
-                self.chat()
-                    .follow_session(self.tenant(), self.id, id)
-                    .await?;
-                // An `after_seq` past the last message would hide the
-                // messages up to it from this connection: it starts at the
-                // last one, as without `after_seq` (`joined` says which).
-                let start = after_seq.map_or(view.session.last_seq, |after| {
-                    after.min(view.session.last_seq)
-                });
+                if let Err(e) = self.chat().follow_session(self.tenant(), self.id, id).await {
+                    let (code, message) = error_code(e);
+                    self.send(error_frame(&code, &message, Some(&session_id)));
+                    return Ok(());
+                }
+                let start = join_start(
+                    after_seq,
+                    view.session.last_seq,
+                    self.joined.get(&id).copied(),
+                );
                 // Before the catch-up's read: what it misses arrives live.
                 self.membership.follow(id);
                 self.joined.insert(id, start);
@@ -1683,7 +1735,12 @@ impl Conn {
                     "last_seq": view.session.last_seq,
                     "queue_position": view.queue_position,
                 })));
-                self.catch_up(id).await?;
+                // Joined: a replay that failed follows at the next ping.
+                if let Err(e) = self.catch_up(id).await {
+                    let (code, message) = error_code(e);
+                    self.send(error_frame(&code, &message, Some(&session_id)));
+                    return Ok(());
+                }
                 // The session changed (the queue moved, it was assigned or
                 // closed) between the access check's read and following it:
                 // read it again, now that every later change reaches this
@@ -1695,9 +1752,17 @@ impl Conn {
             ClientFrame::LeaveSession { session_id } => {
                 if let Some(id) = self.joined_id(&session_id) {
                     self.leave(id);
-                    self.chat()
+                    if let Err(e) = self
+                        .chat()
                         .unfollow_session(self.tenant(), self.id, id)
-                        .await?;
+                        .await
+                    {
+                        // Left here; the stored join goes with the
+                        // connection's rows when it ends.
+                        let (code, message) = error_code(e);
+                        self.send(error_frame(&code, &message, Some(&session_id)));
+                        return Ok(());
+                    }
                 }
                 self.send(frame(json!({"type": "left", "session_id": session_id})));
             }
@@ -1856,6 +1921,7 @@ async fn serve(
         closing: None,
         joined: HashMap::new(),
         closed: HashSet::new(),
+        behind: HashSet::new(),
         positions: HashMap::new(),
         bad_frames: 0,
         limiter: RateLimiter::direct(quota(gateway.config.send_rate_per_sec)),
@@ -2066,6 +2132,9 @@ async fn serve(
                 {
                     conn.out.push_front(Message::Ping(Vec::new()));
                 }
+                if !conn.behind.is_empty() {
+                    Box::pin(conn.catch_up_behind()).await;
+                }
                 if renewal.is_empty() && heard {
                     let stored = crate::renewals::queue(&gateway, identity.tenant, conn.id, owner, Kind::Renew);
                     renewal.push_back(
@@ -2263,8 +2332,24 @@ pub(crate) fn publish_presence(
 
 #[cfg(test)]
 mod tests {
-    use super::{close_reason, rate_limited_frame, same_origin, serve};
+    use super::{close_reason, join_start, rate_limited_frame, same_origin, serve};
     use crate::limits::Refused;
+
+    /// A first join starts at `after_seq` (at most the last message) or,
+    /// without it, at the last message; a join again on a connection
+    /// already joined never moves it past what it was sent, so a message
+    /// committed but not yet relayed to it is not taken as sent.
+    #[test]
+    fn a_join_again_never_skips_a_message_not_yet_sent() {
+        assert_eq!(join_start(None, 7, None), 7);
+        assert_eq!(join_start(Some(3), 7, None), 3);
+        assert_eq!(join_start(Some(50), 7, None), 7);
+        // Joined and sent up to 5 while 6 and 7 are on their way.
+        assert_eq!(join_start(None, 7, Some(5)), 5);
+        assert_eq!(join_start(Some(50), 7, Some(5)), 5);
+        // An earlier `after_seq` replays from there, as asked.
+        assert_eq!(join_start(Some(2), 7, Some(5)), 2);
+    }
 
     /// `retry_after_ms` rounds the wait up to whole milliseconds, at least
     /// one: a client that waits that long is let through.

@@ -47,6 +47,45 @@ impl Node {
         realtime: livechat_poem::RealtimeConfig,
     ) -> Self {
         let host = livechat_example_server::build_with(db.clone(), config, bus.clone(), realtime);
+        let chat = livechat_core::ChatService::new(
+            livechat_core::store::SeaOrmStore::new(db).with_bus(bus),
+            config.chat_config(),
+        );
+        Self::serve(host.endpoint, host.livechat, chat).await
+    }
+
+    /// The library alone, mounted under `/livechat`, on a free port:
+    /// `chat` (its store publishing on `bus`, with the chat rules the
+    /// test chose) behind [`crate::SECRET`]'s tokens, with the gateway
+    /// on `bus`.
+    ///
+    /// # Panics
+    /// When no port can be bound.
+    pub async fn start_library(
+        chat: livechat_core::ChatService,
+        bus: Arc<dyn EventBus>,
+        realtime: livechat_poem::RealtimeConfig,
+    ) -> Self {
+        use poem::EndpointExt;
+        let livechat = livechat_poem::Livechat::new(
+            chat.clone(),
+            Arc::new(livechat_poem::JwtAuthenticator::hs256(
+                crate::SECRET.as_bytes(),
+            )),
+            b"library visitor secret",
+        )
+        .realtime(bus, realtime);
+        let endpoint = poem::Route::new()
+            .nest("/livechat", livechat.endpoint())
+            .boxed();
+        Self::serve(endpoint, livechat, chat).await
+    }
+
+    async fn serve(
+        endpoint: poem::endpoint::BoxEndpoint<'static, poem::Response>,
+        livechat: livechat_poem::Livechat,
+        chat: livechat_core::ChatService,
+    ) -> Self {
         let acceptor = TcpListener::bind("127.0.0.1:0")
             .into_acceptor()
             .await
@@ -54,19 +93,14 @@ impl Node {
         let addr = *acceptor.local_addr()[0]
             .as_socket_addr()
             .expect("tcp address");
-        let endpoint = host.endpoint;
         let server = tokio::spawn(async move {
             let _ = poem::Server::new_with_acceptor(livechat_poem::NoDelay(acceptor))
                 .run(endpoint)
                 .await;
         });
-        let chat = livechat_core::ChatService::new(
-            livechat_core::store::SeaOrmStore::new(db).with_bus(bus),
-            config.chat_config(),
-        );
         Self {
             addr,
-            livechat: host.livechat,
+            livechat,
             chat,
             server,
         }

@@ -14,6 +14,8 @@ on_both_databases!(
     resume_after_a_drop_in_a_thousand_message_stream,
     idempotent_send_and_typing_relay,
     a_read_receipt_names_only_messages_received,
+    a_catch_up_reads_within_the_hosts_page_size,
+    a_failed_catch_up_is_tried_again_at_the_next_ping,
     joined_says_the_status_and_a_closed_chat_refuses_typing,
     a_connected_customer_follows_their_chat_handed_back,
     bad_input_gets_error_frames,
@@ -979,6 +981,107 @@ async fn a_read_receipt_names_only_messages_received(backend: Backend) {
     late.send(json!({"type": "read", "session_id": session, "seq": 1}))
         .await;
     assert_eq!(agent.expect("read").await["seq"], 1);
+}
+
+/// A host whose `max_page_size` is below the catch-up's page (200) still
+/// gets every replay: the catch-up reads pages the host allows. It asked
+/// for 200 at a time, and every join, gap fill and resync failed.
+async fn a_catch_up_reads_within_the_hosts_page_size(backend: Backend) {
+    let app = App::new(backend).await;
+    let bus = Arc::new(InProcessBus::new());
+    let mut rules = livechat_core::ChatConfig::default();
+    rules.max_page_size = 5;
+    let chat = livechat_core::ChatService::new(
+        livechat_core::store::SeaOrmStore::new(app.db.clone()).with_bus(bus.clone()),
+        rules,
+    );
+    let node = Node::start_library(chat.clone(), bus, app.config.realtime()).await;
+    chat.set_agent_status(t(1), u(7), PresenceStatus::Online)
+        .await
+        .unwrap();
+    let session = livechat_tests::start_user_chat(&chat, 1, 905, "Pages")
+        .await
+        .session
+        .id;
+    for n in 1..=12 {
+        chat.post_message(t(1), u(7), session, format!("reply {n}"), None)
+            .await
+            .unwrap();
+    }
+    let auth = format!("Bearer {}", App::token(905, &["USER"], Some(&[1])));
+    let mut customer = WsClient::connect_with_header(&node.ws_url(), &auth, 1)
+        .await
+        .unwrap();
+    join(&mut customer, session, Some(0)).await;
+    for seq in 1..=12 {
+        let m = customer.expect("new_message").await;
+        assert_eq!(m["seq"], seq, "{m}");
+    }
+}
+
+/// A gap's catch-up that fails (the messages table cannot be read) is
+/// tried again at the next ping: the messages arrive once it can be read,
+/// not at the session's next message, which may never come.
+async fn a_failed_catch_up_is_tried_again_at_the_next_ping(backend: Backend) {
+    use livechat_core::bus::{BusEvent, EventBus};
+    use livechat_core::{DomainEvent, EventId, EventKind, EventPayload, MessagePosted};
+    use sea_orm::ConnectionTrait;
+
+    let bus = Arc::new(InProcessBus::new());
+    let (app, node) = node_on(backend, bus.clone(), |_| {}).await;
+    let (session, auth) = open_chat(&node, 941).await;
+    let mut customer = WsClient::connect_with_header(&node.ws_url(), &auth, 1)
+        .await
+        .unwrap();
+    join(&mut customer, session, None).await;
+    // Two replies stored without their events (`app.chat` has no bus).
+    for text in ["one", "two"] {
+        app.chat
+            .post_message(t(1), u(7), session, text.into(), None)
+            .await
+            .unwrap();
+    }
+    let second = app
+        .chat
+        .list_messages(t(1), session, Some(1), None)
+        .await
+        .unwrap()
+        .remove(0);
+    let rename = |from: &str, to: &str| {
+        let sql = format!("ALTER TABLE {from} RENAME TO {to}");
+        let db = app.db.clone();
+        async move { db.execute_unprepared(&sql).await.unwrap() }
+    };
+    rename("livechat_messages", "livechat_messages_away").await;
+    // The second one's event: a gap after 0, whose catch-up fails.
+    let customer_id = node
+        .chat
+        .get_session(t(1), session)
+        .await
+        .unwrap()
+        .session
+        .customer_id;
+    let posted = MessagePosted {
+        message: second.clone(),
+        session_customer_id: customer_id,
+        ticket_id: None,
+        customer_connected: true,
+    };
+    bus.publish(BusEvent::Domain(Arc::new(DomainEvent {
+        id: EventId::from_uuid(second.id.as_uuid()),
+        tenant_id: t(1),
+        session_id: Some(session),
+        kind: EventKind::MessagePosted,
+        payload: EventPayload::new(&posted).unwrap(),
+        created_at: second.created_at,
+    })));
+    // Handled at once, and retried at the pings (200 ms) while it fails.
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    rename("livechat_messages_away", "livechat_messages").await;
+    for seq in 1..=2 {
+        let m = customer.expect("new_message").await;
+        assert_eq!(m["seq"], seq, "{m}");
+    }
 }
 
 async fn bad_input_gets_error_frames(backend: Backend) {

@@ -989,8 +989,10 @@ async fn a_read_receipt_names_only_messages_received(backend: Backend) {
 async fn a_catch_up_reads_within_the_hosts_page_size(backend: Backend) {
     let app = App::new(backend).await;
     let bus = Arc::new(InProcessBus::new());
-    let mut rules = livechat_core::ChatConfig::default();
-    rules.max_page_size = 5;
+    let rules = livechat_core::ChatConfig {
+        max_page_size: 5,
+        ..Default::default()
+    };
     let chat = livechat_core::ChatService::new(
         livechat_core::store::SeaOrmStore::new(app.db.clone()).with_bus(bus.clone()),
         rules,

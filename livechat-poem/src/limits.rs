@@ -296,8 +296,11 @@ impl Limiters {
         };
         let client = ClientKey::from(ip);
         let refused = "too many chats started from this address";
-        check(self.starts.as_ref(), &(tenant, client), refused)?;
-        check(self.starts_any_tenant.as_ref(), &client, refused)
+        // Across tenants first: refused there, the tenant's own allowance
+        // is left whole, so the wait announced is the real one (as for
+        // messages, below).
+        check(self.starts_any_tenant.as_ref(), &client, refused)?;
+        check(self.starts.as_ref(), &(tenant, client), refused)
     }
 
     /// Counts a message of `customer` in `tenant`, sent from `ip` (the
@@ -399,6 +402,31 @@ mod tests {
         for _ in 0..100 {
             check(none.starts.as_ref(), &(tenant, key), "x").unwrap();
         }
+    }
+
+    /// A start refused by the limit across tenants leaves the tenant's own
+    /// allowance whole: the client that waits the announced time is let
+    /// through, not refused again by a tenant limit its refused attempts
+    /// spent.
+    #[test]
+    fn a_start_refused_across_tenants_spends_nothing_of_the_tenants_limit() {
+        // One a minute per tenant (burst 2), five across tenants (burst 10).
+        let limits = Limiters::new(&RateLimits {
+            chat_starts_per_minute: 1,
+            ..RateLimits::default()
+        });
+        let ip: IpAddr = "192.0.2.1".parse().unwrap();
+        for n in 1..=10 {
+            limits
+                .chat_start(TenantId::new(n).unwrap(), Some(ip))
+                .unwrap();
+        }
+        let first = TenantId::new(1).unwrap();
+        for _ in 0..5 {
+            limits.chat_start(first, Some(ip)).unwrap_err();
+        }
+        let key = ClientKey::from(ip);
+        check(limits.starts.as_ref(), &(first, key), "x").expect("tenant 1's second start left");
     }
 
     /// A connection's own limit refuses past its burst and says how long

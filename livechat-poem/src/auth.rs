@@ -108,7 +108,10 @@ pub trait Authenticator: Send + Sync + 'static {
 /// (optional; seconds since the epoch: a token is refused before it, with
 /// the same leeway, and when it is not a whole number). Other algorithms
 /// and `alg: none` are refused, and so is a token whose header has `crit`
-/// (RFC 7515 §4.1.11: no extension is understood here).
+/// (RFC 7515 §4.1.11: no extension is understood here). `aud` (RFC 7519
+/// §4.1.3): a token that has one is refused unless
+/// [`JwtAuthenticator::audience`] names it (an identity provider that
+/// always writes `aud` needs that setting); `iss` is not checked.
 ///
 /// Verified tokens are remembered (at most [`VERIFIED_TOKENS`] of them,
 /// shared by clones) until they expire: a client sends the same token with
@@ -164,6 +167,29 @@ impl JwtAuthenticator {
             validation,
             verified: Arc::default(),
         }
+    }
+
+    /// Accepts only tokens whose `aud` (one value or an array) names one of
+    /// `audiences`, and refuses tokens without `aud` (RFC 7519 §4.1.3: the
+    /// library is then one of the token's named recipients). Without this
+    /// setting a token with `aud` is refused, since the library cannot
+    /// tell it was meant for it. The authenticator gets its own memory of
+    /// verified tokens (a clone made before keeps the old rule and its
+    /// memory).
+    ///
+    /// # Panics
+    /// When `audiences` is empty (every token would be refused: a
+    /// configuration mistake, refused at start).
+    #[must_use]
+    pub fn audience<T: ToString>(mut self, audiences: &[T]) -> Self {
+        assert!(
+            !audiences.is_empty(),
+            "no JWT audience given: every token would be refused"
+        );
+        self.validation.set_audience(audiences);
+        self.validation.set_required_spec_claims(&["exp", "aud"]);
+        self.verified = Arc::default();
+        self
     }
 
     fn verified(&self) -> std::sync::MutexGuard<'_, HashMap<Box<str>, VerifiedToken>> {
@@ -370,6 +396,56 @@ mod tests {
 
     fn exp() -> i64 {
         chrono::Utc::now().timestamp() + 600
+    }
+
+    /// A token with `aud` is refused unless the authenticator names that
+    /// audience; one that names audiences refuses tokens for others and
+    /// tokens without `aud`.
+    #[tokio::test]
+    async fn an_audience_must_be_named_to_be_accepted() {
+        let claims = |aud: Option<serde_json::Value>| {
+            let mut c = serde_json::json!({"sub": 7, "roles": ["SUPPORT_AGENT"], "exp": exp()});
+            if let Some(aud) = aud {
+                c["aud"] = aud;
+            }
+            token(Algorithm::HS256, c)
+        };
+        let ours = claims(Some(serde_json::json!("livechat")));
+        let listed = claims(Some(serde_json::json!(["crm", "livechat"])));
+        let theirs = claims(Some(serde_json::json!("billing")));
+        let none = claims(None);
+
+        let plain = JwtAuthenticator::hs256(b"s3cret");
+        assert!(plain.authenticate(&none).await.is_ok());
+        for t in [&ours, &listed, &theirs] {
+            assert!(
+                matches!(plain.authenticate(t).await, Err(AuthError::InvalidToken(_))),
+                "no audience named: a token meant for someone is refused"
+            );
+        }
+
+        let named = JwtAuthenticator::hs256(b"s3cret").audience(&["livechat"]);
+        assert_eq!(named.authenticate(&ours).await.unwrap().user_id.get(), 7);
+        assert!(named.authenticate(&listed).await.is_ok());
+        for t in [&theirs, &none] {
+            assert!(matches!(
+                named.authenticate(t).await,
+                Err(AuthError::InvalidToken(_))
+            ));
+        }
+        // A clone made before keeps its rule and its memory: the token it
+        // verified is not answered from memory by the one that names an
+        // audience.
+        let before = JwtAuthenticator::hs256(b"s3cret");
+        assert!(before.authenticate(&none).await.is_ok());
+        let after = before.clone().audience(&["livechat"]);
+        assert!(after.authenticate(&none).await.is_err());
+    }
+
+    #[test]
+    #[should_panic(expected = "no JWT audience given")]
+    fn an_empty_audience_list_is_refused() {
+        let _ = JwtAuthenticator::hs256(b"s3cret").audience::<&str>(&[]);
     }
 
     #[tokio::test]

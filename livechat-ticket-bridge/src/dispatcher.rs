@@ -35,6 +35,11 @@ pub const NOTIFICATION_BODY_MAX_CHARS: usize = 500;
 /// to run out by their lease.
 pub const RELEASE_WAIT: Duration = Duration::from_secs(5);
 
+/// The longest lease a pass counts with, 100 years
+/// ([`DispatcherConfig::lease`]); the store bounds the claim's own
+/// expiry the same way.
+pub const MAX_LEASE: Duration = Duration::from_secs(100 * 365 * 86_400);
+
 /// Tuning of a [`Dispatcher`].
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct DispatcherConfig {
@@ -49,6 +54,8 @@ pub struct DispatcherConfig {
     /// ([`DispatchReport::released`]). A pass held up by receivers that
     /// hang ([`SESSIONS_AT_ONCE`] sessions at a time, one sink time limit
     /// each) thus never delivers an event another pass has claimed since.
+    /// A lease longer than [`MAX_LEASE`] (`Duration::MAX` meant as
+    /// "never") counts as that.
     pub lease: Duration,
     /// Longest one sink call may take (default 15 s, above the webhook
     /// sink's own 10 s): a call still running then is dropped and counts
@@ -339,8 +346,10 @@ impl<C: OutboxConsumer> Dispatcher<C> {
             .await?;
         // One claim: one token for its events.
         let lease = batch.first().and_then(|pending| pending.lease);
-        let lease_ends = claimed_at + self.config.lease;
-        let margin = Ord::min(self.config.sink_timeout, self.config.lease / 2);
+        // Bounded: an `Instant` past its range panics.
+        let span = self.config.lease.min(MAX_LEASE);
+        let lease_ends = claimed_at + span;
+        let margin = Ord::min(self.config.sink_timeout, span / 2);
         let start_by = lease_ends - margin;
         let claims = Claims::hold(
             &self.in_flight,

@@ -100,8 +100,8 @@ mod store;
 mod webhook;
 
 pub use dispatcher::{
-    DispatchReport, Dispatcher, DispatcherConfig, NOTIFICATION_BODY_MAX_CHARS, RELEASE_WAIT,
-    SESSIONS_AT_ONCE,
+    DispatchReport, Dispatcher, DispatcherConfig, MAX_LEASE, NOTIFICATION_BODY_MAX_CHARS,
+    RELEASE_WAIT, SESSIONS_AT_ONCE,
 };
 pub use sink::{NotificationSink, SinkError, TicketSink};
 pub use store::{BridgeMigrator, SeaOrmSinks};

@@ -34,6 +34,7 @@ on_both_databases!(
     crash_between_commit_and_dispatch,
     crash_after_delivery_before_settling,
     a_dispatcher_stopping_releases_its_claims,
+    a_lease_meant_as_never_is_served,
     webhook_receives_signed_events_with_retries,
     a_sessions_events_are_claimed_in_order_behind_its_earliest,
     a_retried_event_holds_later_ones_only_from_the_receivers_it_is_owed,
@@ -1405,6 +1406,25 @@ impl TicketSink for Hanging {
     async fn close_ticket(&self, _: TenantId, _: TicketId, _: EventId) -> Result<(), SinkError> {
         std::future::pending().await
     }
+}
+
+/// A lease of `Duration::MAX` ("never hand it out again") delivers as any
+/// other: the pass counts with 100 years. Its deadline overflowed and
+/// panicked the dispatcher's task.
+async fn a_lease_meant_as_never_is_served(backend: Backend) {
+    let app = App::new(backend).await;
+    let (_, auth) = visitor_start(&app, "Refund").await;
+    let config = DispatcherConfig {
+        lease: Duration::MAX,
+        ..DispatcherConfig::default()
+    };
+    let tables = Arc::new(SeaOrmSinks::new(app.db.clone()));
+    let dispatcher = Dispatcher::new(SeaOrmStore::new(app.db.clone()), config)
+        .ticket_sink(tables.clone())
+        .notification_sink(tables);
+    let report = dispatcher.dispatch_once().await.unwrap();
+    assert!(report.delivered >= 1, "{report:?}");
+    assert_eq!(counts(&app, &auth).await.0, 1);
 }
 
 /// A dispatcher stopped while a sink hangs on an event releases its claim

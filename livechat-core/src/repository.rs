@@ -441,7 +441,9 @@ pub trait PresenceRepository: Send + Sync {
     /// reconnect within `grace` (a heartbeat) keeps them eligible without a
     /// flap. Without a presence TTL, liveness is not checked for
     /// eligibility, and the agents' last sign of life is set to now, which
-    /// [`Self::announce_offline`] compares with `grace`. One transaction
+    /// [`Self::announce_offline`] compares with `grace`. An agent who has
+    /// a live connection on any node when their row is locked (one that
+    /// reconnected since the caller looked) is left as is. One transaction
     /// for all of them (a node's connections closed together, issue #5):
     /// the tenant's routing lock, then their rows in id order.
     fn expire_liveness(

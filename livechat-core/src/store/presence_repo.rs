@@ -146,12 +146,17 @@ impl PresenceRepository for SeaOrmStore {
             tx.rollback().await?;
             return Ok(());
         }
+        // An agent with a live connection again (a reconnect, on this node
+        // or another, since the caller found none) keeps their liveness:
+        // checked under the row lock, which that connection's heartbeat
+        // also takes, as `announce_offline` checks it.
         presence::Entity::update_many()
             .col_expr(presence::Column::LastSeenAt, Expr::value(last_seen))
             .filter(of_agents(tenant, agents))
             .apply_if(only_lowered.then_some(last_seen), |update, at| {
                 update.filter(presence::Column::LastSeenAt.gt(at))
             })
+            .filter(Expr::not_exists(live_connection_of_row(now())))
             .exec(&tx)
             .await?;
         tx.commit().await?;
@@ -926,6 +931,46 @@ mod tests {
             .await
             .unwrap();
         assert!(!announces(&store, None).await.unwrap());
+    }
+
+    /// An agent connected again between the close's check for a connection
+    /// and this (a reconnect on another node within the grace) keeps
+    /// their liveness. It was lowered regardless: connected, they counted
+    /// as stale once the grace ran out, and the tenant's waiting chats
+    /// became tickets.
+    #[tokio::test]
+    async fn a_reconnected_agent_keeps_their_liveness() {
+        use sea_orm::EntityTrait;
+
+        let (db, store) = agent_online().await;
+        let with_ttl = RoutingPolicy {
+            presence_ttl: Some(Duration::from_secs(60)),
+            ..RoutingPolicy::default()
+        };
+        let last_seen = || async {
+            super::presence::Entity::find()
+                .one(&db)
+                .await
+                .unwrap()
+                .unwrap()
+                .last_seen_at
+        };
+        let before = last_seen().await;
+        connect(&store).await;
+        store
+            .expire_liveness(tenant(), &[agent()], Duration::ZERO, &with_ttl)
+            .await
+            .unwrap();
+        assert!(last_seen().await >= before, "not lowered while connected");
+        // Without the connection, it runs out.
+        db.execute_unprepared("DELETE FROM livechat_connections")
+            .await
+            .unwrap();
+        store
+            .expire_liveness(tenant(), &[agent()], Duration::ZERO, &with_ttl)
+            .await
+            .unwrap();
+        assert!(last_seen().await < before, "lowered");
     }
 
     /// Without a connection both announce, once.

@@ -140,7 +140,9 @@ pub trait SessionRepository: Send + Sync {
     /// Tickets the WAITING sessions without a ticket of `tenant` (`None`:
     /// of every tenant that has any) while no agent of their tenant is
     /// online, each in its tenant's routing transaction: `ticket.requested`
-    /// and `session.updated` for each. Returns the sessions ticketed.
+    /// and `session.updated` for each. Returns the sessions ticketed. With
+    /// `None`, a tenant whose transaction fails is logged and skipped, and
+    /// the call fails only when every tenant's did.
     fn ticket_unattended(
         &self,
         tenant: Option<TenantId>,
@@ -502,8 +504,10 @@ pub trait PresenceRepository: Send + Sync {
     /// chats in one transaction under the tenant's routing lock, where the
     /// absence is checked again. Agent-started sessions stay. Returns the
     /// agents whose chats were handed back, as `(tenant, agent)`. Without
-    /// a presence TTL nothing is handed back. Housekeeping, cross-tenant by
-    /// nature, never reachable from a request.
+    /// a presence TTL nothing is handed back. An agent whose transaction
+    /// fails is logged and skipped; the call fails only when every
+    /// agent's did. Housekeeping, cross-tenant by nature, never reachable
+    /// from a request.
     fn hand_back_chats_of_absent_agents(
         &self,
         announced_before: chrono::DateTime<chrono::Utc>,

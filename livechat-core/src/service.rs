@@ -1321,8 +1321,11 @@ impl<S: ChatStore> ChatService<S> {
     /// crashed node, heartbeats that stopped). Returns the chats ticketed.
     ///
     /// # Errors
-    /// [`ChatError::Storage`] only; the tenants before the failing one keep
-    /// their tickets, and a later call tickets the rest.
+    /// [`ChatError::Storage`] only: for one tenant, its failure; for
+    /// every tenant (`None`), only when each tenant's attempt failed (the
+    /// database is down). One tenant's failure (rows damaged outside the
+    /// library, say) is logged and the others are ticketed; a later call
+    /// tries it again.
     pub async fn ticket_unattended_chats(
         &self,
         tenant: Option<TenantId>,
@@ -1364,8 +1367,10 @@ impl<S: ChatStore> ChatService<S> {
     /// Without `hand_back_after` or `presence_ttl`, nothing.
     ///
     /// # Errors
-    /// [`ChatError::Storage`] only; the agents before the failing one keep
-    /// their hand-back, and a later call does the rest.
+    /// [`ChatError::Storage`] only, when every agent's hand-back failed
+    /// (the database is down). One agent's failure (rows damaged outside
+    /// the library, say) is logged and the others, of every tenant, are
+    /// handed back; a later call tries it again.
     pub async fn hand_back_chats_of_absent_agents(
         &self,
     ) -> Result<Vec<(TenantId, UserId)>, ChatError> {

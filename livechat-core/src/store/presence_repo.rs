@@ -261,12 +261,6 @@ impl PresenceRepository for SeaOrmStore {
         if policy.presence_ttl.is_none() {
             return Ok(Vec::new());
         }
-        // Announced gone by `announced_before`, and not offline by choice.
-        let announced_gone = || {
-            sea_orm::Condition::all()
-                .add(presence::Column::OfflineAnnouncedAt.lte(announced_before))
-                .add(presence::Column::Status.ne(PresenceStatus::Offline.as_str()))
-        };
         // Agents announced gone who still serve a customer chat; read
         // without locks, and each checked again under them.
         let serving = session::Entity::find()
@@ -284,51 +278,33 @@ impl PresenceRepository for SeaOrmStore {
             .select_only()
             .column(presence::Column::TenantId)
             .column(presence::Column::AgentId)
-            .filter(announced_gone())
+            .filter(announced_gone(announced_before))
             .filter(Expr::exists(serving))
             .order_by_asc(presence::Column::TenantId)
             .order_by_asc(presence::Column::AgentId)
             .into_tuple()
             .all(&self.db)
             .await?;
-        let mut handed_back = Vec::new();
+        // Each agent on their own: one whose chats cannot be handed back
+        // (rows damaged outside the library, a failing transaction) is
+        // logged and skipped, and the agents after them, of this tenant
+        // and the next, are handed back all the same.
+        let mut each = super::sessions::EachTenant::default();
         for (tenant, agent) in candidates {
-            let (tenant, agent): (TenantId, UserId) = (host_id(tenant)?, host_id(agent)?);
-            let tx = self.begin_write().await?;
-            let mut ev = self.recorder();
-            // The routing lock first, as every change of several sessions
-            // takes it, then the agent's row, as a return clears the
-            // announcement under it.
-            let capacity = lock_tenant(&tx, tenant, policy).await?;
-            lock_presences(&tx, tenant, &[agent]).await?;
-            let live = live_connection_of_row(now());
-            // Liveness run out, and no sign of life since the announcement
-            // either (every heartbeat clears the announcement; this also
-            // holds against a row written outside the library).
-            let gone = presence::Entity::find()
-                .filter(agent_row(tenant, agent))
-                .filter(announced_gone())
-                .apply_if(fresh_since(policy), |query, since| {
-                    query.filter(presence::Column::LastSeenAt.lt(since))
-                })
-                .filter(
-                    Expr::col(presence::Column::LastSeenAt)
-                        .lt(Expr::col(presence::Column::OfflineAnnouncedAt)),
-                )
-                .filter(Expr::not_exists(live))
-                .one(&tx)
-                .await?
-                .is_some();
-            if !gone || requeue_chats_of(&tx, &mut ev, tenant, agent).await? == 0 {
-                tx.rollback().await?;
-                continue;
-            }
-            drain_queue(&tx, &mut ev, tenant, policy, capacity).await?;
-            ticket_unattended(&tx, &mut ev, tenant, policy).await?;
-            self.commit(tx, ev).await?;
-            handed_back.push((tenant, agent));
+            let outcome = match (host_id(tenant), host_id(agent)) {
+                (Ok(t), Ok(a)) => {
+                    self.hand_back_chats_of(t, a, announced_before, policy)
+                        .await
+                }
+                (Err(e), _) | (_, Err(e)) => Err(e),
+            };
+            each.record(
+                (tenant, agent),
+                outcome,
+                "handing back an absent agent's chats",
+            );
         }
-        Ok(handed_back)
+        each.finish()
     }
 
     async fn heartbeat_agents(
@@ -631,6 +607,62 @@ fn of_agents(tenant: TenantId, agents: &[UserId]) -> sea_orm::Condition {
     sea_orm::Condition::all()
         .add(presence::Column::TenantId.eq(tenant.get()))
         .add(presence::Column::AgentId.is_in(agents.iter().map(|a| a.get())))
+}
+
+impl SeaOrmStore {
+    /// One absent agent's hand-back
+    /// ([`PresenceRepository::hand_back_chats_of_absent_agents`]): their
+    /// tenant's routing lock, their row, the absence checked again, then
+    /// their chats back to the queue. `Some` when chats went back.
+    async fn hand_back_chats_of(
+        &self,
+        tenant: TenantId,
+        agent: UserId,
+        announced_before: chrono::DateTime<chrono::Utc>,
+        policy: &RoutingPolicy,
+    ) -> Result<Option<(TenantId, UserId)>, ChatError> {
+        let tx = self.begin_write().await?;
+        let mut ev = self.recorder();
+        // The routing lock first, as every change of several sessions
+        // takes it, then the agent's row, as a return clears the
+        // announcement under it.
+        let capacity = lock_tenant(&tx, tenant, policy).await?;
+        lock_presences(&tx, tenant, &[agent]).await?;
+        let live = live_connection_of_row(now());
+        // Liveness run out, and no sign of life since the announcement
+        // either (every heartbeat clears the announcement; this also
+        // holds against a row written outside the library).
+        let gone = presence::Entity::find()
+            .filter(agent_row(tenant, agent))
+            .filter(announced_gone(announced_before))
+            .apply_if(fresh_since(policy), |query, since| {
+                query.filter(presence::Column::LastSeenAt.lt(since))
+            })
+            .filter(
+                Expr::col(presence::Column::LastSeenAt)
+                    .lt(Expr::col(presence::Column::OfflineAnnouncedAt)),
+            )
+            .filter(Expr::not_exists(live))
+            .one(&tx)
+            .await?
+            .is_some();
+        if !gone || requeue_chats_of(&tx, &mut ev, tenant, agent).await? == 0 {
+            tx.rollback().await?;
+            return Ok(None);
+        }
+        drain_queue(&tx, &mut ev, tenant, policy, capacity).await?;
+        ticket_unattended(&tx, &mut ev, tenant, policy).await?;
+        self.commit(tx, ev).await?;
+        Ok(Some((tenant, agent)))
+    }
+}
+
+/// Agents announced gone by `announced_before`, and not offline by
+/// choice (the hand-back's candidates).
+fn announced_gone(announced_before: chrono::DateTime<chrono::Utc>) -> sea_orm::Condition {
+    sea_orm::Condition::all()
+        .add(presence::Column::OfflineAnnouncedAt.lte(announced_before))
+        .add(presence::Column::Status.ne(PresenceStatus::Offline.as_str()))
 }
 
 /// The query of the live connections (at `now`, any node) of the agent of

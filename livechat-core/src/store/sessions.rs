@@ -252,6 +252,78 @@ pub(super) async fn ticket_unattended(
     Ok(ticketed)
 }
 
+impl SeaOrmStore {
+    /// [`crate::SessionRepository::ticket_unattended`] for one tenant.
+    async fn ticket_unattended_of(
+        &self,
+        tenant: TenantId,
+        policy: &RoutingPolicy,
+    ) -> Result<Vec<ChatSession>, ChatError> {
+        // Read first without the routing lock, which is a write: most
+        // calls find nothing to ticket.
+        if !awaits_tickets(&self.db, tenant, policy).await? {
+            return Ok(Vec::new());
+        }
+        let tx = self.begin_write().await?;
+        let mut ev = self.recorder();
+        lock_tenant(&tx, tenant, policy).await?;
+        let sessions = ticket_unattended(&tx, &mut ev, tenant, policy).await?;
+        self.commit(tx, ev).await?;
+        Ok(sessions)
+    }
+}
+
+/// The outcomes of a housekeeping step run for each tenant (or agent) in
+/// turn: a failure is logged and the others go on, so one tenant's
+/// damaged rows or failing transaction do not hold up the rest. The step
+/// fails only when every attempt failed (the database is down).
+#[derive(Debug)]
+pub(super) struct EachTenant<T> {
+    done: Vec<T>,
+    succeeded: bool,
+    first_error: Option<ChatError>,
+}
+
+impl<T> Default for EachTenant<T> {
+    fn default() -> Self {
+        Self {
+            done: Vec::new(),
+            succeeded: false,
+            first_error: None,
+        }
+    }
+}
+
+impl<T> EachTenant<T> {
+    /// Records the outcome of `what` for `of` (a tenant, or a tenant and
+    /// an agent): its results, or its error, logged.
+    pub(super) fn record(
+        &mut self,
+        of: impl std::fmt::Debug,
+        outcome: Result<impl IntoIterator<Item = T>, ChatError>,
+        what: &'static str,
+    ) {
+        match outcome {
+            Ok(done) => {
+                self.succeeded = true;
+                self.done.extend(done);
+            }
+            Err(error) => {
+                tracing::warn!(%error, of = ?of, what, "housekeeping step failed; the others go on");
+                self.first_error.get_or_insert(error);
+            }
+        }
+    }
+
+    /// What was done, or the first error when every attempt failed.
+    pub(super) fn finish(self) -> Result<Vec<T>, ChatError> {
+        match self.first_error {
+            Some(error) if !self.succeeded => Err(error),
+            _ => Ok(self.done),
+        }
+    }
+}
+
 /// Whose events [`pending_ticket_events`] reads.
 #[derive(Clone, Copy, Debug)]
 enum EventsOf {
@@ -478,36 +550,31 @@ impl SessionRepository for SeaOrmStore {
         tenant: Option<TenantId>,
         policy: &RoutingPolicy,
     ) -> Result<Vec<ChatSession>, ChatError> {
-        let tenants = match tenant {
-            Some(tenant) => vec![tenant],
-            None => {
-                let ids: Vec<i64> = session::Entity::find()
-                    .select_only()
-                    .column(session::Column::TenantId)
-                    .distinct()
-                    .filter(session::Column::Status.eq(SessionStatus::Waiting.as_str()))
-                    .filter(session::Column::TicketId.is_null())
-                    .into_tuple()
-                    .all(&self.db)
-                    .await?;
-                ids.into_iter().map(host_id).collect::<Result<_, _>>()?
+        let Some(tenant) = tenant else {
+            let ids: Vec<i64> = session::Entity::find()
+                .select_only()
+                .column(session::Column::TenantId)
+                .distinct()
+                .filter(session::Column::Status.eq(SessionStatus::Waiting.as_str()))
+                .filter(session::Column::TicketId.is_null())
+                .order_by_asc(session::Column::TenantId)
+                .into_tuple()
+                .all(&self.db)
+                .await?;
+            // Each tenant on its own: one whose rows cannot be read or
+            // written (damaged outside the library) is logged and skipped,
+            // and the tenants after it are ticketed all the same.
+            let mut each = EachTenant::default();
+            for id in ids {
+                let outcome = match host_id(id) {
+                    Ok(tenant) => self.ticket_unattended_of(tenant, policy).await,
+                    Err(e) => Err(e),
+                };
+                each.record(id, outcome, "ticketing unattended chats");
             }
+            return each.finish();
         };
-        let mut ticketed = Vec::new();
-        for tenant in tenants {
-            // Read first without the routing lock, which is a write: most
-            // calls find nothing to ticket.
-            if !awaits_tickets(&self.db, tenant, policy).await? {
-                continue;
-            }
-            let tx = self.begin_write().await?;
-            let mut ev = self.recorder();
-            lock_tenant(&tx, tenant, policy).await?;
-            let sessions = ticket_unattended(&tx, &mut ev, tenant, policy).await?;
-            self.commit(tx, ev).await?;
-            ticketed.extend(sessions);
-        }
-        Ok(ticketed)
+        self.ticket_unattended_of(tenant, policy).await
     }
 
     async fn close_ticket(
@@ -938,9 +1005,38 @@ impl SessionRepository for SeaOrmStore {
 mod tests {
     use sea_orm::{DbBackend, QueryTrait, Statement};
 
-    use super::{EventsOf, pending_events_query};
+    use super::{EachTenant, EventsOf, pending_events_query};
+    use crate::error::ChatError;
     use crate::events::EventKind;
     use crate::ids::{SessionId, TenantId};
+
+    /// A housekeeping step run for each tenant keeps what the others did
+    /// past a failure, and fails only when every attempt failed (the
+    /// database down), with the first error.
+    #[test]
+    fn each_tenant_fails_only_when_every_attempt_failed() {
+        let gone = || ChatError::Storage(sea_orm::DbErr::Custom("down".into()));
+        let mut mixed = EachTenant::default();
+        mixed.record(1, Err::<Vec<i32>, _>(gone()), "test");
+        mixed.record(2, Ok(vec![20, 21]), "test");
+        mixed.record(3, Ok(vec![]), "test");
+        assert_eq!(mixed.finish().unwrap(), vec![20, 21]);
+
+        let mut none = EachTenant::default();
+        none.record(1, Err::<Vec<i32>, _>(gone()), "test");
+        none.record(
+            2,
+            Err::<Vec<i32>, _>(ChatError::Storage(sea_orm::DbErr::Custom("again".into()))),
+            "test",
+        );
+        assert!(matches!(
+            none.finish(),
+            Err(ChatError::Storage(sea_orm::DbErr::Custom(m))) if m == "down"
+        ));
+
+        let nothing: EachTenant<i32> = EachTenant::default();
+        assert_eq!(nothing.finish().unwrap(), Vec::<i32>::new());
+    }
 
     /// The outbox reads of a ticket's close (and of a ticket's lookup
     /// while its opening is undelivered), for a test of their plans.

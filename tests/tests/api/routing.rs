@@ -17,6 +17,7 @@ on_both_databases!(
     two_agents_claim_one_waiting_session,
     transfer_and_waiting_list_for_agents,
     offline_agent_start_keeps_a_ticket,
+    a_tenant_whose_chats_cannot_be_ticketed_holds_up_no_other,
     an_agent_going_offline_hands_their_chats_back,
     an_agent_gone_too_long_hands_their_chats_back,
     departments_route_chats_to_their_agents,
@@ -444,6 +445,54 @@ async fn transfer_and_waiting_list_for_agents(backend: Backend) {
         (code.as_u16(), body["error"]["code"].as_str()),
         (400, Some("session_closed"))
     );
+}
+
+/// Housekeeping tickets each tenant's unattended chats on its own: a
+/// tenant whose waiting chat cannot be ticketed (its row damaged outside
+/// the library) is skipped, and the tenants after it are ticketed. The
+/// first failure ended the run, every minute, for every tenant after it.
+async fn a_tenant_whose_chats_cannot_be_ticketed_holds_up_no_other(backend: Backend) {
+    use livechat_tests::{start_user_chat, t, u};
+    use sea_orm::ConnectionTrait;
+
+    let app = App::with_config(backend, |c| c.agent_capacity = 1).await;
+    let mut waiting = Vec::new();
+    for tenant in [2, 3] {
+        app.chat
+            .set_agent_status(t(tenant), u(7), PresenceStatus::Online)
+            .await
+            .unwrap();
+        let served = start_user_chat(&app.chat, tenant, 100, "served").await;
+        assert_eq!(served.session.status, SessionStatus::Open);
+        let queued = start_user_chat(&app.chat, tenant, 101, "queued").await;
+        assert_eq!(queued.session.status, SessionStatus::Waiting);
+        assert_eq!(queued.session.ticket_id, None, "an agent is online");
+        waiting.push(queued.session.id);
+    }
+    // Tenant 2's waiting chat cannot be read back; agent 7 leaves both
+    // tenants without the service seeing it (a crashed node).
+    app.db
+        .execute_unprepared(
+            "UPDATE livechat_sessions SET origin = 'bogus' \
+             WHERE tenant_id = 2 AND status = 'WAITING'",
+        )
+        .await
+        .unwrap();
+    app.db
+        .execute_unprepared("UPDATE livechat_agent_presence SET status = 'offline'")
+        .await
+        .unwrap();
+
+    let ticketed = app
+        .chat
+        .ticket_unattended_chats(None)
+        .await
+        .expect("the other tenants go on");
+    let ids: Vec<_> = ticketed.iter().map(|s| (s.tenant_id, s.id)).collect();
+    assert_eq!(ids, vec![(t(3), waiting[1])]);
+    assert!(ticketed[0].ticket_id.is_some());
+    // Tenant 2 alone: its failure is the answer.
+    assert!(app.chat.ticket_unattended_chats(Some(t(2))).await.is_err());
 }
 
 async fn offline_agent_start_keeps_a_ticket(backend: Backend) {

@@ -747,7 +747,8 @@ impl<S: ChatStore> ChatService<S> {
     /// does. [`CustomerChatStarted::message`] says what became of the
     /// message. If the returned chat closes (or a link moves it) before
     /// the message reaches it, the start is made once more. A
-    /// `client_msg_id` without a message is ignored.
+    /// `client_msg_id` without a message is checked (a malformed one is
+    /// refused, as any bad input is) and otherwise ignored.
     ///
     /// # Errors
     /// [`ChatError::InvalidInput`] (topic, department, contact),

@@ -798,6 +798,11 @@ impl SessionRepository for SeaOrmStore {
             )
             .await?
             {
+                // `session.started` went out without the ticket: its
+                // followers (the team's queue view, a webhook) learn it
+                // from this, as for a chat ticketed later.
+                record_session_event(&tx, &mut ev, EventKind::SessionUpdated, ticketed.clone())
+                    .await?;
                 current = ticketed;
             }
         }

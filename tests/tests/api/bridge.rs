@@ -35,6 +35,7 @@ on_both_databases!(
     crash_after_delivery_before_settling,
     a_dispatcher_stopping_releases_its_claims,
     a_lease_meant_as_never_is_served,
+    a_chat_ticketed_at_its_start_announces_its_ticket,
     webhook_receives_signed_events_with_retries,
     a_sessions_events_are_claimed_in_order_behind_its_earliest,
     a_retried_event_holds_later_ones_only_from_the_receivers_it_is_owed,
@@ -1406,6 +1407,53 @@ impl TicketSink for Hanging {
     async fn close_ticket(&self, _: TenantId, _: TicketId, _: EventId) -> Result<(), SinkError> {
         std::future::pending().await
     }
+}
+
+/// A chat started with nobody online is ticketed in its start's
+/// transaction, after its `session.started` (which has no ticket yet):
+/// a `session.updated` with the ticket follows the `ticket.requested`, so
+/// the team's queue view and webhooks learn it, as for a chat ticketed
+/// later.
+async fn a_chat_ticketed_at_its_start_announces_its_ticket(backend: Backend) {
+    use sea_orm::{ConnectionTrait, Statement};
+
+    let app = App::new(backend).await;
+    let (session, auth) = visitor_start(&app, "Refund").await;
+    let (_, chat) = customer_get(&app, &format!("/livechat/customer/chats/{session}"), &auth).await;
+    let ticket = chat["data"]["ticket_id"]
+        .as_str()
+        .expect("ticketed")
+        .to_owned();
+    let rows = app
+        .db
+        .query_all_raw(Statement::from_string(
+            app.db.get_database_backend(),
+            "SELECT kind, payload FROM livechat_outbox ORDER BY id",
+        ))
+        .await
+        .unwrap();
+    let events: Vec<(String, Value)> = rows
+        .iter()
+        .map(|row| {
+            let kind: String = row.try_get("", "kind").unwrap();
+            let payload: String = row.try_get("", "payload").unwrap();
+            (kind, serde_json::from_str(&payload).unwrap())
+        })
+        .collect();
+    let kinds: Vec<&str> = events.iter().map(|(k, _)| k.as_str()).collect();
+    assert_eq!(
+        kinds,
+        [
+            "session.started",
+            "message.posted",
+            "ticket.requested",
+            "session.updated"
+        ],
+        "{events:?}"
+    );
+    assert_eq!(events[0].1["ticket_id"], Value::Null);
+    assert_eq!(events[3].1["ticket_id"], ticket.as_str(), "{events:?}");
+    assert_eq!(events[3].1["id"], session.as_str());
 }
 
 /// A lease of `Duration::MAX` ("never hand it out again") delivers as any

@@ -594,8 +594,25 @@ impl<C: OutboxConsumer> Dispatcher<C> {
         // waits for behind an earlier event, until that one is due again.
         let mut calls = Vec::new();
         let mut held: Vec<(String, DateTime<Utc>)> = Vec::new();
-        for name in self.names(&work) {
-            if !pending.owed_to(name) {
+        let names = self.names(&work);
+        // Owed only to sinks this dispatcher no longer has (renamed: a
+        // webhook whose URL changed, a host sink's type moved): owed to
+        // every sink it has, rather than settled unseen. At least once:
+        // a sink that took it before gets it again, under the same key.
+        let orphaned = pending
+            .pending_for
+            .as_ref()
+            .is_some_and(|owed| !owed.iter().any(|n| names.contains(&n.as_str())));
+        if orphaned {
+            tracing::warn!(
+                event_id = %event.id,
+                kind = event.kind.as_str(),
+                owed_to = ?pending.pending_for,
+                "outbox event owed only to sinks this dispatcher does not have; delivering it to all of its sinks"
+            );
+        }
+        for name in names {
+            if !orphaned && !pending.owed_to(name) {
                 continue;
             }
             let behind = pending

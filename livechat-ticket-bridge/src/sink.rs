@@ -39,8 +39,11 @@ pub trait TicketSink: Send + Sync + 'static {
     /// panics on a second one); a type that is both kinds of sink gives
     /// both the same name, so that its own events stay in order whatever
     /// their kind. Keep it stable across restarts and releases: an event
-    /// waiting for a retry is owed to the names it failed on. Default: the
-    /// type's name ([`std::any::type_name`]).
+    /// waiting for a retry is owed to the names it failed on (if none of
+    /// them is among the dispatcher's sinks any more, it goes to all of
+    /// them, logged, and a sink that took it before gets it again under
+    /// the same key). Default: the type's name ([`std::any::type_name`]),
+    /// which moves with the type and may change between compilers.
     fn name(&self) -> String {
         std::any::type_name::<Self>().to_owned()
     }
@@ -157,8 +160,11 @@ pub trait NotificationSink: Send + Sync + 'static {
     /// panics on a second one); a type that is both kinds of sink gives
     /// both the same name, so that its own events stay in order whatever
     /// their kind. Keep it stable across restarts and releases: an event
-    /// waiting for a retry is owed to the names it failed on. Default: the
-    /// type's name ([`std::any::type_name`]).
+    /// waiting for a retry is owed to the names it failed on (if none of
+    /// them is among the dispatcher's sinks any more, it goes to all of
+    /// them, logged, and a sink that took it before gets it again under
+    /// the same key). Default: the type's name ([`std::any::type_name`]),
+    /// which moves with the type and may change between compilers.
     fn name(&self) -> String {
         std::any::type_name::<Self>().to_owned()
     }

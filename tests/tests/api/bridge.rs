@@ -36,6 +36,7 @@ on_both_databases!(
     a_dispatcher_stopping_releases_its_claims,
     a_lease_meant_as_never_is_served,
     a_chat_ticketed_at_its_start_announces_its_ticket,
+    an_event_owed_to_a_renamed_sink_reaches_its_successor,
     webhook_receives_signed_events_with_retries,
     a_sessions_events_are_claimed_in_order_behind_its_earliest,
     a_retried_event_holds_later_ones_only_from_the_receivers_it_is_owed,
@@ -1127,6 +1128,74 @@ impl NotificationSink for Flaky {
         }
         self.inner.notify(n, key).await
     }
+}
+
+/// A ticket sink under a name of the test's choosing, down or not.
+struct Renamed {
+    name: &'static str,
+    inner: SeaOrmSinks,
+    down: bool,
+    calls: AtomicUsize,
+}
+
+#[async_trait]
+impl TicketSink for Renamed {
+    fn name(&self) -> String {
+        self.name.to_owned()
+    }
+    async fn open_ticket(&self, request: &TicketRequested, key: EventId) -> Result<(), SinkError> {
+        self.calls.fetch_add(1, Ordering::SeqCst);
+        if self.down {
+            return Err(SinkError::Retryable("help desk down".into()));
+        }
+        self.inner.open_ticket(request, key).await
+    }
+    async fn close_ticket(
+        &self,
+        tenant: TenantId,
+        ticket: TicketId,
+        key: EventId,
+    ) -> Result<(), SinkError> {
+        self.inner.close_ticket(tenant, ticket, key).await
+    }
+}
+
+/// An event left owed to a sink that is then renamed (a webhook whose URL
+/// changed, a host sink's type moved) goes to the sinks the dispatcher
+/// has, instead of being settled as delivered without a call.
+async fn an_event_owed_to_a_renamed_sink_reaches_its_successor(backend: Backend) {
+    let app = App::new(backend).await;
+    let (_, auth) = visitor_start(&app, "Renamed").await;
+    let sink = |name, down| {
+        Arc::new(Renamed {
+            name,
+            inner: SeaOrmSinks::new(app.db.clone()),
+            down,
+            calls: AtomicUsize::new(0),
+        })
+    };
+    let before = sink("desk v1", true);
+    let first = Dispatcher::new(SeaOrmStore::new(app.db.clone()), fast())
+        .ticket_sink(before.clone())
+        .dispatch_once()
+        .await
+        .unwrap();
+    assert_eq!(first.retried, 1, "{first:?}");
+    assert_eq!(counts(&app, &auth).await.0, 0);
+
+    let after = sink("desk v2", false);
+    let renamed =
+        Dispatcher::new(SeaOrmStore::new(app.db.clone()), fast()).ticket_sink(after.clone());
+    for _ in 0..50 {
+        if after.calls.load(Ordering::SeqCst) > 0 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        renamed.dispatch_once().await.unwrap();
+    }
+    assert_eq!(after.calls.load(Ordering::SeqCst), 1);
+    assert_eq!(counts(&app, &auth).await.0, 1, "the ticket opened");
+    assert_eq!(livechat_tests::pending_events(&app.db).await, 0);
 }
 
 async fn ticketed_reply(app: &App) -> (String, String) {

@@ -36,6 +36,18 @@ pub const DEFAULT_CHANNEL: &str = "livechat:events";
 const OUTGOING_CAPACITY: usize = 65_536;
 /// Most queued events sent in one round trip (one pipeline of `PUBLISH`es).
 const PUBLISH_BATCH: usize = 512;
+/// Events received from the link are taken in batches of at most this
+/// many, and all of those waiting are taken after each publishing round
+/// trip: taken one per turn of the bus's loop, whose other turns publish
+/// (a round trip each), a node that always had something to publish took
+/// in about one event per round trip, and fell ever further behind the
+/// other nodes.
+const RECEIVE_BATCH: usize = 1024;
+/// Most events received left waiting on the link once the bus has taken
+/// what it could: past it the node cannot keep up, and it drops the link
+/// (every local connection is resynced from the database when it is
+/// back) rather than hold an ever longer backlog in memory.
+const MAX_RECEIVE_BACKLOG: usize = 65_536;
 /// First delay before reconnecting; doubled after each failure.
 const BACKOFF_MIN: Duration = Duration::from_millis(100);
 /// Longest delay between reconnection attempts.
@@ -145,7 +157,11 @@ fn decode(payload: &[u8]) -> Result<(Uuid, BusEvent), String> {
 /// - The same task is `SUBSCRIBE`d to the channel and delivers every event
 ///   from other nodes to the local subscribers; messages carrying this
 ///   node's id (already delivered) are skipped, malformed ones are logged
-///   and skipped.
+///   and skipped. Received events are taken in batches, and all of those
+///   waiting after each publishing round trip, so a node that always has
+///   something to publish keeps up with the others; one that still falls
+///   more than 65,536 received events behind drops its link and resyncs
+///   (below), rather than hold the backlog in memory.
 /// - When the connection drops or Redis is unreachable, the bus reports
 ///   [`EventBus::is_degraded`], keeps serving locally, drops the publishes
 ///   it cannot send (logged at debug), and reconnects with backoff (100 ms
@@ -412,6 +428,7 @@ impl Worker {
         health.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         health.tick().await; // The first tick is immediate.
         let mut batch = Vec::with_capacity(PUBLISH_BATCH);
+        let mut received = Vec::new();
         loop {
             let may_request = self.outgoing.is_empty()
                 && self
@@ -451,14 +468,21 @@ impl Worker {
                         tracing::debug!(error = %e, "redis event bus: publish failed, events delivered locally only");
                         return Ended::Lost;
                     }
+                    // What arrived during the round trip, before the next.
+                    if let Err(ended) = self.take_in(&mut link, &mut received) {
+                        return ended;
+                    }
                 }
-                push = link.pushes.recv() => match push {
-                    None => return Ended::Lost,
-                    Some(push) => match push.kind {
-                        PushKind::Disconnection => return Ended::Lost,
-                        PushKind::Message => receive(self.node, &self.local, &push.data),
-                        _ => {}
-                    },
+                n = link.pushes.recv_many(&mut received, RECEIVE_BATCH) => {
+                    if n == 0 {
+                        return Ended::Lost;
+                    }
+                    if let Err(ended) = self.deliver_received(&mut received) {
+                        return ended;
+                    }
+                    if let Err(ended) = self.take_in(&mut link, &mut received) {
+                        return ended;
+                    }
                 },
                 _ = health.tick() => {
                     if let Err(e) = redis::cmd("PING").query_async::<Value>(&mut link.conn).await {
@@ -468,6 +492,50 @@ impl Worker {
                 }
             }
         }
+    }
+
+    /// Delivers `received` (emptied) to the local subscribers; `Err` when
+    /// the link reported its disconnection.
+    fn deliver_received(&self, received: &mut Vec<PushInfo>) -> Result<(), Ended> {
+        for push in received.drain(..) {
+            match push.kind {
+                PushKind::Disconnection => return Err(Ended::Lost),
+                PushKind::Message => receive(self.node, &self.local, &push.data),
+                _ => {}
+            }
+        }
+        Ok(())
+    }
+
+    /// Delivers every event waiting on the link, in batches of
+    /// [`RECEIVE_BATCH`], without waiting for more; drops the link when
+    /// more than [`MAX_RECEIVE_BACKLOG`] are still waiting after taking as
+    /// many (the node cannot keep up).
+    fn take_in(&self, link: &mut Link, received: &mut Vec<PushInfo>) -> Result<(), Ended> {
+        let mut taken = 0;
+        while taken < MAX_RECEIVE_BACKLOG {
+            while received.len() < RECEIVE_BATCH {
+                match link.pushes.try_recv() {
+                    Ok(push) => received.push(push),
+                    Err(mpsc::error::TryRecvError::Empty) => break,
+                    Err(mpsc::error::TryRecvError::Disconnected) => return Err(Ended::Lost),
+                }
+            }
+            if received.is_empty() {
+                return Ok(());
+            }
+            taken += received.len();
+            self.deliver_received(received)?;
+        }
+        if link.pushes.len() > MAX_RECEIVE_BACKLOG {
+            tracing::warn!(
+                channel = %self.channel,
+                waiting = link.pushes.len(),
+                "redis event bus: this node cannot keep up with the other nodes' events; reconnecting to resync"
+            );
+            return Err(Ended::Lost);
+        }
+        Ok(())
     }
 
     /// `PUBLISH`es `payloads` on the channel, in order, as one pipeline
@@ -786,6 +854,45 @@ mod tests {
             "far fewer than one per event"
         );
         quiet(&mut rb).await;
+    }
+
+    /// A node that always has something to publish still takes in the
+    /// other nodes' events at once: its loop took one of them per turn
+    /// (its own events, echoed back by Redis, among them), and each other
+    /// turn was a publishing round trip, so it fell behind by the second.
+    /// Counted in round trips, not time: halfway through B's ~118 round
+    /// trips of its own, all of A's 2,000 events are delivered on B (one
+    /// per turn, a few dozen were).
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_node_busy_publishing_takes_in_the_others_events() {
+        let server = Server::start();
+        let channel = channel();
+        let a = connected(&server, &channel).await;
+        let b = node(&server, &channel, 4096).await;
+        let own = 60_000;
+        for agent in 1..=own {
+            b.publish(presence(agent));
+        }
+        // Subscribed after B's own events were delivered locally: this
+        // receiver sees A's.
+        let mut rb = b.subscribe();
+        let events = 2_000;
+        for agent in 1..=events {
+            a.publish(presence(agent));
+        }
+        let halfway = (own as u64).div_ceil(PUBLISH_BATCH as u64) / 2;
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while b.publish_round_trips() < halfway {
+            assert!(Instant::now() < deadline, "B publishes");
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+        let mut taken = 0;
+        while let Ok(event) = rb.try_recv() {
+            if *event != BusEvent::Resync {
+                taken += 1;
+            }
+        }
+        assert_eq!(taken, events, "all of A's, while B still publishes");
     }
 
     #[test]

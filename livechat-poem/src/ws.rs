@@ -1226,11 +1226,24 @@ impl Conn {
     /// `resync` frame that anything else it shows from frames (an agent's
     /// queue and team presence) may have missed changes and is to be read
     /// again over HTTP (the frames dropped are not replayed).
+    ///
+    /// When the database cannot be read, the sessions not caught up yet
+    /// are left `behind` (caught up at the next pings) instead of each
+    /// waiting out its own failed read while the connection does nothing
+    /// else (a pool's acquire timeout apiece, long enough to take a
+    /// healthy client's pongs for silence).
     async fn resync(&mut self) {
         let sessions: Vec<SessionId> = self.joined.keys().copied().collect();
+        let mut readable = true;
         for s in sessions {
+            if !readable {
+                self.behind.insert(s);
+                continue;
+            }
             if let Err(e) = self.catch_up(s).await {
-                tracing::warn!(error = %e, session = %s, "websocket resync failed");
+                tracing::warn!(error = %e, session = %s, "websocket resync failed; the rest follows at the next ping");
+                readable = false;
+                continue;
             }
             self.refresh_position(s).await;
         }

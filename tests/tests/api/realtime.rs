@@ -1084,6 +1084,20 @@ async fn a_failed_catch_up_is_tried_again_at_the_next_ping(backend: Backend) {
         let m = customer.expect("new_message").await;
         assert_eq!(m["seq"], seq, "{m}");
     }
+
+    // A resync whose reads fail says so (`resync`), and the messages
+    // follow at the pings once they can be read.
+    app.chat
+        .post_message(t(1), u(7), session, "three".into(), None)
+        .await
+        .unwrap();
+    rename("livechat_messages", "livechat_messages_away").await;
+    bus.publish(BusEvent::Resync);
+    customer.expect("resync").await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    rename("livechat_messages_away", "livechat_messages").await;
+    let m = customer.expect("new_message").await;
+    assert_eq!(m["seq"], 3, "{m}");
 }
 
 async fn bad_input_gets_error_frames(backend: Backend) {

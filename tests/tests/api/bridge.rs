@@ -1096,6 +1096,8 @@ async fn a_visitors_notifications_follow_it_when_it_logs_in(backend: Backend) {
 
 /// Fails the first `fail` calls of each kind, then forwards to the tables.
 struct Flaky {
+    /// Its sink name, when not the type's.
+    name: Option<&'static str>,
     inner: SeaOrmSinks,
     fail: usize,
     ticket_calls: AtomicUsize,
@@ -1104,6 +1106,10 @@ struct Flaky {
 
 #[async_trait]
 impl TicketSink for Flaky {
+    fn name(&self) -> String {
+        self.name
+            .map_or_else(|| std::any::type_name::<Self>().to_owned(), str::to_owned)
+    }
     async fn open_ticket(&self, request: &TicketRequested, key: EventId) -> Result<(), SinkError> {
         if self.ticket_calls.fetch_add(1, Ordering::SeqCst) < self.fail {
             return Err(SinkError::Retryable("help desk down".into()));
@@ -1130,51 +1136,22 @@ impl NotificationSink for Flaky {
     }
 }
 
-/// A ticket sink under a name of the test's choosing, down or not.
-struct Renamed {
-    name: &'static str,
-    inner: SeaOrmSinks,
-    down: bool,
-    calls: AtomicUsize,
-}
-
-#[async_trait]
-impl TicketSink for Renamed {
-    fn name(&self) -> String {
-        self.name.to_owned()
-    }
-    async fn open_ticket(&self, request: &TicketRequested, key: EventId) -> Result<(), SinkError> {
-        self.calls.fetch_add(1, Ordering::SeqCst);
-        if self.down {
-            return Err(SinkError::Retryable("help desk down".into()));
-        }
-        self.inner.open_ticket(request, key).await
-    }
-    async fn close_ticket(
-        &self,
-        tenant: TenantId,
-        ticket: TicketId,
-        key: EventId,
-    ) -> Result<(), SinkError> {
-        self.inner.close_ticket(tenant, ticket, key).await
-    }
-}
-
 /// An event left owed to a sink that is then renamed (a webhook whose URL
 /// changed, a host sink's type moved) goes to the sinks the dispatcher
 /// has, instead of being settled as delivered without a call.
 async fn an_event_owed_to_a_renamed_sink_reaches_its_successor(backend: Backend) {
     let app = App::new(backend).await;
     let (_, auth) = visitor_start(&app, "Renamed").await;
-    let sink = |name, down| {
-        Arc::new(Renamed {
-            name,
+    let sink = |name, fail| {
+        Arc::new(Flaky {
+            name: Some(name),
             inner: SeaOrmSinks::new(app.db.clone()),
-            down,
-            calls: AtomicUsize::new(0),
+            fail,
+            ticket_calls: AtomicUsize::new(0),
+            notify_calls: AtomicUsize::new(0),
         })
     };
-    let before = sink("desk v1", true);
+    let before = sink("desk v1", usize::MAX);
     let first = Dispatcher::new(SeaOrmStore::new(app.db.clone()), fast())
         .ticket_sink(before.clone())
         .dispatch_once()
@@ -1183,17 +1160,17 @@ async fn an_event_owed_to_a_renamed_sink_reaches_its_successor(backend: Backend)
     assert_eq!(first.retried, 1, "{first:?}");
     assert_eq!(counts(&app, &auth).await.0, 0);
 
-    let after = sink("desk v2", false);
+    let after = sink("desk v2", 0);
     let renamed =
         Dispatcher::new(SeaOrmStore::new(app.db.clone()), fast()).ticket_sink(after.clone());
     for _ in 0..50 {
-        if after.calls.load(Ordering::SeqCst) > 0 {
+        if after.ticket_calls.load(Ordering::SeqCst) > 0 {
             break;
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
         renamed.dispatch_once().await.unwrap();
     }
-    assert_eq!(after.calls.load(Ordering::SeqCst), 1);
+    assert_eq!(after.ticket_calls.load(Ordering::SeqCst), 1);
     assert_eq!(counts(&app, &auth).await.0, 1, "the ticket opened");
     assert_eq!(livechat_tests::pending_events(&app.db).await, 0);
 }
@@ -1229,6 +1206,7 @@ async fn failing_sink_retries_to_exactly_one(backend: Backend) {
     let app = App::new(backend).await;
     let (_, auth) = ticketed_reply(&app).await;
     let flaky = Arc::new(Flaky {
+        name: None,
         inner: SeaOrmSinks::new(app.db.clone()),
         fail: 3,
         ticket_calls: AtomicUsize::new(0),
@@ -1256,6 +1234,7 @@ async fn events_behind_a_retried_event_do_not_wait_for_their_lease(backend: Back
     let app = App::new(backend).await;
     let (_, auth) = ticketed_reply(&app).await;
     let flaky = Arc::new(Flaky {
+        name: None,
         inner: SeaOrmSinks::new(app.db.clone()),
         fail: 1,
         ticket_calls: AtomicUsize::new(0),

@@ -1098,6 +1098,16 @@ impl Conn {
         self.send(message)
     }
 
+    /// Answers the sends whose outcome is known, in order, without
+    /// waiting for the others: before frames that may carry their
+    /// messages (a live delivery, a replay), so that a message's `ack`
+    /// comes before its own `new_message`.
+    fn settle_ready_sends(&mut self) {
+        while let Some(Some((client_msg_id, outcome))) = self.sends.next().now_or_never() {
+            self.settle_send(&client_msg_id, outcome);
+        }
+    }
+
     /// Answers a committed (or refused) send with `ack` or `error`.
     fn settle_send(&mut self, client_msg_id: &str, outcome: Settled) {
         let outcome = match outcome {
@@ -1161,6 +1171,8 @@ impl Conn {
                 }
             };
             let full = page.len() as i64 == size;
+            // A send of this connection stored since may be in the page.
+            self.settle_ready_sends();
             for m in &page {
                 if !self.send_replay(message_frame(m)).await {
                     return Ok(());
@@ -2081,9 +2093,7 @@ async fn serve(
                     // Answers first: a committed send's ack goes out before
                     // its own `new_message` (the store answers before it
                     // publishes).
-                    while let Some(Some((client_msg_id, outcome))) = conn.sends.next().now_or_never() {
-                        conn.settle_send(&client_msg_id, outcome);
-                    }
+                    conn.settle_ready_sends();
                     if let Err(e) = conn.handle_prepared(&event).await {
                         tracing::warn!(error = %e, "websocket: delivery failed");
                     }

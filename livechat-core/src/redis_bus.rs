@@ -860,39 +860,92 @@ mod tests {
     /// other nodes' events at once: its loop took one of them per turn
     /// (its own events, echoed back by Redis, among them), and each other
     /// turn was a publishing round trip, so it fell behind by the second.
-    /// Counted in round trips, not time: halfway through B's ~118 round
-    /// trips of its own, all of A's 2,000 events are delivered on B (one
-    /// per turn, a few dozen were).
+    /// Counted in round trips, not time: once Redis has taken A's 2,000
+    /// events, B, still publishing, delivers all of them before its third
+    /// round trip after that starts (one per turn, with tens of thousands
+    /// of its own echoes ahead of them, it delivered none).
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_node_busy_publishing_takes_in_the_others_events() {
         let server = Server::start();
         let channel = channel();
         let a = connected(&server, &channel).await;
-        let b = node(&server, &channel, 4096).await;
-        let own = 60_000;
-        for agent in 1..=own {
+        let b = node(&server, &channel, 32_768).await;
+        // A probe: every event reaches it, B's too.
+        let c = node(&server, &channel, 131_072).await;
+        let mut rc = c.subscribe();
+        let wait = |what: &'static str, done: &dyn Fn() -> bool| {
+            let deadline = Instant::now() + Duration::from_secs(60);
+            while !done() {
+                assert!(Instant::now() < deadline, "timed out waiting until {what}");
+                std::thread::sleep(Duration::from_millis(1));
+            }
+        };
+        // B's own, delivered locally before this receiver subscribed.
+        for agent in 100_001..=160_000 {
             b.publish(presence(agent));
         }
-        // Subscribed after B's own events were delivered locally: this
-        // receiver sees A's.
         let mut rb = b.subscribe();
         let events = 2_000;
         for agent in 1..=events {
             a.publish(presence(agent));
         }
-        let halfway = (own as u64).div_ceil(PUBLISH_BATCH as u64) / 2;
-        let deadline = Instant::now() + Duration::from_secs(30);
-        while b.publish_round_trips() < halfway {
-            assert!(Instant::now() < deadline, "B publishes");
-            tokio::time::sleep(Duration::from_millis(1)).await;
+        // Redis has taken all of A's events once another node has
+        // received the one A published after them.
+        a.publish(presence(events + 1));
+        let marker = events + 1;
+        let seen = tokio::time::timeout(Duration::from_secs(60), async {
+            loop {
+                match rc.recv().await {
+                    Ok(event) => {
+                        if let BusEvent::Ephemeral {
+                            event: Ephemeral::Presence { agent_id, .. },
+                            ..
+                        } = &*event
+                            && agent_id.get() == marker
+                        {
+                            return;
+                        }
+                    }
+                    Err(e) => panic!("the probe fell behind: {e}"),
+                }
+            }
+        })
+        .await;
+        assert!(seen.is_ok(), "A's events reach the other nodes");
+        // B has more to publish, whether or not it was done: its next
+        // round trips read A's events (Redis wrote them to B's link
+        // before their replies).
+        for agent in 200_001..=210_000 {
+            b.publish(presence(agent));
         }
+        let from = b.publish_round_trips();
+        let b = tokio::task::spawn_blocking(move || {
+            wait("B made three more round trips", &|| {
+                b.publish_round_trips() >= from + 3
+            });
+            b
+        })
+        .await
+        .unwrap();
         let mut taken = 0;
-        while let Ok(event) = rb.try_recv() {
-            if *event != BusEvent::Resync {
-                taken += 1;
+        loop {
+            match rb.try_recv() {
+                Ok(event) => {
+                    if let BusEvent::Ephemeral {
+                        event: Ephemeral::Presence { agent_id, .. },
+                        ..
+                    } = &*event
+                        && agent_id.get() <= events
+                    {
+                        taken += 1;
+                    }
+                }
+                Err(broadcast::error::TryRecvError::Empty) => break,
+                Err(e) => panic!("the receiver fell behind: {e}"),
             }
         }
-        assert_eq!(taken, events, "all of A's, while B still publishes");
+        assert_eq!(taken, events, "all of A's, while B publishes");
+        drop((a, b, c));
     }
 
     #[test]

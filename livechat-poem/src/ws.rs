@@ -628,8 +628,7 @@ fn join_start(after_seq: Option<i64>, last_seq: i64, sent: Option<i64>) -> i64 {
 /// the lesser of its `after_seq` and the session's last `seq`). A
 /// receipt for a message the reader has not been sent would show the
 /// other side's later messages read before they exist.
-fn read_refusal(seq: i64, last: Option<i64>) -> Option<String> {
-    let last = last.unwrap_or(0);
+fn read_refusal(seq: i64, last: i64) -> Option<String> {
     if seq < 0 {
         Some("seq must not be negative".to_owned())
     } else if seq > last {
@@ -1108,6 +1107,14 @@ impl Conn {
         }
     }
 
+    /// Answers a refused frame with its `error` (code and message as
+    /// [`error_code`] maps `error`), naming `reference`: the frame's
+    /// `session_id` or `client_msg_id`.
+    fn refuse(&mut self, error: ChatError, reference: Option<&str>) {
+        let (code, message) = error_code(error);
+        self.send(error_frame(&code, &message, reference));
+    }
+
     /// Answers a committed (or refused) send with `ack` or `error`.
     fn settle_send(&mut self, client_msg_id: &str, outcome: Settled) {
         let outcome = match outcome {
@@ -1122,8 +1129,7 @@ impl Conn {
                 self.send(Message::Text(ack_text(client_msg_id, &posted)));
             }
             Err(e) => {
-                let (code, message) = error_code(e);
-                self.send(error_frame(&code, &message, Some(client_msg_id)));
+                self.refuse(e, Some(client_msg_id));
             }
         }
     }
@@ -1726,22 +1732,19 @@ impl Conn {
             } => {
                 // The HTTP route's rule (there 400 `invalid_query`).
                 if let Err(e) = livechat_core::after_seq(after_seq) {
-                    let (code, message) = error_code(e);
-                    self.send(error_frame(&code, &message, Some(&session_id)));
+                    self.refuse(e, Some(&session_id));
                     return Ok(());
                 }
                 let view = match self.authorize(&session_id).await {
                     Ok(v) => v,
                     Err(e) => {
-                        let (code, message) = error_code(e);
-                        self.send(error_frame(&code, &message, Some(&session_id)));
+                        self.refuse(e, Some(&session_id));
                         return Ok(());
                     }
                 };
                 let id = view.session.id;
                 if let Err(e) = self.chat().follow_session(self.tenant(), self.id, id).await {
-                    let (code, message) = error_code(e);
-                    self.send(error_frame(&code, &message, Some(&session_id)));
+                    self.refuse(e, Some(&session_id));
                     return Ok(());
                 }
                 let start = join_start(
@@ -1762,8 +1765,7 @@ impl Conn {
                 })));
                 // Joined: a replay that failed follows at the next ping.
                 if let Err(e) = self.catch_up(id).await {
-                    let (code, message) = error_code(e);
-                    self.send(error_frame(&code, &message, Some(&session_id)));
+                    self.refuse(e, Some(&session_id));
                     return Ok(());
                 }
                 // The session changed (the queue moved, it was assigned or
@@ -1784,8 +1786,7 @@ impl Conn {
                     {
                         // Left here; the stored join goes with the
                         // connection's rows when it ends.
-                        let (code, message) = error_code(e);
-                        self.send(error_frame(&code, &message, Some(&session_id)));
+                        self.refuse(e, Some(&session_id));
                         return Ok(());
                     }
                 }
@@ -1798,8 +1799,7 @@ impl Conn {
             } => self.submit_send(&session_id, client_msg_id, message),
             ClientFrame::Typing { session_id, state } => match self.joined_id(&session_id) {
                 Some(id) if self.closed.contains(&id) => {
-                    let (code, message) = error_code(ChatError::SessionClosed);
-                    self.send(error_frame(&code, &message, Some(&session_id)));
+                    self.refuse(ChatError::SessionClosed, Some(&session_id));
                 }
                 Some(id) => self.gateway.bus.publish(BusEvent::Ephemeral {
                     tenant_id: self.tenant(),
@@ -1818,19 +1818,21 @@ impl Conn {
                 }
             },
             ClientFrame::Read { session_id, seq } => match self.joined_id(&session_id) {
-                Some(id) => match read_refusal(seq, self.joined.get(&id).copied()) {
-                    None => self.gateway.bus.publish(BusEvent::Ephemeral {
-                        tenant_id: self.tenant(),
-                        event: Ephemeral::Read {
-                            session_id: id,
-                            by: self.identity.role.participant(),
-                            seq,
-                        },
-                    }),
-                    Some(message) => {
-                        self.send(error_frame("invalid_frame", &message, Some(&session_id)));
+                Some(id) => {
+                    match read_refusal(seq, self.joined.get(&id).copied().unwrap_or_default()) {
+                        None => self.gateway.bus.publish(BusEvent::Ephemeral {
+                            tenant_id: self.tenant(),
+                            event: Ephemeral::Read {
+                                session_id: id,
+                                by: self.identity.role.participant(),
+                                seq,
+                            },
+                        }),
+                        Some(message) => {
+                            self.send(error_frame("invalid_frame", &message, Some(&session_id)));
+                        }
                     }
-                },
+                }
                 None => {
                     self.send(error_frame(
                         "not_found",
@@ -2067,8 +2069,7 @@ async fn serve(
                         Ok(f) => {
                             conn.bad_frames = 0;
                             if let Err(e) = conn.on_frame(f).await {
-                                let (code, message) = error_code(e);
-                                conn.send(error_frame(&code, &message, None));
+                                conn.refuse(e, None);
                             }
                         }
                         Err((code, message)) => conn.bad_frame(code, &message),

@@ -492,6 +492,59 @@ fn corrupt(what: &str) -> ChatError {
     ChatError::Storage(DbErr::Custom(format!("unexpected stored value: {what}")))
 }
 
+/// The outcomes of a housekeeping step run for each tenant (or agent) in
+/// turn: a failure is logged and the others go on, so one tenant's
+/// damaged rows or failing transaction do not hold up the rest. The step
+/// fails only when every attempt failed (the database is down).
+#[derive(Debug)]
+pub(super) struct EachTenant<T> {
+    /// The step, for the log.
+    what: &'static str,
+    done: Vec<T>,
+    succeeded: bool,
+    first_error: Option<ChatError>,
+}
+
+impl<T> EachTenant<T> {
+    /// Outcomes of the step `what` (for the log), none yet.
+    pub(super) fn new(what: &'static str) -> Self {
+        Self {
+            what,
+            done: Vec::new(),
+            succeeded: false,
+            first_error: None,
+        }
+    }
+
+    /// Records the step's outcome for `of` (a tenant, or a tenant and an
+    /// agent): its results, or its error, logged.
+    pub(super) fn record(
+        &mut self,
+        of: impl std::fmt::Debug,
+        outcome: Result<impl IntoIterator<Item = T>, ChatError>,
+    ) {
+        let what = self.what;
+        match outcome {
+            Ok(done) => {
+                self.succeeded = true;
+                self.done.extend(done);
+            }
+            Err(error) => {
+                tracing::warn!(%error, of = ?of, what, "housekeeping step failed; the others go on");
+                self.first_error.get_or_insert(error);
+            }
+        }
+    }
+
+    /// What was done, or the first error when every attempt failed.
+    pub(super) fn finish(self) -> Result<Vec<T>, ChatError> {
+        match self.first_error {
+            Some(error) if !self.succeeded => Err(error),
+            _ => Ok(self.done),
+        }
+    }
+}
+
 fn host_id<T: TryFrom<i64, Error = ChatError>>(v: i64) -> Result<T, ChatError> {
     T::try_from(v).map_err(|_| corrupt("non-positive id"))
 }

@@ -11,7 +11,7 @@ use super::routing::{
     drain_queue, eligible_agents, fresh_since, is_online, lock_tenant, open_sessions_by_agent,
 };
 use super::sessions::{record_session_event, ticket_unattended};
-use super::{SeaOrmStore, abort, host_id, record_event};
+use super::{EachTenant, SeaOrmStore, abort, host_id, record_event};
 use crate::config::RoutingPolicy;
 use crate::error::ChatError;
 use crate::events::EventKind;
@@ -289,7 +289,7 @@ impl PresenceRepository for SeaOrmStore {
         // (rows damaged outside the library, a failing transaction) is
         // logged and skipped, and the agents after them, of this tenant
         // and the next, are handed back all the same.
-        let mut each = super::sessions::EachTenant::default();
+        let mut each = EachTenant::new("handing back an absent agent's chats");
         for (tenant, agent) in candidates {
             let outcome = match (host_id(tenant), host_id(agent)) {
                 (Ok(t), Ok(a)) => {
@@ -298,11 +298,7 @@ impl PresenceRepository for SeaOrmStore {
                 }
                 (Err(e), _) | (_, Err(e)) => Err(e),
             };
-            each.record(
-                (tenant, agent),
-                outcome,
-                "handing back an absent agent's chats",
-            );
+            each.record((tenant, agent), outcome);
         }
         each.finish()
     }

@@ -13,8 +13,8 @@ use super::routing::{
     lock_tenant, online_agents, queue_position,
 };
 use super::{
-    Recorded, SeaOrmStore, abort, convert_all, host_id, outbox_tenant_unindexed, record_event,
-    record_message_event,
+    EachTenant, Recorded, SeaOrmStore, abort, convert_all, host_id, outbox_tenant_unindexed,
+    record_event, record_message_event,
 };
 use crate::config::RoutingPolicy;
 use crate::error::ChatError;
@@ -273,57 +273,6 @@ impl SeaOrmStore {
     }
 }
 
-/// The outcomes of a housekeeping step run for each tenant (or agent) in
-/// turn: a failure is logged and the others go on, so one tenant's
-/// damaged rows or failing transaction do not hold up the rest. The step
-/// fails only when every attempt failed (the database is down).
-#[derive(Debug)]
-pub(super) struct EachTenant<T> {
-    done: Vec<T>,
-    succeeded: bool,
-    first_error: Option<ChatError>,
-}
-
-impl<T> Default for EachTenant<T> {
-    fn default() -> Self {
-        Self {
-            done: Vec::new(),
-            succeeded: false,
-            first_error: None,
-        }
-    }
-}
-
-impl<T> EachTenant<T> {
-    /// Records the outcome of `what` for `of` (a tenant, or a tenant and
-    /// an agent): its results, or its error, logged.
-    pub(super) fn record(
-        &mut self,
-        of: impl std::fmt::Debug,
-        outcome: Result<impl IntoIterator<Item = T>, ChatError>,
-        what: &'static str,
-    ) {
-        match outcome {
-            Ok(done) => {
-                self.succeeded = true;
-                self.done.extend(done);
-            }
-            Err(error) => {
-                tracing::warn!(%error, of = ?of, what, "housekeeping step failed; the others go on");
-                self.first_error.get_or_insert(error);
-            }
-        }
-    }
-
-    /// What was done, or the first error when every attempt failed.
-    pub(super) fn finish(self) -> Result<Vec<T>, ChatError> {
-        match self.first_error {
-            Some(error) if !self.succeeded => Err(error),
-            _ => Ok(self.done),
-        }
-    }
-}
-
 /// Whose events [`pending_ticket_events`] reads.
 #[derive(Clone, Copy, Debug)]
 enum EventsOf {
@@ -564,13 +513,13 @@ impl SessionRepository for SeaOrmStore {
             // Each tenant on its own: one whose rows cannot be read or
             // written (damaged outside the library) is logged and skipped,
             // and the tenants after it are ticketed all the same.
-            let mut each = EachTenant::default();
+            let mut each = EachTenant::new("ticketing unattended chats");
             for id in ids {
                 let outcome = match host_id(id) {
                     Ok(tenant) => self.ticket_unattended_of(tenant, policy).await,
                     Err(e) => Err(e),
                 };
-                each.record(id, outcome, "ticketing unattended chats");
+                each.record(id, outcome);
             }
             return each.finish();
         };
@@ -1010,10 +959,11 @@ impl SessionRepository for SeaOrmStore {
 mod tests {
     use sea_orm::{DbBackend, QueryTrait, Statement};
 
-    use super::{EachTenant, EventsOf, pending_events_query};
+    use super::{EventsOf, pending_events_query};
     use crate::error::ChatError;
     use crate::events::EventKind;
     use crate::ids::{SessionId, TenantId};
+    use crate::store::EachTenant;
 
     /// A housekeeping step run for each tenant keeps what the others did
     /// past a failure, and fails only when every attempt failed (the
@@ -1021,25 +971,24 @@ mod tests {
     #[test]
     fn each_tenant_fails_only_when_every_attempt_failed() {
         let gone = || ChatError::Storage(sea_orm::DbErr::Custom("down".into()));
-        let mut mixed = EachTenant::default();
-        mixed.record(1, Err::<Vec<i32>, _>(gone()), "test");
-        mixed.record(2, Ok(vec![20, 21]), "test");
-        mixed.record(3, Ok(vec![]), "test");
+        let mut mixed = EachTenant::new("test");
+        mixed.record(1, Err::<Vec<i32>, _>(gone()));
+        mixed.record(2, Ok(vec![20, 21]));
+        mixed.record(3, Ok(vec![]));
         assert_eq!(mixed.finish().unwrap(), vec![20, 21]);
 
-        let mut none = EachTenant::default();
-        none.record(1, Err::<Vec<i32>, _>(gone()), "test");
+        let mut none = EachTenant::new("test");
+        none.record(1, Err::<Vec<i32>, _>(gone()));
         none.record(
             2,
             Err::<Vec<i32>, _>(ChatError::Storage(sea_orm::DbErr::Custom("again".into()))),
-            "test",
         );
         assert!(matches!(
             none.finish(),
             Err(ChatError::Storage(sea_orm::DbErr::Custom(m))) if m == "down"
         ));
 
-        let nothing: EachTenant<i32> = EachTenant::default();
+        let nothing: EachTenant<i32> = EachTenant::new("test");
         assert_eq!(nothing.finish().unwrap(), Vec::<i32>::new());
     }
 

@@ -13,6 +13,11 @@ use sha2::Sha256;
 /// How long a visitor token is valid by default: 30 days.
 pub const VISITOR_TOKEN_TTL: Duration = Duration::from_secs(30 * 24 * 60 * 60);
 
+/// The latest `exp` a visitor token is given (9999-12-31T23:59:59Z, in
+/// seconds since the epoch): a lifetime reaching past it
+/// ([`VisitorTokens::with_ttl`] with `Duration::MAX`) means "never expires".
+const LAST_EXPIRY: i64 = 253_402_300_799;
+
 const TOKEN_TYPE: &str = "livechat_visitor";
 
 /// Issues and checks `Authorization: Visitor <token>` credentials: HS256
@@ -74,7 +79,8 @@ impl VisitorTokens {
         }
     }
 
-    /// Sets the lifetime of new tokens.
+    /// Sets the lifetime of new tokens; one reaching past year 9999 (as
+    /// `Duration::MAX` does) makes tokens that never expire.
     #[must_use]
     pub fn with_ttl(mut self, ttl: Duration) -> Self {
         self.ttl = ttl;
@@ -96,7 +102,13 @@ impl VisitorTokens {
             tid: tenant.get(),
             typ: TOKEN_TYPE.to_owned(),
             iat: now,
-            exp: now + i64::try_from(self.ttl.as_secs()).unwrap_or(i64::MAX / 2),
+            // A lifetime past the calendar means "never": the expiry is
+            // capped at the last second of year 9999, which every reader of
+            // the token can represent.
+            exp: i64::try_from(self.ttl.as_secs())
+                .ok()
+                .and_then(|ttl| now.checked_add(ttl))
+                .map_or(LAST_EXPIRY, |exp| exp.min(LAST_EXPIRY)),
         };
         jsonwebtoken::encode(&Header::new(Algorithm::HS256), &claims, &self.encoding)
     }
@@ -124,10 +136,13 @@ impl VisitorTokens {
         if claims.typ != TOKEN_TYPE {
             return None;
         }
+        // An expiry past what a timestamp can hold (a token of an older
+        // version, whose lifetime was not capped) never comes.
         let until = claims
             .exp
-            .checked_add(i64::try_from(self.validation.leeway).ok()?)
-            .and_then(|at| chrono::DateTime::from_timestamp(at, 0))?;
+            .checked_add(i64::try_from(self.validation.leeway).unwrap_or(i64::MAX))
+            .and_then(|at| chrono::DateTime::from_timestamp(at, 0))
+            .unwrap_or(chrono::DateTime::<chrono::Utc>::MAX_UTC);
         Some((
             TenantId::new(claims.tid).ok()?,
             claims.sub.parse().ok()?,
@@ -274,6 +289,32 @@ mod tests {
         assert_eq!(
             tokens.verify(&signed(now)),
             Some((TenantId::new(3).unwrap(), customer))
+        );
+    }
+
+    #[test]
+    fn a_lifetime_past_the_calendar_makes_tokens_that_never_expire() {
+        let (t, c) = (TenantId::new(3).unwrap(), CustomerId::generate());
+        let end = chrono::DateTime::from_timestamp(LAST_EXPIRY + 60, 0).unwrap();
+        for ttl in [
+            Duration::MAX,
+            Duration::from_secs(u64::MAX / 4),
+            Duration::from_secs(i64::MAX.unsigned_abs()),
+        ] {
+            let tokens = VisitorTokens::new(b"visitor-secret").with_ttl(ttl);
+            let token = tokens.issue(t, c).unwrap();
+            assert_eq!(tokens.verify_until(&token), Some((t, c, end)), "{ttl:?}");
+        }
+        // A token whose `exp` no timestamp holds (signed before the cap).
+        let tokens = VisitorTokens::new(b"visitor-secret");
+        let claims = serde_json::json!({
+            "sub": c.to_string(), "tid": 3, "typ": TOKEN_TYPE, "iat": 0, "exp": i64::MAX,
+        });
+        let token = jsonwebtoken::encode(&Header::new(Algorithm::HS256), &claims, &tokens.encoding)
+            .unwrap();
+        assert_eq!(
+            tokens.verify_until(&token),
+            Some((t, c, chrono::DateTime::<chrono::Utc>::MAX_UTC))
         );
     }
 

@@ -218,8 +218,11 @@ struct Link {
 impl RedisBus {
     /// Connects to the Redis at `url` (`redis://[user:password@]host[:port][/db]`,
     /// or `rediss://` when the `redis` crate's TLS features are enabled),
-    /// subscribes to `channel` ([`DEFAULT_CHANNEL`] unless the host needs
-    /// several deployments on one server), and starts the background task.
+    /// subscribes to `channel`, and starts the background task. Every node
+    /// of a deployment names the same `channel` ([`DEFAULT_CHANNEL`] will
+    /// do); deployments sharing one Redis server need one each, since
+    /// pub/sub ignores the database number of the URL (`/1` and `/2` hear
+    /// each other's events).
     /// Must be called within a Tokio runtime.
     ///
     /// Once this returns, events published on other nodes reach

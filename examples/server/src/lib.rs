@@ -23,6 +23,7 @@
 //! | `LIVECHAT_CORS_ORIGINS` | none | comma list of browser origins allowed for HTTP (CORS) and WebSocket; `*` allows any |
 //! | `LIVECHAT_CORS_CREDENTIALS` | `false` | send `Access-Control-Allow-Credentials: true` |
 //! | `REDIS_URL` | none (single node) | Redis for cross-node fan-out, e.g. `redis://127.0.0.1:6379` |
+//! | `LIVECHAT_REDIS_CHANNEL` | `livechat:events` | the pub/sub channel of this deployment's nodes; deployments sharing a Redis server each need their own (pub/sub ignores the database number) |
 //! | `LIVECHAT_WS_SEND_RATE` | `10` | `send_message` frames per second per WebSocket (burst twice that) |
 //! | `LIVECHAT_WS_MAX_PER_USER` | `50` | live WebSockets one agent or customer may hold in a tenant on this node; `0`: no cap |
 //! | `LIVECHAT_CHAT_START_RATE` | `10` | customer chat starts per minute per client address and tenant (burst twice that); `0`: unlimited |
@@ -114,6 +115,11 @@ pub struct Config {
     pub cors_credentials: bool,
     /// `REDIS_URL`.
     pub redis_url: Option<String>,
+    /// `LIVECHAT_REDIS_CHANNEL`: the pub/sub channel the nodes of this
+    /// deployment share ([`livechat_core::redis_bus::DEFAULT_CHANNEL`] by
+    /// default). Deployments sharing one Redis server need channels of
+    /// their own: pub/sub ignores the URL's database number.
+    pub redis_channel: String,
     /// `LIVECHAT_SQLITE_SYNCHRONOUS` (`full` or `normal`).
     pub sqlite_durability: store::SqliteDurability,
     /// `LIVECHAT_WS_SEND_RATE`: `send_message` frames per second per connection.
@@ -216,6 +222,7 @@ impl Config {
             cors_origins: Vec::new(),
             cors_credentials: false,
             redis_url: None,
+            redis_channel: livechat_core::redis_bus::DEFAULT_CHANNEL.to_owned(),
             sqlite_durability: store::SqliteDurability::Full,
             ws_send_rate: 10,
             ws_max_per_user: RealtimeConfig::default().max_connections_per_user,
@@ -377,6 +384,16 @@ impl Config {
             cors_credentials: var("LIVECHAT_CORS_CREDENTIALS")
                 .is_some_and(|v| v == "true" || v == "1"),
             redis_url: var("REDIS_URL"),
+            redis_channel: match var("LIVECHAT_REDIS_CHANNEL") {
+                None => livechat_core::redis_bus::DEFAULT_CHANNEL.to_owned(),
+                Some(v) if v.trim() != v => {
+                    return Err(
+                        "LIVECHAT_REDIS_CHANNEL must be a channel name without surrounding spaces"
+                            .into(),
+                    );
+                }
+                Some(v) => v,
+            },
             sqlite_durability: match var("LIVECHAT_SQLITE_SYNCHRONOUS").as_deref() {
                 None | Some("full") => store::SqliteDurability::Full,
                 Some("normal") => store::SqliteDurability::Normal,
@@ -1068,12 +1085,10 @@ pub async fn run(config: Config) -> Result<(), Box<dyn std::error::Error + Send 
     let bus: Arc<dyn EventBus> = match &config.redis_url {
         None => Arc::new(InProcessBus::new()),
         Some(url) => {
-            let bus = livechat_core::redis_bus::RedisBus::connect(
-                url,
-                livechat_core::redis_bus::DEFAULT_CHANNEL,
-            )
-            .await?;
-            tracing::info!(node = %bus.node_id(), "event bus: Redis");
+            let bus =
+                livechat_core::redis_bus::RedisBus::connect(url, config.redis_channel.as_str())
+                    .await?;
+            tracing::info!(node = %bus.node_id(), channel = %config.redis_channel, "event bus: Redis");
             Arc::new(bus)
         }
     };
@@ -1345,6 +1360,10 @@ mod config_tests {
                 &[("LIVECHAT_CHAT_TENANTS", "1,2")][..],
                 "LIVECHAT_CHAT_TENANTS",
             ),
+            (
+                &[("LIVECHAT_REDIS_CHANNEL", " staging ")][..],
+                "LIVECHAT_REDIS_CHANNEL",
+            ),
         ] {
             let refused = config(vars).err().unwrap_or_default();
             assert!(refused.contains(named), "{vars:?}: {refused}");
@@ -1376,6 +1395,9 @@ mod config_tests {
         let kept = config(&[("LIVECHAT_OUTBOX_RETENTION_DAYS", "off")]).unwrap();
         assert_eq!(kept.outbox_retention, None);
         assert_eq!(ok.chat_tenants, super::ChatTenants::Host);
+        assert_eq!(ok.redis_channel, "livechat:events");
+        let staging = config(&[("LIVECHAT_REDIS_CHANNEL", "livechat:staging")]).unwrap();
+        assert_eq!(staging.redis_channel, "livechat:staging");
         let any = config(&[("LIVECHAT_CHAT_TENANTS", " Any ")]).unwrap();
         assert_eq!(any.chat_tenants, super::ChatTenants::Any);
         let month = config(&[("LIVECHAT_OUTBOX_RETENTION_DAYS", "30")]).unwrap();

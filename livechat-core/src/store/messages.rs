@@ -223,10 +223,11 @@ impl SeaOrmStore {
     /// them, or changed one since it was read, is it stored again under
     /// row locks, waiting at most `lock_timeout` ([`LockWait::Bounded`]),
     /// one session's appends per transaction ([`Self::commit_waiting`]).
-    /// When a statement fails before the commit
-    /// (e.g. a lock timeout on one session), nothing of the batch is stored
-    /// and each append is retried in a transaction of its own, so one
-    /// request's failure is not another's. When the database is
+    /// When a statement fails before the commit, nothing of the batch is
+    /// stored and each append is retried in a transaction of its own, so
+    /// one request's failure is not another's; but a session row waited
+    /// for past `lock_timeout` fails that session's appends at once, since
+    /// each retry would wait for it again ([`BatchFailure::retryable`]). When the database is
     /// unreachable, or the commit itself fails (its outcome may be
     /// unknown), every caller gets the error: retrying could store a
     /// message twice. PostgreSQL's unlocked write first settles an
@@ -522,12 +523,9 @@ impl SeaOrmStore {
         lost: (Vec<Result<AppendedMessage, ChatError>>, Vec<DomainEvent>),
         ids: &[uuid::Uuid],
     ) -> BatchResult {
-        let tx = self.begin_write().await.map_err(BatchFailure::before)?;
         // Every lock below, the routing rows' too, is waited for at most
-        // this long (`stage_batch` sets it again for the sessions).
-        tx.execute_unprepared("SET LOCAL lock_timeout = '5s'")
-            .await
-            .map_err(BatchFailure::before)?;
+        // `LOCK_TIMEOUT` (`begin_write`).
+        let tx = self.begin_write().await.map_err(BatchFailure::before)?;
         // It waits for several session rows, in id order: it takes their
         // tenants' routing locks first, in tenant order, as every such
         // transaction does (routing, closes, linking), so that it queues
@@ -584,13 +582,9 @@ impl SeaOrmStore {
         known: Option<HashMap<uuid::Uuid, LockedSession>>,
     ) -> Result<StagedBatch, DbErr> {
         let postgres = db.get_database_backend() == DbBackend::Postgres;
-        if postgres && wait == LockWait::Bounded {
-            // A session row locked elsewhere for long must not hold up every
-            // append of the node: the batch fails (and is retried append by
-            // append, so only that session's appends wait and fail).
-            db.execute_unprepared("SET LOCAL lock_timeout = '5s'")
-                .await?;
-        }
+        // With `LockWait::Bounded`, `db` is a transaction of `begin_write`:
+        // a session row locked elsewhere for long is waited for at most
+        // `LOCK_TIMEOUT`, so it does not hold up every append of the node.
         let mut ids: Vec<uuid::Uuid> = batch.iter().map(|r| r.session.as_uuid()).collect();
         ids.dedup();
         let keyed: Vec<(uuid::Uuid, &str)> = batch
@@ -790,8 +784,8 @@ enum LockWait {
     /// The sessions are read without a lock; the write locks them with
     /// `FOR UPDATE NOWAIT` and checks them ([`Guard`]).
     Optimistic,
-    /// In a transaction: `FOR UPDATE` after `SET LOCAL lock_timeout =
-    /// '5s'`.
+    /// In a transaction of `begin_write`: `FOR UPDATE`, waiting at most
+    /// its `lock_timeout` (`LOCK_TIMEOUT`).
     Bounded,
 }
 
@@ -1222,9 +1216,15 @@ impl BatchFailure {
     }
 
     /// Whether retrying the appends one by one is safe and useful: the
-    /// batch surely stored nothing, and the database is reachable.
+    /// batch surely stored nothing, the database is reachable, and the
+    /// batch did not wait out `lock_timeout` for a session row (55P03
+    /// under [`LockWait::Bounded`], whose batches hold one session's
+    /// appends: each retry would wait for the same row again, holding up
+    /// the node's every append for another 5 s).
     fn retryable(&self) -> bool {
-        !self.at_commit && !matches!(self.error, DbErr::Conn(_) | DbErr::ConnectionAcquire(_))
+        !self.at_commit
+            && !matches!(self.error, DbErr::Conn(_) | DbErr::ConnectionAcquire(_))
+            && sql_state(&self.error).is_none_or(|code| code != "55P03")
     }
 }
 

@@ -51,6 +51,11 @@ use crate::model::{
 use crate::outbox::OutboxInterest;
 use entity::{customer, message, outbox as outbox_entity, presence, session};
 
+/// How long a PostgreSQL write transaction waits for a row lock held
+/// elsewhere before failing with `55P03` (answered as `Unavailable`, 503):
+/// the statement [`SeaOrmStore::begin_write`] runs after `BEGIN`.
+const LOCK_TIMEOUT: &str = "SET LOCAL lock_timeout = '5s'";
+
 /// The rows after a cursor row in a newest-first list ordered by
 /// `created` then `id`, both descending: those created before `at`, and
 /// those created at `at` with an id below `id` (the cursor row's
@@ -366,14 +371,26 @@ impl SeaOrmStore {
         &self.db
     }
 
-    /// Starts a write transaction (`BEGIN IMMEDIATE` on SQLite).
+    /// Starts a write transaction: `BEGIN IMMEDIATE` on SQLite (whose
+    /// wait for the write lock is bounded by its busy timeout); on
+    /// PostgreSQL `BEGIN` and `SET LOCAL lock_timeout` ([`LOCK_TIMEOUT`]),
+    /// so that a lock held elsewhere for long (a node gone mid-transaction,
+    /// whose connection the server keeps until TCP keepalive gives up, or a
+    /// console's open transaction) fails the waiting request with
+    /// `Unavailable` (503) instead of holding its pooled connection, and
+    /// with it the node's other tenants, for as long.
     async fn begin_write(&self) -> Result<DatabaseTransaction, DbErr> {
-        self.db
+        let tx = self
+            .db
             .begin_with_options(TransactionOptions {
                 sqlite_transaction_mode: Some(SqliteTransactionMode::Immediate),
                 ..TransactionOptions::default()
             })
-            .await
+            .await?;
+        if tx.get_database_backend() == sea_orm::DbBackend::Postgres {
+            tx.execute_unprepared(LOCK_TIMEOUT).await?;
+        }
+        Ok(tx)
     }
 }
 

@@ -556,6 +556,114 @@ async fn a_batch_waiting_for_a_held_session_holds_no_other() {
     assert_eq!(to_b.await.unwrap().unwrap().message.seq, 1);
 }
 
+/// A session row held past `lock_timeout` fails that session's appends of
+/// the waiting batch together, at once: each used to be retried alone,
+/// waiting for the same row another 5 s, while every append of the node
+/// queued behind the one committer. Here the row is freed after the first
+/// failure, so appends retried one by one would have been stored.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_session_held_past_the_lock_timeout_fails_its_appends_together() {
+    use sea_orm::{ConnectionTrait, DatabaseTransaction, TransactionTrait};
+    async fn lock(tx: &DatabaseTransaction, session: livechat_core::SessionId) {
+        tx.execute_unprepared(&format!(
+            "SELECT id FROM livechat_sessions WHERE id = '{session}' FOR UPDATE"
+        ))
+        .await
+        .unwrap();
+    }
+    let app = App::new(Backend::Postgres).await;
+    let tenant = TenantId::new(1).unwrap();
+    let agents = [7, 8, 9].map(|n| UserId::new(n).unwrap());
+    let held = app.open_service_session(tenant, agents[0]).await.id;
+    let free = app.open_service_session(tenant, agents[1]).await.id;
+    let z = app.open_service_session(tenant, agents[2]).await.id;
+    let post = |agent: UserId, session, text: &str| {
+        let chat = app.chat.clone();
+        let text = text.to_owned();
+        tokio::spawn(async move { chat.post_message(tenant, agent, session, text, None).await })
+    };
+
+    // The committer waits for `z` while the other appends queue, so that
+    // they form one batch.
+    let holder = app.db.begin().await.unwrap();
+    lock(&holder, z).await;
+    let to_z = post(agents[2], z, "z");
+    blocked_by(&app.db, pid(&holder).await).await;
+    let keeper = app.db.begin().await.unwrap();
+    lock(&keeper, held).await;
+    let to_held: Vec<_> = (1..=3)
+        .map(|n| post(agents[0], held, &format!("held {n}")))
+        .collect();
+    let to_free = post(agents[1], free, "free");
+    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    holder.commit().await.unwrap();
+    assert_eq!(to_z.await.unwrap().unwrap().message.seq, 1);
+
+    let mut to_held = to_held.into_iter();
+    let first = to_held.next().unwrap().await.unwrap();
+    assert!(
+        first.as_ref().is_err_and(ChatError::is_unavailable),
+        "{first:?}"
+    );
+    keeper.rollback().await.unwrap();
+    for rest in to_held {
+        let refused = rest.await.unwrap();
+        assert!(
+            refused.as_ref().is_err_and(ChatError::is_unavailable),
+            "refused with the first, not waited for again: {refused:?}"
+        );
+    }
+    assert_eq!(to_free.await.unwrap().unwrap().message.seq, 1);
+    assert!(stored(&app, tenant, held).await.is_empty());
+}
+
+/// A routing transaction waits at most `lock_timeout` (5 s) for its
+/// tenant's routing row: a transaction holding it for long (a node gone
+/// mid-transaction, kept by the server until TCP keepalive gives up; a
+/// console's open transaction) fails that tenant's requests with 503
+/// instead of holding each one's pooled connection for as long, which
+/// took the pool, and with it every other tenant, after 16 of them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_routing_lock_held_for_long_fails_its_waiters_as_unavailable() {
+    use sea_orm::{ConnectionTrait, TransactionTrait};
+    let app = App::new(Backend::Postgres).await;
+    let (t1, agent) = ids(1, 7);
+    let (t2, other) = ids(2, 8);
+    app.chat
+        .set_agent_status(t1, agent, PresenceStatus::Online)
+        .await
+        .unwrap();
+    let holder = app.db.begin().await.unwrap();
+    holder
+        .execute_unprepared("SELECT 1 FROM livechat_routing WHERE tenant_id = 1 FOR UPDATE")
+        .await
+        .unwrap();
+    let waiting = {
+        let chat = app.chat.clone();
+        tokio::spawn(async move { chat.set_agent_status(t1, agent, PresenceStatus::Away).await })
+    };
+    blocked_by(&app.db, pid(&holder).await).await;
+    // Another tenant is served meanwhile.
+    app.chat
+        .set_agent_status(t2, other, PresenceStatus::Online)
+        .await
+        .expect("tenant 2 is not held up");
+    let refused = tokio::time::timeout(std::time::Duration::from_secs(30), waiting)
+        .await
+        .expect("the wait is bounded")
+        .unwrap()
+        .expect_err("the held lock fails the change");
+    assert!(refused.is_unavailable(), "{refused:?}");
+    holder.rollback().await.unwrap();
+    // Nothing of the refused change was stored, and the tenant works again.
+    let presence = app.chat.agent_presence(t1, agent).await.unwrap();
+    assert_eq!(presence.status, PresenceStatus::Online);
+    app.chat
+        .set_agent_status(t1, agent, PresenceStatus::Away)
+        .await
+        .unwrap();
+}
+
 /// A send retried on a second node while the first is still waiting for
 /// its session row (a client's retry through a load balancer): both wait,
 /// under row locks, for a transaction that holds the row, and the one

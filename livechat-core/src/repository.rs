@@ -675,16 +675,24 @@ pub trait ConnectionRepository: Send + Sync {
     ) -> impl Future<Output = Result<(), ChatError>> + Send;
 
     /// Extends the life of each connection of `connections` (as
-    /// `(tenant, id)`) by `ttl` from now (their heartbeat): a node renews
-    /// its connections together, one statement per 500 connections
-    /// instead of a commit each (issue #5: a node holding 18,000 idle
-    /// connections spent 8% of its core and 1.6 MB/s of disk writes on
-    /// their renewals). Connections gone since are skipped.
+    /// `(tenant, id, owner)`, open on `node`) by `ttl` from now (their
+    /// heartbeat): a node renews its connections together, one statement
+    /// per 500 connections instead of a commit each (issue #5: a node
+    /// holding 18,000 idle connections spent 8% of its core and 1.6 MB/s
+    /// of disk writes on their renewals).
+    ///
+    /// A connection without its row (purged after it expired while its
+    /// node could not reach the database, or whose registration failed) is
+    /// registered again, and its id returned: the joins purged with the row
+    /// are not, and its node joins its sessions again. A node renews only
+    /// connections that are open (it waits for a connection's renewal
+    /// before removing it), so none is brought back after its removal.
     fn touch_connections(
         &self,
-        connections: &[(TenantId, uuid::Uuid)],
+        connections: &[(TenantId, uuid::Uuid, ConnectionOwner)],
+        node: &str,
         ttl: std::time::Duration,
-    ) -> impl Future<Output = Result<(), ChatError>> + Send;
+    ) -> impl Future<Output = Result<Vec<uuid::Uuid>, ChatError>> + Send;
 
     /// The connection follows `session` (idempotent).
     fn join_session(

@@ -85,10 +85,9 @@ fn connection_ids(
 
 /// The failure of a batch's `step` over `connections` connections,
 /// logged: the batch's other steps still run.
-fn logged(step: &str, connections: usize, result: Result<(), ChatError>) -> Option<ChatError> {
+fn logged<T>(step: &str, connections: usize, result: Result<T, ChatError>) -> Result<T, ChatError> {
     result
         .inspect_err(|e| tracing::warn!(error = %e, step, connections, "connections' step failed"))
-        .err()
 }
 
 /// The agents owning `connections`, each once, by tenant, in id order.
@@ -143,6 +142,10 @@ pub struct Renewed {
     /// agent whose standing offline announcement was cleared (not
     /// `offline`): cleared and committed, so announced whatever failed.
     pub announce: Vec<AgentPresence>,
+    /// The connections renewed whose rows were gone and were registered
+    /// again ([`ChatService::touch_connections`]): their node joins their
+    /// sessions again. Empty after a registration.
+    pub restored: Vec<uuid::Uuid>,
     /// The first failure met ([`ChatError::Storage`]), after every step
     /// was tried; each is logged. `None` when everything was stored.
     pub failure: Option<ChatError>,
@@ -1129,12 +1132,13 @@ impl<S: ChatStore> ChatService<S> {
             .store
             .register_connections(connections, node, ttl)
             .await;
-        let failure = logged("registration", connections.len(), stored);
+        let failure = logged("registration", connections.len(), stored).err();
         self.heartbeat_owners(connections, failure).await
     }
 
-    /// Keeps a connection alive for `ttl` more; for agents also a presence
-    /// heartbeat (DESIGN.md invariant 3).
+    /// Keeps a connection open on `node` alive for `ttl` more (registering
+    /// it again if its row is gone, as [`Self::touch_connections`] does);
+    /// for agents also a presence heartbeat (DESIGN.md invariant 3).
     ///
     /// Returns the agent's presence when the tenant's agents were told the
     /// agent went offline ([`Self::announce_offline`]) and this connection
@@ -1150,12 +1154,16 @@ impl<S: ChatStore> ChatService<S> {
         tenant: TenantId,
         id: uuid::Uuid,
         owner: ConnectionOwner,
+        node: &str,
         ttl: std::time::Duration,
     ) -> Result<Option<AgentPresence>, ChatError> {
         let Renewed {
             mut announce,
             failure,
-        } = self.touch_connections(&[(tenant, id, owner)], ttl).await;
+            ..
+        } = self
+            .touch_connections(&[(tenant, id, owner)], node, ttl)
+            .await;
         match failure {
             Some(e) => Err(e),
             None => Ok(announce.pop()),
@@ -1178,17 +1186,35 @@ impl<S: ChatStore> ChatService<S> {
     /// that were stored (their announcements are cleared: the caller
     /// announces them whatever failed). Renewals are repeated at the next
     /// ping.
+    ///
+    /// The connections (open on `node`) whose rows were gone are registered
+    /// again and listed in [`Renewed::restored`]: rows purged after they
+    /// expired while the node could not reach the database, whose
+    /// connections then counted as gone for as long as they stayed open
+    /// (their customers notified of every reply, their agents announced
+    /// offline at the close of another tab). Their joins were purged too:
+    /// the node joins their sessions again.
     pub async fn touch_connections(
         &self,
         connections: &[(TenantId, uuid::Uuid, ConnectionOwner)],
+        node: &str,
         ttl: std::time::Duration,
     ) -> Renewed {
-        let stored = self
-            .store
-            .touch_connections(&connection_ids(connections), ttl)
-            .await;
-        let failure = logged("renewal", connections.len(), stored);
-        self.heartbeat_owners(connections, failure).await
+        let stored = self.store.touch_connections(connections, node, ttl).await;
+        let (restored, failure) = match logged("renewal", connections.len(), stored) {
+            Ok(restored) => (restored, None),
+            Err(e) => (Vec::new(), Some(e)),
+        };
+        if !restored.is_empty() {
+            tracing::info!(
+                connections = restored.len(),
+                "open connections whose rows were purged are registered again"
+            );
+        }
+        Renewed {
+            restored,
+            ..self.heartbeat_owners(connections, failure).await
+        }
     }
 
     /// The heartbeats of the agents owning `connections`, a transaction
@@ -1221,6 +1247,7 @@ impl<S: ChatStore> ChatService<S> {
         }
         Renewed {
             announce: back,
+            restored: Vec::new(),
             failure,
         }
     }
@@ -1587,7 +1614,7 @@ impl<S: ChatStore> ChatService<S> {
             .store
             .unregister_connections(&connection_ids(connections))
             .await;
-        let mut failure = logged("removal", connections.len(), removed);
+        let mut failure = logged("removal", connections.len(), removed).err();
         let mut gone = Vec::new();
         let agents = agents_by_tenant(connections);
         for (tenant, chunk) in agent_chunks(&agents) {
@@ -1671,11 +1698,14 @@ impl<S: ChatStore> ChatService<S> {
     /// Housekeeping for every tenant: deletes the connection rows whose TTL
     /// ran out (those of crashed nodes; a node renews its own at every
     /// ping) and returns the agents to announce offline: those among them
-    /// with a presence, no live connection left and no standing
-    /// announcement, each recorded as announced ([`Self::announce_offline`])
-    /// so that only one node says it and their next connection is
-    /// announced back. Without this, an agent of a crashed node would stay
-    /// online in the others' view.
+    /// with a presence, no live connection left, no standing announcement
+    /// and (with a presence TTL) nothing heard from them within it, each
+    /// recorded as announced ([`Self::announce_offline`]) so that only one
+    /// node says it and their next connection is announced back. Without
+    /// this, an agent of a crashed node would stay online in the others'
+    /// view. A row purged while its connection is still open (its node cut
+    /// off from the database for longer than the TTL) is registered again
+    /// at its next renewal ([`Self::touch_connections`]).
     ///
     /// `connection_ttl` is the TTL nodes register and renew connections
     /// with (`RealtimeConfig::connection_ttl` of `livechat-poem`): agents'
@@ -1702,8 +1732,18 @@ impl<S: ChatStore> ChatService<S> {
                 "replies followed only by expired customer connections are to be notified"
             );
         }
+        // An agent heard from within the presence TTL (their liveness is
+        // renewed apart from their connections: a heartbeat call, a status
+        // change) is not announced for their connections' expiry; if they
+        // go quiet, housekeeping announces them once their liveness runs
+        // out (`Self::announce_expired_presence`).
+        let stale_before = self
+            .config
+            .routing
+            .presence_ttl
+            .map(|ttl| crate::model::now() - crate::model::span(ttl));
         let mut offline = Vec::new();
-        self.record_offline(purged.agents, None, |tenant, agents| {
+        self.record_offline(purged.agents, stale_before, |tenant, agents| {
             offline.extend(agents.iter().map(|&agent| (tenant, agent)));
         })
         .await;

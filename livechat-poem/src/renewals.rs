@@ -51,11 +51,14 @@ pub(crate) enum Kind {
     /// statement per 100. A failure is logged (after the failed
     /// statement's rows were tried one by one); a connection whose row
     /// could not be inserted is served without one, counting as not
-    /// connected for as long as it is open.
+    /// connected until its first renewal registers it (`Renew`).
     Register,
     /// A ping's renewal of the row and of its agent's liveness. A failure
     /// is logged; the next ping renews again (the registration lives for
-    /// `connection_ttl`, three pings by default).
+    /// `connection_ttl`, three pings by default). A row found gone (purged
+    /// after it expired while the database could not be reached, or never
+    /// inserted) is inserted again, and the connection told so (`true` on
+    /// its receiver): it joins its sessions again.
     Renew,
     /// A closed connection's removal with its joins (closed with a close
     /// frame: a silent client's, which makes up missed replies, is removed
@@ -68,13 +71,14 @@ pub(crate) enum Kind {
 }
 
 /// One connection's registration, renewal or removal; its sender is
-/// dropped once stored (or failed).
+/// dropped once stored (or failed), or sent `true` for a renewal that
+/// registered the connection again.
 struct Queued {
     tenant: TenantId,
     id: uuid::Uuid,
     owner: ConnectionOwner,
     kind: Kind,
-    _done: oneshot::Sender<()>,
+    done: oneshot::Sender<bool>,
 }
 
 impl Renewals {
@@ -85,14 +89,15 @@ impl Renewals {
 
 /// Queues `kind` for connection `id` of `owner` on `gateway`'s node and
 /// starts the task that stores what is queued if none runs. The receiver
-/// ends (with an error: nothing is sent) once it is stored, or failed.
+/// ends once it is stored, or failed: with an error (nothing sent), or
+/// with `true` for a renewal that registered the connection again.
 pub(crate) fn queue(
     gateway: &Arc<Gateway>,
     tenant: TenantId,
     id: uuid::Uuid,
     owner: ConnectionOwner,
     kind: Kind,
-) -> oneshot::Receiver<()> {
+) -> oneshot::Receiver<bool> {
     let (done, stored) = oneshot::channel();
     let start = {
         let mut state = gateway.renewals.state();
@@ -101,7 +106,7 @@ pub(crate) fn queue(
             id,
             owner,
             kind,
-            _done: done,
+            done,
         });
         !std::mem::replace(&mut state.running, true)
     };
@@ -185,13 +190,19 @@ async fn store_renewals(mut running: Running) {
         }
         drop(new);
         if !renewed.is_empty() {
-            let stored = gateway
+            let mut stored = gateway
                 .chat
-                .touch_connections(&of(&renewed), config.connection_ttl)
+                .touch_connections(&of(&renewed), &config.node_id, config.connection_ttl)
                 .await;
+            let restored: std::collections::HashSet<uuid::Uuid> =
+                std::mem::take(&mut stored.restored).into_iter().collect();
             announce(&gateway, stored);
+            for queued in renewed {
+                if restored.contains(&queued.id) {
+                    let _ = queued.done.send(true);
+                }
+            }
         }
-        drop(renewed);
         if !closed.is_empty() {
             let removed = gateway
                 .chat
@@ -258,7 +269,7 @@ mod tests {
 
     /// `answer`'s end: the entry was stored or failed (the sender dropped,
     /// nothing sent). Panics after 10 s: no task took the entry.
-    async fn answered(answer: tokio::sync::oneshot::Receiver<()>) {
+    async fn answered(answer: tokio::sync::oneshot::Receiver<bool>) {
         tokio::time::timeout(std::time::Duration::from_secs(10), answer)
             .await
             .expect("no task took the entry")
@@ -327,6 +338,25 @@ mod tests {
         let (id, owner) = connections[1];
         answered(queue(&gateway, tenant(), id, owner, Kind::Unregister)).await;
         assert_eq!(rows(&db).await, 248);
+    }
+
+    /// A renewal that finds its connection's row gone (purged while the
+    /// node could not reach the database) registers it again and tells the
+    /// connection so, which then joins its sessions again; a renewal of a
+    /// row that is there says nothing.
+    #[tokio::test]
+    async fn a_renewal_registers_a_purged_connection_again_and_says_so() {
+        let (gateway, db, _dir) = gateway().await;
+        let (id, owner) = (
+            uuid::Uuid::now_v7(),
+            ConnectionOwner::Customer(CustomerId::generate()),
+        );
+        let renewed = queue(&gateway, tenant(), id, owner, Kind::Renew);
+        assert_eq!(renewed.await, Ok(true), "registered again");
+        assert_eq!(rows(&db).await, 1);
+        let renewed = queue(&gateway, tenant(), id, owner, Kind::Renew);
+        assert!(renewed.await.is_err(), "renewed: nothing to say");
+        assert_eq!(rows(&db).await, 1);
     }
 
     /// A task dropped before it ran (its runtime stopping) answers what

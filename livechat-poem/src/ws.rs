@@ -935,6 +935,12 @@ struct Conn {
     /// or a join's replay, is not held back until the session's next
     /// message.
     behind: HashSet<SessionId>,
+    /// Joined sessions whose stored join is gone: the connection's row was
+    /// purged (expired while the node could not reach the database) and
+    /// registered again by a renewal (`renewals::Kind::Renew`). Followed
+    /// again at once, and at each ping until stored; until then replies
+    /// there count the customer as not connected.
+    unfollowed: HashSet<SessionId>,
     bad_frames: u32,
     limiter: DefaultDirectRateLimiter,
     /// For `join_session`, `typing` and `read` (`signal_rate_per_sec`).
@@ -1204,6 +1210,19 @@ impl Conn {
         }
     }
 
+    /// Stores the joins of [`Self::unfollowed`] again, until one fails (the
+    /// database is still unreachable: the next ping retries).
+    async fn follow_again(&mut self) {
+        let unfollowed: Vec<SessionId> = self.unfollowed.iter().copied().collect();
+        for s in unfollowed {
+            if let Err(e) = self.chat().follow_session(self.tenant(), self.id, s).await {
+                tracing::warn!(error = %e, session = %s, "websocket join not stored again");
+                return;
+            }
+            self.unfollowed.remove(&s);
+        }
+    }
+
     /// Delivers a live message (with its prepared frame): duplicate →
     /// dropped, gap → filled first.
     async fn deliver(&mut self, m: &ChatMessage, text: &str) -> Result<(), ChatError> {
@@ -1376,6 +1395,7 @@ impl Conn {
         self.positions.remove(&session);
         self.closed.remove(&session);
         self.behind.remove(&session);
+        self.unfollowed.remove(&session);
         self.membership
             .set_waiting(self.positions.values().any(Option::is_some));
         self.membership.unfollow(session);
@@ -1949,6 +1969,7 @@ async fn serve(
         joined: HashMap::new(),
         closed: HashSet::new(),
         behind: HashSet::new(),
+        unfollowed: HashSet::new(),
         positions: HashMap::new(),
         bad_frames: 0,
         limiter: RateLimiter::direct(quota(gateway.config.send_rate_per_sec)),
@@ -2010,7 +2031,9 @@ async fn serve(
     // for that connection until their time limits (24 s for an agent's 24
     // chats handed back, one relayed read after another). The loop keeps
     // its receiver, to wait for it before the connection is removed.
-    let mut renewal: FuturesOrdered<futures_util::future::BoxFuture<'static, ()>> =
+    // It answers `true` when it registered the connection again (its row
+    // was purged): its joins are stored again.
+    let mut renewal: FuturesOrdered<futures_util::future::BoxFuture<'static, bool>> =
         FuturesOrdered::new();
     loop {
         if conn.is_closing() {
@@ -2159,17 +2182,20 @@ async fn serve(
                 if !conn.behind.is_empty() {
                     Box::pin(conn.catch_up_behind()).await;
                 }
+                if !conn.unfollowed.is_empty() {
+                    Box::pin(conn.follow_again()).await;
+                }
                 if renewal.is_empty() && heard {
                     let stored = crate::renewals::queue(&gateway, identity.tenant, conn.id, owner, Kind::Renew);
-                    renewal.push_back(
-                        async move {
-                            let _ = stored.await;
-                        }
-                        .boxed(),
-                    );
+                    renewal.push_back(async move { stored.await.unwrap_or(false) }.boxed());
                 }
             }
-            Some(()) = renewal.next(), if !renewal.is_empty() => {}
+            Some(restored) = renewal.next(), if !renewal.is_empty() => {
+                if restored {
+                    conn.unfollowed.extend(conn.joined.keys().copied());
+                    Box::pin(conn.follow_again()).await;
+                }
+            }
             () = &mut expiry, if identity.expires_at.is_some() => {
                 conn.send(error_frame(
                     "unauthorized",

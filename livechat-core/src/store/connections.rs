@@ -109,28 +109,13 @@ impl ConnectionRepository for SeaOrmStore {
         node: &str,
         ttl: Duration,
     ) -> Result<(), ChatError> {
-        let node: String = node.chars().take(64).collect();
         let expires_at = expiry(ttl);
-        let row = |&(tenant, id, owner): &(TenantId, uuid::Uuid, ConnectionOwner)| {
-            let (role, agent, customer) = match owner {
-                ConnectionOwner::Agent(a) => (AGENT, Some(a.get()), None),
-                ConnectionOwner::Customer(c) => (CUSTOMER, None, Some(c.as_uuid())),
-            };
-            connection::ActiveModel {
-                id: Set(id),
-                tenant_id: Set(tenant.get()),
-                role: Set(role.to_owned()),
-                agent_id: Set(agent),
-                customer_id: Set(customer),
-                node_id: Set(node.clone()),
-                expires_at: Set(expires_at),
-            }
-        };
+        let row = |one: &(TenantId, uuid::Uuid, ConnectionOwner)| row(one, node, expires_at);
         // A chunk that fails is tried again row by row, and the chunks
         // after it are tried too: one failure (a pooled connection timing
         // out in a reconnect storm) leaves out as few connections as it
         // can, since a connection left without its row counts as not
-        // connected for as long as it is open (renewals only update).
+        // connected until its first renewal registers it.
         let mut failure = None;
         for chunk in connections.chunks(REGISTRATION_CHUNK) {
             let inserted = connection::Entity::insert_many(chunk.iter().map(row))
@@ -153,21 +138,60 @@ impl ConnectionRepository for SeaOrmStore {
 
     async fn touch_connections(
         &self,
-        connections: &[(TenantId, uuid::Uuid)],
+        connections: &[(TenantId, uuid::Uuid, ConnectionOwner)],
+        node: &str,
         ttl: Duration,
-    ) -> Result<(), ChatError> {
+    ) -> Result<Vec<uuid::Uuid>, ChatError> {
+        let mut restored = Vec::new();
         for chunk in connections.chunks(RENEWAL_CHUNK) {
-            connection::Entity::update_many()
-                .col_expr(connection::Column::ExpiresAt, Expr::value(expiry(ttl)))
+            let expires_at = expiry(ttl);
+            let ids: Vec<(TenantId, uuid::Uuid)> =
+                chunk.iter().map(|&(tenant, id, _)| (tenant, id)).collect();
+            let renewed = connection::Entity::update_many()
+                .col_expr(connection::Column::ExpiresAt, Expr::value(expires_at))
                 .filter(named(
                     connection::Column::TenantId,
                     connection::Column::Id,
-                    chunk,
+                    &ids,
                 ))
                 .exec(&self.db)
                 .await?;
+            if renewed.rows_affected >= chunk.len() as u64 {
+                continue;
+            }
+            // Some rows are gone: register those connections again (one
+            // more read, only then). A row of that id in another tenant
+            // is not the connection's, but is not replaced either.
+            let present: HashSet<uuid::Uuid> = connection::Entity::find()
+                .select_only()
+                .column(connection::Column::Id)
+                .filter(connection::Column::Id.is_in(ids.iter().map(|&(_, id)| id)))
+                .into_tuple()
+                .all(&self.db)
+                .await?
+                .into_iter()
+                .collect();
+            let missing: Vec<_> = chunk
+                .iter()
+                .filter(|(_, id, _)| !present.contains(id))
+                .map(|one| row(one, node, expires_at))
+                .collect();
+            if missing.is_empty() {
+                continue;
+            }
+            let ids: Vec<uuid::Uuid> = missing
+                .iter()
+                .filter_map(|row| row.id.try_as_ref().copied())
+                .collect();
+            for rows in missing.chunks(REGISTRATION_CHUNK) {
+                connection::Entity::insert_many(rows.to_vec())
+                    .on_conflict_do_nothing()
+                    .exec_without_returning(&self.db)
+                    .await?;
+            }
+            restored.extend(ids);
         }
-        Ok(())
+        Ok(restored)
     }
 
     async fn join_session(
@@ -325,6 +349,28 @@ impl SeaOrmStore {
 /// Rows whose `(tenant, connection)` columns are one of `connections`,
 /// matched as pairs: a connection named with another tenant matches
 /// nothing.
+/// The row of connection `id` of `owner` in `tenant`, open on `node` (its
+/// first 64 characters) until `expires_at`.
+fn row(
+    &(tenant, id, owner): &(TenantId, uuid::Uuid, ConnectionOwner),
+    node: &str,
+    expires_at: DateTimeUtc,
+) -> connection::ActiveModel {
+    let (role, agent, customer) = match owner {
+        ConnectionOwner::Agent(a) => (AGENT, Some(a.get()), None),
+        ConnectionOwner::Customer(c) => (CUSTOMER, None, Some(c.as_uuid())),
+    };
+    connection::ActiveModel {
+        id: Set(id),
+        tenant_id: Set(tenant.get()),
+        role: Set(role.to_owned()),
+        agent_id: Set(agent),
+        customer_id: Set(customer),
+        node_id: Set(node.chars().take(64).collect()),
+        expires_at: Set(expires_at),
+    }
+}
+
 fn named(
     tenant: impl sea_orm::sea_query::IntoColumnRef,
     connection: impl sea_orm::sea_query::IntoColumnRef,

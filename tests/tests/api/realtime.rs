@@ -52,6 +52,7 @@ on_both_databases!(
     a_slow_reader_is_kept_while_it_reads,
     a_socket_ends_with_its_credential,
     a_user_holds_at_most_the_connection_cap,
+    open_connections_purged_after_an_outage_are_registered_again,
 );
 on_both_databases!(
     current_thread: a_long_burst_of_bus_events_is_relayed_whole,
@@ -1862,6 +1863,75 @@ async fn connection_status_and_offline_notifications(backend: Backend) {
     );
 }
 
+/// Connection rows of a live node purged by housekeeping (they expired
+/// while the node could not reach the database for longer than their
+/// TTL) are registered again at the connections' next renewal, with their
+/// joins: a connection used to count as gone for as long as it stayed
+/// open (its customer notified of every reply, its agent counted as not
+/// connected). Agents heard from within the presence TTL are not
+/// announced offline for their rows' expiry.
+async fn open_connections_purged_after_an_outage_are_registered_again(backend: Backend) {
+    use sea_orm::ConnectionTrait;
+    let (app, node) = node(backend, |r| r.ping_interval = Duration::from_secs(1)).await;
+    let (session, customer_auth) = open_chat(&node, 960).await;
+    let mut watcher = watcher(&node).await;
+    let (mut agent, mut customer) = join_both(&node, session, &customer_auth).await;
+    let connected =
+        |customers: u64, agents: u64| livechat_core::SessionConnections { customers, agents };
+    assert_eq!(
+        node.chat.session_connections(t(1), session).await.unwrap(),
+        connected(1, 1)
+    );
+    // The rows run out as in an outage; housekeeping (here, or on another
+    // node) purges them with their joins.
+    app.db
+        .execute_unprepared(
+            "UPDATE livechat_connections SET expires_at = '2000-01-01T00:00:00+00:00'",
+        )
+        .await
+        .unwrap();
+    let offline = node.livechat.purge_expired_connections().await.unwrap();
+    assert!(
+        offline.is_empty(),
+        "fresh agents are not announced: {offline:?}"
+    );
+    // The next renewals (clients answering the pings) bring them back.
+    let mut now = connected(0, 0);
+    for _ in 0..50 {
+        agent.drain(Duration::from_millis(50)).await;
+        customer.drain(Duration::from_millis(50)).await;
+        now = node.chat.session_connections(t(1), session).await.unwrap();
+        if now == connected(1, 1) {
+            break;
+        }
+    }
+    assert_eq!(now, connected(1, 1), "registered and joined again");
+    // A reply now counts the customer as connected: delivered live.
+    agent
+        .send(json!({"type": "send_message", "session_id": session, "client_msg_id": "r-1", "message": "Still here"}))
+        .await;
+    assert_eq!(
+        customer.expect("new_message").await["message"],
+        "Still here"
+    );
+    let page = livechat_core::PageSize::parse(Some(100), app.chat.config()).unwrap();
+    let posted = livechat_core::OutboxRepository::list_events(app.chat.store(), t(1), None, page)
+        .await
+        .unwrap()
+        .into_iter()
+        .rfind(|e| e.kind == livechat_core::EventKind::MessagePosted)
+        .unwrap();
+    let payload: Value = posted.payload.decode().unwrap();
+    assert_eq!(payload["customer_connected"], true, "{payload}");
+    let frames = watcher.drain(Duration::from_millis(300)).await;
+    assert!(
+        !frames
+            .iter()
+            .any(|f| f["type"] == "presence_updated" && f["status"] == "offline"),
+        "{frames:?}"
+    );
+}
+
 /// A customer whose node crashed (its connection row is neither renewed
 /// nor removed) still counts as following the chat until the row's TTL runs
 /// out, so a reply stored meanwhile was not notified when stored. The
@@ -1916,7 +1986,13 @@ async fn a_reply_only_a_crashed_customer_connection_followed_is_notified(backend
     // The crashed node's last renewal.
     for &(id, customer) in &crashed {
         node.chat
-            .touch_connection(t(1), id, ConnectionOwner::Customer(customer), ttl)
+            .touch_connection(
+                t(1),
+                id,
+                ConnectionOwner::Customer(customer),
+                "crashed-node",
+                ttl,
+            )
             .await
             .unwrap();
     }

@@ -125,9 +125,16 @@ impl AgentOverview {
 /// Sessions of one tenant.
 pub trait SessionRepository: Send + Sync {
     /// Stores a new OPEN agent-started session for `agent` and its
-    /// `session.started` event.
+    /// `session.started` event, if the agent's chosen status is `online`
+    /// (issue #2), read under the tenant's routing lock: a status change
+    /// committed after a check made before could otherwise leave an
+    /// offline agent with a new chat. Otherwise stores `offline` (its
+    /// `ticket_id` and `tenant_id` set here) as a `ticket.requested` event
+    /// instead (issue #3).
     ///
     /// # Errors
+    /// [`ChatError::AgentOffline`] with the ticket's id when the agent is
+    /// not online (the ticket is stored);
     /// [`ChatError::ActiveSessionExists`] when the agent already has an OPEN
     /// agent-started session in this tenant (a partial unique index, so
     /// concurrent calls yield exactly one session).
@@ -135,6 +142,7 @@ pub trait SessionRepository: Send + Sync {
         &self,
         tenant: TenantId,
         agent: UserId,
+        offline: TicketRequested,
     ) -> impl Future<Output = Result<ChatSession, ChatError>> + Send;
 
     /// Tickets the WAITING sessions without a ticket of `tenant` (`None`:

@@ -436,15 +436,6 @@ impl<S: ChatStore> ChatService<S> {
             .ok_or(ChatError::NotFound)
     }
 
-    async fn is_online(&self, tenant: TenantId, agent: UserId) -> Result<bool, ChatError> {
-        let Some(p) = self.store.get_presence(tenant, agent).await? else {
-            return Ok(false);
-        };
-        // Liveness, when the policy asks for it, is judged by the store's
-        // eligibility; here the chosen status decides (issue #2).
-        Ok(p.status == PresenceStatus::Online)
-    }
-
     /// Starts an agent chat for `agent` (the caller when `None`).
     ///
     /// Rules: the agent's chosen status must be `online` (issue #2) — if not,
@@ -462,31 +453,27 @@ impl<S: ChatStore> ChatService<S> {
         agent: Option<UserId>,
     ) -> Result<ChatSession, ChatError> {
         let agent = agent.unwrap_or(caller);
-        if !self.is_online(tenant, agent).await? {
-            let ticket_id = self
-                .store
-                .request_ticket(
-                    tenant,
-                    TicketRequested {
-                        ticket_id: TicketId::generate(),
-                        tenant_id: tenant,
-                        reason: TicketReason::AgentOffline,
-                        session_id: None,
-                        customer_id: None,
-                        agent_id: Some(agent),
-                        requested_by: Some(caller),
-                        topic: None,
-                        department: None,
-                        priority: Priority::Normal,
-                        contact: None,
-                        first_message: None,
-                        messages: Vec::new(),
-                    },
-                )
-                .await?;
-            return Err(ChatError::AgentOffline { agent, ticket_id });
-        }
-        self.store.create_agent_session(tenant, agent).await
+        // The chosen status decides (issue #2; liveness is for routing),
+        // read under the tenant's routing lock with the session's insert
+        // or the ticket's.
+        let offline = TicketRequested {
+            ticket_id: TicketId::generate(),
+            tenant_id: tenant,
+            reason: TicketReason::AgentOffline,
+            session_id: None,
+            customer_id: None,
+            agent_id: Some(agent),
+            requested_by: Some(caller),
+            topic: None,
+            department: None,
+            priority: Priority::Normal,
+            contact: None,
+            first_message: None,
+            messages: Vec::new(),
+        };
+        self.store
+            .create_agent_session(tenant, agent, offline)
+            .await
     }
 
     /// One session of the tenant, with its queue position while WAITING.

@@ -437,6 +437,7 @@ impl SessionRepository for SeaOrmStore {
         &self,
         tenant: TenantId,
         agent: UserId,
+        mut offline: TicketRequested,
     ) -> Result<ChatSession, ChatError> {
         let mut row = new_row(tenant, SessionOrigin::Agent, SessionStatus::Open);
         row.agent_id = Set(Some(agent.get()));
@@ -444,7 +445,31 @@ impl SessionRepository for SeaOrmStore {
         let tx = self.begin_write().await?;
         let mut ev = self.recorder();
         // The agent's load changes: routing decisions of the tenant wait.
+        // A status change takes the same lock, so the status read here
+        // stands until the commit.
         lock_tenant(&tx, tenant, &RoutingPolicy::default()).await?;
+        let status = super::entity::presence::Entity::find_by_id((tenant.get(), agent.get()))
+            .one(&tx)
+            .await?
+            .map(|p| p.status);
+        if status.as_deref() != Some(crate::model::PresenceStatus::Online.as_str()) {
+            offline.ticket_id = TicketId::generate();
+            offline.tenant_id = tenant;
+            record_event(
+                &tx,
+                &mut ev,
+                tenant,
+                None,
+                EventKind::TicketRequested,
+                &offline,
+            )
+            .await?;
+            self.commit(tx, ev).await?;
+            return Err(ChatError::AgentOffline {
+                agent,
+                ticket_id: offline.ticket_id,
+            });
+        }
         let inserted = match session::Entity::insert(row).exec_with_returning(&tx).await {
             Ok(model) => model,
             Err(err) => {

@@ -664,6 +664,70 @@ async fn a_routing_lock_held_for_long_fails_its_waiters_as_unavailable() {
         .unwrap();
 }
 
+/// Issue #2: an agent chat starts only for an agent whose chosen status is
+/// `online`, read under the tenant's routing lock: a status change
+/// committed while the start waited for that lock (read before it, the
+/// status let a start through for an agent who had just gone offline)
+/// makes the start the agent's offline ticket (issue #3).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn an_agent_chat_started_as_the_agent_goes_offline_becomes_a_ticket() {
+    use sea_orm::{ConnectionTrait, TransactionTrait};
+    let app = App::new(Backend::Postgres).await;
+    let (tenant, agent) = ids(1, 7);
+    app.chat
+        .set_agent_status(tenant, agent, PresenceStatus::Online)
+        .await
+        .unwrap();
+    let holder = app.db.begin().await.unwrap();
+    holder
+        .execute_unprepared("SELECT 1 FROM livechat_routing WHERE tenant_id = 1 FOR UPDATE")
+        .await
+        .unwrap();
+    let start = {
+        let chat = app.chat.clone();
+        tokio::spawn(async move { chat.start_session(tenant, agent, None).await })
+    };
+    blocked_by(&app.db, pid(&holder).await).await;
+    holder
+        .execute_unprepared(
+            "UPDATE livechat_agent_presence SET status = 'offline' \
+             WHERE tenant_id = 1 AND agent_id = 7",
+        )
+        .await
+        .unwrap();
+    holder.commit().await.unwrap();
+    match start.await.unwrap() {
+        Err(ChatError::AgentOffline {
+            agent: offline,
+            ticket_id,
+        }) => {
+            assert_eq!(offline, agent);
+            let page = PageSize::parse(Some(100), app.chat.config()).unwrap();
+            let events = app
+                .chat
+                .store()
+                .list_events(tenant, None, page)
+                .await
+                .unwrap();
+            let ticketed = events
+                .iter()
+                .find(|e| e.kind == EventKind::TicketRequested)
+                .expect("the ticket is stored");
+            let payload: serde_json::Value = ticketed.payload.decode().unwrap();
+            assert_eq!(payload["ticket_id"], ticket_id.to_string(), "{payload}");
+            assert_eq!(payload["reason"], "agent_offline", "{payload}");
+        }
+        other => panic!("an offline agent got {other:?}"),
+    }
+    let all = app
+        .chat
+        .list_sessions(tenant, SessionFilter::default(), None, Some(200))
+        .await
+        .unwrap()
+        .sessions;
+    assert!(all.is_empty(), "{all:?}");
+}
+
 /// A send retried on a second node while the first is still waiting for
 /// its session row (a client's retry through a load balancer): both wait,
 /// under row locks, for a transaction that holds the row, and the one

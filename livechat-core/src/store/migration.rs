@@ -198,6 +198,14 @@ mod m0001_chat {
 
     #[async_trait::async_trait]
     impl MigrationTrait for Migration {
+        /// The change and its record commit together, on SQLite too (where
+        /// `sea-orm-migration` uses no transaction unless asked): a failure
+        /// in between would leave the change without its record, and every
+        /// later start failing on it.
+        fn use_transaction(&self) -> Option<bool> {
+            Some(true)
+        }
+
         async fn up(&self, manager: &SchemaManager) -> Result<(), DbErr> {
             use LivechatSessions as S;
             manager
@@ -473,6 +481,14 @@ mod m0002_outbox_scan {
 
     #[async_trait::async_trait]
     impl MigrationTrait for Migration {
+        /// The change and its record commit together, on SQLite too (where
+        /// `sea-orm-migration` uses no transaction unless asked): a failure
+        /// in between would leave the change without its record, and every
+        /// later start failing on it.
+        fn use_transaction(&self) -> Option<bool> {
+            Some(true)
+        }
+
         async fn up(&self, manager: &SchemaManager) -> Result<(), DbErr> {
             let db = manager.get_connection();
             for sql in [
@@ -526,6 +542,14 @@ mod m0003_presence_announced {
 
     #[async_trait::async_trait]
     impl MigrationTrait for Migration {
+        /// The change and its record commit together, on SQLite too (where
+        /// `sea-orm-migration` uses no transaction unless asked): a failure
+        /// in between would leave the change without its record, and every
+        /// later start failing on it.
+        fn use_transaction(&self) -> Option<bool> {
+            Some(true)
+        }
+
         async fn up(&self, manager: &SchemaManager) -> Result<(), DbErr> {
             manager
                 .alter_table(
@@ -681,6 +705,14 @@ mod m0010_outbox_missed {
 
     #[async_trait::async_trait]
     impl MigrationTrait for Migration {
+        /// The change and its record commit together, on SQLite too (where
+        /// `sea-orm-migration` uses no transaction unless asked): a failure
+        /// in between would leave the change without its record, and every
+        /// later start failing on it.
+        fn use_transaction(&self) -> Option<bool> {
+            Some(true)
+        }
+
         async fn up(&self, manager: &SchemaManager) -> Result<(), DbErr> {
             manager
                 .get_connection()
@@ -922,6 +954,41 @@ mod tests {
         assert!(!emptied.iter().any(|s| s.contains("hello")), "{emptied:?}");
     }
 
+    /// On SQLite each migration's change commits with its record: a
+    /// migration whose record could not be written (here refused by a
+    /// trigger; a crash has the same effect) leaves nothing behind, and the
+    /// next start applies it. Without the transaction, the column or index
+    /// stayed and every later start failed on "duplicate column" or "index
+    /// already exists".
+    #[tokio::test]
+    async fn a_migration_whose_record_fails_leaves_nothing_behind() {
+        let migrations = Migrator::migrations();
+        for (done, migration) in migrations.iter().enumerate() {
+            let name = migration.name().to_owned();
+            let db = crate::store::connect("sqlite::memory:").await.unwrap();
+            Migrator::install(&db).await.unwrap();
+            if done > 0 {
+                Migrator::up(&db, Some(u32::try_from(done).unwrap()))
+                    .await
+                    .unwrap();
+            }
+            db.execute_unprepared(&format!(
+                "CREATE TRIGGER refuse_record BEFORE INSERT ON livechat_migrations \
+                 WHEN NEW.version = '{name}' BEGIN SELECT RAISE(ABORT, 'refused'); END"
+            ))
+            .await
+            .unwrap();
+            let refused = Migrator::up(&db, None).await;
+            assert!(refused.is_err(), "{name}: the record was refused");
+            db.execute_unprepared("DROP TRIGGER refuse_record")
+                .await
+                .unwrap();
+            Migrator::up(&db, None)
+                .await
+                .unwrap_or_else(|e| panic!("{name} applies again: {e}"));
+        }
+    }
+
     #[tokio::test]
     async fn the_ticket_closures_are_filled_in_on_sqlite() {
         let db = crate::store::connect("sqlite::memory:").await.unwrap();
@@ -978,6 +1045,14 @@ mod m0005_customers_linked {
 
     #[async_trait::async_trait]
     impl MigrationTrait for Migration {
+        /// The change and its record commit together, on SQLite too (where
+        /// `sea-orm-migration` uses no transaction unless asked): a failure
+        /// in between would leave the change without its record, and every
+        /// later start failing on it.
+        fn use_transaction(&self) -> Option<bool> {
+            Some(true)
+        }
+
         async fn up(&self, manager: &SchemaManager) -> Result<(), DbErr> {
             manager
                 .get_connection()
@@ -1020,6 +1095,14 @@ mod m0006_outbox_pending_for {
 
     #[async_trait::async_trait]
     impl MigrationTrait for Migration {
+        /// The change and its record commit together, on SQLite too (where
+        /// `sea-orm-migration` uses no transaction unless asked): a failure
+        /// in between would leave the change without its record, and every
+        /// later start failing on it.
+        fn use_transaction(&self) -> Option<bool> {
+            Some(true)
+        }
+
         async fn up(&self, manager: &SchemaManager) -> Result<(), DbErr> {
             manager
                 .get_connection()
@@ -1055,6 +1138,14 @@ mod m0007_sessions_agent {
 
     #[async_trait::async_trait]
     impl MigrationTrait for Migration {
+        /// The change and its record commit together, on SQLite too (where
+        /// `sea-orm-migration` uses no transaction unless asked): a failure
+        /// in between would leave the change without its record, and every
+        /// later start failing on it.
+        fn use_transaction(&self) -> Option<bool> {
+            Some(true)
+        }
+
         async fn up(&self, manager: &SchemaManager) -> Result<(), DbErr> {
             manager
                 .get_connection()
@@ -1094,6 +1185,14 @@ mod m0008_presence_departments {
 
     #[async_trait::async_trait]
     impl MigrationTrait for Migration {
+        /// The change and its record commit together, on SQLite too (where
+        /// `sea-orm-migration` uses no transaction unless asked): a failure
+        /// in between would leave the change without its record, and every
+        /// later start failing on it.
+        fn use_transaction(&self) -> Option<bool> {
+            Some(true)
+        }
+
         async fn up(&self, manager: &SchemaManager) -> Result<(), DbErr> {
             manager
                 .get_connection()

@@ -26,9 +26,10 @@ pub enum EventKind {
     /// change.
     #[serde(rename = "session.assigned")]
     SessionAssigned,
-    /// A customer changed the session's contact details, or the session
+    /// A customer changed the session's contact details, the session
     /// moved to another customer (its visitor was linked to an identified
-    /// customer); payload: the session.
+    /// customer), or it got a ticket while it waited; payload: the session,
+    /// plus `contact_updated: true` for a contact change.
     #[serde(rename = "session.updated")]
     SessionUpdated,
     /// No eligible agent could take a request, so a ticket must open;

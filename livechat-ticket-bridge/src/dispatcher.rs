@@ -8,9 +8,9 @@ use std::time::Duration;
 
 use chrono::{DateTime, TimeDelta, Utc};
 use livechat_core::{
-    ChatError, ChatMessage, DomainEvent, EventId, EventKind, MessagePosted, MessagePostedHead,
-    Notification, NotificationId, OutboxConsumer, OutboxInterest, PendingEvent, TenantId, TicketId,
-    TicketRequested, UserId,
+    ChatError, ChatMessage, Contact, DomainEvent, EventId, EventKind, MessagePosted,
+    MessagePostedHead, Notification, NotificationId, OutboxConsumer, OutboxInterest, PendingEvent,
+    TenantId, TicketId, TicketRequested, UserId,
 };
 use serde::Deserialize;
 
@@ -724,7 +724,8 @@ impl<C: OutboxConsumer> Dispatcher<C> {
             | Work::CloseTicket(..)
             | Work::AssignTicket(..)
             | Work::UnassignTicket(..)
-            | Work::TicketMessage(..) => {
+            | Work::TicketMessage(..)
+            | Work::TicketContact(..) => {
                 self.ticket_sinks.iter().map(|(n, _)| n.as_str()).collect()
             }
             Work::Notify(_) => self
@@ -808,6 +809,14 @@ impl<C: OutboxConsumer> Dispatcher<C> {
                 )
                 .await
             }
+            Work::TicketContact(tenant, ticket, contact) => {
+                join_all(
+                    tickets().map(|sink| {
+                        timed(limit, sink.ticket_contact(*tenant, *ticket, contact, key))
+                    }),
+                )
+                .await
+            }
             Work::Notify(notification) => {
                 join_all(
                     names
@@ -873,6 +882,24 @@ impl Sinks {
                     Some(agent) => Work::AssignTicket(event.tenant_id, ticket, agent),
                     None => Work::UnassignTicket(event.tenant_id, ticket),
                 })
+            }
+            EventKind::SessionUpdated if self.tickets => {
+                // Only a contact change of a ticketed session concerns the
+                // sinks (the other updates carry nothing new for a ticket).
+                #[derive(Deserialize)]
+                struct Updated {
+                    ticket_id: Option<TicketId>,
+                    contact: Option<Contact>,
+                    #[serde(default)]
+                    contact_updated: bool,
+                }
+                let updated = decode::<Updated>(event)?;
+                match (updated.contact_updated, updated.ticket_id, updated.contact) {
+                    (true, Some(ticket), Some(contact)) => {
+                        Some(Work::TicketContact(event.tenant_id, ticket, contact))
+                    }
+                    _ => None,
+                }
             }
             EventKind::MessagePosted if self.notifications || self.tickets => {
                 // Most messages need no sink, and the outbox interest asks
@@ -941,6 +968,7 @@ enum Work {
     AssignTicket(TenantId, TicketId, UserId),
     UnassignTicket(TenantId, TicketId),
     TicketMessage(TenantId, TicketId, ChatMessage),
+    TicketContact(TenantId, TicketId, Contact),
     Notify(Notification),
 }
 

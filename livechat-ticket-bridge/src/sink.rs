@@ -2,7 +2,7 @@
 
 use async_trait::async_trait;
 use livechat_core::{
-    ChatMessage, EventId, Notification, TenantId, TicketId, TicketRequested, UserId,
+    ChatMessage, Contact, EventId, Notification, TenantId, TicketId, TicketRequested, UserId,
 };
 
 /// Why a sink could not take an event. The variant decides what the
@@ -134,6 +134,33 @@ pub trait TicketSink: Send + Sync + 'static {
         key: EventId,
     ) -> Result<(), SinkError> {
         let _ = (tenant, ticket, message, key);
+        Ok(())
+    }
+
+    /// The customer gave new contact details (`contact`, the whole of
+    /// them) in the chat of `ticket` after the ticket opened (event
+    /// `session.updated` of a contact change, `PUT
+    /// /customer/chats/{id}/contact`, in a ticketed session): an
+    /// anonymous visitor who leaves an e-mail address once nobody answered
+    /// can then be reached by the help desk. The contact given before the
+    /// ticket opened came as [`TicketRequested::contact`]. Sent too when an
+    /// agent had closed the ticket while the chat went on, as
+    /// [`TicketSink::ticket_message`] is. Called in the session's order,
+    /// after the ticket's opening. Default: nothing, for a ticket system
+    /// that reads the session itself (the tables of
+    /// [`SeaOrmSinks`](crate::SeaOrmSinks) keep the session's id, and the
+    /// session its contact).
+    ///
+    /// # Errors
+    /// As for [`TicketSink::open_ticket`].
+    async fn ticket_contact(
+        &self,
+        tenant: TenantId,
+        ticket: TicketId,
+        contact: &Contact,
+        key: EventId,
+    ) -> Result<(), SinkError> {
+        let _ = (tenant, ticket, contact, key);
         Ok(())
     }
 }

@@ -6,7 +6,7 @@ use std::time::Duration;
 use async_trait::async_trait;
 use hmac::{Hmac, KeyInit, Mac};
 use livechat_core::{
-    ChatMessage, EventId, Notification, TenantId, TicketId, TicketRequested, UserId,
+    ChatMessage, Contact, EventId, Notification, TenantId, TicketId, TicketRequested, UserId,
 };
 use reqwest::StatusCode;
 use reqwest::header::{CONTENT_TYPE, HeaderValue};
@@ -84,6 +84,13 @@ struct Envelope<'a, T> {
 #[derive(Serialize)]
 struct TicketOnly {
     ticket_id: TicketId,
+}
+
+/// The `data` of a webhook `ticket.contact`.
+#[derive(Serialize)]
+struct TicketContact<'a> {
+    ticket_id: TicketId,
+    contact: &'a Contact,
 }
 
 #[derive(Serialize)]
@@ -319,6 +326,22 @@ impl TicketSink for WebhookSink {
             message,
         };
         self.post(key, "ticket.message", tenant, data).await
+    }
+
+    /// Sends `type` `ticket.contact` with `{"ticket_id", "contact"}` as
+    /// `data`.
+    async fn ticket_contact(
+        &self,
+        tenant: TenantId,
+        ticket: TicketId,
+        contact: &Contact,
+        key: EventId,
+    ) -> Result<(), SinkError> {
+        let data = TicketContact {
+            ticket_id: ticket,
+            contact,
+        };
+        self.post(key, "ticket.contact", tenant, data).await
     }
 }
 

@@ -61,6 +61,16 @@ impl From<Sender> for SenderRef {
     }
 }
 
+/// The `session.updated` of a contact change: the session plus
+/// `contact_updated: true`, which tells the ticket bridge to pass the new
+/// contact to a ticketed session's ticket sinks.
+#[derive(Serialize)]
+struct ContactUpdated<'a> {
+    #[serde(flatten)]
+    session: &'a ChatSession,
+    contact_updated: bool,
+}
+
 #[derive(Serialize)]
 struct Closed<'a> {
     #[serde(flatten)]
@@ -974,7 +984,20 @@ impl SessionRepository for SeaOrmStore {
             };
             return abort(tx, error).await;
         };
-        let session = record_session_event(&tx, &mut ev, EventKind::SessionUpdated, row).await?;
+        let session = ChatSession::try_from(row)?;
+        let payload = ContactUpdated {
+            session: &session,
+            contact_updated: true,
+        };
+        record_event(
+            &tx,
+            &mut ev,
+            tenant,
+            Some(id),
+            EventKind::SessionUpdated,
+            &payload,
+        )
+        .await?;
         self.commit(tx, ev).await?;
         Ok(session)
     }

@@ -1626,6 +1626,18 @@ async fn webhook_receives_signed_events_with_retries(backend: Backend) {
         .await;
     let (code, added) = App::decode(resp).await;
     assert_eq!(code, 201, "{added}");
+    // And leaves an address to be answered at (the ticket opened without
+    // one).
+    let resp = app
+        .client
+        .put(format!("/livechat/customer/chats/{session}/contact"))
+        .header("X-Tenant-ID", "1")
+        .header("Authorization", &auth)
+        .body_json(&json!({"name": "Ana", "email": "ana@example.com"}))
+        .send()
+        .await;
+    let (code, updated) = App::decode(resp).await;
+    assert_eq!(code, 200, "{updated}");
     app.go_online(7, 1).await;
     let (code, reply) = app
         .agent_call(
@@ -1649,8 +1661,9 @@ async fn webhook_receives_signed_events_with_retries(backend: Backend) {
     let calls = received.0.lock().unwrap().clone();
     assert_eq!(
         calls.len(),
-        5,
-        "two 500s, then accepted; then the customer's addition and the chat's assignment"
+        6,
+        "two 500s, then accepted; then the customer's addition, their contact and the chat's \
+         assignment"
     );
     let ids: std::collections::HashSet<_> = calls[..3].iter().map(|c| c.0.clone()).collect();
     assert_eq!(ids.len(), 1, "every attempt carries the same event id");
@@ -1677,7 +1690,15 @@ async fn webhook_receives_signed_events_with_retries(backend: Backend) {
     assert_eq!(message["data"]["message"]["sender_type"], "customer");
     assert_eq!(message["data"]["message"]["id"], added["data"]["id"]);
     assert_eq!(message["event_id"], calls[3].0, "{message}");
-    let assigned: Value = serde_json::from_slice(&calls[4].3).unwrap();
+    assert_eq!(requested["data"]["contact"], Value::Null, "{requested}");
+    let contact: Value = serde_json::from_slice(&calls[4].3).unwrap();
+    assert_eq!(contact["type"], "ticket.contact", "{contact}");
+    assert_eq!(contact["data"]["ticket_id"], ticket_id, "{contact}");
+    assert_eq!(
+        contact["data"]["contact"],
+        json!({"name": "Ana", "email": "ana@example.com", "phone": null, "position": null, "company": null})
+    );
+    let assigned: Value = serde_json::from_slice(&calls[5].3).unwrap();
     assert_eq!(assigned["type"], "ticket.assigned", "{assigned}");
     assert_eq!(assigned["data"]["agent_id"], 7, "{assigned}");
     assert_eq!(assigned["data"]["ticket_id"], ticket_id, "{assigned}");

@@ -788,6 +788,17 @@ pub trait ConnectionRepository: Send + Sync {
 pub trait OutboxRepository: Send + Sync {
     /// Events of the tenant after `after` (exclusive; `None`: from the
     /// start), oldest first, at most `limit`.
+    ///
+    /// Ids are taken when the events are written, before their commit. On
+    /// PostgreSQL, where transactions commit side by side, an event whose
+    /// transaction commits after a later event was read can therefore
+    /// appear behind a cursor already past it: paging with `after` is not
+    /// a gap-free feed there (on SQLite writes commit one at a time, in id
+    /// order). A consumer that must see every event claims them instead
+    /// ([`OutboxConsumer`](crate::OutboxConsumer), as the ticket bridge's
+    /// dispatcher does), or reads again from a cursor some seconds behind
+    /// (a write transaction waits at most 5 s for a lock) and drops the
+    /// ids it has seen.
     fn list_events(
         &self,
         tenant: TenantId,

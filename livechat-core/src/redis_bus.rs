@@ -11,7 +11,7 @@
 //! Nothing committed is lost.
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
@@ -34,6 +34,10 @@ pub const DEFAULT_CHANNEL: &str = "livechat:events";
 /// Events waiting to be published; beyond this, publishes are dropped
 /// (and logged) so memory stays bounded while Redis is slow.
 const OUTGOING_CAPACITY: usize = 65_536;
+/// Bytes of events waiting to be published (their JSON); beyond this too,
+/// publishes are dropped: 65,536 messages of a host's longest text could
+/// otherwise hold gigabytes while Redis is slow but connected.
+const OUTGOING_BYTES: usize = 64 * 1024 * 1024;
 /// Most queued events sent in one round trip (one pipeline of `PUBLISH`es).
 const PUBLISH_BATCH: usize = 512;
 /// Events received from the link are taken in batches of at most this
@@ -168,7 +172,8 @@ fn decode(payload: &[u8]) -> Result<(Uuid, BusEvent), String> {
 ///   doubling to 2 s). Once subscribed again it clears the flag and
 ///   delivers a local [`BusEvent::Resync`]: this node's connections re-read
 ///   what they follow from storage by `seq`.
-/// - When it dropped any event (lost link, or a full publish queue), the
+/// - When it dropped any event (lost link, or a full publish queue:
+///   65,536 events or 64 MiB of their JSON), the
 ///   other nodes missed it, though their own links may never have dropped:
 ///   once it can publish again and its publish queue is empty (after the
 ///   backlog, so an overflow does not turn into a stream of requests), and
@@ -193,6 +198,8 @@ struct Inner {
     channel: String,
     local: InProcessBus,
     outgoing: mpsc::Sender<String>,
+    /// Bytes queued on `outgoing` ([`OUTGOING_BYTES`] at most).
+    queued_bytes: Arc<AtomicUsize>,
     degraded: Arc<AtomicBool>,
     /// An event was not sent to the other nodes since the last resync
     /// request.
@@ -200,6 +207,22 @@ struct Inner {
     /// Publishing round trips made ([`RedisBus::publish_round_trips`]).
     round_trips: Arc<AtomicU64>,
     stop: watch::Sender<bool>,
+}
+
+impl Inner {
+    /// Queues `payload` for the background task, within
+    /// [`OUTGOING_CAPACITY`] events and [`OUTGOING_BYTES`] bytes (`Full`
+    /// past either).
+    fn queue(&self, payload: String) -> Result<(), mpsc::error::TrySendError<String>> {
+        let len = payload.len();
+        if self.queued_bytes.fetch_add(len, Ordering::Relaxed) + len > OUTGOING_BYTES {
+            self.queued_bytes.fetch_sub(len, Ordering::Relaxed);
+            return Err(mpsc::error::TrySendError::Full(payload));
+        }
+        self.outgoing.try_send(payload).inspect_err(|_| {
+            self.queued_bytes.fetch_sub(len, Ordering::Relaxed);
+        })
+    }
 }
 
 impl Drop for Inner {
@@ -257,6 +280,7 @@ impl RedisBus {
 
         let node = Uuid::now_v7();
         let (outgoing, outgoing_rx) = mpsc::channel(OUTGOING_CAPACITY);
+        let queued_bytes = Arc::new(AtomicUsize::new(0));
         let degraded = Arc::new(AtomicBool::new(false));
         let dropped = Arc::new(AtomicBool::new(false));
         let round_trips = Arc::new(AtomicU64::new(0));
@@ -267,6 +291,7 @@ impl RedisBus {
             channel: channel.clone(),
             local: local.clone(),
             outgoing: outgoing_rx,
+            queued_bytes: Arc::clone(&queued_bytes),
             degraded: Arc::clone(&degraded),
             dropped: Arc::clone(&dropped),
             round_trips: Arc::clone(&round_trips),
@@ -281,6 +306,7 @@ impl RedisBus {
                 channel,
                 local,
                 outgoing,
+                queued_bytes,
                 degraded,
                 dropped,
                 round_trips,
@@ -330,7 +356,7 @@ impl EventBus for RedisBus {
                 event: &event,
             };
             match serde_json::to_string(&envelope) {
-                Ok(payload) => match self.inner.outgoing.try_send(payload) {
+                Ok(payload) => match self.inner.queue(payload) {
                     Ok(()) => {}
                     Err(mpsc::error::TrySendError::Full(_)) => {
                         self.inner.dropped.store(true, Ordering::Relaxed);
@@ -380,6 +406,8 @@ struct Worker {
     channel: String,
     local: InProcessBus,
     outgoing: mpsc::Receiver<String>,
+    /// Bytes queued on `outgoing`, given back as events are taken off it.
+    queued_bytes: Arc<AtomicUsize>,
     degraded: Arc<AtomicBool>,
     dropped: Arc<AtomicBool>,
     round_trips: Arc<AtomicU64>,
@@ -462,6 +490,8 @@ impl Worker {
                     if n == 0 {
                         return Ended::Stopped;
                     }
+                    let taken = batch.iter().map(String::len).sum();
+                    self.queued_bytes.fetch_sub(taken, Ordering::Relaxed);
                     let sent = self.send(&mut link, &batch).await;
                     batch.clear();
                     if let Err(e) = sent {
@@ -586,7 +616,8 @@ impl Worker {
                 () = &mut pause => return true,
                 payload = self.outgoing.recv() => match payload {
                     None => return false,
-                    Some(_) => {
+                    Some(payload) => {
+                        self.queued_bytes.fetch_sub(payload.len(), Ordering::Relaxed);
                         self.dropped.store(true, Ordering::Relaxed);
                         tracing::debug!("redis event bus down: event delivered locally only");
                     }
@@ -1142,6 +1173,56 @@ mod tests {
         }
         assert_eq!(events, OUTGOING_CAPACITY, "the queue overflowed");
         assert_eq!(resyncs, 1, "one request after {events} events");
+    }
+
+    /// The publish queue is bounded by bytes as well as by events: large
+    /// events (a host's longest messages) queued while the bus's task
+    /// cannot send are dropped past `OUTGOING_BYTES`, and `a` asks the
+    /// other nodes to resync once. On one thread the task runs only after
+    /// every publish.
+    #[tokio::test]
+    async fn large_events_overflow_the_queue_by_bytes() {
+        let server = Server::start();
+        let channel = channel();
+        let a = node(&server, &channel, 1).await;
+        let b = node(&server, &channel, 1024).await;
+        let mut rb = b.subscribe();
+        let text = "x".repeat(1024 * 1024);
+        let large = BusEvent::Domain(Arc::new(DomainEvent {
+            id: EventId::generate(),
+            tenant_id: TenantId::new(2).expect("tenant"),
+            session_id: None,
+            kind: EventKind::MessagePosted,
+            payload: EventPayload::new(&serde_json::json!({"seq": 1, "message": text}))
+                .expect("json"),
+            created_at: crate::now(),
+        }));
+        let size = serde_json::to_string(&EnvelopeOut {
+            node: a.node_id(),
+            event: &large,
+        })
+        .expect("json")
+        .len();
+        let fit = OUTGOING_BYTES / size;
+        assert!(fit < OUTGOING_CAPACITY / 2, "bounded by bytes, not count");
+        for _ in 0..fit + 10 {
+            a.publish(large.clone());
+        }
+        let (mut events, mut resyncs) = (0, 0);
+        while let Ok(got) = tokio::time::timeout(Duration::from_secs(3), rb.recv()).await {
+            match got.as_deref() {
+                Ok(BusEvent::Resync) => resyncs += 1,
+                Ok(_) => events += 1,
+                Err(e) => panic!("{e}"),
+            }
+        }
+        assert_eq!(events, fit, "the queue held {fit} events of {size} bytes");
+        assert_eq!(resyncs, 1);
+        assert_eq!(
+            a.inner.queued_bytes.load(Ordering::Relaxed),
+            0,
+            "all given back"
+        );
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -367,9 +367,12 @@ impl Future for PendingAppend {
                 }))
             }
             Pending::Queued(reply) => std::pin::Pin::new(reply).poll(cx).map(|answer| {
+                // Its committer is gone (the runtime shutting down, or a
+                // panic): the outcome is unknown, as when the database is
+                // unreachable (503, and a retry with its key is safe).
                 answer.unwrap_or_else(|_| {
-                    Err(ChatError::Storage(sea_orm::DbErr::Custom(
-                        "the message append was abandoned (shutting down)".into(),
+                    Err(ChatError::Storage(sea_orm::DbErr::ConnectionAcquire(
+                        sea_orm::error::ConnAcquireErr::ConnectionClosed,
                     )))
                 })
             }),
@@ -794,11 +797,12 @@ pub trait OutboxRepository: Send + Sync {
     /// transaction commits after a later event was read can therefore
     /// appear behind a cursor already past it: paging with `after` is not
     /// a gap-free feed there (on SQLite writes commit one at a time, in id
-    /// order). A consumer that must see every event claims them instead
+    /// order). How far behind such an event can land is bounded only by
+    /// the longest write transaction (each lock wait is at most 5 s, but a
+    /// transaction may wait for several) and the nodes' clock skew. A
+    /// consumer that must see every event claims them instead
     /// ([`OutboxConsumer`](crate::OutboxConsumer), as the ticket bridge's
-    /// dispatcher does), or reads again from a cursor some seconds behind
-    /// (a write transaction waits at most 5 s for a lock) and drops the
-    /// ids it has seen.
+    /// dispatcher does).
     fn list_events(
         &self,
         tenant: TenantId,

@@ -190,7 +190,11 @@ impl Livechat {
     /// example host: every minute): deletes the connection rows of crashed
     /// nodes (their TTL ran out) and tells each tenant's agents, over the
     /// event bus, that such an agent is offline when they have no live
-    /// connection left, once ([`ChatService::purge_expired_connections`]).
+    /// connection left and (with a presence TTL) their liveness ran out
+    /// too, once ([`ChatService::purge_expired_connections`]). A connection
+    /// still open whose row it deleted (its node was cut off from the
+    /// database for longer than the TTL) is registered again, with its
+    /// joins, at its next renewal.
     /// Their next connection announces them back. Agents' replies that only
     /// such a dead customer connection followed (stored since its last
     /// renewal, in a session no live customer connection follows) get a

@@ -57,8 +57,8 @@ pub(crate) enum Kind {
     /// is logged; the next ping renews again (the registration lives for
     /// `connection_ttl`, three pings by default). A row found gone (purged
     /// after it expired while the database could not be reached, or never
-    /// inserted) is inserted again, and the connection told so (`true` on
-    /// its receiver): it joins its sessions again.
+    /// inserted) is inserted again, and the connection told so
+    /// ([`Renewal::Restored`]): it joins its sessions again.
     Renew,
     /// A closed connection's removal with its joins (closed with a close
     /// frame: a silent client's, which makes up missed replies, is removed
@@ -70,15 +70,31 @@ pub(crate) enum Kind {
     Unregister,
 }
 
+/// What a renewal did, as its connection is told: a receiver whose
+/// sender was dropped (a registration's or a removal's always, a renewal's
+/// when the task stopped) reads as `Failed`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Renewal {
+    /// The row was renewed.
+    Stored,
+    /// The row was gone and is registered again: the connection's joins
+    /// went with it, and are to be stored again.
+    Restored,
+    /// Something of the node's renewals failed (this connection's row
+    /// may or may not have been renewed, or registered again): the
+    /// connection stores its joins again once a renewal succeeds, as its
+    /// row may have been purged and registered again meanwhile.
+    Failed,
+}
+
 /// One connection's registration, renewal or removal; its sender is
-/// dropped once stored (or failed), or sent `true` for a renewal that
-/// registered the connection again.
+/// dropped once stored (or failed), or told what a renewal did.
 struct Queued {
     tenant: TenantId,
     id: uuid::Uuid,
     owner: ConnectionOwner,
     kind: Kind,
-    done: oneshot::Sender<bool>,
+    done: oneshot::Sender<Renewal>,
 }
 
 impl Renewals {
@@ -89,15 +105,16 @@ impl Renewals {
 
 /// Queues `kind` for connection `id` of `owner` on `gateway`'s node and
 /// starts the task that stores what is queued if none runs. The receiver
-/// ends once it is stored, or failed: with an error (nothing sent), or
-/// with `true` for a renewal that registered the connection again.
+/// ends once it is stored, or failed: with what a renewal did
+/// ([`Renewal`]), or with an error (nothing sent: a registration or a
+/// removal, or a renewal whose task stopped).
 pub(crate) fn queue(
     gateway: &Arc<Gateway>,
     tenant: TenantId,
     id: uuid::Uuid,
     owner: ConnectionOwner,
     kind: Kind,
-) -> oneshot::Receiver<bool> {
+) -> oneshot::Receiver<Renewal> {
     let (done, stored) = oneshot::channel();
     let start = {
         let mut state = gateway.renewals.state();
@@ -196,11 +213,19 @@ async fn store_renewals(mut running: Running) {
                 .await;
             let restored: std::collections::HashSet<uuid::Uuid> =
                 std::mem::take(&mut stored.restored).into_iter().collect();
+            let outcome = if stored.failure.is_some() {
+                Renewal::Failed
+            } else {
+                Renewal::Stored
+            };
             announce(&gateway, stored);
             for queued in renewed {
-                if restored.contains(&queued.id) {
-                    let _ = queued.done.send(true);
-                }
+                let renewal = if restored.contains(&queued.id) {
+                    Renewal::Restored
+                } else {
+                    outcome
+                };
+                let _ = queued.done.send(renewal);
             }
         }
         if !closed.is_empty() {
@@ -239,7 +264,7 @@ mod tests {
     use sea_orm_migration::MigratorTrait;
     use sea_orm_migration::sea_orm::{ConnectionTrait, DatabaseConnection, DbBackend, Statement};
 
-    use super::{Kind, queue};
+    use super::{Kind, Renewal, queue};
     use crate::ws::{Gateway, RealtimeConfig};
 
     /// A gateway on a fresh SQLite file, with the database to check (and
@@ -269,7 +294,7 @@ mod tests {
 
     /// `answer`'s end: the entry was stored or failed (the sender dropped,
     /// nothing sent). Panics after 10 s: no task took the entry.
-    async fn answered(answer: tokio::sync::oneshot::Receiver<bool>) {
+    async fn answered(answer: tokio::sync::oneshot::Receiver<Renewal>) {
         tokio::time::timeout(std::time::Duration::from_secs(10), answer)
             .await
             .expect("no task took the entry")
@@ -352,11 +377,15 @@ mod tests {
             ConnectionOwner::Customer(CustomerId::generate()),
         );
         let renewed = queue(&gateway, tenant(), id, owner, Kind::Renew);
-        assert_eq!(renewed.await, Ok(true), "registered again");
+        assert_eq!(renewed.await, Ok(Renewal::Restored), "registered again");
         assert_eq!(rows(&db).await, 1);
         let renewed = queue(&gateway, tenant(), id, owner, Kind::Renew);
-        assert!(renewed.await.is_err(), "renewed: nothing to say");
+        assert_eq!(renewed.await, Ok(Renewal::Stored));
         assert_eq!(rows(&db).await, 1);
+        // The database gone: the renewal says it failed.
+        db.clone().close().await.unwrap();
+        let renewed = queue(&gateway, tenant(), id, owner, Kind::Renew);
+        assert_eq!(renewed.await, Ok(Renewal::Failed));
     }
 
     /// A task dropped before it ran (its runtime stopping) answers what

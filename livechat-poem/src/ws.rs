@@ -2031,10 +2031,14 @@ async fn serve(
     // for that connection until their time limits (24 s for an agent's 24
     // chats handed back, one relayed read after another). The loop keeps
     // its receiver, to wait for it before the connection is removed.
-    // It answers `true` when it registered the connection again (its row
-    // was purged): its joins are stored again.
-    let mut renewal: FuturesOrdered<futures_util::future::BoxFuture<'static, bool>> =
-        FuturesOrdered::new();
+    // It answers what it did (`renewals::Renewal`): when it registered
+    // the connection again (its row was purged), or succeeded after a
+    // failure (the row may have been purged and registered again by the
+    // failed one), the connection's joins are stored again.
+    let mut renewal: FuturesOrdered<
+        futures_util::future::BoxFuture<'static, crate::renewals::Renewal>,
+    > = FuturesOrdered::new();
+    let mut renewal_failed = false;
     loop {
         if conn.is_closing() {
             break;
@@ -2187,11 +2191,24 @@ async fn serve(
                 }
                 if renewal.is_empty() && heard {
                     let stored = crate::renewals::queue(&gateway, identity.tenant, conn.id, owner, Kind::Renew);
-                    renewal.push_back(async move { stored.await.unwrap_or(false) }.boxed());
+                    renewal.push_back(
+                        async move { stored.await.unwrap_or(crate::renewals::Renewal::Failed) }
+                            .boxed(),
+                    );
                 }
             }
-            Some(restored) = renewal.next(), if !renewal.is_empty() => {
-                if restored {
+            Some(renewed) = renewal.next(), if !renewal.is_empty() => {
+                use crate::renewals::Renewal;
+                let rejoin = match renewed {
+                    Renewal::Failed => {
+                        renewal_failed = true;
+                        false
+                    }
+                    Renewal::Restored => true,
+                    Renewal::Stored => std::mem::take(&mut renewal_failed),
+                };
+                if rejoin {
+                    renewal_failed = false;
                     conn.unfollowed.extend(conn.joined.keys().copied());
                     Box::pin(conn.follow_again()).await;
                 }

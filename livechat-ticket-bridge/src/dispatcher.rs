@@ -1747,6 +1747,20 @@ mod tests {
         let customer_unticketed = message_posted(SenderType::Customer, "hi", None);
         let unticketed = message_posted(SenderType::Agent, "hi", None);
         let other = event(EventKind::SessionStarted, json!({}));
+        let contact = json!({"name": "Ana", "email": "ana@example.com"});
+        let contact_changed = event(
+            EventKind::SessionUpdated,
+            json!({"ticket_id": ticket_id, "contact": contact, "contact_updated": true}),
+        );
+        let contact_unticketed = event(
+            EventKind::SessionUpdated,
+            json!({"ticket_id": null, "contact": contact, "contact_updated": true}),
+        );
+        // Ticketed while it waited, or moved to a linked customer.
+        let updated_otherwise = event(
+            EventKind::SessionUpdated,
+            json!({"ticket_id": ticket_id, "contact": contact}),
+        );
         let garbage = event(EventKind::TicketRequested, json!({"ticket_id": 5}));
         let bad_message = event(EventKind::MessagePosted, json!("nope"));
         let both = dispatcher(outbox(Vec::new()), [Arc::new(Recorder::default())]);
@@ -1764,6 +1778,9 @@ mod tests {
             (&customer_unticketed, false, false),
             (&unticketed, false, false),
             (&other, false, false),
+            (&contact_changed, true, true),
+            (&contact_unticketed, false, false),
+            (&updated_otherwise, false, false),
             // Undecodable: wanted, so that it is claimed and failed in view.
             (&garbage, true, true),
             (&bad_message, true, true),

@@ -69,6 +69,14 @@ mod m0001_tickets {
 
     #[async_trait::async_trait]
     impl MigrationTrait for Migration {
+        /// The change and its record commit together, on SQLite too (where
+        /// `sea-orm-migration` uses no transaction unless asked): a failure
+        /// in between would leave the change without its record, and every
+        /// later start failing on it.
+        fn use_transaction(&self) -> Option<bool> {
+            Some(true)
+        }
+
         async fn up(&self, manager: &SchemaManager) -> Result<(), DbErr> {
             use LivechatNotifications as N;
             use LivechatTickets as T;
@@ -173,6 +181,14 @@ mod m0002_tickets_department {
 
     #[async_trait::async_trait]
     impl MigrationTrait for Migration {
+        /// The change and its record commit together, on SQLite too (where
+        /// `sea-orm-migration` uses no transaction unless asked): a failure
+        /// in between would leave the change without its record, and every
+        /// later start failing on it.
+        fn use_transaction(&self) -> Option<bool> {
+            Some(true)
+        }
+
         async fn up(&self, manager: &SchemaManager) -> Result<(), DbErr> {
             let db = manager.get_connection();
             db.execute_unprepared("ALTER TABLE livechat_tickets ADD COLUMN department TEXT NULL")
@@ -193,6 +209,48 @@ mod m0002_tickets_department {
             db.execute_unprepared("ALTER TABLE livechat_tickets DROP COLUMN department")
                 .await?;
             Ok(())
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use sea_orm_migration::MigratorTrait;
+    use sea_orm_migration::sea_orm::ConnectionTrait;
+
+    use super::BridgeMigrator as Migrator;
+
+    /// On SQLite each migration's change commits with its record: a
+    /// migration whose record could not be written (refused here by a
+    /// trigger; a crash has the same effect) leaves nothing behind, and the
+    /// next start applies it.
+    #[tokio::test]
+    async fn a_migration_whose_record_fails_leaves_nothing_behind() {
+        for (done, migration) in Migrator::migrations().iter().enumerate() {
+            let name = migration.name().to_owned();
+            let db = livechat_core::store::connect("sqlite::memory:")
+                .await
+                .unwrap();
+            livechat_core::store::Migrator::up(&db, None).await.unwrap();
+            Migrator::install(&db).await.unwrap();
+            if done > 0 {
+                Migrator::up(&db, Some(u32::try_from(done).unwrap()))
+                    .await
+                    .unwrap();
+            }
+            db.execute_unprepared(&format!(
+                "CREATE TRIGGER refuse_record BEFORE INSERT ON livechat_bridge_migrations \
+                 WHEN NEW.version = '{name}' BEGIN SELECT RAISE(ABORT, 'refused'); END"
+            ))
+            .await
+            .unwrap();
+            assert!(Migrator::up(&db, None).await.is_err(), "{name}: refused");
+            db.execute_unprepared("DROP TRIGGER refuse_record")
+                .await
+                .unwrap();
+            Migrator::up(&db, None)
+                .await
+                .unwrap_or_else(|e| panic!("{name} applies again: {e}"));
         }
     }
 }

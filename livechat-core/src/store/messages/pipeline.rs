@@ -103,24 +103,37 @@ impl WalFile {
         )
     }
 
-    /// Syncs the WAL file's data to disk (on a blocking thread; opened
-    /// for writing, as some systems need to flush a file, never created
-    /// or truncated).
-    async fn sync(&self) -> Result<(), DbErr> {
+    /// Opens the WAL file for the sync of one batch, before that batch's
+    /// commit (on a blocking thread; for writing, as some systems need
+    /// that to flush a file; never created or truncated). Linux reports a
+    /// failed write-back to every handle open when it failed, but to a
+    /// handle opened later only if no handle has seen it yet: SQLite's
+    /// own checkpoints (the checkpointer's, or one run by a commit, whose
+    /// result SQLite ignores) sync the WAL on their handles and could see
+    /// it first, and a handle opened after them would sync clean with the
+    /// batch's frames lost.
+    fn open(&self) -> Opened {
         let path = self.path.clone();
-        let synced = tokio::task::spawn_blocking(move || {
-            std::fs::OpenOptions::new()
-                .write(true)
-                .open(path)?
-                .sync_data()
-        })
-        .await;
-        match synced {
+        tokio::task::spawn_blocking(move || std::fs::OpenOptions::new().write(true).open(path))
+    }
+
+    /// Syncs the WAL file's data to disk through `opened` ([`Self::open`]),
+    /// on a blocking thread.
+    async fn sync(opened: Opened) -> Result<(), DbErr> {
+        let file = match opened.await {
+            Ok(Ok(file)) => file,
+            Ok(Err(error)) => return Err(unsynced(error)),
+            Err(join) => return Err(unsynced(std::io::Error::other(join))),
+        };
+        match tokio::task::spawn_blocking(move || file.sync_data()).await {
             Ok(result) => result.map_err(unsynced),
             Err(join) => Err(unsynced(std::io::Error::other(join))),
         }
     }
 }
+
+/// The WAL file being opened for one batch's sync ([`WalFile::open`]).
+type Opened = JoinHandle<std::io::Result<std::fs::File>>;
 
 /// A test's hold on one sync of a run (a semaphore without permits until
 /// the test adds one, or closes it to fail the sync); nothing outside
@@ -263,6 +276,9 @@ impl SeaOrmStore {
         let mut settled: Option<JoinHandle<bool>> = None;
         let mut batch = first;
         let mut stored = 0;
+        // The WAL's handle for the next batch's sync, opened before its
+        // commit (`WalFile::open`).
+        let mut opened = wal.open();
         loop {
             // As in `commit_batch`: stable, so a session's appends keep
             // their arrival (= seq) order.
@@ -271,21 +287,23 @@ impl SeaOrmStore {
                 Ok((outcomes, events, wrote)) => {
                     let earlier = settled.take();
                     let store = self.clone();
-                    let wal = wal.clone();
+                    let this = std::mem::replace(&mut opened, wal.open());
                     let gate = self.sync_gate();
                     settled = Some(tokio::spawn(async move {
                         let synced = if wrote {
-                            store.synced(&wal, gate).await
+                            store.synced(this, gate).await
                         } else {
                             Ok(())
                         };
+                        // At once, before waiting for the earlier batches:
+                        // the run commits nothing more on a failed sync.
+                        if synced.is_err() {
+                            close_after_failed_sync(store.pool());
+                        }
                         let in_order = match earlier {
                             Some(earlier) => earlier.await.unwrap_or(false),
                             None => true,
                         };
-                        if synced.is_err() {
-                            close_after_failed_sync(store.pool());
-                        }
                         let stored = match synced {
                             Ok(()) if in_order => Ok((outcomes, events)),
                             Ok(()) => Err(unsynced(std::io::Error::other(
@@ -317,7 +335,7 @@ impl SeaOrmStore {
                     // A commit that failed may have been written even so:
                     // synced before anyone else may read it.
                     if failure.at_commit {
-                        synced &= wal.sync().await.is_ok();
+                        synced &= WalFile::sync(opened).await.is_ok();
                     }
                     self.give_up(held, synced).await;
                     return self.settle(batch, Err(failure)).await;
@@ -413,8 +431,8 @@ impl SeaOrmStore {
         SyncGate
     }
 
-    /// Syncs `wal`, once `gate` opens (tests only).
-    async fn synced(&self, wal: &WalFile, gate: SyncGate) -> Result<(), DbErr> {
+    /// Syncs the WAL through `opened`, once `gate` opens (tests only).
+    async fn synced(&self, opened: Opened, gate: SyncGate) -> Result<(), DbErr> {
         #[cfg(test)]
         if let Some(gate) = gate
             && gate.acquire().await.is_err()
@@ -424,7 +442,7 @@ impl SeaOrmStore {
         }
         #[cfg(not(test))]
         let SyncGate = gate;
-        wal.sync().await
+        WalFile::sync(opened).await
     }
 
     /// One batch of a run on its connection: as [`Self::store_batch`]'s
@@ -720,6 +738,29 @@ mod tests {
                 "published out of order"
             );
         }
+        remove(&path);
+    }
+
+    /// A batch's sync goes through a handle of the WAL opened before its
+    /// commit: Linux reports a failed write-back to the handles open when
+    /// it failed, and to one opened later only if no other handle (SQLite's
+    /// own checkpoints sync the WAL on theirs) saw it first. Here the WAL
+    /// is moved aside between the commit and its sync: a handle opened for
+    /// the sync would find no file, and the batch would fail.
+    #[tokio::test]
+    async fn a_batch_syncs_through_a_handle_opened_before_its_commit() {
+        let (store, session, path) = store_with_session().await;
+        let (gate, appends) = held_batch(&store, session, &path).await;
+        let wal = format!("{}-wal", path.display());
+        let aside = format!("{}-wal.aside", path.display());
+        std::fs::rename(&wal, &aside).unwrap();
+        gate.add_permits(1);
+        let answers = appends.await.unwrap();
+        std::fs::rename(&aside, &wal).unwrap();
+        for answer in &answers {
+            assert!(answer.is_ok(), "{answer:?}");
+        }
+        assert!(!store.pool().is_closed(), "no sync failed");
         remove(&path);
     }
 

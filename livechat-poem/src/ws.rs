@@ -240,6 +240,10 @@ struct Refusal {
     /// How long the client should wait before trying again, when known
     /// (`too_many_connections`).
     retry_after: Option<Duration>,
+    /// The close, with no `error` frame before it, of a first frame the
+    /// WebSocket layer refused as it read it ([`protocol_close`]: 1009,
+    /// 1007, 1002), as it closes for a later frame.
+    close: Option<(CloseCode, &'static str)>,
 }
 
 impl Refusal {
@@ -249,6 +253,7 @@ impl Refusal {
             message: message.into(),
             http: None,
             retry_after: None,
+            close: None,
         }
     }
 
@@ -272,6 +277,7 @@ impl Refusal {
             message,
             http: Some(Box::new(api)),
             retry_after: None,
+            close: None,
         }
     }
 }
@@ -1886,8 +1892,18 @@ async fn first_frame_auth(
         tokio::select! {
             () = &mut deadline => return Err(Refusal::new("unauthorized", "no auth frame in time")),
             next = stream.next() => {
-                let Some(Ok(message)) = next else {
-                    return Err(Refusal::new("unauthorized", "closed before auth"));
+                let message = match next {
+                    Some(Ok(message)) => message,
+                    // A frame over the size limit, or text that is not
+                    // UTF-8: the close a later frame would get (README,
+                    // Errors), not a refusal of the credential.
+                    Some(Err(error)) if protocol_close(&error).is_some() => {
+                        return Err(Refusal {
+                            close: protocol_close(&error),
+                            ..Refusal::new("invalid_frame", "refused by the WebSocket layer")
+                        });
+                    }
+                    _ => return Err(Refusal::new("unauthorized", "closed before auth")),
                 };
                 let text = match message {
                     Message::Text(t) => t,
@@ -1929,6 +1945,15 @@ async fn serve(
             .and_then(|identity| gateway.admit(identity))
         {
             Ok(admitted) => admitted,
+            Err(Refusal {
+                close: Some((code, reason)),
+                ..
+            }) => {
+                let _ = sink
+                    .send(Message::Close(Some((code, reason.to_owned()))))
+                    .await;
+                return;
+            }
             Err(refusal) => {
                 let mut value = error_value(refusal.code, &refusal.message, None);
                 if let Some(wait) = refusal.retry_after {

@@ -1211,6 +1211,11 @@ async fn bad_input_gets_error_frames(backend: Backend) {
     huge.expect("ready").await;
     huge.send_text(&"x".repeat(16 * 64 * 1024 + 1)).await;
     assert_eq!(huge.close_code(Duration::from_secs(5)).await, Some(1009));
+    // So does such a frame before `auth` (it used to be refused as a
+    // credential: `unauthorized`, 1008).
+    let mut first = WsClient::connect_bare(&node.ws_url()).await;
+    first.send_text(&"x".repeat(16 * 64 * 1024 + 1)).await;
+    assert_eq!(first.close_code(Duration::from_secs(5)).await, Some(1009));
 }
 
 async fn authentication_and_isolation(backend: Backend) {

@@ -112,19 +112,17 @@ impl WalFile {
     /// result SQLite ignores) sync the WAL on their handles and could see
     /// it first, and a handle opened after them would sync clean with the
     /// batch's frames lost.
-    fn open(&self) -> Opened {
+    /// Started right after the previous batch's commit, it has usually
+    /// ended by the time the next batch is ready ([`opened`]).
+    fn open(&self) -> Opening {
         let path = self.path.clone();
         tokio::task::spawn_blocking(move || std::fs::OpenOptions::new().write(true).open(path))
     }
 
-    /// Syncs the WAL file's data to disk through `opened` ([`Self::open`]),
+    /// Syncs the WAL file's data to disk through `opened` ([`opened`]),
     /// on a blocking thread.
     async fn sync(opened: Opened) -> Result<(), DbErr> {
-        let file = match opened.await {
-            Ok(Ok(file)) => file,
-            Ok(Err(error)) => return Err(unsynced(error)),
-            Err(join) => return Err(unsynced(std::io::Error::other(join))),
-        };
+        let file = opened?;
         match tokio::task::spawn_blocking(move || file.sync_data()).await {
             Ok(result) => result.map_err(unsynced),
             Err(join) => Err(unsynced(std::io::Error::other(join))),
@@ -133,7 +131,20 @@ impl WalFile {
 }
 
 /// The WAL file being opened for one batch's sync ([`WalFile::open`]).
-type Opened = JoinHandle<std::io::Result<std::fs::File>>;
+type Opening = JoinHandle<std::io::Result<std::fs::File>>;
+
+/// The WAL file opened for one batch's sync, or why it could not be (the
+/// sync then fails).
+type Opened = Result<std::fs::File, DbErr>;
+
+/// Waits for `opening` to end: before the batch's commit.
+async fn opened(opening: Opening) -> Opened {
+    match opening.await {
+        Ok(Ok(file)) => Ok(file),
+        Ok(Err(error)) => Err(unsynced(error)),
+        Err(join) => Err(unsynced(std::io::Error::other(join))),
+    }
+}
 
 /// A test's hold on one sync of a run (a semaphore without permits until
 /// the test adds one, or closes it to fail the sync); nothing outside
@@ -276,18 +287,20 @@ impl SeaOrmStore {
         let mut settled: Option<JoinHandle<bool>> = None;
         let mut batch = first;
         let mut stored = 0;
-        // The WAL's handle for the next batch's sync, opened before its
-        // commit (`WalFile::open`).
-        let mut opened = wal.open();
+        // The WAL's handle for the next batch's sync (`WalFile::open`).
+        let mut opening = wal.open();
         loop {
             // As in `commit_batch`: stable, so a session's appends keep
             // their arrival (= seq) order.
             batch.sort_by_key(|r| r.session.as_uuid());
+            // Opened before the batch's commit.
+            let this = opened(opening).await;
             match self.store_held(held.writer(), &batch).await {
                 Ok((outcomes, events, wrote)) => {
+                    // The next batch's, after this commit and before its own.
+                    opening = wal.open();
                     let earlier = settled.take();
                     let store = self.clone();
-                    let this = std::mem::replace(&mut opened, wal.open());
                     let gate = self.sync_gate();
                     settled = Some(tokio::spawn(async move {
                         let synced = if wrote {
@@ -335,7 +348,7 @@ impl SeaOrmStore {
                     // A commit that failed may have been written even so:
                     // synced before anyone else may read it.
                     if failure.at_commit {
-                        synced &= WalFile::sync(opened).await.is_ok();
+                        synced &= WalFile::sync(this).await.is_ok();
                     }
                     self.give_up(held, synced).await;
                     return self.settle(batch, Err(failure)).await;

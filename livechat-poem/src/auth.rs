@@ -106,7 +106,8 @@ pub trait Authenticator: Send + Sync + 'static {
 /// integers; absent or `null` means every tenant, `[]` none), `exp`
 /// (required; seconds since the epoch, 60 s leeway for clock skew), `nbf`
 /// (optional; seconds since the epoch: a token is refused before it, with
-/// the same leeway, and when it is not a whole number). Other algorithms
+/// the same leeway). Both may have a fraction (RFC 7519 NumericDate),
+/// which is rounded. Other algorithms
 /// and `alg: none` are refused, and so is a token whose header has `crit`
 /// (RFC 7515 §4.1.11: no extension is understood here). `aud` (RFC 7519
 /// §4.1.3): a token that has one is refused unless
@@ -240,8 +241,9 @@ struct Claims {
     roles: Vec<String>,
     #[serde(default)]
     tenant_ids: Option<Vec<i64>>,
-    /// Checked by `jsonwebtoken`; read here to know how long to remember
-    /// the token (not remembered when it is not a whole number).
+    /// Checked by `jsonwebtoken`; read here (rounded, as `jsonwebtoken`
+    /// reads it) to know when the token ends: how long to remember it,
+    /// and when a WebSocket opened with it is closed.
     #[serde(default)]
     exp: Option<serde_json::Value>,
 }
@@ -283,7 +285,17 @@ impl Authenticator for JwtAuthenticator {
             })
             .transpose()
             .map_err(|_| AuthError::InvalidToken("tenant_ids must be positive integers".into()))?;
-        let exp = claims.exp.as_ref().and_then(serde_json::Value::as_u64);
+        // As jsonwebtoken reads it (RFC 7519 NumericDate may have a
+        // fraction, which it rounds): read as whole numbers only, a
+        // fractional `exp` left the token without an end, and a WebSocket
+        // opened with it open for good.
+        let exp = claims.exp.as_ref().and_then(|exp| {
+            exp.as_u64().or_else(|| {
+                exp.as_f64()
+                    .filter(|f| f.is_finite() && *f >= 0.0)
+                    .map(|f| f.round() as u64)
+            })
+        });
         let principal = Principal {
             user_id,
             roles: claims.roles,
@@ -522,6 +534,27 @@ mod tests {
             tenant_ids: None,
             expires_at: None,
         }
+    }
+
+    /// A fractional `exp` (RFC 7519 NumericDate; PyJWT writes
+    /// `time.time() + ttl`) is accepted, rounded as `jsonwebtoken` reads
+    /// it, and gives the principal its end: read as a whole number only,
+    /// it left none, and a WebSocket opened with the token stayed open
+    /// past it for good.
+    #[tokio::test]
+    async fn a_fractional_exp_ends_the_principal() {
+        let auth = JwtAuthenticator::hs256(b"s3cret");
+        let exp = exp();
+        let t = token(
+            Algorithm::HS256,
+            serde_json::json!({"sub": 7, "roles": ["SUPPORT_AGENT"], "exp": exp as f64 + 0.6}),
+        );
+        let principal = auth.authenticate(&t).await.unwrap();
+        let until = exp + 1 + i64::try_from(auth.validation.leeway).unwrap();
+        assert_eq!(
+            principal.expires_at,
+            chrono::DateTime::from_timestamp(until, 0)
+        );
     }
 
     #[tokio::test]

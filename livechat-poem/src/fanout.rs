@@ -375,6 +375,11 @@ impl Membership {
     /// Whether this customer connection follows a session waiting in the
     /// queue: then it receives every session lifecycle event of its tenant,
     /// since any of them may move its position. Agents receive them anyway.
+    /// Whether the connection is listed as waiting ([`Self::set_waiting`]).
+    pub(crate) fn is_waiting(&self) -> bool {
+        self.waiting
+    }
+
     pub(crate) fn set_waiting(&mut self, waiting: bool) {
         if waiting == self.waiting {
             return;

@@ -113,14 +113,24 @@ impl RealtimeConfig {
     /// Checks that the settings work together: each ping renews a
     /// connection (and its agent's presence) for `connection_ttl`, so a
     /// `ping_interval` as long or longer leaves connections expiring, and
-    /// agents dropping out, between pings (issue #4).
+    /// agents dropping out, between pings (issue #4). An agent's last
+    /// close keeps them eligible for `presence_grace` by lowering their
+    /// liveness to run out then, never raising it: their last ping's
+    /// renewal, up to `ping_interval` old, runs out `connection_ttl`
+    /// after it, so a grace longer than `connection_ttl` minus
+    /// `ping_interval` would not be honoured (with the presence TTL of
+    /// routing equal to `connection_ttl`, as the example host has it).
     ///
     /// # Errors
     /// A sentence naming the settings when `ping_interval` is not below
-    /// `connection_ttl`.
+    /// `connection_ttl`, or `presence_grace` plus `ping_interval` exceeds
+    /// it.
     pub fn check(&self) -> Result<(), &'static str> {
         if self.ping_interval >= self.connection_ttl {
             return Err("ping_interval must be below connection_ttl");
+        }
+        if self.presence_grace.saturating_add(self.ping_interval) > self.connection_ttl {
+            return Err("presence_grace plus ping_interval must not exceed connection_ttl");
         }
         Ok(())
     }
@@ -1288,7 +1298,10 @@ impl Conn {
                 readable = false;
                 continue;
             }
-            self.refresh_position(s).await;
+            // Sent whatever changed: a dropped transfer or update (its
+            // agent, ticket, contact) leaves the place and status as they
+            // were.
+            self.reread_session(s, true).await;
         }
         self.send(frame(json!({"type": "resync"})));
     }
@@ -1296,6 +1309,12 @@ impl Conn {
     /// Re-reads a followed session and sends `session_updated` when its
     /// status or queue position changed (customers see their place move).
     async fn refresh_position(&mut self, session: SessionId) {
+        self.reread_session(session, false).await;
+    }
+
+    /// Re-reads a followed session and sends `session_updated`: `always`,
+    /// or when its status or queue position changed.
+    async fn reread_session(&mut self, session: SessionId, always: bool) {
         let view = match self.identity.role {
             Role::Agent(_) => self.chat().get_session(self.tenant(), session).await,
             Role::Customer { customer, .. } => {
@@ -1307,7 +1326,10 @@ impl Conn {
         let Ok(view) = view else { return };
         let position = view.queue_position;
         let closed = view.session.status == SessionStatus::Closed;
-        if self.position(session) != Some(position) || self.closed.contains(&session) != closed {
+        if always
+            || self.position(session) != Some(position)
+            || self.closed.contains(&session) != closed
+        {
             self.note_position(&view.session, position);
             self.send_session_updated(&view.session, position);
         }
@@ -1467,6 +1489,7 @@ impl Conn {
                     // Not yet through `note_position`: the connection keeps
                     // receiving the tenant's lifecycle events meanwhile.
                     self.positions.insert(s.id, None);
+                    let was_waiting = self.membership.is_waiting();
                     let (position, unread) = if s.status == SessionStatus::Waiting {
                         match self.queue(prepared).await {
                             Some(queue) => (queue.get(&s.id).copied(), false),
@@ -1478,8 +1501,14 @@ impl Conn {
                     self.note_position(s, position);
                     self.send_session_updated(s, position);
                     // The queue could not be read: the place from a read
-                    // of the session itself, so that it keeps moving.
-                    if unread {
+                    // of the session itself, so that it keeps moving. Or
+                    // the connection is listed as waiting only now (its
+                    // chat went back to the queue): the moves between the
+                    // queue's read, shared with the connections that
+                    // relayed this event first, and the listing did not
+                    // reach it; its own read, now that they do, as a join
+                    // of a waiting chat has.
+                    if unread || (!was_waiting && self.membership.is_waiting()) {
                         self.refresh_position(s.id).await;
                     }
                 }
@@ -2075,7 +2104,7 @@ async fn serve(
                     // The module handle is gone: no shutdown can be asked for.
                     Err(_) => shutdown_open = false,
                     Ok(()) if *shutdown.borrow() => {
-                        conn.close_with(CloseCode::Away, "server shutting down");
+                        conn.close_with(CloseCode::Away, SHUTTING_DOWN);
                     }
                     Ok(()) => {}
                 }
@@ -2161,7 +2190,13 @@ async fn serve(
                     };
                 }
                 // Events were dropped while the queue was full: re-read.
+                // What is still queued is older than the drop, and the
+                // resync's reads cover it (a message is stored before it
+                // is published; sessions are read again): relayed after
+                // them, it would show states that no longer hold (a chat
+                // closed by a dropped event shown OPEN again).
                 if conn.membership.take_lagged() {
+                    while events.try_recv().is_ok() {}
                     Box::pin(conn.resync()).await;
                 }
                 if !bus_open {
@@ -2279,19 +2314,27 @@ async fn serve(
     }
 }
 
-/// Ends a connection. When the client ended it, the sends already
-/// submitted are answered while the queue is written (they are stored
-/// whatever happens; a client that missed an ack resends with the same
-/// `client_msg_id` and gets the original). A close the server asked for
-/// (1001, 1008, 1013) does not wait for them, as before one task per
-/// connection. Then the queued frames (dropped for a slow consumer, 1013)
-/// and the close frame are written, and the client's close frame is
-/// awaited. Each step is bounded by [`CLOSE_HANDSHAKE`]; a broken socket
-/// skips them.
+/// The reason of the 1001 a node's shutdown closes its connections with.
+const SHUTTING_DOWN: &str = "server shutting down";
+
+/// Ends a connection. When the client ended it, or the node is shutting
+/// down, the sends already submitted are answered while the queue is
+/// written (they are stored whatever happens; a client that missed an ack
+/// resends with the same `client_msg_id` and gets the original). Another
+/// close the server asked for (a silent client's 1001, 1008, 1013) does
+/// not wait for them, as before one task per connection. Then the queued
+/// frames (dropped for a slow consumer, 1013) and the close frame are
+/// written, and the client's close frame is awaited. Each step is bounded
+/// by [`CLOSE_HANDSHAKE`]; a broken socket skips them.
 async fn close(mut conn: Conn, stream: &mut futures_util::stream::SplitStream<WebSocketStream>) {
-    if conn.closing.is_none() && !conn.out.broken {
+    let answers = match &conn.closing {
+        None => true,
+        Some((code, reason)) => *code == CloseCode::Away && reason == SHUTTING_DOWN,
+    };
+    if answers && !conn.out.broken {
+        let closing = conn.closing.clone();
         let _ = tokio::time::timeout(CLOSE_HANDSHAKE, async {
-            while !conn.sends.is_empty() && !conn.out.broken && conn.closing.is_none() {
+            while !conn.sends.is_empty() && !conn.out.broken && conn.closing == closing {
                 tokio::select! {
                     () = conn.out.write(), if conn.out.pending() => {}
                     Some((client_msg_id, outcome)) = conn.sends.next() => {

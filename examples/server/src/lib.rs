@@ -18,7 +18,7 @@
 //! | `LIVECHAT_WEBHOOK_SECRET` | none (required with the URL) | HMAC secret of the webhook signature |
 //! | `LIVECHAT_PRESENCE_TTL_SECS` | `60` | an agent without a heartbeat (WebSocket ping, status change or heartbeat call) for this long is not eligible; this and the two below are 1–86,400 seconds |
 //! | `LIVECHAT_PING_INTERVAL_SECS` | `20` | WebSocket ping interval; below the presence TTL |
-//! | `LIVECHAT_PRESENCE_GRACE_SECS` | `10` | how long an agent whose last connection closed stays eligible |
+//! | `LIVECHAT_PRESENCE_GRACE_SECS` | `10` | how long an agent whose last connection closed stays eligible; at most `LIVECHAT_PRESENCE_TTL_SECS` minus `LIVECHAT_PING_INTERVAL_SECS` |
 //! | `LIVECHAT_HAND_BACK_AFTER_SECS` | `120` | how long an agent may be gone (announced offline without choosing `offline`) before housekeeping hands their customer chats to other agents; 1–86,400 seconds, or `off` to leave the chats with them |
 //! | `LIVECHAT_CORS_ORIGINS` | none | comma list of browser origins allowed for HTTP (CORS) and WebSocket; `*` allows any |
 //! | `LIVECHAT_CORS_CREDENTIALS` | `false` | send `Access-Control-Allow-Credentials: true` |
@@ -312,7 +312,23 @@ impl Config {
             }
         };
         let config = Self {
-            addr: var("LIVECHAT_ADDR").unwrap_or_else(|| "127.0.0.1:8080".into()),
+            addr: match var("LIVECHAT_ADDR") {
+                None => "127.0.0.1:8080".into(),
+                // A host (a name or an address) and a port: refused here,
+                // with the other settings, not after the migrations.
+                Some(addr)
+                    if addr.trim().rsplit_once(':').is_some_and(|(host, port)| {
+                        !host.is_empty() && port.parse::<u16>().is_ok()
+                    }) =>
+                {
+                    addr.trim().to_owned()
+                }
+                Some(_) => {
+                    return Err(
+                        "LIVECHAT_ADDR must be a host and a port, e.g. 127.0.0.1:8080".into(),
+                    );
+                }
+            },
             database_url: var("DATABASE_URL")
                 .unwrap_or_else(|| "sqlite://livechat.db?mode=rwc".into()),
             jwt_secret_is_default: secret.is_none(),
@@ -443,9 +459,16 @@ impl Config {
             },
         };
         // The gateway's connection TTL is the presence TTL.
-        if config.realtime().check().is_err() {
+        if config.ping_interval >= config.presence_ttl {
             return Err(
                 "LIVECHAT_PING_INTERVAL_SECS must be below LIVECHAT_PRESENCE_TTL_SECS".into(),
+            );
+        }
+        if config.realtime().check().is_err() {
+            return Err(
+                "LIVECHAT_PRESENCE_GRACE_SECS plus LIVECHAT_PING_INTERVAL_SECS must not exceed \
+                 LIVECHAT_PRESENCE_TTL_SECS (the grace would end sooner)"
+                    .into(),
             );
         }
         Ok(config)
@@ -1092,6 +1115,12 @@ pub async fn run(config: Config) -> Result<(), Box<dyn std::error::Error + Send 
             Arc::new(bus)
         }
     };
+    // Bound before anything runs in the background: a node that cannot
+    // listen (its address taken by another node) stops before its
+    // dispatcher claims outbox events it would leave to their lease.
+    let acceptor = TcpListener::bind(config.addr.clone())
+        .into_acceptor()
+        .await?;
     let host = build(db.clone(), &config, bus);
     let livechat = host.livechat.clone();
     let sockets = host.livechat.clone();
@@ -1105,9 +1134,6 @@ pub async fn run(config: Config) -> Result<(), Box<dyn std::error::Error + Send 
         // Stop accepting (the server) and close every WebSocket with 1001.
         livechat.shutdown();
     };
-    let acceptor = TcpListener::bind(config.addr.clone())
-        .into_acceptor()
-        .await?;
     Server::new_with_acceptor(livechat_poem::NoDelay(acceptor))
         .run_with_graceful_shutdown(host.endpoint, signal, Some(Duration::from_secs(10)))
         .await?;
@@ -1144,6 +1170,9 @@ pub async fn run(config: Config) -> Result<(), Box<dyn std::error::Error + Send 
 /// (`Livechat::prune_outbox`; `None`: none).
 async fn housekeeping(livechat: livechat_poem::Livechat, outbox_retention: Option<Duration>) {
     let mut tick = tokio::time::interval(Duration::from_secs(60));
+    // A pass that overran (a long prune) is followed by the next a minute
+    // later, not by a burst of the ticks it missed.
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tick.tick().await;
         log_announced(
@@ -1302,6 +1331,14 @@ mod config_tests {
                 "LIVECHAT_PRESENCE_GRACE_SECS",
             ),
             (
+                &[
+                    ("LIVECHAT_PRESENCE_TTL_SECS", "60"),
+                    ("LIVECHAT_PING_INTERVAL_SECS", "20"),
+                    ("LIVECHAT_PRESENCE_GRACE_SECS", "45"),
+                ][..],
+                "LIVECHAT_PRESENCE_GRACE_SECS",
+            ),
+            (
                 &[("LIVECHAT_PING_INTERVAL_SECS", "0")][..],
                 "LIVECHAT_PING_INTERVAL_SECS",
             ),
@@ -1364,6 +1401,8 @@ mod config_tests {
                 &[("LIVECHAT_REDIS_CHANNEL", " staging ")][..],
                 "LIVECHAT_REDIS_CHANNEL",
             ),
+            (&[("LIVECHAT_ADDR", "8080")][..], "LIVECHAT_ADDR"),
+            (&[("LIVECHAT_ADDR", "127.0.0.1:80800")][..], "LIVECHAT_ADDR"),
         ] {
             let refused = config(vars).err().unwrap_or_default();
             assert!(refused.contains(named), "{vars:?}: {refused}");

@@ -53,6 +53,7 @@ on_both_databases!(
     a_socket_ends_with_its_credential,
     a_user_holds_at_most_the_connection_cap,
     open_connections_purged_after_an_outage_are_registered_again,
+    a_resync_sends_each_joined_session_as_stored,
 );
 on_both_databases!(
     current_thread: a_long_burst_of_bus_events_is_relayed_whole,
@@ -1868,6 +1869,43 @@ async fn connection_status_and_offline_notifications(backend: Backend) {
     );
 }
 
+/// A resync (the node's events were dropped: a full queue, a Redis
+/// outage, another node's request) sends `session_updated` for every
+/// joined session as stored, before its `resync` frame: a dropped transfer
+/// leaves the status and queue place as they were, and used to go
+/// unreported (only a changed place or closure was sent).
+async fn a_resync_sends_each_joined_session_as_stored(backend: Backend) {
+    use livechat_core::bus::{BusEvent, EventBus};
+    let bus = Arc::new(InProcessBus::new());
+    let (app, node) = node_on(backend, bus.clone(), |_| {}).await;
+    let (session, customer_auth) = open_chat(&node, 3400).await;
+    let (_agent, mut customer) = join_both(&node, session, &customer_auth).await;
+    customer.drain(Duration::from_millis(300)).await;
+    // A transfer to agent 8 whose events this node never relayed: made
+    // through a service without its bus.
+    node.chat
+        .set_agent_status(t(1), u(8), PresenceStatus::Online)
+        .await
+        .unwrap();
+    customer.drain(Duration::from_millis(300)).await;
+    let unlinked = livechat_core::ChatService::new(
+        livechat_core::store::SeaOrmStore::new(app.db.clone()),
+        app.chat.config().clone(),
+    );
+    unlinked
+        .assign_session(t(1), u(7), session, Some(u(8)))
+        .await
+        .unwrap();
+    assert!(
+        customer.drain(Duration::from_millis(300)).await.is_empty(),
+        "nothing relayed"
+    );
+    bus.publish(BusEvent::Resync);
+    let updated = customer.expect("session_updated").await;
+    assert_eq!(updated["session"]["agent_id"], 8, "{updated}");
+    customer.expect("resync").await;
+}
+
 /// Connection rows of a live node purged by housekeeping (they expired
 /// while the node could not reach the database for longer than their
 /// TTL) are registered again at the connections' next renewal, with their
@@ -2272,6 +2310,8 @@ async fn a_listening_agent_stays_online_between_pings(backend: Backend) {
     let (_app, node) = node(backend, |realtime| {
         realtime.ping_interval = Duration::from_millis(600);
         realtime.connection_ttl = Duration::from_secs(1);
+        // Within what the TTL leaves after a ping (`RealtimeConfig::check`).
+        realtime.presence_grace = Duration::from_millis(300);
     })
     .await;
     node.chat
@@ -2337,6 +2377,54 @@ async fn shutdown_closes_with_1001(backend: Backend) {
         .await
         .unwrap();
     assert!(after.session.ticket_id.is_some(), "{after:?}");
+}
+
+/// A node shutting down answers the sends its connections already
+/// submitted before it closes them with 1001: the message is stored
+/// whatever happens, and a client told so need not resend it (it used to
+/// get the 1001 alone, its send being committed meanwhile).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_shutdown_answers_the_sends_in_flight_before_its_1001() {
+    use livechat_tests::node::Incoming;
+    use sea_orm::{ConnectionTrait, TransactionTrait};
+    let (app, node) = node(Backend::Postgres, |_| {}).await;
+    let (session, _) = open_chat(&node, 3300).await;
+    let mut agent = WsClient::connect_with_header(&node.ws_url(), &agent_auth(7), 1)
+        .await
+        .unwrap();
+    join(&mut agent, session, None).await;
+    // The session's row is held: the send waits for it.
+    let holder = app.db.begin().await.unwrap();
+    holder
+        .execute_unprepared(&format!(
+            "SELECT id FROM livechat_sessions WHERE id = '{session}' FOR UPDATE"
+        ))
+        .await
+        .unwrap();
+    agent
+        .send(json!({"type": "send_message", "session_id": session, "client_msg_id": "s-1", "message": "in flight"}))
+        .await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    node.livechat.shutdown();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    holder.commit().await.unwrap();
+    let mut acked = false;
+    loop {
+        match agent.next_incoming(Duration::from_secs(10)).await {
+            Incoming::Text(text) => {
+                let frame: Value = serde_json::from_str(&text).unwrap();
+                if frame["type"] == "ack" && frame["client_msg_id"] == "s-1" {
+                    acked = true;
+                }
+            }
+            Incoming::Closed(code) => {
+                assert_eq!(code, Some(1001));
+                break;
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+    assert!(acked, "the send was answered before the close");
 }
 
 mod cors {

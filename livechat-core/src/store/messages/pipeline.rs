@@ -104,22 +104,25 @@ impl WalFile {
     }
 
     /// Opens the WAL file for the sync of one batch, before that batch's
-    /// commit (on a blocking thread; for writing, as some systems need
-    /// that to flush a file; never created or truncated). Linux reports a
+    /// commit (for writing, as some systems need that to flush a file;
+    /// never created or truncated). On the committer's thread: opening a
+    /// file SQLite holds open is a system call that does no I/O, and a
+    /// hand-off to a blocking thread per batch cost more than it (a
+    /// context switch each on a server's one core). Linux reports a
     /// failed write-back to every handle open when it failed, but to a
     /// handle opened later only if no handle has seen it yet: SQLite's
     /// own checkpoints (the checkpointer's, or one run by a commit, whose
     /// result SQLite ignores) sync the WAL on their handles and could see
     /// it first, and a handle opened after them would sync clean with the
     /// batch's frames lost.
-    /// Started right after the previous batch's commit, it has usually
-    /// ended by the time the next batch is ready ([`opened`]).
-    fn open(&self) -> Opening {
-        let path = self.path.clone();
-        tokio::task::spawn_blocking(move || std::fs::OpenOptions::new().write(true).open(path))
+    fn open(&self) -> Opened {
+        std::fs::OpenOptions::new()
+            .write(true)
+            .open(&self.path)
+            .map_err(unsynced)
     }
 
-    /// Syncs the WAL file's data to disk through `opened` ([`opened`]),
+    /// Syncs the WAL file's data to disk through `opened` ([`Self::open`]),
     /// on a blocking thread.
     async fn sync(opened: Opened) -> Result<(), DbErr> {
         let file = opened?;
@@ -130,21 +133,9 @@ impl WalFile {
     }
 }
 
-/// The WAL file being opened for one batch's sync ([`WalFile::open`]).
-type Opening = JoinHandle<std::io::Result<std::fs::File>>;
-
 /// The WAL file opened for one batch's sync, or why it could not be (the
 /// sync then fails).
 type Opened = Result<std::fs::File, DbErr>;
-
-/// Waits for `opening` to end: before the batch's commit.
-async fn opened(opening: Opening) -> Opened {
-    match opening.await {
-        Ok(Ok(file)) => Ok(file),
-        Ok(Err(error)) => Err(unsynced(error)),
-        Err(join) => Err(unsynced(std::io::Error::other(join))),
-    }
-}
 
 /// A test's hold on one sync of a run (a semaphore without permits until
 /// the test adds one, or closes it to fail the sync); nothing outside
@@ -287,18 +278,15 @@ impl SeaOrmStore {
         let mut settled: Option<JoinHandle<bool>> = None;
         let mut batch = first;
         let mut stored = 0;
-        // The WAL's handle for the next batch's sync (`WalFile::open`).
-        let mut opening = wal.open();
         loop {
             // As in `commit_batch`: stable, so a session's appends keep
             // their arrival (= seq) order.
             batch.sort_by_key(|r| r.session.as_uuid());
-            // Opened before the batch's commit.
-            let this = opened(opening).await;
+            // The WAL's handle for this batch's sync, opened before its
+            // commit (`WalFile::open`).
+            let this = wal.open();
             match self.store_held(held.writer(), &batch).await {
                 Ok((outcomes, events, wrote)) => {
-                    // The next batch's, after this commit and before its own.
-                    opening = wal.open();
                     let earlier = settled.take();
                     let store = self.clone();
                     let gate = self.sync_gate();

@@ -1214,9 +1214,17 @@ async fn bad_input_gets_error_frames(backend: Backend) {
     assert_eq!(huge.close_code(Duration::from_secs(5)).await, Some(1009));
     // So does such a frame before `auth` (it used to be refused as a
     // credential: `unauthorized`, 1008).
+    // The server may reset the socket while the client still writes the
+    // frame, and the close frame then be lost with it; what must never come
+    // is a refusal of the credential (an `error` frame, close 1008).
     let mut first = WsClient::connect_bare(&node.ws_url()).await;
-    first.send_text(&"x".repeat(16 * 64 * 1024 + 1)).await;
-    assert_eq!(first.close_code(Duration::from_secs(5)).await, Some(1009));
+    let _ = first.try_send_text(&"x".repeat(16 * 64 * 1024 + 1)).await;
+    match first.next_incoming(Duration::from_secs(5)).await {
+        livechat_tests::node::Incoming::Closed(code) => {
+            assert!(matches!(code, Some(1009) | None), "{code:?}");
+        }
+        other => panic!("{other:?}"),
+    }
 }
 
 async fn authentication_and_isolation(backend: Backend) {

@@ -617,6 +617,29 @@ async fn a_session_held_past_the_lock_timeout_fails_its_appends_together() {
     assert!(stored(&app, tenant, held).await.is_empty());
 }
 
+/// `agent` online in `tenant`, then a transaction holding the tenant's
+/// routing row (as a routing change does), returned open.
+async fn online_with_routing_held(
+    app: &App,
+    tenant: TenantId,
+    agent: UserId,
+) -> sea_orm::DatabaseTransaction {
+    use sea_orm::{ConnectionTrait, TransactionTrait};
+    app.chat
+        .set_agent_status(tenant, agent, PresenceStatus::Online)
+        .await
+        .unwrap();
+    let holder = app.db.begin().await.unwrap();
+    holder
+        .execute_unprepared(&format!(
+            "SELECT 1 FROM livechat_routing WHERE tenant_id = {} FOR UPDATE",
+            tenant.get()
+        ))
+        .await
+        .unwrap();
+    holder
+}
+
 /// A routing transaction waits at most `lock_timeout` (5 s) for its
 /// tenant's routing row: a transaction holding it for long (a node gone
 /// mid-transaction, kept by the server until TCP keepalive gives up; a
@@ -625,19 +648,10 @@ async fn a_session_held_past_the_lock_timeout_fails_its_appends_together() {
 /// took the pool, and with it every other tenant, after 16 of them.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_routing_lock_held_for_long_fails_its_waiters_as_unavailable() {
-    use sea_orm::{ConnectionTrait, TransactionTrait};
     let app = App::new(Backend::Postgres).await;
     let (t1, agent) = ids(1, 7);
     let (t2, other) = ids(2, 8);
-    app.chat
-        .set_agent_status(t1, agent, PresenceStatus::Online)
-        .await
-        .unwrap();
-    let holder = app.db.begin().await.unwrap();
-    holder
-        .execute_unprepared("SELECT 1 FROM livechat_routing WHERE tenant_id = 1 FOR UPDATE")
-        .await
-        .unwrap();
+    let holder = online_with_routing_held(&app, t1, agent).await;
     let waiting = {
         let chat = app.chat.clone();
         tokio::spawn(async move { chat.set_agent_status(t1, agent, PresenceStatus::Away).await })
@@ -671,18 +685,10 @@ async fn a_routing_lock_held_for_long_fails_its_waiters_as_unavailable() {
 /// makes the start the agent's offline ticket (issue #3).
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn an_agent_chat_started_as_the_agent_goes_offline_becomes_a_ticket() {
-    use sea_orm::{ConnectionTrait, TransactionTrait};
+    use sea_orm::ConnectionTrait;
     let app = App::new(Backend::Postgres).await;
     let (tenant, agent) = ids(1, 7);
-    app.chat
-        .set_agent_status(tenant, agent, PresenceStatus::Online)
-        .await
-        .unwrap();
-    let holder = app.db.begin().await.unwrap();
-    holder
-        .execute_unprepared("SELECT 1 FROM livechat_routing WHERE tenant_id = 1 FOR UPDATE")
-        .await
-        .unwrap();
+    let holder = online_with_routing_held(&app, tenant, agent).await;
     let start = {
         let chat = app.chat.clone();
         tokio::spawn(async move { chat.start_session(tenant, agent, None).await })

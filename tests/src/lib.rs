@@ -702,6 +702,40 @@ pub async fn count_rows(db: &DatabaseConnection, from: &str) -> i64 {
     row.try_get::<i64>("", "n").expect("count")
 }
 
+/// Locks the row of session `id` inside `tx` (`SELECT … FOR UPDATE`), as a
+/// routing change, a close or another node's append holds it (PostgreSQL
+/// tests of waits on that row).
+///
+/// # Errors
+/// What the statement met: a deadlock, a lock timeout.
+pub async fn lock_session_row(
+    tx: &sea_orm::DatabaseTransaction,
+    id: impl std::fmt::Display,
+) -> Result<(), sea_orm::DbErr> {
+    tx.execute_unprepared(&format!(
+        "SELECT id FROM livechat_sessions WHERE id = '{id}' FOR UPDATE"
+    ))
+    .await
+    .map(drop)
+}
+
+/// A transaction of `db` holding the row of session `id`
+/// ([`lock_session_row`]), returned open.
+///
+/// # Panics
+/// When the transaction cannot begin or the row cannot be locked.
+pub async fn hold_session_row(
+    db: &DatabaseConnection,
+    id: impl std::fmt::Display,
+) -> sea_orm::DatabaseTransaction {
+    use sea_orm::TransactionTrait;
+    let tx = db.begin().await.expect("begin");
+    lock_session_row(&tx, id)
+        .await
+        .expect("lock the session row");
+    tx
+}
+
 /// Runs `dispatcher` until the outbox has no undispatched event.
 ///
 /// # Panics

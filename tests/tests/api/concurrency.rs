@@ -356,18 +356,10 @@ async fn sqlite_wal_is_checkpointed_beside_the_writer() {
 /// (at most `lock_timeout`), so the append is delayed, not refused.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn an_append_waits_for_a_session_row_another_transaction_holds() {
-    use sea_orm::{ConnectionTrait, TransactionTrait};
     let app = App::new(Backend::Postgres).await;
     let (tenant, agent) = ids(1, 7);
     let session = app.open_service_session(tenant, agent).await;
-    let blocker = app.db.begin().await.unwrap();
-    blocker
-        .execute_unprepared(&format!(
-            "SELECT id FROM livechat_sessions WHERE id = '{}' FOR UPDATE",
-            session.id
-        ))
-        .await
-        .unwrap();
+    let blocker = livechat_tests::hold_session_row(&app.db, session.id).await;
     let chat = app.chat.clone();
     let post = tokio::spawn(async move {
         chat.post_message(tenant, agent, session.id, "held".into(), None)
@@ -428,7 +420,7 @@ async fn blocked_by(db: &sea_orm::DatabaseConnection, holder: i32) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_start_whose_chat_closes_before_its_message_opens_a_new_chat() {
     use livechat_core::{CustomerChatRequest, CustomerIdentity};
-    use sea_orm::{ConnectionTrait, TransactionTrait};
+    use sea_orm::ConnectionTrait;
     let app = App::new(Backend::Postgres).await;
     let (tenant, user) = ids(1, 60);
     let customer = app
@@ -452,13 +444,7 @@ async fn a_start_whose_chat_closes_before_its_message_opens_a_new_chat() {
 
     // The chat's row is held, so the second start finds the chat and then
     // waits to add its message; the chat closes meanwhile.
-    let holder = app.db.begin().await.unwrap();
-    holder
-        .execute_unprepared(&format!(
-            "SELECT id FROM livechat_sessions WHERE id = '{old}' FOR UPDATE"
-        ))
-        .await
-        .unwrap();
+    let holder = livechat_tests::hold_session_row(&app.db, old).await;
     let chat = app.chat.clone();
     let start = tokio::spawn(async move {
         chat.start_customer_chat(tenant, customer.id, request(Some("Still there?")))
@@ -509,11 +495,9 @@ async fn a_start_whose_chat_closes_before_its_message_opens_a_new_chat() {
 async fn a_batch_waiting_for_a_held_session_holds_no_other() {
     use sea_orm::{ConnectionTrait, DatabaseTransaction, TransactionTrait};
     async fn lock(tx: &DatabaseTransaction, session: livechat_core::SessionId) {
-        tx.execute_unprepared(&format!(
-            "SELECT id FROM livechat_sessions WHERE id = '{session}' FOR UPDATE"
-        ))
-        .await
-        .expect("no deadlock: the waiting batch holds no other session row");
+        livechat_tests::lock_session_row(tx, session)
+            .await
+            .expect("no deadlock: the waiting batch holds no other session row");
     }
     let app = App::new(Backend::Postgres).await;
     let tenant = TenantId::new(1).unwrap();
@@ -563,14 +547,6 @@ async fn a_batch_waiting_for_a_held_session_holds_no_other() {
 /// failure, so appends retried one by one would have been stored.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_session_held_past_the_lock_timeout_fails_its_appends_together() {
-    use sea_orm::{ConnectionTrait, DatabaseTransaction, TransactionTrait};
-    async fn lock(tx: &DatabaseTransaction, session: livechat_core::SessionId) {
-        tx.execute_unprepared(&format!(
-            "SELECT id FROM livechat_sessions WHERE id = '{session}' FOR UPDATE"
-        ))
-        .await
-        .unwrap();
-    }
     let app = App::new(Backend::Postgres).await;
     let tenant = TenantId::new(1).unwrap();
     let agents = [7, 8, 9].map(|n| UserId::new(n).unwrap());
@@ -585,12 +561,10 @@ async fn a_session_held_past_the_lock_timeout_fails_its_appends_together() {
 
     // The committer waits for `z` while the other appends queue, so that
     // they form one batch.
-    let holder = app.db.begin().await.unwrap();
-    lock(&holder, z).await;
+    let holder = livechat_tests::hold_session_row(&app.db, z).await;
     let to_z = post(agents[2], z, "z");
     blocked_by(&app.db, pid(&holder).await).await;
-    let keeper = app.db.begin().await.unwrap();
-    lock(&keeper, held).await;
+    let keeper = livechat_tests::hold_session_row(&app.db, held).await;
     let to_held: Vec<_> = (1..=3)
         .map(|n| post(agents[0], held, &format!("held {n}")))
         .collect();
@@ -743,18 +717,11 @@ async fn an_agent_chat_started_as_the_agent_goes_offline_becomes_a_ticket() {
 /// found it with 300 cases.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_retry_on_another_node_waiting_for_the_same_row_is_a_replay() {
-    use sea_orm::{ConnectionTrait, TransactionTrait};
     let app = App::new(Backend::Postgres).await;
     let (tenant, agent) = ids(1, 7);
     let session = app.open_service_session(tenant, agent).await.id;
     let other = second_node(&app);
-    let holder = app.db.begin().await.unwrap();
-    holder
-        .execute_unprepared(&format!(
-            "SELECT id FROM livechat_sessions WHERE id = '{session}' FOR UPDATE"
-        ))
-        .await
-        .unwrap();
+    let holder = livechat_tests::hold_session_row(&app.db, session).await;
     let send = |chat: livechat_core::ChatService| {
         tokio::spawn(async move {
             chat.post_message(tenant, agent, session, "once".into(), Some("k".into()))

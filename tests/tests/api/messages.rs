@@ -475,16 +475,9 @@ async fn oversized_and_malformed_bodies(backend: Backend) {
 /// and the retry is stored with the next `seq`.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_send_refused_for_contention_is_unavailable() {
-    use sea_orm::{ConnectionTrait, TransactionTrait};
     let app = App::new(Backend::Postgres).await;
     let id = app.open_session(7, 1).await;
-    let blocker = app.db.begin().await.unwrap();
-    blocker
-        .execute_unprepared(&format!(
-            "SELECT id FROM livechat_sessions WHERE id = '{id}' FOR UPDATE"
-        ))
-        .await
-        .unwrap();
+    let blocker = livechat_tests::hold_session_row(&app.db, &id).await;
     let (code, body) = post(&app, &id, json!({"message": "held"})).await;
     assert_eq!(code, 503, "{body}");
     assert_eq!(body["error"]["code"], "unavailable", "{body}");

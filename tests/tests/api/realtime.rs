@@ -2394,7 +2394,6 @@ async fn shutdown_closes_with_1001(backend: Backend) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_shutdown_answers_the_sends_in_flight_before_its_1001() {
     use livechat_tests::node::Incoming;
-    use sea_orm::{ConnectionTrait, TransactionTrait};
     let (app, node) = node(Backend::Postgres, |_| {}).await;
     let (session, _) = open_chat(&node, 3300).await;
     let mut agent = WsClient::connect_with_header(&node.ws_url(), &agent_auth(7), 1)
@@ -2402,13 +2401,7 @@ async fn a_shutdown_answers_the_sends_in_flight_before_its_1001() {
         .unwrap();
     join(&mut agent, session, None).await;
     // The session's row is held: the send waits for it.
-    let holder = app.db.begin().await.unwrap();
-    holder
-        .execute_unprepared(&format!(
-            "SELECT id FROM livechat_sessions WHERE id = '{session}' FOR UPDATE"
-        ))
-        .await
-        .unwrap();
+    let holder = livechat_tests::hold_session_row(&app.db, session).await;
     agent
         .send(json!({"type": "send_message", "session_id": session, "client_msg_id": "s-1", "message": "in flight"}))
         .await;

@@ -1926,9 +1926,9 @@ async fn first_frame_auth(
                     // A frame over the size limit, or text that is not
                     // UTF-8: the close a later frame would get (README,
                     // Errors), not a refusal of the credential.
-                    Some(Err(error)) if protocol_close(&error).is_some() => {
+                    Some(Err(error)) if let Some(close) = protocol_close(&error) => {
                         return Err(Refusal {
-                            close: protocol_close(&error),
+                            close: Some(close),
                             ..Refusal::new("invalid_frame", "refused by the WebSocket layer")
                         });
                     }
@@ -2265,7 +2265,7 @@ async fn serve(
                         false
                     }
                     Renewal::Restored => true,
-                    Renewal::Stored => std::mem::take(&mut renewal_failed),
+                    Renewal::Stored => renewal_failed,
                 };
                 if rejoin {
                     renewal_failed = false;

@@ -356,11 +356,21 @@ impl SeaOrmStore {
 
     /// Hands the events of a committed transaction to the bus (if any).
     /// Publishing never fails the operation: the change is committed, and
-    /// clients that miss a real-time event catch up by `seq`.
+    /// clients that miss a real-time event catch up by `seq`. A host's
+    /// [`EventBus::publish`] that panics is caught and logged, event by
+    /// event: a panic here would otherwise fail a committed request, or,
+    /// inside an SQLite run's settle, close the store as if its sync had
+    /// failed (the event stays in the outbox for the ticket bridge).
     fn publish(&self, events: Vec<DomainEvent>) {
         if let Some(bus) = &self.bus {
             for event in events {
-                bus.publish(BusEvent::Domain(Arc::new(event)));
+                let id = event.id;
+                let published = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                    bus.publish(BusEvent::Domain(Arc::new(event)));
+                }));
+                if published.is_err() {
+                    tracing::error!(event = %id, "the event bus panicked publishing a committed event; it is not delivered live");
+                }
             }
         }
     }

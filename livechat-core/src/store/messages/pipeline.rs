@@ -802,6 +802,58 @@ mod tests {
         remove(&path);
     }
 
+    /// A host's bus that panics while a run publishes what it stored does
+    /// not take the store down: the appends are answered as stored, later
+    /// ones are stored, and the events after the panicking one are still
+    /// published.
+    #[tokio::test]
+    async fn a_panicking_bus_does_not_close_the_store() {
+        use crate::bus::{BusEvent, EventBus};
+        use std::sync::atomic::{AtomicUsize, Ordering};
+
+        /// Panics on its first event, records the ids of the others.
+        struct FirstPanics(AtomicUsize, std::sync::Mutex<Vec<uuid::Uuid>>);
+        impl EventBus for FirstPanics {
+            fn publish(&self, event: BusEvent) {
+                assert!(self.0.fetch_add(1, Ordering::SeqCst) > 0, "host bus");
+                if let BusEvent::Domain(event) = event {
+                    unpoisoned(&self.1).push(event.id.as_uuid());
+                }
+            }
+            fn subscribe(&self) -> tokio::sync::broadcast::Receiver<Arc<BusEvent>> {
+                tokio::sync::broadcast::channel(1).1
+            }
+        }
+
+        let (store, session, path) = store_with_session().await;
+        let bus = Arc::new(FirstPanics(
+            AtomicUsize::new(0),
+            std::sync::Mutex::default(),
+        ));
+        let store = store.with_bus(bus.clone());
+        let first = answers(vec![
+            send(&store, 1, session, "1"),
+            send(&store, 1, session, "2"),
+        ])
+        .await
+        .unwrap();
+        let stored: Vec<_> = first
+            .into_iter()
+            .map(|a| a.expect("stored despite the bus").message)
+            .collect();
+        let third = send(&store, 1, session, "3")
+            .await
+            .expect("the store stays open");
+        assert_eq!(third.message.seq, 3);
+        assert_eq!(committed(&path).await, 3);
+        assert_eq!(
+            *unpoisoned(&bus.1),
+            [stored[1].id.as_uuid(), third.message.id.as_uuid()],
+            "the events after the panicking one are published"
+        );
+        remove(&path);
+    }
+
     /// Issue #5: when a run's sync fails, its callers get an error of a
     /// lost database (503) and the store's pool is closed, so that no
     /// request reads the commit the disk may not hold: later ones get

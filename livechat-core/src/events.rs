@@ -214,8 +214,9 @@ impl PartialEq for EventPayload {
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum TicketReason {
-    /// A customer's chat found no agent of the tenant online: it started
-    /// while none was, or it was waiting when the last one left.
+    /// A customer's chat found no agent online who takes it (none online,
+    /// or none who takes its department): it started while none did, or
+    /// it was waiting when the last one who did left.
     NoAgentOnline,
     /// An agent-started chat named an agent who is not online.
     AgentOffline,

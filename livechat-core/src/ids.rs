@@ -155,8 +155,10 @@ uuid_id!(
     TicketId
 );
 uuid_id!(
-    /// A customer notification (UUIDv7; equal to the id of the event that
-    /// caused it, which makes delivery idempotent).
+    /// A customer notification (UUIDv7): the id of the agent reply it is
+    /// about (equal to its `message.posted` event's id, not a
+    /// `message.missed` event's), so one reply gives one notification
+    /// whichever event delivers it, and delivery is idempotent.
     NotificationId
 );
 

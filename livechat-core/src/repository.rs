@@ -146,9 +146,10 @@ pub trait SessionRepository: Send + Sync {
     ) -> impl Future<Output = Result<ChatSession, ChatError>> + Send;
 
     /// Tickets the WAITING sessions without a ticket of `tenant` (`None`:
-    /// of every tenant that has any) while no agent of their tenant is
-    /// online, each in its tenant's routing transaction: `ticket.requested`
-    /// and `session.updated` for each. Returns the sessions ticketed. With
+    /// of every tenant that has any) while no agent online takes them
+    /// (none online, or none who takes their department), each in its
+    /// tenant's routing transaction: `ticket.requested` and
+    /// `session.updated` for each. Returns the sessions ticketed. With
     /// `None`, a tenant whose transaction fails is logged and skipped, and
     /// the call fails only when every tenant's did.
     fn ticket_unattended(
@@ -194,8 +195,9 @@ pub trait SessionRepository: Send + Sync {
     ) -> impl Future<Output = Result<TicketId, ChatError>> + Send;
 
     /// Starts a customer chat and routes it in one transaction: OPEN with the
-    /// least-loaded eligible agent, else WAITING; WAITING with no agent online
-    /// also gets a ticket. Returns the customer's active session instead when
+    /// least-loaded eligible agent, else WAITING; WAITING while no agent
+    /// online takes it (none online, or none who takes its department) also
+    /// gets a ticket. Returns the customer's active session instead when
     /// one exists. A visitor linked to an identified customer (a link that
     /// committed after the caller resolved the visitor) starts as that
     /// customer.
@@ -285,7 +287,9 @@ pub trait SessionRepository: Send + Sync {
     /// # Errors
     /// [`ChatError::NotFound`], [`ChatError::SessionClosed`],
     /// [`ChatError::AlreadyAssigned`] (claim lost),
-    /// [`ChatError::AgentNotOnline`].
+    /// [`ChatError::AgentNotOnline`], [`ChatError::ActiveSessionExists`]
+    /// (a transfer of an agent-started session to an agent who already has
+    /// one OPEN).
     fn assign_session(
         &self,
         tenant: TenantId,
@@ -394,8 +398,10 @@ pub trait MessageRepository: Send + Sync {
     ///
     /// # Errors
     /// [`ChatError::NotFound`] (no such session in the tenant, or not the
-    /// customer's), [`ChatError::SessionClosed`] / [`ChatError::SessionNotOpen`]
-    /// (status not allowed).
+    /// customer's), [`ChatError::SessionClosed`] (CLOSED, not allowed),
+    /// [`ChatError::SessionNotOpen`] (another status not allowed, e.g.
+    /// WAITING for an agent), [`ChatError::ClientMsgIdTaken`] (the key
+    /// names another sender's message).
     fn append_message(
         &self,
         tenant: TenantId,
@@ -510,15 +516,16 @@ pub trait PresenceRepository: Send + Sync {
     /// `announced_before`: a chosen status other than `offline`, liveness
     /// run out by `policy.presence_ttl`, no live connection on any node. As
     /// when an agent chooses `offline`, each chat goes back to the queue
-    /// (`session.updated`), is routed to another agent online in queue
-    /// order, and with nobody online waits and is ticketed; each agent's
-    /// chats in one transaction under the tenant's routing lock, where the
-    /// absence is checked again. Agent-started sessions stay. Returns the
-    /// agents whose chats were handed back, as `(tenant, agent)`. Without
-    /// a presence TTL nothing is handed back. An agent whose transaction
-    /// fails is logged and skipped; the call fails only when every
-    /// agent's did. Housekeeping, cross-tenant by nature, never reachable
-    /// from a request.
+    /// with a `session.assigned` event without an agent (`agent_id` null,
+    /// status WAITING), is routed to another agent online in queue order,
+    /// and, while no agent online takes it, waits and is ticketed; each
+    /// agent's chats in one transaction under the tenant's routing lock,
+    /// where the absence is checked again. Agent-started sessions stay.
+    /// Returns the agents whose chats were handed back, as `(tenant,
+    /// agent)`. Without a presence TTL nothing is handed back. An agent
+    /// whose transaction fails is logged and skipped; the call fails only
+    /// when every agent's did. Housekeeping, cross-tenant by nature, never
+    /// reachable from a request.
     fn hand_back_chats_of_absent_agents(
         &self,
         announced_before: chrono::DateTime<chrono::Utc>,

@@ -592,7 +592,9 @@ impl<S: ChatStore> ChatService<S> {
     /// # Errors
     /// [`ChatError::AlreadyAssigned`] (a concurrent claim won),
     /// [`ChatError::AgentNotOnline`], [`ChatError::SessionClosed`],
-    /// [`ChatError::NotFound`].
+    /// [`ChatError::ActiveSessionExists`] (a transfer of an agent-started
+    /// session to an agent who already has one OPEN: DESIGN.md invariant
+    /// 2), [`ChatError::NotFound`].
     pub async fn assign_session(
         &self,
         tenant: TenantId,
@@ -615,10 +617,13 @@ impl<S: ChatStore> ChatService<S> {
     /// one another participant used is refused.
     ///
     /// # Errors
-    /// [`ChatError::InvalidMessage`] (blank), [`ChatError::MessageTooLong`],
-    /// [`ChatError::InvalidClientMsgId`], [`ChatError::ClientMsgIdTaken`]
-    /// (the key names another sender's message), [`ChatError::SessionClosed`] (not
-    /// OPEN), [`ChatError::NotFound`].
+    /// [`ChatError::InvalidMessage`] (blank),
+    /// [`ChatError::MessageContainsNul`] (U+0000 in the text),
+    /// [`ChatError::MessageTooLong`], [`ChatError::InvalidClientMsgId`],
+    /// [`ChatError::ClientMsgIdTaken`] (the key names another sender's
+    /// message), [`ChatError::SessionClosed`] (CLOSED),
+    /// [`ChatError::SessionNotOpen`] (still WAITING: claim it first),
+    /// [`ChatError::NotFound`].
     pub async fn post_message(
         &self,
         tenant: TenantId,
@@ -1126,6 +1131,12 @@ impl<S: ChatStore> ChatService<S> {
     /// Keeps a connection open on `node` alive for `ttl` more (registering
     /// it again if its row is gone, as [`Self::touch_connections`] does);
     /// for agents also a presence heartbeat (DESIGN.md invariant 3).
+    ///
+    /// A row registered again has no joins (they were purged with it), and
+    /// this call does not say so: a host with its own gateway renews
+    /// through [`Self::touch_connections`] and joins the sessions of each
+    /// connection in [`Renewed::restored`] again, as the library's gateway
+    /// does.
     ///
     /// Returns the agent's presence when the tenant's agents were told the
     /// agent went offline ([`Self::announce_offline`]) and this connection

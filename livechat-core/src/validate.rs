@@ -81,6 +81,9 @@ impl ClientMsgId {
 pub struct PageSize(u64);
 
 impl PageSize {
+    /// The page size for `limit`: `config.default_page_size` when absent,
+    /// else `limit` within `1..=config.max_page_size`.
+    ///
     /// # Errors
     /// [`ChatError::InvalidPage`] when `limit` is outside `1..=max_page_size`.
     pub fn parse(limit: Option<i64>, config: &ChatConfig) -> Result<Self, ChatError> {
@@ -367,7 +370,8 @@ impl Topic {
     pub const MAX_CHARS: usize = 200;
 
     /// # Errors
-    /// [`ChatError::InvalidInput`] when blank or over 200 characters.
+    /// [`ChatError::InvalidInput`] when blank, with U+0000 (PostgreSQL
+    /// cannot store it), or over 200 characters.
     pub fn parse(topic: &str) -> Result<Self, ChatError> {
         bounded("topic", topic, Self::MAX_CHARS).map(Self)
     }
@@ -382,7 +386,8 @@ impl Topic {
 /// A requested department: up to 100 characters; blank means none.
 ///
 /// # Errors
-/// [`ChatError::InvalidInput`] when over 100 characters.
+/// [`ChatError::InvalidInput`] when over 100 characters or with U+0000
+/// (PostgreSQL cannot store it).
 pub fn parse_department(department: Option<String>) -> Result<Option<String>, ChatError> {
     optional("department", department, 100)
 }
@@ -396,8 +401,8 @@ pub const MAX_AGENT_DEPARTMENTS: usize = 20;
 /// whole. An empty list means every department.
 ///
 /// # Errors
-/// [`ChatError::InvalidInput`] for a blank or over-long department, or
-/// more than [`MAX_AGENT_DEPARTMENTS`].
+/// [`ChatError::InvalidInput`] for a blank or over-long department, one
+/// with U+0000, or more than [`MAX_AGENT_DEPARTMENTS`].
 pub fn parse_agent_departments(departments: Vec<String>) -> Result<Vec<String>, ChatError> {
     let too_many =
         || ChatError::InvalidInput(format!("departments: at most {MAX_AGENT_DEPARTMENTS}"));

@@ -186,6 +186,11 @@ pub struct SessionDto {
     /// The ticket opened because no agent was eligible.
     pub ticket_id: Option<Uuid>,
     /// 1-based place in the tenant's queue while WAITING, else `null`.
+    /// Filled only by the answers that read it: a customer's chat start,
+    /// `GET /customer/chats/{id}`, `GET /sessions`, `GET /sessions/{id}`
+    /// and the WebSocket's `session_updated`. The others (a contact
+    /// update, a close, an assignment, `GET /customer/history`) carry
+    /// `null` even while WAITING.
     pub queue_position: Option<i64>,
     /// The `seq` of the session's latest message (0 when it has none). To
     /// read the latest `n` messages, ask for them after
@@ -492,7 +497,7 @@ impl poem_openapi::types::ToJSON for StrictString {
 pub enum TicketStatusDto {
     /// Awaiting an answer.
     Open,
-    /// Its session closed.
+    /// Its session closed, or an agent closed it.
     Closed,
 }
 

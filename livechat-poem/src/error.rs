@@ -77,7 +77,10 @@ pub enum ApiError {
     /// `internal_error`: logged with the reference given in the message.
     #[oai(status = 500)]
     Internal(Json<ErrorBody>),
-    /// `unavailable`: the database or identity provider is down.
+    /// `unavailable`: the database or identity provider is down, or the
+    /// host's `TenantDirectory` cannot answer; also a ticket route without
+    /// a `TicketDirectory`, or a notification route without a
+    /// `NotificationInbox`, configured.
     #[oai(status = 503)]
     Unavailable(Json<ErrorBody>),
 }

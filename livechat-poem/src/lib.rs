@@ -175,8 +175,9 @@ impl Livechat {
     /// # Panics
     /// When `config` is not coherent ([`RealtimeConfig::check`]: a ping
     /// interval not below the connection TTL would let connections expire,
-    /// and agents drop out, between pings), a configuration mistake
-    /// refused at start.
+    /// and agents drop out, between pings; a presence grace plus ping
+    /// interval above the connection TTL would not be honoured), a
+    /// configuration mistake refused at start.
     #[must_use]
     pub fn realtime(mut self, bus: Arc<dyn EventBus>, config: RealtimeConfig) -> Self {
         if let Err(problem) = config.check() {
@@ -200,9 +201,15 @@ impl Livechat {
     /// renewal, in a session no live customer connection follows) get a
     /// `message.missed` event, which the ticket bridge turns into the
     /// customer's notification. Returns the agents announced offline, as
-    /// `(tenant, agent)`. Without [`Self::realtime`] the rows are deleted
-    /// and nothing is announced, and the replies' window is taken with
-    /// [`RealtimeConfig`]'s default connection TTL.
+    /// `(tenant, agent)`.
+    ///
+    /// Does nothing without [`Self::realtime`] (logged once per process),
+    /// as [`Self::announce_expired_presence`]: the purge records each
+    /// agent's announcement as made, so that no other node makes it again,
+    /// and a node without the gateway has no bus to make it on. A
+    /// housekeeping node without the gateway (a worker) would take every
+    /// crashed node's agents' announcements and leave them online in every
+    /// console. Run this on the nodes with the gateway.
     ///
     /// # Errors
     /// [`livechat_core::ChatError::Storage`] when the rows could not be
@@ -210,24 +217,29 @@ impl Livechat {
     pub async fn purge_expired_connections(
         &self,
     ) -> Result<Vec<(TenantId, UserId)>, livechat_core::ChatError> {
-        // A node without the gateway purges other nodes' rows: the default
-        // TTL is theirs unless the host changed it.
-        let ttl = self.realtime.as_ref().map_or_else(
-            || RealtimeConfig::default().connection_ttl,
-            |(_, config)| config.connection_ttl,
-        );
-        let offline = self.chat.purge_expired_connections(ttl).await?;
-        if let Some((bus, _)) = &self.realtime {
-            for &(tenant, agent) in &offline {
-                ws::publish_presence(&**bus, tenant, agent, PresenceStatus::Offline);
+        static WARNED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+        let Some((bus, config)) = &self.realtime else {
+            if !WARNED.swap(true, std::sync::atomic::Ordering::Relaxed) {
+                tracing::warn!(
+                    "purge_expired_connections does nothing without the gateway (Livechat::realtime): run it on a node with one"
+                );
             }
+            return Ok(Vec::new());
+        };
+        let offline = self
+            .chat
+            .purge_expired_connections(config.connection_ttl)
+            .await?;
+        for &(tenant, agent) in &offline {
+            ws::publish_presence(&**bus, tenant, agent, PresenceStatus::Offline);
         }
         Ok(offline)
     }
 
     /// Housekeeping for every tenant (call it periodically, like
     /// [`Self::purge_expired_connections`], after it): tickets the WAITING
-    /// chats without a ticket of every tenant that has no agent online
+    /// chats without a ticket, of every tenant, while no agent online takes
+    /// them (none online, or none who takes their department)
     /// ([`ChatService::ticket_unattended_chats`]). An agent's status change
     /// and the presence grace after an agent's last WebSocket closes do this
     /// at once for their tenant; housekeeping catches agents whose liveness
@@ -460,12 +472,13 @@ impl Livechat {
 }
 
 /// Marks the optional properties of an object `schema` `nullable`
-/// (OpenAPI 3.0): each is an `Option` in Rust, which the API writes as
-/// `null` (`"agent_id": null` while a chat waits) and accepts as `null` in
-/// a body, while poem-openapi only leaves it out of `required`, so a
-/// client generated from the document would refuse the `null`s it
-/// receives. A property that is a bare `$ref` is wrapped in `allOf`,
-/// since OpenAPI 3.0 ignores the siblings of a `$ref`.
+/// (OpenAPI 3.0): each is an `Option` in Rust, which the API mostly
+/// writes as `null` (`"agent_id": null` while a chat waits; those marked
+/// `skip_serializing_if_is_none` are left out instead) and accepts as
+/// `null` in a body, while poem-openapi only leaves it out of
+/// `required`, so a client generated from the document would refuse the
+/// `null`s it receives. A property that is a bare `$ref` is wrapped in
+/// `allOf`, since OpenAPI 3.0 ignores the siblings of a `$ref`.
 fn mark_nullable(schema: &mut serde_json::Value) {
     let required: Vec<String> = schema["required"]
         .as_array()

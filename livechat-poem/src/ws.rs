@@ -47,8 +47,11 @@ use crate::visitor::VisitorTokens;
 /// Tunables of the gateway (issue #4 defaults).
 #[derive(Clone, Debug)]
 pub struct RealtimeConfig {
-    /// Server ping interval; each ping also renews the connection's
-    /// registration and an agent's liveness. Default 20 s.
+    /// Server ping interval. A ping tick also renews the connection's
+    /// registration and an agent's liveness, but only when the client was
+    /// heard (any frame, a pong included) since the tick before the last:
+    /// the server's own ping proves nothing, so a frozen client's
+    /// connection runs out. Default 20 s.
     pub ping_interval: Duration,
     /// A connection silent (not even a pong) this long is closed; also the
     /// life of its registration without renewal. Default 60 s.

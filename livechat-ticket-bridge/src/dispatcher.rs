@@ -141,8 +141,14 @@ impl DispatchReport {
 /// - `ticket.requested` → [`TicketSink::open_ticket`] on every ticket sink;
 /// - `session.closed` of a session with a `ticket_id`, or `ticket.closed` →
 ///   [`TicketSink::close_ticket`] on every ticket sink;
-/// - `session.assigned` of a session with a `ticket_id` →
+/// - `session.assigned` with an agent, of a session with a `ticket_id` →
 ///   [`TicketSink::assign_ticket`] on every ticket sink;
+/// - `session.assigned` without an agent (a hand-back to the queue), of a
+///   session with a `ticket_id` → [`TicketSink::unassign_ticket`] on every
+///   ticket sink;
+/// - `session.updated` with `contact_updated: true` (a contact change), of
+///   a session with a `ticket_id` and a contact →
+///   [`TicketSink::ticket_contact`] on every ticket sink;
 /// - `message.posted` by the customer in a session with a `ticket_id` →
 ///   [`TicketSink::ticket_message`] on every ticket sink;
 /// - `message.posted` by an agent in a customer session that is ticketed or
@@ -271,7 +277,8 @@ impl<C: OutboxConsumer> Dispatcher<C> {
         }
     }
 
-    /// Adds a sink that gets every ticket opening and closing, under its
+    /// Adds a sink that gets every ticket opening, closing, assignment and
+    /// unassignment, customer message and contact change, under its
     /// [`TicketSink::name`].
     ///
     /// # Panics

@@ -3,21 +3,26 @@
 //! Turns the committed domain events of livechat-core's outbox into tickets
 //! and customer notifications (issue #3, DESIGN.md invariant 5). Core does
 //! not know this crate exists: it writes `ticket.requested`,
-//! `ticket.closed`, `session.assigned`, `session.closed`, `message.posted`
-//! and `message.missed` events in the same transaction as each change, and the [`Dispatcher`]
-//! reads them back through
-//! [`OutboxConsumer`](livechat_core::OutboxConsumer) and calls the sinks:
+//! `ticket.closed`, `session.assigned`, `session.updated`,
+//! `session.closed`, `message.posted` and `message.missed` events in the
+//! same transaction as each change, and the [`Dispatcher`] reads them back
+//! through [`OutboxConsumer`](livechat_core::OutboxConsumer) and calls the
+//! sinks:
 //!
 //! - [`TicketSink::open_ticket`] when a request found no eligible agent,
 //!   [`TicketSink::assign_ticket`] when a ticketed chat gets an agent,
+//!   [`TicketSink::unassign_ticket`] when a ticketed chat is handed back
+//!   to the queue (its agent went offline or was gone too long),
 //!   [`TicketSink::ticket_message`] when the customer writes in a
-//!   ticketed chat,
+//!   ticketed chat, [`TicketSink::ticket_contact`] when the customer
+//!   gives new contact details in a ticketed chat (`session.updated`),
 //!   [`TicketSink::close_ticket`] when a ticketed session closes or an
 //!   agent closes a ticket;
 //! - [`NotificationSink::notify`] when an agent replies in a ticketed
 //!   session or to a customer with no live connection following the
-//!   session, and for a reply that only a crashed node's customer
-//!   connection followed (`message.missed`).
+//!   session, and for a reply that only a dead customer connection
+//!   followed (`message.missed`: its node crashed, or its node closed it
+//!   because its client went silent).
 //!
 //! Delivery is at least once, in order per session and sink, retried with
 //! exponential backoff on [`SinkError::Retryable`] (for the sinks that

@@ -42,10 +42,15 @@ pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(10);
 /// - `ticket.requested`: the [`TicketRequested`];
 /// - `ticket.closed`: `{"ticket_id": "<uuid>"}`;
 /// - `ticket.assigned`: `{"ticket_id": "<uuid>", "agent_id": <int>}`;
+/// - `ticket.unassigned`: `{"ticket_id": "<uuid>"}`, the chat went back
+///   to the queue and nobody serves it;
 /// - `ticket.message`: `{"ticket_id": "<uuid>", "message": …}`, the
 ///   customer's later message as a [`ChatMessage`] (`id`, `session_id`,
 ///   `tenant_id`, `sender_type`, `sender_id`, `customer_id`, `seq`,
 ///   `message`, `client_msg_id`, `created_at`);
+/// - `ticket.contact`: `{"ticket_id": "<uuid>", "contact": …}`, the
+///   customer's new contact details as a [`Contact`] (`name`, `email`,
+///   `phone`, `position`, `company`);
 /// - `notification.created`: the [`Notification`].
 ///
 /// Headers: [`EVENT_ID_HEADER`] (the event id: the same event may be sent

@@ -29,8 +29,10 @@ use entity::{notification, ticket};
 ///
 /// - As [`TicketSink`] and [`NotificationSink`] it is idempotent: the row's
 ///   primary key is the ticket id (allocated with the request) or the
-///   notification id (the event id), inserted `ON CONFLICT (id) DO NOTHING`,
-///   so a redelivered event leaves exactly one row. Database errors are
+///   notification id (the id of the agent reply it is about, equal to its
+///   `message.posted` event's id, not a `message.missed` event's),
+///   inserted `ON CONFLICT (id) DO NOTHING`, so a redelivered event, or
+///   both events of one reply, leave exactly one row. Database errors are
 ///   [`SinkError::Retryable`].
 /// - As [`TicketDirectory`] and [`NotificationInbox`] every query is filtered
 ///   by tenant (DESIGN.md invariant 1); lists are newest first.

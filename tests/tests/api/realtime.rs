@@ -1405,7 +1405,9 @@ async fn presence_grace_and_expiry(backend: Backend) {
 
 /// An agent whose only connection was on a node that crashed (a row that
 /// is never renewed) is announced offline by the housekeeping purge, once,
-/// and announced back when connecting again.
+/// and announced back when connecting again. A purge on a node without
+/// the gateway does not take the announcement (it used to record it and
+/// publish nothing, so no node ever made it).
 async fn an_agent_of_a_crashed_node_is_announced_offline(backend: Backend) {
     use livechat_core::ConnectionOwner;
 
@@ -1439,6 +1441,15 @@ async fn an_agent_of_a_crashed_node_is_announced_offline(backend: Backend) {
     // expiry alone announces nothing.
     let seen = watcher.drain(Duration::from_millis(2300)).await;
     assert!(no_presence(&seen), "{seen:?}");
+    // A housekeeping node without the gateway (a worker) has no bus to
+    // announce on: it leaves the rows, and their announcements, to a node
+    // with one.
+    let worker = livechat_poem::Livechat::new(
+        node.chat.clone(),
+        Arc::new(livechat_poem::JwtAuthenticator::hs256(b"worker secret")),
+        b"worker visitor secret",
+    );
+    assert!(worker.purge_expired_connections().await.unwrap().is_empty());
     assert_eq!(purge().await, vec![(t(1), u(7)), (t(2), u(9))]);
     expect_presence(&mut watcher, 7, "offline").await;
     // Said once, and tenant 2's agent is not announced to tenant 1.

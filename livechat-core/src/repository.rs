@@ -568,6 +568,16 @@ pub trait PresenceRepository: Send + Sync {
         agent: UserId,
     ) -> impl Future<Output = Result<Option<AgentPresence>, ChatError>> + Send;
 
+    /// The status the tenant's agents were last told of for `agent`:
+    /// `offline` while an offline announcement of theirs stands (their
+    /// connections gone, [`Self::announce_offline`]), else their chosen
+    /// status; `None` if they never set one in this tenant.
+    fn announced_status(
+        &self,
+        tenant: TenantId,
+        agent: UserId,
+    ) -> impl Future<Output = Result<Option<PresenceStatus>, ChatError>> + Send;
+
     /// DESIGN.md invariant 3, the one computation: agents whose chosen status
     /// is online, whose liveness is fresh, who are below capacity and who
     /// take chats of `department` (`None`: a chat without one, which every

@@ -436,6 +436,26 @@ impl<S: ChatStore> ChatService<S> {
             .ok_or(ChatError::NotFound)
     }
 
+    /// The status the tenant's agents were last told of for `agent`:
+    /// `offline` while an offline announcement of theirs stands, else their
+    /// chosen status. A node relays an announcement as this reads when the
+    /// announcement reaches it: two nodes' announcements of one agent
+    /// (gone on one, back on the other) can reach a third in either order.
+    ///
+    /// # Errors
+    /// [`ChatError::NotFound`] when the agent never set a status in this
+    /// tenant; [`ChatError::Storage`].
+    pub async fn announced_status(
+        &self,
+        tenant: TenantId,
+        agent: UserId,
+    ) -> Result<PresenceStatus, ChatError> {
+        self.store
+            .announced_status(tenant, agent)
+            .await?
+            .ok_or(ChatError::NotFound)
+    }
+
     /// Starts an agent chat for `agent` (the caller when `None`).
     ///
     /// Rules: the agent's chosen status must be `online` (issue #2) — if not,

@@ -29,7 +29,9 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 
 use livechat_core::bus::{BusEvent, Ephemeral};
-use livechat_core::{AgentPresence, ChatMessage, ChatSession, EventKind, SessionId, TenantId};
+use livechat_core::{
+    AgentPresence, ChatMessage, ChatSession, EventKind, PresenceStatus, SessionId, TenantId,
+};
 use tokio::sync::{OnceCell, broadcast, mpsc};
 
 /// Default of `RealtimeConfig::event_queue`: events a connection's queue
@@ -63,6 +65,13 @@ pub(crate) struct Prepared {
     /// For `agent.status_changed`: the agent's presence as stored when
     /// first relayed, for the same reason (`ws::Conn::current_presence`).
     pub(crate) presence: OnceCell<Option<AgentPresence>>,
+    /// For a presence announcement: the status it stands for as stored
+    /// when first relayed (`ws::Conn::announced_status`). Two nodes'
+    /// announcements of one agent (offline from the node the agent left,
+    /// back from the one they came back on) reach a third through two
+    /// Redis links, in either order; relaying each one's own status left
+    /// every console with the agent offline.
+    pub(crate) announced: OnceCell<Option<PresenceStatus>>,
 }
 
 impl Prepared {
@@ -85,6 +94,7 @@ impl Prepared {
             queue: OnceCell::new(),
             current: OnceCell::new(),
             presence: OnceCell::new(),
+            announced: OnceCell::new(),
         }
     }
 }

@@ -1419,6 +1419,23 @@ impl Conn {
         read.await.as_ref()
     }
 
+    /// The status a presence announcement of `agent` stands for, as stored
+    /// when the first connection of this node relays it (the status it
+    /// carries if the read fails): an agent's departure announced by one
+    /// node and return by another can arrive in either order.
+    async fn announced_status(
+        &self,
+        agent: UserId,
+        carried: PresenceStatus,
+        prepared: &Prepared,
+    ) -> PresenceStatus {
+        let read = prepared.announced.get_or_init(|| async {
+            let read = self.chat().announced_status(self.tenant(), agent);
+            relayed_read("announced presence", read).await
+        });
+        read.await.unwrap_or(carried)
+    }
+
     /// Stops following a joined session: its messages, its lifecycle and,
     /// when it was the last waiting one, the tenant's queue moves.
     fn leave(&mut self, session: SessionId) {
@@ -1619,6 +1636,7 @@ impl Conn {
                     }
                     Ephemeral::Presence { agent_id, status } => {
                         if let Role::Agent(_) = self.identity.role {
+                            let status = self.announced_status(*agent_id, *status, prepared).await;
                             self.send(frame(json!({
                                 "type": "presence_updated",
                                 "agent_id": agent_id,

@@ -345,6 +345,23 @@ impl PresenceRepository for SeaOrmStore {
             .transpose()
     }
 
+    async fn announced_status(
+        &self,
+        tenant: TenantId,
+        agent: UserId,
+    ) -> Result<Option<PresenceStatus>, ChatError> {
+        let Some(row) = presence::Entity::find_by_id((tenant.get(), agent.get()))
+            .one(&self.db)
+            .await?
+        else {
+            return Ok(None);
+        };
+        if row.offline_announced_at.is_some() {
+            return Ok(Some(PresenceStatus::Offline));
+        }
+        AgentPresence::try_from(row).map(|p| Some(p.status))
+    }
+
     async fn list_agents(
         &self,
         tenant: TenantId,

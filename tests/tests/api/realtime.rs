@@ -54,6 +54,7 @@ on_both_databases!(
     a_user_holds_at_most_the_connection_cap,
     open_connections_purged_after_an_outage_are_registered_again,
     a_resync_sends_each_joined_session_as_stored,
+    presence_announcements_are_relayed_as_stored,
 );
 on_both_databases!(
     current_thread: a_long_burst_of_bus_events_is_relayed_whole,
@@ -1886,6 +1887,47 @@ async fn connection_status_and_offline_notifications(backend: Backend) {
         status().await,
         json!({"customer_connected": false, "agent_connected": true, "total_customer": 0, "total_agent": 1})
     );
+}
+
+/// A presence announcement is relayed as the agent's presence reads when
+/// it arrives, not as it was sent: an agent's departure announced by the
+/// node they left and their return announced by the node they came back
+/// on travel two Redis links and can reach a third node in either order,
+/// and relaying each as carried left every console showing a connected
+/// agent offline.
+async fn presence_announcements_are_relayed_as_stored(backend: Backend) {
+    use livechat_core::bus::{BusEvent, Ephemeral, EventBus};
+    use sea_orm::ConnectionTrait;
+    let bus = Arc::new(InProcessBus::new());
+    let (app, node) = node_on(backend, bus.clone(), |_| {}).await;
+    node.chat
+        .set_agent_status(t(1), u(7), PresenceStatus::Online)
+        .await
+        .unwrap();
+    let mut watcher = watcher(&node).await;
+    let announce = |status| {
+        bus.publish(BusEvent::Ephemeral {
+            tenant_id: t(1),
+            event: Ephemeral::Presence {
+                agent_id: u(7),
+                status,
+            },
+        });
+    };
+    // The departure arrives after the return: the agent is back.
+    announce(PresenceStatus::Offline);
+    expect_presence(&mut watcher, 7, "online").await;
+    // Announced offline since: a return announcement arriving late (the
+    // agent left again meanwhile) says offline.
+    app.db
+        .execute_unprepared(
+            "UPDATE livechat_agent_presence \
+             SET offline_announced_at = '2000-01-01T00:00:00+00:00' WHERE agent_id = 7",
+        )
+        .await
+        .unwrap();
+    announce(PresenceStatus::Online);
+    expect_presence(&mut watcher, 7, "offline").await;
 }
 
 /// A resync (the node's events were dropped: a full queue, a Redis

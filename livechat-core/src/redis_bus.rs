@@ -206,7 +206,29 @@ struct Inner {
     dropped: Arc<AtomicBool>,
     /// Publishing round trips made ([`RedisBus::publish_round_trips`]).
     round_trips: Arc<AtomicU64>,
+    /// Events queued and events the worker is done with
+    /// ([`RedisBus::flush`]).
+    progress: Arc<Progress>,
     stop: watch::Sender<bool>,
+}
+
+/// How far the background task is through the events queued for it: each
+/// event queued is counted in `queued`, then in `settled` once its
+/// `PUBLISH` returned or it was given up (the link down), and `done` wakes
+/// whoever waits for that ([`RedisBus::flush`]).
+#[derive(Debug, Default)]
+struct Progress {
+    queued: AtomicU64,
+    settled: AtomicU64,
+    done: tokio::sync::Notify,
+}
+
+impl Progress {
+    fn settle(&self, events: usize) {
+        self.settled
+            .fetch_add(u64::try_from(events).unwrap_or(u64::MAX), Ordering::SeqCst);
+        self.done.notify_waiters();
+    }
 }
 
 impl Inner {
@@ -219,9 +241,16 @@ impl Inner {
             self.queued_bytes.fetch_sub(len, Ordering::Relaxed);
             return Err(mpsc::error::TrySendError::Full(payload));
         }
-        self.outgoing.try_send(payload).inspect_err(|_| {
-            self.queued_bytes.fetch_sub(len, Ordering::Relaxed);
-        })
+        self.outgoing.try_send(payload).map_or_else(
+            |e| {
+                self.queued_bytes.fetch_sub(len, Ordering::Relaxed);
+                Err(e)
+            },
+            |()| {
+                self.progress.queued.fetch_add(1, Ordering::SeqCst);
+                Ok(())
+            },
+        )
     }
 }
 
@@ -284,6 +313,7 @@ impl RedisBus {
         let degraded = Arc::new(AtomicBool::new(false));
         let dropped = Arc::new(AtomicBool::new(false));
         let round_trips = Arc::new(AtomicU64::new(0));
+        let progress = Arc::new(Progress::default());
         let (stop, stop_rx) = watch::channel(false);
         let worker = Worker {
             node,
@@ -295,6 +325,7 @@ impl RedisBus {
             degraded: Arc::clone(&degraded),
             dropped: Arc::clone(&dropped),
             round_trips: Arc::clone(&round_trips),
+            progress: Arc::clone(&progress),
             requested_at: None,
             stop: stop_rx,
         };
@@ -310,6 +341,7 @@ impl RedisBus {
                 degraded,
                 dropped,
                 round_trips,
+                progress,
                 stop,
             }),
         })
@@ -336,6 +368,38 @@ impl RedisBus {
     #[must_use]
     pub fn publish_round_trips(&self) -> u64 {
         self.inner.round_trips.load(Ordering::Relaxed)
+    }
+
+    /// Waits until every event this node published before the call has
+    /// been sent to Redis, or given up because the link was down (the
+    /// other nodes are then asked to resync once it is back), at most
+    /// `timeout`. Returns whether it came to that: `false` on the timeout
+    /// or when the bus was stopped first.
+    ///
+    /// A host calls it at a graceful stop, after the last events it cares
+    /// about (its WebSockets closed, its agents' offline announcements
+    /// made: `Livechat::closed` of `livechat-poem`) and before returning:
+    /// publishing is queued, and a queue dropped with the runtime loses
+    /// announcements that are recorded as made, which no node repeats.
+    pub async fn flush(&self, timeout: Duration) -> bool {
+        let progress = &self.inner.progress;
+        let target = progress.queued.load(Ordering::SeqCst);
+        let mut stop = self.inner.stop.subscribe();
+        let sent = async {
+            loop {
+                let done = progress.done.notified();
+                tokio::pin!(done);
+                done.as_mut().enable();
+                if progress.settled.load(Ordering::SeqCst) >= target {
+                    return true;
+                }
+                tokio::select! {
+                    () = &mut done => {}
+                    () = stopped(&mut stop) => return false,
+                }
+            }
+        };
+        tokio::time::timeout(timeout, sent).await.unwrap_or(false)
     }
 
     /// Stops the background task now (for every clone) and closes the Redis
@@ -411,6 +475,7 @@ struct Worker {
     degraded: Arc<AtomicBool>,
     dropped: Arc<AtomicBool>,
     round_trips: Arc<AtomicU64>,
+    progress: Arc<Progress>,
     /// When this node last asked the others to resync.
     requested_at: Option<tokio::time::Instant>,
     stop: watch::Receiver<bool>,
@@ -493,6 +558,7 @@ impl Worker {
                     let taken = batch.iter().map(String::len).sum();
                     self.queued_bytes.fetch_sub(taken, Ordering::Relaxed);
                     let sent = self.send(&mut link, &batch).await;
+                    self.progress.settle(batch.len());
                     batch.clear();
                     if let Err(e) = sent {
                         // Some of the batch may have gone out: the others
@@ -619,6 +685,7 @@ impl Worker {
                     Some(payload) => {
                         self.queued_bytes.fetch_sub(payload.len(), Ordering::Relaxed);
                         self.dropped.store(true, Ordering::Relaxed);
+                        self.progress.settle(1);
                         tracing::debug!("redis event bus down: event delivered locally only");
                     }
                 },
@@ -831,6 +898,27 @@ mod tests {
         while !cond() {
             assert!(Instant::now() < deadline, "timed out waiting until {what}");
             tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    /// A graceful stop flushes what the node queued: every event published
+    /// before `flush` reaches the other nodes although the bus is shut
+    /// down right after (without it, the queue went with the task).
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_flush_sends_every_queued_event_before_a_stop() {
+        const EVENTS: i64 = 5_000;
+        let server = Server::start();
+        let channel = channel();
+        let a = connected(&server, &channel).await;
+        let b = node(&server, &channel, 2 * 5_000).await;
+        let mut rb = b.subscribe();
+        for agent in 1..=EVENTS {
+            a.publish(presence(agent));
+        }
+        assert!(a.flush(Duration::from_secs(10)).await, "flushed");
+        a.shutdown();
+        for agent in 1..=EVENTS {
+            assert_eq!(past_resyncs(&mut rb).await, presence(agent));
         }
     }
 

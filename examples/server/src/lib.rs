@@ -1105,15 +1105,19 @@ pub async fn run(config: Config) -> Result<(), Box<dyn std::error::Error + Send 
     }
     let db = prepare_database_with(&config.database_url, config.sqlite_durability).await?;
     tracing::info!(addr = %config.addr, database = %redact(&config.database_url), "livechat example server starting");
-    let bus: Arc<dyn EventBus> = match &config.redis_url {
-        None => Arc::new(InProcessBus::new()),
+    let redis = match &config.redis_url {
+        None => None,
         Some(url) => {
             let bus =
                 livechat_core::redis_bus::RedisBus::connect(url, config.redis_channel.as_str())
                     .await?;
             tracing::info!(node = %bus.node_id(), channel = %config.redis_channel, "event bus: Redis");
-            Arc::new(bus)
+            Some(bus)
         }
+    };
+    let bus: Arc<dyn EventBus> = match &redis {
+        None => Arc::new(InProcessBus::new()),
+        Some(bus) => Arc::new(bus.clone()),
     };
     // Bound before anything runs in the background: a node that cannot
     // listen (its address taken by another node) stops before its
@@ -1152,6 +1156,16 @@ pub async fn run(config: Config) -> Result<(), Box<dyn std::error::Error + Send 
     let _ = stop_tx.send(true);
     let _ = dispatcher.await;
     housekeeper.abort();
+    // Publishing to Redis is queued: what the stop itself published (the
+    // agents' offline announcements, recorded as made, which no node
+    // repeats) goes out before the process ends.
+    if let Some(redis) = &redis
+        && !redis.flush(Duration::from_secs(5)).await
+    {
+        tracing::warn!(
+            "events still queued for Redis 5 s after the stop: other nodes may miss them"
+        );
+    }
     db.close().await?;
     tracing::info!("stopped");
     Ok(())

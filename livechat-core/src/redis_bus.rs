@@ -71,6 +71,39 @@ const SHORT_LINK: Duration = Duration::from_secs(1);
 /// makes every connection of the other nodes re-read what it follows.
 const RESYNC_REQUEST_EVERY: Duration = Duration::from_secs(1);
 
+/// Least time between two warnings of skipped malformed messages (those in
+/// between are counted, and logged at debug): a newer node's events of a
+/// kind this node does not know would otherwise log one warning each.
+pub const MALFORMED_WARN_EVERY: Duration = Duration::from_secs(60);
+
+/// Messages of the channel skipped as malformed, for [`receive`]'s log.
+#[derive(Debug, Default)]
+struct Malformed {
+    /// When the last warning was logged.
+    warned_at: std::sync::Mutex<Option<std::time::Instant>>,
+    /// Skipped since that warning.
+    skipped: AtomicU64,
+}
+
+impl Malformed {
+    /// Counts one more skipped message; `Some(n)` when a warning is due
+    /// now, `n` the messages skipped since the last one (this one
+    /// included).
+    fn skip(&self, now: std::time::Instant) -> Option<u64> {
+        let skipped = self.skipped.fetch_add(1, Ordering::Relaxed) + 1;
+        let mut warned_at = self
+            .warned_at
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if warned_at.is_some_and(|at| now.duration_since(at) < MALFORMED_WARN_EVERY) {
+            return None;
+        }
+        *warned_at = Some(now);
+        self.skipped.fetch_sub(skipped, Ordering::Relaxed);
+        Some(skipped)
+    }
+}
+
 /// What travels on the Redis channel: the publishing node and the event.
 #[derive(Serialize)]
 struct EnvelopeOut<'a> {
@@ -160,8 +193,11 @@ fn decode(payload: &[u8]) -> Result<(Uuid, BusEvent), String> {
 ///   second, below what one node stores (issue #5 cross-node scenario).
 /// - The same task is `SUBSCRIBE`d to the channel and delivers every event
 ///   from other nodes to the local subscribers; messages carrying this
-///   node's id (already delivered) are skipped, malformed ones are logged
-///   and skipped. Received events are taken in batches, and all of those
+///   node's id (already delivered) are skipped, malformed ones (or an event
+///   of a kind this version does not know, from a newer node during a
+///   rolling upgrade) are skipped and logged without their content (which
+///   holds customers' messages), at warn at most once a minute
+///   ([`MALFORMED_WARN_EVERY`]) with the number skipped since. Received events are taken in batches, and all of those
 ///   waiting after each publishing round trip, so a node that always has
 ///   something to publish keeps up with the others; one that still falls
 ///   more than 65,536 received events behind drops its link and resyncs
@@ -178,7 +214,7 @@ fn decode(payload: &[u8]) -> Result<(Uuid, BusEvent), String> {
 ///   once it can publish again and its publish queue is empty (after the
 ///   backlog, so an overflow does not turn into a stream of requests), and
 ///   at most once a second (`RESYNC_REQUEST_EVERY`), the bus publishes a
-///   resync request (`{"node": …, "event": {"type": "resync"}}`), and
+///   resync request (`{"node": …, "event": {"bus": "resync"}}`), and
 ///   every other node delivers it as a local [`BusEvent::Resync`]. Every
 ///   connection of the deployment then re-reads the sessions it follows,
 ///   one read per session: the price of an outage or an overflow.
@@ -326,6 +362,7 @@ impl RedisBus {
             dropped: Arc::clone(&dropped),
             round_trips: Arc::clone(&round_trips),
             progress: Arc::clone(&progress),
+            malformed: Malformed::default(),
             requested_at: None,
             stop: stop_rx,
         };
@@ -423,10 +460,17 @@ impl EventBus for RedisBus {
                 Ok(payload) => match self.inner.queue(payload) {
                     Ok(()) => {}
                     Err(mpsc::error::TrySendError::Full(_)) => {
-                        self.inner.dropped.store(true, Ordering::Relaxed);
-                        tracing::warn!(
-                            "redis event bus: publish queue full, event not sent to other nodes"
-                        );
+                        // Warned once until the resync request that
+                        // follows (one per overflow, not one per event).
+                        if self.inner.dropped.swap(true, Ordering::Relaxed) {
+                            tracing::debug!(
+                                "redis event bus: publish queue full, event not sent to other nodes"
+                            );
+                        } else {
+                            tracing::warn!(
+                                "redis event bus: publish queue full, events not sent to other nodes until it drains; they will be asked to resync"
+                            );
+                        }
                     }
                     Err(mpsc::error::TrySendError::Closed(_)) => {
                         tracing::debug!("redis event bus stopped, event delivered locally only");
@@ -476,6 +520,7 @@ struct Worker {
     dropped: Arc<AtomicBool>,
     round_trips: Arc<AtomicU64>,
     progress: Arc<Progress>,
+    malformed: Malformed,
     /// When this node last asked the others to resync.
     requested_at: Option<tokio::time::Instant>,
     stop: watch::Receiver<bool>,
@@ -599,7 +644,9 @@ impl Worker {
         for push in received.drain(..) {
             match push.kind {
                 PushKind::Disconnection => return Err(Ended::Lost),
-                PushKind::Message => receive(self.node, &self.local, &push.data),
+                PushKind::Message => {
+                    receive(self.node, &self.local, &push.data, &self.malformed);
+                }
                 _ => {}
             }
         }
@@ -696,9 +743,18 @@ impl Worker {
 
 /// Delivers one pushed message (`[channel, payload]`) unless it is
 /// malformed or this node's own.
-fn receive(node: Uuid, local: &InProcessBus, data: &[Value]) {
+fn receive(node: Uuid, local: &InProcessBus, data: &[Value], malformed: &Malformed) {
+    let skipped = |error: &str, bytes: usize| match malformed.skip(std::time::Instant::now()) {
+        Some(skipped) => tracing::warn!(
+            error,
+            bytes,
+            skipped,
+            "redis event bus: malformed message (or an event kind this version does not know), skipped"
+        ),
+        None => tracing::debug!(error, bytes, "redis event bus: malformed message, skipped"),
+    };
     let Some(Value::BulkString(payload)) = data.get(1) else {
-        tracing::warn!(?data, "redis event bus: unexpected message shape, skipped");
+        skipped("not a [channel, payload] message", 0);
         return;
     };
     match decode(payload) {
@@ -708,11 +764,7 @@ fn receive(node: Uuid, local: &InProcessBus, data: &[Value]) {
             local.deliver(Arc::new(BusEvent::Resync));
         }
         Ok((_, event)) => local.deliver(Arc::new(event)),
-        Err(e) => tracing::warn!(
-            error = %e,
-            payload = %String::from_utf8_lossy(payload),
-            "redis event bus: malformed message, skipped"
-        ),
+        Err(e) => skipped(&e, payload.len()),
     }
 }
 
@@ -899,6 +951,23 @@ mod tests {
             assert!(Instant::now() < deadline, "timed out waiting until {what}");
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
+    }
+
+    /// Malformed messages are warned about at most once a minute, each
+    /// warning with the number skipped since the last.
+    #[test]
+    fn malformed_messages_are_warned_about_once_a_minute() {
+        let malformed = Malformed::default();
+        let start = std::time::Instant::now();
+        assert_eq!(malformed.skip(start), Some(1));
+        for s in 1..=3 {
+            assert_eq!(malformed.skip(start + Duration::from_secs(s)), None);
+        }
+        assert_eq!(
+            malformed.skip(start + MALFORMED_WARN_EVERY + Duration::from_secs(1)),
+            Some(4)
+        );
+        assert_eq!(malformed.skip(start + MALFORMED_WARN_EVERY * 2), None);
     }
 
     /// A graceful stop flushes what the node queued: every event published

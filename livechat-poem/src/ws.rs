@@ -104,6 +104,15 @@ pub struct RealtimeConfig {
     /// in every tenant (a host token without a tenant list) holds the cap
     /// in each tenant it names. Default 50.
     pub max_connections_per_user: usize,
+    /// Sessions one connection may follow at once (`join_session` frames
+    /// not yet left; `0`: no cap). One more join is refused with an
+    /// `error` frame `too_many_joins` (`ref` its `session_id`) and joins
+    /// nothing; a join again of a session followed is not counted. Each
+    /// session followed costs memory on the node and a stored join, and
+    /// every resync (a Redis outage, a lag) re-reads each one; a console
+    /// that joined every chat it opened and never left grew without end.
+    /// Default 1,000.
+    pub max_joins_per_connection: usize,
     /// Browser origins allowed to open a WebSocket (`*` for any), compared
     /// by [`same_origin`] (case and default ports aside). Requests without
     /// an `Origin` header (non-browser clients) are always allowed.
@@ -154,6 +163,7 @@ impl Default for RealtimeConfig {
             signal_rate_per_sec: 20,
             max_bad_frames: 10,
             max_connections_per_user: 50,
+            max_joins_per_connection: 1000,
             allowed_origins: Vec::new(),
             node_id: uuid::Uuid::now_v7().to_string(),
         }
@@ -1809,6 +1819,17 @@ impl Conn {
                 // The HTTP route's rule (there 400 `invalid_query`).
                 if let Err(e) = livechat_core::after_seq(after_seq) {
                     self.refuse(e, Some(&session_id));
+                    return Ok(());
+                }
+                let cap = self.gateway.config.max_joins_per_connection;
+                if cap > 0 && self.joined.len() >= cap && self.joined_id(&session_id).is_none() {
+                    self.send(error_frame(
+                        "too_many_joins",
+                        &format!(
+                            "this connection follows {cap} sessions, the most one may; leave one first"
+                        ),
+                        Some(&session_id),
+                    ));
                     return Ok(());
                 }
                 let view = match self.authorize(&session_id).await {

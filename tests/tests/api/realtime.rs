@@ -55,6 +55,7 @@ on_both_databases!(
     open_connections_purged_after_an_outage_are_registered_again,
     a_resync_sends_each_joined_session_as_stored,
     presence_announcements_are_relayed_as_stored,
+    a_connection_follows_at_most_its_cap_of_sessions,
 );
 on_both_databases!(
     current_thread: a_long_burst_of_bus_events_is_relayed_whole,
@@ -1887,6 +1888,52 @@ async fn connection_status_and_offline_notifications(backend: Backend) {
         status().await,
         json!({"customer_connected": false, "agent_connected": true, "total_customer": 0, "total_agent": 1})
     );
+}
+
+/// A connection follows at most `max_joins_per_connection` sessions: one
+/// more join is refused with `too_many_joins` and joins nothing (the
+/// session's messages do not reach it); a join again of a followed
+/// session is not counted, and a leave makes room.
+async fn a_connection_follows_at_most_its_cap_of_sessions(backend: Backend) {
+    let (_app, node) = node(backend, |r| r.max_joins_per_connection = 2).await;
+    let mut sessions = Vec::new();
+    for user in [3101, 3102, 3103] {
+        sessions.push(open_chat(&node, user).await);
+    }
+    let mut agent = WsClient::connect_with_header(&node.ws_url(), &agent_auth(7), 1)
+        .await
+        .unwrap();
+    agent.expect("ready").await;
+    join(&mut agent, sessions[0].0, None).await;
+    join(&mut agent, sessions[1].0, None).await;
+    join(&mut agent, sessions[0].0, None).await;
+    agent
+        .send(json!({"type": "join_session", "session_id": sessions[2].0}))
+        .await;
+    let refused = agent.expect("error").await;
+    assert_eq!(refused["code"], "too_many_joins", "{refused}");
+    assert_eq!(refused["ref"], sessions[2].0.to_string(), "{refused}");
+    // Not followed: the third customer's message does not reach it.
+    let mut third = WsClient::connect_with_header(&node.ws_url(), &sessions[2].1, 1)
+        .await
+        .unwrap();
+    join(&mut third, sessions[2].0, None).await;
+    third
+        .send(json!({"type": "send_message", "session_id": sessions[2].0, "client_msg_id": "c-1", "message": "hello?"}))
+        .await;
+    third.expect("ack").await;
+    let frames = agent.drain(Duration::from_millis(300)).await;
+    assert!(
+        !frames.iter().any(|f| f["type"] == "new_message"),
+        "{frames:?}"
+    );
+    // A leave makes room.
+    agent
+        .send(json!({"type": "leave_session", "session_id": sessions[1].0}))
+        .await;
+    agent.expect("left").await;
+    let joined = join(&mut agent, sessions[2].0, Some(0)).await;
+    assert_eq!(joined["session_id"], sessions[2].0.to_string());
 }
 
 /// A presence announcement is relayed as the agent's presence reads when

@@ -2291,7 +2291,17 @@ async fn serve(
                 if !conn.unfollowed.is_empty() {
                     Box::pin(conn.follow_again()).await;
                 }
-                if renewal.is_empty() && heard {
+                // A customer's connection is not renewed while the bus
+                // cannot reach the other nodes: their agents' replies do
+                // not reach it, and once its row runs out (a TTL after
+                // its last renewal: an outage longer than a blip) they
+                // count it as gone and the customer is notified of them
+                // instead of neither. The first renewal after the outage
+                // renews it again (or registers it again, with its joins,
+                // if it was purged meanwhile).
+                let cut_off = matches!(owner, ConnectionOwner::Customer(_))
+                    && gateway.bus.is_degraded();
+                if renewal.is_empty() && heard && !cut_off {
                     let stored = crate::renewals::queue(&gateway, identity.tenant, conn.id, owner, Kind::Renew);
                     renewal.push_back(
                         async move { stored.await.unwrap_or(crate::renewals::Renewal::Failed) }

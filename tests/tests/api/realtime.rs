@@ -56,6 +56,7 @@ on_both_databases!(
     a_resync_sends_each_joined_session_as_stored,
     presence_announcements_are_relayed_as_stored,
     a_connection_follows_at_most_its_cap_of_sessions,
+    a_customer_cut_off_from_the_other_nodes_is_notified,
 );
 on_both_databases!(
     current_thread: a_long_burst_of_bus_events_is_relayed_whole,
@@ -442,7 +443,7 @@ async fn node(
 /// As [`node`], over `bus`.
 async fn node_on(
     backend: Backend,
-    bus: Arc<InProcessBus>,
+    bus: Arc<dyn livechat_core::bus::EventBus>,
     adjust: impl FnOnce(&mut livechat_poem::RealtimeConfig),
 ) -> (App, Node) {
     let app = App::new(backend).await;
@@ -1888,6 +1889,94 @@ async fn connection_status_and_offline_notifications(backend: Backend) {
         status().await,
         json!({"customer_connected": false, "agent_connected": true, "total_customer": 0, "total_agent": 1})
     );
+}
+
+/// An in-process bus whose link to other nodes can be cut, as a Redis
+/// outage cuts [`livechat_core::redis_bus::RedisBus`]'s: it still
+/// delivers on this node and reports itself degraded.
+struct CuttableBus {
+    local: InProcessBus,
+    cut: std::sync::atomic::AtomicBool,
+}
+
+impl livechat_core::bus::EventBus for CuttableBus {
+    fn publish(&self, event: livechat_core::bus::BusEvent) {
+        self.local.publish(event);
+    }
+    fn subscribe(&self) -> tokio::sync::broadcast::Receiver<Arc<livechat_core::bus::BusEvent>> {
+        self.local.subscribe()
+    }
+    fn is_degraded(&self) -> bool {
+        self.cut.load(std::sync::atomic::Ordering::Relaxed)
+    }
+}
+
+/// A customer connected to a node whose bus cannot reach the other nodes
+/// (Redis down, the database still up) receives none of their agents'
+/// replies. Their connection used to be renewed all the same, so the
+/// replies counted as seen and no notification was made: the customer
+/// got neither. Such a connection is no longer renewed: once its row runs
+/// out, replies count it as gone (notified); after the outage it is
+/// renewed, its joins stored again, and replies count it again.
+async fn a_customer_cut_off_from_the_other_nodes_is_notified(backend: Backend) {
+    use std::sync::atomic::Ordering;
+    let bus = Arc::new(CuttableBus {
+        local: InProcessBus::new(),
+        cut: false.into(),
+    });
+    let (app, node) = node_on(backend, bus.clone(), |_| {}).await;
+    let (session, customer_auth) = open_chat(&node, 3201).await;
+    let mut customer = WsClient::connect_with_header(&node.ws_url(), &customer_auth, 1)
+        .await
+        .unwrap();
+    join(&mut customer, session, None).await;
+    let connected = |customers: u64| livechat_core::SessionConnections {
+        customers,
+        agents: 0,
+    };
+    let reply = |text: &'static str| {
+        let chat = node.chat.clone();
+        async move {
+            chat.post_message(t(1), u(7), session, text.into(), None)
+                .await
+                .unwrap();
+            let page = livechat_core::PageSize::parse(Some(100), chat.config()).unwrap();
+            let posted =
+                livechat_core::OutboxRepository::list_events(chat.store(), t(1), None, page)
+                    .await
+                    .unwrap()
+                    .into_iter()
+                    .rfind(|e| e.kind == livechat_core::EventKind::MessagePosted)
+                    .unwrap();
+            let payload: Value = posted.payload.decode().unwrap();
+            assert_eq!(payload["message"], text, "{payload}");
+            payload["customer_connected"].clone()
+        }
+    };
+    assert_eq!(reply("before").await, true);
+    bus.cut.store(true, Ordering::Relaxed);
+    // The customer keeps answering pings; its row runs out (2 s TTL).
+    let mut now = connected(1);
+    for _ in 0..60 {
+        customer.drain(Duration::from_millis(100)).await;
+        now = node.chat.session_connections(t(1), session).await.unwrap();
+        if now == connected(0) {
+            break;
+        }
+    }
+    assert_eq!(now, connected(0), "not renewed while cut off");
+    assert_eq!(reply("during").await, false, "notified");
+    bus.cut.store(false, Ordering::Relaxed);
+    for _ in 0..60 {
+        customer.drain(Duration::from_millis(100)).await;
+        now = node.chat.session_connections(t(1), session).await.unwrap();
+        if now == connected(1) {
+            break;
+        }
+    }
+    assert_eq!(now, connected(1), "renewed after the outage");
+    assert_eq!(reply("after").await, true);
+    drop(app);
 }
 
 /// A connection follows at most `max_joins_per_connection` sessions: one

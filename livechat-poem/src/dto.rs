@@ -186,11 +186,12 @@ pub struct SessionDto {
     /// The ticket opened because no agent was eligible.
     pub ticket_id: Option<Uuid>,
     /// 1-based place in the tenant's queue while WAITING, else `null`.
-    /// Filled only by the answers that read it: a customer's chat start,
-    /// `GET /customer/chats/{id}`, `GET /sessions`, `GET /sessions/{id}`
-    /// and the WebSocket's `session_updated`. The others (a contact
-    /// update, a close, an assignment, `GET /customer/history`) carry
-    /// `null` even while WAITING.
+    /// Filled by the answers that read it: a customer's chat start,
+    /// `GET /customer/chats/{id}`, a contact update,
+    /// `GET /sessions`, `GET /sessions/{id}` and the WebSocket's
+    /// `session_updated`. `GET /customer/history` carries `null` even
+    /// while WAITING (a close or an assignment leaves no session
+    /// waiting).
     pub queue_position: Option<i64>,
     /// The `seq` of the session's latest message (0 when it has none). To
     /// read the latest `n` messages, ask for them after

@@ -12,6 +12,7 @@ on_both_databases!(
     identity_hash_asserts_a_user,
     start_validation,
     contact_history_and_close,
+    a_waiting_customer_s_contact_answer_has_its_place,
     linking_moves_visitor_sessions,
     linking_keeps_the_chat_an_agent_serves,
     a_start_that_resolved_the_visitor_before_a_link_is_the_users,
@@ -792,6 +793,29 @@ async fn start_validation(backend: Backend) {
     )
     .await;
     assert_eq!(code, 201);
+}
+
+/// A customer waiting in the queue who leaves contact details (the usual
+/// moment: nobody online) gets the session with its place, as the chat's
+/// start and `GET /customer/chats/{id}` give it; it used to be `null`.
+async fn a_waiting_customer_s_contact_answer_has_its_place(backend: Backend) {
+    let app = App::new(backend).await;
+    let (_first, _, _) = visitor_start(&app, "1", "One").await;
+    let (second, auth, started) = visitor_start(&app, "1", "Two").await;
+    assert_eq!(started["data"]["session"]["status"], "WAITING");
+    assert_eq!(started["data"]["session"]["queue_position"], 2);
+    let (code, body) = customer(
+        &app,
+        Method::PUT,
+        &format!("/livechat/customer/chats/{second}/contact"),
+        Some(&auth),
+        "1",
+        Some(json!({"name": "Dua", "email": "dua@example.co.id"})),
+    )
+    .await;
+    assert_eq!(code, 200, "{body}");
+    assert_eq!(body["data"]["contact"]["name"], "Dua");
+    assert_eq!(body["data"]["queue_position"], 2, "{body}");
 }
 
 async fn contact_history_and_close(backend: Backend) {

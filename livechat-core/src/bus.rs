@@ -113,9 +113,47 @@ pub trait EventBus: Send + Sync + 'static {
     fn subscribe(&self) -> broadcast::Receiver<Arc<BusEvent>>;
 
     /// Whether the bus currently cannot reach other nodes (this node still
-    /// serves its own clients).
+    /// serves its own clients). While it says so, an agent's message
+    /// stored through this bus counts no customer as connected (it is
+    /// notified), and `livechat-poem`'s gateway renews no customer
+    /// connection and makes up the replies of one that ends: a bus that
+    /// says so for long, or wrongly, makes every reply a notification.
     fn is_degraded(&self) -> bool {
         false
+    }
+}
+
+/// `bus` with its [`EventBus::publish`] shielded from panics: a panic is
+/// caught and logged (error level), and the event goes undelivered. The
+/// store ([`crate::store::SeaOrmStore::with_bus`]) and `livechat-poem`'s
+/// gateway wrap the bus a host gives them this way: they publish after a
+/// commit, and a host's bus that panicked there failed a committed request,
+/// closed an SQLite store mid-run as if its sync had failed, killed a
+/// connection, or lost an offline announcement recorded as made.
+#[must_use]
+pub fn guarded(bus: Arc<dyn EventBus>) -> Arc<dyn EventBus> {
+    Arc::new(Guarded(bus))
+}
+
+/// See [`guarded`].
+struct Guarded(Arc<dyn EventBus>);
+
+impl EventBus for Guarded {
+    fn publish(&self, event: BusEvent) {
+        let published = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            self.0.publish(event);
+        }));
+        if published.is_err() {
+            tracing::error!("the event bus panicked publishing an event; it is not delivered live");
+        }
+    }
+
+    fn subscribe(&self) -> broadcast::Receiver<Arc<BusEvent>> {
+        self.0.subscribe()
+    }
+
+    fn is_degraded(&self) -> bool {
+        self.0.is_degraded()
     }
 }
 

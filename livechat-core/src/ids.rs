@@ -158,7 +158,10 @@ uuid_id!(
     /// A customer notification (UUIDv7): the id of the agent reply it is
     /// about (equal to its `message.posted` event's id, not a
     /// `message.missed` event's), so one reply gives one notification
-    /// whichever event delivers it, and delivery is idempotent.
+    /// whichever event delivers it, and delivery is idempotent. A
+    /// `message.posted` event stored before event ids equalled message
+    /// ids gives its own id instead, so such a reply, also made up by a
+    /// `message.missed`, can give two.
     NotificationId
 );
 

@@ -249,9 +249,10 @@ struct Inner {
 }
 
 /// How far the background task is through the events queued for it: each
-/// event queued is counted in `queued`, then in `settled` once its
-/// `PUBLISH` returned or it was given up (the link down), and `done` wakes
-/// whoever waits for that ([`RedisBus::flush`]).
+/// event is counted in `queued` before it is queued (and settled at once
+/// if it could not be), then in `settled` once its `PUBLISH` returned or
+/// it was given up (the link down), and `done` wakes whoever waits for
+/// that, or for a resync request sent ([`RedisBus::flush`]).
 #[derive(Debug, Default)]
 struct Progress {
     queued: AtomicU64,
@@ -277,16 +278,13 @@ impl Inner {
             self.queued_bytes.fetch_sub(len, Ordering::Relaxed);
             return Err(mpsc::error::TrySendError::Full(payload));
         }
-        self.outgoing.try_send(payload).map_or_else(
-            |e| {
-                self.queued_bytes.fetch_sub(len, Ordering::Relaxed);
-                Err(e)
-            },
-            |()| {
-                self.progress.queued.fetch_add(1, Ordering::SeqCst);
-                Ok(())
-            },
-        )
+        // Counted before it can be taken, so that a flush never sees
+        // events settled past ones it counted but not yet queued.
+        self.progress.queued.fetch_add(1, Ordering::SeqCst);
+        self.outgoing.try_send(payload).inspect_err(|_| {
+            self.queued_bytes.fetch_sub(len, Ordering::Relaxed);
+            self.progress.settle(1);
+        })
     }
 }
 
@@ -407,11 +405,13 @@ impl RedisBus {
         self.inner.round_trips.load(Ordering::Relaxed)
     }
 
-    /// Waits until every event this node published before the call has
-    /// been sent to Redis, or given up because the link was down (the
-    /// other nodes are then asked to resync once it is back), at most
-    /// `timeout`. Returns whether it came to that: `false` on the timeout
-    /// or when the bus was stopped first.
+    /// Waits, at most `timeout`, until every event this node published
+    /// before the call has been sent to Redis, and the other nodes were
+    /// asked to resync if any event of this node was given up since they
+    /// last were (the link down, a full queue). Returns whether it came to
+    /// that: `false` on the timeout (Redis unreachable: the other nodes
+    /// missed events and will not hear of it from this node) or when the
+    /// bus was stopped first.
     ///
     /// A host calls it at a graceful stop, after the last events it cares
     /// about (its WebSockets closed, its agents' offline announcements
@@ -427,7 +427,9 @@ impl RedisBus {
                 let done = progress.done.notified();
                 tokio::pin!(done);
                 done.as_mut().enable();
-                if progress.settled.load(Ordering::SeqCst) >= target {
+                if progress.settled.load(Ordering::SeqCst) >= target
+                    && !self.inner.dropped.load(Ordering::SeqCst)
+                {
                     return true;
                 }
                 tokio::select! {
@@ -592,6 +594,7 @@ impl Worker {
                     return Ended::Lost;
                 }
                 self.requested_at = Some(tokio::time::Instant::now());
+                self.progress.done.notify_waiters();
                 tracing::info!(channel = %self.channel, "redis event bus: events were dropped; asked the other nodes to resync");
             }
             tokio::select! {
@@ -976,7 +979,7 @@ mod tests {
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_flush_sends_every_queued_event_before_a_stop() {
         const EVENTS: i64 = 5_000;
-        let server = Server::start();
+        let mut server = Server::start();
         let channel = channel();
         let a = connected(&server, &channel).await;
         let b = node(&server, &channel, 2 * 5_000).await;
@@ -989,6 +992,11 @@ mod tests {
         for agent in 1..=EVENTS {
             assert_eq!(past_resyncs(&mut rb).await, presence(agent));
         }
+        // With Redis gone, what is published is given up: the flush says
+        // it was not sent.
+        server.stop();
+        b.publish(presence(1));
+        assert!(!b.flush(Duration::from_secs(2)).await, "not sent");
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

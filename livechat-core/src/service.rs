@@ -1743,13 +1743,7 @@ impl<S: ChatStore> ChatService<S> {
         &self,
         connection_ttl: std::time::Duration,
     ) -> Result<Vec<(TenantId, UserId)>, ChatError> {
-        let purged = self.store.purge_expired_connections(connection_ttl).await?;
-        if purged.missed_replies > 0 {
-            tracing::info!(
-                replies = purged.missed_replies,
-                "replies followed only by expired customer connections are to be notified"
-            );
-        }
+        let purged = self.purge_connection_rows(connection_ttl).await?;
         // An agent heard from within the presence TTL (their liveness is
         // renewed apart from their connections: a heartbeat call, a status
         // change) is not announced for their connections' expiry; if they
@@ -1766,6 +1760,39 @@ impl<S: ChatStore> ChatService<S> {
         })
         .await;
         Ok(offline)
+    }
+
+    /// [`Self::purge_expired_connections`] for a node that cannot tell
+    /// the agents (it has no gateway, no bus to announce on): deletes the
+    /// expired rows and writes the `message.missed` events of their
+    /// customers' replies, but records no offline announcement, so that
+    /// one made by another node is not taken from it. The agents of the
+    /// rows deleted are then announced by
+    /// [`Self::announce_expired_presence`] once their liveness runs out
+    /// (with a presence TTL; without one, nobody announces them).
+    ///
+    /// # Errors
+    /// [`ChatError::Storage`] when the rows could not be read or deleted
+    /// (then nothing is deleted).
+    pub async fn purge_expired_connections_unannounced(
+        &self,
+        connection_ttl: std::time::Duration,
+    ) -> Result<(), ChatError> {
+        self.purge_connection_rows(connection_ttl).await.map(drop)
+    }
+
+    async fn purge_connection_rows(
+        &self,
+        connection_ttl: std::time::Duration,
+    ) -> Result<crate::repository::PurgedConnections, ChatError> {
+        let purged = self.store.purge_expired_connections(connection_ttl).await?;
+        if purged.missed_replies > 0 {
+            tracing::info!(
+                replies = purged.missed_replies,
+                "replies followed only by expired customer connections are to be notified"
+            );
+        }
+        Ok(purged)
     }
 
     /// Whether `agent` has a live connection on any node.

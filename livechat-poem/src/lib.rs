@@ -183,7 +183,9 @@ impl Livechat {
         if let Err(problem) = config.check() {
             panic!("RealtimeConfig: {problem}");
         }
-        self.realtime = Some((bus, config));
+        // A host's bus that panics loses its event, not the connection
+        // or an announcement recorded as made.
+        self.realtime = Some((livechat_core::bus::guarded(bus), config));
         self
     }
 
@@ -203,13 +205,19 @@ impl Livechat {
     /// customer's notification. Returns the agents announced offline, as
     /// `(tenant, agent)`.
     ///
-    /// Does nothing without [`Self::realtime`] (logged once per process),
-    /// as [`Self::announce_expired_presence`]: the purge records each
-    /// agent's announcement as made, so that no other node makes it again,
-    /// and a node without the gateway has no bus to make it on. A
-    /// housekeeping node without the gateway (a worker) would take every
-    /// crashed node's agents' announcements and leave them online in every
-    /// console. Run this on the nodes with the gateway.
+    /// Without [`Self::realtime`] (a worker running housekeeping alone)
+    /// the rows are deleted and the replies' `message.missed` events
+    /// written, with [`RealtimeConfig`]'s default connection TTL (the
+    /// nodes' own unless the host changed it), but no agent is announced
+    /// or recorded as announced
+    /// ([`ChatService::purge_expired_connections_unannounced`]): the purge
+    /// records each announcement as made, so that no other node makes it
+    /// again, and such a node has no bus to make it on; it used to take
+    /// every crashed node's agents' announcements and leave them online in
+    /// every console. Their announcement is then
+    /// [`Self::announce_expired_presence`]'s, on a node with the gateway,
+    /// once their liveness runs out: it needs a presence TTL
+    /// (`RoutingPolicy::presence_ttl`).
     ///
     /// # Errors
     /// [`livechat_core::ChatError::Storage`] when the rows could not be
@@ -217,13 +225,10 @@ impl Livechat {
     pub async fn purge_expired_connections(
         &self,
     ) -> Result<Vec<(TenantId, UserId)>, livechat_core::ChatError> {
-        static WARNED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
         let Some((bus, config)) = &self.realtime else {
-            if !WARNED.swap(true, std::sync::atomic::Ordering::Relaxed) {
-                tracing::warn!(
-                    "purge_expired_connections does nothing without the gateway (Livechat::realtime): run it on a node with one"
-                );
-            }
+            self.chat
+                .purge_expired_connections_unannounced(RealtimeConfig::default().connection_ttl)
+                .await?;
             return Ok(Vec::new());
         };
         let offline = self

@@ -51,7 +51,8 @@ pub struct RealtimeConfig {
     /// registration and an agent's liveness, but only when the client was
     /// heard (any frame, a pong included) since the tick before the last:
     /// the server's own ping proves nothing, so a frozen client's
-    /// connection runs out. Default 20 s.
+    /// connection runs out; and a customer's not while the bus cannot
+    /// reach the other nodes ([`EventBus::is_degraded`]). Default 20 s.
     pub ping_interval: Duration,
     /// A connection silent (not even a pong) this long is closed; also the
     /// life of its registration without renewal. Default 60 s.
@@ -1821,8 +1822,18 @@ impl Conn {
                     self.refuse(e, Some(&session_id));
                     return Ok(());
                 }
+                let view = match self.authorize(&session_id).await {
+                    Ok(v) => v,
+                    Err(e) => {
+                        self.refuse(e, Some(&session_id));
+                        return Ok(());
+                    }
+                };
+                let id = view.session.id;
+                // After the access check: a session that is not the
+                // caller's is `not_found` whatever the cap.
                 let cap = self.gateway.config.max_joins_per_connection;
-                if cap > 0 && self.joined.len() >= cap && self.joined_id(&session_id).is_none() {
+                if cap > 0 && self.joined.len() >= cap && !self.joined.contains_key(&id) {
                     self.send(error_frame(
                         "too_many_joins",
                         &format!(
@@ -1832,14 +1843,6 @@ impl Conn {
                     ));
                     return Ok(());
                 }
-                let view = match self.authorize(&session_id).await {
-                    Ok(v) => v,
-                    Err(e) => {
-                        self.refuse(e, Some(&session_id));
-                        return Ok(());
-                    }
-                };
-                let id = view.session.id;
                 if let Err(e) = self.chat().follow_session(self.tenant(), self.id, id).await {
                     self.refuse(e, Some(&session_id));
                     return Ok(());
@@ -2105,6 +2108,10 @@ async fn serve(
     // killed, a mobile browser discarding it). The replies stored since
     // are made up as notifications (`unregister`).
     let mut silent_since: Option<chrono::DateTime<chrono::Utc>> = None;
+    // A customer's connection: the ping tick that first found the bus cut
+    // off from the other nodes, until one finds it back (its resync then
+    // delivers what it missed).
+    let mut cut_off_seen: Option<Instant> = None;
     // The end of the credential the connection was opened with: a socket
     // used to go on for as long as it stayed open, its token long expired
     // (a 12-hour login, a revoked agent's last token).
@@ -2301,6 +2308,7 @@ async fn serve(
                 // if it was purged meanwhile).
                 let cut_off = matches!(owner, ConnectionOwner::Customer(_))
                     && gateway.bus.is_degraded();
+                cut_off_seen = cut_off.then(|| cut_off_seen.unwrap_or(last_tick));
                 if renewal.is_empty() && heard && !cut_off {
                     let stored = crate::renewals::queue(&gateway, identity.tenant, conn.id, owner, Kind::Renew);
                     renewal.push_back(
@@ -2340,6 +2348,19 @@ async fn serve(
     // a close frame, what a customer's client last read is not known.
     if conn.out.broken && silent_since.is_none() {
         silent_since = conn.unknown_reading();
+    }
+    // A customer whose node is, or was since its last tick, cut off from
+    // the other nodes missed their agents' replies since (at the latest) a
+    // ping interval before that was first seen; counted as connected where
+    // they were stored, they are made up as a silent client's would be,
+    // whatever the close (a tab closed during the outage used to lose them).
+    if matches!(identity.role, Role::Customer { .. }) {
+        let cut_since = cut_off_seen
+            .or_else(|| gateway.bus.is_degraded().then(Instant::now))
+            .map(|at| heard_at(at.checked_sub(gateway.config.ping_interval).unwrap_or(at)));
+        if let Some(at) = cut_since {
+            silent_since = Some(silent_since.map_or(at, |since| since.min(at)));
+        }
     }
     // A renewal still running ends before the connection is removed, so it
     // cannot renew the owner's liveness after the removal started the grace.

@@ -372,6 +372,22 @@ impl WsClient {
         out
     }
 
+    /// Closes the connection with a close frame (1000), as a browser tab
+    /// closing does, and waits (10 s at most) for the server's.
+    ///
+    /// # Panics
+    /// When the close frame cannot be sent.
+    pub async fn close(mut self) {
+        self.stream
+            .send(Message::Close(None))
+            .await
+            .expect("close frame");
+        let _ = tokio::time::timeout(Duration::from_secs(10), async {
+            while let Some(Ok(_)) = self.stream.next().await {}
+        })
+        .await;
+    }
+
     /// Drops the connection without a close handshake.
     pub fn drop_now(self) {
         drop(self);

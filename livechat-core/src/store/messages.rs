@@ -633,6 +633,10 @@ impl SeaOrmStore {
             }
         }
         let at = now();
+        // This node cannot reach the other nodes: its agents' replies do
+        // not reach customers connected elsewhere, who are therefore not
+        // counted (their replies are notified).
+        let cut_off = self.bus.as_ref().is_some_and(|bus| bus.is_degraded());
         let mut staged = Vec::with_capacity(batch.len());
         // Each session with new messages, with its `last_seq` as read.
         let mut touched: Vec<(uuid::Uuid, i64)> = Vec::new();
@@ -655,7 +659,7 @@ impl SeaOrmStore {
                         message: original.clone(),
                         created: false,
                     })),
-                    None => stage(request, locked, at, self.interest.as_ref())?,
+                    None => stage(request, locked, at, cut_off, self.interest.as_ref())?,
                 },
                 _ => Staged::Done(Err(ChatError::NotFound)),
             };
@@ -1649,15 +1653,20 @@ fn customer_connected(locked: &LockedSession, by_agent: bool) -> bool {
 
 /// Checks the request against its locked session `row`, gives it the next
 /// `seq` (advancing `row.last_seq`), and builds its message and outbox rows
-/// (the outbox row settled if `interest` rejects the event).
+/// (the outbox row settled if `interest` rejects the event). `cut_off`:
+/// the store's bus cannot reach the other nodes, so an agent's message
+/// counts no customer as connected (the customer's own node may be
+/// another; one on this node gets the message live and notified too).
 fn stage(
     request: &AppendRequest,
     locked: &mut LockedSession,
     at: chrono::DateTime<chrono::Utc>,
+    cut_off: bool,
     interest: Option<&OutboxInterest>,
 ) -> Result<Staged, DbErr> {
     let (tenant, session) = (request.tenant, request.session);
-    let connected = customer_connected(locked, matches!(request.sender, Sender::Agent(_)));
+    let connected =
+        !cut_off && customer_connected(locked, matches!(request.sender, Sender::Agent(_)));
     let row = &mut locked.row;
     let status = SessionStatus::parse(&row.status);
     if !status.is_some_and(|s| request.allowed.contains(&s)) {

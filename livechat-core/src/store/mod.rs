@@ -321,7 +321,7 @@ impl SeaOrmStore {
     /// their own bus, if any).
     #[must_use]
     pub fn with_bus(mut self, bus: Arc<dyn EventBus>) -> Self {
-        self.bus = Some(bus);
+        self.bus = Some(crate::bus::guarded(bus));
         self.appends = Arc::default();
         self
     }
@@ -356,21 +356,14 @@ impl SeaOrmStore {
 
     /// Hands the events of a committed transaction to the bus (if any).
     /// Publishing never fails the operation: the change is committed, and
-    /// clients that miss a real-time event catch up by `seq`. A host's
-    /// [`EventBus::publish`] that panics is caught and logged, event by
-    /// event: a panic here would otherwise fail a committed request, or,
-    /// inside an SQLite run's settle, close the store as if its sync had
-    /// failed (the event stays in the outbox for the ticket bridge).
+    /// clients that miss a real-time event catch up by `seq`. The bus is
+    /// [`crate::bus::guarded`]: a host's [`EventBus::publish`] that panics
+    /// loses its event (which stays in the outbox for the ticket bridge),
+    /// not the request, nor, inside an SQLite run's settle, the store.
     fn publish(&self, events: Vec<DomainEvent>) {
         if let Some(bus) = &self.bus {
             for event in events {
-                let id = event.id;
-                let published = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-                    bus.publish(BusEvent::Domain(Arc::new(event)));
-                }));
-                if published.is_err() {
-                    tracing::error!(event = %id, "the event bus panicked publishing a committed event; it is not delivered live");
-                }
+                bus.publish(BusEvent::Domain(Arc::new(event)));
             }
         }
     }

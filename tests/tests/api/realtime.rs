@@ -57,6 +57,9 @@ on_both_databases!(
     presence_announcements_are_relayed_as_stored,
     a_connection_follows_at_most_its_cap_of_sessions,
     a_customer_cut_off_from_the_other_nodes_is_notified,
+    a_worker_purges_without_taking_the_announcements,
+    a_reply_to_a_customer_whose_node_is_cut_off_is_notified_at_its_close,
+    a_reply_stored_by_a_cut_off_node_is_notified,
 );
 on_both_databases!(
     current_thread: a_long_burst_of_bus_events_is_relayed_whole,
@@ -1408,9 +1411,7 @@ async fn presence_grace_and_expiry(backend: Backend) {
 
 /// An agent whose only connection was on a node that crashed (a row that
 /// is never renewed) is announced offline by the housekeeping purge, once,
-/// and announced back when connecting again. A purge on a node without
-/// the gateway does not take the announcement (it used to record it and
-/// publish nothing, so no node ever made it).
+/// and announced back when connecting again.
 async fn an_agent_of_a_crashed_node_is_announced_offline(backend: Backend) {
     use livechat_core::ConnectionOwner;
 
@@ -1444,15 +1445,6 @@ async fn an_agent_of_a_crashed_node_is_announced_offline(backend: Backend) {
     // expiry alone announces nothing.
     let seen = watcher.drain(Duration::from_millis(2300)).await;
     assert!(no_presence(&seen), "{seen:?}");
-    // A housekeeping node without the gateway (a worker) has no bus to
-    // announce on: it leaves the rows, and their announcements, to a node
-    // with one.
-    let worker = livechat_poem::Livechat::new(
-        node.chat.clone(),
-        Arc::new(livechat_poem::JwtAuthenticator::hs256(b"worker secret")),
-        b"worker visitor secret",
-    );
-    assert!(worker.purge_expired_connections().await.unwrap().is_empty());
     assert_eq!(purge().await, vec![(t(1), u(7)), (t(2), u(9))]);
     expect_presence(&mut watcher, 7, "offline").await;
     // Said once, and tenant 2's agent is not announced to tenant 1.
@@ -2002,6 +1994,11 @@ async fn a_connection_follows_at_most_its_cap_of_sessions(backend: Backend) {
     let refused = agent.expect("error").await;
     assert_eq!(refused["code"], "too_many_joins", "{refused}");
     assert_eq!(refused["ref"], sessions[2].0.to_string(), "{refused}");
+    // A session that is not the caller's is not found, cap or not.
+    agent
+        .send(json!({"type": "join_session", "session_id": uuid::Uuid::now_v7()}))
+        .await;
+    assert_eq!(agent.expect("error").await["code"], "not_found");
     // Not followed: the third customer's message does not reach it.
     let mut third = WsClient::connect_with_header(&node.ws_url(), &sessions[2].1, 1)
         .await
@@ -2023,6 +2020,138 @@ async fn a_connection_follows_at_most_its_cap_of_sessions(backend: Backend) {
     agent.expect("left").await;
     let joined = join(&mut agent, sessions[2].0, Some(0)).await;
     assert_eq!(joined["session_id"], sessions[2].0.to_string());
+}
+
+/// A reply stored by a healthy node while the customer's node is cut off
+/// from it counts the customer as connected (their row is still fresh)
+/// and never reaches them. When they close the tab during the outage, the
+/// reply is made up as a silent client's would be: closed with a close
+/// frame, their connection used to be removed without one, and the reply
+/// was neither seen nor notified.
+async fn a_reply_to_a_customer_whose_node_is_cut_off_is_notified_at_its_close(backend: Backend) {
+    use std::sync::atomic::Ordering;
+    let bus = Arc::new(CuttableBus {
+        local: InProcessBus::new(),
+        cut: false.into(),
+    });
+    let (app, node) = node_on(backend, bus.clone(), |_| {}).await;
+    let (session, customer_auth) = open_chat(&node, 3301).await;
+    let mut customer = WsClient::connect_with_header(&node.ws_url(), &customer_auth, 1)
+        .await
+        .unwrap();
+    join(&mut customer, session, None).await;
+    bus.cut.store(true, Ordering::Relaxed);
+    // Another node, whose own bus is fine, stores the agent's reply.
+    let other = livechat_core::ChatService::new(
+        livechat_core::store::SeaOrmStore::new(app.db.clone()),
+        node.chat.config().clone(),
+    );
+    other
+        .post_message(t(1), u(7), session, "still there?".into(), None)
+        .await
+        .unwrap();
+    assert_eq!(missed(&app).await, 0, "the connection counted");
+    customer.close().await;
+    until_missed(&app).await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(missed(&app).await, 1);
+}
+
+/// A reply stored by a node cut off from the others counts no customer as
+/// connected (the customer may be on another node, which the reply's
+/// event cannot reach): it is notified.
+async fn a_reply_stored_by_a_cut_off_node_is_notified(backend: Backend) {
+    use std::sync::atomic::Ordering;
+    let bus = Arc::new(CuttableBus {
+        local: InProcessBus::new(),
+        cut: false.into(),
+    });
+    let (_app, node) = node_on(backend, bus.clone(), |_| {}).await;
+    let (session, customer_auth) = open_chat(&node, 3302).await;
+    let mut customer = WsClient::connect_with_header(&node.ws_url(), &customer_auth, 1)
+        .await
+        .unwrap();
+    join(&mut customer, session, None).await;
+    let posted = |text: &'static str| {
+        let chat = node.chat.clone();
+        async move {
+            chat.post_message(t(1), u(7), session, text.into(), None)
+                .await
+                .unwrap();
+            let page = livechat_core::PageSize::parse(Some(100), chat.config()).unwrap();
+            let event =
+                livechat_core::OutboxRepository::list_events(chat.store(), t(1), None, page)
+                    .await
+                    .unwrap()
+                    .into_iter()
+                    .rfind(|e| e.kind == livechat_core::EventKind::MessagePosted)
+                    .unwrap();
+            let payload: Value = event.payload.decode().unwrap();
+            assert_eq!(payload["message"], text, "{payload}");
+            payload["customer_connected"].clone()
+        }
+    };
+    assert_eq!(posted("before").await, true);
+    bus.cut.store(true, Ordering::Relaxed);
+    assert_eq!(posted("during").await, false);
+    // This node's own customer still gets it live.
+    assert_eq!(customer.expect("new_message").await["message"], "before");
+    assert_eq!(customer.expect("new_message").await["message"], "during");
+}
+
+/// A housekeeping node without the gateway (a worker) deletes a crashed
+/// node's expired rows but records no offline announcement, having no bus
+/// to make it on: a node with the gateway announces the agent once their
+/// liveness runs out. The worker used to record the announcement and
+/// publish nothing, so no node ever made it.
+async fn a_worker_purges_without_taking_the_announcements(backend: Backend) {
+    use livechat_core::ConnectionOwner;
+    use sea_orm::ConnectionTrait;
+    let (app, node) = node(backend, |_| {}).await;
+    node.chat
+        .set_agent_status(t(1), u(7), PresenceStatus::Online)
+        .await
+        .unwrap();
+    let mut watcher = watcher(&node).await;
+    node.chat
+        .register_connection(
+            t(1),
+            uuid::Uuid::now_v7(),
+            ConnectionOwner::Agent(u(7)),
+            "crashed-node",
+            Duration::from_secs(1),
+        )
+        .await
+        .unwrap();
+    let worker = livechat_poem::Livechat::new(
+        node.chat.clone(),
+        Arc::new(livechat_poem::JwtAuthenticator::hs256(b"worker secret")),
+        b"worker visitor secret",
+    );
+    let crashed_rows = || async {
+        let row = app
+            .db
+            .query_one_raw(sea_orm::Statement::from_string(
+                app.db.get_database_backend(),
+                "SELECT count(*) AS n FROM livechat_connections WHERE node_id = 'crashed-node'",
+            ))
+            .await
+            .unwrap()
+            .unwrap();
+        row.try_get::<i64>("", "n").unwrap()
+    };
+    // The watcher keeps answering pings while the row and the agent's
+    // liveness (2 s) run out.
+    let seen = watcher.drain(Duration::from_millis(2500)).await;
+    assert!(no_presence(&seen), "{seen:?}");
+    assert!(worker.purge_expired_connections().await.unwrap().is_empty());
+    assert_eq!(crashed_rows().await, 0, "the worker deleted the row");
+    assert_eq!(
+        node.livechat.announce_expired_presence().await.unwrap(),
+        vec![(t(1), u(7))],
+        "left to a node with the gateway"
+    );
+    expect_presence(&mut watcher, 7, "offline").await;
 }
 
 /// A presence announcement is relayed as the agent's presence reads when

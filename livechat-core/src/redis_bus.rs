@@ -270,22 +270,40 @@ impl Progress {
 
 impl Inner {
     /// Queues `payload` for the background task, within
-    /// [`OUTGOING_CAPACITY`] events and [`OUTGOING_BYTES`] bytes (`Full`
-    /// past either).
-    fn queue(&self, payload: String) -> Result<(), mpsc::error::TrySendError<String>> {
+    /// [`OUTGOING_CAPACITY`] events and [`OUTGOING_BYTES`] bytes. Past
+    /// either the event is dropped, marked as such (`dropped`, before it
+    /// counts as settled, so a flush does not take it as sent), and
+    /// `Full(first)` says whether it is the first since the last resync
+    /// request.
+    fn queue(&self, payload: String) -> Result<(), Refused> {
         let len = payload.len();
+        let full = || Refused::Full(!self.dropped.swap(true, Ordering::SeqCst));
         if self.queued_bytes.fetch_add(len, Ordering::Relaxed) + len > OUTGOING_BYTES {
             self.queued_bytes.fetch_sub(len, Ordering::Relaxed);
-            return Err(mpsc::error::TrySendError::Full(payload));
+            return Err(full());
         }
         // Counted before it can be taken, so that a flush never sees
         // events settled past ones it counted but not yet queued.
         self.progress.queued.fetch_add(1, Ordering::SeqCst);
-        self.outgoing.try_send(payload).inspect_err(|_| {
+        self.outgoing.try_send(payload).map_err(|e| {
             self.queued_bytes.fetch_sub(len, Ordering::Relaxed);
+            let refused = match e {
+                mpsc::error::TrySendError::Full(_) => full(),
+                mpsc::error::TrySendError::Closed(_) => Refused::Closed,
+            };
             self.progress.settle(1);
+            refused
         })
     }
+}
+
+/// Why [`Inner::queue`] did not queue an event.
+enum Refused {
+    /// The queue is full; whether this is the first event dropped since
+    /// the last resync request.
+    Full(bool),
+    /// The background task has stopped.
+    Closed,
 }
 
 impl Drop for Inner {
@@ -461,20 +479,15 @@ impl EventBus for RedisBus {
             match serde_json::to_string(&envelope) {
                 Ok(payload) => match self.inner.queue(payload) {
                     Ok(()) => {}
-                    Err(mpsc::error::TrySendError::Full(_)) => {
-                        // Warned once until the resync request that
-                        // follows (one per overflow, not one per event).
-                        if self.inner.dropped.swap(true, Ordering::Relaxed) {
-                            tracing::debug!(
-                                "redis event bus: publish queue full, event not sent to other nodes"
-                            );
-                        } else {
-                            tracing::warn!(
-                                "redis event bus: publish queue full, events not sent to other nodes until it drains; they will be asked to resync"
-                            );
-                        }
-                    }
-                    Err(mpsc::error::TrySendError::Closed(_)) => {
+                    // Warned once until the resync request that follows
+                    // (one per overflow, not one per event).
+                    Err(Refused::Full(true)) => tracing::warn!(
+                        "redis event bus: publish queue full, events not sent to other nodes until it drains; they will be asked to resync"
+                    ),
+                    Err(Refused::Full(false)) => tracing::debug!(
+                        "redis event bus: publish queue full, event not sent to other nodes"
+                    ),
+                    Err(Refused::Closed) => {
                         tracing::debug!("redis event bus stopped, event delivered locally only");
                     }
                 },
@@ -606,12 +619,16 @@ impl Worker {
                     let taken = batch.iter().map(String::len).sum();
                     self.queued_bytes.fetch_sub(taken, Ordering::Relaxed);
                     let sent = self.send(&mut link, &batch).await;
+                    if sent.is_err() {
+                        // Before the batch counts as settled: a flush must
+                        // not take it as sent.
+                        self.dropped.store(true, Ordering::SeqCst);
+                    }
                     self.progress.settle(batch.len());
                     batch.clear();
                     if let Err(e) = sent {
                         // Some of the batch may have gone out: the others
                         // are asked to resync either way.
-                        self.dropped.store(true, Ordering::Relaxed);
                         tracing::debug!(error = %e, "redis event bus: publish failed, events delivered locally only");
                         return Ended::Lost;
                     }

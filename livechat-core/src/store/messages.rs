@@ -593,6 +593,23 @@ impl SeaOrmStore {
             .collect();
         let (mut sessions, stored_keys) = match known {
             Some(known) => (known, 0),
+            None if postgres && wait == LockWait::Bounded => {
+                let (_, stored_keys) =
+                    lock_sessions(db, padded(ids.clone()), padded(keyed.clone()), wait).await?;
+                // A `FOR UPDATE` that waited (read committed) returns the
+                // locked rows as the transaction it waited for left them,
+                // but its subqueries as of its own start: the customer's
+                // connections before that transaction removed one (a
+                // silent client's removal, whose make-up of missed replies
+                // ran before this reply existed, which then counted the
+                // dead connection and was neither seen nor notified), or
+                // their user id before a link. Read again with the rows
+                // held: a new statement sees that commit and waits for
+                // nothing. Only on this path, taken when the optimistic
+                // write found a session held.
+                let (sessions, _) = lock_sessions(db, padded(ids), Vec::new(), wait).await?;
+                (sessions, stored_keys)
+            }
             None => lock_sessions(db, padded(ids), padded(keyed.clone()), wait).await?,
         };
         // Each key's message, and whether an earlier commit stored it (not
@@ -2517,6 +2534,67 @@ mod tests {
             .map(|m| m.seq)
             .collect();
         assert_eq!(seqs, [1, 2, 3, 4]);
+    }
+
+    /// PostgreSQL: an append that waited for a session row (another
+    /// transaction held it: here a silent customer connection's removal,
+    /// whose make-up of missed replies ran before this reply existed)
+    /// counts the customer's connections as that transaction left them.
+    /// Its `FOR UPDATE` reads its subqueries as of its own start, which
+    /// still counted the removed connection: the reply was neither seen
+    /// nor notified.
+    #[cfg(feature = "postgres")]
+    #[tokio::test]
+    async fn an_append_that_waited_counts_connections_as_committed() {
+        use sea_orm::ConnectionTrait;
+        let db = migrated_postgres().await;
+        let (session, customer) = customer_session(&db, Some(951), "OPEN").await;
+        let connection = uuid::Uuid::now_v7();
+        db.execute_unprepared(&format!(
+            "INSERT INTO livechat_connections \
+             (id, tenant_id, role, customer_id, node_id, expires_at) \
+             VALUES ('{connection}', 1, 'customer', '{customer}', 'node', \
+             now() + interval '1 hour'); \
+             INSERT INTO livechat_connection_joins (connection_id, session_id, tenant_id) \
+             VALUES ('{connection}', '{session}', 1)"
+        ))
+        .await
+        .unwrap();
+        let store = crate::store::SeaOrmStore::new(db.clone());
+        let held = holding(&db, session).await;
+        held.execute_unprepared(&format!(
+            "DELETE FROM livechat_connection_joins WHERE connection_id = '{connection}'; \
+             DELETE FROM livechat_connections WHERE id = '{connection}'"
+        ))
+        .await
+        .unwrap();
+        let reply = tokio::spawn(hello(&store, session));
+        // The append's lock statement starts, and waits.
+        let waiting = "SELECT 1 FROM pg_stat_activity \
+                       WHERE wait_event_type = 'Lock' AND query LIKE '%FOR UPDATE%'";
+        for _ in 0..500 {
+            if db
+                .query_one_raw(sea_orm::Statement::from_string(
+                    DbBackend::Postgres,
+                    waiting,
+                ))
+                .await
+                .unwrap()
+                .is_some()
+            {
+                break;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+        }
+        held.commit().await.unwrap();
+        reply.await.unwrap().unwrap();
+        let posted = super::outbox::Entity::find()
+            .one(&db)
+            .await
+            .unwrap()
+            .unwrap();
+        let payload: serde_json::Value = serde_json::from_str(&posted.payload).unwrap();
+        assert_eq!(payload["customer_connected"], false, "{payload}");
     }
 
     /// A session the committer remembers as WAITING (its customer wrote

@@ -365,6 +365,16 @@ pub(super) async fn close_row(
     id: SessionId,
     closed_by: Sender,
 ) -> Result<Option<ChatSession>, ChatError> {
+    // The session's row first, then the time: an append holding the row
+    // (PostgreSQL; SQLite's write lock is taken at `BEGIN`) commits its
+    // messages, their times taken before, ahead of the close, whose time
+    // then follows theirs. Taken before the wait, `closed_at` could
+    // precede the last messages' `created_at`.
+    session::Entity::find_by_id(id.as_uuid())
+        .filter(session::Column::TenantId.eq(tenant.get()))
+        .lock_exclusive()
+        .one(tx)
+        .await?;
     let at = now();
     let closed = session::Entity::update_many()
         .col_expr(

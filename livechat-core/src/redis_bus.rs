@@ -289,7 +289,10 @@ impl Inner {
             self.queued_bytes.fetch_sub(len, Ordering::Relaxed);
             let refused = match e {
                 mpsc::error::TrySendError::Full(_) => full(),
-                mpsc::error::TrySendError::Closed(_) => Refused::Closed,
+                mpsc::error::TrySendError::Closed(_) => {
+                    self.dropped.store(true, Ordering::SeqCst);
+                    Refused::Closed
+                }
             };
             self.progress.settle(1);
             refused
@@ -461,7 +464,11 @@ impl RedisBus {
 
     /// Stops the background task now (for every clone) and closes the Redis
     /// connection. Afterwards the bus only delivers locally and reports
-    /// degraded. Dropping the last clone does the same.
+    /// degraded (so the store counts no customer as connected to an
+    /// agent's reply, and the gateway makes up the replies of every
+    /// customer connection that ends: call it after the node's WebSockets
+    /// have closed, `Livechat::closed`, and [`Self::flush`]). Dropping the
+    /// last clone does the same.
     pub fn shutdown(&self) {
         self.inner.stop.send_replace(true);
         self.inner.degraded.store(true, Ordering::Relaxed);

@@ -798,9 +798,14 @@ pub trait ConnectionRepository: Send + Sync {
     /// delivered. Two nodes purging at once write them once: only the purge
     /// that deletes a connection reads it. These events are for the
     /// outbox's consumers and are not published on the bus.
+    ///
+    /// `customers_only`: agents' rows are left (a node that cannot
+    /// announce agents offline leaves them, and their announcement, to one
+    /// that can: `ChatService::purge_expired_connections_unannounced`).
     fn purge_expired_connections(
         &self,
         connection_ttl: std::time::Duration,
+        customers_only: bool,
     ) -> impl Future<Output = Result<PurgedConnections, ChatError>> + Send;
 }
 

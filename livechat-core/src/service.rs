@@ -1743,7 +1743,7 @@ impl<S: ChatStore> ChatService<S> {
         &self,
         connection_ttl: std::time::Duration,
     ) -> Result<Vec<(TenantId, UserId)>, ChatError> {
-        let purged = self.purge_connection_rows(connection_ttl).await?;
+        let purged = self.purge_connection_rows(connection_ttl, false).await?;
         // An agent heard from within the presence TTL (their liveness is
         // renewed apart from their connections: a heartbeat call, a status
         // change) is not announced for their connections' expiry; if they
@@ -1764,12 +1764,10 @@ impl<S: ChatStore> ChatService<S> {
 
     /// [`Self::purge_expired_connections`] for a node that cannot tell
     /// the agents (it has no gateway, no bus to announce on): deletes the
-    /// expired rows and writes the `message.missed` events of their
-    /// customers' replies, but records no offline announcement, so that
-    /// one made by another node is not taken from it. The agents of the
-    /// rows deleted are then announced by
-    /// [`Self::announce_expired_presence`] once their liveness runs out
-    /// (with a presence TTL; without one, nobody announces them).
+    /// expired customer rows and writes the `message.missed` events of
+    /// their replies, but leaves agents' rows, and their offline
+    /// announcement, to a node that can (recorded here, it would be made
+    /// by none; deleted here, the other nodes' purges would not find it).
     ///
     /// # Errors
     /// [`ChatError::Storage`] when the rows could not be read or deleted
@@ -1778,14 +1776,20 @@ impl<S: ChatStore> ChatService<S> {
         &self,
         connection_ttl: std::time::Duration,
     ) -> Result<(), ChatError> {
-        self.purge_connection_rows(connection_ttl).await.map(drop)
+        self.purge_connection_rows(connection_ttl, true)
+            .await
+            .map(drop)
     }
 
     async fn purge_connection_rows(
         &self,
         connection_ttl: std::time::Duration,
+        customers_only: bool,
     ) -> Result<crate::repository::PurgedConnections, ChatError> {
-        let purged = self.store.purge_expired_connections(connection_ttl).await?;
+        let purged = self
+            .store
+            .purge_expired_connections(connection_ttl, customers_only)
+            .await?;
         if purged.missed_replies > 0 {
             tracing::info!(
                 replies = purged.missed_replies,

@@ -205,19 +205,16 @@ impl Livechat {
     /// customer's notification. Returns the agents announced offline, as
     /// `(tenant, agent)`.
     ///
-    /// Without [`Self::realtime`] (a worker running housekeeping alone)
-    /// the rows are deleted and the replies' `message.missed` events
-    /// written, with [`RealtimeConfig`]'s default connection TTL (the
-    /// nodes' own unless the host changed it), but no agent is announced
-    /// or recorded as announced
+    /// Without [`Self::realtime`] (a worker running housekeeping) only the
+    /// customers' rows are deleted and their replies' `message.missed`
+    /// events written, with [`RealtimeConfig`]'s default connection TTL
+    /// (the nodes' own unless the host changed it); agents' rows are left
+    /// to a node with the gateway
     /// ([`ChatService::purge_expired_connections_unannounced`]): the purge
     /// records each announcement as made, so that no other node makes it
     /// again, and such a node has no bus to make it on; it used to take
     /// every crashed node's agents' announcements and leave them online in
-    /// every console. Their announcement is then
-    /// [`Self::announce_expired_presence`]'s, on a node with the gateway,
-    /// once their liveness runs out: it needs a presence TTL
-    /// (`RoutingPolicy::presence_ttl`).
+    /// every console.
     ///
     /// # Errors
     /// [`livechat_core::ChatError::Storage`] when the rows could not be

@@ -8,7 +8,7 @@ use std::time::Duration;
 use sea_orm::sea_query::{Alias, Asterisk, Expr, ExprTrait, Query, SelectStatement};
 use sea_orm::{
     ActiveValue::Set, ColumnTrait, Condition, ConnectionTrait, DbErr, EntityTrait, QueryFilter,
-    QueryOrder, QuerySelect, prelude::DateTimeUtc,
+    QueryOrder, QuerySelect, QueryTrait, prelude::DateTimeUtc,
 };
 
 use super::entity::{connection, connection_join, message, outbox, session};
@@ -286,6 +286,7 @@ impl ConnectionRepository for SeaOrmStore {
     async fn purge_expired_connections(
         &self,
         connection_ttl: Duration,
+        customers_only: bool,
     ) -> Result<PurgedConnections, ChatError> {
         let mut purged = PurgedConnections::default();
         loop {
@@ -295,6 +296,9 @@ impl ConnectionRepository for SeaOrmStore {
                 .select_only()
                 .column(connection::Column::Id)
                 .filter(connection::Column::ExpiresAt.lte(at))
+                .apply_if(customers_only.then_some(CUSTOMER), |query, role| {
+                    query.filter(connection::Column::Role.eq(role))
+                })
                 .limit(PURGE_CHUNK)
                 .into_tuple()
                 .all(&self.db)

@@ -2100,12 +2100,12 @@ async fn a_reply_stored_by_a_cut_off_node_is_notified(backend: Backend) {
 }
 
 /// A housekeeping node without the gateway (a worker) deletes a crashed
-/// node's expired rows but records no offline announcement, having no bus
-/// to make it on: a node with the gateway announces the agent once their
-/// liveness runs out. The worker used to record the announcement and
-/// publish nothing, so no node ever made it.
+/// node's expired customer rows (making up their replies) but leaves the
+/// agents' rows, and their offline announcement, to a node with the
+/// gateway, having no bus to make it on. The worker used to record the
+/// announcement and publish nothing, so no node ever made it.
 async fn a_worker_purges_without_taking_the_announcements(backend: Backend) {
-    use livechat_core::ConnectionOwner;
+    use livechat_core::{ConnectionOwner, CustomerId};
     use sea_orm::ConnectionTrait;
     let (app, node) = node(backend, |_| {}).await;
     node.chat
@@ -2113,43 +2113,58 @@ async fn a_worker_purges_without_taking_the_announcements(backend: Backend) {
         .await
         .unwrap();
     let mut watcher = watcher(&node).await;
-    node.chat
-        .register_connection(
-            t(1),
-            uuid::Uuid::now_v7(),
-            ConnectionOwner::Agent(u(7)),
-            "crashed-node",
-            Duration::from_secs(1),
-        )
-        .await
-        .unwrap();
+    for owner in [
+        ConnectionOwner::Agent(u(7)),
+        ConnectionOwner::Customer(CustomerId::generate()),
+    ] {
+        node.chat
+            .register_connection(
+                t(1),
+                uuid::Uuid::now_v7(),
+                owner,
+                "crashed-node",
+                Duration::from_secs(1),
+            )
+            .await
+            .unwrap();
+    }
     let worker = livechat_poem::Livechat::new(
         node.chat.clone(),
         Arc::new(livechat_poem::JwtAuthenticator::hs256(b"worker secret")),
         b"worker visitor secret",
     );
-    let crashed_rows = || async {
-        let row = app
-            .db
-            .query_one_raw(sea_orm::Statement::from_string(
-                app.db.get_database_backend(),
-                "SELECT count(*) AS n FROM livechat_connections WHERE node_id = 'crashed-node'",
-            ))
-            .await
-            .unwrap()
-            .unwrap();
-        row.try_get::<i64>("", "n").unwrap()
+    let crashed_rows = |role: &'static str| {
+        let db = app.db.clone();
+        async move {
+            let row = db
+                .query_one_raw(sea_orm::Statement::from_string(
+                    db.get_database_backend(),
+                    format!(
+                        "SELECT count(*) AS n FROM livechat_connections \
+                         WHERE node_id = 'crashed-node' AND role = '{role}'"
+                    ),
+                ))
+                .await
+                .unwrap()
+                .unwrap();
+            row.try_get::<i64>("", "n").unwrap()
+        }
     };
-    // The watcher keeps answering pings while the row and the agent's
-    // liveness (2 s) run out.
+    // The watcher keeps answering pings while the rows run out.
     let seen = watcher.drain(Duration::from_millis(2500)).await;
     assert!(no_presence(&seen), "{seen:?}");
     assert!(worker.purge_expired_connections().await.unwrap().is_empty());
-    assert_eq!(crashed_rows().await, 0, "the worker deleted the row");
+    assert_eq!(crashed_rows("customer").await, 0, "the worker purged it");
     assert_eq!(
-        node.livechat.announce_expired_presence().await.unwrap(),
-        vec![(t(1), u(7))],
+        crashed_rows("agent").await,
+        1,
         "left to a node with the gateway"
+    );
+    let seen = watcher.drain(Duration::from_millis(300)).await;
+    assert!(no_presence(&seen), "{seen:?}");
+    assert_eq!(
+        node.livechat.purge_expired_connections().await.unwrap(),
+        vec![(t(1), u(7))]
     );
     expect_presence(&mut watcher, 7, "offline").await;
 }

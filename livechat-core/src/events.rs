@@ -252,13 +252,18 @@ pub struct TicketRequested {
     /// Contact details given at start.
     pub contact: Option<Contact>,
     /// The first message: the one given at start, or, for a chat ticketed
-    /// while it waited, its first customer message (if any).
+    /// while it waited, the first of [`Self::messages`] (if any).
     pub first_message: Option<String>,
-    /// Every customer message written before the ticket opened, oldest
-    /// first, at most [`TICKET_MESSAGES_MAX`](crate::TICKET_MESSAGES_MAX)
-    /// (the first is `first_message`): a chat ticketed while it waited may
-    /// hold several, which would otherwise reach a help desk only through
-    /// the chat's history. Later ones reach the ticket sinks one by one.
+    /// The customer messages written before the ticket opened that it is
+    /// about, oldest first, at most
+    /// [`TICKET_MESSAGES_MAX`](crate::TICKET_MESSAGES_MAX) (the first is
+    /// `first_message`): for a chat ticketed while it waited, those since
+    /// the last agent message (all of them from the first when no agent
+    /// answered; for a chat handed back to the queue, the request left
+    /// unanswered), or the latest when the customer wrote nothing since.
+    /// A chat ticketed while it waited may hold several, which would
+    /// otherwise reach a help desk only through the chat's history. Later
+    /// ones reach the ticket sinks one by one.
     /// Absent from events written before it existed (read as empty).
     #[serde(default)]
     pub messages: Vec<String>,

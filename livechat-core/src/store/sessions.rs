@@ -244,22 +244,60 @@ pub(super) async fn ticket_unattended(
             .lock_exclusive()
             .one(tx)
             .await?;
-        let messages = message::Entity::find()
-            .select_only()
-            .column(message::Column::Body)
-            .filter(message::Column::SessionId.eq(row.id))
-            .filter(message::Column::SenderType.eq(SenderType::Customer.as_str()))
-            .order_by_asc(message::Column::Seq)
-            .limit(crate::events::TICKET_MESSAGES_MAX)
-            .into_tuple::<String>()
-            .all(tx)
-            .await?;
+        let messages = unanswered_messages(tx, row.id).await?;
         let Some(updated) = open_session_ticket(tx, ev, &row, messages, at).await? else {
             continue;
         };
         ticketed.push(record_session_event(tx, ev, EventKind::SessionUpdated, updated).await?);
     }
     Ok(ticketed)
+}
+
+/// What a ticket of waiting session `session` carries: its customer's
+/// messages since the last agent message, oldest first, at most
+/// [`crate::TICKET_MESSAGES_MAX`]: all of them from the first for a chat
+/// no agent has answered, the request left unanswered for a chat handed
+/// back to the queue (its agent gone). When the customer wrote nothing
+/// since, the latest ones. A chat ticketed again used to carry its first
+/// messages, a conversation its first ticket already held, and without
+/// the question left open when the chat held more than their number.
+async fn unanswered_messages(
+    tx: &impl ConnectionTrait,
+    session: uuid::Uuid,
+) -> Result<Vec<String>, DbErr> {
+    let answered: Option<i64> = message::Entity::find()
+        .select_only()
+        .column_as(message::Column::Seq.max(), "seq")
+        .filter(message::Column::SessionId.eq(session))
+        .filter(message::Column::SenderType.eq(SenderType::Agent.as_str()))
+        .into_tuple::<Option<i64>>()
+        .one(tx)
+        .await?
+        .flatten();
+    let customer = || {
+        message::Entity::find()
+            .select_only()
+            .column(message::Column::Body)
+            .filter(message::Column::SessionId.eq(session))
+            .filter(message::Column::SenderType.eq(SenderType::Customer.as_str()))
+            .limit(crate::events::TICKET_MESSAGES_MAX)
+    };
+    let since = customer()
+        .filter(message::Column::Seq.gt(answered.unwrap_or(0)))
+        .order_by_asc(message::Column::Seq)
+        .into_tuple::<String>()
+        .all(tx)
+        .await?;
+    if !since.is_empty() || answered.is_none() {
+        return Ok(since);
+    }
+    let mut latest = customer()
+        .order_by_desc(message::Column::Seq)
+        .into_tuple::<String>()
+        .all(tx)
+        .await?;
+    latest.reverse();
+    Ok(latest)
 }
 
 impl SeaOrmStore {

@@ -20,6 +20,7 @@ on_both_databases!(
     a_tenant_whose_chats_cannot_be_ticketed_holds_up_no_other,
     an_agent_going_offline_hands_their_chats_back,
     an_agent_gone_too_long_hands_their_chats_back,
+    a_chat_ticketed_after_its_agent_left_carries_what_is_unanswered,
     departments_route_chats_to_their_agents,
     agents_set_their_departments_with_their_status,
     a_node_renews_its_connections_together,
@@ -731,6 +732,86 @@ async fn an_agent_going_offline_hands_their_chats_back(backend: Backend) {
     }
     assert_eq!(session(first.session.id).await.queue_position, Some(1));
     assert_eq!(session(second.session.id).await.queue_position, Some(2));
+}
+
+/// A chat its agent leaves with nobody else online is ticketed with the
+/// customer's messages since the agent's last one (the request left
+/// unanswered), not from the chat's first, which an answered conversation
+/// (and a first ticket) already held; a chat whose customer wrote
+/// nothing since carries its latest messages.
+async fn a_chat_ticketed_after_its_agent_left_carries_what_is_unanswered(backend: Backend) {
+    let app = App::new(backend).await;
+    app.chat
+        .set_agent_status(t(1), u(7), PresenceStatus::Online)
+        .await
+        .unwrap();
+    let customer = |user| {
+        let chat = app.chat.clone();
+        async move {
+            chat.resolve_customer(t(1), CustomerIdentity::User(u(user)))
+                .await
+                .unwrap()
+                .id
+        }
+    };
+    let mut sessions = Vec::new();
+    for (user, after_reply) in [(611, &["still broken", "any news?"][..]), (612, &[][..])] {
+        let session = start(&app, 1, user, "help", Priority::Normal)
+            .await
+            .session
+            .id;
+        let who = customer(user).await;
+        let say = |text: &'static str| {
+            let chat = app.chat.clone();
+            async move {
+                chat.post_customer_message(t(1), who, session, text.into(), None)
+                    .await
+                    .unwrap()
+            }
+        };
+        say("it is broken").await;
+        say("since today").await;
+        app.chat
+            .post_message(t(1), u(7), session, "try a restart".into(), None)
+            .await
+            .unwrap();
+        for text in after_reply {
+            say(text).await;
+        }
+        sessions.push(session);
+    }
+    app.chat
+        .set_agent_status(t(1), u(7), PresenceStatus::Offline)
+        .await
+        .unwrap();
+    let page = livechat_core::PageSize::parse(Some(200), app.chat.config()).unwrap();
+    let events = livechat_core::OutboxRepository::list_events(app.chat.store(), t(1), None, page)
+        .await
+        .unwrap();
+    let ticketed = |session| {
+        let requested = events
+            .iter()
+            .find(|e| {
+                e.kind == livechat_core::EventKind::TicketRequested && e.session_id == Some(session)
+            })
+            .expect("ticketed");
+        let payload = requested.payload.value();
+        (
+            payload["first_message"].clone(),
+            payload["messages"].clone(),
+        )
+    };
+    assert_eq!(
+        ticketed(sessions[0]),
+        (json!("still broken"), json!(["still broken", "any news?"]))
+    );
+    assert_eq!(
+        ticketed(sessions[1]),
+        (
+            json!("it is broken"),
+            json!(["it is broken", "since today"])
+        )
+    );
 }
 
 /// An agent whose liveness ran out without choosing `offline` is

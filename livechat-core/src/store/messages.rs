@@ -2489,14 +2489,7 @@ mod tests {
         let connection = uuid::Uuid::now_v7();
         let steps = [
             String::new(),
-            format!(
-                "INSERT INTO livechat_connections \
-                 (id, tenant_id, role, customer_id, node_id, expires_at) \
-                 VALUES ('{connection}', 1, 'customer', '{customer}', 'node', \
-                 now() + interval '1 hour'); \
-                 INSERT INTO livechat_connection_joins (connection_id, session_id, tenant_id) \
-                 VALUES ('{connection}', '{session}', 1)"
-            ),
+            customer_connection(connection, customer, session),
             String::new(),
             format!("DELETE FROM livechat_connections WHERE id = '{connection}'"),
         ];
@@ -2550,16 +2543,9 @@ mod tests {
         let db = migrated_postgres().await;
         let (session, customer) = customer_session(&db, Some(951), "OPEN").await;
         let connection = uuid::Uuid::now_v7();
-        db.execute_unprepared(&format!(
-            "INSERT INTO livechat_connections \
-             (id, tenant_id, role, customer_id, node_id, expires_at) \
-             VALUES ('{connection}', 1, 'customer', '{customer}', 'node', \
-             now() + interval '1 hour'); \
-             INSERT INTO livechat_connection_joins (connection_id, session_id, tenant_id) \
-             VALUES ('{connection}', '{session}', 1)"
-        ))
-        .await
-        .unwrap();
+        db.execute_unprepared(&customer_connection(connection, customer, session))
+            .await
+            .unwrap();
         let store = crate::store::SeaOrmStore::new(db.clone());
         let held = holding(&db, session).await;
         held.execute_unprepared(&format!(
@@ -2570,22 +2556,7 @@ mod tests {
         .unwrap();
         let reply = tokio::spawn(hello(&store, session));
         // The append's lock statement starts, and waits.
-        let waiting = "SELECT 1 FROM pg_stat_activity \
-                       WHERE wait_event_type = 'Lock' AND query LIKE '%FOR UPDATE%'";
-        for _ in 0..500 {
-            if db
-                .query_one_raw(sea_orm::Statement::from_string(
-                    DbBackend::Postgres,
-                    waiting,
-                ))
-                .await
-                .unwrap()
-                .is_some()
-            {
-                break;
-            }
-            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
-        }
+        until_waiting_for_a_lock(&db).await;
         held.commit().await.unwrap();
         reply.await.unwrap().unwrap();
         let posted = super::outbox::Entity::find()
@@ -2628,21 +2599,7 @@ mod tests {
                     .await
             }
         });
-        let waiting = "SELECT 1 FROM pg_stat_activity WHERE wait_event_type = 'Lock'";
-        for _ in 0..500 {
-            if db
-                .query_one_raw(sea_orm::Statement::from_string(
-                    DbBackend::Postgres,
-                    waiting,
-                ))
-                .await
-                .unwrap()
-                .is_some()
-            {
-                break;
-            }
-            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
-        }
+        until_waiting_for_a_lock(&db).await;
         // The append holding the row stores its message now, and commits.
         held.execute_unprepared(&format!(
             "INSERT INTO livechat_messages \
@@ -2949,6 +2906,45 @@ mod tests {
         .await
         .unwrap();
         (session, customer)
+    }
+
+    /// PostgreSQL statements registering `customer`'s live connection
+    /// `connection` (for an hour) that follows `session`, of tenant 1.
+    #[cfg(feature = "postgres")]
+    fn customer_connection(
+        connection: uuid::Uuid,
+        customer: uuid::Uuid,
+        session: uuid::Uuid,
+    ) -> String {
+        format!(
+            "INSERT INTO livechat_connections \
+             (id, tenant_id, role, customer_id, node_id, expires_at) \
+             VALUES ('{connection}', 1, 'customer', '{customer}', 'node', \
+             now() + interval '1 hour'); \
+             INSERT INTO livechat_connection_joins (connection_id, session_id, tenant_id) \
+             VALUES ('{connection}', '{session}', 1)"
+        )
+    }
+
+    /// Waits (5 s at most) until a statement of the PostgreSQL server `db`
+    /// waits for a lock.
+    #[cfg(feature = "postgres")]
+    async fn until_waiting_for_a_lock(db: &sea_orm::DatabaseConnection) {
+        use sea_orm::ConnectionTrait;
+        let waiting = "SELECT 1 FROM pg_stat_activity WHERE wait_event_type = 'Lock'";
+        for _ in 0..500 {
+            let found = db
+                .query_one_raw(sea_orm::Statement::from_string(
+                    DbBackend::Postgres,
+                    waiting,
+                ))
+                .await
+                .unwrap();
+            if found.is_some() {
+                return;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+        }
     }
 
     /// A transaction of another connection holding `session`'s row, as a

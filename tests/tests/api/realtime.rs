@@ -1330,6 +1330,16 @@ async fn watcher(node: &Node) -> WsClient {
     watcher
 }
 
+/// Agent 7 online (by HTTP, without a connection), and agent 8's
+/// connection watching the team's presence.
+async fn agent_7_online_watched(node: &Node) -> WsClient {
+    node.chat
+        .set_agent_status(t(1), u(7), PresenceStatus::Online)
+        .await
+        .unwrap();
+    watcher(node).await
+}
+
 /// Waits for the next `presence_updated` and checks it says `agent` is
 /// `status`.
 async fn expect_presence(watcher: &mut WsClient, agent: i64, status: &str) {
@@ -1416,11 +1426,7 @@ async fn an_agent_of_a_crashed_node_is_announced_offline(backend: Backend) {
     use livechat_core::ConnectionOwner;
 
     let (_app, node) = node(backend, |_| {}).await;
-    node.chat
-        .set_agent_status(t(1), u(7), PresenceStatus::Online)
-        .await
-        .unwrap();
-    let mut watcher = watcher(&node).await;
+    let mut watcher = agent_7_online_watched(&node).await;
     // Agent 9 of another tenant, on the same crashed node.
     node.chat
         .set_agent_status(t(2), u(9), PresenceStatus::Online)
@@ -1883,6 +1889,76 @@ async fn connection_status_and_offline_notifications(backend: Backend) {
     );
 }
 
+/// Agent 7 replies `text` in `session`; the `customer_connected` its
+/// `message.posted` event was stored with.
+async fn replied_connected(
+    chat: &livechat_core::ChatService,
+    session: SessionId,
+    text: &'static str,
+) -> Value {
+    chat.post_message(t(1), u(7), session, text.into(), None)
+        .await
+        .unwrap();
+    let payload = last_posted(chat).await;
+    assert_eq!(payload["message"], text, "{payload}");
+    payload["customer_connected"].clone()
+}
+
+/// The payload of tenant 1's latest `message.posted` event.
+async fn last_posted(chat: &livechat_core::ChatService) -> Value {
+    let page = livechat_core::PageSize::parse(Some(100), chat.config()).unwrap();
+    livechat_core::OutboxRepository::list_events(chat.store(), t(1), None, page)
+        .await
+        .unwrap()
+        .into_iter()
+        .rfind(|e| e.kind == livechat_core::EventKind::MessagePosted)
+        .unwrap()
+        .payload
+        .decode()
+        .unwrap()
+}
+
+/// Customer `user`'s chat with agent 7, and the customer's socket joined
+/// to it.
+async fn joined_customer(node: &Node, user: i64) -> (SessionId, WsClient) {
+    let (session, customer_auth) = open_chat(node, user).await;
+    let mut customer = WsClient::connect_with_header(&node.ws_url(), &customer_auth, 1)
+        .await
+        .unwrap();
+    join(&mut customer, session, None).await;
+    (session, customer)
+}
+
+/// The connections following `session` once its customer connections
+/// are `customers`, or after 6 s; `customer` keeps reading (answering
+/// pings) meanwhile.
+async fn customers_until(
+    node: &Node,
+    session: SessionId,
+    customer: &mut WsClient,
+    customers: u64,
+) -> livechat_core::SessionConnections {
+    let mut now = node.chat.session_connections(t(1), session).await.unwrap();
+    for _ in 0..60 {
+        if now.customers == customers {
+            break;
+        }
+        customer.drain(Duration::from_millis(100)).await;
+        now = node.chat.session_connections(t(1), session).await.unwrap();
+    }
+    now
+}
+
+/// A node over a [`CuttableBus`], and that bus.
+async fn cuttable_node(backend: Backend) -> (App, Node, Arc<CuttableBus>) {
+    let bus = Arc::new(CuttableBus {
+        local: InProcessBus::new(),
+        cut: false.into(),
+    });
+    let (app, node) = node_on(backend, bus.clone(), |_| {}).await;
+    (app, node, bus)
+}
+
 /// An in-process bus whose link to other nodes can be cut, as a Redis
 /// outage cuts [`livechat_core::redis_bus::RedisBus`]'s: it still
 /// delivers on this node and reports itself degraded.
@@ -1912,61 +1988,28 @@ impl livechat_core::bus::EventBus for CuttableBus {
 /// renewed, its joins stored again, and replies count it again.
 async fn a_customer_cut_off_from_the_other_nodes_is_notified(backend: Backend) {
     use std::sync::atomic::Ordering;
-    let bus = Arc::new(CuttableBus {
-        local: InProcessBus::new(),
-        cut: false.into(),
-    });
-    let (app, node) = node_on(backend, bus.clone(), |_| {}).await;
-    let (session, customer_auth) = open_chat(&node, 3201).await;
-    let mut customer = WsClient::connect_with_header(&node.ws_url(), &customer_auth, 1)
-        .await
-        .unwrap();
-    join(&mut customer, session, None).await;
+    let (app, node, bus) = cuttable_node(backend).await;
+    let (session, mut customer) = joined_customer(&node, 3201).await;
     let connected = |customers: u64| livechat_core::SessionConnections {
         customers,
         agents: 0,
     };
-    let reply = |text: &'static str| {
-        let chat = node.chat.clone();
-        async move {
-            chat.post_message(t(1), u(7), session, text.into(), None)
-                .await
-                .unwrap();
-            let page = livechat_core::PageSize::parse(Some(100), chat.config()).unwrap();
-            let posted =
-                livechat_core::OutboxRepository::list_events(chat.store(), t(1), None, page)
-                    .await
-                    .unwrap()
-                    .into_iter()
-                    .rfind(|e| e.kind == livechat_core::EventKind::MessagePosted)
-                    .unwrap();
-            let payload: Value = posted.payload.decode().unwrap();
-            assert_eq!(payload["message"], text, "{payload}");
-            payload["customer_connected"].clone()
-        }
-    };
+    let reply = |text| replied_connected(&node.chat, session, text);
     assert_eq!(reply("before").await, true);
     bus.cut.store(true, Ordering::Relaxed);
-    // The customer keeps answering pings; its row runs out (2 s TTL).
-    let mut now = connected(1);
-    for _ in 0..60 {
-        customer.drain(Duration::from_millis(100)).await;
-        now = node.chat.session_connections(t(1), session).await.unwrap();
-        if now == connected(0) {
-            break;
-        }
-    }
-    assert_eq!(now, connected(0), "not renewed while cut off");
+    // Its row runs out (2 s TTL).
+    assert_eq!(
+        customers_until(&node, session, &mut customer, 0).await,
+        connected(0),
+        "not renewed while cut off"
+    );
     assert_eq!(reply("during").await, false, "notified");
     bus.cut.store(false, Ordering::Relaxed);
-    for _ in 0..60 {
-        customer.drain(Duration::from_millis(100)).await;
-        now = node.chat.session_connections(t(1), session).await.unwrap();
-        if now == connected(1) {
-            break;
-        }
-    }
-    assert_eq!(now, connected(1), "renewed after the outage");
+    assert_eq!(
+        customers_until(&node, session, &mut customer, 1).await,
+        connected(1),
+        "renewed after the outage"
+    );
     assert_eq!(reply("after").await, true);
     drop(app);
 }
@@ -2030,16 +2073,8 @@ async fn a_connection_follows_at_most_its_cap_of_sessions(backend: Backend) {
 /// was neither seen nor notified.
 async fn a_reply_to_a_customer_whose_node_is_cut_off_is_notified_at_its_close(backend: Backend) {
     use std::sync::atomic::Ordering;
-    let bus = Arc::new(CuttableBus {
-        local: InProcessBus::new(),
-        cut: false.into(),
-    });
-    let (app, node) = node_on(backend, bus.clone(), |_| {}).await;
-    let (session, customer_auth) = open_chat(&node, 3301).await;
-    let mut customer = WsClient::connect_with_header(&node.ws_url(), &customer_auth, 1)
-        .await
-        .unwrap();
-    join(&mut customer, session, None).await;
+    let (app, node, bus) = cuttable_node(backend).await;
+    let (session, customer) = joined_customer(&node, 3301).await;
     bus.cut.store(true, Ordering::Relaxed);
     // Another node, whose own bus is fine, stores the agent's reply.
     let other = livechat_core::ChatService::new(
@@ -2062,35 +2097,9 @@ async fn a_reply_to_a_customer_whose_node_is_cut_off_is_notified_at_its_close(ba
 /// event cannot reach): it is notified.
 async fn a_reply_stored_by_a_cut_off_node_is_notified(backend: Backend) {
     use std::sync::atomic::Ordering;
-    let bus = Arc::new(CuttableBus {
-        local: InProcessBus::new(),
-        cut: false.into(),
-    });
-    let (_app, node) = node_on(backend, bus.clone(), |_| {}).await;
-    let (session, customer_auth) = open_chat(&node, 3302).await;
-    let mut customer = WsClient::connect_with_header(&node.ws_url(), &customer_auth, 1)
-        .await
-        .unwrap();
-    join(&mut customer, session, None).await;
-    let posted = |text: &'static str| {
-        let chat = node.chat.clone();
-        async move {
-            chat.post_message(t(1), u(7), session, text.into(), None)
-                .await
-                .unwrap();
-            let page = livechat_core::PageSize::parse(Some(100), chat.config()).unwrap();
-            let event =
-                livechat_core::OutboxRepository::list_events(chat.store(), t(1), None, page)
-                    .await
-                    .unwrap()
-                    .into_iter()
-                    .rfind(|e| e.kind == livechat_core::EventKind::MessagePosted)
-                    .unwrap();
-            let payload: Value = event.payload.decode().unwrap();
-            assert_eq!(payload["message"], text, "{payload}");
-            payload["customer_connected"].clone()
-        }
-    };
+    let (_app, node, bus) = cuttable_node(backend).await;
+    let (session, mut customer) = joined_customer(&node, 3302).await;
+    let posted = |text| replied_connected(&node.chat, session, text);
     assert_eq!(posted("before").await, true);
     bus.cut.store(true, Ordering::Relaxed);
     assert_eq!(posted("during").await, false);
@@ -2108,11 +2117,7 @@ async fn a_worker_purges_without_taking_the_announcements(backend: Backend) {
     use livechat_core::{ConnectionOwner, CustomerId};
     use sea_orm::ConnectionTrait;
     let (app, node) = node(backend, |_| {}).await;
-    node.chat
-        .set_agent_status(t(1), u(7), PresenceStatus::Online)
-        .await
-        .unwrap();
-    let mut watcher = watcher(&node).await;
+    let mut watcher = agent_7_online_watched(&node).await;
     for owner in [
         ConnectionOwner::Agent(u(7)),
         ConnectionOwner::Customer(CustomerId::generate()),
@@ -2298,14 +2303,7 @@ async fn open_connections_purged_after_an_outage_are_registered_again(backend: B
         customer.expect("new_message").await["message"],
         "Still here"
     );
-    let page = livechat_core::PageSize::parse(Some(100), app.chat.config()).unwrap();
-    let posted = livechat_core::OutboxRepository::list_events(app.chat.store(), t(1), None, page)
-        .await
-        .unwrap()
-        .into_iter()
-        .rfind(|e| e.kind == livechat_core::EventKind::MessagePosted)
-        .unwrap();
-    let payload: Value = posted.payload.decode().unwrap();
+    let payload = last_posted(&app.chat).await;
     assert_eq!(payload["customer_connected"], true, "{payload}");
     let frames = watcher.drain(Duration::from_millis(300)).await;
     assert!(

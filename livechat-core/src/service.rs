@@ -1021,7 +1021,11 @@ impl<S: ChatStore> ChatService<S> {
 
     /// Sets the session's contact details (seed 001: name and e-mail
     /// required and validated), while the session is not CLOSED (a closed
-    /// chat is read-only, as its messages are).
+    /// chat is read-only, as its messages are). Returns the session with
+    /// its place in the queue while it waits (a customer typically leaves
+    /// an address while in the queue), as [`Self::customer_session`]
+    /// gives it; if the place cannot be read now, the contact is stored
+    /// all the same and the answer has none.
     ///
     /// # Errors
     /// [`ChatError::InvalidInput`], [`ChatError::NotFound`],
@@ -1032,10 +1036,19 @@ impl<S: ChatStore> ChatService<S> {
         customer: CustomerId,
         session: SessionId,
         contact: ContactInput,
-    ) -> Result<ChatSession, ChatError> {
+    ) -> Result<SessionView, ChatError> {
         let contact = contact.parse()?;
         self.customer_session(tenant, customer, session).await?;
-        self.store.update_contact(tenant, session, contact).await
+        let session = self.store.update_contact(tenant, session, contact).await?;
+        if session.status == SessionStatus::Waiting
+            && let Ok(view) = self.customer_session(tenant, customer, session.id).await
+        {
+            return Ok(view);
+        }
+        Ok(SessionView {
+            session,
+            queue_position: None,
+        })
     }
 
     /// The customer ends the chat (idempotent).

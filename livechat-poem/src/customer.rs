@@ -6,7 +6,7 @@ use std::sync::Arc;
 
 use livechat_core::{
     ChatError, ChatService, ContactInput, CustomerChatRequest, CustomerId, CustomerIdentity,
-    NotificationInbox, PageSize, SessionStatus, TenantId, UserId, parse_cursor,
+    NotificationInbox, PageSize, TenantId, UserId, parse_cursor,
 };
 use poem::Request;
 use poem_openapi::param::{Header, Path, Query};
@@ -636,27 +636,13 @@ impl CustomerApi {
         body: Json<ContactRequest>,
     ) -> Result<SessionResponse, ApiError> {
         let ctx = self.customer(req).await?;
-        let session = self
+        let view = self
             .chat
             .set_contact(ctx.tenant, ctx.customer, path_id(&id.0)?, body.0.into())
             .await?;
-        // A waiting customer (who typically leaves an address while in
-        // the queue) gets its place, as from `GET /customer/chats/{id}`;
-        // if it cannot be read now, the contact is stored all the same
-        // and the answer says so, without a place.
-        let data = if session.status == SessionStatus::Waiting {
-            match self
-                .chat
-                .customer_session(ctx.tenant, ctx.customer, session.id)
-                .await
-            {
-                Ok(view) => view.into(),
-                Err(_) => session.into(),
-            }
-        } else {
-            session.into()
-        };
-        Ok(SessionResponse::Ok(Json(SessionEnvelope { data })))
+        Ok(SessionResponse::Ok(Json(SessionEnvelope {
+            data: view.into(),
+        })))
     }
 
     /// End the chat (idempotent).

@@ -540,7 +540,7 @@ impl Run {
                 match got {
                     Ok(s)
                         if status != SessionStatus::Closed
-                            && s.contact.as_ref().map(|c| c.name.clone())
+                            && s.session.contact.as_ref().map(|c| c.name.clone())
                                 == Some(format!("Customer {customer}")) => {}
                     Err(ChatError::SessionClosed) if status == SessionStatus::Closed => {}
                     other => return Err(format!("contact on a {status:?} chat: {other:?}")),

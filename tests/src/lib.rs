@@ -569,6 +569,21 @@ macro_rules! on_both_databases {
     };
 }
 
+/// The outbox events of `tenant` stored through `chat`, oldest first (the
+/// first 200, the largest page).
+///
+/// # Panics
+/// When they cannot be read.
+pub async fn events_of(
+    chat: &livechat_core::ChatService,
+    tenant: livechat_core::TenantId,
+) -> Vec<livechat_core::DomainEvent> {
+    let page = livechat_core::PageSize::parse(Some(200), chat.config()).expect("page size");
+    livechat_core::OutboxRepository::list_events(chat.store(), tenant, None, page)
+        .await
+        .expect("events")
+}
+
 /// Starts a chat (about `topic`) for host user `user` as a customer of
 /// `tenant` through `chat`, resolving the customer first; the chat as
 /// started (routed or waiting).

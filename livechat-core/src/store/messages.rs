@@ -594,8 +594,9 @@ impl SeaOrmStore {
         let (mut sessions, stored_keys) = match known {
             Some(known) => (known, 0),
             None if postgres && wait == LockWait::Bounded => {
-                let (_, stored_keys) =
-                    lock_sessions(db, padded(ids.clone()), padded(keyed.clone()), wait).await?;
+                // Keys are looked up by a statement of their own on this
+                // path (below): neither lock counts them.
+                lock_sessions(db, padded(ids.clone()), Vec::new(), wait).await?;
                 // A `FOR UPDATE` that waited (read committed) returns the
                 // locked rows as the transaction it waited for left them,
                 // but its subqueries as of its own start: the customer's
@@ -608,7 +609,7 @@ impl SeaOrmStore {
                 // nothing. Only on this path, taken when the optimistic
                 // write found a session held.
                 let (sessions, _) = lock_sessions(db, padded(ids), Vec::new(), wait).await?;
-                (sessions, stored_keys)
+                (sessions, 0)
             }
             None => lock_sessions(db, padded(ids), padded(keyed.clone()), wait).await?,
         };

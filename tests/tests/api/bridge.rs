@@ -484,10 +484,7 @@ async fn a_ticket_closes_only_after_its_opening_and_once(backend: Backend) {
     // The in-app sink has it; the event stays undispatched, as while
     // another sink keeps failing.
     let tenant = TenantId::new(1).unwrap();
-    let page = livechat_core::PageSize::parse(Some(200), app.chat.config()).unwrap();
-    let events = livechat_core::OutboxRepository::list_events(app.chat.store(), tenant, None, page)
-        .await
-        .unwrap();
+    let events = livechat_tests::events_of(&app.chat, tenant).await;
     let opening = events
         .iter()
         .find(|e| e.kind == livechat_core::EventKind::TicketRequested)

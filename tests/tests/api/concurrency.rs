@@ -177,13 +177,8 @@ async fn every_change_writes_one_outbox_event(backend: Backend) {
             .is_err()
     );
 
+    let events = livechat_tests::events_of(&app.chat, tenant).await;
     let page = PageSize::parse(Some(200), app.chat.config()).unwrap();
-    let events = app
-        .chat
-        .store()
-        .list_events(tenant, None, page)
-        .await
-        .unwrap();
     let kinds: Vec<EventKind> = events.iter().map(|e| e.kind).collect();
     assert_eq!(
         kinds,
@@ -682,13 +677,7 @@ async fn an_agent_chat_started_as_the_agent_goes_offline_becomes_a_ticket() {
             ticket_id,
         }) => {
             assert_eq!(offline, agent);
-            let page = PageSize::parse(Some(100), app.chat.config()).unwrap();
-            let events = app
-                .chat
-                .store()
-                .list_events(tenant, None, page)
-                .await
-                .unwrap();
+            let events = livechat_tests::events_of(&app.chat, tenant).await;
             let ticketed = events
                 .iter()
                 .find(|e| e.kind == EventKind::TicketRequested)

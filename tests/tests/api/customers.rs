@@ -1495,10 +1495,7 @@ async fn steps_that_resolved_the_visitor_before_a_link_act_as_the_user(backend: 
         .unwrap();
     assert_eq!(closed.status, livechat_core::SessionStatus::Closed);
     // Closed by the chat's customer, the user.
-    let page = livechat_core::PageSize::parse(Some(200), app.chat.config()).unwrap();
-    let events = livechat_core::OutboxRepository::list_events(app.chat.store(), t(1), None, page)
-        .await
-        .unwrap();
+    let events = livechat_tests::events_of(&app.chat, t(1)).await;
     let closing = events
         .iter()
         .find(|e| e.kind == livechat_core::EventKind::SessionClosed)

@@ -771,10 +771,7 @@ async fn a_retried_send_publishes_its_unpublished_original(backend: Backend) {
         .unwrap();
     assert!(original.created);
     // A message's event has the message's id: what the retry publishes.
-    let page = livechat_core::PageSize::parse(Some(200), app.chat.config()).unwrap();
-    let events = livechat_core::OutboxRepository::list_events(app.chat.store(), t(1), None, page)
-        .await
-        .unwrap();
+    let events = livechat_tests::events_of(&app.chat, t(1)).await;
     let posted = events
         .iter()
         .find(|e| e.kind == livechat_core::EventKind::MessagePosted)
@@ -1906,10 +1903,8 @@ async fn replied_connected(
 
 /// The payload of tenant 1's latest `message.posted` event.
 async fn last_posted(chat: &livechat_core::ChatService) -> Value {
-    let page = livechat_core::PageSize::parse(Some(100), chat.config()).unwrap();
-    livechat_core::OutboxRepository::list_events(chat.store(), t(1), None, page)
+    livechat_tests::events_of(chat, t(1))
         .await
-        .unwrap()
         .into_iter()
         .rfind(|e| e.kind == livechat_core::EventKind::MessagePosted)
         .unwrap()

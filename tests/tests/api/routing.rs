@@ -694,10 +694,7 @@ async fn an_agent_going_offline_hands_their_chats_back(backend: Backend) {
         (own_now.status, own_now.agent_id),
         (SessionStatus::Open, Some(u(7)))
     );
-    let page = livechat_core::PageSize::parse(Some(200), app.chat.config()).unwrap();
-    let events = livechat_core::OutboxRepository::list_events(app.chat.store(), t(1), None, page)
-        .await
-        .unwrap();
+    let events = livechat_tests::events_of(&app.chat, t(1)).await;
     // Assigned to 7, handed back (assigned to nobody), assigned to 8.
     let kinds: Vec<(&str, Option<i64>)> = events
         .iter()
@@ -784,10 +781,7 @@ async fn a_chat_ticketed_after_its_agent_left_carries_what_is_unanswered(backend
         .set_agent_status(t(1), u(7), PresenceStatus::Offline)
         .await
         .unwrap();
-    let page = livechat_core::PageSize::parse(Some(200), app.chat.config()).unwrap();
-    let events = livechat_core::OutboxRepository::list_events(app.chat.store(), t(1), None, page)
-        .await
-        .unwrap();
+    let events = livechat_tests::events_of(&app.chat, t(1)).await;
     let ticketed = |session| {
         let requested = events
             .iter()
